@@ -1,0 +1,101 @@
+"""Reading audio files: any rate, bit depth and channel count, resampled to the model's rate."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from edge.errors import AudioError
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aif", ".aiff"})
+DOWNMIX = -1
+"""Channel selector meaning 'average all channels'."""
+
+
+def find_audio(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (searched recursively) into a sorted list of audio files."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise AudioError(f"{path}: no such file or folder")
+    return found
+
+
+def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:
+    """Pick one channel of a (frames, channels) array, or downmix with channel=-1."""
+    if audio.ndim == 1:
+        return audio
+    if channel == DOWNMIX:
+        return audio.mean(axis=1, dtype=np.float32)
+    if not 0 <= channel < audio.shape[1]:
+        raise AudioError(f"channel {channel} does not exist: the audio has {audio.shape[1]}")
+    return np.ascontiguousarray(audio[:, channel])
+
+
+def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Resample mono float32 audio with soxr (high quality); a no-op at equal rates."""
+    if rate_in == rate_out:
+        return audio.astype(np.float32, copy=False)
+    return soxr.resample(audio, rate_in, rate_out, quality="HQ").astype(np.float32, copy=False)
+
+
+def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarray:
+    """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line."""
+    path = Path(path)
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
+    except OSError as exc:
+        raise AudioError(f"{path}: {exc.strerror or exc}") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: the file holds no audio samples")
+    _check_complete(path)
+    return resample(select_channel(data, channel), rate, samplerate)
+
+
+def iter_blocks(
+    path: str | Path, samplerate: int, channel: int = 0, block_seconds: float = 0.1
+) -> Iterator[np.ndarray]:
+    """Yield a file as consecutive mono blocks at `samplerate`, as a microphone would deliver."""
+    audio = read_audio(path, samplerate, channel)
+    step = max(1, int(block_seconds * samplerate))
+    for start in range(0, len(audio), step):
+        yield audio[start : start + step]
+
+
+_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_STREAMING_SIZES = frozenset({0, 0xFFFFFFFF, 0x7FFFFFFF})
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse a WAV whose header announces more audio than the file holds (a cut-off copy)."""
+    if path.suffix.lower() != ".wav":
+        return
+    match = _DATA_CHUNK.search(sf.info(str(path)).extra_info)
+    if match:
+        declared, actual = int(match.group(1)), int(match.group(2))
+        if declared > actual and declared not in _STREAMING_SIZES:
+            raise AudioError(
+                f"{path}: truncated WAV (header announces {declared} bytes of audio, "
+                f"the file holds {actual})"
+            )
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an exception message, without libsndfile's path prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(": ", 1)[-1] if text.startswith("Error opening") else text

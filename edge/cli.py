@@ -1,0 +1,214 @@
+"""The `soundsentry` command: train, evaluate, replay, run, demo.
+
+Training imports TensorFlow only inside its command; sounddevice is imported only when
+capturing, so `demo`, `replay` and `evaluate` work without PortAudio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge import __version__
+from edge.errors import SoundSentryError
+
+log = logging.getLogger("soundsentry")
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except SoundSentryError as exc:
+        print(f"soundsentry: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soundsentry", description="Real-time anomaly detection for machine sounds."
+    )
+    parser.add_argument("--version", action="version", version=f"soundsentry {__version__}")
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in (_add_train, _add_evaluate, _add_replay, _add_run, _add_demo):
+        register(sub)
+    return parser
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model bundle on normal recordings")
+    p.add_argument("--normal", nargs="+", required=True, metavar="PATH",
+                   help="normal recordings: files or folders (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, metavar="MODEL", help="bundle folder to write")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
+    p.add_argument("--channel", type=int, default=0, help="channel to train on; -1 averages all")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="ROC AUC and pAUC of a bundle on labelled recordings")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("--normal", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--anomalous", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--segment", type=_positive_float, default=None, metavar="SECONDS",
+                   help="score consecutive segments of this length instead of whole files")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write metrics as JSON")
+    p.add_argument("--float", dest="variant", action="store_const", const="float", default="int8",
+                   help="evaluate the float reference model instead of the int8 one")
+    p.add_argument("--channel", type=int, default=0, help="channel to score; -1 averages all")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_replay(sub: Any) -> None:
+    p = sub.add_parser("replay", help="run the daemon's pipeline on files; events as JSON lines")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
+    _add_common(p)
+    p.set_defaults(func=_cmd_replay)
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="the daemon: capture the microphone, publish events")
+    p.add_argument("--model", type=Path, default=None, help="bundle (overrides the config)")
+    p.add_argument("--device", default=None, help="input device: index or name substring")
+    _add_common(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="stream the bundled clip through the bundled model")
+    p.add_argument("--fast", action="store_true", help="as fast as possible, not in real time")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
+    p.add_argument("--device-id", default=None, help="name of this detector (default: hostname)")
+    p.add_argument("--mqtt-host", default=None, help="broker host (overrides the config)")
+    p.add_argument("--mqtt-port", type=int, default=None, help="broker port")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from train.trainer import DEFAULT_EPOCHS, train_bundle
+
+    out = train_bundle(args.normal, args.out, epochs=args.epochs or DEFAULT_EPOCHS,
+                       seed=args.seed, channel=args.channel)
+    print(f"model bundle written to {out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from train.evaluate import evaluate, format_report, write_json
+
+    report = evaluate(args.model, args.normal, args.anomalous, args.segment, args.variant,
+                      args.channel)
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
+def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
+    from edge.settings import load_settings
+
+    return load_settings(
+        args.config,
+        model=model,
+        device_id=args.device_id,
+        mqtt={"host": args.mqtt_host, "port": args.mqtt_port},
+        audio={"device": getattr(args, "device", None)},
+    )
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from edge.service import run_detector
+    from edge.sources import FileSource
+
+    settings = _settings_from(args, args.model)
+    bundle = _load(settings.model)
+    source = FileSource(args.files, bundle.features.samplerate, settings.audio.channel,
+                        settings.audio.block_seconds, realtime=args.realtime)
+    run_detector(settings, bundle, source, print_events=True)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge.capture import MicSource
+    from edge.service import run_detector
+
+    settings = _settings_from(args, args.model)
+    if settings.model is None:
+        raise SoundSentryError("no model: set `model` in the config file or pass --model")
+    bundle = _load(settings.model)
+    source = MicSource(settings.audio, bundle.features.samplerate)
+    run_detector(settings, bundle, source, print_events=True, on_stop=source.stop)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edge.demo import run_demo
+
+    run_demo(realtime=not args.fast)
+    return 0
+
+
+def _load(path: Path | None) -> Any:
+    from edge.bundle import load_bundle
+
+    if path is None:
+        raise SoundSentryError("no model bundle given")
+    return load_bundle(path)
+
+
+def install_stop_handlers(stop: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT ask the daemon to finish cleanly (end events, publish offline)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Event logic: per-window scores -> anomaly start/end with K-of-N hysteresis."""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An anomaly starting or ending, in stream time (seconds from the stream's start)."""
+
+    kind: str
+    event_id: str
+    started_s: float
+    peak_score: float
+    mean_score: float
+    ended_s: float | None = None
+
+
+class EventDetector:
+    """An anomaly starts when `k` of the last `n` windows exceed the threshold and ends
+    after `m` consecutive windows below it."""
+
+    def __init__(self, threshold: float, k: int = 2, n: int = 3, m: int = 4) -> None:
+        if not 1 <= k <= n or m < 1:
+            raise ValueError(f"need 1 <= k <= n and m >= 1, got k={k} n={n} m={m}")
+        self.threshold = threshold
+        self.k, self.n, self.m = k, n, m
+        self._recent: deque[tuple[bool, float]] = deque(maxlen=n)
+        self._event: _OpenEvent | None = None
+        self._below = 0
+
+    @property
+    def active(self) -> bool:
+        """True while an anomaly is open."""
+        return self._event is not None
+
+    @property
+    def event_id(self) -> str | None:
+        """Id of the open anomaly, if any."""
+        return self._event.event_id if self._event else None
+
+    def update(self, score: float, start_s: float, end_s: float) -> Transition | None:
+        """Feed one window's score and its time span; return a transition if one happens."""
+        above = score > self.threshold
+        self._recent.append((above, start_s))
+        if self._event is None:
+            if sum(a for a, _ in self._recent) >= self.k:
+                first = min(s for a, s in self._recent if a)
+                self._event = _OpenEvent(uuid.uuid4().hex, first, end_s)
+                self._event.add(score, end_s)
+                self._below = 0
+                return self._event.transition("start")
+            return None
+        if above:
+            self._event.add(score, end_s)
+            self._below = 0
+            return None
+        self._below += 1
+        return self.close() if self._below >= self.m else None
+
+    def close(self) -> Transition | None:
+        """End the open anomaly now (end of stream, shutdown); None if none is open."""
+        event, self._event = self._event, None
+        self._recent.clear()
+        self._below = 0
+        return event.transition("end", ended=True) if event else None
+
+
+class _OpenEvent:
+    """Running statistics of the anomaly in progress."""
+
+    def __init__(self, event_id: str, started_s: float, last_s: float) -> None:
+        self.event_id = event_id
+        self.started_s = started_s
+        self.last_above_s = last_s
+        self.peak = float("-inf")
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, score: float, end_s: float) -> None:
+        self.peak = max(self.peak, score)
+        self.total += score
+        self.count += 1
+        self.last_above_s = end_s
+
+    def transition(self, kind: str, ended: bool = False) -> Transition:
+        return Transition(
+            kind=kind,
+            event_id=self.event_id,
+            started_s=self.started_s,
+            peak_score=self.peak,
+            mean_score=self.total / max(self.count, 1),
+            ended_s=self.last_above_s if ended else None,
+        )

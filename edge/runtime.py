@@ -1,0 +1,120 @@
+"""On-device inference: the LiteRT interpreter (or tflite-runtime) behind one small class."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+
+def _interpreter_class() -> Any:
+    """LiteRT's Interpreter, or tflite-runtime's where LiteRT is not installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise BundleError(
+                "no TFLite runtime: install ai-edge-litert (or tflite-runtime on older systems)"
+            ) from None
+    return Interpreter
+
+
+def runtime_name() -> str:
+    """Which interpreter package this process uses, with its version."""
+    cls = _interpreter_class()
+    top = cls.__module__.split(".")[0]
+    try:
+        from importlib.metadata import version
+
+        return f"{top} {version(top.replace('_', '-'))}"
+    except Exception:  # metadata can be missing in odd installs; the name is enough
+        return top
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine int8 quantisation of a tensor: real = scale * (q - zero_point)."""
+
+    scale: float
+    zero_point: int
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Float to int8, rounded and clipped."""
+        q = np.round(x / self.scale) + self.zero_point
+        return np.clip(q, -128, 127).astype(np.int8)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """int8 to float32."""
+        return (self.scale * (q.astype(np.float32) - self.zero_point)).astype(np.float32)
+
+
+class TfliteModel:
+    """A loaded .tflite model taking and returning float arrays, quantising where needed."""
+
+    def __init__(self, content: bytes, num_threads: int = 1, name: str = "model") -> None:
+        cls = _interpreter_class()
+        try:
+            with _quiet_stderr():
+                self._interp = cls(model_content=content, num_threads=num_threads)
+                self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"{name}: not a loadable TFLite model ({_first_line(exc)})") from None
+        self._in = self._interp.get_input_details()[0]
+        self._out = self._interp.get_output_details()[0]
+        self.input_shape = tuple(int(d) for d in self._in["shape"])
+        self.input_dtype = np.dtype(self._in["dtype"])
+        self.output_dtype = np.dtype(self._out["dtype"])
+        self.input_quant = _quant(self._in)
+        self.output_quant = _quant(self._out)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Run one batch (shape = input_shape) of float input; return float output."""
+        if self.input_quant is not None:
+            x = self.input_quant.quantize(x)
+        self._interp.set_tensor(self._in["index"], x.astype(self.input_dtype, copy=False))
+        self._interp.invoke()
+        y = self._interp.get_tensor(self._out["index"])
+        return self.output_quant.dequantize(y) if self.output_quant else y.astype(np.float32)
+
+
+def _quant(detail: dict[str, Any]) -> Quantization | None:
+    """The tensor's quantisation, or None for a float tensor."""
+    if np.dtype(detail["dtype"]) not in (np.int8, np.uint8):
+        return None
+    scale, zero = detail["quantization"]
+    return Quantization(float(scale), int(zero))
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the runtime's C++ banner ("Created TensorFlow Lite XNNPACK delegate") on fd 2."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded use): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,200 @@
+"""Settings: one pydantic model fed by a TOML file, SOUNDSENTRY_* environment variables and
+CLI flags (highest priority last: file < environment < flags)."""
+
+from __future__ import annotations
+
+import contextvars
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from edge.errors import SettingsError
+
+_TOPIC_SAFE = r"^[^/+#\s]+$"
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AudioSettings(_Section):
+    """Where the audio comes from."""
+
+    device: int | str | None = Field(
+        None, description="Input device: index, or a substring of its name; unset = default."
+    )
+    samplerate: int | None = Field(
+        None, ge=8000, le=384000, description="Capture rate in Hz; unset = the model's rate."
+    )
+    channels: int = Field(1, ge=1, le=64, description="Channels to open on the device.")
+    channel: int = Field(
+        0, ge=-1, le=63, description="Channel the model hears (0-based); -1 averages all."
+    )
+    block_seconds: float = Field(
+        0.1, gt=0.0, le=1.0, description="Capture block length, seconds."
+    )
+    queue_blocks: int = Field(
+        100, ge=4, le=10000, description="Capture queue length in blocks before blocks drop."
+    )
+
+
+class TlsSettings(_Section):
+    """TLS towards the broker."""
+
+    enabled: bool = Field(False, description="Connect with TLS.")
+    ca_file: Path | None = Field(None, description="CA bundle; unset = system CAs.")
+    cert_file: Path | None = Field(None, description="Client certificate (PEM).")
+    key_file: Path | None = Field(None, description="Client private key (PEM).")
+    insecure: bool = Field(False, description="Skip certificate verification (testing only).")
+
+
+class MqttSettings(_Section):
+    """The MQTT broker events go to; no host = no MQTT."""
+
+    host: str | None = Field(None, description="Broker host name or address; unset = off.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    prefix: str = Field(
+        "soundsentry", pattern=_TOPIC_SAFE, description="First topic level of every topic."
+    )
+    username: str | None = Field(None, description="User name, if the broker wants one.")
+    password: SecretStr | None = Field(
+        None, description="Password (prefer password_file or systemd credentials)."
+    )
+    password_file: Path | None = Field(None, description="File whose first line is the password.")
+    keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive, seconds.")
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+
+class DetectorSettings(_Section):
+    """Event logic: K of the last N windows above the threshold start an anomaly; M below end it."""
+
+    trigger_windows: int = Field(2, ge=1, le=100, description="K: windows above to start.")
+    trigger_of: int = Field(3, ge=1, le=100, description="N: how many recent windows count.")
+    release_windows: int = Field(4, ge=1, le=1000, description="M: windows below to end.")
+    threshold: float | None = Field(
+        None, gt=0.0, description="Override the bundle's threshold; unset = the bundle's."
+    )
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> DetectorSettings:
+        if self.trigger_windows > self.trigger_of:
+            raise ValueError("trigger_windows (K) must not exceed trigger_of (N)")
+        return self
+
+
+class Settings(BaseSettings):
+    """All SoundSentry settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SOUNDSENTRY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    device_id: str = Field(
+        default_factory=socket.gethostname,
+        pattern=_TOPIC_SAFE,
+        description="Name of this detector in topics and events; default: the host name.",
+    )
+    model: Path | None = Field(None, description="Model bundle folder.")
+    log_level: str = Field(
+        "INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level."
+    )
+    audio: AudioSettings = Field(default_factory=AudioSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    detector: DetectorSettings = Field(default_factory=DetectorSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags, then environment, then the TOML file."""
+        toml = InitSettingsSource(settings_cls, init_kwargs=_read_toml(_CONFIG_FILE.get()))
+        return (init_settings, env_settings, toml)
+
+
+def _read_toml(path: Path | None) -> dict[str, Any]:
+    """The TOML config as a dict; {} without a file."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: {exc.strerror or exc}") from None
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from the config file, the environment and flag overrides (nested dicts)."""
+    token = _CONFIG_FILE.set(Path(config) if config else None)
+    try:
+        return Settings(**_drop_none(overrides))
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first bad key and what is allowed."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "settings"
+    if err["type"] == "extra_forbidden":
+        return f"invalid setting {key}: unknown key"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"invalid setting {key}{shown}: {err['msg']}"
+
+
+def mqtt_password(mqtt: MqttSettings) -> str | None:
+    """The broker password from the settings, a password file, or systemd credentials."""
+    import os
+
+    if mqtt.password is not None:
+        return mqtt.password.get_secret_value()
+    candidates = [mqtt.password_file] if mqtt.password_file else []
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        candidates.append(Path(cred_dir) / "mqtt_password")
+    for path in candidates:
+        try:
+            return path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+        except FileNotFoundError:
+            if path == mqtt.password_file:
+                raise SettingsError(f"mqtt.password_file {path}: not found") from None
+        except OSError as exc:
+            raise SettingsError(f"mqtt.password_file {path}: {exc.strerror or exc}") from None
+    return None
+
+
+def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    """Remove unset (None) flags, recursively, so they do not override lower sources."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if not value:
+                continue
+        if value is not None:
+            out[key] = value
+    return out

@@ -1,0 +1,140 @@
+"""`soundsentry evaluate`: score normal and anomalous recordings; ROC AUC, pAUC and counts.
+
+Needs only the edge install (numpy and the TFLite runtime): it runs on the Pi too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.audio_io import find_audio, read_audio
+from edge.bundle import load_bundle
+from edge.errors import AudioError
+from edge.features import windows_of
+from edge.scoring import Scorer
+from train.metrics import partial_auc, roc_auc
+
+log = logging.getLogger(__name__)
+
+MAX_FPR = 0.1
+
+
+@dataclass
+class Scored:
+    """One scored item: a whole file or a segment of it."""
+
+    file: str
+    segment: int | None
+    label: int
+    score: float
+
+
+@dataclass
+class Report:
+    """Evaluation results."""
+
+    model: str
+    variant: str
+    unit: str
+    auc: float
+    pauc: float
+    max_fpr: float
+    n_normal: int
+    n_anomalous: int
+    threshold: float
+    tpr_at_threshold: float
+    fpr_at_threshold: float
+    items: list[Scored] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Metrics without per-item scores (what --json writes, plus the items)."""
+        data = asdict(self)
+        data.pop("items")
+        return data
+
+
+def item_scores(
+    scorer: Scorer, windows: np.ndarray, window_s: float, hop_s: float, segment_s: float | None
+) -> list[tuple[int | None, float]]:
+    """Mean window score of the whole file, or of each consecutive segment of `segment_s`."""
+    scores = scorer.score_many(windows)
+    if segment_s is None:
+        return [(None, float(scores.mean()))]
+    out = []
+    ends = np.arange(len(scores)) * hop_s + window_s
+    n_segments = int(np.floor((ends[-1] + 1e-9) / segment_s)) if len(ends) else 0
+    for k in range(n_segments):
+        start = np.arange(len(scores)) * hop_s
+        inside = (start >= k * segment_s - 1e-9) & (ends <= (k + 1) * segment_s + 1e-9)
+        if inside.any():
+            out.append((k, float(scores[inside].mean())))
+    return out
+
+
+def evaluate(
+    model: str | Path,
+    normal: list[str | Path],
+    anomalous: list[str | Path],
+    segment: float | None = None,
+    variant: str = "int8",
+    channel: int = 0,
+) -> Report:
+    """Score every file (or segment) and compute AUC / pAUC with anomalous as positive."""
+    bundle = load_bundle(model, variant=variant)
+    scorer = Scorer.from_bundle(bundle)
+    p = bundle.features
+    if segment is not None and segment < p.window_seconds:
+        raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
+    items: list[Scored] = []
+    for label, paths in ((0, normal), (1, anomalous)):
+        files = find_audio(paths)
+        if not files:
+            raise AudioError(f"no audio files in {' '.join(str(x) for x in paths)}")
+        for path in files:
+            windows = windows_of(read_audio(path, p.samplerate, channel), p)
+            if len(windows) == 0:
+                log.warning("%s: shorter than one window; skipped", path)
+                continue
+            for seg, score in item_scores(scorer, windows, p.window_seconds, p.hop_seconds, segment):
+                items.append(Scored(str(path), seg, label, score))
+    labels = np.array([i.label for i in items])
+    scores = np.array([i.score for i in items])
+    threshold = bundle.threshold
+    return Report(
+        model=bundle.model_id,
+        variant=variant,
+        unit=f"{segment:g}-s segments" if segment else "whole files",
+        auc=round(roc_auc(labels, scores), 4),
+        pauc=round(partial_auc(labels, scores, MAX_FPR), 4),
+        max_fpr=MAX_FPR,
+        n_normal=int((labels == 0).sum()),
+        n_anomalous=int((labels == 1).sum()),
+        threshold=threshold,
+        tpr_at_threshold=round(float((scores[labels == 1] > threshold).mean()), 4),
+        fpr_at_threshold=round(float((scores[labels == 0] > threshold).mean()), 4),
+        items=items,
+    )
+
+
+def write_json(report: Report, path: str | Path) -> None:
+    """Metrics and per-item scores as JSON (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = report.summary() | {"items": [asdict(i) for i in report.items]}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def format_report(report: Report) -> str:
+    """Human-readable summary."""
+    return (
+        f"model {report.model} ({report.variant}), {report.unit}: "
+        f"AUC {report.auc:.3f}  pAUC(FPR<={report.max_fpr}) {report.pauc:.3f}  "
+        f"normal {report.n_normal}  anomalous {report.n_anomalous}  "
+        f"at threshold {report.threshold:.4g}: TPR {report.tpr_at_threshold:.2f} "
+        f"FPR {report.fpr_at_threshold:.2f}"
+    )

@@ -1,0 +1,45 @@
+"""Export to TFLite: a float reference and a full-integer int8 model for the edge."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+REPRESENTATIVE_WINDOWS = 300
+"""Training windows fed to the int8 calibrator."""
+
+
+def _converter(model: object, tmp: str) -> tf.lite.TFLiteConverter:
+    model.export(tmp, format="tf_saved_model", verbose=False)  # type: ignore[attr-defined]
+    return tf.lite.TFLiteConverter.from_saved_model(tmp)
+
+
+def to_float_tflite(model: object) -> bytes:
+    """Float32 TFLite flatbuffer of a Keras model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _converter(model, tmp).convert()
+
+
+def to_int8_tflite(model: object, windows: np.ndarray, seed: int = 0) -> bytes:
+    """Full-integer int8 TFLite (int8 input and output), calibrated on `windows` (N, T, F, 1)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(windows), size=min(REPRESENTATIVE_WINDOWS, len(windows)), replace=False)
+
+    def representative() -> Iterator[list[np.ndarray]]:
+        for i in pick:
+            yield [windows[i : i + 1].astype(np.float32)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conv = _converter(model, tmp)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+        return conv.convert()

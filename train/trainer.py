@@ -1,0 +1,128 @@
+"""`soundsentry train`: normal recordings -> autoencoder -> int8 TFLite -> threshold -> bundle."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from edge import __version__
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, FORMAT, FORMAT_VERSION, sha256_bytes, write_bundle
+from edge.features import FeatureParams
+from edge.runtime import TfliteModel, runtime_name
+from edge.scoring import Scorer
+from train.dataset import Split, load_split
+from train.model import ARCHITECTURE, build_autoencoder
+from train.quantize import to_float_tflite, to_int8_tflite
+from train.threshold import RULE, fit_threshold, score_stats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 40
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-3
+STD_FLOOR_DB = 0.1
+"""Smallest per-band standard deviation used for normalisation (avoids dividing by ~0)."""
+
+
+def train_bundle(
+    normal: list[str | Path],
+    out: str | Path,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    channel: int = 0,
+    params: FeatureParams | None = None,
+) -> Path:
+    """Train on normal audio and write a validated bundle to `out`; returns its path."""
+    params = params or FeatureParams()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    split = load_split(normal, params, channel)
+    mean = split.train.windows.mean(axis=(0, 1))
+    std = np.maximum(split.train.windows.std(axis=(0, 1)), STD_FLOOR_DB)
+    x = ((split.train.windows - mean) / std)[..., None].astype(np.float32)
+
+    model = build_autoencoder(*params.shape)
+    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss="mse")
+    verbose = 1 if sys.stdout.isatty() else 2
+    model.fit(x, x, epochs=epochs, batch_size=BATCH_SIZE, shuffle=True, verbose=verbose)
+
+    float_tflite = to_float_tflite(model)
+    int8_tflite = to_int8_tflite(model, x, seed)
+    scorer = Scorer(TfliteModel(int8_tflite, name="int8 model"), mean, std)
+    holdout = split.holdout.windows if len(split.holdout.windows) else split.train.windows
+    scores = scorer.score_many(holdout)
+    value, rule_params = fit_threshold(scores)
+
+    out = Path(out)
+    manifest = _manifest(out, params, split, mean, std, scorer, value, rule_params, scores,
+                         epochs, seed, channel, model.count_params(), int8_tflite)
+    write_bundle(out, manifest, {MODEL_INT8: int8_tflite, MODEL_FLOAT: float_tflite})
+    log.info("wrote %s (int8 model %.1f KB, threshold %.4g)", out, len(int8_tflite) / 1024, value)
+    return out
+
+
+def _manifest(out: Path, params: FeatureParams, split: Split, mean: np.ndarray, std: np.ndarray,
+              scorer: Scorer, threshold: float, rule_params: dict, scores: np.ndarray,
+              epochs: int, seed: int, channel: int, n_params: int, int8: bytes) -> dict:
+    """The manifest dict (write_bundle adds file hashes and the checksum)."""
+    m = scorer.model
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_id": f"{out.name.removesuffix('.bundle')}-{sha256_bytes(int8)[:8]}",
+        "kind": "autoencoder",
+        "score": "reconstruction_mse",
+        "features": params.to_dict(),
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "input": _tensor(m.input_shape, m.input_dtype, m.input_quant),
+        "output": _tensor(m.input_shape, m.output_dtype, m.output_quant),
+        "threshold": {"value": threshold, "rule": RULE, "params": rule_params},
+        "normal_scores": score_stats(scores, "held-out normal audio"),
+        "training": {
+            "files": split.train.files,
+            "seconds": round(split.train.seconds, 3),
+            "holdout_files": split.holdout.files,
+            "holdout_seconds": round(split.holdout.seconds, 3),
+            "channel": channel,
+            "epochs": epochs,
+            "seed": seed,
+            "architecture": ARCHITECTURE,
+            "parameters": int(n_params),
+        },
+        "versions": _versions(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+
+
+def _tensor(shape: tuple, dtype: np.dtype, quant: object) -> dict:
+    spec = {"shape": list(shape), "dtype": str(dtype)}
+    if quant is not None:
+        spec |= {"scale": quant.scale, "zero_point": quant.zero_point}  # type: ignore[attr-defined]
+    return spec
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "soundsentry": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "runtime": runtime_name(),
+        "librosa": _dist_version("librosa"),
+    }
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return version(name)
+    except Exception:  # not installed: record that rather than fail
+        return "absent"
