@@ -55,6 +55,8 @@ def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
 def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarray:
     """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line."""
     path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:

@@ -28,7 +28,7 @@ class EventDetector:
             raise ValueError(f"need 1 <= k <= n and m >= 1, got k={k} n={n} m={m}")
         self.threshold = threshold
         self.k, self.n, self.m = k, n, m
-        self._recent: deque[tuple[bool, float]] = deque(maxlen=n)
+        self._recent: deque[tuple[bool, float, float, float]] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
         self._below = 0
 
@@ -45,12 +45,13 @@ class EventDetector:
     def update(self, score: float, start_s: float, end_s: float) -> Transition | None:
         """Feed one window's score and its time span; return a transition if one happens."""
         above = score > self.threshold
-        self._recent.append((above, start_s))
+        self._recent.append((above, start_s, end_s, score))
         if self._event is None:
-            if sum(a for a, _ in self._recent) >= self.k:
-                first = min(s for a, s in self._recent if a)
-                self._event = _OpenEvent(uuid.uuid4().hex, first, end_s)
-                self._event.add(score, end_s)
+            hits = [(s, e, sc) for a, s, e, sc in self._recent if a]
+            if len(hits) >= self.k:
+                self._event = _OpenEvent(uuid.uuid4().hex, hits[0][0], end_s)
+                for _, end, sc in hits:
+                    self._event.add(sc, end)
                 self._below = 0
                 return self._event.transition("start")
             return None

@@ -1,0 +1,120 @@
+"""Shared fixtures: fixture audio, a tiny trained bundle, a real mosquitto, a real PulseAudio."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+MODELS = ROOT / "models"
+DEMO_BUNDLE = MODELS / "fan-demo.bundle"
+DEMO_CLIP = MODELS / "demo-fan-normal-then-fault.flac"
+NORMAL_FILES = sorted(DATA.glob("fan-normal-*.flac"))
+ANOMALOUS_FILE = DATA / "fan-anomalous-14.flac"
+TINY_EPOCHS = "25"
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `soundsentry` command (as a user would) and capture its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"soundsentry {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model trained on the fixture audio with the real `train` command."""
+    out = tmp_path_factory.mktemp("models") / "nested" / "tiny.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out),
+        "--epochs", TINY_EPOCHS, "--seed", "1")
+    return out
+
+
+class Broker:
+    """A real mosquitto on loopback, stoppable and restartable on the same port."""
+
+    def __init__(self, workdir: Path, port: int, extra_conf: str = "") -> None:
+        self.workdir = workdir
+        self.port = port
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n"
+            f"persistence true\npersistence_location {workdir}/\n{extra_conf}"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start and wait until the port accepts connections."""
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        """Stop the broker."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A running mosquitto on a free loopback port."""
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
+    b = Broker(tmp_path, free_port())
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def pulse() -> Iterator[str]:
+    """A PulseAudio daemon with a null sink 'machine'; yields the monitor source name."""
+    if not shutil.which("pulseaudio"):
+        pytest.fail("pulseaudio is not installed (apt-get install pulseaudio pulseaudio-utils)")
+    started = subprocess.run(["pactl", "info"], capture_output=True).returncode != 0
+    if started:
+        subprocess.run(
+            ["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "-n",
+             "--load=module-null-sink sink_name=machine rate=16000 channels=1",
+             "--load=module-native-protocol-unix"],
+            check=True, capture_output=True,
+        )
+    else:
+        sinks = subprocess.run(["pactl", "list", "short", "sinks"], capture_output=True, text=True)
+        if "machine" not in sinks.stdout:
+            subprocess.run(["pactl", "load-module", "module-null-sink", "sink_name=machine",
+                            "rate=16000", "channels=1"], check=True, capture_output=True)
+    yield "machine.monitor"
+    if started:
+        subprocess.run(["pulseaudio", "--kill"], capture_output=True)

@@ -1,0 +1,94 @@
+"""Audio input: formats, rates, channels, and one clear line for bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
+
+from edge.audio_io import DOWNMIX, find_audio, read_audio
+from edge.errors import AudioError
+
+RATE = 16000
+
+
+def tone(freq: float, seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.25 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_reads_8_channel_wave_format_extensible(tmp_path: Path) -> None:
+    channels = np.stack([tone(200 * (c + 1), 1.0, RATE) * (c + 1) / 8 for c in range(8)], axis=1)
+    path = tmp_path / "array.wav"
+    sf.write(path, channels, RATE, format="WAVEX", subtype="PCM_16")
+    assert sf.info(str(path)).format == "WAVEX"
+    ch3 = read_audio(path, RATE, channel=3)
+    np.testing.assert_allclose(ch3, channels[:, 3], atol=1e-4)
+    mixed = read_audio(path, RATE, channel=DOWNMIX)
+    np.testing.assert_allclose(mixed, channels.mean(axis=1), atol=1e-4)
+    with pytest.raises(AudioError, match="channel 8 does not exist"):
+        read_audio(path, RATE, channel=8)
+
+
+@pytest.mark.parametrize(("rate", "subtype"), [(44100, "PCM_24"), (48000, "FLOAT"), (8000, "PCM_U8")])
+def test_any_rate_and_depth_is_resampled_to_the_model_rate(
+    tmp_path: Path, rate: int, subtype: str
+) -> None:
+    path = tmp_path / f"tone{rate}.wav"
+    sf.write(path, tone(440, 2.0, rate), rate, subtype=subtype)
+    audio = read_audio(path, RATE)
+    assert audio.dtype == np.float32
+    assert abs(len(audio) - 2 * RATE) <= 1
+    spectrum = np.abs(np.fft.rfft(audio[RATE // 2 : RATE // 2 + RATE]))
+    assert abs(np.argmax(spectrum) - 440) <= 1
+
+
+def test_flac_and_folders_are_found_recursively(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    sf.write(tmp_path / "a" / "b" / "x.flac", tone(300, 0.5, RATE), RATE)
+    sf.write(tmp_path / "a" / "y.wav", tone(300, 0.5, RATE), RATE)
+    (tmp_path / "a" / "notes.txt").write_text("not audio")
+    found = find_audio([tmp_path])
+    assert sorted(p.name for p in found) == ["x.flac", "y.wav"]
+    assert len(read_audio(found[0], RATE)) == RATE // 2
+
+
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.wav"
+    text.write_text("this is not audio\n")
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    good = tmp_path / "good.wav"
+    sf.write(good, tone(440, 1.0, RATE), RATE, subtype="PCM_16")
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(good.read_bytes()[:20000])
+    header_only = tmp_path / "header.wav"
+    header_only.write_bytes(good.read_bytes()[:44])
+    return {"text": text, "empty": empty, "truncated": truncated, "header only": header_only}
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "truncated", "header only"])
+def test_bad_audio_gives_one_line_and_nonzero_exit(tmp_path: Path, kind: str) -> None:
+    path = bad_files(tmp_path)[kind]
+    for args in (
+        ["replay", str(DEMO_BUNDLE), str(path)],
+        ["evaluate", str(DEMO_BUNDLE), "--normal", str(path), "--anomalous", str(NORMAL_FILES[0])],
+    ):
+        proc = cli(*args, check=False)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("soundsentry: error: ") and str(path) in lines[0]
+        assert "Traceback" not in proc.stderr
+
+
+def test_missing_model_and_missing_file_give_one_line(tmp_path: Path) -> None:
+    proc = cli("replay", str(tmp_path / "nope.bundle"), str(NORMAL_FILES[0]), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"soundsentry: error: {tmp_path / 'nope.bundle'}: no such model bundle"
+    proc = cli("replay", str(DEMO_BUNDLE), str(tmp_path / "missing.wav"), check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "No such file" in proc.stderr or "no such file" in proc.stderr

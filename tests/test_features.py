@@ -1,0 +1,90 @@
+"""The one front end: librosa parity and chunk-size invariance on real audio."""
+
+from __future__ import annotations
+
+import librosa
+import numpy as np
+import pytest
+from conftest import DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES
+
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle
+from edge.features import FeatureParams, LogMel, mel_filterbank, windows_of
+from edge.pipeline import Pipeline
+
+PARITY_DB = 0.01
+
+
+@pytest.fixture(scope="module")
+def audio() -> np.ndarray:
+    return read_audio(NORMAL_FILES[0], 16000)
+
+
+def test_filterbank_matches_librosa() -> None:
+    p = FeatureParams()
+    ref = librosa.filters.mel(sr=p.samplerate, n_fft=p.n_fft, n_mels=p.n_mels, fmin=0.0)
+    np.testing.assert_allclose(mel_filterbank(p), ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [FeatureParams(), FeatureParams(n_fft=512, hop_length=256, n_mels=40, fmin=50.0, fmax=7000.0)],
+)
+def test_logmel_matches_librosa_on_real_audio(audio: np.ndarray, params: FeatureParams) -> None:
+    window = audio[: params.window_samples]
+    mel = librosa.feature.melspectrogram(
+        y=window, sr=params.samplerate, n_fft=params.n_fft, hop_length=params.hop_length,
+        n_mels=params.n_mels, fmin=params.fmin, fmax=params.fmax, center=False, power=2.0,
+    )
+    ref = librosa.power_to_db(mel, ref=1.0, amin=params.amin, top_db=None).T
+    ours = LogMel(params)(window)
+    assert ours.shape == ref.shape == params.shape
+    assert np.abs(ours - ref).max() < PARITY_DB
+
+
+def test_windows_cover_the_signal_at_the_hop(audio: np.ndarray) -> None:
+    p = FeatureParams()
+    windows = windows_of(audio, p)
+    expected = 1 + (len(audio) - p.window_samples) // p.hop_samples
+    assert windows.shape == (expected, *p.shape)
+    np.testing.assert_array_equal(windows[3], LogMel(p)(audio[3 * p.hop_samples :][: p.window_samples]))
+
+
+@pytest.mark.parametrize("block", [160, 1000, 4096])
+def test_chunk_size_gives_identical_windows_and_scores(block: int) -> None:
+    bundle = load_bundle(DEMO_BUNDLE)
+    audio = read_audio(DEMO_CLIP, bundle.features.samplerate)
+    whole = Pipeline(bundle).push(audio)
+    chunked_pipe = Pipeline(bundle)
+    chunked = [s for i in range(0, len(audio), block) for s in chunked_pipe.push(audio[i : i + block])]
+    assert len(whole) == len(chunked) > 20
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.window.start == b.window.start
+        assert a.window.score == b.window.score
+
+    def events(steps: list) -> list[tuple]:
+        return [(t.kind, t.started_s, t.ended_s, t.peak_score)
+                for t in (s.transition for s in steps) if t]
+
+    assert events(whole) == events(chunked)
+    assert events(whole), "the clip's fault should raise an event"
+
+
+def test_frontend_features_identical_across_chunkings(audio: np.ndarray) -> None:
+    from edge.features import FrontEnd
+
+    p = FeatureParams()
+    ref = windows_of(audio, p)
+    for block in (160, 1000, 4096):
+        front = FrontEnd(p)
+        got = [f for i in range(0, len(audio), block) for _, f in front.push(audio[i : i + block])]
+        np.testing.assert_array_equal(np.stack(got), ref)
+
+
+def test_invalid_feature_params_are_refused() -> None:
+    with pytest.raises(ValueError):
+        FeatureParams(window_seconds=0.01)
+    with pytest.raises(ValueError):
+        FeatureParams(frontend="mfcc-v9")
+    with pytest.raises(ValueError):
+        FeatureParams(fmax=9000.0)

@@ -1,0 +1,83 @@
+"""Settings: TOML file < environment < flags, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
+
+from edge.errors import SettingsError
+from edge.settings import load_settings, mqtt_password
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.device_id == socket.gethostname()
+    assert s.mqtt.prefix == "soundsentry" and s.mqtt.host is None
+    assert (s.detector.trigger_windows, s.detector.trigger_of) == (2, 3)
+
+
+def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write(tmp_path, 'device_id = "pump-1"\n[mqtt]\nhost = "broker"\nport = 1884\n'
+                          '[audio]\ndevice = "USB"\nchannel = -1\n')
+    s = load_settings(cfg)
+    assert (s.device_id, s.mqtt.host, s.mqtt.port, s.audio.device, s.audio.channel) == (
+        "pump-1", "broker", 1884, "USB", -1)
+    monkeypatch.setenv("SOUNDSENTRY_MQTT__PORT", "1885")
+    monkeypatch.setenv("SOUNDSENTRY_DEVICE_ID", "pump-2")
+    s = load_settings(cfg)
+    assert (s.device_id, s.mqtt.host, s.mqtt.port) == ("pump-2", "broker", 1885)
+    s = load_settings(cfg, device_id="pump-3", mqtt={"port": 1886, "host": None})
+    assert (s.device_id, s.mqtt.host, s.mqtt.port) == ("pump-3", "broker", 1886)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[mqtt]\nport = 70000\n", "mqtt.port"),
+        ("[detector]\ntrigger_windows = 5\ntrigger_of = 3\n", "detector"),
+        ('device_id = "a/b"\n', "device_id"),
+        ("[audio]\nchanel = 1\n", "audio.chanel"),
+        ("[mqtt\nport = 1\n", "not valid TOML"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
+        load_settings(write(tmp_path, text))
+
+
+def test_invalid_setting_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "[mqtt]\nport = 0\n")
+    proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(cfg), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "soundsentry: error: invalid setting mqtt.port (got 0): Input should be greater than or equal to 1"
+    ]
+    proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), check=False,
+               env={"SOUNDSENTRY_DETECTOR__RELEASE_WINDOWS": "zero"})
+    assert proc.returncode == 1 and "detector.release_windows" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_password_from_file_and_credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    s = load_settings(write(tmp_path, f'[mqtt]\nusername = "u"\npassword_file = "{secret}"\n'))
+    assert mqtt_password(s.mqtt) == "s3cret"
+    assert "s3cret" not in repr(s) and "s3cret" not in str(s.model_dump())
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt_password").write_text("fromsystemd")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert mqtt_password(load_settings().mqtt) == "fromsystemd"
+    monkeypatch.setenv("SOUNDSENTRY_MQTT__PASSWORD", "env-pw")
+    s = load_settings()
+    assert mqtt_password(s.mqtt) == "env-pw" and "env-pw" not in repr(s)
