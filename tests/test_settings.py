@@ -81,3 +81,10 @@ def test_password_from_file_and_credentials_dir(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("SOUNDSENTRY_MQTT__PASSWORD", "env-pw")
     s = load_settings()
     assert mqtt_password(s.mqtt) == "env-pw" and "env-pw" not in repr(s)
+
+
+def test_example_config_in_deploy_is_valid() -> None:
+    from conftest import ROOT
+
+    s = load_settings(ROOT / "deploy" / "config.example.toml")
+    assert s.model is not None and s.model.name == "fan.bundle"
