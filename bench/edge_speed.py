@@ -57,8 +57,11 @@ def time_per_window(model: Path, audio: np.ndarray) -> dict:
 def replay_rss(model: Path, wav: Path) -> dict:
     """Wall time and peak RSS of a `soundsentry replay` child process (as fast as possible)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "edge", "replay", str(model), str(wav)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "edge", "replay", str(model), str(wav)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"replay_wall_s": round(wall, 2), "replay_peak_rss_mb": round(peak_kb / 1024, 1)}
@@ -67,8 +70,12 @@ def replay_rss(model: Path, wav: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", type=Path, default=ROOT / "models" / "fan-demo.bundle")
-    ap.add_argument("--audio", nargs="+", type=Path,
-                    default=[ROOT / "models" / "demo-fan-normal-then-fault.flac"])
+    ap.add_argument(
+        "--audio",
+        nargs="+",
+        type=Path,
+        default=[ROOT / "models" / "demo-fan-normal-then-fault.flac"],
+    )
     ap.add_argument("--seconds", type=float, default=300.0)
     args = ap.parse_args()
     import soundfile as sf

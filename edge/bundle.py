@@ -194,7 +194,9 @@ def load_bundle(path: str | Path, variant: str = "int8", num_threads: int = 1) -
     try:
         params = FeatureParams.from_dict(manifest.features)
     except (TypeError, ValueError) as exc:
-        raise BundleError(f"{path}: feature parameters this version cannot reproduce: {exc}") from None
+        raise BundleError(
+            f"{path}: feature parameters this version cannot reproduce: {exc}"
+        ) from None
     name = MODEL_INT8 if variant == "int8" else MODEL_FLOAT
     content = _read_checked(folder, name, manifest)
     model = TfliteModel(content, num_threads=num_threads, name=str(folder / name))

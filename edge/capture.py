@@ -66,10 +66,15 @@ class MicSource:
                     f"audio.samplerate {wanted} is not supported by {info['name']!r}"
                 ) from None
             rate = int(info["default_samplerate"])
-            log.info("capture: %s cannot do %d Hz; capturing at %d Hz and resampling",
-                     info["name"], wanted, rate)
-        log.info("capture: device %r at %d Hz, %d channel(s)", info["name"], rate,
-                 self.settings.channels)
+            log.info(
+                "capture: %s cannot do %d Hz; capturing at %d Hz and resampling",
+                info["name"],
+                wanted,
+                rate,
+            )
+        log.info(
+            "capture: device %r at %d Hz, %d channel(s)", info["name"], rate, self.settings.channels
+        )
         return device, rate
 
     def _callback(self, indata: np.ndarray, _frames: int, _time: Any, status: Any) -> None:
@@ -93,8 +98,12 @@ class MicSource:
         blocksize = max(1, int(self.settings.block_seconds * self.rate))
         try:
             stream = sd.InputStream(
-                device=self.device, channels=self.settings.channels, samplerate=self.rate,
-                dtype="float32", blocksize=blocksize, callback=self._callback,
+                device=self.device,
+                channels=self.settings.channels,
+                samplerate=self.rate,
+                dtype="float32",
+                blocksize=blocksize,
+                callback=self._callback,
             )
         except (ValueError, sd.PortAudioError) as exc:
             raise CaptureError(f"cannot open audio device {self.device!r}: {exc}") from None
@@ -103,6 +112,8 @@ class MicSource:
                 try:
                     block = self._queue.get(timeout=STALL_SECONDS)
                 except queue.Empty:
-                    raise CaptureError(f"no audio from the device for {STALL_SECONDS:.0f} s") from None
+                    raise CaptureError(
+                        f"no audio from the device for {STALL_SECONDS:.0f} s"
+                    ) from None
                 mono = select_channel(block, self.settings.channel)
                 yield resampler.resample_chunk(mono) if resampler else mono

@@ -49,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="soundsentry", description="Real-time anomaly detection for machine sounds."
     )
     parser.add_argument("--version", action="version", version=f"soundsentry {__version__}")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="stderr log level",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (_add_train, _add_evaluate, _add_replay, _add_run, _add_demo):
         register(sub)
@@ -59,10 +63,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model bundle on normal recordings")
-    p.add_argument("--normal", nargs="+", required=True, metavar="PATH",
-                   help="normal recordings: files or folders (searched recursively)")
-    p.add_argument("--out", required=True, type=Path, metavar="MODEL", help="bundle folder to write")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 40)")
+    p.add_argument(
+        "--normal",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="normal recordings: files or folders (searched recursively)",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="MODEL", help="bundle folder to write"
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, default=None, help="training epochs (default 40)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
     p.add_argument("--channel", type=int, default=0, help="channel to train on; -1 averages all")
     p.set_defaults(func=_cmd_train)
@@ -73,11 +86,22 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("--normal", nargs="+", required=True, metavar="PATH")
     p.add_argument("--anomalous", nargs="+", required=True, metavar="PATH")
-    p.add_argument("--segment", type=_positive_float, default=None, metavar="SECONDS",
-                   help="score consecutive segments of this length instead of whole files")
+    p.add_argument(
+        "--segment",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="score consecutive segments of this length instead of whole files",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write metrics as JSON")
-    p.add_argument("--float", dest="variant", action="store_const", const="float", default="int8",
-                   help="evaluate the float reference model instead of the int8 one")
+    p.add_argument(
+        "--float",
+        dest="variant",
+        action="store_const",
+        const="float",
+        default="int8",
+        help="evaluate the float reference model instead of the int8 one",
+    )
     p.add_argument("--channel", type=int, default=0, help="channel to score; -1 averages all")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -130,8 +154,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from train.trainer import DEFAULT_EPOCHS, train_bundle
 
-    out = train_bundle(args.normal, args.out, epochs=args.epochs or DEFAULT_EPOCHS,
-                       seed=args.seed, channel=args.channel)
+    out = train_bundle(
+        args.normal,
+        args.out,
+        epochs=args.epochs or DEFAULT_EPOCHS,
+        seed=args.seed,
+        channel=args.channel,
+    )
     print(f"model bundle written to {out}")
     return 0
 
@@ -139,8 +168,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from train.evaluate import evaluate, format_report, write_json
 
-    report = evaluate(args.model, args.normal, args.anomalous, args.segment, args.variant,
-                      args.channel)
+    report = evaluate(
+        args.model, args.normal, args.anomalous, args.segment, args.variant, args.channel
+    )
     print(format_report(report))
     if args.json:
         write_json(report, args.json)
@@ -165,8 +195,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args, args.model)
     bundle = _load(settings.model)
-    source = FileSource(args.files, bundle.features.samplerate, settings.audio.channel,
-                        settings.audio.block_seconds, realtime=args.realtime)
+    source = FileSource(
+        args.files,
+        bundle.features.samplerate,
+        settings.audio.channel,
+        settings.audio.block_seconds,
+        realtime=args.realtime,
+    )
     run_detector(settings, bundle, source, print_events=True)
     return 0
 

@@ -118,7 +118,9 @@ class Detector:
         for sink in self.sinks:
             sink.event(message)
         active = transition.kind == "start"
-        self._publish_state("anomaly" if active else "normal", score, transition.event_id if active else None)
+        self._publish_state(
+            "anomaly" if active else "normal", score, transition.event_id if active else None
+        )
 
     def _message(self, t: Transition) -> EventMessage:
         ended = t.ended_s is not None

@@ -51,9 +51,7 @@ def meter_line(step: Step, threshold: float) -> str:
     """One line per window: time, score and a bar with the threshold marked."""
     filled = min(METER_WIDTH, int(step.window.score / (threshold * METER_FULL_SCALE) * METER_WIDTH))
     mark = METER_WIDTH // int(METER_FULL_SCALE)
-    bar = "".join(
-        "|" if i == mark else ("#" if i < filled else " ") for i in range(METER_WIDTH)
-    )
+    bar = "".join("|" if i == mark else ("#" if i < filled else " ") for i in range(METER_WIDTH))
     flag = "ABOVE" if step.window.score > threshold else ""
     return f"  {step.end_s:6.1f} s  score {step.window.score:7.4f}  [{bar}]  {flag}"
 

@@ -45,7 +45,9 @@ class FeatureParams:
 
     def __post_init__(self) -> None:
         if self.frontend != FRONTEND:
-            raise ValueError(f"feature recipe {self.frontend!r} is unknown (this version: {FRONTEND})")
+            raise ValueError(
+                f"feature recipe {self.frontend!r} is unknown (this version: {FRONTEND})"
+            )
         if self.samplerate <= 0 or self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
             raise ValueError("samplerate, n_fft, hop_length and n_mels must be positive")
         if self.window_samples < self.n_fft:
@@ -108,7 +110,9 @@ def mel_to_hz(mel: np.ndarray) -> np.ndarray:
     mel = np.asarray(mel, dtype=np.float64)
     f_sp, min_log_hz = 200.0 / 3, 1000.0
     min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
-    return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), f_sp * mel)
+    return np.where(
+        mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), f_sp * mel
+    )
 
 
 def mel_band_edges(params: FeatureParams) -> np.ndarray:

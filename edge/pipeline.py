@@ -54,7 +54,9 @@ class Pipeline:
             scored = self.scorer.score(features, start)
             start_s = start / self._rate
             end_s = start_s + self._length_s
-            steps.append(Step(scored, start_s, end_s, self.events.update(scored.score, start_s, end_s)))
+            steps.append(
+                Step(scored, start_s, end_s, self.events.update(scored.score, start_s, end_s))
+            )
         return steps
 
     def close(self) -> Transition | None:

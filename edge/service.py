@@ -34,7 +34,9 @@ def run_detector(
         from edge.publish import MqttPublisher
 
         topics = Topics(settings.mqtt.prefix, settings.device_id)
-        publisher = MqttPublisher(settings.mqtt, topics, client_id=f"soundsentry-{settings.device_id}")
+        publisher = MqttPublisher(
+            settings.mqtt, topics, client_id=f"soundsentry-{settings.device_id}"
+        )
         if not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
             log.warning("MQTT: broker not reachable yet; events are queued until it is")
         sinks.append(MqttSink(publisher))

@@ -40,9 +40,7 @@ class AudioSettings(_Section):
     channel: int = Field(
         0, ge=-1, le=63, description="Channel the model hears (0-based); -1 averages all."
     )
-    block_seconds: float = Field(
-        0.1, gt=0.0, le=1.0, description="Capture block length, seconds."
-    )
+    block_seconds: float = Field(0.1, gt=0.0, le=1.0, description="Capture block length, seconds.")
     queue_blocks: int = Field(
         100, ge=4, le=10000, description="Capture queue length in blocks before blocks drop."
     )

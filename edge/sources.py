@@ -1,4 +1,4 @@
-"""Audio sources for the pipeline: files (replay, demo) paced as fast as possible or in real time."""
+"""Audio sources for the pipeline: files (replay, demo), as fast as possible or in real time."""
 
 from __future__ import annotations
 

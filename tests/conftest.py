@@ -23,12 +23,16 @@ ANOMALOUS_FILE = DATA / "fan-anomalous-14.flac"
 TINY_EPOCHS = "25"
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run the real `soundsentry` command (as a user would) and capture its output."""
     proc = subprocess.run(
         [sys.executable, "-m", "edge", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
     if check and proc.returncode != 0:
@@ -47,8 +51,17 @@ def free_port() -> int:
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small model trained on the fixture audio with the real `train` command."""
     out = tmp_path_factory.mktemp("models") / "nested" / "tiny.bundle"
-    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out),
-        "--epochs", TINY_EPOCHS, "--seed", "1")
+    cli(
+        "train",
+        "--normal",
+        *map(str, NORMAL_FILES),
+        "--out",
+        str(out),
+        "--epochs",
+        TINY_EPOCHS,
+        "--seed",
+        "1",
+    )
     return out
 
 
@@ -68,8 +81,9 @@ class Broker:
     def start(self) -> None:
         """Start and wait until the port accepts connections."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -105,16 +119,32 @@ def pulse() -> Iterator[str]:
     started = subprocess.run(["pactl", "info"], capture_output=True).returncode != 0
     if started:
         subprocess.run(
-            ["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "-n",
-             "--load=module-null-sink sink_name=machine rate=16000 channels=1",
-             "--load=module-native-protocol-unix"],
-            check=True, capture_output=True,
+            [
+                "pulseaudio",
+                "--daemonize=yes",
+                "--exit-idle-time=-1",
+                "-n",
+                "--load=module-null-sink sink_name=machine rate=16000 channels=1",
+                "--load=module-native-protocol-unix",
+            ],
+            check=True,
+            capture_output=True,
         )
     else:
         sinks = subprocess.run(["pactl", "list", "short", "sinks"], capture_output=True, text=True)
         if "machine" not in sinks.stdout:
-            subprocess.run(["pactl", "load-module", "module-null-sink", "sink_name=machine",
-                            "rate=16000", "channels=1"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "pactl",
+                    "load-module",
+                    "module-null-sink",
+                    "sink_name=machine",
+                    "rate=16000",
+                    "channels=1",
+                ],
+                check=True,
+                capture_output=True,
+            )
     yield "machine.monitor"
     if started:
         subprocess.run(["pulseaudio", "--kill"], capture_output=True)

@@ -26,12 +26,14 @@ class Received:
 class Subscriber:
     """Subscribes to `topic` on a loopback broker and keeps what arrives, in order."""
 
-    def __init__(self, port: int, topic: str = "#", client_id: str = "test-sub",
-                 clean: bool = True) -> None:
+    def __init__(
+        self, port: int, topic: str = "#", client_id: str = "test-sub", clean: bool = True
+    ) -> None:
         self.messages: list[Received] = []
         self._lock = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  clean_session=clean)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean
+        )
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)

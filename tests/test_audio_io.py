@@ -33,7 +33,9 @@ def test_reads_8_channel_wave_format_extensible(tmp_path: Path) -> None:
         read_audio(path, RATE, channel=8)
 
 
-@pytest.mark.parametrize(("rate", "subtype"), [(44100, "PCM_24"), (48000, "FLOAT"), (8000, "PCM_U8")])
+@pytest.mark.parametrize(
+    ("rate", "subtype"), [(44100, "PCM_24"), (48000, "FLOAT"), (8000, "PCM_U8")]
+)
 def test_any_rate_and_depth_is_resampled_to_the_model_rate(
     tmp_path: Path, rate: int, subtype: str
 ) -> None:
@@ -88,7 +90,10 @@ def test_bad_audio_gives_one_line_and_nonzero_exit(tmp_path: Path, kind: str) ->
 def test_missing_model_and_missing_file_give_one_line(tmp_path: Path) -> None:
     proc = cli("replay", str(tmp_path / "nope.bundle"), str(NORMAL_FILES[0]), check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"soundsentry: error: {tmp_path / 'nope.bundle'}: no such model bundle"
+    assert (
+        proc.stderr.strip()
+        == f"soundsentry: error: {tmp_path / 'nope.bundle'}: no such model bundle"
+    )
     proc = cli("replay", str(DEMO_BUNDLE), str(tmp_path / "missing.wav"), check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "No such file" in proc.stderr or "no such file" in proc.stderr

@@ -83,5 +83,5 @@ def test_tflite_that_is_not_a_model_is_refused(copy: Path) -> None:
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
         read_manifest(tmp_path)

@@ -41,8 +41,15 @@ def test_replay_realtime_publishes_online_start_end_offline(
 ) -> None:
     sub = Subscriber(broker.port, "soundsentry/e2e/#")
     try:
-        proc = cli("replay", str(tiny_bundle), str(DEMO_CLIP), "--realtime",
-                   "--config", str(config(tmp_path, broker, "e2e")), timeout=120)
+        proc = cli(
+            "replay",
+            str(tiny_bundle),
+            str(DEMO_CLIP),
+            "--realtime",
+            "--config",
+            str(config(tmp_path, broker, "e2e")),
+            timeout=120,
+        )
         assert sub.wait_for(lambda ms: "offline" in kinds(ms), timeout=10)
         seq = kinds(sub.messages)
         assert seq[0] == "online" and seq[-1] == "offline"
@@ -63,9 +70,20 @@ def test_replay_realtime_publishes_online_start_end_offline(
 def test_kill_9_makes_the_broker_publish_the_last_will(broker: Broker, tmp_path: Path) -> None:
     sub = Subscriber(broker.port, "soundsentry/victim/availability")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--realtime",
-         "--config", str(config(tmp_path, broker, "victim"))],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "replay",
+            str(DEMO_BUNDLE),
+            str(DEMO_CLIP),
+            "--realtime",
+            "--config",
+            str(config(tmp_path, broker, "victim")),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         assert sub.wait_for(lambda ms: any(m.payload == "online" for m in ms), timeout=20)
@@ -88,9 +106,23 @@ def test_microphone_path_through_pulseaudio(pulse: str, broker: Broker, tmp_path
     env = {**os.environ, "PULSE_SOURCE": pulse}
     player = subprocess.Popen(["paplay", "-d", pulse.removesuffix(".monitor"), str(DEMO_CLIP)])
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "edge", "run", "--model", str(DEMO_BUNDLE), "--device", "pulse",
-         "--config", str(config(tmp_path, broker, "mic"))],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "run",
+            "--model",
+            str(DEMO_BUNDLE),
+            "--device",
+            "pulse",
+            "--config",
+            str(config(tmp_path, broker, "mic")),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert sub.wait_for(lambda ms: "start" in kinds(ms), timeout=30), daemon.stderr

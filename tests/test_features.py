@@ -33,8 +33,15 @@ def test_filterbank_matches_librosa() -> None:
 def test_logmel_matches_librosa_on_real_audio(audio: np.ndarray, params: FeatureParams) -> None:
     window = audio[: params.window_samples]
     mel = librosa.feature.melspectrogram(
-        y=window, sr=params.samplerate, n_fft=params.n_fft, hop_length=params.hop_length,
-        n_mels=params.n_mels, fmin=params.fmin, fmax=params.fmax, center=False, power=2.0,
+        y=window,
+        sr=params.samplerate,
+        n_fft=params.n_fft,
+        hop_length=params.hop_length,
+        n_mels=params.n_mels,
+        fmin=params.fmin,
+        fmax=params.fmax,
+        center=False,
+        power=2.0,
     )
     ref = librosa.power_to_db(mel, ref=1.0, amin=params.amin, top_db=None).T
     ours = LogMel(params)(window)
@@ -47,7 +54,9 @@ def test_windows_cover_the_signal_at_the_hop(audio: np.ndarray) -> None:
     windows = windows_of(audio, p)
     expected = 1 + (len(audio) - p.window_samples) // p.hop_samples
     assert windows.shape == (expected, *p.shape)
-    np.testing.assert_array_equal(windows[3], LogMel(p)(audio[3 * p.hop_samples :][: p.window_samples]))
+    np.testing.assert_array_equal(
+        windows[3], LogMel(p)(audio[3 * p.hop_samples :][: p.window_samples])
+    )
 
 
 @pytest.mark.parametrize("block", [160, 1000, 4096])
@@ -56,15 +65,20 @@ def test_chunk_size_gives_identical_windows_and_scores(block: int) -> None:
     audio = read_audio(DEMO_CLIP, bundle.features.samplerate)
     whole = Pipeline(bundle).push(audio)
     chunked_pipe = Pipeline(bundle)
-    chunked = [s for i in range(0, len(audio), block) for s in chunked_pipe.push(audio[i : i + block])]
+    chunked = [
+        s for i in range(0, len(audio), block) for s in chunked_pipe.push(audio[i : i + block])
+    ]
     assert len(whole) == len(chunked) > 20
     for a, b in zip(whole, chunked, strict=True):
         assert a.window.start == b.window.start
         assert a.window.score == b.window.score
 
     def events(steps: list) -> list[tuple]:
-        return [(t.kind, t.started_s, t.ended_s, t.peak_score)
-                for t in (s.transition for s in steps) if t]
+        return [
+            (t.kind, t.started_s, t.ended_s, t.peak_score)
+            for t in (s.transition for s in steps)
+            if t
+        ]
 
     assert events(whole) == events(chunked)
     assert events(whole), "the clip's fault should raise an event"

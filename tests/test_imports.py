@@ -7,16 +7,31 @@ import sys
 
 HEAVY = ("tensorflow", "keras", "librosa", "numba", "sklearn", "sounddevice", "scipy")
 EDGE_MODULES = (
-    "edge", "edge.cli", "edge.daemon", "edge.pipeline", "edge.service", "edge.publish",
-    "edge.demo", "edge.bundle", "edge.features", "edge.scoring", "edge.settings",
-    "edge.sources", "edge.capture", "train", "train.evaluate", "train.metrics",
+    "edge",
+    "edge.cli",
+    "edge.daemon",
+    "edge.pipeline",
+    "edge.service",
+    "edge.publish",
+    "edge.demo",
+    "edge.bundle",
+    "edge.features",
+    "edge.scoring",
+    "edge.settings",
+    "edge.sources",
+    "edge.capture",
+    "train",
+    "train.evaluate",
+    "train.metrics",
 )
 
 
 def loaded_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     return {m.split(".")[0] for m in out}
 

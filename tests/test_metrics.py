@@ -17,7 +17,8 @@ def test_auc_and_pauc_match_sklearn(seed: int) -> None:
     scores = np.round(rng.normal(size=60) + labels, 1)  # rounding creates ties
     assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert partial_auc(labels, scores, 0.1) == pytest.approx(
-        roc_auc_score(labels, scores, max_fpr=0.1), abs=1e-12)
+        roc_auc_score(labels, scores, max_fpr=0.1), abs=1e-12
+    )
 
 
 def test_perfect_and_spearman() -> None:

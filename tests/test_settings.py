@@ -26,11 +26,19 @@ def test_defaults() -> None:
 
 
 def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = write(tmp_path, 'device_id = "pump-1"\n[mqtt]\nhost = "broker"\nport = 1884\n'
-                          '[audio]\ndevice = "USB"\nchannel = -1\n')
+    cfg = write(
+        tmp_path,
+        'device_id = "pump-1"\n[mqtt]\nhost = "broker"\nport = 1884\n'
+        '[audio]\ndevice = "USB"\nchannel = -1\n',
+    )
     s = load_settings(cfg)
     assert (s.device_id, s.mqtt.host, s.mqtt.port, s.audio.device, s.audio.channel) == (
-        "pump-1", "broker", 1884, "USB", -1)
+        "pump-1",
+        "broker",
+        1884,
+        "USB",
+        -1,
+    )
     monkeypatch.setenv("SOUNDSENTRY_MQTT__PORT", "1885")
     monkeypatch.setenv("SOUNDSENTRY_DEVICE_ID", "pump-2")
     s = load_settings(cfg)
@@ -59,15 +67,23 @@ def test_invalid_setting_on_the_command_line_is_one_line(tmp_path: Path) -> None
     proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(cfg), check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "soundsentry: error: invalid setting mqtt.port (got 0): Input should be greater than or equal to 1"
+        "soundsentry: error: invalid setting mqtt.port (got 0): "
+        "Input should be greater than or equal to 1"
     ]
-    proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), check=False,
-               env={"SOUNDSENTRY_DETECTOR__RELEASE_WINDOWS": "zero"})
+    proc = cli(
+        "replay",
+        str(DEMO_BUNDLE),
+        str(NORMAL_FILES[0]),
+        check=False,
+        env={"SOUNDSENTRY_DETECTOR__RELEASE_WINDOWS": "zero"},
+    )
     assert proc.returncode == 1 and "detector.release_windows" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_password_from_file_and_credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_password_from_file_and_credentials_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
     s = load_settings(write(tmp_path, f'[mqtt]\nusername = "u"\npassword_file = "{secret}"\n'))

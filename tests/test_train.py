@@ -33,7 +33,10 @@ def test_int8_ranks_windows_like_float(tiny_bundle: Path) -> None:
     flt = Scorer.from_bundle(load_bundle(tiny_bundle, "float"))
     p = load_bundle(tiny_bundle).features
     windows = np.concatenate(
-        [windows_of(read_audio(f, p.samplerate), p) for f in [*NORMAL_FILES, ANOMALOUS_FILE, DEMO_CLIP]]
+        [
+            windows_of(read_audio(f, p.samplerate), p)
+            for f in [*NORMAL_FILES, ANOMALOUS_FILE, DEMO_CLIP]
+        ]
     )
     rho = spearman(int8.score_many(windows), flt.score_many(windows))
     assert rho >= MIN_SPEARMAN, rho
@@ -41,8 +44,17 @@ def test_int8_ranks_windows_like_float(tiny_bundle: Path) -> None:
 
 def test_same_seed_same_model(tiny_bundle: Path, tmp_path: Path) -> None:
     again = tmp_path / "again.bundle"
-    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(again),
-        "--epochs", TINY_EPOCHS, "--seed", "1")
+    cli(
+        "train",
+        "--normal",
+        *map(str, NORMAL_FILES),
+        "--out",
+        str(again),
+        "--epochs",
+        TINY_EPOCHS,
+        "--seed",
+        "1",
+    )
     assert (again / MODEL_INT8).read_bytes() == (tiny_bundle / MODEL_INT8).read_bytes()
     first = load_bundle(tiny_bundle).manifest
     assert load_bundle(again).manifest.threshold.value == first.threshold.value
@@ -50,13 +62,30 @@ def test_same_seed_same_model(tiny_bundle: Path, tmp_path: Path) -> None:
 
 def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "eval.json"
-    proc = cli("evaluate", str(tiny_bundle), "--normal", *map(str, NORMAL_FILES[:2]),
-               "--anomalous", str(ANOMALOUS_FILE), "--segment", "1", "--json", str(out))
+    proc = cli(
+        "evaluate",
+        str(tiny_bundle),
+        "--normal",
+        *map(str, NORMAL_FILES[:2]),
+        "--anomalous",
+        str(ANOMALOUS_FILE),
+        "--segment",
+        "1",
+        "--json",
+        str(out),
+    )
     assert "AUC" in proc.stdout and "pAUC" in proc.stdout
     data = json.loads(out.read_text())
     assert {"auc", "pauc", "n_normal", "n_anomalous"} <= set(data)
     assert (data["n_normal"], data["n_anomalous"]) == (10, 4)
     assert 0.0 <= data["auc"] <= 1.0 and 0.0 <= data["pauc"] <= 1.0
-    whole = cli("evaluate", str(tiny_bundle), "--float", "--normal", *map(str, NORMAL_FILES),
-                "--anomalous", str(ANOMALOUS_FILE))
+    whole = cli(
+        "evaluate",
+        str(tiny_bundle),
+        "--float",
+        "--normal",
+        *map(str, NORMAL_FILES),
+        "--anomalous",
+        str(ANOMALOUS_FILE),
+    )
     assert "(float), whole files" in whole.stdout and "normal 4  anomalous 1" in whole.stdout

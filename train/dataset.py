@@ -40,9 +40,7 @@ class Split:
     holdout: WindowSet
 
 
-def load_split(
-    paths: list[str | Path], params: FeatureParams, channel: int = 0
-) -> Split:
+def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0) -> Split:
     """Read normal recordings and split them into training and held-out windows."""
     files = find_audio(paths)
     if not files:
@@ -74,8 +72,14 @@ def load_split(
     )
     if len(split.train.windows) == 0:
         raise AudioError(f"not enough audio to train: need at least {params.window_seconds} s")
-    log.info("training on %d windows (%.0f s), holding out %d (%.0f s) from %d files",
-             len(split.train.windows), train_s, len(split.holdout.windows), hold_s, len(files))
+    log.info(
+        "training on %d windows (%.0f s), holding out %d (%.0f s) from %d files",
+        len(split.train.windows),
+        train_s,
+        len(split.holdout.windows),
+        hold_s,
+        len(files),
+    )
     return split
 
 

@@ -100,7 +100,9 @@ def evaluate(
             if len(windows) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
-            for seg, score in item_scores(scorer, windows, p.window_seconds, p.hop_seconds, segment):
+            for seg, score in item_scores(
+                scorer, windows, p.window_seconds, p.hop_seconds, segment
+            ):
                 items.append(Scored(str(path), seg, label, score))
     labels = np.array([i.label for i in items])
     scores = np.array([i.score for i in items])

@@ -27,7 +27,7 @@ def fit_threshold(scores: np.ndarray, quantile: float = GAMMA_QUANTILE) -> tuple
         "quantile": quantile,
         "gamma_shape": float(shape),
         "gamma_scale": float(scale),
-        "n": int(len(scores)),
+        "n": len(scores),
         "holdout_window_fpr": empirical,
     }
 
@@ -37,7 +37,7 @@ def score_stats(scores: np.ndarray, source: str) -> dict:
     s = np.asarray(scores, dtype=np.float64)
     return {
         "source": source,
-        "n_windows": int(len(s)),
+        "n_windows": len(s),
         "mean": float(s.mean()),
         "std": float(s.std()),
         "p50": float(np.percentile(s, 50)),

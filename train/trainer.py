@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from edge import __version__
-from edge.bundle import MODEL_FLOAT, MODEL_INT8, FORMAT, FORMAT_VERSION, sha256_bytes, write_bundle
+from edge.bundle import FORMAT, FORMAT_VERSION, MODEL_FLOAT, MODEL_INT8, sha256_bytes, write_bundle
 from edge.features import FeatureParams
 from edge.runtime import TfliteModel, runtime_name
 from edge.scoring import Scorer
@@ -62,16 +62,43 @@ def train_bundle(
     value, rule_params = fit_threshold(scores)
 
     out = Path(out)
-    manifest = _manifest(out, params, split, mean, std, scorer, value, rule_params, scores,
-                         epochs, seed, channel, model.count_params(), int8_tflite)
+    manifest = _manifest(
+        out,
+        params,
+        split,
+        mean,
+        std,
+        scorer,
+        value,
+        rule_params,
+        scores,
+        epochs,
+        seed,
+        channel,
+        model.count_params(),
+        int8_tflite,
+    )
     write_bundle(out, manifest, {MODEL_INT8: int8_tflite, MODEL_FLOAT: float_tflite})
     log.info("wrote %s (int8 model %.1f KB, threshold %.4g)", out, len(int8_tflite) / 1024, value)
     return out
 
 
-def _manifest(out: Path, params: FeatureParams, split: Split, mean: np.ndarray, std: np.ndarray,
-              scorer: Scorer, threshold: float, rule_params: dict, scores: np.ndarray,
-              epochs: int, seed: int, channel: int, n_params: int, int8: bytes) -> dict:
+def _manifest(
+    out: Path,
+    params: FeatureParams,
+    split: Split,
+    mean: np.ndarray,
+    std: np.ndarray,
+    scorer: Scorer,
+    threshold: float,
+    rule_params: dict,
+    scores: np.ndarray,
+    epochs: int,
+    seed: int,
+    channel: int,
+    n_params: int,
+    int8: bytes,
+) -> dict:
     """The manifest dict (write_bundle adds file hashes and the checksum)."""
     m = scorer.model
     return {
