@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# Install, upgrade or remove SoundSentry as a systemd service (Raspberry Pi OS / Debian /
+# Ubuntu, 64-bit). Safe to run again: an upgrade keeps the config, the models and the spool.
+#
+#   sudo deploy/install.sh                  install or upgrade from this source tree, start
+#   sudo deploy/install.sh --uninstall      remove venv, units and user; keep config and state
+#   sudo deploy/install.sh --purge          ... and remove config and state too
+#   deploy/install.sh --root /tmp/tree      everything under /tmp/tree, nothing on the host
+#
+# The unit files are the real files next to this script (deploy/*.service), copied as-is.
+set -euo pipefail
+
+DEPLOY_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+UNITS=(soundsentry.service soundsentry@.service)
+SERVICE_USER=soundsentry
+AUDIO_GROUP=audio
+MIN_PYTHON=3.11
+APT_PACKAGES=(python3 python3-venv libportaudio2 libsndfile1 alsa-utils ca-certificates)
+
+ROOT=""
+SOURCE=$(cd "$DEPLOY_DIR/.." && pwd)
+PYTHON=python3
+ACTION=install
+START=1
+
+usage() {
+  sed -n '2,9s/^# \{0,1\}//p' "$0"
+  echo "options: --root DIR  --source PATH (source tree or wheel)  --python PY  --no-start"
+  echo "         --uninstall  --purge  -h|--help"
+}
+
+say() { echo "soundsentry-install: $*"; }
+die() {
+  echo "soundsentry-install: error: $*" >&2
+  exit 1
+}
+
+# Commands that change the host outside ROOT (apt, users, the running systemd): with --root
+# they are printed, not run.
+host() {
+  if [ -n "$ROOT" ]; then
+    say "would run: $*"
+  else
+    "$@"
+  fi
+}
+
+# install(1) with an owner, except with --root, where the soundsentry user need not exist.
+install_as() {
+  local user=$1 group=$2
+  shift 2
+  if [ -n "$ROOT" ]; then
+    install "$@"
+  else
+    install -o "$user" -g "$group" "$@"
+  fi
+}
+
+# systemctl calls that talk to the running systemd: printed with --root, skipped (with a
+# note) where systemd is not running, e.g. in a container or a chroot.
+live_systemctl() {
+  if [ -n "$ROOT" ]; then
+    say "would run: systemctl $*"
+  elif [ ! -d /run/systemd/system ]; then
+    say "systemd is not running here: skipped systemctl $*"
+  else
+    systemctl "$@"
+  fi
+}
+
+# enable/disable only write symlinks: with --root, systemctl does that inside ROOT.
+systemctl_root() {
+  if [ -n "$ROOT" ]; then
+    systemctl --quiet --root="$ROOT" "$@"
+  else
+    systemctl --quiet "$@"
+  fi
+}
+
+parse_args() {
+  while (($#)); do
+    case "$1" in
+      --root) ROOT=${2:?--root needs a directory}; shift ;;
+      --source) SOURCE=${2:?--source needs a path}; shift ;;
+      --python) PYTHON=${2:?--python needs an interpreter}; shift ;;
+      --no-start) START=0 ;;
+      --uninstall) ACTION=uninstall ;;
+      --purge) ACTION=purge ;;
+      -h | --help) usage; exit 0 ;;
+      *) die "unknown option $1 (see --help)" ;;
+    esac
+    shift
+  done
+  if [ -n "$ROOT" ]; then
+    mkdir -p "$ROOT"
+    ROOT=$(cd "$ROOT" && pwd)
+  elif [ "$(id -u)" != 0 ]; then
+    die "run as root (sudo $0 $*), or use --root DIR to install into a directory"
+  fi
+  VENV="$ROOT/opt/soundsentry/venv"
+  CONF_DIR="$ROOT/etc/soundsentry"
+  STATE_DIR="$ROOT/var/lib/soundsentry"
+  LOGS_DIR="$ROOT/var/log/soundsentry"
+  UNIT_DIR="$ROOT/etc/systemd/system"
+}
+
+check_platform() {
+  local id="" id_like="" arch
+  if [ -r /etc/os-release ]; then
+    # shellcheck source=/dev/null
+    id=$(. /etc/os-release && echo "${ID:-}")
+    # shellcheck source=/dev/null
+    id_like=$(. /etc/os-release && echo "${ID_LIKE:-}")
+  fi
+  case " $id $id_like " in
+    *" debian "* | *" ubuntu "* | *" raspbian "*) ;;
+    *) die "unsupported OS '${id:-unknown}': needs Raspberry Pi OS, Debian or Ubuntu" ;;
+  esac
+  # The userland's architecture, not the kernel's: 32-bit Pi OS often runs a 64-bit kernel.
+  arch=$(dpkg --print-architecture 2>/dev/null || uname -m)
+  case "$arch" in
+    arm64 | aarch64 | amd64 | x86_64) ;;
+    *) die "unsupported architecture '$arch': needs 64-bit (arm64 or amd64); LiteRT has no 32-bit build" ;;
+  esac
+}
+
+check_python() {
+  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: needs Python >= $MIN_PYTHON"
+  "$PYTHON" -c "import sys; sys.exit(sys.version_info < tuple(map(int, '$MIN_PYTHON'.split('.'))))" ||
+    die "needs Python >= $MIN_PYTHON, found $("$PYTHON" -c 'import platform; print(platform.python_version())') ($PYTHON)"
+}
+
+install_apt_packages() {
+  local missing=() pkg
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  ((${#missing[@]})) || return 0
+  say "installing ${missing[*]}"
+  host apt-get update -qq
+  host env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+create_user() {
+  if [ -z "$ROOT" ] && getent passwd "$SERVICE_USER" >/dev/null; then
+    host usermod -a -G "$AUDIO_GROUP" "$SERVICE_USER"
+    return
+  fi
+  host useradd --system --user-group --groups "$AUDIO_GROUP" --home-dir /var/lib/soundsentry \
+    --no-create-home --shell /usr/sbin/nologin --comment "SoundSentry detector" "$SERVICE_USER"
+}
+
+# The bare edge runtime only (no TensorFlow). A venv left by another Python version (an OS
+# upgrade from Bookworm to Trixie) is rebuilt, since its site-packages would not be found.
+install_venv() {
+  local want have
+  want=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  have=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+  if [ -n "$have" ] && [ "$have" != "$want" ]; then
+    say "rebuilding $VENV (Python $have -> $want)"
+    rm -rf "$VENV"
+    have=""
+  fi
+  if [ -z "$have" ]; then
+    say "creating $VENV"
+    mkdir -p "$(dirname "$VENV")"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  say "installing $SOURCE into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade "$SOURCE"
+  say "installed $("$VENV/bin/soundsentry" --version)"
+}
+
+install_config() {
+  local conf="$CONF_DIR/config.toml"
+  install_as root "$SERVICE_USER" -d -m 0750 "$CONF_DIR"
+  install_as "$SERVICE_USER" "$SERVICE_USER" -d -m 0750 "$STATE_DIR" "$STATE_DIR/models"
+  if [ -e "$conf" ]; then
+    say "keeping $conf"
+    # After --uninstall and a reinstall the user may have a new GID: let it read the config.
+    [ -n "$ROOT" ] || chgrp "$SERVICE_USER" "$CONF_DIR" "$conf"
+  else
+    install_as root "$SERVICE_USER" -m 0640 "$DEPLOY_DIR/config.example.toml" "$conf"
+    say "wrote $conf (from config.example.toml): edit it before starting"
+  fi
+  if [ -n "$ROOT" ]; then
+    say "would run: chown root:$SERVICE_USER $CONF_DIR $conf"
+  fi
+}
+
+install_units() {
+  local unit
+  install -d -m 0755 "$UNIT_DIR"
+  for unit in "${UNITS[@]}"; do
+    install -m 0644 "$DEPLOY_DIR/$unit" "$UNIT_DIR/$unit"
+  done
+  live_systemctl daemon-reload
+  systemctl_root enable soundsentry.service
+}
+
+# The model path the config names, resolved under ROOT; empty when the config has none.
+configured_model() {
+  "$VENV/bin/python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("model", ""))' \
+    "$CONF_DIR/config.toml"
+}
+
+start_service() {
+  local model
+  if ((!START)); then
+    say "not starting (--no-start): systemctl start soundsentry"
+    return
+  fi
+  model=$(configured_model)
+  if [ -n "$model" ] && [ ! -e "$ROOT$model" ]; then
+    say "not starting: model $model not found. Copy a bundle there, then: systemctl start soundsentry"
+    return
+  fi
+  # restart, not start: an upgrade must run the new code.
+  live_systemctl restart soundsentry.service
+}
+
+do_install() {
+  check_platform
+  if command -v "$PYTHON" >/dev/null; then check_python; fi
+  [ -e "$SOURCE/pyproject.toml" ] || [[ "$SOURCE" == *.whl && -f "$SOURCE" ]] ||
+    die "--source $SOURCE is neither a source tree (pyproject.toml) nor a wheel"
+  install_apt_packages
+  check_python
+  create_user
+  install_venv
+  install_config
+  install_units
+  start_service
+  say "done"
+}
+
+# Instances of soundsentry@.service enabled by the admin (soundsentry@pump-3.service, ...).
+enabled_instances() {
+  find "$UNIT_DIR" -path '*.wants/soundsentry@*.service' -printf '%f\n' 2>/dev/null | sort -u
+}
+
+do_uninstall() {
+  local units unit
+  mapfile -t units < <(enabled_instances)
+  units+=(soundsentry.service)
+  live_systemctl stop soundsentry.service 'soundsentry@*.service' || true
+  for unit in "${units[@]}"; do
+    # Without its unit file (a second --uninstall) disable fails: drop the links directly.
+    systemctl_root disable "$unit" 2>/dev/null || rm -f "$UNIT_DIR"/*.wants/"$unit"
+  done
+  for unit in "${UNITS[@]}"; do
+    rm -f "$UNIT_DIR/$unit"
+  done
+  live_systemctl daemon-reload
+  rm -rf "$ROOT/opt/soundsentry"
+  if [ -n "$ROOT" ] || getent passwd "$SERVICE_USER" >/dev/null; then
+    host userdel "$SERVICE_USER"
+  fi
+  if [ "$ACTION" = purge ]; then
+    rm -rf "$CONF_DIR" "$STATE_DIR" "$LOGS_DIR"
+    say "removed $CONF_DIR, $STATE_DIR and $LOGS_DIR"
+  else
+    say "kept $CONF_DIR and $STATE_DIR (--purge removes them)"
+  fi
+  say "done"
+}
+
+main() {
+  parse_args "$@"
+  if [ "$ACTION" = install ]; then
+    do_install
+  else
+    do_uninstall
+  fi
+}
+
+main "$@"
