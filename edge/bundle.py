@@ -103,6 +103,8 @@ class Manifest(_Strict):
     output: TensorSpec
     threshold: ThresholdInfo
     normal_scores: ScoreStats
+    normal_band_error: Normalization | None = None
+    """Per-mel-band reconstruction error on held-out normal audio (explains anomalies)."""
     training: TrainingInfo
     versions: dict[str, str]
     created_at: str

@@ -1,10 +1,17 @@
-"""Microphone capture with sounddevice: the callback only copies blocks onto a bounded queue."""
+"""Microphone capture with sounddevice, resilient to a device that stalls or disappears.
+
+The PortAudio callback only copies blocks onto a bounded queue and counts overflows and
+drops. The iterator yields mono blocks at the model's rate, or None while no audio arrives
+(so the daemon keeps ticking); when the stream stalls or fails it is closed and reopened with
+capped exponential backoff, rescanning devices (a USB microphone unplugged and plugged back).
+"""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +24,9 @@ from edge.settings import AudioSettings
 
 log = logging.getLogger(__name__)
 
-STALL_SECONDS = 5.0
-"""No block for this long means the stream has stalled."""
+TICK_S = 0.25
+"""Longest wait for a block before yielding None."""
+REOPEN_MIN_S = 1.0
 
 
 class CaptureError(SoundSentryError):
@@ -35,16 +43,38 @@ def _sounddevice() -> Any:
 
 
 class MicSource:
-    """Blocks of mono audio at the model's rate from an input device."""
+    """Blocks of mono audio at the model's rate from an input device, reopened on failure."""
 
-    def __init__(self, audio: AudioSettings, model_rate: int) -> None:
+    def __init__(
+        self,
+        audio: AudioSettings,
+        model_rate: int,
+        stall_s: float = 3.0,
+        reopen_max_s: float = 30.0,
+    ) -> None:
         self.settings = audio
         self.model_rate = model_rate
+        self.stall_s = stall_s
+        self.reopen_max_s = reopen_max_s
         self.overflows = 0
         self.dropped = 0
+        self.reopens = 0
         self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=audio.queue_blocks)
         self._stop = threading.Event()
         self.device, self.rate = self._resolve()
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the metrics message."""
+        return {
+            "dropped": self.dropped,
+            "overflows": self.overflows,
+            "queue_depth": self._queue.qsize(),
+            "reopens": self.reopens,
+        }
+
+    def stop(self) -> None:
+        """Ask the iterator to finish."""
+        self._stop.set()
 
     def _resolve(self) -> tuple[int | str | None, int]:
         """The device to open and a rate it supports (the model's rate when possible)."""
@@ -86,18 +116,11 @@ class MicSource:
         except queue.Full:
             self.dropped += 1
 
-    def stop(self) -> None:
-        """Ask the iterator to finish."""
-        self._stop.set()
-
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def _open(self) -> Any:
         sd = _sounddevice()
-        resampler = None
-        if self.rate != self.model_rate:
-            resampler = soxr.ResampleStream(self.rate, self.model_rate, 1, dtype="float32")
         blocksize = max(1, int(self.settings.block_seconds * self.rate))
         try:
-            stream = sd.InputStream(
+            return sd.InputStream(
                 device=self.device,
                 channels=self.settings.channels,
                 samplerate=self.rate,
@@ -107,13 +130,83 @@ class MicSource:
             )
         except (ValueError, sd.PortAudioError) as exc:
             raise CaptureError(f"cannot open audio device {self.device!r}: {exc}") from None
-        with stream:
+
+    def _rescan(self) -> None:
+        """Re-initialise PortAudio so devices plugged in since start are seen."""
+        sd = _sounddevice()
+        try:
+            sd._terminate()
+            sd._initialize()
+            self.device, self.rate = self._resolve()
+        except (CaptureError, sd.PortAudioError, OSError) as exc:
+            raise CaptureError(f"audio device not available: {exc}") from None
+
+    def __iter__(self) -> Iterator[np.ndarray | None]:
+        backoff = REOPEN_MIN_S
+        first = True
+        while not self._stop.is_set():
+            try:
+                if not first:
+                    self._rescan()
+                    self.reopens += 1
+                stream = self._open()
+            except CaptureError as exc:
+                if first:
+                    raise
+                log.warning("capture: %s; retrying in %.0f s", exc, backoff)
+                yield from self._idle(backoff)
+                backoff = min(backoff * 2, self.reopen_max_s)
+                continue
+            first = False
+            try:
+                yield from self._stream(stream)
+                backoff = REOPEN_MIN_S
+            except CaptureError as exc:
+                log.warning("capture: %s; reopening the device", exc)
+                yield None
+
+    def _stream(self, stream: Any) -> Iterator[np.ndarray | None]:
+        """Yield blocks from an open stream until it stalls (CaptureError) or stop()."""
+        resampler = None
+        if self.rate != self.model_rate:
+            resampler = soxr.ResampleStream(self.rate, self.model_rate, 1, dtype="float32")
+        _drain(self._queue)
+        stream.start()
+        last = time.monotonic()
+        try:
             while not self._stop.is_set():
                 try:
-                    block = self._queue.get(timeout=STALL_SECONDS)
+                    block = self._queue.get(timeout=TICK_S)
                 except queue.Empty:
-                    raise CaptureError(
-                        f"no audio from the device for {STALL_SECONDS:.0f} s"
-                    ) from None
+                    if time.monotonic() - last > self.stall_s:
+                        raise CaptureError(f"no audio for {self.stall_s:g} s") from None
+                    yield None
+                    continue
+                last = time.monotonic()
                 mono = select_channel(block, self.settings.channel)
                 yield resampler.resample_chunk(mono) if resampler else mono
+        finally:
+            _close(stream)
+
+    def _idle(self, seconds: float) -> Iterator[None]:
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            time.sleep(TICK_S)
+            yield None
+
+
+def _drain(q: queue.Queue[np.ndarray]) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+
+
+def _close(stream: Any) -> None:
+    """Abort and close a stream, tolerating one whose device already vanished."""
+    try:
+        stream.abort()
+        stream.close()
+    except Exception as exc:  # PortAudio errors on a dead device must not kill the daemon
+        log.debug("capture: closing the stream failed: %s", exc)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +201,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         settings.audio.block_seconds,
         realtime=args.realtime,
     )
-    run_detector(settings, bundle, source, print_events=True)
+    run_detector(
+        settings,
+        bundle,
+        source,
+        print_events=True,
+        reload_settings=lambda: _settings_from(args, args.model),
+    )
     return 0
 
 
@@ -214,8 +219,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if settings.model is None:
         raise SoundSentryError("no model: set `model` in the config file or pass --model")
     bundle = _load(settings.model)
-    source = MicSource(settings.audio, bundle.features.samplerate)
-    run_detector(settings, bundle, source, print_events=True, on_stop=source.stop)
+    h = settings.health
+    source = MicSource(
+        settings.audio, bundle.features.samplerate, h.stall_seconds, h.reopen_max_seconds
+    )
+    run_detector(
+        settings,
+        bundle,
+        source,
+        print_events=True,
+        on_stop=source.stop,
+        reload_settings=lambda: _settings_from(args, args.model),
+    )
     return 0
 
 
@@ -232,17 +247,6 @@ def _load(path: Path | None) -> Any:
     if path is None:
         raise SoundSentryError("no model bundle given")
     return load_bundle(path)
-
-
-def install_stop_handlers(stop: Callable[[], None]) -> None:
-    """SIGTERM and SIGINT ask the daemon to finish cleanly (end events, publish offline)."""
-
-    def handler(signum: int, _frame: Any) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,67 @@
-"""The daemon loop: a source of audio blocks -> the pipeline -> event sinks (stdout, MQTT)."""
+"""The daemon loop: audio blocks -> pipeline -> events, with the liveness watchdog, evidence
+clips, periodic state and metrics, remote commands and systemd notifications.
+
+Everything runs on one thread: MQTT callbacks and signal handlers only enqueue work, which
+the loop executes between blocks, so no state is shared across threads.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
 from edge.bundle import Bundle
+from edge.clips import ClipRecorder
 from edge.events import Transition
-from edge.messages import EventMessage, StateMessage, iso
+from edge.health import AudioHealth, HealthChange
+from edge.messages import (
+    EventMessage,
+    HealthMessage,
+    MetricsMessage,
+    ResponseMessage,
+    StateMessage,
+    iso,
+)
+from edge.metrics import Metrics, cpu_temperature_c, throttled
 from edge.pipeline import Pipeline, Step
+from edge.scoring import Explainer
+from edge.sdnotify import SystemdNotifier
 from edge.settings import Settings
 
 log = logging.getLogger(__name__)
 
-
-class Sink(Protocol):
-    """Something that receives events and state changes."""
-
-    def event(self, message: EventMessage) -> None: ...
-
-    def state(self, message: StateMessage) -> None: ...
+WATCHDOG_FRESH_S = 5.0
+"""WATCHDOG=1 is sent only if a window was scored within this many seconds."""
 
 
-class JsonLinesSink:
+class Sink:
+    """Receives what the daemon reports; every method is optional."""
+
+    def event(self, message: EventMessage) -> None:
+        """An anomaly start, update or end."""
+
+    def state(self, message: StateMessage) -> None:
+        """The current state (retained)."""
+
+    def health(self, message: HealthMessage) -> None:
+        """A health change (retained)."""
+
+    def metrics(self, message: MetricsMessage) -> None:
+        """Periodic metrics."""
+
+    def response(self, message: ResponseMessage) -> None:
+        """A reply to a command."""
+
+
+class JsonLinesSink(Sink):
     """Every event as one JSON line (stdout by default)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
@@ -40,25 +72,31 @@ class JsonLinesSink:
         self.stream.write(json.dumps(message.to_dict()) + "\n")
         self.stream.flush()
 
-    def state(self, message: StateMessage) -> None:
-        """States are not printed."""
 
+class MqttSink(Sink):
+    """Forwards everything to an MqttPublisher."""
 
-class MqttSink:
-    """Adapter from the daemon to an MqttPublisher."""
-
-    def __init__(self, publisher: object) -> None:
+    def __init__(self, publisher: Any) -> None:
         self.publisher = publisher
 
     def event(self, message: EventMessage) -> None:
-        self.publisher.publish_event(message)  # type: ignore[attr-defined]
+        self.publisher.publish_event(message)
 
     def state(self, message: StateMessage) -> None:
-        self.publisher.publish_state(message)  # type: ignore[attr-defined]
+        self.publisher.publish_state(message)
+
+    def health(self, message: HealthMessage) -> None:
+        self.publisher.publish_health(message)
+
+    def metrics(self, message: MetricsMessage) -> None:
+        self.publisher.publish_metrics(message)
+
+    def response(self, message: ResponseMessage) -> None:
+        self.publisher.publish_response(message)
 
 
 class Detector:
-    """Runs the pipeline over a source and turns transitions into messages for the sinks."""
+    """Runs the pipeline over a source of blocks (None = no audio yet, a tick)."""
 
     def __init__(
         self,
@@ -67,86 +105,290 @@ class Detector:
         sinks: Iterable[Sink],
         on_step: Callable[[Step], None] | None = None,
         clock: Callable[[], float] = time.time,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.settings = settings
-        self.bundle = bundle
         self.sinks = list(sinks)
         self.on_step = on_step
         self.clock = clock
-        self.pipeline = Pipeline(bundle, settings.detector)
+        self.notifier = notifier or SystemdNotifier()
+        self.metrics = Metrics()
+        self.work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.source_stats: Callable[[], dict[str, int]] = dict
+        self.spool_stats: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self.muted_until = 0.0
         self._stop = threading.Event()
+        self._samples = 0
         self._origin = clock()
-        self.windows = 0
+        self._last_block = time.monotonic()
+        self._last_window = float("-inf")
+        self._next_state = self._next_metrics = 0.0
+        self._ready = False
+        self._last_score: float | None = None
+        self._band_sum: np.ndarray | None = None
+        self._band_n = 0
+        self.use_bundle(bundle)
+        rate = bundle.features.samplerate
+        h = settings.health
+        self.health = AudioHealth(rate, h.fault_seconds, h.clip_fraction)
+        c = settings.clips
+        self.clips = (
+            ClipRecorder(
+                settings.data_dir / "clips",
+                rate,
+                c.preroll_seconds,
+                c.max_seconds,
+                c.max_total_mb,
+                c.max_age_days,
+            )
+            if c.enabled
+            else None
+        )
+
+    # --- model -----------------------------------------------------------------------------
+
+    def use_bundle(self, bundle: Bundle) -> None:
+        """Switch to a (validated) bundle; an open anomaly is ended first."""
+        if getattr(self, "pipeline", None) is not None:
+            self._close_event()
+        self.bundle = bundle
+        self.pipeline = Pipeline(bundle, self.settings.detector)
+        self.explainer = Explainer(bundle)
+        self._base = self._samples
+
+    @property
+    def windows(self) -> int:
+        """Windows scored so far."""
+        return self.metrics.windows
+
+    # --- the loop --------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Finish after the current block (signal handlers call this)."""
         self._stop.set()
 
-    def run(self, source: Iterable[np.ndarray]) -> None:
+    def run(self, source: Iterable[np.ndarray | None]) -> None:
         """Process blocks until the source ends or stop() is called; then close open events."""
         self._origin = self.clock()
-        self._publish_state("normal", None)
+        self.source_stats = getattr(source, "stats", dict)
+        self._emit_state()
+        self._emit_health(None)
         try:
             for block in source:
-                self.feed(block)
+                if block is not None:
+                    self.feed(block)
+                self.tick()
                 if self._stop.is_set():
                     break
         finally:
             self.finish()
 
     def feed(self, block: np.ndarray) -> list[Step]:
-        """Process one block and dispatch what it produced."""
-        steps = self.pipeline.push(block)
+        """Process one block: health, clip ring, windows, events."""
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        if "stalled" in self.health.active:
+            self._resync()
+        self._last_block = now
+        for change in self.health.push(block):
+            self._emit_health(change)
+        if self.clips:
+            self.clips.push(block)
+        steps = self.pipeline.push(block, detect=not self.muted)
+        self._samples += len(block)
         for step in steps:
-            self.windows += 1
+            self.metrics.window_scored(step.elapsed_s)
+            self._last_window = now
+            self._last_score = step.window.score
             if self.on_step:
                 self.on_step(step)
+            self._track_bands(step)
             if step.transition is not None:
-                self._dispatch(step.transition, step.window.score)
+                self._dispatch(step.transition)
+        self.metrics.block_processed(len(block) / self._rate, time.perf_counter() - t0)
         return steps
+
+    def tick(self) -> None:
+        """Housekeeping between blocks: stall check, commands, mute, watchdog, reports."""
+        now = time.monotonic()
+        stall = self.settings.health.stall_seconds
+        if now - self._last_block > stall:
+            for change in self.health.stalled(f"no audio for {stall:g} s"):
+                self._emit_health(change)
+        while not self.work.empty():
+            self.work.get_nowait()()
+        if self.muted_until and self.clock() >= self.muted_until:
+            self.muted_until = 0.0
+            log.info("mute ended")
+            self._emit_state()
+        fresh = now - self._last_window < WATCHDOG_FRESH_S and self.health.ok
+        if fresh and not self._ready:
+            self._ready = True
+            self.notifier.ready(f"listening with {self.bundle.model_id}")
+        if fresh:
+            self.notifier.watchdog()
+        if now >= self._next_state:
+            self._next_state = now + self.settings.state_interval_seconds
+            self._emit_state()
+        if now >= self._next_metrics:
+            self._next_metrics = now + self.settings.mqtt.metrics_interval_seconds
+            self._emit_metrics()
 
     def finish(self) -> None:
         """End an open anomaly and mark the state stopped."""
+        self._close_event()
+        self.notifier.stopping()
+        self._emit_state("stopped")
+
+    # --- anomalies -------------------------------------------------------------------------
+
+    @property
+    def muted(self) -> bool:
+        """True during a maintenance mute."""
+        return self.muted_until > self.clock()
+
+    @property
+    def _rate(self) -> int:
+        return self.bundle.features.samplerate
+
+    def _resync(self) -> None:
+        """After a gap in the audio: restart windowing and re-anchor stream time to the clock."""
+        self._close_event()
+        self.pipeline.reset()
+        self._origin = self.clock() - self._samples / self._rate
+
+    def _wall(self, stream_s: float) -> float:
+        return self._origin + self._base / self._rate + stream_s
+
+    def _track_bands(self, step: Step) -> None:
+        if self.pipeline.events.active and not step.dead:
+            err = step.window.band_error
+            self._band_sum = err.copy() if self._band_sum is None else self._band_sum + err
+            self._band_n += 1
+
+    def _close_event(self) -> None:
         transition = self.pipeline.close()
         if transition is not None:
-            self._dispatch(transition, None)
-        self._publish_state("stopped", None)
+            self._dispatch(transition)
 
-    def _dispatch(self, transition: Transition, score: float | None) -> None:
-        message = self._message(transition)
+    def _dispatch(self, t: Transition) -> None:
+        clip = None
+        if t.kind == "start":
+            if self.clips:
+                first = self._base + int(t.started_s * self._rate)
+                self.clips.start(t.event_id, first, self._wall(t.started_s))
+        elif t.kind == "end" and self.clips:
+            clip = self.clips.finish(t.event_id)
+        message = self._message(t, clip)
+        if t.kind == "end":
+            self._band_sum, self._band_n = None, 0
         log.info("anomaly %s: %s (peak %.4g)", message.type, message.event_id, message.peak_score)
         for sink in self.sinks:
             sink.event(message)
-        active = transition.kind == "start"
-        self._publish_state(
-            "anomaly" if active else "normal", score, transition.event_id if active else None
-        )
+        if t.kind != "update":
+            self._emit_state()
 
-    def _message(self, t: Transition) -> EventMessage:
+    def _message(self, t: Transition, clip: tuple[str, float] | None) -> EventMessage:
         ended = t.ended_s is not None
+        bands = (
+            self.explainer.bands(self._band_sum / self._band_n)
+            if self._band_sum is not None
+            else None
+        )
         return EventMessage(
-            type="end" if ended else "start",
+            type=t.kind,  # type: ignore[arg-type]
             event_id=t.event_id,
             device_id=self.settings.device_id,
             model=self.bundle.model_id,
-            started_at=iso(self._origin + t.started_s),
-            ended_at=iso(self._origin + t.ended_s) if ended else None,  # type: ignore[operator]
+            started_at=iso(self._wall(t.started_s)),
+            ended_at=iso(self._wall(t.ended_s)) if ended else None,  # type: ignore[arg-type]
             duration_s=round(t.ended_s - t.started_s, 3) if ended else None,  # type: ignore[operator]
             peak_score=round(t.peak_score, 6),
             mean_score=round(t.mean_score, 6),
             threshold=round(self.pipeline.threshold, 6),
-            stream_offset_s=round(t.ended_s if ended else t.started_s, 3),  # type: ignore[arg-type]
+            stream_offset_s=round(
+                (self._base / self._rate) + (t.ended_s if ended else t.started_s), 3
+            ),  # type: ignore[operator]
+            bands=bands,
+            clip=clip[0] if clip else None,
+            clip_seconds=clip[1] if clip else None,
         )
 
-    def _publish_state(self, state: str, score: float | None, event_id: str | None = None) -> None:
+    # --- reports ---------------------------------------------------------------------------
+
+    def current_state(self) -> str:
+        """normal, anomaly, muted or fault."""
+        if not self.health.ok:
+            return "fault"
+        if self.muted:
+            return "muted"
+        return "anomaly" if self.pipeline.events.active else "normal"
+
+    def _emit_state(self, state: str | None = None) -> None:
         message = StateMessage(
-            state=state,  # type: ignore[arg-type]
+            state=state or self.current_state(),  # type: ignore[arg-type]
             device_id=self.settings.device_id,
             model=self.bundle.model_id,
             threshold=round(self.pipeline.threshold, 6),
             updated_at=iso(self.clock()),
-            score=None if score is None else round(score, 6),
-            event_id=event_id,
+            score=None if self._last_score is None else round(self._last_score, 6),
+            level_dbfs=round(self.health.level, 1) if hasattr(self, "health") else None,
+            event_id=self.pipeline.events.event_id,
+            muted_until=iso(self.muted_until) if self.muted else None,
         )
         for sink in self.sinks:
             sink.state(message)
+
+    def _emit_health(self, change: HealthChange | None) -> None:
+        if change is not None:
+            level = logging.WARNING if change.kind == "fault" else logging.INFO
+            log.log(level, "audio %s: %s (%s)", change.kind, change.fault, change.detail)
+            if change.kind == "fault":
+                self._close_event()
+        message = HealthMessage(
+            status="ok" if self.health.ok else "fault",
+            device_id=self.settings.device_id,
+            updated_at=iso(self.clock()),
+            faults=sorted(self.health.active),
+            change=f"{change.kind}:{change.fault}" if change else None,
+            detail=change.detail if change else None,
+        )
+        for sink in self.sinks:
+            sink.health(message)
+        if change is not None:
+            self._emit_state()
+
+    def _emit_metrics(self) -> None:
+        src = self.source_stats()
+        spool_depth, spool_dropped = self.spool_stats()
+        m = self.metrics
+        rtf = m.realtime_factor
+        message = MetricsMessage(
+            device_id=self.settings.device_id,
+            model=self.bundle.model_id,
+            updated_at=iso(self.clock()),
+            uptime_s=round(m.uptime_s, 1),
+            windows_scored=m.windows,
+            realtime_factor=None if rtf is None else round(rtf, 5),
+            inference_ms_p50=_round(m.latency_ms(50)),
+            inference_ms_p95=_round(m.latency_ms(95)),
+            dropped_blocks=int(src.get("dropped", 0)),
+            overflows=int(src.get("overflows", 0)),
+            queue_depth=int(src.get("queue_depth", 0)),
+            level_dbfs=round(self.health.level, 1),
+            spool_depth=spool_depth,
+            spool_dropped=spool_dropped,
+            cpu_temp_c=cpu_temperature_c(),
+            throttled=throttled(),
+        )
+        for sink in self.sinks:
+            sink.metrics(message)
+
+    def respond(self, message: ResponseMessage) -> None:
+        """Send a command response to every sink."""
+        for sink in self.sinks:
+            sink.response(message)
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)

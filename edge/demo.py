@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TextIO
 
 from edge.bundle import load_bundle
-from edge.daemon import Detector
+from edge.daemon import Detector, Sink
 from edge.errors import SoundSentryError
-from edge.messages import EventMessage, StateMessage
+from edge.messages import EventMessage
 from edge.pipeline import Step
 from edge.settings import Settings
 from edge.sources import FileSource
@@ -31,7 +31,7 @@ def bundled_dir() -> Path:
     raise SoundSentryError("the bundled demo model is missing from this installation")
 
 
-class ConsoleSink:
+class ConsoleSink(Sink):
     """Human-readable events for the terminal."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -39,12 +39,11 @@ class ConsoleSink:
 
     def event(self, message: EventMessage) -> None:
         """Print an event as a banner and its JSON payload."""
-        banner = ">>> ANOMALY START" if message.type == "start" else "<<< ANOMALY END"
+        banner = {"start": ">>> ANOMALY START", "update": "... ANOMALY UPDATE"}.get(
+            message.type, "<<< ANOMALY END"
+        )
         self.stream.write(f"{banner}  {json.dumps(message.to_dict())}\n")
         self.stream.flush()
-
-    def state(self, message: StateMessage) -> None:
-        """Not shown."""
 
 
 def meter_line(step: Step, threshold: float) -> str:
@@ -62,7 +61,7 @@ def run_demo(realtime: bool = True, stream: TextIO | None = None) -> Detector:
     folder = bundled_dir()
     bundle = load_bundle(folder / DEMO_MODEL)
     source = FileSource([folder / DEMO_CLIP], bundle.features.samplerate, realtime=realtime)
-    settings = Settings(device_id="demo", model=folder / DEMO_MODEL)
+    settings = Settings(device_id="demo", model=folder / DEMO_MODEL, clips={"enabled": False})
     out.write(
         f"SoundSentry demo: model {bundle.model_id}, {source.seconds:.0f} s of a MIMII fan "
         f"(normal, then a real fault, then normal).\n"

@@ -1,4 +1,5 @@
-"""Event logic: per-window scores -> anomaly start/end with K-of-N hysteresis."""
+"""Event logic: per-window scores -> anomaly start / update / end, with K-of-N hysteresis,
+periodic updates while an anomaly lasts and a cooldown after it ends."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Transition:
-    """An anomaly starting or ending, in stream time (seconds from the stream's start)."""
+    """An anomaly starting, continuing or ending, in stream time (seconds from stream start)."""
 
     kind: str
     event_id: str
@@ -20,17 +21,29 @@ class Transition:
 
 
 class EventDetector:
-    """An anomaly starts when `k` of the last `n` windows exceed the threshold and ends
-    after `m` consecutive windows below it."""
+    """An anomaly starts when `k` of the last `n` windows exceed the threshold and ends after
+    `m` consecutive windows below it. While it lasts an `update` is due every `update_s`
+    seconds; after it ends, windows are ignored for `cooldown_s` seconds."""
 
-    def __init__(self, threshold: float, k: int = 2, n: int = 3, m: int = 4) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        k: int = 2,
+        n: int = 3,
+        m: int = 4,
+        update_s: float = 10.0,
+        cooldown_s: float = 0.0,
+    ) -> None:
         if not 1 <= k <= n or m < 1:
             raise ValueError(f"need 1 <= k <= n and m >= 1, got k={k} n={n} m={m}")
         self.threshold = threshold
         self.k, self.n, self.m = k, n, m
+        self.update_s = update_s
+        self.cooldown_s = cooldown_s
         self._recent: deque[tuple[bool, float, float, float]] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
         self._below = 0
+        self._quiet_until = float("-inf")
 
     @property
     def active(self) -> bool:
@@ -44,39 +57,52 @@ class EventDetector:
 
     def update(self, score: float, start_s: float, end_s: float) -> Transition | None:
         """Feed one window's score and its time span; return a transition if one happens."""
+        if self._event is None and end_s <= self._quiet_until:
+            return None
         above = score > self.threshold
         self._recent.append((above, start_s, end_s, score))
-        if self._event is None:
-            hits = [(s, e, sc) for a, s, e, sc in self._recent if a]
-            if len(hits) >= self.k:
-                self._event = _OpenEvent(uuid.uuid4().hex, hits[0][0], end_s)
-                for _, end, sc in hits:
-                    self._event.add(sc, end)
-                self._below = 0
-                return self._event.transition("start")
+        event = self._event
+        if event is None:
+            return self._maybe_start(end_s)
+        if not above:
+            self._below += 1
+            return self.close() if self._below >= self.m else None
+        event.add(score, end_s)
+        self._below = 0
+        if end_s - event.last_update_s >= self.update_s:
+            event.last_update_s = end_s
+            return event.transition("update")
+        return None
+
+    def _maybe_start(self, end_s: float) -> Transition | None:
+        hits = [(s, e, sc) for a, s, e, sc in self._recent if a]
+        if len(hits) < self.k:
             return None
-        if above:
-            self._event.add(score, end_s)
-            self._below = 0
-            return None
-        self._below += 1
-        return self.close() if self._below >= self.m else None
+        event = _OpenEvent(uuid.uuid4().hex, hits[0][0], end_s)
+        for _, end, sc in hits:
+            event.add(sc, end)
+        self._event, self._below = event, 0
+        return event.transition("start")
 
     def close(self) -> Transition | None:
-        """End the open anomaly now (end of stream, shutdown); None if none is open."""
+        """End the open anomaly now (release, end of stream, mute, shutdown)."""
         event, self._event = self._event, None
         self._recent.clear()
         self._below = 0
-        return event.transition("end", ended=True) if event else None
+        if event is None:
+            return None
+        self._quiet_until = event.last_above_s + self.cooldown_s
+        return event.transition("end", ended=True)
 
 
 class _OpenEvent:
     """Running statistics of the anomaly in progress."""
 
-    def __init__(self, event_id: str, started_s: float, last_s: float) -> None:
+    def __init__(self, event_id: str, started_s: float, now_s: float) -> None:
         self.event_id = event_id
         self.started_s = started_s
-        self.last_above_s = last_s
+        self.last_above_s = now_s
+        self.last_update_s = now_s
         self.peak = float("-inf")
         self.total = 0.0
         self.count = 0

@@ -36,10 +36,20 @@ class _Payload:
 
 
 @dataclass(frozen=True)
-class EventMessage(_Payload):
-    """An anomaly event transition: `start` when it begins, `end` when it is over."""
+class Band:
+    """A frequency range whose energy deviates from normal, as an explanation of an anomaly."""
 
-    type: Literal["start", "end"]
+    low_hz: float
+    high_hz: float
+    deviation: float
+    """How many normal standard deviations the band's error is above its normal mean."""
+
+
+@dataclass(frozen=True)
+class EventMessage(_Payload):
+    """An anomaly: `start` when it begins, `update` periodically while it lasts, `end` after."""
+
+    type: Literal["start", "update", "end"]
     event_id: str
     device_id: str
     model: str
@@ -50,18 +60,75 @@ class EventMessage(_Payload):
     duration_s: float | None = None
     mean_score: float | None = None
     stream_offset_s: float | None = None
+    bands: list[dict[str, float]] | None = None
+    clip: str | None = None
+    clip_seconds: float | None = None
+    label: str | None = None
     schema: int = field(default=SCHEMA)
 
 
 @dataclass(frozen=True)
 class StateMessage(_Payload):
-    """The device's current state (retained): normal or in an anomaly, with the latest score."""
+    """The device's current state (retained): normal, anomaly, muted, fault or stopped."""
 
-    state: Literal["normal", "anomaly", "starting", "stopped"]
+    state: Literal["normal", "anomaly", "muted", "fault", "starting", "stopped"]
     device_id: str
     model: str
     threshold: float
     updated_at: str
     score: float | None = None
+    level_dbfs: float | None = None
     event_id: str | None = None
+    muted_until: str | None = None
+    schema: int = field(default=SCHEMA)
+
+
+@dataclass(frozen=True)
+class HealthMessage(_Payload):
+    """Audio and service health (retained), re-sent on every fault and recovery."""
+
+    status: Literal["ok", "fault"]
+    device_id: str
+    updated_at: str
+    faults: list[str]
+    change: str | None = None
+    """What just happened, e.g. `fault:silence` or `recovered:silence`."""
+    detail: str | None = None
+    schema: int = field(default=SCHEMA)
+
+
+@dataclass(frozen=True)
+class MetricsMessage(_Payload):
+    """Periodic health metrics of the daemon."""
+
+    device_id: str
+    model: str
+    updated_at: str
+    uptime_s: float
+    windows_scored: int
+    realtime_factor: float | None
+    inference_ms_p50: float | None
+    inference_ms_p95: float | None
+    dropped_blocks: int
+    overflows: int
+    queue_depth: int
+    level_dbfs: float | None
+    spool_depth: int
+    spool_dropped: int
+    cpu_temp_c: float | None = None
+    throttled: str | None = None
+    schema: int = field(default=SCHEMA)
+
+
+@dataclass(frozen=True)
+class ResponseMessage(_Payload):
+    """The reply to a command on the `set` topic."""
+
+    command: str
+    ok: bool
+    device_id: str
+    updated_at: str
+    id: str | None = None
+    detail: str | None = None
+    status: dict[str, Any] | None = None
     schema: int = field(default=SCHEMA)

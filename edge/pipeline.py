@@ -6,13 +6,16 @@ files is what runs on the microphone.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge.bundle import Bundle
 from edge.events import EventDetector, Transition
-from edge.features import FrontEnd
+from edge.features import LogMel
+from edge.framing import WindowBuffer
+from edge.health import FLAT_RANGE, is_silent
 from edge.scoring import Scorer, WindowScore
 from edge.settings import DetectorSettings
 
@@ -25,6 +28,10 @@ class Step:
     start_s: float
     end_s: float
     transition: Transition | None
+    dead: bool = False
+    """The window was digital silence or a flat line: scored, but not used for events."""
+    elapsed_s: float = 0.0
+    """Time spent on features and inference."""
 
 
 class Pipeline:
@@ -33,37 +40,52 @@ class Pipeline:
     def __init__(self, bundle: Bundle, detector: DetectorSettings | None = None) -> None:
         detector = detector or DetectorSettings()
         self.bundle = bundle
-        self.front = FrontEnd(bundle.features)
+        p = bundle.features
+        self.buffer = WindowBuffer(p.window_samples, p.hop_samples)
+        self.logmel = LogMel(p)
         self.scorer = Scorer.from_bundle(bundle)
         threshold = detector.threshold if detector.threshold is not None else bundle.threshold
         self.events = EventDetector(
-            threshold, detector.trigger_windows, detector.trigger_of, detector.release_windows
+            threshold,
+            detector.trigger_windows,
+            detector.trigger_of,
+            detector.release_windows,
+            update_s=detector.update_seconds,
+            cooldown_s=detector.cooldown_seconds,
         )
-        self._rate = bundle.features.samplerate
-        self._length_s = bundle.features.window_samples / self._rate
+        self._rate = p.samplerate
+        self._length_s = p.window_samples / self._rate
 
     @property
     def threshold(self) -> float:
         """Threshold in force."""
         return self.events.threshold
 
-    def push(self, block: np.ndarray) -> list[Step]:
-        """Process a mono block at the model's rate."""
+    def push(self, block: np.ndarray, detect: bool = True) -> list[Step]:
+        """Process a mono block at the model's rate; `detect=False` scores without events."""
         steps = []
-        for start, features in self.front.push(block):
-            scored = self.scorer.score(features, start)
-            start_s = start / self._rate
+        for window in self.buffer.push(block):
+            t0 = time.perf_counter()
+            scored = self.scorer.score(self.logmel(window.samples), window.start)
+            elapsed = time.perf_counter() - t0
+            start_s = window.start / self._rate
             end_s = start_s + self._length_s
-            steps.append(
-                Step(scored, start_s, end_s, self.events.update(scored.score, start_s, end_s))
-            )
+            dead = is_silent(window.samples) or float(np.ptp(window.samples)) < FLAT_RANGE
+            transition = None
+            if detect and not dead:
+                transition = self.events.update(scored.score, start_s, end_s)
+            steps.append(Step(scored, start_s, end_s, transition, dead, elapsed))
         return steps
 
+    def reset(self) -> None:
+        """Drop buffered audio (after a gap in the stream)."""
+        self.buffer.reset()
+
     def close(self) -> Transition | None:
-        """End an open anomaly (end of stream or shutdown)."""
+        """End an open anomaly (end of stream, mute, reload or shutdown)."""
         return self.events.close()
 
     @property
-    def stream_seconds(self) -> float:
-        """Audio seen so far, seconds."""
-        return self.front.buffer.samples_seen / self._rate
+    def samples_seen(self) -> int:
+        """Samples pushed so far."""
+        return self.buffer.samples_seen

@@ -1,18 +1,37 @@
-"""MQTT publishing with paho-mqtt 2: availability with a last will, QoS 1 events, retained state."""
+"""MQTT with paho-mqtt 2: availability and last will, a durable spool for events, retained
+state and health, Home Assistant discovery, and the command topic.
+
+- `online` is published only after a successful CONNACK; retained state, health and
+  discovery are re-published after every reconnect and when Home Assistant restarts.
+- Events and health changes go through the on-disk Spool: stored first, published in order
+  while connected, deleted on PUBACK. Nothing is lost while the broker is away, across a
+  restart or a `kill -9`; duplicates happen only as QoS 1 allows (consumers dedupe on
+  `event_id`).
+- Reconnection uses paho's capped exponential backoff and never gives up.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.messages import EventMessage, StateMessage
+from edge.messages import (
+    EventMessage,
+    HealthMessage,
+    MetricsMessage,
+    ResponseMessage,
+    StateMessage,
+)
 from edge.settings import MqttSettings, mqtt_password
+from edge.spool import Spool
 from edge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -20,32 +39,47 @@ log = logging.getLogger(__name__)
 ONLINE = "online"
 OFFLINE = "offline"
 RECONNECT_MIN_S = 1
-RECONNECT_MAX_S = 60
-CLOSE_TIMEOUT_S = 5.0
+RECONNECT_MAX_S = 30
+SEND_BATCH = 50
+SENDER_IDLE_S = 0.5
 
 
 class MqttPublisher:
-    """Publishes a device's availability, events and state; reconnects forever in the background.
+    """One broker connection for one device."""
 
-    `online` is sent only after the broker accepted the connection (CONNACK success), and the
-    retained state is re-sent after every reconnect. QoS 1 messages published while the broker
-    is away are queued by paho and sent once it is back.
-    """
-
-    def __init__(self, settings: MqttSettings, topics: Topics, client_id: str) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        topics: Topics,
+        client_id: str,
+        spool: Spool,
+        on_command: Callable[[bytes], None] | None = None,
+    ) -> None:
         if not settings.host:
             raise ValueError("MqttPublisher needs mqtt.host")
         self.settings = settings
         self.topics = topics
+        self.spool = spool
+        self.on_command = on_command
+        self.discovery: dict[str, dict[str, Any]] = {}
         self._connected = threading.Event()
-        self._last_state: StateMessage | None = None
+        self._closing = threading.Event()
+        self._wake = threading.Event()
+        self._retained: dict[str, str] = {}
+        self._inflight: dict[int, int] = {}
+        self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._early_acks: set[int] = set()
+        self._handed = 0
+        self._last_refusal = ""
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.will_set(topics.availability, OFFLINE, qos=1, retain=True)
         self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        self.client.max_queued_messages_set(0)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
         self._configure_auth()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-spool", daemon=True)
 
     def _configure_auth(self) -> None:
         """Credentials and TLS from the settings (the password is never logged)."""
@@ -71,39 +105,144 @@ class MqttPublisher:
         log.info("MQTT: connecting to %s:%d", self.settings.host, self.settings.port)
         self.client.connect_async(self.settings.host, self.settings.port, self.settings.keepalive)
         self.client.loop_start()
+        self._sender.start()
         return self._connected.wait(wait_s) if wait_s > 0 else self.connected
 
-    def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            log.error("MQTT: broker refused the connection: %s; retrying", reason)
-            return
-        log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
-        client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
-        if self._last_state is not None:
-            client.publish(self.topics.state, self._last_state.to_payload(), qos=1, retain=True)
-        self._connected.set()
+    # --- paho callbacks (paho's network thread) -------------------------------------------
 
-    def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _p: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            text = str(reason)
+            if text != self._last_refusal:
+                log.error("MQTT: broker refused the connection: %s; retrying with backoff", text)
+            self._last_refusal = text
+            return
+        self._last_refusal = ""
+        log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
+        client.subscribe([(self.topics.command, 1), (self.topics.ha_status, 1)])
+        client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
+        self._publish_retained()
+        self._publish_discovery()
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
-            log.warning("MQTT: disconnected (%s); reconnecting in the background", reason)
+        if was and not self._closing.is_set():
+            log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+        self._acked.put(mid)  # resolved by the sender thread: never block paho here
+        self._wake.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.ha_status:
+            if msg.payload.decode(errors="replace").strip() == ONLINE:
+                log.info("MQTT: Home Assistant is online: re-announcing discovery")
+                self._publish_discovery()
+                self._publish_retained()
+        elif msg.topic == self.topics.command and self.on_command:
+            self.on_command(msg.payload)
+
+    # --- spool sender ----------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while not self._closing.is_set() or (self.connected and self._pending()):
+            self._wake.wait(SENDER_IDLE_S)
+            self._wake.clear()
+            self._resolve_acks()
+            if self.connected:
+                self._send_batch()
+
+    def _send_batch(self) -> None:
+        for row in self.spool.after(self._handed, SEND_BATCH):
+            if not self.connected:
+                return
+            info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            self._handed = row.id
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+                self.spool.remove(row.id)
+            else:
+                self._inflight[info.mid] = row.id
+        if self.spool.after(self._handed, 1):
+            self._wake.set()
+
+    def _resolve_acks(self) -> None:
+        while True:
+            try:
+                mid = self._acked.get_nowait()
+            except queue.Empty:
+                return
+            row = self._inflight.pop(mid, None)
+            if row is None:
+                self._early_acks.add(mid)
+            else:
+                self.spool.remove(row)
+
+    def _pending(self) -> bool:
+        return bool(self._inflight) or bool(self.spool.after(self._handed, 1))
+
+    # --- what the daemon publishes ----------------------------------------------------------
 
     def publish_event(self, event: EventMessage) -> None:
-        """Send an event with QoS 1 (queued while disconnected)."""
-        self.client.publish(self.topics.events, event.to_payload(), qos=1)
+        """Spool an event (QoS 1) and wake the sender."""
+        self.spool.append(self.topics.events, event.to_payload(), qos=1)
+        self._wake.set()
+
+    def publish_health(self, health: HealthMessage) -> None:
+        """Spool a health change (retained, QoS 1); the latest is re-sent on reconnect."""
+        payload = health.to_payload()
+        self._retained[self.topics.health] = payload
+        self.spool.append(self.topics.health, payload, qos=1, retain=True)
+        self._wake.set()
 
     def publish_state(self, state: StateMessage) -> None:
-        """Send the retained current state; it is re-sent after every reconnect."""
-        self._last_state = state
-        self.client.publish(self.topics.state, state.to_payload(), qos=1, retain=True)
+        """Send the retained current state now if connected; it is re-sent after reconnects."""
+        payload = state.to_payload()
+        self._retained[self.topics.state] = payload
+        if self.connected:
+            self.client.publish(self.topics.state, payload, qos=1, retain=True)
 
-    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-        """Publish `offline`, give queued messages up to `timeout_s` to go out, disconnect."""
+    def publish_metrics(self, metrics: MetricsMessage) -> None:
+        """Send metrics (QoS 0) if connected; metrics are not worth spooling."""
+        if self.connected:
+            self.client.publish(self.topics.metrics, metrics.to_payload(), qos=0)
+
+    def publish_response(self, response: ResponseMessage) -> None:
+        """Reply to a command (QoS 1)."""
+        self.client.publish(self.topics.response, response.to_payload(), qos=1)
+
+    def set_discovery(self, configs: dict[str, dict[str, Any]]) -> None:
+        """Set (and announce, if connected) the Home Assistant discovery configs."""
+        self.discovery = configs
+        if self.connected:
+            self._publish_discovery()
+
+    def _publish_retained(self) -> None:
+        for topic, payload in list(self._retained.items()):
+            self.client.publish(topic, payload, qos=1, retain=True)
+
+    def _publish_discovery(self) -> None:
+        import json
+
+        for topic, config in self.discovery.items():
+            self.client.publish(topic, json.dumps(config), qos=1, retain=True)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush the spool as far as the broker allows within `timeout_s`, publish `offline`,
+        disconnect. Unsent messages stay in the spool for the next start."""
         deadline = time.monotonic() + timeout_s
+        self._closing.set()
+        self._wake.set()
+        while self.connected and self._pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._wake.set()
         if self.connected:
             info = self.client.publish(self.topics.availability, OFFLINE, qos=1, retain=True)
-            while not info.is_published() and time.monotonic() < deadline and self.connected:
+            while not info.is_published() and self.connected and time.monotonic() < deadline:
                 time.sleep(0.02)
         self.client.disconnect()
         self.client.loop_stop()
+        self._sender.join(timeout=2)

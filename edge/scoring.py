@@ -48,3 +48,36 @@ class Scorer:
     def score_many(self, windows: np.ndarray) -> np.ndarray:
         """Scores of a stack of windows, shape (n,)."""
         return np.array([self.score(w).score for w in windows], dtype=np.float64)
+
+
+TOP_BANDS = 3
+
+
+class Explainer:
+    """Names the frequency ranges whose error deviates most from normal."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        from edge.features import mel_band_edges
+
+        self.edges = mel_band_edges(bundle.features)
+        ref = bundle.manifest.normal_band_error
+        n = bundle.features.n_mels
+        self.mean = np.asarray(ref.mean, np.float64) if ref else None
+        self.std = np.maximum(np.asarray(ref.std, np.float64), 1e-9) if ref else np.ones(n)
+
+    def bands(self, band_error: np.ndarray, top: int = TOP_BANDS) -> list[dict[str, float]]:
+        """The `top` most deviating bands as {low_hz, high_hz, deviation}, largest first."""
+        err = np.asarray(band_error, np.float64)
+        if self.mean is not None:
+            z = (err - self.mean) / self.std
+        else:  # older bundle without reference: relative to this window's own average
+            z = err / max(float(err.mean()), 1e-12) - 1.0
+        order = np.argsort(-z)[:top]
+        return [
+            {
+                "low_hz": round(float(self.edges[i]), 1),
+                "high_hz": round(float(self.edges[i + 2]), 1),
+                "deviation": round(float(z[i]), 2),
+            }
+            for i in order
+        ]

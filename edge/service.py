@@ -1,13 +1,17 @@
-"""Wiring for `run` and `replay`: settings + bundle + source -> Detector with its sinks."""
+"""Wiring for `run` and `replay`: settings + bundle + source -> Detector, its sinks, the MQTT
+publisher with its durable spool, signal handlers and the controller."""
 
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from edge.bundle import Bundle
+from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
 from edge.settings import Settings
 from edge.topics import Topics
@@ -15,42 +19,79 @@ from edge.topics import Topics
 log = logging.getLogger(__name__)
 
 FIRST_CONNECT_WAIT_S = 5.0
-"""How long to wait for the broker before processing audio (events queue after that)."""
+"""How long to wait for the broker before processing audio (events are spooled after that)."""
+CLOSE_FLUSH_S = 5.0
 
 
 def run_detector(
     settings: Settings,
     bundle: Bundle,
-    source: Iterable[np.ndarray],
+    source: Iterable[np.ndarray | None],
     print_events: bool = True,
     on_stop: Callable[[], None] | None = None,
+    reload_settings: Callable[[], Settings] | None = None,
 ) -> Detector:
     """Run the detector over `source` until it ends or SIGTERM/SIGINT; publish if configured."""
-    from edge.cli import install_stop_handlers
-
     sinks: list[Sink] = [JsonLinesSink()] if print_events else []
-    publisher = None
-    if settings.mqtt.host:
-        from edge.publish import MqttPublisher
-
-        topics = Topics(settings.mqtt.prefix, settings.device_id)
-        publisher = MqttPublisher(
-            settings.mqtt, topics, client_id=f"soundsentry-{settings.device_id}"
-        )
-        if not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
-            log.warning("MQTT: broker not reachable yet; events are queued until it is")
-        sinks.append(MqttSink(publisher))
     detector = Detector(settings, bundle, sinks)
+    controller = Controller(detector, reload_settings)
+    publisher = _publisher(settings, bundle, controller) if settings.mqtt.host else None
+    if publisher is not None:
+        detector.sinks.append(MqttSink(publisher))
+        spool = publisher.spool
+        detector.spool_stats = lambda: (spool.depth(), spool.dropped)
 
     def stop() -> None:
         detector.stop()
         if on_stop:
             on_stop()
 
-    install_stop_handlers(stop)
+    _install_signals(stop, controller.submit_reload)
     try:
         detector.run(source)
     finally:
         if publisher is not None:
-            publisher.close()
+            publisher.close(CLOSE_FLUSH_S)
+            publisher.spool.close()
     return detector
+
+
+def _publisher(settings: Settings, bundle: Bundle, controller: Controller) -> Any:
+    from edge.discovery import discovery_configs
+    from edge.publish import MqttPublisher
+    from edge.spool import Spool
+
+    topics = Topics(settings.mqtt.prefix, settings.device_id, settings.mqtt.discovery_prefix)
+    spool = Spool(
+        settings.data_dir / f"spool-{settings.device_id}.sqlite", settings.mqtt.spool_max_messages
+    )
+    if spool.depth():
+        log.info("spool: %d message(s) from an earlier run will be delivered", spool.depth())
+    publisher = MqttPublisher(
+        settings.mqtt,
+        topics,
+        f"soundsentry-{settings.device_id}",
+        spool,
+        on_command=controller.submit_payload,
+    )
+    if settings.mqtt.discovery:
+        publisher.set_discovery(discovery_configs(topics, bundle.model_id))
+    if not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
+        log.warning("MQTT: broker not reachable yet; events are spooled until it is")
+    return publisher
+
+
+def _install_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT finish cleanly (end events, flush, `offline`); SIGHUP reloads."""
+
+    def on_stop(signum: int, _frame: Any) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop()
+
+    def on_hup(_signum: int, _frame: Any) -> None:
+        log.info("received SIGHUP: reloading settings and model")
+        reload()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)

@@ -70,6 +70,16 @@ class MqttSettings(_Section):
     )
     password_file: Path | None = Field(None, description="File whose first line is the password.")
     keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive, seconds.")
+    spool_max_messages: int = Field(
+        10000, ge=10, le=10_000_000, description="Durable spool size before the oldest drop."
+    )
+    metrics_interval_seconds: float = Field(
+        60.0, ge=1.0, le=86400.0, description="Interval of the metrics message."
+    )
+    discovery: bool = Field(True, description="Announce Home Assistant MQTT discovery.")
+    discovery_prefix: str = Field(
+        "homeassistant", pattern=_TOPIC_SAFE, description="Home Assistant discovery prefix."
+    )
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
 
@@ -82,12 +92,55 @@ class DetectorSettings(_Section):
     threshold: float | None = Field(
         None, gt=0.0, description="Override the bundle's threshold; unset = the bundle's."
     )
+    update_seconds: float = Field(
+        10.0, gt=0.0, le=3600.0, description="Interval of `update` events while one lasts."
+    )
+    cooldown_seconds: float = Field(
+        5.0, ge=0.0, le=3600.0, description="Quiet time after an anomaly ends."
+    )
 
     @model_validator(mode="after")
     def _k_within_n(self) -> DetectorSettings:
         if self.trigger_windows > self.trigger_of:
             raise ValueError("trigger_windows (K) must not exceed trigger_of (N)")
         return self
+
+
+class ClipSettings(_Section):
+    """Evidence clips: a WAV of every anomaly, with pre-roll, under data_dir/clips."""
+
+    enabled: bool = Field(True, description="Save a clip of every anomaly.")
+    preroll_seconds: float = Field(3.0, ge=0.0, le=30.0, description="Audio kept before start.")
+    max_seconds: float = Field(60.0, gt=0.0, le=3600.0, description="Longest clip, seconds.")
+    max_total_mb: float = Field(500.0, gt=0.0, description="Clips folder size limit, MB.")
+    max_age_days: float = Field(30.0, gt=0.0, description="Clips older than this are deleted.")
+
+
+class HealthSettings(_Section):
+    """Audio-liveness watchdog."""
+
+    fault_seconds: float = Field(
+        5.0, ge=0.5, le=600.0, description="Silence, flat line or clipping this long = fault."
+    )
+    stall_seconds: float = Field(
+        3.0, ge=0.5, le=600.0, description="No audio blocks this long = stalled stream."
+    )
+    clip_fraction: float = Field(
+        0.01, gt=0.0, le=1.0, description="Share of clipped samples that counts as clipping."
+    )
+    reopen_max_seconds: float = Field(
+        30.0, ge=1.0, le=3600.0, description="Longest wait between device reopen attempts."
+    )
+
+
+def _default_data_dir() -> Path:
+    """systemd's StateDirectory when run as a service, else ~/.local/state/soundsentry."""
+    import os
+
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    return Path.home() / ".local" / "state" / "soundsentry"
 
 
 class Settings(BaseSettings):
@@ -109,9 +162,18 @@ class Settings(BaseSettings):
     log_level: str = Field(
         "INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level."
     )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Spool and evidence clips; default: $STATE_DIRECTORY or ~/.local/state.",
+    )
+    state_interval_seconds: float = Field(
+        10.0, ge=1.0, le=3600.0, description="Interval of the retained state (score, level)."
+    )
     audio: AudioSettings = Field(default_factory=AudioSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
+    clips: ClipSettings = Field(default_factory=ClipSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     @classmethod
     def settings_customise_sources(

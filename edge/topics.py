@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+HA_PREFIX = "homeassistant"
+"""Home Assistant's default discovery prefix."""
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -11,6 +14,7 @@ class Topics:
 
     prefix: str
     device_id: str
+    ha_prefix: str = HA_PREFIX
 
     @property
     def base(self) -> str:
@@ -24,10 +28,39 @@ class Topics:
 
     @property
     def events(self) -> str:
-        """Anomaly event transitions, QoS 1 JSON."""
+        """Anomaly events (start, update, end), QoS 1 JSON."""
         return f"{self.base}/events"
 
     @property
     def state(self) -> str:
         """Current state, retained JSON."""
         return f"{self.base}/state"
+
+    @property
+    def health(self) -> str:
+        """Audio and service health, retained JSON; every change is also spooled."""
+        return f"{self.base}/health"
+
+    @property
+    def metrics(self) -> str:
+        """Periodic metrics JSON."""
+        return f"{self.base}/metrics"
+
+    @property
+    def command(self) -> str:
+        """Commands to this device (JSON)."""
+        return f"{self.base}/set"
+
+    @property
+    def response(self) -> str:
+        """Replies to commands."""
+        return f"{self.base}/response"
+
+    @property
+    def ha_status(self) -> str:
+        """Home Assistant's birth/will topic (`online` when it (re)starts)."""
+        return f"{self.ha_prefix}/status"
+
+    def ha_config(self, component: str, object_id: str) -> str:
+        """Discovery config topic of one entity of this device."""
+        return f"{self.ha_prefix}/{component}/{self.prefix}_{self.device_id}/{object_id}/config"

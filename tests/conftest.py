@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,9 @@ DEMO_CLIP = MODELS / "demo-fan-normal-then-fault.flac"
 NORMAL_FILES = sorted(DATA.glob("fan-normal-*.flac"))
 ANOMALOUS_FILE = DATA / "fan-anomalous-14.flac"
 TINY_EPOCHS = "25"
+
+# Spools and evidence clips of commands run by the tests stay out of the user's home.
+os.environ.setdefault("SOUNDSENTRY_DATA_DIR", tempfile.mkdtemp(prefix="soundsentry-tests-"))
 
 
 def cli(

@@ -58,7 +58,9 @@ def train_bundle(
     int8_tflite = to_int8_tflite(model, x, seed)
     scorer = Scorer(TfliteModel(int8_tflite, name="int8 model"), mean, std)
     holdout = split.holdout.windows if len(split.holdout.windows) else split.train.windows
-    scores = scorer.score_many(holdout)
+    scored = [scorer.score(w) for w in holdout]
+    scores = np.array([s.score for s in scored])
+    band_error = np.stack([s.band_error for s in scored])
     value, rule_params = fit_threshold(scores)
 
     out = Path(out)
@@ -78,6 +80,10 @@ def train_bundle(
         model.count_params(),
         int8_tflite,
     )
+    manifest["normal_band_error"] = {
+        "mean": band_error.mean(axis=0).tolist(),
+        "std": band_error.std(axis=0).tolist(),
+    }
     write_bundle(out, manifest, {MODEL_INT8: int8_tflite, MODEL_FLOAT: float_tflite})
     log.info("wrote %s (int8 model %.1f KB, threshold %.4g)", out, len(int8_tflite) / 1024, value)
     return out

@@ -1,0 +1,130 @@
+"""Evidence clips: a capture ring buffer supplies pre-roll; each anomaly is saved as a WAV.
+
+The clip runs from `preroll` seconds before the anomaly's first window to its end, capped at
+`max_seconds`. Old clips are deleted by total size and age.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+log = logging.getLogger(__name__)
+
+CLIP_SUBTYPE = "PCM_16"
+
+
+class CaptureRing:
+    """The last `seconds` of the stream, addressable by absolute sample index."""
+
+    def __init__(self, seconds: float, samplerate: int) -> None:
+        self.size = max(1, int(seconds * samplerate))
+        self._buf = np.zeros(self.size, dtype=np.float32)
+        self.end = 0
+        """Absolute index one past the newest sample."""
+
+    def push(self, block: np.ndarray) -> None:
+        """Append samples, overwriting the oldest."""
+        block = block[-self.size :]
+        n = len(block)
+        pos = self.end % self.size
+        first = min(n, self.size - pos)
+        self._buf[pos : pos + first] = block[:first]
+        self._buf[: n - first] = block[first:]
+        self.end += n
+
+    def since(self, start: int) -> np.ndarray:
+        """Samples from absolute index `start` (clamped to what is still held) to the newest."""
+        start = max(start, self.end - self.size, 0)
+        n = self.end - start
+        if n <= 0:
+            return np.zeros(0, dtype=np.float32)
+        idx = np.arange(start, self.end) % self.size
+        return self._buf[idx]
+
+
+@dataclass
+class _Recording:
+    event_id: str
+    started_at: float
+    parts: list[np.ndarray]
+    samples: int
+
+
+class ClipRecorder:
+    """Collects the audio of open anomalies and writes them to `folder` as WAV files."""
+
+    def __init__(
+        self,
+        folder: Path,
+        samplerate: int,
+        preroll_s: float = 3.0,
+        max_seconds: float = 60.0,
+        max_total_mb: float = 500.0,
+        max_age_days: float = 30.0,
+    ) -> None:
+        self.folder = folder
+        self.samplerate = samplerate
+        self.preroll = int(preroll_s * samplerate)
+        self.max_samples = int(max_seconds * samplerate)
+        self.max_total_bytes = int(max_total_mb * 1e6)
+        self.max_age_s = max_age_days * 86400
+        self.ring = CaptureRing(preroll_s + 15.0, samplerate)
+        self._rec: _Recording | None = None
+
+    def push(self, block: np.ndarray) -> None:
+        """Feed every captured block (mono, model rate)."""
+        self.ring.push(block)
+        rec = self._rec
+        if rec is not None and rec.samples < self.max_samples:
+            part = block[: self.max_samples - rec.samples].copy()
+            rec.parts.append(part)
+            rec.samples += len(part)
+
+    def start(self, event_id: str, first_sample: int, wall_time: float) -> None:
+        """Begin a clip at `first_sample` minus the pre-roll (taken from the ring)."""
+        head = self.ring.since(first_sample - self.preroll)[: self.max_samples].copy()
+        self._rec = _Recording(event_id, wall_time, [head], len(head))
+
+    def finish(self, event_id: str) -> tuple[str, float] | None:
+        """Write the clip of `event_id`; return (file name, seconds) or None on failure."""
+        rec, self._rec = self._rec, None
+        if rec is None or rec.event_id != event_id:
+            return None
+        audio = np.concatenate(rec.parts) if rec.parts else np.zeros(0, np.float32)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(rec.started_at))
+        name = f"{stamp}-{_safe(event_id)[:12]}.wav"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            sf.write(self.folder / name, np.clip(audio, -1, 1), self.samplerate, CLIP_SUBTYPE)
+        except (OSError, sf.LibsndfileError) as exc:
+            log.error("could not save evidence clip %s: %s", name, exc)
+            return None
+        self.enforce_retention()
+        return name, round(len(audio) / self.samplerate, 3)
+
+    def enforce_retention(self) -> list[Path]:
+        """Delete clips older than the age limit, then the oldest until under the size limit."""
+        clips = sorted(self.folder.glob("*.wav"), key=lambda p: p.stat().st_mtime)
+        now = time.time()
+        removed = [p for p in clips if now - p.stat().st_mtime > self.max_age_s]
+        kept = [p for p in clips if p not in removed]
+        total = sum(p.stat().st_size for p in kept)
+        while kept and total > self.max_total_bytes:
+            oldest = kept.pop(0)
+            total -= oldest.stat().st_size
+            removed.append(oldest)
+        for p in removed:
+            p.unlink(missing_ok=True)
+            log.info("retention: deleted clip %s", p.name)
+        return removed
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)

@@ -1,0 +1,97 @@
+"""Audio liveness: digital silence, a flat-lined or clipped signal, a stalled stream.
+
+A dead microphone must be reported as a fault, not scored as an anomaly (silence is far
+from normal for any model) and not ignored (the service would look alive while deaf).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SILENT_PEAK = 1e-6
+"""A block whose absolute peak is below this is digital silence."""
+FLAT_RANGE = 1e-4
+"""A block whose max - min is below this (but not silent) is a flat line (stuck DC)."""
+CLIP_LEVEL = 0.999
+"""Samples at or above this magnitude count as clipped."""
+LEVEL_FLOOR_DBFS = -120.0
+
+
+def level_dbfs(block: np.ndarray) -> float:
+    """RMS level of a block in dB relative to full scale."""
+    rms = float(np.sqrt(np.mean(np.square(block, dtype=np.float64)))) if len(block) else 0.0
+    return max(LEVEL_FLOOR_DBFS, 20 * math.log10(rms)) if rms > 0 else LEVEL_FLOOR_DBFS
+
+
+def is_silent(samples: np.ndarray) -> bool:
+    """True for digital silence (a dead or muted input)."""
+    return len(samples) == 0 or float(np.max(np.abs(samples))) < SILENT_PEAK
+
+
+@dataclass(frozen=True)
+class HealthChange:
+    """A fault appearing (`fault`) or going away (`recovered`)."""
+
+    kind: str
+    fault: str
+    detail: str
+
+
+class AudioHealth:
+    """Tracks how long the input has been silent, flat or clipping and raises faults."""
+
+    FAULTS = ("silence", "flatline", "clipping", "stalled")
+
+    def __init__(
+        self, samplerate: int, fault_seconds: float = 5.0, clip_fraction: float = 0.01
+    ) -> None:
+        self.samplerate = samplerate
+        self.fault_seconds = fault_seconds
+        self.clip_fraction = clip_fraction
+        self.active: set[str] = set()
+        self._run = {"silence": 0.0, "flatline": 0.0, "clipping": 0.0}
+        self.level = LEVEL_FLOOR_DBFS
+
+    def push(self, block: np.ndarray) -> list[HealthChange]:
+        """Inspect one block of audio; return faults raised or cleared by it."""
+        seconds = len(block) / self.samplerate
+        self.level = level_dbfs(block)
+        silent = is_silent(block)
+        flat = not silent and float(np.ptp(block)) < FLAT_RANGE if len(block) else False
+        clipped = float(np.mean(np.abs(block) >= CLIP_LEVEL)) > self.clip_fraction
+        changes = []
+        for fault, present in (("silence", silent), ("flatline", flat), ("clipping", clipped)):
+            self._run[fault] = self._run[fault] + seconds if present else 0.0
+            if self._run[fault] >= self.fault_seconds and fault not in self.active:
+                self.active.add(fault)
+                changes.append(HealthChange("fault", fault, self._detail(fault)))
+            elif not present and fault in self.active:
+                self.active.discard(fault)
+                changes.append(HealthChange("recovered", fault, f"{fault} is over"))
+        if "stalled" in self.active:
+            self.active.discard("stalled")
+            changes.append(HealthChange("recovered", "stalled", "audio is flowing again"))
+        return changes
+
+    def stalled(self, detail: str) -> list[HealthChange]:
+        """The stream stopped delivering blocks (or the device vanished)."""
+        if "stalled" in self.active:
+            return []
+        self.active.add("stalled")
+        return [HealthChange("fault", "stalled", detail)]
+
+    @property
+    def ok(self) -> bool:
+        """True when no fault is active."""
+        return not self.active
+
+    def _detail(self, fault: str) -> str:
+        secs = f"{self.fault_seconds:g} s"
+        return {
+            "silence": f"digital silence for {secs}: microphone dead, muted or unplugged?",
+            "flatline": f"flat signal for {secs}: input stuck at a constant value",
+            "clipping": f"clipping for {secs}: input gain too high",
+        }[fault]

@@ -1,0 +1,72 @@
+"""Daemon metrics: throughput, inference latency, drops, level, spool, board temperature."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+LATENCY_SAMPLES = 1000
+THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
+THROTTLED_SYSFS = Path("/sys/devices/platform/soc/soc:firmware/get_throttled")
+
+
+class Metrics:
+    """Counters and latency samples collected by the daemon loop."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.windows = 0
+        self.audio_seconds = 0.0
+        self.busy_seconds = 0.0
+        self._latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+
+    def window_scored(self, seconds: float) -> None:
+        """Record the processing time of one window."""
+        self.windows += 1
+        self._latency.append(seconds)
+
+    def block_processed(self, audio_s: float, busy_s: float) -> None:
+        """Record a block's audio length and the time spent on it."""
+        self.audio_seconds += audio_s
+        self.busy_seconds += busy_s
+
+    @property
+    def uptime_s(self) -> float:
+        """Seconds since start."""
+        return time.monotonic() - self.started
+
+    @property
+    def realtime_factor(self) -> float | None:
+        """Processing time per second of audio (0.01 = 1 % of real time)."""
+        return self.busy_seconds / self.audio_seconds if self.audio_seconds else None
+
+    def latency_ms(self, q: float) -> float | None:
+        """Percentile `q` of per-window processing time, milliseconds."""
+        return float(np.percentile(self._latency, q) * 1000) if self._latency else None
+
+
+def cpu_temperature_c() -> float | None:
+    """SoC temperature where the board exposes it (Raspberry Pi: thermal_zone0)."""
+    try:
+        return int(THERMAL_ZONE.read_text().strip()) / 1000
+    except (OSError, ValueError):
+        return None
+
+
+def throttled() -> str | None:
+    """Raspberry Pi throttling flags (hex, 0x0 = never throttled), where available."""
+    try:
+        return hex(int(THROTTLED_SYSFS.read_text().strip(), 16))
+    except (OSError, ValueError):
+        pass
+    try:
+        out = subprocess.run(
+            ["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=2
+        ).stdout
+        return out.strip().split("=", 1)[1] if "=" in out else None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,57 @@
+"""systemd notifications (READY=1, WATCHDOG=1, STATUS=...) without a dependency.
+
+A no-op when the process was not started by systemd with Type=notify ($NOTIFY_SOCKET unset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+class SystemdNotifier:
+    """Sends sd_notify datagrams to $NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]  # abstract namespace
+        self.address = address
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        self.watchdog_s = int(usec) / 1e6 if usec.isdigit() else None
+
+    @property
+    def enabled(self) -> bool:
+        """True when running under systemd's notify protocol."""
+        return bool(self.address)
+
+    def notify(self, message: str) -> bool:
+        """Send one notification; False (and a debug log) when it cannot be sent."""
+        if not self.address:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message.encode(), self.address)
+            return True
+        except OSError as exc:
+            log.debug("sd_notify %r failed: %s", message, exc)
+            return False
+
+    def ready(self, status: str = "") -> bool:
+        """READY=1 (with an optional STATUS line)."""
+        return self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+    def watchdog(self) -> bool:
+        """WATCHDOG=1: the service is alive and doing its job."""
+        return self.notify("WATCHDOG=1")
+
+    def status(self, text: str) -> bool:
+        """STATUS=...: a line shown by `systemctl status`."""
+        return self.notify(f"STATUS={text}")
+
+    def stopping(self) -> bool:
+        """STOPPING=1."""
+        return self.notify("STOPPING=1")

@@ -1,0 +1,112 @@
+"""A durable, bounded outbox for MQTT messages that must not be lost (events, health changes).
+
+Messages are written to SQLite before they are published and deleted only when the broker
+acknowledges them (PUBACK), so they survive a broker outage, a daemon restart or `kill -9`
+and are delivered in order afterwards. When full, the oldest are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """One message waiting for the broker's acknowledgement."""
+
+    id: int
+    topic: str
+    payload: str
+    qos: int
+    retain: bool
+
+
+class Spool:
+    """SQLite-backed FIFO of outgoing messages, safe to use from several threads."""
+
+    def __init__(self, path: Path, max_messages: int = 10000) -> None:
+        self.path = path
+        self.max_messages = max_messages
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def append(self, topic: str, payload: str, qos: int = 1, retain: bool = False) -> int:
+        """Store a message durably; drop the oldest if the spool is full. Returns its id."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?,?,?,?,?)",
+                (topic, payload, qos, int(retain), time.time()),
+            )
+            excess = self._count() - self.max_messages
+            if excess > 0:
+                self._db.execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
+                    (excess,),
+                )
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('dropped', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                    (excess,),
+                )
+                log.warning(
+                    "spool full (%d messages): dropped the %d oldest", self.max_messages, excess
+                )
+            return int(cur.lastrowid or 0)
+
+    def after(self, last_id: int, limit: int = 100) -> list[Spooled]:
+        """Messages with id > last_id, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos, retain FROM outbox WHERE id > ? ORDER BY id "
+                "LIMIT ?",
+                (last_id, limit),
+            ).fetchall()
+        return [Spooled(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def remove(self, message_id: int) -> None:
+        """Forget a message the broker acknowledged."""
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+
+    def depth(self) -> int:
+        """Messages waiting."""
+        with self._lock:
+            return self._count()
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the spool was full, over its lifetime."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def _count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
