@@ -22,6 +22,7 @@ SOURCE=$(cd "$DEPLOY_DIR/.." && pwd)
 PYTHON=python3
 ACTION=install
 START=1
+FRESH=1 # no soundsentry.service before this run: a first install, not an upgrade
 
 usage() {
   sed -n '2,9s/^# \{0,1\}//p' "$0"
@@ -97,6 +98,10 @@ parse_args() {
   elif [ "$(id -u)" != 0 ]; then
     die "run as root (sudo $0 $*), or use --root DIR to install into a directory"
   fi
+  # An absolute path, so pip never mistakes it for a package name on PyPI.
+  local src
+  src=$(realpath -e "$SOURCE" 2>/dev/null) || die "--source $SOURCE: no such file or directory"
+  SOURCE=$src
   VENV="$ROOT/opt/soundsentry/venv"
   CONF_DIR="$ROOT/etc/soundsentry"
   STATE_DIR="$ROOT/var/lib/soundsentry"
@@ -177,8 +182,8 @@ install_config() {
   install_as "$SERVICE_USER" "$SERVICE_USER" -d -m 0750 "$STATE_DIR" "$STATE_DIR/models"
   if [ -e "$conf" ]; then
     say "keeping $conf"
-    # After --uninstall and a reinstall the user may have a new GID: let it read the config.
-    [ -n "$ROOT" ] || chgrp "$SERVICE_USER" "$CONF_DIR" "$conf"
+    # After --uninstall and a reinstall the user may have a new GID: let it read the configs.
+    [ -n "$ROOT" ] || chgrp "$SERVICE_USER" "$CONF_DIR" "$CONF_DIR"/*.toml
   else
     install_as root "$SERVICE_USER" -m 0640 "$DEPLOY_DIR/config.example.toml" "$conf"
     say "wrote $conf (from config.example.toml): edit it before starting"
@@ -188,14 +193,19 @@ install_config() {
   fi
 }
 
+# Enabled on the first install only: an upgrade leaves enabled what the admin enabled (for
+# example only soundsentry@NAME instances).
 install_units() {
   local unit
+  [ ! -e "$UNIT_DIR/soundsentry.service" ] || FRESH=0
   install -d -m 0755 "$UNIT_DIR"
   for unit in "${UNITS[@]}"; do
     install -m 0644 "$DEPLOY_DIR/$unit" "$UNIT_DIR/$unit"
   done
   live_systemctl daemon-reload
-  systemctl_root enable soundsentry.service
+  if ((FRESH)); then
+    systemctl_root enable soundsentry.service
+  fi
 }
 
 # The model path the config names, resolved under ROOT; empty when the config has none.
@@ -210,13 +220,17 @@ start_service() {
     say "not starting (--no-start): systemctl start soundsentry"
     return
   fi
+  if ((!FRESH)); then
+    # An upgrade: whatever runs (the single unit, template instances) runs the new code.
+    live_systemctl try-restart soundsentry.service 'soundsentry@*.service'
+    return
+  fi
   model=$(configured_model)
   if [ -n "$model" ] && [ ! -e "$ROOT$model" ]; then
     say "not starting: model $model not found. Copy a bundle there, then: systemctl start soundsentry"
     return
   fi
-  # restart, not start: an upgrade must run the new code.
-  live_systemctl restart soundsentry.service
+  live_systemctl start soundsentry.service
 }
 
 do_install() {
