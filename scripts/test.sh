@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(mosquitto pulseaudio pulseaudio-utils libportaudio2 libasound2-plugins libsndfile1)
+APT_PACKAGES+=(systemd shellcheck)  # tests/test_deploy.py: systemd-analyze verify/security, shellcheck
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
