@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 ONLINE = "online"
 OFFLINE = "offline"
 RECONNECT_MIN_S = 1
-RECONNECT_MAX_S = 30
 SEND_BATCH = 50
 SENDER_IDLE_S = 0.5
 
@@ -73,7 +72,7 @@ class MqttPublisher:
         self._last_refusal = ""
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.will_set(topics.availability, OFFLINE, qos=1, retain=True)
-        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        self.client.reconnect_delay_set(RECONNECT_MIN_S, int(settings.reconnect_max_seconds))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish

@@ -37,7 +37,7 @@ def run_detector(
     controller = Controller(detector, reload_settings)
     publisher = _publisher(settings, bundle, controller) if settings.mqtt.host else None
     if publisher is not None:
-        detector.sinks.append(MqttSink(publisher))
+        detector.sinks.insert(0, MqttSink(publisher))  # spooled durably before it is printed
         spool = publisher.spool
         detector.spool_stats = lambda: (spool.depth(), spool.dropped)
 

@@ -70,6 +70,9 @@ class MqttSettings(_Section):
     )
     password_file: Path | None = Field(None, description="File whose first line is the password.")
     keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive, seconds.")
+    reconnect_max_seconds: float = Field(
+        30.0, ge=1.0, le=3600.0, description="Longest wait between reconnect attempts."
+    )
     spool_max_messages: int = Field(
         10000, ge=10, le=10_000_000, description="Durable spool size before the oldest drop."
     )
@@ -238,7 +241,9 @@ def mqtt_password(mqtt: MqttSettings) -> str | None:
         candidates.append(Path(cred_dir) / "mqtt_password")
     for path in candidates:
         try:
-            return path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+            text = path.read_text().strip()
+            if text or path == mqtt.password_file:
+                return text.splitlines()[0].strip() if text else ""
         except FileNotFoundError:
             if path == mqtt.password_file:
                 raise SettingsError(f"mqtt.password_file {path}: not found") from None

@@ -1,0 +1,439 @@
+"""The field daemon with real parts: broker outages, kill -9, a vanishing microphone, TLS and
+passwords, remote commands, systemd notifications, Home Assistant discovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES, ROOT, Broker, free_port
+from jsonschema import Draft202012Validator
+from mqtt_helpers import Subscriber
+
+from edge.audio_io import read_audio
+
+pytestmark = pytest.mark.slow
+RATE = 16000
+SCHEMAS = ROOT / "edge" / "schemas"
+
+
+def validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator(json.loads((SCHEMAS / f"{name}.schema.json").read_text()))
+
+
+def faulty_audio(path: Path, faults: int) -> Path:
+    """Normal fan, then `faults` times (fault, normal): cut from the demo clip."""
+    clip = read_audio(DEMO_CLIP, RATE)
+    normal, fault = clip[: int(4.5 * RATE)], clip[int(5.5 * RATE) : int(10.5 * RATE)]
+    parts = [normal]
+    for _ in range(faults):
+        parts += [fault, normal]
+    sf.write(path, np.concatenate(parts), RATE, subtype="PCM_16")
+    return path
+
+
+def write_config(tmp_path: Path, device: str, port: int, extra: str = "", mqtt: str = "") -> Path:
+    path = tmp_path / f"{device}.toml"
+    path.write_text(
+        f'device_id = "{device}"\ndata_dir = "{tmp_path / "data"}"\n{extra}\n'
+        f"[detector]\ncooldown_seconds = 0\nupdate_seconds = 2\n"
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nreconnect_max_seconds = 2\n'
+        f"metrics_interval_seconds = 1\n{mqtt}"
+    )
+    return path
+
+
+def daemon(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The real command; data_dir comes from the test's config file, not the environment."""
+    base = {k: v for k, v in os.environ.items() if k != "SOUNDSENTRY_DATA_DIR"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge", "--log-level", "INFO", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**base, **(env or {})},
+    )
+
+
+def transitions(sub: Subscriber) -> set[tuple[str, str]]:
+    return {
+        (m.json()["event_id"], m.json()["type"])
+        for m in sub.on("/events")
+        if m.json()["type"] in ("start", "end")
+    }
+
+
+def printed(stdout: str) -> set[tuple[str, str]]:
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {(e["event_id"], e["type"]) for e in events if e["type"] in ("start", "end")}
+
+
+def test_broker_outage_loses_no_event(broker: Broker, tmp_path: Path) -> None:
+    audio = faulty_audio(tmp_path / "faults.wav", faults=4)
+    sub = Subscriber(broker.port, "soundsentry/outage/events", client_id="alerts", clean=False)
+    proc = daemon(
+        "replay",
+        str(DEMO_BUNDLE),
+        str(audio),
+        "--realtime",
+        "--config",
+        str(write_config(tmp_path, "outage", broker.port)),
+    )
+    try:
+        assert sub.wait_for(lambda ms: len(ms) >= 1, timeout=20), "no event before the outage"
+        broker.stop()
+        time.sleep(20)  # faults keep occurring while the broker is away
+        broker.start()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        expected = printed(out)
+        assert len(expected) >= 6, out  # several faults, some raised during the outage
+        assert sub.wait_for(lambda ms: transitions(sub) >= expected, timeout=30), (
+            expected - transitions(sub),
+            err,
+        )
+        assert transitions(sub) == expected
+    finally:
+        proc.kill()
+        sub.close()
+
+
+def test_kill_9_with_events_in_the_spool_delivers_them_after_restart(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, "crashy", port)
+    audio = faulty_audio(tmp_path / "one.wav", faults=1)
+    proc = daemon("replay", str(DEMO_BUNDLE), str(audio), "--realtime", "--config", str(cfg))
+    lines = []
+    try:  # no broker: events go to the spool
+        while not any('"end"' in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            lines.append(line)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    spooled = printed("".join(lines))
+    assert len(spooled) == 2
+    broker = Broker(tmp_path, port)
+    broker.start()
+    sub = Subscriber(port, "soundsentry/crashy/events")
+    try:
+        again = daemon("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(cfg))
+        _, err = again.communicate(timeout=60)
+        assert again.returncode == 0, err
+        assert sub.wait_for(lambda ms: transitions(sub) >= spooled, timeout=20), err
+        kinds = [m.json()["type"] for m in sub.on("/events")]
+        assert (
+            kinds[0] == "start" and kinds[-1] == "end" and set(kinds) <= {"start", "update", "end"}
+        )
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_commands_threshold_reload_mute_status_and_sigterm(broker: Broker, tmp_path: Path) -> None:
+    audio = faulty_audio(tmp_path / "long.wav", faults=4)
+    broken = tmp_path / "broken.bundle"
+    shutil.copytree(DEMO_BUNDLE, broken)
+    (broken / "model_int8.tflite").write_bytes(b"\0" * 64)
+    sub = Subscriber(broker.port, "soundsentry/ctl/#")
+    proc = daemon(
+        "replay",
+        str(DEMO_BUNDLE),
+        str(audio),
+        "--realtime",
+        "--config",
+        str(write_config(tmp_path, "ctl", broker.port)),
+    )
+    responses = validator("response")
+
+    def send(payload: str) -> dict:
+        before = len(sub.on("/response"))
+        sub.client.publish("soundsentry/ctl/set", payload, qos=1)
+        assert sub.wait_for(lambda _: len(sub.on("/response")) > before, timeout=10), payload
+        reply = sub.on("/response")[-1].json()
+        responses.validate(reply)
+        return reply
+
+    try:
+        assert sub.wait_for(lambda ms: any(m.payload == "online" for m in ms), timeout=20)
+        time.sleep(0.5)
+        assert "not JSON" in send("{oops")["detail"]
+        assert send('{"command": "launch"}')["ok"] is False
+        calibrated = json.loads((DEMO_BUNDLE / "manifest.json").read_text())["threshold"]["value"]
+        reply = send(json.dumps({"command": "set_threshold", "value": calibrated * 100}))
+        assert reply["ok"] is False and "within" in reply["detail"]
+        reply = send(json.dumps({"command": "reload_model", "path": str(broken), "id": "r1"}))
+        assert reply["ok"] is False and "keeping" in reply["detail"] and reply["id"] == "r1"
+        status = send('{"command": "status"}')
+        assert status["ok"] and status["status"]["threshold"] == pytest.approx(calibrated)
+        assert send(json.dumps({"command": "set_threshold", "value": calibrated * 1.5}))["ok"]
+        assert send('{"command": "status"}')["status"]["threshold"] == pytest.approx(
+            calibrated * 1.5
+        )
+        assert send('{"command": "mute", "minutes": 0.2}')["ok"]
+        muted_at = len(sub.on("/events"))
+        time.sleep(6)
+        assert sub.on("/state")[-1].json()["state"] in ("muted", "normal")
+        assert [m.json()["type"] for m in sub.on("/events")[muted_at:]] in ([], ["end"])
+        assert send('{"command": "unmute"}')["ok"]
+        n = len(sub.on("/events"))
+        assert sub.wait_for(
+            lambda _: any(m.json()["type"] == "start" for m in sub.on("/events")[n:]), timeout=30
+        )
+        proc.send_signal(signal.SIGTERM)  # during an anomaly
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert sub.wait_for(lambda ms: ms[-1].payload == "offline", timeout=10)
+        last = [m.json() for m in sub.on("/events")][-1]
+        assert last["type"] == "end" and last.get("clip", "").endswith(".wav")
+        assert (tmp_path / "data" / "clips" / last["clip"]).exists()
+        metrics = [m.json() for m in sub.on("/metrics")]
+        assert metrics and validator("metrics").validate(metrics[-1]) is None
+        for m in sub.on("/events"):
+            validator("event").validate(m.json())
+    finally:
+        proc.kill()
+        sub.close()
+
+
+def test_systemd_notify_and_home_assistant_birth(broker: Broker, tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(20)
+    sub = Subscriber(broker.port, "homeassistant/#")
+    proc = daemon(
+        "replay",
+        str(DEMO_BUNDLE),
+        str(DEMO_CLIP),
+        "--realtime",
+        "--config",
+        str(write_config(tmp_path, "ha", broker.port)),
+        env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "10000000"},
+    )
+    try:
+        got = [sock.recv(256).decode() for _ in range(2)]
+        assert got[0].startswith("READY=1") and got[1] == "WATCHDOG=1"
+        assert sub.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/config")]) >= 3)
+        configs = len(sub.messages)
+        sub.client.publish("homeassistant/status", "online", qos=1)
+        assert sub.wait_for(lambda ms: len(ms) >= configs + 3 + 1, timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        sock.close()
+        sub.close()
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=SoundSentry test CA",
+    )
+    for name in ("server", "client"):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return {
+        n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")
+    }
+
+
+def test_tls_and_password_and_wrong_credentials(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path)
+    pwfile = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(pwfile), "pump", "s3cret-pw"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    broker = Broker(tmp_path, port, extra_conf="")
+    broker.conf.write_text(
+        f"listener {port} 127.0.0.1\nuser root\nallow_anonymous false\n"
+        f"password_file {pwfile}\ncafile {certs['ca.crt']}\ncertfile {certs['server.crt']}\n"
+        f"keyfile {certs['server.key']}\nrequire_certificate true\n"
+    )
+    broker.start()
+    good, bad = tmp_path / "good-pw", tmp_path / "bad-pw"
+    good.write_text("s3cret-pw\n")
+    bad.write_text("wrong-pw\n")
+    tls = (
+        f'username = "pump"\npassword_file = "{{pw}}"\n[mqtt.tls]\nenabled = true\n'
+        f'ca_file = "{certs["ca.crt"]}"\ncert_file = "{certs["client.crt"]}"\n'
+        f'key_file = "{certs["client.key"]}"\n'
+    )
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    seen: list[str] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watcher")
+    watcher.username_pw_set("pump", "s3cret-pw")
+    watcher.tls_set(
+        ca_certs=str(certs["ca.crt"]),
+        certfile=str(certs["client.crt"]),
+        keyfile=str(certs["client.key"]),
+    )
+    watcher.on_connect = lambda c, *_: c.subscribe("soundsentry/#", qos=1)
+    watcher.on_message = lambda _c, _u, m: seen.append(f"{m.topic} {m.payload.decode()}")
+    watcher.connect("127.0.0.1", port)
+    watcher.loop_start()
+    try:
+        cfg = write_config(tmp_path, "secure", port, mqtt=tls.replace("{pw}", str(good)))
+        proc = daemon("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--config", str(cfg))
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        deadline = time.monotonic() + 10
+        while not any('"type":"end"' in s for s in seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "soundsentry/secure/availability online" in seen
+        assert any('"type":"start"' in s for s in seen) and any('"type":"end"' in s for s in seen)
+        assert "s3cret-pw" not in err
+
+        cfg = write_config(tmp_path, "intruder", port, mqtt=tls.replace("{pw}", str(bad)))
+        proc = daemon(
+            "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--realtime", "--config", str(cfg)
+        )
+        time.sleep(8)
+        assert proc.poll() is None, "a refused connection must not crash the daemon"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        refusals = [line for line in err.splitlines() if "refused the connection" in line]
+        assert len(refusals) == 1 and "Not authorized" in refusals[0], err
+        assert "wrong-pw" not in err
+        assert not any(s.startswith("soundsentry/intruder") for s in seen)
+    finally:
+        watcher.loop_stop()
+        broker.stop()
+
+
+PA_START = [
+    "pulseaudio",
+    "--daemonize=yes",
+    "--exit-idle-time=-1",
+    "-n",
+    "--load=module-native-protocol-unix",
+    "--load=module-null-sink sink_name=machine rate=16000 channels=1",
+    "--load=module-null-sink sink_name=mic2 rate=16000 channels=1",
+]
+
+
+def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path: Path) -> None:
+    subprocess.run(
+        ["pactl", "load-module", "module-null-sink", "sink_name=mic2", "rate=16000", "channels=1"],
+        check=True,
+        capture_output=True,
+    )
+    normal = tmp_path / "normal.wav"
+    sf.write(
+        normal,
+        np.tile(np.concatenate([read_audio(f, RATE) for f in NORMAL_FILES]), 3),
+        RATE,
+        subtype="PCM_16",
+    )
+    cfg = write_config(
+        tmp_path, "mic2", broker.port, extra="[health]\nstall_seconds = 2\nreopen_max_seconds = 2\n"
+    )
+    sub = Subscriber(broker.port, "soundsentry/mic2/#")
+    players = [subprocess.Popen(["paplay", "-d", "mic2", str(normal)])]
+    proc = daemon(
+        "run",
+        "--model",
+        str(DEMO_BUNDLE),
+        "--device",
+        "pulse",
+        "--config",
+        str(cfg),
+        env={"PULSE_SOURCE": "mic2.monitor"},
+    )
+
+    def health_changes() -> list[str]:
+        return [m.json().get("change", "") for m in sub.on("/health")]
+
+    try:
+        assert sub.wait_for(lambda ms: any(m.payload == "online" for m in ms), timeout=20)
+        time.sleep(3)
+        subprocess.run(["pulseaudio", "--kill"], check=True)  # the microphone disappears
+        assert sub.wait_for(lambda _: "fault:stalled" in health_changes(), timeout=20), (
+            health_changes()
+        )
+        assert proc.poll() is None, "the daemon must survive a vanished device"
+        time.sleep(2)
+        subprocess.run(PA_START, check=True, capture_output=True)  # ... and comes back
+        players.append(subprocess.Popen(["paplay", "-d", "mic2", str(normal)]))
+        assert sub.wait_for(lambda _: "recovered:stalled" in health_changes(), timeout=30), (
+            health_changes()
+        )
+        assert sub.on("/health")[-1].json()["status"] == "ok"
+        players.append(subprocess.Popen(["paplay", "-d", "mic2", str(DEMO_CLIP)]))
+        assert sub.wait_for(
+            lambda _: any(m.json()["type"] == "start" for m in sub.on("/events")), timeout=30
+        ), "events must flow again after the recovery"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+    finally:
+        proc.kill()
+        for p in players:
+            p.kill()
+        sub.close()
+        if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
+            subprocess.run(PA_START, capture_output=True)

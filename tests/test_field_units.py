@@ -1,0 +1,302 @@
+"""Field daemon building blocks: spool, liveness, clips, commands, discovery, schemas."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from jsonschema import Draft202012Validator
+
+from edge.clips import CaptureRing, ClipRecorder
+from edge.commands import CommandError, parse_command
+from edge.discovery import discovery_configs
+from edge.health import AudioHealth, level_dbfs
+from edge.messages import EventMessage, HealthMessage, StateMessage
+from edge.sdnotify import SystemdNotifier
+from edge.spool import Spool
+from edge.topics import Topics
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "edge" / "schemas"
+RATE = 16000
+
+
+def schema(name: str) -> Draft202012Validator:
+    return Draft202012Validator(json.loads((SCHEMAS / f"{name}.schema.json").read_text()))
+
+
+# --- spool ----------------------------------------------------------------------------------
+
+
+def test_spool_is_durable_ordered_and_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite"
+    spool = Spool(path, max_messages=3)
+    ids = [spool.append("t", f"m{i}") for i in range(5)]
+    assert spool.depth() == 3 and spool.dropped == 2
+    spool.close()
+    again = Spool(path, max_messages=3)  # a restart (or kill -9) keeps what was stored
+    rows = again.after(0)
+    assert [r.payload for r in rows] == ["m2", "m3", "m4"] and [r.id for r in rows] == ids[2:]
+    again.remove(rows[0].id)
+    assert [r.payload for r in again.after(0)] == ["m3", "m4"]
+    assert [r.payload for r in again.after(rows[1].id)] == ["m4"]
+    assert again.dropped == 2
+
+
+# --- liveness -------------------------------------------------------------------------------
+
+
+def blocks(kind: str, seconds: float, block: float = 0.1) -> list[np.ndarray]:
+    n = int(block * RATE)
+    rng = np.random.default_rng(0)
+    make = {
+        "noise": lambda: (0.05 * rng.standard_normal(n)).astype(np.float32),
+        "silence": lambda: np.zeros(n, np.float32),
+        "flat": lambda: np.full(n, 0.2, np.float32),
+        "clipped": lambda: np.clip(3 * rng.standard_normal(n), -1, 1).astype(np.float32),
+    }[kind]
+    return [make() for _ in range(round(seconds / block))]
+
+
+@pytest.mark.parametrize(
+    ("kind", "fault"), [("silence", "silence"), ("flat", "flatline"), ("clipped", "clipping")]
+)
+def test_liveness_faults_and_recoveries(kind: str, fault: str) -> None:
+    health = AudioHealth(RATE, fault_seconds=2.0)
+    changes = [c for b in blocks("noise", 1) + blocks(kind, 1.5) for c in health.push(b)]
+    assert changes == [] and health.ok  # not yet: shorter than fault_seconds
+    changes = [c for b in blocks(kind, 1.0) for c in health.push(b)]
+    assert [(c.kind, c.fault) for c in changes] == [("fault", fault)] and not health.ok
+    changes = [c for b in blocks("noise", 0.3) for c in health.push(b)]
+    assert [(c.kind, c.fault) for c in changes] == [("recovered", fault)] and health.ok
+
+
+def test_stall_is_a_fault_until_audio_flows() -> None:
+    health = AudioHealth(RATE)
+    assert [c.kind for c in health.stalled("no audio")] == ["fault"]
+    assert health.stalled("again") == []
+    assert [(c.kind, c.fault) for c in health.push(blocks("noise", 0.1)[0])] == [
+        ("recovered", "stalled")
+    ]
+
+
+def test_level_dbfs() -> None:
+    assert level_dbfs(np.full(100, 0.5, np.float32)) == pytest.approx(-6.02, abs=0.01)
+    assert level_dbfs(np.zeros(100, np.float32)) == -120.0
+
+
+# --- clips ----------------------------------------------------------------------------------
+
+
+def test_capture_ring_keeps_the_latest_samples() -> None:
+    ring = CaptureRing(1.0, 10)  # 10 samples
+    for start in range(0, 25, 7):
+        ring.push(np.arange(start, start + 7, dtype=np.float32))
+    assert ring.end == 28
+    np.testing.assert_array_equal(ring.since(20), np.arange(20, 28))
+    np.testing.assert_array_equal(ring.since(0), np.arange(18, 28))  # clamped to what is held
+
+
+def test_clip_has_preroll_and_is_capped(tmp_path: Path) -> None:
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=1.0, max_seconds=3.0)
+    audio = np.linspace(-0.5, 0.5, 10 * RATE, dtype=np.float32)
+    step = RATE // 10
+    for i in range(0, 2 * RATE, step):
+        rec.push(audio[i : i + step])
+    rec.start("ev1", first_sample=RATE + RATE // 2, wall_time=time.time())
+    for i in range(2 * RATE, 10 * RATE, step):
+        rec.push(audio[i : i + step])
+    name, seconds = rec.finish("ev1")
+    data, rate = sf.read(tmp_path / name, dtype="float32")
+    assert rate == RATE and seconds == 3.0 and len(data) == 3 * RATE
+    np.testing.assert_allclose(data[:10], audio[RATE // 2 : RATE // 2 + 10], atol=1e-4)
+    assert rec.finish("ev1") is None
+
+
+def test_clip_retention_by_size_and_age(tmp_path: Path) -> None:
+    rec = ClipRecorder(tmp_path, RATE, max_total_mb=0.1, max_age_days=1)
+    old = tmp_path / "old.wav"
+    sf.write(old, np.zeros(100, np.float32), RATE)
+    os.utime(old, (time.time() - 3 * 86400,) * 2)
+    for i in range(4):  # 4 x 32 kB > 100 kB
+        sf.write(tmp_path / f"c{i}.wav", np.zeros(RATE, np.float32), RATE, "PCM_16")
+        os.utime(tmp_path / f"c{i}.wav", (time.time() - 100 + i,) * 2)
+    removed = {p.name for p in rec.enforce_retention()}
+    assert removed == {"old.wav", "c0.wav"}
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["c1.wav", "c2.wav", "c3.wav"]
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"command": "explode"}', "does not match any of the expected tags"),
+        (b'{"command": "mute"}', "minutes"),
+        (b'{"command": "mute", "minutes": -5}', "greater than 0"),
+        (b'{"command": "mute", "minutes": 5, "extra": 1}', "extra"),
+        (b'{"command": "set_threshold", "value": "high"}', "value"),
+    ],
+)
+def test_malformed_commands_are_rejected_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(CommandError, match=reason):
+        parse_command(payload)
+
+
+def test_valid_commands_match_the_published_schema() -> None:
+    validator = schema("command")
+    for payload in (
+        '{"command": "mute", "minutes": 30, "id": "a"}',
+        '{"command": "status"}',
+        '{"command": "set_threshold", "value": 0.5}',
+        '{"command": "unmute"}',
+        '{"command": "reload_model", "path": "/x.bundle"}',
+    ):
+        parse_command(payload)
+        validator.validate(json.loads(payload))
+
+
+# --- discovery and payload schemas ----------------------------------------------------------
+
+# Keys Home Assistant's MQTT integration accepts for these platforms (long form), from its
+# documentation (binary_sensor.mqtt, sensor.mqtt and the shared availability/device options).
+HA_COMMON = {
+    "availability_topic",
+    "payload_available",
+    "payload_not_available",
+    "device",
+    "name",
+    "unique_id",
+    "state_topic",
+    "value_template",
+    "json_attributes_topic",
+    "icon",
+    "enabled_by_default",
+    "entity_category",
+    "expire_after",
+    "force_update",
+    "qos",
+    "object_id",
+    "availability",
+    "availability_mode",
+    "json_attributes_template",
+    "availability_template",
+    "encoding",
+    "default_entity_id",
+}
+HA_ALLOWED = {
+    "binary_sensor": HA_COMMON | {"device_class", "off_delay", "payload_on", "payload_off"},
+    "sensor": HA_COMMON
+    | {
+        "device_class",
+        "state_class",
+        "unit_of_measurement",
+        "suggested_display_precision",
+        "last_reset_value_template",
+        "options",
+    },
+}
+HA_DEVICE = {
+    "identifiers",
+    "connections",
+    "name",
+    "manufacturer",
+    "model",
+    "sw_version",
+    "hw_version",
+    "suggested_area",
+    "via_device",
+    "configuration_url",
+    "serial_number",
+    "model_id",
+}
+HA_CLASSES = {"binary_sensor": {"problem"}, "sensor": set()}
+
+
+def test_discovery_payloads_follow_home_assistant_schema() -> None:
+    topics = Topics("soundsentry", "pump-1")
+    configs = discovery_configs(topics, "fan-1234")
+    assert len(configs) == 3
+    uids = set()
+    for topic, cfg in configs.items():
+        parts = topic.split("/")
+        assert parts[0] == "homeassistant" and parts[-1] == "config" and len(parts) == 5
+        component = parts[1]
+        assert set(cfg) <= HA_ALLOWED[component], set(cfg) - HA_ALLOWED[component]
+        assert {"name", "unique_id", "state_topic", "availability_topic", "device"} <= set(cfg)
+        assert set(cfg["device"]) <= HA_DEVICE and cfg["device"]["identifiers"]
+        assert cfg["availability_topic"] == topics.availability
+        assert (cfg["payload_available"], cfg["payload_not_available"]) == ("online", "offline")
+        if "device_class" in cfg:
+            assert cfg["device_class"] in HA_CLASSES[component]
+        uids.add(cfg["unique_id"])
+    assert len(uids) == 3
+    anomaly = configs[topics.ha_config("binary_sensor", "anomaly")]
+    assert anomaly["device_class"] == "problem"
+
+
+def test_payloads_validate_against_the_published_schemas() -> None:
+    event = EventMessage(
+        type="end",
+        event_id="e1",
+        device_id="d",
+        model="m",
+        started_at="2026-01-01T00:00:00.000Z",
+        peak_score=1.0,
+        threshold=0.5,
+        ended_at="2026-01-01T00:00:05.000Z",
+        duration_s=5.0,
+        bands=[{"low_hz": 100.0, "high_hz": 200.0, "deviation": 3.0}],
+        clip="x.wav",
+        clip_seconds=8.0,
+    )
+    schema("event").validate(event.to_dict())
+    bad = event.to_dict() | {"type": "begin"}
+    assert not schema("event").is_valid(bad)
+    state = StateMessage(
+        state="normal",
+        device_id="d",
+        model="m",
+        threshold=0.5,
+        updated_at="2026-01-01T00:00:00.000Z",
+        score=0.1,
+        level_dbfs=-30.0,
+    )
+    schema("state").validate(state.to_dict())
+    health = HealthMessage(
+        status="fault",
+        device_id="d",
+        updated_at="2026-01-01T00:00:00.000Z",
+        faults=["silence"],
+        change="fault:silence",
+        detail="x",
+    )
+    schema("health").validate(health.to_dict())
+
+
+# --- systemd --------------------------------------------------------------------------------
+
+
+def test_sd_notify_sends_datagrams_and_is_a_noop_outside_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not SystemdNotifier().ready()
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "20000000")
+        n = SystemdNotifier()
+        assert n.watchdog_s == 20.0
+        assert n.ready("hi") and n.watchdog()
+        assert sock.recv(100) == b"READY=1\nSTATUS=hi"
+        assert sock.recv(100) == b"WATCHDOG=1"
