@@ -106,6 +106,8 @@ class Manifest(_Strict):
     normal_band_error: Normalization | None = None
     """Per-mel-band reconstruction error on held-out normal audio (explains anomalies)."""
     training: TrainingInfo
+    calibration: dict[str, Any] | None = None
+    """Set by `soundsentry calibrate`: the on-site audio the statistics were refitted on."""
     versions: dict[str, str]
     created_at: str
     files: dict[str, str]

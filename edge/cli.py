@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         help="stderr log level",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_add_train, _add_evaluate, _add_replay, _add_run, _add_demo):
+    for register in (_add_train, _add_calibrate, _add_evaluate, _add_replay, _add_run, _add_demo):
         register(sub)
     return parser
 
@@ -77,7 +77,38 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
     p.add_argument("--channel", type=int, default=0, help="channel to train on; -1 averages all")
+    p.add_argument(
+        "--false-alarms-per-day",
+        type=_positive_float,
+        default=1.0,
+        metavar="F",
+        help="false-alarm budget that sets the threshold (default 1 per day)",
+    )
     p.set_defaults(func=_cmd_train)
+
+
+def _add_calibrate(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate", help="adapt a bundle to its site from normal audio (numpy only)"
+    )
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument(
+        "--normal",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="normal audio recorded where the detector is installed",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="MODEL2", help="bundle to write")
+    p.add_argument(
+        "--false-alarms-per-day",
+        type=_positive_float,
+        default=None,
+        metavar="F",
+        help="false-alarm budget (default: the model's)",
+    )
+    p.add_argument("--channel", type=int, default=0, help="channel to use; -1 averages all")
+    p.set_defaults(func=_cmd_calibrate)
 
 
 def _add_evaluate(sub: Any) -> None:
@@ -159,8 +190,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs or DEFAULT_EPOCHS,
         seed=args.seed,
         channel=args.channel,
+        false_alarms_per_day=args.false_alarms_per_day,
     )
     print(f"model bundle written to {out}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from edge.calibrate import calibrate_bundle
+
+    out = calibrate_bundle(
+        args.model, args.normal, args.out, args.false_alarms_per_day, args.channel
+    )
+    print(f"calibrated bundle written to {out}")
     return 0
 
 

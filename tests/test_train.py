@@ -24,7 +24,9 @@ def test_train_writes_a_valid_bundle(tiny_bundle: Path) -> None:
     assert m.kind == "autoencoder" and m.input.dtype == "int8" and m.output.dtype == "int8"
     assert m.training.seed == 1 and m.training.epochs == int(TINY_EPOCHS)
     assert len(m.training.files) + len(m.training.holdout_files) >= len(NORMAL_FILES) - 1
-    assert m.threshold.rule == "gamma-quantile" and m.threshold.value > m.normal_scores.p50
+    assert (
+        m.threshold.rule == "false-alarm-budget/gamma" and m.threshold.value > m.normal_scores.p50
+    )
     assert (tiny_bundle / MODEL_INT8).stat().st_size < 256 * 1024
 
 

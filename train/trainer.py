@@ -18,10 +18,11 @@ from edge.bundle import FORMAT, FORMAT_VERSION, MODEL_FLOAT, MODEL_INT8, sha256_
 from edge.features import FeatureParams
 from edge.runtime import TfliteModel, runtime_name
 from edge.scoring import Scorer
+from edge.settings import DetectorSettings
+from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats, threshold_for_budget
 from train.dataset import Split, load_split
 from train.model import ARCHITECTURE, build_autoencoder
 from train.quantize import to_float_tflite, to_int8_tflite
-from train.threshold import RULE, fit_threshold, score_stats
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def train_bundle(
     seed: int = 0,
     channel: int = 0,
     params: FeatureParams | None = None,
+    false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
 ) -> Path:
     """Train on normal audio and write a validated bundle to `out`; returns its path."""
     params = params or FeatureParams()
@@ -61,7 +63,15 @@ def train_bundle(
     scored = [scorer.score(w) for w in holdout]
     scores = np.array([s.score for s in scored])
     band_error = np.stack([s.band_error for s in scored])
-    value, rule_params = fit_threshold(scores)
+    det = DetectorSettings()
+    value, rule_params = threshold_for_budget(
+        scores,
+        false_alarms_per_day,
+        det.trigger_windows,
+        det.trigger_of,
+        det.release_windows,
+        params.hop_seconds,
+    )
 
     out = Path(out)
     manifest = _manifest(

@@ -1,0 +1,101 @@
+"""`soundsentry calibrate`: adapt a trained bundle to where it is installed, from a few minutes
+(or less) of normal audio recorded there, without retraining the network and with numpy only.
+
+It refits what the score depends on besides the network: the per-band normalisation of the
+features (a microphone moved, another gain, another room), the held-out score statistics,
+the per-band error reference, and the threshold from the false-alarm budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from edge.audio_io import find_audio, read_audio
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, load_bundle, sha256_bytes, write_bundle
+from edge.errors import AudioError, BundleError
+from edge.features import windows_of
+from edge.scoring import Scorer
+from edge.threshold import RULE, score_stats, threshold_for_budget
+
+log = logging.getLogger(__name__)
+
+STD_FLOOR_DB = 0.1
+MIN_WINDOWS = 10
+
+
+def calibrate_bundle(
+    model: str | Path,
+    normal: list[str | Path],
+    out: str | Path,
+    false_alarms_per_day: float | None = None,
+    channel: int = 0,
+) -> Path:
+    """Write a calibrated copy of `model` to `out`; return its path."""
+    bundle = load_bundle(model)
+    m = bundle.manifest
+    p = bundle.features
+    files = find_audio(normal)
+    if not files:
+        raise AudioError("no audio files found in " + " ".join(str(x) for x in normal))
+    audio = [read_audio(f, p.samplerate, channel) for f in files]
+    windows = np.concatenate([windows_of(a, p) for a in audio])
+    if len(windows) < MIN_WINDOWS:
+        raise AudioError(
+            f"calibration needs at least {MIN_WINDOWS} windows "
+            f"({(MIN_WINDOWS - 1) * p.hop_seconds + p.window_seconds:g} s) of normal audio"
+        )
+    mean = windows.mean(axis=(0, 1))
+    std = np.maximum(windows.std(axis=(0, 1)), STD_FLOOR_DB)
+    scorer = Scorer(bundle.model, mean, std)
+    scored = [scorer.score(w) for w in windows]
+    scores = np.array([s.score for s in scored])
+    band_error = np.stack([s.band_error for s in scored])
+    old = m.threshold.params
+    budget = false_alarms_per_day or float(old.get("false_alarms_per_day", 1.0))
+    value, params = threshold_for_budget(
+        scores,
+        budget,
+        int(old.get("k", 2)),
+        int(old.get("n", 3)),
+        int(old.get("m", 4)),
+        p.hop_seconds,
+    )
+    seconds = sum(len(a) for a in audio) / p.samplerate
+    manifest = m.model_dump(exclude={"files", "checksum"})
+    manifest |= {
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "threshold": {"value": value, "rule": RULE, "params": params},
+        "normal_scores": score_stats(scores, "on-site calibration audio"),
+        "normal_band_error": {
+            "mean": band_error.mean(axis=0).tolist(),
+            "std": band_error.std(axis=0).tolist(),
+        },
+        "calibration": {
+            "from_model": m.model_id,
+            "files": [str(f) for f in files],
+            "seconds": round(seconds, 3),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        },
+    }
+    contents = {MODEL_INT8: (bundle.path / MODEL_INT8).read_bytes()}
+    if MODEL_FLOAT in m.files:
+        contents[MODEL_FLOAT] = (bundle.path / MODEL_FLOAT).read_bytes()
+    base = m.model_id.split("-cal-")[0]
+    digest = sha256_bytes(mean.tobytes() + std.tobytes() + np.float64(value).tobytes())[:8]
+    manifest["model_id"] = f"{base}-cal-{digest}"
+    out = Path(out)
+    if out.resolve() == bundle.path.resolve():
+        raise BundleError("--out must differ from the model being calibrated")
+    write_bundle(out, manifest, contents)
+    log.info(
+        "calibrated %s on %.0f s of audio: threshold %.4g -> %.4g",
+        m.model_id,
+        seconds,
+        m.threshold.value,
+        value,
+    )
+    return out

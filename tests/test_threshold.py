@@ -1,0 +1,118 @@
+"""Thresholds from a false-alarm budget, and on-site calibration."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
+from scipy import stats
+
+from edge.bundle import MODEL_INT8, load_bundle
+from edge.threshold import Gamma, false_alarms_per_hour, threshold_for_budget
+
+
+@pytest.mark.parametrize(("shape", "scale"), [(0.8, 2.0), (3.0, 0.2), (25.0, 0.01)])
+def test_numpy_gamma_matches_scipy(shape: float, scale: float) -> None:
+    x = np.random.default_rng(1).gamma(shape, scale, 4000)
+    fit = Gamma.fit(x)
+    ref_shape, _, ref_scale = stats.gamma.fit(x, floc=0)
+    assert fit.shape == pytest.approx(ref_shape, rel=1e-5)
+    assert fit.scale == pytest.approx(ref_scale, rel=1e-5)
+    for p in (0.5, 1e-2, 1e-4, 1e-7):
+        value = fit.isf(p)
+        assert value == pytest.approx(stats.gamma.isf(p, fit.shape, scale=fit.scale), rel=1e-6)
+        assert fit.sf(value) == pytest.approx(p, rel=1e-6)
+
+
+def test_budget_is_met_on_a_synthetic_normal_stream_with_a_known_rate() -> None:
+    """A gamma-distributed normal stream: the measured false-alarm rate of the real event
+    logic over 40 hours matches the budget the threshold was set for."""
+    rng = np.random.default_rng(7)
+    holdout = rng.gamma(4.0, 0.05, 3000)
+    budget_per_day = 24 * 30.0  # 30 per hour: frequent enough to measure
+    value, params = threshold_for_budget(holdout, budget_per_day, k=2, n=3, m=4, hop_s=0.5)
+    stream = rng.gamma(4.0, 0.05, int(40 * 3600 / 0.5))
+    measured = false_alarms_per_hour(stream, value, k=2, n=3, m=4, hop_s=0.5)
+    assert measured == pytest.approx(30.0, rel=0.2)
+    assert params["false_alarms_per_day"] == budget_per_day
+    assert params["window_exceedance"] == pytest.approx(math.sqrt(30 / (7200 * 2)), rel=1e-9)
+
+
+def test_a_smaller_budget_gives_a_higher_threshold() -> None:
+    scores = np.random.default_rng(3).gamma(2.0, 1.0, 2000)
+    values = [threshold_for_budget(scores, b)[0] for b in (100.0, 1.0, 0.01)]
+    assert values[0] < values[1] < values[2]
+
+
+def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> None:
+    out = tmp_path / "site.bundle"
+    proc = cli(
+        "calibrate",
+        str(DEMO_BUNDLE),
+        "--normal",
+        *map(str, NORMAL_FILES[:2]),
+        "--out",
+        str(out),
+        "--false-alarms-per-day",
+        "2",
+    )
+    assert "calibrated bundle written" in proc.stdout
+    old, new = load_bundle(DEMO_BUNDLE), load_bundle(out)
+    assert (out / MODEL_INT8).read_bytes() == (DEMO_BUNDLE / MODEL_INT8).read_bytes()
+    assert new.manifest.normalization != old.manifest.normalization
+    assert new.model_id != old.model_id and new.model_id.startswith("fan-demo")
+    cal = new.manifest.calibration
+    assert cal and cal["from_model"] == old.model_id and cal["seconds"] == pytest.approx(10.0)
+    assert new.manifest.threshold.params["false_alarms_per_day"] == 2.0
+    assert new.manifest.normal_band_error is not None
+    again = cli(
+        "calibrate",
+        str(out),
+        "--normal",
+        *map(str, NORMAL_FILES[2:]),
+        "--out",
+        str(tmp_path / "again.bundle"),
+    )
+    assert again.returncode == 0
+    assert (
+        json.loads((tmp_path / "again.bundle" / "manifest.json").read_text())["model_id"].count(
+            "-cal-"
+        )
+        == 1
+    )
+
+
+def test_calibrate_needs_no_scipy_tensorflow_or_librosa(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "for m in ('tensorflow', 'keras', 'scipy', 'librosa', 'sklearn'): sys.modules[m] = None\n"
+        "from edge.cli import main\n"
+        f"sys.exit(main(['calibrate', {str(DEMO_BUNDLE)!r}, '--normal', "
+        f"{str(NORMAL_FILES[0])!r}, {str(NORMAL_FILES[1])!r}, '--out', {str(tmp_path / 'b')!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_calibrate_refuses_too_little_audio(tmp_path: Path) -> None:
+    import soundfile as sf
+
+    short = tmp_path / "short.wav"
+    sf.write(short, np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32), 16000)
+    proc = cli(
+        "calibrate",
+        str(DEMO_BUNDLE),
+        "--normal",
+        str(short),
+        "--out",
+        str(tmp_path / "x.bundle"),
+        check=False,
+    )
+    assert proc.returncode == 1 and "at least 10 windows" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
