@@ -55,7 +55,15 @@ def _parser() -> argparse.ArgumentParser:
         help="stderr log level",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_add_train, _add_calibrate, _add_evaluate, _add_replay, _add_run, _add_demo):
+    for register in (
+        _add_train,
+        _add_calibrate,
+        _add_evaluate,
+        _add_spectrogram,
+        _add_replay,
+        _add_run,
+        _add_demo,
+    ):
         register(sub)
     return parser
 
@@ -133,7 +141,31 @@ def _add_evaluate(sub: Any) -> None:
         help="evaluate the float reference model instead of the int8 one",
     )
     p.add_argument("--channel", type=int, default=0, help="channel to score; -1 averages all")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write metrics.json, roc.png, histogram.png, scores.csv, timeline.png "
+        "(int8 and float side by side; needs the [train] extra)",
+    )
+    p.add_argument(
+        "--timeline",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="file for timeline.png (default: the first anomalous file)",
+    )
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_spectrogram(sub: Any) -> None:
+    p = sub.add_parser("spectrogram", help="render the log-mel image the model sees (PNG)")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--out", required=True, type=Path, metavar="PNG")
+    p.add_argument("--model", type=Path, default=None, help="use this bundle's feature settings")
+    p.add_argument("--channel", type=int, default=0, help="channel; -1 averages all")
+    p.set_defaults(func=_cmd_spectrogram)
 
 
 def _add_replay(sub: Any) -> None:
@@ -215,6 +247,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json:
         write_json(report, args.json)
+    if args.report:
+        from train.evaluate import write_full_report
+
+        written = write_full_report(args, report)
+        print(f"report written to {args.report}: {', '.join(p.name for p in written)}")
+    return 0
+
+
+def _cmd_spectrogram(args: argparse.Namespace) -> int:
+    from train.evaluate import render_spectrogram
+
+    render_spectrogram(args.file, args.out, args.model, args.channel)
+    print(f"spectrogram written to {args.out}")
     return 0
 
 

@@ -91,3 +91,38 @@ def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> N
         str(ANOMALOUS_FILE),
     )
     assert "(float), whole files" in whole.stdout and "normal 4  anomalous 1" in whole.stdout
+
+
+def test_evaluate_report_files(tiny_bundle: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    proc = cli(
+        "evaluate",
+        str(tiny_bundle),
+        "--normal",
+        *map(str, NORMAL_FILES),
+        "--anomalous",
+        str(ANOMALOUS_FILE),
+        str(DEMO_CLIP),
+        "--segment",
+        "1",
+        "--report",
+        str(report),
+    )
+    assert "report written" in proc.stdout
+    for name in ("roc.png", "histogram.png", "timeline.png"):
+        data = (report / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics) == {"int8", "float"}
+    assert {"auc", "pauc", "n_normal", "n_anomalous"} <= set(metrics["int8"])
+    rows = (report / "scores.csv").read_text().splitlines()
+    assert rows[0] == "file,segment,label,score_int8,score_float"
+    assert len(rows) == 1 + metrics["int8"]["n_normal"] + metrics["int8"]["n_anomalous"]
+
+
+def test_spectrogram_png(tmp_path: Path) -> None:
+    out = tmp_path / "figs" / "spec.png"
+    cli("spectrogram", str(DEMO_CLIP), "--out", str(out))
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10000
+    proc = cli("spectrogram", str(tmp_path / "missing.wav"), "--out", str(out), check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ import numpy as np
 from edge.audio_io import find_audio, read_audio
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
+from train.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     held_files = set(files[len(files) - n_hold :]) if n_hold else set()
     train, hold = [], []
     train_s = hold_s = 0.0
-    for path in files:
+    for path in progress(files, "features"):
         audio = read_audio(path, params.samplerate, channel)
         if path in held_files:
             cut = 0

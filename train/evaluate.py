@@ -18,6 +18,7 @@ from edge.errors import AudioError
 from edge.features import windows_of
 from edge.scoring import Scorer
 from train.metrics import partial_auc, roc_auc
+from train.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def evaluate(
         files = find_audio(paths)
         if not files:
             raise AudioError(f"no audio files in {' '.join(str(x) for x in paths)}")
-        for path in files:
+        for path in progress(files, "scoring"):
             windows = windows_of(read_audio(path, p.samplerate, channel), p)
             if len(windows) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
@@ -140,3 +141,44 @@ def format_report(report: Report) -> str:
         f"at threshold {report.threshold:.4g}: TPR {report.tpr_at_threshold:.2f} "
         f"FPR {report.fpr_at_threshold:.2f}"
     )
+
+
+def write_full_report(args: object, report: Report) -> list[Path]:
+    """`evaluate --report DIR`: int8 and float side by side, plus a score timeline."""
+    try:
+        from train.report import write_report
+    except ImportError as exc:
+        raise AudioError(f"--report needs the [train] extra ({exc})") from None
+    a = args
+    reports = [report]
+    bundle = load_bundle(a.model)  # type: ignore[attr-defined]
+    other = "float" if report.variant == "int8" else "int8"
+    if (other == "int8") or "model_float.tflite" in bundle.manifest.files:
+        reports.append(evaluate(a.model, a.normal, a.anomalous, a.segment, other, a.channel))  # type: ignore[attr-defined]
+    reports.sort(key=lambda r: r.variant != "int8")
+    timeline_file = a.timeline or find_audio(a.anomalous)[0]  # type: ignore[attr-defined]
+    p = bundle.features
+    windows = windows_of(read_audio(timeline_file, p.samplerate, a.channel), p)  # type: ignore[attr-defined]
+    scores = Scorer.from_bundle(bundle).score_many(windows)
+    timeline = (Path(timeline_file).name, scores, p.hop_seconds, bundle.threshold)
+    return write_report(reports, Path(a.report), timeline)  # type: ignore[attr-defined]
+
+
+def render_spectrogram(
+    file: str | Path, out: str | Path, model: str | Path | None = None, channel: int = 0
+) -> Path:
+    """`soundsentry spectrogram`: the log-mel image of a file as the model sees it."""
+    from edge.bundle import read_manifest
+    from edge.features import FeatureParams, LogMel
+
+    try:
+        from train.report import plot_spectrogram
+    except ImportError as exc:
+        raise AudioError(f"spectrogram needs the [train] extra ({exc})") from None
+    params = FeatureParams.from_dict(read_manifest(model).features) if model else FeatureParams()
+    audio = read_audio(file, params.samplerate, channel)
+    if len(audio) < params.n_fft:
+        raise AudioError(f"{file}: shorter than one FFT frame")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return plot_spectrogram(LogMel(params)(audio), params, out, f"log-mel: {Path(file).name}")
