@@ -95,8 +95,12 @@ class Manifest(_Strict):
     format: Literal["soundsentry-bundle"]
     format_version: int
     model_id: str
-    kind: Literal["autoencoder"]
-    score: Literal["reconstruction_mse"]
+    kind: Literal["autoencoder", "classifier"]
+    score: Literal["reconstruction_mse", "softmax"]
+    labels: list[str] | None = None
+    """Class names, in output order (classifier only)."""
+    validation: dict[str, Any] | None = None
+    """Held-out figures measured at training time (classifier: accuracy, F1, confusion)."""
     features: dict[str, Any]
     normalization: Normalization
     input: TensorSpec
@@ -211,6 +215,8 @@ def load_bundle(path: str | Path, variant: str = "int8", num_threads: int = 1) -
         )
     if len(manifest.normalization.mean) != params.n_mels:
         raise BundleError(f"{path}: normalisation has the wrong number of mel bands")
+    if manifest.kind == "classifier" and not manifest.labels:
+        raise BundleError(f"{path}: a classifier bundle needs its class labels")
     return Bundle(path=folder, manifest=manifest, features=params, model=model, variant=variant)
 
 

@@ -69,13 +69,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a model bundle on normal recordings")
-    p.add_argument(
+    p = sub.add_parser("train", help="train a model bundle on normal (or labelled) recordings")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--normal",
         nargs="+",
-        required=True,
         metavar="PATH",
-        help="normal recordings: files or folders (searched recursively)",
+        help="normal recordings: files or folders (searched recursively): an autoencoder",
+    )
+    what.add_argument(
+        "--classes",
+        type=Path,
+        metavar="DIR",
+        help="labelled recordings, one subfolder per class: a CNN classifier",
     )
     p.add_argument(
         "--out", required=True, type=Path, metavar="MODEL", help="bundle folder to write"
@@ -91,6 +97,21 @@ def _add_train(sub: Any) -> None:
         default=1.0,
         metavar="F",
         help="false-alarm budget that sets the threshold (default 1 per day)",
+    )
+    p.add_argument(
+        "--augment",
+        nargs="+",
+        default=None,
+        metavar="OPTION",
+        choices=("shift", "stretch", "pitch", "mixup", "noise", "specaugment"),
+        help="training augmentation: shift stretch pitch mixup noise specaugment",
+    )
+    p.add_argument(
+        "--augment-factor",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="augmented copies per training window (default 1)",
     )
     p.set_defaults(func=_cmd_train)
 
@@ -120,10 +141,13 @@ def _add_calibrate(sub: Any) -> None:
 
 
 def _add_evaluate(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="ROC AUC and pAUC of a bundle on labelled recordings")
+    p = sub.add_parser("evaluate", help="ROC AUC and pAUC (or accuracy) on labelled recordings")
     p.add_argument("model", type=Path, metavar="MODEL")
-    p.add_argument("--normal", nargs="+", required=True, metavar="PATH")
-    p.add_argument("--anomalous", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--normal", nargs="+", metavar="PATH")
+    p.add_argument("--anomalous", nargs="+", metavar="PATH")
+    p.add_argument(
+        "--classes", type=Path, metavar="DIR", help="classifier bundles: one subfolder per class"
+    )
     p.add_argument(
         "--segment",
         type=_positive_float,
@@ -214,8 +238,24 @@ def _positive_float(text: str) -> float:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from train.augment import Augmenter
     from train.trainer import DEFAULT_EPOCHS, train_bundle
 
+    augment = Augmenter(tuple(args.augment), args.augment_factor) if args.augment else None
+    if args.classes:
+        from train.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
+        from train.classifier import train_classifier
+
+        out = train_classifier(
+            args.classes,
+            args.out,
+            epochs=args.epochs or CLASSIFIER_EPOCHS,
+            seed=args.seed,
+            channel=args.channel,
+            augment=augment,
+        )
+        print(f"model bundle written to {out}")
+        return 0
     out = train_bundle(
         args.normal,
         args.out,
@@ -223,6 +263,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         channel=args.channel,
         false_alarms_per_day=args.false_alarms_per_day,
+        augment=augment,
     )
     print(f"model bundle written to {out}")
     return 0
@@ -241,6 +282,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from train.evaluate import evaluate, format_report, write_json
 
+    if args.classes:
+        from train.evaluate import evaluate_classes
+
+        return evaluate_classes(args)
+    if not (args.normal and args.anomalous):
+        raise SoundSentryError("evaluate needs --normal and --anomalous (or --classes)")
     report = evaluate(
         args.model, args.normal, args.anomalous, args.segment, args.variant, args.channel
     )

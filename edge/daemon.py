@@ -203,8 +203,8 @@ class Detector:
             if self.on_step:
                 self.on_step(step)
             self._track_bands(step)
-            if step.transition is not None:
-                self._dispatch(step.transition)
+            for transition in step.transitions:
+                self._dispatch(transition)
         self.metrics.block_processed(len(block) / self._rate, time.perf_counter() - t0)
         return steps
 
@@ -261,6 +261,8 @@ class Detector:
         return self._origin + self._base / self._rate + stream_s
 
     def _track_bands(self, step: Step) -> None:
+        if self.bundle.manifest.kind != "autoencoder":
+            return
         if self.pipeline.events.active and not step.dead:
             err = step.window.band_error
             self._band_sum = err.copy() if self._band_sum is None else self._band_sum + err
@@ -312,6 +314,7 @@ class Detector:
             bands=bands,
             clip=clip[0] if clip else None,
             clip_seconds=clip[1] if clip else None,
+            label=t.label,
         )
 
     # --- reports ---------------------------------------------------------------------------
@@ -322,6 +325,8 @@ class Detector:
             return "fault"
         if self.muted:
             return "muted"
+        if self.bundle.manifest.kind == "classifier":
+            return "normal"
         return "anomaly" if self.pipeline.events.active else "normal"
 
     def _emit_state(self, state: str | None = None) -> None:
@@ -335,6 +340,7 @@ class Detector:
             level_dbfs=round(self.health.level, 1) if hasattr(self, "health") else None,
             event_id=self.pipeline.events.event_id,
             muted_until=iso(self.muted_until) if self.muted else None,
+            label=getattr(self.pipeline.events, "label", None),
         )
         for sink in self.sinks:
             sink.state(message)

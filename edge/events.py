@@ -18,6 +18,7 @@ class Transition:
     peak_score: float
     mean_score: float
     ended_s: float | None = None
+    label: str | None = None
 
 
 class EventDetector:
@@ -113,7 +114,7 @@ class _OpenEvent:
         self.count += 1
         self.last_above_s = end_s
 
-    def transition(self, kind: str, ended: bool = False) -> Transition:
+    def transition(self, kind: str, ended: bool = False, label: str | None = None) -> Transition:
         return Transition(
             kind=kind,
             event_id=self.event_id,
@@ -121,4 +122,57 @@ class _OpenEvent:
             peak_score=self.peak,
             mean_score=self.total / max(self.count, 1),
             ended_s=self.last_above_s if ended else None,
+            label=label,
         )
+
+
+class ClassTracker:
+    """Supervised mode: the machine's state is a class label. A new label takes over when
+    `k` of the last `n` confident windows (probability >= `threshold`) agree on it; the old
+    label's event ends and the new one's starts."""
+
+    def __init__(self, labels: list[str], threshold: float = 0.5, k: int = 2, n: int = 3) -> None:
+        if not 1 <= k <= n:
+            raise ValueError(f"need 1 <= k <= n, got k={k} n={n}")
+        self.labels = labels
+        self.threshold = threshold
+        self.k, self.n = k, n
+        self._recent: deque[str | None] = deque(maxlen=n)
+        self._event: _OpenEvent | None = None
+        self.label: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """True once a label holds."""
+        return self._event is not None
+
+    @property
+    def event_id(self) -> str | None:
+        """Id of the current label's event."""
+        return self._event.event_id if self._event else None
+
+    def update(
+        self, confidence: float, label: str, start_s: float, end_s: float
+    ) -> list[Transition]:
+        """Feed one window's top label and its probability; return end/start on a change."""
+        self._recent.append(label if confidence >= self.threshold else None)
+        if label == self.label and confidence >= self.threshold and self._event:
+            self._event.add(confidence, end_s)
+            return []
+        votes = sum(1 for x in self._recent if x == label)
+        if confidence < self.threshold or votes < self.k or label == self.label:
+            return []
+        out = [t for t in [self.close()] if t is not None]
+        self._event = _OpenEvent(uuid.uuid4().hex, start_s, end_s)
+        self._event.add(confidence, end_s)
+        self.label = label
+        self._recent.clear()
+        self._recent.append(label)
+        out.append(self._event.transition("start", label=label))
+        return out
+
+    def close(self) -> Transition | None:
+        """End the current label's event."""
+        event, self._event = self._event, None
+        label, self.label = self.label, None
+        return event.transition("end", ended=True, label=label) if event else None

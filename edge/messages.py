@@ -80,6 +80,8 @@ class StateMessage(_Payload):
     level_dbfs: float | None = None
     event_id: str | None = None
     muted_until: str | None = None
+    label: str | None = None
+    """Supervised mode: the current class."""
     schema: int = field(default=SCHEMA)
 
 

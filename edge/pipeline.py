@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.bundle import Bundle
-from edge.events import EventDetector, Transition
+from edge.events import ClassTracker, EventDetector, Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
 from edge.health import FLAT_RANGE, is_silent
@@ -27,11 +27,16 @@ class Step:
     window: WindowScore
     start_s: float
     end_s: float
-    transition: Transition | None
+    transitions: tuple[Transition, ...]
     dead: bool = False
     """The window was digital silence or a flat line: scored, but not used for events."""
     elapsed_s: float = 0.0
     """Time spent on features and inference."""
+
+    @property
+    def transition(self) -> Transition | None:
+        """The last transition of this window, if any."""
+        return self.transitions[-1] if self.transitions else None
 
 
 class Pipeline:
@@ -45,14 +50,21 @@ class Pipeline:
         self.logmel = LogMel(p)
         self.scorer = Scorer.from_bundle(bundle)
         threshold = detector.threshold if detector.threshold is not None else bundle.threshold
-        self.events = EventDetector(
-            threshold,
-            detector.trigger_windows,
-            detector.trigger_of,
-            detector.release_windows,
-            update_s=detector.update_seconds,
-            cooldown_s=detector.cooldown_seconds,
-        )
+        self.events: EventDetector | ClassTracker
+        if bundle.manifest.kind == "classifier":
+            labels = bundle.manifest.labels or []
+            self.events = ClassTracker(
+                labels, threshold, detector.trigger_windows, detector.trigger_of
+            )
+        else:
+            self.events = EventDetector(
+                threshold,
+                detector.trigger_windows,
+                detector.trigger_of,
+                detector.release_windows,
+                update_s=detector.update_seconds,
+                cooldown_s=detector.cooldown_seconds,
+            )
         self._rate = p.samplerate
         self._length_s = p.window_samples / self._rate
 
@@ -71,11 +83,17 @@ class Pipeline:
             start_s = window.start / self._rate
             end_s = start_s + self._length_s
             dead = is_silent(window.samples) or float(np.ptp(window.samples)) < FLAT_RANGE
-            transition = None
+            found: tuple[Transition, ...] = ()
             if detect and not dead:
-                transition = self.events.update(scored.score, start_s, end_s)
-            steps.append(Step(scored, start_s, end_s, transition, dead, elapsed))
+                found = self._detect(scored, start_s, end_s)
+            steps.append(Step(scored, start_s, end_s, found, dead, elapsed))
         return steps
+
+    def _detect(self, scored: WindowScore, start_s: float, end_s: float) -> tuple[Transition, ...]:
+        if isinstance(self.events, ClassTracker):
+            return tuple(self.events.update(scored.score, scored.label or "", start_s, end_s))
+        t = self.events.update(scored.score, start_s, end_s)
+        return (t,) if t else ()
 
     def reset(self) -> None:
         """Drop buffered audio (after a gap in the stream)."""

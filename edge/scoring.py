@@ -17,14 +17,24 @@ class WindowScore:
     start: int
     """First sample of the window in the stream."""
     score: float
+    """Autoencoder: reconstruction error. Classifier: probability of the top class."""
     band_error: np.ndarray
+    label: str | None = None
+    """Classifier: the most probable class."""
 
 
 class Scorer:
     """Score log-mel windows with a bundle's autoencoder (mean squared reconstruction error)."""
 
-    def __init__(self, model: TfliteModel, mean: np.ndarray, std: np.ndarray) -> None:
+    def __init__(
+        self,
+        model: TfliteModel,
+        mean: np.ndarray,
+        std: np.ndarray,
+        labels: list[str] | None = None,
+    ) -> None:
         self.model = model
+        self.labels = labels
         self._mean = np.asarray(mean, np.float32)
         self._std = np.asarray(std, np.float32)
         self._shape = model.input_shape
@@ -32,7 +42,8 @@ class Scorer:
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Scorer:
         """Scorer with a bundle's model and normalisation."""
-        return cls(bundle.model, *normalization_arrays(bundle.manifest))
+        labels = bundle.manifest.labels if bundle.manifest.kind == "classifier" else None
+        return cls(bundle.model, *normalization_arrays(bundle.manifest), labels=labels)
 
     def normalize(self, features: np.ndarray) -> np.ndarray:
         """Standardise (frames, mels) features with the training statistics."""
@@ -41,9 +52,18 @@ class Scorer:
     def score(self, features: np.ndarray, start: int = 0) -> WindowScore:
         """Score one window of (frames, mels) log-mel features."""
         x = self.normalize(features)
+        if self.labels is not None:
+            probs = self.model.predict(x.reshape(self._shape)).reshape(-1)
+            top = int(np.argmax(probs))
+            return WindowScore(start, float(probs[top]), np.zeros(x.shape[1]), self.labels[top])
         recon = self.model.predict(x.reshape(self._shape)).reshape(x.shape)
         err = (recon - x) ** 2
         return WindowScore(start=start, score=float(err.mean()), band_error=err.mean(axis=0))
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Classifier: class probabilities of one window."""
+        x = self.normalize(features)
+        return self.model.predict(x.reshape(self._shape)).reshape(-1)
 
     def score_many(self, windows: np.ndarray) -> np.ndarray:
         """Scores of a stack of windows, shape (n,)."""

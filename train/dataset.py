@@ -87,3 +87,15 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
 def file_windows(path: str | Path, params: FeatureParams, channel: int = 0) -> np.ndarray:
     """All windows of one file at the edge's hop."""
     return windows_of(read_audio(path, params.samplerate, channel), params)
+
+
+def class_folders(root: str | Path) -> dict[str, list[Path]]:
+    """Class name -> its audio files, from the subfolders of `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AudioError(f"{root}: --classes needs a folder with one subfolder per class")
+    classes = {d.name: find_audio([d]) for d in sorted(root.iterdir()) if d.is_dir()}
+    classes = {k: v for k, v in classes.items() if v}
+    if len(classes) < 2:
+        raise AudioError(f"{root}: need at least two subfolders with audio (one per class)")
+    return classes

@@ -182,3 +182,99 @@ def render_spectrogram(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return plot_spectrogram(LogMel(params)(audio), params, out, f"log-mel: {Path(file).name}")
+
+
+def classify_items(
+    model: str | Path, classes_dir: str | Path, segment: float | None, variant: str, channel: int
+) -> tuple[list[str], list[tuple[str, int | None, int, int]]]:
+    """Per file (or segment): (file, segment, true index, predicted index) by mean probability."""
+    from train.dataset import class_folders
+
+    bundle = load_bundle(model, variant=variant)
+    if bundle.manifest.kind != "classifier":
+        raise AudioError("--classes needs a classifier bundle (trained with --classes)")
+    labels = bundle.manifest.labels or []
+    scorer = Scorer.from_bundle(bundle)
+    p = bundle.features
+    rows = []
+    for name, files in class_folders(classes_dir).items():
+        if name not in labels:
+            raise AudioError(f"class folder {name!r} is not one of the model's {labels}")
+        for path in progress(files, f"scoring {name}"):
+            windows = windows_of(read_audio(path, p.samplerate, channel), p)
+            if len(windows) == 0:
+                continue
+            probs = np.stack([scorer.probabilities(w) for w in windows])
+            groups = _segments(len(windows), p.window_seconds, p.hop_seconds, segment)
+            for seg, idx in groups:
+                pred = int(probs[idx].mean(axis=0).argmax())
+                rows.append((str(path), seg, labels.index(name), pred))
+    return labels, rows
+
+
+def _segments(
+    n: int, window_s: float, hop_s: float, segment: float | None
+) -> list[tuple[int | None, np.ndarray]]:
+    if segment is None:
+        return [(None, np.arange(n))]
+    starts = np.arange(n) * hop_s
+    out = []
+    for k in range(int(np.floor((starts[-1] + window_s + 1e-9) / segment))):
+        inside = np.nonzero(
+            (starts >= k * segment - 1e-9) & (starts + window_s <= (k + 1) * segment + 1e-9)
+        )[0]
+        if len(inside):
+            out.append((k, inside))
+    return out
+
+
+def evaluate_classes(args: object) -> int:
+    """`evaluate MODEL --classes DIR`: accuracy, balanced accuracy, macro F1, confusion."""
+    from train.metrics import classification_report
+
+    a = args
+    labels, rows = classify_items(a.model, a.classes, a.segment, a.variant, a.channel)  # type: ignore[attr-defined]
+    report = classification_report(
+        np.array([r[2] for r in rows]), np.array([r[3] for r in rows]), labels
+    )
+    unit = f"{a.segment:g}-s segments" if a.segment else "whole files"  # type: ignore[attr-defined]
+    print(
+        f"{a.variant} classifier, {unit}: accuracy {report['accuracy']:.3f}  "  # type: ignore[attr-defined]
+        f"balanced accuracy {report['balanced_accuracy']:.3f}  "
+        f"macro F1 {report['macro_f1']:.3f}  n {report['n']}"
+    )
+    width = max(len(lab) for lab in labels)
+    print(" " * (width + 2) + " ".join(f"{lab[:8]:>8}" for lab in labels) + "   <- predicted")
+    for lab, row in zip(labels, report["confusion"], strict=True):
+        print(f"{lab:>{width}}  " + " ".join(f"{v:>8}" for v in row))
+    data = report | {
+        "unit": unit,
+        "variant": a.variant,  # type: ignore[attr-defined]
+        "items": [
+            dict(
+                zip(
+                    ("file", "segment", "label", "predicted"),
+                    (f, s, labels[t], labels[p]),
+                    strict=True,
+                )
+            )
+            for f, s, t, p in rows
+        ],
+    }
+    if a.json:  # type: ignore[attr-defined]
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[attr-defined]
+        Path(a.json).write_text(json.dumps(data, indent=2) + "\n")  # type: ignore[attr-defined]
+    if a.report:  # type: ignore[attr-defined]
+        from train.report import plot_confusion
+
+        folder = Path(a.report)  # type: ignore[attr-defined]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(data, indent=2) + "\n")
+        plot_confusion(
+            np.array(report["confusion"]),
+            labels,
+            folder / "confusion.png",
+            f"{a.variant} classifier, {unit}",
+        )  # type: ignore[attr-defined]
+        print(f"report written to {folder}: metrics.json, confusion.png")
+    return 0

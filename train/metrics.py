@@ -53,3 +53,30 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     sums = np.bincount(inverse, weights=ranks)
     return sums[inverse] / counts[inverse]
+
+
+def classification_report(truth: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, balanced accuracy, macro F1, per-class recall and the confusion matrix."""
+    n = len(labels)
+    truth = np.asarray(truth, int)
+    pred = np.asarray(pred, int)
+    confusion = np.zeros((n, n), dtype=int)
+    np.add.at(confusion, (truth, pred), 1)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    tp = np.diag(confusion).astype(float)
+    recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(n), where=(precision + recall) > 0
+    )
+    present = support > 0
+    return {
+        "labels": labels,
+        "n": len(truth),
+        "accuracy": round(float(tp.sum() / max(len(truth), 1)), 4),
+        "balanced_accuracy": round(float(recall[present].mean()), 4),
+        "macro_f1": round(float(f1[present].mean()), 4),
+        "recall": {lab: round(float(r), 4) for lab, r in zip(labels, recall, strict=True)},
+        "confusion": confusion.tolist(),
+    }

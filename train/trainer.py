@@ -20,6 +20,7 @@ from edge.runtime import TfliteModel, runtime_name
 from edge.scoring import Scorer
 from edge.settings import DetectorSettings
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats, threshold_for_budget
+from train.augment import Augmenter
 from train.dataset import Split, load_split
 from train.model import ARCHITECTURE, build_autoencoder
 from train.quantize import to_float_tflite, to_int8_tflite
@@ -41,20 +42,33 @@ def train_bundle(
     channel: int = 0,
     params: FeatureParams | None = None,
     false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
+    augment: Augmenter | None = None,
 ) -> Path:
     """Train on normal audio and write a validated bundle to `out`; returns its path."""
     params = params or FeatureParams()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     split = load_split(normal, params, channel)
-    mean = split.train.windows.mean(axis=(0, 1))
-    std = np.maximum(split.train.windows.std(axis=(0, 1)), STD_FLOOR_DB)
-    x = ((split.train.windows - mean) / std)[..., None].astype(np.float32)
+    windows = split.train.windows
+    rng = np.random.default_rng(seed)
+    if augment is not None:
+        windows, _ = augment.expand(windows, None, rng)
+    mean = windows.mean(axis=(0, 1))
+    std = np.maximum(windows.std(axis=(0, 1)), STD_FLOOR_DB)
+    x = ((windows - mean) / std)[..., None].astype(np.float32)
+    x_in = x if augment is None else ((augment.mask(windows, rng) - mean) / std)[..., None]
 
     model = build_autoencoder(*params.shape)
     model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss="mse")
     verbose = 1 if sys.stdout.isatty() else 2
-    model.fit(x, x, epochs=epochs, batch_size=BATCH_SIZE, shuffle=True, verbose=verbose)
+    model.fit(
+        x_in.astype(np.float32),
+        x,
+        epochs=epochs,
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        verbose=verbose,
+    )
 
     float_tflite = to_float_tflite(model)
     int8_tflite = to_int8_tflite(model, x, seed)
@@ -99,6 +113,27 @@ def train_bundle(
     return out
 
 
+def base_manifest(
+    out: Path,
+    params: FeatureParams,
+    mean: np.ndarray,
+    std: np.ndarray,
+    model: TfliteModel,
+    int8: bytes,
+) -> dict:
+    """Manifest fields every kind of bundle shares (write_bundle adds hashes and checksum)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_id": f"{out.name.removesuffix('.bundle')}-{sha256_bytes(int8)[:8]}",
+        "features": params.to_dict(),
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "input": _tensor(model.input_shape, model.input_dtype, model.input_quant),
+        "versions": _versions(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+
+
 def _manifest(
     out: Path,
     params: FeatureParams,
@@ -115,17 +150,11 @@ def _manifest(
     n_params: int,
     int8: bytes,
 ) -> dict:
-    """The manifest dict (write_bundle adds file hashes and the checksum)."""
+    """The autoencoder's manifest."""
     m = scorer.model
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_id": f"{out.name.removesuffix('.bundle')}-{sha256_bytes(int8)[:8]}",
+    return base_manifest(out, params, mean, std, m, int8) | {
         "kind": "autoencoder",
         "score": "reconstruction_mse",
-        "features": params.to_dict(),
-        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
-        "input": _tensor(m.input_shape, m.input_dtype, m.input_quant),
         "output": _tensor(m.input_shape, m.output_dtype, m.output_quant),
         "threshold": {"value": threshold, "rule": RULE, "params": rule_params},
         "normal_scores": score_stats(scores, "held-out normal audio"),
@@ -140,8 +169,6 @@ def _manifest(
             "architecture": ARCHITECTURE,
             "parameters": int(n_params),
         },
-        "versions": _versions(),
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
 
 

@@ -1,0 +1,107 @@
+"""Supervised mode: `train --classes`, int8 classifier bundle, evaluate, events with labels."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import ANOMALOUS_FILE, DEMO_CLIP, NORMAL_FILES, cli
+
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle
+from edge.events import ClassTracker
+
+pytestmark = pytest.mark.slow
+RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("classes")
+    (root / "running").mkdir()
+    (root / "fault").mkdir()
+    for f in NORMAL_FILES:
+        os.symlink(f, root / "running" / f.name)
+    os.symlink(ANOMALOUS_FILE, root / "fault" / ANOMALOUS_FILE.name)
+    clip = read_audio(DEMO_CLIP, RATE)
+    sf.write(root / "fault" / "demo-fault.wav", clip[int(5.2 * RATE) : int(10.8 * RATE)], RATE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def classifier(classes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cls") / "states.bundle"
+    cli(
+        "train",
+        "--classes",
+        str(classes),
+        "--out",
+        str(out),
+        "--epochs",
+        "15",
+        "--seed",
+        "2",
+        "--augment",
+        "shift",
+        "noise",
+    )
+    return out
+
+
+def test_classifier_bundle_round_trip(classifier: Path) -> None:
+    b = load_bundle(classifier)
+    m = b.manifest
+    assert m.kind == "classifier" and m.labels == ["fault", "running"]
+    assert m.input.dtype == "int8" and m.output.shape == [1, 2]
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "confusion"} <= set(m.validation or {})
+    assert (classifier / "model_int8.tflite").stat().st_size < 256 * 1024
+
+
+def test_evaluate_reports_accuracy_f1_and_confusion(
+    classifier: Path, classes: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval.json"
+    proc = cli(
+        "evaluate",
+        str(classifier),
+        "--classes",
+        str(classes),
+        "--segment",
+        "1",
+        "--json",
+        str(out),
+        "--report",
+        str(tmp_path / "rep"),
+    )
+    assert "balanced accuracy" in proc.stdout and "macro F1" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["labels"] == ["fault", "running"] and len(data["confusion"]) == 2
+    assert data["n"] == sum(map(sum, data["confusion"]))
+    assert data["balanced_accuracy"] >= 0.8  # training audio: a sanity check, not a benchmark
+    assert (tmp_path / "rep" / "confusion.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_edge_publishes_class_changes_with_labels(classifier: Path) -> None:
+    proc = cli("replay", str(classifier), str(DEMO_CLIP))
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    sequence = [(e["type"], e["label"]) for e in events]
+    assert sequence[:2] == [("start", "running"), ("end", "running")]
+    assert ("start", "fault") in sequence
+    starts = [e for e in events if e["type"] == "start"]
+    assert len({e["event_id"] for e in starts}) == len(starts)
+
+
+def test_class_tracker_needs_k_of_n_confident_windows() -> None:
+    t = ClassTracker(["a", "b"], threshold=0.6, k=2, n=3)
+    assert [x.kind for x in t.update(0.9, "a", 0, 1)] == []
+    assert [(x.kind, x.label) for x in t.update(0.9, "a", 0.5, 1.5)] == [("start", "a")]
+    assert t.update(0.9, "b", 1, 2) == []
+    assert t.update(0.5, "b", 1.5, 2.5) == []  # not confident enough
+    changed = t.update(0.8, "b", 2, 3)
+    assert [(x.kind, x.label) for x in changed] == [("end", "a"), ("start", "b")]
+    assert np.isclose(changed[0].ended_s, 1.5)
+    assert t.close().label == "b"

@@ -1,0 +1,146 @@
+"""`soundsentry train --classes DIR`: labelled recordings (one subfolder per class) -> a
+compact CNN classifier on the same front end -> int8 TFLite -> bundle."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from edge.audio_io import read_audio
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, sha256_bytes, write_bundle
+from edge.features import FeatureParams, windows_of
+from edge.runtime import TfliteModel
+from edge.scoring import Scorer
+from edge.threshold import score_stats
+from train.augment import Augmenter
+from train.dataset import class_folders
+from train.metrics import classification_report
+from train.model import CLASSIFIER, build_classifier
+from train.progress import progress
+from train.quantize import to_float_tflite, to_int8_tflite
+from train.trainer import BATCH_SIZE, LEARNING_RATE, STD_FLOOR_DB, base_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 30
+HOLDOUT_FRACTION = 0.2
+MIN_CONFIDENCE = 0.5
+TRAIN_HOP_DIVISOR = 4
+
+
+def split_windows(
+    classes: dict[str, list[Path]], params: FeatureParams, channel: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Training windows (dense hop) and validation windows (edge hop) with labels; whole files
+    are held out per class when a class has several, else the tail of its file."""
+    dense = replace(params, hop_seconds=params.hop_seconds / TRAIN_HOP_DIVISOR)
+    xt, yt, xv, yv = [], [], [], []
+    held: dict[str, list[str]] = {}
+    for label, (name, files) in enumerate(classes.items()):
+        n_hold = max(1, round(len(files) * HOLDOUT_FRACTION)) if len(files) >= 2 else 0
+        held[name] = [str(f) for f in files[len(files) - n_hold :]] if n_hold else []
+        for path in progress(files, f"features {name}"):
+            audio = read_audio(path, params.samplerate, channel)
+            if str(path) in held[name]:
+                train_part, val_part = audio[:0], audio
+            elif n_hold:
+                train_part, val_part = audio, audio[:0]
+            else:
+                cut = int(len(audio) * (1 - HOLDOUT_FRACTION))
+                train_part, val_part = audio[:cut], audio[cut:]
+            for part, xs, ys, p in ((train_part, xt, yt, dense), (val_part, xv, yv, params)):
+                w = windows_of(part, p)
+                xs.append(w)
+                ys.append(np.full(len(w), label))
+    return np.concatenate(xt), np.concatenate(yt), np.concatenate(xv), np.concatenate(yv), held
+
+
+def train_classifier(
+    classes_dir: str | Path,
+    out: str | Path,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    channel: int = 0,
+    params: FeatureParams | None = None,
+    augment: Augmenter | None = None,
+) -> Path:
+    """Train a classifier bundle; returns its path."""
+    params = params or FeatureParams()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    classes = class_folders(classes_dir)
+    labels = list(classes)
+    xt, yt, xv, yv, held = split_windows(classes, params, channel)
+    if augment is not None:
+        xt, yt = augment.expand(xt, yt, np.random.default_rng(seed))
+    mean = xt.mean(axis=(0, 1))
+    std = np.maximum(xt.std(axis=(0, 1)), STD_FLOOR_DB)
+    x = ((xt - mean) / std)[..., None].astype(np.float32)
+    counts = np.bincount(yt, minlength=len(labels))
+    weights = {i: len(yt) / (len(labels) * max(c, 1)) for i, c in enumerate(counts)}
+    model = build_classifier(*params.shape, len(labels))
+    model.compile(
+        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(
+        x,
+        yt,
+        epochs=epochs,
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        class_weight=weights,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    float_tflite = to_float_tflite(model)
+    int8_tflite = to_int8_tflite(model, x, seed)
+    scorer = Scorer(TfliteModel(int8_tflite, name="int8 model"), mean, std, labels)
+    val = xv if len(xv) else xt
+    truth = yv if len(xv) else yt
+    probs = np.stack([scorer.probabilities(w) for w in val])
+    report = classification_report(truth, probs.argmax(axis=1), labels)
+    out = Path(out)
+    m = scorer.model
+    manifest = base_manifest(out, params, mean, std, m, int8_tflite)
+    manifest |= {
+        "kind": "classifier",
+        "score": "softmax",
+        "labels": labels,
+        "output": {
+            "shape": [1, len(labels)],
+            "dtype": str(m.output_dtype),
+            "scale": m.output_quant.scale,
+            "zero_point": m.output_quant.zero_point,
+        },
+        "threshold": {
+            "value": MIN_CONFIDENCE,
+            "rule": "min-confidence",
+            "params": {"meaning": "a window counts for a class at this probability"},
+        },
+        "normal_scores": score_stats(
+            probs.max(axis=1), "validation windows: top-class probability"
+        ),
+        "validation": report | {"held_out_files": held},
+        "training": {
+            "files": [str(f) for fs in classes.values() for f in fs],
+            "seconds": round(len(xt) * params.hop_seconds / TRAIN_HOP_DIVISOR, 1),
+            "holdout_files": [f for fs in held.values() for f in fs],
+            "holdout_seconds": round(len(xv) * params.hop_seconds, 1),
+            "channel": channel,
+            "epochs": epochs,
+            "seed": seed,
+            "architecture": CLASSIFIER,
+            "parameters": int(model.count_params()),
+        },
+    }
+    manifest["model_id"] = f"{out.name.removesuffix('.bundle')}-{sha256_bytes(int8_tflite)[:8]}"
+    write_bundle(out, manifest, {MODEL_INT8: int8_tflite, MODEL_FLOAT: float_tflite})
+    log.info("wrote %s: validation balanced accuracy %.3f", out, report["balanced_accuracy"])
+    return out
