@@ -54,6 +54,16 @@ class Normalization(_Strict):
     std: list[float]
 
 
+class Statistics(_Strict):
+    """A Gaussian model of per-window feature vectors: standardisation, centre and precision."""
+
+    feature: str
+    feature_mean: list[float]
+    feature_std: list[float]
+    center: list[float]
+    precision: list[list[float]]
+
+
 class ThresholdInfo(_Strict):
     """The decision threshold on window scores and how it was set."""
 
@@ -95,21 +105,23 @@ class Manifest(_Strict):
     format: Literal["soundsentry-bundle"]
     format_version: int
     model_id: str
-    kind: Literal["autoencoder", "classifier"]
-    score: Literal["reconstruction_mse", "softmax"]
+    kind: Literal["autoencoder", "classifier", "fluctuation"]
+    score: Literal["reconstruction_mse", "softmax", "mahalanobis"]
     labels: list[str] | None = None
     """Class names, in output order (classifier only)."""
     validation: dict[str, Any] | None = None
     """Held-out figures measured at training time (classifier: accuracy, F1, confusion)."""
     features: dict[str, Any]
     normalization: Normalization
-    input: TensorSpec
-    output: TensorSpec
+    input: TensorSpec | None = None
+    output: TensorSpec | None = None
     threshold: ThresholdInfo
     normal_scores: ScoreStats
     normal_band_error: Normalization | None = None
     """Per-mel-band reconstruction error on held-out normal audio (explains anomalies)."""
     training: TrainingInfo
+    statistics: Statistics | None = None
+    """Fluctuation detector: the normal model of its per-band statistics."""
     calibration: dict[str, Any] | None = None
     """Set by `soundsentry calibrate`: the on-site audio the statistics were refitted on."""
     versions: dict[str, str]
@@ -125,7 +137,8 @@ class Bundle:
     path: Path
     manifest: Manifest
     features: FeatureParams
-    model: TfliteModel
+    model: TfliteModel | None
+    """None for detectors without a network (kind `fluctuation`)."""
     variant: str
 
     @property
@@ -205,19 +218,34 @@ def load_bundle(path: str | Path, variant: str = "int8", num_threads: int = 1) -
         raise BundleError(
             f"{path}: feature parameters this version cannot reproduce: {exc}"
         ) from None
-    name = MODEL_INT8 if variant == "int8" else MODEL_FLOAT
-    content = _read_checked(folder, name, manifest)
-    model = TfliteModel(content, num_threads=num_threads, name=str(folder / name))
-    expected = (1, *params.shape, 1)
-    if model.input_shape != expected:
-        raise BundleError(
-            f"{path}: model input {model.input_shape} does not match the features {expected}"
-        )
+    model = None
+    if manifest.kind == "fluctuation":
+        _check_statistics(path, manifest)
+    else:
+        name = MODEL_INT8 if variant == "int8" else MODEL_FLOAT
+        content = _read_checked(folder, name, manifest)
+        model = TfliteModel(content, num_threads=num_threads, name=str(folder / name))
+        expected = (1, *params.shape, 1)
+        if model.input_shape != expected:
+            raise BundleError(
+                f"{path}: model input {model.input_shape} does not match the features {expected}"
+            )
     if len(manifest.normalization.mean) != params.n_mels:
         raise BundleError(f"{path}: normalisation has the wrong number of mel bands")
     if manifest.kind == "classifier" and not manifest.labels:
         raise BundleError(f"{path}: a classifier bundle needs its class labels")
     return Bundle(path=folder, manifest=manifest, features=params, model=model, variant=variant)
+
+
+def _check_statistics(path: Path, manifest: Manifest) -> None:
+    """A fluctuation bundle's statistics must be complete and square."""
+    st = manifest.statistics
+    if st is None:
+        raise BundleError(f"{path}: a fluctuation bundle needs its statistics")
+    n = len(st.feature_mean)
+    sizes = {len(st.feature_std), len(st.center), len(st.precision)}
+    if sizes != {n} or any(len(row) != n for row in st.precision):
+        raise BundleError(f"{path}: statistics arrays have inconsistent sizes")
 
 
 def _read_checked(folder: Path, name: str, manifest: Manifest) -> bytes:

@@ -113,6 +113,18 @@ def _add_train(sub: Any) -> None:
         metavar="N",
         help="augmented copies per training window (default 1)",
     )
+    p.add_argument(
+        "--detector",
+        choices=("fluctuation", "autoencoder"),
+        default="fluctuation",
+        help="with --normal: band-fluctuation statistics (default; numpy, no "
+        "network) or the int8 convolutional autoencoder",
+    )
+    p.add_argument(
+        "--all-channels",
+        action="store_true",
+        help="use every channel of multichannel recordings as a training view",
+    )
     p.set_defaults(func=_cmd_train)
 
 
@@ -239,7 +251,6 @@ def _positive_float(text: str) -> float:
 def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from train.augment import Augmenter
-    from train.trainer import DEFAULT_EPOCHS, train_bundle
 
     augment = Augmenter(tuple(args.augment), args.augment_factor) if args.augment else None
     if args.classes:
@@ -256,6 +267,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         print(f"model bundle written to {out}")
         return 0
+    if args.detector == "fluctuation":
+        from train.fluctuation import train_fluctuation
+
+        out = train_fluctuation(
+            args.normal,
+            args.out,
+            channel=args.channel,
+            all_channels=args.all_channels,
+            false_alarms_per_day=args.false_alarms_per_day,
+        )
+        print(f"model bundle written to {out}")
+        return 0
+    from train.trainer import DEFAULT_EPOCHS, train_bundle
+
     out = train_bundle(
         args.normal,
         args.out,

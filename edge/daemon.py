@@ -261,7 +261,7 @@ class Detector:
         return self._origin + self._base / self._rate + stream_s
 
     def _track_bands(self, step: Step) -> None:
-        if self.bundle.manifest.kind != "autoencoder":
+        if self.bundle.manifest.kind == "classifier":
             return
         if self.pipeline.events.active and not step.dead:
             err = step.window.band_error

@@ -40,8 +40,12 @@ class Scorer:
         self._shape = model.input_shape
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle) -> Scorer:
-        """Scorer with a bundle's model and normalisation."""
+    def from_bundle(cls, bundle: Bundle) -> Scorer | FluctuationScorer:
+        """The scorer a bundle needs: its network with its normalisation, or its statistics."""
+        if bundle.manifest.kind == "fluctuation":
+            return FluctuationScorer.from_bundle(bundle)
+        if bundle.model is None:
+            raise ValueError(f"bundle {bundle.model_id} has no model to score with")
         labels = bundle.manifest.labels if bundle.manifest.kind == "classifier" else None
         return cls(bundle.model, *normalization_arrays(bundle.manifest), labels=labels)
 
@@ -68,6 +72,60 @@ class Scorer:
     def score_many(self, windows: np.ndarray) -> np.ndarray:
         """Scores of a stack of windows, shape (n,)."""
         return np.array([self.score(w).score for w in windows], dtype=np.float64)
+
+
+FLUCTUATION = "log-std-of-frame-differences"
+FLOOR = 1e-3
+"""Smallest standard deviation (dB) before the logarithm."""
+
+
+def fluctuation_features(features: np.ndarray) -> np.ndarray:
+    """Per band: log of the standard deviation of frame-to-frame log-mel changes.
+
+    Differences of dB values do not move with gain or with slow spectral drift, so the
+    recording-to-recording spread of normal audio cancels out; what remains is how much each
+    band fluctuates, which is where faults such as imbalance, rubbing or clogging show.
+    Works on one window (frames, mels) or a stack (n, frames, mels).
+    """
+    diff = np.diff(features, axis=-2)
+    return np.log(np.maximum(diff.std(axis=-2), FLOOR))
+
+
+class FluctuationScorer:
+    """Mahalanobis distance of a window's fluctuation features to the normal ones (numpy only)."""
+
+    def __init__(
+        self, mean: np.ndarray, std: np.ndarray, center: np.ndarray, precision: np.ndarray
+    ) -> None:
+        self.mean = np.asarray(mean, np.float64)
+        self.std = np.asarray(std, np.float64)
+        self.center = np.asarray(center, np.float64)
+        self.precision = np.asarray(precision, np.float64)
+        self.dim = len(self.mean)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> FluctuationScorer:
+        """The scorer of a `fluctuation` bundle."""
+        st = bundle.manifest.statistics
+        assert st is not None  # load_bundle checked it
+        return cls(st.feature_mean, st.feature_std, st.center, st.precision)
+
+    def standardize(self, f: np.ndarray) -> np.ndarray:
+        """Features standardised with the training statistics."""
+        return (f - self.mean) / self.std
+
+    def score(self, features: np.ndarray, start: int = 0) -> WindowScore:
+        """Score one window; band_error holds each band's share of the distance."""
+        d = self.standardize(fluctuation_features(features)) - self.center
+        share = d * (self.precision @ d) / self.dim
+        return WindowScore(start=start, score=float(share.sum()), band_error=share)
+
+    def score_many(self, windows: np.ndarray) -> np.ndarray:
+        """Scores of a stack of windows, shape (n,)."""
+        if len(windows) == 0:
+            return np.zeros(0)
+        d = self.standardize(fluctuation_features(windows)) - self.center
+        return np.einsum("ij,jk,ik->i", d, self.precision, d) / self.dim
 
 
 TOP_BANDS = 3

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 MODELS = ROOT / "models"
 DEMO_BUNDLE = MODELS / "fan-demo.bundle"
+"""The default detector (band-fluctuation statistics, no network)."""
+AE_BUNDLE = MODELS / "fan-autoencoder.bundle"
+"""The int8 convolutional autoencoder, trained on the same audio."""
 DEMO_CLIP = MODELS / "demo-fan-normal-then-fault.flac"
 NORMAL_FILES = sorted(DATA.glob("fan-normal-*.flac"))
 ANOMALOUS_FILE = DATA / "fan-anomalous-14.flac"
@@ -57,6 +60,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "nested" / "tiny.bundle"
     cli(
         "train",
+        "--detector",
+        "autoencoder",
         "--normal",
         *map(str, NORMAL_FILES),
         "--out",

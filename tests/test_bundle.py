@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
+from conftest import AE_BUNDLE, DEMO_BUNDLE, NORMAL_FILES, cli
 
 from edge.bundle import MANIFEST, MODEL_INT8, load_bundle, manifest_checksum, read_manifest
 from edge.errors import BundleError
@@ -17,7 +17,7 @@ from edge.features import FeatureParams
 @pytest.fixture
 def copy(tmp_path: Path) -> Path:
     dst = tmp_path / "copy.bundle"
-    shutil.copytree(DEMO_BUNDLE, dst)
+    shutil.copytree(AE_BUNDLE, dst)
     return dst
 
 
@@ -35,7 +35,7 @@ def edit_manifest(bundle: Path, change: dict, rechecksum: bool) -> None:
 
 
 def test_bundle_round_trip() -> None:
-    b = load_bundle(DEMO_BUNDLE)
+    b = load_bundle(AE_BUNDLE)
     m = b.manifest
     assert b.features == FeatureParams.from_dict(m.features) == FeatureParams()
     assert b.model.input_shape == (1, 30, 64, 1)
@@ -43,8 +43,21 @@ def test_bundle_round_trip() -> None:
     assert m.threshold.value > 0 and m.threshold.rule
     assert m.normal_scores.n_windows > 0 and m.training.seconds > 0 and m.training.files
     assert {"tensorflow", "numpy", "soundsentry"} <= set(m.versions)
-    assert (DEMO_BUNDLE / MODEL_INT8).stat().st_size <= 256 * 1024
-    assert load_bundle(DEMO_BUNDLE, variant="float").model.input_dtype.name == "float32"
+    assert (AE_BUNDLE / MODEL_INT8).stat().st_size <= 256 * 1024
+    assert load_bundle(AE_BUNDLE, variant="float").model.input_dtype.name == "float32"
+
+
+def test_fluctuation_bundle_round_trip(tmp_path: Path) -> None:
+    b = load_bundle(DEMO_BUNDLE)
+    m = b.manifest
+    assert m.kind == "fluctuation" and b.model is None and m.statistics is not None
+    assert len(m.statistics.precision) == len(m.statistics.center) == b.features.n_mels
+    assert m.threshold.rule == "false-alarm-budget/gamma" and m.threshold.value > 0
+    broken = tmp_path / "broken.bundle"
+    shutil.copytree(DEMO_BUNDLE, broken)
+    edit_manifest(broken, {"statistics.center": [0.0, 1.0]}, True)
+    with pytest.raises(BundleError, match="inconsistent sizes"):
+        load_bundle(broken)
 
 
 @pytest.mark.parametrize(

@@ -188,6 +188,44 @@ def test_fresh_install_creates_the_tree(installed: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+def test_bare_install_calibrates_evaluates_and_replays(installed: Path, tmp_path: Path) -> None:
+    """The Pi's install (numpy + LiteRT, no TensorFlow, SciPy or librosa) runs site tools."""
+    from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES
+
+    exe = installed / "opt/soundsentry/venv/bin/soundsentry"
+    heavy = subprocess.run(
+        [
+            installed / "opt/soundsentry/venv/bin/python",
+            "-c",
+            "import importlib.util as u; print([m for m in ('scipy', 'librosa', 'sklearn', 'keras')"
+            " if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert heavy.stdout.strip() == "[]"
+    out = tmp_path / "site.bundle"
+    env = {**os.environ, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    cal = subprocess.run(
+        [exe, "calibrate", DEMO_BUNDLE, "--normal", *NORMAL_FILES[:2], "--out", out],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert cal.returncode == 0, cal.stderr
+    ev = subprocess.run(
+        [exe, "evaluate", out, "--normal", *NORMAL_FILES[2:], "--anomalous", ANOMALOUS_FILE],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert ev.returncode == 0 and "AUC" in ev.stdout, ev.stderr
+    rep = subprocess.run([exe, "replay", out, DEMO_CLIP], capture_output=True, text=True, env=env)
+    assert rep.returncode == 0 and '"type": "start"' in rep.stdout, rep.stderr
+
+
+@pytest.mark.slow
 def test_second_run_is_idempotent_and_keeps_the_config(installed: Path) -> None:
     conf = installed / "etc/soundsentry/config.toml"
     conf.write_text(conf.read_text() + 'device_id = "pump-3"\n')
@@ -259,41 +297,3 @@ def test_edge_install_resolves_for_aarch64_on_python_3_11_and_3_13() -> None:
         line = next(x for x in proc.stdout.splitlines() if x.startswith(f"cp{version} aarch64"))
         tag = f"cp{version.replace('.', '')}"
         assert re.search(rf"ai_edge_litert-\S+-{tag}-{tag}-manylinux\S+_aarch64\.whl", line), line
-
-
-@pytest.mark.slow
-def test_bare_install_calibrates_evaluates_and_replays(installed: Path, tmp_path: Path) -> None:
-    """The Pi's install (numpy + LiteRT, no TensorFlow, SciPy or librosa) runs site tools."""
-    from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES
-
-    exe = installed / "opt/soundsentry/venv/bin/soundsentry"
-    heavy = subprocess.run(
-        [
-            installed / "opt/soundsentry/venv/bin/python",
-            "-c",
-            "import importlib.util as u; print([m for m in ('scipy', 'librosa', 'sklearn', 'keras')"
-            " if u.find_spec(m)])",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert heavy.stdout.strip() == "[]"
-    out = tmp_path / "site.bundle"
-    env = {**os.environ, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
-    cal = subprocess.run(
-        [exe, "calibrate", DEMO_BUNDLE, "--normal", *NORMAL_FILES[:2], "--out", out],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert cal.returncode == 0, cal.stderr
-    ev = subprocess.run(
-        [exe, "evaluate", out, "--normal", *NORMAL_FILES[2:], "--anomalous", ANOMALOUS_FILE],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert ev.returncode == 0 and "AUC" in ev.stdout, ev.stderr
-    rep = subprocess.run([exe, "replay", out, DEMO_CLIP], capture_output=True, text=True, env=env)
-    assert rep.returncode == 0 and '"type": "start"' in rep.stdout, rep.stderr

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import librosa
 import numpy as np
 import pytest
-from conftest import DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES
+from conftest import AE_BUNDLE, DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
@@ -59,9 +61,10 @@ def test_windows_cover_the_signal_at_the_hop(audio: np.ndarray) -> None:
     )
 
 
+@pytest.mark.parametrize("bundle_path", [DEMO_BUNDLE, AE_BUNDLE], ids=["fluctuation", "int8-ae"])
 @pytest.mark.parametrize("block", [160, 1000, 4096])
-def test_chunk_size_gives_identical_windows_and_scores(block: int) -> None:
-    bundle = load_bundle(DEMO_BUNDLE)
+def test_chunk_size_gives_identical_windows_and_scores(block: int, bundle_path: Path) -> None:
+    bundle = load_bundle(bundle_path)
     audio = read_audio(DEMO_CLIP, bundle.features.samplerate)
     whole = Pipeline(bundle).push(audio)
     chunked_pipe = Pipeline(bundle)

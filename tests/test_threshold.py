@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
+from conftest import AE_BUNDLE, DEMO_BUNDLE, NORMAL_FILES, cli
 from scipy import stats
 
 from edge.bundle import MODEL_INT8, load_bundle
@@ -54,7 +54,7 @@ def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> No
     out = tmp_path / "site.bundle"
     proc = cli(
         "calibrate",
-        str(DEMO_BUNDLE),
+        str(AE_BUNDLE),
         "--normal",
         *map(str, NORMAL_FILES[:2]),
         "--out",
@@ -63,10 +63,10 @@ def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> No
         "2",
     )
     assert "calibrated bundle written" in proc.stdout
-    old, new = load_bundle(DEMO_BUNDLE), load_bundle(out)
-    assert (out / MODEL_INT8).read_bytes() == (DEMO_BUNDLE / MODEL_INT8).read_bytes()
+    old, new = load_bundle(AE_BUNDLE), load_bundle(out)
+    assert (out / MODEL_INT8).read_bytes() == (AE_BUNDLE / MODEL_INT8).read_bytes()
     assert new.manifest.normalization != old.manifest.normalization
-    assert new.model_id != old.model_id and new.model_id.startswith("fan-demo")
+    assert new.model_id != old.model_id and new.model_id.startswith("fan-autoencoder")
     cal = new.manifest.calibration
     assert cal and cal["from_model"] == old.model_id and cal["seconds"] == pytest.approx(10.0)
     assert new.manifest.threshold.params["false_alarms_per_day"] == 2.0
@@ -116,3 +116,14 @@ def test_calibrate_refuses_too_little_audio(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "at least 10 windows" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_calibrate_fluctuation_refits_the_centre_only(tmp_path: Path) -> None:
+    out = tmp_path / "site.bundle"
+    cli("calibrate", str(DEMO_BUNDLE), "--normal", *map(str, NORMAL_FILES), "--out", str(out))
+    old, new = load_bundle(DEMO_BUNDLE).manifest, load_bundle(out).manifest
+    assert new.statistics.precision == old.statistics.precision
+    assert new.statistics.feature_mean == old.statistics.feature_mean
+    assert new.statistics.center != old.statistics.center
+    assert new.normal_scores.source.endswith("(leave one file out)")
+    assert new.calibration["from_model"] == old.model_id

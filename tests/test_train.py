@@ -48,6 +48,8 @@ def test_same_seed_same_model(tiny_bundle: Path, tmp_path: Path) -> None:
     again = tmp_path / "again.bundle"
     cli(
         "train",
+        "--detector",
+        "autoencoder",
         "--normal",
         *map(str, NORMAL_FILES),
         "--out",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.audio_io import find_audio, read_audio
-from edge.bundle import load_bundle
+from edge.bundle import MODEL_FLOAT, load_bundle
 from edge.errors import AudioError
 from edge.features import windows_of
 from edge.scoring import Scorer
@@ -87,6 +87,8 @@ def evaluate(
 ) -> Report:
     """Score every file (or segment) and compute AUC / pAUC with anomalous as positive."""
     bundle = load_bundle(model, variant=variant)
+    if bundle.model is None:
+        variant = "numpy"  # no network: the same statistics serve both
     scorer = Scorer.from_bundle(bundle)
     p = bundle.features
     if segment is not None and segment < p.window_seconds:
@@ -153,7 +155,7 @@ def write_full_report(args: object, report: Report) -> list[Path]:
     reports = [report]
     bundle = load_bundle(a.model)  # type: ignore[attr-defined]
     other = "float" if report.variant == "int8" else "int8"
-    if (other == "int8") or "model_float.tflite" in bundle.manifest.files:
+    if report.variant != "numpy" and (other == "int8" or MODEL_FLOAT in bundle.manifest.files):
         reports.append(evaluate(a.model, a.normal, a.anomalous, a.segment, other, a.channel))  # type: ignore[attr-defined]
     reports.sort(key=lambda r: r.variant != "int8")
     timeline_file = a.timeline or find_audio(a.anomalous)[0]  # type: ignore[attr-defined]
