@@ -52,6 +52,26 @@ def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return soxr.resample(audio, rate_in, rate_out, quality="HQ").astype(np.float32, copy=False)
 
 
+def check_readable(path: str | Path, channel: int = 0) -> tuple[int, int]:
+    """Check that a file is complete, non-empty audio with that channel, without reading it
+    all; return (frames, sample rate). Raises AudioError with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
+    except OSError as exc:
+        raise AudioError(f"{path}: {exc.strerror or exc}") from None
+    if info.frames <= 0:
+        raise AudioError(f"{path}: the file holds no audio samples")
+    if channel >= info.channels:
+        raise AudioError(f"{path}: channel {channel} does not exist: the audio has {info.channels}")
+    _check_complete(path)
+    return info.frames, info.samplerate
+
+
 def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarray:
     """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line."""
     path = Path(path)

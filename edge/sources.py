@@ -1,4 +1,5 @@
-"""Audio sources for the pipeline: files (replay, demo), as fast as possible or in real time."""
+"""Audio sources for the pipeline: files (replay, demo), streamed from disk in blocks, as fast
+as possible or paced in real time."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+import soxr
 
-from edge.audio_io import read_audio
+from edge.audio_io import check_readable, select_channel
+
+READ_SECONDS = 1.0
+"""Audio read from disk at a time (memory stays flat however long the files are)."""
 
 
 class FileSource:
@@ -23,22 +29,49 @@ class FileSource:
         realtime: bool = False,
     ) -> None:
         self.samplerate = samplerate
+        self.channel = channel
         self.block = max(1, int(block_seconds * samplerate))
         self.realtime = realtime
-        # Read everything first: a bad file fails before any event is raised.
-        self.audio = [read_audio(f, samplerate, channel) for f in files]
+        # Check every file first: a bad one fails before any event is raised.
+        self.files = [Path(f) for f in files]
+        self._frames = [check_readable(f, channel) for f in self.files]
 
     @property
     def seconds(self) -> float:
         """Total length of the stream."""
-        return sum(len(a) for a in self.audio) / self.samplerate
+        return sum(frames / rate for frames, rate in self._frames)
+
+    def _file_blocks(self, path: Path) -> Iterator[np.ndarray]:
+        """Mono blocks of one file at the model's rate, read and resampled incrementally."""
+        with sf.SoundFile(str(path)) as fh:
+            rate = fh.samplerate
+            resampler = (
+                None
+                if rate == self.samplerate
+                else soxr.ResampleStream(rate, self.samplerate, 1, dtype="float32", quality="HQ")
+            )
+            pending = np.zeros(0, np.float32)
+            for chunk in fh.blocks(
+                blocksize=int(READ_SECONDS * rate), dtype="float32", always_2d=True
+            ):
+                mono = select_channel(chunk, self.channel)
+                mono = resampler.resample_chunk(mono) if resampler else mono
+                pending = np.concatenate([pending, mono])
+                while len(pending) >= self.block:
+                    yield pending[: self.block]
+                    pending = pending[self.block :]
+            if resampler is not None:
+                pending = np.concatenate(
+                    [pending, resampler.resample_chunk(np.zeros(0, np.float32), last=True)]
+                )
+            if len(pending):
+                yield pending
 
     def __iter__(self) -> Iterator[np.ndarray]:
         t0 = time.monotonic()
         sent = 0
-        for audio in self.audio:
-            for start in range(0, len(audio), self.block):
-                block = audio[start : start + self.block]
+        for path in self.files:
+            for block in self._file_blocks(path):
                 if self.realtime:
                     due = t0 + (sent + len(block)) / self.samplerate
                     time.sleep(max(0.0, due - time.monotonic()))
