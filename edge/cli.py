@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         _add_spectrogram,
         _add_replay,
         _add_run,
+        _add_record,
+        _add_doctor,
         _add_demo,
     ):
         register(sub)
@@ -219,6 +221,31 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--device", default=None, help="input device: index or name substring")
     _add_common(p)
     p.set_defaults(func=_cmd_run)
+
+
+def _add_record(sub: Any) -> None:
+    p = sub.add_parser("record", help="record normal audio on site into chunked WAV files")
+    p.add_argument("--seconds", type=_positive_float, required=True, help="how much to record")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the WAVs")
+    p.add_argument(
+        "--chunk-seconds",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="length of each WAV file (default 60)",
+    )
+    p.add_argument("--samplerate", type=int, default=16000, help="rate of the files (Hz)")
+    p.add_argument("--device", default=None, help="input device: index or name substring")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
+    p.set_defaults(func=_cmd_record)
+
+
+def _add_doctor(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="check audio, model, broker, clock, disk and service")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
+    p.add_argument("--model", type=Path, default=None, help="bundle (overrides the config)")
+    p.add_argument("--device", default=None, help="input device: index or name substring")
+    p.set_defaults(func=_cmd_doctor)
 
 
 def _add_demo(sub: Any) -> None:
@@ -391,6 +418,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         reload_settings=lambda: _settings_from(args, args.model),
     )
     return 0
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from edge.record import record
+    from edge.settings import load_settings
+
+    settings = load_settings(args.config, audio={"device": args.device})
+    files = record(settings, args.seconds, args.out, args.chunk_seconds, args.samplerate)
+    print(f"recorded {len(files)} file(s) into {args.out}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from edge.doctor import run_checks
+    from edge.settings import load_settings
+
+    settings = load_settings(args.config, model=args.model, audio={"device": args.device})
+    checks = run_checks(settings)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if c.ok is False]
+    skipped = [c for c in checks if c.ok is None]
+    passed = len(checks) - len(failed) - len(skipped)
+    print(f"doctor: {passed} passed, {len(failed)} failed, {len(skipped)} skipped")
+    return 1 if failed else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -43,6 +43,20 @@ SEND_BATCH = 50
 SENDER_IDLE_S = 0.5
 
 
+def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
+    """Credentials and TLS from the settings (the password is never logged)."""
+    if s.username:
+        client.username_pw_set(s.username, mqtt_password(s))
+    if s.tls.enabled:
+        client.tls_set(
+            ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+            certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+            keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+            cert_reqs=ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED,
+        )
+        client.tls_insecure_set(s.tls.insecure)
+
+
 class MqttPublisher:
     """One broker connection for one device."""
 
@@ -77,22 +91,8 @@ class MqttPublisher:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
-        self._configure_auth()
+        configure_auth(self.client, settings)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-spool", daemon=True)
-
-    def _configure_auth(self) -> None:
-        """Credentials and TLS from the settings (the password is never logged)."""
-        s = self.settings
-        if s.username:
-            self.client.username_pw_set(s.username, mqtt_password(s))
-        if s.tls.enabled:
-            self.client.tls_set(
-                ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED,
-            )
-            self.client.tls_insecure_set(s.tls.insecure)
 
     @property
     def connected(self) -> bool:

@@ -1,0 +1,288 @@
+"""`soundsentry doctor`: check everything the daemon needs, each with a fix when it fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.errors import SoundSentryError
+from edge.settings import Settings
+
+MIN_FREE_MB = 200
+LEVEL_SECONDS = 2.0
+BROKER_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's outcome."""
+
+    name: str
+    ok: bool | None
+    """True pass, False fail, None not applicable here."""
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        """`PASS name: detail`, or `FAIL name: detail -> fix: ...`."""
+        status = {True: "PASS", False: "FAIL", None: "SKIP"}[self.ok]
+        fix = f"\n       fix: {self.fix}" if self.ok is False and self.fix else ""
+        return f"{status} {self.name}: {self.detail}{fix}"
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """All checks, in the order a person would fix them."""
+    checks: list[Callable[[Settings], Check]] = [
+        check_model,
+        check_audio_device,
+        check_input_level,
+        check_broker,
+        check_clock,
+        check_disk,
+        check_service,
+    ]
+    results = []
+    for check in checks:
+        try:
+            results.append(check(settings))
+        except SoundSentryError as exc:
+            results.append(
+                Check(check.__name__.removeprefix("check_").replace("_", " "), False, str(exc))
+            )
+    return results
+
+
+def check_model(s: Settings) -> Check:
+    from edge.bundle import load_bundle
+
+    if s.model is None:
+        return Check(
+            "model",
+            False,
+            "no model configured",
+            "set `model` in the config to a bundle from `soundsentry train`",
+        )
+    try:
+        b = load_bundle(s.model)
+    except SoundSentryError as exc:
+        return Check(
+            "model",
+            False,
+            str(exc),
+            "copy a bundle folder from `soundsentry train` and point `model` at it",
+        )
+    return Check(
+        "model",
+        True,
+        f"{b.model_id} ({b.manifest.kind}, {b.features.samplerate} Hz, "
+        f"threshold {b.threshold:.4g})",
+    )
+
+
+def _model_rate(s: Settings) -> int:
+    from edge.bundle import read_manifest
+
+    try:
+        return int(read_manifest(s.model).features["samplerate"]) if s.model else 16000
+    except SoundSentryError:
+        return 16000
+
+
+def check_audio_device(s: Settings) -> Check:
+    from edge.capture import CaptureError, MicSource
+
+    try:
+        src = MicSource(s.audio, _model_rate(s))
+    except CaptureError as exc:
+        return Check(
+            "audio device",
+            False,
+            str(exc),
+            "`arecord -l` lists devices; set [audio] device to part of the name",
+        )
+    rate = "resampled from" if src.rate != src.model_rate else "native"
+    return Check(
+        "audio device",
+        True,
+        f"{src.device!r} at {src.rate} Hz ({rate} {src.model_rate} Hz model rate)",
+    )
+
+
+def check_input_level(s: Settings) -> Check:
+    from edge.capture import CaptureError, MicSource
+    from edge.health import CLIP_LEVEL, is_silent, level_dbfs
+
+    rate = _model_rate(s)
+    try:
+        src = MicSource(s.audio, rate)
+    except CaptureError as exc:
+        return Check("input level", False, str(exc), "fix the audio device first")
+    blocks, deadline = [], time.monotonic() + LEVEL_SECONDS + 3
+    for block in src:
+        if block is not None:
+            blocks.append(block)
+        if sum(len(b) for b in blocks) >= LEVEL_SECONDS * rate or time.monotonic() > deadline:
+            break
+    src.stop()
+    if not blocks:
+        return Check("input level", False, "no audio arrived in 5 s", "is the device in use?")
+    audio = np.concatenate(blocks)
+    level = level_dbfs(audio)
+    if is_silent(audio):
+        return Check(
+            "input level",
+            False,
+            "digital silence",
+            "unmute the input (alsamixer), check the cable and the channel setting",
+        )
+    clipped = float(np.mean(np.abs(audio) >= CLIP_LEVEL))
+    if clipped > s.health.clip_fraction:
+        return Check(
+            "input level",
+            False,
+            f"{100 * clipped:.1f} % of samples clip",
+            "lower the input gain (alsamixer) or move the microphone back",
+        )
+    return Check("input level", True, f"{level:.1f} dBFS over {LEVEL_SECONDS:g} s")
+
+
+def check_broker(s: Settings) -> Check:
+    if not s.mqtt.host:
+        return Check("broker", None, "no [mqtt] host configured: events go to the journal only")
+    try:
+        socket.create_connection((s.mqtt.host, s.mqtt.port), timeout=BROKER_TIMEOUT_S).close()
+    except OSError as exc:
+        return Check(
+            "broker",
+            False,
+            f"cannot reach {s.mqtt.host}:{s.mqtt.port} ({exc})",
+            "check [mqtt] host and port, the network, and that the broker runs",
+        )
+    return _mqtt_login(s)
+
+
+def _mqtt_login(s: Settings) -> Check:
+    """A real MQTT connection with the configured TLS and credentials."""
+    import ssl
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge.publish import configure_auth
+
+    result: dict[str, object] = {}
+    done = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"soundsentry-doctor-{os.getpid()}")
+
+    def on_connect(_c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        result["reason"] = reason
+        done.set()
+
+    client.on_connect = on_connect
+    tls = "TLS" if s.mqtt.tls.enabled else "plain"
+    try:
+        configure_auth(client, s.mqtt)
+        client.connect(s.mqtt.host, s.mqtt.port, s.mqtt.keepalive)  # type: ignore[arg-type]
+        client.loop_start()
+        done.wait(BROKER_TIMEOUT_S)
+    except (OSError, ssl.SSLError, ValueError) as exc:  # TLS problems surface here
+        return Check(
+            "broker login",
+            False,
+            f"{type(exc).__name__}: {exc}",
+            "check [mqtt.tls] ca_file, cert_file, key_file and the broker certificate",
+        )
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    reason = result.get("reason")
+    if reason is None:
+        return Check("broker login", False, "no answer to CONNECT", "is that port an MQTT port?")
+    if reason.is_failure:  # type: ignore[attr-defined]
+        return Check(
+            "broker login",
+            False,
+            f"refused: {reason}",
+            "check [mqtt] username and the password file / credential",
+        )
+    return Check(
+        "broker login",
+        True,
+        f"{s.mqtt.host}:{s.mqtt.port} accepted us ({tls}, user {s.mqtt.username or 'anonymous'})",
+    )
+
+
+def check_clock(_s: Settings) -> Check:
+    year = time.gmtime().tm_year
+    if year < 2024:
+        return Check(
+            "clock",
+            False,
+            f"the system clock says {year}",
+            "enable NTP: `sudo timedatectl set-ntp true` (events carry timestamps)",
+        )
+    synced = _run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"])
+    if synced == "no":
+        return Check("clock", False, "not synchronised with NTP", "`sudo timedatectl set-ntp true`")
+    return Check(
+        "clock",
+        True,
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        + ("" if synced is None else ", NTP synchronised"),
+    )
+
+
+def check_disk(s: Settings) -> Check:
+    path = s.data_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".doctor-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        return Check(
+            "data folder",
+            False,
+            f"{path} is not writable ({exc.strerror})",
+            "set data_dir to a writable folder (the service uses its StateDirectory)",
+        )
+    free = shutil.disk_usage(path).free / 1e6
+    if free < MIN_FREE_MB:
+        return Check(
+            "data folder",
+            False,
+            f"{path}: only {free:.0f} MB free",
+            "free disk space or lower [clips] max_total_mb",
+        )
+    return Check("data folder", True, f"{path}: {free:.0f} MB free for clips and the spool")
+
+
+def check_service(_s: Settings) -> Check:
+    state = _run(["systemctl", "is-active", "soundsentry"])
+    if state is None:
+        return Check("service", None, "systemd not available here")
+    if state == "active":
+        return Check("service", True, "soundsentry.service is active")
+    return Check(
+        "service",
+        False,
+        f"soundsentry.service is {state}",
+        "`sudo systemctl enable --now soundsentry`; `journalctl -u soundsentry` says why",
+    )
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = out.stdout.strip()
+    return text or None

@@ -1,0 +1,89 @@
+"""Site tools on a real capture path (PulseAudio null sink): `record` and `doctor`."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from conftest import DEMO_BUNDLE, DEMO_CLIP, Broker, cli
+
+pytestmark = pytest.mark.slow
+
+
+def play(sink: str, path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["paplay", "-d", sink, str(path)])
+
+
+def test_record_writes_chunked_wavs_of_the_machine(pulse: str, tmp_path: Path) -> None:
+    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    try:
+        time.sleep(0.3)
+        proc = cli(
+            "record",
+            "--seconds",
+            "3",
+            "--chunk-seconds",
+            "2",
+            "--out",
+            str(tmp_path / "rec"),
+            "--device",
+            "pulse",
+            env={"PULSE_SOURCE": pulse},
+        )
+    finally:
+        player.kill()
+    files = sorted((tmp_path / "rec").glob("*.wav"))
+    assert [round(sf.info(str(f)).duration, 1) for f in files] == [2.0, 1.0]
+    assert all(sf.info(str(f)).samplerate == 16000 for f in files)
+    assert "recorded 2 file(s)" in proc.stdout and "dBFS" in proc.stderr
+
+
+def test_record_refuses_silence_with_a_reason(pulse: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[health]\nfault_seconds = 1\n")
+    proc = cli(
+        "record",
+        "--seconds",
+        "5",
+        "--out",
+        str(tmp_path / "rec"),
+        "--device",
+        "pulse",
+        "--config",
+        str(cfg),
+        env={"PULSE_SOURCE": pulse},
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "input silence" in proc.stderr and "kept 0 complete chunk(s)" in proc.stderr
+    assert not list((tmp_path / "rec").glob("*.wav"))
+
+
+def test_doctor_passes_and_names_the_fix_when_the_broker_is_down(
+    pulse: str, broker: Broker, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'model = "{DEMO_BUNDLE}"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[audio]\ndevice = "pulse"\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    env = {"PULSE_SOURCE": pulse}
+    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    try:
+        time.sleep(0.3)
+        ok = cli("doctor", "--config", str(cfg), env=env)
+    finally:
+        player.kill()
+    for name in ("model", "audio device", "input level", "broker login", "clock", "data folder"):
+        assert f"PASS {name}:" in ok.stdout, ok.stdout
+    broker.stop()
+    down = cli("doctor", "--config", str(cfg), env=env, check=False)
+    assert down.returncode == 1
+    assert f"FAIL broker: cannot reach 127.0.0.1:{broker.port}" in down.stdout
+    assert "fix: check [mqtt] host and port" in down.stdout
+    assert "FAIL input level: digital silence" in down.stdout  # nothing plays any more
+    missing = cli("doctor", "--model", str(tmp_path / "none.bundle"), env=env, check=False)
+    assert "FAIL model:" in missing.stdout and missing.returncode == 1
