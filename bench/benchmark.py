@@ -357,7 +357,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(markdown(res))
+    table = markdown(res)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
 
 
 def markdown(res: dict) -> str:
