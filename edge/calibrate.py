@@ -69,16 +69,7 @@ def calibrate_bundle(
     scored = [scorer.score(w) for w in windows]
     scores = np.array([s.score for s in scored])
     band_error = np.stack([s.band_error for s in scored])
-    old = m.threshold.params
-    budget = false_alarms_per_day or float(old.get("false_alarms_per_day", 1.0))
-    value, params = threshold_for_budget(
-        scores,
-        budget,
-        int(old.get("k", 2)),
-        int(old.get("n", 3)),
-        int(old.get("m", 4)),
-        p.hop_seconds,
-    )
+    value, params = _threshold(bundle, scores, false_alarms_per_day)
     manifest = m.model_dump(exclude={"files", "checksum"})
     manifest |= {
         "normalization": {"mean": mean.tolist(), "std": std.tolist()},
@@ -119,16 +110,7 @@ def _calibrate_fluctuation(
     scores = np.concatenate(held)
     full = np.concatenate(z) - center
     shares = full * (full @ scorer.precision.T) / scorer.dim
-    old = m.threshold.params
-    budget = false_alarms_per_day or float(old.get("false_alarms_per_day", 1.0))
-    value, params = threshold_for_budget(
-        scores,
-        budget,
-        int(old.get("k", 2)),
-        int(old.get("n", 3)),
-        int(old.get("m", 4)),
-        bundle.features.hop_seconds,
-    )
+    value, params = _threshold(bundle, scores, false_alarms_per_day)
     manifest = m.model_dump(exclude={"files", "checksum"})
     manifest["statistics"]["center"] = center.tolist()
     manifest |= {
@@ -140,6 +122,22 @@ def _calibrate_fluctuation(
         },
     }
     return manifest
+
+
+def _threshold(
+    bundle: Bundle, scores: np.ndarray, false_alarms_per_day: float | None
+) -> tuple[float, dict]:
+    """The budget rule with the bundle's event logic (and budget, unless one is given)."""
+    old = bundle.manifest.threshold.params
+    budget = false_alarms_per_day or float(old.get("false_alarms_per_day", 1.0))
+    return threshold_for_budget(
+        scores,
+        budget,
+        int(old.get("k", 2)),
+        int(old.get("n", 3)),
+        int(old.get("m", 4)),
+        bundle.features.hop_seconds,
+    )
 
 
 def _maha(precision: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -120,12 +120,21 @@ class FluctuationScorer:
         share = d * (self.precision @ d) / self.dim
         return WindowScore(start=start, score=float(share.sum()), band_error=share)
 
+    def distance(self, f: np.ndarray) -> np.ndarray:
+        """Scores of fluctuation feature vectors (n, dim)."""
+        d = self.standardize(f) - self.center
+        return np.einsum("ij,jk,ik->i", d, self.precision, d) / self.dim
+
+    def band_shares(self, f: np.ndarray) -> np.ndarray:
+        """Each band's share of the score, for feature vectors (n, dim)."""
+        d = self.standardize(f) - self.center
+        return d * (d @ self.precision.T) / self.dim
+
     def score_many(self, windows: np.ndarray) -> np.ndarray:
         """Scores of a stack of windows, shape (n,)."""
         if len(windows) == 0:
             return np.zeros(0)
-        d = self.standardize(fluctuation_features(windows)) - self.center
-        return np.einsum("ij,jk,ik->i", d, self.precision, d) / self.dim
+        return self.distance(fluctuation_features(windows))
 
 
 TOP_BANDS = 3

@@ -115,7 +115,7 @@ def train_fluctuation(
     if len(hold_f) < 2:
         hold_f = fit_f
     provisional = fit_statistics(fit_f)
-    hold_scores = _scores(provisional, hold_f)
+    hold_scores = provisional.distance(hold_f)
     det = DetectorSettings()
     value, rule_params = threshold_for_budget(
         hold_scores,
@@ -127,7 +127,7 @@ def train_fluctuation(
     )
     rule_params["note"] = "threshold from held-out files scored by a model fitted without them"
     final = fit_statistics(all_f)
-    shares = _shares(final, hold_f)
+    shares = final.band_shares(hold_f)
     out = Path(out)
     manifest = _manifest(
         out,
@@ -146,16 +146,6 @@ def train_fluctuation(
     write_bundle(out, manifest, {})
     log.info("wrote %s (threshold %.4g on %d held-out windows)", out, value, len(hold_scores))
     return out
-
-
-def _scores(model: FluctuationScorer, f: np.ndarray) -> np.ndarray:
-    d = model.standardize(f) - model.center
-    return np.einsum("ij,jk,ik->i", d, model.precision, d) / model.dim
-
-
-def _shares(model: FluctuationScorer, f: np.ndarray) -> np.ndarray:
-    d = model.standardize(f) - model.center
-    return d * (d @ model.precision.T) / model.dim
 
 
 def _manifest(
