@@ -221,7 +221,9 @@ class Detector:
             self.muted_until = 0.0
             log.info("mute ended")
             self._emit_state()
-        fresh = now - self._last_window < WATCHDOG_FRESH_S and self.health.ok
+        # Alive = windows are being scored. A silent or clipping input is reported as a fault
+        # but is no reason for systemd to restart us; a stalled stream is.
+        fresh = now - self._last_window < WATCHDOG_FRESH_S and "stalled" not in self.health.active
         if fresh and not self._ready:
             self._ready = True
             self.notifier.ready(f"listening with {self.bundle.model_id}")
