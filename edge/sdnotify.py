@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ class SystemdNotifier:
         self.address = address
         usec = os.environ.get("WATCHDOG_USEC", "")
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() else None
+        self._last_ping = float("-inf")
 
     @property
     def enabled(self) -> bool:
@@ -34,6 +36,7 @@ class SystemdNotifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)  # never let a slow reader stall the audio loop
                 sock.sendto(message.encode(), self.address)
             return True
         except OSError as exc:
@@ -45,7 +48,12 @@ class SystemdNotifier:
         return self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
     def watchdog(self) -> bool:
-        """WATCHDOG=1: the service is alive and doing its job."""
+        """WATCHDOG=1: the service is alive and doing its job (sent at most every
+        WatchdogSec/4, or every second without a watchdog)."""
+        now = time.monotonic()
+        if now - self._last_ping < (self.watchdog_s / 4 if self.watchdog_s else 1.0):
+            return False
+        self._last_ping = now
         return self.notify("WATCHDOG=1")
 
     def status(self, text: str) -> bool:

@@ -300,3 +300,17 @@ def test_sd_notify_sends_datagrams_and_is_a_noop_outside_systemd(
         assert n.ready("hi") and n.watchdog()
         assert sock.recv(100) == b"READY=1\nSTATUS=hi"
         assert sock.recv(100) == b"WATCHDOG=1"
+
+
+def test_sd_notify_never_blocks_when_nobody_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        n = SystemdNotifier()
+        t0 = time.monotonic()
+        results = [n.notify("WATCHDOG=1") for _ in range(5000)]  # far beyond the queue
+        assert time.monotonic() - t0 < 5 and results[0] and not results[-1]
+        assert n.watchdog() and not n.watchdog()  # rate-limited pings
