@@ -50,7 +50,10 @@ def time_per_window(model: Path, audio: np.ndarray) -> dict:
         "features_ms_median": round(1000 * float(np.median(feat_t)), 3),
         "total_ms_median": round(float(np.median(ms)), 3),
         "total_ms_p95": round(float(np.percentile(ms, 95)), 3),
-        "model_kb": round((bundle.path / "model_int8.tflite").stat().st_size / 1024, 1),
+        "model_kb": round(
+            sum(f.stat().st_size for f in bundle.path.glob("*_int8.tflite")) / 1024, 1
+        ),
+        "bundle_kb": round(sum(f.stat().st_size for f in bundle.path.iterdir()) / 1024, 1),
     }
 
 
