@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import DEMO_BUNDLE, DEMO_CLIP, Broker, cli
+from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, Broker, cli
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +91,52 @@ def test_doctor_passes_and_names_the_fix_when_the_broker_is_down(
     assert "FAIL input level: digital silence" in down.stdout  # nothing plays any more
     missing = cli("doctor", "--model", str(tmp_path / "none.bundle"), env=env, check=False)
     assert "FAIL model:" in missing.stdout and missing.returncode == 1
+
+
+def test_capture_resamples_a_device_rate_the_model_does_not_use(
+    pulse: str, broker: Broker, tmp_path: Path
+) -> None:
+    """A 44.1 kHz source: captured at 44.1 kHz, resampled to the model's 16 kHz, detected."""
+    subprocess.run(
+        ["pactl", "load-module", "module-null-sink", "sink_name=hifi", "rate=44100", "channels=2"],
+        check=True,
+        capture_output=True,
+    )
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'device_id = "hifi"\ndata_dir = "{tmp_path / "data"}"\n'
+        '[audio]\ndevice = "pulse"\nsamplerate = 44100\nchannels = 2\nchannel = -1\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    player = play("hifi", DEMO_CLIP)
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "--log-level",
+            "INFO",
+            "run",
+            "--model",
+            str(DEMO_BUNDLE),
+            "--config",
+            str(cfg),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PULSE_SOURCE": "hifi.monitor"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        player.wait(30)
+        time.sleep(1)
+        daemon.send_signal(signal.SIGTERM)
+        out, err = daemon.communicate(timeout=20)
+        assert daemon.returncode == 0, err
+        assert "at 44100 Hz, 2 channel(s)" in err
+        starts = [json.loads(x) for x in out.splitlines() if '"start"' in x]
+        assert starts and starts[0]["stream_offset_s"] >= 1.0, out
+    finally:
+        player.kill()
+        daemon.kill()
