@@ -64,20 +64,20 @@ class Controller:
     def _run(self, command: Command) -> tuple[str, dict[str, Any] | None]:
         d = self.detector
         if isinstance(command, Mute):
-            d._close_event()
+            d.close_event()
             d.muted_until = d.clock() + command.minutes * 60
-            d._emit_state()
+            d.emit_state()
             return f"muted for {command.minutes:g} min, until {iso(d.muted_until)}", None
         if isinstance(command, Unmute):
             d.muted_until = 0.0
-            d._emit_state()
+            d.emit_state()
             return "unmuted", None
         if isinstance(command, SetThreshold):
             low, high = threshold_bounds(d.bundle.threshold)
             if not low <= command.value <= high:
                 raise CommandError(f"value must be within [{low:.6g}, {high:.6g}]")
             d.pipeline.events.threshold = command.value
-            d._emit_state()
+            d.emit_state()
             return f"threshold set to {command.value:.6g}", None
         if isinstance(command, ReloadModel):
             return self._reload_model(command.path), None
@@ -100,7 +100,7 @@ class Controller:
                 "(restart the daemon to switch feature settings)"
             )
         d.use_bundle(bundle)
-        d._emit_state()
+        d.emit_state()
         return f"loaded {bundle.model_id}"
 
     def reload(self) -> None:

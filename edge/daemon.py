@@ -127,7 +127,6 @@ class Detector:
         self._last_score: float | None = None
         self._band_sum: np.ndarray | None = None
         self._band_n = 0
-        self.use_bundle(bundle)
         rate = bundle.features.samplerate
         h = settings.health
         self.health = AudioHealth(rate, h.fault_seconds, h.clip_fraction)
@@ -144,13 +143,17 @@ class Detector:
             if c.enabled
             else None
         )
+        self._load(bundle)
 
     # --- model -----------------------------------------------------------------------------
 
     def use_bundle(self, bundle: Bundle) -> None:
         """Switch to a (validated) bundle; an open anomaly is ended first."""
-        if getattr(self, "pipeline", None) is not None:
-            self._close_event()
+        self.close_event()
+        self._load(bundle)
+
+    def _load(self, bundle: Bundle) -> None:
+        """Build the pipeline and explainer of a bundle; stream time restarts at this sample."""
         self.bundle = bundle
         self.pipeline = Pipeline(bundle, self.settings.detector)
         self.explainer = Explainer(bundle)
@@ -171,7 +174,7 @@ class Detector:
         """Process blocks until the source ends or stop() is called; then close open events."""
         self._origin = self.clock()
         self.source_stats = getattr(source, "stats", dict)
-        self._emit_state()
+        self.emit_state()
         self._emit_health(None)
         try:
             for block in source:
@@ -220,7 +223,7 @@ class Detector:
         if self.muted_until and self.clock() >= self.muted_until:
             self.muted_until = 0.0
             log.info("mute ended")
-            self._emit_state()
+            self.emit_state()
         # Alive = windows are being scored. A silent or clipping input is reported as a fault
         # but is no reason for systemd to restart us; a stalled stream is.
         fresh = now - self._last_window < WATCHDOG_FRESH_S and "stalled" not in self.health.active
@@ -231,16 +234,16 @@ class Detector:
             self.notifier.watchdog()
         if now >= self._next_state:
             self._next_state = now + self.settings.state_interval_seconds
-            self._emit_state()
+            self.emit_state()
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.mqtt.metrics_interval_seconds
             self._emit_metrics()
 
     def finish(self) -> None:
         """End an open anomaly and mark the state stopped."""
-        self._close_event()
+        self.close_event()
         self.notifier.stopping()
-        self._emit_state("stopped")
+        self.emit_state("stopped")
 
     # --- anomalies -------------------------------------------------------------------------
 
@@ -255,7 +258,7 @@ class Detector:
 
     def _resync(self) -> None:
         """After a gap in the audio: restart windowing and re-anchor stream time to the clock."""
-        self._close_event()
+        self.close_event()
         self.pipeline.reset()
         self._origin = self.clock() - self._samples / self._rate
 
@@ -270,7 +273,8 @@ class Detector:
             self._band_sum = err.copy() if self._band_sum is None else self._band_sum + err
             self._band_n += 1
 
-    def _close_event(self) -> None:
+    def close_event(self) -> None:
+        """End an open anomaly now (mute, reload, fault, shutdown)."""
         transition = self.pipeline.close()
         if transition is not None:
             self._dispatch(transition)
@@ -290,7 +294,7 @@ class Detector:
         for sink in self.sinks:
             sink.event(message)
         if t.kind != "update":
-            self._emit_state()
+            self.emit_state()
 
     def _message(self, t: Transition, clip: tuple[str, float] | None) -> EventMessage:
         ended = t.ended_s is not None
@@ -331,7 +335,8 @@ class Detector:
             return "normal"
         return "anomaly" if self.pipeline.events.active else "normal"
 
-    def _emit_state(self, state: str | None = None) -> None:
+    def emit_state(self, state: str | None = None) -> None:
+        """Send the current state (or `state`) to every sink."""
         message = StateMessage(
             state=state or self.current_state(),  # type: ignore[arg-type]
             device_id=self.settings.device_id,
@@ -339,7 +344,7 @@ class Detector:
             threshold=round(self.pipeline.threshold, 6),
             updated_at=iso(self.clock()),
             score=None if self._last_score is None else round(self._last_score, 6),
-            level_dbfs=round(self.health.level, 1) if hasattr(self, "health") else None,
+            level_dbfs=round(self.health.level, 1),
             event_id=self.pipeline.events.event_id,
             muted_until=iso(self.muted_until) if self.muted else None,
             label=getattr(self.pipeline.events, "label", None),
@@ -352,7 +357,7 @@ class Detector:
             level = logging.WARNING if change.kind == "fault" else logging.INFO
             log.log(level, "audio %s: %s (%s)", change.kind, change.fault, change.detail)
             if change.kind == "fault":
-                self._close_event()
+                self.close_event()
         message = HealthMessage(
             status="ok" if self.health.ok else "fault",
             device_id=self.settings.device_id,
@@ -364,7 +369,7 @@ class Detector:
         for sink in self.sinks:
             sink.health(message)
         if change is not None:
-            self._emit_state()
+            self.emit_state()
 
     def _emit_metrics(self) -> None:
         src = self.source_stats()

@@ -12,6 +12,7 @@ state and health, Home Assistant discovery, and the command topic.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import ssl
@@ -224,8 +225,6 @@ class MqttPublisher:
             self.client.publish(topic, payload, qos=1, retain=True)
 
     def _publish_discovery(self) -> None:
-        import json
-
         for topic, config in self.discovery.items():
             self.client.publish(topic, json.dumps(config), qos=1, retain=True)
 

@@ -64,17 +64,10 @@ def item_scores(
 ) -> list[tuple[int | None, float]]:
     """Mean window score of the whole file, or of each consecutive segment of `segment_s`."""
     scores = scorer.score_many(windows)
-    if segment_s is None:
-        return [(None, float(scores.mean()))]
-    out = []
-    ends = np.arange(len(scores)) * hop_s + window_s
-    n_segments = int(np.floor((ends[-1] + 1e-9) / segment_s)) if len(ends) else 0
-    for k in range(n_segments):
-        start = np.arange(len(scores)) * hop_s
-        inside = (start >= k * segment_s - 1e-9) & (ends <= (k + 1) * segment_s + 1e-9)
-        if inside.any():
-            out.append((k, float(scores[inside].mean())))
-    return out
+    return [
+        (k, float(scores[idx].mean()))
+        for k, idx in segment_groups(len(scores), window_s, hop_s, segment_s)
+    ]
 
 
 def evaluate(
@@ -207,16 +200,17 @@ def classify_items(
             if len(windows) == 0:
                 continue
             probs = np.stack([scorer.probabilities(w) for w in windows])
-            groups = _segments(len(windows), p.window_seconds, p.hop_seconds, segment)
+            groups = segment_groups(len(windows), p.window_seconds, p.hop_seconds, segment)
             for seg, idx in groups:
                 pred = int(probs[idx].mean(axis=0).argmax())
                 rows.append((str(path), seg, labels.index(name), pred))
     return labels, rows
 
 
-def _segments(
+def segment_groups(
     n: int, window_s: float, hop_s: float, segment: float | None
 ) -> list[tuple[int | None, np.ndarray]]:
+    """Indices of the windows lying wholly inside each consecutive segment (or all of them)."""
     if segment is None:
         return [(None, np.arange(n))]
     starts = np.arange(n) * hop_s
