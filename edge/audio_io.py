@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -87,16 +87,6 @@ def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarra
         raise AudioError(f"{path}: the file holds no audio samples")
     _check_complete(path)
     return resample(select_channel(data, channel), rate, samplerate)
-
-
-def iter_blocks(
-    path: str | Path, samplerate: int, channel: int = 0, block_seconds: float = 0.1
-) -> Iterator[np.ndarray]:
-    """Yield a file as consecutive mono blocks at `samplerate`, as a microphone would deliver."""
-    audio = read_audio(path, samplerate, channel)
-    step = max(1, int(block_seconds * samplerate))
-    for start in range(0, len(audio), step):
-        yield audio[start : start + step]
 
 
 _DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)

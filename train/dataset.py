@@ -84,11 +84,6 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     return split
 
 
-def file_windows(path: str | Path, params: FeatureParams, channel: int = 0) -> np.ndarray:
-    """All windows of one file at the edge's hop."""
-    return windows_of(read_audio(path, params.samplerate, channel), params)
-
-
 def class_folders(root: str | Path) -> dict[str, list[Path]]:
     """Class name -> its audio files, from the subfolders of `root`."""
     root = Path(root)
