@@ -145,7 +145,7 @@ def edge_speed(bundle: Path, wav: Path) -> float:
     """Wall time of `soundsentry replay` (a fresh process: start-up included)."""
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "edge", "replay", str(bundle), str(wav)],
+        [sys.executable, "-m", "soundsentry", "replay", str(bundle), str(wav)],
         check=True,
         stdout=subprocess.DEVNULL,
         env={**os.environ, "SOUNDSENTRY_DATA_DIR": tempfile.mkdtemp()},

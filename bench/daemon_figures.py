@@ -54,7 +54,7 @@ def soundsentry(
     python: str, *args: str, env: dict | None = None, stdout: int = subprocess.DEVNULL
 ) -> subprocess.Popen:
     return subprocess.Popen(
-        [python, "-m", "edge", *args],
+        [python, "-m", "soundsentry", *args],
         cwd=ROOT,
         stdout=stdout,
         stderr=subprocess.DEVNULL,

@@ -61,7 +61,7 @@ def replay_rss(model: Path, wav: Path) -> dict:
     """Wall time and peak RSS of a `soundsentry replay` child process (as fast as possible)."""
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "edge", "replay", str(model), str(wav)],
+        [sys.executable, "-m", "soundsentry", "replay", str(model), str(wav)],
         check=True,
         stdout=subprocess.DEVNULL,
     )

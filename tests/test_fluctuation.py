@@ -46,7 +46,7 @@ def test_train_without_tensorflow_and_detect_the_fault(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "for m in ('tensorflow', 'keras', 'librosa'): sys.modules[m] = None\n"
-        "from edge.cli import main\n"
+        "from soundsentry.cli import main\n"
         f"sys.exit(main(['train', '--normal', *{[str(f) for f in NORMAL_FILES]!r}, "
         f"'--out', {str(out)!r}, '--false-alarms-per-day', '24']))"
     )

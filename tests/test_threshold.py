@@ -92,7 +92,7 @@ def test_calibrate_needs_no_scipy_tensorflow_or_librosa(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "for m in ('tensorflow', 'keras', 'scipy', 'librosa', 'sklearn'): sys.modules[m] = None\n"
-        "from edge.cli import main\n"
+        "from soundsentry.cli import main\n"
         f"sys.exit(main(['calibrate', {str(DEMO_BUNDLE)!r}, '--normal', "
         f"{str(NORMAL_FILES[0])!r}, {str(NORMAL_FILES[1])!r}, '--out', {str(tmp_path / 'b')!r}]))"
     )

@@ -1,6 +1,8 @@
-"""`soundsentry evaluate`: score normal and anomalous recordings; ROC AUC, pAUC and counts.
+"""Evaluation: score normal and anomalous recordings (ROC AUC, pAUC and counts), or a
+classifier's labelled folders (accuracy, confusion).
 
-Needs only the edge install (numpy and the TFLite runtime): it runs on the Pi too.
+Needs only the edge install (numpy and the TFLite runtime): it runs on the Pi too. This
+module computes and returns numbers; printing them and drawing them is `soundsentry.report`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from edge.audio_io import find_audio, read_audio
-from edge.bundle import MODEL_FLOAT, load_bundle
+from edge.bundle import load_bundle
 from edge.errors import AudioError
 from edge.features import windows_of
 from edge.scoring import Scorer
-from train.metrics import partial_auc, roc_auc
+from train.metrics import classification_report, partial_auc, roc_auc
 from train.progress import progress
 
 log = logging.getLogger(__name__)
@@ -127,58 +129,6 @@ def write_json(report: Report, path: str | Path) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def format_report(report: Report) -> str:
-    """Human-readable summary."""
-    return (
-        f"model {report.model} ({report.variant}), {report.unit}: "
-        f"AUC {report.auc:.3f}  pAUC(FPR<={report.max_fpr}) {report.pauc:.3f}  "
-        f"normal {report.n_normal}  anomalous {report.n_anomalous}  "
-        f"at threshold {report.threshold:.4g}: TPR {report.tpr_at_threshold:.2f} "
-        f"FPR {report.fpr_at_threshold:.2f}"
-    )
-
-
-def write_full_report(args: object, report: Report) -> list[Path]:
-    """`evaluate --report DIR`: int8 and float side by side, plus a score timeline."""
-    try:
-        from train.report import write_report
-    except ImportError as exc:
-        raise AudioError(f"--report needs the [train] extra ({exc})") from None
-    a = args
-    reports = [report]
-    bundle = load_bundle(a.model)  # type: ignore[attr-defined]
-    other = "float" if report.variant == "int8" else "int8"
-    if report.variant != "numpy" and (other == "int8" or MODEL_FLOAT in bundle.manifest.files):
-        reports.append(evaluate(a.model, a.normal, a.anomalous, a.segment, other, a.channel))  # type: ignore[attr-defined]
-    reports.sort(key=lambda r: r.variant != "int8")
-    timeline_file = a.timeline or find_audio(a.anomalous)[0]  # type: ignore[attr-defined]
-    p = bundle.features
-    windows = windows_of(read_audio(timeline_file, p.samplerate, a.channel), p)  # type: ignore[attr-defined]
-    scores = Scorer.from_bundle(bundle).score_many(windows)
-    timeline = (Path(timeline_file).name, scores, p.hop_seconds, bundle.threshold)
-    return write_report(reports, Path(a.report), timeline)  # type: ignore[attr-defined]
-
-
-def render_spectrogram(
-    file: str | Path, out: str | Path, model: str | Path | None = None, channel: int = 0
-) -> Path:
-    """`soundsentry spectrogram`: the log-mel image of a file as the model sees it."""
-    from edge.bundle import read_manifest
-    from edge.features import FeatureParams, LogMel
-
-    try:
-        from train.report import plot_spectrogram
-    except ImportError as exc:
-        raise AudioError(f"spectrogram needs the [train] extra ({exc})") from None
-    params = FeatureParams.from_dict(read_manifest(model).features) if model else FeatureParams()
-    audio = read_audio(file, params.samplerate, channel)
-    if len(audio) < params.n_fft:
-        raise AudioError(f"{file}: shorter than one FFT frame")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return plot_spectrogram(LogMel(params)(audio), params, out, f"log-mel: {Path(file).name}")
-
-
 def classify_items(
     model: str | Path, classes_dir: str | Path, segment: float | None, variant: str, channel: int
 ) -> tuple[list[str], list[tuple[str, int | None, int, int]]]:
@@ -224,28 +174,22 @@ def segment_groups(
     return out
 
 
-def evaluate_classes(args: object) -> int:
-    """`evaluate MODEL --classes DIR`: accuracy, balanced accuracy, macro F1, confusion."""
-    from train.metrics import classification_report
-
-    a = args
-    labels, rows = classify_items(a.model, a.classes, a.segment, a.variant, a.channel)  # type: ignore[attr-defined]
+def classification(
+    model: str | Path,
+    classes_dir: str | Path,
+    segment: float | None = None,
+    variant: str = "int8",
+    channel: int = 0,
+) -> dict:
+    """Accuracy, balanced accuracy, macro F1, the confusion matrix and every item's prediction
+    of a classifier bundle on labelled folders (what `evaluate --classes --json` writes)."""
+    labels, rows = classify_items(model, classes_dir, segment, variant, channel)
     report = classification_report(
         np.array([r[2] for r in rows]), np.array([r[3] for r in rows]), labels
     )
-    unit = f"{a.segment:g}-s segments" if a.segment else "whole files"  # type: ignore[attr-defined]
-    print(
-        f"{a.variant} classifier, {unit}: accuracy {report['accuracy']:.3f}  "  # type: ignore[attr-defined]
-        f"balanced accuracy {report['balanced_accuracy']:.3f}  "
-        f"macro F1 {report['macro_f1']:.3f}  n {report['n']}"
-    )
-    width = max(len(lab) for lab in labels)
-    print(" " * (width + 2) + " ".join(f"{lab[:8]:>8}" for lab in labels) + "   <- predicted")
-    for lab, row in zip(labels, report["confusion"], strict=True):
-        print(f"{lab:>{width}}  " + " ".join(f"{v:>8}" for v in row))
-    data = report | {
-        "unit": unit,
-        "variant": a.variant,  # type: ignore[attr-defined]
+    return report | {
+        "unit": f"{segment:g}-s segments" if segment else "whole files",
+        "variant": variant,
         "items": [
             dict(
                 zip(
@@ -257,20 +201,3 @@ def evaluate_classes(args: object) -> int:
             for f, s, t, p in rows
         ],
     }
-    if a.json:  # type: ignore[attr-defined]
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[attr-defined]
-        Path(a.json).write_text(json.dumps(data, indent=2) + "\n")  # type: ignore[attr-defined]
-    if a.report:  # type: ignore[attr-defined]
-        from train.report import plot_confusion
-
-        folder = Path(a.report)  # type: ignore[attr-defined]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps(data, indent=2) + "\n")
-        plot_confusion(
-            np.array(report["confusion"]),
-            labels,
-            folder / "confusion.png",
-            f"{a.variant} classifier, {unit}",
-        )  # type: ignore[attr-defined]
-        print(f"report written to {folder}: metrics.json, confusion.png")
-    return 0

@@ -1,22 +1,134 @@
-"""Evaluation reports people look at: ROC curves, score histograms with the threshold, a
-per-item CSV, a score timeline and the log-mel image the model sees (PNG, matplotlib)."""
+"""What `soundsentry evaluate` and `soundsentry spectrogram` print and draw: the one-line
+summary, the classifier's confusion table, and the reports people look at: ROC curves, score
+histograms with the threshold, a per-item CSV, a score timeline, a confusion matrix and the
+log-mel image the model sees (PNG, matplotlib).
+
+The numbers come from `train.evaluate`; this module only presents them. matplotlib is
+imported when a PNG is drawn, so printing works on the bare edge install.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from train.evaluate import Report, write_json
+from edge.audio_io import find_audio, read_audio
+from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
+from edge.errors import AudioError, SoundSentryError
+from edge.features import FeatureParams, LogMel, mel_band_edges, windows_of
+from edge.scoring import Scorer
+from train.evaluate import Report, classification, evaluate, write_json
 from train.metrics import roc_curve
 
 FIG_DPI = 110
 
 
+def format_report(report: Report) -> str:
+    """Human-readable summary."""
+    return (
+        f"model {report.model} ({report.variant}), {report.unit}: "
+        f"AUC {report.auc:.3f}  pAUC(FPR<={report.max_fpr}) {report.pauc:.3f}  "
+        f"normal {report.n_normal}  anomalous {report.n_anomalous}  "
+        f"at threshold {report.threshold:.4g}: TPR {report.tpr_at_threshold:.2f} "
+        f"FPR {report.fpr_at_threshold:.2f}"
+    )
+
+
+def format_classification(data: dict) -> str:
+    """The classifier's summary line and its confusion table (rows: true class)."""
+    labels = data["labels"]
+    lines = [
+        f"{data['variant']} classifier, {data['unit']}: accuracy {data['accuracy']:.3f}  "
+        f"balanced accuracy {data['balanced_accuracy']:.3f}  "
+        f"macro F1 {data['macro_f1']:.3f}  n {data['n']}"
+    ]
+    width = max(len(lab) for lab in labels)
+    lines.append(
+        " " * (width + 2) + " ".join(f"{lab[:8]:>8}" for lab in labels) + "   <- predicted"
+    )
+    for lab, row in zip(labels, data["confusion"], strict=True):
+        lines.append(f"{lab:>{width}}  " + " ".join(f"{v:>8}" for v in row))
+    return "\n".join(lines)
+
+
+def evaluate_classes(
+    model: str | Path,
+    classes_dir: str | Path,
+    segment: float | None = None,
+    variant: str = "int8",
+    channel: int = 0,
+    json_path: str | Path | None = None,
+    report_dir: str | Path | None = None,
+) -> int:
+    """`evaluate MODEL --classes DIR`: accuracy, balanced accuracy, macro F1, confusion."""
+    data = classification(model, classes_dir, segment, variant, channel)
+    print(format_classification(data))
+    text = json.dumps(data, indent=2) + "\n"
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text)
+    if report_dir:
+        folder = Path(report_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(text)
+        plot_confusion(
+            np.array(data["confusion"]),
+            data["labels"],
+            folder / "confusion.png",
+            f"{variant} classifier, {data['unit']}",
+        )
+        print(f"report written to {folder}: metrics.json, confusion.png")
+    return 0
+
+
+def write_full_report(
+    report: Report,
+    model: str | Path,
+    normal: Sequence[str | Path],
+    anomalous: Sequence[str | Path],
+    folder: str | Path,
+    segment: float | None = None,
+    channel: int = 0,
+    timeline_file: str | Path | None = None,
+) -> list[Path]:
+    """`evaluate --report DIR`: int8 and float side by side, plus a score timeline of
+    `timeline_file` (default: the first anomalous file)."""
+    reports = [report]
+    bundle = load_bundle(model)
+    other = "float" if report.variant == "int8" else "int8"
+    if report.variant != "numpy" and (other == "int8" or MODEL_FLOAT in bundle.manifest.files):
+        reports.append(evaluate(model, list(normal), list(anomalous), segment, other, channel))
+    reports.sort(key=lambda r: r.variant != "int8")
+    timeline_file = timeline_file or find_audio(list(anomalous))[0]
+    p = bundle.features
+    windows = windows_of(read_audio(timeline_file, p.samplerate, channel), p)
+    scores = Scorer.from_bundle(bundle).score_many(windows)
+    timeline = (Path(timeline_file).name, scores, p.hop_seconds, bundle.threshold)
+    return write_report(reports, Path(folder), timeline)
+
+
+def render_spectrogram(
+    file: str | Path, out: str | Path, model: str | Path | None = None, channel: int = 0
+) -> Path:
+    """`soundsentry spectrogram`: the log-mel image of a file as the model sees it."""
+    params = FeatureParams.from_dict(read_manifest(model).features) if model else FeatureParams()
+    audio = read_audio(file, params.samplerate, channel)
+    if len(audio) < params.n_fft:
+        raise AudioError(f"{file}: shorter than one FFT frame")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return plot_spectrogram(LogMel(params)(audio), params, out, f"log-mel: {Path(file).name}")
+
+
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise SoundSentryError(f"PNG reports need the [train] extra ({exc})") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -136,8 +248,6 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
 
 def plot_spectrogram(features: np.ndarray, params: object, path: Path, title: str) -> Path:
     """The log-mel image of a whole file, in dB, as the model sees it (frames every hop)."""
-    from edge.features import mel_band_edges
-
     plt = _plt()
     p = params
     hop_s = p.hop_length / p.samplerate  # type: ignore[attr-defined]

@@ -1,7 +1,9 @@
 """The `soundsentry` command: train, evaluate, replay, run, demo.
 
-Training imports TensorFlow only inside its command; sounddevice is imported only when
-capturing, so `demo`, `replay` and `evaluate` work without PortAudio.
+Training imports TensorFlow only inside its command, reports import matplotlib only when
+drawing, and sounddevice is imported only when capturing, so `demo`, `replay` and
+`evaluate` work without PortAudio (and everything but `train` and the PNGs works on the
+bare edge install).
 """
 
 from __future__ import annotations
@@ -217,6 +219,12 @@ def _add_replay(sub: Any) -> None:
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
+    p.add_argument(
+        "--continuous",
+        action="store_true",
+        help="play the files back to back as one stream; by default each file is its own "
+        "stream: the detector resets between files and an open event ends at each file's end",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_replay)
 
@@ -338,12 +346,19 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from train.evaluate import evaluate, format_report, write_json
+    from soundsentry.report import evaluate_classes, format_report, write_full_report
+    from train.evaluate import evaluate, write_json
 
     if args.classes:
-        from train.evaluate import evaluate_classes
-
-        return evaluate_classes(args)
+        return evaluate_classes(
+            args.model,
+            args.classes,
+            args.segment,
+            args.variant,
+            args.channel,
+            json_path=args.json,
+            report_dir=args.report,
+        )
     if not (args.normal and args.anomalous):
         raise SoundSentryError("evaluate needs --normal and --anomalous (or --classes)")
     report = evaluate(
@@ -353,15 +368,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json)
     if args.report:
-        from train.evaluate import write_full_report
-
-        written = write_full_report(args, report)
+        written = write_full_report(
+            report,
+            args.model,
+            args.normal,
+            args.anomalous,
+            args.report,
+            segment=args.segment,
+            channel=args.channel,
+            timeline_file=args.timeline,
+        )
         print(f"report written to {args.report}: {', '.join(p.name for p in written)}")
     return 0
 
 
 def _cmd_spectrogram(args: argparse.Namespace) -> int:
-    from train.evaluate import render_spectrogram
+    from soundsentry.report import render_spectrogram
 
     render_spectrogram(args.file, args.out, args.model, args.channel)
     print(f"spectrogram written to {args.out}")
@@ -392,6 +414,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         settings.audio.channel,
         settings.audio.block_seconds,
         realtime=args.realtime,
+        continuous=args.continuous,
     )
     run_detector(
         settings,
