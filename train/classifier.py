@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -19,7 +18,7 @@ from edge.runtime import TfliteModel
 from edge.scoring import Scorer
 from edge.threshold import score_stats
 from train.augment import Augmenter
-from train.dataset import class_folders
+from train.dataset import TRAIN_HOP_DIVISOR, Holdout, class_folders, dense_params, holdout_split
 from train.metrics import classification_report
 from train.model import CLASSIFIER, build_classifier
 from train.progress import progress
@@ -29,36 +28,27 @@ from train.trainer import BATCH_SIZE, LEARNING_RATE, STD_FLOOR_DB, base_manifest
 log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 30
-HOLDOUT_FRACTION = 0.2
 MIN_CONFIDENCE = 0.5
-TRAIN_HOP_DIVISOR = 4
 
 
 def split_windows(
     classes: dict[str, list[Path]], params: FeatureParams, channel: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Training windows (dense hop) and validation windows (edge hop) with labels; whole files
-    are held out per class when a class has several, else the tail of its file."""
-    dense = replace(params, hop_seconds=params.hop_seconds / TRAIN_HOP_DIVISOR)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Holdout]]:
+    """Training windows (dense hop) and validation windows (edge hop) with labels, and the
+    held-out split of each class: `holdout_split` applied to every class folder on its own."""
+    dense = dense_params(params)
     xt, yt, xv, yv = [], [], [], []
-    held: dict[str, list[str]] = {}
+    holdouts: dict[str, Holdout] = {}
     for label, (name, files) in enumerate(classes.items()):
-        n_hold = max(1, round(len(files) * HOLDOUT_FRACTION)) if len(files) >= 2 else 0
-        held[name] = [str(f) for f in files[len(files) - n_hold :]] if n_hold else []
+        holdout = holdouts[name] = holdout_split(files)
         for path in progress(files, f"features {name}"):
             audio = read_audio(path, params.samplerate, channel)
-            if str(path) in held[name]:
-                train_part, val_part = audio[:0], audio
-            elif n_hold:
-                train_part, val_part = audio, audio[:0]
-            else:
-                cut = int(len(audio) * (1 - HOLDOUT_FRACTION))
-                train_part, val_part = audio[:cut], audio[cut:]
+            train_part, val_part = holdout.parts(path, audio, params.window_samples)
             for part, xs, ys, p in ((train_part, xt, yt, dense), (val_part, xv, yv, params)):
                 w = windows_of(part, p)
                 xs.append(w)
                 ys.append(np.full(len(w), label))
-    return np.concatenate(xt), np.concatenate(yt), np.concatenate(xv), np.concatenate(yv), held
+    return np.concatenate(xt), np.concatenate(yt), np.concatenate(xv), np.concatenate(yv), holdouts
 
 
 def train_classifier(
@@ -76,7 +66,7 @@ def train_classifier(
     tf.config.experimental.enable_op_determinism()
     classes = class_folders(classes_dir)
     labels = list(classes)
-    xt, yt, xv, yv, held = split_windows(classes, params, channel)
+    xt, yt, xv, yv, holdouts = split_windows(classes, params, channel)
     if augment is not None:
         xt, yt = augment.expand(xt, yt, np.random.default_rng(seed))
     mean = xt.mean(axis=(0, 1))
@@ -127,11 +117,11 @@ def train_classifier(
         "normal_scores": score_stats(
             probs.max(axis=1), "validation windows: top-class probability"
         ),
-        "validation": report | {"held_out_files": held},
+        "validation": report | {"held_out_files": {k: h.held_names for k, h in holdouts.items()}},
         "training": {
-            "files": [str(f) for fs in classes.values() for f in fs],
+            "files": [f for h in holdouts.values() for f in h.fit_names],
             "seconds": round(len(xt) * params.hop_seconds / TRAIN_HOP_DIVISOR, 1),
-            "holdout_files": [f for fs in held.values() for f in fs],
+            "holdout_files": [f for h in holdouts.values() for f in h.held_names],
             "holdout_seconds": round(len(xv) * params.hop_seconds, 1),
             "channel": channel,
             "epochs": epochs,

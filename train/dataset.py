@@ -1,4 +1,5 @@
-"""Training data: audio files -> log-mel windows with the edge front end, split for validation."""
+"""Training data: audio files -> log-mel windows with the edge front end, and the one held-out
+split every trainer uses (autoencoder, fluctuation, classifier per class)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,23 @@ import numpy as np
 from edge.audio_io import find_audio, read_audio
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
+from edge.settings import DetectorSettings
+from edge.threshold import threshold_for_budget
 from train.progress import progress
 
 log = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.2
-"""Share of the audio kept aside for the threshold: whole files when there are at least
-MIN_FILES_FOR_FILE_SPLIT of them (new recordings differ more than parts of one), otherwise
-the tail of every file (a time split, no overlap)."""
-MIN_FILES_FOR_FILE_SPLIT = 4
+"""Share of the recordings kept aside for the threshold (or the classifier's validation); see
+`holdout_split` for which ones."""
 TRAIN_HOP_DIVISOR = 4
-"""Training windows are cut 4x denser than the edge's hop: more views of the same audio."""
+"""Training windows of the networks (autoencoder, classifier) are cut 4x denser than the edge's
+hop: more views of the same audio for gradient descent."""
+FLUCTUATION_HOP_DIVISOR = 2
+"""The fluctuation model's fitting windows are cut only 2x denser than the edge's hop. It fits a
+mean and a covariance, not a network: denser windows are near-copies of their neighbours that add
+little to those statistics but multiply the memory of every channel view (`--all-channels`), and
+the shipped fan-demo bundle and the bench/ figures were measured with this divisor."""
 
 
 @dataclass
@@ -41,35 +48,110 @@ class Split:
     holdout: WindowSet
 
 
-def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0) -> Split:
-    """Read normal recordings and split them into training and held-out windows."""
+@dataclass(frozen=True)
+class Holdout:
+    """Which audio is held out: whole recordings (`held`), or, with too few recordings to spare
+    one, the last `fraction` of every recording (`held` is empty: `in_time`)."""
+
+    fit: list[Path]
+    held: list[Path]
+    fraction: float = HOLDOUT_FRACTION
+
+    @property
+    def in_time(self) -> bool:
+        """True when every file is split in time instead of whole files being held out."""
+        return not self.held
+
+    def parts(
+        self, path: Path, audio: np.ndarray, min_samples: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(audio to fit on, held-out audio) of one file. In a time split the tail is held out,
+        unless the head or the tail would be shorter than `min_samples` (one window, say): then
+        all of the file fits."""
+        if not self.in_time:
+            return (audio[:0], audio) if path in self.held else (audio, audio[:0])
+        cut = int(len(audio) * (1 - self.fraction))
+        if cut < min_samples or len(audio) - cut < min_samples:
+            cut = len(audio)
+        return audio[:cut], audio[cut:]
+
+    @property
+    def fit_names(self) -> list[str]:
+        """`training.files` of a manifest: the paths as strings (write_bundle records them)."""
+        return [str(f) for f in self.fit]
+
+    @property
+    def held_names(self) -> list[str]:
+        """`training.holdout_files`: the files held-out audio came from (all, in a time split)."""
+        return self.fit_names if self.in_time else [str(f) for f in self.held]
+
+
+def holdout_split(files: list[Path], fraction: float = HOLDOUT_FRACTION) -> Holdout:
+    """The held-out split of every trainer, by recording and spread across the set. Whole
+    recordings, because a new recording differs more than another part of the same one.
+
+    In sorted path order every `round(1 / fraction)`-th file (at least every 2nd) is held out
+    (fraction 0.2: indices 4, 9, 14, ...), so a folder named by condition or date gives its
+    held-out files from all of them rather than all from the last. Deterministic: the same files
+    give the same split, in whatever order they come. With fewer files than that step (fewer
+    than 5 at 0.2) none is spared: every file keeps its last `fraction` aside instead
+    (`Holdout.parts`), the single place of that fallback.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction must be between 0 and 1, not {fraction}")
+    ordered = sorted(files)
+    step = max(2, round(1 / fraction))
+    held = ordered[step - 1 :: step]
+    spared = set(held)
+    return Holdout([f for f in ordered if f not in spared], held, fraction)
+
+
+def training_audio(paths: list[str | Path]) -> list[Path]:
+    """The audio files under `paths`; an AudioError when there are none."""
     files = find_audio(paths)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(p) for p in paths))
-    dense = replace(params, hop_seconds=params.hop_seconds / TRAIN_HOP_DIVISOR)
-    n_hold = round(len(files) * HOLDOUT_FRACTION) if len(files) >= MIN_FILES_FOR_FILE_SPLIT else 0
-    held_files = set(files[len(files) - n_hold :]) if n_hold else set()
+    return files
+
+
+def dense_params(params: FeatureParams, divisor: int = TRAIN_HOP_DIVISOR) -> FeatureParams:
+    """The edge's features with the hop divided by `divisor`, for training windows."""
+    return replace(params, hop_seconds=params.hop_seconds / divisor)
+
+
+def threshold_from_holdout(
+    scores: np.ndarray, false_alarms_per_day: float, hop_seconds: float
+) -> tuple[float, dict]:
+    """Threshold meeting the false-alarm budget on held-out normal scores, for the event logic
+    (K of N windows to start, M to end) at the defaults edge defines in DetectorSettings."""
+    det = DetectorSettings()
+    return threshold_for_budget(
+        scores,
+        false_alarms_per_day,
+        det.trigger_windows,
+        det.trigger_of,
+        det.release_windows,
+        hop_seconds,
+    )
+
+
+def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0) -> Split:
+    """Read normal recordings and split them into training and held-out windows."""
+    files = training_audio(paths)
+    holdout = holdout_split(files)
+    dense = dense_params(params)
     train, hold = [], []
     train_s = hold_s = 0.0
     for path in progress(files, "features"):
         audio = read_audio(path, params.samplerate, channel)
-        if path in held_files:
-            cut = 0
-        elif n_hold:
-            cut = len(audio)
-        else:
-            cut = int(len(audio) * (1 - HOLDOUT_FRACTION))
-            if cut < params.window_samples or len(audio) - cut < params.window_samples:
-                cut = len(audio)  # too short to split: all of it trains
-        train.append(windows_of(audio[:cut], dense))
-        hold.append(windows_of(audio[cut:], params))
-        train_s += cut / params.samplerate
-        hold_s += (len(audio) - cut) / params.samplerate
-    train_names = [str(f) for f in files if f not in held_files]
-    hold_names = [str(f) for f in files if f in held_files] if n_hold else train_names
+        fit_part, held_part = holdout.parts(path, audio, params.window_samples)
+        train.append(windows_of(fit_part, dense))
+        hold.append(windows_of(held_part, params))
+        train_s += len(fit_part) / params.samplerate
+        hold_s += len(held_part) / params.samplerate
     split = Split(
-        WindowSet(np.concatenate(train), train_names, train_s),
-        WindowSet(np.concatenate(hold), hold_names, hold_s),
+        WindowSet(np.concatenate(train), holdout.fit_names, train_s),
+        WindowSet(np.concatenate(hold), holdout.held_names, hold_s),
     )
     if len(split.train.windows) == 0:
         raise AudioError(f"not enough audio to train: need at least {params.window_seconds} s")

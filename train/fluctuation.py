@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,14 +17,20 @@ import numpy as np
 import soundfile as sf
 
 from edge import __version__
-from edge.audio_io import find_audio, read_audio
+from edge.audio_io import read_audio
 from edge.bundle import FORMAT, FORMAT_VERSION, sha256_bytes, write_bundle
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.scoring import FLUCTUATION, FluctuationScorer, fluctuation_features
-from edge.settings import DetectorSettings
-from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats, threshold_for_budget
-from train.dataset import HOLDOUT_FRACTION, MIN_FILES_FOR_FILE_SPLIT
+from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
+from train.dataset import (
+    FLUCTUATION_HOP_DIVISOR,
+    Holdout,
+    dense_params,
+    holdout_split,
+    threshold_from_holdout,
+    training_audio,
+)
 from train.progress import progress
 
 log = logging.getLogger(__name__)
@@ -33,7 +38,6 @@ log = logging.getLogger(__name__)
 ARCHITECTURE = "fluctuation-mahalanobis-v1"
 MIN_SHRINKAGE = 0.01
 """Least covariance shrinkage towards a scaled identity; more (Ledoit-Wolf) on little data."""
-TRAIN_HOP_DIVISOR = 2
 
 
 def fit_statistics(f: np.ndarray) -> FluctuationScorer:
@@ -85,28 +89,18 @@ def train_fluctuation(
 ) -> Path:
     """Fit on normal audio and write a bundle; returns its path."""
     params = params or FeatureParams()
-    files = find_audio(normal)
-    if not files:
-        raise AudioError("no audio files found in " + " ".join(str(p) for p in normal))
-    dense = replace(params, hop_seconds=params.hop_seconds / TRAIN_HOP_DIVISOR)
-    n_hold = round(len(files) * HOLDOUT_FRACTION) if len(files) >= MIN_FILES_FOR_FILE_SPLIT else 0
-    held = set(files[len(files) - n_hold :]) if n_hold else set()
+    files = training_audio(normal)
+    holdout = holdout_split(files)
+    dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
     seconds = hold_seconds = 0.0
     for path in progress(files, "features"):
         for audio in _views(path, params, channel, all_channels):
             seconds += len(audio) / params.samplerate
-            if not n_hold:  # too few files: the tail of each is held out
-                cut = int(len(audio) * (1 - HOLDOUT_FRACTION))
-                parts = [(audio[:cut], fit_part), (audio[cut:], hold_part)]
-            else:
-                parts = [(audio, hold_part if path in held else fit_part)]
-            for part, bucket in parts:
-                if bucket is fit_part:
-                    bucket.append(fluctuation_features(windows_of(part, dense)))
-                else:
-                    hold_seconds += len(part) / params.samplerate
-                    bucket.append(fluctuation_features(windows_of(part, params)))
+            fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
+            hold_seconds += len(held_audio) / params.samplerate
+            fit_part.append(fluctuation_features(windows_of(fit_audio, dense)))
+            hold_part.append(fluctuation_features(windows_of(held_audio, params)))
             all_part.append(fluctuation_features(windows_of(audio, dense)))
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else np.zeros((0, params.n_mels))
@@ -116,16 +110,10 @@ def train_fluctuation(
         hold_f = fit_f
     provisional = fit_statistics(fit_f)
     hold_scores = provisional.distance(hold_f)
-    det = DetectorSettings()
-    value, rule_params = threshold_for_budget(
-        hold_scores,
-        false_alarms_per_day,
-        det.trigger_windows,
-        det.trigger_of,
-        det.release_windows,
-        params.hop_seconds,
+    value, rule_params = threshold_from_holdout(
+        hold_scores, false_alarms_per_day, params.hop_seconds
     )
-    rule_params["note"] = "threshold from held-out files scored by a model fitted without them"
+    rule_params["note"] = "threshold from held-out audio scored by a model fitted without it"
     final = fit_statistics(all_f)
     shares = final.band_shares(hold_f)
     out = Path(out)
@@ -137,8 +125,7 @@ def train_fluctuation(
         rule_params,
         hold_scores,
         shares,
-        files,
-        sorted(held),
+        holdout,
         (seconds, hold_seconds),
         channel,
         all_channels,
@@ -156,8 +143,7 @@ def _manifest(
     rule_params: dict,
     hold_scores: np.ndarray,
     shares: np.ndarray,
-    files: list[Path],
-    held: list[Path],
+    holdout: Holdout,
     seconds: tuple[float, float],
     channel: int,
     all_channels: bool,
@@ -187,9 +173,9 @@ def _manifest(
             "std": shares.std(axis=0).tolist(),
         },
         "training": {
-            "files": [str(f) for f in files if f not in held],
+            "files": holdout.fit_names,
             "seconds": round(seconds[0], 3),
-            "holdout_files": [str(f) for f in held],
+            "holdout_files": holdout.held_names,
             "holdout_seconds": round(seconds[1], 3),
             "channel": -2 if all_channels else channel,
             "epochs": 0,

@@ -18,10 +18,9 @@ from edge.bundle import FORMAT, FORMAT_VERSION, MODEL_FLOAT, MODEL_INT8, sha256_
 from edge.features import FeatureParams
 from edge.runtime import TfliteModel, runtime_name
 from edge.scoring import Scorer
-from edge.settings import DetectorSettings
-from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats, threshold_for_budget
+from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.augment import Augmenter
-from train.dataset import Split, load_split
+from train.dataset import Split, load_split, threshold_from_holdout
 from train.model import ARCHITECTURE, build_autoencoder
 from train.quantize import to_float_tflite, to_int8_tflite
 
@@ -77,15 +76,7 @@ def train_bundle(
     scored = [scorer.score(w) for w in holdout]
     scores = np.array([s.score for s in scored])
     band_error = np.stack([s.band_error for s in scored])
-    det = DetectorSettings()
-    value, rule_params = threshold_for_budget(
-        scores,
-        false_alarms_per_day,
-        det.trigger_windows,
-        det.trigger_of,
-        det.release_windows,
-        params.hop_seconds,
-    )
+    value, rule_params = threshold_from_holdout(scores, false_alarms_per_day, params.hop_seconds)
 
     out = Path(out)
     manifest = _manifest(
