@@ -85,6 +85,9 @@ def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarra
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise AudioError(f"{path}: invalid samples ({bad} are NaN or infinite)")
     _check_complete(path)
     return resample(select_channel(data, channel), rate, samplerate)
 

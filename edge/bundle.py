@@ -1,25 +1,35 @@
-"""Model bundles: a folder with the int8 model and a manifest that makes it self-describing.
+"""Model bundles: a folder with the model files, the arrays and a short manifest that makes it
+self-describing.
 
     fan.bundle/
       manifest.json        feature parameters, quantisation, threshold, provenance, checksums
-      model_int8.tflite    the model the edge runs
+      arrays.npz           normalisation and statistics (numbers travel as arrays)
+      model_int8.tflite    the model the edge runs (kinds with a network)
       model_float.tflite   the float reference (optional; for evaluation)
 
-Loading validates everything: JSON, manifest checksum, file hashes, a feature recipe this
-version can reproduce, and a model whose input matches the features.
+Loading trusts nothing: the manifest is read only if it is a regular file of bounded size
+inside the folder; every listed file is a plain name with a matching SHA-256; every number is
+finite and in range; arrays load without pickle and have the shapes the detector kind needs.
+Each failure is one `BundleError` line. Format 1 bundles (arrays inline as JSON lists) still
+load; writing always writes format 2.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-from dataclasses import dataclass
+import os
+import re
+import stat
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from edge.errors import BundleError
 from edge.features import FeatureParams
@@ -30,103 +40,120 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MODEL_INT8 = "model_int8.tflite"
 MODEL_FLOAT = "model_float.tflite"
+ARRAYS = "arrays.npz"
 FORMAT = "soundsentry-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+"""A manifest larger than this is refused before it is read (format 1 ones reach ~140 KB)."""
+MAX_FILE_BYTES = 64 * 1024 * 1024
+"""Largest model or array file a bundle may list."""
+MAX_ARRAY_ELEMENTS = 1 << 22
+
+SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
+"""Model ids go into logs, topics and file names: no spaces, slashes or control characters."""
+SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SAFE_LABEL = r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]{0,63}$"
+
+# Format 1 kept these sections inline as JSON lists; format 2 keeps them in arrays.npz under
+# "<section>.<key>" names.
+ARRAY_SECTIONS = {
+    "normalization": ("mean", "std"),
+    "normal_band_error": ("mean", "std"),
+    "statistics": ("feature_mean", "feature_std", "center", "precision"),
+}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TensorSpec(_Strict):
     """Shape, dtype and (for int8) quantisation of a model tensor."""
 
-    shape: list[int]
-    dtype: str
-    scale: float | None = None
+    shape: list[int] = Field(max_length=8)
+    dtype: str = Field(max_length=16)
+    scale: float | None = Field(None, gt=0)
     zero_point: int | None = None
-
-
-class Normalization(_Strict):
-    """Per-mel-band standardisation applied to log-mel features before the model."""
-
-    mean: list[float]
-    std: list[float]
-
-
-class Statistics(_Strict):
-    """A Gaussian model of per-window feature vectors: standardisation, centre and precision."""
-
-    feature: str
-    feature_mean: list[float]
-    feature_std: list[float]
-    center: list[float]
-    precision: list[list[float]]
 
 
 class ThresholdInfo(_Strict):
     """The decision threshold on window scores and how it was set."""
 
-    value: float
-    rule: str
+    value: float = Field(gt=0)
+    rule: str = Field(max_length=100)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
 class ScoreStats(_Strict):
     """Distribution of window scores on held-out normal audio."""
 
-    source: str
-    n_windows: int
+    source: str = Field(max_length=200)
+    n_windows: int = Field(ge=0)
     mean: float
-    std: float
+    std: float = Field(ge=0)
     p50: float
     p90: float
     p99: float
     max: float
 
 
+class FileRecord(_Strict):
+    """A training or calibration file, by name, size and content hash (never a full path)."""
+
+    name: str = Field(max_length=255)
+    bytes: int | None = Field(None, ge=0)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
 class TrainingInfo(_Strict):
     """What the model was trained on and how."""
 
-    files: list[str]
-    seconds: float
-    holdout_files: list[str]
-    holdout_seconds: float
+    files: list[FileRecord]
+    seconds: float = Field(ge=0)
+    holdout_files: list[FileRecord]
+    holdout_seconds: float = Field(ge=0)
     channel: int
-    epochs: int
+    epochs: int = Field(ge=0)
     seed: int
-    architecture: str
-    parameters: int
+    architecture: str = Field(max_length=200)
+    parameters: int = Field(ge=0)
+
+
+class StatisticsInfo(_Strict):
+    """Which per-window feature a statistics detector models (its numbers are arrays)."""
+
+    feature: str = Field(max_length=100)
 
 
 class Manifest(_Strict):
-    """The bundle's manifest.json."""
+    """The bundle's manifest.json (format 2)."""
 
-    format: Literal["soundsentry-bundle"]
+    format: str = Field(pattern=f"^{FORMAT}$")
     format_version: int
-    model_id: str
-    kind: Literal["autoencoder", "classifier", "fluctuation"]
-    score: Literal["reconstruction_mse", "softmax", "mahalanobis"]
-    labels: list[str] | None = None
+    model_id: str = Field(pattern=SAFE_ID)
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    score: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    labels: list[Annotated[str, StringConstraints(pattern=SAFE_LABEL)]] | None = Field(
+        None, max_length=256
+    )
     """Class names, in output order (classifier only)."""
     validation: dict[str, Any] | None = None
     """Held-out figures measured at training time (classifier: accuracy, F1, confusion)."""
     features: dict[str, Any]
-    normalization: Normalization
     input: TensorSpec | None = None
     output: TensorSpec | None = None
     threshold: ThresholdInfo
     normal_scores: ScoreStats
-    normal_band_error: Normalization | None = None
-    """Per-mel-band reconstruction error on held-out normal audio (explains anomalies)."""
     training: TrainingInfo
-    statistics: Statistics | None = None
-    """Fluctuation detector: the normal model of its per-band statistics."""
+    statistics: StatisticsInfo | None = None
     calibration: dict[str, Any] | None = None
     """Set by `soundsentry calibrate`: the on-site audio the statistics were refitted on."""
+    arrays: dict[str, list[int]] = Field(default_factory=dict)
+    """Name -> shape of each array in arrays.npz."""
     versions: dict[str, str]
-    created_at: str
-    files: dict[str, str]
+    created_at: str = Field(max_length=40)
+    files: dict[str, Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]]
     checksum: str
 
 
@@ -138,8 +165,10 @@ class Bundle:
     manifest: Manifest
     features: FeatureParams
     model: TfliteModel | None
-    """None for detectors without a network (kind `fluctuation`)."""
+    """None for detectors without a network."""
     variant: str
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    source_format: int = FORMAT_VERSION
 
     @property
     def model_id(self) -> str:
@@ -150,6 +179,17 @@ class Bundle:
     def threshold(self) -> float:
         """Decision threshold on window scores."""
         return self.manifest.threshold.value
+
+    def array(self, name: str) -> np.ndarray:
+        """A named array (e.g. 'normalization.mean'); BundleError if the bundle lacks it."""
+        try:
+            return self.arrays[name]
+        except KeyError:
+            raise BundleError(f"{self.path}: the bundle has no array {name}") from None
+
+    def file_bytes(self, name: str) -> bytes:
+        """A listed file's content, checked against its hash."""
+        return _read_listed(self.path, name, self.manifest.files)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -163,105 +203,306 @@ def manifest_checksum(manifest: dict[str, Any]) -> str:
     return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
-def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
-    """Write model files and a checksummed manifest into folder `path` (created)."""
+# --- writing ---------------------------------------------------------------------------------
+
+
+def write_bundle(
+    path: str | Path,
+    manifest: dict[str, Any],
+    files: dict[str, bytes],
+    arrays: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write a format-2 bundle into folder `path` (created): the one builder of manifests.
+
+    Array sections given inline as lists (`normalization`, `normal_band_error`,
+    `statistics`) move to arrays.npz; training and calibration file paths become records of
+    name, size and hash. The manifest is written last, replacing any earlier one atomically.
+    """
     path = Path(path)
+    body = dict(manifest)
+    all_arrays = {**_lift_arrays(body), **(arrays or {})}
+    body["format"], body["format_version"] = FORMAT, FORMAT_VERSION
+    body["training"] = _training_records(body.get("training", {}))
+    if body.get("calibration"):
+        cal = dict(body["calibration"])
+        cal["files"] = [_file_record(f) for f in cal.get("files", [])]
+        body["calibration"] = cal
+    blobs = {n: d for n, d in files.items() if n != ARRAYS}
+    body["arrays"] = {}
+    if all_arrays:
+        clean = {k: np.ascontiguousarray(v, np.float64) for k, v in sorted(all_arrays.items())}
+        blobs[ARRAYS] = _npz_bytes(clean)
+        body["arrays"] = {k: list(v.shape) for k, v in clean.items()}
+    body["files"] = {n: sha256_bytes(d) for n, d in sorted(blobs.items())}
+    body.pop("checksum", None)
+    body["checksum"] = manifest_checksum(body)
+    try:
+        Manifest.model_validate(body)
+    except ValidationError as exc:
+        raise BundleError(f"{path}: refusing to write an invalid manifest: {_first(exc)}") from None
     path.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (path / name).write_bytes(data)
-    manifest = {**manifest, "files": {n: sha256_bytes(d) for n, d in files.items()}}
-    manifest["checksum"] = manifest_checksum(manifest)
-    Manifest.model_validate(manifest)
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for name, data in blobs.items():
+        _atomic_write(path / name, data)
+    _atomic_write(path / MANIFEST, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
+def _lift_arrays(body: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Take format-1 style inline lists out of the manifest dict, as named arrays."""
+    out: dict[str, np.ndarray] = {}
+    for section, keys in ARRAY_SECTIONS.items():
+        value = body.get(section)
+        if not isinstance(value, dict):
+            if value is None:
+                body.pop(section, None)
+            continue
+        rest = {k: v for k, v in value.items() if k not in keys}
+        for k in keys:
+            if k in value and value[k] is not None:
+                out[f"{section}.{k}"] = np.asarray(value[k], np.float64)
+        if rest:
+            body[section] = rest
+        else:
+            body.pop(section)
+    return out
+
+
+def _training_records(training: dict[str, Any]) -> dict[str, Any]:
+    out = dict(training)
+    for key in ("files", "holdout_files"):
+        out[key] = [_file_record(f) for f in training.get(key, [])]
+    return out
+
+
+def _file_record(item: Any) -> dict[str, Any]:
+    """A record of a file: name, and size and hash when the file can be read here."""
+    if isinstance(item, dict):
+        return item
+    p = Path(str(item))
+    try:
+        data = p.read_bytes() if p.is_file() else None
+    except OSError:
+        data = None
+    if data is None:
+        return {"name": p.name}
+    return {"name": p.name, "bytes": len(data), "sha256": sha256_bytes(data)}
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
 def read_manifest(path: str | Path) -> Manifest:
-    """Read and validate a bundle's manifest (JSON, checksum, fields)."""
-    path = Path(path)
-    if not path.exists():
-        raise BundleError(f"{path}: no such model bundle")
-    file = path / MANIFEST if path.is_dir() else path
-    if file.name != MANIFEST:
-        raise BundleError(f"{path}: a model bundle is a folder holding {MANIFEST}")
-    try:
-        raw = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: not a model bundle (no {MANIFEST})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{file}: corrupt manifest ({exc})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise BundleError(f"{file}: not a SoundSentry bundle manifest")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{file}: bundle format {raw.get('format_version')!r}; this version reads "
-            f"{FORMAT_VERSION} (upgrade soundsentry or re-export the model)"
-        )
-    if raw.get("checksum") != manifest_checksum(raw):
-        raise BundleError(f"{file}: manifest checksum mismatch (the file was altered or damaged)")
-    try:
-        return Manifest.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise BundleError(f"{file}: invalid manifest field {where}: {err['msg']}") from None
+    """Read and validate a bundle's manifest (format 1 is converted; arrays not loaded)."""
+    manifest, _arrays, _version = _read(Path(path), load_arrays=False)
+    return manifest
 
 
 def load_bundle(path: str | Path, variant: str = "int8", num_threads: int = 1) -> Bundle:
     """Load and fully validate a bundle; `variant` is 'int8' (the edge) or 'float'."""
+    from edge.detectors.registry import plugin_for  # the registry imports bundle types
+
     path = Path(path)
-    manifest = read_manifest(path)
-    folder = path if path.is_dir() else path.parent
+    folder = _folder_of(path)
+    manifest, arrays, version = _read(path, load_arrays=True)
     try:
         params = FeatureParams.from_dict(manifest.features)
     except (TypeError, ValueError) as exc:
         raise BundleError(
             f"{path}: feature parameters this version cannot reproduce: {exc}"
         ) from None
+    plugin = plugin_for(manifest)
     model = None
-    if manifest.kind == "fluctuation":
-        _check_statistics(path, manifest)
-    else:
+    if plugin.needs_model:
         name = MODEL_INT8 if variant == "int8" else MODEL_FLOAT
-        content = _read_checked(folder, name, manifest)
+        if name not in manifest.files:
+            raise BundleError(f"{folder}: this bundle has no {name}")
+        content = _read_listed(folder, name, manifest.files)
         model = TfliteModel(content, num_threads=num_threads, name=str(folder / name))
         expected = (1, *params.shape, 1)
         if model.input_shape != expected:
             raise BundleError(
                 f"{path}: model input {model.input_shape} does not match the features {expected}"
             )
-    if len(manifest.normalization.mean) != params.n_mels:
-        raise BundleError(f"{path}: normalisation has the wrong number of mel bands")
-    if manifest.kind == "classifier" and not manifest.labels:
-        raise BundleError(f"{path}: a classifier bundle needs its class labels")
-    return Bundle(path=folder, manifest=manifest, features=params, model=model, variant=variant)
+    bundle = Bundle(folder, manifest, params, model, variant, arrays, version)
+    plugin.check(bundle)
+    return bundle
 
 
-def _check_statistics(path: Path, manifest: Manifest) -> None:
-    """A fluctuation bundle's statistics must be complete and square."""
-    st = manifest.statistics
-    if st is None:
-        raise BundleError(f"{path}: a fluctuation bundle needs its statistics")
-    n = len(st.feature_mean)
-    sizes = {len(st.feature_std), len(st.center), len(st.precision)}
-    if sizes != {n} or any(len(row) != n for row in st.precision):
-        raise BundleError(f"{path}: statistics arrays have inconsistent sizes")
+def _folder_of(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
 
 
-def _read_checked(folder: Path, name: str, manifest: Manifest) -> bytes:
-    """Read a bundle file and check it against the manifest's hash."""
-    if name not in manifest.files:
-        raise BundleError(f"{folder}: this bundle has no {name}")
+def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray], int]:
     try:
-        content = (folder / name).read_bytes()
+        exists = path.exists()
     except OSError as exc:
-        raise BundleError(f"{folder / name}: {exc.strerror or exc}") from None
-    if sha256_bytes(content) != manifest.files[name]:
+        raise BundleError(f"{path}: {exc.strerror or exc}") from None
+    if not exists:
+        raise BundleError(f"{path}: no such model bundle")
+    if not path.is_dir() and path.name != MANIFEST:
+        raise BundleError(f"{path}: a model bundle is a folder holding {MANIFEST}")
+    folder = _folder_of(path)
+    file = folder / MANIFEST
+    try:
+        text = _read_inside(folder, MANIFEST, MAX_MANIFEST_BYTES).decode()
+        raw = json.loads(text)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: not a model bundle (no {MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{file}: corrupt manifest ({_one_line(exc)})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{file}: not a SoundSentry bundle manifest")
+    version = raw.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(
+            f"{file}: bundle format {version!r}; this version reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade soundsentry or re-export the model)"
+        )
+    if raw.get("checksum") != manifest_checksum(raw):
+        raise BundleError(f"{file}: manifest checksum mismatch (the file was altered or damaged)")
+    arrays: dict[str, np.ndarray] = {}
+    if version == 1:
+        raw, arrays = _from_v1(raw)
+    _check_files_listed(file, raw.get("files"))
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{file}: invalid manifest field {_first(exc)}") from None
+    if version == 2 and load_arrays:
+        arrays = _load_arrays(folder, manifest)
+    elif version == 1:
+        _check_arrays(folder, manifest, arrays)
+    return manifest, arrays, version
+
+
+def _from_v1(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A format-1 manifest as format 2 in memory: inline lists become arrays."""
+    body = dict(raw)
+    try:
+        arrays = _lift_arrays(body)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"format-1 manifest arrays are malformed: {_one_line(exc)}") from None
+    training = dict(body.get("training") or {})
+    for key in ("files", "holdout_files"):
+        training[key] = [{"name": Path(str(f)).name} for f in training.get(key, [])]
+    body["training"] = training
+    if isinstance(body.get("calibration"), dict):
+        cal = dict(body["calibration"])
+        cal["files"] = [{"name": Path(str(f)).name} for f in cal.get("files", [])]
+        body["calibration"] = cal
+    body["arrays"] = {k: list(v.shape) for k, v in arrays.items()}
+    body["format_version"] = FORMAT_VERSION
+    return body, arrays
+
+
+def _check_files_listed(file: Path, files: Any) -> None:
+    if not isinstance(files, dict):
+        raise BundleError(f"{file}: invalid manifest field files: not a mapping")
+    for name in files:
+        if not isinstance(name, str) or not SAFE_FILE.match(name) or name == MANIFEST:
+            raise BundleError(f"{file}: listed file {name!r} is not a plain file name")
+
+
+def _load_arrays(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    if not manifest.arrays:
+        return {}
+    if ARRAYS not in manifest.files:
+        raise BundleError(f"{folder}: the manifest lists arrays but not {ARRAYS}")
+    data = _read_listed(folder, ARRAYS, manifest.files)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            if any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist()):
+                raise BundleError(f"{folder / ARRAYS}: compressed arrays are not accepted")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: np.asarray(npz[k]) for k in npz.files}
+    except BundleError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise BundleError(f"{folder / ARRAYS}: unreadable arrays ({_one_line(exc)})") from None
+    if set(arrays) != set(manifest.arrays):
+        raise BundleError(f"{folder / ARRAYS}: arrays do not match the manifest's list")
+    _check_arrays(folder, manifest, arrays)
+    return arrays
+
+
+def _check_arrays(folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray]) -> None:
+    """Every array: a float array of the declared shape, bounded in size, all finite."""
+    for name, a in arrays.items():
+        if a.dtype.kind not in "fiu":
+            raise BundleError(f"{folder}: array {name} is not numeric ({a.dtype})")
+        if list(a.shape) != manifest.arrays.get(name) or a.size > MAX_ARRAY_ELEMENTS:
+            raise BundleError(f"{folder}: array {name} has shape {a.shape}, not as listed")
+        if not np.all(np.isfinite(a)):
+            raise BundleError(f"{folder}: array {name} holds NaN or infinite values")
+        arrays[name] = a.astype(np.float64, copy=False)
+
+
+def _read_listed(folder: Path, name: str, files: dict[str, str]) -> bytes:
+    """Read a listed bundle file and check it against the manifest's hash."""
+    if name not in files or not SAFE_FILE.match(name):
+        raise BundleError(f"{folder}: this bundle has no {name}")
+    content = _read_inside(folder, name, MAX_FILE_BYTES, missing_is_error=True)
+    if sha256_bytes(content) != files[name]:
         raise BundleError(f"{folder / name}: checksum mismatch (the file was altered or damaged)")
     return content
 
 
-def normalization_arrays(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std per mel band as float32 arrays."""
-    norm = manifest.normalization
-    return np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
+def _read_inside(folder: Path, name: str, limit: int, missing_is_error: bool = False) -> bytes:
+    """Read `folder/name` only if it is a regular file inside `folder` of at most `limit`
+    bytes: devices, FIFOs, directories, symlinks out of the folder and loops are refused
+    before anything is read, so a hostile path can neither hang nor exhaust the daemon."""
+    target = folder / name
+    try:
+        base = folder.resolve(strict=True)
+        real = target.resolve(strict=True)
+    except FileNotFoundError:
+        if missing_is_error:
+            raise BundleError(f"{target}: No such file") from None
+        raise
+    except (OSError, RuntimeError) as exc:
+        raise BundleError(f"{target}: cannot be opened ({_one_line(exc)})") from None
+    if real.parent != base:
+        raise BundleError(f"{target}: leads outside the bundle folder; refused")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise BundleError(f"{target}: cannot be opened ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{target}: not a regular file; refused")
+        if st.st_size > limit:
+            raise BundleError(f"{target}: {st.st_size} bytes is over the {limit}-byte limit")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise BundleError(f"{target}: over the {limit}-byte limit")
+    return data
+
+
+def _first(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return _one_line(f"{where}: {err['msg']}")
+
+
+def _one_line(exc: object) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from edge.private import private_dir, private_file
+
 log = logging.getLogger(__name__)
 
 CLIP_SUBTYPE = "PCM_16"
@@ -101,7 +103,8 @@ class ClipRecorder:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(rec.started_at))
         name = f"{stamp}-{_safe(event_id)[:12]}.wav"
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            private_dir(self.folder)
+            private_file(self.folder / name)
             sf.write(self.folder / name, np.clip(audio, -1, 1), self.samplerate, CLIP_SUBTYPE)
         except (OSError, sf.LibsndfileError) as exc:
             log.error("could not save evidence clip %s: %s", name, exc)

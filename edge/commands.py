@@ -8,6 +8,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+MAX_COMMAND_BYTES = 64 * 1024
+"""Larger payloads are refused before they are parsed."""
+MAX_JSON_DEPTH = 8
+"""Commands are flat objects; deeper nesting is refused before it is parsed."""
 MAX_MUTE_MINUTES = 7 * 24 * 60
 THRESHOLD_FACTOR = 4.0
 """set_threshold accepts values within [calibrated / 4, calibrated * 4]."""
@@ -43,7 +47,9 @@ class ReloadModel(_Command):
     """Load a bundle (default: the configured one); on failure the current model stays."""
 
     command: Literal["reload_model"]
-    path: Path | None = None
+    path: Path | None = Field(
+        None, description="A bundle name in the models folder, or a path inside it."
+    )
 
 
 class Status(_Command):
@@ -68,21 +74,65 @@ class CommandError(ValueError):
 
 
 def parse_command(payload: bytes | str) -> Command:
-    """Parse and validate a command payload, or raise CommandError with the reason."""
+    """Parse and validate a command payload, or raise CommandError with the reason.
+
+    Size and nesting are checked before the JSON parser runs, so no payload can exhaust
+    memory or the stack; whatever the payload, the outcome is a command or a CommandError.
+    """
+    size = len(payload)
+    if size > MAX_COMMAND_BYTES:
+        raise CommandError(f"payload of {size} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
     try:
-        data = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CommandError(f"not JSON: {exc}") from None
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise CommandError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise CommandError(f"not JSON: {_one_line(exc)}") from None
     if not isinstance(data, dict):
         raise CommandError("a command is a JSON object with a 'command' key")
-    name = str(data.get("command", "invalid"))
+    name = data.get("command")
+    name = name if isinstance(name, str) and name.isidentifier() and len(name) <= 32 else "invalid"
     cid = data.get("id") if isinstance(data.get("id"), str) else None
+    cid = cid if cid is None or len(cid) <= 100 else None
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"][1:] or err["loc"])
-        raise CommandError(f"{where}: {err['msg']}", name, cid) from None
+        raise CommandError(_one_line(f"{where}: {err['msg']}"), name, cid) from None
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays and objects in JSON text (strings skipped), without
+    recursion; malformed text gets some number and is refused by the parser later."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    """Text on one line, shortened: replies and logs never carry a payload's line breaks."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def threshold_bounds(calibrated: float) -> tuple[float, float]:

@@ -1,7 +1,9 @@
 """Remote control and reloads, executed on the daemon's loop thread.
 
-MQTT's network thread and signal handlers call `submit_*`, which only enqueue; the daemon
-loop runs the work between blocks.
+MQTT's network thread and signal handlers call `submit_*`, which only enqueue (a bounded
+queue: a flood is shed and counted); the daemon loop runs the work between blocks. Every
+failure to parse, validate or carry out a command ends in a rejected reply, never in an
+exception out of the loop.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge.bundle import load_bundle
+from edge.bundle import Bundle, load_bundle
 from edge.commands import (
     Command,
     CommandError,
@@ -32,22 +34,22 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    """Applies commands and reloads to a Detector."""
+    """Applies commands and reloads to a Detector through its public API."""
 
     def __init__(self, detector: Detector, reload_settings: Callable[[], Settings] | None = None):
         self.detector = detector
         self.reload_settings = reload_settings
 
     def submit_payload(self, payload: bytes) -> None:
-        """From the MQTT thread: queue a raw command for the loop."""
-        self.detector.work.put(lambda: self.handle_payload(payload))
+        """From the MQTT thread: queue a raw command for the loop (shed if the queue is full)."""
+        self.detector.submit(lambda: self.handle_payload(payload))
 
     def submit_reload(self) -> None:
         """From the SIGHUP handler: queue a settings and model reload."""
-        self.detector.work.put(self.reload)
+        self.detector.submit(self.reload)
 
     def handle_payload(self, payload: bytes) -> ResponseMessage:
-        """Validate and run one command; reply with the outcome."""
+        """Validate and run one command; reply with the outcome, whatever the payload."""
         try:
             command = parse_command(payload)
         except CommandError as exc:
@@ -56,40 +58,69 @@ class Controller:
         try:
             detail, status = self._run(command)
         except CommandError as exc:
-            log.warning("rejected command %s: %s", command.command, exc)
+            log.warning("rejected command %s (id %s): %s", command.command, command.id, exc)
             return self._reply(command.command, command.id, False, f"rejected: {exc}")
-        log.info("command %s: %s", command.command, detail)
+        except Exception as exc:  # a bug must cost one command, not the monitor
+            log.exception("command %s failed", command.command)
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            return self._reply(command.command, command.id, False, f"failed: {reason}")
+        log.info("command %s (id %s): %s", command.command, command.id, detail)
         return self._reply(command.command, command.id, True, detail, status)
 
     def _run(self, command: Command) -> tuple[str, dict[str, Any] | None]:
         d = self.detector
         if isinstance(command, Mute):
-            d.close_event()
-            d.muted_until = d.clock() + command.minutes * 60
-            d.emit_state()
-            return f"muted for {command.minutes:g} min, until {iso(d.muted_until)}", None
+            until = d.mute(command.minutes)
+            return f"muted for {command.minutes:g} min, until {iso(until)}", None
         if isinstance(command, Unmute):
-            d.muted_until = 0.0
-            d.emit_state()
+            d.unmute()
             return "unmuted", None
         if isinstance(command, SetThreshold):
             low, high = threshold_bounds(d.bundle.threshold)
             if not low <= command.value <= high:
                 raise CommandError(f"value must be within [{low:.6g}, {high:.6g}]")
-            d.pipeline.events.threshold = command.value
-            d.emit_state()
+            d.set_threshold(command.value)
             return f"threshold set to {command.value:.6g}", None
         if isinstance(command, ReloadModel):
-            return self._reload_model(command.path), None
+            target = self._allowed(command.path) if command.path else d.settings.model
+            return self._reload_model(target), None
         if isinstance(command, Status):
-            return "status", self.status()
+            return "status", d.status()
         raise CommandError(f"unknown command {command!r}")  # pragma: no cover - union is closed
 
-    def _reload_model(self, path: Path | None) -> str:
+    def _allowed(self, path: Path) -> Path:
+        """A bundle name in a models folder, or a path inside one; anything else is refused."""
+        folders = self.detector.settings.model_folders
+        if len(path.parts) == 1 and path.name not in ("", ".", ".."):
+            candidates = [f / path for f in folders]
+            found = next((c for c in candidates if c.exists()), None)
+            if found is None:
+                raise CommandError(f"no bundle named {path.name!r} in the models folder")
+            path = found
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise CommandError(f"model path not usable: {' '.join(str(exc).split())}") from None
+        for folder in folders:
+            try:
+                base = folder.resolve(strict=True)
+            except (OSError, RuntimeError):
+                continue
+            if real != base and real.is_relative_to(base):
+                return real
+        where = ", ".join(str(f) for f in folders)
+        raise CommandError(f"model path refused: bundles load only from {where}")
+
+    def _reload_model(self, target: Path | None) -> str:
         d = self.detector
-        target = path or d.settings.model
         if target is None:
             raise CommandError("no model path given and none configured")
+        bundle = self._load(target)
+        d.use_bundle(bundle)
+        return f"loaded {bundle.model_id}"
+
+    def _load(self, target: Path) -> Bundle:
+        d = self.detector
         try:
             bundle = load_bundle(target)
         except SoundSentryError as exc:
@@ -99,9 +130,7 @@ class Controller:
                 f"model not loaded, keeping {d.bundle.model_id}: its features differ "
                 "(restart the daemon to switch feature settings)"
             )
-        d.use_bundle(bundle)
-        d.emit_state()
-        return f"loaded {bundle.model_id}"
+        return bundle
 
     def reload(self) -> None:
         """SIGHUP: re-read settings and the model; on any error keep what runs."""
@@ -116,38 +145,26 @@ class Controller:
         old = d.settings
         if new.mqtt != old.mqtt or new.audio != old.audio or new.device_id != old.device_id:
             log.warning("reload: [mqtt], [audio] and device_id changes apply after a restart")
-        d.settings = old.model_copy(
-            update={
-                "detector": new.detector,
-                "model": new.model,
-                "clips": new.clips,
-                "health": new.health,
-            }
+        d.apply_settings(
+            old.model_copy(
+                update={
+                    "detector": new.detector,
+                    "model": new.model,
+                    "models_dir": new.models_dir,
+                    "clips": new.clips,
+                    "health": new.health,
+                }
+            )
         )
         try:
             detail = self._reload_model(new.model)
             log.info("reload: %s", detail)
         except CommandError as exc:
             log.error("reload: %s", exc)
-            d.use_bundle(d.bundle)  # apply the new detector settings to the current model
 
     def status(self) -> dict[str, Any]:
         """A status report."""
-        d = self.detector
-        depth, dropped = d.spool_stats()
-        return {
-            "state": d.current_state(),
-            "model": d.bundle.model_id,
-            "threshold": d.pipeline.threshold,
-            "calibrated_threshold": d.bundle.threshold,
-            "muted_until": iso(d.muted_until) if d.muted else None,
-            "faults": sorted(d.health.active),
-            "windows_scored": d.metrics.windows,
-            "uptime_s": round(d.metrics.uptime_s, 1),
-            "spool_depth": depth,
-            "spool_dropped": dropped,
-            "level_dbfs": round(d.health.level, 1),
-        }
+        return self.detector.status()
 
     def _reply(
         self,

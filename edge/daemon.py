@@ -21,7 +21,7 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.clips import ClipRecorder
 from edge.events import Transition
-from edge.health import AudioHealth, HealthChange
+from edge.health import INVALID, AudioHealth, HealthChange
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -32,14 +32,20 @@ from edge.messages import (
 )
 from edge.metrics import Metrics, cpu_temperature_c, throttled
 from edge.pipeline import Pipeline, Step
+from edge.private import private_dir
 from edge.scoring import Explainer
 from edge.sdnotify import SystemdNotifier
 from edge.settings import Settings
+from edge.sources import NewStream
 
 log = logging.getLogger(__name__)
 
 WATCHDOG_FRESH_S = 5.0
 """WATCHDOG=1 is sent only if a window was scored within this many seconds."""
+WORK_QUEUE_MAX = 64
+"""Commands and reloads waiting for the loop; beyond this a flood is shed and counted."""
+WORK_PER_TICK = 8
+"""Most queued commands run between two audio blocks, so a flood never stalls the audio."""
 
 
 class Sink:
@@ -106,17 +112,20 @@ class Detector:
         on_step: Callable[[Step], None] | None = None,
         clock: Callable[[], float] = time.time,
         notifier: SystemdNotifier | None = None,
+        spool_stats: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.settings = settings
-        self.sinks = list(sinks)
+        self.sinks = tuple(sinks)
         self.on_step = on_step
         self.clock = clock
         self.notifier = notifier or SystemdNotifier()
         self.metrics = Metrics()
-        self.work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._work: queue.Queue[Callable[[], None]] = queue.Queue(WORK_QUEUE_MAX)
+        self.commands_shed = 0
         self.source_stats: Callable[[], dict[str, int]] = dict
-        self.spool_stats: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self.spool_stats: Callable[[], tuple[int, int]] = spool_stats or (lambda: (0, 0))
         self.muted_until = 0.0
+        self._threshold: float | None = None
         self._stop = threading.Event()
         self._samples = 0
         self._origin = clock()
@@ -131,6 +140,8 @@ class Detector:
         h = settings.health
         self.health = AudioHealth(rate, h.fault_seconds, h.clip_fraction)
         c = settings.clips
+        if c.enabled:
+            private_dir(settings.data_dir)
         self.clips = (
             ClipRecorder(
                 settings.data_dir / "clips",
@@ -148,16 +159,97 @@ class Detector:
     # --- model -----------------------------------------------------------------------------
 
     def use_bundle(self, bundle: Bundle) -> None:
-        """Switch to a (validated) bundle; an open anomaly is ended first."""
+        """Switch to a (validated) bundle; an open anomaly is ended first and a threshold
+        set by command is dropped (it belonged to the old model)."""
         self.close_event()
+        self._threshold = None
         self._load(bundle)
+        self.emit_state()
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Take new settings (reload); the pipeline is rebuilt with the new detector settings."""
+        self.close_event()
+        self.settings = settings
+        self._load(self.bundle)
 
     def _load(self, bundle: Bundle) -> None:
         """Build the pipeline and explainer of a bundle; stream time restarts at this sample."""
         self.bundle = bundle
         self.pipeline = Pipeline(bundle, self.settings.detector)
+        if self._threshold is not None:
+            self.pipeline.events.threshold = self._threshold
         self.explainer = Explainer(bundle)
+        self._band_sum, self._band_n = None, 0
         self._base = self._samples
+
+    # --- remote control --------------------------------------------------------------------
+
+    def mute(self, minutes: float) -> float:
+        """Silence anomaly events for `minutes`; an open anomaly ends. Returns the end time."""
+        self.close_event()
+        self.muted_until = self.clock() + minutes * 60
+        self.emit_state()
+        return self.muted_until
+
+    def unmute(self) -> None:
+        """End a mute now."""
+        self.muted_until = 0.0
+        self.emit_state()
+
+    def set_threshold(self, value: float) -> None:
+        """Use `value` as the threshold until another model is loaded."""
+        self._threshold = value
+        self.pipeline.events.threshold = value
+        self.emit_state()
+
+    @property
+    def threshold(self) -> float:
+        """The threshold in force."""
+        return self.pipeline.threshold
+
+    def submit(self, work: Callable[[], None]) -> bool:
+        """From any thread: queue work for the loop. A full queue sheds it (counted)."""
+        try:
+            self._work.put_nowait(work)
+            return True
+        except queue.Full:
+            self.commands_shed += 1
+            if self.commands_shed == 1 or self.commands_shed % 100 == 0:
+                log.warning("command queue full: %d command(s) shed so far", self.commands_shed)
+            return False
+
+    def run_pending(self, limit: int = WORK_PER_TICK) -> int:
+        """Run up to `limit` queued items on this thread; a failing item is logged, not raised."""
+        done = 0
+        while done < limit:
+            try:
+                work = self._work.get_nowait()
+            except queue.Empty:
+                break
+            done += 1
+            try:
+                work()
+            except Exception as exc:  # one bad command must never stop the monitor
+                log.error("command failed: %s: %s", type(exc).__name__, " ".join(str(exc).split()))
+        return done
+
+    def status(self) -> dict[str, Any]:
+        """A status report."""
+        depth, dropped = self.spool_stats()
+        return {
+            "state": self.current_state(),
+            "model": self.bundle.model_id,
+            "threshold": self.threshold,
+            "calibrated_threshold": self.bundle.threshold,
+            "muted_until": iso(self.muted_until) if self.muted else None,
+            "faults": sorted(self.health.active),
+            "windows_scored": self.metrics.windows,
+            "uptime_s": round(self.metrics.uptime_s, 1),
+            "spool_depth": depth,
+            "spool_dropped": dropped,
+            "commands_shed": self.commands_shed,
+            "level_dbfs": round(self.health.level, 1),
+        }
 
     @property
     def windows(self) -> int:
@@ -178,7 +270,9 @@ class Detector:
         self._emit_health(None)
         try:
             for block in source:
-                if block is not None:
+                if isinstance(block, NewStream):
+                    self.new_stream()
+                elif block is not None:
                     self.feed(block)
                 self.tick()
                 if self._stop.is_set():
@@ -195,9 +289,13 @@ class Detector:
         self._last_block = now
         for change in self.health.push(block):
             self._emit_health(change)
+        if INVALID in self.health.active:
+            block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
         if self.clips:
             self.clips.push(block)
-        steps = self.pipeline.push(block, detect=not self.muted)
+        steps = self.pipeline.push(
+            block, detect=not self.muted and INVALID not in self.health.active
+        )
         self._samples += len(block)
         for step in steps:
             self.metrics.window_scored(step.elapsed_s)
@@ -218,8 +316,7 @@ class Detector:
         if now - self._last_block > stall:
             for change in self.health.stalled(f"no audio for {stall:g} s"):
                 self._emit_health(change)
-        while not self.work.empty():
-            self.work.get_nowait()()
+        self.run_pending()
         if self.muted_until and self.clock() >= self.muted_until:
             self.muted_until = 0.0
             log.info("mute ended")
@@ -238,6 +335,12 @@ class Detector:
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.mqtt.metrics_interval_seconds
             self._emit_metrics()
+
+    def new_stream(self) -> None:
+        """A new, unrelated stream follows (the next replayed file): the open anomaly ends
+        where the last one stopped, and windowing and event logic start afresh."""
+        self.close_event()
+        self._load(self.bundle)
 
     def finish(self) -> None:
         """End an open anomaly and mark the state stopped."""
@@ -266,7 +369,7 @@ class Detector:
         return self._origin + self._base / self._rate + stream_s
 
     def _track_bands(self, step: Step) -> None:
-        if self.bundle.manifest.kind == "classifier":
+        if not self.explainer.enabled:
             return
         if self.pipeline.events.active and not step.dead:
             err = step.window.band_error
@@ -331,9 +434,7 @@ class Detector:
             return "fault"
         if self.muted:
             return "muted"
-        if self.bundle.manifest.kind == "classifier":
-            return "normal"
-        return "anomaly" if self.pipeline.events.active else "normal"
+        return self.pipeline.events.state
 
     def emit_state(self, state: str | None = None) -> None:
         """Send the current state (or `state`) to every sink."""
@@ -347,7 +448,7 @@ class Detector:
             level_dbfs=round(self.health.level, 1),
             event_id=self.pipeline.events.event_id,
             muted_until=iso(self.muted_until) if self.muted else None,
-            label=getattr(self.pipeline.events, "label", None),
+            label=self.pipeline.events.label,
         )
         for sink in self.sinks:
             sink.state(message)
@@ -358,6 +459,8 @@ class Detector:
             log.log(level, "audio %s: %s (%s)", change.kind, change.fault, change.detail)
             if change.kind == "fault":
                 self.close_event()
+            elif change.fault == INVALID:  # windows holding the bad samples are not scored
+                self.pipeline.reset()
         message = HealthMessage(
             status="ok" if self.health.ok else "fault",
             device_id=self.settings.device_id,
@@ -391,6 +494,7 @@ class Detector:
             level_dbfs=round(self.health.level, 1),
             spool_depth=spool_depth,
             spool_dropped=spool_dropped,
+            commands_shed=self.commands_shed,
             cpu_temp_c=cpu_temperature_c(),
             throttled=throttled(),
         )

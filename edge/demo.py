@@ -69,8 +69,12 @@ def run_demo(realtime: bool = True, stream: TextIO | None = None) -> Detector:
         f"{bundle.features.hop_seconds:g} s; '|' marks the threshold "
         f"{bundle.threshold:.4g}.\n"
     )
-    detector = Detector(settings, bundle, [ConsoleSink(out)])
-    detector.on_step = lambda step: out.write(meter_line(step, detector.pipeline.threshold) + "\n")
+    detector = Detector(
+        settings,
+        bundle,
+        [ConsoleSink(out)],
+        on_step=lambda step: out.write(meter_line(step, detector.threshold) + "\n"),
+    )
     detector.run(source)
     out.write(f"done: {detector.windows} windows scored.\n")
     out.flush()

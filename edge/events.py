@@ -6,6 +6,14 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_K = 2
+"""Windows above the threshold, among the last N, that start an event."""
+DEFAULT_N = 3
+"""Recent windows the K are counted over."""
+DEFAULT_M = 4
+"""Consecutive windows below the threshold that end an event."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +37,9 @@ class EventDetector:
     def __init__(
         self,
         threshold: float,
-        k: int = 2,
-        n: int = 3,
-        m: int = 4,
+        k: int = DEFAULT_K,
+        n: int = DEFAULT_N,
+        m: int = DEFAULT_M,
         update_s: float = 10.0,
         cooldown_s: float = 0.0,
     ) -> None:
@@ -56,7 +64,22 @@ class EventDetector:
         """Id of the open anomaly, if any."""
         return self._event.event_id if self._event else None
 
-    def update(self, score: float, start_s: float, end_s: float) -> Transition | None:
+    @property
+    def label(self) -> str | None:
+        """Anomaly events carry no label."""
+        return None
+
+    @property
+    def state(self) -> str:
+        """'anomaly' while an event is open, else 'normal'."""
+        return "anomaly" if self._event is not None else "normal"
+
+    def update(self, window: Any, start_s: float, end_s: float) -> list[Transition]:
+        """Tracker interface: feed one scored window; return the transitions it causes."""
+        t = self.feed(window.score, start_s, end_s)
+        return [t] if t is not None else []
+
+    def feed(self, score: float, start_s: float, end_s: float) -> Transition | None:
         """Feed one window's score and its time span; return a transition if one happens."""
         if self._event is None and end_s <= self._quiet_until:
             return None
@@ -131,7 +154,9 @@ class ClassTracker:
     `k` of the last `n` confident windows (probability >= `threshold`) agree on it; the old
     label's event ends and the new one's starts."""
 
-    def __init__(self, labels: list[str], threshold: float = 0.5, k: int = 2, n: int = 3) -> None:
+    def __init__(
+        self, labels: list[str], threshold: float = 0.5, k: int = DEFAULT_K, n: int = DEFAULT_N
+    ) -> None:
         if not 1 <= k <= n:
             raise ValueError(f"need 1 <= k <= n, got k={k} n={n}")
         self.labels = labels
@@ -151,9 +176,16 @@ class ClassTracker:
         """Id of the current label's event."""
         return self._event.event_id if self._event else None
 
-    def update(
-        self, confidence: float, label: str, start_s: float, end_s: float
-    ) -> list[Transition]:
+    @property
+    def state(self) -> str:
+        """A class change is news, not an anomaly: the machine state stays 'normal'."""
+        return "normal"
+
+    def update(self, window: Any, start_s: float, end_s: float) -> list[Transition]:
+        """Tracker interface: feed one scored window (its top label and probability)."""
+        return self.feed(window.score, window.label or "", start_s, end_s)
+
+    def feed(self, confidence: float, label: str, start_s: float, end_s: float) -> list[Transition]:
         """Feed one window's top label and its probability; return end/start on a change."""
         self._recent.append(label if confidence >= self.threshold else None)
         if label == self.label and confidence >= self.threshold and self._event:

@@ -18,6 +18,12 @@ FRONTEND = "logmel-v1"
 """Name of the feature recipe; a bundle naming another recipe is refused."""
 
 
+MAX_SAMPLERATE = 384_000
+MAX_FFT = 1 << 16
+MAX_MELS = 512
+MAX_WINDOW_SECONDS = 60.0
+
+
 @dataclass(frozen=True)
 class FeatureParams:
     """Everything that defines the features a model was trained on (stored in the bundle)."""
@@ -50,6 +56,16 @@ class FeatureParams:
             )
         if self.samplerate <= 0 or self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
             raise ValueError("samplerate, n_fft, hop_length and n_mels must be positive")
+        if not (
+            self.samplerate <= MAX_SAMPLERATE
+            and self.n_fft <= MAX_FFT
+            and self.n_mels <= MAX_MELS
+            and 0 < self.window_seconds <= MAX_WINDOW_SECONDS
+        ):
+            raise ValueError(
+                f"feature sizes out of range (samplerate <= {MAX_SAMPLERATE}, n_fft <= {MAX_FFT},"
+                f" n_mels <= {MAX_MELS}, window_seconds <= {MAX_WINDOW_SECONDS})"
+            )
         if self.window_samples < self.n_fft:
             raise ValueError("an analysis window must hold at least one FFT frame")
         if not 0 < self.hop_samples <= self.window_samples:

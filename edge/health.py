@@ -20,8 +20,14 @@ CLIP_LEVEL = 0.999
 LEVEL_FLOOR_DBFS = -120.0
 
 
+INVALID = "invalid samples"
+"""The fault name for NaN or infinite samples (a broken driver, file or resampler)."""
+
+
 def level_dbfs(block: np.ndarray) -> float:
-    """RMS level of a block in dB relative to full scale."""
+    """RMS level of a block in dB relative to full scale (non-finite samples ignored)."""
+    if len(block) and not np.all(np.isfinite(block)):
+        block = block[np.isfinite(block)]
     rms = float(np.sqrt(np.mean(np.square(block, dtype=np.float64)))) if len(block) else 0.0
     return max(LEVEL_FLOOR_DBFS, 20 * math.log10(rms)) if rms > 0 else LEVEL_FLOOR_DBFS
 
@@ -43,7 +49,7 @@ class HealthChange:
 class AudioHealth:
     """Tracks how long the input has been silent, flat or clipping and raises faults."""
 
-    FAULTS = ("silence", "flatline", "clipping", "stalled")
+    FAULTS = ("silence", "flatline", "clipping", "stalled", INVALID)
 
     def __init__(
         self, samplerate: int, fault_seconds: float = 5.0, clip_fraction: float = 0.01
@@ -58,11 +64,13 @@ class AudioHealth:
     def push(self, block: np.ndarray) -> list[HealthChange]:
         """Inspect one block of audio; return faults raised or cleared by it."""
         seconds = len(block) / self.samplerate
+        changes = self._check_finite(block)
+        if INVALID in self.active:
+            block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
         self.level = level_dbfs(block)
         silent = is_silent(block)
         flat = not silent and float(np.ptp(block)) < FLAT_RANGE if len(block) else False
         clipped = float(np.mean(np.abs(block) >= CLIP_LEVEL)) > self.clip_fraction
-        changes = []
         for fault, present in (("silence", silent), ("flatline", flat), ("clipping", clipped)):
             self._run[fault] = self._run[fault] + seconds if present else 0.0
             if self._run[fault] >= self.fault_seconds and fault not in self.active:
@@ -75,6 +83,18 @@ class AudioHealth:
             self.active.discard("stalled")
             changes.append(HealthChange("recovered", "stalled", "audio is flowing again"))
         return changes
+
+    def _check_finite(self, block: np.ndarray) -> list[HealthChange]:
+        """NaN or infinite samples are a fault at once; the first finite block clears it."""
+        bad = int(np.count_nonzero(~np.isfinite(block))) if len(block) else 0
+        if bad and INVALID not in self.active:
+            self.active.add(INVALID)
+            detail = f"{bad} of {len(block)} samples are NaN or infinite: broken input"
+            return [HealthChange("fault", INVALID, detail)]
+        if not bad and INVALID in self.active:
+            self.active.discard(INVALID)
+            return [HealthChange("recovered", INVALID, "samples are finite again")]
+        return []
 
     def stalled(self, detail: str) -> list[HealthChange]:
         """The stream stopped delivering blocks (or the device vanished)."""

@@ -36,16 +36,6 @@ class _Payload:
 
 
 @dataclass(frozen=True)
-class Band:
-    """A frequency range whose energy deviates from normal, as an explanation of an anomaly."""
-
-    low_hz: float
-    high_hz: float
-    deviation: float
-    """How many normal standard deviations the band's error is above its normal mean."""
-
-
-@dataclass(frozen=True)
 class EventMessage(_Payload):
     """An anomaly: `start` when it begins, `update` periodically while it lasts, `end` after."""
 
@@ -117,6 +107,7 @@ class MetricsMessage(_Payload):
     level_dbfs: float | None
     spool_depth: int
     spool_dropped: int
+    commands_shed: int = 0
     cpu_temp_c: float | None = None
     throttled: str | None = None
     schema: int = field(default=SCHEMA)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.bundle import Bundle
-from edge.events import ClassTracker, EventDetector, Transition
+from edge.detectors.base import Tracker, WindowScore
+from edge.detectors.registry import plugin_for
+from edge.events import Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
 from edge.health import FLAT_RANGE, is_silent
-from edge.scoring import Scorer, WindowScore
 from edge.settings import DetectorSettings
 
 
@@ -48,23 +49,10 @@ class Pipeline:
         p = bundle.features
         self.buffer = WindowBuffer(p.window_samples, p.hop_samples)
         self.logmel = LogMel(p)
-        self.scorer = Scorer.from_bundle(bundle)
+        plugin = plugin_for(bundle.manifest)
+        self.scorer = plugin.scorer(bundle)
         threshold = detector.threshold if detector.threshold is not None else bundle.threshold
-        self.events: EventDetector | ClassTracker
-        if bundle.manifest.kind == "classifier":
-            labels = bundle.manifest.labels or []
-            self.events = ClassTracker(
-                labels, threshold, detector.trigger_windows, detector.trigger_of
-            )
-        else:
-            self.events = EventDetector(
-                threshold,
-                detector.trigger_windows,
-                detector.trigger_of,
-                detector.release_windows,
-                update_s=detector.update_seconds,
-                cooldown_s=detector.cooldown_seconds,
-            )
+        self.events: Tracker = plugin.tracker(bundle, detector, threshold)
         self._rate = p.samplerate
         self._length_s = p.window_samples / self._rate
 
@@ -85,15 +73,9 @@ class Pipeline:
             dead = is_silent(window.samples) or float(np.ptp(window.samples)) < FLAT_RANGE
             found: tuple[Transition, ...] = ()
             if detect and not dead:
-                found = self._detect(scored, start_s, end_s)
+                found = tuple(self.events.update(scored, start_s, end_s))
             steps.append(Step(scored, start_s, end_s, found, dead, elapsed))
         return steps
-
-    def _detect(self, scored: WindowScore, start_s: float, end_s: float) -> tuple[Transition, ...]:
-        if isinstance(self.events, ClassTracker):
-            return tuple(self.events.update(scored.score, scored.label or "", start_s, end_s))
-        t = self.events.update(scored.score, start_s, end_s)
-        return (t,) if t else ()
 
     def reset(self) -> None:
         """Drop buffered audio (after a gap in the stream)."""
@@ -102,8 +84,3 @@ class Pipeline:
     def close(self) -> Transition | None:
         """End an open anomaly (end of stream, mute, reload or shutdown)."""
         return self.events.close()
-
-    @property
-    def samples_seen(self) -> int:
-        """Samples pushed so far."""
-        return self.buffer.samples_seen

@@ -85,6 +85,7 @@ class MqttPublisher:
         self._early_acks: set[int] = set()
         self._handed = 0
         self._last_refusal = ""
+        self._warned_retained = False
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.will_set(topics.availability, OFFLINE, qos=1, retain=True)
         self.client.reconnect_delay_set(RECONNECT_MIN_S, int(settings.reconnect_max_seconds))
@@ -143,6 +144,16 @@ class MqttPublisher:
                 self._publish_discovery()
                 self._publish_retained()
         elif msg.topic == self.topics.command and self.on_command:
+            if msg.retain:  # a stored command would run again at every start: never obey one
+                if not self._warned_retained:
+                    log.warning(
+                        "MQTT: ignoring a retained command on %s (commands are never retained; "
+                        "clear it with: mosquitto_pub -r -n -t %s)",
+                        msg.topic,
+                        msg.topic,
+                    )
+                self._warned_retained = True
+                return
             self.on_command(msg.payload)
 
     # --- spool sender ----------------------------------------------------------------------

@@ -74,10 +74,16 @@ class TfliteModel:
         self._in = self._interp.get_input_details()[0]
         self._out = self._interp.get_output_details()[0]
         self.input_shape = tuple(int(d) for d in self._in["shape"])
+        self.output_shape = tuple(int(d) for d in self._out["shape"])
         self.input_dtype = np.dtype(self._in["dtype"])
         self.output_dtype = np.dtype(self._out["dtype"])
         self.input_quant = _quant(self._in)
         self.output_quant = _quant(self._out)
+
+    @property
+    def output_size(self) -> int:
+        """Values in one output (classes of a classifier)."""
+        return int(np.prod(self.output_shape))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Run one batch (shape = input_shape) of float input; return float output."""

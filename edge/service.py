@@ -32,14 +32,28 @@ def run_detector(
     reload_settings: Callable[[], Settings] | None = None,
 ) -> Detector:
     """Run the detector over `source` until it ends or SIGTERM/SIGINT; publish if configured."""
-    sinks: list[Sink] = [JsonLinesSink()] if print_events else []
-    detector = Detector(settings, bundle, sinks)
-    controller = Controller(detector, reload_settings)
-    publisher = _publisher(settings, bundle, controller) if settings.mqtt.host else None
+    controller: Controller | None = None
+
+    def on_command(payload: bytes) -> None:
+        if controller is not None:  # commands before the loop exists wait for a resend
+            controller.submit_payload(payload)
+
+    publisher = _publisher(settings, bundle, on_command) if settings.mqtt.host else None
+    sinks: list[Sink] = []
     if publisher is not None:
-        detector.sinks.insert(0, MqttSink(publisher))  # spooled durably before it is printed
-        spool = publisher.spool
-        detector.spool_stats = lambda: (spool.depth(), spool.dropped)
+        sinks.append(MqttSink(publisher))  # spooled durably before it is printed
+    if print_events:
+        sinks.append(JsonLinesSink())
+    spool = publisher.spool if publisher is not None else None
+    detector = Detector(
+        settings,
+        bundle,
+        sinks,
+        spool_stats=(lambda: (spool.depth(), spool.dropped)) if spool is not None else None,
+    )
+    controller = Controller(detector, reload_settings)
+    if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
+        log.warning("MQTT: broker not reachable yet; events are spooled until it is")
 
     def stop() -> None:
         detector.stop()
@@ -56,7 +70,8 @@ def run_detector(
     return detector
 
 
-def _publisher(settings: Settings, bundle: Bundle, controller: Controller) -> Any:
+def _publisher(settings: Settings, bundle: Bundle, on_command: Callable[[bytes], None]) -> Any:
+    """The MQTT publisher with its durable spool and discovery, not yet connected."""
     from edge.discovery import discovery_configs
     from edge.publish import MqttPublisher
     from edge.spool import Spool
@@ -68,16 +83,10 @@ def _publisher(settings: Settings, bundle: Bundle, controller: Controller) -> An
     if spool.depth():
         log.info("spool: %d message(s) from an earlier run will be delivered", spool.depth())
     publisher = MqttPublisher(
-        settings.mqtt,
-        topics,
-        f"soundsentry-{settings.device_id}",
-        spool,
-        on_command=controller.submit_payload,
+        settings.mqtt, topics, f"soundsentry-{settings.device_id}", spool, on_command=on_command
     )
     if settings.mqtt.discovery:
         publisher.set_discovery(discovery_configs(topics, bundle.model_id))
-    if not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
-        log.warning("MQTT: broker not reachable yet; events are spooled until it is")
     return publisher
 
 

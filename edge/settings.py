@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from edge.errors import SettingsError
+from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N
 
 _TOPIC_SAFE = r"^[^/+#\s]+$"
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
@@ -89,9 +90,11 @@ class MqttSettings(_Section):
 class DetectorSettings(_Section):
     """Event logic: K of the last N windows above the threshold start an anomaly; M below end it."""
 
-    trigger_windows: int = Field(2, ge=1, le=100, description="K: windows above to start.")
-    trigger_of: int = Field(3, ge=1, le=100, description="N: how many recent windows count.")
-    release_windows: int = Field(4, ge=1, le=1000, description="M: windows below to end.")
+    trigger_windows: int = Field(DEFAULT_K, ge=1, le=100, description="K: windows above to start.")
+    trigger_of: int = Field(
+        DEFAULT_N, ge=1, le=100, description="N: how many recent windows count."
+    )
+    release_windows: int = Field(DEFAULT_M, ge=1, le=1000, description="M: windows below to end.")
     threshold: float | None = Field(
         None, gt=0.0, description="Override the bundle's threshold; unset = the bundle's."
     )
@@ -169,6 +172,11 @@ class Settings(BaseSettings):
         default_factory=_default_data_dir,
         description="Spool and evidence clips; default: $STATE_DIRECTORY or ~/.local/state.",
     )
+    models_dir: Path | None = Field(
+        None,
+        description="Where reload_model may load bundles from (besides the configured "
+        "model's folder); unset = {data_dir}/models.",
+    )
     state_interval_seconds: float = Field(
         10.0, ge=1.0, le=3600.0, description="Interval of the retained state (score, level)."
     )
@@ -177,6 +185,14 @@ class Settings(BaseSettings):
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
     clips: ClipSettings = Field(default_factory=ClipSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+
+    @property
+    def model_folders(self) -> list[Path]:
+        """Folders a remote reload_model may load bundles from."""
+        folders = [self.models_dir or self.data_dir / "models"]
+        if self.model is not None:
+            folders.append(self.model.parent)
+        return folders
 
     @classmethod
     def settings_customise_sources(

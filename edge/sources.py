@@ -17,8 +17,17 @@ READ_SECONDS = 1.0
 """Audio read from disk at a time (memory stays flat however long the files are)."""
 
 
+class NewStream:
+    """Yielded between files replayed as separate streams: what follows is unrelated audio."""
+
+
+NEW_STREAM = NewStream()
+
+
 class FileSource:
-    """Files played back to back as one stream of mono blocks at the model's rate."""
+    """Files as mono blocks at the model's rate. Each file is its own stream (a `NewStream`
+    marker between files), unless `continuous`: then they play back to back as one stream,
+    with a jump at every boundary that no microphone would hear."""
 
     def __init__(
         self,
@@ -27,11 +36,13 @@ class FileSource:
         channel: int = 0,
         block_seconds: float = 0.1,
         realtime: bool = False,
+        continuous: bool = False,
     ) -> None:
         self.samplerate = samplerate
         self.channel = channel
         self.block = max(1, int(block_seconds * samplerate))
         self.realtime = realtime
+        self.continuous = continuous
         # Check every file first: a bad one fails before any event is raised.
         self.files = [Path(f) for f in files]
         self._frames = [check_readable(f, channel) for f in self.files]
@@ -67,10 +78,12 @@ class FileSource:
             if len(pending):
                 yield pending
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[np.ndarray | NewStream]:
         t0 = time.monotonic()
         sent = 0
-        for path in self.files:
+        for i, path in enumerate(self.files):
+            if i and not self.continuous:
+                yield NEW_STREAM
             for block in self._file_blocks(path):
                 if self.realtime:
                     due = t0 + (sent + len(block)) / self.samplerate

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.private import private_dir, private_file
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -46,7 +48,8 @@ class Spool:
     def __init__(self, path: Path, max_messages: int = 10000) -> None:
         self.path = path
         self.max_messages = max_messages
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
+        private_file(path)  # SQLite gives its -wal and -shm files the database's mode
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

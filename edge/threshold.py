@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.events import EventDetector
+from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N, EventDetector
 
 RULE = "false-alarm-budget/gamma"
 SECONDS_PER_HOUR = 3600.0
@@ -130,7 +130,7 @@ def false_alarms_per_hour(
     detector = EventDetector(threshold, k, n, m, update_s=float("inf"))
     starts = 0
     for i, score in enumerate(np.asarray(scores, np.float64)):
-        t = detector.update(float(score), i * hop_s, i * hop_s + hop_s)
+        t = detector.feed(float(score), i * hop_s, i * hop_s + hop_s)
         starts += t is not None and t.kind == "start"
     hours = len(scores) * hop_s / SECONDS_PER_HOUR
     return starts / hours if hours > 0 else 0.0
@@ -139,9 +139,9 @@ def false_alarms_per_hour(
 def threshold_for_budget(
     scores: np.ndarray,
     false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
-    k: int = 2,
-    n: int = 3,
-    m: int = 4,
+    k: int = DEFAULT_K,
+    n: int = DEFAULT_N,
+    m: int = DEFAULT_M,
     hop_s: float = 0.5,
 ) -> tuple[float, dict]:
     """Threshold meeting the budget on these normal scores, and the parameters of the rule."""

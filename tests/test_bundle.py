@@ -1,17 +1,36 @@
-"""Model bundles: round trip, and refusal of corrupt or incompatible bundles."""
+"""Model bundles: format 2 round trip, format 1 still loads and scores identically, and a
+table of crafted bundles each refused with one line while nothing hangs."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import AE_BUNDLE, DEMO_BUNDLE, NORMAL_FILES, cli
+from conftest import AE_BUNDLE, DATA, DEMO_BUNDLE, NORMAL_FILES, cli
 
-from edge.bundle import MANIFEST, MODEL_INT8, load_bundle, manifest_checksum, read_manifest
+from edge.audio_io import read_audio
+from edge.bundle import (
+    ARRAYS,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    MODEL_INT8,
+    load_bundle,
+    manifest_checksum,
+    read_manifest,
+    sha256_bytes,
+)
 from edge.errors import BundleError
-from edge.features import FeatureParams
+from edge.features import FeatureParams, windows_of
+from edge.scoring import Scorer
+
+V1_BUNDLE = DATA / "fan-demo-v1.bundle"
+"""The default detector as shipped in bundle format 1 (arrays inline in the manifest)."""
 
 
 @pytest.fixture
@@ -21,11 +40,19 @@ def copy(tmp_path: Path) -> Path:
     return dst
 
 
-def edit_manifest(bundle: Path, change: dict, rechecksum: bool) -> None:
+@pytest.fixture
+def stats(tmp_path: Path) -> Path:
+    dst = tmp_path / "stats.bundle"
+    shutil.copytree(DEMO_BUNDLE, dst)
+    return dst
+
+
+def edit_manifest(bundle: Path, change: dict, rechecksum: bool = True) -> None:
     data = json.loads((bundle / MANIFEST).read_text())
     for dotted, value in change.items():
         node = data
-        *parents, leaf = dotted.split(".")
+        # file and array names hold dots themselves
+        *parents, leaf = dotted.split(".", 1 if dotted.startswith(("files.", "arrays.")) else -1)
         for p in parents:
             node = node[p]
         node[leaf] = value
@@ -34,67 +61,188 @@ def edit_manifest(bundle: Path, change: dict, rechecksum: bool) -> None:
     (bundle / MANIFEST).write_text(json.dumps(data))
 
 
+def edit_array(bundle: Path, name: str, value: np.ndarray) -> None:
+    """Replace one array in arrays.npz and re-hash it, so only validation can refuse it."""
+    with np.load(bundle / ARRAYS, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays[name] = value
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (bundle / ARRAYS).write_bytes(buf.getvalue())
+    edit_manifest(
+        bundle,
+        {f"files.{ARRAYS}": sha256_bytes(buf.getvalue()), f"arrays.{name}": list(value.shape)},
+    )
+
+
 def test_bundle_round_trip() -> None:
     b = load_bundle(AE_BUNDLE)
     m = b.manifest
+    assert b.source_format == 2 and m.format_version == 2
     assert b.features == FeatureParams.from_dict(m.features) == FeatureParams()
     assert b.model.input_shape == (1, 30, 64, 1)
     assert m.input.dtype == "int8" and m.input.scale and m.input.zero_point is not None
     assert m.threshold.value > 0 and m.threshold.rule
     assert m.normal_scores.n_windows > 0 and m.training.seconds > 0 and m.training.files
+    assert all("/" not in f.name for f in m.training.files)
     assert {"tensorflow", "numpy", "soundsentry"} <= set(m.versions)
+    assert b.array("normalization.std").shape == (64,)
     assert (AE_BUNDLE / MODEL_INT8).stat().st_size <= 256 * 1024
     assert load_bundle(AE_BUNDLE, variant="float").model.input_dtype.name == "float32"
 
 
-def test_fluctuation_bundle_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bundle", [AE_BUNDLE, DEMO_BUNDLE])
+def test_shipped_manifests_are_short_and_hold_no_paths(bundle: Path) -> None:
+    text = (bundle / MANIFEST).read_text()
+    assert len(text.splitlines()) < 200
+    assert "/work/" not in text and "/home/" not in text
+
+    def longest(node: object) -> int:
+        if isinstance(node, dict):
+            return max((longest(v) for v in node.values()), default=0)
+        if isinstance(node, list):
+            return max([len(node), *(longest(v) for v in node)])
+        return 0
+
+    assert longest(json.loads(text)) <= 64  # no list longer than the mel bands
+
+
+def test_format_1_bundle_loads_and_scores_identically() -> None:
+    old, new = load_bundle(V1_BUNDLE), load_bundle(DEMO_BUNDLE)
+    assert old.source_format == 1 and new.source_format == 2
+    assert old.model_id == new.model_id and old.threshold == new.threshold
+    windows = windows_of(read_audio(NORMAL_FILES[0], 16000), old.features)  # 5 s: 9 windows
+    a = Scorer.from_bundle(old).score_many(windows)
+    b = Scorer.from_bundle(new).score_many(windows)
+    assert len(a) >= 9 and np.array_equal(a, b)
+    proc = cli("replay", str(V1_BUNDLE), str(NORMAL_FILES[0]))
+    assert proc.returncode == 0
+
+
+def test_fluctuation_bundle_round_trip(stats: Path) -> None:
     b = load_bundle(DEMO_BUNDLE)
-    m = b.manifest
-    assert m.kind == "fluctuation" and b.model is None and m.statistics is not None
-    assert len(m.statistics.precision) == len(m.statistics.center) == b.features.n_mels
-    assert m.threshold.rule == "false-alarm-budget/gamma" and m.threshold.value > 0
-    broken = tmp_path / "broken.bundle"
-    shutil.copytree(DEMO_BUNDLE, broken)
-    edit_manifest(broken, {"statistics.center": [0.0, 1.0]}, True)
+    assert b.model is None and b.manifest.statistics is not None
+    assert b.array("statistics.precision").shape == (64, 64)
+    edit_array(stats, "statistics.center", np.array([0.0, 1.0]))
     with pytest.raises(BundleError, match="inconsistent sizes"):
-        load_bundle(broken)
+        load_bundle(stats)
 
 
-@pytest.mark.parametrize(
-    ("damage", "message"),
-    [
-        (lambda b: (b / MANIFEST).write_text("{not json"), "corrupt manifest"),
-        (lambda b: edit_manifest(b, {"threshold.value": 0.001}, False), "checksum mismatch"),
-        (lambda b: (b / MODEL_INT8).write_bytes(b"\0" * 100), "checksum mismatch"),
-        (lambda b: (b / MODEL_INT8).unlink(), "No such file"),
-        (lambda b: edit_manifest(b, {"features.frontend": "mfcc-v9"}, True), "cannot reproduce"),
-        (lambda b: edit_manifest(b, {"features.n_mels": 40}, True), "does not match"),
-        (lambda b: edit_manifest(b, {"format_version": 99}, True), "bundle format 99"),
-        (lambda b: edit_manifest(b, {"threshold.value": "high"}, True), "threshold.value"),
-    ],
-)
-def test_damaged_bundle_is_refused_with_one_clear_line(copy: Path, damage, message: str) -> None:
+def _symlink_out(b: Path) -> None:
+    (b / MODEL_INT8).unlink()
+    (b / MODEL_INT8).symlink_to("/etc/hostname")
+
+
+def _loop(b: Path) -> None:
+    (b / MANIFEST).unlink()
+    (b / MANIFEST).symlink_to(b / MANIFEST)
+
+
+def _fifo(b: Path) -> None:
+    (b / MANIFEST).unlink()
+    os.mkfifo(b / MANIFEST)
+
+
+def _huge(b: Path) -> None:
+    with open(b / MANIFEST, "ab") as fh:
+        fh.truncate(MAX_MANIFEST_BYTES + 1)
+
+
+def _dev_zero(b: Path) -> None:
+    (b / MANIFEST).unlink()
+    (b / MANIFEST).symlink_to("/dev/zero")
+
+
+# Each crafted bundle: how it is made, and the words of its one-line refusal.
+NETWORK_CASES = [
+    (lambda b: (b / MANIFEST).write_text("{not json"), "corrupt manifest"),
+    (lambda b: (b / MANIFEST).write_text("[" * 100000 + "]" * 100000), "corrupt manifest"),
+    (lambda b: edit_manifest(b, {"threshold.value": 0.001}, False), "checksum mismatch"),
+    (lambda b: (b / MODEL_INT8).write_bytes(b"\0" * 100), "checksum mismatch"),
+    (lambda b: (b / MODEL_INT8).unlink(), "No such file"),
+    (lambda b: edit_manifest(b, {"features.frontend": "mfcc-v9"}), "cannot reproduce"),
+    (lambda b: edit_manifest(b, {"features.n_mels": 40}), "does not match"),
+    (lambda b: edit_manifest(b, {"features.n_mels": 10**9}), "cannot reproduce"),
+    (lambda b: edit_manifest(b, {"format_version": 99}), "bundle format 99"),
+    (lambda b: edit_manifest(b, {"threshold.value": "high"}), "threshold.value"),
+    (lambda b: edit_manifest(b, {"threshold.value": float("nan")}), "threshold.value"),
+    (lambda b: edit_manifest(b, {"threshold.value": float("inf")}), "threshold.value"),
+    (lambda b: edit_manifest(b, {"threshold.value": -1.0}), "threshold.value"),
+    (lambda b: edit_manifest(b, {"threshold.value": 0.0}), "threshold.value"),
+    (lambda b: edit_manifest(b, {"model_id": "fan\nFORGED log line"}), "model_id"),
+    (lambda b: edit_manifest(b, {"model_id": "../../x"}), "model_id"),
+    (lambda b: edit_manifest(b, {"kind": "telepathy"}), "unknown to this version"),
+    (lambda b: edit_manifest(b, {"files.../../etc/passwd": "0" * 64}), "not a plain file"),
+    (lambda b: edit_manifest(b, {"files./etc/passwd": "0" * 64}), "not a plain file"),
+    (lambda b: edit_manifest(b, {f"files.{MODEL_INT8}": "0" * 64}), "checksum mismatch"),
+    (lambda b: edit_array(b, "normalization.std", np.zeros(64)), "must be > 0"),
+    (lambda b: edit_array(b, "normalization.mean", np.full(64, np.nan)), "NaN or infinite"),
+    (lambda b: edit_array(b, "normalization.mean", np.full(64, np.inf)), "NaN or infinite"),
+    (lambda b: edit_array(b, "normalization.mean", np.zeros(7)), "inconsistent sizes"),
+    (lambda b: edit_array(b, "normalization.mean", np.array(["a"] * 64)), "not numeric"),
+    (_symlink_out, "outside the bundle folder"),
+    (_loop, "cannot be opened"),
+    (_fifo, "not a regular file"),
+    (_dev_zero, "outside the bundle folder"),
+    (_huge, "over the"),
+    (lambda b: (b / ARRAYS).write_bytes(b"PK garbage"), "checksum mismatch"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), NETWORK_CASES)
+def test_crafted_bundle_is_refused_with_one_line(copy: Path, damage, message: str) -> None:
     damage(copy)
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            load_bundle(copy)
+            outcome.append(None)
+        except BaseException as exc:  # the assertion below names it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert outcome, "loading the crafted bundle hung"
+    assert isinstance(outcome[0], BundleError), f"{type(outcome[0]).__name__}: {outcome[0]}"
+    assert message in str(outcome[0]) and "\n" not in str(outcome[0])
+
+
+STATISTICS_CASES = [
+    (lambda b: edit_array(b, "statistics.feature_std", np.zeros(64)), "must be > 0"),
+    (lambda b: edit_array(b, "statistics.precision", np.eye(63)), "inconsistent sizes"),
+    (lambda b: edit_array(b, "statistics.center", np.full(64, -np.inf)), "NaN or infinite"),
+    (lambda b: edit_array(b, "statistics.center", np.full((64, 2), 1.0)), "inconsistent sizes"),
+    (lambda b: edit_manifest(b, {"normal_scores.mean": float("nan")}), "normal_scores"),
+    (lambda b: edit_manifest(b, {"score": "reconstruction_mse"}), "is not 'mahalanobis'"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), STATISTICS_CASES)
+def test_crafted_statistics_are_refused(stats: Path, damage, message: str) -> None:
+    damage(stats)
     with pytest.raises(BundleError, match=message):
-        load_bundle(copy)
+        load_bundle(stats)
+
+
+def test_refusal_on_the_command_line_is_one_line(copy: Path) -> None:
+    edit_manifest(copy, {"threshold.value": float("nan")})
     proc = cli("replay", str(copy), str(NORMAL_FILES[0]), check=False)
     assert proc.returncode == 1
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "threshold.value" in proc.stderr
 
 
 def test_tflite_that_is_not_a_model_is_refused(copy: Path) -> None:
     (copy / MODEL_INT8).write_bytes(b"garbage" * 50)
-    edit_manifest(copy, {}, True)
-    data = json.loads((copy / MANIFEST).read_text())
-    from edge.bundle import sha256_bytes
-
-    data["files"][MODEL_INT8] = sha256_bytes((copy / MODEL_INT8).read_bytes())
-    data["checksum"] = manifest_checksum(data)
-    (copy / MANIFEST).write_text(json.dumps(data))
+    edit_manifest(copy, {f"files.{MODEL_INT8}": sha256_bytes((copy / MODEL_INT8).read_bytes())})
     with pytest.raises(BundleError, match="not a loadable TFLite model"):
         load_bundle(copy)
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"no manifest\.json"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).mkdir()
+    with pytest.raises(BundleError, match="not a regular file"):
         read_manifest(tmp_path)

@@ -97,11 +97,11 @@ def test_edge_publishes_class_changes_with_labels(classifier: Path) -> None:
 
 def test_class_tracker_needs_k_of_n_confident_windows() -> None:
     t = ClassTracker(["a", "b"], threshold=0.6, k=2, n=3)
-    assert [x.kind for x in t.update(0.9, "a", 0, 1)] == []
-    assert [(x.kind, x.label) for x in t.update(0.9, "a", 0.5, 1.5)] == [("start", "a")]
-    assert t.update(0.9, "b", 1, 2) == []
-    assert t.update(0.5, "b", 1.5, 2.5) == []  # not confident enough
-    changed = t.update(0.8, "b", 2, 3)
+    assert [x.kind for x in t.feed(0.9, "a", 0, 1)] == []
+    assert [(x.kind, x.label) for x in t.feed(0.9, "a", 0.5, 1.5)] == [("start", "a")]
+    assert t.feed(0.9, "b", 1, 2) == []
+    assert t.feed(0.5, "b", 1.5, 2.5) == []  # not confident enough
+    changed = t.feed(0.8, "b", 2, 3)
     assert [(x.kind, x.label) for x in changed] == [("end", "a"), ("start", "b")]
     assert np.isclose(changed[0].ended_s, 1.5)
     assert t.close().label == "b"

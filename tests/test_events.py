@@ -11,7 +11,7 @@ def run(scores: list[float], **kw: int) -> list[tuple[str, int]]:
     det = EventDetector(threshold=1.0, **kw)
     out = []
     for i, s in enumerate(scores):
-        t = det.update(s, i * 0.5, i * 0.5 + 1.0)
+        t = det.feed(s, i * 0.5, i * 0.5 + 1.0)
         if t:
             out.append((t.kind, i))
     end = det.close()
@@ -35,11 +35,11 @@ def test_an_open_event_is_closed_at_end_of_stream() -> None:
 
 def test_event_statistics_and_times() -> None:
     det = EventDetector(threshold=1.0, k=2, n=3, m=1)
-    det.update(0.2, 0.0, 1.0)
-    det.update(3.0, 0.5, 1.5)
-    start = det.update(5.0, 1.0, 2.0)
+    det.feed(0.2, 0.0, 1.0)
+    det.feed(3.0, 0.5, 1.5)
+    start = det.feed(5.0, 1.0, 2.0)
     assert start and start.kind == "start" and start.started_s == 0.5
-    end = det.update(0.1, 1.5, 2.5)
+    end = det.feed(0.1, 1.5, 2.5)
     assert end and end.kind == "end" and end.event_id == start.event_id
     assert end.peak_score == 5.0 and end.mean_score == 4.0 and end.ended_s == 2.0
 

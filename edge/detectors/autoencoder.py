@@ -1,0 +1,69 @@
+"""Kind `autoencoder`: an int8 convolutional autoencoder; the score is the reconstruction
+error. On site, its normalisation, error reference and threshold are refitted (the network
+stays)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge.detectors.base import DetectorKind, Refit, Tracker, require
+from edge.detectors.network import NetworkScorer
+from edge.detectors.thresholds import budget_threshold, event_tracker
+from edge.threshold import score_stats
+
+if TYPE_CHECKING:
+    from edge.bundle import Bundle
+    from edge.settings import DetectorSettings
+
+STD_FLOOR_DB = 0.1
+"""Smallest per-band standard deviation when refitting the normalisation, dB."""
+
+
+class Autoencoder(DetectorKind):
+    """Reconstruction error of an int8 autoencoder."""
+
+    kind = "autoencoder"
+    score_name = "reconstruction_mse"
+    needs_model = True
+
+    def check(self, bundle: Bundle) -> None:
+        """Normalisation: one mean and a positive std per mel band."""
+        super().check(bundle)
+        n = bundle.features.n_mels
+        require(bundle, "normalization.mean", (n,))
+        require(bundle, "normalization.std", (n,), positive=True)
+
+    def scorer(self, bundle: Bundle) -> NetworkScorer:
+        """The network with its normalisation."""
+        return NetworkScorer.of(bundle)
+
+    def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
+        """K-of-N anomaly events."""
+        return event_tracker(settings, threshold)
+
+    def refit(
+        self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
+    ) -> Refit:
+        """New normalisation from the site's windows, then scores, error reference, threshold."""
+        windows = np.concatenate(per_file)
+        mean = windows.mean(axis=(0, 1))
+        std = np.maximum(windows.std(axis=(0, 1)), STD_FLOOR_DB)
+        scorer = NetworkScorer(bundle.model, mean, std)  # type: ignore[arg-type]
+        scored = [scorer.score(w) for w in windows]
+        scores = np.array([s.score for s in scored])
+        band_error = np.stack([s.band_error for s in scored])
+        value, params = budget_threshold(bundle, scores, false_alarms_per_day)
+        return Refit(
+            manifest={
+                "threshold": {"value": value, "rule": params.pop("rule"), "params": params},
+                "normal_scores": score_stats(scores, "on-site calibration audio"),
+            },
+            arrays={
+                "normalization.mean": mean,
+                "normalization.std": std,
+                "normal_band_error.mean": band_error.mean(axis=0),
+                "normal_band_error.std": band_error.std(axis=0),
+            },
+        )

@@ -1,0 +1,129 @@
+"""What every detector kind provides: window scores, a tracker, checks and an on-site refit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+
+from edge.errors import BundleError
+from edge.events import Transition
+
+if TYPE_CHECKING:
+    from edge.bundle import Bundle
+    from edge.settings import DetectorSettings
+
+
+@dataclass(frozen=True, slots=True)
+class WindowScore:
+    """The score of one analysis window and the per-band evidence behind it."""
+
+    start: int
+    """First sample of the window in the stream."""
+    score: float
+    """Anomaly kinds: higher is more anomalous. Classifier: probability of the top class."""
+    band_error: np.ndarray
+    label: str | None = None
+    """Classifier: the most probable class."""
+
+
+class WindowScorer(Protocol):
+    """Scores (frames, mels) log-mel windows."""
+
+    def score(self, features: np.ndarray, start: int = 0) -> WindowScore:
+        """Score one window."""
+        ...
+
+    def score_many(self, windows: np.ndarray) -> np.ndarray:
+        """Scores of a stack of windows, shape (n,)."""
+        ...
+
+
+class Tracker(Protocol):
+    """Turns window scores into events; the same interface for every kind."""
+
+    threshold: float
+
+    @property
+    def active(self) -> bool:
+        """True while an event is open."""
+        ...
+
+    @property
+    def event_id(self) -> str | None:
+        """Id of the open event."""
+        ...
+
+    @property
+    def label(self) -> str | None:
+        """The label of the open event (classifier), else None."""
+        ...
+
+    @property
+    def state(self) -> str:
+        """What the tracker says about the machine: 'normal' or 'anomaly'."""
+        ...
+
+    def update(self, window: WindowScore, start_s: float, end_s: float) -> list[Transition]:
+        """Feed one window; return the transitions it causes."""
+        ...
+
+    def close(self) -> Transition | None:
+        """End the open event now."""
+        ...
+
+
+@dataclass
+class Refit:
+    """The outcome of an on-site refit: manifest fields and arrays to replace."""
+
+    manifest: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class DetectorKind:
+    """Base of the detector plugins; subclasses set the class attributes and methods."""
+
+    kind: ClassVar[str]
+    score_name: ClassVar[str]
+    needs_model: ClassVar[bool] = False
+    explains: ClassVar[bool] = True
+    """False when band evidence means nothing for this kind (classifier)."""
+
+    def check(self, bundle: Bundle) -> None:
+        """Refuse a bundle whose arrays this kind cannot use (one BundleError line)."""
+        if bundle.manifest.score != self.score_name:
+            raise BundleError(
+                f"{bundle.path}: score {bundle.manifest.score!r} is not {self.score_name!r}"
+            )
+        if "normal_band_error.mean" in bundle.arrays:
+            n = bundle.features.n_mels
+            require(bundle, "normal_band_error.mean", (n,))
+            require(bundle, "normal_band_error.std", (n,))
+
+    def scorer(self, bundle: Bundle) -> WindowScorer:
+        """The window scorer of a bundle of this kind."""
+        raise NotImplementedError
+
+    def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
+        """The event tracker for this kind."""
+        raise NotImplementedError
+
+    def refit(
+        self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
+    ) -> Refit:
+        """Refit the numpy part from normal windows recorded on site, one array per file."""
+        raise BundleError(f"a {self.kind} detector cannot be refitted on site")
+
+
+def require(bundle: Bundle, name: str, shape: tuple[int, ...], positive: bool = False) -> None:
+    """Check that the bundle holds array `name` of `shape` (and > 0 if `positive`)."""
+    a = bundle.array(name)
+    if a.shape != shape:
+        raise BundleError(
+            f"{bundle.path}: array {name} has shape {a.shape}; the features need {shape} "
+            "(statistics arrays have inconsistent sizes)"
+        )
+    if positive and not np.all(a > 0):
+        raise BundleError(f"{bundle.path}: array {name} must be > 0 everywhere")

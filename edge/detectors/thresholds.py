@@ -1,0 +1,46 @@
+"""Pieces the anomaly kinds share: their event tracker and the on-site budget threshold."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N, EventDetector
+from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, threshold_for_budget
+
+if TYPE_CHECKING:
+    from edge.bundle import Bundle
+    from edge.settings import DetectorSettings
+
+
+def event_tracker(settings: DetectorSettings, threshold: float) -> EventDetector:
+    """K-of-N start, M-below end, periodic updates and a cooldown, from the settings."""
+    return EventDetector(
+        threshold,
+        settings.trigger_windows,
+        settings.trigger_of,
+        settings.release_windows,
+        update_s=settings.update_seconds,
+        cooldown_s=settings.cooldown_seconds,
+    )
+
+
+def budget_threshold(
+    bundle: Bundle, scores: np.ndarray, false_alarms_per_day: float | None
+) -> tuple[float, dict[str, Any]]:
+    """The budget rule with the bundle's event logic (and budget, unless one is given);
+    the returned parameters carry the rule's name under 'rule'."""
+    old = bundle.manifest.threshold.params
+    budget = false_alarms_per_day or float(
+        old.get("false_alarms_per_day", DEFAULT_FALSE_ALARMS_PER_DAY)
+    )
+    value, params = threshold_for_budget(
+        scores,
+        budget,
+        int(old.get("k", DEFAULT_K)),
+        int(old.get("n", DEFAULT_N)),
+        int(old.get("m", DEFAULT_M)),
+        bundle.features.hop_seconds,
+    )
+    return value, {"rule": RULE, **params}

@@ -1,0 +1,228 @@
+"""Detector and Controller in process over a FileSource: the public API, poisoned and flooding
+commands, where a bundle may come from, audio that lies, and one stream per replayed file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import AE_BUNDLE, DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES
+
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle
+from edge.control import Controller
+from edge.daemon import WORK_QUEUE_MAX, Detector, Sink
+from edge.messages import EventMessage, HealthMessage, ResponseMessage, StateMessage
+from edge.settings import Settings
+from edge.sources import FileSource
+
+RATE = 16000
+
+
+class Recorder(Sink):
+    """Keeps everything the detector reports."""
+
+    def __init__(self) -> None:
+        self.events: list[EventMessage] = []
+        self.states: list[StateMessage] = []
+        self.healths: list[HealthMessage] = []
+        self.responses: list[ResponseMessage] = []
+
+    def event(self, message: EventMessage) -> None:
+        self.events.append(message)
+
+    def state(self, message: StateMessage) -> None:
+        self.states.append(message)
+
+    def health(self, message: HealthMessage) -> None:
+        self.healths.append(message)
+
+    def response(self, message: ResponseMessage) -> None:
+        self.responses.append(message)
+
+    def kinds(self) -> list[str]:
+        return [e.type for e in self.events]
+
+
+def fault_file(tmp_path: Path, name: str = "fault.wav") -> Path:
+    """The fault section of the demo clip (anomalous throughout)."""
+    clip = read_audio(DEMO_CLIP, RATE)
+    path = tmp_path / name
+    sf.write(path, clip[int(5.5 * RATE) : int(10.5 * RATE)], RATE, subtype="PCM_16")
+    return path
+
+
+def detector(tmp_path: Path, clips: bool = False, **settings) -> tuple[Detector, Recorder]:
+    rec = Recorder()
+    s = Settings(
+        device_id="unit",
+        model=DEMO_BUNDLE,
+        data_dir=tmp_path / "data",
+        clips={"enabled": clips},
+        detector={"cooldown_seconds": 0},
+        **settings,
+    )
+    return Detector(s, load_bundle(DEMO_BUNDLE), [rec]), rec
+
+
+def replies(rec: Recorder) -> dict[str, ResponseMessage]:
+    return {r.id: r for r in rec.responses if r.id}
+
+
+def test_public_api_mute_threshold_and_status_over_a_file(tmp_path: Path) -> None:
+    audio = fault_file(tmp_path)
+    d, rec = detector(tmp_path)
+    ctl = Controller(d)
+    ctl.submit_payload(b'{"command": "mute", "minutes": 10, "id": "m"}')
+    d.run(FileSource([audio], RATE))
+    assert replies(rec)["m"].ok and rec.kinds() == []  # muted: the fault raised nothing
+    assert any(s.state == "muted" for s in rec.states)
+
+    d, rec = detector(tmp_path)  # the same audio unmuted raises an event
+    d.run(FileSource([audio], RATE))
+    assert rec.kinds()[0] == "start" and rec.kinds()[-1] == "end"
+
+    d, rec = detector(tmp_path)
+    ctl = Controller(d)
+    high = d.bundle.threshold * 3.9
+    ctl.submit_payload(json.dumps({"command": "set_threshold", "value": high, "id": "t"}).encode())
+    ctl.submit_payload(b'{"command": "status", "id": "s"}')
+    d.run(FileSource([audio], RATE))
+    got = replies(rec)
+    assert got["t"].ok and got["s"].status["threshold"] == pytest.approx(high)
+    assert rec.kinds() == []  # the fault stays below a threshold raised this far
+    assert d.status()["windows_scored"] == d.windows > 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "over the 65536-byte limit"),
+        (b"[" * 20_000 + b"]" * 20_000, "nested deeper"),
+        (b'{"command": "status", "x": ' + b"[" * 9 + b"]" * 9 + b"}", "nested deeper"),
+        (b'{"command": "mute", "minutes": "' + b"9" * 70_000 + b'"}', "byte limit"),
+        (b"\xff\xfe\x00garbage", "not UTF-8"),
+        (b"{oops", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"command": "mute", "minutes": NaN}', "minutes"),
+        (b'{"command": "mute", "minutes": 1e999}', "minutes"),
+        (b'{"command": "launch\\nFORGED"}', "command"),
+        (b'{"command": "set_threshold", "value": -1}', "value"),
+    ],
+)
+def test_poisoned_commands_are_rejected_with_a_reply(
+    tmp_path: Path, payload: bytes, reason: str
+) -> None:
+    d, rec = detector(tmp_path)
+    reply = Controller(d).handle_payload(payload)
+    assert reply.ok is False and reason in reply.detail and "\n" not in reply.detail
+    assert rec.responses == [reply]
+
+
+def test_a_flood_is_shed_and_counted_and_audio_goes_on(tmp_path: Path) -> None:
+    d, rec = detector(tmp_path)
+    ctl = Controller(d)
+    for i in range(WORK_QUEUE_MAX + 100):
+        ctl.submit_payload(json.dumps({"command": "status", "id": str(i)}).encode())
+    assert d.commands_shed == 100
+    d.run(FileSource([NORMAL_FILES[0]], RATE))
+    assert len(rec.responses) == WORK_QUEUE_MAX and d.windows > 0
+    assert d.status()["commands_shed"] == 100
+
+
+def test_a_command_that_raises_costs_one_reply_not_the_loop(tmp_path: Path) -> None:
+    d, _rec = detector(tmp_path)
+    d.submit(lambda: 1 / 0)  # a bug in queued work
+    d.run(FileSource([NORMAL_FILES[0]], RATE))
+    assert d.windows > 0
+
+
+def _fifo_bundle(root: Path) -> Path:
+    import os
+
+    b = root / "fifo.bundle"
+    b.mkdir()
+    os.mkfifo(b / "manifest.json")
+    return b
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/dev/zero", "bundles load only from"),
+        ("/etc", "bundles load only from"),
+        ("nonexistent.bundle", "no bundle named"),
+        ("../../etc", "bundles load only from"),
+    ],
+)
+def test_reload_model_only_from_the_models_folders(tmp_path: Path, path: str, reason: str) -> None:
+    d, _rec = detector(tmp_path, models_dir=tmp_path / "models")
+    reply = Controller(d).handle_payload(
+        json.dumps({"command": "reload_model", "path": path}).encode()
+    )
+    assert reply.ok is False and reason in reply.detail
+    assert d.bundle.model_id == load_bundle(DEMO_BUNDLE).model_id
+
+
+def test_reload_model_by_name_and_crafted_bundles_keep_the_running_model(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(AE_BUNDLE, models / "ae.bundle")
+    fifo = _fifo_bundle(models)
+    d, _ = detector(tmp_path, models_dir=models)
+    ctl = Controller(d)
+    reply = ctl.handle_payload(json.dumps({"command": "reload_model", "path": str(fifo)}).encode())
+    assert reply.ok is False and "not a regular file" in reply.detail
+    reply = ctl.handle_payload(b'{"command": "reload_model", "path": "ae.bundle"}')
+    assert reply.ok and d.bundle.model_id == load_bundle(AE_BUNDLE).model_id
+
+
+def test_nan_audio_is_a_health_fault_not_silence(tmp_path: Path) -> None:
+    clip = read_audio(NORMAL_FILES[0], RATE)
+    clip[RATE : 3 * RATE] = np.nan
+    clip[3 * RATE] = np.inf
+    path = tmp_path / "nan.wav"
+    sf.write(path, clip, RATE, subtype="FLOAT")
+    d, rec = detector(tmp_path)
+    with np.errstate(all="raise"):  # no RuntimeWarning-only path is left
+        d.run(FileSource([path], RATE))
+    changes = [h.change for h in rec.healths if h.change]
+    assert changes[:2] == ["fault:invalid samples", "recovered:invalid samples"]
+    assert any(s.state == "fault" for s in rec.states)
+    assert all(np.isfinite(s.score) for s in rec.states if s.score is not None)
+    assert rec.kinds() == []
+
+
+def test_each_replayed_file_is_its_own_stream(tmp_path: Path) -> None:
+    files = [fault_file(tmp_path, "a.wav"), fault_file(tmp_path, "b.wav")]
+    d, rec = detector(tmp_path)
+    d.run(FileSource(files, RATE))
+    assert rec.kinds().count("start") == 2 and rec.kinds()[-1] == "end"
+    first_end = next(e for e in rec.events if e.type == "end")
+    assert first_end.stream_offset_s <= 5.0  # ended within the first file
+
+    d, rec = detector(tmp_path)
+    d.run(FileSource(files, RATE, continuous=True))
+    assert rec.kinds().count("start") == 1
+
+
+def test_data_dir_and_clips_are_private_whoever_runs(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        d, rec = detector(tmp_path, clips=True)
+        d.run(FileSource([fault_file(tmp_path)], RATE))
+    finally:
+        os.umask(old)
+    data = tmp_path / "data"
+    clips = [e.clip for e in rec.events if e.clip]
+    assert clips
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "clips").stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "clips" / clips[0]).stat().st_mode) == 0o600
