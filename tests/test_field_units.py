@@ -17,7 +17,13 @@ from edge.clips import CaptureRing, ClipRecorder
 from edge.commands import CommandError, parse_command
 from edge.discovery import discovery_configs
 from edge.health import AudioHealth, level_dbfs
-from edge.messages import EventMessage, HealthMessage, StateMessage
+from edge.messages import (
+    EventMessage,
+    HealthMessage,
+    MetricsMessage,
+    ResponseMessage,
+    StateMessage,
+)
 from edge.sdnotify import SystemdNotifier
 from edge.spool import Spool
 from edge.topics import Topics
@@ -280,6 +286,41 @@ def test_payloads_validate_against_the_published_schemas() -> None:
         detail="x",
     )
     schema("health").validate(health.to_dict())
+    metrics = MetricsMessage(
+        device_id="d",
+        model="m",
+        updated_at="2026-01-01T00:00:00.000Z",
+        uptime_s=12.5,
+        windows_scored=40,
+        realtime_factor=0.02,
+        inference_ms_p50=1.5,
+        inference_ms_p95=3.0,
+        dropped_blocks=0,
+        overflows=0,
+        queue_depth=1,
+        level_dbfs=-31.0,
+        spool_depth=2,
+        spool_dropped=0,
+    )
+    schema("metrics").validate(metrics.to_dict())
+    response = ResponseMessage(
+        command="status",
+        ok=True,
+        device_id="d",
+        updated_at="2026-01-01T00:00:00.000Z",
+        id="r1",
+        status={"threshold": 0.5},
+    )
+    schema("response").validate(response.to_dict())
+
+    # What goes on the wire comes back as the same message (the schema is the contract for
+    # consumers, from_payload is ours) ...
+    for message in (event, state, health, metrics, response):
+        assert type(message).from_payload(message.to_payload()) == message
+        assert type(message).from_payload(message.to_payload().encode()) == message
+    # ... and a payload from a newer publisher with a field we do not know still parses.
+    newer = json.loads(event.to_payload()) | {"added_in_a_later_version": 1}
+    assert EventMessage.from_payload(json.dumps(newer)) == event
 
 
 # --- systemd --------------------------------------------------------------------------------
