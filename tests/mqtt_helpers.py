@@ -45,7 +45,9 @@ class Subscriber:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append(Received(msg.topic, msg.payload.decode(), bool(msg.retain)))
+            self.messages.append(
+                Received(msg.topic, msg.payload.decode(errors="replace"), bool(msg.retain))
+            )
             self._lock.notify_all()
 
     def wait_for(self, pred: Callable[[list[Received]], bool], timeout: float = 30) -> bool:
