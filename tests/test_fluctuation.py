@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +13,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import DEMO_CLIP, NORMAL_FILES, cli
+from sklearn.covariance import LedoitWolf
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
 from edge.features import FeatureParams, windows_of
 from edge.scoring import FluctuationScorer, fluctuation_features
-from train.fluctuation import fit_statistics
+from train.fluctuation import MIN_SHRINKAGE, fit_statistics
 
 
 def test_fluctuation_features_ignore_gain_and_slow_drift() -> None:
@@ -29,16 +32,60 @@ def test_fluctuation_features_ignore_gain_and_slow_drift() -> None:
     np.testing.assert_allclose(fluctuation_features(w[0]), f[0])
 
 
-def test_mahalanobis_scores_match_a_direct_computation() -> None:
+def log_std_of_differences(window: np.ndarray) -> list[float]:
+    """The fluctuation feature written out band by band, without numpy's axis arithmetic."""
+    frames, bands = window.shape
+    out = []
+    for b in range(bands):
+        steps = [float(window[t + 1, b] - window[t, b]) for t in range(frames - 1)]
+        out.append(math.log(max(statistics.pstdev(steps), 1e-3)))
+    return out
+
+
+def test_fluctuation_features_match_a_direct_computation() -> None:
+    rng = np.random.default_rng(2)
+    windows = rng.normal(scale=[0.5, 1.0, 2.0, 4.0], size=(3, 32, 4)).cumsum(axis=1)
+    windows[1, :, 2] = -40.0  # a band that does not move at all: the floor, not log(0)
+    got = fluctuation_features(windows)
+    np.testing.assert_allclose(got, [log_std_of_differences(w) for w in windows], rtol=1e-9)
+    assert got[1, 2] == pytest.approx(math.log(1e-3))
+    np.testing.assert_allclose(got[0], np.log([0.5, 1.0, 2.0, 4.0]), atol=0.35)  # random walk
+
+
+def test_scorer_is_the_mahalanobis_distance_to_the_trained_statistics() -> None:
+    """The trainer's statistics against scikit-learn's Ledoit-Wolf estimate, and the edge
+    scorer against the squared Mahalanobis distance per band, written out as a double sum."""
     rng = np.random.default_rng(0)
-    f = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))
-    model = fit_statistics(f)
-    x = rng.normal(size=(5, 8))
-    z = (x - f.mean(0)) / (f.std(0) + 1e-6) - model.center
-    expected = np.einsum("ij,jk,ik->i", z, model.precision, z) / 8
-    got = np.array([float((d * (model.precision @ d)).sum() / 8) for d in z])
-    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    scale = np.exp(rng.normal(size=8))  # how much each of 8 bands moves in normal running
+    normal = rng.normal(scale=scale, size=(40, 24, 8)).cumsum(axis=1)
+    train = fluctuation_features(normal)
+    model = fit_statistics(train)
     assert isinstance(model, FluctuationScorer)
+
+    np.testing.assert_allclose(model.mean, train.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(model.std, train.std(axis=0), rtol=1e-4)
+    z = (train - train.mean(axis=0)) / (train.std(axis=0) + 1e-6)
+    lw = LedoitWolf().fit(z)
+    assert lw.shrinkage_ > MIN_SHRINKAGE  # so the trainer's floor does not apply here
+    np.testing.assert_allclose(model.center, 0.0, atol=1e-9)
+    np.testing.assert_allclose(model.precision, lw.precision_, rtol=1e-6, atol=1e-8)
+
+    windows = rng.normal(scale=scale, size=(6, 24, 8)).cumsum(axis=1)
+    windows[3:, :, 5] *= 6.0  # one band fluctuates far more than it did in training
+
+    def squared_distance(w: np.ndarray) -> float:
+        d = (np.array(log_std_of_differences(w)) - model.mean) / model.std - model.center
+        p = lw.precision_
+        return sum(d[i] * p[i, j] * d[j] for i in range(8) for j in range(8)) / 8
+
+    expected = [squared_distance(w) for w in windows]
+    scores = [model.score(w, start=i) for i, w in enumerate(windows)]
+    np.testing.assert_allclose([s.score for s in scores], expected, rtol=1e-6)
+    np.testing.assert_allclose(model.score_many(windows), expected, rtol=1e-6)
+    for s in scores:  # the explanation: each band's share, adding up to the score
+        assert s.band_error.shape == (8,) and s.band_error.sum() == pytest.approx(s.score)
+    assert all(int(np.argmax(s.band_error)) == 5 for s in scores[3:])
+    assert min(expected[3:]) > 3 * max(model.distance(train))  # the faulty band stands out
 
 
 def test_train_without_tensorflow_and_detect_the_fault(tmp_path: Path) -> None:
