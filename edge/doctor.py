@@ -61,6 +61,7 @@ def run_checks(settings: Settings) -> list[Check]:
 
 def check_model(s: Settings) -> Check:
     from edge.bundle import load_bundle
+    from edge.detectors.registry import kind_of
 
     if s.model is None:
         return Check(
@@ -81,7 +82,7 @@ def check_model(s: Settings) -> Check:
     return Check(
         "model",
         True,
-        f"{b.model_id} ({b.manifest.kind}, {b.features.samplerate} Hz, "
+        f"{b.model_id} ({kind_of(b.manifest)}, {b.features.samplerate} Hz, "
         f"threshold {b.threshold:.4g})",
     )
 

@@ -29,7 +29,23 @@ class Transition:
     label: str | None = None
 
 
-class EventDetector:
+class _OpenEventHolder:
+    """What both trackers say about their open event."""
+
+    _event: _OpenEvent | None
+
+    @property
+    def active(self) -> bool:
+        """True while an event is open (an anomaly, or the current label)."""
+        return self._event is not None
+
+    @property
+    def event_id(self) -> str | None:
+        """Id of the open event, if any."""
+        return self._event.event_id if self._event else None
+
+
+class EventDetector(_OpenEventHolder):
     """An anomaly starts when `k` of the last `n` windows exceed the threshold and ends after
     `m` consecutive windows below it. While it lasts an `update` is due every `update_s`
     seconds; after it ends, windows are ignored for `cooldown_s` seconds."""
@@ -53,16 +69,6 @@ class EventDetector:
         self._event: _OpenEvent | None = None
         self._below = 0
         self._quiet_until = float("-inf")
-
-    @property
-    def active(self) -> bool:
-        """True while an anomaly is open."""
-        return self._event is not None
-
-    @property
-    def event_id(self) -> str | None:
-        """Id of the open anomaly, if any."""
-        return self._event.event_id if self._event else None
 
     @property
     def label(self) -> str | None:
@@ -149,7 +155,7 @@ class _OpenEvent:
         )
 
 
-class ClassTracker:
+class ClassTracker(_OpenEventHolder):
     """Supervised mode: the machine's state is a class label. A new label takes over when
     `k` of the last `n` confident windows (probability >= `threshold`) agree on it; the old
     label's event ends and the new one's starts."""
@@ -165,16 +171,6 @@ class ClassTracker:
         self._recent: deque[str | None] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
         self.label: str | None = None
-
-    @property
-    def active(self) -> bool:
-        """True once a label holds."""
-        return self._event is not None
-
-    @property
-    def event_id(self) -> str | None:
-        """Id of the current label's event."""
-        return self._event.event_id if self._event else None
 
     @property
     def state(self) -> str:

@@ -13,6 +13,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -173,10 +174,7 @@ def _roc(reports: list[Report], path: Path) -> Path:
         xlabel="false-positive rate", ylabel="true-positive rate", title=f"ROC, {reports[0].unit}"
     )
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=FIG_DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _histograms(reports: list[Report], path: Path) -> Path:
@@ -191,10 +189,7 @@ def _histograms(reports: list[Report], path: Path) -> Path:
         ax.axvline(r.threshold, color="red", linestyle="--", label=f"threshold {r.threshold:.3g}")
         ax.set(xlabel="anomaly score", ylabel="count", title=f"{r.variant} model, {r.unit}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=FIG_DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _csv(reports: list[Report], path: Path) -> Path:
@@ -217,10 +212,7 @@ def _timeline(name: str, scores: np.ndarray, hop_s: float, threshold: float, pat
     ax.axhline(threshold, color="red", linestyle="--", label="threshold")
     ax.set(xlabel="time (s, window start)", ylabel="anomaly score", title=f"score timeline: {name}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=FIG_DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str) -> Path:
@@ -240,10 +232,7 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=FIG_DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_spectrogram(features: np.ndarray, params: object, path: Path, title: str) -> Path:
@@ -264,6 +253,11 @@ def plot_spectrogram(features: np.ndarray, params: object, path: Path, title: st
     ax.set_yticks(ticks + 0.5, [f"{edges[i + 1]:.0f}" for i in ticks])
     ax.set(xlabel="time (s)", ylabel="mel band centre (Hz)", title=title)
     fig.colorbar(image, ax=ax, label="dB")
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=FIG_DPI)
     plt.close(fig)
