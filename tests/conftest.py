@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,6 +26,8 @@ DEMO_CLIP = MODELS / "demo-fan-normal-then-fault.flac"
 NORMAL_FILES = sorted(DATA.glob("fan-normal-*.flac"))
 ANOMALOUS_FILE = DATA / "fan-anomalous-14.flac"
 TINY_EPOCHS = "25"
+SOUNDSENTRY = [sys.executable, "-m", "soundsentry"]
+"""The real `soundsentry` command, run from the source tree."""
 
 # Spools and evidence clips of commands run by the tests stay out of the user's home.
 os.environ.setdefault("SOUNDSENTRY_DATA_DIR", tempfile.mkdtemp(prefix="soundsentry-tests-"))
@@ -35,7 +38,7 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `soundsentry` command (as a user would) and capture its output."""
     proc = subprocess.run(
-        [sys.executable, "-m", "edge", *args],
+        [*SOUNDSENTRY, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -45,6 +48,29 @@ def cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"soundsentry {' '.join(args)} failed:\n{proc.stderr}")
     return proc
+
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str,
+    detail: Callable[[], object] | None = None,
+    interval: float = 0.05,
+) -> T:
+    """Poll `predicate` until it returns something truthy and return that; after `timeout`
+    seconds fail the test naming `what` was awaited (and `detail()`, the state seen last)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            extra = f"\nlast seen: {detail()}" if detail else ""
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{extra}")
+        time.sleep(interval)
 
 
 def free_port() -> int:
