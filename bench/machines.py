@@ -1,0 +1,376 @@
+"""Detection across machine types, judged at the operating point, with the DCASE 2020 baseline
+beside every detector in the same run.
+
+    python bench/machines.py [--data ../shared/data] [--kinds fluctuation levels ...]
+                             [--baseline-epochs 100] [--out bench/machines.json]
+
+Test sets (../shared/data/README.md):
+- MIMII fan id_00, channel 0 (a mono microphone): train normal 0-9; test normal 10-19 vs
+  anomalous 0-19.
+- dcase2020_ids (pump, valve, slider) and dcase2020_lite (six types): leave-one-normal-out
+  within each machine id (fit on the other normals, score the left-out normal and every
+  anomalous clip), pooled per machine type over ids and folds.
+
+Per machine type: clip AUC, 1-s AUC, clip pAUC (max FPR 0.1), and the operating point: each
+test clip replayed as its own stream through the real pipeline (`edge.daemon.Detector`) at
+the bundle's calibrated default budget, counting fault clips with a `start` and normal clips
+with one. The default detector is then chosen by the rule in bench/SELECTION.md, which this
+script applies and prints. Writes bench/machines.md and the raw figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchmark import channel_copies, dcase_baseline, dcase_scores  # noqa: E402
+
+from edge.audio_io import read_audio  # noqa: E402
+from edge.bundle import load_bundle  # noqa: E402
+from edge.daemon import Detector, Sink  # noqa: E402
+from edge.features import windows_of  # noqa: E402
+from edge.messages import EventMessage  # noqa: E402
+from edge.scoring import Scorer  # noqa: E402
+from edge.settings import Settings  # noqa: E402
+from edge.sources import FileSource  # noqa: E402
+from train.evaluate import item_scores  # noqa: E402
+from train.metrics import partial_auc, roc_auc  # noqa: E402
+
+RATE = 16000
+SELECTION_TYPES = ("fan", "pump", "valve", "slider")
+FALSE_ALARM_WEIGHT = 2.0
+"""bench/SELECTION.md: a normal clip with an event costs twice a missed fault clip."""
+BASELINE_TOLERANCE = 0.02
+# kind -> (module, function): each trainer is called as fn(files, out) with its defaults.
+TRAINERS = {
+    "fluctuation": ("train.fluctuation", "train_fluctuation"),
+    "levels": ("train.levels", "train_levels"),
+    "knn": ("train.knn", "train_knn"),
+    "embedding": ("train.embedding", "train_embedding"),
+    "ensemble": ("train.ensemble", "train_ensemble"),
+    "autoencoder": ("train.trainer", "train_bundle"),
+}
+
+
+@dataclass
+class Task:
+    """One fit-and-test split of one machine."""
+
+    machine: str
+    """Machine type (fan, pump, ...)."""
+    machine_id: str
+    train: list[Path]
+    normal: list[Path]
+    anomalous: list[Path]
+
+
+@dataclass
+class Pooled:
+    """Scores and operating-point counts of one detector on one machine type, over its tasks."""
+
+    clip_labels: list[int] = field(default_factory=list)
+    clip_scores: list[float] = field(default_factory=list)
+    seg_labels: list[int] = field(default_factory=list)
+    seg_scores: list[float] = field(default_factory=list)
+    faults_with_event: int = 0
+    normals_with_event: int = 0
+    n_faults: int = 0
+    n_normals: int = 0
+    seconds: float = 0.0
+
+    def add_scores(self, label: int, clip: float, segments: list[float]) -> None:
+        self.clip_labels.append(label)
+        self.clip_scores.append(clip)
+        self.seg_labels += [label] * len(segments)
+        self.seg_scores += list(segments)
+
+    def figures(self) -> dict:
+        """AUCs and the operating point; None where this detector has no operating point."""
+        y, s = np.array(self.clip_labels), np.array(self.clip_scores)
+        ys, ss = np.array(self.seg_labels), np.array(self.seg_scores)
+        out = {
+            "clip_auc": round(roc_auc(y, s), 4),
+            "clip_pauc": round(partial_auc(y, s), 4),
+            "auc_1s": round(roc_auc(ys, ss), 4),
+            "train_test_seconds": round(self.seconds, 1),
+        }
+        if self.n_faults:
+            tpr = self.faults_with_event / self.n_faults
+            fpr = self.normals_with_event / max(self.n_normals, 1)
+            out |= {
+                "faults_with_event": f"{self.faults_with_event}/{self.n_faults}",
+                "normals_with_event": f"{self.normals_with_event}/{self.n_normals}",
+                "operating_point": round(tpr - FALSE_ALARM_WEIGHT * fpr, 4),
+            }
+            out["merit"] = round((out["clip_auc"] + out["auc_1s"]) / 2 + out["operating_point"], 4)
+        else:
+            out["merit"] = round((out["clip_auc"] + out["auc_1s"]) / 2, 4)
+        return out
+
+
+# --- test sets -------------------------------------------------------------------------------
+
+
+def mimii_fan_tasks(data: Path, work: Path) -> list[Task]:
+    """The shared MIMII protocol on mono copies of channel 0."""
+    folder = data / "mimii_fan_id00"
+    pick = lambda kind, ids: [folder / kind / f"{i:08d}.wav" for i in ids]  # noqa: E731
+    mono = lambda files: channel_copies(files, 0, work / "mimii-ch0")  # noqa: E731
+    return [
+        Task(
+            "fan",
+            "id_00",
+            mono(pick("normal", range(10))),
+            mono(pick("normal", range(10, 20))),
+            mono(pick("anomalous", range(20))),
+        )
+    ]
+
+
+def leave_one_normal_out(
+    machine: str, machine_id: str, normal: list[Path], anomalous: list[Path]
+) -> list[Task]:
+    """Fit on all normals but one; test that one and every anomalous clip."""
+    return [
+        Task(machine, machine_id, normal[:i] + normal[i + 1 :], [held], anomalous)
+        for i, held in enumerate(normal)
+        if len(normal) >= 2
+    ]
+
+
+def dcase_ids_tasks(data: Path) -> list[Task]:
+    tasks = []
+    for folder in sorted((data / "dcase2020_ids").glob("*_id*")):
+        machine, mid = folder.name.split("_", 1)
+        normal = sorted((folder / "normal").glob("*.wav"))
+        anomalous = sorted((folder / "anomalous").glob("*.wav"))
+        tasks += leave_one_normal_out(machine, mid, normal, anomalous)
+    return tasks
+
+
+def dcase_lite_tasks(data: Path) -> list[Task]:
+    tasks = []
+    for folder in sorted(p for p in (data / "dcase2020_lite").iterdir() if p.is_dir()):
+        normal = sorted(folder.glob("normal_*.wav"))
+        anomalous = sorted(folder.glob("anomaly_*.wav"))
+        tasks += leave_one_normal_out(f"lite-{folder.name}", "lite", normal, anomalous)
+    return tasks
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+class _Starts(Sink):
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def event(self, message: EventMessage) -> None:
+        self.starts += message.type == "start"
+
+
+def raises_event(bundle_path: Path, clip: Path, data_dir: Path) -> bool:
+    """Replay one clip as its own stream through the real daemon loop at the default budget."""
+    sink = _Starts()
+    settings = Settings(
+        device_id="bench", model=bundle_path, data_dir=data_dir, clips={"enabled": False}
+    )
+    bundle = load_bundle(bundle_path)
+    Detector(settings, bundle, [sink]).run(FileSource([clip], bundle.features.samplerate))
+    return sink.starts > 0
+
+
+def run_detector(kind: str, trainer: Callable, task: Task, work: Path, pooled: Pooled) -> None:
+    t0 = time.perf_counter()
+    out = work / f"{kind}-{task.machine}-{task.machine_id}-{task.normal[0].stem}.bundle"
+    kwargs = (
+        {"exclude": [f"{task.machine}_{task.machine_id}"]}
+        if kind in ("embedding", "ensemble")
+        else {}
+    )
+    try:
+        trainer([str(f) for f in task.train], out, **kwargs)
+    except TypeError:  # a trainer without the corpus-exclusion keyword
+        trainer([str(f) for f in task.train], out)
+    bundle = load_bundle(out)
+    scorer = Scorer.from_bundle(bundle)
+    p = bundle.features
+    for label, files in ((0, task.normal), (1, task.anomalous)):
+        for f in files:
+            windows = windows_of(read_audio(f, p.samplerate), p)
+            scores = scorer.score_many(windows)
+            segments = [
+                s for _, s in item_scores(scorer, windows, p.window_seconds, p.hop_seconds, 1.0)
+            ]
+            pooled.add_scores(label, float(np.mean(scores)), segments)
+            event = raises_event(out, f, work / "data")
+            if label:
+                pooled.n_faults += 1
+                pooled.faults_with_event += event
+            else:
+                pooled.n_normals += 1
+                pooled.normals_with_event += event
+    pooled.seconds += time.perf_counter() - t0
+
+
+def run_baseline(task: Task, epochs: int, pooled: Pooled) -> None:
+    t0 = time.perf_counter()
+    model = dcase_baseline(task.train, epochs)
+    for label, files in ((0, task.normal), (1, task.anomalous)):
+        clips, segments = dcase_scores(model, files)
+        for c, seg in zip(clips, segments, strict=True):
+            pooled.add_scores(label, c, list(seg))
+    pooled.seconds += time.perf_counter() - t0
+
+
+# --- selection (bench/SELECTION.md) ----------------------------------------------------------
+
+
+def select_default(figures: dict[str, dict[str, dict]]) -> dict:
+    """Leave one machine type out: rank candidates by mean merit over the other types."""
+    kinds = [k for k in figures if k != "baseline"]
+    types = [t for t in SELECTION_TYPES if all(t in figures[k] for k in kinds)]
+    firsts: dict[str, int] = defaultdict(int)
+    per_fold = {}
+    for left_out in types:
+        others = [t for t in types if t != left_out] or [left_out]
+        ranking = sorted(kinds, key=lambda k: -np.mean([figures[k][t]["merit"] for t in others]))
+        per_fold[left_out] = ranking
+        firsts[ranking[0]] += 1
+    worst = {k: min(figures[k][t]["merit"] for t in types) for k in kinds}
+    order = sorted(kinds, key=lambda k: (-firsts[k], -worst[k]))
+    chosen, skipped = None, []
+    for k in order:
+        base = figures.get("baseline", {})
+        short = [
+            t
+            for t in types
+            if t in base
+            and (figures[k][t]["clip_auc"] + figures[k][t]["auc_1s"]) / 2
+            < (base[t]["clip_auc"] + base[t]["auc_1s"]) / 2 - BASELINE_TOLERANCE
+        ]
+        if not short:
+            chosen = k
+            break
+        skipped.append({"kind": k, "below_baseline_on": short})
+    return {
+        "types": types,
+        "ranking_per_left_out_type": per_fold,
+        "first_places": dict(firsts),
+        "worst_type_merit": worst,
+        "skipped": skipped,
+        "default": chosen,
+    }
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Measured {res['when']} on {res['machine']}; `{res['command']}`.", ""]
+    head = "| detector | clip AUC | 1-s AUC | clip pAUC | faults with event | normals with event | merit |"
+    for machine, rows in res["by_type"].items():
+        lines += [
+            f"**{machine}** ({rows['_tasks']} fit/test splits)",
+            "",
+            head,
+            "|---|---|---|---|---|---|---|",
+        ]
+        for kind, f in rows.items():
+            if kind.startswith("_"):
+                continue
+            lines.append(
+                f"| {kind} | {f['clip_auc']:.3f} | {f['auc_1s']:.3f} | {f['clip_pauc']:.3f} | "
+                f"{f.get('faults_with_event', '–')} | {f.get('normals_with_event', '–')} | {f['merit']:.3f} |"
+            )
+        lines.append("")
+    sel = res["selection"]
+    lines += [
+        "Selection (bench/SELECTION.md): first places when each type is left out: "
+        + ", ".join(f"{k} {v}" for k, v in sel["first_places"].items())
+        + f"; default: **{sel['default']}**.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument(
+        "--kinds", nargs="+", default=["fluctuation", "levels", "knn", "embedding", "ensemble"]
+    )
+    ap.add_argument("--baseline-epochs", type=int, default=100)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--sets", nargs="+", default=["mimii", "ids", "lite"])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "machines.json")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"no data at {args.data}: this benchmark needs ../shared/data")
+    trainers = {}
+    for kind in args.kinds:
+        module, name = TRAINERS[kind]
+        try:
+            trainers[kind] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            print(f"skipping {kind}: {module}.{name} is not available", file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="ss-machines-"))
+    tasks: list[Task] = []
+    if "mimii" in args.sets:
+        tasks += mimii_fan_tasks(args.data, work)
+    if "ids" in args.sets:
+        tasks += dcase_ids_tasks(args.data)
+    if "lite" in args.sets:
+        tasks += dcase_lite_tasks(args.data)
+    pooled: dict[str, dict[str, Pooled]] = defaultdict(lambda: defaultdict(Pooled))
+    n_tasks: dict[str, int] = defaultdict(int)
+    for i, task in enumerate(tasks, 1):
+        n_tasks[task.machine] += 1
+        print(
+            f"[{i}/{len(tasks)}] {task.machine} {task.machine_id} held {task.normal[0].name}",
+            file=sys.stderr,
+        )
+        for kind, trainer in trainers.items():
+            run_detector(kind, trainer, task, work, pooled[task.machine][kind])
+        if not args.no_baseline:
+            run_baseline(task, args.baseline_epochs, pooled[task.machine]["baseline"])
+    by_type = {
+        m: {"_tasks": n_tasks[m], **{k: p.figures() for k, p in rows.items()}}
+        for m, rows in pooled.items()
+    }
+    figures = defaultdict(dict)
+    for m, rows in by_type.items():
+        for k, f in rows.items():
+            if not k.startswith("_"):
+                figures[k][m] = f
+    res = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "command": "python bench/machines.py " + " ".join(sys.argv[1:]),
+        "by_type": by_type,
+        "selection": select_default(dict(figures)),
+    }
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown(res)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
