@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, Broker, free_port
+from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, free_port, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 pytestmark = pytest.mark.slow
@@ -66,9 +64,7 @@ def test_fifty_daemons_and_shared_subscription_groups(broker: Broker, tmp_path: 
                 procs.append(
                     subprocess.Popen(
                         [
-                            sys.executable,
-                            "-m",
-                            "edge",
+                            *SOUNDSENTRY,
                             "replay",
                             str(DEMO_BUNDLE),
                             str(DEMO_CLIP),
@@ -95,10 +91,12 @@ def test_fifty_daemons_and_shared_subscription_groups(broker: Broker, tmp_path: 
         def received(group: str) -> list[tuple[str, str]]:
             return [e for m in groups[group] for e in m.events if e[1] != "update"]
 
-        deadline = time.monotonic() + 30
-        while any(len(received(g)) < len(printed) for g in groups):
-            assert time.monotonic() < deadline, {g: len(received(g)) for g in groups}
-            time.sleep(0.2)
+        wait_for(
+            lambda: all(len(received(g)) >= len(printed) for g in groups),
+            30,
+            f"every group to receive all {len(printed)} events",
+            lambda: {g: len(received(g)) for g in groups},
+        )
         for group, members in groups.items():
             got = received(group)
             assert sorted(got) == sorted(printed), group  # every event, exactly once per group
@@ -147,7 +145,9 @@ def test_example_acl_lets_each_device_write_only_its_own_topics(tmp_path: Path) 
         device.loop_start()
         for topic in ("soundsentry/pi-02/events", "soundsentry/pi-01/events"):
             device.publish(topic, "{}", qos=1).wait_for_publish(5)
-        time.sleep(1)
+        # The broker forwards one client's messages in order: once the second is here, the
+        # first would have been too.
+        wait_for(lambda: seen, 10, "pi-01's write to its own topic to reach the consumer")
         device.loop_stop()
         assert seen == ["soundsentry/pi-01/events"]  # the write to pi-02's topic was dropped
     finally:

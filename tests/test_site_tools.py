@@ -6,25 +6,44 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, Broker, cli
+from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, cli, wait_for
+from mqtt_helpers import Subscriber
 
 pytestmark = pytest.mark.slow
 
 
+def streams_into(sink: str) -> int:
+    """How many streams play into a PulseAudio sink now."""
+
+    def short(kind: str) -> list[list[str]]:
+        out = subprocess.run(["pactl", "list", "short", kind], capture_output=True, text=True)
+        return [line.split("\t") for line in out.stdout.splitlines()]
+
+    ids = {f[0] for f in short("sinks") if f[1] == sink}
+    return sum(1 for f in short("sink-inputs") if f[1] in ids)
+
+
 def play(sink: str, path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["paplay", "-d", sink, str(path)])
+    """Play a file into a sink; return once its stream is connected and playing."""
+    before = streams_into(sink)
+    player = subprocess.Popen(["paplay", "-d", sink, str(path)])
+    wait_for(
+        lambda: streams_into(sink) > before or player.poll() is not None,
+        10,
+        f"{path.name} to play into the sink {sink}",
+        lambda: streams_into(sink),
+    )
+    assert player.poll() is None, f"paplay exited with {player.returncode}"
+    return player
 
 
 def test_record_writes_chunked_wavs_of_the_machine(pulse: str, tmp_path: Path) -> None:
     player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
     try:
-        time.sleep(0.3)
         proc = cli(
             "record",
             "--seconds",
@@ -77,7 +96,6 @@ def test_doctor_passes_and_names_the_fix_when_the_broker_is_down(
     env = {"PULSE_SOURCE": pulse}
     player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
     try:
-        time.sleep(0.3)
         ok = cli("doctor", "--config", str(cfg), env=env)
     finally:
         player.kill()
@@ -108,12 +126,11 @@ def test_capture_resamples_a_device_rate_the_model_does_not_use(
         '[audio]\ndevice = "pulse"\nsamplerate = 44100\nchannels = 2\nchannel = -1\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
     )
+    sub = Subscriber(broker.port, "soundsentry/hifi/events")
     player = play("hifi", DEMO_CLIP)
     daemon = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "edge",
+            *SOUNDSENTRY,
             "--log-level",
             "INFO",
             "run",
@@ -129,8 +146,7 @@ def test_capture_resamples_a_device_rate_the_model_does_not_use(
         text=True,
     )
     try:
-        player.wait(30)
-        time.sleep(1)
+        assert sub.wait_for(lambda _: bool(sub.on("/events")), timeout=30), "no anomaly"
         daemon.send_signal(signal.SIGTERM)
         out, err = daemon.communicate(timeout=20)
         assert daemon.returncode == 0, err
@@ -140,3 +156,4 @@ def test_capture_resamples_a_device_rate_the_model_does_not_use(
     finally:
         player.kill()
         daemon.kill()
+        sub.close()
