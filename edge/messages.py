@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -20,8 +20,11 @@ class _Payload:
     """JSON conversion shared by every message dataclass."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict, with None fields left out."""
-        return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]
+        """Plain dict; optional fields (those with a default) are left out when None, required
+        ones are kept as null, so every payload carries what its schema requires."""
+        optional = {f.name for f in fields(self) if f.default is not MISSING}  # type: ignore[arg-type]
+        data = asdict(self)  # type: ignore[call-overload]
+        return {k: v for k, v in data.items() if v is not None or k not in optional}
 
     def to_payload(self) -> str:
         """Compact JSON for the wire."""

@@ -52,15 +52,15 @@ def run_detector(
         spool_stats=(lambda: (spool.depth(), spool.dropped)) if spool is not None else None,
     )
     controller = Controller(detector, reload_settings)
-    if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
-        log.warning("MQTT: broker not reachable yet; events are spooled until it is")
 
     def stop() -> None:
         detector.stop()
         if on_stop:
             on_stop()
 
-    _install_signals(stop, controller.submit_reload)
+    _install_signals(stop, controller.submit_reload)  # before the wait: SIGTERM stops cleanly
+    if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
+        log.warning("MQTT: broker not reachable yet; events are spooled until it is")
     try:
         detector.run(source)
     finally:

@@ -303,6 +303,23 @@ def test_payloads_validate_against_the_published_schemas() -> None:
         spool_dropped=0,
     )
     schema("metrics").validate(metrics.to_dict())
+    early = MetricsMessage(  # the first metrics of a run, before any window is scored
+        device_id="d",
+        model="m",
+        updated_at="2026-01-01T00:00:00.000Z",
+        uptime_s=0.1,
+        windows_scored=0,
+        realtime_factor=None,
+        inference_ms_p50=None,
+        inference_ms_p95=None,
+        dropped_blocks=0,
+        overflows=0,
+        queue_depth=0,
+        level_dbfs=None,
+        spool_depth=0,
+        spool_dropped=0,
+    )
+    schema("metrics").validate(early.to_dict())
     response = ResponseMessage(
         command="status",
         ok=True,
@@ -315,7 +332,7 @@ def test_payloads_validate_against_the_published_schemas() -> None:
 
     # What goes on the wire comes back as the same message (the schema is the contract for
     # consumers, from_payload is ours) ...
-    for message in (event, state, health, metrics, response):
+    for message in (event, state, health, metrics, early, response):
         assert type(message).from_payload(message.to_payload()) == message
         assert type(message).from_payload(message.to_payload().encode()) == message
     # ... and a payload from a newer publisher with a field we do not know still parses.
