@@ -120,6 +120,17 @@ class TrainingInfo(_Strict):
     parameters: int = Field(ge=0)
 
 
+class MachineInfo(_Strict):
+    """How loud the machine is when it runs (window RMS, dBFS), and the states it was
+    trained on; the edge calls a window far quieter than this `off`."""
+
+    running_level_dbfs: dict[str, float] = Field(max_length=8)
+    off_below_dbfs: float | None = Field(None, ge=-200, le=0)
+    states: list[Annotated[str, StringConstraints(pattern=SAFE_LABEL)]] | None = Field(
+        None, max_length=64
+    )
+
+
 class StatisticsInfo(_Strict):
     """Which per-window feature a statistics detector models (its numbers are arrays)."""
 
@@ -147,6 +158,8 @@ class Manifest(_Strict):
     normal_scores: ScoreStats
     training: TrainingInfo
     statistics: StatisticsInfo | None = None
+    machine: MachineInfo | None = None
+    """Optional (bundles from before it have none: then every window counts as running)."""
     calibration: dict[str, Any] | None = None
     """Set by `soundsentry calibrate`: the on-site audio the statistics were refitted on."""
     arrays: dict[str, list[int]] = Field(default_factory=dict)

@@ -22,6 +22,7 @@ from edge.bundle import Bundle
 from edge.clips import ClipRecorder
 from edge.events import Transition
 from edge.health import INVALID, AudioHealth, HealthChange
+from edge.machine_state import RUNNING
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -134,6 +135,8 @@ class Detector:
         self._next_state = self._next_metrics = 0.0
         self._ready = False
         self._last_score: float | None = None
+        self._machine = RUNNING
+        self._running_s = 0.0
         self._band_sum: np.ndarray | None = None
         self._band_n = 0
         rate = bundle.features.samplerate
@@ -301,6 +304,12 @@ class Detector:
             self.metrics.window_scored(step.elapsed_s)
             self._last_window = now
             self._last_score = step.window.score
+            if step.machine == RUNNING:
+                self._running_s += self.bundle.features.hop_seconds
+            if step.machine != self._machine:
+                log.info("machine %s", step.machine)
+                self._machine = step.machine
+                self.emit_state()
             if self.on_step:
                 self.on_step(step)
             self._track_bands(step)
@@ -449,6 +458,7 @@ class Detector:
             event_id=self.pipeline.events.event_id,
             muted_until=iso(self.muted_until) if self.muted else None,
             label=self.pipeline.events.label,
+            machine=self._machine,
         )
         for sink in self.sinks:
             sink.state(message)
@@ -495,6 +505,7 @@ class Detector:
             spool_depth=spool_depth,
             spool_dropped=spool_dropped,
             commands_shed=self.commands_shed,
+            running_hours=round(self._running_s / 3600, 4),
             cpu_temp_c=cpu_temperature_c(),
             throttled=throttled(),
         )

@@ -43,6 +43,23 @@ def discovery_configs(topics: Topics, model_id: str) -> dict[str, dict[str, Any]
             "value_template": "{{ value_json.score | default(none) }}",
             "icon": "mdi:waveform",
         },
+        topics.ha_config("sensor", "machine"): {
+            **common,
+            "name": "Machine",
+            "unique_id": f"{uid}_machine",
+            "value_template": "{{ value_json.machine | default('running') }}",
+            "icon": "mdi:engine",
+        },
+        topics.ha_config("sensor", "running_hours"): {
+            **common,
+            "state_topic": topics.metrics,
+            "name": "Running hours",
+            "unique_id": f"{uid}_running_hours",
+            "state_class": "total_increasing",
+            "unit_of_measurement": "h",
+            "value_template": "{{ value_json.running_hours }}",
+            "icon": "mdi:timer-outline",
+        },
         topics.ha_config("sensor", "level"): {
             **common,
             "name": "Input level",

@@ -75,6 +75,8 @@ class StateMessage(_Payload):
     muted_until: str | None = None
     label: str | None = None
     """Supervised mode: the current class."""
+    machine: str | None = None
+    """The machine's state: `running` or `off`."""
     schema: int = field(default=SCHEMA)
 
 
@@ -111,6 +113,8 @@ class MetricsMessage(_Payload):
     spool_depth: int
     spool_dropped: int
     commands_shed: int = 0
+    running_hours: float = 0.0
+    """Hours of audio in which the machine was running (since the daemon started)."""
     cpu_temp_c: float | None = None
     throttled: str | None = None
     schema: int = field(default=SCHEMA)

@@ -17,7 +17,8 @@ from edge.detectors.registry import plugin_for
 from edge.events import Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
-from edge.health import FLAT_RANGE, is_silent
+from edge.health import FLAT_RANGE, is_silent, level_dbfs
+from edge.machine_state import RUNNING, MachineState
 from edge.settings import DetectorSettings
 
 
@@ -33,6 +34,10 @@ class Step:
     """The window was digital silence or a flat line: scored, but not used for events."""
     elapsed_s: float = 0.0
     """Time spent on features and inference."""
+    level_dbfs: float = 0.0
+    """RMS level of the window."""
+    machine: str = RUNNING
+    """The machine's state at this window: running or off."""
 
     @property
     def transition(self) -> Transition | None:
@@ -55,6 +60,12 @@ class Pipeline:
         self.events: Tracker = plugin.tracker(bundle, detector, threshold)
         self._rate = p.samplerate
         self._length_s = p.window_samples / self._rate
+        self._hop_s = p.hop_seconds
+        info = bundle.manifest.machine
+        off = detector.off_below_dbfs
+        if off is None and info is not None:
+            off = info.off_below_dbfs
+        self.machine = MachineState(off)
 
     @property
     def threshold(self) -> float:
@@ -71,10 +82,15 @@ class Pipeline:
             start_s = window.start / self._rate
             end_s = start_s + self._length_s
             dead = is_silent(window.samples) or float(np.ptp(window.samples)) < FLAT_RANGE
+            level = level_dbfs(window.samples)
+            machine = self.machine.update(level, end_s, self._hop_s)
             found: tuple[Transition, ...] = ()
-            if detect and not dead:
+            if machine != RUNNING:
+                ended = self.events.close()  # a machine switched off ends its anomaly
+                found = (ended,) if ended is not None else ()
+            elif detect and not dead and self.machine.allows_events(end_s):
                 found = tuple(self.events.update(scored, start_s, end_s))
-            steps.append(Step(scored, start_s, end_s, found, dead, elapsed))
+            steps.append(Step(scored, start_s, end_s, found, dead, elapsed, level, machine))
         return steps
 
     def reset(self) -> None:

@@ -104,6 +104,13 @@ class DetectorSettings(_Section):
     cooldown_seconds: float = Field(
         5.0, ge=0.0, le=3600.0, description="Quiet time after an anomaly ends."
     )
+    off_below_dbfs: float | None = Field(
+        None,
+        ge=-140.0,
+        le=0.0,
+        description="Windows quieter than this mean the machine is off (no events); "
+        "unset = 10 dB below the quietest 1 % of the bundle's training windows.",
+    )
 
     @model_validator(mode="after")
     def _k_within_n(self) -> DetectorSettings:

@@ -59,12 +59,12 @@ def fault_file(tmp_path: Path, name: str = "fault.wav") -> Path:
 
 def detector(tmp_path: Path, clips: bool = False, **settings) -> tuple[Detector, Recorder]:
     rec = Recorder()
+    settings.setdefault("detector", {"cooldown_seconds": 0})
     s = Settings(
         device_id="unit",
         model=DEMO_BUNDLE,
         data_dir=tmp_path / "data",
         clips={"enabled": clips},
-        detector={"cooldown_seconds": 0},
         **settings,
     )
     return Detector(s, load_bundle(DEMO_BUNDLE), [rec]), rec
@@ -226,3 +226,34 @@ def test_data_dir_and_clips_are_private_whoever_runs(tmp_path: Path) -> None:
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "clips").stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "clips" / clips[0]).stat().st_mode) == 0o600
+
+
+def test_a_machine_switched_off_is_off_not_an_anomaly(tmp_path: Path) -> None:
+    normal = read_audio(NORMAL_FILES[0], RATE)
+    rng = np.random.default_rng(0)  # the room with the fan off: mains hum and a little hiss
+    t = np.arange(8 * RATE) / RATE
+    room = np.sin(2 * np.pi * 50 * t) + 0.3 * np.sin(2 * np.pi * 150 * t)
+    room += 0.01 * rng.standard_normal(len(t))
+    ambient = (room / np.abs(room).max() * 10 ** (-57 / 20)).astype(np.float32)
+    path = tmp_path / "on-off-on.wav"
+    sf.write(path, np.concatenate([normal, ambient, normal]), RATE, subtype="FLOAT")
+
+    d, rec = detector(tmp_path)  # without an off level, switching off is an anomaly
+    d.run(FileSource([path], RATE))
+    assert "start" in rec.kinds()
+
+    off = profile_off_level(NORMAL_FILES)
+    d, rec = detector(tmp_path, detector={"cooldown_seconds": 0, "off_below_dbfs": off})
+    d.run(FileSource([path], RATE))
+    machine = [s.machine for s in rec.states]
+    assert "off" in machine and machine[-1] == "running"
+    assert rec.kinds() == []
+    assert d.status()["windows_scored"] > 0
+
+
+def profile_off_level(files: list[Path]) -> float:
+    from train.profile import machine_profile
+
+    return machine_profile([read_audio(f, RATE) for f in files], load_bundle(DEMO_BUNDLE).features)[
+        "off_below_dbfs"
+    ]

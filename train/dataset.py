@@ -14,6 +14,7 @@ from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.settings import DetectorSettings
 from edge.threshold import threshold_for_budget
+from train.profile import machine_profile
 from train.progress import progress
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class Split:
 
     train: WindowSet
     holdout: WindowSet
+    machine: dict = field(default_factory=dict)
+    """The manifest's `machine` section: how loud the machine runs (train.profile)."""
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,11 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     files = training_audio(paths)
     holdout = holdout_split(files)
     dense = dense_params(params)
-    train, hold = [], []
+    train, hold, audios = [], [], []
     train_s = hold_s = 0.0
     for path in progress(files, "features"):
         audio = read_audio(path, params.samplerate, channel)
+        audios.append(audio)
         fit_part, held_part = holdout.parts(path, audio, params.window_samples)
         train.append(windows_of(fit_part, dense))
         hold.append(windows_of(held_part, params))
@@ -152,6 +156,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     split = Split(
         WindowSet(np.concatenate(train), holdout.fit_names, train_s),
         WindowSet(np.concatenate(hold), holdout.held_names, hold_s),
+        machine_profile(audios, params),
     )
     if len(split.train.windows) == 0:
         raise AudioError(f"not enough audio to train: need at least {params.window_seconds} s")

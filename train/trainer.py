@@ -149,6 +149,7 @@ def _manifest(
         "output": _tensor(m.input_shape, m.output_dtype, m.output_quant),
         "threshold": {"value": threshold, "rule": RULE, "params": rule_params},
         "normal_scores": score_stats(scores, "held-out normal audio"),
+        "machine": split.machine or None,
         "training": {
             "files": split.train.files,
             "seconds": round(split.train.seconds, 3),

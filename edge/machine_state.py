@@ -1,0 +1,65 @@
+"""Is the machine running? A window far quieter than anything heard in training means the
+machine is off: it is not scored for events (silence from a stopped fan is no fault), the
+state says `off`, and the hours of running are counted.
+
+The quiet level comes from the bundle (its training audio's window levels) or from the
+`[detector] off_below_dbfs` setting; with neither, every window counts as running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RUNNING = "running"
+OFF = "off"
+OFF_MARGIN_DB = 10.0
+"""A window this far below the quietest 1 % of training windows is 'off'."""
+HYSTERESIS_DB = 3.0
+"""Back to running only this far above the off level, so a level near it does not flap."""
+CONFIRM_WINDOWS = 2
+"""Consecutive windows needed to change state."""
+SETTLE_SECONDS = 5.0
+"""After the machine starts, events wait this long: a run-up is not a fault."""
+
+
+def off_level(running_p1_dbfs: float) -> float:
+    """The off level for a machine whose quietest 1 % of running windows is at this level."""
+    return running_p1_dbfs - OFF_MARGIN_DB
+
+
+@dataclass
+class MachineState:
+    """Running/off with hysteresis and a settle time after start; counts running seconds."""
+
+    off_below_dbfs: float | None
+    state: str = RUNNING
+    running_seconds: float = 0.0
+    _streak: int = 0
+    _settled_at: float = float("-inf")
+
+    def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
+        """Feed one window's level; return the machine state after it."""
+        if self.off_below_dbfs is None:
+            self.running_seconds += hop_s
+            return self.state
+        if self.state == RUNNING:
+            changing = level_dbfs < self.off_below_dbfs
+        else:
+            changing = level_dbfs >= self.off_below_dbfs + HYSTERESIS_DB
+        self._streak = self._streak + 1 if changing else 0
+        if self._streak >= CONFIRM_WINDOWS:
+            self.state = OFF if self.state == RUNNING else RUNNING
+            self._streak = 0
+            if self.state == RUNNING:
+                self._settled_at = end_s + SETTLE_SECONDS
+        if self.state == RUNNING:
+            self.running_seconds += hop_s
+        return self.state
+
+    def allows_events(self, end_s: float) -> bool:
+        """True when a window may count as evidence: running, settled, not about to stop."""
+        return self.state == RUNNING and end_s >= self._settled_at and self._streak == 0
+
+    def reset(self) -> None:
+        """A new stream: forget the streak and settle time (the running total stays)."""
+        self.state, self._streak, self._settled_at = RUNNING, 0, float("-inf")
