@@ -230,7 +230,7 @@ HA_CLASSES = {"binary_sensor": {"problem"}, "sensor": set()}
 def test_discovery_payloads_follow_home_assistant_schema() -> None:
     topics = Topics("soundsentry", "pump-1")
     configs = discovery_configs(topics, "fan-1234")
-    assert len(configs) == 3
+    assert len(configs) == 5
     uids = set()
     for topic, cfg in configs.items():
         parts = topic.split("/")
@@ -244,9 +244,12 @@ def test_discovery_payloads_follow_home_assistant_schema() -> None:
         if "device_class" in cfg:
             assert cfg["device_class"] in HA_CLASSES[component]
         uids.add(cfg["unique_id"])
-    assert len(uids) == 3
+    assert len(uids) == 5
     anomaly = configs[topics.ha_config("binary_sensor", "anomaly")]
     assert anomaly["device_class"] == "problem"
+    hours = configs[topics.ha_config("sensor", "running_hours")]
+    assert hours["state_topic"] == topics.metrics and hours["state_class"] == "total_increasing"
+    assert "machine" in configs[topics.ha_config("sensor", "machine")]["value_template"]
 
 
 def test_payloads_validate_against_the_published_schemas() -> None:
