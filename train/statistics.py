@@ -1,0 +1,268 @@
+"""What the numpy statistics trainers share (`fluctuation`, `levels`, `knn`): per-window feature
+vectors of normal audio split into fit, held-out and all, a Gaussian with Ledoit-Wolf
+shrinkage, the held-out threshold and the manifest they write. No TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import soundfile as sf
+
+from edge import __version__
+from edge.audio_io import read_audio
+from edge.bundle import FORMAT, FORMAT_VERSION, sha256_bytes, write_bundle
+from edge.errors import AudioError
+from edge.features import FeatureParams, windows_of
+from edge.scoring import FluctuationScorer
+from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
+from train.dataset import (
+    FLUCTUATION_HOP_DIVISOR,
+    Holdout,
+    dense_params,
+    holdout_split,
+    threshold_from_holdout,
+    training_audio,
+)
+from train.progress import progress
+
+log = logging.getLogger(__name__)
+
+MIN_SHRINKAGE = 0.01
+"""Least covariance shrinkage towards a scaled identity; more (Ledoit-Wolf) on little data."""
+ALL_CHANNELS = -2
+"""`training.channel` of a model trained on every channel as a view."""
+HOLDOUT_NOTE = "threshold from held-out audio scored by a model fitted without it"
+
+Featurize = Callable[[np.ndarray], np.ndarray]
+"""Log-mel windows (n, frames, mels) -> feature vectors (n, dim)."""
+S = TypeVar("S", bound=FluctuationScorer)
+
+
+def fit_statistics(f: np.ndarray, scorer: type[S] = FluctuationScorer) -> S:  # type: ignore[assignment]
+    """Standardisation, centre and shrunk inverse covariance of feature vectors (n, dim)."""
+    if len(f) < 2:
+        raise AudioError("not enough audio to fit the normal statistics (need 2+ windows)")
+    mean = f.mean(axis=0)
+    std = f.std(axis=0) + 1e-6
+    z = (f - mean) / std
+    center = z.mean(axis=0)
+    zc = z - center
+    cov = zc.T @ zc / len(zc)
+    alpha = max(MIN_SHRINKAGE, ledoit_wolf_shrinkage(zc))
+    target = np.trace(cov) / len(cov) * np.eye(len(cov))
+    return scorer(mean, std, center, np.linalg.inv((1 - alpha) * cov + alpha * target))
+
+
+def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
+    """Ledoit-Wolf optimal shrinkage intensity for centred samples x (n, p)."""
+    n, p = x.shape
+    x2 = x**2
+    trace = x2.sum(axis=0) / n
+    mu = trace.sum() / p
+    delta_ = float(np.sum((x.T @ x) ** 2)) / n**2
+    beta_ = float(np.sum(x2.T @ x2))
+    beta = (beta_ / n - delta_) / (p * n)
+    delta = (delta_ - 2 * mu * trace.sum() + p * mu**2) / p
+    return 0.0 if delta <= 0 else float(min(beta, delta) / delta)
+
+
+def channel_views(
+    path: Path, params: FeatureParams, channel: int, all_channels: bool
+) -> list[np.ndarray]:
+    """The audio of one file: one channel (or a downmix), or every channel as its own view."""
+    if not all_channels:
+        return [read_audio(path, params.samplerate, channel)]
+    try:
+        n = sf.info(str(path)).channels
+    except (sf.LibsndfileError, RuntimeError):
+        n = 1  # read_audio will say what is wrong with the file
+    return [read_audio(path, params.samplerate, c) for c in range(n)]
+
+
+@dataclass
+class Run:
+    """One training run of a statistics detector: its audio as feature vectors (fit and all
+    at a dense hop, held-out at the edge's hop), where they came from, and, once set, the
+    threshold the held-out audio gave."""
+
+    out: Path
+    params: FeatureParams
+    holdout: Holdout
+    fit: np.ndarray
+    held: np.ndarray
+    all: np.ndarray
+    seconds: tuple[float, float]
+    """Seconds of all audio and of the held-out audio (every channel view counted)."""
+    channel: int
+    threshold: float = 0.0
+    rule_params: dict[str, Any] = field(default_factory=dict)
+    hold_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def set_threshold(self, hold_scores: np.ndarray, false_alarms_per_day: float) -> None:
+        """The budget threshold on scores of the held-out audio by a model fitted without it."""
+        value, rule_params = threshold_from_holdout(
+            hold_scores, false_alarms_per_day, self.params.hop_seconds
+        )
+        rule_params["note"] = HOLDOUT_NOTE
+        self.threshold, self.rule_params, self.hold_scores = value, rule_params, hold_scores
+
+
+def collect(
+    normal: list[str | Path],
+    out: str | Path,
+    featurize: Featurize,
+    params: FeatureParams,
+    channel: int = 0,
+    all_channels: bool = False,
+) -> Run:
+    """Feature vectors of the normal audio, split by the held-out rule of every trainer."""
+    files = training_audio(normal)
+    holdout = holdout_split(files)
+    dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
+    fit_part, hold_part, all_part = [], [], []
+    seconds = hold_seconds = 0.0
+    for path in progress(files, "features"):
+        for audio in channel_views(path, params, channel, all_channels):
+            seconds += len(audio) / params.samplerate
+            fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
+            hold_seconds += len(held_audio) / params.samplerate
+            fit_part.append(featurize(windows_of(fit_audio, dense)))
+            hold_part.append(featurize(windows_of(held_audio, params)))
+            all_part.append(featurize(windows_of(audio, dense)))
+    empty = featurize(np.zeros((0, *params.shape)))
+    fit_f, hold_f, all_f = (
+        np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
+    )
+    if len(hold_f) < 2:
+        hold_f = fit_f
+    where = ALL_CHANNELS if all_channels else channel
+    return Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
+
+
+@dataclass(frozen=True)
+class Design:
+    """What names a statistics detector in its manifest."""
+
+    kind: str
+    score: str
+    feature: str
+    architecture: str
+
+
+def statistics_manifest(
+    run: Run,
+    design: Design,
+    section: dict[str, Any],
+    band_shares: np.ndarray,
+    parameters: int,
+    digest_of: np.ndarray,
+) -> dict[str, Any]:
+    """The manifest of a statistics bundle: `section` is its `statistics` (arrays in it go to
+    arrays.npz), `band_shares` the held-out band evidence, `digest_of` names the model id."""
+    digest = sha256_bytes(np.asarray(digest_of, np.float64).tobytes())[:8]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_id": f"{run.out.name.removesuffix('.bundle')}-{digest}",
+        "kind": design.kind,
+        "score": design.score,
+        "features": run.params.to_dict(),
+        "statistics": {"feature": design.feature, **section},
+        "threshold": {"value": run.threshold, "rule": RULE, "params": run.rule_params},
+        "normal_scores": score_stats(run.hold_scores, "held-out normal audio"),
+        "normal_band_error": {
+            "mean": band_shares.mean(axis=0).tolist(),
+            "std": band_shares.std(axis=0).tolist(),
+        },
+        "training": {
+            "files": run.holdout.fit_names,
+            "seconds": round(run.seconds[0], 3),
+            "holdout_files": run.holdout.held_names,
+            "holdout_seconds": round(run.seconds[1], 3),
+            "channel": run.channel,
+            "epochs": 0,
+            "seed": 0,
+            "architecture": design.architecture,
+            "parameters": parameters,
+        },
+        "versions": {
+            "soundsentry": __version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+
+
+def gaussian_section(model: FluctuationScorer) -> dict[str, Any]:
+    """The `statistics` arrays of a Gaussian model."""
+    return {
+        "feature_mean": model.mean.tolist(),
+        "feature_std": model.std.tolist(),
+        "center": model.center.tolist(),
+        "precision": model.precision.tolist(),
+    }
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A numpy trainer: the features it models and the fit that writes its bundle. Called as
+    `trainer(normal, out, channel=0, all_channels=False, params=None, false_alarms_per_day=1)`,
+    the same for every numpy kind."""
+
+    featurize: Featurize
+    fit: Callable[[Run, float], Path]
+    """Fits the model on a run's features, given the false-alarm budget; writes the bundle."""
+
+    def __call__(
+        self,
+        normal: list[str | Path],
+        out: str | Path,
+        channel: int = 0,
+        all_channels: bool = False,
+        params: FeatureParams | None = None,
+        false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
+    ) -> Path:
+        """Fit on normal audio and write a bundle; returns its path."""
+        params = params or FeatureParams()
+        run = collect(normal, out, self.featurize, params, channel, all_channels)
+        return self.fit(run, false_alarms_per_day)
+
+
+def train_gaussian(
+    run: Run,
+    design: Design,
+    scorer: type[FluctuationScorer],
+    false_alarms_per_day: float,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Fit a shrunk Gaussian: the threshold from the held-out audio scored by a model fitted
+    without it, the shipped model on all the audio. `extra`: more manifest fields."""
+    provisional = fit_statistics(run.fit, scorer)
+    run.set_threshold(provisional.distance(run.held), false_alarms_per_day)
+    final = fit_statistics(run.all, scorer)
+    dim = len(final.mean)
+    manifest = statistics_manifest(
+        run,
+        design,
+        gaussian_section(final),
+        final.band_shares(run.held),
+        dim * dim + 3 * dim,
+        final.precision,
+    )
+    write_bundle(run.out, manifest | (extra or {}), {})
+    log.info(
+        "wrote %s (threshold %.4g on %d held-out windows)",
+        run.out,
+        run.threshold,
+        len(run.hold_scores),
+    )
+    return run.out
