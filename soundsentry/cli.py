@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ log = logging.getLogger("soundsentry")
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+NUMPY_DETECTORS = ("fluctuation", "levels", "knn")
+"""`train --detector` kinds fitted in numpy, without TensorFlow."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,10 +127,11 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--detector",
-        choices=("fluctuation", "autoencoder"),
+        choices=(*NUMPY_DETECTORS, "autoencoder"),
         default="fluctuation",
-        help="with --normal: band-fluctuation statistics (default; numpy, no "
-        "network) or the int8 convolutional autoencoder",
+        help="with --normal: band-fluctuation statistics (default), level-aware band "
+        "statistics (levels), a nearest-neighbour bank (knn), all numpy with no network; or "
+        "the int8 convolutional autoencoder",
     )
     p.add_argument(
         "--all-channels",
@@ -308,10 +311,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         print(f"model bundle written to {out}")
         return 0
-    if args.detector == "fluctuation":
-        from train.fluctuation import train_fluctuation
-
-        out = train_fluctuation(
+    if args.detector in NUMPY_DETECTORS:
+        out = _numpy_trainer(args.detector)(
             args.normal,
             args.out,
             channel=args.channel,
@@ -333,6 +334,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"model bundle written to {out}")
     return 0
+
+
+def _numpy_trainer(detector: str) -> Callable[..., Path]:
+    """The trainer of a numpy detector kind, imported only when training."""
+    if detector == "levels":
+        from train.levels import train_levels
+
+        return train_levels
+    if detector == "knn":
+        from train.knn import train_knn
+
+        return train_knn
+    from train.fluctuation import train_fluctuation
+
+    return train_fluctuation
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:

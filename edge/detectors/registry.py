@@ -8,9 +8,13 @@ from edge.detectors.autoencoder import Autoencoder
 from edge.detectors.base import DetectorKind
 from edge.detectors.classifier import Classifier
 from edge.detectors.fluctuation import Fluctuation
+from edge.detectors.knn import Knn
+from edge.detectors.levels import Levels
 from edge.errors import BundleError
 
-PLUGINS: dict[str, DetectorKind] = {p.kind: p for p in (Autoencoder(), Classifier(), Fluctuation())}
+PLUGINS: dict[str, DetectorKind] = {
+    p.kind: p for p in (Autoencoder(), Classifier(), Fluctuation(), Levels(), Knn())
+}
 """Every detector kind this version runs, by the `kind` field of a bundle's manifest."""
 
 
