@@ -1,11 +1,14 @@
 """Event logic: per-window scores -> anomaly start / update / end, with K-of-N hysteresis,
-periodic updates while an anomaly lasts and a cooldown after it ends."""
+evidence integrated over time (a one-sided CUSUM), periodic updates while an anomaly lasts and a
+cooldown after it ends."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 DEFAULT_K = 2
@@ -14,6 +17,75 @@ DEFAULT_N = 3
 """Recent windows the K are counted over."""
 DEFAULT_M = 4
 """Consecutive windows below the threshold that end an event."""
+DEFAULT_DRIFT = 0.5
+"""CUSUM reference value, in normal spreads: half the shift it is tuned to find (one spread of
+the normal log score, i.e. a level about e^spread times the normal one), the textbook choice."""
+DEFAULT_CAP = 3.0
+"""Largest normalised score one window adds to the CUSUM. Normal windows almost never reach it
+(0.13 % of a normal distribution lies above 3), so it leaves the CUSUM's false-alarm rate as
+designed, but one outlier adds at most cap - drift: isolated spikes are the K-of-N path's to
+judge, the CUSUM answers to evidence that persists."""
+_SCORE_FLOOR = 1e-12
+"""Scores are floored here before the logarithm (a score of 0 stays finite)."""
+
+
+@dataclass(frozen=True)
+class Cusum:
+    """One-sided CUSUM of normalised log scores: S = max(0, S + min(z, cap) - drift) with
+    z = (ln score - center) / scale; it fires when S exceeds h.
+
+    CUSUM rather than EWMA: for a persistent shift of known size from a known normal level it
+    has the shortest detection delay for a given false-alarm rate (Lorden, Moustakides), it
+    restarts from zero after normal stretches instead of carrying their (negative) memory, and
+    its one threshold h is set from the false-alarm budget by an exact Markov-chain computation
+    (edge.threshold). The logarithm makes a multiplicative rise of the score (what a subtle fault
+    does to a distance or an error) an additive shift, and makes chi-square-like scores nearly
+    normal.
+    """
+
+    h: float
+    center: float
+    scale: float
+    drift: float = DEFAULT_DRIFT
+    cap: float = DEFAULT_CAP
+
+    def __post_init__(self) -> None:
+        values = (self.h, self.center, self.scale, self.drift, self.cap)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"CUSUM parameters must be finite: {self}")
+        if self.h <= 0 or self.scale <= 0 or self.cap <= self.drift:
+            raise ValueError(f"CUSUM needs h > 0, scale > 0 and cap > drift: {self}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Cusum | None:
+        """The CUSUM stored under params['cusum'] of a manifest's threshold; None if absent."""
+        stored = params.get("cusum")
+        if stored is None:
+            return None
+        if not isinstance(stored, Mapping):
+            raise ValueError("threshold.params.cusum must be an object")
+        try:
+            return cls(
+                float(stored["h"]),
+                float(stored["center"]),
+                float(stored["scale"]),
+                float(stored.get("drift", DEFAULT_DRIFT)),
+                float(stored.get("cap", DEFAULT_CAP)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"threshold.params.cusum needs h, center and scale ({exc})") from None
+
+    def to_params(self) -> dict[str, float]:
+        """The parameters as stored in the manifest."""
+        return asdict(self)
+
+    def normalise(self, score: float) -> float:
+        """z of one window score: its log, centred and scaled by the normal ones."""
+        return (math.log(max(score, _SCORE_FLOOR)) - self.center) / self.scale
+
+    def increment(self, score: float) -> float:
+        """What one window adds to the CUSUM (before the floor at zero)."""
+        return min(self.normalise(score), self.cap) - self.drift
 
 
 @dataclass(frozen=True)
@@ -46,9 +118,12 @@ class _OpenEventHolder:
 
 
 class EventDetector(_OpenEventHolder):
-    """An anomaly starts when `k` of the last `n` windows exceed the threshold and ends after
-    `m` consecutive windows below it. While it lasts an `update` is due every `update_s`
-    seconds; after it ends, windows are ignored for `cooldown_s` seconds."""
+    """An anomaly starts when `k` of the last `n` windows exceed the threshold, or (with a
+    `cusum`) when the evidence integrated over time exceeds its h. It ends after `m` consecutive
+    windows below the threshold once the CUSUM has also come back to zero (it is held at h while
+    the anomaly lasts, so it does within about 2h windows of normal audio). While it lasts an
+    `update` is due every `update_s` seconds; after it ends, windows are ignored for
+    `cooldown_s` seconds. Without a `cusum` this is K-of-N alone."""
 
     def __init__(
         self,
@@ -58,6 +133,7 @@ class EventDetector(_OpenEventHolder):
         m: int = DEFAULT_M,
         update_s: float = 10.0,
         cooldown_s: float = 0.0,
+        cusum: Cusum | None = None,
     ) -> None:
         if not 1 <= k <= n or m < 1:
             raise ValueError(f"need 1 <= k <= n and m >= 1, got k={k} n={n} m={m}")
@@ -65,10 +141,15 @@ class EventDetector(_OpenEventHolder):
         self.k, self.n, self.m = k, n, m
         self.update_s = update_s
         self.cooldown_s = cooldown_s
+        self.cusum = cusum
         self._recent: deque[tuple[bool, float, float, float]] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
         self._below = 0
         self._quiet_until = float("-inf")
+        self.evidence = 0.0
+        """The CUSUM statistic S (0 without a cusum)."""
+        self._run: _OpenEvent | None = None
+        """The windows that raised S since it last left zero: the event if the CUSUM fires."""
 
     @property
     def label(self) -> str | None:
@@ -90,28 +171,52 @@ class EventDetector(_OpenEventHolder):
         if self._event is None and end_s <= self._quiet_until:
             return None
         above = score > self.threshold
+        rising = self._integrate(score, start_s, end_s)
         self._recent.append((above, start_s, end_s, score))
         event = self._event
         if event is None:
             return self._maybe_start(end_s)
-        if not above:
-            self._below += 1
-            return self.close() if self._below >= self.m else None
-        event.add(score, end_s)
-        self._below = 0
-        if end_s - event.last_update_s >= self.update_s:
+        if above or rising:
+            event.add(score, end_s)
+        self._below = 0 if above else self._below + 1
+        if self._below >= self.m and self.evidence == 0.0:
+            return self.close()
+        if (above or rising) and end_s - event.last_update_s >= self.update_s:
             event.last_update_s = end_s
             return event.transition("update")
         return None
 
+    def _integrate(self, score: float, start_s: float, end_s: float) -> bool:
+        """Update the CUSUM; True when this window raised it."""
+        if self.cusum is None:
+            return False
+        step = self.cusum.increment(score)
+        self.evidence = max(0.0, self.evidence + step)
+        if self._event is not None:
+            self.evidence = min(self.evidence, self.cusum.h)
+        if self.evidence == 0.0:
+            self._run = None
+        elif step > 0:
+            if self._run is None:
+                self._run = _OpenEvent("", start_s, end_s)
+            self._run.add(score, end_s)
+        return step > 0
+
     def _maybe_start(self, end_s: float) -> Transition | None:
         hits = [(s, e, sc) for a, s, e, sc in self._recent if a]
-        if len(hits) < self.k:
+        if len(hits) >= self.k:
+            event = _OpenEvent(uuid.uuid4().hex, hits[0][0], end_s)
+            for _, end, sc in hits:
+                event.add(sc, end)
+        elif self.cusum is not None and self._run is not None and self.evidence > self.cusum.h:
+            event, self._run = self._run, None
+            event.event_id = uuid.uuid4().hex
+            event.last_update_s = end_s
+        else:
             return None
-        event = _OpenEvent(uuid.uuid4().hex, hits[0][0], end_s)
-        for _, end, sc in hits:
-            event.add(sc, end)
         self._event, self._below = event, 0
+        if self.cusum is not None:
+            self.evidence = min(self.evidence, self.cusum.h)
         return event.transition("start")
 
     def close(self) -> Transition | None:
@@ -119,6 +224,7 @@ class EventDetector(_OpenEventHolder):
         event, self._event = self._event, None
         self._recent.clear()
         self._below = 0
+        self.evidence, self._run = 0.0, None
         if event is None:
             return None
         self._quiet_until = event.last_above_s + self.cooldown_s

@@ -88,7 +88,8 @@ class MqttSettings(_Section):
 
 
 class DetectorSettings(_Section):
-    """Event logic: K of the last N windows above the threshold start an anomaly; M below end it."""
+    """Event logic: K of the last N windows above the threshold (or the bundle's CUSUM) start an
+    anomaly; M below (and the CUSUM back at zero) end it."""
 
     trigger_windows: int = Field(DEFAULT_K, ge=1, le=100, description="K: windows above to start.")
     trigger_of: int = Field(
@@ -103,6 +104,11 @@ class DetectorSettings(_Section):
     )
     cooldown_seconds: float = Field(
         5.0, ge=0.0, le=3600.0, description="Quiet time after an anomaly ends."
+    )
+    integrate: bool = Field(
+        True,
+        description="Also start an anomaly on evidence integrated over time (the CUSUM the "
+        "bundle was calibrated with, if any), so a small deviation that persists is reported.",
     )
     off_below_dbfs: float | None = Field(
         None,

@@ -1,27 +1,94 @@
 """Decision thresholds from a false-alarm budget, in numpy only (it runs on the Pi for
 on-site calibration).
 
-A gamma distribution is fitted to held-out normal window scores (as the DCASE 2023 baseline
-does). With the event logic "K of the last N windows above the threshold", a false event
-starts at a window with probability ~ C(N-1, K-1) p^K, where p is the per-window exceedance
-probability of the fitted distribution (windows treated as independent). The threshold is
-the score whose p meets the budget of false alarms per hour.
+The budget (false alarms per day) is shared by the two paths of the event logic
+(edge.events.EventDetector): CUSUM_SHARE of it for the CUSUM that integrates evidence over time,
+the rest for K-of-N on single windows (all of it when integration is off, or with fewer than
+MIN_CUSUM_WINDOWS held-out windows).
+
+Window threshold (K-of-N path). A gamma distribution is fitted to held-out normal window scores
+(as the DCASE 2023 baseline does). Under "K of the last N windows above", a false event starts
+at a window with probability ~ C(N-1, K-1) p^K (windows independent); the gamma quantile g
+exceeded with the p that meets the path's budget is the candidate. The held-out scores bound it:
+
+- cap = x_max + s ln(1 / ((n + 1) p)), or x_max once (n + 1) p >= 1. The highest of n held-out
+  windows, x_max, sits near exceedance 1 / (n + 1); reaching p takes a further factor
+  1 / ((n + 1) p), which an exponential tail of scale s covers in s ln(1 / ((n + 1) p)). s is
+  the spread of the held-out scores (1.4826 MAD), wider than a gamma's tail scale (theta, against
+  theta sqrt(shape) for the spread), so the cap only removes extrapolation that the held-out
+  audio cannot back, and it shrinks towards x_max as more audio is held out.
+- floor = the lowest threshold at which the real event logic, run over the held-out sequence,
+  raises no more events than a Poisson count with the budget's mean reaches at 97.5 % (none
+  for held-out audio shorter than a few hours at 1 per day): the threshold never contradicts the
+  held-out normal audio. Isolated held-out spikes may lie above it; K of N ignores them.
+- threshold = max(floor, min(g, cap)).
+
+Integrated evidence (CUSUM path). z = (ln score - center) / scale with the median and the
+1.4826 MAD of the held-out log scores; scale is widened by sqrt((1 + r) / (1 - r)) when the
+lag-1 autocorrelation r of held-out z is significant (r > 2 / sqrt(n)), so overlapping windows
+do not count as independent evidence. drift and cap are the defaults of edge.events. h is the
+value whose average run length on normal audio (z ~ N(0, 1): the log of a chi-square-like
+score is close to normal) equals the windows per day over the path's budget, computed on a
+Markov chain (Brook & Evans 1972) rather than by simulating days of windows (the same number,
+exact for that model, in milliseconds on the Pi); like the threshold it is floored so that the
+CUSUM raises no more alarms on the held-out sequence than the Poisson bound.
+
+The parameters report the held-out seconds, how far the threshold sits above the highest
+held-out score, the predicted false alarms per day of both paths (gamma tail under K-of-N plus
+the CUSUM's run length) with a 95 % interval from a seeded bootstrap of the held-out windows
+(each resample refitted and evaluated at the chosen threshold and h; it reflects how little the
+held-out audio pins down, not errors of the models' shape), and the events the real event logic
+raises on the held-out sequence itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N, EventDetector
+from edge.events import (
+    DEFAULT_CAP,
+    DEFAULT_DRIFT,
+    DEFAULT_K,
+    DEFAULT_M,
+    DEFAULT_N,
+    Cusum,
+    EventDetector,
+)
 
 RULE = "false-alarm-budget/gamma"
 SECONDS_PER_HOUR = 3600.0
+SECONDS_PER_DAY = 86400.0
 DEFAULT_FALSE_ALARMS_PER_DAY = 1.0
+CUSUM_SHARE = 0.5
+"""Share of the false-alarm budget given to the CUSUM path; the rest goes to K-of-N."""
+MIN_CUSUM_WINDOWS = 10
+"""Fewer held-out windows than this: no CUSUM (a median and spread of fewer mean little)."""
+MAD_TO_SD = 1.4826
+"""Median absolute deviation -> standard deviation of a normal distribution."""
+POISSON_QUANTILE = 0.975
+"""The floors allow as many held-out events as a Poisson count with the budget's mean reaches
+with this probability."""
+MAX_AUTOCORRELATION = 0.8
+"""Largest lag-1 autocorrelation the CUSUM's scale is widened for."""
+INTERVAL = 0.95
+"""Coverage of the reported false-alarm interval."""
+BOOTSTRAP_RESAMPLES = 200
+BOOTSTRAP_SEED = 0
+ARL_STATES = 80
+"""Levels of the Markov chain that gives the CUSUM's average run length: within 1 % of 800
+levels at the run lengths of a daily budget, and a matrix small enough to solve in a
+millisecond on one core."""
+_H_MAX = 40.0
+"""Upper end of the search for h: at drift 0.5 the run length grows about as e^h."""
+_Z_975 = 1.959964
 _MAX_ITER = 200
 _EPS = 1e-12
+_erfc = np.vectorize(math.erfc, otypes=[float])
 
 
 def digamma(x: float) -> float:
@@ -123,17 +190,252 @@ def window_rate_for_budget(false_alarms_per_hour: float, k: int, n: int, hop_s: 
     return min(1.0, (false_alarms_per_hour / (windows_per_hour * combos)) ** (1 / k))
 
 
-def false_alarms_per_hour(
-    scores: np.ndarray, threshold: float, k: int, n: int, m: int, hop_s: float
-) -> float:
-    """Starts per hour when the real event logic runs over a sequence of normal scores."""
-    detector = EventDetector(threshold, k, n, m, update_s=float("inf"))
+def count_events(
+    scores: np.ndarray,
+    threshold: float,
+    k: int,
+    n: int,
+    m: int,
+    hop_s: float,
+    cusum: Cusum | None = None,
+) -> int:
+    """Starts the real event logic raises over a sequence of normal scores."""
+    detector = EventDetector(threshold, k, n, m, update_s=float("inf"), cusum=cusum)
     starts = 0
     for i, score in enumerate(np.asarray(scores, np.float64)):
         t = detector.feed(float(score), i * hop_s, i * hop_s + hop_s)
         starts += t is not None and t.kind == "start"
+    return starts
+
+
+def false_alarms_per_hour(
+    scores: np.ndarray,
+    threshold: float,
+    k: int,
+    n: int,
+    m: int,
+    hop_s: float,
+    cusum: Cusum | None = None,
+) -> float:
+    """Starts per hour when the real event logic runs over a sequence of normal scores."""
     hours = len(scores) * hop_s / SECONDS_PER_HOUR
+    starts = count_events(scores, threshold, k, n, m, hop_s, cusum)
     return starts / hours if hours > 0 else 0.0
+
+
+def poisson_allowance(mean: float, q: float = POISSON_QUANTILE) -> int:
+    """Smallest count a with P(X <= a) >= q for X ~ Poisson(mean)."""
+    if mean > 50:  # normal approximation; the sum below would underflow
+        return math.ceil(mean + _Z_975 * math.sqrt(mean))
+    term = total = math.exp(-mean)
+    count = 0
+    while total < q:
+        count += 1
+        term *= mean / count
+        total += term
+    return count
+
+
+def robust_spread(x: np.ndarray) -> float:
+    """1.4826 MAD (the standard deviation for normal data), or the std when the MAD is 0."""
+    spread = MAD_TO_SD * float(np.median(np.abs(x - np.median(x))))
+    return spread if spread > 0 else float(np.std(x))
+
+
+def tail_cap(scores: np.ndarray, p: float) -> float:
+    """Highest held-out score plus what an exponential tail of the scores' spread needs to
+    reach exceedance p from there (module docstring)."""
+    gap = math.log(1 / ((len(scores) + 1) * p)) if (len(scores) + 1) * p < 1 else 0.0
+    return float(scores.max()) + robust_spread(scores) * gap
+
+
+def window_floor(scores: np.ndarray, allowed: int, k: int, n: int, m: int, hop_s: float) -> float:
+    """Lowest held-out score that, as the threshold, lets the event logic raise at most
+    `allowed` events on the held-out sequence (bisection; more events at lower thresholds)."""
+    candidates = np.unique(scores)
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_events(scores, float(candidates[mid]), k, n, m, hop_s) <= allowed:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(candidates[hi])
+
+
+def bounded_threshold(
+    scores: np.ndarray,
+    gamma_value: float,
+    p: float,
+    per_day: float,
+    k: int,
+    n: int,
+    m: int,
+    hop_s: float,
+) -> tuple[float, dict[str, Any]]:
+    """max(floor, min(gamma quantile, cap)) and what decided it."""
+    cap = tail_cap(scores, p)
+    allowed = poisson_allowance(per_day * len(scores) * hop_s / SECONDS_PER_DAY)
+    floor = window_floor(scores, allowed, k, n, m, hop_s)
+    value = max(floor, min(gamma_value, cap))
+    decided = (
+        "floor"
+        if value == floor and floor > min(gamma_value, cap)
+        else ("cap" if cap < gamma_value else "gamma")
+    )
+    top = float(scores.max())
+    return value, {
+        "gamma_threshold": gamma_value,
+        "cap": cap,
+        "floor": floor,
+        "decided_by": decided,
+        "holdout_max": top,
+        "above_holdout_max": value / top - 1 if top > 0 else None,
+    }
+
+
+def normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Phi(x), elementwise."""
+    return 0.5 * _erfc(-np.asarray(x, np.float64) / math.sqrt(2))
+
+
+def cusum_arl(
+    h: float,
+    drift: float = DEFAULT_DRIFT,
+    cap: float = DEFAULT_CAP,
+    mean: float = 0.0,
+    sd: float = 1.0,
+    states: int = ARL_STATES,
+) -> float:
+    """Average run length (windows) of S = max(0, S + min(z, cap) - drift) to S > h from 0,
+    for independent z ~ N(mean, sd^2): the Markov chain of Brook & Evans (1972), S rounded to
+    `states` levels on [0, h]."""
+    width = 2 * h / (2 * states - 1)
+    offsets = np.arange(1 - states, states) * width  # level j - level i, as an index j - i
+
+    def cdf(x: np.ndarray) -> np.ndarray:  # of one increment min(z, cap) - drift
+        return np.where(x >= cap - drift, 1.0, normal_cdf((x + drift - mean) / sd))
+
+    upper = cdf(offsets + width / 2)
+    index = np.arange(states)[None, :] - np.arange(states)[:, None] + states - 1
+    moves = (upper - cdf(offsets - width / 2))[index]
+    moves[:, 0] = upper[index[:, 0]]  # everything at or below zero restarts from zero
+    try:
+        runs = np.linalg.solve(np.eye(states) - moves, np.ones(states))
+    except np.linalg.LinAlgError:
+        return math.inf
+    arl = float(runs[0])
+    return arl if math.isfinite(arl) and arl > 0 else math.inf
+
+
+def cusum_h(run_length: float, drift: float = DEFAULT_DRIFT, cap: float = DEFAULT_CAP) -> float:
+    """The h whose average run length on N(0, 1) scores is `run_length` windows."""
+    lo, hi = 0.0, _H_MAX
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cusum_arl(mid, drift, cap) < run_length else (lo, mid)
+    return hi
+
+
+def cusum_path(
+    z: np.ndarray, drift: float, cap: float, h: float = math.inf
+) -> tuple[np.ndarray, int]:
+    """The CUSUM over z (restarted at 0 after each alarm, S > h) and how many alarms it raised."""
+    path = np.empty(len(z))
+    total, alarms = 0.0, 0
+    for i, step in enumerate(np.minimum(z, cap) - drift):
+        total = max(0.0, total + float(step))
+        path[i] = total
+        if total > h:
+            alarms, total = alarms + 1, 0.0
+    return path, alarms
+
+
+def cusum_floor(z: np.ndarray, allowed: int, drift: float, cap: float) -> float:
+    """Lowest h at which the CUSUM raises at most `allowed` alarms over the held-out z."""
+    top = float(cusum_path(z, drift, cap)[0].max(initial=0.0))
+    if allowed == 0:
+        return top
+    lo, hi = 0.0, top
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cusum_path(z, drift, cap, mid)[1] > allowed else (lo, mid)
+    return hi
+
+
+def lag1_autocorrelation(x: np.ndarray) -> float:
+    """Lag-1 autocorrelation of a sequence (0 for fewer than 3 values or no variation)."""
+    if len(x) < 3 or np.std(x) == 0:
+        return 0.0
+    d = x - x.mean()
+    return float(np.dot(d[:-1], d[1:]) / np.dot(d, d))
+
+
+def design_cusum(
+    scores: np.ndarray, per_day: float, hop_s: float
+) -> tuple[Cusum, dict[str, Any]] | None:
+    """The CUSUM for this budget share on held-out normal scores (module docstring); None when
+    the scores do not vary."""
+    logs = np.log(np.maximum(scores, _EPS))
+    center, spread = float(np.median(logs)), robust_spread(logs)
+    if spread <= 0:
+        return None
+    r = lag1_autocorrelation(np.minimum((logs - center) / spread, DEFAULT_CAP))
+    widen = 1.0
+    if r > 2 / math.sqrt(len(logs)):
+        r = min(r, MAX_AUTOCORRELATION)
+        widen = math.sqrt((1 + r) / (1 - r))
+    scale = spread * widen
+    design = cusum_h(SECONDS_PER_DAY / hop_s / per_day)
+    z = (logs - center) / scale
+    allowed = poisson_allowance(per_day * len(scores) * hop_s / SECONDS_PER_DAY)
+    floor = cusum_floor(z, allowed, DEFAULT_DRIFT, DEFAULT_CAP)
+    cusum = Cusum(max(design, floor), center, scale)
+    return cusum, {
+        "false_alarms_per_day": per_day,
+        "h_design": design,
+        "h_floor": floor,
+        "autocorrelation": r,
+        "widen": widen,
+    }
+
+
+def forecast(
+    scores: np.ndarray,
+    threshold: float,
+    cusum: Cusum | None,
+    widen: float,
+    k: int,
+    n: int,
+    hop_s: float,
+) -> dict[str, Any]:
+    """Predicted false alarms per day of both paths and a seeded bootstrap interval."""
+    per_window = math.comb(n - 1, k - 1) * SECONDS_PER_DAY / hop_s
+
+    def rate(x: np.ndarray) -> float:
+        window = per_window * Gamma.fit(x).sf(threshold) ** k
+        if cusum is None:
+            return window
+        z = (np.log(np.maximum(x, _EPS)) - cusum.center) / cusum.scale
+        sd = robust_spread(z) * widen
+        arl = cusum_arl(cusum.h, cusum.drift, cusum.cap, float(np.median(z)), max(sd, _EPS))
+        return window + SECONDS_PER_DAY / hop_s / arl
+
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    rates = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        try:
+            rates.append(rate(scores[rng.integers(0, len(scores), len(scores))]))
+        except ValueError:  # a resample without two distinct scores
+            continue
+    tail = 100 * (1 - INTERVAL) / 2
+    low, high = np.percentile(rates, [tail, 100 - tail]) if rates else (math.nan, math.nan)
+    return {
+        "predicted_false_alarms_per_day": rate(scores),
+        "predicted_interval_per_day": [float(low), float(high)],
+        "interval": f"{INTERVAL:.0%} bootstrap of the held-out windows "
+        f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED})",
+    }
 
 
 def threshold_for_budget(
@@ -143,30 +445,55 @@ def threshold_for_budget(
     n: int = DEFAULT_N,
     m: int = DEFAULT_M,
     hop_s: float = 0.5,
+    integrate: bool = True,
 ) -> tuple[float, dict]:
-    """Threshold meeting the budget on these normal scores, and the parameters of the rule."""
-    budget_h = false_alarms_per_day / 24
-    p = window_rate_for_budget(budget_h, k, n, hop_s)
+    """Threshold meeting the budget on these normal scores, and the parameters of the rule
+    (with `integrate`, params['cusum'] holds the CUSUM that shares the budget)."""
     scores = np.asarray(scores, np.float64)
+    designed = None
+    if integrate and len(scores) >= MIN_CUSUM_WINDOWS:
+        designed = design_cusum(scores, false_alarms_per_day * CUSUM_SHARE, hop_s)
+    window_budget = false_alarms_per_day * (1 - CUSUM_SHARE if designed else 1.0)
+    p = window_rate_for_budget(window_budget / 24, k, n, hop_s)
+    common = {"false_alarms_per_day": false_alarms_per_day, "k": k, "n": n, "m": m, "hop_s": hop_s}
     try:
         dist = Gamma.fit(scores)
-        value = dist.isf(max(p, _EPS))
-        fit = {"gamma_shape": dist.shape, "gamma_scale": dist.scale}
     except ValueError:
         value = float(scores.max() * 1.5) if len(scores) else 1.0
-        fit = {"fallback": "too few distinct scores: 1.5 x max"}
-    return value, {
-        "false_alarms_per_day": false_alarms_per_day,
-        "k": k,
-        "n": n,
-        "m": m,
-        "hop_s": hop_s,
+        fallback = {"fallback": "too few distinct scores: 1.5 x max", "window_exceedance": p}
+        return value, {**common, **fallback, **_holdout(scores, value, common, None)}
+    value, bounds = bounded_threshold(
+        scores, dist.isf(max(p, _EPS)), p, window_budget, k, n, m, hop_s
+    )
+    cusum, info = designed if designed else (None, {"widen": 1.0})
+    params = {
+        **common,
         "window_exceedance": p,
-        **fit,
+        "window_false_alarms_per_day": window_budget,
+        "gamma_shape": dist.shape,
+        "gamma_scale": dist.scale,
+        **bounds,
+        **forecast(scores, value, cusum, info["widen"], k, n, hop_s),
+        **_holdout(scores, value, common, cusum),
+    }
+    if cusum is not None:
+        params["cusum"] = {**cusum.to_params(), **info}
+    return value, params
+
+
+def _holdout(
+    scores: np.ndarray, value: float, common: dict[str, Any], cusum: Cusum | None
+) -> dict[str, Any]:
+    """What backs the threshold, and what the real event logic does on the held-out audio."""
+    k, n, m, hop_s = common["k"], common["n"], common["m"], common["hop_s"]
+    return {
         "n_windows": len(scores),
+        "holdout_seconds": round(len(scores) * hop_s, 3),
         "holdout_hours": round(len(scores) * hop_s / SECONDS_PER_HOUR, 4),
         "holdout_window_rate": float(np.mean(scores > value)) if len(scores) else 0.0,
-        "holdout_false_alarms_per_hour": false_alarms_per_hour(scores, value, k, n, m, hop_s),
+        "holdout_false_alarms_per_hour": false_alarms_per_hour(
+            scores, value, k, n, m, hop_s, cusum
+        ),
     }
 
 
@@ -183,3 +510,38 @@ def score_stats(scores: np.ndarray, source: str) -> dict:
         "p99": float(np.percentile(s, 99)),
         "max": float(s.max()),
     }
+
+
+def describe(value: float, params: Mapping[str, Any]) -> str:
+    """What backs a budget threshold, in a few lines for `train` and `calibrate` to print;
+    empty for rules without held-out statistics (a classifier's confidence)."""
+    if "n_windows" not in params:
+        return ""
+    seconds = params.get("holdout_seconds", params["n_windows"] * params.get("hop_s", 0.0))
+    lines = [
+        f"threshold {value:.4g}, for {params.get('false_alarms_per_day', 0):g} false alarm(s) "
+        f"per day, backed by {seconds:.0f} s of held-out normal audio "
+        f"({params['n_windows']} windows)"
+    ]
+    if "holdout_max" in params:
+        lines.append(
+            f"  {100 * params['above_holdout_max']:+.0f} % from the highest held-out normal "
+            f"score {params['holdout_max']:.4g} (set by the {params['decided_by']}: gamma "
+            f"quantile {params['gamma_threshold']:.4g}, cap {params['cap']:.4g}, floor "
+            f"{params['floor']:.4g})"
+        )
+    if "predicted_false_alarms_per_day" in params:
+        low, high = params["predicted_interval_per_day"]
+        lines.append(
+            f"  predicted false alarms per day: {params['predicted_false_alarms_per_day']:.3g} "
+            f"({INTERVAL:.0%} interval {low:.3g} to {high:.3g}); on the held-out audio: "
+            f"{params['holdout_false_alarms_per_hour'] * 24:.3g} per day"
+        )
+    cusum = params.get("cusum")
+    if cusum:
+        lines.append(
+            f"  integrated evidence: CUSUM on log scores, h {cusum['h']:.3g} (budget "
+            f"{cusum['h_design']:.3g}, held-out {cusum['h_floor']:.3g}), drift {cusum['drift']:g}, "
+            f"cap {cusum['cap']:g}"
+        )
+    return "\n".join(lines)

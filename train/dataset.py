@@ -126,7 +126,9 @@ def threshold_from_holdout(
     scores: np.ndarray, false_alarms_per_day: float, hop_seconds: float
 ) -> tuple[float, dict]:
     """Threshold meeting the false-alarm budget on held-out normal scores, for the event logic
-    (K of N windows to start, M to end) at the defaults edge defines in DetectorSettings."""
+    (K of N windows to start, M to end) at the defaults edge defines in DetectorSettings, bounded
+    by the held-out scores; the budget is shared with the CUSUM whose parameters it returns under
+    'cusum' (edge.threshold). `scores` are in stream order: the floors replay them."""
     det = DetectorSettings()
     return threshold_for_budget(
         scores,
@@ -135,6 +137,7 @@ def threshold_from_holdout(
         det.trigger_of,
         det.release_windows,
         hop_seconds,
+        integrate=det.integrate,
     )
 
 

@@ -41,7 +41,7 @@ class Autoencoder(DetectorKind):
 
     def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
         """K-of-N anomaly events."""
-        return event_tracker(settings, threshold)
+        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None

@@ -101,7 +101,7 @@ class Fluctuation(DetectorKind):
 
     def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
         """K-of-N anomaly events."""
-        return event_tracker(settings, threshold)
+        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N, EventDetector
+from edge.errors import BundleError
+from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N, Cusum, EventDetector
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, threshold_for_budget
 
 if TYPE_CHECKING:
@@ -14,8 +15,12 @@ if TYPE_CHECKING:
     from edge.settings import DetectorSettings
 
 
-def event_tracker(settings: DetectorSettings, threshold: float) -> EventDetector:
-    """K-of-N start, M-below end, periodic updates and a cooldown, from the settings."""
+def event_tracker(
+    settings: DetectorSettings, threshold: float, bundle: Bundle | None = None
+) -> EventDetector:
+    """K-of-N start, M-below end, periodic updates and a cooldown, from the settings; with the
+    bundle, also the CUSUM it was calibrated with (threshold.params['cusum'], if any, and unless
+    settings.integrate is off). Bundles without one behave as K-of-N alone."""
     return EventDetector(
         threshold,
         settings.trigger_windows,
@@ -23,7 +28,16 @@ def event_tracker(settings: DetectorSettings, threshold: float) -> EventDetector
         settings.release_windows,
         update_s=settings.update_seconds,
         cooldown_s=settings.cooldown_seconds,
+        cusum=bundle_cusum(bundle) if bundle is not None and settings.integrate else None,
     )
+
+
+def bundle_cusum(bundle: Bundle) -> Cusum | None:
+    """The bundle's CUSUM parameters; a BundleError naming the bundle if they are malformed."""
+    try:
+        return Cusum.from_params(bundle.manifest.threshold.params)
+    except ValueError as exc:
+        raise BundleError(f"{bundle.path}: {exc}") from None
 
 
 def budget_threshold(
