@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -545,3 +546,11 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
             f"cap {cusum['cap']:g}"
         )
     return "\n".join(lines)
+
+
+def bundle_summary(path: str | Path) -> str:
+    """describe() of the threshold of the bundle at `path`."""
+    from edge.bundle import load_bundle  # only the CLI summary needs the bundle reader
+
+    threshold = load_bundle(path).manifest.threshold
+    return describe(threshold.value, threshold.params)

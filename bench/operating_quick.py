@@ -1,0 +1,141 @@
+"""Operating point of the default detector on MIMII fan id_00, channel 0, at its default budget.
+
+    .venv/bin/python bench/operating_quick.py [--data /work/shared/data] [--json out.json]
+        [--false-alarms-per-day 1] [--no-integrate]
+
+Trains `fluctuation` on normal clips 0-9 (channel 0) with the trainer's defaults, then replays
+every test clip (normal 10-19, anomalous 0-19) as its own stream through the real daemon path
+(`edge.daemon.Detector` over a `FileSource`) with the bundle's default threshold and event
+logic, and counts the clips that raise a `start`. Prints the counts, the threshold summary and
+the normal/fault score maxima.
+
+Nothing here is tuned on the test clips: the threshold rule and the CUSUM's constants (module
+docstring of edge/threshold.py, edge/events.py) were written down and committed before these
+counts were first looked at; the bundle's threshold and CUSUM come from held-out *normal*
+training audio only. `--no-integrate` runs the same bundle with K-of-N alone
+(`detector.integrate = false`), to show what the CUSUM adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge.bundle import load_bundle  # noqa: E402
+from edge.daemon import Detector, Sink  # noqa: E402
+from edge.messages import EventMessage  # noqa: E402
+from edge.pipeline import Step  # noqa: E402
+from edge.settings import Settings  # noqa: E402
+from edge.sources import FileSource  # noqa: E402
+from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, describe  # noqa: E402
+from train.fluctuation import train_fluctuation  # noqa: E402
+
+CHANNEL = 0
+TRAIN_IDS = range(10)
+NORMAL_TEST_IDS = range(10, 20)
+FAULT_TEST_IDS = range(20)
+
+
+class Starts(Sink):
+    """Counts `start` events."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def event(self, message: EventMessage) -> None:
+        """Count a start."""
+        self.starts += message.type == "start"
+
+
+def clips(data: Path, kind: str, ids: range) -> list[Path]:
+    """MIMII fan id_00 clips of one kind."""
+    return [data / "mimii_fan_id00" / kind / f"{i:08d}.wav" for i in ids]
+
+
+def replay(bundle_path: Path, clip: Path, workdir: Path, integrate: bool) -> tuple[int, float]:
+    """Starts raised and the highest window score when one clip is streamed on its own."""
+    bundle = load_bundle(bundle_path)
+    settings = Settings(
+        device_id="bench",
+        model=bundle_path,
+        data_dir=workdir,
+        clips={"enabled": False},
+        detector={"integrate": integrate},
+    )
+    sink = Starts()
+    peak = [float("-inf")]
+
+    def on_step(step: Step) -> None:
+        peak[0] = max(peak[0], step.window.score)
+
+    detector = Detector(settings, bundle, [sink], on_step=on_step)
+    detector.run(FileSource([clip], bundle.features.samplerate, channel=CHANNEL))
+    return sink.starts, peak[0]
+
+
+def main() -> int:
+    """Train, replay, print the counts."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--false-alarms-per-day", type=float, default=DEFAULT_FALSE_ALARMS_PER_DAY)
+    ap.add_argument("--no-integrate", action="store_true", help="K-of-N alone, no CUSUM")
+    args = ap.parse_args()
+    integrate = not args.no_integrate
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bundle_path = train_fluctuation(
+            clips(args.data, "normal", TRAIN_IDS),
+            work / "fan.bundle",
+            channel=CHANNEL,
+            false_alarms_per_day=args.false_alarms_per_day,
+        )
+        bundle = load_bundle(bundle_path)
+        normal = [
+            replay(bundle_path, c, work, integrate)
+            for c in clips(args.data, "normal", NORMAL_TEST_IDS)
+        ]
+        fault = [
+            replay(bundle_path, c, work, integrate)
+            for c in clips(args.data, "anomalous", FAULT_TEST_IDS)
+        ]
+    normal_max = max(p for _, p in normal)
+    figures = {
+        "false_alarms_per_day": args.false_alarms_per_day,
+        "integrate": integrate,
+        "threshold": bundle.threshold,
+        "params": bundle.manifest.threshold.params,
+        "normal_clips_with_event": sum(s > 0 for s, _ in normal),
+        "normal_clips": len(normal),
+        "fault_clips_with_event": sum(s > 0 for s, _ in fault),
+        "fault_clips": len(fault),
+        "normal_test_window_max": normal_max,
+        "fault_clips_above_all_normal_windows": sum(p > normal_max for _, p in fault),
+        "fault_clip_peaks": [round(p, 4) for _, p in fault],
+        "fault_clip_starts": [s for s, _ in fault],
+    }
+    print(describe(bundle.threshold, bundle.manifest.threshold.params))
+    print(
+        f"integrate {integrate}; threshold {figures['threshold']:.4g}; "
+        f"fault clips with an event: {figures['fault_clips_with_event']}/{len(fault)}; "
+        f"normal clips with an event: {figures['normal_clips_with_event']}/{len(normal)}; "
+        f"highest normal test window {normal_max:.4g}; fault clips with a window above it: "
+        f"{figures['fault_clips_above_all_normal_windows']}/{len(fault)}"
+    )
+    print("fault starts per clip:", figures["fault_clip_starts"])
+    print("fault peaks per clip:", figures["fault_clip_peaks"])
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, default=float) + "\n")
+    return 0 if np.isfinite(normal_max) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
