@@ -46,7 +46,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -534,9 +533,10 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
     if "predicted_false_alarms_per_day" in params:
         low, high = params["predicted_interval_per_day"]
         lines.append(
-            f"  predicted false alarms per day: {params['predicted_false_alarms_per_day']:.3g} "
-            f"({INTERVAL:.0%} interval {low:.3g} to {high:.3g}); on the held-out audio: "
-            f"{params['holdout_false_alarms_per_hour'] * 24:.3g} per day"
+            f"  predicted false alarms per day: "
+            f"{_rate(params['predicted_false_alarms_per_day'])} ({INTERVAL:.0%} interval "
+            f"{_rate(low)} to {_rate(high)}); on the held-out audio: "
+            f"{_rate(params['holdout_false_alarms_per_hour'] * 24)} per day"
         )
     cusum = params.get("cusum")
     if cusum:
@@ -548,9 +548,6 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bundle_summary(path: str | Path) -> str:
-    """describe() of the threshold of the bundle at `path`."""
-    from edge.bundle import load_bundle  # only the CLI summary needs the bundle reader
-
-    threshold = load_bundle(path).manifest.threshold
-    return describe(threshold.value, threshold.params)
+def _rate(per_day: float) -> str:
+    """A rate for people: three digits, and '<0.001' for the vanishing ends of an interval."""
+    return "<0.001" if 0 < per_day < 1e-3 else f"{per_day:.3g}"

@@ -294,7 +294,8 @@ def _positive_float(text: str) -> float:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from edge.threshold import bundle_summary
+    from edge.bundle import load_bundle
+    from edge.threshold import describe
     from train.augment import Augmenter
 
     augment = Augmenter(tuple(args.augment), args.augment_factor) if args.augment else None
@@ -320,7 +321,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             all_channels=args.all_channels,
             false_alarms_per_day=args.false_alarms_per_day,
         )
-        print(f"model bundle written to {out}\n{bundle_summary(out)}")
+        held = load_bundle(out).manifest.threshold
+        print(f"model bundle written to {out}\n{describe(held.value, held.params)}")
         return 0
     from train.trainer import DEFAULT_EPOCHS, train_bundle
 
@@ -333,7 +335,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         false_alarms_per_day=args.false_alarms_per_day,
         augment=augment,
     )
-    print(f"model bundle written to {out}\n{bundle_summary(out)}")
+    held = load_bundle(out).manifest.threshold
+    print(f"model bundle written to {out}\n{describe(held.value, held.params)}")
     return 0
 
 
@@ -353,13 +356,15 @@ def _numpy_trainer(detector: str) -> Callable[..., Path]:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from edge.bundle import load_bundle
     from edge.calibrate import calibrate_bundle
-    from edge.threshold import bundle_summary
+    from edge.threshold import describe
 
     out = calibrate_bundle(
         args.model, args.normal, args.out, args.false_alarms_per_day, args.channel
     )
-    print(f"calibrated bundle written to {out}\n{bundle_summary(out)}")
+    held = load_bundle(out).manifest.threshold
+    print(f"calibrated bundle written to {out}\n{describe(held.value, held.params)}")
     return 0
 
 

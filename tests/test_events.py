@@ -1,10 +1,12 @@
-"""Event logic: K of the last N windows start an anomaly, M below end it."""
+"""Event logic: K of the last N windows (or the CUSUM) start an anomaly, M below end it."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from edge.events import EventDetector
+from edge.events import Cusum, EventDetector, Transition
 
 
 def run(scores: list[float], **kw: int) -> list[tuple[str, int]]:
@@ -48,3 +50,76 @@ def test_event_statistics_and_times() -> None:
 def test_invalid_parameters_are_refused(k: int, n: int, m: int) -> None:
     with pytest.raises(ValueError):
         EventDetector(1.0, k, n, m)
+
+
+# --- evidence over time (CUSUM) --------------------------------------------------------------
+
+UNIT = Cusum(h=3.5, center=0.0, scale=1.0)
+"""z = ln(score): a score of e^1.5 adds 1.0 to S, e^-1 takes 1.5 off."""
+
+
+def feed_all(det: EventDetector, scores: list[float]) -> list[tuple[str, int, Transition]]:
+    found = [det.feed(s, i * 0.5, i * 0.5 + 1.0) for i, s in enumerate(scores)]
+    return [(t.kind, i, t) for i, t in enumerate(found) if t is not None]
+
+
+def test_persistent_evidence_below_the_threshold_starts_and_ends_an_event() -> None:
+    """S rises by 1 per window; it exceeds h = 3.5 at the 4th raised window. The event starts
+    where S left zero and ends once M windows are below and S has come back to zero."""
+    low, raised = math.exp(-1.0), math.exp(1.5)
+    det = EventDetector(threshold=100.0, k=2, n=3, m=2, cusum=UNIT)
+    out = feed_all(det, [low, low, raised, raised, raised, raised, low, low, low, low])
+    assert [(kind, i) for kind, i, _ in out] == [("start", 5), ("end", 8)]
+    start, end = out[0][2], out[1][2]
+    assert start.started_s == 1.0 and start.peak_score == pytest.approx(raised)
+    assert end.event_id == start.event_id and end.ended_s == 3.5
+    assert det.evidence == 0.0 and not det.active
+
+
+def test_a_single_spike_adds_at_most_cap_minus_drift() -> None:
+    det = EventDetector(threshold=1e9, cusum=UNIT)
+    assert det.feed(1e6, 0.0, 1.0) is None
+    assert det.evidence == pytest.approx(UNIT.cap - UNIT.drift)
+
+
+def test_an_open_event_lasts_while_the_evidence_does() -> None:
+    """A K-of-N event on a machine that stays slightly raised does not end after M windows
+    below the threshold: the CUSUM is still above zero, and the raised windows bring updates."""
+    raised = math.exp(1.5)
+    det = EventDetector(threshold=10.0, k=2, n=3, m=2, update_s=5.0, cusum=UNIT)
+    out = feed_all(det, [20.0, 20.0] + [raised] * 20)
+    assert [kind for kind, _, _ in out] == ["start", "update", "update"] and det.active
+    assert det.evidence == pytest.approx(UNIT.h)
+
+
+def test_close_resets_the_evidence() -> None:
+    det = EventDetector(threshold=100.0, cusum=UNIT)
+    det.feed(math.exp(2.0), 0.0, 1.0)
+    assert det.evidence > 0
+    det.close()
+    assert det.evidence == 0.0
+
+
+def test_without_a_cusum_there_is_no_evidence_over_time() -> None:
+    det = EventDetector(threshold=100.0, k=2, n=3, m=2)
+    assert feed_all(det, [math.exp(3.0)] * 50) == [] and det.evidence == 0.0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"cusum": {"h": 1.0, "center": 0.0}},
+        {"cusum": {"h": -1.0, "center": 0.0, "scale": 1.0}},
+        {"cusum": {"h": 1.0, "center": 0.0, "scale": 1.0, "drift": 3.0, "cap": 3.0}},
+        {"cusum": {"h": "nan", "center": 0.0, "scale": 1.0}},
+        {"cusum": [1.0, 0.0, 1.0]},
+    ],
+)
+def test_malformed_cusum_parameters_are_refused(params: dict) -> None:
+    with pytest.raises(ValueError):
+        Cusum.from_params(params)
+
+
+def test_cusum_parameters_round_trip() -> None:
+    assert Cusum.from_params({"cusum": UNIT.to_params()}) == UNIT
+    assert Cusum.from_params({}) is None

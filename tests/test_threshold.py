@@ -14,7 +14,14 @@ from conftest import AE_BUNDLE, DEMO_BUNDLE, NORMAL_FILES, cli
 from scipy import stats
 
 from edge.bundle import MODEL_INT8, load_bundle
-from edge.threshold import Gamma, false_alarms_per_hour, threshold_for_budget
+from edge.threshold import (
+    Gamma,
+    count_events,
+    describe,
+    false_alarms_per_hour,
+    tail_cap,
+    threshold_for_budget,
+)
 
 
 @pytest.mark.parametrize(("shape", "scale"), [(0.8, 2.0), (3.0, 0.2), (25.0, 0.01)])
@@ -32,11 +39,13 @@ def test_numpy_gamma_matches_scipy(shape: float, scale: float) -> None:
 
 def test_budget_is_met_on_a_synthetic_normal_stream_with_a_known_rate() -> None:
     """A gamma-distributed normal stream: the measured false-alarm rate of the real event
-    logic over 40 hours matches the budget the threshold was set for."""
+    logic (K-of-N alone) over 40 hours matches the budget the threshold was set for."""
     rng = np.random.default_rng(7)
     holdout = rng.gamma(4.0, 0.05, 3000)
     budget_per_day = 24 * 30.0  # 30 per hour: frequent enough to measure
-    value, params = threshold_for_budget(holdout, budget_per_day, k=2, n=3, m=4, hop_s=0.5)
+    value, params = threshold_for_budget(
+        holdout, budget_per_day, k=2, n=3, m=4, hop_s=0.5, integrate=False
+    )
     stream = rng.gamma(4.0, 0.05, int(40 * 3600 / 0.5))
     measured = false_alarms_per_hour(stream, value, k=2, n=3, m=4, hop_s=0.5)
     assert measured == pytest.approx(30.0, rel=0.2)
@@ -48,6 +57,57 @@ def test_a_smaller_budget_gives_a_higher_threshold() -> None:
     scores = np.random.default_rng(3).gamma(2.0, 1.0, 2000)
     values = [threshold_for_budget(scores, b)[0] for b in (100.0, 1.0, 0.01)]
     assert values[0] < values[1] < values[2]
+
+
+def test_the_gamma_quantile_is_capped_where_it_extrapolates_beyond_the_held_out_audio() -> None:
+    """40 held-out windows of a heavy-tailed score: the gamma quantile lies further above the
+    highest held-out score than an exponential tail of the scores' spread needs for the
+    budget, so the cap sets the threshold."""
+    scores = np.random.default_rng(2).gamma(0.8, 1.0, 40)
+    value, params = threshold_for_budget(scores, 1.0)
+    assert params["decided_by"] == "cap" and value == params["cap"] < params["gamma_threshold"]
+    spread = 1.4826 * np.median(np.abs(scores - np.median(scores)))
+    p = params["window_exceedance"]
+    assert value == pytest.approx(scores.max() + spread * math.log(1 / (41 * p)))
+
+
+def test_more_held_out_audio_brings_the_cap_down_to_the_highest_score() -> None:
+    """The cap's margin shrinks with the held-out windows, to none once they reach the
+    exceedance the budget needs."""
+    rng = np.random.default_rng(4)
+    margins = [tail_cap(s, 1e-3) / s.max() - 1 for s in (rng.gamma(20, 0.05, n) for n in (40, 400))]
+    assert margins[0] > margins[1] > 0
+    many = rng.gamma(20, 0.05, 2000)
+    assert tail_cap(many, 1e-3) == many.max()
+
+
+def test_the_threshold_never_lets_held_out_normal_audio_raise_an_event() -> None:
+    """A burst of three high windows in held-out normal audio: the gamma quantile would fire on
+    it, so the floor lifts the threshold to the lowest value at which it does not (the
+    second-highest of the burst: K = 2)."""
+    scores = np.random.default_rng(2).gamma(20, 0.05, 200)
+    scores[100:103] = [5.0, 4.0, 4.5]
+    value, params = threshold_for_budget(scores, 1.0)
+    assert params["decided_by"] == "floor" and value == 4.5 > params["gamma_threshold"]
+    assert count_events(scores, value, 2, 3, 4, 0.5) == 0
+    assert count_events(scores, 4.4, 2, 3, 4, 0.5) == 1
+    assert params["above_holdout_max"] == pytest.approx(4.5 / 5.0 - 1)
+
+
+def test_the_rule_reports_what_backs_the_threshold() -> None:
+    """Seconds of held-out audio, distance above its highest score, predicted false alarms per
+    day with an interval, and the CUSUM; `describe` prints them."""
+    scores = np.random.default_rng(6).gamma(20, 0.05, 120)
+    value, params = threshold_for_budget(scores, 2.0, hop_s=0.5)
+    assert params["holdout_seconds"] == 60.0 and params["holdout_max"] == scores.max()
+    assert params["above_holdout_max"] == pytest.approx(value / scores.max() - 1)
+    low, high = params["predicted_interval_per_day"]
+    assert 0 <= low <= params["predicted_false_alarms_per_day"] <= high
+    assert params["window_false_alarms_per_day"] + params["cusum"]["false_alarms_per_day"] == 2.0
+    text = describe(value, params)
+    assert "60 s of held-out normal audio (120 windows)" in text
+    assert "95% interval" in text and "CUSUM" in text
+    assert describe(0.5, {"min_confidence": 0.5}) == ""
 
 
 def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> None:
@@ -63,6 +123,7 @@ def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> No
         "2",
     )
     assert "calibrated bundle written" in proc.stdout
+    assert "s of held-out normal audio" in proc.stdout and "false alarms per day" in proc.stdout
     old, new = load_bundle(AE_BUNDLE), load_bundle(out)
     assert (out / MODEL_INT8).read_bytes() == (AE_BUNDLE / MODEL_INT8).read_bytes()
     assert not np.array_equal(new.array("normalization.mean"), old.array("normalization.mean"))
