@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 MAX_BANK = 4096
 """Most bank rows a bundle may hold: 4096 x 64 keeps a window's search well under 1 ms."""
 MAX_NEIGHBOURS = 64
+"""Largest k a bundle may ask for: more neighbours than this describe a density, not a match."""
 SITE_SHARE = 0.5
 """On a refit that overflows the bank, the site's windows keep at least this share of it."""
 BLOCK = 256
@@ -164,8 +165,8 @@ class Knn(DetectorKind):
         return KnnScorer.from_bundle(bundle)
 
     def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
-        """K-of-N anomaly events."""
-        return event_tracker(settings, threshold)
+        """K-of-N anomaly events, and the CUSUM the bundle was calibrated with (if any)."""
+        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None

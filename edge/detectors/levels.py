@@ -121,8 +121,8 @@ class Levels(DetectorKind):
         return LevelsScorer.from_bundle(bundle)
 
     def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
-        """K-of-N anomaly events."""
-        return event_tracker(settings, threshold)
+        """K-of-N anomaly events, and the CUSUM the bundle was calibrated with (if any)."""
+        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
