@@ -7,13 +7,14 @@ from typing import Any
 from edge.detectors.autoencoder import Autoencoder
 from edge.detectors.base import DetectorKind
 from edge.detectors.classifier import Classifier
+from edge.detectors.embedding import Embedding
 from edge.detectors.fluctuation import Fluctuation
 from edge.detectors.knn import Knn
 from edge.detectors.levels import Levels
 from edge.errors import BundleError
 
 PLUGINS: dict[str, DetectorKind] = {
-    p.kind: p for p in (Autoencoder(), Classifier(), Fluctuation(), Levels(), Knn())
+    p.kind: p for p in (Autoencoder(), Classifier(), Fluctuation(), Levels(), Knn(), Embedding())
 }
 """Every detector kind this version runs, by the `kind` field of a bundle's manifest."""
 
