@@ -95,6 +95,12 @@ def _add_train(sub: Any) -> None:
         metavar="DIR",
         help="labelled recordings, one subfolder per class: a CNN classifier",
     )
+    what.add_argument(
+        "--normal-states",
+        type=Path,
+        metavar="DIR",
+        help="normal recordings, one subfolder per operating state: the embedding detector",
+    )
     p.add_argument(
         "--out", required=True, type=Path, metavar="MODEL", help="bundle folder to write"
     )
@@ -127,11 +133,11 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--detector",
-        choices=(*NUMPY_DETECTORS, "autoencoder"),
+        choices=(*NUMPY_DETECTORS, "autoencoder", "embedding"),
         default="fluctuation",
         help="with --normal: band-fluctuation statistics (default), level-aware band "
         "statistics (levels), a nearest-neighbour bank (knn), all numpy with no network; or "
-        "the int8 convolutional autoencoder",
+        "the int8 convolutional autoencoder, or the int8 self-supervised CNN embedding",
     )
     p.add_argument(
         "--all-channels",
@@ -313,6 +319,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         print(f"model bundle written to {out}")
         return 0
+    if args.normal_states or args.detector == "embedding":
+        return _train_embedding(args)
     if args.detector in NUMPY_DETECTORS:
         out = _numpy_trainer(args.detector)(
             args.normal,
@@ -337,6 +345,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     held = load_bundle(out).manifest.threshold
     print(f"model bundle written to {out}\n{describe(held.value, held.params)}")
+    return 0
+
+
+def _train_embedding(args: argparse.Namespace) -> int:
+    """`train --detector embedding` or `--normal-states`: the self-supervised CNN embedding."""
+    if args.normal_states and args.detector not in ("embedding", "fluctuation"):
+        raise SoundSentryError("--normal-states trains the embedding detector only")
+    from train.embedding import DEFAULT_EPOCHS, train_embedding
+
+    out = train_embedding(
+        args.normal,
+        args.out,
+        states=args.normal_states,
+        epochs=args.epochs or DEFAULT_EPOCHS,
+        seed=args.seed,
+        channel=args.channel,
+        false_alarms_per_day=args.false_alarms_per_day,
+    )
+    print(f"model bundle written to {out}")
     return 0
 
 

@@ -1,0 +1,170 @@
+"""Kind `embedding`: a self-supervised int8 CNN embedding scored by a numpy Mahalanobis head."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ANOMALOUS_FILE, NORMAL_FILES, ROOT
+
+from edge.bundle import load_bundle
+from edge.detectors.registry import plugin_for
+from edge.errors import BundleError
+from edge.features import FeatureParams
+from soundsentry.cli import main
+from train.embedding import (
+    CORPUS_FILE,
+    augment_window,
+    fill_edge,
+    load_corpus,
+    shift_bands,
+    train_embedding,
+)
+
+MAX_MODEL_BYTES = 256 * 1024
+TINY_EPOCH = 512
+"""Windows per epoch in the tests (the default is 4096): enough to separate the fixture fault."""
+STATES = {"idle": NORMAL_FILES[:2], "loaded": NORMAL_FILES[2:]}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny epochs on the fixture audio, given as two state folders."""
+    root = tmp_path_factory.mktemp("emb")
+    for state, files in STATES.items():
+        (root / "states" / state).mkdir(parents=True)
+        for f in files:
+            (root / "states" / state / f.name).symlink_to(f)
+    out = root / "emb.bundle"
+    return train_embedding(
+        None, out, states=root / "states", epochs=2, epoch_windows=TINY_EPOCH, seed=3
+    )
+
+
+def test_train_command_sends_state_folders_to_the_embedding_trainer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process, so TensorFlow is not imported again: the real trainer refuses a folder
+    without state subfolders, and another detector kind refuses state folders."""
+    out = str(tmp_path / "b.bundle")
+    assert main(["train", "--normal-states", str(tmp_path / "none"), "--out", out]) == 1
+    assert "one subfolder per state" in capsys.readouterr().err
+    assert main(["train", "--normal-states", str(tmp_path), "--detector", "knn", "--out", out]) == 1
+    assert "embedding detector only" in capsys.readouterr().err
+
+
+EDGE_SCRIPT = r"""
+import json, sys
+import numpy as np
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle
+from edge.calibrate import calibrate_bundle
+from edge.features import windows_of
+from edge.scoring import Scorer
+
+bundle_path, out, normal, anomalous = sys.argv[1], sys.argv[2], sys.argv[3:-1], sys.argv[-1]
+b = load_bundle(bundle_path)
+scorer = Scorer.from_bundle(b)
+p = b.features
+held = []
+for f in normal:
+    audio = read_audio(f, p.samplerate)
+    held += list(scorer.score_many(windows_of(audio[int(0.8 * len(audio)):], p)))
+anom = scorer.score_many(windows_of(read_audio(anomalous, p.samplerate), p))
+one = scorer.score(windows_of(read_audio(anomalous, p.samplerate), p)[0])
+calibrate_bundle(bundle_path, normal[:2], out)
+print(json.dumps({
+    "held": held, "anomalous": anom.tolist(), "band_error": one.band_error.tolist(),
+    "heavy": sorted(m for m in ("tensorflow", "keras") if m in sys.modules),
+}))
+"""
+
+
+def test_edge_scores_and_calibrates_without_tensorflow(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "site.bundle"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            EDGE_SCRIPT,
+            str(bundle),
+            str(out),
+            *map(str, NORMAL_FILES),
+            str(ANOMALOUS_FILE),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    )
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["heavy"] == []
+    assert len(r["band_error"]) == 64 and min(r["band_error"]) >= 0
+    # Held-out normal windows (the last 20 % of every file, never trained on) against the fault
+    # clip: every fault window scores above every held-out normal one.
+    assert min(r["anomalous"]) > max(r["held"]), r
+    site = load_bundle(out)
+    assert site.manifest.kind == "embedding"
+    assert site.manifest.calibration is not None
+    assert site.threshold > 0
+    assert "leave one file out" in site.manifest.normal_scores.source
+
+
+def test_bundle_holds_a_small_int8_network_and_its_head(bundle: Path) -> None:
+    b = load_bundle(bundle)
+    m = b.manifest
+    assert m.kind == "embedding" and plugin_for(m).needs_model
+    assert (bundle / "model_int8.tflite").stat().st_size <= MAX_MODEL_BYTES
+    assert b.model is not None
+    assert b.model.input_dtype == np.int8 and b.model.output_dtype == np.int8
+    dim = b.model.output_size
+    assert 16 <= dim <= 64
+    assert b.array("statistics.precision").shape == (dim, dim)
+    assert m.validation is not None and m.validation["states"] == list(STATES)
+    assert "fan_id00" in m.validation["corpus_machines"]
+    assert m.threshold.value > max(0.0, m.normal_scores.p50)
+
+
+def test_check_refuses_a_head_of_the_wrong_width(bundle: Path) -> None:
+    b = load_bundle(bundle)
+    b.arrays["statistics.center"] = np.zeros(b.model.output_size + 1)
+    with pytest.raises(BundleError, match=r"statistics\.center"):
+        plugin_for(b.manifest).check(b)
+
+
+def test_corpus_is_small_licensed_and_excludes_the_machine_under_test() -> None:
+    assert CORPUS_FILE.stat().st_size <= 5 * 1024 * 1024
+    readme = (CORPUS_FILE.parent / "README.md").read_text()
+    assert "CC BY-SA 4.0" in readme and "Purohit" in readme
+    params = FeatureParams()
+    full = load_corpus(params)
+    assert not any(m.lower().startswith(("toycar", "toyconveyor")) for m in full.machines)
+    cut = load_corpus(params, exclude=["fan/id_00", "Pump_ID04"])
+    assert set(full.names) - set(cut.names) == {"fan_id00", "pump_id04"}
+    assert all(s.shape[1] == params.n_mels for s in cut.sequences)
+    with pytest.raises(ValueError, match="no corpus machine"):
+        load_corpus(params, exclude=["fan_id99"])
+
+
+def test_augmentations_do_what_their_names_say() -> None:
+    frames, mels = 30, 8
+    ramp = np.tile(np.arange(200, dtype=np.float32)[:, None], (1, mels))  # value = frame index
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w = augment_window(ramp, frames, 1, rng)  # stretch: steps of rate != 1 frames
+        assert w is not None
+        step = float(np.diff(w[:, 0]).mean())
+        assert 1.1 < step < 1.45 or 1 / 1.45 < step < 1 / 1.1
+        w = augment_window(ramp, frames, 0, rng)  # none: steps of exactly one frame
+        assert w is not None
+        np.testing.assert_allclose(np.diff(w[:, 0]), 1.0, atol=1e-5)
+    bands = np.tile(np.arange(mels, dtype=np.float32), (frames, 1))  # value = band index
+    np.testing.assert_array_equal(shift_bands(bands, 2)[0], [0, 0, 0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(shift_bands(bands, -1)[0], [1, 2, 3, 4, 5, 6, 7, 7])
+    np.testing.assert_array_equal(fill_edge(bands, -2)[0], [0, 1, 2, 3, 4, 5, 5, 5])
+    assert augment_window(ramp[:30], frames, 1, rng) is None  # too short to stretch

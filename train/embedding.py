@@ -1,0 +1,607 @@
+"""`soundsentry train --detector embedding`: a compact CNN learns, from normal audio alone, an
+embedding of 1-s log-mel windows in which the user's machine is compact; the edge scores the
+int8 embedding with a numpy Mahalanobis head (`edge/detectors/embedding.py`).
+
+Self-supervised tasks, none of which needs a fault recording (outlier exposure):
+- which machine: the user's machine against a small corpus of other machines' normal sound
+  (`train/corpus/`, MIMII, CC BY-SA 4.0), with one class per corpus machine;
+- which state, when the normal audio comes in state folders (`--normal-states DIR`): each
+  state is its own class of the same head, so states stay apart in the embedding;
+- which augmentation was applied to the window: none, a time stretch (the frame axis
+  resampled), a pitch shift (the mel axis shifted) or a level modulation of a band range
+  (what imbalance or a loose part does), on the user's and the corpus windows.
+A machine that runs faster or slower, or whose tones move, looks like an augmented window:
+the embedding has to keep exactly the detail that such faults change.
+
+The network up to its embedding layer is exported as full-integer int8 TFLite; the numpy head
+(standardise, Ledoit-Wolf Mahalanobis: `train.fluctuation.fit_statistics`) is fitted on the
+int8 embeddings, so `calibrate` refits it without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from edge.audio_io import find_audio, read_audio
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, write_bundle
+from edge.detectors.embedding import (
+    BAND_STD_FLOOR_DB,
+    EmbeddingScorer,
+    band_levels,
+    network_input,
+)
+from edge.errors import AudioError
+from edge.features import FeatureParams, LogMel, windows_of
+from edge.runtime import TfliteModel
+from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
+from train.dataset import (
+    FLUCTUATION_HOP_DIVISOR,
+    Holdout,
+    dense_params,
+    holdout_split,
+    threshold_from_holdout,
+    training_audio,
+)
+from train.fluctuation import fit_statistics
+from train.progress import progress
+from train.quantize import to_float_tflite, to_int8_tflite
+from train.trainer import LEARNING_RATE, STD_FLOOR_DB, base_manifest
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "cnn-embedding-v1"
+CORPUS_FILE = Path(__file__).resolve().parent / "corpus" / "mimii_normal_logmel.npz"
+DEFAULT_EPOCHS = 12
+EPOCH_WINDOWS_PER_SECOND = 32
+EPOCH_WINDOWS = (1024, 4096)
+"""Windows drawn per epoch, half the user's machine and half the corpus: 32 per second of the
+user's training audio within these bounds. Fresh windows every epoch, so a short recording is
+not drilled into the network 12 x 4096 times, and 10 min of audio costs no more per epoch
+than ~2 min (the budget: 5 min of training on 2 cores)."""
+BATCH_SIZE = 64
+FILTERS = (16, 32, 64, 64)
+"""Conv channels; the first conv has stride 2, the middle ones are followed by 2x2 pooling."""
+EMBEDDING_DIM = 32
+"""Dimensions the Mahalanobis head models: few enough for a covariance from ~100 windows."""
+BN_MOMENTUM = 0.9
+AUGMENTATIONS = ("none", "stretch", "pitch", "modulation")
+STRETCH = (1.15, 1.4)
+"""Time-stretch factors (and their inverses): clearly off the machine's own tempo."""
+PITCH_BANDS = (1, 3)
+"""Mel-band shifts of the pitch class (one band is ~5 % in frequency above 1 kHz)."""
+MOD_CYCLES = (0.5, 12.0)
+"""Level-modulation cycles per window (about Hz, for a 1-s window)."""
+MOD_DEPTH_DB = (1.0, 4.0)
+"""Peak level change of the modulation class, dB: within the frame-to-frame spread of most
+machine sound, so that only a network that knows the normal fluctuation can tell."""
+SUBFRAME_P = 0.5
+"""Share of windows read at a random sub-frame offset (interpolated), every class alike, so
+that interpolation smoothing cannot tell the stretched class apart."""
+EDGE_FILL_P = 0.3
+"""Share of un-shifted windows whose edge bands get the pitch class's edge fill, so that the
+repeated edge rows cannot tell the shifted class apart."""
+OWN_SHARE = 0.5
+REPRESENTATIVE = 600
+"""Windows (the user's, all augmentations) the int8 calibrator sees."""
+FRAME_CHUNK = 4096
+"""STFT frames computed at a time when turning long recordings into frames."""
+
+
+# --- the corpus of other machines --------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """Other machines' normal sound: log-mel frame sequences and their machine names."""
+
+    sequences: list[np.ndarray]
+    machines: list[str]
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        """The distinct machines, sorted."""
+        return sorted(set(self.machines))
+
+
+def machine_key(name: str) -> str:
+    """'pump_id04', 'pump/id_04' and 'Pump-ID_04' all name the same machine."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def load_corpus(
+    params: FeatureParams, exclude: Iterable[str] = (), path: Path = CORPUS_FILE
+) -> Corpus:
+    """The corpus without the `exclude`d machines (type + id); refuses other features."""
+    with np.load(path, allow_pickle=False) as npz:
+        stored = json.loads(str(npz["features"]))
+        frames, starts = npz["frames"], npz["starts"]
+        machines, sources = [str(m) for m in npz["machines"]], [str(s) for s in npz["sources"]]
+    mine = params.to_dict()
+    spectral = [k for k in stored if k not in ("window_seconds", "hop_seconds")]
+    if any(stored[k] != mine[k] for k in spectral):
+        raise AudioError(f"{path.name} holds features {stored}; this training uses {mine}")
+    known = {machine_key(m) for m in machines}
+    drop = {machine_key(e) for e in exclude}
+    if drop - known:
+        raise ValueError(
+            f"exclude names no corpus machine: {sorted(drop - known)} (known: "
+            f"{', '.join(sorted(set(machines)))})"
+        )
+    keep = [i for i, m in enumerate(machines) if machine_key(m) not in drop]
+    return Corpus(
+        [frames[starts[i] : starts[i + 1]].astype(np.float32) for i in keep],
+        [machines[i] for i in keep],
+        [sources[i] for i in keep],
+    )
+
+
+# --- the user's audio --------------------------------------------------------------------------
+
+
+def frames_of(audio: np.ndarray, logmel: LogMel) -> np.ndarray:
+    """Continuous log-mel frames of a signal (every hop_length samples), computed in chunks."""
+    p = logmel.params
+    n = 0 if len(audio) < p.n_fft else 1 + (len(audio) - p.n_fft) // p.hop_length
+    out = np.zeros((n, p.n_mels), np.float32)
+    for first in range(0, n, FRAME_CHUNK):
+        last = min(n, first + FRAME_CHUNK)
+        chunk = audio[first * p.hop_length : (last - 1) * p.hop_length + p.n_fft]
+        out[first:last] = logmel(chunk)
+    return out
+
+
+@dataclass
+class OwnAudio:
+    """The user's normal audio, per state: frames to train on, windows to fit and to hold out."""
+
+    states: list[str]
+    train_frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    held_frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    fit_windows: list[np.ndarray] = field(default_factory=list)
+    held_windows: list[np.ndarray] = field(default_factory=list)
+    holdouts: dict[str, Holdout] = field(default_factory=dict)
+    seconds: float = 0.0
+    held_seconds: float = 0.0
+
+
+def state_folders(root: str | Path) -> dict[str, list[Path]]:
+    """State name -> its audio files, from the subfolders of `root` (one state is allowed)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AudioError(f"{root}: --normal-states needs a folder with one subfolder per state")
+    states = {d.name: find_audio([d]) for d in sorted(root.iterdir()) if d.is_dir()}
+    states = {k: v for k, v in states.items() if v}
+    if not states:
+        raise AudioError(f"{root}: no subfolder with audio (one subfolder per state)")
+    return states
+
+
+def read_own(groups: dict[str, list[Path]], params: FeatureParams, channel: int) -> OwnAudio:
+    """Frames and windows of every state's recordings, split by `holdout_split` per state."""
+    own = OwnAudio(list(groups))
+    logmel, dense = LogMel(params), dense_params(params, FLUCTUATION_HOP_DIVISOR)
+    for label, (state, files) in enumerate(groups.items()):
+        holdout = own.holdouts[state] = holdout_split(files)
+        for path in progress(files, f"features {state}"):
+            audio = read_audio(path, params.samplerate, channel)
+            fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
+            own.train_frames.append((label, frames_of(fit_audio, logmel)))
+            own.held_frames.append((label, frames_of(held_audio, logmel)))
+            own.fit_windows.append(windows_of(fit_audio, dense))
+            own.held_windows.append(windows_of(held_audio, params))
+            own.seconds += len(fit_audio) / params.samplerate
+            own.held_seconds += len(held_audio) / params.samplerate
+    if not sum(len(w) for w in own.fit_windows):
+        raise AudioError(f"not enough audio to train: need at least {params.window_seconds} s")
+    return own
+
+
+# --- the self-supervised tasks -----------------------------------------------------------------
+
+
+def augment_window(
+    seq: np.ndarray, frames: int, aug: int, rng: np.random.Generator
+) -> np.ndarray | None:
+    """One window of `frames` frames from a frame sequence with augmentation `aug` (an index
+    of AUGMENTATIONS); None when the sequence is too short for it."""
+    rate = 1.0
+    if AUGMENTATIONS[aug] == "stretch":
+        rate = float(np.exp(rng.uniform(*np.log(STRETCH)))) ** rng.choice((-1, 1))
+    window = cut_window(seq, frames, rate, rng.uniform() < SUBFRAME_P or rate != 1.0, rng)
+    if window is None:
+        return None
+    if AUGMENTATIONS[aug] == "pitch":
+        k = int(rng.integers(*PITCH_BANDS, endpoint=True))
+        return shift_bands(window, k * int(rng.choice((-1, 1))))
+    if AUGMENTATIONS[aug] == "modulation":
+        window = modulate(window, rng)
+    if rng.uniform() < EDGE_FILL_P:
+        k = int(rng.integers(*PITCH_BANDS, endpoint=True))
+        return fill_edge(window, k if rng.uniform() < 0.5 else -k)
+    return window
+
+
+def cut_window(
+    seq: np.ndarray, frames: int, rate: float, subframe: bool, rng: np.random.Generator
+) -> np.ndarray | None:
+    """`frames` frames read every `rate` frames from a random place of `seq` (linear
+    interpolation; at a random sub-frame offset if `subframe`); None if `seq` is too short."""
+    offset = rng.uniform() if subframe else 0.0
+    room = len(seq) - 1 - frames * rate - offset
+    if room < 0:
+        return None
+    pos = rng.uniform(0, room) // 1 + offset + np.arange(frames) * rate
+    i0 = pos.astype(np.int64)
+    w = (pos - i0)[:, None]
+    return seq[i0] * (1 - w) + seq[np.minimum(i0 + 1, len(seq) - 1)] * w
+
+
+def modulate(window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A sinusoidal level modulation of a random band range (what imbalance, loose parts or
+    a beating tone do to a machine): MOD_DEPTH_DB deep, MOD_CYCLES per window."""
+    frames, mels = window.shape
+    width = int(rng.integers(mels // 4, mels + 1))
+    lo = int(rng.integers(0, mels - width + 1))
+    cycles, depth = rng.uniform(*MOD_CYCLES), rng.uniform(*MOD_DEPTH_DB)
+    t = np.arange(frames) / frames
+    out = window.copy()
+    out[:, lo : lo + width] += (depth * np.sin(2 * np.pi * (cycles * t + rng.uniform())))[:, None]
+    return out
+
+
+def shift_bands(window: np.ndarray, k: int) -> np.ndarray:
+    """Shift along the mel axis by k bands (up if k > 0); vacated bands repeat the edge."""
+    out = np.roll(window, k, axis=1)
+    return fill_edge(out, k)
+
+
+def fill_edge(window: np.ndarray, k: int) -> np.ndarray:
+    """The k lowest bands (k > 0) or -k highest bands (k < 0) repeat their inner neighbour."""
+    out = window.copy()
+    if k > 0:
+        out[:, :k] = out[:, k : k + 1]
+    elif k < 0:
+        out[:, k:] = out[:, k - 1 : k]
+    return out
+
+
+class TaskSampler:
+    """Draws training windows with their machine/state and augmentation labels."""
+
+    def __init__(
+        self, own: list[tuple[int, np.ndarray]], n_states: int, corpus: Corpus, frames: int
+    ) -> None:
+        self.frames = frames
+        names = corpus.names
+        need = int(np.ceil(frames * STRETCH[1])) + 2
+        pool = [(label, s) for label, s in own if len(s) >= need]
+        pool += [
+            (n_states + names.index(m), s)
+            for m, s in zip(corpus.machines, corpus.sequences, strict=True)
+            if len(s) >= need
+        ]
+        if not any(label < n_states for label, _ in pool):
+            raise AudioError(f"need recordings of at least {need * 0.032:.1f} s to train")
+        self.labels = np.array([label for label, _ in pool])
+        self.sequences = [s for _, s in pool]
+        self.n_states = n_states
+        self.n_classes = n_states + len(names)
+
+    def _weights(self, own: bool) -> np.ndarray:
+        """Pick probabilities: by length within a class, each state or machine alike."""
+        lengths = np.array([len(s) for s in self.sequences], np.float64)
+        mask = (self.labels < self.n_states) == own
+        w = np.where(mask, lengths, 0.0)
+        for c in np.unique(self.labels[mask]):
+            w[self.labels == c] /= w[self.labels == c].sum()
+        return w / w.sum()
+
+    def draw(
+        self, n: int, rng: np.random.Generator, own_share: float = OWN_SHARE
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """n windows (n, frames, mels), their class and their augmentation label."""
+        n_own = round(n * own_share) if own_share < 1 else n
+        picks = [rng.choice(len(self.sequences), n_own, p=self._weights(True))]
+        if n > n_own:
+            picks.append(rng.choice(len(self.sequences), n - n_own, p=self._weights(False)))
+        x, y, a = [], [], []
+        for i in np.concatenate(picks):
+            aug = int(rng.integers(len(AUGMENTATIONS)))
+            w = augment_window(self.sequences[i], self.frames, aug, rng)
+            if w is None:
+                aug, w = 0, augment_window(self.sequences[i], self.frames, 0, rng)
+            x.append(w)
+            y.append(self.labels[i])
+            a.append(aug)
+        return np.stack(x).astype(np.float32), np.array(y), np.array(a)
+
+
+def epoch_size(seconds: float) -> int:
+    """Windows drawn per epoch for `seconds` of the user's training audio."""
+    low, high = EPOCH_WINDOWS
+    return int(np.clip(round(seconds * EPOCH_WINDOWS_PER_SECOND), low, high))
+
+
+# --- the network ---------------------------------------------------------------------------------
+
+
+def build_embedding_net(frames: int, mels: int, n_classes: int) -> tuple[keras.Model, keras.Model]:
+    """(training model with the machine/state and augmentation heads, embedding model).
+
+    The CNN sees the log-mel window and its frame-to-frame difference (delta features, made by
+    a fixed convolution inside the network, so the edge still feeds one window) as two
+    channels, and the embedding layer also gets each band's mean absolute delta: how much a
+    band fluctuates is where many machine faults show. Pooling keeps the frequency axis until
+    the end (time is averaged and maxed, then the bands are flattened): the embedding knows
+    where in frequency things are, which the pitch task and most faults need.
+    """
+    inp = keras.Input((frames, mels, 1), name="logmel")
+    delta = layers.Conv2D(
+        1,
+        (2, 1),
+        use_bias=False,
+        trainable=False,
+        name="delta",
+        kernel_initializer=keras.initializers.Constant(np.array([-1.0, 1.0]).reshape(2, 1, 1, 1)),
+    )(inp)
+    x = layers.Concatenate()([layers.Cropping2D(((1, 0), (0, 0)))(inp), delta])
+    for i, ch in enumerate(FILTERS):
+        x = layers.Conv2D(ch, 3, strides=2 if i == 0 else 1, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
+        x = layers.ReLU()(x)
+        if 0 < i < len(FILTERS) - 1:
+            x = layers.MaxPooling2D(2)(x)
+    t, f, c = x.shape[1:]
+    x = layers.Reshape((t, f * c))(x)
+    magnitude = layers.Add()([layers.ReLU()(delta), layers.ReLU()(layers.Rescaling(-1.0)(delta))])
+    fluct = layers.Reshape((mels,))(layers.AveragePooling2D((frames - 1, 1))(magnitude))
+    pooled = [layers.GlobalAveragePooling1D()(x), layers.GlobalMaxPooling1D()(x), fluct]
+    emb = layers.Dense(EMBEDDING_DIM, name="embedding")(layers.Concatenate()(pooled))
+    machine = layers.Dense(n_classes, activation="softmax", name="machine")(emb)
+    aug = layers.Dense(len(AUGMENTATIONS), activation="softmax", name="augmentation")(emb)
+    return keras.Model(inp, [machine, aug], name="embedding-tasks"), keras.Model(
+        inp, emb, name=ARCHITECTURE
+    )
+
+
+def fit_network(
+    sampler: TaskSampler,
+    mean: np.ndarray,
+    std: np.ndarray,
+    epochs: int,
+    epoch_windows: int,
+    rng: np.random.Generator,
+) -> tuple[keras.Model, keras.Model, dict[str, float]]:
+    """Train on freshly drawn windows every epoch; returns both models and the last losses."""
+    tasks, embed = build_embedding_net(sampler.frames, len(mean), sampler.n_classes)
+    tasks.compile(
+        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        loss=["sparse_categorical_crossentropy"] * 2,
+        metrics=[["accuracy"], ["accuracy"]],
+    )
+    verbose = 1 if sys.stdout.isatty() else 2
+    history: dict[str, float] = {}
+    for epoch in range(epochs):
+        x, y, a = sampler.draw(epoch_windows, rng)
+        h = tasks.fit(
+            network_input(x, mean, std)[..., None],
+            (y, a),
+            batch_size=BATCH_SIZE,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            shuffle=True,
+            verbose=verbose,
+        )
+        history = {k: round(float(v[-1]), 4) for k, v in h.history.items()}
+    return tasks, embed, history
+
+
+def task_accuracy(
+    tasks: keras.Model,
+    sampler: TaskSampler,
+    mean: np.ndarray,
+    std: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+) -> dict[str, float]:
+    """Accuracy of both heads on windows drawn from `sampler` (held-out audio)."""
+    x, y, a = sampler.draw(n, rng, own_share=1.0)
+    machine, aug = tasks.predict(network_input(x, mean, std)[..., None], verbose=0)
+    return {
+        "state_accuracy": round(float((machine.argmax(axis=1) == y).mean()), 4),
+        "augmentation_accuracy": round(float((aug.argmax(axis=1) == a).mean()), 4),
+        "windows": int(n),
+    }
+
+
+# --- the whole training --------------------------------------------------------------------------
+
+
+def train_embedding(
+    normal: Sequence[str | Path] | None,
+    out: str | Path,
+    states: str | Path | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    channel: int = 0,
+    params: FeatureParams | None = None,
+    false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
+    exclude: Iterable[str] = (),
+    epoch_windows: int | None = None,
+    corpus_path: Path = CORPUS_FILE,
+) -> Path:
+    """Train on normal audio (`normal` files/folders, or `states`: one subfolder per state) and
+    write an `embedding` bundle; `exclude` keeps corpus machines (type + id) out."""
+    params = params or FeatureParams()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(seed)
+    groups = state_folders(states) if states else {"normal": training_audio(list(normal or []))}
+    own = read_own(groups, params, channel)
+    corpus = load_corpus(params, exclude, corpus_path)
+    log.info(
+        "corpus: %d clips of %d machines (%s)",
+        len(corpus.machines),
+        len(corpus.names),
+        ", ".join(corpus.names),
+    )
+    sampler = TaskSampler(own.train_frames, len(own.states), corpus, params.n_frames)
+    frames = np.concatenate([f for _, f in own.train_frames])
+    mean = frames.mean(axis=0)
+    std = np.maximum(frames.std(axis=0), STD_FLOOR_DB)
+    epoch_windows = epoch_windows or epoch_size(own.seconds)
+    tasks, embed, history = fit_network(sampler, mean, std, epochs, epoch_windows, rng)
+    validation = _validation(tasks, own, corpus, sampler, mean, std, rng) | {
+        "last_epoch": history,
+        "epoch_windows": epoch_windows,
+    }
+
+    rep, _, _ = sampler.draw(REPRESENTATIVE, rng, own_share=1.0)
+    int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
+    model = TfliteModel(int8, name="int8 embedding")
+    head = _fit_head(model, own, mean, std, params, false_alarms_per_day)
+    manifest = _manifest(
+        Path(out),
+        params,
+        own,
+        model,
+        int8,
+        head,
+        validation,
+        epochs,
+        seed,
+        channel,
+        embed.count_params(),
+    )
+    files = {MODEL_INT8: int8, MODEL_FLOAT: to_float_tflite(embed)}
+    write_bundle(out, manifest, files, head.arrays)
+    log.info(
+        "wrote %s (int8 embedding %.1f KB, threshold %.4g)", out, len(int8) / 1024, head.threshold
+    )
+    return Path(out)
+
+
+def _validation(
+    tasks: keras.Model,
+    own: OwnAudio,
+    corpus: Corpus,
+    train_sampler: TaskSampler,
+    mean: np.ndarray,
+    std: np.ndarray,
+    rng: np.random.Generator,
+) -> dict:
+    """Held-out accuracy of the self-supervised tasks (a training-side check, no fault audio)."""
+    held = [(label, f) for label, f in own.held_frames if len(f)]
+    try:
+        sampler = TaskSampler(held, len(own.states), corpus, train_sampler.frames)
+    except AudioError:
+        return {"states": own.states, "corpus_machines": corpus.names}
+    acc = task_accuracy(tasks, sampler, mean, std, 512, rng)
+    return {"states": own.states, "corpus_machines": corpus.names, "held_out": acc}
+
+
+@dataclass
+class Head:
+    """The numpy head fitted on int8 embeddings, its threshold and the arrays to ship."""
+
+    threshold: float
+    rule_params: dict
+    held_scores: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+
+def _fit_head(
+    model: TfliteModel,
+    own: OwnAudio,
+    mean: np.ndarray,
+    std: np.ndarray,
+    params: FeatureParams,
+    false_alarms_per_day: float,
+) -> Head:
+    """Provisional head on the fitted audio scores the held-out audio (the threshold); the
+    shipped head is fitted on all of it, like the fluctuation kind's."""
+    fit_w = np.concatenate(own.fit_windows)
+    held_w = np.concatenate(own.held_windows)
+    if len(held_w) < 2:
+        held_w = fit_w
+    levels = band_levels(fit_w)
+    band_mean, band_std = levels.mean(axis=0), np.maximum(levels.std(axis=0), BAND_STD_FLOOR_DB)
+    probe = EmbeddingScorer(model, mean, std, None, band_mean, band_std)
+    fit_e, held_e = probe.embed_many(fit_w), probe.embed_many(held_w)
+    held_scores = fit_statistics(fit_e).distance(held_e)
+    value, rule_params = threshold_from_holdout(
+        held_scores, false_alarms_per_day, params.hop_seconds
+    )
+    rule_params["note"] = "threshold from held-out audio scored by a head fitted without it"
+    final = fit_statistics(np.concatenate([fit_e, held_e]))
+    band_error = np.stack([probe.band_deviation(w) for w in held_w])
+    arrays = {
+        "statistics.feature_mean": final.mean,
+        "statistics.feature_std": final.std,
+        "statistics.center": final.center,
+        "statistics.precision": final.precision,
+        "normalization.mean": mean,
+        "normalization.std": std,
+        "band_level.mean": band_mean,
+        "band_level.std": band_std,
+        "normal_band_error.mean": band_error.mean(axis=0),
+        "normal_band_error.std": band_error.std(axis=0),
+    }
+    return Head(value, rule_params, held_scores, arrays)
+
+
+def _manifest(
+    out: Path,
+    params: FeatureParams,
+    own: OwnAudio,
+    model: TfliteModel,
+    int8: bytes,
+    head: Head,
+    validation: dict,
+    epochs: int,
+    seed: int,
+    channel: int,
+    n_params: int,
+) -> dict:
+    """The embedding bundle's manifest (arrays travel separately)."""
+    mean, std = head.arrays["normalization.mean"], head.arrays["normalization.std"]
+    manifest = base_manifest(out, params, mean, std, model, int8)
+    fit_files = [f for h in own.holdouts.values() for f in h.fit_names]
+    held_files = [f for h in own.holdouts.values() for f in h.held_names]
+    return manifest | {
+        "kind": "embedding",
+        "score": "embedding-mahalanobis",
+        "output": {
+            "shape": list(model.output_shape),
+            "dtype": str(model.output_dtype),
+            "scale": model.output_quant.scale if model.output_quant else None,
+            "zero_point": model.output_quant.zero_point if model.output_quant else None,
+        },
+        "statistics": {"feature": f"{ARCHITECTURE}-{EMBEDDING_DIM}"},
+        "threshold": {"value": head.threshold, "rule": RULE, "params": head.rule_params},
+        "normal_scores": score_stats(head.held_scores, "held-out normal audio"),
+        "validation": validation,
+        "training": {
+            "files": fit_files,
+            "seconds": round(own.seconds, 3),
+            "holdout_files": held_files,
+            "holdout_seconds": round(own.held_seconds, 3),
+            "channel": channel,
+            "epochs": epochs,
+            "seed": seed,
+            "architecture": ARCHITECTURE,
+            "parameters": int(n_params),
+        },
+    }
