@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, ROOT
 
+from edge.audio_io import read_audio
 from edge.bundle import load_bundle
 from edge.detectors.registry import plugin_for
 from edge.errors import BundleError
-from edge.features import FeatureParams
+from edge.features import FeatureParams, windows_of
 from soundsentry.cli import main
 from train.embedding import (
     CORPUS_FILE,
@@ -128,6 +129,24 @@ def test_bundle_holds_a_small_int8_network_and_its_head(bundle: Path) -> None:
     assert m.validation is not None and m.validation["states"] == list(STATES)
     assert "fan_id00" in m.validation["corpus_machines"]
     assert m.threshold.value > max(0.0, m.normal_scores.p50)
+    # One window at a time (the daemon) and a stack (evaluate) give the same scores, and both
+    # are the Mahalanobis distance of the standardised embedding, written out here.
+    scorer = plugin_for(m).scorer(b)
+    windows = windows_of(read_audio(ANOMALOUS_FILE, 16000), b.features)[:3]
+    one = [scorer.score(w).score for w in windows]
+    np.testing.assert_allclose(one, scorer.score_many(windows), rtol=1e-9)
+    e = scorer.embed(windows[0])
+    z = (e - b.array("statistics.feature_mean")) / b.array("statistics.feature_std")
+    z -= b.array("statistics.center")
+    by_hand = (
+        sum(
+            z[i] * b.array("statistics.precision")[i, j] * z[j]
+            for i in range(dim)
+            for j in range(dim)
+        )
+        / dim
+    )
+    assert one[0] == pytest.approx(by_hand, rel=1e-9)
 
 
 def test_check_refuses_a_head_of_the_wrong_width(bundle: Path) -> None:

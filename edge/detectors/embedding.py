@@ -89,8 +89,10 @@ class EmbeddingScorer:
         """Score one window: Mahalanobis distance of its embedding, with band deviations."""
         if self.head is None:
             raise ValueError("this scorer has no head fitted yet")
-        d = float(self.head.distance(self.embed(features)[None])[0])
-        return WindowScore(start=start, score=d, band_error=self.band_deviation(features))
+        h = self.head
+        d = h.standardize(self.embed(features)) - h.center
+        score = float(d @ (h.precision @ d)) / h.dim
+        return WindowScore(start=start, score=score, band_error=self.band_deviation(features))
 
     def score_many(self, windows: np.ndarray) -> np.ndarray:
         """Scores of a stack of windows, shape (n,)."""
