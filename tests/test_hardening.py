@@ -34,7 +34,14 @@ def publish_retained(port: int, topic: str, payload: bytes) -> None:
 def start(tmp_path: Path, broker: Broker, audio: Path, log: Path) -> subprocess.Popen[str]:
     config = write_config(tmp_path, "hard", broker.port, extra="state_interval_seconds = 1")
     return daemon(
-        "replay", str(DEMO_BUNDLE), str(audio), "--realtime", "--config", str(config), log=log
+        "replay",
+        str(DEMO_BUNDLE),
+        str(audio),
+        "--realtime",
+        "--config",
+        str(config),
+        stdout=log.with_suffix(".events"),
+        stderr=log,
     )
 
 
