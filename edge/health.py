@@ -65,12 +65,14 @@ class AudioHealth:
         """Inspect one block of audio; return faults raised or cleared by it."""
         seconds = len(block) / self.samplerate
         changes = self._check_finite(block)
-        if INVALID in self.active:
-            block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+        if INVALID in self.active:  # judge the finite samples only: NaN is not also silence
+            block = block[np.isfinite(block)]
         self.level = level_dbfs(block)
-        silent = is_silent(block)
+        silent = is_silent(block) if len(block) else False
         flat = not silent and float(np.ptp(block)) < FLAT_RANGE if len(block) else False
-        clipped = float(np.mean(np.abs(block) >= CLIP_LEVEL)) > self.clip_fraction
+        clipped = (
+            bool(len(block)) and float(np.mean(np.abs(block) >= CLIP_LEVEL)) > self.clip_fraction
+        )
         for fault, present in (("silence", silent), ("flatline", flat), ("clipping", clipped)):
             self._run[fault] = self._run[fault] + seconds if present else 0.0
             if self._run[fault] >= self.fault_seconds and fault not in self.active:
