@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, Tracker, require
+from edge.detectors.base import DetectorKind, Refit, require
 from edge.detectors.network import NetworkScorer
-from edge.detectors.thresholds import budget_threshold, event_tracker
+from edge.detectors.thresholds import budget_threshold
 from edge.threshold import score_stats
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
-    from edge.settings import DetectorSettings
 
 STD_FLOOR_DB = 0.1
 """Smallest per-band standard deviation when refitting the normalisation, dB."""
@@ -38,10 +37,6 @@ class Autoencoder(DetectorKind):
     def scorer(self, bundle: Bundle) -> NetworkScorer:
         """The network with its normalisation."""
         return NetworkScorer.of(bundle)
-
-    def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
-        """K-of-N anomaly events."""
-        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None

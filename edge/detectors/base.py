@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from edge.detectors.thresholds import event_tracker
 from edge.errors import BundleError
 from edge.events import Transition
 
@@ -107,8 +108,9 @@ class DetectorKind:
         raise NotImplementedError
 
     def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
-        """The event tracker for this kind."""
-        raise NotImplementedError
+        """The event tracker: for anomaly kinds K-of-N events, and the CUSUM when the
+        bundle's threshold carries one."""
+        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
@@ -127,3 +129,10 @@ def require(bundle: Bundle, name: str, shape: tuple[int, ...], positive: bool = 
         )
     if positive and not np.all(a > 0):
         raise BundleError(f"{bundle.path}: array {name} must be > 0 everywhere")
+
+
+def require_gaussian(bundle: Bundle, dim: int) -> None:
+    """The four statistics arrays of a Gaussian over `dim` features."""
+    for key, shape in (("feature_mean", (dim,)), ("center", (dim,)), ("precision", (dim, dim))):
+        require(bundle, f"statistics.{key}", shape)
+    require(bundle, "statistics.feature_std", (dim,), positive=True)

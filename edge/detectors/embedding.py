@@ -11,16 +11,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, Tracker, WindowScore, require
+from edge.detectors.base import (
+    DetectorKind,
+    Refit,
+    WindowScore,
+    require,
+    require_gaussian,
+)
 from edge.detectors.fluctuation import STATISTICS, FluctuationScorer
-from edge.detectors.thresholds import budget_threshold, event_tracker
+from edge.detectors.thresholds import refit_manifest
 from edge.errors import BundleError
-from edge.threshold import score_stats
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
     from edge.runtime import TfliteModel
-    from edge.settings import DetectorSettings
 
 BAND_STD_FLOOR_DB = 0.1
 """Smallest per-band spread of window levels, dB (a band that never moves still divides)."""
@@ -117,18 +121,11 @@ class Embedding(DetectorKind):
             require(bundle, f"{name}.std", (n,), positive=True)
         mean = bundle.array("statistics.feature_mean")
         dim = bundle.model.output_size if bundle.model is not None else mean.size
-        require(bundle, "statistics.feature_mean", (dim,))
-        require(bundle, "statistics.feature_std", (dim,), positive=True)
-        require(bundle, "statistics.center", (dim,))
-        require(bundle, "statistics.precision", (dim, dim))
+        require_gaussian(bundle, dim)
 
     def scorer(self, bundle: Bundle) -> EmbeddingScorer:
         """The network with its head."""
         return EmbeddingScorer.of(bundle)
-
-    def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
-        """K-of-N anomaly events."""
-        return event_tracker(settings, threshold)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
@@ -152,14 +149,8 @@ class Embedding(DetectorKind):
         band_mean = levels.mean(axis=0)
         band_std = np.maximum(levels.std(axis=0), BAND_STD_FLOOR_DB)
         band_error = np.abs(levels - band_mean) / band_std
-        value, params = budget_threshold(bundle, scores, false_alarms_per_day)
         return Refit(
-            manifest={
-                "threshold": {"value": value, "rule": params.pop("rule"), "params": params},
-                "normal_scores": score_stats(
-                    scores, "on-site calibration audio (leave one file out)"
-                ),
-            },
+            manifest=refit_manifest(bundle, scores, false_alarms_per_day),
             arrays={
                 "statistics.center": np.concatenate(z).mean(axis=0),
                 "band_level.mean": band_mean,

@@ -8,13 +8,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, Tracker, WindowScore, require
-from edge.detectors.thresholds import budget_threshold, event_tracker
-from edge.threshold import score_stats
+from edge.detectors.base import DetectorKind, Refit, WindowScore, require_gaussian
+from edge.detectors.thresholds import refit_manifest
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
-    from edge.settings import DetectorSettings
 
 FLUCTUATION = "log-std-of-frame-differences"
 FLOOR = 1e-3
@@ -89,19 +87,11 @@ class Fluctuation(DetectorKind):
     def check(self, bundle: Bundle) -> None:
         """Statistics over the mel bands: positive std, square precision."""
         super().check(bundle)
-        n = bundle.features.n_mels
-        require(bundle, "statistics.feature_mean", (n,))
-        require(bundle, "statistics.feature_std", (n,), positive=True)
-        require(bundle, "statistics.center", (n,))
-        require(bundle, "statistics.precision", (n, n))
+        require_gaussian(bundle, bundle.features.n_mels)
 
     def scorer(self, bundle: Bundle) -> FluctuationScorer:
         """The statistics of the bundle."""
         return FluctuationScorer.from_bundle(bundle)
-
-    def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
-        """K-of-N anomaly events."""
-        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
@@ -122,14 +112,8 @@ class Fluctuation(DetectorKind):
         scores = np.concatenate(held)
         full = np.concatenate(z) - center
         shares = full * (full @ scorer.precision.T) / scorer.dim
-        value, params = budget_threshold(bundle, scores, false_alarms_per_day)
         return Refit(
-            manifest={
-                "threshold": {"value": value, "rule": params.pop("rule"), "params": params},
-                "normal_scores": score_stats(
-                    scores, "on-site calibration audio (leave one file out)"
-                ),
-            },
+            manifest=refit_manifest(bundle, scores, false_alarms_per_day),
             arrays={
                 "statistics.center": center,
                 "normal_band_error.mean": shares.mean(axis=0),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, Tracker, WindowScore, require
+from edge.detectors.base import DetectorKind, Refit, WindowScore, require
 from edge.detectors.levels import (
     GROUPS,
     leave_one_file_out,
@@ -23,12 +23,10 @@ from edge.detectors.levels import (
     per_band,
     site_refit,
 )
-from edge.detectors.thresholds import event_tracker
 from edge.errors import BundleError
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
-    from edge.settings import DetectorSettings
 
 MAX_BANK = 4096
 """Most bank rows a bundle may hold: 4096 x 64 keeps a window's search well under 1 ms."""
@@ -163,10 +161,6 @@ class Knn(DetectorKind):
     def scorer(self, bundle: Bundle) -> KnnScorer:
         """The bank of the bundle."""
         return KnnScorer.from_bundle(bundle)
-
-    def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
-        """K-of-N anomaly events, and the CUSUM the bundle was calibrated with (if any)."""
-        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None

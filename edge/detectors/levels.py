@@ -11,14 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, Tracker, WindowScore, require
+from edge.detectors.base import (
+    DetectorKind,
+    Refit,
+    WindowScore,
+    require_gaussian,
+)
 from edge.detectors.fluctuation import FLOOR, FluctuationScorer, fluctuation_features
-from edge.detectors.thresholds import budget_threshold, event_tracker
+from edge.detectors.thresholds import budget_threshold
 from edge.threshold import score_stats
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
-    from edge.settings import DetectorSettings
 
 LEVELS = "log-mel-mean-log-spread-and-fluctuation"
 GROUPS = 3
@@ -98,13 +102,6 @@ def site_refit(
     return Refit(manifest=manifest, arrays={**arrays, **reference})
 
 
-def require_gaussian(bundle: Bundle, dim: int) -> None:
-    """The four statistics arrays of a Gaussian over `dim` features."""
-    for key, shape in (("feature_mean", (dim,)), ("center", (dim,)), ("precision", (dim, dim))):
-        require(bundle, f"statistics.{key}", shape)
-    require(bundle, "statistics.feature_std", (dim,), positive=True)
-
-
 class Levels(DetectorKind):
     """Level-aware band statistics with a Mahalanobis distance."""
 
@@ -119,10 +116,6 @@ class Levels(DetectorKind):
     def scorer(self, bundle: Bundle) -> LevelsScorer:
         """The statistics of the bundle."""
         return LevelsScorer.from_bundle(bundle)
-
-    def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
-        """K-of-N anomaly events, and the CUSUM the bundle was calibrated with (if any)."""
-        return event_tracker(settings, threshold, bundle)
 
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None

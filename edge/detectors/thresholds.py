@@ -8,7 +8,7 @@ import numpy as np
 
 from edge.errors import BundleError
 from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N, Cusum, EventDetector
-from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, threshold_for_budget
+from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats, threshold_for_budget
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
@@ -58,3 +58,21 @@ def budget_threshold(
         bundle.features.hop_seconds,
     )
     return value, {"rule": RULE, **params}
+
+
+LEAVE_ONE_OUT_SOURCE = "on-site calibration audio (leave one file out)"
+
+
+def refit_manifest(
+    bundle: Bundle,
+    scores: np.ndarray,
+    false_alarms_per_day: float | None,
+    source: str = LEAVE_ONE_OUT_SOURCE,
+) -> dict[str, Any]:
+    """The threshold and normal-score fields of an on-site refit, from the site's scores."""
+    value, params = budget_threshold(bundle, scores, false_alarms_per_day)
+    rule = params.pop("rule")
+    return {
+        "threshold": {"value": value, "rule": rule, "params": params},
+        "normal_scores": score_stats(scores, source),
+    }
