@@ -91,11 +91,13 @@ class Controller:
     def _allowed(self, path: Path) -> Path:
         """A bundle name in a models folder, or a path inside one; anything else is refused."""
         folders = self.detector.settings.model_folders
-        if len(path.parts) == 1 and path.name not in ("", ".", ".."):
-            candidates = [f / path for f in folders]
-            found = next((c for c in candidates if c.exists()), None)
+        where = ", ".join(str(f) for f in folders)
+        if ".." in path.parts or str(path) in ("", "."):
+            raise CommandError(f"model path refused: bundles load only from {where}")
+        if not path.is_absolute():  # a name, relative to the models folders, never to our cwd
+            found = next((f / path for f in folders if (f / path).exists()), None)
             if found is None:
-                raise CommandError(f"no bundle named {path.name!r} in the models folder")
+                raise CommandError(f"no bundle named {str(path)!r} in the models folder")
             path = found
         try:
             real = path.resolve(strict=True)
@@ -108,7 +110,6 @@ class Controller:
                 continue
             if real != base and real.is_relative_to(base):
                 return real
-        where = ", ".join(str(f) for f in folders)
         raise CommandError(f"model path refused: bundles load only from {where}")
 
     def _reload_model(self, target: Path | None) -> str:
