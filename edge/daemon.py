@@ -177,8 +177,8 @@ class Detector:
 
     def _load(self, bundle: Bundle) -> None:
         """Build the pipeline and explainer of a bundle; stream time restarts at this sample."""
-        self.bundle = bundle
-        self.pipeline = Pipeline(bundle, self.settings.detector)
+        pipeline = Pipeline(bundle, self.settings.detector)  # may refuse: nothing changed yet
+        self.bundle, self.pipeline = bundle, pipeline
         if self._threshold is not None:
             self.pipeline.events.threshold = self._threshold
         self.explainer = Explainer(bundle)

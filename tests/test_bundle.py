@@ -216,6 +216,8 @@ STATISTICS_CASES = [
     (lambda b: edit_array(b, "statistics.center", np.full((64, 2), 1.0)), "inconsistent sizes"),
     (lambda b: edit_manifest(b, {"normal_scores.mean": float("nan")}), "normal_scores"),
     (lambda b: edit_manifest(b, {"score": "reconstruction_mse"}), "is not 'mahalanobis'"),
+    (lambda b: edit_manifest(b, {"threshold.params.cusum": {"h": -1}}), "cusum"),
+    (lambda b: edit_manifest(b, {"threshold.params.cusum": "x"}), "cusum"),
 ]
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from edge.detectors.thresholds import event_tracker
+from edge.detectors.thresholds import bundle_cusum, event_tracker
 from edge.errors import BundleError
 from edge.events import Transition
 
@@ -98,6 +98,7 @@ class DetectorKind:
             raise BundleError(
                 f"{bundle.path}: score {bundle.manifest.score!r} is not {self.score_name!r}"
             )
+        bundle_cusum(bundle)  # malformed evidence-over-time parameters: refused at load
         if "normal_band_error.mean" in bundle.arrays:
             n = bundle.features.n_mels
             require(bundle, "normal_band_error.mean", (n,))
