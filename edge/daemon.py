@@ -165,22 +165,25 @@ class Detector:
         """Switch to a (validated) bundle; an open anomaly is ended first and a threshold
         set by command is dropped (it belonged to the old model)."""
         self.close_event()
-        self._threshold = None
-        self._load(bundle)
+        self._load(bundle, self.settings, threshold=None)
         self.emit_state()
 
     def apply_settings(self, settings: Settings) -> None:
         """Take new settings (reload); the pipeline is rebuilt with the new detector settings."""
         self.close_event()
-        self.settings = settings
-        self._load(self.bundle)
+        self._load(self.bundle, settings, self._threshold)
 
-    def _load(self, bundle: Bundle) -> None:
-        """Build the pipeline and explainer of a bundle; stream time restarts at this sample."""
-        pipeline = Pipeline(bundle, self.settings.detector)  # may refuse: nothing changed yet
-        self.bundle, self.pipeline = bundle, pipeline
-        if self._threshold is not None:
-            self.pipeline.events.threshold = self._threshold
+    def _load(
+        self, bundle: Bundle, settings: Settings | None = None, threshold: float | None = None
+    ) -> None:
+        """Build the pipeline and explainer of a bundle; stream time restarts at this sample.
+        Nothing changes if the pipeline cannot be built (the running model stays whole)."""
+        settings = settings or self.settings
+        pipeline = Pipeline(bundle, settings.detector)
+        self.bundle, self.pipeline, self.settings = bundle, pipeline, settings
+        self._threshold = threshold
+        if threshold is not None:
+            pipeline.events.threshold = threshold
         self.explainer = Explainer(bundle)
         self._band_sum, self._band_n = None, 0
         self._base = self._samples
@@ -349,7 +352,7 @@ class Detector:
         """A new, unrelated stream follows (the next replayed file): the open anomaly ends
         where the last one stopped, and windowing and event logic start afresh."""
         self.close_event()
-        self._load(self.bundle)
+        self._load(self.bundle, self.settings, self._threshold)
 
     def finish(self) -> None:
         """End an open anomaly and mark the state stopped."""

@@ -92,10 +92,11 @@ def test_public_api_mute_threshold_and_status_over_a_file(tmp_path: Path) -> Non
     high = d.bundle.threshold * 3.9
     ctl.submit_payload(json.dumps({"command": "set_threshold", "value": high, "id": "t"}).encode())
     ctl.submit_payload(b'{"command": "status", "id": "s"}')
-    d.run(FileSource([audio], RATE))
+    d.run(FileSource([audio, audio], RATE))  # the threshold set holds into the next stream
     got = replies(rec)
     assert got["t"].ok and got["s"].status["threshold"] == pytest.approx(high)
     assert rec.kinds() == []  # the fault stays below a threshold raised this far
+    assert d.threshold == pytest.approx(high)
     assert d.status()["windows_scored"] == d.windows > 0
 
 
