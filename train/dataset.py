@@ -176,11 +176,24 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
 
 def class_folders(root: str | Path) -> dict[str, list[Path]]:
     """Class name -> its audio files, from the subfolders of `root`."""
+    return subfolder_audio(
+        root,
+        f"{root}: --classes needs a folder with one subfolder per class",
+        2,
+        f"{root}: need at least two subfolders with audio (one per class)",
+    )
+
+
+def subfolder_audio(
+    root: str | Path, not_a_folder: str, minimum: int, too_few: str
+) -> dict[str, list[Path]]:
+    """Subfolder name -> its audio files (folders without audio left out), for labelled
+    audio laid out one subfolder per class or state; AudioError with the given reasons."""
     root = Path(root)
     if not root.is_dir():
-        raise AudioError(f"{root}: --classes needs a folder with one subfolder per class")
-    classes = {d.name: find_audio([d]) for d in sorted(root.iterdir()) if d.is_dir()}
-    classes = {k: v for k, v in classes.items() if v}
-    if len(classes) < 2:
-        raise AudioError(f"{root}: need at least two subfolders with audio (one per class)")
-    return classes
+        raise AudioError(not_a_folder)
+    groups = {d.name: find_audio([d]) for d in sorted(root.iterdir()) if d.is_dir()}
+    groups = {k: v for k, v in groups.items() if v}
+    if len(groups) < minimum:
+        raise AudioError(too_few)
+    return groups

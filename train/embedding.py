@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from edge.audio_io import find_audio, read_audio
+from edge.audio_io import read_audio
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, write_bundle
 from edge.detectors.embedding import (
     BAND_STD_FLOOR_DB,
@@ -50,6 +50,7 @@ from train.dataset import (
     Holdout,
     dense_params,
     holdout_split,
+    subfolder_audio,
     threshold_from_holdout,
     training_audio,
 )
@@ -178,14 +179,12 @@ class OwnAudio:
 
 def state_folders(root: str | Path) -> dict[str, list[Path]]:
     """State name -> its audio files, from the subfolders of `root` (one state is allowed)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise AudioError(f"{root}: --normal-states needs a folder with one subfolder per state")
-    states = {d.name: find_audio([d]) for d in sorted(root.iterdir()) if d.is_dir()}
-    states = {k: v for k, v in states.items() if v}
-    if not states:
-        raise AudioError(f"{root}: no subfolder with audio (one subfolder per state)")
-    return states
+    return subfolder_audio(
+        root,
+        f"{root}: --normal-states needs a folder with one subfolder per state",
+        1,
+        f"{root}: no subfolder with audio (one subfolder per state)",
+    )
 
 
 def read_own(groups: dict[str, list[Path]], params: FeatureParams, channel: int) -> OwnAudio:

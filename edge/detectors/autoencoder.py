@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, require
+from edge.detectors.base import DetectorKind, Refit, require_normalization
 from edge.detectors.network import NetworkScorer
 from edge.detectors.thresholds import budget_threshold
 from edge.threshold import score_stats
@@ -30,9 +30,7 @@ class Autoencoder(DetectorKind):
     def check(self, bundle: Bundle) -> None:
         """Normalisation: one mean and a positive std per mel band."""
         super().check(bundle)
-        n = bundle.features.n_mels
-        require(bundle, "normalization.mean", (n,))
-        require(bundle, "normalization.std", (n,), positive=True)
+        require_normalization(bundle)
 
     def scorer(self, bundle: Bundle) -> NetworkScorer:
         """The network with its normalisation."""

@@ -137,3 +137,10 @@ def require_gaussian(bundle: Bundle, dim: int) -> None:
     for key, shape in (("feature_mean", (dim,)), ("center", (dim,)), ("precision", (dim, dim))):
         require(bundle, f"statistics.{key}", shape)
     require(bundle, "statistics.feature_std", (dim,), positive=True)
+
+
+def require_normalization(bundle: Bundle) -> None:
+    """The per-mel-band standardisation a network's input needs: a mean and a positive std."""
+    n = bundle.features.n_mels
+    require(bundle, "normalization.mean", (n,))
+    require(bundle, "normalization.std", (n,), positive=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edge.detectors.base import DetectorKind, Tracker, require
+from edge.detectors.base import DetectorKind, Tracker, require_normalization
 from edge.detectors.network import NetworkScorer
 from edge.errors import BundleError
 from edge.events import ClassTracker
@@ -36,9 +36,7 @@ class Classifier(DetectorKind):
             )
         if not 0 < bundle.threshold <= 1:
             raise BundleError(f"{bundle.path}: a classifier's threshold is a probability")
-        n = bundle.features.n_mels
-        require(bundle, "normalization.mean", (n,))
-        require(bundle, "normalization.std", (n,), positive=True)
+        require_normalization(bundle)
 
     def scorer(self, bundle: Bundle) -> NetworkScorer:
         """The network with its labels."""

@@ -17,6 +17,7 @@ from edge.detectors.base import (
     WindowScore,
     require,
     require_gaussian,
+    require_normalization,
 )
 from edge.detectors.fluctuation import STATISTICS, FluctuationScorer
 from edge.detectors.thresholds import refit_manifest
@@ -115,10 +116,10 @@ class Embedding(DetectorKind):
     def check(self, bundle: Bundle) -> None:
         """Per-band normalisation and levels; a head as wide as the network's output."""
         super().check(bundle)
+        require_normalization(bundle)
         n = bundle.features.n_mels
-        for name in ("normalization", "band_level"):
-            require(bundle, f"{name}.mean", (n,))
-            require(bundle, f"{name}.std", (n,), positive=True)
+        require(bundle, "band_level.mean", (n,))
+        require(bundle, "band_level.std", (n,), positive=True)
         mean = bundle.array("statistics.feature_mean")
         dim = bundle.model.output_size if bundle.model is not None else mean.size
         require_gaussian(bundle, dim)
