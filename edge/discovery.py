@@ -1,72 +1,231 @@
-"""Home Assistant MQTT discovery: one device per detector, with an anomaly binary sensor and
-sensors for the score and the input level; availability follows the daemon's last will."""
+"""Home Assistant MQTT discovery: one device per detector with an entity for everything a
+user watches or acts on.
+
+Watched: the anomaly (a `problem` binary sensor that reads `unknown`, not OFF, while the
+audio is faulty), the microphone's health (a `problem` binary sensor), the score and input
+level (both `unknown` during a fault instead of a stale value), the detector's status, the
+machine's state, the trend (`anomaly_index` from the metrics), running hours and the last
+event with its attributes (bands, clip, clip URL). Acted on: a mute switch, the threshold as
+a number and a button that marks the last event normal. Availability follows the daemon's
+last will; every payload carries `origin` and, where it applies, an `entity_category`.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 from edge import __version__
+from edge.commands import threshold_bounds
 from edge.topics import Topics
 
+ORIGIN = {
+    "name": "SoundSentry",
+    "sw_version": __version__,
+    "support_url": "https://github.com/soundsentry/soundsentry",
+}
+"""Who publishes the discovery payloads (Home Assistant logs it)."""
+HA_MUTE_MINUTES = 60
+"""How long the mute switch silences the detector when turned on."""
+THRESHOLD_STEPS = 100
+"""The threshold number moves in steps of about 1/100 of the calibrated value..."""
+MIN_STEP = 0.001
+"""...but never finer than Home Assistant's smallest step."""
+FAULT = "fault"
+"""The state message's `state` while the audio is faulty."""
 
-def discovery_configs(topics: Topics, model_id: str) -> dict[str, dict[str, Any]]:
-    """Config topic -> payload for every entity of this device."""
+# Jinja templates Home Assistant renders on each payload. Rendering `None` makes a binary
+# sensor or a sensor `unknown` (Home Assistant's MQTT docs), which is what a faulty
+# microphone means: nothing is known about the machine.
+ANOMALY_TEMPLATE = (
+    "{% if value_json.state == 'fault' %}None"
+    "{% elif value_json.state == 'anomaly' %}ON{% else %}OFF{% endif %}"
+)
+HEALTH_TEMPLATE = "{{ 'ON' if value_json.status == 'fault' else 'OFF' }}"
+MUTED_TEMPLATE = "{{ 'ON' if value_json.muted_until is defined else 'OFF' }}"
+
+
+def _unless_fault(field: str) -> str:
+    """A template giving `field` of the state, or None (unknown) while the audio is faulty."""
+    return (
+        f"{{% if value_json.state == '{FAULT}' or value_json.{field} is not defined %}}None"
+        f"{{% else %}}{{{{ value_json.{field} }}}}{{% endif %}}"
+    )
+
+
+def _command(payload: dict[str, Any]) -> str:
+    """A command payload for the `set` topic, compact JSON."""
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def threshold_step(calibrated: float) -> float:
+    """A round step for the threshold number: about 1/100 of the calibrated threshold."""
+    step = 10 ** math.floor(math.log10(calibrated / THRESHOLD_STEPS))
+    return max(MIN_STEP, step)
+
+
+def discovery_configs(
+    topics: Topics, model_id: str, threshold: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """Config topic -> payload for every entity of this device. Without the calibrated
+    `threshold` the threshold number is left out (its bounds derive from it)."""
     uid = f"{topics.prefix}_{topics.device_id}"
-    device = {
-        "identifiers": [uid],
-        "name": f"SoundSentry {topics.device_id}",
-        "manufacturer": "SoundSentry",
-        "model": model_id,
-        "sw_version": __version__,
-    }
     common = {
         "availability_topic": topics.availability,
         "payload_available": "online",
         "payload_not_available": "offline",
-        "device": device,
-        "state_topic": topics.state,
+        "device": {
+            "identifiers": [uid],
+            "name": f"SoundSentry {topics.device_id}",
+            "manufacturer": "SoundSentry",
+            "model": model_id,
+            "sw_version": __version__,
+        },
+        "origin": ORIGIN,
+    }
+    entities = {
+        **_watched(topics),
+        **_diagnostics(topics),
+        **_controls(topics, threshold),
     }
     return {
-        topics.ha_config("binary_sensor", "anomaly"): {
+        topics.ha_config(component, object_id): {
             **common,
+            "unique_id": f"{uid}_{object_id}",
+            **config,
+        }
+        for (component, object_id), config in entities.items()
+    }
+
+
+def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
+    """What a user watches: anomaly, score, status, machine, trend, last event."""
+    return {
+        ("binary_sensor", "anomaly"): {
             "name": "Anomaly",
-            "unique_id": f"{uid}_anomaly",
+            "state_topic": topics.state,
             "device_class": "problem",
-            "value_template": "{{ 'ON' if value_json.state == 'anomaly' else 'OFF' }}",
+            "value_template": ANOMALY_TEMPLATE,
             "json_attributes_topic": topics.state,
         },
-        topics.ha_config("sensor", "score"): {
-            **common,
+        ("sensor", "score"): {
             "name": "Anomaly score",
-            "unique_id": f"{uid}_score",
+            "state_topic": topics.state,
             "state_class": "measurement",
-            "value_template": "{{ value_json.score | default(none) }}",
+            "value_template": _unless_fault("score"),
             "icon": "mdi:waveform",
         },
-        topics.ha_config("sensor", "machine"): {
-            **common,
+        ("sensor", "status"): {
+            "name": "Status",
+            "state_topic": topics.state,
+            "device_class": "enum",
+            "options": ["normal", "anomaly", "muted", "fault", "starting", "stopped"],
+            "value_template": "{{ value_json.state }}",
+            "icon": "mdi:ear-hearing",
+        },
+        ("sensor", "machine"): {
             "name": "Machine",
-            "unique_id": f"{uid}_machine",
+            "state_topic": topics.state,
+            "device_class": "enum",
+            "options": ["running", "off"],
             "value_template": "{{ value_json.machine | default('running') }}",
             "icon": "mdi:engine",
         },
-        topics.ha_config("sensor", "running_hours"): {
-            **common,
+        ("sensor", "trend"): {
+            "name": "Anomaly trend",
             "state_topic": topics.metrics,
-            "name": "Running hours",
-            "unique_id": f"{uid}_running_hours",
-            "state_class": "total_increasing",
-            "unit_of_measurement": "h",
-            "value_template": "{{ value_json.running_hours }}",
-            "icon": "mdi:timer-outline",
-        },
-        topics.ha_config("sensor", "level"): {
-            **common,
-            "name": "Input level",
-            "unique_id": f"{uid}_level",
             "state_class": "measurement",
-            "unit_of_measurement": "dBFS",
-            "value_template": "{{ value_json.level_dbfs | default(none) }}",
-            "icon": "mdi:microphone",
+            "value_template": "{{ value_json.anomaly_index | default(None) }}",
+            "icon": "mdi:chart-line",
+        },
+        ("sensor", "last_event"): {
+            "name": "Last event",
+            "state_topic": topics.events,
+            "device_class": "timestamp",
+            "value_template": "{{ value_json.started_at }}",
+            "json_attributes_topic": topics.events,
+            "icon": "mdi:alert-octagram-outline",
         },
     }
+
+
+def _diagnostics(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
+    """What an installer watches: the microphone, the input level, running hours."""
+    return {
+        ("binary_sensor", "audio"): {
+            "name": "Microphone problem",
+            "state_topic": topics.health,
+            "device_class": "problem",
+            "value_template": HEALTH_TEMPLATE,
+            "json_attributes_topic": topics.health,
+            "entity_category": "diagnostic",
+            "icon": "mdi:microphone-off",
+        },
+        ("sensor", "level"): {
+            "name": "Input level",
+            "state_topic": topics.state,
+            "state_class": "measurement",
+            "unit_of_measurement": "dBFS",
+            "value_template": _unless_fault("level_dbfs"),
+            "entity_category": "diagnostic",
+            "icon": "mdi:microphone",
+        },
+        ("sensor", "running_hours"): {
+            "name": "Running hours",
+            "state_topic": topics.metrics,
+            "state_class": "total_increasing",
+            "device_class": "duration",
+            "unit_of_measurement": "h",
+            "value_template": "{{ value_json.running_hours }}",
+            "entity_category": "diagnostic",
+            "icon": "mdi:timer-outline",
+        },
+    }
+
+
+def _controls(topics: Topics, threshold: float | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """What a user acts on: mute, mark the last event normal, the threshold."""
+    controls: dict[tuple[str, str], dict[str, Any]] = {
+        ("switch", "mute"): {
+            "name": "Mute",
+            "command_topic": topics.command,
+            "payload_on": _command({"command": "mute", "minutes": HA_MUTE_MINUTES}),
+            "payload_off": _command({"command": "unmute"}),
+            "state_topic": topics.state,
+            "value_template": MUTED_TEMPLATE,
+            "state_on": "ON",
+            "state_off": "OFF",
+            "icon": "mdi:volume-off",
+        },
+        ("button", "mark_normal"): {
+            "name": "Mark last event normal",
+            "command_topic": topics.command,
+            "payload_press": _command({"command": "mark_normal", "event_id": "last"}),
+            "icon": "mdi:check-circle-outline",
+        },
+    }
+    if threshold is not None:
+        low, high = threshold_bounds(threshold)
+        step = threshold_step(threshold)
+        controls[("number", "threshold")] = {
+            "name": "Threshold",
+            "command_topic": topics.command,
+            "command_template": '{"command":"set_threshold","value":{{ value }}}',
+            "state_topic": topics.state,
+            "value_template": "{{ value_json.threshold }}",
+            "min": _on_step(low, step, math.ceil),
+            "max": _on_step(high, step, math.floor),
+            "step": step,
+            "mode": "box",
+            "entity_category": "config",
+            "icon": "mdi:tune-vertical",
+        }
+    return controls
+
+
+def _on_step(value: float, step: float, direction: Any) -> float:
+    """`value` moved onto the step grid by `direction` (math.ceil or math.floor), so the
+    entity's bounds stay inside the ones set_threshold accepts."""
+    digits = max(0, -math.floor(math.log10(step)))
+    return round(direction(round(value / step, 6)) * step, digits)

@@ -86,7 +86,7 @@ def _publisher(settings: Settings, bundle: Bundle, on_command: Callable[[bytes],
         settings.mqtt, topics, f"soundsentry-{settings.device_id}", spool, on_command=on_command
     )
     if settings.mqtt.discovery:
-        publisher.set_discovery(discovery_configs(topics, bundle.model_id))
+        publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold))
     return publisher
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the test suite needs and run it: Debian packages (when root), a virtualenv
-# with the training and test extras, then pytest. Extra arguments go to pytest.
+# with the training, report and test extras, then pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,5 +26,5 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[train,dev]'
+"$VENV/bin/python" -m pip install -q -e '.[train,report,dev]'
 exec "$VENV/bin/python" -m pytest "$@"

@@ -15,7 +15,6 @@ from jsonschema import Draft202012Validator
 
 from edge.clips import CaptureRing, ClipRecorder
 from edge.commands import CommandError, parse_command
-from edge.discovery import discovery_configs
 from edge.health import AudioHealth, level_dbfs
 from edge.messages import (
     EventMessage,
@@ -26,7 +25,6 @@ from edge.messages import (
 )
 from edge.sdnotify import SystemdNotifier
 from edge.spool import Spool
-from edge.topics import Topics
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "edge" / "schemas"
 RATE = 16000
@@ -170,86 +168,7 @@ def test_valid_commands_match_the_published_schema() -> None:
         validator.validate(json.loads(payload))
 
 
-# --- discovery and payload schemas ----------------------------------------------------------
-
-# Keys Home Assistant's MQTT integration accepts for these platforms (long form), from its
-# documentation (binary_sensor.mqtt, sensor.mqtt and the shared availability/device options).
-HA_COMMON = {
-    "availability_topic",
-    "payload_available",
-    "payload_not_available",
-    "device",
-    "name",
-    "unique_id",
-    "state_topic",
-    "value_template",
-    "json_attributes_topic",
-    "icon",
-    "enabled_by_default",
-    "entity_category",
-    "expire_after",
-    "force_update",
-    "qos",
-    "object_id",
-    "availability",
-    "availability_mode",
-    "json_attributes_template",
-    "availability_template",
-    "encoding",
-    "default_entity_id",
-}
-HA_ALLOWED = {
-    "binary_sensor": HA_COMMON | {"device_class", "off_delay", "payload_on", "payload_off"},
-    "sensor": HA_COMMON
-    | {
-        "device_class",
-        "state_class",
-        "unit_of_measurement",
-        "suggested_display_precision",
-        "last_reset_value_template",
-        "options",
-    },
-}
-HA_DEVICE = {
-    "identifiers",
-    "connections",
-    "name",
-    "manufacturer",
-    "model",
-    "sw_version",
-    "hw_version",
-    "suggested_area",
-    "via_device",
-    "configuration_url",
-    "serial_number",
-    "model_id",
-}
-HA_CLASSES = {"binary_sensor": {"problem"}, "sensor": set()}
-
-
-def test_discovery_payloads_follow_home_assistant_schema() -> None:
-    topics = Topics("soundsentry", "pump-1")
-    configs = discovery_configs(topics, "fan-1234")
-    assert len(configs) == 5
-    uids = set()
-    for topic, cfg in configs.items():
-        parts = topic.split("/")
-        assert parts[0] == "homeassistant" and parts[-1] == "config" and len(parts) == 5
-        component = parts[1]
-        assert set(cfg) <= HA_ALLOWED[component], set(cfg) - HA_ALLOWED[component]
-        assert {"name", "unique_id", "state_topic", "availability_topic", "device"} <= set(cfg)
-        assert set(cfg["device"]) <= HA_DEVICE and cfg["device"]["identifiers"]
-        assert cfg["availability_topic"] == topics.availability
-        assert (cfg["payload_available"], cfg["payload_not_available"]) == ("online", "offline")
-        if "device_class" in cfg:
-            assert cfg["device_class"] in HA_CLASSES[component]
-        uids.add(cfg["unique_id"])
-    assert len(uids) == 5
-    anomaly = configs[topics.ha_config("binary_sensor", "anomaly")]
-    assert anomaly["device_class"] == "problem"
-    hours = configs[topics.ha_config("sensor", "running_hours")]
-    assert hours["state_topic"] == topics.metrics and hours["state_class"] == "total_increasing"
-    assert "machine" in configs[topics.ha_config("sensor", "machine")]["value_template"]
+# --- payload schemas (discovery: tests/test_discovery.py) ----------------------------------
 
 
 def test_payloads_validate_against_the_published_schemas() -> None:

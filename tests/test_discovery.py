@@ -1,0 +1,396 @@
+"""Home Assistant MQTT discovery: every payload checked against a JSON Schema of the discovery
+options we use (written from Home Assistant's MQTT integration docs), the templates rendered
+with Jinja as Home Assistant does on real daemon payloads, and a real broker run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, wait_for
+from jsonschema import Draft202012Validator
+from mqtt_helpers import Subscriber
+
+from edge.bundle import load_bundle
+from edge.commands import Mute, SetThreshold, Unmute, parse_command, threshold_bounds
+from edge.discovery import discovery_configs
+from edge.messages import HealthMessage, MetricsMessage, StateMessage
+from edge.topics import Topics
+
+# --- the schema, from home-assistant.io/integrations/{binary_sensor,sensor,switch,number,
+# button}.mqtt and the shared discovery options (device, origin, availability) -------------
+
+_STR = {"type": "string", "minLength": 1}
+_TEMPLATE = {"type": "string", "pattern": r"\{[{%]"}
+_TOPIC = {"type": "string", "minLength": 1, "pattern": r"^[^#+]+$"}
+DEVICE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["identifiers"],
+    "properties": {
+        "identifiers": {"type": "array", "items": _STR, "minItems": 1},
+        "connections": {"type": "array"},
+        "name": _STR,
+        "manufacturer": _STR,
+        "model": _STR,
+        "model_id": _STR,
+        "sw_version": _STR,
+        "hw_version": _STR,
+        "serial_number": _STR,
+        "suggested_area": _STR,
+        "via_device": _STR,
+        "configuration_url": _STR,
+    },
+}
+ORIGIN = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {"name": _STR, "sw_version": _STR, "support_url": _STR},
+}
+COMMON = {
+    "availability_topic": _TOPIC,
+    "availability": {"type": "array"},
+    "availability_mode": {"enum": ["all", "any", "latest"]},
+    "availability_template": _TEMPLATE,
+    "payload_available": _STR,
+    "payload_not_available": _STR,
+    "device": DEVICE,
+    "origin": ORIGIN,
+    "enabled_by_default": {"type": "boolean"},
+    "encoding": {"type": "string"},
+    "entity_category": {"enum": ["config", "diagnostic"]},
+    "entity_picture": _STR,
+    "icon": {"type": "string", "pattern": r"^mdi:[a-z0-9-]+$"},
+    "json_attributes_template": _TEMPLATE,
+    "json_attributes_topic": _TOPIC,
+    "name": {"type": ["string", "null"]},
+    "default_entity_id": _STR,
+    "qos": {"enum": [0, 1, 2]},
+    "unique_id": _STR,
+}
+READ = {
+    "state_topic": _TOPIC,
+    "value_template": _TEMPLATE,
+    "expire_after": {"type": "integer", "minimum": 1},
+    "force_update": {"type": "boolean"},
+}
+WRITE = {
+    "command_topic": _TOPIC,
+    "command_template": _TEMPLATE,
+    "retain": {"type": "boolean"},
+    "optimistic": {"type": "boolean"},
+}
+BINARY_SENSOR_CLASSES = [
+    "battery", "battery_charging", "carbon_monoxide", "cold", "connectivity", "door",
+    "garage_door", "gas", "heat", "light", "lock", "moisture", "motion", "moving",
+    "occupancy", "opening", "plug", "power", "presence", "problem", "running", "safety",
+    "smoke", "sound", "tamper", "update", "vibration", "window",
+]  # fmt: skip
+SENSOR_CLASSES = [
+    "duration", "enum", "timestamp", "sound_pressure", "signal_strength", "temperature",
+    "power", "energy", "voltage", "current", "frequency", "data_size", "date",
+]  # fmt: skip
+
+
+def _platform(props: dict[str, Any], required: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["unique_id", "name", "device", "origin", "availability_topic", *required],
+        "properties": {**COMMON, **props},
+        **extra,
+    }
+
+
+# A sensor whose device class is `enum` lists its options and has no unit or state class;
+# a timestamp has no unit either (sensor.mqtt / sensor docs).
+_NO_UNIT = {
+    "not": {"anyOf": [{"required": ["state_class"]}, {"required": ["unit_of_measurement"]}]}
+}
+
+
+def _when_class(device_class: str, then: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "if": {
+            "properties": {"device_class": {"const": device_class}},
+            "required": ["device_class"],
+        },
+        "then": then,
+    }
+
+
+_ENUM_RULES = {
+    "allOf": [
+        _when_class("enum", {"required": ["options"], **_NO_UNIT}),
+        _when_class("timestamp", _NO_UNIT),
+    ]
+}
+STATE_CLASSES = ["measurement", "measurement_angle", "total", "total_increasing"]
+HA_SCHEMA = {
+    "binary_sensor": _platform(
+        {
+            **READ,
+            "device_class": {"enum": BINARY_SENSOR_CLASSES},
+            "off_delay": {"type": "integer", "minimum": 0},
+            "payload_on": _STR,
+            "payload_off": _STR,
+        },
+        ["state_topic"],
+    ),
+    "sensor": _platform(
+        {
+            **READ,
+            "device_class": {"enum": SENSOR_CLASSES},
+            "state_class": {"enum": STATE_CLASSES},
+            "unit_of_measurement": _STR,
+            "suggested_display_precision": {"type": "integer", "minimum": 0},
+            "last_reset_value_template": _TEMPLATE,
+            "options": {"type": "array", "items": _STR, "minItems": 1},
+        },
+        ["state_topic"],
+        **_ENUM_RULES,
+    ),
+    "switch": _platform(
+        {
+            **READ,
+            **WRITE,
+            "device_class": {"enum": ["outlet", "switch"]},
+            "payload_on": _STR,
+            "payload_off": _STR,
+            "state_on": _STR,
+            "state_off": _STR,
+        },
+        ["command_topic"],
+    ),
+    "number": _platform(
+        {
+            **READ,
+            **WRITE,
+            "min": {"type": "number"},
+            "max": {"type": "number"},
+            "step": {"type": "number", "minimum": 0.001},
+            "mode": {"enum": ["auto", "box", "slider"]},
+            "unit_of_measurement": _STR,
+            "payload_reset": _STR,
+        },
+        ["command_topic", "min", "max", "step"],
+    ),
+    "button": _platform(
+        {
+            **WRITE,
+            "device_class": {"enum": ["identify", "restart", "update"]},
+            "payload_press": _STR,
+        },
+        ["command_topic"],
+    ),
+}
+VALIDATORS = {name: Draft202012Validator(schema) for name, schema in HA_SCHEMA.items()}
+
+TOPICS = Topics("soundsentry", "pump-1")
+THRESHOLD = 1.87266
+JINJA = jinja2.Environment(undefined=jinja2.Undefined)
+
+
+def render(template: str, payload: str | None = None, **variables: Any) -> str:
+    """Render a template as Home Assistant does: `value` and `value_json` of a payload."""
+    if payload is not None:
+        variables |= {"value": payload, "value_json": json.loads(payload)}
+    return JINJA.from_string(template).render(**variables).strip()
+
+
+def _state(state: str, **kw: Any) -> str:
+    return StateMessage(
+        state=state,  # type: ignore[arg-type]
+        device_id="pump-1",
+        model="m",
+        threshold=THRESHOLD,
+        updated_at="2026-01-01T00:00:00.000Z",
+        **kw,
+    ).to_payload()
+
+
+def _config(component: str, object_id: str) -> dict[str, Any]:
+    return discovery_configs(TOPICS, "fan-1234", THRESHOLD)[TOPICS.ha_config(component, object_id)]
+
+
+# --- the payloads ---------------------------------------------------------------------------
+
+
+def test_every_discovery_payload_validates_against_the_home_assistant_schema() -> None:
+    configs = discovery_configs(TOPICS, "fan-1234", THRESHOLD)
+    components = {}
+    for topic, cfg in configs.items():
+        prefix, component, node, object_id, last = topic.split("/")
+        assert (prefix, node, last) == ("homeassistant", "soundsentry_pump-1", "config")
+        errors = [e.message for e in VALIDATORS[component].iter_errors(cfg)]
+        assert not errors, f"{topic}: {errors}"
+        assert cfg["unique_id"] == f"soundsentry_pump-1_{object_id}"
+        components[object_id] = component
+    assert components == {
+        "anomaly": "binary_sensor",
+        "audio": "binary_sensor",
+        "score": "sensor",
+        "status": "sensor",
+        "machine": "sensor",
+        "trend": "sensor",
+        "last_event": "sensor",
+        "level": "sensor",
+        "running_hours": "sensor",
+        "mute": "switch",
+        "mark_normal": "button",
+        "threshold": "number",
+    }
+    assert {c["entity_category"] for c in configs.values() if "entity_category" in c} == {
+        "config",
+        "diagnostic",
+    }
+    assert "threshold" not in str(discovery_configs(TOPICS, "fan-1234"))  # no bounds, no number
+
+
+def test_the_schema_rejects_what_home_assistant_rejects() -> None:
+    """The schema is strict: each of these mistakes fails it."""
+    good = _config("sensor", "score")
+    assert VALIDATORS["sensor"].is_valid(good)
+    for bad in (
+        good | {"state_clas": "measurement"},  # a misspelt option
+        good | {"entity_category": "primary"},
+        good | {"device_class": "enum"},  # enum without options, with a state class
+        {k: v for k, v in good.items() if k != "state_topic"},
+        good | {"origin": {"sw_version": "1"}},  # origin needs a name
+    ):
+        assert not VALIDATORS["sensor"].is_valid(bad), bad
+    assert not VALIDATORS["number"].is_valid(_config("number", "threshold") | {"step": 0.0001})
+
+
+def test_anomaly_score_and_level_are_unknown_while_the_audio_is_faulty() -> None:
+    anomaly = _config("binary_sensor", "anomaly")["value_template"]
+    score = _config("sensor", "score")["value_template"]
+    level = _config("sensor", "level")["value_template"]
+    running = _state("normal", score=0.5, level_dbfs=-30.0)
+    assert render(anomaly, _state("anomaly", score=2.5)) == "ON"
+    assert render(anomaly, running) == "OFF"
+    assert (render(score, running), render(level, running)) == ("0.5", "-30.0")
+    fault = _state("fault", score=0.5, level_dbfs=-90.0)
+    assert render(anomaly, fault) == "None"  # Home Assistant: unknown
+    assert (render(score, fault), render(level, fault)) == ("None", "None")
+    assert render(score, _state("starting")) == "None"  # no score yet: unknown, not 0
+
+
+def test_health_sensor_and_mute_switch_read_the_daemon_payloads() -> None:
+    health = _config("binary_sensor", "audio")
+    assert health["state_topic"] == TOPICS.health and health["device_class"] == "problem"
+    ok = HealthMessage(status="ok", device_id="pump-1", updated_at="t", faults=[])
+    bad = HealthMessage(status="fault", device_id="pump-1", updated_at="t", faults=["silence"])
+    assert render(health["value_template"], ok.to_payload()) == "OFF"
+    assert render(health["value_template"], bad.to_payload()) == "ON"
+    mute = _config("switch", "mute")
+    muted = _state("muted", muted_until="2026-01-01T01:00:00.000Z")
+    assert render(mute["value_template"], muted) == mute["state_on"]
+    assert render(mute["value_template"], _state("normal")) == mute["state_off"]
+
+
+def test_controls_send_commands_the_daemon_accepts() -> None:
+    mute = _config("switch", "mute")
+    assert mute["command_topic"] == TOPICS.command
+    assert isinstance(parse_command(mute["payload_on"]), Mute)
+    assert isinstance(parse_command(mute["payload_off"]), Unmute)
+    number = _config("number", "threshold")
+    low, high = threshold_bounds(THRESHOLD)
+    assert low <= number["min"] < THRESHOLD < number["max"] <= high
+    sent = parse_command(render(number["command_template"], value=2.5))
+    assert isinstance(sent, SetThreshold) and sent.value == 2.5
+    assert render(number["value_template"], _state("normal")) == str(THRESHOLD)
+    button = _config("button", "mark_normal")
+    assert json.loads(button["payload_press"]) == {"command": "mark_normal", "event_id": "last"}
+
+
+def test_trend_and_last_event_read_metrics_and_events() -> None:
+    trend = _config("sensor", "trend")
+    assert trend["state_topic"] == TOPICS.metrics and trend["state_class"] == "measurement"
+    metrics = MetricsMessage(
+        device_id="pump-1",
+        model="m",
+        updated_at="t",
+        uptime_s=1.0,
+        windows_scored=2,
+        realtime_factor=None,
+        inference_ms_p50=None,
+        inference_ms_p95=None,
+        dropped_blocks=0,
+        overflows=0,
+        queue_depth=0,
+        level_dbfs=None,
+        spool_depth=0,
+        spool_dropped=0,
+    ).to_dict()
+    assert render(trend["value_template"], json.dumps(metrics | {"anomaly_index": 0.42})) == "0.42"
+    assert render(trend["value_template"], json.dumps(metrics)) == "None"
+    last = _config("sensor", "last_event")
+    assert last["state_topic"] == last["json_attributes_topic"] == TOPICS.events
+    event = {"type": "end", "started_at": "2026-01-01T00:00:00.000Z", "clip_url": "http://x/c"}
+    assert render(last["value_template"], json.dumps(event)) == event["started_at"]
+
+
+# --- through a real broker ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_discovery_is_retained_and_the_problem_sensor_flips_on_a_dead_microphone(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A real daemon: normal fan audio, then the microphone goes dead (digital silence)."""
+    audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
+    clip = tmp_path / "then-dead.wav"
+    sf.write(str(clip), np.concatenate([audio[: 3 * rate], np.zeros(3 * rate, "float32")]), rate)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'device_id = "pump-1"\ndata_dir = "{tmp_path / "data"}"\n[health]\nfault_seconds = 1\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    live = Subscriber(broker.port, "soundsentry/pump-1/#", client_id="live")
+    try:
+        proc = subprocess.run(
+            [
+                *SOUNDSENTRY,
+                "replay",
+                str(DEMO_BUNDLE),
+                str(clip),
+                "--realtime",
+                "--config",
+                str(cfg),
+            ],
+            cwd=ROOT,
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        health_seen = [m.payload for m in live.on("/health")]
+        states_seen = [m.payload for m in live.on("/state")]
+    finally:
+        live.close()
+    late = Subscriber(broker.port, "homeassistant/#", client_id="late")  # after the daemon left
+    try:
+        wait_for(lambda: len(late.messages) >= 12, 10, "12 retained discovery configs")
+        configs = {m.topic: json.loads(m.payload) for m in late.messages}
+        assert all(m.retain for m in late.messages)
+    finally:
+        late.close()
+    demo = load_bundle(DEMO_BUNDLE)
+    assert configs == discovery_configs(TOPICS, demo.model_id, demo.threshold)
+    problem = configs[TOPICS.ha_config("binary_sensor", "audio")]["value_template"]
+    anomaly = configs[TOPICS.ha_config("binary_sensor", "anomaly")]["value_template"]
+    assert [render(problem, p) for p in health_seen][:1] == ["OFF"]
+    assert "ON" in [render(problem, p) for p in health_seen]
+    readings = [render(anomaly, p) for p in states_seen]
+    assert "OFF" in readings and "None" in readings
+    assert readings.index("OFF") < readings.index("None")
