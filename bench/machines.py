@@ -66,6 +66,7 @@ TRAINERS = {
     "fluctuation": ("train.fluctuation", "train_fluctuation"),
     "levels": ("train.levels", "train_levels"),
     "knn": ("train.knn", "train_knn"),
+    "subspace": ("train.subspace", "train_subspace"),
     "embedding": ("train.embedding", "train_embedding"),
     "ensemble": ("train.ensemble", "train_ensemble"),
     "autoencoder": ("train.trainer", "train_bundle"),

@@ -11,10 +11,12 @@ from edge.detectors.embedding import Embedding
 from edge.detectors.fluctuation import Fluctuation
 from edge.detectors.knn import Knn
 from edge.detectors.levels import Levels
+from edge.detectors.subspace import Subspace
 from edge.errors import BundleError
 
 PLUGINS: dict[str, DetectorKind] = {
-    p.kind: p for p in (Autoencoder(), Classifier(), Fluctuation(), Levels(), Knn(), Embedding())
+    p.kind: p
+    for p in (Autoencoder(), Classifier(), Fluctuation(), Levels(), Knn(), Embedding(), Subspace())
 }
 """Every detector kind this version runs, by the `kind` field of a bundle's manifest."""
 

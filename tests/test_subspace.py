@@ -1,0 +1,136 @@
+"""Kind `subspace`: stacked log-mel frames scored by their distance to the normal subspace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
+
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle, write_bundle
+from edge.detectors.subspace import SubspaceScorer, stacked
+from edge.errors import BundleError
+from edge.features import windows_of
+from edge.scoring import Explainer, Scorer
+from train.subspace import COMPONENTS, STACK, fit_subspace, flat_windows
+
+N_MELS = 64
+
+
+def windows(bundle_path: Path, audio_file: Path) -> np.ndarray:
+    """The edge's windows of a file for a bundle."""
+    p = load_bundle(bundle_path).features
+    return windows_of(read_audio(audio_file, p.samplerate), p)
+
+
+def window_scores(bundle_path: Path, audio_file: Path) -> np.ndarray:
+    """Window scores of a file, one window at a time as the daemon scores."""
+    scorer = Scorer.from_bundle(load_bundle(bundle_path))
+    return np.array([scorer.score(x).score for x in windows(bundle_path, audio_file)])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A subspace bundle from the real command on three normal fixture files (the fourth is
+    held out of training entirely)."""
+    out = tmp_path_factory.mktemp("subspace") / "fan.bundle"
+    cli(
+        "train", "--detector", "subspace", "--normal", *map(str, NORMAL_FILES[:3]),
+        "--out", str(out),
+    )  # fmt: skip
+    return out
+
+
+def test_stacks_are_consecutive_frames_frame_major() -> None:
+    w = np.arange(2 * 7 * 3, dtype=float).reshape(2, 7, 3)
+    s = stacked(w, 5)
+    assert s.shape == (2, 3, 15)
+    np.testing.assert_array_equal(s[1, 2], w[1, 2:7].ravel())
+    with pytest.raises(ValueError, match="shorter than a stack"):
+        stacked(w, 8)
+
+
+def test_score_is_the_mean_squared_residual_off_the_subspace() -> None:
+    """The edge scorer against a projection written out with a least-squares solve."""
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 5 * 4))
+    normal = (rng.normal(size=(200, 3)) @ basis).reshape(40, 5, 5, 4)  # 40 windows, rank 3
+    rows = normal.reshape(40, 25, 4)[:, :12]  # windows of 12 frames, 4 mels
+    model = fit_subspace(flat_windows(rows), (12, 4), stack=5)
+    assert model.components.shape == (COMPONENTS, 20)
+    np.testing.assert_allclose(model.components @ model.components.T, np.eye(COMPONENTS), atol=1e-9)
+    probes = rng.normal(size=(3, 12, 4)) * 5.0
+    x = stacked(probes, 5) - model.mean
+    coef = np.linalg.lstsq(model.components.T, x.reshape(-1, 20).T, rcond=None)[0]
+    resid = x.reshape(-1, 20) - (model.components.T @ coef).T
+    expected = (resid**2).mean(axis=1).reshape(3, -1).mean(axis=1)
+    scorer = SubspaceScorer(model.mean, model.components, 5, 2.0)
+    np.testing.assert_allclose(scorer.score_many(probes), expected / 2.0, rtol=1e-9)
+    scored = scorer.score(probes[0])
+    assert scored.score == pytest.approx(expected[0] / 2.0)
+    assert scored.band_error.shape == (4,) and scored.band_error.sum() == pytest.approx(
+        scored.score
+    )
+
+
+def test_anomalous_scores_above_held_out_normal(trained: Path) -> None:
+    bundle = load_bundle(trained)
+    assert bundle.manifest.kind == "subspace" and bundle.model is None
+    assert int(bundle.array("subspace.stack")[0]) == STACK
+    held_out = window_scores(trained, NORMAL_FILES[3])  # never seen in training
+    anomalous = window_scores(trained, ANOMALOUS_FILE)
+    assert np.median(anomalous) > np.median(held_out), (anomalous, held_out)
+    assert bundle.manifest.normal_scores.p50 == pytest.approx(1.0)  # scaled by held-out median
+    np.testing.assert_allclose(
+        Scorer.from_bundle(bundle).score_many(windows(trained, ANOMALOUS_FILE)), anomalous
+    )
+
+
+def test_band_explanations_have_one_value_per_mel_band(trained: Path) -> None:
+    bundle = load_bundle(trained)
+    assert bundle.array("normal_band_error.std").shape == (N_MELS,)
+    scored = Scorer.from_bundle(bundle).score(windows(trained, ANOMALOUS_FILE)[0])
+    assert scored.band_error.shape == (N_MELS,) and np.all(scored.band_error >= 0)
+    bands = Explainer(bundle).bands(scored.band_error)
+    assert len(bands) == 3 and bands[0]["high_hz"] > bands[0]["low_hz"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("subspace.mean", np.zeros(7), "subspace.mean"),
+        ("subspace.components", np.zeros((8, 7)), "subspace.components"),
+        ("subspace.components", np.zeros((0, STACK * N_MELS)), "subspace.components"),
+        ("subspace.stack", np.array([2.5]), "subspace.stack"),
+        ("subspace.stack", np.array([1000.0]), "subspace.stack"),
+        ("subspace.scale", np.array([0.0]), "subspace.scale"),
+    ],
+)
+def test_bundle_with_wrong_arrays_is_refused(
+    trained: Path, tmp_path: Path, name: str, value: np.ndarray, match: str
+) -> None:
+    bundle = load_bundle(trained)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    write_bundle(tmp_path / "bad.bundle", manifest, {}, {**bundle.arrays, name: value})
+    with pytest.raises(BundleError, match=match):
+        load_bundle(tmp_path / "bad.bundle")
+
+
+def test_calibrate_moves_the_origin_to_the_site(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "site.bundle"
+    site = [NORMAL_FILES[3], NORMAL_FILES[0]]  # the first is audio the model has not seen
+    cli("calibrate", str(trained), "--normal", *map(str, site), "--out", str(out))
+    before, after = load_bundle(trained), load_bundle(out)
+    assert after.manifest.kind == "subspace" and after.manifest.calibration is not None
+    for same in ("subspace.components", "subspace.scale", "subspace.stack"):
+        np.testing.assert_array_equal(after.array(same), before.array(same))
+    scorer = Scorer.from_bundle(before)
+    site_windows = np.concatenate([windows(trained, f) for f in site])
+    expected = stacked(site_windows, STACK).reshape(-1, STACK * N_MELS).mean(axis=0)
+    np.testing.assert_allclose(after.array("subspace.mean"), expected, rtol=1e-5)
+    assert after.manifest.normal_scores.source.startswith("on-site")
+    new, old = window_scores(out, site[0]), window_scores(trained, site[0])
+    assert new.mean() < old.mean()  # the origin moved towards it
+    assert isinstance(scorer, SubspaceScorer)
