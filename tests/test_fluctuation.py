@@ -128,3 +128,44 @@ def test_all_channels_are_training_views(tmp_path: Path, all_channels: bool) -> 
     m = load_bundle(out).manifest
     assert m.training.seconds == pytest.approx(4 * 6.0 if all_channels else 6.0)
     assert m.training.channel == (-2 if all_channels else 0)
+
+
+def test_the_default_detector_knows_a_machine_switched_off(tmp_path: Path) -> None:
+    """The numpy trainers record how loud the machine runs, so the default bundle, with no
+    setting, says `off` for a quiet room and raises no event for it."""
+    from edge.daemon import Detector, Sink
+    from edge.messages import EventMessage, StateMessage
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    out = tmp_path / "fan.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
+    bundle = load_bundle(out)
+    machine = bundle.manifest.machine
+    assert machine is not None and machine.off_below_dbfs is not None
+    rate = bundle.features.samplerate
+    normal = read_audio(NORMAL_FILES[0], rate)
+    assert machine.off_below_dbfs < 20 * math.log10(np.sqrt(np.mean(normal**2)))
+    rng = np.random.default_rng(0)  # the room with the fan off: mains hum and a little hiss
+    t = np.arange(8 * rate) / rate
+    room = np.sin(2 * np.pi * 50 * t) + 0.01 * rng.standard_normal(len(t))
+    ambient = (room / np.abs(room).max() * 10 ** (-60 / 20)).astype(np.float32)
+    path = tmp_path / "on-off-on.wav"
+    sf.write(path, np.concatenate([normal, ambient, normal]), rate, subtype="FLOAT")
+
+    class Recorder(Sink):
+        def __init__(self) -> None:
+            self.events: list[EventMessage] = []
+            self.states: list[StateMessage] = []
+
+        def event(self, message: EventMessage) -> None:
+            self.events.append(message)
+
+        def state(self, message: StateMessage) -> None:
+            self.states.append(message)
+
+    rec = Recorder()
+    settings = Settings(device_id="t", model=out, data_dir=tmp_path / "data")
+    Detector(settings, bundle, [rec]).run(FileSource([path], rate))
+    assert "off" in [s.machine for s in rec.states]
+    assert rec.events == []

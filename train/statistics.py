@@ -31,6 +31,7 @@ from train.dataset import (
     threshold_from_holdout,
     training_audio,
 )
+from train.profile import machine_profile
 from train.progress import progress
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class Run:
     threshold: float = 0.0
     rule_params: dict[str, Any] = field(default_factory=dict)
     hold_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    machine: dict[str, Any] = field(default_factory=dict)
+    """The manifest's `machine` section: how loud the machine runs, so the edge knows `off`."""
 
     def set_threshold(self, hold_scores: np.ndarray, false_alarms_per_day: float) -> None:
         """The budget threshold on scores of the held-out audio by a model fitted without it."""
@@ -129,8 +132,10 @@ def collect(
     dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
     seconds = hold_seconds = 0.0
+    audios = []
     for path in progress(files, "features"):
         for audio in channel_views(path, params, channel, all_channels):
+            audios.append(audio)
             seconds += len(audio) / params.samplerate
             fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
             hold_seconds += len(held_audio) / params.samplerate
@@ -144,7 +149,9 @@ def collect(
     if len(hold_f) < 2:
         hold_f = fit_f
     where = ALL_CHANNELS if all_channels else channel
-    return Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
+    run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
+    run.machine = machine_profile(audios, params)
+    return run
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,7 @@ def statistics_manifest(
         "statistics": {"feature": design.feature, **section},
         "threshold": {"value": run.threshold, "rule": RULE, "params": run.rule_params},
         "normal_scores": score_stats(run.hold_scores, "held-out normal audio"),
+        "machine": run.machine or None,
         "normal_band_error": {
             "mean": band_shares.mean(axis=0).tolist(),
             "std": band_shares.std(axis=0).tolist(),
