@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.advice import require_audio
 from edge.audio_io import find_audio, read_audio
 from edge.bundle import Bundle, load_bundle, sha256_bytes, write_bundle
 from edge.detectors.registry import plugin_for
@@ -22,8 +23,6 @@ from edge.errors import AudioError, BundleError
 from edge.features import windows_of
 
 log = logging.getLogger(__name__)
-
-MIN_WINDOWS = 10
 
 
 def calibrate_bundle(
@@ -40,13 +39,9 @@ def calibrate_bundle(
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(x) for x in normal))
     audio = [read_audio(f, p.samplerate, channel) for f in files]
-    per_file = [windows_of(a, p) for a in audio]
-    if sum(len(w) for w in per_file) < MIN_WINDOWS:
-        raise AudioError(
-            f"calibration needs at least {MIN_WINDOWS} windows "
-            f"({(MIN_WINDOWS - 1) * p.hop_seconds + p.window_seconds:g} s) of normal audio"
-        )
     seconds = sum(len(a) for a in audio) / p.samplerate
+    require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
+    per_file = [windows_of(a, p) for a in audio]
     refit = plugin_for(bundle.manifest).refit(bundle, per_file, false_alarms_per_day)
     arrays = {**bundle.arrays, **refit.arrays}
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})

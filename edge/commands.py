@@ -13,6 +13,11 @@ MAX_COMMAND_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8
 """Commands are flat objects; deeper nesting is refused before it is parsed."""
 MAX_MUTE_MINUTES = 7 * 24 * 60
+MAX_LEARN_SECONDS = 30 * 24 * 3600
+"""Longest commissioning period: 30 days of audio."""
+EVENT_ID = r"^(last|[A-Za-z0-9_-]{1,64})$"
+LAST = "last"
+"""mark_normal's event_id for the most recent event."""
 THRESHOLD_FACTOR = 4.0
 """set_threshold accepts values within [calibrated / 4, calibrated * 4]."""
 
@@ -58,8 +63,34 @@ class Status(_Command):
     command: Literal["status"]
 
 
+class Learn(_Command):
+    """Start a commissioning period, stop it early (and refit), or cancel it (keep the model)."""
+
+    command: Literal["learn"]
+    action: Literal["start", "stop", "cancel"]
+    seconds: float | None = Field(
+        None, gt=0, le=MAX_LEARN_SECONDS, description="start: seconds of audio to learn from."
+    )
+
+
+class MarkNormal(_Command):
+    """That was normal: add an event's windows to the site's normal set and refit."""
+
+    command: Literal["mark_normal"]
+    event_id: str = Field(
+        pattern=EVENT_ID, description="An event's event_id, or `last` for the most recent."
+    )
+
+
+class Rollback(_Command):
+    """Return to the model version the current one replaced."""
+
+    command: Literal["rollback"]
+
+
 Command = Annotated[
-    Mute | Unmute | SetThreshold | ReloadModel | Status, Field(discriminator="command")
+    Mute | Unmute | SetThreshold | ReloadModel | Status | Learn | MarkNormal | Rollback,
+    Field(discriminator="command"),
 ]
 _ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 

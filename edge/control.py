@@ -17,8 +17,11 @@ from edge.bundle import Bundle, load_bundle
 from edge.commands import (
     Command,
     CommandError,
+    Learn,
+    MarkNormal,
     Mute,
     ReloadModel,
+    Rollback,
     SetThreshold,
     Status,
     Unmute,
@@ -86,7 +89,31 @@ class Controller:
             return self._reload_model(target), None
         if isinstance(command, Status):
             return "status", d.status()
+        if isinstance(command, Learn | MarkNormal | Rollback):
+            try:
+                return self._learning(command)
+            except SoundSentryError as exc:
+                raise CommandError(" ".join(str(exc).split())) from None
         raise CommandError(f"unknown command {command!r}")  # pragma: no cover - union is closed
+
+    def _learning(
+        self, command: Learn | MarkNormal | Rollback
+    ) -> tuple[str, dict[str, Any] | None]:
+        """learn, mark_normal and rollback; a failure raises and keeps the running model."""
+        d = self.detector
+        if isinstance(command, Rollback):
+            return f"rolled back to {d.rollback()}", d.status()
+        if isinstance(command, MarkNormal):
+            out = d.mark_normal(command.event_id)
+            return f"event {out['event_id']} marked normal: {_refit_line(out)}", d.status()
+        if command.action == "start":
+            seconds = d.start_learning(command.seconds)
+            return f"learning for {seconds:g} s of audio; no anomaly events until it ends", None
+        if command.action == "cancel":
+            d.cancel_learning()
+            return f"learning cancelled, keeping {d.bundle.model_id}", None
+        out = d.stop_learning()
+        return f"learning stopped: {_refit_line(out)}", d.status()
 
     def _allowed(self, path: Path) -> Path:
         """A bundle name in a models folder, or a path inside one; anything else is refused."""
@@ -117,7 +144,10 @@ class Controller:
         if target is None:
             raise CommandError("no model path given and none configured")
         bundle = self._load(target)
-        d.use_bundle(bundle)
+        if bundle.model_id == d.bundle.model_id:
+            d.use_bundle(bundle)
+        else:
+            d.use_bundle(bundle, reason=_reason(bundle))
         return f"loaded {bundle.model_id}"
 
     def _load(self, target: Path) -> Bundle:
@@ -187,3 +217,25 @@ class Controller:
         )
         d.respond(message)
         return message
+
+
+def _reason(bundle: Bundle) -> str:
+    """Why a loaded bundle enters the history: `calibrate` for a `soundsentry calibrate`
+    output, else `reload`."""
+    cal = bundle.manifest.calibration or {}
+    return "calibrate" if cal.get("from_model") and "reason" not in cal else "reload"
+
+
+def _refit_line(out: dict[str, Any]) -> str:
+    """Old and new threshold and the predicted alarm rate of a refit, in a reply."""
+    low, high = out.get("predicted_interval_per_day") or (None, None)
+    return (
+        f"model {out.get('model')}, threshold {_num(out.get('old_threshold'))} -> "
+        f"{_num(out.get('new_threshold'))}, predicted false alarms per day "
+        f"{_num(out.get('predicted_false_alarms_per_day'))} (95% interval {_num(low)} to "
+        f"{_num(high)})"
+    )
+
+
+def _num(value: Any) -> str:
+    return "?" if value is None else f"{value:.4g}"

@@ -309,9 +309,10 @@ class Detector:
             self._last_score = step.window.score
             if step.machine == RUNNING:
                 self._running_s += self.bundle.features.hop_seconds
-            if step.machine != self._machine:
-                log.info("machine %s", step.machine)
-                self._machine = step.machine
+            machine = step.state_name or step.machine  # a named state when trained with them
+            if machine != self._machine:
+                log.info("machine %s", machine)
+                self._machine = machine
                 self.emit_state()
             if self.on_step:
                 self.on_step(step)
@@ -436,6 +437,7 @@ class Detector:
             clip=clip[0] if clip else None,
             clip_seconds=clip[1] if clip else None,
             label=t.label,
+            machine=self._machine,
         )
 
     # --- reports ---------------------------------------------------------------------------

@@ -8,7 +8,10 @@ The quiet level comes from the bundle (its training audio's window levels) or fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
 
 RUNNING = "running"
 OFF = "off"
@@ -20,6 +23,8 @@ CONFIRM_WINDOWS = 2
 """Consecutive windows needed to change state."""
 SETTLE_SECONDS = 5.0
 """After the machine starts, events wait this long: a run-up is not a fault."""
+STATE_WINDOWS = 5
+"""Windows a named state is voted over, so one odd window does not rename the machine."""
 
 
 def off_level(running_p1_dbfs: float) -> float:
@@ -63,3 +68,24 @@ class MachineState:
     def reset(self) -> None:
         """A new stream: forget the streak and settle time (the running total stays)."""
         self.state, self._streak, self._settled_at = RUNNING, 0, float("-inf")
+
+
+@dataclass
+class StateNamer:
+    """Names the running state of a machine trained with state folders: the state whose mean
+    log-mel band levels (dB) lie nearest the window's, by a vote over the last windows."""
+
+    names: list[str]
+    levels: np.ndarray
+    """(states, mels): each state's mean log-mel level per band in training."""
+    _recent: deque[str] = field(default_factory=lambda: deque(maxlen=STATE_WINDOWS))
+
+    def name(self, band_levels: np.ndarray) -> str:
+        """Feed one running window's band levels (mels,); return the state it votes for."""
+        distance = np.linalg.norm(self.levels - band_levels, axis=1)
+        self._recent.append(self.names[int(np.argmin(distance))])
+        return Counter(self._recent).most_common(1)[0][0]
+
+    def reset(self) -> None:
+        """A new stream or a machine that stopped: forget the vote."""
+        self._recent.clear()

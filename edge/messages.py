@@ -57,6 +57,9 @@ class EventMessage(_Payload):
     clip: str | None = None
     clip_seconds: float | None = None
     label: str | None = None
+    machine: str | None = None
+    """The machine's state when the event was raised: `running`, or the name of the state
+    folder it was trained with."""
     schema: int = field(default=SCHEMA)
 
 
@@ -76,7 +79,8 @@ class StateMessage(_Payload):
     label: str | None = None
     """Supervised mode: the current class."""
     machine: str | None = None
-    """The machine's state: `running` or `off`."""
+    """The machine's state: `running`, `off`, or the name of a state folder it was trained
+    with."""
     schema: int = field(default=SCHEMA)
 
 

@@ -70,3 +70,29 @@ def throttled() -> str | None:
         return out.strip().split("=", 1)[1] if "=" in out else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+INDEX_SECONDS = 60.0
+"""The anomaly index is taken over the last minute of running windows."""
+
+
+class AnomalyIndex:
+    """The per-minute anomaly index: the median window score of the last minute over the
+    median score of held-out normal audio (the bundle's `normal_scores.p50`). About 1 while the
+    machine sounds as it did in training; a slow drift over weeks shows as a slow rise, long
+    before single windows cross the threshold."""
+
+    def __init__(self, normal_median: float, hop_seconds: float) -> None:
+        self.normal_median = normal_median
+        self._scores: deque[float] = deque(maxlen=max(1, round(INDEX_SECONDS / hop_seconds)))
+
+    def add(self, score: float) -> None:
+        """One scored window of the running machine."""
+        self._scores.append(score)
+
+    @property
+    def value(self) -> float | None:
+        """The index, or None before the first window (or without a normal median)."""
+        if not self._scores or self.normal_median <= 0:
+            return None
+        return float(np.median(self._scores)) / self.normal_median

@@ -18,7 +18,7 @@ from edge.events import Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
 from edge.health import FLAT_RANGE, is_silent, level_dbfs
-from edge.machine_state import RUNNING, MachineState
+from edge.machine_state import OFF, RUNNING, MachineState, StateNamer
 from edge.settings import DetectorSettings
 
 
@@ -38,6 +38,8 @@ class Step:
     """RMS level of the window."""
     machine: str = RUNNING
     """The machine's state at this window: running or off."""
+    state_name: str | None = None
+    """A bundle trained with state folders: the state the machine runs in (None when off)."""
 
     @property
     def transition(self) -> Transition | None:
@@ -66,6 +68,7 @@ class Pipeline:
         if off is None and info is not None:
             off = info.off_below_dbfs
         self.machine = MachineState(off)
+        self.namer = state_namer(bundle)
 
     @property
     def threshold(self) -> float:
@@ -77,21 +80,32 @@ class Pipeline:
         steps = []
         for window in self.buffer.push(block):
             t0 = time.perf_counter()
-            scored = self.scorer.score(self.logmel(window.samples), window.start)
+            features = self.logmel(window.samples)
+            scored = self.scorer.score(features, window.start)
             elapsed = time.perf_counter() - t0
             start_s = window.start / self._rate
             end_s = start_s + self._length_s
             dead = is_silent(window.samples) or float(np.ptp(window.samples)) < FLAT_RANGE
             level = level_dbfs(window.samples)
             machine = self.machine.update(level, end_s, self._hop_s)
+            name = self._name(machine, features)
             found: tuple[Transition, ...] = ()
             if machine != RUNNING:
                 ended = self.events.close()  # a machine switched off ends its anomaly
                 found = (ended,) if ended is not None else ()
             elif detect and not dead and self.machine.allows_events(end_s):
                 found = tuple(self.events.update(scored, start_s, end_s))
-            steps.append(Step(scored, start_s, end_s, found, dead, elapsed, level, machine))
+            steps.append(Step(scored, start_s, end_s, found, dead, elapsed, level, machine, name))
         return steps
+
+    def _name(self, machine: str, features: np.ndarray) -> str | None:
+        """The named state of a running window, for a bundle trained with state folders."""
+        if self.namer is None:
+            return None
+        if machine == OFF:
+            self.namer.reset()
+            return None
+        return self.namer.name(features.mean(axis=0))
 
     def reset(self) -> None:
         """Drop buffered audio (after a gap in the stream)."""
@@ -100,3 +114,13 @@ class Pipeline:
     def close(self) -> Transition | None:
         """End an open anomaly (end of stream, mute, reload or shutdown)."""
         return self.events.close()
+
+
+def state_namer(bundle: Bundle) -> StateNamer | None:
+    """The state namer of a bundle trained with two or more state folders, else None."""
+    info = bundle.manifest.machine
+    if info is None or not info.states or len(info.states) < 2:
+        return None
+    if "machine.state_levels" not in bundle.arrays:
+        return None
+    return StateNamer(list(info.states), bundle.array("machine.state_levels"))

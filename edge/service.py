@@ -50,6 +50,7 @@ def run_detector(
         bundle,
         sinks,
         spool_stats=(lambda: (spool.depth(), spool.dropped)) if spool is not None else None,
+        persist=True,  # threshold, mute and learned models survive a restart (data_dir)
     )
     controller = Controller(detector, reload_settings)
 

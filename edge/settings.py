@@ -152,6 +152,32 @@ class HealthSettings(_Section):
     )
 
 
+class LearningSettings(_Section):
+    """Learning on site: a commissioning period, "that was normal" feedback and the bundle
+    versions they make (edge/learning.py, edge/history.py)."""
+
+    seconds: float = Field(
+        0.0,
+        ge=0.0,
+        le=30 * 86400.0,
+        description="Commissioning period at the first start of a model, seconds of audio "
+        "heard (0 = none; the `learn` command starts one at any time).",
+    )
+    max_windows: int = Field(
+        20000,
+        ge=100,
+        le=1_000_000,
+        description="Most per-window feature vectors kept as the site's normal set (a uniform "
+        "sample beyond that); 20000 windows of 64 numbers are 10 MB.",
+    )
+    keep_versions: int = Field(
+        10, ge=1, le=1000, description="Bundle versions made on the device that are kept."
+    )
+    false_alarms_per_day: float | None = Field(
+        None, gt=0.0, le=10000.0, description="Budget of refits; unset = the bundle's own."
+    )
+
+
 def _default_data_dir() -> Path:
     """systemd's StateDirectory when run as a service, else ~/.local/state/soundsentry."""
     import os
@@ -198,6 +224,7 @@ class Settings(BaseSettings):
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
     clips: ClipSettings = Field(default_factory=ClipSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
 
     @property
     def model_folders(self) -> list[Path]:

@@ -300,8 +300,8 @@ def _positive_float(text: str) -> float:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from edge.advice import bundle_summary
     from edge.bundle import load_bundle
-    from edge.threshold import describe
     from train.augment import Augmenter
 
     augment = Augmenter(tuple(args.augment), args.augment_factor) if args.augment else None
@@ -329,8 +329,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             all_channels=args.all_channels,
             false_alarms_per_day=args.false_alarms_per_day,
         )
-        held = load_bundle(out).manifest.threshold
-        print(f"model bundle written to {out}\n{describe(held.value, held.params)}")
+        print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
         return 0
     from train.trainer import DEFAULT_EPOCHS, train_bundle
 
@@ -343,8 +342,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         false_alarms_per_day=args.false_alarms_per_day,
         augment=augment,
     )
-    held = load_bundle(out).manifest.threshold
-    print(f"model bundle written to {out}\n{describe(held.value, held.params)}")
+    print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
     return 0
 
 
@@ -383,15 +381,15 @@ def _numpy_trainer(detector: str) -> Callable[..., Path]:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from edge.advice import bundle_summary
     from edge.bundle import load_bundle
     from edge.calibrate import calibrate_bundle
-    from edge.threshold import describe
 
     out = calibrate_bundle(
         args.model, args.normal, args.out, args.false_alarms_per_day, args.channel
     )
-    held = load_bundle(out).manifest.threshold
-    print(f"calibrated bundle written to {out}\n{describe(held.value, held.params)}")
+    summary = bundle_summary(load_bundle(out).manifest)
+    print(f"calibrated bundle written to {out}\n{summary}")
     return 0
 
 

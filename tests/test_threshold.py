@@ -176,7 +176,7 @@ def test_calibrate_refuses_too_little_audio(tmp_path: Path) -> None:
         str(tmp_path / "x.bundle"),
         check=False,
     )
-    assert proc.returncode == 1 and "at least 10 windows" in proc.stderr
+    assert proc.returncode == 1 and "at least 10 s is needed" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.advice import audio_seconds, require_audio
 from edge.audio_io import find_audio, read_audio
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
@@ -110,10 +111,12 @@ def holdout_split(files: list[Path], fraction: float = HOLDOUT_FRACTION) -> Hold
 
 
 def training_audio(paths: list[str | Path]) -> list[Path]:
-    """The audio files under `paths`; an AudioError when there are none."""
+    """The audio files under `paths`; an AudioError when there are none or when they hold
+    less than edge.advice.MIN_AUDIO_SECONDS (the line says how much more to record)."""
     files = find_audio(paths)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(p) for p in paths))
+    require_audio(audio_seconds(files), "train")
     return files
 
 

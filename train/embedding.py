@@ -55,6 +55,7 @@ from train.dataset import (
     training_audio,
 )
 from train.fluctuation import fit_statistics
+from train.profile import machine_profile
 from train.progress import progress
 from train.quantize import to_float_tflite, to_int8_tflite
 from train.trainer import LEARNING_RATE, STD_FLOOR_DB, base_manifest
@@ -175,6 +176,19 @@ class OwnAudio:
     holdouts: dict[str, Holdout] = field(default_factory=dict)
     seconds: float = 0.0
     held_seconds: float = 0.0
+    audio: list[np.ndarray] = field(default_factory=list)
+    """Every recording, for the machine's running level."""
+
+    def state_levels(self) -> dict[str, np.ndarray]:
+        """With two or more states: each state's mean log-mel band levels (dB), by which the
+        edge names the state the machine runs in."""
+        if len(self.states) < 2:
+            return {}
+        levels = [
+            np.concatenate([f for label, f in self.train_frames if label == i]).mean(axis=0)
+            for i in range(len(self.states))
+        ]
+        return {"machine.state_levels": np.stack(levels)}
 
 
 def state_folders(root: str | Path) -> dict[str, list[Path]]:
@@ -195,6 +209,7 @@ def read_own(groups: dict[str, list[Path]], params: FeatureParams, channel: int)
         holdout = own.holdouts[state] = holdout_split(files)
         for path in progress(files, f"features {state}"):
             audio = read_audio(path, params.samplerate, channel)
+            own.audio.append(audio)
             fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
             own.train_frames.append((label, frames_of(fit_audio, logmel)))
             own.held_frames.append((label, frames_of(held_audio, logmel)))
@@ -485,7 +500,7 @@ def train_embedding(
         embed.count_params(),
     )
     files = {MODEL_INT8: int8, MODEL_FLOAT: to_float_tflite(embed)}
-    write_bundle(out, manifest, files, head.arrays)
+    write_bundle(out, manifest, files, head.arrays | own.state_levels())
     log.info(
         "wrote %s (int8 embedding %.1f KB, threshold %.4g)", out, len(int8) / 1024, head.threshold
     )
@@ -591,6 +606,7 @@ def _manifest(
         "statistics": {"feature": f"{ARCHITECTURE}-{EMBEDDING_DIM}"},
         "threshold": {"value": head.threshold, "rule": RULE, "params": head.rule_params},
         "normal_scores": score_stats(head.held_scores, "held-out normal audio"),
+        "machine": machine_profile(own.audio, params, own.states if len(own.states) > 1 else None),
         "validation": validation,
         "training": {
             "files": fit_files,

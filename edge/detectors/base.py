@@ -99,6 +99,9 @@ class DetectorKind:
                 f"{bundle.path}: score {bundle.manifest.score!r} is not {self.score_name!r}"
             )
         bundle_cusum(bundle)  # malformed evidence-over-time parameters: refused at load
+        states = bundle.manifest.machine.states if bundle.manifest.machine else None
+        if "machine.state_levels" in bundle.arrays:
+            require(bundle, "machine.state_levels", (len(states or ()), bundle.features.n_mels))
         if "normal_band_error.mean" in bundle.arrays:
             n = bundle.features.n_mels
             require(bundle, "normal_band_error.mean", (n,))

@@ -1,0 +1,304 @@
+"""Adapting the model on site: the commissioning period, the events marked normal, the refits
+they cause and the bundle versions they make (edge.history), with rollback.
+
+Files under `{data_dir}`: `learning/period.json` + `period.npz` (a period in progress: it
+resumes after a restart), `learning/site-<N>.npz` (the features of a finished period),
+`learning/marked/<event_id>.npz` (the windows of an event marked normal), and
+`models/history.json` with the versions. Each version records which period and which marks it
+was fitted on, so a refit after a rollback starts from what that version knew. Every refit
+starts from the trained bundle (`base`), never from a refitted one, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.bundle import Bundle, load_bundle
+from edge.errors import SoundSentryError
+from edge.history import ModelHistory, now_iso, read_json, write_json
+from edge.learning import (
+    FeatureStore,
+    LearningError,
+    chunk_seconds,
+    combine,
+    featurizer,
+    refit_summary,
+    site_refit,
+)
+from edge.private import private_dir
+from edge.settings import LearningSettings
+
+log = logging.getLogger(__name__)
+
+PERIOD = "period"
+SAVE_EVERY_S = 60.0
+"""A period in progress is saved after every minute of audio it collects."""
+SAFE_EVENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Period:
+    """A commissioning period: its length, how much audio it has collected, and the features."""
+
+    def __init__(self, target_s: float, hop_s: float, store: FeatureStore, collected_s: float = 0):
+        self.target_s = target_s
+        self.hop_s = hop_s
+        self.store = store
+        self.collected_s = collected_s
+        self.started_at = now_iso()
+        self.saved_s = collected_s
+
+    @property
+    def progress(self) -> float:
+        """Share of the period done, 0 to 1."""
+        return min(1.0, self.collected_s / self.target_s)
+
+    @property
+    def done(self) -> bool:
+        """True once the period has heard its length of audio."""
+        return self.collected_s >= self.target_s
+
+    def take(self, row: np.ndarray) -> None:
+        """Keep one running window's features."""
+        self.store.add(row, int(self.collected_s // chunk_seconds(self.target_s)))
+        self.collected_s += self.hop_s
+
+
+class Adapter:
+    """The site's learning state of one device, and the refits it makes."""
+
+    def __init__(
+        self, data_dir: Path, settings: LearningSettings, configured: Bundle, path: Path | None
+    ) -> None:
+        self.settings = settings
+        self.configured = configured
+        self.configured_path = path or configured.path
+        self.folder = data_dir / "learning"
+        self.history = ModelHistory(
+            data_dir / "models", settings.keep_versions, configured.model_id
+        )
+        self.period: Period | None = None
+        self.last_refit: dict[str, Any] | None = None
+        self._resume()
+
+    # --- the model in use --------------------------------------------------------------------
+
+    def restore(self) -> Bundle:
+        """The bundle to start with: the active version if it still loads, else the configured."""
+        entry = self.history.current
+        if entry is None:
+            return self.configured
+        try:
+            bundle = load_bundle(entry["path"])
+        except SoundSentryError as exc:
+            log.error("version %d unusable, using the configured model: %s", entry["version"], exc)
+            self.history.set_active(None)
+            return self.configured
+        log.info("using version %d (%s, %s)", entry["version"], bundle.model_id, entry["reason"])
+        return bundle
+
+    def base(self) -> Bundle:
+        """The trained bundle refits start from: the active version's base, or the configured."""
+        entry = self.history.current
+        if entry is None or Path(entry["base"]) == self.configured.path:
+            return self.configured
+        try:
+            return load_bundle(entry["base"])
+        except SoundSentryError as exc:
+            raise LearningError(f"the base model of version {entry['version']}: {exc}") from None
+
+    def switched(self, bundle: Bundle, reason: str) -> None:
+        """Record a bundle loaded from outside (reload_model, SIGHUP) as a version."""
+        self.history.record(
+            bundle, reason, bundle.path, False, site=None, marked=[], of=self.configured.model_id
+        )
+
+    @property
+    def learned(self) -> bool:
+        """True once a period has ended in a version for the configured model."""
+        return any(
+            e["reason"] == "learning" and e.get("of") == self.configured.model_id
+            for e in self.history.entries
+        )
+
+    def rollback(self) -> Bundle:
+        """The bundle the active version replaced, loaded; the history points to it."""
+        target = self.history.rollback_target()
+        entry = self.history.entry(target)
+        try:
+            bundle = self.configured if entry is None else load_bundle(entry["path"])
+        except SoundSentryError as exc:
+            raise LearningError(f"cannot roll back to version {target}: {exc}") from None
+        self.history.set_active(target)
+        return bundle
+
+    # --- the commissioning period ------------------------------------------------------------
+
+    def start(self, seconds: float, bundle: Bundle) -> None:
+        """Begin a period of `seconds` of audio (a running one is replaced)."""
+        featurizer(bundle)
+        self.cancel()
+        dim = len(featurizer(bundle)(np.zeros((1, *bundle.features.shape)))[0])
+        store = FeatureStore(dim, self.settings.max_windows)
+        self.period = Period(seconds, bundle.features.hop_seconds, store)
+        self._save_period()
+        log.info("learning: started, %g s of audio", seconds)
+
+    def observe(self, row: np.ndarray) -> bool:
+        """Feed one running window's features to the period; True when it has ended."""
+        p = self.period
+        if p is None:
+            return False
+        p.take(row)
+        if p.collected_s - p.saved_s >= SAVE_EVERY_S:
+            self._save_period()
+        return p.done
+
+    def cancel(self) -> bool:
+        """Drop the period and its features; True if one was running."""
+        had = self.period is not None
+        self.period = None
+        for name in (f"{PERIOD}.json", f"{PERIOD}.npz"):
+            (self.folder / name).unlink(missing_ok=True)
+        return had
+
+    def finish(self, in_use: Bundle) -> Bundle:
+        """End the period (early for `stop`) and refit with its features; the period is gone
+        afterwards whether the refit succeeds or not (its features stay on disk)."""
+        p = self.period
+        if p is None:
+            raise LearningError("no learning period is running")
+        self.period = None
+        name = f"site-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.npz"
+        private_dir(self.folder)
+        p.store.save(self.folder / name)
+        self.cancel()
+        log.info("learning: ended after %.0f s of audio (%d windows)", p.collected_s, len(p.store))
+        current = self.history.current
+        marked = list(current.get("marked", [])) if current else []
+        return self._refit("learning", in_use, name, marked)
+
+    # --- marks -----------------------------------------------------------------------------
+
+    def mark(self, event_id: str, rows: np.ndarray, in_use: Bundle) -> Bundle:
+        """Add an event's windows to the site's normal set and refit."""
+        if not SAFE_EVENT.match(event_id):
+            raise LearningError(f"not an event id: {event_id!r}")
+        store = FeatureStore(rows.shape[1], max(len(rows), 1))
+        store.add(rows, 0)
+        folder = private_dir(self.folder / "marked")
+        store.save(folder / f"{event_id}.npz")
+        current = self.history.current
+        site = current.get("site") if current else None
+        marked = list(current.get("marked", [])) if current else []
+        return self._refit("mark_normal", in_use, site, [*dict.fromkeys([*marked, event_id])])
+
+    # --- reports -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Learning progress, the versions and the last refit, for `status`."""
+        p = self.period
+        return {
+            "learning": None
+            if p is None
+            else {
+                "progress": round(p.progress, 4),
+                "collected_s": round(p.collected_s, 1),
+                "seconds": p.target_s,
+                "started_at": p.started_at,
+            },
+            "version": self.history.active,
+            "history": self.history.summary(),
+            "last_refit": self.last_refit,
+        }
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _refit(self, reason: str, in_use: Bundle, site: str | None, marked: list[str]) -> Bundle:
+        """Refit the base with the site's features, write and load the new version."""
+        base = self.base()
+        stores = [FeatureStore.load(self.folder / site, self.settings.max_windows)] if site else []
+        stores += [
+            FeatureStore.load(self.folder / "marked" / f"{e}.npz", self.settings.max_windows)
+            for e in marked
+        ]
+        x, chunks = combine(stores)
+        refit = site_refit(base, x, chunks, self.settings.false_alarms_per_day)
+        manifest = base.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+        manifest |= refit.manifest
+        manifest["calibration"] = {
+            "reason": reason,
+            "from_model": base.model_id,
+            "seconds": round(len(x) * base.features.hop_seconds, 3),
+            "windows": len(x),
+            "marked": marked,
+            "created_at": now_iso(),
+            "files": [],
+        }
+        path = self.history.write_version(base, manifest, {**base.arrays, **refit.arrays})
+        try:
+            bundle = load_bundle(path)
+        except SoundSentryError as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            raise LearningError(f"the refitted bundle was refused: {exc}") from None
+        if bundle.features != in_use.features:
+            raise LearningError("the refitted bundle's features differ from the running model's")
+        summary = refit_summary(in_use.threshold, manifest)
+        self.history.record(
+            bundle,
+            reason,
+            base.path,
+            True,
+            site=site,
+            marked=marked,
+            of=self.configured.model_id,
+            **summary,
+        )
+        self.last_refit = {"reason": reason, "model": bundle.model_id, **summary}
+        log.info(
+            "%s: refitted %s on %d site windows: threshold %.4g -> %.4g",
+            reason,
+            base.model_id,
+            len(x),
+            in_use.threshold,
+            bundle.threshold,
+        )
+        return bundle
+
+    def _save_period(self) -> None:
+        p = self.period
+        if p is None:
+            return
+        try:
+            private_dir(self.folder)
+            p.store.save(self.folder / f"{PERIOD}.npz")
+            write_json(
+                self.folder / f"{PERIOD}.json",
+                {"seconds": p.target_s, "collected_s": p.collected_s, "started_at": p.started_at},
+            )
+            p.saved_s = p.collected_s
+        except OSError as exc:
+            log.error("learning: could not save the period: %s", exc)
+
+    def _resume(self) -> None:
+        """A period saved before a restart continues where it was saved."""
+        data = read_json(self.folder / f"{PERIOD}.json")
+        if not data:
+            return
+        try:
+            store = FeatureStore.load(self.folder / f"{PERIOD}.npz", self.settings.max_windows)
+            seconds, collected = float(data["seconds"]), float(data["collected_s"])
+        except (LearningError, KeyError, TypeError, ValueError) as exc:
+            log.error("learning: the saved period is unusable, dropped: %s", exc)
+            self.cancel()
+            return
+        hop = self.configured.features.hop_seconds
+        self.period = Period(seconds, hop, store, collected)
+        self.period.started_at = str(data.get("started_at", now_iso()))
+        log.info("learning: resumed at %.0f of %g s", collected, seconds)

@@ -1,0 +1,109 @@
+"""How much normal audio a threshold needs, and the summary `train`, `calibrate` and the
+device's refits give of what backs theirs (numpy only: it runs on the Pi).
+
+MIN_AUDIO_SECONDS: below it `train` and `calibrate` refuse. Training holds a fifth of the audio
+out to set the threshold, and windows are 1 s long every 0.5 s: 10 s leaves 2 s held out, 3
+windows, the fewest a gamma fit and the K-of-N floor (K = 2 of N = 3) can stand on at all. With
+5 s a single held-out window sets the threshold, and such a model alarmed on every window.
+
+RECOMMENDED_AUDIO_SECONDS: below it they warn. 5 minutes hold out 60 s (120 windows: the CUSUM's
+median and spread and the gamma tail rest on a hundred-odd windows, and the 95 % interval of the
+predicted false alarms narrows to a factor of a few), and the Gaussian of 64 band statistics is
+fitted on 960 windows, fifteen per dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edge.audio_io import check_readable
+from edge.errors import AudioError
+from edge.threshold import describe
+
+MIN_AUDIO_SECONDS = 10.0
+RECOMMENDED_AUDIO_SECONDS = 300.0
+WIDE_INTERVAL = 100.0
+"""A predicted false-alarm interval whose ends differ by more than this factor is called wide."""
+
+
+def audio_seconds(files: list[Path], channel: int = 0) -> float:
+    """Total length of audio files, read from their headers."""
+    total = 0.0
+    for path in files:
+        frames, rate = check_readable(path, max(channel, 0))
+        total += frames / rate
+    return total
+
+
+def require_audio(seconds: float, what: str) -> None:
+    """Refuse (AudioError, one line) below MIN_AUDIO_SECONDS, saying how much more to record."""
+    if seconds < MIN_AUDIO_SECONDS:
+        more = math.ceil(MIN_AUDIO_SECONDS - seconds)
+        raise AudioError(
+            f"{what}: {seconds:.1f} s of normal audio is too little: at least "
+            f"{MIN_AUDIO_SECONDS:g} s is needed (record {more} s more; "
+            f"{RECOMMENDED_AUDIO_SECONDS:g} s or more is recommended)"
+        )
+
+
+def advice(seconds: float, recordings: int, params: Mapping[str, Any]) -> list[str]:
+    """Advice lines on audio that is too short or too uniform to trust the threshold."""
+    lines = []
+    if seconds < RECOMMENDED_AUDIO_SECONDS:
+        more = math.ceil(RECOMMENDED_AUDIO_SECONDS - seconds)
+        lines.append(
+            f"warning: only {seconds:.0f} s of normal audio; {RECOMMENDED_AUDIO_SECONDS:g} s or "
+            f"more is recommended: record {more} s more, in every state the machine runs in"
+        )
+    if recordings == 1:
+        lines.append(
+            "advice: all the audio is one recording; record at other times too (another "
+            "day, shift or load), or a threshold from one session may not hold for months"
+        )
+    low, high = params.get("predicted_interval_per_day", (0.0, 0.0))
+    if low > 0 and high / low > WIDE_INTERVAL:
+        lines.append(
+            "advice: the held-out audio pins the false-alarm rate down poorly (interval "
+            f"{_rate(low)} to {_rate(high)} per day); more, and more varied, normal audio "
+            "narrows it"
+        )
+    return lines
+
+
+def summary(
+    seconds: tuple[float, float, float],
+    recordings: int,
+    threshold: float,
+    params: Mapping[str, Any],
+) -> str:
+    """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines."""
+    total, fit, held = seconds
+    lines = [
+        f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model "
+        f"that scored {held:.0f} s of held-out audio for the threshold"
+    ]
+    backing = describe(threshold, params)
+    if backing:
+        lines.append(backing)
+    lines += advice(total, recordings, params)
+    return "\n".join(lines)
+
+
+def bundle_summary(manifest: Any) -> str:
+    """The summary of a trained or calibrated bundle's manifest (edge.bundle.Manifest)."""
+    th = manifest.threshold
+    cal = manifest.calibration
+    if cal:  # calibrate: each file is held out in turn, scored by a centre fitted without it
+        s = float(cal.get("seconds", 0.0))
+        return summary((s, s, s), len(cal.get("files", [])), th.value, th.params)
+    t = manifest.training
+    names = {f.name for f in t.files} | {f.name for f in t.holdout_files}
+    held = min(t.holdout_seconds, t.seconds)
+    return summary((t.seconds, t.seconds - held, held), len(names), th.value, th.params)
+
+
+def _rate(per_day: float) -> str:
+    return "<0.001" if per_day < 1e-3 else f"{per_day:.3g}"

@@ -1,0 +1,174 @@
+"""Bundle versions the device made or switched to, and why: `{data_dir}/models/history.json`.
+
+Each entry is one model the daemon used, with the reason (learning, mark_normal, calibrate,
+reload), the version it replaced (`from_version`, None = the configured model) and the bundle
+it was refitted from (`base`). Versions the device wrote itself live beside the file as
+`<base>-v<N>.bundle`; only the newest `keep` entries are kept, and the folders of dropped
+versions the device made are deleted (never a bundle it did not write). `rollback` returns to
+the version the active one replaced. Every write is atomic: a bundle is written into a hidden
+folder and renamed into place, the JSON is replaced with os.replace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.bundle import Bundle, write_bundle
+from edge.errors import BundleError
+from edge.private import private_dir
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.json"
+REASONS = ("learning", "mark_normal", "calibrate", "reload")
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Replace `path` with JSON atomically (a temporary file, fsync, rename), mode 0600."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`; None when it is missing or unreadable (logged)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.error("%s unreadable, starting afresh: %s", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class ModelHistory:
+    """The versions, the active one, and the configured model they descend from."""
+
+    def __init__(self, folder: Path, keep: int, configured: str) -> None:
+        self.folder = folder
+        self.keep = keep
+        self.path = folder / HISTORY
+        data = read_json(self.path) or {}
+        self.entries: list[dict[str, Any]] = list(data.get("entries", []))
+        self.active: int | None = data.get("active")
+        self.configured = configured
+        if data.get("configured") not in (None, configured):
+            log.warning(
+                "the configured model is now %s (was %s): the versions made for the old one "
+                "stay in the history but are not used",
+                configured,
+                data.get("configured"),
+            )
+            self.active = None
+
+    def entry(self, version: int | None) -> dict[str, Any] | None:
+        """The entry of `version` (None: the configured model has no entry)."""
+        return next((e for e in self.entries if e["version"] == version), None)
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        """The entry in use, None for the configured model."""
+        return self.entry(self.active)
+
+    def write_version(
+        self, base: Bundle, manifest: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> Path:
+        """Write a new bundle version under the folder, atomically; return its path."""
+        version = self._next()
+        stem = base.model_id.split("-site")[0][:80]
+        manifest = dict(manifest)
+        manifest["model_id"] = f"{stem}-site-v{version}"
+        contents = {n: base.file_bytes(n) for n in base.manifest.files if n.endswith(".tflite")}
+        private_dir(self.folder)
+        final = self.folder / f"{stem}-v{version}.bundle"
+        tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_bundle(tmp, manifest, contents, arrays)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BundleError(f"could not write {final}: {exc.strerror or exc}") from None
+        return final
+
+    def record(self, bundle: Bundle, reason: str, base: Path, made: bool, **detail: Any) -> int:
+        """Add the entry of a model now in use and make it active; returns its version."""
+        version = self._next()
+        self.entries.append(
+            {
+                "version": version,
+                "model_id": bundle.model_id,
+                "path": str(bundle.path),
+                "base": str(base),
+                "reason": reason,
+                "made": made,
+                "from_version": self.active,
+                "threshold": bundle.threshold,
+                "created_at": now_iso(),
+                **detail,
+            }
+        )
+        self.active = version
+        self._prune()
+        self.save()
+        return version
+
+    def rollback_target(self) -> int | None:
+        """The version the active one replaced (None: the configured model)."""
+        current = self.current
+        if current is None:
+            raise BundleError("no version to roll back: the configured model is in use")
+        return current.get("from_version")
+
+    def set_active(self, version: int | None) -> None:
+        """Make `version` the one in use (rollback) and save."""
+        self.active = version
+        self.save()
+
+    def save(self) -> None:
+        """Write history.json atomically."""
+        private_dir(self.folder)
+        write_json(
+            self.path,
+            {"configured": self.configured, "active": self.active, "entries": self.entries},
+        )
+
+    def summary(self) -> list[dict[str, Any]]:
+        """The entries for `status`, newest first, without paths."""
+        keys = ("version", "model_id", "reason", "created_at", "threshold", "from_version")
+        return [{k: e.get(k) for k in keys} for e in reversed(self.entries)]
+
+    def _next(self) -> int:
+        return max((e["version"] for e in self.entries), default=0) + 1
+
+    def _prune(self) -> None:
+        """Keep the newest `keep` entries (and the active one); delete dropped folders we made."""
+        while len(self.entries) > self.keep:
+            old = next(e for e in self.entries if e["version"] != self.active)
+            self.entries.remove(old)
+            if old.get("made"):
+                shutil.rmtree(old["path"], ignore_errors=True)
+                log.info("history: deleted version %d (%s)", old["version"], old["model_id"])
+        for e in self.entries:  # a pruned predecessor: roll back to the configured model
+            if e.get("from_version") is not None and self.entry(e["from_version"]) is None:
+                e["from_version"] = None

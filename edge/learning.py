@@ -1,0 +1,261 @@
+"""Learning on site: the site's normal set as compact per-window features (not audio), kept
+in bounded storage under `{data_dir}/learning/`, and the refit of the bundle from them together
+with its training data, in numpy on the Pi.
+
+The normal set is the features of a commissioning period (`learn`) and of every event an
+operator marked as normal (`mark_normal`). For the Gaussian kinds (fluctuation, levels) the
+per-window feature is the vector the Gaussian models (64 or 192 numbers, 256 or 768 bytes a
+window, 2 windows a second). Beyond `max_windows` a uniform random sample is kept (reservoir
+sampling), so a day-long period costs no more than an hour of it.
+
+The refit pools the site's windows with the training data as one sample. The bundle keeps the
+training Gaussian (centre and shrunk precision, i.e. mean and covariance of the standardised
+features) and the training seconds, i.e. its sufficient statistics; pooling them with the
+site's mean and covariance, weighted by window counts, is exactly the Gaussian fitted to both
+(up to the training shrinkage). The threshold comes from the budget rule on held-out scores of
+both: the site's windows scored leave-one-chunk-out (chunks of a minute, a marked event is one
+chunk, at most 10 folds) against the pooled model fitted without them, and the training
+held-out windows the bundle carries (`training.holdout_features`, written by `train` since this
+version) against the pooled model. Those were in the training fit, so their scores are slightly
+optimistic (a few per cent for 64 dimensions and thousands of windows). A bundle without them
+has only the site to back its threshold, and then needs MIN_AUDIO_SECONDS of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.advice import MIN_AUDIO_SECONDS
+from edge.bundle import Bundle
+from edge.detectors.base import Refit
+from edge.detectors.fluctuation import FluctuationScorer, fluctuation_features
+from edge.detectors.levels import level_features
+from edge.detectors.registry import plugin_for
+from edge.detectors.thresholds import refit_manifest
+from edge.errors import SoundSentryError
+
+log = logging.getLogger(__name__)
+
+Featurize = Callable[[np.ndarray], np.ndarray]
+FEATURIZERS: dict[str, Featurize] = {
+    "fluctuation": fluctuation_features,
+    "levels": level_features,
+}
+"""Kinds whose normal model is a Gaussian of per-window features, and those features."""
+TRAINING_FEATURES = "training.holdout_features"
+"""Array of a bundle: the feature vectors of (at most MAX_TRAINING_WINDOWS) held-out windows."""
+MAX_TRAINING_WINDOWS = 1000
+"""Held-out training windows a bundle carries for refits (64 numbers each: 0.5 MB)."""
+CHUNK_SECONDS = 60.0
+"""Site windows are held out a chunk at a time: neighbouring windows overlap and resemble each
+other, so windows a minute apart count as unseen. A shorter period is cut into MAX_FOLDS chunks
+of at least MIN_CHUNK_SECONDS instead, so that its own windows, not only the training model,
+score it."""
+MIN_CHUNK_SECONDS = 5.0
+MAX_FOLDS = 10
+SHRINKAGE = 0.01
+"""Least shrinkage of the pooled covariance towards a scaled identity (as in training)."""
+SITE_SOURCE = "site normal set (leave one chunk out) and training held-out windows"
+
+
+class LearningError(SoundSentryError):
+    """Learning or a refit cannot be done; the message says why (the running model stays)."""
+
+
+def featurizer(bundle: Bundle) -> Featurize:
+    """The per-window feature of a bundle's kind; LearningError for kinds that cannot learn."""
+    kind = bundle.manifest.kind
+    if kind not in FEATURIZERS:
+        raise LearningError(
+            f"learning on site needs a {' or '.join(FEATURIZERS)} bundle, not {kind} "
+            "(use `soundsentry calibrate` for it)"
+        )
+    return FEATURIZERS[kind]
+
+
+def training_sample(features: np.ndarray, limit: int = MAX_TRAINING_WINDOWS) -> np.ndarray:
+    """At most `limit` held-out feature vectors for the bundle, in evenly spaced runs of
+    consecutive windows (the event logic the threshold floors replay needs neighbours)."""
+    if len(features) <= limit:
+        return features
+    run = 20
+    starts = np.linspace(0, len(features) - run, limit // run).astype(int)
+    return np.concatenate([features[s : s + run] for s in starts])
+
+
+class FeatureStore:
+    """Per-window feature vectors with a chunk id each; beyond `capacity` a uniform sample of
+    all offered so far (reservoir sampling, seeded). Storage grows by doubling."""
+
+    def __init__(self, dim: int, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self._x = np.zeros((0, dim), np.float32)
+        self._chunk = np.zeros(0, np.int64)
+        self.n = 0
+        self.seen = 0
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def x(self) -> np.ndarray:
+        """The kept feature vectors (n, dim)."""
+        return self._x[: self.n]
+
+    @property
+    def chunk(self) -> np.ndarray:
+        """The chunk id of each kept vector."""
+        return self._chunk[: self.n]
+
+    def add(self, rows: np.ndarray, chunk: int) -> None:
+        """Offer feature vectors (k, dim) of one chunk."""
+        for row in np.atleast_2d(rows):
+            self.seen += 1
+            if self.n < self.capacity:
+                self._grow()
+                self._x[self.n], self._chunk[self.n] = row, chunk
+                self.n += 1
+                continue
+            j = int(self._rng.integers(0, self.seen))
+            if j < self.capacity:
+                self._x[j], self._chunk[j] = row, chunk
+
+    def _grow(self) -> None:
+        if self.n < len(self._x):
+            return
+        size = min(self.capacity, max(64, 2 * len(self._x)))
+        x = np.zeros((size, self._x.shape[1]), np.float32)
+        chunk = np.zeros(size, np.int64)
+        x[: self.n], chunk[: self.n] = self.x, self.chunk
+        self._x, self._chunk = x, chunk
+
+    def save(self, path: Path) -> None:
+        """Write atomically as .npz (no pickle)."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=self.x, chunk=self.chunk, seen=np.array([self.seen]))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, capacity: int) -> FeatureStore:
+        """Read a store written by save(); LearningError if it is missing or damaged."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                x, chunk, seen = data["x"], data["chunk"], int(data["seen"][0])
+        except (OSError, ValueError, KeyError) as exc:
+            raise LearningError(f"site features {path.name} unreadable: {exc}") from None
+        store = cls(x.shape[1], max(capacity, len(x)))
+        store._x, store._chunk = x.astype(np.float32), chunk.astype(np.int64)
+        store.n, store.seen = len(x), seen
+        return store
+
+
+def combine(stores: list[FeatureStore]) -> tuple[np.ndarray, np.ndarray]:
+    """All windows of several stores, with chunk ids made distinct per store."""
+    xs, chunks, offset = [], [], 0
+    for store in stores:
+        if len(store):
+            xs.append(store.x.astype(np.float64))
+            chunks.append(store.chunk + offset)
+            offset = int(chunks[-1].max()) + 1
+    if not xs:
+        return np.zeros((0, 0)), np.zeros(0, np.int64)
+    return np.concatenate(xs), np.concatenate(chunks)
+
+
+def pooled(
+    trained: FluctuationScorer, n_train: float, z: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and precision of the Gaussian of the training data (n_train windows, as the
+    bundle keeps it) and the standardised site windows z, pooled as one sample."""
+    if len(z) == 0:
+        return trained.center, trained.precision
+    w = n_train / (n_train + len(z))
+    site_mean = z.mean(axis=0)
+    site_cov = np.atleast_2d(np.cov(z, rowvar=False, bias=True))
+    shift = trained.center - site_mean
+    cov = (
+        w * np.linalg.inv(trained.precision)
+        + (1 - w) * site_cov
+        + w * (1 - w) * np.outer(shift, shift)
+    )
+    target = np.trace(cov) / len(cov) * np.eye(len(cov))
+    center = w * trained.center + (1 - w) * site_mean
+    return center, np.linalg.inv((1 - SHRINKAGE) * cov + SHRINKAGE * target)
+
+
+def chunk_seconds(period_s: float) -> float:
+    """Length of the chunks a period of `period_s` is held out in."""
+    return min(CHUNK_SECONDS, max(MIN_CHUNK_SECONDS, period_s / MAX_FOLDS))
+
+
+def folds_of(chunks: np.ndarray) -> np.ndarray:
+    """Fold index of each window: its chunk, contiguous chunks merged into MAX_FOLDS."""
+    unique, rank = np.unique(chunks, return_inverse=True)
+    return rank * min(len(unique), MAX_FOLDS) // max(len(unique), 1)
+
+
+def site_refit(
+    base: Bundle, site: np.ndarray, chunks: np.ndarray, false_alarms_per_day: float | None
+) -> Refit:
+    """The refit of a Gaussian bundle with the site's feature vectors (module docstring)."""
+    featurizer(base)
+    trained = plugin_for(base.manifest).scorer(base)
+    hop = base.features.hop_seconds
+    n_train = max(base.manifest.training.seconds / hop, 1.0)
+    training = base.arrays.get(TRAINING_FEATURES)
+    site_seconds = len(site) * hop
+    if training is None and site_seconds < MIN_AUDIO_SECONDS:
+        raise LearningError(
+            f"{base.model_id} carries no training windows (trained before learning on site), "
+            f"so {MIN_AUDIO_SECONDS:g} s of site audio must back the threshold; there are "
+            f"{site_seconds:.1f} s: learn {MIN_AUDIO_SECONDS - site_seconds:.0f} s more"
+        )
+    z = trained.standardize(site) if len(site) else np.zeros((0, trained.dim))
+    center, precision = pooled(trained, n_train, z)
+    final = type(trained)(trained.mean, trained.std, center, precision)
+    held, shares = [], []
+    if training is not None:
+        held.append(final.distance(training))
+        shares.append(final.band_shares(training))
+    folds = folds_of(chunks) if len(site) else np.zeros(0, int)
+    for k in np.unique(folds):
+        out = folds == k
+        c, p = pooled(trained, n_train, z[~out])
+        model = type(trained)(trained.mean, trained.std, c, p)
+        held.append(model.distance(site[out]))
+        shares.append(model.band_shares(site[out]))
+    scores = np.concatenate(held)
+    band = np.concatenate(shares)
+    return Refit(
+        manifest=refit_manifest(base, scores, false_alarms_per_day, SITE_SOURCE),
+        arrays={
+            "statistics.center": center,
+            "statistics.precision": precision,
+            "normal_band_error.mean": band.mean(axis=0),
+            "normal_band_error.std": band.std(axis=0),
+        },
+    )
+
+
+def refit_summary(old: float, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Old and new threshold and the predicted alarm rate of a refit, for replies and status."""
+    th = manifest["threshold"]
+    params = th["params"]
+    return {
+        "old_threshold": round(old, 6),
+        "new_threshold": round(th["value"], 6),
+        "predicted_false_alarms_per_day": params.get("predicted_false_alarms_per_day"),
+        "predicted_interval_per_day": params.get("predicted_interval_per_day"),
+        "holdout_seconds": params.get("holdout_seconds"),
+    }

@@ -1,0 +1,102 @@
+"""Operating states: a bundle trained with state folders names the state the machine runs in,
+in state messages and in events; a machine switched off is `off`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import DEMO_CLIP, NORMAL_FILES, cli
+
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle, write_bundle
+from edge.daemon import Detector, Sink
+from edge.errors import BundleError
+from edge.features import LogMel
+from edge.machine_state import StateNamer
+from edge.messages import EventMessage, StateMessage
+from edge.settings import Settings
+from edge.sources import FileSource
+
+QUIET_DB = -15.0
+"""The `slow` state: the fan's own sound 15 dB down (the fluctuation score ignores gain)."""
+
+
+class Recorder(Sink):
+    def __init__(self) -> None:
+        self.events: list[EventMessage] = []
+        self.states: list[StateMessage] = []
+
+    def event(self, message: EventMessage) -> None:
+        self.events.append(message)
+
+    def state(self, message: StateMessage) -> None:
+        self.states.append(message)
+
+
+def test_the_vote_names_the_nearest_state_and_ignores_one_odd_window() -> None:
+    namer = StateNamer(["fast", "slow"], np.array([[0.0, 0.0], [-10.0, -10.0]]))
+    assert [namer.name(np.array(v)) for v in ([1, 0], [-9, -11], [0, 1])] == ["fast"] * 3
+    assert [namer.name(np.array([-10.0, -10.0])) for _ in range(3)][-1] == "slow"
+    namer.reset()
+    assert namer.name(np.array([-10.0, -9.0])) == "slow"
+
+
+@pytest.fixture(scope="module")
+def two_states(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default detector trained on the fixture fan, with two named states added the way
+    the embedding trainer records them: each state's mean log-mel band levels."""
+    work = tmp_path_factory.mktemp("states")
+    plain = work / "plain.bundle"
+    cli(
+        "train",
+        "--normal",
+        *map(str, NORMAL_FILES),
+        "--out",
+        str(plain),
+        "--false-alarms-per-day",
+        "24",
+    )
+    bundle = load_bundle(plain)
+    logmel = LogMel(bundle.features)
+    audio = np.concatenate([read_audio(f, bundle.features.samplerate) for f in NORMAL_FILES])
+    fast = logmel(audio).mean(axis=0)
+    slow = logmel(audio * 10 ** (QUIET_DB / 20)).mean(axis=0)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["machine"]["states"] = ["fast", "slow"]
+    manifest["machine"]["off_below_dbfs"] -= 20.0  # the slow state is quiet, not off
+    arrays = {**bundle.arrays, "machine.state_levels": np.stack([fast, slow])}
+    write_bundle(work / "states.bundle", manifest, {}, arrays)
+    return work / "states.bundle"
+
+
+def test_state_messages_and_events_name_the_state(two_states: Path, tmp_path: Path) -> None:
+    bundle = load_bundle(two_states)
+    rate = bundle.features.samplerate
+    normal = read_audio(NORMAL_FILES[0], rate)
+    fault = read_audio(DEMO_CLIP, rate)  # a fault at 5-11 s, at the fast state's level
+    path = tmp_path / "fast-slow-fault.wav"
+    stream = np.concatenate([normal, normal * 10 ** (QUIET_DB / 20), fault])
+    sf.write(path, stream, rate, subtype="FLOAT")
+    rec = Recorder()
+    settings = Settings(device_id="t", model=two_states, data_dir=tmp_path / "data")
+    Detector(settings, bundle, [rec]).run(FileSource([path], rate))
+    named = [s.machine for s in rec.states if s.machine not in (None, "running")]  # before audio
+    changes = [m for i, m in enumerate(named) if i == 0 or m != named[i - 1]]
+    assert changes[:3] == ["fast", "slow", "fast"], named
+    starts = [e for e in rec.events if e.type == "start"]
+    assert starts and starts[0].machine == "fast"
+    assert starts[0].stream_offset_s is not None and starts[0].stream_offset_s >= 14.0  # 5 + 5 + 4
+
+
+def test_state_levels_that_do_not_match_the_states_are_refused(
+    two_states: Path, tmp_path: Path
+) -> None:
+    bundle = load_bundle(two_states)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    arrays = {**bundle.arrays, "machine.state_levels": np.zeros((3, bundle.features.n_mels))}
+    write_bundle(tmp_path / "bad.bundle", manifest, {}, arrays)
+    with pytest.raises(BundleError, match=r"machine\.state_levels"):
+        load_bundle(tmp_path / "bad.bundle")
