@@ -13,15 +13,23 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from edge.adapt import Adapter
+from edge.audio_io import read_audio
 from edge.bundle import Bundle
 from edge.clips import ClipRecorder
+from edge.commands import LAST, threshold_bounds
+from edge.errors import SoundSentryError
 from edge.events import Transition
+from edge.features import windows_of
 from edge.health import INVALID, AudioHealth, HealthChange
+from edge.learning import FEATURIZERS, LearningError
 from edge.machine_state import RUNNING
 from edge.messages import (
     EventMessage,
@@ -31,7 +39,8 @@ from edge.messages import (
     StateMessage,
     iso,
 )
-from edge.metrics import Metrics, cpu_temperature_c, throttled
+from edge.metrics import AnomalyIndex, Metrics, cpu_temperature_c, throttled
+from edge.persist import DeviceState
 from edge.pipeline import Pipeline, Step
 from edge.private import private_dir
 from edge.scoring import Explainer
@@ -47,6 +56,11 @@ WORK_QUEUE_MAX = 64
 """Commands and reloads waiting for the loop; beyond this a flood is shed and counted."""
 WORK_PER_TICK = 8
 """Most queued commands run between two audio blocks, so a flood never stalls the audio."""
+KEPT_EVENTS = 16
+"""Recent events whose window features are kept for mark_normal."""
+KEPT_EVENT_WINDOWS = 240
+"""Most windows kept per event (2 minutes); the evidence clip, when there is one, is used
+instead."""
 
 
 class Sink:
@@ -102,8 +116,29 @@ class MqttSink(Sink):
         self.publisher.publish_response(message)
 
 
+class ScorerTap:
+    """Wraps a pipeline's scorer and keeps the log-mel windows of the current block by start
+    sample, so learning takes its features from the very windows that were scored."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self.windows: dict[int, np.ndarray] = {}
+
+    def score(self, features: np.ndarray, start: int = 0) -> Any:
+        """Keep the window, then score it."""
+        self.windows[start] = features
+        return self.scorer.score(features, start)
+
+    def score_many(self, windows: np.ndarray) -> np.ndarray:
+        """Scores of a stack of windows (not kept)."""
+        return self.scorer.score_many(windows)
+
+
 class Detector:
-    """Runs the pipeline over a source of blocks (None = no audio yet, a tick)."""
+    """Runs the pipeline over a source of blocks (None = no audio yet, a tick).
+
+    With `persist`, remote changes survive a restart (edge.persist) and the model learns on
+    site (edge.adapt): a commissioning period, events marked normal, versions and rollback."""
 
     def __init__(
         self,
@@ -114,6 +149,7 @@ class Detector:
         clock: Callable[[], float] = time.time,
         notifier: SystemdNotifier | None = None,
         spool_stats: Callable[[], tuple[int, int]] | None = None,
+        persist: bool = False,
     ) -> None:
         self.settings = settings
         self.sinks = tuple(sinks)
@@ -157,15 +193,28 @@ class Detector:
             if c.enabled
             else None
         )
-        self._load(bundle)
+        self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.state = DeviceState(settings.data_dir) if persist else None
+        self.adapter = (
+            Adapter(settings.data_dir, settings.learning, bundle, settings.model)
+            if persist
+            else None
+        )
+        self._load(self.adapter.restore() if self.adapter else bundle)
+        self._restore_state()
+        self._auto_learn()
 
     # --- model -----------------------------------------------------------------------------
 
-    def use_bundle(self, bundle: Bundle) -> None:
+    def use_bundle(self, bundle: Bundle, reason: str | None = None) -> None:
         """Switch to a (validated) bundle; an open anomaly is ended first and a threshold
-        set by command is dropped (it belonged to the old model)."""
+        set by command is dropped (it belonged to the old model). With a `reason` (reload,
+        calibrate) the switch is recorded in the model history."""
         self.close_event()
         self._load(bundle, self.settings, threshold=None)
+        if self.adapter is not None and reason is not None:
+            self.adapter.switched(bundle, reason)
+        self._save_state()
         self.emit_state()
 
     def apply_settings(self, settings: Settings) -> None:
@@ -187,6 +236,10 @@ class Detector:
         self.explainer = Explainer(bundle)
         self._band_sum, self._band_n = None, 0
         self._base = self._samples
+        self._tap = ScorerTap(pipeline.scorer)
+        pipeline.scorer = self._tap  # type: ignore[assignment]
+        self._featurize = FEATURIZERS.get(bundle.manifest.kind)
+        self.index = AnomalyIndex(bundle.manifest.normal_scores.p50, bundle.features.hop_seconds)
 
     # --- remote control --------------------------------------------------------------------
 
@@ -194,24 +247,185 @@ class Detector:
         """Silence anomaly events for `minutes`; an open anomaly ends. Returns the end time."""
         self.close_event()
         self.muted_until = self.clock() + minutes * 60
+        self._save_state()
         self.emit_state()
         return self.muted_until
 
     def unmute(self) -> None:
         """End a mute now."""
         self.muted_until = 0.0
+        self._save_state()
         self.emit_state()
 
     def set_threshold(self, value: float) -> None:
         """Use `value` as the threshold until another model is loaded."""
         self._threshold = value
         self.pipeline.events.threshold = value
+        self._save_state()
         self.emit_state()
 
     @property
     def threshold(self) -> float:
         """The threshold in force."""
         return self.pipeline.threshold
+
+    # --- learning on site ------------------------------------------------------------------
+
+    def start_learning(self, seconds: float | None = None) -> float:
+        """Begin a commissioning period of `seconds` of audio (default [learning] seconds);
+        no anomaly events until it ends. Returns its length."""
+        adapter = self._adapter()
+        length = seconds or self.settings.learning.seconds
+        if not length:
+            raise LearningError("give the seconds to learn (no [learning] seconds is set)")
+        self.close_event()
+        adapter.start(length, self.bundle)
+        self.emit_state()
+        return length
+
+    def stop_learning(self) -> dict[str, Any]:
+        """End the period now and refit with what it collected; the outcome of the refit."""
+        return self._finish_learning(raise_errors=True)
+
+    def cancel_learning(self) -> None:
+        """Drop the period and what it collected; the model stays."""
+        if not self._adapter().cancel():
+            raise LearningError("no learning period is running")
+        log.info("learning: cancelled")
+        self.emit_state()
+
+    def mark_normal(self, event_id: str) -> dict[str, Any]:
+        """That was normal: the event's windows (its evidence clip when there is one) join
+        the site's normal set and the model is refitted. Returns the refit's outcome."""
+        adapter = self._adapter()
+        eid = self._event_named(event_id)
+        if self.pipeline.events.event_id == eid:
+            self.close_event()
+        rows = self._event_rows(eid)
+        self._switch(adapter.mark(eid, rows, self.bundle))
+        return {"event_id": eid, **(adapter.last_refit or {})}
+
+    def rollback(self) -> str:
+        """Return to the model version the current one replaced; returns its model id."""
+        bundle = self._adapter().rollback()
+        self._switch(bundle)
+        return bundle.model_id
+
+    @property
+    def learning(self) -> bool:
+        """True during a commissioning period."""
+        return self.adapter is not None and self.adapter.period is not None
+
+    def _adapter(self) -> Adapter:
+        if self.adapter is None:
+            raise LearningError("learning on site needs the daemon (run or replay)")
+        return self.adapter
+
+    def _switch(self, bundle: Bundle) -> None:
+        """Use a bundle the adapter made or rolled back to (already in the history)."""
+        self.close_event()
+        self._load(bundle, self.settings, threshold=None)
+        self._save_state()
+        self.emit_state()
+
+    def _finish_learning(self, raise_errors: bool = False) -> dict[str, Any]:
+        """Refit at the end of a period; a failed refit keeps the running model."""
+        adapter = self._adapter()
+        try:
+            bundle = adapter.finish(self.bundle)
+        except SoundSentryError as exc:
+            reason = " ".join(str(exc).split())
+            log.error("learning: refit failed, keeping %s: %s", self.bundle.model_id, reason)
+            adapter.last_refit = {"reason": "learning", "error": reason}
+            self.emit_state()
+            if raise_errors:
+                raise LearningError(
+                    f"refit failed, keeping {self.bundle.model_id}: {reason}"
+                ) from None
+            return adapter.last_refit
+        self._switch(bundle)
+        return adapter.last_refit or {}
+
+    def _event_named(self, event_id: str) -> str:
+        """The id of a recent event (`last`: the most recent), kept here or as a clip."""
+        if event_id != LAST:
+            return event_id
+        if self._kept:
+            return next(reversed(self._kept))
+        clips = sorted(self._clip_folder.glob("*.wav")) if self._clip_folder else []
+        if not clips:
+            raise LearningError("no event to mark: none since the start and no evidence clip")
+        return clips[-1].stem.split("-", 1)[1]
+
+    @property
+    def _clip_folder(self) -> Path | None:
+        return self.clips.folder if self.clips else None
+
+    def _event_rows(self, eid: str) -> np.ndarray:
+        """The features of an event's windows: from its evidence clip if there is one, else
+        the windows kept while it lasted."""
+        if self._featurize is None:
+            raise LearningError(f"a {self.bundle.manifest.kind} model cannot learn on site")
+        kept = self._kept.get(eid, {})
+        folder = self._clip_folder
+        clip = None
+        if folder is not None:
+            named = folder / kept["clip"] if kept.get("clip") else None
+            found = sorted(folder.glob(f"*-{eid[:12]}.wav"))
+            clip = named if named and named.is_file() else (found[-1] if found else None)
+        if clip is not None:
+            audio = read_audio(clip, self.bundle.features.samplerate)
+            windows = windows_of(audio, self.bundle.features)
+            if len(windows):
+                return self._featurize(windows)
+        rows = kept.get("rows", [])
+        if not rows:
+            raise LearningError(f"no windows of event {eid} are kept (no clip, not recent)")
+        return np.stack(rows)
+
+    def _keep(self, step: Step, tap: ScorerTap) -> None:
+        """Per window: the anomaly index, and features for the period or the open event."""
+        if step.dead or step.machine != RUNNING or not self.health.ok:
+            return
+        self.index.add(step.window.score)
+        eid = self.pipeline.events.event_id
+        period = self.adapter.period if self.adapter is not None else None
+        if self._featurize is None or not (eid or period) or step.window.start not in tap.windows:
+            return
+        row = self._featurize(tap.windows[step.window.start])
+        kept = self._kept.get(eid) if eid else None
+        if kept is not None and len(kept["rows"]) < KEPT_EVENT_WINDOWS:
+            kept["rows"].append(row)
+        if period is not None and self.adapter is not None and self.adapter.observe(row):
+            self._finish_learning()
+
+    def _restore_state(self) -> None:
+        """A threshold set by command for this model and a mute still running, from data_dir."""
+        if self.state is None:
+            return
+        value = self.state.threshold_for(self.bundle.model_id)
+        low, high = threshold_bounds(self.bundle.threshold)
+        if value is not None and low <= value <= high:
+            self._threshold = value
+            self.pipeline.events.threshold = value
+            log.info("threshold %.6g restored (set by command)", value)
+        self.muted_until = self.state.mute_left(self.clock())
+        if self.muted_until:
+            log.info("mute restored, until %s", iso(self.muted_until))
+
+    def _save_state(self) -> None:
+        if self.state is not None:
+            self.state.save(self.bundle.model_id, self._threshold, self.muted_until)
+
+    def _auto_learn(self) -> None:
+        """[learning] seconds: a period at the first start of a configured model."""
+        a, seconds = self.adapter, self.settings.learning.seconds
+        if a is None or not seconds or a.period is not None or a.learned:
+            return
+        try:
+            a.start(seconds, self.bundle)
+        except LearningError as exc:
+            log.warning("learning: not started: %s", exc)
 
     def submit(self, work: Callable[[], None]) -> bool:
         """From any thread: queue work for the loop. A full queue sheds it (counted)."""
@@ -255,6 +469,8 @@ class Detector:
             "spool_dropped": dropped,
             "commands_shed": self.commands_shed,
             "level_dbfs": round(self.health.level, 1),
+            "anomaly_index": _round(self.index.value, 4),
+            **(self.adapter.status() if self.adapter is not None else {}),
         }
 
     @property
@@ -299,8 +515,10 @@ class Detector:
             block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
         if self.clips:
             self.clips.push(block)
+        tap = self._tap
         steps = self.pipeline.push(
-            block, detect=not self.muted and INVALID not in self.health.active
+            block,
+            detect=not self.muted and not self.learning and INVALID not in self.health.active,
         )
         self._samples += len(block)
         for step in steps:
@@ -319,6 +537,8 @@ class Detector:
             self._track_bands(step)
             for transition in step.transitions:
                 self._dispatch(transition)
+            self._keep(step, tap)
+        tap.windows.clear()
         self.metrics.block_processed(len(block) / self._rate, time.perf_counter() - t0)
         return steps
 
@@ -333,6 +553,7 @@ class Detector:
         if self.muted_until and self.clock() >= self.muted_until:
             self.muted_until = 0.0
             log.info("mute ended")
+            self._save_state()
             self.emit_state()
         # Alive = windows are being scored. A silent or clipping input is reported as a fault
         # but is no reason for systemd to restart us; a stalled stream is.
@@ -398,12 +619,17 @@ class Detector:
     def _dispatch(self, t: Transition) -> None:
         clip = None
         if t.kind == "start":
+            self._kept[t.event_id] = {"rows": [], "clip": None}
+            while len(self._kept) > KEPT_EVENTS:
+                self._kept.popitem(last=False)
             if self.clips:
                 first = self._base + int(t.started_s * self._rate)
                 self.clips.start(t.event_id, first, self._wall(t.started_s))
         elif t.kind == "end" and self.clips:
             clip = self.clips.finish(t.event_id)
         message = self._message(t, clip)
+        if clip and t.event_id in self._kept:
+            self._kept[t.event_id]["clip"] = clip[0]
         if t.kind == "end":
             self._band_sum, self._band_n = None, 0
         log.info("anomaly %s: %s (peak %.4g)", message.type, message.event_id, message.peak_score)
@@ -443,11 +669,13 @@ class Detector:
     # --- reports ---------------------------------------------------------------------------
 
     def current_state(self) -> str:
-        """normal, anomaly, muted or fault."""
+        """fault, muted, learning, or what the event logic says (normal, anomaly)."""
         if not self.health.ok:
             return "fault"
         if self.muted:
             return "muted"
+        if self.learning:
+            return "learning"
         return self.pipeline.events.state
 
     def emit_state(self, state: str | None = None) -> None:
@@ -464,6 +692,9 @@ class Detector:
             muted_until=iso(self.muted_until) if self.muted else None,
             label=self.pipeline.events.label,
             machine=self._machine,
+            progress=round(self.adapter.period.progress, 4)
+            if self.adapter is not None and self.adapter.period is not None
+            else None,
         )
         for sink in self.sinks:
             sink.state(message)
@@ -513,6 +744,7 @@ class Detector:
             running_hours=round(self._running_s / 3600, 4),
             cpu_temp_c=cpu_temperature_c(),
             throttled=throttled(),
+            anomaly_index=_round(self.index.value, 4),
         )
         for sink in self.sinks:
             sink.metrics(message)

@@ -67,7 +67,7 @@ class EventMessage(_Payload):
 class StateMessage(_Payload):
     """The device's current state (retained): normal, anomaly, muted, fault or stopped."""
 
-    state: Literal["normal", "anomaly", "muted", "fault", "starting", "stopped"]
+    state: Literal["normal", "anomaly", "muted", "fault", "learning", "starting", "stopped"]
     device_id: str
     model: str
     threshold: float
@@ -81,6 +81,8 @@ class StateMessage(_Payload):
     machine: str | None = None
     """The machine's state: `running`, `off`, or the name of a state folder it was trained
     with."""
+    progress: float | None = None
+    """While `learning`: the share of the commissioning period done, 0 to 1."""
     schema: int = field(default=SCHEMA)
 
 
@@ -121,6 +123,8 @@ class MetricsMessage(_Payload):
     """Hours of audio in which the machine was running (since the daemon started)."""
     cpu_temp_c: float | None = None
     throttled: str | None = None
+    anomaly_index: float | None = None
+    """Median window score of the last minute over the normal median (edge.metrics)."""
     schema: int = field(default=SCHEMA)
 
 
