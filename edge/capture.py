@@ -19,7 +19,7 @@ import numpy as np
 import soxr
 
 from edge.audio_io import select_channel
-from edge.errors import SoundSentryError
+from edge.devices import CaptureError, known_inputs, sounddevice_module
 from edge.settings import AudioSettings
 
 log = logging.getLogger(__name__)
@@ -27,19 +27,6 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25
 """Longest wait for a block before yielding None."""
 REOPEN_MIN_S = 1.0
-
-
-class CaptureError(SoundSentryError):
-    """The input device cannot be opened or stopped delivering audio."""
-
-
-def _sounddevice() -> Any:
-    """Import sounddevice only when capturing (PortAudio may be absent elsewhere)."""
-    try:
-        import sounddevice
-    except OSError as exc:  # PortAudio library missing
-        raise CaptureError(f"cannot capture: {exc} (install libportaudio2)") from None
-    return sounddevice
 
 
 class MicSource:
@@ -78,14 +65,14 @@ class MicSource:
 
     def _resolve(self) -> tuple[int | str | None, int]:
         """The device to open and a rate it supports (the model's rate when possible)."""
-        sd = _sounddevice()
+        sd = sounddevice_module()
         device = self.settings.device
         if isinstance(device, str) and device.isdigit():
             device = int(device)
         try:
             info = sd.query_devices(device, "input")
         except (ValueError, sd.PortAudioError) as exc:
-            raise CaptureError(f"audio.device {device!r}: {exc}") from None
+            raise CaptureError(f"audio.device {device!r}: {exc}; {known_inputs()}") from None
         wanted = self.settings.samplerate or self.model_rate
         try:
             sd.check_input_settings(device, self.settings.channels, "float32", samplerate=wanted)
@@ -117,7 +104,7 @@ class MicSource:
             self.dropped += 1
 
     def _open(self) -> Any:
-        sd = _sounddevice()
+        sd = sounddevice_module()
         blocksize = max(1, int(self.settings.block_seconds * self.rate))
         try:
             return sd.InputStream(
@@ -133,7 +120,7 @@ class MicSource:
 
     def _rescan(self) -> None:
         """Re-initialise PortAudio so devices plugged in since start are seen."""
-        sd = _sounddevice()
+        sd = sounddevice_module()
         try:
             sd._terminate()
             sd._initialize()

@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -99,6 +100,14 @@ def _model_rate(s: Settings) -> int:
 def check_audio_device(s: Settings) -> Check:
     from edge.capture import CaptureError, MicSource
 
+    if s.audio.device is None:
+        return Check(
+            "audio device",
+            False,
+            "not set (the daemon would take whatever the system's default input is)",
+            "`soundsentry devices` lists the inputs; set [audio] device to an index or part "
+            "of a name",
+        )
     try:
         src = MicSource(s.audio, _model_rate(s))
     except CaptureError as exc:
@@ -106,7 +115,7 @@ def check_audio_device(s: Settings) -> Check:
             "audio device",
             False,
             str(exc),
-            "`arecord -l` lists devices; set [audio] device to part of the name",
+            "`soundsentry devices` lists the inputs; set [audio] device to part of the name",
         )
     rate = "resampled from" if src.rate != src.model_rate else "native"
     return Check(
@@ -120,6 +129,8 @@ def check_input_level(s: Settings) -> Check:
     from edge.capture import CaptureError, MicSource
     from edge.health import CLIP_LEVEL, is_silent, level_dbfs
 
+    if s.audio.device is None:
+        return Check("input level", None, "no audio device set")
     rate = _model_rate(s)
     try:
         src = MicSource(s.audio, rate)
@@ -243,8 +254,9 @@ def check_clock(_s: Settings) -> Check:
 
 def check_disk(s: Settings) -> Check:
     path = s.data_dir
+    if not path.exists():  # doctor creates nothing: the daemon makes it, private, at start
+        return _future_data_dir(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
         probe = path / ".doctor-write-test"
         probe.write_text("ok")
         probe.unlink()
@@ -264,6 +276,29 @@ def check_disk(s: Settings) -> Check:
             "free disk space or lower [clips] max_total_mb",
         )
     return Check("data folder", True, f"{path}: {free:.0f} MB free for clips and the spool")
+
+
+def _future_data_dir(path: Path) -> Check:
+    """The data folder does not exist yet: can the daemon create it?"""
+    parent = next(p for p in path.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return Check(
+            "data folder",
+            False,
+            f"{path} does not exist and {parent} is not writable",
+            "set data_dir to a writable folder (the service uses its StateDirectory)",
+        )
+    free = shutil.disk_usage(parent).free / 1e6
+    if free < MIN_FREE_MB:
+        return Check(
+            "data folder",
+            False,
+            f"{parent}: only {free:.0f} MB free",
+            "free disk space or lower [clips] max_total_mb",
+        )
+    return Check(
+        "data folder", True, f"{path} will be created at start in {parent} ({free:.0f} MB free)"
+    )
 
 
 def check_service(_s: Settings) -> Check:

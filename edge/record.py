@@ -1,11 +1,15 @@
 """`soundsentry record`: capture normal audio on site into chunked WAV files for training,
-with progress and the input level; it refuses (loudly) to record silence or clipping."""
+with progress and the input level; it refuses (loudly) to record silence or clipping, and
+ends saying whether the level was good, too quiet or too loud and whether audio was lost
+(dropped blocks, input overflows, a stalled device)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -20,6 +24,10 @@ from edge.settings import Settings
 log = logging.getLogger(__name__)
 
 BAR = 30
+QUIET_DBFS = -55.0
+"""Below this RMS level the machine is barely above the microphone's own noise."""
+LOUD_PEAK_DBFS = -1.0
+"""Peaks at or above this leave no headroom: a louder moment (a fault) would clip."""
 
 
 class RecordingRefusedError(SoundSentryError):
@@ -50,10 +58,12 @@ def record(
     written: list[Path] = []
     got = 0
     writer: sf.SoundFile | None = None
+    meter = LevelMeter()
     try:
         for block in source:
             if block is None:
                 continue
+            meter.push(block)
             for change in health.push(block):
                 if change.kind == "fault":
                     raise RecordingRefusedError(
@@ -81,7 +91,70 @@ def record(
             writer.close()
             Path(writer.name).unlink(missing_ok=True)
         err.write("\n")
+    err.write(meter.verdict() + "\n")
+    gaps = gap_note(source.stats())
+    if gaps:
+        err.write(gaps + "\n")
     return written
+
+
+@dataclass
+class LevelMeter:
+    """The RMS level and the peak of everything recorded."""
+
+    squares: float = 0.0
+    samples: int = 0
+    peak: float = 0.0
+
+    def push(self, block: np.ndarray) -> None:
+        """Add a block."""
+        self.squares += float(np.sum(np.square(block, dtype=np.float64)))
+        self.samples += len(block)
+        self.peak = max(self.peak, float(np.max(np.abs(block), initial=0.0)))
+
+    def verdict(self) -> str:
+        """`level good: ...`, `level too quiet: ...` or `level too loud: ...`, with the fix."""
+        rms = math.sqrt(self.squares / self.samples) if self.samples else 0.0
+        return level_verdict(_db(rms), _db(self.peak))
+
+
+def _db(value: float) -> float:
+    return 20 * math.log10(value) if value > 0 else float("-inf")
+
+
+def level_verdict(rms_dbfs: float, peak_dbfs: float) -> str:
+    """Judge a recording's level by its RMS and its peak (dBFS)."""
+    measured = f"{rms_dbfs:.1f} dBFS RMS, peaks {peak_dbfs:.1f} dBFS"
+    if peak_dbfs >= LOUD_PEAK_DBFS:
+        return (
+            f"level too loud: {measured} (no headroom: a louder fault would clip); "
+            "lower the input gain (alsamixer) or move the microphone back"
+        )
+    if rms_dbfs < QUIET_DBFS:
+        return (
+            f"level too quiet: {measured} (below {QUIET_DBFS:g} dBFS the machine is lost in "
+            "the microphone's noise); raise the input gain (alsamixer) or move it closer"
+        )
+    return f"level good: {measured}"
+
+
+def gap_note(stats: dict[str, int]) -> str | None:
+    """A warning naming the audio lost while recording, or None when nothing was lost."""
+    parts = [
+        f"{stats[key]} {name}"
+        for key, name in (
+            ("dropped", "dropped block(s)"),
+            ("overflows", "input overflow(s)"),
+            ("reopens", "device reopen(s)"),
+        )
+        if stats.get(key)
+    ]
+    if not parts:
+        return None
+    return (
+        f"gaps: {', '.join(parts)}: audio was lost, the files have holes; record again with "
+        "less load on the machine, or raise [audio] queue_blocks"
+    )
 
 
 def _progress(err: TextIO, got: float, total: float, level: float) -> None:

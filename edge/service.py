@@ -13,6 +13,8 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
+from edge.eventlog import EventLogSink
+from edge.pipeline import Step
 from edge.settings import Settings
 from edge.topics import Topics
 
@@ -30,8 +32,11 @@ def run_detector(
     print_events: bool = True,
     on_stop: Callable[[], None] | None = None,
     reload_settings: Callable[[], Settings] | None = None,
+    extra_sinks: Iterable[Sink] = (),
+    on_step: Callable[[Step], None] | None = None,
 ) -> Detector:
-    """Run the detector over `source` until it ends or SIGTERM/SIGINT; publish if configured."""
+    """Run the detector over `source` until it ends or SIGTERM/SIGINT; publish if configured.
+    `extra_sinks` and `on_step` are for the terminal (live line, replay summary)."""
     controller: Controller | None = None
 
     def on_command(payload: bytes) -> None:
@@ -44,11 +49,14 @@ def run_detector(
         sinks.append(MqttSink(publisher))  # spooled durably before it is printed
     if print_events:
         sinks.append(JsonLinesSink())
+    sinks.append(EventLogSink(settings.data_dir))  # the device's own record: `events`
+    sinks.extend(extra_sinks)
     spool = publisher.spool if publisher is not None else None
     detector = Detector(
         settings,
         bundle,
         sinks,
+        on_step=on_step,
         spool_stats=(lambda: (spool.depth(), spool.dropped)) if spool is not None else None,
         persist=True,  # threshold, mute and learned models survive a restart (data_dir)
     )

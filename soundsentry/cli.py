@@ -31,6 +31,14 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 NUMPY_DETECTORS = ("fluctuation", "levels", "knn")
 """`train --detector` kinds fitted in numpy, without TensorFlow."""
+EXTRAS = {
+    "tensorflow": "train",
+    "keras": "train",
+    "librosa": "train",
+    "scipy": "train",
+    "matplotlib": "report",
+}
+"""Modules of the optional extras (pyproject.toml), by top-level name."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SoundSentryError as exc:
         print(f"soundsentry: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        extra = _extra_of(exc.name)
+        if extra is None:
+            raise
+        print(f"soundsentry: error: {_needs(args.command, extra, exc.name)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -74,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         _add_run,
         _add_record,
         _add_doctor,
+        _add_devices,
+        _add_events,
         _add_demo,
     ):
         register(sub)
@@ -202,7 +218,7 @@ def _add_evaluate(sub: Any) -> None:
         default=None,
         metavar="DIR",
         help="write metrics.json, roc.png, histogram.png, scores.csv, timeline.png "
-        "(int8 and float side by side; needs the [train] extra)",
+        "(int8 and float side by side; needs the [report] extra)",
     )
     p.add_argument(
         "--timeline",
@@ -277,6 +293,25 @@ def _add_demo(sub: Any) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_devices(sub: Any) -> None:
+    p = sub.add_parser("devices", help="list the audio input devices, their rates and channels")
+    p.set_defaults(func=_cmd_devices)
+
+
+def _add_events(sub: Any) -> None:
+    p = sub.add_parser("events", help="list the anomalies in this device's local event log")
+    p.add_argument(
+        "--since",
+        default=None,
+        metavar="WHEN",
+        help="only events that started since: an ISO date or time (2026-11-30, "
+        "2026-11-30T08:00; local time unless it ends in Z) or an age (90m, 24h, 7d, 2w)",
+    )
+    p.add_argument("--csv", action="store_true", help="CSV with a header row, for a spreadsheet")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
+    p.set_defaults(func=_cmd_events)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
     p.add_argument("--device-id", default=None, help="name of this detector (default: hostname)")
@@ -300,6 +335,8 @@ def _positive_float(text: str) -> float:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS:
+        _require("tensorflow", "train", f"train --detector {args.detector}")
     from edge.advice import bundle_summary
     from edge.bundle import load_bundle
     from train.augment import Augmenter
@@ -394,6 +431,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.report:  # before anything is scored or written: no half-written report
+        _require("matplotlib", "report", "evaluate --report")
     from soundsentry.report import evaluate_classes, format_report, write_full_report
     from train.evaluate import evaluate, write_json
 
@@ -431,6 +470,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectrogram(args: argparse.Namespace) -> int:
+    _require("matplotlib", "report", "spectrogram")
     from soundsentry.report import render_spectrogram
 
     render_spectrogram(args.file, args.out, args.model, args.channel)
@@ -451,6 +491,7 @@ def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from edge.console import ReplaySummary
     from edge.service import run_detector
     from edge.sources import FileSource
 
@@ -464,13 +505,17 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         realtime=args.realtime,
         continuous=args.continuous,
     )
-    run_detector(
+    summary = ReplaySummary()
+    detector = run_detector(
         settings,
         bundle,
         source,
         print_events=True,
         reload_settings=lambda: _settings_from(args, args.model),
+        extra_sinks=[summary],
+        on_step=summary.step,
     )
+    print(summary.line(len(args.files), detector.threshold), file=sys.stderr)
     return 0
 
 
@@ -486,15 +531,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     source = MicSource(
         settings.audio, bundle.features.samplerate, h.stall_seconds, h.reopen_max_seconds
     )
+    live = _live_line(bundle.threshold)
     run_detector(
         settings,
         bundle,
         source,
-        print_events=True,
+        print_events=live is None,
         on_stop=source.stop,
         reload_settings=lambda: _settings_from(args, args.model),
+        extra_sinks=[live] if live else [],
+        on_step=live.step if live else None,
     )
+    if live:
+        live.clear()
     return 0
+
+
+def _live_line(threshold: float) -> Any:
+    """On a terminal, the live line of `run` (events print above it); elsewhere None."""
+    if not sys.stdout.isatty():
+        return None
+    from edge.console import LiveLine, clear_before_logs
+
+    live = LiveLine(sys.stdout, threshold)
+    clear_before_logs(live)
+    return live
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
@@ -522,11 +583,62 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_devices(_args: argparse.Namespace) -> int:
+    from edge.devices import input_devices
+
+    devices = input_devices()
+    if not devices:
+        raise SoundSentryError("no input devices found (is the microphone plugged in?)")
+    print("index  name  channels, default rate, host API  (* = the default input)")
+    for device in devices:
+        print(device.line())
+    return 0
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from edge.eventlog import format_event, parse_since, read_events, write_csv
+    from edge.settings import load_settings
+
+    since = parse_since(args.since) if args.since else None
+    folder = load_settings(args.config).data_dir
+    events = read_events(folder, since)
+    if args.csv:
+        write_csv(events, sys.stdout)
+    else:
+        for event in events:
+            print(format_event(event))
+    when = f" since {since.isoformat(timespec='seconds')}" if since else ""
+    print(f"{len(events)} event(s){when} in {folder}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge.demo import run_demo
 
     run_demo(realtime=not args.fast)
     return 0
+
+
+def _extra_of(module: str | None) -> str | None:
+    """The optional extra that provides `module`, if it belongs to one."""
+    return EXTRAS.get((module or "").partition(".")[0])
+
+
+def _needs(what: str, extra: str, module: str | None) -> str:
+    return (
+        f"`{what}` needs the [{extra}] extra ({module} is not installed): "
+        f"pip install 'soundsentry[{extra}]'"
+    )
+
+
+def _require(module: str, extra: str, what: str) -> None:
+    """Stop with one line naming the extra if `module` cannot be imported."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise SoundSentryError(_needs(what, extra, module)) from None
 
 
 def _load(path: Path | None) -> Any:

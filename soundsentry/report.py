@@ -129,7 +129,9 @@ def _plt():
     try:
         import matplotlib
     except ImportError as exc:
-        raise SoundSentryError(f"PNG reports need the [train] extra ({exc})") from None
+        raise SoundSentryError(
+            f"PNG reports need the [report] extra ({exc}): pip install 'soundsentry[report]'"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

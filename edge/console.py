@@ -1,0 +1,116 @@
+"""What a person at a terminal sees: the live line of `run` (level, score against the
+threshold, state), events printed above it, and the one-line summary that ends `replay`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TextIO
+
+from edge.daemon import Sink
+from edge.messages import EventMessage, StateMessage
+from edge.pipeline import Step
+
+BAR_WIDTH = 20
+BAR_FULL_SCALE = 2.0
+"""The bar spans 0 .. 2x the threshold; `|` marks the threshold."""
+CLEAR = "\r\033[K"
+"""Carriage return and erase to the end of the line."""
+
+
+def score_bar(score: float, threshold: float) -> str:
+    """`[#####     |         ]`: the score as a bar, the threshold at its middle."""
+    filled = max(0, min(BAR_WIDTH, int(score / (threshold * BAR_FULL_SCALE) * BAR_WIDTH)))
+    mark = int(BAR_WIDTH / BAR_FULL_SCALE)
+    cells = ("|" if i == mark else ("#" if i < filled else " ") for i in range(BAR_WIDTH))
+    return "[" + "".join(cells) + "]"
+
+
+class LiveLine(Sink):
+    """One line on a terminal, redrawn every window; events are printed above it as JSON
+    lines and log records clear it first (see `clear_before_logs`)."""
+
+    def __init__(self, stream: TextIO, threshold: float) -> None:
+        self.stream = stream
+        self.threshold = threshold
+        self.state_name = "starting"
+        self._text = ""
+
+    def step(self, step: Step) -> None:
+        """A window was scored: redraw with its level and score."""
+        score = step.window.score
+        machine = "" if step.machine == "running" else f"  machine {step.machine}"
+        machine += "  (silent or flat input: not judged)" if step.dead else ""
+        self._text = (
+            f"level {step.level_dbfs:6.1f} dBFS  score {score:8.4g} / {self.threshold:.4g} "
+            f"{score_bar(score, self.threshold)}  {self.state_name}{machine}"
+        )
+        self._draw()
+
+    def state(self, message: StateMessage) -> None:
+        """The state or threshold changed (or its periodic repeat)."""
+        self.state_name = message.state
+        self.threshold = message.threshold
+
+    def event(self, message: EventMessage) -> None:
+        """Print the event as a JSON line above the live line."""
+        self.clear()
+        self.stream.write(json.dumps(message.to_dict()) + "\n")
+        self._draw()
+
+    def clear(self) -> None:
+        """Erase the live line (before anything else is written to the terminal)."""
+        if self._text:
+            self.stream.write(CLEAR)
+            self.stream.flush()
+
+    def _draw(self) -> None:
+        self.stream.write(CLEAR + self._text)
+        self.stream.flush()
+
+
+class _ClearLine(logging.Filter):
+    def __init__(self, line: LiveLine) -> None:
+        super().__init__()
+        self.line = line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.line.clear()
+        return True
+
+
+def clear_before_logs(line: LiveLine) -> None:
+    """Make every root log handler erase the live line before it writes a record."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ClearLine(line))
+
+
+class ReplaySummary(Sink):
+    """Counts windows and events and keeps the highest score, for the line ending `replay`."""
+
+    def __init__(self) -> None:
+        self.windows = 0
+        self.events = 0
+        self.highest: float | None = None
+
+    def step(self, step: Step) -> None:
+        """Count a window; silent or flat ones do not set the highest score."""
+        self.windows += 1
+        if not step.dead:
+            score = step.window.score
+            self.highest = score if self.highest is None else max(self.highest, score)
+
+    def event(self, message: EventMessage) -> None:
+        """Count anomalies by their start."""
+        if message.type == "start":
+            self.events += 1
+
+    def line(self, files: int, threshold: float) -> str:
+        """`replay: 2 file(s), 62 windows, 1 event, highest score 2.76 vs threshold 1.87 ...`."""
+        if self.highest is None:
+            peak = "no window scored (shorter than one window, or silent)"
+        else:
+            side = "above" if self.highest > threshold else "below"
+            peak = f"highest score {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
+        events = f"{self.events} event{'' if self.events == 1 else 's'}"
+        return f"replay: {files} file(s), {self.windows} windows, {events}, {peak}"

@@ -1,0 +1,199 @@
+"""The local event log: every anomaly's `start` and `end` as one JSON line in
+`data_dir/events.jsonl`, append-only and bounded (rotated to `events.jsonl.1`), kept after
+MQTT delivery so `soundsentry events` can list them for a spreadsheet.
+
+The MQTT spool forgets an event once the broker has it; this log is the device's own record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from edge.daemon import Sink
+from edge.errors import SoundSentryError
+from edge.messages import EventMessage
+from edge.private import private_dir, private_file
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "events.jsonl"
+MAX_BYTES = 4 * 1024 * 1024
+"""Size at which the log is rotated; with one rotated generation, at most twice this on disk
+(about 20 000 events)."""
+LOGGED = ("start", "end")
+"""Updates are left out: an event's `end` carries its peak and mean."""
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+CSV_COLUMNS = (
+    "started_at",
+    "ended_at",
+    "duration_s",
+    "peak_score",
+    "mean_score",
+    "threshold",
+    "bands",
+    "clip",
+    "clip_seconds",
+    "clip_url",
+    "label",
+    "model",
+    "device_id",
+    "event_id",
+    "status",
+)
+
+
+class EventLog:
+    """Append-only JSON lines, rotated once the file passes `max_bytes`."""
+
+    def __init__(self, folder: Path, max_bytes: int = MAX_BYTES) -> None:
+        self.path = folder / LOG_NAME
+        self.max_bytes = max_bytes
+
+    def append(self, message: EventMessage) -> None:
+        """Write a start or an end (updates are skipped); rotate when the file is full."""
+        if message.type not in LOGGED:
+            return
+        private_dir(self.path.parent)
+        if self.path.exists() and self.path.stat().st_size >= self.max_bytes:
+            self.path.replace(self.path.with_name(LOG_NAME + ".1"))
+        private_file(self.path)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(message.to_payload() + "\n")
+
+
+class EventLogSink(Sink):
+    """The daemon's sink for the local event log; a full or read-only disk is logged, never
+    raised, so it cannot stop the monitor."""
+
+    def __init__(self, folder: Path) -> None:
+        self.log = EventLog(folder)
+        self._failed = False
+
+    def event(self, message: EventMessage) -> None:
+        """Append the event to the log."""
+        try:
+            self.log.append(message)
+            self._failed = False
+        except OSError as exc:
+            if not self._failed:
+                log.error("event log %s: %s (events still go to MQTT)", self.log.path, exc)
+            self._failed = True
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One anomaly as the log knows it: its `end`, or its `start` if it never ended."""
+
+    data: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        """`ended`, or `open` (still running, or the daemon stopped before its end)."""
+        return "ended" if self.data.get("type") == "end" else "open"
+
+    @property
+    def started(self) -> datetime:
+        """When it started, UTC."""
+        return parse_time(str(self.data["started_at"]))
+
+    def row(self) -> dict[str, Any]:
+        """The CSV row: plain values, bands as `low-high Hz (deviation)` joined by `; `."""
+        row = {k: self.data.get(k, "") for k in CSV_COLUMNS}
+        row["bands"] = "; ".join(
+            f"{b['low_hz']:.0f}-{b['high_hz']:.0f} Hz ({b['deviation']:.2f})"
+            for b in self.data.get("bands") or []
+        )
+        row["status"] = self.status
+        return {k: "" if v is None else v for k, v in row.items()}
+
+
+def read_events(folder: Path, since: datetime | None = None) -> list[LoggedEvent]:
+    """Events in the log (rotated part first), one per event_id, oldest first; lines that
+    are not complete JSON (a write cut short) are skipped."""
+    latest: dict[str, dict[str, Any]] = {}
+    for path in (folder / (LOG_NAME + ".1"), folder / LOG_NAME):
+        for data in _lines(path):
+            event_id = str(data.get("event_id"))
+            if data.get("type") == "end" or event_id not in latest:
+                latest[event_id] = data
+    events = [LoggedEvent(d) for d in latest.values() if _valid(d)]
+    if since is not None:
+        events = [e for e in events if e.started >= since]
+    return sorted(events, key=lambda e: e.started)
+
+
+def _lines(path: Path) -> Iterable[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    data = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(data, dict):
+                    yield data
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SoundSentryError(f"cannot read the event log {path}: {exc.strerror}") from None
+
+
+def _valid(data: dict[str, Any]) -> bool:
+    try:
+        parse_time(str(data["started_at"]))
+    except (KeyError, SoundSentryError):
+        return False
+    return True
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 date or time (UTC when it says so or ends in Z, else local time)."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise SoundSentryError(f"not a date or time: {text!r}") from None
+    return value.astimezone(UTC) if value.tzinfo else value.astimezone().astimezone(UTC)
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`--since`: an ISO date or time, or an age such as `90m`, `24h`, `7d`, `2w`."""
+    match = _RELATIVE.match(text)
+    if match:
+        seconds = float(match.group(1)) * UNITS[match.group(2)]
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        return parse_time(text)
+    except SoundSentryError:
+        raise SoundSentryError(
+            f"--since {text!r}: give an ISO date or time (2026-11-30, 2026-11-30T08:00) "
+            "or an age (90m, 24h, 7d, 2w)"
+        ) from None
+
+
+def write_csv(events: list[LoggedEvent], out: TextIO) -> None:
+    """The events as CSV with a header row."""
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for event in events:
+        writer.writerow(event.row())
+
+
+def format_event(event: LoggedEvent) -> str:
+    """One readable line: start, duration, peak vs threshold, loudest band, clip."""
+    d = event.data
+    duration = f"{d['duration_s']:.1f} s" if d.get("duration_s") is not None else "open"
+    band = (d.get("bands") or [None])[0]
+    where = f"{band['low_hz']:.0f}-{band['high_hz']:.0f} Hz" if band else "-"
+    return (
+        f"{d['started_at']}  {duration:>8}  peak {d.get('peak_score', 0):.4g} "
+        f"(threshold {d.get('threshold', 0):.4g})  {where}  {d.get('clip') or ''}".rstrip()
+    )

@@ -1,0 +1,331 @@
+"""The terminal, through the real `soundsentry` command: the live line of `run` on a TTY, the
+summary that ends `replay`, `devices`, `doctor` without a device, `record`'s verdict on the
+level, one-line errors for missing extras, and `events` from the local event log."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pty
+import select
+import signal
+import stat
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import (
+    ANOMALOUS_FILE,
+    DEMO_BUNDLE,
+    DEMO_CLIP,
+    NORMAL_FILES,
+    ROOT,
+    SOUNDSENTRY,
+    cli,
+    wait_for,
+)
+from test_site_tools import play
+
+from edge.bundle import load_bundle
+from edge.console import CLEAR
+from edge.eventlog import LOG_NAME, EventLog, parse_since, read_events
+from edge.messages import EventMessage
+from edge.record import LOUD_PEAK_DBFS, QUIET_DBFS, gap_note, level_verdict
+
+DEMO_THRESHOLD = load_bundle(DEMO_BUNDLE).threshold
+
+
+def _summary(stderr: str) -> str:
+    lines = [x for x in stderr.splitlines() if x.startswith("replay: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+# --- replay ---------------------------------------------------------------------------------
+
+
+def test_replay_ends_with_a_summary_even_when_it_finds_nothing(tmp_path: Path) -> None:
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path)}
+    quiet = cli("replay", str(DEMO_BUNDLE), *map(str, NORMAL_FILES), env=env)
+    assert quiet.stdout == ""  # no event
+    line = _summary(quiet.stderr)
+    assert f"replay: {len(NORMAL_FILES)} file(s), " in line and ", 0 events, " in line
+    assert line.endswith(f"vs threshold {DEMO_THRESHOLD:.4g} (below)"), line
+    loud = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env)
+    events = [json.loads(x) for x in loud.stdout.splitlines()]  # stdout: JSON lines only
+    line = _summary(loud.stderr)
+    assert ", 1 event, " in line and line.endswith("(above)"), line
+    highest = float(line.split("highest score ")[1].split()[0])
+    peak = next(e["peak_score"] for e in events if e["type"] == "end")
+    assert highest == pytest.approx(peak, rel=1e-3)  # the event's peak is the highest window
+    windows = int(line.split(" windows")[0].rsplit(" ", 1)[1])
+    seconds = sf.info(str(DEMO_CLIP)).duration
+    assert windows == int((seconds - 1.0) / 0.5) + 1  # 1-s windows every 0.5 s
+
+
+# --- run on a terminal ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_on_a_terminal_shows_a_live_line_and_prints_events_above_it(
+    pulse: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[audio]\ndevice = "pulse"\n')
+    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    master, slave = pty.openpty()
+    daemon = subprocess.Popen(
+        [*SOUNDSENTRY, "run", "--model", str(DEMO_BUNDLE), "--config", str(cfg)],
+        cwd=ROOT,
+        env={**os.environ, "PULSE_SOURCE": pulse, "SOUNDSENTRY_DATA_DIR": str(tmp_path)},
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(slave)
+    seen = bytearray()
+
+    def read() -> str:
+        while select.select([master], [], [], 0)[0]:
+            try:
+                seen.extend(os.read(master, 65536))
+            except OSError:
+                break
+        return seen.decode(errors="replace")
+
+    try:
+        wait_for(lambda: read().count(CLEAR + "level") >= 3, 20, "three live lines", read)
+        wait_for(lambda: '"type": "start"' in read(), 30, "an event on the terminal", read)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0, daemon.stderr.read() if daemon.stderr else ""
+    finally:
+        player.kill()
+        daemon.kill()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    live = text.split(CLEAR + "level")[2].split("\r")[0]
+    assert "dBFS  score" in live and f"/ {DEMO_THRESHOLD:.4g} [" in live, live
+    assert live.rstrip().split()[-1] in {"normal", "anomaly", "starting"}, live
+    assert CLEAR + '{"type": "start"' in text  # the line was cleared before the event
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_devices_lists_inputs_and_a_device_that_does_not_match_names_them(
+    pulse: str, tmp_path: Path
+) -> None:
+    env = {"PULSE_SOURCE": pulse, "SOUNDSENTRY_DATA_DIR": str(tmp_path)}
+    listing = cli("devices", env=env).stdout.splitlines()
+    probe = (
+        "import sounddevice as sd; print('\\n'.join(f\"{d['name']}|{d['max_input_channels']}|"
+        "{d['default_samplerate']:.0f}\" for d in sd.query_devices() if d['max_input_channels']))"
+    )
+    truth = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **env}
+    ).stdout.split()
+    assert truth and len(listing) == len(truth) + 1  # a header line, then one per input
+    for row in truth:
+        name, channels, rate = row.split("|")
+        assert any(f" {name}  {channels} ch, {rate} Hz" in x for x in listing), (row, listing)
+    wrong = cli("run", "--model", str(DEMO_BUNDLE), "--device", "NOPE", env=env, check=False)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+    assert "'NOPE'" in wrong.stderr and "'pulse'" in wrong.stderr
+
+
+# --- doctor ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_doctor_fails_an_unset_device_and_creates_nothing(pulse: str, tmp_path: Path) -> None:
+    data = tmp_path / "var" / "lib" / "soundsentry"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{DEMO_BUNDLE}"\n')
+    env = {"PULSE_SOURCE": pulse, "SOUNDSENTRY_DATA_DIR": str(data)}
+    out = cli("doctor", "--config", str(cfg), env=env, check=False)
+    assert out.returncode == 1
+    assert "FAIL audio device: not set" in out.stdout and "soundsentry devices" in out.stdout
+    assert "SKIP input level: no audio device set" in out.stdout
+    assert f"PASS data folder: {data} will be created at start in {tmp_path}" in out.stdout
+    assert not (tmp_path / "var").exists()  # doctor looked, and created nothing
+    assert list(tmp_path.iterdir()) == [cfg]
+
+
+# --- record ---------------------------------------------------------------------------------
+
+
+def _record(pulse: str, tmp_path: Path, clip: Path, *play_args: str) -> str:
+    sink = pulse.removesuffix(".monitor")
+    player = subprocess.Popen(["paplay", "-d", sink, *play_args, str(clip)])
+    try:
+        wait_for(lambda: _playing(sink), 10, "paplay to start")
+        proc = cli(
+            "record",
+            "--seconds",
+            "2",
+            "--out",
+            str(tmp_path / "rec"),
+            "--device",
+            "pulse",
+            env={"PULSE_SOURCE": pulse},
+        )
+    finally:
+        player.kill()
+    return proc.stderr
+
+
+def _playing(sink: str) -> bool:
+    from test_site_tools import streams_into
+
+    return streams_into(sink) > 0
+
+
+@pytest.mark.slow
+def test_record_says_whether_the_level_is_good_too_quiet_or_too_loud(
+    pulse: str, tmp_path: Path
+) -> None:
+    audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
+    loud = tmp_path / "loud.wav"
+    quarters = audio[: len(audio) // (rate // 4) * (rate // 4)].reshape(-1, rate // 4)
+    peaks = 0.99 / np.abs(quarters).max(axis=1, keepdims=True)  # every 0.25 s peaks at -0.1 dB
+    sf.write(str(loud), (quarters * peaks).ravel(), rate, subtype="FLOAT")
+    good = _record(pulse, tmp_path / "a", DEMO_CLIP)
+    assert "level good: " in good and "gaps:" not in good, good
+    quiet = _record(pulse, tmp_path / "b", DEMO_CLIP, "--volume=16384")  # -36 dB
+    assert "level too quiet: " in quiet and "raise the input gain" in quiet, quiet
+    too_loud = _record(pulse, tmp_path / "c", loud)
+    assert "level too loud: " in too_loud and "lower the input gain" in too_loud, too_loud
+
+
+def test_level_verdict_and_gap_note_name_what_is_wrong() -> None:
+    assert level_verdict(-30.0, -10.0).startswith("level good: -30.0 dBFS RMS, peaks -10.0")
+    assert level_verdict(QUIET_DBFS - 0.1, -40.0).startswith("level too quiet")
+    assert level_verdict(-20.0, LOUD_PEAK_DBFS).startswith("level too loud")
+    assert gap_note({"dropped": 0, "overflows": 0, "reopens": 0, "queue_depth": 3}) is None
+    note = gap_note({"dropped": 2, "overflows": 1, "reopens": 0})
+    assert note is not None and "2 dropped block(s), 1 input overflow(s):" in note
+
+
+# --- missing extras -------------------------------------------------------------------------
+
+BLOCKED = ("matplotlib", "tensorflow", "keras", "librosa", "scipy", "tqdm")
+"""The modules of the [train] and [report] extras: absent on the bare install."""
+BARE = f"""
+import sys
+class Bare:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {BLOCKED!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Bare())
+for name in list(sys.modules):
+    if name.partition(".")[0] in {BLOCKED!r}:
+        del sys.modules[name]
+from soundsentry.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def bare(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real command with the extras' modules made unimportable (an import hook)."""
+    return subprocess.run(
+        [sys.executable, "-c", BARE, *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], extra: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"needs the [{extra}] extra" in lines[0]
+    assert f"pip install 'soundsentry[{extra}]'" in lines[0]
+
+
+def test_commands_that_need_an_extra_say_which_in_one_line(tmp_path: Path) -> None:
+    files = ["--normal", *map(str, NORMAL_FILES), "--anomalous", str(ANOMALOUS_FILE)]
+    report = tmp_path / "report"
+    proc = bare("evaluate", str(DEMO_BUNDLE), *files, "--report", str(report))
+    _one_line_error(proc, "report")
+    assert proc.stdout == "" and not report.exists()  # nothing scored, nothing half-written
+    _one_line_error(bare("spectrogram", str(DEMO_CLIP), "--out", str(tmp_path / "s.png")), "report")
+    out = tmp_path / "ae.bundle"
+    proc = bare("train", "--detector", "autoencoder", "--normal", *map(str, NORMAL_FILES), "--out")
+    _one_line_error(bare(*proc.args[3:], str(out)), "train")
+    assert not out.exists()
+    works = bare("evaluate", str(DEMO_BUNDLE), *files)  # the hook leaves the bare path working
+    assert works.returncode == 0 and "AUC" in works.stdout, works.stderr
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+def test_events_lists_the_local_log_for_a_spreadsheet(tmp_path: Path) -> None:
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path)}
+    replay = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env)
+    end = next(json.loads(x) for x in replay.stdout.splitlines() if '"end"' in x)
+    log = tmp_path / LOG_NAME
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    rows = list(csv.DictReader(io.StringIO(cli("events", "--csv", env=env).stdout)))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["event_id"] == end["event_id"] and row["status"] == "ended"
+    assert float(row["peak_score"]) == end["peak_score"] and row["clip"] == end["clip"]
+    assert row["bands"].startswith(f"{end['bands'][0]['low_hz']:.0f}-")
+    assert (tmp_path / "clips" / row["clip"]).is_file()
+    assert len(cli("events", "--since", "1h", "--csv", env=env).stdout.splitlines()) == 2
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    later = cli("events", "--since", tomorrow, env=env)
+    assert later.stdout == "" and "0 event(s) since" in later.stderr
+    human = cli("events", "--since", "7d", env=env).stdout
+    assert human.startswith(end["started_at"]) and end["clip"] in human
+    bad = cli("events", "--since", "last week", env=env, check=False)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    assert "an age (90m, 24h, 7d, 2w)" in bad.stderr
+
+
+def _event(kind: str, n: int) -> EventMessage:
+    return EventMessage(
+        type=kind,  # type: ignore[arg-type]
+        event_id=f"e{n}",
+        device_id="d",
+        model="m",
+        started_at=f"2026-01-01T00:00:{n:02d}.000Z",
+        peak_score=1.0 + n,
+        threshold=1.0,
+        ended_at=f"2026-01-01T00:00:{n + 1:02d}.000Z" if kind == "end" else None,
+    )
+
+
+def test_event_log_keeps_starts_and_ends_rotates_and_survives_a_torn_line(
+    tmp_path: Path,
+) -> None:
+    log = EventLog(tmp_path, max_bytes=600)
+    for n in range(6):
+        log.append(_event("start", n))
+        log.append(_event("update", n))
+        log.append(_event("end", n))
+    log.append(_event("start", 7))  # still open
+    rotated = tmp_path / (LOG_NAME + ".1")
+    assert (
+        rotated.exists() and log.path.stat().st_size < 2 * 600 and rotated.stat().st_size < 2 * 600
+    )
+    with open(log.path, "a") as fh:
+        fh.write('{"type": "end", "event_id": "e7", "started_at"')  # a write cut short
+    events = read_events(tmp_path)
+    ids = [e.data["event_id"] for e in events]
+    assert ids == sorted(ids) and ids[-1] == "e7" and len(ids) < 8  # the oldest were rotated out
+    assert [e.status for e in events] == ["ended"] * (len(ids) - 1) + ["open"]
+    assert all(e.data["type"] != "update" for e in events)
+    since = read_events(tmp_path, parse_since("2026-01-01T00:00:05Z"))
+    assert [e.data["event_id"] for e in since] == ["e5", "e7"]
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    assert parse_since("24h", now) == datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_since("90m", now) == now - timedelta(minutes=90)
