@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -394,3 +395,24 @@ def test_discovery_is_retained_and_the_problem_sensor_flips_on_a_dead_microphone
     readings = [render(anomaly, p) for p in states_seen]
     assert "OFF" in readings and "None" in readings
     assert readings.index("OFF") < readings.index("None")
+
+
+def _entity_id(component: str, config: dict[str, Any]) -> str:
+    """The entity id Home Assistant derives: the slug of device name + entity name."""
+    name = f"{config['device']['name']} {config['name']}"
+    return f"{component}.{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}"
+
+
+def test_the_home_assistant_example_uses_todays_syntax_and_real_entity_ids() -> None:
+    text = (ROOT / "deploy" / "examples" / "home-assistant.yaml").read_text()
+    for legacy in ("platform:", "service:", "\n    trigger:", "\n    action:", "\n    condition:"):
+        assert legacy not in text, legacy  # renamed in Home Assistant 2024.10
+    assert "triggers:" in text and "actions:" in text and "- trigger: " in text
+    known = {
+        _entity_id(topic.split("/")[1], cfg)
+        for topic, cfg in discovery_configs(TOPICS, "m", THRESHOLD).items()
+    }
+    used = set(
+        re.findall(r"\b(?:binary_sensor|sensor|switch|number|button)\.soundsentry_\w+", text)
+    )
+    assert used and used <= known, used - known
