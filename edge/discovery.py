@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from edge import __version__
 from edge.commands import threshold_bounds
+from edge.messages import StateMessage
 from edge.topics import Topics
 
 ORIGIN = {
@@ -34,6 +35,8 @@ MIN_STEP = 0.001
 """...but never finer than Home Assistant's smallest step."""
 FAULT = "fault"
 """The state message's `state` while the audio is faulty."""
+STATES = list(get_args(get_type_hints(StateMessage)["state"]))
+"""Every `state` a state message can carry: the options of the Status enum."""
 
 # Jinja templates Home Assistant renders on each payload. Rendering `None` makes a binary
 # sensor or a sensor `unknown` (Home Assistant's MQTT docs), which is what a faulty
@@ -120,15 +123,13 @@ def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
             "name": "Status",
             "state_topic": topics.state,
             "device_class": "enum",
-            "options": ["normal", "anomaly", "muted", "fault", "starting", "stopped"],
+            "options": STATES,
             "value_template": "{{ value_json.state }}",
             "icon": "mdi:ear-hearing",
         },
-        ("sensor", "machine"): {
+        ("sensor", "machine"): {  # running, off, or the name of a trained operating state
             "name": "Machine",
             "state_topic": topics.state,
-            "device_class": "enum",
-            "options": ["running", "off"],
             "value_template": "{{ value_json.machine | default('running') }}",
             "icon": "mdi:engine",
         },

@@ -9,7 +9,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import jinja2
 import numpy as np
@@ -283,6 +283,12 @@ def test_anomaly_score_and_level_are_unknown_while_the_audio_is_faulty() -> None
     assert render(anomaly, fault) == "None"  # Home Assistant: unknown
     assert (render(score, fault), render(level, fault)) == ("None", "None")
     assert render(score, _state("starting")) == "None"  # no score yet: unknown, not 0
+
+
+def test_status_options_cover_every_state_the_daemon_sends() -> None:
+    status = _config("sensor", "status")
+    for state in get_args(get_type_hints(StateMessage)["state"]):
+        assert render(status["value_template"], _state(state)) in status["options"]
 
 
 def test_health_sensor_and_mute_switch_read_the_daemon_payloads() -> None:
