@@ -29,6 +29,7 @@ from edge.learning import (
     chunk_seconds,
     combine,
     featurizer,
+    flags,
     refit_summary,
     site_refit,
 )
@@ -147,7 +148,7 @@ class Adapter:
         dim = len(featurizer(bundle)(np.zeros((1, *bundle.features.shape)))[0])
         store = FeatureStore(dim, self.settings.max_windows)
         self.period = Period(seconds, bundle.features.hop_seconds, store)
-        self._save_period()
+        self.save_period()
         log.info("learning: started, %g s of audio", seconds)
 
     def observe(self, row: np.ndarray) -> bool:
@@ -157,7 +158,7 @@ class Adapter:
             return False
         p.take(row)
         if p.collected_s - p.saved_s >= SAVE_EVERY_S:
-            self._save_period()
+            self.save_period()
         return p.done
 
     def cancel(self) -> bool:
@@ -229,7 +230,8 @@ class Adapter:
             for e in marked
         ]
         x, chunks = combine(stores)
-        refit = site_refit(base, x, chunks, self.settings.false_alarms_per_day)
+        from_marks = flags(stores, [False] * (len(stores) - len(marked)) + [True] * len(marked))
+        refit = site_refit(base, x, chunks, self.settings.false_alarms_per_day, from_marks)
         manifest = base.manifest.model_dump(exclude={"files", "checksum", "arrays"})
         manifest |= refit.manifest
         manifest["calibration"] = {
@@ -250,7 +252,7 @@ class Adapter:
         if bundle.features != in_use.features:
             raise LearningError("the refitted bundle's features differ from the running model's")
         summary = refit_summary(in_use.threshold, manifest)
-        self.history.record(
+        self._record(
             bundle,
             reason,
             base.path,
@@ -271,7 +273,16 @@ class Adapter:
         )
         return bundle
 
-    def _save_period(self) -> None:
+    def _record(self, bundle: Bundle, *args: Any, **detail: Any) -> None:
+        """Add a version to the history; a history that cannot be written fails the refit."""
+        try:
+            self.history.record(bundle, *args, **detail)
+        except OSError as exc:
+            shutil.rmtree(bundle.path, ignore_errors=True)
+            raise LearningError(f"could not write the model history: {exc}") from None
+
+    def save_period(self) -> None:
+        """Save a period in progress (every minute of audio, and when the daemon stops)."""
         p = self.period
         if p is None:
             return

@@ -92,7 +92,7 @@ class Controller:
         if isinstance(command, Learn | MarkNormal | Rollback):
             try:
                 return self._learning(command)
-            except SoundSentryError as exc:
+            except (SoundSentryError, OSError) as exc:
                 raise CommandError(" ".join(str(exc).split())) from None
         raise CommandError(f"unknown command {command!r}")  # pragma: no cover - union is closed
 

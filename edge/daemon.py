@@ -333,7 +333,7 @@ class Detector:
         adapter = self._adapter()
         try:
             bundle = adapter.finish(self.bundle)
-        except SoundSentryError as exc:
+        except (SoundSentryError, OSError) as exc:
             reason = " ".join(str(exc).split())
             log.error("learning: refit failed, keeping %s: %s", self.bundle.model_id, reason)
             adapter.last_refit = {"reason": "learning", "error": reason}
@@ -577,8 +577,10 @@ class Detector:
         self._load(self.bundle, self.settings, self._threshold)
 
     def finish(self) -> None:
-        """End an open anomaly and mark the state stopped."""
+        """End an open anomaly, save a learning period in progress, mark the state stopped."""
         self.close_event()
+        if self.adapter is not None:
+            self.adapter.save_period()
         self.notifier.stopping()
         self.emit_state("stopped")
 

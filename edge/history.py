@@ -97,11 +97,11 @@ class ModelHistory:
         manifest = dict(manifest)
         manifest["model_id"] = f"{stem}-site-v{version}"
         contents = {n: base.file_bytes(n) for n in base.manifest.files if n.endswith(".tflite")}
-        private_dir(self.folder)
         final = self.folder / f"{stem}-v{version}.bundle"
         tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
+            private_dir(self.folder)
+            shutil.rmtree(tmp, ignore_errors=True)
             write_bundle(tmp, manifest, contents, arrays)
             if final.exists():
                 shutil.rmtree(final)

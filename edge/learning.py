@@ -24,6 +24,7 @@ has only the site to back its threshold, and then needs MIN_AUDIO_SECONDS of it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from edge.detectors.levels import level_features
 from edge.detectors.registry import plugin_for
 from edge.detectors.thresholds import refit_manifest
 from edge.errors import SoundSentryError
+from edge.threshold import count_events, cusum_floor, window_floor
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ FEATURIZERS: dict[str, Featurize] = {
 """Kinds whose normal model is a Gaussian of per-window features, and those features."""
 TRAINING_FEATURES = "training.holdout_features"
 """Array of a bundle: the feature vectors of (at most MAX_TRAINING_WINDOWS) held-out windows."""
+FIT_CENTER = "training.fit_center"
+FIT_PRECISION = "training.fit_precision"
+"""Arrays of a bundle: the Gaussian fitted without the held-out audio (the one that scored it
+for the training threshold), in the shipped model's standardised space."""
 MAX_TRAINING_WINDOWS = 1000
 """Held-out training windows a bundle carries for refits (64 numbers each: 0.5 MB)."""
 CHUNK_SECONDS = 60.0
@@ -77,6 +83,22 @@ def featurizer(bundle: Bundle) -> Featurize:
             "(use `soundsentry calibrate` for it)"
         )
     return FEATURIZERS[kind]
+
+
+def training_summary(
+    fit: FluctuationScorer, final: FluctuationScorer, held: np.ndarray
+) -> dict[str, np.ndarray]:
+    """What `train` records for refits on site: a sample of the held-out feature vectors and
+    the Gaussian fitted without them (`fit`), moved into the standardised space of `final`."""
+    mean_raw = fit.mean + fit.std * fit.center
+    cov_raw = np.linalg.inv(fit.precision) * np.outer(fit.std, fit.std)
+    center = (mean_raw - final.mean) / final.std
+    cov = cov_raw / np.outer(final.std, final.std)
+    return {
+        TRAINING_FEATURES: training_sample(held),
+        FIT_CENTER: center,
+        FIT_PRECISION: np.linalg.inv(cov),
+    }
 
 
 def training_sample(features: np.ndarray, limit: int = MAX_TRAINING_WINDOWS) -> np.ndarray:
@@ -173,6 +195,11 @@ def combine(stores: list[FeatureStore]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(chunks)
 
 
+def flags(stores: list[FeatureStore], marked: list[bool]) -> np.ndarray:
+    """Per window of combine(stores): True for the windows of stores flagged in `marked`."""
+    return np.concatenate([np.full(len(s), m) for s, m in zip(stores, marked, strict=True)] or [[]])
+
+
 def pooled(
     trained: FluctuationScorer, n_train: float, z: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -206,46 +233,109 @@ def folds_of(chunks: np.ndarray) -> np.ndarray:
 
 
 def site_refit(
-    base: Bundle, site: np.ndarray, chunks: np.ndarray, false_alarms_per_day: float | None
+    base: Bundle,
+    site: np.ndarray,
+    chunks: np.ndarray,
+    false_alarms_per_day: float | None,
+    marked: np.ndarray | None = None,
 ) -> Refit:
-    """The refit of a Gaussian bundle with the site's feature vectors (module docstring)."""
+    """The refit of a Gaussian bundle with the site's feature vectors (module docstring).
+    `marked` flags the windows of events marked normal: they are in the model, but they do not
+    set the normal level of the scores; the threshold is only raised as far as needed for the
+    event logic to let them pass under the refitted model."""
     featurizer(base)
     trained = plugin_for(base.manifest).scorer(base)
-    hop = base.features.hop_seconds
-    n_train = max(base.manifest.training.seconds / hop, 1.0)
-    training = base.arrays.get(TRAINING_FEATURES)
-    site_seconds = len(site) * hop
-    if training is None and site_seconds < MIN_AUDIO_SECONDS:
-        raise LearningError(
-            f"{base.model_id} carries no training windows (trained before learning on site), "
-            f"so {MIN_AUDIO_SECONDS:g} s of site audio must back the threshold; there are "
-            f"{site_seconds:.1f} s: learn {MIN_AUDIO_SECONDS - site_seconds:.0f} s more"
-        )
+    marked = np.zeros(len(site), bool) if marked is None else marked
+    has_training = all(k in base.arrays for k in (TRAINING_FEATURES, FIT_CENTER, FIT_PRECISION))
+    _require_backing(base, has_training, int((~marked).sum()))
     z = trained.standardize(site) if len(site) else np.zeros((0, trained.dim))
-    center, precision = pooled(trained, n_train, z)
-    final = type(trained)(trained.mean, trained.std, center, precision)
-    held, shares = [], []
-    if training is not None:
-        held.append(final.distance(training))
-        shares.append(final.band_shares(training))
-    folds = folds_of(chunks) if len(site) else np.zeros(0, int)
-    for k in np.unique(folds):
-        out = folds == k
-        c, p = pooled(trained, n_train, z[~out])
-        model = type(trained)(trained.mean, trained.std, c, p)
-        held.append(model.distance(site[out]))
-        shares.append(model.band_shares(site[out]))
-    scores = np.concatenate(held)
-    band = np.concatenate(shares)
+    final = _model(trained, *pooled(trained, _windows(base), z))
+    held = _training_scores(base, trained, z) if has_training else []
+    held += _fold_scores(base, trained, z, chunks, marked)
+    scores = np.concatenate([s for s, _ in held])
+    manifest = refit_manifest(base, scores, false_alarms_per_day, SITE_SOURCE)
+    if marked.any():
+        held.append((final.distance(site[marked]), final.band_shares(site[marked])))
+        _let_pass(manifest["threshold"], held[-1][0])
+    band = np.concatenate([b for _, b in held])
     return Refit(
-        manifest=refit_manifest(base, scores, false_alarms_per_day, SITE_SOURCE),
+        manifest=manifest,
         arrays={
-            "statistics.center": center,
-            "statistics.precision": precision,
+            "statistics.center": final.center,
+            "statistics.precision": final.precision,
             "normal_band_error.mean": band.mean(axis=0),
             "normal_band_error.std": band.std(axis=0),
         },
     )
+
+
+Held = list[tuple[np.ndarray, np.ndarray]]
+"""Held-out scores and band shares, per group of windows."""
+
+
+def _require_backing(base: Bundle, has_training: bool, site_windows: int) -> None:
+    """Without the training summary, the site's own audio must back the threshold."""
+    seconds = site_windows * base.features.hop_seconds
+    if not has_training and seconds < MIN_AUDIO_SECONDS:
+        raise LearningError(
+            f"{base.model_id} carries no training windows (trained before learning on site), "
+            f"so {MIN_AUDIO_SECONDS:g} s of site audio must back the threshold; there are "
+            f"{seconds:.1f} s: learn {math.ceil(MIN_AUDIO_SECONDS - seconds)} s more"
+        )
+
+
+def _model(like: FluctuationScorer, center: np.ndarray, precision: np.ndarray) -> Any:
+    """A scorer of the same kind and standardisation with another centre and precision."""
+    return type(like)(like.mean, like.std, center, precision)
+
+
+def _windows(base: Bundle, held_out: bool = False) -> float:
+    """Training windows at the edge's hop (of the fit without the held-out audio)."""
+    t = base.manifest.training
+    seconds = t.seconds - (t.holdout_seconds if held_out else 0.0)
+    return max(seconds / base.features.hop_seconds, 1.0)
+
+
+def _training_scores(base: Bundle, trained: FluctuationScorer, z: np.ndarray) -> Held:
+    """The training held-out windows against the training fit without them, pooled with the
+    site: scores of unseen normal audio, as at training time."""
+    fit = _model(trained, base.arrays[FIT_CENTER], base.arrays[FIT_PRECISION])
+    model = _model(trained, *pooled(fit, _windows(base, held_out=True), z))
+    rows = base.arrays[TRAINING_FEATURES]
+    return [(model.distance(rows), model.band_shares(rows))]
+
+
+def _fold_scores(
+    base: Bundle, trained: FluctuationScorer, z: np.ndarray, chunks: np.ndarray, marked: np.ndarray
+) -> Held:
+    """The site's (unmarked) windows, a fold at a time, against the pooled model without it."""
+    site = np.flatnonzero(~marked)
+    folds = folds_of(chunks[site]) if len(site) else np.zeros(0, int)
+    held = []
+    for k in np.unique(folds):
+        out = np.zeros(len(z), bool)
+        out[site[folds == k]] = True
+        model = _model(trained, *pooled(trained, _windows(base), z[~out]))
+        raw = trained.mean + trained.std * z[out]
+        held.append((model.distance(raw), model.band_shares(raw)))
+    return held
+
+
+def _let_pass(threshold: dict[str, Any], scores: np.ndarray) -> None:
+    """Raise the threshold (and the CUSUM's h) just enough that the event logic raises no
+    event on the marked windows; recorded in the parameters."""
+    p = threshold["params"]
+    k, n, m, hop = p["k"], p["n"], p["m"], p["hop_s"]
+    floor = window_floor(scores, 0, k, n, m, hop)
+    p["marked_windows"] = len(scores)
+    p["marked_floor"] = floor
+    if count_events(scores, threshold["value"], k, n, m, hop) and floor > threshold["value"]:
+        threshold["value"] = floor
+        p["decided_by"] = "marked"
+    cusum = p.get("cusum")
+    if cusum:
+        z = (np.log(np.maximum(scores, 1e-12)) - cusum["center"]) / cusum["scale"]
+        cusum["h"] = max(cusum["h"], cusum_floor(z, 0, cusum["drift"], cusum["cap"]))
 
 
 def refit_summary(old: float, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from edge.audio_io import read_audio
 from edge.bundle import FORMAT, FORMAT_VERSION, sha256_bytes, write_bundle
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
-from edge.learning import TRAINING_FEATURES, training_sample
+from edge.learning import training_summary
 from edge.scoring import FluctuationScorer
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -267,9 +267,9 @@ def train_gaussian(
         dim * dim + 3 * dim,
         final.precision,
     )
-    # What a refit on site pools with the site's audio (edge.learning): held-out windows.
-    held = {TRAINING_FEATURES: training_sample(run.held)}
-    write_bundle(run.out, manifest | (extra or {}), {}, held)
+    # What a refit on site pools with the site's audio (edge.learning).
+    summary = training_summary(provisional, final, run.held)
+    write_bundle(run.out, manifest | (extra or {}), {}, summary)
     log.info(
         "wrote %s (threshold %.4g on %d held-out windows)",
         run.out,

@@ -1,0 +1,352 @@
+"""Learning on site with real parts: the minimum-audio refusal and training summary of the real
+CLI, a commissioning period on recordings (`replay --config`) and on a PulseAudio microphone
+with a real broker, `mark_normal` then replay, rollback, a failing refit, and the threshold and
+mute that survive a restart."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import (
+    AE_BUNDLE,
+    ANOMALOUS_FILE,
+    DEMO_BUNDLE,
+    DEMO_CLIP,
+    NORMAL_FILES,
+    ROOT,
+    SOUNDSENTRY,
+    Broker,
+    cli,
+    wait_for,
+)
+from mqtt_helpers import Subscriber
+
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle
+from edge.control import Controller
+from edge.daemon import Detector, JsonLinesSink
+from edge.learning import FIT_CENTER, TRAINING_FEATURES
+from edge.settings import load_settings
+from edge.sources import FileSource
+
+RATE = 16000
+LEARN_S = 15.0
+"""Shorter than the 18 s of windows in the four fixture recordings: the period ends in them."""
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def other_fault(tmp_path: Path) -> Path:
+    """A real fault of another recording (MIMII anomalous clip 2, inside the demo clip)."""
+    path = tmp_path / "other-fault.wav"
+    clip = read_audio(DEMO_CLIP, RATE)
+    sf.write(path, clip[int(5.5 * RATE) : int(10.5 * RATE)], RATE, subtype="PCM_16")
+    return path
+
+
+class Device:
+    """A Detector with persistence over a data_dir, as `replay` builds it; each `replay` is a
+    restart (a new Detector on the same data_dir) that plays files and returns the events."""
+
+    def __init__(self, tmp_path: Path, bundle: Path = DEMO_BUNDLE, **learning: float) -> None:
+        self.bundle = bundle
+        self.data = tmp_path / "data"
+        self.learning = learning
+        self.detector: Detector | None = None
+
+    def settings(self) -> object:
+        return load_settings(
+            None,
+            model=self.bundle,
+            data_dir=self.data,
+            device_id="site",
+            detector={"cooldown_seconds": 0},
+            learning=self.learning,
+        )
+
+    def replay(self, *files: Path) -> list[dict]:
+        out = io.StringIO()
+        self.detector = Detector(
+            self.settings(), load_bundle(self.bundle), [JsonLinesSink(out)], persist=True
+        )
+        self.detector.run(FileSource(list(files), RATE))
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    def command(self, **payload: object) -> object:
+        assert self.detector is not None
+        return Controller(self.detector).handle_payload(json.dumps(payload).encode())
+
+
+def starts(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["type"] == "start"]
+
+
+# --- honest training ---------------------------------------------------------------------------
+
+
+def test_train_refuses_too_little_audio_and_summarises_what_backs_the_threshold(
+    tmp_path: Path,
+) -> None:
+    short = cli(
+        "train", "--normal", str(NORMAL_FILES[0]), "--out", str(tmp_path / "a"), check=False
+    )
+    assert short.returncode == 1
+    assert short.stderr.strip().splitlines() == [
+        "soundsentry: error: train: 5.0 s of normal audio is too little: at least 10 s is "
+        "needed (record 5 s more; 300 s or more is recommended)"
+    ]
+    out = tmp_path / "fan.bundle"
+    proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
+    assert "audio: 20 s from 4 recording(s): 16 s fitted the model that scored 4 s" in proc.stdout
+    assert "predicted false alarms per day" in proc.stdout and "95% interval" in proc.stdout
+    assert "warning: only 20 s of normal audio; 300 s or more is recommended" in proc.stdout
+    bundle = load_bundle(out)  # what a refit on site pools with the site's audio
+    assert bundle.array(TRAINING_FEATURES).shape[1] == bundle.features.n_mels
+    assert bundle.array(FIT_CENTER).shape == (bundle.features.n_mels,)
+    cal = cli(
+        "calibrate", str(out), "--normal", str(NORMAL_FILES[1]), "--out", str(tmp_path / "c"),
+        check=False,
+    )  # fmt: skip
+    assert cal.returncode == 1 and "record 5 s more" in cal.stderr
+    ok = cli("calibrate", str(out), "--normal", *map(str, NORMAL_FILES[:2]), "--out",
+             str(tmp_path / "site.bundle"))  # fmt: skip
+    assert "audio: 10 s from 2 recording(s)" in ok.stdout and "warning: only 10 s" in ok.stdout
+
+
+# --- a commissioning period on files -----------------------------------------------------------
+
+
+def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(f'device_id = "site"\n[learning]\nseconds = {LEARN_S}\n')
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}  # the environment beats the file
+    first = cli("--log-level", "INFO", "replay", str(DEMO_BUNDLE), *map(str, NORMAL_FILES),
+                str(ANOMALOUS_FILE), "--config", str(config), env=env)  # fmt: skip
+    assert "learning: started, 15 s of audio" in first.stderr
+    assert "learning: ended after 15 s of audio (30 windows)" in first.stderr
+    events = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len(starts(events)) == 1, "the normal recordings raise nothing, the fault does"
+    assert starts(events)[0]["model"] == "fan-demo-12483c73-site-v1"
+    assert starts(events)[0]["stream_offset_s"] >= LEARN_S
+    history = json.loads((tmp_path / "data" / "models" / "history.json").read_text())
+    (entry,) = history["entries"]
+    assert history["active"] == 1 and entry["reason"] == "learning"
+    learned = load_bundle(entry["path"])
+    assert Path(entry["path"]).parent == tmp_path / "data" / "models"
+    assert learned.manifest.calibration["reason"] == "learning"
+    assert learned.manifest.calibration["windows"] == 30
+    assert learned.threshold == pytest.approx(entry["new_threshold"], rel=1e-5)
+    again = cli("--log-level", "INFO", "replay", str(DEMO_BUNDLE), str(ANOMALOUS_FILE),
+                "--config", str(config), env=env)  # fmt: skip
+    assert "using version 1 (fan-demo-12483c73-site-v1, learning)" in again.stderr
+    assert "learning: started" not in again.stderr, "a model learns once, not at every start"
+    assert [e["model"] for e in starts(map(json.loads, again.stdout.splitlines()))] == [
+        "fan-demo-12483c73-site-v1"
+    ]
+
+
+# --- that was normal, and rollback ----------------------------------------------------------
+
+
+def test_mark_normal_then_replay_rollback_and_the_audit_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = Device(tmp_path, seconds=LEARN_S)
+    assert starts(device.replay(*NORMAL_FILES)) == []
+    learned = device.detector.bundle.model_id
+    assert learned.endswith("-site-v1")
+    device.learning = {}
+    fault = starts(device.replay(ANOMALOUS_FILE))
+    assert len(fault) == 1, "the sound the operator will call normal raises an event"
+    caplog.set_level(logging.INFO, logger="edge.control")
+    reply = device.command(command="mark_normal", event_id="last", id="op-17")
+    assert reply.ok, reply.detail
+    assert f"event {fault[0]['event_id']} marked normal" in reply.detail
+    assert "threshold" in reply.detail and "->" in reply.detail
+    assert "predicted false alarms per day" in reply.detail
+    assert reply.status["last_refit"]["old_threshold"] == pytest.approx(
+        load_bundle(device.data / "models" / "fan-demo-12483c73-v1.bundle").threshold, rel=1e-5
+    )
+    assert any("command mark_normal (id op-17)" in r.message for r in caplog.records)
+    assert [h["reason"] for h in reply.status["history"]] == ["mark_normal", "learning"]
+    assert starts(device.replay(ANOMALOUS_FILE)) == [], "the same sound no longer alarms"
+    assert len(starts(device.replay(other_fault(tmp_path)))) == 1, "another fault still does"
+    assert starts(device.replay(*NORMAL_FILES)) == []
+
+    reply = device.command(command="rollback", id="rb-1")
+    assert reply.ok and reply.detail == f"rolled back to {learned}"
+    assert reply.status["version"] == 1
+    assert len(starts(device.replay(ANOMALOUS_FILE))) == 1, "back to the model before the mark"
+    assert device.detector.bundle.model_id == learned, "a rollback survives a restart"
+    assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73"
+    refused = device.command(command="rollback", id="rb-3")
+    assert not refused.ok and "no version to roll back" in refused.detail
+    assert any("rejected command rollback (id rb-3)" in r.message for r in caplog.records)
+
+
+def test_mark_normal_of_an_unknown_event_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    reply = device.command(command="mark_normal", event_id="0123456789abcdef")
+    assert not reply.ok and "no windows of event 0123456789abcdef are kept" in reply.detail
+    bad = device.command(command="mark_normal", event_id="../etc")
+    assert not bad.ok and "event_id" in bad.detail
+    assert device.detector.bundle.model_id == "fan-demo-12483c73"
+    assert not (device.data / "models" / "history.json").exists()
+
+
+# --- a failing refit ---------------------------------------------------------------------------
+
+
+def test_a_refit_that_fails_keeps_the_running_model(tmp_path: Path) -> None:
+    device = Device(tmp_path, seconds=4.0)  # fan-demo carries no training windows: 10 s needed
+    assert starts(device.replay(NORMAL_FILES[0])) == []
+    status = device.detector.status()
+    assert status["model"] == "fan-demo-12483c73" and status["state"] == "normal"
+    assert status["learning"] is None and "learn 6 s more" in status["last_refit"]["error"]
+    assert not (device.data / "models").exists(), "no version was written"
+    device.learning = {}
+    assert len(starts(device.replay(ANOMALOUS_FILE))) == 1, "detection goes on as before"
+
+    (device.data / "models").write_text("not a folder")  # the versions cannot be written
+    reply = device.command(command="learn", action="start", seconds=LEARN_S)
+    assert reply.ok and device.detector.current_state() == "learning"
+    device.replay(*NORMAL_FILES)
+    assert device.detector.bundle.model_id == "fan-demo-12483c73"
+    assert "could not write" in device.detector.status()["last_refit"]["error"]
+    assert not list(device.data.glob("models*/**/*.bundle"))
+
+
+# --- remote changes that persist ---------------------------------------------------------------
+
+
+def test_threshold_and_mute_survive_a_restart_and_the_threshold_belongs_to_its_model(
+    tmp_path: Path,
+) -> None:
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    value = load_bundle(DEMO_BUNDLE).threshold * 1.5
+    assert device.command(command="set_threshold", value=value, id="t1").ok
+    assert device.command(command="mute", minutes=30, id="m1").ok
+    events = device.replay(ANOMALOUS_FILE)  # a restart
+    d = device.detector
+    assert d.threshold == pytest.approx(value) and d.status()["muted_until"] is not None
+    assert starts(events) == [], "muted across the restart"
+    assert device.command(command="unmute").ok
+    assert device.replay(NORMAL_FILES[0]) == [] and device.detector.muted_until == 0.0
+    assert device.detector.threshold == pytest.approx(value)
+    device.detector.use_bundle(load_bundle(AE_BUNDLE), reason="reload")
+    assert device.detector.threshold == pytest.approx(load_bundle(AE_BUNDLE).threshold)
+    state = json.loads((device.data / "state.json").read_text())
+    assert state["threshold"] is None and state["model"] == load_bundle(AE_BUNDLE).model_id
+
+
+# --- the trend ---------------------------------------------------------------------------------
+
+
+def test_the_anomaly_index_is_about_one_on_normal_audio_and_high_on_a_fault(
+    tmp_path: Path,
+) -> None:
+    device = Device(tmp_path)
+    device.replay(*NORMAL_FILES)
+    normal = device.detector.status()["anomaly_index"]
+    device.replay(ANOMALOUS_FILE)
+    fault = device.detector.status()["anomaly_index"]
+    assert 0.5 < normal < 1.5 and fault > 1.5 * normal, (normal, fault)
+
+
+# --- the daemon on a microphone, with a broker -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_commissioning_on_a_pulseaudio_microphone_ends_in_a_version_used_after_a_restart(
+    pulse: str, broker: Broker, tmp_path: Path
+) -> None:
+    normal = tmp_path / "normal.wav"
+    audio = np.concatenate([read_audio(f, RATE) for f in NORMAL_FILES])
+    sf.write(normal, np.tile(audio, 6), RATE, subtype="PCM_16")
+    config = tmp_path / "mic.toml"
+    config.write_text(
+        f'device_id = "mic"\ndata_dir = "{tmp_path / "data"}"\nstate_interval_seconds = 1\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nmetrics_interval_seconds = 1\n'
+    )
+    sub = Subscriber(broker.port, "soundsentry/mic/#")
+    player = subprocess.Popen(["paplay", "-d", "machine", str(normal)])
+    log = tmp_path / "daemon.log"
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*SOUNDSENTRY, "--log-level", "INFO", "run", "--model", str(DEMO_BUNDLE), "--device",
+             "pulse", "--config", str(config)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("a"), text=True,
+            env={**_env(), "PULSE_SOURCE": pulse},
+        )  # fmt: skip
+
+    def send(**payload: object) -> dict:
+        before = len(sub.on("/response"))
+        sub.client.publish("soundsentry/mic/set", json.dumps(payload), qos=1)
+        assert sub.wait_for(lambda _: len(sub.on("/response")) > before, timeout=15), payload
+        return sub.on("/response")[-1].json()
+
+    def states() -> list[dict]:
+        return [m.json() for m in sub.on("/state") if m.payload.startswith("{")]
+
+    proc = start()
+    try:
+        assert sub.wait_for(lambda ms: any(m.payload == "online" for m in ms), timeout=20)
+        reply = send(command="learn", action="start", seconds=10, id="l-1")
+        assert reply["ok"] and reply["id"] == "l-1", reply
+        wait_for(
+            lambda: any(s["state"] == "learning" and 0 < s.get("progress", 0) < 1
+                        for s in states()),
+            20, "state `learning` with its progress", lambda: states()[-3:],
+        )  # fmt: skip
+        learned = wait_for(
+            lambda: next((s["model"] for s in states() if s["model"].endswith("-site-v1")), None),
+            30, "the learned version in use", lambda: states()[-3:],
+        )  # fmt: skip
+        index = wait_for(
+            lambda: [m.json()["anomaly_index"] for m in sub.on("/metrics")
+                     if m.json().get("anomaly_index") is not None],
+            20, "the anomaly index in metrics",
+        )  # fmt: skip
+        assert 0 < index[-1] < 5
+        value = load_bundle(DEMO_BUNDLE).threshold  # within the learned one's bounds
+        assert send(command="set_threshold", value=value, id="th-1")["ok"]
+        assert send(command="mute", minutes=60, id="mu-1")["ok"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        sub.messages.clear()
+        proc = start()
+        wait_for(
+            lambda: any(s["model"] == learned and s["state"] == "muted" for s in states()),
+            30, "the learned version, still muted, after the restart", lambda: states()[-3:],
+        )  # fmt: skip
+        status = send(command="status", id="st-1")["status"]
+        assert status["threshold"] == pytest.approx(value) and status["version"] == 1
+        assert [h["reason"] for h in status["history"]] == ["learning"]
+        text = log.read_text()
+        for line in ("command learn (id l-1)", "command set_threshold (id th-1)",
+                     "command mute (id mu-1)", "using version 1"):  # fmt: skip
+            assert line in text, line
+    finally:
+        proc.kill()
+        player.kill()
+        sub.close()
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "SOUNDSENTRY_DATA_DIR"}
