@@ -81,6 +81,10 @@ class Sink:
     def response(self, message: ResponseMessage) -> None:
         """A reply to a command."""
 
+    def window(self, step: Step, threshold: float) -> None:
+        """One scored window and the threshold in force (live views; called often, keep it
+        cheap)."""
+
 
 class JsonLinesSink(Sink):
     """Every event as one JSON line (stdout by default)."""
@@ -175,6 +179,8 @@ class Detector:
         self._running_s = 0.0
         self._band_sum: np.ndarray | None = None
         self._band_n = 0
+        self.clip_url: Callable[[str], str] | None = None
+        """Gives the URL a clip is served at (set when the dashboard runs)."""
         rate = bundle.features.samplerate
         h = settings.health
         self.health = AudioHealth(rate, h.fault_seconds, h.clip_fraction)
@@ -534,6 +540,8 @@ class Detector:
                 self.emit_state()
             if self.on_step:
                 self.on_step(step)
+            for sink in self.sinks:
+                sink.window(step, self.pipeline.threshold)
             self._track_bands(step)
             for transition in step.transitions:
                 self._dispatch(transition)
@@ -666,6 +674,7 @@ class Detector:
             clip_seconds=clip[1] if clip else None,
             label=t.label,
             machine=self._machine,
+            clip_url=self.clip_url(clip[0]) if clip and self.clip_url else None,
         )
 
     # --- reports ---------------------------------------------------------------------------

@@ -60,6 +60,8 @@ class EventMessage(_Payload):
     machine: str | None = None
     """The machine's state when the event was raised: `running`, or the name of the state
     folder it was trained with."""
+    clip_url: str | None = None
+    """Where the dashboard serves the clip (set when `[web]` is enabled)."""
     schema: int = field(default=SCHEMA)
 
 

@@ -43,12 +43,15 @@ def run_detector(
         if controller is not None:  # commands before the loop exists wait for a resend
             controller.submit_payload(payload)
 
+    dashboard = _dashboard(settings)  # bound first: a taken port fails before anything starts
     publisher = _publisher(settings, bundle, on_command) if settings.mqtt.host else None
     sinks: list[Sink] = []
     if publisher is not None:
         sinks.append(MqttSink(publisher))  # spooled durably before it is printed
     if print_events:
         sinks.append(JsonLinesSink())
+    if dashboard is not None:
+        sinks.append(dashboard.live)
     sinks.append(EventLogSink(settings.data_dir))  # the device's own record: `events`
     sinks.extend(extra_sinks)
     spool = publisher.spool if publisher is not None else None
@@ -61,6 +64,8 @@ def run_detector(
         persist=True,  # threshold, mute and learned models survive a restart (data_dir)
     )
     controller = Controller(detector, reload_settings)
+    if dashboard is not None:
+        dashboard.start(detector, controller.handle_payload)
 
     def stop() -> None:
         detector.stop()
@@ -73,6 +78,8 @@ def run_detector(
     try:
         detector.run(source)
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         if publisher is not None:
             publisher.close(CLOSE_FLUSH_S)
             publisher.spool.close()
@@ -97,6 +104,15 @@ def _publisher(settings: Settings, bundle: Bundle, on_command: Callable[[bytes],
     if settings.mqtt.discovery:
         publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold))
     return publisher
+
+
+def _dashboard(settings: Settings) -> Any:
+    """The dashboard's server, bound but not yet serving, when `[web]` is enabled."""
+    if not settings.web.enabled:
+        return None
+    from edge.web.server import Dashboard
+
+    return Dashboard(settings)
 
 
 def _install_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None:

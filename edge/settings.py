@@ -152,6 +152,55 @@ class HealthSettings(_Section):
     )
 
 
+WEB_PORT = 8080
+"""Default dashboard port."""
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host name or address that only this machine can reach."""
+    import ipaddress
+
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class WebSettings(_Section):
+    """The dashboard the daemon serves: live state, events, clips, actions, /metrics."""
+
+    enabled: bool = Field(False, description="Serve the dashboard and its JSON endpoints.")
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        max_length=253,
+        description="Address to listen on; beyond loopback a token_file is required.",
+    )
+    port: int = Field(WEB_PORT, ge=1, le=65535, description="TCP port of the dashboard.")
+    token_file: Path | None = Field(
+        None,
+        description="File whose first line is the access token (required beyond loopback); "
+        "unset on loopback = no token.",
+    )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Base URL others reach the dashboard at (clip links in events); "
+        "unset = http://{host}:{port}, with the host name when bound to all addresses.",
+    )
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> WebSettings:
+        if self.enabled and not is_loopback(self.host) and self.token_file is None:
+            raise ValueError(
+                f"host {self.host!r} is reachable beyond this machine: set web.token_file"
+            )
+        return self
+
+
 class LearningSettings(_Section):
     """Learning on site: a commissioning period, "that was normal" feedback and the bundle
     versions they make (edge/learning.py, edge/history.py)."""
@@ -225,6 +274,7 @@ class Settings(BaseSettings):
     clips: ClipSettings = Field(default_factory=ClipSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @property
     def model_folders(self) -> list[Path]:

@@ -336,7 +336,7 @@ def _positive_float(text: str) -> float:
 def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS:
-        _require("tensorflow", "train", f"train --detector {args.detector}")
+        _require("tensorflow", "train", _train_command(args))
     from edge.advice import bundle_summary
     from edge.bundle import load_bundle
     from train.augment import Augmenter
@@ -381,6 +381,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
     return 0
+
+
+def _train_command(args: argparse.Namespace) -> str:
+    """How the user asked for a network, as the missing-extra message names it."""
+    if args.classes:
+        return "train --classes"
+    if args.normal_states:
+        return "train --normal-states"
+    return f"train --detector {args.detector}"
 
 
 def _train_embedding(args: argparse.Namespace) -> int:
@@ -637,8 +646,8 @@ def _require(module: str, extra: str, what: str) -> None:
 
     try:
         importlib.import_module(module)
-    except ImportError:
-        raise SoundSentryError(_needs(what, extra, module)) from None
+    except ImportError as exc:  # name the module that is missing (Keras under TensorFlow)
+        raise SoundSentryError(_needs(what, extra, exc.name or module)) from None
 
 
 def _load(path: Path | None) -> Any:

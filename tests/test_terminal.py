@@ -218,25 +218,27 @@ def test_level_verdict_and_gap_note_name_what_is_wrong() -> None:
 
 BLOCKED = ("matplotlib", "tensorflow", "keras", "librosa", "scipy", "tqdm")
 """The modules of the [train] and [report] extras: absent on the bare install."""
-BARE = f"""
+BARE = """
 import sys
+BLOCKED = set(sys.argv[1].split(","))
 class Bare:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {BLOCKED!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        if name in BLOCKED or name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, Bare())
-for name in list(sys.modules):
-    if name.partition(".")[0] in {BLOCKED!r}:
-        del sys.modules[name]
 from soundsentry.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[2:]))
 """
 
 
-def bare(*args: str) -> subprocess.CompletedProcess[str]:
+def bare(*args: str, blocked: tuple[str, ...] = BLOCKED) -> subprocess.CompletedProcess[str]:
     """The real command with the extras' modules made unimportable (an import hook)."""
     return subprocess.run(
-        [sys.executable, "-c", BARE, *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+        [sys.executable, "-c", BARE, ",".join(blocked), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
 
 
@@ -257,9 +259,25 @@ def test_commands_that_need_an_extra_say_which_in_one_line(tmp_path: Path) -> No
     assert proc.stdout == "" and not report.exists()  # nothing scored, nothing half-written
     _one_line_error(bare("spectrogram", str(DEMO_CLIP), "--out", str(tmp_path / "s.png")), "report")
     out = tmp_path / "ae.bundle"
-    proc = bare("train", "--detector", "autoencoder", "--normal", *map(str, NORMAL_FILES), "--out")
-    _one_line_error(bare(*proc.args[3:], str(out)), "train")
+    train = ("train", "--detector", "autoencoder", "--normal", *map(str, NORMAL_FILES))
+    _one_line_error(bare(*train, "--out", str(out)), "train")
+    classes = bare("train", "--classes", str(tmp_path), "--out", str(out))
+    _one_line_error(classes, "train")
+    assert "`train --classes` needs" in classes.stderr
+    keras = bare(*train, "--out", str(out), blocked=("keras",))  # TensorFlow needs Keras
+    _one_line_error(keras, "train")
+    assert "(keras is not installed)" in keras.stderr
     assert not out.exists()
+    # a broken install (matplotlib without pyplot) fails where it is imported: still one line
+    png = bare(
+        "spectrogram",
+        str(DEMO_CLIP),
+        "--out",
+        str(tmp_path / "s.png"),
+        blocked=("matplotlib.pyplot",),
+    )
+    _one_line_error(png, "report")
+    assert "(matplotlib.pyplot is not installed)" in png.stderr
     works = bare("evaluate", str(DEMO_BUNDLE), *files)  # the hook leaves the bare path working
     assert works.returncode == 0 and "AUC" in works.stdout, works.stderr
 

@@ -1,0 +1,83 @@
+"""Who may read and act: a bearer token when one is configured, loopback callers otherwise.
+
+There are no cookies, so a page on another site cannot ride on a logged-in browser (no CSRF):
+the dashboard sends the token in an `Authorization` header, and actions also need a JSON body,
+which a cross-site form cannot send without a CORS preflight this server never grants. Clip
+and spectrogram URLs carry a per-file key derived from the token, so a link in an event can be
+opened on a phone without handing out the token itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from edge.errors import SettingsError
+from edge.settings import WebSettings, is_loopback
+
+MIN_TOKEN_CHARS = 16
+"""Shorter tokens are refused: the dashboard may face a whole network."""
+CLIP_KEY_CHARS = 32
+
+
+def read_token(web: WebSettings) -> str | None:
+    """The access token from `web.token_file` (its first line), or None when none is set."""
+    path = web.token_file
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text().strip().splitlines()
+    except FileNotFoundError:
+        raise SettingsError(f"web.token_file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise SettingsError(f"web.token_file {path}: {reason}") from None
+    token = lines[0].strip() if lines else ""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise SettingsError(
+            f"web.token_file {path}: the token must be at least {MIN_TOKEN_CHARS} characters"
+        )
+    return token
+
+
+def clip_key(token: str, name: str) -> str:
+    """The key that opens one clip (and its spectrogram) without the token."""
+    digest = hmac.new(token.encode(), f"clip:{name}".encode(), hashlib.sha256).hexdigest()
+    return digest[:CLIP_KEY_CHARS]
+
+
+class Gate:
+    """Decides whether a request may read, act, or open one clip."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+
+    def bearer_ok(self, authorization: str | None) -> bool:
+        """True without a token, or when the header is `Bearer <token>`."""
+        if self.token is None:
+            return True
+        scheme, _, value = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self.token.encode()
+        )
+
+    def clip_ok(self, authorization: str | None, name: str, key: str | None) -> bool:
+        """True with the token, or with the clip's own key."""
+        if self.bearer_ok(authorization):
+            return True
+        assert self.token is not None  # bearer_ok is True without a token
+        expected = clip_key(self.token, name).encode()
+        return key is not None and hmac.compare_digest(key.encode(), expected)
+
+    def host_ok(self, host_header: str | None) -> bool:
+        """Without a token only loopback names may be asked for (a page that rebinds its DNS
+        name to 127.0.0.1 must not read or drive the dashboard)."""
+        if self.token is not None:
+            return True
+        try:
+            name = urlsplit(f"//{(host_header or '').strip()}").hostname
+        except ValueError:
+            return False
+        return bool(name) and is_loopback(name)

@@ -1,0 +1,182 @@
+"""What the dashboard shows, kept up to date by the daemon loop and fanned out to browsers.
+
+`LiveView` is a daemon `Sink`: its methods run on the loop thread and only copy small dicts
+under a lock and hand them to each connected stream's bounded queue; HTTP threads read the
+snapshot and their own queue. A browser that stops reading is dropped, never waited for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from edge.daemon import Sink
+from edge.messages import (
+    EventMessage,
+    HealthMessage,
+    MetricsMessage,
+    ResponseMessage,
+    StateMessage,
+    iso,
+)
+from edge.pipeline import Step
+
+log = logging.getLogger(__name__)
+
+RECENT_EVENTS = 50
+"""Anomalies kept for the page and /api/events (newest first)."""
+STREAM_QUEUE = 256
+"""Messages waiting for one browser; a browser this far behind is dropped."""
+MAX_STREAMS = 8
+"""Browsers connected at once; more are refused (a Pi serves a few people, not a crowd)."""
+STATUS_EVERY_S = 1.0
+"""The daemon's status report is refreshed at most this often."""
+
+
+class Stream:
+    """One connected browser: a bounded queue of (event name, JSON text)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[str, str]] = queue.Queue(STREAM_QUEUE)
+        self.dropped = False
+
+    def offer(self, name: str, text: str) -> None:
+        """Queue a message; a full queue marks the stream dropped."""
+        try:
+            self.queue.put_nowait((name, text))
+        except queue.Full:
+            self.dropped = True
+
+
+class LiveView(Sink):
+    """The latest state, health, window, metrics and recent events, and their live streams."""
+
+    def __init__(self, decorate: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+        self._lock = threading.Lock()
+        self._streams: list[Stream] = []
+        self._decorate = decorate or (lambda event: event)
+        self._events: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.state_: dict[str, Any] | None = None
+        self.health_: dict[str, Any] | None = None
+        self.metrics_: dict[str, Any] | None = None
+        self.window_: dict[str, Any] | None = None
+        self.status_: dict[str, Any] = {}
+        self.events_started = 0
+        self._status_source: Callable[[], dict[str, Any]] | None = None
+        self._status_at = float("-inf")
+
+    def attach(self, status: Callable[[], dict[str, Any]]) -> None:
+        """Read the daemon's status report (on the loop thread) through `status`."""
+        self._status_source = status
+
+    # --- the daemon loop's side ------------------------------------------------------------
+
+    def event(self, message: EventMessage) -> None:
+        """Merge an anomaly's start, updates and end into one record."""
+        data = self._decorate(message.to_dict())
+        with self._lock:
+            record = self._events.pop(message.event_id, {})
+            record.update(data)
+            self._events[message.event_id] = record
+            while len(self._events) > RECENT_EVENTS:
+                self._events.popitem(last=False)
+            if message.type == "start":
+                self.events_started += 1
+        self._publish("event", record)
+
+    def state(self, message: StateMessage) -> None:
+        """The state (normal, anomaly, muted, fault, learning...), with the status report."""
+        self.state_ = message.to_dict()
+        self._refresh_status(force=True)
+        self._publish("state", self.state_)
+
+    def health(self, message: HealthMessage) -> None:
+        """A health change."""
+        self.health_ = message.to_dict()
+        self._publish("health", self.health_)
+
+    def metrics(self, message: MetricsMessage) -> None:
+        """Periodic metrics (for /metrics)."""
+        self.metrics_ = message.to_dict()
+
+    def response(self, message: ResponseMessage) -> None:
+        """Replies to every command, whoever sent it."""
+        self._publish("response", message.to_dict())
+
+    def window(self, step: Step, threshold: float) -> None:
+        """One scored window: score, threshold, level and machine state."""
+        self.window_ = {
+            "at": iso(time.time()),
+            "score": round(float(step.window.score), 6),
+            "threshold": round(float(threshold), 6),
+            "level_dbfs": round(float(step.level_dbfs), 1),
+            "machine": step.machine,
+            "dead": step.dead,
+        }
+        self._refresh_status()
+        self._publish("window", self.window_)
+
+    def _refresh_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._status_source is None or (not force and now - self._status_at < STATUS_EVERY_S):
+            return
+        self._status_at = now
+        self.status_ = self._status_source()
+
+    # --- the HTTP side ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the page shows at once."""
+        return {
+            "state": self.state_,
+            "health": self.health_,
+            "window": self.window_,
+            "status": self.status_,
+        }
+
+    def events(self) -> list[dict[str, Any]]:
+        """Recent anomalies, newest first."""
+        with self._lock:
+            return [dict(e) for e in reversed(self._events.values())]
+
+    def open_stream(self) -> Stream | None:
+        """A new stream, or None when MAX_STREAMS are connected."""
+        with self._lock:
+            if len(self._streams) >= MAX_STREAMS:
+                return None
+            stream = Stream()
+            self._streams.append(stream)
+            return stream
+
+    def close_stream(self, stream: Stream) -> None:
+        """Forget a stream (its browser left or fell behind)."""
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
+    def close_streams(self) -> None:
+        """Ask every stream to end (the daemon is stopping)."""
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.offer("close", "")
+
+    @property
+    def stream_count(self) -> int:
+        """Browsers connected now."""
+        return len(self._streams)
+
+    def _publish(self, name: str, data: dict[str, Any]) -> None:
+        if not self._streams:
+            return
+        text = json.dumps(data, separators=(",", ":"))
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.offer(name, text)

@@ -1,0 +1,101 @@
+"""`/metrics` in the Prometheus text format, read from the live view at each scrape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edge.web.live import LiveView
+
+STATES = ("normal", "anomaly", "muted", "fault", "learning", "starting", "stopped")
+"""Values of soundsentry_state (one series each, 1 for the current one)."""
+# Metrics message fields exported as gauges: (field, metric name, help).
+_FROM_METRICS = (
+    ("realtime_factor", "realtime_factor", "Processing time per second of audio."),
+    ("inference_ms_p50", "inference_ms_p50", "Median per-window processing time, ms."),
+    ("inference_ms_p95", "inference_ms_p95", "95th percentile per-window processing time, ms."),
+    ("queue_depth", "capture_queue_depth", "Audio blocks waiting in the capture queue."),
+    ("spool_depth", "spool_depth", "Messages waiting in the durable spool."),
+    ("running_hours", "machine_running_hours", "Hours the machine ran since the start."),
+    ("cpu_temp_c", "cpu_temperature_celsius", "SoC temperature."),
+)
+_COUNTERS = (
+    ("dropped_blocks", "dropped_blocks", "Audio blocks dropped by the capture queue."),
+    ("overflows", "capture_overflows", "Input overflows reported by the audio device."),
+    ("spool_dropped", "spool_dropped", "Spooled messages dropped at the spool bound."),
+    ("commands_shed", "commands_shed", "Commands shed by a full command queue."),
+)
+
+
+class LiveCollector(Collector):
+    """Gauges and counters from the live view, labelled with the device and model."""
+
+    def __init__(self, live: LiveView, device_id: str) -> None:
+        self.live = live
+        self.device_id = device_id
+
+    def collect(self) -> Iterator[Any]:
+        """Yield the metric families of one scrape."""
+        live, state, window = self.live, self.live.state_ or {}, self.live.window_ or {}
+        labels = {"device_id": self.device_id}
+        yield _gauge("score", "Anomaly score of the latest window.", labels, window.get("score"))
+        yield _gauge("threshold", "Decision threshold in force.", labels, state.get("threshold"))
+        yield _gauge(
+            "level_dbfs",
+            "Input level of the latest window, dBFS.",
+            labels,
+            window.get("level_dbfs"),
+        )
+        current = state.get("state")
+        family = GaugeMetricFamily(
+            "soundsentry_state", "1 for the current state.", labels=["device_id", "state"]
+        )
+        for name in STATES:
+            family.add_metric([self.device_id, name], 1.0 if name == current else 0.0)
+        yield family
+        faults = (live.health_ or {}).get("faults", [])
+        yield _gauge("health_faults", "Active audio faults.", labels, len(faults))
+        windows = (live.status_ or {}).get("windows_scored")
+        yield _counter("windows_scored", "Windows scored.", labels, windows)
+        yield _counter("events", "Anomalies started.", labels, live.events_started)
+        yield _gauge(
+            "dashboard_streams", "Browsers connected to the live stream.", labels, live.stream_count
+        )
+        metrics = live.metrics_ or {}
+        for field, name, text in _FROM_METRICS:
+            yield _gauge(name, text, labels, metrics.get(field))
+        for field, name, text in _COUNTERS:
+            yield _counter(name, text, labels, metrics.get(field))
+
+
+def _gauge(name: str, text: str, labels: dict[str, str], value: float | None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(f"soundsentry_{name}", text, labels=list(labels))
+    if value is not None:
+        family.add_metric(list(labels.values()), float(value))
+    return family
+
+
+def _counter(
+    name: str, text: str, labels: dict[str, str], value: float | None
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"soundsentry_{name}", text, labels=list(labels))
+    if value is not None:
+        family.add_metric(list(labels.values()), float(value))
+    return family
+
+
+def registry_for(live: LiveView, device_id: str) -> CollectorRegistry:
+    """A registry with the live metrics and the process's own (CPU seconds, resident memory)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LiveCollector(live, device_id))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The registry in the Prometheus text format."""
+    return generate_latest(registry)

@@ -1,0 +1,371 @@
+"""The dashboard's HTTP server: the page, JSON endpoints, the live stream, clips, actions and
+/metrics, on the standard library's ThreadingHTTPServer (no framework to install on the Pi).
+
+Requests run on their own threads and touch the daemon only through the live view (copies
+made by the loop) and `Detector.submit`, the queue MQTT commands use as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import re
+import socket
+import threading
+from base64 import b64encode
+from collections.abc import Callable
+from functools import lru_cache
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from edge.commands import MAX_COMMAND_BYTES
+from edge.errors import SoundSentryError
+from edge.features import FeatureParams
+from edge.settings import Settings, WebSettings
+from edge.web.auth import Gate, clip_key, read_token
+from edge.web.live import LiveView, Stream
+from edge.web.png import clip_spectrogram_png
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("dashboard.html")
+COMMAND_WAIT_S = 10.0
+"""How long an action waits for the daemon loop's reply."""
+KEEPALIVE_S = 15.0
+"""A comment line is sent this often on an idle stream, so proxies keep it open."""
+SPECTROGRAMS_CACHED = 16
+CLIP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(wav|png)$")
+"""Clip names as edge/clips.py writes them (and their spectrograms); nothing else is served."""
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+class Dashboard:
+    """The server, bound at construction (a taken port fails at start) and served on a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        try:
+            from edge.web.prometheus import registry_for
+        except ImportError:
+            raise SoundSentryError(
+                "the dashboard needs the [web] extra: pip install 'soundsentry[web]'"
+            ) from None
+        self.web = settings.web
+        self.token = read_token(self.web)
+        self.gate = Gate(self.token)
+        self.clips = settings.data_dir / "clips"
+        self.live = LiveView(self._links)
+        self.registry = registry_for(self.live, settings.device_id)
+        self.page, self.csp = _page(PAGE.read_bytes())
+        self.submit: Callable[[Callable[[], None]], bool] = lambda work: False
+        self.features: Callable[[], FeatureParams] | None = None
+        self._handle_payload: Callable[[bytes], Any] = lambda payload: None
+        self._server = _bind(self.web, self)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="web", daemon=True)
+
+    @property
+    def port(self) -> int:
+        """The port listened on."""
+        return int(self._server.server_address[1])
+
+    def start(self, detector: Any, handle_payload: Callable[[bytes], Any]) -> None:
+        """Serve for `detector`; actions go through `handle_payload` on the loop's thread."""
+        detector.clip_url = self.clip_url
+        self.live.attach(detector.status)
+        self.features = lambda: detector.bundle.features
+        self.submit = detector.submit
+        self._handle_payload = handle_payload
+        self._thread.start()
+        log.info("dashboard on %s/", self.base_url())
+
+    def stop(self) -> None:
+        """Close the live streams and stop serving."""
+        self.live.close_streams()
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+    def base_url(self) -> str:
+        """Where others reach the dashboard: public_url, or the address listened on."""
+        if self.web.public_url:
+            return self.web.public_url.rstrip("/")
+        host = self.web.host
+        if host in WILDCARD_HOSTS:
+            host = socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def clip_url(self, name: str) -> str:
+        """The stable URL of a clip (with its key when a token guards the dashboard)."""
+        return f"{self.base_url()}/{self._clip_path(name)}"
+
+    def _clip_path(self, name: str) -> str:
+        key = f"?key={clip_key(self.token, Path(name).stem)}" if self.token else ""
+        return f"clips/{quote(name)}{key}"
+
+    def _links(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Relative links of an event's clip and spectrogram, for the page."""
+        clip = event.get("clip")
+        if clip:
+            stem = Path(clip).stem
+            event["links"] = {
+                "clip": self._clip_path(clip),
+                "spectrogram": self._clip_path(f"{stem}.png"),
+            }
+        return event
+
+    def command(self, payload: bytes) -> tuple[HTTPStatus, dict[str, Any]]:
+        """Run a command on the daemon loop and wait for its reply."""
+        replies: queue.Queue[Any] = queue.Queue(1)
+        if not self.submit(lambda: replies.put(self._handle_payload(payload))):
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "detail": "command queue full"}
+        try:
+            reply = replies.get(timeout=COMMAND_WAIT_S)
+        except queue.Empty:
+            return HTTPStatus.GATEWAY_TIMEOUT, {"ok": False, "detail": "no reply from the daemon"}
+        return (HTTPStatus.OK if reply.ok else HTTPStatus.BAD_REQUEST), reply.to_dict()
+
+    def clip_file(self, name: str) -> Path | None:
+        """The WAV a clip or spectrogram name refers to, if it is a file inside the clips
+        folder; None for anything else (other folders, links out, other kinds of file)."""
+        if not CLIP_NAME.match(name):
+            return None
+        wav = self.clips / f"{Path(name).stem}.wav"
+        try:
+            real, folder = wav.resolve(strict=True), self.clips.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        return real if real.parent == folder and real.is_file() else None
+
+    def spectrogram(self, wav: Path) -> bytes:
+        """The PNG spectrogram of a clip (cached while the file is unchanged)."""
+        assert self.features is not None
+        return _spectrogram(wav, wav.stat().st_mtime_ns, self.features())
+
+
+@lru_cache(maxsize=SPECTROGRAMS_CACHED)
+def _spectrogram(wav: Path, _mtime_ns: int, params: FeatureParams) -> bytes:
+    return clip_spectrogram_png(wav, params)
+
+
+def _page(html: bytes) -> tuple[bytes, str]:
+    """The page and a Content-Security-Policy that allows its own inline script and style
+    (by hash) and nothing from elsewhere."""
+    text = html.decode()
+    hashes = {}
+    for tag in ("script", "style"):
+        match = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.S)
+        body = match.group(1) if match else ""
+        hashes[tag] = b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    csp = (
+        "default-src 'none'; connect-src 'self'; img-src 'self'; media-src 'self'; "
+        f"script-src 'sha256-{hashes['script']}'; style-src 'sha256-{hashes['style']}'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html, csp
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    dashboard: Dashboard
+
+
+def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
+    """Bind the listening socket now, so a taken port is one line at start."""
+    family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
+    server_class = type("Server", (_Server,), {"address_family": family})
+    try:
+        server = server_class((web.host, web.port), Handler)
+    except OSError as exc:
+        raise SoundSentryError(
+            f"web: cannot listen on {web.host}:{web.port}: {exc.strerror or exc}"
+        ) from None
+    server.dashboard = dashboard
+    return server
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One request: route, check who asks, answer."""
+
+    server: _Server
+
+    def version_string(self) -> str:
+        """The Server header: the name, no versions."""
+        return "SoundSentry"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Access log at DEBUG (never the query string: clip keys stay out of logs)."""
+        log.debug("%s %s %s", self.client_address[0], self.command, urlsplit(self.path).path)
+
+    @property
+    def dash(self) -> Dashboard:
+        return self.server.dashboard
+
+    def do_GET(self) -> None:
+        """Read routes."""
+        url = urlsplit(self.path)
+        path = url.path
+        if not self.dash.gate.host_ok(self.headers.get("Host")):
+            return self._error(HTTPStatus.FORBIDDEN, "unknown host name")
+        if path in ("/", "/index.html"):
+            return self._send(HTTPStatus.OK, self.dash.page, "text/html; charset=utf-8", page=True)
+        if path == "/favicon.ico":  # browsers ask for it; there is none
+            return self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon", cache=True)
+        if path.startswith("/clips/"):
+            return self._clip(unquote(path.removeprefix("/clips/")), url.query)
+        routes: dict[str, Callable[[], None]] = {
+            "/api/state": lambda: self._json(HTTPStatus.OK, self.dash.live.snapshot()),
+            "/api/events": lambda: self._json(HTTPStatus.OK, {"events": self.dash.live.events()}),
+            "/api/stream": self._stream,
+            "/metrics": self._metrics,
+        }
+        if path not in routes:
+            return self._error(HTTPStatus.NOT_FOUND, "not found")
+        if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
+            return self._unauthorized()
+        routes[path]()
+
+    def do_POST(self) -> None:
+        """Actions: a JSON command with the token (when one is set), answered by the daemon."""
+        if not self.dash.gate.host_ok(self.headers.get("Host")):
+            return self._error(HTTPStatus.FORBIDDEN, "unknown host name")
+        if urlsplit(self.path).path != "/api/command":
+            return self._error(HTTPStatus.NOT_FOUND, "not found")
+        if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
+            return self._unauthorized()
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+        body = self._body()
+        if body is not None:
+            self._json(*self.dash.command(body))
+
+    def _body(self) -> bytes | None:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length required")
+            return None
+        if not 0 <= length <= MAX_COMMAND_BYTES:
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "command too large")
+            return None
+        return self.rfile.read(length)
+
+    def _clip(self, name: str, query: str) -> None:
+        key = parse_qs(query).get("key", [None])[0]
+        if not self.dash.gate.clip_ok(self.headers.get("Authorization"), Path(name).stem, key):
+            return self._unauthorized()
+        wav = self.dash.clip_file(name)
+        if wav is None:
+            return self._error(HTTPStatus.NOT_FOUND, "no such clip")
+        if name.endswith(".png"):
+            return self._send(HTTPStatus.OK, self.dash.spectrogram(wav), "image/png", cache=True)
+        self._send_range(wav.read_bytes(), "audio/wav")
+
+    def _send_range(self, data: bytes, kind: str) -> None:
+        """The whole file, or one `Range: bytes=a-b` of it (phones play audio only so)."""
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+        if not match or not any(match.groups()):
+            return self._send(HTTPStatus.OK, data, kind, cache=True)
+        first, last = match.groups()
+        size = len(data)
+        start = int(first) if first else max(0, size - int(last))
+        end = min(int(last), size - 1) if first and last else size - 1
+        if start >= size or start > end:
+            self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        extra = {"Content-Range": f"bytes {start}-{end}/{size}"}
+        self._send(HTTPStatus.PARTIAL_CONTENT, data[start : end + 1], kind, cache=True, extra=extra)
+
+    def _metrics(self) -> None:
+        from edge.web.prometheus import exposition
+
+        self._send(HTTPStatus.OK, exposition(self.dash.registry), "text/plain; version=0.0.4")
+
+    def _stream(self) -> None:
+        """Server-sent events: a snapshot, then every window, state, health, event, reply."""
+        live = self.dash.live
+        stream = live.open_stream()
+        if stream is None:
+            return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "too many live streams")
+        try:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self._common_headers()
+            self.end_headers()
+            first = {**live.snapshot(), "events": live.events()}
+            self._event("snapshot", json.dumps(first, separators=(",", ":")))
+            self._pump(stream)
+        except OSError:  # the browser went away
+            pass
+        finally:
+            live.close_stream(stream)
+
+    def _pump(self, stream: Stream) -> None:
+        while not stream.dropped:
+            try:
+                name, text = stream.queue.get(timeout=KEEPALIVE_S)
+            except queue.Empty:
+                self.wfile.write(b": keepalive\n\n")
+                self.wfile.flush()
+                continue
+            if name == "close":
+                return
+            self._event(name, text)
+
+    def _event(self, name: str, text: str) -> None:
+        self.wfile.write(f"event: {name}\ndata: {text}\n\n".encode())
+        self.wfile.flush()
+
+    def _json(self, status: HTTPStatus, data: Any) -> None:
+        self._send(status, json.dumps(data, separators=(",", ":")).encode(), "application/json")
+
+    def _error(self, status: HTTPStatus, detail: str) -> None:
+        self._json(status, {"ok": False, "detail": detail})
+
+    def _unauthorized(self) -> None:
+        self._json(HTTPStatus.UNAUTHORIZED, {"ok": False, "detail": "token required"})
+
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        kind: str,
+        page: bool = False,
+        cache: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "private, max-age=3600" if cache else "no-store")
+        if status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="soundsentry"')
+        if page:
+            self.send_header("Content-Security-Policy", self.dash.csp)
+        if kind.startswith("audio/"):
+            self.send_header("Accept-Ranges", "bytes")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self._common_headers()
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _common_headers(self) -> None:
+        for name, value in HEADERS.items():
+            self.send_header(name, value)

@@ -1,0 +1,572 @@
+"""The dashboard against the real daemon: `soundsentry run` on a PulseAudio null sink with the
+demo fan clip played into it, a real mosquitto, HTTP from urllib, and one real browser
+(Debian's chromium driven by selenium)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import (
+    DEMO_BUNDLE,
+    DEMO_CLIP,
+    NORMAL_FILES,
+    ROOT,
+    SOUNDSENTRY,
+    Broker,
+    cli,
+    free_port,
+    wait_for,
+)
+from mqtt_helpers import Subscriber
+from PIL import Image
+
+from edge.audio_io import read_audio
+from edge.web.png import ROW_SCALE, encode_png
+
+TOKEN = "test-token-0123456789abcdef"
+RATE = 16000
+CROSSFADE_S = 0.05
+OWN_SINK = "dashboard"
+DAEMON_START_S = 30
+EVENT_S = 45
+"""The fault starts 5 s into the demo clip and is over at 11 s."""
+
+
+@dataclass
+class Served:
+    """A running daemon with its dashboard."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    data: Path
+    sub: Subscriber
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def clips(self) -> Path:
+        return self.data / "clips"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(
+    url: str,
+    token: str | None = None,
+    method: str = "GET",
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One HTTP request; errors are replies too."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    all_headers = {"Content-Type": "application/json"} if data is not None else {}
+    all_headers |= headers or {}
+    if token:
+        all_headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=all_headers)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            return Reply(resp.status, resp.read(), dict(resp.headers))
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, exc.read(), dict(exc.headers))
+
+
+def write_config(root: Path, port: int, token_file: Path | None, mqtt_port: int | None) -> Path:
+    token = f'token_file = "{token_file}"\n' if token_file else ""
+    mqtt = f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\n' if mqtt_port else ""
+    path = root / "web.toml"
+    path.write_text(
+        f'device_id = "web"\ndata_dir = "{root / "data"}"\n'
+        f'[audio]\ndevice = "pulse"\n[detector]\ncooldown_seconds = 0\n'
+        f"[web]\nenabled = true\nport = {port}\n{token}{mqtt}"
+    )
+    return path
+
+
+def start_daemon(root: Path, pulse: str, config: Path, log: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SOUNDSENTRY_DATA_DIR"}
+    env["PULSE_SOURCE"] = pulse
+    with log.open("w") as err:
+        return subprocess.Popen(
+            [*SOUNDSENTRY, "run", "--model", str(DEMO_BUNDLE), "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+        )
+
+
+def wait_served(port: int, proc: subprocess.Popen[str], log: Path, token: str | None) -> None:
+    """Until the dashboard answers and windows are being scored."""
+
+    def scoring() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return request(f"http://127.0.0.1:{port}/api/state", token).json()["window"] is not None
+        except OSError:
+            return False
+
+    wait_for(scoring, DAEMON_START_S, "the dashboard with a scored window", log.read_text)
+
+
+def machine_audio(path: Path, seconds: float = 70.0) -> Path:
+    """The demo clip (normal, a real fault from 5 to 11 s, normal), then its normal start over
+    and over with crossfades, so the machine keeps running (no silence fault) after the event."""
+    clip = read_audio(DEMO_CLIP, RATE)
+    normal = clip[: int(4.5 * RATE)]
+    fade = np.linspace(0.0, 1.0, int(CROSSFADE_S * RATE), dtype=np.float32)
+    out = clip
+    while len(out) < seconds * RATE:
+        n = len(fade)
+        joint = out[-n:] * fade[::-1] + normal[:n] * fade
+        out = np.concatenate([out[:-n], joint, normal[n:]])
+    sf.write(path, out, RATE, subtype="PCM_16")
+    return path
+
+
+def play(pulse: str, path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["paplay", "-d", pulse.removesuffix(".monitor"), str(path)])
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def ended_events(port: int, token: str | None) -> list[dict[str, Any]]:
+    events = request(f"http://127.0.0.1:{port}/api/events", token).json()["events"]
+    return [e for e in events if e["type"] == "end" and e.get("clip")]
+
+
+@pytest.fixture(scope="module")
+def own_sink(pulse: str) -> Iterator[str]:
+    """A null sink of this module's own (its monitor's name), so the audio that keeps playing
+    for `served` never mixes into what other tests play on 'machine'."""
+    module = subprocess.run(
+        [
+            "pactl",
+            "load-module",
+            "module-null-sink",
+            f"sink_name={OWN_SINK}",
+            "rate=16000",
+            "channels=1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    yield f"{OWN_SINK}.monitor"
+    subprocess.run(["pactl", "unload-module", module], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def served(own_sink: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """`soundsentry run` with a token-guarded dashboard, after the demo clip's fault ended."""
+    pulse = own_sink
+    root = tmp_path_factory.mktemp("web")
+    broker = Broker(root, free_port())
+    broker.start()
+    token_file = root / "token"
+    token_file.write_text(TOKEN + "\n")
+    port = free_port()
+    log = root / "daemon.log"
+    sub = Subscriber(broker.port, "soundsentry/web/events")
+    proc = start_daemon(root, pulse, write_config(root, port, token_file, broker.port), log)
+    player = None
+    try:
+        wait_served(port, proc, log, TOKEN)
+        player = play(pulse, machine_audio(root / "machine.wav"))
+        wait_for(lambda: ended_events(port, TOKEN), EVENT_S, "an ended event", log.read_text)
+        yield Served(proc, port, root / "data", sub)
+    finally:
+        if player is not None:
+            player.kill()
+        stop(proc)
+        sub.close()
+        broker.stop()
+
+
+# --- what the page shows, as JSON ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_state_events_clip_and_spectrogram(served: Served) -> None:
+    state = request(f"{served.base}/api/state", TOKEN).json()
+    assert state["state"]["device_id"] == "web" and state["health"]["status"] in ("ok", "fault")
+    window = state["window"]
+    assert window["threshold"] == pytest.approx(state["state"]["threshold"])
+    assert np.isfinite(window["score"]) and window["level_dbfs"] <= 0
+    assert state["status"]["windows_scored"] > 0
+
+    event = ended_events(served.port, TOKEN)[0]
+    assert event["bands"] and event["duration_s"] > 0 and event["peak_score"] > event["threshold"]
+    clip = request(f"{served.base}/{event['links']['clip']}")  # its key, no token
+    assert clip.status == 200 and clip.headers["Content-Type"] == "audio/wav"
+    audio, rate = sf.read(io.BytesIO(clip.body))
+    assert len(audio) / rate == pytest.approx(event["clip_seconds"], abs=0.01)
+    image = request(f"{served.base}/{event['links']['spectrogram']}")
+    assert image.status == 200 and image.headers["Content-Type"] == "image/png"
+    picture = Image.open(io.BytesIO(image.body))
+    assert picture.size[1] == 64 * ROW_SCALE and picture.size[0] > 100
+
+    part = request(f"{served.base}/{event['links']['clip']}", headers={"Range": "bytes=10-19"})
+    assert part.status == 206 and part.body == clip.body[10:20]
+    assert part.headers["Content-Range"] == f"bytes 10-19/{len(clip.body)}"
+
+
+@pytest.mark.slow
+def test_events_over_mqtt_carry_a_clip_url_that_opens_the_clip(served: Served) -> None:
+    assert served.sub.wait_for(lambda ms: any('"end"' in m.payload for m in ms), timeout=10)
+    end = next(m.json() for m in served.sub.on("/events") if m.json()["type"] == "end")
+    url = end["clip_url"]
+    assert url.startswith(f"{served.base}/clips/{end['clip']}?key=")
+    clip = request(url)  # as a phone would open it from a notification: no token
+    assert clip.status == 200 and clip.body == (served.clips / end["clip"]).read_bytes()
+
+
+@pytest.mark.slow
+def test_metrics_in_the_prometheus_format(served: Served) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert request(f"{served.base}/metrics").status == 401
+
+    def values() -> dict[str, float]:
+        text = request(f"{served.base}/metrics", TOKEN).body.decode()
+        return {
+            s.name: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if not s.labels.get("state")
+        }
+
+    first = values()
+    assert first["soundsentry_events_total"] >= 1
+    assert first["process_resident_memory_bytes"] > 0
+    assert first["soundsentry_threshold"] > 0
+    wait_for(
+        lambda: (
+            values()["soundsentry_windows_scored_total"] > first["soundsentry_windows_scored_total"]
+        ),
+        10,
+        "windows_scored to grow",
+    )
+
+
+@pytest.mark.slow
+def test_live_stream_sends_a_snapshot_then_every_window(served: Served) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    conn.request("GET", "/api/stream", headers={"Authorization": f"Bearer {TOKEN}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    try:
+        received = read_stream(resp, lambda got: sum(n == "window" for n, _ in got) >= 4)
+    finally:
+        conn.close()
+    assert received[0][0] == "snapshot"
+    assert any(e["type"] == "end" for e in received[0][1]["events"])
+    stamps = [d["at"] for n, d in received if n == "window"]
+    assert len(set(stamps)) == len(stamps) >= 4
+
+
+def read_stream(
+    resp: http.client.HTTPResponse, enough: Any, timeout: float = 15
+) -> list[tuple[str, Any]]:
+    """Server-sent events as (name, data) until `enough(received)`."""
+    received: list[tuple[str, Any]] = []
+    name = None
+    deadline = time.monotonic() + timeout
+    while not enough(received):
+        assert time.monotonic() < deadline, f"stream ended with {[n for n, _ in received]}"
+        line = resp.readline().decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            received.append((name, json.loads(line[len("data: ") :])))
+    return received
+
+
+# --- who may read and act -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_token_is_required_for_data_and_actions(served: Served) -> None:
+    for path in ("/api/state", "/api/events", "/api/stream", "/metrics"):
+        assert request(served.base + path).status == 401, path
+        assert request(served.base + path, "wrong-token-0123456789").status == 401, path
+    assert request(served.base + "/api/events", TOKEN).status == 200
+    page = request(served.base + "/")  # the page itself holds no data: it asks for the token
+    assert page.status == 200 and b"Access token" in page.body
+    assert "script-src 'sha256-" in page.headers["Content-Security-Policy"]
+
+    mute = {"command": "mute", "minutes": 5}
+    assert request(served.base + "/api/command", None, "POST", mute).status == 401
+    as_form = {"Content-Type": "application/x-www-form-urlencoded"}
+    refused = request(served.base + "/api/command", TOKEN, "POST", mute, headers=as_form)
+    assert refused.status == 415  # a cross-site form cannot send JSON
+    assert request(served.base + "/api/state", TOKEN).json()["state"]["state"] != "muted"
+
+    clips = ended_events(served.port, TOKEN)
+    name = clips[0]["clip"]
+    assert request(f"{served.base}/clips/{name}").status == 401
+    assert request(f"{served.base}/clips/{name}?key=0123456789abcdef").status == 401
+    other_key = clips[0]["links"]["clip"].split("key=")[1]
+    (served.clips / "other.wav").write_bytes((served.clips / name).read_bytes())
+    assert request(f"{served.base}/clips/other.wav?key={other_key}").status == 401
+    assert request(f"{served.base}/clips/other.wav", TOKEN).status == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../web.toml",
+        "..%2Fweb.toml",
+        "%2e%2e%2fweb.toml",
+        "..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+        "outside.wav",
+        "notes.txt",
+        "sub%2Fnested.wav",
+        "nul%00.wav",
+        ".hidden.wav",
+        "missing.wav",
+    ],
+)
+def test_clip_paths_outside_the_clips_folder_are_refused(served: Served, path: str) -> None:
+    secret = served.data.parent / "secret.wav"
+    secret.write_bytes(b"RIFF-not-for-you")
+    link = served.clips / "outside.wav"
+    if not link.is_symlink():
+        link.symlink_to(secret)  # a link out of the folder
+    (served.clips / "notes.txt").write_text("not a clip")
+    (served.clips / ".hidden.wav").write_bytes(b"RIFF")
+    reply = request(f"{served.base}/clips/{path}", TOKEN)
+    assert reply.status == 404 and b"RIFF" not in reply.body and b"root:" not in reply.body
+
+
+@pytest.mark.slow
+def test_actions_go_through_the_command_path_and_reply(served: Served) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    conn.request("GET", "/api/stream", headers={"Authorization": f"Bearer {TOKEN}"})
+    resp = conn.getresponse()
+    try:
+        read_stream(resp, lambda got: bool(got))  # the snapshot: subscribed
+        mute = request(
+            served.base + "/api/command", TOKEN, "POST", {"command": "mute", "minutes": 5}
+        )
+        assert mute.status == 200 and mute.json()["ok"], mute.body
+        assert mute.json()["detail"].startswith("muted for 5 min")
+        got = read_stream(resp, lambda got: any(n == "response" for n, _ in got))
+        assert next(d for n, d in got if n == "response")["command"] == "mute"
+    finally:
+        conn.close()
+    state = request(served.base + "/api/state", TOKEN).json()["state"]
+    assert state["state"] == "muted" and state["muted_until"]
+
+    bad = request(served.base + "/api/command", TOKEN, "POST", {"command": "mute", "minutes": -1})
+    assert bad.status == 400 and bad.json()["ok"] is False and "minutes" in bad.json()["detail"]
+    unmute = request(served.base + "/api/command", TOKEN, "POST", {"command": "unmute"})
+    assert unmute.status == 200 and unmute.json()["detail"] == "unmuted"
+    assert request(served.base + "/api/state", TOKEN).json()["state"]["state"] != "muted"
+
+    event_id = ended_events(served.port, TOKEN)[0]["event_id"]
+    mark = request(
+        served.base + "/api/command",
+        TOKEN,
+        "POST",
+        {"command": "mark_normal", "event_id": event_id},
+    )
+    # Whatever this version's daemon makes of it, the page gets the command's own reply.
+    assert mark.status in (200, 400) and mark.json()["command"] in ("mark_normal", "invalid")
+    assert mark.json()["detail"]
+
+
+# --- settings, start-up errors ---------------------------------------------------------------
+
+
+def test_beyond_loopback_without_a_token_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "open.toml"
+    config.write_text('[web]\nenabled = true\nhost = "0.0.0.0"\n')
+    proc = cli("run", "--model", str(DEMO_BUNDLE), "--config", str(config), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "web.token_file" in proc.stderr
+
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    config.write_text(f'[web]\nenabled = true\nhost = "0.0.0.0"\ntoken_file = "{short}"\n')
+    proc = cli(
+        "replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(config), check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "at least 16 characters" in proc.stderr
+
+
+def test_without_the_web_extra_one_line_names_it(tmp_path: Path) -> None:
+    config = tmp_path / "web.toml"
+    config.write_text(f'data_dir = "{tmp_path}"\n[web]\nenabled = true\nport = {free_port()}\n')
+    hide = (  # the interpreter as it is on a bare install: prometheus_client cannot be imported
+        "import sys; sys.modules['prometheus_client'] = None; from soundsentry.cli import main; "
+        f"sys.exit(main(['replay', {str(DEMO_BUNDLE)!r}, {str(NORMAL_FILES[0])!r}, "
+        f"'--config', {str(config)!r}]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", hide], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == (
+        "soundsentry: error: the dashboard needs the [web] extra: pip install 'soundsentry[web]'"
+    )
+
+
+@pytest.mark.slow
+def test_loopback_without_token_refuses_other_host_names_and_a_taken_port(
+    pulse: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(tmp_path, pulse, write_config(tmp_path, port, None, None), log)
+    try:
+        wait_served(port, proc, log, None)
+        base = f"http://127.0.0.1:{port}"
+        assert request(base + "/api/state").status == 200  # loopback, no token configured
+        rebound = request(base + "/api/state", headers={"Host": f"evil.example:{port}"})
+        assert rebound.status == 403  # a page whose DNS name was rebound to 127.0.0.1
+        second = cli(
+            "run",
+            "--model",
+            str(DEMO_BUNDLE),
+            "--config",
+            str(tmp_path / "web.toml"),
+            check=False,
+            env={"PULSE_SOURCE": pulse},
+        )
+        assert second.returncode == 1
+        assert second.stderr.strip() == (
+            f"soundsentry: error: web: cannot listen on 127.0.0.1:{port}: Address already in use"
+        )
+    finally:
+        stop(proc)
+
+
+def test_png_encoder_round_trips_through_a_real_decoder() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_png(image))).convert("RGB"))
+    assert decoded.shape == image.shape and np.array_equal(decoded, image)
+
+
+# --- a real browser ----------------------------------------------------------------------------
+
+
+def chromium() -> Any:
+    """Headless Debian chromium at a phone's width, through its chromedriver."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.fail("chromium is not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=412,1400",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.mark.slow
+def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
+    pulse: str, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    port = free_port()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(tmp_path, pulse, write_config(tmp_path, port, token_file, None), log)
+    browser = player = None
+    try:
+        wait_served(port, proc, log, TOKEN)
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{port}/")
+        text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
+        wait_for(
+            lambda: text("#conn") == "token needed", 10, "the login form", lambda: text("#conn")
+        )
+        browser.find_element(By.ID, "token").send_keys(TOKEN + "\n")
+        wait_for(lambda: text("#conn") == "live", 10, "the live stream", lambda: text("#conn"))
+
+        player = play(pulse, machine_audio(tmp_path / "machine.wav"))
+        seen: set[str] = set()
+
+        def moving() -> bool:
+            seen.add(text("#score"))
+            return len(seen - {"–"}) >= 5
+
+        wait_for(moving, 20, "five different scores on the page", lambda: seen)
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".ev"), EVENT_S, "an event card")
+        ended = wait_for(
+            lambda: browser.find_elements(By.CSS_SELECTOR, ".ev.ended img"),
+            EVENT_S,
+            "the ended event with its spectrogram",
+        )
+        wait_for(
+            lambda: browser.execute_script("return arguments[0].naturalWidth", ended[0]) > 0,
+            10,
+            "the spectrogram image to load",
+        )
+        card = text(".ev.ended")
+        assert "Hz" in card and "peak" in card and "Mark normal" in card
+        audio = browser.find_element(By.CSS_SELECTOR, ".ev.ended audio").get_attribute("src")
+        assert request(audio).status == 200  # the player's URL opens the clip
+
+        browser.find_element(By.ID, "mute").click()
+        wait_for(lambda: text("#reply").startswith("mute: muted for 60 min"), 10, "the reply")
+        wait_for(lambda: text("#state").startswith("muted"), 10, "the muted state")
+        browser.save_screenshot(str(tmp_path / "dashboard.png"))
+        errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        login = "api/stream - Failed to load resource: the server responded with a status of 401"
+        assert [m for m in errors if login not in m] == [], errors  # no script, CSP, 404...
+        assert len(errors) == 1  # the one refusal before the token was given
+    finally:
+        if browser is not None:
+            browser.quit()
+        if player is not None:
+            player.kill()
+        stop(proc)
