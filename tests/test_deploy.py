@@ -223,6 +223,27 @@ def test_bare_install_calibrates_evaluates_and_replays(installed: Path, tmp_path
     assert ev.returncode == 0 and "AUC" in ev.stdout, ev.stderr
     rep = subprocess.run([exe, "replay", out, DEMO_CLIP], capture_output=True, text=True, env=env)
     assert rep.returncode == 0 and '"type": "start"' in rep.stdout, rep.stderr
+    png = subprocess.run(  # no matplotlib here: one line naming the extra, nothing written
+        [
+            exe,
+            "evaluate",
+            out,
+            "--normal",
+            *NORMAL_FILES[2:],
+            "--anomalous",
+            ANOMALOUS_FILE,
+            "--report",
+            tmp_path / "report",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert png.returncode == 1 and not (tmp_path / "report").exists()
+    assert png.stderr.splitlines() == [
+        "soundsentry: error: `evaluate --report` needs the [report] extra (matplotlib is not "
+        "installed): pip install 'soundsentry[report]'"
+    ]
 
 
 @pytest.mark.slow
