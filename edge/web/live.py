@@ -128,6 +128,7 @@ class LiveView(Sink):
             return
         self._status_at = now
         self.status_ = self._status_source()
+        self._publish("status", self.status_)
 
     # --- the HTTP side ---------------------------------------------------------------------
 

@@ -40,36 +40,38 @@ class LiveCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         """Yield the metric families of one scrape."""
-        live, state, window = self.live, self.live.state_ or {}, self.live.window_ or {}
-        labels = {"device_id": self.device_id}
-        yield _gauge("score", "Anomaly score of the latest window.", labels, window.get("score"))
-        yield _gauge("threshold", "Decision threshold in force.", labels, state.get("threshold"))
-        yield _gauge(
-            "level_dbfs",
-            "Input level of the latest window, dBFS.",
-            labels,
-            window.get("level_dbfs"),
-        )
-        current = state.get("state")
+        live = self.live
+        state, window, status = live.state_ or {}, live.window_ or {}, live.status_ or {}
+        metrics, labels = live.metrics_ or {}, {"device_id": self.device_id}
+        gauges = {
+            "score": ("Anomaly score of the latest window.", window.get("score")),
+            "threshold": ("Decision threshold in force.", state.get("threshold")),
+            "level_dbfs": ("Input level of the latest window, dBFS.", window.get("level_dbfs")),
+            "health_faults": ("Active audio faults.", len((live.health_ or {}).get("faults", []))),
+            "learning_progress": (
+                "Share of the learning period done.",
+                (status.get("learning") or {}).get("progress"),
+            ),
+            "anomaly_index": ("Per-minute anomaly index (trend).", status.get("anomaly_index")),
+            "dashboard_streams": ("Browsers connected to the live stream.", live.stream_count),
+        }
+        for name, (text, value) in gauges.items():
+            yield _gauge(name, text, labels, value)
+        yield self._states(state.get("state"))
+        yield _counter("windows_scored", "Windows scored.", labels, status.get("windows_scored"))
+        yield _counter("events", "Anomalies started.", labels, live.events_started)
+        for field, name, text in _FROM_METRICS:
+            yield _gauge(name, text, labels, metrics.get(field))
+        for field, name, text in _COUNTERS:
+            yield _counter(name, text, labels, metrics.get(field))
+
+    def _states(self, current: str | None) -> GaugeMetricFamily:
         family = GaugeMetricFamily(
             "soundsentry_state", "1 for the current state.", labels=["device_id", "state"]
         )
         for name in STATES:
             family.add_metric([self.device_id, name], 1.0 if name == current else 0.0)
-        yield family
-        faults = (live.health_ or {}).get("faults", [])
-        yield _gauge("health_faults", "Active audio faults.", labels, len(faults))
-        windows = (live.status_ or {}).get("windows_scored")
-        yield _counter("windows_scored", "Windows scored.", labels, windows)
-        yield _counter("events", "Anomalies started.", labels, live.events_started)
-        yield _gauge(
-            "dashboard_streams", "Browsers connected to the live stream.", labels, live.stream_count
-        )
-        metrics = live.metrics_ or {}
-        for field, name, text in _FROM_METRICS:
-            yield _gauge(name, text, labels, metrics.get(field))
-        for field, name, text in _COUNTERS:
-            yield _counter(name, text, labels, metrics.get(field))
+        return family
 
 
 def _gauge(name: str, text: str, labels: dict[str, str], value: float | None) -> GaugeMetricFamily:
