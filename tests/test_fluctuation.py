@@ -117,7 +117,7 @@ def test_all_channels_are_training_views(tmp_path: Path, all_channels: bool) -> 
     for i in range(2):
         sf.write(
             tmp_path / f"array{i}.wav",
-            (0.05 * rng.standard_normal((48000, 4))),
+            (0.05 * rng.standard_normal((80000, 4))),  # 5 s: 10 s in all, train's minimum
             16000,
             format="WAVEX",
             subtype="PCM_16",
@@ -126,7 +126,7 @@ def test_all_channels_are_training_views(tmp_path: Path, all_channels: bool) -> 
     args = ["train", "--normal", str(tmp_path), "--out", str(out)]
     cli(*args, *(["--all-channels"] if all_channels else []))
     m = load_bundle(out).manifest
-    assert m.training.seconds == pytest.approx(4 * 6.0 if all_channels else 6.0)
+    assert m.training.seconds == pytest.approx(4 * 10.0 if all_channels else 10.0)
     assert m.training.channel == (-2 if all_channels else 0)
 
 
