@@ -58,6 +58,12 @@ FIT_PRECISION = "training.fit_precision"
 for the training threshold), in the shipped model's standardised space."""
 MAX_TRAINING_WINDOWS = 1000
 """Held-out training windows a bundle carries for refits (64 numbers each: 0.5 MB)."""
+MAX_HELD_WINDOWS = 4000
+"""Held-out site windows a refit's threshold is computed on (33 min; `spread` beyond): the
+budget rule's floors replay the event logic window by window in Python, and this bounds a
+refit of a full site set (20000 windows) to about a second here (x86, one core) instead of
+three, so the audio loop it runs on is not held up for long on a Pi."""
+RUN = 20
 CHUNK_SECONDS = 60.0
 """Site windows are held out a chunk at a time: neighbouring windows overlap and resemble each
 other, so windows a minute apart count as unseen. A shorter period is cut into MAX_FOLDS chunks
@@ -102,13 +108,17 @@ def training_summary(
 
 
 def training_sample(features: np.ndarray, limit: int = MAX_TRAINING_WINDOWS) -> np.ndarray:
-    """At most `limit` held-out feature vectors for the bundle, in evenly spaced runs of
-    consecutive windows (the event logic the threshold floors replay needs neighbours)."""
-    if len(features) <= limit:
-        return features
-    run = 20
-    starts = np.linspace(0, len(features) - run, limit // run).astype(int)
-    return np.concatenate([features[s : s + run] for s in starts])
+    """At most `limit` held-out feature vectors for the bundle (see `spread`)."""
+    return features[spread(len(features), limit)]
+
+
+def spread(n: int, limit: int) -> np.ndarray:
+    """Indices of at most `limit` of n windows in evenly spaced runs of RUN consecutive ones
+    (the event logic that the threshold floors replay needs neighbours)."""
+    if n <= limit:
+        return np.arange(n)
+    starts = np.linspace(0, n - RUN, max(limit // RUN, 1)).astype(int)
+    return (starts[:, None] + np.arange(RUN)).ravel()
 
 
 class FeatureStore:
@@ -207,9 +217,18 @@ def pooled(
     bundle keeps it) and the standardised site windows z, pooled as one sample."""
     if len(z) == 0:
         return trained.center, trained.precision
-    w = n_train / (n_train + len(z))
-    site_mean = z.mean(axis=0)
-    site_cov = np.atleast_2d(np.cov(z, rowvar=False, bias=True))
+    return pooled_moments(trained, n_train, len(z), z.sum(axis=0), z.T @ z)
+
+
+def pooled_moments(
+    trained: FluctuationScorer, n_train: float, n: int, total: np.ndarray, squares: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`pooled` from the site's count, sum and sum of outer products (folds subtract theirs)."""
+    if n == 0:
+        return trained.center, trained.precision
+    w = n_train / (n_train + n)
+    site_mean = total / n
+    site_cov = squares / n - np.outer(site_mean, site_mean)
     shift = trained.center - site_mean
     cov = (
         w * np.linalg.inv(trained.precision)
@@ -311,14 +330,20 @@ def _fold_scores(
     """The site's (unmarked) windows, a fold at a time, against the pooled model without it."""
     site = np.flatnonzero(~marked)
     folds = folds_of(chunks[site]) if len(site) else np.zeros(0, int)
+    total, squares = z.sum(axis=0), z.T @ z
     held = []
     for k in np.unique(folds):
-        out = np.zeros(len(z), bool)
-        out[site[folds == k]] = True
-        model = _model(trained, *pooled(trained, _windows(base), z[~out]))
-        raw = trained.mean + trained.std * z[out]
+        rows = site[folds == k]
+        zf = z[rows]
+        n = len(z) - len(rows)
+        fit = pooled_moments(trained, _windows(base), n, total - zf.sum(0), squares - zf.T @ zf)
+        model = _model(trained, *fit)
+        raw = trained.mean + trained.std * zf
         held.append((model.distance(raw), model.band_shares(raw)))
-    return held
+    scores = np.concatenate([s for s, _ in held]) if held else np.zeros(0)
+    keep = spread(len(scores), MAX_HELD_WINDOWS)
+    shares = np.concatenate([b for _, b in held]) if held else np.zeros((0, z.shape[1]))
+    return [(scores[keep], shares[keep])] if held else []
 
 
 def _let_pass(threshold: dict[str, Any], scores: np.ndarray) -> None:

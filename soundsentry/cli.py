@@ -396,6 +396,8 @@ def _train_embedding(args: argparse.Namespace) -> int:
     """`train --detector embedding` or `--normal-states`: the self-supervised CNN embedding."""
     if args.normal_states and args.detector not in ("embedding", "fluctuation"):
         raise SoundSentryError("--normal-states trains the embedding detector only")
+    from edge.advice import bundle_summary
+    from edge.bundle import load_bundle
     from train.embedding import DEFAULT_EPOCHS, train_embedding
 
     out = train_embedding(
@@ -407,7 +409,7 @@ def _train_embedding(args: argparse.Namespace) -> int:
         channel=args.channel,
         false_alarms_per_day=args.false_alarms_per_day,
     )
-    print(f"model bundle written to {out}")
+    print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
     return 0
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +351,64 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "SOUNDSENTRY_DATA_DIR"}
+
+
+# --- the parts: pooling, bounded storage, bounded history --------------------------------------
+
+
+def test_pooling_is_the_gaussian_of_both_samples_together() -> None:
+    from edge.detectors.fluctuation import FluctuationScorer, fluctuation_features
+    from edge.features import FeatureParams, windows_of
+    from edge.learning import SHRINKAGE, pooled
+
+    params = replace(FeatureParams(), hop_seconds=1 / 16)  # dense: 130 windows a file
+    feats = [fluctuation_features(windows_of(read_audio(f, RATE), params)) for f in NORMAL_FILES]
+    train, site = (np.concatenate(f).astype(np.float64) for f in (feats[:2], feats[2:]))
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    z_train, z_site = (train - mean) / std, (site - mean) / std
+    cov_train = np.cov(z_train, rowvar=False, bias=True)
+    trained = FluctuationScorer(mean, std, z_train.mean(axis=0), np.linalg.inv(cov_train))
+    center, precision = pooled(trained, len(train), z_site)
+    both = np.concatenate([z_train, z_site])
+    cov = np.cov(both, rowvar=False, bias=True)
+    shrunk = (1 - SHRINKAGE) * cov + SHRINKAGE * np.trace(cov) / len(cov) * np.eye(len(cov))
+    np.testing.assert_allclose(center, both.mean(axis=0), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.inv(precision), shrunk, rtol=1e-6, atol=1e-9)
+
+
+def test_site_features_stay_bounded_and_survive_a_save(tmp_path: Path) -> None:
+    from edge.learning import FeatureStore
+
+    store = FeatureStore(4, capacity=1000)
+    rows = np.arange(20000, dtype=float)[:, None] * np.ones(4)
+    for i in range(0, len(rows), 7):
+        store.add(rows[i : i + 7], chunk=i // 120)
+    assert len(store) == 1000 and store.seen == 20000
+    assert store.x[:, 0].mean() == pytest.approx(10000, rel=0.1), "a uniform sample of all"
+    store.save(tmp_path / "s.npz")
+    again = FeatureStore.load(tmp_path / "s.npz", 1000)
+    assert np.array_equal(again.x, store.x) and np.array_equal(again.chunk, store.chunk)
+    assert (tmp_path / "s.npz").stat().st_mode & 0o777 == 0o600
+
+
+def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
+    device = Device(tmp_path, keep_versions=2)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=600, id="a").ok
+    assert device.detector.current_state() == "learning"
+    assert device.command(command="learn", action="cancel").ok
+    assert device.detector.current_state() == "normal"
+    assert not (device.data / "learning" / "period.json").exists()
+    assert not device.command(command="learn", action="stop").ok, "nothing to stop"
+    device.command(command="learn", action="start", seconds=600)
+    assert starts(device.replay(*NORMAL_FILES)) == [], "no anomaly events while learning"
+    reply = device.command(command="learn", action="stop", id="b")
+    assert reply.ok and "learning stopped: model fan-demo-12483c73-site-v1" in reply.detail
+    for fault in (ANOMALOUS_FILE, other_fault(tmp_path)):
+        (event,) = starts(device.replay(fault))
+        assert device.command(command="mark_normal", event_id=event["event_id"]).ok
+    status = device.detector.status()
+    assert [h["version"] for h in status["history"]] == [3, 2], "keep_versions = 2"
+    assert not (device.data / "models" / "fan-demo-12483c73-v1.bundle").exists()
+    assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73-site-v2"
+    assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73"
