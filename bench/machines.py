@@ -59,7 +59,7 @@ SELECTION_TYPES = ("fan", "pump", "valve", "slider")
 FALSE_ALARM_WEIGHT = 2.0
 """bench/SELECTION.md: a normal clip with an event costs twice a missed fault clip."""
 BASELINE_TOLERANCE = 0.02
-CORPUS_KINDS = ("embedding", "ensemble")
+CORPUS_KINDS = ("embedding",)
 """Kinds that train against the bundled corpus of other machines' normal sound."""
 # kind -> (module, function): each trainer is called as fn(files, out) with its defaults.
 TRAINERS = {

@@ -26,7 +26,7 @@ import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -137,6 +137,25 @@ class StatisticsInfo(_Strict):
     feature: str = Field(max_length=100)
 
 
+class EnsembleMember(_Strict):
+    """One member of an `ensemble` bundle: its kind, where its arrays are, and where its
+    held-out normal scores sat (median and spread of their logs: the common scale)."""
+
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    score: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    prefix: str = Field(pattern=r"^m[0-9]$")
+    center: float
+    spread: float = Field(gt=0)
+    statistics: StatisticsInfo | None = None
+
+
+class EnsembleInfo(_Strict):
+    """The members of an `ensemble` bundle, combined by the mean of their z scores."""
+
+    combine: Literal["mean-z"] = "mean-z"
+    members: list[EnsembleMember] = Field(min_length=1, max_length=8)
+
+
 class Manifest(_Strict):
     """The bundle's manifest.json (format 2)."""
 
@@ -160,6 +179,8 @@ class Manifest(_Strict):
     statistics: StatisticsInfo | None = None
     machine: MachineInfo | None = None
     """Optional (bundles from before it have none: then every window counts as running)."""
+    ensemble: EnsembleInfo | None = None
+    """Kind `ensemble` only: its members."""
     calibration: dict[str, Any] | None = None
     """Set by `soundsentry calibrate`: the on-site audio the statistics were refitted on."""
     arrays: dict[str, list[int]] = Field(default_factory=dict)

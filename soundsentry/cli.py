@@ -29,7 +29,7 @@ log = logging.getLogger("soundsentry")
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
-NUMPY_DETECTORS = ("fluctuation", "levels", "knn")
+NUMPY_DETECTORS = ("fluctuation", "levels", "knn", "subspace", "ensemble")
 """`train --detector` kinds fitted in numpy, without TensorFlow."""
 EXTRAS = {
     "tensorflow": "train",
@@ -152,7 +152,9 @@ def _add_train(sub: Any) -> None:
         choices=(*NUMPY_DETECTORS, "autoencoder", "embedding"),
         default="fluctuation",
         help="with --normal: band-fluctuation statistics (default), level-aware band "
-        "statistics (levels), a nearest-neighbour bank (knn), all numpy with no network; or "
+        "statistics (levels), a nearest-neighbour bank (knn), the principal subspace of "
+        "stacked log-mel frames (subspace), fluctuation and subspace together on a common "
+        "scale (ensemble), all numpy with no network; or "
         "the int8 convolutional autoencoder, or the int8 self-supervised CNN embedding",
     )
     p.add_argument(
@@ -423,6 +425,14 @@ def _numpy_trainer(detector: str) -> Callable[..., Path]:
         from train.knn import train_knn
 
         return train_knn
+    if detector == "subspace":
+        from train.subspace import train_subspace
+
+        return train_subspace
+    if detector == "ensemble":
+        from train.ensemble import train_ensemble
+
+        return train_ensemble
     from train.fluctuation import train_fluctuation
 
     return train_fluctuation

@@ -8,6 +8,7 @@ from edge.detectors.autoencoder import Autoencoder
 from edge.detectors.base import DetectorKind
 from edge.detectors.classifier import Classifier
 from edge.detectors.embedding import Embedding
+from edge.detectors.ensemble import Ensemble
 from edge.detectors.fluctuation import Fluctuation
 from edge.detectors.knn import Knn
 from edge.detectors.levels import Levels
@@ -16,7 +17,16 @@ from edge.errors import BundleError
 
 PLUGINS: dict[str, DetectorKind] = {
     p.kind: p
-    for p in (Autoencoder(), Classifier(), Fluctuation(), Levels(), Knn(), Embedding(), Subspace())
+    for p in (
+        Autoencoder(),
+        Classifier(),
+        Fluctuation(),
+        Levels(),
+        Knn(),
+        Embedding(),
+        Subspace(),
+        Ensemble(),
+    )
 }
 """Every detector kind this version runs, by the `kind` field of a bundle's manifest."""
 

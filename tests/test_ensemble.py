@@ -1,0 +1,118 @@
+"""Kind `ensemble`: numpy members on a common scale from held-out normal audio, combined."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
+
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle, write_bundle
+from edge.detectors.ensemble import common_scale, member_view
+from edge.errors import BundleError
+from edge.features import windows_of
+from edge.scoring import Scorer
+from train.ensemble import MEMBERS
+
+
+def windows(bundle_path: Path, audio_file: Path) -> np.ndarray:
+    p = load_bundle(bundle_path).features
+    return windows_of(read_audio(audio_file, p.samplerate), p)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ensemble from the real command on three normal fixture files (the fourth is never
+    seen in training)."""
+    out = tmp_path_factory.mktemp("ensemble") / "fan.bundle"
+    cli(
+        "train", "--detector", "ensemble", "--normal", *map(str, NORMAL_FILES[:3]),
+        "--out", str(out),
+    )  # fmt: skip
+    return out
+
+
+def test_common_scale_is_the_median_and_mad_of_log_scores() -> None:
+    center, spread = common_scale(np.exp(np.array([0.0, 1.0, 2.0, 3.0, 10.0])))
+    assert center == pytest.approx(2.0) and spread == pytest.approx(1.4826)
+    assert common_scale(np.ones(5))[1] > 0  # a member whose scores never move still divides
+
+
+def test_score_is_the_mean_member_z_on_a_log_scale(trained: Path) -> None:
+    """The ensemble's score against its members scored on their own, by hand."""
+    bundle = load_bundle(trained)
+    info = bundle.manifest.ensemble
+    assert bundle.manifest.kind == "ensemble" and info is not None
+    assert [m.kind for m in info.members] == list(MEMBERS)
+    w = windows(trained, ANOMALOUS_FILE)
+    z = []
+    for m in info.members:
+        alone = Scorer.from_bundle(member_view(bundle, m)).score_many(w)
+        z.append((np.log(alone) - m.center) / m.spread)
+    unit = np.mean([m.spread for m in info.members])
+    expected = np.exp(np.mean(z, axis=0) * unit)
+    scorer = Scorer.from_bundle(bundle)
+    np.testing.assert_allclose(scorer.score_many(w), expected, rtol=1e-9)
+    one = scorer.score(w[0])
+    assert one.score == pytest.approx(expected[0])
+    assert one.band_error.shape == (bundle.features.n_mels,) and np.all(one.band_error >= 0)
+
+
+def test_the_fault_scores_above_unseen_normal_audio(trained: Path) -> None:
+    scorer = Scorer.from_bundle(load_bundle(trained))
+    normal = scorer.score_many(windows(trained, NORMAL_FILES[3]))
+    fault = scorer.score_many(windows(trained, ANOMALOUS_FILE))
+    assert np.median(fault) > normal.max(), (fault, normal)
+    out = cli("replay", str(trained), str(ANOMALOUS_FILE)).stdout
+    events = [json.loads(line) for line in out.splitlines()]
+    assert any(e["type"] == "start" for e in events)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m["ensemble"]["members"][0].update(kind="embedding"), "not one of"),
+        (lambda m: m["ensemble"]["members"][1].update(prefix="m0"), "share a prefix"),
+        (lambda m: m.pop("ensemble"), "needs an `ensemble` section"),
+        (lambda m: m["ensemble"]["members"][0].update(spread=0.0), "spread"),
+    ],
+)
+def test_a_malformed_ensemble_is_refused(
+    trained: Path, tmp_path: Path, change: object, match: str
+) -> None:
+    bundle = load_bundle(trained)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    change(manifest)  # type: ignore[operator]
+    with pytest.raises(BundleError, match=match):
+        write_bundle(tmp_path / "bad.bundle", manifest, {}, bundle.arrays)
+        load_bundle(tmp_path / "bad.bundle")
+
+
+def test_a_member_with_wrong_arrays_is_refused(trained: Path, tmp_path: Path) -> None:
+    bundle = load_bundle(trained)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    arrays = {**bundle.arrays, "m1.subspace.mean": np.zeros(3)}
+    write_bundle(tmp_path / "bad.bundle", manifest, {}, arrays)
+    with pytest.raises(BundleError, match=r"subspace\.mean"):
+        load_bundle(tmp_path / "bad.bundle")
+
+
+def test_calibrate_refits_every_member_and_the_common_scale(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "site.bundle"
+    site = [NORMAL_FILES[3], NORMAL_FILES[0]]
+    cli("calibrate", str(trained), "--normal", *map(str, site), "--out", str(out))
+    before, after = load_bundle(trained), load_bundle(out)
+    assert after.manifest.kind == "ensemble" and after.manifest.calibration is not None
+    assert not np.array_equal(
+        after.array("m0.statistics.center"), before.array("m0.statistics.center")
+    )
+    assert not np.array_equal(after.array("m1.subspace.mean"), before.array("m1.subspace.mean"))
+    old = [(m.center, m.spread) for m in before.manifest.ensemble.members]  # type: ignore[union-attr]
+    new = [(m.center, m.spread) for m in after.manifest.ensemble.members]  # type: ignore[union-attr]
+    assert new != old
+    assert after.manifest.normal_scores.source.startswith("on-site")
+    fault = Scorer.from_bundle(after).score_many(windows(out, ANOMALOUS_FILE))
+    assert np.median(fault) > 2 * after.manifest.normal_scores.p50  # two files: a wide tail
