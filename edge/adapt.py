@@ -143,9 +143,9 @@ class Adapter:
 
     def start(self, seconds: float, bundle: Bundle) -> None:
         """Begin a period of `seconds` of audio (a running one is replaced)."""
-        featurizer(bundle)
+        featurize = featurizer(bundle)
         self.cancel()
-        dim = len(featurizer(bundle)(np.zeros((1, *bundle.features.shape)))[0])
+        dim = len(featurize(np.zeros((1, *bundle.features.shape)))[0])
         store = FeatureStore(dim, self.settings.max_windows)
         self.period = Period(seconds, bundle.features.hop_seconds, store)
         self.save_period()

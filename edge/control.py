@@ -187,6 +187,10 @@ class Controller:
                 }
             )
         )
+        version = d.adapter.history.active if d.adapter is not None else None
+        if version is not None and new.model == old.model:
+            log.info("reload: the model is unchanged: keeping version %d", version)
+            return
         try:
             detail = self._reload_model(new.model)
             log.info("reload: %s", detail)

@@ -323,6 +323,8 @@ def test_commissioning_on_a_pulseaudio_microphone_ends_in_a_version_used_after_a
             20, "the anomaly index in metrics",
         )  # fmt: skip
         assert 0 < index[-1] < 5
+        proc.send_signal(signal.SIGHUP)  # a reload with the same configured model keeps it
+        wait_for(lambda: "keeping version 1" in log.read_text(), 20, "the reload to keep version 1")
         value = load_bundle(DEMO_BUNDLE).threshold  # within the learned one's bounds
         assert send(command="set_threshold", value=value, id="th-1")["ok"]
         assert send(command="mute", minutes=60, id="mu-1")["ok"]
