@@ -219,7 +219,10 @@ class Detector:
         self.close_event()
         self._load(bundle, self.settings, threshold=None)
         if self.adapter is not None and reason is not None:
-            self.adapter.switched(bundle, reason)
+            try:
+                self.adapter.switched(bundle, reason)
+            except OSError as exc:  # the switch stands; only its record is missing
+                log.error("could not record %s in the model history: %s", bundle.model_id, exc)
         self._save_state()
         self.emit_state()
 
