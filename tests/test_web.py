@@ -479,6 +479,30 @@ def test_loopback_without_token_refuses_other_host_names_and_a_taken_port(
         stop(proc)
 
 
+def test_clip_urls_name_the_public_url_or_this_host(tmp_path: Path) -> None:
+    import socket
+
+    from edge.settings import Settings
+    from edge.web.auth import clip_key
+    from edge.web.server import Dashboard
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    web = {"enabled": True, "host": "0.0.0.0", "port": free_port(), "token_file": token_file}
+    for public, base in [
+        (None, f"http://{socket.gethostname()}:{web['port']}"),
+        ("https://pi.example/sentry/", "https://pi.example/sentry"),
+    ]:
+        settings = Settings(data_dir=tmp_path, web={**web, "public_url": public})
+        dashboard = Dashboard(settings)
+        try:
+            url = dashboard.clip_url("20261130T120000Z-abc.wav")
+        finally:
+            dashboard.stop()
+        key = clip_key(TOKEN, "20261130T120000Z-abc")
+        assert url == f"{base}/clips/20261130T120000Z-abc.wav?key={key}"
+
+
 def test_png_encoder_round_trips_through_a_real_decoder() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
