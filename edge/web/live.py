@@ -62,11 +62,11 @@ class LiveView(Sink):
         self._streams: list[Stream] = []
         self._decorate = decorate or (lambda event: event)
         self._events: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.state_: dict[str, Any] | None = None
-        self.health_: dict[str, Any] | None = None
-        self.metrics_: dict[str, Any] | None = None
-        self.window_: dict[str, Any] | None = None
-        self.status_: dict[str, Any] = {}
+        self.last_state: dict[str, Any] | None = None
+        self.last_health: dict[str, Any] | None = None
+        self.last_metrics: dict[str, Any] | None = None
+        self.last_window: dict[str, Any] | None = None
+        self.last_status: dict[str, Any] = {}
         self.events_started = 0
         self._status_source: Callable[[], dict[str, Any]] | None = None
         self._status_at = float("-inf")
@@ -92,18 +92,18 @@ class LiveView(Sink):
 
     def state(self, message: StateMessage) -> None:
         """The state (normal, anomaly, muted, fault, learning...), with the status report."""
-        self.state_ = message.to_dict()
+        self.last_state = message.to_dict()
         self._refresh_status(force=True)
-        self._publish("state", self.state_)
+        self._publish("state", self.last_state)
 
     def health(self, message: HealthMessage) -> None:
         """A health change."""
-        self.health_ = message.to_dict()
-        self._publish("health", self.health_)
+        self.last_health = message.to_dict()
+        self._publish("health", self.last_health)
 
     def metrics(self, message: MetricsMessage) -> None:
         """Periodic metrics (for /metrics)."""
-        self.metrics_ = message.to_dict()
+        self.last_metrics = message.to_dict()
 
     def response(self, message: ResponseMessage) -> None:
         """Replies to every command, whoever sent it."""
@@ -111,7 +111,7 @@ class LiveView(Sink):
 
     def window(self, step: Step, threshold: float) -> None:
         """One scored window: score, threshold, level and machine state."""
-        self.window_ = {
+        self.last_window = {
             "at": iso(time.time()),
             "score": round(float(step.window.score), 6),
             "threshold": round(float(threshold), 6),
@@ -120,25 +120,25 @@ class LiveView(Sink):
             "dead": step.dead,
         }
         self._refresh_status()
-        self._publish("window", self.window_)
+        self._publish("window", self.last_window)
 
     def _refresh_status(self, force: bool = False) -> None:
         now = time.monotonic()
         if self._status_source is None or (not force and now - self._status_at < STATUS_EVERY_S):
             return
         self._status_at = now
-        self.status_ = self._status_source()
-        self._publish("status", self.status_)
+        self.last_status = self._status_source()
+        self._publish("status", self.last_status)
 
     # --- the HTTP side ---------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the page shows at once."""
         return {
-            "state": self.state_,
-            "health": self.health_,
-            "window": self.window_,
-            "status": self.status_,
+            "state": self.last_state,
+            "health": self.last_health,
+            "window": self.last_window,
+            "status": self.last_status,
         }
 
     def events(self) -> list[dict[str, Any]]:

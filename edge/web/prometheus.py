@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -41,13 +46,20 @@ class LiveCollector(Collector):
     def collect(self) -> Iterator[Any]:
         """Yield the metric families of one scrape."""
         live = self.live
-        state, window, status = live.state_ or {}, live.window_ or {}, live.status_ or {}
-        metrics, labels = live.metrics_ or {}, {"device_id": self.device_id}
+        state, window, status = (
+            live.last_state or {},
+            live.last_window or {},
+            live.last_status or {},
+        )
+        metrics, labels = live.last_metrics or {}, {"device_id": self.device_id}
         gauges = {
             "score": ("Anomaly score of the latest window.", window.get("score")),
             "threshold": ("Decision threshold in force.", state.get("threshold")),
             "level_dbfs": ("Input level of the latest window, dBFS.", window.get("level_dbfs")),
-            "health_faults": ("Active audio faults.", len((live.health_ or {}).get("faults", []))),
+            "health_faults": (
+                "Active audio faults.",
+                len((live.last_health or {}).get("faults", [])),
+            ),
             "learning_progress": (
                 "Share of the learning period done.",
                 (status.get("learning") or {}).get("progress"),
@@ -98,6 +110,6 @@ def registry_for(live: LiveView, device_id: str) -> CollectorRegistry:
     return registry
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
-    """The registry in the Prometheus text format."""
-    return generate_latest(registry)
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The registry in the Prometheus text format, and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -293,7 +293,7 @@ class Handler(BaseHTTPRequestHandler):
     def _metrics(self) -> None:
         from edge.web.prometheus import exposition
 
-        self._send(HTTPStatus.OK, exposition(self.dash.registry), "text/plain; version=0.0.4")
+        self._send(HTTPStatus.OK, *exposition(self.dash.registry))
 
     def _stream(self) -> None:
         """Server-sent events: a snapshot, then every window, state, health, event, reply."""
