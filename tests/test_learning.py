@@ -33,8 +33,10 @@ from mqtt_helpers import Subscriber
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
 from edge.control import Controller
-from edge.daemon import Detector, JsonLinesSink
+from edge.daemon import Detector, JsonLinesSink, Sink
+from edge.errors import SettingsError
 from edge.learning import FIT_CENTER, TRAINING_FEATURES
+from edge.messages import HealthMessage, StateMessage
 from edge.settings import load_settings
 from edge.sources import FileSource
 
@@ -227,6 +229,45 @@ def test_a_refit_that_fails_keeps_the_running_model(tmp_path: Path) -> None:
     assert device.detector.bundle.model_id == "fan-demo-12483c73"
     assert "could not write" in device.detector.status()["last_refit"]["error"]
     assert not list(device.data.glob("models*/**/*.bundle"))
+
+
+class Reports(Sink):
+    """What a device reports besides events: health and state messages."""
+
+    def __init__(self) -> None:
+        self.healths: list[HealthMessage] = []
+        self.states: list[StateMessage] = []
+
+    def health(self, message: HealthMessage) -> None:
+        self.healths.append(message)
+
+    def state(self, message: StateMessage) -> None:
+        self.states.append(message)
+
+
+def test_while_learning_no_anomaly_event_is_raised_but_health_faults_still_are(
+    tmp_path: Path,
+) -> None:
+    dead = tmp_path / "dead.wav"
+    sf.write(dead, np.zeros(8 * RATE, np.float32), RATE)  # a dead microphone, 8 s
+    settings = load_settings(
+        None, model=DEMO_BUNDLE, data_dir=tmp_path / "data", learning={"seconds": 600}
+    )
+    events, reports = io.StringIO(), Reports()
+    d = Detector(settings, load_bundle(DEMO_BUNDLE), [JsonLinesSink(events), reports], persist=True)
+    d.run(FileSource([ANOMALOUS_FILE, dead], RATE))
+    assert events.getvalue() == "", "no anomaly event while learning, even for a fault"
+    assert "fault:silence" in [h.change for h in reports.healths]
+    assert {"learning", "fault"} <= {s.state for s in reports.states}
+    assert [s.progress for s in reports.states if s.progress][-1] == round(3.5 / 600, 4)
+    assert d.adapter.period.collected_s == pytest.approx(3.5), "7 running windows, no silence"
+
+
+def test_learning_settings_are_checked() -> None:
+    with pytest.raises(SettingsError, match=r"^invalid setting learning.seconds \(got -1\)"):
+        load_settings(None, learning={"seconds": -1})
+    with pytest.raises(SettingsError, match=r"learning\.days: unknown key"):
+        load_settings(None, learning={"days": 1})
 
 
 # --- remote changes that persist ---------------------------------------------------------------
