@@ -78,12 +78,14 @@ def summary(
     recordings: int,
     threshold: float,
     params: Mapping[str, Any],
+    how: str = "",
 ) -> str:
-    """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines."""
+    """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines;
+    `how` says how the held-out audio was held out, when it is not plain."""
     total, fit, held = seconds
     lines = [
         f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model "
-        f"that scored {held:.0f} s of held-out audio for the threshold"
+        f"that scored {held:.0f} s of held-out audio for the threshold{how}"
     ]
     backing = describe(threshold, params)
     if backing:
@@ -98,7 +100,8 @@ def bundle_summary(manifest: Any) -> str:
     cal = manifest.calibration
     if cal:  # calibrate: each file is held out in turn, scored by a centre fitted without it
         s = float(cal.get("seconds", 0.0))
-        return summary((s, s, s), len(cal.get("files", [])), th.value, th.params)
+        how = " (each recording held out in turn, scored by a fit without it)"
+        return summary((s, s, s), len(cal.get("files", [])), th.value, th.params, how)
     t = manifest.training
     names = {f.name for f in t.files} | {f.name for f in t.holdout_files}
     held = min(t.holdout_seconds, t.seconds)
