@@ -41,6 +41,8 @@ from edge.settings import load_settings
 from edge.sources import FileSource
 
 RATE = 16000
+SINK = "learnmic"
+"""The PulseAudio null sink the commissioning test plays its machine into."""
 LEARN_S = 15.0
 """Shorter than the 18 s of windows in the four fixture recordings: the period ends in them."""
 
@@ -324,7 +326,12 @@ def test_commissioning_on_a_pulseaudio_microphone_ends_in_a_version_used_after_a
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nmetrics_interval_seconds = 1\n'
     )
     sub = Subscriber(broker.port, "soundsentry/mic/#")
-    player = subprocess.Popen(["paplay", "-d", "machine", str(normal)])
+    module = subprocess.run(  # a sink of its own: no other test's audio mixes into it
+        ["pactl", "load-module", "module-null-sink", f"sink_name={SINK}", "rate=16000",
+         "channels=1"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    player = subprocess.Popen(["paplay", "-d", SINK, str(normal)])
     log = tmp_path / "daemon.log"
 
     def start() -> subprocess.Popen[str]:
@@ -332,7 +339,7 @@ def test_commissioning_on_a_pulseaudio_microphone_ends_in_a_version_used_after_a
             [*SOUNDSENTRY, "--log-level", "INFO", "run", "--model", str(DEMO_BUNDLE), "--device",
              "pulse", "--config", str(config)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("a"), text=True,
-            env={**_env(), "PULSE_SOURCE": pulse},
+            env={**_env(), "PULSE_SOURCE": f"{SINK}.monitor"},
         )  # fmt: skip
 
     def send(**payload: object) -> dict:
@@ -388,6 +395,7 @@ def test_commissioning_on_a_pulseaudio_microphone_ends_in_a_version_used_after_a
         proc.kill()
         player.kill()
         sub.close()
+        subprocess.run(["pactl", "unload-module", module], capture_output=True)
 
 
 def _env() -> dict[str, str]:
