@@ -28,6 +28,8 @@ QUIET_DBFS = -55.0
 """Below this RMS level the machine is barely above the microphone's own noise."""
 LOUD_PEAK_DBFS = -1.0
 """Peaks at or above this leave no headroom: a louder moment (a fault) would clip."""
+GAP_TOLERANCE_S = 0.5
+"""Audio may arrive this much behind the clock (scheduling jitter) before it counts as lost."""
 
 
 class RecordingRefusedError(SoundSentryError):
@@ -59,11 +61,13 @@ def record(
     got = 0
     writer: sf.SoundFile | None = None
     meter = LevelMeter()
+    timeline = Timeline(samplerate)
     try:
         for block in source:
             if block is None:
                 continue
             meter.push(block)
+            timeline.push(len(block), time.monotonic())
             for change in health.push(block):
                 if change.kind == "fault":
                     raise RecordingRefusedError(
@@ -92,7 +96,7 @@ def record(
             Path(writer.name).unlink(missing_ok=True)
         err.write("\n")
     err.write(meter.verdict() + "\n")
-    gaps = gap_note(source.stats())
+    gaps = gap_note(source.stats(), timeline.missing_s())
     if gaps:
         err.write(gaps + "\n")
     return written
@@ -138,9 +142,36 @@ def level_verdict(rms_dbfs: float, peak_dbfs: float) -> str:
     return f"level good: {measured}"
 
 
-def gap_note(stats: dict[str, int]) -> str | None:
+@dataclass
+class Timeline:
+    """Audio delivered against the clock: a device delivers in real time, so audio that falls
+    behind the clock was lost somewhere (a freeze, an overrun the driver did not report)."""
+
+    rate: int
+    start: float | None = None
+    last: float = 0.0
+    samples: int = 0
+    """Samples after the first block (which arrives when it is complete)."""
+
+    def push(self, samples: int, now: float) -> None:
+        """A block of `samples` arrived at `now` (monotonic seconds)."""
+        if self.start is None:
+            self.start = now
+        else:
+            self.samples += samples
+        self.last = now
+
+    def missing_s(self) -> float:
+        """Seconds of audio the clock says should have arrived and did not."""
+        if self.start is None:
+            return 0.0
+        return max(0.0, (self.last - self.start) - self.samples / self.rate)
+
+
+def gap_note(stats: dict[str, int], missing_s: float = 0.0) -> str | None:
     """A warning naming the audio lost while recording, or None when nothing was lost."""
-    parts = [
+    lost = [f"{missing_s:.1f} s of audio missing"] if missing_s > GAP_TOLERANCE_S else []
+    parts = lost + [
         f"{stats[key]} {name}"
         for key, name in (
             ("dropped", "dropped block(s)"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import pty
@@ -14,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,9 +38,32 @@ from edge.bundle import load_bundle
 from edge.console import CLEAR
 from edge.eventlog import LOG_NAME, EventLog, parse_since, read_events
 from edge.messages import EventMessage
-from edge.record import LOUD_PEAK_DBFS, QUIET_DBFS, gap_note, level_verdict
+from edge.record import (
+    GAP_TOLERANCE_S,
+    LOUD_PEAK_DBFS,
+    QUIET_DBFS,
+    Timeline,
+    gap_note,
+    level_verdict,
+)
 
 DEMO_THRESHOLD = load_bundle(DEMO_BUNDLE).threshold
+_SINKS = itertools.count()
+
+
+@pytest.fixture
+def sink(pulse: str) -> Iterator[str]:
+    """A PulseAudio null sink of this test's own: audio that other tests play into the shared
+    sink cannot leak into what this one hears. Its monitor is `{sink}.monitor`."""
+    name = f"terminal{os.getpid()}x{next(_SINKS)}"
+    module = subprocess.run(
+        ["pactl", "load-module", "module-null-sink", f"sink_name={name}", "rate=16000"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    yield name
+    subprocess.run(["pactl", "unload-module", module], capture_output=True)
 
 
 def _summary(stderr: str) -> str:
@@ -74,16 +99,20 @@ def test_replay_ends_with_a_summary_even_when_it_finds_nothing(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_run_on_a_terminal_shows_a_live_line_and_prints_events_above_it(
-    pulse: str, tmp_path: Path
+    sink: str, tmp_path: Path
 ) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[audio]\ndevice = "pulse"\n')
-    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    player = play(sink, DEMO_CLIP)
     master, slave = pty.openpty()
     daemon = subprocess.Popen(
         [*SOUNDSENTRY, "run", "--model", str(DEMO_BUNDLE), "--config", str(cfg)],
         cwd=ROOT,
-        env={**os.environ, "PULSE_SOURCE": pulse, "SOUNDSENTRY_DATA_DIR": str(tmp_path)},
+        env={
+            **os.environ,
+            "PULSE_SOURCE": f"{sink}.monitor",
+            "SOUNDSENTRY_DATA_DIR": str(tmp_path),
+        },
         stdout=slave,
         stderr=subprocess.PIPE,
         text=True,
@@ -162,8 +191,7 @@ def test_doctor_fails_an_unset_device_and_creates_nothing(pulse: str, tmp_path: 
 # --- record ---------------------------------------------------------------------------------
 
 
-def _record(pulse: str, tmp_path: Path, clip: Path, *play_args: str) -> str:
-    sink = pulse.removesuffix(".monitor")
+def _record(sink: str, tmp_path: Path, clip: Path, *play_args: str) -> str:
     player = subprocess.Popen(["paplay", "-d", sink, *play_args, str(clip)])
     try:
         wait_for(lambda: _playing(sink), 10, "paplay to start")
@@ -175,7 +203,7 @@ def _record(pulse: str, tmp_path: Path, clip: Path, *play_args: str) -> str:
             str(tmp_path / "rec"),
             "--device",
             "pulse",
-            env={"PULSE_SOURCE": pulse},
+            env={"PULSE_SOURCE": f"{sink}.monitor"},
         )
     finally:
         player.kill()
@@ -190,18 +218,18 @@ def _playing(sink: str) -> bool:
 
 @pytest.mark.slow
 def test_record_says_whether_the_level_is_good_too_quiet_or_too_loud(
-    pulse: str, tmp_path: Path
+    sink: str, tmp_path: Path
 ) -> None:
     audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
     loud = tmp_path / "loud.wav"
     quarters = audio[: len(audio) // (rate // 4) * (rate // 4)].reshape(-1, rate // 4)
     peaks = 0.99 / np.abs(quarters).max(axis=1, keepdims=True)  # every 0.25 s peaks at -0.1 dB
     sf.write(str(loud), (quarters * peaks).ravel(), rate, subtype="FLOAT")
-    good = _record(pulse, tmp_path / "a", DEMO_CLIP)
+    good = _record(sink, tmp_path / "a", DEMO_CLIP)
     assert "level good: " in good and "gaps:" not in good, good
-    quiet = _record(pulse, tmp_path / "b", DEMO_CLIP, "--volume=16384")  # -36 dB
+    quiet = _record(sink, tmp_path / "b", DEMO_CLIP, "--volume=16384")  # -36 dB
     assert "level too quiet: " in quiet and "raise the input gain" in quiet, quiet
-    too_loud = _record(pulse, tmp_path / "c", loud)
+    too_loud = _record(sink, tmp_path / "c", loud)
     assert "level too loud: " in too_loud and "lower the input gain" in too_loud, too_loud
 
 
@@ -212,6 +240,12 @@ def test_level_verdict_and_gap_note_name_what_is_wrong() -> None:
     assert gap_note({"dropped": 0, "overflows": 0, "reopens": 0, "queue_depth": 3}) is None
     note = gap_note({"dropped": 2, "overflows": 1, "reopens": 0})
     assert note is not None and "2 dropped block(s), 1 input overflow(s):" in note
+    assert gap_note({}, GAP_TOLERANCE_S) is None
+    assert "gaps: 2.5 s of audio missing:" in str(gap_note({}, 2.5))
+    clock = Timeline(16000)
+    for i in range(11):  # 10 blocks of 0.1 s after the first, but 1.6 s passed
+        clock.push(1600, 100.0 + 0.1 * i + (0.6 if i > 5 else 0.0))
+    assert clock.missing_s() == pytest.approx(0.6)
 
 
 # --- missing extras -------------------------------------------------------------------------
@@ -347,3 +381,37 @@ def test_event_log_keeps_starts_and_ends_rotates_and_survives_a_torn_line(
     now = datetime(2026, 1, 2, tzinfo=UTC)
     assert parse_since("24h", now) == datetime(2026, 1, 1, tzinfo=UTC)
     assert parse_since("90m", now) == now - timedelta(minutes=90)
+
+
+@pytest.mark.slow
+def test_record_notices_audio_lost_while_it_was_frozen(sink: str, tmp_path: Path) -> None:
+    """SIGSTOP freezes the recorder (and its PortAudio thread) for longer than the audio
+    system buffers: what the machine played meanwhile is lost, and record says so."""
+    audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
+    long = tmp_path / "long.wav"
+    sf.write(str(long), np.concatenate([audio, audio]), rate)  # plays through the freeze
+    player = play(sink, long)
+    out = tmp_path / "rec"
+    recorder = subprocess.Popen(
+        [*SOUNDSENTRY, "record", "--seconds", "5", "--out", str(out), "--device", "pulse"],
+        cwd=ROOT,
+        env={**os.environ, "PULSE_SOURCE": f"{sink}.monitor"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:  # the first chunk's file appears with the first block of audio
+        wait_for(lambda: list(out.glob("*.wav")), 20, "the recorder to start")
+        recorder.send_signal(signal.SIGSTOP)
+        frozen = subprocess.run(["sleep", str(FREEZE_S)], check=True)  # the freeze itself
+        recorder.send_signal(signal.SIGCONT)
+        _, err = recorder.communicate(timeout=60)
+    finally:
+        player.kill()
+        recorder.kill()
+    assert frozen.returncode == 0 and recorder.returncode == 0, err
+    assert "gaps: " in err and "audio was lost" in err, err
+
+
+FREEZE_S = 10
+"""Longer than PulseAudio and PortAudio buffer for a client that does not read."""
