@@ -30,6 +30,8 @@ LOUD_PEAK_DBFS = -1.0
 """Peaks at or above this leave no headroom: a louder moment (a fault) would clip."""
 GAP_TOLERANCE_S = 0.5
 """Audio may arrive this much behind the clock (scheduling jitter) before it counts as lost."""
+CLOCK_DRIFT = 1e-3
+"""A sound card's clock may run this much slow against the system's (cheap USB: ~100 ppm)."""
 
 
 class RecordingRefusedError(SoundSentryError):
@@ -162,10 +164,11 @@ class Timeline:
         self.last = now
 
     def missing_s(self) -> float:
-        """Seconds of audio the clock says should have arrived and did not."""
+        """Seconds of audio the clock says should have arrived and did not (beyond drift)."""
         if self.start is None:
             return 0.0
-        return max(0.0, (self.last - self.start) - self.samples / self.rate)
+        seconds = self.samples / self.rate
+        return max(0.0, (self.last - self.start) - seconds * (1 + CLOCK_DRIFT))
 
 
 def gap_note(stats: dict[str, int], missing_s: float = 0.0) -> str | None:
