@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 from mqtt_helpers import Subscriber
 
 from edge.bundle import load_bundle
-from edge.commands import Mute, SetThreshold, Unmute, parse_command, threshold_bounds
+from edge.commands import MarkNormal, Mute, SetThreshold, Unmute, parse_command, threshold_bounds
 from edge.discovery import discovery_configs
 from edge.messages import HealthMessage, MetricsMessage, StateMessage
 from edge.topics import Topics
@@ -316,7 +316,8 @@ def test_controls_send_commands_the_daemon_accepts() -> None:
     assert isinstance(sent, SetThreshold) and sent.value == 2.5
     assert render(number["value_template"], _state("normal")) == str(THRESHOLD)
     button = _config("button", "mark_normal")
-    assert json.loads(button["payload_press"]) == {"command": "mark_normal", "event_id": "last"}
+    pressed = parse_command(button["payload_press"])
+    assert isinstance(pressed, MarkNormal) and pressed.event_id == "last"
 
 
 def test_trend_and_last_event_read_metrics_and_events() -> None:
