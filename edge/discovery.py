@@ -41,8 +41,11 @@ STATES = list(get_args(get_type_hints(StateMessage)["state"]))
 # Jinja templates Home Assistant renders on each payload. Rendering `None` makes a binary
 # sensor or a sensor `unknown` (Home Assistant's MQTT docs), which is what a faulty
 # microphone means: nothing is known about the machine.
+NOT_JUDGING = ("fault", "learning")
+"""States in which the detector says nothing about the machine: a faulty microphone, or the
+commissioning period still learning what normal sounds like."""
 ANOMALY_TEMPLATE = (
-    "{% if value_json.state == 'fault' %}None"
+    f"{{% if value_json.state in {NOT_JUDGING!r} %}}None"
     "{% elif value_json.state == 'anomaly' %}ON{% else %}OFF{% endif %}"
 )
 HEALTH_TEMPLATE = "{{ 'ON' if value_json.status == 'fault' else 'OFF' }}"

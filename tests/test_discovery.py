@@ -283,6 +283,7 @@ def test_anomaly_score_and_level_are_unknown_while_the_audio_is_faulty() -> None
     assert render(anomaly, fault) == "None"  # Home Assistant: unknown
     assert (render(score, fault), render(level, fault)) == ("None", "None")
     assert render(score, _state("starting")) == "None"  # no score yet: unknown, not 0
+    assert render(anomaly, _state("learning", score=0.5)) == "None"  # not judging yet
 
 
 def test_status_options_cover_every_state_the_daemon_sends() -> None:
