@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "events.jsonl"
 MAX_BYTES = 4 * 1024 * 1024
-"""Size at which the log is rotated; with one rotated generation, at most twice this on disk
-(about 20 000 events)."""
+"""Size at which the log is rotated; with one rotated generation, at most twice this on disk:
+about 9 000 events (a start and an end take about 0.9 KB)."""
 LOGGED = ("start", "end")
 """Updates are left out: an event's `end` carries its peak and mean."""
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
