@@ -107,7 +107,16 @@ def test_run_on_a_terminal_shows_a_live_line_and_prints_events_above_it(
     player = play(sink, DEMO_CLIP)
     master, slave = pty.openpty()
     daemon = subprocess.Popen(
-        [*SOUNDSENTRY, "run", "--model", str(DEMO_BUNDLE), "--config", str(cfg)],
+        [
+            *SOUNDSENTRY,
+            "--log-level",
+            "INFO",
+            "run",
+            "--model",
+            str(DEMO_BUNDLE),
+            "--config",
+            str(cfg),
+        ],
         cwd=ROOT,
         env={
             **os.environ,
@@ -133,7 +142,8 @@ def test_run_on_a_terminal_shows_a_live_line_and_prints_events_above_it(
         wait_for(lambda: read().count(CLEAR + "level") >= 3, 20, "three live lines", read)
         wait_for(lambda: '"type": "start"' in read(), 30, "an event on the terminal", read)
         daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(20) == 0, daemon.stderr.read() if daemon.stderr else ""
+        _, logs = daemon.communicate(timeout=20)
+        assert daemon.returncode == 0, logs
     finally:
         player.kill()
         daemon.kill()
@@ -143,6 +153,8 @@ def test_run_on_a_terminal_shows_a_live_line_and_prints_events_above_it(
     assert "dBFS  score" in live and f"/ {DEMO_THRESHOLD:.4g} [" in live, live
     assert live.rstrip().split()[-1] in {"normal", "anomaly", "starting"}, live
     assert CLEAR + '{"type": "start"' in text  # the line was cleared before the event
+    assert "capture: device 'pulse'" in logs and "anomaly start" in logs  # the logs as ever
+    assert "\033[" not in logs and "score" not in logs  # and untouched by the live line
 
 
 # --- devices --------------------------------------------------------------------------------
