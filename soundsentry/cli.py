@@ -1,9 +1,10 @@
-"""The `soundsentry` command: train, evaluate, replay, run, demo.
+"""The `soundsentry` command: train, calibrate, evaluate, spectrogram, replay, run, record,
+doctor, devices, events, demo.
 
 Training imports TensorFlow only inside its command, reports import matplotlib only when
 drawing, and sounddevice is imported only when capturing, so `demo`, `replay` and
-`evaluate` work without PortAudio (and everything but `train` and the PNGs works on the
-bare edge install).
+`evaluate` work without PortAudio (and everything but `train` of the network kinds and the
+PNGs works on the bare edge install; those say in one line which extra they need).
 """
 
 from __future__ import annotations
