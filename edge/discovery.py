@@ -13,13 +13,19 @@ last will; every payload carries `origin` and, where it applies, an `entity_cate
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
 from typing import Any, get_args, get_type_hints
 
 from edge import __version__
+from edge.bundle import Bundle
 from edge.commands import threshold_bounds
+from edge.daemon import Sink
 from edge.messages import StateMessage
 from edge.topics import Topics
+
+log = logging.getLogger(__name__)
 
 ORIGIN = {
     "name": "SoundSentry",
@@ -226,6 +232,27 @@ def _controls(topics: Topics, threshold: float | None) -> dict[tuple[str, str], 
             "icon": "mdi:tune-vertical",
         }
     return controls
+
+
+class DiscoveryRefresh(Sink):
+    """Re-announces discovery when the running model changes (reload_model, SIGHUP, a model
+    learned on site): the device's model and the threshold's bounds follow the bundle."""
+
+    def __init__(self, publisher: Any, model_id: str, bundle_of: Callable[[], Bundle]) -> None:
+        self.publisher = publisher
+        self.model_id = model_id
+        self.bundle_of = bundle_of
+
+    def state(self, message: StateMessage) -> None:
+        """Compare the state's model with the announced one; re-announce on a change."""
+        if message.model == self.model_id:
+            return
+        bundle = self.bundle_of()
+        self.model_id = message.model
+        log.info("discovery: model now %s; re-announcing to Home Assistant", bundle.model_id)
+        self.publisher.set_discovery(
+            discovery_configs(self.publisher.topics, bundle.model_id, bundle.threshold)
+        )
 
 
 def _on_step(value: float, step: float, direction: Any) -> float:

@@ -50,10 +50,12 @@ def run_detector(
         sinks.append(MqttSink(publisher))  # spooled durably before it is printed
     if print_events:
         sinks.append(JsonLinesSink())
-    if dashboard is not None:
-        sinks.append(dashboard.live)
     sinks.append(EventLogSink(settings.data_dir))  # the device's own record: `events`
     sinks.extend(extra_sinks)
+    if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id
+        sinks.append(_discovery_refresh(publisher, bundle, lambda: detector.bundle))
+    if dashboard is not None:
+        sinks.append(dashboard.live)
     spool = publisher.spool if publisher is not None else None
     detector = Detector(
         settings,
@@ -113,6 +115,12 @@ def _dashboard(settings: Settings) -> Any:
     from edge.web.server import Dashboard
 
     return Dashboard(settings)
+
+
+def _discovery_refresh(publisher: Any, bundle: Bundle, bundle_of: Callable[[], Bundle]) -> Sink:
+    from edge.discovery import DiscoveryRefresh
+
+    return DiscoveryRefresh(publisher, bundle.model_id, bundle_of)
 
 
 def _install_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None:

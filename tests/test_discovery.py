@@ -15,7 +15,7 @@ import jinja2
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, wait_for
+from conftest import AE_BUNDLE, DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, wait_for
 from jsonschema import Draft202012Validator
 from mqtt_helpers import Subscriber
 
@@ -424,3 +424,40 @@ def test_the_home_assistant_example_uses_todays_syntax_and_real_entity_ids() -> 
         re.findall(r"\b(?:binary_sensor|sensor|switch|number|button)\.soundsentry_\w+", text)
     )
     assert used and used <= known, used - known
+
+
+@pytest.mark.slow
+def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
+    broker: Broker, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'device_id = "pump-1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    number = TOPICS.ha_config("number", "threshold")
+    sub = Subscriber(broker.port, number, client_id="ha")
+    replay = [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--realtime", "--config"]
+    daemon = subprocess.Popen(
+        [*replay, str(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")},
+    )
+    try:
+        assert sub.wait_for(lambda ms: len(ms) >= 1, timeout=30), "no discovery"
+        reload = {"command": "reload_model", "path": AE_BUNDLE.name}
+        sub.client.publish(TOPICS.command, json.dumps(reload), qos=1)
+        assert sub.wait_for(lambda ms: len(ms) >= 2, timeout=30), "no new discovery"
+        assert daemon.wait(60) == 0
+    finally:
+        daemon.kill()
+        sub.close()
+    first, second = (json.loads(m.payload) for m in sub.messages[:2])
+    demo, ae = load_bundle(DEMO_BUNDLE), load_bundle(AE_BUNDLE)
+    assert first == discovery_configs(TOPICS, demo.model_id, demo.threshold)[number]
+    assert second == discovery_configs(TOPICS, ae.model_id, ae.threshold)[number]
+    low, high = threshold_bounds(ae.threshold)
+    assert second["device"]["model"] == ae.model_id and low <= second["min"] < second["max"] <= high
