@@ -13,7 +13,7 @@ scale and the ensemble's threshold then come from the site's audio, a file held 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,7 +47,6 @@ def common_scale(scores: np.ndarray) -> tuple[float, float]:
 
 def member_view(bundle: Bundle, member: EnsembleMember) -> Bundle:
     """A member as a bundle of its own: its kind, score and arrays (prefix removed)."""
-    from edge.bundle import Bundle
 
     prefix = f"{member.prefix}."
     manifest = bundle.manifest.model_copy(
@@ -57,7 +56,7 @@ def member_view(bundle: Bundle, member: EnsembleMember) -> Bundle:
         update={"threshold": manifest.threshold.model_copy(update={"params": {}})}
     )
     arrays = {k.removeprefix(prefix): v for k, v in bundle.arrays.items() if k.startswith(prefix)}
-    return Bundle(bundle.path, manifest, bundle.features, None, bundle.variant, arrays)
+    return replace(bundle, manifest=manifest, model=None, arrays=arrays)
 
 
 def combine(member_scores: list[np.ndarray], scales: list[tuple[float, float]]) -> np.ndarray:
@@ -178,9 +177,7 @@ class Ensemble(DetectorKind):
 def _with_arrays(view: Bundle, arrays: dict[str, np.ndarray]) -> Bundle:
     """The member view with some arrays replaced (member arrays only, no band reference)."""
     keep = {k: v for k, v in arrays.items() if not k.startswith("normal_band_error.")}
-    return type(view)(
-        view.path, view.manifest, view.features, None, view.variant, {**view.arrays, **keep}
-    )
+    return replace(view, arrays={**view.arrays, **keep})
 
 
 def _held_out_scores(
