@@ -2,13 +2,15 @@
 the daemon's resident memory and CPU on a real stream with the dashboard off, on with nobody
 watching, and on with one headless browser connected. Saves a screenshot of the page.
 
-    python bench/dashboard_figures.py [--seconds 60] [--screenshot docs/dashboard.png]
+    python bench/dashboard_figures.py [--seconds 60] [--rounds 3] [--screenshot docs/dashboard.png]
 
 The daemon is the real `soundsentry run` on a PulseAudio null sink fed by `paplay` with the
 bundled fan clip (a real fault 5 s in) followed by its normal start over and over, so every
 phase hears the same audio and raises one event. CPU is the daemon's own CPU time (user +
 system, from /proc) over the phase's wall time; memory is its resident set (VmRSS) sampled
-every second. Needs pulseaudio and, for the browser, Debian's chromium and chromium-driver.
+every second. The three phases run in turn, `--rounds` times, since the CPU of other work
+on shared cores moves a phase's figure by about as much as a browser does. Needs pulseaudio
+and, for the browser, Debian's chromium and chromium-driver.
 """
 
 from __future__ import annotations
@@ -243,53 +245,75 @@ def screenshot(driver: Any, out: Path) -> None:
     print(f"screenshot: {out}", file=sys.stderr)
 
 
+PHASES = (
+    ("dashboard off", False, False),
+    ("dashboard on, nobody looking", True, False),
+    ("dashboard on, one browser", True, True),
+)
+"""(name, web enabled, a browser connected)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="times each phase is run, in turn")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the daemon")
     parser.add_argument("--screenshot", type=Path, default=ROOT / "docs" / "dashboard.png")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "dashboard_figures.json")
     args = parser.parse_args()
+    shot, args.screenshot = args.screenshot, None
     with tempfile.TemporaryDirectory(prefix="dashbench-") as tmp:
         work = Path(tmp)
         machine_audio(work / "machine.wav", args.seconds + WARMUP_S + 60)
         pulse, env = own_pulse(work)
+        rounds = []
         try:
-            phases = [
-                run_phase("dashboard off", args, work, env, web=False, watch=False),
-                run_phase("dashboard on, nobody looking", args, work, env, web=True, watch=False),
-                run_phase("dashboard on, one browser", args, work, env, web=True, watch=True),
-            ]
+            for n in range(args.rounds):
+                args.screenshot = shot if n == args.rounds - 1 else None
+                rounds.append([run_phase(p, args, work, env, web, w) for p, web, w in PHASES])
         finally:
             pulse.terminate()
             pulse.wait(10)
-    report(phases, args)
+    report(rounds, args)
 
 
-def report(phases: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    off, idle, watched = phases
+def report(rounds: list[list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    """Print the table and the extras (mean over rounds), and write the JSON."""
+
+    def mean(phase: int, key: str) -> float:
+        return float(np.mean([r[phase][key] for r in rounds]))
+
+    def extra(phase: int, key: str) -> list[float]:
+        return [round(r[phase][key] - r[0][key], 2) for r in rounds]
+
+    idle = rounds[-1][1]
     summary = {
         "measured_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{os.uname().machine}, {os.cpu_count()} cores",
+        "machine": f"{os.uname().machine}, {os.cpu_count()} cores (shared)",
         "seconds_per_phase": args.seconds,
-        "phases": phases,
-        "extra_rss_mb_one_browser": round(watched["rss_mb"] - off["rss_mb"], 1),
-        "extra_cpu_pct_one_browser": round(watched["cpu_pct"] - off["cpu_pct"], 2),
-        "extra_rss_mb_nobody_watching": round(idle["rss_mb"] - off["rss_mb"], 1),
-        "extra_cpu_pct_nobody_watching": round(idle["cpu_pct"] - off["cpu_pct"], 2),
+        "page_bytes": idle["page_bytes"],
+        "page_gzip_bytes": idle["page_gzip_bytes"],
+        "stream_bytes_per_s": idle["stream_bytes_per_s"],
+        "extra_rss_mb_one_browser": extra(2, "rss_mb"),
+        "extra_cpu_pct_one_browser": extra(2, "cpu_pct"),
+        "extra_rss_mb_nobody_looking": extra(1, "rss_mb"),
+        "extra_cpu_pct_nobody_looking": extra(1, "cpu_pct"),
+        "rounds": rounds,
     }
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"| phase ({args.seconds:g} s each) | daemon CPU, % of a core | RSS mean / max, MB |")
+    print(f"| phase ({args.seconds:g} s, {len(rounds)} rounds) | daemon CPU, % of a core, "
+          "per round | RSS mean, MB |")  # fmt: skip
     print("|---|---|---|")
-    for p in phases:
-        print(f"| {p['phase']} | {p['cpu_pct']:.2f} | {p['rss_mb']:.1f} / {p['rss_max_mb']:.1f} |")
+    for i, (name, _web, _watch) in enumerate(PHASES):
+        cpus = " / ".join(f"{r[i]['cpu_pct']:.2f}" for r in rounds)
+        print(f"| {name} | {cpus} | {mean(i, 'rss_mb'):.1f} |")
     print(
         f"\npage: {idle['page_bytes']} bytes ({idle['page_gzip_bytes']} gzipped); live stream: "
         f"{idle['stream_bytes_per_s']} bytes/s to one client\n"
-        f"extra with one browser: {summary['extra_rss_mb_one_browser']:+.1f} MB RSS, "
-        f"{summary['extra_cpu_pct_one_browser']:+.2f} % of a core "
-        f"(nobody looking: {summary['extra_rss_mb_nobody_watching']:+.1f} MB, "
-        f"{summary['extra_cpu_pct_nobody_watching']:+.2f} %)"
+        f"extra with one browser, per round: RSS {summary['extra_rss_mb_one_browser']} MB, "
+        f"CPU {summary['extra_cpu_pct_one_browser']} % of a core; nobody looking: RSS "
+        f"{summary['extra_rss_mb_nobody_looking']} MB, "
+        f"CPU {summary['extra_cpu_pct_nobody_looking']} %"
     )
 
 
