@@ -12,41 +12,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import AE_BUNDLE, DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES
+from detector_helpers import Recorder
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
 from edge.control import Controller
-from edge.daemon import WORK_QUEUE_MAX, Detector, Sink
-from edge.messages import EventMessage, HealthMessage, ResponseMessage, StateMessage
+from edge.daemon import WORK_QUEUE_MAX, Detector
+from edge.messages import ResponseMessage
 from edge.settings import Settings
 from edge.sources import FileSource
 
 RATE = 16000
-
-
-class Recorder(Sink):
-    """Keeps everything the detector reports."""
-
-    def __init__(self) -> None:
-        self.events: list[EventMessage] = []
-        self.states: list[StateMessage] = []
-        self.healths: list[HealthMessage] = []
-        self.responses: list[ResponseMessage] = []
-
-    def event(self, message: EventMessage) -> None:
-        self.events.append(message)
-
-    def state(self, message: StateMessage) -> None:
-        self.states.append(message)
-
-    def health(self, message: HealthMessage) -> None:
-        self.healths.append(message)
-
-    def response(self, message: ResponseMessage) -> None:
-        self.responses.append(message)
-
-    def kinds(self) -> list[str]:
-        return [e.type for e in self.events]
 
 
 def fault_file(tmp_path: Path, name: str = "fault.wav") -> Path:

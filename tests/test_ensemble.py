@@ -8,19 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
+from detector_helpers import bundle_windows
 
-from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
 from edge.detectors.ensemble import common_scale, member_view
 from edge.errors import BundleError
-from edge.features import windows_of
 from edge.scoring import Scorer
 from train.ensemble import MEMBERS
-
-
-def windows(bundle_path: Path, audio_file: Path) -> np.ndarray:
-    p = load_bundle(bundle_path).features
-    return windows_of(read_audio(audio_file, p.samplerate), p)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def test_score_is_the_mean_member_z_on_a_log_scale(trained: Path) -> None:
     info = bundle.manifest.ensemble
     assert bundle.manifest.kind == "ensemble" and info is not None
     assert [m.kind for m in info.members] == list(MEMBERS)
-    w = windows(trained, ANOMALOUS_FILE)
+    w = bundle_windows(trained, ANOMALOUS_FILE)
     z = []
     for m in info.members:
         alone = Scorer.from_bundle(member_view(bundle, m)).score_many(w)
@@ -63,8 +57,8 @@ def test_score_is_the_mean_member_z_on_a_log_scale(trained: Path) -> None:
 
 def test_the_fault_scores_above_unseen_normal_audio(trained: Path) -> None:
     scorer = Scorer.from_bundle(load_bundle(trained))
-    normal = scorer.score_many(windows(trained, NORMAL_FILES[3]))
-    fault = scorer.score_many(windows(trained, ANOMALOUS_FILE))
+    normal = scorer.score_many(bundle_windows(trained, NORMAL_FILES[3]))
+    fault = scorer.score_many(bundle_windows(trained, ANOMALOUS_FILE))
     assert np.median(fault) > normal.max(), (fault, normal)
     out = cli("replay", str(trained), str(ANOMALOUS_FILE)).stdout
     events = [json.loads(line) for line in out.splitlines()]
@@ -114,5 +108,5 @@ def test_calibrate_refits_every_member_and_the_common_scale(trained: Path, tmp_p
     new = [(m.center, m.spread) for m in after.manifest.ensemble.members]  # type: ignore[union-attr]
     assert new != old
     assert after.manifest.normal_scores.source.startswith("on-site")
-    fault = Scorer.from_bundle(after).score_many(windows(out, ANOMALOUS_FILE))
+    fault = Scorer.from_bundle(after).score_many(bundle_windows(out, ANOMALOUS_FILE))
     assert np.median(fault) > 2 * after.manifest.normal_scores.p50  # two files: a wide tail

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import DEMO_CLIP, NORMAL_FILES, cli
+from detector_helpers import Recorder
 from sklearn.covariance import LedoitWolf
 
 from edge.audio_io import read_audio
@@ -133,8 +134,7 @@ def test_all_channels_are_training_views(tmp_path: Path, all_channels: bool) -> 
 def test_the_default_detector_knows_a_machine_switched_off(tmp_path: Path) -> None:
     """The numpy trainers record how loud the machine runs, so the default bundle, with no
     setting, says `off` for a quiet room and raises no event for it."""
-    from edge.daemon import Detector, Sink
-    from edge.messages import EventMessage, StateMessage
+    from edge.daemon import Detector
     from edge.settings import Settings
     from edge.sources import FileSource
 
@@ -152,17 +152,6 @@ def test_the_default_detector_knows_a_machine_switched_off(tmp_path: Path) -> No
     ambient = (room / np.abs(room).max() * 10 ** (-60 / 20)).astype(np.float32)
     path = tmp_path / "on-off-on.wav"
     sf.write(path, np.concatenate([normal, ambient, normal]), rate, subtype="FLOAT")
-
-    class Recorder(Sink):
-        def __init__(self) -> None:
-            self.events: list[EventMessage] = []
-            self.states: list[StateMessage] = []
-
-        def event(self, message: EventMessage) -> None:
-            self.events.append(message)
-
-        def state(self, message: StateMessage) -> None:
-            self.states.append(message)
 
     rec = Recorder()
     settings = Settings(device_id="t", model=out, data_dir=tmp_path / "data")

@@ -9,29 +9,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
+from detector_helpers import bundle_windows, window_scores
 
-from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
 from edge.detectors.knn import MAX_BANK, KnnScorer, merged_bank
 from edge.detectors.levels import level_features
 from edge.errors import BundleError
-from edge.features import windows_of
 from edge.scoring import Explainer, Scorer
 from train.knn import fit_bank
 
 N_MELS = 64
-
-
-def windows(bundle_path: Path, audio_file: Path) -> np.ndarray:
-    """The edge's windows of a file for a bundle."""
-    p = load_bundle(bundle_path).features
-    return windows_of(read_audio(audio_file, p.samplerate), p)
-
-
-def window_scores(bundle_path: Path, audio_file: Path) -> np.ndarray:
-    """Window scores of a file, one window at a time as the daemon scores."""
-    scorer = Scorer.from_bundle(load_bundle(bundle_path))
-    return np.array([scorer.score(x).score for x in windows(bundle_path, audio_file)])
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +75,7 @@ def test_anomalous_scores_above_held_out_normal(trained: Path) -> None:
 def test_band_explanations_have_one_value_per_mel_band(trained: Path) -> None:
     bundle = load_bundle(trained)
     assert bundle.array("normal_band_error.std").shape == (N_MELS,)
-    scored = Scorer.from_bundle(bundle).score(windows(trained, ANOMALOUS_FILE)[0])
+    scored = Scorer.from_bundle(bundle).score(bundle_windows(trained, ANOMALOUS_FILE)[0])
     assert scored.band_error.shape == (N_MELS,) and np.all(scored.band_error >= 0)
     bands = Explainer(bundle).bands(scored.band_error)
     assert len(bands) == 3 and bands[0]["high_hz"] > bands[0]["low_hz"]
@@ -120,7 +107,7 @@ def test_calibrate_adds_the_site_to_the_bank(trained: Path, tmp_path: Path) -> N
     cli("calibrate", str(trained), "--normal", *map(str, site), "--out", str(out))
     before, after = load_bundle(trained), load_bundle(out)
     assert after.manifest.kind == "knn" and after.manifest.calibration is not None
-    added = sum(len(windows(trained, f)) for f in site)
+    added = sum(len(bundle_windows(trained, f)) for f in site)
     np.testing.assert_array_equal(after.array("knn.bank")[added:], before.array("knn.bank"))
     for same in ("knn.components", "knn.scale", "knn.neighbours"):
         np.testing.assert_array_equal(after.array(same), before.array(same))

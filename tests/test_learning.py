@@ -28,15 +28,15 @@ from conftest import (
     cli,
     wait_for,
 )
+from detector_helpers import Recorder
 from mqtt_helpers import Subscriber
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
 from edge.control import Controller
-from edge.daemon import Detector, JsonLinesSink, Sink
+from edge.daemon import Detector, JsonLinesSink
 from edge.errors import SettingsError
 from edge.learning import FIT_CENTER, TRAINING_FEATURES
-from edge.messages import HealthMessage, StateMessage
 from edge.settings import load_settings
 from edge.sources import FileSource
 
@@ -233,20 +233,6 @@ def test_a_refit_that_fails_keeps_the_running_model(tmp_path: Path) -> None:
     assert not list(device.data.glob("models*/**/*.bundle"))
 
 
-class Reports(Sink):
-    """What a device reports besides events: health and state messages."""
-
-    def __init__(self) -> None:
-        self.healths: list[HealthMessage] = []
-        self.states: list[StateMessage] = []
-
-    def health(self, message: HealthMessage) -> None:
-        self.healths.append(message)
-
-    def state(self, message: StateMessage) -> None:
-        self.states.append(message)
-
-
 def test_while_learning_no_anomaly_event_is_raised_but_health_faults_still_are(
     tmp_path: Path,
 ) -> None:
@@ -255,7 +241,7 @@ def test_while_learning_no_anomaly_event_is_raised_but_health_faults_still_are(
     settings = load_settings(
         None, model=DEMO_BUNDLE, data_dir=tmp_path / "data", learning={"seconds": 600}
     )
-    events, reports = io.StringIO(), Reports()
+    events, reports = io.StringIO(), Recorder()
     d = Detector(settings, load_bundle(DEMO_BUNDLE), [JsonLinesSink(events), reports], persist=True)
     d.run(FileSource([ANOMALOUS_FILE, dead], RATE))
     assert events.getvalue() == "", "no anomaly event while learning, even for a fault"

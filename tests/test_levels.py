@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
+from detector_helpers import window_scores
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
@@ -19,14 +20,6 @@ from edge.features import windows_of
 from edge.scoring import Explainer, Scorer
 
 N_MELS = 64
-
-
-def window_scores(bundle_path: Path, audio_file: Path) -> np.ndarray:
-    """Window scores of a file by a bundle, one window at a time as the daemon scores."""
-    bundle = load_bundle(bundle_path)
-    scorer = Scorer.from_bundle(bundle)
-    w = windows_of(read_audio(audio_file, bundle.features.samplerate), bundle.features)
-    return np.array([scorer.score(x).score for x in w])
 
 
 @pytest.fixture(scope="module")

@@ -9,31 +9,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import DEMO_CLIP, NORMAL_FILES, cli
+from detector_helpers import Recorder
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
-from edge.daemon import Detector, Sink
+from edge.daemon import Detector
 from edge.errors import BundleError
 from edge.features import LogMel
 from edge.machine_state import StateNamer
-from edge.messages import EventMessage, StateMessage
 from edge.settings import Settings
 from edge.sources import FileSource
 
 QUIET_DB = -15.0
 """The `slow` state: the fan's own sound 15 dB down (the fluctuation score ignores gain)."""
-
-
-class Recorder(Sink):
-    def __init__(self) -> None:
-        self.events: list[EventMessage] = []
-        self.states: list[StateMessage] = []
-
-    def event(self, message: EventMessage) -> None:
-        self.events.append(message)
-
-    def state(self, message: StateMessage) -> None:
-        self.states.append(message)
 
 
 def test_the_vote_names_the_nearest_state_and_ignores_one_odd_window() -> None:

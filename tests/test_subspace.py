@@ -7,28 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
+from detector_helpers import bundle_windows, window_scores
 
-from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
 from edge.detectors.subspace import SubspaceScorer, stacked
 from edge.errors import BundleError
-from edge.features import windows_of
 from edge.scoring import Explainer, Scorer
 from train.subspace import COMPONENTS, STACK, fit_subspace, flat_windows
 
 N_MELS = 64
-
-
-def windows(bundle_path: Path, audio_file: Path) -> np.ndarray:
-    """The edge's windows of a file for a bundle."""
-    p = load_bundle(bundle_path).features
-    return windows_of(read_audio(audio_file, p.samplerate), p)
-
-
-def window_scores(bundle_path: Path, audio_file: Path) -> np.ndarray:
-    """Window scores of a file, one window at a time as the daemon scores."""
-    scorer = Scorer.from_bundle(load_bundle(bundle_path))
-    return np.array([scorer.score(x).score for x in windows(bundle_path, audio_file)])
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +71,14 @@ def test_anomalous_scores_above_held_out_normal(trained: Path) -> None:
     assert np.median(anomalous) > np.median(held_out), (anomalous, held_out)
     assert bundle.manifest.normal_scores.p50 == pytest.approx(1.0)  # scaled by held-out median
     np.testing.assert_allclose(
-        Scorer.from_bundle(bundle).score_many(windows(trained, ANOMALOUS_FILE)), anomalous
+        Scorer.from_bundle(bundle).score_many(bundle_windows(trained, ANOMALOUS_FILE)), anomalous
     )
 
 
 def test_band_explanations_have_one_value_per_mel_band(trained: Path) -> None:
     bundle = load_bundle(trained)
     assert bundle.array("normal_band_error.std").shape == (N_MELS,)
-    scored = Scorer.from_bundle(bundle).score(windows(trained, ANOMALOUS_FILE)[0])
+    scored = Scorer.from_bundle(bundle).score(bundle_windows(trained, ANOMALOUS_FILE)[0])
     assert scored.band_error.shape == (N_MELS,) and np.all(scored.band_error >= 0)
     bands = Explainer(bundle).bands(scored.band_error)
     assert len(bands) == 3 and bands[0]["high_hz"] > bands[0]["low_hz"]
@@ -127,7 +114,7 @@ def test_calibrate_moves_the_origin_to_the_site(trained: Path, tmp_path: Path) -
     for same in ("subspace.components", "subspace.scale", "subspace.stack"):
         np.testing.assert_array_equal(after.array(same), before.array(same))
     scorer = Scorer.from_bundle(before)
-    site_windows = np.concatenate([windows(trained, f) for f in site])
+    site_windows = np.concatenate([bundle_windows(trained, f) for f in site])
     expected = stacked(site_windows, STACK).reshape(-1, STACK * N_MELS).mean(axis=0)
     np.testing.assert_allclose(after.array("subspace.mean"), expected, rtol=1e-5)
     assert after.manifest.normal_scores.source.startswith("on-site")

@@ -1,0 +1,52 @@
+"""What several tests need around a Detector: a sink that keeps what it reports, and a bundle's
+windows of a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge.audio_io import read_audio
+from edge.bundle import load_bundle
+from edge.daemon import Sink
+from edge.features import windows_of
+from edge.messages import EventMessage, HealthMessage, ResponseMessage, StateMessage
+from edge.scoring import Scorer
+
+
+class Recorder(Sink):
+    """Keeps everything the detector reports."""
+
+    def __init__(self) -> None:
+        self.events: list[EventMessage] = []
+        self.states: list[StateMessage] = []
+        self.healths: list[HealthMessage] = []
+        self.responses: list[ResponseMessage] = []
+
+    def event(self, message: EventMessage) -> None:
+        self.events.append(message)
+
+    def state(self, message: StateMessage) -> None:
+        self.states.append(message)
+
+    def health(self, message: HealthMessage) -> None:
+        self.healths.append(message)
+
+    def response(self, message: ResponseMessage) -> None:
+        self.responses.append(message)
+
+    def kinds(self) -> list[str]:
+        return [e.type for e in self.events]
+
+
+def bundle_windows(bundle_path: Path, audio_file: Path) -> np.ndarray:
+    """The edge's log-mel windows of a file, for a bundle's features."""
+    p = load_bundle(bundle_path).features
+    return windows_of(read_audio(audio_file, p.samplerate), p)
+
+
+def window_scores(bundle_path: Path, audio_file: Path) -> np.ndarray:
+    """Window scores of a file by a bundle, one window at a time as the daemon scores."""
+    scorer = Scorer.from_bundle(load_bundle(bundle_path))
+    return np.array([scorer.score(x).score for x in bundle_windows(bundle_path, audio_file)])
