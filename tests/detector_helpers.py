@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.audio_io import read_audio
-from edge.bundle import load_bundle
+from edge.bundle import load_bundle, write_bundle
 from edge.daemon import Sink
 from edge.features import windows_of
 from edge.messages import EventMessage, HealthMessage, ResponseMessage, StateMessage
@@ -50,3 +50,11 @@ def window_scores(bundle_path: Path, audio_file: Path) -> np.ndarray:
     """Window scores of a file by a bundle, one window at a time as the daemon scores."""
     scorer = Scorer.from_bundle(load_bundle(bundle_path))
     return np.array([scorer.score(x).score for x in bundle_windows(bundle_path, audio_file)])
+
+
+def with_arrays(bundle_path: Path, out: Path, **arrays: np.ndarray) -> Path:
+    """A copy of a bundle with some arrays replaced (names with '.' passed as a dict: use
+    `with_arrays(path, out, **{"knn.bank": x})`), written by the one bundle builder."""
+    bundle = load_bundle(bundle_path)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    return write_bundle(out, manifest, {}, {**bundle.arrays, **arrays})

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
-from detector_helpers import bundle_windows
+from detector_helpers import bundle_windows, with_arrays
 
 from edge.bundle import load_bundle, write_bundle
 from edge.detectors.ensemble import common_scale, member_view
@@ -86,12 +86,9 @@ def test_a_malformed_ensemble_is_refused(
 
 
 def test_a_member_with_wrong_arrays_is_refused(trained: Path, tmp_path: Path) -> None:
-    bundle = load_bundle(trained)
-    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
-    arrays = {**bundle.arrays, "m1.subspace.mean": np.zeros(3)}
-    write_bundle(tmp_path / "bad.bundle", manifest, {}, arrays)
+    bad = with_arrays(trained, tmp_path / "bad.bundle", **{"m1.subspace.mean": np.zeros(3)})
     with pytest.raises(BundleError, match=r"subspace\.mean"):
-        load_bundle(tmp_path / "bad.bundle")
+        load_bundle(bad)
 
 
 def test_calibrate_refits_every_member_and_the_common_scale(trained: Path, tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
-from detector_helpers import bundle_windows, window_scores
+from detector_helpers import bundle_windows, window_scores, with_arrays
 
-from edge.bundle import load_bundle, write_bundle
+from edge.bundle import load_bundle
 from edge.detectors.knn import MAX_BANK, KnnScorer, merged_bank
 from edge.detectors.levels import level_features
 from edge.errors import BundleError
@@ -94,11 +94,9 @@ def test_band_explanations_have_one_value_per_mel_band(trained: Path) -> None:
 def test_bundle_with_wrong_arrays_is_refused(
     trained: Path, tmp_path: Path, name: str, value: np.ndarray, match: str
 ) -> None:
-    bundle = load_bundle(trained)
-    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
-    write_bundle(tmp_path / "bad.bundle", manifest, {}, {**bundle.arrays, name: value})
+    bad = with_arrays(trained, tmp_path / "bad.bundle", **{name: value})
     with pytest.raises(BundleError, match=match):
-        load_bundle(tmp_path / "bad.bundle")
+        load_bundle(bad)
 
 
 def test_calibrate_adds_the_site_to_the_bank(trained: Path, tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
-from detector_helpers import bundle_windows, window_scores
+from detector_helpers import bundle_windows, window_scores, with_arrays
 
-from edge.bundle import load_bundle, write_bundle
+from edge.bundle import load_bundle
 from edge.detectors.subspace import SubspaceScorer, stacked
 from edge.errors import BundleError
 from edge.scoring import Explainer, Scorer
@@ -98,11 +98,9 @@ def test_band_explanations_have_one_value_per_mel_band(trained: Path) -> None:
 def test_bundle_with_wrong_arrays_is_refused(
     trained: Path, tmp_path: Path, name: str, value: np.ndarray, match: str
 ) -> None:
-    bundle = load_bundle(trained)
-    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
-    write_bundle(tmp_path / "bad.bundle", manifest, {}, {**bundle.arrays, name: value})
+    bad = with_arrays(trained, tmp_path / "bad.bundle", **{name: value})
     with pytest.raises(BundleError, match=match):
-        load_bundle(tmp_path / "bad.bundle")
+        load_bundle(bad)
 
 
 def test_calibrate_moves_the_origin_to_the_site(trained: Path, tmp_path: Path) -> None:
