@@ -18,7 +18,7 @@ import numpy as np
 from edge.detectors.base import DetectorKind, Refit, WindowScore, require
 from edge.detectors.levels import (
     GROUPS,
-    leave_one_file_out,
+    held_out_explained,
     level_features,
     per_band,
     site_refit,
@@ -170,11 +170,8 @@ class Knn(DetectorKind):
         against its first). The embedding and the scale stay."""
         trained = KnnScorer.from_bundle(bundle)
         rows = [trained.embed(level_features(w)) for w in per_file if len(w)]
-        folds = [
-            trained.with_bank(merged_bank(trained.bank, rest)).explain(held)
-            for held, rest in leave_one_file_out(rows)
-        ]
-        scores = np.concatenate([s for s, _ in folds])
-        bands = np.concatenate([b for _, b in folds])
+        scores, bands = held_out_explained(
+            rows, lambda rest: trained.with_bank(merged_bank(trained.bank, rest))
+        )
         bank = merged_bank(trained.bank, np.concatenate(rows))
         return site_refit(bundle, scores, bands, {"knn.bank": bank}, false_alarms_per_day)

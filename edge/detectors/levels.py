@@ -7,7 +7,7 @@ as fluctuation. On site, the centre and threshold are refitted (the precision st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -22,7 +22,16 @@ from edge.detectors.thresholds import budget_threshold
 from edge.threshold import score_stats
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from edge.bundle import Bundle
+
+
+class Explains(Protocol):
+    """A model that gives scores and band errors of rows: (n,), (n, n_mels)."""
+
+    def explain(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 LEVELS = "log-mel-mean-log-spread-and-fluctuation"
 GROUPS = 3
@@ -80,6 +89,15 @@ def leave_one_file_out(parts: list[np.ndarray]) -> list[tuple[np.ndarray, np.nda
         half = len(parts[0]) // 2
         return [(parts[0][half:], parts[0][:half])]
     return [(p, np.concatenate(parts[:i] + parts[i + 1 :])) for i, p in enumerate(parts)]
+
+
+def held_out_explained(
+    parts: list[np.ndarray], model_without: Callable[[np.ndarray], Explains]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and band errors of each file by the model fitted on the rest (one file: its
+    second half by the model of its first), for an on-site threshold."""
+    folds = [model_without(rest).explain(held) for held, rest in leave_one_file_out(parts)]
+    return np.concatenate([s for s, _ in folds]), np.concatenate([b for _, b in folds])
 
 
 def site_refit(

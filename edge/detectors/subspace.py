@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge.detectors.base import DetectorKind, Refit, WindowScore, require
-from edge.detectors.levels import leave_one_file_out, site_refit
+from edge.detectors.levels import held_out_explained, site_refit
 from edge.errors import BundleError
 
 if TYPE_CHECKING:
@@ -131,11 +131,8 @@ class Subspace(DetectorKind):
         against an origin fitted without it (one file: its first half against its second)."""
         trained = SubspaceScorer.from_bundle(bundle)
         windows = [np.asarray(w, np.float64) for w in per_file if len(w)]
-        folds = [
-            trained.with_mean(trained.origin(rest)).explain(held)
-            for held, rest in leave_one_file_out(windows)
-        ]
-        scores = np.concatenate([s for s, _ in folds])
-        bands = np.concatenate([b for _, b in folds])
+        scores, bands = held_out_explained(
+            windows, lambda rest: trained.with_mean(trained.origin(rest))
+        )
         origin = trained.origin(np.concatenate(windows))
         return site_refit(bundle, scores, bands, {"subspace.mean": origin}, false_alarms_per_day)
