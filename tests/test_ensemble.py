@@ -105,5 +105,7 @@ def test_calibrate_refits_every_member_and_the_common_scale(trained: Path, tmp_p
     new = [(m.center, m.spread) for m in after.manifest.ensemble.members]  # type: ignore[union-attr]
     assert new != old
     assert after.manifest.normal_scores.source.startswith("on-site")
+    replayed = cli("replay", str(out), str(ANOMALOUS_FILE)).stdout.splitlines()
+    assert any(json.loads(line)["type"] == "start" for line in replayed)  # still alarms
     fault = Scorer.from_bundle(after).score_many(bundle_windows(out, ANOMALOUS_FILE))
     assert np.median(fault) > 2 * after.manifest.normal_scores.p50  # two files: a wide tail

@@ -161,15 +161,11 @@ class Ensemble(DetectorKind):
             m.model_copy(update={"center": c, "spread": s})
             for m, (c, s) in zip(info.members, scales, strict=True)
         ]
-        z = [
-            (np.log(np.maximum(h, 1e-300)) - c) / s for h, (c, s) in zip(held, scales, strict=True)
-        ]
-        combined = np.exp(np.mean(z, axis=0))
-        refit = site_refit(
-            bundle, combined, np.zeros((len(combined), 1)), arrays, false_alarms_per_day
-        )
-        refit.arrays.pop("normal_band_error.mean")
-        refit.arrays.pop("normal_band_error.std")
+        combined = combine(held, scales)
+        no_bands = np.zeros((len(combined), 1))
+        refit = site_refit(bundle, combined, no_bands, arrays, false_alarms_per_day)
+        for reference in ("normal_band_error.mean", "normal_band_error.std"):
+            refit.arrays.pop(reference)  # the trained band reference stays
         refit.manifest["ensemble"] = info.model_copy(update={"members": members}).model_dump()
         return refit
 
