@@ -2,11 +2,14 @@
 beside every detector in the same run.
 
     python bench/machines.py [--data ../shared/data] [--kinds fluctuation levels ...]
-                             [--baseline-epochs 100] [--out bench/machines.json]
+                             [--baseline-epochs 100] [--sets mimii mimii8 ids lite]
+                             [--out bench/machines.json]
 
 Test sets (../shared/data/README.md):
 - MIMII fan id_00, channel 0 (a mono microphone): train normal 0-9; test normal 10-19 vs
   anomalous 0-19.
+- `mimii8`: the same, trained with all 8 channels of the training clips as views (numpy kinds;
+  tested on channel 0; no baseline row: its reference is the channel-0 one).
 - dcase2020_ids (pump, valve, slider) and dcase2020_lite (six types): leave-one-normal-out
   within each machine id (fit on the other normals, score the left-out normal and every
   anomalous clip), pooled per machine type over ids and folds.
@@ -85,6 +88,8 @@ class Task:
     anomalous: list[Path]
     corpus_key: str = ""
     """How the bundled corpus of other machines names this one (kept out of its training)."""
+    all_channels: bool = False
+    """Train on every channel of the (multichannel) training files as a view."""
 
 
 @dataclass
@@ -151,6 +156,25 @@ def mimii_fan_tasks(data: Path, work: Path) -> list[Task]:
     ]
 
 
+def mimii_fan_all_channel_tasks(data: Path, work: Path) -> list[Task]:
+    """The shared MIMII protocol with all 8 channels of the training clips as views (numpy
+    kinds; others train on channel 0); tested on channel 0, a mono microphone."""
+    folder = data / "mimii_fan_id00"
+    pick = lambda kind, ids: [folder / kind / f"{i:08d}.wav" for i in ids]  # noqa: E731
+    mono = lambda files: channel_copies(files, 0, work / "mimii-ch0")  # noqa: E731
+    return [
+        Task(
+            "fan-8ch",
+            "id_00",
+            pick("normal", range(10)),
+            mono(pick("normal", range(10, 20))),
+            mono(pick("anomalous", range(20))),
+            "fan_id00",
+            all_channels=True,
+        )
+    ]
+
+
 def leave_one_normal_out(
     machine: str, machine_id: str, normal: list[Path], anomalous: list[Path], key: str
 ) -> list[Task]:
@@ -213,6 +237,8 @@ def run_detector(kind: str, trainer: Callable, task: Task, work: Path, pooled: P
             trainer(files, out, exclude=[task.corpus_key])
         except ValueError:  # the corpus does not hold this machine
             trainer(files, out)
+    elif task.all_channels:
+        trainer(files, out, all_channels=True)
     else:
         trainer(files, out)
     bundle = load_bundle(out)
@@ -253,6 +279,8 @@ def select_default(figures: dict[str, dict[str, dict]]) -> dict:
     """Leave one machine type out: rank candidates by mean merit over the other types."""
     kinds = [k for k in figures if k != "baseline"]
     types = [t for t in SELECTION_TYPES if all(t in figures[k] for k in kinds)]
+    if not types:  # a run of other sets only (mimii8, lite): nothing to choose by
+        return {"types": [], "default": None}
     firsts: dict[str, int] = defaultdict(int)
     per_fold = {}
     for left_out in types:
@@ -312,6 +340,8 @@ def markdown(res: dict) -> str:
             )
         lines.append("")
     sel = res["selection"]
+    if not sel["types"]:
+        return "\n".join(lines) + "\n"
     lines += [
         "Selection (bench/SELECTION.md): first places when each type is left out: "
         + ", ".join(f"{k} {v}" for k, v in sel["first_places"].items())
@@ -344,6 +374,8 @@ def main() -> None:
     tasks: list[Task] = []
     if "mimii" in args.sets:
         tasks += mimii_fan_tasks(args.data, work)
+    if "mimii8" in args.sets:
+        tasks += mimii_fan_all_channel_tasks(args.data, work)
     if "ids" in args.sets:
         tasks += dcase_ids_tasks(args.data)
     if "lite" in args.sets:
@@ -358,7 +390,7 @@ def main() -> None:
         )
         for kind, trainer in trainers.items():
             run_detector(kind, trainer, task, work, pooled[task.machine][kind])
-        if not args.no_baseline:
+        if not args.no_baseline and not task.all_channels:  # its reference is the ch 0 row
             run_baseline(task, args.baseline_epochs, pooled[task.machine]["baseline"])
     by_type = {
         m: {"_tasks": n_tasks[m], **{k: p.figures() for k, p in rows.items()}}
