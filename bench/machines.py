@@ -139,38 +139,23 @@ class Pooled:
 # --- test sets -------------------------------------------------------------------------------
 
 
-def mimii_fan_tasks(data: Path, work: Path) -> list[Task]:
-    """The shared MIMII protocol on mono copies of channel 0."""
+def mimii_fan_tasks(data: Path, work: Path, all_channels: bool = False) -> list[Task]:
+    """The shared MIMII protocol, tested on mono copies of channel 0. Trained on channel 0 too,
+    or with `all_channels` on all 8 channels of the training clips as views (numpy kinds;
+    the others train on channel 0)."""
     folder = data / "mimii_fan_id00"
     pick = lambda kind, ids: [folder / kind / f"{i:08d}.wav" for i in ids]  # noqa: E731
     mono = lambda files: channel_copies(files, 0, work / "mimii-ch0")  # noqa: E731
+    train = pick("normal", range(10))
     return [
         Task(
-            "fan",
+            "fan-8ch" if all_channels else "fan",
             "id_00",
-            mono(pick("normal", range(10))),
+            train if all_channels else mono(train),
             mono(pick("normal", range(10, 20))),
             mono(pick("anomalous", range(20))),
             "fan_id00",
-        )
-    ]
-
-
-def mimii_fan_all_channel_tasks(data: Path, work: Path) -> list[Task]:
-    """The shared MIMII protocol with all 8 channels of the training clips as views (numpy
-    kinds; others train on channel 0); tested on channel 0, a mono microphone."""
-    folder = data / "mimii_fan_id00"
-    pick = lambda kind, ids: [folder / kind / f"{i:08d}.wav" for i in ids]  # noqa: E731
-    mono = lambda files: channel_copies(files, 0, work / "mimii-ch0")  # noqa: E731
-    return [
-        Task(
-            "fan-8ch",
-            "id_00",
-            pick("normal", range(10)),
-            mono(pick("normal", range(10, 20))),
-            mono(pick("anomalous", range(20))),
-            "fan_id00",
-            all_channels=True,
+            all_channels=all_channels,
         )
     ]
 
@@ -375,7 +360,7 @@ def main() -> None:
     if "mimii" in args.sets:
         tasks += mimii_fan_tasks(args.data, work)
     if "mimii8" in args.sets:
-        tasks += mimii_fan_all_channel_tasks(args.data, work)
+        tasks += mimii_fan_tasks(args.data, work, all_channels=True)
     if "ids" in args.sets:
         tasks += dcase_ids_tasks(args.data)
     if "lite" in args.sets:
