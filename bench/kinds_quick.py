@@ -65,7 +65,7 @@ def score_task(trainer: object, task: Task, out: Path, pooled: Pooled) -> None:
             windows = windows_of(read_audio(f, p.samplerate), p)
             segments = item_scores(scorer, windows, p.window_seconds, p.hop_seconds, SEGMENT_S)
             clip = float(np.mean(scorer.score_many(windows)))
-            pooled.add_scores(label, clip, [s for _, s in segments])
+            pooled.add_scores(label, clip, [s for _, s in segments], task.machine_id)
     pooled.seconds += time.perf_counter() - t0
 
 
@@ -151,6 +151,7 @@ def per_machine(by_machine: dict[str, dict[str, dict]]) -> list[str]:
 def _merge(target: Pooled, part: Pooled) -> None:
     target.clip_labels += part.clip_labels
     target.clip_scores += part.clip_scores
+    target.clip_ids += part.clip_ids
     target.seg_labels += part.seg_labels
     target.seg_scores += part.seg_scores
     target.seconds += part.seconds

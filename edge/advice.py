@@ -3,7 +3,7 @@ device's refits give of what backs theirs (numpy only: it runs on the Pi).
 
 MIN_AUDIO_SECONDS: below it `train` and `calibrate` refuse. Training holds a fifth of the audio
 out to set the threshold, and windows are 1 s long every 0.5 s: 10 s leaves 2 s held out, 3
-windows, the fewest a gamma fit and the K-of-N floor (K = 2 of N = 3) can stand on at all. With
+windows, the fewest a gamma fit and the K-of-N floor (K = 3 of N = 4) can stand on at all. With
 5 s a single held-out window sets the threshold, and such a model alarmed on every window.
 
 RECOMMENDED_AUDIO_SECONDS: below it they warn. 5 minutes hold out 60 s (120 windows: the CUSUM's

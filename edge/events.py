@@ -11,10 +11,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-DEFAULT_K = 2
-"""Windows above the threshold, among the last N, that start an event."""
-DEFAULT_N = 3
-"""Recent windows the K are counted over."""
+DEFAULT_K = 3
+"""Windows above the threshold, among the last N, that start an event. Windows are 1 s long at a
+0.5 s hop, so one instantaneous sound (a click, a door, a dropped tool) lands in two consecutive
+windows: K = 1 + window / hop = 3 is the least that needs more than one such sound, which is
+what "isolated spikes are ignored" means on overlapping windows (bench/SELECTION.md)."""
+DEFAULT_N = 4
+"""Recent windows the K are counted over (one of the four may dip)."""
 DEFAULT_M = 4
 """Consecutive windows below the threshold that end an event."""
 DEFAULT_DRIFT = 0.5

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import socket
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,19 @@ class DetectorSettings(_Section):
     """Event logic: K of the last N windows above the threshold (or the bundle's CUSUM) start an
     anomaly; M below (and the CUSUM back at zero) end it."""
 
-    trigger_windows: int = Field(DEFAULT_K, ge=1, le=100, description="K: windows above to start.")
-    trigger_of: int = Field(
-        DEFAULT_N, ge=1, le=100, description="N: how many recent windows count."
+    trigger_windows: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="K: windows above to start; unset = what the bundle's threshold was "
+        f"calibrated for ({DEFAULT_K} if it does not say).",
+    )
+    trigger_of: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="N: how many recent windows count; unset = the bundle's "
+        f"({DEFAULT_N} if it does not say).",
     )
     release_windows: int = Field(DEFAULT_M, ge=1, le=1000, description="M: windows below to end.")
     threshold: float | None = Field(
@@ -120,9 +131,23 @@ class DetectorSettings(_Section):
 
     @model_validator(mode="after")
     def _k_within_n(self) -> DetectorSettings:
-        if self.trigger_windows > self.trigger_of:
+        k, n = self.trigger_windows, self.trigger_of
+        if k is not None and n is not None and k > n:
             raise ValueError("trigger_windows (K) must not exceed trigger_of (N)")
         return self
+
+    def k_of_n(self, calibrated: Mapping[str, Any] | None = None) -> tuple[int, int]:
+        """(K, N): the settings' where set, else those the threshold was calibrated for
+        (`calibrated`: the bundle's threshold parameters), else the defaults. A threshold is
+        only as good as the event logic it was set for, so a bundle keeps its own K and N."""
+        calibrated = calibrated or {}
+        k = self.trigger_windows or int(calibrated.get("k", DEFAULT_K))
+        n = self.trigger_of or int(calibrated.get("n", DEFAULT_N))
+        if k > n:
+            raise SettingsError(
+                f"detector.trigger_windows (K = {k}) must not exceed trigger_of (N = {n}); set both"
+            )
+        return k, n
 
 
 class ClipSettings(_Section):

@@ -20,7 +20,8 @@ exceeded with the p that meets the path's budget is the candidate. The held-out 
 - floor = the lowest threshold at which the real event logic, run over the held-out sequence,
   raises no more events than a Poisson count with the budget's mean reaches at 97.5 % (none
   for held-out audio shorter than a few hours at 1 per day): the threshold never contradicts the
-  held-out normal audio. Isolated held-out spikes may lie above it; K of N ignores them.
+  held-out normal audio. Isolated held-out spikes may lie above it; K of N ignores them (K = 3 on
+  windows overlapping by half: one instantaneous sound touches two).
 - threshold = max(floor, min(g, cap)).
 
 Integrated evidence (CUSUM path). z = (ln score - center) / scale with the median and the

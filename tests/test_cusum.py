@@ -81,7 +81,7 @@ def test_gamma_scores_do_not_exceed_the_predicted_interval() -> None:
     """Gamma-distributed scores have a lighter upper tail in log than the CUSUM assumes: fewer
     false alarms than the budget, never more than the interval's top."""
     rng = np.random.default_rng(9)
-    value, params = threshold_for_budget(rng.gamma(4.0, 0.05, 3000), 24 * BUDGET_PER_HOUR)
+    value, params = threshold_for_budget(rng.gamma(4.0, 0.05, 3000), 24 * BUDGET_PER_HOUR, 2, 3, 4)
     stream = rng.gamma(4.0, 0.05, HOURS * int(WINDOWS_PER_HOUR))
     starts = count_events(stream, value, 2, 3, 4, HOP_S, Cusum.from_params(params))
     assert 24 * starts / HOURS <= params["predicted_interval_per_day"][1]

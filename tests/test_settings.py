@@ -9,7 +9,7 @@ import pytest
 from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
 
 from edge.errors import SettingsError
-from edge.settings import load_settings, mqtt_password
+from edge.settings import DetectorSettings, load_settings, mqtt_password
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -22,7 +22,19 @@ def test_defaults() -> None:
     s = load_settings()
     assert s.device_id == socket.gethostname()
     assert s.mqtt.prefix == "soundsentry" and s.mqtt.host is None
-    assert (s.detector.trigger_windows, s.detector.trigger_of) == (2, 3)
+    assert (s.detector.trigger_windows, s.detector.trigger_of) == (None, None)
+    assert s.detector.k_of_n() == (3, 4)
+
+
+def test_k_and_n_follow_the_bundle_unless_set() -> None:
+    """A threshold is calibrated for one K of N: a bundle that says 2 of 3 runs 2 of 3, a setting
+    overrides it, and a K the bundle's N cannot hold is one clear error."""
+    calibrated = {"k": 2, "n": 3}
+    assert DetectorSettings().k_of_n(calibrated) == (2, 3)
+    assert DetectorSettings(trigger_windows=3, trigger_of=5).k_of_n(calibrated) == (3, 5)
+    assert DetectorSettings(trigger_of=6).k_of_n(calibrated) == (2, 6)
+    with pytest.raises(SettingsError, match=r"trigger_windows \(K = 4\).*N = 3"):
+        DetectorSettings(trigger_windows=4).k_of_n(calibrated)
 
 
 def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

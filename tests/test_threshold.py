@@ -14,6 +14,7 @@ from conftest import AE_BUNDLE, DEMO_BUNDLE, NORMAL_FILES, cli
 from scipy import stats
 
 from edge.bundle import MODEL_INT8, load_bundle
+from edge.events import DEFAULT_K, DEFAULT_N
 from edge.threshold import (
     Gamma,
     count_events,
@@ -63,7 +64,7 @@ def test_the_gamma_quantile_is_capped_where_it_extrapolates_beyond_the_held_out_
     """40 held-out windows of a heavy-tailed score: the gamma quantile lies further above the
     highest held-out score than an exponential tail of the scores' spread needs for the
     budget, so the cap sets the threshold."""
-    scores = np.random.default_rng(2).gamma(0.8, 1.0, 40)
+    scores = np.random.default_rng(3).gamma(0.8, 1.0, 40)
     value, params = threshold_for_budget(scores, 1.0)
     assert params["decided_by"] == "cap" and value == params["cap"] < params["gamma_threshold"]
     spread = 1.4826 * np.median(np.abs(scores - np.median(scores)))
@@ -84,14 +85,25 @@ def test_more_held_out_audio_brings_the_cap_down_to_the_highest_score() -> None:
 def test_the_threshold_never_lets_held_out_normal_audio_raise_an_event() -> None:
     """A burst of three high windows in held-out normal audio: the gamma quantile would fire on
     it, so the floor lifts the threshold to the lowest value at which it does not (the
-    second-highest of the burst: K = 2)."""
+    K-th highest of the burst, K = 3)."""
     scores = np.random.default_rng(2).gamma(20, 0.05, 200)
     scores[100:103] = [5.0, 4.0, 4.5]
     value, params = threshold_for_budget(scores, 1.0)
-    assert params["decided_by"] == "floor" and value == 4.5 > params["gamma_threshold"]
-    assert count_events(scores, value, 2, 3, 4, 0.5) == 0
-    assert count_events(scores, 4.4, 2, 3, 4, 0.5) == 1
-    assert params["above_holdout_max"] == pytest.approx(4.5 / 5.0 - 1)
+    assert (DEFAULT_K, DEFAULT_N) == (3, 4)
+    assert params["decided_by"] == "floor" and value == 4.0 > params["gamma_threshold"]
+    assert count_events(scores, value, DEFAULT_K, DEFAULT_N, 4, 0.5) == 0
+    assert count_events(scores, 3.9, DEFAULT_K, DEFAULT_N, 4, 0.5) == 1
+    assert params["above_holdout_max"] == pytest.approx(4.0 / 5.0 - 1)
+
+
+def test_one_click_in_held_out_audio_does_not_set_the_threshold() -> None:
+    """One instantaneous sound lands in two overlapping windows; K of N looks past it, so the
+    threshold stays where the rest of the held-out audio puts it, below the click."""
+    scores = np.random.default_rng(2).gamma(20, 0.05, 200)
+    scores[100:102] = [5.0, 4.5]
+    value, params = threshold_for_budget(scores, 1.0)
+    assert params["decided_by"] != "floor" and value < 4.5
+    assert count_events(scores, value, DEFAULT_K, DEFAULT_N, 4, 0.5) == 0
 
 
 def test_the_rule_reports_what_backs_the_threshold() -> None:

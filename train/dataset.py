@@ -136,8 +136,7 @@ def threshold_from_holdout(
     return threshold_for_budget(
         scores,
         false_alarms_per_day,
-        det.trigger_windows,
-        det.trigger_of,
+        *det.k_of_n(),
         det.release_windows,
         hop_seconds,
         integrate=det.integrate,

@@ -45,4 +45,4 @@ class Classifier(DetectorKind):
     def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
         """A class change takes K of the last N confident windows."""
         labels = list(bundle.manifest.labels or [])
-        return ClassTracker(labels, threshold, settings.trigger_windows, settings.trigger_of)
+        return ClassTracker(labels, threshold, *settings.k_of_n(bundle.manifest.threshold.params))

@@ -19,12 +19,14 @@ def event_tracker(
     settings: DetectorSettings, threshold: float, bundle: Bundle | None = None
 ) -> EventDetector:
     """K-of-N start, M-below end, periodic updates and a cooldown, from the settings; with the
-    bundle, also the CUSUM it was calibrated with (threshold.params['cusum'], if any, and unless
-    settings.integrate is off). Bundles without one behave as K-of-N alone."""
+    bundle, K and N as its threshold was calibrated for (unless the settings say), and the CUSUM
+    it was calibrated with (threshold.params['cusum'], if any, and unless settings.integrate is
+    off). Bundles without one behave as K-of-N alone."""
+    k, n = settings.k_of_n(bundle.manifest.threshold.params if bundle is not None else None)
     return EventDetector(
         threshold,
-        settings.trigger_windows,
-        settings.trigger_of,
+        k,
+        n,
         settings.release_windows,
         update_s=settings.update_seconds,
         cooldown_s=settings.cooldown_seconds,
