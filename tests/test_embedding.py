@@ -19,6 +19,7 @@ from edge.features import FeatureParams, windows_of
 from soundsentry.cli import main
 from train.embedding import (
     CORPUS_FILE,
+    TEMPORAL_KERNELS,
     augment_window,
     fill_edge,
     load_corpus,
@@ -124,7 +125,7 @@ def test_bundle_holds_a_small_int8_network_and_its_head(bundle: Path) -> None:
     assert b.model is not None
     assert b.model.input_dtype == np.int8 and b.model.output_dtype == np.int8
     dim = b.model.output_size
-    assert 16 <= dim <= 64
+    assert dim == b.features.n_mels * len(TEMPORAL_KERNELS)  # each band's log energy per filter
     assert b.array("statistics.precision").shape == (dim, dim)
     assert m.validation is not None and m.validation["states"] == list(STATES)
     assert "fan_id00" in m.validation["corpus_machines"]
