@@ -158,3 +158,20 @@ def test_the_default_detector_knows_a_machine_switched_off(tmp_path: Path) -> No
     Detector(settings, bundle, [rec]).run(FileSource([path], rate))
     assert "off" in [s.machine for s in rec.states]
     assert rec.events == []
+
+
+def test_a_feature_that_never_moved_in_training_is_given_the_floor_spread() -> None:
+    """An int8 embedding dimension can sit on one value through all of training; without a
+    floor a one-step change of it is a distance of about 1e12 (seen on the fan's held-out
+    audio). With the floor at one step it counts as a one-spread change."""
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(200, 4))
+    train[:, 3] = -4.0  # never moves
+    step = 0.025
+    held = np.zeros((1, 4))
+    held[0, 3] = -4.0 + step
+    assert fit_statistics(train).distance(held)[0] > 1e6
+    floored = fit_statistics(train, std_floor=step)
+    assert floored.std[3] == pytest.approx(step, rel=1e-3)
+    assert floored.distance(held)[0] < 10
+    np.testing.assert_allclose(floored.std[:3], train[:, :3].std(axis=0), rtol=1e-4)

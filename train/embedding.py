@@ -554,12 +554,14 @@ def _fit_head(
     band_mean, band_std = levels.mean(axis=0), np.maximum(levels.std(axis=0), BAND_STD_FLOOR_DB)
     probe = EmbeddingScorer(model, mean, std, None, band_mean, band_std)
     fit_e, held_e = probe.embed_many(fit_w), probe.embed_many(held_w)
-    held_scores = fit_statistics(fit_e).distance(held_e)
+    # An int8 embedding is known to one output step: no dimension is given less spread.
+    step = float(model.output_quant.scale) if model.output_quant else 0.0
+    held_scores = fit_statistics(fit_e, std_floor=step).distance(held_e)
     value, rule_params = threshold_from_holdout(
         held_scores, false_alarms_per_day, params.hop_seconds
     )
     rule_params["note"] = "threshold from held-out audio scored by a head fitted without it"
-    final = fit_statistics(np.concatenate([fit_e, held_e]))
+    final = fit_statistics(np.concatenate([fit_e, held_e]), std_floor=step)
     band_error = np.stack([probe.band_deviation(w) for w in held_w])
     arrays = {
         "statistics.feature_mean": final.mean,

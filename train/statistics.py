@@ -48,12 +48,19 @@ Featurize = Callable[[np.ndarray], np.ndarray]
 S = TypeVar("S", bound=FluctuationScorer)
 
 
-def fit_statistics(f: np.ndarray, scorer: type[S] = FluctuationScorer) -> S:  # type: ignore[assignment]
-    """Standardisation, centre and shrunk inverse covariance of feature vectors (n, dim)."""
+def fit_statistics(
+    f: np.ndarray,
+    scorer: type[S] = FluctuationScorer,  # type: ignore[assignment]
+    std_floor: float = 0.0,
+) -> S:
+    """Standardisation, centre and shrunk inverse covariance of feature vectors (n, dim).
+    `std_floor`: the least spread a feature is given, for features known only to a resolution
+    (an int8 output: one step), so one that happened not to move in training does not turn a
+    one-step change into an enormous distance."""
     if len(f) < 2:
         raise AudioError("not enough audio to fit the normal statistics (need 2+ windows)")
     mean = f.mean(axis=0)
-    std = f.std(axis=0) + 1e-6
+    std = np.maximum(f.std(axis=0), std_floor) + 1e-6
     z = (f - mean) / std
     center = z.mean(axis=0)
     zc = z - center
