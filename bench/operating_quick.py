@@ -7,7 +7,9 @@ Trains `fluctuation` on normal clips 0-9 (channel 0) with the trainer's defaults
 every test clip (normal 10-19, anomalous 0-19) as its own stream through the real daemon path
 (`edge.daemon.Detector` over a `FileSource`) with the bundle's default threshold and event
 logic, and counts the clips that raise a `start`. Prints the counts, the threshold summary and
-the normal/fault score maxima.
+the normal/fault score maxima, and each clip's mean normalised log score z (the CUSUM's own
+scale): a clip whose mean z stays below the CUSUM's drift would not raise an event however long
+it lasted, so that count bounds what the integrated evidence can find with this statistic.
 
 Nothing here is tuned on the test clips: the threshold rule and the CUSUM's constants (module
 docstring of edge/threshold.py, edge/events.py) were written down and committed before these
@@ -60,8 +62,11 @@ def clips(data: Path, kind: str, ids: range) -> list[Path]:
     return [data / "mimii_fan_id00" / kind / f"{i:08d}.wav" for i in ids]
 
 
-def replay(bundle_path: Path, clip: Path, workdir: Path, integrate: bool) -> tuple[int, float]:
-    """Starts raised and the highest window score when one clip is streamed on its own."""
+def replay(
+    bundle_path: Path, clip: Path, workdir: Path, integrate: bool
+) -> tuple[int, float, list[float]]:
+    """Starts raised, the highest window score and all window scores when one clip is streamed
+    on its own."""
     bundle = load_bundle(bundle_path)
     settings = Settings(
         device_id="bench",
@@ -71,14 +76,20 @@ def replay(bundle_path: Path, clip: Path, workdir: Path, integrate: bool) -> tup
         detector={"integrate": integrate},
     )
     sink = Starts()
-    peak = [float("-inf")]
+    scores: list[float] = []
 
     def on_step(step: Step) -> None:
-        peak[0] = max(peak[0], step.window.score)
+        scores.append(step.window.score)
 
     detector = Detector(settings, bundle, [sink], on_step=on_step)
     detector.run(FileSource([clip], bundle.features.samplerate, channel=CHANNEL))
-    return sink.starts, peak[0]
+    return sink.starts, max(scores, default=float("-inf")), scores
+
+
+def mean_z(scores: list[float], cusum: dict) -> float:
+    """A clip's mean normalised log score on the CUSUM's scale."""
+    logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-12))
+    return float(np.mean((logs - cusum["center"]) / cusum["scale"]))
 
 
 def main() -> int:
@@ -107,20 +118,25 @@ def main() -> int:
             replay(bundle_path, c, work, integrate)
             for c in clips(args.data, "anomalous", FAULT_TEST_IDS)
         ]
-    normal_max = max(p for _, p in normal)
+    normal_max = max(p for _, p, _ in normal)
+    cusum = bundle.manifest.threshold.params.get("cusum") or {}
+    z_normal = [round(mean_z(w, cusum), 3) for _, _, w in normal] if cusum else []
+    z_fault = [round(mean_z(w, cusum), 3) for _, _, w in fault] if cusum else []
     figures = {
         "false_alarms_per_day": args.false_alarms_per_day,
         "integrate": integrate,
         "threshold": bundle.threshold,
         "params": bundle.manifest.threshold.params,
-        "normal_clips_with_event": sum(s > 0 for s, _ in normal),
+        "normal_clips_with_event": sum(s > 0 for s, _, _ in normal),
         "normal_clips": len(normal),
-        "fault_clips_with_event": sum(s > 0 for s, _ in fault),
+        "fault_clips_with_event": sum(s > 0 for s, _, _ in fault),
         "fault_clips": len(fault),
         "normal_test_window_max": normal_max,
-        "fault_clips_above_all_normal_windows": sum(p > normal_max for _, p in fault),
-        "fault_clip_peaks": [round(p, 4) for _, p in fault],
-        "fault_clip_starts": [s for s, _ in fault],
+        "fault_clips_above_all_normal_windows": sum(p > normal_max for _, p, _ in fault),
+        "fault_clip_peaks": [round(p, 4) for _, p, _ in fault],
+        "fault_clip_starts": [s for s, _, _ in fault],
+        "normal_clip_mean_z": z_normal,
+        "fault_clip_mean_z": z_fault,
     }
     print(describe(bundle.threshold, bundle.manifest.threshold.params))
     print(
@@ -132,6 +148,15 @@ def main() -> int:
     )
     print("fault starts per clip:", figures["fault_clip_starts"])
     print("fault peaks per clip:", figures["fault_clip_peaks"])
+    if cusum:
+        drift = cusum["drift"]
+        print(
+            f"mean z per clip (CUSUM drift {drift:g}): faults above it "
+            f"{sum(z > drift for z in z_fault)}/{len(z_fault)}, normals above it "
+            f"{sum(z > drift for z in z_normal)}/{len(z_normal)}; highest normal "
+            f"{max(z_normal):.2f}, faults above the highest normal "
+            f"{sum(z > max(z_normal) for z in z_fault)}/{len(z_fault)}"
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=float) + "\n")
     return 0 if np.isfinite(normal_max) else 1
