@@ -8,8 +8,8 @@ beside every detector in the same run.
 Test sets (../shared/data/README.md):
 - MIMII fan id_00, channel 0 (a mono microphone): train normal 0-9; test normal 10-19 vs
   anomalous 0-19.
-- `mimii8`: the same, trained with all 8 channels of the training clips as views (numpy kinds;
-  tested on channel 0; no baseline row: its reference is the channel-0 one).
+- `mimii8`: the same, trained with all 8 channels of the training clips as views (numpy kinds
+  and the embedding; tested on channel 0; no baseline row: its reference is the channel-0 one).
 - dcase2020_ids (pump, valve, slider) and dcase2020_lite (six types): leave-one-normal-out
   within each machine id (fit on the other normals, score the left-out normal and every
   anomalous clip), pooled per machine type over ids and folds.
@@ -157,8 +157,8 @@ class Pooled:
 
 def mimii_fan_tasks(data: Path, work: Path, all_channels: bool = False) -> list[Task]:
     """The shared MIMII protocol, tested on mono copies of channel 0. Trained on channel 0 too,
-    or with `all_channels` on all 8 channels of the training clips as views (numpy kinds;
-    the others train on channel 0)."""
+    or with `all_channels` on all 8 channels of the training clips as views (the numpy kinds
+    and the embedding; the autoencoder reads one channel)."""
     folder = data / "mimii_fan_id00"
     pick = lambda kind, ids: [folder / kind / f"{i:08d}.wav" for i in ids]  # noqa: E731
     mono = lambda files: channel_copies(files, 0, work / "mimii-ch0")  # noqa: E731
@@ -233,15 +233,14 @@ def run_detector(kind: str, trainer: Callable, task: Task, work: Path, pooled: P
     t0 = time.perf_counter()
     out = work / f"{kind}-{task.machine}-{task.machine_id}-{task.normal[0].stem}.bundle"
     files = [str(f) for f in task.train]
+    views = {"all_channels": True} if task.all_channels else {}
     if kind in CORPUS_KINDS:
         try:  # the machine under test never trains as "another machine"
-            trainer(files, out, exclude=[task.corpus_key])
+            trainer(files, out, exclude=[task.corpus_key], **views)
         except ValueError:  # the corpus does not hold this machine
-            trainer(files, out)
-    elif task.all_channels:
-        trainer(files, out, all_channels=True)
+            trainer(files, out, **views)
     else:
-        trainer(files, out)
+        trainer(files, out, **views)
     bundle = load_bundle(out)
     scorer = Scorer.from_bundle(bundle)
     p = bundle.features

@@ -338,6 +338,12 @@ def _positive_float(text: str) -> float:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    one_channel = args.classes or (args.detector == "autoencoder" and not args.normal_states)
+    if args.all_channels and one_channel:
+        raise SoundSentryError(
+            "--all-channels trains the numpy detectors and the embedding; the autoencoder and "
+            "the classifier read one channel (--channel N)"
+        )
     if args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS:
         _require("tensorflow", "train", _train_command(args))
     from edge.advice import bundle_summary
@@ -411,6 +417,7 @@ def _train_embedding(args: argparse.Namespace) -> int:
         seed=args.seed,
         channel=args.channel,
         false_alarms_per_day=args.false_alarms_per_day,
+        all_channels=args.all_channels,
     )
     print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, ROOT
 
 from edge.audio_io import read_audio
@@ -57,6 +58,31 @@ def test_train_command_sends_state_folders_to_the_embedding_trainer(
     assert "one subfolder per state" in capsys.readouterr().err
     assert main(["train", "--normal-states", str(tmp_path), "--detector", "knn", "--out", out]) == 1
     assert "embedding detector only" in capsys.readouterr().err
+
+
+def test_all_channels_are_training_views_and_the_autoencoder_refuses_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each channel of a 4-channel recording is a view (held out with its recording); the
+    autoencoder, which reads one channel, says so in one line instead of ignoring the flag."""
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        sf.write(
+            tmp_path / f"array{i}.wav",
+            0.05 * rng.standard_normal((80000, 4)),
+            16000,
+            format="WAVEX",
+            subtype="PCM_16",
+        )
+    out = tmp_path / "multi.bundle"
+    train_embedding([tmp_path], out, epochs=1, epoch_windows=TINY_EPOCH, all_channels=True)
+    m = load_bundle(out).manifest
+    # 2 recordings of 5 s, 4 channels each: every view keeps its last fifth aside.
+    assert (m.training.seconds, m.training.holdout_seconds) == pytest.approx((32.0, 8.0))
+    assert m.training.channel == -2
+    args = ["train", "--normal", str(tmp_path), "--all-channels", "--out", str(out)]
+    assert main([*args, "--detector", "autoencoder"]) == 1
+    assert "the autoencoder and the classifier read one channel" in capsys.readouterr().err
 
 
 EDGE_SCRIPT = r"""

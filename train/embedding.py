@@ -36,7 +36,6 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from edge.audio_io import read_audio
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, write_bundle
 from edge.detectors.embedding import (
     BAND_STD_FLOOR_DB,
@@ -61,6 +60,7 @@ from train.fluctuation import fit_statistics
 from train.profile import machine_profile
 from train.progress import progress
 from train.quantize import to_float_tflite, to_int8_tflite
+from train.statistics import ALL_CHANNELS, channel_views
 from train.trainer import LEARNING_RATE, STD_FLOOR_DB, base_manifest
 
 log = logging.getLogger(__name__)
@@ -207,14 +207,21 @@ def state_folders(root: str | Path) -> dict[str, list[Path]]:
     )
 
 
-def read_own(groups: dict[str, list[Path]], params: FeatureParams, channel: int) -> OwnAudio:
-    """Frames and windows of every state's recordings, split by `holdout_split` per state."""
+def read_own(
+    groups: dict[str, list[Path]], params: FeatureParams, channel: int, all_channels: bool = False
+) -> OwnAudio:
+    """Frames and windows of every state's recordings, split by `holdout_split` per state; with
+    `all_channels` every channel of a recording is a view of it (held out together)."""
     own = OwnAudio(list(groups))
     logmel, dense = LogMel(params), dense_params(params, FLUCTUATION_HOP_DIVISOR)
     for label, (state, files) in enumerate(groups.items()):
         holdout = own.holdouts[state] = holdout_split(files)
-        for path in progress(files, f"features {state}"):
-            audio = read_audio(path, params.samplerate, channel)
+        views = (
+            (path, audio)
+            for path in progress(files, f"features {state}")
+            for audio in channel_views(path, params, channel, all_channels)
+        )
+        for path, audio in views:
             own.audio.append(audio)
             fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
             own.train_frames.append((label, frames_of(fit_audio, logmel)))
@@ -455,15 +462,17 @@ def train_embedding(
     exclude: Iterable[str] = (),
     epoch_windows: int | None = None,
     corpus_path: Path = CORPUS_FILE,
+    all_channels: bool = False,
 ) -> Path:
     """Train on normal audio (`normal` files/folders, or `states`: one subfolder per state) and
-    write an `embedding` bundle; `exclude` keeps corpus machines (type + id) out."""
+    write an `embedding` bundle; `exclude` keeps corpus machines (type + id) out;
+    `all_channels` trains on every channel of multichannel recordings as a view."""
     params = params or FeatureParams()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(seed)
     groups = state_folders(states) if states else {"normal": training_audio(list(normal or []))}
-    own = read_own(groups, params, channel)
+    own = read_own(groups, params, channel, all_channels)
     corpus = load_corpus(params, exclude, corpus_path)
     log.info(
         "corpus: %d clips of %d machines (%s)",
@@ -496,7 +505,7 @@ def train_embedding(
         validation,
         epochs,
         seed,
-        channel,
+        ALL_CHANNELS if all_channels else channel,
         embed.count_params(),
     )
     files = {MODEL_INT8: int8, MODEL_FLOAT: to_float_tflite(embed)}
