@@ -355,19 +355,6 @@ class TaskSampler:
         return np.stack(x).astype(np.float32), np.array(y), np.array(a)
 
 
-def change_spread(sequences: list[np.ndarray]) -> np.ndarray:
-    """Each band's spread of frame-to-frame change (dB) over the recordings' log-mel frames,
-    floored: what the network's input is divided by. In these units every band's filtered
-    energy is about one in normal running. Divided by the spread of its level instead, a band
-    that is steady within a recording but moves between recordings (a near-silent top band) sat
-    on the embedding's floor through training and jumped by hundreds of spreads on other
-    recordings of the same normal machine (the fan's held-out clips)."""
-    changes = [np.diff(f, axis=0) for f in sequences if len(f) > 1]
-    if not changes:
-        raise AudioError("not enough audio to train: recordings of at least two frames needed")
-    return np.maximum(np.concatenate(changes).std(axis=0), STD_FLOOR_DB)
-
-
 def epoch_size(seconds: float) -> int:
     """Windows drawn per epoch for `seconds` of the user's training audio."""
     low, high = EPOCH_WINDOWS
@@ -494,8 +481,9 @@ def train_embedding(
         ", ".join(corpus.names),
     )
     sampler = TaskSampler(own.train_frames, len(own.states), corpus, params.n_frames)
-    mean = np.concatenate([f for _, f in own.train_frames]).mean(axis=0)
-    std = change_spread([f for _, f in own.train_frames])
+    frames = np.concatenate([f for _, f in own.train_frames])
+    mean = frames.mean(axis=0)
+    std = np.maximum(frames.std(axis=0), STD_FLOOR_DB)
     epoch_windows = epoch_windows or epoch_size(own.seconds)
     tasks, embed, history = fit_network(sampler, mean, std, epochs, epoch_windows, rng)
     validation = _validation(tasks, own, corpus, sampler, mean, std, rng) | {

@@ -37,9 +37,7 @@ def band_levels(windows: np.ndarray) -> np.ndarray:
 
 
 def network_input(windows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """What the network sees of (..., frames, mels) log-mel: centred and scaled per band by the
-    bundle's normalisation (for bundles trained now, the spread of each band's frame-to-frame
-    change)."""
+    """What the network sees of (..., frames, mels) log-mel: standardised per band."""
     return ((windows - mean) / std).astype(np.float32)
 
 
