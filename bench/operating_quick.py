@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge.bundle import load_bundle  # noqa: E402
 from edge.daemon import Detector, Sink  # noqa: E402
+from edge.events import Cusum  # noqa: E402
 from edge.messages import EventMessage  # noqa: E402
 from edge.pipeline import Step  # noqa: E402
 from edge.settings import Settings  # noqa: E402
@@ -86,10 +87,9 @@ def replay(
     return sink.starts, max(scores, default=float("-inf")), scores
 
 
-def mean_z(scores: list[float], cusum: dict) -> float:
+def mean_z(scores: list[float], cusum: Cusum) -> float:
     """A clip's mean normalised log score on the CUSUM's scale."""
-    logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-12))
-    return float(np.mean((logs - cusum["center"]) / cusum["scale"]))
+    return float(np.mean([cusum.normalise(s) for s in scores]))
 
 
 def main() -> int:
@@ -119,7 +119,7 @@ def main() -> int:
             for c in clips(args.data, "anomalous", FAULT_TEST_IDS)
         ]
     normal_max = max(p for _, p, _ in normal)
-    cusum = bundle.manifest.threshold.params.get("cusum") or {}
+    cusum = Cusum.from_params(bundle.manifest.threshold.params)
     z_normal = [round(mean_z(w, cusum), 3) for _, _, w in normal] if cusum else []
     z_fault = [round(mean_z(w, cusum), 3) for _, _, w in fault] if cusum else []
     figures = {
@@ -149,7 +149,7 @@ def main() -> int:
     print("fault starts per clip:", figures["fault_clip_starts"])
     print("fault peaks per clip:", figures["fault_clip_peaks"])
     if cusum:
-        drift = cusum["drift"]
+        drift = cusum.drift
         print(
             f"mean z per clip (CUSUM drift {drift:g}): faults above it "
             f"{sum(z > drift for z in z_fault)}/{len(z_fault)}, normals above it "
