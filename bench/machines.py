@@ -107,6 +107,7 @@ class Pooled:
     seconds: float = 0.0
     clip_ids: list[str] = field(default_factory=list)
     """The machine id of each clip score: AUC within one machine, beside the pooled one."""
+    seg_ids: list[str] = field(default_factory=list)
 
     def add_scores(self, label: int, clip: float, segments: list[float], machine_id: str) -> None:
         self.clip_labels.append(label)
@@ -114,17 +115,27 @@ class Pooled:
         self.clip_ids.append(machine_id)
         self.seg_labels += [label] * len(segments)
         self.seg_scores += list(segments)
+        self.seg_ids += [machine_id] * len(segments)
+
+    def per_id_auc(self) -> dict[str, float]:
+        """Clip AUC among one machine's clips, for each machine id with both labels."""
+        ids, y, s = np.array(self.clip_ids), np.array(self.clip_labels), np.array(self.clip_scores)
+        return {
+            i: round(roc_auc(y[ids == i], s[ids == i]), 4)
+            for i in dict.fromkeys(self.clip_ids)
+            if len(set(y[ids == i])) == 2
+        }
+
+    def pairs_per_id(self) -> dict[str, int]:
+        """(fault, normal) clip pairs of each machine id: how much its AUC can be trusted."""
+        y, m = np.array(self.clip_labels), np.array(self.clip_ids)
+        return {i: int((y[m == i] == 1).sum() * (y[m == i] == 0).sum()) for i in dict.fromkeys(m)}
 
     def within_id_auc(self) -> float:
         """Mean over machine ids of the clip AUC within one id: what a user who runs one machine
         sees. The pooled AUC also ranks one machine's normal clips against another's faults, so
         it depends on how the machines' score scales line up as well."""
-        ids, y, s = np.array(self.clip_ids), np.array(self.clip_labels), np.array(self.clip_scores)
-        aucs = [
-            roc_auc(y[ids == i], s[ids == i])
-            for i in dict.fromkeys(self.clip_ids)
-            if len(set(y[ids == i])) == 2
-        ]
+        aucs = list(self.per_id_auc().values())
         return float(np.mean(aucs)) if aucs else float("nan")
 
     def figures(self) -> dict:
@@ -136,6 +147,14 @@ class Pooled:
             "clip_pauc": round(partial_auc(y, s), 4),
             "auc_1s": round(roc_auc(ys, ss), 4),
             "clip_auc_within_id": round(self.within_id_auc(), 4),
+            "clip_auc_id_pairs": round(
+                id_pairs_auc(self.clip_labels, self.clip_scores, self.clip_ids), 4
+            ),
+            "auc_1s_id_pairs": round(
+                id_pairs_auc(self.seg_labels, self.seg_scores, self.seg_ids), 4
+            ),
+            "clip_auc_per_id": self.per_id_auc(),
+            "clip_pairs_per_id": self.pairs_per_id(),
             "train_test_seconds": round(self.seconds, 1),
         }
         if self.n_faults:
@@ -150,6 +169,20 @@ class Pooled:
         else:
             out["merit"] = round((out["clip_auc"] + out["auc_1s"]) / 2, 4)
         return out
+
+
+def id_pairs_auc(labels: list[int], scores: list[float], ids: list[str]) -> float:
+    """AUC over the (fault, normal) pairs of the same machine id only, all ids' pairs pooled:
+    no pair ranks one machine's normal clip against another machine's fault, so it does not
+    depend on how the machines' score scales line up, and an id with more clips weighs more
+    (the mean over ids gives an id with one pair the weight of one with 35)."""
+    y, s, m = np.array(labels), np.array(scores, np.float64), np.array(ids)
+    wins = pairs = 0.0
+    for i in dict.fromkeys(ids):
+        a, n = s[(m == i) & (y == 1)], s[(m == i) & (y == 0)]
+        wins += (a[:, None] > n[None, :]).sum() + 0.5 * (a[:, None] == n[None, :]).sum()
+        pairs += len(a) * len(n)
+    return wins / pairs if pairs else float("nan")
 
 
 # --- test sets -------------------------------------------------------------------------------
@@ -320,25 +353,36 @@ def select_default(figures: dict[str, dict[str, dict]]) -> dict:
 def markdown(res: dict) -> str:
     lines = [f"Measured {res['when']} on {res['machine']}; `{res['command']}`.", ""]
     head = (
-        "| detector | clip AUC | 1-s AUC | clip pAUC | clip AUC within one id "
-        "| faults with event | normals with event | merit |"
+        "| detector | clip AUC | 1-s AUC | clip pAUC | within one id: clip / 1-s AUC (id pairs) "
+        "| clip AUC, mean of ids | faults with event | normals with event | merit |"
     )
     for machine, rows in res["by_type"].items():
         lines += [
             f"**{machine}** ({rows['_tasks']} fit/test splits)",
             "",
             head,
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for kind, f in rows.items():
-            if kind.startswith("_"):
-                continue
+        kinds = {k: f for k, f in rows.items() if not k.startswith("_")}
+        for kind, f in kinds.items():
             lines.append(
                 f"| {kind} | {f['clip_auc']:.3f} | {f['auc_1s']:.3f} | {f['clip_pauc']:.3f} | "
+                f"{f.get('clip_auc_id_pairs', float('nan')):.3f} / "
+                f"{f.get('auc_1s_id_pairs', float('nan')):.3f} | "
                 f"{f.get('clip_auc_within_id', float('nan')):.3f} | "
                 f"{f.get('faults_with_event', '–')} | {f.get('normals_with_event', '–')} | "
                 f"{f['merit']:.3f} |"
             )
+        ids = list(dict.fromkeys(i for f in kinds.values() for i in f.get("clip_auc_per_id", {})))
+        if len(ids) > 1:
+            pairs = next(iter(kinds.values())).get("clip_pairs_per_id", {})
+            named = [f"{i} ({pairs.get(i, '?')} pairs)" for i in ids]
+            lines += ["", "Clip AUC per machine id:", ""]
+            lines += ["| detector | " + " | ".join(named) + " |", "|---" * (len(ids) + 1) + "|"]
+            for kind, f in kinds.items():
+                per = f.get("clip_auc_per_id", {})
+                cells = " | ".join(f"{per[i]:.2f}" if i in per else "–" for i in ids)
+                lines.append(f"| {kind} | {cells} |")
         lines.append("")
     sel = res["selection"]
     if not sel["types"]:
