@@ -173,16 +173,17 @@ class Pooled:
 
 def id_pairs_auc(labels: list[int], scores: list[float], ids: list[str]) -> float:
     """AUC over the (fault, normal) pairs of the same machine id only, all ids' pairs pooled:
-    no pair ranks one machine's normal clip against another machine's fault, so it does not
-    depend on how the machines' score scales line up, and an id with more clips weighs more
-    (the mean over ids gives an id with one pair the weight of one with 35)."""
-    y, s, m = np.array(labels), np.array(scores, np.float64), np.array(ids)
-    wins = pairs = 0.0
-    for i in dict.fromkeys(ids):
-        a, n = s[(m == i) & (y == 1)], s[(m == i) & (y == 0)]
-        wins += (a[:, None] > n[None, :]).sum() + 0.5 * (a[:, None] == n[None, :]).sum()
-        pairs += len(a) * len(n)
-    return wins / pairs if pairs else float("nan")
+    each id's AUC weighted by its pairs. No pair ranks one machine's normal clip against another
+    machine's fault, so it does not depend on how the machines' score scales line up, and an id
+    weighs by its pairs (the mean over ids gives pump id02's 4 pairs the weight of id04's 245)."""
+    y, s, m = np.array(labels), np.array(scores), np.array(ids)
+    weighted = [
+        (roc_auc(y[m == i], s[m == i]), (y[m == i] == 1).sum() * (y[m == i] == 0).sum())
+        for i in dict.fromkeys(ids)
+        if len(set(y[m == i])) == 2
+    ]
+    total = sum(w for _, w in weighted)
+    return float(sum(a * w for a, w in weighted) / total) if total else float("nan")
 
 
 # --- test sets -------------------------------------------------------------------------------
