@@ -447,6 +447,36 @@ def task_accuracy(
     }
 
 
+@dataclass
+class TrainedTasks:
+    """The task network after training, with what its input was standardised by."""
+
+    tasks: keras.Model
+    embed: keras.Model
+    history: dict[str, float]
+    sampler: TaskSampler
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def fit_tasks(
+    own: OwnAudio,
+    corpus: Corpus,
+    params: FeatureParams,
+    epochs: int,
+    epoch_windows: int,
+    rng: np.random.Generator,
+) -> TrainedTasks:
+    """Standardise by the user's training frames and train the task network on them against
+    the corpus (bench/id_head.py scores with its machine head the same way)."""
+    sampler = TaskSampler(own.train_frames, len(own.states), corpus, params.n_frames)
+    frames = np.concatenate([f for _, f in own.train_frames])
+    mean = frames.mean(axis=0)
+    std = np.maximum(frames.std(axis=0), STD_FLOOR_DB)
+    tasks, embed, history = fit_network(sampler, mean, std, epochs, epoch_windows, rng)
+    return TrainedTasks(tasks, embed, history, sampler, mean, std)
+
+
 # --- the whole training --------------------------------------------------------------------------
 
 
@@ -480,12 +510,10 @@ def train_embedding(
         len(corpus.names),
         ", ".join(corpus.names),
     )
-    sampler = TaskSampler(own.train_frames, len(own.states), corpus, params.n_frames)
-    frames = np.concatenate([f for _, f in own.train_frames])
-    mean = frames.mean(axis=0)
-    std = np.maximum(frames.std(axis=0), STD_FLOOR_DB)
     epoch_windows = epoch_windows or epoch_size(own.seconds)
-    tasks, embed, history = fit_network(sampler, mean, std, epochs, epoch_windows, rng)
+    trained = fit_tasks(own, corpus, params, epochs, epoch_windows, rng)
+    tasks, embed, history = trained.tasks, trained.embed, trained.history
+    sampler, mean, std = trained.sampler, trained.mean, trained.std
     validation = _validation(tasks, own, corpus, sampler, mean, std, rng) | {
         "last_epoch": history,
         "epoch_windows": epoch_windows,
