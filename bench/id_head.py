@@ -38,7 +38,7 @@ from edge.detectors.embedding import network_input  # noqa: E402
 from edge.features import FeatureParams, windows_of  # noqa: E402
 from train import embedding  # noqa: E402
 from train.dataset import training_audio  # noqa: E402
-from train.evaluate import item_scores  # noqa: E402
+from train.evaluate import clip_and_segments  # noqa: E402
 
 PROBABILITY_FLOOR = 1e-7
 
@@ -87,9 +87,10 @@ def main() -> None:
         for label, files in ((0, task.normal), (1, task.anomalous)):
             for f in files:
                 windows = windows_of(read_audio(f, params.samplerate), params)
-                clip = float(scorer.score_many(windows).mean())
-                segs = item_scores(scorer, windows, params.window_seconds, params.hop_seconds, 1.0)
-                pooled[task.machine].add_scores(label, clip, [s for _, s in segs], task.machine_id)
+                clip, segments = clip_and_segments(
+                    scorer, windows, params.window_seconds, params.hop_seconds, 1.0
+                )
+                pooled[task.machine].add_scores(label, clip, segments, task.machine_id)
         pooled[task.machine].seconds += time.perf_counter() - t0
     figures = {m: p.figures() for m, p in pooled.items()}
     args.out.write_text(json.dumps(figures, indent=2) + "\n")

@@ -10,7 +10,7 @@ The test sets and folds are bench/machines.py's (imported, not rewritten); this 
 its operating-point replays, so it runs in a minute or two. Every kind trains with its
 defaults, fixed before measuring: nothing here is tuned on these clips. Window scores come
 from the edge scorer (`score_many`), a clip's score is the mean of its windows' and a 1-s
-segment's the mean of the windows inside it (`train.evaluate.item_scores`).
+segment's the mean of the windows inside it (`train.evaluate.clip_and_segments`).
 `--baseline-epochs N` adds the DCASE 2020 baseline autoencoder on the same folds.
 """
 
@@ -48,7 +48,7 @@ from edge.audio_io import read_audio  # noqa: E402
 from edge.bundle import load_bundle  # noqa: E402
 from edge.features import windows_of  # noqa: E402
 from edge.scoring import Scorer  # noqa: E402
-from train.evaluate import item_scores  # noqa: E402
+from train.evaluate import clip_and_segments  # noqa: E402
 
 KINDS = ("fluctuation", "levels", "knn")
 SEGMENT_S = 1.0
@@ -63,9 +63,10 @@ def score_task(trainer: object, task: Task, out: Path, pooled: Pooled) -> None:
     for label, files in ((0, task.normal), (1, task.anomalous)):
         for f in files:
             windows = windows_of(read_audio(f, p.samplerate), p)
-            segments = item_scores(scorer, windows, p.window_seconds, p.hop_seconds, SEGMENT_S)
-            clip = float(np.mean(scorer.score_many(windows)))
-            pooled.add_scores(label, clip, [s for _, s in segments], task.machine_id)
+            clip, segments = clip_and_segments(
+                scorer, windows, p.window_seconds, p.hop_seconds, SEGMENT_S
+            )
+            pooled.add_scores(label, clip, segments, task.machine_id)
     pooled.seconds += time.perf_counter() - t0
 
 

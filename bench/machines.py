@@ -54,7 +54,7 @@ from edge.messages import EventMessage  # noqa: E402
 from edge.scoring import Scorer  # noqa: E402
 from edge.settings import Settings  # noqa: E402
 from edge.sources import FileSource  # noqa: E402
-from train.evaluate import item_scores  # noqa: E402
+from train.evaluate import clip_and_segments  # noqa: E402
 from train.metrics import partial_auc, roc_auc  # noqa: E402
 
 RATE = 16000
@@ -119,12 +119,8 @@ class Pooled:
 
     def per_id_auc(self) -> dict[str, float]:
         """Clip AUC among one machine's clips, for each machine id with both labels."""
-        ids, y, s = np.array(self.clip_ids), np.array(self.clip_labels), np.array(self.clip_scores)
-        return {
-            i: round(roc_auc(y[ids == i], s[ids == i]), 4)
-            for i in dict.fromkeys(self.clip_ids)
-            if len(set(y[ids == i])) == 2
-        }
+        per = auc_per_id(self.clip_labels, self.clip_scores, self.clip_ids)
+        return {i: round(auc, 4) for i, (auc, _) in per.items()}
 
     def pairs_per_id(self) -> dict[str, int]:
         """(fault, normal) clip pairs of each machine id: how much its AUC can be trusted."""
@@ -171,19 +167,27 @@ class Pooled:
         return out
 
 
+def auc_per_id(
+    labels: list[int], scores: list[float], ids: list[str]
+) -> dict[str, tuple[float, int]]:
+    """Each machine id's AUC among its own items and its (fault, normal) pair count, for the
+    ids with both labels."""
+    y, s, m = np.array(labels), np.array(scores), np.array(ids)
+    return {
+        i: (roc_auc(y[m == i], s[m == i]), int((y[m == i] == 1).sum() * (y[m == i] == 0).sum()))
+        for i in dict.fromkeys(ids)
+        if len(set(y[m == i])) == 2
+    }
+
+
 def id_pairs_auc(labels: list[int], scores: list[float], ids: list[str]) -> float:
     """AUC over the (fault, normal) pairs of the same machine id only, all ids' pairs pooled:
     each id's AUC weighted by its pairs. No pair ranks one machine's normal clip against another
     machine's fault, so it does not depend on how the machines' score scales line up, and an id
     weighs by its pairs (the mean over ids gives pump id02's 4 pairs the weight of id04's 245)."""
-    y, s, m = np.array(labels), np.array(scores), np.array(ids)
-    weighted = [
-        (roc_auc(y[m == i], s[m == i]), (y[m == i] == 1).sum() * (y[m == i] == 0).sum())
-        for i in dict.fromkeys(ids)
-        if len(set(y[m == i])) == 2
-    ]
-    total = sum(w for _, w in weighted)
-    return float(sum(a * w for a, w in weighted) / total) if total else float("nan")
+    per = auc_per_id(labels, scores, ids).values()
+    total = sum(pairs for _, pairs in per)
+    return float(sum(auc * pairs for auc, pairs in per) / total) if total else float("nan")
 
 
 # --- test sets -------------------------------------------------------------------------------
@@ -281,11 +285,10 @@ def run_detector(kind: str, trainer: Callable, task: Task, work: Path, pooled: P
     for label, files in ((0, task.normal), (1, task.anomalous)):
         for f in files:
             windows = windows_of(read_audio(f, p.samplerate), p)
-            scores = scorer.score_many(windows)
-            segments = [
-                s for _, s in item_scores(scorer, windows, p.window_seconds, p.hop_seconds, 1.0)
-            ]
-            pooled.add_scores(label, float(np.mean(scores)), segments, task.machine_id)
+            clip, segments = clip_and_segments(
+                scorer, windows, p.window_seconds, p.hop_seconds, 1.0
+            )
+            pooled.add_scores(label, clip, segments, task.machine_id)
             event = raises_event(out, f, work / "data")
             if label:
                 pooled.n_faults += 1

@@ -72,6 +72,16 @@ def item_scores(
     ]
 
 
+def clip_and_segments(
+    scorer: Scorer, windows: np.ndarray, window_s: float, hop_s: float, segment_s: float
+) -> tuple[float, list[float]]:
+    """The whole file's mean window score and each consecutive segment's, from one pass of the
+    scorer (what `item_scores` gives for segment None and for `segment_s`)."""
+    scores = scorer.score_many(windows)
+    groups = segment_groups(len(scores), window_s, hop_s, segment_s)
+    return float(np.mean(scores)), [float(scores[idx].mean()) for _, idx in groups]
+
+
 def evaluate(
     model: str | Path,
     normal: list[str | Path],
