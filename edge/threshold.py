@@ -250,6 +250,17 @@ def tail_cap(scores: np.ndarray, p: float) -> float:
     return float(scores.max()) + robust_spread(scores) * gap
 
 
+def k_of_n_peak(scores: np.ndarray, k: int, n: int) -> float:
+    """The highest K-th highest score over every N consecutive windows (over all of them in a
+    sequence shorter than N): the K-of-N path starts an event on `scores` exactly when the
+    threshold is below it. -inf for fewer than K windows."""
+    scores = np.asarray(scores, np.float64)
+    if len(scores) < k:
+        return -math.inf
+    runs = np.lib.stride_tricks.sliding_window_view(scores, min(n, len(scores)))
+    return float(np.sort(runs, axis=1)[:, -k].max())
+
+
 def window_floor(scores: np.ndarray, allowed: int, k: int, n: int, m: int, hop_s: float) -> float:
     """Lowest held-out score that, as the threshold, lets the event logic raise at most
     `allowed` events on the held-out sequence (bisection; more events at lower thresholds)."""

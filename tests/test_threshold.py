@@ -20,6 +20,7 @@ from edge.threshold import (
     count_events,
     describe,
     false_alarms_per_hour,
+    k_of_n_peak,
     tail_cap,
     threshold_for_budget,
 )
@@ -94,6 +95,20 @@ def test_the_threshold_never_lets_held_out_normal_audio_raise_an_event() -> None
     assert count_events(scores, value, DEFAULT_K, DEFAULT_N, 4, 0.5) == 0
     assert count_events(scores, 3.9, DEFAULT_K, DEFAULT_N, 4, 0.5) == 1
     assert params["above_holdout_max"] == pytest.approx(4.0 / 5.0 - 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_k_of_n_peak_is_where_the_real_event_logic_starts_to_fire(seed: int) -> None:
+    """bench/machines.py counts faults that stand above all normal audio by this statistic: the
+    event logic raises no event at it and one just below it."""
+    rng = np.random.default_rng(seed)
+    scores = rng.gamma(20, 0.05, int(rng.integers(3, 60)))
+    start = int(rng.integers(0, len(scores)))
+    scores[start : start + 3] += rng.uniform(0, 3, len(scores[start : start + 3]))
+    peak = k_of_n_peak(scores, DEFAULT_K, DEFAULT_N)
+    assert count_events(scores, peak, DEFAULT_K, DEFAULT_N, 4, 0.5) == 0
+    assert count_events(scores, peak - 1e-9, DEFAULT_K, DEFAULT_N, 4, 0.5) >= 1
+    assert k_of_n_peak(scores[:2], DEFAULT_K, DEFAULT_N) == -math.inf
 
 
 def test_one_click_in_held_out_audio_does_not_set_the_threshold() -> None:
