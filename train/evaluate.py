@@ -77,7 +77,13 @@ def clip_and_segments(
 ) -> tuple[float, list[float]]:
     """The whole file's mean window score and each consecutive segment's, from one pass of the
     scorer (what `item_scores` gives for segment None and for `segment_s`)."""
-    scores = scorer.score_many(windows)
+    return clip_and_segments_of(scorer.score_many(windows), window_s, hop_s, segment_s)
+
+
+def clip_and_segments_of(
+    scores: np.ndarray, window_s: float, hop_s: float, segment_s: float
+) -> tuple[float, list[float]]:
+    """`clip_and_segments` of window scores already computed."""
     groups = segment_groups(len(scores), window_s, hop_s, segment_s)
     return float(np.mean(scores)), [float(scores[idx].mean()) for _, idx in groups]
 
