@@ -295,7 +295,7 @@ def bounded_threshold(
         if value == floor and floor > min(gamma_value, cap)
         else ("cap" if cap < gamma_value else "gamma")
     )
-    top = float(scores.max())
+    top, peak = float(scores.max()), k_of_n_peak(scores, k, n)
     return value, {
         "gamma_threshold": gamma_value,
         "cap": cap,
@@ -303,6 +303,8 @@ def bounded_threshold(
         "decided_by": decided,
         "holdout_max": top,
         "above_holdout_max": value / top - 1 if top > 0 else None,
+        "holdout_k_of_n_peak": peak if math.isfinite(peak) else None,
+        "above_holdout_k_of_n_peak": value / peak - 1 if math.isfinite(peak) and peak > 0 else None,
     }
 
 
@@ -536,12 +538,7 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
         f"({params['n_windows']} windows)"
     ]
     if "holdout_max" in params:
-        lines.append(
-            f"  {100 * params['above_holdout_max']:+.0f} % from the highest held-out normal "
-            f"score {params['holdout_max']:.4g} (set by the {params['decided_by']}: gamma "
-            f"quantile {params['gamma_threshold']:.4g}, cap {params['cap']:.4g}, floor "
-            f"{params['floor']:.4g})"
-        )
+        lines.append(_above_holdout(value, params))
     if "predicted_false_alarms_per_day" in params:
         low, high = params["predicted_interval_per_day"]
         lines.append(
@@ -558,6 +555,30 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
             f"cap {cusum['cap']:g}"
         )
     return "\n".join(lines)
+
+
+def _above_holdout(value: float, params: Mapping[str, Any]) -> str:
+    """How far the threshold sits above the held-out normal audio, as the event logic sees it:
+    its highest run of K of N windows, then its highest single window (a threshold below that
+    one is no contradiction: an isolated sound lifts one or two windows, and K of N needs K)."""
+    how = (
+        f"(set by the {params['decided_by']}: gamma quantile {params['gamma_threshold']:.4g}, "
+        f"cap {params['cap']:.4g}, floor {params['floor']:.4g})"
+    )
+    single = (
+        f"{100 * params['above_holdout_max']:+.0f} % from the highest held-out normal score "
+        f"{params['holdout_max']:.4g}"
+    )
+    if params.get("above_holdout_k_of_n_peak") is None:  # bundles from before it was recorded
+        return f"  {single} {how}"
+    k, n = params.get("k", DEFAULT_K), params.get("n", DEFAULT_N)
+    below = f" (single windows may pass it: an event needs {k} of {n})"
+    return (
+        f"  {100 * params['above_holdout_k_of_n_peak']:+.0f} % above the held-out normal audio "
+        f"as the event logic sees it ({k} of {n} windows reach "
+        f"{params['holdout_k_of_n_peak']:.4g}); {single}"
+        f"{below if value < params['holdout_max'] else ''}; {how[1:-1]}"
+    )
 
 
 def _rate(per_day: float) -> str:

@@ -119,6 +119,12 @@ def test_one_click_in_held_out_audio_does_not_set_the_threshold() -> None:
     value, params = threshold_for_budget(scores, 1.0)
     assert params["decided_by"] != "floor" and value < 4.5
     assert count_events(scores, value, DEFAULT_K, DEFAULT_N, 4, 0.5) == 0
+    # The summary says so instead of leaving a threshold below normal audio unexplained.
+    peak = params["holdout_k_of_n_peak"]
+    assert peak == k_of_n_peak(scores, DEFAULT_K, DEFAULT_N) < value < params["holdout_max"]
+    assert params["above_holdout_k_of_n_peak"] == pytest.approx(value / peak - 1)
+    text = describe(value, params)
+    assert f"3 of 4 windows reach {peak:.4g}" in text and "an event needs 3 of 4" in text
 
 
 def test_the_rule_reports_what_backs_the_threshold() -> None:
@@ -134,6 +140,7 @@ def test_the_rule_reports_what_backs_the_threshold() -> None:
     text = describe(value, params)
     assert "60 s of held-out normal audio (120 windows)" in text
     assert "95% interval" in text and "CUSUM" in text
+    assert f"windows reach {params['holdout_k_of_n_peak']:.4g}" in text
     assert describe(0.5, {"min_confidence": 0.5}) == ""
 
 
