@@ -288,9 +288,9 @@ def above_normals(
     """[above, of them with event] by the K-of-N statistic, then the same by one window: fault
     clips whose statistic exceeds its highest value on every normal test clip of the split and
     `held`, its highest on the held-out normal audio the threshold was set on (the manifest's
-    `floor` and `holdout_max`; scored by a model that did not see it). What "a fault that
-    clearly stands above all normal audio" is counted as; the one-window count is the weaker
-    sense."""
+    `holdout_k_of_n_peak` and `holdout_max`; scored by a model that did not see it). What "a
+    fault that clearly stands above all normal audio" is counted as; the one-window count is
+    the weaker sense."""
     out = []
     stats = (lambda s: k_of_n_peak(s, k, n), lambda s: float(s.max(initial=-np.inf)))
     for stat, floor in zip(stats, held, strict=True):
@@ -333,7 +333,10 @@ def run_detector(kind: str, trainer: Callable, task: Task, work: Path, pooled: P
                 pooled.normals_with_event += event
     params = bundle.manifest.threshold.params
     k, n = DetectorSettings().k_of_n(params)
-    held = (params.get("floor", -np.inf), params.get("holdout_max", -np.inf))
+    held = tuple(
+        -np.inf if params.get(key) is None else params[key]
+        for key in ("holdout_k_of_n_peak", "holdout_max")
+    )
     normal, faults = window_scores[0], window_scores[1]
     clear = above_normals(normal, faults, fault_events, k, n, held)
     clear += above_normals(normal, faults, fault_events, k, n)
