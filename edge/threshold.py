@@ -263,7 +263,11 @@ def k_of_n_peak(scores: np.ndarray, k: int, n: int) -> float:
 
 def window_floor(scores: np.ndarray, allowed: int, k: int, n: int, m: int, hop_s: float) -> float:
     """Lowest held-out score that, as the threshold, lets the event logic raise at most
-    `allowed` events on the held-out sequence (bisection; more events at lower thresholds)."""
+    `allowed` events on the held-out sequence (bisection; more events at lower thresholds).
+    With none allowed it is the K-of-N peak itself, without replaying the sequence."""
+    peak = k_of_n_peak(scores, k, n)
+    if allowed == 0 and math.isfinite(peak):
+        return peak
     candidates = np.unique(scores)
     lo, hi = 0, len(candidates) - 1
     while lo < hi:
@@ -562,22 +566,22 @@ def _above_holdout(value: float, params: Mapping[str, Any]) -> str:
     its highest run of K of N windows, then its highest single window (a threshold below that
     one is no contradiction: an isolated sound lifts one or two windows, and K of N needs K)."""
     how = (
-        f"(set by the {params['decided_by']}: gamma quantile {params['gamma_threshold']:.4g}, "
-        f"cap {params['cap']:.4g}, floor {params['floor']:.4g})"
+        f"set by the {params['decided_by']}: gamma quantile {params['gamma_threshold']:.4g}, "
+        f"cap {params['cap']:.4g}, floor {params['floor']:.4g}"
     )
     single = (
         f"{100 * params['above_holdout_max']:+.0f} % from the highest held-out normal score "
         f"{params['holdout_max']:.4g}"
     )
     if params.get("above_holdout_k_of_n_peak") is None:  # bundles from before it was recorded
-        return f"  {single} {how}"
+        return f"  {single} ({how})"
     k, n = params.get("k", DEFAULT_K), params.get("n", DEFAULT_N)
     below = f" (single windows may pass it: an event needs {k} of {n})"
     return (
         f"  {100 * params['above_holdout_k_of_n_peak']:+.0f} % above the held-out normal audio "
         f"as the event logic sees it ({k} of {n} windows reach "
         f"{params['holdout_k_of_n_peak']:.4g}); {single}"
-        f"{below if value < params['holdout_max'] else ''}; {how[1:-1]}"
+        f"{below if value < params['holdout_max'] else ''}; {how}"
     )
 
 
