@@ -109,11 +109,11 @@ class Pooled:
     clip_ids: list[str] = field(default_factory=list)
     """The machine id of each clip score: AUC within one machine, beside the pooled one."""
     seg_ids: list[str] = field(default_factory=list)
-    clear: list[int] = field(default_factory=lambda: [0] * 8)
-    """Fault clips above all normal audio of their split (test and held-out), and of them those
-    with an event: by the K-of-N statistic (the K-th highest of N consecutive window scores,
-    what the event logic thresholds), then by one window (`above_normals`); then the same four
-    against the normal test clips alone."""
+    clear: dict[str, list[int]] = field(default_factory=dict)
+    """[fault clips above the normal audio, of them with an event] under `clear_k_of_n` and
+    `clear_window` (above all normal audio of the split, test and held-out, by the K-of-N
+    statistic and by one window: `above_normals`), and `above_test_normals_k_of_n` and
+    `above_test_normals_window` (above the normal test clips alone)."""
 
     def add_scores(self, label: int, clip: float, segments: list[float], machine_id: str) -> None:
         self.clip_labels.append(label)
@@ -166,11 +166,7 @@ class Pooled:
                 "faults_with_event": f"{self.faults_with_event}/{self.n_faults}",
                 "normals_with_event": f"{self.normals_with_event}/{self.n_normals}",
                 "operating_point": round(tpr - FALSE_ALARM_WEIGHT * fpr, 4),
-                "clear_k_of_n_with_event": f"{self.clear[1]}/{self.clear[0]}",
-                "clear_window_with_event": f"{self.clear[3]}/{self.clear[2]}",
-                "above_test_normals_k_of_n_with_event": f"{self.clear[5]}/{self.clear[4]}",
-                "above_test_normals_window_with_event": f"{self.clear[7]}/{self.clear[6]}",
-            }
+            } | {f"{key}_with_event": f"{e}/{a}" for key, (a, e) in self.clear.items()}
             out["merit"] = round((out["clip_auc"] + out["auc_1s"]) / 2 + out["operating_point"], 4)
         else:
             out["merit"] = round((out["clip_auc"] + out["auc_1s"]) / 2, 4)
@@ -284,19 +280,22 @@ def above_normals(
     k: int,
     n: int,
     held: tuple[float, float] = (-np.inf, -np.inf),
-) -> list[int]:
-    """[above, of them with event] by the K-of-N statistic, then the same by one window: fault
+) -> dict[str, list[int]]:
+    """[above, of them with event] by the K-of-N statistic (`k_of_n`) and by one window: fault
     clips whose statistic exceeds its highest value on every normal test clip of the split and
     `held`, its highest on the held-out normal audio the threshold was set on (the manifest's
     `holdout_k_of_n_peak` and `holdout_max`; scored by a model that did not see it). What "a
     fault that clearly stands above all normal audio" is counted as; the one-window count is
     the weaker sense."""
-    out = []
-    stats = (lambda s: k_of_n_peak(s, k, n), lambda s: float(s.max(initial=-np.inf)))
-    for stat, floor in zip(stats, held, strict=True):
+    out = {}
+    stats = {
+        "k_of_n": lambda s: k_of_n_peak(s, k, n),
+        "window": lambda s: float(s.max(initial=-np.inf)),
+    }
+    for (name, stat), floor in zip(stats.items(), held, strict=True):
         top = max([floor] + [stat(s) for s in normal])
         above = [stat(s) > top for s in faults]
-        out += [sum(above), sum(a and e for a, e in zip(above, events, strict=True))]
+        out[name] = [sum(above), sum(a and e for a, e in zip(above, events, strict=True))]
     return out
 
 
@@ -338,9 +337,11 @@ def run_detector(kind: str, trainer: Callable, task: Task, work: Path, pooled: P
         for key in ("holdout_k_of_n_peak", "holdout_max")
     )
     normal, faults = window_scores[0], window_scores[1]
-    clear = above_normals(normal, faults, fault_events, k, n, held)
-    clear += above_normals(normal, faults, fault_events, k, n)
-    pooled.clear = [a + b for a, b in zip(pooled.clear, clear, strict=True)]
+    for prefix, reference in (("clear", held), ("above_test_normals", (-np.inf, -np.inf))):
+        counts = above_normals(normal, faults, fault_events, k, n, reference)
+        for stat, (above, with_event) in counts.items():
+            total = pooled.clear.setdefault(f"{prefix}_{stat}", [0, 0])
+            total[0], total[1] = total[0] + above, total[1] + with_event
     pooled.seconds += time.perf_counter() - t0
 
 
