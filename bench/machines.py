@@ -456,6 +456,25 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measured(script: str) -> dict[str, str]:
+    """When, on what and by which command a bench's figures were measured."""
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        ),
+        "command": f"python bench/{script} " + " ".join(sys.argv[1:]),
+    }
+
+
+def write_results(res: dict, out: Path, markdown: Callable[[dict], str]) -> None:
+    """The figures as JSON at `out`, their markdown beside it (.md) and on stdout."""
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -507,19 +526,11 @@ def main() -> None:
         for k, f in rows.items():
             if not k.startswith("_"):
                 figures[k][m] = f
-    res = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-        ),
-        "command": "python bench/machines.py " + " ".join(sys.argv[1:]),
+    res = measured("machines.py") | {
         "by_type": by_type,
         "selection": select_default(dict(figures)),
     }
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(res, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import platform
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 
@@ -43,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machines import CORPUS_KINDS, TRAINERS, raises_event  # noqa: E402
+from machines import CORPUS_KINDS, TRAINERS, measured, raises_event, write_results  # noqa: E402
 
 from edge.audio_io import read_audio  # noqa: E402
 
@@ -189,19 +186,8 @@ def main() -> None:
                 "fault": f"{count_events(bundle, faults, shift, other, work)}/{len(faults)}",
             }
             print(kind, shift.name, row[kind], file=sys.stderr, flush=True)
-    res = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-        ),
-        "command": "python bench/shifts.py " + " ".join(sys.argv[1:]),
-        "kinds": args.kinds,
-        "rows": rows,
-    }
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    res = measured("shifts.py") | {"kinds": args.kinds, "rows": rows}
+    write_results(res, args.out, markdown)
 
 
 if __name__ == "__main__":
