@@ -61,6 +61,11 @@ class MachineState:
             self.running_seconds += hop_s
         return self.state
 
+    def restart(self, end_s: float) -> None:
+        """The machine was heard starting by another sign than its level (a state named `off`
+        gave way to a running one): events wait the settle time, as after a quiet stop."""
+        self._settled_at = end_s + SETTLE_SECONDS
+
     def allows_events(self, end_s: float) -> bool:
         """True when a window may count as evidence: running, settled, not about to stop."""
         return self.state == RUNNING and end_s >= self._settled_at and self._streak == 0
@@ -73,19 +78,27 @@ class MachineState:
 @dataclass
 class StateNamer:
     """Names the running state of a machine trained with state folders: the state whose mean
-    log-mel band levels (dB) lie nearest the window's, by a vote over the last windows."""
+    log-mel band levels (dB) lie nearest the window's, by a vote over the last windows.
+
+    A state folder named `off` holds what the microphone hears while the machine is stopped but
+    the place is not quiet (neighbours, ventilation): a vote for it means the machine is off,
+    and a window that is itself nearest to it is not evidence of a fault."""
 
     names: list[str]
     levels: np.ndarray
     """(states, mels): each state's mean log-mel level per band in training."""
+    heard: str | None = None
+    """The state nearest to the last window alone, before the vote."""
     _recent: deque[str] = field(default_factory=lambda: deque(maxlen=STATE_WINDOWS))
 
     def name(self, band_levels: np.ndarray) -> str:
         """Feed one running window's band levels (mels,); return the state it votes for."""
         distance = np.linalg.norm(self.levels - band_levels, axis=1)
-        self._recent.append(self.names[int(np.argmin(distance))])
+        self.heard = self.names[int(np.argmin(distance))]
+        self._recent.append(self.heard)
         return Counter(self._recent).most_common(1)[0][0]
 
     def reset(self) -> None:
         """A new stream or a machine that stopped: forget the vote."""
         self._recent.clear()
+        self.heard = None

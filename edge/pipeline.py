@@ -39,7 +39,8 @@ class Step:
     machine: str = RUNNING
     """The machine's state at this window: running or off."""
     state_name: str | None = None
-    """A bundle trained with state folders: the state the machine runs in (None when off)."""
+    """A bundle trained with state folders: the state the machine runs in, or `off` when a
+    state folder of that name is what it sounds like (None when off by its level)."""
 
     @property
     def transition(self) -> Transition | None:
@@ -69,6 +70,7 @@ class Pipeline:
             off = info.off_below_dbfs
         self.machine = MachineState(off)
         self.namer = state_namer(bundle)
+        self._named_off = False
 
     @property
     def threshold(self) -> float:
@@ -89,11 +91,16 @@ class Pipeline:
             level = level_dbfs(window.samples)
             machine = self.machine.update(level, end_s, self._hop_s)
             name = self._name(machine, features)
+            if name == OFF:  # it sounds like the state folder named `off`
+                machine = OFF
+            elif self._named_off and name is not None:
+                self.machine.restart(end_s)
+            self._named_off = name == OFF
             found: tuple[Transition, ...] = ()
             if machine != RUNNING:
                 ended = self.events.close()  # a machine switched off ends its anomaly
                 found = (ended,) if ended is not None else ()
-            elif detect and not dead and self.machine.allows_events(end_s):
+            elif detect and not dead and self.machine.allows_events(end_s) and self._heard_on():
                 found = tuple(self.events.update(scored, start_s, end_s))
             steps.append(Step(scored, start_s, end_s, found, dead, elapsed, level, machine, name))
         return steps
@@ -106,6 +113,11 @@ class Pipeline:
             self.namer.reset()
             return None
         return self.namer.name(features.mean(axis=0))
+
+    def _heard_on(self) -> bool:
+        """False when the last window alone sounds like the state named `off`: while the vote
+        turns, such windows are not counted as evidence (the machine may be stopping)."""
+        return self.namer is None or self.namer.heard != OFF
 
     def reset(self) -> None:
         """Drop buffered audio (after a gap in the stream)."""

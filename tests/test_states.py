@@ -88,3 +88,63 @@ def test_state_levels_that_do_not_match_the_states_are_refused(
     write_bundle(tmp_path / "bad.bundle", manifest, {}, arrays)
     with pytest.raises(BundleError, match=r"machine\.state_levels"):
         load_bundle(tmp_path / "bad.bundle")
+
+
+def clicks(like: np.ndarray, seconds: float, rate: int) -> np.ndarray:
+    """Bursts of noise (20 ms every 100 ms) at the RMS of `like`: what a stopped machine's
+    neighbour might sound like, and far from the fan's steady sound."""
+    rng = np.random.default_rng(7)
+    n = int(seconds * rate)
+    gate = (np.arange(n) % int(0.1 * rate)) < int(0.02 * rate)
+    x = rng.standard_normal(n) * gate
+    return x * np.std(like) / np.std(x)
+
+
+def neighbour_state(two_states: Path, out: Path, name: str, sound: np.ndarray) -> Path:
+    """The two-state bundle with its `slow` state replaced by `sound`, called `name`."""
+    bundle = load_bundle(two_states)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["machine"]["states"] = ["fast", name]
+    levels = bundle.array("machine.state_levels").copy()
+    levels[1] = LogMel(bundle.features)(sound).mean(axis=0)
+    return write_bundle(out, manifest, {}, {**bundle.arrays, "machine.state_levels": levels})
+
+
+def test_a_state_named_off_is_off_no_event_and_no_running_hours(
+    two_states: Path, tmp_path: Path
+) -> None:
+    """The machine stops but a neighbour goes on, not quieter than the fan: by its level it is
+    running, and the fan's model finds the neighbour anomalous. Trained with that sound as the
+    state `off`, the machine is off while it lasts: no event, no running time (the daemon counts
+    running hours over windows whose machine is running); the same sound under any other state
+    name raises an event and counts as running (so the test can fail)."""
+    rate = load_bundle(two_states).features.samplerate
+    fan = [read_audio(f, rate) for f in NORMAL_FILES[:2]]
+    neighbour = clicks(fan[0], 8.0, rate)
+    path = tmp_path / "fan-stops-neighbour-fan.wav"
+    sf.write(path, np.concatenate([fan[0], neighbour, fan[1]]), rate, subtype="FLOAT")
+    stop_s = len(fan[0]) / rate
+    start_s = stop_s + len(neighbour) / rate
+    seen = {}
+    for name in ("off", "stopped"):
+        bundle_path = neighbour_state(two_states, tmp_path / f"{name}.bundle", name, neighbour)
+        rec, steps = Recorder(), []
+        settings = Settings(device_id="t", model=bundle_path, data_dir=tmp_path / name)
+        bundle = load_bundle(bundle_path)
+        Detector(settings, bundle, [rec], on_step=steps.append).run(FileSource([path], rate))
+        # Windows wholly inside the neighbour's 8 s, once the vote has had 3 windows to turn.
+        inside = [s for s in steps if stop_s + 2.0 <= s.start_s and s.end_s <= start_s]
+        seen[name] = rec, inside
+    (off, off_inside), (control, control_inside) = seen["off"], seen["stopped"]
+
+    # An event's offset is its first window's start: a 1-s window before the stop hears it.
+    def during(rec: Recorder) -> list[float]:
+        offsets = [e.stream_offset_s for e in rec.events if e.type == "start"]
+        return [s for s in offsets if s is not None and stop_s - 1.0 <= s <= start_s + 1.0]
+
+    assert during(control), control.events
+    assert {s.machine for s in control_inside} == {"running"}
+    assert not during(off), off.events
+    assert off_inside and {(s.machine, s.state_name) for s in off_inside} == {("off", "off")}
+    machines = [s.machine for s in off.states]
+    assert "off" in machines and machines[-1] == "fast", machines
