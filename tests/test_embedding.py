@@ -15,7 +15,7 @@ from conftest import ANOMALOUS_FILE, NORMAL_FILES, ROOT
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
 from edge.detectors.registry import plugin_for
-from edge.errors import BundleError
+from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, windows_of
 from soundsentry.cli import main
 from train.embedding import (
@@ -24,9 +24,11 @@ from train.embedding import (
     augment_window,
     fill_edge,
     load_corpus,
+    read_own,
     shift_bands,
     train_embedding,
 )
+from train.profile import machine_profile
 
 MAX_MODEL_BYTES = 256 * 1024
 TINY_EPOCH = 512
@@ -214,3 +216,35 @@ def test_augmentations_do_what_their_names_say() -> None:
     np.testing.assert_array_equal(shift_bands(bands, -1)[0], [1, 2, 3, 4, 5, 6, 7, 7])
     np.testing.assert_array_equal(fill_edge(bands, -2)[0], [0, 1, 2, 3, 4, 5, 5, 5])
     assert augment_window(ramp[:30], frames, 1, rng) is None  # too short to stretch
+
+
+def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: Path) -> None:
+    """The place with the machine stopped (here a quiet hiss, 20 dB under the fan) is the
+    state `off`: the network learns it as a state and the edge can name it, but the head's
+    held-out scores, the threshold and the running level come from the running state alone."""
+    rate = 16000
+    running = tmp_path / "states" / "running"
+    off = tmp_path / "states" / "off"
+    running.mkdir(parents=True)
+    off.mkdir()
+    for f in NORMAL_FILES[:2]:
+        (running / f.name).symlink_to(f)
+    fan = read_audio(NORMAL_FILES[0], rate)
+    hiss = np.random.default_rng(2).standard_normal(len(fan)) * np.std(fan) / 10
+    sf.write(off / "hiss.wav", hiss, rate, subtype="FLOAT")
+    out = train_embedding(
+        None, tmp_path / "b.bundle", states=tmp_path / "states", epochs=1,
+        epoch_windows=TINY_EPOCH,
+    )  # fmt: skip
+    m = load_bundle(out).manifest
+    assert m.machine.states == ["off", "running"]
+    alone = read_own({"running": list(NORMAL_FILES[:2])}, FeatureParams(), 0)
+    held = sum(len(w) for w in alone.held_windows)
+    assert m.normal_scores.n_windows == held
+    expected = machine_profile(alone.audio, FeatureParams())["running_level_dbfs"]["p01"]
+    assert m.machine.running_level_dbfs["p01"] == pytest.approx(expected)
+    only_off = tmp_path / "only-off"
+    (only_off / "off").mkdir(parents=True)
+    (only_off / "off" / "hiss.wav").symlink_to(off / "hiss.wav")
+    with pytest.raises(AudioError, match="outside a state folder named `off`"):
+        train_embedding(None, tmp_path / "c.bundle", states=only_off, epochs=1)

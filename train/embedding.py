@@ -6,7 +6,10 @@ Self-supervised tasks, none of which needs a fault recording (outlier exposure):
 - which machine: the user's machine against a small corpus of other machines' normal sound
   (`train/corpus/`, MIMII, CC BY-SA 4.0), with one class per corpus machine;
 - which state, when the normal audio comes in state folders (`--normal-states DIR`): each
-  state is its own class of the same head, so states stay apart in the embedding;
+  state is its own class of the same head, so states stay apart in the embedding. A folder
+  named `off` holds the place with the machine stopped (neighbours, ventilation): it trains the
+  network, and the edge calls the machine off when it hears it, but it takes no part in the
+  Mahalanobis head, the threshold or the running level (`OwnAudio.running`);
 - which augmentation was applied to the window: none, a time stretch (the frame axis
   resampled), a pitch shift (the mel axis shifted) or a level modulation of a band range
   (what imbalance or a loose part does), on the user's and the corpus windows.
@@ -45,6 +48,7 @@ from edge.detectors.embedding import (
 )
 from edge.errors import AudioError
 from edge.features import FeatureParams, LogMel, windows_of
+from edge.machine_state import OFF
 from edge.runtime import TfliteModel
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -184,6 +188,16 @@ class OwnAudio:
     held_seconds: float = 0.0
     audio: list[np.ndarray] = field(default_factory=list)
     """Every recording, for the machine's running level."""
+    view_states: list[int] = field(default_factory=list)
+    """The state of each recording (each view), in the order of `audio` and the window lists."""
+
+    def running(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """The entries of a per-recording list (`audio`, `fit_windows`, `held_windows`) whose
+        state is not `off`: a state folder of that name is what the place sounds like with the
+        machine stopped, which the edge names `off` and never scores for faults, so it takes no
+        part in the head, the threshold or the machine's running level. It still trains the
+        network, as a state to tell apart."""
+        return [p for p, i in zip(parts, self.view_states, strict=True) if self.states[i] != OFF]
 
     def state_levels(self) -> dict[str, np.ndarray]:
         """With two or more states: each state's mean log-mel band levels (dB), by which the
@@ -223,6 +237,7 @@ def read_own(
         )
         for path, audio in views:
             own.audio.append(audio)
+            own.view_states.append(label)
             fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
             own.train_frames.append((label, frames_of(fit_audio, logmel)))
             own.held_frames.append((label, frames_of(held_audio, logmel)))
@@ -230,8 +245,11 @@ def read_own(
             own.held_windows.append(windows_of(held_audio, params))
             own.seconds += len(fit_audio) / params.samplerate
             own.held_seconds += len(held_audio) / params.samplerate
-    if not sum(len(w) for w in own.fit_windows):
-        raise AudioError(f"not enough audio to train: need at least {params.window_seconds} s")
+    if not sum(len(w) for w in own.running(own.fit_windows)):
+        raise AudioError(
+            f"not enough audio of the machine running to train: need at least "
+            f"{params.window_seconds} s outside a state folder named `{OFF}`"
+        )
     return own
 
 
@@ -583,8 +601,8 @@ def _fit_head(
 ) -> Head:
     """Provisional head on the fitted audio scores the held-out audio (the threshold); the
     shipped head is fitted on all of it, like the fluctuation kind's."""
-    fit_w = np.concatenate(own.fit_windows)
-    held_w = np.concatenate(own.held_windows)
+    fit_w = np.concatenate(own.running(own.fit_windows))
+    held_w = np.concatenate(own.running(own.held_windows))
     if len(held_w) < 2:
         held_w = fit_w
     levels = band_levels(fit_w)
@@ -645,7 +663,9 @@ def _manifest(
         "statistics": {"feature": f"{ARCHITECTURE}-{model.output_size}"},
         "threshold": {"value": head.threshold, "rule": RULE, "params": head.rule_params},
         "normal_scores": score_stats(head.held_scores, "held-out normal audio"),
-        "machine": machine_profile(own.audio, params, own.states if len(own.states) > 1 else None),
+        "machine": machine_profile(
+            own.running(own.audio), params, own.states if len(own.states) > 1 else None
+        ),
         "validation": validation,
         "training": {
             "files": fit_files,
