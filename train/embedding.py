@@ -389,9 +389,11 @@ def build_embedding_net(frames: int, mels: int, n_classes: int) -> tuple[keras.M
     band, started as frame differences) run over the standardised log-mel window, and each
     band's mean filtered energy, in log, is the embedding (bands x filters). It keeps where in
     frequency a change happens and how fast the band moves, which is where imbalance, rubbing or
-    a loose part show; level offsets and slow drift between recordings cancel in the filters.
-    The self-supervised heads sit on top of the embedding, so everything they learn goes
-    through it. Chosen on the fan split among four variants (bench/results.md).
+    a loose part show. Frame differences cancel level offsets; the learnt filters need not (a
+    microphone 6 dB louder changes which fan faults it reports, bench/shifts.md), and filters
+    held to zero sum, which do cancel them, scored lower over the four machine types
+    (bench/results.md). The self-supervised heads sit on top of the embedding, so everything
+    they learn goes through it. Chosen on the fan split among four variants (bench/results.md).
     """
     inp = keras.Input((frames, mels, 1), name="logmel")
     taps, filters = TEMPORAL_KERNELS.shape[1], len(TEMPORAL_KERNELS)
