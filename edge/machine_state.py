@@ -41,6 +41,7 @@ class MachineState:
     running_seconds: float = 0.0
     _streak: int = 0
     _settled_at: float = float("-inf")
+    _named_off: bool = False
 
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
@@ -61,10 +62,17 @@ class MachineState:
             self.running_seconds += hop_s
         return self.state
 
-    def restart(self, end_s: float) -> None:
-        """The machine was heard starting by another sign than its level (a state named `off`
-        gave way to a running one): events wait the settle time, as after a quiet stop."""
-        self._settled_at = end_s + SETTLE_SECONDS
+    def named(self, name: str | None, end_s: float) -> str:
+        """The machine's state once the window's named state is known (None: no names, or off
+        by level): `off` while the vote names the state folder `off`; when another state takes
+        over from it the machine has started, and events wait the settle time as after a quiet
+        stop."""
+        was_off, self._named_off = self._named_off, name == OFF
+        if self._named_off:
+            return OFF
+        if was_off and name is not None:
+            self._settled_at = end_s + SETTLE_SECONDS
+        return self.state
 
     def allows_events(self, end_s: float) -> bool:
         """True when a window may count as evidence: running, settled, not about to stop."""

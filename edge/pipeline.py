@@ -70,7 +70,6 @@ class Pipeline:
             off = info.off_below_dbfs
         self.machine = MachineState(off)
         self.namer = state_namer(bundle)
-        self._named_off = False
 
     @property
     def threshold(self) -> float:
@@ -89,13 +88,8 @@ class Pipeline:
             end_s = start_s + self._length_s
             dead = is_silent(window.samples) or float(np.ptp(window.samples)) < FLAT_RANGE
             level = level_dbfs(window.samples)
-            machine = self.machine.update(level, end_s, self._hop_s)
-            name = self._name(machine, features)
-            if name == OFF:  # it sounds like the state folder named `off`
-                machine = OFF
-            elif self._named_off and name is not None:
-                self.machine.restart(end_s)
-            self._named_off = name == OFF
+            name = self._name(self.machine.update(level, end_s, self._hop_s), features)
+            machine = self.machine.named(name, end_s)
             found: tuple[Transition, ...] = ()
             if machine != RUNNING:
                 ended = self.events.close()  # a machine switched off ends its anomaly
