@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edge.audio_io import check_readable
+from edge.audio_io import check_files
 from edge.errors import AudioError
 from edge.threshold import describe
 
@@ -29,13 +29,10 @@ WIDE_INTERVAL = 100.0
 """A predicted false-alarm interval whose ends differ by more than this factor is called wide."""
 
 
-def audio_seconds(files: list[Path], channel: int = 0) -> float:
-    """Total length of audio files, read from their headers."""
-    total = 0.0
-    for path in files:
-        frames, rate = check_readable(path, max(channel, 0))
-        total += frames / rate
-    return total
+def audio_seconds(files: list[Path], channel: int = 0, samplerate: int | None = None) -> float:
+    """Total length of audio files, read from their headers; one AudioError naming every file
+    that cannot be used (unreadable, or below the model's `samplerate`)."""
+    return sum(frames / rate for frames, rate in check_files(files, max(channel, 0), samplerate))
 
 
 def require_audio(seconds: float, what: str) -> None:

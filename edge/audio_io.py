@@ -18,10 +18,13 @@ log = logging.getLogger(__name__)
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aif", ".aiff"})
 DOWNMIX = -1
 """Channel selector meaning 'average all channels'."""
+LISTED_PROBLEMS = 3
+"""Unusable files named in full in one error line; the rest are counted."""
 
 
 def find_audio(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders (searched recursively) into a sorted list of audio files."""
+    """Expand files and folders (searched recursively) into a sorted list of audio files; a
+    file reached twice (named twice, or inside a folder also given) is listed once."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -31,7 +34,14 @@ def find_audio(paths: Iterable[str | Path]) -> list[Path]:
             found.append(path)
         else:
             raise AudioError(f"{path}: no such file or folder")
-    return found
+    seen: set[Path] = set()
+    unique = []
+    for path in found:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
 
 
 def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:
@@ -52,9 +62,23 @@ def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return soxr.resample(audio, rate_in, rate_out, quality="HQ").astype(np.float32, copy=False)
 
 
-def check_readable(path: str | Path, channel: int = 0) -> tuple[int, int]:
-    """Check that a file is complete, non-empty audio with that channel, without reading it
-    all; return (frames, sample rate). Raises AudioError with one clear line."""
+def check_rate(path: str | Path, rate: int, samplerate: int) -> None:
+    """Refuse audio recorded below the model's rate: upsampling adds no sound, so the bands
+    between the file's Nyquist frequency and the model's would be empty, and a model trained on
+    it alarms on real audio (or the other way round)."""
+    if rate < samplerate:
+        raise AudioError(
+            f"{path}: recorded at {rate} Hz, below the model's {samplerate} Hz: no sound above "
+            f"{rate // 2} Hz, where the model listens (record at {samplerate} Hz or more)"
+        )
+
+
+def check_readable(
+    path: str | Path, channel: int = 0, samplerate: int | None = None
+) -> tuple[int, int]:
+    """Check that a file is complete, non-empty audio with that channel (and, given the model's
+    `samplerate`, not recorded below it), without reading it all; return (frames, sample rate).
+    Raises AudioError with one clear line."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
@@ -68,8 +92,34 @@ def check_readable(path: str | Path, channel: int = 0) -> tuple[int, int]:
         raise AudioError(f"{path}: the file holds no audio samples")
     if channel >= info.channels:
         raise AudioError(f"{path}: channel {channel} does not exist: the audio has {info.channels}")
+    if samplerate is not None:
+        check_rate(path, info.samplerate, samplerate)
     _check_complete(path)
     return info.frames, info.samplerate
+
+
+def check_files(
+    files: Iterable[str | Path], channel: int = 0, samplerate: int | None = None
+) -> list[tuple[int, int]]:
+    """`check_readable` on every file; one AudioError that names every file that cannot be used,
+    so that a folder with several bad recordings is mended in one go."""
+    files = list(files)
+    checked, problems = [], []
+    for path in files:
+        try:
+            checked.append(check_readable(path, channel, samplerate))
+        except AudioError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise AudioError(problems[0])
+    if problems:
+        more = len(problems) - LISTED_PROBLEMS
+        raise AudioError(
+            f"{len(problems)} of {len(files)} files cannot be used: "
+            + "; ".join(problems[:LISTED_PROBLEMS])
+            + (f"; and {more} more" if more > 0 else "")
+        )
+    return checked
 
 
 def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarray:
@@ -88,6 +138,7 @@ def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarra
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise AudioError(f"{path}: invalid samples ({bad} are NaN or infinite)")
+    check_rate(path, rate, samplerate)
     _check_complete(path)
     return resample(select_channel(data, channel), rate, samplerate)
 

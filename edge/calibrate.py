@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.advice import require_audio
-from edge.audio_io import find_audio, read_audio
+from edge.audio_io import check_files, find_audio, read_audio
 from edge.bundle import Bundle, load_bundle, sha256_bytes, write_bundle
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
@@ -38,6 +38,7 @@ def calibrate_bundle(
     files = find_audio(normal)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(x) for x in normal))
+    check_files(files, max(channel, 0), p.samplerate)  # every unusable file named at once
     audio = [read_audio(f, p.samplerate, channel) for f in files]
     seconds = sum(len(a) for a in audio) / p.samplerate
     require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more

@@ -89,6 +89,11 @@ class MicSource:
                 wanted,
                 rate,
             )
+        if rate < self.model_rate:  # upsampled audio leaves the model's upper bands empty
+            raise CaptureError(
+                f"{info['name']!r} captures at {rate} Hz, below the model's {self.model_rate} Hz "
+                f"(set audio.samplerate to {self.model_rate} or more, or use another input)"
+            )
         log.info(
             "capture: device %r at %d Hz, %d channel(s)", info["name"], rate, self.settings.channels
         )

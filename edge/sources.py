@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from edge.audio_io import check_readable, select_channel
+from edge.audio_io import check_files, select_channel
 
 READ_SECONDS = 1.0
 """Audio read from disk at a time (memory stays flat however long the files are)."""
@@ -45,7 +45,7 @@ class FileSource:
         self.continuous = continuous
         # Check every file first: a bad one fails before any event is raised.
         self.files = [Path(f) for f in files]
-        self._frames = [check_readable(f, channel) for f in self.files]
+        self._frames = check_files(self.files, max(channel, 0), samplerate)
 
     @property
     def seconds(self) -> float:

@@ -34,7 +34,7 @@ def test_reads_8_channel_wave_format_extensible(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("rate", "subtype"), [(44100, "PCM_24"), (48000, "FLOAT"), (8000, "PCM_U8")]
+    ("rate", "subtype"), [(44100, "PCM_24"), (48000, "FLOAT"), (22050, "PCM_U8")]
 )
 def test_any_rate_and_depth_is_resampled_to_the_model_rate(
     tmp_path: Path, rate: int, subtype: str
@@ -97,3 +97,48 @@ def test_missing_model_and_missing_file_give_one_line(tmp_path: Path) -> None:
     proc = cli("replay", str(DEMO_BUNDLE), str(tmp_path / "missing.wav"), check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "No such file" in proc.stderr or "no such file" in proc.stderr
+
+
+def test_audio_below_the_model_rate_is_refused_by_every_command(tmp_path: Path) -> None:
+    low = tmp_path / "phone"
+    low.mkdir()
+    for src in NORMAL_FILES:  # the machine, but recorded at 8 kHz: nothing above 4 kHz
+        audio = read_audio(src, RATE)
+        sf.write(low / f"{src.stem}.wav", audio[::2], RATE // 2)
+    first = sorted(low.iterdir())[0]
+    for args in (
+        ["train", "--normal", str(low), "--out", str(tmp_path / "low.bundle")],
+        ["replay", str(DEMO_BUNDLE), str(first)],
+        ["evaluate", str(DEMO_BUNDLE), "--normal", str(NORMAL_FILES[0]), "--anomalous", str(first)],
+        ["calibrate", str(DEMO_BUNDLE), "--normal", str(low), "--out", str(tmp_path / "c")],
+    ):
+        proc = cli(*args, check=False)
+        assert proc.returncode == 1, args
+        (line,) = proc.stderr.strip().splitlines()
+        assert str(first) in line and "recorded at 8000 Hz, below the model's 16000 Hz" in line
+        assert "record at 16000 Hz or more" in line
+    assert not (tmp_path / "low.bundle").exists()
+
+
+def test_every_unusable_file_is_named_in_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    for src in NORMAL_FILES:
+        (folder / src.name).write_bytes(src.read_bytes())
+    for path in bad_files(tmp_path).values():
+        (folder / f"bad-{path.name}").write_bytes(path.read_bytes())
+    proc = cli("train", "--normal", str(folder), "--out", str(tmp_path / "m.bundle"), check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("soundsentry: error: 4 of 8 files cannot be used: ")
+    assert line.count(str(folder / "bad-")) == 3 and line.endswith("; and 1 more")
+
+
+def test_replay_takes_folders_and_a_file_reached_twice_counts_once(tmp_path: Path) -> None:
+    folder = tmp_path / "day1"
+    folder.mkdir()
+    for src in NORMAL_FILES[:2]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    proc = cli("replay", str(DEMO_BUNDLE), str(folder), str(folder / NORMAL_FILES[0].name))
+    assert proc.stderr.strip().splitlines()[-1].startswith("replay: 2 file(s), ")
+    assert find_audio([folder, folder / NORMAL_FILES[1].name]) == sorted(folder.iterdir())

@@ -127,7 +127,9 @@ def test_all_channels_are_training_views(tmp_path: Path, all_channels: bool) -> 
     args = ["train", "--normal", str(tmp_path), "--out", str(out)]
     cli(*args, *(["--all-channels"] if all_channels else []))
     m = load_bundle(out).manifest
-    assert m.training.seconds == pytest.approx(4 * 10.0 if all_channels else 10.0)
+    views = 4 if all_channels else 1
+    assert m.training.seconds == pytest.approx(10.0), "the recordings' seconds, not the views'"
+    assert m.threshold.params["n_windows"] == views * 2  # each view's last second held out
     assert m.training.channel == (-2 if all_channels else 0)
 
 

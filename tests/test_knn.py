@@ -127,4 +127,5 @@ def test_all_channels_are_training_views(tmp_path: Path) -> None:
         "train", "--detector", "knn", "--all-channels", "--normal", str(tmp_path), "--out", str(out)
     )
     m = load_bundle(out).manifest
-    assert m.training.seconds == pytest.approx(3 * 12.0) and m.training.channel == -2
+    assert m.training.seconds == pytest.approx(12.0) and m.training.channel == -2
+    assert m.threshold.params["n_windows"] == 3 * 2  # 3 views of each recording's held-out part

@@ -3,6 +3,7 @@ split every trainer uses (autoencoder, fluctuation, classifier per class)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -110,14 +111,36 @@ def holdout_split(files: list[Path], fraction: float = HOLDOUT_FRACTION) -> Hold
     return Holdout([f for f in ordered if f not in spared], held, fraction)
 
 
-def training_audio(paths: list[str | Path]) -> list[Path]:
-    """The audio files under `paths`; an AudioError when there are none or when they hold
-    less than edge.advice.MIN_AUDIO_SECONDS (the line says how much more to record)."""
+def training_audio(paths: list[str | Path], samplerate: int | None = None) -> list[Path]:
+    """The audio files under `paths`; an AudioError when there are none, when any cannot be
+    used (all of them named; below the model's `samplerate` among them), or when they hold less
+    than edge.advice.MIN_AUDIO_SECONDS (the line says how much more to record)."""
     files = find_audio(paths)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(p) for p in paths))
-    require_audio(audio_seconds(files), "train")
+    files = without_copies(files)
+    require_audio(audio_seconds(files, samplerate=samplerate), "train")
     return files
+
+
+def without_copies(files: list[Path]) -> list[Path]:
+    """The files with byte-identical copies left out (the first kept, a warning for each): a
+    copy would count its audio twice and could land on both sides of the held-out split, which
+    makes the threshold look better backed than it is."""
+    first: dict[tuple[int, str], Path] = {}
+    kept = []
+    for path in files:
+        try:
+            key = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+        except OSError:
+            kept.append(path)  # unreadable: the audio checks name it
+            continue
+        if key in first:
+            log.warning("%s is a copy of %s: used once", path, first[key])
+            continue
+        first[key] = path
+        kept.append(path)
+    return kept
 
 
 def dense_params(params: FeatureParams, divisor: int = TRAIN_HOP_DIVISOR) -> FeatureParams:
@@ -145,7 +168,7 @@ def threshold_from_holdout(
 
 def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0) -> Split:
     """Read normal recordings and split them into training and held-out windows."""
-    files = training_audio(paths)
+    files = training_audio(paths, params.samplerate)
     holdout = holdout_split(files)
     dense = dense_params(params)
     train, hold, audios = [], [], []

@@ -185,7 +185,11 @@ class OwnAudio:
     held_windows: list[np.ndarray] = field(default_factory=list)
     holdouts: dict[str, Holdout] = field(default_factory=dict)
     seconds: float = 0.0
+    """Seconds of recordings fitted (a multichannel recording counts once, not per view)."""
     held_seconds: float = 0.0
+    view_seconds: float = 0.0
+    """Seconds fitted over every view (what an epoch draws from)."""
+    counted: set[Path] = field(default_factory=set)
     audio: list[np.ndarray] = field(default_factory=list)
     """Every recording, for the machine's running level."""
     view_states: list[int] = field(default_factory=list)
@@ -243,8 +247,11 @@ def read_own(
             own.held_frames.append((label, frames_of(held_audio, logmel)))
             own.fit_windows.append(windows_of(fit_audio, dense))
             own.held_windows.append(windows_of(held_audio, params))
-            own.seconds += len(fit_audio) / params.samplerate
-            own.held_seconds += len(held_audio) / params.samplerate
+            own.view_seconds += len(fit_audio) / params.samplerate
+            if path not in own.counted:  # the seconds of the recording, not of its channels
+                own.counted.add(path)
+                own.seconds += len(fit_audio) / params.samplerate
+                own.held_seconds += len(held_audio) / params.samplerate
     if not sum(len(w) for w in own.running(own.fit_windows)):
         raise AudioError(
             f"not enough audio of the machine running to train: need at least "
@@ -521,7 +528,11 @@ def train_embedding(
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(seed)
-    groups = state_folders(states) if states else {"normal": training_audio(list(normal or []))}
+    groups = (
+        state_folders(states)
+        if states
+        else {"normal": training_audio(list(normal or []), params.samplerate)}
+    )
     own = read_own(groups, params, channel, all_channels)
     corpus = load_corpus(params, exclude, corpus_path)
     log.info(
@@ -530,7 +541,7 @@ def train_embedding(
         len(corpus.names),
         ", ".join(corpus.names),
     )
-    epoch_windows = epoch_windows or epoch_size(own.seconds)
+    epoch_windows = epoch_windows or epoch_size(own.view_seconds)
     trained = fit_tasks(own, corpus, params, epochs, epoch_windows, rng)
     tasks, embed, history = trained.tasks, trained.embed, trained.history
     sampler, mean, std = trained.sampler, trained.mean, trained.std
@@ -671,7 +682,7 @@ def _manifest(
         "validation": validation,
         "training": {
             "files": fit_files,
-            "seconds": round(own.seconds, 3),
+            "seconds": round(own.seconds + own.held_seconds, 3),  # all of it, as every kind
             "holdout_files": held_files,
             "holdout_seconds": round(own.held_seconds, 3),
             "channel": channel,

@@ -7,6 +7,7 @@ module computes and returns numbers; printing them and drawing them is `soundsen
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.audio_io import find_audio, read_audio
-from edge.bundle import load_bundle
+from edge.audio_io import check_files, find_audio, read_audio
+from edge.bundle import Bundle, load_bundle
 from edge.errors import AudioError
 from edge.features import windows_of
 from edge.scoring import Scorer
@@ -88,6 +89,20 @@ def clip_and_segments_of(
     return float(np.mean(scores)), [float(scores[idx].mean()) for _, idx in groups]
 
 
+def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
+    """Warn about test files the bundle was fitted on (by content: the manifest records every
+    training file's hash): a model scores its own training audio as normal, which flatters the
+    AUC. Held-out files are fine to test on."""
+    fitted = {f.sha256: f.name for f in bundle.manifest.training.files if f.sha256}
+    for path in files:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            continue
+        if digest in fitted:
+            log.warning("%s: the model was fitted on this recording; it will look normal", path)
+
+
 def evaluate(
     model: str | Path,
     normal: list[str | Path],
@@ -105,10 +120,13 @@ def evaluate(
     if segment is not None and segment < p.window_seconds:
         raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
     items: list[Scored] = []
-    for label, paths in ((0, normal), (1, anomalous)):
-        files = find_audio(paths)
+    found = [find_audio(paths) for paths in (normal, anomalous)]
+    for files, paths in zip(found, (normal, anomalous), strict=True):
         if not files:
             raise AudioError(f"no audio files in {' '.join(str(x) for x in paths)}")
+    check_files([f for files in found for f in files], max(channel, 0), p.samplerate)
+    _warn_if_trained_on(bundle, [f for files in found for f in files])
+    for label, files in enumerate(found):
         for path in progress(files, "scoring"):
             windows = windows_of(read_audio(path, p.samplerate, channel), p)
             if len(windows) == 0:
@@ -119,6 +137,13 @@ def evaluate(
             ):
                 items.append(Scored(str(path), seg, label, score))
     labels = np.array([i.label for i in items])
+    for label, side in enumerate(("normal", "anomalous")):
+        if not np.any(labels == label):
+            raise AudioError(
+                f"no {side} audio left to score: every {side} file is shorter than one window "
+                f"({p.window_seconds:g} s)"
+                + (f" or than --segment ({segment:g} s)" if segment else "")
+            )
     scores = np.array([i.score for i in items])
     threshold = bundle.threshold
     return Report(

@@ -18,7 +18,7 @@ import soundfile as sf
 
 from edge import __version__
 from edge.audio_io import read_audio
-from edge.bundle import FORMAT, FORMAT_VERSION, sha256_bytes, write_bundle
+from edge.bundle import FORMAT, FORMAT_VERSION, id_stem, sha256_bytes, write_bundle
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.learning import training_summary
@@ -135,18 +135,19 @@ def collect(
     all_channels: bool = False,
 ) -> Run:
     """Feature vectors of the normal audio, split by the held-out rule of every trainer."""
-    files = training_audio(normal)
+    files = training_audio(normal, params.samplerate)
     holdout = holdout_split(files)
     dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
     seconds = hold_seconds = 0.0
     audios = []
     for path in progress(files, "features"):
-        for audio in channel_views(path, params, channel, all_channels):
+        for view, audio in enumerate(channel_views(path, params, channel, all_channels)):
             audios.append(audio)
-            seconds += len(audio) / params.samplerate
             fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
-            hold_seconds += len(held_audio) / params.samplerate
+            if view == 0:  # the seconds of the recording, not of its channels
+                seconds += len(audio) / params.samplerate
+                hold_seconds += len(held_audio) / params.samplerate
             fit_part.append(featurize(windows_of(fit_audio, dense)))
             hold_part.append(featurize(windows_of(held_audio, params)))
             all_part.append(featurize(windows_of(audio, dense)))
@@ -186,7 +187,7 @@ def statistics_manifest(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_id": f"{run.out.name.removesuffix('.bundle')}-{digest}",
+        "model_id": f"{id_stem(run.out)}-{digest}",
         "kind": design.kind,
         "score": design.score,
         "features": run.params.to_dict(),

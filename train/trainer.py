@@ -14,7 +14,15 @@ import numpy as np
 import tensorflow as tf
 
 from edge import __version__
-from edge.bundle import FORMAT, FORMAT_VERSION, MODEL_FLOAT, MODEL_INT8, sha256_bytes, write_bundle
+from edge.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MODEL_FLOAT,
+    MODEL_INT8,
+    id_stem,
+    sha256_bytes,
+    write_bundle,
+)
 from edge.features import FeatureParams
 from edge.runtime import TfliteModel, runtime_name
 from edge.scoring import Scorer
@@ -116,7 +124,7 @@ def base_manifest(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_id": f"{out.name.removesuffix('.bundle')}-{sha256_bytes(int8)[:8]}",
+        "model_id": f"{id_stem(out)}-{sha256_bytes(int8)[:8]}",
         "features": params.to_dict(),
         "normalization": {"mean": mean.tolist(), "std": std.tolist()},
         "input": _tensor(model.input_shape, model.input_dtype, model.input_quant),
@@ -152,7 +160,7 @@ def _manifest(
         "machine": split.machine or None,
         "training": {
             "files": split.train.files,
-            "seconds": round(split.train.seconds, 3),
+            "seconds": round(split.train.seconds + split.holdout.seconds, 3),
             "holdout_files": split.holdout.files,
             "holdout_seconds": round(split.holdout.seconds, 3),
             "channel": channel,
