@@ -53,6 +53,16 @@ MAX_ARRAY_ELEMENTS = 1 << 22
 SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 """Model ids go into logs, topics and file names: no spaces, slashes or control characters."""
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:+-]+")
+
+
+def id_stem(path: str | Path) -> str:
+    """The first part of a model id, from the bundle folder's name: what SAFE_ID does not allow
+    (spaces, accents, ...) becomes '-', so `--out "my pump.bundle"` gives `my-pump`."""
+    stem = _UNSAFE_ID_CHARS.sub("-", Path(path).name.removesuffix(".bundle"))
+    return stem.strip("-._:+")[:100] or "model"
+
+
 SAFE_LABEL = r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]{0,63}$"
 
 # Format 1 kept these sections inline as JSON lists; format 2 keeps them in arrays.npz under
@@ -274,11 +284,37 @@ def write_bundle(
         Manifest.model_validate(body)
     except ValidationError as exc:
         raise BundleError(f"{path}: refusing to write an invalid manifest: {_first(exc)}") from None
+    earlier = check_bundle_target(path)
     path.mkdir(parents=True, exist_ok=True)
     for name, data in blobs.items():
         _atomic_write(path / name, data)
     _atomic_write(path / MANIFEST, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+    for name in earlier - set(blobs):  # an earlier bundle's model that this one does not have
+        (path / name).unlink(missing_ok=True)
     return path
+
+
+def check_bundle_target(path: str | Path) -> set[str]:
+    """The files of the bundle already at `path` (none for a new folder); BundleError for a
+    path that is a file, or a folder that holds other things, so that a bundle never lands
+    among someone's recordings (`train` and `calibrate` check before they start)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    if not path.is_dir():
+        raise BundleError(f"{path}: exists and is not a folder; choose another bundle path")
+    if not (path / MANIFEST).is_file():
+        if any(p for p in path.iterdir() if not p.name.startswith(".")):
+            raise BundleError(
+                f"{path}: the folder holds other files and no model bundle; choose an empty or "
+                "new folder for the bundle"
+            )
+        return set()
+    try:
+        listed = json.loads((path / MANIFEST).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return set()  # a damaged earlier bundle: overwritten, nothing of it removed
+    return {n for n in listed if isinstance(n, str) and SAFE_FILE.match(n) and n != MANIFEST}
 
 
 def _lift_arrays(body: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,8 +67,12 @@ class EventLog:
         if self.path.exists() and self.path.stat().st_size >= self.max_bytes:
             self.path.replace(self.path.with_name(LOG_NAME + ".1"))
         private_file(self.path)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(message.to_payload() + "\n")
+        with open(self.path, "a+b") as fh:
+            torn = False  # a last line cut off by a power cut must not swallow this one
+            if fh.seek(0, os.SEEK_END):
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+            fh.write((b"\n" if torn else b"") + message.to_payload().encode() + b"\n")
 
 
 class EventLogSink(Sink):
@@ -133,7 +138,7 @@ def read_events(folder: Path, since: datetime | None = None) -> list[LoggedEvent
 
 def _lines(path: Path) -> Iterable[dict[str, Any]]:
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8", errors="replace") as fh:  # a damaged line is skipped
             for line in fh:
                 try:
                     data = json.loads(line)

@@ -8,9 +8,18 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -25,8 +34,22 @@ _TOPIC_SAFE = r"^[^/+#\s]+$"
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
 
 
+def _not_a_bool(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Refuse true/false where a number or a name is expected: pydantic would read `port =
+    true` as port 1."""
+    if isinstance(value, bool) and info.field_name is not None:
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation is not bool and bool not in get_args(annotation):
+            raise ValueError("expected a number or a name, not true or false")
+    return value
+
+
+_NOT_A_BOOL = field_validator("*", mode="before")(_not_a_bool)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    check_not_a_bool = _NOT_A_BOOL
 
 
 class AudioSettings(_Section):
@@ -36,7 +59,10 @@ class AudioSettings(_Section):
         None, description="Input device: index, or a substring of its name; unset = default."
     )
     samplerate: int | None = Field(
-        None, ge=8000, le=384000, description="Capture rate in Hz; unset = the model's rate."
+        None,
+        ge=16000,
+        le=384000,
+        description="Capture rate in Hz (at least the model's); unset = the model's rate.",
     )
     channels: int = Field(1, ge=1, le=64, description="Channels to open on the device.")
     channel: int = Field(
@@ -271,6 +297,7 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_assignment=True,
     )
+    check_not_a_bool = _NOT_A_BOOL
 
     device_id: str = Field(
         default_factory=socket.gethostname,
@@ -329,11 +356,13 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
         return {}
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            return tomllib.loads(fh.read().decode("utf-8-sig"))  # a BOM (Notepad) is fine
     except FileNotFoundError:
         raise SettingsError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{path}: not valid TOML (not UTF-8 text)") from None
     except OSError as exc:
         raise SettingsError(f"{path}: {exc.strerror or exc}") from None
 
@@ -357,7 +386,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         return f"invalid setting {key}: unknown key"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"invalid setting {key}{shown}: {err['msg']}"
+    return f"invalid setting {key}{shown}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def mqtt_password(mqtt: MqttSettings) -> str | None:

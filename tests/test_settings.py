@@ -67,6 +67,8 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ('device_id = "a/b"\n', "device_id"),
         ("[audio]\nchanel = 1\n", "audio.chanel"),
         ("[mqtt\nport = 1\n", "not valid TOML"),
+        ("[mqtt]\nport = true\n", "mqtt.port"),
+        ("[audio]\ndevice = false\n", "audio.device"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -116,3 +118,23 @@ def test_example_config_in_deploy_is_valid() -> None:
 
     s = load_settings(ROOT / "deploy" / "config.example.toml")
     assert s.model is not None and s.model.name == "fan.bundle"
+
+
+def test_true_or_false_is_not_a_number_and_the_file_may_start_with_a_bom(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not true or false"):
+        load_settings(write(tmp_path, "[mqtt]\nport = true\n"))
+    assert load_settings(write(tmp_path, "[mqtt]\ndiscovery = false\n")).mqtt.discovery is False
+    bom = tmp_path / "notepad.toml"
+    bom.write_bytes("\ufeff[mqtt]\nport = 1884\n".encode())
+    assert load_settings(bom).mqtt.port == 1884
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('device_id = "café"\n'.encode("latin-1"))
+    proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(latin1),
+               check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"soundsentry: error: {latin1}: not valid TOML (not UTF-8 text)"
+    ]

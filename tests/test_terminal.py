@@ -388,13 +388,16 @@ def test_event_log_keeps_starts_and_ends_rotates_and_survives_a_torn_line(
     )
     with open(log.path, "a") as fh:
         fh.write('{"type": "end", "event_id": "e7", "started_at"')  # a write cut short
+    log.append(_event("start", 8))  # after the power cut: must not be glued onto the torn line
+    with open(log.path, "ab") as fh:
+        fh.write(b"\xff\xfe damaged sector\n")
     events = read_events(tmp_path)
     ids = [e.data["event_id"] for e in events]
-    assert ids == sorted(ids) and ids[-1] == "e7" and len(ids) < 8  # the oldest were rotated out
-    assert [e.status for e in events] == ["ended"] * (len(ids) - 1) + ["open"]
+    assert ids == sorted(ids) and ids[-2:] == ["e7", "e8"] and len(ids) < 9  # oldest rotated out
+    assert [e.status for e in events] == ["ended"] * (len(ids) - 2) + ["open", "open"]
     assert all(e.data["type"] != "update" for e in events)
     since = read_events(tmp_path, parse_since("2026-01-01T00:00:05Z"))
-    assert [e.data["event_id"] for e in since] == ["e5", "e7"]
+    assert [e.data["event_id"] for e in since] == ["e5", "e7", "e8"]
     now = datetime(2026, 1, 2, tzinfo=UTC)
     assert parse_since("24h", now) == datetime(2026, 1, 1, tzinfo=UTC)
     assert parse_since("90m", now) == now - timedelta(minutes=90)

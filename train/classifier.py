@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from edge.audio_io import read_audio
-from edge.bundle import MODEL_FLOAT, MODEL_INT8, sha256_bytes, write_bundle
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, id_stem, sha256_bytes, write_bundle
 from edge.features import FeatureParams, windows_of
 from edge.runtime import TfliteModel
 from edge.scoring import Scorer
@@ -130,7 +130,7 @@ def train_classifier(
             "parameters": int(model.count_params()),
         },
     }
-    manifest["model_id"] = f"{out.name.removesuffix('.bundle')}-{sha256_bytes(int8_tflite)[:8]}"
+    manifest["model_id"] = f"{id_stem(out)}-{sha256_bytes(int8_tflite)[:8]}"
     write_bundle(out, manifest, {MODEL_INT8: int8_tflite, MODEL_FLOAT: float_tflite})
     log.info("wrote %s: validation balanced accuracy %.3f", out, report["balanced_accuracy"])
     return out
