@@ -101,7 +101,15 @@ class Adapter:
             log.error("version %d unusable, using the configured model: %s", entry["version"], exc)
             self.history.set_active(None)
             return self.configured
-        log.info("using version %d (%s, %s)", entry["version"], bundle.model_id, entry["reason"])
+        log.warning(  # not the model named in the config or on the command line: say so
+            "using version %d (%s, %s) instead of %s: the device switched to it before (%s); "
+            "the rollback command steps back towards it",
+            entry["version"],
+            bundle.model_id,
+            entry["reason"],
+            self.configured.model_id,
+            self.history.path,
+        )
         return bundle
 
     def base(self) -> Bundle:

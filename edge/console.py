@@ -91,6 +91,7 @@ class ReplaySummary(Sink):
     def __init__(self) -> None:
         self.windows = 0
         self.events = 0
+        self.integrated = 0
         self.highest: float | None = None
 
     def step(self, step: Step) -> None:
@@ -104,6 +105,7 @@ class ReplaySummary(Sink):
         """Count anomalies by their start."""
         if message.type == "start":
             self.events += 1
+            self.integrated += message.trigger == "cusum"
 
     def line(self, files: int, threshold: float) -> str:
         """`replay: 2 file(s), 62 windows, 1 event, highest score 2.76 vs threshold 1.87 ...`."""
@@ -113,4 +115,6 @@ class ReplaySummary(Sink):
             side = "above" if self.highest > threshold else "below"
             peak = f"highest score {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
         events = f"{self.events} event{'' if self.events == 1 else 's'}"
+        if self.integrated:  # their windows can all lie below the threshold: say why
+            events += f" ({self.integrated} from evidence over time)"
         return f"replay: {files} file(s), {self.windows} windows, {events}, {peak}"

@@ -677,6 +677,7 @@ class Detector:
             clip_seconds=clip[1] if clip else None,
             label=t.label,
             machine=self._machine,
+            trigger=t.trigger,  # type: ignore[arg-type]
             clip_url=self.clip_url(clip[0]) if clip and self.clip_url else None,
         )
 

@@ -20,6 +20,9 @@ DEFAULT_N = 4
 """Recent windows the K are counted over (one of the four may dip)."""
 DEFAULT_M = 4
 """Consecutive windows below the threshold that end an event."""
+K_OF_N = "k_of_n"
+CUSUM = "cusum"
+"""The two paths that start an anomaly (Transition.trigger)."""
 DEFAULT_DRIFT = 0.5
 """CUSUM reference value, in normal spreads: half the shift it is tuned to find (one spread of
 the normal log score, i.e. a level about e^spread times the normal one), the textbook choice."""
@@ -102,6 +105,9 @@ class Transition:
     mean_score: float
     ended_s: float | None = None
     label: str | None = None
+    trigger: str | None = None
+    """What started the anomaly: `k_of_n` (K of the last N windows above the threshold) or
+    `cusum` (evidence integrated over time, possibly from windows all below the threshold)."""
 
 
 class _OpenEventHolder:
@@ -211,10 +217,12 @@ class EventDetector(_OpenEventHolder):
             event = _OpenEvent(uuid.uuid4().hex, hits[0][0], end_s)
             for _, end, sc in hits:
                 event.add(sc, end)
+            event.trigger = K_OF_N
         elif self.cusum is not None and self._run is not None and self.evidence > self.cusum.h:
             event, self._run = self._run, None
             event.event_id = uuid.uuid4().hex
             event.last_update_s = end_s
+            event.trigger = CUSUM
         else:
             return None
         self._event, self._below = event, 0
@@ -245,6 +253,7 @@ class _OpenEvent:
         self.peak = float("-inf")
         self.total = 0.0
         self.count = 0
+        self.trigger: str | None = None
 
     def add(self, score: float, end_s: float) -> None:
         self.peak = max(self.peak, score)
@@ -261,6 +270,7 @@ class _OpenEvent:
             mean_score=self.total / max(self.count, 1),
             ended_s=self.last_above_s if ended else None,
             label=label,
+            trigger=self.trigger,
         )
 
 

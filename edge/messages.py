@@ -60,6 +60,9 @@ class EventMessage(_Payload):
     machine: str | None = None
     """The machine's state when the event was raised: `running`, or the name of the state
     folder it was trained with."""
+    trigger: Literal["k_of_n", "cusum"] | None = None
+    """What raised the anomaly: `k_of_n`, windows above the threshold, or `cusum`, evidence
+    integrated over time, whose windows may all lie below the threshold."""
     clip_url: str | None = None
     """Where the dashboard serves the clip (set when `[web]` is enabled)."""
     schema: int = field(default=SCHEMA)

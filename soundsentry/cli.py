@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -66,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a path that is the wrong kind of thing, a full or read-only disk
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"soundsentry: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,7 +109,8 @@ def _add_train(sub: Any) -> None:
         "--normal",
         nargs="+",
         metavar="PATH",
-        help="normal recordings: files or folders (searched recursively): an autoencoder",
+        help="normal recordings: files or folders (searched recursively): an anomaly detector "
+        "of the --detector kind",
     )
     what.add_argument(
         "--classes",
@@ -122,7 +128,10 @@ def _add_train(sub: Any) -> None:
         "--out", required=True, type=Path, metavar="MODEL", help="bundle folder to write"
     )
     p.add_argument(
-        "--epochs", type=_positive_int, default=None, help="training epochs (default 40)"
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="training epochs of a network (default: embedding 12, autoencoder 40, classifier 30)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
     p.add_argument("--channel", type=int, default=0, help="channel to train on; -1 averages all")
@@ -139,7 +148,8 @@ def _add_train(sub: Any) -> None:
         default=None,
         metavar="OPTION",
         choices=("shift", "stretch", "pitch", "mixup", "noise", "specaugment"),
-        help="training augmentation: shift stretch pitch mixup noise specaugment",
+        help="training augmentation of the autoencoder and the classifier: shift stretch pitch "
+        "mixup noise specaugment",
     )
     p.add_argument(
         "--augment-factor",
@@ -151,7 +161,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--detector",
         choices=(*NUMPY_DETECTORS, "autoencoder", "embedding"),
-        default="fluctuation",
+        default=None,
         help="with --normal: band-fluctuation statistics (default), level-aware band "
         "statistics (levels), a nearest-neighbour bank (knn), the principal subspace of "
         "stacked log-mel frames (subspace), fluctuation and subspace together on a common "
@@ -245,7 +255,9 @@ def _add_spectrogram(sub: Any) -> None:
 def _add_replay(sub: Any) -> None:
     p = sub.add_parser("replay", help="run the daemon's pipeline on files; events as JSON lines")
     p.add_argument("model", type=Path, metavar="MODEL")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument(
+        "files", nargs="+", type=Path, metavar="PATH", help="audio files or folders (recursive)"
+    )
     p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
     p.add_argument(
         "--continuous",
@@ -276,7 +288,12 @@ def _add_record(sub: Any) -> None:
         metavar="S",
         help="length of each WAV file (default 60)",
     )
-    p.add_argument("--samplerate", type=int, default=16000, help="rate of the files (Hz)")
+    p.add_argument(
+        "--samplerate",
+        type=_model_rate_or_more,
+        default=16000,
+        help="rate of the files (Hz, at least the models' 16000)",
+    )
     p.add_argument("--device", default=None, help="input device: index or name substring")
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
     p.set_defaults(func=_cmd_record)
@@ -331,13 +348,23 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _model_rate_or_more(text: str) -> int:
+    value = int(text)
+    if not 16000 <= value <= 384000:  # edge.features.FeatureParams: the models hear 16 kHz
+        raise argparse.ArgumentTypeError(
+            "must be 16000 to 384000: the models hear up to 8 kHz, which needs 16000 Hz"
+        )
     return value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _check_train_flags(args)
     one_channel = args.classes or (args.detector == "autoencoder" and not args.normal_states)
     if args.all_channels and one_channel:
         raise SoundSentryError(
@@ -392,6 +419,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_train_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen trainer would ignore, and an --out that cannot take a bundle,
+    before any audio is read; fills in the default --detector."""
+    from edge.bundle import check_bundle_target
+
+    if args.normal_states and args.detector not in (None, "embedding"):
+        raise SoundSentryError(
+            f"--normal-states trains the embedding detector only, not {args.detector}"
+        )
+    if args.classes and args.detector is not None:
+        raise SoundSentryError("--detector is for --normal; --classes trains a classifier")
+    args.detector = args.detector or ("embedding" if args.normal_states else "fluctuation")
+    network = args.classes or args.detector in ("autoencoder", "embedding")
+    if args.epochs is not None and not network:
+        raise SoundSentryError(
+            f"--epochs trains a network; --detector {args.detector} is fitted in numpy"
+        )
+    if args.augment and not (args.classes or args.detector == "autoencoder"):
+        raise SoundSentryError(
+            f"--augment is for the autoencoder and the classifier, not --detector {args.detector}"
+        )
+    check_bundle_target(args.out)
+    if args.normal and not args.all_channels:
+        _note_channels(args.normal, args.channel)
+
+
+def _note_channels(paths: list[str], channel: int) -> None:
+    """Say which channel of multichannel recordings is trained on, and how to choose."""
+    import soundfile as sf
+
+    from edge.audio_io import find_audio
+
+    widest = 1
+    for path in find_audio(paths):
+        try:
+            widest = max(widest, sf.info(str(path)).channels)
+        except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
+            continue  # the audio checks name the file
+    if widest > 1:
+        used = "their average" if channel == -1 else f"channel {channel}"
+        print(
+            f"note: {widest}-channel recordings: training on {used} (--channel N picks "
+            "another, -1 the average, --all-channels uses every channel as a view)"
+        )
+
+
 def _train_command(args: argparse.Namespace) -> str:
     """How the user asked for a network, as the missing-extra message names it."""
     if args.classes:
@@ -403,8 +476,6 @@ def _train_command(args: argparse.Namespace) -> str:
 
 def _train_embedding(args: argparse.Namespace) -> int:
     """`train --detector embedding` or `--normal-states`: the self-supervised CNN embedding."""
-    if args.normal_states and args.detector not in ("embedding", "fluctuation"):
-        raise SoundSentryError("--normal-states trains the embedding detector only")
     from edge.advice import bundle_summary
     from edge.bundle import load_bundle
     from train.embedding import DEFAULT_EPOCHS, train_embedding
@@ -502,8 +573,8 @@ def _cmd_spectrogram(args: argparse.Namespace) -> int:
     _require("matplotlib", "report", "spectrogram")
     from soundsentry.report import render_spectrogram
 
-    render_spectrogram(args.file, args.out, args.model, args.channel)
-    print(f"spectrogram written to {args.out}")
+    out = render_spectrogram(args.file, args.out, args.model, args.channel)
+    print(f"spectrogram written to {out}")
     return 0
 
 
@@ -520,14 +591,18 @@ def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from edge.audio_io import find_audio
     from edge.console import ReplaySummary
     from edge.service import run_detector
     from edge.sources import FileSource
 
     settings = _settings_from(args, args.model)
     bundle = _load(settings.model)
+    files = find_audio(args.files)  # folders searched recursively, as everywhere else
+    if not files:
+        raise SoundSentryError("no audio files found in " + " ".join(map(str, args.files)))
     source = FileSource(
-        args.files,
+        files,
         bundle.features.samplerate,
         settings.audio.channel,
         settings.audio.block_seconds,
@@ -544,7 +619,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         extra_sinks=[summary],
         on_step=summary.step,
     )
-    print(summary.line(len(args.files), detector.threshold), file=sys.stderr)
+    print(summary.line(len(files), detector.threshold), file=sys.stderr)
     return 0
 
 

@@ -121,6 +121,8 @@ def render_spectrogram(
     if len(audio) < params.n_fft:
         raise AudioError(f"{file}: shorter than one FFT frame")
     out = Path(out)
+    if out.suffix.lower() != ".png":  # the image is a PNG whatever the name says
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     return plot_spectrogram(LogMel(params)(audio), params, out, f"log-mel: {Path(file).name}")
 

@@ -118,17 +118,20 @@ def test_a_persistent_small_shift_is_found_within_15_s_and_k_of_n_alone_misses_i
     fault = stream[onset : onset + shift] * math.exp(1.5 * LOG_SPREAD)
     stream[onset : onset + shift] = np.minimum(fault, 0.99 * value)
 
-    def transitions(cusum: Cusum | None) -> list[tuple[str, float]]:
+    def transitions(cusum: Cusum | None) -> list[tuple[str, float, str | None]]:
         det = EventDetector(value, 2, 3, 4, update_s=math.inf, cusum=cusum)
         found = [det.feed(float(s), i * HOP_S, i * HOP_S + 1.0) for i, s in enumerate(stream)]
-        return [(t.kind, i * HOP_S + 1.0) for i, t in enumerate(found) if t is not None]
+        return [(t.kind, i * HOP_S + 1.0, t.trigger) for i, t in enumerate(found) if t]
 
     events = transitions(Cusum.from_params(params))
-    assert [kind for kind, _ in events] == ["start", "end"]
+    assert [kind for kind, _, _ in events] == ["start", "end"]
+    assert events[0][2] == "cusum", "the event says that no window crossed the threshold"
     start_s, end_s = events[0][1], events[1][1]
     assert onset * HOP_S < start_s <= onset * HOP_S + 15.0
     assert (onset + shift) * HOP_S < end_s <= (onset + shift) * HOP_S + 30.0
     assert transitions(None) == []
+    stream[onset : onset + 4] = 3 * value  # an abrupt fault: windows above the threshold
+    assert transitions(Cusum.from_params(params))[0][::2] == ("start", "k_of_n")
 
 
 def test_a_calibrated_bundle_carries_a_cusum_the_pipeline_uses(tmp_path: Path) -> None:

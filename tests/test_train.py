@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
-from conftest import ANOMALOUS_FILE, DEMO_CLIP, NORMAL_FILES, TINY_EPOCHS, cli
+import pytest
+import soundfile as sf
+from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES, TINY_EPOCHS, cli
 
 from edge.audio_io import read_audio
 from edge.bundle import MODEL_INT8, load_bundle
@@ -147,3 +150,111 @@ def test_spectrogram_png(tmp_path: Path) -> None:
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10000
     proc = cli("spectrogram", str(tmp_path / "missing.wav"), "--out", str(out), check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    named = cli("spectrogram", str(DEMO_CLIP), "--out", str(tmp_path / "figs" / "spec.jpg"))
+    written = tmp_path / "figs" / "spec.jpg.png"  # a PNG, and the line names the real file
+    assert named.stdout.strip() == f"spectrogram written to {written}"
+    assert written.read_bytes().startswith(b"\x89PNG")
+
+
+def test_network_bundles_count_all_their_audio_and_evaluate_names_fitted_files(
+    tiny_bundle: Path,
+) -> None:
+    m = load_bundle(tiny_bundle).manifest
+    total = sum(sf.info(str(f)).duration for f in NORMAL_FILES)
+    assert m.training.seconds == pytest.approx(total, abs=0.1), "fitted + held out, as numpy"
+    assert 0 < m.training.holdout_seconds < m.training.seconds
+    proc = cli("evaluate", str(tiny_bundle), "--normal", *map(str, NORMAL_FILES), "--anomalous",
+               str(ANOMALOUS_FILE))  # fmt: skip
+    fitted = {f.name for f in m.training.files}
+    for path in NORMAL_FILES:
+        named = f"{path}: the model was fitted on this recording" in proc.stderr
+        assert named == (path.name in fitted), path
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "3"], "--epochs trains a network; --detector fluctuation is fitted in numpy"),
+        (["--detector", "subspace", "--augment", "noise"], "--augment is for the autoencoder"),
+        (["--detector", "knn", "--epochs", "3"], "--detector knn is fitted in numpy"),
+    ],
+)
+def test_flags_the_trainer_would_ignore_are_refused(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    out = tmp_path / "m.bundle"
+    proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out), *flags,
+               check=False)  # fmt: skip
+    assert proc.returncode == 1 and message in proc.stderr and not out.exists()
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_normal_states_refuse_another_detector_by_name(tmp_path: Path) -> None:
+    states = tmp_path / "states"
+    (states / "running").mkdir(parents=True)
+    proc = cli("train", "--normal-states", str(states), "--detector", "fluctuation", "--out",
+               str(tmp_path / "s.bundle"), check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert "--normal-states trains the embedding detector only, not fluctuation" in proc.stderr
+
+
+def test_train_out_checks_and_model_ids_from_any_folder_name(tmp_path: Path) -> None:
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    (recordings / "keep.wav").write_bytes(NORMAL_FILES[0].read_bytes())
+    clash = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(recordings),
+                check=False)  # fmt: skip
+    assert clash.returncode == 1 and "holds other files and no model bundle" in clash.stderr
+    assert sorted(p.name for p in recordings.iterdir()) == ["keep.wav"]
+    named = tmp_path / "pump 3 café.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(named))
+    assert load_bundle(named).model_id.startswith("pump-3-caf-")
+
+
+def test_training_over_a_bundle_leaves_none_of_its_old_files(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "pump.bundle"
+    shutil.copytree(tiny_bundle, out)
+    (out / "notes.txt").write_text("the user's own file stays")
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["arrays.npz", "manifest.json", "notes.txt"]
+    assert load_bundle(out).manifest.kind == "fluctuation"
+
+
+def test_copies_count_once_and_channels_are_not_seconds(tmp_path: Path) -> None:
+    arrays = tmp_path / "array"
+    arrays.mkdir()
+    for src in NORMAL_FILES:  # 4-channel recordings: the channels are views, not more time
+        mono = read_audio(src, 16000)
+        sf.write(arrays / f"{src.stem}.wav", np.stack([mono] * 4, axis=1), 16000)
+    (arrays / "copy of 0.wav").write_bytes((arrays / f"{NORMAL_FILES[0].stem}.wav").read_bytes())
+    out = tmp_path / "m.bundle"
+    proc = cli("train", "--normal", str(arrays), "--all-channels", "--out", str(out))
+    total = sum(sf.info(str(f)).duration for f in NORMAL_FILES)
+    m = load_bundle(out).manifest
+    assert m.training.seconds == pytest.approx(total, abs=0.1)
+    names = {f.name for f in m.training.files} | {f.name for f in m.training.holdout_files}
+    assert len(names) == len(NORMAL_FILES), "the copy is used once"
+    assert f"{NORMAL_FILES[0].stem}.wav is a copy of {arrays / 'copy of 0.wav'}" in proc.stderr
+    mono = cli("train", "--normal", str(arrays), "--out", str(tmp_path / "c0.bundle"))
+    assert "note: 4-channel recordings: training on channel 0" in mono.stdout
+
+
+def test_evaluate_with_nothing_to_score_and_an_output_path_that_is_a_folder(
+    tmp_path: Path,
+) -> None:
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(8000, np.float32) + 0.01, 16000)  # half a window
+    model = str(DEMO_BUNDLE)
+    proc = cli("evaluate", model, "--normal", str(NORMAL_FILES[0]), "--anomalous", str(short),
+               check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "soundsentry: error: no anomalous audio left to score: every anomalous file is shorter "
+        "than one window (1 s)"
+    )
+    proc = cli("evaluate", model, "--normal", str(NORMAL_FILES[0]), "--anomalous",
+               str(ANOMALOUS_FILE), "--json", str(tmp_path), check=False)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"soundsentry: error: Is a directory: {tmp_path}"
