@@ -444,7 +444,10 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
             f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade soundsentry or re-export the model)"
         )
     if raw.get("checksum") != manifest_checksum(raw):
-        raise BundleError(f"{file}: manifest checksum mismatch (the file was altered or damaged)")
+        raise BundleError(
+            f"{file}: manifest checksum mismatch (the file was altered or damaged: "
+            "copy the bundle again)"
+        )
     arrays: dict[str, np.ndarray] = {}
     if version == 1:
         raw, arrays = _from_v1(raw)
@@ -528,7 +531,10 @@ def _read_listed(folder: Path, name: str, files: dict[str, str]) -> bytes:
         raise BundleError(f"{folder}: this bundle has no {name}")
     content = _read_inside(folder, name, MAX_FILE_BYTES, missing_is_error=True)
     if sha256_bytes(content) != files[name]:
-        raise BundleError(f"{folder / name}: checksum mismatch (the file was altered or damaged)")
+        raise BundleError(
+            f"{folder / name}: checksum mismatch (the file was altered or damaged: "
+            "copy the bundle again)"
+        )
     return content
 
 

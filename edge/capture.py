@@ -72,7 +72,8 @@ class MicSource:
         try:
             info = sd.query_devices(device, "input")
         except (ValueError, sd.PortAudioError) as exc:
-            raise CaptureError(f"audio.device {device!r}: {exc}; {known_inputs()}") from None
+            which = "no default input device" if device is None else f"audio.device {device!r}"
+            raise CaptureError(f"{which}: {exc}; {known_inputs()}") from None
         wanted = self.settings.samplerate or self.model_rate
         try:
             sd.check_input_settings(device, self.settings.channels, "float32", samplerate=wanted)
