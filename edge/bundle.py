@@ -54,15 +54,6 @@ SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 """Model ids go into logs, topics and file names: no spaces, slashes or control characters."""
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:+-]+")
-
-
-def id_stem(path: str | Path) -> str:
-    """The first part of a model id, from the bundle folder's name: what SAFE_ID does not allow
-    (spaces, accents, ...) becomes '-', so `--out "my pump.bundle"` gives `my-pump`."""
-    stem = _UNSAFE_ID_CHARS.sub("-", Path(path).name.removesuffix(".bundle"))
-    return stem.strip("-._:+")[:100] or "model"
-
-
 SAFE_LABEL = r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]{0,63}$"
 
 # Format 1 kept these sections inline as JSON lists; format 2 keeps them in arrays.npz under
@@ -234,6 +225,13 @@ class Bundle:
     def file_bytes(self, name: str) -> bytes:
         """A listed file's content, checked against its hash."""
         return _read_listed(self.path, name, self.manifest.files)
+
+
+def id_stem(path: str | Path) -> str:
+    """The first part of a model id, from the bundle folder's name: what SAFE_ID does not allow
+    (spaces, accents, ...) becomes '-', so `--out "my pump.bundle"` gives `my-pump`."""
+    stem = _UNSAFE_ID_CHARS.sub("-", Path(path).name.removesuffix(".bundle"))
+    return stem.strip("-._:+")[:100] or "model"
 
 
 def sha256_bytes(data: bytes) -> str:

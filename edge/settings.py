@@ -60,7 +60,7 @@ class AudioSettings(_Section):
     )
     samplerate: int | None = Field(
         None,
-        ge=16000,
+        ge=8000,
         le=384000,
         description="Capture rate in Hz (at least the model's); unset = the model's rate.",
     )

@@ -354,10 +354,12 @@ def _positive_float(text: str) -> float:
 
 
 def _model_rate_or_more(text: str) -> int:
-    value = int(text)
-    if not 16000 <= value <= 384000:  # edge.features.FeatureParams: the models hear 16 kHz
+    from edge.features import MAX_SAMPLERATE, FeatureParams
+
+    value, model = int(text), FeatureParams().samplerate
+    if not model <= value <= MAX_SAMPLERATE:
         raise argparse.ArgumentTypeError(
-            "must be 16000 to 384000: the models hear up to 8 kHz, which needs 16000 Hz"
+            f"must be {model} to {MAX_SAMPLERATE}: the models hear up to {model // 2} Hz"
         )
     return value
 

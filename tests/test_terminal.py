@@ -201,6 +201,20 @@ def test_doctor_fails_an_unset_device_and_creates_nothing(pulse: str, tmp_path: 
     assert list(tmp_path.iterdir()) == [cfg]
 
 
+def test_capture_below_the_model_rate_is_refused_in_one_line(pulse: str, tmp_path: Path) -> None:
+    """PulseAudio captures at any rate it is asked for; at 8 kHz the model's bands above 4 kHz
+    would be empty, and every window would be an anomaly."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[audio]\ndevice = "pulse"\nsamplerate = 8000\n')
+    env = {"PULSE_SOURCE": pulse, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    proc = cli("run", "--model", str(DEMO_BUNDLE), "--config", str(cfg), env=env, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "soundsentry: error: 'pulse' captures at 8000 Hz, below the model's 16000 Hz "
+        "(set audio.samplerate to 16000 or more, or use another input)"
+    )
+
+
 # --- record ---------------------------------------------------------------------------------
 
 
