@@ -189,7 +189,6 @@ class OwnAudio:
     held_seconds: float = 0.0
     view_seconds: float = 0.0
     """Seconds fitted over every view (what an epoch draws from)."""
-    counted: set[Path] = field(default_factory=set)
     audio: list[np.ndarray] = field(default_factory=list)
     """Every recording, for the machine's running level."""
     view_states: list[int] = field(default_factory=list)
@@ -235,11 +234,11 @@ def read_own(
     for label, (state, files) in enumerate(groups.items()):
         holdout = own.holdouts[state] = holdout_split(files)
         views = (
-            (path, audio)
+            (path, view, audio)
             for path in progress(files, f"features {state}")
-            for audio in channel_views(path, params, channel, all_channels)
+            for view, audio in enumerate(channel_views(path, params, channel, all_channels))
         )
-        for path, audio in views:
+        for path, view, audio in views:
             own.audio.append(audio)
             own.view_states.append(label)
             fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
@@ -248,8 +247,7 @@ def read_own(
             own.fit_windows.append(windows_of(fit_audio, dense))
             own.held_windows.append(windows_of(held_audio, params))
             own.view_seconds += len(fit_audio) / params.samplerate
-            if path not in own.counted:  # the seconds of the recording, not of its channels
-                own.counted.add(path)
+            if view == 0:  # the seconds of the recording, not of its channels
                 own.seconds += len(fit_audio) / params.samplerate
                 own.held_seconds += len(held_audio) / params.samplerate
     if not sum(len(w) for w in own.running(own.fit_windows)):
