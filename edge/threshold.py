@@ -565,24 +565,39 @@ def _above_holdout(value: float, params: Mapping[str, Any]) -> str:
     """How far the threshold sits above the held-out normal audio, as the event logic sees it:
     its highest run of K of N windows, then its highest single window (a threshold below that
     one is no contradiction: an isolated sound lifts one or two windows, and K of N needs K)."""
-    how = (
-        f"set by the {params['decided_by']}: gamma quantile {params['gamma_threshold']:.4g}, "
-        f"cap {params['cap']:.4g}, floor {params['floor']:.4g}"
-    )
-    single = (
-        f"{100 * params['above_holdout_max']:+.0f} % from the highest held-out normal score "
-        f"{params['holdout_max']:.4g}"
-    )
-    if params.get("above_holdout_k_of_n_peak") is None:  # bundles from before it was recorded
-        return f"  {single} ({how})"
     k, n = params.get("k", DEFAULT_K), params.get("n", DEFAULT_N)
-    below = f" (single windows may pass it: an event needs {k} of {n})"
-    return (
-        f"  {100 * params['above_holdout_k_of_n_peak']:+.0f} % above the held-out normal audio "
-        f"as the event logic sees it ({k} of {n} windows reach "
-        f"{params['holdout_k_of_n_peak']:.4g}); {single}"
-        f"{below if value < params['holdout_max'] else ''}; {how}"
+    lines = []
+    if params.get("above_holdout_k_of_n_peak") is not None:  # not in older bundles
+        lines.append(
+            f"  held-out normal audio: {k} of {n} windows reach {params['holdout_k_of_n_peak']:.4g}"
+            f" at most; the threshold is {_relative(params['above_holdout_k_of_n_peak'])} that"
+        )
+    single = (
+        f"  its single highest window scores {params['holdout_max']:.4g}; the threshold is "
+        f"{_relative(params['above_holdout_max'])} it"
     )
+    if value < params["holdout_max"]:
+        single += f" (one window may pass it: an event needs {k} of {n})"
+    lines.append(single)
+    decided = params["decided_by"]
+    lines.append(
+        f"  set by {_DECIDED_BY.get(decided, decided)} (gamma quantile "
+        f"{params['gamma_threshold']:.4g}, cap {params['cap']:.4g}, floor {params['floor']:.4g})"
+    )
+    return "\n".join(lines)
+
+
+_DECIDED_BY = {
+    "gamma": "the budget on a gamma fitted to the held-out scores",
+    "cap": "the cap over the highest held-out score (the gamma reached further)",
+    "floor": "the held-out audio, which would raise events below it",
+    "marked": "windows marked normal on site",
+}
+
+
+def _relative(fraction: float) -> str:
+    """'97 % above' / '27 % below' for a threshold relative to a score."""
+    return f"{abs(100 * fraction):.0f} % {'above' if fraction >= 0 else 'below'}"
 
 
 def _rate(per_day: float) -> str:

@@ -141,6 +141,10 @@ def test_the_rule_reports_what_backs_the_threshold() -> None:
     assert "60 s of held-out normal audio (120 windows)" in text
     assert "95% interval" in text and "CUSUM" in text
     assert f"windows reach {params['holdout_k_of_n_peak']:.4g}" in text
+    above = 100 * params["above_holdout_max"]
+    words = f"{abs(above):.0f} % {'above' if above >= 0 else 'below'} it"
+    assert f"its single highest window scores {scores.max():.4g}; the threshold is {words}" in text
+    assert "set by the budget on a gamma fitted to the held-out scores" in text
     assert describe(0.5, {"min_confidence": 0.5}) == ""
 
 
