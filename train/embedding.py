@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,7 +436,6 @@ def fit_network(
         loss=["sparse_categorical_crossentropy"] * 2,
         metrics=[["accuracy"], ["accuracy"]],
     )
-    verbose = 1 if sys.stdout.isatty() else 2
     history: dict[str, float] = {}
     for epoch in range(epochs):
         x, y, a = sampler.draw(epoch_windows, rng)
@@ -448,9 +446,12 @@ def fit_network(
             epochs=epoch + 1,
             initial_epoch=epoch,
             shuffle=True,
-            verbose=verbose,
+            verbose=0,
         )
         history = {k: round(float(v[-1]), 4) for k, v in h.history.items()}
+        # one line per epoch, with the total: one fit per epoch makes Keras print "1/1"
+        losses = ", ".join(f"{k} {v:.3g}" for k, v in history.items() if k.endswith("loss"))
+        print(f"epoch {epoch + 1}/{epochs}: {losses}", flush=True)
     return tasks, embed, history
 
 
