@@ -533,7 +533,7 @@ class Detector:
         for step in steps:
             self.metrics.window_scored(step.elapsed_s)
             self._last_window = now
-            self._last_score = step.window.score
+            self._last_score = None if step.dead else step.window.score  # silence: no score
             if step.machine == RUNNING:
                 self._running_s += self.bundle.features.hop_seconds
             machine = step.state_name or step.machine  # a named state when trained with them

@@ -300,3 +300,41 @@ def test_sd_notify_never_blocks_when_nobody_reads(
             except BlockingIOError:
                 break
         assert n.watchdog() and not n.watchdog()  # rate-limited pings
+
+
+# --- a microphone dropout -------------------------------------------------------------------
+
+
+def test_a_dropout_publishes_no_score_while_the_audio_is_silent(tmp_path: Path) -> None:
+    """Digital silence scores in the hundreds (the fluctuation of nothing); such windows are
+    not scored for events, and the state and the page must not publish that number either:
+    Home Assistant would keep it in its history as a score of the running machine."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+    from edge.web.live import LiveView
+
+    normal = read_audio(NORMAL_FILES[0], RATE)
+    path = tmp_path / "dropout.wav"
+    sf.write(path, np.concatenate([normal, np.zeros(6 * RATE, np.float32), normal]), RATE)
+    rec, live, seen = Recorder(), LiveView(), []
+
+    def step(s: object) -> None:
+        detector.emit_state()
+        live.window(s, detector.threshold)  # type: ignore[arg-type]
+        raw = s.window.score  # type: ignore[attr-defined]
+        seen.append((s.dead, raw, rec.states[-1].score, live.last_window["score"]))  # type: ignore[attr-defined]
+
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec], on_step=step)
+    detector.run(FileSource([path], RATE))
+    silent = [(raw, state, page) for dead, raw, state, page in seen if dead]
+    heard = [(state, page) for dead, _, state, page in seen if not dead]
+    assert len(silent) >= 8 and all(x[1:] == (None, None) for x in silent)
+    assert min(raw for raw, _, _ in silent) > 50 * detector.threshold, "what was left out"
+    assert heard and all(state is not None and page is not None for state, page in heard)
