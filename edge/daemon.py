@@ -532,6 +532,7 @@ class Detector:
         self._samples += len(block)
         for step in steps:
             self.metrics.window_scored(step.elapsed_s)
+            first = self._last_window == float("-inf")
             self._last_window = now
             self._last_score = None if step.dead else step.window.score  # silence: no score
             if step.machine == RUNNING:
@@ -541,6 +542,8 @@ class Detector:
                 log.info("machine %s", machine)
                 self._machine = machine
                 self.emit_state()
+            elif first:
+                self.emit_state()  # `starting` ends with the first window heard
             if self.on_step:
                 self.on_step(step)
             for sink in self.sinks:
@@ -691,20 +694,25 @@ class Detector:
             return "muted"
         if self.learning:
             return "learning"
+        if self._last_window == float("-inf"):
+            return "starting"  # nothing heard yet: not a claim that the machine sounds normal
         return self.pipeline.events.state
 
     def emit_state(self, state: str | None = None) -> None:
         """Send the current state (or `state`) to every sink."""
+        state = state or self.current_state()
+        heard = self._last_window != float("-inf")
         message = StateMessage(
-            state=state or self.current_state(),  # type: ignore[arg-type]
+            state=state,  # type: ignore[arg-type]
             device_id=self.settings.device_id,
             model=self.bundle.model_id,
             threshold=round(self.pipeline.threshold, 6),
             updated_at=iso(self.clock()),
             score=None if self._last_score is None else round(self._last_score, 6),
-            level_dbfs=round(self.health.level, 1),
+            level_dbfs=round(self.health.level, 1) if heard else None,  # none measured yet
             event_id=self.pipeline.events.event_id,
-            muted_until=iso(self.muted_until) if self.muted else None,
+            # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time
+            muted_until=iso(self.muted_until) if self.muted and state != "stopped" else None,
             label=self.pipeline.events.label,
             machine=self._machine,
             progress=round(self.adapter.period.progress, 4)

@@ -554,7 +554,16 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
         wait_for(
             lambda: text("#conn") == "token needed", 10, "the login form", lambda: text("#conn")
         )
-        browser.find_element(By.ID, "token").send_keys(TOKEN + "\n")
+        field = browser.find_element(By.ID, "token")
+        field.send_keys("not-the-token\n")
+        wait_for(
+            lambda: text("#conn") == "token rejected: try again",
+            10,
+            "the refusal on the page",
+            lambda: text("#conn"),
+        )
+        field.clear()
+        field.send_keys(TOKEN + "\n")
         wait_for(lambda: text("#conn") == "live", 10, "the live stream", lambda: text("#conn"))
 
         player = play(pulse, machine_audio(tmp_path / "machine.wav"))
@@ -599,7 +608,24 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
         errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         login = "api/stream - Failed to load resource: the server responded with a status of 401"
         assert [m for m in errors if login not in m] == [], errors  # no script, CSP, 404...
-        assert len(errors) == 1  # the one refusal before the token was given
+        assert len(errors) == 2  # the refusals before the token and of the wrong one
+
+        stop(proc)  # the daemon dies: the page must not keep showing its last values as live
+        wait_for(
+            lambda: text("#conn").startswith("daemon unreachable since "),
+            10,
+            "the page to say the daemon is gone",
+            lambda: text("#conn"),
+        )
+        assert "stale" in browser.find_element(By.TAG_NAME, "body").get_attribute("class")
+        assert text("#state") == "stopped"  # no mute's end beside it, read as a restart time
+        browser.find_element(By.ID, "unmute").click()
+        wait_for(
+            lambda: text("#reply") == "unmute: not sent: the daemon is unreachable",
+            10,
+            "the failed command said on the page",
+            lambda: text("#reply"),
+        )
     finally:
         if browser is not None:
             browser.quit()
