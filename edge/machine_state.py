@@ -74,6 +74,12 @@ class MachineState:
             self._settled_at = end_s + SETTLE_SECONDS
         return self.state
 
+    def heard_nothing(self, end_s: float) -> None:
+        """A silent or flat window (a dropout, a muted input): when sound comes back, events
+        wait the settle time as after a start, whatever the level says. The first windows of
+        returning sound hold the edge, and a microphone that reconnects is no fault."""
+        self._settled_at = max(self._settled_at, end_s + SETTLE_SECONDS)
+
     def allows_events(self, end_s: float) -> bool:
         """True when a window may count as evidence: running, settled, not about to stop."""
         return self.state == RUNNING and end_s >= self._settled_at and self._streak == 0

@@ -87,6 +87,8 @@ class Pipeline:
             start_s = window.start / self._rate
             end_s = start_s + self._length_s
             dead = is_silent(window.samples) or float(np.ptp(window.samples)) < FLAT_RANGE
+            if dead:
+                self.machine.heard_nothing(end_s)
             level = level_dbfs(window.samples)
             name = self._name(self.machine.update(level, end_s, self._hop_s), features)
             machine = self.machine.named(name, end_s)

@@ -338,3 +338,66 @@ def test_a_dropout_publishes_no_score_while_the_audio_is_silent(tmp_path: Path) 
     assert len(silent) >= 8 and all(x[1:] == (None, None) for x in silent)
     assert min(raw for raw, _, _ in silent) > 50 * detector.threshold, "what was left out"
     assert heard and all(state is not None and page is not None for state, page in heard)
+
+
+def test_sound_returning_after_a_dropout_waits_the_settle_time_and_a_fault_still_shows(
+    tmp_path: Path,
+) -> None:
+    """The demo bundle records no running level, so its machine never reads as off. A 2-s
+    dropout inside normal running leaves one half-silent window on each side (21.6 and 16.5
+    against a threshold of 1.87): with the silent windows between them not scored, they made
+    2 of the last 3 and raised an event. After silent windows events wait the settle time, as
+    after a start; a real fault later in the same stream is still reported."""
+    from conftest import DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.machine_state import SETTLE_SECONDS
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    silence = np.zeros(int(3.5 * RATE), np.float32)
+    dropout = tmp_path / "dropout.wav"
+    fan = [read_audio(f, RATE) for f in NORMAL_FILES[:2]]
+    sf.write(dropout, np.concatenate([fan[0], np.zeros(2 * RATE, np.float32), fan[1]]), RATE)
+    quiet_then_fault = tmp_path / "back-to-a-fault.wav"
+    sf.write(quiet_then_fault, np.concatenate([silence, read_audio(DEMO_CLIP, RATE)]), RATE)
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    bundle = load_bundle(DEMO_BUNDLE)
+    assert bundle.manifest.machine is None  # no running level: only the silence can say it
+    for path, starts, back_s in ((dropout, 0, 7.0), (quiet_then_fault, 1, 3.5)):
+        rec = Recorder()
+        Detector(settings, bundle, [rec]).run(FileSource([path], RATE))
+        began = [e.stream_offset_s for e in rec.events if e.type == "start"]
+        assert len(began) == starts, (path.name, began)
+        assert all(t is not None and t >= back_s + SETTLE_SECONDS - 1.0 for t in began)
+
+
+def test_the_state_is_starting_until_a_window_is_heard_and_stopped_has_no_mute_end(
+    tmp_path: Path,
+) -> None:
+    """Before any window is scored the device claims nothing (no `normal`, no -120 dBFS level);
+    a mute's end is no part of `stopped`, where the page read it as a time of restart."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    for muted in (False, True):
+        rec = Recorder()
+        detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec])
+        detector.muted_until = detector.clock() + 3600.0 if muted else 0.0
+        detector.run(FileSource([NORMAL_FILES[0]], RATE))
+        first = rec.states[0]
+        before = "muted" if muted else "starting"  # a mute says so from the start
+        assert (first.state, first.level_dbfs, first.score) == (before, None, None)
+        heard = [s for s in rec.states if s.level_dbfs is not None]
+        assert heard[0].state == ("muted" if muted else "normal") and heard[0].level_dbfs < 0
+        assert bool(heard[0].muted_until) == muted
+        assert rec.states[-1].state == "stopped" and rec.states[-1].muted_until is None
