@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import SoundSentryError
-from edge.settings import Settings
+from edge.settings import Settings, mqtt_password
 
 MIN_FREE_MB = 200
 LEVEL_SECONDS = 2.0
@@ -219,12 +219,16 @@ def _mqtt_login(s: Settings) -> Check:
     if reason is None:
         return Check("broker login", False, "no answer to CONNECT", "is that port an MQTT port?")
     if reason.is_failure:  # type: ignore[attr-defined]
-        return Check(
-            "broker login",
-            False,
-            f"refused: {reason}",
-            "check [mqtt] username and the password file / credential",
-        )
+        fix = "check [mqtt] username and the password file / credential"
+        if s.mqtt.username and mqtt_password(s.mqtt) is None:  # no password reached doctor
+            fix = (
+                "no password reached doctor: the service gets /etc/soundsentry/mqtt_password "
+                "as a systemd credential, which a command run by hand does not see; run it as "
+                "the service would: sudo systemd-run --pipe --wait -p "
+                "LoadCredential=mqtt_password:/etc/soundsentry/mqtt_password -p User=soundsentry "
+                "/opt/soundsentry/venv/bin/soundsentry doctor --config /etc/soundsentry/config.toml"
+            )
+        return Check("broker login", False, f"refused: {reason}", fix)
     return Check(
         "broker login",
         True,

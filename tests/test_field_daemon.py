@@ -439,6 +439,22 @@ def test_tls_and_password_and_wrong_credentials(tmp_path: Path) -> None:
         assert len(refusals) == 1 and "Not authorized" in refusals[0], err
         assert "wrong-pw" not in err
         assert not any(s.startswith("soundsentry/intruder") for s in seen)
+
+        # doctor run by hand, where the service's systemd credential is not visible
+        nopw = tls.replace('password_file = "{pw}"\n', "")
+        cfg = write_config(tmp_path, "by-hand", port, mqtt=nopw)
+        env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+        doctor = subprocess.run(
+            [*SOUNDSENTRY, "doctor", "--config", str(cfg)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        login = [x for x in doctor.stdout.splitlines() if "broker login" in x]
+        assert login and login[0].startswith("FAIL broker login: refused"), doctor.stdout
+        assert "no password reached doctor" in doctor.stdout and "systemd-run" in doctor.stdout
     finally:
         watcher.loop_stop()
         broker.stop()
