@@ -155,12 +155,18 @@ create_user() {
     --no-create-home --shell /usr/sbin/nologin --comment "SoundSentry detector" "$SERVICE_USER"
 }
 
-# The bare edge runtime only (no TensorFlow). A venv left by another Python version (an OS
-# upgrade from Bookworm to Trixie) is rebuilt, since its site-packages would not be found.
+# The edge runtime with the dashboard's one small package ([web]: prometheus-client, pure
+# Python), so that `[web] enabled = true` works; no TensorFlow. A venv made by another Python
+# version (an OS upgrade from Bookworm to Trixie) is rebuilt, since its site-packages would not
+# be found. The version is read from pyvenv.cfg: the venv's python is a link to the OS's,
+# which reports the new version once the OS has moved on.
 install_venv() {
-  local want have
+  local want have=""
   want=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  have=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+  if [ -f "$VENV/pyvenv.cfg" ]; then
+    have=$(sed -n 's/^version\(_info\)\{0,1\} *= *\([0-9]*\.[0-9]*\).*/\2/p' "$VENV/pyvenv.cfg" | head -n 1)
+    [ -n "$have" ] || have="unknown"
+  fi
   if [ -n "$have" ] && [ "$have" != "$want" ]; then
     say "rebuilding $VENV (Python $have -> $want)"
     rm -rf "$VENV"
@@ -171,8 +177,9 @@ install_venv() {
     mkdir -p "$(dirname "$VENV")"
     "$PYTHON" -m venv "$VENV"
   fi
-  say "installing $SOURCE into $VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade "$SOURCE"
+  say "installing ${SOURCE}[web] into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade \
+    "${SOURCE}[web]"
   say "installed $("$VENV/bin/soundsentry" --version)"
 }
 

@@ -163,6 +163,8 @@ def test_fresh_install_creates_the_tree(installed: Path, tmp_path: Path) -> None
     no_tf = "import importlib.util as u; print(u.find_spec('tensorflow') is None)"
     bare = subprocess.run([venv / "bin/python", "-c", no_tf], capture_output=True, text=True)
     assert bare.stdout.strip() == "True", "the edge install must not pull in TensorFlow"
+    web = subprocess.run([venv / "bin/python", "-c", "import prometheus_client"], check=False)
+    assert web.returncode == 0, "[web] enabled = true must work on the installed runtime"
 
     conf = installed / "etc/soundsentry/config.toml"
     assert conf.read_text() == (DEPLOY / "config.example.toml").read_text()
@@ -262,6 +264,21 @@ def test_second_run_is_idempotent_and_keeps_the_config(installed: Path) -> None:
     assert conf.read_text() == edited
     assert tree(installed) == before
     assert (pyvenv.stat().st_ino, pyvenv.stat().st_mtime_ns) == venv_id, "venv was rebuilt"
+
+
+@pytest.mark.slow
+def test_a_venv_of_another_python_is_rebuilt(installed: Path) -> None:
+    """After an OS upgrade the venv's python link reports the new version, so the installer
+    reads the venv's own (pyvenv.cfg) to know its site-packages are for another one."""
+    pyvenv = installed / "opt/soundsentry/venv/pyvenv.cfg"
+    pyvenv.write_text(pyvenv.read_text().replace("version = 3.", "version = 2."))
+    proc = run_installer(installed)
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert f"rebuilding {installed}/opt/soundsentry/venv (Python 2." in proc.stdout
+    assert f"-> {want})" in proc.stdout
+    assert "version = 3." in pyvenv.read_text()
+    exe = installed / "opt/soundsentry/venv/bin/soundsentry"
+    assert subprocess.run([exe, "--version"], capture_output=True, text=True).returncode == 0
 
 
 @pytest.mark.slow
