@@ -503,6 +503,41 @@ def test_clip_urls_name_the_public_url_or_this_host(tmp_path: Path) -> None:
         assert url == f"{base}/clips/20261130T120000Z-abc.wav?key={key}"
 
 
+def test_the_page_lists_the_events_of_earlier_runs(tmp_path: Path) -> None:
+    """After a restart the evidence is still on the page: the recent events come from the
+    device's event log, with the links of their clips."""
+    from edge.eventlog import EventLog
+    from edge.messages import EventMessage
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    log = EventLog(tmp_path)
+    for n, kind in enumerate(("start", "end", "start", "end")):
+        log.append(
+            EventMessage(
+                type=kind,  # type: ignore[arg-type]
+                event_id=f"e{n // 2}",
+                device_id="web",
+                model="m",
+                started_at=f"2026-01-01T00:00:0{n // 2}.000Z",
+                peak_score=3.0,
+                threshold=1.0,
+                clip=f"20260101T00000{n // 2}Z-e{n // 2}.wav" if kind == "end" else None,
+            )
+        )
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    web = {"enabled": True, "port": free_port(), "token_file": token_file}
+    dashboard = Dashboard(Settings(data_dir=tmp_path, web=web))
+    try:
+        events = dashboard.live.events()
+    finally:
+        dashboard.stop()
+    assert [(e["event_id"], e["type"]) for e in events] == [("e1", "end"), ("e0", "end")]
+    assert events[0]["links"]["clip"].startswith("clips/20260101T000001Z-e1.wav")
+    assert dashboard.live.events_started == 0, "not events of this run"
+
+
 def test_png_encoder_round_trips_through_a_real_decoder() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)

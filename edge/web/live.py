@@ -71,6 +71,13 @@ class LiveView(Sink):
         self._status_source: Callable[[], dict[str, Any]] | None = None
         self._status_at = float("-inf")
 
+    def seed(self, events: list[dict[str, Any]]) -> None:
+        """Earlier events (the device's event log, oldest first), so that the page still lists
+        the evidence after a restart; not counted as events of this run."""
+        with self._lock:
+            for data in events[-RECENT_EVENTS:]:
+                self._events[str(data["event_id"])] = self._decorate(dict(data))
+
     def attach(self, status: Callable[[], dict[str, Any]]) -> None:
         """Read the daemon's status report (on the loop thread) through `status`."""
         self._status_source = status

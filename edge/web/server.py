@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from edge.commands import MAX_COMMAND_BYTES
 from edge.errors import SoundSentryError
+from edge.eventlog import read_events
 from edge.features import FeatureParams
 from edge.settings import Settings, WebSettings
 from edge.web.auth import Gate, clip_key, read_token
@@ -49,6 +50,16 @@ HEADERS = {
 }
 
 
+def _logged_events(settings: Settings) -> list[dict[str, Any]]:
+    """The device's logged events, oldest first; none (logged) when the log cannot be read, which
+    is no reason for the dashboard not to start."""
+    try:
+        return [e.data for e in read_events(settings.data_dir)]
+    except SoundSentryError as exc:
+        log.warning("dashboard: earlier events not shown: %s", exc)
+        return []
+
+
 class Dashboard:
     """The server, bound at construction (a taken port fails at start) and served on a thread."""
 
@@ -64,6 +75,7 @@ class Dashboard:
         self.gate = Gate(self.token)
         self.clips = settings.data_dir / "clips"
         self.live = LiveView(self._links)
+        self.live.seed(_logged_events(settings))  # the evidence outlives a restart
         self.registry = registry_for(self.live, settings.device_id)
         self.page, self.csp = _page(PAGE.read_bytes())
         self.submit: Callable[[Callable[[], None]], bool] = lambda work: False
