@@ -50,6 +50,8 @@ from edge.sources import NewStream
 
 log = logging.getLogger(__name__)
 
+RUNNING_SAVE_S = 600.0
+"""Running time between saves of the running hours to state.json (and at every stop)."""
 WATCHDOG_FRESH_S = 5.0
 """WATCHDOG=1 is sent only if a window was scored within this many seconds."""
 WORK_QUEUE_MAX = 64
@@ -176,7 +178,7 @@ class Detector:
         self._ready = False
         self._last_score: float | None = None
         self._machine = RUNNING
-        self._running_s = 0.0
+        self._running_s = self._running_saved = 0.0
         self._band_sum: np.ndarray | None = None
         self._band_n = 0
         self.clip_url: Callable[[str], str] | None = None
@@ -421,10 +423,14 @@ class Detector:
         self.muted_until = self.state.mute_left(self.clock())
         if self.muted_until:
             log.info("mute restored, until %s", iso(self.muted_until))
+        self._running_s = max(self._running_s, self.state.running_seconds)
 
     def _save_state(self) -> None:
         if self.state is not None:
-            self.state.save(self.bundle.model_id, self._threshold, self.muted_until)
+            self.state.save(
+                self.bundle.model_id, self._threshold, self.muted_until, self._running_s
+            )
+            self._running_saved = self._running_s
 
     def _auto_learn(self) -> None:
         """[learning] seconds: a period at the first start of a configured model."""
@@ -583,6 +589,8 @@ class Detector:
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.mqtt.metrics_interval_seconds
             self._emit_metrics()
+            if self._running_s - self._running_saved >= RUNNING_SAVE_S:
+                self._save_state()  # a crash loses at most this much; the SD card is spared
 
     def new_stream(self) -> None:
         """A new, unrelated stream follows (the next replayed file): the open anomaly ends
@@ -591,10 +599,12 @@ class Detector:
         self._load(self.bundle, self.settings, self._threshold)
 
     def finish(self) -> None:
-        """End an open anomaly, save a learning period in progress, mark the state stopped."""
+        """End an open anomaly, save a learning period in progress and the running hours, mark
+        the state stopped."""
         self.close_event()
         if self.adapter is not None:
             self.adapter.save_period()
+        self._save_state()
         self.notifier.stopping()
         self.emit_state("stopped")
 
@@ -764,7 +774,7 @@ class Detector:
             spool_depth=spool_depth,
             spool_dropped=spool_dropped,
             commands_shed=self.commands_shed,
-            running_hours=round(self._running_s / 3600, 4),
+            running_hours=round(self._running_s / 3600, 4),  # in total: kept in state.json
             cpu_temp_c=cpu_temperature_c(),
             throttled=throttled(),
             anomaly_index=_round(self.index.value, 4),

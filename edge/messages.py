@@ -125,7 +125,8 @@ class MetricsMessage(_Payload):
     spool_dropped: int
     commands_shed: int = 0
     running_hours: float = 0.0
-    """Hours of audio in which the machine was running (since the daemon started)."""
+    """Hours of audio in which the machine was running, in total on this device (kept in
+    data_dir/state.json across restarts)."""
     cpu_temp_c: float | None = None
     throttled: str | None = None
     anomaly_index: float | None = None

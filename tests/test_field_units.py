@@ -401,3 +401,36 @@ def test_the_state_is_starting_until_a_window_is_heard_and_stopped_has_no_mute_e
         assert heard[0].state == ("muted" if muted else "normal") and heard[0].level_dbfs < 0
         assert bool(heard[0].muted_until) == muted
         assert rec.states[-1].state == "stopped" and rec.states[-1].muted_until is None
+
+
+def test_running_hours_are_the_machines_total_across_restarts(tmp_path: Path) -> None:
+    """Home Assistant's *Running hours* is a maintenance figure: a restart of the daemon must
+    not set it back to 0."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.persist import DeviceState
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    class Metrics(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.metrics_seen: list[MetricsMessage] = []
+
+        def metrics(self, message: MetricsMessage) -> None:
+            self.metrics_seen.append(message)
+
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    totals, first_metrics = [], []
+    for _ in range(2):
+        rec = Metrics()
+        detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec], persist=True)
+        detector.run(FileSource([NORMAL_FILES[0]], RATE))
+        totals.append(DeviceState(settings.data_dir).running_seconds)
+        first_metrics.append(rec.metrics_seen[0].running_hours)
+    assert totals[0] > 3.0  # the fan ran for the whole 5-s file
+    assert totals[1] == pytest.approx(2 * totals[0], abs=0.6)
+    assert first_metrics == [0.0, pytest.approx(totals[0] / 3600, abs=1e-4)]  # at the restart
