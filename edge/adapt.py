@@ -201,12 +201,18 @@ class Adapter:
             raise LearningError(f"not an event id: {event_id!r}")
         store = FeatureStore(rows.shape[1], max(len(rows), 1))
         store.add(rows, 0)
-        folder = private_dir(self.folder / "marked")
-        store.save(folder / f"{event_id}.npz")
+        path = private_dir(self.folder / "marked") / f"{event_id}.npz"
+        new = not path.exists()
+        store.save(path)
         current = self.history.current
         site = current.get("site") if current else None
         marked = list(current.get("marked", [])) if current else []
-        return self._refit("mark_normal", in_use, site, [*dict.fromkeys([*marked, event_id])])
+        try:
+            return self._refit("mark_normal", in_use, site, [*dict.fromkeys([*marked, event_id])])
+        except LearningError:
+            if new:  # refused: the mark is not kept, so a later refit does not pick it up
+                path.unlink(missing_ok=True)
+            raise
 
     # --- reports -----------------------------------------------------------------------------
 

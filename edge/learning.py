@@ -298,8 +298,10 @@ def _require_backing(base: Bundle, has_training: bool, site_windows: int) -> Non
     if not has_training and seconds < MIN_AUDIO_SECONDS:
         raise LearningError(
             f"{base.model_id} carries no training windows (trained before learning on site), "
-            f"so {MIN_AUDIO_SECONDS:g} s of site audio must back the threshold; there are "
-            f"{seconds:.1f} s: learn {math.ceil(MIN_AUDIO_SECONDS - seconds)} s more"
+            f"so {MIN_AUDIO_SECONDS:g} s of the site's normal running must back the threshold "
+            f"and {seconds:.1f} s has been learnt: run the learn command "
+            f'({{"command": "learn", "action": "start"}}) for at least '
+            f"{math.ceil(MIN_AUDIO_SECONDS - seconds)} s more of normal running, then try again"
         )
 
 

@@ -211,6 +211,20 @@ def test_mark_normal_of_an_unknown_event_is_refused_and_changes_nothing(tmp_path
     assert not (device.data / "models" / "history.json").exists()
 
 
+def test_mark_normal_refused_for_want_of_site_audio_says_what_to_do_and_keeps_no_mark(
+    tmp_path: Path,
+) -> None:
+    """The demo bundle carries no training windows: a mark needs 10 s learnt on site first.
+    The reply says how, and the refused mark leaves nothing that a later refit would pick up."""
+    device = Device(tmp_path)
+    (event,) = starts(device.replay(ANOMALOUS_FILE))
+    reply = device.command(command="mark_normal", event_id=event["event_id"])
+    assert not reply.ok
+    assert "run the learn command" in reply.detail and '"action": "start"' in reply.detail
+    assert not list((device.data / "learning").glob("marked/*.npz"))
+    assert device.detector.bundle.model_id == "fan-demo-12483c73"
+
+
 # --- a failing refit ---------------------------------------------------------------------------
 
 
@@ -219,7 +233,9 @@ def test_a_refit_that_fails_keeps_the_running_model(tmp_path: Path) -> None:
     assert starts(device.replay(NORMAL_FILES[0])) == []
     status = device.detector.status()
     assert status["model"] == "fan-demo-12483c73" and status["state"] == "normal"
-    assert status["learning"] is None and "learn 6 s more" in status["last_refit"]["error"]
+    assert status["learning"] is None
+    assert "run the learn command" in status["last_refit"]["error"]
+    assert "for at least 6 s more of normal running" in status["last_refit"]["error"]
     assert not (device.data / "models").exists(), "no version was written"
     device.learning = {}
     assert len(starts(device.replay(ANOMALOUS_FILE))) == 1, "detection goes on as before"
