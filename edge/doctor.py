@@ -306,16 +306,40 @@ def _future_data_dir(path: Path) -> Check:
 
 
 def check_service(_s: Settings) -> Check:
+    """The single unit or any instance (soundsentry@NAME, one per microphone)."""
     state = _run(["systemctl", "is-active", "soundsentry"])
     if state is None:
         return Check("service", None, "systemd not available here")
     if state == "active":
         return Check("service", True, "soundsentry.service is active")
+    listed = _run(
+        ["systemctl", "list-units", "--all", "--no-legend", "--plain", "soundsentry@*.service"]
+    )
+    return service_check(state, listed or "")
+
+
+def service_check(single: str, instances: str) -> Check:
+    """The verdict from `systemctl is-active soundsentry` (not active) and the instances'
+    `systemctl list-units --all --no-legend --plain` lines (UNIT LOAD ACTIVE SUB DESCRIPTION)."""
+    units = [line.split()[:3] for line in instances.splitlines() if line.strip()]
+    running = [u[0] for u in units if len(u) == 3 and u[2] == "active"]
+    if running:
+        return Check("service", True, f"{', '.join(running)} active")
+    if units:
+        names = ", ".join(u[0] for u in units)
+        return Check(
+            "service",
+            False,
+            f"{names} not active",
+            "`sudo systemctl enable --now soundsentry@NAME`; `journalctl -u soundsentry@NAME` "
+            "says why",
+        )
     return Check(
         "service",
         False,
-        f"soundsentry.service is {state}",
-        "`sudo systemctl enable --now soundsentry`; `journalctl -u soundsentry` says why",
+        f"soundsentry.service is {single}",
+        "`sudo systemctl enable --now soundsentry` (or soundsentry@NAME, one per microphone); "
+        "`journalctl -u soundsentry` says why",
     )
 
 

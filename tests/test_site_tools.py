@@ -157,3 +157,22 @@ def test_capture_resamples_a_device_rate_the_model_does_not_use(
         player.kill()
         daemon.kill()
         sub.close()
+
+
+def test_doctor_counts_an_instance_per_microphone_as_the_service() -> None:
+    """Read from `systemctl list-units --all --no-legend --plain soundsentry@*.service` as
+    systemd prints it: an active instance passes; the fix names the template, not the single
+    unit (which would fight the instance for the microphone)."""
+    from edge.doctor import service_check
+
+    lines = (
+        "soundsentry@pump-3.service loaded active running SoundSentry detector (pump-3)\n"
+        "soundsentry@fan-1.service loaded failed failed SoundSentry detector (fan-1)\n"
+    )
+    ok = service_check("inactive", lines)
+    assert ok.ok is True and ok.detail == "soundsentry@pump-3.service active"
+    failed = service_check("inactive", lines.splitlines()[1])
+    assert failed.ok is False and "soundsentry@fan-1.service not active" in failed.detail
+    assert "soundsentry@NAME" in failed.fix and "enable --now soundsentry`" not in failed.fix
+    none = service_check("inactive", "")
+    assert none.ok is False and none.detail == "soundsentry.service is inactive"
