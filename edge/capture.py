@@ -2,8 +2,9 @@
 
 The PortAudio callback only copies blocks onto a bounded queue and counts overflows and
 drops. The iterator yields mono blocks at the model's rate, or None while no audio arrives
-(so the daemon keeps ticking); when the stream stalls or fails it is closed and reopened with
-capped exponential backoff, rescanning devices (a USB microphone unplugged and plugged back).
+(so the daemon keeps ticking); when the stream stalls or fails it is closed and reopened,
+rescanning devices (a USB microphone unplugged and plugged back): a device that will not open
+is retried with capped exponential backoff, one that opens but stays silent after every stall.
 """
 
 from __future__ import annotations
