@@ -538,7 +538,7 @@ class Detector:
         self._samples += len(block)
         for step in steps:
             self.metrics.window_scored(step.elapsed_s)
-            first = self._last_window == float("-inf")
+            first = not self._heard
             self._last_window = now
             self._last_score = None if step.dead else step.window.score  # silence: no score
             if step.machine == RUNNING:
@@ -609,6 +609,11 @@ class Detector:
         self.emit_state("stopped")
 
     # --- anomalies -------------------------------------------------------------------------
+
+    @property
+    def _heard(self) -> bool:
+        """True once a window has been scored (before it, the state is `starting`)."""
+        return self._last_window != float("-inf")
 
     @property
     def muted(self) -> bool:
@@ -704,14 +709,13 @@ class Detector:
             return "muted"
         if self.learning:
             return "learning"
-        if self._last_window == float("-inf"):
+        if not self._heard:
             return "starting"  # nothing heard yet: not a claim that the machine sounds normal
         return self.pipeline.events.state
 
     def emit_state(self, state: str | None = None) -> None:
         """Send the current state (or `state`) to every sink."""
         state = state or self.current_state()
-        heard = self._last_window != float("-inf")
         message = StateMessage(
             state=state,  # type: ignore[arg-type]
             device_id=self.settings.device_id,
@@ -719,7 +723,7 @@ class Detector:
             threshold=round(self.pipeline.threshold, 6),
             updated_at=iso(self.clock()),
             score=None if self._last_score is None else round(self._last_score, 6),
-            level_dbfs=round(self.health.level, 1) if heard else None,  # none measured yet
+            level_dbfs=round(self.health.level, 1) if self._heard else None,  # none measured yet
             event_id=self.pipeline.events.event_id,
             # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time
             muted_until=iso(self.muted_until) if self.muted and state != "stopped" else None,

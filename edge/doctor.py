@@ -223,8 +223,9 @@ def _mqtt_login(s: Settings) -> Check:
         if s.mqtt.username and mqtt_password(s.mqtt) is None:  # no password reached doctor
             fix = (
                 "no password reached doctor: the service gets /etc/soundsentry/mqtt_password "
-                "as a systemd credential, which a command run by hand does not see; run it as "
-                "the service would: sudo systemd-run --pipe --wait -p "
+                "(NAME.mqtt_password for an instance) as a systemd credential, which a command "
+                "run by hand does not see; run it as the service would: "
+                "sudo systemd-run --pipe --wait -p "
                 "LoadCredential=mqtt_password:/etc/soundsentry/mqtt_password -p User=soundsentry "
                 "/opt/soundsentry/venv/bin/soundsentry doctor --config /etc/soundsentry/config.toml"
             )
