@@ -54,6 +54,12 @@ ANOMALY_TEMPLATE = (
     f"{{% if value_json.state in {NOT_JUDGING!r} %}}None"
     "{% elif value_json.state == 'anomaly' %}ON{% else %}OFF{% endif %}"
 )
+STABLE_ATTRIBUTES = ("event_id", "machine", "label", "muted_until", "model", "threshold")
+"""State fields the Anomaly sensor keeps as attributes: not the score, level or time, which
+change at every state message, so Home Assistant's recorder does not write a row for each."""
+ANOMALY_ATTRIBUTES_TEMPLATE = (
+    "{{ {" + ", ".join(f"'{k}': value_json.get('{k}')" for k in STABLE_ATTRIBUTES) + "} | tojson }}"
+)
 HEALTH_TEMPLATE = "{{ 'ON' if value_json.status == 'fault' else 'OFF' }}"
 MUTED_TEMPLATE = "{{ 'ON' if value_json.muted_until is defined else 'OFF' }}"
 
@@ -78,12 +84,16 @@ def threshold_step(calibrated: float) -> float:
 
 
 def discovery_configs(
-    topics: Topics, model_id: str, threshold: float | None = None
+    topics: Topics,
+    model_id: str,
+    threshold: float | None = None,
+    configuration_url: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Config topic -> payload for every entity of this device. Without the calibrated
-    `threshold` the threshold number is left out (its bounds derive from it)."""
+    `threshold` the threshold number is left out (its bounds derive from it); with the
+    dashboard's `configuration_url` Home Assistant links the device to its page."""
     uid = f"{topics.prefix}_{topics.device_id}"
-    common = {
+    common: dict[str, Any] = {
         "availability_topic": topics.availability,
         "payload_available": "online",
         "payload_not_available": "offline",
@@ -96,6 +106,8 @@ def discovery_configs(
         },
         "origin": ORIGIN,
     }
+    if configuration_url:
+        common["device"]["configuration_url"] = configuration_url
     entities = {
         **_watched(topics),
         **_diagnostics(topics),
@@ -120,6 +132,7 @@ def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
             "device_class": "problem",
             "value_template": ANOMALY_TEMPLATE,
             "json_attributes_topic": topics.state,
+            "json_attributes_template": ANOMALY_ATTRIBUTES_TEMPLATE,
         },
         ("sensor", "score"): {
             "name": "Anomaly score",
@@ -238,10 +251,17 @@ class DiscoveryRefresh(Sink):
     """Re-announces discovery when the running model changes (reload_model, SIGHUP, a model
     learned on site): the device's model and the threshold's bounds follow the bundle."""
 
-    def __init__(self, publisher: Any, model_id: str, bundle_of: Callable[[], Bundle]) -> None:
+    def __init__(
+        self,
+        publisher: Any,
+        model_id: str,
+        bundle_of: Callable[[], Bundle],
+        configuration_url: str | None = None,
+    ) -> None:
         self.publisher = publisher
         self.model_id = model_id
         self.bundle_of = bundle_of
+        self.configuration_url = configuration_url
 
     def state(self, message: StateMessage) -> None:
         """Compare the state's model with the announced one; re-announce on a change."""
@@ -251,7 +271,9 @@ class DiscoveryRefresh(Sink):
         self.model_id = message.model
         log.info("discovery: model now %s; re-announcing to Home Assistant", bundle.model_id)
         self.publisher.set_discovery(
-            discovery_configs(self.publisher.topics, bundle.model_id, bundle.threshold)
+            discovery_configs(
+                self.publisher.topics, bundle.model_id, bundle.threshold, self.configuration_url
+            )
         )
 
 

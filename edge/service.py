@@ -44,7 +44,8 @@ def run_detector(
             controller.submit_payload(payload)
 
     dashboard = _dashboard(settings)  # bound first: a taken port fails before anything starts
-    publisher = _publisher(settings, bundle, on_command) if settings.mqtt.host else None
+    page = dashboard.base_url() if dashboard is not None else None
+    publisher = _publisher(settings, bundle, on_command, page) if settings.mqtt.host else None
     sinks: list[Sink] = []
     if publisher is not None:
         sinks.append(MqttSink(publisher))  # spooled durably before it is printed
@@ -53,7 +54,7 @@ def run_detector(
     sinks.append(EventLogSink(settings.data_dir))  # the device's own record: `events`
     sinks.extend(extra_sinks)
     if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id
-        sinks.append(_discovery_refresh(publisher, bundle, lambda: detector.bundle))
+        sinks.append(_discovery_refresh(publisher, bundle, lambda: detector.bundle, page))
     if dashboard is not None:
         sinks.append(dashboard.live)
     spool = publisher.spool if publisher is not None else None
@@ -88,8 +89,14 @@ def run_detector(
     return detector
 
 
-def _publisher(settings: Settings, bundle: Bundle, on_command: Callable[[bytes], None]) -> Any:
-    """The MQTT publisher with its durable spool and discovery, not yet connected."""
+def _publisher(
+    settings: Settings,
+    bundle: Bundle,
+    on_command: Callable[[bytes], None],
+    page: str | None = None,
+) -> Any:
+    """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
+    when it serves one), not yet connected."""
     from edge.discovery import discovery_configs
     from edge.publish import MqttPublisher
     from edge.spool import Spool
@@ -104,7 +111,7 @@ def _publisher(settings: Settings, bundle: Bundle, on_command: Callable[[bytes],
         settings.mqtt, topics, f"soundsentry-{settings.device_id}", spool, on_command=on_command
     )
     if settings.mqtt.discovery:
-        publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold))
+        publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold, page))
     return publisher
 
 
@@ -117,10 +124,12 @@ def _dashboard(settings: Settings) -> Any:
     return Dashboard(settings)
 
 
-def _discovery_refresh(publisher: Any, bundle: Bundle, bundle_of: Callable[[], Bundle]) -> Sink:
+def _discovery_refresh(
+    publisher: Any, bundle: Bundle, bundle_of: Callable[[], Bundle], page: str | None
+) -> Sink:
     from edge.discovery import DiscoveryRefresh
 
-    return DiscoveryRefresh(publisher, bundle.model_id, bundle_of)
+    return DiscoveryRefresh(publisher, bundle.model_id, bundle_of, page)
 
 
 def _install_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None:

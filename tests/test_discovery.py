@@ -253,7 +253,28 @@ def test_every_discovery_payload_validates_against_the_home_assistant_schema() -
         "config",
         "diagnostic",
     }
-    assert "threshold" not in str(discovery_configs(TOPICS, "fan-1234"))  # no bounds, no number
+    unbounded = discovery_configs(TOPICS, "fan-1234")  # no bounds, no number
+    assert TOPICS.ha_config("number", "threshold") not in unbounded
+    assert not any(c.get("min") is not None for c in unbounded.values())
+
+
+def test_the_device_links_its_page_and_the_anomaly_attributes_stay_still() -> None:
+    """With the dashboard on, Home Assistant's device page gets a link to it. The Anomaly
+    sensor's attributes are the state's stable fields: score, level and time change at every
+    state message, and as attributes they made the recorder write a row each time."""
+    page = "http://pump-pi:8080"
+    configs = discovery_configs(TOPICS, "fan-1234", THRESHOLD, page)
+    for topic, cfg in configs.items():
+        errors = [e.message for e in VALIDATORS[topic.split("/")[1]].iter_errors(cfg)]
+        assert not errors, f"{topic}: {errors}"
+        assert cfg["device"]["configuration_url"] == page
+    assert "configuration_url" not in str(discovery_configs(TOPICS, "fan-1234", THRESHOLD))
+    template = _config("binary_sensor", "anomaly")["json_attributes_template"]
+    calm = json.loads(render(template, _state("normal", score=0.91, level_dbfs=-40.2)))
+    later = json.loads(render(template, _state("normal", score=1.37, level_dbfs=-39.8)))
+    assert calm == later and calm["threshold"] == THRESHOLD and calm["model"] == "m"
+    event = json.loads(render(template, _state("anomaly", score=5.0, event_id="e1")))
+    assert event["event_id"] == "e1" and "score" not in event and "level_dbfs" not in event
 
 
 def test_the_schema_rejects_what_home_assistant_rejects() -> None:
