@@ -97,8 +97,8 @@ class ReplaySummary(Sink):
     def step(self, step: Step) -> None:
         """Count a window; silent or flat ones do not set the highest score."""
         self.windows += 1
-        if not step.dead:
-            score = step.window.score
+        score = step.score
+        if score is not None:
             self.highest = score if self.highest is None else max(self.highest, score)
 
     def event(self, message: EventMessage) -> None:

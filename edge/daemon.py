@@ -540,7 +540,7 @@ class Detector:
             self.metrics.window_scored(step.elapsed_s)
             first = not self._heard
             self._last_window = now
-            self._last_score = None if step.dead else step.window.score  # silence: no score
+            self._last_score = step.score
             if step.machine == RUNNING:
                 self._running_s += self.bundle.features.hop_seconds
             machine = step.state_name or step.machine  # a named state when trained with them

@@ -43,6 +43,12 @@ class Step:
     state folder of that name is what it sounds like (None when off by its level)."""
 
     @property
+    def score(self) -> float | None:
+        """The window's score as reported (state, page, summaries); None for a dead window,
+        whose score (hundreds, for digital silence) says nothing about the machine."""
+        return None if self.dead else self.window.score
+
+    @property
     def transition(self) -> Transition | None:
         """The last transition of this window, if any."""
         return self.transitions[-1] if self.transitions else None

@@ -124,8 +124,9 @@ def evaluate(
     for files, paths in zip(found, (normal, anomalous), strict=True):
         if not files:
             raise AudioError(f"no audio files in {' '.join(str(x) for x in paths)}")
-    check_files([f for files in found for f in files], max(channel, 0), p.samplerate)
-    _warn_if_trained_on(bundle, [f for files in found for f in files])
+    every = [f for files in found for f in files]
+    check_files(every, max(channel, 0), p.samplerate)
+    _warn_if_trained_on(bundle, every)
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
             windows = windows_of(read_audio(path, p.samplerate, channel), p)

@@ -120,7 +120,7 @@ class LiveView(Sink):
         """One scored window: score, threshold, level and machine state."""
         self.last_window = {
             "at": iso(time.time()),
-            "score": None if step.dead else round(float(step.window.score), 6),
+            "score": None if step.score is None else round(float(step.score), 6),
             "threshold": round(float(threshold), 6),
             "level_dbfs": round(float(step.level_dbfs), 1),
             "machine": step.machine,
