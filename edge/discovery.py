@@ -164,10 +164,10 @@ def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
         },
         ("sensor", "last_event"): {
             "name": "Last event",
-            "state_topic": topics.events,
+            "state_topic": topics.last_event,
             "device_class": "timestamp",
             "value_template": "{{ value_json.started_at }}",
-            "json_attributes_topic": topics.events,
+            "json_attributes_topic": topics.last_event,
             "icon": "mdi:alert-octagram-outline",
         },
     }

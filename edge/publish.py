@@ -1,8 +1,9 @@
 """MQTT with paho-mqtt 2: availability and last will, a durable spool for events, retained
 state and health, Home Assistant discovery, and the command topic.
 
-- `online` is published only after a successful CONNACK; retained state, health and
-  discovery are re-published after every reconnect and when Home Assistant restarts.
+- `online` is published only after a successful CONNACK; retained state, health, metrics,
+  the last event and discovery are re-published after every reconnect and when Home
+  Assistant restarts.
 - Events and health changes go through the on-disk Spool: stored first, published in order
   while connected, deleted on PUBACK. Nothing is lost while the broker is away, across a
   restart or a `kill -9`; duplicates happen only as QoS 1 allows (consumers dedupe on
@@ -198,9 +199,19 @@ class MqttPublisher:
     # --- what the daemon publishes ----------------------------------------------------------
 
     def publish_event(self, event: EventMessage) -> None:
-        """Spool an event (QoS 1) and wake the sender."""
-        self.spool.append(self.topics.events, event.to_payload(), qos=1)
+        """Spool an event (QoS 1) and wake the sender; the latest also goes out retained on
+        `last_event` (now if connected, else after the reconnect: not spooled twice)."""
+        payload = event.to_payload()
+        self.spool.append(self.topics.events, payload, qos=1)
         self._wake.set()
+        self.remember_last_event(payload)
+
+    def remember_last_event(self, payload: str) -> None:
+        """The retained `last_event`: sent now if connected, and again after every reconnect
+        and Home Assistant restart."""
+        self._retained[self.topics.last_event] = payload
+        if self.connected:
+            self.client.publish(self.topics.last_event, payload, qos=1, retain=True)
 
     def publish_health(self, health: HealthMessage) -> None:
         """Spool a health change (retained, QoS 1); the latest is re-sent on reconnect."""
@@ -217,9 +228,12 @@ class MqttPublisher:
             self.client.publish(self.topics.state, payload, qos=1, retain=True)
 
     def publish_metrics(self, metrics: MetricsMessage) -> None:
-        """Send metrics (QoS 0) if connected; metrics are not worth spooling."""
+        """Send metrics (QoS 0, retained) if connected; the latest is re-sent after a reconnect
+        and a Home Assistant restart. Metrics are not worth spooling."""
+        payload = metrics.to_payload()
+        self._retained[self.topics.metrics] = payload
         if self.connected:
-            self.client.publish(self.topics.metrics, metrics.to_payload(), qos=0)
+            self.client.publish(self.topics.metrics, payload, qos=0, retain=True)
 
     def publish_response(self, response: ResponseMessage) -> None:
         """Reply to a command (QoS 1)."""

@@ -3,9 +3,11 @@ publisher with its durable spool, signal handlers and the controller."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,8 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
-from edge.eventlog import EventLogSink
+from edge.errors import SoundSentryError
+from edge.eventlog import EventLogSink, read_events
 from edge.pipeline import Step
 from edge.settings import Settings
 from edge.topics import Topics
@@ -112,7 +115,20 @@ def _publisher(
     )
     if settings.mqtt.discovery:
         publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold, page))
+    latest = _last_logged_event(settings.data_dir)
+    if latest is not None:  # a broker that lost its retained messages gets it back
+        publisher.remember_last_event(latest)
     return publisher
+
+
+def _last_logged_event(data_dir: Path) -> str | None:
+    """The latest event in the device's event log as a payload, or None (no log, unreadable)."""
+    try:
+        events = read_events(data_dir)
+    except SoundSentryError as exc:
+        log.warning("%s: the last event is not re-published", exc)
+        return None
+    return json.dumps(events[-1].data, separators=(",", ":")) if events else None
 
 
 def _dashboard(settings: Settings) -> Any:

@@ -32,6 +32,12 @@ class Topics:
         return f"{self.base}/events"
 
     @property
+    def last_event(self) -> str:
+        """The latest event message again, retained, so a client that (re)starts (Home
+        Assistant after an update) shows the last event at once instead of unknown."""
+        return f"{self.base}/last_event"
+
+    @property
     def state(self) -> str:
         """Current state, retained JSON."""
         return f"{self.base}/state"
@@ -43,7 +49,8 @@ class Topics:
 
     @property
     def metrics(self) -> str:
-        """Periodic metrics JSON."""
+        """Periodic metrics JSON, retained (the latest) so a client that (re)starts shows the
+        trend and running hours at once."""
         return f"{self.base}/metrics"
 
     @property

@@ -342,7 +342,7 @@ def test_controls_send_commands_the_daemon_accepts() -> None:
     assert isinstance(pressed, MarkNormal) and pressed.event_id == "last"
 
 
-def test_trend_and_last_event_read_metrics_and_events() -> None:
+def test_trend_and_last_event_read_metrics_and_the_retained_last_event() -> None:
     trend = _config("sensor", "trend")
     assert trend["state_topic"] == TOPICS.metrics and trend["state_class"] == "measurement"
     metrics = MetricsMessage(
@@ -364,7 +364,7 @@ def test_trend_and_last_event_read_metrics_and_events() -> None:
     assert render(trend["value_template"], json.dumps(metrics | {"anomaly_index": 0.42})) == "0.42"
     assert render(trend["value_template"], json.dumps(metrics)) == "None"
     last = _config("sensor", "last_event")
-    assert last["state_topic"] == last["json_attributes_topic"] == TOPICS.events
+    assert last["state_topic"] == last["json_attributes_topic"] == TOPICS.last_event
     event = {"type": "end", "started_at": "2026-01-01T00:00:00.000Z", "clip_url": "http://x/c"}
     assert render(last["value_template"], json.dumps(event)) == event["started_at"]
 

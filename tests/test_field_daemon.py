@@ -305,6 +305,40 @@ def test_systemd_notify_and_home_assistant_birth(broker: Broker, tmp_path: Path)
         sub.close()
 
 
+def test_a_client_that_starts_later_sees_the_last_event_and_metrics_at_once(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Home Assistant restarted for an update subscribes anew: the last event and the trend
+    must not read unknown until the next event, which may be months away."""
+    config = str(write_config(tmp_path, "late", broker.port))
+    proc = daemon("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--config", config)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    late = Subscriber(broker.port, "soundsentry/late/#", client_id="late")
+    try:
+        assert late.wait_for(lambda _: bool(late.on("/last_event") and late.on("/metrics")), 10)
+        last, metrics = late.on("/last_event")[-1], late.on("/metrics")[-1]
+        assert last.retain and metrics.retain
+        assert last.json()["type"] == "end" and validator("event").validate(last.json()) is None
+        assert validator("metrics").validate(metrics.json()) is None
+        event_id = last.json()["event_id"]
+        # A broker that lost its retained messages: the next start sends the logged event again.
+        late.client.publish(
+            "soundsentry/late/last_event", b"", qos=1, retain=True
+        ).wait_for_publish(5)
+        proc = daemon("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", config)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        late.close()
+    again = Subscriber(broker.port, "soundsentry/late/last_event", client_id="again")
+    try:
+        assert again.wait_for(lambda ms: bool(ms), 10), "no retained last event after a restart"
+        assert again.messages[-1].json()["event_id"] == event_id
+    finally:
+        again.close()
+
+
 def make_certificates(folder: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
 
