@@ -317,7 +317,7 @@ def test_a_dropout_publishes_no_score_while_the_audio_is_silent(tmp_path: Path) 
     from edge.daemon import Detector
     from edge.settings import Settings
     from edge.sources import FileSource
-    from edge.web.live import LiveView
+    from edge.web.live import TRACE_POINTS, LiveView
 
     normal = read_audio(NORMAL_FILES[0], RATE)
     path = tmp_path / "dropout.wav"
@@ -338,6 +338,8 @@ def test_a_dropout_publishes_no_score_while_the_audio_is_silent(tmp_path: Path) 
     assert len(silent) >= 8 and all(x[1:] == (None, None) for x in silent)
     assert min(raw for raw, _, _ in silent) > 50 * detector.threshold, "what was left out"
     assert heard and all(state is not None and page is not None for state, page in heard)
+    # A page opened now draws the same trace, with the same gap.
+    assert live.snapshot()["trace"] == [page for *_, page in seen][-TRACE_POINTS:]
 
 
 def test_sound_returning_after_a_dropout_waits_the_settle_time_and_a_fault_still_shows(

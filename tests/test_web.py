@@ -645,6 +645,14 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
         assert [m for m in errors if login not in m] == [], errors  # no script, CSP, 404...
         assert len(errors) == 2  # the refusals before the token and of the wrong one
 
+        # Opened again, the page draws the last minutes at once, not from an empty trace.
+        before = len(request(f"http://127.0.0.1:{port}/api/state", TOKEN).json()["trace"])
+        assert before >= 20  # windows since the start: the fault and the event are behind us
+        browser.refresh()
+        drawn = lambda: browser.execute_script("return scores.length")  # noqa: E731
+        # The daemon scores 2 windows a second: from an empty trace the page would need 10 s.
+        wait_for(lambda: drawn() >= before, 3, f"the {before} recent scores drawn", drawn)
+
         stop(proc)  # the daemon dies: the page must not keep showing its last values as live
         wait_for(
             lambda: text("#conn").startswith("daemon unreachable since "),

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +35,9 @@ STREAM_QUEUE = 256
 """Messages waiting for one browser; a browser this far behind is dropped."""
 MAX_STREAMS = 8
 """Browsers connected at once; more are refused (a Pi serves a few people, not a crowd)."""
+TRACE_POINTS = 240
+"""Recent window scores the page draws when it opens (2 min at the default hop): the same
+length as the page's own trace."""
 STATUS_EVERY_S = 1.0
 """The daemon's status report is refreshed at most this often."""
 
@@ -62,6 +65,7 @@ class LiveView(Sink):
         self._streams: list[Stream] = []
         self._decorate = decorate or (lambda event: event)
         self._events: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._trace: deque[float | None] = deque(maxlen=TRACE_POINTS)
         self.last_state: dict[str, Any] | None = None
         self.last_health: dict[str, Any] | None = None
         self.last_metrics: dict[str, Any] | None = None
@@ -126,6 +130,8 @@ class LiveView(Sink):
             "machine": step.machine,
             "dead": step.dead,
         }
+        with self._lock:
+            self._trace.append(self.last_window["score"])
         self._refresh_status()
         self._publish("window", self.last_window)
 
@@ -140,12 +146,16 @@ class LiveView(Sink):
     # --- the HTTP side ---------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything the page shows at once."""
+        """Everything the page shows at once; `trace`: the recent window scores, oldest first
+        (None where a window was not scored), so the page opens on the last minutes."""
+        with self._lock:
+            trace = list(self._trace)
         return {
             "state": self.last_state,
             "health": self.last_health,
             "window": self.last_window,
             "status": self.last_status,
+            "trace": trace,
         }
 
     def events(self) -> list[dict[str, Any]]:
