@@ -621,9 +621,15 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
             "the spectrogram image to load",
         )
         card = text(".ev.ended")
-        assert "Hz" in card and "peak" in card and "Mark normal" in card
+        assert "Hz" in card and "peak" in card and "Mark normal" in card and "σ" in card
+        axes = text(".ev.ended .axes")  # what the spectrogram's axes are: it has no labels
+        assert re.fullmatch(r"↑ 0\.0–8\.0 kHz \(mel scale\) · → [\d.]+ s", axes), axes
         audio = browser.find_element(By.CSS_SELECTOR, ".ev.ended audio").get_attribute("src")
         assert request(audio).status == 200  # the player's URL opens the clip
+        save = browser.find_element(By.CSS_SELECTOR, ".ev.ended a[download]")
+        assert save.get_attribute("href") == audio and save.get_attribute("download").endswith(
+            ".wav"
+        )
 
         browser.find_element(By.ID, "mute").click()
         wait_for(lambda: text("#reply").startswith("mute: muted for 60 min"), 10, "the reply")

@@ -320,6 +320,9 @@ class Handler(BaseHTTPRequestHandler):
             self._common_headers()
             self.end_headers()
             first = {**live.snapshot(), "events": live.events()}
+            if self.dash.features is not None:  # the spectrograms' frequency axis, bottom to top
+                params = self.dash.features()
+                first["spectrogram_hz"] = [params.fmin, params.top_hz]
             self._event("snapshot", json.dumps(first, separators=(",", ":")))
             self._pump(stream)
         except OSError:  # the browser went away
