@@ -436,6 +436,11 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleError(f"{file}: not a SoundSentry bundle manifest")
     version = raw.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(
+            f"{file}: format_version is {json.dumps(version)}; it must be a whole number "
+            "such as 2, not text (the manifest was edited by hand? re-export the model)"
+        )
     if version not in READABLE_VERSIONS:
         raise BundleError(
             f"{file}: bundle format {version!r}; this version reads "

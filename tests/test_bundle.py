@@ -164,6 +164,8 @@ NETWORK_CASES = [
     (lambda b: edit_manifest(b, {"features.n_mels": 40}), "does not match"),
     (lambda b: edit_manifest(b, {"features.n_mels": 10**9}), "cannot reproduce"),
     (lambda b: edit_manifest(b, {"format_version": 99}), "bundle format 99"),
+    (lambda b: edit_manifest(b, {"format_version": "2"}), 'format_version is "2"; it must be'),
+    (lambda b: edit_manifest(b, {"format_version": True}), "format_version is true; it must be"),
     (lambda b: edit_manifest(b, {"threshold.value": "high"}), "threshold.value"),
     (lambda b: edit_manifest(b, {"threshold.value": float("nan")}), "threshold.value"),
     (lambda b: edit_manifest(b, {"threshold.value": float("inf")}), "threshold.value"),
