@@ -535,6 +535,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:  # before anything is scored or written: no half-written report
         _require("matplotlib", "report", "evaluate --report")
+    if args.timeline:  # checked before minutes of scoring, not after
+        if not args.report:
+            raise SoundSentryError("--timeline draws into the report: give --report DIR too")
+        from edge.audio_io import check_files
+        from edge.bundle import read_manifest
+        from edge.features import FeatureParams
+
+        rate = FeatureParams.from_dict(read_manifest(args.model).features).samplerate
+        check_files([args.timeline], args.channel, rate)
     from soundsentry.report import evaluate_classes, format_report, write_full_report
     from train.evaluate import evaluate, write_json
 

@@ -258,3 +258,19 @@ def test_evaluate_with_nothing_to_score_and_an_output_path_that_is_a_folder(
                str(ANOMALOUS_FILE), "--json", str(tmp_path), check=False)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"soundsentry: error: Is a directory: {tmp_path}"
+
+
+def test_evaluate_checks_its_timeline_file_before_scoring(tmp_path: Path) -> None:
+    """A typo in --timeline used to surface after every file had been scored."""
+    base = ["evaluate", str(DEMO_BUNDLE), "--normal", str(NORMAL_FILES[0]), "--anomalous",
+            str(ANOMALOUS_FILE)]  # fmt: skip
+    missing = tmp_path / "typo.wav"
+    proc = cli(*base, "--report", str(tmp_path / "rep"), "--timeline", str(missing), check=False)
+    assert proc.returncode == 1 and proc.stdout == ""  # nothing scored, nothing printed
+    assert proc.stderr.strip().splitlines()[-1] == f"soundsentry: error: {missing}: no such file"
+    assert not (tmp_path / "rep").exists()
+    proc = cli(*base, "--timeline", str(ANOMALOUS_FILE), check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "soundsentry: error: --timeline draws into the report: give --report DIR too"
+    )
