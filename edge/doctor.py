@@ -257,10 +257,15 @@ def check_clock(_s: Settings) -> Check:
     )
 
 
+FOLDER_HINT = "set data_dir to a writable folder (the service uses its StateDirectory)"
+
+
 def check_disk(s: Settings) -> Check:
     path = s.data_dir
     if not path.exists():  # doctor creates nothing: the daemon makes it, private, at start
         return _future_data_dir(path)
+    if not path.is_dir():
+        return Check("data folder", False, f"{path} is a file, not a folder", FOLDER_HINT)
     try:
         probe = path / ".doctor-write-test"
         probe.write_text("ok")
@@ -270,7 +275,7 @@ def check_disk(s: Settings) -> Check:
             "data folder",
             False,
             f"{path} is not writable ({exc.strerror})",
-            "set data_dir to a writable folder (the service uses its StateDirectory)",
+            FOLDER_HINT,
         )
     free = shutil.disk_usage(path).free / 1e6
     if free < MIN_FREE_MB:
@@ -286,12 +291,16 @@ def check_disk(s: Settings) -> Check:
 def _future_data_dir(path: Path) -> Check:
     """The data folder does not exist yet: can the daemon create it?"""
     parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir():
+        return Check(
+            "data folder", False, f"{path} cannot be created: {parent} is a file", FOLDER_HINT
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         return Check(
             "data folder",
             False,
             f"{path} does not exist and {parent} is not writable",
-            "set data_dir to a writable folder (the service uses its StateDirectory)",
+            FOLDER_HINT,
         )
     free = shutil.disk_usage(parent).free / 1e6
     if free < MIN_FREE_MB:

@@ -176,3 +176,17 @@ def test_doctor_counts_an_instance_per_microphone_as_the_service() -> None:
     assert "soundsentry@NAME" in failed.fix and "enable --now soundsentry`" not in failed.fix
     none = service_check("inactive", "")
     assert none.ok is False and none.detail == "soundsentry.service is inactive"
+
+
+def test_doctor_names_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    from edge.doctor import check_disk
+    from edge.settings import Settings
+
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    for data_dir, detail in (
+        (file, f"{file} is a file, not a folder"),
+        (file / "soundsentry", f"{file / 'soundsentry'} cannot be created: {file} is a file"),
+    ):
+        check = check_disk(Settings(device_id="t", data_dir=data_dir))
+        assert check.ok is False and check.detail == detail and "data_dir" in check.fix
