@@ -249,3 +249,28 @@ def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: 
     (only_off / "off" / "hiss.wav").symlink_to(off / "hiss.wav")
     with pytest.raises(AudioError, match="outside a state folder named `off`"):
         train_embedding(None, tmp_path / "c.bundle", states=only_off, epochs=1)
+
+
+def test_an_output_that_sat_still_in_training_cannot_set_the_threshold_alone() -> None:
+    """An embedding output over a band the recordings leave empty sits at one value in
+    training; the first sound in that band (a door in the held-out audio) moved it 100 int8
+    steps and scored 874 against ~1 for normal windows, so the threshold went to 1674 and no
+    fault reached it. Its spread is floored at half the median output's."""
+    from train.embedding import RELATIVE_STD_FLOOR, std_floor
+    from train.statistics import fit_statistics
+
+    rng = np.random.default_rng(0)
+    step = 0.03
+    fit = np.round(rng.normal(0, 0.4, (400, 16)) / step) * step
+    fit[:, 0] = -4.5  # a still output
+    floor = std_floor(fit, step)
+    assert floor == pytest.approx(RELATIVE_STD_FLOOR * np.median(fit.std(axis=0)))
+    door = fit[:1].copy()
+    door[0, 0] += 100 * step
+    normal = fit[1:2]
+    distance = fit_statistics(fit, std_floor=floor).distance
+    assert distance(door)[0] < 100 * max(distance(normal)[0], 1.0)
+    assert fit_statistics(fit, std_floor=step).distance(door)[0] > 500  # the old floor
+    assert std_floor(fit[:, 1:], step) == pytest.approx(
+        RELATIVE_STD_FLOOR * np.median(fit[:, 1:].std(axis=0))
+    )
