@@ -159,6 +159,7 @@ class Detector:
     ) -> None:
         self.settings = settings
         self.sinks = tuple(sinks)
+        self._failing: set[tuple[int, str]] = set()
         self.on_step = on_step
         self.clock = clock
         self.notifier = notifier or SystemdNotifier()
@@ -552,8 +553,7 @@ class Detector:
                 self.emit_state()  # `starting` ends with the first window heard
             if self.on_step:
                 self.on_step(step)
-            for sink in self.sinks:
-                sink.window(step, self.pipeline.threshold)
+            self._to_sinks("window", step, self.pipeline.threshold)
             self._track_bands(step)
             for transition in step.transitions:
                 self._dispatch(transition)
@@ -664,8 +664,7 @@ class Detector:
         if t.kind == "end":
             self._band_sum, self._band_n = None, 0
         log.info("anomaly %s: %s (peak %.4g)", message.type, message.event_id, message.peak_score)
-        for sink in self.sinks:
-            sink.event(message)
+        self._to_sinks("event", message)
         if t.kind != "update":
             self.emit_state()
 
@@ -733,8 +732,7 @@ class Detector:
             if self.adapter is not None and self.adapter.period is not None
             else None,
         )
-        for sink in self.sinks:
-            sink.state(message)
+        self._to_sinks("state", message)
 
     def _emit_health(self, change: HealthChange | None) -> None:
         if change is not None:
@@ -752,8 +750,7 @@ class Detector:
             change=f"{change.kind}:{change.fault}" if change else None,
             detail=change.detail if change else None,
         )
-        for sink in self.sinks:
-            sink.health(message)
+        self._to_sinks("health", message)
         if change is not None:
             self.emit_state()
 
@@ -783,13 +780,26 @@ class Detector:
             throttled=throttled(),
             anomaly_index=_round(self.index.value, 4),
         )
-        for sink in self.sinks:
-            sink.metrics(message)
+        self._to_sinks("metrics", message)
 
     def respond(self, message: ResponseMessage) -> None:
         """Send a command response to every sink."""
+        self._to_sinks("response", message)
+
+    def _to_sinks(self, method: str, *args: Any) -> None:
+        """Hand a message to every sink. One that raises (a full disk under the spool, a broken
+        pipe) is logged, once until it works again, and the others still get the message: no
+        output may stop the monitor or the outputs after it."""
         for sink in self.sinks:
-            sink.response(message)
+            key = (id(sink), method)
+            try:
+                getattr(sink, method)(*args)
+            except Exception:
+                if key not in self._failing:
+                    log.exception("%s.%s failed; carrying on", type(sink).__name__, method)
+                self._failing.add(key)
+            else:
+                self._failing.discard(key)
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sqlite3
 import ssl
 import threading
 import time
@@ -83,7 +84,7 @@ class MqttPublisher:
         self._retained: dict[str, str] = {}
         self._inflight: dict[int, int] = {}
         self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._early_acks: set[int] = set()
+        self._spool_failed = False
         self._handed = 0
         self._last_refusal = ""
         self._warned_retained = False
@@ -173,11 +174,7 @@ class MqttPublisher:
                 return
             info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             self._handed = row.id
-            if info.mid in self._early_acks:
-                self._early_acks.discard(info.mid)
-                self.spool.remove(row.id)
-            else:
-                self._inflight[info.mid] = row.id
+            self._inflight[info.mid] = row.id  # its ack is read on this thread, after this
         if self.spool.after(self._handed, 1):
             self._wake.set()
 
@@ -188,9 +185,7 @@ class MqttPublisher:
             except queue.Empty:
                 return
             row = self._inflight.pop(mid, None)
-            if row is None:
-                self._early_acks.add(mid)
-            else:
+            if row is not None:  # others are acks of state and metrics, never spooled
                 self.spool.remove(row)
 
     def _pending(self) -> bool:
@@ -202,9 +197,30 @@ class MqttPublisher:
         """Spool an event (QoS 1) and wake the sender; the latest also goes out retained on
         `last_event` (now if connected, else after the reconnect: not spooled twice)."""
         payload = event.to_payload()
-        self.spool.append(self.topics.events, payload, qos=1)
-        self._wake.set()
+        self._spool(self.topics.events, payload, retain=False)
         self.remember_last_event(payload)
+
+    def _spool(self, topic: str, payload: str, retain: bool) -> None:
+        """Store a QoS 1 message in the spool for the sender; when the spool cannot be written
+        (a full disk), publish it directly instead: it is then lost only if the broker is away
+        too. Logged once until the spool works again."""
+        try:
+            self.spool.append(topic, payload, qos=1, retain=retain)
+        except sqlite3.Error as exc:
+            if not self._spool_failed:
+                log.error(
+                    "spool %s cannot be written (%s): publishing directly, so messages sent "
+                    "while the broker is away are lost until it can",
+                    self.spool.path,
+                    exc,
+                )
+            self._spool_failed = True
+            self.client.publish(topic, payload, qos=1, retain=retain)
+            return
+        if self._spool_failed:
+            log.info("spool %s is written again", self.spool.path)
+        self._spool_failed = False
+        self._wake.set()
 
     def remember_last_event(self, payload: str) -> None:
         """The retained `last_event`: sent now if connected, and again after every reconnect
@@ -217,8 +233,7 @@ class MqttPublisher:
         """Spool a health change (retained, QoS 1); the latest is re-sent on reconnect."""
         payload = health.to_payload()
         self._retained[self.topics.health] = payload
-        self.spool.append(self.topics.health, payload, qos=1, retain=True)
-        self._wake.set()
+        self._spool(self.topics.health, payload, retain=True)
 
     def publish_state(self, state: StateMessage) -> None:
         """Send the retained current state now if connected; it is re-sent after reconnects."""

@@ -436,3 +436,37 @@ def test_running_hours_are_the_machines_total_across_restarts(tmp_path: Path) ->
     assert totals[0] > 3.0  # the fan ran for the whole 5-s file
     assert totals[1] == pytest.approx(2 * totals[0], abs=0.6)
     assert first_metrics == [0.0, pytest.approx(totals[0] / 3600, abs=1e-4)]  # at the restart
+
+
+def test_an_output_that_fails_stops_neither_the_monitor_nor_the_outputs_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink that raised (the spool on a full disk did) used to end the daemon, and the
+    outputs after it in the list never got the message."""
+    from conftest import DEMO_BUNDLE, DEMO_CLIP
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector, Sink
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    class Broken(Sink):
+        def event(self, message: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        def state(self, message: object) -> None:
+            raise OSError(28, "No space left on device")
+
+    rec = Recorder()
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [Broken(), rec])
+    detector.run(FileSource([DEMO_CLIP], RATE))
+    assert rec.kinds()[:1] == ["start"] and rec.kinds()[-1] == "end"  # the fault, reported
+    assert len(rec.states) > 2
+    failures = [r for r in caplog.records if "Broken." in r.getMessage()]
+    assert {r.getMessage() for r in failures} == {
+        "Broken.state failed; carrying on",
+        "Broken.event failed; carrying on",
+    }
+    assert len(failures) == 2 and all(r.exc_info for r in failures)  # once each, with the cause

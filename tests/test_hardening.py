@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import stat
 import subprocess
 from pathlib import Path
@@ -16,6 +17,8 @@ from conftest import DEMO_BUNDLE, Broker, wait_for
 from mqtt_helpers import Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 from test_field_daemon import daemon, faulty_audio, write_config
+
+from edge.topics import Topics
 
 pytestmark = pytest.mark.slow
 NESTED = b"[" * 200_000 + b"]" * 200_000
@@ -130,3 +133,95 @@ def test_poison_flood_and_retained_commands_do_not_stop_the_daemon(
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     for f in data.rglob("*"):
         assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+
+
+# --- the spool under a full disk and after months of message ids -----------------------------
+
+
+TOPICS = Topics("soundsentry", "disk")
+
+
+def _publisher(broker: Broker, spool_path: Path) -> tuple[object, object]:
+    from edge.publish import MqttPublisher
+    from edge.settings import MqttSettings
+    from edge.spool import Spool
+
+    spool = Spool(spool_path)
+    settings = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_max_seconds=2)
+    publisher = MqttPublisher(settings, TOPICS, "disk", spool)
+    publisher.start()
+    wait_for(lambda: publisher.connected, 10, "the publisher to connect")
+    return publisher, spool
+
+
+def _event(n: int) -> object:
+    from edge.messages import EventMessage
+
+    return EventMessage(type="start", event_id=f"e{n}", device_id="disk", model="m",
+                        started_at="2026-01-01T00:00:00.000Z", peak_score=2.0, mean_score=2.0,
+                        threshold=1.0)  # fmt: skip
+
+
+def test_a_spool_that_cannot_be_written_still_delivers_events_and_health(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """SQLite's 'database or disk is full' from the spool used to kill the daemon at its next
+    event, and again at every start (its first health message) while the disk stayed full.
+    SQLite's query_only makes every write fail the same way (an OperationalError)."""
+    from edge.messages import HealthMessage
+
+    sub = Subscriber(broker.port, "soundsentry/disk/#")
+    publisher, spool = _publisher(broker, tmp_path / "spool.sqlite")
+    try:
+        db = spool._db  # type: ignore[attr-defined]
+        db.execute("PRAGMA query_only = 1")  # from here every write fails, as on a full disk
+        with pytest.raises(sqlite3.OperationalError):
+            spool.append("t", "x")  # type: ignore[attr-defined]
+        publisher.publish_event(_event(1))  # type: ignore[attr-defined]
+        health = HealthMessage(status="ok", device_id="disk", updated_at="t", faults=[])
+        publisher.publish_health(health)  # type: ignore[attr-defined]
+        assert sub.wait_for(lambda _: bool(sub.on("/events") and sub.on("/health")), 10)
+        assert sub.on("/events")[0].json()["event_id"] == "e1"
+        db.execute("PRAGMA query_only = 0")  # writable again: spooled as before
+        publisher.publish_event(_event(2))  # type: ignore[attr-defined]
+        assert sub.wait_for(lambda _: len(sub.on("/events")) == 2, 10)
+    finally:
+        publisher.close()  # type: ignore[attr-defined]
+        sub.close()
+
+
+def test_a_spooled_event_waits_for_its_own_ack_after_the_message_ids_wrap(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Acks of state messages (never spooled) used to be kept; once paho's message ids wrapped
+    at 65535, after about a week, a new event took such an id and left the spool at once,
+    unacknowledged: a power cut then lost it."""
+    from edge.messages import StateMessage
+
+    publisher, spool = _publisher(broker, tmp_path / "spool.sqlite")
+    client = publisher.client  # type: ignore[attr-defined]
+    try:
+        state = StateMessage(
+            state="normal", device_id="disk", model="m", threshold=1.0, updated_at="t"
+        )
+        publisher.publish_state(state)  # type: ignore[attr-defined]
+        used = client._last_mid  # paho's message id of the state, acked by the broker...
+        acks = publisher._acked  # type: ignore[attr-defined]
+        wait_for(  # ...and that ack read by the sender thread
+            lambda: used not in client._out_messages and acks.empty(), 10, "the state's ack"
+        )
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGSTOP)  # the broker stops answering
+        client._last_mid = used - 1  # months later: the ids have come round to that one
+        payload = _event(1).to_payload()  # type: ignore[attr-defined]
+        spool.append(TOPICS.events, payload, qos=1)  # type: ignore[attr-defined]
+        publisher._wake.set()  # type: ignore[attr-defined]  # as publish_event, minus last_event
+        wait_for(lambda: publisher._handed > 0, 10, "the sender to hand the event to paho")  # type: ignore[attr-defined]
+        assert client._last_mid == used
+        assert spool.depth() == 1, "the event left the spool without an ack"
+        broker.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: spool.depth() == 0, 10, "the event's own ack")
+    finally:
+        if broker.proc is not None:
+            broker.proc.send_signal(signal.SIGCONT)
+        publisher.close()  # type: ignore[attr-defined]
