@@ -51,6 +51,15 @@ class MicSource:
         self._stop = threading.Event()
         self.device, self.rate = self._resolve()
 
+    paced = True
+    """Blocks come at the pace of the clock: the daemon times events by its samples and
+    follows the clock when they part (`Detector._follow_clock`)."""
+
+    @property
+    def latency_s(self) -> float:
+        """The most audio the capture queue holds: how far behind the clock a block may be."""
+        return self.settings.queue_blocks * self.settings.block_seconds
+
     def stats(self) -> dict[str, int]:
         """Counters for the metrics message."""
         return {

@@ -60,6 +60,11 @@ WORK_PER_TICK = 8
 """Most queued commands run between two audio blocks, so a flood never stalls the audio."""
 KEPT_EVENTS = 16
 """Recent events whose window features are kept for mark_normal."""
+CLOCK_SLACK_S = 2.0
+"""How far the clock and a paced source's sample time may part, beyond what its capture queue
+holds, before event times follow the clock again."""
+CLOCK_JUMP_S = 60.0
+"""A parting this large is a jump of the clock (logged as a warning; smaller ones as info)."""
 KEPT_EVENT_WINDOWS = 240
 """Most windows kept per event (2 minutes); the evidence clip, when there is one, is used
 instead."""
@@ -168,7 +173,8 @@ class Detector:
         self.commands_shed = 0
         self.source_stats: Callable[[], dict[str, int]] = dict
         self.spool_stats: Callable[[], tuple[int, int]] = spool_stats or (lambda: (0, 0))
-        self.muted_until = 0.0
+        self._mute_end = 0.0
+        """When the running mute ends on the monotonic clock, 0 if none runs."""
         self._threshold: float | None = None
         self._stop = threading.Event()
         self._samples = 0
@@ -504,6 +510,8 @@ class Detector:
         """Process blocks until the source ends or stop() is called; then close open events."""
         self._origin = self.clock()
         self.source_stats = getattr(source, "stats", dict)
+        self._paced = bool(getattr(source, "paced", False))
+        self._slack_s = float(getattr(source, "latency_s", 0.0)) + CLOCK_SLACK_S
         self.emit_state()
         self._emit_health(None)
         try:
@@ -537,6 +545,8 @@ class Detector:
             detect=not self.muted and not self.learning and INVALID not in self.health.active,
         )
         self._samples += len(block)
+        if self._paced:
+            self._follow_clock()
         for step in steps:
             self.metrics.window_scored(step.elapsed_s)
             first = not self._heard
@@ -570,8 +580,8 @@ class Detector:
             for change in self.health.stalled(f"no audio for {stall:g} s"):
                 self._emit_health(change)
         self.run_pending()
-        if self.muted_until and self.clock() >= self.muted_until:
-            self.muted_until = 0.0
+        if self._mute_end and now >= self._mute_end:
+            self._mute_end = 0.0
             log.info("mute ended")
             self._save_state()
             self.emit_state()
@@ -618,7 +628,21 @@ class Detector:
     @property
     def muted(self) -> bool:
         """True during a maintenance mute."""
-        return self.muted_until > self.clock()
+        return self._mute_end > time.monotonic()
+
+    @property
+    def muted_until(self) -> float:
+        """When the running mute ends on the wall clock (epoch seconds), 0 if none runs. The
+        mute itself runs on the monotonic clock: a Pi without a real-time clock boots in the
+        past and jumps forward at NTP sync, which ended a 60-min mute at once (or, backwards,
+        stretched a 1-min one to a day)."""
+        left = self._mute_end - time.monotonic()
+        return self.clock() + left if self._mute_end and left > 0 else 0.0
+
+    @muted_until.setter
+    def muted_until(self, wall: float) -> None:
+        left = wall - self.clock() if wall else 0.0
+        self._mute_end = time.monotonic() + left if left > 0 else 0.0
 
     @property
     def _rate(self) -> int:
@@ -629,6 +653,23 @@ class Detector:
         self.close_event()
         self.pipeline.reset()
         self._origin = self.clock() - self._samples / self._rate
+
+    def _follow_clock(self) -> None:
+        """Audio that comes at the pace of the clock (a microphone) is timed by its samples
+        from the start. When that time and the clock part by more than the capture queue can
+        hold (a Pi without a real-time clock set by NTP after boot, dropped blocks, a USB
+        microphone's own clock over weeks), event times follow the clock again."""
+        behind = self.clock() - (self._origin + self._samples / self._rate)
+        if -CLOCK_SLACK_S <= behind <= self._slack_s:
+            return
+        level = logging.WARNING if abs(behind) > CLOCK_JUMP_S else logging.INFO
+        log.log(
+            level,
+            "the clock is %+.1f s off the audio's own time (set at boot, dropped audio or a "
+            "drifting microphone): event times follow the clock",
+            behind,
+        )
+        self._origin += behind
 
     def _wall(self, stream_s: float) -> float:
         return self._origin + self._base / self._rate + stream_s

@@ -48,6 +48,11 @@ class FileSource:
         self._frames = check_files(self.files, max(channel, 0), samplerate)
 
     @property
+    def paced(self) -> bool:
+        """With `realtime` the files come at the pace of the clock, like a microphone."""
+        return self.realtime
+
+    @property
     def seconds(self) -> float:
         """Total length of the stream."""
         return sum(frames / rate for frames, rate in self._frames)

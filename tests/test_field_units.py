@@ -470,3 +470,78 @@ def test_an_output_that_fails_stops_neither_the_monitor_nor_the_outputs_after_it
         "Broken.event failed; carrying on",
     }
     assert len(failures) == 2 and all(r.exc_info for r in failures)  # once each, with the cause
+
+
+# --- a Pi without a real-time clock ---------------------------------------------------------
+
+
+class _PacedClip:
+    """The demo clip in 0.1-s blocks, as a microphone delivers it (`paced`), with a clock that
+    runs with the audio and jumps a day forward after 2 s, as NTP sets a Pi's clock after boot."""
+
+    paced = True
+    latency_s = 0.5
+
+    def __init__(self) -> None:
+        from conftest import DEMO_CLIP
+
+        from edge.audio_io import read_audio
+
+        self.audio = read_audio(DEMO_CLIP, RATE)
+        self.fed = 0
+        self.t0 = 1.6e9  # 2020-09-13: where the clock stood at boot
+
+    def clock(self) -> float:
+        return self.t0 + self.fed / RATE + (86400.0 if self.fed > 2 * RATE else 0.0)
+
+    def __iter__(self) -> object:
+        for i in range(0, len(self.audio), RATE // 10):
+            block = self.audio[i : i + RATE // 10]
+            self.fed += len(block)
+            yield block
+
+
+def test_event_times_follow_the_clock_when_it_jumps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Event times were fixed to the clock at start: after NTP set the clock, every event
+    stayed in the boot-time past and `soundsentry events --since 1h` found none of them."""
+    from conftest import DEMO_BUNDLE
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.eventlog import parse_time
+    from edge.settings import Settings
+
+    source, rec = _PacedClip(), Recorder()
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec], clock=source.clock)
+    detector.run(source)
+    start = next(e for e in rec.events if e.type == "start")
+    at = parse_time(start.started_at).timestamp()
+    offset = start.stream_offset_s
+    assert abs(at - (source.t0 + 86400 + offset)) < 1.0, (at - source.t0, offset)
+    assert any("the clock is +86400" in r.getMessage() for r in caplog.records)
+
+
+def test_a_mute_keeps_its_length_when_the_clock_jumps(tmp_path: Path) -> None:
+    """The mute ran on the wall clock: NTP's jump forward after boot ended a 60-min mute at
+    once, and a jump back stretched a 1-min mute by the jump."""
+    from conftest import DEMO_BUNDLE
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    now = [1.6e9]
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [], clock=lambda: now[0])
+    end = detector.mute(60)
+    assert end == pytest.approx(now[0] + 3600, abs=1)
+    now[0] += 86400.0  # NTP
+    assert detector.muted and detector.muted_until == pytest.approx(now[0] + 3600, abs=1)
+    detector.unmute()
+    detector.mute(1)
+    now[0] -= 86400.0  # and back
+    assert detector.muted and detector.muted_until == pytest.approx(now[0] + 60, abs=1)
