@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level),
+        level=getattr(logging, args.log_level or "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -80,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"soundsentry {__version__}")
     parser.add_argument(
         "--log-level",
-        default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="stderr log level",
+        help="stderr log level (default: `run` takes the config's log_level, INFO unless set; "
+        "every other command WARNING)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (
@@ -639,6 +639,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge.service import run_detector
 
     settings = _settings_from(args, args.model)
+    if args.log_level is None:  # the service's log (the journal): its audit trail of commands
+        logging.getLogger().setLevel(settings.log_level)
     if settings.model is None:
         raise SoundSentryError("no model: set `model` in the config file or pass --model")
     bundle = _load(settings.model)
