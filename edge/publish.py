@@ -96,6 +96,7 @@ class MqttPublisher:
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
         configure_auth(self.client, settings)
+        self._password = mqtt_password(settings) if settings.username else None
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-spool", daemon=True)
 
     @property
@@ -119,6 +120,7 @@ class MqttPublisher:
             if text != self._last_refusal:
                 log.error("MQTT: broker refused the connection: %s; retrying with backoff", text)
             self._last_refusal = text
+            self._reread_password()
             return
         self._last_refusal = ""
         log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
@@ -128,6 +130,22 @@ class MqttPublisher:
         self._publish_discovery()
         self._connected.set()
         self._wake.set()
+
+    def _reread_password(self) -> None:
+        """After a refusal, read the password again: a password file changed for a new broker
+        password is used from the next attempt, without a restart (systemd credentials are
+        copied at start: those need `systemctl restart`)."""
+        if not self.settings.username:
+            return
+        try:
+            password = mqtt_password(self.settings)
+        except SettingsError as exc:
+            log.error("MQTT: %s", exc)
+            return
+        if password != self._password:
+            self._password = password
+            self.client.username_pw_set(self.settings.username, password)
+            log.warning("MQTT: the password changed; the next attempt uses the new one")
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         was = self._connected.is_set()

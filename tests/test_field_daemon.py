@@ -466,13 +466,22 @@ def test_tls_and_password_and_wrong_credentials(tmp_path: Path) -> None:
             lambda: (refusals_by_broker(), spooled(tmp_path, "intruder", "health")),
         )
         assert proc.poll() is None, "a refused connection must not crash the daemon"
+        assert not any(s.startswith("soundsentry/intruder") for s in seen)
+        # The operator puts the right password in the file: used without a restart.
+        bad.write_text("s3cret-pw\n")
+        wait_for(  # within the realtime replay of the 20-s clip; backoff is at most 2 s
+            lambda: "soundsentry/intruder/availability online" in seen,
+            15,
+            "the daemon online with the password now in its file",
+            lambda: (proc.poll(), seen[-3:]),
+        )
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
         refusals = [line for line in err.splitlines() if "refused the connection" in line]
         assert len(refusals) == 1 and "Not authorized" in refusals[0], err
-        assert "wrong-pw" not in err
-        assert not any(s.startswith("soundsentry/intruder") for s in seen)
+        assert "the password changed" in err
+        assert "wrong-pw" not in err and "s3cret-pw" not in err  # neither password is logged
 
         # doctor run by hand, where the service's systemd credential is not visible
         nopw = tls.replace('password_file = "{pw}"\n', "")
