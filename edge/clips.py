@@ -6,6 +6,7 @@ The clip runs from `preroll` seconds before the anomaly's first window to its en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -108,6 +109,9 @@ class ClipRecorder:
             sf.write(self.folder / name, np.clip(audio, -1, 1), self.samplerate, CLIP_SUBTYPE)
         except (OSError, sf.LibsndfileError) as exc:
             log.error("could not save evidence clip %s: %s", name, exc)
+            with contextlib.suppress(OSError):  # no half-written clip (a full disk), and
+                (self.folder / name).unlink(missing_ok=True)
+            self.enforce_retention()  # the limits still apply: older clips make room
             return None
         self.enforce_retention()
         return name, round(len(audio) / self.samplerate, 3)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -545,3 +547,31 @@ def test_a_mute_keeps_its_length_when_the_clock_jumps(tmp_path: Path) -> None:
     detector.mute(1)
     now[0] -= 86400.0  # and back
     assert detector.muted and detector.muted_until == pytest.approx(now[0] + 60, abs=1)
+
+
+def test_a_clip_that_cannot_be_written_leaves_no_stub_and_retention_still_runs(
+    tmp_path: Path,
+) -> None:
+    """A full disk cut the clip short: a 0-byte (or torn) WAV stayed behind, and retention, which
+    ran only after a good write, never freed room. A file-size limit (RLIMIT_FSIZE, in a child
+    process) makes the write fail part-way, as a full disk does."""
+    script = f"""
+import os, resource, signal, sys, time
+import numpy as np, soundfile as sf
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from edge.clips import ClipRecorder
+folder = {str(tmp_path)!r}
+old = os.path.join(folder, "old.wav")
+sf.write(old, np.zeros(100, np.float32), 16000)
+os.utime(old, (time.time() - 3 * 86400,) * 2)
+rec = ClipRecorder(__import__("pathlib").Path(folder), 16000, max_total_mb=1, max_age_days=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+rec.push(np.full(3 * 16000, 0.1, np.float32))
+rec.start("ev1", first_sample=16000, wall_time=time.time())
+print(rec.finish("ev1"))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "None" and "could not save evidence clip" in proc.stderr
+    assert list(tmp_path.glob("*.wav")) == []  # neither the torn clip nor the 3-day-old one
