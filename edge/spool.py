@@ -42,6 +42,11 @@ class Spooled:
     retain: bool
 
 
+FULL_LOG_EVERY_S = 60.0
+"""A full spool drops the oldest message for every new one; it says so at most this often
+(with the count), not once per message for the whole of a long broker outage."""
+
+
 class Spool:
     """SQLite-backed FIFO of outgoing messages, safe to use from several threads."""
 
@@ -51,6 +56,8 @@ class Spool:
         private_dir(path.parent)
         private_file(path)  # SQLite gives its -wal and -shm files the database's mode
         self._lock = threading.Lock()
+        self._full_logged_at = float("-inf")
+        self._dropped_unlogged = 0
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -74,9 +81,14 @@ class Spool:
                     "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
                     (excess,),
                 )
-                log.warning(
-                    "spool full (%d messages): dropped the %d oldest", self.max_messages, excess
-                )
+                self._dropped_unlogged += excess
+                if time.monotonic() - self._full_logged_at >= FULL_LOG_EVERY_S:
+                    log.warning(
+                        "spool full (%d messages): dropped the %d oldest since the last report",
+                        self.max_messages,
+                        self._dropped_unlogged,
+                    )
+                    self._full_logged_at, self._dropped_unlogged = time.monotonic(), 0
             return int(cur.lastrowid or 0)
 
     def after(self, last_id: int, limit: int = 100) -> list[Spooled]:

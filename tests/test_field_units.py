@@ -39,11 +39,15 @@ def schema(name: str) -> Draft202012Validator:
 # --- spool ----------------------------------------------------------------------------------
 
 
-def test_spool_is_durable_ordered_and_bounded(tmp_path: Path) -> None:
+def test_spool_is_durable_ordered_and_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "spool.sqlite"
     spool = Spool(path, max_messages=3)
     ids = [spool.append("t", f"m{i}") for i in range(5)]
     assert spool.depth() == 3 and spool.dropped == 2
+    full = [r.getMessage() for r in caplog.records if "spool full" in r.getMessage()]
+    assert full == ["spool full (3 messages): dropped the 1 oldest since the last report"]
     spool.close()
     again = Spool(path, max_messages=3)  # a restart (or kill -9) keeps what was stored
     rows = again.after(0)
