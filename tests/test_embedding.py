@@ -247,8 +247,43 @@ def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: 
     only_off = tmp_path / "only-off"
     (only_off / "off").mkdir(parents=True)
     (only_off / "off" / "hiss.wav").symlink_to(off / "hiss.wav")
-    with pytest.raises(AudioError, match="outside a state folder named `off`"):
+    with pytest.raises(AudioError, match="only the `off` state: record the machine running"):
         train_embedding(None, tmp_path / "c.bundle", states=only_off, epochs=1)
+
+
+def test_state_folders_are_checked_before_anything_is_trained(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From a review: a 2-s state beside `off` trained a bundle whose threshold came from its
+    own training windows (events on 3 of 3 normal clips); `Off` counted as a running state; an
+    empty folder vanished without a word; a name the manifest cannot carry failed after the
+    whole training."""
+    from train.embedding import state_folders
+
+    def states(layout: dict[str, list[Path]]) -> Path:
+        root = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        for name, files in layout.items():
+            (root / name).mkdir(parents=True)
+            for f in files:
+                (root / name / f.name).symlink_to(f)
+        return root
+
+    short = tmp_path / "two-seconds.wav"
+    sf.write(short, read_audio(NORMAL_FILES[0], 16000)[: 2 * 16000], 16000)
+    with pytest.raises(AudioError, match=r"2\.0 s of normal audio is too little"):
+        state_folders(states({"tiny": [short], "off": list(NORMAL_FILES)}), 16000)
+    groups = state_folders(states({"full": list(NORMAL_FILES[:2]), "Off": [NORMAL_FILES[2]]}))
+    assert list(groups) == ["full", "off"]  # the machine-off state, whatever its case
+    with pytest.raises(AudioError, match="a second folder for the state 'off'"):
+        state_folders(states({"full": list(NORMAL_FILES[:2]), "OFF": [short], "off": [short]}))
+    root = states({"full": list(NORMAL_FILES[:2]), "slow": [NORMAL_FILES[2]], "fast": []})
+    assert list(state_folders(root)) == ["full", "slow"]
+    said = [r.getMessage() for r in caplog.records]
+    assert f"{root / 'fast'} holds no audio: it is not a state" in said
+    assert any(m.startswith("state slow: only 5.0 s of audio") for m in said)
+    bad = states({"vitesse réduite": list(NORMAL_FILES)})
+    with pytest.raises(AudioError, match="vitesse réduite: a state folder's name is the state's"):
+        state_folders(bad)
 
 
 def test_an_output_that_sat_still_in_training_cannot_set_the_threshold_alone() -> None:

@@ -38,7 +38,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from edge.bundle import MODEL_FLOAT, MODEL_INT8, write_bundle
+from edge.advice import MIN_AUDIO_SECONDS, audio_seconds, require_audio
+from edge.audio_io import find_audio
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, SAFE_LABEL, write_bundle
 from edge.detectors.embedding import (
     BAND_STD_FLOOR_DB,
     EmbeddingScorer,
@@ -55,9 +57,9 @@ from train.dataset import (
     Holdout,
     dense_params,
     holdout_split,
-    subfolder_audio,
     threshold_from_holdout,
     training_audio,
+    without_copies,
 )
 from train.fluctuation import fit_statistics
 from train.profile import machine_profile
@@ -218,14 +220,51 @@ class OwnAudio:
         return {"machine.state_levels": np.stack(levels)}
 
 
-def state_folders(root: str | Path) -> dict[str, list[Path]]:
-    """State name -> its audio files, from the subfolders of `root` (one state is allowed)."""
-    return subfolder_audio(
-        root,
-        f"{root}: --normal-states needs a folder with one subfolder per state",
-        1,
-        f"{root}: no subfolder with audio (one subfolder per state)",
-    )
+def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, list[Path]]:
+    """State name -> its audio files, from the subfolders of `root` (one state is allowed),
+    checked before anything is trained: a name the bundle can carry, `off` in any case, no
+    empty folder left out silently, byte-identical copies used once, every file usable, and
+    the machine running for at least edge.advice.MIN_AUDIO_SECONDS outside `off`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AudioError(f"{root}: --normal-states needs a folder with one subfolder per state")
+    groups: dict[str, list[Path]] = {}
+    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+        name = OFF if folder.name.lower() == OFF else folder.name
+        if not re.fullmatch(SAFE_LABEL, name):
+            raise AudioError(
+                f"{folder}: a state folder's name is the state's name in messages: letters, "
+                "digits, spaces and . _ : + - (up to 64, starting with a letter or a digit); "
+                "rename the folder"
+            )
+        if name in groups:
+            raise AudioError(f"{folder}: a second folder for the state {name!r}")
+        files = find_audio([folder])
+        if not files:
+            log.warning("%s holds no audio: it is not a state", folder)
+            continue
+        groups[name] = without_copies(files)
+    if not groups:
+        raise AudioError(f"{root}: no subfolder with audio (one subfolder per state)")
+    seconds = {k: audio_seconds(v, samplerate=samplerate) for k, v in groups.items()}
+    running = {k: v for k, v in seconds.items() if k != OFF}
+    if not running:
+        raise AudioError(
+            f"{root}: only the `{OFF}` state: record the machine running too, in a folder of "
+            "its own"
+        )
+    require_audio(sum(running.values()), "train")
+    groups = dict(sorted(groups.items()))  # the order of the names, whatever their folders' case
+    for name, value in running.items():
+        if value < MIN_AUDIO_SECONDS:
+            log.warning(
+                "state %s: only %.1f s of audio; record at least %g s of each state, or it is "
+                "barely held out for the threshold",
+                name,
+                value,
+                MIN_AUDIO_SECONDS,
+            )
+    return groups
 
 
 def read_own(
@@ -533,7 +572,7 @@ def train_embedding(
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(seed)
     groups = (
-        state_folders(states)
+        state_folders(states, params.samplerate)
         if states
         else {"normal": training_audio(list(normal or []), params.samplerate)}
     )
