@@ -609,13 +609,14 @@ class Detector:
         self._load(self.bundle, self.settings, self._threshold)
 
     def finish(self) -> None:
-        """End an open anomaly, save a learning period in progress and the running hours, mark
-        the state stopped."""
+        """End an open anomaly, save a learning period in progress and the running hours, send
+        the last metrics, mark the state stopped."""
         self.close_event()
         if self.adapter is not None:
             self.adapter.save_period()
         self._save_state()
         self.notifier.stopping()
+        self._emit_metrics()  # the last running hours and counts (retained over MQTT)
         self.emit_state("stopped")
 
     # --- anomalies -------------------------------------------------------------------------

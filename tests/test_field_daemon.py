@@ -321,6 +321,8 @@ def test_a_client_that_starts_later_sees_the_last_event_and_metrics_at_once(
         assert last.retain and metrics.retain
         assert last.json()["type"] == "end" and validator("event").validate(last.json()) is None
         assert validator("metrics").validate(metrics.json()) is None
+        saved = json.loads((tmp_path / "data" / "state.json").read_text())["running_seconds"]
+        assert saved > 10 and metrics.json()["running_hours"] == round(saved / 3600, 4)  # at stop
         event_id = last.json()["event_id"]
         # A broker that lost its retained messages: the next start sends the logged event again.
         late.client.publish(
