@@ -8,6 +8,7 @@ import logging
 from typing import TextIO
 
 from edge.daemon import Sink
+from edge.machine_state import OFF
 from edge.messages import EventMessage, StateMessage
 from edge.pipeline import Step
 
@@ -90,13 +91,18 @@ class ReplaySummary(Sink):
 
     def __init__(self) -> None:
         self.windows = 0
+        self.off = 0
         self.events = 0
         self.integrated = 0
         self.highest: float | None = None
 
     def step(self, step: Step) -> None:
-        """Count a window; silent or flat ones do not set the highest score."""
+        """Count a window; silent or flat ones, and those with the machine off (never scored
+        for events), do not set the highest score."""
         self.windows += 1
+        if step.machine == OFF or step.state_name == OFF:
+            self.off += 1
+            return
         score = step.score
         if score is not None:
             self.highest = score if self.highest is None else max(self.highest, score)
@@ -110,10 +116,12 @@ class ReplaySummary(Sink):
     def line(self, files: int, threshold: float) -> str:
         """`replay: 2 file(s), 62 windows, 1 event, highest score 2.76 vs threshold 1.87 ...`."""
         if self.highest is None:
-            peak = "no window scored (shorter than one window, or silent)"
+            peak = "no window scored (shorter than one window, silent, or the machine off)"
         else:
             side = "above" if self.highest > threshold else "below"
             peak = f"highest score {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
+        if self.off:
+            peak += f"; the machine off in {self.off} of them"
         events = f"{self.events} event{'' if self.events == 1 else 's'}"
         if self.integrated:  # their windows can all lie below the threshold: say why
             events += f" ({self.integrated} from evidence over time)"

@@ -13,6 +13,7 @@ from detector_helpers import Recorder
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
+from edge.console import ReplaySummary
 from edge.daemon import Detector
 from edge.errors import BundleError
 from edge.features import LogMel
@@ -125,7 +126,7 @@ def test_a_state_named_off_is_off_no_event_and_no_running_hours(
     sf.write(path, np.concatenate([fan[0], neighbour, fan[1]]), rate, subtype="FLOAT")
     stop_s = len(fan[0]) / rate
     start_s = stop_s + len(neighbour) / rate
-    seen = {}
+    seen, steps_of = {}, {}
     for name in ("off", "stopped"):
         bundle_path = neighbour_state(two_states, tmp_path / f"{name}.bundle", name, neighbour)
         rec, steps = Recorder(), []
@@ -134,7 +135,7 @@ def test_a_state_named_off_is_off_no_event_and_no_running_hours(
         Detector(settings, bundle, [rec], on_step=steps.append).run(FileSource([path], rate))
         # Windows wholly inside the neighbour's 8 s, once the vote has had 3 windows to turn.
         inside = [s for s in steps if stop_s + 2.0 <= s.start_s and s.end_s <= start_s]
-        seen[name] = rec, inside
+        seen[name], steps_of[name] = (rec, inside), steps
     (off, off_inside), (control, control_inside) = seen["off"], seen["stopped"]
 
     # An event's offset is its first window's start: a 1-s window before the stop hears it.
@@ -148,3 +149,11 @@ def test_a_state_named_off_is_off_no_event_and_no_running_hours(
     assert off_inside and {(s.machine, s.state_name) for s in off_inside} == {("off", "off")}
     machines = [s.machine for s in off.states]
     assert "off" in machines and machines[-1] == "fast", machines
+    # `replay`'s last line: the neighbour's scores (never scored for events) are left out
+    summary, heard = ReplaySummary(), steps_of["off"]
+    for step in heard:
+        summary.step(step)
+    off_windows = sum(s.machine == "off" for s in heard)
+    running = [s.score for s in heard if s.machine != "off" and s.score is not None]
+    assert summary.off == off_windows > 0 and summary.highest == max(running)
+    assert summary.line(1, 1.0).endswith(f"; the machine off in {off_windows} of them")
