@@ -100,7 +100,8 @@ def bundle_summary(manifest: Any) -> str:
         how = " (each recording held out in turn, scored by a fit without it)"
         return summary((s, s, s), len(cal.get("files", [])), th.value, th.params, how)
     t = manifest.training
-    names = {f.name for f in t.files} | {f.name for f in t.holdout_files}
+    # a recording by its content: state folders often hold files of the same name
+    names = {f.sha256 or f.name for f in [*t.files, *t.holdout_files]}
     held = min(t.holdout_seconds, t.seconds)
     return summary((t.seconds, t.seconds - held, held), len(names), th.value, th.params)
 

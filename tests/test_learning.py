@@ -465,3 +465,18 @@ def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
     assert not (device.data / "models" / "fan-demo-12483c73-v1.bundle").exists()
     assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73-site-v2"
     assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73"
+
+
+def test_the_summary_counts_recordings_by_content_not_by_name() -> None:
+    """State folders often hold files of the same names (00000000.wav in each): the summary
+    counted 16 recordings for 26."""
+    from conftest import DEMO_BUNDLE
+
+    from edge.advice import bundle_summary
+    from edge.bundle import FileRecord, load_bundle
+
+    manifest = load_bundle(DEMO_BUNDLE).manifest
+    same_name = [FileRecord(name="00000000.wav", sha256=f"{i:064x}") for i in range(3)]
+    training = manifest.training.model_copy(update={"files": same_name, "holdout_files": []})
+    text = bundle_summary(manifest.model_copy(update={"training": training, "calibration": None}))
+    assert " from 3 recording(s)" in text.splitlines()[0], text
