@@ -21,6 +21,7 @@ from typing import Any
 
 from edge.audio_io import check_files
 from edge.errors import AudioError
+from edge.machine_state import OFF
 from edge.threshold import describe
 
 MIN_AUDIO_SECONDS = 10.0
@@ -103,7 +104,18 @@ def bundle_summary(manifest: Any) -> str:
     # a recording by its content: state folders often hold files of the same name
     names = {f.sha256 or f.name for f in [*t.files, *t.holdout_files]}
     held = min(t.holdout_seconds, t.seconds)
-    return summary((t.seconds, t.seconds - held, held), len(names), th.value, th.params)
+    text = summary((t.seconds, t.seconds - held, held), len(names), th.value, th.params)
+    states = (manifest.validation or {}).get("state_seconds")
+    if states:  # trained with state folders: how much of each, and what `off` is for
+        parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]
+        note = (
+            f" (`{OFF}`: the machine stopped; it teaches the network, not the threshold)"
+            if OFF in states
+            else ""
+        )
+        first, _, rest = text.partition("\n")
+        text = "\n".join([first, "states: " + ", ".join(parts) + note, rest]).rstrip("\n")
+    return text
 
 
 def _rate(per_day: float) -> str:

@@ -239,6 +239,13 @@ def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: 
     )  # fmt: skip
     m = load_bundle(out).manifest
     assert m.machine.states == ["off", "running"]
+    from edge.advice import bundle_summary
+
+    lines = bundle_summary(m).splitlines()  # the summary `train` prints
+    assert lines[1] == (
+        "states: off 5 s, running 10 s (`off`: the machine stopped; it teaches the network, "
+        "not the threshold)"
+    ), lines
     alone = read_own({"running": list(NORMAL_FILES[:2])}, FeatureParams(), 0)
     held = sum(len(w) for w in alone.held_windows)
     assert m.normal_scores.n_windows == held

@@ -197,6 +197,8 @@ class OwnAudio:
     """Seconds fitted over every view (what an epoch draws from)."""
     audio: list[np.ndarray] = field(default_factory=list)
     """Every recording, for the machine's running level."""
+    state_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds of recordings per state (a multichannel recording counts once)."""
     view_states: list[int] = field(default_factory=list)
     """The state of each recording (each view), in the order of `audio` and the window lists."""
 
@@ -291,6 +293,9 @@ def read_own(
             own.held_windows.append(windows_of(held_audio, params))
             own.view_seconds += len(fit_audio) / params.samplerate
             if view == 0:  # the seconds of the recording, not of its channels
+                own.state_seconds[state] = (
+                    own.state_seconds.get(state, 0.0) + len(audio) / params.samplerate
+                )
                 own.seconds += len(fit_audio) / params.samplerate
                 own.held_seconds += len(held_audio) / params.samplerate
     if not sum(len(w) for w in own.running(own.fit_windows)):
@@ -592,6 +597,8 @@ def train_embedding(
         "last_epoch": history,
         "epoch_windows": epoch_windows,
     }
+    if states:  # for the summary: how much of each state there was
+        validation["state_seconds"] = {k: round(v, 1) for k, v in own.state_seconds.items()}
 
     rep, _, _ = sampler.draw(REPRESENTATIVE, rng, own_share=1.0)
     int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
