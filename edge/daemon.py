@@ -165,6 +165,7 @@ class Detector:
         self.settings = settings
         self.sinks = tuple(sinks)
         self._failing: set[tuple[int, str]] = set()
+        self._paced, self._slack_s = False, CLOCK_SLACK_S  # run() reads them off its source
         self.on_step = on_step
         self.clock = clock
         self.notifier = notifier or SystemdNotifier()
