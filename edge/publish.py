@@ -26,6 +26,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge.errors import SettingsError
 from edge.messages import (
     EventMessage,
     HealthMessage,
