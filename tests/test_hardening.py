@@ -225,3 +225,26 @@ def test_a_spooled_event_waits_for_its_own_ack_after_the_message_ids_wrap(
         if broker.proc is not None:
             broker.proc.send_signal(signal.SIGCONT)
         publisher.close()  # type: ignore[attr-defined]
+
+
+def test_a_password_file_gone_after_a_refusal_is_one_error_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a refused login the password file is read again (a new password is used without a
+    restart); a file that has gone meanwhile is logged, and the old password stays."""
+    from edge.publish import MqttPublisher
+    from edge.settings import MqttSettings
+    from edge.spool import Spool
+
+    secret = tmp_path / "password"
+    secret.write_text("first\n")
+    settings = MqttSettings(host="127.0.0.1", username="pump", password_file=secret)
+    publisher = MqttPublisher(settings, TOPICS, "pw", Spool(tmp_path / "spool.sqlite"))
+    secret.write_text("second\n")
+    publisher._reread_password()
+    assert publisher._password == "second"
+    secret.unlink()
+    publisher._reread_password()
+    assert publisher._password == "second"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"MQTT: mqtt.password_file {secret}: not found"]
