@@ -830,13 +830,16 @@ class Detector:
         self._to_sinks("response", message)
 
     def _to_sinks(self, method: str, *args: Any) -> None:
-        """Hand a message to every sink. One that raises (a full disk under the spool, a broken
-        pipe) is logged, once until it works again, and the others still get the message: no
-        output may stop the monitor or the outputs after it."""
+        """Hand a message to every sink. One that raises (the spool or the event log on a full
+        disk) is logged, once until it works again, and the others still get the message: no
+        output may stop the monitor or the outputs after it. Only a closed stdout ends the
+        command, as a pipe into `head` expects."""
         for sink in self.sinks:
             key = (id(sink), method)
             try:
                 getattr(sink, method)(*args)
+            except BrokenPipeError:  # stdout closed (`replay ... | head`): the command ends
+                raise
             except Exception:
                 if key not in self._failing:
                     log.exception("%s.%s failed; carrying on", type(sink).__name__, method)

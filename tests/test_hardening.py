@@ -248,3 +248,21 @@ def test_a_password_file_gone_after_a_refusal_is_one_error_line(
     assert publisher._password == "second"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"MQTT: mqtt.password_file {secret}: not found"]
+
+
+def test_replay_into_a_pipe_that_closes_ends_quietly() -> None:
+    """`soundsentry replay ... | head`: a closed stdout ends the command, without a traceback
+    (a failing output otherwise only gets logged, so the monitor carries on)."""
+    from conftest import DEMO_CLIP, SOUNDSENTRY
+
+    clips = [str(DEMO_CLIP)] * 6
+    proc = subprocess.Popen([*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), *clips],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert first.startswith(b'{"type": "start"')
+    proc.stdout.close()  # what `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 0
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert "replay: " not in err  # it ended at the closed pipe, not after six files
