@@ -33,6 +33,10 @@ REOPEN_MIN_S = 1.0
 class MicSource:
     """Blocks of mono audio at the model's rate from an input device, reopened on failure."""
 
+    paced = True
+    """Blocks come at the pace of the clock: the daemon times events by its samples and
+    follows the clock when they part (`Detector._follow_clock`)."""
+
     def __init__(
         self,
         audio: AudioSettings,
@@ -50,10 +54,6 @@ class MicSource:
         self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=audio.queue_blocks)
         self._stop = threading.Event()
         self.device, self.rate = self._resolve()
-
-    paced = True
-    """Blocks come at the pace of the clock: the daemon times events by its samples and
-    follows the clock when they part (`Detector._follow_clock`)."""
 
     @property
     def latency_s(self) -> float:
