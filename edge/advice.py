@@ -47,13 +47,16 @@ def require_audio(seconds: float, what: str) -> None:
         )
 
 
-def advice(seconds: float, recordings: int, params: Mapping[str, Any]) -> list[str]:
-    """Advice lines on audio that is too short or too uniform to trust the threshold."""
+def advice(
+    seconds: float, recordings: int, params: Mapping[str, Any], what: str = "normal audio"
+) -> list[str]:
+    """Advice lines on audio that is too short or too uniform to trust the threshold; `seconds`
+    of `what` are those that back it."""
     lines = []
     if seconds < RECOMMENDED_AUDIO_SECONDS:
         more = math.ceil(RECOMMENDED_AUDIO_SECONDS - seconds)
         lines.append(
-            f"warning: only {seconds:.0f} s of normal audio; {RECOMMENDED_AUDIO_SECONDS:g} s or "
+            f"warning: only {seconds:.0f} s of {what}; {RECOMMENDED_AUDIO_SECONDS:g} s or "
             f"more is recommended: record {more} s more, in every state the machine runs in"
         )
     if recordings == 1:
@@ -77,9 +80,11 @@ def summary(
     threshold: float,
     params: Mapping[str, Any],
     how: str = "",
+    off_seconds: float = 0.0,
 ) -> str:
     """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines;
-    `how` says how the held-out audio was held out, when it is not plain."""
+    `how` says how the held-out audio was held out, when it is not plain; `off_seconds` of the
+    audio are the machine stopped (a state folder `off`), which backs no threshold."""
     total, fit, held = seconds
     lines = [
         f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model "
@@ -88,7 +93,10 @@ def summary(
     backing = describe(threshold, params)
     if backing:
         lines.append(backing)
-    lines += advice(total, recordings, params)
+    if off_seconds > 0:
+        lines += advice(total - off_seconds, recordings, params, "the machine running")
+    else:
+        lines += advice(total, recordings, params)
     return "\n".join(lines)
 
 
@@ -104,8 +112,9 @@ def bundle_summary(manifest: Any) -> str:
     # a recording by its content: state folders often hold files of the same name
     names = {f.sha256 or f.name for f in [*t.files, *t.holdout_files]}
     held = min(t.holdout_seconds, t.seconds)
-    text = summary((t.seconds, t.seconds - held, held), len(names), th.value, th.params)
-    states = (manifest.validation or {}).get("state_seconds")
+    states = (manifest.validation or {}).get("state_seconds") or {}
+    off_s = float(states.get(OFF, 0.0))
+    text = summary((t.seconds, t.seconds - held, held), len(names), th.value, th.params, "", off_s)
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]
         note = (

@@ -246,6 +246,8 @@ def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: 
         "states: off 5 s, running 10 s (`off`: the machine stopped; it teaches the network, "
         "not the threshold)"
     ), lines
+    # the advice counts the audio that backs the threshold: the running state's, not `off`'s
+    assert any(line.startswith("warning: only 10 s of the machine running;") for line in lines)
     alone = read_own({"running": list(NORMAL_FILES[:2])}, FeatureParams(), 0)
     held = sum(len(w) for w in alone.held_windows)
     assert m.normal_scores.n_windows == held
