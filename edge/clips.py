@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class ClipRecorder:
         self.max_age_s = max_age_days * 86400
         self.ring = CaptureRing(preroll_s + 15.0, samplerate)
         self._rec: _Recording | None = None
+        self._written: list[Path] = []
 
     def push(self, block: np.ndarray) -> None:
         """Feed every captured block (mono, model rate)."""
@@ -113,8 +115,21 @@ class ClipRecorder:
                 (self.folder / name).unlink(missing_ok=True)
             self.enforce_retention()  # the limits still apply: older clips make room
             return None
+        self._written.append(self.folder / name)
         self.enforce_retention()
         return name, round(len(audio) / self.samplerate, 3)
+
+    def clock_moved(self, seconds: float) -> None:
+        """The wall clock was set `seconds` forward (or back): NTP on a Pi without a real-time
+        clock. Clips written since start carry file times of the old clock, by which retention
+        would delete them early (a clock at boot weeks behind) or keep them too long; their
+        file times, and the open clip's start, move with the clock."""
+        if self._rec is not None:
+            self._rec.started_at += seconds
+        for path in self._written:
+            with contextlib.suppress(OSError):  # deleted by retention, or by hand
+                st = path.stat()
+                os.utime(path, (st.st_atime + seconds, st.st_mtime + seconds))
 
     def enforce_retention(self) -> list[Path]:
         """Delete clips older than the age limit, then the oldest until under the size limit."""
@@ -130,6 +145,7 @@ class ClipRecorder:
         for p in removed:
             p.unlink(missing_ok=True)
             log.info("retention: deleted clip %s", p.name)
+        self._written = [p for p in self._written if p not in removed]
         return removed
 
 

@@ -672,6 +672,8 @@ class Detector:
             behind,
         )
         self._origin += behind
+        if self.clips and abs(behind) > CLOCK_JUMP_S:
+            self.clips.clock_moved(behind)
 
     def _wall(self, stream_s: float) -> float:
         return self._origin + self._base / self._rate + stream_s

@@ -488,7 +488,7 @@ class _PacedClip:
     paced = True
     latency_s = 0.5
 
-    def __init__(self) -> None:
+    def __init__(self, jump_after_s: float = 2.0) -> None:
         from conftest import DEMO_CLIP
 
         from edge.audio_io import read_audio
@@ -496,9 +496,10 @@ class _PacedClip:
         self.audio = read_audio(DEMO_CLIP, RATE)
         self.fed = 0
         self.t0 = 1.6e9  # 2020-09-13: where the clock stood at boot
+        self.jump_after = jump_after_s * RATE
 
     def clock(self) -> float:
-        return self.t0 + self.fed / RATE + (86400.0 if self.fed > 2 * RATE else 0.0)
+        return self.t0 + self.fed / RATE + (86400.0 if self.fed > self.jump_after else 0.0)
 
     def __iter__(self) -> object:
         for i in range(0, len(self.audio), RATE // 10):
@@ -529,6 +530,46 @@ def test_event_times_follow_the_clock_when_it_jumps(
     offset = start.stream_offset_s
     assert abs(at - (source.t0 + 86400 + offset)) < 1.0, (at - source.t0, offset)
     assert any("the clock is +86400" in r.getMessage() for r in caplog.records)
+
+
+def test_clips_saved_before_the_clock_jumped_move_with_it(tmp_path: Path) -> None:
+    """Clips saved before NTP set the clock kept file times of the boot-time clock, by which
+    retention deleted them at its next run when the Pi had been off longer than their age
+    limit. The demo's fault (5-11 s) is saved before the clock jumps a day at 14 s."""
+    from conftest import DEMO_BUNDLE
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    source, rec = _PacedClip(jump_after_s=14.0), Recorder()
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec], clock=source.clock)
+    written = time.time()
+    detector.run(source)
+    end = next(e for e in rec.events if e.type == "end")
+    clip = tmp_path / "data" / "clips" / end.clip
+    assert clip.stat().st_mtime == pytest.approx(written + 86400, abs=60)
+
+
+def test_a_clip_keeps_its_age_when_the_clock_is_set(tmp_path: Path) -> None:
+    """A clip saved by a clock 40 days behind is not 40 days old once the clock is set; one that
+    this run did not write keeps its file time; the open clip's name takes the new time."""
+    rec = ClipRecorder(tmp_path, RATE, max_age_days=30)
+    rec.push(np.zeros(2 * RATE, np.float32))
+    behind = 40 * 86400
+    rec.start("ev1", first_sample=RATE, wall_time=time.time() - behind)
+    name, _ = rec.finish("ev1")
+    os.utime(tmp_path / name, (time.time() - behind,) * 2)  # as the boot-time clock wrote it
+    foreign = tmp_path / "other.wav"
+    sf.write(foreign, np.zeros(100, np.float32), RATE)
+    os.utime(foreign, (time.time() - behind,) * 2)
+    rec.start("ev2", first_sample=RATE, wall_time=time.time() - behind)
+    rec.clock_moved(behind)
+    second, _ = rec.finish("ev2")  # retention runs after every clip
+    assert second[:8] == time.strftime("%Y%m%d", time.gmtime())  # not 40 days back
+    assert {p.name for p in tmp_path.glob("*.wav")} == {name, second}  # other.wav: deleted
 
 
 def test_a_mute_keeps_its_length_when_the_clock_jumps(tmp_path: Path) -> None:
