@@ -512,6 +512,8 @@ class Detector:
         self._origin = self.clock()
         self.source_stats = getattr(source, "stats", dict)
         self._paced = bool(getattr(source, "paced", False))
+        if not self._paced:  # a recording replayed faster than it was heard: it lies in the
+            self._origin -= float(getattr(source, "seconds", 0.0))  # past, ending now
         self._slack_s = float(getattr(source, "latency_s", 0.0)) + CLOCK_SLACK_S
         self.emit_state()
         self._emit_health(None)

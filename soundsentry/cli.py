@@ -253,7 +253,13 @@ def _add_spectrogram(sub: Any) -> None:
 
 
 def _add_replay(sub: Any) -> None:
-    p = sub.add_parser("replay", help="run the daemon's pipeline on files; events as JSON lines")
+    p = sub.add_parser(
+        "replay",
+        help="run the daemon's pipeline on files; events as JSON lines",
+        description="Run the daemon's pipeline on files and print its events as JSON lines. "
+        "Event times take the audio as just recorded: it ends when the replay starts "
+        "(with --realtime, it starts then).",
+    )
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument(
         "files", nargs="+", type=Path, metavar="PATH", help="audio files or folders (recursive)"

@@ -532,6 +532,31 @@ def test_event_times_follow_the_clock_when_it_jumps(
     assert any("the clock is +86400" in r.getMessage() for r in caplog.records)
 
 
+def test_replayed_events_lie_in_the_past(tmp_path: Path) -> None:
+    """A replay took the audio as starting when the replay did, so an hour-long recording put
+    its events up to an hour into the future (and past `events --since`, the page's list and
+    Home Assistant's last event). The audio is now taken as just recorded, ending at the start."""
+    from conftest import DEMO_BUNDLE, DEMO_CLIP
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.eventlog import parse_time
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    now, rec = 1.8e9, Recorder()
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec], clock=lambda: now)
+    source = FileSource([DEMO_CLIP], RATE)
+    detector.run(source)
+    start, end = rec.events[0], rec.events[-1]
+    assert start.type == "start" and end.type == "end"
+    at = parse_time(start.started_at).timestamp()
+    assert at == pytest.approx(now - source.seconds + start.stream_offset_s, abs=0.01)
+    assert parse_time(end.ended_at).timestamp() <= now
+
+
 def test_clips_saved_before_the_clock_jumped_move_with_it(tmp_path: Path) -> None:
     """Clips saved before NTP set the clock kept file times of the boot-time clock, by which
     retention deleted them at its next run when the Pi had been off longer than their age
