@@ -35,6 +35,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,7 +64,7 @@ SELECTION_TYPES = ("fan", "pump", "valve", "slider")
 FALSE_ALARM_WEIGHT = 2.0
 """bench/SELECTION.md: a normal clip with an event costs twice a missed fault clip."""
 BASELINE_TOLERANCE = 0.02
-CORPUS_KINDS = ("embedding",)
+CORPUS_KINDS = ("embedding", "ensemble")
 """Kinds that train against the bundled corpus of other machines' normal sound."""
 # kind -> (module, function): each trainer is called as fn(files, out) with its defaults.
 TRAINERS = {
@@ -481,6 +482,9 @@ def main() -> None:
     ap.add_argument(
         "--kinds", nargs="+", default=["fluctuation", "levels", "knn", "embedding", "ensemble"]
     )
+    ap.add_argument(
+        "--members", nargs="+", help="the ensemble's members (default: its trainer's default)"
+    )
     ap.add_argument("--baseline-epochs", type=int, default=100)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--sets", nargs="+", default=["mimii", "ids", "lite"])
@@ -493,6 +497,8 @@ def main() -> None:
         module, name = TRAINERS[kind]
         try:
             trainers[kind] = getattr(importlib.import_module(module), name)
+            if kind == "ensemble" and args.members:
+                trainers[kind] = partial(trainers[kind], members=args.members)
         except (ImportError, AttributeError):
             print(f"skipping {kind}: {module}.{name} is not available", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="ss-machines-"))

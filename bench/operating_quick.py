@@ -1,7 +1,7 @@
 """Operating point of the default detector on MIMII fan id_00, channel 0, at its default budget.
 
     .venv/bin/python bench/operating_quick.py [--data /work/shared/data] [--json out.json]
-        [--false-alarms-per-day 1] [--no-integrate]
+        [--false-alarms-per-day 1] [--no-integrate] [--members fluctuation embedding]
 
 Trains `fluctuation` on normal clips 0-9 (channel 0) with the trainer's defaults, then replays
 every test clip (normal 10-19, anomalous 0-19) as its own stream through the real daemon path
@@ -15,7 +15,8 @@ Nothing here is tuned on the test clips: the threshold rule and the CUSUM's cons
 docstring of edge/threshold.py, edge/events.py) were written down and committed before these
 counts were first looked at; the bundle's threshold and CUSUM come from held-out *normal*
 training audio only. `--no-integrate` runs the same bundle with K-of-N alone
-(`detector.integrate = false`), to show what the CUSUM adds.
+(`detector.integrate = false`), to show what the CUSUM adds. `--members` trains an `ensemble`
+of those kinds instead (train.ensemble), to see a candidate's operating point the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +101,17 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--false-alarms-per-day", type=float, default=DEFAULT_FALSE_ALARMS_PER_DAY)
     ap.add_argument("--no-integrate", action="store_true", help="K-of-N alone, no CUSUM")
+    ap.add_argument("--members", nargs="+", help="train an ensemble of these kinds instead")
     args = ap.parse_args()
     integrate = not args.no_integrate
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bundle_path = train_fluctuation(
+        train = train_fluctuation
+        if args.members:
+            from train.ensemble import train_ensemble
+
+            train = partial(train_ensemble, members=args.members, exclude=["fan_id00"])
+        bundle_path = train(
             clips(args.data, "normal", TRAIN_IDS),
             work / "fan.bundle",
             channel=CHANNEL,

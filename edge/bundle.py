@@ -395,7 +395,7 @@ def load_bundle(path: str | Path, variant: str = "int8", num_threads: int = 1) -
         ) from None
     plugin = plugin_for(manifest)
     model = None
-    if plugin.needs_model:
+    if plugin.wants_model(manifest):
         name = MODEL_INT8 if variant == "int8" else MODEL_FLOAT
         if name not in manifest.files:
             raise BundleError(f"{folder}: this bundle has no {name}")

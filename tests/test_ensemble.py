@@ -1,4 +1,5 @@
-"""Kind `ensemble`: numpy members on a common scale from held-out normal audio, combined."""
+"""Kind `ensemble`: members on a common scale from held-out normal audio, combined; the numpy
+kinds, and the int8 CNN as the one network member."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def test_the_fault_scores_above_unseen_normal_audio(trained: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda m: m["ensemble"]["members"][0].update(kind="embedding"), "not one of"),
+        (lambda m: m["ensemble"]["members"][0].update(kind="autoencoder"), "not one of"),
         (lambda m: m["ensemble"]["members"][1].update(prefix="m0"), "share a prefix"),
         (lambda m: m.pop("ensemble"), "needs an `ensemble` section"),
         (lambda m: m["ensemble"]["members"][0].update(spread=0.0), "spread"),
@@ -109,3 +110,71 @@ def test_calibrate_refits_every_member_and_the_common_scale(trained: Path, tmp_p
     assert any(json.loads(line)["type"] == "start" for line in replayed)  # still alarms
     fault = Scorer.from_bundle(after).score_many(bundle_windows(out, ANOMALOUS_FILE))
     assert np.median(fault) > 2 * after.manifest.normal_scores.p50  # two files: a wide tail
+
+
+TINY_EPOCH = 512
+"""Windows per epoch of the network member in these tests (the default is 4096)."""
+
+
+@pytest.fixture(scope="module")
+def with_cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fluctuation and the int8 CNN on one scale, on three normal fixture files."""
+    from train.ensemble import train_ensemble
+
+    out = tmp_path_factory.mktemp("ensemble-cnn") / "fan.bundle"
+    return train_ensemble(
+        list(NORMAL_FILES[:3]), out, members=("fluctuation", "embedding"), epochs=2,
+        epoch_windows=TINY_EPOCH,
+    )  # fmt: skip
+
+
+def test_the_int8_cnn_is_a_member_whose_network_is_the_bundles(with_cnn: Path) -> None:
+    """The network travels as the bundle's int8 model; its head and normalisation under its
+    prefix; the score is the mean z of both members, as with numpy members."""
+    bundle = load_bundle(with_cnn)
+    info = bundle.manifest.ensemble
+    assert info is not None and [m.kind for m in info.members] == ["fluctuation", "embedding"]
+    assert bundle.model is not None and "model_int8.tflite" in bundle.manifest.files
+    assert bundle.model.input_shape == (1, *bundle.features.shape, 1)
+    assert "m1.normalization.mean" in bundle.arrays and "m1.statistics.precision" in bundle.arrays
+    w = bundle_windows(with_cnn, ANOMALOUS_FILE)
+    z = []
+    for m in info.members:
+        alone = Scorer.from_bundle(member_view(bundle, m)).score_many(w)
+        z.append((np.log(alone) - m.center) / m.spread)
+    expected = np.exp(np.mean(z, axis=0) * np.mean([m.spread for m in info.members]))
+    np.testing.assert_allclose(Scorer.from_bundle(bundle).score_many(w), expected, rtol=1e-6)
+    normal = Scorer.from_bundle(bundle).score_many(bundle_windows(with_cnn, NORMAL_FILES[3]))
+    assert np.median(expected) > normal.max(), (expected, normal)
+
+
+def test_an_ensemble_with_the_cnn_replays_and_calibrates_on_the_edge(
+    with_cnn: Path, tmp_path: Path
+) -> None:
+    """`replay` raises the fixture fault; `calibrate` refits both members on site (the CNN's
+    head, not its network) without TensorFlow (the edge path)."""
+    replayed = cli("replay", str(with_cnn), str(ANOMALOUS_FILE)).stdout.splitlines()
+    assert any(json.loads(line)["type"] == "start" for line in replayed)
+    out = tmp_path / "site.bundle"
+    cli("calibrate", str(with_cnn), "--normal", *map(str, NORMAL_FILES[2:4]), "--out", str(out))
+    before, after = load_bundle(with_cnn), load_bundle(out)
+    assert after.manifest.files["model_int8.tflite"] == before.manifest.files["model_int8.tflite"]
+    assert not np.array_equal(
+        after.array("m1.statistics.center"), before.array("m1.statistics.center")
+    )
+    assert after.manifest.calibration is not None
+
+
+def test_an_ensemble_holds_one_network(with_cnn: Path, tmp_path: Path) -> None:
+    from edge.errors import AudioError
+    from train.ensemble import train_ensemble
+
+    with pytest.raises(AudioError, match="at most one of them a network"):
+        train_ensemble(list(NORMAL_FILES[:3]), tmp_path / "x.bundle", members=["embedding"] * 2)
+    bundle = load_bundle(with_cnn)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["ensemble"]["members"][0].update(kind="embedding", score="embedding-mahalanobis")
+    files = {name: bundle.file_bytes(name) for name in ("model_int8.tflite", "model_float.tflite")}
+    write_bundle(tmp_path / "bad.bundle", manifest, files, bundle.arrays)
+    with pytest.raises(BundleError, match="one network"):
+        load_bundle(tmp_path / "bad.bundle")

@@ -572,6 +572,28 @@ def train_embedding(
     """Train on normal audio (`normal` files/folders, or `states`: one subfolder per state) and
     write an `embedding` bundle; `exclude` keeps corpus machines (type + id) out;
     `all_channels` trains on every channel of multichannel recordings as a view."""
+    return fit_embedding(
+        normal, out, states, epochs, seed, channel, params, false_alarms_per_day, exclude,
+        epoch_windows, corpus_path, all_channels,
+    )[0]  # fmt: skip
+
+
+def fit_embedding(
+    normal: Sequence[str | Path] | None,
+    out: str | Path,
+    states: str | Path | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    channel: int = 0,
+    params: FeatureParams | None = None,
+    false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
+    exclude: Iterable[str] = (),
+    epoch_windows: int | None = None,
+    corpus_path: Path = CORPUS_FILE,
+    all_channels: bool = False,
+) -> tuple[Path, np.ndarray]:
+    """`train_embedding`, also returning the held-out normal scores its threshold came from
+    (an ensemble puts the network on its common scale with them)."""
     params = params or FeatureParams()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
@@ -622,7 +644,7 @@ def train_embedding(
     log.info(
         "wrote %s (int8 embedding %.1f KB, threshold %.4g)", out, len(int8) / 1024, head.threshold
     )
-    return Path(out)
+    return Path(out), head.held_scores
 
 
 def _validation(

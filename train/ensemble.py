@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edge.bundle import load_bundle, write_bundle
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, load_bundle, write_bundle
 from edge.detectors.ensemble import MEMBER_PLUGINS, combine, common_scale
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
@@ -46,6 +46,9 @@ TRAINERS: dict[str, Trainer] = {
     "knn": train_knn,
     "subspace": train_subspace,
 }
+NETWORK_MEMBERS = ("embedding",)
+"""Members with a network (train.embedding, TensorFlow to train; LiteRT on the edge): at most one
+per ensemble, whose int8 model is the bundle's."""
 MEMBERS = ("fluctuation", "subspace")
 """The default members: one statistic that ignores level (how each band fluctuates) and one
 that models it (the subspace of stacked log-mel frames), chosen for what they look at, before
@@ -62,25 +65,43 @@ def train_ensemble(
     params: FeatureParams | None = None,
     false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
     members: Sequence[str] = MEMBERS,
+    exclude: Iterable[str] = (),
+    epochs: int | None = None,
+    epoch_windows: int | None = None,
 ) -> Path:
-    """Train each member, put them on a common scale and write one `ensemble` bundle."""
+    """Train each member, put them on a common scale and write one `ensemble` bundle. `exclude`
+    keeps corpus machines out of the network member's training, `epochs` and `epoch_windows`
+    size it (train.embedding's defaults when None)."""
     params = params or FeatureParams()
-    unknown = [m for m in members if m not in TRAINERS]
-    if unknown or not members or len(set(members)) != len(members):
+    known = (*TRAINERS, *NETWORK_MEMBERS)
+    unknown = [m for m in members if m not in known]
+    networks = [m for m in members if m in NETWORK_MEMBERS]
+    if unknown or not members or len(set(members)) != len(members) or len(networks) > 1:
         raise AudioError(
-            f"ensemble members must be distinct kinds of {', '.join(TRAINERS)}; got {members}"
+            f"ensemble members must be distinct kinds of {', '.join(known)}, at most one of "
+            f"them a network ({', '.join(NETWORK_MEMBERS)}); got {list(members)}"
         )
     runs: list[Run] = []
+    held: list[np.ndarray] = []
     arrays: dict[str, np.ndarray] = {}
+    files: dict[str, bytes] = {}
+    network: dict = {}
     entries = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, kind in enumerate(members):
-            trainer = TRAINERS[kind]
-            run = collect(normal, Path(tmp) / f"{kind}.bundle", trainer.featurize, params,
-                          channel, all_channels)  # fmt: skip
-            member = load_bundle(trainer.fit(run, false_alarms_per_day))
-            runs.append(run)
-            center, spread = common_scale(run.hold_scores)
+            path = Path(tmp) / f"{kind}.bundle"
+            if kind in NETWORK_MEMBERS:
+                sizes = {"epochs": epochs, "epoch_windows": epoch_windows}
+                path, scores = _fit_network(normal, path, channel, all_channels, params,
+                                            false_alarms_per_day, exclude, sizes)  # fmt: skip
+            else:
+                trainer = TRAINERS[kind]
+                run = collect(normal, path, trainer.featurize, params, channel, all_channels)
+                path, scores = trainer.fit(run, false_alarms_per_day), run.hold_scores
+                runs.append(run)
+            member = load_bundle(path)
+            held.append(scores)
+            center, spread = common_scale(scores)
             prefix = f"m{i}"
             entries.append(
                 {
@@ -97,36 +118,69 @@ def train_ensemble(
             arrays |= {
                 f"{prefix}.{k}": v
                 for k, v in member.arrays.items()
-                if not k.startswith("normal_band_error.")
+                if not k.startswith("normal_band_error.") and not k.startswith("machine.")
             }
+            if kind in NETWORK_MEMBERS:  # the bundle's one network is this member's
+                files = {name: member.file_bytes(name) for name in (MODEL_INT8, MODEL_FLOAT)}
+                m = member.manifest
+                network = {"input": m.input.model_dump(), "output": m.output.model_dump()}
+    if not runs:
+        raise AudioError("an ensemble needs at least one numpy member beside a network")
+    if len({len(h) for h in held}) != 1:  # the same windows, or the scales mean nothing
+        raise AudioError(
+            "ensemble members held out different audio: "
+            + ", ".join(f"{m} {len(h)} windows" for m, h in zip(members, held, strict=True))
+        )
     runs[0].out = Path(out)  # the members were written aside; the ensemble goes to `out`
-    return _write(runs, entries, arrays, false_alarms_per_day, normal)
+    return _write(runs[0], held, entries, arrays, files, network, false_alarms_per_day, normal)
+
+
+def _fit_network(
+    normal: list[str | Path],
+    out: Path,
+    channel: int,
+    all_channels: bool,
+    params: FeatureParams,
+    budget: float,
+    exclude: Iterable[str],
+    sizes: dict[str, int | None],
+) -> tuple[Path, np.ndarray]:
+    """The int8 CNN member (TensorFlow is imported only here) and its held-out scores."""
+    from train.embedding import DEFAULT_EPOCHS, fit_embedding
+
+    return fit_embedding(
+        normal, out, channel=channel, params=params, false_alarms_per_day=budget,
+        exclude=exclude, all_channels=all_channels, epochs=sizes["epochs"] or DEFAULT_EPOCHS,
+        epoch_windows=sizes["epoch_windows"],
+    )  # fmt: skip
 
 
 def _write(
-    runs: list[Run],
+    run: Run,
+    held: list[np.ndarray],
     entries: list[dict],
     arrays: dict[str, np.ndarray],
+    files: dict[str, bytes],
+    network: dict,
     budget: float,
     normal: list[str | Path],
 ) -> Path:
     """The ensemble's threshold from its members' held-out scores; writes the bundle. The band
     reference is the shipped ensemble's band evidence on the held-out windows."""
-    run = runs[0]
     scales = [(e["center"], e["spread"]) for e in entries]
-    run.set_threshold(combine([r.hold_scores for r in runs], scales), budget)
+    run.set_threshold(combine(held, scales), budget)
     section = {"ensemble": {"combine": "mean-z", "members": entries}}
     parameters = sum(a.size for a in arrays.values())
     digest = np.concatenate([a.ravel()[:64] for _, a in sorted(arrays.items())])
 
     def manifest(bands: np.ndarray) -> dict:
-        return statistics_manifest(run, DESIGN, {}, bands, parameters, digest) | section
+        return statistics_manifest(run, DESIGN, {}, bands, parameters, digest) | section | network
 
     n_mels = run.params.n_mels
-    write_bundle(run.out, manifest(np.zeros((1, n_mels))), {}, arrays)
+    write_bundle(run.out, manifest(np.zeros((1, n_mels))), files, arrays)
     scorer = Scorer.from_bundle(load_bundle(run.out))
     bands = np.array([scorer.score(w).band_error for w in held_windows(run, normal)])
-    write_bundle(run.out, manifest(bands if len(bands) else np.zeros((1, n_mels))), {}, arrays)
+    write_bundle(run.out, manifest(bands if len(bands) else np.zeros((1, n_mels))), files, arrays)
     log.info("wrote %s (%s, threshold %.4g)", run.out, "+".join(e["kind"] for e in entries),
              run.threshold)  # fmt: skip
     return run.out

@@ -92,6 +92,10 @@ class DetectorKind:
     explains: ClassVar[bool] = True
     """False when band evidence means nothing for this kind (classifier)."""
 
+    def wants_model(self, manifest: Any) -> bool:
+        """Whether a bundle of this kind with this manifest carries a network to load."""
+        return self.needs_model
+
     def check(self, bundle: Bundle) -> None:
         """Refuse a bundle whose arrays this kind cannot use (one BundleError line)."""
         if bundle.manifest.score != self.score_name:

@@ -14,11 +14,12 @@ scale and the ensemble's threshold then come from the site's audio, a file held 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge.detectors.base import DetectorKind, Refit, WindowScore, WindowScorer
+from edge.detectors.embedding import Embedding
 from edge.detectors.fluctuation import Fluctuation
 from edge.detectors.knn import Knn
 from edge.detectors.levels import Levels, site_refit
@@ -29,9 +30,10 @@ if TYPE_CHECKING:
     from edge.bundle import Bundle, EnsembleMember
 
 MEMBER_PLUGINS: dict[str, DetectorKind] = {
-    p.kind: p for p in (Fluctuation(), Levels(), Knn(), Subspace())
+    p.kind: p for p in (Fluctuation(), Levels(), Knn(), Subspace(), Embedding())
 }
-"""Kinds an ensemble may hold: numpy scorers only, so an ensemble needs no extra network."""
+"""Kinds an ensemble may hold: the numpy scorers, and the int8 CNN embedding, whose network is
+the bundle's own model (one network member at most)."""
 MAD_TO_SD = 1.4826
 MIN_SPREAD = 1e-3
 """Smallest spread of held-out log scores: a member whose normal scores never move still
@@ -46,8 +48,8 @@ def common_scale(scores: np.ndarray) -> tuple[float, float]:
 
 
 def member_view(bundle: Bundle, member: EnsembleMember) -> Bundle:
-    """A member as a bundle of its own: its kind, score and arrays (prefix removed)."""
-
+    """A member as a bundle of its own: its kind, score and arrays (prefix removed), and the
+    bundle's network if it is the network member."""
     prefix = f"{member.prefix}."
     manifest = bundle.manifest.model_copy(
         update={"kind": member.kind, "score": member.score, "statistics": member.statistics}
@@ -56,7 +58,8 @@ def member_view(bundle: Bundle, member: EnsembleMember) -> Bundle:
         update={"threshold": manifest.threshold.model_copy(update={"params": {}})}
     )
     arrays = {k.removeprefix(prefix): v for k, v in bundle.arrays.items() if k.startswith(prefix)}
-    return replace(bundle, manifest=manifest, model=None, arrays=arrays)
+    model = bundle.model if Ensemble.wants_model_of(member.kind) else None
+    return replace(bundle, manifest=manifest, model=model, arrays=arrays)
 
 
 def combine(member_scores: list[np.ndarray], scales: list[tuple[float, float]]) -> np.ndarray:
@@ -108,9 +111,20 @@ class Ensemble(DetectorKind):
     kind = "ensemble"
     score_name = "ensemble-mean-z"
 
+    def wants_model(self, manifest: Any) -> bool:
+        """With a network member (the int8 CNN), the bundle's network is that member's."""
+        info = manifest.ensemble
+        return any(self.wants_model_of(m.kind) for m in (info.members if info else []))
+
+    @staticmethod
+    def wants_model_of(kind: str) -> bool:
+        """Whether a member of this kind is a network."""
+        plugin = MEMBER_PLUGINS.get(kind)
+        return plugin is not None and plugin.needs_model
+
     def check(self, bundle: Bundle) -> None:
-        """An `ensemble` section of known numpy members with distinct prefixes, each of whose
-        arrays its own plugin accepts."""
+        """An `ensemble` section of known members with distinct prefixes, at most one of them
+        with a network, each of whose arrays its own plugin accepts."""
         super().check(bundle)
         info = bundle.manifest.ensemble
         if info is None or not info.members:
@@ -118,6 +132,9 @@ class Ensemble(DetectorKind):
         prefixes = [m.prefix for m in info.members]
         if len(set(prefixes)) != len(prefixes):
             raise BundleError(f"{bundle.path}: ensemble members share a prefix: {prefixes}")
+        networks = [m.kind for m in info.members if self.wants_model_of(m.kind)]
+        if len(networks) > 1:
+            raise BundleError(f"{bundle.path}: an ensemble holds one network, not {networks}")
         for member in info.members:
             plugin = MEMBER_PLUGINS.get(member.kind)
             if plugin is None:
