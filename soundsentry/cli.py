@@ -33,6 +33,8 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 NUMPY_DETECTORS = ("fluctuation", "levels", "knn", "subspace", "ensemble")
 """`train --detector` kinds fitted in numpy, without TensorFlow."""
+ENSEMBLE_MEMBERS = ("fluctuation", "levels", "knn", "subspace", "embedding")
+"""`train --detector ensemble --members`: what an ensemble may combine (train.ensemble)."""
 EXTRAS = {
     "tensorflow": "train",
     "keras": "train",
@@ -172,6 +174,15 @@ def _add_train(sub: Any) -> None:
         "--all-channels",
         action="store_true",
         help="use every channel of multichannel recordings as a training view",
+    )
+    p.add_argument(
+        "--members",
+        nargs="+",
+        choices=ENSEMBLE_MEMBERS,
+        metavar="KIND",
+        help="with --detector ensemble: the kinds it combines (default fluctuation subspace); "
+        "one may be embedding, the int8 CNN, which needs the [train] extra's TensorFlow; of: "
+        + ", ".join(ENSEMBLE_MEMBERS),
     )
     p.set_defaults(func=_cmd_train)
 
@@ -379,7 +390,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "--all-channels trains the numpy detectors and the embedding; the autoencoder and "
             "the classifier read one channel (--channel N)"
         )
-    if args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS:
+    network_member = "embedding" in (args.members or ())
+    if args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS or network_member:
         _require("tensorflow", "train", _train_command(args))
     from edge.advice import bundle_summary
     from edge.bundle import load_bundle
@@ -403,12 +415,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.normal_states or args.detector == "embedding":
         return _train_embedding(args)
     if args.detector in NUMPY_DETECTORS:
+        members = {"members": args.members} if args.members else {}
+        if "embedding" in (args.members or ()):  # the network member's training
+            members |= {"epochs": args.epochs, "seed": args.seed}
         out = _numpy_trainer(args.detector)(
             args.normal,
             args.out,
             channel=args.channel,
             all_channels=args.all_channels,
             false_alarms_per_day=args.false_alarms_per_day,
+            **members,
         )
         print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
         return 0
@@ -439,7 +455,15 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     if args.classes and args.detector is not None:
         raise SoundSentryError("--detector is for --normal; --classes trains a classifier")
     args.detector = args.detector or ("embedding" if args.normal_states else "fluctuation")
-    network = args.classes or args.detector in ("autoencoder", "embedding")
+    if args.members and args.detector != "ensemble":
+        raise SoundSentryError(
+            f"--members names what --detector ensemble combines, not --detector {args.detector}"
+        )
+    network = (
+        args.classes
+        or args.detector in ("autoencoder", "embedding")
+        or "embedding" in (args.members or ())
+    )
     if args.epochs is not None and not network:
         raise SoundSentryError(
             f"--epochs trains a network; --detector {args.detector} is fitted in numpy"
@@ -479,6 +503,8 @@ def _train_command(args: argparse.Namespace) -> str:
         return "train --classes"
     if args.normal_states:
         return "train --normal-states"
+    if args.members:
+        return f"train --detector {args.detector} --members {' '.join(args.members)}"
     return f"train --detector {args.detector}"
 
 

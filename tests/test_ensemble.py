@@ -178,3 +178,24 @@ def test_an_ensemble_holds_one_network(with_cnn: Path, tmp_path: Path) -> None:
     write_bundle(tmp_path / "bad.bundle", manifest, files, bundle.arrays)
     with pytest.raises(BundleError, match="one network"):
         load_bundle(tmp_path / "bad.bundle")
+
+
+def test_the_train_command_takes_the_members(tmp_path: Path) -> None:
+    """`--members` trains the ensemble of those kinds, the CNN among them with --epochs; it is
+    refused for any other detector, and --epochs without a network member."""
+    out = tmp_path / "cnn.bundle"
+    cli(
+        "train", "--detector", "ensemble", "--members", "fluctuation", "embedding",
+        "--epochs", "1", "--normal", *map(str, NORMAL_FILES[:3]), "--out", str(out),
+    )  # fmt: skip
+    info = load_bundle(out).manifest.ensemble
+    assert info is not None and [m.kind for m in info.members] == ["fluctuation", "embedding"]
+    refused = [
+        ("--detector", "fluctuation", "--members", "fluctuation", "subspace"),
+        ("--detector", "ensemble", "--members", "fluctuation", "knn", "--epochs", "2"),
+    ]
+    for flags in refused:
+        proc = cli("train", *flags, "--normal", str(NORMAL_FILES[0]), "--out",
+                   str(tmp_path / "x.bundle"), check=False)  # fmt: skip
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert ("--members names" in proc.stderr) or ("--epochs trains a network" in proc.stderr)

@@ -68,10 +68,11 @@ def train_ensemble(
     exclude: Iterable[str] = (),
     epochs: int | None = None,
     epoch_windows: int | None = None,
+    seed: int = 0,
 ) -> Path:
     """Train each member, put them on a common scale and write one `ensemble` bundle. `exclude`
     keeps corpus machines out of the network member's training, `epochs` and `epoch_windows`
-    size it (train.embedding's defaults when None)."""
+    size it (train.embedding's defaults when None), `seed` seeds it."""
     params = params or FeatureParams()
     known = (*TRAINERS, *NETWORK_MEMBERS)
     unknown = [m for m in members if m not in known]
@@ -91,7 +92,7 @@ def train_ensemble(
         for i, kind in enumerate(members):
             path = Path(tmp) / f"{kind}.bundle"
             if kind in NETWORK_MEMBERS:
-                sizes = {"epochs": epochs, "epoch_windows": epoch_windows}
+                sizes = {"epochs": epochs, "epoch_windows": epoch_windows, "seed": seed}
                 path, scores = _fit_network(normal, path, channel, all_channels, params,
                                             false_alarms_per_day, exclude, sizes)  # fmt: skip
             else:
@@ -151,7 +152,7 @@ def _fit_network(
     return fit_embedding(
         normal, out, channel=channel, params=params, false_alarms_per_day=budget,
         exclude=exclude, all_channels=all_channels, epochs=sizes["epochs"] or DEFAULT_EPOCHS,
-        epoch_windows=sizes["epoch_windows"],
+        epoch_windows=sizes["epoch_windows"], seed=sizes["seed"] or 0,
     )  # fmt: skip
 
 
