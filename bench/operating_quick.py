@@ -1,4 +1,5 @@
-"""Operating point of the default detector on MIMII fan id_00, channel 0, at its default budget.
+"""Operating point of the default detector (or an ensemble) on MIMII fan id_00, channel 0, at
+its default budget.
 
     .venv/bin/python bench/operating_quick.py [--data /work/shared/data] [--json out.json]
         [--false-alarms-per-day 1] [--no-integrate] [--members fluctuation embedding]
@@ -131,6 +132,7 @@ def main() -> int:
     z_normal = [round(mean_z(w, cusum), 3) for _, _, w in normal] if cusum else []
     z_fault = [round(mean_z(w, cusum), 3) for _, _, w in fault] if cusum else []
     figures = {
+        "detector": f"ensemble of {' + '.join(args.members)}" if args.members else "fluctuation",
         "false_alarms_per_day": args.false_alarms_per_day,
         "integrate": integrate,
         "threshold": bundle.threshold,

@@ -509,11 +509,12 @@ class Detector:
 
     def run(self, source: Iterable[np.ndarray | None]) -> None:
         """Process blocks until the source ends or stop() is called; then close open events."""
-        self._origin = self.clock()
         self.source_stats = getattr(source, "stats", dict)
         self._paced = bool(getattr(source, "paced", False))
-        if not self._paced:  # a recording replayed faster than it was heard: it lies in the
-            self._origin -= float(getattr(source, "seconds", 0.0))  # past, ending now
+        # Stream time goes on from any earlier run; a recording replayed faster than it was
+        # heard lies in the past, ending now.
+        ahead = 0.0 if self._paced else float(getattr(source, "seconds", 0.0))
+        self._origin = self.clock() - self._samples / self._rate - ahead
         self._slack_s = float(getattr(source, "latency_s", 0.0)) + CLOCK_SLACK_S
         self.emit_state()
         self._emit_health(None)

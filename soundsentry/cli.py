@@ -32,7 +32,8 @@ log = logging.getLogger("soundsentry")
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 NUMPY_DETECTORS = ("fluctuation", "levels", "knn", "subspace", "ensemble")
-"""`train --detector` kinds fitted in numpy, without TensorFlow."""
+"""`train --detector` kinds fitted in numpy, without TensorFlow (an ensemble unless its
+--members include the int8 CNN)."""
 ENSEMBLE_MEMBERS = ("fluctuation", "levels", "knn", "subspace", "embedding")
 """`train --detector ensemble --members`: what an ensemble may combine (train.ensemble)."""
 EXTRAS = {
@@ -167,7 +168,7 @@ def _add_train(sub: Any) -> None:
         help="with --normal: band-fluctuation statistics (default), level-aware band "
         "statistics (levels), a nearest-neighbour bank (knn), the principal subspace of "
         "stacked log-mel frames (subspace), fluctuation and subspace together on a common "
-        "scale (ensemble), all numpy with no network; or "
+        "scale (ensemble; --members picks others), all numpy with no network; or "
         "the int8 convolutional autoencoder, or the int8 self-supervised CNN embedding",
     )
     p.add_argument(

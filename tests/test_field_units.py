@@ -555,6 +555,15 @@ def test_replayed_events_lie_in_the_past(tmp_path: Path) -> None:
     at = parse_time(start.started_at).timestamp()
     assert at == pytest.approx(now - source.seconds + start.stream_offset_s, abs=0.01)
     assert parse_time(end.ended_at).timestamp() <= now
+    # two files, each its own stream, replayed again by the same detector: the second file's
+    # fault ends before now too, one clip length after the first file's
+    rec.events.clear()
+    twice = FileSource([DEMO_CLIP, DEMO_CLIP], RATE)
+    detector.run(twice)
+    starts = [parse_time(e.started_at).timestamp() for e in rec.events if e.type == "start"]
+    gap = starts[1] - starts[0]  # within a 0.1-s block: windows start afresh in every stream
+    assert len(starts) == 2 and gap == pytest.approx(twice.seconds / 2, abs=0.15)
+    assert max(parse_time(e.ended_at).timestamp() for e in rec.events if e.ended_at) <= now
 
 
 def test_clips_saved_before_the_clock_jumped_move_with_it(tmp_path: Path) -> None:

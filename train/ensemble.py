@@ -1,5 +1,6 @@
-"""`soundsentry train --detector ensemble`: numpy detectors trained side by side on the same
-audio and combined on one common scale (edge/detectors/ensemble.py).
+"""`soundsentry train --detector ensemble`: detectors trained side by side on the same audio and
+combined on one common scale (edge/detectors/ensemble.py): numpy kinds, and at most one network,
+the int8 CNN (`--members fluctuation embedding`), whose model becomes the bundle's.
 
 Every member is trained by its own trainer with its defaults, on the same split: the held-out
 windows are the same windows for every member, in the same order, scored by each member's
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle import MODEL_FLOAT, MODEL_INT8, load_bundle, write_bundle
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, Bundle, load_bundle, write_bundle
 from edge.detectors.ensemble import MEMBER_PLUGINS, combine, common_scale
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
@@ -77,10 +78,12 @@ def train_ensemble(
     known = (*TRAINERS, *NETWORK_MEMBERS)
     unknown = [m for m in members if m not in known]
     networks = [m for m in members if m in NETWORK_MEMBERS]
-    if unknown or not members or len(set(members)) != len(members) or len(networks) > 1:
+    numpy_kinds = [m for m in members if m in TRAINERS]
+    if unknown or not numpy_kinds or len(set(members)) != len(members) or len(networks) > 1:
         raise AudioError(
-            f"ensemble members must be distinct kinds of {', '.join(known)}, at most one of "
-            f"them a network ({', '.join(NETWORK_MEMBERS)}); got {list(members)}"
+            f"ensemble members must be distinct kinds of {', '.join(known)}, at least one of "
+            f"them numpy and at most one a network ({', '.join(NETWORK_MEMBERS)}); got "
+            f"{list(members)}"
         )
     runs: list[Run] = []
     held: list[np.ndarray] = []
@@ -123,10 +126,7 @@ def train_ensemble(
             }
             if kind in NETWORK_MEMBERS:  # the bundle's one network is this member's
                 files = {name: member.file_bytes(name) for name in (MODEL_INT8, MODEL_FLOAT)}
-                m = member.manifest
-                network = {"input": m.input.model_dump(), "output": m.output.model_dump()}
-    if not runs:
-        raise AudioError("an ensemble needs at least one numpy member beside a network")
+                network = _network_fields(member)
     if len({len(h) for h in held}) != 1:  # the same windows, or the scales mean nothing
         raise AudioError(
             "ensemble members held out different audio: "
@@ -134,6 +134,19 @@ def train_ensemble(
         )
     runs[0].out = Path(out)  # the members were written aside; the ensemble goes to `out`
     return _write(runs[0], held, entries, arrays, files, network, false_alarms_per_day, normal)
+
+
+def _network_fields(member: Bundle) -> dict:
+    """What the ensemble's manifest takes from its network member: the tensors, how it was
+    trained (epochs, seed, weights) and its held-out task accuracy."""
+    m = member.manifest
+    t = m.training
+    return {
+        "input": m.input.model_dump() if m.input else None,
+        "output": m.output.model_dump() if m.output else None,
+        "validation": {"network": m.validation} if m.validation else None,
+        "network_training": {"epochs": t.epochs, "seed": t.seed, "parameters": t.parameters},
+    }
 
 
 def _fit_network(
@@ -175,7 +188,13 @@ def _write(
     digest = np.concatenate([a.ravel()[:64] for _, a in sorted(arrays.items())])
 
     def manifest(bands: np.ndarray) -> dict:
-        return statistics_manifest(run, DESIGN, {}, bands, parameters, digest) | section | network
+        fields = statistics_manifest(run, DESIGN, {}, bands, parameters, digest) | section
+        if network:  # the network member's training stands for the ensemble's
+            trained = network["network_training"]
+            fields["training"] |= {"epochs": trained["epochs"], "seed": trained["seed"]}
+            fields["training"]["parameters"] += trained["parameters"]
+            fields |= {k: v for k, v in network.items() if k != "network_training" and v}
+        return fields
 
     n_mels = run.params.n_mels
     write_bundle(run.out, manifest(np.zeros((1, n_mels))), files, arrays)
@@ -191,9 +210,8 @@ def held_windows(run: Run, normal: list[str | Path]) -> np.ndarray:
     """The log-mel windows of the run's held-out audio."""
     parts = []
     for path in training_audio(normal):
-        for audio in channel_views(
-            path, run.params, max(run.channel, 0), run.channel == ALL_CHANNELS
-        ):
+        views = run.channel == ALL_CHANNELS
+        for audio in channel_views(path, run.params, 0 if views else run.channel, views):
             _, held = run.holdout.parts(path, audio, run.params.window_samples)
             parts.append(windows_of(held, run.params))
     return np.concatenate(parts) if parts else np.zeros((0, *run.params.shape))

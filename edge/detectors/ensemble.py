@@ -1,6 +1,7 @@
-"""Kind `ensemble`: several numpy detectors scored together on one common scale.
+"""Kind `ensemble`: several detectors scored together on one common scale.
 
-Each member (fluctuation, levels, knn, subspace) scores the window as it would alone. Its score
+Each member (fluctuation, levels, knn, subspace, and at most one network: the int8 CNN
+`embedding`, whose model is the bundle's own) scores the window as it would alone. Its score
 goes on a common scale with what held-out normal audio gave it at training time: z = (ln score
 - centre) / spread, with the median and the 1.4826 MAD of the held-out log scores (the scale
 the CUSUM already uses). The ensemble's score is exp(mean z x mean spread): normal running
@@ -106,7 +107,7 @@ class EnsembleScorer:
 
 
 class Ensemble(DetectorKind):
-    """Numpy detectors on one common scale, combined by their mean evidence."""
+    """Detectors on one common scale, combined by their mean evidence."""
 
     kind = "ensemble"
     score_name = "ensemble-mean-z"
