@@ -167,6 +167,28 @@ def test_an_ensemble_with_the_cnn_replays_and_calibrates_on_the_edge(
     assert after.manifest.calibration is not None
 
 
+def test_the_cnns_site_scale_is_what_refits_without_each_file_give(with_cnn: Path) -> None:
+    """On site the CNN member's held-out scores come from one pass of the network; they equal
+    refitting it without each file in turn (and on one file, its halves), at N times the cost."""
+    from edge.detectors.ensemble import MEMBER_PLUGINS, _held_out_scores, _with_arrays
+
+    bundle = load_bundle(with_cnn)
+    member = bundle.manifest.ensemble.members[1]  # type: ignore[union-attr]
+    view, plugin = member_view(bundle, member), MEMBER_PLUGINS["embedding"]
+    files = [bundle_windows(with_cnn, f) for f in NORMAL_FILES[2:4]]
+    one = [files[0]]
+    for per_file, pairs in (
+        (files, [(files[0], [files[1]]), (files[1], [files[0]])]),
+        (one, [(one[0][len(one[0]) // 2 :], [one[0][: len(one[0]) // 2]])]),
+    ):
+        refitted = [
+            plugin.scorer(_with_arrays(view, plugin.refit(view, rest, 1.0).arrays)).score_many(w)
+            for w, rest in pairs
+        ]
+        fast = _held_out_scores(plugin, view, per_file, 1.0)
+        np.testing.assert_allclose(fast, np.concatenate(refitted), rtol=1e-9)
+
+
 def test_an_ensemble_holds_one_network(with_cnn: Path, tmp_path: Path) -> None:
     from edge.errors import AudioError
     from train.ensemble import train_ensemble

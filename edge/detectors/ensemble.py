@@ -197,7 +197,10 @@ def _with_arrays(view: Bundle, arrays: dict[str, np.ndarray]) -> Bundle:
 def _held_out_scores(
     plugin: DetectorKind, view: Bundle, files: list[np.ndarray], budget: float | None
 ) -> np.ndarray:
-    """Each file scored by the member refitted without it (one file: halves)."""
+    """Each file scored by the member refitted without it (one file: halves). The CNN's
+    refit only re-centres its head, so its scores come from one pass of the network."""
+    if isinstance(plugin, Embedding):
+        return plugin.held_out_scores(view, files)[1]
     if len(files) == 1:
         half = len(files[0]) // 2
         pairs = [(files[0][half:], [files[0][:half]])]
