@@ -417,7 +417,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _train_embedding(args)
     if args.detector in NUMPY_DETECTORS:
         members = {"members": args.members} if args.members else {}
-        if "embedding" in (args.members or ()):  # the network member's training
+        if network_member:  # the network member's training
             members |= {"epochs": args.epochs, "seed": args.seed}
         out = _numpy_trainer(args.detector)(
             args.normal,

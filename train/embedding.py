@@ -32,6 +32,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -555,27 +556,10 @@ def fit_tasks(
 # --- the whole training --------------------------------------------------------------------------
 
 
-def train_embedding(
-    normal: Sequence[str | Path] | None,
-    out: str | Path,
-    states: str | Path | None = None,
-    epochs: int = DEFAULT_EPOCHS,
-    seed: int = 0,
-    channel: int = 0,
-    params: FeatureParams | None = None,
-    false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
-    exclude: Iterable[str] = (),
-    epoch_windows: int | None = None,
-    corpus_path: Path = CORPUS_FILE,
-    all_channels: bool = False,
-) -> Path:
-    """Train on normal audio (`normal` files/folders, or `states`: one subfolder per state) and
-    write an `embedding` bundle; `exclude` keeps corpus machines (type + id) out;
-    `all_channels` trains on every channel of multichannel recordings as a view."""
-    return fit_embedding(
-        normal, out, states, epochs, seed, channel, params, false_alarms_per_day, exclude,
-        epoch_windows, corpus_path, all_channels,
-    )[0]  # fmt: skip
+def train_embedding(normal: Sequence[str | Path] | None, out: str | Path, **options: Any) -> Path:
+    """Train on normal audio and write an `embedding` bundle; returns its path (the options
+    and what they do: `fit_embedding`)."""
+    return fit_embedding(normal, out, **options)[0]
 
 
 def fit_embedding(
@@ -592,8 +576,11 @@ def fit_embedding(
     corpus_path: Path = CORPUS_FILE,
     all_channels: bool = False,
 ) -> tuple[Path, np.ndarray]:
-    """`train_embedding`, also returning the held-out normal scores its threshold came from
-    (an ensemble puts the network on its common scale with them)."""
+    """Train on normal audio (`normal` files/folders, or `states`: one subfolder per state) and
+    write an `embedding` bundle; `exclude` keeps corpus machines (type + id) out;
+    `all_channels` trains on every channel of multichannel recordings as a view. Returns the
+    bundle's path and the held-out normal scores its threshold came from (an ensemble puts the
+    network on its common scale with them)."""
     params = params or FeatureParams()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
@@ -125,6 +125,23 @@ class DetectorKind:
     ) -> Refit:
         """Refit the numpy part from normal windows recorded on site, one array per file."""
         raise BundleError(f"a {self.kind} detector cannot be refitted on site")
+
+    def held_out_scores(
+        self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
+    ) -> np.ndarray:
+        """Each file scored by this kind refitted on the others (one file: its second half by
+        a refit on its first): where the site's normal audio sits on this kind's scale."""
+        if len(per_file) == 1:
+            half = len(per_file[0]) // 2
+            pairs = [(per_file[0][half:], [per_file[0][:half]])]
+        else:
+            pairs = [(f, per_file[:i] + per_file[i + 1 :]) for i, f in enumerate(per_file)]
+        scores = []
+        for held, rest in pairs:
+            arrays = self.refit(bundle, rest, false_alarms_per_day).arrays
+            fitted = replace(bundle, arrays={**bundle.arrays, **arrays})
+            scores.append(self.scorer(fitted).score_many(held))
+        return np.concatenate(scores)
 
 
 def require(bundle: Bundle, name: str, shape: tuple[int, ...], positive: bool = False) -> None:

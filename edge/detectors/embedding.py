@@ -135,7 +135,7 @@ class Embedding(DetectorKind):
         threshold comes from each file scored against a centre fitted without it (one file:
         its first half centres, its second half scores)."""
         per_file = [w for w in per_file if len(w)]
-        z, scores = self.held_out_scores(bundle, per_file)
+        z, scores = _site_embeddings(bundle, per_file)
         windows = np.concatenate(per_file)
         levels = band_levels(windows)
         band_mean = levels.mean(axis=0)
@@ -152,23 +152,29 @@ class Embedding(DetectorKind):
             },
         )
 
-    @staticmethod
     def held_out_scores(
-        bundle: Bundle, per_file: list[np.ndarray]
-    ) -> tuple[list[np.ndarray], np.ndarray]:
-        """The standardised embeddings of each file, and each file scored against a centre
-        fitted without it (one file: its second half against its first): what a refit on those
-        files without the scored one would give. The network runs once per window."""
-        scorer = EmbeddingScorer.of(bundle)
-        head = scorer.head
-        assert head is not None
-        z = [head.standardize(scorer.embed_many(w)) for w in per_file if len(w)]
-        if len(z) >= 2:
-            pairs = [(zi, np.concatenate(z[:i] + z[i + 1 :])) for i, zi in enumerate(z)]
-        else:
-            half = len(z[0]) // 2
-            pairs = [(z[0][half:], z[0][:half])]
-        return z, np.concatenate([_distance(head, zi, rest.mean(axis=0)) for zi, rest in pairs])
+        self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
+    ) -> np.ndarray:
+        """What a refit without each file gives (the base class's way), with the network run
+        once per window instead of once per refit: a refit only re-centres the head."""
+        return _site_embeddings(bundle, [w for w in per_file if len(w)])[1]
+
+
+def _site_embeddings(
+    bundle: Bundle, per_file: list[np.ndarray]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The standardised embeddings of each file, and each file scored against a centre fitted
+    without it (one file: its second half against its first)."""
+    scorer = EmbeddingScorer.of(bundle)
+    head = scorer.head
+    assert head is not None
+    z = [head.standardize(scorer.embed_many(w)) for w in per_file]
+    if len(z) >= 2:
+        pairs = [(zi, np.concatenate(z[:i] + z[i + 1 :])) for i, zi in enumerate(z)]
+    else:
+        half = len(z[0]) // 2
+        pairs = [(z[0][half:], z[0][:half])]
+    return z, np.concatenate([_distance(head, zi, rest.mean(axis=0)) for zi, rest in pairs])
 
 
 def _distance(head: FluctuationScorer, z: np.ndarray, center: np.ndarray) -> np.ndarray:

@@ -173,7 +173,7 @@ class Ensemble(DetectorKind):
             plugin = MEMBER_PLUGINS[m.kind]
             full = _with_arrays(view, plugin.refit(view, files, false_alarms_per_day).arrays)
             arrays |= {f"{m.prefix}.{k}": v for k, v in full.arrays.items()}
-            held.append(_held_out_scores(plugin, view, files, false_alarms_per_day))
+            held.append(plugin.held_out_scores(view, files, false_alarms_per_day))
         scales = [common_scale(h) for h in held]
         members = [
             m.model_copy(update={"center": c, "spread": s})
@@ -192,22 +192,3 @@ def _with_arrays(view: Bundle, arrays: dict[str, np.ndarray]) -> Bundle:
     """The member view with some arrays replaced (member arrays only, no band reference)."""
     keep = {k: v for k, v in arrays.items() if not k.startswith("normal_band_error.")}
     return replace(view, arrays={**view.arrays, **keep})
-
-
-def _held_out_scores(
-    plugin: DetectorKind, view: Bundle, files: list[np.ndarray], budget: float | None
-) -> np.ndarray:
-    """Each file scored by the member refitted without it (one file: halves). The CNN's
-    refit only re-centres its head, so its scores come from one pass of the network."""
-    if isinstance(plugin, Embedding):
-        return plugin.held_out_scores(view, files)[1]
-    if len(files) == 1:
-        half = len(files[0]) // 2
-        pairs = [(files[0][half:], [files[0][:half]])]
-    else:
-        pairs = [(f, files[:i] + files[i + 1 :]) for i, f in enumerate(files)]
-    scores = []
-    for held, rest in pairs:
-        fitted = _with_arrays(view, plugin.refit(view, rest, budget).arrays)
-        scores.append(plugin.scorer(fitted).score_many(held))
-    return np.concatenate(scores)
