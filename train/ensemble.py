@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle import MODEL_FLOAT, MODEL_INT8, Bundle, load_bundle, write_bundle
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, Manifest, load_bundle, write_bundle
 from edge.detectors.ensemble import MEMBER_PLUGINS, combine, common_scale
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
@@ -89,15 +89,20 @@ def train_ensemble(
     held: list[np.ndarray] = []
     arrays: dict[str, np.ndarray] = {}
     files: dict[str, bytes] = {}
-    network: dict = {}
+    network: Manifest | None = None
     entries = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, kind in enumerate(members):
             path = Path(tmp) / f"{kind}.bundle"
             if kind in NETWORK_MEMBERS:
-                sizes = {"epochs": epochs, "epoch_windows": epoch_windows, "seed": seed}
-                path, scores = _fit_network(normal, path, channel, all_channels, params,
-                                            false_alarms_per_day, exclude, sizes)  # fmt: skip
+                from train.embedding import DEFAULT_EPOCHS, fit_embedding  # TensorFlow: only here
+
+                path, scores = fit_embedding(
+                    normal, path, channel=channel, params=params,
+                    false_alarms_per_day=false_alarms_per_day, exclude=exclude,
+                    all_channels=all_channels, epochs=epochs or DEFAULT_EPOCHS,
+                    epoch_windows=epoch_windows, seed=seed,
+                )  # fmt: skip
             else:
                 trainer = TRAINERS[kind]
                 run = collect(normal, path, trainer.featurize, params, channel, all_channels)
@@ -126,7 +131,7 @@ def train_ensemble(
             }
             if kind in NETWORK_MEMBERS:  # the bundle's one network is this member's
                 files = {name: member.file_bytes(name) for name in (MODEL_INT8, MODEL_FLOAT)}
-                network = _network_fields(member)
+                network = member.manifest
     if len({len(h) for h in held}) != 1:  # the same windows, or the scales mean nothing
         raise AudioError(
             "ensemble members held out different audio: "
@@ -136,51 +141,20 @@ def train_ensemble(
     return _write(runs[0], held, entries, arrays, files, network, false_alarms_per_day, normal)
 
 
-def _network_fields(member: Bundle) -> dict:
-    """What the ensemble's manifest takes from its network member: the tensors, how it was
-    trained (epochs, seed, weights) and its held-out task accuracy."""
-    m = member.manifest
-    t = m.training
-    return {
-        "input": m.input.model_dump() if m.input else None,
-        "output": m.output.model_dump() if m.output else None,
-        "validation": {"network": m.validation} if m.validation else None,
-        "network_training": {"epochs": t.epochs, "seed": t.seed, "parameters": t.parameters},
-    }
-
-
-def _fit_network(
-    normal: list[str | Path],
-    out: Path,
-    channel: int,
-    all_channels: bool,
-    params: FeatureParams,
-    budget: float,
-    exclude: Iterable[str],
-    sizes: dict[str, int | None],
-) -> tuple[Path, np.ndarray]:
-    """The int8 CNN member (TensorFlow is imported only here) and its held-out scores."""
-    from train.embedding import DEFAULT_EPOCHS, fit_embedding
-
-    return fit_embedding(
-        normal, out, channel=channel, params=params, false_alarms_per_day=budget,
-        exclude=exclude, all_channels=all_channels, epochs=sizes["epochs"] or DEFAULT_EPOCHS,
-        epoch_windows=sizes["epoch_windows"], seed=sizes["seed"] or 0,
-    )  # fmt: skip
-
-
 def _write(
     run: Run,
     held: list[np.ndarray],
     entries: list[dict],
     arrays: dict[str, np.ndarray],
     files: dict[str, bytes],
-    network: dict,
+    network: Manifest | None,
     budget: float,
     normal: list[str | Path],
 ) -> Path:
     """The ensemble's threshold from its members' held-out scores; writes the bundle. The band
-    reference is the shipped ensemble's band evidence on the held-out windows."""
+    reference is the shipped ensemble's band evidence on the held-out windows. With a `network`
+    member (its manifest), the bundle takes its tensors, epochs, seed, weights and task
+    accuracy."""
     scales = [(e["center"], e["spread"]) for e in entries]
     run.set_threshold(combine(held, scales), budget)
     section = {"ensemble": {"combine": "mean-z", "members": entries}}
@@ -189,11 +163,14 @@ def _write(
 
     def manifest(bands: np.ndarray) -> dict:
         fields = statistics_manifest(run, DESIGN, {}, bands, parameters, digest) | section
-        if network:  # the network member's training stands for the ensemble's
-            trained = network["network_training"]
-            fields["training"] |= {"epochs": trained["epochs"], "seed": trained["seed"]}
-            fields["training"]["parameters"] += trained["parameters"]
-            fields |= {k: v for k, v in network.items() if k != "network_training" and v}
+        if network is not None:
+            t, trained = fields["training"], network.training
+            t |= {"epochs": trained.epochs, "seed": trained.seed}
+            t["parameters"] += trained.parameters
+            fields["input"] = network.input.model_dump() if network.input else None
+            fields["output"] = network.output.model_dump() if network.output else None
+            if network.validation:
+                fields["validation"] = {"network": network.validation}
         return fields
 
     n_mels = run.params.n_mels
