@@ -131,17 +131,20 @@ class DetectorKind:
     ) -> np.ndarray:
         """Each file scored by this kind refitted on the others (one file: its second half by
         a refit on its first): where the site's normal audio sits on this kind's scale."""
-        if len(per_file) == 1:
-            half = len(per_file[0]) // 2
-            pairs = [(per_file[0][half:], [per_file[0][:half]])]
-        else:
-            pairs = [(f, per_file[:i] + per_file[i + 1 :]) for i, f in enumerate(per_file)]
         scores = []
-        for held, rest in pairs:
+        for held, rest in leave_one_out(per_file):
             arrays = self.refit(bundle, rest, false_alarms_per_day).arrays
             fitted = replace(bundle, arrays={**bundle.arrays, **arrays})
             scores.append(self.scorer(fitted).score_many(held))
         return np.concatenate(scores)
+
+
+def leave_one_out(parts: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Each part against the others (one part: its second half against its first)."""
+    if len(parts) == 1:
+        half = len(parts[0]) // 2
+        return [(parts[0][half:], [parts[0][:half]])]
+    return [(p, parts[:i] + parts[i + 1 :]) for i, p in enumerate(parts)]
 
 
 def require(bundle: Bundle, name: str, shape: tuple[int, ...], positive: bool = False) -> None:

@@ -20,6 +20,7 @@ from edge.detectors.base import (
     require_normalization,
 )
 from edge.detectors.fluctuation import STATISTICS, FluctuationScorer
+from edge.detectors.levels import leave_one_file_out
 from edge.detectors.thresholds import refit_manifest
 from edge.errors import BundleError
 
@@ -169,12 +170,8 @@ def _site_embeddings(
     head = scorer.head
     assert head is not None
     z = [head.standardize(scorer.embed_many(w)) for w in per_file]
-    if len(z) >= 2:
-        pairs = [(zi, np.concatenate(z[:i] + z[i + 1 :])) for i, zi in enumerate(z)]
-    else:
-        half = len(z[0]) // 2
-        pairs = [(z[0][half:], z[0][:half])]
-    return z, np.concatenate([_distance(head, zi, rest.mean(axis=0)) for zi, rest in pairs])
+    scores = [_distance(head, held, rest.mean(axis=0)) for held, rest in leave_one_file_out(z)]
+    return z, np.concatenate(scores)
 
 
 def _distance(head: FluctuationScorer, z: np.ndarray, center: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from edge.detectors.base import (
     DetectorKind,
     Refit,
     WindowScore,
+    leave_one_out,
     require_gaussian,
 )
 from edge.detectors.fluctuation import FLOOR, FluctuationScorer, fluctuation_features
@@ -85,10 +86,7 @@ class LevelsScorer(FluctuationScorer):
 
 def leave_one_file_out(parts: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(held-out rows, the rest) per file; with one file, its second half against its first."""
-    if len(parts) == 1:
-        half = len(parts[0]) // 2
-        return [(parts[0][half:], parts[0][:half])]
-    return [(p, np.concatenate(parts[:i] + parts[i + 1 :])) for i, p in enumerate(parts)]
+    return [(held, np.concatenate(rest)) for held, rest in leave_one_out(parts)]
 
 
 def held_out_explained(
