@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, WindowScore, require_gaussian
+from edge.detectors.base import DetectorKind, Refit, WindowScore, leave_one_out, require_gaussian
 from edge.detectors.thresholds import refit_manifest
 
 if TYPE_CHECKING:
@@ -101,14 +101,10 @@ class Fluctuation(DetectorKind):
         scorer = FluctuationScorer.from_bundle(bundle)
         z = [scorer.standardize(fluctuation_features(w)) for w in per_file if len(w)]
         center = np.concatenate(z).mean(axis=0)
-        if len(z) >= 2:
-            held = [
-                _maha(scorer.precision, zi - np.concatenate(z[:i] + z[i + 1 :]).mean(axis=0))
-                for i, zi in enumerate(z)
-            ]
-        else:
-            half = len(z[0]) // 2
-            held = [_maha(scorer.precision, z[0][half:] - z[0][:half].mean(axis=0))]
+        held = [
+            _maha(scorer.precision, zi - np.concatenate(rest).mean(axis=0))
+            for zi, rest in leave_one_out(z)
+        ]
         scores = np.concatenate(held)
         full = np.concatenate(z) - center
         shares = full * (full @ scorer.precision.T) / scorer.dim
