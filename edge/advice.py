@@ -81,10 +81,12 @@ def summary(
     params: Mapping[str, Any],
     how: str = "",
     off_seconds: float = 0.0,
+    off_recordings: int = 0,
 ) -> str:
     """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines;
     `how` says how the held-out audio was held out, when it is not plain; `off_seconds` of the
-    audio are the machine stopped (a state folder `off`), which backs no threshold."""
+    audio, in `off_recordings` of the recordings, are the machine stopped (a state folder
+    `off`), which backs no threshold."""
     total, fit, held = seconds
     lines = [
         f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model "
@@ -94,7 +96,8 @@ def summary(
     if backing:
         lines.append(backing)
     if off_seconds > 0:
-        lines += advice(total - off_seconds, recordings, params, "the machine running")
+        running = recordings - off_recordings
+        lines += advice(total - off_seconds, running, params, "the machine running")
     else:
         lines += advice(total, recordings, params)
     return "\n".join(lines)
@@ -114,7 +117,10 @@ def bundle_summary(manifest: Any) -> str:
     held = min(t.holdout_seconds, t.seconds)
     states = (manifest.validation or {}).get("state_seconds") or {}
     off_s = float(states.get(OFF, 0.0))
-    text = summary((t.seconds, t.seconds - held, held), len(names), th.value, th.params, "", off_s)
+    # bundles from before 2026-12-01 did not count recordings per state: advise on all of them
+    off_n = int(((manifest.validation or {}).get("state_recordings") or {}).get(OFF, 0))
+    seconds = (t.seconds, t.seconds - held, held)
+    text = summary(seconds, len(names), th.value, th.params, "", off_s, off_n)
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]
         note = (

@@ -228,10 +228,9 @@ def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: 
     off = tmp_path / "states" / "off"
     running.mkdir(parents=True)
     off.mkdir()
-    for f in NORMAL_FILES[:2]:
-        (running / f.name).symlink_to(f)
-    fan = read_audio(NORMAL_FILES[0], rate)
-    hiss = np.random.default_rng(2).standard_normal(len(fan)) * np.std(fan) / 10
+    fan = np.concatenate([read_audio(f, rate) for f in NORMAL_FILES[:2]])  # one recording
+    sf.write(running / "fan.wav", fan, rate, subtype="FLOAT")
+    hiss = np.random.default_rng(2).standard_normal(len(fan) // 2) * np.std(fan) / 10
     sf.write(off / "hiss.wav", hiss, rate, subtype="FLOAT")
     out = train_embedding(
         None, tmp_path / "b.bundle", states=tmp_path / "states", epochs=1,
@@ -248,7 +247,10 @@ def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: 
     ), lines
     # the advice counts the audio that backs the threshold: the running state's, not `off`'s
     assert any(line.startswith("warning: only 10 s of the machine running;") for line in lines)
-    alone = read_own({"running": list(NORMAL_FILES[:2])}, FeatureParams(), 0)
+    # and its recordings: the machine ran in one of the two
+    assert m.validation["state_recordings"] == {"off": 1, "running": 1}
+    assert any(line.startswith("advice: all the audio is one recording") for line in lines)
+    alone = read_own({"running": [running / "fan.wav"]}, FeatureParams(), 0)
     held = sum(len(w) for w in alone.held_windows)
     assert m.normal_scores.n_windows == held
     expected = machine_profile(alone.audio, FeatureParams())["running_level_dbfs"]["p01"]

@@ -200,6 +200,8 @@ class OwnAudio:
     """Every recording, for the machine's running level."""
     state_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds of recordings per state (a multichannel recording counts once)."""
+    state_recordings: dict[str, int] = field(default_factory=dict)
+    """Recordings per state (a multichannel recording counts once)."""
     view_states: list[int] = field(default_factory=list)
     """The state of each recording (each view), in the order of `audio` and the window lists."""
 
@@ -279,6 +281,7 @@ def read_own(
     logmel, dense = LogMel(params), dense_params(params, FLUCTUATION_HOP_DIVISOR)
     for label, (state, files) in enumerate(groups.items()):
         holdout = own.holdouts[state] = holdout_split(files)
+        own.state_recordings[state] = len(files)
         views = (
             (path, view, audio)
             for path in progress(files, f"features {state}")
@@ -608,6 +611,7 @@ def fit_embedding(
     }
     if states:  # for the summary: how much of each state there was
         validation["state_seconds"] = {k: round(v, 1) for k, v in own.state_seconds.items()}
+        validation["state_recordings"] = dict(own.state_recordings)
 
     rep, _, _ = sampler.draw(REPRESENTATIVE, rng, own_share=1.0)
     int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
