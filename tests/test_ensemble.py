@@ -4,6 +4,9 @@ kinds, and the int8 CNN as the one network member."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,11 +157,23 @@ def test_an_ensemble_with_the_cnn_replays_and_calibrates_on_the_edge(
     with_cnn: Path, tmp_path: Path
 ) -> None:
     """`replay` raises the fixture fault; `calibrate` refits both members on site (the CNN's
-    head, not its network) without TensorFlow (the edge path)."""
-    replayed = cli("replay", str(with_cnn), str(ANOMALOUS_FILE)).stdout.splitlines()
+    head, not its network) without TensorFlow (the edge path): both run with TensorFlow and
+    Keras made unimportable, as on a Pi with the bare install."""
+    blocked = tmp_path / "no-tensorflow"
+    for name in ("tensorflow", "keras"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked')\n")
+    bare = {"PYTHONPATH": str(blocked)}
+    shadowed = subprocess.run(
+        [sys.executable, "-c", "import tensorflow"], env={**os.environ, **bare},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "tensorflow is blocked" in shadowed.stderr  # the stub hides the installed package
+    replayed = cli("replay", str(with_cnn), str(ANOMALOUS_FILE), env=bare).stdout.splitlines()
     assert any(json.loads(line)["type"] == "start" for line in replayed)
     out = tmp_path / "site.bundle"
-    cli("calibrate", str(with_cnn), "--normal", *map(str, NORMAL_FILES[2:4]), "--out", str(out))
+    normal = [str(f) for f in NORMAL_FILES[2:4]]
+    cli("calibrate", str(with_cnn), "--normal", *normal, "--out", str(out), env=bare)
     before, after = load_bundle(with_cnn), load_bundle(out)
     assert after.manifest.files["model_int8.tflite"] == before.manifest.files["model_int8.tflite"]
     assert not np.array_equal(
