@@ -166,6 +166,8 @@ class Detector:
         self.sinks = tuple(sinks)
         self._failing: set[tuple[int, str]] = set()
         self._paced, self._slack_s = False, CLOCK_SLACK_S  # run() reads them off its source
+        self._wall_offset = clock() - time.monotonic()
+        """The wall clock minus the monotonic one: it changes only when the clock is set."""
         self.on_step = on_step
         self.clock = clock
         self.notifier = notifier or SystemdNotifier()
@@ -516,6 +518,7 @@ class Detector:
         ahead = 0.0 if self._paced else float(getattr(source, "seconds", 0.0))
         self._origin = self.clock() - self._samples / self._rate - ahead
         self._slack_s = float(getattr(source, "latency_s", 0.0)) + CLOCK_SLACK_S
+        self._wall_offset = self.clock() - time.monotonic()
         self.emit_state()
         self._emit_health(None)
         try:
@@ -658,6 +661,7 @@ class Detector:
         self.close_event()
         self.pipeline.reset()
         self._origin = self.clock() - self._samples / self._rate
+        self._clock_set()
 
     def _follow_clock(self) -> None:
         """Audio that comes at the pace of the clock (a microphone) is timed by its samples
@@ -675,8 +679,18 @@ class Detector:
             behind,
         )
         self._origin += behind
-        if self.clips and abs(behind) > CLOCK_JUMP_S:
-            self.clips.clock_moved(behind)
+        self._clock_set()
+
+    def _clock_set(self) -> None:
+        """When the wall clock was set (it parted from the monotonic clock by more than
+        CLOCK_JUMP_S since the last look), the clips written so far move with it. Dropped
+        audio or a stall part the audio's time from the clock too, but leave file times true."""
+        offset = self.clock() - time.monotonic()
+        moved = offset - self._wall_offset
+        if abs(moved) > CLOCK_JUMP_S:  # not NTP's slewing, nor jitter
+            self._wall_offset = offset
+            if self.clips:
+                self.clips.clock_moved(moved)
 
     def _wall(self, stream_s: float) -> float:
         return self._origin + self._base / self._rate + stream_s

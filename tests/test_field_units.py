@@ -587,6 +587,54 @@ def test_clips_saved_before_the_clock_jumped_move_with_it(tmp_path: Path) -> Non
     assert clip.stat().st_mtime == pytest.approx(written + 86400, abs=60)
 
 
+class _StallingClip(_PacedClip):
+    """The paced demo clip whose microphone stalls for `stall_s` (real time) after 14 s of
+    audio, the fault (5-11 s) saved by then; NTP sets the clock a day forward during the stall."""
+
+    def __init__(self, stall_s: float) -> None:
+        super().__init__(jump_after_s=1e9)
+        self.stall_s, self.stalled = stall_s, False
+
+    def clock(self) -> float:
+        return self.t0 + self.fed / RATE + (86400.0 if self.stalled else 0.0)
+
+    def __iter__(self) -> object:
+        for i in range(0, len(self.audio), RATE // 10):
+            if i == 14 * RATE:
+                self.stalled, until = True, time.monotonic() + self.stall_s
+                while time.monotonic() < until:  # no blocks: the daemon's ticks see a stall
+                    yield None
+                    time.sleep(0.02)
+            block = self.audio[i : i + RATE // 10]
+            self.fed += len(block)
+            yield block
+
+
+def test_clips_move_with_a_clock_set_while_the_audio_stalled(tmp_path: Path) -> None:
+    """A jump of the clock was taken for one only when the audio's own time parted from the
+    clock; after a stall the audio's time restarts from the clock, so a jump that came during
+    the stall left the clips saved before it with boot-time file times."""
+    from conftest import DEMO_BUNDLE
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    source, rec = _StallingClip(stall_s=1.0), Recorder()
+    settings = Settings(
+        device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data",
+        health={"stall_seconds": 0.5},
+    )  # fmt: skip
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec], clock=source.clock)
+    written = time.time()
+    detector.run(source)
+    assert any(h.change == "fault:stalled" for h in rec.healths), rec.healths  # seen as a stall
+    end = next(e for e in rec.events if e.type == "end")
+    clip = tmp_path / "data" / "clips" / end.clip
+    assert clip.stat().st_mtime == pytest.approx(written + 86400, abs=60)
+
+
 def test_a_clip_keeps_its_age_when_the_clock_is_set(tmp_path: Path) -> None:
     """A clip saved by a clock 40 days behind is not 40 days old once the clock is set; one that
     this run did not write keeps its file time; the open clip's name takes the new time."""
