@@ -123,12 +123,15 @@ def spread(n: int, limit: int) -> np.ndarray:
 
 class FeatureStore:
     """Per-window feature vectors with a chunk id each; beyond `capacity` a uniform sample of
-    all offered so far (reservoir sampling, seeded). Storage grows by doubling."""
+    all offered so far (reservoir sampling, seeded). Storage grows by doubling. Read back in the
+    order they arrived: a reservoir puts a new window in a random slot, and the refit's CUSUM
+    measures how neighbouring windows correlate, which a shuffled sequence hides."""
 
     def __init__(self, dim: int, capacity: int, seed: int = 0) -> None:
         self.capacity = capacity
         self._x = np.zeros((0, dim), np.float32)
         self._chunk = np.zeros(0, np.int64)
+        self._arrival = np.zeros(0, np.int64)
         self.n = 0
         self.seen = 0
         self._rng = np.random.default_rng(seed)
@@ -137,14 +140,18 @@ class FeatureStore:
         return self.n
 
     @property
+    def _order(self) -> np.ndarray:
+        return np.argsort(self._arrival[: self.n], kind="stable")
+
+    @property
     def x(self) -> np.ndarray:
-        """The kept feature vectors (n, dim)."""
-        return self._x[: self.n]
+        """The kept feature vectors (n, dim), in the order they arrived."""
+        return self._x[: self.n][self._order]
 
     @property
     def chunk(self) -> np.ndarray:
         """The chunk id of each kept vector."""
-        return self._chunk[: self.n]
+        return self._chunk[: self.n][self._order]
 
     def add(self, rows: np.ndarray, chunk: int) -> None:
         """Offer feature vectors (k, dim) of one chunk."""
@@ -152,21 +159,23 @@ class FeatureStore:
             self.seen += 1
             if self.n < self.capacity:
                 self._grow()
-                self._x[self.n], self._chunk[self.n] = row, chunk
+                slot = self.n
                 self.n += 1
-                continue
-            j = int(self._rng.integers(0, self.seen))
-            if j < self.capacity:
-                self._x[j], self._chunk[j] = row, chunk
+            else:
+                slot = int(self._rng.integers(0, self.seen))
+                if slot >= self.capacity:
+                    continue
+            self._x[slot], self._chunk[slot], self._arrival[slot] = row, chunk, self.seen
 
     def _grow(self) -> None:
         if self.n < len(self._x):
             return
         size = min(self.capacity, max(64, 2 * len(self._x)))
         x = np.zeros((size, self._x.shape[1]), np.float32)
-        chunk = np.zeros(size, np.int64)
-        x[: self.n], chunk[: self.n] = self.x, self.chunk
-        self._x, self._chunk = x, chunk
+        chunk, arrival = np.zeros(size, np.int64), np.zeros(size, np.int64)
+        x[: self.n], chunk[: self.n] = self._x[: self.n], self._chunk[: self.n]
+        arrival[: self.n] = self._arrival[: self.n]
+        self._x, self._chunk, self._arrival = x, chunk, arrival
 
     def save(self, path: Path) -> None:
         """Write atomically as .npz (no pickle)."""
@@ -188,6 +197,7 @@ class FeatureStore:
             raise LearningError(f"site features {path.name} unreadable: {exc}") from None
         store = cls(x.shape[1], max(capacity, len(x)))
         store._x, store._chunk = x.astype(np.float32), chunk.astype(np.int64)
+        store._arrival = np.arange(1, len(x) + 1, dtype=np.int64)  # saved in arrival order
         store.n, store.seen = len(x), seen
         return store
 

@@ -438,9 +438,13 @@ def test_site_features_stay_bounded_and_survive_a_save(tmp_path: Path) -> None:
         store.add(rows[i : i + 7], chunk=i // 120)
     assert len(store) == 1000 and store.seen == 20000
     assert store.x[:, 0].mean() == pytest.approx(10000, rel=0.1), "a uniform sample of all"
+    # read back in arrival order (the refit's CUSUM measures neighbouring windows' correlation)
+    assert np.all(np.diff(store.x[:, 0]) > 0) and np.all(np.diff(store.chunk) >= 0)
     store.save(tmp_path / "s.npz")
     again = FeatureStore.load(tmp_path / "s.npz", 1000)
     assert np.array_equal(again.x, store.x) and np.array_equal(again.chunk, store.chunk)
+    again.add(np.arange(20000, 30000, dtype=float)[:, None] * np.ones(4), chunk=200)
+    assert np.all(np.diff(again.x[:, 0]) > 0), "still in order after a reload"
     assert (tmp_path / "s.npz").stat().st_mode & 0o777 == 0o600
 
 
