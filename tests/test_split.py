@@ -95,3 +95,31 @@ def test_load_split_uses_it(tmp_path: Path, n: int) -> None:
         assert split.train.files == [str(f) for f in files if f != files[4]]
         assert split.holdout.seconds == pytest.approx(5.0)
     assert len(split.train.windows) and len(split.holdout.windows)
+
+
+def test_recordings_too_short_to_hold_any_out_are_refused(tmp_path: Path) -> None:
+    """Three 4-s recordings: the last fifth of each is shorter than a window, so nothing is
+    held out. The threshold then came silently from the windows the model was fitted on (and
+    the manifest still said "held-out"); every trainer now refuses in one line, before any
+    network trains."""
+    from conftest import cli
+
+    from edge.errors import AudioError
+    from train.embedding import read_own
+
+    rng = np.random.default_rng(3)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"short{i}.wav")
+        sf.write(files[-1], 0.05 * rng.standard_normal(4 * RATE), RATE)
+    with pytest.raises(AudioError, match="no audio could be held out"):
+        load_split(files, FeatureParams())
+    with pytest.raises(AudioError, match="no audio could be held out"):
+        read_own({"running": files}, FeatureParams(), 0)
+    for kind in ("fluctuation", "knn"):
+        out = tmp_path / f"{kind}.bundle"
+        proc = cli("train", "--detector", kind, "--normal", *map(str, files), "--out", str(out),
+                   check=False)  # fmt: skip
+        assert proc.returncode != 0 and not out.exists(), proc.stdout
+        error = proc.stderr.strip().splitlines()[-1]
+        assert "no audio could be held out" in error and "5 or more recordings" in error, error

@@ -111,6 +111,17 @@ def holdout_split(files: list[Path], fraction: float = HOLDOUT_FRACTION) -> Hold
     return Holdout([f for f in ordered if f not in spared], held, fraction)
 
 
+def require_held_out(windows: int, params: FeatureParams) -> None:
+    """Refuse (AudioError, one line) when fewer than two windows could be held out: the
+    threshold would otherwise come from the audio the model was fitted on, and sit too low."""
+    if windows < 2:
+        raise AudioError(
+            "train: no audio could be held out to set the threshold: give 5 or more recordings, "
+            f"or recordings of at least {params.window_seconds / HOLDOUT_FRACTION:g} s each "
+            "(the last fifth of each is held out)"
+        )
+
+
 def training_audio(paths: list[str | Path], samplerate: int | None = None) -> list[Path]:
     """The audio files under `paths`; an AudioError when there are none, when any cannot be
     used (all of them named; below the model's `samplerate` among them), or when they hold less
@@ -188,6 +199,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     )
     if len(split.train.windows) == 0:
         raise AudioError(f"not enough audio to train: need at least {params.window_seconds} s")
+    require_held_out(len(split.holdout.windows), params)
     log.info(
         "training on %d windows (%.0f s), holding out %d (%.0f s) from %d files",
         len(split.train.windows),

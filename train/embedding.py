@@ -58,6 +58,7 @@ from train.dataset import (
     Holdout,
     dense_params,
     holdout_split,
+    require_held_out,
     threshold_from_holdout,
     training_audio,
     without_copies,
@@ -307,6 +308,7 @@ def read_own(
             f"not enough audio of the machine running to train: need at least "
             f"{params.window_seconds} s outside a state folder named `{OFF}`"
         )
+    require_held_out(sum(len(w) for w in own.running(own.held_windows)), params)
     return own
 
 
@@ -689,8 +691,6 @@ def _fit_head(
     shipped head is fitted on all of it, like the fluctuation kind's."""
     fit_w = np.concatenate(own.running(own.fit_windows))
     held_w = np.concatenate(own.running(own.held_windows))
-    if len(held_w) < 2:
-        held_w = fit_w
     levels = band_levels(fit_w)
     band_mean, band_std = levels.mean(axis=0), np.maximum(levels.std(axis=0), BAND_STD_FLOOR_DB)
     probe = EmbeddingScorer(model, mean, std, None, band_mean, band_std)

@@ -19,7 +19,6 @@ from edge.bundle import write_bundle
 from edge.detectors.knn import MAX_BANK, KnnScorer, evenly
 from edge.detectors.levels import LEVELS, level_features
 from edge.errors import AudioError
-from train.dataset import HOLDOUT_FRACTION
 from train.statistics import Design, Run, Trainer, statistics_manifest
 
 log = logging.getLogger(__name__)
@@ -57,11 +56,6 @@ def fit_knn(
 ) -> Path:
     """The bank of the level-aware features: scale and threshold from the held-out audio
     against a bank without it, the shipped bank from all the audio; writes the bundle."""
-    if run.held is run.fit:
-        raise AudioError(
-            "knn holds audio out for its scale and threshold: give 5 or more recordings, or "
-            f"recordings of at least {run.params.window_seconds / HOLDOUT_FRACTION:g} s"
-        )
     provisional = fit_bank(run.fit, neighbours, max_dims)
     raw, bands = provisional.explain(provisional.embed(run.held))
     scale = float(np.median(raw))

@@ -29,6 +29,7 @@ from train.dataset import (
     Holdout,
     dense_params,
     holdout_split,
+    require_held_out,
     threshold_from_holdout,
     training_audio,
 )
@@ -155,8 +156,7 @@ def collect(
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
     )
-    if len(hold_f) < 2:
-        hold_f = fit_f
+    require_held_out(len(hold_f), params)
     where = ALL_CHANNELS if all_channels else channel
     run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
     run.machine = machine_profile(audios, params)

@@ -80,8 +80,7 @@ def train_bundle(
     float_tflite = to_float_tflite(model)
     int8_tflite = to_int8_tflite(model, x, seed)
     scorer = Scorer(TfliteModel(int8_tflite, name="int8 model"), mean, std)
-    holdout = split.holdout.windows if len(split.holdout.windows) else split.train.windows
-    scored = [scorer.score(w) for w in holdout]
+    scored = [scorer.score(w) for w in split.holdout.windows]
     scores = np.array([s.score for s in scored])
     band_error = np.stack([s.band_error for s in scored])
     value, rule_params = threshold_from_holdout(scores, false_alarms_per_day, params.hop_seconds)
