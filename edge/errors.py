@@ -1,5 +1,13 @@
 """User-facing errors: each one becomes a single line on stderr, never a traceback."""
 
+import sys
+
+
+def install_extra(extra: str) -> str:
+    """How to install an extra into the interpreter that runs: on a Pi, the service's venv
+    (Raspberry Pi OS refuses system-wide `pip install`, and it would land elsewhere anyway)."""
+    return f"{sys.executable} -m pip install 'soundsentry[{extra}]'"
+
 
 class SoundSentryError(Exception):
     """A problem the user can fix (bad input, bad setting, bad model); shown as one line."""

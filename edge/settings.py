@@ -4,6 +4,7 @@ CLI flags (highest priority last: file < environment < flags)."""
 from __future__ import annotations
 
 import contextvars
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -26,11 +27,18 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from edge.errors import SettingsError
 from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N
 
 _TOPIC_SAFE = r"^[^/+#\s]+$"
+_LOG_LEVELS = r"^(DEBUG|INFO|WARNING|ERROR)$"
+_PATTERN_MEANS = {
+    _TOPIC_SAFE: "it is part of MQTT topics: no spaces, '/', '+' or '#' (e.g. pump-3)",
+    _LOG_LEVELS: "one of DEBUG, INFO, WARNING, ERROR",
+}
+"""What a pattern asks for, in words, for the one-line error."""
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config", default=None)
 
 
@@ -299,15 +307,19 @@ class Settings(BaseSettings):
     )
     check_not_a_bool = _NOT_A_BOOL
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: Any) -> Any:
+        """`info` is as clear as `INFO`."""
+        return value.upper() if isinstance(value, str) else value
+
     device_id: str = Field(
         default_factory=socket.gethostname,
         pattern=_TOPIC_SAFE,
         description="Name of this detector in topics and events; default: the host name.",
     )
     model: Path | None = Field(None, description="Model bundle folder.")
-    log_level: str = Field(
-        "INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level."
-    )
+    log_level: str = Field("INFO", pattern=_LOG_LEVELS, description="Logging level.")
     data_dir: Path = Field(
         default_factory=_default_data_dir,
         description="Spool and evidence clips; default: $STATE_DIRECTORY or ~/.local/state.",
@@ -374,6 +386,13 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         return Settings(**_drop_none(overrides))
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
+    except PydanticSettingsError as exc:  # a variable whose value should have been JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"SOUNDSENTRY_{field.group(1).upper()}" if field else "SOUNDSENTRY_..."
+        raise SettingsError(
+            f"invalid environment {name}: it names a whole section, whose value must be JSON; "
+            f"set one key with a double underscore instead, e.g. {name}__<KEY>=value"
+        ) from None
     finally:
         _CONFIG_FILE.reset(token)
 
@@ -386,6 +405,9 @@ def describe_validation_error(exc: ValidationError) -> str:
         return f"invalid setting {key}: unknown key"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    means = _PATTERN_MEANS.get(str(err.get("ctx", {}).get("pattern")))
+    if err["type"] == "string_pattern_mismatch" and means:
+        return f"invalid setting {key}{shown}: {means}"
     return f"invalid setting {key}{shown}: {err['msg'].removeprefix('Value error, ')}"
 
 

@@ -25,7 +25,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from edge import __version__  # noqa: E402
-from edge.errors import SoundSentryError  # noqa: E402
+from edge.errors import SoundSentryError, install_extra  # noqa: E402
 
 log = logging.getLogger("soundsentry")
 
@@ -76,17 +76,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="soundsentry", description="Real-time anomaly detection for machine sounds."
     )
     parser.add_argument("--version", action="version", version=f"soundsentry {__version__}")
-    parser.add_argument(
-        "--log-level",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="stderr log level (default: `run` takes the config's log_level, INFO unless set; "
-        "every other command WARNING)",
+    log_help = (
+        "stderr log level, DEBUG, INFO, WARNING or ERROR (default: `run` takes the config's "
+        "log_level, INFO unless set; every other command WARNING)"
     )
+    parser.add_argument("--log-level", type=_log_level, metavar="LEVEL", help=log_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (
         _add_train,
@@ -102,7 +104,19 @@ def _parser() -> argparse.ArgumentParser:
         _add_demo,
     ):
         register(sub)
+    for command in sub.choices.values():  # after the command too: `run --log-level DEBUG`
+        command.add_argument(
+            "--log-level", type=_log_level, metavar="LEVEL", default=argparse.SUPPRESS,
+            help=log_help,
+        )  # fmt: skip
     return parser
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def _add_train(sub: Any) -> None:
@@ -137,7 +151,9 @@ def _add_train(sub: Any) -> None:
         help="training epochs of a network (default: embedding 12, autoencoder 40, classifier 30)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
-    p.add_argument("--channel", type=int, default=0, help="channel to train on; -1 averages all")
+    p.add_argument(
+        "--channel", type=int, default=None, help="channel to train on (default 0); -1 averages all"
+    )
     p.add_argument(
         "--false-alarms-per-day",
         type=_positive_float,
@@ -473,6 +489,9 @@ def _check_train_flags(args: argparse.Namespace) -> None:
         raise SoundSentryError(
             f"--augment is for the autoencoder and the classifier, not --detector {args.detector}"
         )
+    if args.all_channels and args.channel is not None:
+        raise SoundSentryError("--channel picks one channel; --all-channels trains on every one")
+    args.channel = 0 if args.channel is None else args.channel
     check_bundle_target(args.out)
     if args.normal and not args.all_channels:
         _note_channels(args.normal, args.channel)
@@ -775,9 +794,8 @@ def _extra_of(module: str | None) -> str | None:
 
 
 def _needs(what: str, extra: str, module: str | None) -> str:
-    return (
-        f"`{what}` needs the [{extra}] extra ({module} is not installed): "
-        f"pip install 'soundsentry[{extra}]'"
+    return f"`{what}` needs the [{extra}] extra ({module} is not installed): " + install_extra(
+        extra
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from edge.audio_io import find_audio, read_audio
 from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
-from edge.errors import AudioError, SoundSentryError
+from edge.errors import AudioError, SoundSentryError, install_extra
 from edge.features import FeatureParams, LogMel, mel_band_edges, windows_of
 from edge.scoring import Scorer
 from train.evaluate import Report, classification, evaluate, write_json
@@ -132,7 +132,7 @@ def _plt():
         import matplotlib
     except ImportError as exc:
         raise SoundSentryError(
-            f"PNG reports need the [report] extra ({exc}): pip install 'soundsentry[report]'"
+            f"PNG reports need the [report] extra ({exc}): " + install_extra("report")
         ) from None
 
     matplotlib.use("Agg")

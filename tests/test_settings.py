@@ -10,6 +10,7 @@ from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
 
 from edge.errors import SettingsError
 from edge.settings import DetectorSettings, load_settings, mqtt_password
+from soundsentry.cli import _parser
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -93,6 +94,34 @@ def test_invalid_setting_on_the_command_line_is_one_line(tmp_path: Path) -> None
     )
     assert proc.returncode == 1 and "detector.release_windows" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_section_set_whole_in_the_environment_is_one_line() -> None:
+    """`SOUNDSENTRY_AUDIO=USB` (the `__DEVICE` forgotten) was a 45-line traceback; in a systemd
+    drop-in, a restart loop of them."""
+    proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), check=False,
+               env={"SOUNDSENTRY_AUDIO": "USB"})  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "soundsentry: error: invalid environment SOUNDSENTRY_AUDIO: it names a whole section, "
+        "whose value must be JSON; set one key with a double underscore instead, e.g. "
+        "SOUNDSENTRY_AUDIO__<KEY>=value"
+    ]
+
+
+def test_patterns_are_said_in_words_and_log_levels_in_any_case(tmp_path: Path) -> None:
+    """A regex is no answer to `device_id = "pump 3"`, and `info` is as clear as `INFO`."""
+    with pytest.raises(SettingsError) as err:
+        load_settings(write(tmp_path, 'device_id = "pump 3"\n'))
+    assert str(err.value) == (
+        "invalid setting device_id (got 'pump 3'): it is part of MQTT topics: no spaces, '/', "
+        "'+' or '#' (e.g. pump-3)"
+    )
+    assert load_settings(write(tmp_path, 'log_level = "info"\n')).log_level == "INFO"
+    with pytest.raises(SettingsError, match=r"log_level .*one of DEBUG, INFO, WARNING, ERROR$"):
+        load_settings(write(tmp_path, 'log_level = "verbose"\n'))
+    assert _parser().parse_args(["run", "--log-level", "debug"]).log_level == "DEBUG"
+    assert _parser().parse_args(["--log-level", "error", "run"]).log_level == "ERROR"
 
 
 def test_password_from_file_and_credentials_dir(

@@ -239,6 +239,12 @@ def test_copies_count_once_and_channels_are_not_seconds(tmp_path: Path) -> None:
     assert f"{NORMAL_FILES[0].stem}.wav is a copy of {arrays / 'copy of 0.wav'}" in proc.stderr
     mono = cli("train", "--normal", str(arrays), "--out", str(tmp_path / "c0.bundle"))
     assert "note: 4-channel recordings: training on channel 0" in mono.stdout
+    both = cli("train", "--normal", str(arrays), "--all-channels", "--channel", "3",
+               "--out", str(tmp_path / "c3.bundle"), check=False)  # fmt: skip
+    assert both.returncode == 1 and not (tmp_path / "c3.bundle").exists()  # was: --channel ignored
+    assert both.stderr.strip().splitlines() == [
+        "soundsentry: error: --channel picks one channel; --all-channels trains on every one"
+    ]
 
 
 def test_evaluate_with_nothing_to_score_and_an_output_path_that_is_a_folder(

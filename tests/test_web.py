@@ -445,7 +445,8 @@ def test_without_the_web_extra_one_line_names_it(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip() == (
-        "soundsentry: error: the dashboard needs the [web] extra: pip install 'soundsentry[web]'"
+        "soundsentry: error: the dashboard needs the [web] extra: "
+        f"{sys.executable} -m pip install 'soundsentry[web]'"
     )
 
 

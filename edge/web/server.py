@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from edge.commands import MAX_COMMAND_BYTES
-from edge.errors import SoundSentryError
+from edge.errors import SoundSentryError, install_extra
 from edge.eventlog import read_events
 from edge.features import FeatureParams
 from edge.settings import Settings, WebSettings
@@ -68,7 +68,7 @@ class Dashboard:
             from edge.web.prometheus import registry_for
         except ImportError:
             raise SoundSentryError(
-                "the dashboard needs the [web] extra: pip install 'soundsentry[web]'"
+                "the dashboard needs the [web] extra: " + install_extra("web")
             ) from None
         self.web = settings.web
         self.token = read_token(self.web)
