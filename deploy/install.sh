@@ -180,7 +180,15 @@ install_venv() {
   say "installing ${SOURCE}[web] into $VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade \
     "${SOURCE}[web]"
+  if [[ "$SOURCE" == *.whl ]]; then
+    # pip skips a wheel whose version is installed already: an upgrade would keep the old code.
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+      --force-reinstall --no-deps "$SOURCE"
+  fi
   say "installed $("$VENV/bin/soundsentry" --version)"
+  # On PATH, so that the README's `soundsentry ...` works on the Pi.
+  install -d -m 0755 "$ROOT/usr/local/bin"
+  ln -sfn /opt/soundsentry/venv/bin/soundsentry "$ROOT/usr/local/bin/soundsentry"
 }
 
 install_config() {
@@ -274,6 +282,10 @@ do_uninstall() {
   done
   live_systemctl daemon-reload
   rm -rf "$ROOT/opt/soundsentry"
+  if [ "$(readlink "$ROOT/usr/local/bin/soundsentry" 2>/dev/null)" = \
+    /opt/soundsentry/venv/bin/soundsentry ]; then
+    rm -f "$ROOT/usr/local/bin/soundsentry"
+  fi
   if [ -n "$ROOT" ] || getent passwd "$SERVICE_USER" >/dev/null; then
     host userdel "$SERVICE_USER"
   fi

@@ -177,6 +177,9 @@ def test_fresh_install_creates_the_tree(installed: Path, tmp_path: Path) -> None
         assert stat.S_IMODE(copied.stat().st_mode) == 0o644
     wants = installed / "etc/systemd/system/multi-user.target.wants/soundsentry.service"
     assert os.readlink(wants) == "/etc/systemd/system/soundsentry.service"
+    # the README's `soundsentry ...` works on the Pi: the command is on PATH
+    on_path = installed / "usr/local/bin/soundsentry"
+    assert os.readlink(on_path) == "/opt/soundsentry/venv/bin/soundsentry"
 
     log = (installed / "install.log").read_text()
     assert "would run: useradd --system --user-group --groups audio" in log
@@ -242,9 +245,10 @@ def test_bare_install_calibrates_evaluates_and_replays(installed: Path, tmp_path
         env=env,
     )
     assert png.returncode == 1 and not (tmp_path / "report").exists()
+    python = Path(exe).parent / "python"  # the venv's own pip, not the system's
     assert png.stderr.splitlines() == [
         "soundsentry: error: `evaluate --report` needs the [report] extra (matplotlib is not "
-        "installed): pip install 'soundsentry[report]'"
+        f"installed): {python} -m pip install 'soundsentry[report]'"
     ]
 
 
@@ -282,6 +286,30 @@ def test_a_venv_of_another_python_is_rebuilt(installed: Path) -> None:
 
 
 @pytest.mark.slow
+def test_an_upgrade_from_a_wheel_installs_its_code(installed: Path, tmp_path: Path) -> None:
+    """pip skips a wheel whose version is installed already, so `--source X.whl` kept the old
+    code, restarted the service on it and said "done". A wheel of a changed tree must land."""
+    tree = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    for name in files.stdout.splitlines():
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    marker = "# upgraded by test_an_upgrade_from_a_wheel_installs_its_code"
+    with open(tree / "edge/__init__.py", "a") as fh:
+        fh.write(marker + "\n")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", tmp_path, tree],
+        capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("soundsentry-*.whl")
+    run_installer(installed, "--source", str(wheel))
+    site = next((installed / "opt/soundsentry/venv/lib").glob("python*/site-packages"))
+    assert marker in (site / "edge/__init__.py").read_text()
+
+
+@pytest.mark.slow
 def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
     system = installed / "etc/systemd/system"
     instance = system / "multi-user.target.wants/soundsentry@mic2.service"
@@ -293,6 +321,7 @@ def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
 
     assert "would run: userdel soundsentry" in proc.stdout
     assert not (installed / "opt/soundsentry").exists()
+    assert not (installed / "usr/local/bin/soundsentry").is_symlink()
     assert not [p.name for p in system.rglob("soundsentry*")]
     assert (installed / "etc/soundsentry/config.toml").is_file()
     assert model.is_dir()
