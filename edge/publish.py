@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import sqlite3
 import ssl
 import threading
@@ -45,6 +46,8 @@ OFFLINE = "offline"
 RECONNECT_MIN_S = 1
 SEND_BATCH = 50
 SENDER_IDLE_S = 0.5
+PROBE_TIMEOUT_S = 2.0
+"""How long a failed connection's reason is looked for (on paho's thread, between retries)."""
 
 
 def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
@@ -88,11 +91,13 @@ class MqttPublisher:
         self._spool_failed = False
         self._handed = 0
         self._last_refusal = ""
+        self._last_unreachable = ""
         self._warned_retained = False
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.will_set(topics.availability, OFFLINE, qos=1, retain=True)
         self.client.reconnect_delay_set(RECONNECT_MIN_S, int(settings.reconnect_max_seconds))
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
@@ -104,6 +109,14 @@ class MqttPublisher:
     def connected(self) -> bool:
         """True while the broker has accepted the connection."""
         return self._connected.is_set()
+
+    @property
+    def problem(self) -> str:
+        """Why there is no connection, as last seen: the broker's refusal, or why it could not
+        be reached; empty when none was seen (yet)."""
+        if self._last_refusal:
+            return f"the broker refused the connection: {self._last_refusal}"
+        return self._last_unreachable
 
     def start(self, wait_s: float = 0.0) -> bool:
         """Connect in the background; optionally wait up to `wait_s` for the first CONNACK."""
@@ -123,7 +136,7 @@ class MqttPublisher:
             self._last_refusal = text
             self._reread_password()
             return
-        self._last_refusal = ""
+        self._last_refusal = self._last_unreachable = ""
         log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
         client.subscribe([(self.topics.command, 1), (self.topics.ha_status, 1)])
         client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
@@ -131,6 +144,26 @@ class MqttPublisher:
         self._publish_discovery()
         self._connected.set()
         self._wake.set()
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        """No TCP (or TLS) connection: paho says nothing of why, so ask the network once; each
+        new reason is logged, a repeated one is not (the retries go on with backoff)."""
+        where = f"{self.settings.host}:{self.settings.port}"
+        try:
+            socket.create_connection(
+                (self.settings.host, self.settings.port), timeout=PROBE_TIMEOUT_S
+            ).close()
+            why = "it takes TCP connections now: the TLS or MQTT handshake failed; check [mqtt] tls"
+        except OSError as exc:
+            why = str(exc) or type(exc).__name__
+        reason = f"cannot reach {where} ({why})"
+        if reason != self._last_unreachable:
+            log.warning(
+                "MQTT: %s; retrying with backoff, events are spooled meanwhile (check [mqtt] "
+                "host and port, and that the broker runs)",
+                reason,
+            )
+        self._last_unreachable = reason
 
     def _reread_password(self) -> None:
         """After a refusal, read the password again: a password file changed for a new broker

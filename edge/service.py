@@ -80,7 +80,11 @@ def run_detector(
 
     _install_signals(stop, controller.submit_reload)  # before the wait: SIGTERM stops cleanly
     if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
-        log.warning("MQTT: broker not reachable yet; events are spooled until it is")
+        log.warning(
+            "MQTT: no connection to %s:%d after %g s (%s); events are spooled until there is",
+            settings.mqtt.host, settings.mqtt.port, FIRST_CONNECT_WAIT_S,
+            publisher.problem or "no answer yet",
+        )  # fmt: skip
     try:
         detector.run(source)
     finally:

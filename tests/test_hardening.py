@@ -5,6 +5,7 @@ scoring and publishing, and a retained poison does not stop a restarted daemon."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import stat
@@ -225,6 +226,45 @@ def test_a_spooled_event_waits_for_its_own_ack_after_the_message_ids_wrap(
         if broker.proc is not None:
             broker.proc.send_signal(signal.SIGCONT)
         publisher.close()  # type: ignore[attr-defined]
+
+
+def test_a_broker_that_cannot_be_reached_is_named_with_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The journal said only "broker not reachable yet", with no host, port or reason, and the
+    retries after it said nothing. Each new reason is one warning naming host and port; a
+    repeated one is not logged again; `replay` (the service's start) names it too."""
+    from conftest import DEMO_CLIP, SOUNDSENTRY, free_port
+
+    from edge.publish import MqttPublisher
+    from edge.settings import MqttSettings
+    from edge.spool import Spool
+
+    port = free_port()  # nothing listens there
+    settings = MqttSettings(host="127.0.0.1", port=port, reconnect_max_seconds=1)
+    publisher = MqttPublisher(settings, TOPICS, "down", Spool(tmp_path / "spool.sqlite"))
+    failures = []
+    on_fail = publisher.client.on_connect_fail
+    publisher.client.on_connect_fail = lambda c, u: (failures.append(1), on_fail(c, u))
+    publisher.start()
+    try:
+        wait_for(lambda: len(failures) >= 3, 30, "three failed attempts")
+    finally:
+        publisher.close(0.5)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edge.publish"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"MQTT: cannot reach 127.0.0.1:{port} (")
+    assert "refused" in warnings[0].lower() and "check [mqtt] host and port" in warnings[0]
+    assert publisher.problem.startswith(f"cannot reach 127.0.0.1:{port}")
+    proc = subprocess.run(
+        [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--mqtt-host", "127.0.0.1",
+         "--mqtt-port", str(port)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "SOUNDSENTRY_DATA_DIR":
+        str(tmp_path / "data")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"MQTT: no connection to 127.0.0.1:{port} after" in proc.stderr, proc.stderr
+    assert f"(cannot reach 127.0.0.1:{port} (" in proc.stderr, proc.stderr
 
 
 def test_a_password_file_gone_after_a_refusal_is_one_error_line(
