@@ -480,8 +480,11 @@ def test_tls_and_password_and_wrong_credentials(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
-        refusals = [line for line in err.splitlines() if "refused the connection" in line]
+        refusals = [line for line in err.splitlines() if "MQTT: broker refused" in line]
         assert len(refusals) == 1 and "Not authorized" in refusals[0], err
+        start = [line for line in err.splitlines() if "MQTT: no connection to" in line]
+        assert start and "(the broker refused the connection: Not authorized)" in start[0], err
+        assert "cannot reach" not in err  # it was reachable: it said no
         assert "the password changed" in err
         assert "wrong-pw" not in err and "s3cret-pw" not in err  # neither password is logged
 
