@@ -75,7 +75,10 @@ def known_inputs() -> str:
     except CaptureError as exc:
         return str(exc)
     if not devices:
-        return "no input devices found (is the microphone plugged in? `arecord -l`)"
+        return (
+            "no input devices found (is the microphone plugged in, `arecord -l`? or in use by "
+            "another program, such as the soundsentry service?)"
+        )
     names = ", ".join(f"{d.index} {d.name!r}" for d in devices[:NAMES_IN_ERROR])
     more = ", ..." if len(devices) > NAMES_IN_ERROR else ""
     return f"input devices: {names}{more} (`soundsentry devices` lists them with their rates)"

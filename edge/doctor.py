@@ -111,7 +111,7 @@ def check_audio_device(s: Settings) -> Check:
     try:
         src = MicSource(s.audio, _model_rate(s))
     except CaptureError as exc:
-        return Check(
+        return _held_by_service("audio device") or Check(
             "audio device",
             False,
             str(exc),
@@ -135,7 +135,9 @@ def check_input_level(s: Settings) -> Check:
     try:
         src = MicSource(s.audio, rate)
     except CaptureError as exc:
-        return Check("input level", False, str(exc), "fix the audio device first")
+        return _held_by_service("input level") or Check(
+            "input level", False, str(exc), "fix the audio device first"
+        )
     blocks, deadline = [], time.monotonic() + LEVEL_SECONDS + 3
     for block in src:
         if block is not None:
@@ -144,7 +146,9 @@ def check_input_level(s: Settings) -> Check:
             break
     src.stop()
     if not blocks:
-        return Check("input level", False, "no audio arrived in 5 s", "is the device in use?")
+        return _held_by_service("input level") or Check(
+            "input level", False, "no audio arrived in 5 s", "is the device in use?"
+        )
     audio = np.concatenate(blocks)
     level = level_dbfs(audio)
     if is_silent(audio):
@@ -322,10 +326,33 @@ def check_service(_s: Settings) -> Check:
         return Check("service", None, "systemd not available here")
     if state == "active":
         return Check("service", True, "soundsentry.service is active")
-    listed = _run(
-        ["systemctl", "list-units", "--all", "--no-legend", "--plain", "soundsentry@*.service"]
+    return service_check(state, _instances())
+
+
+def _instances() -> str:
+    """`systemctl list-units` lines of the soundsentry@NAME instances."""
+    command = ["systemctl", "list-units", "--all", "--no-legend", "--plain"]
+    return _run([*command, "soundsentry@*.service"]) or ""
+
+
+def _held_by_service(name: str) -> Check | None:
+    """While the service runs it holds the microphone (ALSA then leaves a busy device out of
+    PortAudio's list): a device doctor cannot open is no fault then, and the fix is not to
+    look for another microphone. None when no soundsentry unit is running."""
+    if _run(["systemctl", "is-active", "soundsentry"]) == "active":
+        units = ["soundsentry.service"]
+    else:
+        lines = (line.split()[:3] for line in _instances().splitlines())
+        units = [u[0] for u in lines if len(u) == 3 and u[2] == "active"]
+    if not units:
+        return None
+    return Check(
+        name,
+        None,
+        f"not opened: {', '.join(units)} is running and holds the microphone (as it should); "
+        f"its input's health is on its health topic and in `journalctl -u {units[0]}`; "
+        f"`sudo systemctl stop {units[0]}` first to test the device here",
     )
-    return service_check(state, listed or "")
 
 
 def service_check(single: str, instances: str) -> Check:

@@ -178,6 +178,35 @@ def test_doctor_counts_an_instance_per_microphone_as_the_service() -> None:
     assert none.ok is False and none.detail == "soundsentry.service is inactive"
 
 
+def test_doctor_does_not_blame_the_microphone_that_the_running_service_holds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """README step 6 runs doctor after step 5 started the service, which holds the USB mic;
+    ALSA then leaves the busy device out of PortAudio's list. Doctor failed "No input device
+    matching 'USB'" with the fix to list the inputs (which did not list it either). With a
+    soundsentry unit running, a device it cannot open is skipped and the service named; with
+    none, the failure stays. systemctl's answers are the only thing faked here: the device
+    really cannot be opened."""
+    from edge import doctor
+    from edge.settings import Settings
+
+    settings = Settings(device_id="t", data_dir=tmp_path, audio={"device": "no-such-mic-xyz"})
+    answers = {"is-active": "active", "list-units": ""}
+    monkeypatch.setattr(doctor, "_run", lambda cmd: answers[cmd[1]])
+    for check in (doctor.check_audio_device, doctor.check_input_level):
+        held = check(settings)
+        assert held.ok is None, held
+        assert "soundsentry.service is running and holds the microphone" in held.detail
+        assert "`sudo systemctl stop soundsentry.service`" in held.detail
+    answers["is-active"] = "inactive"
+    answers["list-units"] = "soundsentry@mic2.service loaded active running SoundSentry (mic2)"
+    assert "soundsentry@mic2.service is running" in doctor.check_audio_device(settings).detail
+    answers["list-units"] = ""
+    failed = doctor.check_audio_device(settings)
+    assert failed.ok is False and "no-such-mic-xyz" in failed.detail, failed
+    assert "soundsentry devices" in failed.fix
+
+
 def test_doctor_names_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
     from edge.doctor import check_disk
     from edge.settings import Settings
