@@ -84,9 +84,10 @@ class MicSource:
         except (ValueError, sd.PortAudioError) as exc:
             which = "no default input device" if device is None else f"audio.device {device!r}"
             raise CaptureError(f"{which}: {exc}; {known_inputs()}") from None
+        self.channels = self._channels(sd, device, info)
         wanted = self.settings.samplerate or self.model_rate
         try:
-            sd.check_input_settings(device, self.settings.channels, "float32", samplerate=wanted)
+            sd.check_input_settings(device, self.channels, "float32", samplerate=wanted)
             rate = wanted
         except (ValueError, sd.PortAudioError):
             if self.settings.samplerate:
@@ -105,10 +106,38 @@ class MicSource:
                 f"{info['name']!r} captures at {rate} Hz, below the model's {self.model_rate} Hz "
                 f"(set audio.samplerate to {self.model_rate} or more, or use another input)"
             )
-        log.info(
-            "capture: device %r at %d Hz, %d channel(s)", info["name"], rate, self.settings.channels
-        )
+        log.info("capture: device %r at %d Hz, %d channel(s)", info["name"], rate, self.channels)
         return device, rate
+
+    def _channels(self, sd: Any, device: int | str | None, info: Any) -> int:
+        """The channels to open: the configured count, or, on a device that refuses it (USB
+        microphones that capture stereo only), all it offers; `channel` picks from them."""
+        wanted = self.settings.channels
+        offered = int(info["max_input_channels"])
+        for channels in dict.fromkeys((wanted, offered)):
+            try:
+                sd.check_input_settings(device, channels, "float32")
+            except (ValueError, sd.PortAudioError):
+                continue
+            if channels != wanted:
+                log.warning(
+                    "capture: %r does not capture %d channel(s); opening its %d and taking "
+                    "%s (set [audio] channels = %d to say so)",
+                    info["name"], wanted, channels,
+                    "their average" if self.settings.channel < 0
+                    else f"channel {self.settings.channel}",
+                    channels,
+                )  # fmt: skip
+            if self.settings.channel >= channels:
+                raise CaptureError(
+                    f"audio.channel {self.settings.channel} is not among the {channels} "
+                    f"channel(s) of {info['name']!r} (0-based; -1 averages them)"
+                )
+            return channels
+        raise CaptureError(
+            f"{info['name']!r} captures neither {wanted} channel(s) nor the {offered} it "
+            "offers; set [audio] channels to what it supports (`soundsentry devices`)"
+        )
 
     def _callback(self, indata: np.ndarray, _frames: int, _time: Any, status: Any) -> None:
         """PortAudio thread: copy the block and count trouble; nothing else."""
@@ -125,7 +154,7 @@ class MicSource:
         try:
             return sd.InputStream(
                 device=self.device,
-                channels=self.settings.channels,
+                channels=self.channels,
                 samplerate=self.rate,
                 dtype="float32",
                 blocksize=blocksize,

@@ -64,6 +64,46 @@ def test_record_writes_chunked_wavs_of_the_machine(pulse: str, tmp_path: Path) -
     assert "recorded 2 file(s)" in proc.stdout and "dBFS" in proc.stderr
 
 
+STEREO_ONLY = """
+import sys
+import sounddevice as sd
+real = sd.check_input_settings
+def stereo_only(device=None, channels=None, *args, **kwargs):
+    if channels == 1:  # as a USB microphone that captures in stereo only answers
+        raise sd.PortAudioError("Invalid number of channels [PaErrorCode -9998]")
+    return real(device, channels, *args, **kwargs)
+sd.check_input_settings = stereo_only
+from soundsentry.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_microphone_that_captures_stereo_only_is_opened_in_stereo(
+    pulse: str, tmp_path: Path
+) -> None:
+    """Such a device failed with a raw PortAudio error (logged as a rate problem), and `record`
+    could not be told otherwise. It is opened with the channels it offers, and `channel` (0
+    unless set) picked from them. The real PulseAudio device is used; only its answer to a
+    one-channel request is that of the stereo-only microphone."""
+    import sys
+
+    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", STEREO_ONLY, "record", "--seconds", "2", "--out",
+             str(tmp_path / "rec"), "--device", "pulse"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            env={**os.environ, "PULSE_SOURCE": pulse},
+        )  # fmt: skip
+    finally:
+        player.kill()
+    assert proc.returncode == 0, proc.stderr
+    assert "does not capture 1 channel(s); opening its" in proc.stderr, proc.stderr
+    (wav,) = (tmp_path / "rec").glob("*.wav")
+    info = sf.info(str(wav))
+    assert (info.channels, info.samplerate, round(info.duration, 1)) == (1, 16000, 2.0)
+
+
 def test_record_refuses_silence_with_a_reason(pulse: str, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[health]\nfault_seconds = 1\n")
