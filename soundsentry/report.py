@@ -34,8 +34,10 @@ def format_report(report: Report) -> str:
         f"model {report.model} ({report.variant}), {report.unit}: "
         f"AUC {report.auc:.3f}  pAUC(FPR<={report.max_fpr}) {report.pauc:.3f}  "
         f"normal {report.n_normal}  anomalous {report.n_anomalous}  "
-        f"at threshold {report.threshold:.4g}: TPR {report.tpr_at_threshold:.2f} "
-        f"FPR {report.fpr_at_threshold:.2f}"
+        f"files with an event at threshold {report.threshold:.4g}"
+        + (" (the int8 model's)" if report.variant == "float" else "")
+        + f": anomalous {report.anomalous_files_with_event}, normal "
+        f"{report.normal_files_with_event}"
     )
 
 

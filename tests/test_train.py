@@ -102,6 +102,32 @@ def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> N
     assert "(float), whole files" in whole.stdout and "normal 4  anomalous 1" in whole.stdout
 
 
+def test_evaluate_counts_the_files_the_device_would_report(tmp_path: Path) -> None:
+    """It printed TPR and FPR of each file's mean score against the per-window threshold, which
+    the device applies with K-of-N and the CUSUM: not what it would report. It now counts the
+    files whose windows raise an event in the real event logic, as `replay` (the daemon's
+    pipeline, each file its own stream) does."""
+    normal, anomalous = [NORMAL_FILES[3]], [ANOMALOUS_FILE, DEMO_CLIP]
+    out = tmp_path / "eval.json"
+    proc = cli("evaluate", str(DEMO_BUNDLE), "--normal", *map(str, normal), "--anomalous",
+               *map(str, anomalous), "--json", str(out))  # fmt: skip
+    data = json.loads(out.read_text())
+
+    def replayed(files: list[Path]) -> str:
+        raised = [
+            any(json.loads(line)["type"] == "start"
+                for line in cli("replay", str(DEMO_BUNDLE), str(f)).stdout.splitlines())
+            for f in files
+        ]  # fmt: skip
+        return f"{sum(raised)}/{len(files)}"
+
+    assert data["normal_files_with_event"] == replayed(normal) == "0/1"
+    assert data["anomalous_files_with_event"] == replayed(anomalous) == "2/2"
+    assert "tpr_at_threshold" not in data
+    assert "files with an event at threshold" in proc.stdout
+    assert "anomalous 2/2, normal 0/1" in proc.stdout
+
+
 def test_evaluate_report_files(tiny_bundle: Path, tmp_path: Path) -> None:
     report = tmp_path / "report"
     proc = cli(

@@ -18,8 +18,11 @@ import numpy as np
 from edge.audio_io import check_files, find_audio, read_audio
 from edge.bundle import Bundle, load_bundle
 from edge.errors import AudioError
+from edge.events import Cusum
 from edge.features import windows_of
 from edge.scoring import Scorer
+from edge.settings import DetectorSettings
+from edge.threshold import count_events
 from train.metrics import classification_report, partial_auc, roc_auc
 from train.progress import progress
 
@@ -51,8 +54,10 @@ class Report:
     n_normal: int
     n_anomalous: int
     threshold: float
-    tpr_at_threshold: float
-    fpr_at_threshold: float
+    normal_files_with_event: str
+    """Files whose window scores raise an event in the real event logic (K-of-N and CUSUM at
+    the bundle's calibrated settings), of the files scored: what the device would report."""
+    anomalous_files_with_event: str
     items: list[Scored] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -120,6 +125,7 @@ def evaluate(
     if segment is not None and segment < p.window_seconds:
         raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
     items: list[Scored] = []
+    events: tuple[list[bool], list[bool]] = ([], [])
     found = [find_audio(paths) for paths in (normal, anomalous)]
     for files, paths in zip(found, (normal, anomalous), strict=True):
         if not files:
@@ -133,10 +139,10 @@ def evaluate(
             if len(windows) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
-            for seg, score in item_scores(
-                scorer, windows, p.window_seconds, p.hop_seconds, segment
-            ):
-                items.append(Scored(str(path), seg, label, score))
+            scores = scorer.score_many(windows)
+            for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
+                items.append(Scored(str(path), seg, label, float(scores[idx].mean())))
+            events[label].append(raises_event(scores, bundle))
     labels = np.array([i.label for i in items])
     for label, side in enumerate(("normal", "anomalous")):
         if not np.any(labels == label):
@@ -157,10 +163,20 @@ def evaluate(
         n_normal=int((labels == 0).sum()),
         n_anomalous=int((labels == 1).sum()),
         threshold=threshold,
-        tpr_at_threshold=round(float((scores[labels == 1] > threshold).mean()), 4),
-        fpr_at_threshold=round(float((scores[labels == 0] > threshold).mean()), 4),
+        normal_files_with_event=f"{sum(events[0])}/{len(events[0])}",
+        anomalous_files_with_event=f"{sum(events[1])}/{len(events[1])}",
         items=items,
     )
+
+
+def raises_event(scores: np.ndarray, bundle: Bundle) -> bool:
+    """Whether one file's window scores, streamed on their own, raise an event in the real
+    event logic at the bundle's calibrated K-of-N, release and CUSUM."""
+    params = bundle.manifest.threshold.params
+    settings = DetectorSettings()
+    k, n = settings.k_of_n(params)
+    m, hop = settings.release_windows, bundle.features.hop_seconds
+    return count_events(scores, bundle.threshold, k, n, m, hop, Cusum.from_params(params)) > 0
 
 
 def write_json(report: Report, path: str | Path) -> None:
