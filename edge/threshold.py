@@ -291,10 +291,13 @@ def bounded_threshold(
     n: int,
     m: int,
     hop_s: float,
+    seconds: float | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """max(floor, min(gamma quantile, cap)) and what decided it."""
+    """max(floor, min(gamma quantile, cap)) and what decided it; `seconds` of audio behind the
+    scores (several channels of one recording: fewer than the windows say)."""
     cap = tail_cap(scores, p)
-    allowed = poisson_allowance(per_day * len(scores) * hop_s / SECONDS_PER_DAY)
+    seconds = len(scores) * hop_s if seconds is None else seconds
+    allowed = poisson_allowance(per_day * seconds / SECONDS_PER_DAY)
     floor = window_floor(scores, allowed, k, n, m, hop_s)
     value = max(floor, min(gamma_value, cap))
     decided = (
@@ -393,10 +396,10 @@ def lag1_autocorrelation(x: np.ndarray) -> float:
 
 
 def design_cusum(
-    scores: np.ndarray, per_day: float, hop_s: float
+    scores: np.ndarray, per_day: float, hop_s: float, seconds: float | None = None
 ) -> tuple[Cusum, dict[str, Any]] | None:
-    """The CUSUM for this budget share on held-out normal scores (module docstring); None when
-    the scores do not vary."""
+    """The CUSUM for this budget share on held-out normal scores (module docstring), `seconds`
+    of audio behind them (as for bounded_threshold); None when the scores do not vary."""
     logs = np.log(np.maximum(scores, _EPS))
     center, spread = float(np.median(logs)), robust_spread(logs)
     if spread <= 0:
@@ -407,7 +410,8 @@ def design_cusum(
     scale = spread * widen
     design = cusum_h(SECONDS_PER_DAY / hop_s / per_day)
     z = (logs - center) / scale
-    allowed = poisson_allowance(per_day * len(scores) * hop_s / SECONDS_PER_DAY)
+    seconds = len(scores) * hop_s if seconds is None else seconds
+    allowed = poisson_allowance(per_day * seconds / SECONDS_PER_DAY)
     floor = cusum_floor(z, allowed, DEFAULT_DRIFT, DEFAULT_CAP)
     cusum = Cusum(max(design, floor), center, scale)
     return cusum, {
@@ -465,16 +469,21 @@ def threshold_for_budget(
     m: int = DEFAULT_M,
     hop_s: float = 0.5,
     integrate: bool = True,
+    seconds: float | None = None,
 ) -> tuple[float, dict]:
     """Threshold meeting the budget on these normal scores, and the parameters of the rule
-    (with `integrate`, params['cusum'] holds the CUSUM that shares the budget)."""
+    (with `integrate`, params['cusum'] holds the CUSUM that shares the budget). `seconds`: the
+    audio behind the scores when it is less than their windows span (the channels of one
+    recording as views are one recording's time, not several)."""
     scores = np.asarray(scores, np.float64)
+    seconds = len(scores) * hop_s if seconds is None else seconds
     designed = None
     if integrate and len(scores) >= MIN_CUSUM_WINDOWS:
-        designed = design_cusum(scores, false_alarms_per_day * CUSUM_SHARE, hop_s)
+        designed = design_cusum(scores, false_alarms_per_day * CUSUM_SHARE, hop_s, seconds)
     window_budget = false_alarms_per_day * (1 - CUSUM_SHARE if designed else 1.0)
     p = window_rate_for_budget(window_budget / 24, k, n, hop_s)
     common = {"false_alarms_per_day": false_alarms_per_day, "k": k, "n": n, "m": m, "hop_s": hop_s}
+    common["holdout_seconds"] = round(seconds, 3)
     try:
         dist = Gamma.fit(scores)
     except ValueError:
@@ -482,7 +491,7 @@ def threshold_for_budget(
         fallback = {"fallback": "too few distinct scores: 1.5 x max", "window_exceedance": p}
         return value, {**common, **fallback, **_holdout(scores, value, common, None)}
     value, bounds = bounded_threshold(
-        scores, dist.isf(max(p, _EPS)), p, window_budget, k, n, m, hop_s
+        scores, dist.isf(max(p, _EPS)), p, window_budget, k, n, m, hop_s, seconds
     )
     cusum, info = designed if designed else (None, {"widen": 1.0})
     params = {
@@ -507,8 +516,8 @@ def _holdout(
     k, n, m, hop_s = common["k"], common["n"], common["m"], common["hop_s"]
     return {
         "n_windows": len(scores),
-        "holdout_seconds": round(len(scores) * hop_s, 3),
-        "holdout_hours": round(len(scores) * hop_s / SECONDS_PER_HOUR, 4),
+        "holdout_seconds": common["holdout_seconds"],
+        "holdout_hours": round(common["holdout_seconds"] / SECONDS_PER_HOUR, 4),
         "holdout_window_rate": float(np.mean(scores > value)) if len(scores) else 0.0,
         "holdout_false_alarms_per_hour": false_alarms_per_hour(
             scores, value, k, n, m, hop_s, cusum

@@ -82,6 +82,7 @@ def test_all_channels_are_training_views_and_the_autoencoder_refuses_them(
     # 2 recordings of 5 s, 4 channels each: every view keeps its last fifth aside, and the
     # manifest counts the recordings' seconds (all of them, 2 s held out), not the views'.
     assert (m.training.seconds, m.training.holdout_seconds) == pytest.approx((10.0, 2.0))
+    assert m.threshold.params["holdout_seconds"] == pytest.approx(2.0)  # not 4 channels' worth
     assert m.training.channel == -2
     args = ["train", "--normal", str(tmp_path), "--all-channels", "--out", str(out)]
     assert main([*args, "--detector", "autoencoder"]) == 1

@@ -260,6 +260,9 @@ def test_copies_count_once_and_channels_are_not_seconds(tmp_path: Path) -> None:
     total = sum(sf.info(str(f)).duration for f in NORMAL_FILES)
     m = load_bundle(out).manifest
     assert m.training.seconds == pytest.approx(total, abs=0.1)
+    # the threshold too is backed by the recordings' held-out time, not four channels' worth
+    assert m.threshold.params["holdout_seconds"] == pytest.approx(m.training.holdout_seconds)
+    assert m.threshold.params["n_windows"] > 3 * m.training.holdout_seconds  # 4 views scored
     names = {f.name for f in m.training.files} | {f.name for f in m.training.holdout_files}
     assert len(names) == len(NORMAL_FILES), "the copy is used once"
     assert f"{NORMAL_FILES[0].stem}.wav is a copy of {arrays / 'copy of 0.wav'}" in proc.stderr

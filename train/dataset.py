@@ -160,12 +160,17 @@ def dense_params(params: FeatureParams, divisor: int = TRAIN_HOP_DIVISOR) -> Fea
 
 
 def threshold_from_holdout(
-    scores: np.ndarray, false_alarms_per_day: float, hop_seconds: float
+    scores: np.ndarray,
+    false_alarms_per_day: float,
+    hop_seconds: float,
+    seconds: float | None = None,
 ) -> tuple[float, dict]:
     """Threshold meeting the false-alarm budget on held-out normal scores, for the event logic
     (K of N windows to start, M to end) at the defaults edge defines in DetectorSettings, bounded
     by the held-out scores; the budget is shared with the CUSUM whose parameters it returns under
-    'cusum' (edge.threshold). `scores` are in stream order: the floors replay them."""
+    'cusum' (edge.threshold). `scores` are in stream order: the floors replay them. `seconds`:
+    the held-out audio's length when its channels were scored as views (less than the windows
+    span)."""
     det = DetectorSettings()
     return threshold_for_budget(
         scores,
@@ -174,6 +179,7 @@ def threshold_from_holdout(
         det.release_windows,
         hop_seconds,
         integrate=det.integrate,
+        seconds=seconds,
     )
 
 

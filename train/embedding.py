@@ -195,6 +195,8 @@ class OwnAudio:
     seconds: float = 0.0
     """Seconds of recordings fitted (a multichannel recording counts once, not per view)."""
     held_seconds: float = 0.0
+    running_held_seconds: float = 0.0
+    """Held-out seconds outside the `off` state: what backs the threshold."""
     view_seconds: float = 0.0
     """Seconds fitted over every view (what an epoch draws from)."""
     audio: list[np.ndarray] = field(default_factory=list)
@@ -303,6 +305,8 @@ def read_own(
                 )
                 own.seconds += len(fit_audio) / params.samplerate
                 own.held_seconds += len(held_audio) / params.samplerate
+                if state != OFF:
+                    own.running_held_seconds += len(held_audio) / params.samplerate
     if not sum(len(w) for w in own.running(own.fit_windows)):
         raise AudioError(
             f"not enough audio of the machine running to train: need at least "
@@ -697,9 +701,11 @@ def _fit_head(
     fit_e, held_e = probe.embed_many(fit_w), probe.embed_many(held_w)
     floor = std_floor(fit_e, float(model.output_quant.scale) if model.output_quant else 0.0)
     held_scores = fit_statistics(fit_e, std_floor=floor).distance(held_e)
+    views = len(own.audio) > sum(own.state_recordings.values())  # channels scored as views
     value, rule_params = threshold_from_holdout(
-        held_scores, false_alarms_per_day, params.hop_seconds
-    )
+        held_scores, false_alarms_per_day, params.hop_seconds,
+        own.running_held_seconds if views else None,
+    )  # fmt: skip
     rule_params["note"] = "threshold from held-out audio scored by a head fitted without it"
     final = fit_statistics(np.concatenate([fit_e, held_e]), std_floor=floor)
     band_error = np.stack([probe.band_deviation(w) for w in held_w])

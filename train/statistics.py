@@ -110,7 +110,8 @@ class Run:
     held: np.ndarray
     all: np.ndarray
     seconds: tuple[float, float]
-    """Seconds of all audio and of the held-out audio (every channel view counted)."""
+    """Seconds of all audio and of the held-out audio (a recording counts once, however many
+    channels it has as views)."""
     channel: int
     threshold: float = 0.0
     rule_params: dict[str, Any] = field(default_factory=dict)
@@ -120,9 +121,11 @@ class Run:
 
     def set_threshold(self, hold_scores: np.ndarray, false_alarms_per_day: float) -> None:
         """The budget threshold on scores of the held-out audio by a model fitted without it."""
+        views = self.channel == ALL_CHANNELS  # the channels' scores span one recording's time
         value, rule_params = threshold_from_holdout(
-            hold_scores, false_alarms_per_day, self.params.hop_seconds
-        )
+            hold_scores, false_alarms_per_day, self.params.hop_seconds,
+            self.seconds[1] if views else None,
+        )  # fmt: skip
         rule_params["note"] = HOLDOUT_NOTE
         self.threshold, self.rule_params, self.hold_scores = value, rule_params, hold_scores
 
