@@ -37,6 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machines import TRAINERS  # noqa: E402
 
 from edge.bundle import load_bundle  # noqa: E402
 from edge.daemon import Detector, Sink  # noqa: E402
@@ -48,14 +51,9 @@ from edge.sources import FileSource  # noqa: E402
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, describe  # noqa: E402
 
 CHANNEL = 0
-KINDS = {
-    "fluctuation": ("train.fluctuation", "train_fluctuation"),
-    "levels": ("train.levels", "train_levels"),
-    "knn": ("train.knn", "train_knn"),
-    "subspace": ("train.subspace", "train_subspace"),
-    "embedding": ("train.embedding", "train_embedding"),
-}
-"""Kinds to train alone, each with its trainer's defaults (module, function)."""
+KINDS = {k: v for k, v in TRAINERS.items() if k not in ("ensemble", "autoencoder")}
+"""Kinds to train alone, each with its trainer's defaults (module, function): the machine
+benchmark's (an ensemble is `--members`; the autoencoder is left to bench/benchmark.py)."""
 TRAIN_IDS = range(10)
 NORMAL_TEST_IDS = range(10, 20)
 FAULT_TEST_IDS = range(20)

@@ -26,6 +26,17 @@ LOG_SPREAD = 0.2
 """Spread of normal log scores: a chi-square-like distance with a few dozen dimensions."""
 
 
+def ar1(rng: np.random.Generator, n: int, rho: float) -> np.ndarray:
+    """Normal window scores of overlapping windows: AR(1) log scores with lag-1 correlation
+    `rho` (the CUSUM's design model, correlated)."""
+    noise = rng.normal(0.0, math.sqrt(1 - rho * rho), n)
+    x = np.empty(n)
+    x[0] = rng.normal()
+    for i in range(1, n):
+        x[i] = rho * x[i - 1] + noise[i]
+    return np.exp(LOG_SPREAD * x)
+
+
 def lognormal(rng: np.random.Generator, n: int) -> np.ndarray:
     """Normal window scores whose logarithm is normal (the CUSUM's design model)."""
     return np.exp(rng.normal(0.0, LOG_SPREAD, n))
@@ -91,18 +102,9 @@ def test_autocorrelated_scores_widen_the_scale() -> None:
     """Overlapping windows: AR(1) log scores with lag-1 correlation 0.5. The CUSUM's scale is
     widened, so its share of the budget holds (unwidened it raises about 5x as many)."""
     rng = np.random.default_rng(11)
-
-    def ar1(n: int, rho: float = 0.5) -> np.ndarray:
-        noise = rng.normal(0.0, math.sqrt(1 - rho * rho), n)
-        x = np.empty(n)
-        x[0] = rng.normal()
-        for i in range(1, n):
-            x[i] = rho * x[i - 1] + noise[i]
-        return np.exp(LOG_SPREAD * x)
-
-    _, params = threshold_for_budget(ar1(3000), 24 * BUDGET_PER_HOUR)
+    _, params = threshold_for_budget(ar1(rng, 3000, 0.5), 24 * BUDGET_PER_HOUR)
     assert params["cusum"]["widen"] > 1.4
-    starts = count_events(ar1(HOURS * int(WINDOWS_PER_HOUR)), math.inf, 2, 3, 4, HOP_S,
+    starts = count_events(ar1(rng, HOURS * int(WINDOWS_PER_HOUR), 0.5), math.inf, 2, 3, 4, HOP_S,
                           Cusum.from_params(params))  # fmt: skip
     assert starts / HOURS <= 1.2 * BUDGET_PER_HOUR / 2
 
@@ -115,24 +117,15 @@ def test_a_mild_correlation_on_little_held_out_audio_is_not_ignored() -> None:
     own held-out audio and 4 h of normal running) than the same CUSUM unwidened. (The budget
     itself is not met on 60 windows: their spread is too rough an estimate either way.)"""
     rng = np.random.default_rng(100)
-
-    def ar1(n: int, rho: float = 0.25) -> np.ndarray:
-        noise = rng.normal(0.0, math.sqrt(1 - rho * rho), n)
-        x = np.empty(n)
-        x[0] = rng.normal()
-        for i in range(1, n):
-            x[i] = rho * x[i - 1] + noise[i]
-        return np.exp(LOG_SPREAD * x)
-
     hours, widened, unwidened, skipped = 4, [], [], 0
     for _ in range(24):
-        held = ar1(60)
+        held = ar1(rng, 60, 0.25)
         _, params = threshold_for_budget(held, 24 * BUDGET_PER_HOUR)
         c = params["cusum"]
         r = c["autocorrelation"]
         assert c["widen"] == pytest.approx(math.sqrt((1 + r) / (1 - r)))
         skipped += 0 < r <= 2 / math.sqrt(len(held))  # what the old gate did not widen
-        stream = ar1(hours * int(WINDOWS_PER_HOUR))
+        stream = ar1(rng, hours * int(WINDOWS_PER_HOUR), 0.25)
         for scale, rates in ((c["scale"], widened), (c["scale"] / c["widen"], unwidened)):
             cusum = Cusum(c["h"], c["center"], scale)
             rates.append(count_events(stream, math.inf, 2, 3, 4, HOP_S, cusum) / hours)
