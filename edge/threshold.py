@@ -483,13 +483,12 @@ def threshold_for_budget(
     window_budget = false_alarms_per_day * (1 - CUSUM_SHARE if designed else 1.0)
     p = window_rate_for_budget(window_budget / 24, k, n, hop_s)
     common = {"false_alarms_per_day": false_alarms_per_day, "k": k, "n": n, "m": m, "hop_s": hop_s}
-    common["holdout_seconds"] = round(seconds, 3)
     try:
         dist = Gamma.fit(scores)
     except ValueError:
         value = float(scores.max() * 1.5) if len(scores) else 1.0
         fallback = {"fallback": "too few distinct scores: 1.5 x max", "window_exceedance": p}
-        return value, {**common, **fallback, **_holdout(scores, value, common, None)}
+        return value, {**common, **fallback, **_holdout(scores, seconds, value, common, None)}
     value, bounds = bounded_threshold(
         scores, dist.isf(max(p, _EPS)), p, window_budget, k, n, m, hop_s, seconds
     )
@@ -502,7 +501,7 @@ def threshold_for_budget(
         "gamma_scale": dist.scale,
         **bounds,
         **forecast(scores, value, cusum, info["widen"], k, n, hop_s),
-        **_holdout(scores, value, common, cusum),
+        **_holdout(scores, seconds, value, common, cusum),
     }
     if cusum is not None:
         params["cusum"] = {**cusum.to_params(), **info}
@@ -510,14 +509,15 @@ def threshold_for_budget(
 
 
 def _holdout(
-    scores: np.ndarray, value: float, common: dict[str, Any], cusum: Cusum | None
+    scores: np.ndarray, seconds: float, value: float, common: dict[str, Any], cusum: Cusum | None
 ) -> dict[str, Any]:
-    """What backs the threshold, and what the real event logic does on the held-out audio."""
+    """What backs the threshold (`seconds` of held-out audio), and what the real event logic
+    does on it."""
     k, n, m, hop_s = common["k"], common["n"], common["m"], common["hop_s"]
     return {
         "n_windows": len(scores),
-        "holdout_seconds": common["holdout_seconds"],
-        "holdout_hours": round(common["holdout_seconds"] / SECONDS_PER_HOUR, 4),
+        "holdout_seconds": round(seconds, 3),
+        "holdout_hours": round(seconds / SECONDS_PER_HOUR, 4),
         "holdout_window_rate": float(np.mean(scores > value)) if len(scores) else 0.0,
         "holdout_false_alarms_per_hour": false_alarms_per_hour(
             scores, value, k, n, m, hop_s, cusum

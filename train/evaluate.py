@@ -67,22 +67,11 @@ class Report:
         return data
 
 
-def item_scores(
-    scorer: Scorer, windows: np.ndarray, window_s: float, hop_s: float, segment_s: float | None
-) -> list[tuple[int | None, float]]:
-    """Mean window score of the whole file, or of each consecutive segment of `segment_s`."""
-    scores = scorer.score_many(windows)
-    return [
-        (k, float(scores[idx].mean()))
-        for k, idx in segment_groups(len(scores), window_s, hop_s, segment_s)
-    ]
-
-
 def clip_and_segments(
     scorer: Scorer, windows: np.ndarray, window_s: float, hop_s: float, segment_s: float
 ) -> tuple[float, list[float]]:
-    """The whole file's mean window score and each consecutive segment's, from one pass of the
-    scorer (what `item_scores` gives for segment None and for `segment_s`)."""
+    """The whole file's mean window score and each consecutive segment's (the items `evaluate`
+    scores for segment None and for `segment_s`), from one pass of the scorer."""
     return clip_and_segments_of(scorer.score_many(windows), window_s, hop_s, segment_s)
 
 
