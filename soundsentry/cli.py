@@ -778,6 +778,12 @@ def _cmd_events(args: argparse.Namespace) -> int:
             print(format_event(event))
     when = f" since {since.isoformat(timespec='seconds')}" if since else ""
     print(f"{len(events)} event(s){when} in {folder}", file=sys.stderr)
+    if folder == Path.home() / ".local" / "state" / "soundsentry":  # not the service's
+        print(  # your own log (replays); the service keeps its own, readable by its user only
+            "(your own log; the service's: sudo -u soundsentry soundsentry events --config "
+            "/etc/soundsentry/config.toml)",
+            file=sys.stderr,
+        )
     return 0
 
 

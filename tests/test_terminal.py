@@ -359,6 +359,17 @@ def test_events_lists_the_local_log_for_a_spreadsheet(tmp_path: Path) -> None:
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
     later = cli("events", "--since", tomorrow, env=env)
     assert later.stdout == "" and "0 event(s) since" in later.stderr
+    assert "the service's" not in later.stderr  # a folder of its own: no hint
+    # your own default log, on a Pi beside the service's: says where the service's is read
+    home = tmp_path / "home"  # the suite sets a data dir of its own: name the default one
+    own = cli(
+        "events",
+        env={"HOME": str(home), "SOUNDSENTRY_DATA_DIR": str(home / ".local/state/soundsentry")},
+    )
+    assert own.stderr.splitlines()[-1] == (
+        "(your own log; the service's: sudo -u soundsentry soundsentry events --config "
+        "/etc/soundsentry/config.toml)"
+    )
     human = cli("events", "--since", "7d", env=env).stdout
     assert human.startswith(end["started_at"]) and end["clip"] in human
     bad = cli("events", "--since", "last week", env=env, check=False)
