@@ -339,11 +339,8 @@ def _held_by_service(name: str) -> Check | None:
     """While the service runs it holds the microphone (ALSA then leaves a busy device out of
     PortAudio's list): a device doctor cannot open is no fault then, and the fix is not to
     look for another microphone. None when no soundsentry unit is running."""
-    if _run(["systemctl", "is-active", "soundsentry"]) == "active":
-        units = ["soundsentry.service"]
-    else:
-        lines = (line.split()[:3] for line in _instances().splitlines())
-        units = [u[0] for u in lines if len(u) == 3 and u[2] == "active"]
+    single = _run(["systemctl", "is-active", "soundsentry"]) == "active"
+    units = ["soundsentry.service"] if single else _active(_instances())
     if not units:
         return None
     return Check(
@@ -359,7 +356,7 @@ def service_check(single: str, instances: str) -> Check:
     """The verdict from `systemctl is-active soundsentry` (not active) and the instances'
     `systemctl list-units --all --no-legend --plain` lines (UNIT LOAD ACTIVE SUB DESCRIPTION)."""
     units = [line.split()[:3] for line in instances.splitlines() if line.strip()]
-    running = [u[0] for u in units if len(u) == 3 and u[2] == "active"]
+    running = _active(instances)
     if running:
         return Check("service", True, f"{', '.join(running)} active")
     if units:
@@ -378,6 +375,12 @@ def service_check(single: str, instances: str) -> Check:
         "`sudo systemctl enable --now soundsentry` (or soundsentry@NAME, one per microphone); "
         "`journalctl -u soundsentry` says why",
     )
+
+
+def _active(instances: str) -> list[str]:
+    """The active units among `systemctl list-units --all --no-legend --plain` lines."""
+    units = (line.split()[:3] for line in instances.splitlines())
+    return [u[0] for u in units if len(u) == 3 and u[2] == "active"]
 
 
 def _run(cmd: list[str]) -> str | None:
