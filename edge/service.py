@@ -106,10 +106,10 @@ def _publisher(
     when it serves one), not yet connected."""
     from edge.discovery import discovery_configs
     from edge.publish import MqttPublisher
-    from edge.spool import Spool
+    from edge.spool import open_spool
 
     topics = Topics(settings.mqtt.prefix, settings.device_id, settings.mqtt.discovery_prefix)
-    spool = Spool(
+    spool = open_spool(
         settings.data_dir / f"spool-{settings.device_id}.sqlite", settings.mqtt.spool_max_messages
     )
     if spool.depth():

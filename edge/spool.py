@@ -47,21 +47,57 @@ FULL_LOG_EVERY_S = 60.0
 (with the count), not once per message for the whole of a long broker outage."""
 
 
-class Spool:
-    """SQLite-backed FIFO of outgoing messages, safe to use from several threads."""
+def open_spool(path: Path, max_messages: int) -> Spool:
+    """The spool at `path`; one that cannot be opened never stops the daemon. A file that is
+    not a database (damaged) is moved aside to `NAME.broken-TIME` and a new one started; one
+    that cannot be opened for now (a full or read-only disk) is left as it is, with its
+    messages for a later start, and this run spools in memory. Both are logged as errors."""
+    try:
+        return Spool(path, max_messages)
+    except (sqlite3.OperationalError, OSError) as exc:  # disk full, I/O error, read-only
+        problem = exc
+    except sqlite3.DatabaseError as exc:  # not a database: damaged beyond SQLite's recovery
+        aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+        log.error("spool %s is damaged (%s): moved to %s, a new one started", path, exc, aside)
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                part = path.with_name(path.name + suffix)
+                if part.exists():
+                    part.replace(aside.with_name(aside.name + suffix))
+            return Spool(path, max_messages)
+        except (sqlite3.Error, OSError) as again:
+            problem = again
+    log.error(
+        "spool %s cannot be opened (%s): messages wait in memory until the broker has them, "
+        "and are lost if the daemon stops first; any left in the file go out once it opens",
+        path, problem,
+    )  # fmt: skip
+    return Spool(None, max_messages)
 
-    def __init__(self, path: Path, max_messages: int = 10000) -> None:
+
+class Spool:
+    """SQLite-backed FIFO of outgoing messages, safe to use from several threads; with no path,
+    in memory (not durable: the fallback when the file cannot be opened)."""
+
+    def __init__(self, path: Path | None, max_messages: int = 10000) -> None:
         self.path = path
         self.max_messages = max_messages
-        private_dir(path.parent)
-        private_file(path)  # SQLite gives its -wal and -shm files the database's mode
+        if path is not None:
+            private_dir(path.parent)
+            private_file(path)  # SQLite gives its -wal and -shm files the database's mode
         self._lock = threading.Lock()
         self._full_logged_at = float("-inf")
         self._dropped_unlogged = 0
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        name = str(path) if path is not None else ":memory:"
+        self._db = sqlite3.connect(name, check_same_thread=False, isolation_level=None)
+        try:
+            if path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            self._db.close()
+            raise
 
     def append(self, topic: str, payload: str, qos: int = 1, retain: bool = False) -> int:
         """Store a message durably; drop the oldest if the spool is full. Returns its id."""

@@ -191,6 +191,40 @@ def test_a_spool_that_cannot_be_written_still_delivers_events_and_health(
         sub.close()
 
 
+@pytest.mark.parametrize("damage", ["not a database", "cannot be opened"])
+def test_a_spool_file_that_cannot_be_used_does_not_stop_the_daemon_from_starting(
+    broker: Broker, tmp_path: Path, damage: str
+) -> None:
+    """A spool damaged by the card (garbage where the database was), or one that cannot be
+    opened at all (here a folder in its place; on a Pi, a full or read-only card), raised an
+    uncaught sqlite3 error at start: the service restarted every 5 s and detected nothing.
+    Now the daemon starts, says why in one error line, and its events reach the broker."""
+    config = write_config(tmp_path, "spooled", broker.port)
+    spool = tmp_path / "data" / "spool-spooled.sqlite"
+    spool.parent.mkdir(parents=True)
+    if damage == "not a database":
+        spool.write_bytes(b"this is not an SQLite database, a card's block went bad\n" * 100)
+    else:
+        spool.mkdir()
+    sub = Subscriber(broker.port, "soundsentry/spooled/#")
+    try:
+        proc = daemon("replay", str(DEMO_BUNDLE), str(faulty_audio(tmp_path / "f.wav", 1)),
+                      "--config", str(config))  # fmt: skip
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        errors = [line for line in err.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "spool" in errors[0], err
+        assert "Traceback" not in err
+        assert sub.wait_for(
+            lambda _: any(m.json()["type"] == "start" for m in sub.on("/events")), 10
+        )
+    finally:
+        sub.close()
+    if damage == "not a database":  # kept for a look, out of the way; a new spool in its place
+        assert len(list(spool.parent.glob("spool-spooled.sqlite.broken-*"))) == 1
+        assert sqlite3.connect(spool).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+
+
 def test_a_spooled_event_waits_for_its_own_ack_after_the_message_ids_wrap(
     broker: Broker, tmp_path: Path
 ) -> None:
