@@ -46,7 +46,7 @@ def run_detector(
         if controller is not None:  # commands before the loop exists wait for a resend
             controller.submit_payload(payload)
 
-    dashboard = _dashboard(settings)  # bound first: a taken port fails before anything starts
+    dashboard = _dashboard(settings)  # bound first: a taken port is said before anything starts
     page = dashboard.base_url() if dashboard is not None else None
     publisher = _publisher(settings, bundle, on_command, page) if settings.mqtt.host else None
     sinks: list[Sink] = []

@@ -60,8 +60,14 @@ def _logged_events(settings: Settings) -> list[dict[str, Any]]:
         return []
 
 
+BIND_RETRY_S = 30.0
+"""A taken port is tried again this often: detection never waits for the dashboard."""
+
+
 class Dashboard:
-    """The server, bound at construction (a taken port fails at start) and served on a thread."""
+    """The server, bound at construction and served on a thread. A taken port (another
+    instance's dashboard, another service on it) is one error line, not a stop: detection runs
+    without the page, and the port is tried again every BIND_RETRY_S until it is free."""
 
     def __init__(self, settings: Settings) -> None:
         try:
@@ -81,13 +87,37 @@ class Dashboard:
         self.submit: Callable[[Callable[[], None]], bool] = lambda work: False
         self.features: Callable[[], FeatureParams] | None = None
         self._handle_payload: Callable[[bytes], Any] = lambda payload: None
-        self._server = _bind(self.web, self)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="web", daemon=True)
+        self._stopping = threading.Event()
+        self._serving = threading.Event()
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        try:
+            self._server = _bind(self.web, self)
+        except PortTakenError as exc:
+            log.error("%s; detection runs without the dashboard, which tries the port again "
+                      "every %g s", exc, BIND_RETRY_S)  # fmt: skip
+        self._thread = threading.Thread(target=self._serve, name="web", daemon=True)
 
     @property
     def port(self) -> int:
-        """The port listened on."""
-        return int(self._server.server_address[1])
+        """The port listened on (the configured one while it is taken)."""
+        return int(self._server.server_address[1]) if self._server else self.web.port
+
+    def _serve(self) -> None:
+        """Serve; first, while the port is taken, try it again every BIND_RETRY_S."""
+        while self._server is None:
+            if self._stopping.wait(BIND_RETRY_S):
+                return
+            try:
+                self._server = _bind(self.web, self)
+            except PortTakenError:
+                continue
+            log.info("dashboard on %s/ (its port is free now)", self.base_url())
+        with self._lock:  # stop() shuts down exactly the server that serves
+            if self._stopping.is_set():
+                return
+            self._serving.set()
+        self._server.serve_forever()  # returns at once if shutdown() already asked
 
     def start(self, detector: Any, handle_payload: Callable[[bytes], Any]) -> None:
         """Serve for `detector`; actions go through `handle_payload` on the loop's thread."""
@@ -97,14 +127,21 @@ class Dashboard:
         self.submit = detector.submit
         self._handle_payload = handle_payload
         self._thread.start()
-        log.info("dashboard on %s/", self.base_url())
+        if self._server is not None:
+            log.info("dashboard on %s/", self.base_url())
 
     def stop(self) -> None:
-        """Close the live streams and stop serving."""
+        """Close the live streams and stop serving (or trying to)."""
+        with self._lock:
+            self._stopping.set()
+            serving = self._serving.is_set()
         self.live.close_streams()
-        if self._thread.is_alive():
+        if serving and self._server is not None:
             self._server.shutdown()
-        self._server.server_close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self._server is not None:
+            self._server.server_close()
 
     def base_url(self) -> str:
         """Where others reach the dashboard: public_url, or the address listened on."""
@@ -192,6 +229,10 @@ class _Server(ThreadingHTTPServer):
     dashboard: Dashboard
 
 
+class PortTakenError(SoundSentryError):
+    """The dashboard's address cannot be listened on (for now)."""
+
+
 def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
     """Bind the listening socket now, so a taken port is one line at start."""
     family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
@@ -199,7 +240,7 @@ def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
     try:
         server = server_class((web.host, web.port), Handler)
     except OSError as exc:
-        raise SoundSentryError(
+        raise PortTakenError(
             f"web: cannot listen on {web.host}:{web.port}: {exc.strerror or exc}"
         ) from None
     server.dashboard = dashboard
