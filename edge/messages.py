@@ -65,6 +65,10 @@ class EventMessage(_Payload):
     integrated over time, whose windows may all lie below the threshold."""
     clip_url: str | None = None
     """Where the dashboard serves the clip (set when `[web]` is enabled)."""
+    interrupted: bool | None = None
+    """On an `end` only: the daemon stopped before the anomaly ended (power cut, crash, kill);
+    sent when it starts again, whose time `ended_at` is, so the event lasted at most
+    `duration_s`."""
     schema: int = field(default=SCHEMA)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
 from edge.errors import SoundSentryError
 from edge.eventlog import EventLogSink, read_events
+from edge.messages import EventMessage, iso
 from edge.pipeline import Step
 from edge.settings import Settings
 from edge.topics import Topics
@@ -37,9 +41,13 @@ def run_detector(
     reload_settings: Callable[[], Settings] | None = None,
     extra_sinks: Iterable[Sink] = (),
     on_step: Callable[[Step], None] | None = None,
+    live: bool = False,
 ) -> Detector:
     """Run the detector over `source` until it ends or SIGTERM/SIGINT; publish if configured.
-    `extra_sinks` and `on_step` are for the terminal (live line, replay summary)."""
+    `extra_sinks` and `on_step` are for the terminal (live line, replay summary). `live`: the
+    device's own daemon (`run`), which ends the events an earlier run left open; a replay
+    connects under a client id of its own, so it never knocks the device's daemon off the
+    broker."""
     controller: Controller | None = None
 
     def on_command(payload: bytes) -> None:
@@ -48,7 +56,10 @@ def run_detector(
 
     dashboard = _dashboard(settings)  # bound first: a taken port is said before anything starts
     page = dashboard.base_url() if dashboard is not None else None
-    publisher = _publisher(settings, bundle, on_command, page) if settings.mqtt.host else None
+    client_id = f"soundsentry-{settings.device_id}" + ("" if live else f"-replay-{os.getpid()}")
+    publisher = (
+        _publisher(settings, bundle, on_command, page, client_id) if settings.mqtt.host else None
+    )
     sinks: list[Sink] = []
     if publisher is not None:
         sinks.append(MqttSink(publisher))  # spooled durably before it is printed
@@ -60,6 +71,8 @@ def run_detector(
         sinks.append(_discovery_refresh(publisher, bundle, lambda: detector.bundle, page))
     if dashboard is not None:
         sinks.append(dashboard.live)
+    if live:
+        end_interrupted(settings.data_dir, sinks)
     spool = publisher.spool if publisher is not None else None
     detector = Detector(
         settings,
@@ -100,7 +113,8 @@ def _publisher(
     settings: Settings,
     bundle: Bundle,
     on_command: Callable[[bytes], None],
-    page: str | None = None,
+    page: str | None,
+    client_id: str,
 ) -> Any:
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
     when it serves one), not yet connected."""
@@ -114,15 +128,44 @@ def _publisher(
     )
     if spool.depth():
         log.info("spool: %d message(s) from an earlier run will be delivered", spool.depth())
-    publisher = MqttPublisher(
-        settings.mqtt, topics, f"soundsentry-{settings.device_id}", spool, on_command=on_command
-    )
+    publisher = MqttPublisher(settings.mqtt, topics, client_id, spool, on_command=on_command)
     if settings.mqtt.discovery:
         publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold, page))
     latest = _last_logged_event(settings.data_dir)
     if latest is not None:  # a broker that lost its retained messages gets it back
         publisher.remember_last_event(latest)
     return publisher
+
+
+def end_interrupted(data_dir: Path, sinks: Iterable[Sink]) -> int:
+    """Send an `end` (`interrupted`, at this start) for every event in the device's log that
+    an earlier run started and never ended: the daemon lost power, crashed or was killed
+    during an anomaly, and an alarm raised on its `start` would otherwise never clear. Returns
+    how many."""
+    try:
+        events = read_events(data_dir)
+    except SoundSentryError as exc:
+        log.warning("%s: events left open by an earlier run are not ended", exc)
+        return 0
+    names = {f.name for f in fields(EventMessage)}
+    now = time.time()
+    ended = 0
+    for event in events:
+        if event.status != "open":
+            continue
+        data = {k: v for k, v in event.data.items() if k in names}
+        started = event.started.timestamp()
+        data.update(type="end", ended_at=iso(now), duration_s=round(max(0.0, now - started), 3),
+                    interrupted=True, clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
+        message = EventMessage(**data)
+        log.warning(
+            "event %s (started %s) was left open when the daemon stopped: ended now, "
+            "marked interrupted", message.event_id, message.started_at,
+        )  # fmt: skip
+        for sink in sinks:
+            sink.event(message)
+        ended += 1
+    return ended
 
 
 def _last_logged_event(data_dir: Path) -> str | None:

@@ -710,6 +710,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         reload_settings=lambda: _settings_from(args, args.model),
         extra_sinks=[live] if live else [],
         on_step=live.step if live else None,
+        live=True,
     )
     if live:
         live.clear()

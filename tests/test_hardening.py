@@ -12,9 +12,11 @@ import stat
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import DEMO_BUNDLE, Broker, wait_for
+from jsonschema import Draft202012Validator
 from mqtt_helpers import Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 from test_field_daemon import daemon, faulty_audio, write_config
@@ -223,6 +225,65 @@ def test_a_spool_file_that_cannot_be_used_does_not_stop_the_daemon_from_starting
     if damage == "not a database":  # kept for a look, out of the way; a new spool in its place
         assert len(list(spool.parent.glob("spool-spooled.sqlite.broken-*"))) == 1
         assert sqlite3.connect(spool).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+
+
+def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The daemon lost power during an anomaly: its `start` had gone out, its `end` never
+    would, and an alarm raised on the start (Node-RED, a SCADA bridge) stayed on for good. The
+    next `run` ends it, marked `interrupted`, once; an event that had ended is left alone, and
+    a `replay` (not the device's daemon) ends nothing."""
+    from edge.bundle import load_bundle
+    from edge.eventlog import EventLog, read_events
+    from edge.messages import EventMessage
+    from edge.service import run_detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    def logged(kind: str, event_id: str) -> EventMessage:
+        return EventMessage(type=kind, event_id=event_id, device_id="cut", model="m",  # type: ignore[arg-type]
+                            started_at="2026-11-30T08:00:00.000Z", peak_score=3.0, threshold=1.0,
+                            ended_at="2026-11-30T08:00:09.000Z" if kind == "end" else None,
+                            duration_s=9.0 if kind == "end" else None)  # fmt: skip
+
+    log = EventLog(tmp_path)
+    for kind, event_id in (("start", "done"), ("end", "done"), ("start", "cut")):
+        log.append(logged(kind, event_id))
+    settings = Settings(device_id="cut", data_dir=tmp_path,
+                        mqtt={"host": "127.0.0.1", "port": broker.port})  # fmt: skip
+    bundle = load_bundle(DEMO_BUNDLE)
+    quiet = tmp_path / "quiet.wav"
+    import soundfile as sf
+
+    sf.write(quiet, np.zeros(16000, np.float32), 16000)
+
+    def one_run(live: bool) -> None:
+        source = FileSource([quiet], bundle.features.samplerate)
+        run_detector(settings, bundle, source, print_events=False, live=live)
+
+    sub = Subscriber(broker.port, "soundsentry/cut/events")
+    try:
+        one_run(live=False)  # a replay with the device's config
+        assert all(e.status == "open" for e in read_events(tmp_path) if e.data["event_id"] == "cut")
+        one_run(live=True)
+        assert sub.wait_for(lambda _: bool(sub.on("/events")), 10)
+        one_run(live=True)  # a second start finds nothing open
+    finally:
+        sub.close()
+    ends = [m.json() for m in sub.on("/events")]
+    assert [(e["event_id"], e["type"], e.get("interrupted")) for e in ends] == [
+        ("cut", "end", True)
+    ]
+    assert ends[0]["started_at"] == "2026-11-30T08:00:00.000Z" and ends[0]["duration_s"] > 0
+    schema = json.loads(
+        (Path(__file__).parent.parent / "edge/schemas/event.schema.json").read_text()
+    )
+    Draft202012Validator(schema).validate(ends[0])  # what consumers were promised
+    assert {e.data["event_id"]: e.status for e in read_events(tmp_path)} == {
+        "done": "ended",
+        "cut": "ended",
+    }
 
 
 def test_a_spooled_event_waits_for_its_own_ack_after_the_message_ids_wrap(
