@@ -286,6 +286,35 @@ def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
     }
 
 
+def test_a_replay_with_the_devices_config_leaves_the_devices_daemon_connected(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`replay --config` of a running device connected with the daemon's client id, and the
+    broker dropped the daemon for it (each reconnect then dropped the other: availability
+    flapped every second)."""
+    from edge.bundle import load_bundle
+    from edge.service import run_detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    dropped: list[object] = []
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soundsentry-twin")
+    device.on_disconnect = lambda *args: dropped.append(args)
+    device.connect("127.0.0.1", broker.port)
+    device.loop_start()
+    try:
+        wait_for(device.is_connected, 10, "the device's daemon to connect")
+        settings = Settings(device_id="twin", data_dir=tmp_path,
+                            mqtt={"host": "127.0.0.1", "port": broker.port})  # fmt: skip
+        bundle = load_bundle(DEMO_BUNDLE)
+        source = FileSource([faulty_audio(tmp_path / "f.wav", 1)], bundle.features.samplerate)
+        run_detector(settings, bundle, source, print_events=False)
+        assert device.is_connected() and not dropped
+    finally:
+        device.loop_stop()
+        device.disconnect()
+
+
 def test_a_spooled_event_waits_for_its_own_ack_after_the_message_ids_wrap(
     broker: Broker, tmp_path: Path
 ) -> None:
