@@ -191,8 +191,10 @@ class MicSource:
                 continue
             first = False
             try:
-                yield from self._stream(stream)
-                backoff = REOPEN_MIN_S
+                for block in self._stream(stream):
+                    if block is not None:  # it works again: the next outage starts afresh
+                        backoff = REOPEN_MIN_S
+                    yield block
             except CaptureError as exc:
                 log.warning("capture: %s; reopening the device", exc)
                 yield None

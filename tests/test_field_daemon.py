@@ -586,6 +586,17 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
             health_changes()
         )
         assert sub.on("/health")[-1].json()["status"] == "ok"
+        first_outage = len(failed_reopens())
+        subprocess.run(["pulseaudio", "--kill"], check=True)  # gone again, after audio came
+        wait_for(lambda: len(failed_reopens()) > first_outage, 20, "the second outage's retry",
+                 lambda: (tmp_path / "daemon.log").read_text()[-2000:])  # fmt: skip
+        # backoff starts afresh: a working stream resets it (it grew on and on across outages)
+        assert failed_reopens()[first_outage].endswith("retrying in 1 s"), failed_reopens()
+        subprocess.run(PA_START, check=True, capture_output=True)
+        players.append(subprocess.Popen(["paplay", "-d", "mic2", str(normal)]))
+        assert sub.wait_for(
+            lambda _: health_changes().count("recovered:stalled") >= 2, timeout=30
+        ), health_changes()
         players[-1].kill()  # the machine itself now: normal running, then a fault
         players.append(subprocess.Popen(["paplay", "-d", "mic2", str(DEMO_CLIP)]))
         assert sub.wait_for(
