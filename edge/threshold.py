@@ -642,6 +642,11 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
             f"{_rate(low)} to {_rate(high)}); on the held-out audio: "
             f"{_rate(params['holdout_false_alarms_per_hour'] * 24)} per day"
         )
+        if "window_autocorrelation" in params:  # not in older bundles
+            lines.append(
+                f"  neighbouring windows correlate (lag-1 r = "
+                f"{params['window_autocorrelation']:.2f}): both paths allow for it"
+            )
     cusum = params.get("cusum")
     if cusum:
         lines.append(

@@ -193,6 +193,8 @@ def test_the_rule_reports_what_backs_the_threshold() -> None:
     words = f"{abs(above):.0f} % {'above' if above >= 0 else 'below'} it"
     assert f"its single highest window scores {scores.max():.4g}; the threshold is {words}" in text
     assert "set by the budget on a gamma fitted to the held-out scores" in text
+    r = params["window_autocorrelation"]
+    assert f"neighbouring windows correlate (lag-1 r = {r:.2f}): both paths allow for it" in text
     assert describe(0.5, {"min_confidence": 0.5}) == ""
 
 
