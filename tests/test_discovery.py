@@ -258,6 +258,40 @@ def test_every_discovery_payload_validates_against_the_home_assistant_schema() -
     assert not any(c.get("min") is not None for c in unbounded.values())
 
 
+HA_DISCOVERY_TOPIC = re.compile(
+    r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config"
+)
+"""Home Assistant's own matcher of a config topic (after the discovery prefix): it ignores
+every other topic without a word."""
+
+
+@pytest.mark.parametrize(
+    ("prefix", "device_id", "node"),
+    [
+        ("soundsentry", "pump-3", "soundsentry_pump-3"),
+        ("soundsentry", "pump.3", "soundsentry_pump_3"),
+        ("soundsentry", "raspberrypi.lan", "soundsentry_raspberrypi_lan"),
+        ("plant.a", "fan:1", "plant_a_fan_1"),
+    ],
+)
+def test_discovery_topics_match_home_assistants_pattern_for_any_device_id(
+    prefix: str, device_id: str, node: str
+) -> None:
+    """A device_id with a dot (the default, the host name, often has one) put the dot into the
+    node_id, and Home Assistant ignored the whole device."""
+    topics = Topics(prefix, device_id)
+    configs = discovery_configs(topics, "fan-1234", THRESHOLD, "http://pump.lan:8080")
+    for topic, cfg in configs.items():
+        ha_prefix, _, rest = topic.partition("/")
+        match = HA_DISCOVERY_TOPIC.fullmatch(rest)
+        assert ha_prefix == "homeassistant" and match, topic
+        assert match["node_id"] == node
+        assert cfg["unique_id"] == f"{prefix}_{device_id}_{match['object_id']}"
+        assert cfg["state_topic" if "state_topic" in cfg else "command_topic"].startswith(
+            f"{prefix}/{device_id}/"
+        )
+
+
 def test_the_device_links_its_page_and_the_anomaly_attributes_stay_still() -> None:
     """With the dashboard on, Home Assistant's device page gets a link to it. The Anomaly
     sensor's attributes are the state's stable fields: score, level and time change at every
