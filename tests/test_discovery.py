@@ -367,7 +367,8 @@ def test_controls_send_commands_the_daemon_accepts() -> None:
     assert isinstance(parse_command(mute["payload_off"]), Unmute)
     number = _config("number", "threshold")
     low, high = threshold_bounds(THRESHOLD)
-    assert low <= number["min"] < THRESHOLD < number["max"] <= high
+    step = number["step"]
+    assert low - step < number["min"] <= low < THRESHOLD < high <= number["max"] < high + step
     sent = parse_command(render(number["command_template"], value=2.5))
     assert isinstance(sent, SetThreshold) and sent.value == 2.5
     assert render(number["value_template"], _state("normal")) == str(THRESHOLD)
@@ -466,6 +467,47 @@ def _entity_id(component: str, config: dict[str, Any]) -> str:
     return f"{component}.{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}"
 
 
+@pytest.mark.parametrize("calibrated", [THRESHOLD, 0.0123457, 3.33333, 1.0, 250.4])
+def test_the_threshold_number_shows_every_threshold_the_device_accepts(calibrated: float) -> None:
+    """The bounds were rounded inward onto the step grid, so the extremes set_threshold
+    accepts (and a restored threshold there) lay outside what Home Assistant would show."""
+    low, high = threshold_bounds(calibrated)
+    number = discovery_configs(TOPICS, "m", calibrated)[TOPICS.ha_config("number", "threshold")]
+    assert number["min"] <= low and high <= number["max"]
+    assert number["min"] > low - number["step"] and number["max"] < high + number["step"]
+    for in_force in (low / 10, high * 10):  # a [detector] threshold override beyond the bounds
+        configs = discovery_configs(TOPICS, "m", calibrated, in_force=in_force)
+        wide = configs[TOPICS.ha_config("number", "threshold")]
+        assert wide["min"] <= in_force <= wide["max"]
+
+
+@pytest.mark.slow
+def test_a_threshold_override_beyond_the_bounds_widens_the_announced_number(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`[detector] threshold` may lie outside a quarter to four times the calibrated value;
+    Home Assistant then refused the state of the number as out of range."""
+    demo = load_bundle(DEMO_BUNDLE)
+    override = round(demo.threshold * 10, 3)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'device_id = "pump-1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f"[detector]\nthreshold = {override}\n"
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    replay = [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--config", str(cfg)]
+    proc = subprocess.run(replay, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    number = TOPICS.ha_config("number", "threshold")
+    late = Subscriber(broker.port, number, client_id="ha")  # the retained config, as HA reads it
+    try:
+        assert late.wait_for(lambda ms: len(ms) >= 1, timeout=10), "no retained number"
+        config = late.messages[-1].json()
+    finally:
+        late.close()
+    assert config["min"] <= override <= config["max"]
+
+
 def test_the_home_assistant_example_uses_todays_syntax_and_real_entity_ids() -> None:
     text = (ROOT / "deploy" / "examples" / "home-assistant.yaml").read_text()
     for legacy in ("platform:", "service:", "\n    trigger:", "\n    action:", "\n    condition:"):
@@ -515,4 +557,4 @@ def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
     assert first == discovery_configs(TOPICS, demo.model_id, demo.threshold)[number]
     assert second == discovery_configs(TOPICS, ae.model_id, ae.threshold)[number]
     low, high = threshold_bounds(ae.threshold)
-    assert second["device"]["model"] == ae.model_id and low <= second["min"] < second["max"] <= high
+    assert second["device"]["model"] == ae.model_id and second["min"] <= low < high <= second["max"]
