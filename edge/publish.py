@@ -7,7 +7,8 @@ state and health, Home Assistant discovery, and the command topic.
 - Events and health changes go through the on-disk Spool: stored first, published in order
   while connected, deleted on a PUBACK that accepts them. Nothing is lost while the broker is
   away, across a restart or a `kill -9`; duplicates happen only as QoS 1 allows (consumers
-  dedupe on `event_id` + `type` + `seq`).
+  dedupe on `event_id` + `type` + `seq`, the number the publisher gives each message of an
+  event).
 - MQTT 5, so that a broker that refuses a publish (its ACL) says so in the PUBACK: the
   message stays in the spool and the refusal is logged, once per topic and then at most every
   REFUSED_LOG_INTERVAL_S; a refused command subscription is logged too.
@@ -24,7 +25,9 @@ import sqlite3
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -51,6 +54,8 @@ SEND_BATCH = 50
 SENDER_IDLE_S = 0.5
 PROBE_TIMEOUT_S = 2.0
 """How long a failed connection's reason is looked for (on paho's thread, between retries)."""
+EVENTS_NUMBERED = 16
+"""Open events whose next `seq` is kept (one event ends long before that many others start)."""
 REFUSED_LOG_INTERVAL_S = 600.0
 """Publishes the broker refuses on one topic are logged at once, then at most this often (with
 how many were refused meanwhile), not once per message."""
@@ -102,6 +107,7 @@ class MqttPublisher:
         self._topic_of: dict[int, str] = {}  # message id -> topic, until its PUBACK
         self._refused: dict[str, tuple[float, int]] = {}  # topic -> (last logged, since then)
         self._subscribed: dict[int, list[str]] = {}  # SUBSCRIBE message id -> its topics
+        self._next_seq: OrderedDict[str, int] = OrderedDict()  # open event_id -> next seq
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
@@ -308,9 +314,23 @@ class MqttPublisher:
     def publish_event(self, event: EventMessage) -> None:
         """Spool an event (QoS 1) and wake the sender; the latest also goes out retained on
         `last_event` (now if connected, else after the reconnect: not spooled twice)."""
-        payload = event.to_payload()
+        payload = self._numbered(event).to_payload()
         self._spool(self.topics.events, payload, retain=False)
         self.remember_last_event(payload)
+
+    def _numbered(self, event: EventMessage) -> EventMessage:
+        """The event with its `seq`: 0 for the start, then 1, 2, ... for its updates and end,
+        so a consumer tells a QoS 1 duplicate from the next update."""
+        if event.seq is not None:
+            return event
+        seq = 0 if event.type == "start" else self._next_seq.get(event.event_id, 1)
+        if event.type == "end":
+            self._next_seq.pop(event.event_id, None)
+        else:
+            self._next_seq[event.event_id] = seq + 1
+            while len(self._next_seq) > EVENTS_NUMBERED:
+                self._next_seq.popitem(last=False)
+        return replace(event, seq=seq)
 
     def _spool(self, topic: str, payload: str, retain: bool) -> None:
         """Store a QoS 1 message in the spool for the sender; when the spool cannot be written

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, Broker, free_port, wait_for
+from jsonschema import Draft202012Validator
 from mqtt_helpers import Subscriber
 
 from edge.messages import EventMessage
@@ -32,6 +33,8 @@ def _event(kind: str, event_id: str = "e1", device_id: str = "pump-3") -> EventM
         started_at="2026-01-01T00:00:00.000Z",
         peak_score=2.0,
         threshold=1.0,
+        ended_at="2026-01-01T00:00:05.000Z" if kind == "end" else None,
+        duration_s=5.0 if kind == "end" else None,
     )
 
 
@@ -157,3 +160,36 @@ def _errors(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
         for r in caplog.records
         if r.levelno == logging.ERROR and text in r.getMessage()
     ]
+
+
+def test_every_message_of_an_event_has_its_own_dedupe_key(broker: Broker, tmp_path: Path) -> None:
+    """All `update`s of one event share event_id, type and started_at: a consumer deduplicating
+    on them, as the README said, dropped every update after the first."""
+    schema = json.loads((ROOT / "edge" / "schemas" / "event.schema.json").read_text())
+    validator = Draft202012Validator(schema)
+    sub = Subscriber(broker.port, "soundsentry/pump-3/events")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, Topics("soundsentry", "pump-3"), spool)
+    try:
+        for event_id, kinds in [("e1", "start update update end"), ("e2", "start update end")]:
+            for kind in kinds.split():
+                publisher.publish_event(_event(kind, event_id))
+        assert sub.wait_for(lambda ms: len(ms) == 7, 10)
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        sub.close()
+    got = [m.json() for m in sub.messages]
+    for message in got:
+        assert not list(validator.iter_errors(message)), message
+    assert [(m["event_id"], m["type"], m["seq"]) for m in got] == [
+        ("e1", "start", 0),
+        ("e1", "update", 1),
+        ("e1", "update", 2),
+        ("e1", "end", 3),
+        ("e2", "start", 0),
+        ("e2", "update", 1),
+        ("e2", "end", 2),
+    ]
+    old = EventMessage.from_payload(json.dumps({k: v for k, v in got[1].items() if k != "seq"}))
+    assert old.seq is None, "a payload of an older version still parses"
