@@ -193,3 +193,22 @@ def test_every_message_of_an_event_has_its_own_dedupe_key(broker: Broker, tmp_pa
     ]
     old = EventMessage.from_payload(json.dumps({k: v for k, v in got[1].items() if k != "seq"}))
     assert old.seq is None, "a payload of an older version still parses"
+
+
+def test_the_example_acl_lets_home_assistants_birth_message_reach_the_devices(
+    acl_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consumer could not write homeassistant/status: Home Assistant's birth message was
+    refused, so devices never re-announced discovery after Home Assistant restarted."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(acl_broker.port, Topics("soundsentry", "pump-3"), spool, "pump-3")
+    consumer = Subscriber(acl_broker.port, "soundsentry/#", login=("consumer", "pw"))
+    try:
+        consumer.client.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+        announced = "Home Assistant is online: re-announcing discovery"
+        wait_for(lambda: any(announced in r.getMessage() for r in caplog.records), 10, announced)
+    finally:
+        consumer.close()
+        publisher.close(timeout_s=1)
+        spool.close()
