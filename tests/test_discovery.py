@@ -523,6 +523,50 @@ def test_the_home_assistant_example_uses_todays_syntax_and_real_entity_ids() -> 
     assert used and used <= known, used - known
 
 
+def _folded(text: str, key: str) -> str:
+    """The folded block scalar (`key: >-`) of a YAML text, joined as YAML folds it."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"{key}: >-")
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    for line in lines[start + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        body.append(line.strip())
+    return " ".join(body)
+
+
+def test_the_home_assistant_notification_renders_for_events_without_bands() -> None:
+    """Classifier bundles send no `bands`: `bands[0]` in the example's message failed to render,
+    so the notification of such an event never came."""
+    text = (ROOT / "deploy" / "examples" / "home-assistant.yaml").read_text()
+    message = _folded(text, "message")
+    end = {
+        "type": "end",
+        "device_id": "pump-1",
+        "peak_score": 2.5,
+        "threshold": 1.9,
+        "duration_s": 6.0,
+        "started_at": "2026-01-01T00:00:00.000Z",
+    }
+    bands = [{"low_hz": 46.4, "high_hz": 139.2, "deviation": 8.2}]
+    with_bands = render(message, trigger={"payload_json": end | {"bands": bands}})
+    assert "loudest deviation 46-139 Hz" in with_bands, with_bands
+    classified = render(message, trigger={"payload_json": end | {"label": "bearing"}})
+    assert "loudest" not in classified and "(bearing)" in classified, classified
+
+
+def test_the_node_red_example_keeps_its_session_across_restarts() -> None:
+    """A clean session dropped every event published while Node-RED restarted: the broker
+    queues QoS 1 messages only for a persistent session with a fixed client id."""
+    flow = json.loads((ROOT / "deploy" / "examples" / "node-red-flow.json").read_text())
+    broker = next(n for n in flow if n["type"] == "mqtt-broker")
+    assert broker["clientid"] and broker["cleansession"] is False
+    assert broker["protocolVersion"] != "5" or int(broker["sessionExpiry"]) > 0  # 0: no session
+    subscription = next(n for n in flow if n["type"] == "mqtt in")
+    assert subscription["qos"] == "1"
+
+
 @pytest.mark.slow
 def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
     broker: Broker, tmp_path: Path
