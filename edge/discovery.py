@@ -88,10 +88,12 @@ def discovery_configs(
     model_id: str,
     threshold: float | None = None,
     configuration_url: str | None = None,
+    in_force: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Config topic -> payload for every entity of this device. Without the calibrated
-    `threshold` the threshold number is left out (its bounds derive from it); with the
-    dashboard's `configuration_url` Home Assistant links the device to its page."""
+    `threshold` the threshold number is left out (its bounds derive from it, widened to the
+    threshold `in_force` when that lies outside); with the dashboard's `configuration_url`
+    Home Assistant links the device to its page."""
     uid = f"{topics.prefix}_{topics.device_id}"
     common: dict[str, Any] = {
         "availability_topic": topics.availability,
@@ -111,7 +113,7 @@ def discovery_configs(
     entities = {
         **_watched(topics),
         **_diagnostics(topics),
-        **_controls(topics, threshold),
+        **_controls(topics, threshold, in_force),
     }
     return {
         topics.ha_config(component, object_id): {
@@ -207,7 +209,9 @@ def _diagnostics(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
-def _controls(topics: Topics, threshold: float | None) -> dict[tuple[str, str], dict[str, Any]]:
+def _controls(
+    topics: Topics, threshold: float | None, in_force: float | None = None
+) -> dict[tuple[str, str], dict[str, Any]]:
     """What a user acts on: mute, mark the last event normal, the threshold."""
     controls: dict[tuple[str, str], dict[str, Any]] = {
         ("switch", "mute"): {
@@ -229,16 +233,15 @@ def _controls(topics: Topics, threshold: float | None) -> dict[tuple[str, str], 
         },
     }
     if threshold is not None:
-        low, high = threshold_bounds(threshold)
-        step = threshold_step(threshold)
+        low, high, step = threshold_range(threshold, in_force)
         controls[("number", "threshold")] = {
             "name": "Threshold",
             "command_topic": topics.command,
             "command_template": '{"command":"set_threshold","value":{{ value }}}',
             "state_topic": topics.state,
             "value_template": "{{ value_json.threshold }}",
-            "min": _on_step(low, step, math.ceil),
-            "max": _on_step(high, step, math.floor),
+            "min": low,
+            "max": high,
             "step": step,
             "mode": "box",
             "entity_category": "config",
@@ -247,9 +250,22 @@ def _controls(topics: Topics, threshold: float | None) -> dict[tuple[str, str], 
     return controls
 
 
+def threshold_range(calibrated: float, in_force: float | None = None) -> tuple[float, float, float]:
+    """(min, max, step) of the threshold number: the bounds set_threshold accepts, widened to
+    the threshold in force (a `[detector] threshold` override may lie outside) and rounded
+    outward onto the step grid, so Home Assistant can show every threshold the device runs."""
+    low, high = threshold_bounds(calibrated)
+    if in_force is not None:
+        low, high = min(low, in_force), max(high, in_force)
+    step = threshold_step(calibrated)
+    return _on_step(low, step, math.floor), _on_step(high, step, math.ceil), step
+
+
 class DiscoveryRefresh(Sink):
     """Re-announces discovery when the running model changes (reload_model, SIGHUP, a model
-    learned on site): the device's model and the threshold's bounds follow the bundle."""
+    learned on site): the device's model and the threshold's bounds follow the bundle; and
+    when the threshold in force lies outside the announced bounds (a `[detector] threshold`
+    override), which are then widened to it."""
 
     def __init__(
         self,
@@ -264,21 +280,34 @@ class DiscoveryRefresh(Sink):
         self.configuration_url = configuration_url
 
     def state(self, message: StateMessage) -> None:
-        """Compare the state's model with the announced one; re-announce on a change."""
-        if message.model == self.model_id:
+        """Compare the state's model and threshold with the announced ones; re-announce on a
+        new model or a threshold outside the bounds."""
+        if message.model == self.model_id and self._covers(message.threshold):
             return
         bundle = self.bundle_of()
+        if message.model != self.model_id:
+            log.info("discovery: model now %s; re-announcing to Home Assistant", bundle.model_id)
+        else:
+            log.info("discovery: threshold %g outside the announced bounds", message.threshold)
         self.model_id = message.model
-        log.info("discovery: model now %s; re-announcing to Home Assistant", bundle.model_id)
         self.publisher.set_discovery(
             discovery_configs(
-                self.publisher.topics, bundle.model_id, bundle.threshold, self.configuration_url
+                self.publisher.topics,
+                bundle.model_id,
+                bundle.threshold,
+                self.configuration_url,
+                message.threshold,
             )
         )
 
+    def _covers(self, threshold: float) -> bool:
+        """Whether the announced threshold number (if any) can show `threshold`."""
+        topic = self.publisher.topics.ha_config("number", "threshold")
+        number = self.publisher.discovery.get(topic)
+        return number is None or number["min"] <= threshold <= number["max"]
+
 
 def _on_step(value: float, step: float, direction: Any) -> float:
-    """`value` moved onto the step grid by `direction` (math.ceil or math.floor), so the
-    entity's bounds stay inside the ones set_threshold accepts."""
+    """`value` moved onto the step grid by `direction` (math.floor or math.ceil)."""
     digits = max(0, -math.floor(math.log10(step)))
     return round(direction(round(value / step, 6)) * step, digits)

@@ -65,6 +65,10 @@ class EventMessage(_Payload):
     integrated over time, whose windows may all lie below the threshold."""
     clip_url: str | None = None
     """Where the dashboard serves the clip (set when `[web]` is enabled)."""
+    seq: int | None = None
+    """The message's place in its event on MQTT: 0 for the `start`, 1, 2, ... for each
+    `update` and the `end`. Updates share event_id, type and started_at, so a consumer
+    deduplicates on (event_id, type, seq): what QoS 1 delivers twice has the same seq."""
     interrupted: bool | None = None
     """On an `end` only: the daemon stopped before the anomaly ended (power cut, crash, kill);
     sent when it starts again, whose time `ended_at` is, so the event lasted at most

@@ -5,9 +5,13 @@ state and health, Home Assistant discovery, and the command topic.
   the last event and discovery are re-published after every reconnect and when Home
   Assistant restarts.
 - Events and health changes go through the on-disk Spool: stored first, published in order
-  while connected, deleted on PUBACK. Nothing is lost while the broker is away, across a
-  restart or a `kill -9`; duplicates happen only as QoS 1 allows (consumers dedupe on
-  `event_id`).
+  while connected, deleted on a PUBACK that accepts them. Nothing is lost while the broker is
+  away, across a restart or a `kill -9`; duplicates happen only as QoS 1 allows (consumers
+  dedupe on `event_id` + `type` + `seq`, the number the publisher gives each message of an
+  event).
+- MQTT 5, so that a broker that refuses a publish (its ACL) says so in the PUBACK: the
+  message stays in the spool and the refusal is logged, once per topic and then at most every
+  REFUSED_LOG_INTERVAL_S; a refused command subscription is logged too.
 - Reconnection uses paho's capped exponential backoff and never gives up.
 """
 
@@ -21,7 +25,9 @@ import sqlite3
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -48,6 +54,11 @@ SEND_BATCH = 50
 SENDER_IDLE_S = 0.5
 PROBE_TIMEOUT_S = 2.0
 """How long a failed connection's reason is looked for (on paho's thread, between retries)."""
+EVENTS_NUMBERED = 16
+"""Open events whose next `seq` is kept (one event ends long before that many others start)."""
+REFUSED_LOG_INTERVAL_S = 600.0
+"""Publishes the broker refuses on one topic are logged at once, then at most this often (with
+how many were refused meanwhile), not once per message."""
 
 
 def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
@@ -93,13 +104,20 @@ class MqttPublisher:
         self._last_refusal = ""
         self._last_unreachable = ""
         self._warned_retained = False
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self._topic_of: dict[int, str] = {}  # message id -> topic, until its PUBACK
+        self._refused: dict[str, tuple[float, int]] = {}  # topic -> (last logged, since then)
+        self._subscribed: dict[int, list[str]] = {}  # SUBSCRIBE message id -> its topics
+        self._next_seq: OrderedDict[str, int] = OrderedDict()  # open event_id -> next seq
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
         self.client.will_set(topics.availability, OFFLINE, qos=1, retain=True)
         self.client.reconnect_delay_set(RECONNECT_MIN_S, int(settings.reconnect_max_seconds))
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         configure_auth(self.client, settings)
         self._password = mqtt_password(settings) if settings.username else None
@@ -121,7 +139,11 @@ class MqttPublisher:
     def start(self, wait_s: float = 0.0) -> bool:
         """Connect in the background; optionally wait up to `wait_s` for the first CONNACK."""
         log.info("MQTT: connecting to %s:%d", self.settings.host, self.settings.port)
-        self.client.connect_async(self.settings.host, self.settings.port, self.settings.keepalive)
+        # A clean start at every connection, as MQTT 3.1.1's clean session did: the broker keeps
+        # no session for us; what was not acknowledged is sent again from the spool and paho.
+        self.client.connect_async(
+            self.settings.host, self.settings.port, self.settings.keepalive, clean_start=True
+        )
         self.client.loop_start()
         self._sender.start()
         return self._connected.wait(wait_s) if wait_s > 0 else self.connected
@@ -138,8 +160,10 @@ class MqttPublisher:
             return
         self._last_refusal = self._last_unreachable = ""
         log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
-        client.subscribe([(self.topics.command, 1), (self.topics.ha_status, 1)])
-        client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
+        wanted = [self.topics.command, self.topics.ha_status]
+        _rc, mid = client.subscribe([(topic, 1) for topic in wanted])
+        self._subscribed[mid] = wanted  # its SUBACK comes later on this same thread
+        self._publish(self.topics.availability, ONLINE, qos=1, retain=True)
         self._publish_retained()
         self._publish_discovery()
         self._connected.set()
@@ -187,9 +211,28 @@ class MqttPublisher:
         if was and not self._closing.is_set():
             log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason)
 
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
-        self._acked.put(mid)  # resolved by the sender thread: never block paho here
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        self._acked.put((mid, reason))  # resolved by the sender thread: never block paho here
         self._wake.set()
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[Any], _p: Any
+    ) -> None:
+        for topic, reason in zip(self._subscribed.pop(mid, []), reasons, strict=False):
+            if not reason.is_failure:
+                continue
+            what = (
+                "commands (and Home Assistant's controls) will not reach this device"
+                if topic == self.topics.command
+                else "Home Assistant restarts will not make it re-announce discovery"
+            )
+            log.error(
+                "MQTT: the broker refused the subscription to %s (%s): %s; allow this user to "
+                "read it in the broker's ACL",
+                topic,
+                reason,
+                what,
+            )
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.topics.ha_status:
@@ -224,7 +267,7 @@ class MqttPublisher:
         for row in self.spool.after(self._handed, SEND_BATCH):
             if not self.connected:
                 return
-            info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             self._handed = row.id
             self._inflight[info.mid] = row.id  # its ack is read on this thread, after this
         if self.spool.after(self._handed, 1):
@@ -233,12 +276,35 @@ class MqttPublisher:
     def _resolve_acks(self) -> None:
         while True:
             try:
-                mid = self._acked.get_nowait()
+                mid, reason = self._acked.get_nowait()
             except queue.Empty:
                 return
+            topic = self._topic_of.pop(mid, None)
             row = self._inflight.pop(mid, None)
-            if row is not None:  # others are acks of state and metrics, never spooled
+            if reason.is_failure:  # kept in the spool: sent again at the next start
+                self._log_refusal(topic or "a topic", reason, spooled=row is not None)
+            elif row is not None:  # others are acks of state and metrics, never spooled
                 self.spool.remove(row)
+
+    def _log_refusal(self, topic: str, reason: Any, spooled: bool) -> None:
+        """One error for the first refused publish on `topic`, then at most one every
+        REFUSED_LOG_INTERVAL_S, counting the refusals in between."""
+        now = time.monotonic()
+        logged, since = self._refused.get(topic, (-REFUSED_LOG_INTERVAL_S, 0))
+        since += 1
+        if now - logged < REFUSED_LOG_INTERVAL_S:
+            self._refused[topic] = (logged, since)
+            return
+        self._refused[topic] = (now, 0)
+        log.error(
+            "MQTT: the broker refused %d message(s) on %s (%s)%s; allow this user to write its "
+            "topics in the broker's ACL (logged again at most every %g min)",
+            since,
+            topic,
+            reason,
+            ": kept in the spool, sent again at the next start" if spooled else "",
+            REFUSED_LOG_INTERVAL_S / 60,
+        )
 
     def _pending(self) -> bool:
         return bool(self._inflight) or bool(self.spool.after(self._handed, 1))
@@ -248,9 +314,23 @@ class MqttPublisher:
     def publish_event(self, event: EventMessage) -> None:
         """Spool an event (QoS 1) and wake the sender; the latest also goes out retained on
         `last_event` (now if connected, else after the reconnect: not spooled twice)."""
-        payload = event.to_payload()
+        payload = self._numbered(event).to_payload()
         self._spool(self.topics.events, payload, retain=False)
         self.remember_last_event(payload)
+
+    def _numbered(self, event: EventMessage) -> EventMessage:
+        """The event with its `seq`: 0 for the start, then 1, 2, ... for its updates and end,
+        so a consumer tells a QoS 1 duplicate from the next update."""
+        if event.seq is not None:
+            return event
+        seq = 0 if event.type == "start" else self._next_seq.get(event.event_id, 1)
+        if event.type == "end":
+            self._next_seq.pop(event.event_id, None)
+        else:
+            self._next_seq[event.event_id] = seq + 1
+            while len(self._next_seq) > EVENTS_NUMBERED:
+                self._next_seq.popitem(last=False)
+        return replace(event, seq=seq)
 
     def _spool(self, topic: str, payload: str, retain: bool) -> None:
         """Store a QoS 1 message in the spool for the sender; when the spool cannot be written
@@ -267,7 +347,7 @@ class MqttPublisher:
                     exc,
                 )
             self._spool_failed = True
-            self.client.publish(topic, payload, qos=1, retain=retain)
+            self._publish(topic, payload, qos=1, retain=retain)
             return
         if self._spool_failed:
             log.info("spool %s is written again", self.spool.path)
@@ -279,7 +359,7 @@ class MqttPublisher:
         and Home Assistant restart."""
         self._retained[self.topics.last_event] = payload
         if self.connected:
-            self.client.publish(self.topics.last_event, payload, qos=1, retain=True)
+            self._publish(self.topics.last_event, payload, qos=1, retain=True)
 
     def publish_health(self, health: HealthMessage) -> None:
         """Spool a health change (retained, QoS 1); the latest is re-sent on reconnect."""
@@ -292,7 +372,7 @@ class MqttPublisher:
         payload = state.to_payload()
         self._retained[self.topics.state] = payload
         if self.connected:
-            self.client.publish(self.topics.state, payload, qos=1, retain=True)
+            self._publish(self.topics.state, payload, qos=1, retain=True)
 
     def publish_metrics(self, metrics: MetricsMessage) -> None:
         """Send metrics (QoS 0, retained) if connected; the latest is re-sent after a reconnect
@@ -300,11 +380,11 @@ class MqttPublisher:
         payload = metrics.to_payload()
         self._retained[self.topics.metrics] = payload
         if self.connected:
-            self.client.publish(self.topics.metrics, payload, qos=0, retain=True)
+            self._publish(self.topics.metrics, payload, qos=0, retain=True)
 
     def publish_response(self, response: ResponseMessage) -> None:
         """Reply to a command (QoS 1)."""
-        self.client.publish(self.topics.response, response.to_payload(), qos=1)
+        self._publish(self.topics.response, response.to_payload(), qos=1)
 
     def set_discovery(self, configs: dict[str, dict[str, Any]]) -> None:
         """Set (and announce, if connected) the Home Assistant discovery configs."""
@@ -312,13 +392,23 @@ class MqttPublisher:
         if self.connected:
             self._publish_discovery()
 
+    def _publish(
+        self, topic: str, payload: str, qos: int, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
+        the broker took it."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos:
+            self._topic_of[info.mid] = topic
+        return info
+
     def _publish_retained(self) -> None:
         for topic, payload in list(self._retained.items()):
-            self.client.publish(topic, payload, qos=1, retain=True)
+            self._publish(topic, payload, qos=1, retain=True)
 
     def _publish_discovery(self) -> None:
         for topic, config in self.discovery.items():
-            self.client.publish(topic, json.dumps(config), qos=1, retain=True)
+            self._publish(topic, json.dumps(config), qos=1, retain=True)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush the spool as far as the broker allows within `timeout_s`, publish `offline`,
@@ -330,7 +420,7 @@ class MqttPublisher:
             time.sleep(0.05)
             self._wake.set()
         if self.connected:
-            info = self.client.publish(self.topics.availability, OFFLINE, qos=1, retain=True)
+            info = self._publish(self.topics.availability, OFFLINE, qos=1, retain=True)
             while not info.is_published() and self.connected and time.monotonic() < deadline:
                 time.sleep(0.02)
         self.client.disconnect()

@@ -247,8 +247,9 @@ class WebSettings(_Section):
     public_url: str | None = Field(
         None,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
-        description="Base URL others reach the dashboard at (clip links in events); "
-        "unset = http://{host}:{port}, with the host name when bound to all addresses.",
+        description="Base URL others reach the dashboard at (clip links in events, Home "
+        "Assistant's link to the page); unset = http://{host}:{port}, with the host name when "
+        "bound to all addresses, and no links at all on loopback.",
     )
 
     @model_validator(mode="after")

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 HA_PREFIX = "homeassistant"
 """Home Assistant's default discovery prefix."""
+HA_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+"""Characters Home Assistant does not accept in a discovery topic's node_id and object_id: it
+ignores such a config topic without a word."""
+
+
+def ha_id(text: str) -> str:
+    """`text` as a discovery node_id or object_id: every other character becomes `_`
+    (`pump.3` -> `pump_3`)."""
+    return HA_ID_UNSAFE.sub("_", text)
 
 
 @dataclass(frozen=True)
@@ -69,5 +79,8 @@ class Topics:
         return f"{self.ha_prefix}/status"
 
     def ha_config(self, component: str, object_id: str) -> str:
-        """Discovery config topic of one entity of this device."""
-        return f"{self.ha_prefix}/{component}/{self.prefix}_{self.device_id}/{object_id}/config"
+        """Discovery config topic of one entity of this device. Its node_id is
+        `{prefix}_{device_id}` with the characters Home Assistant refuses replaced (the default
+        device_id, the host name, may be `raspberrypi.lan`)."""
+        node = ha_id(f"{self.prefix}_{self.device_id}")
+        return f"{self.ha_prefix}/{component}/{node}/{ha_id(object_id)}/config"

@@ -27,13 +27,20 @@ class Subscriber:
     """Subscribes to `topic` on a loopback broker and keeps what arrives, in order."""
 
     def __init__(
-        self, port: int, topic: str = "#", client_id: str = "test-sub", clean: bool = True
+        self,
+        port: int,
+        topic: str = "#",
+        client_id: str = "test-sub",
+        clean: bool = True,
+        login: tuple[str, str] | None = None,
     ) -> None:
         self.messages: list[Received] = []
         self._lock = threading.Condition()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean
         )
+        if login:
+            self.client.username_pw_set(*login)
         self._subscribed = threading.Event()
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *_: self._subscribed.set()

@@ -258,6 +258,40 @@ def test_every_discovery_payload_validates_against_the_home_assistant_schema() -
     assert not any(c.get("min") is not None for c in unbounded.values())
 
 
+HA_DISCOVERY_TOPIC = re.compile(
+    r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config"
+)
+"""Home Assistant's own matcher of a config topic (after the discovery prefix): it ignores
+every other topic without a word."""
+
+
+@pytest.mark.parametrize(
+    ("prefix", "device_id", "node"),
+    [
+        ("soundsentry", "pump-3", "soundsentry_pump-3"),
+        ("soundsentry", "pump.3", "soundsentry_pump_3"),
+        ("soundsentry", "raspberrypi.lan", "soundsentry_raspberrypi_lan"),
+        ("plant.a", "fan:1", "plant_a_fan_1"),
+    ],
+)
+def test_discovery_topics_match_home_assistants_pattern_for_any_device_id(
+    prefix: str, device_id: str, node: str
+) -> None:
+    """A device_id with a dot (the default, the host name, often has one) put the dot into the
+    node_id, and Home Assistant ignored the whole device."""
+    topics = Topics(prefix, device_id)
+    configs = discovery_configs(topics, "fan-1234", THRESHOLD, "http://pump.lan:8080")
+    for topic, cfg in configs.items():
+        ha_prefix, _, rest = topic.partition("/")
+        match = HA_DISCOVERY_TOPIC.fullmatch(rest)
+        assert ha_prefix == "homeassistant" and match, topic
+        assert match["node_id"] == node
+        assert cfg["unique_id"] == f"{prefix}_{device_id}_{match['object_id']}"
+        assert cfg["state_topic" if "state_topic" in cfg else "command_topic"].startswith(
+            f"{prefix}/{device_id}/"
+        )
+
+
 def test_the_device_links_its_page_and_the_anomaly_attributes_stay_still() -> None:
     """With the dashboard on, Home Assistant's device page gets a link to it. The Anomaly
     sensor's attributes are the state's stable fields: score, level and time change at every
@@ -333,7 +367,8 @@ def test_controls_send_commands_the_daemon_accepts() -> None:
     assert isinstance(parse_command(mute["payload_off"]), Unmute)
     number = _config("number", "threshold")
     low, high = threshold_bounds(THRESHOLD)
-    assert low <= number["min"] < THRESHOLD < number["max"] <= high
+    step = number["step"]
+    assert low - step < number["min"] <= low < THRESHOLD < high <= number["max"] < high + step
     sent = parse_command(render(number["command_template"], value=2.5))
     assert isinstance(sent, SetThreshold) and sent.value == 2.5
     assert render(number["value_template"], _state("normal")) == str(THRESHOLD)
@@ -432,6 +467,47 @@ def _entity_id(component: str, config: dict[str, Any]) -> str:
     return f"{component}.{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}"
 
 
+@pytest.mark.parametrize("calibrated", [THRESHOLD, 0.0123457, 3.33333, 1.0, 250.4])
+def test_the_threshold_number_shows_every_threshold_the_device_accepts(calibrated: float) -> None:
+    """The bounds were rounded inward onto the step grid, so the extremes set_threshold
+    accepts (and a restored threshold there) lay outside what Home Assistant would show."""
+    low, high = threshold_bounds(calibrated)
+    number = discovery_configs(TOPICS, "m", calibrated)[TOPICS.ha_config("number", "threshold")]
+    assert number["min"] <= low and high <= number["max"]
+    assert number["min"] > low - number["step"] and number["max"] < high + number["step"]
+    for in_force in (low / 10, high * 10):  # a [detector] threshold override beyond the bounds
+        configs = discovery_configs(TOPICS, "m", calibrated, in_force=in_force)
+        wide = configs[TOPICS.ha_config("number", "threshold")]
+        assert wide["min"] <= in_force <= wide["max"]
+
+
+@pytest.mark.slow
+def test_a_threshold_override_beyond_the_bounds_widens_the_announced_number(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`[detector] threshold` may lie outside a quarter to four times the calibrated value;
+    Home Assistant then refused the state of the number as out of range."""
+    demo = load_bundle(DEMO_BUNDLE)
+    override = round(demo.threshold * 10, 3)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'device_id = "pump-1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f"[detector]\nthreshold = {override}\n"
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    replay = [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--config", str(cfg)]
+    proc = subprocess.run(replay, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    number = TOPICS.ha_config("number", "threshold")
+    late = Subscriber(broker.port, number, client_id="ha")  # the retained config, as HA reads it
+    try:
+        assert late.wait_for(lambda ms: len(ms) >= 1, timeout=10), "no retained number"
+        config = late.messages[-1].json()
+    finally:
+        late.close()
+    assert config["min"] <= override <= config["max"]
+
+
 def test_the_home_assistant_example_uses_todays_syntax_and_real_entity_ids() -> None:
     text = (ROOT / "deploy" / "examples" / "home-assistant.yaml").read_text()
     for legacy in ("platform:", "service:", "\n    trigger:", "\n    action:", "\n    condition:"):
@@ -445,6 +521,50 @@ def test_the_home_assistant_example_uses_todays_syntax_and_real_entity_ids() -> 
         re.findall(r"\b(?:binary_sensor|sensor|switch|number|button)\.soundsentry_\w+", text)
     )
     assert used and used <= known, used - known
+
+
+def _folded(text: str, key: str) -> str:
+    """The folded block scalar (`key: >-`) of a YAML text, joined as YAML folds it."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"{key}: >-")
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    for line in lines[start + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        body.append(line.strip())
+    return " ".join(body)
+
+
+def test_the_home_assistant_notification_renders_for_events_without_bands() -> None:
+    """Classifier bundles send no `bands`: `bands[0]` in the example's message failed to render,
+    so the notification of such an event never came."""
+    text = (ROOT / "deploy" / "examples" / "home-assistant.yaml").read_text()
+    message = _folded(text, "message")
+    end = {
+        "type": "end",
+        "device_id": "pump-1",
+        "peak_score": 2.5,
+        "threshold": 1.9,
+        "duration_s": 6.0,
+        "started_at": "2026-01-01T00:00:00.000Z",
+    }
+    bands = [{"low_hz": 46.4, "high_hz": 139.2, "deviation": 8.2}]
+    with_bands = render(message, trigger={"payload_json": end | {"bands": bands}})
+    assert "loudest deviation 46-139 Hz" in with_bands, with_bands
+    classified = render(message, trigger={"payload_json": end | {"label": "bearing"}})
+    assert "loudest" not in classified and "(bearing)" in classified, classified
+
+
+def test_the_node_red_example_keeps_its_session_across_restarts() -> None:
+    """A clean session dropped every event published while Node-RED restarted: the broker
+    queues QoS 1 messages only for a persistent session with a fixed client id."""
+    flow = json.loads((ROOT / "deploy" / "examples" / "node-red-flow.json").read_text())
+    broker = next(n for n in flow if n["type"] == "mqtt-broker")
+    assert broker["clientid"] and broker["cleansession"] is False
+    assert broker["protocolVersion"] != "5" or int(broker["sessionExpiry"]) > 0  # 0: no session
+    subscription = next(n for n in flow if n["type"] == "mqtt in")
+    assert subscription["qos"] == "1"
 
 
 @pytest.mark.slow
@@ -481,4 +601,4 @@ def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
     assert first == discovery_configs(TOPICS, demo.model_id, demo.threshold)[number]
     assert second == discovery_configs(TOPICS, ae.model_id, ae.threshold)[number]
     low, high = threshold_bounds(ae.threshold)
-    assert second["device"]["model"] == ae.model_id and low <= second["min"] < second["max"] <= high
+    assert second["device"]["model"] == ae.model_id and second["min"] <= low < high <= second["max"]

@@ -99,8 +99,16 @@ def request(
         return Reply(exc.code, exc.read(), dict(exc.headers))
 
 
-def write_config(root: Path, port: int, token_file: Path | None, mqtt_port: int | None) -> Path:
+def write_config(
+    root: Path,
+    port: int,
+    token_file: Path | None,
+    mqtt_port: int | None,
+    public_url: str | None = None,
+) -> Path:
     token = f'token_file = "{token_file}"\n' if token_file else ""
+    if public_url:  # a loopback dashboard links its clips only with public_url set
+        token += f'public_url = "{public_url}"\n'
     mqtt = f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\n' if mqtt_port else ""
     path = root / "web.toml"
     path.write_text(
@@ -203,7 +211,8 @@ def served(own_sink: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     port = free_port()
     log = root / "daemon.log"
     sub = Subscriber(broker.port, "soundsentry/web/events")
-    proc = start_daemon(root, pulse, write_config(root, port, token_file, broker.port), log)
+    config = write_config(root, port, token_file, broker.port, f"http://127.0.0.1:{port}")
+    proc = start_daemon(root, pulse, config, log)
     player = None
     try:
         wait_served(port, proc, log, TOKEN)
@@ -560,6 +569,40 @@ def test_clip_urls_name_the_public_url_or_this_host(tmp_path: Path) -> None:
             dashboard.stop()
         key = clip_key(TOKEN, "20261130T120000Z-abc")
         assert url == f"{base}/clips/20261130T120000Z-abc.wav?key={key}"
+
+
+@pytest.mark.parametrize("public_url", [None, "https://pi.example/sentry"])
+def test_a_loopback_dashboard_without_public_url_links_nothing_and_says_why(
+    broker: Broker, tmp_path: Path, public_url: str | None
+) -> None:
+    """On loopback (the default) every event's clip_url and Home Assistant's link to the page
+    were http://127.0.0.1:8080/...: on a phone that opens nothing, or another machine."""
+    cfg = tmp_path / "c.toml"
+    public = f'public_url = "{public_url}"\n' if public_url else ""
+    cfg.write_text(
+        f'device_id = "web"\ndata_dir = "{tmp_path / "data"}"\n[detector]\ncooldown_seconds = 0\n'
+        f"[web]\nenabled = true\nport = {free_port()}\n{public}"
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    sub = Subscriber(broker.port, "#")
+    try:
+        run = [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--config", str(cfg)]
+        proc = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert sub.wait_for(lambda ms: any('"end"' in m.payload for m in ms), 10)
+        end = next(m.json() for m in sub.on("/events") if m.json()["type"] == "end")
+        device = next(m.json() for m in sub.on("/config"))["device"]
+    finally:
+        sub.close()
+    assert end["clip"], "the event has its clip"
+    warnings = [line for line in proc.stderr.splitlines() if "public_url" in line]
+    if public_url is None:
+        assert "clip_url" not in end and "configuration_url" not in device
+        assert len(warnings) == 1 and "WARNING" in warnings[0], proc.stderr
+    else:
+        assert end["clip_url"].startswith(f"{public_url}/clips/{end['clip']}")
+        assert device["configuration_url"] == public_url
+        assert not warnings, proc.stderr
 
 
 def test_the_page_lists_the_events_of_earlier_runs(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from edge.commands import MAX_COMMAND_BYTES
 from edge.errors import SoundSentryError, install_extra
 from edge.eventlog import read_events
 from edge.features import FeatureParams
-from edge.settings import Settings, WebSettings
+from edge.settings import Settings, WebSettings, is_loopback
 from edge.web.auth import Gate, clip_key, read_token
 from edge.web.live import LiveView, Stream
 from edge.web.png import clip_spectrogram_png
@@ -112,7 +112,7 @@ class Dashboard:
                 self._server = _bind(self.web, self)
             except PortTakenError:
                 continue
-            log.info("dashboard on %s/ (its port is free now)", self.base_url())
+            log.info("dashboard on %s/ (its port is free now)", self._listen_url())
         with self._lock:  # stop() shuts down exactly the server that serves
             if self._stopping.is_set():
                 return
@@ -121,14 +121,22 @@ class Dashboard:
 
     def start(self, detector: Any, handle_payload: Callable[[bytes], Any]) -> None:
         """Serve for `detector`; actions go through `handle_payload` on the loop's thread."""
-        detector.clip_url = self.clip_url
+        detector.clip_url = self.clip_url if self.base_url() else None
         self.live.attach(detector.status)
         self.features = lambda: detector.bundle.features
         self.submit = detector.submit
         self._handle_payload = handle_payload
         self._thread.start()
         if self._server is not None:
-            log.info("dashboard on %s/", self.base_url())
+            log.info("dashboard on %s/", self._listen_url())
+        if self.base_url() is None:
+            log.warning(
+                "dashboard: %s/ is reached from this machine only, so events carry no clip_url "
+                "and Home Assistant no link to the page; set [web] public_url to the address "
+                "phones reach it at (e.g. a reverse proxy), or listen beyond loopback ([web] "
+                "host, with a token_file)",
+                self._listen_url(),
+            )
 
     def stop(self) -> None:
         """Close the live streams and stop serving (or trying to)."""
@@ -143,10 +151,17 @@ class Dashboard:
         if self._server is not None:
             self._server.server_close()
 
-    def base_url(self) -> str:
-        """Where others reach the dashboard: public_url, or the address listened on."""
+    def base_url(self) -> str | None:
+        """Where others reach the dashboard: public_url, or the address listened on; None when
+        that is loopback (a link to 127.0.0.1 opens nothing on a phone)."""
         if self.web.public_url:
             return self.web.public_url.rstrip("/")
+        if is_loopback(self.web.host):
+            return None
+        return self._listen_url()
+
+    def _listen_url(self) -> str:
+        """The address listened on, as a URL (the host name when bound to all addresses)."""
         host = self.web.host
         if host in WILDCARD_HOSTS:
             host = socket.gethostname()
@@ -156,7 +171,7 @@ class Dashboard:
 
     def clip_url(self, name: str) -> str:
         """The stable URL of a clip (with its key when a token guards the dashboard)."""
-        return f"{self.base_url()}/{self._clip_path(name)}"
+        return f"{self.base_url() or self._listen_url()}/{self._clip_path(name)}"
 
     def _clip_path(self, name: str) -> str:
         key = f"?key={clip_key(self.token, Path(name).stem)}" if self.token else ""

@@ -1,0 +1,214 @@
+"""The MQTT contract against a real mosquitto: what the broker refuses is kept and said, what a
+consumer reads after a reconnect is the newest, and every event message has its own key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, Broker, free_port, wait_for
+from jsonschema import Draft202012Validator
+from mqtt_helpers import Subscriber
+
+from edge.messages import EventMessage
+from edge.publish import MqttPublisher
+from edge.settings import MqttSettings
+from edge.spool import Spool
+from edge.topics import Topics
+
+ACL = ROOT / "deploy" / "mosquitto" / "acl"
+
+
+def _event(kind: str, event_id: str = "e1", device_id: str = "pump-3") -> EventMessage:
+    return EventMessage(
+        type=kind,  # type: ignore[arg-type]
+        event_id=event_id,
+        device_id=device_id,
+        model="m",
+        started_at="2026-01-01T00:00:00.000Z",
+        peak_score=2.0,
+        threshold=1.0,
+        ended_at="2026-01-01T00:00:05.000Z" if kind == "end" else None,
+        duration_s=5.0 if kind == "end" else None,
+    )
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A mosquitto with passwords (users pump-3 and consumer) and the example ACL."""
+    passwd = tmp_path / "passwd"
+    for n, user in enumerate(("pump-3", "consumer")):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if n == 0 else []), str(passwd), user, "pw"],
+            check=True,
+            capture_output=True,
+        )
+    broker = Broker(tmp_path, free_port())
+    broker.conf.write_text(
+        f"listener {broker.port} 127.0.0.1\nuser root\nallow_anonymous false\n"
+        f"password_file {passwd}\nacl_file {ACL}\n"
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def _publisher(port: int, topics: Topics, spool: Spool, user: str | None = None) -> Any:
+    settings = MqttSettings(
+        host="127.0.0.1", port=port, reconnect_max_seconds=2, username=user, password="pw"
+    )
+    publisher = MqttPublisher(settings, topics, f"test-{topics.device_id}", spool)
+    publisher.start()
+    wait_for(lambda: publisher.connected, 10, "the publisher to connect")
+    return publisher
+
+
+def _all_acked(publisher: Any) -> bool:
+    """Every spooled row handed to paho and its PUBACK read by the sender thread."""
+    return not publisher._pending() and publisher._acked.empty() and not publisher._inflight
+
+
+def test_publishes_the_acl_refuses_stay_in_the_spool_and_are_logged_once_per_topic(
+    acl_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over MQTT 3.1.1 mosquitto PUBACKs a publish its ACL denies, so the spool deleted the
+    event: lost without a trace. Over MQTT 5 the PUBACK says `Not authorized`."""
+    caplog.set_level(logging.ERROR, logger="edge.publish")
+    wrong = Topics("soundsentry", "pump-4")  # user pump-3 may write only soundsentry/pump-3/#
+    spool = Spool(tmp_path / "wrong.sqlite")
+    publisher = _publisher(acl_broker.port, wrong, spool, user="pump-3")
+    try:
+        for n in range(3):
+            publisher.publish_event(_event("start", f"e{n}", "pump-4"))
+        wait_for(lambda: publisher._handed == 3 and _all_acked(publisher), 10, "3 PUBACKs")
+        assert spool.depth() == 3, "a refused event left the spool"
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        refused = [e for e in errors if "refused 1 message(s) on soundsentry/pump-4/events" in e]
+        assert len(refused) == 1 and "Not authorized" in refused[0], errors
+        assert "kept in the spool" in refused[0]
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+
+    right = Topics("soundsentry", "pump-3")  # the same user on its own topics: delivered
+    consumer = Subscriber(acl_broker.port, "soundsentry/#", login=("consumer", "pw"))
+    spool = Spool(tmp_path / "right.sqlite")
+    publisher = _publisher(acl_broker.port, right, spool, user="pump-3")
+    try:
+        publisher.publish_event(_event("start"))
+        assert consumer.wait_for(lambda _: bool(consumer.on("pump-3/events")), 10)
+        wait_for(lambda: spool.depth() == 0, 10, "the accepted event to leave the spool")
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        consumer.close()
+
+
+DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+def test_a_refused_command_subscription_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SUBACK used to go unread: a device whose broker refused its command topic looked
+    fine while no command (nor Home Assistant's buttons) could reach it. mosquitto's acl_file
+    grants every subscription (it filters at delivery); its dynamic-security plugin refuses."""
+    if not Path(DYNSEC).exists():
+        pytest.fail(f"{DYNSEC} is missing (apt-get install mosquitto)")
+    caplog.set_level(logging.ERROR, logger="edge.publish")
+    roles = [{"acltype": "subscribePattern", "topic": "homeassistant/status", "allow": True}]
+    dynsec = tmp_path / "dynsec.json"
+    dynsec.write_text(
+        json.dumps(
+            {
+                "defaultACLAccess": {
+                    "publishClientSend": True,
+                    "publishClientReceive": True,
+                    "subscribe": False,
+                    "unsubscribe": True,
+                },
+                "clients": [],
+                "groups": [{"groupname": "anon", "roles": [{"rolename": "r"}]}],
+                "roles": [{"rolename": "r", "acls": roles}],
+                "anonymousGroup": "anon",
+            }
+        )
+    )
+    broker = Broker(tmp_path, free_port(), f"plugin {DYNSEC}\nplugin_opt_config_file {dynsec}\n")
+    broker.start()
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, Topics("soundsentry", "pump-3"), spool)
+    try:
+        what = "the refused subscription to be logged"
+        wait_for(lambda: _errors(caplog, "subscription to soundsentry/pump-3/set"), 10, what)
+        assert "commands" in _errors(caplog, "subscription")[0]
+        assert len(_errors(caplog, "subscription")) == 1, "homeassistant/status was granted"
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        broker.stop()
+
+
+def _errors(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and text in r.getMessage()
+    ]
+
+
+def test_every_message_of_an_event_has_its_own_dedupe_key(broker: Broker, tmp_path: Path) -> None:
+    """All `update`s of one event share event_id, type and started_at: a consumer deduplicating
+    on them, as the README said, dropped every update after the first."""
+    schema = json.loads((ROOT / "edge" / "schemas" / "event.schema.json").read_text())
+    validator = Draft202012Validator(schema)
+    sub = Subscriber(broker.port, "soundsentry/pump-3/events")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, Topics("soundsentry", "pump-3"), spool)
+    try:
+        for event_id, kinds in [("e1", "start update update end"), ("e2", "start update end")]:
+            for kind in kinds.split():
+                publisher.publish_event(_event(kind, event_id))
+        assert sub.wait_for(lambda ms: len(ms) == 7, 10)
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        sub.close()
+    got = [m.json() for m in sub.messages]
+    for message in got:
+        assert not list(validator.iter_errors(message)), message
+    assert [(m["event_id"], m["type"], m["seq"]) for m in got] == [
+        ("e1", "start", 0),
+        ("e1", "update", 1),
+        ("e1", "update", 2),
+        ("e1", "end", 3),
+        ("e2", "start", 0),
+        ("e2", "update", 1),
+        ("e2", "end", 2),
+    ]
+    old = EventMessage.from_payload(json.dumps({k: v for k, v in got[1].items() if k != "seq"}))
+    assert old.seq is None, "a payload of an older version still parses"
+
+
+def test_the_example_acl_lets_home_assistants_birth_message_reach_the_devices(
+    acl_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consumer could not write homeassistant/status: Home Assistant's birth message was
+    refused, so devices never re-announced discovery after Home Assistant restarted."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(acl_broker.port, Topics("soundsentry", "pump-3"), spool, "pump-3")
+    consumer = Subscriber(acl_broker.port, "soundsentry/#", login=("consumer", "pw"))
+    try:
+        consumer.client.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+        announced = "Home Assistant is online: re-announcing discovery"
+        wait_for(lambda: any(announced in r.getMessage() for r in caplog.records), 10, announced)
+    finally:
+        consumer.close()
+        publisher.close(timeout_s=1)
+        spool.close()
