@@ -3,7 +3,8 @@
 
 It refits what the score depends on besides the network: the per-band normalisation of the
 features (a microphone moved, another gain, another room), the held-out score statistics,
-the per-band error reference, and the threshold from the false-alarm budget.
+the per-band error reference, the threshold from the false-alarm budget, and the machine's
+running level, from which the edge tells `off`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from edge.bundle import Bundle, load_bundle, sha256_bytes, write_bundle
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import windows_of
+from edge.machine_state import machine_profile
 
 log = logging.getLogger(__name__)
+
+LEVEL_SHIFT_DB = 6.0
+"""A running level this far from training's is worth a line (the microphone moved, another
+gain): the calibrated bundle's off level follows the site."""
 
 
 def calibrate_bundle(
@@ -47,7 +53,27 @@ def calibrate_bundle(
     arrays = {**bundle.arrays, **refit.arrays}
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
     manifest |= refit.manifest
+    manifest["machine"] = _site_machine(bundle, audio)
     return _write(bundle, manifest, arrays, files, seconds, out)
+
+
+def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> dict:
+    """The machine's running level as heard here (a microphone moved away or another gain
+    moves it; the off level trained elsewhere would call the running machine `off`), with
+    the states the bundle was trained on; a shift of LEVEL_SHIFT_DB or more is said."""
+    trained = bundle.manifest.machine
+    states = trained.states if trained is not None else None
+    site = machine_profile(audio, bundle.features, states)
+    before = trained.running_level_dbfs.get("p50") if trained is not None else None
+    after = site["running_level_dbfs"].get("p50")
+    if before is not None and after is not None and abs(after - before) >= LEVEL_SHIFT_DB:
+        log.warning(
+            "the machine runs %.0f dB %s here than in training (median window %.1f dBFS, "
+            "trained %.1f): its off level moves with it, to %.1f dBFS",
+            abs(after - before), "louder" if after > before else "quieter", after, before,
+            site["off_below_dbfs"],
+        )  # fmt: skip
+    return site
 
 
 def _write(

@@ -25,9 +25,12 @@ INVALID = "invalid samples"
 
 
 def level_dbfs(block: np.ndarray) -> float:
-    """RMS level of a block in dB relative to full scale (non-finite samples ignored)."""
+    """RMS level of a block's sound in dB relative to full scale: its mean (a DC offset, which
+    some USB interfaces add and no microphone hears) taken out, non-finite samples ignored."""
     if len(block) and not np.all(np.isfinite(block)):
         block = block[np.isfinite(block)]
+    if len(block):
+        block = block - np.mean(block, dtype=np.float64)
     rms = float(np.sqrt(np.mean(np.square(block, dtype=np.float64)))) if len(block) else 0.0
     return max(LEVEL_FLOOR_DBFS, 20 * math.log10(rms)) if rms > 0 else LEVEL_FLOOR_DBFS
 

@@ -8,10 +8,18 @@ The quiet level comes from the bundle (its training audio's window levels) or fr
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from edge.features import FeatureParams
+from edge.framing import WindowBuffer
+from edge.health import is_silent, level_dbfs
+
+log = logging.getLogger(__name__)
 
 RUNNING = "running"
 OFF = "off"
@@ -27,9 +35,51 @@ STATE_WINDOWS = 5
 """Windows a named state is voted over, so one odd window does not rename the machine."""
 
 
+QUIET_GAP_DB = 20.0
+"""Training windows this far below the median level are not the machine running (a silent
+lead-in, the machine switched off for part of a recording, a file recorded far quieter): they
+are left out of the running level, or the off level would fall below them and never be met."""
+PERCENTILES = {"p01": 1, "p50": 50, "p99": 99}
+
+
 def off_level(running_p1_dbfs: float) -> float:
     """The off level for a machine whose quietest 1 % of running windows is at this level."""
     return running_p1_dbfs - OFF_MARGIN_DB
+
+
+def machine_profile(
+    audio: Iterable[np.ndarray], params: FeatureParams, states: list[str] | None = None
+) -> dict:
+    """A manifest's `machine` section from normal audio of the machine running (mono, model
+    rate): the level of its windows, from which the edge tells `off` (far quieter) from
+    running. Digital silence and windows QUIET_GAP_DB below the median are left out, with a
+    warning that says how many."""
+    levels, silent = [], 0
+    for a in audio:
+        for w in WindowBuffer(params.window_samples, params.hop_samples).push(a):
+            if is_silent(w.samples):
+                silent += 1
+            else:
+                levels.append(level_dbfs(w.samples))
+    heard = np.array(levels)
+    quiet = heard < np.median(heard) - QUIET_GAP_DB if len(heard) else heard.astype(bool)
+    left_out = silent + int(quiet.sum())
+    if left_out:
+        log.warning(
+            "%d of %d windows of the normal audio are silent or more than %g dB below its "
+            "median level (a silent start, the machine off for a while, a recording far "
+            "quieter than the others?): the machine's running level is measured without them",
+            left_out, silent + len(heard), QUIET_GAP_DB,
+        )  # fmt: skip
+    running_levels = heard[~quiet]
+    if len(running_levels) == 0:
+        return {"running_level_dbfs": {}, "off_below_dbfs": None, "states": states}
+    running = {k: round(float(np.percentile(running_levels, q)), 2) for k, q in PERCENTILES.items()}
+    return {
+        "running_level_dbfs": running,
+        "off_below_dbfs": round(off_level(running["p01"]), 2),
+        "states": states,
+    }
 
 
 @dataclass

@@ -229,7 +229,7 @@ def test_a_machine_switched_off_is_off_not_an_anomaly(tmp_path: Path) -> None:
 
 
 def profile_off_level(files: list[Path]) -> float:
-    from train.profile import machine_profile
+    from edge.machine_state import machine_profile
 
     return machine_profile([read_audio(f, RATE) for f in files], load_bundle(DEMO_BUNDLE).features)[
         "off_below_dbfs"

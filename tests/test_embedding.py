@@ -17,6 +17,7 @@ from edge.bundle import load_bundle
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, windows_of
+from edge.machine_state import machine_profile
 from soundsentry.cli import main
 from train.embedding import (
     CORPUS_FILE,
@@ -28,7 +29,6 @@ from train.embedding import (
     shift_bands,
     train_embedding,
 )
-from train.profile import machine_profile
 
 MAX_MODEL_BYTES = 256 * 1024
 TINY_EPOCH = 512

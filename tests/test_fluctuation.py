@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import DEMO_CLIP, NORMAL_FILES, cli
+from conftest import DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES, cli
 from detector_helpers import Recorder
 from sklearn.covariance import LedoitWolf
 
@@ -160,6 +160,64 @@ def test_the_default_detector_knows_a_machine_switched_off(tmp_path: Path) -> No
     Detector(settings, bundle, [rec]).run(FileSource([path], rate))
     assert "off" in [s.machine for s in rec.states]
     assert rec.events == []
+
+
+def test_calibrating_where_the_machine_sounds_20_db_quieter_moves_its_off_level(
+    tmp_path: Path,
+) -> None:
+    """The microphone moved away from the machine (README: "Moved the microphone? calibrate"):
+    the calibrated bundle kept the off level of training, so at the new place the machine
+    running was `off` and its fault raised nothing. The site's running level now sets it."""
+    rate = load_bundle(DEMO_BUNDLE).features.samplerate
+    far = tmp_path / "far"
+    far.mkdir()
+    for f in NORMAL_FILES:
+        sf.write(far / f"{f.stem}.wav", 0.1 * read_audio(f, rate), rate, subtype="FLOAT")
+    fault = tmp_path / "fault-far.wav"
+    sf.write(fault, 0.1 * read_audio(DEMO_CLIP, rate), rate, subtype="FLOAT")
+    near, out = tmp_path / "near.bundle", tmp_path / "far.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(near))
+    proc = cli("calibrate", str(near), "--normal", str(far), "--out", str(out))
+    trained, site = load_bundle(near).manifest.machine, load_bundle(out).manifest.machine
+    assert trained is not None and site is not None
+    assert trained.off_below_dbfs is not None and site.off_below_dbfs is not None
+    assert site.off_below_dbfs == pytest.approx(trained.off_below_dbfs - 20, abs=1.5)
+    assert "the machine runs 20 dB quieter here than in training" in proc.stderr
+    replay = cli("replay", str(out), str(fault), env={"SOUNDSENTRY_DATA_DIR": str(tmp_path)})
+    assert any(json.loads(line)["type"] == "start" for line in replay.stdout.splitlines())
+    assert "machine off" not in replay.stderr
+
+
+def test_silence_and_the_machine_off_in_the_training_audio_leave_its_off_level_alone(
+    tmp_path: Path,
+) -> None:
+    """A silent lead-in, or the machine switched off for a while, put the off level 10 dB
+    below the quietest 1 % of all windows: below the silence itself (-130 dBFS), so `off` was
+    never recognised. Now such windows are left out, and a warning says so."""
+    from edge.machine_state import machine_profile
+
+    p = load_bundle(DEMO_BUNDLE).features
+    running = [read_audio(f, p.samplerate) for f in NORMAL_FILES]
+    clean = machine_profile(running, p)
+    rng = np.random.default_rng(1)
+    lead_in = np.zeros(3 * p.samplerate, np.float32)
+    switched_off = (1e-4 * rng.standard_normal(4 * p.samplerate)).astype(np.float32)
+    gaps = [lead_in, switched_off]
+    messy = machine_profile([np.concatenate([gaps[i % 2], a]) for i, a in enumerate(running)], p)
+    # within 3 dB: the windows that straddle a gap and the running machine are still heard
+    assert messy["off_below_dbfs"] == pytest.approx(clean["off_below_dbfs"], abs=3.0)
+    assert messy["running_level_dbfs"]["p50"] == pytest.approx(
+        clean["running_level_dbfs"]["p50"], abs=1.0
+    )
+
+
+def test_a_dc_offset_is_no_sound() -> None:
+    """Some USB interfaces add a DC offset: the level is that of the sound, not of the offset
+    (with it a quiet room measured -10 dBFS and never counted as the machine off)."""
+    from edge.health import level_dbfs
+
+    tone = 0.01 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert level_dbfs(tone + 0.3) == pytest.approx(level_dbfs(tone), abs=0.01)
 
 
 def test_a_feature_that_never_moved_in_training_is_given_the_floor_spread() -> None:

@@ -14,9 +14,9 @@ from edge.advice import audio_seconds, require_audio
 from edge.audio_io import find_audio, read_audio
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
+from edge.machine_state import machine_profile
 from edge.settings import DetectorSettings
 from edge.threshold import threshold_for_budget
-from train.profile import machine_profile
 from train.progress import progress
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Split:
     train: WindowSet
     holdout: WindowSet
     machine: dict = field(default_factory=dict)
-    """The manifest's `machine` section: how loud the machine runs (train.profile)."""
+    """The manifest's `machine` section: how loud the machine runs (edge.machine_state)."""
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from edge.detectors.embedding import (
 )
 from edge.errors import AudioError
 from edge.features import FeatureParams, LogMel, windows_of
-from edge.machine_state import OFF
+from edge.machine_state import OFF, machine_profile
 from edge.runtime import TfliteModel
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -64,7 +64,6 @@ from train.dataset import (
     without_copies,
 )
 from train.fluctuation import fit_statistics
-from train.profile import machine_profile
 from train.progress import progress
 from train.quantize import to_float_tflite, to_int8_tflite
 from train.statistics import ALL_CHANNELS, channel_views

@@ -22,6 +22,7 @@ from edge.bundle import FORMAT, FORMAT_VERSION, id_stem, sha256_bytes, write_bun
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.learning import training_summary
+from edge.machine_state import machine_profile
 from edge.scoring import FluctuationScorer
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -33,7 +34,6 @@ from train.dataset import (
     threshold_from_holdout,
     training_audio,
 )
-from train.profile import machine_profile
 from train.progress import progress
 
 log = logging.getLogger(__name__)
