@@ -40,7 +40,7 @@ from edge.messages import (
     iso,
 )
 from edge.metrics import AnomalyIndex, Metrics, cpu_temperature_c, throttled
-from edge.persist import DeviceState
+from edge.persist import DeviceState, SavedMute
 from edge.pipeline import Pipeline, Step
 from edge.private import private_dir
 from edge.scoring import Explainer
@@ -178,6 +178,8 @@ class Detector:
         self.spool_stats: Callable[[], tuple[int, int]] = spool_stats or (lambda: (0, 0))
         self._mute_end = 0.0
         """When the running mute ends on the monotonic clock, 0 if none runs."""
+        self._mute = SavedMute(0.0, 0.0)
+        """The running mute's start (wall clock) and length, as state.json keeps them."""
         self._threshold: float | None = None
         self._stop = threading.Event()
         self._samples = 0
@@ -430,16 +432,18 @@ class Detector:
             self._threshold = value
             self.pipeline.events.threshold = value
             log.info("threshold %.6g restored (set by command)", value)
-        self.muted_until = self.state.mute_left(self.clock())
-        if self.muted_until:
+        mute = self.state.restored_mute(self.clock())
+        if mute is not None:  # at most what was left of its length (edge.persist)
+            self._mute, self._mute_end = mute, time.monotonic() + mute.seconds - mute.ran
             log.info("mute restored, until %s", iso(self.muted_until))
         self._running_s = max(self._running_s, self.state.running_seconds)
 
     def _save_state(self) -> None:
         if self.state is not None:
-            self.state.save(
-                self.bundle.model_id, self._threshold, self.muted_until, self._running_s
-            )
+            left = self._mute_end - time.monotonic() if self._mute_end else 0.0
+            m = self._mute
+            mute = SavedMute(m.started, m.seconds, m.seconds - left) if left > 0 else None
+            self.state.save(self.bundle.model_id, self._threshold, mute, self._running_s)
             self._running_saved = self._running_s
 
     def _auto_learn(self) -> None:
@@ -651,6 +655,7 @@ class Detector:
     def muted_until(self, wall: float) -> None:
         left = wall - self.clock() if wall else 0.0
         self._mute_end = time.monotonic() + left if left > 0 else 0.0
+        self._mute = SavedMute(self.clock(), max(left, 0.0))
 
     @property
     def _rate(self) -> int:

@@ -676,6 +676,45 @@ def test_a_mute_keeps_its_length_when_the_clock_jumps(tmp_path: Path) -> None:
     assert detector.muted and detector.muted_until == pytest.approx(now[0] + 60, abs=1)
 
 
+def test_a_mute_restored_against_a_stale_boot_clock_is_never_longer_than_it_was(
+    tmp_path: Path,
+) -> None:
+    """state.json kept the mute's end on the wall clock and a restart restored `end - clock()`:
+    a Pi booting with fake-hwclock's time muted on for what the old clock said, one booting
+    near 1970 for years, and the next save wrote that back as an end in 2083 (muted forever)."""
+    from conftest import DEMO_BUNDLE
+
+    from edge.bundle import load_bundle
+    from edge.commands import MAX_MUTE_MINUTES
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    now = [1.6e9]
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    bundle = load_bundle(DEMO_BUNDLE)
+
+    def restart() -> Detector:
+        return Detector(settings, bundle, [], clock=lambda: now[0], persist=True)
+
+    restart().mute(60)
+    now[0] = 1.6e9 + 1800.0  # fake-hwclock: the clock of the last save, half an hour in
+    d = restart()
+    assert d.muted and d.muted_until - now[0] == pytest.approx(1800, abs=5)
+    now[0] = 1.6e9 - 600.0  # a clock behind the mute's start says nothing of what has run
+    d = restart()
+    assert d.muted and d.muted_until - now[0] <= 3600 + 5
+    now[0] = 86400.0  # a boot near 1970: the whole hour at most, not 50 years
+    d = restart()
+    assert d.muted and d.muted_until - now[0] <= 3600 + 5
+    now[0] = 1.6e9 + 3 * 86400  # NTP sets the clock; the next save, then a restart
+    d._save_state()
+    assert not restart().muted, "the hour is long over"
+    state = tmp_path / "data" / "state.json"  # the old format: only an end, decades away
+    state.write_text(json.dumps({"model": "x", "muted_until": now[0] + 1e9}))
+    d = restart()
+    assert d.muted and d.muted_until - now[0] <= MAX_MUTE_MINUTES * 60 + 5
+
+
 def test_a_clip_that_cannot_be_written_leaves_no_stub_and_retention_still_runs(
     tmp_path: Path,
 ) -> None:
