@@ -130,11 +130,9 @@ class Adapter:
 
     @property
     def learned(self) -> bool:
-        """True once a period has ended in a version for the configured model."""
-        return any(
-            e["reason"] == "learning" and e.get("of") == self.configured.model_id
-            for e in self.history.entries
-        )
+        """True once a period has ended in a version for the configured model (kept apart
+        from the versions, which are pruned)."""
+        return self.configured.model_id in self.history.learned
 
     def rollback(self) -> Bundle:
         """The bundle the active version replaced, loaded; the history points to it."""

@@ -5,7 +5,9 @@ reload), the version it replaced (`from_version`, None = the configured model) a
 it was refitted from (`base`). Versions the device wrote itself live beside the file as
 `<base>-v<N>.bundle`; only the newest `keep` entries are kept, and the folders of dropped
 versions the device made are deleted (never a bundle it did not write). `rollback` returns to
-the version the active one replaced. Every write is atomic: a bundle is written into a hidden
+the version the active one replaced. Which configured models have finished a commissioning
+period is kept apart from the entries (`learned`), so pruning old versions never makes a model
+learn again. Every write is atomic: a bundle is written into a hidden
 folder and renamed into place, the JSON is replaced with os.replace.
 """
 
@@ -70,6 +72,11 @@ class ModelHistory:
         self.entries: list[dict[str, Any]] = list(data.get("entries", []))
         self.active: int | None = data.get("active")
         self.configured = configured
+        self.learned: set[str] = {str(m) for m in data.get("learned", []) if isinstance(m, str)}
+        """Configured models a commissioning period has ended for: pruning never drops one."""
+        self.learned |= {
+            str(e["of"]) for e in self.entries if e.get("reason") == "learning" and e.get("of")
+        }
         if data.get("configured") not in (None, configured):
             log.warning(
                 "the configured model is now %s (was %s): the versions made for the old one "
@@ -114,6 +121,8 @@ class ModelHistory:
     def record(self, bundle: Bundle, reason: str, base: Path, made: bool, **detail: Any) -> int:
         """Add the entry of a model now in use and make it active; returns its version."""
         version = self._next()
+        if reason == "learning" and detail.get("of"):
+            self.learned.add(str(detail["of"]))
         self.entries.append(
             {
                 "version": version,
@@ -150,7 +159,12 @@ class ModelHistory:
         private_dir(self.folder)
         write_json(
             self.path,
-            {"configured": self.configured, "active": self.active, "entries": self.entries},
+            {
+                "configured": self.configured,
+                "active": self.active,
+                "entries": self.entries,
+                "learned": sorted(self.learned),
+            },
         )
 
     def summary(self) -> list[dict[str, Any]]:

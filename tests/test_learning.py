@@ -161,6 +161,22 @@ def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart
     ]
 
 
+def test_a_model_learns_once_even_after_its_learning_version_is_pruned(tmp_path: Path) -> None:
+    """`learned` looked for a history entry of reason learning, and pruning drops the oldest:
+    after keep_versions later versions the next restart began a new commissioning period (no
+    anomaly events for up to 30 days)."""
+    device = Device(tmp_path, seconds=LEARN_S, keep_versions=2)
+    device.replay(*NORMAL_FILES)
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    for _ in range(2):  # two later versions (SIGHUP reloads): version 1 is pruned
+        device.detector.use_bundle(load_bundle(DEMO_BUNDLE), reason="reload")
+    history = json.loads((device.data / "models" / "history.json").read_text())
+    assert [e["reason"] for e in history["entries"]] == ["reload", "reload"]
+    device.replay(NORMAL_FILES[0])  # a restart
+    assert not device.detector.learning, "a model learns once, not again after pruning"
+    assert device.detector.adapter.period is None
+
+
 # --- that was normal, and rollback ----------------------------------------------------------
 
 
