@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 
 from edge.clips import CaptureRing, ClipRecorder
 from edge.commands import CommandError, parse_command
-from edge.health import AudioHealth, level_dbfs
+from edge.health import RECOVER_SECONDS, AudioHealth, level_dbfs
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -82,8 +82,37 @@ def test_liveness_faults_and_recoveries(kind: str, fault: str) -> None:
     assert changes == [] and health.ok  # not yet: shorter than fault_seconds
     changes = [c for b in blocks(kind, 1.0) for c in health.push(b)]
     assert [(c.kind, c.fault) for c in changes] == [("fault", fault)] and not health.ok
-    changes = [c for b in blocks("noise", 0.3) for c in health.push(b)]
+    changes = [c for b in blocks("noise", RECOVER_SECONDS - 0.1) for c in health.push(b)]
+    assert changes == [] and not health.ok  # not yet: clean for less than RECOVER_SECONDS
+    changes = [c for b in blocks("noise", 0.1) for c in health.push(b)]
     assert [(c.kind, c.fault) for c in changes] == [("recovered", fault)] and health.ok
+
+
+def test_a_borderline_input_is_one_fault_not_a_flapping_one(tmp_path: Path) -> None:
+    """A fault needed fault_seconds but cleared on the first clean 0.1-s block: an input that
+    clips with a clean block every few seconds flapped ~520 times an hour, and every new fault
+    closed the open anomaly event. The real Detector, fed real fan audio at too much gain."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    audio = read_audio(NORMAL_FILES[0], RATE)
+    step = RATE // 10
+    clean = [audio[i : i + step] for i in range(0, len(audio) - step + 1, step)]
+    loud = [np.clip(1000 * b, -1, 1) for b in clean]  # far too much gain: clipping
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    rec = Recorder()
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec])
+    for k in range(12 * 60):  # a minute: 6 s clipping, then one clean block, over and over
+        detector.feed(clean[k % len(clean)] if k % 61 == 60 else loud[k % len(loud)])
+    for k in range(round(RECOVER_SECONDS * 10) + 1):  # then clean for good
+        detector.feed(clean[k % len(clean)])
+    changes = [h.change for h in rec.healths if h.change]
+    assert changes == ["fault:clipping", "recovered:clipping"]
 
 
 def test_stall_is_a_fault_until_audio_flows() -> None:
