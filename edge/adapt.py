@@ -22,7 +22,7 @@ import numpy as np
 
 from edge.bundle import Bundle, load_bundle
 from edge.errors import SoundSentryError
-from edge.history import ModelHistory, now_iso, read_json, write_json
+from edge.history import ModelHistory, now_iso, read_json, remove_stale_temps, write_json
 from edge.learning import (
     FeatureStore,
     LearningError,
@@ -89,6 +89,8 @@ class Adapter:
         )
         self.period: Period | None = None
         self.last_refit: dict[str, Any] | None = None
+        for folder in (self.folder, self.folder / "marked", self.history.folder):
+            remove_stale_temps(folder)  # what writes cut short by a power cut left
         self._resume()
 
     # --- the model in use --------------------------------------------------------------------

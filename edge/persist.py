@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.commands import MAX_MUTE_MINUTES
-from edge.history import read_json, write_json
+from edge.history import read_json, remove_stale_temps, write_json
 from edge.private import private_dir
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class DeviceState:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / STATE
+        remove_stale_temps(data_dir)  # a save of state.json cut short by a power cut
         data = read_json(self.path) or {}
         self.model: str | None = data.get("model")
         self.threshold: float | None = _number(data.get("threshold"))

@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -492,6 +493,60 @@ def test_a_learning_period_is_saved_every_ten_minutes_of_audio_not_every_minute(
         assert len(saved["x"]) > 2 * 600  # the stop saved everything collected
     again = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [], persist=True)
     assert again.adapter.period.collected_s == pytest.approx(minutes * 60, abs=2)
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_old_ones_go_at_start(tmp_path: Path) -> None:
+    """A save that failed (a full disk) left `.period.npz.tmp-PID` (up to 5 MB) and
+    `.history.json.tmp-PID` behind, one more at each restart (the PID is in the name). A
+    file-size limit in a child process makes the writes fail part-way, as a full disk does."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    script = f"""
+import resource, signal, sys
+import numpy as np
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from edge.history import write_json
+from edge.learning import FeatureStore
+folder = Path({str(folder)!r})
+store = FeatureStore(64, 5000)
+store.add(np.random.default_rng(0).standard_normal((5000, 64)), 0)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+for write in (lambda: store.save(folder / "period.npz"),
+              lambda: write_json(folder / "history.json", {{"x": "y" * 10000}})):
+    try:
+        write()
+    except OSError as exc:
+        print("failed:", exc.strerror)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.count("failed: File too large") == 2, proc.stdout + proc.stderr
+    assert list(folder.iterdir()) == [], "neither the store's nor the JSON's temporary file"
+    # temporary files of writes a power cut interrupted: a dead process's go, a live one's stay
+    dead = _dead_pid()
+    data = tmp_path / "data"
+    stale = [
+        data / "learning" / f".period.npz.tmp-{dead}",
+        data / "learning" / "marked" / f".ev1.npz.tmp-{dead}",
+        data / "models" / f".history.json.tmp-{dead}",
+        data / f".state.json.tmp-{dead}",
+    ]
+    live = data / "learning" / ".period.npz.tmp-1"  # PID 1 always runs
+    for path in [*stale, live]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    Device(tmp_path).replay(NORMAL_FILES[0])  # a start
+    assert [p for p in stale if p.exists()] == [] and live.exists()
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has ended."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
