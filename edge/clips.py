@@ -1,7 +1,9 @@
 """Evidence clips: a capture ring buffer supplies pre-roll; each anomaly is saved as a WAV.
 
 The clip runs from `preroll` seconds before the anomaly's first window to its end, capped at
-`max_seconds`. Old clips are deleted by total size and age.
+`max_seconds`. Old clips are deleted by total size and age. A clip is written under a temporary
+name in its folder, fsynced and renamed, so a power cut never leaves a torn WAV under a clip's
+name (the temporary file left then is deleted at the next start).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from edge.private import private_dir, private_file
+from edge.history import remove_stale_temps
+from edge.private import FILE_MODE, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class ClipRecorder:
         self.ring = CaptureRing(preroll_s + 15.0, samplerate)
         self._rec: _Recording | None = None
         self._written: list[Path] = []
+        remove_stale_temps(folder)  # a clip a power cut interrupted
 
     def push(self, block: np.ndarray) -> None:
         """Feed every captured block (mono, model rate)."""
@@ -107,17 +111,32 @@ class ClipRecorder:
         name = f"{stamp}-{_safe(event_id)[:12]}.wav"
         try:
             private_dir(self.folder)
-            private_file(self.folder / name)
-            sf.write(self.folder / name, np.clip(audio, -1, 1), self.samplerate, CLIP_SUBTYPE)
+            self._write(self.folder / name, np.clip(audio, -1, 1))
         except (OSError, sf.LibsndfileError) as exc:
             log.error("could not save evidence clip %s: %s", name, exc)
-            with contextlib.suppress(OSError):  # no half-written clip (a full disk), and
-                (self.folder / name).unlink(missing_ok=True)
             self.enforce_retention()  # the limits still apply: older clips make room
             return None
         self._written.append(self.folder / name)
         self.enforce_retention()
         return name, round(len(audio) / self.samplerate, 3)
+
+    def _write(self, path: Path, audio: np.ndarray) -> None:
+        """Write a WAV atomically, mode 0600: a temporary name in the same folder, fsync,
+        rename; on error (a full disk) the temporary file is removed."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE))
+            sf.write(tmp, audio, self.samplerate, CLIP_SUBTYPE, format="WAV")
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
     def clock_moved(self, seconds: float) -> None:
         """The wall clock was set `seconds` forward (or back): NTP on a Pi without a real-time

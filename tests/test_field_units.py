@@ -744,6 +744,30 @@ def test_a_mute_restored_against_a_stale_boot_clock_is_never_longer_than_it_was(
     assert d.muted and d.muted_until - now[0] <= MAX_MUTE_MINUTES * 60 + 5
 
 
+def test_a_clip_cut_short_by_a_power_cut_is_never_under_a_clips_name(tmp_path: Path) -> None:
+    """Clips were written in place: a power cut during the write left a truncated WAV under its
+    final name. A file-size limit with its default action (SIGXFSZ kills the process part-way,
+    no handler runs) stands in for the power cut; the next start removes what it left."""
+    script = f"""
+import resource, signal, sys, time
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from pathlib import Path
+from edge.clips import ClipRecorder
+rec = ClipRecorder(Path({str(tmp_path)!r}), 16000)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; the kernel's action kills
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+rec.push(np.full(3 * 16000, 0.1, np.float32))
+rec.start("ev1", first_sample=16000, wall_time=time.time())
+rec.finish("ev1")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode != 0, "killed part-way through the write"
+    assert list(tmp_path.glob("*.wav")) == [], "no torn clip under a clip's name"
+    ClipRecorder(tmp_path, RATE)  # the next start
+    assert list(tmp_path.iterdir()) == [], "nor the temporary file it left"
+
+
 def test_a_clip_that_cannot_be_written_leaves_no_stub_and_retention_still_runs(
     tmp_path: Path,
 ) -> None:
