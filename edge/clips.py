@@ -25,6 +25,9 @@ from edge.private import FILE_MODE, private_dir
 log = logging.getLogger(__name__)
 
 CLIP_SUBTYPE = "PCM_16"
+RETENTION_EVERY_S = 3600.0
+"""Retention also runs at start and this often (monotonic seconds), not only after a new clip:
+on a quiet machine clips past max_age_days (they may hold speech) stayed for good."""
 
 
 class CaptureRing:
@@ -86,6 +89,7 @@ class ClipRecorder:
         self._rec: _Recording | None = None
         self._written: list[Path] = []
         remove_stale_temps(folder)  # a clip a power cut interrupted
+        self._next_retention: float | None = None
 
     def push(self, block: np.ndarray) -> None:
         """Feed every captured block (mono, model rate)."""
@@ -137,6 +141,18 @@ class ClipRecorder:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise
+
+    def housekeep(self, now: float) -> list[Path]:
+        """Enforce retention at the first call and then every RETENTION_EVERY_S of `now`
+        (monotonic seconds); the clips deleted."""
+        if self._next_retention is not None and now < self._next_retention:
+            return []
+        self._next_retention = now + RETENTION_EVERY_S
+        try:
+            return self.enforce_retention()
+        except OSError as exc:  # a folder we cannot read: said, and tried again later
+            log.error("retention of %s failed: %s", self.folder, exc)
+            return []
 
     def clock_moved(self, seconds: float) -> None:
         """The wall clock was set `seconds` forward (or back): NTP on a Pi without a real-time

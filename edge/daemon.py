@@ -591,6 +591,8 @@ class Detector:
             for change in self.health.stalled(f"no audio for {stall:g} s"):
                 self._emit_health(change)
         self.run_pending()
+        if self.clips:
+            self.clips.housekeep(now)  # clips past max_age_days go on a quiet machine too
         if self._mute_end and now >= self._mute_end:
             self._mute_end = 0.0
             log.info("mute ended")

@@ -744,6 +744,44 @@ def test_a_mute_restored_against_a_stale_boot_clock_is_never_longer_than_it_was(
     assert d.muted and d.muted_until - now[0] <= MAX_MUTE_MINUTES * 60 + 5
 
 
+def test_old_clips_go_at_start_and_every_hour_on_a_quiet_machine(tmp_path: Path) -> None:
+    """Retention ran only when a new clip was written: on a machine with no anomalies, clips
+    past max_age_days (they may hold speech) stayed for good. The real Detector on normal fan
+    audio (no event, so no clip is written) deletes them at start, and then every hour."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+
+    from edge.bundle import load_bundle
+    from edge.clips import RETENTION_EVERY_S
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    folder = tmp_path / "data" / "clips"
+    folder.mkdir(parents=True)
+
+    def clip(name: str, days: float) -> Path:
+        path = folder / name
+        sf.write(path, np.zeros(RATE, np.float32), RATE, "PCM_16")
+        os.utime(path, (time.time() - days * 86400,) * 2)
+        return path
+
+    old, fresh = clip("20250101T000000Z-old.wav", 40), clip("20260101T000000Z-new.wav", 1)
+    settings = Settings(
+        device_id="t",
+        model=DEMO_BUNDLE,
+        data_dir=tmp_path / "data",
+        clips={"enabled": True, "max_age_days": 30},
+    )
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [])
+    detector.run(FileSource([NORMAL_FILES[0]], RATE))
+    assert not old.exists() and fresh.exists()
+    later = clip("20250102T000000Z-later.wav", 31)  # grew old while the daemon ran
+    now = time.monotonic()
+    assert detector.clips.housekeep(now) == [], "not again within the hour"
+    assert detector.clips.housekeep(now + RETENTION_EVERY_S) == [later]
+    assert fresh.exists()
+
+
 def test_a_clip_cut_short_by_a_power_cut_is_never_under_a_clips_name(tmp_path: Path) -> None:
     """Clips were written in place: a power cut during the write left a truncated WAV under its
     final name. A file-size limit with its default action (SIGXFSZ kills the process part-way,
