@@ -549,6 +549,29 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def test_a_command_delivered_twice_runs_once_and_gets_its_first_reply_again(
+    tmp_path: Path,
+) -> None:
+    """MQTT QoS 1 delivers at least once: a repeated `learn start` restarted the period, a
+    repeated rollback stepped back two versions. A command of the same id and content within
+    a few minutes gets the first reply again and is not run; another id runs."""
+    device = Device(tmp_path)
+    detector = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [], persist=True)
+    control = Controller(detector)
+    start = json.dumps({"command": "learn", "action": "start", "seconds": 600, "id": "L1"})
+    first = control.handle_payload(start.encode())
+    assert first.ok and detector.learning
+    fan = read_audio(NORMAL_FILES[0], RATE)
+    for i in range(0, len(fan), 4096):
+        detector.feed(fan[i : i + 4096])
+    collected = detector.adapter.period.collected_s
+    assert collected > 3
+    again = control.handle_payload(start.encode())  # the broker's redelivery
+    assert again == first and detector.adapter.period.collected_s == collected
+    other = control.handle_payload(start.replace('"L1"', '"L2"').encode())  # a new command
+    assert other.ok and other != first and detector.adapter.period.collected_s == 0
+
+
 def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
     device = Device(tmp_path, keep_versions=2)
     device.replay(NORMAL_FILES[0])
