@@ -5,7 +5,9 @@ Files under `{data_dir}`: `learning/period.json` + `period.npz` (a period in pro
 resumes after a restart), `learning/site-<N>.npz` (the features of a finished period),
 `learning/marked/<event_id>.npz` (the windows of an event marked normal), and
 `models/history.json` with the versions. Each version records which period and which marks it
-was fitted on, so a refit after a rollback starts from what that version knew. Every refit
+was fitted on, so a refit after a rollback starts from what that version knew; the features no
+kept version uses are deleted as versions are pruned, and a version carries at most MAX_MARKS
+marks. Every refit
 starts from the trained bundle (`base`), never from a refitted one, so nothing is counted twice.
 """
 
@@ -44,6 +46,10 @@ SAVE_EVERY_S = 600.0
 save rewrites its whole feature store (5.3 MB at 20000 windows) with fsync: every minute that was
 7 GB a day, 220 GB over a 30-day period, on an SD card; a power cut now loses at most 10 minutes
 of a period that lasts hours or days."""
+MAX_MARKS = 20
+"""Events marked normal that a version carries; beyond it the oldest mark is dropped (logged).
+Every version carried all marks into the next and every refit loaded them all, so they grew
+without bound on a device that runs for years."""
 SAFE_EVENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -132,6 +138,7 @@ class Adapter:
         self.history.record(
             bundle, reason, bundle.path, False, site=None, marked=[], of=self.configured.model_id
         )
+        self._tidy()
 
     @property
     def learned(self) -> bool:
@@ -182,7 +189,8 @@ class Adapter:
 
     def finish(self, in_use: Bundle) -> Bundle:
         """End the period (early for `stop`) and refit with its features; the period is gone
-        afterwards whether the refit succeeds or not (its features stay on disk)."""
+        afterwards whether the refit succeeds or not (its features stay on disk until the next
+        version is recorded)."""
         p = self.period
         if p is None:
             raise LearningError("no learning period is running")
@@ -209,9 +217,16 @@ class Adapter:
         store.save(path)
         current = self.history.current
         site = current.get("site") if current else None
-        marked = list(current.get("marked", [])) if current else []
+        marked = [*dict.fromkeys([*(current.get("marked", []) if current else []), event_id])]
+        if len(marked) > MAX_MARKS:
+            log.info(
+                "mark_normal: at most %d marks are carried; dropped the oldest: %s",
+                MAX_MARKS,
+                ", ".join(marked[:-MAX_MARKS]),
+            )
+            marked = marked[-MAX_MARKS:]
         try:
-            return self._refit("mark_normal", in_use, site, [*dict.fromkeys([*marked, event_id])])
+            return self._refit("mark_normal", in_use, site, marked)
         except LearningError:
             if new:  # refused: the mark is not kept, so a later refit does not pick it up
                 path.unlink(missing_ok=True)
@@ -297,6 +312,22 @@ class Adapter:
         except OSError as exc:
             shutil.rmtree(bundle.path, ignore_errors=True)
             raise LearningError(f"could not write the model history: {exc}") from None
+        self._tidy()
+
+    def _tidy(self) -> None:
+        """Delete the site features and marks that no kept version uses: they go with the
+        versions pruned from the history (each period left up to 5.3 MB for good)."""
+        entries = self.history.entries
+        sites = {e.get("site") for e in entries}
+        marks = {f"{m}.npz" for e in entries for m in e.get("marked", [])}
+        unused = [p for p in self.folder.glob("site-*.npz") if p.name not in sites]
+        unused += [p for p in (self.folder / "marked").glob("*.npz") if p.name not in marks]
+        for path in unused:
+            try:
+                path.unlink()
+                log.info("learning: deleted %s, which no kept version uses", path.name)
+            except OSError as exc:
+                log.error("learning: could not delete %s: %s", path, exc)
 
     def save_period(self) -> None:
         """Save a period in progress (every SAVE_EVERY_S of audio, and when the daemon stops)."""

@@ -11,6 +11,7 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -570,6 +571,45 @@ def test_a_command_delivered_twice_runs_once_and_gets_its_first_reply_again(
     assert again == first and detector.adapter.period.collected_s == collected
     other = control.handle_payload(start.replace('"L1"', '"L2"').encode())  # a new command
     assert other.ok and other != first and detector.adapter.period.collected_s == 0
+
+
+def test_learning_data_goes_with_the_versions_that_use_it_and_marks_are_bounded(
+    tmp_path: Path,
+) -> None:
+    """Each finished period left learning/site-<time>.npz (up to 5.3 MB) and each mark
+    learning/marked/<id>.npz, never deleted when their versions were pruned; and every version
+    carried all marks into the next, each refit loading them all (growing without bound)."""
+    from edge.adapt import MAX_MARKS, Adapter
+    from edge.features import windows_of
+    from edge.learning import FEATURIZERS
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    data = tmp_path / "data"
+    settings = load_settings(None, model=DEMO_BUNDLE, data_dir=data, learning={"keep_versions": 1})
+    adapter = Adapter(data, settings.learning, bundle, DEMO_BUNDLE)
+    featurize = FEATURIZERS[bundle.manifest.kind]
+    normal = np.concatenate(
+        [featurize(windows_of(read_audio(f, RATE), bundle.features)) for f in NORMAL_FILES]
+    )
+
+    def learn(in_use: object) -> object:
+        adapter.start(LEARN_S, bundle)
+        assert any(adapter.observe(row) for row in normal)
+        return adapter.finish(in_use)
+
+    in_use = learn(bundle)
+    (first_site,) = (data / "learning").glob("site-*.npz")
+    fault = featurize(windows_of(read_audio(ANOMALOUS_FILE, RATE), bundle.features))
+    for n in range(MAX_MARKS + 1):
+        in_use = adapter.mark(f"e{n}", fault[n % 3 : n % 3 + 4], in_use)
+    carried = adapter.history.current["marked"]
+    assert carried == [f"e{n}" for n in range(1, MAX_MARKS + 1)], "the oldest mark goes"
+    marks = {p.stem for p in (data / "learning" / "marked").glob("*.npz")}
+    assert marks == set(carried), "its file with it"
+    wait_for(lambda: time.strftime("%S") != first_site.stem[-2:], 2, "the next second")
+    learn(in_use)  # a new period: the first one's version is long pruned
+    (site,) = (data / "learning").glob("site-*.npz")
+    assert site != first_site and adapter.history.current["site"] == site.name
 
 
 def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
