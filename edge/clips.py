@@ -142,6 +142,21 @@ class ClipRecorder:
                 tmp.unlink(missing_ok=True)
             raise
 
+    def configure(
+        self, preroll_s: float, max_seconds: float, max_total_mb: float, max_age_days: float
+    ) -> None:
+        """New settings (SIGHUP): the audio the ring holds is kept, and the limits apply at the
+        next housekeep."""
+        self.preroll = int(preroll_s * self.samplerate)
+        self.max_samples = int(max_seconds * self.samplerate)
+        self.max_total_bytes = int(max_total_mb * 1e6)
+        self.max_age_s = max_age_days * 86400
+        held = self.ring.since(0)
+        ring = CaptureRing(preroll_s + 15.0, self.samplerate)
+        ring.end = self.ring.end - len(held)  # samples keep their stream index
+        ring.push(held)
+        self.ring, self._next_retention = ring, None
+
     def housekeep(self, now: float) -> list[Path]:
         """Enforce retention at the first call and then every RETENTION_EVERY_S of `now`
         (monotonic seconds); the clips deleted."""

@@ -215,6 +215,12 @@ class Controller:
         old = d.settings
         if new.mqtt != old.mqtt or new.audio != old.audio or new.device_id != old.device_id:
             log.warning("reload: [mqtt], [audio] and device_id changes apply after a restart")
+        h, was = new.health, old.health
+        if (h.stall_seconds, h.reopen_max_seconds) != (was.stall_seconds, was.reopen_max_seconds):
+            log.warning(
+                "reload: [health] stall_seconds and reopen_max_seconds apply to the microphone's "
+                "reopening after a restart"
+            )
         d.apply_settings(
             old.model_copy(
                 update={

@@ -241,9 +241,26 @@ class Detector:
         self.emit_state()
 
     def apply_settings(self, settings: Settings) -> None:
-        """Take new settings (reload); the pipeline is rebuilt with the new detector settings."""
+        """Take new settings (reload): the pipeline is rebuilt with the new detector settings,
+        [health] and [clips] apply at once."""
         self.close_event()
         self._load(self.bundle, settings, self._threshold)
+        h, c = settings.health, settings.clips  # faults in progress and the ring are kept
+        self.health.fault_seconds, self.health.clip_fraction = h.fault_seconds, h.clip_fraction
+        if self.clips and c.enabled:
+            self.clips.configure(c.preroll_seconds, c.max_seconds, c.max_total_mb, c.max_age_days)
+        elif c.enabled:
+            private_dir(settings.data_dir)
+            self.clips = ClipRecorder(
+                settings.data_dir / "clips",
+                self._rate,
+                c.preroll_seconds,
+                c.max_seconds,
+                c.max_total_mb,
+                c.max_age_days,
+            )
+        else:
+            self.clips = None
 
     def _load(
         self, bundle: Bundle, settings: Settings | None = None, threshold: float | None = None

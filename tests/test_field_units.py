@@ -157,6 +157,19 @@ def test_clip_has_preroll_and_is_capped(tmp_path: Path) -> None:
     assert rec.finish("ev1") is None
 
 
+def test_new_clip_settings_keep_the_audio_the_ring_holds(tmp_path: Path) -> None:
+    """A reload (SIGHUP) with a longer pre-roll keeps what was captured, at its stream index."""
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=1.0)
+    audio = np.linspace(-0.5, 0.5, 20 * RATE, dtype=np.float32)
+    for i in range(0, len(audio), 4096):
+        rec.push(audio[i : i + 4096])
+    held = rec.ring.since(0)
+    rec.configure(5.0, 30.0, 10.0, 7.0)
+    assert rec.ring.size == 20 * RATE and rec.max_samples == 30 * RATE
+    np.testing.assert_array_equal(rec.ring.since(20 * RATE - len(held)), held)
+    np.testing.assert_array_equal(rec.ring.since(19 * RATE), audio[19 * RATE :])
+
+
 def test_clip_retention_by_size_and_age(tmp_path: Path) -> None:
     rec = ClipRecorder(tmp_path, RATE, max_total_mb=0.1, max_age_days=1)
     old = tmp_path / "old.wav"
