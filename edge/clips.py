@@ -1,7 +1,9 @@
 """Evidence clips: a capture ring buffer supplies pre-roll; each anomaly is saved as a WAV.
 
 The clip runs from `preroll` seconds before the anomaly's first window to its end, capped at
-`max_seconds`. Old clips are deleted by total size and age.
+`max_seconds`. Old clips are deleted by total size and age. A clip is written under a temporary
+name in its folder, fsynced and renamed, so a power cut never leaves a torn WAV under a clip's
+name (the temporary file left then is deleted at the next start).
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from edge.private import private_dir, private_file
+from edge.history import remove_stale_temps
+from edge.private import FILE_MODE, private_dir
 
 log = logging.getLogger(__name__)
 
 CLIP_SUBTYPE = "PCM_16"
+RETENTION_EVERY_S = 3600.0
+"""Retention also runs at start and this often (monotonic seconds), not only after a new clip:
+on a quiet machine clips past max_age_days (they may hold speech) stayed for good."""
 
 
 class CaptureRing:
@@ -82,6 +88,8 @@ class ClipRecorder:
         self.ring = CaptureRing(preroll_s + 15.0, samplerate)
         self._rec: _Recording | None = None
         self._written: list[Path] = []
+        remove_stale_temps(folder)  # a clip a power cut interrupted
+        self._next_retention: float | None = None
 
     def push(self, block: np.ndarray) -> None:
         """Feed every captured block (mono, model rate)."""
@@ -107,17 +115,59 @@ class ClipRecorder:
         name = f"{stamp}-{_safe(event_id)[:12]}.wav"
         try:
             private_dir(self.folder)
-            private_file(self.folder / name)
-            sf.write(self.folder / name, np.clip(audio, -1, 1), self.samplerate, CLIP_SUBTYPE)
+            self._write(self.folder / name, np.clip(audio, -1, 1))
         except (OSError, sf.LibsndfileError) as exc:
             log.error("could not save evidence clip %s: %s", name, exc)
-            with contextlib.suppress(OSError):  # no half-written clip (a full disk), and
-                (self.folder / name).unlink(missing_ok=True)
             self.enforce_retention()  # the limits still apply: older clips make room
             return None
         self._written.append(self.folder / name)
         self.enforce_retention()
         return name, round(len(audio) / self.samplerate, 3)
+
+    def _write(self, path: Path, audio: np.ndarray) -> None:
+        """Write a WAV atomically, mode 0600: a temporary name in the same folder, fsync,
+        rename; on error (a full disk) the temporary file is removed."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE))
+            sf.write(tmp, audio, self.samplerate, CLIP_SUBTYPE, format="WAV")
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+
+    def configure(
+        self, preroll_s: float, max_seconds: float, max_total_mb: float, max_age_days: float
+    ) -> None:
+        """New settings (SIGHUP): the audio the ring holds is kept, and the limits apply at the
+        next housekeep."""
+        self.preroll = int(preroll_s * self.samplerate)
+        self.max_samples = int(max_seconds * self.samplerate)
+        self.max_total_bytes = int(max_total_mb * 1e6)
+        self.max_age_s = max_age_days * 86400
+        held = self.ring.since(0)
+        ring = CaptureRing(preroll_s + 15.0, self.samplerate)
+        ring.end = self.ring.end - len(held)  # samples keep their stream index
+        ring.push(held)
+        self.ring, self._next_retention = ring, None
+
+    def housekeep(self, now: float) -> list[Path]:
+        """Enforce retention at the first call and then every RETENTION_EVERY_S of `now`
+        (monotonic seconds); the clips deleted."""
+        if self._next_retention is not None and now < self._next_retention:
+            return []
+        self._next_retention = now + RETENTION_EVERY_S
+        try:
+            return self.enforce_retention()
+        except OSError as exc:  # a folder we cannot read: said, and tried again later
+            log.error("retention of %s failed: %s", self.folder, exc)
+            return []
 
     def clock_moved(self, seconds: float) -> None:
         """The wall clock was set `seconds` forward (or back): NTP on a Pi without a real-time

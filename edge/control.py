@@ -9,6 +9,8 @@ exception out of the loop.
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,13 @@ from edge.settings import Settings
 
 log = logging.getLogger(__name__)
 
+REPEAT_WINDOW_S = 300.0
+"""A command with the `id` and content of one answered this recently is a repeated delivery
+(MQTT QoS 1 delivers at least once): it gets the first reply again and is not run again, so a
+rollback does not step back twice, nor a learn start restart the period."""
+REPEATS_KEPT = 256
+"""Most recent command replies remembered for that (the oldest go first)."""
+
 
 class Controller:
     """Applies commands and reloads to a Detector through its public API."""
@@ -42,6 +51,8 @@ class Controller:
     def __init__(self, detector: Detector, reload_settings: Callable[[], Settings] | None = None):
         self.detector = detector
         self.reload_settings = reload_settings
+        self._answered: OrderedDict[str, tuple[float, ResponseMessage]] = OrderedDict()
+        """Replies of recent commands with an id, by id and content, with when they ran."""
 
     def submit_payload(self, payload: bytes) -> None:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full)."""
@@ -58,6 +69,34 @@ class Controller:
         except CommandError as exc:
             log.warning("rejected command %s: %s", exc.command, exc)
             return self._reply(exc.command, exc.command_id, False, f"rejected: {exc}")
+        key = command.model_dump_json() if command.id is not None else None
+        first = self._repeat_of(key) if key else None
+        if first is not None:
+            log.info(
+                "command %s (id %s): a repeated delivery, not run again", first.command, first.id
+            )
+            self.detector.respond(first)
+            return first
+        reply = self._handle(command)
+        if key:
+            self._answered[key] = (time.monotonic(), reply)
+            while len(self._answered) > REPEATS_KEPT:
+                self._answered.popitem(last=False)
+        return reply
+
+    def _repeat_of(self, key: str) -> ResponseMessage | None:
+        """The first reply to a command of this id and content within REPEAT_WINDOW_S."""
+        now = time.monotonic()
+        while self._answered:  # forget what is older than the window (oldest first)
+            when, _ = next(iter(self._answered.values()))
+            if now - when <= REPEAT_WINDOW_S:
+                break
+            self._answered.popitem(last=False)
+        found = self._answered.get(key)
+        return found[1] if found else None
+
+    def _handle(self, command: Command) -> ResponseMessage:
+        """Run a valid command and reply with the outcome."""
         try:
             detail, status = self._run(command)
         except CommandError as exc:
@@ -176,6 +215,12 @@ class Controller:
         old = d.settings
         if new.mqtt != old.mqtt or new.audio != old.audio or new.device_id != old.device_id:
             log.warning("reload: [mqtt], [audio] and device_id changes apply after a restart")
+        h, was = new.health, old.health
+        if (h.stall_seconds, h.reopen_max_seconds) != (was.stall_seconds, was.reopen_max_seconds):
+            log.warning(
+                "reload: [health] stall_seconds and reopen_max_seconds apply to the microphone's "
+                "reopening after a restart"
+            )
         d.apply_settings(
             old.model_copy(
                 update={

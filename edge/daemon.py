@@ -40,7 +40,7 @@ from edge.messages import (
     iso,
 )
 from edge.metrics import AnomalyIndex, Metrics, cpu_temperature_c, throttled
-from edge.persist import DeviceState
+from edge.persist import DeviceState, SavedMute
 from edge.pipeline import Pipeline, Step
 from edge.private import private_dir
 from edge.scoring import Explainer
@@ -178,6 +178,8 @@ class Detector:
         self.spool_stats: Callable[[], tuple[int, int]] = spool_stats or (lambda: (0, 0))
         self._mute_end = 0.0
         """When the running mute ends on the monotonic clock, 0 if none runs."""
+        self._mute = SavedMute(0.0, 0.0)
+        """The running mute's start (wall clock) and length, as state.json keeps them."""
         self._threshold: float | None = None
         self._stop = threading.Event()
         self._samples = 0
@@ -239,9 +241,26 @@ class Detector:
         self.emit_state()
 
     def apply_settings(self, settings: Settings) -> None:
-        """Take new settings (reload); the pipeline is rebuilt with the new detector settings."""
+        """Take new settings (reload): the pipeline is rebuilt with the new detector settings,
+        [health] and [clips] apply at once."""
         self.close_event()
         self._load(self.bundle, settings, self._threshold)
+        h, c = settings.health, settings.clips  # faults in progress and the ring are kept
+        self.health.fault_seconds, self.health.clip_fraction = h.fault_seconds, h.clip_fraction
+        if self.clips and c.enabled:
+            self.clips.configure(c.preroll_seconds, c.max_seconds, c.max_total_mb, c.max_age_days)
+        elif c.enabled:
+            private_dir(settings.data_dir)
+            self.clips = ClipRecorder(
+                settings.data_dir / "clips",
+                self._rate,
+                c.preroll_seconds,
+                c.max_seconds,
+                c.max_total_mb,
+                c.max_age_days,
+            )
+        else:
+            self.clips = None
 
     def _load(
         self, bundle: Bundle, settings: Settings | None = None, threshold: float | None = None
@@ -430,16 +449,18 @@ class Detector:
             self._threshold = value
             self.pipeline.events.threshold = value
             log.info("threshold %.6g restored (set by command)", value)
-        self.muted_until = self.state.mute_left(self.clock())
-        if self.muted_until:
+        mute = self.state.restored_mute(self.clock())
+        if mute is not None:  # at most what was left of its length (edge.persist)
+            self._mute, self._mute_end = mute, time.monotonic() + mute.seconds - mute.ran
             log.info("mute restored, until %s", iso(self.muted_until))
         self._running_s = max(self._running_s, self.state.running_seconds)
 
     def _save_state(self) -> None:
         if self.state is not None:
-            self.state.save(
-                self.bundle.model_id, self._threshold, self.muted_until, self._running_s
-            )
+            left = self._mute_end - time.monotonic() if self._mute_end else 0.0
+            m = self._mute
+            mute = SavedMute(m.started, m.seconds, m.seconds - left) if left > 0 else None
+            self.state.save(self.bundle.model_id, self._threshold, mute, self._running_s)
             self._running_saved = self._running_s
 
     def _auto_learn(self) -> None:
@@ -587,6 +608,8 @@ class Detector:
             for change in self.health.stalled(f"no audio for {stall:g} s"):
                 self._emit_health(change)
         self.run_pending()
+        if self.clips:
+            self.clips.housekeep(now)  # clips past max_age_days go on a quiet machine too
         if self._mute_end and now >= self._mute_end:
             self._mute_end = 0.0
             log.info("mute ended")
@@ -651,6 +674,7 @@ class Detector:
     def muted_until(self, wall: float) -> None:
         left = wall - self.clock() if wall else 0.0
         self._mute_end = time.monotonic() + left if left > 0 else 0.0
+        self._mute = SavedMute(self.clock(), max(left, 0.0))
 
     @property
     def _rate(self) -> int:

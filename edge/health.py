@@ -18,6 +18,11 @@ FLAT_RANGE = 1e-4
 CLIP_LEVEL = 0.999
 """Samples at or above this magnitude count as clipped."""
 LEVEL_FLOOR_DBFS = -120.0
+RECOVER_SECONDS = 3.0
+"""Clean audio this long ends a silence, flat-line or clipping fault. The first clean 0.1-s
+block ended it, so a borderline input (clipping with a clean block every few seconds) flapped
+hundreds of times an hour: log lines, spool writes, retained messages, and every new fault
+closed the open anomaly event."""
 
 
 INVALID = "invalid samples"
@@ -62,6 +67,8 @@ class AudioHealth:
         self.clip_fraction = clip_fraction
         self.active: set[str] = set()
         self._run = {"silence": 0.0, "flatline": 0.0, "clipping": 0.0}
+        self._clean = dict.fromkeys(self._run, 0.0)
+        """Seconds of clean audio since each active fault was last present."""
         self.level = LEVEL_FLOOR_DBFS
 
     def push(self, block: np.ndarray) -> list[HealthChange]:
@@ -78,10 +85,11 @@ class AudioHealth:
         )
         for fault, present in (("silence", silent), ("flatline", flat), ("clipping", clipped)):
             self._run[fault] = self._run[fault] + seconds if present else 0.0
+            self._clean[fault] = 0.0 if present else self._clean[fault] + seconds
             if self._run[fault] >= self.fault_seconds and fault not in self.active:
                 self.active.add(fault)
                 changes.append(HealthChange("fault", fault, self._detail(fault)))
-            elif not present and fault in self.active:
+            elif fault in self.active and self._clean[fault] >= RECOVER_SECONDS:
                 self.active.discard(fault)
                 changes.append(HealthChange("recovered", fault, f"{fault} is over"))
         if "stalled" in self.active:

@@ -5,15 +5,19 @@ reload), the version it replaced (`from_version`, None = the configured model) a
 it was refitted from (`base`). Versions the device wrote itself live beside the file as
 `<base>-v<N>.bundle`; only the newest `keep` entries are kept, and the folders of dropped
 versions the device made are deleted (never a bundle it did not write). `rollback` returns to
-the version the active one replaced. Every write is atomic: a bundle is written into a hidden
+the version the active one replaced. Which configured models have finished a commissioning
+period is kept apart from the entries (`learned`), so pruning old versions never makes a model
+learn again. Every write is atomic: a bundle is written into a hidden
 folder and renamed into place, the JSON is replaced with os.replace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +32,8 @@ from edge.private import private_dir
 log = logging.getLogger(__name__)
 
 HISTORY = "history.json"
+TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
+"""What an atomic write is written as before its rename: `.<name>.tmp-<pid>`."""
 REASONS = ("learning", "mark_normal", "calibrate", "reload")
 
 
@@ -40,11 +46,52 @@ def write_json(path: Path, data: Any) -> None:
     """Replace `path` with JSON atomically (a temporary file, fsync, rename), mode 0600."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no temporary file stays behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete what atomic writes left in `folder` when their process died mid-write (a power
+    cut, kill -9): `.<name>.tmp-<pid>` files and folders of a process that no longer runs. The
+    name holds the PID, so every restart would otherwise add one (a period's is up to 5 MB)."""
+    try:
+        paths = list(folder.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for path in paths:
+        found = TEMP_NAME.match(path.name)
+        if found is None or _running(int(found.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+            log.info("removed %s, left by a write that did not finish", path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """True if another process with this PID runs (it may be writing its temporary file)."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # it runs, as another user
+    except (OSError, OverflowError):
+        return False
+    return True
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -70,6 +117,11 @@ class ModelHistory:
         self.entries: list[dict[str, Any]] = list(data.get("entries", []))
         self.active: int | None = data.get("active")
         self.configured = configured
+        self.learned: set[str] = {str(m) for m in data.get("learned", []) if isinstance(m, str)}
+        """Configured models a commissioning period has ended for: pruning never drops one."""
+        self.learned |= {
+            str(e["of"]) for e in self.entries if e.get("reason") == "learning" and e.get("of")
+        }
         if data.get("configured") not in (None, configured):
             log.warning(
                 "the configured model is now %s (was %s): the versions made for the old one "
@@ -114,6 +166,8 @@ class ModelHistory:
     def record(self, bundle: Bundle, reason: str, base: Path, made: bool, **detail: Any) -> int:
         """Add the entry of a model now in use and make it active; returns its version."""
         version = self._next()
+        if reason == "learning" and detail.get("of"):
+            self.learned.add(str(detail["of"]))
         self.entries.append(
             {
                 "version": version,
@@ -150,7 +204,12 @@ class ModelHistory:
         private_dir(self.folder)
         write_json(
             self.path,
-            {"configured": self.configured, "active": self.active, "entries": self.entries},
+            {
+                "configured": self.configured,
+                "active": self.active,
+                "entries": self.entries,
+                "learned": sorted(self.learned),
+            },
         )
 
     def summary(self) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ has only the site to back its threshold, and then needs MIN_AUDIO_SECONDS of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -180,12 +181,17 @@ class FeatureStore:
     def save(self, path: Path) -> None:
         """Write atomically as .npz (no pickle)."""
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, x=self.x, chunk=self.chunk, seen=np.array([self.seen]))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, x=self.x, chunk=self.chunk, seen=np.array([self.seen]))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no temporary file (up to 5 MB) stays behind
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: Path, capacity: int) -> FeatureStore:

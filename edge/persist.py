@@ -1,21 +1,48 @@
 """What survives a restart: the threshold set by command, a maintenance mute and the machine's
 running hours, kept in `{data_dir}/state.json` (atomic writes, mode 0600). A threshold belongs
 to the model it was set on: after another model is loaded it is dropped. The running hours
-belong to the machine, whatever model listens to it."""
+belong to the machine, whatever model listens to it.
+
+A mute is kept as its start (wall clock), its length and how much of it had run at the last save
+(monotonic), never as an end time: a Pi boots with a stale clock (fake-hwclock's last save, or
+1970), against which an end time left hours or years of mute, and the next save wrote that back
+as an end decades away. What a restart restores is at most what was left of the mute's own
+length, and never more than MAX_MUTE_MINUTES."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.history import read_json, write_json
+from edge.commands import MAX_MUTE_MINUTES
+from edge.history import read_json, remove_stale_temps, write_json
 from edge.private import private_dir
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+MAX_MUTE_S = MAX_MUTE_MINUTES * 60.0
+
+
+@dataclass(frozen=True)
+class SavedMute:
+    """A running mute as saved: when it began (wall clock), its length, and the seconds of it
+    that had run by the save (monotonic, so a clock set meanwhile does not count)."""
+
+    started: float
+    seconds: float
+    ran: float = 0.0
+
+    def left(self, now: float) -> float:
+        """Seconds still to run at wall time `now`: the length less what has run, by the
+        saved count or by the clock, whichever is more (a clock behind the start, as at a boot
+        without a real-time clock, says nothing); at most MAX_MUTE_S; 0 when over."""
+        elapsed = now - self.started
+        ran = max(self.ran, elapsed) if elapsed >= 0 else self.ran
+        return max(0.0, min(self.seconds - ran, self.seconds, MAX_MUTE_S))
 
 
 class DeviceState:
@@ -23,31 +50,48 @@ class DeviceState:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / STATE
+        remove_stale_temps(data_dir)  # a save of state.json cut short by a power cut
         data = read_json(self.path) or {}
         self.model: str | None = data.get("model")
         self.threshold: float | None = _number(data.get("threshold"))
+        self.mute: SavedMute | None = _mute(data.get("mute"))
         self.muted_until: float = _number(data.get("muted_until")) or 0.0
+        """The old format's end of a mute (epoch seconds), read when there is no `mute`."""
         self.running_seconds: float = _number(data.get("running_seconds")) or 0.0
 
     def threshold_for(self, model_id: str) -> float | None:
         """The threshold set by command for this model, if any."""
         return self.threshold if self.model == model_id else None
 
-    def mute_left(self, now: float | None = None) -> float:
-        """When a persisted mute ends (epoch seconds), 0 if none is running."""
-        return self.muted_until if self.muted_until > (now or time.time()) else 0.0
+    def restored_mute(self, now: float | None = None) -> SavedMute | None:
+        """The persisted mute with `seconds` cut to what is left of it at wall time `now`
+        (`started` and `ran` kept), None if none is running. A file of the old format gives
+        only an end: what is left by the clock, at most MAX_MUTE_S."""
+        now = time.time() if now is None else now
+        if self.mute is not None:
+            left = self.mute.left(now)
+            return SavedMute(self.mute.started, self.mute.seconds, self.mute.seconds - left)
+        left = min(self.muted_until - now, MAX_MUTE_S) if self.muted_until else 0.0
+        return SavedMute(now, left) if left > 0 else None
 
     def save(
-        self, model_id: str, threshold: float | None, muted_until: float, running_seconds: float
+        self,
+        model_id: str,
+        threshold: float | None,
+        mute: SavedMute | None,
+        running_seconds: float,
     ) -> None:
         """Record the current threshold override, mute and running seconds; a write error is
         logged, not raised (the running detector is right either way)."""
-        self.model, self.threshold, self.muted_until = model_id, threshold, muted_until
+        self.model, self.threshold, self.mute = model_id, threshold, mute
+        self.muted_until = 0.0  # the old format's end is read once and never written again
         self.running_seconds = running_seconds
         data: dict[str, Any] = {
             "model": model_id,
             "threshold": threshold,
-            "muted_until": muted_until,
+            "mute": None
+            if mute is None
+            else {"started": mute.started, "seconds": mute.seconds, "ran": round(mute.ran, 1)},
             "running_seconds": round(running_seconds, 1),
         }
         try:
@@ -55,6 +99,16 @@ class DeviceState:
             write_json(self.path, data)
         except OSError as exc:
             log.error("could not save %s: %s", self.path, exc)
+
+
+def _mute(value: Any) -> SavedMute | None:
+    """A saved mute from JSON, else None."""
+    if not isinstance(value, dict):
+        return None
+    started, seconds = _number(value.get("started")), _number(value.get("seconds"))
+    if started is None or seconds is None:
+        return None
+    return SavedMute(started, min(seconds, MAX_MUTE_S), _number(value.get("ran")) or 0.0)
 
 
 def _number(value: Any) -> float | None:

@@ -159,6 +159,31 @@ def test_reload_model_by_name_and_crafted_bundles_keep_the_running_model(tmp_pat
     assert reply.ok and d.bundle.model_id == load_bundle(AE_BUNDLE).model_id
 
 
+def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(tmp_path: Path) -> None:
+    """[clips] and [health] were read only when the Detector was built: a reload changed
+    nothing of them, and said nothing either. Now they apply at once; the silence already
+    heard still counts, and a clip is written for the next anomaly."""
+    d, rec = detector(tmp_path, health={"fault_seconds": 5})
+    new = d.settings.model_copy(
+        update={
+            "health": d.settings.health.model_copy(update={"fault_seconds": 1}),
+            "clips": d.settings.clips.model_copy(update={"enabled": True}),
+        }
+    )
+    ctl = Controller(d, reload_settings=lambda: new)
+    for _ in range(10):  # 1 s of digital silence: no fault at 5 s
+        d.feed(np.zeros(RATE // 10, np.float32))
+    ctl.reload()
+    d.feed(np.zeros(RATE // 2, np.float32))  # 1.5 s in all: a fault at 1 s
+    assert [h.change for h in rec.healths if h.change] == ["fault:silence"]
+    fault = read_audio(fault_file(tmp_path), RATE)
+    for i in range(0, 2 * len(fault), 4096):
+        d.feed(np.resize(fault, 2 * len(fault))[i : i + 4096])
+    d.close_event()
+    ends = [e for e in rec.events if e.type == "end"]
+    assert ends and ends[-1].clip and (tmp_path / "data" / "clips" / ends[-1].clip).is_file()
+
+
 def test_nan_audio_is_a_health_fault_not_silence(tmp_path: Path) -> None:
     clip = read_audio(NORMAL_FILES[0], RATE)
     clip[RATE : 3 * RATE] = np.nan

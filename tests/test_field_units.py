@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 
 from edge.clips import CaptureRing, ClipRecorder
 from edge.commands import CommandError, parse_command
-from edge.health import AudioHealth, level_dbfs
+from edge.health import RECOVER_SECONDS, AudioHealth, level_dbfs
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -82,8 +82,37 @@ def test_liveness_faults_and_recoveries(kind: str, fault: str) -> None:
     assert changes == [] and health.ok  # not yet: shorter than fault_seconds
     changes = [c for b in blocks(kind, 1.0) for c in health.push(b)]
     assert [(c.kind, c.fault) for c in changes] == [("fault", fault)] and not health.ok
-    changes = [c for b in blocks("noise", 0.3) for c in health.push(b)]
+    changes = [c for b in blocks("noise", RECOVER_SECONDS - 0.1) for c in health.push(b)]
+    assert changes == [] and not health.ok  # not yet: clean for less than RECOVER_SECONDS
+    changes = [c for b in blocks("noise", 0.1) for c in health.push(b)]
     assert [(c.kind, c.fault) for c in changes] == [("recovered", fault)] and health.ok
+
+
+def test_a_borderline_input_is_one_fault_not_a_flapping_one(tmp_path: Path) -> None:
+    """A fault needed fault_seconds but cleared on the first clean 0.1-s block: an input that
+    clips with a clean block every few seconds flapped ~520 times an hour, and every new fault
+    closed the open anomaly event. The real Detector, fed real fan audio at too much gain."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    audio = read_audio(NORMAL_FILES[0], RATE)
+    step = RATE // 10
+    clean = [audio[i : i + step] for i in range(0, len(audio) - step + 1, step)]
+    loud = [np.clip(1000 * b, -1, 1) for b in clean]  # far too much gain: clipping
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    rec = Recorder()
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec])
+    for k in range(12 * 60):  # a minute: 6 s clipping, then one clean block, over and over
+        detector.feed(clean[k % len(clean)] if k % 61 == 60 else loud[k % len(loud)])
+    for k in range(round(RECOVER_SECONDS * 10) + 1):  # then clean for good
+        detector.feed(clean[k % len(clean)])
+    changes = [h.change for h in rec.healths if h.change]
+    assert changes == ["fault:clipping", "recovered:clipping"]
 
 
 def test_stall_is_a_fault_until_audio_flows() -> None:
@@ -126,6 +155,19 @@ def test_clip_has_preroll_and_is_capped(tmp_path: Path) -> None:
     assert rate == RATE and seconds == 3.0 and len(data) == 3 * RATE
     np.testing.assert_allclose(data[:10], audio[RATE // 2 : RATE // 2 + 10], atol=1e-4)
     assert rec.finish("ev1") is None
+
+
+def test_new_clip_settings_keep_the_audio_the_ring_holds(tmp_path: Path) -> None:
+    """A reload (SIGHUP) with a longer pre-roll keeps what was captured, at its stream index."""
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=1.0)
+    audio = np.linspace(-0.5, 0.5, 20 * RATE, dtype=np.float32)
+    for i in range(0, len(audio), 4096):
+        rec.push(audio[i : i + 4096])
+    held = rec.ring.since(0)
+    rec.configure(5.0, 30.0, 10.0, 7.0)
+    assert rec.ring.size == 20 * RATE and rec.max_samples == 30 * RATE
+    np.testing.assert_array_equal(rec.ring.since(20 * RATE - len(held)), held)
+    np.testing.assert_array_equal(rec.ring.since(19 * RATE), audio[19 * RATE :])
 
 
 def test_clip_retention_by_size_and_age(tmp_path: Path) -> None:
@@ -674,6 +716,107 @@ def test_a_mute_keeps_its_length_when_the_clock_jumps(tmp_path: Path) -> None:
     detector.mute(1)
     now[0] -= 86400.0  # and back
     assert detector.muted and detector.muted_until == pytest.approx(now[0] + 60, abs=1)
+
+
+def test_a_mute_restored_against_a_stale_boot_clock_is_never_longer_than_it_was(
+    tmp_path: Path,
+) -> None:
+    """state.json kept the mute's end on the wall clock and a restart restored `end - clock()`:
+    a Pi booting with fake-hwclock's time muted on for what the old clock said, one booting
+    near 1970 for years, and the next save wrote that back as an end in 2083 (muted forever)."""
+    from conftest import DEMO_BUNDLE
+
+    from edge.bundle import load_bundle
+    from edge.commands import MAX_MUTE_MINUTES
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    now = [1.6e9]
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    bundle = load_bundle(DEMO_BUNDLE)
+
+    def restart() -> Detector:
+        return Detector(settings, bundle, [], clock=lambda: now[0], persist=True)
+
+    restart().mute(60)
+    now[0] = 1.6e9 + 1800.0  # fake-hwclock: the clock of the last save, half an hour in
+    d = restart()
+    assert d.muted and d.muted_until - now[0] == pytest.approx(1800, abs=5)
+    now[0] = 1.6e9 - 600.0  # a clock behind the mute's start says nothing of what has run
+    d = restart()
+    assert d.muted and d.muted_until - now[0] <= 3600 + 5
+    now[0] = 86400.0  # a boot near 1970: the whole hour at most, not 50 years
+    d = restart()
+    assert d.muted and d.muted_until - now[0] <= 3600 + 5
+    now[0] = 1.6e9 + 3 * 86400  # NTP sets the clock; the next save, then a restart
+    d._save_state()
+    assert not restart().muted, "the hour is long over"
+    state = tmp_path / "data" / "state.json"  # the old format: only an end, decades away
+    state.write_text(json.dumps({"model": "x", "muted_until": now[0] + 1e9}))
+    d = restart()
+    assert d.muted and d.muted_until - now[0] <= MAX_MUTE_MINUTES * 60 + 5
+
+
+def test_old_clips_go_at_start_and_every_hour_on_a_quiet_machine(tmp_path: Path) -> None:
+    """Retention ran only when a new clip was written: on a machine with no anomalies, clips
+    past max_age_days (they may hold speech) stayed for good. The real Detector on normal fan
+    audio (no event, so no clip is written) deletes them at start, and then every hour."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+
+    from edge.bundle import load_bundle
+    from edge.clips import RETENTION_EVERY_S
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    folder = tmp_path / "data" / "clips"
+    folder.mkdir(parents=True)
+
+    def clip(name: str, days: float) -> Path:
+        path = folder / name
+        sf.write(path, np.zeros(RATE, np.float32), RATE, "PCM_16")
+        os.utime(path, (time.time() - days * 86400,) * 2)
+        return path
+
+    old, fresh = clip("20250101T000000Z-old.wav", 40), clip("20260101T000000Z-new.wav", 1)
+    settings = Settings(
+        device_id="t",
+        model=DEMO_BUNDLE,
+        data_dir=tmp_path / "data",
+        clips={"enabled": True, "max_age_days": 30},
+    )
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [])
+    detector.run(FileSource([NORMAL_FILES[0]], RATE))
+    assert not old.exists() and fresh.exists()
+    later = clip("20250102T000000Z-later.wav", 31)  # grew old while the daemon ran
+    now = time.monotonic()
+    assert detector.clips.housekeep(now) == [], "not again within the hour"
+    assert detector.clips.housekeep(now + RETENTION_EVERY_S) == [later]
+    assert fresh.exists()
+
+
+def test_a_clip_cut_short_by_a_power_cut_is_never_under_a_clips_name(tmp_path: Path) -> None:
+    """Clips were written in place: a power cut during the write left a truncated WAV under its
+    final name. A file-size limit with its default action (SIGXFSZ kills the process part-way,
+    no handler runs) stands in for the power cut; the next start removes what it left."""
+    script = f"""
+import resource, signal, sys, time
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from pathlib import Path
+from edge.clips import ClipRecorder
+rec = ClipRecorder(Path({str(tmp_path)!r}), 16000)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; the kernel's action kills
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+rec.push(np.full(3 * 16000, 0.1, np.float32))
+rec.start("ev1", first_sample=16000, wall_time=time.time())
+rec.finish("ev1")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode != 0, "killed part-way through the write"
+    assert list(tmp_path.glob("*.wav")) == [], "no torn clip under a clip's name"
+    ClipRecorder(tmp_path, RATE)  # the next start
+    assert list(tmp_path.iterdir()) == [], "nor the temporary file it left"
 
 
 def test_a_clip_that_cannot_be_written_leaves_no_stub_and_retention_still_runs(

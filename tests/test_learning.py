@@ -10,6 +10,8 @@ import json
 import logging
 import signal
 import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,6 +161,22 @@ def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart
     assert [e["model"] for e in starts(map(json.loads, again.stdout.splitlines()))] == [
         "fan-demo-12483c73-site-v1"
     ]
+
+
+def test_a_model_learns_once_even_after_its_learning_version_is_pruned(tmp_path: Path) -> None:
+    """`learned` looked for a history entry of reason learning, and pruning drops the oldest:
+    after keep_versions later versions the next restart began a new commissioning period (no
+    anomaly events for up to 30 days)."""
+    device = Device(tmp_path, seconds=LEARN_S, keep_versions=2)
+    device.replay(*NORMAL_FILES)
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    for _ in range(2):  # two later versions (SIGHUP reloads): version 1 is pruned
+        device.detector.use_bundle(load_bundle(DEMO_BUNDLE), reason="reload")
+    history = json.loads((device.data / "models" / "history.json").read_text())
+    assert [e["reason"] for e in history["entries"]] == ["reload", "reload"]
+    device.replay(NORMAL_FILES[0])  # a restart
+    assert not device.detector.learning, "a model learns once, not again after pruning"
+    assert device.detector.adapter.period is None
 
 
 # --- that was normal, and rollback ----------------------------------------------------------
@@ -446,6 +464,152 @@ def test_site_features_stay_bounded_and_survive_a_save(tmp_path: Path) -> None:
     again.add(np.arange(20000, 30000, dtype=float)[:, None] * np.ones(4), chunk=200)
     assert np.all(np.diff(again.x[:, 0]) > 0), "still in order after a reload"
     assert (tmp_path / "s.npz").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_learning_period_is_saved_every_ten_minutes_of_audio_not_every_minute(
+    tmp_path: Path,
+) -> None:
+    """Every minute of audio rewrote the whole feature store with fsync (5.3 MB at 20000
+    windows): 7 GB a day on an SD card. 11 minutes of running fan audio now save it once
+    between the start and the stop, and the saved period resumes after a restart."""
+    minutes = 11
+    device = Device(tmp_path, seconds=3600)
+    period = device.data / "learning" / "period.npz"
+    writes: list[tuple[int, int]] = []
+
+    def look(_step: object) -> None:
+        st = period.stat()
+        if not writes or writes[-1] != (st.st_ino, st.st_mtime_ns):
+            writes.append((st.st_ino, st.st_mtime_ns))
+
+    fan = np.concatenate([read_audio(f, RATE) for f in NORMAL_FILES])
+    block = 4096
+    total = minutes * 60 * RATE
+    audio = np.resize(fan, total)  # the fan, running for 11 minutes
+    detector = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [], on_step=look, persist=True)
+    assert detector.learning
+    detector.run(audio[i : i + block] for i in range(0, total, block))
+    assert len(writes) == 2, "the save at the start, then one after 10 minutes of audio"
+    with np.load(period) as saved:
+        assert len(saved["x"]) > 2 * 600  # the stop saved everything collected
+    again = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [], persist=True)
+    assert again.adapter.period.collected_s == pytest.approx(minutes * 60, abs=2)
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_old_ones_go_at_start(tmp_path: Path) -> None:
+    """A save that failed (a full disk) left `.period.npz.tmp-PID` (up to 5 MB) and
+    `.history.json.tmp-PID` behind, one more at each restart (the PID is in the name). A
+    file-size limit in a child process makes the writes fail part-way, as a full disk does."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    script = f"""
+import resource, signal, sys
+import numpy as np
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from edge.history import write_json
+from edge.learning import FeatureStore
+folder = Path({str(folder)!r})
+store = FeatureStore(64, 5000)
+store.add(np.random.default_rng(0).standard_normal((5000, 64)), 0)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+for write in (lambda: store.save(folder / "period.npz"),
+              lambda: write_json(folder / "history.json", {{"x": "y" * 10000}})):
+    try:
+        write()
+    except OSError as exc:
+        print("failed:", exc.strerror)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.count("failed: File too large") == 2, proc.stdout + proc.stderr
+    assert list(folder.iterdir()) == [], "neither the store's nor the JSON's temporary file"
+    # temporary files of writes a power cut interrupted: a dead process's go, a live one's stay
+    dead = _dead_pid()
+    data = tmp_path / "data"
+    stale = [
+        data / "learning" / f".period.npz.tmp-{dead}",
+        data / "learning" / "marked" / f".ev1.npz.tmp-{dead}",
+        data / "models" / f".history.json.tmp-{dead}",
+        data / f".state.json.tmp-{dead}",
+    ]
+    live = data / "learning" / ".period.npz.tmp-1"  # PID 1 always runs
+    for path in [*stale, live]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    Device(tmp_path).replay(NORMAL_FILES[0])  # a start
+    assert [p for p in stale if p.exists()] == [] and live.exists()
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has ended."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_command_delivered_twice_runs_once_and_gets_its_first_reply_again(
+    tmp_path: Path,
+) -> None:
+    """MQTT QoS 1 delivers at least once: a repeated `learn start` restarted the period, a
+    repeated rollback stepped back two versions. A command of the same id and content within
+    a few minutes gets the first reply again and is not run; another id runs."""
+    device = Device(tmp_path)
+    detector = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [], persist=True)
+    control = Controller(detector)
+    start = json.dumps({"command": "learn", "action": "start", "seconds": 600, "id": "L1"})
+    first = control.handle_payload(start.encode())
+    assert first.ok and detector.learning
+    fan = read_audio(NORMAL_FILES[0], RATE)
+    for i in range(0, len(fan), 4096):
+        detector.feed(fan[i : i + 4096])
+    collected = detector.adapter.period.collected_s
+    assert collected > 3
+    again = control.handle_payload(start.encode())  # the broker's redelivery
+    assert again == first and detector.adapter.period.collected_s == collected
+    other = control.handle_payload(start.replace('"L1"', '"L2"').encode())  # a new command
+    assert other.ok and other != first and detector.adapter.period.collected_s == 0
+
+
+def test_learning_data_goes_with_the_versions_that_use_it_and_marks_are_bounded(
+    tmp_path: Path,
+) -> None:
+    """Each finished period left learning/site-<time>.npz (up to 5.3 MB) and each mark
+    learning/marked/<id>.npz, never deleted when their versions were pruned; and every version
+    carried all marks into the next, each refit loading them all (growing without bound)."""
+    from edge.adapt import MAX_MARKS, Adapter
+    from edge.features import windows_of
+    from edge.learning import FEATURIZERS
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    data = tmp_path / "data"
+    settings = load_settings(None, model=DEMO_BUNDLE, data_dir=data, learning={"keep_versions": 1})
+    adapter = Adapter(data, settings.learning, bundle, DEMO_BUNDLE)
+    featurize = FEATURIZERS[bundle.manifest.kind]
+    normal = np.concatenate(
+        [featurize(windows_of(read_audio(f, RATE), bundle.features)) for f in NORMAL_FILES]
+    )
+
+    def learn(in_use: object) -> object:
+        adapter.start(LEARN_S, bundle)
+        assert any(adapter.observe(row) for row in normal)
+        return adapter.finish(in_use)
+
+    in_use = learn(bundle)
+    (first_site,) = (data / "learning").glob("site-*.npz")
+    fault = featurize(windows_of(read_audio(ANOMALOUS_FILE, RATE), bundle.features))
+    for n in range(MAX_MARKS + 1):
+        in_use = adapter.mark(f"e{n}", fault[n % 3 : n % 3 + 4], in_use)
+    carried = adapter.history.current["marked"]
+    assert carried == [f"e{n}" for n in range(1, MAX_MARKS + 1)], "the oldest mark goes"
+    marks = {p.stem for p in (data / "learning" / "marked").glob("*.npz")}
+    assert marks == set(carried), "its file with it"
+    wait_for(lambda: time.strftime("%S") != first_site.stem[-2:], 2, "the next second")
+    learn(in_use)  # a new period: the first one's version is long pruned
+    (site,) = (data / "learning").glob("site-*.npz")
+    assert site != first_site and adapter.history.current["site"] == site.name
 
 
 def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
