@@ -105,6 +105,18 @@ class JsonLinesSink(Sink):
         self.stream.flush()
 
 
+def _clip_recorder(settings: Settings, rate: int) -> ClipRecorder | None:
+    """The evidence recorder `[clips]` asks for, or None when clips are off."""
+    c = settings.clips
+    if not c.enabled:
+        return None
+    private_dir(settings.data_dir)
+    return ClipRecorder(
+        settings.data_dir / "clips", rate, c.preroll_seconds, c.max_seconds, c.max_total_mb,
+        c.max_age_days,
+    )  # fmt: skip
+
+
 class MqttSink(Sink):
     """Forwards everything to an MqttPublisher."""
 
@@ -198,21 +210,7 @@ class Detector:
         rate = bundle.features.samplerate
         h = settings.health
         self.health = AudioHealth(rate, h.fault_seconds, h.clip_fraction)
-        c = settings.clips
-        if c.enabled:
-            private_dir(settings.data_dir)
-        self.clips = (
-            ClipRecorder(
-                settings.data_dir / "clips",
-                rate,
-                c.preroll_seconds,
-                c.max_seconds,
-                c.max_total_mb,
-                c.max_age_days,
-            )
-            if c.enabled
-            else None
-        )
+        self.clips = _clip_recorder(settings, rate)
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.state = DeviceState(settings.data_dir) if persist else None
         self.adapter = (
@@ -249,18 +247,8 @@ class Detector:
         self.health.fault_seconds, self.health.clip_fraction = h.fault_seconds, h.clip_fraction
         if self.clips and c.enabled:
             self.clips.configure(c.preroll_seconds, c.max_seconds, c.max_total_mb, c.max_age_days)
-        elif c.enabled:
-            private_dir(settings.data_dir)
-            self.clips = ClipRecorder(
-                settings.data_dir / "clips",
-                self._rate,
-                c.preroll_seconds,
-                c.max_seconds,
-                c.max_total_mb,
-                c.max_age_days,
-            )
         else:
-            self.clips = None
+            self.clips = _clip_recorder(settings, self._rate)
 
     def _load(
         self, bundle: Bundle, settings: Settings | None = None, threshold: float | None = None
