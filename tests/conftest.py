@@ -135,6 +135,24 @@ class Broker:
             self.proc.wait(10)
 
 
+def broker_with_example_acl(tmp_path: Path, passwords: dict[str, str]) -> Broker:
+    """A started mosquitto with these users and passwords and deploy/mosquitto/acl."""
+    passwd = tmp_path / "passwd"
+    for n, (user, password) in enumerate(passwords.items()):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if n == 0 else []), str(passwd), user, password],
+            check=True,
+            capture_output=True,
+        )
+    broker = Broker(tmp_path, free_port())
+    broker.conf.write_text(
+        f"listener {broker.port} 127.0.0.1\nuser root\nallow_anonymous false\n"
+        f"password_file {passwd}\nacl_file {ROOT / 'deploy' / 'mosquitto' / 'acl'}\n"
+    )
+    broker.start()
+    return broker
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     """A running mosquitto on a free loopback port."""

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, free_port, wait_for
+from conftest import (
+    DEMO_BUNDLE,
+    DEMO_CLIP,
+    ROOT,
+    SOUNDSENTRY,
+    Broker,
+    broker_with_example_acl,
+    wait_for,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 
 pytestmark = pytest.mark.slow
@@ -108,26 +116,8 @@ def test_fifty_daemons_and_shared_subscription_groups(broker: Broker, tmp_path: 
 
 
 def test_example_acl_lets_each_device_write_only_its_own_topics(tmp_path: Path) -> None:
-    passwd = tmp_path / "passwd"
-    for user in ("pi-01", "pi-02", "consumer"):
-        subprocess.run(
-            [
-                "mosquitto_passwd",
-                "-b",
-                *(["-c"] if user == "pi-01" else []),
-                str(passwd),
-                user,
-                f"{user}-pw",
-            ],
-            check=True,
-            capture_output=True,
-        )
-    broker = Broker(tmp_path, free_port())
-    broker.conf.write_text(
-        f"listener {broker.port} 127.0.0.1\nuser root\nallow_anonymous false\n"
-        f"password_file {passwd}\nacl_file {ROOT / 'deploy' / 'mosquitto' / 'acl'}\n"
-    )
-    broker.start()
+    users = ("pi-01", "pi-02", "consumer")
+    broker = broker_with_example_acl(tmp_path, {user: f"{user}-pw" for user in users})
     seen: list[str] = []
     ready = threading.Event()
     consumer = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="consumer")

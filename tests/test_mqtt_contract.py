@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Broker, free_port, wait_for
+from conftest import ROOT, Broker, broker_with_example_acl, free_port, wait_for
 from jsonschema import Draft202012Validator
 from mqtt_helpers import Subscriber
 
@@ -41,19 +40,7 @@ def _event(kind: str, event_id: str = "e1", device_id: str = "pump-3") -> EventM
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Iterator[Broker]:
     """A mosquitto with passwords (users pump-3 and consumer) and the example ACL."""
-    passwd = tmp_path / "passwd"
-    for n, user in enumerate(("pump-3", "consumer")):
-        subprocess.run(
-            ["mosquitto_passwd", "-b", *(["-c"] if n == 0 else []), str(passwd), user, "pw"],
-            check=True,
-            capture_output=True,
-        )
-    broker = Broker(tmp_path, free_port())
-    broker.conf.write_text(
-        f"listener {broker.port} 127.0.0.1\nuser root\nallow_anonymous false\n"
-        f"password_file {passwd}\nacl_file {ACL}\n"
-    )
-    broker.start()
+    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"})
     yield broker
     broker.stop()
 
