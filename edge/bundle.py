@@ -55,6 +55,8 @@ SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:+-]+")
 SAFE_LABEL = r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]{0,63}$"
+ALL_CHANNELS = -2
+"""`training.channel` of a model trained on every channel as a view."""
 
 # Format 1 kept these sections inline as JSON lists; format 2 keeps them in arrays.npz under
 # "<section>.<key>" names.
@@ -190,6 +192,32 @@ class Manifest(_Strict):
     created_at: str = Field(max_length=40)
     files: dict[str, Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]]
     checksum: str
+
+
+def fitted_channel(manifest: Manifest) -> int | None:
+    """The channel the bundle's statistics come from: the calibration's when it records one,
+    else the training's; None when every channel was a training view (any one fits)."""
+    channel = (manifest.calibration or {}).get("channel", manifest.training.channel)
+    return None if channel == ALL_CHANNELS else int(channel)
+
+
+def channel_for(manifest: Manifest, requested: int | None, command: str) -> int:
+    """The channel `command` reads: `requested`, or by default the one the bundle was fitted
+    on (a dead channel 0 would otherwise be scored against a model of channel 1); a warning
+    when the user asks for another."""
+    fitted = fitted_channel(manifest)
+    if requested is None:
+        return 0 if fitted is None else fitted
+    if fitted is not None and requested != fitted:
+        log.warning(
+            "%s: --channel %d, but the model was fitted on channel %d (%s); scores of "
+            "another channel are not comparable",
+            command,
+            requested,
+            fitted,
+            "the average" if fitted == -1 else "leave --channel out to use it",
+        )
+    return requested
 
 
 @dataclass

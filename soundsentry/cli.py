@@ -224,7 +224,12 @@ def _add_calibrate(sub: Any) -> None:
         metavar="F",
         help="false-alarm budget (default: the model's)",
     )
-    p.add_argument("--channel", type=int, default=0, help="channel to use; -1 averages all")
+    p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="channel to use; -1 averages all (default: the one the model was fitted on)",
+    )
     p.set_defaults(func=_cmd_calibrate)
 
 
@@ -252,7 +257,12 @@ def _add_evaluate(sub: Any) -> None:
         default="int8",
         help="evaluate the float reference model instead of the int8 one",
     )
-    p.add_argument("--channel", type=int, default=0, help="channel to score; -1 averages all")
+    p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="channel to score; -1 averages all (default: the one the model was fitted on)",
+    )
     p.add_argument(
         "--report",
         type=Path,
@@ -585,17 +595,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from edge.bundle import channel_for, read_manifest
+
     if args.report:  # before anything is scored or written: no half-written report
         _require("matplotlib", "report", "evaluate --report")
+    manifest = read_manifest(args.model)
+    args.channel = channel_for(manifest, args.channel, "evaluate")
     if args.timeline:  # checked before minutes of scoring, not after
         if not args.report:
             raise SoundSentryError("--timeline draws into the report: give --report DIR too")
         from edge.audio_io import check_files
-        from edge.bundle import read_manifest
         from edge.features import FeatureParams
 
-        rate = FeatureParams.from_dict(read_manifest(args.model).features).samplerate
-        check_files([args.timeline], args.channel, rate)
+        rate = FeatureParams.from_dict(manifest.features).samplerate
+        check_files([args.timeline], max(args.channel, 0), rate)
     from soundsentry.report import evaluate_classes, format_report, write_full_report
     from train.evaluate import evaluate, write_json
 

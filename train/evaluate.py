@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.audio_io import check_files, find_audio, read_audio
-from edge.bundle import Bundle, load_bundle
+from edge.bundle import Bundle, channel_for, load_bundle
 from edge.errors import AudioError
 from edge.events import Cusum
 from edge.features import windows_of
@@ -103,10 +103,13 @@ def evaluate(
     anomalous: list[str | Path],
     segment: float | None = None,
     variant: str = "int8",
-    channel: int = 0,
+    channel: int | None = None,
 ) -> Report:
-    """Score every file (or segment) and compute AUC / pAUC with anomalous as positive."""
+    """Score every file (or segment) and compute AUC / pAUC with anomalous as positive;
+    `channel`: by default the one the model was fitted on."""
     bundle = load_bundle(model, variant=variant)
+    if channel is None:
+        channel = channel_for(bundle.manifest, None, "evaluate")
     if bundle.model is None:
         variant = "numpy"  # no network: the same statistics serve both
     scorer = Scorer.from_bundle(bundle)

@@ -18,7 +18,14 @@ import soundfile as sf
 
 from edge import __version__
 from edge.audio_io import read_audio
-from edge.bundle import FORMAT, FORMAT_VERSION, id_stem, sha256_bytes, write_bundle
+from edge.bundle import (
+    ALL_CHANNELS,
+    FORMAT,
+    FORMAT_VERSION,
+    id_stem,
+    sha256_bytes,
+    write_bundle,
+)
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.learning import training_summary
@@ -40,8 +47,6 @@ log = logging.getLogger(__name__)
 
 MIN_SHRINKAGE = 0.01
 """Least covariance shrinkage towards a scaled identity; more (Ledoit-Wolf) on little data."""
-ALL_CHANNELS = -2
-"""`training.channel` of a model trained on every channel as a view."""
 HOLDOUT_NOTE = "threshold from held-out audio scored by a model fitted without it"
 
 Featurize = Callable[[np.ndarray], np.ndarray]
