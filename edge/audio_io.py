@@ -12,6 +12,7 @@ import soundfile as sf
 import soxr
 
 from edge.errors import AudioError
+from edge.health import FLAT_RANGE, is_silent
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,12 @@ def check_files(
     return checked
 
 
-def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarray:
-    """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line."""
+def read_audio(
+    path: str | Path, samplerate: int, channel: int = 0, need_sound: bool = False
+) -> np.ndarray:
+    """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line.
+    `need_sound`: also refuse a channel that is digital silence or a flat line (`check_sound`),
+    for the audio a model is fitted or calibrated on."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
@@ -140,7 +145,30 @@ def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarra
         raise AudioError(f"{path}: invalid samples ({bad} are NaN or infinite)")
     check_rate(path, rate, samplerate)
     _check_complete(path)
-    return resample(select_channel(data, channel), rate, samplerate)
+    mono = select_channel(data, channel)
+    if need_sound:
+        check_sound(path, mono, channel, data.shape[1])
+    return resample(mono, rate, samplerate)
+
+
+def check_sound(path: str | Path, audio: np.ndarray, channel: int, channels: int) -> None:
+    """Refuse a recording with nothing to learn from: digital silence or a flat line all
+    through (edge.health's notions: a dead or muted input, a stuck DC level). Fitted on, it
+    makes the statistics singular; calibrated on, a threshold near zero."""
+    if is_silent(audio):
+        what = "digital silence"
+    elif float(np.ptp(audio)) < FLAT_RANGE:
+        what = "a flat line (a constant level)"
+    else:
+        return
+    if channels > 1:
+        which = "their average" if channel == DOWNMIX else f"channel {channel}"
+        fix = f"a dead channel? pick one that hears the machine with --channel N (of {channels})"
+        raise AudioError(f"{path}: {which} is {what}: nothing to learn from; {fix}")
+    raise AudioError(
+        f"{path}: the audio is {what}: nothing to learn from; check the microphone and its "
+        "gain, or leave the file out"
+    )
 
 
 _DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)

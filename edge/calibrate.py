@@ -41,7 +41,7 @@ def calibrate_bundle(
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(x) for x in normal))
     check_files(files, max(channel, 0), p.samplerate)  # every unusable file named at once
-    audio = [read_audio(f, p.samplerate, channel) for f in files]
+    audio = [read_audio(f, p.samplerate, channel, need_sound=True) for f in files]
     seconds = sum(len(a) for a in audio) / p.samplerate
     require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
     per_file = [windows_of(a, p) for a in audio]

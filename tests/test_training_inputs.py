@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
 
@@ -54,3 +55,43 @@ def test_calibrate_and_evaluate_use_the_channel_the_model_was_trained_on(tmp_pat
     other = cli("evaluate", str(model), "--normal", str(normal[3]), "--anomalous", str(fault),
                 "--channel", "0")  # fmt: skip
     assert "--channel 0, but the model was fitted on channel 1" in other.stderr
+
+
+def _error_line(proc) -> str:
+    """The one error line of a refused command (no traceback)."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("soundsentry: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_a_dead_channel_or_digital_silence_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """Both crashed `train` with `LinAlgError: Singular matrix`, and `calibrate` took them."""
+    normal = _stereo_ch0_dead(NORMAL_FILES, tmp_path / "stereo")
+    line = _error_line(cli("train", "--normal", str(tmp_path / "stereo"), "--out",
+                           str(tmp_path / "a.bundle"), check=False))  # fmt: skip
+    assert str(normal[0]) in line and "channel 0 is digital silence" in line
+    assert "--channel N" in line
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    for src in NORMAL_FILES:  # -144 dBFS: a float WAV of (almost) nothing
+        sf.write(str(quiet / f"{src.stem}.wav"), _mono(src) * 1e-7, RATE, subtype="FLOAT")
+    line = _error_line(
+        cli("train", "--normal", str(quiet), "--out", str(tmp_path / "b.bundle"), check=False)
+    )
+    assert str(sorted(quiet.iterdir())[0]) in line and "digital silence" in line
+    model = tmp_path / "m.bundle"
+    cli("train", "--normal", str(tmp_path / "stereo"), "--channel", "1", "--out", str(model))
+    site = tmp_path / "c.bundle"
+    line = _error_line(cli("calibrate", str(model), "--normal", str(tmp_path / "stereo"),
+                           "--channel", "0", "--out", str(site), check=False))  # fmt: skip
+    assert "channel 0 is digital silence" in line
+
+
+def test_a_singular_covariance_is_an_error_line_not_a_crash() -> None:
+    from edge.errors import AudioError
+    from train.statistics import fit_statistics
+
+    with pytest.raises(AudioError, match=r"do not vary.*--channel"):
+        fit_statistics(np.zeros((20, 64)))

@@ -191,7 +191,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     train, hold, audios = [], [], []
     train_s = hold_s = 0.0
     for path in progress(files, "features"):
-        audio = read_audio(path, params.samplerate, channel)
+        audio = read_audio(path, params.samplerate, channel, need_sound=True)
         audios.append(audio)
         fit_part, held_part = holdout.parts(path, audio, params.window_samples)
         train.append(windows_of(fit_part, dense))

@@ -73,7 +73,14 @@ def fit_statistics(
     cov = zc.T @ zc / len(zc)
     alpha = max(MIN_SHRINKAGE, ledoit_wolf_shrinkage(zc))
     target = np.trace(cov) / len(cov) * np.eye(len(cov))
-    return scorer(mean, std, center, np.linalg.inv((1 - alpha) * cov + alpha * target))
+    try:
+        precision = np.linalg.inv((1 - alpha) * cov + alpha * target)
+    except np.linalg.LinAlgError:
+        raise AudioError(
+            "the normal audio's features do not vary (their covariance is singular): is the "
+            "audio silent or a dead channel? pick one that hears the machine with --channel N"
+        ) from None
+    return scorer(mean, std, center, precision)
 
 
 def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
@@ -94,12 +101,12 @@ def channel_views(
 ) -> list[np.ndarray]:
     """The audio of one file: one channel (or a downmix), or every channel as its own view."""
     if not all_channels:
-        return [read_audio(path, params.samplerate, channel)]
+        return [read_audio(path, params.samplerate, channel, need_sound=True)]
     try:
         n = sf.info(str(path)).channels
     except (sf.LibsndfileError, RuntimeError):
         n = 1  # read_audio will say what is wrong with the file
-    return [read_audio(path, params.samplerate, c) for c in range(n)]
+    return [read_audio(path, params.samplerate, c, need_sound=True) for c in range(n)]
 
 
 @dataclass
