@@ -95,3 +95,27 @@ def test_a_singular_covariance_is_an_error_line_not_a_crash() -> None:
 
     with pytest.raises(AudioError, match=r"do not vary.*--channel"):
         fit_statistics(np.zeros((20, 64)))
+
+
+def _starts(proc) -> int:
+    return sum(json.loads(x)["type"] == "start" for x in proc.stdout.splitlines())
+
+
+def test_evaluate_counts_events_with_the_devices_machine_off_gate(tmp_path: Path) -> None:
+    """`evaluate` counted an event on a file the device hears as the machine off (far below
+    the bundle's `machine.off_below_dbfs`), where the daemon raises none."""
+    model = tmp_path / "m.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(model))
+    quiet = tmp_path / "quiet_fault.wav"  # the fault 60 dB down: the machine is 'off' there
+    sf.write(str(quiet), _mono(ANOMALOUS_FILE) * 1e-3, RATE, subtype="FLOAT")
+    report = tmp_path / "eval.json"
+    proc = cli("evaluate", str(model), "--normal", str(NORMAL_FILES[0]), "--anomalous",
+               str(ANOMALOUS_FILE), str(quiet), "--json", str(report))  # fmt: skip
+    data = json.loads(report.read_text())
+    replayed = [_starts(cli("replay", str(model), str(f))) > 0 for f in (ANOMALOUS_FILE, quiet)]
+    assert replayed == [True, False]
+    assert data["anomalous_files_with_event"] == "1/2"
+    windows = int((sf.info(str(quiet)).duration - 1.0) / 0.5) + 1
+    assert data["anomalous_windows_off"] >= windows - 2  # all but the first two (the confirm)
+    assert data["normal_windows_off"] == 0
+    assert "windows with the machine off" in proc.stdout
