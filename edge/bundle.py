@@ -113,9 +113,14 @@ class TrainingInfo(_Strict):
     """What the model was trained on and how."""
 
     files: list[FileRecord]
+    """Every file the shipped model was fitted on (the numpy kinds: all, the held-out ones too)."""
     seconds: float = Field(ge=0)
     holdout_files: list[FileRecord]
+    """The files held out for the threshold (scored by a provisional fit without them)."""
     holdout_seconds: float = Field(ge=0)
+    fitted_seconds: float | None = Field(None, ge=0)
+    """Seconds the shipped model was fitted on; None (networks, older bundles): all but the
+    held-out seconds."""
     channel: int
     epochs: int = Field(ge=0)
     seed: int

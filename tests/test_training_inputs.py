@@ -119,3 +119,33 @@ def test_evaluate_counts_events_with_the_devices_machine_off_gate(tmp_path: Path
     assert data["anomalous_windows_off"] >= windows - 2  # all but the first two (the confirm)
     assert data["normal_windows_off"] == 0
     assert "windows with the machine off" in proc.stdout
+
+
+def _chunks(folder: Path, seconds: list[float]) -> list[Path]:
+    """WAVs of these lengths cut one after another from the fixture's normal audio."""
+    folder.mkdir(parents=True, exist_ok=True)
+    audio = np.concatenate([_mono(f) for f in NORMAL_FILES])
+    out, at = [], 0
+    for i, s in enumerate(seconds):
+        n = int(s * RATE)
+        path = folder / f"rec-{i:04d}.wav"
+        sf.write(str(path), audio[at : at + n], RATE, subtype="PCM_16")
+        out.append(path)
+        at += n
+    return out
+
+
+def test_the_manifest_lists_every_file_the_shipped_model_was_fitted_on(tmp_path: Path) -> None:
+    """The shipped statistics model is refitted on all the audio, held-out files included, but
+    `training.files` listed only the others, so `evaluate` on a held-out file flattered the
+    model without a warning, and the summary said 16 s fitted the model."""
+    files = _chunks(tmp_path / "normal", [4.0] * 5)
+    model = tmp_path / "m.bundle"
+    proc = cli("train", "--normal", str(tmp_path / "normal"), "--out", str(model))
+    t = _manifest(model)["training"]
+    assert [f["name"] for f in t["files"]] == [f.name for f in files]
+    assert [f["name"] for f in t["holdout_files"]] == [files[4].name]
+    assert t["fitted_seconds"] == t["seconds"] == 20.0
+    assert "20 s fitted the model; a fit on 16 s scored the other 4 s, held out" in proc.stdout
+    ev = cli("evaluate", str(model), "--normal", str(files[4]), "--anomalous", str(ANOMALOUS_FILE))
+    assert f"{files[4]}: the model was fitted on this recording" in ev.stderr

@@ -86,6 +86,12 @@ class Holdout:
         return [str(f) for f in self.fit]
 
     @property
+    def all_names(self) -> list[str]:
+        """Every file, fitting and held out, in sorted order: what a model refitted on all the
+        audio after the threshold was set was fitted on."""
+        return [str(f) for f in sorted({*self.fit, *self.held})]
+
+    @property
     def held_names(self) -> list[str]:
         """`training.holdout_files`: the files held-out audio came from (all, in a time split)."""
         return self.fit_names if self.in_time else [str(f) for f in self.held]

@@ -215,10 +215,11 @@ def statistics_manifest(
             "std": band_shares.std(axis=0).tolist(),
         },
         "training": {
-            "files": run.holdout.fit_names,
+            "files": run.holdout.all_names,  # the shipped model is fitted on all the audio
             "seconds": round(run.seconds[0], 3),
             "holdout_files": run.holdout.held_names,
             "holdout_seconds": round(run.seconds[1], 3),
+            "fitted_seconds": round(run.seconds[0], 3),
             "channel": run.channel,
             "epochs": 0,
             "seed": 0,
