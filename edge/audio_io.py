@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +22,13 @@ DOWNMIX = -1
 """Channel selector meaning 'average all channels'."""
 LISTED_PROBLEMS = 3
 """Unusable files named in full in one error line; the rest are counted."""
+
+
+def sf_path(path: str | Path) -> bytes:
+    """A path as soundfile should get it: the file system's bytes. Given a str, soundfile
+    encodes it strictly, so a name that is not valid UTF-8 (Latin-1 names from a FAT USB
+    stick: b"caf\\xe9.wav") fails with UnicodeEncodeError."""
+    return os.fsencode(path)
 
 
 def find_audio(paths: Iterable[str | Path]) -> list[Path]:
@@ -84,7 +92,7 @@ def check_readable(
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     try:
-        info = sf.info(str(path))
+        info = sf.info(sf_path(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
@@ -133,7 +141,7 @@ def read_audio(
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(sf_path(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
@@ -179,7 +187,7 @@ def _check_complete(path: Path) -> None:
     """Refuse a WAV whose header announces more audio than the file holds (a cut-off copy)."""
     if path.suffix.lower() != ".wav":
         return
-    match = _DATA_CHUNK.search(sf.info(str(path)).extra_info)
+    match = _DATA_CHUNK.search(sf.info(sf_path(path)).extra_info)
     if match:
         declared, actual = int(match.group(1)), int(match.group(2))
         if declared > actual and declared not in _STREAMING_SIZES:

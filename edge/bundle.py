@@ -384,9 +384,11 @@ def _file_record(item: Any) -> dict[str, Any]:
         data = p.read_bytes() if p.is_file() else None
     except OSError:
         data = None
+    # a name that is not valid UTF-8 (a FAT stick's Latin-1) is kept readable: caf\\xe9.wav
+    name = os.fsencode(p.name).decode("utf-8", "backslashreplace")
     if data is None:
-        return {"name": p.name}
-    return {"name": p.name, "bytes": len(data), "sha256": sha256_bytes(data)}
+        return {"name": name}
+    return {"name": name, "bytes": len(data), "sha256": sha256_bytes(data)}
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

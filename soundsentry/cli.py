@@ -511,12 +511,12 @@ def _note_channels(paths: list[str], channel: int) -> None:
     """Say which channel of multichannel recordings is trained on, and how to choose."""
     import soundfile as sf
 
-    from edge.audio_io import find_audio
+    from edge.audio_io import find_audio, sf_path
 
     widest = 1
     for path in find_audio(paths):
         try:
-            widest = max(widest, sf.info(str(path)).channels)
+            widest = max(widest, sf.info(sf_path(path)).channels)
         except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
             continue  # the audio checks name the file
     if widest > 1:

@@ -149,3 +149,22 @@ def test_the_manifest_lists_every_file_the_shipped_model_was_fitted_on(tmp_path:
     assert "20 s fitted the model; a fit on 16 s scored the other 4 s, held out" in proc.stdout
     ev = cli("evaluate", str(model), "--normal", str(files[4]), "--anomalous", str(ANOMALOUS_FILE))
     assert f"{files[4]}: the model was fitted on this recording" in ev.stderr
+
+
+def test_file_names_that_are_not_utf8_are_read_everywhere(tmp_path: Path) -> None:
+    """Latin-1 names from a FAT USB stick (b"caf\\xe9_0.wav") crashed train, calibrate,
+    evaluate and replay with UnicodeEncodeError: soundfile encodes a str path strictly."""
+    folder = tmp_path / "stick"
+    folder.mkdir()
+    for i, src in enumerate(NORMAL_FILES):
+        name = bytes(folder) + b"/caf\xe9_" + str(i).encode() + b".wav"
+        sf.write(name, _mono(src), RATE, subtype="PCM_16")
+    one = str(sorted(folder.iterdir())[0])
+    model, site = tmp_path / "m.bundle", tmp_path / "site.bundle"
+    cli("train", "--normal", str(folder), "--out", str(model))
+    assert "caf\\xe9_0.wav" in [f["name"] for f in _manifest(model)["training"]["files"]]
+    cli("calibrate", str(model), "--normal", str(folder), "--out", str(site))
+    ev = cli("evaluate", str(site), "--normal", one, "--anomalous", str(ANOMALOUS_FILE))
+    assert "normal 1  anomalous 1" in ev.stdout
+    replay = cli("replay", str(model), one)
+    assert "replay: 1 file(s)" in replay.stderr

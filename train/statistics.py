@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from edge import __version__
-from edge.audio_io import read_audio
+from edge.audio_io import read_audio, sf_path
 from edge.bundle import (
     ALL_CHANNELS,
     FORMAT,
@@ -103,7 +103,7 @@ def channel_views(
     if not all_channels:
         return [read_audio(path, params.samplerate, channel, need_sound=True)]
     try:
-        n = sf.info(str(path)).channels
+        n = sf.info(sf_path(path)).channels
     except (sf.LibsndfileError, RuntimeError):
         n = 1  # read_audio will say what is wrong with the file
     return [read_audio(path, params.samplerate, c, need_sound=True) for c in range(n)]
