@@ -168,3 +168,14 @@ def test_file_names_that_are_not_utf8_are_read_everywhere(tmp_path: Path) -> Non
     assert "normal 1  anomalous 1" in ev.stdout
     replay = cli("replay", str(model), one)
     assert "replay: 1 file(s)" in replay.stderr
+
+
+def test_a_short_last_recording_is_not_the_one_held_out(tmp_path: Path) -> None:
+    """`record --seconds 241` ends with a 1-s chunk; every 5th file was held out whatever its
+    length, so training refused: "no audio could be held out ... give 5 or more recordings"."""
+    files = _chunks(tmp_path / "rec", [5.0, 5.0, 5.0, 4.0, 1.0])
+    model = tmp_path / "m.bundle"
+    cli("train", "--normal", str(tmp_path / "rec"), "--out", str(model))
+    t = _manifest(model)["training"]
+    assert [f["name"] for f in t["holdout_files"]] == [files[3].name]
+    assert t["holdout_seconds"] == 4.0

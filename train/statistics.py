@@ -171,7 +171,7 @@ def collect(
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
     )
-    require_held_out(len(hold_f), params)
+    require_held_out(len(hold_f), params, holdout.held)
     where = ALL_CHANNELS if all_channels else channel
     run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
     run.machine = machine_profile(audios, params)
