@@ -17,7 +17,26 @@ from edge.health import FLAT_RANGE, is_silent
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aif", ".aiff"})
+SUFFIXES_BY_FORMAT = {
+    "WAV": (".wav",),
+    "FLAC": (".flac",),
+    "OGG": (".ogg", ".oga", ".opus"),
+    "AIFF": (".aif", ".aiff"),
+    "CAF": (".caf",),
+    "W64": (".w64",),
+    "RF64": (".rf64",),
+    "MP3": (".mp3",),
+}
+"""Audio a folder search picks up, by the libsndfile format that reads it (MP3 since
+libsndfile 1.1; m4a/AAC never)."""
+AUDIO_SUFFIXES = frozenset(
+    suffix
+    for fmt, suffixes in SUFFIXES_BY_FORMAT.items()
+    if fmt in sf.available_formats()
+    for suffix in suffixes
+)
+SKIPPED_FOLDERS = frozenset({"$RECYCLE.BIN", "System Volume Information"})
+"""Folders of the system, not of recordings (hidden ones, a name starting with '.', too)."""
 DOWNMIX = -1
 """Channel selector meaning 'average all channels'."""
 LISTED_PROBLEMS = 3
@@ -38,7 +57,7 @@ def find_audio(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES))
+            found.extend(_search(path))
         elif path.is_file():
             found.append(path)
         else:
@@ -51,6 +70,51 @@ def find_audio(paths: Iterable[str | Path]) -> list[Path]:
             seen.add(key)
             unique.append(path)
     return unique
+
+
+def _search(folder: Path) -> list[Path]:
+    """The audio files under `folder`, sorted, following folder links (each real folder once);
+    hidden names ('.', macOS '._x.wav' and '.Trashes' among them) and system folders skipped,
+    and one warning line saying what was skipped and why."""
+    found: list[Path] = []
+    hidden: list[str] = []
+    other: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a link back up: a loop
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        hidden += [d + "/" for d in dirs if d.startswith(".") or d in SKIPPED_FOLDERS]
+        dirs[:] = sorted(d for d in dirs if not (d.startswith(".") or d in SKIPPED_FOLDERS))
+        for name in names:
+            if name.startswith("."):
+                hidden.append(name)
+            elif Path(name).suffix.lower() in AUDIO_SUFFIXES:
+                found.append(Path(root) / name)
+            else:
+                other.append(name)
+    _note_skipped(folder, hidden, other)
+    return sorted(found)
+
+
+def _note_skipped(folder: Path, hidden: list[str], other: list[str]) -> None:
+    """One warning line naming what a folder search left out."""
+    parts = []
+    if hidden:
+        parts.append(f"{len(hidden)} hidden or system ({_some(hidden)})")
+    if other:
+        known = ", ".join(sorted(AUDIO_SUFFIXES))
+        parts.append(f"{len(other)} not a format read here ({_some(other)}; read: {known})")
+    if parts:
+        log.warning("%s: skipped %s", folder, "; ".join(parts))
+
+
+def _some(names: list[str]) -> str:
+    """The first few names, and how many more."""
+    more = len(names) - LISTED_PROBLEMS
+    return ", ".join(sorted(names)[:LISTED_PROBLEMS]) + (f" and {more} more" if more > 0 else "")
 
 
 def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:

@@ -179,3 +179,28 @@ def test_a_short_last_recording_is_not_the_one_held_out(tmp_path: Path) -> None:
     t = _manifest(model)["training"]
     assert [f["name"] for f in t["holdout_files"]] == [files[3].name]
     assert t["holdout_seconds"] == 4.0
+
+
+def test_folder_search_skips_hidden_and_system_files_and_follows_folder_links(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """macOS `._x.wav` files made training refuse, `.Trashes`/`$RECYCLE.BIN` were trained on,
+    a linked subfolder was skipped and a folder's mp3s were dropped, all without a word."""
+    from edge.audio_io import find_audio
+
+    top = tmp_path / "normal"
+    real = _chunks(top, [4.0] * 3)
+    _chunks(tmp_path / "day2", [2.0])
+    (top / "day2").symlink_to(tmp_path / "day2", target_is_directory=True)
+    (top / "day2" / "loop").symlink_to(top, target_is_directory=True)
+    for junk in (".Trashes", "$RECYCLE.BIN"):
+        _chunks(top / junk, [1.0])
+    (top / "._rec-0000.wav").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(64))
+    sf.write(str(top / "song.mp3"), _mono(NORMAL_FILES[0])[: 2 * RATE], RATE, format="MP3")
+    (top / "phone.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A ")
+    found = find_audio([top])
+    assert found == sorted([*real, top / "day2" / "rec-0000.wav", top / "song.mp3"])
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "3 hidden or system" in line and "._rec-0000.wav" in line and "phone.m4a" in line
+    proc = cli("train", "--normal", str(top), "--out", str(tmp_path / "m.bundle"))
+    assert "skipped" in proc.stderr
