@@ -38,6 +38,8 @@ AUDIO_SUFFIXES = frozenset(
 SKIPPED_FOLDERS = frozenset({"$RECYCLE.BIN", "System Volume Information"})
 """Folders of the system, not of recordings (hidden ones, a name starting with '.', too)."""
 DOWNMIX = -1
+FLOAT_FULL_SCALE = 1.0 + 1e-6
+"""Float samples beyond this are not audio at full scale (engineering units from a logger)."""
 """Channel selector meaning 'average all channels'."""
 LISTED_PROBLEMS = 3
 """Unusable files named in full in one error line; the rest are counted."""
@@ -217,7 +219,16 @@ def read_audio(
         raise AudioError(f"{path}: invalid samples ({bad} are NaN or infinite)")
     check_rate(path, rate, samplerate)
     _check_complete(path)
-    mono = select_channel(data, channel)
+    peak = float(np.max(np.abs(data)))
+    if peak > FLOAT_FULL_SCALE:  # only float files can: engineering units (Pa, g), not audio
+        raise AudioError(
+            f"{path}: float samples reach {peak:.3g}, beyond full scale (+-1): scale the "
+            "recording into -1..1 (divide by its peak) before using it"
+        )
+    try:
+        mono = select_channel(data, channel)
+    except AudioError as exc:
+        raise AudioError(f"{path}: {exc}") from None
     if need_sound:
         check_sound(path, mono, channel, data.shape[1])
     return resample(mono, rate, samplerate)

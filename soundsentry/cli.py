@@ -150,9 +150,14 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="training epochs of a network (default: embedding 12, autoencoder 40, classifier 30)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
     p.add_argument(
-        "--channel", type=int, default=None, help="channel to train on (default 0); -1 averages all"
+        "--seed", type=int, default=None, help="random seed of a network (same seed, same model)"
+    )
+    p.add_argument(
+        "--channel",
+        type=_channel,
+        default=None,
+        help="channel to train on (default 0); -1 averages all",
     )
     p.add_argument(
         "--false-alarms-per-day",
@@ -226,7 +231,7 @@ def _add_calibrate(sub: Any) -> None:
     )
     p.add_argument(
         "--channel",
-        type=int,
+        type=_channel,
         default=None,
         help="channel to use; -1 averages all (default: the one the model was fitted on)",
     )
@@ -259,7 +264,7 @@ def _add_evaluate(sub: Any) -> None:
     )
     p.add_argument(
         "--channel",
-        type=int,
+        type=_channel,
         default=None,
         help="channel to score; -1 averages all (default: the one the model was fitted on)",
     )
@@ -390,6 +395,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _channel(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError("must be a channel number from 0, or -1 (the average)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
@@ -495,6 +507,12 @@ def _check_train_flags(args: argparse.Namespace) -> None:
         raise SoundSentryError(
             f"--epochs trains a network; --detector {args.detector} is fitted in numpy"
         )
+    if args.seed is not None and not network:
+        raise SoundSentryError(
+            f"--seed trains a network; --detector {args.detector} is fitted in numpy, the same "
+            "every time"
+        )
+    args.seed = 0 if args.seed is None else args.seed
     if args.augment and not (args.classes or args.detector == "autoencoder"):
         raise SoundSentryError(
             f"--augment is for the autoencoder and the classifier, not --detector {args.detector}"

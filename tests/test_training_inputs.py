@@ -204,3 +204,24 @@ def test_folder_search_skips_hidden_and_system_files_and_follows_folder_links(
     assert "3 hidden or system" in line and "._rec-0000.wav" in line and "phone.m4a" in line
     proc = cli("train", "--normal", str(top), "--out", str(tmp_path / "m.bundle"))
     assert "skipped" in proc.stderr
+
+
+def test_training_messages_name_the_file_and_refuse_what_would_be_ignored(tmp_path: Path) -> None:
+    """Float samples in engineering units (x1000) failed on an invalid manifest; a missing
+    channel did not name the file; `--channel -2` and `--seed` (numpy kinds) were taken."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for src in NORMAL_FILES:
+        sf.write(str(big / f"{src.stem}.wav"), _mono(src) * 1000, RATE, subtype="FLOAT")
+    out = str(tmp_path / "m.bundle")
+    line = _error_line(cli("train", "--normal", str(big), "--out", out, check=False))
+    assert f"{sorted(big.iterdir())[0]}: float samples reach" in line and "-1..1" in line
+    files = [str(f) for f in NORMAL_FILES]
+    line = _error_line(
+        cli("train", "--normal", *files, "--channel", "1", "--out", out, check=False)
+    )
+    assert f"{NORMAL_FILES[0]}: channel 1 does not exist" in line
+    bad = cli("train", "--normal", *files, "--channel", "-2", "--out", out, check=False)
+    assert bad.returncode == 2 and "-1 (the average)" in bad.stderr
+    line = _error_line(cli("train", "--normal", *files, "--seed", "3", "--out", out, check=False))
+    assert "--seed trains a network" in line
