@@ -82,16 +82,27 @@ def summary(
     how: str = "",
     off_seconds: float = 0.0,
     off_recordings: int = 0,
+    refit_all: bool = False,
 ) -> str:
     """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines;
+    `refit_all`: the shipped model was refitted on all the audio once the threshold was set
+    (the numpy kinds), the held-out audio included;
     `how` says how the held-out audio was held out, when it is not plain; `off_seconds` of the
     audio, in `off_recordings` of the recordings, are the machine stopped (a state folder
     `off`), which backs no threshold."""
     total, fit, held = seconds
-    lines = [
-        f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model "
-        f"that scored {held:.0f} s of held-out audio for the threshold{how}"
-    ]
+    if refit_all:
+        first = (
+            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model; "
+            f"a fit on {total - held:.0f} s scored the other {held:.0f} s, held out, for the "
+            f"threshold{how}"
+        )
+    else:
+        first = (
+            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model "
+            f"that scored {held:.0f} s of held-out audio for the threshold{how}"
+        )
+    lines = [first]
     backing = describe(threshold, params)
     if backing:
         lines.append(backing)
@@ -119,8 +130,10 @@ def bundle_summary(manifest: Any) -> str:
     off_s = float(states.get(OFF, 0.0))
     # bundles from before 2026-12-01 did not count recordings per state: advise on all of them
     off_n = int(((manifest.validation or {}).get("state_recordings") or {}).get(OFF, 0))
-    seconds = (t.seconds, t.seconds - held, held)
-    text = summary(seconds, len(names), th.value, th.params, "", off_s, off_n)
+    fitted = t.seconds - held if t.fitted_seconds is None else t.fitted_seconds
+    seconds = (t.seconds, fitted, held)
+    refit_all = held > 0 and fitted > t.seconds - held
+    text = summary(seconds, len(names), th.value, th.params, "", off_s, off_n, refit_all)
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]
         note = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,14 +13,43 @@ import soundfile as sf
 import soxr
 
 from edge.errors import AudioError
+from edge.health import FLAT_RANGE, is_silent
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aif", ".aiff"})
+SUFFIXES_BY_FORMAT = {
+    "WAV": (".wav",),
+    "FLAC": (".flac",),
+    "OGG": (".ogg", ".oga", ".opus"),
+    "AIFF": (".aif", ".aiff"),
+    "CAF": (".caf",),
+    "W64": (".w64",),
+    "RF64": (".rf64",),
+    "MP3": (".mp3",),
+}
+"""Audio a folder search picks up, by the libsndfile format that reads it (MP3 since
+libsndfile 1.1; m4a/AAC never)."""
+AUDIO_SUFFIXES = frozenset(
+    suffix
+    for fmt, suffixes in SUFFIXES_BY_FORMAT.items()
+    if fmt in sf.available_formats()
+    for suffix in suffixes
+)
+SKIPPED_FOLDERS = frozenset({"$RECYCLE.BIN", "System Volume Information"})
+"""Folders of the system, not of recordings (hidden ones, a name starting with '.', too)."""
 DOWNMIX = -1
+FLOAT_FULL_SCALE = 1.0 + 1e-6
+"""Float samples beyond this are not audio at full scale (engineering units from a logger)."""
 """Channel selector meaning 'average all channels'."""
 LISTED_PROBLEMS = 3
 """Unusable files named in full in one error line; the rest are counted."""
+
+
+def sf_path(path: str | Path) -> bytes:
+    """A path as soundfile should get it: the file system's bytes. Given a str, soundfile
+    encodes it strictly, so a name that is not valid UTF-8 (Latin-1 names from a FAT USB
+    stick: b"caf\\xe9.wav") fails with UnicodeEncodeError."""
+    return os.fsencode(path)
 
 
 def find_audio(paths: Iterable[str | Path]) -> list[Path]:
@@ -29,7 +59,7 @@ def find_audio(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES))
+            found.extend(_search(path))
         elif path.is_file():
             found.append(path)
         else:
@@ -42,6 +72,51 @@ def find_audio(paths: Iterable[str | Path]) -> list[Path]:
             seen.add(key)
             unique.append(path)
     return unique
+
+
+def _search(folder: Path) -> list[Path]:
+    """The audio files under `folder`, sorted, following folder links (each real folder once);
+    hidden names ('.', macOS '._x.wav' and '.Trashes' among them) and system folders skipped,
+    and one warning line saying what was skipped and why."""
+    found: list[Path] = []
+    hidden: list[str] = []
+    other: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a link back up: a loop
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        hidden += [d + "/" for d in dirs if d.startswith(".") or d in SKIPPED_FOLDERS]
+        dirs[:] = sorted(d for d in dirs if not (d.startswith(".") or d in SKIPPED_FOLDERS))
+        for name in names:
+            if name.startswith("."):
+                hidden.append(name)
+            elif Path(name).suffix.lower() in AUDIO_SUFFIXES:
+                found.append(Path(root) / name)
+            else:
+                other.append(name)
+    _note_skipped(folder, hidden, other)
+    return sorted(found)
+
+
+def _note_skipped(folder: Path, hidden: list[str], other: list[str]) -> None:
+    """One warning line naming what a folder search left out."""
+    parts = []
+    if hidden:
+        parts.append(f"{len(hidden)} hidden or system ({_some(hidden)})")
+    if other:
+        known = ", ".join(sorted(AUDIO_SUFFIXES))
+        parts.append(f"{len(other)} not a format read here ({_some(other)}; read: {known})")
+    if parts:
+        log.warning("%s: skipped %s", folder, "; ".join(parts))
+
+
+def _some(names: list[str]) -> str:
+    """The first few names, and how many more."""
+    more = len(names) - LISTED_PROBLEMS
+    return ", ".join(sorted(names)[:LISTED_PROBLEMS]) + (f" and {more} more" if more > 0 else "")
 
 
 def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:
@@ -83,7 +158,7 @@ def check_readable(
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     try:
-        info = sf.info(str(path))
+        info = sf.info(sf_path(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
@@ -122,13 +197,17 @@ def check_files(
     return checked
 
 
-def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarray:
-    """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line."""
+def read_audio(
+    path: str | Path, samplerate: int, channel: int = 0, need_sound: bool = False
+) -> np.ndarray:
+    """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line.
+    `need_sound`: also refuse a channel that is digital silence or a flat line (`check_sound`),
+    for the audio a model is fitted or calibrated on."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(sf_path(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
@@ -140,7 +219,39 @@ def read_audio(path: str | Path, samplerate: int, channel: int = 0) -> np.ndarra
         raise AudioError(f"{path}: invalid samples ({bad} are NaN or infinite)")
     check_rate(path, rate, samplerate)
     _check_complete(path)
-    return resample(select_channel(data, channel), rate, samplerate)
+    peak = float(np.max(np.abs(data)))
+    if peak > FLOAT_FULL_SCALE:  # only float files can: engineering units (Pa, g), not audio
+        raise AudioError(
+            f"{path}: float samples reach {peak:.3g}, beyond full scale (+-1): scale the "
+            "recording into -1..1 (divide by its peak) before using it"
+        )
+    try:
+        mono = select_channel(data, channel)
+    except AudioError as exc:
+        raise AudioError(f"{path}: {exc}") from None
+    if need_sound:
+        check_sound(path, mono, channel, data.shape[1])
+    return resample(mono, rate, samplerate)
+
+
+def check_sound(path: str | Path, audio: np.ndarray, channel: int, channels: int) -> None:
+    """Refuse a recording with nothing to learn from: digital silence or a flat line all
+    through (edge.health's notions: a dead or muted input, a stuck DC level). Fitted on, it
+    makes the statistics singular; calibrated on, a threshold near zero."""
+    if is_silent(audio):
+        what = "digital silence"
+    elif float(np.ptp(audio)) < FLAT_RANGE:
+        what = "a flat line (a constant level)"
+    else:
+        return
+    if channels > 1:
+        which = "their average" if channel == DOWNMIX else f"channel {channel}"
+        fix = f"a dead channel? pick one that hears the machine with --channel N (of {channels})"
+        raise AudioError(f"{path}: {which} is {what}: nothing to learn from; {fix}")
+    raise AudioError(
+        f"{path}: the audio is {what}: nothing to learn from; check the microphone and its "
+        "gain, or leave the file out"
+    )
 
 
 _DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -151,7 +262,7 @@ def _check_complete(path: Path) -> None:
     """Refuse a WAV whose header announces more audio than the file holds (a cut-off copy)."""
     if path.suffix.lower() != ".wav":
         return
-    match = _DATA_CHUNK.search(sf.info(str(path)).extra_info)
+    match = _DATA_CHUNK.search(sf.info(sf_path(path)).extra_info)
     if match:
         declared, actual = int(match.group(1)), int(match.group(2))
         if declared > actual and declared not in _STREAMING_SIZES:

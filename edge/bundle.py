@@ -55,6 +55,8 @@ SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:+-]+")
 SAFE_LABEL = r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]{0,63}$"
+ALL_CHANNELS = -2
+"""`training.channel` of a model trained on every channel as a view."""
 
 # Format 1 kept these sections inline as JSON lists; format 2 keeps them in arrays.npz under
 # "<section>.<key>" names.
@@ -111,9 +113,14 @@ class TrainingInfo(_Strict):
     """What the model was trained on and how."""
 
     files: list[FileRecord]
+    """Every file the shipped model was fitted on (the numpy kinds: all, the held-out ones too)."""
     seconds: float = Field(ge=0)
     holdout_files: list[FileRecord]
+    """The files held out for the threshold (scored by a provisional fit without them)."""
     holdout_seconds: float = Field(ge=0)
+    fitted_seconds: float | None = Field(None, ge=0)
+    """Seconds the shipped model was fitted on; None (networks, older bundles): all but the
+    held-out seconds."""
     channel: int
     epochs: int = Field(ge=0)
     seed: int
@@ -190,6 +197,32 @@ class Manifest(_Strict):
     created_at: str = Field(max_length=40)
     files: dict[str, Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]]
     checksum: str
+
+
+def fitted_channel(manifest: Manifest) -> int | None:
+    """The channel the bundle's statistics come from: the calibration's when it records one,
+    else the training's; None when every channel was a training view (any one fits)."""
+    channel = (manifest.calibration or {}).get("channel", manifest.training.channel)
+    return None if channel == ALL_CHANNELS else int(channel)
+
+
+def channel_for(manifest: Manifest, requested: int | None, command: str) -> int:
+    """The channel `command` reads: `requested`, or by default the one the bundle was fitted
+    on (a dead channel 0 would otherwise be scored against a model of channel 1); a warning
+    when the user asks for another."""
+    fitted = fitted_channel(manifest)
+    if requested is None:
+        return 0 if fitted is None else fitted
+    if fitted is not None and requested != fitted:
+        log.warning(
+            "%s: --channel %d, but the model was fitted on channel %d (%s); scores of "
+            "another channel are not comparable",
+            command,
+            requested,
+            fitted,
+            "the average" if fitted == -1 else "leave --channel out to use it",
+        )
+    return requested
 
 
 @dataclass
@@ -351,9 +384,11 @@ def _file_record(item: Any) -> dict[str, Any]:
         data = p.read_bytes() if p.is_file() else None
     except OSError:
         data = None
+    # a name that is not valid UTF-8 (a FAT stick's Latin-1) is kept readable: caf\\xe9.wav
+    name = os.fsencode(p.name).decode("utf-8", "backslashreplace")
     if data is None:
-        return {"name": p.name}
-    return {"name": p.name, "bytes": len(data), "sha256": sha256_bytes(data)}
+        return {"name": name}
+    return {"name": name, "bytes": len(data), "sha256": sha256_bytes(data)}
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

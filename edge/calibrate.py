@@ -18,7 +18,7 @@ import numpy as np
 
 from edge.advice import require_audio
 from edge.audio_io import check_files, find_audio, read_audio
-from edge.bundle import Bundle, load_bundle, sha256_bytes, write_bundle
+from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bundle
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import windows_of
@@ -36,16 +36,18 @@ def calibrate_bundle(
     normal: list[str | Path],
     out: str | Path,
     false_alarms_per_day: float | None = None,
-    channel: int = 0,
+    channel: int | None = None,
 ) -> Path:
-    """Write a calibrated copy of `model` to `out`; return its path."""
+    """Write a calibrated copy of `model` to `out`; return its path. `channel`: by default the
+    one the model was fitted on."""
     bundle = load_bundle(model)
+    channel = channel_for(bundle.manifest, channel, "calibrate")
     p = bundle.features
     files = find_audio(normal)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(x) for x in normal))
     check_files(files, max(channel, 0), p.samplerate)  # every unusable file named at once
-    audio = [read_audio(f, p.samplerate, channel) for f in files]
+    audio = [read_audio(f, p.samplerate, channel, need_sound=True) for f in files]
     seconds = sum(len(a) for a in audio) / p.samplerate
     require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
     per_file = [windows_of(a, p) for a in audio]
@@ -54,6 +56,7 @@ def calibrate_bundle(
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
     manifest |= refit.manifest
     manifest["machine"] = _site_machine(bundle, audio)
+    manifest["calibration"] = {"channel": channel}  # _write adds the rest of the provenance
     return _write(bundle, manifest, arrays, files, seconds, out)
 
 
@@ -88,6 +91,7 @@ def _write(
     m = bundle.manifest
     manifest |= {
         "calibration": {
+            **(manifest.get("calibration") or {}),
             "from_model": m.model_id,
             "files": [str(f) for f in files],
             "seconds": round(seconds, 3),

@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from edge.audio_io import check_files, select_channel
+from edge.audio_io import check_files, select_channel, sf_path
 
 READ_SECONDS = 1.0
 """Audio read from disk at a time (memory stays flat however long the files are)."""
@@ -59,7 +59,7 @@ class FileSource:
 
     def _file_blocks(self, path: Path) -> Iterator[np.ndarray]:
         """Mono blocks of one file at the model's rate, read and resampled incrementally."""
-        with sf.SoundFile(str(path)) as fh:
+        with sf.SoundFile(sf_path(path)) as fh:
             rate = fh.samplerate
             resampler = (
                 None

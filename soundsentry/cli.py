@@ -150,9 +150,14 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="training epochs of a network (default: embedding 12, autoencoder 40, classifier 30)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
     p.add_argument(
-        "--channel", type=int, default=None, help="channel to train on (default 0); -1 averages all"
+        "--seed", type=int, default=None, help="random seed of a network (same seed, same model)"
+    )
+    p.add_argument(
+        "--channel",
+        type=_channel,
+        default=None,
+        help="channel to train on (default 0); -1 averages all",
     )
     p.add_argument(
         "--false-alarms-per-day",
@@ -224,7 +229,12 @@ def _add_calibrate(sub: Any) -> None:
         metavar="F",
         help="false-alarm budget (default: the model's)",
     )
-    p.add_argument("--channel", type=int, default=0, help="channel to use; -1 averages all")
+    p.add_argument(
+        "--channel",
+        type=_channel,
+        default=None,
+        help="channel to use; -1 averages all (default: the one the model was fitted on)",
+    )
     p.set_defaults(func=_cmd_calibrate)
 
 
@@ -252,7 +262,12 @@ def _add_evaluate(sub: Any) -> None:
         default="int8",
         help="evaluate the float reference model instead of the int8 one",
     )
-    p.add_argument("--channel", type=int, default=0, help="channel to score; -1 averages all")
+    p.add_argument(
+        "--channel",
+        type=_channel,
+        default=None,
+        help="channel to score; -1 averages all (default: the one the model was fitted on)",
+    )
     p.add_argument(
         "--report",
         type=Path,
@@ -380,6 +395,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _channel(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError("must be a channel number from 0, or -1 (the average)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
@@ -485,6 +507,12 @@ def _check_train_flags(args: argparse.Namespace) -> None:
         raise SoundSentryError(
             f"--epochs trains a network; --detector {args.detector} is fitted in numpy"
         )
+    if args.seed is not None and not network:
+        raise SoundSentryError(
+            f"--seed trains a network; --detector {args.detector} is fitted in numpy, the same "
+            "every time"
+        )
+    args.seed = 0 if args.seed is None else args.seed
     if args.augment and not (args.classes or args.detector == "autoencoder"):
         raise SoundSentryError(
             f"--augment is for the autoencoder and the classifier, not --detector {args.detector}"
@@ -501,12 +529,12 @@ def _note_channels(paths: list[str], channel: int) -> None:
     """Say which channel of multichannel recordings is trained on, and how to choose."""
     import soundfile as sf
 
-    from edge.audio_io import find_audio
+    from edge.audio_io import find_audio, sf_path
 
     widest = 1
     for path in find_audio(paths):
         try:
-            widest = max(widest, sf.info(str(path)).channels)
+            widest = max(widest, sf.info(sf_path(path)).channels)
         except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
             continue  # the audio checks name the file
     if widest > 1:
@@ -585,17 +613,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from edge.bundle import channel_for, read_manifest
+
     if args.report:  # before anything is scored or written: no half-written report
         _require("matplotlib", "report", "evaluate --report")
+    manifest = read_manifest(args.model)
+    args.channel = channel_for(manifest, args.channel, "evaluate")
     if args.timeline:  # checked before minutes of scoring, not after
         if not args.report:
             raise SoundSentryError("--timeline draws into the report: give --report DIR too")
         from edge.audio_io import check_files
-        from edge.bundle import read_manifest
         from edge.features import FeatureParams
 
-        rate = FeatureParams.from_dict(read_manifest(args.model).features).samplerate
-        check_files([args.timeline], args.channel, rate)
+        rate = FeatureParams.from_dict(manifest.features).samplerate
+        check_files([args.timeline], max(args.channel, 0), rate)
     from soundsentry.report import evaluate_classes, format_report, write_full_report
     from train.evaluate import evaluate, write_json
 

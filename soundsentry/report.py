@@ -37,7 +37,19 @@ def format_report(report: Report) -> str:
         f"files with an event at threshold {report.threshold:.4g}"
         + (" (the int8 model's)" if report.variant == "float" else "")
         + f": anomalous {report.anomalous_files_with_event}, normal "
-        f"{report.normal_files_with_event}"
+        f"{report.normal_files_with_event}" + _off_note(report)
+    )
+
+
+def _off_note(report: Report) -> str:
+    """Windows the device would take for the machine off: they raise no event there."""
+    off = report.normal_windows_off + report.anomalous_windows_off
+    if not off:
+        return ""
+    return (
+        f"\nwindows with the machine off (quieter than the model's off level; the device "
+        f"raises no event on them): anomalous {report.anomalous_windows_off}, normal "
+        f"{report.normal_windows_off}"
     )
 
 

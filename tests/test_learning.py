@@ -113,7 +113,10 @@ def test_train_refuses_too_little_audio_and_summarises_what_backs_the_threshold(
     ]
     out = tmp_path / "fan.bundle"
     proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
-    assert "audio: 20 s from 4 recording(s): 16 s fitted the model that scored 4 s" in proc.stdout
+    assert (
+        "audio: 20 s from 4 recording(s): 20 s fitted the model; a fit on 16 s scored the "
+        "other 4 s, held out, for the threshold"
+    ) in proc.stdout
     assert "predicted false alarms per day" in proc.stdout and "95% interval" in proc.stdout
     assert "warning: only 20 s of normal audio; 300 s or more is recommended" in proc.stdout
     bundle = load_bundle(out)  # what a refit on site pools with the site's audio

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from edge.advice import audio_seconds, require_audio
-from edge.audio_io import find_audio, read_audio
+from edge.audio_io import find_audio, read_audio, sf_path
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.machine_state import machine_profile
@@ -86,6 +87,12 @@ class Holdout:
         return [str(f) for f in self.fit]
 
     @property
+    def all_names(self) -> list[str]:
+        """Every file, fitting and held out, in sorted order: what a model refitted on all the
+        audio after the threshold was set was fitted on."""
+        return [str(f) for f in sorted({*self.fit, *self.held})]
+
+    @property
     def held_names(self) -> list[str]:
         """`training.holdout_files`: the files held-out audio came from (all, in a time split)."""
         return self.fit_names if self.in_time else [str(f) for f in self.held]
@@ -96,7 +103,9 @@ def holdout_split(files: list[Path], fraction: float = HOLDOUT_FRACTION) -> Hold
     recordings, because a new recording differs more than another part of the same one.
 
     In sorted path order every `round(1 / fraction)`-th file (at least every 2nd) is held out
-    (fraction 0.2: indices 4, 9, 14, ...), so a folder named by condition or date gives its
+    (fraction 0.2: indices 4, 9, 14, ...; one shorter than MIN_HELD_SECONDS gives way to the
+    nearest longer one before it in its group, and a group of only such files holds none; none
+    held at all: the time split below), so a folder named by condition or date gives its
     held-out files from all of them rather than all from the last. Deterministic: the same files
     give the same split, in whatever order they come. With fewer files than that step (fewer
     than 5 at 0.2) none is spared: every file keeps its last `fraction` aside instead
@@ -106,17 +115,39 @@ def holdout_split(files: list[Path], fraction: float = HOLDOUT_FRACTION) -> Hold
         raise ValueError(f"holdout fraction must be between 0 and 1, not {fraction}")
     ordered = sorted(files)
     step = max(2, round(1 / fraction))
-    held = ordered[step - 1 :: step]
+    held = []
+    for end in range(step, len(ordered) + 1, step):  # one file of every `step` in sorted order
+        group = ordered[end - step : end]
+        usable = [f for f in group if _seconds(f) >= MIN_HELD_SECONDS]
+        if usable:  # the last, unless it is too short to score (a recording's final chunk)
+            held.append(usable[-1])
     spared = set(held)
     return Holdout([f for f in ordered if f not in spared], held, fraction)
 
 
-def require_held_out(windows: int, params: FeatureParams) -> None:
+MIN_HELD_SECONDS = 2 * FeatureParams().window_seconds
+"""A recording shorter than this (a 1-s last chunk of `record`) is not held out whole: it
+gives too few windows for the threshold; another file of its group is held out instead."""
+
+
+def _seconds(path: Path) -> float:
+    """A recording's length in seconds; unknown (unreadable here) counts as long enough: the
+    audio checks name a file that cannot be read."""
+    try:
+        return float(sf.info(sf_path(path)).duration)
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
+        return float("inf")
+
+
+def require_held_out(windows: int, params: FeatureParams, held: list[Path] | None = None) -> None:
     """Refuse (AudioError, one line) when fewer than two windows could be held out: the
-    threshold would otherwise come from the audio the model was fitted on, and sit too low."""
+    threshold would otherwise come from the audio the model was fitted on, and sit too low.
+    `held`: the recordings held out whole, named in the line."""
     if windows < 2:
+        which = f" ({', '.join(map(str, held))} gave {windows} windows)" if held else ""
         raise AudioError(
-            "train: no audio could be held out to set the threshold: give 5 or more recordings, "
+            f"train: no audio could be held out to set the threshold{which}: give 5 or more "
+            "recordings, "
             f"or recordings of at least {params.window_seconds / HOLDOUT_FRACTION:g} s each "
             "(the last fifth of each is held out)"
         )
@@ -191,7 +222,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     train, hold, audios = [], [], []
     train_s = hold_s = 0.0
     for path in progress(files, "features"):
-        audio = read_audio(path, params.samplerate, channel)
+        audio = read_audio(path, params.samplerate, channel, need_sound=True)
         audios.append(audio)
         fit_part, held_part = holdout.parts(path, audio, params.window_samples)
         train.append(windows_of(fit_part, dense))
@@ -205,7 +236,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     )
     if len(split.train.windows) == 0:
         raise AudioError(f"not enough audio to train: need at least {params.window_seconds} s")
-    require_held_out(len(split.holdout.windows), params)
+    require_held_out(len(split.holdout.windows), params, holdout.held)
     log.info(
         "training on %d windows (%.0f s), holding out %d (%.0f s) from %d files",
         len(split.train.windows),

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from edge.audio_io import check_files, find_audio, read_audio
-from edge.bundle import Bundle, load_bundle
+from edge.bundle import Bundle, channel_for, load_bundle
 from edge.errors import AudioError
-from edge.events import Cusum
 from edge.features import windows_of
+from edge.machine_state import OFF
+from edge.pipeline import Pipeline
 from edge.scoring import Scorer
-from edge.settings import DetectorSettings
-from edge.threshold import count_events
 from train.metrics import classification_report, partial_auc, roc_auc
 from train.progress import progress
 
@@ -58,6 +57,10 @@ class Report:
     """Files whose window scores raise an event in the real event logic (K-of-N and CUSUM at
     the bundle's calibrated settings), of the files scored: what the device would report."""
     anomalous_files_with_event: str
+    normal_windows_off: int = 0
+    """Windows the device would take for the machine off (below the bundle's
+    `machine.off_below_dbfs`): they raise no event there, nor in the counts above."""
+    anomalous_windows_off: int = 0
     items: list[Scored] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -86,8 +89,12 @@ def clip_and_segments_of(
 def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
     """Warn about test files the bundle was fitted on (by content: the manifest records every
     training file's hash): a model scores its own training audio as normal, which flatters the
-    AUC. Held-out files are fine to test on."""
-    fitted = {f.sha256: f.name for f in bundle.manifest.training.files if f.sha256}
+    AUC. The numpy kinds refit the shipped model on all the audio, the held-out files too
+    (bundles from before `fitted_seconds` listed only the others in `files`); a network's
+    held-out files are fine to test on."""
+    t = bundle.manifest.training
+    records = [*t.files, *(t.holdout_files if _refit_on_all(bundle) else [])]
+    fitted = {f.sha256: f.name for f in records if f.sha256}
     for path in files:
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -97,16 +104,28 @@ def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
             log.warning("%s: the model was fitted on this recording; it will look normal", path)
 
 
+def _refit_on_all(bundle: Bundle) -> bool:
+    """Whether the shipped model was fitted on the held-out audio too: as its manifest says, or
+    for a bundle from before it said, when it has no network (the numpy kinds always were)."""
+    t = bundle.manifest.training
+    if t.fitted_seconds is None:
+        return bundle.model is None
+    return t.fitted_seconds > t.seconds - t.holdout_seconds
+
+
 def evaluate(
     model: str | Path,
     normal: list[str | Path],
     anomalous: list[str | Path],
     segment: float | None = None,
     variant: str = "int8",
-    channel: int = 0,
+    channel: int | None = None,
 ) -> Report:
-    """Score every file (or segment) and compute AUC / pAUC with anomalous as positive."""
+    """Score every file (or segment) and compute AUC / pAUC with anomalous as positive;
+    `channel`: by default the one the model was fitted on."""
     bundle = load_bundle(model, variant=variant)
+    if channel is None:
+        channel = channel_for(bundle.manifest, None, "evaluate")
     if bundle.model is None:
         variant = "numpy"  # no network: the same statistics serve both
     scorer = Scorer.from_bundle(bundle)
@@ -122,16 +141,20 @@ def evaluate(
     every = [f for files in found for f in files]
     check_files(every, max(channel, 0), p.samplerate)
     _warn_if_trained_on(bundle, every)
+    off = [0, 0]
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
-            windows = windows_of(read_audio(path, p.samplerate, channel), p)
+            audio = read_audio(path, p.samplerate, channel)
+            windows = windows_of(audio, p)
             if len(windows) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
             scores = scorer.score_many(windows)
             for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
                 items.append(Scored(str(path), seg, label, float(scores[idx].mean())))
-            events[label].append(raises_event(scores, bundle))
+            raised, off_windows = device_events(audio, bundle)
+            events[label].append(raised)
+            off[label] += off_windows
     labels = np.array([i.label for i in items])
     for label, side in enumerate(("normal", "anomalous")):
         if not np.any(labels == label):
@@ -154,18 +177,22 @@ def evaluate(
         threshold=threshold,
         normal_files_with_event=f"{sum(events[0])}/{len(events[0])}",
         anomalous_files_with_event=f"{sum(events[1])}/{len(events[1])}",
+        normal_windows_off=off[0],
+        anomalous_windows_off=off[1],
         items=items,
     )
 
 
-def raises_event(scores: np.ndarray, bundle: Bundle) -> bool:
-    """Whether one file's window scores, streamed on their own, raise an event in the real
-    event logic at the bundle's calibrated K-of-N, release and CUSUM."""
-    params = bundle.manifest.threshold.params
-    settings = DetectorSettings()
-    k, n = settings.k_of_n(params)
-    m, hop = settings.release_windows, bundle.features.hop_seconds
-    return count_events(scores, bundle.threshold, k, n, m, hop, Cusum.from_params(params)) > 0
+def device_events(audio: np.ndarray, bundle: Bundle) -> tuple[bool, int]:
+    """Whether one file's audio, streamed on its own through the daemon's pipeline, raises an
+    event, and how many of its windows were the machine off. The pipeline is the device's own
+    gating: windows below the machine-off level and silent or flat ones are no evidence, events
+    wait out the run-up after a start, then K-of-N and CUSUM at the bundle's calibration."""
+    pipeline = Pipeline(bundle)
+    steps = pipeline.push(audio)
+    pipeline.close()
+    raised = any(t.kind == "start" for step in steps for t in step.transitions)
+    return raised, sum(step.machine == OFF for step in steps)
 
 
 def write_json(report: Report, path: str | Path) -> None:

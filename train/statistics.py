@@ -17,8 +17,15 @@ import numpy as np
 import soundfile as sf
 
 from edge import __version__
-from edge.audio_io import read_audio
-from edge.bundle import FORMAT, FORMAT_VERSION, id_stem, sha256_bytes, write_bundle
+from edge.audio_io import read_audio, sf_path
+from edge.bundle import (
+    ALL_CHANNELS,
+    FORMAT,
+    FORMAT_VERSION,
+    id_stem,
+    sha256_bytes,
+    write_bundle,
+)
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.learning import training_summary
@@ -40,8 +47,6 @@ log = logging.getLogger(__name__)
 
 MIN_SHRINKAGE = 0.01
 """Least covariance shrinkage towards a scaled identity; more (Ledoit-Wolf) on little data."""
-ALL_CHANNELS = -2
-"""`training.channel` of a model trained on every channel as a view."""
 HOLDOUT_NOTE = "threshold from held-out audio scored by a model fitted without it"
 
 Featurize = Callable[[np.ndarray], np.ndarray]
@@ -68,7 +73,14 @@ def fit_statistics(
     cov = zc.T @ zc / len(zc)
     alpha = max(MIN_SHRINKAGE, ledoit_wolf_shrinkage(zc))
     target = np.trace(cov) / len(cov) * np.eye(len(cov))
-    return scorer(mean, std, center, np.linalg.inv((1 - alpha) * cov + alpha * target))
+    try:
+        precision = np.linalg.inv((1 - alpha) * cov + alpha * target)
+    except np.linalg.LinAlgError:
+        raise AudioError(
+            "the normal audio's features do not vary (their covariance is singular): is the "
+            "audio silent or a dead channel? pick one that hears the machine with --channel N"
+        ) from None
+    return scorer(mean, std, center, precision)
 
 
 def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
@@ -89,12 +101,12 @@ def channel_views(
 ) -> list[np.ndarray]:
     """The audio of one file: one channel (or a downmix), or every channel as its own view."""
     if not all_channels:
-        return [read_audio(path, params.samplerate, channel)]
+        return [read_audio(path, params.samplerate, channel, need_sound=True)]
     try:
-        n = sf.info(str(path)).channels
+        n = sf.info(sf_path(path)).channels
     except (sf.LibsndfileError, RuntimeError):
         n = 1  # read_audio will say what is wrong with the file
-    return [read_audio(path, params.samplerate, c) for c in range(n)]
+    return [read_audio(path, params.samplerate, c, need_sound=True) for c in range(n)]
 
 
 @dataclass
@@ -159,7 +171,7 @@ def collect(
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
     )
-    require_held_out(len(hold_f), params)
+    require_held_out(len(hold_f), params, holdout.held)
     where = ALL_CHANNELS if all_channels else channel
     run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
     run.machine = machine_profile(audios, params)
@@ -203,10 +215,11 @@ def statistics_manifest(
             "std": band_shares.std(axis=0).tolist(),
         },
         "training": {
-            "files": run.holdout.fit_names,
+            "files": run.holdout.all_names,  # the shipped model is fitted on all the audio
             "seconds": round(run.seconds[0], 3),
             "holdout_files": run.holdout.held_names,
             "holdout_seconds": round(run.seconds[1], 3),
+            "fitted_seconds": round(run.seconds[0], 3),
             "channel": run.channel,
             "epochs": 0,
             "seed": 0,

@@ -1,0 +1,227 @@
+"""What users hand `train`, `calibrate` and `evaluate`: multichannel recordings with a dead
+channel, silence, held-out recordings, folders from other systems, file names from other
+systems. Real commands on fixture audio (fluctuation, the default kind: seconds to train)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
+
+RATE = 16000
+
+
+def _mono(path: Path) -> np.ndarray:
+    return sf.read(str(path), dtype="float32")[0]
+
+
+def _stereo_ch0_dead(sources: list[Path], folder: Path) -> list[Path]:
+    """Stereo WAVs of the sources whose channel 0 is digital silence (a dead microphone)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sources:
+        audio = _mono(src)
+        path = folder / f"{src.stem}.wav"
+        sf.write(str(path), np.stack([np.zeros_like(audio), audio], 1), RATE, subtype="PCM_16")
+        out.append(path)
+    return out
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def test_calibrate_and_evaluate_use_the_channel_the_model_was_trained_on(tmp_path: Path) -> None:
+    """Both read channel 0 whatever the bundle was trained on: with a dead channel 0,
+    `calibrate` wrote a threshold of 5e-28 and `evaluate` reported AUC 0.000, without a word."""
+    normal = _stereo_ch0_dead(NORMAL_FILES, tmp_path / "normal")
+    (fault,) = _stereo_ch0_dead([ANOMALOUS_FILE], tmp_path / "fault")
+    model, site = tmp_path / "m.bundle", tmp_path / "site.bundle"
+    cli("train", "--normal", str(tmp_path / "normal"), "--channel", "1", "--out", str(model))
+    trained = _manifest(model)["threshold"]["value"]
+    cli("calibrate", str(model), "--normal", str(tmp_path / "normal"), "--out", str(site))
+    calibrated = _manifest(site)
+    assert calibrated["calibration"]["channel"] == 1
+    assert trained / 10 < calibrated["threshold"]["value"] < trained * 10
+    report = tmp_path / "eval.json"
+    proc = cli("evaluate", str(site), "--normal", str(normal[3]), "--anomalous", str(fault),
+               "--segment", "1", "--json", str(report))  # fmt: skip
+    assert json.loads(report.read_text())["auc"] > 0.9
+    assert "fitted on channel" not in proc.stderr
+    other = cli("evaluate", str(model), "--normal", str(normal[3]), "--anomalous", str(fault),
+                "--channel", "0")  # fmt: skip
+    assert "--channel 0, but the model was fitted on channel 1" in other.stderr
+
+
+def _error_line(proc) -> str:
+    """The one error line of a refused command (no traceback)."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("soundsentry: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_a_dead_channel_or_digital_silence_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """Both crashed `train` with `LinAlgError: Singular matrix`, and `calibrate` took them."""
+    normal = _stereo_ch0_dead(NORMAL_FILES, tmp_path / "stereo")
+    line = _error_line(cli("train", "--normal", str(tmp_path / "stereo"), "--out",
+                           str(tmp_path / "a.bundle"), check=False))  # fmt: skip
+    assert str(normal[0]) in line and "channel 0 is digital silence" in line
+    assert "--channel N" in line
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    for src in NORMAL_FILES:  # -144 dBFS: a float WAV of (almost) nothing
+        sf.write(str(quiet / f"{src.stem}.wav"), _mono(src) * 1e-7, RATE, subtype="FLOAT")
+    line = _error_line(
+        cli("train", "--normal", str(quiet), "--out", str(tmp_path / "b.bundle"), check=False)
+    )
+    assert str(sorted(quiet.iterdir())[0]) in line and "digital silence" in line
+    model = tmp_path / "m.bundle"
+    cli("train", "--normal", str(tmp_path / "stereo"), "--channel", "1", "--out", str(model))
+    site = tmp_path / "c.bundle"
+    line = _error_line(cli("calibrate", str(model), "--normal", str(tmp_path / "stereo"),
+                           "--channel", "0", "--out", str(site), check=False))  # fmt: skip
+    assert "channel 0 is digital silence" in line
+
+
+def test_a_singular_covariance_is_an_error_line_not_a_crash() -> None:
+    from edge.errors import AudioError
+    from train.statistics import fit_statistics
+
+    with pytest.raises(AudioError, match=r"do not vary.*--channel"):
+        fit_statistics(np.zeros((20, 64)))
+
+
+def _starts(proc) -> int:
+    return sum(json.loads(x)["type"] == "start" for x in proc.stdout.splitlines())
+
+
+def test_evaluate_counts_events_with_the_devices_machine_off_gate(tmp_path: Path) -> None:
+    """`evaluate` counted an event on a file the device hears as the machine off (far below
+    the bundle's `machine.off_below_dbfs`), where the daemon raises none."""
+    model = tmp_path / "m.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(model))
+    quiet = tmp_path / "quiet_fault.wav"  # the fault 60 dB down: the machine is 'off' there
+    sf.write(str(quiet), _mono(ANOMALOUS_FILE) * 1e-3, RATE, subtype="FLOAT")
+    report = tmp_path / "eval.json"
+    proc = cli("evaluate", str(model), "--normal", str(NORMAL_FILES[0]), "--anomalous",
+               str(ANOMALOUS_FILE), str(quiet), "--json", str(report))  # fmt: skip
+    data = json.loads(report.read_text())
+    replayed = [_starts(cli("replay", str(model), str(f))) > 0 for f in (ANOMALOUS_FILE, quiet)]
+    assert replayed == [True, False]
+    assert data["anomalous_files_with_event"] == "1/2"
+    windows = int((sf.info(str(quiet)).duration - 1.0) / 0.5) + 1
+    assert data["anomalous_windows_off"] >= windows - 2  # all but the first two (the confirm)
+    assert data["normal_windows_off"] == 0
+    assert "windows with the machine off" in proc.stdout
+
+
+def _chunks(folder: Path, seconds: list[float]) -> list[Path]:
+    """WAVs of these lengths cut one after another from the fixture's normal audio."""
+    folder.mkdir(parents=True, exist_ok=True)
+    audio = np.concatenate([_mono(f) for f in NORMAL_FILES])
+    out, at = [], 0
+    for i, s in enumerate(seconds):
+        n = int(s * RATE)
+        path = folder / f"rec-{i:04d}.wav"
+        sf.write(str(path), audio[at : at + n], RATE, subtype="PCM_16")
+        out.append(path)
+        at += n
+    return out
+
+
+def test_the_manifest_lists_every_file_the_shipped_model_was_fitted_on(tmp_path: Path) -> None:
+    """The shipped statistics model is refitted on all the audio, held-out files included, but
+    `training.files` listed only the others, so `evaluate` on a held-out file flattered the
+    model without a warning, and the summary said 16 s fitted the model."""
+    files = _chunks(tmp_path / "normal", [4.0] * 5)
+    model = tmp_path / "m.bundle"
+    proc = cli("train", "--normal", str(tmp_path / "normal"), "--out", str(model))
+    t = _manifest(model)["training"]
+    assert [f["name"] for f in t["files"]] == [f.name for f in files]
+    assert [f["name"] for f in t["holdout_files"]] == [files[4].name]
+    assert t["fitted_seconds"] == t["seconds"] == 20.0
+    assert "20 s fitted the model; a fit on 16 s scored the other 4 s, held out" in proc.stdout
+    ev = cli("evaluate", str(model), "--normal", str(files[4]), "--anomalous", str(ANOMALOUS_FILE))
+    assert f"{files[4]}: the model was fitted on this recording" in ev.stderr
+
+
+def test_file_names_that_are_not_utf8_are_read_everywhere(tmp_path: Path) -> None:
+    """Latin-1 names from a FAT USB stick (b"caf\\xe9_0.wav") crashed train, calibrate,
+    evaluate and replay with UnicodeEncodeError: soundfile encodes a str path strictly."""
+    folder = tmp_path / "stick"
+    folder.mkdir()
+    for i, src in enumerate(NORMAL_FILES):
+        name = bytes(folder) + b"/caf\xe9_" + str(i).encode() + b".wav"
+        sf.write(name, _mono(src), RATE, subtype="PCM_16")
+    one = str(sorted(folder.iterdir())[0])
+    model, site = tmp_path / "m.bundle", tmp_path / "site.bundle"
+    cli("train", "--normal", str(folder), "--out", str(model))
+    assert "caf\\xe9_0.wav" in [f["name"] for f in _manifest(model)["training"]["files"]]
+    cli("calibrate", str(model), "--normal", str(folder), "--out", str(site))
+    ev = cli("evaluate", str(site), "--normal", one, "--anomalous", str(ANOMALOUS_FILE))
+    assert "normal 1  anomalous 1" in ev.stdout
+    replay = cli("replay", str(model), one)
+    assert "replay: 1 file(s)" in replay.stderr
+
+
+def test_a_short_last_recording_is_not_the_one_held_out(tmp_path: Path) -> None:
+    """`record --seconds 241` ends with a 1-s chunk; every 5th file was held out whatever its
+    length, so training refused: "no audio could be held out ... give 5 or more recordings"."""
+    files = _chunks(tmp_path / "rec", [5.0, 5.0, 5.0, 4.0, 1.0])
+    model = tmp_path / "m.bundle"
+    cli("train", "--normal", str(tmp_path / "rec"), "--out", str(model))
+    t = _manifest(model)["training"]
+    assert [f["name"] for f in t["holdout_files"]] == [files[3].name]
+    assert t["holdout_seconds"] == 4.0
+
+
+def test_folder_search_skips_hidden_and_system_files_and_follows_folder_links(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """macOS `._x.wav` files made training refuse, `.Trashes`/`$RECYCLE.BIN` were trained on,
+    a linked subfolder was skipped and a folder's mp3s were dropped, all without a word."""
+    from edge.audio_io import find_audio
+
+    top = tmp_path / "normal"
+    real = _chunks(top, [4.0] * 3)
+    _chunks(tmp_path / "day2", [2.0])
+    (top / "day2").symlink_to(tmp_path / "day2", target_is_directory=True)
+    (top / "day2" / "loop").symlink_to(top, target_is_directory=True)
+    for junk in (".Trashes", "$RECYCLE.BIN"):
+        _chunks(top / junk, [1.0])
+    (top / "._rec-0000.wav").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(64))
+    sf.write(str(top / "song.mp3"), _mono(NORMAL_FILES[0])[: 2 * RATE], RATE, format="MP3")
+    (top / "phone.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A ")
+    found = find_audio([top])
+    assert found == sorted([*real, top / "day2" / "rec-0000.wav", top / "song.mp3"])
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "3 hidden or system" in line and "._rec-0000.wav" in line and "phone.m4a" in line
+    proc = cli("train", "--normal", str(top), "--out", str(tmp_path / "m.bundle"))
+    assert "skipped" in proc.stderr
+
+
+def test_training_messages_name_the_file_and_refuse_what_would_be_ignored(tmp_path: Path) -> None:
+    """Float samples in engineering units (x1000) failed on an invalid manifest; a missing
+    channel did not name the file; `--channel -2` and `--seed` (numpy kinds) were taken."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for src in NORMAL_FILES:
+        sf.write(str(big / f"{src.stem}.wav"), _mono(src) * 1000, RATE, subtype="FLOAT")
+    out = str(tmp_path / "m.bundle")
+    line = _error_line(cli("train", "--normal", str(big), "--out", out, check=False))
+    assert f"{sorted(big.iterdir())[0]}: float samples reach" in line and "-1..1" in line
+    files = [str(f) for f in NORMAL_FILES]
+    line = _error_line(
+        cli("train", "--normal", *files, "--channel", "1", "--out", out, check=False)
+    )
+    assert f"{NORMAL_FILES[0]}: channel 1 does not exist" in line
+    bad = cli("train", "--normal", *files, "--channel", "-2", "--out", out, check=False)
+    assert bad.returncode == 2 and "-1 (the average)" in bad.stderr
+    line = _error_line(cli("train", "--normal", *files, "--seed", "3", "--out", out, check=False))
+    assert "--seed trains a network" in line
