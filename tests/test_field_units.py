@@ -125,7 +125,10 @@ def test_stall_is_a_fault_until_audio_flows() -> None:
 
 
 def test_level_dbfs() -> None:
-    assert level_dbfs(np.full(100, 0.5, np.float32)) == pytest.approx(-6.02, abs=0.01)
+    square = np.tile([0.5, -0.5], 50).astype(np.float32)
+    assert level_dbfs(square) == pytest.approx(-6.02, abs=0.01)
+    assert level_dbfs(square + 0.2) == pytest.approx(-6.02, abs=0.01)  # an offset is no sound
+    assert level_dbfs(np.full(100, 0.5, np.float32)) == -120.0
     assert level_dbfs(np.zeros(100, np.float32)) == -120.0
 
 
