@@ -99,7 +99,7 @@ def test_kill_9_makes_the_broker_publish_the_last_will(broker: Broker, tmp_path:
 
 def test_microphone_path_through_pulseaudio(pulse: str, broker: Broker, tmp_path: Path) -> None:
     sub = Subscriber(broker.port, "soundsentry/mic/#")
-    env = {**os.environ, "PULSE_SOURCE": pulse}
+    env = {**os.environ, "PULSE_SOURCE": pulse, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
     player = subprocess.Popen(["paplay", "-d", pulse.removesuffix(".monitor"), str(DEMO_CLIP)])
     daemon = subprocess.Popen(
         [

@@ -180,13 +180,15 @@ def test_capture_resamples_a_device_rate_the_model_does_not_use(
             str(cfg),
         ],
         cwd=ROOT,
-        env={**os.environ, "PULSE_SOURCE": "hifi.monitor"},
+        env={**os.environ, "PULSE_SOURCE": "hifi.monitor", "SOUNDSENTRY_DATA_DIR": str(tmp_path)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert sub.wait_for(lambda _: bool(sub.on("/events")), timeout=30), "no anomaly"
+        assert sub.wait_for(
+            lambda _: any(m.json()["type"] == "start" for m in sub.on("/events")), timeout=30
+        ), "no anomaly"
         daemon.send_signal(signal.SIGTERM)
         out, err = daemon.communicate(timeout=20)
         assert daemon.returncode == 0, err
