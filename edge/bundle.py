@@ -267,6 +267,16 @@ def id_stem(path: str | Path) -> str:
     return stem.strip("-._:+")[:100] or "model"
 
 
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read a megabyte at a time (a two-hour recording is never held
+    in memory whole for its hash)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of bytes."""
     return hashlib.sha256(data).hexdigest()
@@ -380,15 +390,14 @@ def _file_record(item: Any) -> dict[str, Any]:
     if isinstance(item, dict):
         return item
     p = Path(str(item))
-    try:
-        data = p.read_bytes() if p.is_file() else None
-    except OSError:
-        data = None
     # a name that is not valid UTF-8 (a FAT stick's Latin-1) is kept readable: caf\\xe9.wav
     name = os.fsencode(p.name).decode("utf-8", "backslashreplace")
-    if data is None:
+    try:
+        if not p.is_file():
+            return {"name": name}
+        return {"name": name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    except OSError:
         return {"name": name}
-    return {"name": name, "bytes": len(data), "sha256": sha256_bytes(data)}
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

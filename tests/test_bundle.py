@@ -250,3 +250,25 @@ def test_not_a_bundle(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).mkdir()
     with pytest.raises(BundleError, match="not a regular file"):
         read_manifest(tmp_path)
+
+
+def test_a_long_recording_is_hashed_without_holding_it_in_memory(tmp_path: Path) -> None:
+    """train, evaluate and the manifest hash every recording; a two-hour WAV was read whole for
+    it (about 0.5 GB at 16 kHz, more at 48 kHz stereo) on a Pi with 1 GB."""
+    import hashlib
+    import tracemalloc
+
+    from edge.bundle import sha256_file
+
+    path = tmp_path / "long.wav"
+    data = np.random.default_rng(0).integers(0, 255, 40 << 20, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    del data
+    tracemalloc.start()
+    try:
+        assert sha256_file(path) == expected
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.0f} MB held to hash a 40-MB file"

@@ -3,7 +3,6 @@ split every trainer uses (autoencoder, fluctuation, classifier per class)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,6 +12,7 @@ import soundfile as sf
 
 from edge.advice import audio_seconds, require_audio
 from edge.audio_io import find_audio, read_audio, sf_path
+from edge.bundle import sha256_file
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.machine_state import machine_profile
@@ -173,7 +173,7 @@ def without_copies(files: list[Path]) -> list[Path]:
     kept = []
     for path in files:
         try:
-            key = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+            key = (path.stat().st_size, sha256_file(path))
         except OSError:
             kept.append(path)  # unreadable: the audio checks name it
             continue

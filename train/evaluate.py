@@ -7,7 +7,6 @@ module computes and returns numbers; printing them and drawing them is `soundsen
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.audio_io import check_files, find_audio, read_audio
-from edge.bundle import Bundle, channel_for, load_bundle
+from edge.bundle import Bundle, channel_for, load_bundle, sha256_file
 from edge.errors import AudioError
 from edge.features import windows_of
 from edge.machine_state import OFF
@@ -97,7 +96,7 @@ def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
     fitted = {f.sha256: f.name for f in records if f.sha256}
     for path in files:
         try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
         except OSError:
             continue
         if digest in fitted:
