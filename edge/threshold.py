@@ -474,15 +474,15 @@ def score_autocorrelation(scores: np.ndarray) -> float:
 
 
 def design_cusum(
-    scores: np.ndarray, per_day: float, hop_s: float, seconds: float | None = None
+    scores: np.ndarray, per_day: float, hop_s: float, r: float, seconds: float | None = None
 ) -> tuple[Cusum, dict[str, Any]] | None:
-    """The CUSUM for this budget share on held-out normal scores (module docstring), `seconds`
-    of audio behind them (as for bounded_threshold); None when the scores do not vary."""
+    """The CUSUM for this budget share on held-out normal scores (module docstring), whose
+    lag-1 correlation is r (score_autocorrelation), `seconds` of audio behind them (as for
+    bounded_threshold); None when the scores do not vary."""
     logs = np.log(np.maximum(scores, _EPS))
     center, spread = float(np.median(logs)), robust_spread(logs)
     if spread <= 0:
         return None
-    r = score_autocorrelation(scores)
     widen = math.sqrt((1 + r) / (1 - r))
     scale = spread * widen
     design = cusum_h(SECONDS_PER_DAY / hop_s / per_day)
@@ -557,10 +557,10 @@ def threshold_for_budget(
     scores = np.asarray(scores, np.float64)
     seconds = len(scores) * hop_s if seconds is None else seconds
     designed = None
-    if integrate and len(scores) >= MIN_CUSUM_WINDOWS:
-        designed = design_cusum(scores, false_alarms_per_day * CUSUM_SHARE, hop_s, seconds)
-    window_budget = false_alarms_per_day * (1 - CUSUM_SHARE if designed else 1.0)
     r = score_autocorrelation(scores)
+    if integrate and len(scores) >= MIN_CUSUM_WINDOWS:
+        designed = design_cusum(scores, false_alarms_per_day * CUSUM_SHARE, hop_s, r, seconds)
+    window_budget = false_alarms_per_day * (1 - CUSUM_SHARE if designed else 1.0)
     p = window_rate_for_budget(window_budget / 24, k, n, hop_s, r)
     common = {"false_alarms_per_day": false_alarms_per_day, "k": k, "n": n, "m": m, "hop_s": hop_s}
     try:
