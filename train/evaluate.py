@@ -127,7 +127,6 @@ def evaluate(
         channel = channel_for(bundle.manifest, None, "evaluate")
     if bundle.model is None:
         variant = "numpy"  # no network: the same statistics serve both
-    scorer = Scorer.from_bundle(bundle)
     p = bundle.features
     if segment is not None and segment < p.window_seconds:
         raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
@@ -143,15 +142,14 @@ def evaluate(
     off = [0, 0]
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
-            audio = read_audio(path, p.samplerate, channel)
-            windows = windows_of(audio, p)
-            if len(windows) == 0:
+            scores, raised, off_windows = device_events(
+                read_audio(path, p.samplerate, channel), bundle
+            )
+            if len(scores) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
-            scores = scorer.score_many(windows)
             for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
                 items.append(Scored(str(path), seg, label, float(scores[idx].mean())))
-            raised, off_windows = device_events(audio, bundle)
             events[label].append(raised)
             off[label] += off_windows
     labels = np.array([i.label for i in items])
@@ -182,16 +180,18 @@ def evaluate(
     )
 
 
-def device_events(audio: np.ndarray, bundle: Bundle) -> tuple[bool, int]:
-    """Whether one file's audio, streamed on its own through the daemon's pipeline, raises an
-    event, and how many of its windows were the machine off. The pipeline is the device's own
-    gating: windows below the machine-off level and silent or flat ones are no evidence, events
-    wait out the run-up after a start, then K-of-N and CUSUM at the bundle's calibration."""
+def device_events(audio: np.ndarray, bundle: Bundle) -> tuple[np.ndarray, bool, int]:
+    """One file's audio streamed on its own through the daemon's pipeline: its window scores,
+    whether it raises an event, and how many of its windows were the machine off. The pipeline
+    is the device's own gating: windows below the machine-off level and silent or flat ones are
+    no evidence, events wait out the run-up after a start, then K-of-N and CUSUM at the
+    bundle's calibration."""
     pipeline = Pipeline(bundle)
     steps = pipeline.push(audio)
     pipeline.close()
     raised = any(t.kind == "start" for step in steps for t in step.transitions)
-    return raised, sum(step.machine == OFF for step in steps)
+    scores = np.array([step.window.score for step in steps], np.float64)
+    return scores, raised, sum(step.machine == OFF for step in steps)
 
 
 def write_json(report: Report, path: str | Path) -> None:
