@@ -379,9 +379,16 @@ def _lift_arrays(body: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _training_records(training: dict[str, Any]) -> dict[str, Any]:
+    """`files` and `holdout_files` as records; a file in both (held out, then refitted on) is
+    read and hashed once."""
     out = dict(training)
+    records: dict[str, dict[str, Any]] = {}
     for key in ("files", "holdout_files"):
-        out[key] = [_file_record(f) for f in training.get(key, [])]
+        out[key] = []
+        for item in training.get(key, []):
+            if isinstance(item, dict) or str(item) not in records:
+                records[str(item)] = _file_record(item)
+            out[key].append(records[str(item)])
     return out
 
 

@@ -19,7 +19,7 @@ from edge.bundle import Bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
 from edge.errors import SoundSentryError
-from edge.eventlog import EventLogSink, read_events
+from edge.eventlog import EventLogSink, LoggedEvent, read_events
 from edge.messages import EventMessage, iso
 from edge.pipeline import Step
 from edge.settings import Settings
@@ -57,8 +57,11 @@ def run_detector(
     dashboard = _dashboard(settings)  # bound first: a taken port is said before anything starts
     page = dashboard.base_url() if dashboard is not None else None
     client_id = f"soundsentry-{settings.device_id}" + ("" if live else f"-replay-{os.getpid()}")
+    logged = _logged_events(settings.data_dir)
     publisher = (
-        _publisher(settings, bundle, on_command, page, client_id) if settings.mqtt.host else None
+        _publisher(settings, bundle, on_command, page, client_id, logged)
+        if settings.mqtt.host
+        else None
     )
     sinks: list[Sink] = []
     if publisher is not None:
@@ -72,7 +75,7 @@ def run_detector(
     if dashboard is not None:
         sinks.append(dashboard.live)
     if live:
-        end_interrupted(settings.data_dir, sinks)
+        end_interrupted(logged, sinks)
     spool = publisher.spool if publisher is not None else None
     detector = Detector(
         settings,
@@ -115,9 +118,10 @@ def _publisher(
     on_command: Callable[[bytes], None],
     page: str | None,
     client_id: str,
+    logged: list[LoggedEvent],
 ) -> Any:
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
-    when it serves one), not yet connected."""
+    when it serves one) and the device's last `logged` event, not yet connected."""
     from edge.discovery import discovery_configs
     from edge.publish import MqttPublisher
     from edge.spool import open_spool
@@ -131,22 +135,16 @@ def _publisher(
     publisher = MqttPublisher(settings.mqtt, topics, client_id, spool, on_command=on_command)
     if settings.mqtt.discovery:
         publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold, page))
-    latest = _last_logged_event(settings.data_dir)
-    if latest is not None:  # a broker that lost its retained messages gets it back
-        publisher.remember_last_event(latest)
+    if logged:  # a broker that lost its retained messages gets it back
+        publisher.remember_last_event(json.dumps(logged[-1].data, separators=(",", ":")))
     return publisher
 
 
-def end_interrupted(data_dir: Path, sinks: Iterable[Sink]) -> int:
-    """Send an `end` (`interrupted`, at this start) for every event in the device's log that
+def end_interrupted(events: list[LoggedEvent], sinks: Iterable[Sink]) -> int:
+    """Send an `end` (`interrupted`, at this start) for every event of the device's log that
     an earlier run started and never ended: the daemon lost power, crashed or was killed
     during an anomaly, and an alarm raised on its `start` would otherwise never clear. Returns
     how many."""
-    try:
-        events = read_events(data_dir)
-    except SoundSentryError as exc:
-        log.warning("%s: events left open by an earlier run are not ended", exc)
-        return 0
     names = {f.name for f in fields(EventMessage)}
     now = time.time()
     ended = 0
@@ -168,14 +166,14 @@ def end_interrupted(data_dir: Path, sinks: Iterable[Sink]) -> int:
     return ended
 
 
-def _last_logged_event(data_dir: Path) -> str | None:
-    """The latest event in the device's event log as a payload, or None (no log, unreadable)."""
+def _logged_events(data_dir: Path) -> list[LoggedEvent]:
+    """The device's event log, oldest first; none when it cannot be read (said once: its last
+    event is then not re-published, nor are events an earlier run left open ended)."""
     try:
-        events = read_events(data_dir)
+        return read_events(data_dir)
     except SoundSentryError as exc:
-        log.warning("%s: the last event is not re-published", exc)
-        return None
-    return json.dumps(events[-1].data, separators=(",", ":")) if events else None
+        log.warning("%s: the last event is not re-published, open ones are not ended", exc)
+        return []
 
 
 def _dashboard(settings: Settings) -> Any:
