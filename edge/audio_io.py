@@ -13,7 +13,7 @@ import soundfile as sf
 import soxr
 
 from edge.errors import AudioError
-from edge.health import FLAT_RANGE, is_silent
+from edge.health import is_flat, is_silent
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ AUDIO_SUFFIXES = frozenset(
 SKIPPED_FOLDERS = frozenset({"$RECYCLE.BIN", "System Volume Information"})
 """Folders of the system, not of recordings (hidden ones, a name starting with '.', too)."""
 DOWNMIX = -1
+"""Channel selector meaning 'average all channels'."""
 FLOAT_FULL_SCALE = 1.0 + 1e-6
 """Float samples beyond this are not audio at full scale (engineering units from a logger)."""
-"""Channel selector meaning 'average all channels'."""
 LISTED_PROBLEMS = 3
 """Unusable files named in full in one error line; the rest are counted."""
 
@@ -240,7 +240,7 @@ def check_sound(path: str | Path, audio: np.ndarray, channel: int, channels: int
     makes the statistics singular; calibrated on, a threshold near zero."""
     if is_silent(audio):
         what = "digital silence"
-    elif float(np.ptp(audio)) < FLAT_RANGE:
+    elif is_flat(audio):
         what = "a flat line (a constant level)"
     else:
         return

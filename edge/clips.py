@@ -81,10 +81,7 @@ class ClipRecorder:
     ) -> None:
         self.folder = folder
         self.samplerate = samplerate
-        self.preroll = int(preroll_s * samplerate)
-        self.max_samples = int(max_seconds * samplerate)
-        self.max_total_bytes = int(max_total_mb * 1e6)
-        self.max_age_s = max_age_days * 86400
+        self._limits(preroll_s, max_seconds, max_total_mb, max_age_days)
         self.ring = CaptureRing(preroll_s + 15.0, samplerate)
         self._rec: _Recording | None = None
         self._written: list[Path] = []
@@ -142,15 +139,20 @@ class ClipRecorder:
                 tmp.unlink(missing_ok=True)
             raise
 
+    def _limits(
+        self, preroll_s: float, max_seconds: float, max_total_mb: float, max_age_days: float
+    ) -> None:
+        self.preroll = int(preroll_s * self.samplerate)
+        self.max_samples = int(max_seconds * self.samplerate)
+        self.max_total_bytes = int(max_total_mb * 1e6)
+        self.max_age_s = max_age_days * 86400
+
     def configure(
         self, preroll_s: float, max_seconds: float, max_total_mb: float, max_age_days: float
     ) -> None:
         """New settings (SIGHUP): the audio the ring holds is kept, and the limits apply at the
         next housekeep."""
-        self.preroll = int(preroll_s * self.samplerate)
-        self.max_samples = int(max_seconds * self.samplerate)
-        self.max_total_bytes = int(max_total_mb * 1e6)
-        self.max_age_s = max_age_days * 86400
+        self._limits(preroll_s, max_seconds, max_total_mb, max_age_days)
         held = self.ring.since(0)
         ring = CaptureRing(preroll_s + 15.0, self.samplerate)
         ring.end = self.ring.end - len(held)  # samples keep their stream index

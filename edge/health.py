@@ -40,6 +40,11 @@ def level_dbfs(block: np.ndarray) -> float:
     return max(LEVEL_FLOOR_DBFS, 20 * math.log10(rms)) if rms > 0 else LEVEL_FLOOR_DBFS
 
 
+def is_flat(samples: np.ndarray) -> bool:
+    """True for a flat line: samples that stay within FLAT_RANGE (a stuck DC level)."""
+    return len(samples) > 0 and float(np.ptp(samples)) < FLAT_RANGE
+
+
 def is_silent(samples: np.ndarray) -> bool:
     """True for digital silence (a dead or muted input)."""
     return len(samples) == 0 or float(np.max(np.abs(samples))) < SILENT_PEAK
@@ -79,7 +84,7 @@ class AudioHealth:
             block = block[np.isfinite(block)]
         self.level = level_dbfs(block)
         silent = is_silent(block) if len(block) else False
-        flat = not silent and float(np.ptp(block)) < FLAT_RANGE if len(block) else False
+        flat = not silent and is_flat(block)
         clipped = (
             bool(len(block)) and float(np.mean(np.abs(block) >= CLIP_LEVEL)) > self.clip_fraction
         )

@@ -17,7 +17,7 @@ from edge.detectors.registry import plugin_for
 from edge.events import Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
-from edge.health import FLAT_RANGE, is_silent, level_dbfs
+from edge.health import is_flat, is_silent, level_dbfs
 from edge.machine_state import OFF, RUNNING, MachineState, StateNamer
 from edge.settings import DetectorSettings
 
@@ -92,7 +92,7 @@ class Pipeline:
             elapsed = time.perf_counter() - t0
             start_s = window.start / self._rate
             end_s = start_s + self._length_s
-            dead = is_silent(window.samples) or float(np.ptp(window.samples)) < FLAT_RANGE
+            dead = is_silent(window.samples) or is_flat(window.samples)
             if dead:
                 self.machine.heard_nothing(end_s)
             level = level_dbfs(window.samples)
