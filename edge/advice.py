@@ -132,7 +132,7 @@ def bundle_summary(manifest: Any) -> str:
     off_n = int(((manifest.validation or {}).get("state_recordings") or {}).get(OFF, 0))
     fitted = t.seconds - held if t.fitted_seconds is None else t.fitted_seconds
     seconds = (t.seconds, fitted, held)
-    refit_all = held > 0 and fitted > t.seconds - held
+    refit_all = held > 0 and t.refit_on_all()
     text = summary(seconds, len(names), th.value, th.params, "", off_s, off_n, refit_all)
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]

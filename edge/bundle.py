@@ -124,6 +124,14 @@ class TrainingInfo(_Strict):
     channel: int
     epochs: int = Field(ge=0)
     seed: int
+
+    def refit_on_all(self, unknown: bool = False) -> bool:
+        """Whether the shipped model was fitted on the held-out audio too (more seconds than
+        the rest); `unknown`: the answer for a bundle from before `fitted_seconds`."""
+        if self.fitted_seconds is None:
+            return unknown
+        return self.fitted_seconds > self.seconds - min(self.holdout_seconds, self.seconds)
+
     architecture: str = Field(max_length=200)
     parameters: int = Field(ge=0)
 

@@ -106,10 +106,7 @@ def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
 def _refit_on_all(bundle: Bundle) -> bool:
     """Whether the shipped model was fitted on the held-out audio too: as its manifest says, or
     for a bundle from before it said, when it has no network (the numpy kinds always were)."""
-    t = bundle.manifest.training
-    if t.fitted_seconds is None:
-        return bundle.model is None
-    return t.fitted_seconds > t.seconds - t.holdout_seconds
+    return bundle.manifest.training.refit_on_all(unknown=bundle.model is None)
 
 
 def evaluate(
