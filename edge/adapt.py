@@ -24,7 +24,7 @@ import numpy as np
 
 from edge.bundle import Bundle, load_bundle
 from edge.errors import SoundSentryError
-from edge.history import ModelHistory, now_iso, read_json, remove_stale_temps, write_json
+from edge.history import ModelHistory, now_iso, read_json, write_json
 from edge.learning import (
     FeatureStore,
     LearningError,
@@ -35,7 +35,7 @@ from edge.learning import (
     refit_summary,
     site_refit,
 )
-from edge.private import private_dir
+from edge.private import private_dir, remove_stale_temps
 from edge.settings import LearningSettings
 
 log = logging.getLogger(__name__)

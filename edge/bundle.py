@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from edge.errors import BundleError
 from edge.features import FeatureParams
+from edge.private import atomic_write
 from edge.runtime import TfliteModel
 
 log = logging.getLogger(__name__)
@@ -422,12 +423,8 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    """A bundle file written atomically, readable as the umask allows (models are shared)."""
+    atomic_write(target, lambda tmp: tmp.write_bytes(data), mode=0o666)
 
 
 # --- reading ---------------------------------------------------------------------------------

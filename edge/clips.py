@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from edge.history import remove_stale_temps
-from edge.private import FILE_MODE, private_dir
+from edge.private import atomic_write, private_dir, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +121,9 @@ class ClipRecorder:
         return name, round(len(audio) / self.samplerate, 3)
 
     def _write(self, path: Path, audio: np.ndarray) -> None:
-        """Write a WAV atomically, mode 0600: a temporary name in the same folder, fsync,
-        rename; on error (a full disk) the temporary file is removed."""
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE))
-            sf.write(tmp, audio, self.samplerate, CLIP_SUBTYPE, format="WAV")
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
+        """Write a WAV atomically, mode 0600 (edge.private.atomic_write)."""
+        rate = self.samplerate
+        atomic_write(path, lambda tmp: sf.write(tmp, audio, rate, CLIP_SUBTYPE, format="WAV"))
 
     def _limits(
         self, preroll_s: float, max_seconds: float, max_total_mb: float, max_age_days: float

@@ -13,11 +13,9 @@ folder and renamed into place, the JSON is replaced with os.replace.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +25,11 @@ import numpy as np
 
 from edge.bundle import Bundle, write_bundle
 from edge.errors import BundleError
-from edge.private import private_dir
+from edge.private import atomic_write, private_dir
 
 log = logging.getLogger(__name__)
 
 HISTORY = "history.json"
-TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
-"""What an atomic write is written as before its rename: `.<name>.tmp-<pid>`."""
 REASONS = ("learning", "mark_normal", "calibrate", "reload")
 
 
@@ -43,55 +39,9 @@ def now_iso() -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Replace `path` with JSON atomically (a temporary file, fsync, rename), mode 0600."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no temporary file stays behind
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete what atomic writes left in `folder` when their process died mid-write (a power
-    cut, kill -9): `.<name>.tmp-<pid>` files and folders of a process that no longer runs. The
-    name holds the PID, so every restart would otherwise add one (a period's is up to 5 MB)."""
-    try:
-        paths = list(folder.iterdir())
-    except OSError:
-        return []
-    removed = []
-    for path in paths:
-        found = TEMP_NAME.match(path.name)
-        if found is None or _running(int(found.group(1))):
-            continue
-        with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            removed.append(path)
-            log.info("removed %s, left by a write that did not finish", path)
-    return removed
-
-
-def _running(pid: int) -> bool:
-    """True if another process with this PID runs (it may be writing its temporary file)."""
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except PermissionError:
-        return True  # it runs, as another user
-    except (OSError, OverflowError):
-        return False
-    return True
+    """Replace `path` with JSON atomically (edge.private.atomic_write), mode 0600."""
+    text = json.dumps(data, indent=1, sort_keys=True).encode()
+    atomic_write(path, lambda tmp: tmp.write_bytes(text))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

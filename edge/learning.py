@@ -23,10 +23,8 @@ has only the site to back its threshold, and then needs MIN_AUDIO_SECONDS of it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from edge.detectors.levels import level_features
 from edge.detectors.registry import plugin_for
 from edge.detectors.thresholds import refit_manifest
 from edge.errors import SoundSentryError
+from edge.private import atomic_write
 from edge.threshold import count_events, cusum_floor, window_floor
 
 log = logging.getLogger(__name__)
@@ -179,19 +178,12 @@ class FeatureStore:
         self._x, self._chunk, self._arrival = x, chunk, arrival
 
     def save(self, path: Path) -> None:
-        """Write atomically as .npz (no pickle)."""
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, x=self.x, chunk=self.chunk, seen=np.array([self.seen]))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:  # a full disk: no temporary file (up to 5 MB) stays behind
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
+        """Write atomically as .npz (no pickle), mode 0600."""
+        atomic_write(path, self._savez)
+
+    def _savez(self, tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file, not a name: numpy would add ".npz" to the name
+            np.savez(fh, x=self.x, chunk=self.chunk, seen=np.array([self.seen]))
 
     @classmethod
     def load(cls, path: Path, capacity: int) -> FeatureStore:

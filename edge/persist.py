@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from edge.commands import MAX_MUTE_MINUTES
-from edge.history import read_json, remove_stale_temps, write_json
-from edge.private import private_dir
+from edge.history import read_json, write_json
+from edge.private import private_dir, remove_stale_temps
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,19 @@ are readable by the daemon's user only, whoever starts it and whatever its umask
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
+"""What an atomic write is written as before its rename: `.<name>.tmp-<pid>`."""
 
 
 def private_dir(path: Path) -> Path:
@@ -31,3 +39,61 @@ def _tighten(path: Path, mode: int) -> None:
         st = path.stat()
         if st.st_uid == os.getuid() and st.st_mode & 0o777 & ~mode:
             path.chmod(mode)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], mode: int = FILE_MODE) -> None:
+    """Replace `path` with what `write` writes to the temporary path it is given, atomically:
+    `.<name>.tmp-<pid>` in the same folder (created with `mode`), fsync, rename. On any error
+    (a full disk) the temporary file is removed and the error raised; `path` is never left
+    torn. `write` gets a path, not a file object: libsndfile then reports a short write as its
+    own error."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete what atomic writes left in `folder` when their process died mid-write (a power
+    cut, kill -9): `.<name>.tmp-<pid>` files and folders of a process that no longer runs. The
+    name holds the PID, so every restart would otherwise add one (a period's is up to 5 MB)."""
+    try:
+        paths = list(folder.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for path in paths:
+        found = TEMP_NAME.match(path.name)
+        if found is None or _running(int(found.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+            log.info("removed %s, left by a write that did not finish", path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """True if another process with this PID runs (it may be writing its temporary file)."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # it runs, as another user
+    except (OSError, OverflowError):
+        return False
+    return True
