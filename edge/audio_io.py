@@ -13,7 +13,7 @@ import soundfile as sf
 import soxr
 
 from edge.errors import AudioError
-from edge.health import is_flat, is_silent
+from edge.health import CLIP_LEVEL, is_flat, is_silent
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,7 @@ def check_sound(path: str | Path, audio: np.ndarray, channel: int, channels: int
     elif is_flat(audio):
         what = "a flat line (a constant level)"
     else:
+        _warn_quality(path, audio)
         return
     if channels > 1:
         which = "their average" if channel == DOWNMIX else f"channel {channel}"
@@ -252,6 +253,33 @@ def check_sound(path: str | Path, audio: np.ndarray, channel: int, channels: int
         f"{path}: the audio is {what}: nothing to learn from; check the microphone and its "
         "gain, or leave the file out"
     )
+
+
+CLIPPED_FRACTION = 0.01
+"""Samples at full scale beyond this share (the daemon's own `clipping` fault) are warned of."""
+DC_OFFSET = 0.01
+"""A mean beyond this (1 % of full scale) is warned of: the lowest band of the features carries
+it, so a recording with another offset looks different to the model."""
+
+
+def _warn_quality(path: str | Path, audio: np.ndarray) -> None:
+    """Say what makes a recording a poor reference without making it useless: clipping (a
+    louder fault could not show) and a DC offset (the interface's, not the machine's)."""
+    clipped = float(np.mean(np.abs(audio) >= CLIP_LEVEL))
+    if clipped > CLIPPED_FRACTION:
+        log.warning(
+            "%s: %.0f %% of its samples are at full scale (clipped): a louder fault cannot show "
+            "in it; lower the input gain and record again",
+            path, 100 * clipped,
+        )  # fmt: skip
+    offset = float(np.mean(audio, dtype=np.float64))
+    if abs(offset) > DC_OFFSET:
+        log.warning(
+            "%s: a DC offset of %+.3f of full scale (the input's, not the machine's): audio "
+            "with another offset will look different to the model; record through an input "
+            "without it, or high-pass the files",
+            path, offset,
+        )  # fmt: skip
 
 
 _DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)

@@ -225,3 +225,22 @@ def test_training_messages_name_the_file_and_refuse_what_would_be_ignored(tmp_pa
     assert bad.returncode == 2 and "-1 (the average)" in bad.stderr
     line = _error_line(cli("train", "--normal", *files, "--seed", "3", "--out", out, check=False))
     assert "--seed trains a network" in line
+
+
+def test_clipped_recordings_and_a_dc_offset_are_warned_of_by_name(tmp_path: Path) -> None:
+    """`record` refuses clipping, but recordings from elsewhere trained without a word: 28 % of
+    samples at full scale, or a DC offset that took a fan's 1-s AUC from 0.99 to 0.81 (review)."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    for n, source in enumerate(NORMAL_FILES):
+        audio = _mono(source)
+        if n == 0:
+            audio = np.clip(audio * 200, -1, 1)  # the gain far too high: 43 % clipped
+        elif n == 1:
+            audio = np.clip(audio + 0.05, -1, 1)  # an interface's offset
+        sf.write(str(folder / f"n{n}.wav"), audio, RATE, subtype="PCM_16")
+    proc = cli("train", "--normal", str(folder), "--out", str(tmp_path / "m.bundle"))
+    warned = [line for line in proc.stderr.splitlines() if "clipped" in line or "DC offset" in line]
+    assert len(warned) == 2, proc.stderr
+    assert "n0.wav" in warned[0] and "at full scale (clipped)" in warned[0]
+    assert "n1.wav" in warned[1] and "a DC offset of +0.050" in warned[1]
