@@ -5,6 +5,8 @@ drops. The iterator yields mono blocks at the model's rate, or None while no aud
 (so the daemon keeps ticking); when the stream stalls or fails it is closed and reopened,
 rescanning devices (a USB microphone unplugged and plugged back): a device that will not open
 is retried with capped exponential backoff, one that opens but stays silent after every stall.
+With `wait`, a device missing or failing to open at start is waited for the same way (the daemon
+reports it as a stalled input meanwhile); a setting the device cannot meet is refused at once.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import soxr
 
 from edge.audio_io import select_channel
-from edge.devices import CaptureError, known_inputs, sounddevice_module
+from edge.devices import CaptureError, MissingDeviceError, known_inputs, sounddevice_module
 from edge.settings import AudioSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class MicSource:
         model_rate: int,
         stall_s: float = 3.0,
         reopen_max_s: float = 30.0,
+        wait: bool = False,
     ) -> None:
         self.settings = audio
         self.model_rate = model_rate
@@ -53,7 +56,17 @@ class MicSource:
         self.reopens = 0
         self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=audio.queue_blocks)
         self._stop = threading.Event()
-        self.device, self.rate = self._resolve()
+        self.wait = wait
+        self.problem: str | None = None
+        """Why no audio comes, while the device is missing or failing; None while it flows."""
+        try:
+            self.device, self.rate = self._resolve()
+        except MissingDeviceError as exc:
+            if not wait:
+                raise
+            self.device, self.rate = self.settings.device, model_rate
+            self.problem = str(exc)
+            log.warning("capture: %s; waiting for the device", exc)
 
     @property
     def latency_s(self) -> float:
@@ -83,7 +96,7 @@ class MicSource:
             info = sd.query_devices(device, "input")
         except (ValueError, sd.PortAudioError) as exc:
             which = "no default input device" if device is None else f"audio.device {device!r}"
-            raise CaptureError(f"{which}: {exc}; {known_inputs()}") from None
+            raise MissingDeviceError(f"{which}: {exc}; {known_inputs()}") from None
         self.channels = self._channels(sd, device, info)
         wanted = self.settings.samplerate or self.model_rate
         try:
@@ -175,7 +188,9 @@ class MicSource:
 
     def __iter__(self) -> Iterator[np.ndarray | None]:
         backoff = REOPEN_MIN_S
-        first = True
+        first = self.problem is None  # a device missing at start is waited for, not refused
+        if not first:
+            yield from self._idle(backoff)
         while not self._stop.is_set():
             try:
                 if not first:
@@ -183,8 +198,10 @@ class MicSource:
                     self.reopens += 1
                 stream = self._open()
             except CaptureError as exc:
-                if first:
+                if first and not self.wait:
                     raise
+                first = False
+                self.problem = str(exc)
                 log.warning("capture: %s; retrying in %.0f s", exc, backoff)
                 yield from self._idle(backoff)
                 backoff = min(backoff * 2, self.reopen_max_s)
@@ -194,8 +211,10 @@ class MicSource:
                 for block in self._stream(stream):
                     if block is not None:  # it works again: the next outage starts afresh
                         backoff = REOPEN_MIN_S
+                        self.problem = None
                     yield block
             except CaptureError as exc:
+                self.problem = str(exc)
                 log.warning("capture: %s; reopening the device", exc)
                 yield None
 

@@ -187,6 +187,7 @@ class Detector:
         self._work: queue.Queue[Callable[[], None]] = queue.Queue(WORK_QUEUE_MAX)
         self.commands_shed = 0
         self.source_stats: Callable[[], dict[str, int]] = dict
+        self._source: object = None
         self.spool_stats: Callable[[], tuple[int, int]] = spool_stats or (lambda: (0, 0))
         self._mute_end = 0.0
         """When the running mute ends on the monotonic clock, 0 if none runs."""
@@ -521,6 +522,7 @@ class Detector:
     def run(self, source: Iterable[np.ndarray | None]) -> None:
         """Process blocks until the source ends or stop() is called; then close open events."""
         self.source_stats = getattr(source, "stats", dict)
+        self._source = source
         self._paced = bool(getattr(source, "paced", False))
         # Stream time goes on from any earlier run; a recording replayed faster than it was
         # heard lies in the past, ending now.
@@ -593,7 +595,9 @@ class Detector:
         now = time.monotonic()
         stall = self.settings.health.stall_seconds
         if now - self._last_block > stall:
-            for change in self.health.stalled(f"no audio for {stall:g} s"):
+            problem = getattr(self._source, "problem", None)  # the capture's own account
+            detail = f"no audio for {stall:g} s" + (f": {problem}" if problem else "")
+            for change in self.health.stalled(detail):
                 self._emit_health(change)
         self.run_pending()
         if self.clips:

@@ -16,6 +16,11 @@ class CaptureError(SoundSentryError):
     """The input device cannot be opened or stopped delivering audio."""
 
 
+class MissingDeviceError(CaptureError):
+    """No input device matches the setting (yet): a USB microphone unplugged or not
+    enumerated, which may come back, unlike a setting the device cannot meet."""
+
+
 def sounddevice_module() -> Any:
     """Import sounddevice only when capturing (PortAudio may be absent elsewhere)."""
     try:

@@ -728,8 +728,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise SoundSentryError("no model: set `model` in the config file or pass --model")
     bundle = _load(settings.model)
     h = settings.health
-    source = MicSource(
-        settings.audio, bundle.features.samplerate, h.stall_seconds, h.reopen_max_seconds
+    source = MicSource(  # a microphone missing at start is waited for, reported as stalled
+        settings.audio, bundle.features.samplerate, h.stall_seconds, h.reopen_max_seconds, True
     )
     live = _live_line(bundle.threshold)
     run_detector(

@@ -612,3 +612,60 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
         sub.close()
         if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
             subprocess.run(PA_START, capture_output=True)
+
+
+def test_microphone_missing_at_start_is_waited_for_and_reported(
+    pulse: str, broker: Broker, tmp_path: Path
+) -> None:
+    """A USB microphone not yet there when the service starts (unplugged, enumerated late):
+    the daemon stays up and says why over MQTT, instead of exiting for systemd to restart it
+    every few seconds while Home Assistant shows only `offline`; audio then flows by itself."""
+    subprocess.run(["pulseaudio", "--kill"], check=True)  # no PulseAudio: no `pulse` device
+    wait_for(
+        lambda: subprocess.run(["pactl", "info"], capture_output=True).returncode != 0,
+        10,
+        "PulseAudio gone",
+    )
+    normal = tmp_path / "normal.wav"
+    sf.write(normal, np.tile(read_audio(NORMAL_FILES[0], RATE), 6), RATE, subtype="PCM_16")
+    cfg = write_config(
+        tmp_path, "late", broker.port, extra="[health]\nstall_seconds = 2\nreopen_max_seconds = 2\n"
+    )
+    sub = Subscriber(broker.port, "soundsentry/late/#")
+    player = None
+    log = tmp_path / "daemon.log"
+    proc = daemon(
+        "run", "--model", str(DEMO_BUNDLE), "--device", "pulse", "--config", str(cfg),
+        env={"PULSE_SOURCE": "mic2.monitor"}, stderr=log,
+    )  # fmt: skip
+
+    def stalled() -> list[dict]:
+        return [m.json() for m in sub.on("/health") if m.json().get("change") == "fault:stalled"]
+
+    def scored() -> list[int]:
+        return [m.json()["windows_scored"] for m in sub.on("/metrics")]
+
+    try:
+        assert sub.wait_for(lambda _: bool(stalled()), timeout=30), log.read_text()[-2000:]
+        assert proc.poll() is None, log.read_text()[-2000:]
+        detail = json.dumps(stalled()[0])
+        assert "'pulse'" in detail, detail  # the cause, not only "no audio"
+        assert "waiting for the device" in log.read_text()
+        assert all(n == 0 for n in scored())
+        subprocess.run(PA_START, check=True, capture_output=True)  # the microphone arrives
+        player = subprocess.Popen(["paplay", "-d", "mic2", str(normal)])
+        assert sub.wait_for(lambda _: any(n >= 2 for n in scored()), timeout=40), log.read_text()[
+            -2000:
+        ]
+        health = [m.json().get("change") for m in sub.on("/health")]
+        assert "recovered:stalled" in health, health
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+        assert proc.returncode == 0, log.read_text()[-2000:]
+    finally:
+        proc.kill()
+        if player is not None:
+            player.kill()
+        sub.close()
+        if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
+            subprocess.run(PA_START, capture_output=True)
