@@ -13,7 +13,7 @@ import soundfile as sf
 import soxr
 
 from edge.errors import AudioError
-from edge.health import CLIP_LEVEL, is_flat, is_silent
+from edge.health import CLIP_LEVEL, FLAT_RANGE, SILENT_PEAK
 
 log = logging.getLogger(__name__)
 
@@ -197,54 +197,109 @@ def check_files(
     return checked
 
 
+READ_BLOCK_SECONDS = 10.0
+"""A file is read this much at a time: a long multichannel recording is never held whole (an
+hour of 48 kHz stereo would take 1.4 GB before one channel is picked), only the mono audio at
+the model's rate that comes out."""
+
+
 def read_audio(
     path: str | Path, samplerate: int, channel: int = 0, need_sound: bool = False
 ) -> np.ndarray:
     """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line.
-    `need_sound`: also refuse a channel that is digital silence or a flat line (`check_sound`),
-    for the audio a model is fitted or calibrated on."""
+    `need_sound`: also refuse a channel that is digital silence or a flat line all through
+    (edge.health's notions: a dead or muted input, a stuck DC level; fitted on, it makes the
+    statistics singular, calibrated on, a threshold near zero), for the audio a model is fitted
+    or calibrated on, and warn of clipping or a DC offset. Read, checked, reduced to one channel
+    and resampled block by block (READ_BLOCK_SECONDS), with the result of reading it whole."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     try:
-        data, rate = sf.read(sf_path(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(sf_path(path)) as fh:
+            rate, channels = fh.samplerate, fh.channels
+            check_rate(path, rate, samplerate)
+            _check_complete(path)
+            summary = _Summary()
+            resampler = (
+                None
+                if rate == samplerate
+                else soxr.ResampleStream(rate, samplerate, 1, dtype="float32", quality="HQ")
+            )
+            parts = []
+            buffer = np.empty((max(1, int(READ_BLOCK_SECONDS * rate)), channels), np.float32)
+            while len(block := fh.read(dtype="float32", always_2d=True, out=buffer)):
+                summary.check(path, block)
+                try:
+                    mono = select_channel(block, channel)
+                except AudioError as exc:
+                    raise AudioError(f"{path}: {exc}") from None
+                summary.add(mono)
+                # the next read overwrites the buffer, which one channel of it may still be
+                parts.append(resampler.resample_chunk(mono) if resampler else mono.copy())
+            if resampler is not None:
+                parts.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
-    if data.shape[0] == 0:
+    if summary.frames == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise AudioError(f"{path}: invalid samples ({bad} are NaN or infinite)")
-    check_rate(path, rate, samplerate)
-    _check_complete(path)
-    peak = float(np.max(np.abs(data)))
-    if peak > FLOAT_FULL_SCALE:  # only float files can: engineering units (Pa, g), not audio
-        raise AudioError(
-            f"{path}: float samples reach {peak:.3g}, beyond full scale (+-1): scale the "
-            "recording into -1..1 (divide by its peak) before using it"
-        )
-    try:
-        mono = select_channel(data, channel)
-    except AudioError as exc:
-        raise AudioError(f"{path}: {exc}") from None
     if need_sound:
-        check_sound(path, mono, channel, data.shape[1])
-    return resample(mono, rate, samplerate)
+        summary.check_sound(path, channel, channels)
+    return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def check_sound(path: str | Path, audio: np.ndarray, channel: int, channels: int) -> None:
-    """Refuse a recording with nothing to learn from: digital silence or a flat line all
-    through (edge.health's notions: a dead or muted input, a stuck DC level). Fitted on, it
-    makes the statistics singular; calibrated on, a threshold near zero."""
-    if is_silent(audio):
-        what = "digital silence"
-    elif is_flat(audio):
-        what = "a flat line (a constant level)"
-    else:
-        _warn_quality(path, audio)
-        return
+class _Summary:
+    """What read_audio checks of a file, gathered block by block: its samples are finite and
+    within full scale; of the channel read, edge.health's `is_silent` and `is_flat` over the
+    whole file, its clipped share and its mean."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.peak = 0.0
+        self.low = np.inf
+        self.high = -np.inf
+        self.clipped = 0
+        self.total = 0.0
+
+    def check(self, path: Path, block: np.ndarray) -> None:
+        """Refuse NaN or infinite samples, and float samples beyond full scale."""
+        low, high = float(block.min()), float(block.max())  # no copy of the block
+        if not (np.isfinite(low) and np.isfinite(high)):
+            bad = int(np.count_nonzero(~np.isfinite(block)))
+            raise AudioError(f"{path}: invalid samples (NaN or infinite, {bad} in one block)")
+        peak = max(high, -low)
+        if peak > FLOAT_FULL_SCALE:  # only float files can: engineering units (Pa, g), not audio
+            raise AudioError(
+                f"{path}: float samples reach {peak:.3g}, beyond full scale (+-1): scale the "
+                "recording into -1..1 (divide by its peak) before using it"
+            )
+
+    def add(self, mono: np.ndarray) -> None:
+        """Gather the channel read."""
+        if not len(mono):
+            return
+        self.frames += len(mono)
+        self.peak = max(self.peak, float(np.max(np.abs(mono))))
+        self.low = min(self.low, float(np.min(mono)))
+        self.high = max(self.high, float(np.max(mono)))
+        self.clipped += int(np.count_nonzero(np.abs(mono) >= CLIP_LEVEL))
+        self.total += float(np.sum(mono, dtype=np.float64))
+
+    def check_sound(self, path: Path, channel: int, channels: int) -> None:
+        """Refuse a channel that is digital silence or a flat line; warn of its flaws."""
+        if self.peak < SILENT_PEAK:
+            what = "digital silence"
+        elif self.high - self.low < FLAT_RANGE:
+            what = "a flat line (a constant level)"
+        else:
+            _warn_quality(path, self.clipped / self.frames, self.total / self.frames)
+            return
+        _refuse_sound(path, what, channel, channels)
+
+
+def _refuse_sound(path: str | Path, what: str, channel: int, channels: int) -> None:
     if channels > 1:
         which = "their average" if channel == DOWNMIX else f"channel {channel}"
         fix = f"a dead channel? pick one that hears the machine with --channel N (of {channels})"
@@ -262,17 +317,16 @@ DC_OFFSET = 0.01
 it, so a recording with another offset looks different to the model."""
 
 
-def _warn_quality(path: str | Path, audio: np.ndarray) -> None:
+def _warn_quality(path: str | Path, clipped: float, offset: float) -> None:
     """Say what makes a recording a poor reference without making it useless: clipping (a
-    louder fault could not show) and a DC offset (the interface's, not the machine's)."""
-    clipped = float(np.mean(np.abs(audio) >= CLIP_LEVEL))
+    `clipped` share of samples at full scale: a louder fault could not show) and a DC offset
+    (its mean, the interface's, not the machine's)."""
     if clipped > CLIPPED_FRACTION:
         log.warning(
             "%s: %.0f %% of its samples are at full scale (clipped): a louder fault cannot show "
             "in it; lower the input gain and record again",
             path, 100 * clipped,
         )  # fmt: skip
-    offset = float(np.mean(audio, dtype=np.float64))
     if abs(offset) > DC_OFFSET:
         log.warning(
             "%s: a DC offset of %+.3f of full scale (the input's, not the machine's): audio "

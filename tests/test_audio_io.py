@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
 
 from edge.audio_io import DOWNMIX, find_audio, read_audio
@@ -31,6 +33,35 @@ def test_reads_8_channel_wave_format_extensible(tmp_path: Path) -> None:
     np.testing.assert_allclose(mixed, channels.mean(axis=1), atol=1e-4)
     with pytest.raises(AudioError, match="channel 8 does not exist"):
         read_audio(path, RATE, channel=8)
+
+
+def test_a_long_multichannel_file_is_read_in_blocks_with_the_same_result(tmp_path: Path) -> None:
+    """A recorder's long 8-channel file at 48 kHz: only one block of it is ever held as
+    floats (a Pi with 1 GB could not hold an hour of it whole), and what comes out is exactly
+    what reading it whole, picking the channel and resampling gives."""
+    rng = np.random.default_rng(7)
+    seconds, rate = 40, 48000
+    audio = (0.1 * rng.standard_normal((seconds * rate, 8))).astype(np.float32)
+    audio[:, 5] += 0.2 * np.sin(2 * np.pi * 120 * np.arange(seconds * rate) / rate)
+    path = tmp_path / "long.wav"
+    sf.write(path, audio, rate, subtype="PCM_16")
+    whole, _ = sf.read(path, dtype="float32", always_2d=True)
+    expected = soxr.resample(whole[:, 5], rate, RATE, quality="HQ")
+    mixed = soxr.resample(whole.mean(axis=1, dtype=np.float32), rate, RATE, quality="HQ")
+    del whole
+    tracemalloc.start()
+    try:
+        got = read_audio(path, RATE, channel=5, need_sound=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(read_audio(path, RATE, channel=DOWNMIX), mixed)
+    as_floats = audio.nbytes  # 61 MB: what reading it whole allocates before anything else
+    assert peak < 0.5 * as_floats, f"peak {peak / 1e6:.0f} MB for {as_floats / 1e6:.0f} MB"
+    at_rate = tmp_path / "at_rate.flac"  # no resampling: every block's samples kept as read
+    sf.write(at_rate, audio[: 25 * RATE, 5], RATE)
+    np.testing.assert_array_equal(read_audio(at_rate, RATE), sf.read(at_rate, dtype="float32")[0])
 
 
 @pytest.mark.parametrize(
