@@ -719,6 +719,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge.capture import MicSource
+    from edge.sdnotify import SystemdNotifier
     from edge.service import run_detector
 
     settings = _settings_from(args, args.model)
@@ -728,8 +729,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise SoundSentryError("no model: set `model` in the config file or pass --model")
     bundle = _load(settings.model)
     h = settings.health
-    source = MicSource(  # a microphone missing at start is waited for, reported as stalled
-        settings.audio, bundle.features.samplerate, h.stall_seconds, h.reopen_max_seconds, True
+    # As a service, a microphone missing at start (a USB one enumerated late, unplugged) is
+    # waited for and reported on `health`; on a terminal, a device that matches nothing (a typo)
+    # is one line at once.
+    service = SystemdNotifier().enabled
+    source = MicSource(
+        settings.audio, bundle.features.samplerate, h.stall_seconds, h.reopen_max_seconds, service
     )
     live = _live_line(bundle.threshold)
     run_detector(

@@ -3,6 +3,7 @@ passwords, remote commands, systemd notifications, Home Assistant discovery."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -619,7 +620,12 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
 ) -> None:
     """A USB microphone not yet there when the service starts (unplugged, enumerated late):
     the daemon stays up and says why over MQTT, instead of exiting for systemd to restart it
-    every few seconds while Home Assistant shows only `offline`; audio then flows by itself."""
+    every few seconds while Home Assistant shows only `offline`; audio then flows by itself,
+    and only then is systemd told READY. (On a terminal, without systemd, a device that matches
+    nothing is one line at once: tests/test_terminal.py.)"""
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
     subprocess.run(["pulseaudio", "--kill"], check=True)  # no PulseAudio: no `pulse` device
     wait_for(
         lambda: subprocess.run(["pactl", "info"], capture_output=True).returncode != 0,
@@ -636,8 +642,16 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
     log = tmp_path / "daemon.log"
     proc = daemon(
         "run", "--model", str(DEMO_BUNDLE), "--device", "pulse", "--config", str(cfg),
-        env={"PULSE_SOURCE": "mic2.monitor"}, stderr=log,
+        env={"PULSE_SOURCE": "mic2.monitor", "NOTIFY_SOCKET": str(sock_path)}, stderr=log,
     )  # fmt: skip
+
+    def notified() -> list[str]:
+        sock.setblocking(False)
+        got = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(sock.recv(256).decode())
+        return got
 
     def stalled() -> list[dict]:
         return [m.json() for m in sub.on("/health") if m.json().get("change") == "fault:stalled"]
@@ -652,6 +666,7 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         assert "'pulse'" in detail, detail  # the cause, not only "no audio"
         assert "waiting for the device" in log.read_text()
         assert all(n == 0 for n in scored())
+        assert not any(m.startswith("READY=1") for m in notified())  # not ready without audio
         subprocess.run(PA_START, check=True, capture_output=True)  # the microphone arrives
         player = subprocess.Popen(["paplay", "-d", "mic2", str(normal)])
         assert sub.wait_for(lambda _: any(n >= 2 for n in scored()), timeout=40), log.read_text()[
@@ -659,6 +674,7 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         ]
         health = [m.json().get("change") for m in sub.on("/health")]
         assert "recovered:stalled" in health, health
+        wait_for(lambda: any(m.startswith("READY=1") for m in notified()), 10, "READY=1")
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
         assert proc.returncode == 0, log.read_text()[-2000:]
@@ -667,5 +683,6 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         if player is not None:
             player.kill()
         sub.close()
+        sock.close()
         if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
             subprocess.run(PA_START, capture_output=True)
