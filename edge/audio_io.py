@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -218,22 +218,17 @@ def read_audio(
     try:
         with sf.SoundFile(sf_path(path)) as fh:
             rate, channels = fh.samplerate, fh.channels
-            check_rate(path, rate, samplerate)
-            _check_complete(path)
-            summary = _Summary()
+            valid = channel == DOWNMIX or 0 <= channel < channels
             resampler = (
-                None
-                if rate == samplerate
-                else soxr.ResampleStream(rate, samplerate, 1, dtype="float32", quality="HQ")
+                soxr.ResampleStream(rate, samplerate, 1, dtype="float32", quality="HQ")
+                if valid and rate > samplerate
+                else None
             )
-            parts = []
-            buffer = np.empty((max(1, int(READ_BLOCK_SECONDS * rate)), channels), np.float32)
-            while len(block := fh.read(dtype="float32", always_2d=True, out=buffer)):
-                summary.check(path, block)
-                try:
-                    mono = select_channel(block, channel)
-                except AudioError as exc:
-                    raise AudioError(f"{path}: {exc}") from None
+            summary, parts = _Summary(), []
+            for block in _blocks(fh):
+                if not summary.check(block) or not valid:
+                    continue  # refused after the whole file is seen; nothing more to keep
+                mono = select_channel(block, channel)
                 summary.add(mono)
                 # the next read overwrites the buffer, which one channel of it may still be
                 parts.append(resampler.resample_chunk(mono) if resampler else mono.copy())
@@ -243,45 +238,68 @@ def read_audio(
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
-    if summary.frames == 0:
+    if summary.samples == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
+    if summary.bad:
+        raise AudioError(f"{path}: invalid samples ({summary.bad} are NaN or infinite)")
+    check_rate(path, rate, samplerate)
+    _check_complete(path)
+    if summary.peak > FLOAT_FULL_SCALE:  # only float files can: engineering units, not audio
+        raise AudioError(
+            f"{path}: float samples reach {summary.peak:.3g}, beyond full scale (+-1): scale "
+            "the recording into -1..1 (divide by its peak) before using it"
+        )
+    if not valid:
+        raise AudioError(f"{path}: channel {channel} does not exist: the audio has {channels}")
     if need_sound:
         summary.check_sound(path, channel, channels)
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
+def _blocks(fh: sf.SoundFile) -> Iterator[np.ndarray]:
+    """The file's audio as (frames, channels) float32 blocks in one reused buffer; an MP3 in one
+    read, because libsndfile's MP3 decoder drops or garbles audio where one read ends and the
+    next begins."""
+    if fh.format == "MP3":
+        yield fh.read(dtype="float32", always_2d=True)
+        return
+    buffer = np.empty((max(1, int(READ_BLOCK_SECONDS * fh.samplerate)), fh.channels), np.float32)
+    while len(block := fh.read(dtype="float32", always_2d=True, out=buffer)):
+        yield block
+
+
 class _Summary:
-    """What read_audio checks of a file, gathered block by block: its samples are finite and
-    within full scale; of the channel read, edge.health's `is_silent` and `is_flat` over the
-    whole file, its clipped share and its mean."""
+    """What read_audio checks of a file, gathered block by block: how many of its samples are
+    NaN or infinite and its peak; of the channel read, edge.health's `is_silent` and `is_flat`
+    over the whole file, its clipped share and its mean."""
 
     def __init__(self) -> None:
-        self.frames = 0
+        self.samples = 0
+        self.bad = 0
         self.peak = 0.0
+        self.frames = 0
+        self.channel_peak = 0.0
         self.low = np.inf
         self.high = -np.inf
         self.clipped = 0
         self.total = 0.0
 
-    def check(self, path: Path, block: np.ndarray) -> None:
-        """Refuse NaN or infinite samples, and float samples beyond full scale."""
+    def check(self, block: np.ndarray) -> bool:
+        """Count the block's invalid samples and its peak; False once the file is refused."""
+        self.samples += block.size
         low, high = float(block.min()), float(block.max())  # no copy of the block
         if not (np.isfinite(low) and np.isfinite(high)):
-            bad = int(np.count_nonzero(~np.isfinite(block)))
-            raise AudioError(f"{path}: invalid samples (NaN or infinite, {bad} in one block)")
-        peak = max(high, -low)
-        if peak > FLOAT_FULL_SCALE:  # only float files can: engineering units (Pa, g), not audio
-            raise AudioError(
-                f"{path}: float samples reach {peak:.3g}, beyond full scale (+-1): scale the "
-                "recording into -1..1 (divide by its peak) before using it"
-            )
+            self.bad += int(np.count_nonzero(~np.isfinite(block)))
+        else:
+            self.peak = max(self.peak, high, -low)
+        return not self.bad and self.peak <= FLOAT_FULL_SCALE
 
     def add(self, mono: np.ndarray) -> None:
         """Gather the channel read."""
         if not len(mono):
             return
         self.frames += len(mono)
-        self.peak = max(self.peak, float(np.max(np.abs(mono))))
+        self.channel_peak = max(self.channel_peak, float(np.max(np.abs(mono))))
         self.low = min(self.low, float(np.min(mono)))
         self.high = max(self.high, float(np.max(mono)))
         self.clipped += int(np.count_nonzero(np.abs(mono) >= CLIP_LEVEL))
@@ -289,7 +307,7 @@ class _Summary:
 
     def check_sound(self, path: Path, channel: int, channels: int) -> None:
         """Refuse a channel that is digital silence or a flat line; warn of its flaws."""
-        if self.peak < SILENT_PEAK:
+        if self.channel_peak < SILENT_PEAK:
             what = "digital silence"
         elif self.high - self.low < FLAT_RANGE:
             what = "a flat line (a constant level)"

@@ -96,7 +96,10 @@ class MicSource:
             info = sd.query_devices(device, "input")
         except (ValueError, sd.PortAudioError) as exc:
             which = "no default input device" if device is None else f"audio.device {device!r}"
-            raise MissingDeviceError(f"{which}: {exc}; {known_inputs()}") from None
+            said = " ".join(str(exc).split())  # sounddevice lists candidates on lines of their own
+            # a name that matches several devices is a setting to fix, not a device to wait for
+            error = CaptureError if said.startswith("Multiple") else MissingDeviceError
+            raise error(f"{which}: {said}; {known_inputs()}") from None
         self.channels = self._channels(sd, device, info)
         wanted = self.settings.samplerate or self.model_rate
         try:
@@ -213,8 +216,7 @@ class MicSource:
                         backoff = REOPEN_MIN_S
                         self.problem = None
                     yield block
-            except CaptureError as exc:
-                self.problem = str(exc)
+            except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
                 log.warning("capture: %s; reopening the device", exc)
                 yield None
 

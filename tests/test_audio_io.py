@@ -62,6 +62,15 @@ def test_a_long_multichannel_file_is_read_in_blocks_with_the_same_result(tmp_pat
     at_rate = tmp_path / "at_rate.flac"  # no resampling: every block's samples kept as read
     sf.write(at_rate, audio[: 25 * RATE, 5], RATE)
     np.testing.assert_array_equal(read_audio(at_rate, RATE), sf.read(at_rate, dtype="float32")[0])
+    assert "MP3" in sf.available_formats()  # the soundfile wheel's libsndfile decodes it
+    mp3 = tmp_path / "phone.mp3"  # its decoder garbles the audio where one read ends
+    sf.write(mp3, tone(440, 25.0, RATE), RATE)
+    np.testing.assert_allclose(read_audio(mp3, RATE), sf.read(mp3, dtype="float32")[0], atol=1e-6)
+    loud = tmp_path / "pascal.wav"  # engineering units: the message gives the file's peak
+    sf.write(loud, np.concatenate([np.full(RATE, 1.5), np.zeros(20 * RATE), [7.0]]), RATE,
+             subtype="FLOAT")  # fmt: skip
+    with pytest.raises(AudioError, match="float samples reach 7, beyond full scale"):
+        read_audio(loud, RATE)
 
 
 @pytest.mark.parametrize(
