@@ -151,7 +151,12 @@ create_user() {
     host usermod -a -G "$AUDIO_GROUP" "$SERVICE_USER"
     return
   fi
-  host useradd --system --user-group --groups "$AUDIO_GROUP" --home-dir /var/lib/soundsentry \
+  # --uninstall keeps the group when it has other members (an admin added to it): use it.
+  local group=(--user-group)
+  if [ -z "$ROOT" ] && getent group "$SERVICE_USER" >/dev/null; then
+    group=(-g "$SERVICE_USER")
+  fi
+  host useradd --system "${group[@]}" --groups "$AUDIO_GROUP" --home-dir /var/lib/soundsentry \
     --no-create-home --shell /usr/sbin/nologin --comment "SoundSentry detector" "$SERVICE_USER"
 }
 
@@ -195,10 +200,19 @@ install_config() {
   local conf="$CONF_DIR/config.toml"
   install_as root "$SERVICE_USER" -d -m 0750 "$CONF_DIR"
   install_as "$SERVICE_USER" "$SERVICE_USER" -d -m 0750 "$STATE_DIR" "$STATE_DIR/models"
+  if [ -z "$ROOT" ]; then
+    # After --uninstall and a reinstall the user may have another UID and GID: what it kept
+    # (state, spool, clips, learned models: 0600) must be its own again, and the configs and
+    # files beside them (web_token, certificates) readable by its group. systemd's
+    # StateDirectory= fixes ownership only when the folder itself has the wrong owner, which
+    # `install -d` above has just mended. Password files stay root's.
+    find "$STATE_DIR" \( ! -user "$SERVICE_USER" -o ! -group "$SERVICE_USER" \) \
+      -exec chown -h "$SERVICE_USER:$SERVICE_USER" {} +
+    find "$CONF_DIR" -mindepth 1 -maxdepth 1 ! -name '*mqtt_password*' ! -group "$SERVICE_USER" \
+      -exec chgrp -h "$SERVICE_USER" {} +
+  fi
   if [ -e "$conf" ]; then
     say "keeping $conf"
-    # After --uninstall and a reinstall the user may have a new GID: let it read the configs.
-    [ -n "$ROOT" ] || chgrp "$SERVICE_USER" "$CONF_DIR" "$CONF_DIR"/*.toml
   else
     install_as root "$SERVICE_USER" -m 0640 "$DEPLOY_DIR/config.example.toml" "$conf"
     say "wrote $conf (from config.example.toml): edit it before starting"
@@ -225,7 +239,8 @@ install_units() {
 
 # The model path the config names, resolved under ROOT; empty when the config has none.
 configured_model() {
-  "$VENV/bin/python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("model", ""))' \
+  # utf-8-sig, as the daemon reads it: a config saved by Notepad starts with a byte-order mark.
+  "$VENV/bin/python" -c 'import sys, tomllib; print(tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get("model", ""))' \
     "$CONF_DIR/config.toml"
 }
 

@@ -686,3 +686,77 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         sock.close()
         if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
             subprocess.run(PA_START, capture_output=True)
+
+
+def test_the_example_broker_config_starts_under_debians_own(tmp_path: Path) -> None:
+    """deploy/mosquitto/soundsentry.conf dropped into conf.d of the Debian / Raspberry Pi OS
+    package's main config, as its header says: the broker starts, a device logs in over TLS
+    and what it publishes reaches a consumer on loopback through the example ACL."""
+    main_conf = Path("/etc/mosquitto/mosquitto.conf")  # the Debian package's own
+    assert main_conf.is_file(), "mosquitto (Debian package) is not installed"
+    etc = tmp_path / "etc" / "mosquitto"
+    (etc / "conf.d").mkdir(parents=True)
+    (etc / "certs").mkdir()
+    (tmp_path / "lib").mkdir()
+    certs = make_certificates(etc / "certs")
+    tls_port, plain_port = free_port(), free_port()
+    ours = (ROOT / "deploy" / "mosquitto" / "soundsentry.conf").read_text()
+    assert "listener 8883\n" in ours and "listener 1883 127.0.0.1\n" in ours
+    ours = ours.replace("/etc/mosquitto/", f"{etc}/").replace(
+        "listener 8883\n", f"listener {tls_port}\n").replace(
+        "listener 1883 127.0.0.1\n", f"listener {plain_port} 127.0.0.1\n")  # fmt: skip
+    (etc / "conf.d" / "soundsentry.conf").write_text(ours)
+    shutil.copy(ROOT / "deploy" / "mosquitto" / "acl", etc / "soundsentry.acl")
+    for n, user in enumerate(("pi-01", "consumer")):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if n == 0 else []), str(etc / "passwd"), user,
+             f"{user}-pw"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    debian = main_conf.read_text()
+    for path, here in (
+        ("/run/mosquitto/mosquitto.pid", str(tmp_path / "mosquitto.pid")),
+        ("/var/lib/mosquitto/", f"{tmp_path / 'lib'}/"),
+        ("log_dest file /var/log/mosquitto/mosquitto.log", "log_dest stderr"),
+        ("/etc/mosquitto/conf.d", str(etc / "conf.d")),
+    ):
+        assert path in debian, path
+        debian = debian.replace(path, here)
+    (etc / "mosquitto.conf").write_text("user root\n" + debian)
+    log = tmp_path / "mosquitto.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(etc / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+
+    def listening() -> bool:
+        assert proc.poll() is None, f"mosquitto stopped: {log.read_text()[-1500:]}"
+        try:
+            for port in (tls_port, plain_port):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    consumer = None
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pi-01")
+    try:
+        wait_for(listening, 15, "the broker listening on both ports")
+        consumer = Subscriber(plain_port, "soundsentry/#", login=("consumer", "consumer-pw"))
+        device.username_pw_set("pi-01", "pi-01-pw")
+        device.tls_set(ca_certs=str(certs["ca.crt"]))
+        device.connect("127.0.0.1", tls_port)
+        device.loop_start()
+        device.publish("soundsentry/pi-01/events", '{"type": "start"}', qos=1).wait_for_publish(10)
+        assert consumer.wait_for(lambda ms: bool(ms), timeout=10), log.read_text()[-1500:]
+        assert consumer.messages[0].topic == "soundsentry/pi-01/events"
+    finally:
+        device.loop_stop()
+        if consumer is not None:
+            consumer.close()
+        proc.terminate()
+        proc.wait(10)
