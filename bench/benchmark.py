@@ -267,11 +267,11 @@ def main() -> None:
         "fluctuation 8 ch",
         lambda: train_fluctuation(train_n, work / "fl8.bundle", all_channels=True),
     )
-    rows["fluctuation + Mahalanobis, 8-channel views (default)"] = quality(
+    rows["fluctuation + Mahalanobis, 8 channels as views (`--all-channels`)"] = quality(
         fl8, ch0["normal"], ch0["anomalous"]
     ) | {"train_s": t}
     fl0, t = timed("fluctuation ch0", lambda: train_fluctuation(ch0["train"], work / "fl0.bundle"))
-    rows["fluctuation + Mahalanobis, channel 0 only"] = quality(
+    rows["fluctuation + Mahalanobis, channel 0 (the default)"] = quality(
         fl0, ch0["normal"], ch0["anomalous"]
     ) | {"train_s": t}
     ae, t = timed(

@@ -52,14 +52,15 @@ def sf_path(path: str | Path) -> bytes:
     return os.fsencode(path)
 
 
-def find_audio(paths: Iterable[str | Path]) -> list[Path]:
+def find_audio(paths: Iterable[str | Path], quiet: bool = False) -> list[Path]:
     """Expand files and folders (searched recursively) into a sorted list of audio files; a
-    file reached twice (named twice, or inside a folder also given) is listed once."""
+    file reached twice (named twice, or inside a folder also given) is listed once. `quiet`:
+    without the warning of what a folder search skipped (a second search of the same paths)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(_search(path))
+            found.extend(_search(path, quiet))
         elif path.is_file():
             found.append(path)
         else:
@@ -74,7 +75,7 @@ def find_audio(paths: Iterable[str | Path]) -> list[Path]:
     return unique
 
 
-def _search(folder: Path) -> list[Path]:
+def _search(folder: Path, quiet: bool = False) -> list[Path]:
     """The audio files under `folder`, sorted, following folder links (each real folder once);
     hidden names ('.', macOS '._x.wav' and '.Trashes' among them) and system folders skipped,
     and one warning line saying what was skipped and why."""
@@ -97,7 +98,8 @@ def _search(folder: Path) -> list[Path]:
                 found.append(Path(root) / name)
             else:
                 other.append(name)
-    _note_skipped(folder, hidden, other)
+    if not quiet:
+        _note_skipped(folder, hidden, other)
     return sorted(found)
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # One BLAS thread: the per-window matrices are tiny, and idle OpenBLAS workers spin-wait
 # (measured: 21 % of a core at real time with the default threads, 0.8 % with one). Set
@@ -79,8 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the errors of every other mistake: one line, exit status 1 (argparse
+    prints its whole usage block and exits 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"soundsentry: error: {message} (`{self.prog} --help` lists the "
+                  "options)\n")  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="soundsentry", description="Real-time anomaly detection for machine sounds."
     )
     parser.add_argument("--version", action="version", version=f"soundsentry {__version__}")
@@ -388,22 +397,31 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mqtt-port", type=int, default=None, help="broker port")
 
 
+def _number(text: str, kind: type[int] | type[float]) -> Any:
+    """`text` as an int or float, or argparse's one-line complaint naming what was expected."""
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
 def _channel(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < -1:
         raise argparse.ArgumentTypeError("must be a channel number from 0, or -1 (the average)")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number")
     return value
@@ -412,7 +430,7 @@ def _positive_float(text: str) -> float:
 def _model_rate_or_more(text: str) -> int:
     from edge.features import MAX_SAMPLERATE, FeatureParams
 
-    value, model = int(text), FeatureParams().samplerate
+    value, model = _number(text, int), FeatureParams().samplerate
     if not model <= value <= MAX_SAMPLERATE:
         raise argparse.ArgumentTypeError(
             f"must be {model} to {MAX_SAMPLERATE}: the models hear up to {model // 2} Hz"
@@ -517,6 +535,8 @@ def _check_train_flags(args: argparse.Namespace) -> None:
         raise SoundSentryError(
             f"--augment is for the autoencoder and the classifier, not --detector {args.detector}"
         )
+    if args.augment_factor != 1 and not args.augment:
+        raise SoundSentryError("--augment-factor sets how many copies --augment makes: give both")
     if args.all_channels and args.channel is not None:
         raise SoundSentryError("--channel picks one channel; --all-channels trains on every one")
     args.channel = 0 if args.channel is None else args.channel
@@ -531,13 +551,15 @@ def _note_channels(paths: list[str], channel: int) -> None:
 
     from edge.audio_io import find_audio, sf_path
 
-    widest = 1
-    for path in find_audio(paths):
+    widest, narrowest = 1, None
+    for path in find_audio(paths, quiet=True):  # the trainer's own search says what it skips
         try:
-            widest = max(widest, sf.info(sf_path(path)).channels)
+            channels = sf.info(sf_path(path)).channels
         except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
             continue  # the audio checks name the file
-    if widest > 1:
+        widest = max(widest, channels)
+        narrowest = channels if narrowest is None else min(narrowest, channels)
+    if widest > 1 and channel < (narrowest or 1):  # a channel that is not there: its error
         used = "their average" if channel == -1 else f"channel {channel}"
         print(
             f"note: {widest}-channel recordings: training on {used} (--channel N picks "
@@ -612,9 +634,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: Path | None, flag: str, folder: bool) -> None:
+    """Refuse, before any work, an output path that is the wrong kind of thing: a file where
+    a folder is to be written, a folder where a file is, or a file in a folder that is not."""
+    if path is None:
+        return
+    if folder and path.exists() and not path.is_dir():
+        raise SoundSentryError(f"{flag} {path}: exists and is not a folder; choose another path")
+    if not folder and path.is_dir():
+        raise SoundSentryError(f"{flag} {path}: is a folder; give a file name")
+    if not folder and not path.parent.is_dir():
+        raise SoundSentryError(f"{flag} {path}: no folder {path.parent} to write it in")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from edge.bundle import channel_for, read_manifest
 
+    _check_output(args.json, "--json", folder=False)
+    _check_output(args.report, "--report", folder=True)
     if args.report:  # before anything is scored or written: no half-written report
         _require("matplotlib", "report", "evaluate --report")
     manifest = read_manifest(args.model)
@@ -664,6 +701,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectrogram(args: argparse.Namespace) -> int:
+    _check_output(args.out, "--out", folder=False)
     _require("matplotlib", "report", "spectrogram")
     from soundsentry.report import render_spectrogram
 
@@ -768,6 +806,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from edge.record import record
     from edge.settings import load_settings
 
+    _check_output(args.out, "--out", folder=True)
     settings = load_settings(args.config, audio={"device": args.device})
     files = record(settings, args.seconds, args.out, args.chunk_seconds, args.samplerate)
     print(f"recorded {len(files)} file(s) into {args.out}")

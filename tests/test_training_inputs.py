@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
+from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, NORMAL_FILES, cli
 
 RATE = 16000
 
@@ -222,7 +222,7 @@ def test_training_messages_name_the_file_and_refuse_what_would_be_ignored(tmp_pa
     )
     assert f"{NORMAL_FILES[0]}: channel 1 does not exist" in line
     bad = cli("train", "--normal", *files, "--channel", "-2", "--out", out, check=False)
-    assert bad.returncode == 2 and "-1 (the average)" in bad.stderr
+    assert bad.returncode == 1 and "-1 (the average)" in bad.stderr
     line = _error_line(cli("train", "--normal", *files, "--seed", "3", "--out", out, check=False))
     assert "--seed trains a network" in line
 
@@ -244,3 +244,40 @@ def test_clipped_recordings_and_a_dc_offset_are_warned_of_by_name(tmp_path: Path
     assert len(warned) == 2, proc.stderr
     assert "n0.wav" in warned[0] and "at full scale (clipped)" in warned[0]
     assert "n1.wav" in warned[1] and "a DC offset of +0.050" in warned[1]
+
+
+def test_mistakes_on_the_command_line_are_one_line_before_any_work(tmp_path: Path) -> None:
+    """What a new user gets wrong, said in one line with exit status 1 before minutes of
+    scoring: a missing flag, a word for a number, an output path of the wrong kind, a flag the
+    chosen model ignores; and a folder's skipped files are named once, not once per search."""
+    fan = [str(f) for f in NORMAL_FILES]
+    missing = _error_line(cli("train", "--normal", *fan, check=False))
+    assert "--out" in missing and "train --help" in missing
+    word = _error_line(cli("evaluate", str(DEMO_BUNDLE), "--normal", fan[0], "--anomalous",
+                           fan[1], "--segment", "abc", check=False))  # fmt: skip
+    assert "'abc' is not a number" in word and "_positive_float" not in word
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    args = ("evaluate", str(DEMO_BUNDLE), "--normal", fan[0], "--anomalous", fan[1])
+    refused = cli(*args, "--json", str(folder), check=False)
+    assert "--json" in _error_line(refused) and "is a folder" in _error_line(refused)
+    assert "AUC" not in refused.stdout  # refused before scoring, not after
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    line = _error_line(cli(*args, "--report", str(notes), check=False))
+    assert "--report" in line and "not a folder" in line and notes.read_text() == "mine\n"
+    line = _error_line(cli(*args, "--float", check=False))
+    assert "--float" in line and "holds no network" in line
+    out = str(tmp_path / "m.bundle")
+    line = _error_line(
+        cli("train", "--normal", *fan, "--out", out, "--augment-factor", "2", check=False)
+    )
+    assert "--augment-factor" in line and not Path(out).exists()
+    mac = tmp_path / "mac"
+    mac.mkdir()
+    for src in NORMAL_FILES:
+        (mac / src.name).write_bytes(src.read_bytes())
+    (mac / "._fan-normal-0.flac").write_bytes(b"\0\5\26\7 AppleDouble")
+    (mac / "readme.txt").write_text("recorded at the pump\n")
+    done = cli("train", "--normal", str(mac), "--out", out)
+    assert done.stderr.count("skipped") == 1, done.stderr

@@ -160,6 +160,7 @@ def training_audio(paths: list[str | Path], samplerate: int | None = None) -> li
     files = find_audio(paths)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(p) for p in paths))
+    audio_seconds(files, samplerate=samplerate)  # every unusable file named, copies among them
     files = without_copies(files)
     require_audio(audio_seconds(files, samplerate=samplerate), "train")
     return files

@@ -16,7 +16,7 @@ import numpy as np
 
 from edge.audio_io import check_files, find_audio, read_audio
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_file
-from edge.errors import AudioError
+from edge.errors import AudioError, SoundSentryError
 from edge.features import windows_of
 from edge.machine_state import OFF
 from edge.pipeline import Pipeline
@@ -123,6 +123,11 @@ def evaluate(
     if channel is None:
         channel = channel_for(bundle.manifest, None, "evaluate")
     if bundle.model is None:
+        if variant == "float":
+            raise SoundSentryError(
+                f"--float evaluates a network's float reference; {model} holds no network "
+                f"(detector {bundle.manifest.kind}): leave --float out"
+            )
         variant = "numpy"  # no network: the same statistics serve both
     p = bundle.features
     if segment is not None and segment < p.window_seconds:
