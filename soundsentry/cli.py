@@ -439,7 +439,9 @@ def _model_rate_or_more(text: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ log: its errors too (a tf.data "NodeDef mentions attribute ..." line at
+    # every fit reads like a failure); a real failure is a Python exception with its message.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _check_train_flags(args)
     one_channel = args.classes or (args.detector == "autoencoder" and not args.normal_states)
     if args.all_channels and one_channel:

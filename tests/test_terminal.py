@@ -452,3 +452,15 @@ def test_record_notices_audio_lost_while_it_was_frozen(sink: str, tmp_path: Path
 
 FREEZE_S = 10
 """Longer than PulseAudio and PortAudio buffer for a client that does not read."""
+
+
+def test_training_a_network_prints_no_tensorflow_converter_noise(tmp_path: Path) -> None:
+    """The int8 conversion's C++ lines (`fully_quantize: 0, inference_type: 6 ...`, `NodeDef
+    mentions attribute ...`) read like errors in the middle of `train`'s output; they are kept
+    back unless the conversion fails."""
+    out = tmp_path / "ae.bundle"
+    proc = cli("train", "--detector", "autoencoder", "--normal", *map(str, NORMAL_FILES),
+               "--out", str(out), "--epochs", "1")  # fmt: skip
+    assert (out / "manifest.json").is_file()
+    for noise in ("fully_quantize", "NodeDef mentions", "inference_type"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -15,6 +18,28 @@ REPRESENTATIVE_WINDOWS = 300
 """Training windows fed to the int8 calibrator."""
 
 
+@contextlib.contextmanager
+def _native_stderr_kept_back() -> Iterator[None]:
+    """TensorFlow's converter writes lines of its own to the process's stderr from C++
+    (`fully_quantize: 0, inference_type: 6 ...`, `NodeDef mentions attribute ...`), which read
+    like errors in the middle of `train`'s output. They go to a temporary file instead, and are
+    shown only if the conversion fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as kept:
+        os.dup2(kept.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            kept.seek(0)
+            sys.stderr.write(kept.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _converter(model: object, tmp: str) -> tf.lite.TFLiteConverter:
     model.export(tmp, format="tf_saved_model", verbose=False)  # type: ignore[attr-defined]
     return tf.lite.TFLiteConverter.from_saved_model(tmp)
@@ -22,7 +47,7 @@ def _converter(model: object, tmp: str) -> tf.lite.TFLiteConverter:
 
 def to_float_tflite(model: object) -> bytes:
     """Float32 TFLite flatbuffer of a Keras model."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _native_stderr_kept_back():
         return _converter(model, tmp).convert()
 
 
@@ -35,7 +60,7 @@ def to_int8_tflite(model: object, windows: np.ndarray, seed: int = 0) -> bytes:
         for i in pick:
             yield [windows[i : i + 1].astype(np.float32)]
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _native_stderr_kept_back():
         conv = _converter(model, tmp)
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
