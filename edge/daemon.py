@@ -173,8 +173,12 @@ class Detector:
         notifier: SystemdNotifier | None = None,
         spool_stats: Callable[[], tuple[int, int]] | None = None,
         persist: bool = False,
+        live: bool = True,
     ) -> None:
         self.settings = settings
+        self.live = live
+        """The device's own daemon (`run`): its running hours count the running time heard, and
+        a bundle that cannot tell the machine off is warned of. Not a replay."""
         self.sinks = tuple(sinks)
         self._failing: set[tuple[int, str]] = set()
         self._paced, self._slack_s = False, CLOCK_SLACK_S  # run() reads them off its source
@@ -202,7 +206,7 @@ class Detector:
         self._next_state = self._next_metrics = 0.0
         self._ready = False
         self._last_score: float | None = None
-        self._machine = RUNNING
+        self._machine: str | None = None  # unknown until a window is heard
         self._running_s = self._running_saved = 0.0
         self._band_sum: np.ndarray | None = None
         self._band_n = 0
@@ -258,6 +262,12 @@ class Detector:
         Nothing changes if the pipeline cannot be built (the running model stays whole)."""
         settings = settings or self.settings
         pipeline = Pipeline(bundle, settings.detector)
+        if self.live and pipeline.machine.off_below_dbfs is None and pipeline.namer is None:
+            log.warning(
+                "%s records no running level (a bundle from before it did): a machine switched "
+                "off is not recognised as off; `soundsentry calibrate` on normal running adds "
+                "it, or set [detector] off_below_dbfs", bundle.model_id,
+            )  # fmt: skip
         self.bundle, self.pipeline, self.settings = bundle, pipeline, settings
         self._threshold = threshold
         if threshold is not None:
@@ -570,7 +580,7 @@ class Detector:
             first = not self._heard
             self._last_window = now
             self._last_score = step.score
-            if step.machine == RUNNING:
+            if step.machine == RUNNING and self.live:
                 self._running_s += self.bundle.features.hop_seconds
             machine = step.state_name or step.machine  # a named state when trained with them
             if machine != self._machine:
@@ -727,8 +737,8 @@ class Detector:
 
     def _dispatch(self, t: Transition) -> None:
         clip = None
-        if t.kind == "start":
-            self._kept[t.event_id] = {"rows": [], "clip": None}
+        if t.kind == "start":  # the machine's state as it was raised, for all its messages
+            self._kept[t.event_id] = {"rows": [], "clip": None, "machine": self._machine}
             while len(self._kept) > KEPT_EVENTS:
                 self._kept.popitem(last=False)
             if self.clips:
@@ -771,7 +781,7 @@ class Detector:
             clip=clip[0] if clip else None,
             clip_seconds=clip[1] if clip else None,
             label=t.label,
-            machine=self._machine,
+            machine=self._kept.get(t.event_id, {}).get("machine", self._machine),
             trigger=t.trigger,  # type: ignore[arg-type]
             clip_url=self.clip_url(clip[0]) if clip and self.clip_url else None,
         )
@@ -805,7 +815,7 @@ class Detector:
             # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time
             muted_until=iso(self.muted_until) if self.muted and state != "stopped" else None,
             label=self.pipeline.events.label,
-            machine=self._machine,
+            machine=None if state == "fault" else self._machine,  # faulty audio says nothing
             progress=round(self.adapter.period.progress, 4)
             if self.adapter is not None and self.adapter.period is not None
             else None,

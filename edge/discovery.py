@@ -154,7 +154,7 @@ def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
         ("sensor", "machine"): {  # running, off, or the name of a trained operating state
             "name": "Machine",
             "state_topic": topics.state,
-            "value_template": "{{ value_json.machine | default('running') }}",
+            "value_template": _unless_fault("machine"),
             "icon": "mdi:engine",
         },
         ("sensor", "trend"): {

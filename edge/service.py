@@ -84,6 +84,7 @@ def run_detector(
         on_step=on_step,
         spool_stats=(lambda: (spool.depth(), spool.dropped)) if spool is not None else None,
         persist=True,  # threshold, mute and learned models survive a restart (data_dir)
+        live=live,  # the device's running hours count what its microphone heard
     )
     controller = Controller(detector, reload_settings)
     if dashboard is not None:

@@ -339,6 +339,10 @@ def test_anomaly_score_and_level_are_unknown_while_the_audio_is_faulty() -> None
     assert (render(score, fault), render(level, fault)) == ("None", "None")
     assert render(score, _state("starting")) == "None"  # no score yet: unknown, not 0
     assert render(anomaly, _state("learning", score=0.5)) == "None"  # not judging yet
+    machine = _config("sensor", "machine")["value_template"]  # a dead microphone is not `off`
+    assert render(machine, _state("normal", machine="fast")) == "fast"
+    assert render(machine, _state("fault", machine="off")) == "None"
+    assert render(machine, _state("starting")) == "None"  # nothing heard: not `running`
 
 
 def test_status_options_cover_every_state_the_daemon_sends() -> None:

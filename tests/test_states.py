@@ -157,3 +157,38 @@ def test_a_state_named_off_is_off_no_event_and_no_running_hours(
     running = [s.score for s in heard if s.machine != "off" and s.score is not None]
     assert summary.off == off_windows > 0 and summary.highest == max(running)
     assert summary.line(1, 1.0).endswith(f"; the machine off in {off_windows} of them")
+
+
+def test_an_event_keeps_the_state_it_was_raised_in_and_replay_adds_no_running_hours(
+    tmp_path: Path,
+) -> None:
+    """The fan faults, then is switched off: the open event ends, and its `end` (the retained
+    last event Home Assistant shows) still says the machine was running, as the schema says,
+    not `off`. Before the first window the state message claims no machine state at all. A
+    replay (live off) leaves the device's running hours as they were."""
+    from conftest import DEMO_BUNDLE
+
+    from edge.persist import DeviceState
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    rate = bundle.features.samplerate
+    clip = read_audio(DEMO_CLIP, rate)[: int(10.5 * rate)]  # normal running, then a fault
+    rng = np.random.default_rng(3)
+    off = (1e-4 * rng.standard_normal(6 * rate)).astype(np.float32)  # about -80 dBFS
+    path = tmp_path / "fault-then-off.wav"
+    sf.write(path, np.concatenate([clip, off]), rate, subtype="FLOAT")
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "live",
+                        detector={"off_below_dbfs": -60})  # fmt: skip
+    rec = Recorder()
+    Detector(settings, bundle, [rec], persist=True).run(FileSource([path], rate))
+    starts = [e for e in rec.events if e.type == "start"]
+    ends = [e for e in rec.events if e.type == "end"]
+    assert starts and ends and ends[-1].event_id == starts[-1].event_id, rec.kinds()
+    assert ends[-1].ended_at is not None and ends[-1].machine == starts[-1].machine == "running"
+    assert "off" in [s.machine for s in rec.states]  # it did go off, and the event ended there
+    assert rec.states[0].machine is None  # nothing heard yet: no claim of `running`
+    heard = DeviceState(tmp_path / "live").running_seconds
+    assert heard > 5
+    replay = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "live")
+    Detector(replay, bundle, [Recorder()], persist=True, live=False).run(FileSource([path], rate))
+    assert DeviceState(tmp_path / "live").running_seconds == heard
