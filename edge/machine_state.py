@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,21 +48,30 @@ def off_level(running_p1_dbfs: float) -> float:
 
 
 def machine_profile(
-    audio: Iterable[np.ndarray], params: FeatureParams, states: list[str] | None = None
+    audio: Iterable[np.ndarray],
+    params: FeatureParams,
+    states: list[str] | None = None,
+    groups: Sequence[int] | None = None,
 ) -> dict:
     """A manifest's `machine` section from normal audio of the machine running (mono, model
     rate): the level of its windows, from which the edge tells `off` (far quieter) from
     running. Digital silence and windows QUIET_GAP_DB below the median are left out, with a
-    warning that says how many."""
-    levels, silent = [], 0
-    for a in audio:
+    warning that says how many. `groups`: the operating state of each recording (state
+    folders); the median is then each state's own, so a quiet state the user named as running
+    (idle, a low speed) is part of the running level instead of being left out as `off`."""
+    levels, group_of, silent = [], [], 0
+    for n, a in enumerate(audio):
         for w in WindowBuffer(params.window_samples, params.hop_samples).push(a):
             if is_silent(w.samples):
                 silent += 1
             else:
                 levels.append(level_dbfs(w.samples))
-    heard = np.array(levels)
-    quiet = heard < np.median(heard) - QUIET_GAP_DB if len(heard) else heard.astype(bool)
+                group_of.append(groups[n] if groups is not None else 0)
+    heard, group_of = np.array(levels), np.array(group_of)
+    quiet = np.zeros(len(heard), bool)
+    for g in np.unique(group_of):
+        mine = group_of == g
+        quiet[mine] = heard[mine] < np.median(heard[mine]) - QUIET_GAP_DB
     left_out = silent + int(quiet.sum())
     if left_out:
         log.warning(

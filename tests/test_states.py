@@ -192,3 +192,23 @@ def test_an_event_keeps_the_state_it_was_raised_in_and_replay_adds_no_running_ho
     replay = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "live")
     Detector(replay, bundle, [Recorder()], persist=True, live=False).run(FileSource([path], rate))
     assert DeviceState(tmp_path / "live").running_seconds == heard
+
+
+def test_a_quiet_state_folder_is_running_not_off() -> None:
+    """State folders `fast` and `idle`, the idle fan 30 dB quieter and a fifth of the audio:
+    idle is a state the user
+    named as running, so the off level lies below it; pooled without the states, idle windows
+    are left out as "the machine off for a while" and the off level lies above them, so the
+    idle machine (and a fault while it idles) would read as off."""
+    from edge.features import FeatureParams
+    from edge.machine_state import machine_profile
+
+    params = FeatureParams()
+    fast = [read_audio(f, params.samplerate) for f in NORMAL_FILES]
+    idle = [fast[0] * 10 ** (-30 / 20)]  # less of it recorded, as is usual for idling
+    idle_level = machine_profile(idle, params)["running_level_dbfs"]["p01"]
+    pooled = machine_profile(fast + idle, params)["off_below_dbfs"]
+    by_state = machine_profile(fast + idle, params, ["fast", "idle"], groups=[0] * 4 + [1])
+    assert pooled > idle_level  # the defect: idle would be off
+    assert by_state["off_below_dbfs"] < idle_level
+    assert by_state["off_below_dbfs"] == pytest.approx(idle_level - 10, abs=0.01)

@@ -754,7 +754,10 @@ def _manifest(
         "threshold": {"value": head.threshold, "rule": RULE, "params": head.rule_params},
         "normal_scores": score_stats(head.held_scores, "held-out normal audio"),
         "machine": machine_profile(
-            own.running(own.audio), params, own.states if len(own.states) > 1 else None
+            own.running(own.audio),
+            params,
+            own.states if len(own.states) > 1 else None,
+            groups=own.running(own.view_states),  # each state's own median level
         ),
         "validation": validation,
         "training": {
