@@ -196,10 +196,9 @@ def test_an_event_keeps_the_state_it_was_raised_in_and_replay_adds_no_running_ho
 
 def test_a_quiet_state_folder_is_running_not_off() -> None:
     """State folders `fast` and `idle`, the idle fan 30 dB quieter and a fifth of the audio:
-    idle is a state the user
-    named as running, so the off level lies below it; pooled without the states, idle windows
-    are left out as "the machine off for a while" and the off level lies above them, so the
-    idle machine (and a fault while it idles) would read as off."""
+    idle is a state the user named as running, so the off level lies below it; pooled without
+    the states, idle windows are left out as "the machine off for a while" and the off level
+    lies above them, so the idle machine (and a fault while it idles) would read as off."""
     from edge.features import FeatureParams
     from edge.machine_state import machine_profile
 
