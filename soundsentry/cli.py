@@ -638,15 +638,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _check_output(path: Path | None, flag: str, folder: bool) -> None:
     """Refuse, before any work, an output path that is the wrong kind of thing: a file where
-    a folder is to be written, a folder where a file is, or a file in a folder that is not."""
+    a folder is to be written, or a folder where a file is (missing folders are created)."""
     if path is None:
         return
     if folder and path.exists() and not path.is_dir():
         raise SoundSentryError(f"{flag} {path}: exists and is not a folder; choose another path")
     if not folder and path.is_dir():
         raise SoundSentryError(f"{flag} {path}: is a folder; give a file name")
-    if not folder and not path.parent.is_dir():
-        raise SoundSentryError(f"{flag} {path}: no folder {path.parent} to write it in")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

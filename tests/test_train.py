@@ -292,7 +292,10 @@ def test_evaluate_with_nothing_to_score_and_an_output_path_that_is_a_folder(
     proc = cli("evaluate", model, "--normal", str(NORMAL_FILES[0]), "--anomalous",
                str(ANOMALOUS_FILE), "--json", str(tmp_path), check=False)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"soundsentry: error: Is a directory: {tmp_path}"
+    assert proc.stderr.strip().splitlines()[-1] == (  # said before scoring, naming the flag
+        f"soundsentry: error: --json {tmp_path}: is a folder; give a file name"
+    )
+    assert proc.stdout == ""
 
 
 def test_evaluate_checks_its_timeline_file_before_scoring(tmp_path: Path) -> None:
