@@ -128,15 +128,14 @@ def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:
     if channel == DOWNMIX:
         return audio.mean(axis=1, dtype=np.float32)
     if not 0 <= channel < audio.shape[1]:
-        raise AudioError(f"channel {channel} does not exist: the audio has {audio.shape[1]}")
+        raise _no_channel(channel, audio.shape[1])
     return np.ascontiguousarray(audio[:, channel])
 
 
-def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Resample mono float32 audio with soxr (high quality); a no-op at equal rates."""
-    if rate_in == rate_out:
-        return audio.astype(np.float32, copy=False)
-    return soxr.resample(audio, rate_in, rate_out, quality="HQ").astype(np.float32, copy=False)
+def _no_channel(channel: int, channels: int, path: Path | None = None) -> AudioError:
+    """The error for a channel the audio does not have."""
+    where = f"{path}: " if path is not None else ""
+    return AudioError(f"{where}channel {channel} does not exist: the audio has {channels}")
 
 
 def check_rate(path: str | Path, rate: int, samplerate: int) -> None:
@@ -252,7 +251,7 @@ def read_audio(
             "the recording into -1..1 (divide by its peak) before using it"
         )
     if not valid:
-        raise AudioError(f"{path}: channel {channel} does not exist: the audio has {channels}")
+        raise _no_channel(channel, channels, path)
     if need_sound:
         summary.check_sound(path, channel, channels)
     return np.concatenate(parts).astype(np.float32, copy=False)
