@@ -233,7 +233,7 @@ class Detector:
         """Switch to a (validated) bundle; an open anomaly is ended first and a threshold
         set by command is dropped (it belonged to the old model). With a `reason` (reload,
         calibrate) the switch is recorded in the model history."""
-        self.close_event()
+        self.close_event("model_changed")
         self._load(bundle, self.settings, threshold=None)
         if self.adapter is not None and reason is not None:
             try:
@@ -246,7 +246,7 @@ class Detector:
     def apply_settings(self, settings: Settings) -> None:
         """Take new settings (reload): the pipeline is rebuilt with the new detector settings,
         [health] and [clips] apply at once."""
-        self.close_event()
+        self.close_event("settings_changed")
         self._load(self.bundle, settings, self._threshold)
         h, c = settings.health, settings.clips  # faults in progress and the ring are kept
         self.health.fault_seconds, self.health.clip_fraction = h.fault_seconds, h.clip_fraction
@@ -284,7 +284,7 @@ class Detector:
 
     def mute(self, minutes: float) -> float:
         """Silence anomaly events for `minutes`; an open anomaly ends. Returns the end time."""
-        self.close_event()
+        self.close_event("muted")
         self.muted_until = self.clock() + minutes * 60
         self._save_state()
         self.emit_state()
@@ -317,7 +317,7 @@ class Detector:
         length = seconds or self.settings.learning.seconds
         if not length:
             raise LearningError("give the seconds to learn (no [learning] seconds is set)")
-        self.close_event()
+        self.close_event("learning")
         adapter.start(length, self.bundle)
         self.emit_state()
         return length
@@ -339,7 +339,7 @@ class Detector:
         adapter = self._adapter()
         eid = self._event_named(event_id)
         if self.pipeline.events.event_id == eid:
-            self.close_event()
+            self.close_event("marked_normal")
         rows = self._event_rows(eid)
         self._switch(adapter.mark(eid, rows, self.bundle))
         return {"event_id": eid, **(adapter.last_refit or {})}
@@ -362,7 +362,7 @@ class Detector:
 
     def _switch(self, bundle: Bundle) -> None:
         """Use a bundle the adapter made or rolled back to (already in the history)."""
-        self.close_event()
+        self.close_event("model_changed")
         self._load(bundle, self.settings, threshold=None)
         self._save_state()
         self.emit_state()
@@ -637,13 +637,13 @@ class Detector:
     def new_stream(self) -> None:
         """A new, unrelated stream follows (the next replayed file): the open anomaly ends
         where the last one stopped, and windowing and event logic start afresh."""
-        self.close_event()
+        self.close_event("end_of_stream")
         self._load(self.bundle, self.settings, self._threshold)
 
     def finish(self) -> None:
         """End an open anomaly, save a learning period in progress and the running hours, send
         the last metrics, mark the state stopped."""
-        self.close_event()
+        self.close_event("stopped" if self.live or self._stop.is_set() else "end_of_stream")
         if self.adapter is not None:
             self.adapter.save_period()
         self._save_state()
@@ -684,7 +684,7 @@ class Detector:
 
     def _resync(self) -> None:
         """After a gap in the audio: restart windowing and re-anchor stream time to the clock."""
-        self.close_event()
+        self.close_event("audio_gap")
         self.pipeline.reset()
         self._origin = self.clock() - self._samples / self._rate
         self._clock_set()
@@ -729,9 +729,9 @@ class Detector:
             self._band_sum = err.copy() if self._band_sum is None else self._band_sum + err
             self._band_n += 1
 
-    def close_event(self) -> None:
-        """End an open anomaly now (mute, reload, fault, shutdown)."""
-        transition = self.pipeline.close()
+    def close_event(self, reason: str) -> None:
+        """End an open anomaly now, for `reason` (one of edge.events.ENDED_BY)."""
+        transition = self.pipeline.close(reason)
         if transition is not None:
             self._dispatch(transition)
 
@@ -783,6 +783,7 @@ class Detector:
             label=t.label,
             machine=self._kept.get(t.event_id, {}).get("machine", self._machine),
             trigger=t.trigger,  # type: ignore[arg-type]
+            ended_by=t.ended_by,  # type: ignore[arg-type]
             clip_url=self.clip_url(clip[0]) if clip and self.clip_url else None,
         )
 
@@ -827,7 +828,7 @@ class Detector:
             level = logging.WARNING if change.kind == "fault" else logging.INFO
             log.log(level, "audio %s: %s (%s)", change.kind, change.fault, change.detail)
             if change.kind == "fault":
-                self.close_event()
+                self.close_event("audio_fault")
             elif change.fault == INVALID:  # windows holding the bad samples are not scored
                 self.pipeline.reset()
         message = HealthMessage(

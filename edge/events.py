@@ -23,6 +23,22 @@ DEFAULT_M = 4
 K_OF_N = "k_of_n"
 CUSUM = "cusum"
 """The two paths that start an anomaly (Transition.trigger)."""
+ENDED_BY = (
+    "normal",  # the sound came back below the threshold and the integrated evidence to zero
+    "machine_off",  # the machine stopped
+    "label_changed",  # supervised: another state took over
+    "audio_fault",  # the microphone failed (a health fault)
+    "audio_gap",  # the audio stopped and resumed: the stream was re-anchored
+    "muted",
+    "learning",  # a commissioning period began
+    "marked_normal",  # the operator marked the event normal
+    "model_changed",  # another model (reload, calibrate, a refit or rollback)
+    "settings_changed",  # SIGHUP
+    "stopped",  # the daemon shut down
+    "end_of_stream",  # a replayed recording ended (or the next one began)
+    "interrupted",  # the daemon stopped without ending it; ended when it started again
+)
+"""Why an anomaly ended (Transition.ended_by, the `end` message's `ended_by`)."""
 DEFAULT_DRIFT = 0.5
 """CUSUM reference value, in normal spreads: half the shift it is tuned to find (one spread of
 the normal log score, i.e. a level about e^spread times the normal one), the textbook choice."""
@@ -108,6 +124,8 @@ class Transition:
     trigger: str | None = None
     """What started the anomaly: `k_of_n` (K of the last N windows above the threshold) or
     `cusum` (evidence integrated over time, possibly from windows all below the threshold)."""
+    ended_by: str | None = None
+    """On an end: why (one of ENDED_BY)."""
 
 
 class _OpenEventHolder:
@@ -189,7 +207,7 @@ class EventDetector(_OpenEventHolder):
             event.add(score, end_s)
         self._below = 0 if above else self._below + 1
         if self._below >= self.m and self.evidence == 0.0:
-            return self.close()
+            return self.close("normal")
         if (above or rising) and end_s - event.last_update_s >= self.update_s:
             event.last_update_s = end_s
             return event.transition("update")
@@ -230,8 +248,8 @@ class EventDetector(_OpenEventHolder):
             self.evidence = min(self.evidence, self.cusum.h)
         return event.transition("start")
 
-    def close(self) -> Transition | None:
-        """End the open anomaly now (release, end of stream, mute, shutdown)."""
+    def close(self, reason: str) -> Transition | None:
+        """End the open anomaly now, for `reason` (one of ENDED_BY)."""
         event, self._event = self._event, None
         self._recent.clear()
         self._below = 0
@@ -239,7 +257,7 @@ class EventDetector(_OpenEventHolder):
         if event is None:
             return None
         self._quiet_until = event.last_above_s + self.cooldown_s
-        return event.transition("end", ended=True)
+        return event.transition("end", ended_by=reason)
 
 
 class _OpenEvent:
@@ -261,16 +279,22 @@ class _OpenEvent:
         self.count += 1
         self.last_above_s = end_s
 
-    def transition(self, kind: str, ended: bool = False, label: str | None = None) -> Transition:
+    def transition(
+        self, kind: str, ended_by: str | None = None, label: str | None = None
+    ) -> Transition:
+        """A start or update (`ended_by` None) or an end, and why it ended."""
+        if ended_by is not None and ended_by not in ENDED_BY:
+            raise ValueError(f"unknown reason for an end: {ended_by!r}")
         return Transition(
             kind=kind,
             event_id=self.event_id,
             started_s=self.started_s,
             peak_score=self.peak,
             mean_score=self.total / max(self.count, 1),
-            ended_s=self.last_above_s if ended else None,
+            ended_s=self.last_above_s if ended_by is not None else None,
             label=label,
             trigger=self.trigger,
+            ended_by=ended_by,
         )
 
 
@@ -309,7 +333,7 @@ class ClassTracker(_OpenEventHolder):
         votes = sum(1 for x in self._recent if x == label)
         if confidence < self.threshold or votes < self.k or label == self.label:
             return []
-        out = [t for t in [self.close()] if t is not None]
+        out = [t for t in [self.close("label_changed")] if t is not None]
         self._event = _OpenEvent(uuid.uuid4().hex, start_s, end_s)
         self._event.add(confidence, end_s)
         self.label = label
@@ -318,8 +342,8 @@ class ClassTracker(_OpenEventHolder):
         out.append(self._event.transition("start", label=label))
         return out
 
-    def close(self) -> Transition | None:
-        """End the current label's event."""
+    def close(self, reason: str) -> Transition | None:
+        """End the current label's event, for `reason` (one of ENDED_BY)."""
         event, self._event = self._event, None
         label, self.label = self.label, None
-        return event.transition("end", ended=True, label=label) if event else None
+        return event.transition("end", ended_by=reason, label=label) if event else None

@@ -65,6 +65,9 @@ class EventMessage(_Payload):
     integrated over time, whose windows may all lie below the threshold."""
     clip_url: str | None = None
     """Where the dashboard serves the clip (set when `[web]` is enabled)."""
+    ended_by: str | None = None
+    """On an `end` only: why it ended, one of edge.events.ENDED_BY: `normal` (the sound came
+    back), `machine_off`, `audio_fault`, `muted`, `stopped`, ... (absent from older versions)."""
     seq: int | None = None
     """The message's place in its event on MQTT: 0 for the `start`, 1, 2, ... for each
     `update` and the `end`. Updates share event_id, type and started_at, so a consumer

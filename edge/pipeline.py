@@ -100,7 +100,7 @@ class Pipeline:
             machine = self.machine.named(name, end_s)
             found: tuple[Transition, ...] = ()
             if machine != RUNNING:
-                ended = self.events.close()  # a machine switched off ends its anomaly
+                ended = self.events.close("machine_off")  # a machine switched off ends it
                 found = (ended,) if ended is not None else ()
             elif detect and not dead and self.machine.allows_events(end_s) and self._heard_on():
                 found = tuple(self.events.update(scored, start_s, end_s))
@@ -125,9 +125,10 @@ class Pipeline:
         """Drop buffered audio (after a gap in the stream)."""
         self.buffer.reset()
 
-    def close(self) -> Transition | None:
-        """End an open anomaly (end of stream, mute, reload or shutdown)."""
-        return self.events.close()
+    def close(self, reason: str = "end_of_stream") -> Transition | None:
+        """End an open anomaly, for `reason` (one of edge.events.ENDED_BY): by default the
+        stream ended."""
+        return self.events.close(reason)
 
 
 def state_namer(bundle: Bundle) -> StateNamer | None:

@@ -155,7 +155,8 @@ def end_interrupted(events: list[LoggedEvent], sinks: Iterable[Sink]) -> int:
         data = {k: v for k, v in event.data.items() if k in names}
         started = event.started.timestamp()
         data.update(type="end", ended_at=iso(now), duration_s=round(max(0.0, now - started), 3),
-                    interrupted=True, clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
+                    interrupted=True, ended_by="interrupted",
+                    clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
         message = EventMessage(**data)
         log.warning(
             "event %s (started %s) was left open when the daemon stopped: ended now, "

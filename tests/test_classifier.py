@@ -103,5 +103,6 @@ def test_class_tracker_needs_k_of_n_confident_windows() -> None:
     assert t.feed(0.5, "b", 1.5, 2.5) == []  # not confident enough
     changed = t.feed(0.8, "b", 2, 3)
     assert [(x.kind, x.label) for x in changed] == [("end", "a"), ("start", "b")]
-    assert np.isclose(changed[0].ended_s, 1.5)
-    assert t.close().label == "b"
+    assert np.isclose(changed[0].ended_s, 1.5) and changed[0].ended_by == "label_changed"
+    end = t.close("stopped")
+    assert end.label == "b" and end.ended_by == "stopped"

@@ -16,8 +16,9 @@ def run(scores: list[float], **kw: int) -> list[tuple[str, int]]:
         t = det.feed(s, i * 0.5, i * 0.5 + 1.0)
         if t:
             out.append((t.kind, i))
-    end = det.close()
+    end = det.close("end_of_stream")
     if end:
+        assert end.ended_by == "end_of_stream"
         out.append(("close", len(scores)))
     return out
 
@@ -44,6 +45,19 @@ def test_event_statistics_and_times() -> None:
     end = det.feed(0.1, 1.5, 2.5)
     assert end and end.kind == "end" and end.event_id == start.event_id
     assert end.peak_score == 5.0 and end.mean_score == 4.0 and end.ended_s == 2.0
+    assert end.ended_by == "normal" and start.ended_by is None
+
+
+def test_an_end_says_why_and_an_unknown_reason_is_refused() -> None:
+    det = EventDetector(threshold=1.0, k=2, n=3, m=1)
+    det.feed(3.0, 0.0, 1.0)
+    assert det.feed(3.0, 0.5, 1.5).kind == "start"
+    assert det.close("muted").ended_by == "muted"
+    assert det.close("muted") is None  # nothing open any more
+    det.feed(3.0, 5.0, 6.0)
+    assert det.feed(3.0, 5.5, 6.5).kind == "start"
+    with pytest.raises(ValueError, match="unknown reason"):
+        det.close("bored")
 
 
 @pytest.mark.parametrize(("k", "n", "m"), [(0, 3, 1), (4, 3, 1), (2, 3, 0)])
@@ -96,7 +110,7 @@ def test_close_resets_the_evidence() -> None:
     det = EventDetector(threshold=100.0, cusum=UNIT)
     det.feed(math.exp(2.0), 0.0, 1.0)
     assert det.evidence > 0
-    det.close()
+    det.close("muted")
     assert det.evidence == 0.0
 
 
@@ -123,3 +137,15 @@ def test_malformed_cusum_parameters_are_refused(params: dict) -> None:
 def test_cusum_parameters_round_trip() -> None:
     assert Cusum.from_params({"cusum": UNIT.to_params()}) == UNIT
     assert Cusum.from_params({}) is None
+
+
+def test_the_reasons_for_an_end_are_the_ones_the_event_schema_promises() -> None:
+    import json
+    from pathlib import Path
+
+    from edge.events import ENDED_BY
+
+    schema = json.loads(
+        (Path(__file__).parent.parent / "edge" / "schemas" / "event.schema.json").read_text()
+    )
+    assert schema["properties"]["ended_by"]["enum"] == list(ENDED_BY)

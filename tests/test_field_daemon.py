@@ -253,8 +253,10 @@ def test_commands_threshold_reload_mute_status_and_sigterm(broker: Broker, tmp_p
             "a fault scored above the threshold and over again, while muted",
             lambda: [(s["score"], s["threshold"]) for s in muted_states()],
         )
-        # Muting closes an anomaly that was open; while muted nothing starts.
-        assert [m.json()["type"] for m in sub.on("/events")[events_at:]] in ([], ["end"])
+        # Muting closes an anomaly that was open, saying so; while muted nothing starts.
+        assert [
+            (m.json()["type"], m.json().get("ended_by")) for m in sub.on("/events")[events_at:]
+        ] in ([], [("end", "muted")])
         assert send('{"command": "unmute"}')["ok"]
         n = len(sub.on("/events"))
         assert sub.wait_for(
@@ -266,6 +268,7 @@ def test_commands_threshold_reload_mute_status_and_sigterm(broker: Broker, tmp_p
         assert sub.wait_for(lambda ms: ms[-1].payload == "offline", timeout=10)
         last = [m.json() for m in sub.on("/events")][-1]
         assert last["type"] == "end" and last.get("clip", "").endswith(".wav")
+        assert last["ended_by"] == "stopped"
         assert (tmp_path / "data" / "clips" / last["clip"]).exists()
         metrics = [m.json() for m in sub.on("/metrics")]
         assert metrics and validator("metrics").validate(metrics[-1]) is None

@@ -272,8 +272,8 @@ def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
     finally:
         sub.close()
     ends = [m.json() for m in sub.on("/events")]
-    assert [(e["event_id"], e["type"], e.get("interrupted")) for e in ends] == [
-        ("cut", "end", True)
+    assert [(e["event_id"], e["type"], e.get("interrupted"), e.get("ended_by")) for e in ends] == [
+        ("cut", "end", True, "interrupted")
     ]
     assert ends[0]["started_at"] == "2026-11-30T08:00:00.000Z" and ends[0]["duration_s"] > 0
     schema = json.loads(

@@ -185,6 +185,7 @@ def test_an_event_keeps_the_state_it_was_raised_in_and_replay_adds_no_running_ho
     ends = [e for e in rec.events if e.type == "end"]
     assert starts and ends and ends[-1].event_id == starts[-1].event_id, rec.kinds()
     assert ends[-1].ended_at is not None and ends[-1].machine == starts[-1].machine == "running"
+    assert ends[-1].ended_by == "machine_off"  # why the alarm cleared, though it said `running`
     assert "off" in [s.machine for s in rec.states]  # it did go off, and the event ended there
     assert rec.states[0].machine is None  # nothing heard yet: no claim of `running`
     heard = DeviceState(tmp_path / "live").running_seconds

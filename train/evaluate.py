@@ -190,7 +190,7 @@ def device_events(audio: np.ndarray, bundle: Bundle) -> tuple[np.ndarray, bool, 
     bundle's calibration."""
     pipeline = Pipeline(bundle)
     steps = pipeline.push(audio)
-    pipeline.close()
+    pipeline.close("end_of_stream")
     raised = any(t.kind == "start" for step in steps for t in step.transitions)
     scores = np.array([step.window.score for step in steps], np.float64)
     return scores, raised, sum(step.machine == OFF for step in steps)

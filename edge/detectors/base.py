@@ -70,8 +70,8 @@ class Tracker(Protocol):
         """Feed one window; return the transitions it causes."""
         ...
 
-    def close(self) -> Transition | None:
-        """End the open event now."""
+    def close(self, reason: str) -> Transition | None:
+        """End the open event now, for `reason` (one of edge.events.ENDED_BY)."""
         ...
 
 
