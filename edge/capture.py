@@ -4,9 +4,10 @@ The PortAudio callback only copies blocks onto a bounded queue and counts overfl
 drops. The iterator yields mono blocks at the model's rate, or None while no audio arrives
 (so the daemon keeps ticking); when the stream stalls or fails it is closed and reopened,
 rescanning devices (a USB microphone unplugged and plugged back): a device that will not open
-is retried with capped exponential backoff, one that opens but stays silent after every stall.
-With `wait`, a device missing or failing to open at start is waited for the same way (the daemon
-reports it as a stalled input meanwhile); a setting the device cannot meet is refused at once.
+or start is retried with capped exponential backoff, one that starts but stays silent after
+every stall. With `wait`, a device missing, or failing to open or start, at start is waited for
+the same way (the daemon reports it as a stalled input meanwhile); a setting the device cannot
+meet is refused at once.
 """
 
 from __future__ import annotations
@@ -179,6 +180,23 @@ class MicSource:
         except (ValueError, sd.PortAudioError) as exc:
             raise CaptureError(f"cannot open audio device {self.device!r}: {exc}") from None
 
+    def _start(self, stream: Any) -> Any:
+        """Start an opened stream, or close it and raise CaptureError: a device gone between open
+        and start, or held by another program, is retried with backoff like one that will not
+        open, instead of a raw PortAudioError ending the daemon."""
+        sd = sounddevice_module()
+        _drain(self._queue)
+        try:
+            stream.start()
+        except sd.PortAudioError as exc:
+            _close(stream)
+            said = " ".join(str(exc).split())
+            raise CaptureError(f"cannot start audio device {self.device!r}: {said}") from None
+        except BaseException:
+            _close(stream)
+            raise
+        return stream
+
     def _rescan(self) -> None:
         """Re-initialise PortAudio so devices plugged in since start are seen."""
         sd = sounddevice_module()
@@ -199,7 +217,7 @@ class MicSource:
                 if not first:
                     self._rescan()
                     self.reopens += 1
-                stream = self._open()
+                stream = self._start(self._open())
             except CaptureError as exc:
                 if first and not self.wait:
                     raise
@@ -221,14 +239,12 @@ class MicSource:
                 yield None
 
     def _stream(self, stream: Any) -> Iterator[np.ndarray | None]:
-        """Yield blocks from an open stream until it stalls (CaptureError) or stop()."""
-        resampler = None
-        if self.rate != self.model_rate:
-            resampler = soxr.ResampleStream(self.rate, self.model_rate, 1, dtype="float32")
-        _drain(self._queue)
-        stream.start()
-        last = time.monotonic()
+        """Yield blocks from a started stream until it stalls (CaptureError) or stop(); close it."""
         try:
+            resampler = None
+            if self.rate != self.model_rate:
+                resampler = soxr.ResampleStream(self.rate, self.model_rate, 1, dtype="float32")
+            last = time.monotonic()
             while not self._stop.is_set():
                 try:
                     block = self._queue.get(timeout=TICK_S)

@@ -86,6 +86,8 @@ class ClipRecorder:
         self._written: list[Path] = []
         remove_stale_temps(folder)  # a clip a power cut interrupted
         self._next_retention: float | None = None
+        self._skipped: set[str] = set()
+        """Entries retention could not stat or delete, named in a warning once each."""
 
     def push(self, block: np.ndarray) -> None:
         """Feed every captured block (mono, model rate)."""
@@ -114,10 +116,10 @@ class ClipRecorder:
             self._write(self.folder / name, np.clip(audio, -1, 1))
         except (OSError, sf.LibsndfileError) as exc:
             log.error("could not save evidence clip %s: %s", name, exc)
-            self.enforce_retention()  # the limits still apply: older clips make room
+            self._retain()  # the limits still apply: older clips make room
             return None
         self._written.append(self.folder / name)
-        self.enforce_retention()
+        self._retain()
         return name, round(len(audio) / self.samplerate, 3)
 
     def _write(self, path: Path, audio: np.ndarray) -> None:
@@ -151,6 +153,11 @@ class ClipRecorder:
         if self._next_retention is not None and now < self._next_retention:
             return []
         self._next_retention = now + RETENTION_EVERY_S
+        return self._retain()
+
+    def _retain(self) -> list[Path]:
+        """enforce_retention, logging instead of raising: a failure there must not stop the
+        daemon (finish() runs at the end of every anomaly, before its `end` is published)."""
         try:
             return self.enforce_retention()
         except OSError as exc:  # a folder we cannot read: said, and tried again later
@@ -170,21 +177,54 @@ class ClipRecorder:
                 os.utime(path, (st.st_atime + seconds, st.st_mtime + seconds))
 
     def enforce_retention(self) -> list[Path]:
-        """Delete clips older than the age limit, then the oldest until under the size limit."""
-        clips = sorted(self.folder.glob("*.wav"), key=lambda p: p.stat().st_mtime)
+        """Delete clips older than the age limit, then the oldest until under the size limit;
+        the clips deleted. An entry that cannot be deleted (a directory named like a clip, EIO)
+        is skipped and left out of the size, so it neither holds the others past their limits
+        nor costs newer clips."""
         now = time.time()
-        removed = [p for p in clips if now - p.stat().st_mtime > self.max_age_s]
-        kept = [p for p in clips if p not in removed]
-        total = sum(p.stat().st_size for p in kept)
-        while kept and total > self.max_total_bytes:
-            oldest = kept.pop(0)
-            total -= oldest.stat().st_size
-            removed.append(oldest)
-        for p in removed:
-            p.unlink(missing_ok=True)
-            log.info("retention: deleted clip %s", p.name)
+        clips = sorted(self._clips(), key=lambda c: c[1].st_mtime)  # the too old come first
+        total = sum(st.st_size for _, st in clips if now - st.st_mtime <= self.max_age_s)
+        removed = []
+        for path, st in clips:
+            if now - st.st_mtime <= self.max_age_s:
+                if total <= self.max_total_bytes:
+                    break
+                total -= st.st_size
+            if self._delete(path):
+                removed.append(path)
         self._written = [p for p in self._written if p not in removed]
         return removed
+
+    def _clips(self) -> list[tuple[Path, os.stat_result]]:
+        """The clips in the folder with their stat; one deleted by hand since the listing is
+        left out."""
+        clips = []
+        for path in self.folder.glob("*.wav"):
+            try:
+                clips.append((path, path.stat()))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self._skip(path, exc)
+        return clips
+
+    def _delete(self, path: Path) -> bool:
+        """Delete one clip; False (and said once) when it cannot be."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            self._skip(path, exc)
+            return False
+        log.info("retention: deleted clip %s", path.name)
+        return True
+
+    def _skip(self, path: Path, exc: OSError) -> None:
+        """Warn about an entry retention skips the first time only: it is met at every clip."""
+        if path.name in self._skipped:
+            log.debug("retention: skipping %s again: %s", path.name, exc)
+            return
+        self._skipped.add(path.name)
+        log.warning("retention: skipping %s: %s", path.name, exc)
 
 
 def _safe(text: str) -> str:

@@ -1,0 +1,147 @@
+"""A stream that opens but will not start (a USB microphone gone between open and start, a
+device another program holds) is closed and retried by the capture's own backoff.
+
+No device here can be made to fail `start()` on demand, so PortAudio's answers are scripted:
+the device query and `InputStream` are replaced on the real sounddevice module; the rest of
+MicSource (queue, stall detection, reopen loop, backoff) runs as it does on a Pi. The real
+reopen path is tested with PulseAudio in test_field_daemon.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge.capture import MicSource
+from edge.devices import CaptureError
+from edge.settings import AudioSettings
+
+RATE = 16000
+DEVICE = "USB mic"
+DEADLINE_S = 15.0
+START_FAILED = ("Error starting stream: Device unavailable", -9985)
+
+
+class ScriptedStream:
+    """An input stream whose start() fails or which feeds blocks of `level` from a thread;
+    with `blocks`, only that many before it goes silent (the microphone unplugged)."""
+
+    def __init__(self, sd: Any, level: float, fail: bool, blocks: int | None, **kw: Any) -> None:
+        self.sd, self.level, self.fail, self.blocks = sd, level, fail, blocks
+        self.callback = kw["callback"]
+        self.shape = (kw["blocksize"], kw["channels"])
+        self.closed = False
+        self._halt = threading.Event()
+
+    def start(self) -> None:
+        if self.fail:
+            raise self.sd.PortAudioError(*START_FAILED)
+        threading.Thread(target=self._feed, daemon=True).start()
+
+    def _feed(self) -> None:
+        fed = 0
+        while not self._halt.wait(0.01) and (self.blocks is None or fed < self.blocks):
+            block = np.full(self.shape, self.level, np.float32)
+            self.callback(block, self.shape[0], None, self.sd.CallbackFlags())
+            fed += 1
+
+    def abort(self) -> None:
+        self._halt.set()
+
+    def close(self) -> None:
+        self._halt.set()
+        self.closed = True
+
+
+@pytest.fixture
+def streams(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """Script the streams the capture opens, in order; each opened one is recorded as
+    `opened` in the test's list."""
+    sd = pytest.importorskip("sounddevice")
+    script: list[dict[str, Any]] = []
+    info = {"name": DEVICE, "max_input_channels": 1, "default_samplerate": float(RATE)}
+    monkeypatch.setattr(sd, "query_devices", lambda *a, **k: info)
+    monkeypatch.setattr(sd, "check_input_settings", lambda *a, **k: None)
+    monkeypatch.setattr(sd, "_terminate", lambda: None)
+    monkeypatch.setattr(sd, "_initialize", lambda: None)
+
+    def open_stream(**kw: Any) -> ScriptedStream:
+        step = script[len([s for s in script if "opened" in s])]
+        step["opened"] = ScriptedStream(sd, step["level"], step["fail"], step.get("blocks"), **kw)
+        return step["opened"]
+
+    monkeypatch.setattr(sd, "InputStream", open_stream)
+    yield script
+
+
+def first_block_of(blocks: Iterator[np.ndarray | None], level: float) -> np.ndarray:
+    """Iterate until a block of `level` arrives, within the deadline."""
+    deadline = time.monotonic() + DEADLINE_S
+    for block in blocks:
+        if block is not None and block[0] == level:
+            return block
+        assert time.monotonic() < deadline, f"no audio at {level} within {DEADLINE_S} s"
+    raise AssertionError("the capture ended")
+
+
+def test_a_stream_that_will_not_start_after_a_stall_is_closed_and_retried(
+    streams: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The microphone stalls, its reopened stream opens but fails to start: the capture used to
+    raise that PortAudioError into the daemon (which exited, the stream left open). Now the
+    stream is closed, the reason logged, and the device retried until audio flows again."""
+    streams += [
+        {"level": 0.25, "fail": False, "blocks": 3},  # works, then goes silent
+        {"level": 0.0, "fail": True},  # reopened after the stall; start() fails
+        {"level": 0.75, "fail": False},  # retried after the backoff
+    ]
+    source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=0.5)
+    blocks = iter(source)
+    try:
+        first_block_of(blocks, 0.25)
+        first_block_of(blocks, 0.75)
+    finally:
+        source.stop()
+        blocks.close()
+    assert streams[1]["opened"].closed, "the stream that failed to start was left open"
+    assert source.reopens == 2
+    said = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert said and f"cannot start audio device {DEVICE!r}" in said[0], said
+    assert "Device unavailable" in said[0] and "\n" not in said[0]
+
+
+def test_a_device_that_will_not_start_at_first_is_waited_for_as_a_service(
+    streams: list[dict[str, Any]],
+) -> None:
+    """With `wait` (the service), a first stream that fails to start is retried like a device
+    that fails to open; its problem is what the health message reports meanwhile."""
+    streams += [{"level": 0.0, "fail": True}, {"level": 0.5, "fail": False}]
+    source = MicSource(AudioSettings(device=DEVICE), RATE, wait=True)
+    blocks = iter(source)
+    try:
+        while source.problem is None:
+            assert next(blocks) is None
+        assert "cannot start audio device" in source.problem
+        first_block_of(blocks, 0.5)
+        assert source.problem is None
+    finally:
+        source.stop()
+        blocks.close()
+    assert streams[0]["opened"].closed
+
+
+def test_a_device_that_will_not_start_at_first_is_refused_in_one_line(
+    streams: list[dict[str, Any]],
+) -> None:
+    """Without `wait` (`run` on a terminal, `record`), it is refused at once as a capture error
+    naming the device, as one that fails to open is, and its stream is closed."""
+    streams += [{"level": 0.0, "fail": True}]
+    source = MicSource(AudioSettings(device=DEVICE), RATE)
+    with pytest.raises(CaptureError, match=f"cannot start audio device {DEVICE!r}: Error start"):
+        next(iter(source))
+    assert streams[0]["opened"].closed

@@ -1,0 +1,60 @@
+"""Retention after a clip never stops the daemon: an entry it cannot delete is skipped.
+
+finish() runs at the end of every anomaly, before the event's `end` is published; an OSError
+from retention there (here a directory named like an old clip) used to escape and end the
+daemon at every anomaly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from edge.clips import ClipRecorder
+
+RATE = 16000
+OLD_S = 3 * 86400
+"""Older than the recorder's one-day age limit."""
+
+
+def record_clip(rec: ClipRecorder, event_id: str) -> tuple[str, float] | None:
+    """One second of audio, an anomaly over its second half, finished."""
+    audio = np.full(RATE // 10, 0.1, np.float32)
+    for _ in range(5):
+        rec.push(audio)
+    rec.start(event_id, first_sample=rec.ring.end, wall_time=time.time())
+    for _ in range(5):
+        rec.push(audio)
+    return rec.finish(event_id)
+
+
+def test_an_entry_retention_cannot_delete_is_skipped_and_the_clip_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = time.time() - OLD_S
+    stuck = tmp_path / "20200101T000000Z-olddir.wav"
+    stuck.mkdir()
+    (stuck / "inside").write_bytes(b"x")
+    os.utime(stuck, (old, old))
+    removable = [tmp_path / f"2020010{i}T000000Z-old{i}.wav" for i in range(2, 5)]
+    for path in removable:
+        sf.write(path, np.zeros(RATE // 10, np.float32), RATE, "PCM_16")
+        os.utime(path, (old, old))
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=0.2, max_age_days=1)
+
+    with caplog.at_level(logging.INFO, logger="edge.clips"):
+        name, seconds = record_clip(rec, "ev-one")
+        second = record_clip(rec, "ev-two")  # the directory is still there: no second warning
+
+    assert (tmp_path / name).is_file() and seconds > 0
+    assert second is not None and (tmp_path / second[0]).is_file()
+    assert not [p.name for p in removable if p.exists()], "old clips were kept"
+    assert stuck.is_dir()
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and stuck.name in warned[0], warned
