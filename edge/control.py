@@ -60,7 +60,7 @@ class Controller:
 
     def submit_reload(self) -> None:
         """From the SIGHUP handler: queue a settings and model reload."""
-        self.detector.submit(self.reload)
+        self.detector.submit_from_signal(self.reload)
 
     def handle_payload(self, payload: bytes) -> ResponseMessage:
         """Validate and run one command; reply with the outcome, whatever the payload."""

@@ -13,7 +13,7 @@ import queue
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -189,6 +189,9 @@ class Detector:
         self.notifier = notifier or SystemdNotifier()
         self.metrics = Metrics()
         self._work: queue.Queue[Callable[[], None]] = queue.Queue(WORK_QUEUE_MAX)
+        self._signalled: deque[Callable[[], None]] = deque(maxlen=WORK_QUEUE_MAX)
+        """Work from signal handlers: a deque's append takes no lock, the queue's put does, and
+        a handler runs on this thread, perhaps while it holds that very lock in run_pending."""
         self.commands_shed = 0
         self.source_stats: Callable[[], dict[str, int]] = dict
         self._source: object = None
@@ -483,12 +486,17 @@ class Detector:
                 log.warning("command queue full: %d command(s) shed so far", self.commands_shed)
             return False
 
+    def submit_from_signal(self, work: Callable[[], None]) -> None:
+        """From a signal handler: queue work for the loop without taking a lock."""
+        self._signalled.append(work)
+
     def run_pending(self, limit: int = WORK_PER_TICK) -> int:
-        """Run up to `limit` queued items on this thread; a failing item is logged, not raised."""
+        """Run up to `limit` queued items on this thread (signals' first); a failing item is
+        logged, not raised."""
         done = 0
         while done < limit:
             try:
-                work = self._work.get_nowait()
+                work = self._signalled.popleft() if self._signalled else self._work.get_nowait()
             except queue.Empty:
                 break
             done += 1

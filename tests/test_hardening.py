@@ -430,3 +430,50 @@ def test_replay_into_a_pipe_that_closes_ends_quietly() -> None:
     assert proc.wait(60) == 0
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert "replay: " not in err  # it ended at the closed pipe, not after six files
+
+
+SIGHUP_STORM = r"""
+import os, signal, sys, threading, time
+from pathlib import Path
+from edge.bundle import load_bundle
+from edge.control import Controller
+from edge.daemon import Detector
+from edge.service import _install_signals
+from edge.settings import Settings
+
+model, data = sys.argv[1], Path(sys.argv[2])
+detector = Detector(Settings(device_id="t", model=model, data_dir=data), load_bundle(model), [])
+reloads = []
+controller = Controller(detector)
+controller.reload = lambda: reloads.append(1)  # the handler's path, without the reload's work
+_install_signals(detector.stop, controller.submit_reload)
+until = time.monotonic() + 4
+
+def storm():
+    while time.monotonic() < until:
+        os.kill(os.getpid(), signal.SIGHUP)
+
+thread = threading.Thread(target=storm)
+thread.start()
+while thread.is_alive() or getattr(detector, "_signalled", ()):
+    detector.run_pending()  # what the loop does between blocks
+print(len(reloads))
+"""
+
+
+def test_a_storm_of_sighups_never_deadlocks_the_loop(tmp_path: Path) -> None:
+    """The SIGHUP handler ran on the loop's thread and took the command queue's lock, which the
+    loop may hold at that moment (a handler runs between two bytecodes): the daemon hung until
+    the watchdog killed it. Thousands of reloads asked for while the queue is in use must all
+    be taken (or coalesce), and the loop must go on."""
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", SIGHUP_STORM, str(DEMO_BUNDLE), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 0  # reloads ran
