@@ -32,11 +32,13 @@ on a quiet machine clips past max_age_days (they may hold speech) stayed for goo
 class CaptureRing:
     """The last `seconds` of the stream, addressable by absolute sample index."""
 
-    def __init__(self, seconds: float, samplerate: int) -> None:
+    def __init__(self, seconds: float, samplerate: int, start: int = 0) -> None:
         self.size = max(1, int(seconds * samplerate))
         self._buf = np.zeros(self.size, dtype=np.float32)
-        self.end = 0
+        self.end = start
         """Absolute index one past the newest sample."""
+        self.begin = start
+        """Absolute index of the first sample pushed: nothing before it was heard."""
 
     def push(self, block: np.ndarray) -> None:
         """Append samples, overwriting the oldest."""
@@ -50,7 +52,7 @@ class CaptureRing:
 
     def since(self, start: int) -> np.ndarray:
         """Samples from absolute index `start` (clamped to what is still held) to the newest."""
-        start = max(start, self.end - self.size, 0)
+        start = max(start, self.end - self.size, self.begin)
         n = self.end - start
         if n <= 0:
             return np.zeros(0, dtype=np.float32)
@@ -77,11 +79,14 @@ class ClipRecorder:
         max_seconds: float = 60.0,
         max_total_mb: float = 500.0,
         max_age_days: float = 30.0,
+        start_sample: int = 0,
     ) -> None:
+        """`start_sample`: the stream's index of the first block it will be pushed (a recorder
+        made by a reload mid-stream), the scale `start` is given first samples on."""
         self.folder = folder
         self.samplerate = samplerate
         self._limits(preroll_s, max_seconds, max_total_mb, max_age_days)
-        self.ring = CaptureRing(preroll_s + 15.0, samplerate)
+        self.ring = CaptureRing(preroll_s + 15.0, samplerate, start_sample)
         self._rec: _Recording | None = None
         self._written: list[Path] = []
         remove_stale_temps(folder)  # a clip a power cut interrupted
@@ -142,9 +147,8 @@ class ClipRecorder:
         next housekeep."""
         self._limits(preroll_s, max_seconds, max_total_mb, max_age_days)
         held = self.ring.since(0)
-        ring = CaptureRing(preroll_s + 15.0, self.samplerate)
-        ring.end = self.ring.end - len(held)  # samples keep their stream index
-        ring.push(held)
+        ring = CaptureRing(preroll_s + 15.0, self.samplerate, self.ring.end - len(held))
+        ring.push(held)  # samples keep their stream index
         self.ring, self._next_retention = ring, None
 
     def housekeep(self, now: float) -> list[Path]:

@@ -105,15 +105,16 @@ class JsonLinesSink(Sink):
         self.stream.flush()
 
 
-def _clip_recorder(settings: Settings, rate: int) -> ClipRecorder | None:
-    """The evidence recorder `[clips]` asks for, or None when clips are off."""
+def _clip_recorder(settings: Settings, rate: int, at: int = 0) -> ClipRecorder | None:
+    """The evidence recorder `[clips]` asks for, or None when clips are off; `at`: the stream's
+    sample index now (a reload turning clips on mid-stream)."""
     c = settings.clips
     if not c.enabled:
         return None
     private_dir(settings.data_dir)
     return ClipRecorder(
         settings.data_dir / "clips", rate, c.preroll_seconds, c.max_seconds, c.max_total_mb,
-        c.max_age_days,
+        c.max_age_days, at,
     )  # fmt: skip
 
 
@@ -256,7 +257,7 @@ class Detector:
         if self.clips and c.enabled:
             self.clips.configure(c.preroll_seconds, c.max_seconds, c.max_total_mb, c.max_age_days)
         else:
-            self.clips = _clip_recorder(settings, self._rate)
+            self.clips = _clip_recorder(settings, self._rate, self._samples)
 
     def _load(
         self, bundle: Bundle, settings: Settings | None = None, threshold: float | None = None

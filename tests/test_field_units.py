@@ -171,6 +171,41 @@ def test_new_clip_settings_keep_the_audio_the_ring_holds(tmp_path: Path) -> None
     assert rec.ring.size == 20 * RATE and rec.max_samples == 30 * RATE
     np.testing.assert_array_equal(rec.ring.since(20 * RATE - len(held)), held)
     np.testing.assert_array_equal(rec.ring.since(19 * RATE), audio[19 * RATE :])
+    np.testing.assert_array_equal(rec.ring.since(0), held)  # no silence from before it heard
+
+
+def test_clips_turned_on_by_a_reload_mid_stream_have_their_preroll(tmp_path: Path) -> None:
+    """A recorder a reload makes mid-stream counted its samples from 0 while events give their
+    first sample on the stream's scale: every clip began where the event was raised, without
+    the pre-roll or the windows that raised it."""
+    from conftest import DEMO_BUNDLE, DEMO_CLIP
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    rate = bundle.features.samplerate
+    audio = read_audio(DEMO_CLIP, rate)
+    off = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path, clips={"enabled": False})
+    on = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path, clips={"enabled": True})
+    rec = Recorder()
+    detector = Detector(off, bundle, [rec], live=False)
+
+    def blocks():
+        for i in range(0, 4 * rate, 1600):  # normal running, heard before the reload
+            yield audio[i : i + 1600]
+        detector.apply_settings(on)
+        for i in range(0, len(audio), 1600):
+            yield audio[i : i + 1600]
+
+    detector.run(blocks())
+    end = next(e for e in rec.events if e.type == "end")
+    assert end.clip is not None and (tmp_path / "clips" / end.clip).exists()
+    preroll = on.clips.preroll_seconds
+    assert end.clip_seconds >= end.duration_s + preroll - 0.5, (end.clip_seconds, end.duration_s)
 
 
 def test_clip_retention_by_size_and_age(tmp_path: Path) -> None:
