@@ -143,8 +143,10 @@ class Adapter:
     @property
     def learned(self) -> bool:
         """True once a period has ended in a version for the configured model (kept apart
-        from the versions, which are pruned)."""
-        return self.configured.model_id in self.history.learned
+        from the versions, which are pruned), or in a refit that failed: an automatic period
+        is not begun again at every start."""
+        m = self.configured.model_id
+        return m in self.history.learned or m in self.history.failed
 
     def rollback(self) -> Bundle:
         """The bundle the active version replaced, loaded; the history points to it."""
@@ -202,7 +204,16 @@ class Adapter:
         log.info("learning: ended after %.0f s of audio (%d windows)", p.collected_s, len(p.store))
         current = self.history.current
         marked = list(current.get("marked", [])) if current else []
-        return self._refit("learning", in_use, name, marked)
+        try:
+            return self._refit("learning", in_use, name, marked)
+        except (SoundSentryError, OSError):
+            (self.folder / name).unlink(missing_ok=True)  # no version uses it: one per failure
+            self.history.failed.add(self.configured.model_id)
+            try:
+                self.history.save()
+            except OSError as exc:
+                log.error("learning: could not record the failed refit: %s", exc)
+            raise
 
     # --- marks -----------------------------------------------------------------------------
 
