@@ -13,6 +13,9 @@ state and health, Home Assistant discovery, and the command topic.
   message stays in the spool and the refusal is logged, once per topic and then at most every
   REFUSED_LOG_INTERVAL_S; a refused command subscription is logged too.
 - Reconnection uses paho's capped exponential backoff and never gives up.
+- The thread that sends the spool survives its failures (a full disk, an SD card's I/O error):
+  it logs each new kind once (then at most every SENDER_LOG_INTERVAL_S), retries with backoff,
+  and says when it works again; what it could not send or delete stays in the spool.
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ EVENTS_NUMBERED = 16
 REFUSED_LOG_INTERVAL_S = 600.0
 """Publishes the broker refuses on one topic are logged at once, then at most this often (with
 how many were refused meanwhile), not once per message."""
+SENDER_RETRY_MIN_S = 1.0
+SENDER_RETRY_MAX_S = 30.0
+"""A spool sender pass that failed is retried after SENDER_RETRY_MIN_S, doubling up to this: a
+full disk fails every pass for as long as it lasts."""
+SENDER_LOG_INTERVAL_S = 60.0
+"""The same failure of the spool sender is logged at once, then at most this often (with how
+many passes failed meanwhile), not once per pass."""
 
 
 def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
@@ -101,6 +111,8 @@ class MqttPublisher:
         self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._spool_failed = False
         self._handed = 0
+        self._acked_rows: list[int] = []  # spool rows the broker accepted, not yet deleted
+        self._send_failures: dict[str, tuple[float, int]] = {}  # kind -> (logged, since then)
         self._last_refusal = ""
         self._last_unreachable = ""
         self._warned_retained = False
@@ -256,12 +268,51 @@ class MqttPublisher:
     # --- spool sender ----------------------------------------------------------------------
 
     def _send_loop(self) -> None:
+        """Send the spool until closed. A failed pass never ends the thread (nothing would be
+        published again until a restart, while the daemon looks healthy): it is retried with
+        backoff, and what was not sent or deleted stays in the spool."""
+        retry_s = 0.0
         while not self._closing.is_set() or (self.connected and self._pending()):
-            self._wake.wait(SENDER_IDLE_S)
+            if retry_s and not self._closing.is_set():
+                self._closing.wait(retry_s)
+            else:
+                self._wake.wait(SENDER_IDLE_S)
             self._wake.clear()
-            self._resolve_acks()
-            if self.connected:
-                self._send_batch()
+            try:
+                self._resolve_acks()
+                if self.connected:
+                    self._send_batch()
+            except Exception as exc:  # a full disk or a bug must cost a pass, not the sender
+                retry_s = min(max(2 * retry_s, SENDER_RETRY_MIN_S), SENDER_RETRY_MAX_S)
+                self._log_send_failure(exc, retry_s)
+                continue
+            retry_s = 0.0
+            if self._send_failures:
+                log.info("MQTT: spool %s is sent again", self.spool.path)
+                self._send_failures.clear()
+
+    def _log_send_failure(self, exc: Exception, retry_s: float) -> None:
+        """One error for each new kind of failure, then at most one every SENDER_LOG_INTERVAL_S
+        while it lasts, counting the failed passes in between."""
+        kind = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        logged, since = self._send_failures.get(kind, (-SENDER_LOG_INTERVAL_S, 0))
+        since += 1
+        if now - logged < SENDER_LOG_INTERVAL_S:
+            self._send_failures[kind] = (logged, since)
+            return
+        self._send_failures[kind] = (now, 0)
+        log.error(
+            "MQTT: sending spool %s failed %d time(s) (%s): its messages stay in it and are "
+            "retried in %g s, with backoff up to %g s (logged again at most every %g min)",
+            self.spool.path,
+            since,
+            kind,
+            retry_s,
+            SENDER_RETRY_MAX_S,
+            SENDER_LOG_INTERVAL_S / 60,
+            exc_info=not isinstance(exc, sqlite3.Error),  # a bug's traceback, not a disk's
+        )
 
     def _send_batch(self) -> None:
         for row in self.spool.after(self._handed, SEND_BATCH):
@@ -278,13 +329,22 @@ class MqttPublisher:
             try:
                 mid, reason = self._acked.get_nowait()
             except queue.Empty:
-                return
+                break
             topic = self._topic_of.pop(mid, None)
             row = self._inflight.pop(mid, None)
             if reason.is_failure:  # kept in the spool: sent again at the next start
                 self._log_refusal(topic or "a topic", reason, spooled=row is not None)
             elif row is not None:  # others are acks of state and metrics, never spooled
-                self.spool.remove(row)
+                self._acked_rows.append(row)
+        self._remove_acked()
+
+    def _remove_acked(self) -> None:
+        """Delete the rows the broker accepted; one that cannot be deleted now (a full disk) is
+        tried again next pass, and sent again (a QoS 1 duplicate) only if the daemon stops
+        first."""
+        while self._acked_rows:
+            self.spool.remove(self._acked_rows[0])
+            del self._acked_rows[0]
 
     def _log_refusal(self, topic: str, reason: Any, spooled: bool) -> None:
         """One error for the first refused publish on `topic`, then at most one every
@@ -307,7 +367,14 @@ class MqttPublisher:
         )
 
     def _pending(self) -> bool:
-        return bool(self._inflight) or bool(self.spool.after(self._handed, 1))
+        """Something left for the sender; a spool that cannot be read has nothing it could send
+        (its messages go at the next start), so closing does not wait for it."""
+        if self._inflight or self._acked_rows:
+            return True
+        try:
+            return bool(self.spool.after(self._handed, 1))
+        except sqlite3.Error:
+            return False
 
     # --- what the daemon publishes ----------------------------------------------------------
 

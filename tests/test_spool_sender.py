@@ -1,0 +1,144 @@
+"""The spool sender against a real mosquitto and a real SQLite spool on a disk that fills up:
+it must outlive the failure, or nothing is published again until a restart."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import Broker, wait_for
+from mqtt_helpers import Subscriber
+
+from edge.messages import EventMessage
+from edge.publish import MqttPublisher
+from edge.settings import MqttSettings
+from edge.spool import Spool
+from edge.topics import Topics
+
+TOPICS = Topics("soundsentry", "pump-3")
+LEFT_OVER = 3
+"""Events a previous run left in the spool: sent, acknowledged, then deleted on a full disk."""
+
+
+def _event(event_id: str) -> EventMessage:
+    return EventMessage(
+        type="start",
+        event_id=event_id,
+        device_id="pump-3",
+        model="m",
+        started_at="2026-01-01T00:00:00.000Z",
+        peak_score=2.0,
+        threshold=1.0,
+    )
+
+
+@contextmanager
+def _full_disk() -> Iterator[None]:
+    """No file of this process may grow or be written, as on a full disk: SQLite gets EFBIG and
+    says `disk I/O error`. Nothing may print meanwhile (pytest's capture files are files too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, before)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    """A spool file holding LEFT_OVER events from the last run."""
+    spool = Spool(tmp_path / "spool.sqlite")
+    for n in range(LEFT_OVER):
+        spool.append(TOPICS.events, _event(f"old{n}").to_payload(), qos=1)
+    yield spool
+    spool.close()
+
+
+@pytest.fixture
+def sub(broker: Broker) -> Iterator[Subscriber]:
+    """A consumer of the device's events."""
+    sub = Subscriber(broker.port, TOPICS.events)
+    yield sub
+    sub.close()
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and "sending spool" in r.getMessage()
+    ]
+
+
+@pytest.fixture
+def publisher(broker: Broker, spool: Spool) -> Iterator[MqttPublisher]:
+    """A publisher of the device's spool, not started yet."""
+    settings = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_max_seconds=2)
+    publisher = MqttPublisher(settings, TOPICS, "test-pump-3", spool)
+    yield publisher
+    publisher.close(timeout_s=1)
+
+
+@contextmanager
+def _started_on_a_full_disk(
+    publisher: MqttPublisher, sub: Subscriber, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """Start `publisher` on a full disk: it sends the left-over events, the broker acknowledges
+    them, and deleting them from the spool fails. The disk is full until the block ends."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    with _full_disk():
+        publisher.start()
+        assert sub.wait_for(lambda ms: len(ms) == LEFT_OVER, 10), "left-over events sent"
+        wait_for(
+            lambda: _errors(caplog) or not publisher._sender.is_alive(),
+            10,
+            "deleting the acknowledged events to fail",
+        )
+        yield
+
+
+def test_events_published_after_a_full_disk_reach_the_consumer(
+    publisher: MqttPublisher, spool: Spool, sub: Subscriber, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting an acknowledged row failed with `disk I/O error` and killed the sender thread:
+    the daemon went on (its watchdog pinged), spooling every later event and health change
+    and publishing none of them until a restart."""
+    with _started_on_a_full_disk(publisher, sub, caplog):
+        pass
+    assert spool.depth() == LEFT_OVER, "events not deleted stay in the spool"
+    publisher.publish_event(_event("new"))
+    wait_for(
+        lambda: len(sub.messages) > LEFT_OVER,
+        15,
+        "the event published after the disk has room again",
+        lambda: f"sender alive: {publisher._sender.is_alive()}, spool: {spool.depth()}",
+    )
+    assert [m.json()["event_id"] for m in sub.messages[LEFT_OVER:]] == ["new"]
+    wait_for(lambda: spool.depth() == 0, 10, "the acknowledged events to leave the spool")
+
+
+def test_a_lasting_failure_is_logged_once_and_the_recovery_too(
+    publisher: MqttPublisher, spool: Spool, sub: Subscriber, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk fails every pass of the sender for as long as it lasts: one error, not one a
+    pass, and one line when it is over."""
+    with _started_on_a_full_disk(publisher, sub, caplog):
+        wait_for(
+            lambda: any(since for _, since in publisher._send_failures.values()),
+            10,
+            "a second failed pass",
+        )
+    errors = _errors(caplog)
+    assert len(errors) == 1 and "disk I/O error" in errors[0], errors
+    assert "stay in it" in errors[0]
+    wait_for(lambda: spool.depth() == 0, 10, "the acknowledged events to leave the spool")
+    recovered = [r.getMessage() for r in caplog.records if "is sent again" in r.getMessage()]
+    assert len(recovered) == 1, recovered
+    assert len(sub.messages) == LEFT_OVER, "deleted late, not sent again"
