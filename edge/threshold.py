@@ -7,14 +7,18 @@ the rest for K-of-N on single windows (all of it when integration is off, or wit
 MIN_CUSUM_WINDOWS held-out windows).
 
 Window threshold (K-of-N path). A gamma distribution is fitted to held-out normal window scores
-(as the DCASE 2023 baseline does). Under "K of the last N windows above", a false event starts
-where the condition starts to hold. Windows that overlap by half are not independent (with
-independent windows that would happen with probability ~ C(N-1, K-1) p^K, ten times too seldom
-at a lag-1 correlation of 0.25): the rate is computed for a Gaussian copula, a stationary AR(1)
-sequence whose lag-1 correlation r is the one measured on the held-out log scores (as for the
-CUSUM, below), exactly on a grid (k_of_n_start_rate). The gamma quantile g exceeded with the
-per-window p whose start rate meets the path's budget is the candidate. The held-out scores
-bound it:
+(as the DCASE 2023 baseline does), by maximum likelihood with the windows above the held-out
+K-of-N peak censored there: no K of any N consecutive held-out windows lie above it, so those
+windows (an isolated transient: a click, a door) cannot start the path, and all they say about
+the sustained scores its rate depends on is that they lie above the peak. Fitted as they came,
+one loud click dragged the gamma's tail up and set the threshold far above its budget. Under "K
+of the last N windows above", a false event starts where the condition starts to hold. Windows
+that overlap by half are not independent (with independent windows that would happen with
+probability ~ C(N-1, K-1) p^K, ten times too seldom at a lag-1 correlation of 0.25): the rate is
+computed for a Gaussian copula, a stationary AR(1) sequence whose lag-1 correlation r is the one
+measured on the held-out log scores (as for the CUSUM, below), exactly on a grid
+(k_of_n_start_rate). The gamma quantile g exceeded with the per-window p whose start rate meets
+the path's budget is the candidate. The held-out scores bound it:
 
 - cap = x_max + s ln(1 / ((n + 1) p)), or x_max once (n + 1) p >= 1. The highest of n held-out
   windows, x_max, sits near exceedance 1 / (n + 1); reaching p takes a further factor
@@ -87,6 +91,8 @@ MAX_AUTOCORRELATION = 0.8
 INTERVAL = 0.95
 """Coverage of the reported false-alarm interval."""
 BOOTSTRAP_RESAMPLES = 200
+CENSORED_FIT_STEPS = 500
+"""EM steps of the censored gamma fit at most (a few dozen suffice when few are censored)."""
 BOOTSTRAP_SEED = 0
 COPULA_STEP = 0.1
 """Cell width (in standard deviations) of the grid k_of_n_start_rate carries the AR(1) density
@@ -133,20 +139,56 @@ class Gamma:
     scale: float
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> Gamma:
-        """Maximum-likelihood fit (location 0) to positive samples."""
+    def fit(cls, x: np.ndarray, censor_at: float | None = None) -> Gamma:
+        """Maximum-likelihood fit (location 0) to positive samples; with `censor_at`, the
+        samples above it count as known only to lie above it (censored), by EM."""
         x = np.asarray(x, np.float64)
         x = x[x > 0]
         if len(x) < 2 or np.ptp(x) == 0:
             raise ValueError("need at least two distinct positive scores")
-        s = math.log(x.mean()) - float(np.log(x).mean())
+        plain = cls._from_moments(float(x.mean()), float(np.log(x).mean()))
+        if censor_at is None or not math.isfinite(censor_at) or censor_at <= 0:
+            return plain
+        seen = x[x <= censor_at]
+        above = len(x) - len(seen)
+        if above == 0 or len(seen) < 2 or np.ptp(seen) == 0:
+            return plain
+        dist, total, logs = plain, float(seen.sum()), float(np.log(seen).sum())
+        for _ in range(CENSORED_FIT_STEPS):
+            mean, log_mean = dist._above(censor_at)
+            new = cls._from_moments(
+                (total + above * mean) / len(x), (logs + above * log_mean) / len(x)
+            )
+            if abs(new.shape - dist.shape) < 1e-9 * dist.shape:
+                return new
+            dist = new
+        return dist
+
+    @classmethod
+    def _from_moments(cls, mean: float, log_mean: float) -> Gamma:
+        """The gamma whose maximum-likelihood equations these sufficient statistics solve."""
+        s = max(math.log(mean) - log_mean, 1e-12)
         k = (3 - s + math.sqrt((s - 3) ** 2 + 24 * s)) / (12 * s)
         for _ in range(50):  # Newton on log(k) - psi(k) = s
             step = (math.log(k) - digamma(k) - s) / (1 / k - trigamma(k))
             k = max(k - step, k / 10)
             if abs(step) < 1e-10 * k:
                 break
-        return cls(k, float(x.mean()) / k)
+        return cls(k, mean / k)
+
+    def _above(self, c: float) -> tuple[float, float]:
+        """E[X | X > c] and E[ln X | X > c], on a grid of the density beyond c (the E step of
+        the censored fit)."""
+        k, t = self.shape, c / self.scale
+        end = max(t, k) + 40.0 * math.sqrt(k) + 40.0
+        y = np.linspace(t, end, 4001)
+        logs = np.log(y)
+        w = np.exp((k - 1) * (logs - math.log(max(t, 1e-300))) - (y - t))  # density / f(t)
+        w[0] *= 0.5
+        w[-1] *= 0.5
+        mass = float(w.sum())
+        mean = self.scale * float((w * y).sum()) / mass
+        return mean, math.log(self.scale) + float((w * logs).sum()) / mass
 
     def sf(self, value: float) -> float:
         """P(X > value)."""
@@ -514,8 +556,11 @@ def forecast(
     correlated at lag 1 by r)."""
     per_day = SECONDS_PER_DAY / hop_s
 
+    censor = k_of_n_peak(scores, k, n)  # as the threshold's own fit (threshold_for_budget)
+
     def rate(x: np.ndarray) -> float:
-        window = per_day * k_of_n_start_rate(Gamma.fit(x).sf(threshold), r, k, n)
+        fitted = Gamma.fit(x, censor_at=censor)
+        window = per_day * k_of_n_start_rate(fitted.sf(threshold), r, k, n)
         if cusum is None:
             return window
         z = (np.log(np.maximum(x, _EPS)) - cusum.center) / cusum.scale
@@ -563,8 +608,8 @@ def threshold_for_budget(
     window_budget = false_alarms_per_day * (1 - CUSUM_SHARE if designed else 1.0)
     p = window_rate_for_budget(window_budget / 24, k, n, hop_s, r)
     common = {"false_alarms_per_day": false_alarms_per_day, "k": k, "n": n, "m": m, "hop_s": hop_s}
-    try:
-        dist = Gamma.fit(scores)
+    try:  # windows above the K-of-N peak cannot start the path: censored, not fitted
+        dist = Gamma.fit(scores, censor_at=k_of_n_peak(scores, k, n))
     except ValueError:
         value = float(scores.max() * 1.5) if len(scores) else 1.0
         fallback = {"fallback": "too few distinct scores: 1.5 x max", "window_exceedance": p}
