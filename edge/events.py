@@ -8,7 +8,7 @@ import math
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 DEFAULT_K = 3
@@ -150,7 +150,12 @@ class EventDetector(_OpenEventHolder):
     windows below the threshold once the CUSUM has also come back to zero (it is held at h while
     the anomaly lasts, so it does within about 2h windows of normal audio). While it lasts an
     `update` is due every `update_s` seconds; after it ends, windows are ignored for
-    `cooldown_s` seconds. Without a `cusum` this is K-of-N alone."""
+    `cooldown_s` seconds. Without a `cusum` this is K-of-N alone.
+
+    The CUSUM was calibrated beside a window threshold (`calibrated`, by default `threshold`);
+    a threshold set away from it (`[detector] threshold`, the set_threshold command) moves the
+    CUSUM's normal level by the same factor, so raising the threshold to quieten a machine
+    quietens both paths, not K of N alone."""
 
     def __init__(
         self,
@@ -161,14 +166,17 @@ class EventDetector(_OpenEventHolder):
         update_s: float = 10.0,
         cooldown_s: float = 0.0,
         cusum: Cusum | None = None,
+        calibrated: float | None = None,
     ) -> None:
         if not 1 <= k <= n or m < 1:
             raise ValueError(f"need 1 <= k <= n and m >= 1, got k={k} n={n} m={m}")
+        self._calibrated_cusum = cusum
+        self._calibrated = threshold if calibrated is None else calibrated
+        self.cusum = cusum
         self.threshold = threshold
         self.k, self.n, self.m = k, n, m
         self.update_s = update_s
         self.cooldown_s = cooldown_s
-        self.cusum = cusum
         self._recent: deque[tuple[bool, float, float, float]] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
         self._below = 0
@@ -177,6 +185,18 @@ class EventDetector(_OpenEventHolder):
         """The CUSUM statistic S (0 without a cusum)."""
         self._run: _OpenEvent | None = None
         """The windows that raised S since it last left zero: the event if the CUSUM fires."""
+
+    @property
+    def threshold(self) -> float:
+        """The window threshold in force."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = value
+        base = self._calibrated_cusum
+        if base is not None and value > 0 and self._calibrated > 0:
+            self.cusum = replace(base, center=base.center + math.log(value / self._calibrated))
 
     @property
     def label(self) -> str | None:

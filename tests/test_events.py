@@ -149,3 +149,19 @@ def test_the_reasons_for_an_end_are_the_ones_the_event_schema_promises() -> None
         (Path(__file__).parent.parent / "edge" / "schemas" / "event.schema.json").read_text()
     )
     assert schema["properties"]["ended_by"]["enum"] == list(ENDED_BY)
+
+
+def test_a_threshold_set_away_from_the_calibrated_one_moves_the_cusum_with_it() -> None:
+    """set_threshold and `[detector] threshold` moved only the K-of-N path: a user who raised
+    the threshold to quieten a machine kept getting `cusum` events at the calibrated level."""
+    raised = math.exp(1.5)  # adds 1.0 to S per window at the calibrated level
+    calibrated = EventDetector(threshold=100.0, k=2, n=3, m=2, cusum=UNIT)
+    assert [kind for kind, _, _ in feed_all(calibrated, [raised] * 10)][:1] == ["start"]
+    quieter = EventDetector(threshold=100.0, k=2, n=3, m=2, cusum=UNIT)
+    quieter.threshold = 100.0 * math.exp(2.0)  # normal may now be e^2 times higher
+    assert quieter.cusum.center == pytest.approx(2.0)
+    assert feed_all(quieter, [raised] * 50) == []
+    quieter.threshold = 100.0
+    assert quieter.cusum == UNIT
+    overridden = EventDetector(threshold=100.0 * math.exp(2.0), cusum=UNIT, calibrated=100.0)
+    assert overridden.cusum.center == pytest.approx(2.0)  # a threshold from the settings

@@ -31,6 +31,7 @@ def event_tracker(
         update_s=settings.update_seconds,
         cooldown_s=settings.cooldown_seconds,
         cusum=bundle_cusum(bundle) if bundle is not None and settings.integrate else None,
+        calibrated=bundle.manifest.threshold.value if bundle is not None else None,
     )
 
 
