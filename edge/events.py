@@ -363,7 +363,9 @@ class ClassTracker(_OpenEventHolder):
         return out
 
     def close(self, reason: str) -> Transition | None:
-        """End the current label's event, for `reason` (one of ENDED_BY)."""
+        """End the current label's event, for `reason` (one of ENDED_BY); the votes go with it
+        (those from before the machine went off must not name its state after it starts)."""
         event, self._event = self._event, None
         label, self.label = self.label, None
+        self._recent.clear()
         return event.transition("end", ended_by=reason, label=label) if event else None

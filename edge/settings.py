@@ -432,6 +432,8 @@ def mqtt_password(mqtt: MqttSettings) -> str | None:
                 raise SettingsError(f"mqtt.password_file {path}: not found") from None
         except OSError as exc:
             raise SettingsError(f"mqtt.password_file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:  # raised in paho's thread at a re-read, it would end it
+            raise SettingsError(f"mqtt.password_file {path}: not UTF-8 text") from None
     return None
 
 

@@ -106,3 +106,11 @@ def test_class_tracker_needs_k_of_n_confident_windows() -> None:
     assert np.isclose(changed[0].ended_s, 1.5) and changed[0].ended_by == "label_changed"
     end = t.close("stopped")
     assert end.label == "b" and end.ended_by == "stopped"
+
+
+def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() -> None:
+    t = ClassTracker(["a", "b"], threshold=0.6, k=2, n=3)
+    assert t.feed(0.9, "a", 0, 1) == []  # one vote for a, then the machine goes off
+    assert t.close("machine_off") is None
+    assert t.feed(0.9, "a", 30, 31) == [], "a state needs k votes heard since it started"
+    assert [(x.kind, x.label) for x in t.feed(0.9, "a", 30.5, 31.5)] == [("start", "a")]

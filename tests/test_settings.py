@@ -142,6 +142,16 @@ def test_password_from_file_and_credentials_dir(
     assert mqtt_password(s.mqtt) == "env-pw" and "env-pw" not in repr(s)
 
 
+def test_a_password_file_that_is_not_text_is_one_settings_error(tmp_path: Path) -> None:
+    """Its UnicodeDecodeError escaped: raised in paho's network thread when the file is read
+    again after a refused login, it ended that thread, and with it every reconnect."""
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"\xff\xfe\x00garbage")
+    s = load_settings(write(tmp_path, f'[mqtt]\nusername = "u"\npassword_file = "{secret}"\n'))
+    with pytest.raises(SettingsError, match="not UTF-8 text"):
+        mqtt_password(s.mqtt)
+
+
 def test_example_config_in_deploy_is_valid() -> None:
     from conftest import ROOT
 
