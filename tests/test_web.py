@@ -529,6 +529,38 @@ def test_the_page_comes_once_its_port_is_free(
     assert not dashboard._thread.is_alive()
 
 
+def test_a_connection_that_says_nothing_gives_its_thread_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a socket timeout, an idle or half-open connection held a handler thread (and a
+    live stream one of its few slots) for as long as TCP kept it."""
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web import server
+
+    assert server.Handler.timeout is not None and server.Handler.timeout <= 120
+    monkeypatch.setattr(server.Handler, "timeout", 1.0)  # the same, sooner
+    port = free_port()
+    settings = Settings(data_dir=tmp_path, web={"enabled": True, "port": port})
+    dashboard = server.Dashboard(settings)
+    try:
+        dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
+        wait_for(lambda: _answers(port), 10, "the page")
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            idle.settimeout(10)  # the server must close it well before this
+            assert idle.recv(1) == b"", "closed by the server"
+    finally:
+        dashboard.stop()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return request(f"http://127.0.0.1:{port}/api/state").status == 200
+    except OSError:
+        return False
+
+
 def test_a_dashboard_still_waiting_for_its_port_stops_at_once(tmp_path: Path) -> None:
     from edge.bundle import load_bundle
     from edge.daemon import Detector
