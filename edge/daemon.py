@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 
 RUNNING_SAVE_S = 600.0
 """Running time between saves of the running hours to state.json (and at every stop)."""
-WATCHDOG_FRESH_S = 5.0
-"""WATCHDOG=1 is sent only if a window was scored within this many seconds."""
 WORK_QUEUE_MAX = 64
 """Commands and reloads waiting for the loop; beyond this a flood is shed and counted."""
 WORK_PER_TICK = 8
@@ -626,14 +624,14 @@ class Detector:
             log.info("mute ended")
             self._save_state()
             self.emit_state()
-        # Alive = windows are being scored. A silent or clipping input is reported as a fault
-        # but is no reason for systemd to restart us; a stalled stream is.
-        fresh = now - self._last_window < WATCHDOG_FRESH_S and "stalled" not in self.health.active
-        if fresh and not self._ready:
+        # Alive = the loop turns. A stalled or missing microphone is the capture's to reopen
+        # (rescanning PortAudio, with backoff) and is reported on `health` and in systemd's
+        # STATUS: restarting for it sent `offline` every two minutes and a core dump every 30 s
+        # for as long as a microphone stayed unplugged. A hung loop stops the pings.
+        if not self._ready:
             self._ready = True
-            self.notifier.ready(f"listening with {self.bundle.model_id}")
-        if fresh:
-            self.notifier.watchdog()
+            self.notifier.ready(self._status_line())
+        self.notifier.watchdog()
         if now >= self._next_state:
             self._next_state = now + self.settings.state_interval_seconds
             self.emit_state()
@@ -832,10 +830,19 @@ class Detector:
         )
         self._to_sinks("state", message)
 
+    def _status_line(self, detail: str | None = None) -> str:
+        """systemd's STATUS: what the daemon listens with, or why it hears nothing."""
+        problem = getattr(self._source, "problem", None)  # the capture's own account
+        if "stalled" in self.health.active or problem:
+            return f"no audio: {problem or detail or 'nothing from the device'}"
+        return f"listening with {self.bundle.model_id}"
+
     def _emit_health(self, change: HealthChange | None) -> None:
         if change is not None:
             level = logging.WARNING if change.kind == "fault" else logging.INFO
             log.log(level, "audio %s: %s (%s)", change.kind, change.fault, change.detail)
+            if change.fault == "stalled" and self._ready:
+                self.notifier.status(self._status_line(change.detail))
             if change.kind == "fault":
                 self.close_event("audio_fault")
             elif change.fault == INVALID:  # windows holding the bad samples are not scored

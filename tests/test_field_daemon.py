@@ -624,9 +624,11 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
 ) -> None:
     """A USB microphone not yet there when the service starts (unplugged, enumerated late):
     the daemon stays up and says why over MQTT, instead of exiting for systemd to restart it
-    every few seconds while Home Assistant shows only `offline`; audio then flows by itself,
-    and only then is systemd told READY. (On a terminal, without systemd, a device that matches
-    nothing is one line at once: tests/test_terminal.py.)"""
+    every few seconds while Home Assistant shows only `offline`; audio then flows by itself.
+    systemd hears READY and watchdog pings all along, with the reason in STATUS: a restart for
+    a missing microphone only flapped `offline` every two minutes (TimeoutStartSec) or every
+    30 s (WatchdogSec). (On a terminal, without systemd, a device that matches nothing is one
+    line at once: tests/test_terminal.py.)"""
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
@@ -649,13 +651,14 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         env={"PULSE_SOURCE": "mic2.monitor", "NOTIFY_SOCKET": str(sock_path)}, stderr=log,
     )  # fmt: skip
 
+    heard: list[str] = []
+
     def notified() -> list[str]:
         sock.setblocking(False)
-        got = []
         with contextlib.suppress(BlockingIOError):
             while True:
-                got.append(sock.recv(256).decode())
-        return got
+                heard.append(sock.recv(256).decode())
+        return heard
 
     def stalled() -> list[dict]:
         return [m.json() for m in sub.on("/health") if m.json().get("change") == "fault:stalled"]
@@ -670,7 +673,15 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         assert "'pulse'" in detail, detail  # the cause, not only "no audio"
         assert "waiting for the device" in log.read_text()
         assert all(n == 0 for n in scored())
-        assert not any(m.startswith("READY=1") for m in notified())  # not ready without audio
+        wait_for(  # alive while it waits, and systemctl status says why
+            lambda: any("STATUS=no audio" in m and "'pulse'" in m for m in notified()),
+            10,
+            "STATUS naming the missing device",
+            notified,
+        )
+        assert any(m.startswith("READY=1") for m in notified())
+        pings = notified().count("WATCHDOG=1")
+        wait_for(lambda: notified().count("WATCHDOG=1") > pings, 10, "a watchdog ping", notified)
         subprocess.run(PA_START, check=True, capture_output=True)  # the microphone arrives
         player = subprocess.Popen(["paplay", "-d", "mic2", str(normal)])
         assert sub.wait_for(lambda _: any(n >= 2 for n in scored()), timeout=40), log.read_text()[
@@ -678,7 +689,11 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         ]
         health = [m.json().get("change") for m in sub.on("/health")]
         assert "recovered:stalled" in health, health
-        wait_for(lambda: any(m.startswith("READY=1") for m in notified()), 10, "READY=1")
+
+        def status() -> str:
+            return [m for m in notified() if "STATUS=" in m][-1].split("STATUS=")[1]
+
+        wait_for(lambda: status().startswith("listening with"), 10, "STATUS listening", status)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
         assert proc.returncode == 0, log.read_text()[-2000:]
