@@ -207,6 +207,10 @@ class Detector:
         self._last_window = float("-inf")
         self._next_state = self._next_metrics = 0.0
         self._ready = False
+        self._status = ""
+        """The STATUS line systemd last heard."""
+        self._status_detail: str | None = None
+        """Why the input last stalled, for STATUS."""
         self._last_score: float | None = None
         self._machine: str | None = None  # unknown until a window is heard
         self._running_s = self._running_saved = 0.0
@@ -628,9 +632,13 @@ class Detector:
         # (rescanning PortAudio, with backoff) and is reported on `health` and in systemd's
         # STATUS: restarting for it sent `offline` every two minutes and a core dump every 30 s
         # for as long as a microphone stayed unplugged. A hung loop stops the pings.
+        status = self._status_line()
         if not self._ready:
             self._ready = True
-            self.notifier.ready(self._status_line())
+            self.notifier.ready(status)
+        elif status != self._status:
+            self.notifier.status(status)
+        self._status = status
         self.notifier.watchdog()
         if now >= self._next_state:
             self._next_state = now + self.settings.state_interval_seconds
@@ -830,21 +838,21 @@ class Detector:
         )
         self._to_sinks("state", message)
 
-    def _status_line(self, detail: str | None = None) -> str:
+    def _status_line(self) -> str:
         """systemd's STATUS: what the daemon listens with, or why it hears nothing."""
         problem = getattr(self._source, "problem", None)  # the capture's own account
         if "stalled" in self.health.active or problem:
-            return f"no audio: {problem or detail or 'nothing from the device'}"
+            return f"no audio: {problem or self._status_detail or 'nothing from the device'}"
         return f"listening with {self.bundle.model_id}"
 
     def _emit_health(self, change: HealthChange | None) -> None:
         if change is not None:
             level = logging.WARNING if change.kind == "fault" else logging.INFO
             log.log(level, "audio %s: %s (%s)", change.kind, change.fault, change.detail)
-            if change.fault == "stalled" and self._ready:
-                self.notifier.status(self._status_line(change.detail))
-            if change.kind == "fault":
-                self.close_event("audio_fault")
+            if change.fault == "stalled":
+                self._status_detail = change.detail
+            if change.kind == "fault":  # no audio at all, or audio that cannot be trusted
+                self.close_event("audio_gap" if change.fault == "stalled" else "audio_fault")
             elif change.fault == INVALID:  # windows holding the bad samples are not scored
                 self.pipeline.reset()
         message = HealthMessage(

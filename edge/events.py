@@ -27,8 +27,8 @@ ENDED_BY = (
     "normal",  # the sound came back below the threshold and the integrated evidence to zero
     "machine_off",  # the machine stopped
     "label_changed",  # supervised: another state took over
-    "audio_fault",  # the microphone failed (a health fault)
-    "audio_gap",  # the audio stopped and resumed: the stream was re-anchored
+    "audio_fault",  # the audio cannot be trusted: silence, clipping, invalid samples
+    "audio_gap",  # no audio arrived: a stalled or unplugged microphone
     "muted",
     "learning",  # a commissioning period began
     "marked_normal",  # the operator marked the event normal
@@ -195,8 +195,11 @@ class EventDetector(_OpenEventHolder):
     def threshold(self, value: float) -> None:
         self._threshold = value
         base = self._calibrated_cusum
-        if base is not None and value > 0 and self._calibrated > 0:
-            self.cusum = replace(base, center=base.center + math.log(value / self._calibrated))
+        if base is None:
+            return
+        factor = value / self._calibrated if self._calibrated > 0 else math.nan
+        moved = math.isfinite(factor) and factor > 0 and math.isfinite(math.log(factor))
+        self.cusum = replace(base, center=base.center + math.log(factor)) if moved else base
 
     @property
     def label(self) -> str | None:

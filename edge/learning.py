@@ -224,6 +224,7 @@ class FeatureStore:
         store._x, store._chunk = x.astype(np.float32), chunk.astype(np.int64)
         store._arrival = np.arange(1, len(x) + 1, dtype=np.int64)  # saved in arrival order
         store.n, store.seen = len(x), seen
+        store._runs = -(-seen // store._run)  # a resumed period's runs keep their odds
         return store
 
 

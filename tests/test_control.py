@@ -179,7 +179,7 @@ def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(tmp_path:
     fault = read_audio(fault_file(tmp_path), RATE)
     for i in range(0, 2 * len(fault), 4096):
         d.feed(np.resize(fault, 2 * len(fault))[i : i + 4096])
-    d.close_event()
+    d.close_event("stopped")
     ends = [e for e in rec.events if e.type == "end"]
     assert ends and ends[-1].clip and (tmp_path / "data" / "clips" / ends[-1].clip).is_file()
 
@@ -259,3 +259,46 @@ def profile_off_level(files: list[Path]) -> float:
     return machine_profile([read_audio(f, RATE) for f in files], load_bundle(DEMO_BUNDLE).features)[
         "off_below_dbfs"
     ]
+
+
+def test_a_stall_during_an_anomaly_ends_it_as_a_gap_and_systemd_hears_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`audio_gap` was promised by the schema and never sent (a stall ended events as an
+    `audio_fault`), and systemd's STATUS kept whatever it said at READY."""
+    import socket
+    import time
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    d, rec = detector(tmp_path, health={"stall_seconds": 1})
+    fault = read_audio(fault_file(tmp_path), RATE)
+    deadline = time.monotonic() + 20
+
+    def microphone():
+        for i in range(0, len(fault), 1600):
+            yield fault[i : i + 1600]
+        while not [e for e in rec.events if e.type == "end"]:  # then nothing comes
+            assert time.monotonic() < deadline, "the anomaly did not end within 20 s"
+            time.sleep(0.05)  # the pace at which a capture reports that nothing came
+            yield None
+
+    try:
+        d.run(microphone())
+        sock.setblocking(False)
+        said = []
+        while True:
+            try:
+                said.append(sock.recv(256).decode())
+            except BlockingIOError:
+                break
+    finally:
+        sock.close()
+    starts = [e for e in rec.events if e.type == "start"]
+    ends = [e for e in rec.events if e.type == "end"]
+    assert starts and [e.ended_by for e in ends] == ["audio_gap"]
+    status = [m.split("STATUS=")[1] for m in said if "STATUS=" in m]
+    assert status[0].startswith("listening with"), said
+    assert any(s.startswith("no audio: no audio for 1 s") for s in status[1:]), said

@@ -165,3 +165,5 @@ def test_a_threshold_set_away_from_the_calibrated_one_moves_the_cusum_with_it() 
     assert quieter.cusum == UNIT
     overridden = EventDetector(threshold=100.0 * math.exp(2.0), cusum=UNIT, calibrated=100.0)
     assert overridden.cusum.center == pytest.approx(2.0)  # a threshold from the settings
+    for odd in (math.inf, math.nan, 0.0):  # what K of N can do with it; the CUSUM stays whole
+        assert EventDetector(threshold=odd, cusum=UNIT, calibrated=100.0).cusum == UNIT

@@ -478,6 +478,23 @@ def test_a_long_period_keeps_how_neighbouring_windows_correlate() -> None:
     )
 
 
+def test_a_period_resumed_after_a_restart_keeps_a_uniform_sample(tmp_path: Path) -> None:
+    """A store loaded from disk began counting its runs afresh, so every new run after a restart
+    was kept: the sample became the windows heard since the restart."""
+    from edge.learning import FeatureStore
+
+    idx = np.arange(100000, dtype=float)[:, None]
+    store = FeatureStore(1, capacity=2000)
+    for i in range(0, 50000, 13):
+        store.add(idx[i : min(i + 13, 50000)], chunk=i // 1200)
+    store.save(tmp_path / "period.npz")
+    store = FeatureStore.load(tmp_path / "period.npz", 2000)  # the daemon restarted
+    for i in range(50000, 100000, 13):
+        store.add(idx[i : i + 13], chunk=i // 1200)
+    assert store.seen == 100000 and len(store) == 2000
+    assert np.mean(store.x[:, 0] >= 50000) == pytest.approx(0.5, abs=0.15)
+
+
 def test_site_features_stay_bounded_and_survive_a_save(tmp_path: Path) -> None:
     from edge.learning import FeatureStore
 

@@ -38,11 +38,11 @@ PAGE = Path(__file__).with_name("dashboard.html")
 COMMAND_WAIT_S = 10.0
 """How long an action waits for the daemon loop's reply."""
 KEEPALIVE_S = 15.0
+"""A comment line is sent this often on an idle stream, so proxies keep it open."""
 CLIENT_TIMEOUT_S = 60.0
 """A connection that neither sends nor takes anything for this long (an idle keep-alive, a
 browser gone without closing, a half-open link) gives its thread back; live streams write a
 keep-alive every KEEPALIVE_S, so one that cannot take it for this long is let go too."""
-"""A comment line is sent this often on an idle stream, so proxies keep it open."""
 SPECTROGRAMS_CACHED = 16
 CLIP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(wav|png)$")
 """Clip names as edge/clips.py writes them (and their spectrograms); nothing else is served."""
