@@ -118,7 +118,10 @@ class ModelHistory:
         return final
 
     def record(self, bundle: Bundle, reason: str, base: Path, made: bool, **detail: Any) -> int:
-        """Add the entry of a model now in use and make it active; returns its version."""
+        """Add the entry of a model now in use and make it active; returns its version. All or
+        nothing: if history.json cannot be written (a full disk) the history is as before, in
+        memory and on disk, and the folders of versions it would have pruned are kept."""
+        before = ([dict(e) for e in self.entries], self.active, set(self.learned))
         version = self._next()
         if reason == "learning" and detail.get("of"):
             self.learned.add(str(detail["of"]))
@@ -137,8 +140,15 @@ class ModelHistory:
             }
         )
         self.active = version
-        self._prune()
-        self.save()
+        dropped = self._prune()
+        try:
+            self.save()
+        except OSError:
+            self.entries, self.active, self.learned = before
+            raise
+        for old in dropped:
+            shutil.rmtree(old["path"], ignore_errors=True)
+            log.info("history: deleted version %d (%s)", old["version"], old["model_id"])
         return version
 
     def rollback_target(self) -> int | None:
@@ -175,14 +185,16 @@ class ModelHistory:
     def _next(self) -> int:
         return max((e["version"] for e in self.entries), default=0) + 1
 
-    def _prune(self) -> None:
-        """Keep the newest `keep` entries (and the active one); delete dropped folders we made."""
+    def _prune(self) -> list[dict[str, Any]]:
+        """Keep the newest `keep` entries (and the active one); the dropped entries whose
+        folders we made, for the caller to delete once the history is saved."""
+        dropped = []
         while len(self.entries) > self.keep:
             old = next(e for e in self.entries if e["version"] != self.active)
             self.entries.remove(old)
             if old.get("made"):
-                shutil.rmtree(old["path"], ignore_errors=True)
-                log.info("history: deleted version %d (%s)", old["version"], old["model_id"])
+                dropped.append(old)
         for e in self.entries:  # a pruned predecessor: roll back to the configured model
             if e.get("from_version") is not None and self.entry(e["from_version"]) is None:
                 e["from_version"] = None
+        return dropped

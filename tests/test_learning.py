@@ -698,3 +698,27 @@ def test_the_summary_counts_recordings_by_content_not_by_name() -> None:
     training = manifest.training.model_copy(update={"files": same_name, "holdout_files": []})
     text = bundle_summary(manifest.model_copy(update={"training": training, "calibration": None}))
     assert " from 3 recording(s)" in text.splitlines()[0], text
+
+
+def test_a_history_that_cannot_be_saved_is_left_as_it_was(tmp_path: Path) -> None:
+    """record() appended the entry, made it active and deleted the folders of pruned versions
+    before saving: when the save failed (a full disk) the refit failed, yet the history in
+    memory named a version whose bundle was gone, and the next successful save wrote it."""
+    from edge.history import ModelHistory
+
+    folder = tmp_path / "models"
+    history = ModelHistory(folder, keep=1, configured="fan-demo-12483c73")
+    v1 = shutil.copytree(DEMO_BUNDLE, folder / "v1.bundle")
+    history.record(load_bundle(v1), "learning", DEMO_BUNDLE, True, of="fan-demo-12483c73")
+    v2 = shutil.copytree(DEMO_BUNDLE, folder / "v2.bundle")
+    before = json.loads(history.path.read_text())
+    history.path.unlink()
+    history.path.mkdir()  # history.json cannot be replaced now
+    (history.path / "keep").write_text("x")
+    with pytest.raises(OSError):
+        history.record(load_bundle(v2), "mark_normal", DEMO_BUNDLE, True)
+    assert history.active == 1 and [e["version"] for e in history.entries] == [1]
+    assert v1.is_dir(), "the version it would have pruned is still there"
+    shutil.rmtree(history.path)
+    history.save()
+    assert json.loads(history.path.read_text())["entries"] == before["entries"]
