@@ -71,6 +71,36 @@ SENDER_LOG_INTERVAL_S = 60.0
 many passes failed meanwhile), not once per pass."""
 
 
+class _Throttle:
+    """A thing said at once, then at most every `interval_s` per key, with how many times it
+    happened in between (a refusal per topic, a failure per kind)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._keys: dict[str, tuple[float, int]] = {}  # key -> (last said, times since)
+
+    def due(self, key: str) -> int | None:
+        """Count one more `key`; how many since it was last said (this one included) when it is
+        due to be said now, else None."""
+        now = time.monotonic()
+        said, since = self._keys.get(key, (-self.interval_s, 0))
+        if now - said < self.interval_s:
+            self._keys[key] = (said, since + 1)
+            return None
+        self._keys[key] = (now, 0)
+        return since + 1
+
+    def held_back(self) -> int:
+        """Times not said yet, over every key."""
+        return sum(since for _, since in self._keys.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def clear(self) -> None:
+        self._keys.clear()
+
+
 def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
     """Credentials and TLS from the settings (the password is never logged)."""
     if s.username:
@@ -112,12 +142,12 @@ class MqttPublisher:
         self._spool_failed = False
         self._handed = 0
         self._acked_rows: list[int] = []  # spool rows the broker accepted, not yet deleted
-        self._send_failures: dict[str, tuple[float, int]] = {}  # kind -> (logged, since then)
+        self._send_failures = _Throttle(SENDER_LOG_INTERVAL_S)  # by kind of failure
         self._last_refusal = ""
         self._last_unreachable = ""
         self._warned_retained = False
         self._topic_of: dict[int, str] = {}  # message id -> topic, until its PUBACK
-        self._refused: dict[str, tuple[float, int]] = {}  # topic -> (last logged, since then)
+        self._refused = _Throttle(REFUSED_LOG_INTERVAL_S)  # by topic
         self._subscribed: dict[int, list[str]] = {}  # SUBSCRIBE message id -> its topics
         self._next_seq: OrderedDict[str, int] = OrderedDict()  # open event_id -> next seq
         self.client = mqtt.Client(
@@ -295,13 +325,9 @@ class MqttPublisher:
         """One error for each new kind of failure, then at most one every SENDER_LOG_INTERVAL_S
         while it lasts, counting the failed passes in between."""
         kind = f"{type(exc).__name__}: {exc}"
-        now = time.monotonic()
-        logged, since = self._send_failures.get(kind, (-SENDER_LOG_INTERVAL_S, 0))
-        since += 1
-        if now - logged < SENDER_LOG_INTERVAL_S:
-            self._send_failures[kind] = (logged, since)
+        since = self._send_failures.due(kind)
+        if since is None:
             return
-        self._send_failures[kind] = (now, 0)
         log.error(
             "MQTT: sending spool %s failed %d time(s) (%s): its messages stay in it and are "
             "retried in %g s, with backoff up to %g s (logged again at most every %g min)",
@@ -349,13 +375,9 @@ class MqttPublisher:
     def _log_refusal(self, topic: str, reason: Any, spooled: bool) -> None:
         """One error for the first refused publish on `topic`, then at most one every
         REFUSED_LOG_INTERVAL_S, counting the refusals in between."""
-        now = time.monotonic()
-        logged, since = self._refused.get(topic, (-REFUSED_LOG_INTERVAL_S, 0))
-        since += 1
-        if now - logged < REFUSED_LOG_INTERVAL_S:
-            self._refused[topic] = (logged, since)
+        since = self._refused.due(topic)
+        if since is None:
             return
-        self._refused[topic] = (now, 0)
         log.error(
             "MQTT: the broker refused %d message(s) on %s (%s)%s; allow this user to write its "
             "topics in the broker's ACL (logged again at most every %g min)",
