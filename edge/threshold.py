@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.errors import AudioError
 from edge.events import (
     DEFAULT_CAP,
     DEFAULT_DRIFT,
@@ -600,6 +601,12 @@ def threshold_for_budget(
     audio behind the scores when it is less than their windows span (the channels of one
     recording as views are one recording's time, not several)."""
     scores = np.asarray(scores, np.float64)
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:  # a NaN gamma would fall silently to the floor, and the manifest still promise it
+        raise AudioError(
+            f"{bad} of {len(scores)} held-out normal windows scored NaN or infinite: the model "
+            "or the audio is broken, so no threshold can be set from them"
+        )
     seconds = len(scores) * hop_s if seconds is None else seconds
     designed = None
     r = score_autocorrelation(scores)

@@ -315,3 +315,15 @@ def test_calibrate_fluctuation_refits_the_centre_only(tmp_path: Path) -> None:
     assert not np.array_equal(new.array("statistics.center"), old.array("statistics.center"))
     assert new.manifest.normal_scores.source.endswith("(leave one file out)")
     assert new.manifest.calibration["from_model"] == old.model_id
+
+
+@pytest.mark.parametrize("odd", [math.inf, math.nan])
+def test_held_out_scores_that_are_not_finite_are_one_error(odd: float) -> None:
+    """An infinite score made the gamma NaN: the threshold fell to the floor while the
+    manifest said `decided_by: gamma` and predicted half a false alarm a day."""
+    from edge.errors import AudioError
+
+    scores = np.random.default_rng(6).gamma(32, 1 / 32, 200)
+    scores[50] = odd
+    with pytest.raises(AudioError, match="1 of 200 held-out normal windows scored NaN"):
+        threshold_for_budget(scores, 1.0)
