@@ -198,7 +198,7 @@ class EventDetector(_OpenEventHolder):
         if base is None:
             return
         factor = value / self._calibrated if self._calibrated > 0 else math.nan
-        moved = math.isfinite(factor) and factor > 0 and math.isfinite(math.log(factor))
+        moved = math.isfinite(factor) and factor > 0  # then its log is finite too
         self.cusum = replace(base, center=base.center + math.log(factor)) if moved else base
 
     @property

@@ -552,12 +552,11 @@ def forecast(
     n: int,
     hop_s: float,
     r: float = 0.0,
+    censor: float | None = None,
 ) -> dict[str, Any]:
     """Predicted false alarms per day of both paths and a seeded bootstrap interval (windows
-    correlated at lag 1 by r)."""
+    correlated at lag 1 by r); each gamma fitted censored at `censor`, as the threshold's."""
     per_day = SECONDS_PER_DAY / hop_s
-
-    censor = k_of_n_peak(scores, k, n)  # as the threshold's own fit (threshold_for_budget)
 
     def rate(x: np.ndarray) -> float:
         fitted = Gamma.fit(x, censor_at=censor)
@@ -615,8 +614,9 @@ def threshold_for_budget(
     window_budget = false_alarms_per_day * (1 - CUSUM_SHARE if designed else 1.0)
     p = window_rate_for_budget(window_budget / 24, k, n, hop_s, r)
     common = {"false_alarms_per_day": false_alarms_per_day, "k": k, "n": n, "m": m, "hop_s": hop_s}
-    try:  # windows above the K-of-N peak cannot start the path: censored, not fitted
-        dist = Gamma.fit(scores, censor_at=k_of_n_peak(scores, k, n))
+    censor = k_of_n_peak(scores, k, n)  # windows above it cannot start the path: censored
+    try:
+        dist = Gamma.fit(scores, censor_at=censor)
     except ValueError:
         value = float(scores.max() * 1.5) if len(scores) else 1.0
         fallback = {"fallback": "too few distinct scores: 1.5 x max", "window_exceedance": p}
@@ -633,7 +633,7 @@ def threshold_for_budget(
         "gamma_shape": dist.shape,
         "gamma_scale": dist.scale,
         **bounds,
-        **forecast(scores, value, cusum, info["widen"], k, n, hop_s, r),
+        **forecast(scores, value, cusum, info["widen"], k, n, hop_s, r, censor),
         **_holdout(scores, seconds, value, common, cusum),
     }
     if cusum is not None:
