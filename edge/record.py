@@ -5,8 +5,10 @@ ends saying whether the level was good, too quiet or too loud and whether audio 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ LOUD_PEAK_DBFS = -1.0
 """Peaks at or above this leave no headroom: a louder moment (a fault) would clip."""
 GAP_TOLERANCE_S = 0.5
 """Audio may arrive this much behind the clock (scheduling jitter) before it counts as lost."""
+MIN_KEPT_SECONDS = 1.0
+"""A chunk cut short by Ctrl-C is kept if it holds at least one window's worth of audio."""
 CLOCK_DRIFT = 1e-3
 """A sound card's clock may run this much slow against the system's (cheap USB: ~100 ppm)."""
 
@@ -64,6 +68,7 @@ def record(
     writer: sf.SoundFile | None = None
     meter = LevelMeter()
     timeline = Timeline(samplerate)
+    stopped = False
     try:
         for block in source:
             if block is None:
@@ -72,36 +77,88 @@ def record(
             timeline.push(len(block), time.monotonic())
             for change in health.push(block):
                 if change.kind == "fault":
+                    writer = _discard(writer)  # it holds the refused input
                     raise RecordingRefusedError(
                         f"input {change.fault}: {change.detail}; "
                         f"kept {len(written)} complete chunk(s)"
                     )
             block = block[: total - got]
-            if writer is None:
-                path = out / f"{stamp}-{len(written):04d}.wav"
-                writer = sf.SoundFile(str(path), "w", samplerate, 1, "PCM_16")
-                part = 0
-            writer.write(np.clip(block, -1, 1))
-            part += len(block)
-            got += len(block)
-            if part >= per_chunk or got >= total:
-                writer.close()
-                written.append(Path(writer.name))
-                writer = None
+            try:
+                if writer is None:
+                    path = out / f"{stamp}-{len(written):04d}.wav"
+                    writer = sf.SoundFile(str(path), "w", samplerate, 1, "PCM_16")
+                    part = 0
+                writer.write(np.clip(block, -1, 1))
+                part += len(block)
+                got += len(block)
+                if part >= per_chunk or got >= total:
+                    writer.close()
+                    written.append(Path(writer.name))
+                    writer = None
+            except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
+                writer = _discard(writer)
+                raise SoundSentryError(
+                    f"cannot write {path}: {_reason(exc)}; kept {len(written)} complete "
+                    f"chunk(s) in {out} ({_free(out)})"
+                ) from None
             _progress(err, got / samplerate, total / samplerate, health.level)
             if got >= total:
                 break
+    except KeyboardInterrupt:  # the user ends the recording early: what is recorded is kept
+        stopped = True
     finally:
         source.stop()
-        if writer is not None:  # an unfinished chunk of a refused or interrupted recording
-            writer.close()
-            Path(writer.name).unlink(missing_ok=True)
         err.write("\n")
+        if writer is not None:  # the chunk in progress when Ctrl-C (or a device's failure) came
+            if part >= samplerate * MIN_KEPT_SECONDS and _closed(writer):
+                written.append(Path(writer.name))
+            else:
+                _discard(writer)
+    if stopped:
+        err.write(
+            f"stopped after {got / samplerate:.1f} of {total / samplerate:g} s (Ctrl-C); "
+            f"kept {len(written)} file(s)\n"
+        )
     err.write(meter.verdict() + "\n")
     gaps = gap_note(source.stats(), timeline.missing_s())
     if gaps:
         err.write(gaps + "\n")
     return written
+
+
+def _discard(writer: sf.SoundFile | None) -> None:
+    """Close an unfinished chunk and delete it (refused input, or a write that failed)."""
+    if writer is None:
+        return None
+    with contextlib.suppress(sf.LibsndfileError, OSError):
+        writer.close()
+    Path(writer.name).unlink(missing_ok=True)
+    return None
+
+
+def _closed(writer: sf.SoundFile) -> bool:
+    """Close a chunk; False if its last write (the header's lengths) failed."""
+    try:
+        writer.close()
+    except (sf.LibsndfileError, OSError):
+        return False
+    return True
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().rstrip(".")
+    if text == "System error":  # all libsndfile says when write() fails
+        return "the system refused the write (a full or failing disk?)"
+    return text
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free there"
+    except OSError:
+        return "its free space unknown"
 
 
 @dataclass

@@ -64,6 +64,70 @@ def test_record_writes_chunked_wavs_of_the_machine(pulse: str, tmp_path: Path) -
     assert "recorded 2 file(s)" in proc.stdout and "dBFS" in proc.stderr
 
 
+def test_ctrl_c_keeps_what_was_recorded(pulse: str, tmp_path: Path) -> None:
+    """Ctrl-C ends a recording early: the chunk in progress is kept, not deleted, and the level
+    verdict still comes (the old code deleted it and said nothing)."""
+    out = tmp_path / "rec"
+    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    recorder = subprocess.Popen(
+        [*SOUNDSENTRY, "record", "--seconds", "600", "--out", str(out), "--device", "pulse"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PULSE_SOURCE": pulse},
+    )  # fmt: skip
+    try:
+        two_seconds = 44 + 2 * 16000 * 2  # a WAV header and 2 s of 16-bit mono
+        wait_for(
+            lambda: any(f.stat().st_size > two_seconds for f in out.glob("*.wav")),
+            30,
+            "2 s of audio on disk",
+            lambda: [(f.name, f.stat().st_size) for f in out.glob("*.wav")],
+        )
+        recorder.send_signal(signal.SIGINT)
+        stdout, stderr = recorder.communicate(timeout=30)
+    finally:
+        recorder.kill()
+        player.kill()
+    assert recorder.returncode == 0, stderr
+    (wav,) = out.glob("*.wav")
+    assert 2.0 <= sf.info(str(wav)).duration < 600, sf.info(str(wav))
+    assert "(Ctrl-C); kept 1 file(s)" in stderr and "level good" in stderr, stderr
+    assert "recorded 1 file(s)" in stdout
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))  # 1.5 s of audio
+from soundsentry.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_ends_the_recording_in_one_line(pulse: str, tmp_path: Path) -> None:
+    """The SD card fills during a chunk (no file may grow past 1.5 s of audio here): one line
+    naming the file, what was kept and the free space, not a LibsndfileError traceback; the
+    broken chunk is removed."""
+    import sys
+
+    out = tmp_path / "rec"
+    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", FULL_DISK, "record", "--seconds", "6", "--chunk-seconds",
+             "2", "--out", str(out), "--device", "pulse"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            env={**os.environ, "PULSE_SOURCE": pulse},
+        )  # fmt: skip
+    finally:
+        player.kill()
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("soundsentry: error: cannot write"), last
+    assert "kept 0 complete chunk(s)" in last and "MB free there" in last, last
+    assert not list(out.glob("*.wav"))
+
+
 STEREO_ONLY = """
 import sys
 import sounddevice as sd
