@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import zipfile
 from dataclasses import dataclass, field
@@ -335,13 +336,50 @@ def write_bundle(
     except ValidationError as exc:
         raise BundleError(f"{path}: refusing to write an invalid manifest: {_first(exc)}") from None
     earlier = check_bundle_target(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for name, data in blobs.items():
-        _atomic_write(path / name, data)
-    _atomic_write(path / MANIFEST, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
-    for name in earlier - set(blobs):  # an earlier bundle's model that this one does not have
-        (path / name).unlink(missing_ok=True)
+    if earlier:
+        log.warning("%s: replacing the bundle that was there", path)
+    blobs[MANIFEST] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+    _swap_in(path.resolve() if path.is_symlink() else path, blobs, earlier)
     return path
+
+
+def _swap_in(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
+    """Write the bundle's files into a hidden sibling folder, then put it in place of `path` with
+    two renames: an interrupt, a full disk or a power cut leaves the earlier bundle whole (at
+    worst beside it as `.<name>.old-<pid>`), never its manifest beside the new arrays. Files of
+    the user's in the earlier folder (not the bundle's) move into the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        staging.mkdir()
+        for name, data in blobs.items():
+            _atomic_write(staging / name, data)
+        if not path.exists():
+            os.chmod(staging, 0o777 & ~_umask())
+            os.rename(staging, path)
+            return
+        kept = os.stat(path)
+        os.chmod(staging, stat.S_IMODE(kept.st_mode))
+        if os.geteuid() == 0:  # root replacing the service user's bundle: it stays theirs
+            os.chown(staging, kept.st_uid, kept.st_gid)
+        os.rename(path, retired)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.rename(staging, path)
+    for entry in retired.iterdir():
+        if entry.name not in earlier and entry.name not in blobs:
+            os.rename(entry, path / entry.name)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_bundle_target(path: str | Path) -> set[str]:

@@ -272,3 +272,48 @@ def test_a_long_recording_is_hashed_without_holding_it_in_memory(tmp_path: Path)
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, f"{peak / 2**20:.0f} MB held to hash a 40-MB file"
+
+
+def _rewrite(source: Path, target: Path) -> None:
+    """Write `source`'s bundle to `target` with write_bundle, as train and calibrate do."""
+    from edge.bundle import write_bundle
+
+    manifest = json.loads((source / MANIFEST).read_text())
+    with np.load(source / ARRAYS, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    files = {n: (source / n).read_bytes() for n in manifest["files"] if n != ARRAYS}
+    write_bundle(target, manifest, files, arrays)
+
+
+def test_an_interrupted_write_leaves_the_earlier_bundle_whole(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or a full disk) while `train --out` replaces a deployed bundle: the earlier model
+    still loads as it was. Files used to be replaced one by one, so its manifest stayed beside
+    the new arrays: 'checksum mismatch', the deployed model lost."""
+    import edge.bundle
+
+    before = load_bundle(copy).model_id
+    real = edge.bundle._atomic_write
+
+    def interrupted(target: Path, data: bytes) -> None:
+        if target.name == MANIFEST:
+            raise KeyboardInterrupt
+        real(target, data)
+
+    monkeypatch.setattr(edge.bundle, "_atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _rewrite(DEMO_BUNDLE, copy)
+    assert load_bundle(copy).model_id == before
+    assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name]  # nothing left beside
+
+
+def test_a_replaced_bundle_keeps_the_users_files_and_its_symlink(copy: Path) -> None:
+    (copy / "NOTES.txt").write_text("pump 3, installed 2026-11-02\n")
+    link = copy.parent / "active"
+    link.symlink_to(copy.name)
+    _rewrite(DEMO_BUNDLE, link)
+    assert link.is_symlink() and load_bundle(link).model_id == load_bundle(DEMO_BUNDLE).model_id
+    assert (copy / "NOTES.txt").read_text().startswith("pump 3")
+    assert not (copy / MODEL_INT8).exists()  # the autoencoder's model went with its manifest
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["active", copy.name]
