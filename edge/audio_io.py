@@ -12,6 +12,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from edge.bundle import sha256_file
 from edge.errors import AudioError
 from edge.health import CLIP_LEVEL, FLAT_RANGE, SILENT_PEAK
 
@@ -50,6 +51,26 @@ def sf_path(path: str | Path) -> bytes:
     encodes it strictly, so a name that is not valid UTF-8 (Latin-1 names from a FAT USB
     stick: b"caf\\xe9.wav") fails with UnicodeEncodeError."""
     return os.fsencode(path)
+
+
+def without_copies(files: list[Path]) -> list[Path]:
+    """The files with byte-identical copies left out (the first kept, a warning for each): a
+    copy would count its audio twice and could land on both sides of the held-out split, which
+    makes the threshold look better backed than it is."""
+    first: dict[tuple[int, str], Path] = {}
+    kept = []
+    for path in files:
+        try:
+            key = (path.stat().st_size, sha256_file(path))
+        except OSError:
+            kept.append(path)  # unreadable: the audio checks name it
+            continue
+        if key in first:
+            log.warning("%s is a copy of %s: used once", path, first[key])
+            continue
+        first[key] = path
+        kept.append(path)
+    return kept
 
 
 def find_audio(paths: Iterable[str | Path], quiet: bool = False) -> list[Path]:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from edge.advice import require_audio
-from edge.audio_io import check_files, find_audio, read_audio
+from edge.audio_io import check_files, find_audio, read_audio, without_copies
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bundle
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
-from edge.features import windows_of
+from edge.features import FeatureParams, windows_of
 from edge.machine_state import machine_profile
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ def calibrate_bundle(
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(x) for x in normal))
     check_files(files, max(channel, 0), p.samplerate)  # every unusable file named at once
+    files = without_copies(files)  # a copy would be scored by a model that holds it
     audio = [read_audio(f, p.samplerate, channel, need_sound=True) for f in files]
+    files, audio = _windowed(files, audio, p)
     seconds = sum(len(a) for a in audio) / p.samplerate
     require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
     per_file = [windows_of(a, p) for a in audio]
@@ -58,6 +60,22 @@ def calibrate_bundle(
     manifest["machine"] = _site_machine(bundle, audio)
     manifest["calibration"] = {"channel": channel}  # _write adds the rest of the provenance
     return _write(bundle, manifest, arrays, files, seconds, out)
+
+
+def _windowed(
+    files: list[Path], audio: list[np.ndarray], params: FeatureParams
+) -> tuple[list[Path], list[np.ndarray]]:
+    """The recordings that hold at least one window; the others are named in a warning (they
+    would count towards the minimum of audio without giving the threshold a single window)."""
+    short = [str(f) for f, a in zip(files, audio, strict=True) if len(a) < params.window_samples]
+    if short:
+        listed = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+        log.warning(
+            "%d recording(s) shorter than one %g-s window left out: %s",
+            len(short), params.window_seconds, listed,
+        )  # fmt: skip
+    keep = [i for i, a in enumerate(audio) if len(a) >= params.window_samples]
+    return [files[i] for i in keep], [audio[i] for i in keep]
 
 
 def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> dict:

@@ -281,3 +281,45 @@ def test_mistakes_on_the_command_line_are_one_line_before_any_work(tmp_path: Pat
     (mac / "readme.txt").write_text("recorded at the pump\n")
     done = cli("train", "--normal", str(mac), "--out", out)
     assert done.stderr.count("skipped") == 1, done.stderr
+
+
+def test_calibrate_uses_a_copied_recording_once(tmp_path: Path) -> None:
+    """A backup copy among the site's recordings: `calibrate` scored each file against a centre
+    fitted with its own copy in it, and its threshold came out lower (and "held out" counted
+    twice). It now leaves copies out, as `train` does, and writes the same threshold."""
+    from edge.bundle import load_bundle
+    from edge.calibrate import calibrate_bundle
+
+    site = tmp_path / "site"
+    (site / "backup").mkdir(parents=True)
+    for f in NORMAL_FILES[:3]:
+        (site / f.name).write_bytes(f.read_bytes())
+    (site / "backup" / "copy.flac").write_bytes(NORMAL_FILES[0].read_bytes())
+    plain = calibrate_bundle(DEMO_BUNDLE, list(NORMAL_FILES[:3]), tmp_path / "plain.bundle")
+    copied = calibrate_bundle(DEMO_BUNDLE, [site], tmp_path / "copied.bundle")
+    a, b = load_bundle(plain).manifest, load_bundle(copied).manifest
+    assert b.threshold.value == pytest.approx(a.threshold.value)
+    assert b.calibration["seconds"] == pytest.approx(a.calibration["seconds"])
+
+
+def test_calibrate_leaves_out_recordings_shorter_than_a_window(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty half-second files passed the 10-s minimum and crashed `calibrate` with `ValueError:
+    need at least one array to concatenate`: they give no window. They are named and left out,
+    and what is left is judged by the minimum."""
+    from edge.calibrate import calibrate_bundle
+    from edge.errors import AudioError
+
+    audio, rate = sf.read(str(NORMAL_FILES[0]), dtype="float32")
+    short = tmp_path / "short"
+    short.mkdir()
+    for i in range(40):
+        sf.write(short / f"s{i:02d}.wav", audio[i * rate // 10 : i * rate // 10 + rate // 2], rate)
+    with pytest.raises(AudioError, match="at least 10 s"):
+        calibrate_bundle(DEMO_BUNDLE, [short], tmp_path / "x.bundle")
+    assert "40 recording(s) shorter than one 1-s window left out" in caplog.text
+    for f in NORMAL_FILES[:2]:
+        (short / f.name).write_bytes(f.read_bytes())
+    out = calibrate_bundle(DEMO_BUNDLE, [short], tmp_path / "y.bundle")
+    assert (out / "manifest.json").is_file()

@@ -40,7 +40,7 @@ import tensorflow as tf
 from keras import layers
 
 from edge.advice import MIN_AUDIO_SECONDS, audio_seconds, require_audio
-from edge.audio_io import find_audio
+from edge.audio_io import find_audio, without_copies
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, SAFE_LABEL, write_bundle
 from edge.detectors.embedding import (
     BAND_STD_FLOOR_DB,
@@ -61,7 +61,6 @@ from train.dataset import (
     require_held_out,
     threshold_from_holdout,
     training_audio,
-    without_copies,
 )
 from train.fluctuation import fit_statistics
 from train.progress import progress
