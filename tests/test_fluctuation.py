@@ -118,7 +118,7 @@ def test_all_channels_are_training_views(tmp_path: Path, all_channels: bool) -> 
     for i in range(2):
         sf.write(
             tmp_path / f"array{i}.wav",
-            (0.05 * rng.standard_normal((80000, 4))),  # 5 s: 10 s in all, train's minimum
+            (0.05 * rng.standard_normal((160000, 4))),  # 10 s: the last 2 s held out, 3 windows
             16000,
             format="WAVEX",
             subtype="PCM_16",
@@ -128,8 +128,8 @@ def test_all_channels_are_training_views(tmp_path: Path, all_channels: bool) -> 
     cli(*args, *(["--all-channels"] if all_channels else []))
     m = load_bundle(out).manifest
     views = 4 if all_channels else 1
-    assert m.training.seconds == pytest.approx(10.0), "the recordings' seconds, not the views'"
-    assert m.threshold.params["n_windows"] == views * 2  # each view's last second held out
+    assert m.training.seconds == pytest.approx(20.0), "the recordings' seconds, not the views'"
+    assert m.threshold.params["n_windows"] == views * 2 * 3  # each view's last 2 s held out
     assert m.training.channel == (-2 if all_channels else 0)
 
 

@@ -11,8 +11,7 @@ import numpy as np
 import soundfile as sf
 
 from edge.advice import audio_seconds, require_audio
-from edge.audio_io import find_audio, read_audio, sf_path
-from edge.bundle import sha256_file
+from edge.audio_io import find_audio, read_audio, sf_path, without_copies
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.machine_state import machine_profile
@@ -128,6 +127,9 @@ def holdout_split(files: list[Path], fraction: float = HOLDOUT_FRACTION) -> Hold
 MIN_HELD_SECONDS = 2 * FeatureParams().window_seconds
 """A recording shorter than this (a 1-s last chunk of `record`) is not held out whole: it
 gives too few windows for the threshold; another file of its group is held out instead."""
+MIN_HELD_WINDOWS = 3
+"""The fewest held-out windows a threshold is set on: a gamma fit and the K-of-N floor (K = 3
+of N = 4) stand on no fewer (edge.advice)."""
 
 
 def _seconds(path: Path) -> float:
@@ -140,16 +142,16 @@ def _seconds(path: Path) -> float:
 
 
 def require_held_out(windows: int, params: FeatureParams, held: list[Path] | None = None) -> None:
-    """Refuse (AudioError, one line) when fewer than two windows could be held out: the
-    threshold would otherwise come from the audio the model was fitted on, and sit too low.
-    `held`: the recordings held out whole, named in the line."""
-    if windows < 2:
-        which = f" ({', '.join(map(str, held))} gave {windows} windows)" if held else ""
+    """Refuse (AudioError, one line) when fewer than MIN_HELD_WINDOWS windows could be held out:
+    the threshold would otherwise rest on a window or two (or on the audio the model was fitted
+    on, and sit too low). `held`: the recordings held out whole, named in the line."""
+    if windows < MIN_HELD_WINDOWS:
+        which = f" ({', '.join(map(str, held))})" if held else ""
         raise AudioError(
-            f"train: no audio could be held out to set the threshold{which}: give 5 or more "
-            "recordings, "
-            f"or recordings of at least {params.window_seconds / HOLDOUT_FRACTION:g} s each "
-            "(the last fifth of each is held out)"
+            f"train: too little audio could be held out to set the threshold: {windows} "
+            f"window(s){which}, {MIN_HELD_WINDOWS} needed; give 5 or more recordings of at "
+            f"least {MIN_HELD_SECONDS:g} s each, or recordings of at least "
+            f"{MIN_HELD_SECONDS / HOLDOUT_FRACTION:g} s each (the last fifth of each is held out)"
         )
 
 
@@ -164,26 +166,6 @@ def training_audio(paths: list[str | Path], samplerate: int | None = None) -> li
     files = without_copies(files)
     require_audio(audio_seconds(files, samplerate=samplerate), "train")
     return files
-
-
-def without_copies(files: list[Path]) -> list[Path]:
-    """The files with byte-identical copies left out (the first kept, a warning for each): a
-    copy would count its audio twice and could land on both sides of the held-out split, which
-    makes the threshold look better backed than it is."""
-    first: dict[tuple[int, str], Path] = {}
-    kept = []
-    for path in files:
-        try:
-            key = (path.stat().st_size, sha256_file(path))
-        except OSError:
-            kept.append(path)  # unreadable: the audio checks name it
-            continue
-        if key in first:
-            log.warning("%s is a copy of %s: used once", path, first[key])
-            continue
-        first[key] = path
-        kept.append(path)
-    return kept
 
 
 def dense_params(params: FeatureParams, divisor: int = TRAIN_HOP_DIVISOR) -> FeatureParams:
