@@ -148,9 +148,12 @@ def onset_latency(python: str, work: Path, runs: int) -> dict:
 def memory_growth(python: str, work: Path, hours: float) -> dict:
     """RSS after the first 10 minutes of audio and at the end of `hours` of fast replay."""
     clip = sf.read(str(ROOT / "tests" / "data" / "fan-normal-0.flac"), dtype="float32")[0]
-    chunk = work / "ten-minutes.wav"
-    sf.write(chunk, np.tile(clip, int(600 / (len(clip) / 16000))), 16000, subtype="PCM_16")
-    files = [str(chunk)] * int(hours * 6)
+    ten = np.tile(clip, int(600 / (len(clip) / 16000)))
+    files = []
+    for i in range(int(hours * 6)):  # distinct files: replay reads a copy of a file only once
+        chunk = work / f"ten-minutes-{i:02d}.wav"
+        sf.write(chunk, np.roll(ten, 1601 * (i + 1)), 16000, subtype="PCM_16")
+        files.append(str(chunk))
     p = soundsentry(
         python, "replay", str(MODEL), *files, env={"SOUNDSENTRY_DATA_DIR": str(work / "c")}
     )
