@@ -11,7 +11,9 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "SoundSentry needs Python 3.11 or newer (found: $("$PYTHON" --version))" >&2
   exit 1
 fi
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
+make_venv "$PYTHON" "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e .
 exec "$VENV/bin/soundsentry" demo "$@"

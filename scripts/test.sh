@@ -25,7 +25,9 @@ if ((${#missing[@]})); then
   fi
 fi
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
+make_venv "$PYTHON" "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[train,report,dev,web]'
 exec "$VENV/bin/python" -m pytest "$@"

@@ -110,12 +110,29 @@ def test_template_has_the_same_hardening_as_the_single_unit() -> None:
             assert "%i" in value, f"{key}={value} is not per instance"
 
 
-def test_install_script_passes_shellcheck() -> None:
+def test_shell_scripts_pass_shellcheck() -> None:
+    """The installer and the README's one-command scripts (with what they source)."""
     exe = shutil.which("shellcheck")
     if not exe:
         pytest.fail("shellcheck is not installed (apt-get install shellcheck)")
-    proc = subprocess.run([exe, str(INSTALL_SH)], capture_output=True, text=True, check=False)
+    scripts = [INSTALL_SH, *sorted((ROOT / "scripts").glob("*.sh"))]
+    assert len(scripts) >= 4, scripts
+    proc = subprocess.run(
+        [exe, "-x", *map(str, scripts)], capture_output=True, text=True, check=False, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout
+
+
+def test_a_virtualenv_left_without_pip_is_made_again(tmp_path: Path) -> None:
+    """Debian's python3 without python3-venv creates bin/python and then fails on pip; the
+    scripts skipped an existing bin/python, so every later run failed until the user deleted
+    the folder. make_venv (scripts/venv.sh) makes such a virtualenv again."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    script = f'set -euo pipefail; source scripts/venv.sh; make_venv "{sys.executable}" "{venv}"'
+    subprocess.run(["bash", "-c", script], cwd=ROOT, check=True, timeout=300)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"], check=False)
+    assert pip.returncode == 0
 
 
 def run_installer(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
