@@ -492,8 +492,10 @@ class MqttPublisher:
         return info
 
     def _publish_retained(self) -> None:
+        """The latest retained messages again (after a reconnect, or Home Assistant's start),
+        each at its topic's QoS: metrics at 0, as every metrics message."""
         for topic, payload in list(self._retained.items()):
-            self._publish(topic, payload, qos=1, retain=True)
+            self._publish(topic, payload, qos=0 if topic == self.topics.metrics else 1, retain=True)
 
     def _publish_discovery(self) -> None:
         for topic, config in self.discovery.items():
