@@ -1,7 +1,7 @@
 """SoundSentry benchmark: detection quality, on-site calibration, supervised mode and speed,
 in one run on the same splits, against a re-implementation of the DCASE 2020 Task 2 baseline.
 
-    python bench/benchmark.py [--data ../shared/data] [--quick] [--out bench/results.json]
+    python bench/benchmark.py [--data ../shared/data] [--quick] [--out bench/benchmark.json]
 
 Protocols (../shared/data/README.md):
 - MIMII fan id_00: train on normal 0-9 (channel 0, or all 8 channels as views where noted);
@@ -222,7 +222,7 @@ def supervised(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "benchmark.json")
     ap.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
     args = ap.parse_args()
     if not (args.data / "mimii_fan_id00").is_dir():

@@ -480,14 +480,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument(
-        "--kinds", nargs="+", default=["fluctuation", "levels", "knn", "embedding", "ensemble"]
+        "--kinds",
+        nargs="+",
+        default=["fluctuation", "levels", "knn", "subspace", "embedding", "ensemble"],
     )
     ap.add_argument(
         "--members", nargs="+", help="the ensemble's members (default: its trainer's default)"
     )
     ap.add_argument("--baseline-epochs", type=int, default=100)
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--sets", nargs="+", default=["mimii", "ids", "lite"])
+    ap.add_argument("--sets", nargs="+", default=["mimii", "mimii8", "ids", "lite"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "machines.json")
     args = ap.parse_args()
     if not args.data.is_dir():
