@@ -171,9 +171,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--false-alarms-per-day",
         type=_positive_float,
-        default=1.0,
+        default=None,
         metavar="F",
-        help="false-alarm budget that sets the threshold (default 1 per day)",
+        help="false-alarm budget that sets the threshold (default 1 per day; not --classes)",
     )
     p.add_argument(
         "--augment",
@@ -458,6 +458,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     augment = Augmenter(tuple(args.augment), args.augment_factor) if args.augment else None
     if args.classes:
+        from train.dataset import class_folders
+
+        class_folders(args.classes, args.channel)  # its files named before TensorFlow loads
         from train.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
         from train.classifier import train_classifier
 
@@ -513,6 +516,15 @@ def _check_train_flags(args: argparse.Namespace) -> None:
         )
     if args.classes and args.detector is not None:
         raise SoundSentryError("--detector is for --normal; --classes trains a classifier")
+    if args.classes and args.false_alarms_per_day is not None:
+        raise SoundSentryError(
+            "--false-alarms-per-day sets an anomaly detector's threshold; a classifier (--classes) "
+            "has none"
+        )
+    if args.false_alarms_per_day is None:
+        from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY
+
+        args.false_alarms_per_day = DEFAULT_FALSE_ALARMS_PER_DAY
     args.detector = args.detector or ("embedding" if args.normal_states else "fluctuation")
     if args.members and args.detector != "ensemble":
         raise SoundSentryError(

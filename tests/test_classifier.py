@@ -48,17 +48,20 @@ def classifier(classes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--augment",
         "shift",
         "noise",
+        "specaugment",
     )
     return out
 
 
-def test_classifier_bundle_round_trip(classifier: Path) -> None:
+def test_classifier_bundle_round_trip(classifier: Path, classes: Path) -> None:
     b = load_bundle(classifier)
     m = b.manifest
     assert m.kind == "classifier" and m.labels == ["fault", "running"]
     assert m.input.dtype == "int8" and m.output.shape == [1, 2]
     assert {"accuracy", "balanced_accuracy", "macro_f1", "confusion"} <= set(m.validation or {})
     assert (classifier / "model_int8.tflite").stat().st_size < 256 * 1024
+    audio = sum(sf.info(str(f)).duration for f in classes.rglob("*.*"))
+    assert m.training.seconds <= audio, "the audio fitted on, not its augmented copies"
 
 
 def test_evaluate_reports_accuracy_f1_and_confusion(

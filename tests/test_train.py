@@ -312,3 +312,49 @@ def test_evaluate_checks_its_timeline_file_before_scoring(tmp_path: Path) -> Non
     assert proc.stderr.strip().splitlines()[-1] == (
         "soundsentry: error: --timeline draws into the report: give --report DIR too"
     )
+
+
+def test_a_classifier_refuses_a_false_alarm_budget(tmp_path: Path) -> None:
+    """A classifier has no threshold to set: the budget was accepted and ignored."""
+    classes = tmp_path / "classes"
+    for name, path in (("a", NORMAL_FILES[0]), ("b", NORMAL_FILES[1])):
+        (classes / name).mkdir(parents=True)
+        (classes / name / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "c.bundle"
+    proc = cli("train", "--classes", str(classes), "--out", str(out),
+               "--false-alarms-per-day", "5", check=False)  # fmt: skip
+    assert proc.returncode == 1 and not out.exists(), proc.stderr
+    assert "a classifier (--classes) has none" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_class_folders_name_what_is_left_out_and_every_bad_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty class folder and recordings beside the class folders were dropped without a
+    word, and bad files were named one at a time (after TensorFlow had loaded)."""
+    import soundfile as sf
+
+    from edge.errors import AudioError
+    from train.dataset import class_folders
+
+    root = tmp_path / "classes"
+    for name, path in (("bearing", NORMAL_FILES[0]), ("normal", NORMAL_FILES[1])):
+        (root / name).mkdir(parents=True)
+        (root / name / path.name).write_bytes(path.read_bytes())
+    (root / "belt_slip").mkdir()
+    (root / "loose.flac").write_bytes(NORMAL_FILES[2].read_bytes())
+    (root / "normal" / "z-copy.flac").write_bytes(NORMAL_FILES[1].read_bytes())
+    groups = class_folders(root)
+    assert {k: [f.name for f in v] for k, v in groups.items()} == {
+        "bearing": [NORMAL_FILES[0].name],
+        "normal": [NORMAL_FILES[1].name],  # its copy used once
+    }
+    assert "belt_slip holds no audio: it is not a class" in caplog.text
+    assert f"1 recording(s) directly in {root} belong to no class" in caplog.text
+    (root / "bearing" / "corrupt.wav").write_bytes(b"RIFF\0\0\0\0WAVEjunk")
+    sf.write(root / "normal" / "8k.wav", np.zeros(8000 * 12) + 0.01, 8000)
+    with pytest.raises(AudioError) as bad:
+        class_folders(root, samplerate=16000)
+    assert (
+        "2 of" in str(bad.value) and "corrupt.wav" in str(bad.value) and "8k.wav" in str(bad.value)
+    )

@@ -64,11 +64,15 @@ def train_classifier(
     params = params or FeatureParams()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    classes = class_folders(classes_dir)
+    classes = class_folders(classes_dir, channel, params.samplerate)
     labels = list(classes)
     xt, yt, xv, yv, holdouts = split_windows(classes, params, channel)
+    seconds = len(xt) * params.hop_seconds / TRAIN_HOP_DIVISOR  # the audio's, not its copies'
     if augment is not None:
-        xt, yt = augment.expand(xt, yt, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        originals = len(xt)
+        xt, yt = augment.expand(xt, yt, rng)
+        xt[originals:] = augment.mask(xt[originals:], rng)  # SpecAugment on the copies
     mean = xt.mean(axis=(0, 1))
     std = np.maximum(xt.std(axis=(0, 1)), STD_FLOOR_DB)
     x = ((xt - mean) / std)[..., None].astype(np.float32)
@@ -120,7 +124,7 @@ def train_classifier(
         "validation": report | {"held_out_files": {k: h.held_names for k, h in holdouts.items()}},
         "training": {
             "files": [f for h in holdouts.values() for f in h.fit_names],
-            "seconds": round(len(xt) * params.hop_seconds / TRAIN_HOP_DIVISOR, 1),
+            "seconds": round(seconds, 1),
             "holdout_files": [f for h in holdouts.values() for f in h.held_names],
             "holdout_seconds": round(len(xv) * params.hop_seconds, 1),
             "channel": channel,

@@ -231,26 +231,32 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     return split
 
 
-def class_folders(root: str | Path) -> dict[str, list[Path]]:
-    """Class name -> its audio files, from the subfolders of `root`."""
-    return subfolder_audio(
-        root,
-        f"{root}: --classes needs a folder with one subfolder per class",
-        2,
-        f"{root}: need at least two subfolders with audio (one per class)",
-    )
-
-
-def subfolder_audio(
-    root: str | Path, not_a_folder: str, minimum: int, too_few: str
+def class_folders(
+    root: str | Path, channel: int = 0, samplerate: int | None = None
 ) -> dict[str, list[Path]]:
-    """Subfolder name -> its audio files (folders without audio left out), for labelled
-    audio laid out one subfolder per class or state; AudioError with the given reasons."""
+    """Class name -> its audio files, from the subfolders of `root`, checked before anything is
+    trained: an empty subfolder and recordings directly in `root` are named (they are no
+    class), byte-identical copies used once, and every file that cannot be used named at once
+    (AudioError)."""
     root = Path(root)
     if not root.is_dir():
-        raise AudioError(not_a_folder)
-    groups = {d.name: find_audio([d]) for d in sorted(root.iterdir()) if d.is_dir()}
-    groups = {k: v for k, v in groups.items() if v}
-    if len(groups) < minimum:
-        raise AudioError(too_few)
-    return groups
+        raise AudioError(f"{root}: --classes needs a folder with one subfolder per class")
+    groups: dict[str, list[Path]] = {}
+    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+        files = find_audio([folder], quiet=True)
+        if files:
+            groups[folder.name] = files
+        else:
+            log.warning("%s holds no audio: it is not a class", folder)
+    loose = [f for f in find_audio([root], quiet=True) if f.parent == root]
+    if loose:
+        names = ", ".join(f.name for f in loose[:3]) + (", ..." if len(loose) > 3 else "")
+        log.warning(
+            "%d recording(s) directly in %s belong to no class and are left out (%s): move them "
+            "into a class subfolder",
+            len(loose), root, names,
+        )  # fmt: skip
+    if len(groups) < 2:
+        raise AudioError(f"{root}: need at least two subfolders with audio (one per class)")
+    audio_seconds([f for v in groups.values() for f in v], channel, samplerate)  # names them all
+    return {name: without_copies(files) for name, files in groups.items()}
