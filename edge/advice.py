@@ -120,8 +120,12 @@ def bundle_summary(manifest: Any) -> str:
     cal = manifest.calibration
     if cal:  # calibrate: each file is held out in turn, scored by a centre fitted without it
         s = float(cal.get("seconds", 0.0))
+        n = len(cal.get("files", []))
+        if n == 1:  # edge.detectors.base.leave_one_out: its first half centres, its second scores
+            held = float(th.params.get("holdout_seconds", s / 2))
+            return summary((s, s, held), n, th.value, th.params, refit_all=True)
         how = " (each recording held out in turn, scored by a fit without it)"
-        return summary((s, s, s), len(cal.get("files", [])), th.value, th.params, how)
+        return summary((s, s, s), n, th.value, th.params, how)
     t = manifest.training
     # a recording by its content: state folders often hold files of the same name
     names = {f.sha256 or f.name for f in [*t.files, *t.holdout_files]}

@@ -104,7 +104,9 @@ def _search(folder: Path, quiet: bool = False) -> list[Path]:
     hidden: list[str] = []
     other: list[str] = []
     seen: set[tuple[int, int]] = set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
+    unreadable: list[str] = []
+    walk = os.walk(folder, followlinks=True, onerror=lambda e: unreadable.append(str(e.filename)))
+    for root, dirs, names in walk:
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:  # a link back up: a loop
             dirs[:] = []
@@ -120,13 +122,15 @@ def _search(folder: Path, quiet: bool = False) -> list[Path]:
             else:
                 other.append(name)
     if not quiet:
-        _note_skipped(folder, hidden, other)
+        _note_skipped(folder, hidden, other, unreadable)
     return sorted(found)
 
 
-def _note_skipped(folder: Path, hidden: list[str], other: list[str]) -> None:
+def _note_skipped(folder: Path, hidden: list[str], other: list[str], unreadable: list[str]) -> None:
     """One warning line naming what a folder search left out."""
     parts = []
+    if unreadable:
+        parts.append(f"{len(unreadable)} folder(s) it may not read ({_some(unreadable)})")
     if hidden:
         parts.append(f"{len(hidden)} hidden or system ({_some(hidden)})")
     if other:

@@ -206,6 +206,32 @@ def test_folder_search_skips_hidden_and_system_files_and_follows_folder_links(
     assert "skipped" in proc.stderr
 
 
+def test_a_subfolder_that_cannot_be_read_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day's folder the user may not read (copied as root) vanished from training without a
+    word: os.walk drops what it cannot list. Its listing fails here as it would for another
+    user (the suite runs as root, to whom permissions do not apply)."""
+    import os
+
+    from edge.audio_io import find_audio
+
+    top = tmp_path / "normal"
+    real = _chunks(top, [4.0] * 2)
+    _chunks(top / "day2", [4.0])
+    listing = os.scandir
+
+    def refuse_day2(path: object = ".") -> object:
+        if str(path).endswith("day2"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_day2)
+    assert find_audio([top]) == real
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "1 folder(s) it may not read" in line and "day2" in line, line
+
+
 def test_training_messages_name_the_file_and_refuse_what_would_be_ignored(tmp_path: Path) -> None:
     """Float samples in engineering units (x1000) failed on an invalid manifest; a missing
     channel did not name the file; `--channel -2` and `--seed` (numpy kinds) were taken."""
@@ -323,3 +349,17 @@ def test_calibrate_leaves_out_recordings_shorter_than_a_window(
         (short / f.name).write_bytes(f.read_bytes())
     out = calibrate_bundle(DEMO_BUNDLE, [short], tmp_path / "y.bundle")
     assert (out / "manifest.json").is_file()
+
+
+def test_calibrating_on_one_recording_says_half_of_it_was_held_out(tmp_path: Path) -> None:
+    """One 12-s recording: the summary said 12 s were held out, then that 6 s backed the
+    threshold. Its first half centres the fit that scores its second half, and it now says so."""
+    from edge.advice import bundle_summary
+    from edge.bundle import load_bundle
+    from edge.calibrate import calibrate_bundle
+
+    audio = np.concatenate([_mono(f) for f in NORMAL_FILES[:3]])[: 12 * RATE]
+    sf.write(tmp_path / "one.wav", audio, RATE)
+    out = calibrate_bundle(DEMO_BUNDLE, [tmp_path / "one.wav"], tmp_path / "one.bundle")
+    first = bundle_summary(load_bundle(out).manifest).splitlines()[0]
+    assert "12 s fitted the model; a fit on 6 s scored the other 6 s" in first, first
