@@ -678,11 +678,9 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
     empty for rules without held-out statistics (a classifier's confidence)."""
     if "n_windows" not in params:
         return ""
-    seconds = params.get("holdout_seconds", params["n_windows"] * params.get("hop_s", 0.0))
-    lines = [
+    lines = [  # the held-out audio's seconds are the summary's first line (edge.advice)
         f"threshold {value:.4g}, for {params.get('false_alarms_per_day', 0):g} false alarm(s) "
-        f"per day, backed by {seconds:.0f} s of held-out normal audio "
-        f"({params['n_windows']} windows)"
+        f"per day, backed by {params['n_windows']} windows of held-out normal audio"
     ]
     if "holdout_max" in params:
         lines.append(_above_holdout(value, params))
