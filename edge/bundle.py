@@ -336,8 +336,6 @@ def write_bundle(
     except ValidationError as exc:
         raise BundleError(f"{path}: refusing to write an invalid manifest: {_first(exc)}") from None
     earlier = check_bundle_target(path)
-    if earlier:
-        log.warning("%s: replacing the bundle that was there", path)
     blobs[MANIFEST] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
     _swap_in(path.resolve() if path.is_symlink() else path, blobs, earlier)
     return path

@@ -508,8 +508,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _check_train_flags(args: argparse.Namespace) -> None:
     """Refuse flags the chosen trainer would ignore, and an --out that cannot take a bundle,
     before any audio is read; fills in the default --detector."""
-    from edge.bundle import check_bundle_target
-
     if args.normal_states and args.detector not in (None, "embedding"):
         raise SoundSentryError(
             f"--normal-states trains the embedding detector only, not {args.detector}"
@@ -554,7 +552,7 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     if args.all_channels and args.channel is not None:
         raise SoundSentryError("--channel picks one channel; --all-channels trains on every one")
     args.channel = 0 if args.channel is None else args.channel
-    check_bundle_target(args.out)
+    _note_replaced(args.out)
     if args.normal and not args.all_channels:
         _note_channels(args.normal, args.channel)
 
@@ -640,12 +638,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from edge.bundle import load_bundle
     from edge.calibrate import calibrate_bundle
 
+    _note_replaced(args.out)
     out = calibrate_bundle(
         args.model, args.normal, args.out, args.false_alarms_per_day, args.channel
     )
     summary = bundle_summary(load_bundle(out).manifest)
     print(f"calibrated bundle written to {out}\n{summary}")
     return 0
+
+
+def _note_replaced(out: Path) -> None:
+    """Refuse an --out that cannot take a bundle (edge.bundle.check_bundle_target), and say so
+    when it holds one: it is replaced, whole, once the new one is written."""
+    from edge.bundle import check_bundle_target
+
+    if check_bundle_target(out):
+        print(f"note: {out} holds a model bundle: it is replaced when this one is written")
 
 
 def _check_output(path: Path | None, flag: str, folder: bool) -> None:

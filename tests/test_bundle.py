@@ -317,3 +317,13 @@ def test_a_replaced_bundle_keeps_the_users_files_and_its_symlink(copy: Path) -> 
     assert (copy / "NOTES.txt").read_text().startswith("pump 3")
     assert not (copy / MODEL_INT8).exists()  # the autoencoder's model went with its manifest
     assert sorted(p.name for p in copy.parent.iterdir()) == ["active", copy.name]
+
+
+def test_train_says_it_replaces_a_bundle(tmp_path: Path) -> None:
+    """`train --out` onto a deployed bundle replaced it without a word."""
+    out = tmp_path / "deployed.bundle"
+    shutil.copytree(DEMO_BUNDLE, out)
+    proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
+    assert f"note: {out} holds a model bundle: it is replaced" in proc.stdout
+    fresh = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(tmp_path / "new"))
+    assert "holds a model bundle" not in fresh.stdout
