@@ -92,11 +92,12 @@ def record(
                 part += len(block)
                 got += len(block)
                 if part >= per_chunk or got >= total:
-                    writer.close()
-                    written.append(Path(writer.name))
-                    writer = None
+                    writer, done = None, writer
+                    done.close()
+                    written.append(Path(done.name))
             except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
                 writer = _discard(writer)
+                Path(path).unlink(missing_ok=True)  # whatever chunk was being opened or closed
                 raise SoundSentryError(
                     f"cannot write {path}: {_reason(exc)}; kept {len(written)} complete "
                     f"chunk(s) in {out} ({_free(out)})"
@@ -117,12 +118,15 @@ def record(
     if stopped:
         err.write(
             f"stopped after {got / samplerate:.1f} of {total / samplerate:g} s (Ctrl-C); "
-            f"kept {len(written)} file(s)\n"
+            f"kept {len(written)} file(s) in {out}\n"
         )
-    err.write(meter.verdict() + "\n")
+    if meter.samples:
+        err.write(meter.verdict() + "\n")
     gaps = gap_note(source.stats(), timeline.missing_s())
     if gaps:
         err.write(gaps + "\n")
+    if stopped:  # the files are kept, but the recording is not what was asked: exit 130
+        raise KeyboardInterrupt
     return written
 
 
