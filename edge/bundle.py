@@ -16,6 +16,9 @@ load; writing always writes format 2.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
 import io
 import json
@@ -34,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from edge.errors import BundleError
 from edge.features import FeatureParams
-from edge.private import atomic_write
+from edge.private import atomic_write, pid_running
 from edge.runtime import TfliteModel
 
 log = logging.getLogger(__name__)
@@ -342,42 +345,118 @@ def write_bundle(
 
 
 def _swap_in(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
-    """Write the bundle's files into a hidden sibling folder, then put it in place of `path` with
-    two renames: an interrupt, a full disk or a power cut leaves the earlier bundle whole (at
-    worst beside it as `.<name>.old-<pid>`), never its manifest beside the new arrays. Files of
-    the user's in the earlier folder (not the bundle's) move into the new one."""
+    """Write the bundle's files into a hidden sibling folder `.<name>.tmp-<pid>` and swap it with
+    `path` in one atomic step (Linux's RENAME_EXCHANGE; where the file system cannot, two renames,
+    undone if the second fails, and a power cut between them is repaired at the next write): an
+    interrupt, a full disk or a power cut leaves the earlier bundle whole, never its manifest
+    beside the new arrays. Files of the user's in the earlier folder (not the bundle's) move into
+    the new one. Where there is no earlier bundle to protect (a new or empty folder), where
+    `path` is a mount point or the working folder, and where no sibling can be made (a parent
+    the user may not write), the files are replaced one by one inside `path`, the manifest
+    last."""
+    path = Path(os.path.abspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    _repair_swap(path)
+    if path.exists() and (
+        not (path / MANIFEST).exists()  # a new or empty folder: no earlier bundle to keep whole
+        or os.path.ismount(path)
+        or path == Path.cwd()  # the shell's own folder stays the same folder
+    ):
+        _write_in_place(path, blobs, earlier)
+        return
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    retired = path.with_name(f".{path.name}.old-{os.getpid()}")
-    for leftover in (staging, retired):
-        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
+    except OSError:  # a parent folder this user may not write
+        _write_in_place(path, blobs, earlier)
+        return
+    try:
         for name, data in blobs.items():
             _atomic_write(staging / name, data)
         if not path.exists():
-            os.chmod(staging, 0o777 & ~_umask())
             os.rename(staging, path)
             return
         kept = os.stat(path)
         os.chmod(staging, stat.S_IMODE(kept.st_mode))
         if os.geteuid() == 0:  # root replacing the service user's bundle: it stays theirs
             os.chown(staging, kept.st_uid, kept.st_gid)
-        os.rename(path, retired)
-    except BaseException:
+        if not _exchange(staging, path):
+            _rename_twice(staging, path)
+        for entry in staging.iterdir():  # staging now holds the earlier bundle
+            if entry.name not in earlier and entry.name not in blobs:
+                os.rename(entry, path / entry.name)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_in_place(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
+    """Each file replaced atomically inside `path`, the manifest last (it names the others)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in blobs.items():
+        if name != MANIFEST:
+            _atomic_write(path / name, data)
+    _atomic_write(path / MANIFEST, blobs[MANIFEST])
+    for name in earlier - set(blobs):  # an earlier bundle's model that this one does not have
+        (path / name).unlink(missing_ok=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where the C library or
+    the file system cannot (vfat, older kernels)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _retired(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.old-{pid}")
+
+
+def _rename_twice(staging: Path, path: Path) -> None:
+    """`path` aside, `staging` in its place, the earlier bundle back in `staging`'s; the first
+    rename undone if the second fails."""
+    retired = _retired(path, os.getpid())
+    os.rename(path, retired)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(retired, path)
         raise
-    os.rename(staging, path)
-    for entry in retired.iterdir():
-        if entry.name not in earlier and entry.name not in blobs:
-            os.rename(entry, path / entry.name)
-    shutil.rmtree(retired, ignore_errors=True)
+    os.rename(retired, staging)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _repair_swap(path: Path) -> None:
+    """What a write of this bundle that was cut short (a power cut, kill -9) left beside it: a
+    staging folder `.<name>.tmp-<pid>` is removed; between _rename_twice's renames, the earlier
+    bundle was left as `.<name>.old-<pid>` with nothing at `path`, and is put back."""
+    for left in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*")):
+        kind, _, pid = left.name.removeprefix(f".{path.name}.").partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or pid_running(int(pid)):
+            continue
+        if kind == "old" and not path.exists():
+            os.rename(left, path)
+            log.warning("%s: put back the bundle a cut-short write had left aside", path)
+        else:
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def check_bundle_target(path: str | Path) -> set[str]:

@@ -74,7 +74,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     removed = []
     for path in paths:
         found = TEMP_NAME.match(path.name)
-        if found is None or _running(int(found.group(1))):
+        if found is None or pid_running(int(found.group(1))):
             continue
         with contextlib.suppress(OSError):
             if path.is_dir() and not path.is_symlink():
@@ -86,7 +86,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
-def _running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
     """True if another process with this PID runs (it may be writing its temporary file)."""
     if pid <= 0 or pid == os.getpid():
         return False

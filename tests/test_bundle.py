@@ -327,3 +327,77 @@ def test_train_says_it_replaces_a_bundle(tmp_path: Path) -> None:
     assert f"note: {out} holds a model bundle: it is replaced" in proc.stdout
     fresh = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(tmp_path / "new"))
     assert "holds a model bundle" not in fresh.stdout
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_swap_cut_short_between_its_renames_is_repaired(copy: Path) -> None:
+    """Where the file system cannot swap two folders in one step, a power cut between the two
+    renames leaves the earlier bundle aside as `.<name>.old-<pid>` and nothing in its place;
+    the next write puts it back first (the user's files in it survive), and a dead process's
+    staging folder is removed."""
+    (copy / "NOTES.txt").write_text("pump 3\n")
+    aside = copy.with_name(f".{copy.name}.old-{_dead_pid()}")
+    copy.rename(aside)
+    staged = copy.with_name(f".{copy.name}.tmp-{_dead_pid()}")
+    staged.mkdir()
+    _rewrite(DEMO_BUNDLE, copy)
+    assert load_bundle(copy).model_id == load_bundle(DEMO_BUNDLE).model_id
+    assert (copy / "NOTES.txt").read_text() == "pump 3\n"
+    assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name]
+
+
+def test_the_two_renames_are_undone_when_the_second_fails(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.bundle
+
+    before = load_bundle(copy).model_id
+    monkeypatch.setattr(edge.bundle, "_exchange", lambda a, b: False)  # as on vfat
+    real = os.rename
+
+    def second_fails(src: object, dst: object) -> None:
+        if Path(str(src)).name.startswith(f".{copy.name}.tmp-") and Path(str(dst)) == copy:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_fails)
+    with pytest.raises(OSError, match="No space"):
+        _rewrite(DEMO_BUNDLE, copy)
+    assert load_bundle(copy).model_id == before
+    assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name]
+    monkeypatch.setattr(os, "rename", real)
+    _rewrite(DEMO_BUNDLE, copy)  # and without the failure, the renames put the new one in place
+    assert load_bundle(copy).model_id == load_bundle(DEMO_BUNDLE).model_id
+
+
+def test_a_bundle_is_written_into_the_working_folder_and_a_parent_it_may_not_write(
+    tmp_path: Path, copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out .` crashed (a path without a name); the folder the shell stands in is written in,
+    not swapped away under it. Where no sibling folder can be made, the files are replaced one
+    by one inside the bundle, the manifest last, as before."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    _rewrite(DEMO_BUNDLE, Path("."))
+    assert load_bundle(here).model_id == load_bundle(DEMO_BUNDLE).model_id
+    assert os.stat(".").st_ino == here.stat().st_ino
+    real = Path.mkdir
+
+    def no_sibling(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name.startswith(f".{copy.name}.tmp-"):
+            raise PermissionError(13, "Permission denied", str(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_sibling)
+    _rewrite(DEMO_BUNDLE, copy)
+    assert load_bundle(copy).model_id == load_bundle(DEMO_BUNDLE).model_id
+    assert not (copy / MODEL_INT8).exists()
