@@ -1,11 +1,16 @@
 # shellcheck shell=bash
-# Sourced by demo.sh and test.sh: make_venv PYTHON VENV creates the virtualenv (again, if an
-# earlier attempt left one without pip). Debian's python3 ships venv's pip in python3-venv,
-# which a fresh system may lack: installed when root, else named in one line.
+# Sourced by demo.sh and test.sh: make_venv PYTHON VENV creates the virtualenv, or gives pip
+# to one an earlier attempt left without it. Debian's python3 ships venv's pip in
+# python3.X-venv, which a fresh system may lack: installed when root, else named in one line.
+# A folder at VENV that is not a virtualenv is never touched.
 make_venv() {
   local python=$1 venv=$2
   if [ -x "$venv/bin/python" ] && "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
     return 0
+  fi
+  if [ -e "$venv" ] && [ ! -f "$venv/pyvenv.cfg" ] && [ -n "$(ls -A "$venv")" ]; then
+    echo "$venv exists and is not a virtualenv: move it away, or set VENV to another folder" >&2
+    exit 1
   fi
   if ! "$python" -c 'import ensurepip' 2>/dev/null; then
     local pkg
@@ -19,5 +24,9 @@ make_venv() {
       exit 1
     fi
   fi
-  "$python" -m venv --clear "$venv"
+  if [ -x "$venv/bin/python" ]; then  # a virtualenv without pip: its packages are kept
+    "$venv/bin/python" -m ensurepip --upgrade >/dev/null
+  else
+    "$python" -m venv "$venv"
+  fi
 }

@@ -123,16 +123,32 @@ def test_shell_scripts_pass_shellcheck() -> None:
     assert proc.returncode == 0, proc.stdout
 
 
-def test_a_virtualenv_left_without_pip_is_made_again(tmp_path: Path) -> None:
+def _make_venv(venv: Path) -> subprocess.CompletedProcess[str]:
+    script = f'set -euo pipefail; source scripts/venv.sh; make_venv "{sys.executable}" "{venv}"'
+    return subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_virtualenv_left_without_pip_gets_pip_and_keeps_its_files(tmp_path: Path) -> None:
     """Debian's python3 without python3-venv creates bin/python and then fails on pip; the
     scripts skipped an existing bin/python, so every later run failed until the user deleted
-    the folder. make_venv (scripts/venv.sh) makes such a virtualenv again."""
+    the folder. make_venv (scripts/venv.sh) gives such a virtualenv pip, keeping what is in it."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    script = f'set -euo pipefail; source scripts/venv.sh; make_venv "{sys.executable}" "{venv}"'
-    subprocess.run(["bash", "-c", script], cwd=ROOT, check=True, timeout=300)
+    (venv / "kept.txt").write_text("mine\n")
+    assert _make_venv(venv).returncode == 0
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"], check=False)
-    assert pip.returncode == 0
+    assert pip.returncode == 0 and (venv / "kept.txt").read_text() == "mine\n"
+
+
+def test_a_folder_that_is_not_a_virtualenv_is_left_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    proc = _make_venv(folder)
+    assert proc.returncode == 1 and "is not a virtualenv" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
 def run_installer(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
