@@ -450,6 +450,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "the classifier read one channel (--channel N)"
         )
     network_member = "embedding" in (args.members or ())
+    classes = None
+    if args.classes:  # every file checked, and named, before TensorFlow takes its seconds to load
+        from edge.features import FeatureParams
+        from train.dataset import class_folders
+
+        classes = class_folders(args.classes, args.channel, FeatureParams().samplerate)
     if args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS or network_member:
         _require("tensorflow", "train", _train_command(args))
     from edge.advice import bundle_summary
@@ -458,14 +464,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     augment = Augmenter(tuple(args.augment), args.augment_factor) if args.augment else None
     if args.classes:
-        from train.dataset import class_folders
-
-        class_folders(args.classes, args.channel)  # its files named before TensorFlow loads
         from train.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
         from train.classifier import train_classifier
 
         out = train_classifier(
-            args.classes,
+            classes,
             args.out,
             epochs=args.epochs or CLASSIFIER_EPOCHS,
             seed=args.seed,

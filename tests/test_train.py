@@ -350,6 +350,10 @@ def test_class_folders_name_what_is_left_out_and_every_bad_file(
         "normal": [NORMAL_FILES[1].name],  # its copy used once
     }
     assert "belt_slip holds no audio: it is not a class" in caplog.text
+    (root / "normal" / "z-mislabelled.flac").write_bytes(NORMAL_FILES[0].read_bytes())
+    assert [f.name for f in class_folders(root)["normal"]] == [NORMAL_FILES[1].name]
+    assert "normal/z-mislabelled.flac is a copy of" in caplog.text  # one recording, two classes
+    (root / "normal" / "z-mislabelled.flac").unlink()
     assert f"1 recording(s) directly in {root} belong to no class" in caplog.text
     (root / "bearing" / "corrupt.wav").write_bytes(b"RIFF\0\0\0\0WAVEjunk")
     sf.write(root / "normal" / "8k.wav", np.zeros(8000 * 12) + 0.01, 8000)

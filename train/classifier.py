@@ -52,7 +52,7 @@ def split_windows(
 
 
 def train_classifier(
-    classes_dir: str | Path,
+    classes_dir: str | Path | dict[str, list[Path]],
     out: str | Path,
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
@@ -60,11 +60,16 @@ def train_classifier(
     params: FeatureParams | None = None,
     augment: Augmenter | None = None,
 ) -> Path:
-    """Train a classifier bundle; returns its path."""
+    """Train a classifier bundle; returns its path. `classes_dir`: the folder of class folders,
+    or what train.dataset.class_folders made of it."""
     params = params or FeatureParams()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    classes = class_folders(classes_dir, channel, params.samplerate)
+    classes = (
+        classes_dir
+        if isinstance(classes_dir, dict)
+        else class_folders(classes_dir, channel, params.samplerate)
+    )
     labels = list(classes)
     xt, yt, xv, yv, holdouts = split_windows(classes, params, channel)
     seconds = len(xt) * params.hop_seconds / TRAIN_HOP_DIVISOR  # the audio's, not its copies'

@@ -243,7 +243,7 @@ def class_folders(
         raise AudioError(f"{root}: --classes needs a folder with one subfolder per class")
     groups: dict[str, list[Path]] = {}
     for folder in sorted(d for d in root.iterdir() if d.is_dir()):
-        files = find_audio([folder], quiet=True)
+        files = find_audio([folder])  # what the search skips in it is named
         if files:
             groups[folder.name] = files
         else:
@@ -258,5 +258,13 @@ def class_folders(
         )  # fmt: skip
     if len(groups) < 2:
         raise AudioError(f"{root}: need at least two subfolders with audio (one per class)")
-    audio_seconds([f for v in groups.values() for f in v], channel, samplerate)  # names them all
-    return {name: without_copies(files) for name, files in groups.items()}
+    every = [f for v in groups.values() for f in v]
+    audio_seconds(every, channel, samplerate)  # every file that cannot be used, named at once
+    kept = set(without_copies(every))  # across classes too: a recording in two is a mislabel
+    groups = {name: [f for f in files if f in kept] for name, files in groups.items()}
+    for name, files in groups.items():
+        if not files:
+            raise AudioError(
+                f"{root / name}: every recording in it is a copy of one in another class"
+            )
+    return groups
