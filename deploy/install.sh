@@ -176,6 +176,11 @@ install_venv() {
     say "rebuilding $VENV (Python $have -> $want)"
     rm -rf "$VENV"
     have=""
+  elif [ -n "$have" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    # an install or rebuild cut short (a power cut while venv or rm ran): never repaired else
+    say "rebuilding $VENV (it has no working pip: an earlier install did not finish)"
+    rm -rf "$VENV"
+    have=""
   fi
   if [ -z "$have" ]; then
     say "creating $VENV"
@@ -228,8 +233,10 @@ install_units() {
   local unit
   [ ! -e "$UNIT_DIR/soundsentry.service" ] || FRESH=0
   install -d -m 0755 "$UNIT_DIR"
-  for unit in "${UNITS[@]}"; do
-    install -m 0644 "$DEPLOY_DIR/$unit" "$UNIT_DIR/$unit"
+  for unit in "${UNITS[@]}"; do  # written aside, then renamed: a power cut leaves the old unit
+    install -m 0644 "$DEPLOY_DIR/$unit" "$UNIT_DIR/.$unit.new"
+    sync "$UNIT_DIR/.$unit.new"  # an empty unit file would read as masked after a power cut
+    mv -f "$UNIT_DIR/.$unit.new" "$UNIT_DIR/$unit"
   done
   live_systemctl daemon-reload
   if ((FRESH)); then

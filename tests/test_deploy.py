@@ -319,6 +319,19 @@ def test_a_venv_of_another_python_is_rebuilt(installed: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_venv_an_install_left_unfinished_is_rebuilt(installed: Path) -> None:
+    """A power cut while the venv was made (or while a rebuild removed it) left pyvenv.cfg
+    without pip: every later run of the installer failed with 'No module named pip'."""
+    venv = installed / "opt/soundsentry/venv"
+    for pip in venv.glob("lib/python3*/site-packages/pip"):
+        shutil.rmtree(pip)
+    proc = run_installer(installed)
+    assert f"rebuilding {venv} (it has no working pip" in proc.stdout, proc.stdout
+    exe = venv / "bin/soundsentry"
+    assert subprocess.run([exe, "--version"], capture_output=True, text=True).returncode == 0
+
+
+@pytest.mark.slow
 def test_an_upgrade_from_a_wheel_installs_its_code(installed: Path, tmp_path: Path) -> None:
     """pip skips a wheel whose version is installed already, so `--source X.whl` kept the old
     code, restarted the service on it and said "done". A wheel of a changed tree must land."""
