@@ -308,14 +308,18 @@ do_uninstall() {
     /opt/soundsentry/venv/bin/soundsentry ]; then
     rm -f "$ROOT/usr/local/bin/soundsentry"
   fi
-  if [ -n "$ROOT" ] || getent passwd "$SERVICE_USER" >/dev/null; then
-    host userdel "$SERVICE_USER"
-  fi
   if [ "$ACTION" = purge ]; then
     rm -rf "$CONF_DIR" "$STATE_DIR" "$LOGS_DIR"
-    say "removed $CONF_DIR, $STATE_DIR and $LOGS_DIR"
+    # drop-ins (`systemctl edit`) may hold overrides such as an MQTT password
+    rm -rf "$UNIT_DIR/soundsentry.service.d" "$UNIT_DIR"/soundsentry@*.service.d
+    say "removed $CONF_DIR, $STATE_DIR, $LOGS_DIR and the units' drop-ins"
+    # the user goes last, with its files: a kept file of a removed user's UID would belong to
+    # the next system account given that UID
+    if [ -n "$ROOT" ] || getent passwd "$SERVICE_USER" >/dev/null; then
+      host userdel "$SERVICE_USER"
+    fi
   else
-    say "kept $CONF_DIR and $STATE_DIR (--purge removes them)"
+    say "kept $CONF_DIR, $STATE_DIR and the user $SERVICE_USER who owns them (--purge removes them)"
   fi
   say "done"
 }

@@ -363,18 +363,24 @@ def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
     model = installed / "var/lib/soundsentry/models/pump.bundle"
     model.mkdir()
 
+    dropin = system / "soundsentry.service.d/override.conf"
+    dropin.parent.mkdir()
+    dropin.write_text("[Service]\nEnvironment=SOUNDSENTRY_MQTT__PASSWORD=secret\n")
+
     proc = run_installer(installed, "--uninstall")
 
-    assert "would run: userdel soundsentry" in proc.stdout
+    assert "userdel" not in proc.stdout, "the user stays while files of its UID stay"
     assert not (installed / "opt/soundsentry").exists()
     assert not (installed / "usr/local/bin/soundsentry").is_symlink()
-    assert not [p.name for p in system.rglob("soundsentry*")]
+    assert [p.name for p in system.rglob("soundsentry*")] == ["soundsentry.service.d"]
     assert (installed / "etc/soundsentry/config.toml").is_file()
     assert model.is_dir()
 
-    run_installer(installed, "--purge")
+    proc = run_installer(installed, "--purge")
     assert not (installed / "etc/soundsentry").exists()
     assert not (installed / "var/lib/soundsentry").exists()
+    assert not [p.name for p in system.rglob("soundsentry*")], "drop-ins hold secrets"
+    assert "would run: userdel soundsentry" in proc.stdout
 
 
 def test_installer_refuses_an_old_python_with_one_line(tmp_path: Path) -> None:
