@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -783,12 +784,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge.sdnotify import SystemdNotifier
     from edge.service import run_detector
 
-    settings = _settings_from(args, args.model)
-    if args.log_level is None:  # the service's log (the journal): its audit trail of commands
-        logging.getLogger().setLevel(settings.log_level)
-    if settings.model is None:
-        raise SoundSentryError("no model: set `model` in the config file or pass --model")
-    bundle = _load(settings.model)
+    try:
+        settings = _settings_from(args, args.model)
+        if args.log_level is None:  # the service's log (the journal): its audit trail of commands
+            logging.getLogger().setLevel(settings.log_level)
+        if settings.model is None:
+            raise SoundSentryError("no model: set `model` in the config file or pass --model")
+        bundle = _load(settings.model)
+    except SoundSentryError as exc:
+        _hold_before_failing(SystemdNotifier(), exc)
+        raise
     h = settings.health
     # As a service, a microphone missing at start (a USB one enumerated late, unplugged) is
     # waited for and reported on `health`; on a terminal, a device that matches nothing (a typo)
@@ -812,6 +817,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if live:
         live.clear()
     return 0
+
+
+START_RETRY_S = 60.0
+"""As a service, a start that fails on its settings or its model waits this long, saying why in
+`systemctl status`, before it exits for systemd to start it again: a typo or a model not copied
+yet is retried every minute instead of every RestartSec (5 s: 17 000 starts a day, each with
+its log lines, on an SD card), and is still picked up by itself once mended. Below the unit's
+TimeoutStartSec (120 s)."""
+
+
+def _hold_before_failing(notifier: Any, exc: Exception) -> None:
+    """Under systemd: STATUS says why the start failed, then wait START_RETRY_S (SIGTERM ends
+    the wait at once); on a terminal, nothing: the error is one line at once."""
+    if not notifier.enabled:
+        return
+    notifier.status(f"cannot start: {exc} (starting again in {START_RETRY_S:g} s)")
+    print(f"soundsentry: cannot start: {exc}; starting again in {START_RETRY_S:g} s",
+          file=sys.stderr, flush=True)  # fmt: skip
+    time.sleep(START_RETRY_S)
 
 
 def _live_line(threshold: float) -> Any:

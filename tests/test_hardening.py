@@ -477,3 +477,33 @@ def test_a_storm_of_sighups_never_deadlocks_the_loop(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.split()[-1]) > 0  # reloads ran
+
+
+def test_a_service_that_cannot_start_says_why_and_waits_before_systemd_restarts_it(
+    tmp_path: Path,
+) -> None:
+    """A typo in the config, or a model not copied yet, made the service exit at once and
+    systemd start it again every 5 s, forever: 17 000 starts a day and their log lines on an SD
+    card. Under systemd it now says why in `systemctl status` and waits a minute first; SIGTERM
+    (systemctl stop) still ends it at once."""
+    import socket
+    import time
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(30)
+    config = tmp_path / "c.toml"
+    config.write_text(f'model = "{tmp_path / "missing.bundle"}"\n')
+    proc = daemon("run", "--config", str(config), env={"NOTIFY_SOCKET": str(sock_path)})
+    try:
+        status = sock.recv(1024).decode()
+        assert status.startswith("STATUS=cannot start:") and "missing.bundle" in status, status
+        assert "starting again in 60 s" in status
+        time.sleep(1)  # the wait itself: still there a second after saying why
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        sock.close()
