@@ -287,6 +287,30 @@ class LearningSettings(_Section):
     )
 
 
+def check_service_data_dir(data_dir: Path, state: str | None = None) -> None:
+    """As a systemd service (`$STATE_DIRECTORY` set), a `data_dir` elsewhere that the unit may
+    not write is a SettingsError: an instance of soundsentry@.service given a copy of the
+    single unit's config would otherwise read that unit's state and event log and fail at every
+    write (a USB stick needs `ReadWritePaths=` in a drop-in, and passes once it has it)."""
+    import os
+
+    state = os.environ.get("STATE_DIRECTORY") if state is None else state
+    if not state:
+        return
+    own = Path(state.split(":")[0])
+    if data_dir.resolve() == own.resolve():
+        return
+    probe = data_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise SettingsError(
+            f"data_dir {data_dir} cannot be written by this service, whose state folder is "
+            f'{own}: set data_dir = "{own}" (or leave it unset), or allow {data_dir} with '
+            "ReadWritePaths= in a drop-in (systemctl edit)"
+        )
+
+
 def _default_data_dir() -> Path:
     """systemd's StateDirectory when run as a service, else ~/.local/state/soundsentry."""
     import os

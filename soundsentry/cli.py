@@ -783,6 +783,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge.capture import MicSource
     from edge.sdnotify import SystemdNotifier
     from edge.service import run_detector
+    from edge.settings import check_service_data_dir
 
     try:
         settings = _settings_from(args, args.model)
@@ -790,6 +791,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             logging.getLogger().setLevel(settings.log_level)
         if settings.model is None:
             raise SoundSentryError("no model: set `model` in the config file or pass --model")
+        check_service_data_dir(settings.data_dir)
         bundle = _load(settings.model)
     except SoundSentryError as exc:
         _hold_before_failing(SystemdNotifier(), exc)

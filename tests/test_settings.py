@@ -177,3 +177,29 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"soundsentry: error: {latin1}: not valid TOML (not UTF-8 text)"
     ]
+
+
+def test_a_service_instance_with_another_units_data_dir_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """soundsentry@pump-3 may write /var/lib/soundsentry/pump-3 only; given a copy of the single
+    unit's config (data_dir = /var/lib/soundsentry) it read that unit's state and failed at
+    every write. The suite runs as root, so the sandbox's read-only view is stood in for by what
+    os.access answers for the folder outside the instance's own."""
+    import os
+
+    from edge.errors import SettingsError
+    from edge.settings import check_service_data_dir
+
+    shared, own = tmp_path / "soundsentry", tmp_path / "soundsentry" / "pump-3"
+    own.mkdir(parents=True)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and Path(p) != shared)
+    with pytest.raises(SettingsError, match=f'set data_dir = "{own}"'):
+        check_service_data_dir(shared, str(own))
+    check_service_data_dir(own, str(own))  # its own folder
+    check_service_data_dir(shared / "pump-3" / "new", str(own))  # inside it, created later
+    check_service_data_dir(shared, "")  # not a service: nothing to check
+    usb = tmp_path / "usb"  # a folder the unit was allowed (ReadWritePaths=)
+    usb.mkdir()
+    check_service_data_dir(usb, str(own))
