@@ -57,19 +57,30 @@ def cpu_temperature_c() -> float | None:
         return None
 
 
+_vcgencmd = {"works": True}
+"""Whether `vcgencmd get_throttled` answered: once it has not (not installed, or its device
+closed to the service by DevicePolicy=closed), it is not forked again every metrics interval."""
+
+
 def throttled() -> str | None:
-    """Raspberry Pi throttling flags (hex, 0x0 = never throttled), where available."""
+    """Raspberry Pi throttling flags (hex, 0x0 = never throttled), where available: the
+    firmware's sysfs file (Pi 0 to 4), else `vcgencmd` while it answers."""
     try:
         return hex(int(THROTTLED_SYSFS.read_text().strip(), 16))
     except (OSError, ValueError):
         pass
+    if not _vcgencmd["works"]:
+        return None
     try:
         out = subprocess.run(
             ["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=2
         ).stdout
-        return out.strip().split("=", 1)[1] if "=" in out else None
     except (OSError, subprocess.SubprocessError):
+        out = ""
+    if "=" not in out:
+        _vcgencmd["works"] = False
         return None
+    return out.strip().split("=", 1)[1]
 
 
 INDEX_SECONDS = 60.0

@@ -883,3 +883,24 @@ print(rec.finish("ev1"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "None" and "could not save evidence clip" in proc.stderr
     assert list(tmp_path.glob("*.wav")) == []  # neither the torn clip nor the 3-day-old one
+
+
+def test_vcgencmd_is_not_forked_again_once_it_has_not_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the firmware's sysfs file (a Pi 5) and with /dev/vcio closed to the service,
+    `vcgencmd` failed at every metrics interval, a fork each time for a null. A real script on
+    PATH stands in for it: it answers once with an error, and is not run again."""
+    import os
+
+    import edge.metrics
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "vcgencmd"
+    fake.write_text(f'#!/bin/sh\necho run >> "{calls}"\necho "VCHI initialization failed" >&2\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(edge.metrics, "THROTTLED_SYSFS", tmp_path / "no-such-file")
+    monkeypatch.setitem(edge.metrics._vcgencmd, "works", True)
+    assert [edge.metrics.throttled() for _ in range(3)] == [None] * 3
+    assert calls.read_text().splitlines() == ["run"]
