@@ -377,11 +377,11 @@ def select_default(figures: dict[str, dict[str, dict]]) -> dict:
     chosen, skipped = None, []
     for k in order:
         base = figures.get("baseline", {})
-        short = [
+        short = [  # rule 2 as written: the candidate's merit against the baseline's AUC mean
             t
             for t in types
             if t in base
-            and (figures[k][t]["clip_auc"] + figures[k][t]["auc_1s"]) / 2
+            and figures[k][t]["merit"]
             < (base[t]["clip_auc"] + base[t]["auc_1s"]) / 2 - BASELINE_TOLERANCE
         ]
         if not short:

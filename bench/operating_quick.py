@@ -13,10 +13,12 @@ the normal/fault score maxima, and each clip's mean normalised log score z (the 
 scale): a clip whose mean z stays below the CUSUM's drift would not raise an event however long
 it lasted, so that count bounds what the integrated evidence can find with this statistic.
 
-Nothing here is tuned on the test clips: the threshold rule and the CUSUM's constants (module
-docstring of edge/threshold.py, edge/events.py) were written down and committed before these
-counts were first looked at; the bundle's threshold and CUSUM come from held-out *normal*
-training audio only. `--no-integrate` runs the same bundle with K-of-N alone
+The threshold rule and the CUSUM's constants (module docstring of edge/threshold.py,
+edge/events.py) were written down and committed before these counts were first looked at, and
+the bundle's threshold and CUSUM come from held-out *normal* training audio only. One choice did
+look at test clips: K = 3 of N = 4 was adopted by a rule written first but judged on
+`bench/machines.py`'s counts, this fan's among them (bench/SELECTION.md, 2026-11-30).
+`--no-integrate` runs the same bundle with K-of-N alone
 (`detector.integrate = false`), to show what the CUSUM adds. `--kind` trains another kind with
 its defaults (the int8 CNN never with the fan in its corpus); `--members` trains an `ensemble`
 of those kinds instead (train.ensemble), to see a candidate's operating point the same way.
