@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from machines import (  # noqa: E402
+    CORPUS_KINDS,
     TRAINERS,
     Pooled,
     Task,
@@ -54,10 +55,14 @@ KINDS = ("fluctuation", "levels", "knn")
 SEGMENT_S = 1.0
 
 
-def score_task(trainer: object, task: Task, out: Path, pooled: Pooled) -> None:
-    """Train on the task's normals, then score its test clips as clips and as 1-s segments."""
+def score_task(
+    trainer: object, task: Task, out: Path, pooled: Pooled, exclude: bool = False
+) -> None:
+    """Train on the task's normals, then score its test clips as clips and as 1-s segments.
+    `exclude`: the kind trains against the bundled corpus, which must not hold this machine."""
     t0 = time.perf_counter()
-    trainer([str(f) for f in task.train], out)  # type: ignore[operator]
+    extra = {"exclude": [task.corpus_key]} if exclude and task.corpus_key else {}
+    trainer([str(f) for f in task.train], out, **extra)  # type: ignore[operator]
     bundle = load_bundle(out)
     scorer, p = Scorer.from_bundle(bundle), bundle.features
     for label, files in ((0, task.normal), (1, task.anomalous)):
@@ -117,7 +122,9 @@ def main() -> None:
         print(f"[{i}/{len(tasks)}] {name} held {task.normal[0].name}", file=sys.stderr)
         for kind, trainer in trainers.items():
             pooled = Pooled()
-            score_task(trainer, task, work / f"{kind}-{name}-{i}.bundle", pooled)
+            score_task(
+                trainer, task, work / f"{kind}-{name}-{i}.bundle", pooled, kind in CORPUS_KINDS
+            )
             for target in (by_type[task.machine][kind], by_id[name][kind]):
                 _merge(target, pooled)
         if args.baseline_epochs:
