@@ -451,13 +451,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "the classifier read one channel (--channel N)"
         )
     network_member = "embedding" in (args.members or ())
+    network = (
+        args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS or network_member
+    )
+    if network:  # a missing extra is said first, without the seconds TensorFlow takes to load
+        _require_present(("tensorflow", "keras"), "train", _train_command(args))
     classes = None
-    if args.classes:  # every file checked, and named, before TensorFlow takes its seconds to load
+    if args.classes:  # every file checked, and named, before TensorFlow loads
         from edge.features import FeatureParams
         from train.dataset import class_folders
 
         classes = class_folders(args.classes, args.channel, FeatureParams().samplerate)
-    if args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS or network_member:
+    if network:
         _require("tensorflow", "train", _train_command(args))
     from edge.advice import bundle_summary
     from edge.bundle import load_bundle
@@ -928,6 +933,20 @@ def _needs(what: str, extra: str, module: str | None) -> str:
     return f"`{what}` needs the [{extra}] extra ({module} is not installed): " + install_extra(
         extra
     )
+
+
+def _require_present(modules: Sequence[str], extra: str, what: str) -> None:
+    """Stop with one line naming the extra if one of `modules` is not installed (found, not
+    imported: TensorFlow takes seconds to import)."""
+    import importlib.util
+
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise SoundSentryError(_needs(what, extra, module))
 
 
 def _require(module: str, extra: str, what: str) -> None:
