@@ -50,8 +50,10 @@ TRAIN_IDS = range(10)
 NORMAL_TEST_IDS = range(10, 20)
 FAULT_TEST_IDS = range(20)
 BACKGROUND = Path("dcase2020_ids") / "pump_id04" / "normal"
-CORPUS_KEY = "fan_id00"
-"""How the bundled corpus names the fan under test: kept out of the CNN's "other machines"."""
+CORPUS_KEYS = ["fan_id00", "pump_id04"]
+"""How the bundled corpus names the fan under test and the pump heard beside it (its first normal
+clip, BACKGROUND's, is in the corpus): both kept out of the CNN's "other machines", or it would
+have learnt to tell the fan from this very interference."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,9 @@ def markdown(res: dict) -> str:
         "Another machine: the first normal clip of DCASE 2020 pump id_04, at the stated level",
         "relative to each clip's RMS; white noise seeded; a speed change resamples the clip. The",
         "fan's own recordings of normal running are the only normal audio here: no other day of",
-        "it exists in ../shared/data, so these changes stand in for one.",
+        "it exists in ../shared/data, so these changes stand in for one. The kinds that train",
+        "against the bundled corpus of other machines (embedding, ensemble) have the fan and",
+        "pump id_04 kept out of it: that very pump clip is in the corpus.",
         "",
         "| change | stands for | " + " | ".join(kinds) + " |",
         "|---|---|" + "---|" * len(kinds),
@@ -178,7 +182,7 @@ def main() -> None:
     for kind in args.kinds:
         module, name = TRAINERS[kind]
         trainer = getattr(importlib.import_module(module), name)
-        exclude = {"exclude": [CORPUS_KEY]} if kind in CORPUS_KINDS else {}
+        exclude = {"exclude": CORPUS_KEYS} if kind in CORPUS_KINDS else {}
         bundle = Path(trainer(train, work / f"{kind}.bundle", **exclude))
         for row, shift in zip(rows, SHIFTS, strict=True):
             row[kind] = {
