@@ -362,3 +362,17 @@ def test_class_folders_name_what_is_left_out_and_every_bad_file(
     assert (
         "2 of" in str(bad.value) and "corrupt.wav" in str(bad.value) and "8k.wav" in str(bad.value)
     )
+
+
+def test_specaugment_masks_a_classifiers_copies_and_leaves_its_originals() -> None:
+    """`train --classes --augment specaugment` made copies identical to the originals: only the
+    autoencoder applied the masks."""
+    from train.augment import Augmenter
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(-40, 5, (6, 30, 64)).astype(np.float32)
+    y = np.arange(6) % 2
+    xs, ys = Augmenter(("specaugment",), 1).labelled_copies(x, y, np.random.default_rng(1))
+    assert xs.shape == (12, 30, 64) and list(ys) == [*y, *y]
+    np.testing.assert_array_equal(xs[:6], x)  # the originals as they were
+    assert all(not np.array_equal(xs[6 + i], x[i]) for i in range(6))  # every copy masked

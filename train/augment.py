@@ -59,6 +59,15 @@ class Augmenter:
             ys.append(ya)
         return np.concatenate(xs).astype(np.float32), None if y is None else np.concatenate(ys)
 
+    def labelled_copies(
+        self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """For a classifier: the originals followed by augmented copies with their labels, the
+        copies (not the originals) masked by SpecAugment when it is asked for."""
+        xs, ys = self.expand(x, y, rng)
+        xs[len(x) :] = self.mask(xs[len(x) :], rng)
+        return xs, ys  # type: ignore[return-value]
+
     def mask(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """SpecAugment masks (applied to the input only), set to each window's mean level."""
         if "specaugment" not in self.options:

@@ -74,10 +74,7 @@ def train_classifier(
     xt, yt, xv, yv, holdouts = split_windows(classes, params, channel)
     seconds = len(xt) * params.hop_seconds / TRAIN_HOP_DIVISOR  # the audio's, not its copies'
     if augment is not None:
-        rng = np.random.default_rng(seed)
-        originals = len(xt)
-        xt, yt = augment.expand(xt, yt, rng)
-        xt[originals:] = augment.mask(xt[originals:], rng)  # SpecAugment on the copies
+        xt, yt = augment.labelled_copies(xt, yt, np.random.default_rng(seed))
     mean = xt.mean(axis=(0, 1))
     std = np.maximum(xt.std(axis=(0, 1)), STD_FLOOR_DB)
     x = ((xt - mean) / std)[..., None].astype(np.float32)
