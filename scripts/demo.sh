@@ -11,8 +11,8 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "SoundSentry needs Python 3.11 or newer (found: $("$PYTHON" --version))" >&2
   exit 1
 fi
-# shellcheck source=scripts/venv.sh
-source scripts/venv.sh
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
 make_venv "$PYTHON" "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e .

@@ -124,7 +124,7 @@ def test_shell_scripts_pass_shellcheck() -> None:
 
 
 def _make_venv(venv: Path) -> subprocess.CompletedProcess[str]:
-    script = f'set -euo pipefail; source scripts/venv.sh; make_venv "{sys.executable}" "{venv}"'
+    script = f'set -euo pipefail; source scripts/setup.sh; make_venv "{sys.executable}" "{venv}"'
     return subprocess.run(
         ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
@@ -133,7 +133,7 @@ def _make_venv(venv: Path) -> subprocess.CompletedProcess[str]:
 def test_a_virtualenv_left_without_pip_gets_pip_and_keeps_its_files(tmp_path: Path) -> None:
     """Debian's python3 without python3-venv creates bin/python and then fails on pip; the
     scripts skipped an existing bin/python, so every later run failed until the user deleted
-    the folder. make_venv (scripts/venv.sh) gives such a virtualenv pip, keeping what is in it."""
+    the folder. make_venv (scripts/setup.sh) gives such a virtualenv pip, keeping what is in it."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (venv / "kept.txt").write_text("mine\n")
