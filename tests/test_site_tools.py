@@ -41,6 +41,22 @@ def play(sink: str, path: Path) -> subprocess.Popen[bytes]:
     return player
 
 
+def record_with(script: str, pulse: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`soundsentry record ARGS --device pulse` run by `script` (which changes one thing about
+    the process first, then calls the CLI), while the demo clip plays into the sink."""
+    import sys
+
+    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", script, "record", *args, "--device", "pulse"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            env={**os.environ, "PULSE_SOURCE": pulse},
+        )  # fmt: skip
+    finally:
+        player.kill()
+
+
 def test_record_writes_chunked_wavs_of_the_machine(pulse: str, tmp_path: Path) -> None:
     player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
     try:
@@ -106,19 +122,10 @@ def test_a_full_disk_ends_the_recording_in_one_line(pulse: str, tmp_path: Path) 
     """The SD card fills during a chunk (no file may grow past 1.5 s of audio here): one line
     naming the file, what was kept and the free space, not a LibsndfileError traceback; the
     broken chunk is removed."""
-    import sys
-
     out = tmp_path / "rec"
-    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", FULL_DISK, "record", "--seconds", "6", "--chunk-seconds",
-             "2", "--out", str(out), "--device", "pulse"],
-            capture_output=True, text=True, timeout=60, cwd=ROOT,
-            env={**os.environ, "PULSE_SOURCE": pulse},
-        )  # fmt: skip
-    finally:
-        player.kill()
+    proc = record_with(
+        FULL_DISK, pulse, "--seconds", "6", "--chunk-seconds", "2", "--out", str(out)
+    )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -148,18 +155,7 @@ def test_a_microphone_that_captures_stereo_only_is_opened_in_stereo(
     could not be told otherwise. It is opened with the channels it offers, and `channel` (0
     unless set) picked from them. The real PulseAudio device is used; only its answer to a
     one-channel request is that of the stereo-only microphone."""
-    import sys
-
-    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", STEREO_ONLY, "record", "--seconds", "2", "--out",
-             str(tmp_path / "rec"), "--device", "pulse"],
-            capture_output=True, text=True, timeout=60, cwd=ROOT,
-            env={**os.environ, "PULSE_SOURCE": pulse},
-        )  # fmt: skip
-    finally:
-        player.kill()
+    proc = record_with(STEREO_ONLY, pulse, "--seconds", "2", "--out", str(tmp_path / "rec"))
     assert proc.returncode == 0, proc.stderr
     assert "does not capture 1 channel(s); opening its" in proc.stderr, proc.stderr
     (wav,) = (tmp_path / "rec").glob("*.wav")
