@@ -427,14 +427,10 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _retired(path: Path, pid: int) -> Path:
-    return path.with_name(f".{path.name}.old-{pid}")
-
-
 def _rename_twice(staging: Path, path: Path) -> None:
     """`path` aside, `staging` in its place, the earlier bundle back in `staging`'s; the first
     rename undone if the second fails."""
-    retired = _retired(path, os.getpid())
+    retired = path.with_name(f".{path.name}.old-{os.getpid()}")  # _repair_swap's name for it
     os.rename(path, retired)
     try:
         os.rename(staging, path)
