@@ -238,3 +238,16 @@ def test_the_train_command_takes_the_members(tmp_path: Path) -> None:
                    str(tmp_path / "x.bundle"), check=False)  # fmt: skip
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
         assert ("--members names" in proc.stderr) or ("--epochs trains a network" in proc.stderr)
+
+
+def test_an_ensemble_warns_of_a_copied_recording_once(tmp_path: Path) -> None:
+    """Each member searched the folder and dropped the copy again: the same warning three
+    times (and the folder read once per member)."""
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for f in NORMAL_FILES:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "z-copy.flac").write_bytes(NORMAL_FILES[0].read_bytes())
+    proc = cli("train", "--detector", "ensemble", "--normal", str(folder),
+               "--out", str(tmp_path / "e.bundle"))  # fmt: skip
+    assert proc.stderr.count("z-copy.flac is a copy of") == 1, proc.stderr

@@ -85,6 +85,8 @@ def train_ensemble(
             f"them numpy and at most one a network ({', '.join(NETWORK_MEMBERS)}); got "
             f"{list(members)}"
         )
+    # searched, checked and rid of copies once, so that each member does not warn of them again
+    normal = list(training_audio(normal, params.samplerate))
     runs: list[Run] = []
     held: list[np.ndarray] = []
     arrays: dict[str, np.ndarray] = {}
