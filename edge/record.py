@@ -5,7 +5,6 @@ ends saying whether the level was good, too quiet or too loud and whether audio 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
@@ -132,12 +131,9 @@ def record(
 
 def _discard(writer: sf.SoundFile | None) -> None:
     """Close an unfinished chunk and delete it (refused input, or a write that failed)."""
-    if writer is None:
-        return None
-    with contextlib.suppress(sf.LibsndfileError, OSError):
-        writer.close()
-    Path(writer.name).unlink(missing_ok=True)
-    return None
+    if writer is not None:
+        _closed(writer)
+        Path(writer.name).unlink(missing_ok=True)
 
 
 def _closed(writer: sf.SoundFile) -> bool:
