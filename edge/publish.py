@@ -11,7 +11,9 @@ state and health, Home Assistant discovery, and the command topic.
   event).
 - MQTT 5, so that a broker that refuses a publish (its ACL) says so in the PUBACK: the
   message stays in the spool and the refusal is logged, once per topic and then at most every
-  REFUSED_LOG_INTERVAL_S; a refused command subscription is logged too.
+  REFUSED_LOG_INTERVAL_S; the refused messages are offered again every REFUSED_RETRY_S, so
+  an ACL mended on the broker delivers them without a restart of the daemon; a refused
+  command subscription is logged too.
 - Reconnection uses paho's capped exponential backoff and never gives up.
 - The thread that sends the spool survives its failures (a full disk, an SD card's I/O error):
   it logs each new kind once (then at most every SENDER_LOG_INTERVAL_S), retries with backoff,
@@ -62,6 +64,9 @@ EVENTS_NUMBERED = 16
 REFUSED_LOG_INTERVAL_S = 600.0
 """Publishes the broker refuses on one topic are logged at once, then at most this often (with
 how many were refused meanwhile), not once per message."""
+REFUSED_RETRY_S = 300.0
+"""Spooled messages the broker refused are published again this long after their refusal (in
+their order), until it accepts them or the spool drops them as the oldest when full."""
 SENDER_RETRY_MIN_S = 1.0
 SENDER_RETRY_MAX_S = 30.0
 """A spool sender pass that failed is retried after SENDER_RETRY_MIN_S, doubling up to this: a
@@ -69,6 +74,10 @@ full disk fails every pass for as long as it lasts."""
 SENDER_LOG_INTERVAL_S = 60.0
 """The same failure of the spool sender is logged at once, then at most this often (with how
 many passes failed meanwhile), not once per pass."""
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 class _Throttle:
@@ -142,6 +151,11 @@ class MqttPublisher:
         self._spool_failed = False
         self._handed = 0
         self._acked_rows: list[int] = []  # spool rows the broker accepted, not yet deleted
+        self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
+        self._offer_refused_at = 0.0  # monotonic time of the next offer, 0: none due
+        self._offered: set[int] = set()  # refused rows offered again, their PUBACK awaited
+        self._accepted_offered = 0  # of those, accepted this offer
+        self.refused_retry_s = REFUSED_RETRY_S
         self._send_failures = _Throttle(SENDER_LOG_INTERVAL_S)  # by kind of failure
         self._last_refusal = ""
         self._last_unreachable = ""
@@ -349,6 +363,25 @@ class MqttPublisher:
             self._inflight[info.mid] = row.id  # its ack is read on this thread, after this
         if self.spool.after(self._handed, 1):
             self._wake.set()
+        elif self._offer_refused_at and time.monotonic() >= self._offer_refused_at:
+            self._offer_refused()
+
+    def _offer_refused(self) -> None:
+        """Publish the refused rows still in the spool again, oldest first (the broker's ACL
+        may have been mended); those refused again wait for the next offer."""
+        rows, self._refused_rows, self._offer_refused_at = self._refused_rows, [], 0.0
+        for rid in sorted(rows):
+            if not self.connected:  # the rest wait for the next offer
+                self._refused_rows.extend(r for r in rows if r >= rid)
+                self._offer_refused_at = time.monotonic() + self.refused_retry_s
+                return
+            found = self.spool.after(rid - 1, 1)
+            if not found or found[0].id != rid:  # dropped by a full spool meanwhile
+                continue
+            row = found[0]
+            info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            self._inflight[info.mid] = row.id
+            self._offered.add(row.id)
 
     def _resolve_acks(self) -> None:
         while True:
@@ -358,10 +391,24 @@ class MqttPublisher:
                 break
             topic = self._topic_of.pop(mid, None)
             row = self._inflight.pop(mid, None)
-            if reason.is_failure:  # kept in the spool: sent again at the next start
+            offered = row is not None and row in self._offered
+            if offered:
+                self._offered.discard(row)
+            if reason.is_failure:  # kept in the spool and offered again later
+                if row is not None:
+                    self._refused_rows.append(row)
+                    if not self._offer_refused_at:
+                        self._offer_refused_at = time.monotonic() + self.refused_retry_s
                 self._log_refusal(topic or "a topic", reason, spooled=row is not None)
             elif row is not None:  # others are acks of state and metrics, never spooled
                 self._acked_rows.append(row)
+                self._accepted_offered += offered
+            if offered and not self._offered and self._accepted_offered:
+                log.info(
+                    "MQTT: the broker accepted %d message(s) it had refused",
+                    self._accepted_offered,
+                )
+                self._accepted_offered = 0
         self._remove_acked()
 
     def _remove_acked(self) -> None:
@@ -384,7 +431,9 @@ class MqttPublisher:
             since,
             topic,
             reason,
-            ": kept in the spool, sent again at the next start" if spooled else "",
+            f": kept in the spool, offered again every {_duration(self.refused_retry_s)}"
+            if spooled
+            else "",
             REFUSED_LOG_INTERVAL_S / 60,
         )
 

@@ -135,8 +135,10 @@ class Broker:
             self.proc.wait(10)
 
 
-def broker_with_example_acl(tmp_path: Path, passwords: dict[str, str]) -> Broker:
-    """A started mosquitto with these users and passwords and deploy/mosquitto/acl."""
+def broker_with_example_acl(
+    tmp_path: Path, passwords: dict[str, str], acl: Path = ROOT / "deploy" / "mosquitto" / "acl"
+) -> Broker:
+    """A started mosquitto with these users and passwords and `acl` (the example's)."""
     passwd = tmp_path / "passwd"
     for n, (user, password) in enumerate(passwords.items()):
         subprocess.run(
@@ -147,7 +149,7 @@ def broker_with_example_acl(tmp_path: Path, passwords: dict[str, str]) -> Broker
     broker = Broker(tmp_path, free_port())
     broker.conf.write_text(
         f"listener {broker.port} 127.0.0.1\nuser root\nallow_anonymous false\n"
-        f"password_file {passwd}\nacl_file {ROOT / 'deploy' / 'mosquitto' / 'acl'}\n"
+        f"password_file {passwd}\nacl_file {acl}\n"
     )
     broker.start()
     return broker

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,56 @@ def test_publishes_the_acl_refuses_stay_in_the_spool_and_are_logged_once_per_top
         publisher.close(timeout_s=1)
         spool.close()
         consumer.close()
+
+
+def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused events used to wait in the spool for the daemon's next start: a user who mended
+    the broker's ACL after reading the error still had to restart the daemon to get them."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    acl = tmp_path / "acl"
+    shutil.copy(ACL, acl)
+    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
+    wrong = Topics("soundsentry", "pump-4")  # user pump-3 may write only soundsentry/pump-3/#
+    consumer = Subscriber(broker.port, "soundsentry/#", login=("consumer", "pw"))
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, wrong, spool, user="pump-3")
+    publisher.refused_retry_s = 1.0
+    try:
+        for n in range(3):
+            publisher.publish_event(_event("start", f"e{n}", "pump-4"))
+        wait_for(lambda: publisher._handed == 3 and _all_acked(publisher), 10, "3 PUBACKs")
+        assert spool.depth() == 3 and not consumer.on("pump-4/events")
+
+        # offered again while the ACL still refuses: still kept, logged no more than once
+        offers = []
+        offer = publisher._offer_refused
+        publisher._offer_refused = lambda: (offers.append(1), offer())
+        wait_for(lambda: len(offers) >= 2, 10, "a second offer, after a second refusal")
+        assert spool.depth() == 3 and not consumer.on("pump-4/events")
+        refusals = [
+            r.getMessage()
+            for r in caplog.records
+            if "on soundsentry/pump-4/events" in r.getMessage()
+        ]
+        assert len(refusals) == 1 and "offered again every 1 s" in refusals[0], refusals
+
+        with acl.open("a") as f:  # the mend: pump-3 may write pump-4's topics too
+            f.write("\npattern write soundsentry/pump-4/#\n")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL file
+        wait_for(lambda: spool.depth() == 0, 15, "the refused events to be accepted")
+        got = consumer.wait_for(lambda _: len(consumer.on("pump-4/events")) == 3, 10)
+        assert got, consumer.on("pump-4/events")
+        ids = [m.json()["event_id"] for m in consumer.on("pump-4/events")]
+        assert ids == ["e0", "e1", "e2"]  # in their order
+        assert any("accepted 3 message(s) it had refused" in r.getMessage() for r in caplog.records)
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        consumer.close()
+        broker.stop()
 
 
 DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
