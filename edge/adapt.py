@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from edge.bundle import Bundle, load_bundle
-from edge.errors import SoundSentryError
+from edge.clips import CLIP_ID_CHARS
+from edge.errors import BundleError, SoundSentryError
 from edge.history import ModelHistory, now_iso, read_json, write_json
 from edge.learning import (
     FeatureStore,
@@ -53,13 +54,31 @@ without bound on a device that runs for years."""
 SAFE_EVENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def _clip_named(full: str, short: str) -> bool:
+    """`short` is `full` as an evidence clip's name gives it (`last` after a restart)."""
+    return len(short) == CLIP_ID_CHARS < len(full) and full.startswith(short)
+
+
+def feature_dim(bundle: Bundle) -> int:
+    """Numbers per window a period keeps for `bundle` (LearningError: its kind cannot learn)."""
+    return len(featurizer(bundle)(np.zeros((1, *bundle.features.shape)))[0])
+
+
+class UnwrittenError(LearningError):
+    """A refit whose version could not be written (a full or failing disk): its data stand."""
+
+
 class Period:
     """A commissioning period: its length, how much audio it has collected, and the features."""
 
-    def __init__(self, target_s: float, hop_s: float, store: FeatureStore, collected_s: float = 0):
+    def __init__(
+        self, target_s: float, hop_s: float, store: FeatureStore, of: str, collected_s: float = 0
+    ) -> None:
         self.target_s = target_s
         self.hop_s = hop_s
         self.store = store
+        self.of = of
+        """The configured model it was begun for: its features fit that model alone."""
         self.collected_s = collected_s
         self.started_at = now_iso()
         self.saved_s = collected_s
@@ -163,11 +182,10 @@ class Adapter:
 
     def start(self, seconds: float, bundle: Bundle) -> None:
         """Begin a period of `seconds` of audio (a running one is replaced)."""
-        featurize = featurizer(bundle)
+        dim = feature_dim(bundle)
         self.cancel()
-        dim = len(featurize(np.zeros((1, *bundle.features.shape)))[0])
         store = FeatureStore(dim, self.settings.max_windows)
-        self.period = Period(seconds, bundle.features.hop_seconds, store)
+        self.period = Period(seconds, bundle.features.hop_seconds, store, self.configured.model_id)
         self.save_period()
         log.info("learning: started, %g s of audio", seconds)
 
@@ -181,6 +199,28 @@ class Adapter:
             self.save_period()
         return p.done
 
+    def model_changed(self, bundle: Bundle) -> None:
+        """Another model is now in use (reload_model, calibrate): a running period's features
+        belong to the model it was begun with, so it is dropped, and said."""
+        if self.cancel():
+            log.warning(
+                "learning: the period was cancelled: %s is now in use (a period's features "
+                "belong to the model it began with; `learn start` begins one for this model)",
+                bundle.model_id,
+            )
+
+    def decline(self) -> None:
+        """The user cancelled the period: an automatic one ([learning] seconds) is not begun
+        again at every start for this model; the `learn` command still begins one."""
+        m = self.configured.model_id
+        if m in self.history.learned or m in self.history.failed:
+            return
+        self.history.failed.add(m)
+        try:
+            self.history.save()
+        except OSError as exc:
+            log.error("learning: could not record the cancel: %s", exc)
+
     def cancel(self) -> bool:
         """Drop the period and its features; True if one was running."""
         had = self.period is not None
@@ -190,30 +230,42 @@ class Adapter:
         return had
 
     def finish(self, in_use: Bundle) -> Bundle:
-        """End the period (early for `stop`) and refit with its features; the period is gone
-        afterwards whether the refit succeeds or not (its features stay on disk until the next
-        version is recorded)."""
+        """End the period (early for `stop`) and refit with its features. A refit the data
+        refuses ends the period for good (its features are dropped); one that could not be
+        written (a full or failing disk) keeps the saved period, finished at the next start,
+        and a power cut before the new version is recorded loses nothing either."""
         p = self.period
         if p is None:
             raise LearningError("no learning period is running")
         self.period = None
         name = f"site-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.npz"
-        private_dir(self.folder)
-        p.store.save(self.folder / name)
-        self.cancel()
         log.info("learning: ended after %.0f s of audio (%d windows)", p.collected_s, len(p.store))
         current = self.history.current
         marked = list(current.get("marked", [])) if current else []
         try:
-            return self._refit("learning", in_use, name, marked)
-        except (SoundSentryError, OSError):
+            private_dir(self.folder)
+            p.store.save(self.folder / name)
+            bundle = self._refit("learning", in_use, name, marked)
+        except (UnwrittenError, OSError) as exc:
+            (self.folder / name).unlink(missing_ok=True)
+            self.period = p
+            self.save_period()  # all it heard, so the next start finishes it
+            self.period = None
+            said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise UnwrittenError(
+                f"{said}; the period's audio is kept and refitted at the next start"
+            ) from None
+        except SoundSentryError:
             (self.folder / name).unlink(missing_ok=True)  # no version uses it: one per failure
+            self.cancel()
             self.history.failed.add(self.configured.model_id)
             try:
                 self.history.save()
             except OSError as exc:
                 log.error("learning: could not record the failed refit: %s", exc)
             raise
+        self.cancel()
+        return bundle
 
     # --- marks -----------------------------------------------------------------------------
 
@@ -221,12 +273,18 @@ class Adapter:
         """Add an event's windows to the site's normal set and refit."""
         if not SAFE_EVENT.match(event_id):
             raise LearningError(f"not an event id: {event_id!r}")
+        current = self.history.current
+        for m in current.get("marked", []) if current else []:
+            if m == event_id or _clip_named(m, event_id) or _clip_named(event_id, m):
+                raise LearningError(
+                    f"event {m} is already marked normal (version {current['version']}); "
+                    "nothing changed"
+                )
         store = FeatureStore(rows.shape[1], max(len(rows), 1))
         store.add(rows, 0)
         path = private_dir(self.folder / "marked") / f"{event_id}.npz"
         new = not path.exists()
         store.save(path)
-        current = self.history.current
         site = current.get("site") if current else None
         marked = [*dict.fromkeys([*(current.get("marked", []) if current else []), event_id])]
         if len(marked) > MAX_MARKS:
@@ -286,13 +344,17 @@ class Adapter:
             "created_at": now_iso(),
             "files": [],
         }
-        path = self.history.write_version(base, manifest, {**base.arrays, **refit.arrays})
+        try:
+            path = self.history.write_version(base, manifest, {**base.arrays, **refit.arrays})
+        except BundleError as exc:
+            raise UnwrittenError(str(exc)) from None
         try:
             bundle = load_bundle(path)
         except SoundSentryError as exc:
             shutil.rmtree(path, ignore_errors=True)
             raise LearningError(f"the refitted bundle was refused: {exc}") from None
         if bundle.features != in_use.features:
+            shutil.rmtree(path, ignore_errors=True)
             raise LearningError("the refitted bundle's features differ from the running model's")
         summary = refit_summary(in_use.threshold, manifest)
         self._record(
@@ -322,7 +384,7 @@ class Adapter:
             self.history.record(bundle, *args, **detail)
         except OSError as exc:
             shutil.rmtree(bundle.path, ignore_errors=True)
-            raise LearningError(f"could not write the model history: {exc}") from None
+            raise UnwrittenError(f"could not write the model history: {exc}") from None
         self._tidy()
 
     def _tidy(self) -> None:
@@ -350,25 +412,38 @@ class Adapter:
             p.store.save(self.folder / f"{PERIOD}.npz")
             write_json(
                 self.folder / f"{PERIOD}.json",
-                {"seconds": p.target_s, "collected_s": p.collected_s, "started_at": p.started_at},
+                {
+                    "seconds": p.target_s,
+                    "collected_s": p.collected_s,
+                    "started_at": p.started_at,
+                    "of": p.of,
+                },
             )
             p.saved_s = p.collected_s
         except OSError as exc:
             log.error("learning: could not save the period: %s", exc)
 
     def _resume(self) -> None:
-        """A period saved before a restart continues where it was saved."""
+        """A period saved before a restart continues where it was saved, if it was begun for
+        the model configured now (its features fit that model alone)."""
         data = read_json(self.folder / f"{PERIOD}.json")
         if not data:
             return
+        model = self.configured.model_id
         try:
+            of = str(data.get("of", model))
+            if of != model:
+                raise LearningError(f"it was begun for {of}, and {model} is configured now")
             store = FeatureStore.load(self.folder / f"{PERIOD}.npz", self.settings.max_windows)
+            dim = feature_dim(self.configured)
+            if store.dim != dim:
+                raise LearningError(f"its windows have {store.dim} features, {model}'s {dim}")
             seconds, collected = float(data["seconds"]), float(data["collected_s"])
         except (LearningError, KeyError, TypeError, ValueError) as exc:
-            log.error("learning: the saved period is unusable, dropped: %s", exc)
+            log.warning("learning: the saved period is dropped: %s", exc)
             self.cancel()
             return
         hop = self.configured.features.hop_seconds
-        self.period = Period(seconds, hop, store, collected)
+        self.period = Period(seconds, hop, store, model, collected)
         self.period.started_at = str(data.get("started_at", now_iso()))
         log.info("learning: resumed at %.0f of %g s", collected, seconds)

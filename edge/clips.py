@@ -22,6 +22,8 @@ import soundfile as sf
 from edge.private import atomic_write, private_dir, remove_stale_temps
 
 log = logging.getLogger(__name__)
+CLIP_ID_CHARS = 12
+"""A clip's name carries this many characters of its event's id."""
 
 CLIP_SUBTYPE = "PCM_16"
 RETENTION_EVERY_S = 3600.0
@@ -115,7 +117,7 @@ class ClipRecorder:
             return None
         audio = np.concatenate(rec.parts) if rec.parts else np.zeros(0, np.float32)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(rec.started_at))
-        name = f"{stamp}-{_safe(event_id)[:12]}.wav"
+        name = f"{stamp}-{_safe(event_id)[:CLIP_ID_CHARS]}.wav"
         try:
             private_dir(self.folder)
             self._write(self.folder / name, np.clip(audio, -1, 1))

@@ -237,6 +237,11 @@ class Controller:
             log.info("reload: the model is unchanged: keeping version %d", version)
             return
         try:
+            if new.model != old.model and new.model is not None:  # another configured model
+                bundle = self._load(new.model)
+                d.reconfigure(bundle)
+                log.info("reload: loaded %s, the configured model now", bundle.model_id)
+                return
             detail = self._reload_model(new.model)
             log.info("reload: %s", detail)
         except CommandError as exc:

@@ -23,7 +23,7 @@ import numpy as np
 from edge.adapt import Adapter
 from edge.audio_io import read_audio
 from edge.bundle import Bundle
-from edge.clips import ClipRecorder
+from edge.clips import CLIP_ID_CHARS, ClipRecorder
 from edge.commands import LAST, threshold_bounds
 from edge.errors import SoundSentryError
 from edge.events import Transition
@@ -242,6 +242,7 @@ class Detector:
         self.close_event("model_changed")
         self._load(bundle, self.settings, threshold=None)
         if self.adapter is not None and reason is not None:
+            self.adapter.model_changed(bundle)
             try:
                 self.adapter.switched(bundle, reason)
             except OSError as exc:  # the switch stands; only its record is missing
@@ -333,10 +334,24 @@ class Detector:
         return self._finish_learning(raise_errors=True)
 
     def cancel_learning(self) -> None:
-        """Drop the period and what it collected; the model stays."""
-        if not self._adapter().cancel():
+        """Drop the period and what it collected; the model stays, and [learning] seconds
+        does not begin the period again at the next start."""
+        adapter = self._adapter()
+        if not adapter.cancel():
             raise LearningError("no learning period is running")
+        adapter.decline()
         log.info("learning: cancelled")
+        self.emit_state()
+
+    def reconfigure(self, bundle: Bundle) -> None:
+        """A new configured model (SIGHUP with another [model]): its learning starts afresh,
+        as after a restart with it; the versions of the old one stay in the history."""
+        if self.adapter is not None:  # a running period is dropped: it was the old model's
+            self.adapter = Adapter(
+                self.settings.data_dir, self.settings.learning, bundle, self.settings.model
+            )
+        self.use_bundle(bundle)
+        self._auto_learn()
         self.emit_state()
 
     def mark_normal(self, event_id: str) -> dict[str, Any]:
@@ -416,7 +431,7 @@ class Detector:
         clip = None
         if folder is not None:
             named = folder / kept["clip"] if kept.get("clip") else None
-            found = sorted(folder.glob(f"*-{eid[:12]}.wav"))
+            found = sorted(folder.glob(f"*-{eid[:CLIP_ID_CHARS]}.wav"))
             clip = named if named and named.is_file() else (found[-1] if found else None)
         if clip is not None:
             audio = read_audio(clip, self.bundle.features.samplerate)
@@ -609,6 +624,7 @@ class Detector:
             self._keep(step, tap)
         tap.windows.clear()
         self.metrics.block_processed(len(block) / self._rate, time.perf_counter() - t0)
+        self._last_block = time.monotonic()  # a slow block (a refit at a period's end) is no stall
         return steps
 
     def tick(self) -> None:

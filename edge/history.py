@@ -159,9 +159,14 @@ class ModelHistory:
         return current.get("from_version")
 
     def set_active(self, version: int | None) -> None:
-        """Make `version` the one in use (rollback) and save."""
-        self.active = version
-        self.save()
+        """Make `version` the one in use (rollback) and save; if it cannot be saved, the
+        history is as before."""
+        before, self.active = self.active, version
+        try:
+            self.save()
+        except OSError:
+            self.active = before
+            raise
 
     def save(self) -> None:
         """Write history.json atomically."""
@@ -192,8 +197,8 @@ class ModelHistory:
         while len(self.entries) > self.keep:
             old = next(e for e in self.entries if e["version"] != self.active)
             self.entries.remove(old)
-            if old.get("made"):
-                dropped.append(old)
+            if old.get("made") and all(e["path"] != old["path"] for e in self.entries):
+                dropped.append(old)  # not a folder a kept entry (a reload of it) still uses
         for e in self.entries:  # a pruned predecessor: roll back to the configured model
             if e.get("from_version") is not None and self.entry(e["from_version"]) is None:
                 e["from_version"] = None

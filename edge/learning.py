@@ -146,6 +146,11 @@ class FeatureStore:
         self._slot: int | None = None
         """Where the current run's next window goes; None: this run is not kept."""
 
+    @property
+    def dim(self) -> int:
+        """Numbers per window."""
+        return int(self._x.shape[1])
+
     def __len__(self) -> int:
         return self.n
 

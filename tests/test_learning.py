@@ -272,8 +272,17 @@ def test_a_refit_that_fails_keeps_the_running_model(tmp_path: Path) -> None:
     assert reply.ok and device.detector.current_state() == "learning"
     device.replay(*NORMAL_FILES)
     assert device.detector.bundle.model_id == "fan-demo-12483c73"
-    assert "could not write" in device.detector.status()["last_refit"]["error"]
+    error = device.detector.status()["last_refit"]["error"]
+    assert "could not write" in error and "kept and refitted at the next start" in error
     assert not list(device.data.glob("models*/**/*.bundle"))
+    # A disk error is not the data's fault: the period's audio was dropped with it (days of
+    # commissioning lost to a full SD card). It is kept, and the next start refits it.
+    assert (device.data / "learning" / "period.json").is_file()
+    (device.data / "models").unlink()
+    device.replay(NORMAL_FILES[0])
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    assert device.detector.status()["last_refit"]["reason"] == "learning"
+    assert not (device.data / "learning" / "period.json").exists()
 
 
 def test_while_learning_no_anomaly_event_is_raised_but_health_faults_still_are(
@@ -722,3 +731,110 @@ def test_a_history_that_cannot_be_saved_is_left_as_it_was(tmp_path: Path) -> Non
     shutil.rmtree(history.path)
     history.save()
     assert json.loads(history.path.read_text())["entries"] == before["entries"]
+
+
+def test_a_period_begun_for_another_model_is_not_resumed_by_it(tmp_path: Path) -> None:
+    """A period saved for one model was resumed by whatever model was configured next: an
+    autoencoder (which cannot learn) stayed `learning` for good and never raised an event
+    again; a model with other features crashed on every window, restart after restart."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=600).ok
+    device.replay(NORMAL_FILES[1])  # saved at the stop, for fan-demo
+    assert json.loads((device.data / "learning" / "period.json").read_text())["collected_s"] > 0
+    device.bundle = AE_BUNDLE  # the config now names another model
+    events = device.replay(ANOMALOUS_FILE)
+    assert not device.detector.learning and device.detector.current_state() != "learning"
+    assert len(starts(events)) == 1, "the new model raises events"
+    assert not (device.data / "learning" / "period.json").exists()
+
+
+def test_a_period_is_cancelled_when_another_model_is_loaded(tmp_path: Path) -> None:
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=600).ok
+    other = tmp_path / "models" / "other.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES[1:]), str(ANOMALOUS_FILE), "--out", str(other))
+    device.detector.settings = device.detector.settings.model_copy(
+        update={"models_dir": other.parent}
+    )
+    reply = device.command(command="reload_model", path=str(other))
+    assert reply.ok, reply.detail
+    assert not device.detector.learning, "its features were the old model's"
+    assert not (device.data / "learning" / "period.json").exists()
+
+
+def test_sighup_to_another_configured_model_starts_its_learning_afresh(tmp_path: Path) -> None:
+    """The adapter kept the first configured model: versions made after the switch were
+    filed under it (and thrown away at the next start), rollback went back to it."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)  # fan-demo learns: version 1
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    other = tmp_path / "other.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), str(DEMO_CLIP), "--out", str(other))
+    new = device.detector.settings.model_copy(update={"model": other})
+    Controller(device.detector, reload_settings=lambda: new).reload()
+    d = device.detector
+    assert d.bundle.path == other.resolve() or d.bundle.path == other
+    assert d.adapter.configured.path == d.bundle.path
+    assert d.learning, "[learning] seconds begins the new model's period, as a restart would"
+    reply = device.command(command="rollback")
+    assert not reply.ok and "configured model is in use" in reply.detail
+
+
+def test_an_event_marked_normal_twice_makes_one_version(tmp_path: Path) -> None:
+    """`last` after a restart names the event by its clip (12 characters of its id): the same
+    event was marked again, and every press of the button made another identical version
+    (ten presses pushed the learning version and the rollback chain out of the history)."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)
+    (event,) = starts(device.replay(ANOMALOUS_FILE))
+    assert device.command(command="mark_normal", event_id=event["event_id"]).ok
+    versions = device.detector.status()["version"]
+    for again in (event["event_id"], event["event_id"][:12]):
+        reply = device.command(command="mark_normal", event_id=again)
+        assert not reply.ok and "already marked normal" in reply.detail, reply.detail
+    assert device.detector.status()["version"] == versions
+
+
+def test_a_cancelled_automatic_period_is_not_begun_again_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    device = Device(tmp_path, seconds=3600)
+    device.replay(NORMAL_FILES[0])
+    assert device.detector.learning
+    assert device.command(command="learn", action="cancel").ok
+    events = device.replay(ANOMALOUS_FILE)
+    assert not device.detector.learning and len(starts(events)) == 1
+    assert device.command(command="learn", action="start", seconds=60).ok, "on request it can"
+
+
+def test_a_failed_rollback_keeps_the_version_in_use(tmp_path: Path) -> None:
+    from edge.history import ModelHistory
+
+    folder = tmp_path / "models"
+    history = ModelHistory(folder, keep=5, configured="fan-demo-12483c73")
+    for n in (1, 2):
+        v = shutil.copytree(DEMO_BUNDLE, folder / f"v{n}.bundle")
+        history.record(load_bundle(v), "mark_normal", DEMO_BUNDLE, True)
+    history.path.unlink()
+    history.path.mkdir()  # history.json cannot be replaced now (a full disk)
+    with pytest.raises(OSError):
+        history.set_active(history.rollback_target())
+    assert history.active == 2, "the model in use is still version 2"
+
+
+def test_pruning_keeps_a_folder_a_reload_of_it_still_uses(tmp_path: Path) -> None:
+    """`reload_model` of an older version's folder made an entry with the same path; pruning
+    the old entry deleted the folder of the bundle just made active."""
+    from edge.history import ModelHistory
+
+    folder = tmp_path / "models"
+    history = ModelHistory(folder, keep=2, configured="fan-demo-12483c73")
+    v1 = shutil.copytree(DEMO_BUNDLE, folder / "v1.bundle")
+    history.record(load_bundle(v1), "learning", DEMO_BUNDLE, True)
+    v2 = shutil.copytree(DEMO_BUNDLE, folder / "v2.bundle")
+    history.record(load_bundle(v2), "mark_normal", DEMO_BUNDLE, True)
+    history.record(load_bundle(v1), "reload", v1, False)  # v1 again, loaded by reload_model
+    assert [e["version"] for e in history.entries] == [2, 3]
+    assert v1.is_dir() and load_bundle(history.current["path"]).path == v1
