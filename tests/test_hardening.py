@@ -507,3 +507,49 @@ def test_a_service_that_cannot_start_says_why_and_waits_before_systemd_restarts_
     finally:
         proc.kill()
         sock.close()
+
+
+def test_a_slow_block_is_not_taken_for_a_stalled_microphone(tmp_path: Path) -> None:
+    """The stall clock started when a block arrived: a block whose processing took longer
+    than stall_seconds (the refit at a learning period's end, on a Pi) raised a false
+    `fault:stalled`, split the open anomaly with `audio_gap` and reset the windowing."""
+    import time
+
+    from conftest import DEMO_CLIP
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    rate = 16000
+    audio = read_audio(DEMO_CLIP, rate)
+    slept: list[float] = []
+
+    def slow_once(step: object) -> None:  # slow work inside feed()
+        if not slept:
+            slept.append(time.monotonic())
+            time.sleep(0.8)
+
+    settings = Settings(
+        device_id="u",
+        model=DEMO_BUNDLE,
+        data_dir=tmp_path,
+        clips={"enabled": False},
+        health={"stall_seconds": 0.5},
+    )
+    reports = Recorder()
+    d = Detector(settings, load_bundle(DEMO_BUNDLE), [reports], on_step=slow_once)
+
+    class Microphone:  # its blocks were queued meanwhile, as the capture queue holds them
+        paced, latency_s = True, 10.0
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i in range(0, len(audio), rate // 10):
+                yield audio[i : i + rate // 10]
+
+    d.run(Microphone())
+    assert slept, "a window was scored"
+    assert [h.change for h in reports.healths if h.change] == [], "no stall"
+    assert "audio_gap" not in [e.ended_by for e in reports.events]
