@@ -606,7 +606,7 @@ class Detector:
             first = not self._heard
             self._last_window = now
             self._last_score = step.score
-            if step.machine == RUNNING and self.live:
+            if step.machine == RUNNING and self.live and not step.dead:
                 self._running_s += self.bundle.features.hop_seconds
             machine = step.state_name or step.machine  # a named state when trained with them
             if machine != self._machine:

@@ -101,12 +101,15 @@ class MachineState:
     _streak: int = 0
     _settled_at: float = float("-inf")
     _named_off: bool = False
+    _near_off: bool = False
+    """The last window lay within HYSTERESIS_DB of the off level: a machine coasting down."""
 
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
         if self.off_below_dbfs is None:
             self.running_seconds += hop_s
             return self.state
+        self._near_off = level_dbfs < self.off_below_dbfs + HYSTERESIS_DB
         if self.state == RUNNING:
             changing = level_dbfs < self.off_below_dbfs
         else:
@@ -140,12 +143,20 @@ class MachineState:
         self._settled_at = max(self._settled_at, end_s + SETTLE_SECONDS)
 
     def allows_events(self, end_s: float) -> bool:
-        """True when a window may count as evidence: running, settled, not about to stop."""
-        return self.state == RUNNING and end_s >= self._settled_at and self._streak == 0
+        """True when a window may count as evidence: running, settled, not about to stop (nor
+        coasting down: a window near the off level is far quieter than any running one, and a
+        model of levels scores such a window high at every stop)."""
+        return (
+            self.state == RUNNING
+            and end_s >= self._settled_at
+            and self._streak == 0
+            and not self._near_off
+        )
 
     def reset(self) -> None:
         """A new stream: forget the streak and settle time (the running total stays)."""
         self.state, self._streak, self._settled_at = RUNNING, 0, float("-inf")
+        self._near_off = False
 
 
 @dataclass

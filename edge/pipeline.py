@@ -76,6 +76,7 @@ class Pipeline:
             off = info.off_below_dbfs
         self.machine = MachineState(off)
         self.namer = state_namer(bundle)
+        self._last_name: str | None = None
 
     @property
     def threshold(self) -> float:
@@ -93,10 +94,13 @@ class Pipeline:
             start_s = window.start / self._rate
             end_s = start_s + self._length_s
             dead = is_silent(window.samples) or is_flat(window.samples)
-            if dead:
-                self.machine.heard_nothing(end_s)
             level = level_dbfs(window.samples)
-            name = self._name(self.machine.update(level, end_s, self._hop_s), features)
+            if dead:  # a dead or unplugged microphone says nothing of the machine: no `off`
+                self.machine.heard_nothing(end_s)
+                name = self._last_name
+            else:
+                name = self._name(self.machine.update(level, end_s, self._hop_s), features)
+                self._last_name = name
             machine = self.machine.named(name, end_s)
             found: tuple[Transition, ...] = ()
             if machine != RUNNING:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import DEMO_CLIP, NORMAL_FILES, cli
+from conftest import DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES, cli
 from detector_helpers import Recorder
 
 from edge.audio_io import read_audio
@@ -166,8 +166,6 @@ def test_an_event_keeps_the_state_it_was_raised_in_and_replay_adds_no_running_ho
     last event Home Assistant shows) still says the machine was running, as the schema says,
     not `off`. Before the first window the state message claims no machine state at all. A
     replay (live off) leaves the device's running hours as they were."""
-    from conftest import DEMO_BUNDLE
-
     from edge.persist import DeviceState
 
     bundle = load_bundle(DEMO_BUNDLE)
@@ -212,3 +210,67 @@ def test_a_quiet_state_folder_is_running_not_off() -> None:
     assert pooled > idle_level  # the defect: idle would be off
     assert by_state["off_below_dbfs"] < idle_level
     assert by_state["off_below_dbfs"] == pytest.approx(idle_level - 10, abs=0.01)
+
+
+def _gentle_stop(ramp_s: float, rate: int = 16000) -> np.ndarray:
+    """The fixture fan for 10 s, its level falling by 12 dB over the last `ramp_s` of them, then
+    switched off: only a noise floor at -75 dBFS."""
+    base = np.concatenate([read_audio(f, rate) for f in NORMAL_FILES])
+    n, stop, r = len(base), len(base) // 2, int(ramp_s * rate)
+    gain = np.ones(n, np.float32)
+    gain[stop - r : stop] = 10 ** (np.linspace(0, -12, r) / 20)
+    gain[stop:] = 0
+    floor = np.random.default_rng(1).standard_normal(n) * 10 ** (-75 / 20)
+    return (base * gain + floor).astype(np.float32)
+
+
+def test_a_machine_coasting_down_raises_no_event_at_its_stop(tmp_path: Path) -> None:
+    """Windows just above the off level were still evidence: a model of levels (the
+    autoencoder) scored the last windows of a coast-down high and sent a start, then an end
+    `machine_off` a second later, at every stop of the machine."""
+    from conftest import AE_BUNDLE
+
+    from edge.health import level_dbfs
+    from edge.pipeline import Pipeline
+    from edge.settings import DetectorSettings
+
+    bundle = load_bundle(AE_BUNDLE)
+    base = np.concatenate([read_audio(f, 16000) for f in NORMAL_FILES])
+    levels = [level_dbfs(base[i : i + 16000]) for i in range(0, len(base) - 16000, 8000)]
+    off = float(np.percentile(levels, 1) - 10)  # as calibrate sets it
+    for ramp in (1.0, 5.0, 10.0):
+        pipeline = Pipeline(bundle, DetectorSettings(cooldown_seconds=0, off_below_dbfs=off))
+        audio = _gentle_stop(ramp)
+        steps = [s for i in range(0, len(audio), 1600) for s in pipeline.push(audio[i : i + 1600])]
+        assert steps[-1].machine == "off", "it did stop"
+        assert [t.kind for s in steps for t in s.transitions] == [], f"a {ramp:g}-s coast-down"
+
+
+def test_a_dead_microphone_is_an_audio_fault_not_the_machine_switched_off(tmp_path: Path) -> None:
+    """Digital silence fed its -120 dB to the machine's state: after two windows the machine
+    was `off`, the open event ended `machine_off` and running hours stopped, when the
+    microphone was what had gone."""
+    rate = 16000
+    clip = read_audio(DEMO_CLIP, rate)
+    fault = clip[int(5.5 * rate) : int(10.5 * rate)]
+    audio = np.concatenate([fault, np.zeros(8 * rate, np.float32), fault])
+    settings = Settings(
+        device_id="u",
+        model=DEMO_BUNDLE,
+        data_dir=tmp_path,
+        clips={"enabled": False},
+        detector={"off_below_dbfs": -60.0, "cooldown_seconds": 0},
+    )
+    reports = Recorder()
+    d = Detector(settings, load_bundle(DEMO_BUNDLE), [reports])
+
+    class Source:
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i in range(0, len(audio), 1600):
+                yield audio[i : i + 1600]
+
+    d.run(Source())
+    ends = [e.ended_by for e in reports.events if e.type == "end"]
+    assert ends[0] == "audio_fault", ends
+    assert "off" not in [s.machine for s in reports.states]
+    assert "fault:silence" in [h.change for h in reports.healths]
