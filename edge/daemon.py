@@ -479,7 +479,9 @@ class Detector:
         if self.state is not None:
             left = self._mute_end - time.monotonic() if self._mute_end else 0.0
             m = self._mute
-            mute = SavedMute(m.started, m.seconds, m.seconds - left) if left > 0 else None
+            ran = m.seconds - left  # on the monotonic clock; the start is dated by the wall
+            # clock of now, which NTP may have set since the mute began (a Pi without an RTC)
+            mute = SavedMute(self.clock() - ran, m.seconds, ran) if left > 0 else None
             self.state.save(self.bundle.model_id, self._threshold, mute, self._running_s)
             self._running_saved = self._running_s
 

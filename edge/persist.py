@@ -70,6 +70,8 @@ class DeviceState:
         now = time.time() if now is None else now
         if self.mute is not None:
             left = self.mute.left(now)
+            if left <= 0:
+                return None
             return SavedMute(self.mute.started, self.mute.seconds, self.mute.seconds - left)
         left = min(self.muted_until - now, MAX_MUTE_S) if self.muted_until else 0.0
         return SavedMute(now, left) if left > 0 else None

@@ -154,7 +154,8 @@ def end_interrupted(events: list[LoggedEvent], sinks: Iterable[Sink]) -> int:
             continue
         data = {k: v for k, v in event.data.items() if k in names}
         started = event.started.timestamp()
-        data.update(type="end", ended_at=iso(now), duration_s=round(max(0.0, now - started), 3),
+        end = max(now, started)  # a Pi without an RTC may boot before the event's start
+        data.update(type="end", ended_at=iso(end), duration_s=round(end - started, 3),
                     interrupted=True, ended_by="interrupted",
                     clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
         message = EventMessage(**data)

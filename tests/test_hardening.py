@@ -553,3 +553,65 @@ def test_a_slow_block_is_not_taken_for_a_stalled_microphone(tmp_path: Path) -> N
     assert slept, "a window was scored"
     assert [h.change for h in reports.healths if h.change] == [], "no stall"
     assert "audio_gap" not in [e.ended_by for e in reports.events]
+
+
+def test_a_mute_begun_before_the_clock_was_set_survives_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Pi without a real-time clock boots at fake-hwclock's stale time; a mute set then was
+    saved with that start, and after NTP moved the clock days forward a restart took the mute
+    for long over. An expired one was "restored until 1970"."""
+    import logging
+
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    settings = Settings(
+        device_id="u", model=DEMO_BUNDLE, data_dir=tmp_path, clips={"enabled": False}
+    )
+    now = {"t": 1_700_000_000.0}  # the stale boot time
+
+    def detector() -> Detector:
+        return Detector(
+            settings, load_bundle(DEMO_BUNDLE), [Recorder()], clock=lambda: now["t"], persist=True
+        )
+
+    d = detector()
+    d.mute(60)
+    now["t"] += 3 * 86400  # NTP sets the clock three days forward
+    d.finish()  # systemctl restart
+    assert detector().muted, "the mute had barely begun"
+
+    d = detector()
+    d.mute(1)
+    d.finish()
+    now["t"] += 3600  # the daemon was down for an hour: the 1-min mute is over
+    caplog.set_level(logging.INFO, logger="edge.daemon")
+    assert not detector().muted
+    assert not [r for r in caplog.records if "mute restored" in r.getMessage()]
+
+
+def test_an_interrupted_event_never_ends_before_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At boot a Pi without a real-time clock runs at fake-hwclock's last save, which may lie
+    before an event the power cut left open: its `end` said it ended before it started."""
+    from detector_helpers import Recorder
+
+    import edge.service
+    from edge.eventlog import EventLogSink, read_events
+    from edge.messages import EventMessage, iso
+
+    start = 1_767_268_800.0
+    EventLogSink(tmp_path).event(
+        EventMessage(type="start", event_id="e" * 32, device_id="u", model="m",
+                     started_at=iso(start), peak_score=3.0, threshold=1.0)
+    )  # fmt: skip
+    monkeypatch.setattr(edge.service.time, "time", lambda: start - 900.0)
+    reports = Recorder()
+    assert edge.service.end_interrupted(read_events(tmp_path), [reports]) == 1
+    (end,) = reports.events
+    assert end.type == "end" and end.ended_at >= end.started_at and end.duration_s == 0.0
