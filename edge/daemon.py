@@ -771,7 +771,12 @@ class Detector:
     def _dispatch(self, t: Transition) -> None:
         clip = None
         if t.kind == "start":  # the machine's state as it was raised, for all its messages
-            self._kept[t.event_id] = {"rows": [], "clip": None, "machine": self._machine}
+            self._kept[t.event_id] = {
+                "rows": [],
+                "clip": None,
+                "machine": self._machine,
+                "started_at": self._wall(t.started_s),  # kept: the clock may be set meanwhile
+            }
             while len(self._kept) > KEPT_EVENTS:
                 self._kept.popitem(last=False)
             if self.clips:
@@ -796,12 +801,13 @@ class Detector:
             if self._band_sum is not None
             else None
         )
+        kept = self._kept.get(t.event_id, {})
         return EventMessage(
             type=t.kind,  # type: ignore[arg-type]
             event_id=t.event_id,
             device_id=self.settings.device_id,
             model=self.bundle.model_id,
-            started_at=iso(self._wall(t.started_s)),
+            started_at=iso(kept.get("started_at", self._wall(t.started_s))),
             ended_at=iso(self._wall(t.ended_s)) if ended else None,  # type: ignore[arg-type]
             duration_s=round(t.ended_s - t.started_s, 3) if ended else None,  # type: ignore[operator]
             peak_score=round(t.peak_score, 6),
@@ -814,7 +820,7 @@ class Detector:
             clip=clip[0] if clip else None,
             clip_seconds=clip[1] if clip else None,
             label=t.label,
-            machine=self._kept.get(t.event_id, {}).get("machine", self._machine),
+            machine=kept.get("machine", self._machine),
             trigger=t.trigger,  # type: ignore[arg-type]
             ended_by=t.ended_by,  # type: ignore[arg-type]
             clip_url=self.clip_url(clip[0]) if clip and self.clip_url else None,

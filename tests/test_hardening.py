@@ -615,3 +615,43 @@ def test_an_interrupted_event_never_ends_before_it_started(
     assert edge.service.end_interrupted(read_events(tmp_path), [reports]) == 1
     (end,) = reports.events
     assert end.type == "end" and end.ended_at >= end.started_at and end.duration_s == 0.0
+
+
+def test_every_message_of_an_event_keeps_its_started_at_when_the_clock_is_set(
+    tmp_path: Path,
+) -> None:
+    """`started_at` was recomputed for every message from the stream's anchor to the clock,
+    which moves when NTP sets the clock (or dropped audio is caught up): the updates and the
+    end of an event named another start than its `start` did."""
+    from conftest import DEMO_CLIP
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    rate = 16000
+    clip = read_audio(DEMO_CLIP, rate)
+    audio = np.concatenate([clip[int(5.5 * rate) : int(10.5 * rate)]] * 4)  # 20 s of fault
+    now = {"t": 1_000_000.0}
+
+    class Microphone:
+        paced, latency_s = True, 10.0
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i in range(0, len(audio), 1600):
+                heard = (i + 1600) / rate
+                now["t"] = 1_000_000.0 + heard + (3600.0 if heard > 8 else 0.0)  # NTP at 8 s
+                yield audio[i : i + 1600]
+
+    settings = Settings(device_id="u", model=DEMO_BUNDLE, data_dir=tmp_path,
+                        clips={"enabled": False}, detector={"update_seconds": 3})  # fmt: skip
+    reports = Recorder()
+    Detector(settings, load_bundle(DEMO_BUNDLE), [reports], clock=lambda: now["t"]).run(
+        Microphone()
+    )
+    assert len({e.event_id for e in reports.events}) == 1, "one event"
+    kinds = [e.type for e in reports.events]
+    assert kinds[0] == "start" and "update" in kinds and kinds[-1] == "end", kinds
+    assert len({e.started_at for e in reports.events}) == 1, [e.started_at for e in reports.events]
