@@ -215,6 +215,8 @@ class Controller:
         old = d.settings
         if new.mqtt != old.mqtt or new.audio != old.audio or new.device_id != old.device_id:
             log.warning("reload: [mqtt], [audio] and device_id changes apply after a restart")
+        if new.web != old.web:  # a rotated token_file too: the old token stays valid till then
+            log.warning("reload: [web] changes (its token_file too) apply after a restart")
         h, was = new.health, old.health
         if (h.stall_seconds, h.reopen_max_seconds) != (was.stall_seconds, was.reopen_max_seconds):
             log.warning(

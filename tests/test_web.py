@@ -627,7 +627,7 @@ def test_a_loopback_dashboard_without_public_url_links_nothing_and_says_why(
     finally:
         sub.close()
     assert end["clip"], "the event has its clip"
-    warnings = [line for line in proc.stderr.splitlines() if "public_url" in line]
+    warnings = [line for line in proc.stderr.splitlines() if "no clip_url" in line]
     if public_url is None:
         assert "clip_url" not in end and "configuration_url" not in device
         assert len(warnings) == 1 and "WARNING" in warnings[0], proc.stderr
@@ -815,3 +815,108 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
         if player is not None:
             player.kill()
         stop(proc)
+
+
+def _dashboard(tmp_path: Path, **web: Any) -> Any:
+    """A started dashboard (loopback, a free port) for a detector on the demo bundle."""
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    settings = Settings(data_dir=tmp_path, web={"enabled": True, "port": free_port(), **web})
+    dashboard = Dashboard(settings)
+    dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
+    wait_for(lambda: _answers(dashboard.port), 10, "the page")
+    return dashboard
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_page_serves_again_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection had a thread and a file, before any check: a host that held a
+    thousand open took the daemon's last file handles (its event log and clips could not be
+    written) and spun the web thread on accept()."""
+    from edge.web import server
+
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 4)
+    dashboard = _dashboard(tmp_path)
+    idle = []
+    try:
+        for _ in range(4):  # say nothing: each holds a handler until its timeout
+            idle.append(socket.create_connection(("127.0.0.1", dashboard.port)))
+        wait_for(lambda: dashboard._server.slots._value == 0, 10, "every slot taken")
+        with socket.create_connection(("127.0.0.1", dashboard.port)) as extra:
+            extra.settimeout(10)
+            assert extra.recv(1) == b"", "the fifth is closed at once"
+        for s in idle:
+            s.close()
+        wait_for(lambda: _answers(dashboard.port), 10, "the page once the idle ones are gone")
+    finally:
+        for s in idle:
+            s.close()
+        dashboard.stop()
+
+
+def test_a_malformed_request_line_gets_a_400_and_head_the_headers(tmp_path: Path) -> None:
+    """The access log read `self.path` before a malformed request line had set it: a
+    traceback in the journal and no answer. HEAD (monitors, `curl -I`) got 501."""
+    dashboard = _dashboard(tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", dashboard.port)) as s:
+            s.sendall(b"FOO BAR BAZ\r\n\r\n")
+            s.settimeout(10)
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+            assert b"Error code: 400" in answer, answer[:200]
+        conn = http.client.HTTPConnection("127.0.0.1", dashboard.port, timeout=10)
+        conn.request("HEAD", "/api/state")
+        head = conn.getresponse()
+        assert head.status == 200 and head.read() == b"" and int(head.getheader("Content-Length"))
+        conn.close()
+    finally:
+        dashboard.stop()
+
+
+def test_behind_a_proxy_that_keeps_the_host_the_page_answers_and_the_token_is_advised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With public_url set and no token, a proxy that forwards the Host header (Caddy,
+    Traefik) got 403 for the page, the API and every clip_url of the events."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="edge.web.server")
+    dashboard = _dashboard(tmp_path, public_url="https://sentry.plant.example/")
+    try:
+        base = f"http://127.0.0.1:{dashboard.port}"
+        forwarded = request(base + "/api/state", headers={"Host": "sentry.plant.example"})
+        assert forwarded.status == 200
+        other = request(base + "/api/state", headers={"Host": "evil.example"})
+        assert other.status == 403, "a rebound name is still refused"
+    finally:
+        dashboard.stop()
+    assert any("public_url is set but no token_file" in r.getMessage() for r in caplog.records)
+
+
+def test_a_port_that_cannot_be_had_by_retrying_is_said_once_and_not_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    caplog.set_level(logging.ERROR, logger="edge.web.server")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    web = {"enabled": True, "host": "nowhere.invalid", "port": free_port()}
+    settings = Settings(data_dir=tmp_path, web={**web, "token_file": token_file})
+    dashboard = Dashboard(settings)
+    dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
+    wait_for(lambda: not dashboard._thread.is_alive(), 5, "the dashboard to give up")
+    dashboard.stop()
+    (error,) = [r.getMessage() for r in caplog.records]
+    assert "cannot listen on nowhere.invalid" in error and "restart" in error, error

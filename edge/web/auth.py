@@ -51,8 +51,10 @@ def clip_key(token: str, name: str) -> str:
 class Gate:
     """Decides whether a request may read, act, or open one clip."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, public_url: str | None = None) -> None:
         self.token = token
+        self.public_host = urlsplit(public_url).hostname if public_url else None
+        """The host name a reverse proxy forwards under ([web] public_url)."""
 
     def bearer_ok(self, authorization: str | None) -> bool:
         """True without a token, or when the header is `Bearer <token>`."""
@@ -71,12 +73,13 @@ class Gate:
         return key is not None and hmac.compare_digest(key.encode(), expected)
 
     def host_ok(self, host_header: str | None) -> bool:
-        """Without a token only loopback names may be asked for (a page that rebinds its DNS
-        name to 127.0.0.1 must not read or drive the dashboard)."""
+        """Without a token only loopback names, and public_url's (a proxy that keeps the
+        Host header), may be asked for: a page that rebinds its own DNS name to 127.0.0.1
+        must not read or drive the dashboard."""
         if self.token is not None:
             return True
         try:
             name = urlsplit(f"//{(host_header or '').strip()}").hostname
         except ValueError:
             return False
-        return bool(name) and is_loopback(name)
+        return bool(name) and (is_loopback(name) or name == self.public_host)

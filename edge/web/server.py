@@ -7,6 +7,7 @@ made by the loop) and `Detector.submit`, the queue MQTT commands use as well.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -64,6 +65,11 @@ def _logged_events(settings: Settings) -> list[dict[str, Any]]:
         return []
 
 
+MAX_CONNECTIONS = 32
+"""Connections served at once (live streams included); more are closed at once. Without a cap
+every connection had a thread and a file of its own, before any check: a host on the network
+that held a thousand open took the daemon's last file handles (its event log, clips, MQTT and
+microphone could not open a file) and spun the web thread on accept()."""
 BIND_RETRY_S = 30.0
 """A taken port is tried again this often: detection never waits for the dashboard."""
 
@@ -82,7 +88,7 @@ class Dashboard:
             ) from None
         self.web = settings.web
         self.token = read_token(self.web)
-        self.gate = Gate(self.token)
+        self.gate = Gate(self.token, self.web.public_url)
         self.clips = settings.data_dir / "clips"
         self.live = LiveView(self._links)
         self.live.seed(_logged_events(settings))  # the evidence outlives a restart
@@ -98,8 +104,13 @@ class Dashboard:
         try:
             self._server = _bind(self.web, self)
         except PortTakenError as exc:
-            log.error("%s; detection runs without the dashboard, which tries the port again "
-                      "every %g s", exc, BIND_RETRY_S)  # fmt: skip
+            if exc.retry:
+                log.error("%s; detection runs without the dashboard, which tries the port "
+                          "again every %g s", exc, BIND_RETRY_S)  # fmt: skip
+            else:  # a port below 1024 for the service's user, a mistyped host: say so, once
+                log.error("%s; detection runs without the dashboard (mend [web] host or port "
+                          "and restart)", exc)  # fmt: skip
+                self._stopping.set()
         self._thread = threading.Thread(target=self._serve, name="web", daemon=True)
 
     @property
@@ -114,7 +125,10 @@ class Dashboard:
                 return
             try:
                 self._server = _bind(self.web, self)
-            except PortTakenError:
+            except PortTakenError as exc:
+                if not exc.retry:
+                    log.error("%s; the dashboard stops trying", exc)
+                    return
                 continue
             log.info("dashboard on %s/ (its port is free now)", self._listen_url())
         with self._lock:  # stop() shuts down exactly the server that serves
@@ -133,6 +147,13 @@ class Dashboard:
         self._thread.start()
         if self._server is not None:
             log.info("dashboard on %s/", self._listen_url())
+        if self.web.public_url and self.token is None:
+            log.warning(
+                "dashboard: [web] public_url is set but no token_file: whoever reaches %s "
+                "reads and drives this device through it (a reverse proxy's requests come from "
+                "loopback); set [web] token_file unless the proxy checks who asks",
+                self.web.public_url,
+            )
         if self.base_url() is None:
             log.warning(
                 "dashboard: %s/ is reached from this machine only, so events carry no clip_url "
@@ -246,10 +267,32 @@ def _page(html: bytes) -> tuple[bytes, str]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     dashboard: Dashboard
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection while fewer than MAX_CONNECTIONS are served; else
+        close it."""
+        if not self.slots.acquire(blocking=False):
+            self.close_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class PortTakenError(SoundSentryError):
     """The dashboard's address cannot be listened on (for now)."""
+
+    retry = True
+    """False when trying again cannot help (no permission, no such host name)."""
 
 
 def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
@@ -259,10 +302,13 @@ def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
     try:
         server = server_class((web.host, web.port), Handler)
     except OSError as exc:
-        raise PortTakenError(
+        error = PortTakenError(
             f"web: cannot listen on {web.host}:{web.port}: {exc.strerror or exc}"
-        ) from None
+        )
+        error.retry = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+        raise error from None
     server.dashboard = dashboard
+    server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     return server
 
 
@@ -278,7 +324,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Access log at DEBUG (never the query string: clip keys stay out of logs)."""
-        log.debug("%s %s %s", self.client_address[0], self.command, urlsplit(self.path).path)
+        path = urlsplit(getattr(self, "path", "")).path  # unset for a malformed request line
+        log.debug("%s %s %s", self.client_address[0], getattr(self, "command", None), path)
 
     @property
     def dash(self) -> Dashboard:
@@ -307,6 +354,12 @@ class Handler(BaseHTTPRequestHandler):
         if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
             return self._unauthorized()
         routes[path]()
+
+    def do_HEAD(self) -> None:
+        """The headers of a GET (monitors, `curl -I`, players probing a clip); not a stream."""
+        if urlsplit(self.path).path == "/api/stream":
+            return self._error(HTTPStatus.METHOD_NOT_ALLOWED, "the live stream answers GET only")
+        return self.do_GET()
 
     def do_POST(self) -> None:
         """Actions: a JSON command with the token (when one is set), answered by the daemon."""
