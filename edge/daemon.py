@@ -199,6 +199,9 @@ class Detector:
         """When the running mute ends on the monotonic clock, 0 if none runs."""
         self._mute = SavedMute(0.0, 0.0)
         """The running mute's start (wall clock) and length, as state.json keeps them."""
+        self._mute_dated_here = False
+        """The mute's start was read off this run's clock (not restored): a clock set later
+        (NTP after a boot without a real-time clock) moves it too."""
         self._threshold: float | None = None
         self._stop = threading.Event()
         self._samples = 0
@@ -478,10 +481,9 @@ class Detector:
     def _save_state(self) -> None:
         if self.state is not None:
             left = self._mute_end - time.monotonic() if self._mute_end else 0.0
+            self._clock_set()  # a mute begun before NTP set the clock is dated by it
             m = self._mute
-            ran = m.seconds - left  # on the monotonic clock; the start is dated by the wall
-            # clock of now, which NTP may have set since the mute began (a Pi without an RTC)
-            mute = SavedMute(self.clock() - ran, m.seconds, ran) if left > 0 else None
+            mute = SavedMute(m.started, m.seconds, m.seconds - left) if left > 0 else None
             self.state.save(self.bundle.model_id, self._threshold, mute, self._running_s)
             self._running_saved = self._running_s
 
@@ -710,6 +712,7 @@ class Detector:
         left = wall - self.clock() if wall else 0.0
         self._mute_end = time.monotonic() + left if left > 0 else 0.0
         self._mute = SavedMute(self.clock(), max(left, 0.0))
+        self._mute_dated_here = True
 
     @property
     def _rate(self) -> int:
@@ -750,6 +753,9 @@ class Detector:
             self._wall_offset = offset
             if self.clips:
                 self.clips.clock_moved(moved)
+            if self._mute_dated_here:  # its start was read off the clock now set
+                m = self._mute
+                self._mute = SavedMute(m.started + moved, m.seconds, m.ran)
 
     def _wall(self, stream_s: float) -> float:
         return self._origin + self._base / self._rate + stream_s
