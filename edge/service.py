@@ -3,6 +3,7 @@ publisher with its durable spool, signal handlers and the controller."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from edge.errors import SoundSentryError
 from edge.eventlog import EventLogSink, LoggedEvent, read_events
 from edge.messages import EventMessage, iso
 from edge.pipeline import Step
+from edge.private import private_dir
 from edge.settings import Settings
 from edge.topics import Topics
 
@@ -48,6 +50,26 @@ def run_detector(
     device's own daemon (`run`), which ends the events an earlier run left open; a replay
     connects under a client id of its own, so it never knocks the device's daemon off the
     broker."""
+    lock = hold_data_dir(settings.data_dir)
+    try:
+        return _run_detector(settings, bundle, source, print_events, on_stop, reload_settings,
+                             extra_sinks, on_step, live)  # fmt: skip
+    finally:
+        os.close(lock)
+
+
+def _run_detector(
+    settings: Settings,
+    bundle: Bundle,
+    source: Iterable[np.ndarray | None],
+    print_events: bool = True,
+    on_stop: Callable[[], None] | None = None,
+    reload_settings: Callable[[], Settings] | None = None,
+    extra_sinks: Iterable[Sink] = (),
+    on_step: Callable[[Step], None] | None = None,
+    live: bool = False,
+) -> Detector:
+    """run_detector's work, with data_dir held."""
     controller: Controller | None = None
 
     def on_command(payload: bytes) -> None:
@@ -111,6 +133,34 @@ def run_detector(
             publisher.close(CLOSE_FLUSH_S)
             publisher.spool.close()
     return detector
+
+
+LOCK = ".lock"
+
+
+def hold_data_dir(data_dir: Path) -> int:
+    """Take `data_dir` for this process (an exclusive flock on `data_dir/.lock`, released when
+    the descriptor closes or the process ends, a kill -9 too); its descriptor. Two daemons, or a
+    replay beside the service, on one data_dir overwrote each other's state, spool, model
+    versions and learning: refused in one line naming the other's pid."""
+    private_dir(data_dir)
+    path = data_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SoundSentryError(
+            f"data_dir {data_dir} is in use by another soundsentry (pid {holder}): stop it "
+            "first (`systemctl stop soundsentry`), or give this one a data_dir of its own"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _publisher(

@@ -655,3 +655,23 @@ def test_every_message_of_an_event_keeps_its_started_at_when_the_clock_is_set(
     kinds = [e.type for e in reports.events]
     assert kinds[0] == "start" and "update" in kinds and kinds[-1] == "end", kinds
     assert len({e.started_at for e in reports.events}) == 1, [e.started_at for e in reports.events]
+
+
+def test_a_second_soundsentry_on_the_same_data_dir_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Two daemons (or a replay beside the service) on one data_dir overwrote each other's
+    state, spool, model versions and learning period; nothing said so."""
+    from conftest import DEMO_CLIP, cli
+
+    from edge.service import hold_data_dir
+
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    held = hold_data_dir(tmp_path / "data")  # the service, as it runs
+    try:
+        proc = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env, check=False)
+    finally:
+        os.close(held)
+    assert proc.returncode != 0 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"is in use by another soundsentry (pid {os.getpid()})" in line, proc.stderr
+    again = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env)
+    assert '"type": "start"' in again.stdout or '"type":"start"' in again.stdout
