@@ -920,3 +920,29 @@ def test_a_port_that_cannot_be_had_by_retrying_is_said_once_and_not_retried(
     dashboard.stop()
     (error,) = [r.getMessage() for r in caplog.records]
     assert "cannot listen on nowhere.invalid" in error and "restart" in error, error
+
+
+def test_the_page_says_when_the_live_streams_are_all_taken_not_that_the_daemon_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 503 of a full house (8 streams; phones that slept leave theirs open for a while)
+    read as "daemon unreachable" and was retried every 2 s."""
+    from selenium.webdriver.common.by import By
+
+    from edge.web import live
+
+    monkeypatch.setattr(live, "MAX_STREAMS", 0)
+    dashboard = _dashboard(tmp_path)
+    browser = None
+    try:
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        conn = lambda: browser.find_element(By.CSS_SELECTOR, "#conn").text  # noqa: E731
+        said = wait_for(
+            lambda: "too many live streams" in conn() and conn(), 15, "the reason", conn
+        )
+        assert "unreachable" not in said and said.endswith("retrying"), said
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
