@@ -368,8 +368,10 @@ class MqttPublisher:
 
     def _offer_refused(self) -> None:
         """Publish the refused rows still in the spool again, oldest first (the broker's ACL
-        may have been mended); those refused again wait for the next offer."""
+        may have been mended), after any sent meanwhile; those refused again wait for the next
+        offer. Retained messages are then re-sent at their latest."""
         rows, self._refused_rows, self._offer_refused_at = self._refused_rows, [], 0.0
+        retained = False
         for rid in sorted(rows):
             if not self.connected:  # the rest wait for the next offer
                 self._refused_rows.extend(r for r in rows if r >= rid)
@@ -382,6 +384,9 @@ class MqttPublisher:
             info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             self._inflight[info.mid] = row.id
             self._offered.add(row.id)
+            retained = retained or row.retain
+        if retained:  # an old health message must not stay the broker's retained one
+            self._publish_retained()
 
     def _resolve_acks(self) -> None:
         while True:

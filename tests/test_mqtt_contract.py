@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,70 @@ def test_the_example_acl_lets_home_assistants_birth_message_reach_the_devices(
         consumer.close()
         publisher.close(timeout_s=1)
         spool.close()
+
+
+def test_an_old_refused_health_offered_again_does_not_stay_the_retained_one(
+    tmp_path: Path,
+) -> None:
+    """A refused health message offered after a newer accepted one became the broker's
+    retained health: Home Assistant showed a fault long recovered."""
+    from edge.messages import HealthMessage
+
+    acl = tmp_path / "acl"
+    shutil.copy(ACL, acl)
+    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
+    topics = Topics("soundsentry", "pump-4")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, topics, spool, user="pump-3")
+    publisher.refused_retry_s = 3600.0  # made due below, once the newer one is accepted
+
+    def health(change: str) -> HealthMessage:
+        status = "fault" if change.startswith("fault") else "ok"
+        faults = ["silence"] if status == "fault" else []
+        return HealthMessage(status, "pump-4", "2026-01-01T00:00:00.000Z", faults, change)
+
+    try:
+        publisher.publish_health(health("fault:silence"))  # refused
+        wait_for(lambda: publisher._handed == 1 and _all_acked(publisher), 10, "the refusal")
+        with acl.open("a") as f:
+            f.write("\npattern write soundsentry/pump-4/#\n")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: _accepted(broker.port, "soundsentry/pump-4/probe"), 10, "the reload")
+        publisher.publish_health(health("recovered:silence"))  # accepted, before the offer
+        wait_for(lambda: spool.depth() == 1 and _all_acked(publisher), 10, "the newer one in")
+        publisher._offer_refused_at = time.monotonic()  # the offer is due
+        wait_for(lambda: spool.depth() == 0, 15, "the old one accepted too")
+        wait_for(lambda: _all_acked(publisher), 10, "every PUBACK")
+        later = Subscriber(broker.port, "soundsentry/pump-4/health", login=("consumer", "pw"))
+        try:
+            assert later.wait_for(lambda ms: bool(ms), 10)
+            assert later.messages[-1].json()["change"] == "recovered:silence"
+        finally:
+            later.close()
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        broker.stop()
+
+
+def _accepted(port: int, topic: str) -> bool:
+    """Whether the broker accepts a publish of user pump-3 on `topic` (MQTT 5's PUBACK)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set("pump-3", "pw")
+    acked: list[bool] = []
+    client.on_publish = lambda _c, _u, _mid, reason, _p: acked.append(not reason.is_failure)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, b"probe", qos=1)
+        deadline = time.monotonic() + 5
+        while not acked and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return bool(acked and acked[0])
+    finally:
+        client.loop_stop()
+        client.disconnect()
