@@ -24,8 +24,8 @@ import numpy as np
 
 from edge.bundle import Bundle, load_bundle
 from edge.clips import CLIP_ID_CHARS
-from edge.errors import BundleError, SoundSentryError
-from edge.history import ModelHistory, now_iso, read_json, write_json
+from edge.errors import SoundSentryError
+from edge.history import ModelHistory, VersionUnwrittenError, now_iso, read_json, write_json
 from edge.learning import (
     FeatureStore,
     LearningError,
@@ -237,6 +237,8 @@ class Adapter:
         p = self.period
         if p is None:
             raise LearningError("no learning period is running")
+        p.target_s = min(p.target_s, p.collected_s)  # stopped early: ended, even if resumed
+        self.save_period()  # all it heard: a power cut during the refit loses none of it
         self.period = None
         name = f"site-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.npz"
         log.info("learning: ended after %.0f s of audio (%d windows)", p.collected_s, len(p.store))
@@ -246,16 +248,13 @@ class Adapter:
             private_dir(self.folder)
             p.store.save(self.folder / name)
             bundle = self._refit("learning", in_use, name, marked)
-        except (UnwrittenError, OSError) as exc:
+        except (UnwrittenError, OSError) as exc:  # the period as saved above stays
             (self.folder / name).unlink(missing_ok=True)
-            self.period = p
-            self.save_period()  # all it heard, so the next start finishes it
-            self.period = None
             said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise UnwrittenError(
                 f"{said}; the period's audio is kept and refitted at the next start"
             ) from None
-        except SoundSentryError:
+        except Exception:  # the data's fault, or a bug: not again at every start
             (self.folder / name).unlink(missing_ok=True)  # no version uses it: one per failure
             self.cancel()
             self.history.failed.add(self.configured.model_id)
@@ -346,7 +345,7 @@ class Adapter:
         }
         try:
             path = self.history.write_version(base, manifest, {**base.arrays, **refit.arrays})
-        except BundleError as exc:
+        except VersionUnwrittenError as exc:  # the disk's fault; a bundle refused is the data's
             raise UnwrittenError(str(exc)) from None
         try:
             bundle = load_bundle(path)

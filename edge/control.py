@@ -235,11 +235,13 @@ class Controller:
             )
         )
         version = d.adapter.history.active if d.adapter is not None else None
-        if version is not None and new.model == old.model:
+        configured = d.adapter.configured_path if d.adapter is not None else old.model
+        same = _same_path(new.model, configured)  # not old.model: a load that failed is retried
+        if version is not None and same:
             log.info("reload: the model is unchanged: keeping version %d", version)
             return
         try:
-            if new.model != old.model and new.model is not None:  # another configured model
+            if not same and new.model is not None and d.adapter is not None:  # another model
                 bundle = self._load(new.model)
                 d.reconfigure(bundle)
                 log.info("reload: loaded %s, the configured model now", bundle.model_id)
@@ -295,3 +297,13 @@ def _refit_line(out: dict[str, Any]) -> str:
 
 def _num(value: Any) -> str:
     return "?" if value is None else f"{value:.4g}"
+
+
+def _same_path(a: Path | None, b: Path | None) -> bool:
+    """Both name the same file (or neither is set)."""
+    if a is None or b is None:
+        return a is b
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return Path(a) == Path(b)

@@ -56,6 +56,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+class VersionUnwrittenError(BundleError):
+    """A version the disk would not take (full, failing, read-only): not the data's fault."""
+
+
 class ModelHistory:
     """The versions, the active one, and the configured model they descend from."""
 
@@ -114,7 +118,10 @@ class ModelHistory:
             os.rename(tmp, final)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise BundleError(f"could not write {final}: {exc.strerror or exc}") from None
+            raise VersionUnwrittenError(f"could not write {final}: {exc.strerror or exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def record(self, bundle: Bundle, reason: str, base: Path, made: bool, **detail: Any) -> int:

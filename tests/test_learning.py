@@ -838,3 +838,39 @@ def test_pruning_keeps_a_folder_a_reload_of_it_still_uses(tmp_path: Path) -> Non
     history.record(load_bundle(v1), "reload", v1, False)  # v1 again, loaded by reload_model
     assert [e["version"] for e in history.entries] == [2, 3]
     assert v1.is_dir() and load_bundle(history.current["path"]).path == v1
+
+
+def test_a_stopped_period_whose_refit_could_not_be_written_is_refitted_not_resumed(
+    tmp_path: Path,
+) -> None:
+    """Saved again with its full length, a period stopped early (`learn stop`) whose version
+    could not be written resumed at the next start and held events off for the rest of it."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=3600).ok
+    device.replay(*NORMAL_FILES)
+    shutil.rmtree(device.data / "models", ignore_errors=True)
+    (device.data / "models").write_text("not a folder")  # the versions cannot be written
+    reply = device.command(command="learn", action="stop")
+    assert not reply.ok and "kept and refitted at the next start" in reply.detail, reply.detail
+    (device.data / "models").unlink()
+    device.replay(NORMAL_FILES[0])
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1", "refitted at once"
+    assert not device.detector.learning
+
+
+def test_a_sighup_whose_new_model_failed_to_load_loads_it_at_the_next_one(tmp_path: Path) -> None:
+    """The new path went into the settings before the load was tried: after a failed load
+    the next SIGHUP saw no change, and the adapter kept the old configured model."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)  # version 1 of fan-demo is active
+    other = tmp_path / "later" / "other.bundle"  # named in the config before it is copied
+    new = device.detector.settings.model_copy(update={"model": other})
+    controller = Controller(device.detector, reload_settings=lambda: new)
+    controller.reload()
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1", "kept"
+    cli("train", "--normal", *map(str, NORMAL_FILES), str(DEMO_CLIP), "--out", str(other))
+    controller.reload()
+    d = device.detector
+    assert d.bundle.path.resolve() == other.resolve()
+    assert d.adapter.configured.path.resolve() == other.resolve()
