@@ -101,15 +101,16 @@ class MachineState:
     _streak: int = 0
     _settled_at: float = float("-inf")
     _named_off: bool = False
-    _near_off: bool = False
-    """The last window lay within HYSTERESIS_DB of the off level: a machine coasting down."""
+    _near_off: int = 0
+    """Windows in a row within HYSTERESIS_DB of the off level: a machine coasting down."""
 
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
         if self.off_below_dbfs is None:
             self.running_seconds += hop_s
             return self.state
-        self._near_off = level_dbfs < self.off_below_dbfs + HYSTERESIS_DB
+        near = level_dbfs < self.off_below_dbfs + HYSTERESIS_DB
+        self._near_off = self._near_off + 1 if near else 0
         if self.state == RUNNING:
             changing = level_dbfs < self.off_below_dbfs
         else:
@@ -153,10 +154,16 @@ class MachineState:
             and not self._near_off
         )
 
+    @property
+    def quiet(self) -> bool:
+        """Running, yet near the off level for CONFIRM_WINDOWS windows: an event open then
+        ends (`machine_off`), since such windows are no evidence either way."""
+        return self.state == RUNNING and self._near_off >= CONFIRM_WINDOWS
+
     def reset(self) -> None:
         """A new stream: forget the streak and settle time (the running total stays)."""
         self.state, self._streak, self._settled_at = RUNNING, 0, float("-inf")
-        self._near_off = False
+        self._near_off = 0
 
 
 @dataclass

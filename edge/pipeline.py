@@ -108,6 +108,9 @@ class Pipeline:
                 found = (ended,) if ended is not None else ()
             elif detect and not dead and self.machine.allows_events(end_s) and self._heard_on():
                 found = tuple(self.events.update(scored, start_s, end_s))
+            elif self.machine.quiet:  # idling just above the off level: an open event ends
+                ended = self.events.close("machine_off")
+                found = (ended,) if ended is not None else ()
             steps.append(Step(scored, start_s, end_s, found, dead, elapsed, level, machine, name))
         return steps
 

@@ -274,3 +274,25 @@ def test_a_dead_microphone_is_an_audio_fault_not_the_machine_switched_off(tmp_pa
     assert ends[0] == "audio_fault", ends
     assert "off" not in [s.machine for s in reports.states]
     assert "fault:silence" in [h.change for h in reports.healths]
+
+
+def test_an_event_open_when_the_machine_idles_just_above_the_off_level_ends() -> None:
+    """Windows near the off level are no evidence: an event open when the level settled
+    there got no updates, no release and no end, for as long as the machine idled."""
+    from edge.health import level_dbfs
+    from edge.pipeline import Pipeline
+    from edge.settings import DetectorSettings
+
+    rate = 16000
+    fault = read_audio(DEMO_CLIP, rate)[int(5.5 * rate) : int(10.5 * rate)]
+    quiet = np.concatenate([read_audio(f, rate) for f in NORMAL_FILES]) * 10 ** (-30 / 20)
+    levels = [level_dbfs(quiet[i : i + rate]) for i in range(0, len(quiet) - rate, 800)]
+    off = min(levels) - 0.2  # the idle lies just above the off level, never below it
+    pipeline = Pipeline(
+        load_bundle(DEMO_BUNDLE), DetectorSettings(off_below_dbfs=off, cooldown_seconds=0)
+    )
+    audio = np.concatenate([fault, fault, quiet, quiet])
+    steps = [s for i in range(0, len(audio), 1600) for s in pipeline.push(audio[i : i + 1600])]
+    kinds = [(t.kind, t.ended_by) for s in steps for t in s.transitions]
+    assert kinds == [("start", None), ("end", "machine_off")], kinds
+    assert steps[-1].machine == "running", "it idles: not off"
