@@ -709,6 +709,7 @@ class Detector:
 
     @muted_until.setter
     def muted_until(self, wall: float) -> None:
+        self._clock_set()  # a step not yet noticed must not move this mute again later
         left = wall - self.clock() if wall else 0.0
         self._mute_end = time.monotonic() + left if left > 0 else 0.0
         self._mute = SavedMute(self.clock(), max(left, 0.0))
@@ -808,13 +809,14 @@ class Detector:
             else None
         )
         kept = self._kept.get(t.event_id, {})
+        started = kept.get("started_at", self._wall(t.started_s))  # a clock set since: not after
         return EventMessage(
             type=t.kind,  # type: ignore[arg-type]
             event_id=t.event_id,
             device_id=self.settings.device_id,
             model=self.bundle.model_id,
-            started_at=iso(kept.get("started_at", self._wall(t.started_s))),
-            ended_at=iso(self._wall(t.ended_s)) if ended else None,  # type: ignore[arg-type]
+            started_at=iso(started),
+            ended_at=iso(max(self._wall(t.ended_s), started)) if ended else None,  # type: ignore[arg-type]
             duration_s=round(t.ended_s - t.started_s, 3) if ended else None,  # type: ignore[operator]
             peak_score=round(t.peak_score, 6),
             mean_score=round(t.mean_score, 6),

@@ -44,13 +44,14 @@ def run_detector(
     extra_sinks: Iterable[Sink] = (),
     on_step: Callable[[Step], None] | None = None,
     live: bool = False,
+    lock: int | None = None,
 ) -> Detector:
     """Run the detector over `source` until it ends or SIGTERM/SIGINT; publish if configured.
     `extra_sinks` and `on_step` are for the terminal (live line, replay summary). `live`: the
     device's own daemon (`run`), which ends the events an earlier run left open; a replay
     connects under a client id of its own, so it never knocks the device's daemon off the
-    broker."""
-    lock = hold_data_dir(settings.data_dir)
+    broker. `lock`: data_dir already held (`hold_data_dir`), closed at the end."""
+    lock = hold_data_dir(settings.data_dir) if lock is None else lock
     try:
         return _run_detector(settings, bundle, source, print_events, on_stop, reload_settings,
                              extra_sinks, on_step, live)  # fmt: skip
@@ -143,9 +144,12 @@ def hold_data_dir(data_dir: Path) -> int:
     the descriptor closes or the process ends, a kill -9 too); its descriptor. Two daemons, or a
     replay beside the service, on one data_dir overwrote each other's state, spool, model
     versions and learning: refused in one line naming the other's pid."""
-    private_dir(data_dir)
     path = data_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        private_dir(data_dir)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        raise SoundSentryError(f"data_dir {data_dir}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -155,9 +159,10 @@ def hold_data_dir(data_dir: Path) -> int:
             f"data_dir {data_dir} is in use by another soundsentry (pid {holder}): stop it "
             "first (`systemctl stop soundsentry`), or give this one a data_dir of its own"
         ) from None
-    except OSError:
-        os.close(fd)
-        raise
+    except OSError as exc:  # a file system without locks (NFS without lockd): run unguarded
+        log.warning("data_dir %s cannot be locked (%s): nothing stops a second soundsentry "
+                    "from using it too", data_dir, exc.strerror or exc)  # fmt: skip
+        return fd
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

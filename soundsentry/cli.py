@@ -787,7 +787,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge.capture import MicSource
     from edge.sdnotify import SystemdNotifier
-    from edge.service import run_detector
+    from edge.service import hold_data_dir, run_detector
     from edge.settings import check_service_data_dir
 
     try:
@@ -798,6 +798,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise SoundSentryError("no model: set `model` in the config file or pass --model")
         check_service_data_dir(settings.data_dir)
         bundle = _load(settings.model)
+        lock = hold_data_dir(settings.data_dir)  # another run or a replay on it: said, held
     except SoundSentryError as exc:
         _hold_before_failing(SystemdNotifier(), exc)
         raise
@@ -820,6 +821,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra_sinks=[live] if live else [],
         on_step=live.step if live else None,
         live=True,
+        lock=lock,
     )
     if live:
         live.clear()

@@ -617,8 +617,9 @@ def test_an_interrupted_event_never_ends_before_it_started(
     assert end.type == "end" and end.ended_at >= end.started_at and end.duration_s == 0.0
 
 
+@pytest.mark.parametrize("step_s", [3600.0, -3600.0])
 def test_every_message_of_an_event_keeps_its_started_at_when_the_clock_is_set(
-    tmp_path: Path,
+    tmp_path: Path, step_s: float
 ) -> None:
     """`started_at` was recomputed for every message from the stream's anchor to the clock,
     which moves when NTP sets the clock (or dropped audio is caught up): the updates and the
@@ -642,7 +643,7 @@ def test_every_message_of_an_event_keeps_its_started_at_when_the_clock_is_set(
         def __iter__(self):  # type: ignore[no-untyped-def]
             for i in range(0, len(audio), 1600):
                 heard = (i + 1600) / rate
-                now["t"] = 1_000_000.0 + heard + (3600.0 if heard > 8 else 0.0)  # NTP at 8 s
+                now["t"] = 1_000_000.0 + heard + (step_s if heard > 8 else 0.0)  # NTP at 8 s
                 yield audio[i : i + 1600]
 
     settings = Settings(device_id="u", model=DEMO_BUNDLE, data_dir=tmp_path,
@@ -655,6 +656,8 @@ def test_every_message_of_an_event_keeps_its_started_at_when_the_clock_is_set(
     kinds = [e.type for e in reports.events]
     assert kinds[0] == "start" and "update" in kinds and kinds[-1] == "end", kinds
     assert len({e.started_at for e in reports.events}) == 1, [e.started_at for e in reports.events]
+    end = reports.events[-1]
+    assert end.ended_at >= end.started_at, "never ends before it started"
 
 
 def test_a_second_soundsentry_on_the_same_data_dir_is_refused_in_one_line(tmp_path: Path) -> None:

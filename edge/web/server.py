@@ -305,7 +305,9 @@ def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
         error = PortTakenError(
             f"web: cannot listen on {web.host}:{web.port}: {exc.strerror or exc}"
         )
-        error.retry = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+        error.retry = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or (
+            isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN  # DNS not up yet
+        )
         raise error from None
     server.dashboard = dashboard
     server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
