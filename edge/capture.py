@@ -25,6 +25,7 @@ import soxr
 from edge.audio_io import select_channel
 from edge.devices import CaptureError, MissingDeviceError, known_inputs, sounddevice_module
 from edge.settings import AudioSettings
+from edge.sources import AudioGap
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,11 @@ class MicSource:
         self.stall_s = stall_s
         self.reopen_max_s = reopen_max_s
         self.overflows = 0
+        self._gap = False
+        """Audio was lost since the last block queued: a mark goes before the next."""
         self.dropped = 0
         self.reopens = 0
-        self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=audio.queue_blocks)
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=audio.queue_blocks)
         self._stop = threading.Event()
         self.wait = wait
         self.problem: str | None = None
@@ -157,13 +160,19 @@ class MicSource:
         )
 
     def _callback(self, indata: np.ndarray, _frames: int, _time: Any, status: Any) -> None:
-        """PortAudio thread: copy the block and count trouble; nothing else."""
+        """PortAudio thread: copy the block and count trouble; where audio was lost (the
+        driver's overflow, a full queue), a mark (None) goes before the next block."""
         if status.input_overflow:
             self.overflows += 1
+            self._gap = True
         try:
+            if self._gap:
+                self._queue.put_nowait(None)
+                self._gap = False
             self._queue.put_nowait(indata.copy())
         except queue.Full:
             self.dropped += 1
+            self._gap = True
 
     def _open(self) -> Any:
         sd = sounddevice_module()
@@ -207,7 +216,7 @@ class MicSource:
         except (CaptureError, sd.PortAudioError, OSError) as exc:
             raise CaptureError(f"audio device not available: {exc}") from None
 
-    def __iter__(self) -> Iterator[np.ndarray | None]:
+    def __iter__(self) -> Iterator[np.ndarray | AudioGap | None]:
         backoff = REOPEN_MIN_S
         first = self.problem is None  # a device missing at start is waited for, not refused
         if not first:
@@ -227,18 +236,21 @@ class MicSource:
                 yield from self._idle(backoff)
                 backoff = min(backoff * 2, self.reopen_max_s)
                 continue
-            first = False
+            reopened, first = not first, False
             try:
                 for block in self._stream(stream):
                     if block is not None:  # it works again: the next outage starts afresh
                         backoff = REOPEN_MIN_S
                         self.problem = None
+                        if reopened:
+                            reopened = False
+                            yield AudioGap(reopened=True)
                     yield block
             except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
                 log.warning("capture: %s; reopening the device", exc)
                 yield None
 
-    def _stream(self, stream: Any) -> Iterator[np.ndarray | None]:
+    def _stream(self, stream: Any) -> Iterator[np.ndarray | AudioGap | None]:
         """Yield blocks from a started stream until it stalls (CaptureError) or stop(); close it."""
         try:
             resampler = None
@@ -253,6 +265,9 @@ class MicSource:
                         raise CaptureError(f"no audio for {self.stall_s:g} s") from None
                     yield None
                     continue
+                if block is None:  # the callback's mark: audio was lost just here
+                    yield AudioGap()
+                    continue
                 last = time.monotonic()
                 mono = select_channel(block, self.settings.channel)
                 yield resampler.resample_chunk(mono) if resampler else mono
@@ -266,7 +281,7 @@ class MicSource:
             yield None
 
 
-def _drain(q: queue.Queue[np.ndarray]) -> None:
+def _drain(q: queue.Queue[np.ndarray | None]) -> None:
     while True:
         try:
             q.get_nowait()

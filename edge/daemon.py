@@ -46,7 +46,7 @@ from edge.private import private_dir
 from edge.scoring import Explainer
 from edge.sdnotify import SystemdNotifier
 from edge.settings import Settings
-from edge.sources import NewStream
+from edge.sources import AudioGap, NewStream
 
 log = logging.getLogger(__name__)
 
@@ -576,6 +576,8 @@ class Detector:
             for block in source:
                 if isinstance(block, NewStream):
                     self.new_stream()
+                elif isinstance(block, AudioGap):
+                    self.audio_gap(block.reopened)
                 elif block is not None:
                     self.feed(block)
                 self.tick()
@@ -668,6 +670,16 @@ class Detector:
             self._emit_metrics()
             if self._running_s - self._running_saved >= RUNNING_SAVE_S:
                 self._save_state()  # a crash loses at most this much; the SD card is spared
+
+    def audio_gap(self, reopened: bool) -> None:
+        """The microphone lost audio here: no window joins the two sides. A reopened device
+        (seconds lost) ends an open anomaly (`audio_gap`) and waits the settle time, as after
+        a stall; a few dropped blocks only restart the windowing."""
+        if reopened:
+            self._resync()
+            self.pipeline.machine.heard_nothing((self._samples - self._base) / self._rate)
+        else:
+            self.pipeline.reset()
 
     def new_stream(self) -> None:
         """A new, unrelated stream follows (the next replayed file): the open anomaly ends

@@ -140,7 +140,7 @@ def check_input_level(s: Settings) -> Check:
         )
     blocks, deadline = [], time.monotonic() + LEVEL_SECONDS + 3
     for block in src:
-        if block is not None:
+        if isinstance(block, np.ndarray):  # not None (no audio yet) nor a gap's mark
             blocks.append(block)
         if sum(len(b) for b in blocks) >= LEVEL_SECONDS * rate or time.monotonic() > deadline:
             break

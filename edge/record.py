@@ -70,7 +70,7 @@ def record(
     stopped = False
     try:
         for block in source:
-            if block is None:
+            if not isinstance(block, np.ndarray):  # no audio yet, or a gap's mark
                 continue
             meter.push(block)
             timeline.push(len(block), time.monotonic())

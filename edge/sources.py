@@ -24,6 +24,16 @@ class NewStream:
 NEW_STREAM = NewStream()
 
 
+class AudioGap:
+    """Yielded by the microphone where audio was lost (blocks dropped by a full queue or by the
+    driver, the device reopened): the next block does not continue the last, so no window may
+    join them."""
+
+    def __init__(self, reopened: bool = False) -> None:
+        self.reopened = reopened
+        """The device was reopened (seconds lost); else a few blocks were dropped."""
+
+
 class FileSource:
     """Files as mono blocks at the model's rate. Each file is its own stream (a `NewStream`
     marker between files), unless `continuous`: then they play back to back as one stream,

@@ -79,12 +79,15 @@ def streams(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     yield script
 
 
-def first_block_of(blocks: Iterator[np.ndarray | None], level: float) -> np.ndarray:
-    """Iterate until a block of `level` arrives, within the deadline."""
+def first_block_of(blocks: Iterator[Any], level: float, seen: list[Any] | None = None) -> Any:
+    """Iterate until a block of `level` arrives, within the deadline (what came before it
+    into `seen`)."""
     deadline = time.monotonic() + DEADLINE_S
     for block in blocks:
-        if block is not None and block[0] == level:
+        if isinstance(block, np.ndarray) and block[0] == level:
             return block
+        if seen is not None:
+            seen.append(block)
         assert time.monotonic() < deadline, f"no audio at {level} within {DEADLINE_S} s"
     raise AssertionError("the capture ended")
 
@@ -102,12 +105,15 @@ def test_a_stream_that_will_not_start_after_a_stall_is_closed_and_retried(
     ]
     source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=0.5)
     blocks = iter(source)
+    between: list[Any] = []
     try:
         first_block_of(blocks, 0.25)
-        first_block_of(blocks, 0.75)
+        first_block_of(blocks, 0.75, between)
     finally:
         source.stop()
         blocks.close()
+    gaps = [b for b in between if type(b).__name__ == "AudioGap"]
+    assert len(gaps) == 1 and gaps[0].reopened, "the reopened device's audio is marked apart"
     assert streams[1]["opened"].closed, "the stream that failed to start was left open"
     assert source.reopens == 2
     said = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
@@ -145,3 +151,33 @@ def test_a_device_that_will_not_start_at_first_is_refused_in_one_line(
     with pytest.raises(CaptureError, match=f"cannot start audio device {DEVICE!r}: Error start"):
         next(iter(source))
     assert streams[0]["opened"].closed
+
+
+def test_audio_lost_to_a_full_queue_is_marked_where_it_was_lost(
+    streams: list[dict[str, Any]],
+) -> None:
+    """Blocks dropped by a full queue (a slow Pi, a refit) left the next block to continue the
+    last one as if nothing was missing: windows joined audio from both sides of the gap."""
+    from edge.sources import AudioGap
+
+    streams += [{"level": 0.25, "fail": False}]
+    source = MicSource(AudioSettings(device=DEVICE, queue_blocks=4), RATE, stall_s=5.0)
+    blocks = iter(source)
+    try:
+        first_block_of(blocks, 0.25)  # then nobody reads for a while: the queue fills
+        deadline = time.monotonic() + DEADLINE_S
+        while source.dropped == 0:
+            assert time.monotonic() < deadline, "no block was dropped"
+            time.sleep(0.01)
+        seen = []
+        for item in blocks:
+            seen.append(item)
+            if isinstance(item, AudioGap):
+                break
+            assert time.monotonic() < deadline, "no mark of the lost audio"
+    finally:
+        source.stop()
+        blocks.close()
+    queued = [b for b in seen if isinstance(b, np.ndarray)]
+    assert 1 <= len(queued) <= 4, "the mark comes after what was queued before the loss"
+    assert isinstance(seen[-1], AudioGap) and not seen[-1].reopened

@@ -678,3 +678,45 @@ def test_a_second_soundsentry_on_the_same_data_dir_is_refused_in_one_line(tmp_pa
     assert f"is in use by another soundsentry (pid {os.getpid()})" in line, proc.stderr
     again = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env)
     assert '"type": "start"' in again.stdout or '"type":"start"' in again.stdout
+
+
+def test_no_window_joins_the_two_sides_of_lost_audio_and_a_reopen_ends_the_event(
+    tmp_path: Path,
+) -> None:
+    """The capture's reopen and its dropped blocks were never passed on: windows joined audio
+    from both sides of the gap, and an event stayed open across a reopened device."""
+    from conftest import DEMO_CLIP
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import AudioGap
+
+    rate = 16000
+    fault = read_audio(DEMO_CLIP, rate)[int(5.5 * rate) : int(10.5 * rate)]
+    settings = Settings(device_id="u", model=DEMO_BUNDLE, data_dir=tmp_path,
+                        clips={"enabled": False}, detector={"cooldown_seconds": 0})  # fmt: skip
+    steps, reports = [], Recorder()
+    d = Detector(settings, load_bundle(DEMO_BUNDLE), [reports], on_step=steps.append)
+
+    def blocks(audio: np.ndarray):  # type: ignore[no-untyped-def]
+        for i in range(0, len(audio), rate // 10):
+            yield audio[i : i + rate // 10]
+
+    def source():  # type: ignore[no-untyped-def]
+        yield from blocks(fault[: int(0.75 * rate)])
+        yield AudioGap()  # blocks dropped at 0.75 s
+        yield from blocks(fault)
+        yield AudioGap(reopened=True)  # the device reopened at 5.75 s, in the event
+        yield from blocks(np.concatenate([fault, fault]))
+
+    d.run(source())
+    for gap_s in (0.75, 5.75):
+        across = [(s.start_s, s.end_s) for s in steps if s.start_s < gap_s < s.end_s]
+        assert across == [], f"windows across the gap at {gap_s} s: {across}"
+    ends = [e.ended_by for e in reports.events if e.type == "end"]
+    assert ends[0] == "audio_gap", ends
+    starts = [e.stream_offset_s for e in reports.events if e.type == "start"]
+    assert len(starts) == 2 and starts[1] >= 5.75 + 5.0, "the settle time after the reopen"
