@@ -160,11 +160,10 @@ class MicSource:
         )
 
     def _callback(self, indata: np.ndarray, _frames: int, _time: Any, status: Any) -> None:
-        """PortAudio thread: copy the block and count trouble; where audio was lost (the
-        driver's overflow, a full queue), a mark (None) goes before the next block."""
-        if status.input_overflow:
-            self.overflows += 1
-            self._gap = True
+        """PortAudio thread: copy the block and count trouble; where blocks were lost to a
+        full queue, a mark (None) goes before the next block."""
+        if status.input_overflow:  # counted only: milliseconds lost, often, on a loaded Pi;
+            self.overflows += 1  # restarting the windowing each time would leave it deaf
         try:
             if self._gap:
                 self._queue.put_nowait(None)

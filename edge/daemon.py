@@ -674,7 +674,7 @@ class Detector:
     def audio_gap(self, reopened: bool) -> None:
         """The microphone lost audio here: no window joins the two sides. A reopened device
         (seconds lost) ends an open anomaly (`audio_gap`) and waits the settle time, as after
-        a stall; a few dropped blocks only restart the windowing."""
+        a stall; blocks dropped by a full queue only restart the windowing."""
         if reopened:
             self._resync()
             self.pipeline.machine.heard_nothing((self._samples - self._base) / self._rate)

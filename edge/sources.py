@@ -25,8 +25,8 @@ NEW_STREAM = NewStream()
 
 
 class AudioGap:
-    """Yielded by the microphone where audio was lost (blocks dropped by a full queue or by the
-    driver, the device reopened): the next block does not continue the last, so no window may
+    """Yielded by the microphone where audio was lost (blocks dropped by a full queue, the
+    device reopened): the next block does not continue the last, so no window may
     join them."""
 
     def __init__(self, reopened: bool = False) -> None:
