@@ -106,8 +106,10 @@ def test_evaluate_counts_events_with_the_devices_machine_off_gate(tmp_path: Path
     the bundle's `machine.off_below_dbfs`), where the daemon raises none."""
     model = tmp_path / "m.bundle"
     cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(model))
-    quiet = tmp_path / "quiet_fault.wav"  # the fault 60 dB down: the machine is 'off' there
-    sf.write(str(quiet), _mono(ANOMALOUS_FILE) * 1e-3, RATE, subtype="FLOAT")
+    quiet = tmp_path / "quiet_fault.wav"  # the fault 40 dB down: the machine is 'off' there
+    # (60 dB down its peak-to-peak falls below FLAT_RANGE: a flat line, which says nothing of
+    # the machine, as a dead microphone does not)
+    sf.write(str(quiet), _mono(ANOMALOUS_FILE) * 1e-2, RATE, subtype="FLOAT")
     report = tmp_path / "eval.json"
     proc = cli("evaluate", str(model), "--normal", str(NORMAL_FILES[0]), "--anomalous",
                str(ANOMALOUS_FILE), str(quiet), "--json", str(report))  # fmt: skip
