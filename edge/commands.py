@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,14 +27,19 @@ THRESHOLD_FACTOR = 4.0
 class _Command(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str | None = Field(None, max_length=100, description="Echoed in the response.")
+    id: str | None = Field(
+        None,
+        max_length=100,
+        pattern=r"^[!-~]+$",  # printable ASCII, no spaces: a newline in it forged log lines
+        description="Echoed in the response.",
+    )
 
 
 class Mute(_Command):
     """Silence anomaly events for maintenance; an open anomaly is ended."""
 
     command: Literal["mute"]
-    minutes: float = Field(gt=0, le=MAX_MUTE_MINUTES)
+    minutes: float = Field(gt=0, le=MAX_MUTE_MINUTES, strict=True)  # not "60", not true
 
 
 class Unmute(_Command):
@@ -45,7 +52,7 @@ class SetThreshold(_Command):
     """Change the decision threshold (within bounds of the calibrated one)."""
 
     command: Literal["set_threshold"]
-    value: float = Field(gt=0)
+    value: float = Field(gt=0, strict=True)
 
 
 class ReloadModel(_Command):
@@ -69,7 +76,11 @@ class Learn(_Command):
     command: Literal["learn"]
     action: Literal["start", "stop", "cancel"]
     seconds: float | None = Field(
-        None, gt=0, le=MAX_LEARN_SECONDS, description="start: seconds of audio to learn from."
+        None,
+        gt=0,
+        le=MAX_LEARN_SECONDS,
+        strict=True,
+        description="start: seconds of audio to learn from.",
     )
 
 
@@ -166,6 +177,28 @@ def _one_line(text: object, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+THRESHOLD_STEPS = 100
+"""The threshold moves in steps of about 1/100 of the calibrated value..."""
+MIN_STEP = 0.001
+"""...but never finer than Home Assistant's smallest step."""
+
+
 def threshold_bounds(calibrated: float) -> tuple[float, float]:
-    """Allowed range for set_threshold."""
-    return calibrated / THRESHOLD_FACTOR, calibrated * THRESHOLD_FACTOR
+    """Allowed range for set_threshold: a factor of THRESHOLD_FACTOR either way, rounded
+    outward onto the step grid (`threshold_step`) of Home Assistant's threshold number, so
+    every value it offers is accepted and every accepted one can be shown."""
+    step = threshold_step(calibrated)
+    low, high = calibrated / THRESHOLD_FACTOR, calibrated * THRESHOLD_FACTOR
+    return on_step(low, step, math.floor), on_step(high, step, math.ceil)
+
+
+def threshold_step(calibrated: float) -> float:
+    """A round step for the threshold number: about 1/100 of the calibrated threshold."""
+    step = 10 ** math.floor(math.log10(calibrated / THRESHOLD_STEPS))
+    return max(MIN_STEP, step)
+
+
+def on_step(value: float, step: float, direction: Callable[[float], float]) -> float:
+    """`value` moved onto the step grid by `direction` (math.floor or math.ceil)."""
+    digits = max(0, -math.floor(math.log10(step)))
+    return round(direction(round(value / step, 6)) * step, digits)

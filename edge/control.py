@@ -17,6 +17,7 @@ from typing import Any
 
 from edge.bundle import Bundle, load_bundle
 from edge.commands import (
+    MAX_COMMAND_BYTES,
     Command,
     CommandError,
     Learn,
@@ -38,11 +39,9 @@ from edge.settings import Settings
 log = logging.getLogger(__name__)
 
 REPEAT_WINDOW_S = 300.0
-"""A command with the `id` and content of one answered this recently is a repeated delivery
-(MQTT QoS 1 delivers at least once): it gets the first reply again and is not run again, so a
-rollback does not step back twice, nor a learn start restart the period."""
-REPEATS_KEPT = 256
-"""Most recent command replies remembered for that (the oldest go first)."""
+"""A command with the `id` and content of the last one answered, this recently, is a repeated
+delivery (MQTT QoS 1 delivers at least once): it gets the first reply again and is not run
+again, so a rollback does not step back twice, nor a learn start restart the period."""
 
 
 class Controller:
@@ -55,16 +54,27 @@ class Controller:
         """Replies of recent commands with an id, by id and content, with when they ran."""
 
     def submit_payload(self, payload: bytes) -> None:
-        """From the MQTT thread: queue a raw command for the loop (shed if the queue is full)."""
+        """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
+        One over the size limit is not held while it waits (64 of the broker's largest would
+        take a Pi's memory): only its size is."""
+        if len(payload) > MAX_COMMAND_BYTES:
+            size = len(payload)
+            self.detector.submit(lambda: self.handle_payload(b"", oversize=size))
+            return
         self.detector.submit(lambda: self.handle_payload(payload))
 
     def submit_reload(self) -> None:
         """From the SIGHUP handler: queue a settings and model reload."""
         self.detector.submit_from_signal(self.reload)
 
-    def handle_payload(self, payload: bytes) -> ResponseMessage:
-        """Validate and run one command; reply with the outcome, whatever the payload."""
+    def handle_payload(self, payload: bytes, oversize: int = 0) -> ResponseMessage:
+        """Validate and run one command; reply with the outcome, whatever the payload
+        (`oversize`: the size of one too large to be kept)."""
         try:
+            if oversize:
+                raise CommandError(
+                    f"payload of {oversize} bytes is over the {MAX_COMMAND_BYTES}-byte limit"
+                )
             command = parse_command(payload)
         except CommandError as exc:
             log.warning("rejected command %s: %s", exc.command, exc)
@@ -78,10 +88,11 @@ class Controller:
             self.detector.respond(first)
             return first
         reply = self._handle(command)
+        # A delivery repeated by QoS 1 comes before anything else is run; once another command
+        # has run, the same id and content is a new request (mute, unmute, mute: muted again).
+        self._answered.clear()
         if key:
             self._answered[key] = (time.monotonic(), reply)
-            while len(self._answered) > REPEATS_KEPT:
-                self._answered.popitem(last=False)
         return reply
 
     def _repeat_of(self, key: str) -> ResponseMessage | None:

@@ -362,10 +362,11 @@ class Detector:
         the site's normal set and the model is refitted. Returns the refit's outcome."""
         adapter = self._adapter()
         eid = self._event_named(event_id)
+        rows = self._event_rows(eid)  # refused (a kind that cannot learn): the event goes on
+        bundle = adapter.mark(eid, rows, self.bundle)
         if self.pipeline.events.event_id == eid:
             self.close_event("marked_normal")
-        rows = self._event_rows(eid)
-        self._switch(adapter.mark(eid, rows, self.bundle))
+        self._switch(bundle)
         return {"event_id": eid, **(adapter.last_refit or {})}
 
     def rollback(self) -> str:

@@ -20,7 +20,7 @@ from typing import Any, get_args, get_type_hints
 
 from edge import __version__
 from edge.bundle import Bundle
-from edge.commands import threshold_bounds
+from edge.commands import on_step, threshold_bounds, threshold_step
 from edge.daemon import Sink
 from edge.messages import StateMessage
 from edge.topics import Topics
@@ -35,10 +35,6 @@ ORIGIN = {
 """Who publishes the discovery payloads (Home Assistant logs it)."""
 HA_MUTE_MINUTES = 60
 """How long the mute switch silences the detector when turned on."""
-THRESHOLD_STEPS = 100
-"""The threshold number moves in steps of about 1/100 of the calibrated value..."""
-MIN_STEP = 0.001
-"""...but never finer than Home Assistant's smallest step."""
 FAULT = "fault"
 """The state message's `state` while the audio is faulty."""
 STATES = list(get_args(get_type_hints(StateMessage)["state"]))
@@ -47,9 +43,10 @@ STATES = list(get_args(get_type_hints(StateMessage)["state"]))
 # Jinja templates Home Assistant renders on each payload. Rendering `None` makes a binary
 # sensor or a sensor `unknown` (Home Assistant's MQTT docs), which is what a faulty
 # microphone means: nothing is known about the machine.
-NOT_JUDGING = ("fault", "learning")
-"""States in which the detector says nothing about the machine: a faulty microphone, or the
-commissioning period still learning what normal sounds like."""
+NOT_JUDGING = ("fault", "learning", "muted", "starting")
+"""States in which the detector says nothing about the machine: a faulty microphone, the
+commissioning period still learning what normal sounds like, a mute (a week of "no problem"
+while nothing listened), the first seconds before a window is heard."""
 ANOMALY_TEMPLATE = (
     f"{{% if value_json.state in {NOT_JUDGING!r} %}}None"
     "{% elif value_json.state == 'anomaly' %}ON{% else %}OFF{% endif %}"
@@ -75,12 +72,6 @@ def _unless_fault(field: str) -> str:
 def _command(payload: dict[str, Any]) -> str:
     """A command payload for the `set` topic, compact JSON."""
     return json.dumps(payload, separators=(",", ":"))
-
-
-def threshold_step(calibrated: float) -> float:
-    """A round step for the threshold number: about 1/100 of the calibrated threshold."""
-    step = 10 ** math.floor(math.log10(calibrated / THRESHOLD_STEPS))
-    return max(MIN_STEP, step)
 
 
 def discovery_configs(
@@ -254,11 +245,12 @@ def threshold_range(calibrated: float, in_force: float | None = None) -> tuple[f
     """(min, max, step) of the threshold number: the bounds set_threshold accepts, widened to
     the threshold in force (a `[detector] threshold` override may lie outside) and rounded
     outward onto the step grid, so Home Assistant can show every threshold the device runs."""
-    low, high = threshold_bounds(calibrated)
-    if in_force is not None:
-        low, high = min(low, in_force), max(high, in_force)
+    low, high = threshold_bounds(calibrated)  # already on the step grid
     step = threshold_step(calibrated)
-    return _on_step(low, step, math.floor), _on_step(high, step, math.ceil), step
+    if in_force is not None:
+        low = min(low, on_step(in_force, step, math.floor))
+        high = max(high, on_step(in_force, step, math.ceil))
+    return low, high, step
 
 
 class DiscoveryRefresh(Sink):
@@ -305,9 +297,3 @@ class DiscoveryRefresh(Sink):
         topic = self.publisher.topics.ha_config("number", "threshold")
         number = self.publisher.discovery.get(topic)
         return number is None or number["min"] <= threshold <= number["max"]
-
-
-def _on_step(value: float, step: float, direction: Any) -> float:
-    """`value` moved onto the step grid by `direction` (math.floor or math.ceil)."""
-    digits = max(0, -math.floor(math.log10(step)))
-    return round(direction(round(value / step, 6)) * step, digits)

@@ -302,3 +302,33 @@ def test_a_stall_during_an_anomaly_ends_it_as_a_gap_and_systemd_hears_why(
     status = [m.split("STATUS=")[1] for m in said if "STATUS=" in m]
     assert status[0].startswith("listening with"), said
     assert any(s.startswith("no audio: no audio for 1 s") for s in status[1:]), said
+
+
+def test_the_same_id_after_another_command_runs_again(tmp_path: Path) -> None:
+    """Repeats were recognised by id and content for 5 minutes whatever ran in between: with
+    a fixed id (the Home Assistant example's), mute, unmute, mute answered "muted" from the
+    cache and left the device unmuted."""
+    d = Detector(Settings(data_dir=tmp_path), load_bundle(DEMO_BUNDLE), [])
+    control = Controller(d)
+    mute = b'{"command": "mute", "minutes": 240, "id": "ha-maintenance"}'
+    assert control.handle_payload(mute).ok and d.muted
+    assert control.handle_payload(mute).ok and d.muted, "a redelivery: the first reply again"
+    assert control.handle_payload(b'{"command": "unmute"}').ok and not d.muted
+    assert control.handle_payload(mute).ok and d.muted, "a new request: run again"
+
+
+def test_an_oversized_command_is_not_held_while_it_waits(tmp_path: Path) -> None:
+    """The size was checked on the loop's thread: up to 64 payloads of the broker's largest
+    (256 MB by default) waited in the work queue, enough to take a Pi's memory."""
+    d = Detector(Settings(data_dir=tmp_path), load_bundle(DEMO_BUNDLE), [])
+    control = Controller(d)
+    big = b"{" + b" " * (1 << 20) + b"}"
+    control.submit_payload(big)
+    (work,) = list(d._work.queue)
+    held = [c.cell_contents for c in (work.__closure__ or ())]
+    assert not any(isinstance(c, bytes) and len(c) > 1000 for c in held), "the payload is kept"
+    replies = Recorder()
+    d.sinks = (replies,)
+    d.run_pending()
+    (reply,) = replies.responses
+    assert not reply.ok and "over the 65536-byte limit" in reply.detail

@@ -461,8 +461,7 @@ def test_discovery_is_retained_and_the_problem_sensor_flips_on_a_dead_microphone
     assert [render(problem, p) for p in health_seen][:1] == ["OFF"]
     assert "ON" in [render(problem, p) for p in health_seen]
     readings = [render(anomaly, p) for p in states_seen]
-    assert "OFF" in readings and "None" in readings
-    assert readings.index("OFF") < readings.index("None")
+    assert "OFF" in readings and "None" in readings[readings.index("OFF") :], readings  # fault
 
 
 def _entity_id(component: str, config: dict[str, Any]) -> str:
@@ -606,3 +605,48 @@ def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
     assert second == discovery_configs(TOPICS, ae.model_id, ae.threshold)[number]
     low, high = threshold_bounds(ae.threshold)
     assert second["device"]["model"] == ae.model_id and second["min"] <= low < high <= second["max"]
+
+
+def test_the_anomaly_sensor_is_unknown_while_nothing_listens() -> None:
+    """A week's mute (it survives restarts) read as "no problem" in Home Assistant."""
+    anomaly = _config("binary_sensor", "anomaly")["value_template"]
+    for state in ("muted", "starting", "learning", "fault"):
+        assert render(anomaly, _state(state)) == "None", state
+
+
+def test_every_threshold_home_assistant_offers_is_accepted(tmp_path: Path) -> None:
+    """The number's bounds were rounded outward and set_threshold refused them: Home
+    Assistant offered 0.46 and 7.5 on the demo model, and the number snapped back."""
+    from edge.control import Controller
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    configs = discovery_configs(TOPICS, bundle.model_id, bundle.threshold)
+    number = configs[TOPICS.ha_config("number", "threshold")]
+    control = Controller(Detector(Settings(data_dir=tmp_path), bundle, []))
+    for value in (number["min"], number["max"]):
+        payload = render(number["command_template"], value=value)
+        reply = control.handle_payload(payload.encode())
+        assert reply.ok, reply.detail
+
+
+def test_command_ids_and_numbers_are_what_the_schema_says() -> None:
+    """A newline in an id forged a line of the journal's audit trail; "60" and true were
+    taken as numbers (true: a one-minute mute) though the schema says number."""
+    from edge.commands import CommandError
+
+    schema = json.loads((ROOT / "edge" / "schemas" / "command.schema.json").read_text())
+    check = Draft202012Validator(schema)
+    for payload in (
+        {"command": "mute", "minutes": 60, "id": "a\n2026-01-01 INFO edge.control: forged"},
+        {"command": "mute", "minutes": "60"},
+        {"command": "mute", "minutes": True},
+        {"command": "mute", "minutes": 60, "id": "x" * 101},
+        {"command": "set_threshold", "value": "1e400"},
+    ):
+        with pytest.raises(CommandError):
+            parse_command(json.dumps(payload))
+        assert not check.is_valid(payload), payload
+    ok = {"command": "mute", "minutes": 60, "id": "op-17"}
+    assert isinstance(parse_command(json.dumps(ok)), Mute) and check.is_valid(ok)

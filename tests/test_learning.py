@@ -874,3 +874,23 @@ def test_a_sighup_whose_new_model_failed_to_load_loads_it_at_the_next_one(tmp_pa
     d = device.detector
     assert d.bundle.path.resolve() == other.resolve()
     assert d.adapter.configured.path.resolve() == other.resolve()
+
+
+def test_a_mark_normal_that_is_refused_leaves_the_open_event_open(tmp_path: Path) -> None:
+    """The open event was ended (`marked_normal`) before the mark was tried: a model that
+    cannot learn on site, or a refit the data refuse, replied "rejected ... changes nothing"
+    while the alarm had been cleared."""
+    settings = load_settings(None, model=AE_BUNDLE, data_dir=tmp_path / "data",
+                             detector={"cooldown_seconds": 0})  # fmt: skip
+    reports = Recorder()
+    d = Detector(settings, load_bundle(AE_BUNDLE), [reports], persist=True)
+    audio = read_audio(DEMO_CLIP, RATE)
+    for i in range(0, len(audio), RATE // 10):
+        d.feed(audio[i : i + RATE // 10])
+        if d.pipeline.events.event_id:
+            break
+    assert d.pipeline.events.event_id, "an event is open"
+    reply = Controller(d).handle_payload(b'{"command": "mark_normal", "event_id": "last"}')
+    assert not reply.ok and "cannot learn on site" in reply.detail, reply.detail
+    assert d.pipeline.events.event_id, "still open"
+    assert [e.type for e in reports.events] == ["start"]
