@@ -568,6 +568,12 @@ def test_the_node_red_example_keeps_its_session_across_restarts() -> None:
     assert broker["protocolVersion"] != "5" or int(broker["sessionExpiry"]) > 0  # 0: no session
     subscription = next(n for n in flow if n["type"] == "mqtt in")
     assert subscription["qos"] == "1"
+    # QoS 1 delivers at least once: the first node after the subscription drops repeats by the
+    # README's key, or a redelivered start sent a second alert
+    (first,) = [n for n in flow if n["id"] in subscription["wires"][0]]
+    assert first["type"] == "function" and all(
+        f"e.{field}" in first["func"] for field in ("event_id", "type", "seq")
+    )
 
 
 @pytest.mark.slow
