@@ -53,87 +53,71 @@ def run_detector(
     broker. `lock`: data_dir already held (`hold_data_dir`), closed at the end."""
     lock = hold_data_dir(settings.data_dir) if lock is None else lock
     try:
-        return _run_detector(settings, bundle, source, print_events, on_stop, reload_settings,
-                             extra_sinks, on_step, live)  # fmt: skip
+        controller: Controller | None = None
+
+        def on_command(payload: bytes) -> None:
+            if controller is not None:  # commands before the loop exists wait for a resend
+                controller.submit_payload(payload)
+
+        dashboard = _dashboard(settings)  # bound first: a taken port is said before anything starts
+        page = dashboard.base_url() if dashboard is not None else None
+        client_id = f"soundsentry-{settings.device_id}" + ("" if live else f"-replay-{os.getpid()}")
+        logged = _logged_events(settings.data_dir)
+        publisher = (
+            _publisher(settings, bundle, on_command, page, client_id, logged)
+            if settings.mqtt.host
+            else None
+        )
+        sinks: list[Sink] = []
+        if publisher is not None:
+            sinks.append(MqttSink(publisher))  # spooled durably before it is printed
+        if print_events:
+            sinks.append(JsonLinesSink())
+        sinks.append(EventLogSink(settings.data_dir))  # the device's own record: `events`
+        sinks.extend(extra_sinks)
+        if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id
+            sinks.append(_discovery_refresh(publisher, bundle, lambda: detector.bundle, page))
+        if dashboard is not None:
+            sinks.append(dashboard.live)
+        if live:
+            end_interrupted(logged, sinks)
+        spool = publisher.spool if publisher is not None else None
+        detector = Detector(
+            settings,
+            bundle,
+            sinks,
+            on_step=on_step,
+            spool_stats=(lambda: (spool.depth(), spool.dropped)) if spool is not None else None,
+            persist=True,  # threshold, mute and learned models survive a restart (data_dir)
+            live=live,  # the device's running hours count what its microphone heard
+        )
+        controller = Controller(detector, reload_settings)
+        if dashboard is not None:
+            dashboard.start(detector, controller.handle_payload)
+
+        def stop() -> None:
+            detector.stop()
+            if on_stop:
+                on_stop()
+
+        _install_signals(stop, controller.submit_reload)  # before the wait: SIGTERM stops cleanly
+        if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
+            log.warning(
+                "MQTT: no connection to %s:%d after %g s (%s); events are spooled until there is",
+                settings.mqtt.host, settings.mqtt.port, FIRST_CONNECT_WAIT_S,
+                publisher.problem or "no answer yet",
+            )  # fmt: skip
+        try:
+            detector.run(source)
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
+            if publisher is not None:
+                publisher.close(CLOSE_FLUSH_S)
+                publisher.spool.close()
+        return detector
     finally:
         os.close(lock)
-
-
-def _run_detector(
-    settings: Settings,
-    bundle: Bundle,
-    source: Iterable[np.ndarray | None],
-    print_events: bool = True,
-    on_stop: Callable[[], None] | None = None,
-    reload_settings: Callable[[], Settings] | None = None,
-    extra_sinks: Iterable[Sink] = (),
-    on_step: Callable[[Step], None] | None = None,
-    live: bool = False,
-) -> Detector:
-    """run_detector's work, with data_dir held."""
-    controller: Controller | None = None
-
-    def on_command(payload: bytes) -> None:
-        if controller is not None:  # commands before the loop exists wait for a resend
-            controller.submit_payload(payload)
-
-    dashboard = _dashboard(settings)  # bound first: a taken port is said before anything starts
-    page = dashboard.base_url() if dashboard is not None else None
-    client_id = f"soundsentry-{settings.device_id}" + ("" if live else f"-replay-{os.getpid()}")
-    logged = _logged_events(settings.data_dir)
-    publisher = (
-        _publisher(settings, bundle, on_command, page, client_id, logged)
-        if settings.mqtt.host
-        else None
-    )
-    sinks: list[Sink] = []
-    if publisher is not None:
-        sinks.append(MqttSink(publisher))  # spooled durably before it is printed
-    if print_events:
-        sinks.append(JsonLinesSink())
-    sinks.append(EventLogSink(settings.data_dir))  # the device's own record: `events`
-    sinks.extend(extra_sinks)
-    if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id
-        sinks.append(_discovery_refresh(publisher, bundle, lambda: detector.bundle, page))
-    if dashboard is not None:
-        sinks.append(dashboard.live)
-    if live:
-        end_interrupted(logged, sinks)
-    spool = publisher.spool if publisher is not None else None
-    detector = Detector(
-        settings,
-        bundle,
-        sinks,
-        on_step=on_step,
-        spool_stats=(lambda: (spool.depth(), spool.dropped)) if spool is not None else None,
-        persist=True,  # threshold, mute and learned models survive a restart (data_dir)
-        live=live,  # the device's running hours count what its microphone heard
-    )
-    controller = Controller(detector, reload_settings)
-    if dashboard is not None:
-        dashboard.start(detector, controller.handle_payload)
-
-    def stop() -> None:
-        detector.stop()
-        if on_stop:
-            on_stop()
-
-    _install_signals(stop, controller.submit_reload)  # before the wait: SIGTERM stops cleanly
-    if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
-        log.warning(
-            "MQTT: no connection to %s:%d after %g s (%s); events are spooled until there is",
-            settings.mqtt.host, settings.mqtt.port, FIRST_CONNECT_WAIT_S,
-            publisher.problem or "no answer yet",
-        )  # fmt: skip
-    try:
-        detector.run(source)
-    finally:
-        if dashboard is not None:
-            dashboard.stop()
-        if publisher is not None:
-            publisher.close(CLOSE_FLUSH_S)
-            publisher.spool.close()
-    return detector
 
 
 LOCK = ".lock"
