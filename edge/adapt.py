@@ -162,8 +162,8 @@ class Adapter:
     @property
     def learned(self) -> bool:
         """True once a period has ended in a version for the configured model (kept apart
-        from the versions, which are pruned), or in a refit that failed: an automatic period
-        is not begun again at every start."""
+        from the versions, which are pruned), in a refit that failed, or was cancelled: an
+        automatic period is not begun again at every start."""
         m = self.configured.model_id
         return m in self.history.learned or m in self.history.failed
 

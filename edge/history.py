@@ -77,9 +77,9 @@ class ModelHistory:
             str(e["of"]) for e in self.entries if e.get("reason") == "learning" and e.get("of")
         }
         self.failed: set[str] = {str(m) for m in data.get("failed", []) if isinstance(m, str)}
-        """Configured models whose commissioning period ended in a refit that failed: not
-        begun again at every start (a period suppresses events while it runs); a `learn`
-        command can."""
+        """Configured models whose commissioning period ended in a refit that failed, or was
+        cancelled: not begun again at every start (a period suppresses events while it runs);
+        a `learn` command can."""
         if data.get("configured") not in (None, configured):
             log.warning(
                 "the configured model is now %s (was %s): the versions made for the old one "
