@@ -115,15 +115,19 @@ class CommandError(ValueError):
         self.command_id = command_id
 
 
+def check_size(size: int) -> None:
+    """CommandError for a payload of `size` bytes over MAX_COMMAND_BYTES."""
+    if size > MAX_COMMAND_BYTES:
+        raise CommandError(f"payload of {size} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
+
+
 def parse_command(payload: bytes | str) -> Command:
     """Parse and validate a command payload, or raise CommandError with the reason.
 
     Size and nesting are checked before the JSON parser runs, so no payload can exhaust
     memory or the stack; whatever the payload, the outcome is a command or a CommandError.
     """
-    size = len(payload)
-    if size > MAX_COMMAND_BYTES:
-        raise CommandError(f"payload of {size} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
+    check_size(len(payload))
     try:
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
     except UnicodeDecodeError as exc:

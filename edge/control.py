@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from edge.commands import (
     SetThreshold,
     Status,
     Unmute,
+    check_size,
     parse_command,
     threshold_bounds,
 )
@@ -50,8 +50,8 @@ class Controller:
     def __init__(self, detector: Detector, reload_settings: Callable[[], Settings] | None = None):
         self.detector = detector
         self.reload_settings = reload_settings
-        self._answered: OrderedDict[str, tuple[float, ResponseMessage]] = OrderedDict()
-        """Replies of recent commands with an id, by id and content, with when they ran."""
+        self._last: tuple[str, float, ResponseMessage] | None = None
+        """The last command run, if it had an id: its id and content, when, and its reply."""
 
     def submit_payload(self, payload: bytes) -> None:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
@@ -71,10 +71,7 @@ class Controller:
         """Validate and run one command; reply with the outcome, whatever the payload
         (`oversize`: the size of one too large to be kept)."""
         try:
-            if oversize:
-                raise CommandError(
-                    f"payload of {oversize} bytes is over the {MAX_COMMAND_BYTES}-byte limit"
-                )
+            check_size(oversize)
             command = parse_command(payload)
         except CommandError as exc:
             log.warning("rejected command %s: %s", exc.command, exc)
@@ -90,21 +87,16 @@ class Controller:
         reply = self._handle(command)
         # A delivery repeated by QoS 1 comes before anything else is run; once another command
         # has run, the same id and content is a new request (mute, unmute, mute: muted again).
-        self._answered.clear()
-        if key:
-            self._answered[key] = (time.monotonic(), reply)
+        self._last = (key, time.monotonic(), reply) if key else None
         return reply
 
     def _repeat_of(self, key: str) -> ResponseMessage | None:
-        """The first reply to a command of this id and content within REPEAT_WINDOW_S."""
-        now = time.monotonic()
-        while self._answered:  # forget what is older than the window (oldest first)
-            when, _ = next(iter(self._answered.values()))
-            if now - when <= REPEAT_WINDOW_S:
-                break
-            self._answered.popitem(last=False)
-        found = self._answered.get(key)
-        return found[1] if found else None
+        """The reply to the last command run, if it had this id and content and ran within
+        REPEAT_WINDOW_S."""
+        if self._last is None:
+            return None
+        last, when, reply = self._last
+        return reply if last == key and time.monotonic() - when <= REPEAT_WINDOW_S else None
 
     def _handle(self, command: Command) -> ResponseMessage:
         """Run a valid command and reply with the outcome."""
