@@ -87,7 +87,7 @@ def run_detector(
             bundle,
             sinks,
             on_step=on_step,
-            spool_stats=(lambda: (spool.depth(), spool.dropped)) if spool is not None else None,
+            spool_stats=spool.stats if spool is not None else None,
             persist=True,  # threshold, mute and learned models survive a restart (data_dir)
             live=live,  # the device's running hours count what its microphone heard
         )
@@ -167,11 +167,15 @@ def _publisher(
     from edge.spool import open_spool
 
     topics = Topics(settings.mqtt.prefix, settings.device_id, settings.mqtt.discovery_prefix)
-    spool = open_spool(
-        settings.data_dir / f"spool-{settings.device_id}.sqlite", settings.mqtt.spool_max_messages
-    )
-    if spool.depth():
-        log.info("spool: %d message(s) from an earlier run will be delivered", spool.depth())
+    path = settings.data_dir / f"spool-{settings.device_id}.sqlite"
+    spool = open_spool(path, settings.mqtt.spool_max_messages)
+    waiting = spool.stats()[0]
+    if waiting:
+        log.info("spool: %d message(s) from an earlier run will be delivered", waiting)
+    for other in sorted(settings.data_dir.glob("spool-*.sqlite")):
+        if other != path:  # device_id (the host name by default) was changed
+            log.warning("%s is another device id's spool: its messages are not sent by this "
+                        "one; delete it once it is not needed", other)  # fmt: skip
     publisher = MqttPublisher(settings.mqtt, topics, client_id, spool, on_command=on_command)
     if settings.mqtt.discovery:
         publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold, page))

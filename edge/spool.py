@@ -56,10 +56,12 @@ def open_spool(path: Path, max_messages: int) -> Spool:
         return Spool(path, max_messages)
     except (sqlite3.OperationalError, OSError) as exc:  # disk full, I/O error, read-only
         problem = exc
-    except sqlite3.DatabaseError as exc:  # not a database: damaged beyond SQLite's recovery
+    except sqlite3.DatabaseError as exc:  # not a database, or a damaged page: beyond recovery
         aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
         log.error("spool %s is damaged (%s): moved to %s, a new one started", path, exc, aside)
         try:
+            for old in path.parent.glob(f"{path.name}.broken-*"):  # a failing card repeats this:
+                old.unlink()  # the last damaged spool is kept for a look, not every one
             for suffix in ("", "-wal", "-shm"):
                 part = path.with_name(path.name + suffix)
                 if part.exists():
@@ -95,9 +97,16 @@ class Spool:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            if path is not None:  # a damaged page (an SD card that ignored a flush) opens
+                # fine and fails at the first read: found here, the file is moved aside
+                found = self._db.execute("PRAGMA quick_check").fetchone()
+                if found is None or found[0] != "ok":
+                    raise sqlite3.DatabaseError(f"quick_check: {found[0] if found else '?'}")
         except sqlite3.Error:
             self._db.close()
             raise
+        self._stats = (0, 0)
+        self._stats_failed = False
 
     def append(self, topic: str, payload: str, qos: int = 1, retain: bool = False) -> int:
         """Store a message durably; drop the oldest if the spool is full. Returns its id."""
@@ -151,8 +160,22 @@ class Spool:
     def dropped(self) -> int:
         """Messages dropped because the spool was full, over its lifetime."""
         with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
-        return int(row[0]) if row else 0
+            return self._dropped()
+
+    def stats(self) -> tuple[int, int]:
+        """(messages waiting, dropped) for the metrics and the status; when the file cannot
+        be read (a failing card, said by the publisher), the last figures read, logged once:
+        a report must never stop the monitor."""
+        try:
+            with self._lock:
+                self._stats = (self._count(), self._dropped())
+            self._stats_failed = False
+        except sqlite3.Error as exc:
+            if not self._stats_failed:
+                log.error("spool %s cannot be read (%s): its figures are the last read",
+                          self.path, exc)  # fmt: skip
+            self._stats_failed = True
+        return self._stats
 
     def close(self) -> None:
         """Close the database."""
@@ -161,3 +184,7 @@ class Spool:
 
     def _count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def _dropped(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
+        return int(row[0]) if row else 0

@@ -21,6 +21,7 @@ from mqtt_helpers import Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 from test_field_daemon import daemon, faulty_audio, write_config
 
+from edge.spool import _SCHEMA as _SPOOL_SCHEMA
 from edge.topics import Topics
 
 pytestmark = pytest.mark.slow
@@ -193,19 +194,32 @@ def test_a_spool_that_cannot_be_written_still_delivers_events_and_health(
         sub.close()
 
 
-@pytest.mark.parametrize("damage", ["not a database", "cannot be opened"])
+@pytest.mark.parametrize("damage", ["not a database", "a damaged page", "cannot be opened"])
 def test_a_spool_file_that_cannot_be_used_does_not_stop_the_daemon_from_starting(
     broker: Broker, tmp_path: Path, damage: str
 ) -> None:
-    """A spool damaged by the card (garbage where the database was), or one that cannot be
-    opened at all (here a folder in its place; on a Pi, a full or read-only card), raised an
-    uncaught sqlite3 error at start: the service restarted every 5 s and detected nothing.
-    Now the daemon starts, says why in one error line, and its events reach the broker."""
+    """A spool damaged by the card (garbage where the database was, or one bad page of a good
+    database, which opens and fails at the first read), or one that cannot be opened at all
+    (here a folder in its place; on a Pi, a full or read-only card), raised an uncaught
+    sqlite3 error at start: the service restarted every 5 s and detected nothing. Now the
+    daemon starts, says why in one error line, and its events reach the broker; of the
+    damaged spools moved aside, the last is kept."""
     config = write_config(tmp_path, "spooled", broker.port)
     spool = tmp_path / "data" / "spool-spooled.sqlite"
     spool.parent.mkdir(parents=True)
     if damage == "not a database":
         spool.write_bytes(b"this is not an SQLite database, a card's block went bad\n" * 100)
+    elif damage == "a damaged page":
+        (spool.parent / "spool-spooled.sqlite.broken-20260101T000000").write_bytes(b"older")
+        db = sqlite3.connect(spool)
+        db.executescript(_SPOOL_SCHEMA)
+        db.executemany("INSERT INTO outbox (topic, payload, qos, retain, created) "
+                       "VALUES ('t', ?, 1, 0, 0)", [("x" * 200,)] * 300)  # fmt: skip
+        db.commit()
+        db.close()
+        with spool.open("r+b") as fh:  # page 2 onwards: the header (page 1) still reads
+            fh.seek(4096)
+            fh.write(b"\xa5" * 4096)
     else:
         spool.mkdir()
     sub = Subscriber(broker.port, "soundsentry/spooled/#")
@@ -222,7 +236,7 @@ def test_a_spool_file_that_cannot_be_used_does_not_stop_the_daemon_from_starting
         )
     finally:
         sub.close()
-    if damage == "not a database":  # kept for a look, out of the way; a new spool in its place
+    if damage != "cannot be opened":  # kept for a look, out of the way; a new spool in its place
         assert len(list(spool.parent.glob("spool-spooled.sqlite.broken-*"))) == 1
         assert sqlite3.connect(spool).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
 
@@ -720,3 +734,22 @@ def test_no_window_joins_the_two_sides_of_lost_audio_and_a_reopen_ends_the_event
     assert ends[0] == "audio_gap", ends
     starts = [e.stream_offset_s for e in reports.events if e.type == "start"]
     assert len(starts) == 2 and starts[1] >= 5.75 + 5.0, "the settle time after the reopen"
+
+
+def test_a_spool_that_cannot_be_read_gives_its_last_figures_and_does_not_stop_the_monitor(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The metrics and the status read the spool's depth every minute, outside any handler:
+    an I/O error of a failing card there ended the running daemon. Now they get the last
+    figures read, and the error is logged once."""
+    from edge.spool import Spool
+
+    spool = Spool(tmp_path / "spool.sqlite")
+    spool.append("t", "x")
+    spool.append("t", "y")
+    assert spool.stats() == (2, 0)
+    spool._db.close()  # every statement now raises sqlite3.ProgrammingError, an sqlite3.Error
+    with caplog.at_level("ERROR", logger="edge.spool"):
+        assert spool.stats() == (2, 0)
+        assert spool.stats() == (2, 0)
+    assert len([r for r in caplog.records if "cannot be read" in r.getMessage()]) == 1
