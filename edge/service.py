@@ -3,6 +3,7 @@ publisher with its durable spool, signal handlers and the controller."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -129,11 +130,21 @@ def hold_data_dir(data_dir: Path) -> int:
     replay beside the service, on one data_dir overwrote each other's state, spool, model
     versions and learning: refused in one line naming the other's pid."""
     path = data_dir / LOCK
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    writable = True
     try:
         private_dir(data_dir)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | nofollow, 0o600)
     except OSError as exc:
-        raise SoundSentryError(f"data_dir {data_dir}: {exc.strerror or exc}") from None
+        if exc.errno != errno.EROFS or not data_dir.is_dir():
+            raise SoundSentryError(f"data_dir {data_dir}: {exc.strerror or exc}") from None
+        # a card the kernel remounted read-only after I/O errors: the daemon still detects
+        # and publishes (spool in memory), it saves nothing; locked by whatever can be opened
+        fd = os.open(path if path.exists() else data_dir, os.O_RDONLY | nofollow)
+        writable = False
+        log.error("data_dir %s is on a read-only file system: this run detects and "
+                  "publishes but saves nothing (state, learning, events, spool, clips)",
+                  data_dir)  # fmt: skip
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -147,8 +158,12 @@ def hold_data_dir(data_dir: Path) -> int:
         log.warning("data_dir %s cannot be locked (%s): nothing stops a second soundsentry "
                     "from using it too", data_dir, exc.strerror or exc)  # fmt: skip
         return fd
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if writable:
+        try:  # the pid only says who holds it; a full disk must not stop the start
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
     return fd
 
 

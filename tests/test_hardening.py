@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -753,3 +754,37 @@ def test_a_spool_that_cannot_be_read_gives_its_last_figures_and_does_not_stop_th
         assert spool.stats() == (2, 0)
         assert spool.stats() == (2, 0)
     assert len([r for r in caplog.records if "cannot be read" in r.getMessage()]) == 1
+
+
+@pytest.fixture
+def read_only_card(tmp_path: Path) -> Iterator[Path]:
+    """A data folder on a real file system that is then remounted read-only, as the kernel
+    does to an SD card after I/O errors (a tmpfs: needs root, which CI has)."""
+    mnt = tmp_path / "card"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_data_dir_on_a_read_only_card_detects_and_says_it_saves_nothing(
+    read_only_card: Path,
+) -> None:
+    """An SD card the kernel remounted read-only: taking data_dir's lock failed (`.lock` opened
+    for writing), the service exited and restarted every 5 s, deaf, though nothing else at the
+    start needs a write (the spool falls back to memory). Now it runs, says so once, and its
+    events still come out."""
+    from conftest import DEMO_CLIP, cli
+
+    env = {"SOUNDSENTRY_DATA_DIR": str(read_only_card / "data")}
+    cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env)  # a card that once worked
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_card)], check=True)
+    proc = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "read-only file system: this run detects and publishes but saves nothing" in proc.stderr
+    assert '"type": "start"' in proc.stdout or '"type":"start"' in proc.stdout
