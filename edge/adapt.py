@@ -325,10 +325,15 @@ class Adapter:
         """Refit the base with the site's features, write and load the new version."""
         base = self.base()
         stores = [FeatureStore.load(self.folder / site, self.settings.max_windows)] if site else []
-        stores += [
-            FeatureStore.load(self.folder / "marked" / f"{e}.npz", self.settings.max_windows)
-            for e in marked
-        ]
+        readable = []
+        for e in marked:  # a mark the card damaged costs that mark, not the period or the refit
+            try:
+                path = self.folder / "marked" / f"{e}.npz"
+                stores.append(FeatureStore.load(path, self.settings.max_windows))
+                readable.append(e)
+            except LearningError as exc:
+                log.error("learning: the event marked normal %s is left out: %s", e, exc)
+        marked = readable
         x, chunks = combine(stores)
         from_marks = flags(stores, [False] * (len(stores) - len(marked)) + [True] * len(marked))
         refit = site_refit(base, x, chunks, self.settings.false_alarms_per_day, from_marks)

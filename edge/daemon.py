@@ -397,8 +397,11 @@ class Detector:
         adapter = self._adapter()
         try:
             bundle = adapter.finish(self.bundle)
-        except (SoundSentryError, OSError) as exc:
+        except Exception as exc:  # whatever went wrong, the running model goes on detecting
             reason = " ".join(str(exc).split())
+            if not isinstance(exc, (SoundSentryError, OSError)):  # a bug: its traceback
+                reason = f"{type(exc).__name__}: {reason}"
+                log.exception("learning: refit failed")
             log.error("learning: refit failed, keeping %s: %s", self.bundle.model_id, reason)
             adapter.last_refit = {"reason": "learning", "error": reason}
             self.emit_state()

@@ -223,8 +223,12 @@ class FeatureStore:
         try:
             with np.load(path, allow_pickle=False) as data:
                 x, chunk, seen = data["x"], data["chunk"], int(data["seen"][0])
-        except (OSError, ValueError, KeyError) as exc:
-            raise LearningError(f"site features {path.name} unreadable: {exc}") from None
+            if x.ndim != 2 or chunk.shape != (len(x),):
+                raise ValueError(f"arrays of shape {x.shape} and {chunk.shape}")
+        except Exception as exc:  # a card's damage: empty, truncated, not a zip, any shape
+            raise LearningError(
+                f"site features {path.name} unreadable: {type(exc).__name__}: {exc}"
+            ) from None
         store = cls(x.shape[1], max(capacity, len(x)))
         store._x, store._chunk = x.astype(np.float32), chunk.astype(np.int64)
         store._arrival = np.arange(1, len(x) + 1, dtype=np.int64)  # saved in arrival order

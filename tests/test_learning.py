@@ -894,3 +894,40 @@ def test_a_mark_normal_that_is_refused_leaves_the_open_event_open(tmp_path: Path
     assert not reply.ok and "cannot learn on site" in reply.detail, reply.detail
     assert d.pipeline.events.event_id, "still open"
     assert [e.type for e in reports.events] == ["start"]
+
+
+def test_a_saved_period_the_card_damaged_is_dropped_not_a_restart_loop(tmp_path: Path) -> None:
+    """An empty or truncated `period.npz` (fsck after a power cut, a bad sector) raised
+    EOFError or BadZipFile out of the daemon's start: the service restarted every 5 s, deaf."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=600).ok
+    device.replay(NORMAL_FILES[1])  # saved at the stop
+    period = device.data / "learning" / "period.npz"
+    period.write_bytes(period.read_bytes()[:100])  # truncated
+    events = device.replay(ANOMALOUS_FILE)
+    assert not device.detector.learning
+    assert len(starts(events)) == 1, "it detects again"
+    assert not period.exists()
+
+
+def test_a_damaged_mark_is_left_out_of_a_refit_and_costs_neither_the_period_nor_the_daemon(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refit at a period's end pools the events marked normal; one whose file the card
+    damaged raised BadZipFile out of `feed()`: the daemon died, the period had been deleted
+    and the model was recorded as failed, so it never learnt again."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)  # version 1
+    (event,) = starts(device.replay(ANOMALOUS_FILE))
+    assert device.command(command="mark_normal", event_id=event["event_id"]).ok  # version 2
+    (mark,) = (device.data / "learning" / "marked").glob("*.npz")
+    mark.write_bytes(b"PK\x03\x04 a bad block")
+    assert device.command(command="learn", action="start", seconds=LEARN_S).ok
+    with caplog.at_level(logging.ERROR, logger="edge.adapt"):
+        device.replay(*NORMAL_FILES)  # the period ends in these: refitted without the mark
+    assert any("is left out" in r.getMessage() for r in caplog.records), caplog.text
+    d = device.detector
+    assert not d.learning and d.bundle.model_id.endswith("-site-v3"), d.bundle.model_id
+    assert d.bundle.manifest.calibration["marked"] == []
+    assert len(starts(device.replay(other_fault(tmp_path)))) == 1, "and it detects"
