@@ -116,6 +116,8 @@ class Adapter:
         self.last_refit: dict[str, Any] | None = None
         for folder in (self.folder, self.folder / "marked", self.history.folder):
             remove_stale_temps(folder)  # what writes cut short by a power cut left
+        if self.history.prune():
+            self._tidy()
         self._resume()
 
     # --- the model in use --------------------------------------------------------------------
@@ -129,7 +131,11 @@ class Adapter:
             bundle = load_bundle(entry["path"])
         except SoundSentryError as exc:
             log.error("version %d unusable, using the configured model: %s", entry["version"], exc)
-            self.history.set_active(None)
+            try:
+                self.history.set_active(None)
+            except OSError as why:  # a full or read-only card: this run only, said
+                self.history.active = None
+                log.error("could not record the switch to the configured model: %s", why)
             return self.configured
         log.warning(  # not the model named in the config or on the command line: say so
             "using version %d (%s, %s) instead of %s: the device switched to it before (%s); "
@@ -226,7 +232,10 @@ class Adapter:
         had = self.period is not None
         self.period = None
         for name in (f"{PERIOD}.json", f"{PERIOD}.npz"):
-            (self.folder / name).unlink(missing_ok=True)
+            try:
+                (self.folder / name).unlink(missing_ok=True)
+            except OSError as exc:  # a read-only card: a start must not fail on it
+                log.error("learning: could not delete the period's %s: %s", name, exc)
         return had
 
     def finish(self, in_use: Bundle) -> Bundle:

@@ -56,6 +56,19 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _readable(entry: object) -> bool:
+    """An entry of history.json this code can use: a version number and a folder."""
+    return (
+        isinstance(entry, dict)
+        and type(entry.get("version")) is int
+        and isinstance(entry.get("path"), str)
+    )
+
+
+def _listed(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 class VersionUnwrittenError(BundleError):
     """A version the disk would not take (full, failing, read-only): not the data's fault."""
 
@@ -68,15 +81,21 @@ class ModelHistory:
         self.keep = keep
         self.path = folder / HISTORY
         data = read_json(self.path) or {}
-        self.entries: list[dict[str, Any]] = list(data.get("entries", []))
-        self.active: int | None = data.get("active")
+        found = data.get("entries", [])
+        entries = found if isinstance(found, list) else [found]
+        self.entries: list[dict[str, Any]] = [e for e in entries if _readable(e)]
+        if len(self.entries) < len(entries):
+            log.warning("%s: %d version entries unreadable (a hand edit, damage): left out",
+                        self.path, len(entries) - len(self.entries))  # fmt: skip
+        active = data.get("active")
+        self.active: int | None = active if self.entry(active) is not None else None
         self.configured = configured
-        self.learned: set[str] = {str(m) for m in data.get("learned", []) if isinstance(m, str)}
+        self.learned: set[str] = {m for m in _listed(data.get("learned")) if isinstance(m, str)}
         """Configured models a commissioning period has ended for: pruning never drops one."""
         self.learned |= {
             str(e["of"]) for e in self.entries if e.get("reason") == "learning" and e.get("of")
         }
-        self.failed: set[str] = {str(m) for m in data.get("failed", []) if isinstance(m, str)}
+        self.failed: set[str] = {m for m in _listed(data.get("failed")) if isinstance(m, str)}
         """Configured models whose commissioning period ended in a refit that failed, or was
         cancelled: not begun again at every start (a period suppresses events while it runs);
         a `learn` command can."""
@@ -153,10 +172,30 @@ class ModelHistory:
         except OSError:
             self.entries, self.active, self.learned = before
             raise
+        self._delete(dropped)
+        return version
+
+    def prune(self) -> bool:
+        """Keep the newest `keep` entries now (at start: `keep_versions` may have been
+        lowered to free the card, and pruning otherwise waits for the next version); True if
+        any went. A history that cannot be saved keeps them, said."""
+        if len(self.entries) <= self.keep:
+            return False
+        before = [dict(e) for e in self.entries]
+        dropped = self._prune()
+        try:
+            self.save()
+        except OSError as exc:
+            self.entries = before
+            log.error("history: could not prune to %d versions: %s", self.keep, exc)
+            return False
+        self._delete(dropped)
+        return True
+
+    def _delete(self, dropped: list[dict[str, Any]]) -> None:
         for old in dropped:
             shutil.rmtree(old["path"], ignore_errors=True)
-            log.info("history: deleted version %d (%s)", old["version"], old["model_id"])
-        return version
+            log.info("history: deleted version %d (%s)", old["version"], old.get("model_id"))
 
     def rollback_target(self) -> int | None:
         """The version the active one replaced (None: the configured model)."""

@@ -788,3 +788,31 @@ def test_a_data_dir_on_a_read_only_card_detects_and_says_it_saves_nothing(
     assert "Traceback" not in proc.stderr
     assert "read-only file system: this run detects and publishes but saves nothing" in proc.stderr
     assert '"type": "start"' in proc.stdout or '"type":"start"' in proc.stdout
+
+
+def test_an_unusable_version_on_a_read_only_card_starts_the_configured_model(
+    read_only_card: Path,
+) -> None:
+    """The active version would not load (its folder gone), and recording the switch back to
+    the configured model raised the read-only card's OSError out of the start: a restart
+    loop. Now this run uses the configured model and says it could not record that."""
+    from conftest import ANOMALOUS_FILE
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    data = read_only_card / "data"
+    (data / "models").mkdir(parents=True)
+    entry = {"version": 1, "path": str(data / "models" / "gone.bundle"), "reason": "learning"}
+    (data / "models" / "history.json").write_text(json.dumps({"entries": [entry], "active": 1}))
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_card)], check=True)
+    settings = Settings(device_id="ro", model=DEMO_BUNDLE, data_dir=data,
+                        clips={"enabled": False})  # fmt: skip
+    reports = Recorder()
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [reports], persist=True)
+    assert detector.bundle.model_id == "fan-demo-12483c73"
+    detector.run(FileSource([ANOMALOUS_FILE], 16000))
+    assert [e.type for e in reports.events][:1] == ["start"]

@@ -931,3 +931,39 @@ def test_a_damaged_mark_is_left_out_of_a_refit_and_costs_neither_the_period_nor_
     assert not d.learning and d.bundle.model_id.endswith("-site-v3"), d.bundle.model_id
     assert d.bundle.manifest.calibration["marked"] == []
     assert len(starts(device.replay(other_fault(tmp_path)))) == 1, "and it detects"
+
+
+def test_a_lowered_keep_versions_frees_the_card_at_the_next_start(tmp_path: Path) -> None:
+    """Pruning ran only when a version was made: lowering `keep_versions` to free a card kept
+    every old version folder until a refit that might never come."""
+    device = Device(tmp_path, seconds=LEARN_S, keep_versions=5)
+    device.replay(*NORMAL_FILES)  # version 1
+    for fault in (ANOMALOUS_FILE, other_fault(tmp_path)):  # versions 2 and 3
+        (event,) = starts(device.replay(fault))
+        assert device.command(command="mark_normal", event_id=event["event_id"]).ok
+    folders = sorted((device.data / "models").glob("*.bundle"))
+    assert len(folders) == 3, folders
+    device.learning["keep_versions"] = 1
+    device.replay(NORMAL_FILES[0])
+    assert [h["version"] for h in device.detector.status()["history"]] == [3]
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v3", "the active one stays"
+    assert sorted((device.data / "models").glob("*.bundle")) == folders[-1:]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"entries": [{"version": 1}], "learned": None},  # an entry without its folder
+        {"entries": {"version": 1}, "active": 1, "failed": 7},  # wrong shapes throughout
+        {"entries": ["x", {"version": "1", "path": "p"}], "active": "1"},
+    ],
+)
+def test_a_history_of_another_shape_is_read_for_what_it_holds(tmp_path: Path, damage: dict) -> None:
+    """history.json that parses but holds other shapes (a downgrade, a hand edit, a bit flip)
+    raised KeyError, AttributeError or TypeError at every start: a restart loop."""
+    device = Device(tmp_path)
+    (device.data / "models").mkdir(parents=True)
+    (device.data / "models" / "history.json").write_text(json.dumps(damage))
+    events = device.replay(ANOMALOUS_FILE)
+    assert device.detector.bundle.model_id == "fan-demo-12483c73", "the configured model"
+    assert len(starts(events)) == 1
