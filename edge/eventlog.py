@@ -73,6 +73,8 @@ class EventLog:
                 fh.seek(-1, os.SEEK_END)
                 torn = fh.read(1) != b"\n"
             fh.write((b"\n" if torn else b"") + message.to_payload().encode() + b"\n")
+            fh.flush()  # on the card before it goes on: a power cut (the fault may trip the
+            os.fsync(fh.fileno())  # supply) must not lose the start an `end` is owed for
 
 
 class EventLogSink(Sink):

@@ -216,7 +216,12 @@ def end_interrupted(events: list[LoggedEvent], sinks: Iterable[Sink]) -> int:
         data.update(type="end", ended_at=iso(end), duration_s=round(end - started, 3),
                     interrupted=True, ended_by="interrupted",
                     clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
-        message = EventMessage(**data)
+        try:
+            message = EventMessage(**data)
+        except (TypeError, ValueError) as exc:  # a line another version (or damage) wrote
+            log.warning("event %s left open in the log cannot be ended: %s",
+                        data.get("event_id"), exc)  # fmt: skip
+            continue
         log.warning(
             "event %s (started %s) was left open when the daemon stopped: ended now, "
             "marked interrupted", message.event_id, message.started_at,
