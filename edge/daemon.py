@@ -103,6 +103,16 @@ class JsonLinesSink(Sink):
         self.stream.flush()
 
 
+def _clip_keeper(settings: Settings, rate: int) -> ClipRecorder | None:
+    """With clips off, a recorder that records nothing and only applies `[clips]` retention
+    to the clips already written (turned off for privacy, they must not stay for good); None
+    when clips are on (the recorder applies it) or there are none."""
+    c, folder = settings.clips, settings.data_dir / "clips"
+    if c.enabled or not folder.is_dir():
+        return None
+    return ClipRecorder(folder, rate, 0.0, 0.0, c.max_total_mb, c.max_age_days)
+
+
 def _clip_recorder(settings: Settings, rate: int, at: int = 0) -> ClipRecorder | None:
     """The evidence recorder `[clips]` asks for, or None when clips are off; `at`: the stream's
     sample index now (a reload turning clips on mid-stream)."""
@@ -225,6 +235,7 @@ class Detector:
         h = settings.health
         self.health = AudioHealth(rate, h.fault_seconds, h.clip_fraction)
         self.clips = _clip_recorder(settings, rate)
+        self._clip_keeper = _clip_keeper(settings, rate)
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.state = DeviceState(settings.data_dir) if persist else None
         self.adapter = (
@@ -264,6 +275,7 @@ class Detector:
             self.clips.configure(c.preroll_seconds, c.max_seconds, c.max_total_mb, c.max_age_days)
         else:
             self.clips = _clip_recorder(settings, self._rate, self._samples)
+        self._clip_keeper = _clip_keeper(settings, self._rate)
 
     def _load(
         self, bundle: Bundle, settings: Settings | None = None, threshold: float | None = None
@@ -647,8 +659,9 @@ class Detector:
             for change in self.health.stalled(detail):
                 self._emit_health(change)
         self.run_pending()
-        if self.clips:
-            self.clips.housekeep(now)  # clips past max_age_days go on a quiet machine too
+        keeper = self.clips or self._clip_keeper
+        if keeper:
+            keeper.housekeep(now)  # clips past max_age_days go on a quiet machine too
         if self._mute_end and now >= self._mute_end:
             self._mute_end = 0.0
             log.info("mute ended")
