@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,32 @@ def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() ->
     assert t.close("machine_off") is None
     assert t.feed(0.9, "a", 30, 31) == [], "a state needs k votes heard since it started"
     assert [(x.kind, x.label) for x in t.feed(0.9, "a", 30.5, 31.5)] == [("start", "a")]
+
+
+@pytest.mark.parametrize("problem", ["named badly", "too short to hold out", "too short"])
+def test_classes_that_cannot_be_trained_or_checked_are_refused_before_training(
+    classes: Path, tmp_path: Path, problem: str
+) -> None:
+    """A class folder named `belt (loose)` was refused only after every epoch and the int8
+    conversion; a class of clips shorter than a window trained an output it never learnt,
+    and one with nothing held out was "validated" on its own (augmented) training windows."""
+    root = tmp_path / "classes"
+    shutil.copytree(classes, root, symlinks=True)
+    clip = read_audio(ANOMALOUS_FILE, RATE)
+    seconds = {"named badly": 10.0, "too short to hold out": 3.0, "too short": 0.8}[problem]
+    name = "belt (loose)" if problem == "named badly" else "belt"
+    (root / name).mkdir()
+    for i in range(3):
+        sf.write(root / name / f"{i}.wav", clip[i * RATE : i * RATE + int(seconds * RATE)], RATE)
+    proc = cli("train", "--classes", str(root), "--out", str(tmp_path / "x.bundle"),
+               "--epochs", "1", check=False)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    expected = {
+        "named badly": "rename the folder",
+        "too short to hold out": "no 1-s window held out to validate on",
+        "too short": "no 1-s window to train on",
+    }[problem]
+    assert expected in line, proc.stderr
+    assert "Epoch" not in proc.stdout + proc.stderr, "refused before training"
+    assert not (tmp_path / "x.bundle").exists()

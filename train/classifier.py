@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from edge.audio_io import read_audio
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, id_stem, sha256_bytes, write_bundle
+from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.runtime import TfliteModel
 from edge.scoring import Scorer
@@ -48,7 +49,18 @@ def split_windows(
                 w = windows_of(part, p)
                 xs.append(w)
                 ys.append(np.full(len(w), label))
-    return np.concatenate(xt), np.concatenate(yt), np.concatenate(xv), np.concatenate(yv), holdouts
+    yt_all, yv_all = np.concatenate(yt), np.concatenate(yv)
+    for label, name in enumerate(classes):  # a class with nothing to learn or to check on
+        fit, held = int((yt_all == label).sum()), int((yv_all == label).sum())
+        if not fit or not held:  # trained blind, or validated on its own training windows
+            which = "to train on" if not fit else "held out to validate on"
+            raise AudioError(
+                f"class {name!r}: no {params.window_seconds:g}-s window {which} (its "
+                f"{len(classes[name])} recording(s) are too short); give it 5 or more "
+                f"recordings, or recordings of at least {5 * params.window_seconds:g} s "
+                "(the last fifth of each is held out)"
+            )
+    return np.concatenate(xt), yt_all, np.concatenate(xv), yv_all, holdouts
 
 
 def train_classifier(
@@ -98,10 +110,8 @@ def train_classifier(
     float_tflite = to_float_tflite(model)
     int8_tflite = to_int8_tflite(model, x, seed)
     scorer = Scorer(TfliteModel(int8_tflite, name="int8 model"), mean, std, labels)
-    val = xv if len(xv) else xt
-    truth = yv if len(xv) else yt
-    probs = np.stack([scorer.probabilities(w) for w in val])
-    report = classification_report(truth, probs.argmax(axis=1), labels)
+    probs = np.stack([scorer.probabilities(w) for w in xv])  # every class has some (above)
+    report = classification_report(yv, probs.argmax(axis=1), labels)
     out = Path(out)
     m = scorer.model
     manifest = base_manifest(out, params, mean, std, m, int8_tflite)

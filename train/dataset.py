@@ -4,6 +4,7 @@ split every trainer uses (autoencoder, fluctuation, classifier per class)."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import soundfile as sf
 
 from edge.advice import audio_seconds, require_audio
 from edge.audio_io import find_audio, read_audio, sf_path, without_copies
+from edge.bundle import SAFE_LABEL
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
 from edge.machine_state import machine_profile
@@ -243,6 +245,12 @@ def class_folders(
         raise AudioError(f"{root}: --classes needs a folder with one subfolder per class")
     groups: dict[str, list[Path]] = {}
     for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+        if not re.fullmatch(SAFE_LABEL, folder.name):  # before any training, not after it
+            raise AudioError(
+                f"{folder}: a class folder's name is the class's name in events: letters, "
+                "digits, spaces and . _ : + - (up to 64, starting with a letter or a digit); "
+                "rename the folder"
+            )
         files = find_audio([folder])  # what the search skips in it is named
         if files:
             groups[folder.name] = files
