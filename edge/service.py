@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import pwd
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -124,6 +125,32 @@ def run_detector(
 LOCK = ".lock"
 
 
+def _me() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _refuse_root_in_others_folder(data_dir: Path) -> None:
+    """`sudo soundsentry run --config /etc/soundsentry/config.toml` (the config is readable by
+    root) left root's state, spool, lock and event log in the service's folder, 0600: the
+    service could not open them again and never started. Refused in one line instead."""
+    try:
+        owner = data_dir.stat().st_uid
+    except OSError:
+        return
+    if os.geteuid() == 0 and owner != 0:
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise SoundSentryError(
+            f"data_dir {data_dir} belongs to {name}: run this as that user (sudo -u {name} "
+            f"soundsentry ...); as root its files there would lock {name}'s service out"
+        )
+
+
 def hold_data_dir(data_dir: Path) -> int:
     """Take `data_dir` for this process (an exclusive flock on `data_dir/.lock`, released when
     the descriptor closes or the process ends, a kill -9 too); its descriptor. Two daemons, or a
@@ -132,10 +159,16 @@ def hold_data_dir(data_dir: Path) -> int:
     path = data_dir / LOCK
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     writable = True
+    _refuse_root_in_others_folder(data_dir)
     try:
         private_dir(data_dir)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | nofollow, 0o600)
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):  # files another user (root) made there
+            raise SoundSentryError(
+                f"data_dir {data_dir}: {LOCK}: {exc.strerror}: files in it belong to another "
+                f"user (a run as root?); give them back: sudo chown -R {_me()}: {data_dir}"
+            ) from None
         if exc.errno != errno.EROFS or not data_dir.is_dir():
             raise SoundSentryError(f"data_dir {data_dir}: {exc.strerror or exc}") from None
         # a card the kernel remounted read-only after I/O errors: the daemon still detects

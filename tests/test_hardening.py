@@ -840,3 +840,22 @@ def test_the_event_log_is_on_the_card_before_the_daemon_goes_on(
                                 started_at="2026-11-30T08:00:00.000Z", peak_score=3.0,
                                 threshold=1.0))  # fmt: skip
     assert len(synced) == 2, "the start and the end; updates are not logged"
+
+
+def test_root_is_refused_in_the_services_data_folder(tmp_path: Path) -> None:
+    """`sudo soundsentry run --config /etc/soundsentry/config.toml` (only root and the service
+    read that config) left root's lock, state, spool and event log in the service's folder,
+    0600 root: the service could not open them and retried every minute, for good."""
+    from conftest import DEMO_CLIP, cli
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as CI runs")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 65534, 65534)  # the service's user (nobody here)
+    proc = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP),
+               env={"SOUNDSENTRY_DATA_DIR": str(data)}, check=False)  # fmt: skip
+    assert proc.returncode != 0 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert "run this as that user (sudo -u" in line, line
+    assert list(data.iterdir()) == [], "nothing of root's left there"
