@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
 import sqlite3
@@ -33,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -115,12 +117,20 @@ def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
     if s.username:
         client.username_pw_set(s.username, mqtt_password(s))
     if s.tls.enabled:
-        client.tls_set(
-            ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-            certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-            keyfile=str(s.tls.key_file) if s.tls.key_file else None,
-            cert_reqs=ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED,
-        )
+        for key in ("ca_file", "cert_file", "key_file"):  # ssl's own error names no file
+            path = getattr(s.tls, key)
+            if path is not None and not os.access(path, os.R_OK):
+                why = "not found" if not Path(path).exists() else "not readable by this user"
+                raise SettingsError(f"mqtt.tls.{key} {path}: {why}")
+        try:
+            client.tls_set(
+                ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+                cert_reqs=ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED,
+            )
+        except (ssl.SSLError, ValueError) as exc:  # not a certificate, a key of another cert
+            raise SettingsError(f"[mqtt.tls]: a certificate or key is unusable: {exc}") from None
         client.tls_insecure_set(s.tls.insecure)
 
 

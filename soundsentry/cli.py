@@ -799,7 +799,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_service_data_dir(settings.data_dir)
         bundle = _load(settings.model)
         lock = hold_data_dir(settings.data_dir)  # another run or a replay on it: said, held
-    except SoundSentryError as exc:
+    except (SoundSentryError, OSError) as exc:  # OSError: a model the service cannot read
         _hold_before_failing(SystemdNotifier(), exc)
         raise
     h = settings.health
@@ -811,18 +811,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         settings.audio, bundle.features.samplerate, h.stall_seconds, h.reopen_max_seconds, service
     )
     live = _live_line(bundle.threshold)
-    run_detector(
-        settings,
-        bundle,
-        source,
-        print_events=live is None,
-        on_stop=source.stop,
-        reload_settings=lambda: _settings_from(args, args.model),
-        extra_sinks=[live] if live else [],
-        on_step=live.step if live else None,
-        live=True,
-        lock=lock,
-    )
+    try:
+        run_detector(
+            settings,
+            bundle,
+            source,
+            print_events=live is None,
+            on_stop=source.stop,
+            reload_settings=lambda: _settings_from(args, args.model),
+            extra_sinks=[live] if live else [],
+            on_step=live.step if live else None,
+            live=True,
+            lock=lock,
+        )
+    except (SoundSentryError, OSError) as exc:  # the broker's TLS files, the web's token...:
+        _hold_before_failing(SystemdNotifier(), exc)  # retried each minute, not every 5 s
+        raise
     if live:
         live.clear()
     return 0

@@ -498,13 +498,15 @@ def test_a_storm_of_sighups_never_deadlocks_the_loop(tmp_path: Path) -> None:
     assert int(done.stdout.split()[-1]) > 0  # reloads ran
 
 
+@pytest.mark.parametrize("missing", ["model", "TLS CA file"])
 def test_a_service_that_cannot_start_says_why_and_waits_before_systemd_restarts_it(
-    tmp_path: Path,
+    tmp_path: Path, missing: str
 ) -> None:
     """A typo in the config, or a model not copied yet, made the service exit at once and
     systemd start it again every 5 s, forever: 17 000 starts a day and their log lines on an SD
     card. Under systemd it now says why in `systemctl status` and waits a minute first; SIGTERM
-    (systemctl stop) still ends it at once."""
+    (systemctl stop) still ends it at once. A TLS file missing (found later in the start, by
+    the MQTT client) skipped the wait and named no file."""
     import socket
     import time
 
@@ -513,11 +515,18 @@ def test_a_service_that_cannot_start_says_why_and_waits_before_systemd_restarts_
     sock.bind(str(sock_path))
     sock.settimeout(30)
     config = tmp_path / "c.toml"
-    config.write_text(f'model = "{tmp_path / "missing.bundle"}"\n')
+    if missing == "model":
+        config.write_text(f'model = "{tmp_path / "missing.bundle"}"\n')
+        named = "missing.bundle"
+    else:
+        config.write_text(f'model = "{DEMO_BUNDLE}"\ndata_dir = "{tmp_path / "data"}"\n'
+                          '[mqtt]\nhost = "127.0.0.1"\n[mqtt.tls]\nenabled = true\n'
+                          f'ca_file = "{tmp_path / "ca.crt"}"\n')  # fmt: skip
+        named = f"mqtt.tls.ca_file {tmp_path / 'ca.crt'}: not found"
     proc = daemon("run", "--config", str(config), env={"NOTIFY_SOCKET": str(sock_path)})
     try:
         status = sock.recv(1024).decode()
-        assert status.startswith("STATUS=cannot start:") and "missing.bundle" in status, status
+        assert status.startswith("STATUS=cannot start:") and named in status, status
         assert "starting again in 60 s" in status
         time.sleep(1)  # the wait itself: still there a second after saying why
         assert proc.poll() is None, proc.communicate()
