@@ -51,12 +51,14 @@ def run_checks(settings: Settings) -> list[Check]:
     ]
     results = []
     for check in checks:
+        name = check.__name__.removeprefix("check_").replace("_", " ")
         try:
             results.append(check(settings))
         except SoundSentryError as exc:
-            results.append(
-                Check(check.__name__.removeprefix("check_").replace("_", " "), False, str(exc))
-            )
+            results.append(Check(name, False, str(exc)))
+        except OSError as exc:  # a file this user may not read: this check fails, not doctor
+            where = f": {exc.filename}" if exc.filename else ""
+            results.append(Check(name, False, f"{exc.strerror or exc}{where}"))
     return results
 
 
@@ -79,6 +81,13 @@ def check_model(s: Settings) -> Check:
             False,
             str(exc),
             "copy a bundle folder from `soundsentry train` and point `model` at it",
+        )
+    except PermissionError as exc:  # a model under /home/pi (0700; the unit's ProtectHome)
+        return Check(
+            "model",
+            False,
+            f"not readable by this user: {exc.filename or s.model}",
+            "copy the bundle to /var/lib/soundsentry/models/ and point `model` at it",
         )
     return Check(
         "model",
