@@ -3,7 +3,7 @@
 # Ubuntu, 64-bit). Safe to run again: an upgrade keeps the config, the models and the spool.
 #
 #   sudo deploy/install.sh                  install or upgrade from this source tree, start
-#   sudo deploy/install.sh --uninstall      remove venv, units and user; keep config and state
+#   sudo deploy/install.sh --uninstall      remove venv and units; keep config, state and user
 #   sudo deploy/install.sh --purge          ... and remove config and state too
 #   deploy/install.sh --root /tmp/tree      everything under /tmp/tree, nothing on the host
 #
@@ -247,8 +247,13 @@ install_units() {
 # The model path the config names, resolved under ROOT; empty when the config has none.
 configured_model() {
   # utf-8-sig, as the daemon reads it: a config saved by Notepad starts with a byte-order mark.
-  "$VENV/bin/python" -c 'import sys, tomllib; print(tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get("model", ""))' \
-    "$CONF_DIR/config.toml"
+  # A config that is not valid TOML (kept from an earlier install) is one line, not a traceback.
+  "$VENV/bin/python" -c '
+import sys, tomllib
+try:
+    print(tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get("model", ""))
+except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    sys.exit(f"{sys.argv[1]}: not valid TOML ({exc})")' "$CONF_DIR/config.toml"
 }
 
 start_service() {
@@ -262,7 +267,10 @@ start_service() {
     live_systemctl try-restart soundsentry.service 'soundsentry@*.service'
     return
   fi
-  model=$(configured_model)
+  if ! model=$(configured_model); then
+    say "not starting: fix the config above, then: systemctl start soundsentry"
+    return
+  fi
   if [ -n "$model" ] && [ ! -e "$ROOT$model" ]; then
     say "not starting: model $model not found. Copy a bundle there, then: systemctl start soundsentry"
     return

@@ -376,6 +376,14 @@ def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
     assert (installed / "etc/soundsentry/config.toml").is_file()
     assert model.is_dir()
 
+    # installed again over the kept config, which a hand edit broke: one line, not a traceback
+    config = installed / "etc/soundsentry/config.toml"
+    config.write_text('model = "/var/lib/soundsentry/models/pump.bundle\n')  # unterminated
+    again = run_installer(installed)
+    assert "not valid TOML" in again.stderr and "Traceback" not in again.stderr, again.stderr
+    assert "not starting: fix the config above" in again.stdout, again.stdout
+    run_installer(installed, "--uninstall")
+
     proc = run_installer(installed, "--purge")
     assert not (installed / "etc/soundsentry").exists()
     assert not (installed / "var/lib/soundsentry").exists()
