@@ -963,14 +963,20 @@ class Detector:
     def _to_sinks(self, method: str, *args: Any) -> None:
         """Hand a message to every sink. One that raises (the spool or the event log on a full
         disk) is logged, once until it works again, and the others still get the message: no
-        output may stop the monitor or the outputs after it. Only a closed stdout ends the
-        command, as a pipe into `head` expects."""
+        output may stop the monitor or the outputs after it. Only a closed stdout ends a
+        replay, as a pipe into `head` expects; the device's daemon (`run`, whose stdout is the
+        journal's stream) goes on: an exit 0 there would not be restarted by systemd."""
         for sink in self.sinks:
             key = (id(sink), method)
             try:
                 getattr(sink, method)(*args)
             except BrokenPipeError:  # stdout closed (`replay ... | head`): the command ends
-                raise
+                if not self.live:
+                    raise
+                if key not in self._failing:
+                    log.error("%s: its output was closed; events still go to the other outputs",
+                              type(sink).__name__)  # fmt: skip
+                self._failing.add(key)
             except Exception:
                 if key not in self._failing:
                     log.exception("%s.%s failed; carrying on", type(sink).__name__, method)

@@ -868,3 +868,34 @@ def test_root_is_refused_in_the_services_data_folder(tmp_path: Path) -> None:
     (line,) = proc.stderr.strip().splitlines()
     assert "run this as that user (sudo -u" in line, line
     assert list(data.iterdir()) == [], "nothing of root's left there"
+
+
+def test_a_closed_stdout_ends_a_replay_but_not_the_devices_daemon(tmp_path: Path) -> None:
+    """Under systemd `run` prints its events to the journal's stream; an EPIPE there ended it
+    with exit 0, which `Restart=on-failure` does not restart: the detector stayed off."""
+    import io
+
+    from conftest import ANOMALOUS_FILE
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector, JsonLinesSink
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    settings = Settings(device_id="p", model=DEMO_BUNDLE, data_dir=tmp_path,
+                        clips={"enabled": False})  # fmt: skip
+    for live in (True, False):
+        reports = Recorder()
+        d = Detector(settings, load_bundle(DEMO_BUNDLE), [JsonLinesSink(Closed()), reports],
+                     live=live)  # fmt: skip
+        if live:
+            d.run(FileSource([ANOMALOUS_FILE], 16000))
+            assert [e.type for e in reports.events][:1] == ["start"], "it went on detecting"
+        else:
+            with pytest.raises(BrokenPipeError):
+                d.run(FileSource([ANOMALOUS_FILE], 16000))
