@@ -87,6 +87,11 @@ def test_evaluate_reports_accuracy_f1_and_confusion(
     assert data["n"] == sum(map(sum, data["confusion"]))
     assert data["balanced_accuracy"] >= 0.8  # training audio: a sanity check, not a benchmark
     assert (tmp_path / "rep" / "confusion.png").read_bytes().startswith(b"\x89PNG")
+    # as an anomaly detector (--normal/--anomalous) its top-class probability made an AUC
+    wrong = cli("evaluate", str(classifier), "--normal", str(classes / "running"),
+                "--anomalous", str(classes / "fault"), check=False)  # fmt: skip
+    assert wrong.returncode != 0 and "AUC" not in wrong.stdout
+    assert "is a classifier: evaluate it on labelled folders with --classes" in wrong.stderr
 
 
 def test_edge_publishes_class_changes_with_labels(classifier: Path) -> None:
@@ -97,6 +102,11 @@ def test_edge_publishes_class_changes_with_labels(classifier: Path) -> None:
     assert ("start", "fault") in sequence
     starts = [e for e in events if e["type"] == "start"]
     assert len({e["event_id"] for e in starts}) == len(starts)
+    # an anomaly detector's threshold in the config (1.5) silenced every class event
+    env = {"SOUNDSENTRY_DETECTOR__THRESHOLD": "1.5"}
+    over = cli("replay", str(classifier), str(DEMO_CLIP), env=env, check=False)
+    assert over.returncode != 0 and over.stdout == ""
+    assert "a classifier's threshold is the probability" in over.stderr.strip().splitlines()[-1]
 
 
 def test_class_tracker_needs_k_of_n_confident_windows() -> None:

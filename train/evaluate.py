@@ -120,6 +120,10 @@ def evaluate(
     """Score every file (or segment) and compute AUC / pAUC with anomalous as positive;
     `channel`: by default the one the model was fitted on."""
     bundle = load_bundle(model, variant=variant)
+    if bundle.manifest.kind == "classifier":  # its score is a class's probability, not oddity
+        raise SoundSentryError(
+            f"{model} is a classifier: evaluate it on labelled folders with --classes DIR"
+        )
     if channel is None:
         channel = channel_for(bundle.manifest, None, "evaluate")
     if bundle.model is None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from edge.detectors.base import DetectorKind, Tracker, require_normalization
 from edge.detectors.network import NetworkScorer
-from edge.errors import BundleError
+from edge.errors import BundleError, SettingsError
 from edge.events import ClassTracker
 
 if TYPE_CHECKING:
@@ -44,5 +44,11 @@ class Classifier(DetectorKind):
 
     def tracker(self, bundle: Bundle, settings: DetectorSettings, threshold: float) -> Tracker:
         """A class change takes K of the last N confident windows."""
+        if not 0 < threshold < 1:  # [detector] threshold: the int8 softmax never reaches 1
+            raise SettingsError(
+                f"detector.threshold {threshold:g}: a classifier's threshold is the probability "
+                "a window must reach for its class, between 0 and 1 (the bundle's: "
+                f"{bundle.threshold:g})"
+            )
         labels = list(bundle.manifest.labels or [])
         return ClassTracker(labels, threshold, *settings.k_of_n(bundle.manifest.threshold.params))
