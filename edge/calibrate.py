@@ -19,6 +19,7 @@ import numpy as np
 from edge.advice import require_audio
 from edge.audio_io import check_files, find_audio, read_audio, without_copies
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bundle
+from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, windows_of
@@ -60,6 +61,17 @@ def calibrate_bundle(
     manifest["machine"] = _site_machine(bundle, audio)
     manifest["calibration"] = {"channel": channel}  # _write adds the rest of the provenance
     return _write(bundle, manifest, arrays, files, seconds, out)
+
+
+def check_calibratable(model: str | Path, out: str | Path) -> None:
+    """Refuse at once (BundleError, one line) what `calibrate` would refuse only after reading
+    and scoring all the audio: an `out` that is the model itself, a kind with nothing to refit."""
+    if Path(out).resolve() == Path(model).resolve():
+        raise BundleError("--out must differ from the model being calibrated")
+    bundle = load_bundle(model)
+    plugin = plugin_for(bundle.manifest)
+    if type(plugin).refit is DetectorKind.refit:  # the base's: nothing on site to refit
+        raise BundleError(f"a {plugin.kind} detector cannot be refitted on site")
 
 
 def _windowed(

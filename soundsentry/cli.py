@@ -645,8 +645,9 @@ def _numpy_trainer(detector: str) -> Callable[..., Path]:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from edge.advice import bundle_summary
     from edge.bundle import load_bundle
-    from edge.calibrate import calibrate_bundle
+    from edge.calibrate import calibrate_bundle, check_calibratable
 
+    check_calibratable(args.model, args.out)  # before any note, and before the audio is read
     _note_replaced(args.out)
     out = calibrate_bundle(
         args.model, args.normal, args.out, args.false_alarms_per_day, args.channel

@@ -157,3 +157,20 @@ def test_classes_that_cannot_be_trained_or_checked_are_refused_before_training(
     assert expected in line, proc.stderr
     assert "Epoch" not in proc.stdout + proc.stderr, "refused before training"
     assert not (tmp_path / "x.bundle").exists()
+
+
+def test_calibrate_refuses_what_it_cannot_do_before_reading_any_audio(
+    classifier: Path, classes: Path, tmp_path: Path
+) -> None:
+    """A classifier, or --out naming the model itself, was refused only after every recording
+    had been read and scored (and the second after a note that the model would be replaced)."""
+    from conftest import DEMO_BUNDLE
+
+    for model, out, said in (
+        (classifier, tmp_path / "x.bundle", "a classifier detector cannot be refitted on site"),
+        (DEMO_BUNDLE, DEMO_BUNDLE, "--out must differ from the model being calibrated"),
+    ):
+        proc = cli("calibrate", str(model), "--normal", str(tmp_path / "not-read"),
+                   "--out", str(out), check=False)  # fmt: skip
+        assert proc.returncode != 0 and proc.stdout == "", proc.stdout
+        assert proc.stderr.strip().splitlines() == [f"soundsentry: error: {said}"], proc.stderr
