@@ -22,7 +22,8 @@ from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bu
 from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
-from edge.features import FeatureParams, windows_of
+from edge.features import FeatureParams, FrontEnd
+from edge.health import is_silent, level_dbfs
 from edge.machine_state import machine_profile
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,13 @@ def calibrate_bundle(
     files, audio = _windowed(files, audio, p)
     seconds = sum(len(a) for a in audio) / p.samplerate
     require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
-    per_file = [windows_of(a, p) for a in audio]
+    machine = _site_machine(bundle, audio)
+    per_file = _running_windows(audio, p, machine.get("off_below_dbfs"))
     refit = plugin_for(bundle.manifest).refit(bundle, per_file, false_alarms_per_day)
     arrays = {**bundle.arrays, **refit.arrays}
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
     manifest |= refit.manifest
-    manifest["machine"] = _site_machine(bundle, audio)
+    manifest["machine"] = machine
     manifest["calibration"] = {"channel": channel}  # _write adds the rest of the provenance
     return _write(bundle, manifest, arrays, files, seconds, out)
 
@@ -88,6 +90,33 @@ def _windowed(
         )  # fmt: skip
     keep = [i for i, a in enumerate(audio) if len(a) >= params.window_samples]
     return [files[i] for i in keep], [audio[i] for i in keep]
+
+
+def _running_windows(
+    audio: list[np.ndarray], params: FeatureParams, off_below_dbfs: float | None
+) -> list[np.ndarray]:
+    """Each recording's window features without those the device would not score: silence,
+    and the machine off (below the site's off level). A site recording with the machine
+    stopped for a while set the threshold on the empty room too; said with a count."""
+    per_file, dropped, total = [], 0, 0
+    for a in audio:
+        kept = []
+        for start, features in FrontEnd(params).push(a):
+            samples = a[start : start + params.window_samples]
+            total += 1
+            if is_silent(samples) or (
+                off_below_dbfs is not None and level_dbfs(samples) < off_below_dbfs
+            ):
+                dropped += 1
+            else:
+                kept.append(features)
+        per_file.append(np.stack(kept) if kept else np.zeros((0, *params.shape), np.float32))
+    if dropped:
+        log.warning(
+            "%d of %d windows are silent or the machine off (below %s dBFS): the calibration "
+            "leaves them out, as the device does", dropped, total, off_below_dbfs,
+        )  # fmt: skip
+    return per_file
 
 
 def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> dict:

@@ -235,3 +235,33 @@ def test_a_feature_that_never_moved_in_training_is_given_the_floor_spread() -> N
     assert floored.std[3] == pytest.approx(step, rel=1e-3)
     assert floored.distance(held)[0] < 10
     np.testing.assert_allclose(floored.std[:3], train[:, :3].std(axis=0), rtol=1e-4)
+
+
+def test_calibrating_on_a_site_recording_half_off_keeps_the_off_level_and_threshold(
+    tmp_path: Path,
+) -> None:
+    """A site recording with the machine stopped for more than half of it: the median level was
+    the room's, so no window was left out; the off level went below the room's
+    (the device would never tell `off` again, and scored the empty room as running) and the
+    threshold was set on the room too."""
+    rate = load_bundle(DEMO_BUNDLE).features.samplerate
+    rng = np.random.default_rng(1)
+    site, whole = tmp_path / "site", tmp_path / "whole"
+    site.mkdir()
+    whole.mkdir()
+    for n, f in enumerate(NORMAL_FILES):
+        fan = read_audio(f, rate)
+        room = (10 ** (-70 / 20) * rng.standard_normal(3 * len(fan) // 2)).astype(np.float32)
+        sf.write(site / f"{n}.wav", np.concatenate([fan, room]), rate, subtype="FLOAT")
+        sf.write(whole / f"{n}.wav", fan, rate, subtype="FLOAT")
+    base, half, full = (tmp_path / f"{n}.bundle" for n in ("base", "half", "full"))
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(base))
+    proc = cli("calibrate", str(base), "--normal", str(site), "--out", str(half))
+    cli("calibrate", str(base), "--normal", str(whole), "--out", str(full))
+    on_off, running = load_bundle(half).manifest, load_bundle(full).manifest
+    assert on_off.machine is not None and running.machine is not None
+    assert on_off.machine.off_below_dbfs == pytest.approx(running.machine.off_below_dbfs, abs=3)
+    assert on_off.machine.off_below_dbfs > -65, "above the empty room (-70 dBFS)"
+    assert "the calibration leaves them out" in proc.stderr
+    # the windows where it stops (a sudden drop: a high fluctuation) are running to the device
+    assert on_off.threshold.value < 1.3 * running.threshold.value
