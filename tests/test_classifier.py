@@ -92,6 +92,11 @@ def test_evaluate_reports_accuracy_f1_and_confusion(
                 "--anomalous", str(classes / "fault"), check=False)  # fmt: skip
     assert wrong.returncode != 0 and "AUC" not in wrong.stdout
     assert "is a classifier: evaluate it on labelled folders with --classes" in wrong.stderr
+    # segments shorter than a window held none: NaN metrics, invalid JSON, exit 0
+    short = cli("evaluate", str(classifier), "--classes", str(classes), "--segment", "0.5",
+                "--json", str(tmp_path / "nan.json"), check=False)  # fmt: skip
+    assert short.returncode != 0 and not (tmp_path / "nan.json").exists()
+    assert "--segment must be at least the window length" in short.stderr
 
 
 def test_edge_publishes_class_changes_with_labels(classifier: Path) -> None:

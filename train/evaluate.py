@@ -220,6 +220,8 @@ def classify_items(
     labels = bundle.manifest.labels or []
     scorer = Scorer.from_bundle(bundle)
     p = bundle.features
+    if segment is not None and segment < p.window_seconds:  # no segment would hold a window
+        raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
     rows = []
     for name, files in class_folders(classes_dir).items():
         if name not in labels:
@@ -227,12 +229,15 @@ def classify_items(
         for path in progress(files, f"scoring {name}"):
             windows = windows_of(read_audio(path, p.samplerate, channel), p)
             if len(windows) == 0:
+                log.warning("%s: shorter than one window; skipped", path)
                 continue
             probs = np.stack([scorer.probabilities(w) for w in windows])
             groups = segment_groups(len(windows), p.window_seconds, p.hop_seconds, segment)
             for seg, idx in groups:
                 pred = int(probs[idx].mean(axis=0).argmax())
                 rows.append((str(path), seg, labels.index(name), pred))
+    if not rows:
+        raise AudioError(f"nothing to score in {classes_dir}: every file is shorter than a window")
     return labels, rows
 
 
