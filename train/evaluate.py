@@ -90,10 +90,13 @@ def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
     training file's hash): a model scores its own training audio as normal, which flatters the
     AUC. The numpy kinds refit the shipped model on all the audio, the held-out files too
     (bundles from before `fitted_seconds` listed only the others in `files`); a network's
-    held-out files are fine to test on."""
+    held-out files are fine to test on. A calibrated bundle was refitted on its calibration
+    audio too."""
     t = bundle.manifest.training
     records = [*t.files, *(t.holdout_files if _refit_on_all(bundle) else [])]
     fitted = {f.sha256: f.name for f in records if f.sha256}
+    calibrated = (bundle.manifest.calibration or {}).get("sha256") or []
+    fitted |= {h: "calibration" for h in calibrated if isinstance(h, str)}
     for path in files:
         try:
             digest = sha256_file(path)
