@@ -4,6 +4,7 @@ CLI flags (highest priority last: file < environment < flags)."""
 from __future__ import annotations
 
 import contextvars
+import os
 import re
 import socket
 import tomllib
@@ -321,11 +322,14 @@ def _default_data_dir() -> Path:
     return Path.home() / ".local" / "state" / "soundsentry"
 
 
+ENV_PREFIX = "SOUNDSENTRY_"
+
+
 class Settings(BaseSettings):
     """All SoundSentry settings."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SOUNDSENTRY_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         validate_assignment=True,
@@ -406,6 +410,10 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings from the config file, the environment and flag overrides (nested dicts)."""
+    for name in os.environ:  # a key's typo in the TOML stops; one in a variable did not
+        key = name.removeprefix(ENV_PREFIX).split("__")[0].lower()
+        if name.startswith(ENV_PREFIX) and key not in Settings.model_fields:
+            raise SettingsError(f"invalid setting in the environment {name}: unknown key {key!r}")
     token = _CONFIG_FILE.set(Path(config) if config else None)
     try:
         return Settings(**_drop_none(overrides))

@@ -58,6 +58,9 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
     assert (s.device_id, s.mqtt.host, s.mqtt.port) == ("pump-2", "broker", 1885)
     s = load_settings(cfg, device_id="pump-3", mqtt={"port": 1886, "host": None})
     assert (s.device_id, s.mqtt.host, s.mqtt.port) == ("pump-3", "broker", 1886)
+    monkeypatch.setenv("SOUNDSENTRY_DEVICEID", "pump-4")  # a typo: ignored, as if unset
+    with pytest.raises(SettingsError, match="environment SOUNDSENTRY_DEVICEID: unknown key"):
+        load_settings(cfg)
 
 
 @pytest.mark.parametrize(
