@@ -74,6 +74,7 @@ def run_demo(realtime: bool = True, stream: TextIO | None = None) -> Detector:
         bundle,
         [ConsoleSink(out)],
         on_step=lambda step: out.write(meter_line(step, detector.threshold) + "\n"),
+        live=False,  # a recording, not a device: no "calibrate it" advice on a first run
     )
     detector.run(source)
     out.write(f"done: {detector.windows} windows scored.\n")
