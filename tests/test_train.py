@@ -287,7 +287,7 @@ def test_evaluate_with_nothing_to_score_and_an_output_path_that_is_a_folder(
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         "soundsentry: error: no anomalous audio left to score: every anomalous file is shorter "
-        "than one window (1 s)"
+        "than one window (1 s), or silent, or the machine off"
     )
     proc = cli("evaluate", model, "--normal", str(NORMAL_FILES[0]), "--anomalous",
                str(ANOMALOUS_FILE), "--json", str(tmp_path), check=False)  # fmt: skip
@@ -376,3 +376,24 @@ def test_specaugment_masks_a_classifiers_copies_and_leaves_its_originals() -> No
     assert xs.shape == (12, 30, 64) and list(ys) == [*y, *y]
     np.testing.assert_array_equal(xs[:6], x)  # the originals as they were
     assert all(not np.array_equal(xs[6 + i], x[i]) for i in range(6))  # every copy masked
+
+
+def test_evaluate_scores_only_the_windows_the_device_judges(tmp_path: Path) -> None:
+    """Two seconds of digital silence before a normal recording (a recorder's lead-in) scored
+    hundreds in the file's mean (215 against a threshold of 1.87) and took the AUC from 1.000
+    to 0.909, though the device takes no evidence from silence and its event counts agreed."""
+    from edge.audio_io import read_audio
+
+    led_in = tmp_path / "normal-led-in.wav"
+    audio = read_audio(NORMAL_FILES[0], 16000)
+    sf.write(led_in, np.concatenate([np.zeros(2 * 16000, np.float32), audio]), 16000)
+    reports = {}
+    for name, normal in (("plain", NORMAL_FILES[0]), ("led-in", led_in)):
+        out = tmp_path / f"{name}.json"
+        proc = cli("evaluate", str(DEMO_BUNDLE), "--normal", str(normal),
+                   "--anomalous", str(ANOMALOUS_FILE), "--json", str(out))  # fmt: skip
+        reports[name] = json.loads(out.read_text())
+    plain, led = (reports[k]["items"][0]["score"] for k in ("plain", "led-in"))
+    # the windows that straddle the lead-in's end are sound, and judged: a step up from zero
+    assert led < 4 * plain, (led, plain)
+    assert "left out of the scores" in proc.stderr

@@ -149,6 +149,7 @@ def evaluate(
     check_files(every, max(channel, 0), p.samplerate)
     _warn_if_trained_on(bundle, every)
     off = [0, 0]
+    unjudged = 0
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
             scores, raised, off_windows = device_events(
@@ -157,10 +158,18 @@ def evaluate(
             if len(scores) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
+            unjudged += int(np.isnan(scores).sum())
             for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
-                items.append(Scored(str(path), seg, label, float(scores[idx].mean())))
+                judged = scores[idx][~np.isnan(scores[idx])]
+                if len(judged):  # a segment of silence or the machine off says nothing
+                    items.append(Scored(str(path), seg, label, float(judged.mean())))
             events[label].append(raised)
             off[label] += off_windows
+    if unjudged:
+        log.warning(
+            "%d window(s) silent, flat or with the machine off are left out of the scores, "
+            "as the device leaves them out of its evidence", unjudged,
+        )  # fmt: skip
     labels = np.array([i.label for i in items])
     for label, side in enumerate(("normal", "anomalous")):
         if not np.any(labels == label):
@@ -168,6 +177,7 @@ def evaluate(
                 f"no {side} audio left to score: every {side} file is shorter than one window "
                 f"({p.window_seconds:g} s)"
                 + (f" or than --segment ({segment:g} s)" if segment else "")
+                + ", or silent, or the machine off"
             )
     scores = np.array([i.score for i in items])
     threshold = bundle.threshold
@@ -190,7 +200,8 @@ def evaluate(
 
 
 def device_events(audio: np.ndarray, bundle: Bundle) -> tuple[np.ndarray, bool, int]:
-    """One file's audio streamed on its own through the daemon's pipeline: its window scores,
+    """One file's audio streamed on its own through the daemon's pipeline: its window scores
+    (NaN for the windows the device judges nothing by: silent or flat, or the machine off),
     whether it raises an event, and how many of its windows were the machine off. The pipeline
     is the device's own gating: windows below the machine-off level and silent or flat ones are
     no evidence, events wait out the run-up after a start, then K-of-N and CUSUM at the
@@ -199,7 +210,10 @@ def device_events(audio: np.ndarray, bundle: Bundle) -> tuple[np.ndarray, bool, 
     steps = pipeline.push(audio)
     pipeline.close("end_of_stream")
     raised = any(t.kind == "start" for step in steps for t in step.transitions)
-    scores = np.array([step.window.score for step in steps], np.float64)
+    scores = np.array(
+        [np.nan if step.dead or step.machine == OFF else step.window.score for step in steps],
+        np.float64,
+    )
     return scores, raised, sum(step.machine == OFF for step in steps)
 
 
