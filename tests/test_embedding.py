@@ -160,6 +160,7 @@ def test_bundle_holds_a_small_int8_network_and_its_head(bundle: Path) -> None:
     assert m.validation is not None and m.validation["states"] == list(STATES)
     assert "fan_id00" in m.validation["corpus_machines"]
     assert m.threshold.value > max(0.0, m.normal_scores.p50)
+    assert m.training.refit_on_all(), "its head is refitted on the held-out audio too: said"
     # One window at a time (the daemon) and a stack (evaluate) give the same scores, and both
     # are the Mahalanobis distance of the standardised embedding, written out here.
     scorer = plugin_for(m).scorer(b)

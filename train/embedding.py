@@ -111,7 +111,9 @@ EDGE_FILL_P = 0.3
 repeated edge rows cannot tell the shifted class apart."""
 OWN_SHARE = 0.5
 REPRESENTATIVE = 600
-"""Windows (the user's, all augmentations) the int8 calibrator sees."""
+"""Windows (the user's, all augmentations) the int8 calibrator sees: their range is wider than
+normal running's, which leaves a fault's larger values room before int8 saturates (calibrated on
+the running windows as recorded, sliders lost 0.2 of clip AUC: bench/SELECTION.md)."""
 FRAME_CHUNK = 4096
 """STFT frames computed at a time when turning long recordings into frames."""
 
@@ -762,6 +764,8 @@ def _manifest(
         "training": {
             "files": fit_files,
             "seconds": round(own.seconds + own.held_seconds, 3),  # all of it, as every kind
+            # the shipped head is fitted on the held-out audio too: evaluating on it flatters
+            "fitted_seconds": round(own.seconds + own.held_seconds, 3),
             "holdout_files": held_files,
             "holdout_seconds": round(own.held_seconds, 3),
             "channel": channel,
