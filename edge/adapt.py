@@ -113,12 +113,24 @@ class Adapter:
             data_dir / "models", settings.keep_versions, configured.model_id
         )
         self.period: Period | None = None
-        self.last_refit: dict[str, Any] | None = None
         for folder in (self.folder, self.folder / "marked", self.history.folder):
             remove_stale_temps(folder)  # what writes cut short by a power cut left
         if self.history.prune():
             self._tidy()
         self._resume()
+
+    @property
+    def last_refit(self) -> dict[str, Any] | None:
+        """The outcome of the last refit, kept in the history across restarts."""
+        return self.history.last_refit
+
+    @last_refit.setter
+    def last_refit(self, outcome: dict[str, Any] | None) -> None:
+        self.history.last_refit = outcome
+        try:
+            self.history.save()
+        except OSError as exc:  # this run's status still says it
+            log.error("learning: could not record the last refit: %s", exc)
 
     # --- the model in use --------------------------------------------------------------------
 

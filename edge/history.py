@@ -95,6 +95,10 @@ class ModelHistory:
         self.learned |= {
             str(e["of"]) for e in self.entries if e.get("reason") == "learning" and e.get("of")
         }
+        last = data.get("last_refit")
+        self.last_refit: dict[str, Any] | None = last if isinstance(last, dict) else None
+        """The outcome of the last refit (its error, when it failed): `status` says why after
+        a restart too."""
         self.failed: set[str] = {m for m in _listed(data.get("failed")) if isinstance(m, str)}
         """Configured models whose commissioning period ended in a refit that failed, or was
         cancelled: not begun again at every start (a period suppresses events while it runs);
@@ -225,6 +229,7 @@ class ModelHistory:
                 "entries": self.entries,
                 "learned": sorted(self.learned),
                 "failed": sorted(self.failed),
+                "last_refit": self.last_refit,
             },
         )
 

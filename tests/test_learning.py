@@ -264,6 +264,8 @@ def test_a_refit_that_fails_keeps_the_running_model(tmp_path: Path) -> None:
     # A restart with the same [learning] seconds does not begin the period again: it would
     # keep anomaly events off for its length at every start, and fail again.
     assert len(starts(device.replay(ANOMALOUS_FILE))) == 1, "detection goes on as before"
+    again = device.detector.status()["last_refit"]  # why, after the restart too (was: None)
+    assert again is not None and "run the learn command" in again["error"]
     assert not device.detector.learning and device.detector.adapter.period is None
 
     shutil.rmtree(device.data / "models")
