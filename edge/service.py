@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import pwd
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import fields
@@ -63,7 +65,7 @@ def run_detector(
 
         dashboard = _dashboard(settings)  # bound first: a taken port is said before anything starts
         page = dashboard.base_url() if dashboard is not None else None
-        client_id = f"soundsentry-{settings.device_id}" + ("" if live else f"-replay-{os.getpid()}")
+        client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
         logged = _logged_events(settings.data_dir)
         publisher = (
             _publisher(settings, bundle, on_command, page, client_id, logged)
@@ -123,6 +125,36 @@ def run_detector(
 
 
 LOCK = ".lock"
+
+IMAGE_HOST_NAMES = frozenset({"raspberrypi", "localhost", "debian", "ubuntu"})
+"""Host names every Pi cloned from one image shares: as the default device_id, two devices."""
+
+
+def host_tag() -> str:
+    """8 hex digits that tell this machine from others (of its machine-id; the host name
+    when there is none)."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            seed = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if seed:
+            return hashlib.sha256(seed.encode()).hexdigest()[:8]
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def mqtt_client_id(settings: Settings) -> str:
+    """The daemon's MQTT client id: its device and prefix, and the machine it runs on. Two
+    devices that share a device_id (Pis cloned from one image keep the host name it defaults
+    to) or two sites that share a broker under another prefix took over each other's session
+    about once a second, each takeover publishing the other's `offline`."""
+    if settings.device_id in IMAGE_HOST_NAMES:
+        log.warning(
+            "device_id is %r, the host name every Pi of that image has: set device_id (or "
+            "the host name) to name this machine, or devices will share topics",
+            settings.device_id,
+        )
+    return f"soundsentry-{settings.mqtt.prefix}-{settings.device_id}-{host_tag()}"
 
 
 def _me() -> str:

@@ -305,29 +305,35 @@ def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
     }
 
 
+@pytest.mark.parametrize("other", ["a replay of it", "another site's daemon"])
 def test_a_replay_with_the_devices_config_leaves_the_devices_daemon_connected(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, other: str
 ) -> None:
     """`replay --config` of a running device connected with the daemon's client id, and the
     broker dropped the daemon for it (each reconnect then dropped the other: availability
-    flapped every second)."""
+    flapped every second). So did the daemon of another site sharing the broker under another
+    prefix with the same device_id: the client id held the device_id alone."""
     from edge.bundle import load_bundle
-    from edge.service import run_detector
+    from edge.service import mqtt_client_id, run_detector
     from edge.settings import Settings
     from edge.sources import FileSource
 
+    mqtt_settings = {"host": "127.0.0.1", "port": broker.port, "prefix": "siteA"}
+    settings = Settings(device_id="twin", data_dir=tmp_path, mqtt=mqtt_settings)
     dropped: list[object] = []
-    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soundsentry-twin")
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=mqtt_client_id(settings))
     device.on_disconnect = lambda *args: dropped.append(args)
     device.connect("127.0.0.1", broker.port)
     device.loop_start()
     try:
         wait_for(device.is_connected, 10, "the device's daemon to connect")
-        settings = Settings(device_id="twin", data_dir=tmp_path,
-                            mqtt={"host": "127.0.0.1", "port": broker.port})  # fmt: skip
+        live = other == "another site's daemon"
+        if live:
+            settings = Settings(device_id="twin", data_dir=tmp_path / "b",
+                                mqtt={**mqtt_settings, "prefix": "siteB"})  # fmt: skip
         bundle = load_bundle(DEMO_BUNDLE)
         source = FileSource([faulty_audio(tmp_path / "f.wav", 1)], bundle.features.samplerate)
-        run_detector(settings, bundle, source, print_events=False)
+        run_detector(settings, bundle, source, print_events=False, live=live)
         assert device.is_connected() and not dropped
     finally:
         device.loop_stop()
