@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(mosquitto pulseaudio pulseaudio-utils libportaudio2 libasound2-plugins libsndfile1)
+APT_PACKAGES=(mosquitto mosquitto-clients pulseaudio pulseaudio-utils libportaudio2 libasound2-plugins libsndfile1)
 APT_PACKAGES+=(systemd shellcheck)  # tests/test_deploy.py: systemd-analyze verify/security, shellcheck
 APT_PACKAGES+=(chromium chromium-driver)  # tests/test_web.py: the dashboard in a real browser
 PYTHON=${PYTHON:-python3}

@@ -319,3 +319,40 @@ def _accepted(port: int, topic: str) -> bool:
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+def test_the_readmes_command_clears_a_retired_device_from_the_broker(tmp_path: Path) -> None:
+    """The README's one-liner to clear a retired device's retained discovery configs named no
+    broker or login, and under the example ACL nobody could both read and write those topics
+    (the consumer's empty publishes were dropped silently): the device stayed in Home
+    Assistant. Its own retained topics stayed too. The ACL's `maintenance` user can."""
+    import subprocess
+
+    users = {"pump-3": "pw", "consumer": "pw", "maintenance": "mpw"}
+    broker = broker_with_example_acl(tmp_path, users)
+    device = Subscriber(broker.port, "soundsentry/pump-3/set", login=("pump-3", "pw"))
+    retained = [
+        f"homeassistant/{k}/soundsentry_pump-3/{e}/config"
+        for k, e in (("sensor", "score"), ("binary_sensor", "anomaly"), ("button", "mark_normal"))
+    ]
+    retained += ["soundsentry/pump-3/availability", "soundsentry/pump-3/state"]  # fmt: skip
+    try:
+        for topic in retained:
+            device.client.publish(topic, "{}", qos=1, retain=True).wait_for_publish(5)
+        port, login = str(broker.port), "-u maintenance -P mpw"
+        command = (  # the README's, with this broker's address
+            f"mosquitto_sub -h 127.0.0.1 -p {port} {login} "
+            "-t 'homeassistant/+/soundsentry_pump-3/+/config' -t 'soundsentry/pump-3/#' "
+            "--retained-only -v -W 2 | cut -d' ' -f1 | xargs -r -n1 "
+            f"mosquitto_pub -h 127.0.0.1 -p {port} {login} -r -n -t"
+        )
+        subprocess.run(["bash", "-c", command], check=False, timeout=30, capture_output=True)
+        left = subprocess.run(
+            ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-u", "consumer", "-P", "pw",
+             "-t", "homeassistant/#", "-t", "soundsentry/#", "--retained-only", "-v", "-W", "2"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert left.stdout == "", left.stdout
+    finally:
+        device.close()
+        broker.stop()
