@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import socket
@@ -38,8 +39,30 @@ class Check:
         return f"{status} {self.name}: {self.detail}{fix}"
 
 
-def run_checks(settings: Settings) -> list[Check]:
-    """All checks, in the order a person would fix them."""
+UNIT: contextvars.ContextVar[str | None] = contextvars.ContextVar("unit", default=None)
+"""The systemd unit that runs the config doctor checks (None: not known, any of them)."""
+
+
+def unit_for(config: str | Path | None) -> str | None:
+    """The unit that runs `config`: `config.toml` the single unit, `NAME.toml` the instance
+    soundsentry@NAME (deploy/README.md); None without a config."""
+    if config is None:
+        return None
+    stem = Path(config).stem
+    return "soundsentry.service" if stem == "config" else f"soundsentry@{stem}.service"
+
+
+def run_checks(settings: Settings, config: str | Path | None = None) -> list[Check]:
+    """All checks, in the order a person would fix them; `config`: the file the settings
+    came from, whose unit the service checks are about (another instance's state is not)."""
+    token = UNIT.set(unit_for(config))
+    try:
+        return _run_checks(settings)
+    finally:
+        UNIT.reset(token)
+
+
+def _run_checks(settings: Settings) -> list[Check]:
     checks: list[Callable[[Settings], Check]] = [
         check_model,
         check_audio_device,
@@ -234,13 +257,19 @@ def _mqtt_login(s: Settings) -> Check:
     if reason.is_failure:  # type: ignore[attr-defined]
         fix = "check [mqtt] username and the password file / credential"
         if s.mqtt.username and mqtt_password(s.mqtt) is None:  # no password reached doctor
+            unit = UNIT.get() or "soundsentry.service"
+            name = unit.removeprefix("soundsentry@").removesuffix(".service")
+            secret, config = (
+                ("mqtt_password", "config.toml")
+                if unit == "soundsentry.service"
+                else (f"{name}.mqtt_password", f"{name}.toml")
+            )
             fix = (
-                "no password reached doctor: the service gets /etc/soundsentry/mqtt_password "
-                "(NAME.mqtt_password for an instance) as a systemd credential, which a command "
-                "run by hand does not see; run it as the service would: "
-                "sudo systemd-run --pipe --wait -p "
-                "LoadCredential=mqtt_password:/etc/soundsentry/mqtt_password -p User=soundsentry "
-                "/opt/soundsentry/venv/bin/soundsentry doctor --config /etc/soundsentry/config.toml"
+                f"no password reached doctor: the service gets /etc/soundsentry/{secret} as a "
+                "systemd credential, which a command run by hand does not see; run it as the "
+                "service would: sudo systemd-run --pipe --wait -p "
+                f"LoadCredential=mqtt_password:/etc/soundsentry/{secret} -p User=soundsentry "
+                f"/opt/soundsentry/venv/bin/soundsentry doctor --config /etc/soundsentry/{config}"
             )
         return Check("broker login", False, f"refused: {reason}", fix)
     return Check(
@@ -329,10 +358,21 @@ def _future_data_dir(path: Path) -> Check:
 
 
 def check_service(_s: Settings) -> Check:
-    """The single unit or any instance (soundsentry@NAME, one per microphone)."""
-    state = _run(["systemctl", "is-active", "soundsentry"])
+    """The unit of the config checked; without a config, the single unit or any instance
+    (soundsentry@NAME, one per microphone)."""
+    unit = UNIT.get()
+    state = _run(["systemctl", "is-active", unit or "soundsentry"])
     if state is None:
         return Check("service", None, "systemd not available here")
+    if unit is not None:  # pump-4 running says nothing of pump-3
+        if state == "active":
+            return Check("service", True, f"{unit} is active")
+        return Check(
+            "service",
+            False,
+            f"{unit} is {state}",
+            f"`sudo systemctl enable --now {unit}`; `journalctl -u {unit}` says why",
+        )
     if state == "active":
         return Check("service", True, "soundsentry.service is active")
     return service_check(state, _instances())
@@ -348,8 +388,13 @@ def _held_by_service(name: str) -> Check | None:
     """While the service runs it holds the microphone (ALSA then leaves a busy device out of
     PortAudio's list): a device doctor cannot open is no fault then, and the fix is not to
     look for another microphone. None when no soundsentry unit is running."""
-    single = _run(["systemctl", "is-active", "soundsentry"]) == "active"
-    units = ["soundsentry.service"] if single else _active(_instances())
+    unit = UNIT.get()
+    if unit is not None:  # another instance's microphone is not this config's
+        units = [unit] if _run(["systemctl", "is-active", unit]) == "active" else []
+    elif _run(["systemctl", "is-active", "soundsentry"]) == "active":
+        units = ["soundsentry.service"]
+    else:
+        units = _active(_instances())
     if not units:
         return None
     return Check(

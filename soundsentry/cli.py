@@ -879,7 +879,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from edge.settings import load_settings
 
     settings = load_settings(args.config, model=args.model, audio={"device": args.device})
-    checks = run_checks(settings)
+    checks = run_checks(settings, args.config)
     for check in checks:
         print(check.line())
     failed = [c for c in checks if c.ok is False]

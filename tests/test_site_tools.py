@@ -320,3 +320,41 @@ def test_doctor_names_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
     ):
         check = check_disk(Settings(device_id="t", data_dir=data_dir))
         assert check.ok is False and check.detail == detail and "data_dir" in check.fix
+
+
+def test_doctor_judges_the_instance_of_the_config_it_checks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`doctor --config /etc/soundsentry/pump-3.toml` passed the service check while pump-3's
+    unit had failed (pump-4 ran), and skipped pump-3's unopenable microphone as "held" by
+    pump-4, telling the user to stop the healthy instance. Only systemctl's answers are faked;
+    the device really cannot be opened."""
+    from edge import doctor
+    from edge.settings import Settings
+
+    settings = Settings(device_id="pump-3", data_dir=tmp_path,
+                        audio={"device": "no-such-mic-xyz"})  # fmt: skip
+    active = {"soundsentry@pump-4.service"}
+    listed = "soundsentry@pump-4.service loaded active running SoundSentry (pump-4)\n"
+
+    def systemctl(cmd: list[str]) -> str:
+        if cmd[1] == "is-active":
+            return "active" if cmd[2] in active else "failed"
+        return listed
+
+    monkeypatch.setattr(doctor, "_run", systemctl)
+    token = doctor.UNIT.set(doctor.unit_for("/etc/soundsentry/pump-3.toml"))
+    try:
+        service = doctor.check_service(settings)
+        assert service.ok is False and service.detail == "soundsentry@pump-3.service is failed"
+        assert "enable --now soundsentry@pump-3.service" in service.fix
+        mic = doctor.check_audio_device(settings)
+        assert mic.ok is False and "no-such-mic-xyz" in mic.detail, mic
+        active.add("soundsentry@pump-3.service")
+        assert doctor.check_service(settings).ok is True
+        held = doctor.check_audio_device(settings)
+        assert held.ok is None and "soundsentry@pump-3.service is running" in held.detail
+    finally:
+        doctor.UNIT.reset(token)
+    assert doctor.unit_for("/etc/soundsentry/config.toml") == "soundsentry.service"
+    assert doctor.unit_for(None) is None
