@@ -122,6 +122,8 @@ class Controller:
             return "unmuted", None
         if isinstance(command, SetThreshold):
             low, high = threshold_bounds(d.bundle.threshold)
+            if d.bundle.manifest.kind == "classifier":  # a probability; int8 never reaches 1
+                high = min(high, 0.99)
             if not low <= command.value <= high:
                 raise CommandError(f"value must be within [{low:.6g}, {high:.6g}]")
             d.set_threshold(command.value)

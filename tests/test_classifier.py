@@ -179,3 +179,19 @@ def test_calibrate_refuses_what_it_cannot_do_before_reading_any_audio(
                    "--out", str(out), check=False)  # fmt: skip
         assert proc.returncode != 0 and proc.stdout == "", proc.stdout
         assert proc.stderr.strip().splitlines() == [f"soundsentry: error: {said}"], proc.stderr
+
+
+def test_set_threshold_keeps_a_classifiers_threshold_a_probability(
+    classifier: Path, tmp_path: Path
+) -> None:
+    """set_threshold allowed four times the calibrated 0.5, up to 2: past 0.996 (the int8
+    softmax's most) no class event could ever be raised again."""
+    from edge.control import Controller
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    settings = Settings(device_id="c", model=classifier, data_dir=tmp_path)
+    controller = Controller(Detector(settings, load_bundle(classifier), []))
+    refused = controller.handle_payload(b'{"command":"set_threshold","value":1.5}')
+    assert not refused.ok and "within [0.125, 0.99]" in refused.detail, refused.detail
+    assert controller.handle_payload(b'{"command":"set_threshold","value":0.9}').ok
