@@ -23,8 +23,9 @@ from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, FrontEnd
+from edge.framing import WindowBuffer
 from edge.health import is_silent, level_dbfs
-from edge.machine_state import machine_profile
+from edge.machine_state import PERCENTILES, machine_profile
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,11 @@ def calibrate_bundle(
     files = without_copies(files)  # a copy would be scored by a model that holds it
     audio = [read_audio(f, p.samplerate, channel, need_sound=True) for f in files]
     files, audio = _windowed(files, audio, p)
-    seconds = sum(len(a) for a in audio) / p.samplerate
-    require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
     machine = _site_machine(bundle, audio)
-    per_file = _running_windows(audio, p, machine.get("off_below_dbfs"))
+    per_file, kept = _running_windows(audio, p, machine.get("off_below_dbfs"))
+    # the audio the refit stands on: the machine running, not the room while it was off
+    seconds = kept * sum(len(a) for a in audio) / p.samplerate
+    require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
     refit = plugin_for(bundle.manifest).refit(bundle, per_file, false_alarms_per_day)
     arrays = {**bundle.arrays, **refit.arrays}
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
@@ -94,10 +96,11 @@ def _windowed(
 
 def _running_windows(
     audio: list[np.ndarray], params: FeatureParams, off_below_dbfs: float | None
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], float]:
     """Each recording's window features without those the device would not score: silence,
-    and the machine off (below the site's off level). A site recording with the machine
-    stopped for a while set the threshold on the empty room too; said with a count."""
+    and the machine off (below the site's off level), and the share of windows kept. A site
+    recording with the machine stopped for a while set the threshold on the empty room too;
+    said with a count."""
     per_file, dropped, total = [], 0, 0
     for a in audio:
         kept = []
@@ -116,7 +119,7 @@ def _running_windows(
             "%d of %d windows are silent or the machine off (below %s dBFS): the calibration "
             "leaves them out, as the device does", dropped, total, off_below_dbfs,
         )  # fmt: skip
-    return per_file
+    return per_file, (total - dropped) / max(total, 1)
 
 
 def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> dict:
@@ -125,7 +128,7 @@ def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> dict:
     the states the bundle was trained on; a shift of LEVEL_SHIFT_DB or more is said."""
     trained = bundle.manifest.machine
     states = trained.states if trained is not None else None
-    site = machine_profile(audio, bundle.features, states)
+    site = _shifted_profile(bundle, audio) or machine_profile(audio, bundle.features, states)
     before = trained.running_level_dbfs.get("p50") if trained is not None else None
     after = site["running_level_dbfs"].get("p50")
     if before is not None and after is not None and abs(after - before) >= LEVEL_SHIFT_DB:
@@ -136,6 +139,35 @@ def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> dict:
             site["off_below_dbfs"],
         )  # fmt: skip
     return site
+
+
+def _shifted_profile(bundle: Bundle, audio: list[np.ndarray]) -> dict | None:
+    """The trained machine profile moved by how much louder or quieter the machine runs here
+    (the site's loudest running, its 99th percentile of window levels, against training's):
+    a site recording with the machine stopped for most of it keeps an off level above the
+    empty room, and a quiet state of the training (idle) stays running. None for a bundle
+    that recorded no levels (machine_profile measures them here instead)."""
+    trained, p = bundle.manifest.machine, bundle.features
+    loudest = trained.running_level_dbfs.get("p99") if trained is not None else None
+    if trained is None or trained.off_below_dbfs is None or loudest is None:
+        return None
+    levels = np.array([
+        level_dbfs(w.samples)
+        for a in audio
+        for w in WindowBuffer(p.window_samples, p.hop_samples).push(a)
+        if not is_silent(w.samples)
+    ])  # fmt: skip
+    if not len(levels):
+        return None
+    off = trained.off_below_dbfs + float(np.percentile(levels, 99)) - loudest
+    running = levels[levels >= off]
+    return {
+        "running_level_dbfs": {
+            k: round(float(np.percentile(running, q)), 2) for k, q in PERCENTILES.items()
+        },
+        "off_below_dbfs": round(off, 2),
+        "states": trained.states,
+    }
 
 
 def _write(

@@ -36,12 +36,9 @@ STATE_WINDOWS = 5
 
 
 QUIET_GAP_DB = 20.0
-"""Training windows this far below the level the machine runs at are not it running (a silent
+"""Training windows this far below the median level are not the machine running (a silent
 lead-in, the machine switched off for part of a recording, a file recorded far quieter): they
 are left out of the running level, or the off level would fall below them and never be met."""
-RUNNING_REFERENCE = 90
-"""The percentile of a recording's window levels that QUIET_GAP_DB is measured from: the
-machine runs at it as long as it runs for a tenth of the audio."""
 PERCENTILES = {"p01": 1, "p50": 50, "p99": 99}
 
 
@@ -58,11 +55,10 @@ def machine_profile(
 ) -> dict:
     """A manifest's `machine` section from normal audio of the machine running (mono, model
     rate): the level of its windows, from which the edge tells `off` (far quieter) from
-    running. Digital silence and windows QUIET_GAP_DB below the 90th percentile of the levels
-    are left out, with a warning that says how many. `groups`: the operating state of each
-    recording (state folders); the percentile is then each state's own, so a quiet state the
-    user named as running (idle, a low speed) is part of the running level instead of being
-    left out as `off`."""
+    running. Digital silence and windows QUIET_GAP_DB below the median are left out, with a
+    warning that says how many. `groups`: the operating state of each recording (state
+    folders); the median is then each state's own, so a quiet state the user named as running
+    (idle, a low speed) is part of the running level instead of being left out as `off`."""
     levels, group_of, silent = [], [], 0
     for n, a in enumerate(audio):
         for w in WindowBuffer(params.window_samples, params.hop_samples).push(a):
@@ -73,14 +69,14 @@ def machine_profile(
                 group_of.append(groups[n] if groups is not None else 0)
     heard, group_of = np.array(levels), np.array(group_of)
     quiet = np.zeros(len(heard), bool)
-    for g in np.unique(group_of):  # against a level the machine runs at: with it off for half
-        mine = group_of == g  # the recording, the median fell between running and the room
-        quiet[mine] = heard[mine] < np.percentile(heard[mine], RUNNING_REFERENCE) - QUIET_GAP_DB
+    for g in np.unique(group_of):
+        mine = group_of == g
+        quiet[mine] = heard[mine] < np.median(heard[mine]) - QUIET_GAP_DB
     left_out = silent + int(quiet.sum())
     if left_out:
         log.warning(
-            "%d of %d windows of the normal audio are silent or more than %g dB below the "
-            "level it mostly runs at (a silent start, the machine off for a while, a recording far "
+            "%d of %d windows of the normal audio are silent or more than %g dB below its "
+            "median level (a silent start, the machine off for a while, a recording far "
             "quieter than the others?): the machine's running level is measured without them",
             left_out, silent + len(heard), QUIET_GAP_DB,
         )  # fmt: skip

@@ -265,3 +265,30 @@ def test_calibrating_on_a_site_recording_half_off_keeps_the_off_level_and_thresh
     assert "the calibration leaves them out" in proc.stderr
     # the windows where it stops (a sudden drop: a high fluctuation) are running to the device
     assert on_off.threshold.value < 1.3 * running.threshold.value
+
+
+def test_calibrating_a_machine_that_idles_most_of_the_time_keeps_idle_running(
+    tmp_path: Path,
+) -> None:
+    """A machine that idles 24 dB below its loaded level for most of the time (a compressor
+    between cycles): calibration must neither call idle `off` nor leave it out of the refit,
+    or the device never scores the state the machine spends its days in."""
+    rate = 16000
+    rng = np.random.default_rng(3)
+
+    def cycle(seconds_idle: float, seconds_loaded: float) -> np.ndarray:
+        idle = 10 ** (-48 / 20) * rng.standard_normal(int(seconds_idle * rate))
+        loaded = 10 ** (-24 / 20) * rng.standard_normal(int(seconds_loaded * rate))
+        return np.concatenate([idle, loaded]).astype(np.float32)
+
+    for name in ("train", "site"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            sf.write(tmp_path / name / f"{i}.wav", cycle(17, 3), rate, subtype="FLOAT")
+    base, site = tmp_path / "base.bundle", tmp_path / "site.bundle"
+    cli("train", "--normal", str(tmp_path / "train"), "--out", str(base))
+    proc = cli("calibrate", str(base), "--normal", str(tmp_path / "site"), "--out", str(site))
+    machine = load_bundle(site).manifest.machine
+    assert machine is not None and machine.off_below_dbfs is not None
+    assert machine.off_below_dbfs < -52, "idle (-48 dBFS) is running"
+    assert "the calibration leaves them out" not in proc.stderr, proc.stderr
