@@ -70,11 +70,6 @@ class _Recording:
     samples: int
 
 
-FUTURE_S = 86400.0
-"""A clip dated further than this ahead of the clock was written while the clock was wrong
-(a Pi without an RTC, a bad time server); retention dates it now."""
-
-
 class ClipRecorder:
     """Collects the audio of open anomalies and writes them to `folder` as WAV files."""
 
@@ -210,17 +205,9 @@ class ClipRecorder:
         """The clips in the folder with their stat; one deleted by hand since the listing is
         left out."""
         clips = []
-        now = time.time()
         for path in self.folder.glob("*.wav"):
             try:
-                st = path.stat()
-                if st.st_mtime > now + FUTURE_S:  # written while the clock was set wrong: it
-                    os.utime(path, (now, now))  # would never age and go last by size
-                    dated = time.strftime("%Y-%m-%d", time.gmtime(st.st_mtime))
-                    log.warning("retention: %s was dated %s, in the future: it ages from now",
-                                path.name, dated)  # fmt: skip
-                    st = path.stat()
-                clips.append((path, st))
+                clips.append((path, path.stat()))
             except FileNotFoundError:
                 continue
             except OSError as exc:

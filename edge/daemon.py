@@ -106,7 +106,8 @@ class JsonLinesSink(Sink):
 def _clip_keeper(settings: Settings, rate: int) -> ClipRecorder | None:
     """With clips off, a recorder that records nothing and only applies `[clips]` retention
     to the clips already written (turned off for privacy, they must not stay for good); None
-    when clips are on (the recorder applies it) or there are none."""
+    when clips are on (the recorder applies it) or there are none. The device's daemon's
+    alone: a demo or a replay must not apply its limits to the device's clips."""
     c, folder = settings.clips, settings.data_dir / "clips"
     if c.enabled or not folder.is_dir():
         return None
@@ -235,7 +236,7 @@ class Detector:
         h = settings.health
         self.health = AudioHealth(rate, h.fault_seconds, h.clip_fraction)
         self.clips = _clip_recorder(settings, rate)
-        self._clip_keeper = _clip_keeper(settings, rate)
+        self._clip_keeper = _clip_keeper(settings, rate) if live else None
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.state = DeviceState(settings.data_dir) if persist else None
         self.adapter = (
@@ -275,7 +276,7 @@ class Detector:
             self.clips.configure(c.preroll_seconds, c.max_seconds, c.max_total_mb, c.max_age_days)
         else:
             self.clips = _clip_recorder(settings, self._rate, self._samples)
-        self._clip_keeper = _clip_keeper(settings, self._rate)
+        self._clip_keeper = _clip_keeper(settings, self._rate) if self.live else None
 
     def _load(
         self, bundle: Bundle, settings: Settings | None = None, threshold: float | None = None
