@@ -39,15 +39,17 @@ class Check:
         return f"{status} {self.name}: {self.detail}{fix}"
 
 
+CONFIG_DIR = Path("/etc/soundsentry")
+"""Where the units read their configs (deploy/soundsentry.service, soundsentry@.service)."""
 UNIT: contextvars.ContextVar[str | None] = contextvars.ContextVar("unit", default=None)
 """The systemd unit that runs the config doctor checks (None: not known, any of them)."""
 
 
 def unit_for(config: str | Path | None) -> str | None:
-    """The unit that runs `config`: `config.toml` the single unit, `NAME.toml` the instance
-    soundsentry@NAME (deploy/README.md); None without a config."""
-    if config is None:
-        return None
+    """The unit that runs `config`: /etc/soundsentry/config.toml the single unit, NAME.toml
+    there the instance soundsentry@NAME (deploy/README.md); None for any other config."""
+    if config is None or Path(config).resolve().parent != CONFIG_DIR:
+        return None  # a config of one's own: any unit may be the one running
     stem = Path(config).stem
     return "soundsentry.service" if stem == "config" else f"soundsentry@{stem}.service"
 

@@ -157,11 +157,33 @@ def mqtt_client_id(settings: Settings) -> str:
     return f"soundsentry-{settings.mqtt.prefix}-{settings.device_id}-{host_tag()}"
 
 
-def _me() -> str:
+def _owner(path: Path) -> int | None:
     try:
-        return pwd.getpwuid(os.geteuid()).pw_name
+        return path.stat().st_uid
+    except OSError:
+        return None
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return str(os.geteuid())
+        return str(uid)
+
+
+def _denied(data_dir: Path, exc: OSError) -> str:
+    """Why this user may not take data_dir, with what mends it: files root left in this
+    user's folder (give them back), or another user's folder (run as that user)."""
+    said = f"data_dir {data_dir}: {exc.strerror}"
+    folder, lock = _owner(data_dir), _owner(data_dir / LOCK)
+    if folder is not None and folder != os.geteuid():
+        return f"{said}: it belongs to {_name(folder)}; run this as that user (sudo -u ...)"
+    if folder == os.geteuid() and lock is not None and lock != os.geteuid():
+        return (
+            f"{said}: {LOCK} in it belongs to {_name(lock)} (a run as root?); give the files "
+            f"back: sudo chown -R {_name(os.geteuid())}: {data_dir}"
+        )
+    return said
 
 
 def _refuse_root_in_others_folder(data_dir: Path) -> None:
@@ -173,10 +195,7 @@ def _refuse_root_in_others_folder(data_dir: Path) -> None:
     except OSError:
         return
     if os.geteuid() == 0 and owner != 0:
-        try:
-            name = pwd.getpwuid(owner).pw_name
-        except KeyError:
-            name = str(owner)
+        name = _name(owner)
         raise SoundSentryError(
             f"data_dir {data_dir} belongs to {name}: run this as that user (sudo -u {name} "
             f"soundsentry ...); as root its files there would lock {name}'s service out"
@@ -196,11 +215,8 @@ def hold_data_dir(data_dir: Path) -> int:
         private_dir(data_dir)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | nofollow, 0o600)
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):  # files another user (root) made there
-            raise SoundSentryError(
-                f"data_dir {data_dir}: {LOCK}: {exc.strerror}: files in it belong to another "
-                f"user (a run as root?); give them back: sudo chown -R {_me()}: {data_dir}"
-            ) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise SoundSentryError(_denied(data_dir, exc)) from None
         if exc.errno != errno.EROFS or not data_dir.is_dir():
             raise SoundSentryError(f"data_dir {data_dir}: {exc.strerror or exc}") from None
         # a card the kernel remounted read-only after I/O errors: the daemon still detects

@@ -245,13 +245,13 @@ def class_folders(
         raise AudioError(f"{root}: --classes needs a folder with one subfolder per class")
     groups: dict[str, list[Path]] = {}
     for folder in sorted(d for d in root.iterdir() if d.is_dir()):
-        if not re.fullmatch(SAFE_LABEL, folder.name):  # before any training, not after it
+        files = find_audio([folder])  # what the search skips in it is named
+        if files and not re.fullmatch(SAFE_LABEL, folder.name):  # before training, not after
             raise AudioError(
                 f"{folder}: a class folder's name is the class's name in events: letters, "
                 "digits, spaces and . _ : + - (up to 64, starting with a letter or a digit); "
                 "rename the folder"
             )
-        files = find_audio([folder])  # what the search skips in it is named
         if files:
             groups[folder.name] = files
         else:
