@@ -23,3 +23,8 @@ class BundleError(SoundSentryError):
 
 class SettingsError(SoundSentryError):
     """An invalid setting (file, environment or flag)."""
+
+
+class StartError(SoundSentryError):
+    """The daemon could not start (its broker's TLS files, its dashboard's token...): found
+    before its loop ran, so a service waits a minute before systemd starts it again."""

@@ -23,7 +23,7 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
-from edge.errors import SoundSentryError
+from edge.errors import SoundSentryError, StartError
 from edge.eventlog import EventLogSink, LoggedEvent, read_events
 from edge.messages import EventMessage, iso
 from edge.pipeline import Step
@@ -63,15 +63,23 @@ def run_detector(
             if controller is not None:  # commands before the loop exists wait for a resend
                 controller.submit_payload(payload)
 
-        dashboard = _dashboard(settings)  # bound first: a taken port is said before anything starts
+        try:
+            dashboard = _dashboard(settings)  # bound first: a taken port is said at once
+        except (SoundSentryError, OSError) as exc:
+            raise StartError(_said(exc)) from exc
         page = dashboard.base_url() if dashboard is not None else None
         client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
         logged = _logged_events(settings.data_dir)
-        publisher = (
-            _publisher(settings, bundle, on_command, page, client_id, logged)
-            if settings.mqtt.host
-            else None
-        )
+        try:
+            publisher = (
+                _publisher(settings, bundle, on_command, page, client_id, logged)
+                if settings.mqtt.host
+                else None
+            )
+        except (SoundSentryError, OSError) as exc:  # the broker's TLS files, a password file
+            if dashboard is not None:
+                dashboard.stop()
+            raise StartError(_said(exc)) from exc
         sinks: list[Sink] = []
         if publisher is not None:
             sinks.append(MqttSink(publisher))  # spooled durably before it is printed
@@ -125,6 +133,14 @@ def run_detector(
 
 
 LOCK = ".lock"
+
+
+def _said(exc: Exception) -> str:
+    """One line for an error: an OSError with the file it names."""
+    if isinstance(exc, OSError) and not isinstance(exc, SoundSentryError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)
+
 
 IMAGE_HOST_NAMES = frozenset({"raspberrypi", "localhost", "debian", "ubuntu"})
 """Host names every Pi cloned from one image shares: as the default device_id, two devices."""

@@ -787,6 +787,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge.capture import MicSource
+    from edge.errors import StartError
     from edge.sdnotify import SystemdNotifier
     from edge.service import hold_data_dir, run_detector
     from edge.settings import check_service_data_dir
@@ -825,8 +826,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             live=True,
             lock=lock,
         )
-    except (SoundSentryError, OSError) as exc:  # the broker's TLS files, the web's token...:
-        _hold_before_failing(SystemdNotifier(), exc)  # retried each minute, not every 5 s
+    except StartError as exc:  # the broker's TLS files, the web's token...: found before the
+        _hold_before_failing(SystemdNotifier(), exc)  # loop ran, retried each minute as well
         raise
     if live:
         live.clear()
