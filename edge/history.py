@@ -57,11 +57,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _readable(entry: object) -> bool:
-    """An entry of history.json this code can use: a version number and a folder."""
+    """An entry of history.json this code can use: a version number, its folder, the bundle
+    it was refitted from and why."""
     return (
         isinstance(entry, dict)
         and type(entry.get("version")) is int
-        and isinstance(entry.get("path"), str)
+        and all(isinstance(entry.get(k), str) for k in ("path", "base", "reason"))
     )
 
 

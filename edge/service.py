@@ -13,6 +13,7 @@ import pwd
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import fields
 from pathlib import Path
@@ -147,16 +148,20 @@ IMAGE_HOST_NAMES = frozenset({"raspberrypi", "localhost", "debian", "ubuntu"})
 
 
 def host_tag() -> str:
-    """8 hex digits that tell this machine from others (of its machine-id; the host name
-    when there is none)."""
+    """8 hex digits that tell this machine from others: of its machine-id (or host name) and
+    its network hardware address, since Pis cloned from one card after its first boot share
+    the machine-id as well as the host name."""
+    seed = socket.gethostname()
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
-            seed = Path(path).read_text().strip()
+            seed = Path(path).read_text().strip() or seed
+            break
         except OSError:
             continue
-        if seed:
-            return hashlib.sha256(seed.encode()).hexdigest()[:8]
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    node = uuid.getnode()
+    if not node & (1 << 40):  # a real address (a random one, made up per process, has it set)
+        seed += f"/{node:012x}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:8]
 
 
 def mqtt_client_id(settings: Settings) -> str:

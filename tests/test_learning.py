@@ -958,6 +958,7 @@ def test_a_lowered_keep_versions_frees_the_card_at_the_next_start(tmp_path: Path
         {"entries": [{"version": 1}], "learned": None},  # an entry without its folder
         {"entries": {"version": 1}, "active": 1, "failed": 7},  # wrong shapes throughout
         {"entries": ["x", {"version": "1", "path": "p"}], "active": "1"},
+        {"entries": [{"version": 1, "path": str(DEMO_BUNDLE)}], "active": 1},  # no reason, base
     ],
 )
 def test_a_history_of_another_shape_is_read_for_what_it_holds(tmp_path: Path, damage: dict) -> None:

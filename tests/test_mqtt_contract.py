@@ -343,8 +343,7 @@ def test_the_readmes_command_clears_a_retired_device_from_the_broker(tmp_path: P
         command = (  # the README's, with this broker's address
             f"mosquitto_sub -h 127.0.0.1 -p {port} {login} "
             "-t 'homeassistant/+/soundsentry_pump-3/+/config' -t 'soundsentry/pump-3/#' "
-            "--retained-only -v -W 2 | cut -d' ' -f1 | xargs -r -n1 "
-            f"mosquitto_pub -h 127.0.0.1 -p {port} {login} -r -n -t"
+            "--retained-only --remove-retained -W 2"
         )
         subprocess.run(["bash", "-c", command], check=False, timeout=30, capture_output=True)
         left = subprocess.run(

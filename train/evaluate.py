@@ -73,7 +73,8 @@ def clip_and_segments(
     scorer: Scorer, windows: np.ndarray, window_s: float, hop_s: float, segment_s: float
 ) -> tuple[float, list[float]]:
     """The whole file's mean window score and each consecutive segment's (the items `evaluate`
-    scores for segment None and for `segment_s`), from one pass of the scorer."""
+    scores for segment None and for `segment_s`, which also leaves out windows of silence or
+    the machine off: the benchmarks' recordings hold none), from one pass of the scorer."""
     return clip_and_segments_of(scorer.score_many(windows), window_s, hop_s, segment_s)
 
 
@@ -95,8 +96,8 @@ def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
     t = bundle.manifest.training
     records = [*t.files, *(t.holdout_files if _refit_on_all(bundle) else [])]
     fitted = {f.sha256: f.name for f in records if f.sha256}
-    calibrated = (bundle.manifest.calibration or {}).get("sha256") or []
-    fitted |= {h: "calibration" for h in calibrated if isinstance(h, str)}
+    calibrated = (bundle.manifest.calibration or {}).get("files") or []  # records, as training's
+    fitted |= {f["sha256"]: "" for f in calibrated if isinstance(f, dict) and f.get("sha256")}
     for path in files:
         try:
             digest = sha256_file(path)
@@ -159,6 +160,8 @@ def evaluate(
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
             unjudged += int(np.isnan(scores).sum())
+            if np.isnan(scores).all():  # said by name: it leaves the AUC
+                log.warning("%s: silent, flat or the machine off throughout; not scored", path)
             for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
                 judged = scores[idx][~np.isnan(scores[idx])]
                 if len(judged):  # a segment of silence or the machine off says nothing
