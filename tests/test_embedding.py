@@ -322,3 +322,34 @@ def test_an_output_that_sat_still_in_training_cannot_set_the_threshold_alone() -
     assert std_floor(fit[:, 1:], step) == pytest.approx(
         RELATIVE_STD_FLOOR * np.median(fit[:, 1:].std(axis=0))
     )
+
+
+def test_a_steady_tonal_machine_trains_and_its_fault_raises_an_event(tmp_path: Path) -> None:
+    """A clean hum with harmonics (a transformer, a compressor's motor): the int8 range set on
+    augmented windows left its running a step or two of int8 input, every embedding came out
+    the same, and training stopped with "the normal audio's features do not vary"."""
+    import soundfile as sf
+    from conftest import cli
+
+    rng, rate = np.random.default_rng(1), 16000
+    t = np.arange(10 * rate) / rate
+    hum = 0.1 * (np.sin(2 * np.pi * 120 * t) + 0.5 * np.sin(2 * np.pi * 360 * t)
+                 + 0.3 * np.sin(2 * np.pi * 1200 * t))  # fmt: skip
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for k in range(6):
+        noise = 0.003 * rng.standard_normal(len(t))
+        sf.write(folder / f"{k}.wav", (hum + noise).astype(np.float32), rate)
+    new = folder / "5.wav"
+    new.rename(tmp_path / "new.wav")  # a recording it never trains on
+    fault = hum * (1 + 0.3 * np.sin(2 * np.pi * 7 * t)) + 0.02 * np.sin(2 * np.pi * 2900 * t)
+    fault += 0.003 * rng.standard_normal(len(t))
+    sf.write(tmp_path / "fault.wav", fault.astype(np.float32), rate)
+    model = tmp_path / "hum.bundle"
+    cli("train", "--normal", str(folder), "--detector", "embedding", "--epochs", "2",
+        "--out", str(model))  # fmt: skip
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    quiet = cli("replay", str(model), str(tmp_path / "new.wav"), env=env)
+    loud = cli("replay", str(model), str(tmp_path / "fault.wav"), env=env)
+    assert '"type": "start"' not in quiet.stdout and '"type":"start"' not in quiet.stdout
+    assert '"type": "start"' in loud.stdout or '"type":"start"' in loud.stdout

@@ -622,7 +622,19 @@ def fit_embedding(
     rep, _, _ = sampler.draw(REPRESENTATIVE, rng, own_share=1.0)
     int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
     model = TfliteModel(int8, name="int8 embedding")
-    head = _fit_head(model, own, mean, std, params, false_alarms_per_day)
+    try:
+        head = _fit_head(model, own, mean, std, params, false_alarms_per_day)
+    except AudioError:  # a steady, tonal machine: the augmented windows' range left its own
+        # running a step or two of int8, and every embedding came out the same
+        log.warning(
+            "the int8 embedding did not vary over this machine's steady sound: quantised "
+            "again on its running windows as recorded (a fault far outside them saturates)"
+        )
+        plain = np.concatenate(own.running(own.fit_windows))
+        rep = plain[rng.choice(len(plain), min(REPRESENTATIVE, len(plain)), replace=False)]
+        int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
+        model = TfliteModel(int8, name="int8 embedding")
+        head = _fit_head(model, own, mean, std, params, false_alarms_per_day)
     manifest = _manifest(
         Path(out),
         params,
