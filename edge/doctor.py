@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import SoundSentryError
+from edge.errors import SoundSentryError, os_error_line
 from edge.settings import Settings, mqtt_password
 
 MIN_FREE_MB = 200
@@ -82,8 +82,7 @@ def _run_checks(settings: Settings) -> list[Check]:
         except SoundSentryError as exc:
             results.append(Check(name, False, str(exc)))
         except OSError as exc:  # a file this user may not read: this check fails, not doctor
-            where = f": {exc.filename}" if exc.filename else ""
-            results.append(Check(name, False, f"{exc.strerror or exc}{where}"))
+            results.append(Check(name, False, os_error_line(exc)))
     return results
 
 

@@ -9,6 +9,11 @@ def install_extra(extra: str) -> str:
     return f"{sys.executable} -m pip install 'soundsentry[{extra}]'"
 
 
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: what went wrong and the file it names (no errno, no repr)."""
+    return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+
+
 class SoundSentryError(Exception):
     """A problem the user can fix (bad input, bad setting, bad model); shown as one line."""
 

@@ -24,7 +24,7 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
-from edge.errors import SoundSentryError, StartError
+from edge.errors import SoundSentryError, StartError, os_error_line
 from edge.eventlog import EventLogSink, LoggedEvent, read_events
 from edge.messages import EventMessage, iso
 from edge.pipeline import Step
@@ -64,23 +64,22 @@ def run_detector(
             if controller is not None:  # commands before the loop exists wait for a resend
                 controller.submit_payload(payload)
 
-        try:
-            dashboard = _dashboard(settings)  # bound first: a taken port is said at once
-        except (SoundSentryError, OSError) as exc:
-            raise StartError(_said(exc)) from exc
-        page = dashboard.base_url() if dashboard is not None else None
-        client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
-        logged = _logged_events(settings.data_dir)
-        try:
+        dashboard = None
+        try:  # what fails here fails the start: the dashboard's port or token, the broker's
+            dashboard = _dashboard(settings)  # TLS or password files; bound first
+            page = dashboard.base_url() if dashboard is not None else None
+            client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
+            logged = _logged_events(settings.data_dir)
             publisher = (
                 _publisher(settings, bundle, on_command, page, client_id, logged)
                 if settings.mqtt.host
                 else None
             )
-        except (SoundSentryError, OSError) as exc:  # the broker's TLS files, a password file
+        except (SoundSentryError, OSError) as exc:
             if dashboard is not None:
                 dashboard.stop()
-            raise StartError(_said(exc)) from exc
+            said = str(exc) if isinstance(exc, SoundSentryError) else os_error_line(exc)
+            raise StartError(said) from exc
         sinks: list[Sink] = []
         if publisher is not None:
             sinks.append(MqttSink(publisher))  # spooled durably before it is printed
@@ -134,13 +133,6 @@ def run_detector(
 
 
 LOCK = ".lock"
-
-
-def _said(exc: Exception) -> str:
-    """One line for an error: an OSError with the file it names."""
-    if isinstance(exc, OSError) and not isinstance(exc, SoundSentryError):
-        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-    return str(exc)
 
 
 IMAGE_HOST_NAMES = frozenset({"raspberrypi", "localhost", "debian", "ubuntu"})
@@ -211,11 +203,8 @@ def _refuse_root_in_others_folder(data_dir: Path) -> None:
     """`sudo soundsentry run --config /etc/soundsentry/config.toml` (the config is readable by
     root) left root's state, spool, lock and event log in the service's folder, 0600: the
     service could not open them again and never started. Refused in one line instead."""
-    try:
-        owner = data_dir.stat().st_uid
-    except OSError:
-        return
-    if os.geteuid() == 0 and owner != 0:
+    owner = _owner(data_dir)
+    if os.geteuid() == 0 and owner not in (None, 0):
         name = _name(owner)
         raise SoundSentryError(
             f"data_dir {data_dir} belongs to {name}: run this as that user (sudo -u {name} "

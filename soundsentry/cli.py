@@ -26,7 +26,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from edge import __version__  # noqa: E402
-from edge.errors import SoundSentryError, install_extra  # noqa: E402
+from edge.errors import SoundSentryError, install_extra, os_error_line  # noqa: E402
 
 log = logging.getLogger("soundsentry")
 
@@ -72,8 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as exc:  # a path that is the wrong kind of thing, a full or read-only disk
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"soundsentry: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"soundsentry: error: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
 
 
