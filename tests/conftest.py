@@ -166,13 +166,13 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
-@pytest.fixture(scope="session")
-def pulse() -> Iterator[str]:
-    """A PulseAudio daemon with a null sink 'machine'; yields the monitor source name."""
+def ensure_pulse() -> bool:
+    """PulseAudio running with the null sink 'machine', started (True) when it is not: tests
+    that unplug the microphone take the daemon away and bring it back, and a module that
+    loads its own sink later must not find it gone."""
     if not shutil.which("pulseaudio"):
         pytest.fail("pulseaudio is not installed (apt-get install pulseaudio pulseaudio-utils)")
-    started = subprocess.run(["pactl", "info"], capture_output=True).returncode != 0
-    if started:
+    if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
         subprocess.run(
             [
                 "pulseaudio",
@@ -185,21 +185,27 @@ def pulse() -> Iterator[str]:
             check=True,
             capture_output=True,
         )
-    else:
-        sinks = subprocess.run(["pactl", "list", "short", "sinks"], capture_output=True, text=True)
-        if "machine" not in sinks.stdout:
-            subprocess.run(
-                [
-                    "pactl",
-                    "load-module",
-                    "module-null-sink",
-                    "sink_name=machine",
-                    "rate=16000",
-                    "channels=1",
-                ],
-                check=True,
-                capture_output=True,
-            )
+        wait_for(
+            lambda: subprocess.run(["pactl", "info"], capture_output=True).returncode == 0,
+            10,
+            "PulseAudio to answer",
+        )
+        return True
+    sinks = subprocess.run(["pactl", "list", "short", "sinks"], capture_output=True, text=True)
+    if "machine" not in sinks.stdout:
+        subprocess.run(
+            ["pactl", "load-module", "module-null-sink", "sink_name=machine", "rate=16000",
+             "channels=1"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+    return False
+
+
+@pytest.fixture(scope="session")
+def pulse() -> Iterator[str]:
+    """A PulseAudio daemon with a null sink 'machine'; yields the monitor source name."""
+    started = ensure_pulse()
     yield "machine.monitor"
     if started:
         subprocess.run(["pulseaudio", "--kill"], capture_output=True)

@@ -30,6 +30,7 @@ from conftest import (
     ROOT,
     SOUNDSENTRY,
     cli,
+    ensure_pulse,
     wait_for,
 )
 from test_site_tools import play
@@ -56,6 +57,7 @@ _SINKS = itertools.count()
 def sink(pulse: str) -> Iterator[str]:
     """A PulseAudio null sink of this test's own: audio that other tests play into the shared
     sink cannot leak into what this one hears. Its monitor is `{sink}.monitor`."""
+    ensure_pulse()  # a test before may have taken it away
     name = f"terminal{os.getpid()}x{next(_SINKS)}"
     module = subprocess.run(
         ["pactl", "load-module", "module-null-sink", f"sink_name={name}", "rate=16000"],

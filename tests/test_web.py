@@ -32,6 +32,7 @@ from conftest import (
     SOUNDSENTRY,
     Broker,
     cli,
+    ensure_pulse,
     free_port,
     wait_for,
 )
@@ -182,6 +183,7 @@ def ended_events(port: int, token: str | None) -> list[dict[str, Any]]:
 def own_sink(pulse: str) -> Iterator[str]:
     """A null sink of this module's own (its monitor's name), so the audio that keeps playing
     for `served` never mixes into what other tests play on 'machine'."""
+    ensure_pulse()  # a test before may have taken it away
     module = subprocess.run(
         [
             "pactl",
