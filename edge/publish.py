@@ -15,6 +15,11 @@ state and health, Home Assistant discovery, and the command topic.
   an ACL mended on the broker delivers them without a restart of the daemon; a refused
   command subscription is logged too.
 - Reconnection uses paho's capped exponential backoff and never gives up.
+- Every availability message carries who sent it (the INSTANCE_KEY user property: host name,
+  data folder, machine tag), and the publisher listens to its own availability topic: an
+  `online` from another instance means two daemons share this device_id (Pis cloned from one
+  card keep the host name it defaults to) and mix their events and states on one set of
+  topics. That is logged as an error once per other instance and kept in `duplicates`.
 - The thread that sends the spool survives its failures (a full disk, an SD card's I/O error):
   it logs each new kind once (then at most every SENDER_LOG_INTERVAL_S), retries with backoff,
   and says when it works again; what it could not send or delete stays in the spool.
@@ -39,6 +44,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge.errors import SettingsError
 from edge.messages import (
@@ -55,6 +63,10 @@ from edge.topics import Topics
 log = logging.getLogger(__name__)
 
 ONLINE = "online"
+INSTANCE_KEY = "soundsentry-instance"
+"""MQTT 5 user property of availability messages: the instance that sent them."""
+REPLAY = "(replay)"
+"""How the instance of a replay (`run --input`, not the device's daemon) ends."""
 OFFLINE = "offline"
 RECONNECT_MIN_S = 1
 SEND_BATCH = 50
@@ -144,9 +156,13 @@ class MqttPublisher:
         client_id: str,
         spool: Spool,
         on_command: Callable[[bytes], None] | None = None,
+        instance: str = "",
     ) -> None:
         if not settings.host:
             raise ValueError("MqttPublisher needs mqtt.host")
+        self.instance = instance or client_id
+        self.duplicates: dict[str, float] = {}
+        """Other instances heard announcing themselves online as this device -> when (time)."""
         self.settings = settings
         self.topics = topics
         self.spool = spool
@@ -177,7 +193,9 @@ class MqttPublisher:
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
-        self.client.will_set(topics.availability, OFFLINE, qos=1, retain=True)
+        self.client.will_set(
+            topics.availability, OFFLINE, qos=1, retain=True, properties=self._sender_props(True)
+        )
         self.client.reconnect_delay_set(RECONNECT_MIN_S, int(settings.reconnect_max_seconds))
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
@@ -226,10 +244,14 @@ class MqttPublisher:
             return
         self._last_refusal = self._last_unreachable = ""
         log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
-        wanted = [self.topics.command, self.topics.ha_status]
-        _rc, mid = client.subscribe([(topic, 1) for topic in wanted])
+        wanted = [self.topics.command, self.topics.ha_status, self.topics.availability]
+        # this device's availability without its own publishes (no local): only others' reach us
+        options = [
+            SubscribeOptions(qos=1, noLocal=topic == self.topics.availability) for topic in wanted
+        ]
+        _rc, mid = client.subscribe(list(zip(wanted, options, strict=True)))
         self._subscribed[mid] = wanted  # its SUBACK comes later on this same thread
-        self._publish(self.topics.availability, ONLINE, qos=1, retain=True)
+        self._publish(self.topics.availability, ONLINE, qos=1, retain=True, props=True)
         self._publish_retained()
         self._publish_discovery()
         self._connected.set()
@@ -287,6 +309,15 @@ class MqttPublisher:
         for topic, reason in zip(self._subscribed.pop(mid, []), reasons, strict=False):
             if not reason.is_failure:
                 continue
+            if topic == self.topics.availability:  # an ACL written before devices read it
+                log.info(
+                    "MQTT: the broker refused the subscription to %s (%s): a second device "
+                    "with this device_id would go unnoticed (deploy/mosquitto/acl lets devices "
+                    "read it)",
+                    topic,
+                    reason,
+                )
+                continue
             what = (
                 "commands (and Home Assistant's controls) will not reach this device"
                 if topic == self.topics.command
@@ -301,7 +332,9 @@ class MqttPublisher:
             )
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == self.topics.ha_status:
+        if msg.topic == self.topics.availability:
+            self._check_instance(msg)
+        elif msg.topic == self.topics.ha_status:
             if msg.payload.decode(errors="replace").strip() == ONLINE:
                 log.info("MQTT: Home Assistant is online: re-announcing discovery")
                 self._publish_discovery()
@@ -318,6 +351,33 @@ class MqttPublisher:
                 self._warned_retained = True
                 return
             self.on_command(msg.payload)
+
+    def _sender_props(self, will: bool = False) -> Properties:
+        props = Properties(PacketTypes.WILLMESSAGE if will else PacketTypes.PUBLISH)
+        props.UserProperty = [(INSTANCE_KEY, self.instance)]
+        return props
+
+    def _check_instance(self, msg: mqtt.MQTTMessage) -> None:
+        """An `online` on this device's availability from another instance (retained: it is
+        online now, or was when the broker last heard of it): two daemons share the device_id.
+        Messages without the property (another program, an older SoundSentry) say nothing, and
+        a replay (`run --input` with the device's config) neither warns nor is warned of."""
+        if self.instance.endswith(REPLAY):  # replaying a file as the device is deliberate
+            return
+        sender = dict(getattr(msg.properties, "UserProperty", None) or []).get(INSTANCE_KEY)
+        if not sender or sender == self.instance or sender.endswith(REPLAY):
+            return
+        if msg.payload.decode(errors="replace").strip() != ONLINE or sender in self.duplicates:
+            return
+        self.duplicates[sender] = time.time()
+        log.error(
+            "MQTT: another SoundSentry (%s) is online as device %r: both publish to %s/, so "
+            "events, state and Home Assistant mix two machines; give each device its own "
+            "device_id (in the config, or SOUNDSENTRY_DEVICE_ID) and restart it",
+            sender,
+            self.topics.device_id,
+            self.topics.base,
+        )
 
     # --- spool sender ----------------------------------------------------------------------
 
@@ -546,11 +606,12 @@ class MqttPublisher:
             self._publish_discovery()
 
     def _publish(
-        self, topic: str, payload: str, qos: int, retain: bool = False
+        self, topic: str, payload: str, qos: int, retain: bool = False, props: bool = False
     ) -> mqtt.MQTTMessageInfo:
         """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
-        the broker took it."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        the broker took it; `props`: with this instance's name (availability)."""
+        properties = self._sender_props() if props else None
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos:
             self._topic_of[info.mid] = topic
         return info
@@ -575,7 +636,7 @@ class MqttPublisher:
             time.sleep(0.05)
             self._wake.set()
         if self.connected:
-            info = self._publish(self.topics.availability, OFFLINE, qos=1, retain=True)
+            info = self._publish(self.topics.availability, OFFLINE, 1, retain=True, props=True)
             while not info.is_published() and self.connected and time.monotonic() < deadline:
                 time.sleep(0.02)
         self.client.disconnect()

@@ -269,7 +269,7 @@ def _publisher(
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
     when it serves one) and the device's last `logged` event, not yet connected."""
     from edge.discovery import discovery_configs
-    from edge.publish import MqttPublisher
+    from edge.publish import REPLAY, MqttPublisher
     from edge.spool import open_spool
 
     topics = Topics(settings.mqtt.prefix, settings.device_id, settings.mqtt.discovery_prefix)
@@ -282,7 +282,12 @@ def _publisher(
         if other != path:  # device_id (the host name by default) was changed
             log.warning("%s is another device id's spool: its messages are not sent by this "
                         "one; delete it once it is not needed", other)  # fmt: skip
-    publisher = MqttPublisher(settings.mqtt, topics, client_id, spool, on_command=on_command)
+    instance = f"host {socket.gethostname()}, {settings.data_dir}, machine {host_tag()}"
+    if "-replay-" in client_id:
+        instance += f" {REPLAY}"
+    publisher = MqttPublisher(
+        settings.mqtt, topics, client_id, spool, on_command=on_command, instance=instance
+    )
     if settings.mqtt.discovery:
         publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold, page))
     if logged:  # a broker that lost its retained messages gets it back

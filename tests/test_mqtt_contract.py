@@ -355,3 +355,54 @@ def test_the_readmes_command_clears_a_retired_device_from_the_broker(tmp_path: P
     finally:
         device.close()
         broker.stop()
+
+
+def _instance(port: int, spool: Spool, instance: str, user: str = "pump-3") -> Any:
+    settings = MqttSettings(
+        host="127.0.0.1", port=port, reconnect_max_seconds=2, username=user, password="pw"
+    )
+    client_id = f"test-{user}-{spool.path.stem}"  # each Pi has its own client id
+    publisher = MqttPublisher(
+        settings, Topics("soundsentry", user), client_id, spool, None, instance
+    )
+    publisher.start()
+    wait_for(lambda: publisher.connected, 10, "the publisher to connect")
+    return publisher
+
+
+def test_two_devices_under_one_device_id_each_log_the_other(
+    acl_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pis cloned from one card keep the host name the device_id defaults to: two daemons then
+    published to one set of topics, events and states of two machines mixed, and nothing said
+    so. Through the example ACL, each now hears the other's `online` and logs it."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    spools = [Spool(tmp_path / f"{n}.sqlite") for n in range(4)]
+    first = _instance(acl_broker.port, spools[0], "host pi-a, /var/lib/soundsentry, machine 1")
+    second = restarted = replay = None
+    try:
+        time.sleep(0.5)  # nothing to hear yet: its own `online` is not echoed (no local)
+        assert first.duplicates == {}
+        second = _instance(acl_broker.port, spools[1], "host pi-a, /var/lib/soundsentry, machine 2")
+        wait_for(lambda: first.duplicates and second.duplicates, 10, "both to hear the other")
+        assert list(first.duplicates) == [second.instance]  # live, as it came online
+        assert list(second.duplicates) == [first.instance]  # retained, as it connected
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 2 and all("machine 2" in e or "machine 1" in e for e in errors)
+        assert "own device_id" in errors[0] and "soundsentry/pump-3/" in errors[0]
+
+        second.close(timeout_s=2)  # the clone renamed: its `offline` is no claim
+        second = None
+        restarted = _instance(acl_broker.port, spools[2], first.instance)  # as at a restart
+        replay = _instance(acl_broker.port, spools[3], "host pi-a, /tmp/x, machine 1 (replay)")
+        first.client.reconnect()  # hears the retained availability again
+        wait_for(lambda: first.connected, 10, "the first to reconnect")
+        time.sleep(1.0)  # a condition that must stay false: give the messages time to arrive
+        assert list(first.duplicates) == ["host pi-a, /var/lib/soundsentry, machine 2"]
+        assert restarted.duplicates == {} and replay.duplicates == {}
+    finally:
+        for p in (first, second, restarted, replay):
+            if p is not None:
+                p.close(timeout_s=1)
+        for s in spools:
+            s.close()
