@@ -10,12 +10,14 @@ PNGs works on the bare edge install; those say in one line which extra they need
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -961,9 +963,42 @@ def _require(module: str, extra: str, what: str) -> None:
     import importlib
 
     try:
-        importlib.import_module(module)
+        with _native_chatter_dropped():
+            importlib.import_module(module)
     except ImportError as exc:  # name the module that is missing (Keras under TensorFlow)
         raise SoundSentryError(_needs(what, extra, exc.name or module)) from None
+
+
+NATIVE_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IW]\d{4} [\d:.]+ +\d+ \w+\.cc:\d+\] )"
+)
+"""What TensorFlow's C++ side prints as it loads, whatever TF_CPP_MIN_LOG_LEVEL says, on some
+CPUs: absl's notice and INFO / WARNING lines (oneDNN's "...floating-point round-off errors...",
+the CPU features it was built for), which read like failures above a training's output."""
+
+
+@contextlib.contextmanager
+def _native_chatter_dropped() -> Iterator[None]:
+    """Run the body with file descriptor 2 caught in a file, then pass on every line of it but
+    NATIVE_CHATTER (errors of the native code stay)."""
+    import tempfile
+
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not NATIVE_CHATTER.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def _load(path: Path | None) -> Any:
