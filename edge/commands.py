@@ -187,13 +187,28 @@ MIN_STEP = 0.001
 """...but never finer than Home Assistant's smallest step."""
 
 
-def threshold_bounds(calibrated: float) -> tuple[float, float]:
+CLASSIFIER_MAX = 0.99
+"""A classifier's threshold is a probability, which its int8 output never reaches at 1."""
+
+
+def threshold_bounds(
+    calibrated: float, classifier: bool = False, override: float | None = None
+) -> tuple[float, float]:
     """Allowed range for set_threshold: a factor of THRESHOLD_FACTOR either way, rounded
     outward onto the step grid (`threshold_step`) of Home Assistant's threshold number, so
-    every value it offers is accepted and every accepted one can be shown."""
+    every value it offers is accepted and every accepted one can be shown; never 0 (one step
+    at least), a classifier's never above CLASSIFIER_MAX, and widened to a `[detector]
+    threshold` `override` beyond them (the number shows it, so it may be chosen again)."""
     step = threshold_step(calibrated)
-    low, high = calibrated / THRESHOLD_FACTOR, calibrated * THRESHOLD_FACTOR
-    return on_step(low, step, math.floor), on_step(high, step, math.ceil)
+    low = max(step, on_step(calibrated / THRESHOLD_FACTOR, step, math.floor))
+    high = on_step(calibrated * THRESHOLD_FACTOR, step, math.ceil)
+    if classifier:
+        high = min(high, CLASSIFIER_MAX)
+    if override is not None:
+        below = on_step(override, step, math.floor)
+        low = min(low, below if below > 0 else override)  # off the grid, never 0
+        high = max(high, on_step(override, step, math.ceil))
+    return low, high
 
 
 def threshold_step(calibrated: float) -> float:

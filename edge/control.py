@@ -121,9 +121,10 @@ class Controller:
             d.unmute()
             return "unmuted", None
         if isinstance(command, SetThreshold):
-            low, high = threshold_bounds(d.bundle.threshold)
-            if d.bundle.manifest.kind == "classifier":  # a probability; int8 never reaches 1
-                high = min(high, 0.99)
+            classifier = d.bundle.manifest.kind == "classifier"
+            low, high = threshold_bounds(
+                d.bundle.threshold, classifier, d.settings.detector.threshold
+            )
             if not low <= command.value <= high:
                 raise CommandError(f"value must be within [{low:.6g}, {high:.6g}]")
             d.set_threshold(command.value)

@@ -484,7 +484,9 @@ class Detector:
         if self.state is None:
             return
         value = self.state.threshold_for(self.bundle.model_id)
-        low, high = threshold_bounds(self.bundle.threshold)
+        low, high = threshold_bounds(
+            self.bundle.threshold, self.bundle.manifest.kind == "classifier"
+        )
         if value is not None and low <= value <= high:
             self._threshold = value
             self.pipeline.events.threshold = value

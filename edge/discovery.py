@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from typing import Any, get_args, get_type_hints
 
 from edge import __version__
 from edge.bundle import Bundle
-from edge.commands import on_step, threshold_bounds, threshold_step
+from edge.commands import threshold_bounds, threshold_step
 from edge.daemon import Sink
 from edge.messages import StateMessage
 from edge.topics import Topics
@@ -80,11 +79,12 @@ def discovery_configs(
     threshold: float | None = None,
     configuration_url: str | None = None,
     in_force: float | None = None,
+    classifier: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Config topic -> payload for every entity of this device. Without the calibrated
     `threshold` the threshold number is left out (its bounds derive from it, widened to the
-    threshold `in_force` when that lies outside); with the dashboard's `configuration_url`
-    Home Assistant links the device to its page."""
+    threshold `in_force` when that lies outside, at most CLASSIFIER_MAX for a `classifier`);
+    with the dashboard's `configuration_url` Home Assistant links the device to its page."""
     uid = f"{topics.prefix}_{topics.device_id}"
     common: dict[str, Any] = {
         "availability_topic": topics.availability,
@@ -104,7 +104,7 @@ def discovery_configs(
     entities = {
         **_watched(topics),
         **_diagnostics(topics),
-        **_controls(topics, threshold, in_force),
+        **_controls(topics, threshold, in_force, classifier),
     }
     return {
         topics.ha_config(component, object_id): {
@@ -201,7 +201,7 @@ def _diagnostics(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def _controls(
-    topics: Topics, threshold: float | None, in_force: float | None = None
+    topics: Topics, threshold: float | None, in_force: float | None = None, classifier: bool = False
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """What a user acts on: mute, mark the last event normal, the threshold."""
     controls: dict[tuple[str, str], dict[str, Any]] = {
@@ -224,7 +224,7 @@ def _controls(
         },
     }
     if threshold is not None:
-        low, high, step = threshold_range(threshold, in_force)
+        low, high, step = threshold_range(threshold, in_force, classifier)
         controls[("number", "threshold")] = {
             "name": "Threshold",
             "command_topic": topics.command,
@@ -241,16 +241,15 @@ def _controls(
     return controls
 
 
-def threshold_range(calibrated: float, in_force: float | None = None) -> tuple[float, float, float]:
+def threshold_range(
+    calibrated: float, in_force: float | None = None, classifier: bool = False
+) -> tuple[float, float, float]:
     """(min, max, step) of the threshold number: the bounds set_threshold accepts, widened to
-    the threshold in force (a `[detector] threshold` override may lie outside) and rounded
-    outward onto the step grid, so Home Assistant can show every threshold the device runs."""
-    low, high = threshold_bounds(calibrated)  # already on the step grid
-    step = threshold_step(calibrated)
-    if in_force is not None:
-        low = min(low, on_step(in_force, step, math.floor))
-        high = max(high, on_step(in_force, step, math.ceil))
-    return low, high, step
+    the threshold in force (a `[detector] threshold` override may lie outside, and
+    set_threshold accepts the widened range) on the step grid, so Home Assistant can show every
+    threshold the device runs and offers none it refuses."""
+    low, high = threshold_bounds(calibrated, classifier, in_force)  # on the step grid
+    return low, high, threshold_step(calibrated)
 
 
 class DiscoveryRefresh(Sink):
@@ -289,6 +288,7 @@ class DiscoveryRefresh(Sink):
                 bundle.threshold,
                 self.configuration_url,
                 message.threshold,
+                bundle.manifest.kind == "classifier",
             )
         )
 

@@ -289,7 +289,11 @@ def _publisher(
         settings.mqtt, topics, client_id, spool, on_command=on_command, instance=instance
     )
     if settings.mqtt.discovery:
-        publisher.set_discovery(discovery_configs(topics, bundle.model_id, bundle.threshold, page))
+        classifier = bundle.manifest.kind == "classifier"
+        configs = discovery_configs(
+            topics, bundle.model_id, bundle.threshold, page, None, classifier
+        )
+        publisher.set_discovery(configs)
     if logged:  # a broker that lost its retained messages gets it back
         publisher.remember_last_event(json.dumps(logged[-1].data, separators=(",", ":")))
     return publisher

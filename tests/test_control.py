@@ -332,3 +332,47 @@ def test_an_oversized_command_is_not_held_while_it_waits(tmp_path: Path) -> None
     d.run_pending()
     (reply,) = replies.responses
     assert not reply.ok and "over the 65536-byte limit" in reply.detail
+
+
+def test_every_threshold_home_assistant_offers_is_accepted(tmp_path: Path) -> None:
+    """The number announced to Home Assistant was widened to a `[detector] threshold` override
+    while set_threshold kept the narrower bounds: values at the number's ends were refused and
+    the number snapped back, the refusal only on the response topic."""
+    from edge.discovery import discovery_configs
+    from edge.topics import Topics
+
+    calibrated = load_bundle(DEMO_BUNDLE).threshold
+    override = round(calibrated * 10, 3)
+    d, rec = detector(tmp_path, detector={"cooldown_seconds": 0, "threshold": override})
+    topics = Topics("soundsentry", "unit")
+    configs = discovery_configs(topics, "m", calibrated, in_force=override)
+    number = configs[topics.ha_config("number", "threshold")]
+    assert number["min"] < calibrated / 3 and number["max"] >= override
+    ctl = Controller(d)
+    for name in ("min", "max"):
+        command = {"command": "set_threshold", "value": number[name], "id": name}
+        ctl.submit_payload(json.dumps(command).encode())
+    d.run(FileSource([fault_file(tmp_path)], RATE))
+    got = replies(rec)
+    assert got["min"].ok and got["max"].ok, (got["min"].detail, got["max"].detail)
+    assert d.threshold == pytest.approx(number["max"])
+
+
+@pytest.mark.parametrize("calibrated", [0.5, 0.97, 0.003])
+def test_the_threshold_number_never_offers_zero_nor_a_certain_classifier(
+    calibrated: float,
+) -> None:
+    """A classifier's number reached four times its threshold (0.5 -> 2.0), which set_threshold
+    refuses above 0.99; a threshold below 0.004 gave the number a minimum of 0, also refused."""
+    from edge.commands import CLASSIFIER_MAX, threshold_bounds
+    from edge.discovery import discovery_configs
+    from edge.topics import Topics
+
+    topics = Topics("soundsentry", "unit")
+    for classifier in (False, True):
+        configs = discovery_configs(topics, "m", calibrated, classifier=classifier)
+        number = configs[topics.ha_config("number", "threshold")]
+        assert (number["min"], number["max"]) == threshold_bounds(calibrated, classifier)
+        assert 0 < number["min"] <= calibrated <= number["max"]
+        if classifier:
+            assert number["max"] <= CLASSIFIER_MAX
