@@ -155,6 +155,9 @@ def _lines(path: Path) -> Iterable[dict[str, Any]]:
 
 
 def _valid(data: dict[str, Any]) -> bool:
+    """An event every reader can use: its id (the dashboard keys its list on it) and start."""
+    if not isinstance(data.get("event_id"), str) or not data["event_id"]:
+        return False
     try:
         parse_time(str(data["started_at"]))
     except (KeyError, SoundSentryError):

@@ -268,6 +268,11 @@ def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
         log.append(logged(kind, event_id))
     with open(tmp_path / "events.jsonl", "a") as fh:  # another version's start, fields missing:
         fh.write('{"type":"start","event_id":"odd","started_at":"2026-11-30T07:00:00Z"}\n')
+        fh.write('{"type":"end","started_at":"2026-11-30T07:00:00Z"}\n')  # no id: the page's
+    from edge.web.live import LiveView  # list, keyed on it, stopped every start with [web] on
+
+    LiveView().seed([e.data for e in read_events(tmp_path)])
+    assert all(e.data.get("event_id") for e in read_events(tmp_path))
     settings = Settings(device_id="cut", data_dir=tmp_path,
                         mqtt={"host": "127.0.0.1", "port": broker.port})  # fmt: skip
     bundle = load_bundle(DEMO_BUNDLE)
