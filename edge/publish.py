@@ -244,7 +244,7 @@ class MqttPublisher:
             return
         self._last_refusal = self._last_unreachable = ""
         log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
-        wanted = [self.topics.command, self.topics.ha_status, self.topics.availability]
+        wanted = [self.topics.command, *self.topics.ha_statuses, self.topics.availability]
         # this device's availability without its own publishes (no local): only others' reach us
         options = [
             SubscribeOptions(qos=1, noLocal=topic == self.topics.availability) for topic in wanted
@@ -334,7 +334,7 @@ class MqttPublisher:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.topics.availability:
             self._check_instance(msg)
-        elif msg.topic == self.topics.ha_status:
+        elif msg.topic in self.topics.ha_statuses:
             if msg.payload.decode(errors="replace").strip() == ONLINE:
                 log.info("MQTT: Home Assistant is online: re-announcing discovery")
                 self._publish_discovery()

@@ -74,6 +74,13 @@ class Topics:
         return f"{self.base}/response"
 
     @property
+    def ha_statuses(self) -> list[str]:
+        """Where Home Assistant's birth message may come: under the discovery prefix, and at
+        `homeassistant/status`, its birth topic unless set apart from a changed discovery
+        prefix (HA sets the two separately)."""
+        return list(dict.fromkeys([self.ha_status, f"{HA_PREFIX}/status"]))
+
+    @property
     def ha_status(self) -> str:
         """Home Assistant's birth/will topic (`online` when it (re)starts)."""
         return f"{self.ha_prefix}/status"

@@ -559,12 +559,34 @@ def test_the_home_assistant_notification_renders_for_events_without_bands() -> N
     assert "loudest" not in classified and "(bearing)" in classified, classified
 
 
+def test_the_home_assistant_example_notifies_at_the_start_and_on_a_real_end_only() -> None:
+    """It notified on `end` alone: a fault that went on for hours was reported only when it
+    stopped, and muting or marking an event normal (which end it too) sent "sounded wrong"."""
+    text = (ROOT / "deploy" / "examples" / "home-assistant.yaml").read_text()
+    conditions = re.findall(r'value_template: "(\{\{ trigger\.payload_json\.type[^"]*)"', text)
+    conditions += [_folded(text, "value_template")]
+    event = {"device_id": "pump-1", "event_id": "e1"}
+
+    def notified(payload: dict) -> int:
+        trigger = {"payload_json": event | payload}
+        return sum(render(c, trigger=trigger) == "True" for c in conditions)
+
+    assert len(conditions) == 2
+    assert notified({"type": "start"}) == 1 and notified({"type": "update"}) == 0
+    told = ("normal", "machine_off")
+    for ended_by in (*told, "muted", "marked_normal", "stopped", "interrupted", "model_changed"):
+        assert notified({"type": "end", "ended_by": ended_by}) == (ended_by in told), ended_by
+
+
 def test_the_node_red_example_keeps_its_session_across_restarts() -> None:
     """A clean session dropped every event published while Node-RED restarted: the broker
     queues QoS 1 messages only for a persistent session with a fixed client id."""
     flow = json.loads((ROOT / "deploy" / "examples" / "node-red-flow.json").read_text())
     broker = next(n for n in flow if n["type"] == "mqtt-broker")
     assert broker["clientid"] and broker["cleansession"] is False
+    # Node-RED unsubscribes a closing node unless told not to: the session then held no
+    # subscription, and events published during a redeploy or restart were not queued
+    assert broker["autoUnsubscribe"] is False
     assert broker["protocolVersion"] != "5" or int(broker["sessionExpiry"]) > 0  # 0: no session
     subscription = next(n for n in flow if n["type"] == "mqtt in")
     assert subscription["qos"] == "1"

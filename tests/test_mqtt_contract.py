@@ -254,6 +254,28 @@ def test_the_example_acl_lets_home_assistants_birth_message_reach_the_devices(
         spool.close()
 
 
+@pytest.mark.parametrize("birth", ["homeassistant/status", "ha/status"])
+def test_a_changed_discovery_prefix_still_hears_home_assistant_restart(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture, birth: str
+) -> None:
+    """With [mqtt] discovery_prefix changed the daemon listened for the birth message under
+    that prefix only; Home Assistant sends it to homeassistant/status unless its birth topic
+    is changed too, so a restart of Home Assistant never brought discovery back."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, Topics("soundsentry", "pump-3", "ha"), spool)
+    ha = Subscriber(broker.port, "soundsentry/#")
+    try:
+        wait_for(lambda: not publisher._subscribed, 10, "its SUBACK")  # before the birth
+        ha.client.publish(birth, "online", qos=1).wait_for_publish(5)
+        announced = "Home Assistant is online: re-announcing discovery"
+        wait_for(lambda: any(announced in r.getMessage() for r in caplog.records), 10, announced)
+    finally:
+        ha.close()
+        publisher.close(timeout_s=1)
+        spool.close()
+
+
 def test_an_old_refused_health_offered_again_does_not_stay_the_retained_one(
     tmp_path: Path,
 ) -> None:
