@@ -353,3 +353,21 @@ def test_a_steady_tonal_machine_trains_and_its_fault_raises_an_event(tmp_path: P
     loud = cli("replay", str(model), str(tmp_path / "fault.wav"), env=env)
     assert '"type": "start"' not in quiet.stdout and '"type":"start"' not in quiet.stdout
     assert '"type": "start"' in loud.stdout or '"type":"start"' in loud.stdout
+
+
+def test_state_folders_skip_hidden_folders_and_name_loose_recordings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A USB stick's `.Trashes` folder stopped training with "rename the folder", and a
+    recording left in the root (an earlier `record --out` there) was ignored without a word."""
+    from train.embedding import state_folders
+
+    root = tmp_path / "pump"
+    for name, files in {"low": NORMAL_FILES[:2], "off": NORMAL_FILES[2:3], ".Trashes": []}.items():
+        (root / name).mkdir(parents=True)
+        for f in files:
+            (root / name / f.name).symlink_to(f)
+    (root / "20261202T100000-0000.wav").symlink_to(NORMAL_FILES[0])
+    assert list(state_folders(root)) == ["low", "off"]
+    said = [r.getMessage() for r in caplog.records]
+    assert any("1 audio file(s) directly in it are not in a state's folder" in m for m in said)

@@ -237,7 +237,18 @@ def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, 
     if not root.is_dir():
         raise AudioError(f"{root}: --normal-states needs a folder with one subfolder per state")
     groups: dict[str, list[Path]] = {}
-    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+    loose = [f for f in find_audio([root], quiet=True) if f.parent == root]
+    if loose:  # an earlier `record --out` into the root, say: no state of its own
+        log.warning(
+            "%s: %d audio file(s) directly in it are not in a state's folder and are not used "
+            "(%s); move them into one",
+            root,
+            len(loose),
+            loose[0].name,
+        )
+    # hidden and system folders (.Trashes of a USB stick, .git) hold no state
+    folders = (d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "$")))
+    for folder in sorted(folders):
         name = OFF if folder.name.lower() == OFF else folder.name
         if not re.fullmatch(SAFE_LABEL, name):
             raise AudioError(
