@@ -698,6 +698,21 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
                 f"{params['window_autocorrelation']:.2f}): both paths allow for it"
             )
     cusum = params.get("cusum")
+    raised = [
+        path
+        for path, floored in (
+            ("K of N", params.get("decided_by") == "floor"),
+            ("CUSUM", bool(cusum) and cusum.get("h_floor", 0.0) > cusum.get("h_design", math.inf)),
+        )
+        if floored
+    ]
+    if raised and "predicted_false_alarms_per_day" in params:
+        lines.append(
+            f"  caution: the held-out audio would itself have raised events at the fitted "
+            f"{' and '.join(raised)} threshold, which was raised to clear it; the prediction rests "
+            "on the fit that audio contradicts and may understate false alarms: give more normal "
+            "audio (several recordings, other days)"
+        )
     if cusum:
         lines.append(
             f"  integrated evidence: CUSUM on log scores, h {cusum['h']:.3g} (budget "

@@ -236,6 +236,22 @@ def test_the_rule_reports_what_backs_the_threshold() -> None:
     assert describe(0.5, {"min_confidence": 0.5}) == ""
 
 
+def test_a_threshold_the_held_out_audio_pushed_up_is_reported_with_a_caution() -> None:
+    """When the held-out audio itself would raise events at the fitted threshold (the floor
+    decides), the prediction still came from that fit (0.02 per day where simulated days gave
+    10 to 50) with nothing said; the gamma-decided threshold needs no caution."""
+    rng = np.random.default_rng(3)
+    scores = rng.gamma(20, 0.05, 240)
+    scores[100:112] = np.linspace(2.0, 2.4, 12)  # six seconds well above the rest
+    value, params = threshold_for_budget(scores, 1.0, integrate=False)
+    assert params["decided_by"] == "floor", params["decided_by"]
+    assert "caution: the held-out audio would itself have raised events at the fitted K of N" in (
+        describe(value, params)
+    )
+    calm, calm_params = threshold_for_budget(rng.gamma(20, 0.05, 240), 1.0, integrate=False)
+    assert calm_params["decided_by"] != "floor" and "caution" not in describe(calm, calm_params)
+
+
 def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> None:
     out = tmp_path / "site.bundle"
     proc = cli(
