@@ -64,6 +64,10 @@ budget rule's floors replay the event logic window by window in Python, and this
 refit of a full site set (20000 windows) to about a second here (x86, one core) instead of
 three, so the audio loop it runs on is not held up for long on a Pi."""
 RUN = 20
+MARGIN = 1e-5
+"""Relative margin above the marked windows' floors: they are computed on the windows scored as
+one stack, which the event logic, scoring one window at a time and summing the CUSUM's steps one
+by one, may round to a hair above (a capped sound climbs the CUSUM in exact, equal steps)."""
 CHUNK_SECONDS = 60.0
 """Site windows are held out a chunk at a time: neighbouring windows overlap and resemble each
 other, so windows a minute apart count as unseen. A shorter period is cut into MAX_FOLDS chunks
@@ -402,12 +406,13 @@ def _let_pass(threshold: dict[str, Any], scores: np.ndarray) -> None:
     p["marked_windows"] = len(scores)
     p["marked_floor"] = floor
     if count_events(scores, threshold["value"], k, n, m, hop) and floor > threshold["value"]:
-        threshold["value"] = floor
+        threshold["value"] = floor * (1 + MARGIN)
         p["decided_by"] = "marked"
     cusum = p.get("cusum")
     if cusum:
         z = (np.log(np.maximum(scores, 1e-12)) - cusum["center"]) / cusum["scale"]
-        cusum["h"] = max(cusum["h"], cusum_floor(z, 0, cusum["drift"], cusum["cap"]))
+        floor = cusum_floor(z, 0, cusum["drift"], cusum["cap"]) * (1 + MARGIN)
+        cusum["h"] = max(cusum["h"], floor)
 
 
 def refit_summary(old: float, manifest: dict[str, Any]) -> dict[str, Any]:
