@@ -564,6 +564,7 @@ class Detector:
             "commands_shed": self.commands_shed,
             "level_dbfs": round(self.health.level, 1),
             "anomaly_index": _round(self.index.value, 4),
+            "learns": self._featurize is not None and self.adapter is not None,  # mark_normal
             **(self.adapter.status() if self.adapter is not None else {}),
         }
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -794,6 +795,21 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
         drawn = lambda: browser.execute_script("return scores.length")  # noqa: E731
         # The daemon scores 2 windows a second: from an empty trace the page would need 10 s.
         wait_for(lambda: drawn() >= before, 3, f"the {before} recent scores drawn", drawn)
+
+        # A daemon that stops answering without closing the connection (a Pi without power, a
+        # changed Wi-Fi): the page waited for ever on a read that never ended, saying "live".
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: text("#conn").startswith("daemon unreachable since "),
+                60,
+                "the page to give up a stream gone silent",
+                lambda: text("#conn"),
+            )
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        back = "the page to reconnect"
+        wait_for(lambda: text("#conn") == "live", 60, back, lambda: text("#conn"))
 
         stop(proc)  # the daemon dies: the page must not keep showing its last values as live
         wait_for(

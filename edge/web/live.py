@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -124,7 +125,8 @@ class LiveView(Sink):
         """One scored window: score, threshold, level and machine state."""
         self.last_window = {
             "at": iso(time.time()),
-            "score": None if step.score is None else round(float(step.score), 6),
+            # a score that is not a number cannot travel as JSON (the page's parser refuses it)
+            "score": round(float(step.score), 6) if _finite(step.score) else None,
             "threshold": round(float(threshold), 6),
             "level_dbfs": round(float(step.level_dbfs), 1),
             "machine": step.machine,
@@ -198,3 +200,7 @@ class LiveView(Sink):
             streams = list(self._streams)
         for stream in streams:
             stream.offer(name, text)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

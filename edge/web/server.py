@@ -433,6 +433,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Accel-Buffering", "no")  # nginx in front: no buffering
             self._common_headers()
             self.end_headers()
             first = {**live.snapshot(), "events": live.events()}
