@@ -123,8 +123,9 @@ class MicSource:
             )
         if rate < self.model_rate:  # upsampled audio leaves the model's upper bands empty
             raise CaptureError(
-                f"{info['name']!r} captures at {rate} Hz, below the model's {self.model_rate} Hz "
-                f"(set audio.samplerate to {self.model_rate} or more, or use another input)"
+                f"{info['name']!r} captures at {rate} Hz, below the {self.model_rate} Hz needed "
+                "(the model's rate, or record's --samplerate): use another input, or set "
+                f"audio.samplerate to a rate of {self.model_rate} Hz or more that it supports"
             )
         log.info("capture: device %r at %d Hz, %d channel(s)", info["name"], rate, self.channels)
         return device, rate
@@ -186,7 +187,8 @@ class MicSource:
                 callback=self._callback,
             )
         except (ValueError, sd.PortAudioError) as exc:
-            raise CaptureError(f"cannot open audio device {self.device!r}: {exc}") from None
+            which = "the default input" if self.device is None else repr(self.device)
+            raise CaptureError(f"cannot open audio device {which}: {exc}") from None
 
     def _start(self, stream: Any) -> Any:
         """Start an opened stream, or close it and raise CaptureError: a device gone between open

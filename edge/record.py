@@ -5,11 +5,16 @@ ends saying whether the level was good, too quiet or too loud and whether audio 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -41,6 +46,45 @@ class RecordingRefusedError(SoundSentryError):
     """The input is unusable for training (silent, flat or clipping)."""
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`kill`, a closed SSH session) ended the recording: handled as Ctrl-C,
+    so the chunk in progress gets its header and is kept, instead of a file cut short."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise _Signalled while the body runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Signalled(signal.Signals(signum).name)
+
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _new_chunk(out: Path, stamp: str, index: int) -> Path:
+    """A chunk's file, created here and nowhere before: a recording in the same second, or
+    after the clock of a Pi without a real-time clock went back, never overwrites another."""
+    while True:
+        path = out / f"{stamp}-{index:04d}.wav"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return path
+        except FileExistsError:
+            index += 1
+
+
 def record(
     settings: Settings,
     seconds: float,
@@ -51,6 +95,48 @@ def record(
 ) -> list[Path]:
     """Record `seconds` of audio into `out` as WAV chunks; return the files written."""
     err = stream or sys.stderr
+    with _stopped_by_signals(), _logs_clear_progress(err):
+        return _record(settings, seconds, out, chunk_seconds, samplerate, err)
+
+
+class _ClearProgress(logging.Filter):
+    """Erase the progress line on a terminal before a log record is written (a stall, a
+    reopen of the device), which was appended to the line's end."""
+
+    def __init__(self, err: TextIO) -> None:
+        super().__init__()
+        self.err = err
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.err.write("\r\033[K")
+        self.err.flush()
+        return True
+
+
+@contextlib.contextmanager
+def _logs_clear_progress(err: TextIO) -> Iterator[None]:
+    if not getattr(err, "isatty", lambda: False)():
+        yield
+        return
+    handlers = logging.getLogger().handlers
+    clear = _ClearProgress(err)
+    for handler in handlers:
+        handler.addFilter(clear)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(clear)
+
+
+def _record(
+    settings: Settings,
+    seconds: float,
+    out: Path,
+    chunk_seconds: float,
+    samplerate: int,
+    err: TextIO,
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     source = MicSource(
         settings.audio,
@@ -67,7 +153,9 @@ def record(
     writer: sf.SoundFile | None = None
     meter = LevelMeter()
     timeline = Timeline(samplerate)
-    stopped = False
+    stopped = ""
+    path: Path | None = None
+    part = 0
     try:
         for block in source:
             if not isinstance(block, np.ndarray):  # no audio yet, or a gap's mark
@@ -84,9 +172,9 @@ def record(
             block = block[: total - got]
             try:
                 if writer is None:
-                    path = out / f"{stamp}-{len(written):04d}.wav"
-                    writer = sf.SoundFile(str(path), "w", samplerate, 1, "PCM_16")
                     part = 0
+                    path = _new_chunk(out, stamp, len(written))
+                    writer = sf.SoundFile(str(path), "w", samplerate, 1, "PCM_16")
                 writer.write(np.clip(block, -1, 1))
                 part += len(block)
                 got += len(block)
@@ -95,28 +183,29 @@ def record(
                     done.close()
                     written.append(Path(done.name))
             except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
-                writer = _discard(writer)
-                Path(path).unlink(missing_ok=True)  # whatever chunk was being opened or closed
+                failed, writer = writer, None
+                if _kept(failed, part, samplerate):  # the audio before the failed write
+                    written.append(path)  # type: ignore[arg-type]
+                elif path is not None:
+                    path.unlink(missing_ok=True)  # whatever chunk was being opened or closed
                 raise SoundSentryError(
-                    f"cannot write {path}: {_reason(exc)}; kept {len(written)} complete "
-                    f"chunk(s) in {out} ({_free(out)})"
+                    f"cannot write {path}: {_reason(exc)}; kept {len(written)} file(s) in "
+                    f"{out} ({_free(out)})"
                 ) from None
             _progress(err, got / samplerate, total / samplerate, health.level)
             if got >= total:
                 break
-    except KeyboardInterrupt:  # the user ends the recording early: what is recorded is kept
-        stopped = True
+    except KeyboardInterrupt as exc:  # the user ends the recording early: what is recorded is kept
+        stopped = exc.name if isinstance(exc, _Signalled) else "Ctrl-C"
     finally:
         source.stop()
         err.write("\n")
-        if writer is not None:  # the chunk in progress when Ctrl-C (or a device's failure) came
-            if part >= samplerate * MIN_KEPT_SECONDS and _closed(writer):
-                written.append(Path(writer.name))
-            else:
-                _discard(writer)
+        # the chunk in progress when Ctrl-C, a signal or a device's failure came
+        if writer is not None and _kept(writer, part, samplerate):
+            written.append(Path(writer.name))
     if stopped:
         err.write(
-            f"stopped after {got / samplerate:.1f} of {total / samplerate:g} s (Ctrl-C); "
+            f"stopped after {got / samplerate:.1f} of {total / samplerate:g} s ({stopped}); "
             f"kept {len(written)} file(s) in {out}\n"
         )
     if meter.samples:
@@ -127,6 +216,17 @@ def record(
     if stopped:  # the files are kept, but the recording is not what was asked: exit 130
         raise KeyboardInterrupt
     return written
+
+
+def _kept(writer: sf.SoundFile | None, part: int, samplerate: int) -> bool:
+    """Close a chunk cut short and keep it if it holds a window's worth of audio and its
+    header could be written; else delete it."""
+    if writer is None:
+        return False
+    if part >= samplerate * MIN_KEPT_SECONDS and _closed(writer):
+        return True
+    _discard(writer)
+    return False
 
 
 def _discard(writer: sf.SoundFile | None) -> None:
@@ -163,21 +263,26 @@ def _free(folder: Path) -> str:
 
 @dataclass
 class LevelMeter:
-    """The RMS level and the peak of everything recorded."""
+    """The RMS level (of the sound: a DC offset is not sound, and the live level leaves it out
+    too) and the peak of everything recorded."""
 
+    total: float = 0.0
     squares: float = 0.0
     samples: int = 0
     peak: float = 0.0
 
     def push(self, block: np.ndarray) -> None:
         """Add a block."""
+        self.total += float(np.sum(block, dtype=np.float64))
         self.squares += float(np.sum(np.square(block, dtype=np.float64)))
         self.samples += len(block)
         self.peak = max(self.peak, float(np.max(np.abs(block), initial=0.0)))
 
     def verdict(self) -> str:
         """`level good: ...`, `level too quiet: ...` or `level too loud: ...`, with the fix."""
-        rms = math.sqrt(self.squares / self.samples) if self.samples else 0.0
+        mean = self.total / self.samples if self.samples else 0.0
+        power = self.squares / self.samples - mean * mean if self.samples else 0.0
+        rms = math.sqrt(max(power, 0.0))
         return level_verdict(_db(rms), _db(self.peak))
 
 

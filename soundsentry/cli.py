@@ -892,14 +892,18 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_devices(_args: argparse.Namespace) -> int:
-    from edge.devices import input_devices
+    from edge.devices import input_devices, known_inputs
 
     devices = input_devices()
-    if not devices:
-        raise SoundSentryError("no input devices found (is the microphone plugged in?)")
+    if not devices:  # known_inputs' words: a device held by the service is not listed either
+        raise SoundSentryError(known_inputs())
     print("index  name  channels, default rate, host API  (* = the default input)")
     for device in devices:
         print(device.line())
+    print(
+        "give --device (or [audio] device) a part of the name, e.g. USB: indexes change when "
+        "devices are plugged in or the Pi restarts"
+    )
     return 0
 
 

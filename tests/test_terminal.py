@@ -167,7 +167,8 @@ def test_devices_lists_inputs_and_a_device_that_does_not_match_names_them(
     truth = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **env}
     ).stdout.split()
-    assert truth and len(listing) == len(truth) + 1  # a header line, then one per input
+    assert truth and len(listing) == len(truth) + 2  # a header, one line per input, the advice
+    assert listing[-1].startswith("give --device (or [audio] device) a part of the name")
     for row in truth:
         name, channels, rate = row.split("|")
         assert any(f" {name}  {channels} ch, {rate} Hz" in x for x in listing), (row, listing)
@@ -204,8 +205,9 @@ def test_capture_below_the_model_rate_is_refused_in_one_line(pulse: str, tmp_pat
     proc = cli("run", "--model", str(DEMO_BUNDLE), "--config", str(cfg), env=env, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "soundsentry: error: 'pulse' captures at 8000 Hz, below the model's 16000 Hz "
-        "(set audio.samplerate to 16000 or more, or use another input)"
+        "soundsentry: error: 'pulse' captures at 8000 Hz, below the 16000 Hz needed (the "
+        "model's rate, or record's --samplerate): use another input, or set audio.samplerate "
+        "to a rate of 16000 Hz or more that it supports"
     )
 
 
