@@ -197,13 +197,15 @@ def threshold_bounds(
     """Allowed range for set_threshold: a factor of THRESHOLD_FACTOR either way, rounded
     outward onto the step grid (`threshold_step`) of Home Assistant's threshold number, so
     every value it offers is accepted and every accepted one can be shown; never 0 (one step
-    at least), a classifier's never above CLASSIFIER_MAX, and widened to a `[detector]
-    threshold` `override` beyond them (the number shows it, so it may be chosen again)."""
+    at least), a classifier's never above CLASSIFIER_MAX, always holding the calibrated value
+    itself, and widened to a `[detector] threshold` `override` beyond them (the number shows
+    it, so it may be chosen again)."""
     step = threshold_step(calibrated)
     low = max(step, on_step(calibrated / THRESHOLD_FACTOR, step, math.floor))
     high = on_step(calibrated * THRESHOLD_FACTOR, step, math.ceil)
     if classifier:
         high = min(high, CLASSIFIER_MAX)
+    low, high = min(low, calibrated), max(high, calibrated)  # off the grid if need be
     if override is not None:
         below = on_step(override, step, math.floor)
         low = min(low, below if below > 0 else override)  # off the grid, never 0

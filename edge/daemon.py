@@ -484,8 +484,10 @@ class Detector:
         if self.state is None:
             return
         value = self.state.threshold_for(self.bundle.model_id)
-        low, high = threshold_bounds(
-            self.bundle.threshold, self.bundle.manifest.kind == "classifier"
+        low, high = threshold_bounds(  # as set_threshold accepted it
+            self.bundle.threshold,
+            self.bundle.manifest.kind == "classifier",
+            self.settings.detector.threshold,
         )
         if value is not None and low <= value <= high:
             self._threshold = value

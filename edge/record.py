@@ -65,7 +65,11 @@ def _stopped_by_signals() -> Iterator[None]:
     def stop(signum: int, _frame: object) -> None:
         raise _Signalled(signal.Signals(signum).name)
 
-    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    saved = {  # a signal ignored (`nohup` ignores SIGHUP) stays ignored
+        sig: signal.signal(sig, stop)
+        for sig in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) != signal.SIG_IGN
+    }
     try:
         yield
     finally:
@@ -170,27 +174,30 @@ def _record(
                         f"kept {len(written)} complete chunk(s)"
                     )
             block = block[: total - got]
+            where = path  # the chunk in progress (None between chunks), for the error line
             try:
                 if writer is None:
                     part = 0
-                    path = _new_chunk(out, stamp, len(written))
+                    where = path = _new_chunk(out, stamp, len(written))
                     writer = sf.SoundFile(str(path), "w", samplerate, 1, "PCM_16")
                 writer.write(np.clip(block, -1, 1))
                 part += len(block)
                 got += len(block)
                 if part >= per_chunk or got >= total:
-                    writer, done = None, writer
-                    done.close()
+                    # complete: kept even if its close fails, for all its audio is written and
+                    # readers mend a header whose lengths were not
+                    writer, done, path = None, writer, None
                     written.append(Path(done.name))
+                    done.close()
             except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
                 failed, writer = writer, None
-                if _kept(failed, part, samplerate):  # the audio before the failed write
-                    written.append(path)  # type: ignore[arg-type]
+                if failed is not None and path is not None and _kept(failed, part, samplerate):
+                    written.append(path)  # the audio before the failed write
                 elif path is not None:
-                    path.unlink(missing_ok=True)  # whatever chunk was being opened or closed
+                    _unlink(path)  # a chunk just opened, or too short to keep
                 raise SoundSentryError(
-                    f"cannot write {path}: {_reason(exc)}; kept {len(written)} file(s) in "
-                    f"{out} ({_free(out)})"
+                    f"cannot write {where or out}: {_reason(exc)}; kept {len(written)} file(s) "
+                    f"in {out} ({_free(out)})"
                 ) from None
             _progress(err, got / samplerate, total / samplerate, health.level)
             if got >= total:
@@ -198,21 +205,23 @@ def _record(
     except KeyboardInterrupt as exc:  # the user ends the recording early: what is recorded is kept
         stopped = exc.name if isinstance(exc, _Signalled) else "Ctrl-C"
     finally:
-        source.stop()
-        err.write("\n")
-        # the chunk in progress when Ctrl-C, a signal or a device's failure came
+        # the chunk in progress when Ctrl-C, a signal or a device's failure came: finished
+        # first, before anything is said (a terminal gone with its SSH session fails writes)
         if writer is not None and _kept(writer, part, samplerate):
             written.append(Path(writer.name))
+        source.stop()
+        _say(err, "\n")
     if stopped:
-        err.write(
+        _say(
+            err,
             f"stopped after {got / samplerate:.1f} of {total / samplerate:g} s ({stopped}); "
-            f"kept {len(written)} file(s) in {out}\n"
+            f"kept {len(written)} file(s) in {out}\n",
         )
     if meter.samples:
-        err.write(meter.verdict() + "\n")
+        _say(err, meter.verdict() + "\n")
     gaps = gap_note(source.stats(), timeline.missing_s())
     if gaps:
-        err.write(gaps + "\n")
+        _say(err, gaps + "\n")
     if stopped:  # the files are kept, but the recording is not what was asked: exit 130
         raise KeyboardInterrupt
     return written
@@ -233,7 +242,22 @@ def _discard(writer: sf.SoundFile | None) -> None:
     """Close an unfinished chunk and delete it (refused input, or a write that failed)."""
     if writer is not None:
         _closed(writer)
-        Path(writer.name).unlink(missing_ok=True)
+        _unlink(Path(writer.name))
+
+
+def _unlink(path: Path) -> None:
+    """Delete a chunk if the card lets us (a read-only one does not: it stays, cut short)."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _say(err: TextIO, text: str) -> None:
+    """Write to the terminal if it is still there (an SSH session that closed is not)."""
+    try:
+        err.write(text)
+        err.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _closed(writer: sf.SoundFile) -> bool:
@@ -359,8 +383,8 @@ def _progress(err: TextIO, got: float, total: float, level: float) -> None:
     if not tty and int(got * 10) % 100 != 0 and got < total:
         return
     done = int(BAR * got / total)
-    err.write(
+    _say(  # the recording goes on if the terminal is gone (`nohup` ignores the hangup)
+        err,
         f"\rrecording {got:6.1f} / {total:.0f} s  level {level:6.1f} dBFS"
-        f"  [{'#' * done}{'.' * (BAR - done)}]"
+        f"  [{'#' * done}{'.' * (BAR - done)}]",
     )
-    err.flush()

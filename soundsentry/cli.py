@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -973,36 +972,61 @@ def _require(module: str, extra: str, what: str) -> None:
         raise SoundSentryError(_needs(what, extra, exc.name or module)) from None
 
 
-NATIVE_CHATTER = re.compile(
+NATIVE_CHATTER = (
     r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
     r"|[IW]\d{4} [\d:.]+ +\d+ \w+\.cc:\d+\] )"
 )
 """What TensorFlow's C++ side prints as it loads, whatever TF_CPP_MIN_LOG_LEVEL says, on some
 CPUs: absl's notice and INFO / WARNING lines (oneDNN's "...floating-point round-off errors...",
 the CPU features it was built for), which read like failures above a training's output."""
+_FILTER = (
+    "import re, sys\n"
+    "chatter = re.compile(sys.argv[1].encode())\n"
+    "for line in sys.stdin.buffer:\n"
+    "    if not chatter.match(line):\n"
+    "        sys.stdout.buffer.write(line)\n"
+    "        sys.stdout.buffer.flush()\n"
+)
+"""The filter process: stderr's lines but NATIVE_CHATTER, passed on as they come."""
 
 
 @contextlib.contextmanager
 def _native_chatter_dropped() -> Iterator[None]:
-    """Run the body with file descriptor 2 caught in a file, then pass on every line of it but
-    NATIVE_CHATTER (errors of the native code stay)."""
-    import tempfile
+    """Run the body with file descriptor 2 read by a small filter process that passes on
+    every line but NATIVE_CHATTER as it comes: a process of its own, so that what a native
+    crash (an abort on a CPU TensorFlow was not built for) writes last still reaches the
+    terminal. Without fd 2 or a process to spare, nothing is filtered."""
+    import subprocess
 
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as caught:
+    try:
+        sys.stderr.flush()
         saved = os.dup(2)
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        filtering = subprocess.Popen(
+            [sys.executable, "-c", _FILTER, NATIVE_CHATTER],
+            stdin=subprocess.PIPE,
+            stdout=saved,
+            stderr=saved,
+        )
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    assert filtering.stdin is not None
+    os.dup2(filtering.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
-                if not NATIVE_CHATTER.match(line):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer is gone once its own end closes: EOF
+        os.close(saved)
+        filtering.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            filtering.wait(timeout=10)
 
 
 def _load(path: Path | None) -> Any:

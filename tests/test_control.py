@@ -343,7 +343,10 @@ def test_every_threshold_home_assistant_offers_is_accepted(tmp_path: Path) -> No
 
     calibrated = load_bundle(DEMO_BUNDLE).threshold
     override = round(calibrated * 10, 3)
-    d, rec = detector(tmp_path, detector={"cooldown_seconds": 0, "threshold": override})
+    rec = Recorder()
+    settings = Settings(device_id="unit", model=DEMO_BUNDLE, data_dir=tmp_path / "data",
+                        detector={"cooldown_seconds": 0, "threshold": override})  # fmt: skip
+    d = Detector(settings, load_bundle(DEMO_BUNDLE), [rec], persist=True)
     topics = Topics("soundsentry", "unit")
     configs = discovery_configs(topics, "m", calibrated, in_force=override)
     number = configs[topics.ha_config("number", "threshold")]
@@ -356,9 +359,11 @@ def test_every_threshold_home_assistant_offers_is_accepted(tmp_path: Path) -> No
     got = replies(rec)
     assert got["min"].ok and got["max"].ok, (got["min"].detail, got["max"].detail)
     assert d.threshold == pytest.approx(number["max"])
+    again = Detector(d.settings, load_bundle(DEMO_BUNDLE), [], persist=True)  # a restart
+    assert again.threshold == pytest.approx(number["max"]), "the threshold set was dropped"
 
 
-@pytest.mark.parametrize("calibrated", [0.5, 0.97, 0.003])
+@pytest.mark.parametrize("calibrated", [0.5, 0.97, 0.003, 0.0005, 0.995])
 def test_the_threshold_number_never_offers_zero_nor_a_certain_classifier(
     calibrated: float,
 ) -> None:
@@ -373,6 +378,6 @@ def test_the_threshold_number_never_offers_zero_nor_a_certain_classifier(
         configs = discovery_configs(topics, "m", calibrated, classifier=classifier)
         number = configs[topics.ha_config("number", "threshold")]
         assert (number["min"], number["max"]) == threshold_bounds(calibrated, classifier)
-        assert 0 < number["min"] <= calibrated <= number["max"]
+        assert 0 < number["min"] <= calibrated <= number["max"]  # its own value, always
         if classifier:
-            assert number["max"] <= CLASSIFIER_MAX
+            assert number["max"] <= max(CLASSIFIER_MAX, calibrated)

@@ -400,3 +400,50 @@ def test_the_level_verdict_leaves_a_dc_offset_out() -> None:
         meter.push((0.02 + 10 ** (-66 / 20) * rng.standard_normal(16000)).astype(np.float32))
     verdict = meter.verdict()
     assert verdict.startswith("level too quiet: -66."), verdict
+
+
+NO_SECOND_FILE = """
+import errno
+import sys
+import edge.record as rec
+real, made = rec._new_chunk, []
+def refuse_the_second(out, stamp, index):  # as a card with no inode or directory entry left
+    if made:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    made.append(real(out, stamp, index))
+    return made[-1]
+rec._new_chunk = refuse_the_second
+from soundsentry.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_card_that_refuses_the_next_chunk_keeps_the_finished_one(
+    pulse: str, tmp_path: Path
+) -> None:
+    """The error handler deleted the chunk named last, which after a chunk had been finished
+    was that finished chunk: a card that could not take the next file lost the one before."""
+    out = tmp_path / "rec"
+    proc = record_with(
+        NO_SECOND_FILE, pulse, "--seconds", "4", "--chunk-seconds", "2", "--out", str(out)
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "No space left on device; kept 1 file(s)" in last, last
+    (wav,) = out.glob("*.wav")
+    assert sf.info(str(wav)).duration == 2.0
+
+
+def test_a_recording_under_nohup_survives_the_hangup() -> None:
+    """The SIGHUP handler replaced the SIG_IGN that `nohup` sets: `nohup soundsentry record &`
+    ended at logout."""
+    from edge.record import _stopped_by_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _stopped_by_signals():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -468,3 +468,29 @@ def test_training_a_network_prints_no_tensorflow_converter_noise(tmp_path: Path)
     assert (out / "manifest.json").is_file()
     for noise in ("fully_quantize", "NodeDef mentions", "inference_type"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_tensorflows_load_chatter_is_dropped_and_a_native_crash_still_says_why() -> None:
+    """TensorFlow's INFO lines as it loads (oneDNN's "...round-off errors...") ignore
+    TF_CPP_MIN_LOG_LEVEL on some CPUs and read like a failure; they are dropped. Its errors
+    stay, and so does what a native crash writes last (the filter is a process of its own: a
+    filter inside the crashing process died with it, and the crash said nothing)."""
+    script = "\n".join(
+        [
+            "import os",
+            "from soundsentry.cli import _native_chatter_dropped",
+            "with _native_chatter_dropped():",
+            "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called"
+            " are written to STDERR\\n')",
+            "    os.write(2, b'I0000 00:00:1796203526.540926    7775 port.cc:153] oneDNN custom"
+            " operations are on. You may see slightly different numerical results\\n')",
+            "    os.write(2, b'E0000 00:00:1796203526.5 7775 op.cc:9] a real error\\n')",
+            "    os.write(2, b'F0000 00:00:1796203526.6 7775 cpu.cc:1] needs AVX\\n')",
+            "    os.abort()",
+        ]
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT, timeout=60)
+    said = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "oneDNN" not in said and "absl::InitializeLog" not in said, said
+    assert "a real error" in said and "needs AVX" in said, said
