@@ -775,7 +775,7 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
         assert request(f"http://127.0.0.1:{port}/api/command", TOKEN, "POST", learn).json()["ok"]
         progress = wait_for(
             lambda: re.fullmatch(
-                r"learning the site's normal: (\d+) % \(\d+ of 600 s\)", text("#learntext")
+                r"learning the site's normal: (\d+) % \(\d+ s of 10 min\)", text("#learntext")
             ),
             10,
             "the learning progress on the page",
