@@ -693,10 +693,14 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
             f"{_rate(params['holdout_false_alarms_per_hour'] * 24)} per day"
         )
         if "window_autocorrelation" in params:  # not in older bundles
-            lines.append(
-                f"  neighbouring windows correlate (lag-1 r = "
-                f"{params['window_autocorrelation']:.2f}): both paths allow for it"
+            r = params["window_autocorrelation"]
+            allowed = (
+                "both paths allow for it"
+                if r < MAX_AUTOCORRELATION
+                else f"both paths allow for {MAX_AUTOCORRELATION:g} at most, so false alarms may "
+                "exceed the budget: the held-out audio drifts slowly (give audio of other days)"
             )
+            lines.append(f"  neighbouring windows correlate (lag-1 r = {r:.2f}): {allowed}")
     cusum = params.get("cusum")
     raised = [
         path
