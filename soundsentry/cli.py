@@ -865,11 +865,19 @@ def _live_line(threshold: float) -> Any:
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
+    from edge.doctor import CONFIG_DIR
     from edge.record import record
     from edge.settings import load_settings
 
     _check_output(args.out, "--out", folder=True)
     settings = load_settings(args.config, audio={"device": args.device})
+    service = sorted(CONFIG_DIR.glob("*.toml")) if args.config is None else []
+    if service:  # the service's microphone settings (channel, device) are not these defaults
+        print(
+            f"soundsentry: note: recording with the default [audio] settings, not those of "
+            f"{service[0]}; add --config {service[0]} to record as the service listens",
+            file=sys.stderr,
+        )
     files = record(settings, args.seconds, args.out, args.chunk_seconds, args.samplerate)
     print(f"recorded {len(files)} file(s) into {args.out}")
     return 0

@@ -447,3 +447,25 @@ def test_a_recording_under_nohup_survives_the_hangup() -> None:
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_record_names_the_service_config_it_does_not_use(
+    pulse: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Without --config, `record` took channel 0 and the default device whatever the service's
+    config said: a model trained on another channel than the service listens with."""
+    import edge.doctor
+    from soundsentry.cli import main
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "config.toml").write_text("[audio]\nchannel = 1\nchannels = 2\n")
+    monkeypatch.setattr(edge.doctor, "CONFIG_DIR", etc)
+    monkeypatch.setenv("PULSE_SOURCE", pulse)
+    out = tmp_path / "rec"
+    assert main(["record", "--seconds", "1", "--out", str(out), "--device", "pulse"]) == 0
+    said = capsys.readouterr().err
+    assert f"not those of {etc / 'config.toml'}; add --config {etc / 'config.toml'}" in said
+    assert main(["record", "--seconds", "1", "--out", str(out), "--device", "pulse",
+                 "--config", str(etc / "config.toml")]) == 0  # fmt: skip
+    assert "note: recording with the default" not in capsys.readouterr().err
