@@ -449,23 +449,33 @@ def test_a_recording_under_nohup_survives_the_hangup() -> None:
         signal.signal(signal.SIGHUP, before)
 
 
+SERVICE_CONFIG_DIR = """
+import os
+import sys
+import edge.doctor
+from pathlib import Path
+edge.doctor.CONFIG_DIR = Path(os.environ["TEST_CONFIG_DIR"])  # the service's /etc/soundsentry
+from soundsentry.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_record_names_the_service_config_it_does_not_use(
-    pulse: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    pulse: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without --config, `record` took channel 0 and the default device whatever the service's
     config said: a model trained on another channel than the service listens with."""
-    import edge.doctor
-    from soundsentry.cli import main
-
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "config.toml").write_text("[audio]\nchannel = 1\nchannels = 2\n")
-    monkeypatch.setattr(edge.doctor, "CONFIG_DIR", etc)
-    monkeypatch.setenv("PULSE_SOURCE", pulse)
+    monkeypatch.setenv("TEST_CONFIG_DIR", str(etc))
     out = tmp_path / "rec"
-    assert main(["record", "--seconds", "1", "--out", str(out), "--device", "pulse"]) == 0
-    said = capsys.readouterr().err
-    assert f"not those of {etc / 'config.toml'}; add --config {etc / 'config.toml'}" in said
-    assert main(["record", "--seconds", "1", "--out", str(out), "--device", "pulse",
-                 "--config", str(etc / "config.toml")]) == 0  # fmt: skip
-    assert "note: recording with the default" not in capsys.readouterr().err
+    proc = record_with(SERVICE_CONFIG_DIR, pulse, "--seconds", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    config = etc / "config.toml"
+    assert f"not those of {config}; add --config {config}" in proc.stderr, proc.stderr
+    proc = record_with(
+        SERVICE_CONFIG_DIR, pulse, "--seconds", "1", "--out", str(out), "--config", str(config)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "note: recording with the default" not in proc.stderr, proc.stderr
