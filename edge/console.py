@@ -3,8 +3,10 @@ threshold, state), events printed above it, and the one-line summary that ends `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from edge.daemon import Sink
@@ -71,19 +73,41 @@ class LiveLine(Sink):
 
 
 class _ClearLine(logging.Filter):
-    def __init__(self, line: LiveLine) -> None:
+    def __init__(self, clear: Callable[[], None]) -> None:
         super().__init__()
-        self.line = line
+        self.clear = clear
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.line.clear()
+        self.clear()
         return True
 
 
 def clear_before_logs(line: LiveLine) -> None:
     """Make every root log handler erase the live line before it writes a record."""
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_ClearLine(line))
+        handler.addFilter(_ClearLine(line.clear))
+
+
+@contextlib.contextmanager
+def logs_clear(stream: TextIO) -> Iterator[None]:
+    """While the body runs, every root log handler erases the line being drawn on `stream`, a
+    terminal (`record`'s progress), before it writes a record; elsewhere nothing changes."""
+    if not getattr(stream, "isatty", lambda: False)():
+        yield
+        return
+
+    def clear() -> None:
+        stream.write(CLEAR)
+        stream.flush()
+
+    erase, handlers = _ClearLine(clear), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(erase)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(erase)
 
 
 class ReplaySummary(Sink):

@@ -98,39 +98,11 @@ def record(
     stream: TextIO | None = None,
 ) -> list[Path]:
     """Record `seconds` of audio into `out` as WAV chunks; return the files written."""
+    from edge.console import logs_clear  # log lines erase the progress line first
+
     err = stream or sys.stderr
-    with _stopped_by_signals(), _logs_clear_progress(err):
+    with _stopped_by_signals(), logs_clear(err):
         return _record(settings, seconds, out, chunk_seconds, samplerate, err)
-
-
-class _ClearProgress(logging.Filter):
-    """Erase the progress line on a terminal before a log record is written (a stall, a
-    reopen of the device), which was appended to the line's end."""
-
-    def __init__(self, err: TextIO) -> None:
-        super().__init__()
-        self.err = err
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.err.write("\r\033[K")
-        self.err.flush()
-        return True
-
-
-@contextlib.contextmanager
-def _logs_clear_progress(err: TextIO) -> Iterator[None]:
-    if not getattr(err, "isatty", lambda: False)():
-        yield
-        return
-    handlers = logging.getLogger().handlers
-    clear = _ClearProgress(err)
-    for handler in handlers:
-        handler.addFilter(clear)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(clear)
 
 
 def _record(

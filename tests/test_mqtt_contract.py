@@ -235,36 +235,19 @@ def test_every_message_of_an_event_has_its_own_dedupe_key(broker: Broker, tmp_pa
     assert old.seq is None, "a payload of an older version still parses"
 
 
-def test_the_example_acl_lets_home_assistants_birth_message_reach_the_devices(
-    acl_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def _reannounces_at_birth(
+    port: int,
+    topics: Topics,
+    birth: str,
+    spool: Spool,
+    caplog: pytest.LogCaptureFixture,
+    user: str | None = None,
 ) -> None:
-    """The consumer could not write homeassistant/status: Home Assistant's birth message was
-    refused, so devices never re-announced discovery after Home Assistant restarted."""
+    """Home Assistant's birth message, sent to `birth` by a consumer (logged in as `consumer`
+    when the device logs in as `user`), makes the device re-announce its discovery."""
     caplog.set_level(logging.INFO, logger="edge.publish")
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = _publisher(acl_broker.port, Topics("soundsentry", "pump-3"), spool, "pump-3")
-    consumer = Subscriber(acl_broker.port, "soundsentry/#", login=("consumer", "pw"))
-    try:
-        consumer.client.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
-        announced = "Home Assistant is online: re-announcing discovery"
-        wait_for(lambda: any(announced in r.getMessage() for r in caplog.records), 10, announced)
-    finally:
-        consumer.close()
-        publisher.close(timeout_s=1)
-        spool.close()
-
-
-@pytest.mark.parametrize("birth", ["homeassistant/status", "ha/status"])
-def test_a_changed_discovery_prefix_still_hears_home_assistant_restart(
-    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture, birth: str
-) -> None:
-    """With [mqtt] discovery_prefix changed the daemon listened for the birth message under
-    that prefix only; Home Assistant sends it to homeassistant/status unless its birth topic
-    is changed too, so a restart of Home Assistant never brought discovery back."""
-    caplog.set_level(logging.INFO, logger="edge.publish")
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = _publisher(broker.port, Topics("soundsentry", "pump-3", "ha"), spool)
-    ha = Subscriber(broker.port, "soundsentry/#")
+    publisher = _publisher(port, topics, spool, user)
+    ha = Subscriber(port, "soundsentry/#", login=("consumer", "pw") if user else None)
     try:
         wait_for(lambda: not publisher._subscribed, 10, "its SUBACK")  # before the birth
         ha.client.publish(birth, "online", qos=1).wait_for_publish(5)
@@ -274,6 +257,27 @@ def test_a_changed_discovery_prefix_still_hears_home_assistant_restart(
         ha.close()
         publisher.close(timeout_s=1)
         spool.close()
+
+
+def test_the_example_acl_lets_home_assistants_birth_message_reach_the_devices(
+    acl_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consumer could not write homeassistant/status: Home Assistant's birth message was
+    refused, so devices never re-announced discovery after Home Assistant restarted."""
+    topics = Topics("soundsentry", "pump-3")
+    spool = Spool(tmp_path / "spool.sqlite")
+    _reannounces_at_birth(acl_broker.port, topics, "homeassistant/status", spool, caplog, "pump-3")
+
+
+@pytest.mark.parametrize("birth", ["homeassistant/status", "ha/status"])
+def test_a_changed_discovery_prefix_still_hears_home_assistant_restart(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture, birth: str
+) -> None:
+    """With [mqtt] discovery_prefix changed the daemon listened for the birth message under
+    that prefix only; Home Assistant sends it to homeassistant/status unless its birth topic
+    is changed too, so a restart of Home Assistant never brought discovery back."""
+    topics = Topics("soundsentry", "pump-3", "ha")
+    _reannounces_at_birth(broker.port, topics, birth, Spool(tmp_path / "spool.sqlite"), caplog)
 
 
 def test_an_old_refused_health_offered_again_does_not_stay_the_retained_one(

@@ -494,3 +494,28 @@ def test_tensorflows_load_chatter_is_dropped_and_a_native_crash_still_says_why()
     assert proc.returncode != 0
     assert "oneDNN" not in said and "absl::InitializeLog" not in said, said
     assert "a real error" in said and "needs AVX" in said, said
+
+
+def test_record_log_lines_erase_its_progress_line_first() -> None:
+    """A capture warning during `record` (a stall, a reopen) was written after the progress
+    line's last character, on the same line."""
+    import logging
+
+    from edge.console import CLEAR, logs_clear
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term, log = Terminal(), logging.getLogger("edge.capture")
+    with logs_clear(term):
+        term.write("\rrecording   12.0 / 600 s")
+        log.warning("capture: the device stalled")
+        assert term.getvalue().endswith(CLEAR)  # once per root handler: pytest adds some
+    erased = term.getvalue()
+    log.warning("after the recording")
+    assert term.getvalue() == erased
+    logfile = io.StringIO()  # a log file, not a terminal: nothing is written to it
+    with logs_clear(logfile):
+        log.warning("in a log")
+    assert logfile.getvalue() == ""
