@@ -964,3 +964,20 @@ def test_the_page_says_when_the_live_streams_are_all_taken_not_that_the_daemon_i
         if browser is not None:
             browser.quit()
         dashboard.stop()
+
+
+def test_the_page_names_the_trained_state_the_machine_runs_in() -> None:
+    """A bundle trained with state folders names the state in its events and state messages;
+    the page's window said only `running`."""
+    from edge.detectors.base import WindowScore
+    from edge.pipeline import Step
+    from edge.web.live import LiveView
+
+    live = LiveView()
+    window = WindowScore(0, 1.2, np.zeros(64))
+    live.window(Step(window, 0.0, 1.0, (), level_dbfs=-30.0, state_name="high speed"), 2.0)
+    assert live.last_window["machine"] == "high speed"
+    live.window(Step(window, 0.5, 1.5, (), level_dbfs=-30.0), 2.0)  # no states trained
+    assert live.last_window["machine"] == "running"
+    live.window(Step(WindowScore(0, float("nan"), np.zeros(64)), 1.0, 2.0, ()), 2.0)
+    assert live.last_window["score"] is None  # not a number: JSON has none, the page would fail

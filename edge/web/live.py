@@ -129,7 +129,7 @@ class LiveView(Sink):
             "score": round(float(step.score), 6) if _finite(step.score) else None,
             "threshold": round(float(threshold), 6),
             "level_dbfs": round(float(step.level_dbfs), 1),
-            "machine": step.machine,
+            "machine": step.state_name or step.machine,  # a trained state's name, as on MQTT
             "dead": step.dead,
         }
         with self._lock:
