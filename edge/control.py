@@ -29,7 +29,6 @@ from edge.commands import (
     Unmute,
     check_size,
     parse_command,
-    threshold_bounds,
 )
 from edge.daemon import Detector
 from edge.errors import SoundSentryError
@@ -121,10 +120,7 @@ class Controller:
             d.unmute()
             return "unmuted", None
         if isinstance(command, SetThreshold):
-            classifier = d.bundle.manifest.kind == "classifier"
-            low, high = threshold_bounds(
-                d.bundle.threshold, classifier, d.settings.detector.threshold
-            )
+            low, high = d.threshold_bounds()
             if not low <= command.value <= high:
                 raise CommandError(f"value must be within [{low:.6g}, {high:.6g}]")
             d.set_threshold(command.value)

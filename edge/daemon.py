@@ -479,16 +479,20 @@ class Detector:
         if period is not None and self.adapter is not None and self.adapter.observe(row):
             self._finish_learning()
 
+    def threshold_bounds(self) -> tuple[float, float]:
+        """The thresholds set_threshold accepts for the running model and settings."""
+        return threshold_bounds(
+            self.bundle.threshold,
+            self.bundle.manifest.kind == "classifier",
+            self.settings.detector.threshold,
+        )
+
     def _restore_state(self) -> None:
         """A threshold set by command for this model and a mute still running, from data_dir."""
         if self.state is None:
             return
         value = self.state.threshold_for(self.bundle.model_id)
-        low, high = threshold_bounds(  # as set_threshold accepted it
-            self.bundle.threshold,
-            self.bundle.manifest.kind == "classifier",
-            self.settings.detector.threshold,
-        )
+        low, high = self.threshold_bounds()  # as set_threshold accepted it
         if value is not None and low <= value <= high:
             self._threshold = value
             self.pipeline.events.threshold = value

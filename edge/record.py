@@ -225,11 +225,9 @@ def _unlink(path: Path) -> None:
 
 def _say(err: TextIO, text: str) -> None:
     """Write to the terminal if it is still there (an SSH session that closed is not)."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         err.write(text)
         err.flush()
-    except (OSError, ValueError):
-        pass
 
 
 def _closed(writer: sf.SoundFile) -> bool:
