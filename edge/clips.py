@@ -126,7 +126,7 @@ class ClipRecorder:
             self._retain()  # the limits still apply: older clips make room
             return None
         self._written.append(self.folder / name)
-        self._retain()
+        self._retain()  # older clips make room for it
         return name, round(len(audio) / self.samplerate, 3)
 
     def _write(self, path: Path, audio: np.ndarray) -> None:
@@ -186,14 +186,15 @@ class ClipRecorder:
         """Delete clips older than the age limit, then the oldest until under the size limit;
         the clips deleted. An entry that cannot be deleted (a directory named like a clip, EIO)
         is skipped and left out of the size, so it neither holds the others past their limits
-        nor costs newer clips."""
+        nor costs newer clips. The newest clip goes by age only: its event, just published,
+        names it, so a size limit below one clip keeps that one clip rather than none."""
         now = time.time()
         clips = sorted(self._clips(), key=lambda c: c[1].st_mtime)  # the too old come first
         total = sum(st.st_size for _, st in clips if now - st.st_mtime <= self.max_age_s)
         removed = []
-        for path, st in clips:
+        for i, (path, st) in enumerate(clips):
             if now - st.st_mtime <= self.max_age_s:
-                if total <= self.max_total_bytes:
+                if total <= self.max_total_bytes or i == len(clips) - 1:
                     break
                 total -= st.st_size
             if self._delete(path):

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 LOG_NAME = "events.jsonl"
 MAX_BYTES = 4 * 1024 * 1024
 """Size at which the log is rotated; with one rotated generation, at most twice this on disk:
-about 9 000 events (a start and an end take about 0.9 KB)."""
+about 7 000 events (a start and an end take 1 to 1.2 KB); older ones are dropped, and
+`soundsentry events` says how far back the log reaches when it has rotated."""
+ROTATED_NAME = LOG_NAME + ".1"
 LOGGED = ("start", "end")
 """Updates are left out: an event's `end` carries its peak and mean."""
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -49,7 +51,14 @@ CSV_COLUMNS = (
     "device_id",
     "event_id",
     "status",
+    "trigger",
+    "ended_by",
+    "interrupted",
+    "machine",
 )
+"""The CSV's columns; new ones are added at the end, so a spreadsheet's formulas keep theirs."""
+_NUMBERS = ("peak_score", "threshold", "duration_s", "mean_score", "clip_seconds")
+_BAND_KEYS = ("low_hz", "high_hz", "deviation")
 
 
 class EventLog:
@@ -65,7 +74,7 @@ class EventLog:
             return
         private_dir(self.path.parent)
         if self.path.exists() and self.path.stat().st_size >= self.max_bytes:
-            self.path.replace(self.path.with_name(LOG_NAME + ".1"))
+            self.path.replace(self.path.with_name(ROTATED_NAME))
         private_file(self.path)
         with open(self.path, "a+b") as fh:
             torn = False  # a last line cut off by a power cut must not swallow this one
@@ -79,21 +88,35 @@ class EventLog:
 
 class EventLogSink(Sink):
     """The daemon's sink for the local event log; a full or read-only disk is logged, never
-    raised, so it cannot stop the monitor."""
+    raised, so it cannot stop the monitor. What could not be written is kept (up to
+    MAX_PENDING messages) and written, in order, before the next event: an `end` lost to a full
+    card would otherwise leave its event open, and the next start would close it a second time
+    as interrupted."""
+
+    MAX_PENDING = 1000
 
     def __init__(self, folder: Path) -> None:
         self.log = EventLog(folder)
-        self._failed = False
+        self._pending: list[EventMessage] = []
 
     def event(self, message: EventMessage) -> None:
-        """Append the event to the log."""
+        """Append the event to the log, after any that an earlier failure left unwritten."""
+        if message.type not in LOGGED:
+            return
+        failed = bool(self._pending)
+        self._pending = [*self._pending, message][-self.MAX_PENDING :]
         try:
-            self.log.append(message)
-            self._failed = False
+            while self._pending:
+                self.log.append(self._pending[0])
+                self._pending.pop(0)
         except OSError as exc:
-            if not self._failed:
+            if not failed:
                 log.error("event log %s: %s (events still go to MQTT)", self.log.path, exc)
-            self._failed = True
+            return
+        if failed:
+            log.warning(
+                "event log %s: writable again, the events held back are in it", self.log.path
+            )
 
 
 @dataclass(frozen=True)
@@ -108,6 +131,11 @@ class LoggedEvent:
         return "ended" if self.data.get("type") == "end" else "open"
 
     @property
+    def interrupted(self) -> bool:
+        """The daemon stopped before the anomaly ended: its duration is an upper bound."""
+        return self.data.get("interrupted") is True
+
+    @property
     def started(self) -> datetime:
         """When it started, UTC."""
         return parse_time(str(self.data["started_at"]))
@@ -120,6 +148,7 @@ class LoggedEvent:
             for b in self.data.get("bands") or []
         )
         row["status"] = self.status
+        row["interrupted"] = "yes" if self.interrupted else ""
         return {k: "" if v is None else v for k, v in row.items()}
 
 
@@ -127,12 +156,14 @@ def read_events(folder: Path, since: datetime | None = None) -> list[LoggedEvent
     """Events in the log (rotated part first), one per event_id, oldest first; lines that
     are not complete JSON (a write cut short) are skipped."""
     latest: dict[str, dict[str, Any]] = {}
-    for path in (folder / (LOG_NAME + ".1"), folder / LOG_NAME):
+    for path in (folder / ROTATED_NAME, folder / LOG_NAME):
         for data in _lines(path):
-            event_id = str(data.get("event_id"))
+            if not _valid(data):  # a damaged end must not replace its good start
+                continue
+            event_id = data["event_id"]
             if data.get("type") == "end" or event_id not in latest:
-                latest[event_id] = data
-    events = [LoggedEvent(d) for d in latest.values() if _valid(d)]
+                latest[event_id] = _cleaned(data)
+    events = [LoggedEvent(d) for d in latest.values()]
     if since is not None:
         events = [e for e in events if e.started >= since]
     return sorted(events, key=lambda e: e.started)
@@ -152,6 +183,35 @@ def _lines(path: Path) -> Iterable[dict[str, Any]]:
         return
     except OSError as exc:
         raise SoundSentryError(f"cannot read the event log {path}: {exc.strerror}") from None
+
+
+def has_rotated(folder: Path) -> bool:
+    """The log has been rotated at least once, so its oldest events may have been dropped."""
+    return (folder / ROTATED_NAME).exists()
+
+
+def _cleaned(data: dict[str, Any]) -> dict[str, Any]:
+    """The event with fields of the wrong type (a hand-edited or foreign line) left out, so
+    one odd line neither stops a listing nor loses the rest of its event."""
+    out = dict(data)
+    for key in _NUMBERS:
+        value = out.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            out[key] = None
+    bands = out.get("bands")
+    if bands is not None and not (
+        isinstance(bands, list)
+        and all(
+            isinstance(b, dict)
+            and all(
+                isinstance(b.get(k), (int, float)) and not isinstance(b.get(k), bool)
+                for k in _BAND_KEYS
+            )
+            for b in bands
+        )
+    ):
+        out["bands"] = None
+    return out
 
 
 def _valid(data: dict[str, Any]) -> bool:
@@ -201,9 +261,17 @@ def format_event(event: LoggedEvent) -> str:
     """One readable line: start, duration, peak vs threshold, loudest band, clip."""
     d = event.data
     duration = f"{d['duration_s']:.1f} s" if d.get("duration_s") is not None else "open"
+    if event.interrupted:  # the daemon stopped first: it lasted at most this
+        duration = f"<={duration}"
     band = (d.get("bands") or [None])[0]
     where = f"{band['low_hz']:.0f}-{band['high_hz']:.0f} Hz" if band else "-"
+    how = " (integrated)" if d.get("trigger") == "cusum" else ""  # peak may lie below
+    notes = "  interrupted" if event.interrupted else ""
     return (
-        f"{d['started_at']}  {duration:>8}  peak {d.get('peak_score', 0):.4g} "
-        f"(threshold {d.get('threshold', 0):.4g})  {where}  {d.get('clip') or ''}".rstrip()
-    )
+        f"{d['started_at']}  {duration:>9}  peak {_number(d.get('peak_score'))}{how} "
+        f"(threshold {_number(d.get('threshold'))})  {where}  {d.get('clip') or ''}{notes}"
+    ).rstrip()
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"

@@ -915,12 +915,13 @@ def _cmd_devices(_args: argparse.Namespace) -> int:
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
-    from edge.eventlog import format_event, parse_since, read_events, write_csv
+    from edge.eventlog import format_event, has_rotated, parse_since, read_events, write_csv
     from edge.settings import load_settings
 
     since = parse_since(args.since) if args.since else None
     folder = load_settings(args.config).data_dir
-    events = read_events(folder, since)
+    everything = read_events(folder)
+    events = [e for e in everything if since is None or e.started >= since]
     if args.csv:
         write_csv(events, sys.stdout)
     else:
@@ -928,6 +929,12 @@ def _cmd_events(args: argparse.Namespace) -> int:
             print(format_event(event))
     when = f" since {since.isoformat(timespec='seconds')}" if since else ""
     print(f"{len(events)} event(s){when} in {folder}", file=sys.stderr)
+    if everything and has_rotated(folder) and (since is None or everything[0].started > since):
+        print(  # the oldest events were dropped at a rotation: the count is not "all since"
+            f"(the log reaches back to {everything[0].data['started_at']} only: it keeps about "
+            "8 MB and drops the oldest events as it fills)",
+            file=sys.stderr,
+        )
     if folder == Path.home() / ".local" / "state" / "soundsentry":  # not the service's
         print(  # your own log (replays); the service keeps its own, readable by its user only
             "(your own log; the service's: sudo -u soundsentry soundsentry events --config "

@@ -81,3 +81,19 @@ def test_clips_turned_off_are_still_deleted_at_their_age(tmp_path: Path) -> None
     assert old.exists(), "only the device's daemon applies the device's limits"
     Detector(settings, load_bundle(DEMO_BUNDLE), []).tick()
     assert not old.exists() and kept.exists()
+
+
+def test_a_clip_larger_than_the_size_limit_is_kept_for_the_event_that_names_it(
+    tmp_path: Path,
+) -> None:
+    """A size limit below one clip deleted each clip as soon as it was written, while its
+    `end` (and the CSV, and the page) named it; now the newest stays until the next one."""
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=0.2, max_total_mb=0.001, max_age_days=1)
+    first = record_clip(rec, "ev-one")
+    assert first is not None and (tmp_path / first[0]).is_file()
+    assert (tmp_path / first[0]).stat().st_size > 1000  # larger than the limit on its own
+    time.sleep(0.01)  # a later file time for the second
+    second = record_clip(rec, "ev-two")
+    assert second is not None and (tmp_path / second[0]).is_file()
+    assert not (tmp_path / first[0]).exists()  # the older one made room, as the limit says
+    assert rec.enforce_retention() == []  # and a housekeep keeps the newest too

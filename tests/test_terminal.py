@@ -8,6 +8,7 @@ import csv
 import io
 import itertools
 import json
+import logging
 import os
 import pty
 import select
@@ -37,7 +38,15 @@ from test_site_tools import play
 
 from edge.bundle import load_bundle
 from edge.console import CLEAR
-from edge.eventlog import LOG_NAME, EventLog, parse_since, read_events
+from edge.eventlog import (
+    LOG_NAME,
+    EventLog,
+    EventLogSink,
+    format_event,
+    parse_since,
+    read_events,
+    write_csv,
+)
 from edge.messages import EventMessage
 from edge.record import (
     CLOCK_DRIFT,
@@ -360,7 +369,7 @@ def test_events_lists_the_local_log_for_a_spreadsheet(tmp_path: Path) -> None:
     assert row["bands"].startswith(f"{end['bands'][0]['low_hz']:.0f}-")
     assert (tmp_path / "clips" / row["clip"]).is_file()
     assert len(cli("events", "--since", "1h", "--csv", env=env).stdout.splitlines()) == 2
-    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat() + "T00:00Z"
     later = cli("events", "--since", tomorrow, env=env)
     assert later.stdout == "" and "0 event(s) since" in later.stderr
     assert "the service's" not in later.stderr  # a folder of its own: no hint
@@ -394,6 +403,92 @@ def _event(kind: str, n: int) -> EventMessage:
     )
 
 
+def test_event_log_lines_that_are_damaged_or_odd_lose_nothing_else(tmp_path: Path) -> None:
+    """A damaged `end` replaced its good `start` before it was checked, so the event vanished;
+    a well-formed line with a null peak or a band without its edges stopped every listing."""
+    log = EventLog(tmp_path)
+    log.append(_event("start", 1))
+    damaged = json.loads(_event("end", 1).to_payload()) | {"started_at": "\ufffd"}
+    odd = json.loads(_event("end", 2).to_payload()) | {
+        "peak_score": None,
+        "threshold": "high",
+        "bands": [{"low_hz": 100}],
+    }
+    with open(log.path, "a") as fh:
+        fh.write(json.dumps(damaged) + "\n" + json.dumps(odd) + "\n")
+    events = read_events(tmp_path)
+    assert [(e.data["event_id"], e.status) for e in events] == [("e1", "open"), ("e2", "ended")]
+    assert events[1].data["bands"] is None and events[1].data["threshold"] is None
+    out = io.StringIO()
+    write_csv(events, out)
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert rows[1]["peak_score"] == "" and rows[1]["bands"] == ""
+    assert "peak - (threshold -)" in format_event(events[1])
+
+
+def test_an_interrupted_event_and_its_trigger_are_in_the_csv_and_the_listing(
+    tmp_path: Path,
+) -> None:
+    """After a power cut the restart ends the open event; its duration runs to the restart,
+    so it is an upper bound, which the spreadsheet and the listing must say."""
+    log = EventLog(tmp_path)
+    start = _event("start", 3)
+    log.append(start)
+    end = json.loads(_event("end", 3).to_payload()) | {
+        "duration_s": 1020563.6,
+        "interrupted": True,
+        "ended_by": "stopped",
+        "trigger": "cusum",
+        "machine": "running",
+    }
+    with open(log.path, "a") as fh:
+        fh.write(json.dumps(end) + "\n")
+    out = io.StringIO()
+    write_csv(read_events(tmp_path), out)
+    header, row = out.getvalue().splitlines()[0], next(csv.DictReader(io.StringIO(out.getvalue())))
+    assert header.startswith("started_at,ended_at,duration_s,")  # old columns keep their place
+    assert header.endswith(",status,trigger,ended_by,interrupted,machine")
+    assert (row["interrupted"], row["ended_by"], row["trigger"], row["machine"]) == (
+        "yes", "stopped", "cusum", "running",
+    )  # fmt: skip
+    line = format_event(read_events(tmp_path)[0])
+    assert "<=1020563.6 s" in line and "(integrated)" in line and line.endswith("interrupted")
+
+
+def test_events_says_how_far_back_a_rotated_log_reaches(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, max_bytes=600)
+    for n in range(8):
+        log.append(_event("start", n))
+        log.append(_event("end", n))
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path)}
+    oldest = read_events(tmp_path)[0].data["started_at"]
+    assert oldest != _event("start", 0).started_at  # the first ones were dropped
+    listed = cli("events", "--since", "2025-12-31T00:00Z", env=env)
+    assert f"reaches back to {oldest} only" in listed.stderr
+    recent = cli("events", "--since", "2026-01-01T00:00:07Z", env=env)  # inside the log
+    assert "reaches back" not in recent.stderr and "1 event(s)" in recent.stderr
+
+
+def test_the_event_log_sink_writes_what_a_full_disk_held_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An `end` lost to a full card left its event open in the log, and the next start closed
+    it a second time as interrupted; the sink keeps what it could not write and writes it,
+    in order, once it can."""
+    sink = EventLogSink(tmp_path)
+    sink.log.path.mkdir()  # any OSError of open() will do: a directory where the log goes
+    with caplog.at_level(logging.INFO, logger="edge.eventlog"):
+        sink.event(_event("start", 4))
+        sink.event(_event("end", 4))
+        sink.log.path.rmdir()  # the card has room again
+        sink.event(_event("start", 5))
+    events = read_events(tmp_path)
+    assert [(e.data["event_id"], e.status) for e in events] == [("e4", "ended"), ("e5", "open")]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "events still go to MQTT" in errors[0].getMessage()
+    assert any("writable again" in r.getMessage() for r in caplog.records)
+
+
 def test_event_log_keeps_starts_and_ends_rotates_and_survives_a_torn_line(
     tmp_path: Path,
 ) -> None:
@@ -414,7 +509,7 @@ def test_event_log_keeps_starts_and_ends_rotates_and_survives_a_torn_line(
         fh.write(b"\xff\xfe damaged sector\n")
     events = read_events(tmp_path)
     ids = [e.data["event_id"] for e in events]
-    assert ids == sorted(ids) and ids[-2:] == ["e7", "e8"] and len(ids) < 9  # oldest rotated out
+    assert ids == sorted(ids) and ids[-2:] == ["e7", "e8"] and "e0" not in ids  # rotated out
     assert [e.status for e in events] == ["ended"] * (len(ids) - 2) + ["open", "open"]
     assert all(e.data["type"] != "update" for e in events)
     since = read_events(tmp_path, parse_since("2026-01-01T00:00:05Z"))
