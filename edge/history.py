@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,30 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        log.error("%s unreadable, starting afresh: %s", path, exc)
+        aside = _set_aside(path) if isinstance(exc, ValueError) else None
+        kept = f" (kept as {aside.name})" if aside else ""
+        log.error("%s unreadable, starting afresh%s: %s", path, kept, exc)
         return None
-    return data if isinstance(data, dict) else None
+    if isinstance(data, dict):
+        return data
+    aside = _set_aside(path)
+    log.error(
+        "%s holds no JSON object, starting afresh%s",
+        path,
+        f" (kept as {aside.name})" if aside else "",
+    )
+    return None
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Move a damaged file out of the way before the next save replaces it, so what it held
+    (the versions made on site, their thresholds) can still be read by hand."""
+    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    try:
+        path.replace(aside)
+    except OSError:
+        return None
+    return aside
 
 
 def _readable(entry: object) -> bool:

@@ -970,3 +970,20 @@ def test_a_history_of_another_shape_is_read_for_what_it_holds(tmp_path: Path, da
     events = device.replay(ANOMALOUS_FILE)
     assert device.detector.bundle.model_id == "fan-demo-12483c73", "the configured model"
     assert len(starts(events)) == 1
+
+
+def test_a_history_the_card_damaged_is_set_aside_not_overwritten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unreadable history.json was replaced at the next save: the versions made on site,
+    whose folders stay on the card, could no longer be traced. It is now kept beside it."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)  # version 1: history.json written
+    history = device.data / "models" / "history.json"
+    before = history.read_bytes()
+    history.write_bytes(before[: len(before) // 2])  # truncated by a power cut
+    with caplog.at_level(logging.ERROR, logger="edge.history"):
+        device.replay(ANOMALOUS_FILE)
+    (aside,) = history.parent.glob("history.json.damaged-*")
+    assert aside.read_bytes() == before[: len(before) // 2]
+    assert any(aside.name in r.getMessage() for r in caplog.records), caplog.text
