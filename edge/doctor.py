@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import errno
 import os
 import shutil
 import socket
@@ -14,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import SoundSentryError, os_error_line
+from edge.errors import SoundSentryError, install_extra, os_error_line
 from edge.settings import Settings, mqtt_password
 
 MIN_FREE_MB = 200
 LEVEL_SECONDS = 2.0
 BROKER_TIMEOUT_S = 5.0
+DOCTOR_TOPIC = "doctor"
+"""Under the device's topics: doctor's test publish (not retained; consumers of events,
+state and health never subscribe to it)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ def _run_checks(settings: Settings) -> list[Check]:
         check_audio_device,
         check_input_level,
         check_broker,
+        check_web,
         check_clock,
         check_disk,
         check_service,
@@ -113,6 +118,12 @@ def check_model(s: Settings) -> Check:
             f"not readable by this user: {exc.filename or s.model}",
             "copy the bundle to /var/lib/soundsentry/models/ and point `model` at it",
         )
+    try:  # the daemon's own pipeline: [detector] settings this bundle cannot run stop its start
+        from edge.pipeline import Pipeline
+
+        Pipeline(b, s.detector)
+    except SoundSentryError as exc:
+        return Check("model", False, str(exc), "mend [detector] in the config for this model")
     return Check(
         "model",
         True,
@@ -160,7 +171,6 @@ def check_audio_device(s: Settings) -> Check:
 
 def check_input_level(s: Settings) -> Check:
     from edge.capture import CaptureError, MicSource
-    from edge.health import CLIP_LEVEL, is_silent, level_dbfs
 
     if s.audio.device is None:
         return Check("input level", None, "no audio device set")
@@ -172,32 +182,62 @@ def check_input_level(s: Settings) -> Check:
             "input level", False, str(exc), "fix the audio device first"
         )
     blocks, deadline = [], time.monotonic() + LEVEL_SECONDS + 3
-    for block in src:
-        if isinstance(block, np.ndarray):  # not None (no audio yet) nor a gap's mark
-            blocks.append(block)
-        if sum(len(b) for b in blocks) >= LEVEL_SECONDS * rate or time.monotonic() > deadline:
-            break
-    src.stop()
+    try:
+        for block in src:
+            if isinstance(block, np.ndarray):  # not None (no audio yet) nor a gap's mark
+                blocks.append(block)
+            if sum(len(b) for b in blocks) >= LEVEL_SECONDS * rate or time.monotonic() > deadline:
+                break
+    except CaptureError as exc:  # opened, but it would not start (busy, unplugged meanwhile)
+        return _held_by_service("input level") or Check(
+            "input level",
+            False,
+            str(exc),
+            "is another program using it? `fuser -v /dev/snd/*` names it",
+        )
+    finally:
+        src.stop()
     if not blocks:
         return _held_by_service("input level") or Check(
             "input level", False, "no audio arrived in 5 s", "is the device in use?"
         )
-    audio = np.concatenate(blocks)
-    level = level_dbfs(audio)
-    if is_silent(audio):
+    return level_check(np.concatenate(blocks), s.health.clip_fraction)
+
+
+def level_check(audio: np.ndarray, clip_fraction: float) -> Check:
+    """The verdict on LEVEL_SECONDS of captured audio, as the daemon's input health and
+    `record` would judge it."""
+    from edge.health import CLIP_LEVEL, QUIET_DBFS, is_flat, is_silent, level_dbfs
+
+    if not np.all(np.isfinite(audio)):
         return Check(
             "input level",
             False,
-            "digital silence",
+            "the device delivers invalid samples (NaN or infinite)",
+            "a broken driver or device: try another USB port or microphone",
+        )
+    level = level_dbfs(audio)
+    if is_silent(audio) or is_flat(audio):
+        return Check(
+            "input level",
+            False,
+            "digital silence" if is_silent(audio) else "a flat line (a stuck DC level)",
             "unmute the input (alsamixer), check the cable and the channel setting",
         )
     clipped = float(np.mean(np.abs(audio) >= CLIP_LEVEL))
-    if clipped > s.health.clip_fraction:
+    if clipped > clip_fraction:
         return Check(
             "input level",
             False,
             f"{100 * clipped:.1f} % of samples clip",
             "lower the input gain (alsamixer) or move the microphone back",
+        )
+    if level < QUIET_DBFS:
+        return Check(
+            "input level",
+            False,
+            f"{level:.1f} dBFS: too quiet, a machine is lost in the noise floor (or it is off)",
+            "raise the input gain (alsamixer, F4 for capture) or move the microphone closer",
         )
     return Check("input level", True, f"{level:.1f} dBFS over {LEVEL_SECONDS:g} s")
 
@@ -218,7 +258,10 @@ def check_broker(s: Settings) -> Check:
 
 
 def _mqtt_login(s: Settings) -> Check:
-    """A real MQTT connection with the configured TLS and credentials."""
+    """A real MQTT 5 connection with the configured TLS and credentials, as the daemon makes
+    it, and one QoS 1 publish under the device's topics (DOCTOR_TOPIC): a broker's ACL that
+    refuses them lets the login pass and every event be dropped (MQTT 5 says so in the
+    PUBACK; 3.1.1 does not)."""
     import ssl
     import threading
 
@@ -228,20 +271,35 @@ def _mqtt_login(s: Settings) -> Check:
     from edge.publish import configure_auth
 
     result: dict[str, object] = {}
-    done = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"soundsentry-doctor-{os.getpid()}")
+    done, acked = threading.Event(), threading.Event()
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"soundsentry-doctor-{os.getpid()}",
+        protocol=mqtt.MQTTv5,
+    )
 
     def on_connect(_c: object, _u: object, _f: object, reason: object, _p: object) -> None:
         result["reason"] = reason
         done.set()
 
+    def on_publish(_c: object, _u: object, _mid: object, reason: object, _p: object) -> None:
+        result["puback"] = reason
+        acked.set()
+
     client.on_connect = on_connect
+    client.on_publish = on_publish
+    topic = f"{s.mqtt.prefix}/{s.device_id}/{DOCTOR_TOPIC}"
     tls = "TLS" if s.mqtt.tls.enabled else "plain"
     try:
         configure_auth(client, s.mqtt)
         client.connect(s.mqtt.host, s.mqtt.port, s.mqtt.keepalive)  # type: ignore[arg-type]
         client.loop_start()
         done.wait(BROKER_TIMEOUT_S)
+        reason = result.get("reason")
+        if reason is not None and not reason.is_failure:  # type: ignore[attr-defined]
+            payload = f'{{"doctor": "publish test", "at": {time.time():.0f}}}'
+            client.publish(topic, payload, qos=1)
+            acked.wait(BROKER_TIMEOUT_S)
     except (OSError, ssl.SSLError, ValueError) as exc:  # TLS problems surface here
         return Check(
             "broker login",
@@ -273,11 +331,85 @@ def _mqtt_login(s: Settings) -> Check:
                 f"/opt/soundsentry/venv/bin/soundsentry doctor --config /etc/soundsentry/{config}"
             )
         return Check("broker login", False, f"refused: {reason}", fix)
+    user = s.mqtt.username or "anonymous"
+    puback = result.get("puback")
+    if puback is None:
+        return Check(
+            "broker login",
+            False,
+            f"logged in, but a QoS 1 publish to {topic} was not acknowledged in "
+            f"{BROKER_TIMEOUT_S:g} s",
+            "the broker or the network drops messages; its log says why",
+        )
+    if puback.is_failure:  # type: ignore[attr-defined]
+        return Check(
+            "broker login",
+            False,
+            f"logged in as {user}, but the broker refuses publishing to {topic} ({puback}): "
+            "every event would be dropped",
+            f"the broker's ACL must let {user} write {s.mqtt.prefix}/{s.device_id}/#; with "
+            "deploy/mosquitto/acl (`pattern write soundsentry/%u/#`) device_id must equal the "
+            "MQTT user name",
+        )
     return Check(
         "broker login",
         True,
-        f"{s.mqtt.host}:{s.mqtt.port} accepted us ({tls}, user {s.mqtt.username or 'anonymous'})",
+        f"{s.mqtt.host}:{s.mqtt.port} accepted us ({tls}, user {user}) and a publish to {topic}",
     )
+
+
+def check_web(s: Settings) -> Check:
+    """`[web]` as the daemon's start takes it: the extra installed, the token readable, the
+    port free or served by a running soundsentry."""
+    if not s.web.enabled:
+        return Check("dashboard", None, "[web] is not enabled")
+    try:
+        import edge.web.prometheus  # noqa: F401
+    except ImportError:
+        return Check("dashboard", False, "the [web] extra is not installed", install_extra("web"))
+    from edge.web.auth import read_token
+
+    try:
+        read_token(s.web)
+    except SoundSentryError as exc:
+        return Check(
+            "dashboard",
+            False,
+            str(exc),
+            "write a long random token to that file: `openssl rand -hex 24 | sudo tee FILE`, "
+            "readable by the service's user",
+        )
+    where = f"{s.web.host}:{s.web.port}"
+    family = socket.AF_INET6 if ":" in s.web.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((s.web.host, s.web.port))
+        except OSError as exc:
+            server = _http_server(s.web.host, s.web.port)
+            if server == "SoundSentry":
+                return Check("dashboard", True, f"{where} is served by a running soundsentry")
+            by = f" (by {server})" if server else ""
+            return Check(
+                "dashboard",
+                False,
+                f"cannot listen on {where}: {exc.strerror or exc}{by}",
+                "set [web] port to a free one (`ss -ltnp` lists the taken ones), or [web] host "
+                "to an address of this machine",
+            )
+    return Check("dashboard", True, f"{where} is free for the page")
+
+
+def _http_server(host: str, port: int) -> str | None:
+    """The Server header of whatever answers HTTP on host:port; None when nothing does."""
+    import http.client
+
+    try:
+        connection = http.client.HTTPConnection(host, port, timeout=BROKER_TIMEOUT_S)
+        connection.request("HEAD", "/")
+        return connection.getresponse().getheader("Server")
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 def check_clock(_s: Settings) -> Check:
@@ -309,17 +441,27 @@ def check_disk(s: Settings) -> Check:
         return _future_data_dir(path)
     if not path.is_dir():
         return Check("data folder", False, f"{path} is a file, not a folder", FOLDER_HINT)
+    strangers = _foreign_files(path)
+    if strangers:
+        owner, name = _owner_name(path), strangers[0]
+        return Check(
+            "data folder",
+            False,
+            f"{path / name[0]} belongs to {name[1]}, the folder to {owner} (a run as root?): "
+            f"the daemon run as {owner} cannot open it",
+            f"give the files back: sudo chown -R {owner}: {path}",
+        )
     try:
         probe = path / ".doctor-write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        return Check(
-            "data folder",
-            False,
-            f"{path} is not writable ({exc.strerror})",
-            FOLDER_HINT,
-        )
+        fix = {
+            errno.ENOSPC: "the card is full: free space, or lower [clips] max_total_mb",
+            errno.EROFS: "the file system is read-only; on a Pi the kernel does that after SD "
+            "card errors (`dmesg | grep -i mmc`): back up the card and replace it",
+        }.get(exc.errno or 0, FOLDER_HINT)
+        return Check("data folder", False, f"{path} is not writable ({exc.strerror})", fix)
     free = shutil.disk_usage(path).free / 1e6
     if free < MIN_FREE_MB:
         return Check(
@@ -328,7 +470,58 @@ def check_disk(s: Settings) -> Check:
             f"{path}: only {free:.0f} MB free",
             "free disk space or lower [clips] max_total_mb",
         )
+    clips = _megabytes(path / "clips")
+    if s.clips.enabled and free + clips < s.clips.max_total_mb + MIN_FREE_MB:
+        return Check(
+            "data folder",
+            False,
+            f"{path}: {free:.0f} MB free, and clips may take {s.clips.max_total_mb:g} MB "
+            f"({clips:.0f} MB now): the card fills before the clips' limit",
+            f"lower [clips] max_total_mb to {max(free + clips - MIN_FREE_MB, 1):.0f} or less, "
+            "or free disk space",
+        )
     return Check("data folder", True, f"{path}: {free:.0f} MB free for clips and the spool")
+
+
+STATE_FILES = ("clips", "models", "learning", "spool-*.sqlite", "events.jsonl*", "*.json", ".lock")
+"""What the daemon keeps in its data folder and must open again."""
+
+
+def _foreign_files(folder: Path) -> list[tuple[str, str]]:
+    """(name, owner) of the daemon's files in `folder` that belong to another user than the
+    folder (root's, left by `sudo soundsentry run`): the service cannot open them again."""
+    try:
+        owner = folder.stat().st_uid
+        found = []
+        for pattern in STATE_FILES:
+            for path in sorted(folder.glob(pattern)):
+                uid = path.lstat().st_uid
+                if uid != owner:
+                    found.append((path.name, _user(uid)))
+    except OSError:
+        return []
+    return found
+
+
+def _owner_name(path: Path) -> str:
+    return _user(path.stat().st_uid)
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _megabytes(folder: Path) -> float:
+    """The size of the files directly in `folder`, MB (0 when it is not there)."""
+    try:
+        return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
+    except OSError:
+        return 0.0
 
 
 def _future_data_dir(path: Path) -> Check:
@@ -367,7 +560,7 @@ def check_service(_s: Settings) -> Check:
         return Check("service", None, "systemd not available here")
     if unit is not None:  # pump-4 running says nothing of pump-3
         if state == "active":
-            return Check("service", True, f"{unit} is active")
+            return _enabled(unit)
         return Check(
             "service",
             False,
@@ -375,8 +568,20 @@ def check_service(_s: Settings) -> Check:
             f"`sudo systemctl enable --now {unit}`; `journalctl -u {unit}` says why",
         )
     if state == "active":
-        return Check("service", True, "soundsentry.service is active")
+        return _enabled("soundsentry.service")
     return service_check(state, _instances())
+
+
+def _enabled(unit: str) -> Check:
+    """An active unit's verdict: one started by hand but not enabled is gone after a reboot."""
+    if _run(["systemctl", "is-enabled", unit]) == "disabled":
+        return Check(
+            "service",
+            False,
+            f"{unit} is active but not enabled: it will not start after a reboot",
+            f"`sudo systemctl enable {unit}`",
+        )
+    return Check("service", True, f"{unit} is active")
 
 
 def _instances() -> str:
@@ -398,6 +603,18 @@ def _held_by_service(name: str) -> Check | None:
         units = _active(_instances())
     if not units:
         return None
+    owners = _capture_owners()
+    pids = {_run(["systemctl", "show", "-p", "MainPID", "--value", u]) for u in units}
+    pids = {int(pid) for pid in pids if pid and pid.isdigit() and pid != "0"}
+    if owners is not None and pids and not owners & pids:  # it runs, deaf: waiting for a mic
+        return Check(
+            name,
+            False,
+            f"not opened, and {', '.join(units)} runs but holds no microphone either: its "
+            "[audio] device is missing, unplugged or held by another program",
+            f"`journalctl -u {units[0]}` says what it waits for; `soundsentry devices` lists "
+            "the inputs; `fuser -v /dev/snd/*` names a program holding one",
+        )
     return Check(
         name,
         None,
@@ -405,6 +622,27 @@ def _held_by_service(name: str) -> Check | None:
         f"its input's health is on its health topic and in `journalctl -u {units[0]}`; "
         f"`sudo systemctl stop {units[0]}` first to test the device here",
     )
+
+
+ASOUND = Path("/proc/asound")
+
+
+def _capture_owners(root: Path = ASOUND) -> set[int] | None:
+    """The pids that hold an ALSA capture stream open (`owner_pid` of
+    card*/pcm*c/sub*/status); None where ALSA's proc files are not there to tell."""
+    if not root.is_dir():
+        return None
+    owners = set()
+    for status in root.glob("card*/pcm*c/sub*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "owner_pid" and value.strip().isdigit():
+                owners.add(int(value.strip()))
+    return owners
 
 
 def service_check(single: str, instances: str) -> Check:

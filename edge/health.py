@@ -15,6 +15,8 @@ SILENT_PEAK = 1e-6
 """A block whose absolute peak is below this is digital silence."""
 FLAT_RANGE = 1e-4
 """A block whose max - min is below this (but not silent) is a flat line (stuck DC)."""
+QUIET_DBFS = -55.0
+"""Below this RMS level a machine is lost in the input's noise floor (`record`, `doctor`)."""
 CLIP_LEVEL = 0.999
 """Samples at or above this magnitude count as clipped."""
 LEVEL_FLOOR_DBFS = -120.0

@@ -24,14 +24,12 @@ import soundfile as sf
 
 from edge.capture import MicSource
 from edge.errors import SoundSentryError
-from edge.health import AudioHealth
+from edge.health import QUIET_DBFS, AudioHealth
 from edge.settings import Settings
 
 log = logging.getLogger(__name__)
 
 BAR = 30
-QUIET_DBFS = -55.0
-"""Below this RMS level the machine is barely above the microphone's own noise."""
 LOUD_PEAK_DBFS = -1.0
 """Peaks at or above this leave no headroom: a louder moment (a fault) would clip."""
 GAP_TOLERANCE_S = 0.5

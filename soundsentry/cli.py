@@ -864,20 +864,31 @@ def _live_line(threshold: float) -> Any:
     return live
 
 
-def _cmd_record(args: argparse.Namespace) -> int:
+def _note_service_config(config: Path | None, doing: str, to: str) -> None:
+    """Without --config on a device whose service has one: say that these are not its
+    settings, and how to use them."""
     from edge.doctor import CONFIG_DIR
+
+    service = sorted(CONFIG_DIR.glob("*.toml")) if config is None else []
+    if service:
+        print(
+            f"soundsentry: note: {doing}, not those of {service[0]}; add --config {service[0]} "
+            f"{to}",
+            file=sys.stderr,
+        )
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
     from edge.record import record
     from edge.settings import load_settings
 
     _check_output(args.out, "--out", folder=True)
     settings = load_settings(args.config, audio={"device": args.device})
-    service = sorted(CONFIG_DIR.glob("*.toml")) if args.config is None else []
-    if service:  # the service's microphone settings (channel, device) are not these defaults
-        print(
-            f"soundsentry: note: recording with the default [audio] settings, not those of "
-            f"{service[0]}; add --config {service[0]} to record as the service listens",
-            file=sys.stderr,
-        )
+    _note_service_config(  # the service's microphone settings (channel, device) are not these
+        args.config,
+        "recording with the default [audio] settings",
+        "to record as the service listens",
+    )
     files = record(settings, args.seconds, args.out, args.chunk_seconds, args.samplerate)
     print(f"recorded {len(files)} file(s) into {args.out}")
     return 0
@@ -888,6 +899,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from edge.settings import load_settings
 
     settings = load_settings(args.config, model=args.model, audio={"device": args.device})
+    _note_service_config(args.config, "checking the default settings", "to check the service")
     checks = run_checks(settings, args.config)
     for check in checks:
         print(check.line())

@@ -451,3 +451,23 @@ def test_two_devices_under_one_device_id_each_log_the_other(
     third = "host pi-c, /var/lib/soundsentry, machine 4"
     first._check_instance(_availability(first, "online", third))
     assert list(first.duplicates) == [second.instance, third]
+
+
+def test_doctor_fails_a_login_whose_publishes_the_acl_refuses(acl_broker: Broker) -> None:
+    """The broker accepted the login of user pump-3 for device_id raspberrypi (a cloned
+    card's host name) and doctor said PASS, while the ACL refused every publish: MQTT 3.1.1
+    does not say so. Doctor now logs in over MQTT 5 as the daemon does and publishes once."""
+    from edge.doctor import check_broker
+    from edge.settings import Settings
+
+    def doctor(device_id: str) -> Any:
+        mqtt = {"host": "127.0.0.1", "port": acl_broker.port, "username": "pump-3",
+                "password": "pw"}  # fmt: skip
+        return check_broker(Settings(device_id=device_id, mqtt=mqtt))
+
+    refused = doctor("raspberrypi")
+    assert refused.ok is False, refused
+    assert "refuses publishing to soundsentry/raspberrypi/doctor" in refused.detail
+    assert "device_id must equal the MQTT user name" in refused.fix
+    ok = doctor("pump-3")
+    assert ok.ok is True and "a publish to soundsentry/pump-3/doctor" in ok.detail, ok

@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import soundfile as sf
 from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, cli, wait_for
@@ -306,13 +308,21 @@ def test_doctor_does_not_blame_the_microphone_that_the_running_service_holds(
     from edge.settings import Settings
 
     settings = Settings(device_id="t", data_dir=tmp_path, audio={"device": "no-such-mic-xyz"})
-    answers = {"is-active": "active", "list-units": ""}
+    answers = {"is-active": "active", "list-units": "", "show": "4242"}
     monkeypatch.setattr(doctor, "_run", lambda cmd: answers[cmd[1]])
+    owners: set[int] | None = {4242}  # ALSA's proc files: the service's pid holds a capture
+    monkeypatch.setattr(doctor, "_capture_owners", lambda: owners)
     for check in (doctor.check_audio_device, doctor.check_input_level):
         held = check(settings)
         assert held.ok is None, held
         assert "soundsentry.service is running and holds the microphone" in held.detail
         assert "`sudo systemctl stop soundsentry.service`" in held.detail
+    owners = set()  # the service runs, deaf (its device unplugged): not "as it should"
+    deaf = doctor.check_audio_device(settings)
+    assert deaf.ok is False and "holds no microphone either" in deaf.detail, deaf
+    assert "journalctl -u soundsentry.service" in deaf.fix
+    owners = None  # no ALSA proc files to tell: the running service is given the benefit
+    assert doctor.check_audio_device(settings).ok is None
     answers["is-active"] = "inactive"
     answers["list-units"] = "soundsentry@mic2.service loaded active running SoundSentry (mic2)"
     assert "soundsentry@mic2.service is running" in doctor.check_audio_device(settings).detail
@@ -479,3 +489,117 @@ def test_record_names_the_service_config_it_does_not_use(
     )
     assert proc.returncode == 0, proc.stderr
     assert "note: recording with the default" not in proc.stderr, proc.stderr
+
+
+def test_doctor_fails_model_settings_the_daemon_would_refuse(tmp_path: Path) -> None:
+    """`[detector] trigger_windows = 6` with a bundle calibrated for 3 of 4: the daemon's start
+    refused it and the service retried for ever, while doctor passed the model."""
+    from edge.doctor import check_model
+    from edge.settings import Settings
+
+    good = check_model(Settings(device_id="t", data_dir=tmp_path, model=DEMO_BUNDLE))
+    assert good.ok is True, good
+    bad = check_model(Settings(device_id="t", data_dir=tmp_path, model=DEMO_BUNDLE,
+                               detector={"trigger_windows": 6}))  # fmt: skip
+    assert bad.ok is False and "must not exceed" in bad.detail and "[detector]" in bad.fix
+
+
+def test_doctor_judges_the_input_level_as_the_daemon_would() -> None:
+    """A stuck DC level, NaN samples and a level below the noise floor all passed."""
+    from edge.doctor import level_check
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(32000).astype(np.float32)
+    verdicts = {
+        "good": level_check(0.05 * noise, 0.01),
+        "dc": level_check(np.full(32000, 0.01, np.float32), 0.01),
+        "nan": level_check(np.full(32000, np.nan, np.float32), 0.01),
+        "quiet": level_check(5e-4 * noise, 0.01),  # -66 dBFS
+        "clipped": level_check(np.clip(4 * noise, -1, 1), 0.01),
+    }
+    assert verdicts["good"].ok is True, verdicts["good"]
+    assert verdicts["dc"].ok is False and "flat line" in verdicts["dc"].detail
+    assert verdicts["nan"].ok is False and "invalid samples" in verdicts["nan"].detail
+    assert verdicts["quiet"].ok is False and "too quiet" in verdicts["quiet"].detail
+    assert verdicts["clipped"].ok is False and "clip" in verdicts["clipped"].detail
+
+
+def test_doctor_checks_the_dashboard_as_the_daemon_starts_it(tmp_path: Path) -> None:
+    """[web] was never checked: a missing token file or a taken port stopped the start (or
+    left the page away) while doctor said nothing."""
+    import socket
+
+    from edge.doctor import check_web
+    from edge.settings import Settings
+
+    def web(**kw: Any) -> Any:
+        return check_web(Settings(device_id="t", data_dir=tmp_path, web={"enabled": True, **kw}))
+
+    assert check_web(Settings(device_id="t", data_dir=tmp_path)).ok is None
+    missing = web(host="0.0.0.0", token_file=str(tmp_path / "token"))
+    assert missing.ok is False and "not found" in missing.detail, missing
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = web(port=port)
+        assert busy.ok is False and f"cannot listen on 127.0.0.1:{port}" in busy.detail, busy
+    free = web(port=port)
+    assert free.ok is True and "is free" in free.detail, free
+
+
+def test_doctor_finds_root_s_files_in_the_service_s_folder_and_a_card_too_small(
+    tmp_path: Path,
+) -> None:
+    """`sudo soundsentry run` leaves root's .lock in the service's folder: the service cannot
+    open it, and doctor passed the folder. Clips allowed more than the card holds passed too."""
+    from edge.doctor import check_disk
+    from edge.settings import Settings
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    assert check_disk(Settings(device_id="t", data_dir=folder)).ok is True
+    lock = folder / ".lock"
+    lock.write_text("1\n")
+    os.chown(folder, 65534, 65534)  # the folder is another user's; its .lock stays root's
+    try:
+        stale = check_disk(Settings(device_id="t", data_dir=folder))
+    finally:
+        os.chown(folder, 0, 0)
+    assert stale.ok is False and ".lock belongs to root" in stale.detail, stale
+    assert f"sudo chown -R nobody: {folder}" in stale.fix
+    huge = check_disk(Settings(device_id="t", data_dir=folder, clips={"max_total_mb": 1e9}))
+    assert huge.ok is False and "the card fills before the clips' limit" in huge.detail, huge
+
+
+def test_doctor_reads_who_holds_a_capture_stream(tmp_path: Path) -> None:
+    """ALSA's proc files: an open capture substream names its owner; a closed one does not."""
+    from edge.doctor import _capture_owners
+
+    for card, pcm, status in (
+        ("card1", "pcm0c", "state: RUNNING\nowner_pid   : 4242\ntrigger_time: 1.0\n"),
+        ("card2", "pcm0c", "closed\n"),
+        ("card1", "pcm0p", "state: RUNNING\nowner_pid   : 999\n"),  # playback: not a mic
+    ):
+        sub = tmp_path / card / pcm / "sub0"
+        sub.mkdir(parents=True)
+        (sub / "status").write_text(status)
+    assert _capture_owners(tmp_path) == {4242}
+    assert _capture_owners(tmp_path / "absent") is None
+
+
+def test_doctor_fails_a_service_started_but_not_enabled(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`systemctl start` without `enable`: active now, gone after the next power cut."""
+    from edge import doctor
+    from edge.settings import Settings
+
+    answers = {"is-active": "active", "is-enabled": "disabled"}
+    monkeypatch.setattr(doctor, "_run", lambda cmd: answers[cmd[1]])
+    settings = Settings(device_id="t", data_dir=tmp_path)
+    started = doctor.check_service(settings)
+    assert started.ok is False and "not enabled" in started.detail, started
+    assert started.fix == "`sudo systemctl enable soundsentry.service`"
+    answers["is-enabled"] = "enabled"
+    assert doctor.check_service(settings).ok is True
