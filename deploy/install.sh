@@ -9,6 +9,10 @@
 #
 # The unit files are the real files next to this script (deploy/*.service), copied as-is.
 set -euo pipefail
+# A hardened image's umask (027, kept by sudo) made the venv unreadable for the service's user:
+# the unit could not start. What this installs is meant to be world-readable; secrets get
+# their own modes below.
+umask 022
 
 DEPLOY_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 UNITS=(soundsentry.service soundsentry@.service)

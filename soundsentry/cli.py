@@ -869,7 +869,17 @@ def _note_service_config(config: Path | None, doing: str, to: str) -> None:
     settings, and how to use them."""
     from edge.doctor import CONFIG_DIR
 
-    service = sorted(CONFIG_DIR.glob("*.toml")) if config is None else []
+    if config is not None or not CONFIG_DIR.is_dir():
+        return
+    if not os.access(CONFIG_DIR, os.R_OK | os.X_OK):  # 0750 root:soundsentry: not for pi
+        print(
+            f"soundsentry: note: {doing}; the service's config in {CONFIG_DIR} is readable by "
+            f"root and the service only: run this with sudo and add --config "
+            f"{CONFIG_DIR}/config.toml {to}",
+            file=sys.stderr,
+        )
+        return
+    service = sorted(CONFIG_DIR.glob("*.toml"))
     if service:
         print(
             f"soundsentry: note: {doing}, not those of {service[0]}; add --config {service[0]} "
