@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, require_normalization
+from edge.detectors.base import DetectorKind, Refit, leave_one_out, require_normalization
 from edge.detectors.network import NetworkScorer
 from edge.detectors.thresholds import budget_threshold
 from edge.threshold import score_stats
@@ -39,12 +39,22 @@ class Autoencoder(DetectorKind):
     def refit(
         self, bundle: Bundle, per_file: list[np.ndarray], false_alarms_per_day: float | None
     ) -> Refit:
-        """New normalisation from the site's windows, then scores, error reference, threshold."""
+        """New normalisation from the site's windows; the threshold and the error reference
+        from each recording scored with a normalisation fitted without it (one recording: its
+        second half by its first's), as the other kinds' refits: scored with a normalisation
+        fitted on themselves, the windows set a threshold that new normal audio passed."""
         windows = np.concatenate(per_file)
         mean = windows.mean(axis=(0, 1))
         std = np.maximum(windows.std(axis=(0, 1)), STD_FLOOR_DB)
-        scorer = NetworkScorer(bundle.model, mean, std)  # type: ignore[arg-type]
-        scored = [scorer.score(w) for w in windows]
+        scored = []
+        for held, rest in leave_one_out(per_file):
+            fold = np.concatenate(rest)
+            scorer = NetworkScorer(
+                bundle.model,  # type: ignore[arg-type]
+                fold.mean(axis=(0, 1)),
+                np.maximum(fold.std(axis=(0, 1)), STD_FLOOR_DB),
+            )
+            scored += [scorer.score(w) for w in held]
         scores = np.array([s.score for s in scored])
         band_error = np.stack([s.band_error for s in scored])
         value, params = budget_threshold(bundle, scores, false_alarms_per_day)
