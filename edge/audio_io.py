@@ -175,11 +175,12 @@ def check_rate(path: str | Path, rate: int, samplerate: int) -> None:
 
 
 def check_readable(
-    path: str | Path, channel: int = 0, samplerate: int | None = None
+    path: str | Path, channel: int = 0, samplerate: int | None = None, mono_any: bool = False
 ) -> tuple[int, int]:
     """Check that a file is complete, non-empty audio with that channel (and, given the model's
     `samplerate`, not recorded below it), without reading it all; return (frames, sample rate).
-    Raises AudioError with one clear line."""
+    `mono_any`: a mono file passes whatever the channel (its one channel is read). Raises
+    AudioError with one clear line."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
@@ -191,7 +192,7 @@ def check_readable(
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
     if info.frames <= 0:
         raise AudioError(f"{path}: the file holds no audio samples")
-    if channel >= info.channels:
+    if channel >= info.channels and not (mono_any and info.channels == 1):
         raise AudioError(f"{path}: channel {channel} does not exist: the audio has {info.channels}")
     if samplerate is not None:
         check_rate(path, info.samplerate, samplerate)
@@ -200,7 +201,10 @@ def check_readable(
 
 
 def check_files(
-    files: Iterable[str | Path], channel: int = 0, samplerate: int | None = None
+    files: Iterable[str | Path],
+    channel: int = 0,
+    samplerate: int | None = None,
+    mono_any: bool = False,
 ) -> list[tuple[int, int]]:
     """`check_readable` on every file; one AudioError that names every file that cannot be used,
     so that a folder with several bad recordings is mended in one go."""
@@ -208,7 +212,7 @@ def check_files(
     checked, problems = [], []
     for path in files:
         try:
-            checked.append(check_readable(path, channel, samplerate))
+            checked.append(check_readable(path, channel, samplerate, mono_any))
         except AudioError as exc:
             problems.append(str(exc))
     if len(problems) == 1:

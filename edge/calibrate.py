@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from edge.advice import require_audio
-from edge.audio_io import check_files, find_audio, read_audio, without_copies
+from edge.audio_io import check_files, find_audio, read_audio, sf_path, without_copies
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bundle
 from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
@@ -25,10 +26,22 @@ from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, FrontEnd
 from edge.framing import WindowBuffer
 from edge.health import is_silent, level_dbfs
-from edge.machine_state import PERCENTILES, machine_profile
+from edge.machine_state import PERCENTILES, QUIET_GAP_DB, machine_profile
 
 log = logging.getLogger(__name__)
 
+STATE_LEVELS = "machine.state_levels"
+"""Each trained state's mean band levels (dB), by which the edge names the state it hears."""
+MIN_RUNNING_SHARE = 0.05
+"""The machine's running windows in the site audio are at least this share of them: rarer loud
+windows (a door, a dropped tool) are not taken for the machine."""
+SHIFT_STEP_DB = 0.25
+TWO_LEVEL_SHARE = 0.1
+"""Each of two levels holds at least this share of the windows to be said (_warn_two_levels)."""
+MATCH_DB = 0.5
+"""A shift matches when the site's running median lies this close to the trained one moved."""
+MAX_SHIFT_DB = 60.0
+"""The furthest a site's level is looked for from training's."""
 LEVEL_SHIFT_DB = 6.0
 """A running level this far from training's is worth a line (the microphone moved, another
 gain): the calibrated bundle's off level follows the site."""
@@ -49,17 +62,21 @@ def calibrate_bundle(
     files = find_audio(normal)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(x) for x in normal))
-    check_files(files, max(channel, 0), p.samplerate)  # every unusable file named at once
+    # every unusable file named at once; a mono file (what `record` writes, from the channel
+    # the service listens on) is read whatever channel the model was fitted on
+    check_files(files, max(channel, 0), p.samplerate, mono_any=True)
     files = without_copies(files)  # a copy would be scored by a model that holds it
-    audio = [read_audio(f, p.samplerate, channel, need_sound=True) for f in files]
+    audio = [read_audio(f, p.samplerate, _file_channel(f, channel), need_sound=True) for f in files]
     files, audio = _windowed(files, audio, p)
-    machine = _site_machine(bundle, audio)
+    machine, shift = _site_machine(bundle, audio)
     per_file, kept = _running_windows(audio, p, machine.get("off_below_dbfs"))
     # the audio the refit stands on: the machine running, not the room while it was off
     seconds = kept * sum(len(a) for a in audio) / p.samplerate
     require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
     refit = plugin_for(bundle.manifest).refit(bundle, per_file, false_alarms_per_day)
     arrays = {**bundle.arrays, **refit.arrays}
+    if shift is not None and STATE_LEVELS in arrays:  # absolute dB, like the off level
+        arrays[STATE_LEVELS] = (arrays[STATE_LEVELS] + shift).astype(arrays[STATE_LEVELS].dtype)
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
     manifest |= refit.manifest
     manifest["machine"] = machine
@@ -122,13 +139,22 @@ def _running_windows(
     return per_file, (total - dropped) / max(total, 1)
 
 
-def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> dict:
+def _file_channel(path: Path, channel: int) -> int:
+    """The channel to read of `path`: its only one when it is mono."""
+    return 0 if channel > 0 and sf.info(sf_path(path)).channels == 1 else channel
+
+
+def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, float | None]:
     """The machine's running level as heard here (a microphone moved away or another gain
     moves it; the off level trained elsewhere would call the running machine `off`), with
-    the states the bundle was trained on; a shift of LEVEL_SHIFT_DB or more is said."""
+    the states the bundle was trained on, and how far it moved (None: the bundle recorded no
+    levels to compare with); a shift of LEVEL_SHIFT_DB or more is said."""
     trained = bundle.manifest.machine
     states = trained.states if trained is not None else None
-    site = _shifted_profile(bundle, audio) or machine_profile(audio, bundle.features, states)
+    shifted = _shifted_profile(bundle, audio)
+    if shifted is None:
+        _warn_two_levels(audio, bundle.features)
+    site, shift = shifted or (machine_profile(audio, bundle.features, states), None)
     before = trained.running_level_dbfs.get("p50") if trained is not None else None
     after = site["running_level_dbfs"].get("p50")
     if before is not None and after is not None and abs(after - before) >= LEVEL_SHIFT_DB:
@@ -138,18 +164,54 @@ def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> dict:
             abs(after - before), "louder" if after > before else "quieter", after, before,
             site["off_below_dbfs"],
         )  # fmt: skip
-    return site
+    return site, shift
 
 
-def _shifted_profile(bundle: Bundle, audio: list[np.ndarray]) -> dict | None:
-    """The trained machine profile moved by how much louder or quieter the machine runs here
-    (the site's loudest running, its 99th percentile of window levels, against training's):
-    a site recording with the machine stopped for most of it keeps an off level above the
-    empty room, and a quiet state of the training (idle) stays running. None for a bundle
-    that recorded no levels (machine_profile measures them here instead)."""
+def _warn_two_levels(audio: list[np.ndarray], p: FeatureParams) -> None:
+    """A bundle that recorded no running level learns it from the site audio, all of it: with
+    the machine stopped for a good part of the recording the empty room is counted as running
+    and its off level falls below the room. Two levels far apart, each a good share of the
+    windows, are said (Otsu's split of the window levels)."""
+    levels = np.sort([
+        level_dbfs(w.samples)
+        for a in audio
+        for w in WindowBuffer(p.window_samples, p.hop_samples).push(a)
+        if not is_silent(w.samples)
+    ])  # fmt: skip
+    n = len(levels)
+    if n < 4:
+        return
+    below = np.arange(1, n)
+    low = np.cumsum(levels)[:-1] / below
+    high = (levels.sum() - low * below) / (n - below)
+    i = int(np.argmax(below * (n - below) * (high - low) ** 2))
+    share = below[i] / n
+    if high[i] - low[i] >= QUIET_GAP_DB and TWO_LEVEL_SHARE <= share <= 1 - TWO_LEVEL_SHARE:
+        log.warning(
+            "the recordings hold two levels %.0f dB apart (%.0f %% of the windows near %.0f dBFS, "
+            "the rest near %.0f): if the machine was off in the quieter part, record it running "
+            "only; this bundle has no running level of its own to tell them apart, so both "
+            "count as running and the off level falls below the quieter one",
+            high[i] - low[i], 100 * share, low[i], high[i],
+        )  # fmt: skip
+
+
+def _shifted_profile(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, float] | None:
+    """The trained machine profile moved by how much louder or quieter the machine runs here,
+    and that shift (dB). The shift s is the one at which the site's windows above the moved
+    off level have the trained median level moved by s (the machine's running, heard here),
+    among the shifts that keep at least MIN_RUNNING_SHARE of the windows. Where several match
+    (within MATCH_DB), the one nearest no shift: with the machine stopped for most of the
+    recording the empty room matches too, far down, and with loud transients in it (a door, a
+    neighbour's machine) they match too, far up. So a quiet state of the training (idle) stays
+    running, the off level stays above the empty room, and transients are not taken for the
+    machine (matched on the site's 99th percentile, one burst a minute 20 dB up called the
+    machine itself `off`). A site where the room is as loud as the machine was in training
+    and the machine far louder would fool it: the warning on a shift says so. None for a
+    bundle that recorded no levels (machine_profile measures them here instead)."""
     trained, p = bundle.manifest.machine, bundle.features
-    loudest = trained.running_level_dbfs.get("p99") if trained is not None else None
-    if trained is None or trained.off_below_dbfs is None or loudest is None:
+    median = trained.running_level_dbfs.get("p50") if trained is not None else None
+    if trained is None or trained.off_below_dbfs is None or median is None:
         return None
     levels = np.array([
         level_dbfs(w.samples)
@@ -159,15 +221,31 @@ def _shifted_profile(bundle: Bundle, audio: list[np.ndarray]) -> dict | None:
     ])  # fmt: skip
     if not len(levels):
         return None
-    off = trained.off_below_dbfs + float(np.percentile(levels, 99)) - loudest
-    running = levels[levels >= off]
-    return {
+    levels = np.sort(levels)
+    shifts = np.arange(-MAX_SHIFT_DB, MAX_SHIFT_DB + SHIFT_STEP_DB / 2, SHIFT_STEP_DB)
+    starts = np.searchsorted(levels, trained.off_below_dbfs + shifts)  # first running window
+    kept = len(levels) - starts
+    usable = kept >= max(MIN_RUNNING_SHARE * len(levels), 1)
+    if not usable.any():
+        return None
+    mismatch = np.full(len(shifts), np.inf)
+    for i in np.flatnonzero(usable):
+        mismatch[i] = abs(float(np.median(levels[starts[i] :])) - (median + shifts[i]))
+    roots = np.flatnonzero(mismatch <= MATCH_DB)
+    if len(roots):  # the match nearest training's level: the machine, not the room or a din
+        best = int(min(roots, key=lambda i: (abs(shifts[i]), mismatch[i])))
+    else:
+        best = int(np.argmin(mismatch))
+    shift = float(shifts[best])
+    running = levels[starts[best] :]
+    profile = {
         "running_level_dbfs": {
             k: round(float(np.percentile(running, q)), 2) for k, q in PERCENTILES.items()
         },
-        "off_below_dbfs": round(off, 2),
+        "off_below_dbfs": round(trained.off_below_dbfs + shift, 2),
         "states": trained.states,
     }
+    return profile, shift
 
 
 def _write(

@@ -296,3 +296,59 @@ def test_an_event_open_when_the_machine_idles_just_above_the_off_level_ends() ->
     kinds = [(t.kind, t.ended_by) for s in steps for t in s.transitions]
     assert kinds == [("start", None), ("end", "machine_off")], kinds
     assert steps[-1].machine == "running", "it idles: not off"
+
+
+def _site(tmp_path: Path, name: str, audio: list[np.ndarray], rate: int) -> list[Path]:
+    """Site recordings written as `record` writes them (mono WAV)."""
+    paths = []
+    for i, a in enumerate(audio):
+        paths.append(tmp_path / f"{name}-{i}.wav")
+        sf.write(paths[-1], a, rate, subtype="FLOAT")
+    return paths
+
+
+def _calibrated(bundle: Path, files: list[Path], out: Path) -> object:
+    cli("calibrate", str(bundle), "--normal", *map(str, files), "--out", str(out))
+    return load_bundle(out).manifest.machine
+
+
+def test_calibration_keeps_the_machine_running_through_loud_transients_and_long_stops(
+    two_states: Path, tmp_path: Path
+) -> None:
+    """The site's off level was moved by its 99th percentile of window levels against
+    training's: a loud 1-s burst every 5 s lifted it above the machine, which was then `off`
+    for good. Now the shift is the one whose running windows have the trained median."""
+    plain = load_bundle(two_states)
+    rate, trained = plain.features.samplerate, plain.manifest.machine
+    normal = [read_audio(f, rate) for f in NORMAL_FILES]
+
+    def bursts(a: np.ndarray) -> np.ndarray:
+        a = a.copy()
+        a[rate // 2 : rate + rate // 2] *= 10  # +20 dB for 1 s of every 5-s file
+        return a
+
+    loud = _calibrated(two_states, _site(tmp_path, "loud", [bursts(a) for a in normal], rate),
+                       tmp_path / "loud.bundle")  # fmt: skip
+    assert abs(loud.off_below_dbfs - trained.off_below_dbfs) <= 1.0, loud
+    rng = np.random.default_rng(1)
+    room = [np.concatenate([1e-4 * rng.standard_normal(4 * rate), a]) for a in normal]
+    stopped = _calibrated(two_states, _site(tmp_path, "stopped", room, rate),
+                          tmp_path / "stopped.bundle")  # fmt: skip
+    assert abs(stopped.off_below_dbfs - trained.off_below_dbfs) <= 1.0, stopped
+
+
+def test_calibration_moves_the_states_levels_with_the_machine_s_level(
+    two_states: Path, tmp_path: Path
+) -> None:
+    """A microphone moved away, 20 dB down: the off level moved, but the states' band levels
+    (absolute dB) did not, so the fast state heard here was named `slow` (15 dB down)."""
+    bundle = load_bundle(two_states)
+    rate = bundle.features.samplerate
+    far = [read_audio(f, rate) * 0.1 for f in NORMAL_FILES]
+    out = tmp_path / "far.bundle"
+    _calibrated(two_states, _site(tmp_path, "far", far, rate), out)
+    moved = load_bundle(out).array("machine.state_levels") - bundle.array("machine.state_levels")
+    assert np.allclose(moved, moved.flat[0]) and -21 <= moved.flat[0] <= -19, moved.flat[0]
+    namer = StateNamer(["fast", "slow"], load_bundle(out).array("machine.state_levels"))
+    logmel = LogMel(bundle.features)
+    assert namer.name(logmel(far[0]).mean(axis=0)) == "fast"

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from conftest import AE_BUNDLE, DEMO_BUNDLE, NORMAL_FILES, cli
 from scipy import signal, stats
 
+from edge.audio_io import read_audio
 from edge.bundle import MODEL_INT8, load_bundle
 from edge.events import DEFAULT_K, DEFAULT_N
 from edge.threshold import (
@@ -373,3 +375,21 @@ def test_calibrate_sets_the_autoencoder_threshold_on_windows_its_normalisation_d
     threshold = load_bundle(out).threshold
     unseen = np.concatenate([window_scores(out, f) for f in NORMAL_FILES[2:]])
     assert np.mean(unseen > threshold) < 0.75, (threshold, np.mean(unseen > threshold))
+
+
+def test_calibrate_reads_record_s_mono_files_for_a_model_of_another_channel(
+    tmp_path: Path,
+) -> None:
+    """`record` writes mono files of the channel the service listens on; a model fitted on
+    channel 4 of an 8-channel recording stopped with "channel 4 does not exist"."""
+    rate = 16000
+    eight = tmp_path / "eight"
+    eight.mkdir()
+    for f in NORMAL_FILES:
+        mono = read_audio(f, rate)
+        sf.write(eight / f"{f.stem}.wav", np.tile(mono[:, None], (1, 8)), rate, subtype="FLOAT")
+    model = tmp_path / "ch4.bundle"
+    cli("train", "--normal", str(eight), "--out", str(model), "--channel", "4")
+    site = cli("calibrate", str(model), "--normal", *map(str, NORMAL_FILES),
+               "--out", str(tmp_path / "site.bundle"))  # fmt: skip
+    assert "calibrated bundle written" in site.stdout and "--channel" not in site.stderr
