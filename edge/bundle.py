@@ -625,6 +625,12 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
+        if exc.errors()[0]["type"] == "extra_forbidden":  # a field this version does not know
+            raise BundleError(
+                f"{file}: invalid manifest field {_first(exc)}: the bundle was probably "
+                "written by a newer soundsentry; upgrade this one (sudo deploy/install.sh) or "
+                "train it with this version"
+            ) from None
         raise BundleError(f"{file}: invalid manifest field {_first(exc)}") from None
     if version == 2 and load_arrays:
         arrays = _load_arrays(folder, manifest)

@@ -167,6 +167,19 @@ class ScorerTap:
         return self.scorer.score_many(windows)
 
 
+def _say_overrides(bundle: Bundle, settings: Settings) -> None:
+    """[detector] threshold and off_below_dbfs take precedence over the bundle's calibrated
+    values: a calibration or a learnt version then changes less than its summary says."""
+    d, machine = settings.detector, bundle.manifest.machine
+    if d.threshold is not None and d.threshold != bundle.threshold:
+        log.info("[detector] threshold %g is used, not %s's calibrated %.4g",
+                 d.threshold, bundle.model_id, bundle.threshold)  # fmt: skip
+    trained = machine.off_below_dbfs if machine is not None else None
+    if d.off_below_dbfs is not None and trained is not None and d.off_below_dbfs != trained:
+        log.info("[detector] off_below_dbfs %g is used, not %s's %.1f dBFS",
+                 d.off_below_dbfs, bundle.model_id, trained)  # fmt: skip
+
+
 class Detector:
     """Runs the pipeline over a source of blocks (None = no audio yet, a tick).
 
@@ -291,6 +304,8 @@ class Detector:
                 "off is not recognised as off; `soundsentry calibrate` on normal running adds "
                 "it, or set [detector] off_below_dbfs", bundle.model_id,
             )  # fmt: skip
+        if self.live:
+            _say_overrides(bundle, settings)
         self.bundle, self.pipeline, self.settings = bundle, pipeline, settings
         self._threshold = threshold
         if threshold is not None:

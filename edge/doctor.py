@@ -312,7 +312,14 @@ def _mqtt_login(s: Settings) -> Check:
         client.disconnect()
     reason = result.get("reason")
     if reason is None:
-        return Check("broker login", False, "no answer to CONNECT", "is that port an MQTT port?")
+        hint = (
+            "is that port an MQTT port? A broker that expects TLS there (often 8883) does not "
+            "answer a plain CONNECT: set [mqtt.tls] enabled = true"
+            if not s.mqtt.tls.enabled
+            else "is that port an MQTT port, with TLS? (a plain listener, often 1883, does not "
+            "answer a TLS handshake: set [mqtt.tls] enabled = false or the TLS port)"
+        )
+        return Check("broker login", False, "no answer to CONNECT", hint)
     if reason.is_failure:  # type: ignore[attr-defined]
         fix = "check [mqtt] username and the password file / credential"
         if s.mqtt.username and mqtt_password(s.mqtt) is None:  # no password reached doctor

@@ -401,3 +401,15 @@ def test_a_bundle_is_written_into_the_working_folder_and_a_parent_it_may_not_wri
     _rewrite(DEMO_BUNDLE, copy)
     assert load_bundle(copy).model_id == load_bundle(DEMO_BUNDLE).model_id
     assert not (copy / MODEL_INT8).exists()
+
+
+def test_a_bundle_with_a_field_this_version_does_not_know_says_it_may_be_newer(
+    tmp_path: Path,
+) -> None:
+    """A bundle trained by a newer soundsentry on a laptop, deployed to a Pi not yet upgraded,
+    was refused as `Extra inputs are not permitted`, which names no way out."""
+    bundle = tmp_path / "newer.bundle"
+    shutil.copytree(DEMO_BUNDLE, bundle)
+    edit_manifest(bundle, {"site_notes": "pump room 3"})
+    with pytest.raises(BundleError, match=r"site_notes.*written by a newer soundsentry"):
+        load_bundle(bundle)

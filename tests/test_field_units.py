@@ -904,3 +904,27 @@ def test_vcgencmd_is_not_forked_again_once_it_has_not_answered(
     monkeypatch.setitem(edge.metrics._vcgencmd, "works", True)
     assert [edge.metrics.throttled() for _ in range(3)] == [None] * 3
     assert calls.read_text().splitlines() == ["run"]
+
+
+def test_settings_that_override_the_bundle_s_calibration_are_said_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`[detector] threshold` took precedence over a calibrated bundle's without a word: the
+    user re-calibrated and nothing changed."""
+    import logging
+
+    from conftest import DEMO_BUNDLE
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    with caplog.at_level(logging.INFO, logger="edge.daemon"):
+        plain = Settings(device_id="o", model=DEMO_BUNDLE, data_dir=tmp_path / "a")
+        Detector(plain, bundle, [])
+        assert "is used, not" not in caplog.text
+        fixed = Settings(device_id="o", model=DEMO_BUNDLE, data_dir=tmp_path / "b",
+                         detector={"threshold": 9.5})  # fmt: skip
+        Detector(fixed, bundle, [])
+    assert f"[detector] threshold 9.5 is used, not {bundle.model_id}'s calibrated" in caplog.text
