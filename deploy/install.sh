@@ -263,7 +263,11 @@ except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
 start_service() {
   local model
   if ((!START)); then
-    say "not starting (--no-start): systemctl start soundsentry"
+    if ((FRESH)); then
+      say "not starting (--no-start): systemctl start soundsentry"
+    else  # the old daemon still runs the code it loaded: the new one runs after a restart
+      say "not restarting (--no-start): the new code runs after: systemctl restart soundsentry"
+    fi
     return
   fi
   if ((!FRESH)); then
@@ -315,6 +319,7 @@ do_uninstall() {
     rm -f "$UNIT_DIR/$unit"
   done
   live_systemctl daemon-reload
+  live_systemctl reset-failed 'soundsentry*' 2>/dev/null || true  # no failed units left listed
   rm -rf "$ROOT/opt/soundsentry"
   if [ "$(readlink "$ROOT/usr/local/bin/soundsentry" 2>/dev/null)" = \
     /opt/soundsentry/venv/bin/soundsentry ]; then
@@ -331,7 +336,12 @@ do_uninstall() {
       host userdel "$SERVICE_USER"
     fi
   else
-    say "kept $CONF_DIR, $STATE_DIR and the user $SERVICE_USER who owns them (--purge removes them)"
+    local dropins=("$UNIT_DIR"/soundsentry.service.d "$UNIT_DIR"/soundsentry@*.service.d)
+    local kept="$CONF_DIR, $STATE_DIR, $LOGS_DIR"
+    for unit in "${dropins[@]}"; do
+      [ -d "$unit" ] && kept+=", $unit (systemctl edit's drop-ins)"
+    done
+    say "kept $kept and the user $SERVICE_USER who owns them (--purge removes them)"
   fi
   say "done"
 }

@@ -370,6 +370,9 @@ def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
     proc = run_installer(installed, "--uninstall")
 
     assert "userdel" not in proc.stdout, "the user stays while files of its UID stay"
+    kept = next(x for x in proc.stdout.splitlines() if " kept " in x)
+    assert "var/log/soundsentry" in kept and "soundsentry.service.d (systemctl edit" in kept, kept
+    assert "would run: systemctl reset-failed soundsentry*" in proc.stdout
     assert not (installed / "opt/soundsentry").exists()
     assert not (installed / "usr/local/bin/soundsentry").is_symlink()
     assert [p.name for p in system.rglob("soundsentry*")] == ["soundsentry.service.d"]
