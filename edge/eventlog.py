@@ -234,8 +234,8 @@ def parse_time(text: str) -> datetime:
     return value.astimezone(UTC) if value.tzinfo else value.astimezone().astimezone(UTC)
 
 
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """`--since`: an ISO date or time, or an age such as `90m`, `24h`, `7d`, `2w`."""
+def parse_since(text: str, now: datetime | None = None, flag: str = "--since") -> datetime:
+    """`--since` (or `--until`): an ISO date or time, or an age such as `90m`, `24h`, `7d`."""
     match = _RELATIVE.match(text)
     if match:
         seconds = float(match.group(1)) * UNITS[match.group(2)]
@@ -244,7 +244,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         return parse_time(text)
     except SoundSentryError:
         raise SoundSentryError(
-            f"--since {text!r}: give an ISO date or time (2026-11-30, 2026-11-30T08:00) "
+            f"{flag} {text!r}: give an ISO date or time (2026-11-30, 2026-11-30T08:00) "
             "or an age (90m, 24h, 7d, 2w)"
         ) from None
 

@@ -75,6 +75,8 @@ def throttled() -> str | None:
         out = subprocess.run(
             ["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=2
         ).stdout
+    except subprocess.TimeoutExpired:  # a Pi too busy to answer in time: asked again next time
+        return None
     except (OSError, subprocess.SubprocessError):
         out = ""
     if "=" not in out:

@@ -386,6 +386,13 @@ def _add_events(sub: Any) -> None:
         help="only events that started since: an ISO date or time (2026-11-30, "
         "2026-11-30T08:00; local time unless it ends in Z) or an age (90m, 24h, 7d, 2w)",
     )
+    p.add_argument(
+        "--until",
+        default=None,
+        metavar="WHEN",
+        help="only events that started before: as --since (a month at a time: --since "
+        "2026-11-01 --until 2026-12-01)",
+    )
     p.add_argument("--csv", action="store_true", help="CSV with a header row, for a spreadsheet")
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
     p.set_defaults(func=_cmd_events)
@@ -941,15 +948,21 @@ def _cmd_events(args: argparse.Namespace) -> int:
     from edge.settings import load_settings
 
     since = parse_since(args.since) if args.since else None
+    until = parse_since(args.until, flag="--until") if args.until else None
     folder = load_settings(args.config).data_dir
     everything = read_events(folder)
-    events = [e for e in everything if since is None or e.started >= since]
+    events = [
+        e
+        for e in everything
+        if (since is None or e.started >= since) and (until is None or e.started < until)
+    ]
     if args.csv:
         write_csv(events, sys.stdout)
     else:
         for event in events:
             print(format_event(event))
     when = f" since {since.isoformat(timespec='seconds')}" if since else ""
+    when += f" until {until.isoformat(timespec='seconds')}" if until else ""
     print(f"{len(events)} event(s){when} in {folder}", file=sys.stderr)
     if everything and has_rotated(folder) and (since is None or everything[0].started > since):
         print(  # the oldest events were dropped at a rotation: the count is not "all since"

@@ -906,6 +906,29 @@ def test_vcgencmd_is_not_forked_again_once_it_has_not_answered(
     assert calls.read_text().splitlines() == ["run"]
 
 
+def test_vcgencmd_that_once_takes_too_long_is_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Pi too busy to answer within the timeout once lost its throttling flags until the
+    daemon restarted. A real script on PATH: slow the first time, then answering."""
+    import os
+
+    import edge.metrics
+
+    first = tmp_path / "first"
+    fake = tmp_path / "vcgencmd"
+    fake.write_text(
+        f'#!/bin/sh\nif [ ! -e "{first}" ]; then touch "{first}"; exec sleep 5; fi\n'
+        "echo throttled=0x50000\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(edge.metrics, "THROTTLED_SYSFS", tmp_path / "no-such-file")
+    monkeypatch.setitem(edge.metrics._vcgencmd, "works", True)
+    assert edge.metrics.throttled() is None  # timed out
+    assert edge.metrics.throttled() == "0x50000"
+
+
 def test_settings_that_override_the_bundle_s_calibration_are_said_at_load(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -467,6 +467,12 @@ def test_events_says_how_far_back_a_rotated_log_reaches(tmp_path: Path) -> None:
     assert f"reaches back to {oldest} only" in listed.stderr
     recent = cli("events", "--since", "2026-01-01T00:00:07Z", env=env)  # inside the log
     assert "reaches back" not in recent.stderr and "1 event(s)" in recent.stderr
+    month = cli("events", "--since", "2026-01-01T00:00:04Z", "--until", "2026-01-01T00:00:06Z",
+                "--csv", env=env)  # fmt: skip
+    assert [r["event_id"] for r in csv.DictReader(io.StringIO(month.stdout))] == ["e4", "e5"]
+    assert "2 event(s) since 2026-01-01T00:00:04+00:00 until 2026-01-01T00:00:06" in month.stderr
+    bad = cli("events", "--until", "someday", env=env, check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("soundsentry: error: --until 'someday'")
 
 
 def test_the_event_log_sink_writes_what_a_full_disk_held_back(
