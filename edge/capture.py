@@ -23,7 +23,16 @@ import numpy as np
 import soxr
 
 from edge.audio_io import select_channel
-from edge.devices import CaptureError, MissingDeviceError, known_inputs, sounddevice_module
+from edge.devices import (
+    PORT_PREFIX,
+    CaptureError,
+    MissingDeviceError,
+    card_ports,
+    input_devices,
+    known_inputs,
+    port_input,
+    sounddevice_module,
+)
 from edge.settings import AudioSettings
 from edge.sources import AudioGap
 
@@ -96,6 +105,8 @@ class MicSource:
         device = self.settings.device
         if isinstance(device, str) and device.isdigit():
             device = int(device)
+        elif isinstance(device, str) and device.startswith(PORT_PREFIX):
+            device = port_input(device, input_devices(), card_ports())
         try:
             info = sd.query_devices(device, "input")
         except (ValueError, sd.PortAudioError) as exc:

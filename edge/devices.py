@@ -3,13 +3,23 @@ that matches nothing is answered with, and the lazy sounddevice import capture u
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge.errors import SoundSentryError
 
 NAMES_IN_ERROR = 8
 """How many input devices an error message names before it says `...`."""
+BY_PATH = Path("/dev/snd/by-path")
+"""udev's links to each sound card's control device, named by the USB port or PCI slot the
+card sits in: the same across reboots, where card numbers (hw:1, hw:2) are given in the order
+the cards were found and two identical USB microphones have the same name."""
+PORT_PREFIX = "port:"
+"""`[audio] device = "port:usb-0:1.2:1.0"`: the card on that port (a part of its by-path name)."""
+_CARD = re.compile(r"\(hw:(\d+),")
 
 
 class CaptureError(SoundSentryError):
@@ -40,14 +50,72 @@ class InputDevice:
     samplerate: float
     hostapi: str
     default: bool
+    port: str | None = None
+    """The by-path name of the card's port (BY_PATH), for ALSA hardware devices."""
 
     def line(self) -> str:
-        """`  3* USB Audio: mic (hw:1,0)  1 ch, 48000 Hz, ALSA` (`*` = the default input)."""
+        """`  3* USB Audio: mic (hw:1,0)  1 ch, 48000 Hz, ALSA` (`*` = the default input),
+        then `port:...` where the card's port is known."""
         mark = "*" if self.default else " "
+        port = f"  {PORT_PREFIX}{self.port}" if self.port else ""
         return (
             f"{self.index:3d}{mark} {self.name}  {self.channels} ch, "
-            f"{self.samplerate:.0f} Hz, {self.hostapi}"
+            f"{self.samplerate:.0f} Hz, {self.hostapi}{port}"
         )
+
+
+def card_of(name: str) -> int | None:
+    """The ALSA card number in a PortAudio device name (`... (hw:1,0)`), if it has one."""
+    match = _CARD.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _port(name: str, ports: dict[int, str]) -> str | None:
+    card = card_of(name)
+    return None if card is None else ports.get(card)
+
+
+def card_ports(root: Path = BY_PATH) -> dict[int, str]:
+    """ALSA card number -> the by-path name of the port it sits in ({} where udev made none)."""
+    ports: dict[int, str] = {}
+    try:
+        links = sorted(root.iterdir())
+    except OSError:
+        return ports
+    for link in links:
+        try:
+            match = re.search(r"controlC(\d+)$", os.readlink(link))
+        except OSError:
+            continue
+        if match:
+            ports[int(match.group(1))] = link.name
+    return ports
+
+
+def port_input(setting: str, devices: list[InputDevice], ports: dict[int, str]) -> int:
+    """The index of the input device of the card on the port `setting` names (PORT_PREFIX and
+    a part of the port's by-path name). MissingDeviceError while no card sits there (unplugged:
+    it may come back), CaptureError when the part names several ports."""
+    part = setting[len(PORT_PREFIX) :]
+    cards = sorted(card for card, name in ports.items() if part and part in name)
+    listed = ", ".join(f"{PORT_PREFIX}{ports[c]} (hw:{c})" for c in sorted(ports)) or "none"
+    if len(cards) > 1:
+        raise CaptureError(
+            f"audio.device {setting!r} matches the ports of {len(cards)} cards: give more of "
+            f"it; the ports: {listed}"
+        )
+    if not cards:
+        raise MissingDeviceError(
+            f"audio.device {setting!r}: no sound card on such a port (unplugged?); the ports: "
+            f"{listed}"
+        )
+    matches = [d.index for d in devices if card_of(d.name) == cards[0]]
+    if not matches:
+        raise MissingDeviceError(
+            f"audio.device {setting!r}: card hw:{cards[0]} is on that port but offers no input "
+            "(in use by another program?)"
+        )
+    return matches[0]
 
 
 def input_devices() -> list[InputDevice]:
@@ -59,6 +127,7 @@ def input_devices() -> list[InputDevice]:
         default = sd.default.device[0]
     except sd.PortAudioError as exc:
         raise CaptureError(f"cannot list audio devices: {exc}") from None
+    ports = card_ports()
     return [
         InputDevice(
             index=int(d["index"]),
@@ -67,6 +136,7 @@ def input_devices() -> list[InputDevice]:
             samplerate=float(d["default_samplerate"]),
             hostapi=str(hostapis[d["hostapi"]]["name"]),
             default=int(d["index"]) == default,
+            port=_port(str(d["name"]), ports),
         )
         for d in devices
         if d["max_input_channels"] > 0

@@ -65,7 +65,9 @@ class AudioSettings(_Section):
     """Where the audio comes from."""
 
     device: int | str | None = Field(
-        None, description="Input device: index, or a substring of its name; unset = default."
+        None,
+        description="Input device: index, a substring of its name, or port: and a part of its "
+        "USB port's name (`soundsentry devices` lists them); unset = default.",
     )
     samplerate: int | None = Field(
         None,

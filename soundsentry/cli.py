@@ -938,7 +938,8 @@ def _cmd_devices(_args: argparse.Namespace) -> int:
         print(device.line())
     print(
         "give --device (or [audio] device) a part of the name, e.g. USB: indexes change when "
-        "devices are plugged in or the Pi restarts"
+        "devices are plugged in or the Pi restarts; two microphones of the same make have the "
+        "same name: give each its port: (the USB socket it is plugged into)"
     )
     return 0
 

@@ -181,3 +181,44 @@ def test_audio_lost_to_a_full_queue_is_marked_where_it_was_lost(
     queued = [b for b in seen if isinstance(b, np.ndarray)]
     assert 1 <= len(queued) <= 4, "the mark comes after what was queued before the loss"
     assert isinstance(seen[-1], AudioGap) and not seen[-1].reopened
+
+
+def test_a_microphone_is_found_by_the_usb_port_it_sits_in(tmp_path: Any) -> None:
+    """Two microphones of the same make have the same name, and their card numbers follow the
+    order the kernel found them in at boot: after a reboot pump-3's instance could listen to
+    the fan's microphone. udev's /dev/snd/by-path names the port; `port:` picks by it."""
+    from edge.devices import InputDevice, MissingDeviceError, card_ports, port_input
+
+    for name, target in (
+        ("platform-xhci-hcd.0-usb-0:1:1.0", "../controlC2"),
+        ("platform-xhci-hcd.0-usb-0:2:1.0", "../controlC1"),
+        ("platform-soc-audio", "../pcmC0D0p"),  # not a control device: not a card's port
+    ):
+        (tmp_path / name).symlink_to(target)
+    ports = card_ports(tmp_path)
+    assert ports == {2: "platform-xhci-hcd.0-usb-0:1:1.0", 1: "platform-xhci-hcd.0-usb-0:2:1.0"}
+    same = "USB PnP Sound Device: Audio (hw:{},0)"
+    devices = [
+        InputDevice(
+            index=i,
+            name=same.format(c),
+            channels=1,
+            samplerate=48000.0,
+            hostapi="ALSA",
+            default=False,
+            port=ports.get(c),
+        )
+        for i, c in ((3, 1), (4, 2))
+    ]
+    devices.append(InputDevice(5, "pulse", 32, 44100.0, "ALSA", True))
+    assert port_input("port:usb-0:1:", devices, ports) == 4
+    assert port_input("port:usb-0:2:1.0", devices, ports) == 3
+    assert "port:platform-xhci-hcd.0-usb-0:1:1.0" in devices[1].line()
+    with pytest.raises(CaptureError, match="matches the ports of 2 cards") as several:
+        port_input("port:usb-0", devices, ports)
+    assert not isinstance(several.value, MissingDeviceError)  # a setting to mend, not to wait
+    with pytest.raises(MissingDeviceError, match="no sound card on such a port"):
+        port_input("port:usb-0:3:", devices, ports)  # unplugged: waited for
+    with pytest.raises(MissingDeviceError, match="offers no input"):
+        port_input("port:usb-0:1:", devices[:1], ports)
+    assert card_ports(tmp_path / "absent") == {}
