@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from edge.errors import BundleError
 from edge.features import FeatureParams
-from edge.private import atomic_write, pid_running
+from edge.private import atomic_write, pid_running, sync_folder
 from edge.runtime import TfliteModel
 
 log = logging.getLogger(__name__)
@@ -376,6 +376,7 @@ def _swap_in(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
             _atomic_write(staging / name, data)
         if not path.exists():
             os.rename(staging, path)
+            sync_folder(path.parent)  # the new name survives a power cut
             return
         kept = os.stat(path)
         os.chmod(staging, stat.S_IMODE(kept.st_mode))
@@ -386,6 +387,7 @@ def _swap_in(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
         for entry in staging.iterdir():  # staging now holds the earlier bundle
             if entry.name not in earlier and entry.name not in blobs:
                 os.rename(entry, path / entry.name)
+        sync_folder(path.parent)  # the swap survives a power cut
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

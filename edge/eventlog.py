@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from edge.daemon import Sink
 from edge.errors import SoundSentryError
 from edge.messages import EventMessage
-from edge.private import private_dir, private_file
+from edge.private import private_dir, private_file, sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class EventLog:
         private_dir(self.path.parent)
         if self.path.exists() and self.path.stat().st_size >= self.max_bytes:
             self.path.replace(self.path.with_name(ROTATED_NAME))
+            sync_folder(self.path.parent)
         private_file(self.path)
         with open(self.path, "a+b") as fh:
             torn = False  # a last line cut off by a power cut must not swallow this one

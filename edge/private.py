@@ -61,6 +61,19 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = FILE_M
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a power cut (the file's data was synced, but
+    until its folder is, the card may come back with the old name); best effort: a file
+    system that cannot sync folders is left as it is."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:

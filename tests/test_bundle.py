@@ -413,3 +413,33 @@ def test_a_bundle_with_a_field_this_version_does_not_know_says_it_may_be_newer(
     edit_manifest(bundle, {"site_notes": "pump room 3"})
     with pytest.raises(BundleError, match=r"site_notes.*written by a newer soundsentry"):
         load_bundle(bundle)
+
+
+def test_a_rename_is_synced_into_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's data was fsynced before its rename, the folder never: after a power cut the
+    card could come back with the old state.json or without a bundle just reported written.
+    The real fsync runs; only which descriptors it was given is noted."""
+    import stat
+
+    import edge.private
+    from edge.bundle import write_bundle
+    from edge.private import atomic_write
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(edge.private.os, "fsync", fsync)
+    atomic_write(tmp_path / "state.json", lambda tmp: tmp.write_text("{}"))
+    assert synced == ["file", "folder"]
+    synced.clear()
+    shutil.copytree(DEMO_BUNDLE, tmp_path / "b.bundle")
+    bundle = load_bundle(tmp_path / "b.bundle")
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    write_bundle(tmp_path / "b.bundle", manifest, {}, bundle.arrays)  # swapped in
+    assert synced[-1] == "folder" and load_bundle(tmp_path / "b.bundle").model_id
