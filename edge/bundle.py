@@ -387,7 +387,8 @@ def _swap_in(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
         for entry in staging.iterdir():  # staging now holds the earlier bundle
             if entry.name not in earlier and entry.name not in blobs:
                 os.rename(entry, path / entry.name)
-        sync_folder(path.parent)  # the swap survives a power cut
+        sync_folder(path)  # the user's files moved in
+        sync_folder(path.parent)  # and the swap survive a power cut
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -23,10 +23,10 @@ from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bu
 from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
-from edge.features import FeatureParams, FrontEnd
+from edge.features import FeatureParams, FrontEnd, LogMel
 from edge.framing import WindowBuffer
 from edge.health import is_silent, level_dbfs
-from edge.machine_state import PERCENTILES, QUIET_GAP_DB, machine_profile
+from edge.machine_state import OFF, PERCENTILES, QUIET_GAP_DB, machine_profile
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ TWO_LEVEL_SHARE = 0.1
 """Each of two levels holds at least this share of the windows to be said (_warn_two_levels)."""
 MATCH_DB = 0.5
 """A shift matches when the site's running median lies this close to the trained one moved."""
+GAIN_SPREAD_DB = 1.5
+"""Window gains this close to a centre count towards its density (_state_shift)."""
+PEAK_STEPS = int(GAIN_SPREAD_DB / 0.25)
+"""A density peak is the highest within this many steps either side."""
 MAX_SHIFT_DB = 60.0
 """The furthest a site's level is looked for from training's."""
 LEVEL_SHIFT_DB = 6.0
@@ -222,22 +226,14 @@ def _shifted_profile(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, flo
     if not len(levels):
         return None
     levels = np.sort(levels)
-    shifts = np.arange(-MAX_SHIFT_DB, MAX_SHIFT_DB + SHIFT_STEP_DB / 2, SHIFT_STEP_DB)
-    starts = np.searchsorted(levels, trained.off_below_dbfs + shifts)  # first running window
-    kept = len(levels) - starts
-    usable = kept >= max(MIN_RUNNING_SHARE * len(levels), 1)
-    if not usable.any():
+    shift = _state_shift(bundle, audio) if STATE_LEVELS in bundle.arrays else None
+    if shift is None:
+        shift = _level_shift(levels, trained.off_below_dbfs, median)
+    if shift is None:
         return None
-    mismatch = np.full(len(shifts), np.inf)
-    for i in np.flatnonzero(usable):
-        mismatch[i] = abs(float(np.median(levels[starts[i] :])) - (median + shifts[i]))
-    roots = np.flatnonzero(mismatch <= MATCH_DB)
-    if len(roots):  # the match nearest training's level: the machine, not the room or a din
-        best = int(min(roots, key=lambda i: (abs(shifts[i]), mismatch[i])))
-    else:
-        best = int(np.argmin(mismatch))
-    shift = float(shifts[best])
-    running = levels[starts[best] :]
+    running = levels[np.searchsorted(levels, trained.off_below_dbfs + shift) :]
+    if not len(running):
+        return None
     profile = {
         "running_level_dbfs": {
             k: round(float(np.percentile(running, q)), 2) for k, q in PERCENTILES.items()
@@ -246,6 +242,68 @@ def _shifted_profile(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, flo
         "states": trained.states,
     }
     return profile, shift
+
+
+def _level_shift(levels: np.ndarray, off: float, median: float) -> float | None:
+    """The shift of _shifted_profile from sorted window levels: roots of the median match,
+    grouped where they lie side by side (one root spans a few steps), the group nearest no
+    shift, the best match in it."""
+    shifts = np.arange(-MAX_SHIFT_DB, MAX_SHIFT_DB + SHIFT_STEP_DB / 2, SHIFT_STEP_DB)
+    starts = np.searchsorted(levels, off + shifts)  # first running window at each shift
+    kept = len(levels) - starts
+    usable = kept >= max(MIN_RUNNING_SHARE * len(levels), 1)
+    if not usable.any():
+        return None
+    mismatch = np.full(len(shifts), np.inf)
+    for i in np.flatnonzero(usable):
+        mismatch[i] = abs(float(np.median(levels[starts[i] :])) - (median + shifts[i]))
+    roots = np.flatnonzero(mismatch <= MATCH_DB)
+    if not len(roots):
+        return float(shifts[int(np.argmin(mismatch))])
+    groups = np.split(roots, np.flatnonzero(np.diff(roots) > 1) + 1)
+    nearest = min(groups, key=lambda g: float(np.min(np.abs(shifts[g]))))
+    return float(shifts[nearest[int(np.argmin(mismatch[nearest]))]])
+
+
+def _state_shift(bundle: Bundle, audio: list[np.ndarray]) -> float | None:
+    """The level shift of a bundle trained with state folders, from its states' band levels:
+    each window's gain to the state whose band levels it matches best after a gain (its shape),
+    windows nearest a state named `off` left out; the shift is the middle of the densest group
+    of gains nearest no shift (at least MIN_RUNNING_SHARE of the windows). The overall running
+    median mixes the states, so a site that runs them in another mix matched it at a shift
+    (+9.5 dB with the same microphone); each window measured against its own state does not."""
+    trained, p = bundle.manifest.machine, bundle.features
+    states = list(trained.states or []) if trained is not None else []
+    levels = bundle.array(STATE_LEVELS)
+    if len(states) != len(levels):
+        return None
+    logmel = LogMel(p)
+    gains = []
+    for a in audio:
+        for w in WindowBuffer(p.window_samples, p.hop_samples).push(a):
+            if is_silent(w.samples):
+                continue
+            apart = logmel(w.samples).mean(axis=0)[None, :] - levels
+            gain = apart.mean(axis=1)
+            k = int(np.argmin(np.sqrt(((apart - gain[:, None]) ** 2).mean(axis=1))))
+            if states[k] != OFF:
+                gains.append(float(gain[k]))
+    if not gains:
+        return None
+    values = np.array(gains)
+    centres = np.arange(-MAX_SHIFT_DB, MAX_SHIFT_DB + SHIFT_STEP_DB / 2, SHIFT_STEP_DB)
+    near = np.abs(values[None, :] - centres[:, None]) <= GAIN_SPREAD_DB
+    density = near.sum(axis=1)
+    enough = density >= max(MIN_RUNNING_SHARE * len(values), 1)
+    if not enough.any():
+        return None
+    peaks = [
+        i
+        for i in np.flatnonzero(enough)
+        if density[i] >= density[max(i - PEAK_STEPS, 0) : i + PEAK_STEPS + 1].max()
+    ]
+    centre = centres[min(peaks, key=lambda i: abs(centres[i]))]
+    return float(np.median(values[np.abs(values - centre) <= 2 * GAIN_SPREAD_DB]))
 
 
 def _write(

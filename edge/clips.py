@@ -126,7 +126,7 @@ class ClipRecorder:
             self._retain()  # the limits still apply: older clips make room
             return None
         self._written.append(self.folder / name)
-        self._retain()  # older clips make room for it
+        self._retain(keep=self.folder / name)  # older clips make room for it
         return name, round(len(audio) / self.samplerate, 3)
 
     def _write(self, path: Path, audio: np.ndarray) -> None:
@@ -161,11 +161,11 @@ class ClipRecorder:
         self._next_retention = now + RETENTION_EVERY_S
         return self._retain()
 
-    def _retain(self) -> list[Path]:
+    def _retain(self, keep: Path | None = None) -> list[Path]:
         """enforce_retention, logging instead of raising: a failure there must not stop the
         daemon (finish() runs at the end of every anomaly, before its `end` is published)."""
         try:
-            return self.enforce_retention()
+            return self.enforce_retention(keep)
         except OSError as exc:  # a folder we cannot read: said, and tried again later
             log.error("retention of %s failed: %s", self.folder, exc)
             return []
@@ -182,20 +182,27 @@ class ClipRecorder:
                 st = path.stat()
                 os.utime(path, (st.st_atime + seconds, st.st_mtime + seconds))
 
-    def enforce_retention(self) -> list[Path]:
+    def enforce_retention(self, keep: Path | None = None) -> list[Path]:
         """Delete clips older than the age limit, then the oldest until under the size limit;
         the clips deleted. An entry that cannot be deleted (a directory named like a clip, EIO)
         is skipped and left out of the size, so it neither holds the others past their limits
-        nor costs newer clips. The newest clip goes by age only: its event, just published,
-        names it, so a size limit below one clip keeps that one clip rather than none."""
+        nor costs newer clips. `keep`, the clip just written, is never deleted here: its event,
+        about to be published, names it (by name: a clock set back at boot may make it look
+        old); without it, the newest goes by age only. So a size limit below one clip keeps
+        that clip rather than none."""
         now = time.time()
         clips = sorted(self._clips(), key=lambda c: c[1].st_mtime)  # the too old come first
         total = sum(st.st_size for _, st in clips if now - st.st_mtime <= self.max_age_s)
         removed = []
-        for i, (path, st) in enumerate(clips):
+        newest = keep if keep is not None else (clips[-1][0] if clips else None)
+        for path, st in clips:
+            if path == keep:  # just written: neither its age (a clock set back) nor the size
+                continue
             if now - st.st_mtime <= self.max_age_s:
-                if total <= self.max_total_bytes or i == len(clips) - 1:
+                if total <= self.max_total_bytes:
                     break
+                if path == newest:  # not for the size: its event may still be read
+                    continue
                 total -= st.st_size
             if self._delete(path):
                 removed.append(path)

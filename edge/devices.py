@@ -97,6 +97,11 @@ def port_input(setting: str, devices: list[InputDevice], ports: dict[int, str]) 
     a part of the port's by-path name). MissingDeviceError while no card sits there (unplugged:
     it may come back), CaptureError when the part names several ports."""
     part = setting[len(PORT_PREFIX) :]
+    if not part:
+        raise CaptureError(
+            f"audio.device {setting!r}: name the port after `port:` (`soundsentry devices` "
+            "shows each card's)"
+        )
     cards = sorted(card for card, name in ports.items() if part and part in name)
     listed = ", ".join(f"{PORT_PREFIX}{ports[c]} (hw:{c})" for c in sorted(ports)) or "none"
     if len(cards) > 1:

@@ -201,12 +201,29 @@ def check_input_level(s: Settings) -> Check:
         return _held_by_service("input level") or Check(
             "input level", False, "no audio arrived in 5 s", "is the device in use?"
         )
-    return level_check(np.concatenate(blocks), s.health.clip_fraction)
+    return level_check(np.concatenate(blocks), s.health.clip_fraction, _off_level(s))
 
 
-def level_check(audio: np.ndarray, clip_fraction: float) -> Check:
+def _off_level(s: Settings) -> float | None:
+    """The level below which the daemon counts the machine as off: the setting's, else the
+    bundle's; None when neither says."""
+    if s.detector.off_below_dbfs is not None:
+        return s.detector.off_below_dbfs
+    from edge.bundle import read_manifest
+
+    try:
+        machine = read_manifest(s.model).machine if s.model else None
+    except (SoundSentryError, OSError):
+        return None
+    return machine.off_below_dbfs if machine is not None else None
+
+
+def level_check(
+    audio: np.ndarray, clip_fraction: float, off_below_dbfs: float | None = None
+) -> Check:
     """The verdict on LEVEL_SECONDS of captured audio, as the daemon's input health and
-    `record` would judge it."""
+    `record` would judge it, and against the level below which the daemon counts the machine
+    as off (`off_below_dbfs`, where known): a machine trained this quietly is not too quiet."""
     from edge.health import CLIP_LEVEL, QUIET_DBFS, is_flat, is_silent, level_dbfs
 
     if not np.all(np.isfinite(audio)):
@@ -232,7 +249,16 @@ def level_check(audio: np.ndarray, clip_fraction: float) -> Check:
             f"{100 * clipped:.1f} % of samples clip",
             "lower the input gain (alsamixer) or move the microphone back",
         )
-    if level < QUIET_DBFS:
+    if off_below_dbfs is not None and level < off_below_dbfs:
+        return Check(
+            "input level",
+            False,
+            f"{level:.1f} dBFS, below the {off_below_dbfs:.1f} dBFS at which the daemon counts "
+            "the machine as off",
+            "run doctor while the machine runs; if it does, the microphone moved or its gain "
+            "changed: put it back, or `soundsentry calibrate` the model here",
+        )
+    if level < QUIET_DBFS and off_below_dbfs is None:
         return Check(
             "input level",
             False,
@@ -490,7 +516,7 @@ def check_disk(s: Settings) -> Check:
     return Check("data folder", True, f"{path}: {free:.0f} MB free for clips and the spool")
 
 
-STATE_FILES = ("clips", "models", "learning", "spool-*.sqlite", "events.jsonl*", "*.json", ".lock")
+STATE_FILES = ("clips", "models", "learning", "spool-*", "events.jsonl*", "*.json", ".lock")
 """What the daemon keeps in its data folder and must open again."""
 
 

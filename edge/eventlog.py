@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from edge.daemon import Sink
 from edge.errors import SoundSentryError
-from edge.messages import EventMessage
+from edge.messages import EventMessage, MetricsMessage
 from edge.private import private_dir, private_file, sync_folder
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,16 @@ class EventLogSink(Sink):
         """Append the event to the log, after any that an earlier failure left unwritten."""
         if message.type not in LOGGED:
             return
-        failed = bool(self._pending)
         self._pending = [*self._pending, message][-self.MAX_PENDING :]
+        self._write_pending(failed=len(self._pending) > 1)
+
+    def metrics(self, message: MetricsMessage) -> None:
+        """At each metrics interval, what a full disk held back is tried again (an `end` may
+        otherwise wait for the next anomaly, days later)."""
+        if self._pending:
+            self._write_pending(failed=True)
+
+    def _write_pending(self, failed: bool) -> None:
         try:
             while self._pending:
                 self.log.append(self._pending[0])

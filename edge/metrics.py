@@ -57,9 +57,13 @@ def cpu_temperature_c() -> float | None:
         return None
 
 
-_vcgencmd = {"works": True}
+_vcgencmd = {"works": True, "timeouts": 0}
 """Whether `vcgencmd get_throttled` answered: once it has not (not installed, or its device
 closed to the service by DevicePolicy=closed), it is not forked again every metrics interval."""
+
+
+VCGENCMD_TIMEOUTS = 3
+"""Timeouts in a row after which vcgencmd is not asked again until a restart."""
 
 
 def throttled() -> str | None:
@@ -75,10 +79,13 @@ def throttled() -> str | None:
         out = subprocess.run(
             ["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=2
         ).stdout
-    except subprocess.TimeoutExpired:  # a Pi too busy to answer in time: asked again next time
+    except subprocess.TimeoutExpired:  # a Pi too busy to answer in time: asked again next time,
+        _vcgencmd["timeouts"] += 1  # but not for ever (each costs the loop the timeout)
+        _vcgencmd["works"] = _vcgencmd["timeouts"] < VCGENCMD_TIMEOUTS
         return None
     except (OSError, subprocess.SubprocessError):
         out = ""
+    _vcgencmd["timeouts"] = 0
     if "=" not in out:
         _vcgencmd["works"] = False
         return None

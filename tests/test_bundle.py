@@ -420,26 +420,30 @@ def test_a_rename_is_synced_into_its_folder(
 ) -> None:
     """The file's data was fsynced before its rename, the folder never: after a power cut the
     card could come back with the old state.json or without a bundle just reported written.
-    The real fsync runs; only which descriptors it was given is noted."""
+    The real fsync runs; only which folders it was given is noted."""
     import stat
 
     import edge.private
     from edge.bundle import write_bundle
     from edge.private import atomic_write
 
-    synced: list[str] = []
+    synced: list[int] = []
     real = os.fsync
 
     def fsync(fd: int) -> None:
-        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            synced.append(st.st_ino)
         real(fd)
 
     monkeypatch.setattr(edge.private.os, "fsync", fsync)
     atomic_write(tmp_path / "state.json", lambda tmp: tmp.write_text("{}"))
-    assert synced == ["file", "folder"]
+    assert synced == [tmp_path.stat().st_ino]
     synced.clear()
     shutil.copytree(DEMO_BUNDLE, tmp_path / "b.bundle")
     bundle = load_bundle(tmp_path / "b.bundle")
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
     write_bundle(tmp_path / "b.bundle", manifest, {}, bundle.arrays)  # swapped in
-    assert synced[-1] == "folder" and load_bundle(tmp_path / "b.bundle").model_id
+    assert tmp_path.stat().st_ino in synced, "the folder that holds the swapped bundle"
+    assert (tmp_path / "b.bundle").stat().st_ino in synced
+    assert load_bundle(tmp_path / "b.bundle").model_id == bundle.model_id

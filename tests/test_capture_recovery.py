@@ -221,4 +221,7 @@ def test_a_microphone_is_found_by_the_usb_port_it_sits_in(tmp_path: Any) -> None
         port_input("port:usb-0:3:", devices, ports)  # unplugged: waited for
     with pytest.raises(MissingDeviceError, match="offers no input"):
         port_input("port:usb-0:1:", devices[:1], ports)
+    with pytest.raises(CaptureError, match="name the port") as empty:
+        port_input("port:", devices, ports)
+    assert not isinstance(empty.value, MissingDeviceError)  # not waited for for ever
     assert card_ports(tmp_path / "absent") == {}

@@ -393,3 +393,18 @@ def test_calibrate_reads_record_s_mono_files_for_a_model_of_another_channel(
     site = cli("calibrate", str(model), "--normal", *map(str, NORMAL_FILES),
                "--out", str(tmp_path / "site.bundle"))  # fmt: skip
     assert "calibrated bundle written" in site.stdout and "--channel" not in site.stderr
+
+
+def test_autoencoder_refit_leaves_out_a_recording_without_running_windows() -> None:
+    """A recording of the machine switched off keeps no windows; left in, the one recording
+    that did was scored by a normalisation of nothing (NaN) and calibrate refused the audio."""
+    from detector_helpers import bundle_windows
+
+    from edge.detectors.registry import plugin_for
+
+    bundle = load_bundle(AE_BUNDLE)
+    running = bundle_windows(AE_BUNDLE, NORMAL_FILES[0])
+    empty = np.zeros((0, *running.shape[1:]), running.dtype)
+    refit = plugin_for(bundle.manifest).refit(bundle, [running, empty], None)
+    assert refit.manifest["threshold"]["value"] > 0
+    assert refit.manifest["normal_scores"]["n_windows"] == len(running) - len(running) // 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it; 1.x has trapz
+
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False-positive rates, true-positive rates and thresholds (higher score = anomalous)."""
@@ -24,7 +26,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve."""
     fpr, tpr, _ = roc_curve(labels, scores)
-    return float(np.trapezoid(tpr, fpr))
+    return float(_trapezoid(tpr, fpr))
 
 
 def partial_auc(labels: np.ndarray, scores: np.ndarray, max_fpr: float = 0.1) -> float:
@@ -35,7 +37,7 @@ def partial_auc(labels: np.ndarray, scores: np.ndarray, max_fpr: float = 0.1) ->
     y = [tpr[stop - 1], tpr[stop]]
     tpr_c = np.r_[tpr[:stop], np.interp(max_fpr, x, y)]
     fpr_c = np.r_[fpr[:stop], max_fpr]
-    area = float(np.trapezoid(tpr_c, fpr_c))
+    area = float(_trapezoid(tpr_c, fpr_c))
     min_area, max_area = 0.5 * max_fpr**2, max_fpr
     return 0.5 * (1 + (area - min_area) / (max_area - min_area))
 

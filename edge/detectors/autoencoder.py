@@ -43,6 +43,7 @@ class Autoencoder(DetectorKind):
         from each recording scored with a normalisation fitted without it (one recording: its
         second half by its first's), as the other kinds' refits: scored with a normalisation
         fitted on themselves, the windows set a threshold that new normal audio passed."""
+        per_file = [w for w in per_file if len(w)]  # a recording of the machine off: none
         windows = np.concatenate(per_file)
         mean = windows.mean(axis=(0, 1))
         std = np.maximum(windows.std(axis=(0, 1)), STD_FLOOR_DB)
