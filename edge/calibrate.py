@@ -171,17 +171,22 @@ def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, float 
     return site, shift
 
 
-def _warn_two_levels(audio: list[np.ndarray], p: FeatureParams) -> None:
-    """A bundle that recorded no running level learns it from the site audio, all of it: with
-    the machine stopped for a good part of the recording the empty room is counted as running
-    and its off level falls below the room. Two levels far apart, each a good share of the
-    windows, are said (Otsu's split of the window levels)."""
-    levels = np.sort([
+def _window_levels(audio: list[np.ndarray], p: FeatureParams) -> np.ndarray:
+    """The level (dBFS) of every window of the recordings that is not digital silence, sorted."""
+    return np.sort([
         level_dbfs(w.samples)
         for a in audio
         for w in WindowBuffer(p.window_samples, p.hop_samples).push(a)
         if not is_silent(w.samples)
     ])  # fmt: skip
+
+
+def _warn_two_levels(audio: list[np.ndarray], p: FeatureParams) -> None:
+    """A bundle that recorded no running level learns it from the site audio, all of it: with
+    the machine stopped for a good part of the recording the empty room is counted as running
+    and its off level falls below the room. Two levels far apart, each a good share of the
+    windows, are said (Otsu's split of the window levels)."""
+    levels = _window_levels(audio, p)
     n = len(levels)
     if n < 4:
         return
@@ -211,21 +216,16 @@ def _shifted_profile(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, flo
     running, the off level stays above the empty room, and transients are not taken for the
     machine (matched on the site's 99th percentile, one burst a minute 20 dB up called the
     machine itself `off`). A site where the room is as loud as the machine was in training
-    and the machine far louder would fool it: the warning on a shift says so. None for a
+    and the machine far louder would fool it: the warning on a shift says so. A bundle trained
+    with state folders takes the shift from its states instead (_state_shift). None for a
     bundle that recorded no levels (machine_profile measures them here instead)."""
     trained, p = bundle.manifest.machine, bundle.features
     median = trained.running_level_dbfs.get("p50") if trained is not None else None
     if trained is None or trained.off_below_dbfs is None or median is None:
         return None
-    levels = np.array([
-        level_dbfs(w.samples)
-        for a in audio
-        for w in WindowBuffer(p.window_samples, p.hop_samples).push(a)
-        if not is_silent(w.samples)
-    ])  # fmt: skip
+    levels = _window_levels(audio, p)
     if not len(levels):
         return None
-    levels = np.sort(levels)
     shift = _state_shift(bundle, audio) if STATE_LEVELS in bundle.arrays else None
     if shift is None:
         shift = _level_shift(levels, trained.off_below_dbfs, median)
