@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import SoundSentryError, install_extra, os_error_line
+from edge.private import user_name
 from edge.settings import Settings, mqtt_password
 
 MIN_FREE_MB = 200
@@ -476,7 +477,7 @@ def check_disk(s: Settings) -> Check:
         return Check("data folder", False, f"{path} is a file, not a folder", FOLDER_HINT)
     strangers = _foreign_files(path)
     if strangers:
-        owner, name = _owner_name(path), strangers[0]
+        owner, name = user_name(path.stat().st_uid), strangers[0]
         return Check(
             "data folder",
             False,
@@ -530,23 +531,10 @@ def _foreign_files(folder: Path) -> list[tuple[str, str]]:
             for path in sorted(folder.glob(pattern)):
                 uid = path.lstat().st_uid
                 if uid != owner:
-                    found.append((path.name, _user(uid)))
+                    found.append((path.name, user_name(uid)))
     except OSError:
         return []
     return found
-
-
-def _owner_name(path: Path) -> str:
-    return _user(path.stat().st_uid)
-
-
-def _user(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def _megabytes(folder: Path) -> float:

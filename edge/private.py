@@ -110,3 +110,13 @@ def pid_running(pid: int) -> bool:
     except (OSError, OverflowError):
         return False
     return True
+
+
+def user_name(uid: int) -> str:
+    """The name of the user `uid` (the number where the system has none)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import pwd
 import signal
 import socket
 import time
@@ -28,7 +27,7 @@ from edge.errors import SoundSentryError, StartError, os_error_line
 from edge.eventlog import EventLogSink, LoggedEvent, read_events
 from edge.messages import EventMessage, iso
 from edge.pipeline import Step
-from edge.private import private_dir
+from edge.private import private_dir, user_name
 from edge.settings import Settings
 from edge.topics import Topics
 
@@ -177,24 +176,17 @@ def _owner(path: Path) -> int | None:
         return None
 
 
-def _name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
 def _denied(data_dir: Path, exc: OSError) -> str:
     """Why this user may not take data_dir, with what mends it: files root left in this
     user's folder (give them back), or another user's folder (run as that user)."""
     said = f"data_dir {data_dir}: {exc.strerror}"
     folder, lock = _owner(data_dir), _owner(data_dir / LOCK)
     if folder is not None and folder != os.geteuid():
-        return f"{said}: it belongs to {_name(folder)}; run this as that user (sudo -u ...)"
+        return f"{said}: it belongs to {user_name(folder)}; run this as that user (sudo -u ...)"
     if folder == os.geteuid() and lock is not None and lock != os.geteuid():
         return (
-            f"{said}: {LOCK} in it belongs to {_name(lock)} (a run as root?); give the files "
-            f"back: sudo chown -R {_name(os.geteuid())}: {data_dir}"
+            f"{said}: {LOCK} in it belongs to {user_name(lock)} (a run as root?); give the files "
+            f"back: sudo chown -R {user_name(os.geteuid())}: {data_dir}"
         )
     return said
 
@@ -205,7 +197,7 @@ def _refuse_root_in_others_folder(data_dir: Path) -> None:
     service could not open them again and never started. Refused in one line instead."""
     owner = _owner(data_dir)
     if os.geteuid() == 0 and owner not in (None, 0):
-        name = _name(owner)
+        name = user_name(owner)
         raise SoundSentryError(
             f"data_dir {data_dir} belongs to {name}: run this as that user (sudo -u {name} "
             f"soundsentry ...); as root its files there would lock {name}'s service out"

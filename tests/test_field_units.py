@@ -925,6 +925,7 @@ def test_vcgencmd_that_once_takes_too_long_is_asked_again(
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(edge.metrics, "THROTTLED_SYSFS", tmp_path / "no-such-file")
     monkeypatch.setitem(edge.metrics._vcgencmd, "works", True)
+    monkeypatch.setitem(edge.metrics._vcgencmd, "timeouts", 0)
     assert edge.metrics.throttled() is None  # timed out
     assert edge.metrics.throttled() == "0x50000"
 
