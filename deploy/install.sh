@@ -260,6 +260,25 @@ except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
     sys.exit(f"{sys.argv[1]}: not valid TOML ({exc})")' "$CONF_DIR/config.toml"
 }
 
+# Every kept config (the single unit's and each instance's) as the new code reads it: a key a
+# release renamed or dropped is one line per file here, not a service that cannot start.
+configs_load() {
+  local conf failed=0
+  for conf in "$CONF_DIR"/*.toml; do
+    [ -e "$conf" ] || continue
+    "$VENV/bin/python" -c '
+import sys
+from edge.errors import SoundSentryError
+from edge.settings import load_settings
+try:
+    load_settings(sys.argv[1])
+except SoundSentryError as exc:
+    said = str(exc)
+    sys.exit(said if sys.argv[1] in said else f"{sys.argv[1]}: {said}")' "$conf" || failed=1
+  done
+  return "$failed"
+}
+
 start_service() {
   local model
   if ((!START)); then
@@ -271,6 +290,10 @@ start_service() {
     return
   fi
   if ((!FRESH)); then
+    if ! configs_load; then  # a restart would leave the service in its cannot-start loop
+      say "not restarting: a kept config above does not load with this version; mend it, then: systemctl restart soundsentry (or soundsentry@NAME)"
+      return
+    fi
     # An upgrade: whatever runs (the single unit, template instances) runs the new code.
     live_systemctl try-restart soundsentry.service 'soundsentry@*.service'
     return

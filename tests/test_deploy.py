@@ -288,7 +288,7 @@ def test_bare_install_calibrates_evaluates_and_replays(installed: Path, tmp_path
 @pytest.mark.slow
 def test_second_run_is_idempotent_and_keeps_the_config(installed: Path) -> None:
     conf = installed / "etc/soundsentry/config.toml"
-    conf.write_text(conf.read_text() + 'device_id = "pump-3"\n')
+    conf.write_text('device_id = "pump-3"\n' + conf.read_text())  # at the top: not in a table
     edited = conf.read_text()
     pyvenv = installed / "opt/soundsentry/venv/pyvenv.cfg"
     before, venv_id = tree(installed), (pyvenv.stat().st_ino, pyvenv.stat().st_mtime_ns)
@@ -301,6 +301,18 @@ def test_second_run_is_idempotent_and_keeps_the_config(installed: Path) -> None:
     assert conf.read_text() == edited
     assert tree(installed) == before
     assert (pyvenv.stat().st_ino, pyvenv.stat().st_mtime_ns) == venv_id, "venv was rebuilt"
+
+    # a kept config this version no longer reads (a renamed key): said, and no restart into
+    # the service's cannot-start loop
+    conf.write_text('devise_id = "pump-3"\n' + edited)
+    try:
+        stale = run_installer(installed)
+    finally:
+        conf.write_text(edited)
+    assert stale.stderr.count("config.toml") == 1, stale.stderr
+    assert "invalid setting devise_id: unknown key" in stale.stderr, stale.stderr
+    assert "not restarting: a kept config above does not load" in stale.stdout
+    assert restart not in stale.stdout
 
 
 @pytest.mark.slow
