@@ -42,10 +42,12 @@ MATCH_DB = 0.5
 """A shift matches when the site's running median lies this close to the trained one moved."""
 GAIN_SPREAD_DB = 1.5
 """Window gains this close to a centre count towards its density (_state_shift)."""
-PEAK_STEPS = int(GAIN_SPREAD_DB / 0.25)
+PEAK_STEPS = int(GAIN_SPREAD_DB / SHIFT_STEP_DB)
 """A density peak is the highest within this many steps either side."""
 MAX_SHIFT_DB = 60.0
 """The furthest a site's level is looked for from training's."""
+SHIFTS = np.arange(-MAX_SHIFT_DB, MAX_SHIFT_DB + SHIFT_STEP_DB / 2, SHIFT_STEP_DB)
+"""The shifts (dB) both estimators try (_level_shift, _state_shift)."""
 LEVEL_SHIFT_DB = 6.0
 """A running level this far from training's is worth a line (the microphone moved, another
 gain): the calibrated bundle's off level follows the site."""
@@ -248,7 +250,7 @@ def _level_shift(levels: np.ndarray, off: float, median: float) -> float | None:
     """The shift of _shifted_profile from sorted window levels: roots of the median match,
     grouped where they lie side by side (one root spans a few steps), the group nearest no
     shift, the best match in it."""
-    shifts = np.arange(-MAX_SHIFT_DB, MAX_SHIFT_DB + SHIFT_STEP_DB / 2, SHIFT_STEP_DB)
+    shifts = SHIFTS
     starts = np.searchsorted(levels, off + shifts)  # first running window at each shift
     kept = len(levels) - starts
     usable = kept >= max(MIN_RUNNING_SHARE * len(levels), 1)
@@ -291,7 +293,7 @@ def _state_shift(bundle: Bundle, audio: list[np.ndarray]) -> float | None:
     if not gains:
         return None
     values = np.array(gains)
-    centres = np.arange(-MAX_SHIFT_DB, MAX_SHIFT_DB + SHIFT_STEP_DB / 2, SHIFT_STEP_DB)
+    centres = SHIFTS
     near = np.abs(values[None, :] - centres[:, None]) <= GAIN_SPREAD_DB
     density = near.sum(axis=1)
     enough = density >= max(MIN_RUNNING_SHARE * len(values), 1)

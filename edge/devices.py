@@ -102,7 +102,7 @@ def port_input(setting: str, devices: list[InputDevice], ports: dict[int, str]) 
             f"audio.device {setting!r}: name the port after `port:` (`soundsentry devices` "
             "shows each card's)"
         )
-    cards = sorted(card for card, name in ports.items() if part and part in name)
+    cards = sorted(card for card, name in ports.items() if part in name)
     listed = ", ".join(f"{PORT_PREFIX}{ports[c]} (hw:{c})" for c in sorted(ports)) or "none"
     if len(cards) > 1:
         raise CaptureError(
