@@ -260,21 +260,35 @@ except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
     sys.exit(f"{sys.argv[1]}: not valid TOML ({exc})")' "$CONF_DIR/config.toml"
 }
 
-# Every kept config (the single unit's and each instance's) as the new code reads it: a key a
-# release renamed or dropped is one line per file here, not a service that cannot start.
+# Every kept config (the single unit's and each instance's) as the new code reads it, and the
+# model bundle each one names (with its [detector] settings, as the daemon builds its pipeline):
+# a key a release renamed or dropped, or a bundle it no longer reads, is one line per file here,
+# not a service that cannot start. A model that is not there yet is left to the service.
 configs_load() {
   local conf failed=0
   for conf in "$CONF_DIR"/*.toml; do
     [ -e "$conf" ] || continue
     "$VENV/bin/python" -c '
 import sys
+from pathlib import Path
 from edge.errors import SoundSentryError
 from edge.settings import load_settings
+conf, root = sys.argv[1], sys.argv[2]
 try:
-    load_settings(sys.argv[1])
+    s = load_settings(conf)
 except SoundSentryError as exc:
     said = str(exc)
-    sys.exit(said if sys.argv[1] in said else f"{sys.argv[1]}: {said}")' "$conf" || failed=1
+    sys.exit(said if conf in said else f"{conf}: {said}")
+model = Path(root + str(s.model)) if s.model and Path(s.model).is_absolute() else s.model
+if model is not None and Path(model).exists():
+    from edge.bundle import load_bundle
+    from edge.pipeline import Pipeline
+    try:
+        Pipeline(load_bundle(model), s.detector)
+    except (SoundSentryError, OSError) as exc:
+        said = str(exc).replace(str(model), str(s.model))  # the path as the config names it
+        sys.exit(f"{conf}: " + (said if str(s.model) in said else f"model {s.model}: {said}"))
+' "$conf" "$ROOT" || failed=1
   done
   return "$failed"
 }
@@ -291,7 +305,7 @@ start_service() {
   fi
   if ((!FRESH)); then
     if ! configs_load; then  # a restart would leave the service in its cannot-start loop
-      say "not restarting: a kept config above does not load with this version; mend it, then: systemctl restart soundsentry (or soundsentry@NAME)"
+      say "not restarting: a kept config or its model above does not load with this version; mend it (or train the model again), then: systemctl restart soundsentry (or soundsentry@NAME)"
       return
     fi
     # An upgrade: whatever runs (the single unit, template instances) runs the new code.

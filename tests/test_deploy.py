@@ -311,8 +311,36 @@ def test_second_run_is_idempotent_and_keeps_the_config(installed: Path) -> None:
         conf.write_text(edited)
     assert stale.stderr.count("config.toml") == 1, stale.stderr
     assert "invalid setting devise_id: unknown key" in stale.stderr, stale.stderr
-    assert "not restarting: a kept config above does not load" in stale.stdout
+    assert "not restarting: a kept config or its model above does not load" in stale.stdout
     assert restart not in stale.stdout
+
+
+@pytest.mark.slow
+def test_an_upgrade_loads_the_configured_model_before_it_restarts(
+    installed: Path, tiny_bundle: Path
+) -> None:
+    """A bundle the new code cannot read (a format it dropped, a damaged copy) is named and
+    nothing restarts; a bundle it reads restarts the service as before."""
+    model = installed / "var/lib/soundsentry/models/fan.bundle"  # config.example.toml's model
+    restart = "would run: systemctl try-restart soundsentry.service soundsentry@*.service"
+    shutil.copytree(tiny_bundle, model)
+    try:
+        good = run_installer(installed)
+        assert restart in good.stdout, good.stdout + good.stderr
+        manifest = model / "manifest.json"
+        manifest.write_text(
+            manifest.read_text().replace('"format_version": 2', '"format_version": 99')
+        )
+        bad = run_installer(installed)
+    finally:
+        shutil.rmtree(model)
+    conf = installed / "etc/soundsentry/config.toml"
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{conf}: "), bad.stderr
+    said = lines[0].removeprefix(f"{conf}: ")  # the model's path as the config names it
+    assert said.startswith("/var/lib/soundsentry/models/fan.bundle") and "format 99" in said
+    assert "not restarting: a kept config or its model above does not load" in bad.stdout
+    assert restart not in bad.stdout
 
 
 @pytest.mark.slow
