@@ -250,7 +250,8 @@ def test_valid_commands_match_the_published_schema() -> None:
         '{"command": "unmute"}',
         '{"command": "reload_model", "path": "/x.bundle"}',
     ):
-        parse_command(payload)
+        parsed = parse_command(payload).model_dump(mode="json", exclude_none=True)
+        assert parsed == json.loads(payload), "every field read as sent"
         validator.validate(json.loads(payload))
 
 
@@ -359,6 +360,7 @@ def test_sd_notify_sends_datagrams_and_is_a_noop_outside_systemd(
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
+        sock.settimeout(5)  # a message never sent fails the test instead of hanging it
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         monkeypatch.setenv("WATCHDOG_USEC", "20000000")
         n = SystemdNotifier()
