@@ -5,6 +5,7 @@ scoring and publishing, and a retained poison does not stop a restarted daemon."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -815,7 +816,7 @@ def test_a_data_dir_on_a_read_only_card_detects_and_says_it_saves_nothing(
 
 
 def test_an_unusable_version_on_a_read_only_card_starts_the_configured_model(
-    read_only_card: Path,
+    read_only_card: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The active version would not load (its folder gone), and recording the switch back to
     the configured model raised the read-only card's OSError out of the start: a restart
@@ -830,13 +831,17 @@ def test_an_unusable_version_on_a_read_only_card_starts_the_configured_model(
 
     data = read_only_card / "data"
     (data / "models").mkdir(parents=True)
-    entry = {"version": 1, "path": str(data / "models" / "gone.bundle"), "reason": "learning"}
+    entry = {"version": 1, "path": str(data / "models" / "gone.bundle"), "reason": "learning",
+             "base": str(DEMO_BUNDLE)}  # fmt: skip
     (data / "models" / "history.json").write_text(json.dumps({"entries": [entry], "active": 1}))
     subprocess.run(["mount", "-o", "remount,ro", str(read_only_card)], check=True)
     settings = Settings(device_id="ro", model=DEMO_BUNDLE, data_dir=data,
                         clips={"enabled": False})  # fmt: skip
     reports = Recorder()
-    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [reports], persist=True)
+    with caplog.at_level(logging.ERROR):
+        detector = Detector(settings, load_bundle(DEMO_BUNDLE), [reports], persist=True)
+    assert "version 1 unusable, using the configured model" in caplog.text, caplog.text
+    assert "could not record the switch to the configured model" in caplog.text, caplog.text
     assert detector.bundle.model_id == "fan-demo-12483c73"
     detector.run(FileSource([ANOMALOUS_FILE], 16000))
     assert [e.type for e in reports.events][:1] == ["start"]
