@@ -4,6 +4,7 @@ commands, where a bundle may come from, audio that lies, and one stream per repl
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import stat
 from pathlib import Path
@@ -112,11 +113,17 @@ def test_a_flood_is_shed_and_counted_and_audio_goes_on(tmp_path: Path) -> None:
     assert d.status()["commands_shed"] == 100
 
 
-def test_a_command_that_raises_costs_one_reply_not_the_loop(tmp_path: Path) -> None:
+def test_a_command_that_raises_costs_one_reply_not_the_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     d, _rec = detector(tmp_path)
+    ran = []
     d.submit(lambda: 1 / 0)  # a bug in queued work
-    d.run(FileSource([NORMAL_FILES[0]], RATE))
-    assert d.windows > 0
+    d.submit(lambda: ran.append("next"))  # the work queued behind it still runs
+    with caplog.at_level(logging.ERROR, logger="edge.daemon"):
+        d.run(FileSource([NORMAL_FILES[0]], RATE))
+    assert d.windows > 0 and ran == ["next"]
+    assert "command failed: ZeroDivisionError: division by zero" in caplog.text
 
 
 def _fifo_bundle(root: Path) -> Path:

@@ -96,6 +96,7 @@ def test_gamma_scores_do_not_exceed_the_predicted_interval() -> None:
     stream = rng.gamma(4.0, 0.05, HOURS * int(WINDOWS_PER_HOUR))
     starts = count_events(stream, value, 2, 3, 4, HOP_S, Cusum.from_params(params))
     assert 24 * starts / HOURS <= params["predicted_interval_per_day"][1]
+    assert 24 * starts / HOURS >= 0.25 * 24 * BUDGET_PER_HOUR, "fewer, but not a dead detector"
 
 
 def test_autocorrelated_scores_widen_the_scale() -> None:
@@ -107,6 +108,7 @@ def test_autocorrelated_scores_widen_the_scale() -> None:
     starts = count_events(ar1(rng, HOURS * int(WINDOWS_PER_HOUR), 0.5), math.inf, 2, 3, 4, HOP_S,
                           Cusum.from_params(params))  # fmt: skip
     assert starts / HOURS <= 1.2 * BUDGET_PER_HOUR / 2
+    assert starts / HOURS >= 0.1 * BUDGET_PER_HOUR / 2, "widened, not silenced"
 
 
 def test_a_mild_correlation_on_little_held_out_audio_is_not_ignored() -> None:

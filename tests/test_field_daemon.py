@@ -31,6 +31,8 @@ from jsonschema import Draft202012Validator
 from mqtt_helpers import Received, Subscriber
 
 from edge.audio_io import read_audio
+from edge.discovery import discovery_configs
+from edge.topics import Topics
 
 pytestmark = pytest.mark.slow
 RATE = 16000
@@ -297,10 +299,16 @@ def test_systemd_notify_and_home_assistant_birth(broker: Broker, tmp_path: Path)
     try:
         got = [sock.recv(256).decode() for _ in range(2)]
         assert got[0].startswith("READY=1") and got[1] == "WATCHDOG=1"
-        assert sub.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/config")]) >= 3)
-        configs = len(sub.messages)
+        # every entity's config, then every one again once Home Assistant says it is back
+        want = set(discovery_configs(Topics("soundsentry", "ha"), "m", threshold=1.0))
+
+        def configs_since(ms: list[Received], start: int) -> set[str]:
+            return {m.topic for m in ms[start:] if m.topic.endswith("/config") and m.payload}
+
+        assert sub.wait_for(lambda ms: configs_since(ms, 0) >= want)
+        start = len(sub.messages)
         sub.client.publish("homeassistant/status", "online", qos=1)
-        assert sub.wait_for(lambda ms: len(ms) >= configs + 3 + 1, timeout=10)
+        assert sub.wait_for(lambda ms: configs_since(ms, start) >= want, timeout=10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -672,7 +680,7 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         detail = json.dumps(stalled()[0])
         assert "'pulse'" in detail, detail  # the cause, not only "no audio"
         assert "waiting for the device" in log.read_text()
-        assert all(n == 0 for n in scored())
+        assert scored() and all(n == 0 for n in scored()), "metrics came, none scored a window"
         wait_for(  # alive while it waits, and systemctl status says why
             lambda: any("STATUS=no audio" in m and "'pulse'" in m for m in notified()),
             10,

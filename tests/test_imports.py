@@ -309,7 +309,7 @@ def test_runtime_modules_and_evaluate_load_no_heavy_library() -> None:
     assert not loaded_after(code) & set(HEAVY)
 
 
-def test_demo_and_evaluate_run_without_sounddevice() -> None:
+def test_the_demo_runs_without_sounddevice() -> None:
     """PortAudio may be absent: block sounddevice and run the demo path."""
     code = (
         "import sys; sys.modules['sounddevice'] = None\n"

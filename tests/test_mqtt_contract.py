@@ -362,22 +362,32 @@ def test_the_readmes_command_clears_a_retired_device_from_the_broker(tmp_path: P
         for k, e in (("sensor", "score"), ("binary_sensor", "anomaly"), ("button", "mark_normal"))
     ]
     retained += ["soundsentry/pump-3/availability", "soundsentry/pump-3/state"]  # fmt: skip
-    try:
-        for topic in retained:
-            device.client.publish(topic, "{}", qos=1, retain=True).wait_for_publish(5)
-        port, login = str(broker.port), "-u maintenance -P mpw"
-        command = (  # the README's, with this broker's address
-            f"mosquitto_sub -h 127.0.0.1 -p {port} {login} "
-            "-t 'homeassistant/+/soundsentry_pump-3/+/config' -t 'soundsentry/pump-3/#' "
-            "--retained-only --remove-retained -W 2"
-        )
-        subprocess.run(["bash", "-c", command], check=False, timeout=30, capture_output=True)
-        left = subprocess.run(
+    port = str(broker.port)
+
+    def retained_now() -> set[str]:
+        """The retained topics a consumer reads (mosquitto_sub ends with its -W timeout)."""
+        got = subprocess.run(
             ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-u", "consumer", "-P", "pw",
              "-t", "homeassistant/#", "-t", "soundsentry/#", "--retained-only", "-v", "-W", "2"],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
-        assert left.stdout == "", left.stdout
+        assert "rror" not in got.stderr and "authori" not in got.stderr, got.stderr
+        return {line.split(" ", 1)[0] for line in got.stdout.splitlines()}
+
+    try:
+        for topic in retained:
+            device.client.publish(topic, "{}", qos=1, retain=True).wait_for_publish(5)
+        assert retained_now() == set(retained), "the device's retained topics are there to clear"
+        command = (  # the README's, with this broker's address
+            f"mosquitto_sub -h 127.0.0.1 -p {port} -u maintenance -P mpw "
+            "-t 'homeassistant/+/soundsentry_pump-3/+/config' -t 'soundsentry/pump-3/#' "
+            "--retained-only --remove-retained -W 2"
+        )
+        cleared = subprocess.run(
+            ["bash", "-c", command], check=False, timeout=30, capture_output=True, text=True
+        )
+        assert "rror" not in cleared.stderr and "authori" not in cleared.stderr, cleared.stderr
+        assert retained_now() == set()
     finally:
         device.close()
         broker.stop()

@@ -547,13 +547,13 @@ def test_record_notices_audio_lost_while_it_was_frozen(sink: str, tmp_path: Path
     try:  # the first chunk's file appears with the first block of audio
         wait_for(lambda: list(out.glob("*.wav")), 20, "the recorder to start")
         recorder.send_signal(signal.SIGSTOP)
-        frozen = subprocess.run(["sleep", str(FREEZE_S)], check=True)  # the freeze itself
+        subprocess.run(["sleep", str(FREEZE_S)], check=True)  # the freeze itself
         recorder.send_signal(signal.SIGCONT)
         _, err = recorder.communicate(timeout=60)
     finally:
         player.kill()
         recorder.kill()
-    assert frozen.returncode == 0 and recorder.returncode == 0, err
+    assert recorder.returncode == 0, err
     assert "gaps: " in err and "audio was lost" in err, err
 
 
