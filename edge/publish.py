@@ -85,6 +85,9 @@ SENDER_RETRY_MIN_S = 1.0
 SENDER_RETRY_MAX_S = 30.0
 """A spool sender pass that failed is retried after SENDER_RETRY_MIN_S, doubling up to this: a
 full disk fails every pass for as long as it lasts."""
+NETWORK_RESTART_MIN_S = 2.0
+"""paho's network thread, ended by an error it does not expect, is started again after this,
+doubling up to SENDER_RETRY_MAX_S while it keeps ending."""
 SENDER_LOG_INTERVAL_S = 60.0
 """The same failure of the spool sender is logged at once, then at most this often (with how
 many passes failed meanwhile), not once per pass."""
@@ -183,6 +186,9 @@ class MqttPublisher:
         self._accepted_offered = 0  # of those, accepted this offer
         self.refused_retry_s = REFUSED_RETRY_S
         self._send_failures = _Throttle(SENDER_LOG_INTERVAL_S)  # by kind of failure
+        self._network_wait_s = 0.0  # before paho's network thread is started again, if it ends
+        self._network_restart_at = 0.0  # monotonic time it may be started again
+        self.network_restarts = 0
         self._last_refusal = ""
         self._last_unreachable = ""
         self._warned_retained = False
@@ -393,6 +399,7 @@ class MqttPublisher:
                 self._wake.wait(SENDER_IDLE_S)
             self._wake.clear()
             try:
+                self._watch_network()
                 self._resolve_acks()
                 if self.connected:
                     self._send_batch()
@@ -404,6 +411,41 @@ class MqttPublisher:
             if self._send_failures:
                 log.info("MQTT: spool %s is sent again", self.spool.path)
                 self._send_failures.clear()
+
+    def _watch_network(self) -> None:
+        """Start paho's network thread again if it ended while we are not closing. It ends on
+        any error it does not expect (one raised in a callback, a host name its IDNA codec
+        refuses), paho logs the traceback, and then nothing connects or is published again
+        while the daemon looks healthy and spools every event. A fresh connection is opened
+        (our on_connect may not have finished), then the thread; with backoff while it keeps
+        ending."""
+        if self._closing.is_set() or getattr(self.client, "_thread", None) is not None:
+            if self.connected:
+                self._network_wait_s = 0.0
+            return
+        now = time.monotonic()
+        if now < self._network_restart_at:
+            return
+        self._network_wait_s = min(
+            max(2 * self._network_wait_s, NETWORK_RESTART_MIN_S), SENDER_RETRY_MAX_S
+        )
+        self._network_restart_at = now + self._network_wait_s
+        self.network_restarts += 1
+        self._connected.clear()
+        if self.network_restarts & (self.network_restarts - 1) == 0:  # 1, 2, 4, 8... times
+            log.error(
+                "MQTT: the network thread ended on an error (its traceback is above); "
+                "connecting again (%d time(s) so far, then at most every %g s); events are "
+                "spooled meanwhile",
+                self.network_restarts,
+                SENDER_RETRY_MAX_S,
+            )
+        where = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.client.reconnect()
+        except Exception as exc:  # the thread's retries take it from here
+            self._last_unreachable = f"cannot reach {where} ({type(exc).__name__}: {exc})"
+        self.client.loop_start()
 
     def _log_send_failure(self, exc: Exception, retry_s: float) -> None:
         """One error for each new kind of failure, then at most one every SENDER_LOG_INTERVAL_S

@@ -124,6 +124,24 @@ class MqttSettings(_Section):
     )
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
+    @field_validator("host")
+    @classmethod
+    def _a_host_name(cls, value: str | None) -> str | None:
+        """A name the resolver can be asked for: an empty label (`broker..lan`, `.lan`) or one
+        over 63 characters ended paho's network thread at its first connect (UnicodeError, not
+        the OSError it retries), and the daemon spooled every event from then on."""
+        if value is None:
+            return None
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("a host name or address without spaces")
+        try:
+            value.encode("idna")
+        except UnicodeError:
+            raise ValueError(
+                "not a host name: a part between dots is empty or over 63 characters"
+            ) from None
+        return value
+
 
 class DetectorSettings(_Section):
     """Event logic: K of the last N windows above the threshold (or the bundle's CUSUM) start an

@@ -73,6 +73,9 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ("[mqtt\nport = 1\n", "not valid TOML"),
         ("[mqtt]\nport = true\n", "mqtt.port"),
         ("[audio]\ndevice = false\n", "audio.device"),
+        ('[mqtt]\nhost = "broker..lan"\n', "mqtt.host"),  # ended paho's thread for good
+        ('[mqtt]\nhost = ".lan"\n', "mqtt.host"),
+        ('[mqtt]\nhost = "broker lan"\n', "mqtt.host"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -145,3 +145,35 @@ def test_a_lasting_failure_is_logged_once_and_the_recovery_too(
     wait_for(lambda: len(sub.messages) > LEFT_OVER, 15, "the marker event")
     ids = [m.json()["event_id"] for m in sub.messages]
     assert len(ids) == LEFT_OVER + 1 and ids[-1] == "marker", "deleted late, not sent again"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_network_thread_ended_by_an_error_is_started_again(
+    publisher: MqttPublisher,
+    spool: Spool,
+    sub: Subscriber,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """paho re-raises an error in a callback and its network thread ends: nothing connected or
+    was published again while the daemon looked healthy. The sender starts it again."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    failed = []
+    retained = publisher._publish_retained
+
+    def once_broken() -> None:  # a bug in our on_connect, at the first connection only
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a bug in on_connect")
+        retained()
+
+    monkeypatch.setattr(publisher, "_publish_retained", once_broken)
+    publisher.start()
+    wait_for(lambda: failed, 10, "the first connection's callback to fail")
+    assert sub.wait_for(lambda ms: len(ms) == LEFT_OVER, 20), "sent once connected again"
+    publisher.publish_event(_event("new"))
+    assert sub.wait_for(lambda ms: len(ms) == LEFT_OVER + 1, 10)
+    assert sub.messages[-1].json()["event_id"] == "new"
+    assert publisher.network_restarts == 1
+    assert "the network thread ended on an error" in caplog.text
+    wait_for(lambda: spool.depth() == 0, 10, "the acknowledged events to leave the spool")
