@@ -489,7 +489,12 @@ class MqttPublisher:
                 self._refused_rows.extend(r for r in rows if r >= rid)
                 self._offer_refused_at = time.monotonic() + self.refused_retry_s
                 return
-            found = self.spool.after(rid - 1, 1)
+            try:
+                found = self.spool.after(rid - 1, 1)
+            except Exception:  # a failing card: the rest wait for the next offer, not a restart
+                self._refused_rows.extend(r for r in rows if r >= rid)
+                self._offer_refused_at = time.monotonic() + self.refused_retry_s
+                raise
             if not found or found[0].id != rid:  # dropped by a full spool meanwhile
                 continue
             row = found[0]

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,23 @@ def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_res
             if "on soundsentry/pump-4/events" in r.getMessage()
         ]
         assert len(refusals) == 1 and "offered again every 1 s" in refusals[0], refusals
+
+        # an offer that the card fails half-way (reading the spool): the rows are offered again
+        broken: list[int] = []
+
+        def offer_on_a_failing_card() -> None:
+            if broken:
+                return offer()
+            broken.append(1)
+            after = spool.after
+            spool.after = lambda *_a: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O"))
+            try:
+                offer()
+            finally:
+                spool.after = after
+
+        publisher._offer_refused = offer_on_a_failing_card
+        wait_for(lambda: broken, 10, "an offer on a failing card")
 
         with acl.open("a") as f:  # the mend: pump-3 may write pump-4's topics too
             f.write("\npattern write soundsentry/pump-4/#\n")
