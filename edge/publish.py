@@ -80,7 +80,7 @@ REFUSED_LOG_INTERVAL_S = 600.0
 how many were refused meanwhile), not once per message."""
 REFUSED_RETRY_S = 300.0
 """Spooled messages the broker refused are published again this long after their refusal (in
-their order), until it accepts them or the spool drops them as the oldest when full."""
+their order), until it accepts them or a full spool drops them."""
 SENDER_RETRY_MIN_S = 1.0
 SENDER_RETRY_MAX_S = 30.0
 """A spool sender pass that failed is retried after SENDER_RETRY_MIN_S, doubling up to this: a

@@ -113,7 +113,10 @@ class MqttSettings(_Section):
         30.0, ge=1.0, le=3600.0, description="Longest wait between reconnect attempts."
     )
     spool_max_messages: int = Field(
-        10000, ge=10, le=10_000_000, description="Durable spool size before the oldest drop."
+        10000,
+        ge=10,
+        le=10_000_000,
+        description="Durable spool size; when full, replaced and update messages drop first.",
     )
     metrics_interval_seconds: float = Field(
         60.0, ge=1.0, le=86400.0, description="Interval of the metrics message."

@@ -2,7 +2,10 @@
 
 Messages are written to SQLite before they are published and deleted only when the broker
 acknowledges them (PUBACK), so they survive a broker outage, a daemon restart or `kill -9`
-and are delivered in order afterwards. When full, the oldest are dropped and counted.
+and are delivered in order afterwards. When full, messages are dropped and counted, those a
+consumer can best do without first (EXPENDABLE): a retained message a newer one on its topic
+replaces, then an anomaly's `update` (its `start` and `end` say when and how bad; an anomaly
+through a day's broker outage makes thousands), then the oldest.
 """
 
 from __future__ import annotations
@@ -41,6 +44,17 @@ class Spooled:
     qos: int
     retain: bool
 
+
+EXPENDABLE = (
+    # retained messages (health, state) that a newer one on the same topic replaces
+    "SELECT id FROM outbox WHERE retain = 1 AND id NOT IN "
+    "(SELECT MAX(id) FROM outbox WHERE retain = 1 GROUP BY topic) ORDER BY id LIMIT ?",
+    # an anomaly's updates between its start and its end
+    "SELECT id FROM outbox WHERE retain = 0 AND payload LIKE '%update%' AND CASE WHEN "
+    "json_valid(payload) "
+    "THEN json_extract(payload, '$.type') = 'update' ELSE 0 END ORDER BY id LIMIT ?",
+)
+"""What a full spool drops first, in this order, before the oldest of the rest."""
 
 FULL_LOG_EVERY_S = 60.0
 """A full spool drops the oldest message for every new one; it says so at most this often
@@ -117,10 +131,13 @@ class Spool:
             )
             excess = self._count() - self.max_messages
             if excess > 0:
-                self._db.execute(
-                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
-                    (excess,),
-                )
+                left = excess
+                for expendable in (*EXPENDABLE, "SELECT id FROM outbox ORDER BY id LIMIT ?"):
+                    if left > 0:
+                        gone = self._db.execute(
+                            f"DELETE FROM outbox WHERE id IN ({expendable})", (left,)
+                        )
+                        left -= max(gone.rowcount, 0)
                 self._db.execute(
                     "INSERT INTO meta VALUES ('dropped', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
@@ -129,7 +146,8 @@ class Spool:
                 self._dropped_unlogged += excess
                 if time.monotonic() - self._full_logged_at >= FULL_LOG_EVERY_S:
                     log.warning(
-                        "spool full (%d messages): dropped the %d oldest since the last report",
+                        "spool full (%d messages): dropped %d since the last report (replaced "
+                        "retained messages and anomaly updates first, then the oldest)",
                         self.max_messages,
                         self._dropped_unlogged,
                     )

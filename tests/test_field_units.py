@@ -47,7 +47,10 @@ def test_spool_is_durable_ordered_and_bounded(
     ids = [spool.append("t", f"m{i}") for i in range(5)]
     assert spool.depth() == 3 and spool.dropped == 2
     full = [r.getMessage() for r in caplog.records if "spool full" in r.getMessage()]
-    assert full == ["spool full (3 messages): dropped the 1 oldest since the last report"]
+    assert full == [
+        "spool full (3 messages): dropped 1 since the last report (replaced retained messages "
+        "and anomaly updates first, then the oldest)"
+    ]
     spool.close()
     again = Spool(path, max_messages=3)  # a restart (or kill -9) keeps what was stored
     rows = again.after(0)
@@ -56,6 +59,45 @@ def test_spool_is_durable_ordered_and_bounded(
     assert [r.payload for r in again.after(0)] == ["m3", "m4"]
     assert [r.payload for r in again.after(rows[1].id)] == ["m4"]
     assert again.dropped == 2
+
+
+def test_a_full_spool_drops_what_a_consumer_can_best_do_without_first(tmp_path: Path) -> None:
+    """An anomaly through a day's broker outage: its updates (one every few seconds) used to
+    push its own `start`, and every event before it, out of a full spool."""
+    spool = Spool(tmp_path / "spool.sqlite", max_messages=6)
+
+    def event(kind: str, n: int) -> str:
+        return json.dumps({"type": kind, "event_id": f"e{n}"})
+
+    spool.append("d/events", event("start", 1))
+    spool.append("d/events", event("end", 1))
+    spool.append("d/health", '{"faults": ["silence"]}', retain=True)
+    spool.append("d/events", event("start", 2))
+    spool.append("d/health", '{"faults": []}', retain=True)  # replaces the first health
+    spool.append("d/availability", "online", retain=True)  # not JSON: never an update
+    for n in range(20):
+        spool.append("d/events", event("update", n))
+    kept = [(r.topic, r.payload) for r in spool.after(0)]
+    assert kept == [
+        ("d/events", event("start", 1)),
+        ("d/events", event("end", 1)),
+        ("d/events", event("start", 2)),
+        ("d/health", '{"faults": []}'),
+        ("d/availability", "online"),
+        ("d/events", event("update", 19)),  # the latest update stays
+    ]
+    assert spool.dropped == 20
+    spool.append("d/events", event("end", 2))  # the last update goes
+    spool.append("d/events", event("start", 3))  # nothing expendable left: the oldest goes
+    assert [(r.topic, r.payload) for r in spool.after(0)] == [
+        ("d/events", event("end", 1)),
+        ("d/events", event("start", 2)),
+        ("d/health", '{"faults": []}'),
+        ("d/availability", "online"),
+        ("d/events", event("end", 2)),
+        ("d/events", event("start", 3)),
+    ]
+    assert spool.dropped == 22
 
 
 # --- liveness -------------------------------------------------------------------------------
