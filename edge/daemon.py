@@ -586,8 +586,18 @@ class Detector:
             "level_dbfs": round(self.health.level, 1),
             "anomaly_index": _round(self.index.value, 4),
             "learns": self._featurize is not None and self.adapter is not None,  # mark_normal
+            "same_device_id": self._same_device_id(),
             **(self.adapter.status() if self.adapter is not None else {}),
         }
+
+    def _same_device_id(self) -> list[str]:
+        """Other SoundSentry instances heard online under this device_id (edge.publish)."""
+        return sorted(
+            other
+            for sink in self.sinks
+            if isinstance(sink, MqttSink)
+            for other in getattr(sink.publisher, "duplicates", {})
+        )
 
     @property
     def windows(self) -> int:
@@ -929,6 +939,12 @@ class Detector:
         problem = getattr(self._source, "problem", None)  # the capture's own account
         if "stalled" in self.health.active or problem:
             return f"no audio: {problem or self._status_detail or 'nothing from the device'}"
+        others = self._same_device_id()
+        if others:  # logged once each; here for as long as this run lasts
+            return (
+                f"listening with {self.bundle.model_id}; another SoundSentry publishes as this "
+                f"device_id ({', '.join(others)}): give each its own"
+            )
         return f"listening with {self.bundle.model_id}"
 
     def _emit_health(self, change: HealthChange | None) -> None:

@@ -461,6 +461,18 @@ def test_two_devices_under_one_device_id_each_log_the_other(
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 2 and all("machine 2" in e or "machine 1" in e for e in errors)
         assert "own device_id" in errors[0] and "soundsentry/pump-3/" in errors[0]
+        # and for as long as it runs: in `status` and the line `systemctl status` shows
+        from conftest import DEMO_BUNDLE
+
+        from edge.bundle import load_bundle
+        from edge.daemon import Detector, MqttSink
+        from edge.settings import Settings
+
+        settings = Settings(device_id="pump-3", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+        daemon = Detector(settings, load_bundle(DEMO_BUNDLE), [MqttSink(first)])
+        assert daemon.status()["same_device_id"] == [second.instance]
+        line = daemon._status_line()
+        assert line.startswith("listening with ") and f"({second.instance})" in line, line
     finally:
         for publisher in (first, second):
             if publisher is not None:
