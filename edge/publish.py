@@ -85,6 +85,8 @@ SENDER_RETRY_MIN_S = 1.0
 SENDER_RETRY_MAX_S = 30.0
 """A spool sender pass that failed is retried after SENDER_RETRY_MIN_S, doubling up to this: a
 full disk fails every pass for as long as it lasts."""
+STOP_JOIN_S = 1.0
+"""How long close() waits for paho's network thread beyond its flush time."""
 NETWORK_RESTART_MIN_S = 2.0
 """paho's network thread, ended by an error it does not expect, is started again after this,
 doubling up to SENDER_RETRY_MAX_S while it keeps ending."""
@@ -265,7 +267,10 @@ class MqttPublisher:
 
     def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
         """No TCP (or TLS) connection: paho says nothing of why, so ask the network once; each
-        new reason is logged, a repeated one is not (the retries go on with backoff)."""
+        new reason is logged, a repeated one is not (the retries go on with backoff). Not while
+        closing: the probe's DNS lookup and connect would only delay the stop."""
+        if self._closing.is_set():
+            return
         where = f"{self.settings.host}:{self.settings.port}"
         try:
             socket.create_connection(
@@ -687,5 +692,10 @@ class MqttPublisher:
             while not info.is_published() and self.connected and time.monotonic() < deadline:
                 time.sleep(0.02)
         self.client.disconnect()
-        self.client.loop_stop()
+        # paho joins its network thread without a limit, and that thread may be in a connect
+        # attempt to an unanswering broker or DNS server: bounded here, so the daemon stops
+        # well within systemd's TimeoutStopSec (the spool keeps what was not sent)
+        stopper = threading.Thread(target=self.client.loop_stop, name="mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout=max(deadline - time.monotonic(), 0.0) + STOP_JOIN_S)
         self._sender.join(timeout=2)

@@ -3,6 +3,7 @@ it must outlive the failure, or nothing is published again until a restart."""
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import signal
@@ -177,3 +178,38 @@ def test_a_network_thread_ended_by_an_error_is_started_again(
     assert publisher.network_restarts == 1
     assert "the network thread ended on an error" in caplog.text
     wait_for(lambda: spool.depth() == 0, 10, "the acknowledged events to leave the spool")
+
+
+def test_closing_while_the_broker_does_not_answer_keeps_within_its_time(tmp_path: Path) -> None:
+    """A broker (or DNS server) that takes no connection: paho's network thread sits in a
+    connect attempt, and close() joined it without a limit, then probed the network again;
+    with the rest of the shutdown that overran systemd's TimeoutStopSec (20 s), and SIGKILL."""
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    backlog = []  # fill the accept queue: later connection attempts go unanswered
+    for _ in range(8):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        backlog.append(c)
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = MqttPublisher(MqttSettings(host="127.0.0.1", port=port), TOPICS, "t", spool)
+    try:
+        publisher.publish_event(_event("kept"))
+        publisher.start()
+        wait_for(lambda: publisher.client._thread is not None, 5, "the network thread")
+        began = time.monotonic()
+        publisher.close(timeout_s=0.5)
+        took = time.monotonic() - began
+        assert took < 4.0, f"close took {took:.1f} s (paho's connect timeout is 5 s)"
+        assert [json.loads(r.payload)["event_id"] for r in spool.after(0)] == ["kept"]
+    finally:
+        spool.close()
+        for c in backlog:
+            c.close()
+        server.close()
