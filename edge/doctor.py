@@ -129,7 +129,38 @@ def check_model(s: Settings) -> Check:
         "model",
         True,
         f"{b.model_id} ({kind_of(b.manifest)}, {b.features.samplerate} Hz, "
-        f"threshold {b.threshold:.4g})",
+        f"threshold {b.threshold:.4g}){_version_in_use(s, b.model_id)}",
+    )
+
+
+def _version_in_use(s: Settings, configured: str) -> str:
+    """What the daemon runs instead of the configured model: the version the site made (a
+    commissioning period, mark_normal, calibrate, a reload) that its history names active, read
+    without writing anything; whether it still loads. Empty when it runs the configured one."""
+    import json
+
+    from edge.bundle import load_bundle
+    from edge.history import HISTORY
+    from edge.pipeline import Pipeline
+
+    try:
+        data = json.loads((s.data_dir / "models" / HISTORY).read_text())
+        active = data["active"]
+        if active is None or data.get("configured") != configured:
+            return ""
+        entry = next(e for e in data["entries"] if e.get("version") == active)
+        path, reason = str(entry["path"]), str(entry.get("reason", "?"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return ""  # none, unreadable by this user, or damaged (the daemon says which at start)
+    try:
+        version = load_bundle(path)
+        Pipeline(version, s.detector)
+    except (SoundSentryError, OSError) as exc:
+        why = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+        return f"; its site version {active} does not load ({why}): the daemon runs this one"
+    return (
+        f"; in use: site version {active} ({version.model_id}, {reason}, threshold "
+        f"{version.threshold:.4g}; `rollback` steps back)"
     )
 
 

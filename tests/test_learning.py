@@ -159,6 +159,19 @@ def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart
     assert learned.manifest.calibration["reason"] == "learning"
     assert learned.manifest.calibration["windows"] == 30
     assert learned.threshold == pytest.approx(entry["new_threshold"], rel=1e-5)
+    # doctor names the version the daemon runs, not only the configured model
+    from edge.doctor import check_model
+    from edge.settings import Settings
+
+    site = Settings(device_id="site", data_dir=tmp_path / "data", model=DEMO_BUNDLE)
+    model = check_model(site)
+    assert (
+        model.ok and "in use: site version 1 (fan-demo-12483c73-site-v1, learning" in model.detail
+    )
+    shutil.move(entry["path"], tmp_path / "moved.bundle")  # a version that no longer loads
+    model = check_model(site)
+    assert model.ok and "site version 1 does not load" in model.detail, model.detail
+    shutil.move(tmp_path / "moved.bundle", entry["path"])
     again = cli("--log-level", "INFO", "replay", str(DEMO_BUNDLE), str(ANOMALOUS_FILE),
                 "--config", str(config), env=env)  # fmt: skip
     assert "using version 1 (fan-demo-12483c73-site-v1, learning)" in again.stderr
