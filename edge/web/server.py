@@ -7,6 +7,7 @@ made by the loop) and `Detector.submit`, the queue MQTT commands use as well.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -14,6 +15,7 @@ import logging
 import queue
 import re
 import socket
+import sys
 import threading
 from base64 import b64encode
 from collections.abc import Callable
@@ -23,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import soundfile as sf
 
 from edge.commands import MAX_COMMAND_BYTES
 from edge.errors import SoundSentryError, install_extra
@@ -66,10 +70,22 @@ def _logged_events(settings: Settings) -> list[dict[str, Any]]:
 
 
 MAX_CONNECTIONS = 32
-"""Connections served at once (live streams included); more are closed at once. Without a cap
-every connection had a thread and a file of its own, before any check: a host on the network
-that held a thousand open took the daemon's last file handles (its event log, clips, MQTT and
-microphone could not open a file) and spun the web thread on accept()."""
+"""Connections served at once (live streams included); more are answered 503 and closed.
+Without a cap every connection had a thread and a file of its own, before any check: a host on
+the network that held a thousand open took the daemon's last file handles (its event log,
+clips, MQTT and microphone could not open a file) and spun the web thread on accept()."""
+MAX_PER_ADDRESS = 16
+"""Of those, from one address: one host cannot take every slot from the others."""
+HEADER_DEADLINE_S = 10.0
+"""A request's line and headers must arrive within this, in all: CLIENT_TIMEOUT_S restarts
+with every byte, so a client that sent a header byte a minute (slowloris) held its slot for
+ever, and 32 such held the page (and Prometheus) off for everyone, without any token."""
+_BUSY_BODY = b'{"ok":false,"detail":"too many connections"}'
+BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\nConnection: close\r\n\r\n".encode()
+    + _BUSY_BODY
+)
 BIND_RETRY_S = 30.0
 """A taken port is tried again this often: detection never waits for the dashboard."""
 
@@ -269,16 +285,30 @@ class _Server(ThreadingHTTPServer):
     dashboard: Dashboard
     slots: threading.BoundedSemaphore
 
+    per_address: dict[str, int]
+    lock: threading.Lock
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        """A thread for the connection while fewer than MAX_CONNECTIONS are served; else
-        close it."""
-        if not self.slots.acquire(blocking=False):
+        """A thread for the connection while fewer than MAX_CONNECTIONS are served, and fewer
+        than MAX_PER_ADDRESS from its address; else a 503 and close."""
+        host = client_address[0] if isinstance(client_address, tuple) else ""
+        with self.lock:
+            crowded = self.per_address.get(host, 0) >= MAX_PER_ADDRESS
+            if not crowded:
+                self.per_address[host] = self.per_address.get(host, 0) + 1
+        if crowded or not self.slots.acquire(blocking=False):
+            if not crowded:
+                self._leave(host)
+            with contextlib.suppress(OSError):
+                request.setblocking(False)  # never wait on a client that does not read
+                request.send(BUSY)
             self.close_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self.slots.release()
+            self._leave(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -286,6 +316,25 @@ class _Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+            self._leave(client_address[0] if isinstance(client_address, tuple) else "")
+
+    def _leave(self, host: str) -> None:
+        with self.lock:
+            left = self.per_address.get(host, 0) - 1
+            if left > 0:
+                self.per_address[host] = left
+            else:
+                self.per_address.pop(host, None)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client gone mid-reply (a phone that stops an audio download, a closed tab) is
+        routine: one DEBUG line. Anything else: one ERROR line with its traceback in the log,
+        not socketserver's print to stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("web: %s went away: %s", client_address[0], exc)
+            return
+        log.error("web: a request from %s failed", client_address[0], exc_info=True)
 
 
 class PortTakenError(SoundSentryError):
@@ -311,6 +360,7 @@ def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
         raise error from None
     server.dashboard = dashboard
     server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    server.per_address, server.lock = {}, threading.Lock()
     return server
 
 
@@ -323,6 +373,39 @@ class Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         """The Server header: the name, no versions."""
         return "SoundSentry"
+
+    def setup(self) -> None:
+        """The connection, with HEADER_DEADLINE_S for its request line and headers."""
+        super().setup()
+        self._deadline = threading.Timer(HEADER_DEADLINE_S, self._too_slow)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _too_slow(self) -> None:
+        with contextlib.suppress(OSError):  # the reading thread then sees the end and goes
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def parse_request(self) -> bool:
+        """Reads the headers; once they are in, the deadline no longer applies."""
+        parsed = super().parse_request()
+        self._deadline.cancel()
+        return parsed
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own errors (a malformed request line, an over-long URL, too
+        many headers, an unknown method) as the JSON and headers of every other reply."""
+        self.close_connection = True
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        if not hasattr(self, "command") or self.command is None:
+            self.command = "GET"  # a request line that did not parse: the body is still sent
+        self._error(status, message or status.phrase)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Access log at DEBUG (never the query string: clip keys stay out of logs)."""
@@ -387,7 +470,11 @@ class Handler(BaseHTTPRequestHandler):
         if not 0 <= length <= MAX_COMMAND_BYTES:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "command too large")
             return None
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) != length:  # the client went before its whole command: none is run
+            self.close_connection = True
+            return None
+        return body
 
     def _clip(self, name: str, query: str) -> None:
         key = parse_qs(query).get("key", [None])[0]
@@ -396,9 +483,15 @@ class Handler(BaseHTTPRequestHandler):
         wav = self.dash.clip_file(name)
         if wav is None:
             return self._error(HTTPStatus.NOT_FOUND, "no such clip")
-        if name.endswith(".png"):
-            return self._send(HTTPStatus.OK, self.dash.spectrogram(wav), "image/png", cache=True)
-        self._send_range(wav.read_bytes(), "audio/wav")
+        try:
+            if name.endswith(".png"):
+                image = self.dash.spectrogram(wav)
+                return self._send(HTTPStatus.OK, image, "image/png", cache=True)
+            data = wav.read_bytes()
+        except (OSError, sf.LibsndfileError, ValueError) as exc:  # removed by retention meanwhile,
+            log.warning("web: clip %s cannot be served: %s", name, exc)  # or a damaged file
+            return self._error(HTTPStatus.NOT_FOUND, "clip gone or unreadable")
+        self._send_range(data, "audio/wav")
 
     def _send_range(self, data: bytes, kind: str) -> None:
         """The whole file, or one `Range: bytes=a-b` of it (phones play audio only so)."""
