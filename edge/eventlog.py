@@ -240,7 +240,10 @@ def parse_time(text: str) -> datetime:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise SoundSentryError(f"not a date or time: {text!r}") from None
-    return value.astimezone(UTC) if value.tzinfo else value.astimezone().astimezone(UTC)
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.astimezone().astimezone(UTC)
+    except (ValueError, OverflowError):  # at the calendar's ends (0001-01-01): as UTC
+        return value.replace(tzinfo=UTC)
 
 
 def parse_since(text: str, now: datetime | None = None, flag: str = "--since") -> datetime:
@@ -248,7 +251,10 @@ def parse_since(text: str, now: datetime | None = None, flag: str = "--since") -
     match = _RELATIVE.match(text)
     if match:
         seconds = float(match.group(1)) * UNITS[match.group(2)]
-        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+        try:
+            return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+        except OverflowError:  # before the year 1: every event is younger
+            return datetime.min.replace(tzinfo=UTC)
     try:
         return parse_time(text)
     except SoundSentryError:

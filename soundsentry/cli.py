@@ -950,6 +950,10 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until, flag="--until") if args.until else None
+    if since is not None and until is not None and since >= until:
+        raise SoundSentryError(
+            f"--since {args.since!r} is not before --until {args.until!r}: no event lies between"
+        )
     folder = load_settings(args.config).data_dir
     everything = read_events(folder)
     events = [

@@ -473,6 +473,12 @@ def test_events_says_how_far_back_a_rotated_log_reaches(tmp_path: Path) -> None:
     assert "2 event(s) since 2026-01-01T00:00:04+00:00 until 2026-01-01T00:00:06" in month.stderr
     bad = cli("events", "--until", "someday", env=env, check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("soundsentry: error: --until 'someday'")
+    swapped = cli("events", "--since", "2026-01-02", "--until", "2026-01-01", env=env, check=False)
+    assert swapped.returncode == 1 and "is not before --until" in swapped.stderr
+    # ages and dates at the calendar's ends: no traceback, every event
+    for flags in (("--since", "3000000d"), ("--since", "0001-01-01"), ("--until", "9999-12-31")):
+        ends = cli("events", *flags, env=env)
+        assert f"{len(read_events(tmp_path))} event(s)" in ends.stderr, ends.stderr
 
 
 def test_the_event_log_sink_writes_what_a_full_disk_held_back(
