@@ -190,13 +190,13 @@ def check_readable(
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
+    _check_complete(path)  # first: a damaged header also says "no samples"
     if info.frames <= 0:
         raise AudioError(f"{path}: the file holds no audio samples")
     if channel >= info.channels and not (mono_any and info.channels == 1):
         raise AudioError(f"{path}: channel {channel} does not exist: the audio has {info.channels}")
     if samplerate is not None:
         check_rate(path, info.samplerate, samplerate)
-    _check_complete(path)
     return info.frames, info.samplerate
 
 
@@ -268,12 +268,12 @@ def read_audio(
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
+    _check_complete(path)  # first: a damaged header also says "no samples"
     if summary.samples == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
     if summary.bad:
         raise AudioError(f"{path}: invalid samples ({summary.bad} are NaN or infinite)")
     check_rate(path, rate, samplerate)
-    _check_complete(path)
     if summary.peak > FLOAT_FULL_SCALE:  # only float files can: engineering units, not audio
         raise AudioError(
             f"{path}: float samples reach {summary.peak:.3g}, beyond full scale (+-1): scale "
@@ -386,19 +386,38 @@ def _warn_quality(path: str | Path, clipped: float, offset: float) -> None:
 
 _DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 _STREAMING_SIZES = frozenset({0, 0xFFFFFFFF, 0x7FFFFFFF})
+_DATA_SIZE = re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE)
+_UNKNOWN_CHUNK = re.compile(r"Unknown chunk marker \(\w+\) at position (\d+)")
+_LENGTH = re.compile(r"^Length\s*:\s*(\d+)", re.MULTILINE)
+UNCHUNKED_BYTES = 4096
+"""Bytes after a WAV's chunks that are none (a few pad bytes are common) before it is refused."""
 
 
 def _check_complete(path: Path) -> None:
-    """Refuse a WAV whose header announces more audio than the file holds (a cut-off copy)."""
+    """Refuse a WAV whose header announces more audio than the file holds (a cut-off copy), or
+    far less: audio after its data chunk that is no chunk at all (a header written before the
+    recording ended, or damaged) would be left out without a word."""
     if path.suffix.lower() != ".wav":
         return
-    match = _DATA_CHUNK.search(sf.info(sf_path(path)).extra_info)
+    info = sf.info(sf_path(path)).extra_info
+    match = _DATA_CHUNK.search(info)
     if match:
         declared, actual = int(match.group(1)), int(match.group(2))
         if declared > actual and declared not in _STREAMING_SIZES:
             raise AudioError(
                 f"{path}: truncated WAV (header announces {declared} bytes of audio, "
                 f"the file holds {actual})"
+            )
+    declared_data = _DATA_SIZE.search(info)
+    stray = _UNKNOWN_CHUNK.search(info)
+    length = _LENGTH.search(info)
+    if declared_data and stray and length:
+        left = int(length.group(1)) - int(stray.group(1))
+        if left >= max(UNCHUNKED_BYTES, int(declared_data.group(1)) // 10):
+            raise AudioError(
+                f"{path}: damaged WAV header (it announces {declared_data.group(1)} bytes of "
+                f"audio, and {left} more bytes follow that are no WAV chunk); repair it, e.g. "
+                "`sox --ignore-length in.wav out.wav`"
             )
 
 

@@ -11,7 +11,7 @@ import soundfile as sf
 import soxr
 from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
 
-from edge.audio_io import DOWNMIX, find_audio, read_audio
+from edge.audio_io import DOWNMIX, check_readable, find_audio, read_audio
 from edge.errors import AudioError
 
 RATE = 16000
@@ -109,10 +109,31 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     truncated.write_bytes(good.read_bytes()[:20000])
     header_only = tmp_path / "header.wav"
     header_only.write_bytes(good.read_bytes()[:44])
-    return {"text": text, "empty": empty, "truncated": truncated, "header only": header_only}
+    understated = tmp_path / "understated.wav"  # its data chunk's size says 100 bytes
+    understated.write_bytes(_data_size(good.read_bytes(), 100))
+    return {"text": text, "empty": empty, "truncated": truncated, "header only": header_only,
+            "understated": understated}  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["text", "empty", "truncated", "header only"])
+def _data_size(wav: bytes, size: int) -> bytes:
+    at = wav.index(b"data") + 4
+    return wav[:at] + size.to_bytes(4, "little") + wav[at + 4 :]
+
+
+def test_a_header_that_understates_the_audio_is_refused_not_cut_short(tmp_path: Path) -> None:
+    """A data chunk that announced 100 bytes of a 1-s file: the rest was left out without a
+    word (training on 3 ms of it, replay scoring nothing). A few pad bytes still pass."""
+    understated = bad_files(tmp_path)["understated"]
+    with pytest.raises(AudioError, match=r"damaged WAV header .* 100 bytes of audio"):
+        read_audio(understated, RATE)
+    with pytest.raises(AudioError, match="damaged WAV header"):
+        check_readable(understated, 0, RATE)
+    padded = tmp_path / "padded.wav"
+    padded.write_bytes((tmp_path / "good.wav").read_bytes() + b"\0\0\0")
+    assert len(read_audio(padded, RATE)) == RATE
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "truncated", "header only", "understated"])
 def test_bad_audio_gives_one_line_and_nonzero_exit(tmp_path: Path, kind: str) -> None:
     path = bad_files(tmp_path)[kind]
     for args in (
@@ -170,8 +191,8 @@ def test_every_unusable_file_is_named_in_one_line(tmp_path: Path) -> None:
     proc = cli("train", "--normal", str(folder), "--out", str(tmp_path / "m.bundle"), check=False)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("soundsentry: error: 4 of 8 files cannot be used: ")
-    assert line.count(str(folder / "bad-")) == 3 and line.endswith("; and 1 more")
+    assert line.startswith("soundsentry: error: 5 of 9 files cannot be used: ")
+    assert line.count(str(folder / "bad-")) == 3 and line.endswith("; and 2 more")
 
 
 def test_replay_takes_folders_and_a_file_reached_twice_counts_once(tmp_path: Path) -> None:
