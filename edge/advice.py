@@ -14,6 +14,7 @@ fitted on 960 windows, fifteen per dimension.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,8 @@ from edge.audio_io import check_files
 from edge.errors import AudioError
 from edge.machine_state import OFF
 from edge.threshold import describe
+
+log = logging.getLogger(__name__)
 
 MIN_AUDIO_SECONDS = 10.0
 RECOMMENDED_AUDIO_SECONDS = 300.0
@@ -34,6 +37,18 @@ def audio_seconds(files: list[Path], channel: int = 0, samplerate: int | None = 
     """Total length of audio files, read from their headers; one AudioError naming every file
     that cannot be used (unreadable, or below the model's `samplerate`)."""
     return sum(frames / rate for frames, rate in check_files(files, max(channel, 0), samplerate))
+
+
+def warn_short(short: list[str], window_seconds: float) -> None:
+    """One warning naming the recordings shorter than one window, which are left out: they
+    would count towards the minimum of audio without giving the model or the threshold a single
+    window."""
+    if short:
+        listed = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+        log.warning(
+            "%d recording(s) shorter than one %g-s window left out: %s",
+            len(short), window_seconds, listed,
+        )  # fmt: skip
 
 
 def require_audio(seconds: float, what: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from edge.advice import require_audio
+from edge.advice import require_audio, warn_short
 from edge.audio_io import check_files, find_audio, read_audio, sf_path, without_copies
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bundle
 from edge.detectors.base import DetectorKind
@@ -107,12 +107,7 @@ def _windowed(
     """The recordings that hold at least one window; the others are named in a warning (they
     would count towards the minimum of audio without giving the threshold a single window)."""
     short = [str(f) for f, a in zip(files, audio, strict=True) if len(a) < params.window_samples]
-    if short:
-        listed = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
-        log.warning(
-            "%d recording(s) shorter than one %g-s window left out: %s",
-            len(short), params.window_seconds, listed,
-        )  # fmt: skip
+    warn_short(short, params.window_seconds)
     keep = [i for i, a in enumerate(audio) if len(a) >= params.window_samples]
     return [files[i] for i in keep], [audio[i] for i in keep]
 

@@ -376,3 +376,21 @@ def test_calibrating_on_one_recording_says_half_of_it_was_held_out(tmp_path: Pat
     out = calibrate_bundle(DEMO_BUNDLE, [tmp_path / "one.wav"], tmp_path / "one.bundle")
     first = bundle_summary(load_bundle(out).manifest).splitlines()[0]
     assert "12 s fitted the model; a fit on 6 s scored the other 6 s" in first, first
+
+
+def test_train_names_what_it_leaves_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 0.3-s recording and a folder without audio were taken in silence: the summary counted
+    the recording (it gave no window) and nobody learnt the folder was empty."""
+    from edge.errors import AudioError
+    from train.dataset import training_audio
+
+    audio, rate = sf.read(str(NORMAL_FILES[0]), dtype="float32")
+    sf.write(tmp_path / "short.wav", audio[: rate * 3 // 10], rate)
+    (tmp_path / "empty").mkdir()
+    files = training_audio([*NORMAL_FILES[:3], tmp_path / "short.wav", tmp_path / "empty"])
+    assert files == list(NORMAL_FILES[:3])
+    assert "1 recording(s) shorter than one 1-s window left out: " in caplog.text
+    assert f"{tmp_path / 'short.wav'}" in caplog.text
+    assert f"{tmp_path / 'empty'}: no audio files in this folder" in caplog.text
+    with pytest.raises(AudioError, match="at least 10 s"):  # what is left is judged
+        training_audio([NORMAL_FILES[0], tmp_path / "short.wav"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from edge.advice import audio_seconds, require_audio
-from edge.audio_io import find_audio, read_audio, sf_path, without_copies
+from edge.advice import audio_seconds, require_audio, warn_short
+from edge.audio_io import check_files, find_audio, read_audio, sf_path, without_copies
 from edge.bundle import SAFE_LABEL
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
@@ -157,15 +157,27 @@ def require_held_out(windows: int, params: FeatureParams, held: list[Path] | Non
         )
 
 
-def training_audio(paths: list[str | Path], samplerate: int | None = None) -> list[Path]:
+def training_audio(
+    paths: list[str | Path],
+    samplerate: int | None = None,
+    window_seconds: float = FeatureParams().window_seconds,
+) -> list[Path]:
     """The audio files under `paths`; an AudioError when there are none, when any cannot be
     used (all of them named; below the model's `samplerate` among them), or when they hold less
-    than edge.advice.MIN_AUDIO_SECONDS (the line says how much more to record)."""
+    than edge.advice.MIN_AUDIO_SECONDS (the line says how much more to record). Recordings
+    shorter than one window are left out, and folders without audio named, in a warning."""
     files = find_audio(paths)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(p) for p in paths))
-    audio_seconds(files, samplerate=samplerate)  # every unusable file named, copies among them
-    files = without_copies(files)
+    for folder in (Path(p) for p in paths):
+        if folder.is_dir() and not find_audio([folder], quiet=True):
+            log.warning("%s: no audio files in this folder", folder)
+    # every unusable file named, copies among them
+    lengths = check_files(files, samplerate=samplerate)
+    pairs = zip(files, lengths, strict=True)
+    short = [str(f) for f, (n, rate) in pairs if n < window_seconds * rate]
+    warn_short(short, window_seconds)
+    files = without_copies([f for f in files if str(f) not in short])
     require_audio(audio_seconds(files, samplerate=samplerate), "train")
     return files
 
@@ -201,7 +213,7 @@ def threshold_from_holdout(
 
 def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0) -> Split:
     """Read normal recordings and split them into training and held-out windows."""
-    files = training_audio(paths, params.samplerate)
+    files = training_audio(paths, params.samplerate, params.window_seconds)
     holdout = holdout_split(files)
     dense = dense_params(params)
     train, hold, audios = [], [], []

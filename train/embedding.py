@@ -608,7 +608,9 @@ def fit_embedding(
     groups = (
         state_folders(states, params.samplerate)
         if states
-        else {"normal": training_audio(list(normal or []), params.samplerate)}
+        else {
+            "normal": training_audio(list(normal or []), params.samplerate, params.window_seconds)
+        }
     )
     own = read_own(groups, params, channel, all_channels)
     corpus = load_corpus(params, exclude, corpus_path)

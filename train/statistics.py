@@ -151,7 +151,7 @@ def collect(
     all_channels: bool = False,
 ) -> Run:
     """Feature vectors of the normal audio, split by the held-out rule of every trainer."""
-    files = training_audio(normal, params.samplerate)
+    files = training_audio(normal, params.samplerate, params.window_seconds)
     holdout = holdout_split(files)
     dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
