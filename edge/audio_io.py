@@ -85,7 +85,7 @@ def find_audio(paths: Iterable[str | Path], quiet: bool = False) -> list[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            raise AudioError(f"{path}: no such file or folder")
+            raise AudioError(f"{path}: {_not_there(path)}")
     seen: set[Path] = set()
     unique = []
     for path in found:
@@ -94,6 +94,20 @@ def find_audio(paths: Iterable[str | Path], quiet: bool = False) -> list[Path]:
             seen.add(key)
             unique.append(path)
     return unique
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a path named as one recording is none."""
+    return "a folder: give the recording's file" if path.is_dir() else _not_there(path)
+
+
+def _not_there(path: Path) -> str:
+    """Why a path named as audio is neither a file nor a folder."""
+    if path.is_symlink():
+        return "a link that leads nowhere (to a file that is gone, or round in a loop)"
+    if path.exists():
+        return "not a file or folder (a pipe or a device): copy the recording into a file"
+    return "no such file or folder"
 
 
 def _search(folder: Path, quiet: bool = False) -> list[Path]:
@@ -183,7 +197,7 @@ def check_readable(
     AudioError with one clear line."""
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: no such file")
+        raise AudioError(f"{path}: {_not_a_file(path)}")
     try:
         info = sf.info(sf_path(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
@@ -244,7 +258,7 @@ def read_audio(
     and resampled block by block (READ_BLOCK_SECONDS), with the result of reading it whole."""
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: no such file")
+        raise AudioError(f"{path}: {_not_a_file(path)}")
     try:
         with sf.SoundFile(sf_path(path)) as fh:
             rate, channels = fh.samplerate, fh.channels

@@ -203,3 +203,21 @@ def test_replay_takes_folders_and_a_file_reached_twice_counts_once(tmp_path: Pat
     proc = cli("replay", str(DEMO_BUNDLE), str(folder), str(folder / NORMAL_FILES[0].name))
     assert proc.stderr.strip().splitlines()[-1].startswith("replay: 2 file(s), ")
     assert find_audio([folder, folder / NORMAL_FILES[1].name]) == sorted(folder.iterdir())
+
+
+def test_paths_that_are_no_recording_say_what_they_are(tmp_path: Path) -> None:
+    """A pipe, a link loop and a folder given as one recording were all "no such file"."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.wav")
+    (tmp_path / "a.wav").symlink_to(tmp_path / "b.wav")
+    (tmp_path / "b.wav").symlink_to(tmp_path / "a.wav")
+    (tmp_path / "folder.wav").mkdir()
+    with pytest.raises(AudioError, match=r"not a file or folder \(a pipe or a device\)"):
+        find_audio([tmp_path / "pipe.wav"])
+    with pytest.raises(AudioError, match="a link that leads nowhere"):
+        find_audio([tmp_path / "a.wav"])
+    with pytest.raises(AudioError, match="a folder: give the recording's file"):
+        read_audio(tmp_path / "folder.wav", RATE)
+    with pytest.raises(AudioError, match="no such file or folder"):
+        check_readable(tmp_path / "gone.wav")
