@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from edge.errors import BundleError
 from edge.features import FeatureParams
-from edge.private import atomic_write, pid_running, sync_folder
+from edge.private import atomic_write, file_on_the_way, pid_running, sync_folder
 from edge.runtime import TfliteModel
 
 log = logging.getLogger(__name__)
@@ -464,6 +464,11 @@ def check_bundle_target(path: str | Path) -> set[str]:
     among someone's recordings (`train` and `calibrate` check before they start)."""
     path = Path(path)
     if not path.exists():
+        on_the_way = file_on_the_way(path)
+        if on_the_way != path and not on_the_way.is_dir():
+            raise BundleError(
+                f"{path}: {on_the_way} is a file, not a folder; choose another bundle path"
+            )
         return set()
     if not path.is_dir():
         raise BundleError(f"{path}: exists and is not a folder; choose another bundle path")

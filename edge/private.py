@@ -4,6 +4,7 @@ are readable by the daemon's user only, whoever starts it and whatever its umask
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -20,10 +21,21 @@ TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 def private_dir(path: Path) -> Path:
-    """Create `path` (and missing parents) 0700; tighten it if it is ours and looser."""
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    """Create `path` (and missing parents) 0700; tighten it if it is ours and looser. A file
+    where a folder must be (it, or one on its way) is said as such, not "File exists"."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    except (FileExistsError, NotADirectoryError):
+        there = file_on_the_way(path)
+        said = "a file, not a folder" if there == path else f"{there} is a file, not a folder"
+        raise NotADirectoryError(errno.ENOTDIR, said, str(path)) from None
     _tighten(path, DIR_MODE)
     return path
+
+
+def file_on_the_way(path: Path) -> Path:
+    """The first of `path` and its parents that exists (a file where a folder must be)."""
+    return next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), path)
 
 
 def private_file(path: Path) -> Path:

@@ -394,3 +394,22 @@ def test_train_names_what_it_leaves_out(tmp_path: Path, caplog: pytest.LogCaptur
     assert f"{tmp_path / 'empty'}: no audio files in this folder" in caplog.text
     with pytest.raises(AudioError, match="at least 10 s"):  # what is left is judged
         training_audio([NORMAL_FILES[0], tmp_path / "short.wav"])
+
+
+def test_a_file_where_a_folder_must_be_is_said_before_any_work(tmp_path: Path) -> None:
+    """`--out rec.wav/x.bundle` trained first and then failed with "File exists: rec.wav", and
+    a data_dir that is a file said the same."""
+    recording = tmp_path / "rec.wav"
+    recording.write_bytes(NORMAL_FILES[0].read_bytes())
+    out = recording / "x.bundle"
+    proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out), check=False)
+    assert proc.returncode == 1 and "Training" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"soundsentry: error: {out}: {recording} is a file, not a folder; choose another bundle "
+        "path"
+    ]
+    env = {"SOUNDSENTRY_DATA_DIR": str(recording)}
+    proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), env=env, check=False)
+    assert proc.stderr.strip().splitlines() == [
+        f"soundsentry: error: data_dir {recording}: a file, not a folder"
+    ]
