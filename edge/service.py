@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from edge.messages import EventMessage, iso
 from edge.pipeline import Step
 from edge.private import private_dir, user_name
 from edge.settings import Settings
+from edge.spool import Spool
 from edge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,8 @@ def run_detector(
         _install_signals(stop, controller.submit_reload)  # before the wait: SIGTERM stops cleanly
         if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
             log.warning(
-                "MQTT: no connection to %s:%d after %g s (%s); events are spooled until there is",
+                "MQTT: no connection to %s:%d after %g s (%s); events are spooled until it "
+                "answers",
                 settings.mqtt.host, settings.mqtt.port, FIRST_CONNECT_WAIT_S,
                 publisher.problem or "no answer yet",
             )  # fmt: skip
@@ -125,6 +128,7 @@ def run_detector(
                 dashboard.stop()
             if publisher is not None:
                 publisher.close(CLOSE_FLUSH_S)
+                _say_undelivered(publisher.spool)
                 publisher.spool.close()
         return detector
     finally:
@@ -167,6 +171,25 @@ def mqtt_client_id(settings: Settings) -> str:
             settings.device_id,
         )
     return f"soundsentry-{settings.mqtt.prefix}-{settings.device_id}-{host_tag()}"
+
+
+def _say_undelivered(spool: Spool) -> None:
+    """At the end of a run: what the broker has not acknowledged waits for the next start."""
+    try:
+        left = spool.depth()
+    except sqlite3.Error:
+        return
+    if not left:
+        return
+    if spool.path is None:  # the spool file could not be opened: in memory only
+        log.error("MQTT: %d message(s) the broker did not take are lost", left)
+        return
+    log.warning(
+        "MQTT: %d message(s) the broker did not take wait in the spool %s: the next start sends "
+        "them",
+        left,
+        spool.path,
+    )
 
 
 def _owner(path: Path) -> int | None:

@@ -61,6 +61,27 @@ def test_spool_is_durable_ordered_and_bounded(
     assert again.dropped == 2
 
 
+def test_a_run_that_ends_with_messages_undelivered_says_where_they_wait(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replay against a broker that was down ended on its summary line alone: nothing said
+    that its events waited in the spool for the next start (or, in memory, were lost)."""
+    from edge.service import _say_undelivered
+
+    spool = Spool(tmp_path / "spool.sqlite")
+    _say_undelivered(spool)
+    assert "did not take" not in caplog.text, "nothing to say when all went"
+    for n in range(3):
+        spool.append("d/events", f"m{n}")
+    _say_undelivered(spool)
+    assert f"3 message(s) the broker did not take wait in the spool {spool.path}" in caplog.text
+    memory = Spool(None)
+    memory.append("d/events", "m")
+    _say_undelivered(memory)
+    assert "1 message(s) the broker did not take are lost" in caplog.text
+    spool.close()
+
+
 def test_a_full_spool_drops_what_a_consumer_can_best_do_without_first(tmp_path: Path) -> None:
     """An anomaly through a day's broker outage: its updates (one every few seconds) used to
     push its own `start`, and every event before it, out of a full spool."""
