@@ -48,15 +48,32 @@ EXTRAS = {
 """Modules of the optional extras (pyproject.toml), by top-level name."""
 
 
+TIMED_LOGS = ("run", "replay", "record", "demo")
+"""Commands that run for minutes to months: their log lines carry the time and the source."""
+
+
+class _ShortFormatter(logging.Formatter):
+    """`warning: ...` and `error: ...`, as the commands' own advice lines read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    # The daemon's commands (and any run with --log-level) log with time and source, for a
+    # journal or a terminal over hours; a command that is done in a minute speaks as its own
+    # `warning:` and `note:` lines do.
+    timed = args.command in TIMED_LOGS or args.log_level is not None
     logging.basicConfig(
         level=getattr(logging, args.log_level or "WARNING"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if timed else "%(message)s",
         stream=sys.stderr,
     )
+    if not timed:
+        logging.getLogger().handlers[0].setFormatter(_ShortFormatter())
     try:
         return int(args.func(args) or 0)
     except SoundSentryError as exc:
