@@ -70,6 +70,17 @@ def test_same_seed_same_model(tiny_bundle: Path, tmp_path: Path) -> None:
     assert load_bundle(again).manifest.threshold.value == first.threshold.value
 
 
+def test_evaluate_refuses_a_file_given_as_normal_and_anomalous() -> None:
+    """A fault recording inside the folder given as normal counted on both sides: AUC 0.500
+    and no word of why."""
+    proc = cli("evaluate", str(DEMO_BUNDLE), "--normal", str(ANOMALOUS_FILE.parent),
+               "--anomalous", str(ANOMALOUS_FILE), check=False)  # fmt: skip
+    assert proc.returncode == 1 and "AUC" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"soundsentry: error: 1 file(s) given as both normal and anomalous: {ANOMALOUS_FILE}"
+    )
+
+
 def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "eval.json"
     proc = cli(
