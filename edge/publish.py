@@ -424,7 +424,8 @@ class MqttPublisher:
         while the daemon looks healthy and spools every event. A fresh connection is opened
         (our on_connect may not have finished), then the thread; with backoff while it keeps
         ending."""
-        if self._closing.is_set() or getattr(self.client, "_thread", None) is not None:
+        alive = getattr(self.client, "_thread", True)  # a paho without it: not watched
+        if self._closing.is_set() or alive is not None:
             if self.connected:
                 self._network_wait_s = 0.0
             return

@@ -57,8 +57,8 @@ EXPENDABLE = (
 """What a full spool drops first, in this order, before the oldest of the rest."""
 
 FULL_LOG_EVERY_S = 60.0
-"""A full spool drops the oldest message for every new one; it says so at most this often
-(with the count), not once per message for the whole of a long broker outage."""
+"""A full spool drops a message for every new one; it says so at most this often (with the
+count), not once per message for the whole of a long broker outage."""
 
 
 def open_spool(path: Path, max_messages: int) -> Spool:

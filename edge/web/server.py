@@ -483,14 +483,14 @@ class Handler(BaseHTTPRequestHandler):
         wav = self.dash.clip_file(name)
         if wav is None:
             return self._error(HTTPStatus.NOT_FOUND, "no such clip")
+        png = name.endswith(".png")
         try:
-            if name.endswith(".png"):
-                image = self.dash.spectrogram(wav)
-                return self._send(HTTPStatus.OK, image, "image/png", cache=True)
-            data = wav.read_bytes()
+            data = self.dash.spectrogram(wav) if png else wav.read_bytes()
         except (OSError, sf.LibsndfileError, ValueError) as exc:  # removed by retention meanwhile,
             log.warning("web: clip %s cannot be served: %s", name, exc)  # or a damaged file
             return self._error(HTTPStatus.NOT_FOUND, "clip gone or unreadable")
+        if png:
+            return self._send(HTTPStatus.OK, data, "image/png", cache=True)
         self._send_range(data, "audio/wav")
 
     def _send_range(self, data: bytes, kind: str) -> None:
