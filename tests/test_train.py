@@ -316,7 +316,10 @@ def test_evaluate_checks_its_timeline_file_before_scoring(tmp_path: Path) -> Non
     missing = tmp_path / "typo.wav"
     proc = cli(*base, "--report", str(tmp_path / "rep"), "--timeline", str(missing), check=False)
     assert proc.returncode == 1 and proc.stdout == ""  # nothing scored, nothing printed
-    assert proc.stderr.strip().splitlines()[-1] == f"soundsentry: error: {missing}: no such file"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"soundsentry: error: {missing}: no such file or folder"
+    )
     assert not (tmp_path / "rep").exists()
     proc = cli(*base, "--timeline", str(ANOMALOUS_FILE), check=False)
     assert proc.returncode == 1 and proc.stdout == ""
