@@ -169,8 +169,19 @@ create_user() {
 # version (an OS upgrade from Bookworm to Trixie) is rebuilt, since its site-packages would not
 # be found. The version is read from pyvenv.cfg: the venv's python is a link to the OS's,
 # which reports the new version once the OS has moved on.
+# The extras an earlier venv holds (by its packages' folders: after an OS upgrade its python
+# may be gone): a rebuild installs them again, instead of a Pi that trained or drew reports on
+# site losing `train` or `evaluate --report` at the next upgrade.
+kept_extras() {
+  local extras="web"
+  if compgen -G "$VENV/lib/python*/site-packages/tensorflow" >/dev/null; then extras+=",train"; fi
+  if compgen -G "$VENV/lib/python*/site-packages/matplotlib" >/dev/null; then extras+=",report"; fi
+  echo "$extras"
+}
+
 install_venv() {
-  local want have=""
+  local want have="" extras
+  extras=$(kept_extras)
   want=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   if [ -f "$VENV/pyvenv.cfg" ]; then
     have=$(sed -n 's/^version\(_info\)\{0,1\} *= *\([0-9]*\.[0-9]*\).*/\2/p' "$VENV/pyvenv.cfg" | head -n 1)
@@ -191,9 +202,9 @@ install_venv() {
     mkdir -p "$(dirname "$VENV")"
     "$PYTHON" -m venv "$VENV"
   fi
-  say "installing ${SOURCE}[web] into $VENV"
+  say "installing ${SOURCE}[$extras] into $VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade \
-    "${SOURCE}[web]"
+    "${SOURCE}[$extras]"
   if [[ "$SOURCE" == *.whl ]]; then
     # pip skips a wheel whose version is installed already: an upgrade would keep the old code.
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \

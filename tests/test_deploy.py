@@ -349,13 +349,20 @@ def test_a_venv_of_another_python_is_rebuilt(installed: Path) -> None:
     reads the venv's own (pyvenv.cfg) to know its site-packages are for another one."""
     pyvenv = installed / "opt/soundsentry/venv/pyvenv.cfg"
     pyvenv.write_text(pyvenv.read_text().replace("version = 3.", "version = 2."))
+    # the [report] extra installed on site (the rebuild dropped it: evaluate --report failed)
+    (site,) = (installed / "opt/soundsentry/venv/lib").glob("python*/site-packages")
+    (site / "matplotlib").mkdir(exist_ok=True)
     proc = run_installer(installed)
     want = f"{sys.version_info[0]}.{sys.version_info[1]}"
     assert f"rebuilding {installed}/opt/soundsentry/venv (Python 2." in proc.stdout
     assert f"-> {want})" in proc.stdout
+    assert "[web,report] into" in proc.stdout, proc.stdout
     assert "version = 3." in pyvenv.read_text()
     exe = installed / "opt/soundsentry/venv/bin/soundsentry"
     assert subprocess.run([exe, "--version"], capture_output=True, text=True).returncode == 0
+    python = installed / "opt/soundsentry/venv/bin/python"
+    drawn = subprocess.run([python, "-c", "import matplotlib"], capture_output=True, text=True)
+    assert drawn.returncode == 0, drawn.stderr
 
 
 @pytest.mark.slow
