@@ -204,7 +204,7 @@ def check_readable(
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
-    _check_complete(path)  # first: a damaged header also says "no samples"
+    _check_complete(path, info.extra_info)  # first: a damaged header also says "no samples"
     if info.frames <= 0:
         raise AudioError(f"{path}: the file holds no audio samples")
     if channel >= info.channels and not (mono_any and info.channels == 1):
@@ -407,13 +407,13 @@ UNCHUNKED_BYTES = 4096
 """Bytes after a WAV's chunks that are none (a few pad bytes are common) before it is refused."""
 
 
-def _check_complete(path: Path) -> None:
+def _check_complete(path: Path, extra_info: str | None = None) -> None:
     """Refuse a WAV whose header announces more audio than the file holds (a cut-off copy), or
     far less: audio after its data chunk that is no chunk at all (a header written before the
     recording ended, or damaged) would be left out without a word."""
     if path.suffix.lower() != ".wav":
         return
-    info = sf.info(sf_path(path)).extra_info
+    info = extra_info if extra_info is not None else sf.info(sf_path(path)).extra_info
     match = _DATA_CHUNK.search(info)
     if match:
         declared, actual = int(match.group(1)), int(match.group(2))

@@ -173,12 +173,13 @@ def training_audio(
         if folder.is_dir() and not find_audio([folder], quiet=True):
             log.warning("%s: no audio files in this folder", folder)
     # every unusable file named, copies among them
-    lengths = check_files(files, samplerate=samplerate)
-    pairs = zip(files, lengths, strict=True)
-    short = [str(f) for f, (n, rate) in pairs if n < window_seconds * rate]
+    seconds = {
+        f: n / rate for f, (n, rate) in zip(files, check_files(files, 0, samplerate), strict=True)
+    }
+    short = [str(f) for f in files if seconds[f] < window_seconds]
     warn_short(short, window_seconds)
-    files = without_copies([f for f in files if str(f) not in short])
-    require_audio(audio_seconds(files, samplerate=samplerate), "train")
+    files = without_copies([f for f in files if seconds[f] >= window_seconds])
+    require_audio(sum(seconds[f] for f in files), "train")
     return files
 
 

@@ -291,7 +291,7 @@ class _Server(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         """A thread for the connection while fewer than MAX_CONNECTIONS are served, and fewer
         than MAX_PER_ADDRESS from its address; else a 503 and close."""
-        host = client_address[0] if isinstance(client_address, tuple) else ""
+        host = _host(client_address)
         with self.lock:
             crowded = self.per_address.get(host, 0) >= MAX_PER_ADDRESS
             if not crowded:
@@ -316,7 +316,7 @@ class _Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
-            self._leave(client_address[0] if isinstance(client_address, tuple) else "")
+            self._leave(_host(client_address))
 
     def _leave(self, host: str) -> None:
         with self.lock:
@@ -335,6 +335,11 @@ class _Server(ThreadingHTTPServer):
             log.debug("web: %s went away: %s", client_address[0], exc)
             return
         log.error("web: a request from %s failed", client_address[0], exc_info=True)
+
+
+def _host(client_address: Any) -> str:
+    """The address a connection comes from (an IPv4 or IPv6 socket's first field)."""
+    return client_address[0] if isinstance(client_address, tuple) else ""
 
 
 class PortTakenError(SoundSentryError):
