@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edge.audio_io import check_files
+from edge.audio_io import check_files, first_few
 from edge.errors import AudioError
 from edge.machine_state import OFF
 from edge.threshold import describe
@@ -44,10 +44,9 @@ def warn_short(short: list[str], window_seconds: float) -> None:
     would count towards the minimum of audio without giving the model or the threshold a single
     window."""
     if short:
-        listed = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
         log.warning(
             "%d recording(s) shorter than one %g-s window left out: %s",
-            len(short), window_seconds, listed,
+            len(short), window_seconds, first_few(short, 5),
         )  # fmt: skip
 
 

@@ -144,20 +144,21 @@ def _note_skipped(folder: Path, hidden: list[str], other: list[str], unreadable:
     """One warning line naming what a folder search left out."""
     parts = []
     if unreadable:
-        parts.append(f"{len(unreadable)} folder(s) it may not read ({_some(unreadable)})")
+        parts.append(f"{len(unreadable)} folder(s) it may not read ({first_few(unreadable)})")
     if hidden:
-        parts.append(f"{len(hidden)} hidden or system ({_some(hidden)})")
+        parts.append(f"{len(hidden)} hidden or system ({first_few(hidden)})")
     if other:
         known = ", ".join(sorted(AUDIO_SUFFIXES))
-        parts.append(f"{len(other)} not a format read here ({_some(other)}; read: {known})")
+        parts.append(f"{len(other)} not a format read here ({first_few(other)}; read: {known})")
     if parts:
         log.warning("%s: skipped %s", folder, "; ".join(parts))
 
 
-def _some(names: list[str]) -> str:
-    """The first few names, and how many more."""
-    more = len(names) - LISTED_PROBLEMS
-    return ", ".join(sorted(names)[:LISTED_PROBLEMS]) + (f" and {more} more" if more > 0 else "")
+def first_few(names: Iterable[str], count: int = LISTED_PROBLEMS) -> str:
+    """The first `count` names in sorted order, and how many more."""
+    names = sorted(names)
+    more = len(names) - count
+    return ", ".join(names[:count]) + (f" and {more} more" if more > 0 else "")
 
 
 def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:

@@ -67,13 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # journal or a terminal over hours; a command that is done in a minute speaks as its own
     # `warning:` and `note:` lines do.
     timed = args.command in TIMED_LOGS or args.log_level is not None
-    logging.basicConfig(
-        level=getattr(logging, args.log_level or "WARNING"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if timed else "%(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if timed
+        else _ShortFormatter()
     )
-    if not timed:
-        logging.getLogger().handlers[0].setFormatter(_ShortFormatter())
+    logging.basicConfig(level=getattr(logging, args.log_level or "WARNING"), handlers=[handler])
     try:
         return int(args.func(args) or 0)
     except SoundSentryError as exc:

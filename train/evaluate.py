@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.audio_io import check_files, find_audio, read_audio
+from edge.audio_io import check_files, find_audio, first_few, read_audio
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_file
 from edge.errors import AudioError, SoundSentryError
 from edge.features import windows_of
@@ -146,12 +146,11 @@ def evaluate(
     for files, paths in zip(found, (normal, anomalous), strict=True):
         if not files:
             raise AudioError(f"no audio files in {' '.join(str(x) for x in paths)}")
-    both = sorted({f.resolve() for f in found[0]} & {f.resolve() for f in found[1]})
+    both = {f.resolve() for f in found[0]} & {f.resolve() for f in found[1]}
     if both:  # its scores would count as normal and as a fault: the AUC says nothing
-        listed = ", ".join(map(str, both[:3])) + (
-            f" and {len(both) - 3} more" if len(both) > 3 else ""
+        raise AudioError(
+            f"{len(both)} file(s) given as both normal and anomalous: {first_few(map(str, both))}"
         )
-        raise AudioError(f"{len(both)} file(s) given as both normal and anomalous: {listed}")
     every = [f for files in found for f in files]
     check_files(every, max(channel, 0), p.samplerate)
     _warn_if_trained_on(bundle, every)
