@@ -335,7 +335,8 @@ def write_bundle(
     body.pop("checksum", None)
     body["checksum"] = manifest_checksum(body)
     try:
-        Manifest.model_validate(body)
+        # what is validated is what is written, and read back as load_bundle reads it
+        Manifest.model_validate(json.loads(json.dumps(body)), strict=True)
     except ValidationError as exc:
         raise BundleError(f"{path}: refusing to write an invalid manifest: {_first(exc)}") from None
     earlier = check_bundle_target(path)
@@ -631,7 +632,8 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
         raw, arrays = _from_v1(raw)
     _check_files_listed(file, raw.get("files"))
     try:
-        manifest = Manifest.model_validate(raw)
+        # strict: a hand-edited "1.5" or true is refused, not read as the number it resembles
+        manifest = Manifest.model_validate(raw, strict=True)
     except ValidationError as exc:
         if exc.errors()[0]["type"] == "extra_forbidden":  # a field this version does not know
             raise BundleError(
