@@ -356,6 +356,8 @@ class _Summary:
             what = "digital silence"
         elif self.high - self.low < FLAT_RANGE:
             what = "a flat line (a constant level)"
+        elif self.clipped > SATURATED_FRACTION * self.frames:
+            what = f"{100 * self.clipped / self.frames:.0f} % at full scale (saturated)"
         else:
             _warn_quality(path, self.clipped / self.frames, self.total / self.frames)
             return
@@ -375,6 +377,9 @@ def _refuse_sound(path: str | Path, what: str, channel: int, channels: int) -> N
 
 CLIPPED_FRACTION = 0.01
 """Samples at full scale beyond this share (the daemon's own `clipping` fault) are warned of."""
+SATURATED_FRACTION = 0.5
+"""Beyond this share at full scale a recording is refused: what is left of the machine's sound
+is the sign of each sample (a square wave), whatever the machine does."""
 DC_OFFSET = 0.01
 """A mean beyond this (1 % of full scale) is warned of: the lowest band of the features carries
 it, so a recording with another offset looks different to the model."""

@@ -283,6 +283,13 @@ def test_clipped_recordings_and_a_dc_offset_are_warned_of_by_name(tmp_path: Path
     assert len(warned) == 2, proc.stderr
     assert "n0.wav" in warned[0] and "at full scale (clipped)" in warned[0]
     assert "n1.wav" in warned[1] and "a DC offset of +0.050" in warned[1]
+    saturated = folder / "n0.wav"  # the gain so high that nearly every sample is at full scale
+    sf.write(str(saturated), np.clip(_mono(NORMAL_FILES[0]) * 1e5, -1, 1), RATE, subtype="PCM_16")
+    refused = cli("train", "--normal", str(folder), "--out", str(tmp_path / "m2.bundle"),
+                  check=False)  # fmt: skip
+    line = _error_line(refused)
+    assert refused.returncode == 1 and "n0.wav" in line and "at full scale (saturated)" in line
+    assert not (tmp_path / "m2.bundle").exists()
 
 
 def test_mistakes_on_the_command_line_are_one_line_before_any_work(tmp_path: Path) -> None:
@@ -305,6 +312,9 @@ def test_mistakes_on_the_command_line_are_one_line_before_any_work(tmp_path: Pat
     notes.write_text("mine\n")
     line = _error_line(cli(*args, "--report", str(notes), check=False))
     assert "--report" in line and "not a folder" in line and notes.read_text() == "mine\n"
+    typo = _error_line(cli("train", "--normal", *fan, "--out", str(tmp_path / "b.bundle"),
+                           "--false-alarms-per-day", "1e9", check=False))  # fmt: skip
+    assert "--false-alarms-per-day" in typo and "at most 10000" in typo
     line = _error_line(cli(*args, "--float", check=False))
     assert "--float" in line and "holds no network" in line
     out = str(tmp_path / "m.bundle")
