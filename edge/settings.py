@@ -32,6 +32,7 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 from edge.errors import SettingsError
 from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N
+from edge.threshold import MAX_FALSE_ALARMS_PER_DAY
 
 _TOPIC_SAFE = r"^[^/+#\s]+$"
 _LOG_LEVELS = r"^(DEBUG|INFO|WARNING|ERROR)$"
@@ -307,7 +308,10 @@ class LearningSettings(_Section):
         10, ge=1, le=1000, description="Bundle versions made on the device that are kept."
     )
     false_alarms_per_day: float | None = Field(
-        None, gt=0.0, le=10000.0, description="Budget of refits; unset = the bundle's own."
+        None,
+        gt=0.0,
+        le=MAX_FALSE_ALARMS_PER_DAY,
+        description="Budget of refits; unset = the bundle's own.",
     )
 
 

@@ -78,6 +78,9 @@ RULE = "false-alarm-budget/gamma"
 SECONDS_PER_HOUR = 3600.0
 SECONDS_PER_DAY = 86400.0
 DEFAULT_FALSE_ALARMS_PER_DAY = 1.0
+MAX_FALSE_ALARMS_PER_DAY = 10000.0
+"""The largest budget taken (one every 8.6 s): beyond it a threshold means nothing, and a typo
+such as 1e9 would set one below every normal window."""
 CUSUM_SHARE = 0.5
 """Share of the false-alarm budget given to the CUSUM path; the rest goes to K-of-N."""
 MIN_CUSUM_WINDOWS = 10

@@ -188,7 +188,7 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--false-alarms-per-day",
-        type=_positive_float,
+        type=_budget,
         default=None,
         metavar="F",
         help="false-alarm budget that sets the threshold (default 1 per day; not --classes)",
@@ -251,7 +251,7 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="MODEL2", help="bundle to write")
     p.add_argument(
         "--false-alarms-per-day",
-        type=_positive_float,
+        type=_budget,
         default=None,
         metavar="F",
         help="false-alarm budget (default: the model's)",
@@ -449,6 +449,18 @@ def _positive_float(text: str) -> float:
     value = _number(text, float)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _budget(text: str) -> float:
+    from edge.threshold import MAX_FALSE_ALARMS_PER_DAY
+
+    value = _number(text, float)
+    if not math.isfinite(value) or not 0 < value <= MAX_FALSE_ALARMS_PER_DAY:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of false alarms per day above 0 and at most "
+            f"{MAX_FALSE_ALARMS_PER_DAY:g} (one every 8.6 s)"
+        )
     return value
 
 
