@@ -166,28 +166,49 @@ def read_events(folder: Path, since: datetime | None = None) -> list[LoggedEvent
     are not complete JSON (a write cut short) are skipped."""
     latest: dict[str, dict[str, Any]] = {}
     for path in (folder / ROTATED_NAME, folder / LOG_NAME):
+        damaged = 0
         for data in _lines(path):
-            if not _valid(data):  # a damaged end must not replace its good start
+            if data is None or not _valid(data):  # a damaged end must not replace its start
+                damaged += 1
                 continue
             event_id = data["event_id"]
             if data.get("type") == "end" or event_id not in latest:
                 latest[event_id] = _cleaned(data)
+        _say_damaged(path, damaged)
     events = [LoggedEvent(d) for d in latest.values()]
     if since is not None:
         events = [e for e in events if e.started >= since]
     return sorted(events, key=lambda e: e.started)
 
 
-def _lines(path: Path) -> Iterable[dict[str, Any]]:
+_damaged_said: dict[Path, int] = {}
+"""How many damaged lines each log was last said to hold: the dashboard reads the log at every
+refresh, and one line cut short by a power cut is said once, not once a minute for months."""
+
+
+def _say_damaged(path: Path, damaged: int) -> None:
+    """Name the lines of a log that were skipped, when their number changes."""
+    if damaged and _damaged_said.get(path) != damaged:
+        log.warning(
+            "%s: %d line(s) skipped, not an event record (a write cut short by a power cut, "
+            "or an edit); the other events are listed",
+            path, damaged,
+        )  # fmt: skip
+    _damaged_said[path] = damaged
+
+
+def _lines(path: Path) -> Iterable[dict[str, Any] | None]:
+    """Each line's record; None for a line that is not one (it is counted, then skipped)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:  # a damaged line is skipped
+        with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
+                if not line.strip():
+                    continue
                 try:
                     data = json.loads(line)
                 except ValueError:
-                    continue
-                if isinstance(data, dict):
-                    yield data
+                    data = None
+                yield data if isinstance(data, dict) else None
     except FileNotFoundError:
         return
     except OSError as exc:

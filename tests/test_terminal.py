@@ -426,6 +426,23 @@ def test_event_log_lines_that_are_damaged_or_odd_lose_nothing_else(tmp_path: Pat
     assert "peak - (threshold -)" in format_event(events[1])
 
 
+def test_damaged_event_log_lines_are_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line cut short by a power cut was dropped without a word: `events` listed one event
+    fewer than the log held, and nothing said why."""
+    log = EventLog(tmp_path)
+    log.append(_event("start", 1))
+    with open(log.path, "a") as fh:
+        fh.write('{"type": "start", "event_id": "e2", "started_at": "2026-01\n')
+    log.append(_event("start", 3))
+    with caplog.at_level(logging.WARNING, logger="edge.eventlog"):
+        assert [e.data["event_id"] for e in read_events(tmp_path)] == ["e1", "e3"]
+        assert [e.data["event_id"] for e in read_events(tmp_path)] == ["e1", "e3"]
+    said = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(said) == 1 and "1 line(s) skipped" in said[0] and str(log.path) in said[0]
+
+
 def test_an_interrupted_event_and_its_trigger_are_in_the_csv_and_the_listing(
     tmp_path: Path,
 ) -> None:
