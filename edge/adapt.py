@@ -268,7 +268,7 @@ class Adapter:
         try:
             private_dir(self.folder)
             p.store.save(self.folder / name)
-            bundle = self._refit("learning", in_use, name, marked)
+            bundle = self._refit("learning", in_use, name, marked, period=p.started_at)
         except (UnwrittenError, OSError) as exc:  # the period as saved above stays
             (self.folder / name).unlink(missing_ok=True)
             said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -342,8 +342,16 @@ class Adapter:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _refit(self, reason: str, in_use: Bundle, site: str | None, marked: list[str]) -> Bundle:
-        """Refit the base with the site's features, write and load the new version."""
+    def _refit(
+        self,
+        reason: str,
+        in_use: Bundle,
+        site: str | None,
+        marked: list[str],
+        period: str | None = None,
+    ) -> Bundle:
+        """Refit the base with the site's features, write and load the new version; `period`:
+        the start of the period it ends, recorded so that a restart does not refit it again."""
         base = self.base()
         stores = [FeatureStore.load(self.folder / site, self.settings.max_windows)] if site else []
         readable = []
@@ -390,6 +398,7 @@ class Adapter:
             site=site,
             marked=marked,
             of=self.configured.model_id,
+            **({"period": period} if period else {}),
             **summary,
         )
         self.last_refit = {"reason": reason, "model": bundle.model_id, **summary}
@@ -466,6 +475,12 @@ class Adapter:
             seconds, collected = float(data["seconds"]), float(data["collected_s"])
         except (LearningError, KeyError, TypeError, ValueError) as exc:
             log.warning("learning: the saved period is dropped: %s", exc)
+            self.cancel()
+            return
+        started = data.get("started_at")
+        done = [e for e in self.history.entries if started and e.get("period") == started]
+        if done:  # a power cut between the version's record and the period's deletion
+            log.info("learning: the saved period ended in version %d already", done[-1]["version"])
             self.cancel()
             return
         hop = self.configured.features.hop_seconds

@@ -484,7 +484,8 @@ class Detector:
             return
         self.index.add(step.window.score)
         eid = self.pipeline.events.event_id
-        period = self.adapter.period if self.adapter is not None else None
+        # a mute pauses the period: maintenance (grinding, a machine opened up) is not normal
+        period = self.adapter.period if self.adapter is not None and not self.muted else None
         if self._featurize is None or not (eid or period) or step.window.start not in tap.windows:
             return
         row = self._featurize(tap.windows[step.window.start])

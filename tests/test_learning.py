@@ -35,6 +35,7 @@ from conftest import (
 from detector_helpers import Recorder
 from mqtt_helpers import Subscriber
 
+from edge.adapt import Adapter
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
 from edge.control import Controller
@@ -707,6 +708,43 @@ def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
     assert not (device.data / "models" / "fan-demo-12483c73-v1.bundle").exists()
     assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73-site-v2"
     assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73"
+
+
+def test_a_mute_pauses_the_learning_period(tmp_path: Path) -> None:
+    """Muted for maintenance, a period went on taking every running window: a fault (or the
+    grinding of a repair) joined the site's normal set and raised the refitted threshold."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=600).ok
+    assert device.command(command="mute", minutes=30).ok
+    device.replay(ANOMALOUS_FILE)
+    assert device.detector.status()["learning"]["collected_s"] == 0
+    assert device.command(command="unmute").ok
+    device.replay(NORMAL_FILES[0])
+    assert device.detector.status()["learning"]["collected_s"] > 0
+
+
+def test_a_period_whose_version_was_recorded_is_not_refitted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut after the new version was recorded but before the period's files went: the
+    restart resumed the finished period and refitted it a second time (version 2, the same
+    audio), and held events off until it had."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=3600).ok
+    device.replay(*NORMAL_FILES)
+    real_cancel = Adapter.cancel
+    with monkeypatch.context() as patch:
+        patch.setattr(Adapter, "cancel", lambda self: False)  # the cut comes before it runs
+        assert device.command(command="learn", action="stop").ok
+    assert (device.data / "learning" / "period.json").exists()
+    assert Adapter.cancel is real_cancel
+    device.replay(NORMAL_FILES[0])
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    assert not device.detector.learning
+    assert [h["version"] for h in device.detector.status()["history"]] == [1]
+    assert not (device.data / "learning" / "period.json").exists()
 
 
 def test_the_summary_counts_recordings_by_content_not_by_name() -> None:
