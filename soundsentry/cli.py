@@ -348,7 +348,11 @@ def _add_replay(sub: Any) -> None:
 def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="the daemon: capture the microphone, publish events")
     p.add_argument("--model", type=Path, default=None, help="bundle (overrides the config)")
-    p.add_argument("--device", default=None, help="input device: index or name substring")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="input device: index, part of its name, or port:... (see `soundsentry devices`)",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_run)
 
@@ -370,7 +374,11 @@ def _add_record(sub: Any) -> None:
         default=16000,
         help="rate of the files (Hz, at least the models' 16000)",
     )
-    p.add_argument("--device", default=None, help="input device: index or name substring")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="input device: index, part of its name, or port:... (see `soundsentry devices`)",
+    )
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
     p.set_defaults(func=_cmd_record)
 
@@ -379,7 +387,11 @@ def _add_doctor(sub: Any) -> None:
     p = sub.add_parser("doctor", help="check audio, model, broker, clock, disk and service")
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
     p.add_argument("--model", type=Path, default=None, help="bundle (overrides the config)")
-    p.add_argument("--device", default=None, help="input device: index or name substring")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="input device: index, part of its name, or port:... (see `soundsentry devices`)",
+    )
     p.set_defaults(func=_cmd_doctor)
 
 
@@ -417,7 +429,11 @@ def _add_events(sub: Any) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
-    p.add_argument("--device-id", default=None, help="name of this detector (default: hostname)")
+    p.add_argument(
+        "--device-id",
+        default=None,
+        help="name of this detector (default: the config's device_id, else the host name)",
+    )
     p.add_argument("--mqtt-host", default=None, help="broker host (overrides the config)")
     p.add_argument("--mqtt-port", type=int, default=None, help="broker port")
 
