@@ -3,6 +3,7 @@ in state messages and in events; a machine switched off is `off`."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,25 @@ QUIET_DB = -15.0
 def test_the_vote_names_the_nearest_state_and_ignores_one_odd_window() -> None:
     namer = StateNamer(["fast", "slow"], np.array([[0.0, 0.0], [-10.0, -10.0]]))
     assert [namer.name(np.array(v)) for v in ([1, 0], [-9, -11], [0, 1])] == ["fast"] * 3
-    assert [namer.name(np.array([-10.0, -10.0])) for _ in range(3)][-1] == "slow"
+    assert [namer.name(np.array([-10.0, -10.0])) for _ in range(8)][-1] == "slow"
     namer.reset()
     assert namer.name(np.array([-10.0, -9.0])) == "slow"
+
+
+def test_the_name_does_not_flap_when_some_windows_sound_like_another_state() -> None:
+    """A plain majority of 5 renamed the machine 327 times an hour when one window in five lay
+    nearer the other state (a retained state message and a log line each time), and with three
+    states a tie alternated the name."""
+    levels = np.array([[0.0, 0.0], [-10.0, -10.0], [-20.0, -20.0]])
+    namer = StateNamer(["fast", "slow", "idle"], levels)
+    rng = np.random.default_rng(7)
+    heard = rng.choice(3, size=7200, p=[0.6, 0.2, 0.2])  # an hour at 0.5 s, mostly fast
+    names = [namer.name(levels[i]) for i in heard]
+    renames = sum(a != b for a, b in itertools.pairwise(names))
+    assert renames <= 4 and names[-1] == "fast", renames
+    namer.reset()  # a real change of state still renames it, within SWITCH_VOTES windows
+    named = [namer.name(levels[i]) for i in [0] * 10 + [1] * 10]
+    assert named[9] == "fast" and named[-1] == "slow" and named[10:].index("slow") <= 8
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +150,8 @@ def test_a_state_named_off_is_off_no_event_and_no_running_hours(
         settings = Settings(device_id="t", model=bundle_path, data_dir=tmp_path / name)
         bundle = load_bundle(bundle_path)
         Detector(settings, bundle, [rec], on_step=steps.append).run(FileSource([path], rate))
-        # Windows wholly inside the neighbour's 8 s, once the vote has had 3 windows to turn.
-        inside = [s for s in steps if stop_s + 2.0 <= s.start_s and s.end_s <= start_s]
+        # Windows wholly inside the neighbour's 8 s, once the vote has had its 8 windows to turn.
+        inside = [s for s in steps if stop_s + 4.0 <= s.start_s and s.end_s <= start_s]
         seen[name], steps_of[name] = (rec, inside), steps
     (off, off_inside), (control, control_inside) = seen["off"], seen["stopped"]
 
@@ -210,6 +227,13 @@ def test_a_quiet_state_folder_is_running_not_off() -> None:
     assert pooled > idle_level  # the defect: idle would be off
     assert by_state["off_below_dbfs"] < idle_level
     assert by_state["off_below_dbfs"] == pytest.approx(idle_level - 10, abs=0.01)
+    # idle recorded for under 1 % of the audio (3 s beside 10 min at full speed): the pooled
+    # quietest 1 % is the fast state's, so the off level lay above idle
+    long_fast = [np.tile(np.concatenate(fast), 30)]
+    short_idle = [idle[0][: 3 * params.samplerate]]
+    few = machine_profile(long_fast + short_idle, params, ["fast", "idle"], groups=[0, 1])
+    short_level = machine_profile(short_idle, params)["running_level_dbfs"]["p01"]
+    assert few["off_below_dbfs"] < short_level - 9
 
 
 def _gentle_stop(ramp_s: float, rate: int = 16000) -> np.ndarray:
