@@ -139,9 +139,9 @@ class Pipeline:
 
 
 def state_namer(bundle: Bundle) -> StateNamer | None:
-    """The state namer of a bundle trained with two or more state folders, else None."""
+    """The state namer of a bundle trained with state folders (one is named too), else None."""
     info = bundle.manifest.machine
-    if info is None or not info.states or len(info.states) < 2:
+    if info is None or not info.states:
         return None
     if "machine.state_levels" not in bundle.arrays:
         return None

@@ -264,6 +264,26 @@ def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: 
         train_embedding(None, tmp_path / "c.bundle", states=only_off, epochs=1)
 
 
+def test_one_state_folder_is_named_as_the_user_named_it(tmp_path: Path) -> None:
+    """`--normal-states` with one folder (`fast/`, no `off/`) stored no state names, so the
+    edge said `running` where the README says it names the state it hears."""
+    from edge.pipeline import Pipeline
+
+    fast = tmp_path / "states" / "fast"
+    fast.mkdir(parents=True)
+    for f in NORMAL_FILES:
+        (fast / f.name).symlink_to(f)
+    out = train_embedding(
+        None, tmp_path / "one.bundle", states=tmp_path / "states", epochs=1,
+        epoch_windows=TINY_EPOCH,
+    )  # fmt: skip
+    bundle = load_bundle(out)
+    assert bundle.manifest.machine.states == ["fast"]
+    pipeline = Pipeline(bundle)
+    steps = pipeline.push(read_audio(NORMAL_FILES[0], 16000))
+    assert steps and {s.state_name for s in steps} == {"fast"}
+
+
 def test_state_folders_are_checked_before_anything_is_trained(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

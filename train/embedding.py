@@ -206,6 +206,9 @@ class OwnAudio:
     state_recordings: dict[str, int] = field(default_factory=dict)
     """Recordings per state (a multichannel recording counts once)."""
     view_states: list[int] = field(default_factory=list)
+    named: bool = False
+    """The states are the user's folders (`--normal-states`), which the edge names even when
+    there is only one; plain `--normal` audio is one unnamed state."""
     """The state of each recording (each view), in the order of `audio` and the window lists."""
 
     def running(self, parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -217,9 +220,9 @@ class OwnAudio:
         return [p for p, i in zip(parts, self.view_states, strict=True) if self.states[i] != OFF]
 
     def state_levels(self) -> dict[str, np.ndarray]:
-        """With two or more states: each state's mean log-mel band levels (dB), by which the
-        edge names the state the machine runs in."""
-        if len(self.states) < 2:
+        """With named states: each state's mean log-mel band levels (dB), by which the edge
+        names the state the machine runs in."""
+        if not self.named and len(self.states) < 2:
             return {}
         levels = [
             np.concatenate([f for label, f in self.train_frames if label == i]).mean(axis=0)
@@ -613,6 +616,7 @@ def fit_embedding(
         }
     )
     own = read_own(groups, params, channel, all_channels)
+    own.named = bool(states)
     corpus = load_corpus(params, exclude, corpus_path)
     log.info(
         "corpus: %d clips of %d machines (%s)",
@@ -782,7 +786,7 @@ def _manifest(
         "machine": machine_profile(
             own.running(own.audio),
             params,
-            own.states if len(own.states) > 1 else None,
+            own.states if own.named or len(own.states) > 1 else None,
             groups=own.running(own.view_states),  # each state's own median level
         ),
         "validation": validation,
