@@ -299,10 +299,14 @@ class Detector:
         settings = settings or self.settings
         pipeline = Pipeline(bundle, settings.detector)
         if self.live and pipeline.machine.off_below_dbfs is None and pipeline.namer is None:
+            why, fix = (
+                ("a classifier's bundle", "")
+                if bundle.manifest.kind == "classifier"
+                else ("a bundle from before it did", "`soundsentry calibrate` adds it, or ")
+            )
             log.warning(
-                "%s records no running level (a bundle from before it did): a machine switched "
-                "off is not recognised as off; `soundsentry calibrate` on normal running adds "
-                "it, or set [detector] off_below_dbfs", bundle.model_id,
+                "%s records no running level (%s): a machine switched off is not recognised as "
+                "off; %sset [detector] off_below_dbfs", bundle.model_id, why, fix,
             )  # fmt: skip
         if self.live:
             _say_overrides(bundle, settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -112,6 +113,21 @@ def test_edge_publishes_class_changes_with_labels(classifier: Path) -> None:
     over = cli("replay", str(classifier), str(DEMO_CLIP), env=env, check=False)
     assert over.returncode != 0 and over.stdout == ""
     assert "a classifier's threshold is the probability" in over.stderr.strip().splitlines()[-1]
+
+
+def test_the_warning_of_no_running_level_gives_a_classifier_a_fix_that_works(
+    classifier: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It sent every classifier's user to `soundsentry calibrate`, which refuses classifiers."""
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    settings = Settings(device_id="t", model=classifier, data_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="edge.daemon"):
+        Detector(settings, load_bundle(classifier), [])
+    (said,) = [r.getMessage() for r in caplog.records if "no running level" in r.getMessage()]
+    assert "a classifier's bundle" in said and "calibrate" not in said
+    assert "[detector] off_below_dbfs" in said
 
 
 def test_class_tracker_needs_k_of_n_confident_windows() -> None:
