@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 LATENCY_SAMPLES = 1000
+REALTIME_SECONDS = 60.0
+"""The real-time factor is taken over this much of the latest audio."""
 THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
 THROTTLED_SYSFS = Path("/sys/devices/platform/soc/soc:firmware/get_throttled")
 
@@ -23,6 +25,9 @@ class Metrics:
         self.audio_seconds = 0.0
         self.busy_seconds = 0.0
         self._latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._recent: deque[tuple[float, float]] = deque()
+        """(audio, busy) seconds of the blocks of the last REALTIME_SECONDS of audio."""
+        self._recent_audio = self._recent_busy = 0.0
 
     def window_scored(self, seconds: float) -> None:
         """Record the processing time of one window."""
@@ -33,6 +38,13 @@ class Metrics:
         """Record a block's audio length and the time spent on it."""
         self.audio_seconds += audio_s
         self.busy_seconds += busy_s
+        self._recent.append((audio_s, busy_s))
+        self._recent_audio += audio_s
+        self._recent_busy += busy_s
+        while len(self._recent) > 1 and self._recent_audio - self._recent[0][0] >= REALTIME_SECONDS:
+            old_audio, old_busy = self._recent.popleft()
+            self._recent_audio -= old_audio
+            self._recent_busy -= old_busy
 
     @property
     def uptime_s(self) -> float:
@@ -41,8 +53,10 @@ class Metrics:
 
     @property
     def realtime_factor(self) -> float | None:
-        """Processing time per second of audio (0.01 = 1 % of real time)."""
-        return self.busy_seconds / self.audio_seconds if self.audio_seconds else None
+        """Processing time per second of audio over the last REALTIME_SECONDS of audio (0.01 =
+        1 % of real time): a Pi that throttles when the sun reaches its box shows at once, where
+        an average since the start hardly moved after a few days."""
+        return self._recent_busy / self._recent_audio if self._recent_audio > 0 else None
 
     def latency_ms(self, q: float) -> float | None:
         """Percentile `q` of per-window processing time, milliseconds."""

@@ -1,4 +1,5 @@
-"""Metrics match scikit-learn's (the DCASE evaluation uses roc_auc_score with max_fpr)."""
+"""Metrics match scikit-learn's (the DCASE evaluation uses roc_auc_score with max_fpr); the
+daemon's own metrics and its Prometheus exposition."""
 
 from __future__ import annotations
 
@@ -25,3 +26,41 @@ def test_perfect_and_spearman() -> None:
     assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert partial_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+
+
+# --- the daemon's metrics and /metrics -----------------------------------------------------------
+
+
+def test_the_realtime_factor_is_the_latest_minutes_not_the_runs_average() -> None:
+    """An average since the start: after ten minutes at 1 % of real time, a minute at 50 %
+    (a Pi throttling in the sun) showed as 5 %, and after days not at all."""
+    from edge.metrics import Metrics
+
+    m = Metrics()
+    for _ in range(6000):  # ten minutes of 0.1-s blocks at 1 %
+        m.block_processed(0.1, 0.001)
+    assert m.realtime_factor == pytest.approx(0.01)
+    for _ in range(600):  # one minute at 50 %
+        m.block_processed(0.1, 0.05)
+    assert m.realtime_factor == pytest.approx(0.5, rel=0.02)
+
+
+def test_prometheus_names_the_model_and_when_the_last_window_came() -> None:
+    """A relearn or reload changed score and threshold with no marker in the series, and a
+    score that stopped coming (a stall, a fault) stayed flat at its last value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge.web.live import LiveView
+    from edge.web.prometheus import exposition, registry_for
+
+    live = LiveView()
+    live.last_state = {"state": "normal", "model": "pump-3f2a-site-v2", "threshold": 2.5}
+    live.last_window_time = 1_800_000_000.0
+    text = exposition(registry_for(live, "pump"))[0].decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (info,) = families["soundsentry_model_info"].samples
+    assert info.labels == {"device_id": "pump", "model": "pump-3f2a-site-v2"} and info.value == 1
+    (at,) = families["soundsentry_last_window_timestamp_seconds"].samples
+    assert at.value == 1_800_000_000.0
+    hours = families["soundsentry_machine_running_hours"]
+    assert "kept across restarts" in hours.documentation

@@ -73,6 +73,8 @@ class LiveView(Sink):
         self.last_window: dict[str, Any] | None = None
         self.last_status: dict[str, Any] = {}
         self.events_started = 0
+        self.last_window_time: float | None = None
+        """When the latest window was scored (Unix time): a score that stopped coming is seen."""
         self._status_source: Callable[[], dict[str, Any]] | None = None
         self._status_at = float("-inf")
 
@@ -123,8 +125,9 @@ class LiveView(Sink):
 
     def window(self, step: Step, threshold: float) -> None:
         """One scored window: score, threshold, level and machine state."""
+        self.last_window_time = time.time()
         self.last_window = {
-            "at": iso(time.time()),
+            "at": iso(self.last_window_time),
             # a score that is not a number cannot travel as JSON (the page's parser refuses it)
             "score": round(float(step.score), 6) if _finite(step.score) else None,
             "threshold": round(float(threshold), 6),

@@ -20,12 +20,20 @@ STATES = ("normal", "anomaly", "muted", "fault", "learning", "starting", "stoppe
 """Values of soundsentry_state (one series each, 1 for the current one)."""
 # Metrics message fields exported as gauges: (field, metric name, help).
 _FROM_METRICS = (
-    ("realtime_factor", "realtime_factor", "Processing time per second of audio."),
+    (
+        "realtime_factor",
+        "realtime_factor",
+        "Processing time per second of audio, over the last minute of audio.",
+    ),
     ("inference_ms_p50", "inference_ms_p50", "Median per-window processing time, ms."),
     ("inference_ms_p95", "inference_ms_p95", "95th percentile per-window processing time, ms."),
     ("queue_depth", "capture_queue_depth", "Audio blocks waiting in the capture queue."),
     ("spool_depth", "spool_depth", "Messages waiting in the durable spool."),
-    ("running_hours", "machine_running_hours", "Hours the machine ran since the start."),
+    (
+        "running_hours",
+        "machine_running_hours",
+        "Hours the machine has run in all (kept across restarts; the machine off not counted).",
+    ),
     ("cpu_temp_c", "cpu_temperature_celsius", "SoC temperature."),
 )
 _COUNTERS = (
@@ -37,7 +45,8 @@ _COUNTERS = (
 
 
 class LiveCollector(Collector):
-    """Gauges and counters from the live view, labelled with the device and model."""
+    """Gauges and counters from the live view, labelled with the device; the model in use is
+    `soundsentry_model_info`'s label."""
 
     def __init__(self, live: LiveView, device_id: str) -> None:
         self.live = live
@@ -66,10 +75,22 @@ class LiveCollector(Collector):
             ),
             "anomaly_index": ("Per-minute anomaly index (trend).", status.get("anomaly_index")),
             "dashboard_streams": ("Browsers connected to the live stream.", live.stream_count),
+            "last_window_timestamp_seconds": (
+                "When the latest window was scored (Unix time): score and level_dbfs are its.",
+                live.last_window_time,
+            ),
         }
         for name, (text, value) in gauges.items():
             yield _gauge(name, text, labels, value)
         yield self._states(state.get("state"))
+        model = GaugeMetricFamily(
+            "soundsentry_model_info",
+            "1 for the model in use (a relearn, mark_normal or reload moves score and threshold).",
+            labels=["device_id", "model"],
+        )
+        if state.get("model"):
+            model.add_metric([self.device_id, str(state["model"])], 1.0)
+        yield model
         yield _counter("windows_scored", "Windows scored.", labels, status.get("windows_scored"))
         yield _counter("events", "Anomalies started.", labels, live.events_started)
         for field, name, text in _FROM_METRICS:
