@@ -116,12 +116,22 @@ class MachineState:
     _named_off: bool = False
     _near_off: int = 0
     """Windows in a row within HYSTERESIS_DB of the off level: a machine coasting down."""
+    _fresh: bool = True
+    """No window heard yet: the first one sets the state as it finds it. Started as running, a
+    daemon (re)started beside a stopped machine published it running, then off two windows
+    later, at every restart, reload and settings change, and counted a hop of running time."""
 
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
         if self.off_below_dbfs is None:
             self.running_seconds += hop_s
             return self.state
+        if self._fresh:
+            self._fresh = False
+            if level_dbfs < self.off_below_dbfs:
+                self.state, self._streak = OFF, 0
+                self._near_off = 1
+                return self.state
         near = level_dbfs < self.off_below_dbfs + HYSTERESIS_DB
         self._near_off = self._near_off + 1 if near else 0
         if self.state == RUNNING:
@@ -176,7 +186,7 @@ class MachineState:
     def reset(self) -> None:
         """A new stream: forget the streak and settle time (the running total stays)."""
         self.state, self._streak, self._settled_at = RUNNING, 0, float("-inf")
-        self._near_off = 0
+        self._near_off, self._fresh = 0, True
 
 
 @dataclass

@@ -210,6 +210,24 @@ def test_an_event_keeps_the_state_it_was_raised_in_and_replay_adds_no_running_ho
     assert DeviceState(tmp_path / "live").running_seconds == heard
 
 
+def test_a_daemon_started_beside_a_stopped_machine_says_off_from_the_first_window() -> None:
+    """Started as running, it published `running` (or a state's name) and then `off` at every
+    restart, reload or settings change next to a stopped machine, and counted running time."""
+    from edge.pipeline import Pipeline
+    from edge.settings import DetectorSettings
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    rate = bundle.features.samplerate
+    room = np.random.default_rng(3).standard_normal(3 * rate).astype(np.float32) * 10 ** (-70 / 20)
+    pipeline = Pipeline(bundle, DetectorSettings(off_below_dbfs=-60.0))
+    steps = pipeline.push(room)
+    assert steps and [s.machine for s in steps] == ["off"] * len(steps)
+    assert pipeline.machine.running_seconds == 0
+    fan = read_audio(NORMAL_FILES[0], rate)
+    again = Pipeline(bundle, DetectorSettings(off_below_dbfs=-60.0)).push(fan)
+    assert [s.machine for s in again] == ["running"] * len(again)
+
+
 def test_a_quiet_state_folder_is_running_not_off() -> None:
     """State folders `fast` and `idle`, the idle fan 30 dB quieter and a fifth of the audio:
     idle is a state the user named as running, so the off level lies below it; pooled without
