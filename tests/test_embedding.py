@@ -314,6 +314,12 @@ def test_state_folders_are_checked_before_anything_is_trained(
     said = [r.getMessage() for r in caplog.records]
     assert f"{root / 'fast'} holds no audio: it is not a state" in said
     assert any(m.startswith("state slow: only 5.0 s of audio") for m in said)
+    rng = np.random.default_rng(5)
+    for name, seconds in (("long.wav", 50), ("brief.wav", 11)):
+        sf.write(tmp_path / name, rng.standard_normal(seconds * 16000) * 0.1, 16000)
+    state_folders(states({"high": [tmp_path / "long.wav"], "idle": [tmp_path / "brief.wav"]}))
+    (uneven,) = [r.getMessage() for r in caplog.records if "against" in r.getMessage()]
+    assert uneven.startswith("state idle: 11 s of audio against 50 s") and "as much" in uneven
     bad = states({"vitesse réduite": list(NORMAL_FILES)})
     with pytest.raises(AudioError, match="vitesse réduite: a state folder's name is the state's"):
         state_folders(bad)

@@ -231,6 +231,12 @@ class OwnAudio:
         return {"machine.state_levels": np.stack(levels)}
 
 
+UNEVEN_STATES = 0.25
+"""A running state with less than this share of the audio of the state with the most is warned
+of: in a review, one 12-s state beside ten of another put 48 % of its new windows above the
+threshold (9 % with as much of each)."""
+
+
 def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, list[Path]]:
     """State name -> its audio files, from the subfolders of `root` (one state is allowed),
     checked before anything is trained: a name the bundle can carry, `off` in any case, no
@@ -277,6 +283,7 @@ def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, 
         )
     require_audio(sum(running.values()), "train")
     groups = dict(sorted(groups.items()))  # the order of the names, whatever their folders' case
+    most = max(running.values())
     for name, value in running.items():
         if value < MIN_AUDIO_SECONDS:
             log.warning(
@@ -286,6 +293,14 @@ def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, 
                 value,
                 MIN_AUDIO_SECONDS,
             )
+        elif value < UNEVEN_STATES * most:
+            log.warning(
+                "state %s: %.0f s of audio against %.0f s of the state with the most: the "
+                "normal model and its threshold come from all running states together, so a "
+                "state with little audio lies at their edge and may raise false alarms while "
+                "the machine runs in it; record about as much of each state",
+                name, value, most,
+            )  # fmt: skip
     return groups
 
 
