@@ -666,12 +666,16 @@ def test_the_page_lists_the_events_of_earlier_runs(tmp_path: Path) -> None:
     token_file.write_text(TOKEN)
     web = {"enabled": True, "port": free_port(), "token_file": token_file}
     dashboard = Dashboard(Settings(data_dir=tmp_path, web=web))
+    (tmp_path / "clips").mkdir(exist_ok=True)  # e1's clip is kept, e0's went with retention
+    (tmp_path / "clips" / "20260101T000001Z-e1.wav").write_bytes(b"RIFF")
     try:
-        events = dashboard.live.events()
+        events = dashboard.events()
     finally:
         dashboard.stop()
     assert [(e["event_id"], e["type"]) for e in events] == [("e1", "end"), ("e0", "end")]
     assert events[0]["links"]["clip"].startswith("clips/20260101T000001Z-e1.wav")
+    assert "clip_gone" not in events[0]
+    assert events[1]["links"] is None and events[1]["clip_gone"] is True  # no link to a 404
     assert dashboard.live.events_started == 0, "not events of this run"
 
 

@@ -229,6 +229,15 @@ class Dashboard:
             }
         return event
 
+    def events(self) -> list[dict[str, Any]]:
+        """The recent events, newest first, without links to clips that retention (or a hand)
+        has deleted since: `clip_gone` says the clip was kept once, where a link gave a 404."""
+        events = self.live.events()
+        for event in events:
+            if event.get("links") and self.clip_file(str(event.get("clip"))) is None:
+                event["links"], event["clip_gone"] = None, True
+        return events
+
     def command(self, payload: bytes) -> tuple[HTTPStatus, dict[str, Any]]:
         """Run a command on the daemon loop and wait for its reply."""
         replies: queue.Queue[Any] = queue.Queue(1)
@@ -435,7 +444,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._clip(unquote(path.removeprefix("/clips/")), url.query)
         routes: dict[str, Callable[[], None]] = {
             "/api/state": lambda: self._json(HTTPStatus.OK, self.dash.live.snapshot()),
-            "/api/events": lambda: self._json(HTTPStatus.OK, {"events": self.dash.live.events()}),
+            "/api/events": lambda: self._json(HTTPStatus.OK, {"events": self.dash.events()}),
             "/api/stream": self._stream,
             "/metrics": self._metrics,
         }
@@ -534,7 +543,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("X-Accel-Buffering", "no")  # nginx in front: no buffering
             self._common_headers()
             self.end_headers()
-            first = {**live.snapshot(), "events": live.events()}
+            first = {**live.snapshot(), "events": self.dash.events()}
             if self.dash.features is not None:  # the spectrograms' frequency axis, bottom to top
                 params = self.dash.features()
                 first["spectrogram_hz"] = [params.fmin, params.top_hz]
