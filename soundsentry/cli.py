@@ -345,14 +345,13 @@ def _add_replay(sub: Any) -> None:
     p.set_defaults(func=_cmd_replay)
 
 
+DEVICE_HELP = "input device: index, part of its name, or port:... (see `soundsentry devices`)"
+
+
 def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="the daemon: capture the microphone, publish events")
     p.add_argument("--model", type=Path, default=None, help="bundle (overrides the config)")
-    p.add_argument(
-        "--device",
-        default=None,
-        help="input device: index, part of its name, or port:... (see `soundsentry devices`)",
-    )
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_common(p)
     p.set_defaults(func=_cmd_run)
 
@@ -374,11 +373,7 @@ def _add_record(sub: Any) -> None:
         default=16000,
         help="rate of the files (Hz, at least the models' 16000)",
     )
-    p.add_argument(
-        "--device",
-        default=None,
-        help="input device: index, part of its name, or port:... (see `soundsentry devices`)",
-    )
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
     p.set_defaults(func=_cmd_record)
 
@@ -387,11 +382,7 @@ def _add_doctor(sub: Any) -> None:
     p = sub.add_parser("doctor", help="check audio, model, broker, clock, disk and service")
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML settings")
     p.add_argument("--model", type=Path, default=None, help="bundle (overrides the config)")
-    p.add_argument(
-        "--device",
-        default=None,
-        help="input device: index, part of its name, or port:... (see `soundsentry devices`)",
-    )
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.set_defaults(func=_cmd_doctor)
 
 
