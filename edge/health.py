@@ -21,8 +21,8 @@ CLIP_LEVEL = 0.999
 """Samples at or above this magnitude count as clipped."""
 LEVEL_FLOOR_DBFS = -120.0
 RECOVER_SECONDS = 3.0
-"""Clean audio this long ends a silence, flat-line or clipping fault. The first clean 0.1-s
-block ended it, so a borderline input (clipping with a clean block every few seconds) flapped
+"""Clean audio this long ends a fault (invalid samples too). The first clean 0.1-s block
+ended it, so a borderline input (clipping with a clean block every few seconds) flapped
 hundreds of times an hour: log lines, spool writes, retained messages, and every new fault
 closed the open anomaly event."""
 
@@ -76,6 +76,8 @@ class AudioHealth:
         self._run = {"silence": 0.0, "flatline": 0.0, "clipping": 0.0}
         self._clean = dict.fromkeys(self._run, 0.0)
         """Seconds of clean audio since each active fault was last present."""
+        self._finite = 0.0
+        """Seconds of finite samples since the last NaN or infinite one."""
         self.level = LEVEL_FLOOR_DBFS
 
     def push(self, block: np.ndarray) -> list[HealthChange]:
@@ -105,13 +107,16 @@ class AudioHealth:
         return changes
 
     def _check_finite(self, block: np.ndarray) -> list[HealthChange]:
-        """NaN or infinite samples are a fault at once; the first finite block clears it."""
+        """NaN or infinite samples are a fault at once; RECOVER_SECONDS of finite samples clear
+        it. The first finite block cleared it, so a driver that sends a bad block every second
+        flapped the fault thousands of times an hour, each closing the open event."""
         bad = int(np.count_nonzero(~np.isfinite(block))) if len(block) else 0
+        self._finite = 0.0 if bad else self._finite + len(block) / self.samplerate
         if bad and INVALID not in self.active:
             self.active.add(INVALID)
             detail = f"{bad} of {len(block)} samples are NaN or infinite: broken input"
             return [HealthChange("fault", INVALID, detail)]
-        if not bad and INVALID in self.active:
+        if INVALID in self.active and self._finite >= RECOVER_SECONDS:
             self.active.discard(INVALID)
             return [HealthChange("recovered", INVALID, "samples are finite again")]
         return []

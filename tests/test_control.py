@@ -193,8 +193,8 @@ def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(tmp_path:
 
 def test_nan_audio_is_a_health_fault_not_silence(tmp_path: Path) -> None:
     clip = read_audio(NORMAL_FILES[0], RATE)
-    clip[RATE : 3 * RATE] = np.nan
-    clip[3 * RATE] = np.inf
+    clip[RATE // 2 : RATE] = np.nan  # 5 s: finite for RECOVER_SECONDS after the bad second
+    clip[RATE] = np.inf
     path = tmp_path / "nan.wav"
     sf.write(path, clip, RATE, subtype="FLOAT")
     d, rec = detector(tmp_path)

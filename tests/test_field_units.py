@@ -1017,3 +1017,20 @@ def test_settings_that_override_the_bundle_s_calibration_are_said_at_load(
                          detector={"threshold": 9.5})  # fmt: skip
         Detector(fixed, bundle, [])
     assert f"[detector] threshold 9.5 is used, not {bundle.model_id}'s calibrated" in caplog.text
+
+
+def test_invalid_samples_now_and_then_are_one_fault_not_a_flapping_one() -> None:
+    """The invalid-samples fault cleared on the first finite block: a driver sending one bad
+    block a second flapped it 3,600 times an hour, and each fault closed the open event."""
+    health = AudioHealth(RATE)
+    bad = blocks("noise", 0.1)[0].copy()
+    bad[::50] = np.nan
+    changes = []
+    for k in range(601):  # a minute: one bad 0.1-s block a second, the last one bad
+        changes += health.push(bad if k % 10 == 0 else blocks("noise", 0.1)[0])
+    assert [(c.kind, c.fault) for c in changes] == [("fault", "invalid samples")]
+    changes = [c for b in blocks("noise", RECOVER_SECONDS - 0.1) for c in health.push(b)]
+    assert changes == [] and not health.ok  # not yet: finite for less than RECOVER_SECONDS
+    changes = [c for b in blocks("noise", 0.1) for c in health.push(b)]
+    assert [(c.kind, c.fault) for c in changes] == [("recovered", "invalid samples")]
+    assert health.ok
