@@ -4,15 +4,19 @@ The PortAudio callback only copies blocks onto a bounded queue and counts overfl
 drops. The iterator yields mono blocks at the model's rate, or None while no audio arrives
 (so the daemon keeps ticking); when the stream stalls or fails it is closed and reopened,
 rescanning devices (a USB microphone unplugged and plugged back): a device that will not open
-or start is retried with capped exponential backoff, one that starts but stays silent after
-every stall. With `wait`, a device missing, or failing to open or start, at start is waited for
-the same way (the daemon reports it as a stalled input meanwhile); a setting the device cannot
-meet is refused at once.
+or start is retried with capped exponential backoff, and so is one that starts but stays silent;
+a stream that delivered audio and then stalls is reopened at once. PortAudio is re-initialised
+only when the sound devices change (each re-initialisation leaks a little memory), and a retry
+that fails the same way again is logged at DEBUG, with a reminder every ten minutes. With
+`wait`, a device missing, or failing to open or start, at start is waited for the same way (the
+daemon reports it as a stalled input meanwhile); a setting the device cannot meet is refused at
+once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -41,6 +45,15 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25
 """Longest wait for a block before yielding None."""
 REOPEN_MIN_S = 1.0
+SND_DIR = "/dev/snd"
+"""Where the kernel lists sound devices: a change here is a device plugged in or pulled."""
+RESCAN_EVERY_S = 600.0
+"""PortAudio is re-initialised on a change in SND_DIR, or this long after the last time (no
+SND_DIR, or a device of another kind). It was re-initialised at every retry: about 12 KB leaked
+each time, 36 MB a day with an unplugged microphone retried every 30 s."""
+SAY_AGAIN_S = 600.0
+"""A capture problem that repeats is logged again at WARNING after this long (DEBUG between):
+a device that opens but stays silent logged two lines every few seconds, 53k a day."""
 
 
 class MicSource:
@@ -72,13 +85,21 @@ class MicSource:
         self.wait = wait
         self.problem: str | None = None
         """Why no audio comes, while the device is missing or failing; None while it flows."""
+        self._scanned = (_devices_signature(), time.monotonic())
+        """The sound devices at PortAudio's last initialisation, and when that was."""
+        self._retries = 0
+        """Attempts to reopen since audio last flowed."""
+        self._unresolved: str | None = None
+        """Why the device could not be found at the last attempt; None once it was."""
+        self._said: tuple[str, float] | None = None
+        """The problem last logged at WARNING in this outage, and when."""
         try:
             self.device, self.rate = self._resolve()
         except MissingDeviceError as exc:
             if not wait:
                 raise
             self.device, self.rate = self.settings.device, model_rate
-            self.problem = str(exc)
+            self.problem = self._unresolved = f"audio device not available: {exc}"
             log.warning("capture: %s; waiting for the device", exc)
 
     @property
@@ -219,14 +240,28 @@ class MicSource:
         return stream
 
     def _rescan(self) -> None:
-        """Re-initialise PortAudio so devices plugged in since start are seen."""
+        """Re-initialise PortAudio so devices plugged in since start are seen, and find the
+        device again: at the 1st, 2nd, 4th, 8th ... retry of an outage (a sound server that
+        restarts changes nothing in /dev/snd), when the sound devices changed since the last
+        time, and RESCAN_EVERY_S after it. Between those a device not found stays not found."""
+        self._retries += 1
+        signature, at = self._scanned
+        now = _devices_signature()
+        doubling = self._retries & (self._retries - 1) == 0
+        if not doubling and now == signature and time.monotonic() - at < RESCAN_EVERY_S:
+            if self._unresolved:
+                raise CaptureError(self._unresolved)
+            return
+        self._scanned = (now, time.monotonic())
         sd = sounddevice_module()
         try:
             sd._terminate()
             sd._initialize()
             self.device, self.rate = self._resolve()
         except (CaptureError, sd.PortAudioError, OSError) as exc:
-            raise CaptureError(f"audio device not available: {exc}") from None
+            self._unresolved = f"audio device not available: {exc}"
+            raise CaptureError(self._unresolved) from None
+        self._unresolved = None
 
     def __iter__(self) -> Iterator[np.ndarray | AudioGap | None]:
         backoff = REOPEN_MIN_S
@@ -244,23 +279,45 @@ class MicSource:
                     raise
                 first = False
                 self.problem = str(exc)
-                log.warning("capture: %s; retrying in %.0f s", exc, backoff)
+                self._say(self.problem, "capture: %s; retrying in %.0f s", exc, backoff)
                 yield from self._idle(backoff)
                 backoff = min(backoff * 2, self.reopen_max_s)
                 continue
             reopened, first = not first, False
+            delivered = False
             try:
                 for block in self._stream(stream):
-                    if block is not None:  # it works again: the next outage starts afresh
+                    if block is not None and not delivered:  # it works: the next outage
+                        delivered = True  # starts afresh
                         backoff = REOPEN_MIN_S
                         self.problem = None
+                        self._said = None
+                        self._retries = 0
                         if reopened:
                             reopened = False
                             yield AudioGap(reopened=True)
                     yield block
             except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
-                log.warning("capture: %s; reopening the device", exc)
-                yield None
+                if delivered:
+                    log.warning("capture: %s; reopening the device", exc)
+                    yield None
+                    continue
+                # opened but silent since: waited for with backoff, like one that will not open
+                self._say("silent", "capture: %s since the device was opened; reopening in "
+                          "%.0f s", exc, backoff)  # fmt: skip
+                yield from self._idle(backoff)
+                backoff = min(backoff * 2, self.reopen_max_s)
+
+    def _say(self, problem: str, message: str, *args: Any) -> None:
+        """Log a capture problem at WARNING when it is new in this outage or SAY_AGAIN_S after
+        it was last said, at DEBUG otherwise."""
+        now = time.monotonic()
+        said, at = self._said or ("", 0.0)
+        if said == problem and now - at < SAY_AGAIN_S:
+            log.debug(message, *args)
+            return
+        self._said = (problem, now)
+        log.warning(message, *args)
 
     def _stream(self, stream: Any) -> Iterator[np.ndarray | AudioGap | None]:
         """Yield blocks from a started stream until it stalls (CaptureError) or stop(); close it."""
@@ -291,6 +348,14 @@ class MicSource:
         while not self._stop.is_set() and time.monotonic() < deadline:
             time.sleep(TICK_S)
             yield None
+
+
+def _devices_signature() -> tuple[int, tuple[str, ...]] | None:
+    """What SND_DIR holds and when it last changed; None where there is no such folder."""
+    try:
+        return os.stat(SND_DIR).st_mtime_ns, tuple(sorted(os.listdir(SND_DIR)))
+    except OSError:
+        return None
 
 
 def _drain(q: queue.Queue[np.ndarray | None]) -> None:
