@@ -597,11 +597,11 @@ class Detector:
 
     def _same_device_id(self) -> list[str]:
         """Other SoundSentry instances heard online under this device_id (edge.publish)."""
-        return sorted(
+        return sorted(  # a copy: paho's thread adds to `duplicates` meanwhile
             other
             for sink in self.sinks
             if isinstance(sink, MqttSink)
-            for other in getattr(sink.publisher, "duplicates", {})
+            for other in list(getattr(sink.publisher, "duplicates", {}))
         )
 
     @property

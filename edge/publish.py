@@ -177,6 +177,12 @@ class MqttPublisher:
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._retained: dict[str, str] = {}
+        self._retain_lock = threading.RLock()
+        """Held while the retained messages change or are sent, and while a connection becomes
+        `connected`: a state set during a reconnect's re-send was neither sent (not connected
+        yet) nor in that re-send (taken before it), and the broker kept the old one."""
+        self._mid_lock = threading.Lock()
+        """Held while a message id's topic is stored and while a PUBACK takes it."""
         self._inflight: dict[int, int] = {}
         self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._spool_failed = False
@@ -260,9 +266,10 @@ class MqttPublisher:
         _rc, mid = client.subscribe(list(zip(wanted, options, strict=True)))
         self._subscribed[mid] = wanted  # its SUBACK comes later on this same thread
         self._publish(self.topics.availability, ONLINE, qos=1, retain=True, props=True)
-        self._publish_retained()
-        self._publish_discovery()
-        self._connected.set()
+        with self._retain_lock:
+            self._publish_retained()
+            self._publish_discovery()
+            self._connected.set()
         self._wake.set()
 
     def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
@@ -517,7 +524,8 @@ class MqttPublisher:
                 mid, reason = self._acked.get_nowait()
             except queue.Empty:
                 break
-            topic = self._topic_of.pop(mid, None)
+            with self._mid_lock:
+                topic = self._topic_of.pop(mid, None)
             row = self._inflight.pop(mid, None)
             offered = row is not None and row in self._offered
             if offered:
@@ -623,30 +631,23 @@ class MqttPublisher:
     def remember_last_event(self, payload: str) -> None:
         """The retained `last_event`: sent now if connected, and again after every reconnect
         and Home Assistant restart."""
-        self._retained[self.topics.last_event] = payload
-        if self.connected:
-            self._publish(self.topics.last_event, payload, qos=1, retain=True)
+        self._retain(self.topics.last_event, payload, qos=1)
 
     def publish_health(self, health: HealthMessage) -> None:
         """Spool a health change (retained, QoS 1); the latest is re-sent on reconnect."""
         payload = health.to_payload()
-        self._retained[self.topics.health] = payload
+        with self._retain_lock:
+            self._retained[self.topics.health] = payload
         self._spool(self.topics.health, payload, retain=True)
 
     def publish_state(self, state: StateMessage) -> None:
         """Send the retained current state now if connected; it is re-sent after reconnects."""
-        payload = state.to_payload()
-        self._retained[self.topics.state] = payload
-        if self.connected:
-            self._publish(self.topics.state, payload, qos=1, retain=True)
+        self._retain(self.topics.state, state.to_payload(), qos=1)
 
     def publish_metrics(self, metrics: MetricsMessage) -> None:
         """Send metrics (QoS 0, retained) if connected; the latest is re-sent after a reconnect
         and a Home Assistant restart. Metrics are not worth spooling."""
-        payload = metrics.to_payload()
-        self._retained[self.topics.metrics] = payload
-        if self.connected:
-            self._publish(self.topics.metrics, payload, qos=0, retain=True)
+        self._retain(self.topics.metrics, metrics.to_payload(), qos=0)
 
     def publish_response(self, response: ResponseMessage) -> None:
         """Reply to a command (QoS 1)."""
@@ -654,9 +655,10 @@ class MqttPublisher:
 
     def set_discovery(self, configs: dict[str, dict[str, Any]]) -> None:
         """Set (and announce, if connected) the Home Assistant discovery configs."""
-        self.discovery = configs
-        if self.connected:
-            self._publish_discovery()
+        with self._retain_lock:
+            self.discovery = configs
+            if self.connected:
+                self._publish_discovery()
 
     def _publish(
         self, topic: str, payload: str, qos: int, retain: bool = False, props: bool = False
@@ -664,20 +666,33 @@ class MqttPublisher:
         """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
         the broker took it; `props`: with this instance's name (availability)."""
         properties = self._sender_props() if props else None
-        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if qos:
-            self._topic_of[info.mid] = topic
+        with self._mid_lock:  # its PUBACK may be resolved before publish() returns
+            info = self.client.publish(
+                topic, payload, qos=qos, retain=retain, properties=properties
+            )
+            if qos:
+                self._topic_of[info.mid] = topic
         return info
+
+    def _retain(self, topic: str, payload: str, qos: int) -> None:
+        """Keep a retained message's latest payload; send it if connected."""
+        with self._retain_lock:
+            self._retained[topic] = payload
+            if self.connected:
+                self._publish(topic, payload, qos=qos, retain=True)
 
     def _publish_retained(self) -> None:
         """The latest retained messages again (after a reconnect, or Home Assistant's start),
         each at its topic's QoS: metrics at 0, as every metrics message."""
-        for topic, payload in list(self._retained.items()):
-            self._publish(topic, payload, qos=0 if topic == self.topics.metrics else 1, retain=True)
+        with self._retain_lock:
+            for topic, payload in self._retained.items():
+                qos = 0 if topic == self.topics.metrics else 1
+                self._publish(topic, payload, qos=qos, retain=True)
 
     def _publish_discovery(self) -> None:
-        for topic, config in self.discovery.items():
-            self._publish(topic, json.dumps(config), qos=1, retain=True)
+        with self._retain_lock:
+            for topic, config in self.discovery.items():
+                self._publish(topic, json.dumps(config), qos=1, retain=True)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush the spool as far as the broker allows within `timeout_s`, publish `offline`,

@@ -7,15 +7,17 @@ import json
 import logging
 import resource
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Broker, wait_for
 from mqtt_helpers import Subscriber
 
-from edge.messages import EventMessage
+from edge.messages import EventMessage, StateMessage
 from edge.publish import MqttPublisher
 from edge.settings import MqttSettings
 from edge.spool import Spool
@@ -213,3 +215,43 @@ def test_closing_while_the_broker_does_not_answer_keeps_within_its_time(tmp_path
         for c in backlog:
             c.close()
         server.close()
+
+
+def _state(state: str) -> StateMessage:
+    return StateMessage(
+        state=state, device_id="pump-3", model="m", threshold=1.0,
+        updated_at="2026-01-01T00:00:00.000Z", score=0.1, level_dbfs=-30.0,
+    )  # fmt: skip
+
+
+def test_a_state_set_while_reconnecting_is_the_one_the_broker_keeps(
+    publisher: MqttPublisher, broker: Broker
+) -> None:
+    """The reconnect re-sent the retained messages it held, then became `connected`: a state
+    set in between was neither sent (not connected yet) nor in that re-send, so the broker kept
+    the old state (Home Assistant showed `normal` through an anomaly) until the next change.
+    The reconnect is held at its re-send of the old state while the new one is set."""
+    publisher.publish_state(_state("normal"))  # known before the connection
+    resending, go = threading.Event(), threading.Event()
+    publish = publisher._publish
+
+    def held_at_the_resend(topic: str, payload: str, *args: Any, **kw: Any) -> Any:
+        if topic == TOPICS.state and '"normal"' in payload and not resending.is_set():
+            resending.set()
+            go.wait(1.0)  # the fixed publisher holds the new state back meanwhile: no deadlock
+        return publish(topic, payload, *args, **kw)
+
+    publisher._publish = held_at_the_resend  # type: ignore[method-assign]
+    publisher.start()
+    wait_for(resending.is_set, 10, "the reconnect's re-send of the retained state")
+    publisher.publish_state(_state("anomaly"))  # the loop's state, mid-reconnect
+    go.set()
+    wait_for(lambda: publisher.connected, 10, "connected")
+    later = Subscriber(broker.port, TOPICS.state)  # a client arriving later: the retained one
+    try:
+        assert later.wait_for(lambda ms: bool(ms), 10), "no retained state"
+        assert later.wait_for(lambda ms: '"anomaly"' in ms[-1].payload, 5), [
+            m.payload for m in later.on("")
+        ]
+    finally:
+        later.close()
