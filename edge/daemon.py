@@ -865,7 +865,10 @@ class Detector:
             self._kept[t.event_id]["clip"] = clip[0]
         if t.kind == "end":
             self._band_sum, self._band_n = None, 0
-        log.info("anomaly %s: %s (peak %.4g)", message.type, message.event_id, message.peak_score)
+        log.log(  # an update every update_seconds of a day-long fault: not for the journal
+            logging.DEBUG if t.kind == "update" else logging.INFO,
+            "anomaly %s: %s (peak %.4g)", message.type, message.event_id, message.peak_score,
+        )  # fmt: skip
         self._to_sinks("event", message)
         if t.kind != "update":
             self.emit_state()

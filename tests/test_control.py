@@ -388,3 +388,21 @@ def test_the_threshold_number_never_offers_zero_nor_a_certain_classifier(
         assert 0 < number["min"] <= calibrated <= number["max"]  # its own value, always
         if classifier:
             assert number["max"] <= max(CLASSIFIER_MAX, calibrated)
+
+
+def test_a_long_anomaly_logs_its_start_and_end_not_every_update(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every 10-s update of an anomaly was an INFO line: a fault lasting a day wrote 8,640 of
+    them to the journal (beside the JSON line each event already prints). Updates still reach
+    every sink; the log says the start and the end."""
+    caplog.set_level(logging.INFO, logger="edge.daemon")
+    d, rec = detector(tmp_path, detector={"cooldown_seconds": 0, "update_seconds": 2})
+    fault = read_audio(fault_file(tmp_path), RATE)
+    long = np.tile(fault, 4)  # 20 s of the fault
+    for i in range(0, len(long), 4096):
+        d.feed(long[i : i + 4096])
+    d.close_event("stopped")
+    assert "update" in rec.kinds(), rec.kinds()
+    said = [r.getMessage().split(":")[0] for r in caplog.records if "anomaly" in r.getMessage()]
+    assert said and set(said) == {"anomaly start", "anomaly end"}, said
