@@ -395,7 +395,8 @@ class Detector:
         adapter = self._adapter()
         eid = self._event_named(event_id)
         rows = self._event_rows(eid)  # refused (a kind that cannot learn): the event goes on
-        bundle = adapter.mark(eid, rows, self.bundle)
+        with self.notifier.busy():
+            bundle = adapter.mark(eid, rows, self.bundle)
         if self.pipeline.events.event_id == eid:
             self.close_event("marked_normal")
         self._switch(bundle)
@@ -403,7 +404,8 @@ class Detector:
 
     def rollback(self) -> str:
         """Return to the model version the current one replaced; returns its model id."""
-        bundle = self._adapter().rollback()
+        with self.notifier.busy():
+            bundle = self._adapter().rollback()
         self._switch(bundle)
         return bundle.model_id
 
@@ -428,7 +430,8 @@ class Detector:
         """Refit at the end of a period; a failed refit keeps the running model."""
         adapter = self._adapter()
         try:
-            bundle = adapter.finish(self.bundle)
+            with self.notifier.busy():  # seconds on a Pi: systemd's watchdog must not fire
+                bundle = adapter.finish(self.bundle)
         except Exception as exc:  # whatever went wrong, the running model goes on detecting
             reason = " ".join(str(exc).split())
             if not isinstance(exc, (SoundSentryError, OSError)):  # a bug: its traceback

@@ -8,9 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
+
+BUSY_LIMIT_S = 600.0
+"""The longest a piece of work on the loop (`busy`) is kept alive: one that hangs beyond it
+stops the pings, and systemd restarts the service."""
 
 
 class SystemdNotifier:
@@ -63,3 +70,27 @@ class SystemdNotifier:
     def stopping(self) -> bool:
         """STOPPING=1."""
         return self.notify("STOPPING=1")
+
+    @contextmanager
+    def busy(self, limit_s: float = BUSY_LIMIT_S) -> Iterator[None]:
+        """Keep the watchdog fed while the loop does one long piece of work (a refit of the
+        site's model takes seconds on a Pi, more on a big site set): pings from a thread every
+        WatchdogSec/4 for at most `limit_s`. Without a watchdog, nothing."""
+        if not self.watchdog_s or not self.address:
+            yield
+            return
+        done = threading.Event()
+        until = time.monotonic() + limit_s
+
+        def ping() -> None:
+            while not done.wait(self.watchdog_s / 4) and time.monotonic() < until:
+                self.notify("WATCHDOG=1")
+
+        pinger = threading.Thread(target=ping, name="watchdog-busy", daemon=True)
+        pinger.start()
+        try:
+            yield
+        finally:
+            done.set()
+            pinger.join()
+            self._last_ping = float("-inf")  # the loop's next tick pings at once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -431,6 +432,32 @@ def test_sd_notify_sends_datagrams_and_is_a_noop_outside_systemd(
         assert n.ready("hi") and n.watchdog()
         assert sock.recv(100) == b"READY=1\nSTATUS=hi"
         assert sock.recv(100) == b"WATCHDOG=1"
+
+
+def test_a_long_refit_keeps_the_watchdog_fed_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit runs on the audio loop, which alone pinged the watchdog: a refit longer than
+    WatchdogSec (seconds on a Pi, with a big site set) had systemd kill the service halfway.
+    `busy` pings meanwhile, but only up to its limit: a refit that hangs still ends it."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping due every 0.1 s
+        n = SystemdNotifier()
+        with n.busy():  # the work: waits for three pings that only `busy` can send
+            assert [sock.recv(64) for _ in range(3)] == [b"WATCHDOG=1"] * 3
+        sock.setblocking(False)
+        with n.busy(limit_s=0.3):
+            time.sleep(1.0)  # hangs past the limit: the pings stop
+        pings = 0
+        with contextlib.suppress(BlockingIOError):
+            while sock.recv(64) == b"WATCHDOG=1":
+                pings += 1
+        assert 1 <= pings <= 4, pings
+        assert n.watchdog(), "the loop's next tick pings at once"
 
 
 def test_sd_notify_never_blocks_when_nobody_reads(

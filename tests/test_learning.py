@@ -1038,3 +1038,31 @@ def test_a_history_the_card_damaged_is_set_aside_not_overwritten(
     (aside,) = history.parent.glob("history.json.damaged-*")
     assert aside.read_bytes() == before[: len(before) // 2]
     assert any(aside.name in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_refits_on_the_loop_keep_the_watchdog_fed(tmp_path: Path) -> None:
+    """A refit runs on the audio loop, whose ticks alone pinged systemd's watchdog: the refit
+    at a period's end, a mark as normal and a rollback each run inside `busy`, which pings
+    meanwhile (tests/test_field_units.py)."""
+    from contextlib import contextmanager
+
+    from edge.sdnotify import SystemdNotifier
+
+    class Counting(SystemdNotifier):
+        entered = 0
+
+        @contextmanager
+        def busy(self, limit_s: float = 600.0):  # type: ignore[override]
+            Counting.entered += 1
+            with super().busy(limit_s):
+                yield
+
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    device.command(command="learn", action="start", seconds=600)
+    device.replay(*NORMAL_FILES)
+    device.detector.notifier = Counting()
+    assert device.command(command="learn", action="stop").ok
+    assert Counting.entered == 1
+    assert device.command(command="rollback").ok
+    assert Counting.entered == 2
