@@ -17,6 +17,7 @@ import logging
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ class Period:
         """The configured model it was begun for: its features fit that model alone."""
         self.collected_s = collected_s
         self.started_at = now_iso()
+        self.period_id = uuid.uuid4().hex[:16]
+        """Names the period in the version it ends in (started_at is to the second: a period
+        begun within the second of the last one's was taken as ended already)."""
         self.saved_s = collected_s
 
     @property
@@ -268,7 +272,7 @@ class Adapter:
         try:
             private_dir(self.folder)
             p.store.save(self.folder / name)
-            bundle = self._refit("learning", in_use, name, marked, period=p.started_at)
+            bundle = self._refit("learning", in_use, name, marked, period=p.period_id)
         except (UnwrittenError, OSError) as exc:  # the period as saved above stays
             (self.folder / name).unlink(missing_ok=True)
             said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -450,6 +454,7 @@ class Adapter:
                     "seconds": p.target_s,
                     "collected_s": p.collected_s,
                     "started_at": p.started_at,
+                    "period_id": p.period_id,
                     "of": p.of,
                 },
             )
@@ -477,8 +482,8 @@ class Adapter:
             log.warning("learning: the saved period is dropped: %s", exc)
             self.cancel()
             return
-        started = data.get("started_at")
-        done = [e for e in self.history.entries if started and e.get("period") == started]
+        ident = data.get("period_id")
+        done = [e for e in self.history.entries if ident and e.get("period") == ident]
         if done:  # a power cut between the version's record and the period's deletion
             log.info("learning: the saved period ended in version %d already", done[-1]["version"])
             self.cancel()
@@ -486,4 +491,6 @@ class Adapter:
         hop = self.configured.features.hop_seconds
         self.period = Period(seconds, hop, store, model, collected)
         self.period.started_at = str(data.get("started_at", now_iso()))
+        if ident:
+            self.period.period_id = str(ident)
         log.info("learning: resumed at %.0f of %g s", collected, seconds)

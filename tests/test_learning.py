@@ -1066,3 +1066,23 @@ def test_refits_on_the_loop_keep_the_watchdog_fed(tmp_path: Path) -> None:
     assert Counting.entered == 1
     assert device.command(command="rollback").ok
     assert Counting.entered == 2
+
+
+def test_a_period_begun_within_the_second_of_the_last_one_is_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart drops a saved period that a recorded version already ended; that was judged by
+    its start time, to the second, so a period begun within the second of the last one's (a
+    test, a script) was taken as ended and dropped at the restart."""
+    import edge.adapt
+
+    monkeypatch.setattr(edge.adapt, "now_iso", lambda: "2026-12-02T22:00:00Z")
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=3600).ok
+    device.replay(*NORMAL_FILES)
+    assert device.command(command="learn", action="stop").ok  # version 1
+    assert device.command(command="learn", action="start", seconds=3600).ok  # the same second
+    device.replay(NORMAL_FILES[0])
+    assert device.detector.learning, "the second period was dropped at the restart"
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
