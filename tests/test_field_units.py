@@ -62,6 +62,25 @@ def test_spool_is_durable_ordered_and_bounded(
     assert again.dropped == 2
 
 
+def test_the_spool_counts_its_messages_without_a_count_per_message(tmp_path: Path) -> None:
+    """Every append ran COUNT(*), a scan of the whole outbox: 8 ms at 10,000 rows and 98 ms at
+    100,000, on the audio loop, for every message of a long broker outage. The count is kept
+    instead, and stays true across drops, removals and a restart."""
+    path = tmp_path / "spool.sqlite"
+    spool = Spool(path, max_messages=5)
+    statements: list[str] = []
+    spool._db.set_trace_callback(statements.append)
+    ids = [spool.append("t", f"m{i}", retain=i % 3 == 0) for i in range(8)]
+    spool.remove(ids[-1])
+    spool.remove(ids[-1])  # acknowledged twice (QoS 1): counted once
+    assert spool.stats() == (4, 3) and spool.depth() == 4 == len(spool.after(0))
+    assert not [s for s in statements if "COUNT(" in s.upper()], "a COUNT(*) per message"
+    spool.close()
+    again = Spool(path, max_messages=5)  # counted once at the start
+    assert again.depth() == 4
+    again.close()
+
+
 def test_a_run_that_ends_with_messages_undelivered_says_where_they_wait(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
