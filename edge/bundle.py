@@ -459,6 +459,26 @@ def _repair_swap(path: Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
+def keep_previous(path: str | Path) -> Path:
+    """Copy the bundle at `path` (a symlink's target) to `PATH.prev`, replacing an older copy
+    there; the copy is made beside it first, so an interrupted one leaves the old `.prev`."""
+    path = Path(path)
+    prev = path.with_name(path.name + ".prev")
+    part = path.with_name(f".{path.name}.prev.part")
+    try:
+        shutil.rmtree(part, ignore_errors=True)
+        shutil.copytree(path.resolve(), part)
+        if prev.is_dir() and not prev.is_symlink():
+            shutil.rmtree(prev)
+        else:
+            prev.unlink(missing_ok=True)
+        part.rename(prev)
+    except OSError as exc:
+        shutil.rmtree(part, ignore_errors=True)
+        raise BundleError(f"{path}: cannot keep a copy of it as {prev.name}: {exc}") from None
+    return prev
+
+
 def check_bundle_target(path: str | Path) -> set[str]:
     """The files of the bundle already at `path` (none for a new folder); BundleError for a
     path that is a file, or a folder that holds other things, so that a bundle never lands

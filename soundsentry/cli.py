@@ -702,11 +702,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _note_replaced(out: Path) -> None:
     """Refuse an --out that cannot take a bundle (edge.bundle.check_bundle_target), and say so
-    when it holds one: it is replaced, whole, once the new one is written."""
-    from edge.bundle import check_bundle_target
+    when it holds one: it is replaced, whole, once the new one is written, and kept as
+    `OUT.prev` first (a calibration on the wrong audio must not cost the one that worked)."""
+    from edge.bundle import check_bundle_target, keep_previous
 
     if check_bundle_target(out):
-        print(f"note: {out} holds a model bundle: it is replaced when this one is written")
+        prev = keep_previous(out)
+        print(
+            f"note: {out} holds a model bundle: it is replaced when this one is written "
+            f"(kept as {prev})"
+        )
 
 
 def _check_output(path: Path | None, flag: str, folder: bool) -> None:

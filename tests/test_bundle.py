@@ -322,12 +322,19 @@ def test_a_replaced_bundle_keeps_the_users_files_and_its_symlink(copy: Path) -> 
     assert sorted(p.name for p in copy.parent.iterdir()) == ["active", copy.name]
 
 
-def test_train_says_it_replaces_a_bundle(tmp_path: Path) -> None:
-    """`train --out` onto a deployed bundle replaced it without a word."""
+def test_train_says_it_replaces_a_bundle_and_keeps_it_as_prev(tmp_path: Path) -> None:
+    """`train --out` onto a deployed bundle replaced it without a word, and left no way back."""
     out = tmp_path / "deployed.bundle"
     shutil.copytree(DEMO_BUNDLE, out)
     proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
     assert f"note: {out} holds a model bundle: it is replaced" in proc.stdout
+    prev = tmp_path / "deployed.bundle.prev"  # and the one that worked is kept, once
+    assert f"(kept as {prev})" in proc.stdout
+    assert load_bundle(prev).model_id == load_bundle(DEMO_BUNDLE).model_id
+    assert load_bundle(out).model_id != load_bundle(DEMO_BUNDLE).model_id
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
+    assert load_bundle(prev).model_id == load_bundle(out).model_id  # the last one replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deployed.bundle", prev.name]
     fresh = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(tmp_path / "new"))
     assert "holds a model bundle" not in fresh.stdout
 
