@@ -116,7 +116,7 @@ class MqttSettings(_Section):
     spool_max_messages: int = Field(
         10000,
         ge=10,
-        le=1_000_000,  # about 0.5 GB; a full spool scans it for what to drop at each message
+        le=10_000_000,
         description="Durable spool size; when full, replaced and update messages drop first.",
     )
     metrics_interval_seconds: float = Field(
