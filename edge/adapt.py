@@ -482,7 +482,7 @@ class Adapter:
             log.warning("learning: the saved period is dropped: %s", exc)
             self.cancel()
             return
-        ident = data.get("period_id")
+        ident = data.get("period_id") or data.get("started_at")  # older saves: their start
         done = [e for e in self.history.entries if ident and e.get("period") == ident]
         if done:  # a power cut between the version's record and the period's deletion
             log.info("learning: the saved period ended in version %d already", done[-1]["version"])
@@ -491,6 +491,6 @@ class Adapter:
         hop = self.configured.features.hop_seconds
         self.period = Period(seconds, hop, store, model, collected)
         self.period.started_at = str(data.get("started_at", now_iso()))
-        if ident:
-            self.period.period_id = str(ident)
+        if data.get("period_id"):
+            self.period.period_id = str(data["period_id"])
         log.info("learning: resumed at %.0f of %g s", collected, seconds)

@@ -1086,3 +1086,30 @@ def test_a_period_begun_within_the_second_of_the_last_one_is_resumed(
     device.replay(NORMAL_FILES[0])
     assert device.detector.learning, "the second period was dropped at the restart"
     assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+
+
+def test_a_period_saved_before_periods_had_an_id_is_still_known_as_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions recorded before periods had an id name theirs by its start: a period saved by
+    that release, which a recorded version ended, is not refitted again after the upgrade."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=3600).ok
+    device.replay(*NORMAL_FILES)
+    with monkeypatch.context() as patch:
+        patch.setattr(Adapter, "cancel", lambda self: False)  # a power cut before it runs
+        assert device.command(command="learn", action="stop").ok
+    saved = device.data / "learning" / "period.json"
+    old = json.loads(saved.read_text())
+    del old["period_id"]  # as the release before wrote it
+    saved.write_text(json.dumps(old))
+    history = device.data / "models" / "history.json"
+    data = json.loads(history.read_text())
+    for entry in data["entries"]:
+        if entry.get("period"):
+            entry["period"] = old["started_at"]  # as that release recorded it
+    history.write_text(json.dumps(data))
+    device.replay(NORMAL_FILES[0])
+    assert not device.detector.learning
+    assert [h["version"] for h in device.detector.status()["history"]] == [1]
