@@ -243,7 +243,8 @@ class MicSource:
         """Re-initialise PortAudio so devices plugged in since start are seen, and find the
         device again: at the 1st, 2nd, 4th, 8th ... retry of an outage (a sound server that
         restarts changes nothing in /dev/snd), when the sound devices changed since the last
-        time, and RESCAN_EVERY_S after it. Between those a device not found stays not found."""
+        time (counting the retries from 1 again), and RESCAN_EVERY_S after it. Between those a
+        device not found stays not found."""
         self._retries += 1
         signature, at = self._scanned
         now = _devices_signature()
@@ -252,6 +253,8 @@ class MicSource:
             if self._unresolved:
                 raise CaptureError(self._unresolved)
             return
+        if now != signature:  # a device came or went: rescanned again at the next retries too
+            self._retries = 1  # (udev may give it its permissions a moment later)
         self._scanned = (now, time.monotonic())
         sd = sounddevice_module()
         try:
@@ -284,27 +287,34 @@ class MicSource:
                 backoff = min(backoff * 2, self.reopen_max_s)
                 continue
             reopened, first = not first, False
-            delivered = False
+            flowing: float | None = None  # since when this stream delivers
+            settled = False  # delivered for stall_s: it works, the next outage starts afresh
             try:
                 for block in self._stream(stream):
-                    if block is not None and not delivered:  # it works: the next outage
-                        delivered = True  # starts afresh
-                        backoff = REOPEN_MIN_S
-                        self.problem = None
-                        self._said = None
-                        self._retries = 0
-                        if reopened:
-                            reopened = False
-                            yield AudioGap(reopened=True)
+                    if block is not None:
+                        now = time.monotonic()
+                        if flowing is None:
+                            flowing = now
+                            self.problem = None
+                            if reopened:
+                                reopened = False
+                                yield AudioGap(reopened=True)
+                        if not settled and now - flowing >= self.stall_s:
+                            settled = True
+                            backoff = REOPEN_MIN_S
+                            self._said = None
+                            self._retries = 0
                     yield block
             except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
-                if delivered:
+                if settled:
                     log.warning("capture: %s; reopening the device", exc)
                     yield None
                     continue
-                # opened but silent since: waited for with backoff, like one that will not open
-                self._say("silent", "capture: %s since the device was opened; reopening in "
-                          "%.0f s", exc, backoff)  # fmt: skip
+                # silent since it was opened, or a burst and silent again: waited for with
+                # backoff, like a device that will not open
+                self._say("silent", "capture: %s since the device was opened%s; reopening in "
+                          "%.0f s", exc, "" if flowing is None else " (but a moment)",
+                          backoff)  # fmt: skip
                 yield from self._idle(backoff)
                 backoff = min(backoff * 2, self.reopen_max_s)
 

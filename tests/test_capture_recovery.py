@@ -237,8 +237,8 @@ def test_portaudio_is_reinitialised_only_when_the_sound_devices_change(
     """Every retry re-initialised PortAudio, which leaks about 12 KB each time: an unplugged
     microphone retried every 30 s cost 36 MB a day, and the service's MemoryMax ended it within
     a week. Now a retry re-initialises it at the 1st, 2nd, 4th, 8th ... retry of an outage and
-    when /dev/snd changed (a device plugged in or pulled); and a retry failing the same way
-    again is not another warning."""
+    when /dev/snd changed (a device plugged in or pulled), counting from 1 again after that;
+    and a retry failing the same way again is not another warning."""
     import edge.capture
 
     sd = pytest.importorskip("sounddevice")
@@ -257,7 +257,7 @@ def test_portaudio_is_reinitialised_only_when_the_sound_devices_change(
 
     monkeypatch.setattr(sd, "InputStream", plug_in_at_the_fourth_retry)
     streams += [
-        {"level": 0.25, "fail": False, "blocks": 3},  # works, then the microphone is pulled
+        {"level": 0.25, "fail": False, "blocks": 60},  # works, then the microphone is pulled
         *({"level": 0.0, "fail": True} for _ in range(6)),  # retried, failing the same way
         {"level": 0.75, "fail": False},
     ]
@@ -270,7 +270,7 @@ def test_portaudio_is_reinitialised_only_when_the_sound_devices_change(
         source.stop()
         blocks.close()
     assert source.reopens == 7
-    assert at_retry == [1, 2, 4, 5], "re-initialised at retries 1, 2, 4 and after the change"
+    assert at_retry == [1, 2, 4, 5, 6], "at retries 1, 2, 4, and 1, 2 again after the change"
     warned = [
         r.getMessage()
         for r in caplog.records
@@ -286,7 +286,8 @@ def test_a_device_that_opens_but_stays_silent_is_retried_with_backoff(
 ) -> None:
     """A device that opens and starts but never delivers was reopened after every stall, with
     no backoff: 26k reopens and 53k log lines a day. Now it waits as one that will not open
-    does, doubling to reopen_max_s, and says so once."""
+    does, doubling to reopen_max_s, and says so once; a burst of audio before it falls silent
+    again does not start the backoff afresh (only audio for stall_s does)."""
     import edge.capture
 
     monkeypatch.setattr(edge.capture, "REOPEN_MIN_S", 0.05)
@@ -300,10 +301,11 @@ def test_a_device_that_opens_but_stays_silent_is_retried_with_backoff(
     monkeypatch.setattr(MicSource, "_idle", spy)
     caplog.set_level("DEBUG", logger="edge.capture")
     streams += [
-        {"level": 0.25, "fail": False, "blocks": 3},  # works, then stalls
-        *(
-            {"level": 0.0, "fail": False, "blocks": 0} for _ in range(4)
-        ),  # reopened: starts, stays silent
+        {"level": 0.25, "fail": False, "blocks": 60},  # works for 0.6 s, then stalls
+        {"level": 0.0, "fail": False, "blocks": 0},  # reopened: starts, stays silent
+        {"level": 0.0, "fail": False, "blocks": 0},
+        {"level": 0.0, "fail": False, "blocks": 2},  # a burst, and silent again: no reset
+        {"level": 0.0, "fail": False, "blocks": 0},
         {"level": 0.75, "fail": False},
     ]
     source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=0.3, reopen_max_s=0.2)
