@@ -340,6 +340,10 @@ def write_bundle(
     except ValidationError as exc:
         raise BundleError(f"{path}: refusing to write an invalid manifest: {_first(exc)}") from None
     earlier = check_bundle_target(path)
+    if Path(os.path.abspath(path)) in _KEEP_PREVIOUS:
+        _KEEP_PREVIOUS.discard(Path(os.path.abspath(path)))
+        if (path / MANIFEST).is_file():
+            _keep_previous(path, earlier)
     blobs[MANIFEST] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
     _swap_in(path.resolve() if path.is_symlink() else path, blobs, earlier)
     return path
@@ -459,24 +463,51 @@ def _repair_swap(path: Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
-def keep_previous(path: str | Path) -> Path:
-    """Copy the bundle at `path` (a symlink's target) to `PATH.prev`, replacing an older copy
-    there; the copy is made beside it first, so an interrupted one leaves the old `.prev`."""
-    path = Path(path)
-    prev = path.with_name(path.name + ".prev")
-    part = path.with_name(f".{path.name}.prev.part")
+_KEEP_PREVIOUS: set[Path] = set()
+"""Bundle folders whose bundle the next write_bundle there keeps as `NAME.prev` first."""
+
+
+def keep_previous_on_write(path: str | Path) -> Path:
+    """Have the next write_bundle to `path` keep the bundle it replaces as `PATH.prev` (`train`
+    and `calibrate --out`: a calibration on the wrong audio must not cost the one that worked).
+    Made when the new bundle is written, not before: a run that fails keeps the older copy."""
+    where = Path(os.path.abspath(path))
+    _KEEP_PREVIOUS.add(where)
+    return where.with_name(where.name + ".prev")
+
+
+def _keep_previous(path: Path, names: set[str]) -> None:
+    """Copy the bundle at `path` (a symlink's target): its manifest and the files it lists,
+    not whatever else the folder holds, to `PATH.prev`, owned as the bundle is, replacing an
+    older copy only once the new one is complete. A copy that cannot be made is a warning:
+    the write goes on (the copy is a convenience, not a condition of it)."""
+    where = Path(os.path.abspath(path))
+    source = where.resolve()
+    prev = where.with_name(where.name + ".prev")
+    part = where.with_name(f".{where.name}.prev.part")
+    old = where.with_name(f".{where.name}.prev.old")
     try:
         shutil.rmtree(part, ignore_errors=True)
-        shutil.copytree(path.resolve(), part)
-        if prev.is_dir() and not prev.is_symlink():
-            shutil.rmtree(prev)
-        else:
-            prev.unlink(missing_ok=True)
+        part.mkdir()
+        owner = source.stat()
+        for name in sorted(names | {MANIFEST}):
+            shutil.copy2(source / name, part / name)
+        shutil.copystat(source, part)
+        if os.geteuid() == 0:  # root training for the service user: the copy stays theirs
+            for item in (part, *part.iterdir()):
+                os.chown(item, owner.st_uid, owner.st_gid)
+        if prev.is_symlink() or prev.is_file():
+            prev.unlink()
+        elif prev.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            prev.rename(old)
         part.rename(prev)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(part, ignore_errors=True)
-        raise BundleError(f"{path}: cannot keep a copy of it as {prev.name}: {exc}") from None
-    return prev
+        if old.exists() and not prev.exists():
+            old.rename(prev)
+        log.warning("%s is replaced without a copy as %s: %s", where, prev.name, exc)
 
 
 def check_bundle_target(path: str | Path) -> set[str]:

@@ -704,13 +704,13 @@ def _note_replaced(out: Path) -> None:
     """Refuse an --out that cannot take a bundle (edge.bundle.check_bundle_target), and say so
     when it holds one: it is replaced, whole, once the new one is written, and kept as
     `OUT.prev` first (a calibration on the wrong audio must not cost the one that worked)."""
-    from edge.bundle import check_bundle_target, keep_previous
+    from edge.bundle import check_bundle_target, keep_previous_on_write
 
     if check_bundle_target(out):
-        prev = keep_previous(out)
+        prev = keep_previous_on_write(out)
         print(
             f"note: {out} holds a model bundle: it is replaced when this one is written "
-            f"(kept as {prev})"
+            f"(and kept as {prev})"
         )
 
 

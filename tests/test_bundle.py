@@ -329,7 +329,7 @@ def test_train_says_it_replaces_a_bundle_and_keeps_it_as_prev(tmp_path: Path) ->
     proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
     assert f"note: {out} holds a model bundle: it is replaced" in proc.stdout
     prev = tmp_path / "deployed.bundle.prev"  # and the one that worked is kept, once
-    assert f"(kept as {prev})" in proc.stdout
+    assert f"kept as {prev}" in proc.stdout
     assert load_bundle(prev).model_id == load_bundle(DEMO_BUNDLE).model_id
     assert load_bundle(out).model_id != load_bundle(DEMO_BUNDLE).model_id
     cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(out))
@@ -337,6 +337,49 @@ def test_train_says_it_replaces_a_bundle_and_keeps_it_as_prev(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deployed.bundle", prev.name]
     fresh = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(tmp_path / "new"))
     assert "holds a model bundle" not in fresh.stdout
+
+
+def test_the_kept_copy_is_the_bundle_alone_and_made_when_the_new_one_is_written(
+    copy: Path, tmp_path: Path
+) -> None:
+    """The copy was made before the work: a run that failed, or a second attempt, replaced the
+    `.prev` that worked with the bundle being replaced, and calibrating `X.prev --out X` read
+    the model it was overwriting. It copied the user's own files too (a broken symlink among
+    them ended the run)."""
+    from edge.bundle import keep_previous_on_write
+
+    (copy / "NOTES.txt").write_text("pump 3\n")
+    (copy / "dangling").symlink_to(tmp_path / "nowhere")
+    prev = keep_previous_on_write(copy)
+    assert not prev.exists(), "nothing is copied before the new bundle is written"
+    _rewrite(DEMO_BUNDLE, copy)
+    assert load_bundle(prev).model_id == load_bundle(AE_BUNDLE).model_id
+    assert not (prev / "NOTES.txt").exists() and not (prev / "dangling").is_symlink()
+    assert load_bundle(copy).model_id == load_bundle(DEMO_BUNDLE).model_id
+    _rewrite(AE_BUNDLE, copy)  # not asked to keep this time: the copy stays as it was
+    assert load_bundle(prev).model_id == load_bundle(AE_BUNDLE).model_id
+    keep_previous_on_write(copy)  # from the kept copy back onto the bundle: a swap
+    _rewrite(prev, copy)
+    assert load_bundle(copy).model_id == load_bundle(AE_BUNDLE).model_id
+    assert load_bundle(prev).model_id == load_bundle(AE_BUNDLE).model_id
+    assert sorted(p.name for p in tmp_path.iterdir() if "bundle" in p.name) == [
+        copy.name,
+        prev.name,
+    ], "nothing left beside"
+
+
+def test_a_copy_that_cannot_be_made_does_not_stop_the_write(
+    copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge.bundle import keep_previous_on_write
+
+    (copy.parent / f"{copy.name}.prev").write_text("a file in the way, not a folder\n")
+    (copy / MODEL_INT8).unlink()  # a damaged bundle: a file it lists is missing
+    keep_previous_on_write(copy)
+    _rewrite(DEMO_BUNDLE, copy)
+    assert load_bundle(copy).model_id == load_bundle(DEMO_BUNDLE).model_id
+    assert "is replaced without a copy as copy.bundle.prev" in caplog.text
+    assert (copy.parent / f"{copy.name}.prev").read_text().startswith("a file in the way")
 
 
 def _dead_pid() -> int:
