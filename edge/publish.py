@@ -183,6 +183,9 @@ class MqttPublisher:
         yet) nor in that re-send (taken before it), and the broker kept the old one."""
         self._mid_lock = threading.Lock()
         """Held while a message id's topic is stored and while a PUBACK takes it."""
+        self._connection = 0
+        """Connections made so far; a retained message's id -> the connection it was sent on."""
+        self._sent_on: dict[int, int] = {}
         self._inflight: dict[int, int] = {}
         self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._spool_failed = False
@@ -267,6 +270,7 @@ class MqttPublisher:
         self._subscribed[mid] = wanted  # its SUBACK comes later on this same thread
         self._publish(self.topics.availability, ONLINE, qos=1, retain=True, props=True)
         with self._retain_lock:
+            self._connection += 1
             self._publish_retained()
             self._publish_discovery()
             self._connected.set()
@@ -526,6 +530,9 @@ class MqttPublisher:
                 break
             with self._mid_lock:
                 topic = self._topic_of.pop(mid, None)
+                sent_on = self._sent_on.pop(mid, None)
+            if topic and sent_on is not None and sent_on < self._connection:
+                self._latest_again(topic)
             row = self._inflight.pop(mid, None)
             offered = row is not None and row in self._offered
             if offered:
@@ -672,6 +679,8 @@ class MqttPublisher:
             )
             if qos:
                 self._topic_of[info.mid] = topic
+                if retain:
+                    self._sent_on[info.mid] = self._connection
         return info
 
     def _retain(self, topic: str, payload: str, qos: int) -> None:
@@ -680,6 +689,15 @@ class MqttPublisher:
             self._retained[topic] = payload
             if self.connected:
                 self._publish(topic, payload, qos=qos, retain=True)
+
+    def _latest_again(self, topic: str) -> None:
+        """A retained message sent before the last reconnect was acknowledged after it: paho
+        sends what was in flight again after `_on_connect`'s re-send of the latest, so the
+        broker kept the older one (`anomaly` through a normal night). The latest once more."""
+        with self._retain_lock:
+            if self.connected and topic in self._retained:
+                qos = 0 if topic == self.topics.metrics else 1
+                self._publish(topic, self._retained[topic], qos=qos, retain=True)
 
     def _publish_retained(self) -> None:
         """The latest retained messages again (after a reconnect, or Home Assistant's start),

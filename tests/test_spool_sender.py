@@ -255,3 +255,32 @@ def test_a_state_set_while_reconnecting_is_the_one_the_broker_keeps(
         ]
     finally:
         later.close()
+
+
+def test_a_state_in_flight_at_a_disconnect_does_not_outlive_the_newer_one(
+    publisher: MqttPublisher, broker: Broker
+) -> None:
+    """paho sends again, after a reconnect, what was in flight at the disconnect, and does so
+    after `_on_connect` has re-sent the latest: a state unacknowledged when the connection
+    dropped (`anomaly`) reached the broker after the newer one (`normal`) and stayed retained.
+    The broker is frozen so that `anomaly` is never acknowledged, then killed."""
+    publisher.start(wait_s=10)
+    assert publisher.connected
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        publisher.publish_state(_state("anomaly"))  # sent; its PUBACK never comes
+    finally:
+        broker.proc.kill()  # (a stopped process is killed all the same)
+        broker.proc.wait(10)
+    wait_for(lambda: not publisher.connected, 20, "the disconnect")
+    publisher.publish_state(_state("normal"))  # the machine is fine again, while offline
+    broker.start()
+    wait_for(lambda: publisher.connected, 20, "the reconnect")
+    later = Subscriber(broker.port, TOPICS.state)
+    try:
+        assert later.wait_for(lambda ms: bool(ms), 10), "no retained state"
+        assert later.wait_for(lambda ms: '"normal"' in ms[-1].payload, 5), [
+            m.payload for m in later.on("")
+        ]
+    finally:
+        later.close()
