@@ -15,6 +15,7 @@ once.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import queue
@@ -48,9 +49,10 @@ REOPEN_MIN_S = 1.0
 SND_DIR = "/dev/snd"
 """Where the kernel lists sound devices: a change here is a device plugged in or pulled."""
 RESCAN_EVERY_S = 600.0
-"""PortAudio is re-initialised on a change in SND_DIR, or this long after the last time (no
-SND_DIR, or a device of another kind). It was re-initialised at every retry: about 12 KB leaked
-each time, 36 MB a day with an unplugged microphone retried every 30 s."""
+"""PortAudio is re-initialised on a change in SND_DIR or of a sound server's socket, or this
+long after the last time (no SND_DIR, or a device of another kind). It was re-initialised at
+every retry: about 12 KB leaked each time, 36 MB a day with an unplugged microphone retried
+every 30 s."""
 SAY_AGAIN_S = 600.0
 """A capture problem that repeats is logged again at WARNING after this long (DEBUG between):
 a device that opens but stays silent logged two lines every few seconds, 53k a day."""
@@ -253,7 +255,7 @@ class MicSource:
             if self._unresolved:
                 raise CaptureError(self._unresolved)
             return
-        if now != signature:  # a device came or went: rescanned again at the next retries too
+        if now != signature:  # a device or a server came or went: rescanned at the next retries
             self._retries = 1  # (udev may give it its permissions a moment later)
         self._scanned = (now, time.monotonic())
         sd = sounddevice_module()
@@ -360,12 +362,31 @@ class MicSource:
             yield None
 
 
-def _devices_signature() -> tuple[int, tuple[str, ...]] | None:
-    """What SND_DIR holds and when it last changed; None where there is no such folder."""
+def _devices_signature() -> tuple[object, ...]:
+    """What SND_DIR holds and when it last changed (None where there is no such folder), and
+    the sound servers' sockets (PulseAudio, PipeWire): a server that restarts makes a new one."""
     try:
-        return os.stat(SND_DIR).st_mtime_ns, tuple(sorted(os.listdir(SND_DIR)))
+        snd: object = os.stat(SND_DIR).st_mtime_ns, tuple(sorted(os.listdir(SND_DIR)))
     except OSError:
-        return None
+        snd = None
+    servers = []
+    for path in _server_sockets():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        servers.append((path, st.st_ino, st.st_mtime_ns))
+    return snd, tuple(servers)
+
+
+def _server_sockets() -> list[str]:
+    """Where a PulseAudio or PipeWire server of this user listens."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    found = [os.environ.get("PULSE_SERVER", "").removeprefix("unix:")]
+    if runtime:
+        found += [os.path.join(runtime, "pulse", "native"), os.path.join(runtime, "pipewire-0")]
+    found += glob.glob(os.path.expanduser("~/.config/pulse/*-runtime/native"))
+    return [p for p in found if p.startswith("/")]
 
 
 def _drain(q: queue.Queue[np.ndarray | None]) -> None:

@@ -319,3 +319,23 @@ def test_a_device_that_opens_but_stays_silent_is_retried_with_backoff(
     assert waits == [0.05, 0.1, 0.2, 0.2], "the stall of a working stream reopens at once"
     said = [r for r in caplog.records if "since the device was opened" in r.getMessage()]
     assert [r.levelname for r in said] == ["WARNING", "DEBUG", "DEBUG", "DEBUG"]
+
+
+def test_a_sound_server_that_restarts_changes_the_devices_signature(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PulseAudio or PipeWire server that restarts changes nothing in /dev/snd: its new
+    socket is what tells the capture to rescan (else it waited for the next doubling retry,
+    minutes into an outage)."""
+    from edge.capture import _devices_signature
+
+    socket_path = tmp_path / "native"
+    socket_path.write_text("")
+    monkeypatch.setenv("PULSE_SERVER", f"unix:{socket_path}")
+    before = _devices_signature()
+    assert _devices_signature() == before
+    socket_path.unlink()  # the server stops ...
+    gone = _devices_signature()
+    assert gone != before
+    socket_path.write_text("")  # ... and starts again: a new socket
+    assert _devices_signature() not in (before, gone)

@@ -599,6 +599,9 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
             health_changes()
         )
         assert sub.on("/health")[-1].json()["status"] == "ok"
+        flowing = max(n for n, _ in scored())  # audio flows on, longer than stall_seconds:
+        wait_for(lambda: max(n for n, _ in scored()) >= flowing + 8, 20,  # the outage is over
+                 "4 s more of windows scored", scored)  # fmt: skip
         first_outage = len(failed_reopens())
         subprocess.run(["pulseaudio", "--kill"], check=True)  # gone again, after audio came
         wait_for(lambda: len(failed_reopens()) > first_outage, 20, "the second outage's retry",
