@@ -695,17 +695,17 @@ class MqttPublisher:
         sends what was in flight again after `_on_connect`'s re-send of the latest, so the
         broker kept the older one (`anomaly` through a normal night). The latest once more."""
         with self._retain_lock:
-            if self.connected and topic in self._retained:
-                qos = 0 if topic == self.topics.metrics else 1
-                self._publish(topic, self._retained[topic], qos=qos, retain=True)
+            if self.connected:
+                self._publish_retained(only=topic)
 
-    def _publish_retained(self) -> None:
+    def _publish_retained(self, only: str | None = None) -> None:
         """The latest retained messages again (after a reconnect, or Home Assistant's start),
-        each at its topic's QoS: metrics at 0, as every metrics message."""
+        each at its topic's QoS: metrics at 0, as every metrics message; `only`: that topic's."""
         with self._retain_lock:
             for topic, payload in self._retained.items():
-                qos = 0 if topic == self.topics.metrics else 1
-                self._publish(topic, payload, qos=qos, retain=True)
+                if only is None or topic == only:
+                    qos = 0 if topic == self.topics.metrics else 1
+                    self._publish(topic, payload, qos=qos, retain=True)
 
     def _publish_discovery(self) -> None:
         with self._retain_lock:

@@ -92,6 +92,17 @@ def first_block_of(blocks: Iterator[Any], level: float, seen: list[Any] | None =
     raise AssertionError("the capture ended")
 
 
+def capture_until(source: MicSource, *levels: float) -> None:
+    """Run the capture until a block of each level has come, in turn; then stop it."""
+    blocks = iter(source)
+    try:
+        for level in levels:
+            first_block_of(blocks, level)
+    finally:
+        source.stop()
+        blocks.close()
+
+
 def test_a_stream_that_will_not_start_after_a_stall_is_closed_and_retried(
     streams: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -262,13 +273,7 @@ def test_portaudio_is_reinitialised_only_when_the_sound_devices_change(
         {"level": 0.75, "fail": False},
     ]
     source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=0.3, reopen_max_s=0.05)
-    blocks = iter(source)
-    try:
-        first_block_of(blocks, 0.25)
-        first_block_of(blocks, 0.75)
-    finally:
-        source.stop()
-        blocks.close()
+    capture_until(source, 0.25, 0.75)
     assert source.reopens == 7
     assert at_retry == [1, 2, 4, 5, 6], "at retries 1, 2, 4, and 1, 2 again after the change"
     warned = [
@@ -309,13 +314,7 @@ def test_a_device_that_opens_but_stays_silent_is_retried_with_backoff(
         {"level": 0.75, "fail": False},
     ]
     source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=0.3, reopen_max_s=0.2)
-    blocks = iter(source)
-    try:
-        first_block_of(blocks, 0.25)
-        first_block_of(blocks, 0.75)
-    finally:
-        source.stop()
-        blocks.close()
+    capture_until(source, 0.25, 0.75)
     assert waits == [0.05, 0.1, 0.2, 0.2], "the stall of a working stream reopens at once"
     said = [r for r in caplog.records if "since the device was opened" in r.getMessage()]
     assert [r.levelname for r in said] == ["WARNING", "DEBUG", "DEBUG", "DEBUG"]

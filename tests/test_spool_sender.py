@@ -217,6 +217,18 @@ def test_closing_while_the_broker_does_not_answer_keeps_within_its_time(tmp_path
         server.close()
 
 
+def assert_retained_state(broker: Broker, state: str) -> None:
+    """The state the broker keeps retained, as a client subscribing now receives it."""
+    later = Subscriber(broker.port, TOPICS.state)
+    try:
+        assert later.wait_for(lambda ms: bool(ms), 10), "no retained state"
+        assert later.wait_for(lambda ms: f'"{state}"' in ms[-1].payload, 5), [
+            m.payload for m in later.on("")
+        ]
+    finally:
+        later.close()
+
+
 def _state(state: str) -> StateMessage:
     return StateMessage(
         state=state, device_id="pump-3", model="m", threshold=1.0,
@@ -247,14 +259,7 @@ def test_a_state_set_while_reconnecting_is_the_one_the_broker_keeps(
     publisher.publish_state(_state("anomaly"))  # the loop's state, mid-reconnect
     go.set()
     wait_for(lambda: publisher.connected, 10, "connected")
-    later = Subscriber(broker.port, TOPICS.state)  # a client arriving later: the retained one
-    try:
-        assert later.wait_for(lambda ms: bool(ms), 10), "no retained state"
-        assert later.wait_for(lambda ms: '"anomaly"' in ms[-1].payload, 5), [
-            m.payload for m in later.on("")
-        ]
-    finally:
-        later.close()
+    assert_retained_state(broker, "anomaly")  # what a client arriving later gets
 
 
 def test_a_state_in_flight_at_a_disconnect_does_not_outlive_the_newer_one(
@@ -276,11 +281,4 @@ def test_a_state_in_flight_at_a_disconnect_does_not_outlive_the_newer_one(
     publisher.publish_state(_state("normal"))  # the machine is fine again, while offline
     broker.start()
     wait_for(lambda: publisher.connected, 20, "the reconnect")
-    later = Subscriber(broker.port, TOPICS.state)
-    try:
-        assert later.wait_for(lambda ms: bool(ms), 10), "no retained state"
-        assert later.wait_for(lambda ms: '"normal"' in ms[-1].payload, 5), [
-            m.payload for m in later.on("")
-        ]
-    finally:
-        later.close()
+    assert_retained_state(broker, "normal")  # what a client arriving later gets
