@@ -527,14 +527,9 @@ def check_disk(s: Settings) -> Check:
             "card errors (`dmesg | grep -i mmc`): back up the card and replace it",
         }.get(exc.errno or 0, FOLDER_HINT)
         return Check("data folder", False, f"{path} is not writable ({exc.strerror})", fix)
-    free = shutil.disk_usage(path).free / 1e6
-    if free < MIN_FREE_MB:
-        return Check(
-            "data folder",
-            False,
-            f"{path}: only {free:.0f} MB free",
-            "free disk space or lower [clips] max_total_mb",
-        )
+    free, short = _free_space(path)
+    if short is not None:
+        return short
     clips = _megabytes(path / "clips")
     if s.clips.enabled and free + clips < s.clips.max_total_mb + MIN_FREE_MB:
         return Check(
@@ -568,6 +563,20 @@ def _foreign_files(folder: Path) -> list[tuple[str, str]]:
     return found
 
 
+def _free_space(path: Path) -> tuple[float, Check | None]:
+    """MB free on the file system of `path`, and the failed check when that is under
+    MIN_FREE_MB (None when there is enough)."""
+    free = shutil.disk_usage(path).free / 1e6
+    if free < MIN_FREE_MB:
+        return free, Check(
+            "data folder",
+            False,
+            f"{path}: only {free:.0f} MB free",
+            "free disk space or lower [clips] max_total_mb",
+        )
+    return free, None
+
+
 def _megabytes(folder: Path) -> float:
     """The size of the files directly in `folder`, MB (0 when it is not there)."""
     try:
@@ -590,14 +599,9 @@ def _future_data_dir(path: Path) -> Check:
             f"{path} does not exist and {parent} is not writable",
             FOLDER_HINT,
         )
-    free = shutil.disk_usage(parent).free / 1e6
-    if free < MIN_FREE_MB:
-        return Check(
-            "data folder",
-            False,
-            f"{parent}: only {free:.0f} MB free",
-            "free disk space or lower [clips] max_total_mb",
-        )
+    free, short = _free_space(parent)
+    if short is not None:
+        return short
     return Check(
         "data folder", True, f"{path} will be created at start in {parent} ({free:.0f} MB free)"
     )

@@ -507,8 +507,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         classes = class_folders(args.classes, args.channel, FeatureParams().samplerate)
     if network:
         _require("tensorflow", "train", _train_command(args))
-    from edge.advice import bundle_summary
-    from edge.bundle import load_bundle
     from train.augment import Augmenter
 
     augment = Augmenter(tuple(args.augment), args.augment_factor) if args.augment else None
@@ -540,7 +538,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             false_alarms_per_day=args.false_alarms_per_day,
             **members,
         )
-        print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
+        _say_written(out)
         return 0
     from train.trainer import DEFAULT_EPOCHS, train_bundle
 
@@ -553,7 +551,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         false_alarms_per_day=args.false_alarms_per_day,
         augment=augment,
     )
-    print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
+    _say_written(out)
     return 0
 
 
@@ -644,8 +642,6 @@ def _train_command(args: argparse.Namespace) -> str:
 
 def _train_embedding(args: argparse.Namespace) -> int:
     """`train --detector embedding` or `--normal-states`: the self-supervised CNN embedding."""
-    from edge.advice import bundle_summary
-    from edge.bundle import load_bundle
     from train.embedding import DEFAULT_EPOCHS, train_embedding
 
     out = train_embedding(
@@ -658,8 +654,16 @@ def _train_embedding(args: argparse.Namespace) -> int:
         false_alarms_per_day=args.false_alarms_per_day,
         all_channels=args.all_channels,
     )
-    print(f"model bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
+    _say_written(out)
     return 0
+
+
+def _say_written(out: Path, what: str = "model") -> None:
+    """Say where the bundle was written, with the summary of what it holds."""
+    from edge.advice import bundle_summary
+    from edge.bundle import load_bundle
+
+    print(f"{what} bundle written to {out}\n{bundle_summary(load_bundle(out).manifest)}")
 
 
 def _numpy_trainer(detector: str) -> Callable[..., Path]:
@@ -686,8 +690,6 @@ def _numpy_trainer(detector: str) -> Callable[..., Path]:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from edge.advice import bundle_summary
-    from edge.bundle import load_bundle
     from edge.calibrate import calibrate_bundle, check_calibratable
 
     check_calibratable(args.model, args.out)  # before any note, and before the audio is read
@@ -695,8 +697,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     out = calibrate_bundle(
         args.model, args.normal, args.out, args.false_alarms_per_day, args.channel
     )
-    summary = bundle_summary(load_bundle(out).manifest)
-    print(f"calibrated bundle written to {out}\n{summary}")
+    _say_written(out, "calibrated")
     return 0
 
 
