@@ -116,6 +116,11 @@ def discovery_configs(
     }
 
 
+def config_topics(topics: Topics) -> list[str]:
+    """Every config topic this device announces when discovery is on (the threshold's too)."""
+    return list(discovery_configs(topics, "", threshold=1.0))
+
+
 def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
     """What a user watches: anomaly, score, status, machine, trend, last event."""
     return {
@@ -190,7 +195,10 @@ def _diagnostics(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
         ("sensor", "running_hours"): {
             "name": "Running hours",
             "state_topic": topics.metrics,
-            "state_class": "total_increasing",
+            # not total_increasing: the hours are saved every 10 min (daemon.RUNNING_SAVE_S), so
+            # after a power cut they restart a little lower, which Home Assistant would take for
+            # a meter reset (and count the whole total again); `total` counts a drop as a drop
+            "state_class": "total",
             "device_class": "duration",
             "unit_of_measurement": "h",
             "value_template": "{{ value_json.running_hours }}",

@@ -172,7 +172,7 @@ class MqttPublisher:
         self.topics = topics
         self.spool = spool
         self.on_command = on_command
-        self.discovery: dict[str, dict[str, Any]] = {}
+        self.discovery: dict[str, dict[str, Any] | None] = {}
         self._connected = threading.Event()
         self._closing = threading.Event()
         self._wake = threading.Event()
@@ -660,8 +660,9 @@ class MqttPublisher:
         """Reply to a command (QoS 1)."""
         self._publish(self.topics.response, response.to_payload(), qos=1)
 
-    def set_discovery(self, configs: dict[str, dict[str, Any]]) -> None:
-        """Set (and announce, if connected) the Home Assistant discovery configs."""
+    def set_discovery(self, configs: dict[str, dict[str, Any] | None]) -> None:
+        """Set (and announce, if connected) the Home Assistant discovery configs; a config of
+        None clears its topic (an empty retained message: Home Assistant removes the entity)."""
         with self._retain_lock:
             self.discovery = configs
             if self.connected:
@@ -710,7 +711,8 @@ class MqttPublisher:
     def _publish_discovery(self) -> None:
         with self._retain_lock:
             for topic, config in self.discovery.items():
-                self._publish(topic, json.dumps(config), qos=1, retain=True)
+                payload = "" if config is None else json.dumps(config)
+                self._publish(topic, payload, qos=1, retain=True)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush the spool as far as the broker allows within `timeout_s`, publish `offline`,

@@ -678,3 +678,70 @@ def test_command_ids_and_numbers_are_what_the_schema_says() -> None:
         assert not check.is_valid(payload), payload
     ok = {"command": "mute", "minutes": 60, "id": "op-17"}
     assert isinstance(parse_command(json.dumps(ok)), Mute) and check.is_valid(ok)
+
+
+def test_running_hours_may_drop_after_a_power_cut_without_being_counted_twice() -> None:
+    """The hours are saved every few minutes and come back a little lower after a power cut:
+    `total_increasing` would make Home Assistant's statistics count the whole total again."""
+    hours = _config("sensor", "running_hours")
+    assert hours["state_class"] == "total" and hours["device_class"] == "duration"
+
+
+def _replay(cfg: Path, clip: Path) -> None:
+    proc = subprocess.run(
+        [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(clip), "--config", str(cfg)],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def _retained_configs(port: int) -> dict[str, str]:
+    """The discovery configs the broker holds: a new subscriber gets them before the reply to
+    its own later message (the broker queues retained messages when it takes the subscription)."""
+    late = Subscriber(port, "homeassistant/#", client_id="late")
+    try:
+        late.client.publish("homeassistant/sync/ping", "ping", qos=1)
+        wait_for(lambda: any(m.topic.endswith("/ping") for m in late.messages), 10, "own ping")
+        return {m.topic: m.payload for m in late.messages if m.retain}
+    finally:
+        late.close()
+
+
+@pytest.mark.slow
+def test_discovery_follows_the_settings_a_threshold_override_and_turning_it_off(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """An override beyond the threshold's usual bounds is inside the number's bounds from the
+    first announcement (Home Assistant drops a state outside them); with `discovery = false`
+    the next run removes the entities a run with it on announced."""
+    clip = tmp_path / "short.wav"
+    audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
+    sf.write(str(clip), audio[: 4 * rate], rate)
+    demo = load_bundle(DEMO_BUNDLE)
+    override = 40 * demo.threshold
+    assert override > threshold_bounds(demo.threshold)[1]
+    settings = (
+        f'device_id = "pump-1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f"[detector]\nthreshold = {override}\n"
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(settings)
+    number = TOPICS.ha_config("number", "threshold")
+    live = Subscriber(broker.port, number, client_id="live")
+    try:
+        _replay(cfg, clip)
+        wait_for(lambda: live.messages, 10, "the threshold number's config")
+        first = json.loads(live.messages[0].payload)
+    finally:
+        live.close()
+    assert first["min"] <= override <= first["max"]
+    assert len(_retained_configs(broker.port)) == 12
+
+    cfg.write_text(settings + "discovery = false\n")
+    _replay(cfg, clip)
+    assert _retained_configs(broker.port) == {}
