@@ -82,7 +82,7 @@ def test_kill_9_makes_the_broker_publish_the_last_will(broker: Broker, tmp_path:
         stderr=subprocess.DEVNULL,
     )
     try:
-        assert sub.wait_for(lambda ms: any(m.payload == "online" for m in ms), timeout=20)
+        assert sub.wait_for(lambda ms: any(m.payload == "online" for m in ms), timeout=60)
         proc.kill()
         proc.wait(10)
         assert sub.wait_for(lambda ms: ms[-1].payload == "offline", timeout=10)

@@ -489,7 +489,8 @@ def test_sd_notify_never_blocks_when_nobody_reads(
         n = SystemdNotifier()
         t0 = time.monotonic()
         results = [n.notify("WATCHDOG=1") for _ in range(5000)]  # far beyond the queue
-        assert time.monotonic() - t0 < 5 and results[0] and not results[-1]
+        # a blocking send would hang here; 5000 sends take milliseconds even on a busy machine
+        assert time.monotonic() - t0 < 30 and results[0] and not results[-1]
         sock.setblocking(False)
         while True:  # drain
             try:
@@ -793,8 +794,11 @@ class _StallingClip(_PacedClip):
         for i in range(0, len(self.audio), RATE // 10):
             if i == 14 * RATE:
                 self.stalled, until = True, time.monotonic() + self.stall_s
-                while time.monotonic() < until:  # no blocks: the daemon's ticks see a stall
-                    yield None
+                while True:  # no blocks: the daemon's ticks see a stall
+                    now = time.monotonic()
+                    yield None  # ticked at `now` or later: the last one after the whole stall
+                    if now >= until:  # (not just before it, when a sleep ran long)
+                        break
                     time.sleep(0.02)
             block = self.audio[i : i + RATE // 10]
             self.fed += len(block)

@@ -578,8 +578,8 @@ def test_a_dashboard_still_waiting_for_its_port_stops_at_once(tmp_path: Path) ->
         dashboard = Dashboard(settings)
         dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
         began = time.monotonic()
-        dashboard.stop()  # waits for no retry (every 30 s)
-        assert time.monotonic() - began < 5 and not dashboard._thread.is_alive()
+        dashboard.stop()  # waits for no retry (every 30 s): far less, even on a busy machine
+        assert time.monotonic() - began < 15 and not dashboard._thread.is_alive()
 
 
 def test_clip_urls_name_the_public_url_or_this_host(tmp_path: Path) -> None:
@@ -797,8 +797,11 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
         assert before >= 20  # windows since the start: the fault and the event are behind us
         browser.refresh()
         drawn = lambda: browser.execute_script("return scores.length")  # noqa: E731
-        # The daemon scores 2 windows a second: from an empty trace the page would need 10 s.
-        wait_for(lambda: drawn() >= before, 3, f"the {before} recent scores drawn", drawn)
+        # The daemon scores 2 windows a second: from an empty trace the page would draw them
+        # one by one. The first scores it draws are all of them at once (awaited, not timed:
+        # the browser may be slow to load the page on a busy machine).
+        first = wait_for(drawn, 30, "the page's first scores drawn", drawn)
+        assert first >= before, f"{first} score(s) drawn at first, not the {before} recent ones"
 
         # A daemon that stops answering without closing the connection (a Pi without power, a
         # changed Wi-Fi): the page waited for ever on a read that never ended, saying "live".
@@ -1049,7 +1052,8 @@ def test_a_port_that_cannot_be_had_by_retrying_is_said_once_and_not_retried(
     settings = Settings(data_dir=tmp_path, web={**web, "token_file": token_file})
     dashboard = Dashboard(settings)
     dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
-    wait_for(lambda: not dashboard._thread.is_alive(), 5, "the dashboard to give up")
+    # after a DNS lookup, which may wait for a resolver's timeouts (5 s each)
+    wait_for(lambda: not dashboard._thread.is_alive(), 30, "the dashboard to give up")
     dashboard.stop()
     (error,) = [r.getMessage() for r in caplog.records]
     assert "cannot listen on nowhere.invalid" in error and "restart" in error, error
