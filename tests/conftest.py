@@ -83,7 +83,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small model trained on the fixture audio with the real `train` command."""
-    out = tmp_path_factory.mktemp("models") / "nested" / "tiny.bundle"
+    return train_tiny(tmp_path_factory.mktemp("models") / "nested" / "tiny.bundle")
+
+
+def train_tiny(out: Path) -> Path:
+    """Train the tiny autoencoder (seed 1) on the fixture audio into `out`, with `train`."""
     cli(
         "train",
         "--detector",

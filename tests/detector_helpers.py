@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
 from edge.daemon import Sink
+from edge.errors import BundleError
 from edge.features import windows_of
 from edge.messages import EventMessage, HealthMessage, ResponseMessage, StateMessage
 from edge.scoring import Scorer
@@ -58,3 +60,11 @@ def with_arrays(bundle_path: Path, out: Path, **arrays: np.ndarray) -> Path:
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
     return write_bundle(out, manifest, {}, {**bundle.arrays, **arrays})
+
+
+def assert_refused_with(bundle_path: Path, out: Path, match: str, **arrays: np.ndarray) -> None:
+    """A copy of a bundle with some arrays replaced (see `with_arrays`) is refused at load,
+    with an error matching `match`."""
+    bad = with_arrays(bundle_path, out, **arrays)
+    with pytest.raises(BundleError, match=match):
+        load_bundle(bad)

@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES, TINY_EPOCHS, cli
+from conftest import (
+    ANOMALOUS_FILE,
+    DEMO_BUNDLE,
+    DEMO_CLIP,
+    NORMAL_FILES,
+    TINY_EPOCHS,
+    cli,
+    train_tiny,
+)
 
 from edge.audio_io import read_audio
 from edge.bundle import MODEL_INT8, load_bundle
@@ -51,20 +59,7 @@ def test_int8_ranks_windows_like_float(tiny_bundle: Path) -> None:
 
 
 def test_same_seed_same_model(tiny_bundle: Path, tmp_path: Path) -> None:
-    again = tmp_path / "again.bundle"
-    cli(
-        "train",
-        "--detector",
-        "autoencoder",
-        "--normal",
-        *map(str, NORMAL_FILES),
-        "--out",
-        str(again),
-        "--epochs",
-        TINY_EPOCHS,
-        "--seed",
-        "1",
-    )
+    again = train_tiny(tmp_path / "again.bundle")
     assert (again / MODEL_INT8).read_bytes() == (tiny_bundle / MODEL_INT8).read_bytes()
     first = load_bundle(tiny_bundle).manifest
     assert load_bundle(again).manifest.threshold.value == first.threshold.value
