@@ -58,6 +58,8 @@ CSV_COLUMNS = (
 )
 """The CSV's columns; new ones are added at the end, so a spreadsheet's formulas keep theirs."""
 _NUMBERS = ("peak_score", "threshold", "duration_s", "mean_score", "clip_seconds")
+_TEXTS = ("clip", "clip_url", "ended_at", "label", "model", "device_id", "trigger", "machine")
+"""Fields read as text (a clip's name is made a path and a link): any other type is left out."""
 _BAND_KEYS = ("low_hz", "high_hz", "deviation")
 
 
@@ -227,6 +229,9 @@ def _cleaned(data: dict[str, Any]) -> dict[str, Any]:
     for key in _NUMBERS:
         value = out.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            out[key] = None
+    for key in _TEXTS:
+        if out.get(key) is not None and not isinstance(out[key], str):
             out[key] = None
     bands = out.get("bands")
     if bands is not None and not (

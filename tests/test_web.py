@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -1100,3 +1101,72 @@ def test_the_page_names_the_trained_state_the_machine_runs_in() -> None:
     assert live.last_window["machine"] == "running"
     live.window(Step(WindowScore(0, float("nan"), np.zeros(64)), 1.0, 2.0, ()), 2.0)
     assert live.last_window["score"] is None  # not a number: JSON has none, the page would fail
+
+
+def test_an_event_log_line_with_a_clip_that_is_no_name_does_not_stop_the_daemon(
+    tmp_path: Path,
+) -> None:
+    """A hand-edited or foreign line whose clip is a number: the page made it a path at start,
+    a TypeError that the daemon did not survive (under systemd a restart loop)."""
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    line = {"event_id": "e1", "started_at": "2026-01-01T00:00:00Z", "type": "end", "clip": 123}
+    (tmp_path / "events.jsonl").write_text(json.dumps(line) + "\n")
+    dashboard = Dashboard(Settings(data_dir=tmp_path, web={"enabled": True, "port": free_port()}))
+    try:
+        (event,) = dashboard.events()
+    finally:
+        dashboard.stop()
+    assert event["event_id"] == "e1" and event["clip"] is None and not event.get("links")
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"POST"])
+def test_a_request_target_that_is_no_url_gets_a_400_not_a_traceback(
+    tmp_path: Path, method: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """urlsplit refuses a full URL with a broken IPv6 host: no answer and an 18-line traceback
+    in the journal for each such request, from anyone on the network, before any check."""
+    dashboard = _dashboard(tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", dashboard.port)) as s:
+            s.sendall(method + b" http://[x/ HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            s.settimeout(10)
+            answer = _all_of(s)
+    finally:
+        dashboard.stop()
+    assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_range_too_long_for_any_clip_is_ignored_not_a_dropped_connection(
+    tmp_path: Path,
+) -> None:
+    """int() refuses more than 4,300 digits: a Range of 5,000 nines dropped the connection
+    with a traceback. An unusable Range is ignored: the whole clip."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
+    sf.write(str(clips / "a.wav"), audio[:rate], rate)
+    dashboard = _dashboard(tmp_path)
+    try:
+        for bad in (f"bytes={'9' * 5000}-", f"bytes=-{'9' * 5000}"):
+            conn = http.client.HTTPConnection("127.0.0.1", dashboard.port, timeout=10)
+            conn.request("GET", "/clips/a.wav", headers={"Range": bad})
+            answer = conn.getresponse()
+            assert answer.status == 200 and len(answer.read()) == (clips / "a.wav").stat().st_size
+            conn.close()
+    finally:
+        dashboard.stop()
+
+
+def test_an_ipv6_host_counts_as_one_address_with_all_of_its_network() -> None:
+    """A host holds as many IPv6 addresses of its /64 as it likes: counted one by one, it could
+    take every slot alone."""
+    from edge.web.server import MAX_CONNECTIONS, MAX_PER_ADDRESS, _host
+
+    assert _host(("2001:db8:1:2::1", 80, 0, 0)) == _host(("2001:db8:1:2:ffff::9", 80, 0, 0))
+    assert _host(("2001:db8:1:2::1", 80, 0, 0)) != _host(("2001:db8:1:3::1", 80, 0, 0))
+    assert _host(("::ffff:192.0.2.7", 80, 0, 0)) == _host(("192.0.2.7", 80)) == "192.0.2.7"
+    assert _host(("192.0.2.7", 80)) != _host(("192.0.2.8", 80))
+    assert 3 * MAX_PER_ADDRESS < MAX_CONNECTIONS, "a few hosts cannot take every slot"

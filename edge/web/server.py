@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import json
 import logging
 import queue
@@ -24,7 +25,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, quote, unquote, urlsplit
 
 import soundfile as sf
 
@@ -74,8 +75,9 @@ MAX_CONNECTIONS = 32
 Without a cap every connection had a thread and a file of its own, before any check: a host on
 the network that held a thousand open took the daemon's last file handles (its event log,
 clips, MQTT and microphone could not open a file) and spun the web thread on accept()."""
-MAX_PER_ADDRESS = 16
-"""Of those, from one address: one host cannot take every slot from the others."""
+MAX_PER_ADDRESS = 6
+"""Of those, from one address (an IPv6 one's /64 network): one host cannot take every slot from
+the others. At 16 two hosts took them all; 6 is what a browser opens to one site at most."""
 HEADER_DEADLINE_S = 10.0
 """A request's line and headers must arrive within this, in all: CLIENT_TIMEOUT_S restarts
 with every byte, so a client that sent a header byte a minute (slowloris) held its slot for
@@ -221,7 +223,7 @@ class Dashboard:
     def _links(self, event: dict[str, Any]) -> dict[str, Any]:
         """Relative links of an event's clip and spectrogram, for the page."""
         clip = event.get("clip")
-        if clip:
+        if isinstance(clip, str) and clip:
             stem = Path(clip).stem
             event["links"] = {
                 "clip": self._clip_path(clip),
@@ -347,8 +349,19 @@ class _Server(ThreadingHTTPServer):
 
 
 def _host(client_address: Any) -> str:
-    """The address a connection comes from (an IPv4 or IPv6 socket's first field)."""
-    return client_address[0] if isinstance(client_address, tuple) else ""
+    """The address a connection comes from (an IPv4 or IPv6 socket's first field); of an IPv6
+    address its /64 network, which one host may fill with addresses of its own."""
+    if not isinstance(client_address, tuple):
+        return ""
+    try:
+        address = ipaddress.ip_address(client_address[0])
+    except ValueError:
+        return str(client_address[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class PortTakenError(SoundSentryError):
@@ -423,16 +436,27 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Access log at DEBUG (never the query string: clip keys stay out of logs)."""
-        path = urlsplit(getattr(self, "path", "")).path  # unset for a malformed request line
+        path = getattr(self, "path", "").partition("?")[0]  # unset for a malformed request line
         log.debug("%s %s %s", self.client_address[0], getattr(self, "command", None), path)
 
     @property
     def dash(self) -> Dashboard:
         return self.server.dashboard
 
+    def _target(self) -> SplitResult | None:
+        """The request's target, or None once answered 400: urlsplit refuses some (a broken
+        IPv6 host in a full URL), before any check, from anyone on the network."""
+        try:
+            return urlsplit(self.path)
+        except ValueError:
+            self._error(HTTPStatus.BAD_REQUEST, "bad request target")
+            return None
+
     def do_GET(self) -> None:
         """Read routes."""
-        url = urlsplit(self.path)
+        url = self._target()
+        if url is None:
+            return None
         path = url.path
         if not self.dash.gate.host_ok(self.headers.get("Host")):
             return self._error(HTTPStatus.FORBIDDEN, "unknown host name")
@@ -456,7 +480,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         """The headers of a GET (monitors, `curl -I`, players probing a clip); not a stream."""
-        if urlsplit(self.path).path == "/api/stream":
+        url = self._target()
+        if url is None:
+            return None
+        if url.path == "/api/stream":
             return self._error(HTTPStatus.METHOD_NOT_ALLOWED, "the live stream answers GET only")
         return self.do_GET()
 
@@ -464,7 +491,10 @@ class Handler(BaseHTTPRequestHandler):
         """Actions: a JSON command with the token (when one is set), answered by the daemon."""
         if not self.dash.gate.host_ok(self.headers.get("Host")):
             return self._error(HTTPStatus.FORBIDDEN, "unknown host name")
-        if urlsplit(self.path).path != "/api/command":
+        url = self._target()
+        if url is None:
+            return None
+        if url.path != "/api/command":
             return self._error(HTTPStatus.NOT_FOUND, "not found")
         if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
             return self._unauthorized()
@@ -509,7 +539,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_range(self, data: bytes, kind: str) -> None:
         """The whole file, or one `Range: bytes=a-b` of it (phones play audio only so)."""
-        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+        # at most 15 digits (a petabyte): int() refuses over 4,300, and a longer one is no
+        # range of a clip; an unusable Range is ignored (the whole file), as HTTP says
+        match = re.fullmatch(r"bytes=(\d{0,15})-(\d{0,15})", self.headers.get("Range", "").strip())
         if not match or not any(match.groups()):
             return self._send(HTTPStatus.OK, data, kind, cache=True)
         first, last = match.groups()
