@@ -239,11 +239,12 @@ class Controller:
         version = d.adapter.history.active if d.adapter is not None else None
         configured = d.adapter.configured_path if d.adapter is not None else old.model
         same = _same_path(new.model, configured)  # not old.model: a load that failed is retried
-        if version is not None and same:
+        if version is not None and same and not self._replaced(new.model):
             log.info("reload: the model is unchanged: keeping version %d", version)
             return
         try:
-            if not same and new.model is not None and d.adapter is not None:  # another model
+            if new.model is not None and d.adapter is not None and (not same or version):
+                # another model, or new contents at the configured path (a retrained bundle)
                 bundle = self._load(new.model)
                 d.reconfigure(bundle)
                 log.info("reload: loaded %s, the configured model now", bundle.model_id)
@@ -252,6 +253,18 @@ class Controller:
             log.info("reload: %s", detail)
         except CommandError as exc:
             log.error("reload: %s", exc)
+
+    def _replaced(self, path: Path | None) -> bool:
+        """The configured path now holds another model than the one learned from (a bundle
+        trained again and written over it): reloading it is what SIGHUP is for. A bundle that
+        does not load there is no reason to leave the running version."""
+        adapter = self.detector.adapter
+        if path is None or adapter is None:
+            return False
+        try:
+            return load_bundle(path).model_id != adapter.configured.model_id
+        except SoundSentryError:
+            return False
 
     def status(self) -> dict[str, Any]:
         """A status report."""

@@ -835,6 +835,26 @@ def test_sighup_to_another_configured_model_starts_its_learning_afresh(tmp_path:
     assert not reply.ok and "configured model is in use" in reply.detail
 
 
+def test_sighup_after_a_bundle_was_trained_again_at_the_same_path_loads_it(
+    tmp_path: Path,
+) -> None:
+    """With a learned version in use, a reload compared the configured path only: a bundle
+    trained again and written over it was ignored ("the model is unchanged: keeping version
+    1") until a restart, and refits went on from the old one."""
+    configured = shutil.copytree(DEMO_BUNDLE, tmp_path / "models" / "fan.bundle")
+    device = Device(tmp_path, bundle=configured, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    cli("train", "--normal", *map(str, NORMAL_FILES), str(DEMO_CLIP), "--out", str(configured))
+    retrained = load_bundle(configured).model_id
+    assert retrained != "fan-demo-12483c73"
+    Controller(device.detector, reload_settings=device.settings).reload()
+    d = device.detector
+    assert d.bundle.model_id == retrained and d.adapter.configured.model_id == retrained
+    Controller(device.detector, reload_settings=device.settings).reload()  # nothing new
+    assert d.bundle.model_id == retrained
+
+
 def test_an_event_marked_normal_twice_makes_one_version(tmp_path: Path) -> None:
     """`last` after a restart names the event by its clip (12 characters of its id): the same
     event was marked again, and every press of the button made another identical version
