@@ -2,8 +2,8 @@
 they cause and the bundle versions they make (edge.history), with rollback.
 
 Files under `{data_dir}`: `learning/period.json` + `period.npz` (a period in progress: it
-resumes after a restart), `learning/site-<N>.npz` (the features of a finished period),
-`learning/marked/<event_id>.npz` (the windows of an event marked normal), and
+resumes after a restart), `learning/site-<time>-<period id>.npz` (the features of a finished
+period), `learning/marked/<event_id>.npz` (the windows of an event marked normal), and
 `models/history.json` with the versions. Each version records which period and which marks it
 was fitted on, so a refit after a rollback starts from what that version knew; the features no
 kept version uses are deleted as versions are pruned, and a version carries at most MAX_MARKS
@@ -265,7 +265,9 @@ class Adapter:
         p.target_s = min(p.target_s, p.collected_s)  # stopped early: ended, even if resumed
         self.save_period()  # all it heard: a power cut during the refit loses none of it
         self.period = None
-        name = f"site-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.npz"
+        # its id too: a clock set back (a Pi without RTC after a power cut) can end two periods
+        # in the same second, and a refused one's clean-up deleted the file a version used
+        name = f"site-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{p.period_id}.npz"
         log.info("learning: ended after %.0f s of audio (%d windows)", p.collected_s, len(p.store))
         current = self.history.current
         marked = list(current.get("marked", [])) if current else []

@@ -855,6 +855,28 @@ def test_sighup_after_a_bundle_was_trained_again_at_the_same_path_loads_it(
     assert d.bundle.model_id == retrained
 
 
+def test_a_refused_period_ending_in_the_same_second_keeps_the_features_a_version_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Site features were named by the second a period ended: after the clock was set back (a
+    Pi without RTC), a refused period's clean-up deleted the file of version 1, and every
+    later mark_normal failed ("site features ... unreadable")."""
+    import edge.adapt
+
+    frozen = time.gmtime(1_700_000_000)
+    monkeypatch.setattr(edge.adapt.time, "gmtime", lambda *_: frozen)
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    device.learning = {}
+    assert device.command(command="learn", action="start", seconds=4).ok
+    device.replay(NORMAL_FILES[0])  # too little audio: that refit is refused
+    assert "error" in device.detector.status()["last_refit"]
+    (event,) = starts(device.replay(ANOMALOUS_FILE))
+    reply = device.command(command="mark_normal", event_id=event["event_id"])
+    assert reply.ok, reply.detail
+
+
 def test_an_event_marked_normal_twice_makes_one_version(tmp_path: Path) -> None:
     """`last` after a restart names the event by its clip (12 characters of its id): the same
     event was marked again, and every press of the button made another identical version
