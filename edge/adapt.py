@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from edge.bundle import Bundle, load_bundle
 from edge.clips import CLIP_ID_CHARS
+from edge.detectors.thresholds import EventLogic
 from edge.errors import SoundSentryError
 from edge.history import ModelHistory, VersionUnwrittenError, now_iso, read_json, write_json
 from edge.learning import (
@@ -107,9 +109,17 @@ class Adapter:
     """The site's learning state of one device, and the refits it makes."""
 
     def __init__(
-        self, data_dir: Path, settings: LearningSettings, configured: Bundle, path: Path | None
+        self,
+        data_dir: Path,
+        settings: LearningSettings,
+        configured: Bundle,
+        path: Path | None,
+        event_logic: Callable[[Bundle], EventLogic] | None = None,
     ) -> None:
         self.settings = settings
+        self.event_logic = event_logic
+        """K, N and M the daemon runs a bundle with (its settings may change the bundle's): a
+        refit's threshold is set for those."""
         self.configured = configured
         self.configured_path = path or configured.path
         self.folder = data_dir / "learning"
@@ -371,7 +381,8 @@ class Adapter:
         marked = readable
         x, chunks = combine(stores)
         from_marks = flags(stores, [False] * (len(stores) - len(marked)) + [True] * len(marked))
-        refit = site_refit(base, x, chunks, self.settings.false_alarms_per_day, from_marks)
+        logic = self.event_logic(base) if self.event_logic is not None else None
+        refit = site_refit(base, x, chunks, self.settings.false_alarms_per_day, from_marks, logic)
         manifest = base.manifest.model_dump(exclude={"files", "checksum", "arrays"})
         manifest |= refit.manifest
         manifest["calibration"] = {

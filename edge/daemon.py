@@ -253,7 +253,7 @@ class Detector:
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.state = DeviceState(settings.data_dir) if persist else None
         self.adapter = (
-            Adapter(settings.data_dir, settings.learning, bundle, settings.model)
+            Adapter(settings.data_dir, settings.learning, bundle, settings.model, self._logic)
             if persist
             else None
         )
@@ -378,12 +378,20 @@ class Detector:
         log.info("learning: cancelled")
         self.emit_state()
 
+    def _logic(self, bundle: Bundle) -> tuple[int, int, int]:
+        """K, N and M the event logic runs `bundle` with, under the settings now in force."""
+        return self.settings.detector.event_logic(bundle.manifest.threshold.params)
+
     def reconfigure(self, bundle: Bundle) -> None:
         """A new configured model (SIGHUP with another [model]): its learning starts afresh,
         as after a restart with it; the versions of the old one stay in the history."""
         if self.adapter is not None:  # a running period is dropped: it was the old model's
             self.adapter = Adapter(
-                self.settings.data_dir, self.settings.learning, bundle, self.settings.model
+                self.settings.data_dir,
+                self.settings.learning,
+                bundle,
+                self.settings.model,
+                self._logic,
             )
         self.use_bundle(bundle)
         self._auto_learn()

@@ -37,7 +37,7 @@ from edge.detectors.base import Refit
 from edge.detectors.fluctuation import FluctuationScorer, fluctuation_features
 from edge.detectors.levels import level_features
 from edge.detectors.registry import plugin_for
-from edge.detectors.thresholds import refit_manifest
+from edge.detectors.thresholds import EventLogic, refit_manifest
 from edge.errors import SoundSentryError
 from edge.private import atomic_write
 from edge.threshold import count_events, cusum_floor, window_floor
@@ -306,11 +306,13 @@ def site_refit(
     chunks: np.ndarray,
     false_alarms_per_day: float | None,
     marked: np.ndarray | None = None,
+    event_logic: EventLogic | None = None,
 ) -> Refit:
     """The refit of a Gaussian bundle with the site's feature vectors (module docstring).
     `marked` flags the windows of events marked normal: they are in the model, but they do not
     set the normal level of the scores; the threshold is only raised as far as needed for the
-    event logic to let them pass under the refitted model."""
+    event logic to let them pass under the refitted model. `event_logic`: the K, N and M the
+    daemon runs, when its settings differ from the bundle's."""
     featurizer(base)
     trained = plugin_for(base.manifest).scorer(base)
     marked = np.zeros(len(site), bool) if marked is None else marked
@@ -321,7 +323,7 @@ def site_refit(
     held = _training_scores(base, trained, z) if has_training else []
     held += _fold_scores(base, trained, z, chunks, marked)
     scores = np.concatenate([s for s, _ in held])
-    manifest = refit_manifest(base, scores, false_alarms_per_day, SITE_SOURCE)
+    manifest = refit_manifest(base, scores, false_alarms_per_day, SITE_SOURCE, event_logic)
     if marked.any():
         held.append((final.distance(site[marked]), final.band_shares(site[marked])))
         _let_pass(manifest["threshold"], held[-1][0])

@@ -208,6 +208,10 @@ class DetectorSettings(_Section):
             )
         return k, n
 
+    def event_logic(self, calibrated: Mapping[str, Any] | None = None) -> tuple[int, int, int]:
+        """(K, N, M) the daemon runs with a bundle whose threshold has these parameters."""
+        return (*self.k_of_n(calibrated), self.release_windows)
+
 
 class ClipSettings(_Section):
     """Evidence clips: a WAV of every anomaly, with pre-roll, under data_dir/clips."""

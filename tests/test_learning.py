@@ -71,6 +71,8 @@ class Device:
         self.bundle = bundle
         self.data = tmp_path / "data"
         self.learning = learning
+        self.event_logic: dict[str, int] = {}
+        """[detector] settings of the event logic (trigger_windows, trigger_of, ...)."""
         self.detector: Detector | None = None
 
     def settings(self) -> object:
@@ -79,7 +81,7 @@ class Device:
             model=self.bundle,
             data_dir=self.data,
             device_id="site",
-            detector={"cooldown_seconds": 0},
+            detector={"cooldown_seconds": 0, **self.event_logic},
             learning=self.learning,
         )
 
@@ -875,6 +877,23 @@ def test_a_refused_period_ending_in_the_same_second_keeps_the_features_a_version
     (event,) = starts(device.replay(ANOMALOUS_FILE))
     reply = device.command(command="mark_normal", event_id=event["event_id"])
     assert reply.ok, reply.detail
+
+
+def test_a_mark_with_the_event_logic_changed_in_the_settings_lets_the_event_pass(
+    tmp_path: Path,
+) -> None:
+    """A refit set its threshold for the bundle's 3 of 4 while the daemon ran the settings' 1
+    of 1: "marked normal, threshold 1.317 -> 1.775", and the same sound raised its event again
+    (and the predicted false alarms were those of another event logic)."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.event_logic = {"trigger_windows": 1, "trigger_of": 1, "release_windows": 2}
+    device.replay(*NORMAL_FILES)
+    device.learning = {}
+    assert len(starts(device.replay(ANOMALOUS_FILE))) == 1
+    assert device.command(command="mark_normal", event_id="last").ok
+    params = device.detector.bundle.manifest.threshold.params
+    assert (params["k"], params["n"], params["m"]) == (1, 1, 2)
+    assert starts(device.replay(ANOMALOUS_FILE)) == []
 
 
 def test_an_event_marked_normal_twice_makes_one_version(tmp_path: Path) -> None:

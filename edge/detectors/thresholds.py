@@ -43,23 +43,29 @@ def bundle_cusum(bundle: Bundle) -> Cusum | None:
         raise BundleError(f"{bundle.path}: {exc}") from None
 
 
+EventLogic = tuple[int, int, int]
+"""K, N and M of the event logic a threshold is set for."""
+
+
 def budget_threshold(
-    bundle: Bundle, scores: np.ndarray, false_alarms_per_day: float | None
+    bundle: Bundle,
+    scores: np.ndarray,
+    false_alarms_per_day: float | None,
+    event_logic: EventLogic | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """The budget rule with the bundle's event logic (and budget, unless one is given);
-    the returned parameters carry the rule's name under 'rule'."""
+    """The budget rule with the bundle's event logic, or `event_logic` (what a daemon whose
+    settings change K, N or M runs), and the bundle's budget unless one is given; the returned
+    parameters carry the rule's name under 'rule'."""
     old = bundle.manifest.threshold.params
     budget = false_alarms_per_day or float(
         old.get("false_alarms_per_day", DEFAULT_FALSE_ALARMS_PER_DAY)
     )
-    value, params = threshold_for_budget(
-        scores,
-        budget,
+    k, n, m = event_logic or (
         int(old.get("k", DEFAULT_K)),
         int(old.get("n", DEFAULT_N)),
         int(old.get("m", DEFAULT_M)),
-        bundle.features.hop_seconds,
     )
+    value, params = threshold_for_budget(scores, budget, k, n, m, bundle.features.hop_seconds)
     return value, {"rule": RULE, **params}
 
 
@@ -71,9 +77,11 @@ def refit_manifest(
     scores: np.ndarray,
     false_alarms_per_day: float | None,
     source: str = LEAVE_ONE_OUT_SOURCE,
+    event_logic: EventLogic | None = None,
 ) -> dict[str, Any]:
-    """The threshold and normal-score fields of an on-site refit, from the site's scores."""
-    value, params = budget_threshold(bundle, scores, false_alarms_per_day)
+    """The threshold and normal-score fields of an on-site refit, from the site's scores (for
+    `event_logic` when given, see budget_threshold)."""
+    value, params = budget_threshold(bundle, scores, false_alarms_per_day, event_logic)
     rule = params.pop("rule")
     return {
         "threshold": {"value": value, "rule": rule, "params": params},
