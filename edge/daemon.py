@@ -457,11 +457,17 @@ class Detector:
         return adapter.last_refit or {}
 
     def _event_named(self, event_id: str) -> str:
-        """The id of a recent event (`last`: the most recent), kept here or as a clip."""
+        """The id of a recent event (`last`: the most recent), kept here, else the last in the
+        device's event log, else the newest clip by name."""
         if event_id != LAST:
             return event_id
         if self._kept:
             return next(reversed(self._kept))
+        from edge.eventlog import last_logged_id  # it imports this module (its Sink)
+
+        logged = last_logged_id(self.settings.data_dir)
+        if logged is not None:
+            return logged
         clips = sorted(self._clip_folder.glob("*.wav")) if self._clip_folder else []
         if not clips:
             raise LearningError("no event to mark: none since the start and no evidence clip")

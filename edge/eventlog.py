@@ -183,6 +183,18 @@ def read_events(folder: Path, since: datetime | None = None) -> list[LoggedEvent
     return sorted(events, key=lambda e: e.started)
 
 
+def last_logged_id(folder: Path) -> str | None:
+    """The id of the event logged last: the most recent by the log's order, which the clock
+    cannot reorder (a Pi without RTC, set back after a power cut, stamps a later clip earlier).
+    None without a log."""
+    last = None
+    for path in (folder / ROTATED_NAME, folder / LOG_NAME):
+        for data in _lines(path):
+            if data is not None and _valid(data):
+                last = data["event_id"]
+    return last
+
+
 _damaged_said: dict[Path, int] = {}
 """How many damaged lines each log was last said to hold: the dashboard reads the log at every
 refresh, and one line cut short by a power cut is said once, not once a minute for months."""

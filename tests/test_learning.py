@@ -41,6 +41,7 @@ from edge.bundle import load_bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink
 from edge.errors import SettingsError
+from edge.eventlog import EventLogSink
 from edge.learning import FIT_CENTER, TRAINING_FEATURES
 from edge.settings import load_settings
 from edge.sources import FileSource
@@ -88,7 +89,10 @@ class Device:
     def replay(self, *files: Path) -> list[dict]:
         out = io.StringIO()
         self.detector = Detector(
-            self.settings(), load_bundle(self.bundle), [JsonLinesSink(out)], persist=True
+            self.settings(),
+            load_bundle(self.bundle),
+            [JsonLinesSink(out), EventLogSink(self.data)],  # as the service runs it
+            persist=True,
         )
         self.detector.run(FileSource(list(files), RATE))
         return [json.loads(line) for line in out.getvalue().splitlines()]
@@ -894,6 +898,24 @@ def test_a_mark_with_the_event_logic_changed_in_the_settings_lets_the_event_pass
     params = device.detector.bundle.manifest.threshold.params
     assert (params["k"], params["n"], params["m"]) == (1, 1, 2)
     assert starts(device.replay(ANOMALOUS_FILE)) == []
+
+
+def test_last_after_a_restart_is_the_latest_event_though_the_clock_went_back(
+    tmp_path: Path,
+) -> None:
+    """`last` after a restart was the newest clip by its name, a wall-clock stamp: a Pi
+    without RTC, set back 30 min after a power cut, named the latest event's clip earlier
+    than the one before, and the wrong sound was marked normal."""
+    device = Device(tmp_path)
+    starts(device.replay(ANOMALOUS_FILE))
+    clips = device.data / "clips"
+    before = set(clips.glob("*.wav"))
+    (latest,) = starts(device.replay(ANOMALOUS_FILE))
+    (clip,) = set(clips.glob("*.wav")) - before
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - 1800))
+    clip.rename(clip.with_name(f"{stamp}-{clip.name.split('-', 1)[1]}"))
+    device.replay(NORMAL_FILES[0])  # a restart: no event of this run to go by
+    assert device.detector._event_named("last") == latest["event_id"]
 
 
 def test_an_event_marked_normal_twice_makes_one_version(tmp_path: Path) -> None:
