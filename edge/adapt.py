@@ -88,6 +88,9 @@ class Period:
         """Names the period in the version it ends in (started_at is to the second: a period
         begun within the second of the last one's was taken as ended already)."""
         self.saved_s = collected_s
+        self.heard_events = 0
+        """Events the model in use would have raised on the period's audio (events are held
+        off while it runs): a fault heard then is learnt as normal, so the refit says so."""
 
     @property
     def progress(self) -> float:
@@ -284,7 +287,8 @@ class Adapter:
         try:
             private_dir(self.folder)
             p.store.save(self.folder / name)
-            bundle = self._refit("learning", in_use, name, marked, period=p.period_id)
+            heard = _heard(p.heard_events)
+            bundle = self._refit("learning", in_use, name, marked, p.period_id, heard)
         except (UnwrittenError, OSError) as exc:  # the period as saved above stays
             (self.folder / name).unlink(missing_ok=True)
             said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -365,9 +369,11 @@ class Adapter:
         site: str | None,
         marked: list[str],
         period: str | None = None,
+        heard: dict[str, Any] | None = None,
     ) -> Bundle:
         """Refit the base with the site's features, write and load the new version; `period`:
-        the start of the period it ends, recorded so that a restart does not refit it again."""
+        the start of the period it ends, recorded so that a restart does not refit it again;
+        `heard`: what the model in use heard during it, recorded with the outcome."""
         base = self.base()
         stores = [FeatureStore.load(self.folder / site, self.settings.max_windows)] if site else []
         readable = []
@@ -406,7 +412,7 @@ class Adapter:
         if bundle.features != in_use.features:
             shutil.rmtree(path, ignore_errors=True)
             raise LearningError("the refitted bundle's features differ from the running model's")
-        summary = refit_summary(in_use.threshold, manifest)
+        summary = refit_summary(in_use.threshold, manifest) | (heard or {})
         self._record(
             bundle,
             reason,
@@ -469,6 +475,7 @@ class Adapter:
                     "started_at": p.started_at,
                     "period_id": p.period_id,
                     "of": p.of,
+                    "heard_events": p.heard_events,
                 },
             )
             p.saved_s = p.collected_s
@@ -506,4 +513,20 @@ class Adapter:
         self.period.started_at = str(data.get("started_at", now_iso()))
         if data.get("period_id"):
             self.period.period_id = str(data["period_id"])
+        heard = data.get("heard_events", 0)
+        self.period.heard_events = heard if isinstance(heard, int) and heard > 0 else 0
         log.info("learning: resumed at %.0f of %g s", collected, seconds)
+
+
+def _heard(events: int) -> dict[str, Any]:
+    """What the model in use heard during a period, for the refit's outcome: the count, and
+    with any, a warning that its audio may not all have been normal running."""
+    if not events:
+        return {"heard_events": 0}
+    warning = (
+        f"during the period the model in use would have raised {events} event(s), and the "
+        "refit learnt that sound as normal: if the machine was not running normally then, "
+        'roll back ({"command": "rollback"}) and learn again'
+    )
+    log.warning("learning: %s", warning)
+    return {"heard_events": events, "warning": warning}

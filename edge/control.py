@@ -306,7 +306,7 @@ def _refit_line(out: dict[str, Any]) -> str:
         f"model {out.get('model')}, threshold {_num(out.get('old_threshold'))} -> "
         f"{_num(out.get('new_threshold'))}, predicted false alarms per day "
         f"{_num(out.get('predicted_false_alarms_per_day'))} (95% interval {_num(low)} to "
-        f"{_num(high)})"
+        f"{_num(high)})" + (f"; WARNING: {out['warning']}" if out.get("warning") else "")
     )
 
 

@@ -20,11 +20,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from edge.adapt import Adapter
+from edge.adapt import Adapter, Period
 from edge.audio_io import read_audio
 from edge.bundle import Bundle
 from edge.clips import CLIP_ID_CHARS, ClipRecorder
 from edge.commands import LAST, threshold_bounds
+from edge.detectors.base import Tracker
+from edge.detectors.registry import plugin_for
 from edge.errors import SoundSentryError
 from edge.events import Transition
 from edge.features import windows_of
@@ -251,6 +253,7 @@ class Detector:
         self.clips = _clip_recorder(settings, rate)
         self._clip_keeper = _clip_keeper(settings, rate) if live else None
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._shadow: Tracker | None = None  # the model in use's events, held off in a period
         self.state = DeviceState(settings.data_dir) if persist else None
         self.adapter = (
             Adapter(settings.data_dir, settings.learning, bundle, settings.model, self._logic)
@@ -499,6 +502,21 @@ class Detector:
             raise LearningError(f"no windows of event {eid} are kept (no clip, not recent)")
         return np.stack(rows)
 
+    def _listen_during(self, period: Period | None, step: Step) -> None:
+        """While a period runs, events are held off: the model in use still hears its windows
+        through its own event logic, and the period counts the events it would have raised."""
+        if period is None:
+            self._shadow = None
+            return
+        if not self.pipeline.machine.allows_events(step.end_s):  # a run-up, as for events
+            return
+        if self._shadow is None:
+            self._shadow = plugin_for(self.bundle.manifest).tracker(
+                self.bundle, self.settings.detector, self.pipeline.threshold
+            )
+        for t in self._shadow.update(step.window, step.start_s, step.end_s):
+            period.heard_events += t.kind == "start"
+
     def _keep(self, step: Step, tap: ScorerTap) -> None:
         """Per window: the anomaly index, and features for the period or the open event."""
         if step.dead or step.machine != RUNNING or not self.health.ok:
@@ -507,6 +525,7 @@ class Detector:
         eid = self.pipeline.events.event_id
         # a mute pauses the period: maintenance (grinding, a machine opened up) is not normal
         period = self.adapter.period if self.adapter is not None and not self.muted else None
+        self._listen_during(period, step)
         if self._featurize is None or not (eid or period) or step.window.start not in tap.windows:
             return
         row = self._featurize(tap.windows[step.window.start])

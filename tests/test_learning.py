@@ -918,6 +918,31 @@ def test_last_after_a_restart_is_the_latest_event_though_the_clock_went_back(
     assert device.detector._event_named("last") == latest["event_id"]
 
 
+def test_a_period_that_heard_what_the_model_in_use_calls_a_fault_says_so(tmp_path: Path) -> None:
+    """Events are held off while a period runs and every running window is learnt: a fault
+    heard then became normal (the threshold rose, the same fault raised nothing after), and
+    the outcome said nothing of it. The refit still happens (a new site may sound unlike the
+    model in use); its outcome counts the events the model in use would have raised and
+    says how to undo it, and a normal period's counts none."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=3600).ok
+    device.replay(*NORMAL_FILES[1:], ANOMALOUS_FILE)
+    device.replay(NORMAL_FILES[0])  # a restart mid-period: what was heard before is kept
+    reply = device.command(command="learn", action="stop")
+    assert reply.ok and "WARNING: during the period" in reply.detail, reply.detail
+    outcome = device.detector.status()["last_refit"]
+    assert outcome["heard_events"] >= 1 and "rollback" in outcome["warning"], outcome
+
+    calm = Device(tmp_path / "calm")
+    calm.replay(NORMAL_FILES[0])
+    assert calm.command(command="learn", action="start", seconds=3600).ok
+    calm.replay(*NORMAL_FILES)
+    assert calm.command(command="learn", action="stop").ok
+    outcome = calm.detector.status()["last_refit"]
+    assert outcome["heard_events"] == 0 and "warning" not in outcome, outcome
+
+
 def test_an_event_marked_normal_twice_makes_one_version(tmp_path: Path) -> None:
     """`last` after a restart names the event by its clip (12 characters of its id): the same
     event was marked again, and every press of the button made another identical version
