@@ -79,7 +79,7 @@ def advice(
             "day, shift or load), or a threshold from one session may not hold for months"
         )
     low, high = params.get("predicted_interval_per_day", (0.0, 0.0))
-    if low > 0 and high / low > WIDE_INTERVAL:
+    if high > 0 and (low <= 0 or high / low > WIDE_INTERVAL):  # a lower end of 0 is widest
         lines.append(
             "advice: the held-out audio pins the false-alarm rate down poorly (interval "
             f"{_rate(low)} to {_rate(high)} per day); more, and more varied, normal audio "

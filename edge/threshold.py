@@ -692,8 +692,7 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
         lines.append(
             f"  predicted false alarms per day: "
             f"{_rate(params['predicted_false_alarms_per_day'])} ({INTERVAL:.0%} interval "
-            f"{_rate(low)} to {_rate(high)}); on the held-out audio: "
-            f"{_rate(params['holdout_false_alarms_per_hour'] * 24)} per day"
+            f"{_rate(low)} to {_rate(high)}); {_heard(params)}"
         )
         if "window_autocorrelation" in params:  # not in older bundles
             r = params["window_autocorrelation"]
@@ -720,6 +719,16 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
             "on the fit that audio contradicts and may understate false alarms: give more normal "
             "audio (several recordings, other days)"
         )
+    budget = params.get("false_alarms_per_day", 0)
+    predicted = params.get("predicted_false_alarms_per_day")
+    capped = params.get("decided_by") == "cap"
+    if capped and predicted is not None and budget and predicted > budget * 1.05:
+        lines.append(
+            f"  caution: {_rate(predicted)} false alarms per day are predicted, more than the "
+            f"budget of {budget:g}: the threshold is capped at what the held-out audio backs "
+            "(a gamma fitted to so little reaches too far to trust); give more normal audio "
+            "(several recordings, other days)"
+        )
     if cusum:
         lines.append(
             f"  integrated evidence: CUSUM on log scores, h {cusum['h']:.3g} (budget "
@@ -727,6 +736,16 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
             f"cap {cusum['cap']:g}"
         )
     return "\n".join(lines)
+
+
+def _heard(params: Mapping[str, Any]) -> str:
+    """What the event logic raised on the held-out audio itself: a count in its seconds (as a
+    rate, "0 per day" from a few seconds read as evidence of a quiet day)."""
+    per_hour, seconds = params["holdout_false_alarms_per_hour"], params.get("holdout_seconds")
+    if not seconds:  # older bundles
+        return f"on the held-out audio: {_rate(per_hour * 24)} per day"
+    events = round(per_hour * seconds / SECONDS_PER_HOUR)
+    return f"the held-out audio itself raised {events} event(s) in its {seconds:.3g} s"
 
 
 def _above_holdout(value: float, params: Mapping[str, Any]) -> str:

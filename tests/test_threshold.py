@@ -254,6 +254,29 @@ def test_a_threshold_the_held_out_audio_pushed_up_is_reported_with_a_caution() -
     assert calm_params["decided_by"] != "floor" and "caution" not in describe(calm, calm_params)
 
 
+def test_a_capped_threshold_that_misses_the_budget_says_so_and_counts_the_held_out_events() -> None:
+    """Six seconds of held-out audio: the cap decides and 39 false alarms a day are predicted
+    against a budget of 1, which the summary printed without a word; and "on the held-out
+    audio: 0 per day" from six seconds read as evidence of a quiet day."""
+    scores = np.random.default_rng(0).exponential(1.0, 12)
+    value, params = threshold_for_budget(scores, 1.0, integrate=False)
+    assert params["decided_by"] == "cap" and params["predicted_false_alarms_per_day"] > 10
+    text = describe(value, params)
+    assert "more than the budget of 1: the threshold is capped" in text, text
+    assert "the held-out audio itself raised 0 event(s) in its 6 s" in text, text
+    calm = np.random.default_rng(6).gamma(20, 0.05, 120)
+    value, params = threshold_for_budget(calm, 1.0, integrate=False)
+    assert params["decided_by"] == "gamma" and "more than the budget" not in describe(value, params)
+
+
+def test_advice_on_an_interval_that_reaches_down_to_zero() -> None:
+    """The advice on a wide interval needed a lower end above 0: the widest went unadvised."""
+    from edge.advice import advice
+
+    (line,) = advice(600, 3, {"predicted_interval_per_day": (0.0, 582.0)})
+    assert "pins the false-alarm rate down poorly (interval <0.001 to 582 per day)" in line
+
+
 def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> None:
     out = tmp_path / "site.bundle"
     proc = cli(
