@@ -106,6 +106,9 @@ def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> N
         str(ANOMALOUS_FILE),
     )
     assert "(float), whole files" in whole.stdout and "normal 4  anomalous 1" in whole.stdout
+    # 4 normal items: no false-positive rate up to 0.1 can be measured, and it says so
+    assert "only 4 normal item(s): the pAUC" in whole.stderr, whole.stderr
+    assert "normal item(s)" not in proc.stderr, "10 segments are enough"
 
 
 def test_evaluate_counts_the_files_the_device_would_report(tmp_path: Path) -> None:

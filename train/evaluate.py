@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -188,6 +189,13 @@ def evaluate(
                 + ", or silent, or the machine off"
             )
     scores = np.array([i.score for i in items])
+    if (labels == 0).sum() < 1 / MAX_FPR:
+        log.warning(
+            "only %d normal item(s): the pAUC up to a false-positive rate of %g rests on none "
+            "(it needs %d or more) and the AUC on few; score more normal audio, or use "
+            "--segment to score it in parts",
+            (labels == 0).sum(), MAX_FPR, math.ceil(1 / MAX_FPR),
+        )  # fmt: skip
     threshold = bundle.threshold
     return Report(
         model=bundle.model_id,
