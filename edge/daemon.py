@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import sys
 import threading
@@ -520,6 +521,7 @@ class Detector:
     def _keep(self, step: Step, tap: ScorerTap) -> None:
         """Per window: the anomaly index, and features for the period or the open event."""
         if step.dead or step.machine != RUNNING or not self.health.ok:
+            self.index.skip()
             return
         self.index.add(step.window.score)
         eid = self.pipeline.events.event_id
@@ -624,7 +626,7 @@ class Detector:
             "spool_depth": depth,
             "spool_dropped": dropped,
             "commands_shed": self.commands_shed,
-            "level_dbfs": round(self.health.level, 1),
+            "level_dbfs": round(self.health.level, 1) if self._heard else None,
             "anomaly_index": _round(self.index.value, 4),
             "learns": self._featurize is not None and self.adapter is not None,  # mark_normal
             "same_device_id": self._same_device_id(),
@@ -1030,7 +1032,7 @@ class Detector:
             dropped_blocks=int(src.get("dropped", 0)),
             overflows=int(src.get("overflows", 0)),
             queue_depth=int(src.get("queue_depth", 0)),
-            level_dbfs=round(self.health.level, 1),
+            level_dbfs=round(self.health.level, 1) if self._heard else None,  # none measured yet
             spool_depth=spool_depth,
             spool_dropped=spool_dropped,
             commands_shed=self.commands_shed,
@@ -1071,4 +1073,5 @@ class Detector:
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
+    """Rounded for a message; None for no value, or one that is not a number (JSON has none)."""
+    return None if value is None or not math.isfinite(value) else round(value, digits)

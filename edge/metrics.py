@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from collections import deque
@@ -118,15 +119,26 @@ class AnomalyIndex:
 
     def __init__(self, normal_median: float, hop_seconds: float) -> None:
         self.normal_median = normal_median
+        self.hop_seconds = hop_seconds
         self._scores: deque[float] = deque(maxlen=max(1, round(INDEX_SECONDS / hop_seconds)))
+        self._idle_s = 0.0
 
     def add(self, score: float) -> None:
-        """One scored window of the running machine."""
-        self._scores.append(score)
+        """One scored window of the running machine (a score that is not a number is none)."""
+        if math.isfinite(score):
+            self._scores.append(score)
+            self._idle_s = 0.0
+
+    def skip(self) -> None:
+        """A window not taken (the machine off, an audio fault): after INDEX_SECONDS of them
+        the last minute of running is no longer now, and the index says nothing."""
+        self._idle_s += self.hop_seconds
 
     @property
     def value(self) -> float | None:
-        """The index, or None before the first window (or without a normal median)."""
-        if not self._scores or self.normal_median <= 0:
+        """The index, or None before the first window, after a minute without one (the machine
+        off, a dead microphone: the last value would read as fresh for hours), or without a
+        normal median."""
+        if not self._scores or self.normal_median <= 0 or self._idle_s >= INDEX_SECONDS:
             return None
         return float(np.median(self._scores)) / self.normal_median

@@ -1084,3 +1084,32 @@ def test_invalid_samples_now_and_then_are_one_fault_not_a_flapping_one() -> None
     changes = [c for b in blocks("noise", 0.1) for c in health.push(b)]
     assert [(c.kind, c.fault) for c in changes] == [("recovered", "invalid samples")]
     assert health.ok
+
+
+def test_metrics_before_any_audio_have_no_level_and_a_nan_score_is_no_nan_index(
+    tmp_path: Path,
+) -> None:
+    """A microphone missing at boot: metrics and status said -120 dBFS (the meter's floor)
+    where the state message said null; and a score that is not a number made the anomaly
+    index NaN, which went out as `NaN`, refused by JSON parsers (JavaScript's, Go's)."""
+    from conftest import DEMO_BUNDLE
+    from detector_helpers import Recorder
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    seen: list[MetricsMessage] = []
+
+    class Metrics(Recorder):
+        def metrics(self, message: MetricsMessage) -> None:
+            seen.append(message)
+
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [Metrics()])
+    detector._emit_metrics()
+    assert seen[-1].level_dbfs is None and detector.status()["level_dbfs"] is None
+    detector.index._scores.append(float("nan"))  # as one NaN score did before add() refused it
+    detector._emit_metrics()
+    json.loads(seen[-1].to_payload(), parse_constant=pytest.fail)
+    assert seen[-1].anomaly_index is None

@@ -64,3 +64,48 @@ def test_prometheus_names_the_model_and_when_the_last_window_came() -> None:
     assert at.value == 1_800_000_000.0
     hours = families["soundsentry_machine_running_hours"]
     assert "kept across restarts" in hours.documentation
+
+
+def test_prometheus_says_whether_the_machine_runs() -> None:
+    """A machine switched off was invisible on /metrics: the score of its quiet windows kept
+    coming and the state stayed `normal`, so a graph or an alert on score against threshold
+    could not tell an off night from a running one."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge.web.live import LiveView
+    from edge.web.prometheus import exposition, registry_for
+
+    live = LiveView()
+
+    def running() -> list[float]:
+        text = exposition(registry_for(live, "pump"))[0].decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        return [s.value for s in families["soundsentry_machine_running"].samples]
+
+    assert running() == [], "no window heard yet: no value"
+    live.last_window = {"score": 1.3, "machine": "off"}
+    assert running() == [0.0]
+    live.last_window = {"score": 0.9, "machine": "running"}
+    assert running() == [1.0]
+    live.last_window = {"score": 0.9, "machine": "full load"}  # a trained state's name
+    assert running() == [1.0]
+
+
+def test_the_anomaly_index_says_nothing_once_the_machine_stopped_a_minute_ago() -> None:
+    """It took running windows only, so while the machine was off (or the microphone dead) it
+    kept its last value for hours, which MQTT and /metrics sent as if fresh; and one score
+    that was not a number made it NaN, which no JSON parser takes."""
+    from edge.metrics import INDEX_SECONDS, AnomalyIndex
+
+    index = AnomalyIndex(normal_median=2.0, hop_seconds=0.5)
+    for _ in range(20):
+        index.add(3.0)
+    index.add(float("nan"))
+    assert index.value == 1.5
+    for _ in range(int(INDEX_SECONDS / 0.5) - 1):
+        index.skip()
+    assert index.value == 1.5, "a pause shorter than the index's minute: still the last minute"
+    index.skip()
+    assert index.value is None
+    index.add(2.0)
+    assert index.value is not None, "running again"

@@ -14,6 +14,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from edge.machine_state import OFF
 from edge.web.live import LiveView
 
 STATES = ("normal", "anomaly", "muted", "fault", "learning", "starting", "stopped")
@@ -73,7 +74,14 @@ class LiveCollector(Collector):
                 "Share of the learning period done.",
                 (status.get("learning") or {}).get("progress"),
             ),
-            "anomaly_index": ("Per-minute anomaly index (trend).", status.get("anomaly_index")),
+            "anomaly_index": (
+                "Per-minute anomaly index (trend); absent after a minute without running audio.",
+                status.get("anomaly_index"),
+            ),
+            "machine_running": (
+                "1 while the machine runs, 0 while it is off (its windows' scores raise no event).",
+                None if not window else float(window.get("machine") != OFF),
+            ),
             "dashboard_streams": ("Browsers connected to the live stream.", live.stream_count),
             "last_window_timestamp_seconds": (
                 "When the latest window was scored (Unix time): score and level_dbfs are its.",
