@@ -189,6 +189,21 @@ def check_rate(path: str | Path, rate: int, samplerate: int) -> None:
         )
 
 
+NO_SAMPLES = (
+    "the file holds no audio samples (a recording cut off at its start, by a power cut or a "
+    "kill? then nothing is lost by deleting it)"
+)
+EMPTY = "an empty file (a recording cut off before its header? then nothing is lost by deleting it)"
+
+
+def _empty(path: Path) -> bool:
+    """A file of 0 bytes, which libsndfile calls an unknown format."""
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
 def check_readable(
     path: str | Path, channel: int = 0, samplerate: int | None = None, mono_any: bool = False
 ) -> tuple[int, int]:
@@ -199,6 +214,8 @@ def check_readable(
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: {_not_a_file(path)}")
+    if _empty(path):
+        raise AudioError(f"{path}: {EMPTY}")
     try:
         info = sf.info(sf_path(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
@@ -207,7 +224,7 @@ def check_readable(
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
     _check_complete(path, info.extra_info)  # first: a damaged header also says "no samples"
     if info.frames <= 0:
-        raise AudioError(f"{path}: the file holds no audio samples")
+        raise AudioError(f"{path}: {NO_SAMPLES}")
     if channel >= info.channels and not (mono_any and info.channels == 1):
         raise AudioError(f"{path}: channel {channel} does not exist: the audio has {info.channels}")
     if samplerate is not None:
@@ -260,6 +277,8 @@ def read_audio(
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: {_not_a_file(path)}")
+    if _empty(path):
+        raise AudioError(f"{path}: {EMPTY}")
     try:
         with sf.SoundFile(sf_path(path)) as fh:
             rate, channels = fh.samplerate, fh.channels
@@ -285,7 +304,7 @@ def read_audio(
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
     _check_complete(path)  # first: a damaged header also says "no samples"
     if summary.samples == 0:
-        raise AudioError(f"{path}: the file holds no audio samples")
+        raise AudioError(f"{path}: {NO_SAMPLES}")
     if summary.bad:
         raise AudioError(f"{path}: invalid samples ({summary.bad} are NaN or infinite)")
     check_rate(path, rate, samplerate)

@@ -97,8 +97,9 @@ def logs_clear(stream: TextIO) -> Iterator[None]:
         return
 
     def clear() -> None:
-        stream.write(CLEAR)
-        stream.flush()
+        with contextlib.suppress(OSError, ValueError):  # the terminal closed: log on without it
+            stream.write(CLEAR)
+            stream.flush()
 
     erase, handlers = _ClearLine(clear), list(logging.getLogger().handlers)
     for handler in handlers:

@@ -22,10 +22,12 @@ from typing import TextIO
 import numpy as np
 import soundfile as sf
 
+from edge.audio_io import sf_path
 from edge.capture import MicSource
 from edge.errors import SoundSentryError
 from edge.health import QUIET_DBFS, AudioHealth
 from edge.settings import Settings
+from edge.sources import AudioGap
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +132,18 @@ def _record(
     stopped = ""
     path: Path | None = None
     part = 0
+    split = 0
     try:
         for block in source:
             if not isinstance(block, np.ndarray):  # no audio yet, or a gap's mark
+                if isinstance(block, AudioGap) and writer is not None:
+                    # a file is continuous audio: the gap ends it, the next block begins another
+                    if _kept(writer, part, samplerate) and path is not None:
+                        written.append(path)
+                        split += 1
+                    else:  # too short to keep (deleted): recorded again
+                        got -= part
+                    writer, path = None, None
                 continue
             meter.push(block)
             timeline.push(len(block), time.monotonic())
@@ -149,15 +160,16 @@ def _record(
                 if writer is None:
                     part = 0
                     where = path = _new_chunk(out, stamp, len(written))
-                    writer = sf.SoundFile(str(path), "w", samplerate, 1, "PCM_16")
+                    writer = sf.SoundFile(sf_path(path), "w", samplerate, 1, "PCM_16")
                 writer.write(np.clip(block, -1, 1))
                 part += len(block)
                 got += len(block)
                 if part >= per_chunk or got >= total:
                     # complete: kept even if its close fails, for all its audio is written and
                     # readers mend a header whose lengths were not
-                    writer, done, path = None, writer, None
-                    written.append(Path(done.name))
+                    writer, done, path = None, writer, path
+                    written.append(path)
+                    path = None
                     done.close()
             except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
                 failed, writer = writer, None
@@ -177,8 +189,8 @@ def _record(
     finally:
         # the chunk in progress when Ctrl-C, a signal or a device's failure came: finished
         # first, before anything is said (a terminal gone with its SSH session fails writes)
-        if writer is not None and _kept(writer, part, samplerate):
-            written.append(Path(writer.name))
+        if writer is not None and _kept(writer, part, samplerate) and path is not None:
+            written.append(path)
         source.stop()
         _say(err, "\n")
     if stopped:
@@ -189,7 +201,7 @@ def _record(
         )
     if meter.samples:
         _say(err, meter.verdict() + "\n")
-    gaps = gap_note(source.stats(), timeline.missing_s())
+    gaps = gap_note(source.stats(), timeline.missing_s(), split)
     if gaps:
         _say(err, gaps + "\n")
     if stopped:  # the files are kept, but the recording is not what was asked: exit 130
@@ -212,7 +224,7 @@ def _discard(writer: sf.SoundFile | None) -> None:
     """Close an unfinished chunk and delete it (refused input, or a write that failed)."""
     if writer is not None:
         _closed(writer)
-        _unlink(Path(writer.name))
+        _unlink(Path(os.fsdecode(writer.name)))  # bytes: opened by sf_path
 
 
 def _unlink(path: Path) -> None:
@@ -293,9 +305,16 @@ def level_verdict(rms_dbfs: float, peak_dbfs: float) -> str:
     if rms_dbfs < QUIET_DBFS:
         return (
             f"level too quiet: {measured} (below {QUIET_DBFS:g} dBFS the machine is lost in "
-            "the microphone's noise); raise the input gain (alsamixer) or move it closer"
-        )
-    return f"level good: {measured}"
+            "the microphone's noise); raise the input gain (alsamixer) or move it closer, unless "
+            "this is the machine switched off, which should be quiet"
+        ) + SAME_GAIN
+    return f"level good: {measured}" + SAME_GAIN
+
+
+SAME_GAIN = (
+    "; keep this gain for every state and for the service: states and `off` are told apart by "
+    "their level"
+)
 
 
 @dataclass
@@ -325,8 +344,9 @@ class Timeline:
         return max(0.0, (self.last - self.start) - seconds * (1 + CLOCK_DRIFT))
 
 
-def gap_note(stats: dict[str, int], missing_s: float = 0.0) -> str | None:
-    """A warning naming the audio lost while recording, or None when nothing was lost."""
+def gap_note(stats: dict[str, int], missing_s: float = 0.0, split: int = 0) -> str | None:
+    """A warning naming the audio lost while recording, or None when nothing was lost; `split`:
+    files ended at a gap the capture marked (each file holds continuous audio)."""
     lost = [f"{missing_s:.1f} s of audio missing"] if missing_s > GAP_TOLERANCE_S else []
     parts = lost + [
         f"{stats[key]} {name}"
@@ -339,10 +359,18 @@ def gap_note(stats: dict[str, int], missing_s: float = 0.0) -> str | None:
     ]
     if not parts:
         return None
-    return (
-        f"gaps: {', '.join(parts)}: audio was lost, the files have holes; record again with "
-        "less load on the machine, or raise [audio] queue_blocks"
+    where = (
+        f"{split} file(s) end where audio was lost and the next begins after it, so no file "
+        "splices across a gap"
+        if split
+        else "the files have holes"
     )
+    fixes = []
+    if stats.get("reopens"):
+        fixes.append("the device was lost and opened again: check its cable and power")
+    if missing_s > GAP_TOLERANCE_S or stats.get("dropped") or stats.get("overflows"):
+        fixes.append("put less load on the machine, or raise [audio] queue_blocks")
+    return f"gaps: {', '.join(parts)}: audio was lost; {where}; {'; '.join(fixes)}"
 
 
 def _progress(err: TextIO, got: float, total: float, level: float) -> None:

@@ -358,14 +358,23 @@ def _add_run(sub: Any) -> None:
 
 def _add_record(sub: Any) -> None:
     p = sub.add_parser("record", help="record normal audio on site into chunked WAV files")
-    p.add_argument("--seconds", type=_positive_float, required=True, help="how much to record")
+    p.add_argument(
+        "--seconds", type=_at_least(1.0), required=True, help="how much to record (at least 1)"
+    )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the WAVs")
     p.add_argument(
         "--chunk-seconds",
-        type=_positive_float,
+        type=_at_least(2.0, 3600.0),  # a window and more; a plain WAV's sizes stop at 4 GB
         default=60.0,
         metavar="S",
-        help="length of each WAV file (default 60)",
+        help="length of each WAV file (2 to 3600, default 60)",
+    )
+    p.add_argument(
+        "--channel",
+        type=_positive_int_or_zero,
+        default=None,
+        metavar="N",
+        help="channel of a multichannel device to record (0-based; default [audio] channel)",
     )
     p.add_argument(
         "--samplerate",
@@ -456,6 +465,26 @@ def _positive_float(text: str) -> float:
     value = _number(text, float)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _at_least(low: float, high: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a number from `low` to `high`."""
+
+    def parse(text: str) -> float:
+        value = _number(text, float)
+        if not low <= value <= high:
+            within = f"from {low:g} to {high:g}" if math.isfinite(high) else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {within}")
+        return value
+
+    return parse
+
+
+def _positive_int_or_zero(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be a channel number from 0")
     return value
 
 
@@ -942,7 +971,10 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from edge.settings import load_settings
 
     _check_output(args.out, "--out", folder=True)
-    settings = load_settings(args.config, audio={"device": args.device})
+    audio: dict[str, Any] = {"device": args.device}
+    if args.channel is not None:  # open as many channels as that one needs
+        audio |= {"channel": args.channel, "channels": args.channel + 1}
+    settings = load_settings(args.config, audio=audio)
     _note_service_config(  # the service's microphone settings (channel, device) are not these
         args.config,
         "recording with the default [audio] settings",

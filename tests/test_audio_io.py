@@ -221,3 +221,15 @@ def test_paths_that_are_no_recording_say_what_they_are(tmp_path: Path) -> None:
         read_audio(tmp_path / "folder.wav", RATE)
     with pytest.raises(AudioError, match="no such file or folder"):
         check_readable(tmp_path / "gone.wav")
+
+
+def test_a_recording_cut_off_at_its_start_says_it_can_be_deleted(tmp_path: Path) -> None:
+    """A power cut or a kill at the start of `record` leaves a 0-byte or header-only WAV, which
+    stops training on the whole folder: the error said "Format not recognised" or "no audio
+    samples", and nothing told the user the file was a recording cut off and safe to delete."""
+    started = tmp_path / "started.wav"
+    sf.write(started, np.zeros(0, np.float32), RATE, subtype="PCM_16")  # its header alone
+    for path in (bad_files(tmp_path)["empty"], started):
+        for check in (lambda p: read_audio(p, RATE), lambda p: check_readable(p, 0, RATE)):
+            with pytest.raises(AudioError, match=r"cut off .* nothing is lost by deleting it"):
+                check(path)

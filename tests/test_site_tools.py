@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import pytest
 import soundfile as sf
 from conftest import DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, cli, wait_for
 from mqtt_helpers import Subscriber
+
+from edge.sources import AudioGap
 
 pytestmark = pytest.mark.slow
 
@@ -608,3 +612,67 @@ def test_doctor_fails_a_service_started_but_not_enabled(
     assert started.fix == "`sudo systemctl enable soundsentry.service`"
     answers["is-enabled"] = "enabled"
     assert doctor.check_service(settings).ok is True
+
+
+class _ScriptedMic:
+    """A microphone that plays a script: blocks of noise, and AudioGap marks where the real
+    one lost audio (dropped blocks, a reopened device), counted as it counts them."""
+
+    def __init__(self, script: list[object]) -> None:
+        self.script = script
+        self.counts = {"dropped": 0, "overflows": 0, "queue_depth": 0, "reopens": 0}
+
+    def __iter__(self) -> Iterator[object]:
+        rng = np.random.default_rng(0)
+        for item in self.script:
+            if isinstance(item, AudioGap):
+                self.counts["reopens" if item.reopened else "dropped"] += 1
+                yield item
+            else:  # seconds of noise in 0.1-s blocks
+                for _ in range(round(float(item) * 10)):
+                    yield (0.05 * rng.standard_normal(1600)).astype(np.float32)
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, int]:
+        return self.counts
+
+
+def test_a_gap_in_the_audio_ends_a_file_so_none_splices_across_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gap marks were skipped: one continuous-looking 15-s file held a splice where blocks
+    were dropped and another where the device was reopened, and the advice named the load
+    even for a device that had been lost."""
+    from edge import record as recording
+    from edge.settings import load_settings
+
+    script = [5.0, AudioGap(), 5.0, AudioGap(reopened=True), 5.0]
+    monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
+    err = io.StringIO()
+    files = recording.record(load_settings(None), 15.0, tmp_path / "rec", 60.0, 16000, err)
+    assert [round(sf.info(str(f)).duration, 1) for f in files] == [5.0, 5.0, 5.0]
+    said = err.getvalue()
+    assert "2 file(s) end where audio was lost" in said, said
+    assert "check its cable and power" in said and "less load" in said, said
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--seconds", "0.00001"], "--seconds: must be at least 1"),
+        (["--seconds", "10", "--chunk-seconds", "0.00001"], "--chunk-seconds: must be from 2"),
+        (["--seconds", "10", "--chunk-seconds", "200000"], "to 3600"),
+        (["--seconds", "10", "--channel", "-1"], "--channel: must be a channel number from 0"),
+    ],
+)
+def test_record_refuses_lengths_that_make_no_usable_file(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """--seconds 0.00001 ended in a ZeroDivisionError traceback and a header-only WAV that
+    training refuses; chunks of a block each were all shorter than a window; a chunk of days
+    passes the 4 GB a plain WAV's sizes can say."""
+    proc = cli("record", "--out", str(tmp_path / "rec"), *args, check=False)
+    assert proc.returncode == 1 and said in proc.stderr, proc.stderr
+    assert not (tmp_path / "rec").exists() or not list((tmp_path / "rec").iterdir())
