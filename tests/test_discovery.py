@@ -426,23 +426,7 @@ def test_discovery_is_retained_and_the_problem_sensor_flips_on_a_dead_microphone
     )
     live = Subscriber(broker.port, "soundsentry/pump-1/#", client_id="live")
     try:
-        proc = subprocess.run(
-            [
-                *SOUNDSENTRY,
-                "replay",
-                str(DEMO_BUNDLE),
-                str(clip),
-                "--realtime",
-                "--config",
-                str(cfg),
-            ],
-            cwd=ROOT,
-            env=dict(os.environ),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
+        _replay(cfg, clip, "--realtime")
         health_seen = [m.payload for m in live.on("/health")]
         states_seen = [m.payload for m in live.on("/state")]
     finally:
@@ -687,9 +671,10 @@ def test_running_hours_may_drop_after_a_power_cut_without_being_counted_twice() 
     assert hours["state_class"] == "total" and hours["device_class"] == "duration"
 
 
-def _replay(cfg: Path, clip: Path) -> None:
+def _replay(cfg: Path, clip: Path, *flags: str) -> None:
+    """The demo bundle's daemon on `clip` with the settings `cfg`, as a user runs `replay`."""
     proc = subprocess.run(
-        [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(clip), "--config", str(cfg)],
+        [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(clip), "--config", str(cfg), *flags],
         cwd=ROOT,
         env=dict(os.environ),
         capture_output=True,
