@@ -9,10 +9,10 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-from edge.daemon import Sink
 from edge.machine_state import RUNNING
 from edge.messages import EventMessage, StateMessage
 from edge.pipeline import Step
+from edge.sink import Sink
 
 BAR_WIDTH = 20
 BAR_FULL_SCALE = 2.0

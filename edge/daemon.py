@@ -21,14 +21,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from edge.adapt import Adapter, Period
+from edge.adapt import Adapter
 from edge.audio_io import read_audio
 from edge.bundle import Bundle
 from edge.clips import CLIP_ID_CHARS, ClipRecorder
 from edge.commands import LAST, threshold_bounds
-from edge.detectors.base import Tracker
-from edge.detectors.registry import plugin_for
 from edge.errors import SoundSentryError
+from edge.eventlog import last_logged_id
 from edge.events import Transition
 from edge.features import windows_of
 from edge.health import INVALID, AudioHealth, HealthChange
@@ -49,6 +48,7 @@ from edge.private import private_dir
 from edge.scoring import Explainer
 from edge.sdnotify import SystemdNotifier
 from edge.settings import Settings
+from edge.sink import Sink
 from edge.sources import AudioGap, NewStream
 
 log = logging.getLogger(__name__)
@@ -69,29 +69,6 @@ CLOCK_JUMP_S = 60.0
 KEPT_EVENT_WINDOWS = 240
 """Most windows kept per event (2 minutes); the evidence clip, when there is one, is used
 instead."""
-
-
-class Sink:
-    """Receives what the daemon reports; every method is optional."""
-
-    def event(self, message: EventMessage) -> None:
-        """An anomaly start, update or end."""
-
-    def state(self, message: StateMessage) -> None:
-        """The current state (retained)."""
-
-    def health(self, message: HealthMessage) -> None:
-        """A health change (retained)."""
-
-    def metrics(self, message: MetricsMessage) -> None:
-        """Periodic metrics."""
-
-    def response(self, message: ResponseMessage) -> None:
-        """A reply to a command."""
-
-    def window(self, step: Step, threshold: float) -> None:
-        """One scored window and the threshold in force (live views; called often, keep it
-        cheap)."""
 
 
 class JsonLinesSink(Sink):
@@ -254,7 +231,6 @@ class Detector:
         self.clips = _clip_recorder(settings, rate)
         self._clip_keeper = _clip_keeper(settings, rate) if live else None
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._shadow: Tracker | None = None  # the model in use's events, held off in a period
         self.state = DeviceState(settings.data_dir) if persist else None
         self.adapter = (
             Adapter(settings.data_dir, settings.learning, bundle, settings.model, self._logic)
@@ -467,8 +443,6 @@ class Detector:
             return event_id
         if self._kept:
             return next(reversed(self._kept))
-        from edge.eventlog import last_logged_id  # it imports this module (its Sink)
-
         logged = last_logged_id(self.settings.data_dir)
         if logged is not None:
             return logged
@@ -503,21 +477,6 @@ class Detector:
             raise LearningError(f"no windows of event {eid} are kept (no clip, not recent)")
         return np.stack(rows)
 
-    def _listen_during(self, period: Period | None, step: Step) -> None:
-        """While a period runs, events are held off: the model in use still hears its windows
-        through its own event logic, and the period counts the events it would have raised."""
-        if period is None:
-            self._shadow = None
-            return
-        if not self.pipeline.machine.allows_events(step.end_s):  # a run-up, as for events
-            return
-        if self._shadow is None:
-            self._shadow = plugin_for(self.bundle.manifest).tracker(
-                self.bundle, self.settings.detector, self.pipeline.threshold
-            )
-        for t in self._shadow.update(step.window, step.start_s, step.end_s):
-            period.heard_events += t.kind == "start"
-
     def _keep(self, step: Step, tap: ScorerTap) -> None:
         """Per window: the anomaly index, and features for the period or the open event."""
         if step.dead or step.machine != RUNNING or not self.health.ok:
@@ -527,7 +486,6 @@ class Detector:
         eid = self.pipeline.events.event_id
         # a mute pauses the period: maintenance (grinding, a machine opened up) is not normal
         period = self.adapter.period if self.adapter is not None and not self.muted else None
-        self._listen_during(period, step)
         if self._featurize is None or not (eid or period) or step.window.start not in tap.windows:
             return
         row = self._featurize(tap.windows[step.window.start])
@@ -626,7 +584,7 @@ class Detector:
             "spool_depth": depth,
             "spool_dropped": dropped,
             "commands_shed": self.commands_shed,
-            "level_dbfs": round(self.health.level, 1) if self._heard else None,
+            "level_dbfs": self._level_dbfs,
             "anomaly_index": _round(self.index.value, 4),
             "learns": self._featurize is not None and self.adapter is not None,  # mark_normal
             "same_device_id": self._same_device_id(),
@@ -694,9 +652,11 @@ class Detector:
         if self.clips:
             self.clips.push(block)
         tap = self._tap
+        heeded = not self.muted and INVALID not in self.health.active
+        # in a learning period events are held off, and the model in use listens to what it
+        # would have raised: the refit says so, for a fault heard then is learnt as normal
         steps = self.pipeline.push(
-            block,
-            detect=not self.muted and not self.learning and INVALID not in self.health.active,
+            block, detect=heeded and not self.learning, listen=heeded and self.learning
         )
         self._samples += len(block)
         if self._paced:
@@ -721,6 +681,8 @@ class Detector:
             self._track_bands(step)
             for transition in step.transitions:
                 self._dispatch(transition)
+            if step.heard and self.adapter is not None and self.adapter.period is not None:
+                self.adapter.period.heard_events += sum(t.kind == "start" for t in step.heard)
             self._keep(step, tap)
         tap.windows.clear()
         self.metrics.block_processed(len(block) / self._rate, time.perf_counter() - t0)
@@ -794,6 +756,11 @@ class Detector:
         self.emit_state("stopped")
 
     # --- anomalies -------------------------------------------------------------------------
+
+    @property
+    def _level_dbfs(self) -> float | None:
+        """The input level for messages; None before any audio (the meter's floor is none)."""
+        return round(self.health.level, 1) if self._heard else None
 
     @property
     def _heard(self) -> bool:
@@ -968,7 +935,7 @@ class Detector:
             threshold=round(self.pipeline.threshold, 6),
             updated_at=iso(self.clock()),
             score=None if self._last_score is None else round(self._last_score, 6),
-            level_dbfs=round(self.health.level, 1) if self._heard else None,  # none measured yet
+            level_dbfs=self._level_dbfs,
             event_id=self.pipeline.events.event_id,
             # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time
             muted_until=iso(self.muted_until) if self.muted and state != "stopped" else None,
@@ -1032,7 +999,7 @@ class Detector:
             dropped_blocks=int(src.get("dropped", 0)),
             overflows=int(src.get("overflows", 0)),
             queue_depth=int(src.get("queue_depth", 0)),
-            level_dbfs=round(self.health.level, 1) if self._heard else None,  # none measured yet
+            level_dbfs=self._level_dbfs,
             spool_depth=spool_depth,
             spool_dropped=spool_dropped,
             commands_shed=self.commands_shed,

@@ -20,8 +20,8 @@ from typing import Any, get_args, get_type_hints
 from edge import __version__
 from edge.bundle import Bundle
 from edge.commands import threshold_bounds, threshold_step
-from edge.daemon import Sink
 from edge.messages import StateMessage
+from edge.sink import Sink
 from edge.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge.daemon import Sink
 from edge.errors import SoundSentryError
 from edge.messages import EventMessage, MetricsMessage
 from edge.private import private_dir, private_file, sync_folder
+from edge.sink import Sink
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,8 @@ class Step:
     state_name: str | None = None
     """A bundle trained with state folders: the state the machine runs in, or `off` when a
     state folder of that name is what it sounds like (None when off by its level)."""
+    heard: tuple[Transition, ...] = ()
+    """Events held off to listen (`Pipeline.push(listen=True)`): what they would have done."""
 
     @property
     def score(self) -> float | None:
@@ -67,6 +69,10 @@ class Pipeline:
         self.scorer = plugin.scorer(bundle)
         threshold = detector.threshold if detector.threshold is not None else bundle.threshold
         self.events: Tracker = plugin.tracker(bundle, detector, threshold)
+        self._new_tracker = lambda: plugin.tracker(bundle, detector, self.events.threshold)
+        self._shadow: Tracker | None = None
+        """While events are held off to listen (a learning period), the events the model would
+        raise, gated as the real ones: nothing is published of them."""
         self._rate = p.samplerate
         self._length_s = p.window_samples / self._rate
         self._hop_s = p.hop_seconds
@@ -83,8 +89,10 @@ class Pipeline:
         """Threshold in force."""
         return self.events.threshold
 
-    def push(self, block: np.ndarray, detect: bool = True) -> list[Step]:
-        """Process a mono block at the model's rate; `detect=False` scores without events."""
+    def push(self, block: np.ndarray, detect: bool = True, listen: bool = False) -> list[Step]:
+        """Process a mono block at the model's rate; `detect=False` scores without events, and
+        with `listen` too its steps carry the transitions the events would have made
+        (`Step.heard`)."""
         steps = []
         for window in self.buffer.push(block):
             t0 = time.perf_counter()
@@ -102,16 +110,26 @@ class Pipeline:
                 name = self._name(self.machine.update(level, end_s, self._hop_s), features)
                 self._last_name = name
             machine = self.machine.named(name, end_s)
-            found: tuple[Transition, ...] = ()
-            if machine != RUNNING:
-                ended = self.events.close("machine_off")  # a machine switched off ends it
-                found = (ended,) if ended is not None else ()
-            elif detect and not dead and self.machine.allows_events(end_s) and self._heard_on():
-                found = tuple(self.events.update(scored, start_s, end_s))
-            elif self.machine.quiet:  # idling just above the off level: an open event ends
-                ended = self.events.close("machine_off")
-                found = (ended,) if ended is not None else ()
-            steps.append(Step(scored, start_s, end_s, found, dead, elapsed, level, machine, name))
+            evidence = (
+                machine == RUNNING
+                and not dead
+                and self.machine.allows_events(end_s)
+                and self._heard_on()
+            )
+            ends = machine != RUNNING or self.machine.quiet  # an open event, even unheeded
+            window_at = (scored, start_s, end_s)
+            found = _feed(self.events, detect and evidence, ends, *window_at)
+            heard: tuple[Transition, ...] = ()
+            if listen and not detect:
+                if self._shadow is None:
+                    self._shadow = self._new_tracker()
+                self._shadow.threshold = self.events.threshold  # one set by command too
+                heard = _feed(self._shadow, evidence, ends, *window_at)
+            else:
+                self._shadow = None
+            steps.append(
+                Step(scored, start_s, end_s, found, dead, elapsed, level, machine, name, heard)
+            )
         return steps
 
     def _name(self, machine: str, features: np.ndarray) -> str | None:
@@ -136,6 +154,19 @@ class Pipeline:
         """End an open anomaly, for `reason` (one of edge.events.ENDED_BY): by default the
         stream ended."""
         return self.events.close(reason)
+
+
+def _feed(
+    tracker: Tracker, evidence: bool, ends: bool, scored: WindowScore, start_s: float, end_s: float
+) -> tuple[Transition, ...]:
+    """What a window does to a tracker: as evidence it updates it; else, with the machine
+    switched off or idling just above the off level (`ends`), an open event ends."""
+    if evidence:
+        return tuple(tracker.update(scored, start_s, end_s))
+    if ends:
+        ended = tracker.close("machine_off")
+        return (ended,) if ended is not None else ()
+    return ()
 
 
 def state_namer(bundle: Bundle) -> StateNamer | None:

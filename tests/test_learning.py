@@ -97,6 +97,12 @@ class Device:
         self.detector.run(FileSource(list(files), RATE))
         return [json.loads(line) for line in out.getvalue().splitlines()]
 
+    def adapter_period_heard(self) -> int:
+        """Events the model in use would have raised in the running period."""
+        assert self.detector is not None and self.detector.adapter is not None
+        assert self.detector.adapter.period is not None
+        return self.detector.adapter.period.heard_events
+
     def command(self, **payload: object) -> object:
         assert self.detector is not None
         return Controller(self.detector).handle_payload(json.dumps(payload).encode())
@@ -941,6 +947,21 @@ def test_a_period_that_heard_what_the_model_in_use_calls_a_fault_says_so(tmp_pat
     assert calm.command(command="learn", action="stop").ok
     outcome = calm.detector.status()["last_refit"]
     assert outcome["heard_events"] == 0 and "warning" not in outcome, outcome
+
+
+def test_a_period_counts_the_events_the_daemon_raises_on_the_same_audio(tmp_path: Path) -> None:
+    """The count of events heard in a period is the real event logic's, gated as events are:
+    the same files raise as many events outside a period (each file a new stream, as a
+    restarted pipeline is; a tracker kept across them counted the second fault as the first's
+    cooldown)."""
+    files = (ANOMALOUS_FILE, NORMAL_FILES[0], ANOMALOUS_FILE)
+    raised = len(starts(Device(tmp_path / "plain").replay(*files)))
+    assert raised >= 2
+    device = Device(tmp_path / "learning")
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=3600).ok
+    assert starts(device.replay(*files)) == [], "events are held off in a period"
+    assert device.adapter_period_heard() == raised
 
 
 def test_an_event_marked_normal_twice_makes_one_version(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from edge.daemon import Sink
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -27,6 +26,7 @@ from edge.messages import (
     iso,
 )
 from edge.pipeline import Step
+from edge.sink import Sink
 
 log = logging.getLogger(__name__)
 
