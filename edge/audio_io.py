@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -196,12 +197,13 @@ NO_SAMPLES = (
 EMPTY = "an empty file (a recording cut off before its header? then nothing is lost by deleting it)"
 
 
-def _empty(path: Path) -> bool:
-    """A file of 0 bytes, which libsndfile calls an unknown format."""
-    try:
-        return path.stat().st_size == 0
-    except OSError:
-        return False
+def _require_present(path: Path) -> None:
+    """Refuse what is no file, and an empty one (libsndfile calls it an unknown format)."""
+    if not path.is_file():
+        raise AudioError(f"{path}: {_not_a_file(path)}")
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            raise AudioError(f"{path}: {EMPTY}")
 
 
 def check_readable(
@@ -212,10 +214,7 @@ def check_readable(
     `mono_any`: a mono file passes whatever the channel (its one channel is read). Raises
     AudioError with one clear line."""
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: {_not_a_file(path)}")
-    if _empty(path):
-        raise AudioError(f"{path}: {EMPTY}")
+    _require_present(path)
     try:
         info = sf.info(sf_path(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
@@ -275,10 +274,7 @@ def read_audio(
     or calibrated on, and warn of clipping or a DC offset. Read, checked, reduced to one channel
     and resampled block by block (READ_BLOCK_SECONDS), with the result of reading it whole."""
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: {_not_a_file(path)}")
-    if _empty(path):
-        raise AudioError(f"{path}: {EMPTY}")
+    _require_present(path)
     try:
         with sf.SoundFile(sf_path(path)) as fh:
             rate, channels = fh.samplerate, fh.channels

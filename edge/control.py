@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge.bundle import Bundle, load_bundle
+from edge.bundle import Bundle, load_bundle, read_manifest
 from edge.commands import (
     MAX_COMMAND_BYTES,
     Command,
@@ -239,11 +239,12 @@ class Controller:
         version = d.adapter.history.active if d.adapter is not None else None
         configured = d.adapter.configured_path if d.adapter is not None else old.model
         same = _same_path(new.model, configured)  # not old.model: a load that failed is retried
-        if version is not None and same and not self._replaced(new.model):
+        replaced = version is not None and same and self._replaced(new.model)
+        if version is not None and same and not replaced:
             log.info("reload: the model is unchanged: keeping version %d", version)
             return
         try:
-            if new.model is not None and d.adapter is not None and (not same or version):
+            if new.model is not None and d.adapter is not None and (not same or replaced):
                 # another model, or new contents at the configured path (a retrained bundle)
                 bundle = self._load(new.model)
                 d.reconfigure(bundle)
@@ -262,7 +263,7 @@ class Controller:
         if path is None or adapter is None:
             return False
         try:
-            return load_bundle(path).model_id != adapter.configured.model_id
+            return read_manifest(path).model_id != adapter.configured.model_id
         except SoundSentryError:
             return False
 

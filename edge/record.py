@@ -167,7 +167,7 @@ def _record(
                 if part >= per_chunk or got >= total:
                     # complete: kept even if its close fails, for all its audio is written and
                     # readers mend a header whose lengths were not
-                    writer, done, path = None, writer, path
+                    done, writer = writer, None
                     written.append(path)
                     path = None
                     done.close()

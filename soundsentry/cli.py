@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -371,7 +372,7 @@ def _add_record(sub: Any) -> None:
     )
     p.add_argument(
         "--channel",
-        type=_positive_int_or_zero,
+        type=functools.partial(_channel, average=False),
         default=None,
         metavar="N",
         help="channel of a multichannel device to record (0-based; default [audio] channel)",
@@ -454,10 +455,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _channel(text: str) -> int:
+def _channel(text: str, average: bool = True) -> int:
+    """A channel number from 0; with `average`, -1 (all channels averaged) too."""
     value = _number(text, int)
-    if value < -1:
-        raise argparse.ArgumentTypeError("must be a channel number from 0, or -1 (the average)")
+    if value < (-1 if average else 0):
+        or_average = ", or -1 (the average)" if average else ""
+        raise argparse.ArgumentTypeError(f"must be a channel number from 0{or_average}")
     return value
 
 
@@ -473,19 +476,12 @@ def _at_least(low: float, high: float = math.inf) -> Callable[[str], float]:
 
     def parse(text: str) -> float:
         value = _number(text, float)
-        if not low <= value <= high:
+        if not math.isfinite(value) or not low <= value <= high:
             within = f"from {low:g} to {high:g}" if math.isfinite(high) else f"at least {low:g}"
             raise argparse.ArgumentTypeError(f"must be {within}")
         return value
 
     return parse
-
-
-def _positive_int_or_zero(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a channel number from 0")
-    return value
 
 
 def _budget(text: str) -> float:
@@ -972,8 +968,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
     _check_output(args.out, "--out", folder=True)
     audio: dict[str, Any] = {"device": args.device}
-    if args.channel is not None:  # open as many channels as that one needs
-        audio |= {"channel": args.channel, "channels": args.channel + 1}
+    if args.channel is not None:  # open as many channels as that one needs, at least
+        channels = load_settings(args.config, audio=audio).audio.channels
+        audio |= {"channel": args.channel, "channels": max(channels, args.channel + 1)}
     settings = load_settings(args.config, audio=audio)
     _note_service_config(  # the service's microphone settings (channel, device) are not these
         args.config,

@@ -76,8 +76,8 @@ Without a cap every connection had a thread and a file of its own, before any ch
 the network that held a thousand open took the daemon's last file handles (its event log,
 clips, MQTT and microphone could not open a file) and spun the web thread on accept()."""
 MAX_PER_ADDRESS = 6
-"""Of those, from one address (an IPv6 one's /64 network): one host cannot take every slot from
-the others. At 16 two hosts took them all; 6 is what a browser opens to one site at most."""
+"""Of those, from one address: one host cannot take every slot from the others. At 16 two hosts
+took them all; 6 is what a browser opens to one site at most."""
 HEADER_DEADLINE_S = 10.0
 """A request's line and headers must arrive within this, in all: CLIENT_TIMEOUT_S restarts
 with every byte, so a client that sent a header byte a minute (slowloris) held its slot for
@@ -349,18 +349,17 @@ class _Server(ThreadingHTTPServer):
 
 
 def _host(client_address: Any) -> str:
-    """The address a connection comes from (an IPv4 or IPv6 socket's first field); of an IPv6
-    address its /64 network, which one host may fill with addresses of its own."""
+    """The address a connection comes from (an IPv4 or IPv6 socket's first field), an IPv4
+    client of a dual-stack socket by its IPv4 address. Not an IPv6 host's /64: every host of
+    a LAN shares it, and one would take the slots of all the others."""
     if not isinstance(client_address, tuple):
         return ""
     try:
         address = ipaddress.ip_address(client_address[0])
-    except ValueError:
+    except ValueError:  # a scoped link-local address (fe80::1%eth0): as it is
         return str(client_address[0])
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
     return str(address)
 
 
