@@ -556,9 +556,12 @@ def forecast(
     hop_s: float,
     r: float = 0.0,
     censor: float | None = None,
+    draws: int | None = None,
 ) -> dict[str, Any]:
     """Predicted false alarms per day of both paths and a seeded bootstrap interval (windows
-    correlated at lag 1 by r); each gamma fitted censored at `censor`, as the threshold's."""
+    correlated at lag 1 by r); each gamma fitted censored at `censor`, as the threshold's.
+    `draws`: windows per resample when the scores hold more than their time (the channels of
+    one recording as views: 8 channels are not 8 times the evidence)."""
     per_day = SECONDS_PER_DAY / hop_s
 
     def rate(x: np.ndarray) -> float:
@@ -575,7 +578,7 @@ def forecast(
     rates = []
     for _ in range(BOOTSTRAP_RESAMPLES):
         try:
-            rates.append(rate(scores[rng.integers(0, len(scores), len(scores))]))
+            rates.append(rate(scores[rng.integers(0, len(scores), draws or len(scores))]))
         except ValueError:  # a resample without two distinct scores
             continue
     tail = 100 * (1 - INTERVAL) / 2
@@ -610,6 +613,7 @@ def threshold_for_budget(
             "or the audio is broken, so no threshold can be set from them"
         )
     seconds = len(scores) * hop_s if seconds is None else seconds
+    draws = min(len(scores), max(2, round(seconds / hop_s)))  # the windows of distinct time
     designed = None
     r = score_autocorrelation(scores)
     if integrate and len(scores) >= MIN_CUSUM_WINDOWS:
@@ -636,7 +640,7 @@ def threshold_for_budget(
         "gamma_shape": dist.shape,
         "gamma_scale": dist.scale,
         **bounds,
-        **forecast(scores, value, cusum, info["widen"], k, n, hop_s, r, censor),
+        **forecast(scores, value, cusum, info["widen"], k, n, hop_s, r, censor, draws),
         **_holdout(scores, seconds, value, common, cusum),
     }
     if cusum is not None:

@@ -431,3 +431,23 @@ def test_autoencoder_refit_leaves_out_a_recording_without_running_windows() -> N
     refit = plugin_for(bundle.manifest).refit(bundle, [running, empty], None)
     assert refit.manifest["threshold"]["value"] > 0
     assert refit.manifest["normal_scores"]["n_windows"] == len(running) - len(running) // 2
+
+
+def test_channels_as_views_do_not_narrow_the_interval_as_more_time_would() -> None:
+    """Trained on every channel of one recording, 8 near-identical channels were resampled as
+    8 times the audio: the interval of predicted false alarms came out far narrower than the
+    same seconds of one channel give (0.004 to 25 per day against <0.001 to 3,690)."""
+    import math
+
+    one = np.random.default_rng(1).gamma(20, 0.05, 40)
+    views = np.concatenate([one * np.random.default_rng(i).normal(1, 0.01, 40) for i in range(8)])
+
+    def width(params: dict) -> float:
+        low, high = params["predicted_interval_per_day"]
+        return math.log(high / low)
+
+    _, alone = threshold_for_budget(one, 1.0, hop_s=0.5)
+    _, as_views = threshold_for_budget(views, 1.0, hop_s=0.5, seconds=20.0)
+    _, as_time = threshold_for_budget(views, 1.0, hop_s=0.5)  # 160 s of audio: narrower
+    assert width(as_views) > 0.8 * width(alone)
+    assert width(as_time) < 0.6 * width(alone)
