@@ -97,24 +97,27 @@ def summary(
     off_seconds: float = 0.0,
     off_recordings: int = 0,
     refit_all: bool = False,
+    calibrated: bool = False,
 ) -> str:
     """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines;
     `refit_all`: the shipped model was refitted on all the audio once the threshold was set
     (the numpy kinds), the held-out audio included;
     `how` says how the held-out audio was held out, when it is not plain; `off_seconds` of the
     audio, in `off_recordings` of the recordings, are the machine stopped (a state folder
-    `off`), which backs no threshold."""
+    `off`), which backs no threshold; `calibrated`: the audio is a site's, which refitted only
+    what calibration refits (the fluctuation's centre, not its covariance)."""
     total, fit, held = seconds
+    fitted = "calibrated the model (what calibration refits)" if calibrated else "fitted the model"
     if refit_all:
         first = (
-            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model; "
+            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}; "
             f"a fit on {total - held:.0f} s scored the other {held:.0f} s, held out, for the "
             f"threshold{how}"
         )
     else:
         first = (
-            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s fitted the model "
-            f"that scored {held:.0f} s of held-out audio for the threshold{how}"
+            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}, "
+            f"which scored {held:.0f} s of held-out audio for the threshold{how}"
         )
     lines = [first]
     backing = describe(threshold, params)
@@ -137,9 +140,9 @@ def bundle_summary(manifest: Any) -> str:
         n = len(cal.get("files", []))
         if n == 1:  # edge.detectors.base.leave_one_out: its first half centres, its second scores
             held = float(th.params.get("holdout_seconds", s / 2))
-            return summary((s, s, held), n, th.value, th.params, refit_all=True)
+            return summary((s, s, held), n, th.value, th.params, refit_all=True, calibrated=True)
         how = " (each recording held out in turn, scored by a fit without it)"
-        return summary((s, s, s), n, th.value, th.params, how)
+        return summary((s, s, s), n, th.value, th.params, how, calibrated=True)
     t = manifest.training
     # a recording by its content: state folders often hold files of the same name
     names = {f.sha256 or f.name for f in [*t.files, *t.holdout_files]}

@@ -290,6 +290,9 @@ def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> No
         "2",
     )
     assert "calibrated bundle written" in proc.stdout
+    # what the site's audio did: not "fitted the model" (the network and more stay trained)
+    assert "10 s calibrated the model (what calibration refits)" in proc.stdout, proc.stdout
+    assert "fitted the model" not in proc.stdout, proc.stdout
     assert "s of held-out audio" in proc.stdout, proc.stdout
     assert "windows of held-out normal audio" in proc.stdout, proc.stdout
     assert "false alarms per day" in proc.stdout
