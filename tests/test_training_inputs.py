@@ -385,7 +385,8 @@ def test_calibrating_on_one_recording_says_half_of_it_was_held_out(tmp_path: Pat
     sf.write(tmp_path / "one.wav", audio, RATE)
     out = calibrate_bundle(DEMO_BUNDLE, [tmp_path / "one.wav"], tmp_path / "one.bundle")
     first = bundle_summary(load_bundle(out).manifest).splitlines()[0]
-    assert "12 s calibrated the model (what calibration refits); a fit on 6 s scored the other 6 s" in first, first
+    said = "12 s calibrated the model (what calibration refits); a fit on 6 s scored the other 6 s"
+    assert said in first, first
 
 
 def test_train_names_what_it_leaves_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
