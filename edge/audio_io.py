@@ -111,6 +111,12 @@ def _not_there(path: Path) -> str:
     return "no such file or folder"
 
 
+def skipped_folder(name: str) -> bool:
+    """A folder no search for audio goes into: hidden (a desktop's .Trash-1000 too), or the
+    system's."""
+    return name.startswith(".") or name in SKIPPED_FOLDERS
+
+
 def _search(folder: Path, quiet: bool = False) -> list[Path]:
     """The audio files under `folder`, sorted, following folder links (each real folder once);
     hidden names ('.', macOS '._x.wav' and '.Trashes' among them) and system folders skipped,
@@ -127,8 +133,8 @@ def _search(folder: Path, quiet: bool = False) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        hidden += [d + "/" for d in dirs if d.startswith(".") or d in SKIPPED_FOLDERS]
-        dirs[:] = sorted(d for d in dirs if not (d.startswith(".") or d in SKIPPED_FOLDERS))
+        hidden += [d + "/" for d in dirs if skipped_folder(d)]
+        dirs[:] = sorted(d for d in dirs if not skipped_folder(d))
         for name in names:
             if name.startswith("."):
                 hidden.append(name)

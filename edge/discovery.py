@@ -103,6 +103,7 @@ def discovery_configs(
         common["device"]["configuration_url"] = configuration_url
     entities = {
         **_watched(topics),
+        **(_recognised(topics) if classifier else {}),
         **_diagnostics(topics),
         **_controls(topics, threshold, in_force, classifier),
     }
@@ -118,7 +119,20 @@ def discovery_configs(
 
 def config_topics(topics: Topics) -> list[str]:
     """Every config topic this device announces when discovery is on (the threshold's too)."""
-    return list(discovery_configs(topics, "", threshold=1.0))
+    return list(discovery_configs(topics, "", threshold=0.5, classifier=True))
+
+
+def _recognised(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
+    """A classifier's: the class it recognises now (every class is an event, its label the
+    class: the Anomaly sensor alone would not say which)."""
+    return {
+        ("sensor", "class"): {
+            "name": "Recognised class",
+            "state_topic": topics.state,
+            "value_template": "{{ value_json.label | default(None) }}",
+            "icon": "mdi:label-outline",
+        }
+    }
 
 
 def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:

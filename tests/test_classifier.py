@@ -87,6 +87,8 @@ def test_evaluate_reports_accuracy_f1_and_confusion(
     assert data["labels"] == ["fault", "running"] and len(data["confusion"]) == 2
     assert data["n"] == sum(map(sum, data["confusion"]))
     assert data["balanced_accuracy"] >= 0.8  # training audio: a sanity check, not a benchmark
+    # which evaluate says, as it does for an anomaly detector (it said nothing)
+    assert "the model was fitted on this recording; it will look like its class" in proc.stderr
     assert (tmp_path / "rep" / "confusion.png").read_bytes().startswith(b"\x89PNG")
     # as an anomaly detector (--normal/--anomalous) its top-class probability made an AUC
     wrong = cli("evaluate", str(classifier), "--normal", str(classes / "running"),
@@ -211,3 +213,16 @@ def test_set_threshold_keeps_a_classifiers_threshold_a_probability(
     refused = controller.handle_payload(b'{"command":"set_threshold","value":1.5}')
     assert not refused.ok and "within [0.125, 0.99]" in refused.detail, refused.detail
     assert controller.handle_payload(b'{"command":"set_threshold","value":0.9}').ok
+
+
+def test_a_hidden_folder_with_audio_is_no_class(classes: Path, tmp_path: Path) -> None:
+    """A desktop's .Trash-1000 holding deleted recordings stopped training ("a class folder's
+    name ... rename the folder"), where every other search for audio skips hidden folders."""
+    from train.dataset import class_folders
+
+    root = tmp_path / "classes"
+    shutil.copytree(classes, root, symlinks=True)
+    trash = root / ".Trash-1000" / "files"
+    trash.mkdir(parents=True)
+    shutil.copy(NORMAL_FILES[0], trash / "deleted.wav")
+    assert sorted(class_folders(root)) == ["fault", "running"]

@@ -255,6 +255,7 @@ def test_every_discovery_payload_validates_against_the_home_assistant_schema() -
     }
     unbounded = discovery_configs(TOPICS, "fan-1234")  # no bounds, no number
     assert TOPICS.ha_config("number", "threshold") not in unbounded
+    assert TOPICS.ha_config("sensor", "class") not in configs, "an anomaly detector's: none"
     assert not any(c.get("min") is not None for c in unbounded.values())
 
 
@@ -730,3 +731,14 @@ def test_discovery_follows_the_settings_a_threshold_override_and_turning_it_off(
     cfg.write_text(settings + "discovery = false\n")
     _replay(cfg, clip)
     assert _retained_configs(broker.port) == {}
+
+
+def test_a_classifier_shows_the_class_it_recognises() -> None:
+    """Every class a classifier recognises is an event, and the Anomaly sensor said nothing of
+    which: `bearing_fault` or `running` looked the same in Home Assistant."""
+    configs = discovery_configs(TOPICS, "states-1234", 0.6, classifier=True)
+    recognised = configs[TOPICS.ha_config("sensor", "class")]
+    assert not list(VALIDATORS["sensor"].iter_errors(recognised))
+    state = {"state": "normal", "label": "bearing_fault", "threshold": 0.6}
+    assert render(recognised["value_template"], json.dumps(state)) == "bearing_fault"
+    assert render(recognised["value_template"], json.dumps(state | {"label": None})) == "None"

@@ -12,7 +12,14 @@ import numpy as np
 import soundfile as sf
 
 from edge.advice import audio_seconds, require_audio, warn_short
-from edge.audio_io import check_files, find_audio, read_audio, sf_path, without_copies
+from edge.audio_io import (
+    check_files,
+    find_audio,
+    read_audio,
+    sf_path,
+    skipped_folder,
+    without_copies,
+)
 from edge.bundle import SAFE_LABEL
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
@@ -257,7 +264,10 @@ def class_folders(
     if not root.is_dir():
         raise AudioError(f"{root}: --classes needs a folder with one subfolder per class")
     groups: dict[str, list[Path]] = {}
-    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+    # hidden and system folders are skipped as every search for audio skips them (a desktop's
+    # .Trash-1000 holds the deleted recordings of every class)
+    folders = (d for d in root.iterdir() if d.is_dir() and not skipped_folder(d.name))
+    for folder in sorted(folders):
         files = find_audio([folder])  # what the search skips in it is named
         if files and not re.fullmatch(SAFE_LABEL, folder.name):  # before training, not after
             raise AudioError(

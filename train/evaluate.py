@@ -87,7 +87,9 @@ def clip_and_segments_of(
     return float(np.mean(scores)), [float(scores[idx].mean()) for _, idx in groups]
 
 
-def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
+def _warn_if_trained_on(
+    bundle: Bundle, files: list[Path], looks: str = "it will look normal"
+) -> None:
     """Warn about test files the bundle was fitted on (by content: the manifest records every
     training file's hash): a model scores its own training audio as normal, which flatters the
     AUC. The numpy kinds refit the shipped model on all the audio, the held-out files too
@@ -105,7 +107,7 @@ def _warn_if_trained_on(bundle: Bundle, files: list[Path]) -> None:
         except OSError:
             continue
         if digest in fitted:
-            log.warning("%s: the model was fitted on this recording; it will look normal", path)
+            log.warning("%s: the model was fitted on this recording; %s", path, looks)
 
 
 def _refit_on_all(bundle: Bundle) -> bool:
@@ -256,7 +258,10 @@ def classify_items(
     if segment is not None and segment < p.window_seconds:  # no segment would hold a window
         raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
     rows = []
-    for name, files in class_folders(classes_dir).items():
+    groups = class_folders(classes_dir)
+    every = [f for files in groups.values() for f in files]
+    _warn_if_trained_on(bundle, every, "it will look like its class")
+    for name, files in groups.items():
         if name not in labels:
             raise AudioError(f"class folder {name!r} is not one of the model's {labels}")
         for path in progress(files, f"scoring {name}"):
