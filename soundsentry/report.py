@@ -61,12 +61,18 @@ def format_classification(data: dict) -> str:
         f"balanced accuracy {data['balanced_accuracy']:.3f}  "
         f"macro F1 {data['macro_f1']:.3f}  n {data['n']}"
     ]
-    width = max(len(lab) for lab in labels)
+    width = max(len(lab) for lab in [*labels, "recall"])
+    cell = max(8, *(len(lab) for lab in labels))  # whole names: bearing_fault, bearing_wear
     lines.append(
-        " " * (width + 2) + " ".join(f"{lab[:8]:>8}" for lab in labels) + "   <- predicted"
+        " " * (width + 2) + " ".join(f"{lab:>{cell}}" for lab in labels) + "   <- predicted"
     )
     for lab, row in zip(labels, data["confusion"], strict=True):
-        lines.append(f"{lab:>{width}}  " + " ".join(f"{v:>8}" for v in row))
+        lines.append(f"{lab:>{width}}  " + " ".join(f"{v:>{cell}}" for v in row))
+    recall = data.get("recall") or {}
+    if recall:  # of each true class: the share found
+        lines.append(
+            f"{'recall':>{width}}  " + " ".join(f"{recall[lab]:>{cell}.3f}" for lab in labels)
+        )
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from conftest import ANOMALOUS_FILE, DEMO_CLIP, NORMAL_FILES, cli
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
+from edge.errors import BundleError
 from edge.events import ClassTracker
 
 pytestmark = pytest.mark.slow
@@ -226,3 +227,64 @@ def test_a_hidden_folder_with_audio_is_no_class(classes: Path, tmp_path: Path) -
     trash.mkdir(parents=True)
     shutil.copy(NORMAL_FILES[0], trash / "deleted.wav")
     assert sorted(class_folders(root)) == ["fault", "running"]
+
+
+def test_int8_calibration_sees_every_class_a_rare_one_too() -> None:
+    """300 windows drawn at random from 20 h of normal running beside 2 min of a fault held
+    none of the fault, whose activations then had a range they could clip in."""
+    from train.quantize import REPRESENTATIVE_WINDOWS, _representative
+
+    groups = np.r_[np.zeros(100_000, int), np.ones(40, int)]
+    pick = _representative(len(groups), np.random.default_rng(0), groups)
+    assert (groups[pick] == 1).sum() == 40
+    assert (groups[pick] == 0).sum() == REPRESENTATIVE_WINDOWS // 2
+    assert len(set(pick)) == len(pick)
+
+
+def test_a_class_validated_on_its_own_recordings_is_said(
+    classes: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A class of fewer than 5 recordings is validated on the last fifth of them: the logged
+    accuracy measured how well it knew its own recordings, and nothing said so."""
+    from edge.features import FeatureParams
+    from train.classifier import split_windows
+    from train.dataset import class_folders
+
+    split_windows(class_folders(classes), FeatureParams(), 0)
+    said = [m for r in caplog.records if "not recordings it never heard" in (m := r.getMessage())]
+    assert [s.split(":")[0] for s in said] == ["class 'fault'", "class 'running'"], said
+
+
+def test_the_confusion_table_names_each_class_whole_and_its_recall() -> None:
+    """Headers were cut to 8 characters (bearing_fault and bearing_wear both `bearing_`), and
+    the per-class recall computed was never printed."""
+    from soundsentry.report import format_classification
+
+    labels = ["bearing_fault", "bearing_wear", "running"]
+    text = format_classification(
+        {"variant": "int8", "unit": "whole files", "accuracy": 0.8, "balanced_accuracy": 0.81,
+         "macro_f1": 0.79, "n": 10, "labels": labels, "confusion": [[3, 1, 0], [0, 2, 1],
+         [0, 0, 3]], "recall": {"bearing_fault": 0.75, "bearing_wear": 0.667, "running": 1.0}}
+    )  # fmt: skip
+    header, *rows, recall = text.splitlines()[1:]
+    assert header.split()[:3] == labels and len(rows) == 3
+    assert recall.split() == ["recall", "0.750", "0.667", "1.000"]
+
+
+def test_a_classifier_bundle_whose_threshold_no_window_can_reach_is_refused_as_such(
+    classifier: Path, tmp_path: Path
+) -> None:
+    """A threshold of 1 passed the bundle's check; the tracker then refused it, blaming
+    `detector.threshold`, a setting the user had not set."""
+    from edge.bundle import ARRAYS, MANIFEST, write_bundle
+
+    manifest = json.loads((classifier / MANIFEST).read_text())
+    manifest["threshold"]["value"] = 1.0
+    with np.load(classifier / ARRAYS, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    files = {n: (classifier / n).read_bytes() for n in manifest["files"] if n != ARRAYS}
+    for key in ("files", "checksum"):
+        manifest.pop(key, None)
+    bad = write_bundle(tmp_path / "one.bundle", manifest, files, arrays)
+    with pytest.raises(BundleError, match="a classifier's threshold is a probability below 1"):
+        load_bundle(bad)

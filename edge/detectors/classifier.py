@@ -34,8 +34,11 @@ class Classifier(DetectorKind):
             raise BundleError(
                 f"{bundle.path}: {len(labels)} labels for a model with {outputs} outputs"
             )
-        if not 0 < bundle.threshold <= 1:
-            raise BundleError(f"{bundle.path}: a classifier's threshold is a probability")
+        if not 0 < bundle.threshold < 1:  # the int8 softmax never reaches 1 (the tracker's)
+            raise BundleError(
+                f"{bundle.path}: a classifier's threshold is a probability below 1 "
+                f"({bundle.threshold:g})"
+            )
         require_normalization(bundle)
 
     def scorer(self, bundle: Bundle) -> NetworkScorer:
