@@ -112,9 +112,9 @@ def _not_there(path: Path) -> str:
 
 
 def skipped_folder(name: str) -> bool:
-    """A folder no search for audio goes into: hidden (a desktop's .Trash-1000 too), or the
-    system's."""
-    return name.startswith(".") or name in SKIPPED_FOLDERS
+    """A folder no search for audio goes into: hidden (a desktop's .Trash-1000, a USB stick's
+    .Trashes, .git), or the system's (Windows's start with `$`)."""
+    return name.startswith((".", "$")) or name in SKIPPED_FOLDERS
 
 
 def _search(folder: Path, quiet: bool = False) -> list[Path]:

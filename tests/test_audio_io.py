@@ -233,3 +233,14 @@ def test_a_recording_cut_off_at_its_start_says_it_can_be_deleted(tmp_path: Path)
         for check in (lambda p: read_audio(p, RATE), lambda p: check_readable(p, 0, RATE)):
             with pytest.raises(AudioError, match=r"cut off .* nothing is lost by deleting it"):
                 check(path)
+
+
+def test_one_rule_names_the_folders_no_search_for_audio_enters() -> None:
+    """The searches for recordings, class folders and state folders each had a rule of their
+    own (a state search entered `System Volume Information`, the others `$WinREAgent`)."""
+    from edge.audio_io import skipped_folder
+
+    for name in (".Trash-1000", ".git", "$RECYCLE.BIN", "$WinREAgent", "System Volume Information"):
+        assert skipped_folder(name), name
+    for name in ("pump", "off", "full load", "2026-12-03"):
+        assert not skipped_folder(name), name

@@ -40,7 +40,7 @@ import tensorflow as tf
 from keras import layers
 
 from edge.advice import MIN_AUDIO_SECONDS, audio_seconds, require_audio
-from edge.audio_io import find_audio, without_copies
+from edge.audio_io import find_audio, skipped_folder, without_copies
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, SAFE_LABEL, write_bundle
 from edge.detectors.embedding import (
     BAND_STD_FLOOR_DB,
@@ -255,8 +255,7 @@ def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, 
             len(loose),
             loose[0].name,
         )
-    # hidden and system folders (.Trashes of a USB stick, .git) hold no state
-    folders = (d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "$")))
+    folders = (d for d in root.iterdir() if d.is_dir() and not skipped_folder(d.name))
     for folder in sorted(folders):
         name = OFF if folder.name.lower() == OFF else folder.name
         if not re.fullmatch(SAFE_LABEL, name):
