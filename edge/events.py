@@ -334,7 +334,8 @@ class ClassTracker(_OpenEventHolder):
         self.labels = labels
         self.threshold = threshold
         self.k, self.n = k, n
-        self._recent: deque[str | None] = deque(maxlen=n)
+        # (label if confident else None, start_s, end_s, confidence) of the last n windows
+        self._recent: deque[tuple[str | None, float, float, float]] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
         self.label: str | None = None
 
@@ -348,20 +349,23 @@ class ClassTracker(_OpenEventHolder):
         return self.feed(window.score, window.label or "", start_s, end_s)
 
     def feed(self, confidence: float, label: str, start_s: float, end_s: float) -> list[Transition]:
-        """Feed one window's top label and its probability; return end/start on a change."""
-        self._recent.append(label if confidence >= self.threshold else None)
-        if label == self.label and confidence >= self.threshold and self._event:
+        """Feed one window's top label and its probability; return end/start on a change.
+        A new label's event starts at the first of the windows that voted for it, as an
+        anomaly starts at the first of its K windows."""
+        confident = confidence >= self.threshold
+        self._recent.append((label if confident else None, start_s, end_s, confidence))
+        if label == self.label and confident and self._event:
             self._event.add(confidence, end_s)
             return []
-        votes = sum(1 for x in self._recent if x == label)
-        if confidence < self.threshold or votes < self.k or label == self.label:
+        votes = [(s, e, c) for x, s, e, c in self._recent if x == label]
+        if not confident or len(votes) < self.k or label == self.label:
             return []
         out = [t for t in [self.close("label_changed")] if t is not None]
-        self._event = _OpenEvent(uuid.uuid4().hex, start_s, end_s)
-        self._event.add(confidence, end_s)
+        self._event = _OpenEvent(uuid.uuid4().hex, votes[0][0], end_s)
+        for _, e, c in votes:
+            self._event.add(c, e)
         self.label = label
-        self._recent.clear()
-        self._recent.append(label)
+        self._recent.append((label, start_s, end_s, confidence))
         out.append(self._event.transition("start", label=label))
         return out
 

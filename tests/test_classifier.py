@@ -142,6 +142,9 @@ def test_class_tracker_needs_k_of_n_confident_windows() -> None:
     changed = t.feed(0.8, "b", 2, 3)
     assert [(x.kind, x.label) for x in changed] == [("end", "a"), ("start", "b")]
     assert np.isclose(changed[0].ended_s, 1.5) and changed[0].ended_by == "label_changed"
+    # b started at the first window that voted for it, as an anomaly starts at its first
+    # of K windows (it used to start at the K-th, a window late in every event log)
+    assert changed[1].started_s == 1 and np.isclose(changed[1].mean_score, 0.85)
     end = t.close("stopped")
     assert end.label == "b" and end.ended_by == "stopped"
 
