@@ -101,6 +101,12 @@ def test_evaluate_reports_accuracy_f1_and_confusion(
                 "--json", str(tmp_path / "nan.json"), check=False)  # fmt: skip
     assert short.returncode != 0 and not (tmp_path / "nan.json").exists()
     assert "--segment must be at least the window length" in short.stderr
+    # the recordings of one fault are a check of its recall (refused: "need two subfolders")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "fault").symlink_to(classes / "fault", target_is_directory=True)
+    alone = cli("evaluate", str(classifier), "--classes", str(one), "--json", str(one / "r.json"))
+    assert json.loads((one / "r.json").read_text())["n"] == 2 and "fault" in alone.stdout
 
 
 def test_edge_publishes_class_changes_with_labels(classifier: Path) -> None:

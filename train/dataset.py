@@ -254,12 +254,13 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
 
 
 def class_folders(
-    root: str | Path, channel: int = 0, samplerate: int | None = None
+    root: str | Path, channel: int = 0, samplerate: int | None = None, least: int = 2
 ) -> dict[str, list[Path]]:
     """Class name -> its audio files, from the subfolders of `root`, checked before anything is
     trained: an empty subfolder and recordings directly in `root` are named (they are no
     class), byte-identical copies used once, and every file that cannot be used named at once
-    (AudioError)."""
+    (AudioError). Training needs `least` = 2 classes; checking a model needs only one (the
+    recordings of one fault, to see how many of them it recognises)."""
     root = Path(root)
     if not root.is_dir():
         raise AudioError(f"{root}: --classes needs a folder with one subfolder per class")
@@ -287,8 +288,9 @@ def class_folders(
             "into a class subfolder",
             len(loose), root, names,
         )  # fmt: skip
-    if len(groups) < 2:
-        raise AudioError(f"{root}: need at least two subfolders with audio (one per class)")
+    if len(groups) < least:
+        need = "two subfolders" if least == 2 else f"{least} subfolder(s)"
+        raise AudioError(f"{root}: need at least {need} with audio (one per class)")
     every = [f for v in groups.values() for f in v]
     audio_seconds(every, channel, samplerate)  # every file that cannot be used, named at once
     kept = set(without_copies(every))  # across classes too: a recording in two is a mislabel

@@ -258,7 +258,7 @@ def classify_items(
     if segment is not None and segment < p.window_seconds:  # no segment would hold a window
         raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
     rows = []
-    groups = class_folders(classes_dir)
+    groups = class_folders(classes_dir, least=1)  # one class's recordings are a check too
     every = [f for files in groups.values() for f in files]
     _warn_if_trained_on(bundle, every, "it will look like its class")
     for name, files in groups.items():
