@@ -342,6 +342,13 @@ def _add_replay(sub: Any) -> None:
         help="play the files back to back as one stream; by default each file is its own "
         "stream: the detector resets between files and an open event ends at each file's end",
     )
+    p.add_argument(
+        "--channel",
+        type=_channel,
+        default=None,
+        help="channel of the files to hear; -1 averages all (default: the one the model was "
+        "fitted on, as `evaluate` does; [audio] channel is the microphone's, not the files')",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_replay)
 
@@ -828,6 +835,7 @@ def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from edge.audio_io import find_audio
+    from edge.bundle import channel_for
     from edge.console import ReplaySummary
     from edge.service import run_detector
     from edge.sources import FileSource
@@ -840,7 +848,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     source = FileSource(
         files,
         bundle.features.samplerate,
-        settings.audio.channel,
+        channel_for(bundle.manifest, args.channel, "replay"),  # a stereo file's other machine
         settings.audio.block_seconds,
         realtime=args.realtime,
         continuous=args.continuous,

@@ -55,6 +55,9 @@ def test_calibrate_and_evaluate_use_the_channel_the_model_was_trained_on(tmp_pat
     other = cli("evaluate", str(model), "--normal", str(normal[3]), "--anomalous", str(fault),
                 "--channel", "0", check=False)  # fmt: skip
     assert "--channel 0, but the model was fitted on channel 1" in other.stderr
+    # replay heard [audio] channel 0, the dead one, and raised nothing on the fault
+    events = [json.loads(x) for x in cli("replay", str(model), str(fault)).stdout.splitlines()]
+    assert any(e["type"] == "start" for e in events)
     # the dead channel is digital silence, which the device judges nothing by: no AUC of it
     assert other.returncode == 1 and "or silent, or the machine off" in other.stderr
 
