@@ -47,6 +47,20 @@ def is_flat(samples: np.ndarray) -> bool:
     return len(samples) > 0 and float(np.ptp(samples)) < FLAT_RANGE
 
 
+def has_dropout(samples: np.ndarray, run: int) -> bool:
+    """True when `run` or more consecutive samples are digital silence: a dropout inside the
+    block (a USB glitch, a mute button pressed), whose frames of nothing score like a fault
+    (30 times the threshold for 100 ms of zeros). Real recordings hold a few such samples in
+    a row at most (3, over every clip of shared/data)."""
+    if run <= 0 or len(samples) < run:
+        return False
+    quiet = np.abs(samples) < SILENT_PEAK
+    if not quiet.any():
+        return False
+    counts = np.concatenate(([0], np.cumsum(quiet, dtype=np.int64)))
+    return bool(np.any(counts[run:] - counts[:-run] == run))
+
+
 def is_silent(samples: np.ndarray) -> bool:
     """True for digital silence (a dead or muted input)."""
     return len(samples) == 0 or float(np.max(np.abs(samples))) < SILENT_PEAK

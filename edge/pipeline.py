@@ -17,7 +17,7 @@ from edge.detectors.registry import plugin_for
 from edge.events import Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
-from edge.health import is_flat, is_silent, level_dbfs
+from edge.health import has_dropout, is_flat, is_silent, level_dbfs
 from edge.machine_state import OFF, RUNNING, MachineState, StateNamer
 from edge.settings import DetectorSettings
 
@@ -31,7 +31,8 @@ class Step:
     end_s: float
     transitions: tuple[Transition, ...]
     dead: bool = False
-    """The window was digital silence or a flat line: scored, but not used for events."""
+    """The window was digital silence or a flat line, or held a dropout (an STFT hop of
+    digital silence or more): scored, but not used for events."""
     elapsed_s: float = 0.0
     """Time spent on features and inference."""
     level_dbfs: float = 0.0
@@ -76,6 +77,7 @@ class Pipeline:
         self._rate = p.samplerate
         self._length_s = p.window_samples / self._rate
         self._hop_s = p.hop_seconds
+        self._dropout = p.hop_length  # as many zeros make frames of next to nothing
         info = bundle.manifest.machine
         off = detector.off_below_dbfs
         if off is None and info is not None:
@@ -101,7 +103,8 @@ class Pipeline:
             elapsed = time.perf_counter() - t0
             start_s = window.start / self._rate
             end_s = start_s + self._length_s
-            dead = is_silent(window.samples) or is_flat(window.samples)
+            samples = window.samples
+            dead = is_silent(samples) or is_flat(samples) or has_dropout(samples, self._dropout)
             level = level_dbfs(window.samples)
             if dead:  # a dead or unplugged microphone says nothing of the machine: no `off`
                 self.machine.heard_nothing(end_s)
