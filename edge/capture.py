@@ -334,9 +334,7 @@ class MicSource:
     def _stream(self, stream: Any) -> Iterator[np.ndarray | AudioGap | None]:
         """Yield blocks from a started stream until it stalls (CaptureError) or stop(); close it."""
         try:
-            resampler = None
-            if self.rate != self.model_rate:
-                resampler = soxr.ResampleStream(self.rate, self.model_rate, 1, dtype="float32")
+            resampler = self._resampler()
             last = time.monotonic()
             while not self._stop.is_set():
                 try:
@@ -347,6 +345,7 @@ class MicSource:
                     yield None
                     continue
                 if block is None:  # the callback's mark: audio was lost just here
+                    resampler = self._resampler()  # its tail is from before the gap
                     yield AudioGap()
                     continue
                 last = time.monotonic()
@@ -354,6 +353,12 @@ class MicSource:
                 yield resampler.resample_chunk(mono) if resampler else mono
         finally:
             _close(stream)
+
+    def _resampler(self) -> Any:
+        """A new resampler from the device's rate to the model's (None when they agree)."""
+        if self.rate == self.model_rate:
+            return None
+        return soxr.ResampleStream(self.rate, self.model_rate, 1, dtype="float32")
 
     def _idle(self, seconds: float) -> Iterator[None]:
         deadline = time.monotonic() + seconds

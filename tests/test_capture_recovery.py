@@ -338,3 +338,36 @@ def test_a_sound_server_that_restarts_changes_the_devices_signature(
     assert gone != before
     socket_path.write_text("")  # ... and starts again: a new socket
     assert _devices_signature() not in (before, gone)
+
+
+class _Closed:
+    """A stream stand-in for `_stream`, which only closes it."""
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def test_the_resampler_starts_afresh_after_lost_audio(streams: list[dict[str, Any]]) -> None:
+    """A 48 kHz device, a 16 kHz model: after blocks were lost, the resampler's tail from
+    before the gap (33 ms) was spliced in front of the audio after it."""
+    import soxr
+
+    from edge.sources import AudioGap
+
+    source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=5.0)
+    source.rate = 3 * RATE
+    rng = np.random.default_rng(0)
+    before = [rng.standard_normal((4800, 1)).astype(np.float32) for _ in range(5)]
+    after = [rng.standard_normal((4800, 1)).astype(np.float32) for _ in range(5)]
+    for block in [*before, None, *after]:
+        source._queue.put(block)
+    heard: list[Any] = []
+    for item in source._stream(_Closed()):
+        heard.append(item)
+        if len(heard) == len(before) + 1 + len(after):
+            source.stop()
+    (gap,) = [i for i, x in enumerate(heard) if isinstance(x, AudioGap)]
+    fresh = soxr.ResampleStream(3 * RATE, RATE, 1, dtype="float32")
+    expected = np.concatenate([fresh.resample_chunk(b[:, 0]) for b in after])
+    np.testing.assert_allclose(np.concatenate(heard[gap + 1 :]), expected, atol=1e-6)
