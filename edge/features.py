@@ -7,6 +7,8 @@ checks parity within 0.01 dB on real audio.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +56,15 @@ class FeatureParams:
             raise ValueError(
                 f"feature recipe {self.frontend!r} is unknown (this version: {FRONTEND})"
             )
+        sizes = (self.samplerate, self.n_fft, self.hop_length, self.n_mels)
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in sizes):
+            raise ValueError("samplerate, n_fft, hop_length and n_mels must be whole numbers")
+        reals = (self.fmin, self.window_seconds, self.hop_seconds, self.amin)
+        reals += () if self.fmax is None else (self.fmax,)
+        if not all(_finite(v) for v in reals):
+            raise ValueError("fmin, fmax, window_seconds, hop_seconds and amin must be numbers")
+        if not self.amin > 0:  # the floor of log(power): 0 makes a dropout's frames -inf
+            raise ValueError("amin must be above 0")
         if self.samplerate <= 0 or self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
             raise ValueError("samplerate, n_fft, hop_length and n_mels must be positive")
         if not (
@@ -110,6 +121,11 @@ class FeatureParams:
         if extra:
             raise ValueError(f"unknown feature parameters {sorted(extra)}")
         return cls(**data)
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool, a string or NaN)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def hz_to_mel(hz: np.ndarray) -> np.ndarray:

@@ -163,6 +163,11 @@ NETWORK_CASES = [
     (lambda b: edit_manifest(b, {"features.frontend": "mfcc-v9"}), "cannot reproduce"),
     (lambda b: edit_manifest(b, {"features.n_mels": 40}), "does not match"),
     (lambda b: edit_manifest(b, {"features.n_mels": 10**9}), "cannot reproduce"),
+    # these loaded, then failed at the first window (a TypeError) or scored NaN (amin 0)
+    (lambda b: edit_manifest(b, {"features.n_fft": 1024.0}), "whole numbers"),
+    (lambda b: edit_manifest(b, {"features.samplerate": True}), "whole numbers"),
+    (lambda b: edit_manifest(b, {"features.amin": 0}), "amin must be above 0"),
+    (lambda b: edit_manifest(b, {"features.hop_seconds": "0.5"}), "must be numbers"),
     (lambda b: edit_manifest(b, {"format_version": 99}), "bundle format 99"),
     (lambda b: edit_manifest(b, {"format_version": "2"}), 'format_version is "2"; it must be'),
     (lambda b: edit_manifest(b, {"format_version": True}), "format_version is true; it must be"),
