@@ -103,6 +103,9 @@ def check_model(s: Settings) -> Check:
             "no model configured",
             "set `model` in the config to a bundle from `soundsentry train`",
         )
+    locked = _unreadable_by_service(s)
+    if locked is not None:
+        return locked
     try:
         b = load_bundle(s.model)
     except SoundSentryError as exc:
@@ -131,6 +134,50 @@ def check_model(s: Settings) -> Check:
         f"{b.model_id} ({kind_of(b.manifest)}, {b.features.samplerate} Hz, "
         f"threshold {b.threshold:.4g}){_version_in_use(s, b.model_id)}",
     )
+
+
+def _unreadable_by_service(s: Settings) -> Check | None:
+    """A failed check when the daemon's user (the data folder's owner) cannot read the bundle
+    or a file in it: a copy made with sudo under a hardened umask (027) is root's and 0640, and
+    doctor run as root read it, or told the service's user to copy it where it already was."""
+    model = Path(s.model or "")
+    try:
+        uid = s.data_dir.stat().st_uid if s.data_dir.is_dir() else os.geteuid()
+        if uid == 0:
+            return None
+        parts = [model, *sorted(model.iterdir())] if model.is_dir() else [model]
+        blocked = next((p for p in parts if not _readable(p, uid)), None)
+    except OSError:  # not there, or not even listable by us: load_bundle says which
+        return None
+    if blocked is None:
+        return None
+    user = user_name(uid)
+    return Check(
+        "model",
+        False,
+        f"{blocked} is not readable by {user}, who runs the daemon (copied as root?)",
+        f"give it to the daemon's user: sudo chown -R {user}: {model}",
+    )
+
+
+def _readable(path: Path, uid: int) -> bool:
+    """Whether user `uid` may read `path` (and enter it, a folder), by its mode bits."""
+    import pwd
+
+    try:
+        entry = pwd.getpwuid(uid)
+        groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except KeyError:  # a uid without a name: only the owner's and everyone's bits apply
+        groups = set()
+    st = path.stat()
+    if st.st_uid == uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid in groups:
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    need = 0o5 if path.is_dir() else 0o4
+    return bits & need == need
 
 
 def _version_in_use(s: Settings, configured: str) -> str:

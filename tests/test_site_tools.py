@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -579,6 +580,31 @@ def test_doctor_finds_root_s_files_in_the_service_s_folder_and_a_card_too_small(
     assert f"sudo chown -R nobody: {folder}" in stale.fix
     huge = check_disk(Settings(device_id="t", data_dir=folder, clips={"max_total_mb": 1e9}))
     assert huge.ok is False and "the card fills before the clips' limit" in huge.detail, huge
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a folder away: root only")
+def test_doctor_finds_a_model_the_service_s_user_cannot_read(tmp_path: Path) -> None:
+    """`sudo cp -r` under a hardened umask (027) gives root a 0640 bundle the service cannot
+    read; doctor run as root passed it, and run as the service's user it said to copy the
+    bundle where it already was."""
+    from edge.doctor import check_model
+    from edge.settings import Settings
+
+    data, model = tmp_path / "data", tmp_path / "models" / "fan.bundle"
+    data.mkdir()
+    shutil.copytree(DEMO_BUNDLE, model)
+    os.chmod(model.parent, 0o755)
+    os.chmod(model, 0o750)
+    for f in model.iterdir():
+        os.chmod(f, 0o640)
+    os.chown(data, 65534, 65534)  # the service's user (nobody here) owns its data folder
+    settings = Settings(device_id="t", data_dir=data, model=model)
+    locked = check_model(settings)
+    assert locked.ok is False and "is not readable by nobody" in locked.detail, locked
+    assert locked.fix == f"give it to the daemon's user: sudo chown -R nobody: {model}"
+    for f in [model, *model.iterdir()]:
+        os.chown(f, 65534, 65534)
+    assert check_model(settings).ok is True
 
 
 def test_doctor_reads_who_holds_a_capture_stream(tmp_path: Path) -> None:
