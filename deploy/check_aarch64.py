@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prove that the bare edge install resolves to binary wheels on a 64-bit Raspberry Pi.
 
-Runs `pip download --only-binary=:all:` for linux aarch64 (manylinux 2.27 / 2014) and
+Runs `pip download --only-binary=:all:` for linux aarch64 (every manylinux tag a Pi takes) and
 CPython 3.11 (Bookworm) and 3.13 (Trixie), with the dependencies read from pyproject.toml's
 [project].dependencies, so nothing here can drift from what `pip install .` asks for. A
 package without an aarch64 wheel for one of those Pythons would have to be compiled on the
@@ -29,7 +29,11 @@ except ImportError:  # a bare system Python: pip always carries its own copy
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 PYTHON_VERSIONS = ("3.11", "3.13")
-PLATFORMS = ("manylinux_2_27_aarch64", "manylinux2014_aarch64")
+GLIBC_MINOR = {"3.11": 36, "3.13": 41}
+"""glibc 2.x of the Raspberry Pi OS that ships each Python (Bookworm 2.36, Trixie 2.41): pip on
+the Pi takes any manylinux wheel up to it, and pip download matches --platform tags exactly, so
+every tag from manylinux 2.17 up is listed (with 2.27 alone it resolved older sdist-free wheels
+than a Pi installs: soundfile's py2.py3 wheel, an older soxr)."""
 PROBE_URL = "https://pypi.org/simple/pip/"
 PROBE_TIMEOUT_S = 10
 PIP_TIMEOUT_S = 600
@@ -60,6 +64,13 @@ def edge_requirements(pyproject: Path, python_version: str) -> list[str]:
     return out
 
 
+def platforms(python_version: str) -> list[str]:
+    """The manylinux tags a Pi with this Python installs, newest first."""
+    newest = GLIBC_MINOR[python_version]
+    tags = [f"manylinux_2_{minor}_aarch64" for minor in range(newest, 16, -1)]
+    return [*tags, "manylinux2014_aarch64"]
+
+
 def pypi_reachable() -> bool:
     """Whether the package index answers (through any configured proxy)."""
     try:
@@ -73,7 +84,7 @@ def download(requirements: list[str], python_version: str, dest: Path) -> tuple[
     """pip download the wheels for aarch64 and one Python version; (ok, pip's last words)."""
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
     cmd += ["--only-binary=:all:", "--implementation", "cp", "--python-version", python_version]
-    for platform in PLATFORMS:
+    for platform in platforms(python_version):
         cmd += ["--platform", platform]
     cmd += ["-d", str(dest), *requirements]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
