@@ -83,6 +83,7 @@ systemctl_root() {
 }
 
 parse_args() {
+  local given="$*"  # for the hint below: the loop shifts them away
   while (($#)); do
     case "$1" in
       --root) ROOT=${2:?--root needs a directory}; shift ;;
@@ -100,7 +101,7 @@ parse_args() {
     mkdir -p "$ROOT"
     ROOT=$(cd "$ROOT" && pwd)
   elif [ "$(id -u)" != 0 ]; then
-    die "run as root (sudo $0 $*), or use --root DIR to install into a directory"
+    die "run as root (sudo $0${given:+ $given}), or use --root DIR to install into a directory"
   fi
   # An absolute path, so pip never mistakes it for a package name on PyPI.
   local src
@@ -181,6 +182,7 @@ kept_extras() {
 
 install_venv() {
   local want have="" extras
+  rm -rf "$VENV.prev"  # left by an upgrade cut short: the venv itself is checked below
   extras=$(kept_extras)
   want=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   if [ -f "$VENV/pyvenv.cfg" ]; then
@@ -196,6 +198,9 @@ install_venv() {
     say "rebuilding $VENV (it has no working pip: an earlier install did not finish)"
     rm -rf "$VENV"
     have=""
+  fi
+  if [ -n "$have" ] && ((!FRESH)); then  # until the kept configs load with the new code
+    cp -a "$VENV" "$VENV.prev"
   fi
   if [ -z "$have" ]; then
     say "creating $VENV"
@@ -314,12 +319,7 @@ start_service() {
     fi
     return
   fi
-  if ((!FRESH)); then
-    if ! configs_load; then  # a restart would leave the service in its cannot-start loop
-      say "not restarting: a kept config or its model above does not load with this version; mend it (or train the model again), then: systemctl restart soundsentry (or soundsentry@NAME)"
-      return
-    fi
-    # An upgrade: whatever runs (the single unit, template instances) runs the new code.
+  if ((!FRESH)); then  # an upgrade: whatever runs (the single unit, instances) runs the new code
     live_systemctl try-restart soundsentry.service 'soundsentry@*.service'
     return
   fi
@@ -342,11 +342,32 @@ do_install() {
   install_apt_packages
   check_python
   create_user
+  [ ! -e "$UNIT_DIR/soundsentry.service" ] || FRESH=0
   install_venv
   install_config
+  check_upgrade
   install_units
   start_service
   say "done"
+}
+
+# An upgrade whose new code refuses a kept config or the model it names would leave a service
+# that fails at its next start (a reboot, a watchdog kill, a power cut), and it said "done":
+# the venv of the version installed before is put back instead, and the install fails.
+check_upgrade() {
+  if ((FRESH)); then
+    return
+  fi
+  if configs_load; then
+    rm -rf "$VENV.prev"
+    return
+  fi
+  if [ -d "$VENV.prev" ]; then
+    rm -rf "$VENV"
+    mv "$VENV.prev" "$VENV"
+    say "put back the version installed before: $("$VENV/bin/soundsentry" --version 2>&1 || true)"
+  fi
+  die "a kept config or its model above does not load with this version; nothing was restarted. Mend it (or train the model again), then run this installer again"
 }
 
 # Instances of soundsentry@.service enabled by the admin (soundsentry@pump-3.service, ...).

@@ -302,17 +302,22 @@ def test_second_run_is_idempotent_and_keeps_the_config(installed: Path) -> None:
     assert tree(installed) == before
     assert (pyvenv.stat().st_ino, pyvenv.stat().st_mtime_ns) == venv_id, "venv was rebuilt"
 
-    # a kept config this version no longer reads (a renamed key): said, and no restart into
-    # the service's cannot-start loop
+    # a kept config this version no longer reads (a renamed key): said, no restart into the
+    # service's cannot-start loop, and the install fails (it said "done", exit 0, with the new
+    # code in place for the next reboot to start)
     conf.write_text('devise_id = "pump-3"\n' + edited)
     try:
-        stale = run_installer(installed)
+        stale = run_installer(installed, check=False)
     finally:
         conf.write_text(edited)
-    assert stale.stderr.count("config.toml") == 1, stale.stderr
+    assert stale.returncode == 1 and stale.stderr.count("config.toml") == 1, stale.stderr
     assert "invalid setting devise_id: unknown key" in stale.stderr, stale.stderr
-    assert "not restarting: a kept config or its model above does not load" in stale.stdout
-    assert restart not in stale.stdout
+    assert "a kept config or its model above does not load" in stale.stderr
+    assert "put back the version installed before" in stale.stdout
+    assert restart not in stale.stdout and "done" not in stale.stdout
+    assert not (installed / "opt/soundsentry/venv.prev").exists()
+    venv_python = installed / "opt/soundsentry/venv/bin/python"
+    subprocess.run([str(venv_python), "-c", "import edge.daemon"], check=True)
 
 
 @pytest.mark.slow
@@ -331,15 +336,16 @@ def test_an_upgrade_loads_the_configured_model_before_it_restarts(
         manifest.write_text(
             manifest.read_text().replace('"format_version": 2', '"format_version": 99')
         )
-        bad = run_installer(installed)
+        bad = run_installer(installed, check=False)
     finally:
         shutil.rmtree(model)
     conf = installed / "etc/soundsentry/config.toml"
-    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 1
+    lines = [x for x in bad.stderr.splitlines() if x.strip() and "install: error" not in x]
     assert len(lines) == 1 and lines[0].startswith(f"{conf}: "), bad.stderr
     said = lines[0].removeprefix(f"{conf}: ")  # the model's path as the config names it
     assert said.startswith("/var/lib/soundsentry/models/fan.bundle") and "format 99" in said
-    assert "not restarting: a kept config or its model above does not load" in bad.stdout
+    assert "a kept config or its model above does not load" in bad.stderr
     assert restart not in bad.stdout
 
 
