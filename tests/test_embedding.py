@@ -255,6 +255,11 @@ def test_a_state_folder_named_off_trains_the_network_but_not_the_head(tmp_path: 
     alone = read_own({"running": [running / "fan.wav"]}, FeatureParams(), 0)
     held = sum(len(w) for w in alone.held_windows)
     assert m.normal_scores.n_windows == held
+    # the input is standardised by the machine running: `off` (a hiss 20 dB down, a neighbour)
+    # had widened the spreads and squeezed the running windows into a few int8 steps
+    running_frames = np.concatenate([f for _, f in alone.train_frames])
+    mean = load_bundle(out).array("normalization.mean")
+    np.testing.assert_allclose(mean, running_frames.mean(axis=0), atol=1e-3)
     expected = machine_profile(alone.audio, FeatureParams())["running_level_dbfs"]["p01"]
     assert m.machine.running_level_dbfs["p01"] == pytest.approx(expected)
     only_off = tmp_path / "only-off"
