@@ -25,7 +25,7 @@ from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, FrontEnd, LogMel
 from edge.framing import WindowBuffer
-from edge.health import is_silent, level_dbfs
+from edge.health import has_dropout, is_silent, level_dbfs
 from edge.machine_state import OFF, PERCENTILES, QUIET_GAP_DB, machine_profile
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ def calibrate_bundle(
     audio = [read_audio(f, p.samplerate, _file_channel(f, channel), need_sound=True) for f in files]
     files, audio = _windowed(files, audio, p)
     machine, shift = _site_machine(bundle, audio)
-    per_file, kept = _running_windows(audio, p, machine.get("off_below_dbfs"))
+    off_like = _off_state_levels(bundle, shift)
+    per_file, kept = _running_windows(audio, p, machine.get("off_below_dbfs"), off_like)
     # the audio the refit stands on: the machine running, not the room while it was off
     seconds = kept * sum(len(a) for a in audio) / p.samplerate
     require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
@@ -112,21 +113,39 @@ def _windowed(
     return [files[i] for i in keep], [audio[i] for i in keep]
 
 
+def _off_state_levels(bundle: Bundle, shift: float | None) -> tuple[np.ndarray, int] | None:
+    """A bundle trained with a state folder `off`: its states' band levels as heard here (moved
+    with the machine's level) and the index of `off`; None without one."""
+    trained = bundle.manifest.machine
+    if trained is None or OFF not in trained.states or STATE_LEVELS not in bundle.arrays:
+        return None
+    levels = bundle.arrays[STATE_LEVELS] + (shift or 0.0)
+    return levels, trained.states.index(OFF)
+
+
 def _running_windows(
-    audio: list[np.ndarray], params: FeatureParams, off_below_dbfs: float | None
+    audio: list[np.ndarray],
+    params: FeatureParams,
+    off_below_dbfs: float | None,
+    off_like: tuple[np.ndarray, int] | None = None,
 ) -> tuple[list[np.ndarray], float]:
-    """Each recording's window features without those the device would not score: silence,
-    and the machine off (below the site's off level), and the share of windows kept. A site
-    recording with the machine stopped for a while set the threshold on the empty room too;
-    said with a count."""
+    """Each recording's window features without those the device would not score: silence or
+    a dropout, the machine off (below the site's off level), and windows nearest the state
+    `off` of a bundle trained with one (the device never takes them as evidence); and the
+    share kept. A site recording with the machine stopped for a while set the threshold on the
+    empty room too (with an `off` state, in a review: the threshold 63 % up, no fault window
+    above it)."""
     per_file, dropped, total = [], 0, 0
     for a in audio:
         kept = []
         for start, features in FrontEnd(params).push(a):
             samples = a[start : start + params.window_samples]
             total += 1
-            if is_silent(samples) or (
-                off_below_dbfs is not None and level_dbfs(samples) < off_below_dbfs
+            if (
+                is_silent(samples)
+                or has_dropout(samples, params.hop_length)
+                or (off_below_dbfs is not None and level_dbfs(samples) < off_below_dbfs)
+                or (off_like is not None and _nearest(off_like[0], features) == off_like[1])
             ):
                 dropped += 1
             else:
@@ -134,10 +153,16 @@ def _running_windows(
         per_file.append(np.stack(kept) if kept else np.zeros((0, *params.shape), np.float32))
     if dropped:
         log.warning(
-            "%d of %d windows are silent or the machine off (below %s dBFS): the calibration "
+            "%d of %d windows are silent or the machine off (below %s dBFS%s): the calibration "
             "leaves them out, as the device does", dropped, total, off_below_dbfs,
+            ", or sounding like the state `off`" if off_like is not None else "",
         )  # fmt: skip
     return per_file, (total - dropped) / max(total, 1)
+
+
+def _nearest(levels: np.ndarray, features: np.ndarray) -> int:
+    """The state whose band levels lie nearest the window's, as the device names it."""
+    return int(np.argmin(np.linalg.norm(levels - features.mean(axis=0), axis=1)))
 
 
 def _file_channel(path: Path, channel: int) -> int:
