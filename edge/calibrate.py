@@ -117,7 +117,7 @@ def _off_state_levels(bundle: Bundle, shift: float | None) -> tuple[np.ndarray, 
     """A bundle trained with a state folder `off`: its states' band levels as heard here (moved
     with the machine's level) and the index of `off`; None without one."""
     trained = bundle.manifest.machine
-    if trained is None or OFF not in trained.states or STATE_LEVELS not in bundle.arrays:
+    if trained is None or OFF not in (trained.states or []) or STATE_LEVELS not in bundle.arrays:
         return None
     levels = bundle.arrays[STATE_LEVELS] + (shift or 0.0)
     return levels, trained.states.index(OFF)
