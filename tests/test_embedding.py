@@ -23,6 +23,7 @@ from train.embedding import (
     CORPUS_FILE,
     TEMPORAL_KERNELS,
     augment_window,
+    corpus_machines_heard,
     fill_edge,
     load_corpus,
     read_own,
@@ -158,7 +159,10 @@ def test_bundle_holds_a_small_int8_network_and_its_head(bundle: Path) -> None:
     assert dim == b.features.n_mels * len(TEMPORAL_KERNELS)  # each band's log energy per filter
     assert b.array("statistics.precision").shape == (dim, dim)
     assert m.validation is not None and m.validation["states"] == list(STATES)
-    assert "fan_id00" in m.validation["corpus_machines"]
+    # the fixture fan's recordings are clips of the corpus's fan id_00: it is left out, and
+    # the other machines are there to be told apart from
+    corpus = m.validation["corpus_machines"]
+    assert "fan_id00" not in corpus and {"pump_id00", "valve_id00"} <= set(corpus)
     assert m.threshold.value > max(0.0, m.normal_scores.p50)
     assert m.training.refit_on_all(), "its head is refitted on the held-out audio too: said"
     # One window at a time (the daemon) and a stack (evaluate) give the same scores, and both
@@ -402,3 +406,15 @@ def test_state_folders_skip_hidden_folders_and_name_loose_recordings(
     assert list(state_folders(root)) == ["low", "off"]
     said = [r.getMessage() for r in caplog.records]
     assert any("1 audio file(s) directly in it are not in a state's folder" in m for m in said)
+
+
+def test_a_corpus_machine_whose_clips_are_the_user_s_recordings_is_left_out() -> None:
+    """Someone trying SoundSentry on MIMII files (the fixture fan is MIMII fan id_00, which
+    the corpus holds): the network was asked to tell the machine apart from itself."""
+    params = FeatureParams()
+    corpus = load_corpus(params)
+    own = read_own({"normal": list(NORMAL_FILES)}, params, 0)
+    assert corpus_machines_heard(own, corpus, params) == ["fan_id00"]
+    for a in own.audio:  # the same fan a few milliseconds later is no clip of the corpus
+        a[:] = np.roll(a, 100)
+    assert corpus_machines_heard(own, corpus, params) == []

@@ -167,6 +167,29 @@ def load_corpus(
     )
 
 
+SAME_CLIP_DB = 0.1
+"""Mean absolute difference (dB) of the first frames below which a recording is a corpus
+clip (the same clip re-encoded, as FLAC or 16-bit, differs by 0.01)."""
+SAME_CLIP_FRAMES = 16
+
+
+def corpus_machines_heard(own: OwnAudio, corpus: Corpus, params: FeatureParams) -> list[str]:
+    """The corpus machines one of whose clips is among the user's recordings (someone trying
+    SoundSentry on MIMII or DCASE files): trained against itself as another machine, the
+    network is asked to tell identical windows apart."""
+    logmel = LogMel(params)
+    span = params.n_fft + (SAME_CLIP_FRAMES - 1) * params.hop_length
+    heads = [logmel(a[:span]) for a in own.audio if len(a) >= span]
+    found = set()
+    for seq, machine in zip(corpus.sequences, corpus.machines, strict=True):
+        if machine in found or len(seq) < SAME_CLIP_FRAMES:
+            continue
+        first = seq[:SAME_CLIP_FRAMES]
+        if any(np.mean(np.abs(h - first)) < SAME_CLIP_DB for h in heads):
+            found.add(machine)
+    return sorted(found)
+
+
 # --- the user's audio --------------------------------------------------------------------------
 
 
@@ -644,6 +667,10 @@ def fit_embedding(
     own = read_own(groups, params, channel, all_channels)
     own.named = bool(states)
     corpus = load_corpus(params, exclude, corpus_path)
+    mine = corpus_machines_heard(own, corpus, params)
+    if mine:  # a machine cannot be told apart from itself
+        log.info("corpus: %s left out: the recordings are of it", ", ".join(mine))
+        corpus = load_corpus(params, [*exclude, *mine], corpus_path)
     log.info(
         "corpus: %d clips of %d machines (%s)",
         len(corpus.machines),
