@@ -316,6 +316,11 @@ def test_state_folders_are_checked_before_anything_is_trained(
         state_folders(states({"tiny": [short], "off": list(NORMAL_FILES)}), 16000)
     groups = state_folders(states({"full": list(NORMAL_FILES[:2]), "Off": [NORMAL_FILES[2]]}))
     assert list(groups) == ["full", "off"]  # the machine-off state, whatever its case
+    # a recording copied into two states: held out in one, it was fitted in the other
+    copied = states({"fast": list(NORMAL_FILES[:3]), "slow": list(NORMAL_FILES[2:])})
+    assert state_folders(copied)["slow"] == [copied / "slow" / NORMAL_FILES[3].name]
+    with pytest.raises(AudioError, match="every recording of the state 'slow' is a copy"):
+        state_folders(states({"fast": list(NORMAL_FILES[:3]), "slow": [NORMAL_FILES[2]]}))
     with pytest.raises(AudioError, match="a second folder for the state 'off'"):
         state_folders(states({"full": list(NORMAL_FILES[:2]), "OFF": [short], "off": [short]}))
     root = states({"full": list(NORMAL_FILES[:2]), "slow": [NORMAL_FILES[2]], "fast": []})

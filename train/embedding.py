@@ -293,9 +293,17 @@ def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, 
         if not files:
             log.warning("%s holds no audio: it is not a state", folder)
             continue
-        groups[name] = without_copies(files)
+        groups[name] = files
     if not groups:
         raise AudioError(f"{root}: no subfolder with audio (one subfolder per state)")
+    # across states too: a copy in a second state's folder was fitted while the same recording
+    # was held out in the first, and the threshold was set on audio the model had seen
+    kept = set(without_copies([f for files in groups.values() for f in files]))
+    groups = {name: [f for f in files if f in kept] for name, files in groups.items()}
+    for name, files in groups.items():
+        if not files:
+            raise AudioError(f"{root}: every recording of the state {name!r} is a copy of one in "
+                             "another state")  # fmt: skip
     seconds = {k: audio_seconds(v, samplerate=samplerate) for k, v in groups.items()}
     running = {k: v for k, v in seconds.items() if k != OFF}
     if not running:
