@@ -70,7 +70,10 @@ class TfliteModel:
                 self._interp = cls(model_content=content, num_threads=num_threads)
                 self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"{name}: not a loadable TFLite model ({_first_line(exc)})") from None
+            said = _first_line(exc)
+            if "Didn't find op" in said and "tflite_runtime" in runtime_name():  # stops at 2.14
+                said += "; tflite-runtime lacks operations this model uses: install ai-edge-litert"
+            raise BundleError(f"{name}: not a loadable TFLite model ({said})") from None
         self._in = self._interp.get_input_details()[0]
         self._out = self._interp.get_output_details()[0]
         self.input_shape = tuple(int(d) for d in self._in["shape"])

@@ -505,3 +505,22 @@ def test_a_rename_is_synced_into_its_folder(
     assert tmp_path.stat().st_ino in synced, "the folder that holds the swapped bundle"
     assert (tmp_path / "b.bundle").stat().st_ino in synced
     assert load_bundle(tmp_path / "b.bundle").model_id == bundle.model_id
+
+
+def test_a_model_the_old_tflite_runtime_cannot_run_says_to_install_litert(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tflite-runtime (the fallback; it stops at 2.14) lacks the int8 LOG of the embedding
+    network: its own words alone did not say what to do. Its error is scripted here, since it
+    cannot be installed beside this numpy."""
+    import edge.runtime as runtime
+
+    class OldInterpreter:
+        __module__ = "tflite_runtime.interpreter"
+
+        def __init__(self, **_: object) -> None:
+            raise RuntimeError("Didn't find op for builtin opcode 'LOG' version '2'.\nmore")
+
+    monkeypatch.setattr(runtime, "_interpreter_class", lambda: OldInterpreter)
+    with pytest.raises(BundleError, match=r"'LOG' version '2'.*install ai-edge-litert"):
+        runtime.TfliteModel(b"model", name="model_int8.tflite")
