@@ -375,8 +375,9 @@ def select_default(figures: dict[str, dict[str, dict]]) -> dict:
     worst = {k: min(figures[k][t]["merit"] for t in types) for k in kinds}
     order = sorted(kinds, key=lambda k: (-firsts[k], -worst[k]))
     chosen, skipped = None, []
+    base = figures.get("baseline", {})
+    unchecked = [t for t in types if t not in base]  # --no-baseline: rule 2 cannot be applied
     for k in order:
-        base = figures.get("baseline", {})
         short = [  # rule 2 as written: the candidate's merit against the baseline's AUC mean
             t
             for t in types
@@ -394,6 +395,7 @@ def select_default(figures: dict[str, dict[str, dict]]) -> dict:
         "first_places": dict(firsts),
         "worst_type_merit": worst,
         "skipped": skipped,
+        "rule_2_not_applied_on": unchecked,
         "default": chosen,
     }
 
@@ -452,7 +454,13 @@ def markdown(res: dict) -> str:
     lines += [
         "Selection (bench/SELECTION.md): first places when each type is left out: "
         + ", ".join(f"{k} {v}" for k, v in sel["first_places"].items())
-        + f"; default: **{sel['default']}**.",
+        + f"; default: **{sel['default']}**"
+        + (
+            f" (rule 2 not applied on {', '.join(sel['rule_2_not_applied_on'])}: no baseline in "
+            "this run)."
+            if sel.get("rule_2_not_applied_on")
+            else "."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
