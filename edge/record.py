@@ -113,13 +113,13 @@ def _record(
     samplerate: int,
     err: TextIO,
 ) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     source = MicSource(
         settings.audio,
         samplerate,
         settings.health.stall_seconds,
         settings.health.reopen_max_seconds,
     )
+    out.mkdir(parents=True, exist_ok=True)  # after the device is found: a typo leaves no folder
     health = AudioHealth(samplerate, settings.health.fault_seconds, settings.health.clip_fraction)
     total = int(seconds * samplerate)
     per_chunk = int(chunk_seconds * samplerate)

@@ -272,7 +272,10 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--normal", nargs="+", metavar="PATH")
     p.add_argument("--anomalous", nargs="+", metavar="PATH")
     p.add_argument(
-        "--classes", type=Path, metavar="DIR", help="classifier bundles: one subfolder per class"
+        "--classes",
+        type=Path,
+        metavar="DIR",
+        help="labelled recordings, one subfolder per class (to check a classifier bundle)",
     )
     p.add_argument(
         "--segment",

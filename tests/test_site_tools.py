@@ -702,3 +702,12 @@ def test_record_refuses_lengths_that_make_no_usable_file(
     proc = cli("record", "--out", str(tmp_path / "rec"), *args, check=False)
     assert proc.returncode == 1 and said in proc.stderr, proc.stderr
     assert not (tmp_path / "rec").exists() or not list((tmp_path / "rec").iterdir())
+
+
+def test_record_with_a_device_that_matches_nothing_leaves_no_folder(tmp_path: Path) -> None:
+    """A typo in --device was one clear line, but left an empty folder behind."""
+    out = tmp_path / "pump-normal"
+    proc = cli("record", "--seconds", "10", "--out", str(out), "--device", "no-such-mic-7",
+               check=False)  # fmt: skip
+    assert proc.returncode == 1 and "no-such-mic-7" in proc.stderr, proc.stderr
+    assert not out.exists()

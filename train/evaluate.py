@@ -194,9 +194,9 @@ def evaluate(
     if (labels == 0).sum() < 1 / MAX_FPR:
         log.warning(
             "only %d normal item(s): the pAUC up to a false-positive rate of %g rests on none "
-            "(it needs %d or more) and the AUC on few; score more normal audio, or use "
-            "--segment to score it in parts",
+            "(it needs %d or more) and the AUC on few; score more normal audio%s",
             (labels == 0).sum(), MAX_FPR, math.ceil(1 / MAX_FPR),
+            ", or use --segment to score it in parts" if segment is None else "",
         )  # fmt: skip
     threshold = bundle.threshold
     return Report(
