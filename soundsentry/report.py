@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,8 @@ import numpy as np
 from edge.audio_io import find_audio, read_audio
 from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
 from edge.errors import AudioError, SoundSentryError, install_extra
-from edge.features import FeatureParams, LogMel, mel_band_edges, windows_of
-from edge.scoring import Scorer
-from train.evaluate import Report, classification, evaluate, write_json
+from edge.features import FeatureParams, LogMel, mel_band_edges
+from train.evaluate import Report, classification, device_events, evaluate, write_json
 from train.metrics import roc_curve
 
 FIG_DPI = 110
@@ -119,16 +119,23 @@ def write_full_report(
     """`evaluate --report DIR`: int8 and float side by side, plus a score timeline of
     `timeline_file` (default: the first anomalous file)."""
     reports = [report]
-    bundle = load_bundle(model)
+    variant = "int8" if report.variant == "numpy" else report.variant
+    bundle = load_bundle(model, variant=variant)
     other = "float" if report.variant == "int8" else "int8"
     if report.variant != "numpy" and (other == "int8" or MODEL_FLOAT in bundle.manifest.files):
-        reports.append(evaluate(model, list(normal), list(anomalous), segment, other, channel))
+        logging.disable(logging.WARNING)  # the same files' warnings were said the first time
+        try:
+            reports.append(evaluate(model, list(normal), list(anomalous), segment, other, channel))
+        finally:
+            logging.disable(logging.NOTSET)
     reports.sort(key=lambda r: r.variant != "int8")
     timeline_file = timeline_file or find_audio(list(anomalous))[0]
     p = bundle.features
-    windows = windows_of(read_audio(timeline_file, p.samplerate, channel), p)
-    scores = Scorer.from_bundle(bundle).score_many(windows)
-    timeline = (Path(timeline_file).name, scores, p.hop_seconds, bundle.threshold)
+    # as the device scores it: windows it judges nothing by (silence, a dropout, the machine
+    # off) are gaps, not the hundreds a dropout scores
+    scores, _, _ = device_events(read_audio(timeline_file, p.samplerate, channel), bundle)
+    name = f"{Path(timeline_file).name} ({report.variant})"
+    timeline = (name, scores, p.hop_seconds, bundle.threshold)
     return write_report(reports, Path(folder), timeline)
 
 
@@ -210,8 +217,14 @@ def _histograms(reports: list[Report], path: Path) -> Path:
         bins = np.linspace(scores.min(), max(scores.max(), r.threshold * 1.05), 40)
         ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"normal ({r.n_normal})")
         ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"anomalous ({r.n_anomalous})")
-        ax.axvline(r.threshold, color="red", linestyle="--", label=f"threshold {r.threshold:.3g}")
-        ax.set(xlabel="anomaly score", ylabel="count", title=f"{r.variant} model, {r.unit}")
+        ax.axvline(
+            r.threshold, color="red", linestyle="--", label=f"window threshold {r.threshold:.3g}"
+        )
+        ax.set(  # an item's mean may lie below the line while K of its windows pass it
+            xlabel="mean window score of each item",
+            ylabel="count",
+            title=f"{r.variant} model, {r.unit}",
+        )
         ax.legend(fontsize=8)
     return _save(plt, fig, path)
 
@@ -232,7 +245,7 @@ def _timeline(name: str, scores: np.ndarray, hop_s: float, threshold: float, pat
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3))
     t = np.arange(len(scores)) * hop_s
-    ax.plot(t, scores, marker=".", label="window score")
+    ax.plot(t, scores, marker=".", label="window score (gaps: silence, dropout, machine off)")
     ax.axhline(threshold, color="red", linestyle="--", label="threshold")
     ax.set(xlabel="time (s, window start)", ylabel="anomaly score", title=f"score timeline: {name}")
     ax.legend(fontsize=8)

@@ -409,3 +409,56 @@ def test_evaluate_scores_only_the_windows_the_device_judges(tmp_path: Path) -> N
     # the windows that straddle the lead-in's end are sound, and judged: a step up from zero
     assert led < 4 * plain, (led, plain)
     assert "left out of the scores" in proc.stderr
+
+
+def test_the_report_s_timeline_is_the_device_s_and_its_variant_s(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timeline plotted every window's raw score, a dropout's 20 times the threshold among
+    them, which the device never takes as evidence; and `--float`'s was the int8 model's."""
+    import soundsentry.report as report_module
+    from train.evaluate import device_events, evaluate
+
+    rate = load_bundle(tiny_bundle).features.samplerate
+    fault = read_audio(ANOMALOUS_FILE, rate)
+    dropout = tmp_path / "dropout.wav"
+    sf.write(dropout, np.concatenate([fault[: 2 * rate], np.zeros(rate), fault[2 * rate :]]),
+             rate, subtype="FLOAT")  # fmt: skip
+    drawn = {}
+    monkeypatch.setattr(report_module, "_timeline", lambda *a: drawn.update(args=a) or a[-1])
+    monkeypatch.setattr(
+        report_module, "write_report", lambda r, f, t: report_module._timeline(*t, f)
+    )
+    normal = [str(f) for f in NORMAL_FILES]
+    floats = evaluate(tiny_bundle, normal, [str(dropout)], variant="float")
+    report_module.write_full_report(floats, tiny_bundle, normal, [str(dropout)], tmp_path / "r")
+    name, scores, _, threshold = drawn["args"][:4]
+    assert name == "dropout.wav (float)"
+    float_bundle = load_bundle(tiny_bundle, variant="float")
+    expected, _, _ = device_events(read_audio(dropout, rate), float_bundle)
+    np.testing.assert_allclose(scores, expected)
+    assert np.isnan(scores).sum() >= 2 and threshold == float_bundle.threshold
+
+
+def test_evaluate_refuses_a_copy_given_as_both_and_counts_only_files_it_scored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy of a fault given as normal was scored on both sides (AUC 0.916, no word); a
+    silent normal file left the AUC but counted in "normal 0/N files with an event"; and a
+    bundle without file hashes could not be checked for its own training audio, silently."""
+    from edge.errors import AudioError
+    from train.evaluate import evaluate
+
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    shutil.copy(ANOMALOUS_FILE, normal / "copy.flac")
+    with pytest.raises(AudioError, match=r"is a copy of .*copy\.flac \(normal\)"):
+        evaluate(DEMO_BUNDLE, [str(normal)], [str(ANOMALOUS_FILE)])
+    (normal / "copy.flac").unlink()
+    for f in NORMAL_FILES:
+        shutil.copy(f, normal / f.name)
+    sf.write(normal / "silent.wav", np.zeros(5 * 16000, np.float32), 16000)
+    report = evaluate(DEMO_BUNDLE, [str(normal)], [str(ANOMALOUS_FILE)])
+    assert report.normal_files_with_event == f"0/{len(NORMAL_FILES)}"
+    said = [r.getMessage() for r in caplog.records]
+    assert any("records no hash of its training files" in m for m in said), said

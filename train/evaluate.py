@@ -7,6 +7,7 @@ module computes and returns numbers; printing them and drawing them is `soundsen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -101,6 +102,12 @@ def _warn_if_trained_on(
     fitted = {f.sha256: f.name for f in records if f.sha256}
     calibrated = (bundle.manifest.calibration or {}).get("files") or []  # records, as training's
     fitted |= {f["sha256"]: "" for f in calibrated if isinstance(f, dict) and f.get("sha256")}
+    if records and not any(f.sha256 for f in records):  # a bundle that kept no hashes
+        log.warning(
+            "the model's manifest records no hash of its training files: whether these "
+            "recordings were trained on cannot be checked (a model scores its own as normal)"
+        )
+        return
     for path in files:
         try:
             digest = sha256_file(path)
@@ -108,6 +115,22 @@ def _warn_if_trained_on(
             continue
         if digest in fitted:
             log.warning("%s: the model was fitted on this recording; %s", path, looks)
+
+
+def _refuse_copies_across(normal: list[Path], anomalous: list[Path]) -> None:
+    """A recording given as normal and (as a copy) anomalous: its scores count on both sides
+    and the AUC says nothing; refused, as the same path is."""
+    digests: dict[str, Path] = {}
+    for path in normal:
+        with contextlib.suppress(OSError):  # unreadable: the audio checks name it
+            digests.setdefault(sha256_file(path), path)
+    for path in anomalous:
+        try:
+            twin = digests.get(sha256_file(path))
+        except OSError:
+            continue
+        if twin is not None:
+            raise AudioError(f"{path} (anomalous) is a copy of {twin} (normal): keep it in one")
 
 
 def _refit_on_all(bundle: Bundle) -> bool:
@@ -155,6 +178,7 @@ def evaluate(
             f"{len(both)} file(s) given as both normal and anomalous: {first_few(map(str, both))}"
         )
     every = [f for files in found for f in files]
+    _refuse_copies_across(found[0], found[1])
     check_files(every, max(channel, 0), p.samplerate)
     _warn_if_trained_on(bundle, every)
     off = [0, 0]
@@ -168,8 +192,9 @@ def evaluate(
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
             unjudged += int(np.isnan(scores).sum())
-            if np.isnan(scores).all():  # said by name: it leaves the AUC
+            if np.isnan(scores).all():  # said by name: it leaves the AUC and the event counts
                 log.warning("%s: silent, flat or the machine off throughout; not scored", path)
+                continue
             for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
                 judged = scores[idx][~np.isnan(scores[idx])]
                 if len(judged):  # a segment of silence or the machine off says nothing
