@@ -25,7 +25,7 @@ from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, FrontEnd, LogMel
 from edge.framing import WindowBuffer
-from edge.health import has_dropout, is_silent, level_dbfs
+from edge.health import is_dead, is_silent, level_dbfs
 from edge.machine_state import OFF, PERCENTILES, QUIET_GAP_DB, machine_profile
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,7 @@ def _running_windows(
             samples = a[start : start + params.window_samples]
             total += 1
             if (
-                is_silent(samples)
-                or has_dropout(samples, params.hop_length)
+                is_dead(samples, params.hop_length)
                 or (off_below_dbfs is not None and level_dbfs(samples) < off_below_dbfs)
                 or (off_like is not None and _nearest(off_like[0], features) == off_like[1])
             ):

@@ -61,6 +61,12 @@ def has_dropout(samples: np.ndarray, run: int) -> bool:
     return bool(np.any(counts[run:] - counts[:-run] == run))
 
 
+def is_dead(samples: np.ndarray, dropout_run: int) -> bool:
+    """A window the device judges nothing by: digital silence, a flat line, or a dropout of
+    `dropout_run` samples or more (the features' STFT hop)."""
+    return is_silent(samples) or is_flat(samples) or has_dropout(samples, dropout_run)
+
+
 def is_silent(samples: np.ndarray) -> bool:
     """True for digital silence (a dead or muted input)."""
     return len(samples) == 0 or float(np.max(np.abs(samples))) < SILENT_PEAK

@@ -17,7 +17,7 @@ from edge.detectors.registry import plugin_for
 from edge.events import Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
-from edge.health import has_dropout, is_flat, is_silent, level_dbfs
+from edge.health import is_dead, level_dbfs
 from edge.machine_state import OFF, RUNNING, MachineState, StateNamer
 from edge.settings import DetectorSettings
 
@@ -103,8 +103,7 @@ class Pipeline:
             elapsed = time.perf_counter() - t0
             start_s = window.start / self._rate
             end_s = start_s + self._length_s
-            samples = window.samples
-            dead = is_silent(samples) or is_flat(samples) or has_dropout(samples, self._dropout)
+            dead = is_dead(window.samples, self._dropout)
             level = level_dbfs(window.samples)
             if dead:  # a dead or unplugged microphone says nothing of the machine: no `off`
                 self.machine.heard_nothing(end_s)

@@ -292,3 +292,29 @@ def test_calibrating_a_machine_that_idles_most_of_the_time_keeps_idle_running(
     assert machine is not None and machine.off_below_dbfs is not None
     assert machine.off_below_dbfs < -52, "idle (-48 dBFS) is running"
     assert "the calibration leaves them out" not in proc.stderr, proc.stderr
+
+
+def test_a_dropout_in_the_training_audio_is_left_out_as_the_device_leaves_it(
+    tmp_path: Path,
+) -> None:
+    """The device never scores a window holding a dropout, but training fitted and set the
+    threshold on them: a second of zeros in one held-out stretch lifted the threshold
+    twentyfold, and no fault could pass it (a review's reproduction)."""
+    from train.fluctuation import train_fluctuation
+
+    clean, glitched = tmp_path / "clean", tmp_path / "glitched"
+    clean.mkdir()
+    glitched.mkdir()
+    fan = np.concatenate([read_audio(f, 16000) for f in NORMAL_FILES])
+    for i in range(10):  # ten 10-s recordings: numbers 4 and 9 are held out whole
+        audio = np.roll(fan, i * 16000 // 3)[: 10 * 16000]
+        sf.write(clean / f"{i}.wav", audio, 16000, subtype="FLOAT")
+        if i == 4:
+            audio = audio.copy()
+            audio[5 * 16000 : 6 * 16000] = 0.0
+        sf.write(glitched / f"{i}.wav", audio, 16000, subtype="FLOAT")
+    thresholds = [
+        load_bundle(train_fluctuation([str(d)], tmp_path / f"{d.name}.bundle")).threshold
+        for d in (clean, glitched)
+    ]
+    assert thresholds[1] == pytest.approx(thresholds[0], rel=0.25), thresholds

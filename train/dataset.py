@@ -230,8 +230,8 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
         audio = read_audio(path, params.samplerate, channel, need_sound=True)
         audios.append(audio)
         fit_part, held_part = holdout.parts(path, audio, params.window_samples)
-        train.append(windows_of(fit_part, dense))
-        hold.append(windows_of(held_part, params))
+        train.append(windows_of(fit_part, dense, heard=True))  # as the device: no dropouts
+        hold.append(windows_of(held_part, params, heard=True))
         train_s += len(fit_part) / params.samplerate
         hold_s += len(held_part) / params.samplerate
     split = Split(

@@ -164,9 +164,10 @@ def collect(
             if view == 0:  # the seconds of the recording, not of its channels
                 seconds += len(audio) / params.samplerate
                 hold_seconds += len(held_audio) / params.samplerate
-            fit_part.append(featurize(windows_of(fit_audio, dense)))
-            hold_part.append(featurize(windows_of(held_audio, params)))
-            all_part.append(featurize(windows_of(audio, dense)))
+            # only what the device scores: it never hears a dropout or silence as the machine
+            fit_part.append(featurize(windows_of(fit_audio, dense, heard=True)))
+            hold_part.append(featurize(windows_of(held_audio, params, heard=True)))
+            all_part.append(featurize(windows_of(audio, dense, heard=True)))
     empty = featurize(np.zeros((0, *params.shape)))
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
