@@ -139,3 +139,17 @@ def test_a_threshold_is_not_set_on_two_windows(tmp_path: Path) -> None:
         sf.write(files[-1], 0.05 * rng.standard_normal(5 * RATE), RATE)
     with pytest.raises(AudioError, match=r"2 window\(s\), 3 needed.* at least 10 s each"):
         load_split(files, FeatureParams())
+
+
+def test_a_long_recording_among_short_ones_is_not_held_out_whole(tmp_path: Path) -> None:
+    """Four 10-s clips and a 20-min recording: the long one was held out whole and the model
+    fitted on 40 s; no fault passed its threshold. Files of a like length still go whole."""
+    rng = np.random.default_rng(0)
+    for i, seconds in enumerate((10, 10, 10, 10, 300)):
+        sf.write(tmp_path / f"rec-{i}.wav", rng.standard_normal(seconds * RATE) * 0.1, RATE)
+    files = sorted(tmp_path.glob("*.wav"))
+    uneven = holdout_split(files)
+    assert uneven.in_time and uneven.held == [] and uneven.fit == files
+    (tmp_path / "rec-4.wav").unlink()
+    sf.write(tmp_path / "rec-4.wav", rng.standard_normal(10 * RATE) * 0.1, RATE)
+    assert holdout_split(files).held == [files[4]]
