@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,15 @@ def require_audio(seconds: float, what: str) -> None:
 
 
 def advice(
-    seconds: float, recordings: int, params: Mapping[str, Any], what: str = "normal audio"
+    seconds: float,
+    recordings: int,
+    params: Mapping[str, Any],
+    what: str = "normal audio",
+    sessions: int | None = None,
 ) -> list[str]:
     """Advice lines on audio that is too short or too uniform to trust the threshold; `seconds`
-    of `what` are those that back it."""
+    of `what` are those that back it; `sessions`: how many sittings of `record` (or other
+    recordings) the recordings come from, when known."""
     lines = []
     if seconds < RECOMMENDED_AUDIO_SECONDS:
         more = math.ceil(RECOMMENDED_AUDIO_SECONDS - seconds)
@@ -73,9 +79,10 @@ def advice(
             f"warning: only {seconds:.0f} s of {what}; {RECOMMENDED_AUDIO_SECONDS:g} s or "
             f"more is recommended: record {more} s more, in every state the machine runs in"
         )
-    if recordings == 1:
+    if recordings == 1 or sessions == 1:
+        one = "one recording" if recordings == 1 else f"one session ({recordings} files)"
         lines.append(
-            "advice: all the audio is one recording; record at other times too (another "
+            f"advice: all the audio is {one}; record at other times too (another "
             "day, shift or load), or a threshold from one session may not hold for months"
         )
     low, high = params.get("predicted_interval_per_day", (0.0, 0.0))
@@ -98,6 +105,7 @@ def summary(
     off_recordings: int = 0,
     refit_all: bool = False,
     calibrated: bool = False,
+    sessions: int | None = None,
 ) -> str:
     """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines;
     `refit_all`: the shipped model was refitted on all the audio once the threshold was set
@@ -127,8 +135,22 @@ def summary(
         running = recordings - off_recordings
         lines += advice(total - off_seconds, running, params, "the machine running")
     else:
-        lines += advice(total, recordings, params)
+        lines += advice(total, recordings, params, sessions=sessions)
     return "\n".join(lines)
+
+
+RECORD_CHUNK = re.compile(r"(\d{8}T\d{6})-\d{4}\.wav")
+"""The name `record` gives its files: the session's start, then the chunk's number."""
+
+
+def sessions_of(names: Iterable[str]) -> int:
+    """How many sittings the recordings come from: `record`'s chunks of one start count once
+    (ten minutes as ten 60-s files is one session, not ten), any other file as its own."""
+    seen = set()
+    for name in names:
+        match = RECORD_CHUNK.fullmatch(Path(name).name)
+        seen.add(match.group(1) if match else name)
+    return len(seen)
 
 
 def bundle_summary(manifest: Any) -> str:
@@ -154,7 +176,10 @@ def bundle_summary(manifest: Any) -> str:
     fitted = t.seconds - held if t.fitted_seconds is None else t.fitted_seconds
     seconds = (t.seconds, fitted, held)
     refit_all = held > 0 and t.refit_on_all()
-    text = summary(seconds, len(names), th.value, th.params, "", off_s, off_n, refit_all)
+    sittings = sessions_of(f.name for f in [*t.files, *t.holdout_files])
+    text = summary(
+        seconds, len(names), th.value, th.params, "", off_s, off_n, refit_all, sessions=sittings
+    )
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]
         note = (

@@ -462,3 +462,16 @@ def test_evaluate_refuses_a_copy_given_as_both_and_counts_only_files_it_scored(
     assert report.normal_files_with_event == f"0/{len(NORMAL_FILES)}"
     said = [r.getMessage() for r in caplog.records]
     assert any("records no hash of its training files" in m for m in said), said
+
+
+def test_the_one_session_advice_counts_record_s_chunks_as_one_session() -> None:
+    """Ten minutes recorded by `record` are ten 60-s files of one sitting: the advice to record
+    at other times too was given for one file of ten minutes, never for them."""
+    from edge.advice import advice, sessions_of
+
+    chunks = [f"/site/pump/20261203T081500-{i:04d}.wav" for i in range(10)]
+    assert sessions_of(chunks) == 1
+    assert sessions_of([*chunks, "/site/pump/20261204T090000-0000.wav", "night.wav"]) == 3
+    said = advice(600.0, 10, {}, sessions=sessions_of(chunks))
+    assert any(x.startswith("advice: all the audio is one session (10 files)") for x in said)
+    assert not any("one session" in x for x in advice(600.0, 10, {}, sessions=2))
