@@ -462,6 +462,10 @@ def test_evaluate_refuses_a_copy_given_as_both_and_counts_only_files_it_scored(
     assert report.normal_files_with_event == f"0/{len(NORMAL_FILES)}"
     said = [r.getMessage() for r in caplog.records]
     assert any("records no hash of its training files" in m for m in said), said
+    sf.write(normal / "short.wav", read_audio(NORMAL_FILES[0], 16000)[: 2 * 16000], 16000)
+    evaluate(DEMO_BUNDLE, [str(normal)], [str(ANOMALOUS_FILE)], segment=3.0)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("short.wav: no whole 3-s segment" in m for m in said), said
 
 
 def test_the_one_session_advice_counts_record_s_chunks_as_one_session() -> None:
