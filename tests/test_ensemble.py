@@ -254,3 +254,21 @@ def test_an_ensemble_warns_of_a_copied_recording_once(tmp_path: Path) -> None:
     proc = cli("train", "--detector", "ensemble", "--normal", str(folder),
                "--out", str(tmp_path / "e.bundle"))  # fmt: skip
     assert proc.stderr.count("z-copy.flac is a copy of") == 1, proc.stderr
+
+
+def test_a_dropout_in_the_held_out_audio_leaves_the_members_in_step(tmp_path: Path) -> None:
+    """Every trainer leaves out the windows the device never scores; the ensemble's own
+    held-out windows must too, or its members' held-out scores no longer line up."""
+    import soundfile as sf
+
+    from edge.audio_io import read_audio
+    from train.ensemble import train_ensemble
+
+    fan = np.concatenate([read_audio(f, 16000) for f in NORMAL_FILES])
+    for i in range(5):  # five 10-s recordings: the last is held out whole
+        audio = np.roll(fan, i * 16000 // 3)[: 10 * 16000].copy()
+        if i == 4:
+            audio[5 * 16000 : 6 * 16000] = 0.0
+        sf.write(tmp_path / f"{i}.wav", audio, 16000, subtype="FLOAT")
+    out = train_ensemble([str(tmp_path)], tmp_path / "e.bundle")
+    assert load_bundle(out).threshold < 10, "the dropout's windows set no threshold"

@@ -355,8 +355,10 @@ def read_own(
             fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
             own.train_frames.append((label, frames_of(fit_audio, logmel)))
             own.held_frames.append((label, frames_of(held_audio, logmel)))
-            own.fit_windows.append(windows_of(fit_audio, dense))
-            own.held_windows.append(windows_of(held_audio, params))
+            # the windows the device scores, as every trainer takes them (and the ensemble
+            # lines its members' held-out scores up window by window)
+            own.fit_windows.append(windows_of(fit_audio, dense, heard=True))
+            own.held_windows.append(windows_of(held_audio, params, heard=True))
             own.view_seconds += len(fit_audio) / params.samplerate
             if view == 0:  # the seconds of the recording, not of its channels
                 own.state_seconds[state] = (

@@ -192,5 +192,5 @@ def held_windows(run: Run, normal: list[str | Path]) -> np.ndarray:
         views = run.channel == ALL_CHANNELS
         for audio in channel_views(path, run.params, 0 if views else run.channel, views):
             _, held = run.holdout.parts(path, audio, run.params.window_samples)
-            parts.append(windows_of(held, run.params))
+            parts.append(windows_of(held, run.params, heard=True))  # as every member's
     return np.concatenate(parts) if parts else np.zeros((0, *run.params.shape))
