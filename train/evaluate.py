@@ -192,15 +192,16 @@ def evaluate(
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
             unjudged += int(np.isnan(scores).sum())
-            if np.isnan(scores).all():  # said by name: it leaves the AUC and the event counts
+            if np.isnan(scores).all():  # said by name: it leaves the AUC (the device raises
+                # nothing on it, which the event counts keep, as they count what it reports)
                 log.warning("%s: silent, flat or the machine off throughout; not scored", path)
-                continue
             before = len(items)
             for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
                 judged = scores[idx][~np.isnan(scores[idx])]
                 if len(judged):  # a segment of silence or the machine off says nothing
                     items.append(Scored(str(path), seg, label, float(judged.mean())))
-            if len(items) == before:  # its windows were heard, but no segment holds them whole
+            if len(items) == before and segment and not np.isnan(scores).all():  # heard, but
+                # no segment holds its scored windows whole
                 log.warning(
                     "%s: no whole %g-s segment of audio the device scores (shorter than "
                     "--segment?); not in the AUC", path, segment,
