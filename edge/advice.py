@@ -143,13 +143,14 @@ RECORD_CHUNK = re.compile(r"(\d{8}T\d{6})-\d{4}\.wav")
 """The name `record` gives its files: the session's start, then the chunk's number."""
 
 
-def sessions_of(names: Iterable[str]) -> int:
-    """How many sittings the recordings come from: `record`'s chunks of one start count once
-    (ten minutes as ten 60-s files is one session, not ten), any other file as its own."""
+def sessions_of(files: Iterable[tuple[str, str | None]]) -> int:
+    """How many sittings the recordings (name, sha256 or None) come from: `record`'s chunks of
+    one start count once (ten minutes as ten 60-s files is one session, not ten), any other
+    file as its own, by its content (two state folders may each hold a `take1.wav`)."""
     seen = set()
-    for name in names:
+    for name, digest in files:
         match = RECORD_CHUNK.fullmatch(Path(name).name)
-        seen.add(match.group(1) if match else name)
+        seen.add(match.group(1) if match else digest or name)
     return len(seen)
 
 
@@ -176,7 +177,7 @@ def bundle_summary(manifest: Any) -> str:
     fitted = t.seconds - held if t.fitted_seconds is None else t.fitted_seconds
     seconds = (t.seconds, fitted, held)
     refit_all = held > 0 and t.refit_on_all()
-    sittings = sessions_of(f.name for f in [*t.files, *t.holdout_files])
+    sittings = sessions_of((f.name, f.sha256) for f in [*t.files, *t.holdout_files])
     text = summary(
         seconds, len(names), th.value, th.params, "", off_s, off_n, refit_all, sessions=sittings
     )

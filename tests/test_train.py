@@ -474,9 +474,10 @@ def test_the_one_session_advice_counts_record_s_chunks_as_one_session() -> None:
     at other times too was given for one file of ten minutes, never for them."""
     from edge.advice import advice, sessions_of
 
-    chunks = [f"/site/pump/20261203T081500-{i:04d}.wav" for i in range(10)]
+    chunks = [(f"/site/pump/20261203T081500-{i:04d}.wav", None) for i in range(10)]
     assert sessions_of(chunks) == 1
-    assert sessions_of([*chunks, "/site/pump/20261204T090000-0000.wav", "night.wav"]) == 3
+    assert sessions_of([*chunks, ("/site/pump/20261204T090000-0000.wav", None), ("a", None)]) == 3
+    assert sessions_of([("take1.wav", "ab"), ("take1.wav", "cd")]) == 2, "two states, by content"
     said = advice(600.0, 10, {}, sessions=sessions_of(chunks))
     assert any(x.startswith("advice: all the audio is one session (10 files)") for x in said)
     assert not any("one session" in x for x in advice(600.0, 10, {}, sessions=2))

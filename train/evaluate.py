@@ -102,7 +102,7 @@ def _warn_if_trained_on(
     fitted = {f.sha256: f.name for f in records if f.sha256}
     calibrated = (bundle.manifest.calibration or {}).get("files") or []  # records, as training's
     fitted |= {f["sha256"]: "" for f in calibrated if isinstance(f, dict) and f.get("sha256")}
-    if records and not any(f.sha256 for f in records):  # a bundle that kept no hashes
+    if not fitted:  # a bundle that kept no hashes
         log.warning(
             "the model's manifest records no hash of its training files: whether these "
             "recordings were trained on cannot be checked (a model scores its own as normal)"
@@ -251,10 +251,10 @@ def evaluate(
 
 def device_events(audio: np.ndarray, bundle: Bundle) -> tuple[np.ndarray, bool, int]:
     """One file's audio streamed on its own through the daemon's pipeline: its window scores
-    (NaN for the windows the device judges nothing by: silent or flat, or the machine off),
-    whether it raises an event, and how many of its windows were the machine off. The pipeline
-    is the device's own gating: windows below the machine-off level and silent or flat ones are
-    no evidence, events wait out the run-up after a start, then K-of-N and CUSUM at the
+    (NaN for the windows the device judges nothing by: silent, flat or holding a dropout, or
+    the machine off), whether it raises an event, and how many of its windows were the machine
+    off. The pipeline is the device's own gating: windows below the machine-off level and dead
+    ones are no evidence, events wait out the run-up after a start, then K-of-N and CUSUM at the
     bundle's calibration."""
     pipeline = Pipeline(bundle)
     steps = pipeline.push(audio)
