@@ -25,7 +25,7 @@ from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, FrontEnd, LogMel
 from edge.framing import WindowBuffer
-from edge.health import is_dead, is_silent, level_dbfs
+from edge.health import is_dead, level_dbfs
 from edge.machine_state import OFF, PERCENTILES, QUIET_GAP_DB, machine_profile
 
 log = logging.getLogger(__name__)
@@ -193,12 +193,12 @@ def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, float 
 
 
 def _window_levels(audio: list[np.ndarray], p: FeatureParams) -> np.ndarray:
-    """The level (dBFS) of every window of the recordings that is not digital silence, sorted."""
+    """The level (dBFS) of every window of the recordings the device scores, sorted."""
     return np.sort([
         level_dbfs(w.samples)
         for a in audio
         for w in WindowBuffer(p.window_samples, p.hop_samples).push(a)
-        if not is_silent(w.samples)
+        if not is_dead(w.samples, p.hop_length)
     ])  # fmt: skip
 
 
@@ -302,7 +302,7 @@ def _state_shift(bundle: Bundle, audio: list[np.ndarray]) -> float | None:
     gains = []
     for a in audio:
         for w in WindowBuffer(p.window_samples, p.hop_samples).push(a):
-            if is_silent(w.samples):
+            if is_dead(w.samples, p.hop_length):
                 continue
             apart = logmel(w.samples).mean(axis=0)[None, :] - levels
             gain = apart.mean(axis=1)

@@ -17,7 +17,7 @@ import numpy as np
 
 from edge.features import FeatureParams
 from edge.framing import WindowBuffer
-from edge.health import is_silent, level_dbfs
+from edge.health import is_dead, level_dbfs
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def machine_profile(
     levels, group_of, silent = [], [], 0
     for n, a in enumerate(audio):
         for w in WindowBuffer(params.window_samples, params.hop_samples).push(a):
-            if is_silent(w.samples):
+            if is_dead(w.samples, params.hop_length):  # as the device: no level of it
                 silent += 1
             else:
                 levels.append(level_dbfs(w.samples))

@@ -53,7 +53,7 @@ def split_windows(
             audio = read_audio(path, params.samplerate, channel)
             train_part, val_part = holdout.parts(path, audio, params.window_samples)
             for part, xs, ys, p in ((train_part, xt, yt, dense), (val_part, xv, yv, params)):
-                w = windows_of(part, p)
+                w = windows_of(part, p, heard=True)  # as the device hears them
                 xs.append(w)
                 ys.append(np.full(len(w), label))
     yt_all, yv_all = np.concatenate(yt), np.concatenate(yv)

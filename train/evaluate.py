@@ -297,9 +297,9 @@ def classify_items(
         if name not in labels:
             raise AudioError(f"class folder {name!r} is not one of the model's {labels}")
         for path in progress(files, f"scoring {name}"):
-            windows = windows_of(read_audio(path, p.samplerate, channel), p)
+            windows = windows_of(read_audio(path, p.samplerate, channel), p, heard=True)
             if len(windows) == 0:
-                log.warning("%s: shorter than one window; skipped", path)
+                log.warning("%s: shorter than one window, or silent; skipped", path)
                 continue
             probs = np.stack([scorer.probabilities(w) for w in windows])
             groups = segment_groups(len(windows), p.window_seconds, p.hop_seconds, segment)
