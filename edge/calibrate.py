@@ -26,7 +26,7 @@ from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, FrontEnd, LogMel
 from edge.framing import WindowBuffer
 from edge.health import is_dead, level_dbfs
-from edge.machine_state import OFF, PERCENTILES, QUIET_GAP_DB, machine_profile
+from edge.machine_state import OFF, PERCENTILES, QUIET_GAP_DB, StateNamer, machine_profile
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +113,20 @@ def _windowed(
     return [files[i] for i in keep], [audio[i] for i in keep]
 
 
-def _off_state_levels(bundle: Bundle, shift: float | None) -> tuple[np.ndarray, int] | None:
-    """A bundle trained with a state folder `off`: its states' band levels as heard here (moved
-    with the machine's level) and the index of `off`; None without one."""
+def _off_state_levels(bundle: Bundle, shift: float | None) -> StateNamer | None:
+    """A bundle trained with a state folder `off`: the namer of its states with their band
+    levels as heard here (moved with the machine's level); None without one."""
     trained = bundle.manifest.machine
     if trained is None or OFF not in (trained.states or []) or STATE_LEVELS not in bundle.arrays:
         return None
-    levels = bundle.arrays[STATE_LEVELS] + (shift or 0.0)
-    return levels, trained.states.index(OFF)
+    return StateNamer(list(trained.states), bundle.arrays[STATE_LEVELS] + (shift or 0.0))
 
 
 def _running_windows(
     audio: list[np.ndarray],
     params: FeatureParams,
     off_below_dbfs: float | None,
-    off_like: tuple[np.ndarray, int] | None = None,
+    off_like: StateNamer | None = None,
 ) -> tuple[list[np.ndarray], float]:
     """Each recording's window features without those the device would not score: silence or
     a dropout, the machine off (below the site's off level), and windows nearest the state
@@ -144,7 +143,7 @@ def _running_windows(
             if (
                 is_dead(samples, params.hop_length)
                 or (off_below_dbfs is not None and level_dbfs(samples) < off_below_dbfs)
-                or (off_like is not None and _nearest(off_like[0], features) == off_like[1])
+                or (off_like is not None and off_like.nearest(features.mean(axis=0)) == OFF)
             ):
                 dropped += 1
             else:
@@ -157,11 +156,6 @@ def _running_windows(
             ", or sounding like the state `off`" if off_like is not None else "",
         )  # fmt: skip
     return per_file, (total - dropped) / max(total, 1)
-
-
-def _nearest(levels: np.ndarray, features: np.ndarray) -> int:
-    """The state whose band levels lie nearest the window's, as the device names it."""
-    return int(np.argmin(np.linalg.norm(levels - features.mean(axis=0), axis=1)))
 
 
 def _file_channel(path: Path, channel: int) -> int:

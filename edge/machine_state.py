@@ -211,8 +211,7 @@ class StateNamer:
         """Feed one running window's band levels (mels,); return the state named: the first
         window's after a reset, then another only once it holds SWITCH_VOTES of the last
         STATE_WINDOWS votes (all of them while fewer have been cast)."""
-        distance = np.linalg.norm(self.levels - band_levels, axis=1)
-        self.heard = self.names[int(np.argmin(distance))]
+        self.heard = self.nearest(band_levels)
         self._recent.append(self.heard)
         leader, votes = Counter(self._recent).most_common(1)[0]
         if self.current is None or (
@@ -220,6 +219,10 @@ class StateNamer:
         ):
             self.current = leader
         return self.current
+
+    def nearest(self, band_levels: np.ndarray) -> str:
+        """The state whose band levels lie nearest one window's, before any vote."""
+        return self.names[int(np.argmin(np.linalg.norm(self.levels - band_levels, axis=1)))]
 
     def reset(self) -> None:
         """A new stream or a machine that stopped: forget the vote."""

@@ -126,14 +126,14 @@ def holdout_split(files: list[Path], fraction: float = HOLDOUT_FRACTION) -> Hold
     ordered = sorted(files)
     step = max(2, round(1 / fraction))
     held = []
+    seconds = {f: _seconds(f) for f in ordered}  # each file's header read once
     for end in range(step, len(ordered) + 1, step):  # one file of every `step` in sorted order
         group = ordered[end - step : end]
-        usable = [f for f in group if _seconds(f) >= MIN_HELD_SECONDS]
+        usable = [f for f in group if seconds[f] >= MIN_HELD_SECONDS]
         if usable:  # the last, unless it is too short to score (a recording's final chunk)
             held.append(usable[-1])
-    lengths = [_seconds(f) for f in ordered]
-    total = sum(lengths)
-    if math.isfinite(total) and sum(_seconds(f) for f in held) > MAX_HELD_SHARE * total:
+    total = sum(seconds.values())
+    if math.isfinite(total) and sum(seconds[f] for f in held) > MAX_HELD_SHARE * total:
         held = []  # one long recording among short ones: split every recording in time instead
     spared = set(held)
     return Holdout([f for f in ordered if f not in spared], held, fraction)
