@@ -61,6 +61,28 @@ def has_dropout(samples: np.ndarray, run: int) -> bool:
     return bool(np.any(counts[run:] - counts[:-run] == run))
 
 
+def heard_pieces(samples: np.ndarray, dropout_run: int) -> list[np.ndarray]:
+    """The stretches of a signal between its dropouts (runs of `dropout_run` or more samples of
+    digital silence), in order: what continuous frames may be computed on without a frame of
+    nothing among them. A signal without a dropout is one piece; a piece may be too short for
+    a frame (the caller's frames of it are then none)."""
+    if dropout_run <= 0 or len(samples) < dropout_run:
+        return [samples] if len(samples) else []
+    quiet = np.abs(samples) < SILENT_PEAK
+    if not quiet.any():
+        return [samples]
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], quiet.astype(np.int8), [0]))))
+    pieces, start = [], 0
+    for first, end in zip(edges[::2], edges[1::2], strict=True):  # each quiet run [first, end)
+        if end - first >= dropout_run:
+            if first > start:
+                pieces.append(samples[start:first])
+            start = end
+    if start < len(samples):
+        pieces.append(samples[start:])
+    return pieces
+
+
 def is_dead(samples: np.ndarray, dropout_run: int) -> bool:
     """A window the device judges nothing by: digital silence, a flat line, or a dropout of
     `dropout_run` samples or more (the features' STFT hop)."""

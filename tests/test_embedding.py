@@ -423,3 +423,42 @@ def test_a_corpus_machine_whose_clips_are_the_user_s_recordings_is_left_out() ->
     for a in own.audio:  # the same fan a few milliseconds later is no clip of the corpus
         a[:] = np.roll(a, 100)
     assert corpus_machines_heard(own, corpus, params) == []
+
+
+def test_a_dropout_leaves_no_frame_of_nothing_in_the_network_s_training_frames(
+    tmp_path: Path,
+) -> None:
+    """The CNN trains on continuous frame sequences: one second of digital zeros in a minute's
+    recording (a USB glitch) put 31 frames at the log floor among them, which the device never
+    scores; in a review they raised the mean band spread of the standardisation from 2.1 to
+    11 dB. The sequences are now cut around the dropout."""
+    from edge.health import heard_pieces
+
+    rate = 16000
+    fan = np.concatenate([read_audio(f, rate) for f in NORMAL_FILES[:3]])
+    cut = 12 * rate
+    dropped = np.concatenate([fan[:cut], np.zeros(rate, np.float32), fan[cut:]])
+    sf.write(tmp_path / "dropout.wav", dropped, rate, subtype="FLOAT")
+    sf.write(tmp_path / "clean.wav", fan, rate, subtype="FLOAT")
+    params = FeatureParams()
+
+    def train_frames(name: str) -> np.ndarray:
+        own = read_own({"s": [tmp_path / name]}, params, 0)
+        return np.concatenate([f for _, f in own.train_frames])
+
+    frames = {name: train_frames(name) for name in ("dropout.wav", "clean.wav")}
+    floor = 10 * np.log10(params.amin)
+    assert frames["dropout.wav"].min() > floor + 20, "a frame of the dropout's zeros remains"
+    # nothing heard is lost: every frame of the clean audio but those straddling the cut
+    lost = len(frames["clean.wav"]) - len(frames["dropout.wav"])
+    assert 0 <= lost <= params.n_fft // params.hop_length, lost
+    spread = {name: f.std(axis=0).mean() for name, f in frames.items()}
+    assert spread["dropout.wav"] == pytest.approx(spread["clean.wav"], rel=0.05), spread
+    # the pieces: a run of an STFT hop of zeros splits a signal, a shorter one does not
+    a, b = np.ones(100, np.float32), -np.ones(50, np.float32)
+    run = params.hop_length
+    pieces = heard_pieces(np.concatenate([a, np.zeros(run, np.float32), b]), run)
+    assert [len(p) for p in pieces] == [100, 50]
+    assert len(heard_pieces(np.concatenate([a, np.zeros(run - 1, np.float32), b]), run)) == 1
+    assert [len(p) for p in heard_pieces(np.zeros(3 * run, np.float32), run)] == []
+    assert [len(p) for p in heard_pieces(np.concatenate([np.zeros(run), a]), run)] == [100]

@@ -50,6 +50,7 @@ from edge.detectors.embedding import (
 )
 from edge.errors import AudioError
 from edge.features import FeatureParams, LogMel, windows_of
+from edge.health import heard_pieces
 from edge.machine_state import OFF, machine_profile
 from edge.runtime import TfliteModel
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
@@ -341,6 +342,7 @@ def read_own(
     `all_channels` every channel of a recording is a view of it (held out together)."""
     own = OwnAudio(list(groups))
     logmel, dense = LogMel(params), dense_params(params, FLUCTUATION_HOP_DIVISOR)
+    dropout = params.hop_length  # the device's dead-window rule (`edge.health.is_dead`)
     for label, (state, files) in enumerate(groups.items()):
         holdout = own.holdouts[state] = holdout_split(files)
         own.state_recordings[state] = len(files)
@@ -353,8 +355,10 @@ def read_own(
             own.audio.append(audio)
             own.view_states.append(label)
             fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
-            own.train_frames.append((label, frames_of(fit_audio, logmel)))
-            own.held_frames.append((label, frames_of(held_audio, logmel)))
+            # frame sequences without a dropout's frames of nothing (which the device never
+            # scores): they would widen the standardisation and train the tasks on them
+            for part, out in ((fit_audio, own.train_frames), (held_audio, own.held_frames)):
+                out += [(label, frames_of(a, logmel)) for a in heard_pieces(part, dropout)]
             # the windows the device scores, as every trainer takes them (and the ensemble
             # lines its members' held-out scores up window by window)
             own.fit_windows.append(windows_of(fit_audio, dense, heard=True))
