@@ -7,12 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-  echo "SoundSentry needs Python 3.11 or newer (found: $("$PYTHON" --version))" >&2
-  exit 1
-fi
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
+require_python "$PYTHON"
 make_venv "$PYTHON" "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e .

@@ -1,6 +1,16 @@
 # shellcheck shell=bash
 # Sourced by demo.sh and test.sh: the Debian packages and the virtualenv they need.
 
+# require_python PYTHON: stop with one line unless PYTHON is 3.11 or newer (before any install).
+require_python() {
+  local python=$1
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "SoundSentry needs Python 3.11 or newer (found: $("$python" --version 2>&1))" >&2
+    echo "set PYTHON=python3.11 (or newer) to choose another" >&2
+    exit 1
+  fi
+}
+
 # apt_install WHY PKG...: install the Debian packages not installed yet when root (WHY says what
 # needs them), else name them in one line and stop.
 apt_install() {

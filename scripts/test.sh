@@ -10,13 +10,9 @@ APT_PACKAGES+=(chromium chromium-driver)  # tests/test_web.py: the dashboard in 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  echo "SoundSentry needs Python 3.11 or newer (found: $("$PYTHON" --version 2>&1))" >&2
-  echo "set PYTHON=python3.11 (or newer) to choose another" >&2
-  exit 1
-fi
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
+require_python "$PYTHON"
 apt_install "the test suite uses them" "${APT_PACKAGES[@]}"
 make_venv "$PYTHON" "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip

@@ -151,6 +151,32 @@ def test_a_folder_that_is_not_a_virtualenv_is_left_alone(tmp_path: Path) -> None
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("script", ["test.sh", "demo.sh"])
+def test_the_readme_scripts_refuse_an_old_python_before_installing(
+    tmp_path: Path, script: str
+) -> None:
+    """Both one-command scripts check the Python first (one function in setup.sh): the test
+    script had installed Debian packages and a virtualenv before pip refused the package."""
+    fake = tmp_path / "python3.9"
+    fake.write_text('#!/bin/sh\ncase "$1" in --version) echo "Python 3.9.2" ;; *) exit 1 ;; esac\n')
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / script)],
+        env={**os.environ, "PYTHON": str(fake), "VENV": str(venv)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "SoundSentry needs Python 3.11 or newer (found: Python 3.9.2)",
+        "set PYTHON=python3.11 (or newer) to choose another",
+    ]
+    assert not venv.exists()
+
+
 def run_installer(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """deploy/install.sh --root ROOT (nothing outside ROOT is written) with this Python."""
     proc = subprocess.run(
