@@ -417,7 +417,11 @@ def test_the_report_s_timeline_is_the_device_s_and_its_variant_s(
     """The timeline plotted every window's raw score, a dropout's 20 times the threshold among
     them, which the device never takes as evidence; and `--float`'s was the int8 model's."""
     import soundsentry.report as report_module
+    import train.evaluate as evaluate_module
     from train.evaluate import device_events, evaluate
+
+    real = evaluate_module.sha256_file
+    evaluate_module._digest_of.cache_clear()  # files other tests hashed in this process
 
     rate = load_bundle(tiny_bundle).features.samplerate
     fault = read_audio(ANOMALOUS_FILE, rate)
@@ -429,9 +433,13 @@ def test_the_report_s_timeline_is_the_device_s_and_its_variant_s(
     monkeypatch.setattr(
         report_module, "write_report", lambda r, f, t: report_module._timeline(*t, f)
     )
+    hashed: list[Path] = []
+    monkeypatch.setattr(evaluate_module, "sha256_file", lambda p: hashed.append(p) or real(p))
     normal = [str(f) for f in NORMAL_FILES]
     floats = evaluate(tiny_bundle, normal, [str(dropout)], variant="float")
     report_module.write_full_report(floats, tiny_bundle, normal, [str(dropout)], tmp_path / "r")
+    # each file hashed once, for the copy check and the trained-on check of both variants
+    assert sorted(map(str, hashed)) == sorted({str(Path(f).resolve()) for f in [*normal, dropout]})
     name, scores, _, threshold = drawn["args"][:4]
     assert name == "dropout.wav (float)"
     float_bundle = load_bundle(tiny_bundle, variant="float")

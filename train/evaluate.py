@@ -7,7 +7,7 @@ module computes and returns numbers; printing them and drawing them is `soundsen
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import math
@@ -88,6 +88,26 @@ def clip_and_segments_of(
     return float(np.mean(scores)), [float(scores[idx].mean()) for _, idx in groups]
 
 
+def _digest(path: Path) -> str | None:
+    """The file's SHA-256, None when it cannot be read (the audio checks name it): hashed once
+    per process, as the copy check, the trained-on check and `--report`'s second variant all
+    ask for the same files (a long recording read four times over)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _digest_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str | None:
+    """`_digest` keyed by the file's size and time as well: a file rewritten is hashed anew."""
+    try:
+        return sha256_file(Path(path))
+    except OSError:
+        return None
+
+
 def _warn_if_trained_on(
     bundle: Bundle, files: list[Path], looks: str = "it will look normal"
 ) -> None:
@@ -109,11 +129,7 @@ def _warn_if_trained_on(
         )
         return
     for path in files:
-        try:
-            digest = sha256_file(path)
-        except OSError:
-            continue
-        if digest in fitted:
+        if (digest := _digest(path)) is not None and digest in fitted:
             log.warning("%s: the model was fitted on this recording; %s", path, looks)
 
 
@@ -122,14 +138,10 @@ def _refuse_copies_across(normal: list[Path], anomalous: list[Path]) -> None:
     and the AUC says nothing; refused, as the same path is."""
     digests: dict[str, Path] = {}
     for path in normal:
-        with contextlib.suppress(OSError):  # unreadable: the audio checks name it
-            digests.setdefault(sha256_file(path), path)
+        if (digest := _digest(path)) is not None:  # unreadable: the audio checks name it
+            digests.setdefault(digest, path)
     for path in anomalous:
-        try:
-            twin = digests.get(sha256_file(path))
-        except OSError:
-            continue
-        if twin is not None:
+        if (twin := digests.get(_digest(path) or "")) is not None:
             raise AudioError(f"{path} (anomalous) is a copy of {twin} (normal): keep it in one")
 
 
