@@ -26,7 +26,14 @@ from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, FrontEnd, LogMel
 from edge.framing import WindowBuffer
 from edge.health import is_dead, level_dbfs
-from edge.machine_state import OFF, PERCENTILES, QUIET_GAP_DB, StateNamer, machine_profile
+from edge.machine_state import (
+    OFF,
+    PERCENTILES,
+    QUIET_GAP_DB,
+    StateNamer,
+    judged_alone,
+    machine_profile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +147,10 @@ def _running_windows(
         for start, features in FrontEnd(params).push(a):
             samples = a[start : start + params.window_samples]
             total += 1
-            if (
-                is_dead(samples, params.hop_length)
-                or (off_below_dbfs is not None and level_dbfs(samples) < off_below_dbfs)
-                or (off_like is not None and off_like.nearest(features.mean(axis=0)) == OFF)
-            ):
-                dropped += 1
-            else:
+            if judged_alone(samples, features, params.hop_length, off_below_dbfs, off_like):
                 kept.append(features)
+            else:
+                dropped += 1
         per_file.append(np.stack(kept) if kept else np.zeros((0, *params.shape), np.float32))
     if dropped:
         log.warning(

@@ -228,3 +228,22 @@ class StateNamer:
         """A new stream or a machine that stopped: forget the vote."""
         self._recent.clear()
         self.heard = self.current = None
+
+
+def judged_alone(
+    samples: np.ndarray,
+    features: np.ndarray,
+    dropout_run: int,
+    off_below_dbfs: float | None,
+    off_like: StateNamer | None = None,
+) -> bool:
+    """Whether the device would take one window as evidence, as far as the window alone tells:
+    not dead (silence, a flat line, a dropout of `dropout_run` samples), not below the machine's
+    off level, and not nearest the state `off` of a bundle trained with one. What is learnt as
+    normal away from the live pipeline (`calibrate`, a marked event's clip) keeps only these:
+    the empty room or a dropout would otherwise set the threshold."""
+    return not (
+        is_dead(samples, dropout_run)
+        or (off_below_dbfs is not None and level_dbfs(samples) < off_below_dbfs)
+        or (off_like is not None and off_like.nearest(features.mean(axis=0)) == OFF)
+    )

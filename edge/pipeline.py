@@ -44,6 +44,10 @@ class Step:
     state folder of that name is what it sounds like (None when off by its level)."""
     heard: tuple[Transition, ...] = ()
     """Events held off to listen (`Pipeline.push(listen=True)`): what they would have done."""
+    evidence: bool = True
+    """The event logic took this window as evidence: the machine running and settled (not
+    starting up or coasting to a stop), the window neither dead nor sounding like `off`. Only
+    such windows may be learnt as the machine's normal running."""
 
     @property
     def score(self) -> float | None:
@@ -129,9 +133,8 @@ class Pipeline:
                 heard = _feed(self._shadow, evidence, ends, *window_at)
             else:
                 self._shadow = None
-            steps.append(
-                Step(scored, start_s, end_s, found, dead, elapsed, level, machine, name, heard)
-            )
+            fields = (found, dead, elapsed, level, machine, name, heard, evidence)
+            steps.append(Step(scored, start_s, end_s, *fields))
         return steps
 
     def _name(self, machine: str, features: np.ndarray) -> str | None:
