@@ -375,7 +375,15 @@ class Adapter:
         the start of the period it ends, recorded so that a restart does not refit it again;
         `heard`: what the model in use heard during it, recorded with the outcome."""
         base = self.base()
-        stores = [FeatureStore.load(self.folder / site, self.settings.max_windows)] if site else []
+        try:
+            stores = (
+                [FeatureStore.load(self.folder / site, self.settings.max_windows)] if site else []
+            )
+        except LearningError as exc:  # every later refit would stop here: say what mends it
+            raise LearningError(
+                f"{exc}; the site's learnt audio is lost: learn the site again "
+                f'({{"command": "learn", "action": "start"}}) or roll back'
+            ) from None
         readable = []
         for e in marked:  # a mark the card damaged costs that mark, not the period or the refit
             try:

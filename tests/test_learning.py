@@ -1290,3 +1290,19 @@ def test_a_marked_clip_s_dropout_is_not_learnt(tmp_path: Path) -> None:
         assert reply.ok, reply.detail
         thresholds[name] = device.detector.bundle.threshold
     assert thresholds["glitch"] == pytest.approx(thresholds["clean"], rel=0.1), thresholds
+
+
+def test_a_mark_on_damaged_site_features_says_what_mends_it(tmp_path: Path) -> None:
+    """The site's learnt features, damaged on the card, refused every later mark with a bare
+    `BadZipFile`, until a new period happened to be learnt."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    assert starts(device.replay(*NORMAL_FILES)) == []
+    (site,) = (device.data / "learning").glob("site-*.npz")
+    site.write_bytes(site.read_bytes()[:1000])
+    device.learning = {}
+    assert len(starts(device.replay(ANOMALOUS_FILE))) == 1
+    reply = device.command(command="mark_normal", event_id="last")
+    assert not reply.ok
+    assert f"site features {site.name} unreadable" in reply.detail, reply.detail
+    assert 'learn the site again ({"command": "learn", "action": "start"})' in reply.detail
+    assert device.command(command="learn", action="start", seconds=LEARN_S).ok
