@@ -458,3 +458,38 @@ def test_calibrating_a_bundle_without_a_running_level_warns_of_two_levels(
     steady = cli("calibrate", str(DEMO_BUNDLE), "--normal", *map(str, NORMAL_FILES),
                  "--out", str(tmp_path / "d.bundle"))  # fmt: skip
     assert "two levels" not in steady.stderr
+
+
+def test_training_keeps_the_windows_the_device_takes_as_evidence(tmp_path: Path) -> None:
+    """Training kept every window that was not dead: the machine stopped for 2 s (the room,
+    50 dB under the fan), its edges and its start-up, none of which the device judges, were
+    fitted and set the threshold (3.5 to 10 times higher for the level-aware kinds, in a
+    review). 5 s of running, a stop, 8 s of running: the first 9 windows (the one before the
+    stop is half stopped) and the 5 after the start-up's settle time (5 s from its end)."""
+    from edge.features import FeatureParams, windows_of
+    from edge.machine_state import evidence_windows, machine_profile
+    from train.levels import train_levels
+    from train.statistics import collect
+
+    rate, p = 16000, FeatureParams()
+    fan = np.concatenate([read_audio(f, rate) for f in NORMAL_FILES[:3]])
+    audio = np.concatenate([fan[: 5 * rate], fan[5 * rate : 7 * rate] / 10**2.5, fan[7 * rate :]])
+    off = machine_profile([fan], p)["off_below_dbfs"]
+    assert len(windows_of(audio, p, heard=True)) == 29
+    assert len(evidence_windows(audio, p, off)) == 9 + 5
+    assert len(evidence_windows(fan, p, off)) == 29  # a machine running throughout: every one
+    assert len(evidence_windows(audio, p, None)) == 29  # no off level: the level says nothing
+    dropout = fan.copy()
+    dropout[3 * rate : 3 * rate + 1600] = 0.0  # 0.1 s: dead windows, then the settle time
+    settled = 3 * rate + rate + 5 * rate - p.window_samples  # the last dead one's end + 5 s
+    expected = len(windows_of(fan[: 3 * rate], p)) + len(windows_of(fan[settled:], p))
+    assert len(evidence_windows(dropout, p, off)) == expected
+    # the numpy trainers take these: a stop in the held-out part (the last fifth) adds none
+    path = tmp_path / "stop.wav"
+    recording = np.concatenate([fan, fan, fan[: 3 * rate], fan[3 * rate : 5 * rate] / 10**2.5])
+    sf.write(path, recording, rate, subtype="FLOAT")
+    run = collect([path], tmp_path / "b.bundle", train_levels.featurize, p)
+    held = recording[-len(recording) // 5 :]
+    trained_off = run.machine["off_below_dbfs"]
+    assert len(run.held) == len(evidence_windows(held, p, trained_off))
+    assert len(run.held) < len(windows_of(held, p, heard=True))

@@ -23,8 +23,8 @@ from edge.audio_io import (
 )
 from edge.bundle import SAFE_LABEL
 from edge.errors import AudioError
-from edge.features import FeatureParams, windows_of
-from edge.machine_state import machine_profile
+from edge.features import FeatureParams
+from edge.machine_state import evidence_windows, machine_profile
 from edge.settings import DetectorSettings
 from edge.threshold import threshold_for_budget
 from train.progress import progress
@@ -236,20 +236,24 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     files = training_audio(paths, params.samplerate, params.window_seconds)
     holdout = holdout_split(files)
     dense = dense_params(params)
-    train, hold, audios = [], [], []
+    train, hold = [], []
     train_s = hold_s = 0.0
-    for path in progress(files, "features"):
-        audio = read_audio(path, params.samplerate, channel, need_sound=True)
-        audios.append(audio)
+    audios = [
+        read_audio(path, params.samplerate, channel, need_sound=True)
+        for path in progress(files, "reading")
+    ]
+    machine = machine_profile(audios, params)
+    off = machine.get("off_below_dbfs")  # as the device: no dropout, not the machine off
+    for path, audio in zip(files, audios, strict=True):
         fit_part, held_part = holdout.parts(path, audio, params.window_samples)
-        train.append(windows_of(fit_part, dense, heard=True))  # as the device: no dropouts
-        hold.append(windows_of(held_part, params, heard=True))
+        train.append(evidence_windows(fit_part, dense, off))
+        hold.append(evidence_windows(held_part, params, off))
         train_s += len(fit_part) / params.samplerate
         hold_s += len(held_part) / params.samplerate
     split = Split(
         WindowSet(np.concatenate(train), holdout.fit_names, train_s),
         WindowSet(np.concatenate(hold), holdout.held_names, hold_s),
-        machine_profile(audios, params),
+        machine,
     )
     if len(split.train.windows) == 0:
         raise AudioError(f"not enough audio to train: need at least {params.window_seconds} s")

@@ -49,9 +49,9 @@ from edge.detectors.embedding import (
     network_input,
 )
 from edge.errors import AudioError
-from edge.features import FeatureParams, LogMel, windows_of
+from edge.features import FeatureParams, LogMel
 from edge.health import heard_pieces
-from edge.machine_state import OFF, machine_profile
+from edge.machine_state import OFF, evidence_windows, machine_profile
 from edge.runtime import TfliteModel
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -230,6 +230,8 @@ class OwnAudio:
     state_recordings: dict[str, int] = field(default_factory=dict)
     """Recordings per state (a multichannel recording counts once)."""
     view_states: list[int] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+    """The manifest's `machine` section from the running states' audio (`machine_profile`)."""
     named: bool = False
     """The states are the user's folders (`--normal-states`), which the edge names even when
     there is only one; plain `--normal` audio is one unnamed state."""
@@ -343,35 +345,42 @@ def read_own(
     own = OwnAudio(list(groups))
     logmel, dense = LogMel(params), dense_params(params, FLUCTUATION_HOP_DIVISOR)
     dropout = params.hop_length  # the device's dead-window rule (`edge.health.is_dead`)
+    views = []
     for label, (state, files) in enumerate(groups.items()):
-        holdout = own.holdouts[state] = holdout_split(files)
+        own.holdouts[state] = holdout_split(files)
         own.state_recordings[state] = len(files)
-        views = (
-            (path, view, audio)
-            for path in progress(files, f"features {state}")
+        views += [
+            (label, state, path, view, audio)
+            for path in progress(files, f"reading {state}")
             for view, audio in enumerate(channel_views(path, params, channel, all_channels))
-        )
-        for path, view, audio in views:
-            own.audio.append(audio)
-            own.view_states.append(label)
-            fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
-            # frame sequences without a dropout's frames of nothing (which the device never
-            # scores): they would widen the standardisation and train the tasks on them
-            for part, out in ((fit_audio, own.train_frames), (held_audio, own.held_frames)):
-                out += [(label, frames_of(a, logmel)) for a in heard_pieces(part, dropout)]
-            # the windows the device scores, as every trainer takes them (and the ensemble
-            # lines its members' held-out scores up window by window)
-            own.fit_windows.append(windows_of(fit_audio, dense, heard=True))
-            own.held_windows.append(windows_of(held_audio, params, heard=True))
-            own.view_seconds += len(fit_audio) / params.samplerate
-            if view == 0:  # the seconds of the recording, not of its channels
-                own.state_seconds[state] = (
-                    own.state_seconds.get(state, 0.0) + len(audio) / params.samplerate
-                )
-                own.seconds += len(fit_audio) / params.samplerate
-                own.held_seconds += len(held_audio) / params.samplerate
-                if state != OFF:
-                    own.running_held_seconds += len(held_audio) / params.samplerate
+        ]
+    own.audio = [audio for *_, audio in views]
+    own.view_states = [label for label, *_ in views]
+    own.machine = machine_profile(
+        own.running(own.audio), params, groups=own.running(own.view_states)
+    )
+    off = own.machine.get("off_below_dbfs")  # windows below it the device calls `off`
+    for label, state, path, view, audio in progress(views, "features"):
+        fit_audio, held_audio = own.holdouts[state].parts(path, audio, params.window_samples)
+        # frame sequences without a dropout's frames of nothing (which the device never
+        # scores): they would widen the standardisation and train the tasks on them
+        for part, out in ((fit_audio, own.train_frames), (held_audio, own.held_frames)):
+            out += [(label, frames_of(a, logmel)) for a in heard_pieces(part, dropout)]
+        # the windows the device scores, as every trainer takes them (and the ensemble
+        # lines its members' held-out scores up window by window); the `off` state's are
+        # below the off level by design and are left out of the head by `running`
+        level = None if state == OFF else off
+        own.fit_windows.append(evidence_windows(fit_audio, dense, level))
+        own.held_windows.append(evidence_windows(held_audio, params, level))
+        own.view_seconds += len(fit_audio) / params.samplerate
+        if view == 0:  # the seconds of the recording, not of its channels
+            own.state_seconds[state] = (
+                own.state_seconds.get(state, 0.0) + len(audio) / params.samplerate
+            )
+            own.seconds += len(fit_audio) / params.samplerate
+            own.held_seconds += len(held_audio) / params.samplerate
+            if state != OFF:
+                own.running_held_seconds += len(held_audio) / params.samplerate
     if not sum(len(w) for w in own.running(own.fit_windows)):
         raise AudioError(
             f"not enough audio of the machine running to train: need at least "
@@ -850,12 +859,8 @@ def _manifest(
         "statistics": {"feature": f"{ARCHITECTURE}-{model.output_size}"},
         "threshold": {"value": head.threshold, "rule": RULE, "params": head.rule_params},
         "normal_scores": score_stats(head.held_scores, "held-out normal audio"),
-        "machine": machine_profile(
-            own.running(own.audio),
-            params,
-            own.states if own.named or len(own.states) > 1 else None,
-            groups=own.running(own.view_states),  # each state's own median level
-        ),
+        "machine": own.machine  # each state's own median level
+        | {"states": own.states if own.named or len(own.states) > 1 else None},
         "validation": validation,
         "training": {
             "files": fit_files,

@@ -21,7 +21,8 @@ import numpy as np
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, Manifest, load_bundle, write_bundle
 from edge.detectors.ensemble import MEMBER_PLUGINS, combine, common_scale
 from edge.errors import AudioError
-from edge.features import FeatureParams, windows_of
+from edge.features import FeatureParams
+from edge.machine_state import evidence_windows
 from edge.scoring import Scorer
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY
 from train.dataset import training_audio
@@ -192,5 +193,6 @@ def held_windows(run: Run, normal: list[str | Path]) -> np.ndarray:
         views = run.channel == ALL_CHANNELS
         for audio in channel_views(path, run.params, 0 if views else run.channel, views):
             _, held = run.holdout.parts(path, audio, run.params.window_samples)
-            parts.append(windows_of(held, run.params, heard=True))  # as every member's
+            off = run.machine.get("off_below_dbfs")
+            parts.append(evidence_windows(held, run.params, off))  # as every member's
     return np.concatenate(parts) if parts else np.zeros((0, *run.params.shape))

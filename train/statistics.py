@@ -27,9 +27,9 @@ from edge.bundle import (
     write_bundle,
 )
 from edge.errors import AudioError
-from edge.features import FeatureParams, windows_of
+from edge.features import FeatureParams
 from edge.learning import training_summary
-from edge.machine_state import machine_profile
+from edge.machine_state import evidence_windows, machine_profile
 from edge.scoring import FluctuationScorer
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -156,18 +156,23 @@ def collect(
     dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
     seconds = hold_seconds = 0.0
-    audios = []
-    for path in progress(files, "features"):
-        for view, audio in enumerate(channel_views(path, params, channel, all_channels)):
-            audios.append(audio)
-            fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
-            if view == 0:  # the seconds of the recording, not of its channels
-                seconds += len(audio) / params.samplerate
-                hold_seconds += len(held_audio) / params.samplerate
-            # only what the device scores: it never hears a dropout or silence as the machine
-            fit_part.append(featurize(windows_of(fit_audio, dense, heard=True)))
-            hold_part.append(featurize(windows_of(held_audio, params, heard=True)))
-            all_part.append(featurize(windows_of(audio, dense, heard=True)))
+    views = [
+        (path, view, audio)
+        for path in progress(files, "reading")
+        for view, audio in enumerate(channel_views(path, params, channel, all_channels))
+    ]
+    audios = [audio for _, _, audio in views]
+    machine = machine_profile(audios, params)
+    # only what the device scores: not a dropout, silence or the machine off
+    off = machine.get("off_below_dbfs")
+    for path, view, audio in progress(views, "features"):
+        fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
+        if view == 0:  # the seconds of the recording, not of its channels
+            seconds += len(audio) / params.samplerate
+            hold_seconds += len(held_audio) / params.samplerate
+        fit_part.append(featurize(evidence_windows(fit_audio, dense, off)))
+        hold_part.append(featurize(evidence_windows(held_audio, params, off)))
+        all_part.append(featurize(evidence_windows(audio, dense, off)))
     empty = featurize(np.zeros((0, *params.shape)))
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
@@ -175,7 +180,7 @@ def collect(
     require_held_out(len(hold_f), params, holdout.held)
     where = ALL_CHANNELS if all_channels else channel
     run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
-    run.machine = machine_profile(audios, params)
+    run.machine = machine
     return run
 
 
