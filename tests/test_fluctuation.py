@@ -21,6 +21,7 @@ from edge.bundle import load_bundle
 from edge.features import FeatureParams, windows_of
 from edge.scoring import FluctuationScorer, fluctuation_features
 from train.fluctuation import MIN_SHRINKAGE, fit_statistics
+from train.statistics import MIN_FEATURE_STD
 
 
 def test_fluctuation_features_ignore_gain_and_slow_drift() -> None:
@@ -65,7 +66,7 @@ def test_scorer_is_the_mahalanobis_distance_to_the_trained_statistics() -> None:
 
     np.testing.assert_allclose(model.mean, train.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(model.std, train.std(axis=0), rtol=1e-4)
-    z = (train - train.mean(axis=0)) / (train.std(axis=0) + 1e-6)
+    z = (train - train.mean(axis=0)) / train.std(axis=0)
     lw = LedoitWolf().fit(z)
     assert lw.shrinkage_ > MIN_SHRINKAGE  # so the trainer's floor does not apply here
     np.testing.assert_allclose(model.center, 0.0, atol=1e-9)
@@ -230,7 +231,9 @@ def test_a_feature_that_never_moved_in_training_is_given_the_floor_spread() -> N
     step = 0.025
     held = np.zeros((1, 4))
     held[0, 3] = -4.0 + step
-    assert fit_statistics(train).distance(held)[0] > 1e6
+    # without the step's floor, the least spread any feature gets (float rounding had made it
+    # 1e12): the change counts 2.5 spreads, of a feature known only to a step
+    assert fit_statistics(train).std[3] == pytest.approx(MIN_FEATURE_STD)
     floored = fit_statistics(train, std_floor=step)
     assert floored.std[3] == pytest.approx(step, rel=1e-3)
     assert floored.distance(held)[0] < 10

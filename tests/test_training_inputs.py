@@ -427,3 +427,32 @@ def test_a_file_where_a_folder_must_be_is_said_before_any_work(tmp_path: Path) -
     assert proc.stderr.strip().splitlines() == [
         f"soundsentry: error: data_dir {recording}: a file, not a folder"
     ]
+
+
+@pytest.mark.parametrize("kind", ["levels", "knn", "subspace", "fluctuation"])
+def test_a_steady_electrical_signal_is_refused_with_one_line(tmp_path: Path, kind: str) -> None:
+    """A pure tone (a line input, a signal generator) has features that vary by float
+    rounding: the standardisation and the scales divided by that, so the very recording the
+    model was trained on scored above the threshold (knn, subspace) and a change of 0.003 dB
+    scored up to 10^16 times it (levels). No model can be fitted on it: refused, saying why."""
+    from edge.errors import AudioError
+    from train.fluctuation import train_fluctuation
+    from train.knn import train_knn
+    from train.levels import train_levels
+    from train.subspace import train_subspace
+
+    trainers = {
+        "levels": train_levels, "knn": train_knn, "subspace": train_subspace,
+        "fluctuation": train_fluctuation,
+    }  # fmt: skip
+    rate = 16000
+    tone = 0.3 * np.sin(2 * np.pi * 1000 * np.arange(30 * rate) / rate)
+    folder = tmp_path / "tone"
+    folder.mkdir()
+    for i in range(6):  # six recordings: whole ones are held out
+        sf.write(folder / f"tone{i}.wav", tone[i * 5 * rate : (i + 1) * 5 * rate], rate,
+                 subtype="FLOAT")  # fmt: skip
+    with pytest.raises(AudioError, match=r"^the normal audio's features do not vary \(") as e:
+        trainers[kind]([str(folder)], tmp_path / "b.bundle")
+    assert "a steady electrical signal" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "b.bundle").exists()

@@ -19,7 +19,7 @@ from edge.bundle import write_bundle
 from edge.detectors.knn import MAX_BANK, KnnScorer, evenly
 from edge.detectors.levels import LEVELS, level_features
 from edge.errors import AudioError
-from train.statistics import Design, Run, Trainer, statistics_manifest
+from train.statistics import MIN_FEATURE_STD, STEADY, Design, Run, Trainer, statistics_manifest
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,19 @@ ARCHITECTURE = "knn-bank-v1"
 DESIGN = Design("knn", "knn-distance", LEVELS, ARCHITECTURE)
 
 
+MIN_SCALE = 0.1
+"""The least typical distance (standardised units; 14 on the fan of shared/data) of a model
+that can work: a steady signal's held-out windows lie at float rounding from the bank, and
+dividing by that made the recording it was trained on score four times the threshold, in a
+review. Below it training is refused, as the Gaussians refuse features that do not vary."""
+
+
 def fit_bank(f: np.ndarray, neighbours: int = NEIGHBOURS, max_dims: int = MAX_DIMS) -> KnnScorer:
     """Standardisation, principal axes and bank of feature vectors (n, dim); scale 1."""
     if len(f) <= neighbours:
         raise AudioError(f"not enough audio for the bank (need more than {neighbours} windows)")
     mean = f.mean(axis=0)
-    std = f.std(axis=0) + 1e-6
+    std = np.maximum(f.std(axis=0), MIN_FEATURE_STD)
     z = (f - mean) / std
     _, sv, axes = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
     dims = max(1, min(max_dims, int((sv > sv[0] * RANK_TOLERANCE).sum())))
@@ -59,6 +66,10 @@ def fit_knn(
     provisional = fit_bank(run.fit, neighbours, max_dims)
     raw, bands = provisional.explain(provisional.embed(run.held))
     scale = float(np.median(raw))
+    if scale < MIN_SCALE:
+        raise AudioError(
+            STEADY.format(why=f"held-out windows at a typical distance of {scale:.2g}")
+        )
     run.set_threshold(raw / scale, false_alarms_per_day)
     final = fit_bank(run.all, neighbours, max_dims)
     return _write(run, final, scale, bands)

@@ -54,6 +54,18 @@ Featurize = Callable[[np.ndarray], np.ndarray]
 S = TypeVar("S", bound=FluctuationScorer)
 
 
+STEADY = (
+    "the normal audio's features do not vary ({why}): is the audio silent, a dead channel or "
+    "a steady electrical signal rather than a microphone? pick a channel that hears the "
+    "machine with --channel N"
+)
+MIN_FEATURE_STD = 0.01
+"""The least spread a feature (dB, or the log of a spread) is given. A microphone's noise keeps
+every feature of real recordings far above it (0.13 or more over the fan, pumps and valves of
+shared/data), but a steady electrical signal (a pure tone on a line input) gave spreads of
+float rounding, and a change of 0.003 dB scored 10^16 times the threshold, in a review."""
+
+
 def fit_statistics(
     f: np.ndarray,
     scorer: type[S] = FluctuationScorer,  # type: ignore[assignment]
@@ -66,7 +78,7 @@ def fit_statistics(
     if len(f) < 2:
         raise AudioError("not enough audio to fit the normal statistics (need 2+ windows)")
     mean = f.mean(axis=0)
-    std = np.maximum(f.std(axis=0), std_floor) + 1e-6
+    std = np.maximum(f.std(axis=0), max(std_floor, MIN_FEATURE_STD))
     z = (f - mean) / std
     center = z.mean(axis=0)
     zc = z - center
@@ -76,10 +88,7 @@ def fit_statistics(
     try:
         precision = np.linalg.inv((1 - alpha) * cov + alpha * target)
     except np.linalg.LinAlgError:
-        raise AudioError(
-            "the normal audio's features do not vary (their covariance is singular): is the "
-            "audio silent or a dead channel? pick one that hears the machine with --channel N"
-        ) from None
+        raise AudioError(STEADY.format(why="their covariance is singular")) from None
     return scorer(mean, std, center, precision)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from edge.bundle import write_bundle
 from edge.detectors.subspace import SubspaceScorer, stacked
 from edge.errors import AudioError
-from train.statistics import Design, Run, Trainer, statistics_manifest
+from train.statistics import STEADY, Design, Run, Trainer, statistics_manifest
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ STACK = 5
 """Consecutive frames per vector: the DCASE 2020 baseline's context."""
 COMPONENTS = 8
 """Axes of the normal subspace: the DCASE 2020 baseline's bottleneck width."""
+MIN_SCALE = 0.01
+"""The least typical residual (dB², 6.5 on the fan of shared/data) of a model that can work: a
+steady signal's is float rounding (5e-24 for a pure tone, in a review), and dividing by it made
+any change an anomaly. Below it training is refused."""
 FEATURE = "log-mel-stacked-frames"
 ARCHITECTURE = "subspace-pca-v1"
 DESIGN = Design("subspace", "subspace-residual", FEATURE, ARCHITECTURE)
@@ -60,6 +64,10 @@ def fit_subspace_run(run: Run, false_alarms_per_day: float) -> Path:
     provisional = fit_subspace(run.fit, shape)
     raw, bands = provisional.explain(run.held.reshape(len(run.held), *shape))
     scale = float(np.median(raw))
+    if scale < MIN_SCALE:
+        raise AudioError(
+            STEADY.format(why=f"held-out windows at a typical residual of {scale:.2g}")
+        )
     run.set_threshold(raw / scale, false_alarms_per_day)
     final = fit_subspace(run.all, shape)
     arrays = {
