@@ -46,6 +46,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge.errors import SettingsError
@@ -68,8 +69,15 @@ INSTANCE_KEY = "soundsentry-instance"
 REPLAY = "(replay)"
 """How the instance of a replay (`run --input`, not the device's daemon) ends."""
 OFFLINE = "offline"
+WITH_WILL = "Disconnect with will message"
+"""MQTT 5's DISCONNECT reason 0x04: the broker publishes the will (`offline`)."""
 RECONNECT_MIN_S = 1
 SEND_BATCH = 50
+MAX_HANDED = 100
+"""Spooled messages handed to paho and not yet acknowledged, at most. The whole backlog was
+handed over at once: about 1.8 KB of paho's memory per message (108 MB for 60,000, against
+the unit's MemoryMax), and past 65,535 paho's message ids wrapped, so an old message's
+acknowledgement deleted a newer row the broker never had (a review)."""
 SENDER_IDLE_S = 0.5
 PROBE_TIMEOUT_S = 2.0
 """How long a failed connection's reason is looked for (on paho's thread, between retries)."""
@@ -485,9 +493,11 @@ class MqttPublisher:
 
     def _send_batch(self) -> None:
         for row in self.spool.after(self._handed, SEND_BATCH):
-            if not self.connected:
-                return
+            if not self.connected or len(self._inflight) >= MAX_HANDED:
+                return  # an acknowledgement wakes the sender for the rest
             info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: handed again later
+                return
             self._handed = row.id
             self._inflight[info.mid] = row.id  # its ack is read on this thread, after this
         if self.spool.after(self._handed, 1):
@@ -727,7 +737,10 @@ class MqttPublisher:
             info = self._publish(self.topics.availability, OFFLINE, 1, retain=True, props=True)
             while not info.is_published() and self.connected and time.monotonic() < deadline:
                 time.sleep(0.02)
-        self.client.disconnect()
+        # "disconnect with will message": a backlog still draining holds `offline` behind it
+        # in paho's queue, and a plain DISCONNECT made the broker drop the will, so it kept
+        # `online` (and the last state) for a device that had stopped
+        self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, WITH_WILL))
         # paho joins its network thread without a limit, and that thread may be in a connect
         # attempt to an unanswering broker or DNS server: bounded here, so the daemon stops
         # well within systemd's TimeoutStopSec (the spool keeps what was not sent)

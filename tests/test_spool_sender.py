@@ -3,6 +3,7 @@ it must outlive the failure, or nothing is published again until a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -297,3 +298,107 @@ def test_a_state_in_flight_at_a_disconnect_does_not_outlive_the_newer_one(
     broker.start()
     wait_for(lambda: publisher.connected, 20, "the reconnect")
     assert_retained_state(broker, "normal")  # what a client arriving later gets
+
+
+@contextmanager
+def _frozen(broker: Broker) -> Iterator[None]:
+    """The broker stopped in its tracks (SIGSTOP): connections stay open, nothing is read or
+    acknowledged until the block ends, as a broker behind a stalled link."""
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_backlog_is_handed_to_paho_a_bounded_share_at_a_time(
+    broker: Broker, spool: Spool, sub: Subscriber, publisher: MqttPublisher
+) -> None:
+    """The whole spool was handed to paho at once while the broker did not acknowledge: 1.8 KB
+    of memory per message, and past 65,535 paho's message ids wrapped, so an old message's
+    acknowledgement deleted a row the broker never had. At most MAX_HANDED wait for theirs."""
+    import time
+
+    from edge.publish import MAX_HANDED
+
+    publisher.start()
+    assert sub.wait_for(lambda ms: len(ms) == LEFT_OVER, 10), "left-over events sent"
+    backlog = 3 * MAX_HANDED
+    with _frozen(broker):
+        for n in range(backlog):
+            publisher.publish_event(_event(f"e{n}"))
+        wait_for(lambda: len(publisher._inflight) >= MAX_HANDED, 10, "the first share handed")
+        until = time.monotonic() + 1.0  # the old sender had handed all of them by now
+        while time.monotonic() < until:
+            assert len(publisher._inflight) <= MAX_HANDED, len(publisher._inflight)
+            time.sleep(0.01)
+    assert sub.wait_for(lambda ms: len(ms) == LEFT_OVER + backlog, 30), len(sub.on(""))
+    wait_for(lambda: not spool.after(0), 10, "the spool to empty")
+    ids = [json.loads(m.payload)["event_id"] for m in sub.on(TOPICS.events)][LEFT_OVER:]
+    assert ids == [f"e{n}" for n in range(backlog)]
+
+
+@contextmanager
+def _slow_link(broker: Broker, delay_s: float) -> Iterator[int]:
+    """A port that relays to the broker and delays what comes back by `delay_s` (a broker on
+    the LAN or beyond): acknowledgements lag, so a backlog drains slowly."""
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for end in (src, dst):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def relay() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                device, _ = server.accept()
+                upstream = socket.create_connection(("127.0.0.1", broker.port))
+                for args in ((device, upstream, 0.0), (upstream, device, delay_s)):
+                    threading.Thread(target=pipe, args=args, daemon=True).start()
+
+    threading.Thread(target=relay, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+def test_a_stop_while_a_backlog_drains_leaves_the_broker_saying_offline(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`offline` waited behind the backlog in paho's queue when the flush time ran out, and
+    the plain DISCONNECT that followed made the broker drop the will: it kept `online` (and
+    the state `anomaly`) for a device that had stopped. The DISCONNECT now asks for the will."""
+    spool = Spool(tmp_path / "spool.sqlite")
+    for n in range(2000):
+        spool.append(TOPICS.events, _event(f"e{n}").to_payload(), qos=1)
+    with _slow_link(broker, 0.15) as port:
+        publisher = MqttPublisher(MqttSettings(host="127.0.0.1", port=port), TOPICS, "d", spool)
+        try:
+            publisher.start(wait_s=5)
+            wait_for(lambda: publisher.connected, 10, "connected")
+            publisher.publish_state(_state("anomaly"))
+            publisher.close(timeout_s=1.0)
+            assert spool.after(0), "a backlog was still draining (what is left stays spooled)"
+        finally:
+            spool.close()
+    watcher = Subscriber(broker.port, TOPICS.availability)
+    try:
+        assert watcher.wait_for(lambda ms: bool(ms) and ms[-1].payload == "offline", 10), [
+            m.payload for m in watcher.on("")
+        ]
+    finally:
+        watcher.close()
