@@ -117,6 +117,18 @@ def discovery_configs(
     }
 
 
+def announced(
+    topics: Topics, model_id: str, *args: Any, **kwargs: Any
+) -> dict[str, dict[str, Any] | None]:
+    """What the device announces (`discovery_configs`) and None, to clear it, for each entity it
+    may have announced before but does not now: a classifier's `Recognised class` stayed in
+    Home Assistant, retained, after a reload or restart with an anomaly model."""
+    return {
+        **dict.fromkeys(config_topics(topics)),
+        **discovery_configs(topics, model_id, *args, **kwargs),
+    }
+
+
 def config_topics(topics: Topics) -> list[str]:
     """Every config topic this device announces when discovery is on (the threshold's too)."""
     return list(discovery_configs(topics, "", threshold=0.5, classifier=True))
@@ -304,7 +316,7 @@ class DiscoveryRefresh(Sink):
             log.info("discovery: threshold %g outside the announced bounds", message.threshold)
         self.model_id = message.model
         self.publisher.set_discovery(
-            discovery_configs(
+            announced(
                 self.publisher.topics,
                 bundle.model_id,
                 bundle.threshold,

@@ -283,7 +283,7 @@ def _publisher(
 ) -> Any:
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
     when it serves one) and the device's last `logged` event, not yet connected."""
-    from edge.discovery import config_topics, discovery_configs
+    from edge.discovery import announced, config_topics
     from edge.publish import REPLAY, MqttPublisher
     from edge.spool import open_spool
 
@@ -306,9 +306,7 @@ def _publisher(
     if settings.mqtt.discovery:
         classifier = bundle.manifest.kind == "classifier"
         in_force = settings.detector.threshold  # its bounds widened at once, not at a state
-        configs = discovery_configs(
-            topics, bundle.model_id, bundle.threshold, page, in_force, classifier
-        )
+        configs = announced(topics, bundle.model_id, bundle.threshold, page, in_force, classifier)
         publisher.set_discovery(configs)
     else:  # a run with discovery on left configs: Home Assistant would keep the entities
         publisher.set_discovery(dict.fromkeys(config_topics(topics)))

@@ -742,3 +742,37 @@ def test_a_classifier_shows_the_class_it_recognises() -> None:
     state = {"state": "normal", "label": "bearing_fault", "threshold": 0.6}
     assert render(recognised["value_template"], json.dumps(state)) == "bearing_fault"
     assert render(recognised["value_template"], json.dumps(state | {"label": None})) == "None"
+
+
+def test_an_entity_the_model_no_longer_has_is_cleared_in_home_assistant(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A classifier's `Recognised class` config stayed retained on the broker after the device
+    restarted (or reloaded) with an anomaly model: Home Assistant kept a dead entity."""
+    import paho.mqtt.publish as mqtt_publish
+
+    class_topic = TOPICS.ha_config("sensor", "class")
+    left = discovery_configs(TOPICS, "old-classifier", THRESHOLD, classifier=True)[class_topic]
+    mqtt_publish.single(
+        class_topic, json.dumps(left), qos=1, retain=True, hostname="127.0.0.1", port=broker.port
+    )
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'device_id = "{TOPICS.device_id}"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    live = Subscriber(broker.port, class_topic, client_id="live")
+    try:
+        assert live.wait_for(lambda ms: len(ms) == 1, 10), "the classifier's config retained"
+        _replay(cfg, DEMO_CLIP)
+        assert live.wait_for(lambda ms: len(ms) == 2 and ms[-1].payload == "", 10), [
+            m.payload[:40] for m in live.messages
+        ]
+    finally:
+        live.close()
+    late = Subscriber(broker.port, "homeassistant/#", client_id="late")
+    try:
+        wait_for(lambda: len(late.messages) >= 12, 10, "12 retained discovery configs")
+        assert class_topic not in {m.topic for m in late.messages}
+    finally:
+        late.close()
