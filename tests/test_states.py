@@ -464,8 +464,9 @@ def test_training_keeps_the_windows_the_device_takes_as_evidence(tmp_path: Path)
     """Training kept every window that was not dead: the machine stopped for 2 s (the room,
     50 dB under the fan), its edges and its start-up, none of which the device judges, were
     fitted and set the threshold (3.5 to 10 times higher for the level-aware kinds, in a
-    review). 5 s of running, a stop, 8 s of running: the first 9 windows (the one before the
-    stop is half stopped) and the 5 after the start-up's settle time (5 s from its end)."""
+    review). 5 s of running, a stop, 8 s of running: the first 10 windows (the one in which the
+    stop begins too, as the device judges it) and the 5 after the start-up's settle time (5 s
+    from its end)."""
     from edge.features import FeatureParams, windows_of
     from edge.machine_state import evidence_windows, machine_profile
     from train.levels import train_levels
@@ -476,7 +477,7 @@ def test_training_keeps_the_windows_the_device_takes_as_evidence(tmp_path: Path)
     audio = np.concatenate([fan[: 5 * rate], fan[5 * rate : 7 * rate] / 10**2.5, fan[7 * rate :]])
     off = machine_profile([fan], p)["off_below_dbfs"]
     assert len(windows_of(audio, p, heard=True)) == 29
-    assert len(evidence_windows(audio, p, off)) == 9 + 5
+    assert len(evidence_windows(audio, p, off)) == 10 + 5
     assert len(evidence_windows(fan, p, off)) == 29  # a machine running throughout: every one
     assert len(evidence_windows(audio, p, None)) == 29  # no off level: the level says nothing
     dropout = fan.copy()
@@ -493,3 +494,28 @@ def test_training_keeps_the_windows_the_device_takes_as_evidence(tmp_path: Path)
     trained_off = run.machine["off_below_dbfs"]
     assert len(run.held) == len(evidence_windows(held, p, trained_off))
     assert len(run.held) < len(windows_of(held, p, heard=True))
+
+
+def test_evaluate_scores_the_windows_training_fits(tmp_path: Path) -> None:
+    """evaluate set aside only dead and `off` windows, so a normal recording with a stop was
+    scored on its start-up and on the window before the stop was confirmed, which training
+    leaves out: in a review, such windows at 40 times the threshold made a normal file look
+    like a fault."""
+    from edge.machine_state import evidence_windows
+    from train.evaluate import device_events
+    from train.levels import train_levels
+
+    rate = 16000
+    fan = np.concatenate([read_audio(f, rate) for f in NORMAL_FILES])
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for i, f in enumerate(NORMAL_FILES):
+        sf.write(folder / f"n{i}.wav", read_audio(f, rate), rate, subtype="FLOAT")
+    bundle = load_bundle(train_levels([str(folder)], tmp_path / "b.bundle"))
+    off = bundle.manifest.machine.off_below_dbfs
+    assert off is not None
+    audio = np.concatenate([fan[: 6 * rate], fan[: 2 * rate] / 10**2.5, fan[6 * rate :]])
+    scores, _, off_windows = device_events(audio, bundle)
+    assert off_windows >= 2
+    judged = int(np.sum(~np.isnan(scores)))
+    assert judged == len(evidence_windows(audio, bundle.features, off)), judged

@@ -96,12 +96,14 @@ def _digest(path: Path) -> str | None:
         stat = path.stat()
     except OSError:
         return None
-    return _digest_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return _digest_of(str(path.resolve()), key)
 
 
 @functools.lru_cache(maxsize=4096)
-def _digest_of(path: str, size: int, mtime_ns: int) -> str | None:
-    """`_digest` keyed by the file's size and time as well: a file rewritten is hashed anew."""
+def _digest_of(path: str, key: tuple[int, ...]) -> str | None:
+    """`_digest` keyed by the file's inode, size and times as well: a file rewritten or
+    replaced (even with its time kept, as `cp -p` does) is hashed anew."""
     try:
         return sha256_file(Path(path))
     except OSError:
@@ -263,17 +265,16 @@ def evaluate(
 
 def device_events(audio: np.ndarray, bundle: Bundle) -> tuple[np.ndarray, bool, int]:
     """One file's audio streamed on its own through the daemon's pipeline: its window scores
-    (NaN for the windows the device judges nothing by: silent, flat or holding a dropout, or
-    the machine off), whether it raises an event, and how many of its windows were the machine
-    off. The pipeline is the device's own gating: windows below the machine-off level and dead
-    ones are no evidence, events wait out the run-up after a start, then K-of-N and CUSUM at the
-    bundle's calibration."""
+    (NaN for the windows the device takes as no evidence: silent, flat or holding a dropout,
+    the machine off, starting up or coasting to a stop, as training leaves them out), whether
+    it raises an event, and how many of its windows were the machine off. The pipeline is the
+    device's own gating, then K-of-N and CUSUM at the bundle's calibration."""
     pipeline = Pipeline(bundle)
     steps = pipeline.push(audio)
     pipeline.close("end_of_stream")
     raised = any(t.kind == "start" for step in steps for t in step.transitions)
     scores = np.array(
-        [np.nan if step.dead or step.machine == OFF else step.window.score for step in steps],
+        [step.window.score if step.evidence else np.nan for step in steps],
         np.float64,
     )
     return scores, raised, sum(step.machine == OFF for step in steps)

@@ -61,8 +61,8 @@ STEADY = (
 )
 MIN_FEATURE_STD = 0.01
 """The least spread a feature (dB, or the log of a spread) is given. A microphone's noise keeps
-every feature of real recordings far above it (0.13 or more over the fan, pumps and valves of
-shared/data), but a steady electrical signal (a pure tone on a line input) gave spreads of
+every feature of real recordings far above it (0.10 or more over the fans, pumps and valves
+of shared/data), but a steady electrical signal (a pure tone on a line input) gave spreads of
 float rounding, and a change of 0.003 dB scored 10^16 times the threshold, in a review."""
 
 
