@@ -23,7 +23,7 @@ from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bu
 from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
-from edge.features import FeatureParams, FrontEnd, LogMel
+from edge.features import FeatureParams, LogMel
 from edge.framing import WindowBuffer
 from edge.health import is_dead, level_dbfs
 from edge.machine_state import (
@@ -31,7 +31,7 @@ from edge.machine_state import (
     PERCENTILES,
     QUIET_GAP_DB,
     StateNamer,
-    judged_alone,
+    judged_windows,
     machine_profile,
 )
 
@@ -143,15 +143,10 @@ def _running_windows(
     above it)."""
     per_file, dropped, total = [], 0, 0
     for a in audio:
-        kept = []
-        for start, features in FrontEnd(params).push(a):
-            samples = a[start : start + params.window_samples]
-            total += 1
-            if judged_alone(samples, features, params.hop_length, off_below_dbfs, off_like):
-                kept.append(features)
-            else:
-                dropped += 1
-        per_file.append(np.stack(kept) if kept else np.zeros((0, *params.shape), np.float32))
+        kept, windows = judged_windows(a, params, off_below_dbfs, off_like)
+        per_file.append(kept)
+        total += windows
+        dropped += windows - len(kept)
     if dropped:
         log.warning(
             "%d of %d windows are silent or the machine off (below %s dBFS%s): the calibration "

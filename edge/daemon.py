@@ -29,10 +29,9 @@ from edge.commands import LAST, threshold_bounds
 from edge.errors import SoundSentryError
 from edge.eventlog import last_logged_id
 from edge.events import Transition
-from edge.framing import WindowBuffer
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
-from edge.machine_state import RUNNING, judged_alone
+from edge.machine_state import RUNNING, judged_windows
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -468,32 +467,20 @@ class Detector:
             found = sorted(folder.glob(f"*-{eid[:CLIP_ID_CHARS]}.wav"))
             clip = named if named and named.is_file() else (found[-1] if found else None)
         if clip is not None:
-            windows = self._judged_windows(read_audio(clip, self.bundle.features.samplerate))
+            # the windows the device would take as evidence, as far as each window alone
+            # tells: 0.1 s of zeros in a marked clip had lifted the threshold fourfold
+            windows, _ = judged_windows(
+                read_audio(clip, self.bundle.features.samplerate),
+                self.bundle.features,
+                self.pipeline.machine.off_below_dbfs,
+                self.pipeline.namer,
+            )
             if len(windows):
                 return self._featurize(windows)
         rows = kept.get("rows", [])
         if not rows:
             raise LearningError(f"no windows of event {eid} are kept (no clip, not recent)")
         return np.stack(rows)
-
-    def _judged_windows(self, audio: np.ndarray) -> np.ndarray:
-        """The window features of a clip the device would take as evidence, as far as each
-        window alone tells (`judged_alone`): 0.1 s of zeros in a marked clip had lifted the
-        threshold fourfold, and the machine stopping in it by half."""
-        p, pipeline = self.bundle.features, self.pipeline
-        off = pipeline.machine.off_below_dbfs
-        kept = [
-            features
-            for window in WindowBuffer(p.window_samples, p.hop_samples).push(audio)
-            if judged_alone(
-                window.samples,
-                features := pipeline.logmel(window.samples),
-                p.hop_length,
-                off,
-                pipeline.namer,
-            )
-        ]
-        return np.stack(kept) if kept else np.zeros((0, *p.shape), np.float32)
 
     def _keep(self, step: Step, tap: ScorerTap) -> None:
         """Per window: the anomaly index, and features for the period or the open event; only

@@ -249,6 +249,27 @@ def judged_alone(
     )
 
 
+def judged_windows(
+    audio: np.ndarray,
+    params: FeatureParams,
+    off_below_dbfs: float | None,
+    off_like: StateNamer | None = None,
+) -> tuple[np.ndarray, int]:
+    """The window features of a recording that pass `judged_alone`, and how many windows it
+    has in all (`calibrate`'s site recordings, a marked event's clip)."""
+    logmel = LogMel(params)
+    windows = WindowBuffer(params.window_samples, params.hop_samples).push(audio)
+    kept = [
+        features
+        for w in windows
+        if judged_alone(
+            w.samples, features := logmel(w.samples), params.hop_length, off_below_dbfs, off_like
+        )
+    ]
+    stacked = np.stack(kept) if kept else np.zeros((0, *params.shape), np.float32)
+    return stacked, len(windows)
+
+
 def evidence_windows(
     audio: np.ndarray, params: FeatureParams, off_below_dbfs: float | None
 ) -> np.ndarray:
