@@ -85,6 +85,7 @@ def test_band_explanations_have_one_value_per_mel_band(trained: Path) -> None:
     [
         ("knn.bank", np.zeros((20, 7)), "knn.bank"),
         ("knn.components", np.zeros((8, N_MELS)), "knn.components"),
+        ("knn.components", np.zeros((0, 3 * N_MELS)), "knn.components"),  # every score 0
         ("knn.feature_std", np.ones(N_MELS), "knn.feature_std"),
         ("knn.neighbours", np.array([2.5]), "knn.neighbours"),
         ("knn.neighbours", np.array([1e6]), "knn.neighbours"),

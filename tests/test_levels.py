@@ -121,3 +121,23 @@ def test_all_channels_are_training_views(tmp_path: Path) -> None:
     m = load_bundle(out).manifest
     assert m.training.seconds == pytest.approx(10.0) and m.training.channel == -2
     assert m.threshold.params["n_windows"] == 3 * 2  # 3 views of each recording's held-out part
+
+
+def test_a_bundle_that_cannot_score_is_refused_at_load(trained: Path, tmp_path: Path) -> None:
+    """Hand-edited bundles that loaded and scored wrongly without a word: a negated precision
+    (every distance negative: a fault scores below normal running) and a window of one frame
+    (no frame changes: every score NaN, so nothing ever alarms)."""
+    from detector_helpers import assert_refused_with
+
+    precision = load_bundle(trained).array("statistics.precision")
+    assert_refused_with(
+        trained, tmp_path / "neg.bundle", "not symmetric positive definite",
+        **{"statistics.precision": -precision},
+    )  # fmt: skip
+    bundle = load_bundle(trained)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["features"]["window_seconds"] = manifest["features"]["n_fft"] / 16000
+    manifest["features"]["hop_seconds"] = manifest["features"]["window_seconds"]
+    short = write_bundle(tmp_path / "short.bundle", manifest, {}, bundle.arrays)
+    with pytest.raises(BundleError, match=r"a window of 1 frame\(s\) .* at least 3"):
+        load_bundle(short)

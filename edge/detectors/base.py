@@ -160,10 +160,35 @@ def require(bundle: Bundle, name: str, shape: tuple[int, ...], positive: bool = 
 
 
 def require_gaussian(bundle: Bundle, dim: int) -> None:
-    """The four statistics arrays of a Gaussian over `dim` features."""
+    """The four statistics arrays of a Gaussian over `dim` features, its precision symmetric
+    and positive definite (else distances can be negative: a fault scores below normal), over
+    windows of at least FRAME_CHANGES frames."""
+    require_frame_changes(bundle)
     for key, shape in (("feature_mean", (dim,)), ("center", (dim,)), ("precision", (dim, dim))):
         require(bundle, f"statistics.{key}", shape)
     require(bundle, "statistics.feature_std", (dim,), positive=True)
+    precision = bundle.array("statistics.precision")
+    if not np.allclose(precision, precision.T, rtol=1e-6, atol=1e-9) or not (
+        np.linalg.eigvalsh((precision + precision.T) / 2).min() > 0
+    ):
+        raise BundleError(
+            f"{bundle.path}: array statistics.precision is not symmetric positive definite"
+        )
+
+
+FRAME_CHANGES = 3
+"""Frames a window needs for the statistics kinds: a spread of frame changes needs two changes
+(a window of one frame scored NaN on every window, so it never alarmed)."""
+
+
+def require_frame_changes(bundle: Bundle) -> None:
+    """Windows long enough for a spread of frame changes."""
+    frames = bundle.features.n_frames
+    if frames < FRAME_CHANGES:
+        raise BundleError(
+            f"{bundle.path}: a window of {frames} frame(s) ({bundle.features.window_seconds} s); "
+            f"this detector needs at least {FRAME_CHANGES}"
+        )
 
 
 def require_normalization(bundle: Bundle) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, WindowScore, require
+from edge.detectors.base import DetectorKind, Refit, WindowScore, require, require_frame_changes
 from edge.detectors.levels import (
     GROUPS,
     held_out_explained,
@@ -135,16 +135,17 @@ class Knn(DetectorKind):
     def check(self, bundle: Bundle) -> None:
         """Embedding over the level-aware features, a bounded bank in its space, k <= rows."""
         super().check(bundle)
+        require_frame_changes(bundle)
         dim = GROUPS * bundle.features.n_mels
         require(bundle, "knn.feature_mean", (dim,))
         require(bundle, "knn.feature_std", (dim,), positive=True)
         require(bundle, "knn.neighbours", (1,), positive=True)
         require(bundle, "knn.scale", (1,), positive=True)
         components, bank = bundle.array("knn.components"), bundle.array("knn.bank")
-        if components.ndim != 2 or components.shape[1] != dim or components.shape[0] > dim:
+        if components.ndim != 2 or components.shape[1] != dim or not 1 <= len(components) <= dim:
             raise BundleError(
                 f"{bundle.path}: array knn.components has shape {components.shape}; "
-                f"the features need (dims <= {dim}, {dim})"
+                f"the features need (1 <= dims <= {dim}, {dim})"
             )
         if bank.ndim != 2 or bank.shape[1] != components.shape[0] or len(bank) > MAX_BANK:
             raise BundleError(
