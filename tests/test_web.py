@@ -1173,3 +1173,49 @@ def test_a_few_hosts_cannot_take_every_slot_and_each_counts_once() -> None:
     assert _host(("2001:db8:1:2::1", 80, 0, 0)) != _host(("2001:db8:1:2::2", 80, 0, 0))
     assert _host(("fe80::1%eth0", 80, 0, 2)) == "fe80::1%eth0"
     assert 3 * MAX_PER_ADDRESS < MAX_CONNECTIONS, "a few hosts cannot take every slot"
+
+
+def test_the_page_colours_only_a_score_the_event_logic_counts(tmp_path: Path) -> None:
+    """The page coloured every score against the threshold: the machine off in a quiet room
+    (57 against 12: never evidence) showed a big red score under a `normal` badge, and a
+    classifier's confident class (its probability 0.93 over 0.5) read as an anomaly, its class
+    changes as cards titled `anomaly in progress`."""
+    from selenium.webdriver.common.by import By
+
+    from edge.detectors.base import WindowScore
+    from edge.messages import EventMessage
+    from edge.pipeline import Step
+
+    dashboard = _dashboard(tmp_path)
+    browser = None
+    try:
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        css = lambda sel, what: browser.find_element(By.CSS_SELECTOR, sel).get_attribute(what)  # noqa: E731
+        wait_for(lambda: css("#conn", "textContent") == "live", 15, "the live stream")
+        live = dashboard.live
+        for step, expected in (
+            (Step(WindowScore(0, 57.0, np.zeros(64)), 0.0, 1.0, (), machine="off",
+                  evidence=False), "big dim"),
+            (Step(WindowScore(0, 0.93, np.zeros(64), "pump_on"), 0.5, 1.5, ()), "big dim"),
+            (Step(WindowScore(0, 57.0, np.zeros(64)), 1.0, 2.0, ()), "big anomaly"),
+        ):  # fmt: skip
+            live.window(step, 12.0)
+            wait_for(
+                lambda e=expected: css("#score", "className") == e, 10, expected,
+                lambda: css("#score", "className"),
+            )  # fmt: skip
+        live.event(
+            EventMessage(
+                type="start", event_id="c1", device_id="t", model="m", label="pump_on",
+                started_at="2026-01-01T00:00:00.000Z", peak_score=0.93, threshold=0.5,
+            )
+        )  # fmt: skip
+        card = wait_for(
+            lambda: browser.find_elements(By.CSS_SELECTOR, "#ev-c1.state"), 10, "the state card"
+        )
+        assert card[0].text.startswith("state pump_on in progress"), card[0].text
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()

@@ -134,6 +134,10 @@ class LiveView(Sink):
             "level_dbfs": round(float(step.level_dbfs), 1),
             "machine": step.state_name or step.machine,  # a trained state's name, as on MQTT
             "dead": step.dead,
+            # counted by the event logic: the page colours only such a score against the
+            # threshold (the machine off in a quiet room scored far above it, shown red)
+            "evidence": step.evidence,
+            "label": step.window.label,  # a classifier's class: its score is a probability
         }
         with self._lock:
             self._trace.append(self.last_window["score"])
