@@ -52,13 +52,7 @@ def has_dropout(samples: np.ndarray, run: int) -> bool:
     block (a USB glitch, a mute button pressed), whose frames of nothing score like a fault
     (30 times the threshold for 100 ms of zeros). Real recordings hold a few such samples in
     a row at most (3, over every clip of shared/data)."""
-    if run <= 0 or len(samples) < run:
-        return False
-    quiet = np.abs(samples) < SILENT_PEAK
-    if not quiet.any():
-        return False
-    counts = np.concatenate(([0], np.cumsum(quiet, dtype=np.int64)))
-    return bool(np.any(counts[run:] - counts[:-run] == run))
+    return len(_dropouts(samples, run)) > 0
 
 
 def heard_pieces(samples: np.ndarray, dropout_run: int) -> list[np.ndarray]:
@@ -66,21 +60,25 @@ def heard_pieces(samples: np.ndarray, dropout_run: int) -> list[np.ndarray]:
     digital silence), in order: what continuous frames may be computed on without a frame of
     nothing among them. A signal without a dropout is one piece; a piece may be too short for
     a frame (the caller's frames of it are then none)."""
-    if dropout_run <= 0 or len(samples) < dropout_run:
-        return [samples] if len(samples) else []
-    quiet = np.abs(samples) < SILENT_PEAK
-    if not quiet.any():
-        return [samples]
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], quiet.astype(np.int8), [0]))))
     pieces, start = [], 0
-    for first, end in zip(edges[::2], edges[1::2], strict=True):  # each quiet run [first, end)
-        if end - first >= dropout_run:
-            if first > start:
-                pieces.append(samples[start:first])
-            start = end
+    for first, end in _dropouts(samples, dropout_run).tolist():
+        if first > start:
+            pieces.append(samples[start:first])
+        start = end
     if start < len(samples):
         pieces.append(samples[start:])
     return pieces
+
+
+def _dropouts(samples: np.ndarray, run: int) -> np.ndarray:
+    """The runs of `run` or more samples of digital silence, as rows [first, end), in order."""
+    if run <= 0 or len(samples) < run:
+        return np.zeros((0, 2), np.int64)
+    quiet = np.abs(samples) < SILENT_PEAK
+    if not quiet.any():
+        return np.zeros((0, 2), np.int64)
+    runs = np.flatnonzero(np.diff(quiet.astype(np.int8), prepend=0, append=0)).reshape(-1, 2)
+    return runs[runs[:, 1] - runs[:, 0] >= run]
 
 
 def is_dead(samples: np.ndarray, dropout_run: int) -> bool:
