@@ -189,10 +189,10 @@ def _write(
 def held_windows(run: Run, normal: list[str | Path]) -> np.ndarray:
     """The log-mel windows of the run's held-out audio."""
     parts = []
+    views = run.channel == ALL_CHANNELS
+    off = run.machine.get("off_below_dbfs")
     for path in training_audio(normal):
-        views = run.channel == ALL_CHANNELS
         for audio in channel_views(path, run.params, 0 if views else run.channel, views):
             _, held = run.holdout.parts(path, audio, run.params.window_samples)
-            off = run.machine.get("off_below_dbfs")
             parts.append(evidence_windows(held, run.params, off))  # as every member's
     return np.concatenate(parts) if parts else np.zeros((0, *run.params.shape))
