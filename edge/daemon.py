@@ -31,7 +31,7 @@ from edge.eventlog import last_logged_id
 from edge.events import Transition
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
-from edge.machine_state import RUNNING, judged_windows
+from edge.machine_state import RUNNING, STOP_SECONDS, judged_windows
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -230,6 +230,9 @@ class Detector:
         self.clips = _clip_recorder(settings, rate)
         self._clip_keeper = _clip_keeper(settings, rate) if live else None
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._unlearnt: deque[tuple[float, np.ndarray, object]] = deque()
+        """A learning period's windows (end, features, period) of the last STOP_SECONDS, learnt
+        only once the machine has not gone quiet after them (training's rule)."""
         self.state = DeviceState(settings.data_dir) if persist else None
         self.adapter = (
             Adapter(settings.data_dir, settings.learning, bundle, settings.model, self._logic)
@@ -486,7 +489,11 @@ class Detector:
         """Per window: the anomaly index, and features for the period or the open event; only
         of windows the event logic takes as evidence (a machine's start-up, its coasting to a
         stop and the room while it is off had set the learnt threshold's floor: in a review,
-        3-s stops in a learning period raised it from 1.63 to 5.35)."""
+        3-s stops in a learning period raised it from 1.63 to 5.35). A period learns a window
+        STOP_SECONDS after it, unless the machine has gone quiet since: the stop began in it."""
+        if step.quieting:
+            self._unlearnt = deque(u for u in self._unlearnt if u[0] <= step.end_s - STOP_SECONDS)
+        self._learn_unlearnt(step.end_s)
         if not step.evidence or not self.health.ok:
             self.index.skip()
             return
@@ -500,8 +507,18 @@ class Detector:
         kept = self._kept.get(eid) if eid else None
         if kept is not None and len(kept["rows"]) < KEPT_EVENT_WINDOWS:
             kept["rows"].append(row)
-        if period is not None and self.adapter is not None and self.adapter.observe(row):
-            self._finish_learning()
+        if period is not None:
+            self._unlearnt.append((step.end_s, row, period))
+
+    def _learn_unlearnt(self, now_s: float) -> None:
+        """Feed the period the windows that ended STOP_SECONDS before `now_s` (the stream's
+        time); those of a period that has ended since are dropped."""
+        while self._unlearnt and self._unlearnt[0][0] <= now_s - STOP_SECONDS:
+            _, row, period = self._unlearnt.popleft()
+            if self.adapter is None or self.adapter.period is not period or self.muted:
+                continue
+            if self.adapter.observe(row):
+                self._finish_learning()
 
     def threshold_bounds(self) -> tuple[float, float]:
         """The thresholds set_threshold accepts for the running model and settings."""
@@ -748,13 +765,19 @@ class Detector:
 
     def new_stream(self) -> None:
         """A new, unrelated stream follows (the next replayed file): the open anomaly ends
-        where the last one stopped, and windowing and event logic start afresh."""
+        where the last one stopped, and windowing and event logic start afresh. A learning
+        period learns the last one's final windows: it ended with the machine running."""
+        self._learn_unlearnt(math.inf)
         self.close_event("end_of_stream")
         self._load(self.bundle, self.settings, self._threshold)
 
     def finish(self) -> None:
         """End an open anomaly, save a learning period in progress and the running hours, send
-        the last metrics, mark the state stopped."""
+        the last metrics, mark the state stopped. A learning period learns the final windows
+        of a source that ended (a recording: as training would), not of one stopped (a
+        service's stop is not held up by a refit; those seconds are not learnt)."""
+        if not self._stop.is_set():
+            self._learn_unlearnt(math.inf)
         self.close_event("stopped" if self.live or self._stop.is_set() else "end_of_stream")
         if self.adapter is not None:
             self.adapter.save_period()

@@ -48,6 +48,10 @@ class Step:
     """The event logic took this window as evidence: the machine running and settled (not
     starting up or coasting to a stop), the window neither dead nor sounding like `off`. Only
     such windows may be learnt as the machine's normal running."""
+    quieting: bool = False
+    """This window is the first in a row heard near the machine's off level: the machine went
+    quiet in the windows just before it (edge.machine_state.STOP_SECONDS), so a learning period
+    does not learn them as its running."""
 
     @property
     def score(self) -> float | None:
@@ -133,7 +137,8 @@ class Pipeline:
                 heard = _feed(self._shadow, evidence, ends, *window_at)
             else:
                 self._shadow = None
-            fields = (found, dead, elapsed, level, machine, name, heard, evidence)
+            quieting = not dead and self.machine.quieting
+            fields = (found, dead, elapsed, level, machine, name, heard, evidence, quieting)
             steps.append(Step(scored, start_s, end_s, *fields))
         return steps
 
