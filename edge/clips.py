@@ -148,8 +148,9 @@ class ClipRecorder:
         """New settings (SIGHUP): the audio the ring holds is kept, and the limits apply at the
         next housekeep."""
         self._limits(preroll_s, max_seconds, max_total_mb, max_age_days)
-        held = self.ring.since(0)
-        ring = CaptureRing(preroll_s + 15.0, self.samplerate, self.ring.end - len(held))
+        ring = CaptureRing(preroll_s + 15.0, self.samplerate)
+        held = self.ring.since(0)[-ring.size :]  # a shorter ring keeps the newest
+        ring.begin = ring.end = self.ring.end - len(held)
         ring.push(held)  # samples keep their stream index
         self.ring, self._next_retention = ring, None
 

@@ -257,6 +257,24 @@ def test_new_clip_settings_keep_the_audio_the_ring_holds(tmp_path: Path) -> None
     np.testing.assert_array_equal(rec.ring.since(0), held)  # no silence from before it heard
 
 
+def test_a_shorter_preroll_keeps_the_stream_index(tmp_path: Path) -> None:
+    """A reload lowering the pre-roll (10 -> 3 s) pushed the held audio into the shorter ring,
+    which kept its newest part but counted only that: the ring fell 7 s behind the stream, and
+    every later clip began late, without its pre-roll, until a restart (in a review)."""
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=10.0)
+    audio = np.linspace(-0.5, 0.5, 40 * RATE, dtype=np.float32)
+    for i in range(0, len(audio), 4096):
+        rec.push(audio[i : i + 4096])
+    rec.configure(3.0, 60.0, 500.0, 1.0)
+    assert rec.ring.end == len(audio) and rec.ring.size == 18 * RATE
+    np.testing.assert_array_equal(rec.ring.since(30 * RATE), audio[30 * RATE :])
+    rec.start("ev1", first_sample=38 * RATE, wall_time=time.time())  # pre-roll from 35 s
+    name, seconds = rec.finish("ev1")
+    assert seconds == 5.0, seconds
+    data, _ = sf.read(tmp_path / name, dtype="float32")
+    np.testing.assert_allclose(data[:10], audio[35 * RATE : 35 * RATE + 10], atol=1e-4)
+
+
 def test_clips_turned_on_by_a_reload_mid_stream_have_their_preroll(tmp_path: Path) -> None:
     """A recorder a reload makes mid-stream counted its samples from 0 while events give their
     first sample on the stream's scale: every clip began where the event was raised, without
