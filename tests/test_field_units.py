@@ -275,6 +275,30 @@ def test_a_shorter_preroll_keeps_the_stream_index(tmp_path: Path) -> None:
     np.testing.assert_allclose(data[:10], audio[35 * RATE : 35 * RATE + 10], atol=1e-4)
 
 
+def test_a_long_clip_is_held_and_written_in_two_bytes_a_sample(tmp_path: Path) -> None:
+    """A clip is held in memory until its anomaly ends: as float32, and joined and clipped
+    into two more copies to be written, `max_seconds = 3600` took +667 MB, and the kernel
+    killed the service at its 300 MB limit while it wrote the clip (in a review). Now 16-bit
+    PCM, as the clip is stored, written part by part."""
+    import tracemalloc
+
+    seconds, block = 300, 4000
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=0.0, max_seconds=3600.0)
+    rng = np.random.default_rng(0)
+    noise = (0.1 * rng.standard_normal(block)).astype(np.float32)
+    tracemalloc.start()
+    rec.start("long", first_sample=0, wall_time=time.time())
+    for _ in range(seconds * RATE // block):
+        rec.push(noise)
+    name, length = rec.finish("long")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert length == seconds
+    assert peak < 3 * seconds * RATE, f"{peak / 1e6:.0f} MB for {seconds * RATE} samples"
+    data, _ = sf.read(tmp_path / name, dtype="float32", frames=block)
+    np.testing.assert_allclose(data, noise, atol=1 / 32767)
+
+
 def test_clips_turned_on_by_a_reload_mid_stream_have_their_preroll(tmp_path: Path) -> None:
     """A recorder a reload makes mid-stream counted its samples from 0 while events give their
     first sample on the stream's scale: every clip began where the event was raised, without
