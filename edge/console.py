@@ -117,16 +117,22 @@ class ReplaySummary(Sink):
     def __init__(self) -> None:
         self.windows = 0
         self.off = 0
+        self.unjudged = 0
+        """Windows of the machine running but starting up or going quiet (not evidence)."""
         self.events = 0
         self.integrated = 0
         self.highest: float | None = None
 
     def step(self, step: Step) -> None:
-        """Count a window; silent or flat ones, and those with the machine off (never scored
-        for events), do not set the highest score."""
+        """Count a window; only those the event logic takes as evidence set the highest score
+        (not silent or flat ones, the machine off, starting up or going quiet: a machine's
+        run-up had the line report a score above the threshold with no event)."""
         self.windows += 1
         if step.machine != RUNNING:  # the pipeline's own rule: such windows raise no event
             self.off += 1
+            return
+        if not step.evidence:
+            self.unjudged += not step.dead
             return
         score = step.score
         if score is not None:
@@ -147,6 +153,8 @@ class ReplaySummary(Sink):
             peak = f"highest score {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
         if self.off:
             peak += f"; the machine off in {self.off} of them"
+        if self.unjudged:
+            peak += f"; {self.unjudged} of the machine starting or stopping, not judged"
         events = f"{self.events} event{'' if self.events == 1 else 's'}"
         if self.integrated:  # their windows can all lie below the threshold: say why
             events += f" ({self.integrated} from evidence over time)"

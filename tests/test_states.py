@@ -172,9 +172,30 @@ def test_a_state_named_off_is_off_no_event_and_no_running_hours(
     for step in heard:
         summary.step(step)
     off_windows = sum(s.machine == "off" for s in heard)
-    running = [s.score for s in heard if s.machine != "off" and s.score is not None]
-    assert summary.off == off_windows > 0 and summary.highest == max(running)
-    assert summary.line(1, 1.0).endswith(f"; the machine off in {off_windows} of them")
+    judged = [s.score for s in heard if s.evidence]
+    assert summary.off == off_windows > 0 and summary.highest == max(judged)
+    assert f"; the machine off in {off_windows} of them" in summary.line(1, 1.0)
+
+
+def test_replay_s_highest_score_is_of_the_windows_the_event_logic_judges() -> None:
+    """`replay` took every running window for its highest score: a machine's run-up scored
+    above the threshold, and the line said "highest score 2.76 vs threshold 1.87 (above)"
+    with no event (in a review)."""
+    from edge.pipeline import Step
+    from edge.scoring import WindowScore
+
+    def step(score: float, start: float, **kw: object) -> Step:
+        return Step(WindowScore(0, score, np.zeros(64)), start, start + 1.0, (), **kw)
+
+    summary = ReplaySummary()
+    for s in (step(9.0, 0.0, evidence=False), step(1.2, 0.5), step(0.9, 1.0),
+              step(7.0, 1.5, evidence=False, quieting=True), step(50.0, 2.0, machine="off",
+              evidence=False)):  # fmt: skip
+        summary.step(s)
+    assert summary.highest == 1.2 and summary.off == 1 and summary.unjudged == 2
+    line = summary.line(1, 1.87)
+    assert "highest score 1.2 vs threshold 1.87 (below)" in line, line
+    assert line.endswith("; 2 of the machine starting or stopping, not judged"), line
 
 
 def test_an_event_keeps_the_state_it_was_raised_in_and_replay_adds_no_running_hours(
