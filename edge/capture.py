@@ -15,6 +15,7 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -235,7 +236,8 @@ class MicSource:
         except sd.PortAudioError as exc:
             _close(stream)
             said = " ".join(str(exc).split())
-            raise CaptureError(f"cannot start audio device {self.device!r}: {said}") from None
+            which = "the default input" if self.device is None else repr(self.device)
+            raise CaptureError(f"cannot start audio device {which}: {said}") from None
         except BaseException:
             _close(stream)
             raise
@@ -260,7 +262,10 @@ class MicSource:
         self._scanned = (now, time.monotonic())
         sd = sounddevice_module()
         try:
-            sd._terminate()
+            # not initialised when the last _initialize failed: terminating then fails, every
+            # time, and the microphone stayed lost for good (in a review)
+            with contextlib.suppress(sd.PortAudioError):
+                sd._terminate()
             sd._initialize()
             self.device, self.rate = self._resolve()
         except (CaptureError, sd.PortAudioError, OSError) as exc:
@@ -289,6 +294,7 @@ class MicSource:
                 backoff = min(backoff * 2, self.reopen_max_s)
                 continue
             reopened, first = not first, False
+            initial = not reopened  # the first stream opened
             flowing: float | None = None  # since when this stream delivers
             settled = False  # delivered for stall_s: it works, the next outage starts afresh
             try:
@@ -308,6 +314,13 @@ class MicSource:
                             self._retries = 0
                     yield block
             except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
+                if initial and flowing is None and not self.wait:  # `record`, `run` at a prompt
+                    which = "the default input" if self.device is None else repr(self.device)
+                    raise CaptureError(
+                        f"audio device {which} opened but delivered no audio in "
+                        f"{self.stall_s:g} s: is another program holding it, or is it wedged "
+                        "(unplug it and plug it in again)?"
+                    ) from None
                 if settled:
                     log.warning("capture: %s; reopening the device", exc)
                     yield None

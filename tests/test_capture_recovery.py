@@ -371,3 +371,61 @@ def test_the_resampler_starts_afresh_after_lost_audio(streams: list[dict[str, An
     fresh = soxr.ResampleStream(3 * RATE, RATE, 1, dtype="float32")
     expected = np.concatenate([fresh.resample_chunk(b[:, 0]) for b in after])
     np.testing.assert_allclose(np.concatenate(heard[gap + 1 :]), expected, atol=1e-6)
+
+
+def test_a_failed_reinitialisation_of_portaudio_is_not_for_good(
+    streams: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One failed re-initialisation left PortAudio uninitialised; every later retry began by
+    terminating it, which then failed, so it was never initialised again, and the service
+    heard nothing until a restart though the microphone was back (in a review)."""
+    import edge.capture
+
+    sd = pytest.importorskip("sounddevice")
+    monkeypatch.setattr(edge.capture, "REOPEN_MIN_S", 0.05)
+    state = {"up": True, "fail_next_init": True}
+
+    def terminate() -> None:
+        if not state["up"]:
+            raise sd.PortAudioError("Error terminating PortAudio: PortAudio not initialized")
+        state["up"] = False
+
+    def initialize() -> None:
+        if state["fail_next_init"]:
+            state["fail_next_init"] = False
+            raise sd.PortAudioError("Error initializing PortAudio", -9999)
+        state["up"] = True
+
+    monkeypatch.setattr(sd, "_terminate", terminate)
+    monkeypatch.setattr(sd, "_initialize", initialize)
+    streams += [
+        {"level": 0.25, "fail": False, "blocks": 3},  # works, then the microphone goes
+        {"level": 0.75, "fail": False},  # back, once PortAudio is up again
+    ]
+    source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=0.3, reopen_max_s=0.05)
+    capture_until(source, 0.25, 0.75)
+    assert state["up"]
+
+
+def test_a_device_that_opens_but_never_delivers_is_refused_in_one_line(
+    streams: list[dict[str, Any]],
+) -> None:
+    """Without `wait` (`record`, `run` at a prompt) a first stream that starts but delivers
+    nothing was retried for ever: a 5-s `record` on a wedged microphone never ended and wrote
+    nothing (in a review). It is refused like one that will not start."""
+    streams += [{"level": 0.0, "fail": False, "blocks": 0}]
+    source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=0.3)
+    t0 = time.monotonic()
+    refused = f"audio device {DEVICE!r} opened but delivered no audio in 0.3 s"
+    with pytest.raises(CaptureError, match=refused):
+        for _ in source:
+            assert time.monotonic() - t0 < DEADLINE_S, "still waiting for a silent device"
+    assert streams[0]["opened"].closed
+
+
+def test_the_default_input_that_will_not_start_is_named_as_such(
+    streams: list[dict[str, Any]],
+) -> None:
+    streams += [{"level": 0.0, "fail": True}]
+    with pytest.raises(CaptureError, match="cannot start audio device the default input: "):
+        next(iter(MicSource(AudioSettings(), RATE)))
