@@ -400,6 +400,18 @@ class Settings(BaseSettings):
     learning: LearningSettings = Field(default_factory=LearningSettings)
     web: WebSettings = Field(default_factory=WebSettings)
 
+    @model_validator(mode="after")
+    def _blocks_within_a_stall(self) -> Settings:
+        """A capture block arrives every block_seconds: a stall time below two of them called
+        every stream stalled before its first block, and reopened it for good (in a review)."""
+        block, stall = self.audio.block_seconds, self.health.stall_seconds
+        if stall < 2 * block:
+            raise ValueError(
+                f"health.stall_seconds ({stall:g}) must be at least twice audio.block_seconds "
+                f"({block:g}): every stream would be taken for stalled before its first block"
+            )
+        return self
+
     @property
     def model_folders(self) -> list[Path]:
         """Folders a remote reload_model may load bundles from."""
@@ -464,7 +476,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming the first bad key and what is allowed."""
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "settings"
+    key = ".".join(str(p) for p in err["loc"])
+    if not key:  # a rule across sections names its keys itself
+        return f"invalid settings: {err['msg'].removeprefix('Value error, ')}"
     if err["type"] == "extra_forbidden":
         return f"invalid setting {key}: unknown key"
     value = err.get("input")

@@ -76,6 +76,8 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ('[mqtt]\nhost = "broker..lan"\n', "mqtt.host"),  # ended paho's thread for good
         ('[mqtt]\nhost = ".lan"\n', "mqtt.host"),
         ('[mqtt]\nhost = "broker lan"\n', "mqtt.host"),
+        # no block could arrive within the stall time: the capture reopened the device for good
+        ("[audio]\nblock_seconds = 1.0\n[health]\nstall_seconds = 0.5\n", "health.stall_seconds"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
