@@ -485,15 +485,17 @@ class Detector:
             raise LearningError(f"no windows of event {eid} are kept (no clip, not recent)")
         return np.stack(rows)
 
-    def _keep(self, step: Step, tap: ScorerTap) -> None:
+    def _keep(self, step: Step, tap: ScorerTap, end_s: float) -> None:
         """Per window: the anomaly index, and features for the period or the open event; only
         of windows the event logic takes as evidence (a machine's start-up, its coasting to a
         stop and the room while it is off had set the learnt threshold's floor: in a review,
         3-s stops in a learning period raised it from 1.63 to 5.35). A period learns a window
-        STOP_SECONDS after it, unless the machine has gone quiet since: the stop began in it."""
+        STOP_SECONDS after it, unless the machine has gone quiet since: the stop began in it.
+        `end_s`: the window's end in the time of the whole run, which a reload or refit (a new
+        pipeline, its own time from 0) does not set back."""
         if step.quieting:
-            self._unlearnt = deque(u for u in self._unlearnt if u[0] <= step.end_s - STOP_SECONDS)
-        self._learn_unlearnt(step.end_s)
+            self._unlearnt = deque(u for u in self._unlearnt if u[0] <= end_s - STOP_SECONDS)
+        self._learn_unlearnt(end_s)
         if not step.evidence or not self.health.ok:
             self.index.skip()
             return
@@ -508,11 +510,11 @@ class Detector:
         if kept is not None and len(kept["rows"]) < KEPT_EVENT_WINDOWS:
             kept["rows"].append(row)
         if period is not None:
-            self._unlearnt.append((step.end_s, row, period))
+            self._unlearnt.append((end_s, row, period))
 
     def _learn_unlearnt(self, now_s: float) -> None:
-        """Feed the period the windows that ended STOP_SECONDS before `now_s` (the stream's
-        time); those of a period that has ended since are dropped."""
+        """Feed the period the windows that ended STOP_SECONDS before `now_s` (the run's time);
+        those of a period that has ended since are dropped."""
         while self._unlearnt and self._unlearnt[0][0] <= now_s - STOP_SECONDS:
             _, row, period = self._unlearnt.popleft()
             if self.adapter is None or self.adapter.period is not period or self.muted:
@@ -676,7 +678,7 @@ class Detector:
             block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
         if self.clips:
             self.clips.push(block)
-        tap = self._tap
+        tap, base_s = self._tap, self._base / self._rate  # of the pipeline the steps come from
         heeded = not self.muted and INVALID not in self.health.active
         # in a learning period events are held off, and the model in use listens to what it
         # would have raised: the refit says so, for a fault heard then is learnt as normal
@@ -708,7 +710,7 @@ class Detector:
                 self._dispatch(transition)
             if step.heard and self.adapter is not None and self.adapter.period is not None:
                 self.adapter.period.heard_events += sum(t.kind == "start" for t in step.heard)
-            self._keep(step, tap)
+            self._keep(step, tap, base_s + step.end_s)
         tap.windows.clear()
         self.metrics.block_processed(len(block) / self._rate, time.perf_counter() - t0)
         self._last_block = time.monotonic()  # a slow block (a refit at a period's end) is no stall

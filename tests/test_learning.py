@@ -1302,6 +1302,34 @@ def test_a_learning_period_learns_no_window_the_machine_stopped_in(tmp_path: Pat
     assert len(learnt) >= 30 and distance.max() < 1e-4, (len(learnt), distance.max())
 
 
+def test_learning_goes_on_across_a_reload_and_after_a_period_ends(tmp_path: Path) -> None:
+    """A window waits STOP_SECONDS before a period learns it, timed at first by the pipeline,
+    whose time starts from 0 again at a reload (SIGHUP), a refit or a rollback: the windows
+    waiting then held up every later one, and a period learnt nothing more until the new
+    time caught up with the old (80 MB a day of waiting windows; in a review)."""
+    fan = np.concatenate([read_audio(f, RATE) for f in NORMAL_FILES])  # 20 s
+
+    def feed(detector: Detector, audio: np.ndarray) -> None:
+        for i in range(0, len(audio), 4096):
+            detector.feed(audio[i : i + 4096])
+
+    device = Device(tmp_path)
+    detector = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [], persist=True)
+    detector.start_learning(3600)
+    feed(detector, np.concatenate([fan] * 3))
+    before = detector.adapter.period.collected_s
+    detector.apply_settings(device.settings())  # a reload: a new pipeline, the period goes on
+    feed(detector, fan)
+    assert detector.adapter.period.collected_s - before > 15
+    assert len(detector._unlearnt) <= 5  # the last 2 s
+    detector.start_learning(40)  # a new period, which ends by its count
+    feed(detector, np.concatenate([fan] * 3))
+    assert not detector.learning and detector.bundle.model_id.endswith("-site-v1")
+    detector.start_learning(600)  # and `learn start` again at once
+    feed(detector, fan)
+    assert detector.adapter.period.collected_s > 15
+
+
 def test_a_marked_clip_s_dropout_is_not_learnt(tmp_path: Path) -> None:
     """`mark_normal` learnt every window of the event's clip: 0.1 s of zeros in it (a USB
     glitch) lifted the threshold fourfold in a review, though the device never scores such a
