@@ -232,7 +232,14 @@ class Controller:
                     "model": new.model,
                     "models_dir": new.models_dir,
                     "clips": new.clips,
-                    "health": new.health,
+                    # as said above: the running capture keeps its blocks and reopening, and
+                    # its stall time with them (checked against its block length at start)
+                    "health": h.model_copy(
+                        update={
+                            "stall_seconds": was.stall_seconds,
+                            "reopen_max_seconds": was.reopen_max_seconds,
+                        }
+                    ),
                 }
             )
         )

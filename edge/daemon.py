@@ -649,6 +649,7 @@ class Detector:
         self._origin = self.clock() - self._samples / self._rate - ahead
         self._slack_s = float(getattr(source, "latency_s", 0.0)) + CLOCK_SLACK_S
         self._wall_offset = self.clock() - time.monotonic()
+        self._last_block = time.monotonic()  # no block was due before (the broker waited for)
         self.emit_state()
         self._emit_health(None)
         try:

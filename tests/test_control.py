@@ -191,6 +191,39 @@ def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(tmp_path:
     assert ends and ends[-1].clip and (tmp_path / "data" / "clips" / ends[-1].clip).is_file()
 
 
+def test_a_reload_keeps_the_running_capture_s_stall_time(tmp_path: Path) -> None:
+    """A reload applied the new [health] stall_seconds to the daemon's stall check at once but
+    kept the running capture's [audio] blocks (it says both apply after a restart): 1-s blocks
+    against a new stall time of 0.5 s were taken for a stalled microphone between any two
+    blocks (in a review). The running stall time stays until the restart."""
+    d, _ = detector(tmp_path, audio={"block_seconds": 1.0}, health={"stall_seconds": 3.0})
+    new = d.settings.model_copy(
+        update={
+            "audio": d.settings.audio.model_copy(update={"block_seconds": 0.1}),
+            "health": d.settings.health.model_copy(
+                update={"stall_seconds": 0.5, "fault_seconds": 1.0}
+            ),
+        }
+    )
+    Controller(d, reload_settings=lambda: new).reload()
+    health = d.settings.health
+    assert (health.stall_seconds, health.fault_seconds) == (3.0, 1.0)
+    assert d.settings.audio.block_seconds == 1.0
+
+
+def test_no_stall_is_reported_for_the_time_before_the_run(tmp_path: Path) -> None:
+    """The stall clock started when the daemon was built, and the service waits up to 5 s for
+    the broker before it runs: every start without a broker reported the microphone stalled
+    (`no audio for 3 s`) before a block was due (in a review)."""
+    import time
+
+    d, rec = detector(tmp_path, health={"stall_seconds": 1.0})
+    time.sleep(1.1)  # the service waiting for its broker
+    d.run(iter([None]))  # a tick, before any block could have come
+    assert "stalled" not in d.health.active
+    assert not [h for h in rec.healths if h.change and "stall" in h.change], rec.healths
+
+
 def test_nan_audio_is_a_health_fault_not_silence(tmp_path: Path) -> None:
     clip = read_audio(NORMAL_FILES[0], RATE)
     clip[RATE // 2 : RATE] = np.nan  # 5 s: finite for RECOVER_SECONDS after the bad second
