@@ -402,13 +402,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _blocks_within_a_stall(self) -> Settings:
-        """A capture block arrives every block_seconds: a stall time below two of them called
-        every stream stalled before its first block, and reopened it for good (in a review)."""
+        """A capture block arrives every block_seconds: a stall time below one of them called
+        every stream stalled before its first block, and reopened it for good (in a review);
+        half a block more allows for a busy machine's late blocks."""
         block, stall = self.audio.block_seconds, self.health.stall_seconds
-        if stall < 2 * block:
+        if stall < 1.5 * block:
             raise ValueError(
-                f"health.stall_seconds ({stall:g}) must be at least twice audio.block_seconds "
-                f"({block:g}): every stream would be taken for stalled before its first block"
+                f"health.stall_seconds ({stall:g}) must be at least 1.5 times "
+                f"audio.block_seconds ({block:g}): a block comes every block_seconds, and a "
+                "stream with none for stall_seconds is taken for stalled"
             )
         return self
 

@@ -85,6 +85,19 @@ def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> Non
         load_settings(write(tmp_path, text))
 
 
+def test_a_stall_time_of_one_and_a_half_blocks_is_enough(tmp_path: Path) -> None:
+    """1-s blocks with a stall time of 1.5 s work (every block comes within it): a rule asking
+    for twice the block refused such a config at the upgrade (in a review)."""
+    s = load_settings(
+        write(tmp_path, "[audio]\nblock_seconds = 1.0\n[health]\nstall_seconds = 1.5\n")
+    )
+    assert (s.audio.block_seconds, s.health.stall_seconds) == (1.0, 1.5)
+    with pytest.raises(SettingsError, match=r"^invalid settings: health\.stall_seconds \(1\.4\)"):
+        load_settings(
+            write(tmp_path, "[audio]\nblock_seconds = 1.0\n[health]\nstall_seconds = 1.4\n")
+        )
+
+
 def test_invalid_setting_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     cfg = write(tmp_path, "[mqtt]\nport = 0\n")
     proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(cfg), check=False)
