@@ -154,7 +154,7 @@ class ReplaySummary(Sink):
         if self.off:
             peak += f"; the machine off in {self.off} of them"
         if self.unjudged:
-            peak += f"; {self.unjudged} of the machine starting or stopping, not judged"
+            peak += f"; {self.unjudged} not judged (a start-up, a stop, or sound back after a gap)"
         events = f"{self.events} event{'' if self.events == 1 else 's'}"
         if self.integrated:  # their windows can all lie below the threshold: say why
             events += f" ({self.integrated} from evidence over time)"

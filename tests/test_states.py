@@ -195,7 +195,7 @@ def test_replay_s_highest_score_is_of_the_windows_the_event_logic_judges() -> No
     assert summary.highest == 1.2 and summary.off == 1 and summary.unjudged == 2
     line = summary.line(1, 1.87)
     assert "highest score 1.2 vs threshold 1.87 (below)" in line, line
-    assert line.endswith("; 2 of the machine starting or stopping, not judged"), line
+    assert line.endswith("; 2 not judged (a start-up, a stop, or sound back after a gap)"), line
 
 
 def test_an_event_keeps_the_state_it_was_raised_in_and_replay_adds_no_running_hours(
