@@ -339,6 +339,47 @@ def test_state_folders_are_checked_before_anything_is_trained(
         state_folders(bad)
 
 
+def test_state_folders_leave_out_what_gives_no_window_and_name_every_bad_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From a review: a 50-ms recording in a state gave it no band level (NaN), and the bundle
+    was written and then refused; a folder of notes with a name no state may have stopped the
+    training; unusable files were named one state at a time; a state whose recordings were too
+    short to hold any out was left out of the threshold without a word."""
+    from train.embedding import read_own, state_folders
+
+    rate, rng = 16000, np.random.default_rng(3)
+    root = tmp_path / "states"
+    for state, lengths in (("high", [12.0]), ("idle", [4.0, 4.0, 4.0, 0.05])):
+        (root / state).mkdir(parents=True)
+        for i, seconds in enumerate(lengths):
+            sf.write(
+                root / state / f"{i}.wav", rng.standard_normal(int(seconds * rate)) * 0.1, rate
+            )
+    (root / "notes (old)").mkdir()
+    (root / "notes (old)" / "readme.txt").write_text("recorded on Monday")
+    groups = state_folders(root, rate)
+    assert list(groups) == ["high", "idle"] and len(groups["idle"]) == 3
+    said = [r.getMessage() for r in caplog.records]
+    assert any("1 recording(s) shorter than one 1-s window left out" in m for m in said), said
+    own = read_own(groups, FeatureParams(), 0)
+    assert own.held_windows and own.state_levels()["machine.state_levels"].shape[0] == 2
+    (warned,) = [r.getMessage() for r in caplog.records if "none of its audio" in r.getMessage()]
+    assert warned.startswith("state idle: none of its audio could be held out (3 recording(s)")
+    # every unusable file at once, whatever its state
+    (root / "high" / "broken.wav").write_bytes(b"RIFF junk")
+    sf.write(root / "idle" / "phone.wav", rng.standard_normal(8000 * 12) * 0.1, 8000)
+    with pytest.raises(AudioError) as refused:
+        state_folders(root, rate)
+    assert "broken.wav" in str(refused.value) and "phone.wav" in str(refused.value)
+    (root / "idle" / "phone.wav").unlink()
+    (root / "high" / "broken.wav").unlink()
+    for f in (root / "idle").glob("[0-2].wav"):
+        f.unlink()
+    with pytest.raises(AudioError, match="every recording of the state 'idle' is shorter than"):
+        state_folders(root, rate)
+
+
 def test_an_output_that_sat_still_in_training_cannot_set_the_threshold_alone() -> None:
     """An embedding output over a band the recordings leave empty sits at one value in
     training; the first sound in that band (a door in the held-out audio) moved it 100 int8

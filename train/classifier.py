@@ -63,7 +63,8 @@ def split_windows(
             which = "to train on" if not fit else "held out to validate on"
             raise AudioError(
                 f"class {name!r}: no {params.window_seconds:g}-s window {which} (its "
-                f"{len(classes[name])} recording(s) are too short); give it 5 or more "
+                f"{len(classes[name])} recording(s) are too short, or silent: digital silence, "
+                "a flat line or dropouts are never windows of a class); give it 5 or more "
                 f"recordings, or recordings of at least {5 * params.window_seconds:g} s "
                 "(the last fifth of each is held out)"
             )

@@ -39,8 +39,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from edge.advice import MIN_AUDIO_SECONDS, audio_seconds, require_audio
-from edge.audio_io import find_audio, skipped_folder, without_copies
+from edge.advice import MIN_AUDIO_SECONDS, require_audio, warn_short
+from edge.audio_io import check_files, find_audio, skipped_folder, without_copies
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, SAFE_LABEL, write_bundle
 from edge.detectors.embedding import (
     BAND_STD_FLOOR_DB,
@@ -263,7 +263,11 @@ of: in a review, one 12-s state beside ten of another put 48 % of its new window
 threshold (9 % with as much of each)."""
 
 
-def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, list[Path]]:
+def state_folders(
+    root: str | Path,
+    samplerate: int | None = None,
+    window_seconds: float = FeatureParams().window_seconds,
+) -> dict[str, list[Path]]:
     """State name -> its audio files, from the subfolders of `root` (one state is allowed),
     checked before anything is trained: a name the bundle can carry, `off` in any case, no
     empty folder left out silently, byte-identical copies used once, every file usable, and
@@ -284,6 +288,10 @@ def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, 
     folders = (d for d in root.iterdir() if d.is_dir() and not skipped_folder(d.name))
     for folder in sorted(folders):
         name = OFF if folder.name.lower() == OFF else folder.name
+        files = find_audio([folder], quiet=True)
+        if not files:  # notes, an empty folder: no state, whatever its name
+            log.warning("%s holds no audio: it is not a state", folder)
+            continue
         if not re.fullmatch(SAFE_LABEL, name):
             raise AudioError(
                 f"{folder}: a state folder's name is the state's name in messages: letters, "
@@ -292,13 +300,23 @@ def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, 
             )
         if name in groups:
             raise AudioError(f"{folder}: a second folder for the state {name!r}")
-        files = find_audio([folder])
-        if not files:
-            log.warning("%s holds no audio: it is not a state", folder)
-            continue
-        groups[name] = files
+        groups[name] = find_audio([folder])
     if not groups:
         raise AudioError(f"{root}: no subfolder with audio (one subfolder per state)")
+    # every unusable file of every state named at once; a recording shorter than one window
+    # is left out, as `--normal` leaves it (a 50-ms one gave a state no level: NaN)
+    every = [f for files in groups.values() for f in files]
+    length = {
+        f: n / rate for f, (n, rate) in zip(every, check_files(every, 0, samplerate), strict=True)
+    }
+    warn_short([str(f) for f in every if length[f] < window_seconds], window_seconds)
+    for name, files in groups.items():
+        groups[name] = [f for f in files if length[f] >= window_seconds]
+        if not groups[name]:
+            raise AudioError(
+                f"{root}: every recording of the state {name!r} is shorter than one "
+                f"{window_seconds:g}-s window"
+            )
     # across states too: a copy in a second state's folder was fitted while the same recording
     # was held out in the first, and the threshold was set on audio the model had seen
     kept = set(without_copies([f for files in groups.values() for f in files]))
@@ -307,7 +325,7 @@ def state_folders(root: str | Path, samplerate: int | None = None) -> dict[str, 
         if not files:
             raise AudioError(f"{root}: every recording of the state {name!r} is a copy of one in "
                              "another state")  # fmt: skip
-    seconds = {k: audio_seconds(v, samplerate=samplerate) for k, v in groups.items()}
+    seconds = {k: sum(length[f] for f in v) for k, v in groups.items()}
     running = {k: v for k, v in seconds.items() if k != OFF}
     if not running:
         raise AudioError(
@@ -387,6 +405,18 @@ def read_own(
             f"{params.window_seconds} s outside a state folder named `{OFF}`"
         )
     require_held_out(sum(len(w) for w in own.running(own.held_windows)), params)
+    held = dict.fromkeys(own.states, 0)
+    for label, windows in zip(own.view_states, own.held_windows, strict=True):
+        held[own.states[label]] += len(windows)
+    for state, n in held.items():
+        if n == 0 and state != OFF:
+            log.warning(
+                "state %s: none of its audio could be held out (%d recording(s) too short for "
+                "their last fifth to hold a window): the threshold is set without it, and it may "
+                "raise false alarms while the machine runs in it; give it 5 or more recordings, "
+                "or recordings of at least %g s",
+                state, own.state_recordings[state], 5 * params.window_seconds,
+            )  # fmt: skip
     return own
 
 
@@ -681,7 +711,7 @@ def fit_embedding(
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(seed)
     groups = (
-        state_folders(states, params.samplerate)
+        state_folders(states, params.samplerate, params.window_seconds)
         if states
         else {
             "normal": training_audio(list(normal or []), params.samplerate, params.window_seconds)
