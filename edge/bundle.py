@@ -329,6 +329,9 @@ def write_bundle(
     body["arrays"] = {}
     if all_arrays:
         clean = {k: np.ascontiguousarray(v, np.float64) for k, v in sorted(all_arrays.items())}
+        for name, a in clean.items():  # as load_bundle checks: no bundle it would refuse
+            if not np.all(np.isfinite(a)):
+                raise BundleError(f"{path}: refusing to write array {name}: NaN or infinite")
         blobs[ARRAYS] = _npz_bytes(clean)
         body["arrays"] = {k: list(v.shape) for k, v in clean.items()}
     body["files"] = {n: sha256_bytes(d) for n, d in sorted(blobs.items())}

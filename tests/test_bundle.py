@@ -507,6 +507,23 @@ def test_a_rename_is_synced_into_its_folder(
     assert load_bundle(tmp_path / "b.bundle").model_id == bundle.model_id
 
 
+def test_a_bundle_load_bundle_would_refuse_for_its_arrays_is_never_written(
+    tmp_path: Path,
+) -> None:
+    """A state of 50 ms gave its band levels NaN: training wrote the bundle, and only then was
+    it refused ("holds NaN or infinite values"), the folder left behind (in a review)."""
+    from edge.bundle import write_bundle
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    arrays = dict(bundle.arrays)
+    name = sorted(arrays)[0]
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    with pytest.raises(BundleError, match=f"refusing to write array {name}: NaN or infinite"):
+        write_bundle(tmp_path / "nan.bundle", manifest, {}, arrays)
+    assert not (tmp_path / "nan.bundle").exists()
+
+
 def test_a_model_the_old_tflite_runtime_cannot_run_says_to_install_litert(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
