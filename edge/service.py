@@ -349,13 +349,16 @@ def end_interrupted(events: list[LoggedEvent], sinks: Iterable[Sink]) -> int:
 
 
 def _logged_events(data_dir: Path) -> list[LoggedEvent]:
-    """The device's event log, oldest first; none when it cannot be read (said once: its last
-    event is then not re-published, nor are events an earlier run left open ended)."""
+    """What the start needs of the device's event log, oldest first: the events an earlier run
+    left open and the last one. The whole log (up to 8 MB, 25 MB of objects) stayed in memory
+    for the whole run otherwise. None when it cannot be read (said once: its last event is then
+    not re-published, nor are events an earlier run left open ended)."""
     try:
-        return read_events(data_dir)
+        events = read_events(data_dir)
     except SoundSentryError as exc:
         log.warning("%s: the last event is not re-published, open ones are not ended", exc)
         return []
+    return [e for e in events[:-1] if e.status == "open"] + events[-1:]
 
 
 def _dashboard(settings: Settings) -> Any:

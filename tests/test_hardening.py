@@ -659,6 +659,34 @@ def test_an_interrupted_event_never_ends_before_it_started(
     assert end.type == "end" and end.ended_at >= end.started_at and end.duration_s == 0.0
 
 
+def test_the_start_keeps_of_the_event_log_only_what_it_needs(tmp_path: Path) -> None:
+    """The daemon read the whole event log (up to 8 MB: 25 MB of objects) to re-publish the
+    last event and end the ones left open, and held it for the whole run (in a review). It
+    keeps those alone, oldest first."""
+    import edge.service
+    from edge.eventlog import EventLogSink
+    from edge.messages import EventMessage, iso
+
+    sink, start = EventLogSink(tmp_path), 1_767_268_800.0
+
+    def message(i: int, kind: str) -> EventMessage:
+        ended = {"ended_at": iso(start + 60 * i + 5), "duration_s": 5.0} if kind == "end" else {}
+        return EventMessage(type=kind, event_id=f"{i:032x}", device_id="u", model="m",
+                            started_at=iso(start + 60 * i), peak_score=3.0, threshold=1.0,
+                            **ended)  # fmt: skip
+
+    for i in range(300):
+        sink.event(message(i, "start"))
+        if i not in (7, 299):  # 7 was left open by a power cut, 299 is open now
+            sink.event(message(i, "end"))
+    kept = edge.service._logged_events(tmp_path)
+    assert [e.data["event_id"] for e in kept] == [f"{7:032x}", f"{299:032x}"]
+    sink.event(message(299, "end"))
+    kept = edge.service._logged_events(tmp_path)
+    assert [e.data["event_id"] for e in kept] == [f"{7:032x}", f"{299:032x}"]
+    assert kept[-1].status != "open"  # the last, ended: re-published, not ended again
+
+
 @pytest.mark.parametrize("step_s", [3600.0, -3600.0])
 def test_every_message_of_an_event_keeps_its_started_at_when_the_clock_is_set(
     tmp_path: Path, step_s: float
