@@ -36,7 +36,7 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -202,6 +202,8 @@ class MqttPublisher:
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
         self._offer_refused_at = 0.0  # monotonic time of the next offer, 0: none due
         self._offered: set[int] = set()  # refused rows offered again, their PUBACK awaited
+        self._offer_rest: deque[int] = deque()  # rows of the offer under way not yet handed
+        self._offer_retained = False  # that offer re-sent a retained message
         self._accepted_offered = 0  # of those, accepted this offer
         self.refused_retry_s = REFUSED_RETRY_S
         self._send_failures = _Throttle(SENDER_LOG_INTERVAL_S)  # by kind of failure
@@ -502,35 +504,52 @@ class MqttPublisher:
             self._inflight[info.mid] = row.id  # its ack is read on this thread, after this
         if self.spool.after(self._handed, 1):
             self._wake.set()
-        elif self._offer_refused_at and time.monotonic() >= self._offer_refused_at:
+        elif self._offer_rest or (
+            self._offer_refused_at and time.monotonic() >= self._offer_refused_at
+        ):
             self._offer_refused()
 
     def _offer_refused(self) -> None:
         """Publish the refused rows still in the spool again, oldest first (the broker's ACL
-        may have been mended), after any sent meanwhile; those refused again wait for the next
+        may have been mended), after any sent meanwhile, at most MAX_HANDED awaiting their
+        acknowledgement (all at once, a spool of refused rows took paho's memory and wrapped its
+        message ids: accepted rows stayed in the spool); those refused again wait for the next
         offer. Retained messages are then re-sent at their latest."""
-        rows, self._refused_rows, self._offer_refused_at = self._refused_rows, [], 0.0
-        retained = False
-        for rid in sorted(rows):
+        if not self._offer_rest:  # a new offer: every refused row
+            self._offer_rest = deque(sorted(self._refused_rows))
+            self._refused_rows, self._offer_refused_at = [], 0.0
+        while self._offer_rest:
             if not self.connected:  # the rest wait for the next offer
-                self._refused_rows.extend(r for r in rows if r >= rid)
-                self._offer_refused_at = time.monotonic() + self.refused_retry_s
+                self._postpone_offer()
                 return
+            if len(self._inflight) >= MAX_HANDED:
+                return  # an acknowledgement wakes the sender for the rest
+            rid = self._offer_rest[0]
             try:
                 found = self.spool.after(rid - 1, 1)
             except Exception:  # a failing card: the rest wait for the next offer, not a restart
-                self._refused_rows.extend(r for r in rows if r >= rid)
-                self._offer_refused_at = time.monotonic() + self.refused_retry_s
+                self._postpone_offer()
                 raise
             if not found or found[0].id != rid:  # dropped by a full spool meanwhile
+                self._offer_rest.popleft()
                 continue
             row = found[0]
             info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: offered again later
+                return
+            self._offer_rest.popleft()
             self._inflight[info.mid] = row.id
             self._offered.add(row.id)
-            retained = retained or row.retain
-        if retained:  # an old health message must not stay the broker's retained one
+            self._offer_retained = self._offer_retained or row.retain
+        if self._offer_retained:  # an old health message must not stay the broker's retained one
+            self._offer_retained = False
             self._publish_retained()
+
+    def _postpone_offer(self) -> None:
+        """The rows of an offer not yet made wait for the next one."""
+        self._refused_rows.extend(self._offer_rest)
+        self._offer_rest.clear()
+        self._offer_refused_at = time.monotonic() + self.refused_retry_s
 
     def _resolve_acks(self) -> None:
         while True:

@@ -167,6 +167,61 @@ def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_res
         broker.stop()
 
 
+def test_refused_publishes_are_offered_again_a_bounded_share_at_a_time(tmp_path: Path) -> None:
+    """Every refused row of the spool was handed to paho at once at each offer, past the bound
+    (MAX_HANDED) the sender keeps: after days of a refusing ACL, 10,000 messages every 5 min,
+    and past 65,535 paho's message ids wrapped and accepted rows stayed in the spool (in a
+    review). An offer hands them as the sender does, a share at a time."""
+    from edge.publish import MAX_HANDED
+
+    acl = tmp_path / "acl"
+    shutil.copy(ACL, acl)
+    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
+    consumer = Subscriber(broker.port, "soundsentry/#", login=("consumer", "pw"))
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, Topics("soundsentry", "pump-4"), spool, user="pump-3")
+    publisher.refused_retry_s = 3600.0  # made due below
+    backlog = 2 * MAX_HANDED + 50
+    try:
+        for n in range(backlog):
+            publisher.publish_event(_event("start", f"e{n}", "pump-4"))
+        wait_for(lambda: publisher._handed and _all_acked(publisher), 20, "every PUBACK")
+        wait_for(lambda: len(publisher._refused_rows) == backlog, 10, "every refusal read")
+        handing: list[int] = []  # how many awaited their PUBACK as each was handed
+        publish = publisher._publish
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            handing.append(len(publisher._inflight))
+            return publish(*args, **kw)
+
+        publisher._publish = counted
+        with acl.open("a") as f:  # the mend
+            f.write("\npattern write soundsentry/pump-4/#\n")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL file
+
+        def ids() -> list[str]:
+            return [m.json()["event_id"] for m in consumer.on("pump-4/events")]
+
+        def mended() -> bool:  # a new event gets through: the broker reads the new ACL
+            publisher.publish_event(_event("start", "probe", "pump-4"))
+            return consumer.wait_for(lambda _: "probe" in ids(), 1)
+
+        wait_for(mended, 15, "the broker to read its mended ACL")
+        publisher.refused_retry_s = 1.0  # probes refused before it are offered too
+        publisher._offer_refused_at = time.monotonic()  # the offer is due
+        publisher._wake.set()
+        wait_for(lambda: spool.depth() == 0, 30, "the refused events to be accepted")
+        consumer.wait_for(lambda _: len([i for i in ids() if i != "probe"]) >= backlog, 10)
+        assert [i for i in ids() if i != "probe"] == [f"e{n}" for n in range(backlog)]
+        assert len(handing) >= backlog and max(handing) < MAX_HANDED, max(handing)
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        consumer.close()
+        broker.stop()
+
+
 DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 
 
