@@ -167,3 +167,25 @@ def test_a_threshold_set_away_from_the_calibrated_one_moves_the_cusum_with_it() 
     assert overridden.cusum.center == pytest.approx(2.0)  # a threshold from the settings
     for odd in (math.inf, math.nan, 0.0):  # what K of N can do with it; the CUSUM stays whole
         assert EventDetector(threshold=odd, cusum=UNIT, calibrated=100.0).cusum == UNIT
+
+
+def test_a_threshold_set_below_the_calibrated_one_leaves_the_cusum_at_its_budget() -> None:
+    """Lowered, the threshold moved the CUSUM's normal level down with it: a 20 % lower threshold
+    is a spread or two of the normal log score, and the CUSUM climbed on normal audio (an event
+    36 % of a simulated day, in a review). K of N is what a lower threshold makes sensitive."""
+    louder = EventDetector(threshold=50.0, k=2, n=3, m=2, cusum=UNIT, calibrated=100.0)
+    assert louder.cusum == UNIT
+    assert feed_all(louder, [math.exp(0.3)] * 100) == []  # normal running, just below the drift
+    assert [kind for kind, _, _ in feed_all(louder, [60.0] * 3)] == ["start"]  # K of N is louder
+
+
+def test_an_event_ends_where_its_evidence_did_not_where_the_cusum_came_down() -> None:
+    """Held at h while an event is open, the CUSUM counted every window above its drift on the
+    way back down as evidence: a 5.5-s fault was reported 14 s long (median) with a mean
+    diluted by normal windows (in a review). Only windows that keep it at h count."""
+    fault, low, mild = 1000.0, math.exp(-1.0), math.exp(0.8)  # mild: z 0.8, above the drift
+    det = EventDetector(threshold=100.0, k=2, n=3, m=2, cusum=UNIT)
+    out = feed_all(det, [fault] * 4 + [low, mild] * 5 + [low] * 4)
+    assert [kind for kind, _, _ in out] == ["start", "end"]
+    end = out[-1][2]
+    assert end.ended_s == 2.5 and end.mean_score == pytest.approx(fault), end
