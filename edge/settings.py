@@ -35,6 +35,9 @@ from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N
 from edge.threshold import MAX_FALSE_ALARMS_PER_DAY
 
 _TOPIC_SAFE = r"^[^/+#\s]+$"
+MAX_TRIGGER_OF = 10
+"""Largest K and N: the threshold's K-of-N rate walks every pattern of the last N + 1 windows
+(2^(N+1)); at N = 12 one threshold took 23 s, a refit on the Pi minutes (in a review)."""
 _LOG_LEVELS = r"^(DEBUG|INFO|WARNING|ERROR)$"
 _PATTERN_MEANS = {
     _TOPIC_SAFE: "it is part of MQTT topics: no spaces, '/', '+' or '#' (e.g. pump-3)",
@@ -154,14 +157,14 @@ class DetectorSettings(_Section):
     trigger_windows: int | None = Field(
         None,
         ge=1,
-        le=100,
+        le=MAX_TRIGGER_OF,
         description="K: windows above to start; unset = what the bundle's threshold was "
         f"calibrated for ({DEFAULT_K} if it does not say).",
     )
     trigger_of: int | None = Field(
         None,
         ge=1,
-        le=100,
+        le=MAX_TRIGGER_OF,
         description="N: how many recent windows count; unset = the bundle's "
         f"({DEFAULT_N} if it does not say).",
     )

@@ -78,6 +78,8 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ('[mqtt]\nhost = "broker lan"\n', "mqtt.host"),
         # no block could arrive within the stall time: the capture reopened the device for good
         ("[audio]\nblock_seconds = 1.0\n[health]\nstall_seconds = 0.5\n", "health.stall_seconds"),
+        # the threshold's K-of-N rate walks 2^(N+1) patterns: minutes for a refit at N = 14
+        ("[detector]\ntrigger_windows = 3\ntrigger_of = 11\n", "detector.trigger_of"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -454,3 +454,27 @@ def test_channels_as_views_do_not_narrow_the_interval_as_more_time_would() -> No
     _, as_time = threshold_for_budget(views, 1.0, hop_s=0.5)  # 160 s of audio: narrower
     assert width(as_views) > 0.8 * width(alone)
     assert width(as_time) < 0.6 * width(alone)
+
+
+def test_a_few_zero_scores_leave_the_measured_correlation_whole() -> None:
+    """The correlation was measured on z capped above only: three windows scored 0 among 2,400
+    took it from 0.27 to 0.03, and both paths were set for independent windows, raising several
+    times their budget (in a review)."""
+    from edge.threshold import score_autocorrelation
+
+    rng = np.random.default_rng(3)
+    held = correlated_gamma(rng, 2400, 0.25)
+    zeroed = held.copy()
+    zeroed[[400, 1200, 2000]] = 0.0
+    assert score_autocorrelation(zeroed) == pytest.approx(score_autocorrelation(held), abs=0.03)
+
+
+def test_held_out_scores_of_zero_or_less_are_refused_in_one_line() -> None:
+    """A kind whose score is a margin or a log-likelihood (0 or less) fell to the fallback
+    1.5 x max, which for a negative max lies below it: 40 % of normal windows above the
+    threshold (in a review)."""
+    from edge.errors import AudioError
+
+    held = -np.random.default_rng(0).gamma(8, 1 / 8, 600) - 1.0
+    with pytest.raises(AudioError, match="scored 0 or less: this rule needs positive scores"):
+        threshold_for_budget(held)
