@@ -2,11 +2,10 @@
 
 Messages are written to SQLite before they are published and deleted only when the broker
 acknowledges them (PUBACK), so they survive a broker outage, a daemon restart or `kill -9`
-and are delivered in order afterwards. When full, messages are dropped (room for a hundredth
-of its capacity at a time) and counted, those a consumer can best do without first
-(EXPENDABLE): a retained message a newer one on its topic replaces, then an anomaly's
-`update` (its `start` and `end` say when and how bad; an anomaly through a day's broker outage
-makes thousands), then the oldest.
+and are delivered in order afterwards. When full, messages are dropped and counted, those a
+consumer can best do without first (EXPENDABLE): a retained message a newer one on its topic
+replaces, then an anomaly's `update` (its `start` and `end` say when and how bad; an anomaly
+through a day's broker outage makes thousands), then the oldest.
 """
 
 from __future__ import annotations
@@ -56,10 +55,6 @@ EXPENDABLE = (
     "THEN json_extract(payload, '$.type') = 'update' ELSE 0 END ORDER BY id LIMIT ?",
 )
 """What a full spool drops first, in this order, before the oldest of the rest."""
-
-ROOM_SHARE = 0.01
-"""A full spool drops this share of its capacity more than it must (at least one message), so
-the search for what to drop runs once in that many messages, not for every one."""
 
 FULL_LOG_EVERY_S = 60.0
 """A full spool drops a message for every new one; it says so at most this often (with the
@@ -140,10 +135,6 @@ class Spool:
             self._rows += 1
             excess = self._rows - self.max_messages
             if excess > 0:
-                # room for the next ROOM_SHARE of messages at once: the search for what goes
-                # first scans the outbox (13 to 20 ms at 10,000 rows here), on the audio loop,
-                # and ran for every message of a long broker outage
-                excess += int(self.max_messages * ROOM_SHARE)
                 left = excess
                 for expendable in (*EXPENDABLE, "SELECT id FROM outbox ORDER BY id LIMIT ?"):
                     if left > 0:

@@ -81,22 +81,6 @@ def test_the_spool_counts_its_messages_without_a_count_per_message(tmp_path: Pat
     again.close()
 
 
-def test_a_full_spool_searches_for_what_to_drop_once_in_many_messages(tmp_path: Path) -> None:
-    """Every message written to a full spool searched the outbox for what to drop first (13 to
-    20 ms at 10,000 rows, on the audio loop; in a review): through a long broker outage, for
-    every message. A full spool makes room for the next 1 % at once."""
-    spool = Spool(tmp_path / "spool.sqlite", max_messages=1000)
-    for n in range(1000):
-        spool.append("d/events", json.dumps({"type": "update", "event_id": f"e{n}"}))
-    searches: list[str] = []
-    spool._db.set_trace_callback(lambda s: searches.append(s) if "json_extract" in s else None)
-    for n in range(100):
-        spool.append("d/events", json.dumps({"type": "update", "event_id": f"f{n}"}))
-    assert 1 <= len(searches) <= 10, len(searches)
-    assert 990 <= spool.depth() <= 1000 and spool.dropped == 1100 - spool.depth()
-    assert spool.after(0, 2000)[-1].payload.endswith('"f99"}')  # the newest stays
-
-
 def test_a_run_that_ends_with_messages_undelivered_says_where_they_wait(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
