@@ -153,9 +153,9 @@ class EventDetector(_OpenEventHolder):
     `cooldown_s` seconds. Without a `cusum` this is K-of-N alone.
 
     The CUSUM was calibrated beside a window threshold (`calibrated`, by default `threshold`);
-    a threshold set away from it (`[detector] threshold`, the set_threshold command) moves the
+    a threshold set above it (`[detector] threshold`, the set_threshold command) raises the
     CUSUM's normal level by the same factor, so raising the threshold to quieten a machine
-    quietens both paths, not K of N alone."""
+    quietens both paths, not K of N alone; one set below it leaves the CUSUM at its budget."""
 
     def __init__(
         self,

@@ -509,8 +509,8 @@ def lag1_autocorrelation(x: np.ndarray) -> float:
 
 
 def score_autocorrelation(scores: np.ndarray) -> float:
-    """Lag-1 autocorrelation of the held-out log scores on the CUSUM's robust scale (capped as
-    it caps them), held to [0, MAX_AUTOCORRELATION]: the r both paths' budgets allow for."""
+    """Lag-1 autocorrelation of the held-out log scores on the CUSUM's robust scale (capped at
+    +-its cap), held to [0, MAX_AUTOCORRELATION]: the r both paths' budgets allow for."""
     logs = np.log(np.maximum(np.asarray(scores, np.float64), _EPS))
     spread = robust_spread(logs)
     if spread <= 0:
