@@ -27,7 +27,7 @@ import numpy as np
 from edge.bundle import Bundle, load_bundle
 from edge.clips import CLIP_ID_CHARS
 from edge.detectors.thresholds import EventLogic
-from edge.errors import SoundSentryError
+from edge.errors import BundleError, SoundSentryError
 from edge.history import ModelHistory, VersionUnwrittenError, now_iso, read_json, write_json
 from edge.learning import (
     FeatureStore,
@@ -412,6 +412,9 @@ class Adapter:
             path = self.history.write_version(base, manifest, {**base.arrays, **refit.arrays})
         except VersionUnwrittenError as exc:  # the disk's fault; a bundle refused is the data's
             raise UnwrittenError(str(exc)) from None
+        except BundleError as exc:  # refused before it was written (NaN arrays): the data's
+            why = str(exc).split(": ", 1)[-1]  # not the temporary folder's name
+            raise LearningError(f"the refitted bundle was refused: {why}") from None
         try:
             bundle = load_bundle(path)
         except SoundSentryError as exc:

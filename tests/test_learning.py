@@ -1330,6 +1330,33 @@ def test_learning_goes_on_across_a_reload_and_after_a_period_ends(tmp_path: Path
     assert detector.adapter.period.collected_s > 15
 
 
+def test_a_refit_refused_before_it_is_written_keeps_no_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit whose arrays write_bundle refuses (NaN) escaped as a bare BundleError naming a
+    temporary folder, and the mark's windows stayed to be picked up by a later refit (in a
+    review). It is a refused refit like any other."""
+    from dataclasses import replace
+
+    import edge.adapt
+
+    device = Device(tmp_path, seconds=LEARN_S)
+    assert starts(device.replay(*NORMAL_FILES)) == []  # the site learnt first
+    real = edge.adapt.site_refit
+
+    def broken(*args: object, **kw: object) -> object:
+        out = real(*args, **kw)
+        return replace(out, arrays={k: np.full_like(v, np.nan) for k, v in out.arrays.items()})
+
+    monkeypatch.setattr(edge.adapt, "site_refit", broken)
+    device.learning = {}
+    assert len(starts(device.replay(ANOMALOUS_FILE))) == 1
+    reply = device.command(command="mark_normal", event_id="last")
+    assert not reply.ok and "the refitted bundle was refused" in reply.detail, reply.detail
+    assert ".tmp-" not in reply.detail
+    assert not list((device.data / "learning").glob("marked/*.npz"))
+
+
 def test_a_marked_clip_s_dropout_is_not_learnt(tmp_path: Path) -> None:
     """`mark_normal` learnt every window of the event's clip: 0.1 s of zeros in it (a USB
     glitch) lifted the threshold fourfold in a review, though the device never scores such a
