@@ -575,7 +575,7 @@ class MqttPublisher:
             elif row is not None:  # others are acks of state and metrics, never spooled
                 self._acked_rows.append(row)
                 self._accepted_offered += offered
-            if offered and not self._offered and self._accepted_offered:
+            if offered and not self._offered and not self._offer_rest and self._accepted_offered:
                 log.info(
                     "MQTT: the broker accepted %d message(s) it had refused",
                     self._accepted_offered,

@@ -167,13 +167,16 @@ def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_res
         broker.stop()
 
 
-def test_refused_publishes_are_offered_again_a_bounded_share_at_a_time(tmp_path: Path) -> None:
+def test_refused_publishes_are_offered_again_a_bounded_share_at_a_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Every refused row of the spool was handed to paho at once at each offer, past the bound
     (MAX_HANDED) the sender keeps: after days of a refusing ACL, 10,000 messages every 5 min,
     and past 65,535 paho's message ids wrapped and accepted rows stayed in the spool (in a
     review). An offer hands them as the sender does, a share at a time."""
     from edge.publish import MAX_HANDED
 
+    caplog.set_level(logging.INFO, logger="edge.publish")
     acl = tmp_path / "acl"
     shutil.copy(ACL, acl)
     broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
@@ -215,6 +218,8 @@ def test_refused_publishes_are_offered_again_a_bounded_share_at_a_time(tmp_path:
         consumer.wait_for(lambda _: len([i for i in ids() if i != "probe"]) >= backlog, 10)
         assert [i for i in ids() if i != "probe"] == [f"e{n}" for n in range(backlog)]
         assert len(handing) >= backlog and max(handing) < MAX_HANDED, max(handing)
+        said = [r.getMessage() for r in caplog.records if "it had refused" in r.getMessage()]
+        assert len(said) == 1, said  # one line for the offer, not one for each share
     finally:
         publisher.close(timeout_s=1)
         spool.close()
