@@ -210,6 +210,7 @@ class Detector:
         self._samples = 0
         self._origin = clock()
         self._last_block = time.monotonic()
+        self._first_block = True
         self._last_window = float("-inf")
         self._next_state = self._next_metrics = 0.0
         self._ready = False
@@ -650,6 +651,7 @@ class Detector:
         self._slack_s = float(getattr(source, "latency_s", 0.0)) + CLOCK_SLACK_S
         self._wall_offset = self.clock() - time.monotonic()
         self._last_block = time.monotonic()  # no block was due before (the broker waited for)
+        self._first_block = True  # and the first comes a block after the device has opened
         self.emit_state()
         self._emit_health(None)
         try:
@@ -715,12 +717,15 @@ class Detector:
         tap.windows.clear()
         self.metrics.block_processed(len(block) / self._rate, time.perf_counter() - t0)
         self._last_block = time.monotonic()  # a slow block (a refit at a period's end) is no stall
+        self._first_block = False
         return steps
 
     def tick(self) -> None:
         """Housekeeping between blocks: stall check, commands, mute, watchdog, reports."""
         now = time.monotonic()
         stall = self.settings.health.stall_seconds
+        if self._first_block:  # the device opening: 0.6 s for a USB microphone, in a review
+            stall += self.settings.audio.block_seconds
         if now - self._last_block > stall:
             problem = getattr(self._source, "problem", None)  # the capture's own account
             detail = f"no audio for {stall:g} s" + (f": {problem}" if problem else "")

@@ -403,15 +403,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _blocks_within_a_stall(self) -> Settings:
-        """A capture block arrives every block_seconds: a stall time below one of them called
-        every stream stalled before its first block, and reopened it for good, and 1.5 blocks
-        still did at every start, the device taking 0.6 s to open (in reviews)."""
+        """A capture block arrives every block_seconds: a stall time not above one of them
+        called every stream stalled before its first block, and reopened it for good (in a
+        review). The daemon gives the first block of a run a block more (the device opening)."""
         block, stall = self.audio.block_seconds, self.health.stall_seconds
-        if stall < 2 * block:
+        if stall <= block:
             raise ValueError(
-                f"health.stall_seconds ({stall:g}) must be at least twice audio.block_seconds "
-                f"({block:g}): a block comes every block_seconds, the first once the device has "
-                "opened, and a stream with none for stall_seconds is taken for stalled"
+                f"health.stall_seconds ({stall:g}) must exceed audio.block_seconds ({block:g}): "
+                "a block comes every block_seconds, and a stream with none for stall_seconds is "
+                "taken for stalled"
             )
         return self
 
