@@ -222,8 +222,12 @@ class MicSource:
                 callback=self._callback,
             )
         except (ValueError, sd.PortAudioError) as exc:
-            which = "the default input" if self.device is None else repr(self.device)
-            raise CaptureError(f"cannot open audio device {which}: {exc}") from None
+            raise CaptureError(f"cannot open audio device {self._which}: {exc}") from None
+
+    @property
+    def _which(self) -> str:
+        """The device as messages name it."""
+        return "the default input" if self.device is None else repr(self.device)
 
     def _start(self, stream: Any) -> Any:
         """Start an opened stream, or close it and raise CaptureError: a device gone between open
@@ -236,8 +240,7 @@ class MicSource:
         except sd.PortAudioError as exc:
             _close(stream)
             said = " ".join(str(exc).split())
-            which = "the default input" if self.device is None else repr(self.device)
-            raise CaptureError(f"cannot start audio device {which}: {said}") from None
+            raise CaptureError(f"cannot start audio device {self._which}: {said}") from None
         except BaseException:
             _close(stream)
             raise
@@ -315,9 +318,8 @@ class MicSource:
                     yield block
             except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
                 if initial and flowing is None and not self.wait:  # `record`, `run` at a prompt
-                    which = "the default input" if self.device is None else repr(self.device)
                     raise CaptureError(
-                        f"audio device {which} opened but delivered no audio in "
+                        f"audio device {self._which} opened but delivered no audio in "
                         f"{self.stall_s:g} s: is another program holding it, or is it wedged "
                         "(unplug it and plug it in again)?"
                     ) from None
