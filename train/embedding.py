@@ -288,7 +288,7 @@ def state_folders(
     folders = (d for d in root.iterdir() if d.is_dir() and not skipped_folder(d.name))
     for folder in sorted(folders):
         name = OFF if folder.name.lower() == OFF else folder.name
-        files = find_audio([folder], quiet=True)
+        files = find_audio([folder])
         if not files:  # notes, an empty folder: no state, whatever its name
             log.warning("%s holds no audio: it is not a state", folder)
             continue
@@ -300,7 +300,7 @@ def state_folders(
             )
         if name in groups:
             raise AudioError(f"{folder}: a second folder for the state {name!r}")
-        groups[name] = find_audio([folder])
+        groups[name] = files
     if not groups:
         raise AudioError(f"{root}: no subfolder with audio (one subfolder per state)")
     # every unusable file of every state named at once; a recording shorter than one window
