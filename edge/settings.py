@@ -35,7 +35,6 @@ from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N
 from edge.threshold import MAX_FALSE_ALARMS_PER_DAY
 
 _TOPIC_SAFE = r"^[^/+#\s]+$"
-
 _LOG_LEVELS = r"^(DEBUG|INFO|WARNING|ERROR)$"
 _PATTERN_MEANS = {
     _TOPIC_SAFE: "it is part of MQTT topics: no spaces, '/', '+' or '#' (e.g. pump-3)",
