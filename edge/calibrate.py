@@ -31,7 +31,7 @@ from edge.machine_state import (
     PERCENTILES,
     QUIET_GAP_DB,
     StateNamer,
-    judged_windows,
+    evidence_windows,
     machine_profile,
 )
 
@@ -135,23 +135,27 @@ def _running_windows(
     off_below_dbfs: float | None,
     off_like: StateNamer | None = None,
 ) -> tuple[list[np.ndarray], float]:
-    """Each recording's window features without those the device would not score: silence or
-    a dropout, the machine off (below the site's off level), and windows nearest the state
-    `off` of a bundle trained with one (the device never takes them as evidence); and the
-    share kept. A site recording with the machine stopped for a while set the threshold on the
-    empty room too (with an `off` state, in a review: the threshold 63 % up, no fault window
-    above it)."""
+    """Each recording's window features that training would take as normal running
+    (`evidence_windows`): without silence or a dropout, the machine off (below the site's off
+    level), starting up or coasting to a stop, the STOP_SECONDS before it is heard going quiet,
+    and windows nearest the state `off` of a bundle trained with one; and the share kept. A
+    site recording with the machine stopped for a while set the threshold on the empty room too
+    (with an `off` state, in a review: the threshold 63 % up, no fault window above it), and
+    one stop and start in each site recording (1.5 s down, 3 s off, 1.5 s up) lifted a
+    `levels` threshold 25-fold while every window of the stop was above the off level only for
+    a moment (in a review, before calibrate left out what training does)."""
     per_file, dropped, total = [], 0, 0
     for a in audio:
-        kept, windows = judged_windows(a, params, off_below_dbfs, off_like)
+        kept = evidence_windows(a, params, off_below_dbfs, off_like)
+        windows = (len(a) - params.window_samples) // params.hop_samples + 1
         per_file.append(kept)
         total += windows
         dropped += windows - len(kept)
     if dropped:
         log.warning(
-            "%d of %d windows are silent or the machine off (below %s dBFS%s): the calibration "
-            "leaves them out, as the device does", dropped, total, off_below_dbfs,
-            ", or sounding like the state `off`" if off_like is not None else "",
+            "%d of %d windows are silent, the machine off, starting or stopping (below %s dBFS"
+            "%s): the calibration leaves them out, as training does", dropped, total,
+            off_below_dbfs, ", or sounding like the state `off`" if off_like is not None else "",
         )  # fmt: skip
     return per_file, (total - dropped) / max(total, 1)
 

@@ -283,16 +283,20 @@ def judged_windows(
 
 
 def evidence_windows(
-    audio: np.ndarray, params: FeatureParams, off_below_dbfs: float | None
+    audio: np.ndarray,
+    params: FeatureParams,
+    off_below_dbfs: float | None,
+    off_like: StateNamer | None = None,
 ) -> np.ndarray:
-    """The window features of a recording that training takes as normal running: those the
-    device would take as evidence, its level replayed through `MachineState` as the pipeline
-    does (so not a dead window, such as silence, a flat line or a dropout, nor the settling
-    after one, not the machine off, starting up or coasting to a stop), and not the windows of
-    the STOP_SECONDS before the machine is heard going quiet. The recording starts with the
-    machine as it finds it (no settle time for a machine already running). With a hop finer
-    than the device's (the dense windows models are fitted on) the window counts of the
-    hysteresis span less time.
+    """The window features of a recording that training (and `calibrate`) take as normal
+    running: those the device would take as evidence, its level replayed through
+    `MachineState` as the pipeline does (so not a dead window, such as silence, a flat line or
+    a dropout, nor the settling after one, not the machine off, starting up or coasting to a
+    stop, nor, with `off_like`, a window nearest the state `off` of a bundle trained with one),
+    and not the windows of the STOP_SECONDS before the machine is heard going quiet. The
+    recording starts with the machine as it finds it (no settle time for a machine already
+    running). With a hop finer than the device's (the dense windows models are fitted on) the
+    window counts of the hysteresis span less time.
 
     3 s of the machine stopped in the held-out audio lifted the level-aware kinds' thresholds
     3.5- to 10-fold, in a review. The device still judges the windows in which a stop begins
@@ -313,7 +317,9 @@ def evidence_windows(
         if machine.quieting:  # the stop began in the windows just before this one
             kept = [(end, f) for end, f in kept if end <= end_s - STOP_SECONDS]
         if machine.allows_events(end_s):
-            kept.append((end_s, logmel(w.samples)))
+            features = logmel(w.samples)
+            if off_like is None or off_like.nearest(features.mean(axis=0)) != OFF:
+                kept.append((end_s, features))
     if not kept:
         return np.zeros((0, *params.shape), np.float32)
     return np.stack([f for _, f in kept])

@@ -102,6 +102,41 @@ def test_calibrate_recentres_and_keeps_the_precision(trained: Path, tmp_path: Pa
     assert window_scores(out, ANOMALOUS_FILE).min() > after.threshold
 
 
+def test_a_stop_and_start_in_the_site_audio_leaves_the_threshold_where_it_was(
+    trained: Path, tmp_path: Path
+) -> None:
+    """Calibrate scored every window above the off level, the machine coasting down and
+    running up too, which the device never takes as evidence: one stop in each site
+    recording (1.5 s down, 3 s off, 1.5 s up) lifted the threshold 25-fold (a review's
+    reproduction). Now it leaves out what training does."""
+    rate = 16000
+    fan = [read_audio(f, rate) for f in NORMAL_FILES]
+    rng = np.random.default_rng(0)
+    fade = 10 ** (np.linspace(0, -30, int(1.5 * rate)) / 20)
+
+    def site(name: str, stop: bool) -> list[str]:
+        paths = []
+        for i, a in enumerate(fan):
+            b = fan[(i + 1) % len(fan)]
+            if stop:
+                a, b = a.copy(), b.copy()
+                a[-len(fade) :] *= fade
+                b[: len(fade)] *= fade[::-1]
+                room = 1e-4 * rng.standard_normal(3 * rate)
+                audio = np.concatenate([a, room, b])
+            else:
+                audio = np.concatenate([a, b])
+            paths.append(str(tmp_path / f"{name}-{i}.wav"))
+            sf.write(paths[-1], audio.astype(np.float32), rate, subtype="FLOAT")
+        return paths
+
+    clean, stops = tmp_path / "clean.bundle", tmp_path / "stops.bundle"
+    cli("calibrate", str(trained), "--normal", *site("clean", False), "--out", str(clean))
+    proc = cli("calibrate", str(trained), "--normal", *site("stops", True), "--out", str(stops))
+    assert load_bundle(stops).threshold < 1.5 * load_bundle(clean).threshold
+    assert "starting or stopping" in proc.stderr
+
+
 def test_all_channels_are_training_views(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     for i in range(2):

@@ -395,7 +395,9 @@ def test_calibration_keeps_the_machine_running_through_loud_transients_and_long_
                        tmp_path / "loud.bundle")  # fmt: skip
     assert abs(loud.off_below_dbfs - trained.off_below_dbfs) <= 1.0, loud
     rng = np.random.default_rng(1)
-    room = [np.concatenate([1e-4 * rng.standard_normal(4 * rate), a]) for a in normal]
+    # the machine starts after 4 s of the room; the device judges nothing in the 5 s after
+    # a start, so each recording runs on for 10 s
+    room = [np.concatenate([1e-4 * rng.standard_normal(4 * rate), a, a]) for a in normal]
     stopped = _calibrated(two_states, _site(tmp_path, "stopped", room, rate),
                           tmp_path / "stopped.bundle")  # fmt: skip
     assert abs(stopped.off_below_dbfs - trained.off_below_dbfs) <= 1.0, stopped
