@@ -366,6 +366,7 @@ class MqttPublisher:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.topics.availability:
             self._check_instance(msg)
+            self._stay_online(msg)
         elif msg.topic in self.topics.ha_statuses:
             if msg.payload.decode(errors="replace").strip() == ONLINE:
                 log.info("MQTT: Home Assistant is online: re-announcing discovery")
@@ -410,6 +411,19 @@ class MqttPublisher:
             self.topics.device_id,
             self.topics.base,
         )
+
+    def _stay_online(self, msg: mqtt.MQTTMessage) -> None:
+        """An `offline` on this device's availability while this daemon is connected: another
+        instance wrote it (a `replay` with the device's config ending, or its will; a clone that
+        stopped), and the broker would keep it, every Home Assistant entity of the device
+        unavailable until this daemon next reconnected (days, in a review). Say `online`
+        again. A replay never does: the device's daemon owns the topic."""
+        if self.instance.endswith(REPLAY) or self._closing.is_set() or not self.connected:
+            return
+        if msg.payload.decode(errors="replace").strip() != OFFLINE:
+            return
+        log.info("MQTT: another instance left %s `offline`: this one is online", msg.topic)
+        self._publish(self.topics.availability, ONLINE, qos=1, retain=True, props=True)
 
     # --- spool sender ----------------------------------------------------------------------
 

@@ -553,6 +553,35 @@ def test_two_devices_under_one_device_id_each_log_the_other(
     assert list(first.duplicates) == [second.instance, third]
 
 
+def test_a_replay_as_the_device_leaves_the_running_daemon_online(
+    acl_broker: Broker, tmp_path: Path
+) -> None:
+    """`replay` with the device's config announces itself on the device's availability and
+    says `offline` when it ends: the broker kept that while the device's daemon ran on, and
+    every Home Assistant entity of the device was unavailable until the daemon next
+    reconnected (a review's reproduction). The daemon now says `online` again."""
+    spools = [Spool(tmp_path / f"{n}.sqlite") for n in range(2)]
+    daemon = _instance(acl_broker.port, spools[0], "host pi-a, /var/lib/soundsentry, machine 1")
+    replay = None
+    try:
+        wait_for(lambda: not daemon._subscribed, 10, "its SUBACK")
+        replay = _instance(acl_broker.port, spools[1], "host pi-a, /tmp/x, machine 1 (replay)")
+        replay.close(timeout_s=2)
+        watcher = Subscriber(
+            acl_broker.port, daemon.topics.availability, "test-ha", login=("consumer", "pw")
+        )
+        try:
+            assert watcher.wait_for(lambda m: bool(m), 10), "the retained availability"
+            assert watcher.wait_for(lambda m: m[-1].payload == "online", 10), watcher.messages
+        finally:
+            watcher.close()
+        assert daemon.duplicates == {}  # a replay is no second device
+    finally:
+        daemon.close(timeout_s=1)
+        for s in spools:
+            s.close()
+
+
 def test_doctor_fails_a_login_whose_publishes_the_acl_refuses(acl_broker: Broker) -> None:
     """The broker accepted the login of user pump-3 for device_id raspberrypi (a cloned
     card's host name) and doctor said PASS, while the ACL refused every publish: MQTT 3.1.1
