@@ -57,9 +57,28 @@ def _not_a_bool(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
 _NOT_A_BOOL = field_validator("*", mode="before")(_not_a_bool)
 
 
+def _a_path(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A path setting: an empty one is refused (`data_dir = ""` made the folder `run` was
+    started in the data folder, and tightened its permissions to 0700, in a review) and a
+    leading `~` is the user's home, as in a shell (it made a folder named `~`)."""
+    if isinstance(value, str) and info.field_name is not None:
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation is Path or Path in get_args(annotation):
+            if not value.strip():
+                raise ValueError("an empty path: leave the key out for its default")
+            return Path(value).expanduser() if value.startswith("~") else value
+    return value
+
+
+_A_PATH = field_validator("*", mode="before")(_a_path)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no setting: `threshold = inf` stopped the daemon with a traceback at
+    # start and, by a reload, silenced it for good (in a review)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     check_not_a_bool = _NOT_A_BOOL
+    check_a_path = _A_PATH
 
 
 class AudioSettings(_Section):
@@ -167,7 +186,10 @@ class DetectorSettings(_Section):
     )
     release_windows: int = Field(DEFAULT_M, ge=1, le=1000, description="M: windows below to end.")
     threshold: float | None = Field(
-        None, gt=0.0, description="Override the bundle's threshold; unset = the bundle's."
+        None,
+        gt=0.0,
+        le=1e12,  # above any detector's score; 1e307 overflowed the Home Assistant number's range
+        description="Override the bundle's threshold; unset = the bundle's.",
     )
     update_seconds: float = Field(
         10.0, gt=0.0, le=3600.0, description="Interval of `update` events while one lasts."
@@ -364,8 +386,10 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_assignment=True,
+        allow_inf_nan=False,
     )
     check_not_a_bool = _NOT_A_BOOL
+    check_a_path = _A_PATH
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -78,11 +78,29 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ('[mqtt]\nhost = "broker lan"\n', "mqtt.host"),
         # no block could arrive within the stall time: the capture reopened the device for good
         ("[audio]\nblock_seconds = 1.0\n[health]\nstall_seconds = 0.5\n", "health.stall_seconds"),
+        # a traceback at start, and by a reload a daemon that could never start an event
+        ("[detector]\nthreshold = inf\n", "detector.threshold"),
+        ("[detector]\nthreshold = 1e307\n", "detector.threshold"),
+        ("[clips]\nmax_total_mb = inf\n", "clips.max_total_mb"),
+        ("[health]\nfault_seconds = nan\n", "health.fault_seconds"),
+        ('[mqtt.tls]\nca_file = " "\n', "mqtt.tls.ca_file"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
         load_settings(write(tmp_path, text))
+
+
+def test_a_path_from_home_is_the_user_s_home_and_an_empty_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data_dir = "~/ss"` made a folder named `~` where the command ran, and `data_dir = ""`
+    made that folder the data folder, its permissions tightened to 0700 (in a review)."""
+    monkeypatch.delenv("SOUNDSENTRY_DATA_DIR", raising=False)
+    s = load_settings(write(tmp_path, 'data_dir = "~/ss"\nmodel = "~/fan.bundle"\n'))
+    assert s.data_dir == Path.home() / "ss" and s.model == Path.home() / "fan.bundle"
+    with pytest.raises(SettingsError, match=r"^invalid setting data_dir .*an empty path"):
+        load_settings(write(tmp_path, 'data_dir = ""\n'))
 
 
 def test_a_stall_time_must_exceed_a_block_and_names_both_keys(tmp_path: Path) -> None:
