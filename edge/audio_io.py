@@ -185,10 +185,25 @@ def _no_channel(channel: int, channels: int, path: Path | None = None) -> AudioE
     return AudioError(f"{where}channel {channel} does not exist: the audio has {channels}")
 
 
+MAX_RATE = 768_000
+"""The highest sample rate taken: recorders reach 384 or 768 kHz. Beyond it the header is
+damaged; read as it says, 10 s of 2^31 Hz asked for an 80-GB buffer (in a review)."""
+
+
+def check_header_rate(path: str | Path, rate: int) -> None:
+    """Refuse a sample rate no recorder makes (a damaged header) before reading any audio."""
+    if not 0 < rate <= MAX_RATE:
+        raise AudioError(
+            f"{path}: its header says {rate} Hz, which no recorder makes (at most {MAX_RATE} Hz):"
+            " a damaged file?"
+        )
+
+
 def check_rate(path: str | Path, rate: int, samplerate: int) -> None:
     """Refuse audio recorded below the model's rate: upsampling adds no sound, so the bands
     between the file's Nyquist frequency and the model's would be empty, and a model trained on
-    it alarms on real audio (or the other way round)."""
+    it alarms on real audio (or the other way round); and a rate no recorder makes."""
+    check_header_rate(path, rate)
     if rate < samplerate:
         raise AudioError(
             f"{path}: recorded at {rate} Hz, below the model's {samplerate} Hz: no sound above "
@@ -284,6 +299,7 @@ def read_audio(
     try:
         with sf.SoundFile(sf_path(path)) as fh:
             rate, channels = fh.samplerate, fh.channels
+            check_header_rate(path, rate)
             valid = channel == DOWNMIX or 0 <= channel < channels
             resampler = (
                 soxr.ResampleStream(rate, samplerate, 1, dtype="float32", quality="HQ")

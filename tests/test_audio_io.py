@@ -181,6 +181,30 @@ def test_audio_below_the_model_rate_is_refused_by_every_command(tmp_path: Path) 
     assert not (tmp_path / "low.bundle").exists()
 
 
+def test_a_header_with_a_rate_no_recorder_makes_is_refused_by_every_command(
+    tmp_path: Path,
+) -> None:
+    """A WAV header saying 2^31 - 1 Hz: evaluate, calibrate and spectrogram sized their read
+    buffer from it (10 s: 80 GB) and stopped with a memory error (in a review)."""
+    damaged = tmp_path / "damaged.wav"
+    sf.write(damaged, read_audio(NORMAL_FILES[0], RATE), RATE, subtype="PCM_16")
+    raw = bytearray(damaged.read_bytes())
+    assert raw[24:28] == RATE.to_bytes(4, "little")  # the canonical 44-byte header's rate
+    raw[24:28] = (2**31 - 1).to_bytes(4, "little")
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(AudioError, match="which no recorder makes"):
+        read_audio(damaged, RATE)
+    for args in (
+        ["evaluate", str(DEMO_BUNDLE), "--normal", str(NORMAL_FILES[0]), "--anomalous",
+         str(damaged)],
+        ["calibrate", str(DEMO_BUNDLE), "--normal", str(damaged), "--out", str(tmp_path / "c")],
+    ):  # fmt: skip
+        proc = cli(*args, check=False)
+        assert proc.returncode == 1, args
+        (line,) = proc.stderr.strip().splitlines()
+        assert str(damaged) in line and "2147483647 Hz, which no recorder makes" in line
+
+
 def test_every_unusable_file_is_named_in_one_line(tmp_path: Path) -> None:
     folder = tmp_path / "recordings"
     folder.mkdir()
