@@ -151,7 +151,9 @@ def render_spectrogram(
     if out.suffix.lower() != ".png":  # the image is a PNG whatever the name says
         out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return plot_spectrogram(LogMel(params)(audio), params, out, f"log-mel: {Path(file).name}")
+    return plot_spectrogram(
+        LogMel(params)(audio), params, out, f"log-mel: {shown(Path(file).name)}"
+    )
 
 
 def _plt():
@@ -229,15 +231,22 @@ def _histograms(reports: list[Report], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def shown(name: str | Path) -> str:
+    """A file name as text: bytes that are not UTF-8 (a name from an old FAT stick or another
+    locale) as backslash escapes, which a CSV or a plot title can hold (they stopped `evaluate
+    --report` half-way through scores.csv, and `spectrogram`, in a review)."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _csv(reports: list[Report], path: Path) -> Path:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         out = csv.writer(fh)
         out.writerow(["file", "segment", "label", *(f"score_{r.variant}" for r in reports)])
         for rows in zip(*(r.items for r in reports), strict=True):
             first = rows[0]
             label = "anomalous" if first.label else "normal"
             seg = "" if first.segment is None else first.segment
-            out.writerow([first.file, seg, label, *(f"{row.score:.6g}" for row in rows)])
+            out.writerow([shown(first.file), seg, label, *(f"{row.score:.6g}" for row in rows)])
     return path
 
 
@@ -247,7 +256,11 @@ def _timeline(name: str, scores: np.ndarray, hop_s: float, threshold: float, pat
     t = np.arange(len(scores)) * hop_s
     ax.plot(t, scores, marker=".", label="window score (gaps: silence, dropout, machine off)")
     ax.axhline(threshold, color="red", linestyle="--", label="threshold")
-    ax.set(xlabel="time (s, window start)", ylabel="anomaly score", title=f"score timeline: {name}")
+    ax.set(
+        xlabel="time (s, window start)",
+        ylabel="anomaly score",
+        title=f"score timeline: {shown(name)}",
+    )
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
 

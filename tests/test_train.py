@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -305,6 +306,24 @@ def test_evaluate_with_nothing_to_score_and_an_output_path_that_is_a_folder(
         f"soundsentry: error: --json {tmp_path}: is a folder; give a file name"
     )
     assert proc.stdout == ""
+
+
+def test_file_names_that_are_not_utf8_reach_the_report_and_the_spectrogram(
+    tmp_path: Path,
+) -> None:
+    """A name from an old FAT stick or another locale: scores.csv stopped half-written with a
+    UnicodeEncodeError, and `spectrogram` with a TypeError from its title (in a review)."""
+    odd = os.fsdecode(bytes(tmp_path) + b"/fan-\xff\xfe.wav")
+    shutil.copy(ANOMALOUS_FILE, odd)
+    report = tmp_path / "rep"
+    cli("evaluate", str(DEMO_BUNDLE), "--normal", str(NORMAL_FILES[0]), "--anomalous", odd,
+        "--report", str(report), "--timeline", odd)  # fmt: skip
+    rows = (report / "scores.csv").read_text(encoding="utf-8").splitlines()
+    assert any(row.startswith(f"{tmp_path}/fan-\\xff\\xfe.wav,") for row in rows), rows[:3]
+    assert (report / "timeline.png").read_bytes().startswith(b"\x89PNG")
+    picture = tmp_path / "spec.png"
+    cli("spectrogram", "--model", str(DEMO_BUNDLE), odd, "--out", str(picture))
+    assert picture.read_bytes().startswith(b"\x89PNG")
 
 
 def test_evaluate_checks_its_timeline_file_before_scoring(tmp_path: Path) -> None:
