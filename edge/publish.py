@@ -144,8 +144,12 @@ def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
     if s.tls.enabled:
         for key in ("ca_file", "cert_file", "key_file"):  # ssl's own error names no file
             path = getattr(s.tls, key)
-            if path is not None and not os.access(path, os.R_OK):
-                why = "not found" if not Path(path).exists() else "not readable by this user"
+            if path is not None and (Path(path).is_dir() or not os.access(path, os.R_OK)):
+                why = (
+                    "a folder, not a file" if Path(path).is_dir()
+                    else "not found" if not Path(path).exists()
+                    else "not readable by this user"
+                )  # fmt: skip
                 raise SettingsError(f"mqtt.tls.{key} {path}: {why}")
         try:
             client.tls_set(

@@ -945,3 +945,19 @@ def test_a_closed_stdout_ends_a_replay_but_not_the_devices_daemon(tmp_path: Path
         else:
             with pytest.raises(BrokenPipeError):
                 d.run(FileSource([ANOMALOUS_FILE], 16000))
+
+
+def test_a_tls_file_that_is_a_folder_is_named(tmp_path: Path) -> None:
+    """`ca_file` naming a folder passed the readable check and stopped the start with a bare
+    "Is a directory", naming neither key nor path (in a review)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge.errors import SettingsError
+    from edge.publish import configure_auth
+    from edge.settings import MqttSettings
+
+    settings = MqttSettings(host="127.0.0.1", tls={"enabled": True, "ca_file": tmp_path})
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5)
+    with pytest.raises(SettingsError, match=f"^mqtt.tls.ca_file {tmp_path}: a folder, not a file$"):
+        configure_auth(client, settings)
