@@ -268,7 +268,7 @@ install_units() {
 configured_model() {
   # utf-8-sig, as the daemon reads it: a config saved by Notepad starts with a byte-order mark.
   # A config that is not valid TOML (kept from an earlier install) is one line, not a traceback.
-  "$VENV/bin/python" -c '
+  "$VENV/bin/python" -I -c '
 import sys, tomllib
 try:
     print(tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get("model", ""))
@@ -277,19 +277,28 @@ except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
 }
 
 # Every kept config (the single unit's and each instance's) as the new code reads it, and the
-# model bundle each one names (with its [detector] settings, as the daemon builds its pipeline):
-# a key a release renamed or dropped, or a bundle it no longer reads, is one line per file here,
-# not a service that cannot start. A model that is not there yet is left to the service.
+# model bundle each one names (with its [detector] settings, as the daemon builds its pipeline),
+# and the site version the device runs instead of it (a commissioning period, calibrate,
+# mark_normal: models/history.json in the unit's state folder): a key a release renamed or
+# dropped, or a bundle it no longer reads, is one line per file here, not a service that cannot
+# start, or one that quietly fell back to the factory model and forgot the site's. A model that
+# is not there yet is left to the service. -I: the code of the venv, never a checkout the
+# installer is run from.
 configs_load() {
-  local conf failed=0
+  local conf state failed=0
   for conf in "$CONF_DIR"/*.toml; do
     [ -e "$conf" ] || continue
-    "$VENV/bin/python" -c '
+    state=/var/lib/soundsentry  # the units' StateDirectory=soundsentry(/%i)
+    [ "$(basename "$conf")" = config.toml ] || state="$state/$(basename "$conf" .toml)"
+    STATE_DIRECTORY="$state" "$VENV/bin/python" -I -c '
 import sys
 from pathlib import Path
 from edge.errors import SoundSentryError
 from edge.settings import load_settings
+import os
 conf, root = sys.argv[1], sys.argv[2]
+for name in [n for n in os.environ if n.startswith("SOUNDSENTRY_")]:
+    del os.environ[name]  # the installer'"'"'s own: the service does not have them
 try:
     s = load_settings(conf)
 except SoundSentryError as exc:
@@ -300,10 +309,28 @@ if model is not None and Path(model).exists():
     from edge.bundle import load_bundle
     from edge.pipeline import Pipeline
     try:
-        Pipeline(load_bundle(model), s.detector)
+        configured = load_bundle(model)
+        Pipeline(configured, s.detector)
     except (SoundSentryError, OSError) as exc:
         said = str(exc).replace(str(model), str(s.model))  # the path as the config names it
         sys.exit(f"{conf}: " + (said if str(s.model) in said else f"model {s.model}: {said}"))
+    import json
+    from edge.history import HISTORY
+    here = lambda p: Path(root + str(p)) if root and Path(p).is_absolute() else Path(p)
+    try:
+        data = json.loads((here(s.data_dir) / "models" / HISTORY).read_text())
+        active = data["active"] if data.get("configured") == configured.model_id else None
+        entry = next(e for e in data["entries"] if e.get("version") == active)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        entry = None  # none, or damaged (the daemon says which at start)
+    if entry is not None:
+        where = str(entry["path"])
+        try:
+            Pipeline(load_bundle(here(where)), s.detector)
+        except (SoundSentryError, OSError) as exc:
+            said = str(exc).replace(str(here(where)), where)
+            sys.exit(f"{conf}: the site version in use, {active} ({where}), does not load "
+                     f"with this version: {said}")
 ' "$conf" "$ROOT" || failed=1
   done
   return "$failed"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import pytest
 from conftest import ROOT
 
 from edge import __version__
+from edge.bundle import load_bundle
 
 DEPLOY = ROOT / "deploy"
 INSTALL_SH = DEPLOY / "install.sh"
@@ -372,6 +374,47 @@ def test_an_upgrade_loads_the_configured_model_before_it_restarts(
     said = lines[0].removeprefix(f"{conf}: ")  # the model's path as the config names it
     assert said.startswith("/var/lib/soundsentry/models/fan.bundle") and "format 99" in said
     assert "a kept config or its model above does not load" in bad.stderr
+    assert restart not in bad.stdout
+
+
+@pytest.mark.slow
+def test_an_upgrade_loads_the_site_version_the_device_runs_before_it_restarts(
+    installed: Path, tiny_bundle: Path
+) -> None:
+    """The device runs a version the site made (a commissioning period, calibrate) instead of
+    the configured model: an upgrade checked only the configured one, and a release that could
+    not read the site's restarted into the factory model, the daemon then forgetting the
+    site's version for good (in a review). Now it is loaded first, and named if it fails."""
+    models = installed / "var/lib/soundsentry/models"
+    model, site = models / "fan.bundle", models / "v1"
+    restart = "would run: systemctl try-restart soundsentry.service soundsentry@*.service"
+    shutil.copytree(tiny_bundle, model)
+    shutil.copytree(tiny_bundle, site)
+    entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1", "reason": "calibrate"}
+    configured = load_bundle(model).model_id
+    history = {"configured": configured, "active": 1, "entries": [entry]}
+    (models / "history.json").write_text(json.dumps(history))
+    try:
+        good = run_installer(installed)
+        assert restart in good.stdout, good.stdout + good.stderr
+        manifest = site / "manifest.json"
+        manifest.write_text(
+            manifest.read_text().replace('"format_version": 2', '"format_version": 99')
+        )
+        bad = run_installer(installed, check=False)
+    finally:
+        shutil.rmtree(model)
+        shutil.rmtree(site)
+        (models / "history.json").unlink()
+    conf = installed / "etc/soundsentry/config.toml"
+    assert bad.returncode == 1
+    lines = [x for x in bad.stderr.splitlines() if x.strip() and "install: error" not in x]
+    assert len(lines) == 1, bad.stderr
+    assert lines[0].startswith(
+        f"{conf}: the site version in use, 1 (/var/lib/soundsentry/models/v1), does not load"
+    ), lines[0]
+    said = lines[0].removeprefix(f"{conf}: ")
+    assert "format 99" in said and str(installed) not in said  # paths as the device has them
     assert restart not in bad.stdout
 
 
