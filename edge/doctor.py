@@ -472,7 +472,7 @@ def _mqtt_login(s: Settings) -> Check:
 
 def check_web(s: Settings) -> Check:
     """`[web]` as the daemon's start takes it: the extra installed, the token readable, the
-    port free or served by a running soundsentry."""
+    port free or served by this config's running soundsentry (not another device's)."""
     if not s.web.enabled:
         return Check("dashboard", None, "[web] is not enabled")
     try:
@@ -482,7 +482,7 @@ def check_web(s: Settings) -> Check:
     from edge.web.auth import read_token
 
     try:
-        read_token(s.web)
+        token = read_token(s.web)
     except SoundSentryError as exc:
         return Check(
             "dashboard",
@@ -500,7 +500,16 @@ def check_web(s: Settings) -> Check:
         except OSError as exc:
             server = _http_server(s.web.host, s.web.port)
             if server == "SoundSentry":
-                return Check("dashboard", True, f"{where} is served by a running soundsentry")
+                other = _dashboard_device(s.web.host, s.web.port, token)
+                if other in (s.device_id, None):
+                    return Check("dashboard", True, f"{where} is served by this soundsentry")
+                return Check(
+                    "dashboard",
+                    False,
+                    f"{where} is served by another soundsentry ({other}): this device's page "
+                    "cannot listen there",
+                    "give each config its own [web] port (`ss -ltnp` lists the taken ones)",
+                )
             by = f" (by {server})" if server else ""
             return Check(
                 "dashboard",
@@ -510,6 +519,27 @@ def check_web(s: Settings) -> Check:
                 "to an address of this machine",
             )
     return Check("dashboard", True, f"{where} is free for the page")
+
+
+def _dashboard_device(host: str, port: int, token: str | None) -> str | None:
+    """The device_id of the SoundSentry dashboard on host:port, asked with this config's
+    token: "a device with another token" when it refuses it, None when it does not say (an
+    older release). Every dashboard sends `Server: SoundSentry`: a second config copied from
+    the first kept its port, and doctor passed the other device's page (in a review)."""
+    import http.client
+    import json
+
+    try:
+        connection = http.client.HTTPConnection(host, port, timeout=BROKER_TIMEOUT_S)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        connection.request("GET", "/api/state", headers=headers)
+        response = connection.getresponse()
+        if response.status == 401:
+            return "a device with another token"
+        device = json.loads(response.read()).get("device_id")
+        return str(device) if device is not None else None
+    except (OSError, http.client.HTTPException, ValueError, AttributeError):
+        return None
 
 
 def _http_server(host: str, port: int) -> str | None:

@@ -557,6 +557,47 @@ def test_doctor_checks_the_dashboard_as_the_daemon_starts_it(tmp_path: Path) -> 
     assert free.ok is True and "is free" in free.detail, free
 
 
+def test_doctor_tells_this_device_s_dashboard_from_another_s_on_its_port(tmp_path: Path) -> None:
+    """Every dashboard says `Server: SoundSentry`: a second config copied from the first kept
+    its [web] port, and doctor passed the first device's page as the second's (in a review).
+    It now asks the page whose it is, with the config's token."""
+    import socket
+
+    from conftest import DEMO_BUNDLE
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.doctor import check_web
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tokens = {}
+    for name in ("a", "b"):
+        tokens[name] = tmp_path / f"token-{name}"
+        tokens[name].write_text(name * 32 + "\n")
+
+    def settings(device_id: str, token: str) -> Settings:
+        web = {"enabled": True, "port": port, "token_file": str(tokens[token])}
+        return Settings(device_id=device_id, data_dir=tmp_path / device_id, web=web)
+
+    running = settings("pump-3", "a")
+    dashboard = Dashboard(running)
+    dashboard.start(Detector(running, load_bundle(DEMO_BUNDLE), []), lambda payload: None)
+    try:
+        own = check_web(running)
+        assert own.ok is True and "served by this soundsentry" in own.detail, own
+        copied = check_web(settings("pump-4", "a"))
+        assert copied.ok is False and "another soundsentry (pump-3)" in copied.detail, copied
+        assert "its own [web] port" in copied.fix
+        other = check_web(settings("pump-4", "b"))
+        assert other.ok is False and "(a device with another token)" in other.detail, other
+    finally:
+        dashboard.stop()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="gives a folder away: root only")
 def test_doctor_finds_root_s_files_in_the_service_s_folder_and_a_card_too_small(
     tmp_path: Path,

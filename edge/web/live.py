@@ -72,6 +72,8 @@ class LiveView(Sink):
         self.last_metrics: dict[str, Any] | None = None
         self.last_window: dict[str, Any] | None = None
         self.last_status: dict[str, Any] = {}
+        self.device_id: str | None = None
+        """Whose page this is (doctor tells this device's dashboard from another's by it)."""
         self.events_started = 0
         self.last_window_time: float | None = None
         """When the latest window was scored (Unix time): a score that stopped coming is seen."""
@@ -160,6 +162,7 @@ class LiveView(Sink):
         with self._lock:
             trace = list(self._trace)
         return {
+            "device_id": self.device_id,
             "state": self.last_state,
             "health": self.last_health,
             "window": self.last_window,

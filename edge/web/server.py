@@ -109,6 +109,7 @@ class Dashboard:
         self.gate = Gate(self.token, self.web.public_url)
         self.clips = settings.data_dir / "clips"
         self.live = LiveView(self._links)
+        self.live.device_id = settings.device_id
         self.live.seed(_logged_events(settings))  # the evidence outlives a restart
         self.registry = registry_for(self.live, settings.device_id)
         self.page, self.csp = _page(PAGE.read_bytes())
