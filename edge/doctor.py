@@ -59,6 +59,28 @@ def unit_for(config: str | Path | None) -> str | None:
     return "soundsentry.service" if stem == "config" else f"soundsentry@{stem}.service"
 
 
+STATE_ROOT = Path("/var/lib/soundsentry")
+"""The units' StateDirectory=soundsentry (an instance's: soundsentry/NAME)."""
+HIDDEN_BY_UNIT = (Path("/home"), Path("/root"), Path("/run/user"))
+"""What the units' ProtectHome=yes hides from the service."""
+
+
+def unit_state_dir(unit: str) -> Path:
+    """The state folder systemd gives `unit` (its data_dir unless the config sets one)."""
+    name = unit.removesuffix(".service")
+    return STATE_ROOT / name.split("@", 1)[1] if "@" in name else STATE_ROOT
+
+
+def service_environment(config: str | Path | None) -> None:
+    """Read `config` as its unit does: with the unit's STATE_DIRECTORY, which a command run by
+    hand lacks (`sudo -u soundsentry soundsentry doctor --config /etc/soundsentry/config.toml`
+    checked the data folder under the user's home, not the one the service writes, in a
+    review)."""
+    unit = unit_for(config)
+    if unit is not None and not os.environ.get("STATE_DIRECTORY"):
+        os.environ["STATE_DIRECTORY"] = str(unit_state_dir(unit))
+
+
 def run_checks(settings: Settings, config: str | Path | None = None) -> list[Check]:
     """All checks, in the order a person would fix them; `config`: the file the settings
     came from, whose unit the service checks are about (another instance's state is not)."""
@@ -103,6 +125,15 @@ def check_model(s: Settings) -> Check:
             "no model configured",
             "set `model` in the config to a bundle from `soundsentry train`",
         )
+    unit = UNIT.get()
+    hidden = next((h for h in HIDDEN_BY_UNIT if s.model.absolute().is_relative_to(h)), None)
+    if unit is not None and hidden is not None:
+        return Check(
+            "model",
+            False,
+            f"{s.model} is under {hidden}, which {unit} does not see (ProtectHome=yes)",
+            "copy the bundle to /var/lib/soundsentry/models/ and point `model` at it",
+        )
     locked = _unreadable_by_service(s)
     if locked is not None:
         return locked
@@ -145,13 +176,22 @@ def _unreadable_by_service(s: Settings) -> Check | None:
         uid = s.data_dir.stat().st_uid if s.data_dir.is_dir() else os.geteuid()
         if uid == 0:
             return None
+        above = list(reversed(model.absolute().parents))  # each must let the user in
         parts = [model, *sorted(model.iterdir())] if model.is_dir() else [model]
-        blocked = next((p for p in parts if not _readable(p, uid)), None)
+        walled = next((p for p in above if not _enterable(p, uid)), None)
+        blocked = None if walled else next((p for p in parts if not _readable(p, uid)), None)
     except OSError:  # not there, or not even listable by us: load_bundle says which
         return None
+    user = user_name(uid)
+    if walled is not None:  # root's 0700 folder above a bundle copied into it (in a review)
+        return Check(
+            "model",
+            False,
+            f"{walled} cannot be entered by {user}, who runs the daemon: {model} is behind it",
+            "copy the bundle to /var/lib/soundsentry/models/ and point `model` at it",
+        )
     if blocked is None:
         return None
-    user = user_name(uid)
     return Check(
         "model",
         False,
@@ -160,8 +200,18 @@ def _unreadable_by_service(s: Settings) -> Check | None:
     )
 
 
+def _enterable(folder: Path, uid: int) -> bool:
+    """Whether user `uid` may pass through `folder` (its x bit), by its mode bits."""
+    return _mode_allows(folder, uid, 0o1)
+
+
 def _readable(path: Path, uid: int) -> bool:
     """Whether user `uid` may read `path` (and enter it, a folder), by its mode bits."""
+    return _mode_allows(path, uid, 0o5 if path.is_dir() else 0o4)
+
+
+def _mode_allows(path: Path, uid: int, need: int) -> bool:
+    """Whether the mode bits of `path` give user `uid` the rwx bits `need` (0o1 to 0o7)."""
     import pwd
 
     try:
@@ -176,7 +226,6 @@ def _readable(path: Path, uid: int) -> bool:
         bits = st.st_mode >> 3
     else:
         bits = st.st_mode
-    need = 0o5 if path.is_dir() else 0o4
     return bits & need == need
 
 
@@ -579,6 +628,9 @@ FOLDER_HINT = "set data_dir to a writable folder (the service uses its StateDire
 
 def check_disk(s: Settings) -> Check:
     path = s.data_dir
+    walled = _outside_the_unit(path)
+    if walled is not None:
+        return walled
     if not path.exists():  # doctor creates nothing: the daemon makes it, private, at start
         return _future_data_dir(path)
     if not path.is_dir():
@@ -660,6 +712,28 @@ def _megabytes(folder: Path) -> float:
         return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
     except OSError:
         return 0.0
+
+
+def _outside_the_unit(path: Path) -> Check | None:
+    """A failed check when the unit of the config checked may not write `path`: under
+    ProtectSystem=strict it writes its state folder and the ReadWritePaths= of a drop-in only
+    (an instance given a copy of the single unit's config, a USB stick), and the service then
+    refuses to start while a write test run by hand passed."""
+    unit = UNIT.get()
+    if unit is None:
+        return None
+    own = unit_state_dir(unit)
+    drop_ins = _run(["systemctl", "show", "-P", "ReadWritePaths", unit]) or ""
+    allowed = [own, *(Path(p.lstrip("-+")) for p in drop_ins.split())]  # -: if it exists
+    if any(path.absolute().is_relative_to(folder) for folder in allowed):
+        return None
+    return Check(
+        "data folder",
+        False,
+        f"data_dir {path} cannot be written by {unit}, whose state folder is {own}",
+        f'set data_dir = "{own}" (or leave it unset), or allow {path} with ReadWritePaths= in a '
+        f"drop-in (systemctl edit {unit})",
+    )
 
 
 def _future_data_dir(path: Path) -> Check:

@@ -994,9 +994,10 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from edge.doctor import run_checks
+    from edge.doctor import run_checks, service_environment
     from edge.settings import load_settings
 
+    service_environment(args.config)  # a unit's config: its data folder, not the user's home
     settings = load_settings(args.config, model=args.model, audio={"device": args.device})
     _note_service_config(args.config, "checking the default settings", "to check the service")
     checks = run_checks(settings, args.config)

@@ -598,6 +598,63 @@ def test_doctor_tells_this_device_s_dashboard_from_another_s_on_its_port(tmp_pat
         dashboard.stop()
 
 
+def test_doctor_checks_a_unit_s_config_inside_the_unit_s_walls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run by hand as the README says, doctor read the data folder under the user's home
+    (the unit's STATE_DIRECTORY unset), passed a data_dir the unit may not write and a model
+    under /home that ProtectHome=yes hides from the service (in a review)."""
+    import edge.doctor as doctor
+    from edge.settings import Settings, load_settings
+
+    monkeypatch.setattr(doctor, "CONFIG_DIR", tmp_path)
+    for name in ("STATE_DIRECTORY", "SOUNDSENTRY_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "pump-3.toml"
+    config.write_text('device_id = "pump-3"\n')
+    doctor.service_environment(config)
+    assert load_settings(config).data_dir == Path("/var/lib/soundsentry/pump-3")
+    token = doctor.UNIT.set(doctor.unit_for(config))
+    try:
+        elsewhere = doctor.check_disk(Settings(device_id="pump-3", data_dir=tmp_path / "usb"))
+        assert elsewhere.ok is False, elsewhere
+        assert "cannot be written by soundsentry@pump-3.service" in elsewhere.detail
+        assert 'data_dir = "/var/lib/soundsentry/pump-3"' in elsewhere.fix
+        home = doctor.check_model(Settings(device_id="pump-3", model="/home/pi/fan.bundle"))
+        assert home.ok is False and "ProtectHome=yes" in home.detail, home
+    finally:
+        doctor.UNIT.reset(token)
+    by_hand = doctor.check_disk(Settings(device_id="pump-3", data_dir=tmp_path / "usb"))
+    assert by_hand.ok is True, by_hand  # a config of one's own: no unit's walls
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a folder away: root only")
+def test_doctor_finds_a_model_behind_a_folder_the_service_cannot_enter(tmp_path: Path) -> None:
+    """Run as root, doctor checked the bundle's own files for the service's user but not the
+    folders above it: a bundle inside root's 0700 folder passed (in a review)."""
+    import tempfile
+
+    from edge.doctor import check_model
+    from edge.settings import Settings
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own tmp folders are 0700: not there
+    base.chmod(0o755)
+    data = base / "data"
+    data.mkdir()
+    locked = base / "locked"
+    locked.mkdir(mode=0o700)
+    shutil.copytree(DEMO_BUNDLE, locked / "fan.bundle")
+    for path in [locked / "fan.bundle", *(locked / "fan.bundle").iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)  # the bundle itself readable by all
+    os.chown(data, 65534, 65534)  # the service's user owns the data folder
+    try:
+        check = check_model(Settings(device_id="t", data_dir=data, model=locked / "fan.bundle"))
+    finally:
+        os.chown(data, 0, 0)
+        shutil.rmtree(base)
+    assert check.ok is False and f"{locked} cannot be entered by nobody" in check.detail, check
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="gives a folder away: root only")
 def test_doctor_finds_root_s_files_in_the_service_s_folder_and_a_card_too_small(
     tmp_path: Path,
@@ -628,10 +685,14 @@ def test_doctor_finds_a_model_the_service_s_user_cannot_read(tmp_path: Path) -> 
     """`sudo cp -r` under a hardened umask (027) gives root a 0640 bundle the service cannot
     read; doctor run as root passed it, and run as the service's user it said to copy the
     bundle where it already was."""
+    import tempfile
+
     from edge.doctor import check_model
     from edge.settings import Settings
 
-    data, model = tmp_path / "data", tmp_path / "models" / "fan.bundle"
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own tmp folders are 0700: not there
+    base.chmod(0o755)
+    data, model = base / "data", base / "models" / "fan.bundle"
     data.mkdir()
     shutil.copytree(DEMO_BUNDLE, model)
     os.chmod(model.parent, 0o755)
@@ -645,7 +706,10 @@ def test_doctor_finds_a_model_the_service_s_user_cannot_read(tmp_path: Path) -> 
     assert locked.fix == f"give it to the daemon's user: sudo chown -R nobody: {model}"
     for f in [model, *model.iterdir()]:
         os.chown(f, 65534, 65534)
-    assert check_model(settings).ok is True
+    try:
+        assert check_model(settings).ok is True
+    finally:
+        shutil.rmtree(base)
 
 
 def test_doctor_reads_who_holds_a_capture_stream(tmp_path: Path) -> None:
