@@ -358,6 +358,12 @@ start_service() {
     say "not starting: model $model not found. Copy a bundle there, then: systemctl start soundsentry"
     return
   fi
+  # a config kept from an uninstall (a key this version renamed) or its model: named here, not
+  # a start that waits its minute and fails with systemd's "Job failed"
+  if ! configs_load; then
+    say "not starting: fix the config above, then: systemctl start soundsentry"
+    return
+  fi
   live_systemctl start soundsentry.service
 }
 

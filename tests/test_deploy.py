@@ -508,6 +508,14 @@ def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
     assert "not valid TOML" in again.stderr and "Traceback" not in again.stderr, again.stderr
     assert "not starting: fix the config above" in again.stdout, again.stdout
     run_installer(installed, "--uninstall")
+    # valid TOML with a key this version does not know: named before a start that would wait
+    # its minute and fail with systemd's "Job failed"
+    config.write_text('devise_id = "pump-3"\nmodel = "/var/lib/soundsentry/models/pump.bundle"\n')
+    renamed = run_installer(installed)
+    assert "invalid setting devise_id: unknown key" in renamed.stderr, renamed.stderr
+    assert "not starting: fix the config above" in renamed.stdout, renamed.stdout
+    assert "systemctl start soundsentry.service" not in renamed.stdout
+    run_installer(installed, "--uninstall")
 
     proc = run_installer(installed, "--purge")
     assert not (installed / "etc/soundsentry").exists()
