@@ -130,8 +130,13 @@ def announced(
 
 
 def config_topics(topics: Topics) -> list[str]:
-    """Every config topic this device announces when discovery is on (the threshold's too)."""
-    return list(discovery_configs(topics, "", threshold=0.5, classifier=True))
+    """Every config topic this device announces when discovery is on (the threshold's too),
+    and those an older release announced it under (`Topics.ha_node_before`), to clear."""
+    now = list(discovery_configs(topics, "", threshold=0.5, classifier=True))
+    before = topics.ha_node_before
+    if before is None:
+        return now
+    return [*now, *(t.replace(f"/{topics.ha_node}/", f"/{before}/", 1) for t in now)]
 
 
 def _recognised(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -86,8 +87,24 @@ class Topics:
         return f"{self.ha_prefix}/status"
 
     def ha_config(self, component: str, object_id: str) -> str:
-        """Discovery config topic of one entity of this device. Its node_id is
-        `{prefix}_{device_id}` with the characters Home Assistant refuses replaced (the default
-        device_id, the host name, may be `raspberrypi.lan`)."""
+        """Discovery config topic of one entity of this device (under `ha_node`)."""
+        return f"{self.ha_prefix}/{component}/{self.ha_node}/{ha_id(object_id)}/config"
+
+    @property
+    def ha_node(self) -> str:
+        """The discovery node_id: `{prefix}_{device_id}` with the characters Home Assistant
+        refuses replaced (the default device_id, the host name, may be `raspberrypi.lan`); a
+        device_id with letters beyond ASCII adds 8 hex digits of its hash, since replacing
+        leaves little of it (`насос-1` and `мотор-1` both became `_____-1`, and two devices
+        took over each other's entities, in a review)."""
         node = ha_id(f"{self.prefix}_{self.device_id}")
-        return f"{self.ha_prefix}/{component}/{node}/{ha_id(object_id)}/config"
+        if self.device_id.isascii():
+            return node
+        return f"{node}_{hashlib.sha256(self.device_id.encode()).hexdigest()[:8]}"
+
+    @property
+    def ha_node_before(self) -> str | None:
+        """The node_id releases before the hash announced this device under, where it differs
+        (its configs there are cleared, so Home Assistant keeps one entity each); else None."""
+        node = ha_id(f"{self.prefix}_{self.device_id}")
+        return None if node == self.ha_node else node

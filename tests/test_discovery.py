@@ -293,6 +293,24 @@ def test_discovery_topics_match_home_assistants_pattern_for_any_device_id(
         )
 
 
+def test_two_devices_named_beyond_ascii_keep_their_own_entities() -> None:
+    """Replacing every character Home Assistant refuses left `_____-1` of both `насос-1` and
+    `мотор-1`: the two devices shared all their config topics, each overwrote the other's
+    entities, and one with discovery off cleared the other's (in a review). Such a device_id
+    adds a hash to its node_id, and clears what an older release announced it under."""
+    from edge.discovery import announced, config_topics
+
+    pump, motor = Topics("soundsentry", "насос-1"), Topics("soundsentry", "мотор-1")
+    assert not set(config_topics(pump)) & set(discovery_configs(motor, "m", THRESHOLD))
+    node = HA_DISCOVERY_TOPIC.fullmatch(pump.ha_config("sensor", "score").partition("/")[2])
+    assert node and node["node_id"].startswith("soundsentry______-1_"), node
+    said = announced(pump, "fan-1234", THRESHOLD)
+    before = [t for t in said if "/soundsentry______-1/" in t]
+    assert before and all(said[t] is None for t in before)  # cleared
+    assert sum(v is not None for v in said.values()) == len(before) - 1  # all but the class
+    assert Topics("soundsentry", "pump.3").ha_node_before is None  # ASCII: as it always was
+
+
 def test_the_device_links_its_page_and_the_anomaly_attributes_stay_still() -> None:
     """With the dashboard on, Home Assistant's device page gets a link to it. The Anomaly
     sensor's attributes are the state's stable fields: score, level and time change at every
