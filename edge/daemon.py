@@ -532,19 +532,23 @@ class Detector:
         )
 
     def _restore_state(self) -> None:
-        """A threshold set by command for this model and a mute still running, from data_dir."""
+        """A threshold set by command for this model and a mute still running, from data_dir.
+        Said at WARNING in a replay (whose log shows warnings only): a replay with a device's
+        config that took on its mute raised no event while its summary showed windows above the
+        threshold, and one that took on its threshold raised fewer (in a review)."""
         if self.state is None:
             return
+        level = logging.INFO if self.live else logging.WARNING
         value = self.state.threshold_for(self.bundle.model_id)
         low, high = self.threshold_bounds()  # as set_threshold accepted it
         if value is not None and low <= value <= high:
             self._threshold = value
             self.pipeline.events.threshold = value
-            log.info("threshold %.6g restored (set by command)", value)
+            log.log(level, "threshold %.6g restored (set by command)", value)
         mute = self.state.restored_mute(self.clock())
         if mute is not None:  # at most what was left of its length (edge.persist)
             self._mute, self._mute_end = mute, time.monotonic() + mute.seconds - mute.ran
-            log.info("mute restored, until %s", iso(self.muted_until))
+            log.log(level, "mute restored, until %s: no events until then", iso(self.muted_until))
         self._running_s = max(self._running_s, self.state.running_seconds)
 
     def _save_state(self) -> None:

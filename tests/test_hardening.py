@@ -961,3 +961,31 @@ def test_a_tls_file_that_is_a_folder_is_named(tmp_path: Path) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5)
     with pytest.raises(SettingsError, match=f"^mqtt.tls.ca_file {tmp_path}: a folder, not a file$"):
         configure_auth(client, settings)
+
+
+def test_a_replay_as_the_device_says_what_it_took_on_from_the_device_s_state(
+    tmp_path: Path,
+) -> None:
+    """`replay` with a device's config takes on the threshold set by command and a running
+    mute (it acts as that device), but said so at INFO, which replay does not show: it raised
+    no event while its summary showed windows above the threshold (in a review)."""
+    import json
+    import time
+
+    from conftest import DEMO_CLIP, cli
+
+    from edge.bundle import load_bundle
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    model_id = load_bundle(DEMO_BUNDLE).model_id
+    state = {"model": model_id, "threshold": 2.5, "running_seconds": 0,
+             "mute": {"started": time.time(), "seconds": 1800, "ran": 0}}  # fmt: skip
+    (data / "state.json").write_text(json.dumps(state))
+    config = tmp_path / "c.toml"
+    config.write_text('device_id = "pump-3"\n[clips]\nenabled = false\n')
+    env = {"SOUNDSENTRY_DATA_DIR": str(data)}  # the device's data folder
+    proc = cli("replay", "--config", str(config), str(DEMO_BUNDLE), str(DEMO_CLIP), env=env)
+    assert "threshold 2.5 restored (set by command)" in proc.stderr, proc.stderr
+    assert "mute restored, until" in proc.stderr and "no events until then" in proc.stderr
+    assert proc.stdout.strip() == ""  # muted: no event
