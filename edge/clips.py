@@ -52,6 +52,10 @@ class CaptureRing:
         self._buf[: n - first] = block[first:]
         self.end += n
 
+    def forget(self) -> None:
+        """An unrelated stream follows (the next replayed file): nothing held was heard in it."""
+        self.begin = self.end
+
     def since(self, start: int) -> np.ndarray:
         """Samples from absolute index `start` (clamped to what is still held) to the newest."""
         start = max(start, self.end - self.size, self.begin)

@@ -781,6 +781,8 @@ class Detector:
         period learns the last one's final windows: it ended with the machine running."""
         self._learn_unlearnt(math.inf)
         self.close_event("end_of_stream")
+        if self.clips:  # a clip's pre-roll held the last file's end (in a review)
+            self.clips.ring.forget()
         self._load(self.bundle, self.settings, self._threshold)
 
     def finish(self) -> None:

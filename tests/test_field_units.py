@@ -1186,3 +1186,26 @@ def test_metrics_before_any_audio_have_no_level_and_a_nan_score_is_no_nan_index(
     detector._emit_metrics()
     json.loads(seen[-1].to_payload(), parse_constant=pytest.fail)
     assert seen[-1].anomaly_index is None
+
+
+def test_a_replayed_file_s_clip_holds_no_audio_of_the_file_before(tmp_path: Path) -> None:
+    """`replay` streams each file on its own, but an event early in the second file had a clip
+    whose pre-roll was the first file's end: 13 s for a 10-s file (in a review)."""
+    from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, NORMAL_FILES, cli
+
+    from edge.audio_io import read_audio
+
+    fault = read_audio(ANOMALOUS_FILE, RATE)
+    config = tmp_path / "c.toml"
+    config.write_text('device_id = "pump-3"\n[clips]\npreroll_seconds = 3.0\n')
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    proc = cli("replay", "--config", str(config), str(DEMO_BUNDLE), str(NORMAL_FILES[0]),
+               str(ANOMALOUS_FILE), env=env)  # fmt: skip
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    ends = [e for e in events if e["type"] == "end" and e.get("clip")]
+    assert ends, proc.stdout + proc.stderr
+    (end,) = ends  # the normal file raises none
+    assert end["clip_seconds"] <= len(fault) / RATE, end
+    clip, rate = sf.read(tmp_path / "data" / "clips" / end["clip"], dtype="float32")
+    assert rate == RATE
+    np.testing.assert_allclose(clip[:RATE], fault[:RATE], atol=1e-4)  # the fault's own start
