@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -104,6 +104,10 @@ Command = Annotated[
     Field(discriminator="command"),
 ]
 _ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+COMMANDS = tuple(
+    get_args(kind.model_fields["command"].annotation)[0] for kind in get_args(get_args(Command)[0])
+)
+"""The command names the daemon knows."""
 
 
 class CommandError(ValueError):
@@ -148,6 +152,11 @@ def parse_command(payload: bytes | str) -> Command:
         return _ADAPTER.validate_python(data)
     except ValidationError as exc:
         err = exc.errors()[0]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            known = ", ".join(sorted(COMMANDS))  # "rejected: : Input tag 'x' found using ..."
+            said = data.get("command")
+            what = f"unknown command {said!r}" if "command" in data else "no 'command' key"
+            raise CommandError(f"{what}; known: {known}", name, cid) from None
         where = ".".join(str(p) for p in err["loc"][1:] or err["loc"])
         raise CommandError(_one_line(f"{where}: {err['msg']}"), name, cid) from None
 

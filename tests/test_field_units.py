@@ -354,7 +354,9 @@ def test_clip_retention_by_size_and_age(tmp_path: Path) -> None:
     [
         (b"not json", "not JSON"),
         (b"[1, 2]", "JSON object"),
-        (b'{"command": "explode"}', "does not match any of the expected tags"),
+        # in the words of the validator ("rejected: : Input tag 'explode' found using ...")
+        (b'{"command": "explode"}', r"^unknown command 'explode'; known: learn, mark_normal, "),
+        (b'{"id": "x"}', r"^no 'command' key; known: "),
         (b'{"command": "mute"}', "minutes"),
         (b'{"command": "mute", "minutes": -5}', "greater than 0"),
         (b'{"command": "mute", "minutes": 5, "extra": 1}', "extra"),
