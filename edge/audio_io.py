@@ -182,7 +182,7 @@ def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:
 def _no_channel(channel: int, channels: int, path: Path | None = None) -> AudioError:
     """The error for a channel the audio does not have."""
     where = f"{path}: " if path is not None else ""
-    return AudioError(f"{where}channel {channel} does not exist: the audio has {channels}")
+    return AudioError(f"{where}channel {channel} does not exist: {_channels(channels)}")
 
 
 MAX_RATE = 768_000
@@ -197,6 +197,13 @@ def check_header_rate(path: str | Path, rate: int) -> None:
             f"{path}: its header says {rate} Hz, which no recorder makes (at most {MAX_RATE} Hz):"
             " a damaged file?"
         )
+
+
+def _channels(count: int) -> str:
+    """`the audio has 8 channels (0 to 7)`, as --channel counts them."""
+    if count == 1:
+        return "the audio has 1 channel (0)"
+    return f"the audio has {count} channels (0 to {count - 1})"
 
 
 def check_rate(path: str | Path, rate: int, samplerate: int) -> None:
@@ -246,7 +253,7 @@ def check_readable(
     if info.frames <= 0:
         raise AudioError(f"{path}: {NO_SAMPLES}")
     if channel >= info.channels and not (mono_any and info.channels == 1):
-        raise AudioError(f"{path}: channel {channel} does not exist: the audio has {info.channels}")
+        raise AudioError(f"{path}: channel {channel} does not exist: {_channels(info.channels)}")
     if samplerate is not None:
         check_rate(path, info.samplerate, samplerate)
     return info.frames, info.samplerate

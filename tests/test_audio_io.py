@@ -31,7 +31,8 @@ def test_reads_8_channel_wave_format_extensible(tmp_path: Path) -> None:
     np.testing.assert_allclose(ch3, channels[:, 3], atol=1e-4)
     mixed = read_audio(path, RATE, channel=DOWNMIX)
     np.testing.assert_allclose(mixed, channels.mean(axis=1), atol=1e-4)
-    with pytest.raises(AudioError, match="channel 8 does not exist"):
+    with pytest.raises(AudioError, match=r"channel 8 does not exist: the audio has 8 channels "
+                       r"\(0 to 7\)$"):  # fmt: skip
         read_audio(path, RATE, channel=8)
 
 
