@@ -319,7 +319,7 @@ if model is not None and Path(model).exists():
     here = lambda p: Path(root + str(p)) if root and Path(p).is_absolute() else Path(p)
     try:
         data = json.loads((here(s.data_dir) / "models" / HISTORY).read_text())
-        active = data["active"] if data.get("configured") == configured.model_id else None
+        active = data["active"] if data.get("configured") in (None, configured.model_id) else None
         entry = next(e for e in data["entries"] if e.get("version") == active)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
         entry = None  # none, or damaged (the daemon says which at start)

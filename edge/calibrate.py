@@ -153,8 +153,8 @@ def _running_windows(
         dropped += windows - len(kept)
     if dropped:
         log.warning(
-            "%d of %d windows are silent, the machine off, starting or stopping (below %s dBFS"
-            "%s): the calibration leaves them out, as training does", dropped, total,
+            "%d of %d windows are silent, the machine off (below %s dBFS%s), starting or "
+            "stopping: the calibration leaves them out, as training does", dropped, total,
             off_below_dbfs, ", or sounding like the state `off`" if off_like is not None else "",
         )  # fmt: skip
     return per_file, (total - dropped) / max(total, 1)

@@ -136,7 +136,9 @@ def config_topics(topics: Topics) -> list[str]:
     before = topics.ha_node_before
     if before is None:
         return now
-    return [*now, *(t.replace(f"/{topics.ha_node}/", f"/{before}/", 1) for t in now)]
+    # the old node's cleared first: both carry one unique_id, and Home Assistant ignores a
+    # config whose unique_id another topic holds, then the clear removed the entity (a review)
+    return [*(t.replace(f"/{topics.ha_node}/", f"/{before}/", 1) for t in now), *now]
 
 
 def _recognised(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:

@@ -126,8 +126,9 @@ def check_model(s: Settings) -> Check:
             "set `model` in the config to a bundle from `soundsentry train`",
         )
     unit = UNIT.get()
-    hidden = next((h for h in HIDDEN_BY_UNIT if s.model.absolute().is_relative_to(h)), None)
-    if unit is not None and hidden is not None:
+    where = s.model.resolve()  # a link from the models folder into /home is hidden all the same
+    hidden = next((h for h in HIDDEN_BY_UNIT if where.is_relative_to(h)), None)
+    if unit is not None and hidden is not None and _protects_home(unit):
         return Check(
             "model",
             False,
@@ -176,7 +177,7 @@ def _unreadable_by_service(s: Settings) -> Check | None:
         uid = s.data_dir.stat().st_uid if s.data_dir.is_dir() else os.geteuid()
         if uid == 0:
             return None
-        above = list(reversed(model.absolute().parents))  # each must let the user in
+        above = list(reversed(model.resolve().parents))  # each must let the user in
         parts = [model, *sorted(model.iterdir())] if model.is_dir() else [model]
         walled = next((p for p in above if not _enterable(p, uid)), None)
         blocked = None if walled else next((p for p in parts if not _readable(p, uid)), None)
@@ -198,6 +199,17 @@ def _unreadable_by_service(s: Settings) -> Check | None:
         f"{blocked} is not readable by {user}, who runs the daemon (copied as root?)",
         f"give it to the daemon's user: sudo chown -R {user}: {model}",
     )
+
+
+def _protects_home(unit: str) -> bool:
+    """Whether `unit` hides /home, /root and /run/user (ProtectHome=yes or tmpfs, as shipped);
+    a drop-in's `read-only` lets the service read them. Not known to systemd (none running, the
+    unit not installed yet): as shipped."""
+    shown = _run(["systemctl", "show", "-p", "LoadState", "-p", "ProtectHome", unit]) or ""
+    said = dict(line.partition("=")[::2] for line in shown.splitlines())
+    if said.get("LoadState") != "loaded":
+        return True
+    return said.get("ProtectHome", "yes") in ("yes", "tmpfs")
 
 
 def _enterable(folder: Path, uid: int) -> bool:
@@ -552,6 +564,14 @@ def check_web(s: Settings) -> Check:
                 other = _dashboard_device(s.web.host, s.web.port, token)
                 if other in (s.device_id, None):
                     return Check("dashboard", True, f"{where} is served by this soundsentry")
+                if other == "":
+                    return Check(
+                        "dashboard",
+                        False,
+                        f"{where} is served by a soundsentry that refuses this config's token",
+                        "another device's page: give each config its own [web] port; this "
+                        "device's, from before the token changed: restart it",
+                    )
                 return Check(
                     "dashboard",
                     False,
@@ -572,7 +592,7 @@ def check_web(s: Settings) -> Check:
 
 def _dashboard_device(host: str, port: int, token: str | None) -> str | None:
     """The device_id of the SoundSentry dashboard on host:port, asked with this config's
-    token: "a device with another token" when it refuses it, None when it does not say (an
+    token: "" when it refuses the token, None when it does not say (an
     older release). Every dashboard sends `Server: SoundSentry`: a second config copied from
     the first kept its port, and doctor passed the other device's page (in a review)."""
     import http.client
@@ -584,7 +604,7 @@ def _dashboard_device(host: str, port: int, token: str | None) -> str | None:
         connection.request("GET", "/api/state", headers=headers)
         response = connection.getresponse()
         if response.status == 401:
-            return "a device with another token"
+            return ""
         device = json.loads(response.read()).get("device_id")
         return str(device) if device is not None else None
     except (OSError, http.client.HTTPException, ValueError, AttributeError):

@@ -426,6 +426,9 @@ class MqttPublisher:
             return
         if msg.payload.decode(errors="replace").strip() != OFFLINE:
             return
+        sender = dict(getattr(msg.properties, "UserProperty", None) or []).get(INSTANCE_KEY)
+        if sender == self.instance:  # its own, retained from its last stop: `online` is sent
+            return
         log.info("MQTT: another instance left %s `offline`: this one is online", msg.topic)
         self._publish(self.topics.availability, ONLINE, qos=1, retain=True, props=True)
 

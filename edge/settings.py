@@ -66,7 +66,10 @@ def _a_path(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
         if annotation is Path or Path in get_args(annotation):
             if not value.strip():
                 raise ValueError("an empty path: leave the key out for its default")
-            return Path(value).expanduser() if value.startswith("~") else value
+            try:
+                return Path(value).expanduser() if value.startswith("~") else value
+            except RuntimeError as exc:  # ~nosuchuser
+                raise ValueError(str(exc)) from None
     return value
 
 

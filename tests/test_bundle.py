@@ -541,3 +541,19 @@ def test_a_model_the_old_tflite_runtime_cannot_run_says_to_install_litert(
     monkeypatch.setattr(runtime, "_interpreter_class", lambda: OldInterpreter)
     with pytest.raises(BundleError, match=r"'LOG' version '2'.*install ai-edge-litert"):
         runtime.TfliteModel(b"model", name="model_int8.tflite")
+
+
+def test_a_fit_part_a_rounding_over_the_difference_is_not_a_refit() -> None:
+    """The manifest rounds each figure to 1 ms on its own: 112,010 fitted and 48,010 held-out
+    samples (16 kHz) read 10.001 / 7.001 / 3.001 s, and an embedding bundle whose head never saw
+    the held-out audio said it was refitted on it (in a review)."""
+    from edge.bundle import TrainingInfo
+
+    def info(seconds: float, fitted: float, held: float) -> TrainingInfo:
+        return TrainingInfo(files=[], seconds=seconds, holdout_files=[], holdout_seconds=held,
+                            fitted_seconds=fitted, channel=0, epochs=2, seed=0,
+                            architecture="cnn", parameters=1)  # fmt: skip
+
+    assert not info(10.001, 7.001, 3.001).refit_on_all()
+    assert not info(10.0, 7.0, 3.0).refit_on_all()
+    assert info(10.001, 10.001, 3.001).refit_on_all()  # the numpy kinds: all of it

@@ -554,17 +554,21 @@ def test_two_devices_under_one_device_id_each_log_the_other(
 
 
 def test_a_replay_as_the_device_leaves_the_running_daemon_online(
-    acl_broker: Broker, tmp_path: Path
+    acl_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`replay` with the device's config announces itself on the device's availability and
     says `offline` when it ends: the broker kept that while the device's daemon ran on, and
     every Home Assistant entity of the device was unavailable until the daemon next
     reconnected (a review's reproduction). The daemon now says `online` again."""
     spools = [Spool(tmp_path / f"{n}.sqlite") for n in range(2)]
-    daemon = _instance(acl_broker.port, spools[0], "host pi-a, /var/lib/soundsentry, machine 1")
+    name = "host pi-a, /var/lib/soundsentry, machine 1"
+    _instance(acl_broker.port, spools[0], name).close(timeout_s=2)  # leaves its `offline`
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    daemon = _instance(acl_broker.port, spools[0], name)  # restarted: its own, not another's
     replay = None
     try:
         wait_for(lambda: not daemon._subscribed, 10, "its SUBACK")
+        assert "another instance left" not in caplog.text
         replay = _instance(acl_broker.port, spools[1], "host pi-a, /tmp/x, machine 1 (replay)")
         replay.close(timeout_s=2)
         watcher = Subscriber(
@@ -576,6 +580,7 @@ def test_a_replay_as_the_device_leaves_the_running_daemon_online(
         finally:
             watcher.close()
         assert daemon.duplicates == {}  # a replay is no second device
+        assert "another instance left" in caplog.text
     finally:
         daemon.close(timeout_s=1)
         for s in spools:

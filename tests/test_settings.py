@@ -101,6 +101,8 @@ def test_a_path_from_home_is_the_user_s_home_and_an_empty_one_is_refused(
     assert s.data_dir == Path.home() / "ss" and s.model == Path.home() / "fan.bundle"
     with pytest.raises(SettingsError, match=r"^invalid setting data_dir .*an empty path"):
         load_settings(write(tmp_path, 'data_dir = ""\n'))
+    with pytest.raises(SettingsError, match=r"^invalid setting data_dir .*nosuchuser"):
+        load_settings(write(tmp_path, 'data_dir = "~nosuchuser/x"\n'))  # not a traceback
 
 
 def test_a_stall_time_must_exceed_a_block_and_names_both_keys(tmp_path: Path) -> None:
