@@ -28,6 +28,8 @@ UNITS = ("soundsentry.service", "soundsentry@.service")
 INSTALLED_EXE = "/opt/soundsentry/venv/bin/soundsentry"
 MAX_EXPOSURE = 2.5
 INSTALL_TIMEOUT_S = 600
+RESTART = "would run: systemctl try-restart soundsentry.service soundsentry@*.service"
+"""What an upgrade's dry run prints when it restarts whatever runs."""
 # Settings the template may (must) set differently from the single unit, all per instance.
 PER_INSTANCE = {
     "Description",
@@ -323,8 +325,7 @@ def test_second_run_is_idempotent_and_keeps_the_config(installed: Path) -> None:
     proc = run_installer(installed)
 
     assert "keeping" in proc.stdout
-    restart = "would run: systemctl try-restart soundsentry.service soundsentry@*.service"
-    assert restart in proc.stdout, "an upgrade restarts what runs"
+    assert RESTART in proc.stdout, "an upgrade restarts what runs"
     assert conf.read_text() == edited
     assert tree(installed) == before
     assert (pyvenv.stat().st_ino, pyvenv.stat().st_mtime_ns) == venv_id, "venv was rebuilt"
@@ -341,10 +342,29 @@ def test_second_run_is_idempotent_and_keeps_the_config(installed: Path) -> None:
     assert "invalid setting devise_id: unknown key" in stale.stderr, stale.stderr
     assert "a kept config or its model above does not load" in stale.stderr
     assert "put back the version installed before" in stale.stdout
-    assert restart not in stale.stdout and "done" not in stale.stdout
+    assert RESTART not in stale.stdout and "done" not in stale.stdout
     assert not (installed / "opt/soundsentry/venv.prev").exists()
     venv_python = installed / "opt/soundsentry/venv/bin/python"
     subprocess.run([str(venv_python), "-c", "import edge.daemon"], check=True)
+
+
+def _upgrade_then_drop_format(installed: Path, bundle: Path) -> subprocess.CompletedProcess[str]:
+    """An upgrade with `bundle` as it is (the service restarts), then one with `bundle` in a
+    format the new release does not read: the second run's outcome."""
+    good = run_installer(installed)
+    assert RESTART in good.stdout, good.stdout + good.stderr
+    manifest = bundle / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format_version": 2', '"format_version": 99'))
+    return run_installer(installed, check=False)
+
+
+def _refusal(installed: Path, bad: subprocess.CompletedProcess[str]) -> str:
+    """The one line an upgrade that restarted nothing names the kept config's problem in."""
+    conf = installed / "etc/soundsentry/config.toml"
+    assert bad.returncode == 1 and RESTART not in bad.stdout
+    lines = [x for x in bad.stderr.splitlines() if x.strip() and "install: error" not in x]
+    assert len(lines) == 1 and lines[0].startswith(f"{conf}: "), bad.stderr
+    return lines[0].removeprefix(f"{conf}: ")
 
 
 @pytest.mark.slow
@@ -354,26 +374,14 @@ def test_an_upgrade_loads_the_configured_model_before_it_restarts(
     """A bundle the new code cannot read (a format it dropped, a damaged copy) is named and
     nothing restarts; a bundle it reads restarts the service as before."""
     model = installed / "var/lib/soundsentry/models/fan.bundle"  # config.example.toml's model
-    restart = "would run: systemctl try-restart soundsentry.service soundsentry@*.service"
     shutil.copytree(tiny_bundle, model)
     try:
-        good = run_installer(installed)
-        assert restart in good.stdout, good.stdout + good.stderr
-        manifest = model / "manifest.json"
-        manifest.write_text(
-            manifest.read_text().replace('"format_version": 2', '"format_version": 99')
-        )
-        bad = run_installer(installed, check=False)
+        bad = _upgrade_then_drop_format(installed, model)
     finally:
         shutil.rmtree(model)
-    conf = installed / "etc/soundsentry/config.toml"
-    assert bad.returncode == 1
-    lines = [x for x in bad.stderr.splitlines() if x.strip() and "install: error" not in x]
-    assert len(lines) == 1 and lines[0].startswith(f"{conf}: "), bad.stderr
-    said = lines[0].removeprefix(f"{conf}: ")  # the model's path as the config names it
+    said = _refusal(installed, bad)  # the model's path as the config names it
     assert said.startswith("/var/lib/soundsentry/models/fan.bundle") and "format 99" in said
     assert "a kept config or its model above does not load" in bad.stderr
-    assert restart not in bad.stdout
 
 
 @pytest.mark.slow
@@ -386,7 +394,6 @@ def test_an_upgrade_loads_the_site_version_the_device_runs_before_it_restarts(
     site's version for good (in a review). Now it is loaded first, and named if it fails."""
     models = installed / "var/lib/soundsentry/models"
     model, site = models / "fan.bundle", models / "v1"
-    restart = "would run: systemctl try-restart soundsentry.service soundsentry@*.service"
     shutil.copytree(tiny_bundle, model)
     shutil.copytree(tiny_bundle, site)
     entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1", "reason": "calibrate"}
@@ -394,27 +401,16 @@ def test_an_upgrade_loads_the_site_version_the_device_runs_before_it_restarts(
     history = {"active": 1, "entries": [entry]}
     (models / "history.json").write_text(json.dumps(history))
     try:
-        good = run_installer(installed)
-        assert restart in good.stdout, good.stdout + good.stderr
-        manifest = site / "manifest.json"
-        manifest.write_text(
-            manifest.read_text().replace('"format_version": 2', '"format_version": 99')
-        )
-        bad = run_installer(installed, check=False)
+        bad = _upgrade_then_drop_format(installed, site)
     finally:
         shutil.rmtree(model)
         shutil.rmtree(site)
         (models / "history.json").unlink()
-    conf = installed / "etc/soundsentry/config.toml"
-    assert bad.returncode == 1
-    lines = [x for x in bad.stderr.splitlines() if x.strip() and "install: error" not in x]
-    assert len(lines) == 1, bad.stderr
-    assert lines[0].startswith(
-        f"{conf}: the site version in use, 1 (/var/lib/soundsentry/models/v1), does not load"
-    ), lines[0]
-    said = lines[0].removeprefix(f"{conf}: ")
+    said = _refusal(installed, bad)
+    assert said.startswith(
+        "the site version in use, 1 (/var/lib/soundsentry/models/v1), does not load"
+    ), said
     assert "format 99" in said and str(installed) not in said  # paths as the device has them
-    assert restart not in bad.stdout
 
 
 @pytest.mark.slow
