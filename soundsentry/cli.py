@@ -300,6 +300,14 @@ def _add_evaluate(sub: Any) -> None:
         help="channel to score; -1 averages all (default: the one the model was fitted on)",
     )
     p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="count events with the [detector] settings of this config, as that device would "
+        "(default: the bundle's K, N and threshold)",
+    )
+    p.add_argument(
         "--report",
         type=Path,
         default=None,
@@ -793,9 +801,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if not (args.normal and args.anomalous):
         raise SoundSentryError("evaluate needs --normal and --anomalous (or --classes)")
+    detector = None
+    if args.config is not None:
+        from edge.settings import load_settings
+
+        detector = load_settings(args.config).detector
     report = evaluate(
-        args.model, args.normal, args.anomalous, args.segment, args.variant, args.channel
-    )
+        args.model, args.normal, args.anomalous, args.segment, args.variant, args.channel,
+        detector,
+    )  # fmt: skip
     print(format_report(report))
     if args.json:
         write_json(report, args.json)

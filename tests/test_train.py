@@ -326,6 +326,26 @@ def test_file_names_that_are_not_utf8_reach_the_report_and_the_spectrogram(
     assert picture.read_bytes().startswith(b"\x89PNG")
 
 
+def test_evaluate_counts_events_with_a_device_s_detector_settings(tmp_path: Path) -> None:
+    """`evaluate` counted events at the bundle's K, N and threshold only, while the device
+    (and `replay` with its config) ran its `[detector]` settings (a review: 7 of 20 fault files
+    against 8). `--config` counts them as that device would."""
+    base = ["evaluate", str(DEMO_BUNDLE), "--normal", *map(str, NORMAL_FILES), "--anomalous",
+            str(ANOMALOUS_FILE), str(DEMO_CLIP)]  # fmt: skip
+    plain = cli(*base)
+    threshold = load_bundle(DEMO_BUNDLE).threshold
+    assert f"files with an event at threshold {threshold:.4g}" in plain.stdout
+    assert "anomalous 2/2" in plain.stdout, plain.stdout
+    config = tmp_path / "c.toml"
+    config.write_text("[detector]\nthreshold = 1000.0\n")
+    deaf = cli(*base, "--config", str(config))
+    assert "files with an event at threshold 1000" in deaf.stdout
+    assert "anomalous 0/2" in deaf.stdout, deaf.stdout
+    config.write_text("[detector]\ntrigger_windows = 0\n")
+    bad = cli(*base, "--config", str(config), check=False)
+    assert bad.returncode == 1 and "detector.trigger_windows" in bad.stderr, bad.stderr
+
+
 def test_evaluate_checks_its_timeline_file_before_scoring(tmp_path: Path) -> None:
     """A typo in --timeline used to surface after every file had been scored."""
     base = ["evaluate", str(DEMO_BUNDLE), "--normal", str(NORMAL_FILES[0]), "--anomalous",
