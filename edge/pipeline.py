@@ -76,7 +76,7 @@ class Pipeline:
         self.logmel = LogMel(p)
         plugin = plugin_for(bundle.manifest)
         self.scorer = plugin.scorer(bundle)
-        threshold = detector.threshold if detector.threshold is not None else bundle.threshold
+        threshold = detector.threshold_in_force(bundle.threshold)
         self.events: Tracker = plugin.tracker(bundle, detector, threshold)
         self._new_tracker = lambda: plugin.tracker(bundle, detector, self.events.threshold)
         self._shadow: Tracker | None = None

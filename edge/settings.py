@@ -233,6 +233,10 @@ class DetectorSettings(_Section):
             )
         return k, n
 
+    def threshold_in_force(self, calibrated: float) -> float:
+        """The window threshold the device runs with: this override, else the bundle's."""
+        return self.threshold if self.threshold is not None else calibrated
+
     def event_logic(self, calibrated: Mapping[str, Any] | None = None) -> tuple[int, int, int]:
         """(K, N, M) the daemon runs with a bundle whose threshold has these parameters."""
         return (*self.k_of_n(calibrated), self.release_windows)

@@ -247,9 +247,7 @@ def evaluate(
             (labels == 0).sum(), MAX_FPR, math.ceil(1 / MAX_FPR),
             ", or use --segment to score it in parts" if segment is None else "",
         )  # fmt: skip
-    threshold = (
-        bundle.threshold if detector is None or detector.threshold is None else (detector.threshold)
-    )
+    threshold = (detector or DetectorSettings()).threshold_in_force(bundle.threshold)
     return Report(
         model=bundle.model_id,
         variant=variant,
