@@ -137,6 +137,11 @@ class _Throttle:
         self._keys.clear()
 
 
+def _sender(msg: mqtt.MQTTMessage) -> str | None:
+    """The instance an availability message names (INSTANCE_KEY); None without one."""
+    return dict(getattr(msg.properties, "UserProperty", None) or []).get(INSTANCE_KEY)
+
+
 def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
     """Credentials and TLS from the settings (the password is never logged)."""
     if s.username:
@@ -401,7 +406,7 @@ class MqttPublisher:
         a replay (`run --input` with the device's config) neither warns nor is warned of."""
         if self.instance.endswith(REPLAY):  # replaying a file as the device is deliberate
             return
-        sender = dict(getattr(msg.properties, "UserProperty", None) or []).get(INSTANCE_KEY)
+        sender = _sender(msg)
         if not sender or sender == self.instance or sender.endswith(REPLAY):
             return
         if msg.payload.decode(errors="replace").strip() != ONLINE or sender in self.duplicates:
@@ -426,8 +431,7 @@ class MqttPublisher:
             return
         if msg.payload.decode(errors="replace").strip() != OFFLINE:
             return
-        sender = dict(getattr(msg.properties, "UserProperty", None) or []).get(INSTANCE_KEY)
-        if sender == self.instance:  # its own, retained from its last stop: `online` is sent
+        if _sender(msg) == self.instance:  # its own, retained from its last stop: `online` sent
             return
         log.info("MQTT: another instance left %s `offline`: this one is online", msg.topic)
         self._publish(self.topics.availability, ONLINE, qos=1, retain=True, props=True)
