@@ -314,17 +314,11 @@ if model is not None and Path(model).exists():
     except (SoundSentryError, OSError) as exc:
         said = str(exc).replace(str(model), str(s.model))  # the path as the config names it
         sys.exit(f"{conf}: " + (said if str(s.model) in said else f"model {s.model}: {said}"))
-    import json
-    from edge.history import HISTORY
+    from edge.history import active_entry
     here = lambda p: Path(root + str(p)) if root and Path(p).is_absolute() else Path(p)
-    try:
-        data = json.loads((here(s.data_dir) / "models" / HISTORY).read_text())
-        active = data["active"] if data.get("configured") in (None, configured.model_id) else None
-        entry = next(e for e in data["entries"] if e.get("version") == active)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
-        entry = None  # none, or damaged (the daemon says which at start)
+    entry = active_entry(here(s.data_dir) / "models", configured.model_id)
     if entry is not None:
-        where = str(entry["path"])
+        active, where = entry["version"], entry["path"]
         try:
             Pipeline(load_bundle(here(where)), s.detector)
         except (SoundSentryError, OSError) as exc:

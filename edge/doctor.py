@@ -245,21 +245,14 @@ def _version_in_use(s: Settings, configured: str) -> str:
     """What the daemon runs instead of the configured model: the version the site made (a
     commissioning period, mark_normal, calibrate, a reload) that its history names active, read
     without writing anything; whether it still loads. Empty when it runs the configured one."""
-    import json
-
     from edge.bundle import load_bundle
-    from edge.history import HISTORY
+    from edge.history import active_entry
     from edge.pipeline import Pipeline
 
-    try:
-        data = json.loads((s.data_dir / "models" / HISTORY).read_text())
-        active = data["active"]
-        if active is None or data.get("configured") != configured:
-            return ""
-        entry = next(e for e in data["entries"] if e.get("version") == active)
-        path, reason = str(entry["path"]), str(entry.get("reason", "?"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+    entry = active_entry(s.data_dir / "models", configured)
+    if entry is None:
         return ""  # none, unreadable by this user, or damaged (the daemon says which at start)
+    active, path, reason = entry["version"], entry["path"], entry["reason"]
     try:
         version = load_bundle(path)
         Pipeline(version, s.detector)

@@ -88,6 +88,23 @@ def _readable(entry: object) -> bool:
     )
 
 
+def active_entry(folder: Path, configured: str) -> dict[str, Any] | None:
+    """The entry of the version the daemon starts with instead of the `configured` model (as
+    ModelHistory reads history.json in `folder`), None when it runs the configured one; read
+    without writing anything (a damaged file is the daemon's to set aside): `doctor` and the
+    installer's upgrade check ask it."""
+    try:
+        data = json.loads((folder / HISTORY).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("configured") not in (None, configured):
+        return None
+    found = data.get("entries", [])
+    entries = found if isinstance(found, list) else [found]
+    active = data.get("active")
+    return next((e for e in entries if _readable(e) and e["version"] == active), None)
+
+
 def _listed(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 

@@ -396,7 +396,8 @@ def test_an_upgrade_loads_the_site_version_the_device_runs_before_it_restarts(
     model, site = models / "fan.bundle", models / "v1"
     shutil.copytree(tiny_bundle, model)
     shutil.copytree(tiny_bundle, site)
-    entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1", "reason": "calibrate"}
+    entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1", "reason": "calibrate",
+             "base": "/var/lib/soundsentry/models/fan.bundle"}  # fmt: skip
     # without `configured` (a history.json of an older release): the daemon still runs it
     history = {"active": 1, "entries": [entry]}
     (models / "history.json").write_text(json.dumps(history))
