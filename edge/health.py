@@ -7,6 +7,7 @@ from normal for any model) and not ignored (the service would look alive while d
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,10 @@ QUIET_DBFS = -55.0
 """Below this RMS level a machine is lost in the input's noise floor (`record`, `doctor`)."""
 CLIP_LEVEL = 0.999
 """Samples at or above this magnitude count as clipped."""
+CLIP_JUDGE_SECONDS = 1.0
+"""Clipping is judged on the share of clipped samples in the last second of audio, whatever
+the capture block: judged per 0.1-s block, 2 % clipped in bursts once a second was no fault
+(the clean blocks between bursts restarted the count) while 1-s blocks made it one."""
 LEVEL_FLOOR_DBFS = -120.0
 RECOVER_SECONDS = 3.0
 """Clean audio this long ends a fault (invalid samples too). The first clean 0.1-s block
@@ -118,6 +123,8 @@ class AudioHealth:
         """Seconds of clean audio since each active fault was last present."""
         self._finite = 0.0
         """Seconds of finite samples since the last NaN or infinite one."""
+        self._clips: deque[tuple[int, int]] = deque()
+        """(clipped samples, samples) of the latest blocks, covering CLIP_JUDGE_SECONDS."""
         self.level = LEVEL_FLOOR_DBFS
 
     def push(self, block: np.ndarray) -> list[HealthChange]:
@@ -129,12 +136,11 @@ class AudioHealth:
         self.level = level_dbfs(block)
         silent = is_silent(block) if len(block) else False
         flat = not silent and is_flat(block)
-        clipped = (
-            bool(len(block)) and float(np.mean(np.abs(block) >= CLIP_LEVEL)) > self.clip_fraction
-        )
+        clipped, in_block = self._clipping(block)
         for fault, present in (("silence", silent), ("flatline", flat), ("clipping", clipped)):
             self._run[fault] = self._run[fault] + seconds if present else 0.0
-            self._clean[fault] = 0.0 if present else self._clean[fault] + seconds
+            heard = in_block if fault == "clipping" else present  # the clean time: this block's
+            self._clean[fault] = 0.0 if heard else self._clean[fault] + seconds
             if self._run[fault] >= self.fault_seconds and fault not in self.active:
                 self.active.add(fault)
                 changes.append(HealthChange("fault", fault, self._detail(fault)))
@@ -145,6 +151,18 @@ class AudioHealth:
             self.active.discard("stalled")
             changes.append(HealthChange("recovered", "stalled", "audio is flowing again"))
         return changes
+
+    def _clipping(self, block: np.ndarray) -> tuple[bool, bool]:
+        """Whether the last CLIP_JUDGE_SECONDS clip (the fault's running time) and whether this
+        block does (its clean time: recovery still takes RECOVER_SECONDS after the last clip)."""
+        count = int(np.count_nonzero(np.abs(block) >= CLIP_LEVEL)) if len(block) else 0
+        self._clips.append((count, len(block)))
+        keep = CLIP_JUDGE_SECONDS * self.samplerate
+        while len(self._clips) > 1 and sum(n for _, n in self._clips) - self._clips[0][1] >= keep:
+            self._clips.popleft()
+        total = sum(n for _, n in self._clips)
+        recent = total > 0 and sum(c for c, _ in self._clips) / total > self.clip_fraction
+        return recent, bool(len(block)) and count / len(block) > self.clip_fraction
 
     def _check_finite(self, block: np.ndarray) -> list[HealthChange]:
         """NaN or infinite samples are a fault at once; RECOVER_SECONDS of finite samples clear

@@ -198,6 +198,28 @@ def test_a_borderline_input_is_one_fault_not_a_flapping_one(tmp_path: Path) -> N
     assert changes == ["fault:clipping", "recovered:clipping"]
 
 
+@pytest.mark.parametrize("block", [0.1, 0.05, 1.0])
+def test_clipping_is_judged_over_a_second_whatever_the_capture_block(block: float) -> None:
+    """Clipping was judged per capture block: 2 % of samples clipped in 20-ms bursts, once a
+    second, was a fault with 1-s blocks and none with the default 0.1-s blocks (a clean block
+    between bursts restarted the count). It is judged over the last second of audio."""
+    rng = np.random.default_rng(5)
+    second = (0.05 * rng.standard_normal(RATE)).astype(np.float32)
+    second[: RATE // 50] = 1.0  # a 20-ms burst at full scale: 2 % of the second
+    health = AudioHealth(RATE, fault_seconds=3.0)
+    step = round(block * RATE)
+    changes = []
+    for _ in range(6):
+        changes += [c for i in range(0, RATE, step) for c in health.push(second[i : i + step])]
+    assert [(c.kind, c.fault) for c in changes] == [("fault", "clipping")]
+    quiet = second.copy()
+    quiet[: RATE // 50] = 0.05  # no more clipping
+    changes = []
+    for _ in range(round(RECOVER_SECONDS) + 2):
+        changes += [c for i in range(0, RATE, step) for c in health.push(quiet[i : i + step])]
+    assert [(c.kind, c.fault) for c in changes] == [("recovered", "clipping")] and health.ok
+
+
 def test_stall_is_a_fault_until_audio_flows() -> None:
     health = AudioHealth(RATE)
     assert [c.kind for c in health.stalled("no audio")] == ["fault"]
