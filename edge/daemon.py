@@ -366,8 +366,9 @@ class Detector:
         return self.settings.detector.event_logic(bundle.manifest.threshold.params)
 
     def reconfigure(self, bundle: Bundle) -> None:
-        """A new configured model (SIGHUP with another [model]): its learning starts afresh,
-        as after a restart with it; the versions of the old one stay in the history."""
+        """A new configured model (SIGHUP with another [model]): the version a restart with it
+        would run (its site version, when it has one), and its learning as after a restart;
+        the versions of the old one stay in the history."""
         if self.adapter is not None:  # a running period is dropped: it was the old model's
             self.adapter = Adapter(
                 self.settings.data_dir,
@@ -376,6 +377,7 @@ class Detector:
                 self.settings.model,
                 self._logic,
             )
+            bundle = self.adapter.restore()
         self.use_bundle(bundle)
         self._auto_learn()
         self.emit_state()

@@ -847,6 +847,12 @@ def test_sighup_to_another_configured_model_starts_its_learning_afresh(tmp_path:
     assert d.learning, "[learning] seconds begins the new model's period, as a restart would"
     reply = device.command(command="rollback")
     assert not reply.ok and "configured model is in use" in reply.detail
+    # and back: the first model's site version, as a restart with it would run (the configured
+    # model was loaded while the history said version 1, which a restart then ran)
+    back = device.detector.settings.model_copy(update={"model": DEMO_BUNDLE})
+    Controller(device.detector, reload_settings=lambda: back).reload()
+    assert d.bundle.model_id == "fan-demo-12483c73-site-v1"
+    assert d.status()["version"] == 1
 
 
 def test_sighup_after_a_bundle_was_trained_again_at_the_same_path_loads_it(
