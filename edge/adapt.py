@@ -271,12 +271,15 @@ class Adapter:
         """End the period (early for `stop`) and refit with its features. A refit the data
         refuses ends the period for good (its features are dropped); one that could not be
         written (a full or failing disk) keeps the saved period, finished at the next start,
-        and a power cut before the new version is recorded loses nothing either."""
+        and a power cut before the new version is recorded loses nothing either. When the
+        period could not be saved either, it goes on in memory (the file holds an older save):
+        to its end, or SAVE_EVERY_S more of audio when it had reached it, or the next stop."""
         p = self.period
         if p is None:
             raise LearningError("no learning period is running")
+        target = p.target_s
         p.target_s = min(p.target_s, p.collected_s)  # stopped early: ended, even if resumed
-        self.save_period()  # all it heard: a power cut during the refit loses none of it
+        saved = self.save_period()  # all it heard: a power cut during the refit loses none of it
         self.period = None
         # its id too: a clock set back (a Pi without RTC after a power cut) can end two periods
         # in the same second, and a refused one's clean-up deleted the file a version used
@@ -292,6 +295,14 @@ class Adapter:
         except (UnwrittenError, OSError) as exc:  # the period as saved above stays
             (self.folder / name).unlink(missing_ok=True)
             said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            if not saved:
+                p.target_s = max(target, p.collected_s + SAVE_EVERY_S)
+                self.period = p
+                raise UnwrittenError(
+                    f"{said}; the period could not be saved either, so it goes on, what it "
+                    f"heard kept in memory, and ends after {p.target_s - p.collected_s:.0f} s "
+                    "more of audio or at the next stop"
+                ) from None
             raise UnwrittenError(
                 f"{said}; the period's audio is kept and refitted at the next start"
             ) from None
@@ -470,11 +481,12 @@ class Adapter:
             except OSError as exc:
                 log.error("learning: could not delete %s: %s", path, exc)
 
-    def save_period(self) -> None:
-        """Save a period in progress (every SAVE_EVERY_S of audio, and when the daemon stops)."""
+    def save_period(self) -> bool:
+        """Save a period in progress (every SAVE_EVERY_S of audio, and when the daemon stops);
+        False if it could not be written (said in the log)."""
         p = self.period
         if p is None:
-            return
+            return True
         try:
             private_dir(self.folder)
             p.store.save(self.folder / f"{PERIOD}.npz")
@@ -492,6 +504,8 @@ class Adapter:
             p.saved_s = p.collected_s
         except OSError as exc:
             log.error("learning: could not save the period: %s", exc)
+            return False
+        return True
 
     def _resume(self) -> None:
         """A period saved before a restart continues where it was saved, if it was begun for

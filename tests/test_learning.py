@@ -1049,6 +1049,41 @@ def test_a_stopped_period_whose_refit_could_not_be_written_is_refitted_not_resum
     assert not device.detector.learning
 
 
+def test_a_stop_on_a_full_disk_keeps_the_period_going_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`learn stop` on a full disk: neither the period nor the version could be written, the
+    reply said the period's audio was kept for the next start, and the period ended; the file
+    on disk held its last save (nothing learnt, its full length), so the daemon said `normal`
+    and the next start learnt the whole period again, events held off all along."""
+    import edge.bundle
+    import edge.history
+    import edge.learning
+
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=3600).ok
+    device.replay(*NORMAL_FILES)
+    heard = device.detector.status()["learning"]["collected_s"]
+    assert heard > 10
+
+    def full(path: Path, *_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        for module in (edge.bundle, edge.history, edge.learning):
+            patch.setattr(module, "atomic_write", full)
+        reply = device.command(command="learn", action="stop")
+    assert not reply.ok and "No space left on device" in reply.detail
+    assert "kept and refitted at the next start" not in reply.detail, reply.detail
+    assert "goes on" in reply.detail, reply.detail
+    assert device.detector.current_state() == "learning"
+    assert device.detector.status()["learning"]["collected_s"] == heard
+    reply = device.command(command="learn", action="stop")  # the disk has room again
+    assert reply.ok and "fan-demo-12483c73-site-v1" in reply.detail, reply.detail
+    assert not device.detector.learning
+
+
 def test_a_sighup_whose_new_model_failed_to_load_loads_it_at_the_next_one(tmp_path: Path) -> None:
     """The new path went into the settings before the load was tried: after a failed load
     the next SIGHUP saw no change, and the adapter kept the old configured model."""
