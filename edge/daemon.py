@@ -31,7 +31,7 @@ from edge.eventlog import last_logged_id
 from edge.events import Transition
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
-from edge.machine_state import RUNNING, STOP_SECONDS, judged_windows
+from edge.machine_state import RUNNING, STOP_SECONDS, evidence_windows
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -473,9 +473,10 @@ class Detector:
             found = sorted(folder.glob(f"*-{eid[:CLIP_ID_CHARS]}.wav"))
             clip = named if named and named.is_file() else (found[-1] if found else None)
         if clip is not None:
-            # the windows the device would take as evidence, as far as each window alone
-            # tells: 0.1 s of zeros in a marked clip had lifted the threshold fourfold
-            windows, _ = judged_windows(
+            # the windows the device takes as evidence, as training, a period and calibrate
+            # keep them: 0.1 s of zeros in a marked clip had lifted the threshold fourfold,
+            # and a fault ending in a stop taught the model the machine's coast-down
+            windows = evidence_windows(
                 read_audio(clip, self.bundle.features.samplerate),
                 self.bundle.features,
                 self.pipeline.machine.off_below_dbfs,

@@ -242,46 +242,6 @@ class StateNamer:
         self.heard = self.current = None
 
 
-def judged_alone(
-    samples: np.ndarray,
-    features: np.ndarray,
-    dropout_run: int,
-    off_below_dbfs: float | None,
-    off_like: StateNamer | None = None,
-) -> bool:
-    """Whether the device would take one window as evidence, as far as the window alone tells:
-    not dead (silence, a flat line, a dropout of `dropout_run` samples), not below the machine's
-    off level, and not nearest the state `off` of a bundle trained with one. What is learnt as
-    normal away from the live pipeline (`calibrate`, a marked event's clip) keeps only these:
-    the empty room or a dropout would otherwise set the threshold."""
-    return not (
-        is_dead(samples, dropout_run)
-        or (off_below_dbfs is not None and level_dbfs(samples) < off_below_dbfs)
-        or (off_like is not None and off_like.nearest(features.mean(axis=0)) == OFF)
-    )
-
-
-def judged_windows(
-    audio: np.ndarray,
-    params: FeatureParams,
-    off_below_dbfs: float | None,
-    off_like: StateNamer | None = None,
-) -> tuple[np.ndarray, int]:
-    """The window features of a recording that pass `judged_alone`, and how many windows it
-    has in all (`calibrate`'s site recordings, a marked event's clip)."""
-    logmel = LogMel(params)
-    windows = WindowBuffer(params.window_samples, params.hop_samples).push(audio)
-    kept = [
-        features
-        for w in windows
-        if judged_alone(
-            w.samples, features := logmel(w.samples), params.hop_length, off_below_dbfs, off_like
-        )
-    ]
-    stacked = np.stack(kept) if kept else np.zeros((0, *params.shape), np.float32)
-    return stacked, len(windows)
-
-
 def evidence_windows(
     audio: np.ndarray,
     params: FeatureParams,

@@ -1420,6 +1420,33 @@ def test_a_marked_clip_s_dropout_is_not_learnt(tmp_path: Path) -> None:
     assert thresholds["glitch"] == pytest.approx(thresholds["clean"], rel=0.1), thresholds
 
 
+def test_a_marked_clip_s_stop_is_not_learnt(tmp_path: Path) -> None:
+    """`mark_normal` took a clip's windows as each alone tells (`judged_windows`): a fault that
+    ends with the machine stopping taught the model its coast-down, which training, a learning
+    period and `calibrate` all leave out (`evidence_windows`)."""
+    from edge.machine_state import evidence_windows
+
+    fault = read_audio(ANOMALOUS_FILE, RATE)[: 8 * RATE]
+    fade = np.geomspace(1.0, 10 ** (-60 / 20), RATE // 2)  # a stop: 60 dB down in 0.5 s
+    rng = np.random.default_rng(3)
+    off = (1e-4 * rng.standard_normal(3 * RATE)).astype(np.float32)
+    clip = tmp_path / "fault-then-stop.wav"
+    sf.write(clip, np.concatenate([fault, fault[: RATE // 2] * fade, off]), RATE, subtype="FLOAT")
+    bundle = tmp_path / "fan.bundle"  # one that records its running level: it knows a stop
+    cli("train", "--normal", *map(str, NORMAL_FILES), str(DEMO_CLIP), "--out", str(bundle))
+    device = Device(tmp_path, bundle=bundle, seconds=LEARN_S)
+    assert starts(device.replay(*NORMAL_FILES)) == []  # the site learnt first
+    device.learning = {}
+    (event,) = starts(device.replay(clip))
+    d = device.detector
+    rows = d._event_rows(event["event_id"])
+    kept = sorted((d.settings.data_dir / "clips").glob("*.wav"))[-1]
+    audio = read_audio(kept, RATE)
+    expected = evidence_windows(audio, d.bundle.features, d.pipeline.machine.off_below_dbfs)
+    assert d.pipeline.machine.off_below_dbfs is not None
+    assert len(rows) == len(expected) > 0
+
+
 def test_a_mark_on_damaged_site_features_says_what_mends_it(tmp_path: Path) -> None:
     """The site's learnt features, damaged on the card, refused every later mark with a bare
     `BadZipFile`, until a new period happened to be learnt."""
