@@ -982,7 +982,7 @@ class Detector:
             model=self.bundle.model_id,
             threshold=round(self.pipeline.threshold, 6),
             updated_at=iso(self.clock()),
-            score=None if self._last_score is None else round(self._last_score, 6),
+            score=_round(self._last_score, 6),  # NaN (1e30 in a float WAV) is no JSON
             level_dbfs=self._level_dbfs,
             event_id=self.pipeline.events.event_id,
             # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -1210,6 +1211,34 @@ def test_metrics_before_any_audio_have_no_level_and_a_nan_score_is_no_nan_index(
     detector._emit_metrics()
     json.loads(seen[-1].to_payload(), parse_constant=pytest.fail)
     assert seen[-1].anomaly_index is None
+
+
+def test_a_score_that_is_not_a_number_leaves_the_state_message_json(tmp_path: Path) -> None:
+    """A float WAV holding 1e30 made the window score NaN; the state message rounded it as it
+    came and sent `"score":NaN`, which JSON parsers refuse: the dashboard's snapshot (the page
+    went blank while it said live) and the MQTT state. Real audio through the real Detector."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    audio = read_audio(NORMAL_FILES[0], RATE)[: 3 * RATE]
+    loud = np.where(np.arange(3 * RATE) % 2, 1e30, -1e30).astype(np.float32)
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    rec = Recorder()
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec])
+    step = RATE // 10
+    for block in (audio, loud):
+        for i in range(0, len(block), step):
+            detector.feed(block[i : i + step])
+    detector.emit_state()
+    assert detector._last_score is not None and not math.isfinite(detector._last_score)
+    for message in rec.states:
+        json.loads(message.to_payload(), parse_constant=pytest.fail)
+    assert rec.states[-1].score is None
 
 
 def test_a_replayed_file_s_clip_holds_no_audio_of_the_file_before(tmp_path: Path) -> None:
