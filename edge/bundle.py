@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from edge.errors import BundleError
+from edge.events import DEFAULT_K, DEFAULT_N
 from edge.features import FeatureParams
 from edge.private import atomic_write, file_on_the_way, pid_running, sync_folder
 from edge.runtime import TfliteModel
@@ -93,6 +94,24 @@ class ThresholdInfo(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class _EventLogicParams(BaseModel):
+    """The keys of `threshold.params` the event logic reads (the others describe the fit): a
+    K of 0 or "three" loaded, then stopped every command with a traceback."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    k: int = Field(DEFAULT_K, ge=1, le=100)
+    n: int = Field(DEFAULT_N, ge=1, le=100)
+    m: int = Field(1, ge=1, le=1000)
+    false_alarms_per_day: float = Field(1.0, gt=0)
+
+
+class _CalibrationParams(BaseModel):
+    """The key of `calibration` a command reads (the others are its provenance)."""
+
+    model_config = ConfigDict(extra="allow")
+    channel: int = Field(0, ge=ALL_CHANNELS, le=63)
+
+
 class ScoreStats(_Strict):
     """Distribution of window scores on held-out normal audio."""
 
@@ -130,7 +149,7 @@ class TrainingInfo(_Strict):
     fitted_seconds: float | None = Field(None, ge=0)
     """Seconds the shipped model was fitted on; None (networks, older bundles): all but the
     held-out seconds."""
-    channel: int
+    channel: int = Field(ge=ALL_CHANNELS, le=63)
     epochs: int = Field(ge=0)
     seed: int
 
@@ -703,6 +722,7 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
                 "train it with this version"
             ) from None
         raise BundleError(f"{file}: invalid manifest field {_first(exc)}") from None
+    _check_read_params(file, manifest)
     if version == 2 and load_arrays:
         arrays = _load_arrays(folder, manifest)
     elif version == 1:
@@ -728,6 +748,25 @@ def _from_v1(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
     body["arrays"] = {k: list(v.shape) for k, v in arrays.items()}
     body["format_version"] = FORMAT_VERSION
     return body, arrays
+
+
+def _check_read_params(file: Path, manifest: Manifest) -> None:
+    """The values commands read out of the manifest's free-form parts, checked as its typed
+    fields are: K, N, M and the budget of the threshold, the calibration's channel."""
+    for part, model, values in (
+        ("threshold.params", _EventLogicParams, manifest.threshold.params),
+        ("calibration", _CalibrationParams, manifest.calibration or {}),
+    ):
+        try:
+            model.model_validate(values, strict=True)
+        except ValidationError as exc:
+            raise BundleError(f"{file}: invalid manifest field {part}.{_first(exc)}") from None
+    k = manifest.threshold.params.get("k", DEFAULT_K)
+    n = manifest.threshold.params.get("n", DEFAULT_N)
+    if k > n:
+        raise BundleError(
+            f"{file}: invalid manifest field threshold.params: k ({k}) must not exceed n ({n})"
+        )
 
 
 def _check_files_listed(file: Path, files: Any) -> None:

@@ -196,6 +196,17 @@ NETWORK_CASES = [
     (_dev_zero, "outside the bundle folder"),
     (_huge, "over the"),
     (lambda b: (b / ARRAYS).write_bytes(b"PK garbage"), "checksum mismatch"),
+    # these loaded, then stopped every command with a traceback (the service in a crash loop)
+    (lambda b: edit_manifest(b, {"threshold.params.k": 0}), "threshold.params.k"),
+    (lambda b: edit_manifest(b, {"threshold.params.k": "three"}), "threshold.params.k"),
+    (lambda b: edit_manifest(b, {"threshold.params.n": None}), "threshold.params.n"),
+    (lambda b: edit_manifest(b, {"threshold.params.m": 2.5}), "threshold.params.m"),
+    (lambda b: edit_manifest(b, {"threshold.params.k": 5}), "must not exceed"),
+    (lambda b: edit_manifest(b, {"threshold.params.false_alarms_per_day": "x"}), "per_day"),
+    (lambda b: edit_manifest(b, {"threshold.params.false_alarms_per_day": -1}), "per_day"),
+    (lambda b: edit_manifest(b, {"calibration": {"channel": "left"}}), "calibration.channel"),
+    (lambda b: edit_manifest(b, {"calibration": {"channel": None}}), "calibration.channel"),
+    (lambda b: edit_manifest(b, {"training.channel": 99}), "training.channel"),
 ]
 
 
