@@ -552,9 +552,10 @@ def check_web(s: Settings) -> Check:
         try:
             probe.bind((s.web.host, s.web.port))
         except OSError as exc:
-            server = _http_server(s.web.host, s.web.port)
+            asked = _loopback_for(s.web.host)
+            server = _http_server(asked, s.web.port)
             if server == "SoundSentry":
-                other = _dashboard_device(s.web.host, s.web.port, token)
+                other = _dashboard_device(asked, s.web.port, token)
                 if other in (s.device_id, None):
                     return Check("dashboard", True, f"{where} is served by this soundsentry")
                 if other == "":
@@ -586,8 +587,9 @@ def check_web(s: Settings) -> Check:
 def _dashboard_device(host: str, port: int, token: str | None) -> str | None:
     """The device_id of the SoundSentry dashboard on host:port, asked with this config's
     token: "" when it refuses the token, None when it does not say (an
-    older release). Every dashboard sends `Server: SoundSentry`: a second config copied from
-    the first kept its port, and doctor passed the other device's page (in a review)."""
+    older release), "HTTP <status>" when it answers with neither. Every dashboard sends
+    `Server: SoundSentry`: a second config copied from the first kept its port, and doctor
+    passed the other device's page (in a review)."""
     import http.client
     import json
 
@@ -598,10 +600,22 @@ def _dashboard_device(host: str, port: int, token: str | None) -> str | None:
         response = connection.getresponse()
         if response.status == 401:
             return ""
+        if response.status != 200:  # a refusal says nothing of whose page it is
+            return f"HTTP {response.status}"
         device = json.loads(response.read()).get("device_id")
         return str(device) if device is not None else None
     except (OSError, http.client.HTTPException, ValueError, AttributeError):
         return None
+
+
+def _loopback_for(host: str) -> str:
+    """The address to ask a page listening on `host` at: a wildcard's page is asked on
+    loopback (asked as `0.0.0.0`, another device's loopback page refused the host name)."""
+    from edge.web.server import WILDCARD_HOSTS
+
+    if host in WILDCARD_HOSTS:
+        return "::1" if host == "::" else "127.0.0.1"
+    return host
 
 
 def _http_server(host: str, port: int) -> str | None:

@@ -598,6 +598,39 @@ def test_doctor_tells_this_device_s_dashboard_from_another_s_on_its_port(tmp_pat
         dashboard.stop()
 
 
+def test_doctor_asked_on_every_address_does_not_pass_another_device_s_loopback_page(
+    tmp_path: Path,
+) -> None:
+    """A config listening on every address (0.0.0.0) asked the port's page with `Host:
+    0.0.0.0`; another device's loopback page refused that host name (403) without a device_id,
+    which doctor read as an older release of this one, and passed (in a review)."""
+    import socket
+
+    from conftest import DEMO_BUNDLE
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.doctor import check_web
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = tmp_path / "token"
+    token.write_text("m" * 32 + "\n")
+    running = Settings(device_id="dev1", data_dir=tmp_path / "dev1", web={"enabled": True,
+                       "port": port})  # fmt: skip
+    dashboard = Dashboard(running)
+    dashboard.start(Detector(running, load_bundle(DEMO_BUNDLE), []), lambda payload: None)
+    try:
+        web = {"enabled": True, "port": port, "host": "0.0.0.0", "token_file": str(token)}
+        mine = check_web(Settings(device_id="mine", data_dir=tmp_path / "mine", web=web))
+        assert mine.ok is False and "another soundsentry (dev1)" in mine.detail, mine
+    finally:
+        dashboard.stop()
+
+
 def test_doctor_checks_a_unit_s_config_inside_the_unit_s_walls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
