@@ -277,6 +277,11 @@ class Adapter:
         p = self.period
         if p is None:
             raise LearningError("no learning period is running")
+        if not len(p.store):  # a version of nothing: the model as it was, marked as learnt
+            raise LearningError(
+                "nothing has been learnt in this period yet (it learns windows of the machine "
+                "running, heard well above its off level); it goes on: `learn cancel` drops it"
+            )
         target = p.target_s
         p.target_s = min(p.target_s, p.collected_s)  # stopped early: ended, even if resumed
         saved = self.save_period()  # all it heard: a power cut during the refit loses none of it

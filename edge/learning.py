@@ -24,7 +24,6 @@ has only the site to back its threshold, and then needs MIN_AUDIO_SECONDS of it.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -351,8 +350,9 @@ def _require_backing(base: Bundle, has_training: bool, site_windows: int) -> Non
             f"{base.model_id} carries no training windows (trained before learning on site), "
             f"so {MIN_AUDIO_SECONDS:g} s of the site's normal running must back the threshold "
             f"and {seconds:.1f} s has been learnt: run the learn command "
-            f'({{"command": "learn", "action": "start"}}) for at least '
-            f"{math.ceil(MIN_AUDIO_SECONDS - seconds)} s more of normal running, then try again"
+            f'({{"command": "learn", "action": "start"}}) for a period of at least '
+            f"{MIN_AUDIO_SECONDS:g} s of normal running (a period's audio replaces what the "
+            "site learnt before), then try again"
         )
 
 
