@@ -219,6 +219,8 @@ class Controller:
             log.warning("reload: [mqtt], [audio] and device_id changes apply after a restart")
         if new.web != old.web:  # a rotated token_file too: the old token stays valid till then
             log.warning("reload: [web] changes (its token_file too) apply after a restart")
+        if new.learning != old.learning:  # the site's versions and periods are kept by them
+            log.warning("reload: [learning] changes apply after a restart")
         h, was = new.health, old.health
         if (h.stall_seconds, h.reopen_max_seconds) != (was.stall_seconds, was.reopen_max_seconds):
             log.warning(

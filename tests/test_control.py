@@ -211,6 +211,19 @@ def test_a_reload_keeps_the_running_capture_s_stall_time(tmp_path: Path) -> None
     assert d.settings.audio.block_seconds == 1.0
 
 
+def test_a_reload_says_learning_changes_wait_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload with a new [learning] budget or keep_versions left the running adapter on the
+    old ones without a word, where [mqtt], [audio], [web] and [health] changes say so."""
+    d, _ = detector(tmp_path)
+    learning = d.settings.learning.model_copy(update={"false_alarms_per_day": 0.01})
+    new = d.settings.model_copy(update={"learning": learning})
+    with caplog.at_level(logging.WARNING):
+        Controller(d, reload_settings=lambda: new).reload()
+    assert "[learning] changes apply after a restart" in caplog.text
+
+
 def test_no_stall_is_reported_for_the_time_before_the_run(tmp_path: Path) -> None:
     """The stall clock started when the daemon was built, and the service waits up to 5 s for
     the broker before it runs: every start without a broker reported the microphone stalled
