@@ -925,6 +925,35 @@ def test_one_address_cannot_take_every_slot(
         dashboard.stop()
 
 
+def test_behind_a_reverse_proxy_loopback_is_not_one_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With [web] public_url (the page behind a reverse proxy) every visitor comes from the
+    proxy's loopback address: six open pages in all took every slot of it, and the page,
+    /metrics and Mute answered 503 to everyone (in a review). Loopback then counts only
+    against the cap on all connections."""
+    from edge.web import server
+
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(server, "MAX_PER_ADDRESS", 2)
+    monkeypatch.setattr(server, "HEADER_DEADLINE_S", 120.0)
+    dashboard = _dashboard(tmp_path, public_url="https://plant.example/pump")
+    held = []
+    try:
+        for _ in range(2):
+            held.append(socket.create_connection(("127.0.0.1", dashboard.port)))
+        wait_for(lambda: dashboard._server.slots._value == 2, 10, "two slots taken")
+        third = http.client.HTTPConnection("127.0.0.1", dashboard.port, timeout=10)
+        third.request("GET", "/api/state", headers={"Host": "plant.example"})
+        answer = third.getresponse()
+        assert answer.status != 503, answer.read()
+        third.close()
+    finally:
+        for c in held:
+            c.close()
+        dashboard.stop()
+
+
 def test_a_request_whose_headers_trickle_in_is_let_go(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1083,6 +1112,33 @@ def test_the_page_says_when_the_live_streams_are_all_taken_not_that_the_daemon_i
             lambda: "too many live streams" in conn() and conn(), 15, "the reason", conn
         )
         assert "unreachable" not in said and said.endswith("retrying"), said
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
+
+
+def test_the_page_names_its_device_before_any_state_message(tmp_path: Path) -> None:
+    """The page's header filled the device's name from state messages only: a page opened
+    before the first (a microphone not yet heard) named no device, though the snapshot says."""
+    from selenium.webdriver.common.by import By
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    settings = Settings(device_id="pump-7", data_dir=tmp_path,
+                        web={"enabled": True, "port": free_port()})  # fmt: skip
+    dashboard = Dashboard(settings)
+    dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
+    browser = None
+    try:
+        wait_for(lambda: _answers(dashboard.port), 10, "the page")
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        device = lambda: browser.find_element(By.CSS_SELECTOR, "#device").text  # noqa: E731
+        wait_for(lambda: device() == "pump-7", 15, "the device's name", device)
     finally:
         if browser is not None:
             browser.quit()

@@ -77,7 +77,8 @@ the network that held a thousand open took the daemon's last file handles (its e
 clips, MQTT and microphone could not open a file) and spun the web thread on accept()."""
 MAX_PER_ADDRESS = 6
 """Of those, from one address: one host cannot take every slot from the others. At 16 two hosts
-took them all; 6 is what a browser opens to one site at most."""
+took them all; 6 is what a browser opens to one site at most. Not for loopback behind a reverse
+proxy ([web] public_url): every visitor comes from it there."""
 HEADER_DEADLINE_S = 10.0
 """A request's line and headers must arrive within this, in all: CLIENT_TIMEOUT_S restarts
 with every byte, so a client that sent a header byte a minute (slowloris) held its slot for
@@ -305,7 +306,11 @@ class _Server(ThreadingHTTPServer):
         than MAX_PER_ADDRESS from its address; else a 503 and close."""
         host = _host(client_address)
         with self.lock:
-            crowded = self.per_address.get(host, 0) >= MAX_PER_ADDRESS
+            crowded = self.per_address.get(host, 0) >= MAX_PER_ADDRESS and not (
+                # behind a reverse proxy (public_url) every visitor comes from its loopback
+                # address: six pages in all took every slot of it, from everyone
+                self.dashboard.web.public_url and _is_loopback(host)
+            )
             if not crowded:
                 self.per_address[host] = self.per_address.get(host, 0) + 1
         if crowded or not self.slots.acquire(blocking=False):
@@ -347,6 +352,14 @@ class _Server(ThreadingHTTPServer):
             log.debug("web: %s went away: %s", client_address[0], exc)
             return
         log.error("web: a request from %s failed", client_address[0], exc_info=True)
+
+
+def _is_loopback(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1) as `_host` gives it."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _host(client_address: Any) -> str:
