@@ -31,7 +31,7 @@ from edge.eventlog import last_logged_id
 from edge.events import Transition
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
-from edge.machine_state import RUNNING, STOP_SECONDS, evidence_windows
+from edge.machine_state import HYSTERESIS_DB, RUNNING, STOP_SECONDS, evidence_windows
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -51,6 +51,12 @@ from edge.sink import Sink
 from edge.sources import AudioGap, NewStream
 
 log = logging.getLogger(__name__)
+
+NEAR_OFF_SAY_S = 60.0
+"""The machine heard running near its off level this long (no window judged) is said in the
+log: longer than a coast down or a quiet spell of a running machine."""
+JUDGED_RESET_S = 10.0
+"""Judged windows this long in a row end such a spell (a few between near-off ones do not)."""
 
 RUNNING_SAVE_S = 600.0
 """Running time between saves of the running hours to state.json (and at every stop)."""
@@ -221,6 +227,11 @@ class Detector:
         self._last_score: float | None = None
         self._machine: str | None = None  # unknown until a window is heard
         self._running_s = self._running_saved = 0.0
+        self._near_off_s = 0.0
+        """Seconds of the machine heard running within HYSTERESIS_DB of its off level (no
+        window judged) since JUDGED_RESET_S were last judged in a row; said at NEAR_OFF_SAY_S."""
+        self._judged_s = 0.0
+        """Seconds of windows judged in a row."""
         self._band_sum: np.ndarray | None = None
         self._band_n = 0
         self.clip_url: Callable[[str], str] | None = None
@@ -705,6 +716,7 @@ class Detector:
             self._last_score = step.score
             if step.machine == RUNNING and self.live and not step.dead:
                 self._running_s += self.bundle.features.hop_seconds
+            self._heard_near_off(step)
             machine = step.state_name or step.machine  # a named state when trained with them
             if machine != self._machine:
                 log.info("machine %s", machine)
@@ -726,6 +738,40 @@ class Detector:
         self._last_block = time.monotonic()  # a slow block (a refit at a period's end) is no stall
         self._first_block = False
         return steps
+
+    def _heard_near_off(self, step: Step) -> None:
+        """Say once when the machine has been heard running but near its off level for
+        NEAR_OFF_SAY_S (windows judged now and then between do not reset it, JUDGED_RESET_S of
+        them in a row do): no window is judged then, so detection is deaf and a learning period
+        learns nothing; a microphone 9 dB quieter than the training's did that in silence."""
+        off = self.pipeline.machine.off_below_dbfs
+        hop = self.bundle.features.hop_seconds
+        if step.evidence:
+            self._judged_s += hop
+            if self._judged_s >= JUDGED_RESET_S and self._near_off_s:
+                if self._near_off_s >= NEAR_OFF_SAY_S:
+                    log.warning("the machine is heard above its off level again: judged")
+                self._near_off_s = 0.0
+            return
+        if step.dead or step.machine != RUNNING or off is None:
+            return
+        if step.level_dbfs >= off + HYSTERESIS_DB:
+            return  # starting up or settling: not the level's doing
+        self._judged_s = 0.0
+        before = self._near_off_s
+        self._near_off_s += hop
+        if before < NEAR_OFF_SAY_S <= self._near_off_s:
+            log.warning(
+                "the machine has been heard running at %.1f dBFS, within %g dB of its off "
+                "level (%.1f dBFS), for %.0f s: no window is judged then, so no event is "
+                "raised and no learning period learns; a quieter microphone or gain than the "
+                "model's recordings? `soundsentry calibrate` with recordings of this microphone "
+                "sets the levels, or set [detector] off_below_dbfs",
+                step.level_dbfs,
+                HYSTERESIS_DB,
+                off,
+                self._near_off_s,
+            )
 
     def tick(self) -> None:
         """Housekeeping between blocks: stall check, commands, mute, watchdog, reports."""

@@ -1454,6 +1454,30 @@ def test_a_marked_clip_s_stop_is_not_learnt(tmp_path: Path) -> None:
     assert len(rows) == len(expected) > 0
 
 
+def test_a_machine_heard_near_its_off_level_for_a_minute_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A microphone 9 dB quieter than the training's: the machine was heard running but within
+    3 dB of its off level, so no window was judged: a learning period stayed at 0 s for good and
+    detection was deaf, without a word in the log (in a review)."""
+    bundle = tmp_path / "fan.bundle"  # one that records its running level
+    cli("train", "--normal", *map(str, NORMAL_FILES), str(DEMO_CLIP), "--out", str(bundle))
+    audio = np.concatenate([read_audio(f, RATE) for f in NORMAL_FILES])
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, np.tile(audio, 4) * 10 ** (-9 / 20), RATE, subtype="FLOAT")  # 80 s
+    device = Device(tmp_path, bundle=bundle, seconds=600)
+    with caplog.at_level(logging.WARNING):
+        device.replay(quiet)
+    assert device.detector.status()["learning"]["collected_s"] == 0
+    said = [r.getMessage() for r in caplog.records if "off level" in r.getMessage()]
+    assert len(said) == 1 and "no window is judged" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        device.replay(NORMAL_FILES[0])  # as loud as in training: judged, and learnt
+    assert device.detector.status()["learning"]["collected_s"] > 0
+    assert not [r for r in caplog.records if "off level" in r.getMessage()]
+
+
 def test_a_mark_on_damaged_site_features_says_what_mends_it(tmp_path: Path) -> None:
     """The site's learnt features, damaged on the card, refused every later mark with a bare
     `BadZipFile`, until a new period happened to be learnt."""
