@@ -89,6 +89,10 @@ def test_prometheus_says_whether_the_machine_runs() -> None:
     assert running() == [1.0]
     live.last_window = {"score": 0.9, "machine": "full load"}  # a trained state's name
     assert running() == [1.0]
+    # a stalled or dead microphone (state `fault`, whose message says machine null): the last
+    # window's `running` stayed 1 as if current (in a review)
+    live.last_state = {"state": "fault", "machine": None}
+    assert running() == []
 
 
 def test_the_anomaly_index_says_nothing_once_the_machine_stopped_a_minute_ago() -> None:

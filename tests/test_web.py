@@ -1145,6 +1145,48 @@ def test_the_page_names_its_device_before_any_state_message(tmp_path: Path) -> N
         dashboard.stop()
 
 
+def test_the_page_shows_no_live_figures_while_the_microphone_is_dead(tmp_path: Path) -> None:
+    """A dead or stalled microphone (state `fault`, whose message says the machine null): the
+    page's Live section kept the last score, level and `running` as if current (in a review)."""
+    from selenium.webdriver.common.by import By
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    settings = Settings(data_dir=tmp_path, web={"enabled": True, "port": free_port()},
+                        health={"fault_seconds": 1.0})  # fmt: skip
+    dashboard = Dashboard(settings)
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [dashboard.live])
+    dashboard.start(detector, lambda _: None)
+    browser = None
+    try:
+        wait_for(lambda: _answers(dashboard.port), 10, "the page")
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
+        wait_for(lambda: text("#conn") == "live", 15, "the live stream", lambda: text("#conn"))
+        audio = read_audio(NORMAL_FILES[0], 16000)[: 3 * 16000]
+        for i in range(0, len(audio), 1600):
+            detector.feed(audio[i : i + 1600])
+        wait_for(
+            lambda: text("#machine") == "running",
+            10,
+            "the machine running",
+            lambda: text("#machine"),
+        )
+        for _ in range(15):  # 1.5 s of digital silence: a dead microphone, a fault
+            detector.feed(np.zeros(1600, np.float32))
+        wait_for(lambda: text("#machine") == "–", 10, "no machine state", lambda: text("#machine"))
+        assert text("#score") == "–"  # the silent windows' level stays: -120 dBFS is news
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
+
+
 def test_the_page_names_the_trained_state_the_machine_runs_in() -> None:
     """A bundle trained with state folders names the state in its events and state messages;
     the page's window said only `running`."""

@@ -79,8 +79,11 @@ class LiveCollector(Collector):
                 status.get("anomaly_index"),
             ),
             "machine_running": (
-                "1 while the machine runs, 0 while it is off (its windows' scores raise no event).",
-                None if not window else float(window.get("machine") != OFF),
+                "1 while the machine runs, 0 while it is off (its windows' scores raise no event);"
+                " absent while an audio fault says nothing of it.",
+                None
+                if not window or state.get("state") == "fault"
+                else float(window.get("machine") != OFF),
             ),
             "dashboard_streams": ("Browsers connected to the live stream.", live.stream_count),
             "last_window_timestamp_seconds": (
