@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -16,6 +17,18 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every float that is not a finite number as None: JSON has no NaN or
+    Infinity, and a payload holding one (a score that overflowed) no parser takes."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 class _Payload:
     """JSON conversion shared by every message dataclass."""
 
@@ -23,7 +36,7 @@ class _Payload:
         """Plain dict; optional fields (those with a default) are left out when None, required
         ones are kept as null, so every payload carries what its schema requires."""
         optional = {f.name for f in fields(self) if f.default is not MISSING}  # type: ignore[arg-type]
-        data = asdict(self)  # type: ignore[call-overload]
+        data = _finite(asdict(self))  # type: ignore[call-overload]
         return {k: v for k, v in data.items() if v is not None or k not in optional}
 
     def to_payload(self) -> str:

@@ -1241,6 +1241,19 @@ def test_a_score_that_is_not_a_number_leaves_the_state_message_json(tmp_path: Pa
     assert rec.states[-1].score is None
 
 
+def test_a_message_never_carries_a_number_json_has_not() -> None:
+    """A score that overflowed (a knn bank's tiny scale) went out as `"peak_score":Infinity`:
+    replay's output and the MQTT payload were no JSON any parser takes. Whatever is not a
+    finite number goes out as null."""
+    from edge.messages import EventMessage
+
+    message = EventMessage("start", "e1", "d", "m", "2026-12-03T00:00:00Z", float("inf"), 2.0,
+                           bands=[{"hz": 500.0, "share": float("nan")}])  # fmt: skip
+    data = json.loads(message.to_payload(), parse_constant=pytest.fail)
+    assert data["peak_score"] is None and data["bands"][0]["share"] is None
+    assert data["threshold"] == 2.0
+
+
 def test_a_replayed_file_s_clip_holds_no_audio_of_the_file_before(tmp_path: Path) -> None:
     """`replay` streams each file on its own, but an event early in the second file had a clip
     whose pre-roll was the first file's end: 13 s for a 10-s file (in a review)."""

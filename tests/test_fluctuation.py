@@ -18,10 +18,10 @@ from sklearn.covariance import LedoitWolf
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
+from edge.detectors.base import MIN_FEATURE_STD
 from edge.features import FeatureParams, windows_of
 from edge.scoring import FluctuationScorer, fluctuation_features
 from train.fluctuation import MIN_SHRINKAGE, fit_statistics
-from train.statistics import MIN_FEATURE_STD
 
 
 def test_fluctuation_features_ignore_gain_and_slow_drift() -> None:

@@ -89,6 +89,9 @@ def test_band_explanations_have_one_value_per_mel_band(trained: Path) -> None:
         ("knn.feature_std", np.ones(N_MELS), "knn.feature_std"),
         ("knn.neighbours", np.array([2.5]), "knn.neighbours"),
         ("knn.neighbours", np.array([1e6]), "knn.neighbours"),
+        # below what training allows: scores of 1e301, or "peak_score": Infinity (no JSON)
+        ("knn.scale", np.array([1e-300]), "knn.scale"),
+        ("knn.feature_std", np.full(3 * N_MELS, 1e-300), "knn.feature_std"),
     ],
 )
 def test_bundle_with_wrong_arrays_is_refused(

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from edge.bundle import write_bundle
-from edge.detectors.knn import MAX_BANK, KnnScorer, evenly
+from edge.detectors.base import MIN_FEATURE_STD
+from edge.detectors.knn import MAX_BANK, MIN_SCALE, KnnScorer, evenly
 from edge.detectors.levels import LEVELS, level_features
 from edge.errors import AudioError
-from train.statistics import MIN_FEATURE_STD, STEADY, Design, Run, Trainer, statistics_manifest
+from train.statistics import STEADY, Design, Run, Trainer, statistics_manifest
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,6 @@ RANK_TOLERANCE = 1e-9
 """Singular values below this share of the largest are not axes (fewer windows than dims)."""
 ARCHITECTURE = "knn-bank-v1"
 DESIGN = Design("knn", "knn-distance", LEVELS, ARCHITECTURE)
-
-
-MIN_SCALE = 0.1
-"""The least typical distance (standardised units; 14 on the fan of shared/data) of a model
-that can work: a steady signal's held-out windows lie at float rounding from the bank, and
-dividing by that made the recording it was trained on score four times the threshold, in a
-review. Below it training is refused, as the Gaussians refuse features that do not vary."""
 
 
 def fit_bank(f: np.ndarray, neighbours: int = NEIGHBOURS, max_dims: int = MAX_DIMS) -> KnnScorer:

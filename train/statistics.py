@@ -26,6 +26,7 @@ from edge.bundle import (
     sha256_bytes,
     write_bundle,
 )
+from edge.detectors.base import MIN_FEATURE_STD
 from edge.errors import AudioError
 from edge.features import FeatureParams
 from edge.learning import training_summary
@@ -59,11 +60,6 @@ STEADY = (
     "a steady electrical signal rather than a microphone? pick a channel that hears the "
     "machine with --channel N"
 )
-MIN_FEATURE_STD = 0.01
-"""The least spread a feature (dB, or the log of a spread) is given. A microphone's noise keeps
-every feature of real recordings far above it (0.10 or more over the fans, pumps and valves
-of shared/data), but a steady electrical signal (a pure tone on a line input) gave spreads of
-float rounding, and a change of 0.003 dB scored 10^16 times the threshold, in a review."""
 
 
 def fit_statistics(

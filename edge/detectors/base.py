@@ -147,8 +147,22 @@ def leave_one_out(parts: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.nda
     return [(p, parts[:i] + parts[i + 1 :]) for i, p in enumerate(parts)]
 
 
-def require(bundle: Bundle, name: str, shape: tuple[int, ...], positive: bool = False) -> None:
-    """Check that the bundle holds array `name` of `shape` (and > 0 if `positive`)."""
+MIN_FEATURE_STD = 0.01
+"""The least spread a feature (dB, or the log of a spread) is given. A microphone's noise keeps
+every feature of real recordings far above it (0.10 or more over the fans, pumps and valves
+of shared/data), but a steady electrical signal (a pure tone on a line input) gave spreads of
+float rounding, and a change of 0.003 dB scored 10^16 times the threshold, in a review."""
+
+
+def require(
+    bundle: Bundle,
+    name: str,
+    shape: tuple[int, ...],
+    positive: bool = False,
+    at_least: float | None = None,
+) -> None:
+    """Check that the bundle holds array `name` of `shape` (and > 0 if `positive`, and not
+    below `at_least`: what training never writes)."""
     a = bundle.array(name)
     if a.shape != shape:
         raise BundleError(
@@ -157,6 +171,11 @@ def require(bundle: Bundle, name: str, shape: tuple[int, ...], positive: bool = 
         )
     if positive and not np.all(a > 0):
         raise BundleError(f"{bundle.path}: array {name} must be > 0 everywhere")
+    if at_least is not None and not np.all(a >= at_least):
+        raise BundleError(
+            f"{bundle.path}: array {name} must be {at_least:g} or more everywhere (training "
+            f"never writes less), got {float(np.min(a)):.3g}"
+        )
 
 
 def require_gaussian(bundle: Bundle, dim: int) -> None:

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, WindowScore, require, require_frame_changes
+from edge.detectors.base import (
+    MIN_FEATURE_STD,
+    DetectorKind,
+    Refit,
+    WindowScore,
+    require,
+    require_frame_changes,
+)
 from edge.detectors.levels import (
     GROUPS,
     held_out_explained,
@@ -37,6 +44,12 @@ SITE_SHARE = 0.5
 BLOCK = 256
 """Windows per distance matrix: bounds memory to BLOCK x MAX_BANK floats."""
 ARRAYS = ("feature_mean", "feature_std", "components", "bank", "neighbours", "scale")
+MIN_SCALE = 0.1
+"""The least typical distance (standardised units; 14 on the fan of shared/data) of a model
+that can work: a steady signal's held-out windows lie at float rounding from the bank, and
+dividing by that made the recording it was trained on score four times the threshold, in a
+review. Below it training is refused, as the Gaussians refuse features that do not vary; a
+bundle saying less is refused at load (1e-300 scored 1e301)."""
 
 
 def evenly(rows: np.ndarray, count: int) -> np.ndarray:
@@ -138,9 +151,9 @@ class Knn(DetectorKind):
         require_frame_changes(bundle)
         dim = GROUPS * bundle.features.n_mels
         require(bundle, "knn.feature_mean", (dim,))
-        require(bundle, "knn.feature_std", (dim,), positive=True)
+        require(bundle, "knn.feature_std", (dim,), at_least=MIN_FEATURE_STD)
         require(bundle, "knn.neighbours", (1,), positive=True)
-        require(bundle, "knn.scale", (1,), positive=True)
+        require(bundle, "knn.scale", (1,), at_least=MIN_SCALE)
         components, bank = bundle.array("knn.components"), bundle.array("knn.bank")
         if components.ndim != 2 or components.shape[1] != dim or not 1 <= len(components) <= dim:
             raise BundleError(
