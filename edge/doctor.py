@@ -266,11 +266,18 @@ def _version_in_use(s: Settings, configured: str) -> str:
 
 
 def _model_rate(s: Settings) -> int:
+    """The model's sample rate, for the microphone check; 16 kHz when it cannot be read (the
+    model's own check says why)."""
     from edge.bundle import read_manifest
+    from edge.features import FeatureParams
 
     try:
-        return int(read_manifest(s.model).features["samplerate"]) if s.model else 16000
-    except SoundSentryError:
+        return (
+            FeatureParams.from_dict(read_manifest(s.model).features).samplerate
+            if s.model
+            else 16000
+        )
+    except (SoundSentryError, TypeError, ValueError):
         return 16000
 
 

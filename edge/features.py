@@ -116,11 +116,14 @@ class FeatureParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureParams:
-        """Rebuild from a manifest dict; unknown keys are refused (ValueError)."""
+        """Rebuild from a manifest dict; unknown or missing keys are refused (ValueError): a
+        key left out is not this version's default, which another version may not share."""
         known = set(cls.__dataclass_fields__)
-        extra = set(data) - known
+        extra, missing = set(data) - known, known - set(data)
         if extra:
             raise ValueError(f"unknown feature parameters {sorted(extra)}")
+        if missing:
+            raise ValueError(f"missing feature parameters {sorted(missing)}")
         return cls(**data)
 
 

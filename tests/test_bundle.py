@@ -153,6 +153,13 @@ def _dev_zero(b: Path) -> None:
     (b / MANIFEST).symlink_to("/dev/zero")
 
 
+def _drop_feature(b: Path, key: str) -> None:
+    data = json.loads((b / MANIFEST).read_text())
+    del data["features"][key]
+    data["checksum"] = manifest_checksum(data)
+    (b / MANIFEST).write_text(json.dumps(data))
+
+
 # Each crafted bundle: how it is made, and the words of its one-line refusal.
 NETWORK_CASES = [
     (lambda b: (b / MANIFEST).write_text("{not json"), "corrupt manifest"),
@@ -207,6 +214,10 @@ NETWORK_CASES = [
     (lambda b: edit_manifest(b, {"calibration": {"channel": "left"}}), "calibration.channel"),
     (lambda b: edit_manifest(b, {"calibration": {"channel": None}}), "calibration.channel"),
     (lambda b: edit_manifest(b, {"training.channel": 99}), "training.channel"),
+    # a feature left out was filled with this version's default: a bundle of 44.1 kHz features
+    # run at 16 kHz, and doctor stopped with KeyError: 'samplerate'
+    (lambda b: _drop_feature(b, "samplerate"), "missing feature parameters ['samplerate']"),
+    (lambda b: _drop_feature(b, "n_mels"), "missing feature parameters ['n_mels']"),
 ]
 
 

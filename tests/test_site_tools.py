@@ -598,6 +598,29 @@ def test_doctor_tells_this_device_s_dashboard_from_another_s_on_its_port(tmp_pat
         dashboard.stop()
 
 
+def test_doctor_on_a_manifest_without_a_sample_rate_names_it(tmp_path: Path) -> None:
+    """A bundle whose manifest (checksum valid) left `samplerate` out stopped doctor with
+    `KeyError: 'samplerate'` before any check was printed (in a review)."""
+    import json
+    import shutil
+
+    from conftest import DEMO_BUNDLE
+
+    from edge.bundle import MANIFEST, manifest_checksum
+    from edge.doctor import _model_rate, check_model
+    from edge.settings import Settings
+
+    bundle = shutil.copytree(DEMO_BUNDLE, tmp_path / "fan.bundle")
+    data = json.loads((bundle / MANIFEST).read_text())
+    del data["features"]["samplerate"]
+    data["checksum"] = manifest_checksum(data)
+    (bundle / MANIFEST).write_text(json.dumps(data))
+    settings = Settings(device_id="t", model=bundle, data_dir=tmp_path / "data")
+    assert _model_rate(settings) == 16000
+    check = check_model(settings)
+    assert check.ok is False and "missing feature parameters ['samplerate']" in check.detail
+
+
 def test_doctor_asked_on_every_address_does_not_pass_another_device_s_loopback_page(
     tmp_path: Path,
 ) -> None:
