@@ -579,3 +579,21 @@ def test_a_fit_part_a_rounding_over_the_difference_is_not_a_refit() -> None:
     assert not info(10.001, 7.001, 3.001).refit_on_all()
     assert not info(10.0, 7.0, 3.0).refit_on_all()
     assert info(10.001, 10.001, 3.001).refit_on_all()  # the numpy kinds: all of it
+
+
+def test_an_autoencoder_whose_network_does_not_reconstruct_its_input_is_refused(
+    copy: Path,
+) -> None:
+    """An autoencoder bundle carrying another kind's network (an embedding of 8 values) loaded,
+    doctor passed it, and every command stopped at the first window with `cannot reshape array
+    of size 8 into shape (30,64)` (in a review)."""
+    import tensorflow as tf
+
+    inputs = tf.keras.Input((30, 64, 1), batch_size=1)
+    outputs = tf.keras.layers.Dense(8)(tf.keras.layers.Flatten()(inputs))
+    network = tf.keras.Model(inputs, outputs)
+    content = tf.lite.TFLiteConverter.from_keras_model(network).convert()
+    (copy / MODEL_INT8).write_bytes(content)
+    edit_manifest(copy, {f"files.{MODEL_INT8}": sha256_bytes(content)})
+    with pytest.raises(BundleError, match=r"output \(1, 8\) does not match the \(1, 30, 64, 1\)"):
+        load_bundle(copy)

@@ -11,6 +11,7 @@ import numpy as np
 from edge.detectors.base import DetectorKind, Refit, leave_one_out, require_normalization
 from edge.detectors.network import NetworkScorer
 from edge.detectors.thresholds import budget_threshold
+from edge.errors import BundleError
 from edge.threshold import score_stats
 
 if TYPE_CHECKING:
@@ -28,9 +29,16 @@ class Autoencoder(DetectorKind):
     needs_model = True
 
     def check(self, bundle: Bundle) -> None:
-        """Normalisation: one mean and a positive std per mel band."""
+        """Normalisation: one mean and a positive std per mel band; a network whose output is
+        its input's shape (another kind's network stopped every command at the first window)."""
         super().check(bundle)
         require_normalization(bundle)
+        model = bundle.model
+        if model is not None and model.output_shape != model.input_shape:
+            raise BundleError(
+                f"{bundle.path}: the network's output {model.output_shape} does not match the "
+                f"{model.input_shape} an autoencoder reconstructs (another kind's network?)"
+            )
 
     def scorer(self, bundle: Bundle) -> NetworkScorer:
         """The network with its normalisation."""
