@@ -374,6 +374,8 @@ class Adapter:
             "version": self.history.active,
             "history": self.history.summary(),
             "last_refit": self.last_refit,
+            # the page offers "Mark normal" on no event the version in use already learnt
+            "marked": list((self.history.current or {}).get("marked", [])),
         }
 
     # --- internals ---------------------------------------------------------------------------

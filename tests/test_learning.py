@@ -236,6 +236,7 @@ def test_mark_normal_then_replay_rollback_and_the_audit_log(
     )
     assert any("command mark_normal (id op-17)" in r.message for r in caplog.records)
     assert [h["reason"] for h in reply.status["history"]] == ["mark_normal", "learning"]
+    assert reply.status["marked"] == [fault[0]["event_id"]], "the page offers it no more"
     assert starts(device.replay(ANOMALOUS_FILE)) == [], "the same sound no longer alarms"
     assert len(starts(device.replay(other_fault(tmp_path)))) == 1, "another fault still does"
     assert starts(device.replay(*NORMAL_FILES)) == []

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import (
+    ANOMALOUS_FILE,
     DEMO_BUNDLE,
     DEMO_CLIP,
     NORMAL_FILES,
@@ -1181,6 +1182,51 @@ def test_the_page_shows_no_live_figures_while_the_microphone_is_dead(tmp_path: P
             detector.feed(np.zeros(1600, np.float32))
         wait_for(lambda: text("#machine") == "–", 10, "no machine state", lambda: text("#machine"))
         assert text("#score") == "–"  # the silent windows' level stays: -120 dBFS is news
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
+
+
+def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path: Path) -> None:
+    """The page withheld "Mark normal" only from events it had marked itself: reloaded, or on
+    another phone, an event the version in use had learnt offered the button again, and
+    pressing it was refused as already marked (in a review). The status names the marks."""
+    from selenium.webdriver.common.by import By
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    settings = Settings(data_dir=tmp_path, web={"enabled": True, "port": free_port()})
+    dashboard = Dashboard(settings)
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [dashboard.live], persist=True)
+    marks: list[str] = []
+    dashboard.start(detector, lambda _: None)
+    dashboard.live.attach(lambda: {**detector.status(), "learns": True, "marked": marks})
+    browser = None
+    try:
+        fault = read_audio(ANOMALOUS_FILE, 16000)
+        for i in range(0, len(fault), 1600):
+            detector.feed(fault[i : i + 1600])
+        detector.close_event("stopped")
+        (event_id,) = [e["event_id"] for e in dashboard.live.events()]
+        wait_for(lambda: _answers(dashboard.port), 10, "the page")
+        browser = chromium()
+        buttons = lambda: [  # noqa: E731
+            b
+            for b in browser.find_elements(By.CSS_SELECTOR, ".ev button")
+            if b.text == "Mark normal"
+        ]
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        wait_for(lambda: len(buttons()) == 1, 15, "the Mark normal button", buttons)
+        marks.append(event_id)  # the version in use learnt it (marked from elsewhere)
+        dashboard.live._refresh_status(force=True)
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".ev"), 15, "the event card")
+        assert buttons() == []
     finally:
         if browser is not None:
             browser.quit()
