@@ -95,15 +95,22 @@ def run_detector(
         if live:
             end_interrupted(logged, sinks)
         spool = publisher.spool if publisher is not None else None
-        detector = Detector(
-            settings,
-            bundle,
-            sinks,
-            on_step=on_step,
-            spool_stats=spool.stats if spool is not None else None,
-            persist=True,  # threshold, mute and learned models survive a restart (data_dir)
-            live=live,  # the device's running hours count what its microphone heard
-        )
+        try:  # settings the model refuses (K above its N): a failed start, retried each minute
+            detector = Detector(
+                settings,
+                bundle,
+                sinks,
+                on_step=on_step,
+                spool_stats=spool.stats if spool is not None else None,
+                persist=True,  # threshold, mute and learned models survive a restart (data_dir)
+                live=live,  # the device's running hours count what its microphone heard
+            )
+        except SoundSentryError as exc:
+            if dashboard is not None:
+                dashboard.stop()
+            if spool is not None:
+                spool.close()
+            raise StartError(str(exc)) from exc
         controller = Controller(detector, reload_settings)
         if dashboard is not None:
             dashboard.start(detector, controller.handle_payload)

@@ -474,3 +474,25 @@ def test_a_long_anomaly_logs_its_start_and_end_not_every_update(
     assert "update" in rec.kinds(), rec.kinds()
     said = [r.getMessage().split(":")[0] for r in caplog.records if "anomaly" in r.getMessage()]
     assert said and set(said) == {"anomaly start", "anomaly end"}, said
+
+
+def test_settings_the_model_refuses_fail_the_start_as_a_start_error(tmp_path: Path) -> None:
+    """[detector] trigger_windows = 5 against a model calibrated for N = 3 was refused when the
+    detector was built, outside what makes a service wait a minute before it fails: systemd
+    started it again every 5 s (17 000 starts a day of log lines on an SD card). It is a
+    StartError now, with the dashboard's port let go."""
+    import socket
+
+    from edge.errors import StartError
+    from edge.service import run_detector
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    web = {"enabled": True, "port": port}
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data",
+                        detector={"trigger_windows": 5}, web=web)  # fmt: skip
+    with pytest.raises(StartError, match="trigger_windows"):
+        run_detector(settings, load_bundle(DEMO_BUNDLE), FileSource([NORMAL_FILES[0]], RATE))
+    with socket.socket() as again:  # the page's port (bound first) is free again
+        again.bind(("127.0.0.1", port))
