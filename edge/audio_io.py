@@ -232,6 +232,11 @@ def _require_present(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.stat().st_size == 0:
             raise AudioError(f"{path}: {EMPTY}")
+    try:  # libsndfile says "not a readable audio file (System error.)" for a permission
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise AudioError(f"{path}: {exc.strerror or exc}") from None
 
 
 def check_readable(

@@ -456,3 +456,30 @@ def test_a_steady_electrical_signal_is_refused_with_one_line(tmp_path: Path, kin
         trainers[kind]([str(folder)], tmp_path / "b.bundle")
     assert "a steady electrical signal" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "b.bundle").exists()
+
+
+def test_a_recording_the_user_may_not_read_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WAV copied as root (mode 0600) was reported as "not a readable audio file (System
+    error.)", libsndfile's words, which reads as a damaged file (in a review, as another user).
+    The suite runs as root, to whom permissions do not apply: the open fails here as it would
+    for the service's user."""
+    import builtins
+    import shutil
+
+    import edge.audio_io as audio_io
+    from edge.errors import AudioError
+
+    wav = tmp_path / "a.wav"
+    shutil.copy(NORMAL_FILES[0], wav)
+
+    def refuse(path: object, *args: object, **kwargs: object) -> object:
+        if str(path) == str(wav):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(audio_io, "open", refuse, raising=False)
+    with pytest.raises(AudioError) as refused:
+        audio_io.check_readable(wav)
+    assert str(refused.value) == f"{wav}: Permission denied"
