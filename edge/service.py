@@ -25,7 +25,7 @@ from edge.bundle import Bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
 from edge.errors import SoundSentryError, StartError, os_error_line
-from edge.eventlog import EventLogSink, LoggedEvent, read_events
+from edge.eventlog import EventLogSink, LoggedEvent, last_logged_id, read_events
 from edge.messages import EventMessage, iso
 from edge.pipeline import Step
 from edge.private import private_dir, user_name
@@ -362,10 +362,12 @@ def _logged_events(data_dir: Path) -> list[LoggedEvent]:
     not re-published, nor are events an earlier run left open ended)."""
     try:
         events = read_events(data_dir)
+        last_id = last_logged_id(data_dir)  # by the log's order: a clock set back reorders
     except SoundSentryError as exc:
         log.warning("%s: the last event is not re-published, open ones are not ended", exc)
         return []
-    return [e for e in events[:-1] if e.status == "open"] + events[-1:]
+    last = [e for e in events if e.data.get("event_id") == last_id][-1:] or events[-1:]
+    return [e for e in events if e.status == "open" and e not in last] + last
 
 
 def _dashboard(settings: Settings) -> Any:

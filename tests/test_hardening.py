@@ -685,6 +685,14 @@ def test_the_start_keeps_of_the_event_log_only_what_it_needs(tmp_path: Path) -> 
     kept = edge.service._logged_events(tmp_path)
     assert [e.data["event_id"] for e in kept] == [f"{7:032x}", f"{299:032x}"]
     assert kept[-1].status != "open"  # the last, ended: re-published, not ended again
+    # logged after a reboot whose clock was behind: the last by the log's order, not by its
+    # stamp (the retained last_event went back to an older event at every start, in a review)
+    early = EventMessage(type="end", event_id=f"{300:032x}", device_id="u", model="m",
+                         started_at=iso(start - 86400), peak_score=3.0, threshold=1.0,
+                         ended_at=iso(start - 86395), duration_s=5.0)  # fmt: skip
+    sink.event(early)
+    kept = edge.service._logged_events(tmp_path)
+    assert kept[-1].data["event_id"] == f"{300:032x}"
 
 
 @pytest.mark.parametrize("step_s", [3600.0, -3600.0])
