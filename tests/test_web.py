@@ -1363,3 +1363,42 @@ def test_the_page_colours_only_a_score_the_event_logic_counts(tmp_path: Path) ->
         if browser is not None:
             browser.quit()
         dashboard.stop()
+
+
+def test_a_long_clip_s_spectrogram_is_drawn_in_pieces_and_a_silent_one_is_black(
+    tmp_path: Path,
+) -> None:
+    """The spectrogram read and analysed a clip whole: 490 MB for a 10-minute one (max_seconds
+    goes up to an hour), past the service's MemoryMax of 300 MB; it is drawn in pieces, frame
+    for frame as of the whole clip. A silent clip (a dropout) was drawn at full brightness, as
+    if it were loud broadband noise (in a review)."""
+    import tracemalloc
+
+    from edge.features import FeatureParams, LogMel
+    from edge.web import png
+
+    params = FeatureParams()
+    rng = np.random.default_rng(2)
+    short = tmp_path / "short.wav"
+    audio = (0.1 * rng.standard_normal(150 * 16000)).astype(np.float32)
+    sf.write(short, audio, 16000, subtype="PCM_16")
+    whole = LogMel(params)(sf.read(short, dtype="float32")[0])
+    np.testing.assert_allclose(png.clip_logmel(short, params), whole, atol=1e-3)
+    at_48k = tmp_path / "48k.wav"  # resampled as it is read
+    sf.write(at_48k, np.repeat(audio[: 20 * 16000], 3), 48000, subtype="PCM_16")
+    assert abs(len(png.clip_logmel(at_48k, params)) - len(LogMel(params)(audio[: 20 * 16000]))) <= 1
+    long = tmp_path / "long.wav"
+    with sf.SoundFile(long, "w", 16000, 1, subtype="PCM_16") as fh:
+        for _ in range(10):  # 10 minutes
+            fh.write((0.1 * rng.standard_normal(60 * 16000)).astype(np.float32))
+    tracemalloc.start()
+    try:
+        png.clip_spectrogram_png(long, params)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 120e6, f"{peak / 1e6:.0f} MB"
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(5 * 16000, np.float32), 16000, subtype="PCM_16")
+    image = png.spectrogram_image(png.clip_logmel(silent, params))
+    assert (image == png._LUT[0]).all()  # the colour map's darkest everywhere, not its brightest

@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import queue
 import re
 import socket
@@ -79,6 +80,8 @@ MAX_PER_ADDRESS = 6
 """Of those, from one address: one host cannot take every slot from the others. At 16 two hosts
 took them all; 6 is what a browser opens to one site at most. Not for loopback behind a reverse
 proxy ([web] public_url): every visitor comes from it there."""
+SEND_CHUNK = 64 * 1024
+"""Bytes of a clip read and sent at once."""
 HEADER_DEADLINE_S = 10.0
 """A request's line and headers must arrive within this, in all: CLIENT_TIMEOUT_S restarts
 with every byte, so a client that sent a header byte a minute (slowloris) held its slot for
@@ -542,33 +545,47 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(HTTPStatus.NOT_FOUND, "no such clip")
         png = name.endswith(".png")
         try:
-            data = self.dash.spectrogram(wav) if png else wav.read_bytes()
+            if not png:  # read as it is sent: a clip may be an hour (115 MB) long
+                return self._send_file(wav, "audio/wav")
+            data = self.dash.spectrogram(wav)
         except (OSError, sf.LibsndfileError, ValueError) as exc:  # removed by retention meanwhile,
             log.warning("web: clip %s cannot be served: %s", name, exc)  # or a damaged file
             return self._error(HTTPStatus.NOT_FOUND, "clip gone or unreadable")
-        if png:
-            return self._send(HTTPStatus.OK, data, "image/png", cache=True)
-        self._send_range(data, "audio/wav")
+        return self._send(HTTPStatus.OK, data, "image/png", cache=True)
 
-    def _send_range(self, data: bytes, kind: str) -> None:
-        """The whole file, or one `Range: bytes=a-b` of it (phones play audio only so)."""
-        # at most 15 digits (a petabyte): int() refuses over 4,300, and a longer one is no
-        # range of a clip; an unusable Range is ignored (the whole file), as HTTP says
-        match = re.fullmatch(r"bytes=(\d{0,15})-(\d{0,15})", self.headers.get("Range", "").strip())
-        if not match or not any(match.groups()):
-            return self._send(HTTPStatus.OK, data, kind, cache=True)
-        first, last = match.groups()
-        size = len(data)
-        start = int(first) if first else max(0, size - int(last))
-        end = min(int(last), size - 1) if first and last else size - 1
-        if start >= size or start > end:
-            self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
-            self.send_header("Content-Range", f"bytes */{size}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        extra = {"Content-Range": f"bytes {start}-{end}/{size}"}
-        self._send(HTTPStatus.PARTIAL_CONTENT, data[start : end + 1], kind, cache=True, extra=extra)
+    def _send_file(self, path: Path, kind: str) -> None:
+        """The whole file, or one `Range: bytes=a-b` of it (phones play audio only so), read
+        SEND_CHUNK at a time: read whole, every range request of an hour's clip took 115 MB."""
+        with open(path, "rb") as fh:  # opened first: a clip retention removed is a 404
+            size = os.fstat(fh.fileno()).st_size
+            # at most 15 digits (a petabyte): int() refuses over 4,300, and a longer one is no
+            # range of a clip; an unusable Range is ignored (the whole file), as HTTP says
+            match = re.fullmatch(
+                r"bytes=(\d{0,15})-(\d{0,15})", self.headers.get("Range", "").strip()
+            )
+            start, end, status, extra = 0, size - 1, HTTPStatus.OK, {}
+            if match and any(match.groups()):
+                first, last = match.groups()
+                start = int(first) if first else max(0, size - int(last))
+                end = min(int(last), size - 1) if first and last else size - 1
+                if start >= size or start > end:
+                    self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                status, extra = (
+                    HTTPStatus.PARTIAL_CONTENT,
+                    {"Content-Range": f"bytes {start}-{end}/{size}"},
+                )
+            self._head(status, kind, max(0, end - start + 1), cache=True, extra=extra)
+            if self.command == "HEAD":
+                return
+            fh.seek(start)
+            left = end - start + 1
+            while left > 0 and (chunk := fh.read(min(SEND_CHUNK, left))):
+                self.wfile.write(chunk)
+                left -= len(chunk)
 
     def _metrics(self) -> None:
         from edge.web.prometheus import exposition
@@ -633,9 +650,23 @@ class Handler(BaseHTTPRequestHandler):
         cache: bool = False,
         extra: dict[str, str] | None = None,
     ) -> None:
+        self._head(status, kind, len(body), page, cache, extra)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _head(
+        self,
+        status: HTTPStatus,
+        kind: str,
+        length: int,
+        page: bool = False,
+        cache: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        """The status line and headers of a response of `length` bytes."""
         self.send_response(status)
         self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", "private, max-age=3600" if cache else "no-store")
         if status == HTTPStatus.UNAUTHORIZED:
             self.send_header("WWW-Authenticate", 'Bearer realm="soundsentry"')
@@ -647,8 +678,6 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self._common_headers()
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
     def _common_headers(self) -> None:
         for name, value in HEADERS.items():
