@@ -272,3 +272,23 @@ def test_a_dropout_in_the_held_out_audio_leaves_the_members_in_step(tmp_path: Pa
         sf.write(tmp_path / f"{i}.wav", audio, 16000, subtype="FLOAT")
     out = train_ensemble([str(tmp_path)], tmp_path / "e.bundle")
     assert load_bundle(out).threshold < 10, "the dropout's windows set no threshold"
+
+
+def test_the_bundle_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ensemble was written to --out with band references of zeros, read back, then written
+    again: a Ctrl-C or the OOM killer between the two left a bundle that loaded and reported
+    band deviations of 10^9 (in a review). The first pass goes to a temporary folder."""
+    import train.ensemble as ensemble
+
+    out = tmp_path / "fan.bundle"
+    written: list[Path] = []
+    real = ensemble.write_bundle
+
+    def counted(path: str | Path, *args: object, **kwargs: object) -> Path:
+        written.append(Path(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ensemble, "write_bundle", counted)
+    ensemble.train_ensemble(list(NORMAL_FILES[:3]), out)
+    assert [p for p in written if p == out] == [out]
+    assert load_bundle(out).array("normal_band_error.std").max() > 0

@@ -177,9 +177,13 @@ def _write(
         return fields
 
     n_mels = run.params.n_mels
-    write_bundle(run.out, manifest(np.zeros((1, n_mels))), files, arrays)
-    scorer = Scorer.from_bundle(load_bundle(run.out))
-    bands = np.array([scorer.score(w).band_error for w in held_windows(run, normal)])
+    # `out` is written once: a run stopped between two writes there left band references of
+    # zeros in a bundle that loaded (deviations of 10^9)
+    with tempfile.TemporaryDirectory() as tmp:
+        draft = Path(tmp) / "draft.bundle"
+        write_bundle(draft, manifest(np.zeros((1, n_mels))), files, arrays)
+        scorer = Scorer.from_bundle(load_bundle(draft))
+        bands = np.array([scorer.score(w).band_error for w in held_windows(run, normal)])
     write_bundle(run.out, manifest(bands if len(bands) else np.zeros((1, n_mels))), files, arrays)
     log.info("wrote %s (%s, threshold %.4g)", run.out, "+".join(e["kind"] for e in entries),
              run.threshold)  # fmt: skip
