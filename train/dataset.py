@@ -166,11 +166,17 @@ def require_held_out(windows: int, params: FeatureParams, held: list[Path] | Non
     """Refuse (AudioError, one line) when fewer than MIN_HELD_WINDOWS windows could be held out:
     the threshold would otherwise rest on a window or two (or on the audio the model was fitted
     on, and sit too low). `held`: the recordings held out whole, named in the line."""
+    if windows < MIN_HELD_WINDOWS and held:  # long enough (holdout_split): not the machine
+        raise AudioError(
+            f"train: too little audio could be held out to set the threshold: the recording(s) "
+            f"held out whole ({', '.join(map(str, held))}) hold {windows} window(s) of the "
+            f"machine running, {MIN_HELD_WINDOWS} needed: is the machine off, stopping or "
+            "silent in them? give recordings of it running (or leave that one out)"
+        )
     if windows < MIN_HELD_WINDOWS:
-        which = f" ({', '.join(map(str, held))})" if held else ""
         raise AudioError(
             f"train: too little audio could be held out to set the threshold: {windows} "
-            f"window(s){which}, {MIN_HELD_WINDOWS} needed; give 5 or more recordings of at "
+            f"window(s), {MIN_HELD_WINDOWS} needed; give 5 or more recordings of at "
             f"least {MIN_HELD_SECONDS:g} s each, or recordings of at least "
             f"{MIN_HELD_SECONDS / HOLDOUT_FRACTION:g} s each (the last fifth of each is held out)"
         )
