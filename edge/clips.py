@@ -202,7 +202,11 @@ class ClipRecorder:
         old); without it, the newest goes by age only. So a size limit below one clip keeps
         that clip rather than none."""
         now = time.time()
-        clips = sorted(self._clips(), key=lambda c: c[1].st_mtime)  # the too old come first
+        # the too old come first; this run's clips last, in the order written: a clock set
+        # back at boot stamps them before the clips of the last run, and each new clip
+        # deleted the one before it, which the event log names
+        order = {path: i for i, path in enumerate(self._written)}
+        clips = sorted(self._clips(), key=lambda c: (order.get(c[0], -1), c[1].st_mtime))
         total = sum(st.st_size for _, st in clips if now - st.st_mtime <= self.max_age_s)
         removed = []
         newest = keep if keep is not None else (clips[-1][0] if clips else None)

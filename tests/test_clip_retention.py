@@ -98,3 +98,27 @@ def test_a_clip_larger_than_the_size_limit_is_kept_for_the_event_that_names_it(
     assert second is not None and (tmp_path / second[0]).is_file()
     assert not (tmp_path / first[0]).exists()  # the older one made room, as the limit says
     assert rec.enforce_retention() == []  # and a housekeep keeps the newest too
+
+
+def test_clips_of_this_run_outlive_older_ones_stamped_ahead_by_a_clock_set_back(
+    tmp_path: Path,
+) -> None:
+    """A Pi without a real-time clock that boots behind (no network, no NTP yet): the clips of
+    before the power cut carry later file times than the new ones, so at the size limit each
+    new clip deleted the one before it, which the event log names, and the old ones stayed
+    (in a review). Clips written in this run are the newest, in the order written."""
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=0.2, max_total_mb=1.0, max_age_days=30)
+    size = (tmp_path / record_clip(rec, "ev-probe")[0]).stat().st_size
+    for path in tmp_path.glob("*.wav"):
+        path.unlink()
+    ahead = time.time() + 6 * 3600  # written before the cut, by a clock 6 h ahead of this one
+    old = []
+    for i in range(int(1e6 // size) - 1):
+        path = tmp_path / f"20270101T00000{i % 10}Z-old{i:04d}.wav"
+        path.write_bytes(b"\0" * size)
+        os.utime(path, (ahead + i, ahead + i))
+        old.append(path)
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=0.2, max_total_mb=1.0, max_age_days=30)
+    new = [tmp_path / record_clip(rec, f"ev-new{i}")[0] for i in range(3)]
+    assert all(p.is_file() for p in new), [p.name for p in new if not p.is_file()]
+    assert sum(p.is_file() for p in old) == len(old) - 2  # the oldest written made room
