@@ -548,6 +548,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from train.dataset import class_folders
 
         classes = class_folders(args.classes, args.channel, FeatureParams().samplerate)
+    if args.normal_states:  # so are the state folders (their refusals waited for TensorFlow)
+        from edge.features import FeatureParams
+        from train.dataset import state_folders
+
+        args.normal_states = state_folders(args.normal_states, FeatureParams().samplerate)
     if network:
         _require("tensorflow", "train", _train_command(args))
     from train.augment import Augmenter

@@ -499,3 +499,21 @@ def test_a_held_out_recording_of_the_machine_off_is_named_as_such(tmp_path: Path
     line = _error_line(proc)
     assert str(off) in line and "machine running" in line, line
     assert len(files) == 4
+
+
+def test_state_folders_are_refused_before_tensorflow_loads(tmp_path: Path) -> None:
+    """`--classes` folders were checked before TensorFlow loaded, `--normal-states` ones after
+    (11 s here, far longer on a Pi, before "only the `off` state"; in a review). A TensorFlow
+    that cannot load shows which comes first."""
+    import shutil
+
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('TensorFlow was loaded')\n")
+    states = tmp_path / "states"
+    (states / "off").mkdir(parents=True)
+    shutil.copy(NORMAL_FILES[0], states / "off" / "a.wav")
+    proc = cli("train", "--normal-states", str(states), "--out", str(tmp_path / "m.bundle"),
+               env={"PYTHONPATH": str(tmp_path / "site")}, check=False)  # fmt: skip
+    line = _error_line(proc)
+    assert "only the `off` state" in line and "TensorFlow was loaded" not in proc.stderr, line

@@ -39,9 +39,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from edge.advice import MIN_AUDIO_SECONDS, require_audio, warn_short
-from edge.audio_io import check_files, find_audio, skipped_folder, without_copies
-from edge.bundle import MODEL_FLOAT, MODEL_INT8, SAFE_LABEL, write_bundle
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, write_bundle
 from edge.detectors.embedding import (
     BAND_STD_FLOOR_DB,
     EmbeddingScorer,
@@ -60,6 +58,7 @@ from train.dataset import (
     dense_params,
     holdout_split,
     require_held_out,
+    state_folders,
     threshold_from_holdout,
     training_audio,
 )
@@ -255,104 +254,6 @@ class OwnAudio:
             for i in range(len(self.states))
         ]
         return {"machine.state_levels": np.stack(levels)}
-
-
-UNEVEN_STATES = 0.25
-"""A running state with less than this share of the audio of the state with the most is warned
-of: in a review, one 12-s state beside ten of another put 48 % of its new windows above the
-threshold (9 % with as much of each)."""
-
-
-def state_folders(
-    root: str | Path,
-    samplerate: int | None = None,
-    window_seconds: float = FeatureParams().window_seconds,
-) -> dict[str, list[Path]]:
-    """State name -> its audio files, from the subfolders of `root` (one state is allowed),
-    checked before anything is trained: a name the bundle can carry, `off` in any case, no
-    empty folder left out silently, byte-identical copies used once, every file usable, and
-    the machine running for at least edge.advice.MIN_AUDIO_SECONDS outside `off`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise AudioError(f"{root}: --normal-states needs a folder with one subfolder per state")
-    groups: dict[str, list[Path]] = {}
-    loose = [f for f in find_audio([root], quiet=True) if f.parent == root]
-    if loose:  # an earlier `record --out` into the root, say: no state of its own
-        log.warning(
-            "%s: %d audio file(s) directly in it are not in a state's folder and are not used "
-            "(%s); move them into one",
-            root,
-            len(loose),
-            loose[0].name,
-        )
-    folders = (d for d in root.iterdir() if d.is_dir() and not skipped_folder(d.name))
-    for folder in sorted(folders):
-        name = OFF if folder.name.lower() == OFF else folder.name
-        files = find_audio([folder])
-        if not files:  # notes, an empty folder: no state, whatever its name
-            log.warning("%s holds no audio: it is not a state", folder)
-            continue
-        if not re.fullmatch(SAFE_LABEL, name):
-            raise AudioError(
-                f"{folder}: a state folder's name is the state's name in messages: letters, "
-                "digits, spaces and . _ : + - (up to 64, starting with a letter or a digit); "
-                "rename the folder"
-            )
-        if name in groups:
-            raise AudioError(f"{folder}: a second folder for the state {name!r}")
-        groups[name] = files
-    if not groups:
-        raise AudioError(f"{root}: no subfolder with audio (one subfolder per state)")
-    # every unusable file of every state named at once; a recording shorter than one window
-    # is left out, as `--normal` leaves it (a 50-ms one gave a state no level: NaN)
-    every = [f for files in groups.values() for f in files]
-    length = {
-        f: n / rate for f, (n, rate) in zip(every, check_files(every, 0, samplerate), strict=True)
-    }
-    warn_short([str(f) for f in every if length[f] < window_seconds], window_seconds)
-    for name, files in groups.items():
-        groups[name] = [f for f in files if length[f] >= window_seconds]
-        if not groups[name]:
-            raise AudioError(
-                f"{root}: every recording of the state {name!r} is shorter than one "
-                f"{window_seconds:g}-s window"
-            )
-    # across states too: a copy in a second state's folder was fitted while the same recording
-    # was held out in the first, and the threshold was set on audio the model had seen
-    kept = set(without_copies([f for files in groups.values() for f in files]))
-    groups = {name: [f for f in files if f in kept] for name, files in groups.items()}
-    for name, files in groups.items():
-        if not files:
-            raise AudioError(f"{root}: every recording of the state {name!r} is a copy of one in "
-                             "another state")  # fmt: skip
-    seconds = {k: sum(length[f] for f in v) for k, v in groups.items()}
-    running = {k: v for k, v in seconds.items() if k != OFF}
-    if not running:
-        raise AudioError(
-            f"{root}: only the `{OFF}` state: record the machine running too, in a folder of "
-            "its own"
-        )
-    require_audio(sum(running.values()), "train")
-    groups = dict(sorted(groups.items()))  # the order of the names, whatever their folders' case
-    most = max(running.values())
-    for name, value in running.items():
-        if value < MIN_AUDIO_SECONDS:
-            log.warning(
-                "state %s: only %.1f s of audio; record at least %g s of each state, or it is "
-                "barely held out for the threshold",
-                name,
-                value,
-                MIN_AUDIO_SECONDS,
-            )
-        elif value < UNEVEN_STATES * most:
-            log.warning(
-                "state %s: %.0f s of audio against %.0f s of the state with the most: the "
-                "normal model and its threshold come from all running states together, so a "
-                "state with little audio lies at their edge and may raise false alarms while "
-                "the machine runs in it; record about as much of each state",
-                name, value, most,
-            )  # fmt: skip
-    return groups
 
 
 def read_own(
@@ -690,7 +591,7 @@ def train_embedding(normal: Sequence[str | Path] | None, out: str | Path, **opti
 def fit_embedding(
     normal: Sequence[str | Path] | None,
     out: str | Path,
-    states: str | Path | None = None,
+    states: str | Path | dict[str, list[Path]] | None = None,
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     channel: int = 0,
@@ -711,7 +612,11 @@ def fit_embedding(
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(seed)
     groups = (
-        state_folders(states, params.samplerate, params.window_seconds)
+        (
+            states
+            if isinstance(states, dict)
+            else state_folders(states, params.samplerate, params.window_seconds)
+        )
         if states
         else {
             "normal": training_audio(list(normal or []), params.samplerate, params.window_seconds)
