@@ -95,6 +95,11 @@ def advice(
     return lines
 
 
+RUNNING_NOTE_S = 2.0
+"""Held-out audio this much longer than the windows judged in it (a window's edges aside) says
+how much of it was the machine running."""
+
+
 def summary(
     seconds: tuple[float, float, float],
     recordings: int,
@@ -106,6 +111,7 @@ def summary(
     refit_all: bool = False,
     calibrated: bool = False,
     sessions: int | None = None,
+    held_pieces: int | None = None,
 ) -> str:
     """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines;
     `refit_all`: the shipped model was refitted on all the audio once the threshold was set
@@ -116,16 +122,27 @@ def summary(
     what calibration refits (the fluctuation's centre, not its covariance)."""
     total, fit, held = seconds
     fitted = "calibrated the model (what calibration refits)" if calibrated else "fitted the model"
+    # what of it the threshold stands on: the windows the device judges (the machine off,
+    # silence or a stop back none), which the threshold's own lines count
+    judged = float(params.get("holdout_seconds", held))
+    # windows x hop counts a window less a hop of each piece held out (a recording held out
+    # whole, or the last fifth of each)
+    edges = float(params.get("hop_s", 0.5)) * (held_pieces or recordings)
+    running = (
+        f" ({judged:.0f} s of it the machine running)"
+        if held - judged >= max(RUNNING_NOTE_S, 0.1 * held) + edges
+        else ""
+    )
     if refit_all:
         first = (
             f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}; "
-            f"a fit on {total - held:.0f} s scored the other {held:.0f} s, held out, for the "
-            f"threshold{how}"
+            f"a fit on {total - held:.0f} s scored the other {held:.0f} s{running}, held out, "
+            f"for the threshold{how}"
         )
     else:
         first = (
             f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}, "
-            f"which scored {held:.0f} s of held-out audio for the threshold{how}"
+            f"which scored {held:.0f} s of held-out audio{running} for the threshold{how}"
         )
     lines = [first]
     backing = describe(threshold, params)
@@ -179,8 +196,9 @@ def bundle_summary(manifest: Any) -> str:
     refit_all = held > 0 and t.refit_on_all()
     sittings = sessions_of((f.name, f.sha256) for f in [*t.files, *t.holdout_files])
     text = summary(
-        seconds, len(names), th.value, th.params, "", off_s, off_n, refit_all, sessions=sittings
-    )
+        seconds, len(names), th.value, th.params, "", off_s, off_n, refit_all, sessions=sittings,
+        held_pieces=len(t.holdout_files) or None,
+    )  # fmt: skip
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]
         note = (

@@ -517,3 +517,21 @@ def test_state_folders_are_refused_before_tensorflow_loads(tmp_path: Path) -> No
                env={"PYTHONPATH": str(tmp_path / "site")}, check=False)  # fmt: skip
     line = _error_line(proc)
     assert "only the `off` state" in line and "TensorFlow was loaded" not in proc.stderr, line
+
+
+def test_the_summary_says_how_much_of_the_held_out_audio_was_the_machine_running(
+    tmp_path: Path,
+) -> None:
+    """Recordings with the machine off for part of each: the summary said a fit "scored the
+    other 43 s, held out" and, two lines on, that the held-out audio raised no event "in its
+    18 s": the off part backs no threshold (in a review). It says how much of it did."""
+    folder = tmp_path / "normal"
+    files = _chunks(folder, [3.6] * 5)
+    rng = np.random.default_rng(6)
+    for path in files:  # each: the machine running, then 3 s of it off
+        audio = sf.read(str(path), dtype="float32")[0]
+        off = (1e-4 * rng.standard_normal(3 * RATE)).astype(np.float32)
+        sf.write(str(path), np.concatenate([audio, off]), RATE, subtype="FLOAT")
+    proc = cli("train", "--normal", str(folder), "--out", str(tmp_path / "m.bundle"))
+    first = next(x for x in proc.stdout.splitlines() if x.startswith("audio:"))
+    assert "held out" in first and "of it the machine running" in first, proc.stdout
