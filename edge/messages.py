@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -18,9 +19,12 @@ def iso(ts: float) -> str:
 
 
 def _finite(value: Any) -> Any:
-    """`value` with every float that is not a finite number as None: JSON has no NaN or
-    Infinity, and a payload holding one (a score that overflowed) no parser takes."""
+    """`value` with every float a JSON number: JSON has no NaN or Infinity, and a payload
+    holding one (a score that overflowed) no parser takes. An infinite score is the largest
+    number there is (an event's peak_score stays a number, as its schema says); NaN is null."""
     if isinstance(value, float):
+        if math.isinf(value):
+            return math.copysign(sys.float_info.max, value)
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}

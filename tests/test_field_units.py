@@ -1243,15 +1243,22 @@ def test_a_score_that_is_not_a_number_leaves_the_state_message_json(tmp_path: Pa
 
 def test_a_message_never_carries_a_number_json_has_not() -> None:
     """A score that overflowed (a knn bank's tiny scale) went out as `"peak_score":Infinity`:
-    replay's output and the MQTT payload were no JSON any parser takes. Whatever is not a
-    finite number goes out as null."""
+    replay's output and the MQTT payload were no JSON any parser takes. An infinite number is
+    the largest there is (the schema's `number`), NaN null."""
+    import sys
+
+    from jsonschema import Draft202012Validator
+
     from edge.messages import EventMessage
 
+    band = {"low_hz": 0.0, "high_hz": 50.0, "deviation": float("inf")}
     message = EventMessage("start", "e1", "d", "m", "2026-12-03T00:00:00Z", float("inf"), 2.0,
-                           bands=[{"hz": 500.0, "share": float("nan")}])  # fmt: skip
+                           mean_score=float("nan"), bands=[band])  # fmt: skip
     data = json.loads(message.to_payload(), parse_constant=pytest.fail)
-    assert data["peak_score"] is None and data["bands"][0]["share"] is None
-    assert data["threshold"] == 2.0
+    assert data["peak_score"] == sys.float_info.max and "mean_score" not in data
+    assert data["bands"][0]["deviation"] == sys.float_info.max and data["threshold"] == 2.0
+    schema = json.loads((SCHEMAS / "event.schema.json").read_text())
+    Draft202012Validator(schema).validate(data)
 
 
 def test_a_replayed_file_s_clip_holds_no_audio_of_the_file_before(tmp_path: Path) -> None:
