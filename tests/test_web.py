@@ -1402,3 +1402,33 @@ def test_a_long_clip_s_spectrogram_is_drawn_in_pieces_and_a_silent_one_is_black(
     sf.write(silent, np.zeros(5 * 16000, np.float32), 16000, subtype="PCM_16")
     image = png.spectrogram_image(png.clip_logmel(silent, params))
     assert (image == png._LUT[0]).all()  # the colour map's darkest everywhere, not its brightest
+
+
+def test_a_download_stopped_mid_way_is_no_unreadable_clip(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A phone that stops playing a clip resets the connection: sent as it is read, the reset
+    was taken for an unreadable clip, said at WARNING, and answered with a 404 written after
+    the 200's headers and part of its body (in a review)."""
+    import struct
+
+    from edge.web import server
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    sf.write(str(clips / "a.wav"), np.zeros(300 * 16000, np.float32), 16000)  # 19 MB
+    dashboard = _dashboard(tmp_path)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="edge.web.server"):
+            conn = socket.create_connection(("127.0.0.1", dashboard.port), timeout=10)
+            conn.sendall(b"GET /clips/a.wav HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.0 200")
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # a reset, as a phone's player sends
+            free = server.MAX_CONNECTIONS  # the handler has ended (its write failed)
+            wait_for(lambda: dashboard._server.slots._value == free, 10, "the slot let go")
+            wait_for(lambda: _answers(dashboard.port), 10, "the page, still served")
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [m for m in said if "cannot be served" in m], said
+    finally:
+        dashboard.stop()

@@ -25,7 +25,7 @@ from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import SplitResult, parse_qs, quote, unquote, urlsplit
 
 import soundfile as sf
@@ -544,19 +544,22 @@ class Handler(BaseHTTPRequestHandler):
         if wav is None:
             return self._error(HTTPStatus.NOT_FOUND, "no such clip")
         png = name.endswith(".png")
-        try:
+        try:  # the file only: a phone that stops a download mid-way is no unreadable clip
             if not png:  # read as it is sent: a clip may be an hour (115 MB) long
-                return self._send_file(wav, "audio/wav")
-            data = self.dash.spectrogram(wav)
+                clip = open(wav, "rb")  # noqa: SIM115 (closed by _send_file)
+            else:
+                data = self.dash.spectrogram(wav)
         except (OSError, sf.LibsndfileError, ValueError) as exc:  # removed by retention meanwhile,
             log.warning("web: clip %s cannot be served: %s", name, exc)  # or a damaged file
             return self._error(HTTPStatus.NOT_FOUND, "clip gone or unreadable")
+        if not png:
+            return self._send_file(clip, "audio/wav")
         return self._send(HTTPStatus.OK, data, "image/png", cache=True)
 
-    def _send_file(self, path: Path, kind: str) -> None:
+    def _send_file(self, clip: BinaryIO, kind: str) -> None:
         """The whole file, or one `Range: bytes=a-b` of it (phones play audio only so), read
         SEND_CHUNK at a time: read whole, every range request of an hour's clip took 115 MB."""
-        with open(path, "rb") as fh:  # opened first: a clip retention removed is a 404
+        with clip as fh:
             size = os.fstat(fh.fileno()).st_size
             # at most 15 digits (a petabyte): int() refuses over 4,300, and a longer one is no
             # range of a clip; an unusable Range is ignored (the whole file), as HTTP says
