@@ -256,6 +256,18 @@ class Adapter:
         except OSError as exc:
             log.error("learning: could not record the cancel: %s", exc)
 
+    def check_stop(self) -> None:
+        """Refuse (LearningError) a stop before the period has learnt anything: a version of
+        nothing, the model as it was, would mark the model as learnt. Not a refit that failed:
+        the last refit's outcome stays as it was."""
+        if self.period is None:
+            raise LearningError("no learning period is running")
+        if not len(self.period.store):
+            raise LearningError(
+                "nothing has been learnt in this period yet (it learns windows of the machine "
+                "running, heard well above its off level); it goes on: `learn cancel` drops it"
+            )
+
     def cancel(self) -> bool:
         """Drop the period and its features; True if one was running."""
         had = self.period is not None
@@ -277,11 +289,6 @@ class Adapter:
         p = self.period
         if p is None:
             raise LearningError("no learning period is running")
-        if not len(p.store):  # a version of nothing: the model as it was, marked as learnt
-            raise LearningError(
-                "nothing has been learnt in this period yet (it learns windows of the machine "
-                "running, heard well above its off level); it goes on: `learn cancel` drops it"
-            )
         target = p.target_s
         p.target_s = min(p.target_s, p.collected_s)  # stopped early: ended, even if resumed
         saved = self.save_period()  # all it heard: a power cut during the refit loses none of it

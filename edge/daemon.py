@@ -360,6 +360,7 @@ class Detector:
 
     def stop_learning(self) -> dict[str, Any]:
         """End the period now and refit with what it collected; the outcome of the refit."""
+        self._adapter().check_stop()
         return self._finish_learning(raise_errors=True)
 
     def cancel_learning(self) -> None:

@@ -714,8 +714,11 @@ def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
     assert not (device.data / "learning" / "period.json").exists()
     assert not device.command(command="learn", action="stop").ok, "nothing to stop"
     assert device.command(command="learn", action="start", seconds=600).ok
+    before = device.detector.status()["last_refit"]
     reply = device.command(command="learn", action="stop")  # nothing heard: no empty version
     assert not reply.ok and "nothing has been learnt" in reply.detail, reply.detail
+    assert "refit failed" not in reply.detail, "no refit ran"
+    assert device.detector.status()["last_refit"] == before, "the last refit's outcome stays"
     assert device.detector.current_state() == "learning"
     assert device.command(command="learn", action="cancel").ok
     device.command(command="learn", action="start", seconds=600)
