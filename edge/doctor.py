@@ -565,6 +565,15 @@ def check_web(s: Settings) -> Check:
                 other = _dashboard_device(asked, s.web.port, token)
                 if other in (s.device_id, None):
                     return Check("dashboard", True, f"{where} is served by this soundsentry")
+                if other == "HTTP 503":  # every slot taken: whose it is, it could not say
+                    return Check(
+                        "dashboard",
+                        False,
+                        f"{where} is served by a soundsentry too busy to say whose it is "
+                        "(HTTP 503: every connection taken)",
+                        "run doctor again in a minute; if it says so again, close pages left "
+                        "open on phones, or give each config its own [web] port",
+                    )
                 if other == "":
                     return Check(
                         "dashboard",

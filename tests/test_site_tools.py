@@ -628,6 +628,7 @@ def test_doctor_asked_on_every_address_does_not_pass_another_device_s_loopback_p
     0.0.0.0`; another device's loopback page refused that host name (403) without a device_id,
     which doctor read as an older release of this one, and passed (in a review)."""
     import socket
+    import threading
 
     from conftest import DEMO_BUNDLE
 
@@ -635,6 +636,7 @@ def test_doctor_asked_on_every_address_does_not_pass_another_device_s_loopback_p
     from edge.daemon import Detector
     from edge.doctor import check_web
     from edge.settings import Settings
+    from edge.web import server
     from edge.web.server import Dashboard
 
     with socket.socket() as probe:
@@ -650,6 +652,13 @@ def test_doctor_asked_on_every_address_does_not_pass_another_device_s_loopback_p
         web = {"enabled": True, "port": port, "host": "0.0.0.0", "token_file": str(token)}
         mine = check_web(Settings(device_id="mine", data_dir=tmp_path / "mine", web=web))
         assert mine.ok is False and "another soundsentry (dev1)" in mine.detail, mine
+        # its every connection taken (phones left open): busy, not another device's page
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(server, "MAX_CONNECTIONS", 0)
+            patch.setattr(dashboard._server, "slots", threading.BoundedSemaphore(1))
+            dashboard._server.slots.acquire()
+            busy = check_web(Settings(device_id="mine", data_dir=tmp_path / "mine", web=web))
+        assert busy.ok is False and "too busy to say whose" in busy.detail, busy
     finally:
         dashboard.stop()
 

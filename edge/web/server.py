@@ -88,7 +88,8 @@ with every byte, so a client that sent a header byte a minute (slowloris) held i
 ever, and 32 such held the page (and Prometheus) off for everyone, without any token."""
 _BUSY_BODY = b'{"ok":false,"detail":"too many connections"}'
 BUSY = (
-    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"HTTP/1.0 503 Service Unavailable\r\nServer: SoundSentry\r\n"  # doctor: a busy page
+    b"Content-Type: application/json\r\n"
     + f"Content-Length: {len(_BUSY_BODY)}\r\nConnection: close\r\n\r\n".encode()
     + _BUSY_BODY
 )
