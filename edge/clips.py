@@ -24,6 +24,8 @@ from edge.private import atomic_write, private_dir, remove_stale_temps
 log = logging.getLogger(__name__)
 CLIP_ID_CHARS = 12
 """A clip's name carries this many characters of its event's id."""
+CLIPS_DIR = "clips"
+"""The clips' folder in data_dir."""
 
 CLIP_SUBTYPE = "PCM_16"
 RETENTION_EVERY_S = 3600.0
@@ -120,7 +122,7 @@ class ClipRecorder:
         if rec is None or rec.event_id != event_id:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(rec.started_at))
-        name = f"{stamp}-{_safe(event_id)[:CLIP_ID_CHARS]}.wav"
+        name = f"{stamp}-{clip_id(event_id)}.wav"
         try:
             private_dir(self.folder)
             self._write(self.folder / name, rec.parts)
@@ -261,6 +263,11 @@ def _pcm16(audio: np.ndarray) -> np.ndarray:
     is held in memory until its anomaly ends, and an hour of float32 at 16 kHz with the copies
     made to write it (+667 MB) had the service killed at its memory limit (300 MB)."""
     return np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def clip_id(event_id: str) -> str:
+    """What of an event's id its clip's name carries (after the start's time stamp)."""
+    return _safe(event_id)[:CLIP_ID_CHARS]
 
 
 def _safe(text: str) -> str:

@@ -7,6 +7,7 @@ the loop executes between blocks, so no state is shared across threads.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import numpy as np
 from edge.adapt import Adapter
 from edge.audio_io import read_audio
 from edge.bundle import Bundle
-from edge.clips import CLIP_ID_CHARS, ClipRecorder
+from edge.clips import CLIPS_DIR, ClipRecorder, clip_id
 from edge.commands import LAST, threshold_bounds
 from edge.errors import SoundSentryError
 from edge.eventlog import last_logged_id
@@ -93,7 +94,7 @@ def _clip_keeper(settings: Settings, rate: int) -> ClipRecorder | None:
     to the clips already written (turned off for privacy, they must not stay for good); None
     when clips are on (the recorder applies it) or there are none. The device's daemon's
     alone: a demo or a replay must not apply its limits to the device's clips."""
-    c, folder = settings.clips, settings.data_dir / "clips"
+    c, folder = settings.clips, settings.data_dir / CLIPS_DIR
     if c.enabled or not folder.is_dir():
         return None
     return ClipRecorder(folder, rate, 0.0, 0.0, c.max_total_mb, c.max_age_days)
@@ -107,7 +108,7 @@ def _clip_recorder(settings: Settings, rate: int, at: int = 0) -> ClipRecorder |
         return None
     private_dir(settings.data_dir)
     return ClipRecorder(
-        settings.data_dir / "clips", rate, c.preroll_seconds, c.max_seconds, c.max_total_mb,
+        settings.data_dir / CLIPS_DIR, rate, c.preroll_seconds, c.max_seconds, c.max_total_mb,
         c.max_age_days, at,
     )  # fmt: skip
 
@@ -482,7 +483,7 @@ class Detector:
         clip = None
         if folder is not None:
             named = folder / kept["clip"] if kept.get("clip") else None
-            found = sorted(folder.glob(f"*-{eid[:CLIP_ID_CHARS]}.wav"))
+            found = sorted(folder.glob(f"*-{glob.escape(clip_id(eid))}.wav"))
             clip = named if named and named.is_file() else (found[-1] if found else None)
         if clip is not None:
             # the windows the device takes as evidence, as training, a period and calibrate

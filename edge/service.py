@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 
 from edge.bundle import Bundle
+from edge.clips import CLIPS_DIR, clip_id
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
 from edge.errors import SoundSentryError, StartError, os_error_line
@@ -93,7 +96,7 @@ def run_detector(
         if dashboard is not None:
             sinks.append(dashboard.live)
         if live:
-            end_interrupted(logged, sinks)
+            end_interrupted(logged, sinks, settings.data_dir / CLIPS_DIR)
         spool = publisher.spool if publisher is not None else None
         try:  # settings the model refuses (K above its N): a failed start, retried each minute
             detector = Detector(
@@ -322,11 +325,14 @@ def _publisher(
     return publisher
 
 
-def end_interrupted(events: list[LoggedEvent], sinks: Iterable[Sink]) -> int:
+def end_interrupted(
+    events: list[LoggedEvent], sinks: Iterable[Sink], clips: Path | None = None
+) -> int:
     """Send an `end` (`interrupted`, at this start) for every event of the device's log that
     an earlier run started and never ended: the daemon lost power, crashed or was killed
-    during an anomaly, and an alarm raised on its `start` would otherwise never clear. Returns
-    how many."""
+    during an anomaly, and an alarm raised on its `start` would otherwise never clear. An
+    event whose clip is in `clips` had ended (its end line torn, or cut before the log had
+    it): the clip goes with the end. Returns how many."""
     names = {f.name for f in fields(EventMessage)}
     now = time.time()
     ended = 0
@@ -339,6 +345,7 @@ def end_interrupted(events: list[LoggedEvent], sinks: Iterable[Sink]) -> int:
         data.update(type="end", ended_at=iso(end), duration_s=round(end - started, 3),
                     interrupted=True, ended_by="interrupted",
                     clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
+        data.update(_kept_clip(clips, str(data.get("event_id", ""))))
         try:
             message = EventMessage(**data)
         except (TypeError, ValueError) as exc:  # a line another version (or damage) wrote
@@ -353,6 +360,20 @@ def end_interrupted(events: list[LoggedEvent], sinks: Iterable[Sink]) -> int:
             sink.event(message)
         ended += 1
     return ended
+
+
+def _kept_clip(clips: Path | None, event_id: str) -> dict[str, Any]:
+    """The clip (name, seconds) an event's id names in `clips`, if one was written."""
+    if clips is None or not event_id:
+        return {}
+    try:
+        found = sorted(clips.glob(f"*-{glob.escape(clip_id(event_id))}.wav"))
+        if found:
+            info = sf.info(str(found[-1]))
+            return {"clip": found[-1].name, "clip_seconds": round(info.duration, 3)}
+    except (OSError, RuntimeError, sf.LibsndfileError):  # unreadable: the end goes without it
+        pass
+    return {}
 
 
 def _logged_events(data_dir: Path) -> list[LoggedEvent]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+import soundfile as sf
 from conftest import DEMO_BUNDLE, Broker, wait_for
 from jsonschema import Draft202012Validator
 from mqtt_helpers import Subscriber
@@ -997,3 +998,29 @@ def test_a_replay_as_the_device_says_what_it_took_on_from_the_device_s_state(
     assert "threshold 2.5 restored (set by command)" in proc.stderr, proc.stderr
     assert "mute restored, until" in proc.stderr and "no events until then" in proc.stderr
     assert proc.stdout.strip() == ""  # muted: no event
+
+
+def test_an_event_whose_end_line_was_torn_keeps_its_clip(tmp_path: Path) -> None:
+    """The end goes to MQTT's spool, then to the event log: a power cut between the two (or a
+    torn last line) left the event open in the log, and the start sent a second end, with no
+    clip, though the clip was on the card (in a review). The clip is found by its name."""
+    from detector_helpers import Recorder
+
+    import edge.service
+    from edge.eventlog import EventLogSink, read_events
+    from edge.messages import EventMessage, iso
+
+    start = 1_767_268_800.0
+    eid = "ab12" * 8
+    EventLogSink(tmp_path).event(
+        EventMessage(type="start", event_id=eid, device_id="u", model="m",
+                     started_at=iso(start), peak_score=3.0, threshold=1.0)
+    )  # fmt: skip
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    clip = clips / f"20260101T120000Z-{eid[:12]}.wav"
+    sf.write(clip, np.zeros(16000 * 3, np.float32), 16000, subtype="PCM_16")
+    reports = Recorder()
+    assert edge.service.end_interrupted(read_events(tmp_path), [reports], clips) == 1
+    (end,) = reports.events
+    assert end.clip == clip.name and end.clip_seconds == 3.0 and end.interrupted
