@@ -9,6 +9,7 @@ name (the temporary file left then is deleted at the next start).
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -268,6 +269,11 @@ def _pcm16(audio: np.ndarray) -> np.ndarray:
 def clip_id(event_id: str) -> str:
     """What of an event's id its clip's name carries (after the start's time stamp)."""
     return _safe(event_id)[:CLIP_ID_CHARS]
+
+
+def clips_of(folder: Path, event_id: str) -> list[Path]:
+    """The clips in `folder` whose names carry `event_id`, oldest name first."""
+    return sorted(folder.glob(f"*-{glob.escape(clip_id(event_id))}.wav"))
 
 
 def _safe(text: str) -> str:

@@ -7,7 +7,6 @@ the loop executes between blocks, so no state is shared across threads.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ import numpy as np
 from edge.adapt import Adapter
 from edge.audio_io import read_audio
 from edge.bundle import Bundle
-from edge.clips import CLIPS_DIR, ClipRecorder, clip_id
+from edge.clips import CLIPS_DIR, ClipRecorder, clips_of
 from edge.commands import LAST, threshold_bounds
 from edge.errors import SoundSentryError
 from edge.eventlog import last_logged_id
@@ -483,7 +482,7 @@ class Detector:
         clip = None
         if folder is not None:
             named = folder / kept["clip"] if kept.get("clip") else None
-            found = sorted(folder.glob(f"*-{glob.escape(clip_id(eid))}.wav"))
+            found = clips_of(folder, eid)
             clip = named if named and named.is_file() else (found[-1] if found else None)
         if clip is not None:
             # the windows the device takes as evidence, as training, a period and calibrate

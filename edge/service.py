@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ import numpy as np
 import soundfile as sf
 
 from edge.bundle import Bundle
-from edge.clips import CLIPS_DIR, clip_id
+from edge.clips import CLIPS_DIR, clips_of
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
 from edge.errors import SoundSentryError, StartError, os_error_line
@@ -367,7 +366,7 @@ def _kept_clip(clips: Path | None, event_id: str) -> dict[str, Any]:
     if clips is None or not event_id:
         return {}
     try:
-        found = sorted(clips.glob(f"*-{glob.escape(clip_id(event_id))}.wav"))
+        found = clips_of(clips, event_id)
         if found:
             info = sf.info(str(found[-1]))
             return {"clip": found[-1].name, "clip_seconds": round(info.duration, 3)}
