@@ -594,6 +594,11 @@ def forecast(
     }
 
 
+STEADY_SPREAD = 1e-9
+"""Held-out scores whose spread is below this (relative to their size, or absolutely below 1)
+vary by float rounding alone: a steady signal, not a machine heard by a microphone."""
+
+
 def threshold_for_budget(
     scores: np.ndarray,
     false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
@@ -614,6 +619,12 @@ def threshold_for_budget(
         raise AudioError(
             f"{bad} of {len(scores)} held-out normal windows scored NaN or infinite: the model "
             "or the audio is broken, so no threshold can be set from them"
+        )
+    if len(scores) >= 2 and np.ptp(scores) <= STEADY_SPREAD * max(1.0, np.abs(scores).max()):
+        raise AudioError(  # the fallback 1.5 x max set 1e-28 on a tone: every window above it
+            f"the {len(scores)} held-out normal windows all scored the same "
+            f"({scores.max():.3g}): the audio does not vary, so no threshold can be set from it; "
+            "is it silent, a dead channel or a steady electrical signal rather than a microphone?"
         )
     seconds = len(scores) * hop_s if seconds is None else seconds
     draws = min(len(scores), max(2, round(seconds / hop_s)))  # the windows of distinct time
@@ -662,14 +673,15 @@ def _holdout(
     """What backs the threshold (`seconds` of held-out audio), and what the real event logic
     does on it."""
     k, n, m, hop_s = common["k"], common["n"], common["m"], common["hop_s"]
+    starts = count_events(scores, value, k, n, m, hop_s, cusum)
+    window_hours = len(scores) * hop_s / SECONDS_PER_HOUR  # channels as views: each one's time
     return {
         "n_windows": len(scores),
         "holdout_seconds": round(seconds, 3),
         "holdout_hours": round(seconds / SECONDS_PER_HOUR, 4),
         "holdout_window_rate": float(np.mean(scores > value)) if len(scores) else 0.0,
-        "holdout_false_alarms_per_hour": false_alarms_per_hour(
-            scores, value, k, n, m, hop_s, cusum
-        ),
+        "holdout_events": starts,  # the summary's count: the rate's hours need not be `seconds`
+        "holdout_false_alarms_per_hour": starts / window_hours if window_hours > 0 else 0.0,
     }
 
 
@@ -756,8 +768,14 @@ def _heard(params: Mapping[str, Any]) -> str:
     per_hour, seconds = params["holdout_false_alarms_per_hour"], params.get("holdout_seconds")
     if not seconds:  # older bundles
         return f"on the held-out audio: {_rate(per_hour * 24)} per day"
-    events = round(per_hour * seconds / SECONDS_PER_HOUR)
-    return f"the held-out audio itself raised {events} event(s) in its {seconds:.3g} s"
+    events = params.get("holdout_events")
+    if events is None:  # bundles before it was recorded: their rate is over `seconds`
+        events = round(per_hour * seconds / SECONDS_PER_HOUR)
+    heard = f"the held-out audio itself raised {events} event(s) in its {seconds:.3g} s"
+    streamed = params["n_windows"] * params.get("hop_s", 0.5)
+    if streamed > 1.5 * seconds:  # every channel replayed as a stream of its own
+        heard += f" (its channels replayed as {streamed:.3g} s of streams)"
+    return heard
 
 
 def _above_holdout(value: float, params: Mapping[str, Any]) -> str:

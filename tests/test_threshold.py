@@ -456,6 +456,24 @@ def test_channels_as_views_do_not_narrow_the_interval_as_more_time_would() -> No
     assert width(as_time) < 0.6 * width(alone)
 
 
+def test_channels_as_views_report_the_events_their_held_out_streams_raised() -> None:
+    """Trained on every channel as views, the summary said the held-out audio "raised 0
+    event(s)": the rate was per hour of every channel's windows, the count read back over the
+    recording's own seconds (8 times fewer). The count is what the event logic raised."""
+    from edge.threshold import count_events, describe
+
+    one = np.random.default_rng(1).gamma(20, 0.05, 40)
+    views = np.concatenate([one * np.random.default_rng(i).normal(1, 0.01, 40) for i in range(8)])
+    for channel in (1, 4, 6):  # a knock heard on three channels
+        views[channel * 40 + 10 : channel * 40 + 14] = 5.0
+    value, params = threshold_for_budget(views, 20000.0, hop_s=0.5, seconds=20.0)
+    raised = count_events(views, value, params["k"], params["n"], params["m"], 0.5, None)
+    assert raised == 3 and params["holdout_events"] == raised
+    assert f"the held-out audio itself raised {raised} event(s) in its 20 s (its channels" in (
+        describe(value, params)
+    )
+
+
 def test_a_few_zero_scores_leave_the_measured_correlation_whole() -> None:
     """The correlation was measured on z capped above only: three windows scored 0 among 2,400
     took it from 0.27 to 0.03, and both paths were set for independent windows, raising several

@@ -354,6 +354,22 @@ def test_calibrate_uses_a_copied_recording_once(tmp_path: Path) -> None:
     assert b.calibration["seconds"] == pytest.approx(a.calibration["seconds"])
 
 
+def test_calibrating_on_a_steady_signal_is_refused_with_one_line(tmp_path: Path) -> None:
+    """`calibrate` on a pure tone (a line input; training refuses it) scored every held-out
+    window 1e-28, and the fallback set the threshold at 1.5 times that: every window of the
+    fan itself lay above it, and the summary still promised the budget (in a review)."""
+    from edge.calibrate import calibrate_bundle
+    from edge.errors import AudioError
+
+    rate = 16000
+    tone = 0.3 * np.sin(2 * np.pi * 1000 * np.arange(20 * rate) / rate)
+    sf.write(tmp_path / "tone.wav", tone, rate, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"held-out normal windows all scored the same") as e:
+        calibrate_bundle(DEMO_BUNDLE, [tmp_path / "tone.wav"], tmp_path / "c.bundle")
+    assert "steady electrical signal" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "c.bundle").exists()
+
+
 def test_calibrate_leaves_out_recordings_shorter_than_a_window(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
