@@ -1035,7 +1035,8 @@ class Detector:
             # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time
             muted_until=iso(self.muted_until) if self.muted and state != "stopped" else None,
             label=self.pipeline.events.label,
-            machine=None if state == "fault" else self._machine,  # faulty audio says nothing
+            # faulty audio says nothing, nor a daemon gone (`stopped` stays retained till its start)
+            machine=None if state in ("fault", "stopped") else self._machine,
             progress=round(self.adapter.period.progress, 4)
             if self.adapter is not None and self.adapter.period is not None
             else None,

@@ -699,6 +699,8 @@ def test_the_state_is_starting_until_a_window_is_heard_and_stopped_has_no_mute_e
         assert heard[0].state == ("muted" if muted else "normal") and heard[0].level_dbfs < 0
         assert bool(heard[0].muted_until) == muted
         assert rec.states[-1].state == "stopped" and rec.states[-1].muted_until is None
+        # retained until the next start: a stopped daemon does not know the machine runs
+        assert heard[-2].machine == "running" and rec.states[-1].machine is None
 
 
 def test_running_hours_are_the_machines_total_across_restarts(tmp_path: Path) -> None:
