@@ -172,14 +172,17 @@ def mqtt_client_id(settings: Settings) -> str:
     """The daemon's MQTT client id: its device and prefix, and the machine it runs on. Two
     devices that share a device_id (Pis cloned from one image keep the host name it defaults
     to) or two sites that share a broker under another prefix took over each other's session
-    about once a second, each takeover publishing the other's `offline`."""
+    about once a second, each takeover publishing the other's `offline`; so did two daemons of
+    one machine with their own data folders (the service and a `run` as another user), and the
+    tag of the data folder tells them apart."""
     if settings.device_id in IMAGE_HOST_NAMES:
         log.warning(
             "device_id is %r, the host name every Pi of that image has: set device_id (or "
             "the host name) to name this machine, or devices will share topics",
             settings.device_id,
         )
-    return f"soundsentry-{settings.mqtt.prefix}-{settings.device_id}-{host_tag()}"
+    folder = hashlib.sha256(str(Path(settings.data_dir).resolve()).encode()).hexdigest()[:4]
+    return f"soundsentry-{settings.mqtt.prefix}-{settings.device_id}-{host_tag()}-{folder}"
 
 
 def _say_undelivered(spool: Spool) -> None:

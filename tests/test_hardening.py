@@ -314,14 +314,18 @@ def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
     }
 
 
-@pytest.mark.parametrize("other", ["a replay of it", "another site's daemon"])
+@pytest.mark.parametrize(
+    "other", ["a replay of it", "another site's daemon", "a daemon of another data folder"]
+)
 def test_a_replay_with_the_devices_config_leaves_the_devices_daemon_connected(
     broker: Broker, tmp_path: Path, other: str
 ) -> None:
     """`replay --config` of a running device connected with the daemon's client id, and the
     broker dropped the daemon for it (each reconnect then dropped the other: availability
     flapped every second). So did the daemon of another site sharing the broker under another
-    prefix with the same device_id: the client id held the device_id alone."""
+    prefix with the same device_id: the client id held the device_id alone. So did a second
+    daemon on the same machine with its own data folder (`soundsentry run` as another user
+    beside the service): the duplicate check never heard it, each took the other's session."""
     from edge.bundle import load_bundle
     from edge.service import mqtt_client_id, run_detector
     from edge.settings import Settings
@@ -336,10 +340,11 @@ def test_a_replay_with_the_devices_config_leaves_the_devices_daemon_connected(
     device.loop_start()
     try:
         wait_for(device.is_connected, 10, "the device's daemon to connect")
-        live = other == "another site's daemon"
+        live = other != "a replay of it"
         if live:
+            prefix = "siteB" if other == "another site's daemon" else "siteA"
             settings = Settings(device_id="twin", data_dir=tmp_path / "b",
-                                mqtt={**mqtt_settings, "prefix": "siteB"})  # fmt: skip
+                                mqtt={**mqtt_settings, "prefix": prefix})  # fmt: skip
         bundle = load_bundle(DEMO_BUNDLE)
         source = FileSource([faulty_audio(tmp_path / "f.wav", 1)], bundle.features.samplerate)
         run_detector(settings, bundle, source, print_events=False, live=live)
