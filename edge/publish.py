@@ -309,7 +309,10 @@ class MqttPublisher:
             why = "it takes TCP connections now: the TLS or MQTT handshake failed; check [mqtt] tls"
         except OSError as exc:
             why = str(exc) or type(exc).__name__
-        reason = f"cannot reach {where} ({why})"
+        self._unreachable(f"cannot reach {where} ({why})")
+
+    def _unreachable(self, reason: str) -> None:
+        """Why there is no connection: each new reason logged once, a repeated one not."""
         if reason != self._last_unreachable:
             log.warning(
                 "MQTT: %s; retrying with backoff, events are spooled meanwhile (check [mqtt] "
@@ -337,8 +340,16 @@ class MqttPublisher:
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was and not self._closing.is_set():
+        if self._closing.is_set():
+            return
+        if was:
             log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason)
+        elif not self._last_refusal:  # a refusal said why; this is a port that hung up on us
+            self._unreachable(
+                f"{self.settings.host}:{self.settings.port} closed the connection before the "
+                f"MQTT handshake ended ({reason}): a TLS port with [mqtt.tls] off, another "
+                "service on that port, or a broker at its connection limit?"
+            )
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         self._acked.put((mid, reason))  # resolved by the sender thread: never block paho here

@@ -430,6 +430,47 @@ def test_a_broker_that_cannot_be_reached_is_named_with_the_reason(
     assert f"(cannot reach 127.0.0.1:{port} (" in proc.stderr, proc.stderr
 
 
+def test_a_port_that_hangs_up_before_the_handshake_is_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS port with `[mqtt.tls]` off (or another service on the port) takes the TCP
+    connection and closes it: the daemon logged one line at its start and nothing while its
+    events piled up in the spool (in a review), since only a failed TCP connect was reported."""
+    import socket
+    import threading
+
+    from edge.publish import MqttPublisher
+    from edge.settings import MqttSettings
+    from edge.spool import Spool
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port, hung_up = server.getsockname()[1], []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            conn.recv(1024)  # the CONNECT, which a TLS listener cannot read
+            conn.close()
+            hung_up.append(1)
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    settings = MqttSettings(host="127.0.0.1", port=port, reconnect_max_seconds=1)
+    publisher = MqttPublisher(settings, TOPICS, "hangup", Spool(tmp_path / "spool.sqlite"))
+    publisher.start()
+    try:
+        wait_for(lambda: len(hung_up) >= 3, 30, "three attempts hung up on")
+    finally:
+        publisher.close(0.5)
+        server.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edge.publish"]
+    said = [w for w in warnings if "closed the connection before the MQTT handshake" in w]
+    assert len(said) == 1 and f"127.0.0.1:{port}" in said[0] and "[mqtt.tls]" in said[0], warnings
+    assert publisher.problem.startswith(f"127.0.0.1:{port} closed the connection before")
+
+
 def test_a_password_file_gone_after_a_refusal_is_one_error_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
