@@ -160,7 +160,8 @@ class MachineState:
                 quiet = [i for i, loud in enumerate(self._loud) if not loud]
                 run = len(self._loud) - 1 - max(quiet, default=-1)
                 first = end_s - (run - 1) * hop_s
-                self._settled_at = first + (CONFIRM_WINDOWS - 1) * hop_s + SETTLE_SECONDS
+                settled = first + (CONFIRM_WINDOWS - 1) * hop_s + SETTLE_SECONDS
+                self._settled_at = max(self._settled_at, settled)  # a dropout's may be later
                 self._loud.clear()
         if self.state == RUNNING:
             self.running_seconds += hop_s
@@ -183,6 +184,7 @@ class MachineState:
         wait the settle time as after a start, whatever the level says. The first windows of
         returning sound hold the edge, and a microphone that reconnects is no fault."""
         self._settled_at = max(self._settled_at, end_s + SETTLE_SECONDS)
+        self._loud.clear()  # a start is voted on sound heard after it, not across a gap
 
     def allows_events(self, end_s: float) -> bool:
         """True when a window may count as evidence: running, settled, not about to stop (nor

@@ -271,6 +271,27 @@ def test_a_stopped_machine_in_a_noisy_room_stays_off_and_a_start_counts_from_its
     assert not machine.allows_events(start + 5.0) and machine.allows_events(start + 5.5)
 
 
+def test_a_start_voted_across_a_dropout_still_waits_the_settle_time() -> None:
+    """The start's vote set the settle time outright and counted its loud run across a gap:
+    7 loud windows, a 10-s dropout and one more loud window let events be judged 2 s after the
+    sound came back, not 5 (a review's probe)."""
+    from edge.machine_state import SETTLE_SECONDS, MachineState
+
+    machine, hop = MachineState(off_below_dbfs=-40.0), 0.5
+    t = 1.0
+    machine.update(-50.0, t, hop)  # off from the first window
+    for _ in range(7):
+        t += hop
+        machine.update(-25.0, t, hop)
+    for _ in range(20):  # the microphone drops out for 10 s
+        t += hop
+        machine.heard_nothing(t)
+    back = t + hop
+    states = [machine.update(-25.0, back + i * hop, hop) for i in range(12)]
+    assert states[0] == "off" and states[-1] == "running"  # voted on sound after the gap
+    assert not machine.allows_events(back + SETTLE_SECONDS - hop)
+
+
 def test_a_quiet_state_folder_is_running_not_off() -> None:
     """State folders `fast` and `idle`, the idle fan 30 dB quieter and a fifth of the audio:
     idle is a state the user named as running, so the off level lies below it; pooled without
