@@ -31,7 +31,14 @@ from edge.eventlog import last_logged_id
 from edge.events import Transition
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
-from edge.machine_state import HYSTERESIS_DB, RUNNING, STOP_SECONDS, evidence_windows
+from edge.machine_state import (
+    HYSTERESIS_DB,
+    OFF,
+    RUNNING,
+    STOP_SECONDS,
+    SWITCH_VOTES,
+    evidence_windows,
+)
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -227,6 +234,7 @@ class Detector:
         self._last_score: float | None = None
         self._machine: str | None = None  # unknown until a window is heard
         self._running_s = self._running_saved = 0.0
+        self._was_off = False  # the last window heard: the machine off
         self._near_off_s = 0.0
         """Seconds of the machine heard running within HYSTERESIS_DB of its off level (no
         window judged) since JUDGED_RESET_S were last judged in a row; said at NEAR_OFF_SAY_S."""
@@ -716,7 +724,11 @@ class Detector:
             self._last_window = now
             self._last_score = step.score
             if step.machine == RUNNING and self.live and not step.dead:
-                self._running_s += self.bundle.features.hop_seconds
+                # a start is called after a vote of SWITCH_VOTES windows of its sound: they ran
+                votes = SWITCH_VOTES if self._was_off else 1
+                self._running_s += votes * self.bundle.features.hop_seconds
+            if not step.dead:
+                self._was_off = step.machine == OFF
             self._heard_near_off(step)
             machine = step.state_name or step.machine  # a named state when trained with them
             if machine != self._machine:
