@@ -769,8 +769,9 @@ def _heard(params: Mapping[str, Any]) -> str:
     if not seconds:  # older bundles
         return f"on the held-out audio: {_rate(per_hour * 24)} per day"
     events = params.get("holdout_events")
-    if events is None:  # bundles before it was recorded: their rate is over `seconds`
-        events = round(per_hour * seconds / SECONDS_PER_HOUR)
+    if events is None:  # bundles before it was recorded: their rate is over the windows' time
+        streams_s = params.get("n_windows", 0) * params.get("hop_s", 0.5)
+        events = round(per_hour * (streams_s or seconds) / SECONDS_PER_HOUR)
     heard = f"the held-out audio itself raised {events} event(s) in its {seconds:.3g} s"
     streamed = params["n_windows"] * params.get("hop_s", 0.5)
     if streamed > 1.5 * seconds:  # every channel replayed as a stream of its own
