@@ -91,6 +91,7 @@ def calibrate_bundle(
     seconds = kept * sum(len(a) for a in audio) / p.samplerate
     require_audio(seconds, "calibrate")  # below the minimum: refused, saying how much more
     refit = plugin_for(bundle.manifest).refit(bundle, per_file, false_alarms_per_day)
+    _check_varies(bundle, refit.manifest)
     arrays = {**bundle.arrays, **refit.arrays}
     if shift is not None and STATE_LEVELS in arrays:  # absolute dB, like the off level
         arrays[STATE_LEVELS] = (arrays[STATE_LEVELS] + shift).astype(arrays[STATE_LEVELS].dtype)
@@ -121,6 +122,26 @@ def _windowed(
     warn_short(short, params.window_seconds)
     keep = [i for i, a in enumerate(audio) if len(a) >= params.window_samples]
     return [files[i] for i in keep], [audio[i] for i in keep]
+
+
+STEADY_RATIO = 1e-3
+"""Site audio whose held-out windows score this far below the training's is no machine heard by
+a microphone: a tone 3 Hz off a bin (997 Hz) scored 6e-9 against the trained fan's 0.9 and set
+a threshold every window of the fan passed (in a review)."""
+
+
+def _check_varies(bundle: Bundle, refit: dict) -> None:
+    """Refuse (one line) a refit whose held-out normal windows score STEADY_RATIO below the
+    training's: the audio does not vary as a machine does."""
+    trained = bundle.manifest.normal_scores.p50
+    site = refit.get("normal_scores", {}).get("p50")
+    if site is None or trained <= 0 or site >= STEADY_RATIO * trained:
+        return
+    raise AudioError(
+        f"the site's normal audio scores {site:.3g} against {trained:.3g} in training: it "
+        "hardly varies, so no threshold can be set from it; is it silent, a dead channel or a "
+        "steady electrical signal rather than a microphone?"
+    )
 
 
 NORMALIZATION_MEAN = "normalization.mean"
