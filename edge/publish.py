@@ -137,6 +137,13 @@ class _Throttle:
         self._keys.clear()
 
 
+def _packet_size(topic: str, payload: str, qos: int, properties: Properties | None) -> int:
+    """Bytes of an MQTT 5 PUBLISH packet: fixed header, topic, packet id, properties, payload."""
+    props = properties.pack() if properties is not None else b"\x00"
+    body = 2 + len(topic.encode()) + (2 if qos else 0) + len(props) + len(payload.encode())
+    return 1 + max(1, (body.bit_length() + 6) // 7) + body
+
+
 def _sender(msg: mqtt.MQTTMessage) -> str | None:
     """The instance an availability message names (INSTANCE_KEY); None without one."""
     return dict(getattr(msg.properties, "UserProperty", None) or []).get(INSTANCE_KEY)
@@ -209,6 +216,8 @@ class MqttPublisher:
         self._handed = 0
         self._acked_rows: list[int] = []  # spool rows the broker accepted, not yet deleted
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
+        self._max_packet: int | None = None  # the broker's MaximumPacketSize (CONNACK)
+        self._too_large = _Throttle(REFUSED_LOG_INTERVAL_S)  # logged per topic
         self._offer_refused_at = 0.0  # monotonic time of the next offer, 0: none due
         self._offered: set[int] = set()  # refused rows offered again, their PUBACK awaited
         self._offer_rest: deque[int] = deque()  # rows of the offer under way not yet handed
@@ -279,6 +288,7 @@ class MqttPublisher:
             self._reread_password()
             return
         self._last_refusal = self._last_unreachable = ""
+        self._max_packet = getattr(_p, "MaximumPacketSize", None)  # the broker's, if it says
         log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
         wanted = [self.topics.command, *self.topics.ha_statuses, self.topics.availability]
         # this device's availability without its own publishes (no local): only others' reach us
@@ -537,6 +547,9 @@ class MqttPublisher:
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: handed again later
                 return
             self._handed = row.id
+            if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:  # the broker's limit: as if refused
+                self._refuse_later(row.id)
+                continue
             self._inflight[info.mid] = row.id  # its ack is read on this thread, after this
         if self.spool.after(self._handed, 1):
             self._wake.set()
@@ -574,12 +587,21 @@ class MqttPublisher:
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: offered again later
                 return
             self._offer_rest.popleft()
+            if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:  # still over the broker's limit
+                self._refuse_later(row.id)
+                continue
             self._inflight[info.mid] = row.id
             self._offered.add(row.id)
             self._offer_retained = self._offer_retained or row.retain
         if self._offer_retained:  # an old health message must not stay the broker's retained one
             self._offer_retained = False
             self._publish_retained()
+
+    def _refuse_later(self, row: int) -> None:
+        """A spool row not taken now: offered again with the refused."""
+        self._refused_rows.append(row)
+        if not self._offer_refused_at:
+            self._offer_refused_at = time.monotonic() + self.refused_retry_s
 
     def _postpone_offer(self) -> None:
         """The rows of an offer not yet made wait for the next one."""
@@ -604,9 +626,7 @@ class MqttPublisher:
                 self._offered.discard(row)
             if reason.is_failure:  # kept in the spool and offered again later
                 if row is not None:
-                    self._refused_rows.append(row)
-                    if not self._offer_refused_at:
-                        self._offer_refused_at = time.monotonic() + self.refused_retry_s
+                    self._refuse_later(row)
                 self._log_refusal(topic or "a topic", reason, spooled=row is not None)
             elif row is not None:  # others are acks of state and metrics, never spooled
                 self._acked_rows.append(row)
@@ -739,6 +759,8 @@ class MqttPublisher:
         """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
         the broker took it; `props`: with this instance's name (availability)."""
         properties = self._sender_props() if props else None
+        if self._max_packet and _packet_size(topic, payload, qos, properties) > self._max_packet:
+            return self._over_limit(topic, payload, qos, properties)
         with self._mid_lock:  # its PUBACK may be resolved before publish() returns
             info = self.client.publish(
                 topic, payload, qos=qos, retain=retain, properties=properties
@@ -747,6 +769,26 @@ class MqttPublisher:
                 self._topic_of[info.mid] = topic
                 if retain:
                     self._sent_on[info.mid] = self._connection
+        return info
+
+    def _over_limit(
+        self, topic: str, payload: str, qos: int, properties: Properties | None
+    ) -> mqtt.MQTTMessageInfo:
+        """A message over the broker's maximum packet size is not handed to paho: the broker
+        would drop the connection for it, and paho send it again at every reconnect, the spool
+        stuck behind it. Logged (per topic, at most every REFUSED_LOG_INTERVAL_S); a spooled
+        one stays in the spool, offered again with the refused."""
+        since = self._too_large.due(topic)
+        if since is not None:
+            log.error(
+                "MQTT: %d message(s) on %s not sent: %d bytes, over the broker's maximum packet "
+                "size (%d); raise max_packet_size in the broker's configuration (a spooled one "
+                "stays in the spool, offered again every %s)",
+                since, topic, _packet_size(topic, payload, qos, properties), self._max_packet,
+                _duration(self.refused_retry_s),
+            )  # fmt: skip
+        info = mqtt.MQTTMessageInfo(0)
+        info.rc = mqtt.MQTT_ERR_PAYLOAD_SIZE
         return info
 
     def _retain(self, topic: str, payload: str, qos: int) -> None:

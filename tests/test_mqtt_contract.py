@@ -100,6 +100,38 @@ def test_publishes_the_acl_refuses_stay_in_the_spool_and_are_logged_once_per_top
         consumer.close()
 
 
+def test_a_message_over_the_broker_s_packet_limit_stays_spooled_and_the_rest_get_through(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker with `max_packet_size` below a message dropped the connection for it, and paho
+    sent it again at every reconnect, once a second: nothing spooled behind it was delivered
+    (in a review), and the log said only "disconnected (Unspecified error)"."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    broker = Broker(tmp_path, free_port(), extra_conf="max_packet_size 1000\n")
+    broker.start()
+    topics = Topics("soundsentry", "pump-3")
+    consumer = Subscriber(broker.port, "soundsentry/#")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = None
+    try:
+        publisher = _publisher(broker.port, topics, spool)
+        publisher._spool(topics.events, json.dumps({"big": "x" * 1500}), retain=False)
+        publisher.publish_event(_event("start"))
+        assert consumer.wait_for(lambda _: bool(consumer.on("pump-3/events")), 10)
+        wait_for(lambda: spool.depth() == 1, 10, "the event to leave the spool, the big to stay")
+        assert all(json.loads(m.payload)["type"] == "start" for m in consumer.on("pump-3/events"))
+        messages = [r.getMessage() for r in caplog.records if r.name == "edge.publish"]
+        over = [m for m in messages if "over the broker's maximum packet size (1000)" in m]
+        assert len(over) == 1 and "soundsentry/pump-3/events" in over[0], messages
+        assert not [m for m in messages if "disconnected" in m], messages
+    finally:
+        if publisher is not None:
+            publisher.close(timeout_s=1)
+        spool.close()
+        consumer.close()
+        broker.stop()
+
+
 def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
