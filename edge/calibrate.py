@@ -35,6 +35,7 @@ from edge.machine_state import (
     evidence_windows,
     machine_profile,
 )
+from edge.threshold import check_site_varies
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +125,12 @@ def _windowed(
     return [files[i] for i in keep], [audio[i] for i in keep]
 
 
-STEADY_RATIO = 1e-3
-"""Site audio whose held-out windows score this far below the training's is no machine heard by
-a microphone: a tone 3 Hz off a bin (997 Hz) scored 6e-9 against the trained fan's 0.9 and set
-a threshold every window of the fan passed (in a review)."""
-
-
 def _check_varies(bundle: Bundle, refit: dict) -> None:
-    """Refuse (one line) a refit whose held-out normal windows score STEADY_RATIO below the
-    training's: the audio does not vary as a machine does."""
-    trained = bundle.manifest.normal_scores.p50
+    """Refuse a refit whose held-out normal windows score far below the training's
+    (`check_site_varies`)."""
     site = refit.get("normal_scores", {}).get("p50")
-    if site is None or trained <= 0 or site >= STEADY_RATIO * trained:
-        return
-    raise AudioError(
-        f"the site's normal audio scores {site:.3g} against {trained:.3g} in training: it "
-        "hardly varies, so no threshold can be set from it; is it silent, a dead channel or a "
-        "steady electrical signal rather than a microphone?"
-    )
+    if site is not None:
+        check_site_varies(site, bundle.manifest.normal_scores.p50)
 
 
 NORMALIZATION_MEAN = "normalization.mean"

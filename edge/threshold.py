@@ -599,6 +599,24 @@ STEADY_SPREAD = 1e-9
 vary by float rounding alone: a steady signal, not a machine heard by a microphone."""
 
 
+STEADY_RATIO = 1e-3
+"""Site audio whose held-out windows score this far below the training's is no machine heard by
+a microphone: a tone 3 Hz off a bin (997 Hz) scored 6e-9 against the trained fan's 0.9 and set
+a threshold every window of the fan passed (in a review)."""
+
+
+def check_site_varies(site_median: float, trained_median: float) -> None:
+    """Refuse (AudioError, one line) site audio whose held-out normal windows score
+    STEADY_RATIO below the training's: it does not vary as a machine does."""
+    if trained_median <= 0 or site_median >= STEADY_RATIO * trained_median:
+        return
+    raise AudioError(
+        f"the site's normal audio scores {site_median:.3g} against {trained_median:.3g} in "
+        "training: it hardly varies, so no threshold can be set from it; is it silent, a dead "
+        "channel or a steady electrical signal rather than a microphone?"
+    )
+
+
 def threshold_for_budget(
     scores: np.ndarray,
     false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,

@@ -119,6 +119,25 @@ TINY_EPOCH = 512
 """Windows per epoch of the network member in these tests (the default is 4096)."""
 
 
+def test_calibrating_an_ensemble_on_a_steady_signal_is_refused(
+    trained: Path, tmp_path: Path
+) -> None:
+    """An ensemble's refit puts every member on the site's own scale, so its combined scores
+    sat near 1 on a 997-Hz tone and calibrate took it: every window of the fan then scored
+    above the threshold (in a review). Each member is judged on its own scale."""
+    import soundfile as sf
+
+    from edge.calibrate import calibrate_bundle
+    from edge.errors import AudioError
+
+    rate = load_bundle(trained).features.samplerate
+    tone = 0.3 * np.sin(2 * np.pi * 997 * np.arange(20 * rate) / rate)
+    sf.write(tmp_path / "tone.wav", tone, rate, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"the site's normal audio scores .* it hardly varies"):
+        calibrate_bundle(trained, [tmp_path / "tone.wav"], tmp_path / "c.bundle")
+    assert not (tmp_path / "c.bundle").exists()
+
+
 @pytest.fixture(scope="module")
 def with_cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fluctuation and the int8 CNN on one scale, on three normal fixture files."""

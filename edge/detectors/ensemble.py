@@ -14,6 +14,7 @@ scale and the ensemble's threshold then come from the site's audio, a file held 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from edge.detectors.knn import Knn
 from edge.detectors.levels import Levels, site_refit
 from edge.detectors.subspace import Subspace
 from edge.errors import BundleError
+from edge.threshold import check_site_varies
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle, EnsembleMember
@@ -174,6 +176,8 @@ class Ensemble(DetectorKind):
             full = _with_arrays(view, plugin.refit(view, files, false_alarms_per_day).arrays)
             arrays |= {f"{m.prefix}.{k}": v for k, v in full.arrays.items()}
             held.append(plugin.held_out_scores(view, files, false_alarms_per_day))
+            # each member on its own scale: the common one is the site's, near 1 whatever it is
+            check_site_varies(float(np.median(held[-1])), math.exp(m.center))
         scales = [common_scale(h) for h in held]
         members = [
             m.model_copy(update={"center": c, "spread": s})
