@@ -313,6 +313,7 @@ class Detector:
         if self.live:
             _say_overrides(bundle, settings)
         self.bundle, self.pipeline, self.settings = bundle, pipeline, settings
+        self._was_off = False  # its machine state starts afresh: no vote to credit
         self._threshold = threshold
         if threshold is not None:
             pipeline.events.threshold = threshold

@@ -832,7 +832,12 @@ class MqttPublisher:
             self._wake.set()
         if self.connected:
             info = self._publish(self.topics.availability, OFFLINE, 1, retain=True, props=True)
-            while not info.is_published() and self.connected and time.monotonic() < deadline:
+            while (  # an `offline` over the broker's packet limit was never handed to paho
+                info.rc == mqtt.MQTT_ERR_SUCCESS
+                and not info.is_published()
+                and self.connected
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.02)
         # "disconnect with will message": a backlog still draining holds `offline` behind it
         # in paho's queue, and a plain DISCONNECT made the broker drop the will, so it kept
