@@ -599,6 +599,11 @@ STEADY_SPREAD = 1e-9
 vary by float rounding alone: a steady signal, not a machine heard by a microphone."""
 
 
+NOT_A_MICROPHONE = (
+    "is it silent, a dead channel or a steady electrical signal rather than a microphone?"
+)
+"""The question both steady refusals end with."""
+
 STEADY_RATIO = 1e-3
 """Site audio whose held-out windows score this far below the training's is no machine heard by
 a microphone: a tone 3 Hz off a bin (997 Hz) scored 6e-9 against the trained fan's 0.9 and set
@@ -612,8 +617,7 @@ def check_site_varies(site_median: float, trained_median: float) -> None:
         return
     raise AudioError(
         f"the site's normal audio scores {site_median:.3g} against {trained_median:.3g} in "
-        "training: it hardly varies, so no threshold can be set from it; is it silent, a dead "
-        "channel or a steady electrical signal rather than a microphone?"
+        f"training: it hardly varies, so no threshold can be set from it; {NOT_A_MICROPHONE}"
     )
 
 
@@ -642,7 +646,7 @@ def threshold_for_budget(
         raise AudioError(  # the fallback 1.5 x max set 1e-28 on a tone: every window above it
             f"the {len(scores)} held-out normal windows all scored the same "
             f"({scores.max():.3g}): the audio does not vary, so no threshold can be set from it; "
-            "is it silent, a dead channel or a steady electrical signal rather than a microphone?"
+            f"{NOT_A_MICROPHONE}"
         )
     seconds = len(scores) * hop_s if seconds is None else seconds
     draws = min(len(scores), max(2, round(seconds / hop_s)))  # the windows of distinct time
@@ -786,12 +790,11 @@ def _heard(params: Mapping[str, Any]) -> str:
     per_hour, seconds = params["holdout_false_alarms_per_hour"], params.get("holdout_seconds")
     if not seconds:  # older bundles
         return f"on the held-out audio: {_rate(per_hour * 24)} per day"
+    streamed = params["n_windows"] * params.get("hop_s", 0.5)  # the time the rate is over
     events = params.get("holdout_events")
-    if events is None:  # bundles before it was recorded: their rate is over the windows' time
-        streams_s = params.get("n_windows", 0) * params.get("hop_s", 0.5)
-        events = round(per_hour * (streams_s or seconds) / SECONDS_PER_HOUR)
+    if events is None:  # bundles before it was recorded
+        events = round(per_hour * (streamed or seconds) / SECONDS_PER_HOUR)
     heard = f"the held-out audio itself raised {events} event(s) in its {seconds:.3g} s"
-    streamed = params["n_windows"] * params.get("hop_s", 0.5)
     if streamed > 1.5 * seconds:  # every channel replayed as a stream of its own
         heard += f" (its channels replayed as {streamed:.3g} s of streams)"
     return heard
