@@ -227,30 +227,37 @@ class Controller:
                 "reload: [health] stall_seconds and reopen_max_seconds apply to the microphone's "
                 "reopening after a restart"
             )
-        d.apply_settings(
-            old.model_copy(
-                update={
-                    "detector": new.detector,
-                    "model": new.model,
-                    "models_dir": new.models_dir,
-                    "clips": new.clips,
-                    # as said above: the running capture keeps its blocks and reopening, and
-                    # its stall time with them (checked against its block length at start)
-                    "health": h.model_copy(
-                        update={
-                            "stall_seconds": was.stall_seconds,
-                            "reopen_max_seconds": was.reopen_max_seconds,
-                        }
-                    ),
-                }
-            )
+        applied = old.model_copy(
+            update={
+                "detector": new.detector,
+                "model": new.model,
+                "models_dir": new.models_dir,
+                "clips": new.clips,
+                # as said above: the running capture keeps its blocks and reopening, and
+                # its stall time with them (checked against its block length at start)
+                "health": h.model_copy(
+                    update={
+                        "stall_seconds": was.stall_seconds,
+                        "reopen_max_seconds": was.reopen_max_seconds,
+                    }
+                ),
+            }
         )
+        try:
+            d.apply_settings(applied)
+        except SoundSentryError as exc:  # the detector settings the model cannot take
+            log.error("reload: settings not applied: %s", exc)
+            return
         version = d.adapter.history.active if d.adapter is not None else None
         configured = d.adapter.configured_path if d.adapter is not None else old.model
         same = _same_path(new.model, configured)  # not old.model: a load that failed is retried
-        replaced = version is not None and same and self._replaced(new.model)
+        replaced = same and self._replaced(new.model)
         if version is not None and same and not replaced:
             log.info("reload: the model is unchanged: keeping version %d", version)
+            return
+        if same and not replaced and _holds(new.model, d.bundle.model_id):
+            # the running model, reloaded, would only drop the threshold set by command
+            log.info("reload: the model is unchanged: keeping %s", d.bundle.model_id)
             return
         try:
             if new.model is not None and d.adapter is not None and (not same or replaced):
@@ -322,6 +329,16 @@ def _refit_line(out: dict[str, Any]) -> str:
 
 def _num(value: Any) -> str:
     return "?" if value is None else f"{value:.4g}"
+
+
+def _holds(path: Path | None, model_id: str) -> bool:
+    """The bundle at `path` is the model `model_id` (False when it cannot be read)."""
+    if path is None:
+        return False
+    try:
+        return read_manifest(path).model_id == model_id
+    except SoundSentryError:
+        return False
 
 
 def _same_path(a: Path | None, b: Path | None) -> bool:

@@ -269,8 +269,7 @@ class Detector:
         """Switch to a (validated) bundle; an open anomaly is ended first and a threshold
         set by command is dropped (it belonged to the old model). With a `reason` (reload,
         calibrate) the switch is recorded in the model history."""
-        self.close_event("model_changed")
-        self._load(bundle, self.settings, threshold=None)
+        self._load(bundle, self.settings, threshold=None, close="model_changed")
         if self.adapter is not None and reason is not None:
             self.adapter.model_changed(bundle)
             try:
@@ -281,10 +280,13 @@ class Detector:
         self.emit_state()
 
     def apply_settings(self, settings: Settings) -> None:
-        """Take new settings (reload): the pipeline is rebuilt with the new detector settings,
-        [health] and [clips] apply at once."""
-        self.close_event("settings_changed")
-        self._load(self.bundle, settings, self._threshold)
+        """Take new settings (reload): new detector settings rebuild the pipeline (an open
+        anomaly ends; settings it cannot take raise and change nothing), [health] and [clips]
+        apply at once. Unchanged detector settings keep the pipeline and an open anomaly."""
+        if settings.detector != self.settings.detector:
+            self._load(self.bundle, settings, self._threshold, close="settings_changed")
+        else:
+            self.settings = settings
         h, c = settings.health, settings.clips  # faults in progress and the ring are kept
         self.health.fault_seconds, self.health.clip_fraction = h.fault_seconds, h.clip_fraction
         if self.clips and c.enabled:
@@ -294,12 +296,19 @@ class Detector:
         self._clip_keeper = _clip_keeper(settings, self._rate) if self.live else None
 
     def _load(
-        self, bundle: Bundle, settings: Settings | None = None, threshold: float | None = None
+        self,
+        bundle: Bundle,
+        settings: Settings | None = None,
+        threshold: float | None = None,
+        close: str | None = None,
     ) -> None:
         """Build the pipeline and explainer of a bundle; stream time restarts at this sample.
-        Nothing changes if the pipeline cannot be built (the running model stays whole)."""
+        Nothing changes if the pipeline cannot be built (the running model stays whole, and
+        an open anomaly goes on); once it is, an open anomaly ends for `close`."""
         settings = settings or self.settings
         pipeline = Pipeline(bundle, settings.detector)
+        if close is not None:
+            self.close_event(close)
         if self.live and pipeline.machine.off_below_dbfs is None and pipeline.namer is None:
             why, fix = (
                 ("a classifier's bundle", "")

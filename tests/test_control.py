@@ -191,6 +191,48 @@ def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(tmp_path:
     assert ends and ends[-1].clip and (tmp_path / "data" / "clips" / ends[-1].clip).is_file()
 
 
+def test_a_sighup_that_changes_nothing_keeps_the_threshold_set_and_the_open_event(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP with the same settings and the same bundle rebuilt the pipeline and reloaded
+    the model: an open anomaly ended (`settings_changed`) and came back under a new event id,
+    a duplicate alarm, and the threshold set by command was dropped (from state.json too), where
+    a restart keeps it (in a review)."""
+    d, rec = detector(tmp_path)
+    ctl = Controller(d, reload_settings=lambda: d.settings)
+    value = round(d.bundle.threshold * 0.9, 4)
+    ctl.handle_payload(json.dumps({"command": "set_threshold", "value": value}).encode())
+    fault = read_audio(fault_file(tmp_path), RATE)
+    for i in range(0, len(fault), 1600):
+        d.feed(fault[i : i + 1600])
+    assert rec.kinds() == ["start"]
+    ctl.reload()
+    for i in range(0, len(fault), 1600):
+        d.feed(fault[i : i + 1600])
+    d.close_event("stopped")
+    assert [(e.type, e.ended_by) for e in rec.events] == [("start", None), ("end", "stopped")]
+    assert d.threshold == pytest.approx(value)
+
+
+def test_a_sighup_with_settings_the_model_refuses_ends_no_event(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An event logic the bundle cannot take (3 of 5 windows where it keeps 3) ended the open
+    anomaly first and then failed as "command failed: SettingsError" (in a review): the
+    settings are refused in one line and the event goes on."""
+    d, rec = detector(tmp_path)
+    detector_settings = d.settings.detector.model_copy(update={"trigger_windows": 5})
+    new = d.settings.model_copy(update={"detector": detector_settings})
+    fault = read_audio(fault_file(tmp_path), RATE)
+    for i in range(0, len(fault), 1600):
+        d.feed(fault[i : i + 1600])
+    assert rec.kinds() == ["start"]
+    with caplog.at_level(logging.ERROR):
+        Controller(d, reload_settings=lambda: new).reload()
+    assert "reload: settings not applied" in caplog.text, caplog.text
+    assert rec.kinds() == ["start"] and d.settings.detector.trigger_windows != 5
+
+
 def test_a_reload_keeps_the_running_capture_s_stall_time(tmp_path: Path) -> None:
     """A reload applied the new [health] stall_seconds to the daemon's stall check at once but
     kept the running capture's [audio] blocks (it says both apply after a restart): 1-s blocks

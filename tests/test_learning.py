@@ -886,6 +886,23 @@ def test_sighup_after_a_bundle_was_trained_again_at_the_same_path_loads_it(
     assert d.bundle.model_id == retrained
 
 
+def test_sighup_after_a_bundle_was_trained_again_before_any_site_version_configures_it(
+    tmp_path: Path,
+) -> None:
+    """Without a site version the reload loaded the retrained bundle but the adapter kept the
+    old one as the configured model: a period then refitted the old model (`from_model`),
+    rollback went back to a model no longer on disk, and the next restart dropped the versions
+    as made for another model (in a review)."""
+    configured = shutil.copytree(DEMO_BUNDLE, tmp_path / "models" / "fan.bundle")
+    device = Device(tmp_path, bundle=configured)
+    device.replay(NORMAL_FILES[0])
+    cli("train", "--normal", *map(str, NORMAL_FILES), str(DEMO_CLIP), "--out", str(configured))
+    retrained = load_bundle(configured).model_id
+    Controller(device.detector, reload_settings=device.settings).reload()
+    d = device.detector
+    assert d.bundle.model_id == retrained and d.adapter.configured.model_id == retrained
+
+
 def test_a_refused_period_ending_in_the_same_second_keeps_the_features_a_version_uses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
