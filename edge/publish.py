@@ -72,6 +72,11 @@ OFFLINE = "offline"
 WITH_WILL = "Disconnect with will message"
 """MQTT 5's DISCONNECT reason 0x04: the broker publishes the will (`offline`)."""
 RECONNECT_MIN_S = 1
+MAX_INBOUND_PACKET_BYTES = 1 << 20
+"""Largest packet the broker may send us (MQTT 5 Maximum Packet Size, in the CONNECT): paho
+reads a message whole before the command's 64-KB check, and a retained 120-MB one came again at
+every start, past the unit's MemoryMax. The broker drops larger ones; what we take is commands
+(and Home Assistant's status), so 1 MiB still lets one over 64 KB be answered with its refusal."""
 SEND_BATCH = 50
 MAX_HANDED = 100
 """Spooled messages handed to paho and not yet acknowledged, at most. The whole backlog was
@@ -270,8 +275,14 @@ class MqttPublisher:
         log.info("MQTT: connecting to %s:%d", self.settings.host, self.settings.port)
         # A clean start at every connection, as MQTT 3.1.1's clean session did: the broker keeps
         # no session for us; what was not acknowledged is sent again from the spool and paho.
+        connect = Properties(PacketTypes.CONNECT)
+        connect.MaximumPacketSize = MAX_INBOUND_PACKET_BYTES
         self.client.connect_async(
-            self.settings.host, self.settings.port, self.settings.keepalive, clean_start=True
+            self.settings.host,
+            self.settings.port,
+            self.settings.keepalive,
+            clean_start=True,
+            properties=connect,
         )
         self.client.loop_start()
         self._sender.start()

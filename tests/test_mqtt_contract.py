@@ -637,3 +637,44 @@ def test_doctor_fails_a_login_whose_publishes_the_acl_refuses(acl_broker: Broker
     assert "device_id must equal the MQTT user name" in refused.fix
     ok = doctor("pump-3")
     assert ok.ok is True and "a publish to soundsentry/pump-3/doctor" in ok.detail, ok
+
+
+def test_a_command_message_beyond_the_inbound_limit_never_reaches_the_device(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A 120-MB message on the command topic (retained: again at every start) was read whole
+    into the daemon's memory before its 64-KB check, 437 MB against the unit's MemoryMax of
+    300 MB (in a review). The CONNECT now tells the broker the largest packet it takes, and
+    the broker drops larger ones; one between 64 KB and that still gets its rejection."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge.publish import MAX_INBOUND_PACKET_BYTES
+
+    topics = Topics("soundsentry", "pump-3")
+    sizes: list[int] = []
+    settings = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_max_seconds=2)
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = MqttPublisher(settings, topics, "test-big", spool, lambda p: sizes.append(len(p)))
+    publisher.start()
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sender")
+    sender.connect("127.0.0.1", broker.port)
+    sender.loop_start()
+    try:
+        wait_for(lambda: publisher.connected, 10, "the publisher to connect")
+
+        def heard(size: int) -> bool:
+            sender.publish(topics.command, b"x" * size, qos=1)
+            return size in sizes
+
+        wait_for(lambda: heard(1), 10, "a first command heard")  # subscribed by then
+        big = MAX_INBOUND_PACKET_BYTES + 1
+        sender.publish(topics.command, b"x" * big, qos=1).wait_for_publish(10)
+        sender.publish(topics.command, b"x" * 100_000, qos=1).wait_for_publish(10)
+        sender.publish(topics.command, b"x" * 2, qos=1).wait_for_publish(10)
+        wait_for(lambda: 2 in sizes, 10, "the command sent after the big one")
+        assert 100_000 in sizes and big not in sizes, sizes
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        publisher.close()
