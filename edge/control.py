@@ -56,6 +56,9 @@ class Controller:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
         One over the size limit is not held while it waits (64 of the broker's largest would
         take a Pi's memory): only its size is."""
+        if not payload:  # how a retained command is cleared (`mosquitto_pub -r -n`)
+            log.info("empty command message ignored (a retained command cleared)")
+            return
         if len(payload) > MAX_COMMAND_BYTES:
             size = len(payload)
             self.detector.submit(lambda: self.handle_payload(b"", oversize=size))
@@ -163,7 +166,10 @@ class Controller:
         if ".." in path.parts or str(path) in ("", "."):
             raise CommandError(f"model path refused: bundles load only from {where}")
         if not path.is_absolute():  # a name, relative to the models folders, never to our cwd
-            found = next((f / path for f in folders if (f / path).exists()), None)
+            try:
+                found = next((f / path for f in folders if (f / path).exists()), None)
+            except OSError as exc:  # a name too long for the file system, say
+                raise CommandError(f"model path not usable: {exc.strerror}") from None
             if found is None:
                 raise CommandError(f"no bundle named {str(path)!r} in the models folder")
             path = found

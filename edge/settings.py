@@ -248,8 +248,11 @@ class ClipSettings(_Section):
     enabled: bool = Field(True, description="Save a clip of every anomaly.")
     preroll_seconds: float = Field(3.0, ge=0.0, le=30.0, description="Audio kept before start.")
     max_seconds: float = Field(60.0, gt=0.0, le=3600.0, description="Longest clip, seconds.")
-    max_total_mb: float = Field(500.0, gt=0.0, description="Clips folder size limit, MB.")
-    max_age_days: float = Field(30.0, gt=0.0, description="Clips older than this are deleted.")
+    # bounded above (a petabyte, a century): 1e303 passed and overflowed at every start
+    max_total_mb: float = Field(500.0, gt=0.0, le=1e9, description="Clips folder size limit, MB.")
+    max_age_days: float = Field(
+        30.0, gt=0.0, le=36500.0, description="Clips older than this are deleted."
+    )
 
 
 class HealthSettings(_Section):

@@ -126,6 +126,20 @@ def test_a_command_that_raises_costs_one_reply_not_the_loop(
     assert "command failed: ZeroDivisionError: division by zero" in caplog.text
 
 
+def test_an_empty_command_message_is_a_retained_one_cleared_and_no_command(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clearing a retained command as the daemon's own warning says (`mosquitto_pub -r -n`)
+    reaches a connected daemon as an empty message, which was rejected as "not JSON" with a
+    warning and a reply on the response topic (in a review)."""
+    d, rec = detector(tmp_path)
+    with caplog.at_level(logging.INFO):
+        Controller(d).submit_payload(b"")
+        d.feed(np.zeros(RATE // 10, np.float32))  # the loop runs what was queued
+    assert rec.responses == [] and "rejected" not in caplog.text
+    assert "empty command message" in caplog.text
+
+
 def _fifo_bundle(root: Path) -> Path:
     import os
 
@@ -142,6 +156,7 @@ def _fifo_bundle(root: Path) -> Path:
         ("/etc", "bundles load only from"),
         ("nonexistent.bundle", "no bundle named"),
         ("../../etc", "bundles load only from"),
+        ("a" * 300, "model path not usable"),  # ENAMETOOLONG: a traceback logged as a bug
     ],
 )
 def test_reload_model_only_from_the_models_folders(tmp_path: Path, path: str, reason: str) -> None:

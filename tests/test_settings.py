@@ -82,6 +82,9 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ("[detector]\nthreshold = inf\n", "detector.threshold"),
         ("[detector]\nthreshold = 1e307\n", "detector.threshold"),
         ("[clips]\nmax_total_mb = inf\n", "clips.max_total_mb"),
+        # finite but beyond any disk: an OverflowError traceback at every start (in a review)
+        ("[clips]\nmax_total_mb = 1e303\n", "clips.max_total_mb"),
+        ("[clips]\nmax_age_days = 1e303\n", "clips.max_age_days"),
         ("[health]\nfault_seconds = nan\n", "health.fault_seconds"),
         ('[mqtt.tls]\nca_file = " "\n', "mqtt.tls.ca_file"),
     ],
