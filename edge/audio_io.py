@@ -240,12 +240,18 @@ def _require_present(path: Path) -> None:
 
 
 def check_readable(
-    path: str | Path, channel: int = 0, samplerate: int | None = None, mono_any: bool = False
+    path: str | Path,
+    channel: int = 0,
+    samplerate: int | None = None,
+    mono_any: bool = False,
+    float_samples: bool = False,
 ) -> tuple[int, int]:
     """Check that a file is complete, non-empty audio with that channel (and, given the model's
     `samplerate`, not recorded below it), without reading it all; return (frames, sample rate).
-    `mono_any`: a mono file passes whatever the channel (its one channel is read). Raises
-    AudioError with one clear line."""
+    `mono_any`: a mono file passes whatever the channel (its one channel is read).
+    `float_samples`: a file of float samples is read through once for what read_audio refuses
+    in it (NaN or infinite samples, a peak beyond full scale); for audio that is streamed, not
+    read whole. Raises AudioError with one clear line."""
     path = Path(path)
     _require_present(path)
     try:
@@ -261,7 +267,35 @@ def check_readable(
         raise AudioError(f"{path}: channel {channel} does not exist: {_channels(info.channels)}")
     if samplerate is not None:
         check_rate(path, info.samplerate, samplerate)
+    if float_samples and info.subtype in FLOAT_SUBTYPES:
+        _check_float_samples(path)
     return info.frames, info.samplerate
+
+
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+"""Sample formats that can hold values beyond full scale, NaN or infinity."""
+
+
+def _check_float_samples(path: Path) -> None:
+    """Refuse a float file as read_audio would: NaN or infinite samples, a peak beyond full
+    scale (a logger's engineering units scored as audio raised events at 400 times a threshold)."""
+    summary = _Summary()
+    try:
+        with sf.SoundFile(sf_path(path)) as fh:
+            for block in _blocks(fh):
+                if not summary.check(block):
+                    break
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
+    except OSError as exc:
+        raise AudioError(f"{path}: {exc.strerror or exc}") from None
+    if summary.bad:
+        raise AudioError(f"{path}: invalid samples (NaN or infinite)")
+    if summary.peak > FLOAT_FULL_SCALE:
+        raise AudioError(
+            f"{path}: float samples reach {summary.peak:.3g}, beyond full scale (+-1): scale "
+            "the recording into -1..1 (divide by its peak) before using it"
+        )
 
 
 def check_files(
@@ -269,6 +303,7 @@ def check_files(
     channel: int = 0,
     samplerate: int | None = None,
     mono_any: bool = False,
+    float_samples: bool = False,
 ) -> list[tuple[int, int]]:
     """`check_readable` on every file; one AudioError that names every file that cannot be used,
     so that a folder with several bad recordings is mended in one go."""
@@ -276,7 +311,7 @@ def check_files(
     checked, problems = [], []
     for path in files:
         try:
-            checked.append(check_readable(path, channel, samplerate, mono_any))
+            checked.append(check_readable(path, channel, samplerate, mono_any, float_samples))
         except AudioError as exc:
             problems.append(str(exc))
     if len(problems) == 1:

@@ -55,7 +55,7 @@ class FileSource:
         self.continuous = continuous
         # Check every file first: a bad one fails before any event is raised.
         self.files = [Path(f) for f in files]
-        self._frames = check_files(self.files, max(channel, 0), samplerate)
+        self._frames = check_files(self.files, max(channel, 0), samplerate, float_samples=True)
 
     @property
     def paced(self) -> bool:

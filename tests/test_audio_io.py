@@ -269,3 +269,28 @@ def test_one_rule_names_the_folders_no_search_for_audio_enters() -> None:
         assert skipped_folder(name), name
     for name in ("pump", "off", "full load", "2026-12-03"):
         assert not skipped_folder(name), name
+
+
+@pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        (lambda x: x * 32768, "beyond full scale"),  # a logger's units, not audio
+        (lambda x: np.where(np.arange(len(x)) == 999, np.nan, x), "NaN or infinite"),
+    ],
+)
+def test_a_replayed_float_file_beyond_full_scale_is_refused_before_it_plays(
+    tmp_path: Path, samples, message: str
+) -> None:
+    """`replay` took a float WAV in int16 units (peak 3.2e4) and raised a false event at a
+    score of 856 without a word, where `calibrate` and `evaluate` refuse the same file in one
+    line (in a review): a replayed stream is checked as they check it, before any window."""
+    from edge.sources import FileSource
+
+    good = tmp_path / "good.wav"
+    sf.write(good, read_audio(NORMAL_FILES[0], 16000)[:16000], 16000, subtype="FLOAT")
+    bad = tmp_path / "bad.wav"
+    sf.write(bad, samples(read_audio(NORMAL_FILES[0], 16000)[:16000]), 16000, subtype="FLOAT")
+    FileSource([good], 16000)
+    with pytest.raises(AudioError, match=message) as caught:
+        FileSource([good, bad], 16000)
+    assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
