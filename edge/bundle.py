@@ -541,8 +541,9 @@ def _keep_previous(path: Path, names: set[str]) -> None:
 
 def check_bundle_target(path: str | Path) -> set[str]:
     """The files of the bundle already at `path` (none for a new folder); BundleError for a
-    path that is a file, or a folder that holds other things, so that a bundle never lands
-    among someone's recordings (`train` and `calibrate` check before they start)."""
+    path that is a file, a folder that holds other things, so that a bundle never lands among
+    someone's recordings, or a folder this user may not write (`train` and `calibrate` check
+    before they start)."""
     path = Path(path)
     if not path.exists():
         on_the_way = file_on_the_way(path)
@@ -550,9 +551,12 @@ def check_bundle_target(path: str | Path) -> set[str]:
             raise BundleError(
                 f"{path}: {on_the_way} is a file, not a folder; choose another bundle path"
             )
+        # a dangling symlink is replaced in the folder it lies in
+        _require_writable(path, path.parent if on_the_way == path else on_the_way)
         return set()
     if not path.is_dir():
         raise BundleError(f"{path}: exists and is not a folder; choose another bundle path")
+    _require_writable(path, path)
     if not (path / MANIFEST).is_file():
         if any(p for p in path.iterdir() if not p.name.startswith(".")):
             raise BundleError(
@@ -565,6 +569,18 @@ def check_bundle_target(path: str | Path) -> set[str]:
     except (OSError, ValueError, AttributeError):
         return set()  # a damaged earlier bundle: overwritten, nothing of it removed
     return {n for n in listed if isinstance(n, str) and SAFE_FILE.match(n) and n != MANIFEST}
+
+
+def _require_writable(path: Path, folder: Path) -> None:
+    """BundleError unless this user may make files in `folder` (the bundle's own, or the
+    nearest one above a new bundle): else a whole training ended in "Read-only file system",
+    after a warning that the earlier bundle was "replaced without a copy", which it was not.
+    access(2) also says no to root on a read-only file system."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BundleError(
+            f"{path}: {folder} is not writable (a read-only file system, or a folder this user "
+            "may not write); choose another bundle path"
+        )
 
 
 def _lift_arrays(body: dict[str, Any]) -> dict[str, np.ndarray]:

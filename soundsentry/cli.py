@@ -153,6 +153,7 @@ def _add_train(sub: Any) -> None:
     what.add_argument(
         "--normal",
         nargs="+",
+        action="extend",  # given twice, both sets count (the second replaced the first)
         metavar="PATH",
         help="normal recordings: files or folders (searched recursively): an anomaly detector "
         "of the --detector kind",
@@ -179,7 +180,10 @@ def _add_train(sub: Any) -> None:
         help="training epochs of a network (default: embedding 12, autoencoder 40, classifier 30)",
     )
     p.add_argument(
-        "--seed", type=int, default=None, help="random seed of a network (same seed, same model)"
+        "--seed",
+        type=_seed,
+        default=None,
+        help="random seed of a network, 0 to 2**32 - 1 (same seed, same model)",
     )
     p.add_argument(
         "--channel",
@@ -245,6 +249,7 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument(
         "--normal",
         nargs="+",
+        action="extend",  # given twice, both sets count
         required=True,
         metavar="PATH",
         help="normal audio recorded where the detector is installed",
@@ -269,8 +274,9 @@ def _add_calibrate(sub: Any) -> None:
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="ROC AUC and pAUC (or accuracy) on labelled recordings")
     p.add_argument("model", type=Path, metavar="MODEL")
-    p.add_argument("--normal", nargs="+", metavar="PATH")
-    p.add_argument("--anomalous", nargs="+", metavar="PATH")
+    # given twice, both sets count (the second replaced the first)
+    p.add_argument("--normal", nargs="+", action="extend", metavar="PATH")
+    p.add_argument("--anomalous", nargs="+", action="extend", metavar="PATH")
     p.add_argument(
         "--classes",
         type=Path,
@@ -473,6 +479,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed NumPy's and TensorFlow's generators take: beyond it training ended in a
+traceback, once TensorFlow had loaded."""
+
+
+def _seed(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}")
+    return value
+
+
 def _channel(text: str, average: bool = True) -> int:
     """A channel number from 0; with `average`, -1 (all channels averaged) too."""
     value = _number(text, int)
@@ -552,7 +570,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from edge.features import FeatureParams
         from train.dataset import state_folders
 
-        args.normal_states = state_folders(args.normal_states, FeatureParams().samplerate)
+        args.normal_states = state_folders(
+            args.normal_states, FeatureParams().samplerate, channel=args.channel
+        )
     if network:
         _require("tensorflow", "train", _train_command(args))
     from train.augment import Augmenter

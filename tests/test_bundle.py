@@ -7,12 +7,13 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AE_BUNDLE, DATA, DEMO_BUNDLE, NORMAL_FILES, cli
+from conftest import AE_BUNDLE, DATA, DEMO_BUNDLE, NORMAL_FILES, ROOT, SOUNDSENTRY, cli
 
 from edge.audio_io import read_audio
 from edge.bundle import (
@@ -597,3 +598,58 @@ def test_an_autoencoder_whose_network_does_not_reconstruct_its_input_is_refused(
     edit_manifest(copy, {f"files.{MODEL_INT8}": sha256_bytes(content)})
     with pytest.raises(BundleError, match=r"output \(1, 8\) does not match the \(1, 30, 64, 1\)"):
         load_bundle(copy)
+
+
+PR_CAPBSET_DROP = 24
+CAP_DAC_OVERRIDE = 1
+"""From linux/prctl.h and linux/capability.h: root without this capability is held to a
+folder's mode bits like any user (and access(2) says so), as on a read-only file system."""
+
+
+def _drop_dac_override() -> None:
+    """In the child, before exec: out of the bounding set, so root's exec does not get it."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, 0, 0, 0):
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _held_to_mode_bits(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real command, for whom a folder chmod 0555 cannot be written, root included (tests
+    run as root in CI, where chmod alone stops nothing)."""
+    return subprocess.run(
+        [*SOUNDSENTRY, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        preexec_fn=_drop_dac_override if os.geteuid() == 0 else None,
+    )
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_audio_is_read(
+    tmp_path: Path,
+) -> None:
+    """An --out that cannot be written (a read-only file system, another user's folder) was
+    found once the model was trained, after a warning that the bundle there was "replaced
+    without a copy", which it was not."""
+    locked = tmp_path / "locked"
+    deployed = locked / "deployed.bundle"
+    shutil.copytree(DEMO_BUNDLE, deployed)
+    deployed.chmod(0o555)
+    locked.chmod(0o555)
+    normal = ["--normal", *map(str, NORMAL_FILES)]
+    try:
+        for command in (
+            ("train", *normal, "--out", str(deployed)),
+            ("train", *normal, "--out", str(locked / "new" / "m.bundle")),
+            ("calibrate", str(DEMO_BUNDLE), *normal, "--out", str(locked / "site.bundle")),
+        ):
+            proc = _held_to_mode_bits(*command)
+            assert proc.returncode == 1 and proc.stdout == "", proc.stderr  # before any work
+            (line,) = proc.stderr.strip().splitlines()
+            assert "is not writable" in line and "choose another bundle path" in line, line
+        assert load_bundle(deployed).model_id == load_bundle(DEMO_BUNDLE).model_id
+    finally:
+        locked.chmod(0o755)
+        deployed.chmod(0o755)

@@ -130,3 +130,15 @@ def test_all_channels_are_training_views(tmp_path: Path) -> None:
     m = load_bundle(out).manifest
     assert m.training.seconds == pytest.approx(12.0) and m.training.channel == -2
     assert m.threshold.params["n_windows"] == 3 * 2  # 3 views of each recording's held-out part
+
+
+def test_a_trained_bank_of_float32_audio_loads(tmp_path: Path) -> None:
+    """A 50 Hz square wave in a 32-bit float WAV leaves some features flat: their spread is
+    floored to MIN_FEATURE_STD, which in float32 was 0.0099999998, a bundle the loader refused
+    (written over a working one)."""
+    t = np.arange(30 * 16000) / 16000
+    square = 0.5 * np.sign(np.sin(2 * np.pi * 50 * t))
+    sf.write(tmp_path / "square.wav", square.astype(np.float32), 16000, subtype="FLOAT")
+    out = tmp_path / "square.bundle"
+    cli("train", "--detector", "knn", "--normal", str(tmp_path / "square.wav"), "--out", str(out))
+    assert load_bundle(out).manifest.kind == "knn"

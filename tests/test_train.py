@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,9 +24,12 @@ from conftest import (
 
 from edge.audio_io import read_audio
 from edge.bundle import MODEL_INT8, load_bundle
+from edge.detectors.base import MIN_FEATURE_STD
 from edge.features import windows_of
 from edge.scoring import Scorer
+from train.knn import fit_bank
 from train.metrics import spearman
+from train.statistics import fit_statistics
 
 MIN_SPEARMAN = 0.95
 MIN_AUC = 0.95
@@ -529,3 +534,24 @@ def test_the_one_session_advice_counts_record_s_chunks_as_one_session() -> None:
     said = advice(600.0, 10, {}, sessions=sessions_of(chunks))
     assert any(x.startswith("advice: all the audio is one session (10 files)") for x in said)
     assert not any("one session" in x for x in advice(600.0, 10, {}, sessions=2))
+
+
+@pytest.mark.parametrize("fit", [fit_bank, fit_statistics])
+def test_a_flat_float32_feature_gets_the_whole_spread_floor(fit: Callable[..., Any]) -> None:
+    """float32 features floored in float32 gave 0.0099999998, under the floor the loader
+    holds training to (knn refused the bundle)."""
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(40, 6)).astype(np.float32)
+    f[:, 2] = 1.5  # a feature that never moves
+    assert np.all(fit(f).std >= MIN_FEATURE_STD)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_out_of_range_is_a_one_line_usage_error(tmp_path: Path, seed: str) -> None:
+    """NumPy and TensorFlow take seeds from 0 to 2**32 - 1; others ended in a traceback once
+    TensorFlow had loaded."""
+    out = tmp_path / "m.bundle"
+    proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--detector", "autoencoder",
+               "--seed", seed, "--out", str(out), check=False)  # fmt: skip
+    assert proc.returncode == 1 and "argument --seed: must be" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -556,3 +556,46 @@ def test_the_summary_says_how_much_of_the_held_out_audio_was_the_machine_running
     proc = cli("train", "--normal", str(folder), "--out", str(tmp_path / "m.bundle"))
     first = next(x for x in proc.stdout.splitlines() if x.startswith("audio:"))
     assert "held out" in first and "of it the machine running" in first, proc.stdout
+
+
+def test_a_path_flag_given_twice_keeps_both_sets(tmp_path: Path) -> None:
+    """`--normal a --normal b` (a shell history edit, or a script adding a folder) trained,
+    calibrated and evaluated on b alone, without a word."""
+    first, second = (
+        ["--normal", *map(str, NORMAL_FILES[:2])],
+        ["--normal", *map(str, NORMAL_FILES[2:])],
+    )
+    model = tmp_path / "m.bundle"
+    cli("train", *first, *second, "--out", str(model))
+    t = _manifest(model)["training"]
+    assert sorted(f["name"] for f in t["files"]) == [f.name for f in NORMAL_FILES]
+    site = tmp_path / "site.bundle"
+    cli("calibrate", str(DEMO_BUNDLE), *first, *second, "--out", str(site))
+    assert len(_manifest(site)["calibration"]["files"]) == len(NORMAL_FILES)
+    ev = cli("evaluate", str(DEMO_BUNDLE), *first, "--anomalous", str(ANOMALOUS_FILE), *second)
+    assert f"normal {len(NORMAL_FILES)}  anomalous 1" in ev.stdout
+
+
+@pytest.mark.parametrize("given", ["--normal", "--normal-states"])
+def test_a_channel_some_files_lack_names_every_one_of_them_at_once(
+    tmp_path: Path, given: str
+) -> None:
+    """`--channel 1` over a folder of mono recordings named the first of them only (when it was
+    read), so each was found by another run; `--normal-states` only once TensorFlow had loaded
+    (a TensorFlow that cannot load shows it is not)."""
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('TensorFlow was loaded')\n")
+    folder = tmp_path / "states" / "running"
+    folder.mkdir(parents=True)
+    mono = [folder / f"mono{i}.wav" for i in range(3)]
+    for path, src in zip(mono, NORMAL_FILES, strict=False):
+        sf.write(str(path), _mono(src), RATE, subtype="PCM_16")
+    _stereo_ch0_dead([NORMAL_FILES[3]], folder)
+    root = folder if given == "--normal" else folder.parent
+    proc = cli("train", given, str(root), "--channel", "1", "--out", str(tmp_path / "m.bundle"),
+               env={"PYTHONPATH": str(tmp_path / "site")}, check=False)  # fmt: skip
+    line = _error_line(proc)
+    assert line.startswith("soundsentry: error: 3 of 4 files cannot be used"), line
+    assert all(f"{path}: channel 1 does not exist" in line for path in mono), line
+    assert "TensorFlow was loaded" not in proc.stderr

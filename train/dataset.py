@@ -186,26 +186,34 @@ def training_audio(
     paths: list[str | Path],
     samplerate: int | None = None,
     window_seconds: float = FeatureParams().window_seconds,
+    channel: int = 0,
 ) -> list[Path]:
     """The audio files under `paths`; an AudioError when there are none, when any cannot be
-    used (all of them named; below the model's `samplerate` among them), or when they hold less
-    than edge.advice.MIN_AUDIO_SECONDS (the line says how much more to record). Recordings
-    shorter than one window are left out, and folders without audio named, in a warning."""
+    used (all of them named; below the model's `samplerate`, or without `channel`, among them),
+    or when they hold less than edge.advice.MIN_AUDIO_SECONDS (the line says how much more to
+    record). Recordings shorter than one window are left out, and folders without audio named,
+    in a warning."""
     files = find_audio(paths)
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(p) for p in paths))
     for folder in (Path(p) for p in paths):
         if folder.is_dir() and not find_audio([folder], quiet=True):
             log.warning("%s: no audio files in this folder", folder)
-    # every unusable file named, copies among them
-    seconds = {
-        f: n / rate for f, (n, rate) in zip(files, check_files(files, 0, samplerate), strict=True)
-    }
+    # every unusable file named, copies among them, and those without the channel asked for
+    # (reading named only the first of them)
+    checked = check_files(files, usable_channel(channel), samplerate)
+    seconds = {f: n / rate for f, (n, rate) in zip(files, checked, strict=True)}
     short = [str(f) for f in files if seconds[f] < window_seconds]
     warn_short(short, window_seconds)
     files = without_copies([f for f in files if seconds[f] >= window_seconds])
     require_audio(sum(seconds[f] for f in files), "train")
     return files
+
+
+def usable_channel(channel: int) -> int:
+    """The channel every file must have for `channel`: an average of all channels (-1) or
+    every channel as a view (-2) needs only channel 0."""
+    return max(channel, 0)
 
 
 def dense_params(params: FeatureParams, divisor: int = TRAIN_HOP_DIVISOR) -> FeatureParams:
@@ -239,7 +247,7 @@ def threshold_from_holdout(
 
 def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0) -> Split:
     """Read normal recordings and split them into training and held-out windows."""
-    files = training_audio(paths, params.samplerate, params.window_seconds)
+    files = training_audio(paths, params.samplerate, params.window_seconds, channel)
     holdout = holdout_split(files)
     dense = dense_params(params)
     train, hold = [], []
@@ -335,11 +343,13 @@ def state_folders(
     root: str | Path,
     samplerate: int | None = None,
     window_seconds: float = FeatureParams().window_seconds,
+    channel: int = 0,
 ) -> dict[str, list[Path]]:
     """State name -> its audio files, from the subfolders of `root` (one state is allowed),
     checked before anything is trained: a name the bundle can carry, `off` in any case, no
-    empty folder left out silently, byte-identical copies used once, every file usable, and
-    the machine running for at least edge.advice.MIN_AUDIO_SECONDS outside `off`."""
+    empty folder left out silently, byte-identical copies used once, every file usable (with
+    `channel`), and the machine running for at least edge.advice.MIN_AUDIO_SECONDS outside
+    `off`."""
     root = Path(root)
     if not root.is_dir():
         raise AudioError(f"{root}: --normal-states needs a folder with one subfolder per state")
@@ -374,9 +384,8 @@ def state_folders(
     # every unusable file of every state named at once; a recording shorter than one window
     # is left out, as `--normal` leaves it (a 50-ms one gave a state no level: NaN)
     every = [f for files in groups.values() for f in files]
-    length = {
-        f: n / rate for f, (n, rate) in zip(every, check_files(every, 0, samplerate), strict=True)
-    }
+    checked = check_files(every, usable_channel(channel), samplerate)
+    length = {f: n / rate for f, (n, rate) in zip(every, checked, strict=True)}
     warn_short([str(f) for f in every if length[f] < window_seconds], window_seconds)
     for name, files in groups.items():
         groups[name] = [f for f in files if length[f] >= window_seconds]

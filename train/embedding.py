@@ -615,11 +615,13 @@ def fit_embedding(
         (
             states
             if isinstance(states, dict)
-            else state_folders(states, params.samplerate, params.window_seconds)
+            else state_folders(states, params.samplerate, params.window_seconds, channel)
         )
         if states
         else {
-            "normal": training_audio(list(normal or []), params.samplerate, params.window_seconds)
+            "normal": training_audio(
+                list(normal or []), params.samplerate, params.window_seconds, channel
+            )
         }
     )
     own = read_own(groups, params, channel, all_channels)

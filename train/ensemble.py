@@ -87,7 +87,7 @@ def train_ensemble(
             f"{list(members)}"
         )
     # searched, checked and rid of copies once, so that each member does not warn of them again
-    normal = list(training_audio(normal, params.samplerate, params.window_seconds))
+    normal = list(training_audio(normal, params.samplerate, params.window_seconds, channel))
     runs: list[Run] = []
     held: list[np.ndarray] = []
     arrays: dict[str, np.ndarray] = {}

@@ -42,7 +42,9 @@ def fit_bank(f: np.ndarray, neighbours: int = NEIGHBOURS, max_dims: int = MAX_DI
     if len(f) <= neighbours:
         raise AudioError(f"not enough audio for the bank (need more than {neighbours} windows)")
     mean = f.mean(axis=0)
-    std = np.maximum(f.std(axis=0), MIN_FEATURE_STD)
+    # in float64: float32 features floored in float32 gave 0.0099999998, a spread under the
+    # floor the loader holds training to, so the bundle written did not load
+    std = np.maximum(f.std(axis=0, dtype=np.float64), MIN_FEATURE_STD)
     z = (f - mean) / std
     _, sv, axes = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
     dims = max(1, min(max_dims, int((sv > sv[0] * RANK_TOLERANCE).sum())))

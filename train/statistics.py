@@ -74,7 +74,8 @@ def fit_statistics(
     if len(f) < 2:
         raise AudioError("not enough audio to fit the normal statistics (need 2+ windows)")
     mean = f.mean(axis=0)
-    std = np.maximum(f.std(axis=0), max(std_floor, MIN_FEATURE_STD))
+    # in float64, as knn's: float32 features floored in float32 fell just under the floor
+    std = np.maximum(f.std(axis=0, dtype=np.float64), max(std_floor, MIN_FEATURE_STD))
     z = (f - mean) / std
     center = z.mean(axis=0)
     zc = z - center
@@ -156,7 +157,7 @@ def collect(
     all_channels: bool = False,
 ) -> Run:
     """Feature vectors of the normal audio, split by the held-out rule of every trainer."""
-    files = training_audio(normal, params.samplerate, params.window_seconds)
+    files = training_audio(normal, params.samplerate, params.window_seconds, channel)
     holdout = holdout_split(files)
     dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
