@@ -89,7 +89,9 @@ class TensorSpec(_Strict):
 class ThresholdInfo(_Strict):
     """The decision threshold on window scores and how it was set."""
 
-    value: float = Field(gt=0)
+    # bounded as [detector] threshold is: 1e30 switched detection off without a word, and from
+    # 4.5e307 the Home Assistant number's bounds overflowed at every start
+    value: float = Field(gt=0, le=1e12)
     rule: str = Field(max_length=100)
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -369,12 +371,20 @@ def write_bundle(
     except ValidationError as exc:
         raise BundleError(f"{path}: refusing to write an invalid manifest: {_first(exc)}") from None
     earlier = check_bundle_target(path)
+    copied = None
     if Path(os.path.abspath(path)) in _KEEP_PREVIOUS:
         _KEEP_PREVIOUS.discard(Path(os.path.abspath(path)))
         if (path / MANIFEST).is_file():
-            _keep_previous(path, earlier)
+            copied = _copy_previous(path, earlier)
     blobs[MANIFEST] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
-    _swap_in(path.resolve() if path.is_symlink() else path, blobs, earlier)
+    try:
+        _swap_in(path.resolve() if path.is_symlink() else path, blobs, earlier)
+    except BaseException:
+        if copied is not None:  # the bundle it copied is still in place, and so is `.prev`
+            shutil.rmtree(copied, ignore_errors=True)
+        raise
+    if copied is not None:
+        _keep_previous(path, copied)
     return path
 
 
@@ -505,16 +515,16 @@ def keep_previous_on_write(path: str | Path) -> Path:
     return where.with_name(where.name + ".prev")
 
 
-def _keep_previous(path: Path, names: set[str]) -> None:
+def _copy_previous(path: Path, names: set[str]) -> Path | None:
     """Copy the bundle at `path` (a symlink's target): its manifest and the files it lists,
-    not whatever else the folder holds, to `PATH.prev`, owned as the bundle is, replacing an
-    older copy only once the new one is complete. A copy that cannot be made is a warning:
-    the write goes on (the copy is a convenience, not a condition of it)."""
+    not whatever else the folder holds, to the hidden `.NAME.prev.part` beside it, owned as the
+    bundle is; `_keep_previous` makes it `PATH.prev` once the new bundle is in place (a write
+    that failed, on a full disk, had already replaced the copy of the model that worked). A
+    copy that cannot be made is a warning and None: the write goes on (the copy is a
+    convenience, not a condition of it)."""
     where = Path(os.path.abspath(path))
     source = where.resolve()
-    prev = where.with_name(where.name + ".prev")
     part = where.with_name(f".{where.name}.prev.part")
-    old = where.with_name(f".{where.name}.prev.old")
     try:
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir()
@@ -525,6 +535,19 @@ def _keep_previous(path: Path, names: set[str]) -> None:
         if os.geteuid() == 0:  # root training for the service user: the copy stays theirs
             for item in (part, *part.iterdir()):
                 os.chown(item, owner.st_uid, owner.st_gid)
+    except OSError as exc:
+        shutil.rmtree(part, ignore_errors=True)
+        log.warning("%s is replaced without a copy as %s.prev: %s", where, where.name, exc)
+        return None
+    return part
+
+
+def _keep_previous(path: Path, part: Path) -> None:
+    """The copy `_copy_previous` made becomes `PATH.prev`, replacing an older one."""
+    where = Path(os.path.abspath(path))
+    prev = where.with_name(where.name + ".prev")
+    old = where.with_name(f".{where.name}.prev.old")
+    try:
         if prev.is_symlink() or prev.is_file():
             prev.unlink()
         elif prev.exists():
@@ -665,7 +688,10 @@ def load_bundle(path: str | Path, variant: str = "int8", num_threads: int = 1) -
         raise BundleError(
             f"{path}: feature parameters this version cannot reproduce: {exc}"
         ) from None
-    plugin = plugin_for(manifest)
+    try:
+        plugin = plugin_for(manifest)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
     model = None
     if plugin.wants_model(manifest):
         name = MODEL_INT8 if variant == "int8" else MODEL_FLOAT
@@ -680,7 +706,28 @@ def load_bundle(path: str | Path, variant: str = "int8", num_threads: int = 1) -
             )
     bundle = Bundle(folder, manifest, params, model, variant, arrays, version)
     plugin.check(bundle)
+    _check_scores(bundle, plugin)
     return bundle
+
+
+PROBE_LEVEL = 0.01
+"""RMS of the seeded white noise a loaded bundle must score as a finite number."""
+
+
+def _check_scores(bundle: Bundle, plugin: Any) -> None:
+    """Refuse a bundle that scores a window of quiet noise as NaN or infinity: finite arrays
+    whose arithmetic overflows, or a network that outputs NaN, scored every window NaN, which
+    the event logic takes as below any threshold: detection off, and doctor passed it."""
+    from edge.features import LogMel  # edge.features imports nothing of the bundle's
+
+    p = bundle.features
+    noise = np.random.default_rng(0).standard_normal(p.window_samples) * PROBE_LEVEL
+    score = plugin.scorer(bundle).score(LogMel(p)(noise.astype(np.float32)), 0).score
+    if not np.isfinite(score):
+        raise BundleError(
+            f"{bundle.path}: scores a window of quiet noise as {score}: its arrays or its network "
+            "are damaged; train it again or restore a copy"
+        )
 
 
 def _folder_of(path: Path) -> Path:
@@ -725,7 +772,7 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
         )
     arrays: dict[str, np.ndarray] = {}
     if version == 1:
-        raw, arrays = _from_v1(raw)
+        raw, arrays = _from_v1(file, raw)
     _check_files_listed(file, raw.get("files"))
     try:
         # strict: a hand-edited "1.5" or true is refused, not read as the number it resembles
@@ -746,13 +793,27 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
     return manifest, arrays, version
 
 
-def _from_v1(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _from_v1(file: Path, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A format-1 manifest as format 2 in memory: inline lists become arrays."""
     body = dict(raw)
     try:
         arrays = _lift_arrays(body)
     except (TypeError, ValueError) as exc:
-        raise BundleError(f"format-1 manifest arrays are malformed: {_one_line(exc)}") from None
+        raise BundleError(
+            f"{file}: format-1 manifest arrays are malformed: {_one_line(exc)}"
+        ) from None
+    try:  # a `training` that is a string, file lists that are numbers: a traceback in doctor
+        return _v1_records(body, arrays)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(
+            f"{file}: format-1 manifest fields are malformed: {_one_line(exc)}"
+        ) from None
+
+
+def _v1_records(
+    body: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Format-1 training and calibration file lists as format-2 records."""
     training = dict(body.get("training") or {})
     for key in ("files", "holdout_files"):
         training[key] = [{"name": Path(str(f)).name} for f in training.get(key, [])]

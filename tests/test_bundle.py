@@ -251,6 +251,15 @@ STATISTICS_CASES = [
     (lambda b: edit_manifest(b, {"score": "reconstruction_mse"}), "is not 'mahalanobis'"),
     (lambda b: edit_manifest(b, {"threshold.params.cusum": {"h": -1}}), "cusum"),
     (lambda b: edit_manifest(b, {"threshold.params.cusum": "x"}), "cusum"),
+    # finite arrays whose arithmetic overflows: every window scored NaN, "below" the threshold,
+    # and doctor passed it (in a review)
+    (
+        lambda b: edit_array(b, "statistics.feature_mean", np.full(64, 1e300)),
+        "scores a window of quiet noise as nan",
+    ),
+    # above any score: detection silently off, and from 4.5e307 a traceback at every start
+    (lambda b: edit_manifest(b, {"threshold.value": 1e30}), "threshold.value"),
+    (lambda b: edit_manifest(b, {"kind": "spectral"}), "stats.bundle"),  # the file is named
 ]
 
 
@@ -391,6 +400,35 @@ def test_the_kept_copy_is_the_bundle_alone_and_made_when_the_new_one_is_written(
     assert load_bundle(copy).model_id == load_bundle(AE_BUNDLE).model_id
     assert load_bundle(prev).model_id == load_bundle(AE_BUNDLE).model_id
     assert sorted(p.name for p in tmp_path.iterdir() if "bundle" in p.name) == [
+        copy.name,
+        prev.name,
+    ], "nothing left beside"
+
+
+def test_a_write_that_fails_keeps_the_older_copy(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `.prev` copy was made before the new bundle was swapped in: a calibrate that ended in
+    "No space left on device" left the bundle whole but had replaced the copy of the one before
+    it, the model that worked (in a review). The copy replaces the older one only once the new
+    bundle is in place."""
+    import edge.bundle
+    from edge.bundle import keep_previous_on_write
+
+    prev = keep_previous_on_write(copy)
+    _rewrite(DEMO_BUNDLE, copy)  # copy.bundle.prev: the autoencoder
+    assert load_bundle(prev).model_id == load_bundle(AE_BUNDLE).model_id
+
+    def full_disk(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(edge.bundle, "_swap_in", full_disk)
+    keep_previous_on_write(copy)
+    with pytest.raises(OSError, match="No space left"):
+        _rewrite(AE_BUNDLE, copy)
+    assert load_bundle(prev).model_id == load_bundle(AE_BUNDLE).model_id, "the older copy kept"
+    assert load_bundle(copy).model_id == load_bundle(DEMO_BUNDLE).model_id
+    assert sorted(p.name for p in copy.parent.iterdir() if "bundle" in p.name) == [
         copy.name,
         prev.name,
     ], "nothing left beside"
@@ -653,3 +691,17 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_audio_is_
     finally:
         locked.chmod(0o755)
         deployed.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"training": "oops"}, {"training.files": 5}, {"calibration": {"files": 5}}],
+)
+def test_a_format_1_manifest_of_the_wrong_shape_is_one_line(tmp_path: Path, change: dict) -> None:
+    """A format-1 manifest whose `training` was a string, or whose file lists were numbers,
+    ended replay and doctor in a ValueError or TypeError traceback (in a review)."""
+    old = shutil.copytree(V1_BUNDLE, tmp_path / "old.bundle")
+    edit_manifest(old, change)
+    with pytest.raises(BundleError, match=r"old\.bundle") as caught:
+        load_bundle(old)
+    assert "\n" not in str(caught.value)
