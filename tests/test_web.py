@@ -4,6 +4,7 @@ demo fan clip played into it, a real mosquitto, HTTP from urllib, and one real b
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -981,6 +982,53 @@ def test_a_request_whose_headers_trickle_in_is_let_go(
             assert closed, "the server let the trickling request go"
         assert _answers(dashboard.port)
     finally:
+        dashboard.stop()
+
+
+def test_request_headers_are_capped_in_all_before_any_check(tmp_path: Path) -> None:
+    """The standard library reads 100 header lines of 64 KB each: six such requests without any
+    token took the daemon from 89 MB to 371 MB, past the unit's MemoryMax of 300 MB, and it
+    stayed there (in a review). Headers beyond MAX_HEADER_BYTES in all are a 431."""
+    dashboard = _dashboard(tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", dashboard.port)) as big:
+            big.settimeout(10)
+            head = b"GET /api/state HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+            filler = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(40))
+            assert len(filler) > 16 * 1024  # the cap
+            with contextlib.suppress(OSError):  # the server may close before it all arrives
+                big.sendall(head + filler + b"\r\n")
+            assert _all_of(big).startswith(b"HTTP/1.0 431 ")
+        assert _answers(dashboard.port), "headers within the cap are served"
+    finally:
+        dashboard.stop()
+
+
+def test_requests_whose_headers_trickle_in_cannot_hold_every_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few addresses that trickled their headers in, reconnecting at each deadline, held
+    every slot: 44 of 60 requests with the token were answered 503 (in a review). Beyond
+    MAX_READING connections still reading their headers, the oldest of them is let go."""
+    from edge.web import server
+
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(server, "MAX_PER_ADDRESS", 4)
+    monkeypatch.setattr(server, "MAX_READING", 2)
+    monkeypatch.setattr(server, "HEADER_DEADLINE_S", 120.0)
+    dashboard = _dashboard(tmp_path)
+    slow = []
+    try:
+        for _ in range(4):
+            conn = socket.create_connection(
+                ("127.0.0.1", dashboard.port), source_address=("127.0.0.2", 0)
+            )
+            conn.sendall(b"GET /api/state HTTP/1.0\r\nX-a: ")
+            slow.append(conn)
+        wait_for(lambda: _answers(dashboard.port), 10, "the page for another address")
+    finally:
+        for conn in slow:
+            conn.close()
         dashboard.stop()
 
 

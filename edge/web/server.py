@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import http.client
 import ipaddress
 import json
 import logging
@@ -20,6 +21,7 @@ import socket
 import sys
 import threading
 from base64 import b64encode
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from http import HTTPStatus
@@ -51,7 +53,7 @@ CLIENT_TIMEOUT_S = 60.0
 browser gone without closing, a half-open link) gives its thread back; live streams write a
 keep-alive every KEEPALIVE_S, so one that cannot take it for this long is let go too."""
 SPECTROGRAMS_CACHED = 16
-CLIP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(wav|png)$")
+CLIP_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(wav|png)\Z")
 """Clip names as edge/clips.py writes them (and their spectrograms); nothing else is served."""
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 HEADERS = {
@@ -76,10 +78,25 @@ MAX_CONNECTIONS = 32
 Without a cap every connection had a thread and a file of its own, before any check: a host on
 the network that held a thousand open took the daemon's last file handles (its event log,
 clips, MQTT and microphone could not open a file) and spun the web thread on accept()."""
-MAX_PER_ADDRESS = 6
+MAX_PER_ADDRESS = 8
 """Of those, from one address: one host cannot take every slot from the others. At 16 two hosts
-took them all; 6 is what a browser opens to one site at most. Not for loopback behind a reverse
-proxy ([web] public_url): every visitor comes from it there."""
+took them all; a browser opens 6 to one site at most, and at 6 one browser's next request often
+came before the thread of its last had ended (a live stream and five spectrograms: 58 of 300
+answered 503, in a review). Not for loopback behind a reverse proxy ([web] public_url): every
+visitor comes from it there."""
+MAX_READING = 12
+"""Connections still reading their request line and headers at once; beyond it the oldest of
+them is let go. A few addresses that trickled their headers in and reconnected at each deadline
+held every slot (HEADER_DEADLINE_S bounds one, not a stream of them); a real request's headers
+come in milliseconds, so it is seldom the oldest."""
+MAX_HEADER_BYTES = 16 * 1024
+"""A request's headers, in all (the request line has the standard library's 64 KB): it reads
+100 lines of 64 KB each, and six such requests without any token took the daemon past the
+unit's MemoryMax. More is a 431."""
+STREAM_SEND_BUFFER = 16 * 1024
+"""The kernel's send buffer of a live stream: at its default (up to 4 MB) a browser that stopped
+reading (a frozen background tab) filled it for an hour before CLIENT_TIMEOUT_S could start,
+holding one of the few stream slots."""
 SEND_CHUNK = 64 * 1024
 """Bytes of a clip read and sent at once."""
 HEADER_DEADLINE_S = 10.0
@@ -304,6 +321,8 @@ class _Server(ThreadingHTTPServer):
 
     per_address: dict[str, int]
     lock: threading.Lock
+    reading: OrderedDict[int, Handler]
+    """Connections still reading their headers, oldest first (under `lock`)."""
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """A thread for the connection while fewer than MAX_CONNECTIONS are served, and fewer
@@ -381,6 +400,28 @@ def _host(client_address: Any) -> str:
     return str(address)
 
 
+class _HeaderCap:
+    """A connection's reader that, while `left` is set (its headers being read), refuses more
+    than that many bytes in all: LineTooLong, which the standard library answers 431."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.left: int | None = None
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.left is None:
+            return self._raw.readline(limit)
+        cap = self.left + 1 if limit < 0 else min(limit, self.left + 1)
+        line = self._raw.readline(cap)
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong(f"request headers over {MAX_HEADER_BYTES} bytes")
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
 class PortTakenError(SoundSentryError):
     """The dashboard's address cannot be listened on (for now)."""
 
@@ -405,6 +446,7 @@ def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
     server.dashboard = dashboard
     server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     server.per_address, server.lock = {}, threading.Lock()
+    server.reading = OrderedDict()
     return server
 
 
@@ -419,24 +461,45 @@ class Handler(BaseHTTPRequestHandler):
         return "SoundSentry"
 
     def setup(self) -> None:
-        """The connection, with HEADER_DEADLINE_S for its request line and headers."""
+        """The connection, with HEADER_DEADLINE_S for its request line and headers, and among
+        MAX_READING that read them at once (the oldest beyond is let go)."""
         super().setup()
+        self.rfile = _HeaderCap(self.rfile)
         self._deadline = threading.Timer(HEADER_DEADLINE_S, self._too_slow)
         self._deadline.daemon = True
         self._deadline.start()
+        with self.server.lock:
+            self.server.reading[id(self)] = self
+            oldest = (
+                self.server.reading.popitem(last=False)[1]
+                if len(self.server.reading) > MAX_READING
+                else None
+            )
+        if oldest is not None:
+            oldest._too_slow()
+
+    def _read(self) -> None:
+        """Its headers are in (or it ends): no longer among those reading them."""
+        self._deadline.cancel()
+        with self.server.lock:
+            self.server.reading.pop(id(self), None)
 
     def _too_slow(self) -> None:
         with contextlib.suppress(OSError):  # the reading thread then sees the end and goes
             self.connection.shutdown(socket.SHUT_RDWR)
 
     def parse_request(self) -> bool:
-        """Reads the headers; once they are in, the deadline no longer applies."""
-        parsed = super().parse_request()
-        self._deadline.cancel()
-        return parsed
+        """Reads the headers, MAX_HEADER_BYTES at most; once they are in, the deadline no longer
+        applies."""
+        self.rfile.left = MAX_HEADER_BYTES
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile.left = None
+            self._read()
 
     def finish(self) -> None:
-        self._deadline.cancel()
+        self._read()
         super().finish()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -602,6 +665,8 @@ class Handler(BaseHTTPRequestHandler):
         stream = live.open_stream()
         if stream is None:
             return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "too many live streams")
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
         try:
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
