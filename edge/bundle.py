@@ -40,6 +40,7 @@ from edge.events import DEFAULT_K, DEFAULT_N
 from edge.features import FeatureParams
 from edge.private import atomic_write, file_on_the_way, pid_running, sync_folder
 from edge.runtime import TfliteModel
+from edge.threshold import MAX_FALSE_ALARMS_PER_DAY
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ class _EventLogicParams(BaseModel):
     k: int = Field(DEFAULT_K, ge=1, le=100)
     n: int = Field(DEFAULT_N, ge=1, le=100)
     m: int = Field(1, ge=1, le=1000)
-    false_alarms_per_day: float = Field(1.0, gt=0)
+    # as the CLI and [learning] cap it: 1e300 loaded, and calibrate and refits used it
+    false_alarms_per_day: float = Field(1.0, gt=0, le=MAX_FALSE_ALARMS_PER_DAY)
 
 
 class _CalibrationParams(BaseModel):

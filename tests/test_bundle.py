@@ -212,6 +212,7 @@ NETWORK_CASES = [
     (lambda b: edit_manifest(b, {"threshold.params.k": 5}), "must not exceed"),
     (lambda b: edit_manifest(b, {"threshold.params.false_alarms_per_day": "x"}), "per_day"),
     (lambda b: edit_manifest(b, {"threshold.params.false_alarms_per_day": -1}), "per_day"),
+    (lambda b: edit_manifest(b, {"threshold.params.false_alarms_per_day": 1e300}), "per_day"),
     (lambda b: edit_manifest(b, {"calibration": {"channel": "left"}}), "calibration.channel"),
     (lambda b: edit_manifest(b, {"calibration": {"channel": None}}), "calibration.channel"),
     (lambda b: edit_manifest(b, {"training.channel": 99}), "training.channel"),
