@@ -74,8 +74,13 @@ class TfliteModel:
             if "Didn't find op" in said and "tflite_runtime" in runtime_name():  # stops at 2.14
                 said += "; tflite-runtime lacks operations this model uses: install ai-edge-litert"
             raise BundleError(f"{name}: not a loadable TFLite model ({said})") from None
-        self._in = self._interp.get_input_details()[0]
-        self._out = self._interp.get_output_details()[0]
+        inputs, outputs = self._interp.get_input_details(), self._interp.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:  # a second input was never fed: wrong scores
+            raise BundleError(
+                f"{name}: a model of {len(inputs)} inputs and {len(outputs)} outputs; a detector's "
+                "network has one of each"
+            )
+        self._in, self._out = inputs[0], outputs[0]
         self.input_shape = tuple(int(d) for d in self._in["shape"])
         self.output_shape = tuple(int(d) for d in self._out["shape"])
         self.input_dtype = np.dtype(self._in["dtype"])

@@ -706,3 +706,18 @@ def test_a_format_1_manifest_of_the_wrong_shape_is_one_line(tmp_path: Path, chan
     with pytest.raises(BundleError, match=r"old\.bundle") as caught:
         load_bundle(old)
     assert "\n" not in str(caught.value)
+
+
+def test_a_network_of_two_inputs_is_refused(copy: Path) -> None:
+    """A TFLite model with a second input loaded, that input was never fed, and the scores came
+    out wrong (1.706 where the model gives 0.609) without a word (in a review)."""
+    import tensorflow as tf
+
+    first = tf.keras.Input((30, 64, 1), batch_size=1)
+    second = tf.keras.Input((30, 64, 1), batch_size=1)
+    network = tf.keras.Model([first, second], tf.keras.layers.Add()([first, second]))
+    content = tf.lite.TFLiteConverter.from_keras_model(network).convert()
+    (copy / MODEL_INT8).write_bytes(content)
+    edit_manifest(copy, {f"files.{MODEL_INT8}": sha256_bytes(content)})
+    with pytest.raises(BundleError, match="2 inputs and 1 outputs"):
+        load_bundle(copy)
