@@ -29,6 +29,7 @@ import shutil
 import stat
 import zipfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -576,8 +577,9 @@ def check_bundle_target(path: str | Path) -> set[str]:
             raise BundleError(
                 f"{path}: {on_the_way} is a file, not a folder; choose another bundle path"
             )
-        # a dangling symlink is replaced in the folder it lies in
-        _require_writable(path, path.parent if on_the_way == path else on_the_way)
+        if on_the_way == path:  # a dangling symlink: the bundle is written where it points
+            on_the_way = next(p for p in path.resolve().parents if p.exists())
+        _require_writable(path, on_the_way)
         return set()
     if not path.is_dir():
         raise BundleError(f"{path}: exists and is not a folder; choose another bundle path")
@@ -596,13 +598,19 @@ def check_bundle_target(path: str | Path) -> set[str]:
     return {n for n in listed if isinstance(n, str) and SAFE_FILE.match(n) and n != MANIFEST}
 
 
+class UnwritableError(BundleError, PermissionError):
+    """A bundle folder this user may not write: a BundleError for the commands' one line, and an
+    OSError, as writing there would have raised, for a site version (edge.history), whose
+    learning period is then kept for a later try instead of being dropped as refused."""
+
+
 def _require_writable(path: Path, folder: Path) -> None:
-    """BundleError unless this user may make files in `folder` (the bundle's own, or the
+    """UnwritableError unless this user may make files in `folder` (the bundle's own, or the
     nearest one above a new bundle): else a whole training ended in "Read-only file system",
     after a warning that the earlier bundle was "replaced without a copy", which it was not.
     access(2) also says no to root on a read-only file system."""
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise BundleError(
+        raise UnwritableError(
             f"{path}: {folder} is not writable (a read-only file system, or a folder this user "
             "may not write); choose another bundle path"
         )
@@ -716,15 +724,23 @@ PROBE_LEVEL = 0.01
 """RMS of the seeded white noise a loaded bundle must score as a finite number."""
 
 
+@lru_cache(maxsize=8)
+def _probe_window(params: FeatureParams) -> np.ndarray:
+    """The log-mel features of the probe's noise, once per feature parameters (the filterbank
+    took most of a load's time when made at every load)."""
+    from edge.features import LogMel  # edge.features imports nothing of the bundle's
+
+    noise = np.random.default_rng(0).standard_normal(params.window_samples) * PROBE_LEVEL
+    features = LogMel(params)(noise.astype(np.float32))
+    features.setflags(write=False)
+    return features
+
+
 def _check_scores(bundle: Bundle, plugin: Any) -> None:
     """Refuse a bundle that scores a window of quiet noise as NaN or infinity: finite arrays
     whose arithmetic overflows, or a network that outputs NaN, scored every window NaN, which
     the event logic takes as below any threshold: detection off, and doctor passed it."""
-    from edge.features import LogMel  # edge.features imports nothing of the bundle's
-
-    p = bundle.features
-    noise = np.random.default_rng(0).standard_normal(p.window_samples) * PROBE_LEVEL
-    score = plugin.scorer(bundle).score(LogMel(p)(noise.astype(np.float32)), 0).score
+    score = plugin.scorer(bundle).score(_probe_window(bundle.features).copy(), 0).score
     if not np.isfinite(score):
         raise BundleError(
             f"{bundle.path}: scores a window of quiet noise as {score}: its arrays or its network "

@@ -261,7 +261,7 @@ class Controller:
         if version is not None and same and not replaced:
             log.info("reload: the model is unchanged: keeping version %d", version)
             return
-        if same and not replaced and _holds(new.model, d.bundle.model_id):
+        if same and not replaced and _holds(new.model, d.bundle):
             # the running model, reloaded, would only drop the threshold set by command
             log.info("reload: the model is unchanged: keeping %s", d.bundle.model_id)
             return
@@ -285,7 +285,7 @@ class Controller:
         if path is None or adapter is None:
             return False
         try:
-            return read_manifest(path).model_id != adapter.configured.model_id
+            return read_manifest(path).checksum != adapter.configured.manifest.checksum
         except SoundSentryError:
             return False
 
@@ -337,12 +337,14 @@ def _num(value: Any) -> str:
     return "?" if value is None else f"{value:.4g}"
 
 
-def _holds(path: Path | None, model_id: str) -> bool:
-    """The bundle at `path` is the model `model_id` (False when it cannot be read)."""
+def _holds(path: Path | None, bundle: Bundle) -> bool:
+    """The bundle at `path` is `bundle`, byte for byte (its manifest's checksum covers every
+    file's hash): a model id alone is the fitted arrays', and a bundle trained again with another
+    budget has the same id and another threshold. False when it cannot be read."""
     if path is None:
         return False
     try:
-        return read_manifest(path).model_id == model_id
+        return read_manifest(path).checksum == bundle.manifest.checksum
     except SoundSentryError:
         return False
 

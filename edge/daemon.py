@@ -284,7 +284,23 @@ class Detector:
         anomaly ends; settings it cannot take raise and change nothing), [health] and [clips]
         apply at once. Unchanged detector settings keep the pipeline and an open anomaly."""
         if settings.detector != self.settings.detector:
-            self._load(self.bundle, settings, self._threshold, close="settings_changed")
+            threshold = self._threshold
+            if threshold is not None:  # kept as a restart keeps it: within the new bounds
+                low, high = threshold_bounds(
+                    self.bundle.threshold,
+                    self.bundle.manifest.kind == "classifier",
+                    settings.detector.threshold,
+                )
+                if not low <= threshold <= high:
+                    log.warning(
+                        "threshold %.6g set by command dropped: the new [detector] settings "
+                        "allow %.6g to %.6g",
+                        threshold,
+                        low,
+                        high,
+                    )
+                    threshold = None
+            self._load(self.bundle, settings, threshold, close="settings_changed")
         else:
             self.settings = settings
         h, c = settings.health, settings.clips  # faults in progress and the ring are kept

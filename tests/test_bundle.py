@@ -721,3 +721,13 @@ def test_a_network_of_two_inputs_is_refused(copy: Path) -> None:
     edit_manifest(copy, {f"files.{MODEL_INT8}": sha256_bytes(content)})
     with pytest.raises(BundleError, match="2 inputs and 1 outputs"):
         load_bundle(copy)
+
+
+def test_an_unwritable_bundle_folder_is_an_os_error_too() -> None:
+    """The writability check raised a BundleError, which a site version's writer
+    (edge.history.write_version) does not take for a disk that failed: a learning period whose
+    models folder could not be written was dropped as refused, and the model marked failed for
+    good, where a disk error keeps the period for the next try (in a review)."""
+    from edge.bundle import UnwritableError
+
+    assert issubclass(UnwritableError, BundleError) and issubclass(UnwritableError, OSError)

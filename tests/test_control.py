@@ -248,6 +248,25 @@ def test_a_sighup_with_settings_the_model_refuses_ends_no_event(
     assert rec.kinds() == ["start"] and d.settings.detector.trigger_windows != 5
 
 
+def test_a_sighup_that_narrows_the_bounds_drops_a_threshold_set_outside_them(
+    tmp_path: Path,
+) -> None:
+    """A `[detector] threshold` override widens what set_threshold accepts; with it removed by a
+    reload, the value set under it (16 times the calibrated one) stayed in force, where a restart
+    drops it for being out of bounds: detection all but off, without a word (in a review)."""
+    d, _ = detector(tmp_path)
+    calibrated = d.bundle.threshold
+    wide = d.settings.detector.model_copy(update={"threshold": calibrated * 20})
+    d.apply_settings(d.settings.model_copy(update={"detector": wide}))
+    ctl = Controller(d, reload_settings=lambda: new)
+    high = round(calibrated * 16, 3)
+    reply = ctl.handle_payload(json.dumps({"command": "set_threshold", "value": high}).encode())
+    assert reply.ok, reply.detail
+    new = d.settings.model_copy(update={"detector": wide.model_copy(update={"threshold": None})})
+    ctl.reload()
+    assert d.threshold == pytest.approx(calibrated)
+
+
 def test_a_reload_keeps_the_running_capture_s_stall_time(tmp_path: Path) -> None:
     """A reload applied the new [health] stall_seconds to the daemon's stall check at once but
     kept the running capture's [audio] blocks (it says both apply after a restart): 1-s blocks

@@ -903,6 +903,27 @@ def test_sighup_after_a_bundle_was_trained_again_before_any_site_version_configu
     assert d.bundle.model_id == retrained and d.adapter.configured.model_id == retrained
 
 
+def test_sighup_after_a_bundle_was_trained_again_with_another_budget_takes_its_threshold(
+    tmp_path: Path,
+) -> None:
+    """The reload compared model ids, which are the fitted arrays': the same recordings trained
+    again with a tenth of the false-alarm budget kept the id, and the reload said "the model is
+    unchanged", keeping the old threshold until a restart (in a review)."""
+    configured = tmp_path / "models" / "fan.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(configured))
+    device = Device(tmp_path, bundle=configured)
+    device.replay(NORMAL_FILES[0])
+    before = device.detector.threshold
+    cli(
+        "train", "--normal", *map(str, NORMAL_FILES), "--out", str(configured),
+        "--false-alarms-per-day", "0.1",
+    )  # fmt: skip
+    retrained = load_bundle(configured)
+    assert retrained.threshold != before
+    Controller(device.detector, reload_settings=device.settings).reload()
+    assert device.detector.threshold == pytest.approx(retrained.threshold)
+
+
 def test_a_refused_period_ending_in_the_same_second_keeps_the_features_a_version_uses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
