@@ -740,7 +740,8 @@ def _check_scores(bundle: Bundle, plugin: Any) -> None:
     """Refuse a bundle that scores a window of quiet noise as NaN or infinity: finite arrays
     whose arithmetic overflows, or a network that outputs NaN, scored every window NaN, which
     the event logic takes as below any threshold: detection off, and doctor passed it."""
-    score = plugin.scorer(bundle).score(_probe_window(bundle.features).copy(), 0).score
+    with np.errstate(all="ignore"):  # the overflow is what is refused, in one line
+        score = plugin.scorer(bundle).score(_probe_window(bundle.features).copy(), 0).score
     if not np.isfinite(score):
         raise BundleError(
             f"{bundle.path}: scores a window of quiet noise as {score}: its arrays or its network "
