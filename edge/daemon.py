@@ -286,11 +286,7 @@ class Detector:
         if settings.detector != self.settings.detector:
             threshold = self._threshold
             if threshold is not None:  # kept as a restart keeps it: within the new bounds
-                low, high = threshold_bounds(
-                    self.bundle.threshold,
-                    self.bundle.manifest.kind == "classifier",
-                    settings.detector.threshold,
-                )
+                low, high = self.threshold_bounds(settings)
                 if not low <= threshold <= high:
                     log.warning(
                         "threshold %.6g set by command dropped: the new [detector] settings "
@@ -572,12 +568,12 @@ class Detector:
             if self.adapter.observe(row):
                 self._finish_learning()
 
-    def threshold_bounds(self) -> tuple[float, float]:
-        """The thresholds set_threshold accepts for the running model and settings."""
+    def threshold_bounds(self, settings: Settings | None = None) -> tuple[float, float]:
+        """The thresholds set_threshold accepts for the running model and settings (or these)."""
         return threshold_bounds(
             self.bundle.threshold,
             self.bundle.manifest.kind == "classifier",
-            self.settings.detector.threshold,
+            (settings or self.settings).detector.threshold,
         )
 
     def _restore_state(self) -> None:
