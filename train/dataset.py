@@ -201,19 +201,13 @@ def training_audio(
             log.warning("%s: no audio files in this folder", folder)
     # every unusable file named, copies among them, and those without the channel asked for
     # (reading named only the first of them)
-    checked = check_files(files, usable_channel(channel), samplerate)
+    checked = check_files(files, max(channel, 0), samplerate)
     seconds = {f: n / rate for f, (n, rate) in zip(files, checked, strict=True)}
     short = [str(f) for f in files if seconds[f] < window_seconds]
     warn_short(short, window_seconds)
     files = without_copies([f for f in files if seconds[f] >= window_seconds])
     require_audio(sum(seconds[f] for f in files), "train")
     return files
-
-
-def usable_channel(channel: int) -> int:
-    """The channel every file must have for `channel`: an average of all channels (-1) or
-    every channel as a view (-2) needs only channel 0."""
-    return max(channel, 0)
 
 
 def dense_params(params: FeatureParams, divisor: int = TRAIN_HOP_DIVISOR) -> FeatureParams:
@@ -384,7 +378,7 @@ def state_folders(
     # every unusable file of every state named at once; a recording shorter than one window
     # is left out, as `--normal` leaves it (a 50-ms one gave a state no level: NaN)
     every = [f for files in groups.values() for f in files]
-    checked = check_files(every, usable_channel(channel), samplerate)
+    checked = check_files(every, max(channel, 0), samplerate)
     length = {f: n / rate for f, (n, rate) in zip(every, checked, strict=True)}
     warn_short([str(f) for f in every if length[f] < window_seconds], window_seconds)
     for name, files in groups.items():
