@@ -294,10 +294,15 @@ def _check_float_samples(path: Path) -> None:
     except OSError as exc:
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
     if peak > FLOAT_FULL_SCALE:
-        raise AudioError(
-            f"{path}: float samples reach {peak:.3g}, beyond full scale (+-1): scale the "
-            "recording into -1..1 (divide by its peak) before using it"
-        )
+        raise _beyond_full_scale(path, peak)
+
+
+def _beyond_full_scale(path: Path, peak: float) -> AudioError:
+    """The one line for a float file whose samples peak beyond full scale."""
+    return AudioError(
+        f"{path}: float samples reach {peak:.3g}, beyond full scale (+-1): scale the recording "
+        "into -1..1 (divide by its peak) before using it"
+    )
 
 
 def check_files(
@@ -376,10 +381,7 @@ def read_audio(
         raise AudioError(f"{path}: invalid samples ({summary.bad} are NaN or infinite)")
     check_rate(path, rate, samplerate)
     if summary.peak > FLOAT_FULL_SCALE:  # only float files can: engineering units, not audio
-        raise AudioError(
-            f"{path}: float samples reach {summary.peak:.3g}, beyond full scale (+-1): scale "
-            "the recording into -1..1 (divide by its peak) before using it"
-        )
+        raise _beyond_full_scale(path, summary.peak)
     if not valid:
         raise _no_channel(channel, channels, path)
     if need_sound:
