@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -421,6 +422,7 @@ def _swap_in(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
     try:
         for name, data in blobs.items():
             _atomic_write(staging / name, data)
+        _check_loads(staging, path)
         if not path.exists():
             os.rename(staging, path)
             sync_folder(path.parent)  # the new name survives a power cut
@@ -441,7 +443,12 @@ def _swap_in(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
 
 
 def _write_in_place(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
-    """Each file replaced atomically inside `path`, the manifest last (it names the others)."""
+    """Each file replaced atomically inside `path`, the manifest last (it names the others),
+    once a copy in a temporary folder has loaded."""
+    with tempfile.TemporaryDirectory(prefix="soundsentry-bundle-") as tmp:
+        for name, data in blobs.items():
+            (Path(tmp) / name).write_bytes(data)
+        _check_loads(Path(tmp), path)
     path.mkdir(parents=True, exist_ok=True)
     for name, data in blobs.items():
         if name != MANIFEST:
@@ -449,6 +456,17 @@ def _write_in_place(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> N
     _atomic_write(path / MANIFEST, blobs[MANIFEST])
     for name in earlier - set(blobs):  # an earlier bundle's model that this one does not have
         (path / name).unlink(missing_ok=True)
+
+
+def _check_loads(folder: Path, path: Path) -> None:
+    """BundleError unless the bundle written in `folder` loads as the edge loads it (every
+    check and the noise probe of load_bundle): a trainer or a refit whose bundle would not load
+    (the float32 spread floor of a knn fit, once) must not replace one that does."""
+    try:
+        load_bundle(folder)
+    except BundleError as exc:
+        reason = str(exc).replace(f"{folder}/", "").replace(f"{folder}: ", "")
+        raise BundleError(f"{path}: not written, the new bundle would not load: {reason}") from None
 
 
 _AT_FDCWD = -100

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import edge.bundle
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
 from edge.daemon import Sink
@@ -54,17 +55,29 @@ def window_scores(bundle_path: Path, audio_file: Path) -> np.ndarray:
     return np.array([scorer.score(x).score for x in bundle_windows(bundle_path, audio_file)])
 
 
-def with_arrays(bundle_path: Path, out: Path, **arrays: np.ndarray) -> Path:
+def write_unchecked(out: Path, manifest: dict, files: dict, arrays: dict) -> Path:
+    """`write_bundle` without its last check (that the written bundle loads): how a test makes
+    a bundle the loader must refuse, as a damaged disk or an older version would leave it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(edge.bundle, "_check_loads", lambda folder, path: None)
+        return write_bundle(out, manifest, files, arrays)
+
+
+def with_arrays(bundle_path: Path, out: Path, check: bool = True, **arrays: np.ndarray) -> Path:
     """A copy of a bundle with some arrays replaced (names with '.' passed as a dict: use
-    `with_arrays(path, out, **{"knn.bank": x})`), written by the one bundle builder."""
+    `with_arrays(path, out, **{"knn.bank": x})`), written by the one bundle builder (without
+    its load check: `check=False`)."""
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
-    return write_bundle(out, manifest, {}, {**bundle.arrays, **arrays})
+    write = write_bundle if check else write_unchecked
+    return write(out, manifest, {}, {**bundle.arrays, **arrays})
 
 
 def assert_refused_with(bundle_path: Path, out: Path, match: str, **arrays: np.ndarray) -> None:
     """A copy of a bundle with some arrays replaced (see `with_arrays`) is refused at load,
-    with an error matching `match`."""
-    bad = with_arrays(bundle_path, out, **arrays)
+    with an error matching `match`, and so is writing it."""
+    with pytest.raises(BundleError, match="the new bundle would not load: .*" + match):
+        with_arrays(bundle_path, out, **arrays)
+    bad = with_arrays(bundle_path, out, check=False, **arrays)
     with pytest.raises(BundleError, match=match):
         load_bundle(bad)

@@ -586,6 +586,34 @@ def test_a_bundle_load_bundle_would_refuse_for_its_arrays_is_never_written(
     assert not (tmp_path / "nan.bundle").exists()
 
 
+@pytest.mark.parametrize("where", ["beside", "in place"])
+def test_a_bundle_that_would_not_load_never_replaces_one_that_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A knn fit whose float32 spread floor made a bundle the loader refused was written over
+    a good one (in a review): the machine was left without a model that loads. The new bundle
+    must load, as the edge loads it, before it replaces anything, whether it is swapped in
+    beside (a sibling folder) or written file by file in place (here: the shell's own folder)."""
+    from edge.bundle import write_bundle
+
+    target = tmp_path / "b.bundle"
+    shutil.copytree(DEMO_BUNDLE, target)
+    before = {f.name: f.read_bytes() for f in target.iterdir()}
+    bundle = load_bundle(target)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    name, array = next((k, v) for k, v in sorted(bundle.arrays.items()) if v.ndim == 2)
+    arrays = {**bundle.arrays, name: array[:-1]}  # finite, valid JSON: only a load can tell
+    if where == "in place":
+        monkeypatch.chdir(target)
+    with pytest.raises(BundleError, match=f"^{target}: not written, the new bundle would not load"):
+        write_bundle(target, manifest, {}, arrays)
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b.bundle"]  # no staging folder left
+    assert load_bundle(target).model_id == bundle.model_id
+    write_bundle(target, manifest, {}, bundle.arrays)  # a bundle that loads is written
+    assert load_bundle(target).model_id == bundle.model_id
+
+
 def test_a_model_the_old_tflite_runtime_cannot_run_says_to_install_litert(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -285,7 +285,9 @@ def test_a_classifier_bundle_whose_threshold_no_window_can_reach_is_refused_as_s
 ) -> None:
     """A threshold of 1 passed the bundle's check; the tracker then refused it, blaming
     `detector.threshold`, a setting the user had not set."""
-    from edge.bundle import ARRAYS, MANIFEST, write_bundle
+    from detector_helpers import write_unchecked
+
+    from edge.bundle import ARRAYS, MANIFEST
 
     manifest = json.loads((classifier / MANIFEST).read_text())
     manifest["threshold"]["value"] = 1.0
@@ -294,6 +296,6 @@ def test_a_classifier_bundle_whose_threshold_no_window_can_reach_is_refused_as_s
     files = {n: (classifier / n).read_bytes() for n in manifest["files"] if n != ARRAYS}
     for key in ("files", "checksum"):
         manifest.pop(key, None)
-    bad = write_bundle(tmp_path / "one.bundle", manifest, files, arrays)
+    bad = write_unchecked(tmp_path / "one.bundle", manifest, files, arrays)
     with pytest.raises(BundleError, match="a classifier's threshold is a probability below 1"):
         load_bundle(bad)

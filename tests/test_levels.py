@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import ANOMALOUS_FILE, NORMAL_FILES, cli
-from detector_helpers import window_scores
+from detector_helpers import window_scores, write_unchecked
 
 from edge.audio_io import read_audio
-from edge.bundle import load_bundle, write_bundle
+from edge.bundle import load_bundle
 from edge.detectors.levels import LevelsScorer, level_features
 from edge.errors import BundleError
 from edge.features import windows_of
@@ -79,7 +79,7 @@ def test_bundle_with_fluctuation_sized_arrays_is_refused(
     bundle = load_bundle(trained)
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
     arrays = {**bundle.arrays, name: np.ones(shape)}
-    write_bundle(tmp_path / "bad.bundle", manifest, {}, arrays)
+    write_unchecked(tmp_path / "bad.bundle", manifest, {}, arrays)
     with pytest.raises(BundleError, match=name):
         load_bundle(tmp_path / "bad.bundle")
 
@@ -173,6 +173,6 @@ def test_a_bundle_that_cannot_score_is_refused_at_load(trained: Path, tmp_path: 
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
     manifest["features"]["window_seconds"] = manifest["features"]["n_fft"] / 16000
     manifest["features"]["hop_seconds"] = manifest["features"]["window_seconds"]
-    short = write_bundle(tmp_path / "short.bundle", manifest, {}, bundle.arrays)
+    short = write_unchecked(tmp_path / "short.bundle", manifest, {}, bundle.arrays)
     with pytest.raises(BundleError, match=r"a window of 1 frame\(s\) .* at least 3"):
         load_bundle(short)
