@@ -83,6 +83,9 @@ MAX_HANDED = 100
 handed over at once: about 1.8 KB of paho's memory per message (108 MB for 60,000, against
 the unit's MemoryMax), and past 65,535 paho's message ids wrapped, so an old message's
 acknowledgement deleted a newer row the broker never had (a review)."""
+MAX_UNSPOOLED = 2000
+"""Messages kept in memory while the spool cannot be written (a full card), about 1 KB each:
+a few hours of an anomaly's updates beside the health and events of a day."""
 SENDER_IDLE_S = 0.5
 PROBE_TIMEOUT_S = 2.0
 """How long a failed connection's reason is looked for (on paho's thread, between retries)."""
@@ -220,6 +223,12 @@ class MqttPublisher:
         self._spool_failed = False
         self._handed = 0
         self._acked_rows: list[int] = []  # spool rows the broker accepted, not yet deleted
+        self._remove_failed = False  # those could not be deleted last time (logged)
+        self._unspooled: deque[tuple[str, str, bool]] = deque()
+        """Messages the spool could not take (a full disk), oldest first: sent after its rows,
+        and moved into it as soon as it takes a message again (under `_unspooled_lock`)."""
+        self._unspooled_lock = threading.Lock()
+        self._unspooled_dropped = 0
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
         self._max_packet: int | None = None  # the broker's MaximumPacketSize (CONNACK)
         self._too_large = _Throttle(REFUSED_LOG_INTERVAL_S)  # logged per topic
@@ -551,7 +560,12 @@ class MqttPublisher:
         )
 
     def _send_batch(self) -> None:
-        for row in self.spool.after(self._handed, SEND_BATCH):
+        try:
+            rows = self.spool.after(self._handed, SEND_BATCH)
+        except sqlite3.Error:  # a spool that cannot be read holds nothing to send before them
+            self._send_unspooled()
+            raise
+        for row in rows:
             if not self.connected or len(self._inflight) >= MAX_HANDED:
                 return  # an acknowledgement wakes the sender for the rest
             info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
@@ -564,7 +578,9 @@ class MqttPublisher:
             self._inflight[info.mid] = row.id  # its ack is read on this thread, after this
         if self.spool.after(self._handed, 1):
             self._wake.set()
-        elif self._offer_rest or (
+            return
+        self._send_unspooled()
+        if self._offer_rest or (
             self._offer_refused_at and time.monotonic() >= self._offer_refused_at
         ):
             self._offer_refused()
@@ -653,10 +669,26 @@ class MqttPublisher:
     def _remove_acked(self) -> None:
         """Delete the rows the broker accepted; one that cannot be deleted now (a full disk) is
         tried again next pass, and sent again (a QoS 1 duplicate) only if the daemon stops
-        first."""
-        while self._acked_rows:
-            self.spool.remove(self._acked_rows[0])
-            del self._acked_rows[0]
+        first. The pass goes on to send the rows after them (the spool still reads): the failed
+        delete ended it, and an outage's events beyond the first MAX_HANDED stayed unsent for as
+        long as the card was full (in a review)."""
+        try:
+            while self._acked_rows:
+                self.spool.remove(self._acked_rows[0])
+                del self._acked_rows[0]
+        except sqlite3.Error as exc:
+            if not self._remove_failed:
+                log.error(
+                    "spool %s: messages the broker took cannot be deleted (%s); sending goes "
+                    "on, and they are deleted once the card can be written",
+                    self.spool.path,
+                    exc,
+                )
+            self._remove_failed = True
+            return
+        if self._remove_failed:
+            log.info("spool %s: the messages the broker took are deleted again", self.spool.path)
+        self._remove_failed = False
 
     def _log_refusal(self, topic: str, reason: Any, spooled: bool) -> None:
         """One error for the first refused publish on `topic`, then at most one every
@@ -679,7 +711,7 @@ class MqttPublisher:
     def _pending(self) -> bool:
         """Something left for the sender; a spool that cannot be read has nothing it could send
         (its messages go at the next start), so closing does not wait for it."""
-        if self._inflight or self._acked_rows:
+        if self._inflight or self._acked_rows or self._unspooled:
             return True
         try:
             return bool(self.spool.after(self._handed, 1))
@@ -710,26 +742,60 @@ class MqttPublisher:
         return replace(event, seq=seq)
 
     def _spool(self, topic: str, payload: str, retain: bool) -> None:
-        """Store a QoS 1 message in the spool for the sender; when the spool cannot be written
-        (a full disk), publish it directly instead: it is then lost only if the broker is away
-        too. Logged once until the spool works again."""
-        try:
-            self.spool.append(topic, payload, qos=1, retain=retain)
-        except sqlite3.Error as exc:
-            if not self._spool_failed:
-                log.error(
-                    "spool %s cannot be written (%s): publishing directly, so messages sent "
-                    "while the broker is away are lost until it can",
-                    self.spool.path,
-                    exc,
-                )
-            self._spool_failed = True
-            self._publish(topic, payload, qos=1, retain=retain)
-            return
+        """Store a QoS 1 message in the spool for the sender. When the spool cannot be written
+        (a full disk) it waits in memory (at most MAX_UNSPOOLED, the oldest dropped first and
+        counted), sent by the sender after the spool's rows and moved into the spool, in
+        order, once it takes messages again. Published directly, paho queued it while the
+        broker was away and sent it first at the reconnect: an event's `end` reached consumers
+        before its `start` (in a review). Logged once until the spool works again."""
+        with self._unspooled_lock:
+            try:
+                while self._unspooled:  # older than this one: in the spool first
+                    self.spool.append(*self._unspooled[0][:2], qos=1, retain=self._unspooled[0][2])
+                    self._unspooled.popleft()
+                self.spool.append(topic, payload, qos=1, retain=retain)
+            except sqlite3.Error as exc:
+                self._keep_unspooled(topic, payload, retain, exc)
+                self._wake.set()
+                return
         if self._spool_failed:
             log.info("spool %s is written again", self.spool.path)
         self._spool_failed = False
         self._wake.set()
+
+    def _keep_unspooled(self, topic: str, payload: str, retain: bool, exc: Exception) -> None:
+        """Keep in memory a message the spool refused (under `_unspooled_lock`)."""
+        if not self._spool_failed:
+            log.error(
+                "spool %s cannot be written (%s): messages wait in memory (up to %d, lost if "
+                "the daemon stops before the broker takes them) until it can",
+                self.spool.path,
+                exc,
+                MAX_UNSPOOLED,
+            )
+        self._spool_failed = True
+        self._unspooled.append((topic, payload, retain))
+        while len(self._unspooled) > MAX_UNSPOOLED:
+            self._unspooled.popleft()
+            self._unspooled_dropped += 1
+            if self._unspooled_dropped in (1, 10, 100) or self._unspooled_dropped % 1000 == 0:
+                log.error(
+                    "spool %s cannot be written and %d message(s) waiting in memory were "
+                    "dropped, the oldest first: free space on the card",
+                    self.spool.path,
+                    self._unspooled_dropped,
+                )
+
+    def _send_unspooled(self) -> None:
+        """Hand paho the messages the spool could not take, oldest first, once every spool row
+        has been handed (they are newer)."""
+        with self._unspooled_lock:
+            while self._unspooled and self.connected and len(self._inflight) < MAX_HANDED:
+                topic, payload, retain = self._unspooled[0]
+                info = self._publish(topic, payload, qos=1, retain=retain)
+                if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: handed again later
+                    return
+                self._unspooled.popleft()
 
     def remember_last_event(self, payload: str) -> None:
         """The retained `last_event`: sent now if connected, and again after every reconnect
