@@ -246,6 +246,37 @@ def test_a_spool_file_that_cannot_be_used_does_not_stop_the_daemon_from_starting
         assert sqlite3.connect(spool).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
 
 
+def test_the_messages_a_damaged_spool_still_holds_are_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One bad page of a spool that held a broker outage's 400 events sent the whole file
+    aside, and every waiting message with it, though 393 could still be read (in a review). The
+    readable ones move into the new spool, in order; those of the damaged page are counted."""
+    from edge.spool import Spool, open_spool
+
+    path = tmp_path / "spool.sqlite"
+    spool = Spool(path)
+    for n in range(400):
+        spool.append("t/events", json.dumps({"type": "start", "n": n, "pad": "x" * 500}))
+    spool.append("t/health", "ok", retain=True)
+    spool._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[attr-defined]
+    spool.close()
+    with path.open("r+b") as fh:  # one bad sector in the middle of the table
+        fh.seek(4096 * 20)
+        fh.write(b"\0" * 4096)
+    caplog.set_level(logging.ERROR, logger="edge.spool")
+    again = open_spool(path, 10_000)
+    rows = again.after(0, 1000)
+    numbers = [json.loads(r.payload)["n"] for r in rows[:-1]]
+    assert 350 <= len(numbers) < 400, len(numbers)
+    assert numbers == sorted(numbers) and numbers[0] == 0 and numbers[-1] == 399
+    assert (rows[-1].topic, rows[-1].payload, rows[-1].retain) == ("t/health", "ok", True)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert f"with the {len(rows)} message(s) still readable" in line, line
+    assert len(list(tmp_path.glob("spool.sqlite.broken-*"))) == 1
+    again.close()
+
+
 def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
     broker: Broker, tmp_path: Path
 ) -> None:
