@@ -207,15 +207,19 @@ class Spool:
                     (excess,),
                 )
                 self._dropped_unlogged += excess
-                if time.monotonic() - self._full_logged_at >= FULL_LOG_EVERY_S:
-                    log.warning(
-                        "spool full (%d messages): dropped %d since the last report (replaced "
-                        "retained messages and anomaly updates first, then the oldest)",
-                        self.max_messages,
-                        self._dropped_unlogged,
-                    )
-                    self._full_logged_at, self._dropped_unlogged = time.monotonic(), 0
+                self._report_drops()
             return int(cur.lastrowid or 0)
+
+    def _report_drops(self) -> None:
+        """Log the drops not yet reported, at most every FULL_LOG_EVERY_S (under `_lock`)."""
+        if self._dropped_unlogged and (time.monotonic() - self._full_logged_at >= FULL_LOG_EVERY_S):
+            log.warning(
+                "spool full (%d messages): dropped %d since the last report (replaced "
+                "retained messages and anomaly updates first, then the oldest)",
+                self.max_messages,
+                self._dropped_unlogged,
+            )
+            self._full_logged_at, self._dropped_unlogged = time.monotonic(), 0
 
     def after(self, last_id: int, limit: int = 100) -> list[Spooled]:
         """Messages with id > last_id, oldest first."""
@@ -251,6 +255,9 @@ class Spool:
         try:
             with self._lock:
                 self._stats = (self._rows, self._dropped())
+                # the drops of a burst that ended within a minute of the last report: they
+                # waited for a later drop to be logged, which the outage's end never brought
+                self._report_drops()
             self._stats_failed = False
         except sqlite3.Error as exc:
             if not self._stats_failed:
