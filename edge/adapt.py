@@ -28,6 +28,7 @@ from edge.bundle import Bundle, load_bundle
 from edge.clips import CLIP_ID_CHARS
 from edge.detectors.thresholds import EventLogic
 from edge.errors import BundleError, SoundSentryError
+from edge.features import FeatureParams
 from edge.history import ModelHistory, VersionUnwrittenError, now_iso, read_json, write_json
 from edge.learning import (
     FeatureStore,
@@ -75,13 +76,24 @@ class Period:
     """A commissioning period: its length, how much audio it has collected, and the features."""
 
     def __init__(
-        self, target_s: float, hop_s: float, store: FeatureStore, of: str, collected_s: float = 0
+        self,
+        target_s: float,
+        bundle: Bundle,
+        store: FeatureStore,
+        of: str,
+        collected_s: float = 0,
     ) -> None:
         self.target_s = target_s
-        self.hop_s = hop_s
+        self.hop_s = bundle.features.hop_seconds
         self.store = store
         self.of = of
-        """The configured model it was begun for: its features fit that model alone."""
+        """The configured model it was begun for: the versions it ends in are that model's."""
+        self.model = bundle.model_id
+        self.kind = bundle.manifest.kind
+        self.features = bundle.manifest.features
+        """The model in use it was begun with (a version loaded by reload_model, say, not the
+        configured one), its kind and feature parameters: they make its windows, and a restart
+        resumes it only with a model that makes the same."""
         self.collected_s = collected_s
         self.started_at = now_iso()
         self.period_id = uuid.uuid4().hex[:16]
@@ -91,6 +103,11 @@ class Period:
         self.heard_events = 0
         """Events the model in use would have raised on the period's audio (events are held
         off while it runs): a fault heard then is learnt as normal, so the refit says so."""
+
+    @property
+    def begun_with(self) -> dict[str, Any]:
+        """The model it was begun with, its kind and feature parameters, as saved with it."""
+        return {"model": self.model, "kind": self.kind, "features": self.features}
 
     @property
     def progress(self) -> float:
@@ -118,11 +135,15 @@ class Adapter:
         configured: Bundle,
         path: Path | None,
         event_logic: Callable[[Bundle], EventLogic] | None = None,
+        runs: Callable[[Bundle], object] | None = None,
     ) -> None:
         self.settings = settings
         self.event_logic = event_logic
         """K, N and M the daemon runs a bundle with (its settings may change the bundle's): a
         refit's threshold is set for those."""
+        self.runs = runs
+        """Raises SoundSentryError when the settings in force cannot run a bundle (the daemon
+        builds its pipeline): a version made under other [detector] settings may not."""
         self.configured = configured
         self.configured_path = path or configured.path
         self.folder = data_dir / "learning"
@@ -134,7 +155,6 @@ class Adapter:
             remove_stale_temps(folder)  # what writes cut short by a power cut left
         if self.history.prune():
             self._tidy()
-        self._resume()
 
     @property
     def last_refit(self) -> dict[str, Any] | None:
@@ -152,12 +172,21 @@ class Adapter:
     # --- the model in use --------------------------------------------------------------------
 
     def restore(self) -> Bundle:
-        """The bundle to start with: the active version if it still loads, else the configured."""
+        """The bundle to start with, and the period saved before the restart resumed with it:
+        the period was begun with the model then in use, which may be a version rather than
+        the configured model, so it is checked against the bundle chosen here."""
+        bundle = self._restored()
+        self._resume(bundle)
+        return bundle
+
+    def _restored(self) -> Bundle:
+        """The active version if it still loads, is the bundle its entry recorded and runs
+        under the settings now, else the configured."""
         entry = self.history.current
         if entry is None:
             return self.configured
         try:
-            bundle = load_bundle(entry["path"])
+            bundle = self._version(entry)
         except SoundSentryError as exc:
             log.error("version %d unusable, using the configured model: %s", entry["version"], exc)
             try:
@@ -165,6 +194,23 @@ class Adapter:
             except OSError as why:  # a full or read-only card: this run only, said
                 self.history.active = None
                 log.error("could not record the switch to the configured model: %s", why)
+            return self.configured
+        try:
+            self._check_runs(bundle)
+        except SoundSentryError as exc:
+            # The settings changed, not the version (a [detector] edit: its threshold was set
+            # for the K and N it was made under, which taking apart would change its alarm
+            # rate). Starting is what matters: the configured model runs, and the history keeps
+            # the version, used again at a start whose settings allow it.
+            self.history.active = None
+            log.error(
+                "version %d (%s) cannot run under the settings now, so the configured model %s "
+                "runs until they allow it again: %s",
+                entry["version"],
+                bundle.model_id,
+                self.configured.model_id,
+                exc,
+            )
             return self.configured
         log.warning(  # not the model named in the config or on the command line: say so
             "using version %d (%s, %s) instead of %s: the device switched to it before (%s); "
@@ -203,15 +249,46 @@ class Adapter:
         return m in self.history.learned or m in self.history.failed
 
     def rollback(self) -> Bundle:
-        """The bundle the active version replaced, loaded; the history points to it."""
+        """The bundle the active version replaced, loaded; the history points to it. Refused
+        (LearningError) when it no longer loads, is no longer the bundle its entry recorded,
+        or cannot run under the settings now."""
         target = self.history.rollback_target()
         entry = self.history.entry(target)
         try:
-            bundle = self.configured if entry is None else load_bundle(entry["path"])
+            bundle = self.configured if entry is None else self._version(entry)
+            self._check_runs(bundle)
         except SoundSentryError as exc:
-            raise LearningError(f"cannot roll back to version {target}: {exc}") from None
+            what = "the configured model" if entry is None else f"version {target}"
+            raise LearningError(f"cannot roll back to {what}: {exc}") from None
         self.history.set_active(target)
+        p = self.period
+        if p is not None:  # a model of another kind: its windows would not fit the period's
+            try:
+                _check_takes(p.begun_with, p.store.dim, bundle)
+            except LearningError:
+                self.model_changed(bundle)
         return bundle
+
+    def _version(self, entry: dict[str, Any]) -> Bundle:
+        """The bundle of a history entry. BundleError when its folder holds another bundle now
+        (its checksum differs from the one recorded): a bundle loaded by reload_model is kept
+        where it was, and `calibrate` writing the same --out again replaced it, so returning to
+        the version would run another model while the history said it ran that one. Entries
+        from before checksums were recorded load what is there."""
+        bundle = load_bundle(entry["path"])
+        recorded = entry.get("checksum")
+        if recorded is not None and recorded != bundle.manifest.checksum:
+            raise BundleError(
+                f"{entry['path']} now holds {bundle.model_id}, not the {entry.get('model_id')} "
+                f"of version {entry['version']} (written over since; reload_model loads it as "
+                "a new version)"
+            )
+        return bundle
+
+    def _check_runs(self, bundle: Bundle) -> None:
+        """SoundSentryError when the settings in force cannot run `bundle`."""
+        if self.runs is not None:
+            self.runs(bundle)
 
     # --- the commissioning period ------------------------------------------------------------
 
@@ -220,7 +297,7 @@ class Adapter:
         dim = feature_dim(bundle)
         self.cancel()
         store = FeatureStore(dim, self.settings.max_windows)
-        self.period = Period(seconds, bundle.features.hop_seconds, store, self.configured.model_id)
+        self.period = Period(seconds, bundle, store, self.configured.model_id)
         self.save_period()
         log.info("learning: started, %g s of audio", seconds)
 
@@ -512,6 +589,7 @@ class Adapter:
                     "started_at": p.started_at,
                     "period_id": p.period_id,
                     "of": p.of,
+                    **p.begun_with,
                     "heard_events": p.heard_events,
                 },
             )
@@ -521,9 +599,11 @@ class Adapter:
             return False
         return True
 
-    def _resume(self) -> None:
+    def _resume(self, bundle: Bundle) -> None:
         """A period saved before a restart continues where it was saved, if it was begun for
-        the model configured now (its features fit that model alone)."""
+        the model configured now and `bundle`, the model restored, makes windows like those it
+        holds (it was begun with the model then in use, a version loaded by reload_model say:
+        checked against the configured model instead, it was dropped at every start)."""
         data = read_json(self.folder / f"{PERIOD}.json")
         if not data:
             return
@@ -533,9 +613,7 @@ class Adapter:
             if of != model:
                 raise LearningError(f"it was begun for {of}, and {model} is configured now")
             store = FeatureStore.load(self.folder / f"{PERIOD}.npz", self.settings.max_windows)
-            dim = feature_dim(self.configured)
-            if store.dim != dim:
-                raise LearningError(f"its windows have {store.dim} features, {model}'s {dim}")
+            _check_takes(data, store.dim, bundle)
             seconds, collected = float(data["seconds"]), float(data["collected_s"])
         except (LearningError, KeyError, TypeError, ValueError) as exc:
             log.warning("learning: the saved period is dropped: %s", exc)
@@ -547,14 +625,39 @@ class Adapter:
             log.info("learning: the saved period ended in version %d already", done[-1]["version"])
             self.cancel()
             return
-        hop = self.configured.features.hop_seconds
-        self.period = Period(seconds, hop, store, model, collected)
+        self.period = Period(seconds, bundle, store, model, collected)
         self.period.started_at = str(data.get("started_at", now_iso()))
         if data.get("period_id"):
             self.period.period_id = str(data["period_id"])
         heard = data.get("heard_events", 0)
         self.period.heard_events = heard if isinstance(heard, int) and heard > 0 else 0
         log.info("learning: resumed at %.0f of %g s", collected, seconds)
+
+
+def _check_takes(begun: dict[str, Any], dim: int, bundle: Bundle) -> None:
+    """LearningError unless `bundle` makes windows like a period's of `dim` features: the kind
+    and feature parameters of the model it was `begun` with (Period.begun_with; saves from
+    before they were recorded: the same number of features), said naming both models."""
+    kind = begun.get("kind")
+    was = f"{begun.get('model', 'another model')} ({kind or 'its kind unrecorded'})"
+    now = f"{bundle.model_id} ({bundle.manifest.kind})"
+    if kind is not None and kind != bundle.manifest.kind:
+        why = "windows of another kind"
+    elif "features" in begun and FeatureParams.from_dict(begun["features"]) != bundle.features:
+        why = "windows of other feature parameters"
+    else:
+        why = _dim_differs(dim, bundle)
+    if why:
+        raise LearningError(f"it was begun on {was}, and {now}, in use now, makes {why}")
+
+
+def _dim_differs(dim: int, bundle: Bundle) -> str:
+    """How `bundle`'s windows differ from `dim` features each ("" when they do not)."""
+    try:
+        have = feature_dim(bundle)
+    except LearningError:
+        return "no windows to learn"
+    return "" if have == dim else f"windows of {have} features, not {dim}"
 
 
 def _heard(events: int) -> dict[str, Any]:

@@ -255,10 +255,19 @@ class Detector:
         only once the machine has not gone quiet after them (training's rule)."""
         self.state = DeviceState(settings.data_dir) if persist else None
         self.adapter = (
-            Adapter(settings.data_dir, settings.learning, bundle, settings.model, self._logic)
+            Adapter(
+                settings.data_dir,
+                settings.learning,
+                bundle,
+                settings.model,
+                self._logic,
+                self._runs,
+            )
             if persist
             else None
         )
+        # restore() resumes a saved period too, checked against the version it chose (a period
+        # begun on a bundle loaded by reload_model is that bundle's, not the configured one's)
         self._load(self.adapter.restore() if self.adapter else bundle)
         self._restore_state()
         self._auto_learn()
@@ -407,6 +416,12 @@ class Detector:
         """K, N and M the event logic runs `bundle` with, under the settings now in force."""
         return self.settings.detector.event_logic(bundle.manifest.threshold.params)
 
+    def _runs(self, bundle: Bundle) -> None:
+        """Build `bundle`'s pipeline under the settings now in force, as _load does: raises
+        SoundSentryError when they cannot run it (a version whose threshold carries a K above
+        the trigger_of set since), so the adapter never picks a model the start then fails on."""
+        Pipeline(bundle, self.settings.detector)
+
     def reconfigure(self, bundle: Bundle) -> None:
         """A new configured model (SIGHUP with another [model]): the version a restart with it
         would run (its site version, when it has one), and its learning as after a restart;
@@ -418,6 +433,7 @@ class Detector:
                 bundle,
                 self.settings.model,
                 self._logic,
+                self._runs,
             )
             bundle = self.adapter.restore()
         self.use_bundle(bundle)

@@ -1,8 +1,9 @@
 """Bundle versions the device made or switched to, and why: `{data_dir}/models/history.json`.
 
 Each entry is one model the daemon used, with the reason (learning, mark_normal, calibrate,
-reload), the version it replaced (`from_version`, None = the configured model) and the bundle
-it was refitted from (`base`). Versions the device wrote itself live beside the file as
+reload), the version it replaced (`from_version`, None = the configured model), the bundle
+it was refitted from (`base`) and its manifest's checksum (a rollback or restart refuses a
+folder that holds another bundle since). Versions the device wrote itself live beside the file as
 `<base>-v<N>.bundle`; only the newest `keep` entries are kept, and the folders of dropped
 versions the device made are deleted (never a bundle it did not write). `rollback` returns to
 the version the active one replaced. Which configured models have finished a commissioning
@@ -200,6 +201,8 @@ class ModelHistory:
                 "version": version,
                 "model_id": bundle.model_id,
                 "path": str(bundle.path),
+                # the bundle itself: a path may hold another one later (calibrate --out again)
+                "checksum": bundle.manifest.checksum,
                 "base": str(base),
                 "reason": reason,
                 "made": made,

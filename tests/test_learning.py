@@ -1534,3 +1534,161 @@ def test_a_mark_on_damaged_site_features_says_what_mends_it(tmp_path: Path) -> N
     assert f"site features {site.name} unreadable" in reply.detail, reply.detail
     assert 'learn the site again ({"command": "learn", "action": "start"})' in reply.detail
     assert device.command(command="learn", action="start", seconds=LEARN_S).ok
+
+
+# --- what a restart resumes and restores -----------------------------------------------------
+
+
+def test_an_automatic_period_on_a_model_loaded_by_reload_model_ends_across_restarts(
+    tmp_path: Path,
+) -> None:
+    """A period begun with a bundle loaded by reload_model was checked at a restart against
+    the configured model (here the autoencoder, which cannot learn), before the version in use
+    was restored: dropped at every start and begun again from 0 by [learning] seconds, it never
+    ended while restarts came more often than its length, and no event was raised (in a
+    review)."""
+    device = Device(tmp_path, bundle=AE_BUNDLE, seconds=10)
+    device.replay(NORMAL_FILES[0])
+    demo = shutil.copytree(DEMO_BUNDLE, device.data / "models" / "demo.bundle")
+    assert device.command(command="reload_model", path=str(demo)).ok
+    device.replay(*NORMAL_FILES[:2])  # a restart: the period begins on fan-demo, the model in use
+    first = device.detector.status()["learning"]
+    assert first is not None and 0 < first["collected_s"] < 10
+    device.replay(*NORMAL_FILES[2:])  # a restart: resumed, it ends
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v2"
+    assert not device.detector.learning
+    assert len(starts(device.replay(ANOMALOUS_FILE))) == 1, "events are raised again"
+
+
+def test_a_period_the_restored_model_cannot_take_is_dropped_once_naming_both_models(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A period begun on a bundle loaded by reload_model that no longer loads at the restart:
+    its windows are not the configured model's, and the line said only the configured one's
+    feature count; the automatic period then begun is resumed at the next start, not begun
+    again at every one."""
+    levels = tmp_path / "levels.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--detector", "levels", "--out", str(levels))
+    levels_id = load_bundle(levels).model_id
+    device = Device(tmp_path, bundle=levels, seconds=600)
+    device.replay(NORMAL_FILES[0])
+    demo = shutil.copytree(DEMO_BUNDLE, device.data / "models" / "demo.bundle")
+    assert device.command(command="reload_model", path=str(demo)).ok
+    device.replay(NORMAL_FILES[1])  # a restart: the period begins on fan-demo, the model in use
+    assert device.detector.status()["learning"]["collected_s"] > 0
+    shutil.rmtree(demo)  # the version does not load: the configured model runs
+    with caplog.at_level(logging.WARNING, logger="edge.adapt"):
+        device.replay(NORMAL_FILES[2])
+    said = [r.getMessage() for r in caplog.records if "saved period is dropped" in r.getMessage()]
+    assert len(said) == 1 and "fan-demo-12483c73" in said[0] and levels_id in said[0], said
+    assert device.detector.bundle.model_id == levels_id
+    collected = device.detector.status()["learning"]["collected_s"]
+    assert collected > 0, "[learning] seconds began one for the model in use"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edge.adapt"):
+        device.replay(NORMAL_FILES[3])
+    assert device.detector.status()["learning"]["collected_s"] > collected, "resumed"
+    assert not [r for r in caplog.records if "saved period is dropped" in r.getMessage()]
+
+
+def test_a_learnt_version_the_detector_settings_cannot_run_lets_the_device_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Learnt under trigger_windows = trigger_of = 4, the version's threshold carries K = 4:
+    with only trigger_of = 3 set later, every start raised "trigger_windows (K = 4) must not
+    exceed trigger_of (N = 3)", a K the user never set, and the service crash-looped (in a
+    review). The configured model runs, said once; the settings set back, the version does."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.event_logic = {"trigger_windows": 4, "trigger_of": 4}
+    device.replay(*NORMAL_FILES)
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    device.event_logic = {"trigger_of": 3}
+    with caplog.at_level(logging.ERROR, logger="edge.adapt"):
+        events = device.replay(ANOMALOUS_FILE)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1 and "version 1" in said[0] and "trigger_of" in said[0], said
+    assert device.detector.bundle.model_id == "fan-demo-12483c73"
+    assert device.detector.status()["version"] is None and not device.detector.learning
+    assert len(starts(events)) == 1, "the configured model detects"
+    device.event_logic = {"trigger_windows": 4, "trigger_of": 4}
+    device.replay(NORMAL_FILES[0])
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+
+
+def _calibrated(out: Path, *normal: Path) -> str:
+    """`soundsentry calibrate` of the demo bundle into `out` (the old one kept as .prev)."""
+    cli("calibrate", str(DEMO_BUNDLE), "--normal", *map(str, normal), "--out", str(out))
+    return load_bundle(out).model_id
+
+
+def test_a_rollback_to_a_bundle_written_over_since_is_refused(tmp_path: Path) -> None:
+    """A version loaded by reload_model was recorded by its path alone: after `calibrate`
+    wrote the same --out again, "rolled back to" ran the new contents while the history said
+    the old version (in a review)."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    site = device.data / "models" / "site.bundle"
+    first = _calibrated(site, *NORMAL_FILES[:2])
+    assert device.command(command="reload_model", path=str(site)).ok  # version 1
+    second = _calibrated(site, *NORMAL_FILES[1:])
+    assert second != first
+    assert device.command(command="reload_model", path=str(site)).ok  # version 2
+    reply = device.command(command="rollback")
+    assert not reply.ok and "version 1" in reply.detail and first in reply.detail, reply.detail
+    assert device.detector.status()["version"] == 2
+    assert device.detector.bundle.model_id == second
+
+
+def test_a_restart_does_not_run_a_version_whose_bundle_was_written_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    site = device.data / "models" / "site.bundle"
+    first = _calibrated(site, *NORMAL_FILES[:2])
+    assert device.command(command="reload_model", path=str(site)).ok  # version 1
+    second = _calibrated(site, *NORMAL_FILES[1:])  # not loaded
+    with caplog.at_level(logging.ERROR, logger="edge.adapt"):
+        device.replay(NORMAL_FILES[0])
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1 and "version 1" in said[0] and second in said[0], said
+    assert device.detector.bundle.model_id == "fan-demo-12483c73", f"not {second} as {first}"
+    assert device.detector.status()["version"] is None
+
+
+def test_a_version_recorded_before_checksums_loads_what_its_path_holds(tmp_path: Path) -> None:
+    """History entries written before each recorded its bundle's checksum cannot tell another
+    bundle from theirs: they keep loading what is at their path, as they always did."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    site = device.data / "models" / "site.bundle"
+    _calibrated(site, *NORMAL_FILES[:2])
+    assert device.command(command="reload_model", path=str(site)).ok  # version 1
+    second = _calibrated(site, *NORMAL_FILES[1:])
+    path = device.data / "models" / "history.json"
+    history = json.loads(path.read_text())
+    for entry in history["entries"]:
+        del entry["checksum"]
+    path.write_text(json.dumps(history))
+    device.replay(NORMAL_FILES[0])
+    assert device.detector.bundle.model_id == second
+    assert device.detector.status()["version"] == 1
+
+
+def test_a_rollback_to_a_model_of_another_kind_ends_the_period_instead_of_crashing(
+    tmp_path: Path,
+) -> None:
+    """A period running on a bundle loaded by reload_model went on after a rollback to the
+    configured model of another kind: its 192 numbers a window did not fit the period's 64,
+    and the next window stopped the daemon with a ValueError."""
+    levels = tmp_path / "levels.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--detector", "levels", "--out", str(levels))
+    device = Device(tmp_path, bundle=levels)
+    device.replay(NORMAL_FILES[0])
+    demo = shutil.copytree(DEMO_BUNDLE, device.data / "models" / "demo.bundle")
+    assert device.command(command="reload_model", path=str(demo)).ok
+    assert device.command(command="learn", action="start", seconds=600).ok
+    assert device.command(command="rollback").ok
+    assert not device.detector.learning, "its windows were fan-demo's"
+    device.detector.run(FileSource([NORMAL_FILES[1]], RATE))
+    assert device.detector.bundle.model_id == load_bundle(levels).model_id
