@@ -12,12 +12,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge.errors import SoundSentryError, install_extra, os_error_line
 from edge.private import user_name
 from edge.settings import Settings, mqtt_password
+
+if TYPE_CHECKING:
+    from edge.bundle import Bundle
 
 MIN_FREE_MB = 200
 LEVEL_SECONDS = 2.0
@@ -164,8 +168,22 @@ def check_model(s: Settings) -> Check:
         "model",
         True,
         f"{b.model_id} ({kind_of(b.manifest)}, {b.features.samplerate} Hz, "
-        f"threshold {b.threshold:.4g}){_version_in_use(s, b.model_id)}",
+        f"{_in_force(s, b)}){_version_in_use(s, b.model_id)}",
     )
+
+
+def _in_force(s: Settings, b: Bundle) -> str:
+    """The threshold and K of N the daemon runs `b` with under `s`, and the bundle's where
+    [detector] overrides them: doctor showed the bundle's threshold while the daemon ran the
+    config's (2.506 shown, 1.5 run, in a review)."""
+    k, n, _ = s.detector.event_logic(b.manifest.threshold.params)
+    value = s.detector.threshold_in_force(b.threshold)
+    said = f"threshold {value:.4g}, {k} of {n} windows"
+    params = b.manifest.threshold.params
+    bundle_k, bundle_n = int(params.get("k", k)), int(params.get("n", n))
+    if value != b.threshold or (k, n) != (bundle_k, bundle_n):
+        said += f", set in [detector]; the bundle's: {b.threshold:.4g}, {bundle_k} of {bundle_n}"
+    return said
 
 
 def _unreadable_by_service(s: Settings) -> Check | None:

@@ -499,11 +499,27 @@ def test_record_names_the_service_config_it_does_not_use(
 def test_doctor_fails_model_settings_the_daemon_would_refuse(tmp_path: Path) -> None:
     """`[detector] trigger_windows = 6` with a bundle calibrated for 3 of 4: the daemon's start
     refused it and the service retried for ever, while doctor passed the model."""
+    from edge.bundle import load_bundle
     from edge.doctor import check_model
     from edge.settings import Settings
 
     good = check_model(Settings(device_id="t", data_dir=tmp_path, model=DEMO_BUNDLE))
     assert good.ok is True, good
+    demo = load_bundle(DEMO_BUNDLE)
+    threshold, k, n = (
+        demo.threshold,
+        demo.manifest.threshold.params["k"],
+        demo.manifest.threshold.params["n"],
+    )
+    assert f"threshold {threshold:.4g}, {k} of {n} windows)" in good.detail, good.detail
+    # what the daemon runs, not the bundle's figure (shown beside it)
+    override = check_model(Settings(device_id="t", data_dir=tmp_path, model=DEMO_BUNDLE,
+                                    detector={"threshold": 1.5, "trigger_windows": 2}))  # fmt: skip
+    assert override.ok is True, override
+    assert (
+        f"threshold 1.5, 2 of {n} windows, set in [detector]; the bundle's: {threshold:.4g}, "
+        f"{k} of {n}" in override.detail
+    ), override.detail
     bad = check_model(Settings(device_id="t", data_dir=tmp_path, model=DEMO_BUNDLE,
                                detector={"trigger_windows": 6}))  # fmt: skip
     assert bad.ok is False and "must not exceed" in bad.detail and "[detector]" in bad.fix
