@@ -848,6 +848,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             segment=args.segment,
             channel=args.channel,
             timeline_file=args.timeline,
+            detector=detector,
         )
         print(f"report written to {args.report}: {', '.join(p.name for p in written)}")
     return 0

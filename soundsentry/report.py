@@ -22,6 +22,7 @@ from edge.audio_io import find_audio, read_audio
 from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
 from edge.errors import AudioError, SoundSentryError, install_extra
 from edge.features import FeatureParams, LogMel, mel_band_edges
+from edge.settings import DetectorSettings
 from train.evaluate import Report, classification, device_events, evaluate, write_json
 from train.metrics import roc_curve
 
@@ -115,9 +116,11 @@ def write_full_report(
     segment: float | None = None,
     channel: int = 0,
     timeline_file: str | Path | None = None,
+    detector: DetectorSettings | None = None,
 ) -> list[Path]:
     """`evaluate --report DIR`: int8 and float side by side, plus a score timeline of
-    `timeline_file` (default: the first anomalous file)."""
+    `timeline_file` (default: the first anomalous file); `detector`: the `[detector]` settings
+    `report` was made with (`evaluate --config`), for the other variant and the timeline too."""
     reports = [report]
     variant = "int8" if report.variant == "numpy" else report.variant
     bundle = load_bundle(model, variant=variant)
@@ -125,7 +128,9 @@ def write_full_report(
     if report.variant != "numpy" and (other == "int8" or MODEL_FLOAT in bundle.manifest.files):
         logging.disable(logging.WARNING)  # the same files' warnings were said the first time
         try:
-            reports.append(evaluate(model, list(normal), list(anomalous), segment, other, channel))
+            reports.append(
+                evaluate(model, list(normal), list(anomalous), segment, other, channel, detector)
+            )
         finally:
             logging.disable(logging.NOTSET)
     reports.sort(key=lambda r: r.variant != "int8")
@@ -133,9 +138,11 @@ def write_full_report(
     p = bundle.features
     # as the device scores it: windows it judges nothing by (silence, a dropout, the machine
     # off) are gaps, not the hundreds a dropout scores
-    scores, _, _ = device_events(read_audio(timeline_file, p.samplerate, channel), bundle)
+    audio = read_audio(timeline_file, p.samplerate, channel)
+    scores, _, _ = device_events(audio, bundle, detector)
     name = f"{Path(timeline_file).name} ({report.variant})"
-    timeline = (name, scores, p.hop_seconds, bundle.threshold)
+    # the threshold the device runs with (a [detector] threshold drew the bundle's, in a review)
+    timeline = (name, scores, p.hop_seconds, report.threshold)
     return write_report(reports, Path(folder), timeline)
 
 

@@ -645,3 +645,35 @@ def test_record_log_lines_erase_its_progress_line_first() -> None:
     with logs_clear(logfile):
         log.warning("in a log")
     assert logfile.getvalue() == ""
+
+
+def test_the_report_timeline_draws_the_threshold_the_config_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`evaluate --config --report`: the text and histogram said the config's threshold (1.5)
+    while timeline.png drew the bundle's, and the first fault seemed to cross it three times
+    where the device raised an event (in a review)."""
+    import soundsentry.report as report_module
+    from edge.bundle import load_bundle
+    from edge.settings import DetectorSettings
+    from train.evaluate import evaluate
+
+    drawn: list[tuple] = []
+    monkeypatch.setattr(
+        report_module, "_timeline", lambda *a: drawn.append(a) or tmp_path / "timeline.png"
+    )
+    detector = DetectorSettings(threshold=1.5, trigger_windows=2)
+    normal, faults = list(map(str, NORMAL_FILES)), [str(ANOMALOUS_FILE)]
+    report = evaluate(DEMO_BUNDLE, normal, faults, detector=detector)
+    assert report.threshold == 1.5
+    report_module.write_full_report(
+        report, DEMO_BUNDLE, normal, faults, tmp_path, detector=detector
+    )
+    [(_, scores, _, threshold, _)] = drawn
+    assert threshold == 1.5 != load_bundle(DEMO_BUNDLE).threshold
+    from edge.audio_io import read_audio
+    from train.evaluate import device_events
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    audio = read_audio(ANOMALOUS_FILE, bundle.features.samplerate)
+    np.testing.assert_array_equal(scores, device_events(audio, bundle, detector)[0])
