@@ -57,7 +57,7 @@ raises on the held-out sequence itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,6 +296,24 @@ def window_rate_for_budget(
     return hi
 
 
+Pieces = Sequence[int] | None
+"""How many of the held-out windows, in order, each recording (or channel view) gave: each is a
+stream of its own, as the device hears it; None, one stream. The pieces of separate recordings
+were joined into one sequence: K-of-N runs and lag-1 pairs spanned two recordings, which the
+device never hears, and the same files named in another order gave another threshold (13 % on
+four valve recordings, in a review)."""
+
+
+def streams(scores: np.ndarray, pieces: Pieces = None) -> list[np.ndarray]:
+    """The scores as the streams they came from (`pieces`), empty ones left out."""
+    scores = np.asarray(scores, np.float64)
+    if pieces is None:
+        return [scores]
+    if sum(pieces) != len(scores) or any(size < 0 for size in pieces):
+        raise ValueError(f"pieces of {sum(pieces)} windows for {len(scores)} scores")
+    return [part for part in np.split(scores, np.cumsum(pieces)[:-1]) if len(part)]
+
+
 def count_events(
     scores: np.ndarray,
     threshold: float,
@@ -304,13 +322,16 @@ def count_events(
     m: int,
     hop_s: float,
     cusum: Cusum | None = None,
+    pieces: Pieces = None,
 ) -> int:
-    """Starts the real event logic raises over a sequence of normal scores."""
-    detector = EventDetector(threshold, k, n, m, update_s=float("inf"), cusum=cusum)
+    """Starts the real event logic raises over a sequence of normal scores (over each of its
+    `pieces` as a stream of its own)."""
     starts = 0
-    for i, score in enumerate(np.asarray(scores, np.float64)):
-        t = detector.feed(float(score), i * hop_s, i * hop_s + hop_s)
-        starts += t is not None and t.kind == "start"
+    for part in streams(scores, pieces):
+        detector = EventDetector(threshold, k, n, m, update_s=float("inf"), cusum=cusum)
+        for i, score in enumerate(part):
+            t = detector.feed(float(score), i * hop_s, i * hop_s + hop_s)
+            starts += t is not None and t.kind == "start"
     return starts
 
 
@@ -355,29 +376,32 @@ def tail_cap(scores: np.ndarray, p: float) -> float:
     return float(scores.max()) + robust_spread(scores) * gap
 
 
-def k_of_n_peak(scores: np.ndarray, k: int, n: int) -> float:
-    """The highest K-th highest score over every N consecutive windows (over all of them in a
-    sequence shorter than N): the K-of-N path starts an event on `scores` exactly when the
-    threshold is below it. -inf for fewer than K windows."""
-    scores = np.asarray(scores, np.float64)
-    if len(scores) < k:
-        return -math.inf
-    runs = np.lib.stride_tricks.sliding_window_view(scores, min(n, len(scores)))
-    return float(np.sort(runs, axis=1)[:, -k].max())
+def k_of_n_peak(scores: np.ndarray, k: int, n: int, pieces: Pieces = None) -> float:
+    """The highest K-th highest score over every N consecutive windows of a stream (over all of
+    one shorter than N), over each of `pieces`: the K-of-N path starts an event on `scores`
+    exactly when the threshold is below it. -inf where no stream has K windows."""
+    peak = -math.inf
+    for part in streams(scores, pieces):
+        if len(part) >= k:
+            runs = np.lib.stride_tricks.sliding_window_view(part, min(n, len(part)))
+            peak = max(peak, float(np.sort(runs, axis=1)[:, -k].max()))
+    return peak
 
 
-def window_floor(scores: np.ndarray, allowed: int, k: int, n: int, m: int, hop_s: float) -> float:
+def window_floor(
+    scores: np.ndarray, allowed: int, k: int, n: int, m: int, hop_s: float, pieces: Pieces = None
+) -> float:
     """Lowest held-out score that, as the threshold, lets the event logic raise at most
     `allowed` events on the held-out sequence (bisection; more events at lower thresholds).
     With none allowed it is the K-of-N peak itself, without replaying the sequence."""
-    peak = k_of_n_peak(scores, k, n)
+    peak = k_of_n_peak(scores, k, n, pieces)
     if allowed == 0 and math.isfinite(peak):
         return peak
     candidates = np.unique(scores)
     lo, hi = 0, len(candidates) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if count_events(scores, float(candidates[mid]), k, n, m, hop_s) <= allowed:
+        if count_events(scores, float(candidates[mid]), k, n, m, hop_s, None, pieces) <= allowed:
             hi = mid
         else:
             lo = mid + 1
@@ -394,20 +418,21 @@ def bounded_threshold(
     m: int,
     hop_s: float,
     seconds: float | None = None,
+    pieces: Pieces = None,
 ) -> tuple[float, dict[str, Any]]:
     """max(floor, min(gamma quantile, cap)) and what decided it; `seconds` of audio behind the
     scores (several channels of one recording: fewer than the windows say)."""
     cap = tail_cap(scores, p)
     seconds = len(scores) * hop_s if seconds is None else seconds
     allowed = poisson_allowance(per_day * seconds / SECONDS_PER_DAY)
-    floor = window_floor(scores, allowed, k, n, m, hop_s)
+    floor = window_floor(scores, allowed, k, n, m, hop_s, pieces)
     value = max(floor, min(gamma_value, cap))
     decided = (
         "floor"
         if value == floor and floor > min(gamma_value, cap)
         else ("cap" if cap < gamma_value else "gamma")
     )
-    top, peak = float(scores.max()), k_of_n_peak(scores, k, n)
+    top, peak = float(scores.max()), k_of_n_peak(scores, k, n, pieces)
     return value, {
         "gamma_threshold": gamma_value,
         "cap": cap,
@@ -488,27 +513,43 @@ def cusum_path(
     return path, alarms
 
 
-def cusum_floor(z: np.ndarray, allowed: int, drift: float, cap: float) -> float:
-    """Lowest h at which the CUSUM raises at most `allowed` alarms over the held-out z."""
-    top = float(cusum_path(z, drift, cap)[0].max(initial=0.0))
+def cusum_floor(
+    z: np.ndarray, allowed: int, drift: float, cap: float, pieces: Pieces = None
+) -> float:
+    """Lowest h at which the CUSUM raises at most `allowed` alarms over the held-out z (over
+    each of its `pieces` from zero)."""
+    parts = streams(z, pieces)
+    tops = (float(cusum_path(part, drift, cap)[0].max(initial=0.0)) for part in parts)
+    top = max(tops, default=0.0)
     if allowed == 0:
         return top
+
+    def alarms(h: float) -> int:
+        return sum(cusum_path(part, drift, cap, h)[1] for part in parts)
+
     lo, hi = 0.0, top
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if cusum_path(z, drift, cap, mid)[1] > allowed else (lo, mid)
+        lo, hi = (mid, hi) if alarms(mid) > allowed else (lo, mid)
     return hi
 
 
-def lag1_autocorrelation(x: np.ndarray) -> float:
-    """Lag-1 autocorrelation of a sequence (0 for fewer than 3 values or no variation)."""
+def lag1_autocorrelation(x: np.ndarray, pieces: Pieces = None) -> float:
+    """Lag-1 autocorrelation of a sequence, its pairs taken within each of `pieces` (0 for
+    fewer than 3 values, no pair or no variation)."""
     if len(x) < 3 or np.std(x) == 0:
         return 0.0
     d = x - x.mean()
-    return float(np.dot(d[:-1], d[1:]) / np.dot(d, d))
+    parts = streams(d, pieces)
+    pairs = sum(float(np.dot(part[:-1], part[1:])) for part in parts)
+    count = sum(max(len(part) - 1, 0) for part in parts)
+    if count == 0:
+        return 0.0
+    # as for one stream (its n - 1 pairs over the whole sum of squares), for the pairs there are
+    return pairs / float(np.dot(d, d)) * (len(d) - 1) / count
 
 
-def score_autocorrelation(scores: np.ndarray) -> float:
+def score_autocorrelation(scores: np.ndarray, pieces: Pieces = None) -> float:
     """Lag-1 autocorrelation of the held-out log scores on the CUSUM's robust scale (capped at
     +-its cap), held to [0, MAX_AUTOCORRELATION]: the r both paths' budgets allow for."""
     logs = np.log(np.maximum(np.asarray(scores, np.float64), _EPS))
@@ -518,12 +559,17 @@ def score_autocorrelation(scores: np.ndarray) -> float:
     z = (logs - float(np.median(logs))) / spread
     # capped below as above: three windows scored 0 among 2,400 took r from 0.27 to 0.03, and
     # both paths' budgets were then set for independent windows (in a review)
-    r = lag1_autocorrelation(np.clip(z, -DEFAULT_CAP, DEFAULT_CAP))
+    r = lag1_autocorrelation(np.clip(z, -DEFAULT_CAP, DEFAULT_CAP), pieces)
     return min(max(r, 0.0), MAX_AUTOCORRELATION)
 
 
 def design_cusum(
-    scores: np.ndarray, per_day: float, hop_s: float, r: float, seconds: float | None = None
+    scores: np.ndarray,
+    per_day: float,
+    hop_s: float,
+    r: float,
+    seconds: float | None = None,
+    pieces: Pieces = None,
 ) -> tuple[Cusum, dict[str, Any]] | None:
     """The CUSUM for this budget share on held-out normal scores (module docstring), whose
     lag-1 correlation is r (score_autocorrelation), `seconds` of audio behind them (as for
@@ -538,7 +584,7 @@ def design_cusum(
     z = (logs - center) / scale
     seconds = len(scores) * hop_s if seconds is None else seconds
     allowed = poisson_allowance(per_day * seconds / SECONDS_PER_DAY)
-    floor = cusum_floor(z, allowed, DEFAULT_DRIFT, DEFAULT_CAP)
+    floor = cusum_floor(z, allowed, DEFAULT_DRIFT, DEFAULT_CAP, pieces)
     cusum = Cusum(max(design, floor), center, scale)
     return cusum, {
         "false_alarms_per_day": per_day,
@@ -630,12 +676,15 @@ def threshold_for_budget(
     hop_s: float = 0.5,
     integrate: bool = True,
     seconds: float | None = None,
+    pieces: Pieces = None,
 ) -> tuple[float, dict]:
     """Threshold meeting the budget on these normal scores, and the parameters of the rule
     (with `integrate`, params['cusum'] holds the CUSUM that shares the budget). `seconds`: the
     audio behind the scores when it is less than their windows span (the channels of one
-    recording as views are one recording's time, not several)."""
+    recording as views are one recording's time, not several). `pieces`: the windows of each
+    recording, in order (each a stream of its own; None: one stream)."""
     scores = np.asarray(scores, np.float64)
+    streams(scores, pieces)  # pieces that do not fit the scores: a ValueError now
     bad = int(np.count_nonzero(~np.isfinite(scores)))
     if bad:  # a NaN gamma would fall silently to the floor, and the manifest still promise it
         raise AudioError(
@@ -651,13 +700,15 @@ def threshold_for_budget(
     seconds = len(scores) * hop_s if seconds is None else seconds
     draws = min(len(scores), max(2, round(seconds / hop_s)))  # the windows of distinct time
     designed = None
-    r = score_autocorrelation(scores)
+    r = score_autocorrelation(scores, pieces)
     if integrate and len(scores) >= MIN_CUSUM_WINDOWS:
-        designed = design_cusum(scores, false_alarms_per_day * CUSUM_SHARE, hop_s, r, seconds)
+        designed = design_cusum(
+            scores, false_alarms_per_day * CUSUM_SHARE, hop_s, r, seconds, pieces
+        )
     window_budget = false_alarms_per_day * (1 - CUSUM_SHARE if designed else 1.0)
     p = window_rate_for_budget(window_budget / 24, k, n, hop_s, r)
     common = {"false_alarms_per_day": false_alarms_per_day, "k": k, "n": n, "m": m, "hop_s": hop_s}
-    censor = k_of_n_peak(scores, k, n)  # windows above it cannot start the path: censored
+    censor = k_of_n_peak(scores, k, n, pieces)  # windows above it cannot start the path
     try:
         dist = Gamma.fit(scores, censor_at=censor)
     except ValueError:
@@ -668,9 +719,10 @@ def threshold_for_budget(
             ) from None
         value = float(scores.max() * 1.5) if len(scores) else 1.0
         fallback = {"fallback": "too few distinct scores: 1.5 x max", "window_exceedance": p}
-        return value, {**common, **fallback, **_holdout(scores, seconds, value, common, None)}
+        holdout = _holdout(scores, seconds, value, common, None, pieces)
+        return value, {**common, **fallback, **holdout}
     value, bounds = bounded_threshold(
-        scores, dist.isf(max(p, _EPS)), p, window_budget, k, n, m, hop_s, seconds
+        scores, dist.isf(max(p, _EPS)), p, window_budget, k, n, m, hop_s, seconds, pieces
     )
     cusum, info = designed if designed else (None, {"widen": 1.0})
     params = {
@@ -682,7 +734,7 @@ def threshold_for_budget(
         "gamma_scale": dist.scale,
         **bounds,
         **forecast(scores, value, cusum, info["widen"], k, n, hop_s, r, censor, draws),
-        **_holdout(scores, seconds, value, common, cusum),
+        **_holdout(scores, seconds, value, common, cusum, pieces),
     }
     if cusum is not None:
         params["cusum"] = {**cusum.to_params(), **info}
@@ -690,12 +742,17 @@ def threshold_for_budget(
 
 
 def _holdout(
-    scores: np.ndarray, seconds: float, value: float, common: dict[str, Any], cusum: Cusum | None
+    scores: np.ndarray,
+    seconds: float,
+    value: float,
+    common: dict[str, Any],
+    cusum: Cusum | None,
+    pieces: Pieces = None,
 ) -> dict[str, Any]:
     """What backs the threshold (`seconds` of held-out audio), and what the real event logic
     does on it."""
     k, n, m, hop_s = common["k"], common["n"], common["m"], common["hop_s"]
-    starts = count_events(scores, value, k, n, m, hop_s, cusum)
+    starts = count_events(scores, value, k, n, m, hop_s, cusum, pieces)
     window_hours = len(scores) * hop_s / SECONDS_PER_HOUR  # channels as views: each one's time
     return {
         "n_windows": len(scores),

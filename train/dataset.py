@@ -26,7 +26,7 @@ from edge.errors import AudioError
 from edge.features import FeatureParams
 from edge.machine_state import OFF, evidence_windows, machine_profile
 from edge.settings import DetectorSettings
-from edge.threshold import threshold_for_budget
+from edge.threshold import Pieces, threshold_for_budget
 from train.progress import progress
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class WindowSet:
     windows: np.ndarray
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    pieces: list[int] | None = None
+    """Windows of each recording, in order (edge.threshold.Pieces); None: not kept apart."""
 
 
 @dataclass
@@ -220,13 +222,15 @@ def threshold_from_holdout(
     false_alarms_per_day: float,
     hop_seconds: float,
     seconds: float | None = None,
+    pieces: Pieces = None,
 ) -> tuple[float, dict]:
     """Threshold meeting the false-alarm budget on held-out normal scores, for the event logic
     (K of N windows to start, M to end) at the defaults edge defines in DetectorSettings, bounded
     by the held-out scores; the budget is shared with the CUSUM whose parameters it returns under
     'cusum' (edge.threshold). `scores` are in stream order: the floors replay them. `seconds`:
     the held-out audio's length when its channels were scored as views (less than the windows
-    span)."""
+    span). `pieces`: the held-out windows of each recording (or view), in order: each is a
+    stream of its own (edge.threshold.Pieces)."""
     det = DetectorSettings()
     return threshold_for_budget(
         scores,
@@ -236,6 +240,7 @@ def threshold_from_holdout(
         hop_seconds,
         integrate=det.integrate,
         seconds=seconds,
+        pieces=pieces,
     )
 
 
@@ -260,7 +265,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
         hold_s += len(held_part) / params.samplerate
     split = Split(
         WindowSet(np.concatenate(train), holdout.fit_names, train_s),
-        WindowSet(np.concatenate(hold), holdout.held_names, hold_s),
+        WindowSet(np.concatenate(hold), holdout.held_names, hold_s, [len(w) for w in hold]),
         machine,
     )
     if len(split.train.windows) == 0:

@@ -752,6 +752,7 @@ def _fit_head(
     value, rule_params = threshold_from_holdout(
         held_scores, false_alarms_per_day, params.hop_seconds,
         own.running_held_seconds if views else None,
+        [len(w) for w in own.running(own.held_windows)],
     )  # fmt: skip
     rule_params["note"] = "threshold from held-out audio scored by the head, fitted without it"
     final = fit_statistics(fit_e, std_floor=floor)

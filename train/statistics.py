@@ -136,13 +136,16 @@ class Run:
     hold_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     machine: dict[str, Any] = field(default_factory=dict)
     """The manifest's `machine` section: how loud the machine runs, so the edge knows `off`."""
+    held_pieces: list[int] | None = None
+    """Held-out windows of each recording (or channel view), in order: each a stream of its own
+    for the threshold's floors and correlation (edge.threshold.Pieces)."""
 
     def set_threshold(self, hold_scores: np.ndarray, false_alarms_per_day: float) -> None:
         """The budget threshold on scores of the held-out audio by a model fitted without it."""
         views = self.channel == ALL_CHANNELS  # the channels' scores span one recording's time
         value, rule_params = threshold_from_holdout(
             hold_scores, false_alarms_per_day, self.params.hop_seconds,
-            self.seconds[1] if views else None,
+            self.seconds[1] if views else None, self.held_pieces,
         )  # fmt: skip
         rule_params["note"] = HOLDOUT_NOTE
         self.threshold, self.rule_params, self.hold_scores = value, rule_params, hold_scores
@@ -187,6 +190,7 @@ def collect(
     where = ALL_CHANNELS if all_channels else channel
     run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
     run.machine = machine
+    run.held_pieces = [len(part) for part in hold_part]
     return run
 
 

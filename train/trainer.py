@@ -83,7 +83,9 @@ def train_bundle(
     scored = [scorer.score(w) for w in split.holdout.windows]
     scores = np.array([s.score for s in scored])
     band_error = np.stack([s.band_error for s in scored])
-    value, rule_params = threshold_from_holdout(scores, false_alarms_per_day, params.hop_seconds)
+    value, rule_params = threshold_from_holdout(
+        scores, false_alarms_per_day, params.hop_seconds, pieces=split.holdout.pieces
+    )
 
     out = Path(out)
     manifest = _manifest(

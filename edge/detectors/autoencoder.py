@@ -55,7 +55,7 @@ class Autoencoder(DetectorKind):
         windows = np.concatenate(per_file)
         mean = windows.mean(axis=(0, 1))
         std = np.maximum(windows.std(axis=(0, 1)), STD_FLOOR_DB)
-        scored = []
+        scored, pieces = [], []
         for held, rest in leave_one_out(per_file):
             fold = np.concatenate(rest)
             scorer = NetworkScorer(
@@ -64,9 +64,10 @@ class Autoencoder(DetectorKind):
                 np.maximum(fold.std(axis=(0, 1)), STD_FLOOR_DB),
             )
             scored += [scorer.score(w) for w in held]
+            pieces.append(len(held))
         scores = np.array([s.score for s in scored])
         band_error = np.stack([s.band_error for s in scored])
-        value, params = budget_threshold(bundle, scores, false_alarms_per_day)
+        value, params = budget_threshold(bundle, scores, false_alarms_per_day, pieces=pieces)
         return Refit(
             manifest={
                 "threshold": {"value": value, "rule": params.pop("rule"), "params": params},

@@ -109,7 +109,9 @@ class Fluctuation(DetectorKind):
         full = np.concatenate(z) - center
         shares = full * (full @ scorer.precision.T) / scorer.dim
         return Refit(
-            manifest=refit_manifest(bundle, scores, false_alarms_per_day),
+            manifest=refit_manifest(
+                bundle, scores, false_alarms_per_day, pieces=[len(h) for h in held]
+            ),
             arrays={
                 "statistics.center": center,
                 "normal_band_error.mean": shares.mean(axis=0),

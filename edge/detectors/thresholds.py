@@ -8,7 +8,13 @@ import numpy as np
 
 from edge.errors import BundleError
 from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N, Cusum, EventDetector
-from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats, threshold_for_budget
+from edge.threshold import (
+    DEFAULT_FALSE_ALARMS_PER_DAY,
+    RULE,
+    Pieces,
+    score_stats,
+    threshold_for_budget,
+)
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
@@ -52,10 +58,12 @@ def budget_threshold(
     scores: np.ndarray,
     false_alarms_per_day: float | None,
     event_logic: EventLogic | None = None,
+    pieces: Pieces = None,
 ) -> tuple[float, dict[str, Any]]:
     """The budget rule with the bundle's event logic, or `event_logic` (what a daemon whose
     settings change K, N or M runs), and the bundle's budget unless one is given; the returned
-    parameters carry the rule's name under 'rule'."""
+    parameters carry the rule's name under 'rule'. `pieces`: the scores of each file, in
+    order (each a stream of its own)."""
     old = bundle.manifest.threshold.params
     budget = false_alarms_per_day or float(
         old.get("false_alarms_per_day", DEFAULT_FALSE_ALARMS_PER_DAY)
@@ -65,7 +73,8 @@ def budget_threshold(
         int(old.get("n", DEFAULT_N)),
         int(old.get("m", DEFAULT_M)),
     )
-    value, params = threshold_for_budget(scores, budget, k, n, m, bundle.features.hop_seconds)
+    hop = bundle.features.hop_seconds
+    value, params = threshold_for_budget(scores, budget, k, n, m, hop, pieces=pieces)
     return value, {"rule": RULE, **params}
 
 
@@ -78,10 +87,11 @@ def refit_manifest(
     false_alarms_per_day: float | None,
     source: str = LEAVE_ONE_OUT_SOURCE,
     event_logic: EventLogic | None = None,
+    pieces: Pieces = None,
 ) -> dict[str, Any]:
     """The threshold and normal-score fields of an on-site refit, from the site's scores (for
-    `event_logic` when given, see budget_threshold)."""
-    value, params = budget_threshold(bundle, scores, false_alarms_per_day, event_logic)
+    `event_logic` and `pieces` when given, see budget_threshold)."""
+    value, params = budget_threshold(bundle, scores, false_alarms_per_day, event_logic, pieces)
     rule = params.pop("rule")
     return {
         "threshold": {"value": value, "rule": rule, "params": params},
