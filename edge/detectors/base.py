@@ -147,6 +147,12 @@ def leave_one_out(parts: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.nda
     return [(p, parts[:i] + parts[i + 1 :]) for i, p in enumerate(parts)]
 
 
+def held_out_pieces(parts: list[np.ndarray]) -> list[int]:
+    """How many of the scores of a leave-one-out refit each held-out part gives, in order:
+    each file is a stream of its own for the threshold (edge.threshold.Pieces)."""
+    return [len(held) for held, _ in leave_one_out(parts)]
+
+
 MIN_FEATURE_STD = 0.01
 """The least spread a feature (dB, or the log of a spread) is given. A microphone's noise keeps
 every feature of real recordings far above it (0.10 or more over the fans, pumps and valves

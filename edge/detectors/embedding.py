@@ -15,6 +15,7 @@ from edge.detectors.base import (
     DetectorKind,
     Refit,
     WindowScore,
+    held_out_pieces,
     require,
     require_gaussian,
     require_normalization,
@@ -143,7 +144,9 @@ class Embedding(DetectorKind):
         band_std = np.maximum(levels.std(axis=0), BAND_STD_FLOOR_DB)
         band_error = np.abs(levels - band_mean) / band_std
         return Refit(
-            manifest=refit_manifest(bundle, scores, false_alarms_per_day),
+            manifest=refit_manifest(
+                bundle, scores, false_alarms_per_day, pieces=held_out_pieces(per_file)
+            ),
             arrays={
                 "statistics.center": np.concatenate(z).mean(axis=0),
                 "band_level.mean": band_mean,

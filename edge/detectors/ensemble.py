@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, WindowScore, WindowScorer
+from edge.detectors.base import DetectorKind, Refit, WindowScore, WindowScorer, held_out_pieces
 from edge.detectors.embedding import Embedding
 from edge.detectors.fluctuation import Fluctuation
 from edge.detectors.knn import Knn
@@ -185,7 +185,9 @@ class Ensemble(DetectorKind):
         ]
         combined = combine(held, scales)
         no_bands = np.zeros((len(combined), 1))
-        refit = site_refit(bundle, combined, no_bands, arrays, false_alarms_per_day)
+        pieces = held_out_pieces(files)  # each file a stream of its own, when they line up
+        pieces = pieces if sum(pieces) == len(combined) else None
+        refit = site_refit(bundle, combined, no_bands, arrays, false_alarms_per_day, pieces)
         for reference in ("normal_band_error.mean", "normal_band_error.std"):
             refit.arrays.pop(reference)  # the trained band reference stays
         refit.manifest["ensemble"] = info.model_copy(update={"members": members}).model_dump()

@@ -20,6 +20,7 @@ from edge.detectors.base import (
     DetectorKind,
     Refit,
     WindowScore,
+    held_out_pieces,
     require,
     require_frame_changes,
 )
@@ -188,4 +189,5 @@ class Knn(DetectorKind):
             rows, lambda rest: trained.with_bank(merged_bank(trained.bank, rest))
         )
         bank = merged_bank(trained.bank, np.concatenate(rows))
-        return site_refit(bundle, scores, bands, {"knn.bank": bank}, false_alarms_per_day)
+        pieces = held_out_pieces(rows)
+        return site_refit(bundle, scores, bands, {"knn.bank": bank}, false_alarms_per_day, pieces)

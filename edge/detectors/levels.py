@@ -16,12 +16,13 @@ from edge.detectors.base import (
     DetectorKind,
     Refit,
     WindowScore,
+    held_out_pieces,
     leave_one_out,
     require_gaussian,
 )
 from edge.detectors.fluctuation import FLOOR, FluctuationScorer, fluctuation_features
 from edge.detectors.thresholds import budget_threshold
-from edge.threshold import score_stats
+from edge.threshold import Pieces, score_stats
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -107,10 +108,12 @@ def site_refit(
     held_bands: np.ndarray,
     arrays: dict[str, np.ndarray],
     false_alarms_per_day: float | None,
+    pieces: Pieces = None,
 ) -> Refit:
     """The refit of a numpy kind: the budget threshold and score statistics of leave-one-
-    file-out scores, the band reference of their band errors, and the kind's new arrays."""
-    value, params = budget_threshold(bundle, held_scores, false_alarms_per_day)
+    file-out scores (`pieces`: each file's, in order), the band reference of their band
+    errors, and the kind's new arrays."""
+    value, params = budget_threshold(bundle, held_scores, false_alarms_per_day, pieces=pieces)
     rule = params.pop("rule")
     reference = {
         "normal_band_error.mean": held_bands.mean(axis=0),
@@ -147,6 +150,6 @@ class Levels(DetectorKind):
         scores = np.concatenate([model.distance(held) for model, held in folds])
         bands = np.concatenate([model.band_shares(held) for model, held in folds])
         site = trained.recentred(np.concatenate(feats))
-        return site_refit(
-            bundle, scores, bands, {"statistics.center": site.center}, false_alarms_per_day
-        )
+        center = {"statistics.center": site.center}
+        pieces = held_out_pieces(feats)
+        return site_refit(bundle, scores, bands, center, false_alarms_per_day, pieces)

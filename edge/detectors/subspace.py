@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, WindowScore, require
+from edge.detectors.base import DetectorKind, Refit, WindowScore, held_out_pieces, require
 from edge.detectors.levels import held_out_explained, site_refit
 from edge.errors import BundleError
 
@@ -135,4 +135,7 @@ class Subspace(DetectorKind):
             windows, lambda rest: trained.with_mean(trained.origin(rest))
         )
         origin = trained.origin(np.concatenate(windows))
-        return site_refit(bundle, scores, bands, {"subspace.mean": origin}, false_alarms_per_day)
+        pieces = held_out_pieces(windows)
+        return site_refit(
+            bundle, scores, bands, {"subspace.mean": origin}, false_alarms_per_day, pieces
+        )
