@@ -277,9 +277,15 @@ def _version_in_use(s: Settings, configured: str) -> str:
     except (SoundSentryError, OSError) as exc:
         why = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         return f"; its site version {active} does not load ({why}): the daemon runs this one"
+    recorded = entry.get("checksum")
+    if recorded is not None and recorded != version.manifest.checksum:  # as edge.adapt refuses
+        return (
+            f"; its site version {active}'s folder holds {version.model_id} since, not its "
+            f"{entry.get('model_id')}: the daemon runs this one"
+        )
     return (
-        f"; in use: site version {active} ({version.model_id}, {reason}, threshold "
-        f"{version.threshold:.4g}; `rollback` steps back)"
+        f"; in use: site version {active} ({version.model_id}, {reason}, "
+        f"{_in_force(s, version)}; `rollback` steps back)"
     )
 
 

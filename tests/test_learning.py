@@ -1648,6 +1648,10 @@ def test_a_restart_does_not_run_a_version_whose_bundle_was_written_over(
     first = _calibrated(site, *NORMAL_FILES[:2])
     assert device.command(command="reload_model", path=str(site)).ok  # version 1
     second = _calibrated(site, *NORMAL_FILES[1:])  # not loaded
+    from edge.doctor import check_model
+
+    said = check_model(device.settings()).detail  # what the next start will run
+    assert f"version 1's folder holds {second} since" in said and "in use" not in said, said
     with caplog.at_level(logging.ERROR, logger="edge.adapt"):
         device.replay(NORMAL_FILES[0])
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
