@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, leave_one_out, require_normalization
+from edge.detectors.base import (
+    DetectorKind,
+    Refit,
+    held_out_pieces,
+    leave_one_out,
+    require_normalization,
+)
 from edge.detectors.network import NetworkScorer
 from edge.detectors.thresholds import budget_threshold
 from edge.errors import BundleError
@@ -55,7 +61,7 @@ class Autoencoder(DetectorKind):
         windows = np.concatenate(per_file)
         mean = windows.mean(axis=(0, 1))
         std = np.maximum(windows.std(axis=(0, 1)), STD_FLOOR_DB)
-        scored, pieces = [], []
+        scored = []
         for held, rest in leave_one_out(per_file):
             fold = np.concatenate(rest)
             scorer = NetworkScorer(
@@ -64,9 +70,9 @@ class Autoencoder(DetectorKind):
                 np.maximum(fold.std(axis=(0, 1)), STD_FLOOR_DB),
             )
             scored += [scorer.score(w) for w in held]
-            pieces.append(len(held))
         scores = np.array([s.score for s in scored])
         band_error = np.stack([s.band_error for s in scored])
+        pieces = held_out_pieces(per_file)
         value, params = budget_threshold(bundle, scores, false_alarms_per_day, pieces=pieces)
         return Refit(
             manifest={

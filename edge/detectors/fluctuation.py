@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge.detectors.base import DetectorKind, Refit, WindowScore, leave_one_out, require_gaussian
+from edge.detectors.base import (
+    DetectorKind,
+    Refit,
+    WindowScore,
+    held_out_pieces,
+    leave_one_out,
+    require_gaussian,
+)
 from edge.detectors.thresholds import refit_manifest
 
 if TYPE_CHECKING:
@@ -110,7 +117,7 @@ class Fluctuation(DetectorKind):
         shares = full * (full @ scorer.precision.T) / scorer.dim
         return Refit(
             manifest=refit_manifest(
-                bundle, scores, false_alarms_per_day, pieces=[len(h) for h in held]
+                bundle, scores, false_alarms_per_day, pieces=held_out_pieces(z)
             ),
             arrays={
                 "statistics.center": center,
