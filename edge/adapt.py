@@ -202,7 +202,7 @@ class Adapter:
             # for the K and N it was made under, which taking apart would change its alarm
             # rate). Starting is what matters: the configured model runs, and the history keeps
             # the version, used again at a start whose settings allow it.
-            self.history.active = None
+            self.history.hold_back()  # saved as active all the same (a refit's save, say)
             log.error(
                 "version %d (%s) cannot run under the settings now, so the configured model %s "
                 "runs until they allow it again: %s",

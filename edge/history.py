@@ -130,6 +130,9 @@ class ModelHistory:
                         self.path, len(entries) - len(self.entries))  # fmt: skip
         active = data.get("active")
         self.active: int | None = active if self.entry(active) is not None else None
+        self.held: int | None = None
+        """The active version set aside for this run (`hold_back`): saved as the active one, so
+        a later start whose settings can run it runs it again."""
         self.configured = configured
         self.learned: set[str] = {m for m in _listed(data.get("learned")) if isinstance(m, str)}
         """Configured models a commissioning period has ended for: pruning never drops one."""
@@ -152,6 +155,11 @@ class ModelHistory:
                 data.get("configured"),
             )
             self.active = None
+
+    def hold_back(self) -> None:
+        """Run the configured model instead of the active version for this run only (the
+        settings now cannot run the version); it stays the saved active one."""
+        self.held, self.active = self.active, None
 
     def entry(self, version: int | None) -> dict[str, Any] | None:
         """The entry of `version` (None: the configured model has no entry)."""
@@ -212,7 +220,7 @@ class ModelHistory:
                 **detail,
             }
         )
-        self.active = version
+        self.active, self.held = version, None
         dropped = self._prune()
         try:
             self.save()
@@ -254,11 +262,12 @@ class ModelHistory:
     def set_active(self, version: int | None) -> None:
         """Make `version` the one in use (rollback) and save; if it cannot be saved, the
         history is as before."""
-        before, self.active = self.active, version
+        before, self.active = (self.active, self.held), version
+        self.held = None
         try:
             self.save()
         except OSError:
-            self.active = before
+            self.active, self.held = before
             raise
 
     def save(self) -> None:
@@ -268,7 +277,7 @@ class ModelHistory:
             self.path,
             {
                 "configured": self.configured,
-                "active": self.active,
+                "active": self.held if self.active is None and self.held else self.active,
                 "entries": self.entries,
                 "learned": sorted(self.learned),
                 "failed": sorted(self.failed),

@@ -1610,6 +1610,7 @@ def test_a_learnt_version_the_detector_settings_cannot_run_lets_the_device_start
     assert device.detector.bundle.model_id == "fan-demo-12483c73"
     assert device.detector.status()["version"] is None and not device.detector.learning
     assert len(starts(events)) == 1, "the configured model detects"
+    device.detector.adapter.history.save()  # any save of this run (a refit's outcome, say)
     device.event_logic = {"trigger_windows": 4, "trigger_of": 4}
     device.replay(NORMAL_FILES[0])
     assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
