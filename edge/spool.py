@@ -14,6 +14,8 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +91,7 @@ def open_spool(path: Path, max_messages: int) -> Spool:
                 "spool %s is damaged (%s): moved to %s, a new one started with the %d "
                 "message(s) still readable in it%s",
                 path, exc, aside, saved,
-                f" ({lost} in damaged pages lost)" if lost else "",
+                f" ({lost} lost to damaged pages or the time limit)" if lost else "",
             )  # fmt: skip
             return spool
     log.error(
@@ -106,10 +108,13 @@ SALVAGE_SECONDS = 10.0
 
 def salvage(damaged: Path, into: Spool) -> tuple[int, int]:
     """Copy the messages still readable in the damaged spool file `damaged` into `into`, in
-    order; returns (copied, lost). One bad page of a spool holding an outage's events made the
-    whole file go aside with every waiting message, 393 of 400 still readable (in a review).
-    Rows are read in id order; a range that fails is stepped over one id at a time."""
-    saved = lost = 0
+    order and in one transaction; returns (copied, lost). One bad page of a spool holding an
+    outage's events made the whole file go aside with every waiting message, 393 of 400 still
+    readable (in a review). Rows are read in id order; a range that fails is stepped over one id
+    at a time; after SALVAGE_SECONDS the rows not yet read count as lost. Nothing here may stop
+    a start."""
+    found: list[tuple[str, str, int, bool]] = []
+    lost = 0
     made = [damaged.with_name(damaged.name + x) for x in ("-wal", "-shm")]
     made = [part for part in made if not part.exists()]  # reading makes them: removed after
     try:
@@ -120,16 +125,22 @@ def salvage(damaged: Path, into: Spool) -> tuple[int, int]:
         try:
             lo, hi = db.execute("SELECT MIN(id), MAX(id) FROM outbox").fetchone()
         except sqlite3.Error:  # an end of the table is damaged: from the first id possible
-            lo, hi = 1, db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
-            hi = hi.fetchone()[0]
+            last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            lo, hi = 1, (last[0] if last else None)
         cursor, deadline = (lo or 1) - 1, time.monotonic() + SALVAGE_SECONDS
         select = "SELECT id, topic, payload, qos, retain FROM outbox WHERE id {} ORDER BY id"
-        while hi is not None and cursor < hi and time.monotonic() < deadline:
+        while hi is not None and cursor < hi:
+            if time.monotonic() >= deadline:
+                lost += int(hi - cursor)  # at most: ids left unread, some of them gaps
+                break
             try:
                 for row in db.execute(select.format("> ?"), (cursor,)):
-                    into.append(row[1], row[2], qos=row[3], retain=bool(row[4]))
-                    cursor, saved = row[0], saved + 1
-                break
+                    found.append((row[1], row[2], row[3], bool(row[4])))
+                    cursor = row[0]
+                    if time.monotonic() >= deadline:
+                        break
+                else:
+                    break
             except sqlite3.DatabaseError:  # a damaged page: its ids one by one
                 cursor += 1
                 try:
@@ -138,15 +149,18 @@ def salvage(damaged: Path, into: Spool) -> tuple[int, int]:
                     lost += 1
                     continue
                 if row is not None:
-                    into.append(row[1], row[2], qos=row[3], retain=bool(row[4]))
-                    saved += 1
-    except sqlite3.Error:
-        pass  # nothing more can be read: what was copied stays
+                    found.append((row[1], row[2], row[3], bool(row[4])))
+    except (sqlite3.Error, TypeError, ValueError):
+        pass  # nothing more can be read: what was read is kept
     finally:
         db.close()
         for part in made:
             part.unlink(missing_ok=True)
-    return saved, lost
+    try:
+        into.append_many(found)
+    except sqlite3.Error:  # the new spool cannot take them (a full card): they are lost
+        return 0, lost + len(found)
+    return len(found), lost
 
 
 class Spool:
@@ -184,31 +198,64 @@ class Spool:
         self._stats_failed = False
 
     def append(self, topic: str, payload: str, qos: int = 1, retain: bool = False) -> int:
-        """Store a message durably; drop the oldest if the spool is full. Returns its id."""
-        with self._lock:
+        """Store a message durably; drop the oldest if the spool is full. Returns its id. One
+        transaction: a message whose insert stood while the drop after it failed (a full card)
+        was reported unwritten, kept in memory too, and sent twice."""
+        with self._lock, self._transaction():
             cur = self._db.execute(
                 "INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?,?,?,?,?)",
                 (topic, payload, qos, int(retain), time.time()),
             )
             self._rows += 1
-            excess = self._rows - self.max_messages
-            if excess > 0:
-                left = excess
-                for expendable in (*EXPENDABLE, "SELECT id FROM outbox ORDER BY id LIMIT ?"):
-                    if left > 0:
-                        gone = self._db.execute(
-                            f"DELETE FROM outbox WHERE id IN ({expendable})", (left,)
-                        )
-                        left -= max(gone.rowcount, 0)
-                        self._rows -= max(gone.rowcount, 0)
-                self._db.execute(
-                    "INSERT INTO meta VALUES ('dropped', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-                    (excess,),
-                )
-                self._dropped_unlogged += excess
-                self._report_drops()
+            self._trim()
             return int(cur.lastrowid or 0)
+
+    def append_many(self, rows: list[tuple[str, str, int, bool]]) -> None:
+        """Store (topic, payload, qos, retain) messages in order, in one transaction, then drop
+        as `append` does if the spool is full."""
+        if not rows:
+            return
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?,?,?,?,?)",
+                [(t, p, q, int(r), time.time()) for t, p, q, r in rows],
+            )
+            self._rows += len(rows)
+            self._trim()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT, or ROLLBACK and the counts as they were (under `_lock`)."""
+        counts = (self._rows, self._dropped_unlogged)
+        self._db.execute("BEGIN")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            self._rows, self._dropped_unlogged = counts
+            raise
+
+    def _trim(self) -> None:
+        """Drop what the spool holds beyond max_messages, expendable messages first, and count
+        it (under `_lock`)."""
+        excess = self._rows - self.max_messages
+        if excess <= 0:
+            return
+        left = excess
+        for expendable in (*EXPENDABLE, "SELECT id FROM outbox ORDER BY id LIMIT ?"):
+            if left > 0:
+                gone = self._db.execute(f"DELETE FROM outbox WHERE id IN ({expendable})", (left,))
+                left -= max(gone.rowcount, 0)
+                self._rows -= max(gone.rowcount, 0)
+        self._db.execute(
+            "INSERT INTO meta VALUES ('dropped', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+            (excess,),
+        )
+        self._dropped_unlogged += excess
+        self._report_drops()
 
     def _report_drops(self) -> None:
         """Log the drops not yet reported, at most every FULL_LOG_EVERY_S (under `_lock`)."""

@@ -277,6 +277,41 @@ def test_the_messages_a_damaged_spool_still_holds_are_kept(
     again.close()
 
 
+def test_a_damaged_spool_that_never_held_a_message_or_takes_too_long_still_opens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The salvage of a damaged spool must never stop a start: a spool damaged before its first
+    message has no sequence row (a TypeError escaped open_spool), and one that takes longer
+    than SALVAGE_SECONDS to read stops there, the rest counted as lost (the copy loop ignored
+    the limit: 3000 rows took 3.45 s against 0.1 s, in a review)."""
+    import edge.spool
+    from edge.spool import Spool, open_spool
+
+    fresh = tmp_path / "fresh.sqlite"
+    Spool(fresh).close()
+    with fresh.open("r+b") as fh:  # the outbox's root page
+        fh.seek(4096)
+        fh.write(b"\xa5" * 4096)
+    caplog.set_level(logging.ERROR, logger="edge.spool")
+    opened = open_spool(fresh, 100)
+    assert opened.depth() == 0 and "with the 0 message(s)" in caplog.records[-1].getMessage()
+    opened.close()
+    full = tmp_path / "full.sqlite"
+    spool = Spool(full)
+    spool.append_many([("t", f"m{n}", 1, False) for n in range(400)])
+    spool._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[attr-defined]
+    spool.close()
+    with full.open("r+b") as fh:
+        fh.seek(4096 * 3)
+        fh.write(b"\0" * 4096)
+    monkeypatch.setattr(edge.spool, "SALVAGE_SECONDS", 0.0)
+    opened = open_spool(full, 1000)
+    line = caplog.records[-1].getMessage()
+    assert opened.depth() == 0 and "with the 0 message(s)" in line
+    assert "400 lost to damaged pages or the time limit" in line, line
+    opened.close()
+
+
 def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
     broker: Broker, tmp_path: Path
 ) -> None:
