@@ -790,6 +790,11 @@ class MqttPublisher:
         """Hand paho the messages the spool could not take, oldest first, once every spool row
         has been handed (they are newer)."""
         with self._unspooled_lock:
+            if self._unspooled and self.spool.after(self._handed, 1):
+                # the daemon moved some of them into the spool since the sender looked: those
+                # rows go first, as the older messages they are
+                self._wake.set()
+                return
             while self._unspooled and self.connected and len(self._inflight) < MAX_HANDED:
                 topic, payload, retain = self._unspooled[0]
                 info = self._publish(topic, payload, qos=1, retain=retain)
