@@ -176,11 +176,13 @@ def _in_force(s: Settings, b: Bundle) -> str:
     """The threshold and K of N the daemon runs `b` with under `s`, and the bundle's where
     [detector] overrides them: doctor showed the bundle's threshold while the daemon ran the
     config's (2.506 shown, 1.5 run, in a review)."""
+    from edge.events import DEFAULT_K, DEFAULT_N
+
     k, n, _ = s.detector.event_logic(b.manifest.threshold.params)
     value = s.detector.threshold_in_force(b.threshold)
     said = f"threshold {value:.4g}, {k} of {n} windows"
     params = b.manifest.threshold.params
-    bundle_k, bundle_n = int(params.get("k", k)), int(params.get("n", n))
+    bundle_k, bundle_n = int(params.get("k", DEFAULT_K)), int(params.get("n", DEFAULT_N))
     if value != b.threshold or (k, n) != (bundle_k, bundle_n):
         said += f", set in [detector]; the bundle's: {b.threshold:.4g}, {bundle_k} of {bundle_n}"
     return said
