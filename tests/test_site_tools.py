@@ -668,6 +668,9 @@ def test_doctor_asked_on_every_address_does_not_pass_another_device_s_loopback_p
         web = {"enabled": True, "port": port, "host": "0.0.0.0", "token_file": str(token)}
         mine = check_web(Settings(device_id="mine", data_dir=tmp_path / "mine", web=web))
         assert mine.ok is False and "another soundsentry (dev1)" in mine.detail, mine
+        # that request's thread gives its slot back after the reply: into the semaphore below,
+        # if it had not yet (a fresh-clone run's flake), and the "busy" page then answered
+        wait_for(lambda: not dashboard._server.per_address, 10, "the first request to end")
         # its every connection taken (phones left open): busy, not another device's page
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(server, "MAX_CONNECTIONS", 0)
