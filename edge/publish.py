@@ -711,12 +711,7 @@ class MqttPublisher:
     def _pending(self) -> bool:
         """Something left for the sender; a spool that cannot be read has nothing it could send
         (its messages go at the next start), so closing does not wait for it."""
-        if self._inflight or self._acked_rows or self._unspooled:
-            return True
-        try:
-            return bool(self.spool.after(self._handed, 1))
-        except sqlite3.Error:
-            return False
+        return bool(self._inflight or self._acked_rows or self._unspooled) or self._spool_has_more()
 
     # --- what the daemon publishes ----------------------------------------------------------
 
@@ -750,9 +745,9 @@ class MqttPublisher:
         before its `start` (in a review). Logged once until the spool works again."""
         with self._unspooled_lock:
             try:
-                while self._unspooled:  # older than this one: in the spool first
-                    self.spool.append(*self._unspooled[0][:2], qos=1, retain=self._unspooled[0][2])
-                    self._unspooled.popleft()
+                if self._unspooled:  # older than this one: in the spool first, in one go
+                    self.spool.append_many([(t, p, 1, r) for t, p, r in self._unspooled])
+                    self._unspooled.clear()
                 self.spool.append(topic, payload, qos=1, retain=retain)
             except sqlite3.Error as exc:
                 self._keep_unspooled(topic, payload, retain, exc)
@@ -786,11 +781,19 @@ class MqttPublisher:
                     self._unspooled_dropped,
                 )
 
+    def _spool_has_more(self) -> bool:
+        """Rows after the last one handed; a spool that cannot be read has none it could send
+        (as `_pending` takes it), so the messages in memory are not held back by it."""
+        try:
+            return bool(self.spool.after(self._handed, 1))
+        except sqlite3.Error:
+            return False
+
     def _send_unspooled(self) -> None:
         """Hand paho the messages the spool could not take, oldest first, once every spool row
         has been handed (they are newer)."""
         with self._unspooled_lock:
-            if self._unspooled and self.spool.after(self._handed, 1):
+            if self._unspooled and self._spool_has_more():
                 # the daemon moved some of them into the spool since the sender looked: those
                 # rows go first, as the older messages they are
                 self._wake.set()
