@@ -314,10 +314,11 @@ if model is not None and Path(model).exists():
     except (SoundSentryError, OSError) as exc:
         said = str(exc).replace(str(model), str(s.model))  # the path as the config names it
         sys.exit(f"{conf}: " + (said if str(s.model) in said else f"model {s.model}: {said}"))
-    from edge.history import active_entry
+    from edge.history import active_entry, written_over
     here = lambda p: Path(root + str(p)) if root and Path(p).is_absolute() else Path(p)
     entry = active_entry(here(s.data_dir) / "models", configured.model_id)
-    if entry is not None:
+    # a version whose folder was written over since is not run: the configured model is
+    if entry is not None and not written_over(entry, here(entry["path"])):
         active, where = entry["version"], entry["path"]
         try:
             Pipeline(load_bundle(here(where)), s.detector)

@@ -106,6 +106,22 @@ def active_entry(folder: Path, configured: str) -> dict[str, Any] | None:
     return next((e for e in entries if _readable(e) and e["version"] == active), None)
 
 
+def written_over(entry: dict[str, Any], path: Path) -> bool:
+    """The entry records its bundle's checksum and the manifest at `path` holds another: the
+    folder was written over since (`calibrate` with the same --out), and the daemon runs the
+    configured model instead (edge.adapt). Read as plain JSON, so a bundle this version cannot
+    load still tells; one that cannot be read at all is not taken as written over."""
+    recorded = entry.get("checksum")
+    if recorded is None:  # entries from before checksums were recorded
+        return False
+    try:
+        folder = path if path.is_dir() else path.parent  # a bundle is named by either
+        found = json.loads((folder / "manifest.json").read_text()).get("checksum")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(found, str) and found != recorded
+
+
 def _listed(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 

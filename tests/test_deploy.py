@@ -415,6 +415,29 @@ def test_an_upgrade_loads_the_site_version_the_device_runs_before_it_restarts(
 
 
 @pytest.mark.slow
+def test_an_upgrade_passes_a_site_version_whose_folder_was_written_over(
+    installed: Path, tiny_bundle: Path
+) -> None:
+    """The history's active version names a folder that holds another bundle since (its
+    checksum differs from the one recorded): the daemon runs the configured model, not it, so a
+    bundle there that the new release cannot read is no reason to refuse the upgrade."""
+    models = installed / "var/lib/soundsentry/models"
+    model, site = models / "fan.bundle", models / "v1"
+    shutil.copytree(tiny_bundle, model)
+    shutil.copytree(tiny_bundle, site)
+    entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1", "reason": "reload",
+             "base": "/var/lib/soundsentry/models/fan.bundle", "checksum": "0" * 64}  # fmt: skip
+    (models / "history.json").write_text(json.dumps({"active": 1, "entries": [entry]}))
+    try:
+        proc = _upgrade_then_drop_format(installed, site)
+    finally:
+        shutil.rmtree(model)
+        shutil.rmtree(site)
+        (models / "history.json").unlink()
+    assert proc.returncode == 0 and RESTART in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
 def test_a_venv_of_another_python_is_rebuilt(installed: Path) -> None:
     """After an OS upgrade the venv's python link reports the new version, so the installer
     reads the venv's own (pyvenv.cfg) to know its site-packages are for another one."""
