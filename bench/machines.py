@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -58,6 +59,7 @@ from edge.sources import FileSource  # noqa: E402
 from edge.threshold import k_of_n_peak  # noqa: E402
 from train.evaluate import clip_and_segments_of  # noqa: E402
 from train.metrics import partial_auc, roc_auc  # noqa: E402
+from train.statistics import Trainer  # noqa: E402
 
 RATE = 16000
 SELECTION_TYPES = ("fan", "pump", "valve", "slider")
@@ -300,6 +302,13 @@ def above_normals(
     return out
 
 
+def takes_views(trainer: Callable) -> bool:
+    """Whether a trainer can take every channel of a recording as a view (`all_channels`)."""
+    fn = trainer.func if isinstance(trainer, partial) else trainer
+    params = inspect.signature(fn.__call__ if isinstance(fn, Trainer) else fn).parameters
+    return "all_channels" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def run_detector(kind: str, trainer: Callable, task: Task, work: Path, pooled: Pooled) -> None:
     t0 = time.perf_counter()
     out = work / f"{kind}-{task.machine}-{task.machine_id}-{task.normal[0].stem}.bundle"
@@ -530,6 +539,8 @@ def main() -> None:
             file=sys.stderr,
         )
         for kind, trainer in trainers.items():
+            if task.all_channels and not takes_views(trainer):
+                continue  # a kind that trains on one channel has no row of all channels
             run_detector(kind, trainer, task, work, pooled[task.machine][kind])
         if not args.no_baseline and not task.all_channels:  # its reference is the ch 0 row
             run_baseline(task, args.baseline_epochs, pooled[task.machine]["baseline"])
