@@ -318,7 +318,7 @@ if model is not None and Path(model).exists():
     here = lambda p: Path(root + str(p)) if root and Path(p).is_absolute() else Path(p)
     entry = active_entry(here(s.data_dir) / "models", configured.model_id)
     # a version whose folder was written over since is not run: the configured model is
-    if entry is not None and not written_over(entry, here(entry["path"])):
+    if entry is not None and written_over(entry, here(entry["path"])) is None:
         active, where = entry["version"], entry["path"]
         try:
             Pipeline(load_bundle(here(where)), s.detector)

@@ -266,25 +266,25 @@ def _version_in_use(s: Settings, configured: str) -> str:
     commissioning period, mark_normal, calibrate, a reload) that its history names active, read
     without writing anything; whether it still loads. Empty when it runs the configured one."""
     from edge.bundle import load_bundle
-    from edge.history import active_entry
+    from edge.history import active_entry, written_over
     from edge.pipeline import Pipeline
 
     entry = active_entry(s.data_dir / "models", configured)
     if entry is None:
         return ""  # none, unreadable by this user, or damaged (the daemon says which at start)
     active, path, reason = entry["version"], entry["path"], entry["reason"]
+    now = written_over(entry, Path(path))
+    if now is not None:  # as edge.adapt refuses it, whether it loads or not
+        return (
+            f"; its site version {active}'s folder holds {now} since, not its "
+            f"{entry.get('model_id')}: the daemon runs this one"
+        )
     try:
         version = load_bundle(path)
         Pipeline(version, s.detector)
     except (SoundSentryError, OSError) as exc:
         why = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         return f"; its site version {active} does not load ({why}): the daemon runs this one"
-    recorded = entry.get("checksum")
-    if recorded is not None and recorded != version.manifest.checksum:  # as edge.adapt refuses
-        return (
-            f"; its site version {active}'s folder holds {version.model_id} since, not its "
-            f"{entry.get('model_id')}: the daemon runs this one"
-        )
     return (
         f"; in use: site version {active} ({version.model_id}, {reason}, "
         f"{_in_force(s, version)}; `rollback` steps back)"

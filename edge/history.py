@@ -106,20 +106,25 @@ def active_entry(folder: Path, configured: str) -> dict[str, Any] | None:
     return next((e for e in entries if _readable(e) and e["version"] == active), None)
 
 
-def written_over(entry: dict[str, Any], path: Path) -> bool:
-    """The entry records its bundle's checksum and the manifest at `path` holds another: the
-    folder was written over since (`calibrate` with the same --out), and the daemon runs the
-    configured model instead (edge.adapt). Read as plain JSON, so a bundle this version cannot
-    load still tells; one that cannot be read at all is not taken as written over."""
+def written_over(entry: dict[str, Any], path: Path) -> str | None:
+    """The model id now at `path` (or "another bundle") when the entry records its bundle's
+    checksum and the manifest there holds another: the folder was written over since
+    (`calibrate` with the same --out), and the daemon runs the configured model instead
+    (edge.adapt). Read as plain JSON, so a bundle this version cannot load still tells; one
+    that cannot be read at all is not taken as written over (None)."""
     recorded = entry.get("checksum")
     if recorded is None:  # entries from before checksums were recorded
-        return False
+        return None
     try:
         folder = path if path.is_dir() else path.parent  # a bundle is named by either
-        found = json.loads((folder / "manifest.json").read_text()).get("checksum")
+        found = json.loads((folder / "manifest.json").read_text())
+        checksum = found.get("checksum")
     except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(found, str) and found != recorded
+        return None
+    if not isinstance(checksum, str) or checksum == recorded:
+        return None
+    model_id = found.get("model_id")
+    return model_id if isinstance(model_id, str) and model_id else "another bundle"
 
 
 def _listed(value: object) -> list[Any]:

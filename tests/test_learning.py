@@ -187,6 +187,15 @@ def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart
     model = check_model(site)
     assert model.ok and "site version 1 does not load" in model.detail, model.detail
     shutil.move(tmp_path / "moved.bundle", entry["path"])
+    # its folder written over since with a bundle this version cannot read: not "does not
+    # load", since the daemon would not run it anyway (its checksum is not the version's)
+    manifest = Path(entry["path"]) / "manifest.json"
+    kept = manifest.read_text()
+    other = json.loads(kept) | {"checksum": "0" * 64, "format_version": 99, "model_id": "other"}
+    manifest.write_text(json.dumps(other))
+    model = check_model(site)
+    assert model.ok and f"site version 1's folder holds {other['model_id']} since" in model.detail
+    manifest.write_text(kept)
     again = cli("--log-level", "INFO", "replay", str(DEMO_BUNDLE), str(ANOMALOUS_FILE),
                 "--config", str(config), env=env)  # fmt: skip
     assert "using version 1 (fan-demo-12483c73-site-v1, learning)" in again.stderr
