@@ -358,6 +358,26 @@ def _upgrade_then_drop_format(installed: Path, bundle: Path) -> subprocess.Compl
     return run_installer(installed, check=False)
 
 
+def _upgrade_over_site_version(
+    installed: Path, bundle: Path, **entry: str
+) -> subprocess.CompletedProcess[str]:
+    """`_upgrade_then_drop_format` on the site version the history names active (`v1`, a copy
+    of `bundle`, as is the configured model; `entry`: more fields of its history entry)."""
+    models = installed / "var/lib/soundsentry/models"
+    model, site = models / "fan.bundle", models / "v1"
+    shutil.copytree(bundle, model)
+    shutil.copytree(bundle, site)
+    entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1",
+             "base": "/var/lib/soundsentry/models/fan.bundle"} | entry  # fmt: skip
+    (models / "history.json").write_text(json.dumps({"active": 1, "entries": [entry]}))
+    try:
+        return _upgrade_then_drop_format(installed, site)
+    finally:
+        shutil.rmtree(model)
+        shutil.rmtree(site)
+        (models / "history.json").unlink()
+
+
 def _refusal(installed: Path, bad: subprocess.CompletedProcess[str]) -> str:
     """The one line an upgrade that restarted nothing names the kept config's problem in."""
     conf = installed / "etc/soundsentry/config.toml"
@@ -392,21 +412,8 @@ def test_an_upgrade_loads_the_site_version_the_device_runs_before_it_restarts(
     the configured model: an upgrade checked only the configured one, and a release that could
     not read the site's restarted into the factory model, the daemon then forgetting the
     site's version for good (in a review). Now it is loaded first, and named if it fails."""
-    models = installed / "var/lib/soundsentry/models"
-    model, site = models / "fan.bundle", models / "v1"
-    shutil.copytree(tiny_bundle, model)
-    shutil.copytree(tiny_bundle, site)
-    entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1", "reason": "calibrate",
-             "base": "/var/lib/soundsentry/models/fan.bundle"}  # fmt: skip
     # without `configured` (a history.json of an older release): the daemon still runs it
-    history = {"active": 1, "entries": [entry]}
-    (models / "history.json").write_text(json.dumps(history))
-    try:
-        bad = _upgrade_then_drop_format(installed, site)
-    finally:
-        shutil.rmtree(model)
-        shutil.rmtree(site)
-        (models / "history.json").unlink()
+    bad = _upgrade_over_site_version(installed, tiny_bundle, reason="calibrate")
     said = _refusal(installed, bad)
     assert said.startswith(
         "the site version in use, 1 (/var/lib/soundsentry/models/v1), does not load"
@@ -421,19 +428,7 @@ def test_an_upgrade_passes_a_site_version_whose_folder_was_written_over(
     """The history's active version names a folder that holds another bundle since (its
     checksum differs from the one recorded): the daemon runs the configured model, not it, so a
     bundle there that the new release cannot read is no reason to refuse the upgrade."""
-    models = installed / "var/lib/soundsentry/models"
-    model, site = models / "fan.bundle", models / "v1"
-    shutil.copytree(tiny_bundle, model)
-    shutil.copytree(tiny_bundle, site)
-    entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1", "reason": "reload",
-             "base": "/var/lib/soundsentry/models/fan.bundle", "checksum": "0" * 64}  # fmt: skip
-    (models / "history.json").write_text(json.dumps({"active": 1, "entries": [entry]}))
-    try:
-        proc = _upgrade_then_drop_format(installed, site)
-    finally:
-        shutil.rmtree(model)
-        shutil.rmtree(site)
-        (models / "history.json").unlink()
+    proc = _upgrade_over_site_version(installed, tiny_bundle, reason="reload", checksum="0" * 64)
     assert proc.returncode == 0 and RESTART in proc.stdout, proc.stdout + proc.stderr
 
 
