@@ -40,7 +40,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -58,7 +58,7 @@ from edge.messages import (
     StateMessage,
 )
 from edge.settings import MqttSettings, mqtt_password
-from edge.spool import Spool
+from edge.spool import Spool, Spooled
 from edge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,14 @@ NETWORK_RESTART_MIN_S = 2.0
 """paho's network thread, ended by an error it does not expect, is started again after this,
 doubling up to SENDER_RETRY_MAX_S while it keeps ending."""
 SENDER_LOG_INTERVAL_S = 60.0
+QUICK_DROP_S = 10.0
+TOO_LARGE_DROPS = 2
+"""Connections in a row that the broker's answer ended within QUICK_DROP_S of their start, with a
+protocol error, before the largest message paho still holds is taken to be over the broker's
+size limit. Mosquitto's `message_size_limit` answers such a publish with a PUBACK reason (0x95)
+that MQTT 5 does not allow there; paho drops the connection on it and sends the message again at
+every reconnect, so nothing spooled behind it was delivered (a reconnect loop, in a review)."""
+PROTOCOL_ERROR = 0x82
 """The same failure of the spool sender is logged at once, then at most this often (with how
 many passes failed meanwhile), not once per pass."""
 
@@ -150,6 +158,18 @@ def _packet_size(topic: str, payload: str, qos: int, properties: Properties | No
     props = properties.pack() if properties is not None else b"\x00"
     body = 2 + len(topic.encode()) + (2 if qos else 0) + len(props) + len(payload.encode())
     return 1 + max(1, (body.bit_length() + 6) // 7) + body
+
+
+def _take_back(client: mqtt.Client) -> list[mqtt.MQTTMessage]:
+    """Every QoS 1 message paho holds unacknowledged, taken out of its queue (not sent again at
+    the reconnect); paho 2.2's `drop_out_messages`, or what it does on older 2.x."""
+    drop = getattr(client, "drop_out_messages", None)
+    if drop is not None:
+        return list(drop())
+    with client._out_message_mutex:  # paho 2.0 and 2.1
+        taken = list(client._out_messages.values())
+        client._out_messages.clear()
+    return taken
 
 
 def _sender(msg: mqtt.MQTTMessage) -> str | None:
@@ -231,6 +251,13 @@ class MqttPublisher:
         self._unspooled_dropped = 0
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
         self._max_packet: int | None = None  # the broker's MaximumPacketSize (CONNACK)
+        self._learned_limit: int | None = None  # largest packet the broker took, as learned
+        self._quick_drops = 0  # connections in a row ended by a protocol error at once
+        self._connected_at = 0.0  # monotonic time of the last CONNACK
+        self._dropped_mids: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+        """Message ids taken back from paho (over the learned limit): their spool rows are
+        handed again by the sender thread, those over the limit kept as if refused."""
+        self._hand_again: deque[int] = deque()  # spool rows to hand before the next new one
         self._too_large = _Throttle(REFUSED_LOG_INTERVAL_S)  # logged per topic
         self._offer_refused_at = 0.0  # monotonic time of the next offer, 0: none due
         self._offered: set[int] = set()  # refused rows offered again, their PUBACK awaited
@@ -310,6 +337,9 @@ class MqttPublisher:
         self._last_refusal = self._last_unreachable = ""
         self._max_packet = getattr(_p, "MaximumPacketSize", None)  # the broker's, if it says
         log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
+        if self._quick_drops >= TOO_LARGE_DROPS:
+            self._set_aside_largest(client)
+        self._connected_at = time.monotonic()
         wanted = [self.topics.command, *self.topics.ha_statuses, self.topics.availability]
         # this device's availability without its own publishes (no local): only others' reach us
         options = [
@@ -373,6 +403,9 @@ class MqttPublisher:
         if self._closing.is_set():
             return
         if was:
+            quick = time.monotonic() - self._connected_at < QUICK_DROP_S
+            protocol = getattr(reason, "value", None) == PROTOCOL_ERROR
+            self._quick_drops = self._quick_drops + 1 if quick and protocol else 0
             log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason)
         elif not self._last_refusal:  # a refusal said why; this is a port that hung up on us
             self._unreachable(
@@ -380,6 +413,40 @@ class MqttPublisher:
                 f"MQTT handshake ended ({reason}): a TLS port with [mqtt.tls] off, another "
                 "service on that port, or a broker at its connection limit?"
             )
+
+    def _set_aside_largest(self, client: mqtt.Client) -> None:
+        """The connection ended at once, TOO_LARGE_DROPS times in a row, on a protocol error: take
+        back what paho would send again (before it does), and take the largest of it as over the
+        broker's size limit, which mosquitto does not tell. Messages that large or larger are not
+        handed to paho again until the daemon restarts (spooled ones stay in the spool, as over a
+        maximum packet size); the rest go again: spooled rows by the sender thread, in order,
+        before any new one; retained ones as the latest, by `_on_connect`; a command's response
+        now."""
+        self._quick_drops = 0
+        taken = _take_back(client)
+        if not taken:
+            return
+        sizes = [_packet_size(m.topic, m.payload.decode(), m.qos, m.properties) for m in taken]
+        largest = max(sizes)
+        self._learned_limit = min(largest - 1, self._learned_limit or largest)
+        topic = taken[sizes.index(largest)].topic
+        log.error(
+            "MQTT: the broker dropped the connection %d times in a row at once, on a message of "
+            "%d bytes on %s, taken as over its size limit (mosquitto's message_size_limit): "
+            "messages of %d bytes or more are not sent until the daemon restarts (a spooled one "
+            "stays in the spool); raise the broker's limit, then restart the daemon",
+            TOO_LARGE_DROPS, largest, topic, largest,
+        )  # fmt: skip
+        with self._mid_lock:
+            for m in taken:
+                self._topic_of.pop(m.mid, None)
+                self._sent_on.pop(m.mid, None)
+        spooled = [m.mid for m in taken if m.mid in self._inflight]
+        self._dropped_mids.put(spooled)
+        for m, size in zip(taken, sizes, strict=True):
+            if m.mid not in spooled and not m.retain and m.qos and size <= self._learned_limit:
+                self._publish(m.topic, m.payload.decode(), qos=m.qos)  # a command's response
+        self._wake.set()
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         self._acked.put((mid, reason))  # resolved by the sender thread: never block paho here
@@ -560,6 +627,12 @@ class MqttPublisher:
         )
 
     def _send_batch(self) -> None:
+        while self._hand_again:  # taken back from paho: before anything newer
+            if not self.connected or len(self._inflight) >= MAX_HANDED:
+                return
+            if self._hand_row(self._hand_again[0]) is None:
+                return
+            self._hand_again.popleft()
         try:
             rows = self.spool.after(self._handed, SEND_BATCH)
         except sqlite3.Error:  # a spool that cannot be read holds nothing to send before them
@@ -602,27 +675,36 @@ class MqttPublisher:
                 return  # an acknowledgement wakes the sender for the rest
             rid = self._offer_rest[0]
             try:
-                found = self.spool.after(rid - 1, 1)
+                row = self._hand_row(rid)
             except Exception:  # a failing card: the rest wait for the next offer, not a restart
                 self._postpone_offer()
                 raise
-            if not found or found[0].id != rid:  # dropped by a full spool meanwhile
-                self._offer_rest.popleft()
-                continue
-            row = found[0]
-            info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
-            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: offered again later
+            if row is None:  # paho kept nothing: offered again later
                 return
             self._offer_rest.popleft()
-            if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:  # still over the broker's limit
-                self._refuse_later(row.id)
-                continue
-            self._inflight[info.mid] = row.id
-            self._offered.add(row.id)
-            self._offer_retained = self._offer_retained or row.retain
+            if row:
+                self._offered.add(rid)
+                self._offer_retained = self._offer_retained or row.retain
         if self._offer_retained:  # an old health message must not stay the broker's retained one
             self._offer_retained = False
             self._publish_retained()
+
+    def _hand_row(self, rid: int) -> Spooled | Literal[False] | None:
+        """Hand spool row `rid` to paho once more: the row when handed (its PUBACK awaited);
+        False when it is gone (a full spool dropped it meanwhile) or still over the broker's limit
+        (offered again with the refused); None when paho's queue took nothing (try later)."""
+        found = self.spool.after(rid - 1, 1)
+        if not found or found[0].id != rid:
+            return False
+        row = found[0]
+        info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            return None
+        if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:
+            self._refuse_later(rid)
+            return False
+        self._inflight[info.mid] = rid
+        return row
 
     def _refuse_later(self, row: int) -> None:
         """A spool row not taken now: offered again with the refused."""
@@ -637,6 +719,14 @@ class MqttPublisher:
         self._offer_refused_at = time.monotonic() + self.refused_retry_s
 
     def _resolve_acks(self) -> None:
+        while True:  # messages `_set_aside_largest` took back from paho: their rows again
+            try:
+                mids = self._dropped_mids.get_nowait()
+            except queue.Empty:
+                break
+            rows = [self._inflight.pop(mid) for mid in mids if mid in self._inflight]
+            self._offered.difference_update(rows)
+            self._hand_again = deque(sorted({*self._hand_again, *rows}))
         while True:
             try:
                 mid, reason = self._acked.get_nowait()
@@ -844,8 +934,9 @@ class MqttPublisher:
         """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
         the broker took it; `props`: with this instance's name (availability)."""
         properties = self._sender_props() if props else None
-        if self._max_packet and _packet_size(topic, payload, qos, properties) > self._max_packet:
-            return self._over_limit(topic, payload, qos, properties)
+        limit = self._limit()
+        if limit and _packet_size(topic, payload, qos, properties) > limit:
+            return self._over_limit(topic, payload, qos, properties, limit)
         with self._mid_lock:  # its PUBACK may be resolved before publish() returns
             info = self.client.publish(
                 topic, payload, qos=qos, retain=retain, properties=properties
@@ -856,8 +947,14 @@ class MqttPublisher:
                     self._sent_on[info.mid] = self._connection
         return info
 
+    def _limit(self) -> int | None:
+        """The largest packet the broker takes: its maximum packet size, or what was learned
+        (`_set_aside_largest`), whichever is smaller; None when neither is known."""
+        known = [n for n in (self._max_packet, self._learned_limit) if n]
+        return min(known) if known else None
+
     def _over_limit(
-        self, topic: str, payload: str, qos: int, properties: Properties | None
+        self, topic: str, payload: str, qos: int, properties: Properties | None, limit: int
     ) -> mqtt.MQTTMessageInfo:
         """A message over the broker's maximum packet size is not handed to paho: the broker
         would drop the connection for it, and paho send it again at every reconnect, the spool
@@ -865,12 +962,15 @@ class MqttPublisher:
         one stays in the spool, offered again with the refused."""
         since = self._too_large.due(topic)
         if since is not None:
+            said = limit == self._max_packet  # else learned, and logged when it was
             log.error(
-                "MQTT: %d message(s) on %s not sent: %d bytes, over the broker's maximum packet "
-                "size (%d); raise max_packet_size in the broker's configuration (a spooled one "
-                "stays in the spool, offered again every %s)",
-                since, topic, _packet_size(topic, payload, qos, properties), self._max_packet,
-                _duration(self.refused_retry_s),
+                "MQTT: %d message(s) on %s not sent: %d bytes, over the broker's %s (%d); raise "
+                "%s in the broker's configuration%s (a spooled one stays in the spool, offered "
+                "again every %s)",
+                since, topic, _packet_size(topic, payload, qos, properties),
+                "maximum packet size" if said else "size limit as learned", limit,
+                "max_packet_size" if said else "message_size_limit",
+                "" if said else ", then restart the daemon", _duration(self.refused_retry_s),
             )  # fmt: skip
         info = mqtt.MQTTMessageInfo(0)
         info.rc = mqtt.MQTT_ERR_PAYLOAD_SIZE
