@@ -29,7 +29,14 @@ from edge.clips import CLIP_ID_CHARS
 from edge.detectors.thresholds import EventLogic
 from edge.errors import BundleError, SoundSentryError
 from edge.features import FeatureParams
-from edge.history import ModelHistory, VersionUnwrittenError, now_iso, read_json, write_json
+from edge.history import (
+    ModelHistory,
+    VersionUnwrittenError,
+    now_iso,
+    read_json,
+    write_json,
+    written_over,
+)
 from edge.learning import (
     FeatureStore,
     LearningError,
@@ -275,15 +282,13 @@ class Adapter:
         where it was, and `calibrate` writing the same --out again replaced it, so returning to
         the version would run another model while the history said it ran that one. Entries
         from before checksums were recorded load what is there."""
-        bundle = load_bundle(entry["path"])
-        recorded = entry.get("checksum")
-        if recorded is not None and recorded != bundle.manifest.checksum:
+        now = written_over(entry, Path(entry["path"]))  # before loading what is there now
+        if now is not None:
             raise BundleError(
-                f"{entry['path']} now holds {bundle.model_id}, not the {entry.get('model_id')} "
-                f"of version {entry['version']} (written over since; reload_model loads it as "
-                "a new version)"
+                f"{entry['path']} now holds {now}, not the {entry.get('model_id')} of version "
+                f"{entry['version']} (written over since; reload_model loads it as a new version)"
             )
-        return bundle
+        return load_bundle(entry["path"])
 
     def _check_runs(self, bundle: Bundle) -> None:
         """SoundSentryError when the settings in force cannot run `bundle`."""

@@ -1647,6 +1647,13 @@ def test_a_rollback_to_a_bundle_written_over_since_is_refused(tmp_path: Path) ->
     assert not reply.ok and "version 1" in reply.detail and first in reply.detail, reply.detail
     assert device.detector.status()["version"] == 2
     assert device.detector.bundle.model_id == second
+    # written over by a bundle this version cannot read: said as written over, not as a
+    # bundle that does not load (the checksum is read before anything is loaded)
+    manifest = site / "manifest.json"
+    other = json.loads(manifest.read_text()) | {"checksum": "0" * 64, "format_version": 99}
+    manifest.write_text(json.dumps(other | {"model_id": "other"}))
+    reply = device.command(command="rollback")
+    assert not reply.ok and "now holds other, not the" in reply.detail, reply.detail
 
 
 def test_a_restart_does_not_run_a_version_whose_bundle_was_written_over(
