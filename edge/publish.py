@@ -248,6 +248,11 @@ class MqttPublisher:
         """Messages the spool could not take (a full disk), oldest first: sent after its rows,
         and moved into it as soon as it takes a message again (under `_unspooled_lock`)."""
         self._unspooled_lock = threading.Lock()
+        self._held: deque[tuple[str, str, bool]] = deque()
+        """Of those, the ones the broker refused or that were over its size limit: into the spool
+        with the rest once it takes messages again, and offered from there as refused rows
+        (under `_unspooled_lock`). They were lost, while the log said they stayed spooled."""
+        self._unspooled_mids: dict[int, tuple[str, str, bool]] = {}  # handed, PUBACK awaited
         self._unspooled_dropped = 0
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
         self._max_packet: int | None = None  # the broker's MaximumPacketSize (CONNACK)
@@ -441,7 +446,7 @@ class MqttPublisher:
             for m in taken:
                 self._topic_of.pop(m.mid, None)
                 self._sent_on.pop(m.mid, None)
-        spooled = [m.mid for m in taken if m.mid in self._inflight]
+        spooled = [m.mid for m in taken if m.mid in self._inflight or m.mid in self._unspooled_mids]
         self._dropped_mids.put(spooled)
         for m, size in zip(taken, sizes, strict=True):
             if m.mid not in spooled and not m.retain and m.qos and size <= self._learned_limit:
@@ -727,6 +732,9 @@ class MqttPublisher:
             rows = [self._inflight.pop(mid) for mid in mids if mid in self._inflight]
             self._offered.difference_update(rows)
             self._hand_again = deque(sorted({*self._hand_again, *rows}))
+            back = [self._unspooled_mids.pop(m) for m in mids if m in self._unspooled_mids]
+            with self._unspooled_lock:  # waiting in memory (a full card): first again, in order
+                self._unspooled.extendleft(reversed(back))
         while True:
             try:
                 mid, reason = self._acked.get_nowait()
@@ -738,13 +746,18 @@ class MqttPublisher:
             if topic and sent_on is not None and sent_on < self._connection:
                 self._latest_again(topic)
             row = self._inflight.pop(mid, None)
+            unspooled = self._unspooled_mids.pop(mid, None)
             offered = row is not None and row in self._offered
             if offered:
                 self._offered.discard(row)
             if reason.is_failure:  # kept in the spool and offered again later
                 if row is not None:
                     self._refuse_later(row)
-                self._log_refusal(topic or "a topic", reason, spooled=row is not None)
+                if unspooled is not None:  # into the spool once it takes messages again
+                    with self._unspooled_lock:
+                        self._held.append(unspooled)
+                spooled = row is not None or unspooled is not None
+                self._log_refusal(topic or "a topic", reason, spooled=spooled)
             elif row is not None:  # others are acks of state and metrics, never spooled
                 self._acked_rows.append(row)
                 self._accepted_offered += offered
@@ -801,7 +814,8 @@ class MqttPublisher:
     def _pending(self) -> bool:
         """Something left for the sender; a spool that cannot be read has nothing it could send
         (its messages go at the next start), so closing does not wait for it."""
-        return bool(self._inflight or self._acked_rows or self._unspooled) or self._spool_has_more()
+        waiting = self._inflight or self._acked_rows or self._unspooled or self._unspooled_mids
+        return bool(waiting) or self._spool_has_more()
 
     # --- what the daemon publishes ----------------------------------------------------------
 
@@ -835,8 +849,10 @@ class MqttPublisher:
         before its `start` (in a review). Logged once until the spool works again."""
         with self._unspooled_lock:
             try:
-                if self._unspooled:  # older than this one: in the spool first, in one go
-                    self.spool.append_many([(t, p, 1, r) for t, p, r in self._unspooled])
+                waiting = [*self._held, *self._unspooled]
+                if waiting:  # older than this one: in the spool first, in one go
+                    self.spool.append_many([(t, p, 1, r) for t, p, r in waiting])
+                    self._held.clear()
                     self._unspooled.clear()
                 self.spool.append(topic, payload, qos=1, retain=retain)
             except sqlite3.Error as exc:
@@ -860,8 +876,8 @@ class MqttPublisher:
             )
         self._spool_failed = True
         self._unspooled.append((topic, payload, retain))
-        while len(self._unspooled) > MAX_UNSPOOLED:
-            self._unspooled.popleft()
+        while len(self._held) + len(self._unspooled) > MAX_UNSPOOLED:
+            (self._held or self._unspooled).popleft()  # the held ones are the older
             self._unspooled_dropped += 1
             if self._unspooled_dropped in (1, 10, 100) or self._unspooled_dropped % 1000 == 0:
                 log.error(
@@ -893,7 +909,11 @@ class MqttPublisher:
                 info = self._publish(topic, payload, qos=1, retain=retain)
                 if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: handed again later
                     return
-                self._unspooled.popleft()
+                message = self._unspooled.popleft()
+                if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:  # the broker's limit: as if refused
+                    self._held.append(message)
+                else:
+                    self._unspooled_mids[info.mid] = message
 
     def remember_last_event(self, payload: str) -> None:
         """The retained `last_event`: sent now if connected, and again after every reconnect

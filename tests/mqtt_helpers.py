@@ -1,4 +1,5 @@
-"""A real paho subscriber for tests: records every message and waits for conditions."""
+"""A real paho subscriber for tests: records every message and waits for conditions; and a
+spool made read-only, as on a full card."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.spool import Spool
 
 
 @dataclass
@@ -76,3 +79,9 @@ class Subscriber:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def read_only(spool: Spool, on: bool) -> None:
+    """Every write to the spool fails from here (as on a full card) while it still reads, or
+    no longer."""
+    spool._db.execute(f"PRAGMA query_only = {int(on)}")  # type: ignore[attr-defined]

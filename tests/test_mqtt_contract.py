@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Broker, broker_with_example_acl, free_port, wait_for
 from jsonschema import Draft202012Validator
-from mqtt_helpers import Subscriber
+from mqtt_helpers import Subscriber, read_only
 
 from edge.messages import EventMessage
 from edge.publish import MqttPublisher
@@ -239,6 +239,74 @@ def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_res
         ids = [m.json()["event_id"] for m in consumer.on("pump-4/events")]
         assert ids == ["e0", "e1", "e2"]  # in their order
         assert any("accepted 3 message(s) it had refused" in r.getMessage() for r in caplog.records)
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        consumer.close()
+        broker.stop()
+
+
+def test_a_message_waiting_in_memory_over_the_broker_s_limit_is_spooled_when_the_card_is_free(
+    tmp_path: Path,
+) -> None:
+    """On a full card messages wait in memory; one over the broker's packet size was dropped
+    when its turn came, while the log said such a message stays in the spool (a review)."""
+    broker = Broker(tmp_path, free_port(), extra_conf="max_packet_size 1000\n")
+    broker.start()
+    topics = Topics("soundsentry", "pump-3")
+    consumer = Subscriber(broker.port, "soundsentry/pump-3/events")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = None
+    try:
+        publisher = _publisher(broker.port, topics, spool)
+        read_only(spool, True)
+        publisher._spool(topics.events, json.dumps({"big": "x" * 1500}), retain=False)
+        publisher.publish_event(_event("start", "e1"))
+        assert consumer.wait_for(lambda ms: len(ms) == 1, 10)  # sent from memory
+        wait_for(lambda: not publisher._pending(), 10, "the memory's messages to be handed")
+        read_only(spool, False)
+        publisher.publish_event(_event("start", "e2"))  # the card has room again
+        assert consumer.wait_for(lambda ms: len(ms) == 2, 10)
+        wait_for(lambda: spool.depth() == 1, 10, "the event to leave the spool, the big to stay")
+        assert "big" in json.loads(spool.after(0, 1)[0].payload)
+        assert [m.json().get("event_id") for m in consumer.messages] == ["e1", "e2"]
+    finally:
+        if publisher is not None:
+            publisher.close(timeout_s=1)
+        spool.close()
+        consumer.close()
+        broker.stop()
+
+
+def test_a_message_waiting_in_memory_that_the_broker_refuses_is_spooled_when_the_card_is_free(
+    tmp_path: Path,
+) -> None:
+    """On a full card messages wait in memory; one the broker refused (its ACL) was lost, there
+    being no spool row to offer again. Now it goes into the spool once the card has room, and is
+    offered from there until the ACL is mended."""
+    acl = tmp_path / "acl"
+    shutil.copy(ACL, acl)
+    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
+    wrong = Topics("soundsentry", "pump-4")  # user pump-3 may write only soundsentry/pump-3/#
+    consumer = Subscriber(broker.port, "soundsentry/#", login=("consumer", "pw"))
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, wrong, spool, user="pump-3")
+    publisher.refused_retry_s = 1.0
+    try:
+        read_only(spool, True)
+        publisher.publish_event(_event("start", "e1", "pump-4"))
+        wait_for(lambda: not publisher._pending(), 10, "the refusal of the event in memory")
+        read_only(spool, False)
+        with acl.open("a") as f:  # the mend: pump-3 may write pump-4's topics too
+            f.write("\npattern write soundsentry/pump-4/#\n")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL file
+        publisher.publish_event(_event("start", "e2", "pump-4"))  # the card has room again
+        got = consumer.wait_for(lambda _: len(consumer.on("pump-4/events")) == 2, 15)
+        assert got, consumer.on("pump-4/events")
+        ids = sorted(m.json()["event_id"] for m in consumer.on("pump-4/events"))
+        assert ids == ["e1", "e2"]
+        wait_for(lambda: spool.depth() == 0, 10, "both to leave the spool")
     finally:
         publisher.close(timeout_s=1)
         spool.close()

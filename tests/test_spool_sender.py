@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import Broker, wait_for
-from mqtt_helpers import Subscriber
+from mqtt_helpers import Subscriber, read_only
 
 from edge.messages import EventMessage, StateMessage
 from edge.publish import MqttPublisher
@@ -402,12 +402,6 @@ def test_a_stop_while_a_backlog_drains_leaves_the_broker_saying_offline(
         watcher.close()
 
 
-def _read_only(spool: Spool, on: bool) -> None:
-    """Every write to the spool fails from here (as on a full card) while it still reads, or
-    no longer."""
-    spool._db.execute(f"PRAGMA query_only = {int(on)}")  # type: ignore[attr-defined]
-
-
 def test_an_outage_backlog_is_sent_whole_while_the_card_is_full(
     broker: Broker, spool: Spool, sub: Subscriber, publisher: MqttPublisher
 ) -> None:
@@ -419,7 +413,7 @@ def test_an_outage_backlog_is_sent_whole_while_the_card_is_full(
     backlog = 3 * MAX_HANDED
     for n in range(backlog - LEFT_OVER):
         spool.append(TOPICS.events, _event(f"e{n}").to_payload(), qos=1)
-    _read_only(spool, True)
+    read_only(spool, True)
     publisher.start()
     assert sub.wait_for(lambda ms: len(ms) >= backlog, 20), f"{len(sub.messages)} of {backlog}"
     ids = [m.json()["event_id"] for m in sub.messages]
@@ -427,7 +421,7 @@ def test_an_outage_backlog_is_sent_whole_while_the_card_is_full(
         f"e{n}" for n in range(backlog - LEFT_OVER)
     ]
     assert spool.depth() == backlog  # nothing could be deleted
-    _read_only(spool, False)
+    read_only(spool, False)
     wait_for(lambda: spool.depth() == 0, 10, "the sent messages to leave the spool")
 
 
@@ -455,7 +449,7 @@ def test_an_event_keeps_its_order_when_the_card_fills_during_an_outage(
         events = [replace(_event("A"), type=kind) for kind in kinds]
         for event in events[:3]:
             publisher.publish_event(event)
-        _read_only(spool, True)
+        read_only(spool, True)
         for event in events[3:]:
             publisher.publish_event(event)
         assert spool.depth() == 3
@@ -464,7 +458,7 @@ def test_an_event_keeps_its_order_when_the_card_fills_during_an_outage(
         assert sub.wait_for(lambda ms: len(ms) >= len(kinds), 20), sub.messages
         got = [(m.json()["type"], m.json()["seq"]) for m in sub.messages]
         assert got == [(kind, seq) for seq, kind in enumerate(kinds)]
-        _read_only(spool, False)
+        read_only(spool, False)
         publisher.publish_event(_event("B"))  # the card has room: spooled again
         assert sub.wait_for(lambda ms: len(ms) > len(kinds), 10)
         assert sub.messages[-1].json()["event_id"] == "B"
