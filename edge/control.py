@@ -249,15 +249,30 @@ class Controller:
                 ),
             }
         )
-        try:
-            d.apply_settings(applied)
-        except SoundSentryError as exc:  # the detector settings the model cannot take
-            log.error("reload: settings not applied: %s", exc)
-            return
         version = d.adapter.history.active if d.adapter is not None else None
         configured = d.adapter.configured_path if d.adapter is not None else old.model
         same = _same_path(new.model, configured)  # not old.model: a load that failed is retried
         replaced = same and self._replaced(new.model)
+        # another model, or new contents at the configured path (a retrained bundle): loaded
+        # first, so that the settings are checked against the model they will run with
+        switching = new.model is not None and d.adapter is not None and (not same or replaced)
+        bundle = None
+        if switching:
+            try:
+                bundle = self._load(new.model)
+            except CommandError as exc:  # the settings still apply, to the running model
+                log.error("reload: %s", exc)
+        try:
+            d.apply_settings(applied, bundle)
+        except SoundSentryError as exc:  # the detector settings the model cannot take
+            log.error("reload: settings not applied: %s", exc)
+            return
+        if bundle is not None:
+            d.reconfigure(bundle)
+            log.info("reload: loaded %s, the configured model now", bundle.model_id)
+            return
+        if switching:  # its model did not load: said above
+            return
         if version is not None and same and not replaced:
             log.info("reload: the model is unchanged: keeping version %d", version)
             return
@@ -266,12 +281,6 @@ class Controller:
             log.info("reload: the model is unchanged: keeping %s", d.bundle.model_id)
             return
         try:
-            if new.model is not None and d.adapter is not None and (not same or replaced):
-                # another model, or new contents at the configured path (a retrained bundle)
-                bundle = self._load(new.model)
-                d.reconfigure(bundle)
-                log.info("reload: loaded %s, the configured model now", bundle.model_id)
-                return
             detail = self._reload_model(new.model)
             log.info("reload: %s", detail)
         except CommandError as exc:

@@ -288,11 +288,18 @@ class Detector:
         self._save_state()
         self.emit_state()
 
-    def apply_settings(self, settings: Settings) -> None:
+    def apply_settings(self, settings: Settings, bundle: Bundle | None = None) -> None:
         """Take new settings (reload): new detector settings rebuild the pipeline (an open
         anomaly ends; settings it cannot take raise and change nothing), [health] and [clips]
-        apply at once. Unchanged detector settings keep the pipeline and an open anomaly."""
-        if settings.detector != self.settings.detector:
+        apply at once. Unchanged detector settings keep the pipeline and an open anomaly.
+        `bundle`: the model that comes with them (SIGHUP with another [model]): they are checked
+        against it, not the running one, and the caller switches to it (`reconfigure`). They
+        were checked against the running one, and [detector] settings only the new model could
+        take (its K of N) were refused with it."""
+        if bundle is not None:
+            Pipeline(bundle, settings.detector)  # settings it cannot take raise: nothing changes
+            self.settings = settings
+        elif settings.detector != self.settings.detector:
             threshold = self._threshold
             if threshold is not None:  # kept as a restart keeps it: within the new bounds
                 low, high = self.threshold_bounds(settings)

@@ -38,7 +38,7 @@ from mqtt_helpers import Subscriber
 
 from edge.adapt import Adapter
 from edge.audio_io import read_audio
-from edge.bundle import load_bundle
+from edge.bundle import load_bundle, write_bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink
 from edge.errors import SettingsError
@@ -873,6 +873,29 @@ def test_sighup_to_another_configured_model_starts_its_learning_afresh(tmp_path:
     Controller(device.detector, reload_settings=lambda: back).reload()
     assert d.bundle.model_id == "fan-demo-12483c73-site-v1"
     assert d.status()["version"] == 1
+
+
+def test_sighup_to_another_model_checks_the_settings_against_it(tmp_path: Path) -> None:
+    """A SIGHUP with another [model] and [detector] settings only that model can take (K = 5
+    where it keeps N = 6 and the running one 4) was refused as a whole: the settings were
+    checked against the running model, and the new one was loaded only at a restart."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    demo = load_bundle(DEMO_BUNDLE)
+    manifest = demo.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["threshold"]["params"]["n"] = 6
+    six = write_bundle(tmp_path / "six.bundle", manifest, {}, demo.arrays)
+    d = device.detector
+    k5 = d.settings.detector.model_copy(update={"trigger_windows": 5})
+    new = d.settings.model_copy(update={"model": six, "detector": k5})
+    Controller(d, reload_settings=lambda: new).reload()
+    assert d.bundle.path == load_bundle(six).path
+    assert (d.pipeline.events.k, d.pipeline.events.n) == (5, 6)
+    # settings no model can take keep the model and the settings that run
+    bad = d.settings.detector.model_copy(update={"trigger_windows": 7})
+    back = d.settings.model_copy(update={"model": DEMO_BUNDLE, "detector": bad})
+    Controller(d, reload_settings=lambda: back).reload()
+    assert d.bundle.path == load_bundle(six).path and d.settings.detector.trigger_windows == 5
 
 
 def test_sighup_after_a_bundle_was_trained_again_at_the_same_path_loads_it(
