@@ -877,25 +877,45 @@ def test_sighup_to_another_configured_model_starts_its_learning_afresh(tmp_path:
 
 def test_sighup_to_another_model_checks_the_settings_against_it(tmp_path: Path) -> None:
     """A SIGHUP with another [model] and [detector] settings only that model can take (K = 5
-    where it keeps N = 6 and the running one 4) was refused as a whole: the settings were
+    where it keeps N = 6 and the running one 3) was refused as a whole: the settings were
     checked against the running model, and the new one was loaded only at a restart."""
     device = Device(tmp_path)
     device.replay(NORMAL_FILES[0])
-    demo = load_bundle(DEMO_BUNDLE)
-    manifest = demo.manifest.model_dump(exclude={"files", "checksum", "arrays"})
-    manifest["threshold"]["params"]["n"] = 6
-    six = write_bundle(tmp_path / "six.bundle", manifest, {}, demo.arrays)
+    six = _keeping_six_windows(tmp_path)
     d = device.detector
     k5 = d.settings.detector.model_copy(update={"trigger_windows": 5})
     new = d.settings.model_copy(update={"model": six, "detector": k5})
     Controller(d, reload_settings=lambda: new).reload()
     assert d.bundle.path == load_bundle(six).path
     assert (d.pipeline.events.k, d.pipeline.events.n) == (5, 6)
-    # settings no model can take keep the model and the settings that run
-    bad = d.settings.detector.model_copy(update={"trigger_windows": 7})
-    back = d.settings.model_copy(update={"model": DEMO_BUNDLE, "detector": bad})
-    Controller(d, reload_settings=lambda: back).reload()
-    assert d.bundle.path == load_bundle(six).path and d.settings.detector.trigger_windows == 5
+
+
+def test_sighup_to_another_model_that_cannot_take_the_settings_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The settings were applied against the running model (K = 5 of its N = 6), then the new
+    one (N = 3) failed to build with them: "command failed: SettingsError", and the daemon went
+    on with the old model under settings that named the new one (in a review). Now refused in
+    one line, with nothing changed."""
+    device = Device(tmp_path, bundle=_keeping_six_windows(tmp_path))
+    device.replay(NORMAL_FILES[0])
+    d = device.detector
+    k5 = d.settings.detector.model_copy(update={"trigger_windows": 5})
+    new = d.settings.model_copy(update={"model": DEMO_BUNDLE, "detector": k5})
+    with caplog.at_level(logging.ERROR):
+        Controller(d, reload_settings=lambda: new).reload()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1 and said[0].startswith("reload: settings not applied"), said
+    assert d.bundle.path == device.bundle.resolve() or d.bundle.path == device.bundle
+    assert d.settings.detector.trigger_windows is None and d.settings.model == device.bundle
+
+
+def _keeping_six_windows(tmp_path: Path) -> Path:
+    """The demo bundle, its threshold calibrated for K of N = 6 windows (as if older)."""
+    demo = load_bundle(DEMO_BUNDLE)
+    manifest = demo.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["threshold"]["params"]["n"] = 6
+    return write_bundle(tmp_path / "six.bundle", manifest, {}, demo.arrays)
 
 
 def test_sighup_after_a_bundle_was_trained_again_at_the_same_path_loads_it(
