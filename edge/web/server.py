@@ -352,11 +352,18 @@ class _Server(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """socketserver's, with the slot given back before the socket is closed: a browser
+        has its whole reply at the close and may ask again at once, and given back after it
+        (when the thread ended), its next request met a 503 now and then (3 of 200 at one per
+        address, in a review)."""
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             self.slots.release()
             self._leave(_host(client_address))
+            self.shutdown_request(request)
 
     def _leave(self, host: str) -> None:
         with self.lock:
