@@ -1384,6 +1384,40 @@ def test_a_range_too_long_for_any_clip_is_ignored_not_a_dropped_connection(
         dashboard.stop()
 
 
+def test_replies_say_what_http_asks_of_them(tmp_path: Path) -> None:
+    """From a review of the dashboard's replies: a 204 sent a Content-Length, a 405 no Allow,
+    a 416 none of the security headers every other reply has, and `Content-Length: -1` on a
+    command was answered 413 (too large) instead of 400."""
+    from edge.web.server import HEADERS
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
+    sf.write(str(clips / "a.wav"), audio[:rate], rate)
+    dashboard = _dashboard(tmp_path)
+    base = f"http://127.0.0.1:{dashboard.port}"
+    try:
+        icon = request(f"{base}/favicon.ico")
+        assert icon.status == 204 and "Content-Length" not in icon.headers, icon.headers
+        stream = request(f"{base}/api/stream", method="HEAD")
+        assert stream.status == 405 and stream.headers.get("Allow") == "GET", stream.headers
+        size = (clips / "a.wav").stat().st_size
+        past = request(f"{base}/clips/a.wav", headers={"Range": f"bytes={size}-"})
+        assert past.status == 416 and past.headers["Content-Range"] == f"bytes */{size}"
+        assert all(past.headers.get(name) == value for name, value in HEADERS.items()), past
+        for length, status in (("-1", 400), ("1_0", 400), ("99999999", 413)):
+            conn = http.client.HTTPConnection("127.0.0.1", dashboard.port, timeout=10)
+            conn.putrequest("POST", "/api/command")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", length)
+            conn.endheaders()
+            answer = conn.getresponse()
+            assert answer.status == status, (length, answer.status, answer.read())
+            conn.close()
+    finally:
+        dashboard.stop()
+
+
 def test_a_few_hosts_cannot_take_every_slot_and_each_counts_once() -> None:
     """At 16 slots per address of 32 two hosts took them all. An IPv4 client of a dual-stack
     socket is the same host as over IPv4; hosts sharing a LAN's /64 are not one."""

@@ -570,8 +570,9 @@ class Handler(BaseHTTPRequestHandler):
         url = self._target()
         if url is None:
             return None
-        if url.path == "/api/stream":
-            return self._error(HTTPStatus.METHOD_NOT_ALLOWED, "the live stream answers GET only")
+        if url.path == "/api/stream":  # a 405 names what is allowed (HTTP says it must)
+            detail, allow = "the live stream answers GET only", {"Allow": "GET"}
+            return self._error(HTTPStatus.METHOD_NOT_ALLOWED, detail, allow)
         return self.do_GET()
 
     def do_POST(self) -> None:
@@ -593,12 +594,15 @@ class Handler(BaseHTTPRequestHandler):
             self._json(*self.dash.command(body))
 
     def _body(self) -> bytes | None:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        given = self.headers.get("Content-Length")
+        if given is None:
             self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length required")
             return None
-        if not 0 <= length <= MAX_COMMAND_BYTES:
+        if not re.fullmatch(r"\d{1,15}", given.strip()):  # digits only, as HTTP has it: -1
+            self._error(HTTPStatus.BAD_REQUEST, "bad Content-Length")  # was "too large"
+            return None
+        length = int(given)
+        if length > MAX_COMMAND_BYTES:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "command too large")
             return None
         body = self.rfile.read(length)
@@ -642,11 +646,9 @@ class Handler(BaseHTTPRequestHandler):
                 first, last = match.groups()
                 start = int(first) if first else max(0, size - int(last))
                 end = min(int(last), size - 1) if first and last else size - 1
-                if start >= size or start > end:
-                    self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
-                    self.send_header("Content-Range", f"bytes */{size}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                if start >= size or start > end:  # with the security headers, as every reply
+                    unsatisfiable = HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
+                    self._head(unsatisfiable, kind, 0, extra={"Content-Range": f"bytes */{size}"})
                     return
                 status, extra = (
                     HTTPStatus.PARTIAL_CONTENT,
@@ -708,11 +710,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"event: {name}\ndata: {text}\n\n".encode())
         self.wfile.flush()
 
-    def _json(self, status: HTTPStatus, data: Any) -> None:
-        self._send(status, json.dumps(data, separators=(",", ":")).encode(), "application/json")
+    def _json(self, status: HTTPStatus, data: Any, extra: dict[str, str] | None = None) -> None:
+        body = json.dumps(data, separators=(",", ":")).encode()
+        self._send(status, body, "application/json", extra=extra)
 
-    def _error(self, status: HTTPStatus, detail: str) -> None:
-        self._json(status, {"ok": False, "detail": detail})
+    def _error(self, status: HTTPStatus, detail: str, extra: dict[str, str] | None = None) -> None:
+        self._json(status, {"ok": False, "detail": detail}, extra)
 
     def _unauthorized(self) -> None:
         self._json(HTTPStatus.UNAUTHORIZED, {"ok": False, "detail": "token required"})
@@ -739,10 +742,12 @@ class Handler(BaseHTTPRequestHandler):
         cache: bool = False,
         extra: dict[str, str] | None = None,
     ) -> None:
-        """The status line and headers of a response of `length` bytes."""
+        """The status line and headers of a response of `length` bytes (a 204 has neither
+        body nor length, as HTTP says)."""
         self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(length))
+        if status != HTTPStatus.NO_CONTENT:
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", "private, max-age=3600" if cache else "no-store")
         if status == HTTPStatus.UNAUTHORIZED:
             self.send_header("WWW-Authenticate", 'Bearer realm="soundsentry"')
