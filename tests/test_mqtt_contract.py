@@ -10,6 +10,8 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,54 @@ def test_publishes_the_acl_refuses_stay_in_the_spool_and_are_logged_once_per_top
         consumer.close()
 
 
+BIG = json.dumps({"big": "x" * 1500})
+"""A message over the size limits below."""
+
+
+@contextmanager
+def _size_limited(tmp_path: Path, conf: str) -> Iterator[tuple[Any, Spool, Subscriber]]:
+    """A broker with `conf` (a size limit below BIG's), a publisher of pump-3 (offering refused
+    messages again every second), its spool, and a consumer of its events."""
+    broker = Broker(tmp_path, free_port(), extra_conf=conf)
+    broker.start()
+    consumer = Subscriber(broker.port, "soundsentry/pump-3/events")
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = None
+    try:
+        publisher = _publisher(broker.port, Topics("soundsentry", "pump-3"), spool)
+        publisher.refused_retry_s = 1.0
+        yield publisher, spool, consumer
+    finally:
+        if publisher is not None:
+            publisher.close(timeout_s=1)
+        spool.close()
+        consumer.close()
+        broker.stop()
+
+
+@contextmanager
+def _big_message_spooled(tmp_path: Path, conf: str, wait_s: float) -> Iterator[Any]:
+    """`_size_limited`, its spool holding BIG and then an event: yields the publisher once the
+    event reached the consumer (within `wait_s`) and BIG stays spooled; then an end event
+    must get through too."""
+    with _size_limited(tmp_path, conf) as (publisher, spool, consumer):
+        publisher._spool(publisher.topics.events, BIG, retain=False)
+        publisher.publish_event(_event("start"))
+        assert consumer.wait_for(lambda _: bool(consumer.on("pump-3/events")), wait_s)
+        wait_for(lambda: spool.depth() == 1, 10, "the event to leave the spool, the big to stay")
+        assert all(json.loads(m.payload)["type"] == "start" for m in consumer.on("pump-3/events"))
+        yield publisher
+        publisher.publish_event(_event("end"))  # and what comes later gets through too
+        kinds = lambda: [m.json().get("type") for m in consumer.on("pump-3/events")]  # noqa: E731
+        assert consumer.wait_for(lambda _: "end" in kinds(), 10), kinds()  # a start may come
+        assert set(kinds()) == {"start", "end"}  # twice (QoS 1 allows it), the big one never
+        wait_for(lambda: spool.depth() == 1, 10, "the end to leave the spool, the big to stay")
+
+
+def _said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "edge.publish"]
+
+
 def test_a_message_over_the_broker_s_packet_limit_stays_spooled_and_the_rest_get_through(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -107,29 +157,10 @@ def test_a_message_over_the_broker_s_packet_limit_stays_spooled_and_the_rest_get
     sent it again at every reconnect, once a second: nothing spooled behind it was delivered
     (in a review), and the log said only "disconnected (Unspecified error)"."""
     caplog.set_level(logging.INFO, logger="edge.publish")
-    broker = Broker(tmp_path, free_port(), extra_conf="max_packet_size 1000\n")
-    broker.start()
-    topics = Topics("soundsentry", "pump-3")
-    consumer = Subscriber(broker.port, "soundsentry/#")
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = None
-    try:
-        publisher = _publisher(broker.port, topics, spool)
-        publisher._spool(topics.events, json.dumps({"big": "x" * 1500}), retain=False)
-        publisher.publish_event(_event("start"))
-        assert consumer.wait_for(lambda _: bool(consumer.on("pump-3/events")), 10)
-        wait_for(lambda: spool.depth() == 1, 10, "the event to leave the spool, the big to stay")
-        assert all(json.loads(m.payload)["type"] == "start" for m in consumer.on("pump-3/events"))
-        messages = [r.getMessage() for r in caplog.records if r.name == "edge.publish"]
-        over = [m for m in messages if "over the broker's maximum packet size (1000)" in m]
-        assert len(over) == 1 and "soundsentry/pump-3/events" in over[0], messages
-        assert not [m for m in messages if "disconnected" in m], messages
-    finally:
-        if publisher is not None:
-            publisher.close(timeout_s=1)
-        spool.close()
-        consumer.close()
-        broker.stop()
+    with _big_message_spooled(tmp_path, "max_packet_size 1000\n", 10):
+        over = [m for m in _said(caplog) if "over the broker's maximum packet size (1000)" in m]
+        assert len(over) == 1 and "soundsentry/pump-3/events" in over[0], _said(caplog)
+    assert not [m for m in _said(caplog) if "disconnected" in m], _said(caplog)
 
 
 def test_a_message_over_the_broker_s_message_size_limit_stays_spooled_and_the_rest_get_through(
@@ -141,39 +172,51 @@ def test_a_message_over_the_broker_s_message_size_limit_stays_spooled_and_the_re
     delivered (a reconnect loop, in a review). Now the size is learned after two such drops in a
     row: the big message stays in the spool, and what came after it is delivered."""
     caplog.set_level(logging.INFO, logger="edge.publish")
-    broker = Broker(tmp_path, free_port(), extra_conf="message_size_limit 1000\n")
-    broker.start()
-    topics = Topics("soundsentry", "pump-3")
-    consumer = Subscriber(broker.port, "soundsentry/#")
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = None
-    try:
-        publisher = _publisher(broker.port, topics, spool)
-        publisher.refused_retry_s = 1.0
-        publisher._spool(topics.events, json.dumps({"big": "x" * 1500}), retain=False)
-        publisher.publish_event(_event("start"))
-        assert consumer.wait_for(lambda _: bool(consumer.on("pump-3/events")), 30)
-        wait_for(lambda: spool.depth() == 1, 10, "the event to leave the spool, the big to stay")
-        assert all(json.loads(m.payload)["type"] == "start" for m in consumer.on("pump-3/events"))
-
-        def messages() -> list[str]:
-            return [r.getMessage() for r in caplog.records if r.name == "edge.publish"]
-
-        learned = [m for m in messages() if "taken as over its size limit" in m]
-        assert len(learned) == 1 and "soundsentry/pump-3/events" in learned[0], messages()
-        drops = sum("disconnected" in m for m in messages())
+    with _big_message_spooled(tmp_path, "message_size_limit 1000\n", 30) as publisher:
+        learned = [m for m in _said(caplog) if "taken as over its size limit" in m]
+        assert len(learned) == 1 and "soundsentry/pump-3/events" in learned[0], _said(caplog)
+        drops = sum("disconnected" in m for m in _said(caplog))
         # offered again a second later, it is held back by the learned size, not sent
         wait_for(
-            lambda: any("size limit as learned" in m for m in messages()), 10, "the next offer"
+            lambda: any("size limit as learned" in m for m in _said(caplog)), 10, "the next offer"
         )
-        publisher.publish_event(_event("end"))
-        assert consumer.wait_for(lambda _: len(consumer.on("pump-3/events")) == 2, 10)
-        wait_for(lambda: spool.depth() == 1, 10, "the end to leave the spool, the big to stay")
-        assert sum("disconnected" in m for m in messages()) == drops, messages()
-        assert publisher.connected
+    assert sum("disconnected" in m for m in _said(caplog)) == drops, _said(caplog)
+    assert publisher.connected or publisher._closing.is_set()
+
+
+@dataclass
+class _Refusing:
+    """A broker with the example ACL, and a publisher of user pump-3 on pump-4's topics, which
+    that ACL refuses until `mend`; a consumer of every topic."""
+
+    broker: Broker
+    acl: Path
+    consumer: Subscriber
+    spool: Spool
+    publisher: Any
+
+    def mend(self) -> None:
+        """pump-3 may write pump-4's topics too, once mosquitto has read its ACL again."""
+        with self.acl.open("a") as f:
+            f.write("\npattern write soundsentry/pump-4/#\n")
+        assert self.broker.proc is not None
+        self.broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL file
+
+
+@contextmanager
+def _refused_by_acl(tmp_path: Path, retry_s: float) -> Iterator[_Refusing]:
+    """A `_Refusing` set-up whose refused messages are offered again every `retry_s`."""
+    acl = tmp_path / "acl"
+    shutil.copy(ACL, acl)
+    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
+    consumer = Subscriber(broker.port, "soundsentry/#", login=("consumer", "pw"))
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = _publisher(broker.port, Topics("soundsentry", "pump-4"), spool, user="pump-3")
+    publisher.refused_retry_s = retry_s
+    try:
+        yield _Refusing(broker, acl, consumer, spool, publisher)
     finally:
-        if publisher is not None:
-            publisher.close(timeout_s=1)
+        publisher.close(timeout_s=1)
         spool.close()
         consumer.close()
         broker.stop()
@@ -185,15 +228,8 @@ def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_res
     """Refused events used to wait in the spool for the daemon's next start: a user who mended
     the broker's ACL after reading the error still had to restart the daemon to get them."""
     caplog.set_level(logging.INFO, logger="edge.publish")
-    acl = tmp_path / "acl"
-    shutil.copy(ACL, acl)
-    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
-    wrong = Topics("soundsentry", "pump-4")  # user pump-3 may write only soundsentry/pump-3/#
-    consumer = Subscriber(broker.port, "soundsentry/#", login=("consumer", "pw"))
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = _publisher(broker.port, wrong, spool, user="pump-3")
-    publisher.refused_retry_s = 1.0
-    try:
+    with _refused_by_acl(tmp_path, 1.0) as setup:
+        publisher, spool, consumer = setup.publisher, setup.spool, setup.consumer
         for n in range(3):
             publisher.publish_event(_event("start", f"e{n}", "pump-4"))
         wait_for(lambda: publisher._handed == 3 and _all_acked(publisher), 10, "3 PUBACKs")
@@ -229,21 +265,13 @@ def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_res
         publisher._offer_refused = offer_on_a_failing_card
         wait_for(lambda: broken, 10, "an offer on a failing card")
 
-        with acl.open("a") as f:  # the mend: pump-3 may write pump-4's topics too
-            f.write("\npattern write soundsentry/pump-4/#\n")
-        assert broker.proc is not None
-        broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL file
+        setup.mend()
         wait_for(lambda: spool.depth() == 0, 15, "the refused events to be accepted")
         got = consumer.wait_for(lambda _: len(consumer.on("pump-4/events")) == 3, 10)
         assert got, consumer.on("pump-4/events")
         ids = [m.json()["event_id"] for m in consumer.on("pump-4/events")]
         assert ids == ["e0", "e1", "e2"]  # in their order
         assert any("accepted 3 message(s) it had refused" in r.getMessage() for r in caplog.records)
-    finally:
-        publisher.close(timeout_s=1)
-        spool.close()
-        consumer.close()
-        broker.stop()
 
 
 def test_a_message_waiting_in_memory_over_the_broker_s_limit_is_spooled_when_the_card_is_free(
@@ -251,16 +279,9 @@ def test_a_message_waiting_in_memory_over_the_broker_s_limit_is_spooled_when_the
 ) -> None:
     """On a full card messages wait in memory; one over the broker's packet size was dropped
     when its turn came, while the log said such a message stays in the spool (a review)."""
-    broker = Broker(tmp_path, free_port(), extra_conf="max_packet_size 1000\n")
-    broker.start()
-    topics = Topics("soundsentry", "pump-3")
-    consumer = Subscriber(broker.port, "soundsentry/pump-3/events")
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = None
-    try:
-        publisher = _publisher(broker.port, topics, spool)
+    with _size_limited(tmp_path, "max_packet_size 1000\n") as (publisher, spool, consumer):
         read_only(spool, True)
-        publisher._spool(topics.events, json.dumps({"big": "x" * 1500}), retain=False)
+        publisher._spool(publisher.topics.events, BIG, retain=False)
         publisher.publish_event(_event("start", "e1"))
         assert consumer.wait_for(lambda ms: len(ms) == 1, 10)  # sent from memory
         wait_for(lambda: not publisher._pending(), 10, "the memory's messages to be handed")
@@ -270,12 +291,6 @@ def test_a_message_waiting_in_memory_over_the_broker_s_limit_is_spooled_when_the
         wait_for(lambda: spool.depth() == 1, 10, "the event to leave the spool, the big to stay")
         assert "big" in json.loads(spool.after(0, 1)[0].payload)
         assert [m.json().get("event_id") for m in consumer.messages] == ["e1", "e2"]
-    finally:
-        if publisher is not None:
-            publisher.close(timeout_s=1)
-        spool.close()
-        consumer.close()
-        broker.stop()
 
 
 def test_a_message_waiting_in_memory_that_the_broker_refuses_is_spooled_when_the_card_is_free(
@@ -284,34 +299,19 @@ def test_a_message_waiting_in_memory_that_the_broker_refuses_is_spooled_when_the
     """On a full card messages wait in memory; one the broker refused (its ACL) was lost, there
     being no spool row to offer again. Now it goes into the spool once the card has room, and is
     offered from there until the ACL is mended."""
-    acl = tmp_path / "acl"
-    shutil.copy(ACL, acl)
-    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
-    wrong = Topics("soundsentry", "pump-4")  # user pump-3 may write only soundsentry/pump-3/#
-    consumer = Subscriber(broker.port, "soundsentry/#", login=("consumer", "pw"))
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = _publisher(broker.port, wrong, spool, user="pump-3")
-    publisher.refused_retry_s = 1.0
-    try:
+    with _refused_by_acl(tmp_path, 1.0) as setup:
+        publisher, spool, consumer = setup.publisher, setup.spool, setup.consumer
         read_only(spool, True)
         publisher.publish_event(_event("start", "e1", "pump-4"))
         wait_for(lambda: not publisher._pending(), 10, "the refusal of the event in memory")
         read_only(spool, False)
-        with acl.open("a") as f:  # the mend: pump-3 may write pump-4's topics too
-            f.write("\npattern write soundsentry/pump-4/#\n")
-        assert broker.proc is not None
-        broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL file
+        setup.mend()
         publisher.publish_event(_event("start", "e2", "pump-4"))  # the card has room again
         got = consumer.wait_for(lambda _: len(consumer.on("pump-4/events")) == 2, 15)
         assert got, consumer.on("pump-4/events")
         ids = sorted(m.json()["event_id"] for m in consumer.on("pump-4/events"))
         assert ids == ["e1", "e2"]
         wait_for(lambda: spool.depth() == 0, 10, "both to leave the spool")
-    finally:
-        publisher.close(timeout_s=1)
-        spool.close()
-        consumer.close()
-        broker.stop()
 
 
 def test_refused_publishes_are_offered_again_a_bounded_share_at_a_time(
@@ -324,15 +324,9 @@ def test_refused_publishes_are_offered_again_a_bounded_share_at_a_time(
     from edge.publish import MAX_HANDED
 
     caplog.set_level(logging.INFO, logger="edge.publish")
-    acl = tmp_path / "acl"
-    shutil.copy(ACL, acl)
-    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
-    consumer = Subscriber(broker.port, "soundsentry/#", login=("consumer", "pw"))
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = _publisher(broker.port, Topics("soundsentry", "pump-4"), spool, user="pump-3")
-    publisher.refused_retry_s = 3600.0  # made due below
     backlog = 2 * MAX_HANDED + 50
-    try:
+    with _refused_by_acl(tmp_path, 3600.0) as setup:  # the offer made due below
+        publisher, spool, consumer = setup.publisher, setup.spool, setup.consumer
         for n in range(backlog):
             publisher.publish_event(_event("start", f"e{n}", "pump-4"))
         wait_for(lambda: publisher._handed and _all_acked(publisher), 20, "every PUBACK")
@@ -345,10 +339,7 @@ def test_refused_publishes_are_offered_again_a_bounded_share_at_a_time(
             return publish(*args, **kw)
 
         publisher._publish = counted
-        with acl.open("a") as f:  # the mend
-            f.write("\npattern write soundsentry/pump-4/#\n")
-        assert broker.proc is not None
-        broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL file
+        setup.mend()
 
         def ids() -> list[str]:
             return [m.json()["event_id"] for m in consumer.on("pump-4/events")]
@@ -367,11 +358,6 @@ def test_refused_publishes_are_offered_again_a_bounded_share_at_a_time(
         assert len(handing) >= backlog and max(handing) < MAX_HANDED, max(handing)
         said = [r.getMessage() for r in caplog.records if "it had refused" in r.getMessage()]
         assert len(said) == 1, said  # one line for the offer, not one for each share
-    finally:
-        publisher.close(timeout_s=1)
-        spool.close()
-        consumer.close()
-        broker.stop()
 
 
 DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
@@ -512,26 +498,17 @@ def test_an_old_refused_health_offered_again_does_not_stay_the_retained_one(
     retained health: Home Assistant showed a fault long recovered."""
     from edge.messages import HealthMessage
 
-    acl = tmp_path / "acl"
-    shutil.copy(ACL, acl)
-    broker = broker_with_example_acl(tmp_path, {"pump-3": "pw", "consumer": "pw"}, acl=acl)
-    topics = Topics("soundsentry", "pump-4")
-    spool = Spool(tmp_path / "spool.sqlite")
-    publisher = _publisher(broker.port, topics, spool, user="pump-3")
-    publisher.refused_retry_s = 3600.0  # made due below, once the newer one is accepted
-
     def health(change: str) -> HealthMessage:
         status = "fault" if change.startswith("fault") else "ok"
         faults = ["silence"] if status == "fault" else []
         return HealthMessage(status, "pump-4", "2026-01-01T00:00:00.000Z", faults, change)
 
-    try:
+    # the offer made due below, once the newer one is accepted
+    with _refused_by_acl(tmp_path, 3600.0) as setup:
+        publisher, spool, broker = setup.publisher, setup.spool, setup.broker
         publisher.publish_health(health("fault:silence"))  # refused
         wait_for(lambda: publisher._handed == 1 and _all_acked(publisher), 10, "the refusal")
-        with acl.open("a") as f:
-            f.write("\npattern write soundsentry/pump-4/#\n")
-        assert broker.proc is not None
-        broker.proc.send_signal(signal.SIGHUP)
+        setup.mend()
         wait_for(lambda: _accepted(broker.port, "soundsentry/pump-4/probe"), 10, "the reload")
         publisher.publish_health(health("recovered:silence"))  # accepted, before the offer
         wait_for(lambda: spool.depth() == 1 and _all_acked(publisher), 10, "the newer one in")
@@ -544,10 +521,6 @@ def test_an_old_refused_health_offered_again_does_not_stay_the_retained_one(
             assert later.messages[-1].json()["change"] == "recovered:silence"
         finally:
             later.close()
-    finally:
-        publisher.close(timeout_s=1)
-        spool.close()
-        broker.stop()
 
 
 def _accepted(port: int, topic: str) -> bool:
