@@ -107,6 +107,8 @@ NETWORK_RESTART_MIN_S = 2.0
 """paho's network thread, ended by an error it does not expect, is started again after this,
 doubling up to SENDER_RETRY_MAX_S while it keeps ending."""
 SENDER_LOG_INTERVAL_S = 60.0
+"""The same failure of the spool sender is logged at once, then at most this often (with how
+many passes failed meanwhile), not once per pass."""
 QUICK_DROP_S = 10.0
 TOO_LARGE_DROPS = 2
 """Connections in a row that the broker's answer ended within QUICK_DROP_S of their start, with a
@@ -115,8 +117,7 @@ size limit. Mosquitto's `message_size_limit` answers such a publish with a PUBAC
 that MQTT 5 does not allow there; paho drops the connection on it and sends the message again at
 every reconnect, so nothing spooled behind it was delivered (a reconnect loop, in a review)."""
 PROTOCOL_ERROR = 0x82
-"""The same failure of the spool sender is logged at once, then at most this often (with how
-many passes failed meanwhile), not once per pass."""
+"""MQTT 5 reason "Protocol error": what paho gives `on_disconnect` when it drops a connection."""
 
 
 def _duration(seconds: float) -> str:
