@@ -161,18 +161,6 @@ def _packet_size(topic: str, payload: str, qos: int, properties: Properties | No
     return 1 + max(1, (body.bit_length() + 6) // 7) + body
 
 
-def _take_back(client: mqtt.Client) -> list[mqtt.MQTTMessage]:
-    """Every QoS 1 message paho holds unacknowledged, taken out of its queue (not sent again at
-    the reconnect); paho 2.2's `drop_out_messages`, or what it does on older 2.x."""
-    drop = getattr(client, "drop_out_messages", None)
-    if drop is not None:
-        return list(drop())
-    with client._out_message_mutex:  # paho 2.0 and 2.1
-        taken = list(client._out_messages.values())
-        client._out_messages.clear()
-    return taken
-
-
 def _sender(msg: mqtt.MQTTMessage) -> str | None:
     """The instance an availability message names (INSTANCE_KEY); None without one."""
     return dict(getattr(msg.properties, "UserProperty", None) or []).get(INSTANCE_KEY)
@@ -429,7 +417,7 @@ class MqttPublisher:
         before any new one; retained ones as the latest, by `_on_connect`; a command's response
         now."""
         self._quick_drops = 0
-        taken = _take_back(client)
+        taken = client.drop_out_messages()  # paho 2.2: not sent again at the reconnect
         if not taken:
             return
         sizes = [_packet_size(m.topic, m.payload.decode(), m.qos, m.properties) for m in taken]
