@@ -245,7 +245,7 @@ class MqttPublisher:
         self._unspooled_dropped = 0
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
         self._max_packet: int | None = None  # the broker's MaximumPacketSize (CONNACK)
-        self._learned_limit: int | None = None  # largest packet the broker took, as learned
+        self._learned_limit: int | None = None  # largest payload the broker takes, as learned
         self._quick_drops = 0  # connections in a row ended by a protocol error at once
         self._connected_at = 0.0  # monotonic time of the last CONNACK
         self._dropped_mids: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
@@ -410,8 +410,10 @@ class MqttPublisher:
 
     def _set_aside_largest(self, client: mqtt.Client) -> None:
         """The connection ended at once, TOO_LARGE_DROPS times in a row, on a protocol error: take
-        back what paho would send again (before it does), and take the largest of it as over the
-        broker's size limit, which mosquitto does not tell. Messages that large or larger are not
+        back what paho would send again (before it does), and take the largest payload of it as
+        over the broker's size limit, which mosquitto does not tell (its `message_size_limit`
+        counts payload bytes: by packet, a message with a long topic that the broker took was
+        blamed, in a review). Payloads that large or larger are not
         handed to paho again until the daemon restarts (spooled ones stay in the spool, as over a
         maximum packet size); the rest go again: spooled rows by the sender thread, in order,
         before any new one; retained ones as the latest, by `_on_connect`; a command's response
@@ -420,15 +422,16 @@ class MqttPublisher:
         taken = client.drop_out_messages()  # paho 2.2: not sent again at the reconnect
         if not taken:
             return
-        sizes = [_packet_size(m.topic, m.payload.decode(), m.qos, m.properties) for m in taken]
+        sizes = [len(m.payload) for m in taken]  # message_size_limit counts payload bytes
         largest = max(sizes)
         self._learned_limit = min(largest - 1, self._learned_limit or largest)
         topic = taken[sizes.index(largest)].topic
         log.error(
             "MQTT: the broker dropped the connection %d times in a row at once, on a message of "
-            "%d bytes on %s, taken as over its size limit (mosquitto's message_size_limit): "
-            "messages of %d bytes or more are not sent until the daemon restarts (a spooled one "
-            "stays in the spool); raise the broker's limit, then restart the daemon",
+            "%d payload bytes on %s, taken as over its size limit (mosquitto's "
+            "message_size_limit): payloads of %d bytes or more are not sent until the daemon "
+            "restarts (a spooled one stays in the spool); raise the broker's limit, then restart "
+            "the daemon",
             TOO_LARGE_DROPS, largest, topic, largest,
         )  # fmt: skip
         with self._mid_lock:
@@ -621,12 +624,17 @@ class MqttPublisher:
         )
 
     def _send_batch(self) -> None:
-        while self._hand_again:  # taken back from paho: before anything newer
-            if not self.connected or len(self._inflight) >= MAX_HANDED:
-                return
-            if self._hand_row(self._hand_again[0]) is None:
-                return
-            self._hand_again.popleft()
+        self._taken_back()
+        try:
+            while self._hand_again:  # taken back from paho: before anything newer
+                if not self.connected or len(self._inflight) >= MAX_HANDED:
+                    return
+                if self._hand_row(self._hand_again[0]) is None:
+                    return
+                self._hand_again.popleft()
+        except sqlite3.Error:  # a spool that cannot be read: the messages in memory still go
+            self._send_unspooled()
+            raise
         try:
             rows = self.spool.after(self._handed, SEND_BATCH)
         except sqlite3.Error:  # a spool that cannot be read holds nothing to send before them
@@ -712,18 +720,23 @@ class MqttPublisher:
         self._offer_rest.clear()
         self._offer_refused_at = time.monotonic() + self.refused_retry_s
 
-    def _resolve_acks(self) -> None:
-        while True:  # messages `_set_aside_largest` took back from paho: their rows again
+    def _taken_back(self) -> None:
+        """What `_set_aside_largest` took back from paho is sent again, before anything newer:
+        spool rows from the spool, messages in memory from memory. Read once `connected` was
+        seen (it is set after they are put), so no newer row is handed before them."""
+        while True:
             try:
                 mids = self._dropped_mids.get_nowait()
             except queue.Empty:
-                break
+                return
             rows = [self._inflight.pop(mid) for mid in mids if mid in self._inflight]
             self._offered.difference_update(rows)
             self._hand_again = deque(sorted({*self._hand_again, *rows}))
             back = [self._unspooled_mids.pop(m) for m in mids if m in self._unspooled_mids]
             with self._unspooled_lock:  # waiting in memory (a full card): first again, in order
                 self._unspooled.extendleft(reversed(back))
+
+    def _resolve_acks(self) -> None:
         while True:
             try:
                 mid, reason = self._acked.get_nowait()
@@ -745,8 +758,14 @@ class MqttPublisher:
                 if unspooled is not None:  # into the spool once it takes messages again
                     with self._unspooled_lock:
                         self._held.append(unspooled)
-                spooled = row is not None or unspooled is not None
-                self._log_refusal(topic or "a topic", reason, spooled=spooled)
+                kept = (
+                    f": kept in the spool, offered again every {_duration(self.refused_retry_s)}"
+                    if row is not None
+                    else ": kept in memory (the spool cannot be written), and spooled once it can"
+                    if unspooled is not None
+                    else ""
+                )
+                self._log_refusal(topic or "a topic", reason, kept)
             elif row is not None:  # others are acks of state and metrics, never spooled
                 self._acked_rows.append(row)
                 self._accepted_offered += offered
@@ -782,9 +801,9 @@ class MqttPublisher:
             log.info("spool %s: the messages the broker took are deleted again", self.spool.path)
         self._remove_failed = False
 
-    def _log_refusal(self, topic: str, reason: Any, spooled: bool) -> None:
+    def _log_refusal(self, topic: str, reason: Any, kept: str) -> None:
         """One error for the first refused publish on `topic`, then at most one every
-        REFUSED_LOG_INTERVAL_S, counting the refusals in between."""
+        REFUSED_LOG_INTERVAL_S, counting the refusals in between; `kept`: where it waits."""
         since = self._refused.due(topic)
         if since is None:
             return
@@ -794,9 +813,7 @@ class MqttPublisher:
             since,
             topic,
             reason,
-            f": kept in the spool, offered again every {_duration(self.refused_retry_s)}"
-            if spooled
-            else "",
+            kept,
             REFUSED_LOG_INTERVAL_S / 60,
         )
 
@@ -943,9 +960,12 @@ class MqttPublisher:
         """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
         the broker took it; `props`: with this instance's name (availability)."""
         properties = self._sender_props() if props else None
-        limit = self._limit()
-        if limit and _packet_size(topic, payload, qos, properties) > limit:
-            return self._over_limit(topic, payload, qos, properties, limit)
+        size = _packet_size(topic, payload, qos, properties)
+        if self._max_packet and size > self._max_packet:
+            return self._over_limit(topic, size, self._max_packet, learned=False)
+        body = len(payload.encode())
+        if self._learned_limit and body > self._learned_limit:
+            return self._over_limit(topic, body, self._learned_limit, learned=True)
         with self._mid_lock:  # its PUBACK may be resolved before publish() returns
             info = self.client.publish(
                 topic, payload, qos=qos, retain=retain, properties=properties
@@ -956,30 +976,23 @@ class MqttPublisher:
                     self._sent_on[info.mid] = self._connection
         return info
 
-    def _limit(self) -> int | None:
-        """The largest packet the broker takes: its maximum packet size, or what was learned
-        (`_set_aside_largest`), whichever is smaller; None when neither is known."""
-        known = [n for n in (self._max_packet, self._learned_limit) if n]
-        return min(known) if known else None
-
-    def _over_limit(
-        self, topic: str, payload: str, qos: int, properties: Properties | None, limit: int
-    ) -> mqtt.MQTTMessageInfo:
-        """A message over the broker's maximum packet size is not handed to paho: the broker
-        would drop the connection for it, and paho send it again at every reconnect, the spool
-        stuck behind it. Logged (per topic, at most every REFUSED_LOG_INTERVAL_S); a spooled
-        one stays in the spool, offered again with the refused."""
+    def _over_limit(self, topic: str, size: int, limit: int, learned: bool) -> mqtt.MQTTMessageInfo:
+        """A message over the broker's maximum packet size (`size` and `limit`: a packet's
+        bytes), or over the payload size learned by `_set_aside_largest` (`learned`: a
+        payload's), is not handed to paho: the broker would drop the connection for it, and
+        paho send it again at every reconnect, the spool stuck behind it. Logged (per topic, at
+        most every REFUSED_LOG_INTERVAL_S); a spooled one stays in the spool, offered again with
+        the refused."""
         since = self._too_large.due(topic)
         if since is not None:
-            said = limit == self._max_packet  # else learned, and logged when it was
             log.error(
                 "MQTT: %d message(s) on %s not sent: %d bytes, over the broker's %s (%d); raise "
                 "%s in the broker's configuration%s (a spooled one stays in the spool, offered "
                 "again every %s)",
-                since, topic, _packet_size(topic, payload, qos, properties),
-                "maximum packet size" if said else "size limit as learned", limit,
-                "max_packet_size" if said else "message_size_limit",
-                "" if said else ", then restart the daemon", _duration(self.refused_retry_s),
+                since, topic, size,
+                "size limit as learned" if learned else "maximum packet size", limit,
+                "message_size_limit" if learned else "max_packet_size",
+                ", then restart the daemon" if learned else "", _duration(self.refused_retry_s),
             )  # fmt: skip
         info = mqtt.MQTTMessageInfo(0)
         info.rc = mqtt.MQTT_ERR_PAYLOAD_SIZE

@@ -274,6 +274,52 @@ def test_refused_publishes_reach_the_broker_once_its_acl_is_mended_without_a_res
         assert any("accepted 3 message(s) it had refused" in r.getMessage() for r in caplog.records)
 
 
+def test_the_size_learned_from_the_broker_s_drops_is_the_payload_s(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`message_size_limit` counts payload bytes. Learned by packet, a message the broker took
+    (990 bytes on a long topic, in flight behind the one it refused, 1,001 bytes on a short
+    one) had the larger packet, was blamed, and stayed in the spool until a restart (a review)."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    with _size_limited(tmp_path, "message_size_limit 1000\n") as (publisher, spool, _):
+        refused = json.dumps({"big": "y" * 990})  # 1,001 bytes
+        long_topic = "soundsentry/pump-3/" + "t" * 80
+        publisher._spool(publisher.topics.events, refused, retain=False)
+        publisher._spool(long_topic, "x" * 990, retain=False)  # its packet is the larger
+        wait_for(lambda: spool.depth() == 1, 30, "the long topic's message to be taken")
+        assert spool.after(0, 1)[0].payload == refused
+        learned = [m for m in _said(caplog) if "taken as over its size limit" in m]
+        assert len(learned) == 1 and "1001 payload bytes on soundsentry/pump-3/events" in learned[0]
+
+
+def test_what_is_taken_back_from_paho_goes_before_anything_newer(tmp_path: Path) -> None:
+    """The sender read what `_set_aside_largest` took back before the reconnect was `connected`
+    and handed newer rows first once it was: events 9 to 12 reached consumers before 5 to 8 (a
+    review, with the sender paused between the two, as a busy Pi may pause it)."""
+    with _size_limited(tmp_path, "message_size_limit 1000\n") as (publisher, _, consumer):
+        resolve = publisher._resolve_acks
+
+        def paused() -> None:  # as if pre-empted right after reading, until the reconnect
+            resolve()
+            if not publisher.connected and publisher._quick_drops >= 2:
+                publisher._connected.wait(5)
+
+        publisher._resolve_acks = paused
+        events = publisher.topics.events
+        publisher._spool(events, json.dumps({"n": 0}), retain=False)
+        publisher._spool(events, BIG, retain=False)
+        for n in range(1, 20):
+            publisher._spool(events, json.dumps({"n": n}), retain=False)
+            time.sleep(0.1 if n > 5 else 0)  # more come while the connection drops and returns
+
+        def seen() -> list[Any]:
+            return [m.json().get("n") for m in consumer.messages]
+
+        assert consumer.wait_for(lambda _: 19 in seen(), 30), seen()
+        first = list(dict.fromkeys(seen()))  # QoS 1 may deliver one twice
+        assert first == list(range(20)), first  # in order, and BIG never
+
+
 def test_a_message_waiting_in_memory_over_the_broker_s_limit_is_spooled_when_the_card_is_free(
     tmp_path: Path,
 ) -> None:
@@ -294,16 +340,19 @@ def test_a_message_waiting_in_memory_over_the_broker_s_limit_is_spooled_when_the
 
 
 def test_a_message_waiting_in_memory_that_the_broker_refuses_is_spooled_when_the_card_is_free(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """On a full card messages wait in memory; one the broker refused (its ACL) was lost, there
     being no spool row to offer again. Now it goes into the spool once the card has room, and is
-    offered from there until the ACL is mended."""
+    offered from there until the ACL is mended; the refusal says where it waits."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
     with _refused_by_acl(tmp_path, 1.0) as setup:
         publisher, spool, consumer = setup.publisher, setup.spool, setup.consumer
         read_only(spool, True)
         publisher.publish_event(_event("start", "e1", "pump-4"))
         wait_for(lambda: not publisher._pending(), 10, "the refusal of the event in memory")
+        refused = [m for m in _said(caplog) if "message(s) on soundsentry/pump-4/events" in m]
+        assert len(refused) == 1 and "kept in memory" in refused[0], _said(caplog)
         read_only(spool, False)
         setup.mend()
         publisher.publish_event(_event("start", "e2", "pump-4"))  # the card has room again
