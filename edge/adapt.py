@@ -282,13 +282,18 @@ class Adapter:
         where it was, and `calibrate` writing the same --out again replaced it, so returning to
         the version would run another model while the history said it ran that one. Entries
         from before checksums were recorded load what is there."""
-        now = written_over(entry, Path(entry["path"]))  # before loading what is there now
-        if now is not None:
-            raise BundleError(
-                f"{entry['path']} now holds {now}, not the {entry.get('model_id')} of version "
-                f"{entry['version']} (written over since; reload_model loads it as a new version)"
-            )
-        return load_bundle(entry["path"])
+        path = Path(entry["path"])
+        now = written_over(entry, path)  # before loading: a bundle this release cannot read
+        if now is None:
+            bundle = load_bundle(path)
+            recorded = entry.get("checksum")  # and what was loaded: written over in between
+            if recorded is None or recorded == bundle.manifest.checksum:
+                return bundle
+            now = bundle.model_id
+        raise BundleError(
+            f"{entry['path']} now holds {now}, not the {entry.get('model_id')} of version "
+            f"{entry['version']} (written over since; reload_model loads it as a new version)"
+        )
 
     def _check_runs(self, bundle: Bundle) -> None:
         """SoundSentryError when the settings in force cannot run `bundle`."""

@@ -1405,7 +1405,13 @@ def test_replies_say_what_http_asks_of_them(tmp_path: Path) -> None:
         past = request(f"{base}/clips/a.wav", headers={"Range": f"bytes={size}-"})
         assert past.status == 416 and past.headers["Content-Range"] == f"bytes */{size}"
         assert all(past.headers.get(name) == value for name, value in HEADERS.items()), past
-        for length, status in (("-1", 400), ("1_0", 400), ("99999999", 413)):
+        for length, status in (
+            ("-1", 400),
+            ("1_0", 400),
+            ("+5", 400),
+            ("5\x1f", 400),
+            ("99999999", 413),
+        ):
             conn = http.client.HTTPConnection("127.0.0.1", dashboard.port, timeout=10)
             conn.putrequest("POST", "/api/command")
             conn.putheader("Content-Type", "application/json")

@@ -598,10 +598,11 @@ class Handler(BaseHTTPRequestHandler):
         if given is None:
             self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length required")
             return None
-        if not re.fullmatch(r"\d{1,15}", given.strip()):  # digits only, as HTTP has it: -1
+        digits = re.fullmatch(r"[ \t]*([0-9]{1,15})[ \t]*", given)  # as HTTP has it: not -1
+        if digits is None:
             self._error(HTTPStatus.BAD_REQUEST, "bad Content-Length")  # was "too large"
             return None
-        length = int(given)
+        length = int(digits.group(1))
         if length > MAX_COMMAND_BYTES:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "command too large")
             return None
