@@ -112,7 +112,7 @@ many passes failed meanwhile), not once per pass."""
 QUICK_DROP_S = 10.0
 TOO_LARGE_DROPS = 2
 """Connections in a row that the broker's answer ended within QUICK_DROP_S of their start, with a
-protocol error, before the largest message paho still holds is taken to be over the broker's
+protocol error, before the largest payload paho still holds is taken to be over the broker's
 size limit. Mosquitto's `message_size_limit` answers such a publish with a PUBACK reason (0x95)
 that MQTT 5 does not allow there; paho drops the connection on it and sends the message again at
 every reconnect, so nothing spooled behind it was delivered (a reconnect loop, in a review)."""
@@ -413,9 +413,9 @@ class MqttPublisher:
         back what paho would send again (before it does), and take the largest payload of it as
         over the broker's size limit, which mosquitto does not tell (its `message_size_limit`
         counts payload bytes: by packet, a message with a long topic that the broker took was
-        blamed, in a review). Payloads that large or larger are not
-        handed to paho again until the daemon restarts (spooled ones stay in the spool, as over a
-        maximum packet size); the rest go again: spooled rows by the sender thread, in order,
+        blamed, in a review). Payloads that large or larger are not handed to paho again until
+        the daemon restarts (spooled ones stay in the spool, as over a maximum packet size); the
+        rest go again: spooled rows by the sender thread, in order,
         before any new one; retained ones as the latest, by `_on_connect`; a command's response
         now."""
         self._quick_drops = 0
@@ -960,12 +960,14 @@ class MqttPublisher:
         """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
         the broker took it; `props`: with this instance's name (availability)."""
         properties = self._sender_props() if props else None
-        size = _packet_size(topic, payload, qos, properties)
-        if self._max_packet and size > self._max_packet:
-            return self._over_limit(topic, size, self._max_packet, learned=False)
-        body = len(payload.encode())
-        if self._learned_limit and body > self._learned_limit:
-            return self._over_limit(topic, body, self._learned_limit, learned=True)
+        if self._max_packet:  # sizes measured only against a limit known
+            size = _packet_size(topic, payload, qos, properties)
+            if size > self._max_packet:
+                return self._over_limit(topic, size, self._max_packet, learned=False)
+        if self._learned_limit:
+            body = len(payload.encode())
+            if body > self._learned_limit:
+                return self._over_limit(topic, body, self._learned_limit, learned=True)
         with self._mid_lock:  # its PUBACK may be resolved before publish() returns
             info = self.client.publish(
                 topic, payload, qos=qos, retain=retain, properties=properties
