@@ -254,8 +254,12 @@ class Controller:
         same = _same_path(new.model, configured)  # not old.model: a load that failed is retried
         replaced = same and self._replaced(new.model)
         # another model, or new contents at the configured path (a retrained bundle): loaded
-        # first, so that the settings are checked against the model they will run with
-        switching = new.model is not None and d.adapter is not None and (not same or replaced)
+        # first, so that the settings are checked against the model they will run with. Without
+        # an adapter (`replay`) a model is reloaded unless the running one is it, byte for byte
+        if d.adapter is not None:
+            switching = new.model is not None and (not same or replaced)
+        else:
+            switching = new.model is not None and not (same and _holds(new.model, d.bundle))
         bundle = None
         if switching:
             try:

@@ -875,14 +875,20 @@ def test_sighup_to_another_configured_model_starts_its_learning_afresh(tmp_path:
     assert d.status()["version"] == 1
 
 
-def test_sighup_to_another_model_checks_the_settings_against_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("persist", [True, False], ids=["service", "replay"])
+def test_sighup_to_another_model_checks_the_settings_against_it(
+    tmp_path: Path, persist: bool
+) -> None:
     """A SIGHUP with another [model] and [detector] settings only that model can take (K = 5
     where it keeps N = 6 and the running one 3) was refused as a whole: the settings were
-    checked against the running model, and the new one was loaded only at a restart."""
+    checked against the running model, and the new one was loaded only at a restart. Without
+    a data_dir kept (`replay`) it was refused still, after the service's path was mended."""
     device = Device(tmp_path)
     device.replay(NORMAL_FILES[0])
     six = _keeping_six_windows(tmp_path)
     d = device.detector
+    if not persist:
+        d = Detector(d.settings, d.bundle, [], persist=False)
     k5 = d.settings.detector.model_copy(update={"trigger_windows": 5})
     new = d.settings.model_copy(update={"model": six, "detector": k5})
     Controller(d, reload_settings=lambda: new).reload()
