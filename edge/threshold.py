@@ -842,7 +842,7 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
 
 
 def _heard(params: Mapping[str, Any]) -> str:
-    """What the event logic raised on the held-out audio itself: a count in its seconds (as a
+    """What the event logic raised on the held-out audio itself: a count in its windows (as a
     rate, "0 per day" from a few seconds read as evidence of a quiet day)."""
     per_hour, seconds = params["holdout_false_alarms_per_hour"], params.get("holdout_seconds")
     if not seconds:  # older bundles
@@ -851,10 +851,15 @@ def _heard(params: Mapping[str, Any]) -> str:
     events = params.get("holdout_events")
     if events is None:  # bundles before it was recorded
         events = round(per_hour * (streamed or seconds) / SECONDS_PER_HOUR)
-    heard = f"the held-out audio itself raised {events} event(s) in its {seconds:.3g} s"
     if streamed > 1.5 * seconds:  # every channel replayed as a stream of its own
-        heard += f" (its channels replayed as {streamed:.3g} s of streams)"
-    return heard
+        return (
+            f"the held-out audio itself raised {events} event(s) in its {seconds:.3g} s (its "
+            f"channels replayed as {streamed:.3g} s of streams)"
+        )
+    # in windows: their starts span less than the audio (a window less a hop of each recording
+    # or piece held out), and "in its 6 s" under "scored the other 8 s" read as a contradiction
+    windows = params["n_windows"]
+    return f"the held-out audio itself raised {events} event(s) in its {windows} windows"
 
 
 def _above_holdout(value: float, params: Mapping[str, Any]) -> str:

@@ -154,6 +154,9 @@ def test_the_manifest_lists_every_file_the_shipped_model_was_fitted_on(tmp_path:
     assert [f["name"] for f in t["holdout_files"]] == [files[4].name]
     assert t["fitted_seconds"] == t["seconds"] == 20.0
     assert "20 s fitted the model; a fit on 16 s scored the other 4 s, held out" in proc.stdout
+    # the held-out audio's events are counted in its windows: "in its 3.5 s" (their starts'
+    # span) read as another length than the 4 s held out
+    assert "the held-out audio itself raised 0 event(s) in its 7 windows" in proc.stdout
     ev = cli("evaluate", str(model), "--normal", str(files[4]), "--anomalous", str(ANOMALOUS_FILE))
     assert f"{files[4]}: the model was fitted on this recording" in ev.stderr
     # a calibrated bundle was refitted on its site audio: testing on that flatters it too
