@@ -33,10 +33,9 @@ from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
 from edge.machine_state import (
     HYSTERESIS_DB,
-    OFF,
     RUNNING,
     STOP_SECONDS,
-    SWITCH_VOTES,
+    RunningTime,
     evidence_windows,
 )
 from edge.messages import (
@@ -233,8 +232,8 @@ class Detector:
         """Why the input last stalled, for STATUS."""
         self._last_score: float | None = None
         self._machine: str | None = None  # unknown until a window is heard
-        self._running_s = self._running_saved = 0.0
-        self._was_off = False  # the last window heard: the machine off
+        self.running = RunningTime()  # counted while live: what the microphone heard
+        self._running_saved = 0.0
         self._near_off_s = 0.0
         """Seconds of the machine heard running within HYSTERESIS_DB of its off level (no
         window judged) since JUDGED_RESET_S were last judged in a row; said at NEAR_OFF_SAY_S."""
@@ -350,7 +349,7 @@ class Detector:
         if self.live:
             _say_overrides(bundle, settings)
         self.bundle, self.pipeline, self.settings = bundle, pipeline, settings
-        self._was_off = False  # its machine state starts afresh: no vote to credit
+        self.running.restart()  # its machine state starts afresh: no vote to credit
         self._threshold = threshold
         if threshold is not None:
             pipeline.events.threshold = threshold
@@ -617,7 +616,7 @@ class Detector:
         if mute is not None:  # at most what was left of its length (edge.persist)
             self._mute, self._mute_end = mute, time.monotonic() + mute.seconds - mute.ran
             log.log(level, "mute restored, until %s: no events until then", iso(self.muted_until))
-        self._running_s = max(self._running_s, self.state.running_seconds)
+        self.running.seconds = max(self.running.seconds, self.state.running_seconds)
 
     def _save_state(self) -> None:
         if self.state is not None:
@@ -625,8 +624,8 @@ class Detector:
             self._clock_set()  # a mute begun before NTP set the clock is dated by it
             m = self._mute
             mute = SavedMute(m.started, m.seconds, m.seconds - left) if left > 0 else None
-            self.state.save(self.bundle.model_id, self._threshold, mute, self._running_s)
-            self._running_saved = self._running_s
+            self.state.save(self.bundle.model_id, self._threshold, mute, self.running.seconds)
+            self._running_saved = self.running.seconds
 
     def _auto_learn(self) -> None:
         """[learning] seconds: a period at the first start of a configured model."""
@@ -768,12 +767,8 @@ class Detector:
             first = not self._heard
             self._last_window = now
             self._last_score = step.score
-            if step.machine == RUNNING and self.live and not step.dead:
-                # a start is called after a vote of SWITCH_VOTES windows of its sound: they ran
-                votes = SWITCH_VOTES if self._was_off else 1
-                self._running_s += votes * self.bundle.features.hop_seconds
-            if not step.dead:
-                self._was_off = step.machine == OFF
+            if self.live:
+                self.running.heard(step.machine, step.dead, self.bundle.features.hop_seconds)
             self._heard_near_off(step)
             machine = step.state_name or step.machine  # a named state when trained with them
             if machine != self._machine:
@@ -869,7 +864,7 @@ class Detector:
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.mqtt.metrics_interval_seconds
             self._emit_metrics()
-            if self._running_s - self._running_saved >= RUNNING_SAVE_S:
+            if self.running.seconds - self._running_saved >= RUNNING_SAVE_S:
                 self._save_state()  # a crash loses at most this much; the SD card is spared
 
     def audio_gap(self, reopened: bool) -> None:
@@ -1156,7 +1151,7 @@ class Detector:
             spool_depth=spool_depth,
             spool_dropped=spool_dropped,
             commands_shed=self.commands_shed,
-            running_hours=round(self._running_s / 3600, 4),  # in total: kept in state.json
+            running_hours=round(self.running.seconds / 3600, 4),  # in total: kept in state.json
             cpu_temp_c=cpu_temperature_c(),
             throttled=throttled(),
             anomaly_index=_round(self.index.value, 4),

@@ -115,11 +115,11 @@ def machine_profile(
 
 @dataclass
 class MachineState:
-    """Running/off with hysteresis and a settle time after start; counts running seconds."""
+    """Running/off with hysteresis and a settle time after start (the running time it means
+    is counted by `RunningTime`)."""
 
     off_below_dbfs: float | None
     state: str = RUNNING
-    running_seconds: float = 0.0
     _streak: int = 0
     _settled_at: float = float("-inf")
     _named_off: bool = False
@@ -135,7 +135,6 @@ class MachineState:
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
         if self.off_below_dbfs is None:
-            self.running_seconds += hop_s
             return self.state
         if self._fresh:
             self._fresh = False
@@ -152,9 +151,8 @@ class MachineState:
                 self._loud.clear()
         else:
             self._loud.append(not near)
-            if sum(self._loud) >= SWITCH_VOTES:  # the windows of the vote were running time
+            if sum(self._loud) >= SWITCH_VOTES:
                 self.state = RUNNING
-                self.running_seconds += (sum(self._loud) - 1) * hop_s
                 # the settle time runs from the second window of the loud run that ends here, as
                 # when two in a row were a start: judged as soon after a start as before the vote
                 quiet = [i for i, loud in enumerate(self._loud) if not loud]
@@ -163,8 +161,6 @@ class MachineState:
                 settled = first + (CONFIRM_WINDOWS - 1) * hop_s + SETTLE_SECONDS
                 self._settled_at = max(self._settled_at, settled)  # a dropout's may be later
                 self._loud.clear()
-        if self.state == RUNNING:
-            self.running_seconds += hop_s
         return self.state
 
     def named(self, name: str | None, end_s: float) -> str:
@@ -210,10 +206,36 @@ class MachineState:
         return self.state == RUNNING and self._near_off >= CONFIRM_WINDOWS
 
     def reset(self) -> None:
-        """A new stream: forget the streak and settle time (the running total stays)."""
+        """A new stream: forget the streak and settle time."""
         self.state, self._streak, self._settled_at = RUNNING, 0, float("-inf")
         self._loud.clear()
         self._near_off, self._fresh = 0, True
+
+
+@dataclass
+class RunningTime:
+    """The machine's running hours, as the device publishes them: the windows heard with the
+    machine running (`MachineState.named`: a state folder `off` is not running), and at a start
+    the windows of the vote that called it (SWITCH_VOTES of its sound: the machine ran in them,
+    published as `off` while the vote was open). A dead microphone's windows count neither way.
+    The one counter: the machine state kept another, with its own rule for a start, that nothing
+    published (in a review)."""
+
+    seconds: float = 0.0
+    _was_off: bool = False
+    """The last window heard: the machine off."""
+
+    def heard(self, machine: str, dead: bool, hop_s: float) -> None:
+        """Count one window, its machine state as the event logic saw it."""
+        if dead:
+            return
+        if machine == RUNNING:
+            self.seconds += (SWITCH_VOTES if self._was_off else 1) * hop_s
+        self._was_off = machine == OFF
+
+    def restart(self) -> None:
+        """A new machine state (another model or settings): no vote to credit."""
+        self._was_off = False
 
 
 @dataclass
