@@ -562,7 +562,7 @@ class Handler(BaseHTTPRequestHandler):
         if path not in routes:
             return self._error(HTTPStatus.NOT_FOUND, "not found")
         if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
-            return self._unauthorized()
+            return self._error(HTTPStatus.UNAUTHORIZED, "token required")
         routes[path]()
 
     def do_HEAD(self) -> None:
@@ -585,7 +585,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path != "/api/command":
             return self._error(HTTPStatus.NOT_FOUND, "not found")
         if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
-            return self._unauthorized()
+            return self._error(HTTPStatus.UNAUTHORIZED, "token required")
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind != "application/json":
             return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
@@ -615,7 +615,7 @@ class Handler(BaseHTTPRequestHandler):
     def _clip(self, name: str, query: str) -> None:
         key = parse_qs(query).get("key", [None])[0]
         if not self.dash.gate.clip_ok(self.headers.get("Authorization"), Path(name).stem, key):
-            return self._unauthorized()
+            return self._error(HTTPStatus.UNAUTHORIZED, "token required")
         wav = self.dash.clip_file(name)
         if wav is None:
             return self._error(HTTPStatus.NOT_FOUND, "no such clip")
@@ -717,9 +717,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: HTTPStatus, detail: str, extra: dict[str, str] | None = None) -> None:
         self._json(status, {"ok": False, "detail": detail}, extra)
-
-    def _unauthorized(self) -> None:
-        self._json(HTTPStatus.UNAUTHORIZED, {"ok": False, "detail": "token required"})
 
     def _send(
         self,
