@@ -116,6 +116,11 @@ protocol error, before the largest payload paho still holds is taken to be over 
 size limit. Mosquitto's `message_size_limit` answers such a publish with a PUBACK reason (0x95)
 that MQTT 5 does not allow there; paho drops the connection on it and sends the message again at
 every reconnect, so nothing spooled behind it was delivered (a reconnect loop, in a review)."""
+SIZE_RELEARN_S = 3600.0
+"""A size learned from the broker's drops holds this long; then the messages it held are tried
+again (a raised limit takes them; one not raised costs TOO_LARGE_DROPS quick reconnects, and
+the size is learned again). It held until the daemon restarted: a user who raised the broker's
+limit as the log said, and did not restart the daemon, had the spooled event held for good."""
 PROTOCOL_ERROR = 0x82
 """MQTT 5 reason "Protocol error": what paho gives `on_disconnect` when it drops a connection."""
 
@@ -246,6 +251,8 @@ class MqttPublisher:
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
         self._max_packet: int | None = None  # the broker's MaximumPacketSize (CONNACK)
         self._learned_limit: int | None = None  # largest payload the broker takes, as learned
+        self._learned_at = 0.0  # monotonic time it was learned
+        self.size_relearn_s = SIZE_RELEARN_S
         self._quick_drops = 0  # connections in a row ended by a protocol error at once
         self._connected_at = 0.0  # monotonic time of the last CONNACK
         self._dropped_mids: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
@@ -425,14 +432,14 @@ class MqttPublisher:
         sizes = [len(m.payload) for m in taken]  # message_size_limit counts payload bytes
         largest = max(sizes)
         self._learned_limit = min(largest - 1, self._learned_limit or largest)
+        self._learned_at = time.monotonic()
         topic = taken[sizes.index(largest)].topic
         log.error(
             "MQTT: the broker dropped the connection %d times in a row at once, on a message of "
             "%d payload bytes on %s, taken as over its size limit (mosquitto's "
-            "message_size_limit): payloads of %d bytes or more are not sent until the daemon "
-            "restarts (a spooled one stays in the spool); raise the broker's limit, then restart "
-            "the daemon",
-            TOO_LARGE_DROPS, largest, topic, largest,
+            "message_size_limit): payloads of %d bytes or more are not sent for %s, then tried "
+            "again (a spooled one stays in the spool); raise the broker's limit",
+            TOO_LARGE_DROPS, largest, topic, largest, _duration(self.size_relearn_s),
         )  # fmt: skip
         with self._mid_lock:
             for m in taken:
@@ -964,6 +971,13 @@ class MqttPublisher:
             size = _packet_size(topic, payload, qos, properties)
             if size > self._max_packet:
                 return self._over_limit(topic, size, self._max_packet, learned=False)
+        if self._learned_limit and time.monotonic() - self._learned_at >= self.size_relearn_s:
+            log.info(
+                "MQTT: payloads over the size learned %s ago (%d bytes) are tried again: the "
+                "broker's limit may have been raised",
+                _duration(self.size_relearn_s), self._learned_limit,
+            )  # fmt: skip
+            self._learned_limit = None
         if self._learned_limit:
             body = len(payload.encode())
             if body > self._learned_limit:
@@ -994,7 +1008,8 @@ class MqttPublisher:
                 since, topic, size,
                 "size limit as learned" if learned else "maximum packet size", limit,
                 "message_size_limit" if learned else "max_packet_size",
-                ", then restart the daemon" if learned else "", _duration(self.refused_retry_s),
+                f" (tried again {_duration(self.size_relearn_s)} after the size was learned)"
+                if learned else "", _duration(self.refused_retry_s),
             )  # fmt: skip
         info = mqtt.MQTTMessageInfo(0)
         info.rc = mqtt.MQTT_ERR_PAYLOAD_SIZE

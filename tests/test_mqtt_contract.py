@@ -8,6 +8,7 @@ import logging
 import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -182,6 +183,38 @@ def test_a_message_over_the_broker_s_message_size_limit_stays_spooled_and_the_re
         )
     assert sum("disconnected" in m for m in _said(caplog)) == drops, _said(caplog)
     assert publisher.connected or publisher._closing.is_set()
+
+
+def test_a_size_limit_learned_from_the_broker_is_tried_again_once_its_hold_is_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A size learned from the broker's drops held its messages until the daemon restarted:
+    a user who raised mosquitto's `message_size_limit` as the log said, and did not restart the
+    daemon, had the spooled event held for good (a leftover of the last notes). The learned
+    size now holds for `size_relearn_s` (an hour); then the message is tried again, and a
+    broker that takes it now gets it, without a restart."""
+    caplog.set_level(logging.INFO, logger="edge.publish")
+    with _size_limited(tmp_path, "message_size_limit 1000\n") as (publisher, spool, consumer):
+        publisher.size_relearn_s = 3.0
+        publisher._spool(publisher.topics.events, BIG, retain=False)
+        wait_for(
+            lambda: any("taken as over its size limit" in m for m in _said(caplog)), 30, "learning"
+        )
+        # the limit raised: the same broker's folder and port, its configuration without it
+        broker = Broker(tmp_path, publisher.settings.port)
+        assert "message_size_limit" not in broker.conf.read_text()
+        running = ["-f", f"mosquitto -c {broker.conf}"]
+        subprocess.run(["pkill", *running], check=True)
+        gone = lambda: subprocess.run(["pgrep", *running], capture_output=True).returncode == 1  # noqa: E731
+        wait_for(gone, 10, "the limited broker to end (else the new one finds its port taken)")
+        try:
+            broker.start()
+            got = lambda: [m.payload for m in consumer.on("pump-3/events")]  # noqa: E731
+            assert consumer.wait_for(lambda _: BIG in got(), 30), _said(caplog)
+            wait_for(lambda: spool.depth() == 0, 10, "the big message to leave the spool")
+        finally:
+            broker.stop()
+    assert any("tried again" in m for m in _said(caplog)), _said(caplog)
 
 
 @dataclass
