@@ -24,7 +24,7 @@ from typing import Any
 from edge.audio_io import check_files, first_few
 from edge.errors import AudioError
 from edge.machine_state import OFF
-from edge.threshold import describe
+from edge.threshold import describe, rate_text
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def advice(
     if high > 0 and (low <= 0 or high / low > WIDE_INTERVAL):  # a lower end of 0 is widest
         lines.append(
             "advice: the held-out audio pins the false-alarm rate down poorly (interval "
-            f"{_rate(low)} to {_rate(high)} per day); more, and more varied, normal audio "
+            f"{rate_text(low)} to {rate_text(high)} per day); more, and more varied, normal audio "
             "narrows it"
         )
     return lines
@@ -209,7 +209,3 @@ def bundle_summary(manifest: Any) -> str:
         first, _, rest = text.partition("\n")
         text = "\n".join([first, "states: " + ", ".join(parts) + note, rest]).rstrip("\n")
     return text
-
-
-def _rate(per_day: float) -> str:
-    return "<0.001" if per_day < 1e-3 else f"{per_day:.3g}"

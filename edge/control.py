@@ -34,6 +34,7 @@ from edge.daemon import Detector
 from edge.errors import SoundSentryError
 from edge.messages import ResponseMessage, iso
 from edge.settings import Settings
+from edge.threshold import rate_text
 
 log = logging.getLogger(__name__)
 
@@ -336,14 +337,23 @@ def _reason(bundle: Bundle) -> str:
 
 
 def _refit_line(out: dict[str, Any]) -> str:
-    """Old and new threshold and the predicted alarm rate of a refit, in a reply."""
+    """Old and new threshold and the predicted alarm rate of a refit, in a reply. The refitted
+    model scores on a scale of its own: a lower threshold than the old one is no more sensitive
+    (a new user read "2.507 -> 2.333" after marking a false alarm normal as the opposite)."""
     low, high = out.get("predicted_interval_per_day") or (None, None)
     return (
         f"model {out.get('model')}, threshold {_num(out.get('old_threshold'))} -> "
-        f"{_num(out.get('new_threshold'))}, predicted false alarms per day "
-        f"{_num(out.get('predicted_false_alarms_per_day'))} (95% interval {_num(low)} to "
-        f"{_num(high)})" + (f"; WARNING: {out['warning']}" if out.get("warning") else "")
+        f"{_num(out.get('new_threshold'))} (on the refitted model's own scale), predicted false "
+        f"alarms per day {_per_day(out.get('predicted_false_alarms_per_day'))} (95% interval "
+        f"{_per_day(low)} to {_per_day(high)})"
+        + (f"; WARNING: {out['warning']}" if out.get("warning") else "")
     )
+
+
+def _per_day(value: Any) -> str:
+    """As the training summary writes a rate ("0.0005826 to 1297" here, "<0.001 to 1.3e+03"
+    there: the same interval in two forms)."""
+    return "?" if value is None else rate_text(value)
 
 
 def _num(value: Any) -> str:

@@ -794,8 +794,8 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
         low, high = params["predicted_interval_per_day"]
         lines.append(
             f"  predicted false alarms per day: "
-            f"{_rate(params['predicted_false_alarms_per_day'])} ({INTERVAL:.0%} interval "
-            f"{_rate(low)} to {_rate(high)}); {_heard(params)}"
+            f"{rate_text(params['predicted_false_alarms_per_day'])} ({INTERVAL:.0%} interval "
+            f"{rate_text(low)} to {rate_text(high)}); {_heard(params)}"
         )
         if "window_autocorrelation" in params:  # not in older bundles
             r = params["window_autocorrelation"]
@@ -827,7 +827,7 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
     capped = params.get("decided_by") == "cap"
     if capped and predicted is not None and budget and predicted > budget * 1.05:
         lines.append(
-            f"  caution: {_rate(predicted)} false alarms per day are predicted, more than the "
+            f"  caution: {rate_text(predicted)} false alarms per day are predicted, more than the "
             f"budget of {budget:g}: the threshold is capped at what the held-out audio backs "
             "(a gamma fitted to so little reaches too far to trust); give more normal audio "
             "(several recordings, other days)"
@@ -846,7 +846,7 @@ def _heard(params: Mapping[str, Any]) -> str:
     rate, "0 per day" from a few seconds read as evidence of a quiet day)."""
     per_hour, seconds = params["holdout_false_alarms_per_hour"], params.get("holdout_seconds")
     if not seconds:  # older bundles
-        return f"on the held-out audio: {_rate(per_hour * 24)} per day"
+        return f"on the held-out audio: {rate_text(per_hour * 24)} per day"
     streamed = params["n_windows"] * params.get("hop_s", 0.5)  # the time the rate is over
     events = params.get("holdout_events")
     if events is None:  # bundles before it was recorded
@@ -901,6 +901,10 @@ def _relative(fraction: float) -> str:
     return f"{abs(100 * fraction):.0f} % {'above' if fraction >= 0 else 'below'}"
 
 
-def _rate(per_day: float) -> str:
-    """A rate for people: three digits, and '<0.001' for the vanishing ends of an interval."""
-    return "<0.001" if 0 < per_day < 1e-3 else f"{per_day:.3g}"
+def rate_text(per_day: float) -> str:
+    """A rate for people: three digits, '<0.001' for the vanishing ends of an interval, and no
+    powers of ten ("1.02e+03" in the training summary, in a new user's walk-through)."""
+    if per_day < 1e-3:  # an interval's lower end of 0 too
+        return "<0.001"
+    rounded = float(f"{per_day:.3g}")
+    return f"{rounded:,.0f}" if rounded >= 1000 else f"{per_day:.3g}"

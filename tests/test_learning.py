@@ -239,6 +239,7 @@ def test_mark_normal_then_replay_rollback_and_the_audit_log(
     assert reply.ok, reply.detail
     assert f"event {fault[0]['event_id']} marked normal" in reply.detail
     assert "threshold" in reply.detail and "->" in reply.detail
+    assert "(on the refitted model's own scale)" in reply.detail  # lower is not more sensitive
     assert "predicted false alarms per day" in reply.detail
     assert reply.status["last_refit"]["old_threshold"] == pytest.approx(
         load_bundle(device.data / "models" / "fan-demo-12483c73-v1.bundle").threshold, rel=1e-5

@@ -277,6 +277,19 @@ def test_advice_on_an_interval_that_reaches_down_to_zero() -> None:
     assert "pins the false-alarm rate down poorly (interval <0.001 to 582 per day)" in line
 
 
+def test_rates_are_written_in_one_form_without_powers_of_ten() -> None:
+    """The training summary wrote an interval "<0.001 to 1.02e+03" and a refit's reply the
+    same kind of interval "0.0005826 to 1297" (a new user's walk-through)."""
+    from edge.control import _refit_line
+    from edge.threshold import rate_text
+
+    assert [rate_text(v) for v in (0.0, 0.0005826, 0.0123, 1.0, 582.0, 999.6, 1297.0)] == [
+        "<0.001", "<0.001", "0.0123", "1", "582", "1,000", "1,300",
+    ]  # fmt: skip
+    out = {"predicted_false_alarms_per_day": 1.0, "predicted_interval_per_day": (0.0005826, 1297)}
+    assert "(95% interval <0.001 to 1,300)" in _refit_line(out)
+
+
 def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> None:
     out = tmp_path / "site.bundle"
     proc = cli(
