@@ -831,6 +831,7 @@ def test_a_period_begun_for_another_model_is_not_resumed_by_it(tmp_path: Path) -
     device.replay(NORMAL_FILES[1])  # saved at the stop, for fan-demo
     assert json.loads((device.data / "learning" / "period.json").read_text())["collected_s"] > 0
     device.bundle = AE_BUNDLE  # the config now names another model
+    device.event_logic = {"threshold": 0.3}  # below the fault's windows (0.6 at most)
     events = device.replay(ANOMALOUS_FILE)
     assert not device.detector.learning and device.detector.current_state() != "learning"
     assert len(starts(events)) == 1, "the new model raises events"
