@@ -33,13 +33,19 @@ def format_report(report: Report) -> str:
     """Human-readable summary."""
     return (
         f"model {report.model} ({report.variant}), {report.unit}: "
-        f"AUC {report.auc:.3f}  pAUC(FPR<={report.max_fpr}) {report.pauc:.3f}  "
+        f"AUC {report.auc:.3f}  pAUC(FPR<={report.max_fpr}) {_pauc(report)}  "
         f"normal {report.n_normal}  anomalous {report.n_anomalous}  "
         f"files with an event at threshold {report.threshold:.4g}"
         + (" (the int8 model's)" if report.variant == "float" else "")
         + f": anomalous {report.anomalous_files_with_event}, normal "
         f"{report.normal_files_with_event}" + _off_note(report)
     )
+
+
+def _pauc(report: Report) -> str:
+    """The pAUC, or `n/a` when fewer normal items than 1 / max_fpr leave it resting on none (as
+    the warning above it says): "pAUC 0.579" beside "AUC 0.200" read as a figure."""
+    return "n/a" if report.n_normal < 1 / report.max_fpr else f"{report.pauc:.3f}"
 
 
 def _off_note(report: Report) -> str:
@@ -207,7 +213,7 @@ def _roc(reports: list[Report], path: Path) -> Path:
         labels = np.array([i.label for i in r.items])
         scores = np.array([i.score for i in r.items])
         fpr, tpr, _ = roc_curve(labels, scores)
-        ax.plot(fpr, tpr, label=f"{r.variant}: AUC {r.auc:.3f}, pAUC {r.pauc:.3f}")
+        ax.plot(fpr, tpr, label=f"{r.variant}: AUC {r.auc:.3f}, pAUC {_pauc(r)}")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.axvspan(0, 0.1, color="orange", alpha=0.1, label="pAUC region (FPR ≤ 0.1)")
     ax.set(

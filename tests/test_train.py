@@ -114,6 +114,8 @@ def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> N
     assert "(float), whole files" in whole.stdout and "normal 4  anomalous 1" in whole.stdout
     # 4 normal items: no false-positive rate up to 0.1 can be measured, and it says so
     assert "only 4 normal item(s): the pAUC" in whole.stderr, whole.stderr
+    assert "pAUC(FPR<=0.1) n/a" in whole.stdout, whole.stdout  # not a figure beside the AUC
+    assert "pAUC(FPR<=0.1) n/a" not in proc.stdout, proc.stdout
     assert "normal item(s)" not in proc.stderr, "10 segments are enough"
 
 
@@ -516,10 +518,14 @@ def test_evaluate_refuses_a_copy_given_as_both_and_names_what_it_cannot_check(
     assert report.normal_files_with_event == f"0/{len(NORMAL_FILES) + 1}"  # what it reports
     said = [r.getMessage() for r in caplog.records]
     assert any("records no hash of its training files" in m for m in said), said
-    sf.write(normal / "short.wav", read_audio(NORMAL_FILES[0], 16000)[: 2 * 16000], 16000)
+    for name in ("short.wav", "short-2.wav"):
+        sf.write(normal / name, read_audio(NORMAL_FILES[0], 16000)[: 2 * 16000], 16000)
+    caplog.clear()
     evaluate(DEMO_BUNDLE, [str(normal)], [str(ANOMALOUS_FILE)], segment=3.0)
-    said = [r.getMessage() for r in caplog.records]
-    assert any("short.wav: no whole 3-s segment" in m for m in said), said
+    said = [r.getMessage() for r in caplog.records if "segment" in r.getMessage()]
+    assert len(said) == 1, said  # one line for them all (30 lines and then an error, once)
+    assert said[0].startswith("2 file(s) hold no whole 3-s segment"), said
+    assert "short-2.wav" in said[0] and "short.wav" in said[0], said
 
 
 def test_the_one_session_advice_counts_record_s_chunks_as_one_session() -> None:

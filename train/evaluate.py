@@ -200,6 +200,7 @@ def evaluate(
     _warn_if_trained_on(bundle, every)
     off = [0, 0]
     unjudged = 0
+    unsegmented: list[str] = []
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
             scores, raised, off_windows = device_events(
@@ -218,11 +219,8 @@ def evaluate(
                 if len(judged):  # a segment of silence or the machine off says nothing
                     items.append(Scored(str(path), seg, label, float(judged.mean())))
             if len(items) == before and segment and not np.isnan(scores).all():  # heard, but
-                # no segment holds its scored windows whole
-                log.warning(
-                    "%s: no whole %g-s segment of audio the device scores (shorter than "
-                    "--segment?); not in the AUC", path, segment,
-                )  # fmt: skip
+                # no segment holds its scored windows whole: said once for all, below
+                unsegmented.append(str(path))
             events[label].append(raised)
             off[label] += off_windows
     if unjudged:
@@ -231,6 +229,11 @@ def evaluate(
             "as the device leaves them out of its evidence", unjudged,
         )  # fmt: skip
     labels = np.array([i.label for i in items])
+    if unsegmented and np.any(labels == 0) and np.any(labels == 1):  # else the error says it
+        log.warning(
+            "%d file(s) hold no whole %g-s segment of audio the device scores (shorter than "
+            "--segment?), not in the AUC: %s", len(unsegmented), segment, first_few(unsegmented),
+        )  # fmt: skip
     for label, side in enumerate(("normal", "anomalous")):
         if not np.any(labels == label):
             raise AudioError(
