@@ -171,10 +171,17 @@ class MicSource:
         wanted = self.settings.channels
         offered = int(info["max_input_channels"])
         for channels in dict.fromkeys((wanted, offered)):
+            if 0 < offered < channels:  # refused for sure, and PortAudio's C assertion says so on
+                continue  # stderr first (in a new user's walk-through)
             try:
                 sd.check_input_settings(device, channels, "float32")
             except (ValueError, sd.PortAudioError):
                 continue
+            if self.settings.channel >= channels:  # before a warning that says it takes it
+                raise CaptureError(
+                    f"audio.channel {self.settings.channel} (record's --channel) is not among "
+                    f"the {channels} channel(s) of {info['name']!r} (0-based; -1 averages them)"
+                )
             if channels != wanted:
                 log.warning(
                     "capture: %r does not capture %d channel(s); opening its %d and taking "
@@ -184,11 +191,6 @@ class MicSource:
                     else f"channel {self.settings.channel}",
                     channels,
                 )  # fmt: skip
-            if self.settings.channel >= channels:
-                raise CaptureError(
-                    f"audio.channel {self.settings.channel} is not among the {channels} "
-                    f"channel(s) of {info['name']!r} (0-based; -1 averages them)"
-                )
             return channels
         raise CaptureError(
             f"{info['name']!r} captures neither {wanted} channel(s) nor the {offered} it "

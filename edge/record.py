@@ -306,8 +306,10 @@ def level_verdict(rms_dbfs: float, peak_dbfs: float) -> str:
         return (
             f"level too quiet: {measured} (below {QUIET_DBFS:g} dBFS the machine is lost in "
             "the microphone's noise); raise the input gain (alsamixer) or move it closer, unless "
-            "this is the machine switched off, which should be quiet"
-        ) + SAME_GAIN
+            "this is the machine switched off, which should be quiet: then keep the gain its "
+            "running was recorded at, for the service too (states and `off` are told apart by "
+            "their level)"
+        )  # "raise the gain; keep this gain" read as a contradiction (a new user's walk-through)
     return f"level good: {measured}" + SAME_GAIN
 
 

@@ -184,6 +184,20 @@ def test_a_microphone_that_captures_stereo_only_is_opened_in_stereo(
     assert (info.channels, info.samplerate, round(info.duration, 1)) == (1, 16000, 2.0)
 
 
+def test_a_channel_the_microphone_has_not_is_one_line(pulse: str, tmp_path: Path) -> None:
+    """`record --channel 40` on a device of 32 channels printed PortAudio's C assertion twice,
+    then a warning that it was "opening its 32 and taking channel 40", then the error naming
+    `audio.channel` where the user typed --channel (a new user's walk-through)."""
+    proc = cli(
+        "record", "--seconds", "2", "--out", str(tmp_path / "rec"), "--device", "pulse",
+        "--channel", "40", env={"PULSE_SOURCE": pulse}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "40 (record's --channel) is not among the" in lines[0], lines
+
+
 def test_record_refuses_silence_with_a_reason(pulse: str, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[health]\nfault_seconds = 1\n")

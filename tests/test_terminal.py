@@ -267,7 +267,9 @@ def test_record_says_whether_the_level_is_good_too_quiet_or_too_loud(
 
 def test_level_verdict_and_gap_note_name_what_is_wrong() -> None:
     assert level_verdict(-30.0, -10.0).startswith("level good: -30.0 dBFS RMS, peaks -10.0")
-    assert level_verdict(QUIET_DBFS - 0.1, -40.0).startswith("level too quiet")
+    quiet = level_verdict(QUIET_DBFS - 0.1, -40.0)
+    assert quiet.startswith("level too quiet") and "keep this gain" not in quiet, quiet  # not
+    # both: raise the gain and keep it
     assert level_verdict(-20.0, LOUD_PEAK_DBFS).startswith("level too loud")
     assert gap_note({"dropped": 0, "overflows": 0, "reopens": 0, "queue_depth": 3}) is None
     note = gap_note({"dropped": 2, "overflows": 1, "reopens": 0})
