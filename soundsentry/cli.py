@@ -318,8 +318,9 @@ def _add_evaluate(sub: Any) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="write metrics.json, roc.png, histogram.png, scores.csv, timeline.png "
-        "(int8 and float side by side; needs the [report] extra)",
+        help="write metrics.json, evaluation-int8.json and -float.json (every item's score), "
+        "roc.png, histogram.png, scores.csv, timeline.png (int8 and float side by side; needs "
+        "the [report] extra)",
     )
     p.add_argument(
         "--timeline",

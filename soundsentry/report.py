@@ -188,14 +188,17 @@ def write_report(
     folder: Path,
     timeline: tuple[str, np.ndarray, float, float] | None = None,
 ) -> list[Path]:
-    """Write metrics.json, roc.png, histogram.png, scores.csv (and timeline.png) to `folder`."""
+    """Write metrics.json, evaluation-VARIANT.json (every item's score), roc.png, histogram.png,
+    scores.csv (and timeline.png) to `folder`; returns what it wrote (the list said, once, all
+    but the evaluation files)."""
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "metrics.json"]
     (folder / "metrics.json").write_text(
         json.dumps({r.variant: r.summary() for r in reports}, indent=2) + "\n"
     )
     for r in reports:
-        write_json(r, folder / f"evaluation-{r.variant}.json")
+        written.append(folder / f"evaluation-{r.variant}.json")
+        write_json(r, written[-1])
     written += [
         _roc(reports, folder / "roc.png"),
         _histograms(reports, folder / "histogram.png"),

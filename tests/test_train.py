@@ -161,6 +161,9 @@ def test_evaluate_report_files(tiny_bundle: Path, tmp_path: Path) -> None:
         str(report),
     )
     assert "report written" in proc.stdout
+    said = proc.stdout.split("report written to ", 1)[1].splitlines()[0].split(": ", 1)[1]
+    assert sorted(said.split(", ")) == sorted(p.name for p in report.iterdir()), said  # every
+    # file it wrote (the evaluation files went unnamed)
     for name in ("roc.png", "histogram.png", "timeline.png"):
         data = (report / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
