@@ -147,7 +147,11 @@ class ReplaySummary(Sink):
     def line(self, files: int, threshold: float) -> str:
         """`replay: 2 file(s), 62 windows, 1 event, highest score 2.76 vs threshold 1.87 ...`."""
         if self.highest is None:
-            peak = "no window scored (shorter than one window, silent, or the machine off)"
+            peak = (  # "23 windows, ..., no window scored" read as a contradiction
+                "none judged (silent or flat, the machine off, or a start-up)"
+                if self.windows
+                else "the audio is shorter than one window"
+            )
         else:
             side = "above" if self.highest > threshold else "below"
             peak = f"highest score {self.highest:.4g} vs threshold {threshold:.4g} ({side})"

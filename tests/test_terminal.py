@@ -104,6 +104,10 @@ def test_replay_ends_with_a_summary_even_when_it_finds_nothing(tmp_path: Path) -
     windows = int(line.split(" windows")[0].rsplit(" ", 1)[1])
     seconds = sf.info(str(DEMO_CLIP)).duration
     assert windows == int((seconds - 1.0) / 0.5) + 1  # 1-s windows every 0.5 s
+    sf.write(tmp_path / "silent.wav", np.zeros(3 * 16000, np.float32), 16000)
+    line = _summary(cli("replay", str(DEMO_BUNDLE), str(tmp_path / "silent.wav"), env=env).stderr)
+    assert line.startswith("replay: 1 file(s), 5 windows, 0 events, none judged"), line  # not
+    # "5 windows, ..., no window scored"
 
 
 # --- run on a terminal ----------------------------------------------------------------------
