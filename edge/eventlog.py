@@ -318,12 +318,26 @@ def format_event(event: LoggedEvent) -> str:
         duration = f"<={duration}"
     band = (d.get("bands") or [None])[0]
     where = f"{band['low_hz']:.0f}-{band['high_hz']:.0f} Hz" if band else "-"
-    how = " (integrated)" if d.get("trigger") == "cusum" else ""  # peak may lie below
+    # raised by the CUSUM, its peak may lie below the threshold: said as the README says it
+    how = ", raised by evidence over time" if d.get("trigger") == "cusum" else ""
     notes = "  interrupted" if event.interrupted else ""
     return (
-        f"{d['started_at']}  {duration:>9}  peak {_number(d.get('peak_score'))}{how} "
-        f"(threshold {_number(d.get('threshold'))})  {where}  {d.get('clip') or ''}{notes}"
+        f"{_local(d['started_at'])}  {duration:>9}  peak {_number(d.get('peak_score'))} "
+        f"(threshold {_number(d.get('threshold'))}{how})  {where}  {d.get('clip') or ''}{notes}"
     ).rstrip()
+
+
+def _local(stamp: Any) -> str:
+    """An event's UTC time in the local time the listing is asked in (`--since` is local unless
+    it ends in Z; the listing said UTC, and `--since 2026-12-05` in Berlin listed an event at
+    "2026-12-04T23:00:25Z"), with its offset; as logged when it does not parse."""
+    try:
+        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            return str(stamp)
+        return when.astimezone().isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        return str(stamp)
 
 
 def _number(value: Any) -> str:

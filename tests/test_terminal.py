@@ -17,7 +17,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -390,7 +390,12 @@ def test_events_lists_the_local_log_for_a_spreadsheet(tmp_path: Path) -> None:
         "/etc/soundsentry/config.toml)"
     )
     human = cli("events", "--since", "7d", env=env).stdout
-    assert human.startswith(end["started_at"]) and end["clip"] in human
+    assert end["clip"] in human
+    # a POSIX zone (UTC+1, no tz database needed): listed in local time, as --since reads it
+    berlin = cli("events", "--since", "7d", env={**env, "TZ": "CET-1"}).stdout
+    started = datetime.fromisoformat(end["started_at"].replace("Z", "+00:00"))
+    local = started.astimezone(timezone(timedelta(hours=1))).isoformat(timespec="seconds")
+    assert berlin.startswith(local) and local.endswith("+01:00"), berlin
     bad = cli("events", "--since", "last week", env=env, check=False)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
     assert "an age (90m, 24h, 7d, 2w)" in bad.stderr
@@ -475,7 +480,8 @@ def test_an_interrupted_event_and_its_trigger_are_in_the_csv_and_the_listing(
         "yes", "stopped", "cusum", "running",
     )  # fmt: skip
     line = format_event(read_events(tmp_path)[0])
-    assert "<=1020563.6 s" in line and "(integrated)" in line and line.endswith("interrupted")
+    assert "<=1020563.6 s" in line and line.endswith("interrupted")
+    assert ", raised by evidence over time)" in line, line  # "peak 2.4 (integrated) (threshold"
 
 
 def test_events_says_how_far_back_a_rotated_log_reaches(tmp_path: Path) -> None:
