@@ -258,7 +258,13 @@ def channel_for(manifest: Manifest, requested: int | None, command: str) -> int:
     fitted = fitted_channel(manifest)
     if requested is None:
         return 0 if fitted is None else fitted
-    if fitted is not None and requested != fitted:
+    if fitted is not None and requested != fitted and command == "calibrate":
+        log.info(  # what calibrate is for: the model's statistics are fitted on it now
+            "calibrate: --channel %d: the model, fitted on channel %d, is refitted on it",
+            requested,
+            fitted,
+        )
+    elif fitted is not None and requested != fitted:
         log.warning(
             "%s: --channel %d, but the model was fitted on channel %d (%s); scores of "
             "another channel are not comparable",

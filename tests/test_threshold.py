@@ -432,6 +432,12 @@ def test_calibrate_reads_record_s_mono_files_for_a_model_of_another_channel(
     site = cli("calibrate", str(model), "--normal", *map(str, NORMAL_FILES),
                "--out", str(tmp_path / "site.bundle"))  # fmt: skip
     assert "calibrated bundle written" in site.stdout and "--channel" not in site.stderr
+    # another channel asked for: what calibrate is for (a moved microphone), not a warning that
+    # "scores of another channel are not comparable" (a new user's walk-through)
+    moved = cli("calibrate", str(model), "--normal", str(eight), "--channel", "2",
+                "--out", str(tmp_path / "moved.bundle"))  # fmt: skip
+    assert "not comparable" not in moved.stderr and "WARNING" not in moved.stderr, moved.stderr
+    assert load_bundle(tmp_path / "moved.bundle").manifest.calibration["channel"] == 2
 
 
 def test_autoencoder_refit_leaves_out_a_recording_without_running_windows() -> None:
