@@ -466,35 +466,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Flags, then environment, then the TOML file."""
-        config = _CONFIG_FILE.get()
-        values = _read_toml(config)
-        if config is not None:
-            _anchor_paths(values, settings_cls, Path(os.path.abspath(config)).parent)
-        toml = InitSettingsSource(settings_cls, init_kwargs=values)
+        toml = InitSettingsSource(settings_cls, init_kwargs=_read_toml(_CONFIG_FILE.get()))
         return (init_settings, env_settings, toml)
-
-
-def _anchor_paths(values: dict[str, Any], model: type[BaseModel], folder: Path) -> None:
-    """A relative path in the config file is relative to the file's folder, as it reads: it
-    was the working folder's, so `doctor` in the config's folder passed a `model = "fan.bundle"`
-    that the service, started elsewhere, could not find (a new user's walk-through). Paths
-    from flags and the environment stay the working folder's, as on any command line."""
-    for key, value in values.items():
-        field = model.model_fields.get(key)
-        if field is None:
-            continue  # an unknown key: refused by name by the model itself
-        annotation = field.annotation
-        if isinstance(value, dict) and isinstance(annotation, type):
-            if issubclass(annotation, BaseModel):
-                _anchor_paths(value, annotation, folder)
-        elif (
-            isinstance(value, str)
-            and (annotation is Path or Path in get_args(annotation))
-            and value.strip()  # an empty one is refused by name
-            and not value.startswith("~")  # the user's home
-            and not Path(value).is_absolute()
-        ):
-            values[key] = str(folder / value)
 
 
 def _read_toml(path: Path | None) -> dict[str, Any]:

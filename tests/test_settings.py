@@ -108,32 +108,6 @@ def test_a_path_from_home_is_the_user_s_home_and_an_empty_one_is_refused(
         load_settings(write(tmp_path, 'data_dir = "~nosuchuser/x"\n'))  # not a traceback
 
 
-def test_a_relative_path_in_the_config_file_is_relative_to_its_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """They were the working folder's: `doctor` run in the config's folder passed `model =
-    "fan.bundle"`, and the service, started elsewhere, failed on it (a new user's walk-through).
-    A flag's or a variable's path stays the working folder's, as on any command line."""
-    for name in ("SOUNDSENTRY_DATA_DIR", "SOUNDSENTRY_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.chdir(tmp_path)
-    config = write(
-        site,
-        'model = "fan.bundle"\ndata_dir = "data"\n[mqtt]\npassword_file = "secret/pw"\n'
-        '[mqtt.tls]\nca_file = "/etc/ssl/ca.pem"\n[web]\ntoken_file = "~/token"\n',
-    )
-    s = load_settings(Path("site") / "config.toml")  # a relative config path too
-    assert s.model == site / "fan.bundle" and s.data_dir == site / "data"
-    assert s.mqtt.password_file == site / "secret" / "pw"
-    assert s.mqtt.tls.ca_file == Path("/etc/ssl/ca.pem")
-    assert s.web.token_file == Path.home() / "token"
-    assert load_settings(config, model="other.bundle").model == Path("other.bundle")  # a flag
-    monkeypatch.setenv("SOUNDSENTRY_DATA_DIR", "elsewhere")
-    assert load_settings(config).data_dir == Path("elsewhere")
-
-
 def test_a_stall_time_must_exceed_a_block_and_names_both_keys(tmp_path: Path) -> None:
     """A stall time not above the capture block took every stream for stalled before its first
     block and reopened it for good (in a review); above it, it works (the daemon gives the
