@@ -130,6 +130,21 @@ def check_model(s: Settings) -> Check:
             "set `model` in the config to a bundle from `soundsentry train`",
         )
     unit = UNIT.get()
+    if not s.model.is_absolute():  # read from the folder a command runs in: the unit's is its
+        # state folder, so doctor by hand elsewhere checked another bundle than the service
+        # loads, and passed (a new user's walk-through)
+        base = unit_state_dir(unit) if unit is not None else Path.cwd()
+        check = check_model(s.model_copy(update={"model": base / s.model}))
+        said = (
+            f"`model = {str(s.model)!r}` is relative: {unit} reads {base / s.model}"
+            if unit is not None
+            else f"`model = {str(s.model)!r}` is relative, read from the folder a command runs "
+            f"in (here {base}; the service runs in {STATE_ROOT})"
+        )
+        fix = "write the bundle's absolute path in `model`"
+        if check.ok:
+            return Check("model", True, f"{check.detail}; {said}")
+        return Check("model", False, f"{check.detail}; {said}", f"{fix}; {check.fix}")
     where = s.model.resolve()  # a link from the models folder into /home is hidden all the same
     hidden = next((h for h in HIDDEN_BY_UNIT if where.is_relative_to(h)), None)
     if unit is not None and hidden is not None and _protects_home(unit):

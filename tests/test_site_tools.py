@@ -539,6 +539,33 @@ def test_doctor_fails_model_settings_the_daemon_would_refuse(tmp_path: Path) -> 
     assert bad.ok is False and "must not exceed" in bad.detail and "[detector]" in bad.fix
 
 
+def test_doctor_says_where_a_relative_model_path_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model = "fan.bundle"` passed doctor run in the bundle's folder and failed the service,
+    which runs in its state folder, with "fan.bundle: no such model bundle" naming no folder (a
+    new user's walk-through). Doctor now names the folder it read, and the service's for a
+    config of /etc/soundsentry."""
+    from edge.doctor import UNIT, check_model
+    from edge.settings import Settings
+
+    shutil.copytree(DEMO_BUNDLE, tmp_path / "fan.bundle")
+    monkeypatch.chdir(tmp_path)
+    s = Settings(device_id="t", data_dir=tmp_path / "data", model=Path("fan.bundle"))
+    here = check_model(s)
+    assert here.ok is True and f"read from the folder a command runs in (here {tmp_path};" in (
+        here.detail
+    ), here.detail
+    token = UNIT.set("soundsentry.service")  # the config in /etc/soundsentry: the unit's folder
+    try:
+        service = check_model(s)
+    finally:
+        UNIT.reset(token)
+    assert service.ok is False, service
+    assert "soundsentry.service reads /var/lib/soundsentry/fan.bundle" in service.detail, service
+    assert service.fix.startswith("write the bundle's absolute path in `model`"), service.fix
+
+
 def test_doctor_judges_the_input_level_as_the_daemon_would() -> None:
     """A stuck DC level, NaN samples and a level below the noise floor all passed."""
     from edge.doctor import level_check
