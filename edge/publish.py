@@ -250,8 +250,12 @@ class MqttPublisher:
         self._unspooled_dropped = 0
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
         self._max_packet: int | None = None  # the broker's MaximumPacketSize (CONNACK)
-        self._learned_limit: int | None = None  # largest payload the broker takes, as learned
-        self._learned_at = 0.0  # monotonic time it was learned
+        self._learned: tuple[int, float] | None = None
+        """The largest payload the broker takes, as learned, and when (monotonic): one value,
+        set, and cleared when expired, under `_learned_lock` by paho's thread and the sender's
+        (in two values the sender could read the new size with the old time, take it as
+        expired and clear it under paho's feet)."""
+        self._learned_lock = threading.Lock()
         self.size_relearn_s = SIZE_RELEARN_S
         self._quick_drops = 0  # connections in a row ended by a protocol error at once
         self._connected_at = 0.0  # monotonic time of the last CONNACK
@@ -420,8 +424,8 @@ class MqttPublisher:
         back what paho would send again (before it does), and take the largest payload of it as
         over the broker's size limit, which mosquitto does not tell (its `message_size_limit`
         counts payload bytes: by packet, a message with a long topic that the broker took was
-        blamed, in a review). Payloads that large or larger are not handed to paho again until
-        the daemon restarts (spooled ones stay in the spool, as over a maximum packet size); the
+        blamed, in a review). Payloads that large or larger are not handed to paho again for
+        `size_relearn_s` (spooled ones stay in the spool, as over a maximum packet size); the
         rest go again: spooled rows by the sender thread, in order,
         before any new one; retained ones as the latest, by `_on_connect`; a command's response
         now."""
@@ -431,8 +435,10 @@ class MqttPublisher:
             return
         sizes = [len(m.payload) for m in taken]  # message_size_limit counts payload bytes
         largest = max(sizes)
-        self._learned_limit = min(largest - 1, self._learned_limit or largest)
-        self._learned_at = time.monotonic()
+        with self._learned_lock:
+            before = self._learned
+            limit = min(largest - 1, before[0] if before else largest)
+            self._learned = (limit, time.monotonic())
         topic = taken[sizes.index(largest)].topic
         log.error(
             "MQTT: the broker dropped the connection %d times in a row at once, on a message of "
@@ -448,7 +454,7 @@ class MqttPublisher:
         spooled = [m.mid for m in taken if m.mid in self._inflight or m.mid in self._unspooled_mids]
         self._dropped_mids.put(spooled)
         for m, size in zip(taken, sizes, strict=True):
-            if m.mid not in spooled and not m.retain and m.qos and size <= self._learned_limit:
+            if m.mid not in spooled and not m.retain and m.qos and size <= limit:
                 self._publish(m.topic, m.payload.decode(), qos=m.qos)  # a command's response
         self._wake.set()
 
@@ -971,17 +977,21 @@ class MqttPublisher:
             size = _packet_size(topic, payload, qos, properties)
             if size > self._max_packet:
                 return self._over_limit(topic, size, self._max_packet, learned=False)
-        if self._learned_limit and time.monotonic() - self._learned_at >= self.size_relearn_s:
+        with self._learned_lock:
+            learned, expired = self._learned, None
+            if learned and time.monotonic() - learned[1] >= self.size_relearn_s:
+                self._learned, expired, learned = None, learned, None  # learned again, if the
+                # broker still drops it
+        if expired:
             log.info(
                 "MQTT: payloads over the size learned %s ago (%d bytes) are tried again: the "
                 "broker's limit may have been raised",
-                _duration(self.size_relearn_s), self._learned_limit,
+                _duration(self.size_relearn_s), expired[0],
             )  # fmt: skip
-            self._learned_limit = None
-        if self._learned_limit:
+        if learned:
             body = len(payload.encode())
-            if body > self._learned_limit:
-                return self._over_limit(topic, body, self._learned_limit, learned=True)
+            if body > learned[0]:
+                return self._over_limit(topic, body, learned[0], learned=True)
         with self._mid_lock:  # its PUBACK may be resolved before publish() returns
             info = self.client.publish(
                 topic, payload, qos=qos, retain=retain, properties=properties
