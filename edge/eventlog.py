@@ -322,22 +322,27 @@ def format_event(event: LoggedEvent) -> str:
     how = ", raised by evidence over time" if d.get("trigger") == "cusum" else ""
     notes = "  interrupted" if event.interrupted else ""
     return (
-        f"{_local(d['started_at'])}  {duration:>9}  peak {_number(d.get('peak_score'))} "
+        f"{local_time(d['started_at'])}  {duration:>9}  peak {_number(d.get('peak_score'))} "
         f"(threshold {_number(d.get('threshold'))}{how})  {where}  {d.get('clip') or ''}{notes}"
     ).rstrip()
 
 
-def _local(stamp: Any) -> str:
-    """An event's UTC time in the local time the listing is asked in (`--since` is local unless
-    it ends in Z; the listing said UTC, and `--since 2026-12-05` in Berlin listed an event at
-    "2026-12-04T23:00:25Z"), with its offset; as logged when it does not parse."""
+def local_time(stamp: datetime | str) -> str:
+    """A logged UTC time (or a datetime) in the local time the listing is asked in (`--since` is
+    local unless it ends in Z; the listing said UTC, and `--since 2026-12-05` in Berlin listed
+    an event at "2026-12-04T23:00:25Z"), with its offset; as given when it does not parse or
+    lies beyond the calendar's ends."""
     try:
-        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        when = (
+            stamp
+            if isinstance(stamp, datetime)
+            else datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        )
         if when.tzinfo is None:
             return str(stamp)
         return when.astimezone().isoformat(timespec="seconds")
     except (ValueError, OverflowError, OSError):
-        return str(stamp)
+        return stamp.isoformat(timespec="seconds") if isinstance(stamp, datetime) else str(stamp)
 
 
 def _number(value: Any) -> str:

@@ -1069,7 +1069,14 @@ def _cmd_devices(_args: argparse.Namespace) -> int:
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
-    from edge.eventlog import format_event, has_rotated, parse_since, read_events, write_csv
+    from edge.eventlog import (
+        format_event,
+        has_rotated,
+        local_time,
+        parse_since,
+        read_events,
+        write_csv,
+    )
     from edge.settings import load_settings
 
     since = parse_since(args.since) if args.since else None
@@ -1090,12 +1097,13 @@ def _cmd_events(args: argparse.Namespace) -> int:
     else:
         for event in events:
             print(format_event(event))
-    when = f" since {since.isoformat(timespec='seconds')}" if since else ""
-    when += f" until {until.isoformat(timespec='seconds')}" if until else ""
+    when = f" since {local_time(since)}" if since else ""  # as the lines above: local
+    when += f" until {local_time(until)}" if until else ""
     print(f"{len(events)} event(s){when} in {folder}", file=sys.stderr)
     if everything and has_rotated(folder) and (since is None or everything[0].started > since):
         print(  # the oldest events were dropped at a rotation: the count is not "all since"
-            f"(the log reaches back to {everything[0].data['started_at']} only: it keeps about "
+            f"(the log reaches back to {local_time(everything[0].data['started_at'])} only: it "
+            "keeps about "
             "8 MB and drops the oldest events as it fills)",
             file=sys.stderr,
         )

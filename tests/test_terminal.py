@@ -43,6 +43,7 @@ from edge.eventlog import (
     EventLog,
     EventLogSink,
     format_event,
+    local_time,
     parse_since,
     read_events,
     write_csv,
@@ -396,6 +397,8 @@ def test_events_lists_the_local_log_for_a_spreadsheet(tmp_path: Path) -> None:
     started = datetime.fromisoformat(end["started_at"].replace("Z", "+00:00"))
     local = started.astimezone(timezone(timedelta(hours=1))).isoformat(timespec="seconds")
     assert berlin.startswith(local) and local.endswith("+01:00"), berlin
+    footer = cli("events", "--since", "2026-12-05", env={**env, "TZ": "CET-1"}).stderr
+    assert "since 2026-12-05T00:00:00+01:00" in footer, footer  # what was asked, as it was asked
     bad = cli("events", "--since", "last week", env=env, check=False)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
     assert "an age (90m, 24h, 7d, 2w)" in bad.stderr
@@ -493,7 +496,7 @@ def test_events_says_how_far_back_a_rotated_log_reaches(tmp_path: Path) -> None:
     oldest = read_events(tmp_path)[0].data["started_at"]
     assert oldest != _event("start", 0).started_at  # the first ones were dropped
     listed = cli("events", "--since", "2025-12-31T00:00Z", env=env)
-    assert f"reaches back to {oldest} only" in listed.stderr
+    assert f"reaches back to {local_time(oldest)} only" in listed.stderr
     recent = cli("events", "--since", "2026-01-01T00:00:07Z", env=env)  # inside the log
     assert "reaches back" not in recent.stderr and "1 event(s)" in recent.stderr
     month = cli("events", "--since", "2026-01-01T00:00:04Z", "--until", "2026-01-01T00:00:06Z",
