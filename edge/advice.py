@@ -24,7 +24,7 @@ from typing import Any
 from edge.audio_io import check_files, first_few
 from edge.errors import AudioError
 from edge.machine_state import OFF
-from edge.threshold import describe, rate_text
+from edge.threshold import describe, interval_text
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def advice(
     if high > 0 and (low <= 0 or high / low > WIDE_INTERVAL):  # a lower end of 0 is widest
         lines.append(
             "advice: the held-out audio pins the false-alarm rate down poorly (interval "
-            f"{rate_text(low)} to {rate_text(high)} per day); more, and more varied, normal audio "
+            f"{interval_text(low, high)} per day); more, and more varied, normal audio "
             "narrows it"
         )
     return lines

@@ -179,8 +179,9 @@ class MicSource:
                 continue
             if self.settings.channel >= channels:  # before a warning that says it takes it
                 raise CaptureError(
-                    f"audio.channel {self.settings.channel} (record's --channel) is not among "
-                    f"the {channels} channel(s) of {info['name']!r} (0-based; -1 averages them)"
+                    f"channel {self.settings.channel} ([audio] channel, or --channel) is not "
+                    f"among the {channels} channel(s) of {info['name']!r} (0-based; -1 averages "
+                    "them)"
                 )
             if channels != wanted:
                 log.warning(

@@ -34,7 +34,7 @@ from edge.daemon import Detector
 from edge.errors import SoundSentryError
 from edge.messages import ResponseMessage, iso
 from edge.settings import Settings
-from edge.threshold import rate_text
+from edge.threshold import interval_text, rate_text
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def _refit_line(out: dict[str, Any]) -> str:
         f"model {out.get('model')}, threshold {_num(out.get('old_threshold'))} -> "
         f"{_num(out.get('new_threshold'))} (on the refitted model's own scale), predicted false "
         f"alarms per day {_per_day(out.get('predicted_false_alarms_per_day'))} (95% interval "
-        f"{_per_day(low)} to {_per_day(high)})"
+        f"{'? to ?' if low is None or high is None else interval_text(low, high)})"
         + (f"; WARNING: {out['warning']}" if out.get("warning") else "")
     )
 

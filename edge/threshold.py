@@ -795,7 +795,7 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
         lines.append(
             f"  predicted false alarms per day: "
             f"{rate_text(params['predicted_false_alarms_per_day'])} ({INTERVAL:.0%} interval "
-            f"{rate_text(low)} to {rate_text(high)}); {_heard(params)}"
+            f"{interval_text(low, high)}); {_heard(params)}"
         )
         if "window_autocorrelation" in params:  # not in older bundles
             r = params["window_autocorrelation"]
@@ -902,9 +902,16 @@ def _relative(fraction: float) -> str:
 
 
 def rate_text(per_day: float) -> str:
-    """A rate for people: three digits, '<0.001' for the vanishing ends of an interval, and no
-    powers of ten ("1.02e+03" in the training summary, in a new user's walk-through)."""
-    if per_day < 1e-3:  # an interval's lower end of 0 too
+    """A rate for people: three digits, '<0.001' for a vanishing one (0 is 0), and no powers
+    of ten ("1.02e+03" in the training summary, in a new user's walk-through) nor thousands
+    separators (a comma reads as a decimal point in much of Europe)."""
+    if 0 < per_day < 1e-3:
         return "<0.001"
     rounded = float(f"{per_day:.3g}")
-    return f"{rounded:,.0f}" if rounded >= 1000 else f"{per_day:.3g}"
+    return f"{rounded:.0f}" if rounded >= 1000 else f"{per_day:.3g}"
+
+
+def interval_text(low: float, high: float) -> str:
+    """A predicted interval of false alarms per day, `LOW to HIGH`: a lower end of 0 is
+    '<0.001', as near it (an interval does not reach nothing)."""
+    return f"{'<0.001' if low < 1e-3 else rate_text(low)} to {rate_text(high)}"

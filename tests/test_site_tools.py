@@ -195,7 +195,7 @@ def test_a_channel_the_microphone_has_not_is_one_line(pulse: str, tmp_path: Path
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert "40 (record's --channel) is not among the" in lines[0], lines
+    assert "channel 40 ([audio] channel, or --channel) is not among the" in lines[0], lines
 
 
 def test_record_refuses_silence_with_a_reason(pulse: str, tmp_path: Path) -> None:

@@ -284,10 +284,11 @@ def test_rates_are_written_in_one_form_without_powers_of_ten() -> None:
     from edge.threshold import rate_text
 
     assert [rate_text(v) for v in (0.0, 0.0005826, 0.0123, 1.0, 582.0, 999.6, 1297.0)] == [
-        "<0.001", "<0.001", "0.0123", "1", "582", "1,000", "1,300",
+        "0", "<0.001", "0.0123", "1", "582", "1000", "1300",
     ]  # fmt: skip
-    out = {"predicted_false_alarms_per_day": 1.0, "predicted_interval_per_day": (0.0005826, 1297)}
-    assert "(95% interval <0.001 to 1,300)" in _refit_line(out)
+    # no separator: "1,300" reads as 1.3 where a comma is the decimal point
+    out = {"predicted_false_alarms_per_day": 1.0, "predicted_interval_per_day": (0.0, 1297)}
+    assert "(95% interval <0.001 to 1300)" in _refit_line(out)
 
 
 def test_calibrate_refits_statistics_and_keeps_the_network(tmp_path: Path) -> None:
