@@ -170,12 +170,14 @@ class MicSource:
         microphones that capture stereo only), all it offers; `channel` picks from them."""
         wanted = self.settings.channels
         offered = int(info["max_input_channels"])
+        refusals: list[str] = []
         for channels in dict.fromkeys((wanted, offered)):
             if 0 < offered < channels:  # refused for sure, and PortAudio's C assertion says so on
                 continue  # stderr first (in a new user's walk-through)
             try:
                 sd.check_input_settings(device, channels, "float32")
-            except (ValueError, sd.PortAudioError):
+            except (ValueError, sd.PortAudioError) as exc:
+                refusals.append(" ".join(str(exc).split()))
                 continue
             if self.settings.channel >= channels:  # before a warning that says it takes it
                 raise CaptureError(
@@ -193,6 +195,11 @@ class MicSource:
                     channels,
                 )  # fmt: skip
             return channels
+        if refusals and not any("channel" in said.lower() for said in refusals):
+            # not a channel count it refuses: it cannot be opened now at all (a sound server's
+            # source that is gone, PULSE_SOURCE naming an unplugged microphone), which may come
+            # back: the service waits for it and says so, where it failed its start for good
+            raise MissingDeviceError(f"{info['name']!r} cannot be opened ({refusals[-1]})")
         raise CaptureError(
             f"{info['name']!r} captures neither {wanted} channel(s) nor the {offered} it "
             "offers; set [audio] channels to what it supports (`soundsentry devices`)"

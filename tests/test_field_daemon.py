@@ -718,6 +718,61 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
             subprocess.run(PA_START, capture_output=True)
 
 
+def test_a_sound_server_source_missing_at_start_is_waited_for(
+    pulse: str, broker: Broker, tmp_path: Path
+) -> None:
+    """The sound server runs, but the source the daemon is told to read is not there (a USB
+    microphone's PulseAudio source while it is unplugged): opening the `pulse` device fails
+    whatever the channels, and the service stopped at once with "'pulse' captures neither 1
+    channel(s) nor the 32 it offers; set [audio] channels", for systemd to restart it every few
+    seconds (fresh-clone CI met it, PulseAudio up where the test above had taken it down). It
+    is now waited for like a device that is missing, said on `health`, and audio flows when
+    the source comes."""
+    normal = tmp_path / "normal.wav"
+    sf.write(normal, np.tile(read_audio(NORMAL_FILES[0], RATE), 6), RATE, subtype="PCM_16")
+    cfg = write_config(
+        tmp_path, "src", broker.port, extra="[health]\nstall_seconds = 2\nreopen_max_seconds = 2\n"
+    )
+    sub = Subscriber(broker.port, "soundsentry/src/#")
+    log = tmp_path / "daemon.log"
+    sink = f"mic{os.getpid()}"  # not there until loaded below
+    proc = daemon(
+        "run", "--model", str(DEMO_BUNDLE), "--device", "pulse", "--config", str(cfg),
+        env={"PULSE_SOURCE": f"{sink}.monitor", "NOTIFY_SOCKET": str(tmp_path / "none.sock")},
+        stderr=log,
+    )  # fmt: skip
+    module, player = None, None
+
+    def stalled() -> list[dict]:
+        return [m.json() for m in sub.on("/health") if m.json().get("change") == "fault:stalled"]
+
+    def scored() -> list[int]:
+        return [m.json()["windows_scored"] for m in sub.on("/metrics")]
+
+    try:
+        assert sub.wait_for(lambda _: bool(stalled()), timeout=30), log.read_text()[-2000:]
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert "'pulse' cannot be opened" in json.dumps(stalled()[0]), stalled()
+        assert "waiting for the device" in log.read_text()
+        loaded = subprocess.run(
+            ["pactl", "load-module", "module-null-sink", f"sink_name={sink}", "rate=16000",
+             "channels=1"], check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        module = loaded.stdout.strip()
+        player = subprocess.Popen(["paplay", "-d", sink, str(normal)])
+        assert sub.wait_for(lambda _: any(n >= 2 for n in scored()), timeout=60), log.read_text()[
+            -2000:
+        ]
+        assert "recovered:stalled" in [m.json().get("change") for m in sub.on("/health")]
+    finally:
+        proc.kill()
+        if player is not None:
+            player.kill()
+        if module:
+            subprocess.run(["pactl", "unload-module", module], capture_output=True)
+        sub.close()
+
+
 def test_the_example_broker_config_starts_under_debians_own(tmp_path: Path) -> None:
     """deploy/mosquitto/soundsentry.conf dropped into conf.d of the Debian / Raspberry Pi OS
     package's main config, as its header says: the broker starts, a device logs in over TLS
