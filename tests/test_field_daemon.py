@@ -630,6 +630,16 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
             subprocess.run(PA_START, capture_output=True)
 
 
+def _stalled(sub: Subscriber) -> list[dict]:
+    """The `fault:stalled` health messages a daemon published."""
+    return [m.json() for m in sub.on("/health") if m.json().get("change") == "fault:stalled"]
+
+
+def _scored(sub: Subscriber) -> list[int]:
+    """`windows_scored` of each metrics message a daemon published."""
+    return [m.json()["windows_scored"] for m in sub.on("/metrics")]
+
+
 def test_microphone_missing_at_start_is_waited_for_and_reported(
     pulse: str, broker: Broker, tmp_path: Path
 ) -> None:
@@ -671,19 +681,14 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
                 heard.append(sock.recv(256).decode())
         return heard
 
-    def stalled() -> list[dict]:
-        return [m.json() for m in sub.on("/health") if m.json().get("change") == "fault:stalled"]
-
-    def scored() -> list[int]:
-        return [m.json()["windows_scored"] for m in sub.on("/metrics")]
-
     try:
-        assert sub.wait_for(lambda _: bool(stalled()), timeout=30), log.read_text()[-2000:]
+        assert sub.wait_for(lambda _: bool(_stalled(sub)), timeout=30), log.read_text()[-2000:]
         assert proc.poll() is None, log.read_text()[-2000:]
-        detail = json.dumps(stalled()[0])
+        detail = json.dumps(_stalled(sub)[0])
         assert "'pulse'" in detail, detail  # the cause, not only "no audio"
         assert "waiting for the device" in log.read_text()
-        assert scored() and all(n == 0 for n in scored()), "metrics came, none scored a window"
+        scored = _scored(sub)
+        assert scored and all(n == 0 for n in scored), "metrics came, none scored a window"
         wait_for(  # alive while it waits, and systemctl status says why
             lambda: any("STATUS=no audio" in m and "'pulse'" in m for m in notified()),
             10,
@@ -695,9 +700,8 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         wait_for(lambda: notified().count("WATCHDOG=1") > pings, 10, "a watchdog ping", notified)
         subprocess.run(PA_START, check=True, capture_output=True)  # the microphone arrives
         player = subprocess.Popen(["paplay", "-d", "mic2", str(normal)])
-        assert sub.wait_for(lambda _: any(n >= 2 for n in scored()), timeout=40), log.read_text()[
-            -2000:
-        ]
+        flowing = sub.wait_for(lambda _: any(n >= 2 for n in _scored(sub)), timeout=40)
+        assert flowing, log.read_text()[-2000:]
         health = [m.json().get("change") for m in sub.on("/health")]
         assert "recovered:stalled" in health, health
 
@@ -743,16 +747,10 @@ def test_a_sound_server_source_missing_at_start_is_waited_for(
     )  # fmt: skip
     module, player = None, None
 
-    def stalled() -> list[dict]:
-        return [m.json() for m in sub.on("/health") if m.json().get("change") == "fault:stalled"]
-
-    def scored() -> list[int]:
-        return [m.json()["windows_scored"] for m in sub.on("/metrics")]
-
     try:
-        assert sub.wait_for(lambda _: bool(stalled()), timeout=30), log.read_text()[-2000:]
+        assert sub.wait_for(lambda _: bool(_stalled(sub)), timeout=30), log.read_text()[-2000:]
         assert proc.poll() is None, log.read_text()[-2000:]
-        assert "'pulse' cannot be opened" in json.dumps(stalled()[0]), stalled()
+        assert "'pulse' cannot be opened" in json.dumps(_stalled(sub)[0]), _stalled(sub)
         assert "waiting for the device" in log.read_text()
         loaded = subprocess.run(
             ["pactl", "load-module", "module-null-sink", f"sink_name={sink}", "rate=16000",
@@ -760,9 +758,8 @@ def test_a_sound_server_source_missing_at_start_is_waited_for(
         )  # fmt: skip
         module = loaded.stdout.strip()
         player = subprocess.Popen(["paplay", "-d", sink, str(normal)])
-        assert sub.wait_for(lambda _: any(n >= 2 for n in scored()), timeout=60), log.read_text()[
-            -2000:
-        ]
+        flowing = sub.wait_for(lambda _: any(n >= 2 for n in _scored(sub)), timeout=60)
+        assert flowing, log.read_text()[-2000:]
         assert "recovered:stalled" in [m.json().get("change") for m in sub.on("/health")]
     finally:
         proc.kill()
