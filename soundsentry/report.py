@@ -45,7 +45,7 @@ def format_report(report: Report) -> str:
 def _pauc(report: Report) -> str:
     """The pAUC, or `n/a` when fewer normal items than 1 / max_fpr leave it resting on none (as
     the warning above it says): "pAUC 0.579" beside "AUC 0.200" read as a figure."""
-    return "n/a" if report.n_normal < 1 / report.max_fpr else f"{report.pauc:.3f}"
+    return f"{report.pauc:.3f}" if report.pauc_measured else "n/a"
 
 
 def _off_note(report: Report) -> str:

@@ -65,11 +65,22 @@ class Report:
     anomalous_windows_off: int = 0
     items: list[Scored] = field(default_factory=list)
 
+    @property
+    def pauc_measured(self) -> bool:
+        """The pAUC rests on at least one normal item: 1 / max_fpr of them or more."""
+        return pauc_measured(self.n_normal, self.max_fpr)
+
     def summary(self) -> dict:
         """Metrics without per-item scores (what --json writes, plus the items)."""
         data = asdict(self)
         data.pop("items")
         return data
+
+
+def pauc_measured(n_normal: int, max_fpr: float = MAX_FPR) -> bool:
+    """A pAUC up to `max_fpr` rests on at least one of `n_normal` normal items: the warning of
+    `evaluate` and the `n/a` of its printed figure (soundsentry.report) read this one rule."""
+    return n_normal >= 1 / max_fpr
 
 
 def clip_and_segments(
@@ -243,7 +254,7 @@ def evaluate(
                 + ", or silent, or the machine off"
             )
     scores = np.array([i.score for i in items])
-    if (labels == 0).sum() < 1 / MAX_FPR:
+    if not pauc_measured(int((labels == 0).sum())):
         log.warning(
             "only %d normal item(s): the pAUC up to a false-positive rate of %g rests on none "
             "(it needs %d or more) and the AUC on few; score more normal audio%s",
