@@ -333,9 +333,11 @@ def _add_evaluate(sub: Any) -> None:
 
 
 def _add_spectrogram(sub: Any) -> None:
-    p = sub.add_parser("spectrogram", help="render the log-mel image the model sees (PNG)")
+    p = sub.add_parser(
+        "spectrogram", help="render the log-mel image the model sees (PNG; JPG, SVG, PDF by name)"
+    )
     p.add_argument("file", type=Path, metavar="FILE")
-    p.add_argument("--out", required=True, type=Path, metavar="PNG")
+    p.add_argument("--out", required=True, type=Path, metavar="IMAGE")
     p.add_argument("--model", type=Path, default=None, help="use this bundle's feature settings")
     p.add_argument("--channel", type=int, default=0, help="channel; -1 averages all")
     p.set_defaults(func=_cmd_spectrogram)

@@ -161,7 +161,12 @@ def render_spectrogram(
     if len(audio) < params.n_fft:
         raise AudioError(f"{file}: shorter than one FFT frame")
     out = Path(out)
-    if out.suffix.lower() != ".png":  # the image is a PNG whatever the name says
+    # the format the name asks for where matplotlib writes it (spec.jpg, spec.svg, spec.pdf);
+    # any other name gets a PNG, and the line that names the file says so
+    _plt()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if out.suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
         out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     return plot_spectrogram(

@@ -196,9 +196,13 @@ def test_spectrogram_png(tmp_path: Path) -> None:
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10000
     proc = cli("spectrogram", str(tmp_path / "missing.wav"), "--out", str(out), check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
-    named = cli("spectrogram", str(DEMO_CLIP), "--out", str(tmp_path / "figs" / "spec.jpg"))
-    written = tmp_path / "figs" / "spec.jpg.png"  # a PNG, and the line names the real file
-    assert named.stdout.strip() == f"spectrogram written to {written}"
+    jpg = tmp_path / "figs" / "spec.jpg"  # the format the name asks for
+    named = cli("spectrogram", str(DEMO_CLIP), "--out", str(jpg))
+    assert named.stdout.strip() == f"spectrogram written to {jpg}"
+    assert jpg.read_bytes().startswith(b"\xff\xd8\xff")
+    odd = cli("spectrogram", str(DEMO_CLIP), "--out", str(tmp_path / "figs" / "spec.log"))
+    written = tmp_path / "figs" / "spec.log.png"  # a PNG, and the line names the real file
+    assert odd.stdout.strip() == f"spectrogram written to {written}"
     assert written.read_bytes().startswith(b"\x89PNG")
 
 
