@@ -563,6 +563,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     if network:  # a missing extra is said first, without the seconds TensorFlow takes to load
         _require_present(("tensorflow", "keras"), "train", _train_command(args))
+    _note_replaced(args.out)  # notes once the command can run
+    if args.normal and not args.all_channels:
+        _note_channels(args.normal, args.channel)
     classes = None
     if args.classes:  # every file checked, and named, before TensorFlow loads
         from edge.features import FeatureParams
@@ -673,9 +676,6 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     if args.all_channels and args.channel is not None:
         raise SoundSentryError("--channel picks one channel; --all-channels trains on every one")
     args.channel = 0 if args.channel is None else args.channel
-    _note_replaced(args.out)
-    if args.normal and not args.all_channels:
-        _note_channels(args.normal, args.channel)
 
 
 def _note_channels(paths: list[str], channel: int) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import pty
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -341,6 +342,16 @@ def test_commands_that_need_an_extra_say_which_in_one_line(tmp_path: Path) -> No
     classes = bare("train", "--classes", str(tmp_path), "--out", str(out))
     _one_line_error(classes, "train")
     assert "`train --classes` needs" in classes.stderr
+    # the missing extra is all it says: not the notes of a command that cannot run (a
+    # multichannel recording's channel, a bundle at --out to replace)
+    stereo = tmp_path / "stereo.wav"
+    mono, rate = sf.read(NORMAL_FILES[0])
+    sf.write(stereo, np.stack([mono, mono], axis=1), rate)
+    held = tmp_path / "held.bundle"
+    shutil.copytree(DEMO_BUNDLE, held)
+    cnn = bare("train", "--detector", "embedding", "--normal", str(stereo), "--out", str(held))
+    _one_line_error(cnn, "train")
+    assert cnn.stdout == "", cnn.stdout
     keras = bare(*train, "--out", str(out), blocked=("keras",))  # TensorFlow needs Keras
     _one_line_error(keras, "train")
     assert "(keras is not installed)" in keras.stderr
