@@ -264,16 +264,19 @@ install_units() {
   fi
 }
 
-# The model path the config names, resolved under ROOT; empty when the config has none.
+# The model path the config names, as the service reads it (a relative one from its working
+# folder, /var/lib/soundsentry, not from where the installer runs); empty when it names none.
 configured_model() {
   # utf-8-sig, as the daemon reads it: a config saved by Notepad starts with a byte-order mark.
   # A config that is not valid TOML (kept from an earlier install) is one line, not a traceback.
   "$VENV/bin/python" -I -c '
-import sys, tomllib
+import os, sys, tomllib
 try:
-    print(tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get("model", ""))
+    model = tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get("model", "")
 except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-    sys.exit(f"{sys.argv[1]}: not valid TOML ({exc})")' "$CONF_DIR/config.toml"
+    sys.exit(f"{sys.argv[1]}: not valid TOML ({exc})")
+relative = isinstance(model, str) and model and not os.path.isabs(model)
+print(os.path.join("/var/lib/soundsentry", model) if relative else model)' "$CONF_DIR/config.toml"
 }
 
 # Every kept config (the single unit's and each instance's) as the new code reads it, and the
@@ -296,7 +299,7 @@ from pathlib import Path
 from edge.errors import SoundSentryError
 from edge.settings import load_settings
 import os
-conf, root = sys.argv[1], sys.argv[2]
+conf, root, state = sys.argv[1], sys.argv[2], sys.argv[3]
 for name in [n for n in os.environ if n.startswith("SOUNDSENTRY_")]:
     del os.environ[name]  # the installer'"'"'s own: the service does not have them
 try:
@@ -304,7 +307,8 @@ try:
 except SoundSentryError as exc:
     said = str(exc)
     sys.exit(said if conf in said else f"{conf}: {said}")
-model = Path(root + str(s.model)) if s.model and Path(s.model).is_absolute() else s.model
+# a relative path as the service reads it: from its working folder (its state folder)
+model = s.model and Path(root + str(Path(state) / s.model))
 if model is not None and Path(model).exists():
     from edge.bundle import load_bundle
     from edge.pipeline import Pipeline
@@ -326,7 +330,7 @@ if model is not None and Path(model).exists():
             said = str(exc).replace(str(here(where)), where)
             sys.exit(f"{conf}: the site version in use, {active} ({where}), does not load "
                      f"with this version: {said}")
-' "$conf" "$ROOT" || failed=1
+' "$conf" "$ROOT" "$state" || failed=1
   done
   return "$failed"
 }

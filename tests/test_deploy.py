@@ -530,6 +530,19 @@ def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
     assert "not starting: fix the config above" in renamed.stdout, renamed.stdout
     assert "systemctl start soundsentry.service" not in renamed.stdout
     run_installer(installed, "--uninstall")
+    # a relative model path, read as the service reads it: from its working folder, the state
+    # folder (the installer read it from wherever it was run, and refused to start)
+    from conftest import DEMO_BUNDLE
+
+    shutil.copytree(DEMO_BUNDLE, installed / "var/lib/soundsentry/models/demo.bundle")
+    config.write_text('model = "models/demo.bundle"\n')
+    relative = run_installer(installed)
+    assert "would run: systemctl start soundsentry.service" in relative.stdout, relative.stdout
+    run_installer(installed, "--uninstall")
+    shutil.rmtree(installed / "var/lib/soundsentry/models/demo.bundle")
+    missing = run_installer(installed)  # and one that is not there is named where it is sought
+    assert "model /var/lib/soundsentry/models/demo.bundle not found" in missing.stdout
+    run_installer(installed, "--uninstall")
 
     proc = run_installer(installed, "--purge")
     assert not (installed / "etc/soundsentry").exists()
