@@ -284,6 +284,11 @@ def parse_time(text: str) -> datetime:
         return value.replace(tzinfo=UTC)
 
 
+def is_age(text: str) -> bool:
+    """Whether a `--since` / `--until` is an age (`90m`, `24h`), counted back from now."""
+    return _RELATIVE.match(text) is not None
+
+
 def parse_since(text: str, now: datetime | None = None, flag: str = "--since") -> datetime:
     """`--since` (or `--until`): an ISO date or time, or an age such as `90m`, `24h`, `7d`."""
     match = _RELATIVE.match(text)

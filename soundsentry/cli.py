@@ -1074,6 +1074,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     from edge.eventlog import (
         format_event,
         has_rotated,
+        is_age,
         local_time,
         parse_since,
         read_events,
@@ -1084,8 +1085,14 @@ def _cmd_events(args: argparse.Namespace) -> int:
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until, flag="--until") if args.until else None
     if since is not None and until is not None and since >= until:
+        ages = is_age(args.since) and is_age(args.until)
         raise SoundSentryError(
             f"--since {args.since!r} is not before --until {args.until!r}: no event lies between"
+            + (  # `--since 1h --until 2h` read as "from hour 1 to hour 2"
+                f" (ages count back from now: --since {args.until} --until {args.since})"
+                if ages
+                else ""
+            )
         )
     folder = load_settings(args.config).data_dir
     everything = read_events(folder)

@@ -518,6 +518,11 @@ def test_events_says_how_far_back_a_rotated_log_reaches(tmp_path: Path) -> None:
     assert bad.returncode == 1 and bad.stderr.startswith("soundsentry: error: --until 'someday'")
     swapped = cli("events", "--since", "2026-01-02", "--until", "2026-01-01", env=env, check=False)
     assert swapped.returncode == 1 and "is not before --until" in swapped.stderr
+    assert "ages count back" not in swapped.stderr
+    # ages count back from now: "from hour 1 to hour 2" is written the other way round
+    hours = cli("events", "--since", "1h", "--until", "2h", env=env, check=False)
+    assert hours.returncode == 1 and len(hours.stderr.strip().splitlines()) == 1, hours.stderr
+    assert "(ages count back from now: --since 2h --until 1h)" in hours.stderr, hours.stderr
     # ages and dates at the calendar's ends: no traceback, every event
     for flags in (("--since", "3000000d"), ("--since", "0001-01-01"), ("--until", "9999-12-31")):
         ends = cli("events", *flags, env=env)
