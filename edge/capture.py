@@ -6,7 +6,8 @@ drops. The iterator yields mono blocks at the model's rate, or None while no aud
 rescanning devices (a USB microphone unplugged and plugged back): a device that will not open
 or start is retried with capped exponential backoff, and so is one that starts but stays silent;
 a stream that delivered audio and then stalls is reopened at once. PortAudio is re-initialised
-only when the sound devices change (each re-initialisation leaks a little memory), and a retry
+only when the sound devices change (each re-initialisation leaks a little memory; a device it
+lists but cannot open, a sound server's source that is gone, is tried at every retry), and a retry
 that fails the same way again is logged at DEBUG, with a reminder every ten minutes. With
 `wait`, a device missing, or failing to open or start, at start is waited for the same way (the
 daemon reports it as a stalled input meanwhile); a setting the device cannot meet is refused at
@@ -94,6 +95,8 @@ class MicSource:
         """Attempts to reopen since audio last flowed."""
         self._unresolved: str | None = None
         """Why the device could not be found at the last attempt; None once it was."""
+        self._unopenable = False
+        """The last attempt found the device listed but not to be opened at all."""
         self._said: tuple[str, float] | None = None
         """The problem last logged at WARNING in this outage, and when."""
         try:
@@ -126,6 +129,7 @@ class MicSource:
     def _resolve(self) -> tuple[int | str | None, int]:
         """The device to open and a rate it supports (the model's rate when possible)."""
         sd = sounddevice_module()
+        self._unopenable = False
         device = self.settings.device
         if isinstance(device, str) and device.isdigit():
             device = int(device)
@@ -199,6 +203,7 @@ class MicSource:
             # not a channel count it refuses: it cannot be opened now at all (a sound server's
             # source that is gone, PULSE_SOURCE naming an unplugged microphone), which may come
             # back: the service waits for it and says so, where it failed its start for good
+            self._unopenable = True
             raise MissingDeviceError(f"{info['name']!r} cannot be opened ({refusals[-1]})")
         raise CaptureError(
             f"{info['name']!r} captures neither {wanted} channel(s) nor the {offered} it "
@@ -261,13 +266,18 @@ class MicSource:
         device again: at the 1st, 2nd, 4th, 8th ... retry of an outage (a sound server that
         restarts changes nothing in /dev/snd), when the sound devices changed since the last
         time (counting the retries from 1 again), and RESCAN_EVERY_S after it. Between those a
-        device not found stays not found."""
+        device not found stays not found; one found but not to be opened is tried again."""
         self._retries += 1
         signature, at = self._scanned
         now = _devices_signature()
         doubling = self._retries & (self._retries - 1) == 0
         if not doubling and now == signature and time.monotonic() - at < RESCAN_EVERY_S:
-            if self._unresolved:
+            if self._unresolved and self._unopenable:
+                # listed, but it would not open (a sound server's source that is gone): trying
+                # it again needs no re-initialisation, and it came back 55 to 79 s late when it
+                # waited for the next one (a field test)
+                self._find()
+            elif self._unresolved:
                 raise CaptureError(self._unresolved)
             return
         if now != signature:  # a device or a server came or went: rescanned at the next retries
@@ -280,6 +290,15 @@ class MicSource:
             with contextlib.suppress(sd.PortAudioError):
                 sd._terminate()
             sd._initialize()
+        except (sd.PortAudioError, OSError) as exc:
+            self._unresolved, self._unopenable = f"audio device not available: {exc}", False
+            raise CaptureError(self._unresolved) from None
+        self._find()
+
+    def _find(self) -> None:
+        """Resolve the device again; CaptureError (and `_unresolved` says why) when it fails."""
+        sd = sounddevice_module()
+        try:
             self.device, self.rate = self._resolve()
         except (CaptureError, sd.PortAudioError, OSError) as exc:
             self._unresolved = f"audio device not available: {exc}"

@@ -11,6 +11,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -842,3 +843,45 @@ def test_the_example_broker_config_starts_under_debians_own(tmp_path: Path) -> N
             consumer.close()
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_sound_server_source_that_comes_back_is_taken_at_the_next_retry(
+    pulse: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PulseAudio source gone for a while and back (no new device in /dev/snd, no new server
+    socket): PortAudio lists `pulse` throughout, only opening it fails. Between the rescans at
+    the 1st, 2nd, 4th, 8th ... retry the capture kept the failure without trying, so a source
+    back after the 4th retry was taken at the 8th: 55 to 79 s late in a field test, up to ten
+    minutes after a long outage. Now it is tried again at every retry."""
+    import edge.capture
+    from edge.capture import MicSource
+    from edge.settings import AudioSettings
+
+    monkeypatch.setattr(edge.capture, "REOPEN_MIN_S", 0.1)
+    sink = f"back{os.getpid()}"
+    monkeypatch.setenv("PULSE_SOURCE", f"{sink}.monitor")  # not there until loaded below
+    source = MicSource(AudioSettings(device="pulse"), RATE, stall_s=2, reopen_max_s=0.2, wait=True)
+    assert source.problem and "cannot be opened" in source.problem, source.problem
+    blocks, module = iter(source), None
+    deadline = time.monotonic() + 60
+    try:
+        for block in blocks:
+            assert block is None, "audio from a source that is not there"
+            assert time.monotonic() < deadline, f"{source._retries} retries in 60 s"
+            if source._retries >= 4:  # past the 4th rescan: the next is at the 8th
+                break
+        loaded = subprocess.run(
+            ["pactl", "load-module", "module-null-sink", f"sink_name={sink}", "rate=16000",
+             "channels=1"], check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        module, back_at = loaded.stdout.strip(), source._retries
+        for block in blocks:  # a null sink's monitor delivers silence: blocks all the same
+            if isinstance(block, np.ndarray):
+                break
+            assert time.monotonic() < deadline, f"not taken by retry {source._retries}"
+        assert source._retries <= back_at + 2, (back_at, source._retries)  # one may be under way
+    finally:
+        source.stop()
+        blocks.close()
+        if module:
+            subprocess.run(["pactl", "unload-module", module], capture_output=True)
