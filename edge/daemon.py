@@ -765,13 +765,16 @@ class Detector:
         for step in steps:
             self.metrics.window_scored(step.elapsed_s)
             first = not self._heard
-            self._last_window = now
+            if not step.dead:  # a dead microphone's windows say nothing of the machine: a
+                self._last_window = now  # start on one said `normal`, machine `running`
             self._last_score = step.score
             if self.live:
                 self.running.heard(step.machine, step.dead, self.bundle.features.hop_seconds)
             self._heard_near_off(step)
             machine = step.state_name or step.machine  # a named state when trained with them
-            if machine != self._machine:
+            if not self._heard:
+                pass  # `starting`, the machine unknown, until a window that is not dead
+            elif machine != self._machine:
                 log.info("machine %s", machine)
                 self._machine = machine
                 self.emit_state()
@@ -911,7 +914,7 @@ class Detector:
 
     @property
     def _heard(self) -> bool:
-        """True once a window has been scored (before it, the state is `starting`)."""
+        """True once a window that is not dead has been scored (before it, `starting`)."""
         return self._last_window != float("-inf")
 
     @property

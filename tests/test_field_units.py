@@ -727,6 +727,31 @@ def test_the_state_is_starting_until_a_window_is_heard_and_stopped_has_no_mute_e
         assert heard[-2].machine == "running" and rec.states[-1].machine is None
 
 
+def test_a_dead_microphone_at_start_claims_no_state_and_no_machine(tmp_path: Path) -> None:
+    """A start on a dead input (silence) published `normal` and machine `running` at its first
+    window, and Home Assistant showed them until the silence became a fault (a field test): a
+    dead window says nothing of the machine. The device stays `starting` until it hears one."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    late = tmp_path / "dead_then_sound.wav"
+    sound = read_audio(NORMAL_FILES[0], RATE)
+    sf.write(late, np.concatenate([np.zeros(2 * RATE), sound]), RATE, subtype="PCM_16")
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    rec = Recorder()
+    Detector(settings, load_bundle(DEMO_BUNDLE), [rec]).run(FileSource([late], RATE))
+    claims = [(s.state, s.machine, s.level_dbfs) for s in rec.states]
+    said = [s for s in rec.states if s.machine or s.state not in ("starting", "stopped")]
+    assert said and said[0].state == "normal" and said[0].machine == "running", claims
+    assert all(s.level_dbfs is not None and s.level_dbfs > -60 for s in said), claims  # heard
+
+
 def test_running_hours_are_the_machines_total_across_restarts(tmp_path: Path) -> None:
     """Home Assistant's *Running hours* is a maintenance figure: a restart of the daemon must
     not set it back to 0."""
