@@ -355,7 +355,10 @@ class MqttPublisher:
         self._publish(self.topics.availability, ONLINE, qos=1, retain=True, props=True)
         with self._retain_lock:
             self._connection += 1
-            self._publish_retained()
+            # health changes spooled while away go out in order, ending at the latest: sent
+            # first too, the latest came before the older ones, and Home Assistant's "problem"
+            # flipped back to a state of minutes ago (a field test)
+            self._publish_retained(skip=self._health_waiting())
             self._publish_discovery()
             self._connected.set()
         self._wake.set()
@@ -1040,14 +1043,27 @@ class MqttPublisher:
             if self.connected:
                 self._publish_retained(only=topic)
 
-    def _publish_retained(self, only: str | None = None) -> None:
+    def _publish_retained(self, only: str | None = None, skip: tuple[str, ...] = ()) -> None:
         """The latest retained messages again (after a reconnect, or Home Assistant's start),
-        each at its topic's QoS: metrics at 0, as every metrics message; `only`: that topic's."""
+        each at its topic's QoS: metrics at 0, as every metrics message; `only`: that topic's;
+        not those of `skip`."""
         with self._retain_lock:
             for topic, payload in self._retained.items():
-                if only is None or topic == only:
+                if (only is None or topic == only) and topic not in skip:
                     qos = 0 if topic == self.topics.metrics else 1
                     self._publish(topic, payload, qos=qos, retain=True)
+
+    def _health_waiting(self) -> tuple[str, ...]:
+        """The health topic when a health change still waits to be sent (in the spool, or in
+        memory while it cannot be written), which ends at the latest; else nothing."""
+        topic = self.topics.health
+        with self._unspooled_lock:
+            if any(t == topic for t, _, _ in (*self._held, *self._unspooled)):
+                return (topic,)
+        try:
+            return (topic,) if self.spool.holds(topic) else ()
+        except sqlite3.Error:  # a spool that cannot be read: the latest goes now
+            return ()
 
     def _publish_discovery(self) -> None:
         with self._retain_lock:

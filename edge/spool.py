@@ -278,6 +278,12 @@ class Spool:
             ).fetchall()
         return [Spooled(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
+    def holds(self, topic: str) -> bool:
+        """Whether a message of `topic` waits here."""
+        with self._lock:
+            found = self._db.execute("SELECT 1 FROM outbox WHERE topic = ? LIMIT 1", (topic,))
+            return found.fetchone() is not None
+
     def remove(self, message_id: int) -> None:
         """Forget a message the broker acknowledged."""
         with self._lock:

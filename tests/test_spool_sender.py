@@ -169,11 +169,11 @@ def test_a_network_thread_ended_by_an_error_is_started_again(
     failed = []
     retained = publisher._publish_retained
 
-    def once_broken() -> None:  # a bug in our on_connect, at the first connection only
+    def once_broken(**kw: Any) -> None:  # a bug in our on_connect, at the first connection only
         if not failed:
             failed.append(True)
             raise RuntimeError("a bug in on_connect")
-        retained()
+        retained(**kw)
 
     monkeypatch.setattr(publisher, "_publish_retained", once_broken)
     publisher.start()
@@ -468,3 +468,30 @@ def test_an_event_keeps_its_order_when_the_card_fills_during_an_outage(
         if sub is not None:
             sub.close()
         broker.stop()
+
+
+def test_health_changes_made_while_away_arrive_in_order_the_latest_last(
+    publisher: MqttPublisher, broker: Broker
+) -> None:
+    """At a reconnect the latest health was re-sent first, then the spool's changes made while
+    the broker was away, older ones first: consumers saw fault, ok, ..., fault, and Home
+    Assistant's "problem" went off and on again on minutes-old news (a field test). The spool
+    ends at the latest; it is the one that goes."""
+    from edge.messages import HealthMessage
+
+    def health(change: str) -> HealthMessage:
+        status = "fault" if change.startswith("fault") else "ok"
+        faults = ["silence"] if status == "fault" else []
+        return HealthMessage(status, "pump-3", "2026-01-01T00:00:00.000Z", faults, change)
+
+    consumer = Subscriber(broker.port, TOPICS.health)
+    try:
+        publisher.publish_health(health("recovered:silence"))  # while the broker is away
+        publisher.publish_health(health("fault:silence"))
+        publisher.start()
+        assert consumer.wait_for(lambda ms: len(ms) >= 2, 10)
+        wait_for(lambda: publisher.spool.depth() == 0, 10, "the spool sent")
+        changes = [m.json()["change"] for m in consumer.messages]
+        assert changes == ["recovered:silence", "fault:silence"], changes
+    finally:
+        consumer.close()
