@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import shlex
 import socket
 import sqlite3
 import ssl
@@ -507,9 +508,9 @@ class MqttPublisher:
                 if not self._warned_retained:
                     log.warning(
                         "MQTT: ignoring a retained command on %s (commands are never retained; "
-                        "clear it with: mosquitto_pub -r -n -t %s)",
+                        "clear it with: %s)",
                         msg.topic,
-                        msg.topic,
+                        self._clear_command(msg.topic),
                     )
                 self._warned_retained = True
                 return
@@ -1052,6 +1053,23 @@ class MqttPublisher:
                 if (only is None or topic == only) and topic not in skip:
                     qos = 0 if topic == self.topics.metrics else 1
                     self._publish(topic, payload, qos=qos, retain=True)
+
+    def _clear_command(self, topic: str) -> str:
+        """The mosquitto_pub line that clears a retained message of `topic` at this broker
+        (without -h and -p it went to localhost:1883, in a field test), with this login."""
+        s = self.settings
+        words = ["mosquitto_pub", "-h", s.host or "localhost", "-p", str(s.port)]
+        if s.username:
+            words += ["-u", s.username, "-P", "PASSWORD"]
+        if s.tls.enabled:
+            words += (
+                ["--cafile", str(s.tls.ca_file)]
+                if s.tls.ca_file
+                else ["--capath", "/etc/ssl/certs"]
+            )
+            if s.tls.cert_file and s.tls.key_file:
+                words += ["--cert", str(s.tls.cert_file), "--key", str(s.tls.key_file)]
+        return shlex.join([*words, "-r", "-n", "-t", topic])
 
     def _health_waiting(self) -> tuple[str, ...]:
         """The health topic when a health change still waits to be sent (in the spool, or in

@@ -85,6 +85,8 @@ def test_poison_flood_and_retained_commands_do_not_stop_the_daemon(
     try:
         wait_for(lambda: any(m.payload == "online" for m in sub.on("/availability")), 60, "online")
         wait_for(lambda: "ignoring a retained command" in log.read_text(), 10, "retained ignored")
+        clear = f"clear it with: mosquitto_pub -h 127.0.0.1 -p {broker.port} -r -n -t {topic})"
+        assert clear in log.read_text()  # at this broker, not localhost:1883
         assert sub.on("/response") == []  # the retained poison was not executed
         send(NESTED)
         send(b"[" * 1000 + b"]" * 1000)
