@@ -502,6 +502,32 @@ def test_a_taken_port_is_one_error_line_and_detection_runs_without_the_page(
     ), proc.stderr
 
 
+def test_a_page_that_cannot_listen_for_good_is_not_linked_nor_advised_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A [web] host no resolver knows: one error line, and then the events' clip_url and a
+    warning about how the page is reached, for a page that never ran (a field test)."""
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web import server
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    web = {"enabled": True, "host": "nosuch.invalid", "port": free_port(), "token_file": token,
+           "public_url": "https://pump.example/"}  # fmt: skip
+    settings = Settings(data_dir=tmp_path, web=web)
+    dashboard = server.Dashboard(settings)
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [])
+    try:
+        dashboard.start(detector, lambda _: None)
+    finally:
+        dashboard.stop()
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("edge.web")]
+    assert len(said) == 1 and "mend [web] host or port" in said[0], said
+    assert detector.clip_url is None
+
+
 def test_the_page_comes_once_its_port_is_free(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

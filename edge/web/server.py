@@ -180,12 +180,15 @@ class Dashboard:
 
     def start(self, detector: Any, handle_payload: Callable[[bytes], Any]) -> None:
         """Serve for `detector`; actions go through `handle_payload` on the loop's thread."""
-        detector.clip_url = self.clip_url if self.base_url() else None
+        gave_up = self._stopping.is_set()  # no page this run: no links to it, no advice on it
+        detector.clip_url = self.clip_url if self.base_url() and not gave_up else None
         self.live.attach(detector.status)
         self.features = lambda: detector.bundle.features
         self.submit = detector.submit
         self._handle_payload = handle_payload
         self._thread.start()
+        if gave_up:
+            return
         if self._server is not None:
             log.info("dashboard on %s/", self._listen_url())
         if self.web.public_url and self.token is None:
