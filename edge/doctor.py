@@ -135,15 +135,17 @@ def check_model(s: Settings) -> Check:
         # loads, and passed (a new user's walk-through)
         base = unit_state_dir(unit) if unit is not None else Path.cwd()
         check = check_model(s.model_copy(update={"model": base / s.model}))
-        said = (
-            f"`model = {str(s.model)!r}` is relative: {unit} reads {base / s.model}"
+        said = (  # the config's `model`, or --model: the same path either way
+            f"the model path {str(s.model)!r} is relative: {unit} reads {base / s.model}"
             if unit is not None
-            else f"`model = {str(s.model)!r}` is relative, read from the folder a command runs "
-            f"in (here {base}; the service runs in {STATE_ROOT})"
+            else f"the model path {str(s.model)!r} is relative, read from the folder a command "
+            f"runs in (here {base}; the service runs in {STATE_ROOT})"
         )
-        fix = "write the bundle's absolute path in `model`"
         if check.ok:
             return Check("model", True, f"{check.detail}; {said}")
+        if (base / s.model).exists():  # found, and failing for what it holds: that is the fix
+            return Check("model", False, f"{check.detail}; {said}", check.fix)
+        fix = "write the bundle's absolute path in `model`"
         return Check("model", False, f"{check.detail}; {said}", f"{fix}; {check.fix}")
     where = s.model.resolve()  # a link from the models folder into /home is hidden all the same
     hidden = next((h for h in HIDDEN_BY_UNIT if where.is_relative_to(h)), None)

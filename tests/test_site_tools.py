@@ -564,6 +564,12 @@ def test_doctor_says_where_a_relative_model_path_is_read(
     assert service.ok is False, service
     assert "soundsentry.service reads /var/lib/soundsentry/fan.bundle" in service.detail, service
     assert service.fix.startswith("write the bundle's absolute path in `model`"), service.fix
+    # found where it is read, and damaged: the fix is the damage's, not the path's (a field test)
+    broken = tmp_path / "fan.bundle" / "arrays.npz"
+    broken.write_bytes(broken.read_bytes()[:-10])
+    damaged = check_model(s)
+    assert damaged.ok is False and "checksum" in damaged.detail, damaged
+    assert "absolute path" not in (damaged.fix or ""), damaged.fix
 
 
 def test_doctor_judges_the_input_level_as_the_daemon_would() -> None:
