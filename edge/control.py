@@ -77,13 +77,15 @@ class Controller:
             check_size(oversize)
             command = parse_command(payload)
         except CommandError as exc:
-            log.warning("rejected command %s: %s", exc.command, exc)
+            log.warning("rejected command %s%s: %s", exc.command, _id_text(exc.command_id), exc)
             return self._reply(exc.command, exc.command_id, False, f"rejected: {exc}")
         key = command.model_dump_json() if command.id is not None else None
         first = self._repeat_of(key) if key else None
         if first is not None:
             log.info(
-                "command %s (id %s): a repeated delivery, not run again", first.command, first.id
+                "command %s%s: a repeated delivery, not run again",
+                first.command,
+                _id_text(first.id),
             )
             self.detector.respond(first)
             return first
@@ -106,13 +108,13 @@ class Controller:
         try:
             detail, status = self._run(command)
         except CommandError as exc:
-            log.warning("rejected command %s (id %s): %s", command.command, command.id, exc)
+            log.warning("rejected command %s%s: %s", command.command, _id_text(command.id), exc)
             return self._reply(command.command, command.id, False, f"rejected: {exc}")
         except Exception as exc:  # a bug must cost one command, not the monitor
             log.exception("command %s failed", command.command)
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             return self._reply(command.command, command.id, False, f"failed: {reason}")
-        log.info("command %s (id %s): %s", command.command, command.id, detail)
+        log.info("command %s%s: %s", command.command, _id_text(command.id), detail)
         return self._reply(command.command, command.id, True, detail, status)
 
     def _run(self, command: Command) -> tuple[str, dict[str, Any] | None]:
@@ -380,3 +382,9 @@ def _same_path(a: Path | None, b: Path | None) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except (OSError, RuntimeError):
         return Path(a) == Path(b)
+
+
+def _id_text(command_id: str | None) -> str:
+    """A command's id as its audit line names it: ` (id X)`, or nothing for a command sent
+    without one (`(id None)` read as an id of that name)."""
+    return "" if command_id is None else f" (id {command_id})"

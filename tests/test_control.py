@@ -102,6 +102,21 @@ def test_poisoned_commands_are_rejected_with_a_reply(
     assert rec.responses == [reply]
 
 
+def test_the_audit_lines_name_a_command_s_id_and_only_a_real_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A command refused by its arguments was logged without its id, and one sent without an
+    id as `(id None)` (a field test): the audit log is how an operator finds a request."""
+    d, _ = detector(tmp_path)
+    caplog.set_level(logging.INFO, logger="edge.control")
+    ctl = Controller(d)
+    ctl.handle_payload(b'{"command": "mute", "minutes": "abc", "id": "x1"}')
+    ctl.handle_payload(b'{"command": "unmute"}')
+    said = [r.getMessage() for r in caplog.records if r.name == "edge.control"]
+    assert said[0].startswith("rejected command mute (id x1): minutes"), said
+    assert said[1].startswith("command unmute: "), said
+
+
 def test_a_flood_is_shed_and_counted_and_audio_goes_on(tmp_path: Path) -> None:
     d, rec = detector(tmp_path)
     ctl = Controller(d)
