@@ -274,6 +274,12 @@ class Controller:
         except SoundSentryError as exc:  # the detector settings the model cannot take
             log.error("reload: settings not applied: %s", exc)
             return
+        # what took effect, said (a SIGHUP that applied a new cooldown said only that the
+        # model was unchanged, in a field test)
+        changes = _changes(old, applied, ("detector", "clips", "health", "models_dir"))
+        log.info(
+            "reload: %s", f"applied {changes}" if changes else "no setting that applies now changed"
+        )
         if bundle is not None:
             d.reconfigure(bundle)
             log.info("reload: loaded %s, the configured model now", bundle.model_id)
@@ -388,3 +394,22 @@ def _id_text(command_id: str | None) -> str:
     """A command's id as its audit line names it: ` (id X)`, or nothing for a command sent
     without one (`(id None)` read as an id of that name)."""
     return "" if command_id is None else f" (id {command_id})"
+
+
+def _changes(old: Any, new: Any, names: tuple[str, ...]) -> str:
+    """The settings of `names` that differ, as `[section] key old -> new`, comma-separated."""
+    said = []
+    for name in names:
+        was, now = getattr(old, name), getattr(new, name)
+        if was == now:
+            continue
+        if not hasattr(was, "model_dump"):
+            said.append(f"{name} {was} -> {now}")
+            continue
+        before, after = was.model_dump(), now.model_dump()
+        said += [
+            f"[{name}] {key} {before.get(key)} -> {after.get(key)}"
+            for key in after
+            if before.get(key) != after.get(key)
+        ]
+    return ", ".join(said)

@@ -196,21 +196,28 @@ def test_reload_model_by_name_and_crafted_bundles_keep_the_running_model(tmp_pat
     assert reply.ok and d.bundle.model_id == load_bundle(AE_BUNDLE).model_id
 
 
-def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(tmp_path: Path) -> None:
+def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """[clips] and [health] were read only when the Detector was built: a reload changed
     nothing of them, and said nothing either. Now they apply at once; the silence already
     heard still counts, and a clip is written for the next anomaly."""
     d, rec = detector(tmp_path, health={"fault_seconds": 5})
     new = d.settings.model_copy(
         update={
-            "health": d.settings.health.model_copy(update={"fault_seconds": 1}),
+            "health": d.settings.health.model_copy(update={"fault_seconds": 1.0}),
             "clips": d.settings.clips.model_copy(update={"enabled": True}),
         }
     )
     ctl = Controller(d, reload_settings=lambda: new)
     for _ in range(10):  # 1 s of digital silence: no fault at 5 s
         d.feed(np.zeros(RATE // 10, np.float32))
-    ctl.reload()
+    with caplog.at_level(logging.INFO, logger="edge.control"):
+        ctl.reload()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reload: applied")]
+    # what took effect is said (only "the model is unchanged" was, in a field test)
+    assert said == ["reload: applied [clips] enabled False -> True, [health] fault_seconds 5.0 "
+                    "-> 1.0"], said  # fmt: skip
     d.feed(np.zeros(RATE // 2, np.float32))  # 1.5 s in all: a fault at 1 s
     assert [h.change for h in rec.healths if h.change] == ["fault:silence"]
     fault = read_audio(fault_file(tmp_path), RATE)
