@@ -344,8 +344,10 @@ def end_interrupted(
         data = {k: v for k, v in event.data.items() if k in names}
         started = event.started.timestamp()
         end = max(now, started)  # a Pi without an RTC may boot before the event's start
+        # where in the stream it ended is not known: the start's offset stood there as if it
+        # were the end's (a field test)
         data.update(type="end", ended_at=iso(end), duration_s=round(end - started, 3),
-                    interrupted=True, ended_by="interrupted",
+                    interrupted=True, ended_by="interrupted", stream_offset_s=None,
                     clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
         data.update(_kept_clip(clips, str(data.get("event_id", ""))))
         try:

@@ -765,13 +765,14 @@ def test_an_interrupted_event_never_ends_before_it_started(
     start = 1_767_268_800.0
     EventLogSink(tmp_path).event(
         EventMessage(type="start", event_id="e" * 32, device_id="u", model="m",
-                     started_at=iso(start), peak_score=3.0, threshold=1.0)
+                     started_at=iso(start), peak_score=3.0, threshold=1.0, stream_offset_s=6.5)
     )  # fmt: skip
     monkeypatch.setattr(edge.service.time, "time", lambda: start - 900.0)
     reports = Recorder()
     assert edge.service.end_interrupted(read_events(tmp_path), [reports]) == 1
     (end,) = reports.events
     assert end.type == "end" and end.ended_at >= end.started_at and end.duration_s == 0.0
+    assert end.stream_offset_s is None  # where it ended was not heard: not the start's 6.5
 
 
 def test_the_start_keeps_of_the_event_log_only_what_it_needs(tmp_path: Path) -> None:
