@@ -1300,6 +1300,7 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
     from edge.audio_io import read_audio
     from edge.bundle import load_bundle
     from edge.daemon import Detector
+    from edge.messages import EventMessage
     from edge.settings import Settings
     from edge.web.server import Dashboard
 
@@ -1325,10 +1326,21 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         ]
         browser.get(f"http://127.0.0.1:{dashboard.port}/")
         wait_for(lambda: len(buttons()) == 1, 15, "the Mark normal button", buttons)
+        # an event a stop left open, ended at this start: no clip and no windows of it kept,
+        # so nothing to learn from; the button was offered and refused (a field test)
+        dashboard.live.event(EventMessage(
+            type="end", event_id="f" * 32, device_id="t", model="m",
+            started_at="2026-01-01T00:00:00.000Z", peak_score=3.0, threshold=1.0,
+            ended_at="2026-01-01T00:01:00.000Z", duration_s=60.0, interrupted=True,
+            ended_by="interrupted",
+        ))  # fmt: skip
+        cards = lambda: browser.find_elements(By.CSS_SELECTOR, ".ev")  # noqa: E731
+        wait_for(lambda: len(cards()) == 2, 15, "the interrupted event's card", cards)
+        assert len(buttons()) == 1, [c.text for c in cards()]
         marks.append(event_id)  # the version in use learnt it (marked from elsewhere)
         dashboard.live._refresh_status(force=True)
         browser.get(f"http://127.0.0.1:{dashboard.port}/")
-        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".ev"), 15, "the event card")
+        wait_for(lambda: len(cards()) == 2, 15, "the event cards")
         assert buttons() == []
     finally:
         if browser is not None:
