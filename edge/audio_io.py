@@ -179,6 +179,12 @@ def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:
     return np.ascontiguousarray(audio[:, channel])
 
 
+def file_channel(path: str | Path, channel: int) -> int:
+    """The channel to read of `path` for a model of `channel`: a mono file's only one (what
+    `record` writes, from the channel the service listens on), whatever channel it was."""
+    return 0 if channel > 0 and sf.info(sf_path(path)).channels == 1 else channel
+
+
 def _no_channel(channel: int, channels: int, path: Path | None = None) -> AudioError:
     """The error for a channel the audio does not have."""
     where = f"{path}: " if path is not None else ""

@@ -16,10 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from edge.advice import require_audio, warn_short
-from edge.audio_io import check_files, find_audio, read_audio, sf_path, without_copies
+from edge.audio_io import (
+    check_files,
+    file_channel,
+    find_audio,
+    read_audio,
+    without_copies,
+)
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bundle
 from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
@@ -81,7 +86,7 @@ def calibrate_bundle(
     # the service listens on) is read whatever channel the model was fitted on
     check_files(files, max(channel, 0), p.samplerate, mono_any=True)
     files = without_copies(files)  # a copy would be scored by a model that holds it
-    audio = [read_audio(f, p.samplerate, _file_channel(f, channel), need_sound=True) for f in files]
+    audio = [read_audio(f, p.samplerate, file_channel(f, channel), need_sound=True) for f in files]
     files, audio = _windowed(files, audio, p)
     machine, shift = _site_machine(bundle, audio)
     off_like = _off_state_levels(bundle, shift)
@@ -190,11 +195,6 @@ def _running_windows(
             off_below_dbfs, ", or sounding like the state `off`" if off_like is not None else "",
         )  # fmt: skip
     return per_file, (total - dropped) / max(total, 1)
-
-
-def _file_channel(path: Path, channel: int) -> int:
-    """The channel to read of `path`: its only one when it is mono."""
-    return 0 if channel > 0 and sf.info(sf_path(path)).channels == 1 else channel
 
 
 def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, float | None]:

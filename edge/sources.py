@@ -55,7 +55,10 @@ class FileSource:
         self.continuous = continuous
         # Check every file first: a bad one fails before any event is raised.
         self.files = [Path(f) for f in files]
-        self._frames = check_files(self.files, max(channel, 0), samplerate, float_samples=True)
+        # a mono file is read as its only channel, whatever the model's (as calibrate reads it)
+        self._frames = check_files(
+            self.files, max(channel, 0), samplerate, mono_any=True, float_samples=True
+        )
 
     @property
     def paced(self) -> bool:
@@ -80,7 +83,7 @@ class FileSource:
             for chunk in fh.blocks(
                 blocksize=int(READ_SECONDS * rate), dtype="float32", always_2d=True
             ):
-                mono = select_channel(chunk, self.channel)
+                mono = select_channel(chunk, self.channel if fh.channels > 1 else 0)
                 mono = resampler.resample_chunk(mono) if resampler else mono
                 pending = np.concatenate([pending, mono])
                 while len(pending) >= self.block:

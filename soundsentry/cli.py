@@ -813,7 +813,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from edge.features import FeatureParams
 
         rate = FeatureParams.from_dict(manifest.features).samplerate
-        check_files([args.timeline], max(args.channel, 0), rate)
+        check_files([args.timeline], max(args.channel, 0), rate, mono_any=True)
     from soundsentry.report import evaluate_classes, format_report, write_full_report
     from train.evaluate import evaluate, write_json
 

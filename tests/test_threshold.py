@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import AE_BUNDLE, DEMO_BUNDLE, NORMAL_FILES, cli
+from conftest import AE_BUNDLE, ANOMALOUS_FILE, DEMO_BUNDLE, NORMAL_FILES, cli
 from scipy import signal, stats
 
 from edge.audio_io import read_audio
@@ -433,6 +433,14 @@ def test_calibrate_reads_record_s_mono_files_for_a_model_of_another_channel(
     site = cli("calibrate", str(model), "--normal", *map(str, NORMAL_FILES),
                "--out", str(tmp_path / "site.bundle"))  # fmt: skip
     assert "calibrated bundle written" in site.stdout and "--channel" not in site.stderr
+    # and judged on them, and replayed, as calibrate read them: both refused the very files the
+    # bundle was calibrated on with "channel 4 does not exist" (a field test)
+    judged = cli("evaluate", str(tmp_path / "site.bundle"), "--normal", str(NORMAL_FILES[0]),
+                 "--anomalous", str(ANOMALOUS_FILE))  # fmt: skip
+    assert "AUC" in judged.stdout, judged.stderr
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    heard = cli("replay", str(tmp_path / "site.bundle"), str(ANOMALOUS_FILE), env=env)
+    assert "1 file(s)" in heard.stderr + heard.stdout, heard.stderr
     # another channel asked for: what calibrate is for (a moved microphone), not a warning that
     # "scores of another channel are not comparable" (a new user's walk-through)
     moved = cli("calibrate", str(model), "--normal", str(eight), "--channel", "2",

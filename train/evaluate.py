@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.audio_io import check_files, find_audio, first_few, read_audio
+from edge.audio_io import check_files, file_channel, find_audio, first_few, read_audio
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_file
 from edge.errors import AudioError, SoundSentryError
 from edge.features import windows_of
@@ -207,7 +207,9 @@ def evaluate(
         )
     every = [f for files in found for f in files]
     _refuse_copies_across(found[0], found[1])
-    check_files(every, max(channel, 0), p.samplerate)
+    # a mono file (what `record` writes) is read whatever channel the model was fitted on, as
+    # calibrate reads it: evaluate refused the very files a bundle was calibrated on
+    check_files(every, max(channel, 0), p.samplerate, mono_any=True)
     _warn_if_trained_on(bundle, every)
     off = [0, 0]
     unjudged = 0
@@ -215,7 +217,7 @@ def evaluate(
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
             scores, raised, off_windows = device_events(
-                read_audio(path, p.samplerate, channel), bundle, detector
+                read_audio(path, p.samplerate, file_channel(path, channel)), bundle, detector
             )
             if len(scores) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
@@ -331,7 +333,8 @@ def classify_items(
         if name not in labels:
             raise AudioError(f"class folder {name!r} is not one of the model's {labels}")
         for path in progress(files, f"scoring {name}"):
-            windows = windows_of(read_audio(path, p.samplerate, channel), p, heard=True)
+            audio = read_audio(path, p.samplerate, file_channel(path, channel))
+            windows = windows_of(audio, p, heard=True)
             if len(windows) == 0:
                 log.warning("%s: shorter than one window, or silent; skipped", path)
                 continue
