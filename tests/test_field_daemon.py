@@ -858,6 +858,11 @@ def test_a_sound_server_source_that_comes_back_is_taken_at_the_next_retry(
     from edge.settings import AudioSettings
 
     monkeypatch.setattr(edge.capture, "REOPEN_MIN_S", 0.1)
+    # PortAudio as a daemon started beside a running sound server sees it: this process may
+    # have initialised it while an earlier test had the server down (no `pulse` then)
+    sd = edge.capture.sounddevice_module()
+    sd._terminate()
+    sd._initialize()
     sink = f"back{os.getpid()}"
     monkeypatch.setenv("PULSE_SOURCE", f"{sink}.monitor")  # not there until loaded below
     source = MicSource(AudioSettings(device="pulse"), RATE, stall_s=2, reopen_max_s=0.2, wait=True)
