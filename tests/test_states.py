@@ -4,6 +4,7 @@ in state messages and in events; a machine switched off is `off`."""
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -620,3 +621,57 @@ def test_a_stop_in_the_training_audio_costs_no_more_than_its_audio(tmp_path: Pat
     ]
     stopped, plain = (m.threshold.value for m in thresholds)
     assert stopped == pytest.approx(plain, rel=0.02), (stopped, plain)
+
+
+def test_training_says_which_states_their_level_spectrum_does_not_tell_apart() -> None:
+    """The edge names a state by the mean band levels of its windows. Two speeds of one fan,
+    10 % apart, lay nearer each other than the level drift between recordings, and the edge
+    named a held-out `high` clip `low` throughout, with no word at training (a field test).
+    Training now says which folders the edge cannot tell apart, before the minutes of training."""
+    pytest.importorskip("tensorflow")
+    from train.embedding import states_not_apart
+
+    rng = np.random.default_rng(0)
+    spectrum = rng.normal(-40, 6, 64)
+    tilt = np.linspace(-6, 6, 64)
+
+    def windows(level: np.ndarray, n: int = 40) -> np.ndarray:
+        return level + rng.normal(0, 3, (n, 31, 64))  # a second of frames around its level
+
+    levels = np.stack([spectrum, spectrum + tilt])  # two states 6 dB apart at the band edges
+    apart = {0: windows(levels[0]), 1: windows(levels[1])}
+    assert states_not_apart(levels, ["low", "high"], apart) == []
+    # held-out audio of `high` that drifted to `low`'s spectrum: named `low` by the edge
+    drifted = {0: windows(levels[0]), 1: windows(spectrum + 0.1 * tilt)}
+    ((state, share, other),) = states_not_apart(levels, ["low", "high"], drifted)
+    assert (state, other) == ("high", "low") and share < 0.2, share
+
+
+def test_reading_state_folders_warns_of_states_the_edge_cannot_tell_apart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("tensorflow")
+    from edge.features import FeatureParams
+    from train.embedding import read_own
+
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    for f in NORMAL_FILES[2:]:  # the same fan 20 dB down: a spectrum of its own
+        sf.write(quiet / f"{f.stem}.wav", read_audio(f, 16000) * 0.1, 16000, subtype="FLOAT")
+    # two folders of one sound whose recordings' level drifts more than the folders differ: the
+    # whole recording each holds out (from 5 recordings up) sounds like the other folder's
+    same: dict[str, list[Path]] = {"low": [], "high": []}
+    sources = [*NORMAL_FILES, NORMAL_FILES[0]]
+    for state, gains in (("low", [0, 0, 0, 0, -4]), ("high", [-4, -4, -4, -4, 0])):
+        (tmp_path / state).mkdir()
+        for i, (f, db) in enumerate(zip(sources, gains, strict=True)):
+            path = tmp_path / state / f"{i}.wav"
+            sf.write(path, read_audio(f, 16000) * 10 ** (db / 20), 16000, subtype="FLOAT")
+            same[state].append(path)
+    apart = {"low": NORMAL_FILES[:2], "quiet": sorted(quiet.iterdir())}
+    with caplog.at_level(logging.WARNING, logger="train.embedding"):
+        read_own(apart, FeatureParams(), 0)
+        assert "level spectrum" not in caplog.text, caplog.text
+        read_own(same, FeatureParams(), 0)
+    said = [r.getMessage() for r in caplog.records if "level spectrum" in r.getMessage()]
+    assert said and all("may call this state" in line for line in said), said

@@ -256,6 +256,53 @@ class OwnAudio:
         return {"machine.state_levels": np.stack(levels)}
 
 
+STATES_APART = 0.8
+"""The least share of a state's held-out windows that must lie nearest its own mean band levels,
+as the edge names states (`edge.machine_state.StateNamer`, which needs 8 of the last 10 windows
+to name one), before `train` warns that the states' level spectra do not tell it apart."""
+
+
+def states_not_apart(
+    levels: np.ndarray, names: list[str], windows: dict[int, np.ndarray]
+) -> list[tuple[str, float, str]]:
+    """The states the edge would name wrongly: for each state `i` of `names` whose held-out
+    log-mel windows (`windows[i]`, (n, frames, mels)) lie nearest its own band levels
+    (`levels[i]`) less than STATES_APART of the time, (its name, that share, the state the
+    others lie nearest most often)."""
+    found = []
+    for i, w in windows.items():
+        if not len(w):
+            continue
+        bands = w.mean(axis=1)
+        nearest = np.argmin(np.linalg.norm(bands[:, None, :] - levels[None], axis=2), axis=1)
+        share = float(np.mean(nearest == i))
+        if share < STATES_APART:
+            others = np.bincount(nearest[nearest != i], minlength=len(names))
+            found.append((names[i], share, names[int(np.argmax(others))]))
+    return found
+
+
+def _warn_states_not_apart(own: OwnAudio) -> None:
+    """Say which state folders the edge cannot tell apart by their level spectrum: it would
+    name one as another in state messages and events (a field test's two speeds of one fan,
+    10 % apart, were named by the recording's level drift instead)."""
+    levels = own.state_levels().get("machine.state_levels")
+    if levels is None:
+        return
+    windows: dict[int, list[np.ndarray]] = {}
+    for label, w in zip(own.view_states, own.held_windows, strict=True):
+        windows.setdefault(label, []).append(w)
+    joined = {i: np.concatenate(parts) for i, parts in windows.items()}
+    for state, share, other in states_not_apart(levels, own.states, joined):
+        log.warning(
+            "state %s: only %.0f %% of its held-out audio lies nearest its own level spectrum "
+            "(the rest mostly nearest %s's); the edge names states by that spectrum and may "
+            "call this state `%s`: record each state where its sound differs in level or "
+            "balance, or put such folders together",
+            state, 100 * share, other, other,
+        )  # fmt: skip
+
+
 def read_own(
     groups: dict[str, list[Path]], params: FeatureParams, channel: int, all_channels: bool = False
 ) -> OwnAudio:
@@ -318,6 +365,7 @@ def read_own(
                 "or recordings of at least %g s",
                 state, own.state_recordings[state], 5 * params.window_seconds,
             )  # fmt: skip
+    _warn_states_not_apart(own)  # before the minutes of training, not after
     return own
 
 
