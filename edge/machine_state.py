@@ -271,7 +271,11 @@ class StateNamer:
 
     def nearest(self, band_levels: np.ndarray) -> str:
         """The state whose band levels lie nearest one window's, before any vote."""
-        return self.names[int(np.argmin(np.linalg.norm(self.levels - band_levels, axis=1)))]
+        return self.names[int(self.nearest_of(band_levels[None])[0])]
+
+    def nearest_of(self, band_levels: np.ndarray) -> np.ndarray:
+        """For windows' band levels (n, mels): the index of the state nearest each."""
+        return np.argmin(np.linalg.norm(band_levels[:, None, :] - self.levels[None], axis=2), 1)
 
     def reset(self) -> None:
         """A new stream or a machine that stopped: forget the vote."""

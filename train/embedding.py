@@ -49,7 +49,7 @@ from edge.detectors.embedding import (
 from edge.errors import AudioError
 from edge.features import FeatureParams, LogMel
 from edge.health import heard_pieces
-from edge.machine_state import OFF, evidence_windows, machine_profile
+from edge.machine_state import OFF, StateNamer, evidence_windows, machine_profile
 from edge.runtime import TfliteModel
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -273,8 +273,7 @@ def states_not_apart(
     for i, w in windows.items():
         if not len(w):
             continue
-        bands = w.mean(axis=1)
-        nearest = np.argmin(np.linalg.norm(bands[:, None, :] - levels[None], axis=2), axis=1)
+        nearest = StateNamer(names, levels).nearest_of(w.mean(axis=1))  # as the edge names them
         share = float(np.mean(nearest == i))
         if share < STATES_APART:
             others = np.bincount(nearest[nearest != i], minlength=len(names))
