@@ -107,9 +107,10 @@ parse_args() {
   local src
   src=$(realpath -e "$SOURCE" 2>/dev/null) || die "--source $SOURCE: no such file or directory"
   SOURCE=$src
+  SERVICE_STATE=/var/lib/soundsentry  # the units' StateDirectory and WorkingDirectory
   VENV="$ROOT/opt/soundsentry/venv"
   CONF_DIR="$ROOT/etc/soundsentry"
-  STATE_DIR="$ROOT/var/lib/soundsentry"
+  STATE_DIR="$ROOT$SERVICE_STATE"
   LOGS_DIR="$ROOT/var/log/soundsentry"
   UNIT_DIR="$ROOT/etc/systemd/system"
 }
@@ -276,7 +277,8 @@ try:
 except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
     sys.exit(f"{sys.argv[1]}: not valid TOML ({exc})")
 relative = isinstance(model, str) and model and not os.path.isabs(model)
-print(os.path.join("/var/lib/soundsentry", model) if relative else model)' "$CONF_DIR/config.toml"
+print(os.path.join(sys.argv[2], model) if relative else model)' "$CONF_DIR/config.toml" \
+    "$SERVICE_STATE"
 }
 
 # Every kept config (the single unit's and each instance's) as the new code reads it, and the
@@ -291,7 +293,7 @@ configs_load() {
   local conf state failed=0
   for conf in "$CONF_DIR"/*.toml; do
     [ -e "$conf" ] || continue
-    state=/var/lib/soundsentry  # the units' StateDirectory=soundsentry(/%i)
+    state=$SERVICE_STATE  # the units' StateDirectory=soundsentry(/%i)
     [ "$(basename "$conf")" = config.toml ] || state="$state/$(basename "$conf" .toml)"
     STATE_DIRECTORY="$state" "$VENV/bin/python" -I -c '
 import sys

@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from edge.audio_io import check_files, select_channel, sf_path
+from edge.audio_io import check_files, file_channel, select_channel, sf_path
 
 READ_SECONDS = 1.0
 """Audio read from disk at a time (memory stays flat however long the files are)."""
@@ -72,6 +72,7 @@ class FileSource:
 
     def _file_blocks(self, path: Path) -> Iterator[np.ndarray]:
         """Mono blocks of one file at the model's rate, read and resampled incrementally."""
+        channel = file_channel(path, self.channel)  # a mono file's one channel, whatever
         with sf.SoundFile(sf_path(path)) as fh:
             rate = fh.samplerate
             resampler = (
@@ -83,7 +84,7 @@ class FileSource:
             for chunk in fh.blocks(
                 blocksize=int(READ_SECONDS * rate), dtype="float32", always_2d=True
             ):
-                mono = select_channel(chunk, self.channel if fh.channels > 1 else 0)
+                mono = select_channel(chunk, channel)
                 mono = resampler.resample_chunk(mono) if resampler else mono
                 pending = np.concatenate([pending, mono])
                 while len(pending) >= self.block:
