@@ -158,6 +158,10 @@ class Adapter:
             data_dir / "models", settings.keep_versions, configured.model_id
         )
         self.period: Period | None = None
+        self.channel: int | None = None
+        """The channel the site's audio comes from (the source's: [audio] channel, or replay's
+        --channel), recorded in a refit's calibration as `calibrate` records its own: a
+        version learnt on channel 4 is a model of channel 4 (`edge.bundle.fitted_channel`)."""
         for folder in (self.folder, self.folder / "marked", self.history.folder):
             remove_stale_temps(folder)  # what writes cut short by a power cut left
         if self.history.prune():
@@ -519,6 +523,7 @@ class Adapter:
             "marked": marked,
             "created_at": now_iso(),
             "files": [],
+            **({"channel": self.channel} if self.channel is not None else {}),
         }
         try:
             path = self.history.write_version(base, manifest, {**base.arrays, **refit.arrays})

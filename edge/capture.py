@@ -76,6 +76,8 @@ class MicSource:
         wait: bool = False,
     ) -> None:
         self.settings = audio
+        self.channel = audio.channel
+        """The channel heard (-1: the average), as `FileSource.channel`: a site refit records it."""
         self.model_rate = model_rate
         self.stall_s = stall_s
         self.reopen_max_s = reopen_max_s

@@ -441,6 +441,7 @@ class Detector:
                 self._logic,
                 self._runs,
             )
+            self.adapter.channel = getattr(self._source, "channel", None)
             bundle = self.adapter.restore()
         self.use_bundle(bundle)
         self._auto_learn()
@@ -714,6 +715,8 @@ class Detector:
         """Process blocks until the source ends or stop() is called; then close open events."""
         self.source_stats = getattr(source, "stats", dict)
         self._source = source
+        if self.adapter is not None:  # the channel a refit's site audio is of
+            self.adapter.channel = getattr(source, "channel", None)
         self._paced = bool(getattr(source, "paced", False))
         # Stream time goes on from any earlier run; a recording replayed faster than it was
         # heard lies in the past, ending now.

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from edge.bundle import Bundle, write_bundle
-from edge.errors import BundleError
+from edge.bundle import Bundle, Manifest, read_manifest, write_bundle
+from edge.errors import BundleError, SoundSentryError
 from edge.private import atomic_write, private_dir
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,20 @@ def active_entry(folder: Path, configured: str) -> dict[str, Any] | None:
     entries = found if isinstance(found, list) else [found]
     active = data.get("active")
     return next((e for e in entries if _readable(e) and e["version"] == active), None)
+
+
+def manifest_in_use(folder: Path, configured: Bundle) -> Manifest:
+    """The manifest of the model a start with `configured` runs: its active site version's (as
+    `active_entry` finds it, not written over since), else the configured bundle's; read without
+    writing anything. `replay` takes its default channel from it: a version learnt on channel 4
+    is a model of channel 4."""
+    entry = active_entry(folder, configured.model_id)
+    if entry is None or written_over(entry, Path(entry["path"])) is not None:
+        return configured.manifest
+    try:
+        return read_manifest(entry["path"])
+    except (SoundSentryError, OSError):  # the daemon says why at start and runs the configured
+        return configured.manifest
 
 
 def written_over(entry: dict[str, Any], path: Path) -> str | None:

@@ -883,6 +883,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from edge.audio_io import find_audio
     from edge.bundle import channel_for
     from edge.console import ReplaySummary
+    from edge.history import manifest_in_use
     from edge.service import run_detector
     from edge.sources import FileSource
 
@@ -894,7 +895,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     source = FileSource(
         files,
         bundle.features.samplerate,
-        channel_for(bundle.manifest, args.channel, "replay"),  # a stereo file's other machine
+        # a stereo file's other machine; the site version the data folder runs, if it has one
+        channel_for(manifest_in_use(settings.data_dir / "models", bundle), args.channel, "replay"),
         settings.audio.block_seconds,
         realtime=args.realtime,
         continuous=args.continuous,

@@ -205,6 +205,31 @@ def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart
     ]
 
 
+def test_a_version_learnt_on_another_channel_is_a_model_of_that_channel(tmp_path: Path) -> None:
+    """A period learnt with --channel 3 (as a device whose [audio] channel is 3): the version
+    records the channel, as `calibrate` does, and a later replay on that data folder takes it by
+    default and does not call it another channel than the model's (the demo bundle's, trained on
+    all eight channels as views, fits any; the version named the training's instead)."""
+    config = tmp_path / "site.toml"
+    config.write_text(f'device_id = "site"\n[learning]\nseconds = {LEARN_S}\n')
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    first = cli("--log-level", "INFO", "replay", str(DEMO_BUNDLE), "--channel", "3",
+                *map(str, NORMAL_FILES), "--config", str(config), env=env)  # fmt: skip
+    assert "learning: ended after 15 s of audio" in first.stderr
+    history = json.loads((tmp_path / "data" / "models" / "history.json").read_text())
+    (entry,) = history["entries"]
+    learned = load_bundle(entry["path"])
+    assert learned.manifest.calibration["channel"] == 3
+    for channel in (["--channel", "3"], []):
+        again = cli("replay", str(DEMO_BUNDLE), *channel, str(ANOMALOUS_FILE),
+                    "--config", str(config), env=env)  # fmt: skip
+        assert "using version 1" in again.stderr
+        assert "fitted on channel" not in again.stderr, again.stderr
+    other = cli("replay", str(DEMO_BUNDLE), "--channel", "0", str(ANOMALOUS_FILE),
+                "--config", str(config), env=env)  # fmt: skip
+    assert "but the model was fitted on channel 3" in other.stderr
+
+
 def test_a_model_learns_once_even_after_its_learning_version_is_pruned(tmp_path: Path) -> None:
     """`learned` looked for a history entry of reason learning, and pruning drops the oldest:
     after keep_versions later versions the next restart began a new commissioning period (no
@@ -468,6 +493,10 @@ def test_commissioning_on_a_pulseaudio_microphone_ends_in_a_version_used_after_a
         status = send(command="status", id="st-1")["status"]
         assert status["threshold"] == pytest.approx(value) and status["version"] == 1
         assert [h["reason"] for h in status["history"]] == ["learning"]
+        (entry,) = json.loads((tmp_path / "data" / "models" / "history.json").read_text())[
+            "entries"
+        ]
+        assert load_bundle(entry["path"]).manifest.calibration["channel"] == 0  # the mic's
         text = log.read_text()
         for line in ("command learn (id l-1)", "command set_threshold (id th-1)",
                      "command mute (id mu-1)", "using version 1"):  # fmt: skip
