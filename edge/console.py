@@ -111,6 +111,26 @@ def logs_clear(stream: TextIO) -> Iterator[None]:
             handler.removeFilter(erase)
 
 
+class ReplayLines(Sink):
+    """`replay`'s events as JSON lines, each as the daemon publishes it plus the file it began in
+    (`file`) and its own position in that file (`file_offset_s`: of the start, or of the end), so
+    a folder of clips tells which clip raised what."""
+
+    def __init__(self, locate: Callable[[float], tuple[object, float]], stream: TextIO) -> None:
+        self.locate = locate
+        self.stream = stream
+
+    def event(self, message: EventMessage) -> None:
+        data = message.to_dict()
+        at = data.get("stream_offset_s")  # None: an `interrupted` end (its end was not heard)
+        if at is not None:
+            began = at - (data.get("duration_s") or 0.0) if data["type"] == "end" else at
+            path, offset = self.locate(began)
+            data |= {"file": str(path), "file_offset_s": round(offset + at - began, 3)}
+        self.stream.write(json.dumps(data) + "\n")
+        self.stream.flush()
+
+
 class ReplaySummary(Sink):
     """Counts windows and events and keeps the highest score, for the line ending `replay`."""
 

@@ -70,6 +70,17 @@ class FileSource:
         """Total length of the stream."""
         return sum(frames / rate for frames, rate in self._frames)
 
+    def locate(self, stream_s: float) -> tuple[Path, float]:
+        """The file a position in the replayed stream lies in (the files one after another, as
+        the daemon counts `stream_offset_s`) and the position within it."""
+        start = 0.0
+        for path, (frames, rate) in zip(self.files, self._frames, strict=True):
+            end = start + frames / rate
+            if stream_s < end or path == self.files[-1]:
+                return path, stream_s - start
+            start = end
+        raise ValueError("no files")  # replay refuses a run without files before it builds one
+
     def _file_blocks(self, path: Path) -> Iterator[np.ndarray]:
         """Mono blocks of one file at the model's rate, read and resampled incrementally."""
         channel = file_channel(path, self.channel)  # a mono file's one channel, whatever

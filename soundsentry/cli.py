@@ -882,7 +882,7 @@ def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from edge.audio_io import find_audio
     from edge.bundle import channel_for
-    from edge.console import ReplaySummary
+    from edge.console import ReplayLines, ReplaySummary
     from edge.history import manifest_in_use
     from edge.service import run_detector
     from edge.sources import FileSource
@@ -906,9 +906,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         settings,
         bundle,
         source,
-        print_events=True,
+        print_events=False,  # ReplayLines prints them, naming each one's file
         reload_settings=lambda: _settings_from(args, args.model),
-        extra_sinks=[summary],
+        extra_sinks=[ReplayLines(source.locate, sys.stdout), summary],
         on_step=summary.step,
     )
     print(summary.line(len(files), detector.threshold), file=sys.stderr)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from conftest import DEMO_BUNDLE, NORMAL_FILES, cli
+from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, NORMAL_FILES, cli
 
 from edge.audio_io import DOWNMIX, check_readable, find_audio, read_audio
 from edge.errors import AudioError
@@ -228,6 +228,24 @@ def test_replay_takes_folders_and_a_file_reached_twice_counts_once(tmp_path: Pat
     proc = cli("replay", str(DEMO_BUNDLE), str(folder), str(folder / NORMAL_FILES[0].name))
     assert proc.stderr.strip().splitlines()[-1].startswith("replay: 2 file(s), ")
     assert find_audio([folder, folder / NORMAL_FILES[1].name]) == sorted(folder.iterdir())
+
+
+def test_replay_names_the_file_each_event_began_in_and_its_position_there(tmp_path: Path) -> None:
+    """Over a folder of clips the events said only where they lay in all of them together."""
+    import json
+
+    # a 44.1-kHz copy of the normal clip first: the positions count the audio, not its samples
+    normal = tmp_path / "a-normal.wav"
+    sf.write(normal, soxr.resample(read_audio(NORMAL_FILES[0], RATE), RATE, 44100), 44100)
+    proc = cli("replay", str(DEMO_BUNDLE), str(normal), str(ANOMALOUS_FILE))
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["type"] for e in events] == ["start", "end"]
+    first = sf.info(str(normal)).duration
+    for e in events:
+        assert e["file"] == str(ANOMALOUS_FILE)
+        assert e["file_offset_s"] == pytest.approx(e["stream_offset_s"] - first, abs=0.01)
+        assert 0 <= e["file_offset_s"] <= sf.info(str(ANOMALOUS_FILE)).duration
+    assert events[1]["file_offset_s"] - events[0]["file_offset_s"] == events[1]["duration_s"]
 
 
 def test_paths_that_are_no_recording_say_what_they_are(tmp_path: Path) -> None:
