@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
 from edge.errors import AudioError, SoundSentryError, install_extra
 from edge.features import FeatureParams, LogMel, mel_band_edges
 from edge.settings import DetectorSettings
-from train.evaluate import Report, classification, device_events, evaluate, write_json
+from train.evaluate import Report, classification, device_run, evaluate, write_json
 from train.metrics import roc_curve
 
 FIG_DPI = 110
@@ -145,10 +146,11 @@ def write_full_report(
     # as the device scores it: windows it judges nothing by (silence, a dropout, the machine
     # off) are gaps, not the hundreds a dropout scores
     audio = read_audio(timeline_file, p.samplerate, file_channel(timeline_file, channel))
-    scores, _, _ = device_events(audio, bundle, detector)
+    steps, events = device_run(audio, bundle, detector)
+    scores = np.array([s.window.score if s.evidence else np.nan for s in steps], np.float64)
     name = f"{Path(timeline_file).name} ({report.variant})"
     # the threshold the device runs with (a [detector] threshold drew the bundle's, in a review)
-    timeline = (name, scores, p.hop_seconds, report.threshold)
+    timeline = Timeline(name, scores, p.hop_seconds, report.threshold, events)
     return write_report(reports, Path(folder), timeline)
 
 
@@ -191,7 +193,7 @@ def _plt():
 def write_report(
     reports: list[Report],
     folder: Path,
-    timeline: tuple[str, np.ndarray, float, float] | None = None,
+    timeline: Timeline | None = None,
 ) -> list[Path]:
     """Write metrics.json, evaluation-VARIANT.json (every item's score), roc.png, histogram.png,
     scores.csv (and timeline.png) to `folder`; returns what it wrote (the list said, once, all
@@ -210,7 +212,7 @@ def write_report(
         _csv(reports, folder / "scores.csv"),
     ]
     if timeline is not None:
-        written.append(_timeline(*timeline, folder / "timeline.png"))
+        written.append(_timeline(timeline, folder / "timeline.png"))
     return written
 
 
@@ -271,17 +273,39 @@ def _csv(reports: list[Report], path: Path) -> Path:
     return path
 
 
-def _timeline(name: str, scores: np.ndarray, hop_s: float, threshold: float, path: Path) -> Path:
+@dataclass
+class Timeline:
+    """One file streamed through the device's pipeline, for timeline.png."""
+
+    name: str
+    scores: np.ndarray
+    """Window scores, NaN where the device takes no evidence (a gap in the line)."""
+    hop_s: float
+    threshold: float
+    events: list[tuple[float, float, str]] = field(default_factory=list)
+    """The anomalies it raised: (start, end, trigger) in seconds of the file."""
+
+
+TRIGGERS = {"k_of_n": "K of N windows above", "cusum": "evidence over time (CUSUM)"}
+
+
+def _timeline(line: Timeline, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3))
-    t = np.arange(len(scores)) * hop_s
-    ax.plot(t, scores, marker=".", label="window score (gaps: silence, dropout, machine off)")
-    ax.axhline(threshold, color="red", linestyle="--", label="threshold")
-    ax.set(
-        xlabel="time (s, window start)",
-        ylabel="anomaly score",
-        title=f"score timeline: {shown(name)}",
+    t = np.arange(len(line.scores)) * line.hop_s
+    ax.plot(t, line.scores, marker=".", label="window score (gaps: silence, dropout, machine off)")
+    ax.axhline(line.threshold, color="red", linestyle="--", label="threshold")
+    shaded = set()
+    for start, end, trigger in line.events:  # a CUSUM event may hold no window above the line
+        label = f"event: {TRIGGERS.get(trigger, trigger)}"
+        colour = "tab:purple" if trigger == "cusum" else "tab:orange"
+        ax.axvspan(start, max(end, start + line.hop_s), color=colour, alpha=0.2,
+                   label=None if label in shaded else label)  # fmt: skip
+        shaded.add(label)
+    title = f"score timeline: {shown(line.name)}; {len(line.events) or 'no'} event" + (
+        "s" if len(line.events) != 1 else ""
     )
+    ax.set(xlabel="time (s, window start)", ylabel="anomaly score", title=title)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
 

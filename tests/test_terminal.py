@@ -700,11 +700,16 @@ def test_the_report_timeline_draws_the_threshold_the_config_sets(
     report_module.write_full_report(
         report, DEMO_BUNDLE, normal, faults, tmp_path, detector=detector
     )
-    [(_, scores, _, threshold, _)] = drawn
-    assert threshold == 1.5 != load_bundle(DEMO_BUNDLE).threshold
+    [(line, _)] = drawn
+    assert line.threshold == 1.5 != load_bundle(DEMO_BUNDLE).threshold
     from edge.audio_io import read_audio
     from train.evaluate import device_events
 
     bundle = load_bundle(DEMO_BUNDLE)
     audio = read_audio(ANOMALOUS_FILE, bundle.features.samplerate)
-    np.testing.assert_array_equal(scores, device_events(audio, bundle, detector)[0])
+    np.testing.assert_array_equal(line.scores, device_events(audio, bundle, detector)[0])
+    # the events the device raises on it are drawn, with what started them (a CUSUM event's
+    # windows may all lie below the line, and the plot showed none)
+    [(start, end, trigger)] = line.events
+    assert 0 <= start < end <= len(audio) / bundle.features.samplerate
+    assert trigger in report_module.TRIGGERS

@@ -485,7 +485,7 @@ def test_the_report_s_timeline_is_the_device_s_and_its_variant_s(
     drawn = {}
     monkeypatch.setattr(report_module, "_timeline", lambda *a: drawn.update(args=a) or a[-1])
     monkeypatch.setattr(
-        report_module, "write_report", lambda r, f, t: report_module._timeline(*t, f)
+        report_module, "write_report", lambda r, f, t: report_module._timeline(t, f)
     )
     hashed: list[Path] = []
     monkeypatch.setattr(evaluate_module, "sha256_file", lambda p: hashed.append(p) or real(p))
@@ -494,7 +494,8 @@ def test_the_report_s_timeline_is_the_device_s_and_its_variant_s(
     report_module.write_full_report(floats, tiny_bundle, normal, [str(dropout)], tmp_path / "r")
     # each file hashed once, for the copy check and the trained-on check of both variants
     assert sorted(map(str, hashed)) == sorted({str(Path(f).resolve()) for f in [*normal, dropout]})
-    name, scores, _, threshold = drawn["args"][:4]
+    line = drawn["args"][0]
+    name, scores, threshold = line.name, line.scores, line.threshold
     assert name == "dropout.wav (float)"
     float_bundle = load_bundle(tiny_bundle, variant="float")
     expected, _, _ = device_events(read_audio(dropout, rate), float_bundle)

@@ -21,7 +21,7 @@ from edge.bundle import Bundle, channel_for, load_bundle, sha256_file
 from edge.errors import AudioError, SoundSentryError
 from edge.features import windows_of
 from edge.machine_state import OFF
-from edge.pipeline import Pipeline
+from edge.pipeline import Pipeline, Step
 from edge.scoring import Scorer
 from edge.settings import DetectorSettings
 from train.metrics import classification_report, partial_auc, roc_auc
@@ -292,15 +292,27 @@ def device_events(
     device's own gating, then K-of-N and CUSUM at the bundle's calibration, or as the device's
     `[detector]` settings change them (a review: K = N = 3 raised events on 7 of 20 fault
     files in replay with them, on 8 in evaluate without)."""
-    pipeline = Pipeline(bundle, detector)
-    steps = pipeline.push(audio)
-    pipeline.close("end_of_stream")
+    steps, _ = device_run(audio, bundle, detector)
     raised = any(t.kind == "start" for step in steps for t in step.transitions)
     scores = np.array(
         [step.window.score if step.evidence else np.nan for step in steps],
         np.float64,
     )
     return scores, raised, sum(step.machine == OFF for step in steps)
+
+
+def device_run(
+    audio: np.ndarray, bundle: Bundle, detector: DetectorSettings | None = None
+) -> tuple[list[Step], list[tuple[float, float, str]]]:
+    """`device_events`' stream: its steps, and each anomaly it raises as (start, end, trigger)
+    in seconds of the file (an anomaly still open at the file's end ends there)."""
+    pipeline = Pipeline(bundle, detector)
+    steps = pipeline.push(audio)
+    last = pipeline.close("end_of_stream")
+    ends = [t for step in steps for t in step.transitions if t.kind == "end"]
+    ends += [last] if last is not None else []
+    events = [(t.started_s, float(t.ended_s or t.started_s), str(t.trigger)) for t in ends]
+    return steps, events
 
 
 def write_json(report: Report, path: str | Path) -> None:
