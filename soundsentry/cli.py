@@ -684,20 +684,27 @@ def _note_channels(paths: list[str], channel: int) -> None:
 
     from edge.audio_io import find_audio, sf_path
 
-    widest, narrowest = 1, None
+    widest, narrowest, mono = 1, None, 0
     for path in find_audio(paths, quiet=True):  # the trainer's own search says what it skips
         try:
             channels = sf.info(sf_path(path)).channels
         except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
             continue  # the audio checks name the file
+        if channels == 1:  # read as its one channel, whatever the channel (as `record` writes)
+            mono += 1
+            continue
         widest = max(widest, channels)
         narrowest = channels if narrowest is None else min(narrowest, channels)
+    # mono files beside them are read as they are: say so, it is another microphone's channel
+    besides = f"; the {mono} mono one(s) as they are" if mono and widest > 1 else ""
     if widest > 1 and channel < (narrowest or 1):  # a channel that is not there: its error
         used = "their average" if channel == -1 else f"channel {channel}"
         print(
-            f"note: {widest}-channel recordings: training on {used} (--channel N picks "
-            "another, -1 the average, --all-channels uses every channel as a view)"
+            f"note: {widest}-channel recordings: training on {used}{besides} (--channel N "
+            "picks another, -1 the average, --all-channels uses every channel as a view)"
         )
+    elif mono and widest == 1 and channel > 0:
+        print(f"note: mono recordings: each one's only channel is trained on as channel {channel}")
 
 
 def _train_command(args: argparse.Namespace) -> str:

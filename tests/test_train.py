@@ -272,6 +272,34 @@ def test_training_over_a_bundle_leaves_none_of_its_old_files(
     assert load_bundle(out).manifest.kind == "fluctuation"
 
 
+def test_record_s_mono_files_train_a_model_of_the_channel_given(tmp_path: Path) -> None:
+    """`record --channel 3` writes mono files of channel 3, and `train --channel 3` on them
+    stopped with "channel 3 does not exist" where evaluate, replay and calibrate read a mono file
+    as its one channel; a folder mixing them with 4-channel recordings said nothing of them."""
+    mono = tmp_path / "mono"
+    mono.mkdir()
+    for src in NORMAL_FILES:
+        sf.write(mono / f"{src.stem}.wav", read_audio(src, 16000), 16000)
+    proc = cli(
+        "train", "--normal", str(mono), "--channel", "3", "--out", str(tmp_path / "m.bundle")
+    )
+    assert (
+        "note: mono recordings: each one's only channel is trained on as channel 3" in proc.stdout
+    )
+    model = load_bundle(tmp_path / "m.bundle")
+    assert model.manifest.training.channel == 3
+    same = cli("train", "--normal", str(mono), "--out", str(tmp_path / "c0.bundle"))
+    assert load_bundle(tmp_path / "c0.bundle").threshold == pytest.approx(model.threshold)
+    assert "note:" not in same.stdout
+    mixed = tmp_path / "mixed"
+    shutil.copytree(mono, mixed)
+    sf.write(mixed / "array.wav", np.stack([read_audio(NORMAL_FILES[0], 16000)] * 4, axis=1), 16000)
+    proc = cli("train", "--normal", str(mixed), "--channel", "2", "--out", str(tmp_path / "x"))
+    assert "note: 4-channel recordings: training on channel 2; the 4 mono one(s) as they are" in (
+        proc.stdout
+    )
+
+
 def test_copies_count_once_and_channels_are_not_seconds(tmp_path: Path) -> None:
     arrays = tmp_path / "array"
     arrays.mkdir()

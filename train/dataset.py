@@ -15,6 +15,7 @@ import soundfile as sf
 from edge.advice import MIN_AUDIO_SECONDS, audio_seconds, require_audio, warn_short
 from edge.audio_io import (
     check_files,
+    file_channel,
     find_audio,
     read_audio,
     sf_path,
@@ -202,8 +203,9 @@ def training_audio(
         if folder.is_dir() and not find_audio([folder], quiet=True):
             log.warning("%s: no audio files in this folder", folder)
     # every unusable file named, copies among them, and those without the channel asked for
-    # (reading named only the first of them)
-    checked = check_files(files, max(channel, 0), samplerate)
+    # (reading named only the first of them); a mono file is read as its one channel, whatever
+    # the channel (what `record` writes from the channel the device listens on)
+    checked = check_files(files, max(channel, 0), samplerate, mono_any=True)
     seconds = {f: n / rate for f, (n, rate) in zip(files, checked, strict=True)}
     short = [str(f) for f in files if seconds[f] < window_seconds]
     warn_short(short, window_seconds)
@@ -252,7 +254,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     train, hold = [], []
     train_s = hold_s = 0.0
     audios = [
-        read_audio(path, params.samplerate, channel, need_sound=True)
+        read_audio(path, params.samplerate, file_channel(path, channel), need_sound=True)
         for path in progress(files, "reading")
     ]
     machine = machine_profile(audios, params)
@@ -383,7 +385,7 @@ def state_folders(
     # every unusable file of every state named at once; a recording shorter than one window
     # is left out, as `--normal` leaves it (a 50-ms one gave a state no level: NaN)
     every = [f for files in groups.values() for f in files]
-    checked = check_files(every, max(channel, 0), samplerate)
+    checked = check_files(every, max(channel, 0), samplerate, mono_any=True)
     length = {f: n / rate for f, (n, rate) in zip(every, checked, strict=True)}
     warn_short([str(f) for f in every if length[f] < window_seconds], window_seconds)
     for name, files in groups.items():
