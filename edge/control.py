@@ -38,6 +38,11 @@ from edge.threshold import interval_text, rate_text
 
 log = logging.getLogger(__name__)
 
+RETAINED_REFUSAL = (
+    "rejected: the command was published retained, and a retained command is never run (stored "
+    "on the broker, it would run again at every start): publish it without retain, and clear "
+    "the stored one with an empty retained message on the same topic"
+)
 REPEAT_WINDOW_S = 300.0
 """A command with the `id` and content of the last one answered, this recently, is a repeated
 delivery (MQTT QoS 1 delivers at least once): it gets the first reply again and is not run
@@ -65,6 +70,20 @@ class Controller:
             self.detector.submit(lambda: self.handle_payload(b"", oversize=size))
             return
         self.detector.submit(lambda: self.handle_payload(payload))
+
+    def submit_retained(self, payload: bytes) -> None:
+        """From the MQTT thread: a command published retained, answered with a refusal and never
+        run (stored on the broker, it would run again at every start)."""
+        self.detector.submit(lambda: self.refuse_retained(payload[:MAX_COMMAND_BYTES]))
+
+    def refuse_retained(self, payload: bytes) -> ResponseMessage:
+        """The refusal of a retained command, under its name and id when it has them."""
+        try:
+            command = parse_command(payload)
+            name, cid = command.command, command.id
+        except CommandError as exc:
+            name, cid = exc.command, exc.command_id
+        return self._reply(name, cid, False, RETAINED_REFUSAL)
 
     def submit_reload(self) -> None:
         """From the SIGHUP handler: queue a settings and model reload."""

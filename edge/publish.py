@@ -209,6 +209,7 @@ class MqttPublisher:
         spool: Spool,
         on_command: Callable[[bytes], None] | None = None,
         instance: str = "",
+        on_retained_command: Callable[[bytes], None] | None = None,
     ) -> None:
         if not settings.host:
             raise ValueError("MqttPublisher needs mqtt.host")
@@ -219,6 +220,10 @@ class MqttPublisher:
         self.topics = topics
         self.spool = spool
         self.on_command = on_command
+        self.on_retained_command = on_retained_command
+        """A retained command, refused: once per content in a process (a stored one comes at
+        every connection)."""
+        self._refused_commands: set[bytes] = set()
         self.discovery: dict[str, dict[str, Any] | None] = {}
         self._connected = threading.Event()
         self._closing = threading.Event()
@@ -347,9 +352,16 @@ class MqttPublisher:
             self._set_aside_largest(client)
         self._connected_at = time.monotonic()
         wanted = [self.topics.command, *self.topics.ha_statuses, self.topics.availability]
-        # this device's availability without its own publishes (no local): only others' reach us
+        # this device's availability without its own publishes (no local): only others' reach
+        # us; commands with their retain flag as published, or the broker clears it on a live
+        # delivery and a command published retained (Node-RED's "retain" ticked) ran once
         options = [
-            SubscribeOptions(qos=1, noLocal=topic == self.topics.availability) for topic in wanted
+            SubscribeOptions(
+                qos=1,
+                noLocal=topic == self.topics.availability,
+                retainAsPublished=topic == self.topics.command,
+            )
+            for topic in wanted
         ]
         _rc, mid = client.subscribe(list(zip(wanted, options, strict=True)))
         self._subscribed[mid] = wanted  # its SUBACK comes later on this same thread
@@ -504,6 +516,9 @@ class MqttPublisher:
                 self._publish_discovery()
                 self._publish_retained()
         elif msg.topic == self.topics.command and self.on_command:
+            if msg.retain and not msg.payload:  # a retained command cleared (`-r -n`)
+                log.info("MQTT: the retained command on %s was cleared", msg.topic)
+                return
             if msg.retain:  # a stored command would run again at every start: never obey one
                 if not self._warned_retained:
                     log.warning(
@@ -513,6 +528,10 @@ class MqttPublisher:
                         self._clear_command(msg.topic),
                     )
                 self._warned_retained = True
+                known = msg.payload in self._refused_commands
+                if self.on_retained_command and not known and len(self._refused_commands) < 64:
+                    self._refused_commands.add(msg.payload)  # at most 64 x 64 KB
+                    self.on_retained_command(msg.payload)
                 return
             self.on_command(msg.payload)
 

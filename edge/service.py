@@ -67,6 +67,10 @@ def run_detector(
             if controller is not None:  # commands before the loop exists wait for a resend
                 controller.submit_payload(payload)
 
+        def on_retained(payload: bytes) -> None:
+            if controller is not None:
+                controller.submit_retained(payload)
+
         dashboard = None
         try:  # what fails here fails the start: the dashboard's port or token, the broker's
             dashboard = _dashboard(settings)  # TLS or password files; bound first
@@ -74,7 +78,7 @@ def run_detector(
             client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
             logged = _logged_events(settings.data_dir)
             publisher = (
-                _publisher(settings, bundle, on_command, page, client_id, logged)
+                _publisher(settings, bundle, on_command, page, client_id, logged, on_retained)
                 if settings.mqtt.host
                 else None
             )
@@ -292,6 +296,7 @@ def _publisher(
     page: str | None,
     client_id: str,
     logged: list[LoggedEvent],
+    on_retained: Callable[[bytes], None] | None = None,
 ) -> Any:
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
     when it serves one) and the device's last `logged` event, not yet connected."""
@@ -313,7 +318,13 @@ def _publisher(
     if "-replay-" in client_id:
         instance += f" {REPLAY}"
     publisher = MqttPublisher(
-        settings.mqtt, topics, client_id, spool, on_command=on_command, instance=instance
+        settings.mqtt,
+        topics,
+        client_id,
+        spool,
+        on_command=on_command,
+        instance=instance,
+        on_retained_command=on_retained,
     )
     if settings.mqtt.discovery:
         classifier = bundle.manifest.kind == "classifier"
