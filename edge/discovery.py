@@ -249,6 +249,7 @@ def _controls(
         ("switch", "mute"): {
             "name": "Mute",
             "command_topic": topics.command,
+            "qos": 1,  # as `set` is: HA's default is 0, and a mute lost on a reconnect is lost
             "payload_on": _command({"command": "mute", "minutes": HA_MUTE_MINUTES}),
             "payload_off": _command({"command": "unmute"}),
             "state_topic": topics.state,
@@ -260,6 +261,7 @@ def _controls(
         ("button", "mark_normal"): {
             "name": "Mark last event normal",
             "command_topic": topics.command,
+            "qos": 1,  # as `set` is: HA's default is 0, and a mute lost on a reconnect is lost
             "payload_press": _command({"command": "mark_normal", "event_id": "last"}),
             "icon": "mdi:check-circle-outline",
         },
@@ -269,6 +271,7 @@ def _controls(
         controls[("number", "threshold")] = {
             "name": "Threshold",
             "command_topic": topics.command,
+            "qos": 1,  # as `set` is: HA's default is 0, and a mute lost on a reconnect is lost
             "command_template": '{"command":"set_threshold","value":{{ value }}}',
             "state_topic": topics.state,
             "value_template": "{{ value_json.threshold }}",

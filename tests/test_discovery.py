@@ -400,6 +400,8 @@ def test_controls_send_commands_the_daemon_accepts() -> None:
     button = _config("button", "mark_normal")
     pressed = parse_command(button["payload_press"])
     assert isinstance(pressed, MarkNormal) and pressed.event_id == "last"
+    # at the QoS README gives `set` (Home Assistant's default is 0: a press lost on a reconnect)
+    assert [c["qos"] for c in (mute, number, button)] == [1, 1, 1]
 
 
 def test_trend_and_last_event_read_metrics_and_the_retained_last_event() -> None:
