@@ -45,6 +45,7 @@ from edge.learning import (
     featurizer,
     flags,
     refit_summary,
+    require_period,
     site_refit,
 )
 from edge.private import private_dir, remove_stale_temps
@@ -309,6 +310,7 @@ class Adapter:
     def start(self, seconds: float, bundle: Bundle) -> None:
         """Begin a period of `seconds` of audio (a running one is replaced)."""
         dim = feature_dim(bundle)
+        require_period(self.base(), seconds)
         self.cancel()
         store = FeatureStore(dim, self.settings.max_windows)
         self.period = Period(seconds, bundle, store, self.configured.model_id)

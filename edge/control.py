@@ -57,6 +57,9 @@ class Controller:
         self.reload_settings = reload_settings
         self._last: tuple[str, float, ResponseMessage] | None = None
         """The last command run, if it had an id: its id and content, when, and its reply."""
+        self._learn_id: str | None = None
+        """The id of the `learn start` whose period runs, answered again when it ends."""
+        detector.on_learning_end = self._learning_ended
 
     def submit_payload(self, payload: bytes) -> None:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
@@ -174,12 +177,34 @@ class Controller:
             return f"event {out['event_id']} marked normal: {_refit_line(out)}", d.status()
         if command.action == "start":
             seconds = d.start_learning(command.seconds)
-            return f"learning for {seconds:g} s of audio; no anomaly events until it ends", None
+            self._learn_id = command.id
+            paused = (  # a mute's audio is not learnt (maintenance is not normal running)
+                "; paused while muted: it learns once unmuted" if d.muted else ""
+            )
+            return (
+                f"learning for {seconds:g} s of audio; no anomaly events until it ends{paused}; "
+                "a second reply says how it ended",
+                None,
+            )
+        self._learn_id = None  # cancel, stop: its reply is the outcome
         if command.action == "cancel":
             d.cancel_learning()
             return f"learning cancelled, keeping {d.bundle.model_id}", None
         out = d.stop_learning()
         return f"learning stopped: {_refit_line(out)}", d.status()
+
+    def _learning_ended(self, outcome: dict[str, Any]) -> None:
+        """A period that ended by itself: the second reply to its `learn start` (same id), ok
+        when a new version runs; a refit that failed was said only in the journal."""
+        cid, self._learn_id = self._learn_id, None
+        d = self.detector
+        if "error" in outcome:
+            detail = (
+                f"learning ended, keeping {d.bundle.model_id}: refit failed: {outcome['error']}"
+            )
+            self._reply("learn", cid, False, detail)
+        else:
+            self._reply("learn", cid, True, f"learning ended: {_refit_line(outcome)}", d.status())
 
     def _allowed(self, path: Path) -> Path:
         """A bundle name in a models folder, or a path inside one; anything else is refused."""

@@ -253,6 +253,9 @@ class Detector:
         """A learning period's windows (end, features, period) of the last STOP_SECONDS, learnt
         only once the machine has not gone quiet after them (training's rule)."""
         self.state = DeviceState(settings.data_dir) if persist else None
+        self.on_learning_end: Callable[[dict[str, Any]], None] | None = None
+        """Told the outcome of a period that ended by itself (its refit's summary, or `error`):
+        the controller answers the `learn start` with it (a `learn stop` gets it as its reply)."""
         self.adapter = (
             Adapter(
                 settings.data_dir,
@@ -589,7 +592,9 @@ class Detector:
             if self.adapter is None or self.adapter.period is not period or self.muted:
                 continue
             if self.adapter.observe(row):
-                self._finish_learning()
+                outcome = self._finish_learning()
+                if self.on_learning_end is not None:
+                    self.on_learning_end(outcome)
 
     def threshold_bounds(self, settings: Settings | None = None) -> tuple[float, float]:
         """The thresholds set_threshold accepts for the running model and settings (or these)."""

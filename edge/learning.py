@@ -315,7 +315,7 @@ def site_refit(
     featurizer(base)
     trained = plugin_for(base.manifest).scorer(base)
     marked = np.zeros(len(site), bool) if marked is None else marked
-    has_training = all(k in base.arrays for k in (TRAINING_FEATURES, FIT_CENTER, FIT_PRECISION))
+    has_training = _has_training(base)
     _require_backing(base, has_training, int((~marked).sum()))
     z = trained.standardize(site) if len(site) else np.zeros((0, trained.dim))
     final = _model(trained, *pooled(trained, _windows(base), z))
@@ -340,6 +340,22 @@ def site_refit(
 
 Held = list[tuple[np.ndarray, np.ndarray]]
 """Held-out scores and band shares, per group of windows."""
+
+
+def _has_training(base: Bundle) -> bool:
+    """The bundle carries its training summary (trained by a release that learns on site)."""
+    return all(k in base.arrays for k in (TRAINING_FEATURES, FIT_CENTER, FIT_PRECISION))
+
+
+def require_period(base: Bundle, seconds: float) -> None:
+    """Refuse at its start a period too short for its refit to be taken (`_require_backing`):
+    it ran to its end, and its refit failed with no word on MQTT (a review of the contract)."""
+    if not _has_training(base) and seconds < MIN_AUDIO_SECONDS:
+        raise LearningError(
+            f"{base.model_id} carries no training windows (trained before learning on site), "
+            f"so {MIN_AUDIO_SECONDS:g} s of the site's normal running must back the threshold: "
+            f"ask for a period of at least {MIN_AUDIO_SECONDS:g} s"
+        )
 
 
 def _require_backing(base: Bundle, has_training: bool, site_windows: int) -> None:
