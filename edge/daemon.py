@@ -1086,22 +1086,23 @@ class Detector:
     def emit_state(self, state: str | None = None) -> None:
         """Send the current state (or `state`) to every sink."""
         state = state or self.current_state()
+        gone = state == "stopped"  # retained till the next start: no reading of a daemon gone
         message = StateMessage(
             state=state,  # type: ignore[arg-type]
             device_id=self.settings.device_id,
             model=self.bundle.model_id,
             threshold=round(self.pipeline.threshold, 6),
             updated_at=iso(self.clock()),
-            score=_round(self._last_score, 6),  # NaN (1e30 in a float WAV) is no JSON
-            level_dbfs=self._level_dbfs,
+            score=None if gone else _round(self._last_score, 6),  # NaN (a float WAV's 1e30)
+            level_dbfs=None if gone else self._level_dbfs,
             event_id=self.pipeline.events.event_id,
             # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time
-            muted_until=iso(self.muted_until) if self.muted and state != "stopped" else None,
+            muted_until=iso(self.muted_until) if self.muted and not gone else None,
             label=self.pipeline.events.label,
             # faulty audio says nothing, nor a daemon gone (`stopped` stays retained till its start)
-            machine=None if state in ("fault", "stopped") else self._machine,
+            machine=None if state == "fault" or gone else self._machine,
             progress=round(self.adapter.period.progress, 4)
-            if self.adapter is not None and self.adapter.period is not None
+            if self.adapter is not None and self.adapter.period is not None and not gone
             else None,
         )
         self._to_sinks("state", message)

@@ -723,8 +723,11 @@ def test_the_state_is_starting_until_a_window_is_heard_and_stopped_has_no_mute_e
         assert heard[0].state == ("muted" if muted else "normal") and heard[0].level_dbfs < 0
         assert bool(heard[0].muted_until) == muted
         assert rec.states[-1].state == "stopped" and rec.states[-1].muted_until is None
-        # retained until the next start: a stopped daemon does not know the machine runs
-        assert heard[-2].machine == "running" and rec.states[-1].machine is None
+        # retained until the next start: a stopped daemon does not know the machine runs, nor
+        # what it would score or hear now (a SCADA tag read the last score as live)
+        stopped = rec.states[-1]
+        assert heard[-1].machine == "running" and stopped.machine is None
+        assert (stopped.score, stopped.level_dbfs, stopped.progress) == (None, None, None)
 
 
 def test_a_dead_microphone_at_start_claims_no_state_and_no_machine(tmp_path: Path) -> None:
