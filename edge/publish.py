@@ -1117,6 +1117,7 @@ class MqttPublisher:
         while self.connected and self._pending() and time.monotonic() < deadline:
             time.sleep(0.05)
             self._wake.set()
+        said = False
         if self.connected:
             info = self._publish(self.topics.availability, OFFLINE, 1, retain=True, props=True)
             while (  # an `offline` over the broker's packet limit was never handed to paho
@@ -1126,10 +1127,16 @@ class MqttPublisher:
                 and time.monotonic() < deadline
             ):
                 time.sleep(0.02)
-        # "disconnect with will message": a backlog still draining holds `offline` behind it
-        # in paho's queue, and a plain DISCONNECT made the broker drop the will, so it kept
-        # `online` (and the last state) for a device that had stopped
-        self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, WITH_WILL))
+            said = info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published()
+        # Unless the broker acknowledged `offline`, "disconnect with will message": a backlog
+        # still draining holds `offline` behind it in paho's queue, and a plain DISCONNECT made
+        # the broker drop the will, so it kept `online` (and the last state) for a device that
+        # had stopped. Once acknowledged, a plain one: the will would say it twice.
+        self.client.disconnect(
+            reasoncode=ReasonCode(
+                PacketTypes.DISCONNECT, "Normal disconnection" if said else WITH_WILL
+            )
+        )
         # paho joins its network thread without a limit, and that thread may be in a connect
         # attempt to an unanswering broker or DNS server: bounded here, so the daemon stops
         # well within systemd's TimeoutStopSec (the spool keeps what was not sent)

@@ -61,6 +61,11 @@ def test_replay_realtime_publishes_online_start_end_offline(
         assert [e["event_id"] for e in printed] == [e["event_id"] for e in events]
         state = sub.on("/state")[-1].json()
         assert state["state"] in ("normal", "stopped") and state["device_id"] == "e2e"
+        # `offline` once: the will came as well, 20 ms after it (a review of the contract);
+        # a marker sent once the daemon has exited arrives after anything it caused
+        sub.client.publish("soundsentry/e2e/marker", "after", qos=1)
+        assert sub.wait_for(lambda ms: any(m.topic.endswith("/marker") for m in ms), timeout=10)
+        assert kinds(sub.messages).count("offline") == 1, kinds(sub.messages)
     finally:
         sub.close()
 
