@@ -680,8 +680,9 @@ class Detector:
         return {
             "state": self.current_state(),
             "model": self.bundle.model_id,
-            "threshold": self.threshold,
-            "calibrated_threshold": self.bundle.threshold,
+            # as the state message rounds it: a SCADA mapper saw 1.8726604335196857 and 1.87266
+            "threshold": round(self.threshold, 6),
+            "calibrated_threshold": round(self.bundle.threshold, 6),
             "muted_until": iso(self.muted_until) if self.muted else None,
             "faults": sorted(self.health.active),
             "windows_scored": self.metrics.windows,

@@ -75,6 +75,9 @@ def test_public_api_mute_threshold_and_status_over_a_file(tmp_path: Path) -> Non
     assert rec.kinds() == []  # the fault stays below a threshold raised this far
     assert d.threshold == pytest.approx(high)
     assert d.status()["windows_scored"] == d.windows > 0
+    # one number for the threshold on every topic (the reply had 16 digits, the state 6)
+    assert d.status()["threshold"] == rec.states[-1].threshold == round(high, 6)
+    assert d.status()["calibrated_threshold"] == round(d.bundle.threshold, 6)
 
 
 @pytest.mark.parametrize(
