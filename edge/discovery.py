@@ -241,6 +241,11 @@ def _diagnostics(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
+COMMAND_QOS = 1
+"""The QoS Home Assistant's controls publish their commands at: `set`'s (its default is 0, so a
+press or a mute sent across a reconnect was lost)."""
+
+
 def _controls(
     topics: Topics, threshold: float | None, in_force: float | None = None, classifier: bool = False
 ) -> dict[tuple[str, str], dict[str, Any]]:
@@ -249,7 +254,7 @@ def _controls(
         ("switch", "mute"): {
             "name": "Mute",
             "command_topic": topics.command,
-            "qos": 1,  # as `set` is: HA's default is 0, and a mute lost on a reconnect is lost
+            "qos": COMMAND_QOS,
             "payload_on": _command({"command": "mute", "minutes": HA_MUTE_MINUTES}),
             "payload_off": _command({"command": "unmute"}),
             "state_topic": topics.state,
@@ -261,7 +266,7 @@ def _controls(
         ("button", "mark_normal"): {
             "name": "Mark last event normal",
             "command_topic": topics.command,
-            "qos": 1,  # as `set` is: HA's default is 0, and a mute lost on a reconnect is lost
+            "qos": COMMAND_QOS,
             "payload_press": _command({"command": "mark_normal", "event_id": "last"}),
             "icon": "mdi:check-circle-outline",
         },
@@ -271,7 +276,7 @@ def _controls(
         controls[("number", "threshold")] = {
             "name": "Threshold",
             "command_topic": topics.command,
-            "qos": 1,  # as `set` is: HA's default is 0, and a mute lost on a reconnect is lost
+            "qos": COMMAND_QOS,
             "command_template": '{"command":"set_threshold","value":{{ value }}}',
             "state_topic": topics.state,
             "value_template": "{{ value_json.threshold }}",
