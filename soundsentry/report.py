@@ -24,7 +24,14 @@ from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
 from edge.errors import AudioError, SoundSentryError, install_extra
 from edge.features import FeatureParams, LogMel, mel_band_edges
 from edge.settings import DetectorSettings
-from train.evaluate import Report, classification, device_run, evaluate, write_json
+from train.evaluate import (
+    Report,
+    classification,
+    device_run,
+    evaluate,
+    evidence_scores,
+    write_json,
+)
 from train.metrics import roc_curve
 
 FIG_DPI = 110
@@ -147,7 +154,7 @@ def write_full_report(
     # off) are gaps, not the hundreds a dropout scores
     audio = read_audio(timeline_file, p.samplerate, file_channel(timeline_file, channel))
     steps, events = device_run(audio, bundle, detector)
-    scores = np.array([s.window.score if s.evidence else np.nan for s in steps], np.float64)
+    scores = evidence_scores(steps)
     name = f"{Path(timeline_file).name} ({report.variant})"
     # the threshold the device runs with (a [detector] threshold drew the bundle's, in a review)
     timeline = Timeline(name, scores, p.hop_seconds, report.threshold, events)

@@ -294,11 +294,12 @@ def device_events(
     files in replay with them, on 8 in evaluate without)."""
     steps, _ = device_run(audio, bundle, detector)
     raised = any(t.kind == "start" for step in steps for t in step.transitions)
-    scores = np.array(
-        [step.window.score if step.evidence else np.nan for step in steps],
-        np.float64,
-    )
-    return scores, raised, sum(step.machine == OFF for step in steps)
+    return evidence_scores(steps), raised, sum(step.machine == OFF for step in steps)
+
+
+def evidence_scores(steps: list[Step]) -> np.ndarray:
+    """The steps' window scores, NaN where the device takes no evidence."""
+    return np.array([s.window.score if s.evidence else np.nan for s in steps], np.float64)
 
 
 def device_run(
