@@ -262,10 +262,11 @@ def test_training_messages_name_the_file_and_refuse_what_would_be_ignored(tmp_pa
     line = _error_line(cli("train", "--normal", str(big), "--out", out, check=False))
     assert f"{sorted(big.iterdir())[0]}: float samples reach" in line and "-1..1" in line
     files = [str(f) for f in NORMAL_FILES]
-    line = _error_line(
-        cli("train", "--normal", *files, "--channel", "1", "--out", out, check=False)
+    stereo = _stereo_ch0_dead(NORMAL_FILES, tmp_path / "stereo")  # (a mono file is read as its
+    line = _error_line(  # one channel whatever --channel, as `record` writes it)
+        cli("train", "--normal", *map(str, stereo), "--channel", "2", "--out", out, check=False)
     )
-    assert f"{NORMAL_FILES[0]}: channel 1 does not exist" in line
+    assert f"{stereo[0]}: channel 2 does not exist" in line
     bad = cli("train", "--normal", *files, "--channel", "-2", "--out", out, check=False)
     assert bad.returncode == 1 and "-1 (the average)" in bad.stderr
     line = _error_line(cli("train", "--normal", *files, "--seed", "3", "--out", out, check=False))
@@ -587,22 +588,22 @@ def test_a_path_flag_given_twice_keeps_both_sets(tmp_path: Path) -> None:
 def test_a_channel_some_files_lack_names_every_one_of_them_at_once(
     tmp_path: Path, given: str
 ) -> None:
-    """`--channel 1` over a folder of mono recordings named the first of them only (when it was
-    read), so each was found by another run; `--normal-states` only once TensorFlow had loaded
-    (a TensorFlow that cannot load shows it is not)."""
+    """`--channel 2` over a folder of stereo recordings named the first of them only (when it
+    was read), so each was found by another run; `--normal-states` only once TensorFlow had
+    loaded (a TensorFlow that cannot load shows it is not). (The folder held mono recordings and
+    asked for channel 1; a mono file is now read as its one channel, as `record` writes it.)"""
     fake = tmp_path / "site" / "tensorflow"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('TensorFlow was loaded')\n")
     folder = tmp_path / "states" / "running"
     folder.mkdir(parents=True)
-    mono = [folder / f"mono{i}.wav" for i in range(3)]
-    for path, src in zip(mono, NORMAL_FILES, strict=False):
-        sf.write(str(path), _mono(src), RATE, subtype="PCM_16")
-    _stereo_ch0_dead([NORMAL_FILES[3]], folder)
+    stereo = _stereo_ch0_dead(NORMAL_FILES[:3], folder)
+    audio = _mono(NORMAL_FILES[3])
+    sf.write(str(folder / "four.wav"), np.stack([audio] * 4, 1), RATE, subtype="PCM_16")
     root = folder if given == "--normal" else folder.parent
-    proc = cli("train", given, str(root), "--channel", "1", "--out", str(tmp_path / "m.bundle"),
+    proc = cli("train", given, str(root), "--channel", "2", "--out", str(tmp_path / "m.bundle"),
                env={"PYTHONPATH": str(tmp_path / "site")}, check=False)  # fmt: skip
     line = _error_line(proc)
     assert line.startswith("soundsentry: error: 3 of 4 files cannot be used"), line
-    assert all(f"{path}: channel 1 does not exist" in line for path in mono), line
+    assert all(f"{path}: channel 2 does not exist" in line for path in stereo), line
     assert "TensorFlow was loaded" not in proc.stderr
