@@ -351,4 +351,6 @@ def local_time(stamp: datetime | str) -> str:
 
 
 def _number(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    """Four significant digits, trailing zeros kept: a column of peaks read 2.59 beside 2.357
+    (a soak walk-through), as if measured to another precision."""
+    return "-" if value is None else f"{value:#.4g}"

@@ -496,6 +496,8 @@ def test_an_interrupted_event_and_its_trigger_are_in_the_csv_and_the_listing(
     line = format_event(read_events(tmp_path)[0])
     assert "<=1020563.6 s" in line and line.endswith("interrupted")
     assert ", raised by evidence over time)" in line, line  # "peak 2.4 (integrated) (threshold"
+    # one precision for every number of the column: 4.000, not 4 beside 2.357 (a soak)
+    assert "peak 4.000 (threshold 1.000, raised" in line, line
 
 
 def test_events_says_how_far_back_a_rotated_log_reaches(tmp_path: Path) -> None:
