@@ -73,10 +73,10 @@ class FileSource:
     def locate(self, stream_s: float) -> tuple[Path, float]:
         """The file a position in the replayed stream lies in (the files one after another, as
         the daemon counts `stream_offset_s`) and the position within it."""
-        start = 0.0
-        for path, (frames, rate) in zip(self.files, self._frames, strict=True):
+        start, last = 0.0, len(self.files) - 1
+        for i, (path, (frames, rate)) in enumerate(zip(self.files, self._frames, strict=True)):
             end = start + frames / rate
-            if stream_s < end or path == self.files[-1]:
+            if stream_s < end or i == last:  # past the end (rounding): the last file's
                 return path, stream_s - start
             start = end
         raise ValueError("no files")  # replay refuses a run without files before it builds one
