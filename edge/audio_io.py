@@ -179,10 +179,10 @@ def select_channel(audio: np.ndarray, channel: int) -> np.ndarray:
     return np.ascontiguousarray(audio[:, channel])
 
 
-def file_channel(path: str | Path, channel: int) -> int:
-    """The channel to read of `path` for a model of `channel`: a mono file's only one (what
-    `record` writes, from the channel the service listens on), whatever channel it was."""
-    return 0 if channel > 0 and sf.info(sf_path(path)).channels == 1 else channel
+def mono_channel(channel: int, channels: int) -> int:
+    """The channel to read of a file of `channels` for a model of `channel`: a mono file's only
+    one (what `record` writes, from the channel the service listens on), whatever it was."""
+    return 0 if channel > 0 and channels == 1 else channel
 
 
 def _no_channel(channel: int, channels: int, path: Path | None = None) -> AudioError:
@@ -346,19 +346,25 @@ the model's rate that comes out."""
 
 
 def read_audio(
-    path: str | Path, samplerate: int, channel: int = 0, need_sound: bool = False
+    path: str | Path,
+    samplerate: int,
+    channel: int = 0,
+    need_sound: bool = False,
+    mono_any: bool = False,
 ) -> np.ndarray:
     """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line.
     `need_sound`: also refuse a channel that is digital silence or a flat line all through
     (edge.health's notions: a dead or muted input, a stuck DC level; fitted on, it makes the
     statistics singular, calibrated on, a threshold near zero), for the audio a model is fitted
     or calibrated on, and warn of clipping or a DC offset. Read, checked, reduced to one channel
-    and resampled block by block (READ_BLOCK_SECONDS), with the result of reading it whole."""
+    and resampled block by block (READ_BLOCK_SECONDS), with the result of reading it whole.
+    `mono_any`: a mono file is read as its one channel, whatever `channel` (`mono_channel`)."""
     path = Path(path)
     _require_present(path)
     try:
         with sf.SoundFile(sf_path(path)) as fh:
             rate, channels = fh.samplerate, fh.channels
+            channel = mono_channel(channel, channels) if mono_any else channel
             check_header_rate(path, rate)
             valid = channel == DOWNMIX or 0 <= channel < channels
             resampler = (

@@ -20,7 +20,6 @@ import numpy as np
 from edge.advice import require_audio, warn_short
 from edge.audio_io import (
     check_files,
-    file_channel,
     find_audio,
     read_audio,
     without_copies,
@@ -86,7 +85,7 @@ def calibrate_bundle(
     # the service listens on) is read whatever channel the model was fitted on
     check_files(files, max(channel, 0), p.samplerate, mono_any=True)
     files = without_copies(files)  # a copy would be scored by a model that holds it
-    audio = [read_audio(f, p.samplerate, file_channel(f, channel), need_sound=True) for f in files]
+    audio = [read_audio(f, p.samplerate, channel, need_sound=True, mono_any=True) for f in files]
     files, audio = _windowed(files, audio, p)
     machine, shift = _site_machine(bundle, audio)
     off_like = _off_state_levels(bundle, shift)

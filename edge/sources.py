@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from edge.audio_io import check_files, file_channel, select_channel, sf_path
+from edge.audio_io import check_files, mono_channel, select_channel, sf_path
 
 READ_SECONDS = 1.0
 """Audio read from disk at a time (memory stays flat however long the files are)."""
@@ -83,9 +83,9 @@ class FileSource:
 
     def _file_blocks(self, path: Path) -> Iterator[np.ndarray]:
         """Mono blocks of one file at the model's rate, read and resampled incrementally."""
-        channel = file_channel(path, self.channel)  # a mono file's one channel, whatever
         with sf.SoundFile(sf_path(path)) as fh:
             rate = fh.samplerate
+            channel = mono_channel(self.channel, fh.channels)  # a mono file's one, whatever
             resampler = (
                 None
                 if rate == self.samplerate

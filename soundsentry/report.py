@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.audio_io import file_channel, find_audio, read_audio
+from edge.audio_io import find_audio, read_audio
 from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
 from edge.errors import AudioError, SoundSentryError, install_extra
 from edge.features import FeatureParams, LogMel, mel_band_edges
@@ -152,7 +152,7 @@ def write_full_report(
     p = bundle.features
     # as the device scores it: windows it judges nothing by (silence, a dropout, the machine
     # off) are gaps, not the hundreds a dropout scores
-    audio = read_audio(timeline_file, p.samplerate, file_channel(timeline_file, channel))
+    audio = read_audio(timeline_file, p.samplerate, channel, mono_any=True)
     steps, events = device_run(audio, bundle, detector)
     scores = evidence_scores(steps)
     name = f"{Path(timeline_file).name} ({report.variant})"

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from edge.audio_io import file_channel, read_audio
+from edge.audio_io import read_audio
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, id_stem, sha256_bytes, write_bundle
 from edge.errors import AudioError
 from edge.features import FeatureParams, windows_of
@@ -50,7 +50,7 @@ def split_windows(
                 name, len(files),
             )  # fmt: skip
         for path in progress(files, f"features {name}"):
-            audio = read_audio(path, params.samplerate, file_channel(path, channel))
+            audio = read_audio(path, params.samplerate, channel, mono_any=True)
             train_part, val_part = holdout.parts(path, audio, params.window_samples)
             for part, xs, ys, p in ((train_part, xt, yt, dense), (val_part, xv, yv, params)):
                 w = windows_of(part, p, heard=True)  # as the device hears them

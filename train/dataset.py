@@ -15,7 +15,6 @@ import soundfile as sf
 from edge.advice import MIN_AUDIO_SECONDS, audio_seconds, require_audio, warn_short
 from edge.audio_io import (
     check_files,
-    file_channel,
     find_audio,
     read_audio,
     sf_path,
@@ -254,7 +253,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     train, hold = [], []
     train_s = hold_s = 0.0
     audios = [
-        read_audio(path, params.samplerate, file_channel(path, channel), need_sound=True)
+        read_audio(path, params.samplerate, channel, need_sound=True, mono_any=True)
         for path in progress(files, "reading")
     ]
     machine = machine_profile(audios, params)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.audio_io import check_files, file_channel, find_audio, first_few, read_audio
+from edge.audio_io import check_files, find_audio, first_few, read_audio
 from edge.bundle import Bundle, channel_for, load_bundle, sha256_file
 from edge.errors import AudioError, SoundSentryError
 from edge.features import windows_of
@@ -217,7 +217,7 @@ def evaluate(
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
             scores, raised, off_windows = device_events(
-                read_audio(path, p.samplerate, file_channel(path, channel)), bundle, detector
+                read_audio(path, p.samplerate, channel, mono_any=True), bundle, detector
             )
             if len(scores) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
@@ -346,7 +346,7 @@ def classify_items(
         if name not in labels:
             raise AudioError(f"class folder {name!r} is not one of the model's {labels}")
         for path in progress(files, f"scoring {name}"):
-            audio = read_audio(path, p.samplerate, file_channel(path, channel))
+            audio = read_audio(path, p.samplerate, channel, mono_any=True)
             windows = windows_of(audio, p, heard=True)
             if len(windows) == 0:
                 log.warning("%s: shorter than one window, or silent; skipped", path)

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from edge import __version__
-from edge.audio_io import file_channel, read_audio, sf_path
+from edge.audio_io import read_audio, sf_path
 from edge.bundle import (
     ALL_CHANNELS,
     FORMAT,
@@ -107,7 +107,7 @@ def channel_views(
 ) -> list[np.ndarray]:
     """The audio of one file: one channel (or a downmix), or every channel as its own view."""
     if not all_channels:
-        return [read_audio(path, params.samplerate, file_channel(path, channel), need_sound=True)]
+        return [read_audio(path, params.samplerate, channel, need_sound=True, mono_any=True)]
     try:
         n = sf.info(sf_path(path)).channels
     except (sf.LibsndfileError, RuntimeError):
