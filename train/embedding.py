@@ -269,11 +269,11 @@ def states_not_apart(
     log-mel windows (`windows[i]`, (n, frames, mels)) lie nearest its own band levels
     (`levels[i]`) less than STATES_APART of the time, (its name, that share, the state the
     others lie nearest most often)."""
-    found = []
+    found, namer = [], StateNamer(names, levels)
     for i, w in windows.items():
         if not len(w):
             continue
-        nearest = StateNamer(names, levels).nearest_of(w.mean(axis=1))  # as the edge names them
+        nearest = namer.nearest_of(w.mean(axis=1))  # as the edge names them
         share = float(np.mean(nearest == i))
         if share < STATES_APART:
             others = np.bincount(nearest[nearest != i], minlength=len(names))
