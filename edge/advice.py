@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from edge.audio_io import check_files, first_few
+from edge.audio_io import first_few
 from edge.errors import AudioError
 from edge.machine_state import OFF
 from edge.threshold import describe, interval_text
@@ -32,12 +32,6 @@ MIN_AUDIO_SECONDS = 10.0
 RECOMMENDED_AUDIO_SECONDS = 300.0
 WIDE_INTERVAL = 100.0
 """A predicted false-alarm interval whose ends differ by more than this factor is called wide."""
-
-
-def audio_seconds(files: list[Path], channel: int = 0, samplerate: int | None = None) -> float:
-    """Total length of audio files, read from their headers; one AudioError naming every file
-    that cannot be used (unreadable, or below the model's `samplerate`)."""
-    return sum(frames / rate for frames, rate in check_files(files, max(channel, 0), samplerate))
 
 
 def warn_short(short: list[str], window_seconds: float) -> None:

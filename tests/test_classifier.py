@@ -250,6 +250,23 @@ def test_int8_calibration_sees_every_class_a_rare_one_too() -> None:
     assert len(set(pick)) == len(pick)
 
 
+def test_class_folders_read_mono_files_as_the_channel_given(classes: Path, tmp_path: Path) -> None:
+    """`train --classes DIR --channel 3` on `record`'s mono files stopped with "channel 3 does
+    not exist" (every file named) where `--normal` and `--normal-states` read a mono file as its
+    one channel; a multichannel file without the channel is still refused, named."""
+    from edge.errors import AudioError
+    from train.dataset import class_folders
+
+    groups = class_folders(classes, channel=3)  # the fixture's recordings are mono
+    assert sorted(groups) == ["fault", "running"]
+    stereo = tmp_path / "classes"
+    shutil.copytree(classes, stereo)
+    audio = read_audio(NORMAL_FILES[0], RATE)
+    sf.write(stereo / "running" / "stereo.wav", np.stack([audio, audio], axis=1), RATE)
+    with pytest.raises(AudioError, match=r"stereo\.wav: channel 3 does not exist"):
+        class_folders(stereo, channel=3)
+
+
 def test_a_class_validated_on_its_own_recordings_is_said(
     classes: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

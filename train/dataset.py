@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from edge.advice import MIN_AUDIO_SECONDS, audio_seconds, require_audio, warn_short
+from edge.advice import MIN_AUDIO_SECONDS, require_audio, warn_short
 from edge.audio_io import (
     check_files,
     find_audio,
@@ -322,7 +322,9 @@ def class_folders(
         need = "two subfolders" if least == 2 else f"{least} subfolder(s)"
         raise AudioError(f"{root}: need at least {need} with audio (one per class)")
     every = [f for v in groups.values() for f in v]
-    audio_seconds(every, channel, samplerate)  # every file that cannot be used, named at once
+    # every file that cannot be used named at once; a mono file is read as its one channel
+    # (train.classifier reads it so), as `--normal` and `--normal-states` check them
+    check_files(every, max(channel, 0), samplerate, mono_any=True)
     kept = set(without_copies(every))  # across classes too: a recording in two is a mislabel
     groups = {name: [f for f in files if f in kept] for name, files in groups.items()}
     for name, files in groups.items():
