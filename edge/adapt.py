@@ -32,10 +32,10 @@ from edge.features import FeatureParams
 from edge.history import (
     ModelHistory,
     VersionUnwrittenError,
+    load_version,
     now_iso,
     read_json,
     write_json,
-    written_over,
 )
 from edge.learning import (
     FeatureStore,
@@ -198,7 +198,7 @@ class Adapter:
         if entry is None:
             return self.configured
         try:
-            bundle = self._version(entry)
+            bundle = load_version(entry)
         except SoundSentryError as exc:
             log.error("version %d unusable, using the configured model: %s", entry["version"], exc)
             try:
@@ -267,7 +267,7 @@ class Adapter:
         target = self.history.rollback_target()
         entry = self.history.entry(target)
         try:
-            bundle = self.configured if entry is None else self._version(entry)
+            bundle = self.configured if entry is None else load_version(entry)
             self._check_runs(bundle)
         except SoundSentryError as exc:
             what = "the configured model" if entry is None else f"version {target}"
@@ -280,25 +280,6 @@ class Adapter:
             except LearningError:
                 self.model_changed(bundle)
         return bundle
-
-    def _version(self, entry: dict[str, Any]) -> Bundle:
-        """The bundle of a history entry. BundleError when its folder holds another bundle now
-        (its checksum differs from the one recorded): a bundle loaded by reload_model is kept
-        where it was, and `calibrate` writing the same --out again replaced it, so returning to
-        the version would run another model while the history said it ran that one. Entries
-        from before checksums were recorded load what is there."""
-        path = Path(entry["path"])
-        now = written_over(entry, path)  # before loading: a bundle this release cannot read
-        if now is None:
-            bundle = load_bundle(path)
-            recorded = entry.get("checksum")  # and what was loaded: written over in between
-            if recorded is None or recorded == bundle.manifest.checksum:
-                return bundle
-            now = bundle.model_id
-        raise BundleError(
-            f"{entry['path']} now holds {now}, not the {entry.get('model_id')} of version "
-            f"{entry['version']} (written over since; reload_model loads it as a new version)"
-        )
 
     def _check_runs(self, bundle: Bundle) -> None:
         """SoundSentryError when the settings in force cannot run `bundle`."""

@@ -19,13 +19,14 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge.bundle import Bundle, Manifest, read_manifest, write_bundle
+from edge.bundle import Bundle, Manifest, load_bundle, write_bundle
 from edge.errors import BundleError, SoundSentryError
 from edge.private import atomic_write, private_dir
 
@@ -106,18 +107,42 @@ def active_entry(folder: Path, configured: str) -> dict[str, Any] | None:
     return next((e for e in entries if _readable(e) and e["version"] == active), None)
 
 
-def manifest_in_use(folder: Path, configured: Bundle) -> Manifest:
+def manifest_in_use(folder: Path, configured: Bundle, runs: Callable[[Bundle], object]) -> Manifest:
     """The manifest of the model a start with `configured` runs: its active site version's (as
-    `active_entry` finds it, not written over since), else the configured bundle's; read without
-    writing anything. `replay` takes its default channel from it: a version learnt on channel 4
-    is a model of channel 4."""
+    `active_entry` finds it) if it loads (`load_version`) and `runs` under the settings in force
+    (raises SoundSentryError when not, as the daemon's check), else the configured bundle's; as
+    edge.adapt chooses, without writing anything. `replay` takes its default channel from it: a
+    version learnt on channel 4 is a model of channel 4, and one the daemon will not run is not
+    the model that listens."""
     entry = active_entry(folder, configured.model_id)
-    if entry is None or written_over(entry, Path(entry["path"])) is not None:
+    if entry is None:
         return configured.manifest
     try:
-        return read_manifest(entry["path"])
+        bundle = load_version(entry)
+        runs(bundle)
     except (SoundSentryError, OSError):  # the daemon says why at start and runs the configured
         return configured.manifest
+    return bundle.manifest
+
+
+def load_version(entry: dict[str, Any]) -> Bundle:
+    """The bundle of a history entry. BundleError when its folder holds another bundle now
+    (its checksum differs from the one recorded): a bundle loaded by reload_model is kept
+    where it was, and `calibrate` writing the same --out again replaced it, so returning to
+    the version would run another model while the history said it ran that one. Entries
+    from before checksums were recorded load what is there."""
+    path = Path(entry["path"])
+    now = written_over(entry, path)  # before loading: a bundle this release cannot read
+    if now is None:
+        bundle = load_bundle(path)
+        recorded = entry.get("checksum")  # and what was loaded: written over in between
+        if recorded is None or recorded == bundle.manifest.checksum:
+            return bundle
+        now = bundle.model_id
+    raise BundleError(
+        f"{entry['path']} now holds {now}, not the {entry.get('model_id')} of version "
+        f"{entry['version']} (written over since; reload_model loads it as a new version)"
+    )
 
 
 def written_over(entry: dict[str, Any], path: Path) -> str | None:

@@ -891,6 +891,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from edge.bundle import channel_for
     from edge.console import ReplayLines, ReplaySummary
     from edge.history import manifest_in_use
+    from edge.pipeline import Pipeline
     from edge.service import run_detector
     from edge.sources import FileSource
 
@@ -899,11 +900,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     files = find_audio(args.files)  # folders searched recursively, as everywhere else
     if not files:
         raise SoundSentryError("no audio files found in " + " ".join(map(str, args.files)))
+    # a stereo file's other machine; the site version the data folder runs, if it has one
+    running = manifest_in_use(
+        settings.data_dir / "models", bundle, lambda b: Pipeline(b, settings.detector)
+    )
     source = FileSource(
         files,
         bundle.features.samplerate,
-        # a stereo file's other machine; the site version the data folder runs, if it has one
-        channel_for(manifest_in_use(settings.data_dir / "models", bundle), args.channel, "replay"),
+        channel_for(running, args.channel, "replay"),
         settings.audio.block_seconds,
         realtime=args.realtime,
         continuous=args.continuous,

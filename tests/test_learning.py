@@ -228,6 +228,14 @@ def test_a_version_learnt_on_another_channel_is_a_model_of_that_channel(tmp_path
     other = cli("replay", str(DEMO_BUNDLE), "--channel", "0", str(ANOMALOUS_FILE),
                 "--config", str(config), env=env)  # fmt: skip
     assert "but the model was fitted on channel 3" in other.stderr
+    # a version that no longer loads (its arrays damaged): the configured model runs, and the
+    # channel is the configured model's, not the version's (it read channel 3 for a model of
+    # another, and called the right one another)
+    (Path(entry["path"]) / "arrays.npz").write_bytes(b"damaged")
+    configured = cli("--log-level", "INFO", "replay", str(DEMO_BUNDLE), "--channel", "0",
+                     str(ANOMALOUS_FILE), "--config", str(config), env=env)  # fmt: skip
+    assert "version 1 unusable, using the configured model" in configured.stderr
+    assert "fitted on channel" not in configured.stderr, configured.stderr
 
 
 def test_a_model_learns_once_even_after_its_learning_version_is_pruned(tmp_path: Path) -> None:
