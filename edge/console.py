@@ -119,14 +119,22 @@ class ReplayLines(Sink):
     def __init__(self, locate: Callable[[float], tuple[object, float]], stream: TextIO) -> None:
         self.locate = locate
         self.stream = stream
+        self._began: dict[str, tuple[object, float, float]] = {}
+        """Open events: the file each began in, its position there and in the stream."""
 
     def event(self, message: EventMessage) -> None:
         data = message.to_dict()
         at = data.get("stream_offset_s")  # None: an `interrupted` end (its end was not heard)
         if at is not None:
-            began = at - (data.get("duration_s") or 0.0) if data["type"] == "end" else at
-            path, offset = self.locate(began)
-            data |= {"file": str(path), "file_offset_s": round(offset + at - began, 3)}
+            began = self._began.get(message.event_id)
+            if began is None:  # a start (or an event begun before this replay: from its length)
+                start_s = at - (data.get("duration_s") or 0.0) if data["type"] == "end" else at
+                began = (*self.locate(start_s), start_s)
+                self._began[message.event_id] = began
+            path, offset, start_s = began
+            data |= {"file": str(path), "file_offset_s": round(offset + at - start_s, 3)}
+        if data["type"] == "end":
+            self._began.pop(message.event_id, None)
         self.stream.write(json.dumps(data) + "\n")
         self.stream.flush()
 

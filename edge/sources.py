@@ -4,6 +4,7 @@ as possible or paced in real time."""
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from edge.audio_io import check_files, mono_channel, select_channel, sf_path
 
 READ_SECONDS = 1.0
 """Audio read from disk at a time (memory stays flat however long the files are)."""
+LOCATE_SLACK_S = 0.0005
+"""Half a millisecond: `stream_offset_s` is rounded to the millisecond."""
 
 
 class NewStream:
@@ -59,6 +62,8 @@ class FileSource:
         self._frames = check_files(
             self.files, max(channel, 0), samplerate, mono_any=True, float_samples=True
         )
+        self._begun: list[int] = []
+        """Where each file begun so far starts in the stream, in samples at the model's rate."""
 
     @property
     def paced(self) -> bool:
@@ -72,14 +77,15 @@ class FileSource:
 
     def locate(self, stream_s: float) -> tuple[Path, float]:
         """The file a position in the replayed stream lies in (the files one after another, as
-        the daemon counts `stream_offset_s`) and the position within it."""
-        start, last = 0.0, len(self.files) - 1
-        for i, (path, (frames, rate)) in enumerate(zip(self.files, self._frames, strict=True)):
-            end = start + frames / rate
-            if stream_s < end or i == last:  # past the end (rounding): the last file's
-                return path, stream_s - start
-            start = end
-        raise ValueError("no files")  # replay refuses a run without files before it builds one
+        the daemon counts `stream_offset_s`) and the position within it, among the files begun
+        so far. A file begins where the samples the ones before it gave at the model's rate end
+        (a resampled file's count is not its header's length); a position within half a
+        millisecond of a start, as `stream_offset_s`'s rounding leaves one, is that file's."""
+        at = bisect_right(self._begun, (stream_s + LOCATE_SLACK_S) * self.samplerate) - 1
+        if at < 0:
+            raise ValueError("no file begun")  # events come from audio, so after one began
+        start_s = self._begun[at] / self.samplerate
+        return self.files[at], max(0.0, stream_s - start_s)
 
     def _file_blocks(self, path: Path) -> Iterator[np.ndarray]:
         """Mono blocks of one file at the model's rate, read and resampled incrementally."""
@@ -111,9 +117,11 @@ class FileSource:
     def __iter__(self) -> Iterator[np.ndarray | NewStream]:
         t0 = time.monotonic()
         sent = 0
+        self._begun = []
         for i, path in enumerate(self.files):
             if i and not self.continuous:
                 yield NEW_STREAM
+            self._begun.append(sent)
             for block in self._file_blocks(path):
                 if self.realtime:
                     due = t0 + (sent + len(block)) / self.samplerate

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, NORMAL_FILES, cli
+from conftest import ANOMALOUS_FILE, DEMO_BUNDLE, DEMO_CLIP, NORMAL_FILES, cli
 
 from edge.audio_io import DOWNMIX, check_readable, find_audio, read_audio
 from edge.errors import AudioError
@@ -246,6 +246,25 @@ def test_replay_names_the_file_each_event_began_in_and_its_position_there(tmp_pa
         assert e["file_offset_s"] == pytest.approx(e["stream_offset_s"] - first, abs=0.01)
         assert 0 <= e["file_offset_s"] <= sf.info(str(ANOMALOUS_FILE)).duration
     assert events[1]["file_offset_s"] - events[0]["file_offset_s"] == events[1]["duration_s"]
+
+
+def test_replay_names_the_file_of_an_event_that_begins_with_it(tmp_path: Path) -> None:
+    """An event on a file's first window was put at the end of the file before it whenever that
+    one was not a whole number of milliseconds long (a Ctrl-C'd `record` chunk, a resampled
+    file): the position, rounded to the millisecond, fell short of the boundary."""
+    import json
+
+    normal = read_audio(NORMAL_FILES[0], RATE)
+    first = tmp_path / "1-normal.wav"  # 4 samples (0.25 ms) more than a whole second count
+    sf.write(first, np.concatenate([normal, normal[:4]]), RATE, subtype="FLOAT")
+    fault = tmp_path / "2-fault.wav"  # the demo's fault from its first window on
+    sf.write(fault, read_audio(DEMO_CLIP, RATE)[int(5.2 * RATE) : int(10.8 * RATE)], RATE)
+    proc = cli("replay", str(DEMO_BUNDLE), str(first), str(fault))
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["type"] for e in events] == ["start", "end"]
+    assert [e["file"] for e in events] == [str(fault)] * 2
+    assert events[0]["file_offset_s"] == 0.0
+    assert events[1]["file_offset_s"] == events[1]["duration_s"]
 
 
 def test_paths_that_are_no_recording_say_what_they_are(tmp_path: Path) -> None:
