@@ -19,6 +19,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,14 @@ class UnwrittenError(LearningError):
     """A refit whose version could not be written (a full or failing disk): its data stand."""
 
 
+@dataclass(frozen=True)
+class Asker:
+    """The `learn start` a period answers when it ends, however it ends (a second reply under
+    the command's id; None: it gave none). An automatic period ([learning] seconds) has none."""
+
+    id: str | None
+
+
 class Period:
     """A commissioning period: its length, how much audio it has collected, and the features."""
 
@@ -90,8 +99,12 @@ class Period:
         store: FeatureStore,
         of: str,
         collected_s: float = 0,
+        asker: Asker | None = None,
     ) -> None:
         self.target_s = target_s
+        self.asker = asker
+        """Who is answered when it ends; saved with it, so a period resumed after a restart
+        answers its start's id too."""
         self.hop_s = bundle.features.hop_seconds
         self.store = store
         self.of = of
@@ -159,6 +172,10 @@ class Adapter:
             data_dir / "models", settings.keep_versions, configured.model_id
         )
         self.period: Period | None = None
+        self.on_dropped: Callable[[Asker, str], None] | None = None
+        """Told when a period begun by a command is dropped unfinished (replaced, another model
+        in use, cancelled, or a saved one that cannot resume), with why: the daemon answers its
+        `learn start` again."""
         self.channel: int | None = None
         """The channel the site's audio comes from (the source's: [audio] channel, or replay's
         --channel), recorded in a refit's calibration as `calibrate` records its own: a
@@ -288,13 +305,19 @@ class Adapter:
 
     # --- the commissioning period ------------------------------------------------------------
 
-    def start(self, seconds: float, bundle: Bundle) -> None:
-        """Begin a period of `seconds` of audio (a running one is replaced)."""
+    def check_start(self, seconds: float, bundle: Bundle) -> int:
+        """Refuse (LearningError) a period `bundle` cannot learn or too short for its refit,
+        before anything changes; the number of features its windows have."""
         dim = feature_dim(bundle)
         require_period(self.base(), seconds)
-        self.cancel()
+        return dim
+
+    def start(self, seconds: float, bundle: Bundle, asker: Asker | None = None) -> None:
+        """Begin a period of `seconds` of audio (a running one is replaced)."""
+        dim = self.check_start(seconds, bundle)
+        self.cancel("another `learn start` replaced it")
         store = FeatureStore(dim, self.settings.max_windows)
-        self.period = Period(seconds, bundle, store, self.configured.model_id)
+        self.period = Period(seconds, bundle, store, self.configured.model_id, asker=asker)
         self.save_period()
         log.info("learning: started, %g s of audio", seconds)
 
@@ -311,7 +334,7 @@ class Adapter:
     def model_changed(self, bundle: Bundle) -> None:
         """Another model is now in use (reload_model, calibrate): a running period's features
         belong to the model it was begun with, so it is dropped, and said."""
-        if self.cancel():
+        if self.cancel(f"{bundle.model_id} is now in use"):
             log.warning(
                 "learning: the period was cancelled: %s is now in use (a period's features "
                 "belong to the model it began with; `learn start` begins one for this model)",
@@ -342,16 +365,23 @@ class Adapter:
                 "running, heard well above its off level); it goes on: `learn cancel` drops it"
             )
 
-    def cancel(self) -> bool:
-        """Drop the period and its features; True if one was running."""
-        had = self.period is not None
+    def cancel(self, why: str | None = None) -> Period | None:
+        """Drop the period and its features; the one that was running, if any. With `why` it
+        was dropped unfinished, and its asker is told (`on_dropped`)."""
+        had = self.period
         self.period = None
+        if why is not None and had is not None:
+            self._dropped(had.asker, why)
         for name in (f"{PERIOD}.json", f"{PERIOD}.npz"):
             try:
                 (self.folder / name).unlink(missing_ok=True)
             except OSError as exc:  # a read-only card: a start must not fail on it
                 log.error("learning: could not delete the period's %s: %s", name, exc)
         return had
+
+    def _dropped(self, asker: Asker | None, why: str) -> None:
+        if asker is not None and self.on_dropped is not None:
+            self.on_dropped(asker, why)
 
     def finish(self, in_use: Bundle) -> Bundle:
         """End the period (early for `stop`) and refit with its features. A refit the data
@@ -589,6 +619,7 @@ class Adapter:
                     "of": p.of,
                     **p.begun_with,
                     "heard_events": p.heard_events,
+                    **({"asker": {"id": p.asker.id}} if p.asker else {}),
                 },
             )
             p.saved_s = p.collected_s
@@ -606,6 +637,10 @@ class Adapter:
         if not data:
             return
         model = self.configured.model_id
+        asked = data.get("asker")
+        asker = Asker(asked.get("id")) if isinstance(asked, dict) else None
+        if asker is not None and not isinstance(asker.id, str | None):
+            asker = Asker(None)
         try:
             of = str(data.get("of", model))
             if of != model:
@@ -616,6 +651,7 @@ class Adapter:
         except (LearningError, KeyError, TypeError, ValueError) as exc:
             log.warning("learning: the saved period is dropped: %s", exc)
             self.cancel()
+            self._dropped(asker, f"the period saved before a restart could not resume: {exc}")
             return
         ident = data.get("period_id") or data.get("started_at")  # older saves: their start
         done = [e for e in self.history.entries if ident and e.get("period") == ident]
@@ -623,7 +659,7 @@ class Adapter:
             log.info("learning: the saved period ended in version %d already", done[-1]["version"])
             self.cancel()
             return
-        self.period = Period(seconds, bundle, store, model, collected)
+        self.period = Period(seconds, bundle, store, model, collected, asker)
         self.period.started_at = str(data.get("started_at", now_iso()))
         if data.get("period_id"):
             self.period.period_id = str(data["period_id"])

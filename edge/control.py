@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edge.adapt import Asker
 from edge.bundle import Bundle, load_bundle, read_manifest
 from edge.commands import (
     MAX_COMMAND_BYTES,
@@ -57,9 +58,10 @@ class Controller:
         self.reload_settings = reload_settings
         self._last: tuple[str, float, ResponseMessage] | None = None
         """The last command run, if it had an id: its id and content, when, and its reply."""
-        self._learn_id: str | None = None
-        """The id of the `learn start` whose period runs, answered again when it ends."""
-        detector.on_learning_end = self._learning_ended
+        self._running: Command | None = None
+        """The command being run: a `learn stop` or `cancel` sent with its start's id is itself
+        the start's second reply."""
+        detector.answer_learning_ends(self._learning_ended)
 
     def submit_payload(self, payload: bytes) -> None:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
@@ -127,6 +129,7 @@ class Controller:
 
     def _handle(self, command: Command) -> ResponseMessage:
         """Run a valid command and reply with the outcome."""
+        self._running = command
         try:
             detail, status = self._run(command)
         except CommandError as exc:
@@ -136,6 +139,8 @@ class Controller:
             log.exception("command %s failed", command.command)
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             return self._reply(command.command, command.id, False, f"failed: {reason}")
+        finally:
+            self._running = None
         log.info("command %s%s: %s", command.command, _id_text(command.id), detail)
         return self._reply(command.command, command.id, True, detail, status)
 
@@ -176,8 +181,7 @@ class Controller:
             out = d.mark_normal(command.event_id)
             return f"event {out['event_id']} marked normal: {_refit_line(out)}", d.status()
         if command.action == "start":
-            seconds = d.start_learning(command.seconds)
-            self._learn_id = command.id
+            seconds = d.start_learning(command.seconds, Asker(command.id))
             paused = (  # a mute's audio is not learnt (maintenance is not normal running)
                 "; paused while muted: it learns once unmuted" if d.muted else ""
             )
@@ -186,25 +190,33 @@ class Controller:
                 "a second reply says how it ended",
                 None,
             )
-        self._learn_id = None  # cancel, stop: its reply is the outcome
         if command.action == "cancel":
             d.cancel_learning()
             return f"learning cancelled, keeping {d.bundle.model_id}", None
         out = d.stop_learning()
         return f"learning stopped: {_refit_line(out)}", d.status()
 
-    def _learning_ended(self, outcome: dict[str, Any]) -> None:
-        """A period that ended by itself: the second reply to its `learn start` (same id), ok
-        when a new version runs; a refit that failed was said only in the journal."""
-        cid, self._learn_id = self._learn_id, None
+    def _learning_ended(self, asker: Asker, outcome: dict[str, Any]) -> None:
+        """The second reply to a `learn start` (same id), however its period ended: ok when a
+        new version runs from it; a refit that failed, or a period dropped unfinished, was
+        said only in the journal. A `learn stop` or `cancel` with the start's own id is that
+        reply already."""
+        running = self._running
+        if running is not None and running.id is not None and running.id == asker.id:
+            return
         d = self.detector
-        if "error" in outcome:
+        how = " by `learn stop`" if outcome.get("ended_by") == "stop" else ""
+        if "dropped" in outcome:
+            self._reply("learn", asker.id, False, f"learning dropped: {outcome['dropped']}")
+        elif "error" in outcome:
             detail = (
-                f"learning ended, keeping {d.bundle.model_id}: refit failed: {outcome['error']}"
+                f"learning ended{how}, keeping {d.bundle.model_id}: refit failed: "
+                f"{outcome['error']}"
             )
-            self._reply("learn", cid, False, detail)
+            self._reply("learn", asker.id, False, detail)
         else:
-            self._reply("learn", cid, True, f"learning ended: {_refit_line(outcome)}", d.status())
+            line = f"learning ended{how}: {_refit_line(outcome)}"
+            self._reply("learn", asker.id, True, line, d.status())
 
     def _allowed(self, path: Path) -> Path:
         """A bundle name in a models folder, or a path inside one; anything else is refused."""

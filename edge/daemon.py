@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from edge.adapt import Adapter
+from edge.adapt import Adapter, Asker
 from edge.audio_io import read_audio
 from edge.bundle import Bundle
 from edge.clips import CLIPS_DIR, ClipRecorder, clips_of
@@ -253,21 +253,14 @@ class Detector:
         """A learning period's windows (end, features, period) of the last STOP_SECONDS, learnt
         only once the machine has not gone quiet after them (training's rule)."""
         self.state = DeviceState(settings.data_dir) if persist else None
-        self.on_learning_end: Callable[[dict[str, Any]], None] | None = None
-        """Told the outcome of a period that ended by itself (its refit's summary, or `error`):
-        the controller answers the `learn start` with it (a `learn stop` gets it as its reply)."""
-        self.adapter = (
-            Adapter(
-                settings.data_dir,
-                settings.learning,
-                bundle,
-                settings.model,
-                self._logic,
-                self._runs,
-            )
-            if persist
-            else None
-        )
+        self.on_learning_end: Callable[[Asker, dict[str, Any]], None] | None = None
+        """Told how a period begun by a command ended, with its asker: the refit's summary (or
+        `error`) and `ended_by` (`itself`, `stop`), or `dropped` and why (replaced, cancelled,
+        another model in use, a saved one that could not resume). The controller answers the
+        `learn start` with it; what comes before it is set is kept for it
+        (`answer_learning_ends`: a saved period dropped or ended at the start)."""
+        self._learning_ends: list[tuple[Asker, dict[str, Any]]] = []
+        self.adapter = self._new_adapter(bundle) if persist else None
         # restore() resumes a saved period too, checked against the version it chose (a period
         # begun on a bundle loaded by reload_model is that bundle's, not the configured one's)
         self._load(self.adapter.restore() if self.adapter else bundle)
@@ -394,32 +387,63 @@ class Detector:
 
     # --- learning on site ------------------------------------------------------------------
 
-    def start_learning(self, seconds: float | None = None) -> float:
+    def start_learning(self, seconds: float | None = None, asker: Asker | None = None) -> float:
         """Begin a commissioning period of `seconds` of audio (default [learning] seconds);
-        no anomaly events until it ends. Returns its length."""
+        no anomaly events until it ends. Returns its length. `asker`: the command that began
+        it, answered again when it ends. A period refused changes nothing (an open event goes
+        on)."""
         adapter = self._adapter()
         length = seconds or self.settings.learning.seconds
         if not length:
             raise LearningError("give the seconds to learn (no [learning] seconds is set)")
+        adapter.check_start(length, self.bundle)
         self.close_event("learning")
-        adapter.start(length, self.bundle)
+        adapter.start(length, self.bundle, asker)
         self.emit_state()
         return length
 
     def stop_learning(self) -> dict[str, Any]:
         """End the period now and refit with what it collected; the outcome of the refit."""
         self._adapter().check_stop()
-        return self._finish_learning(raise_errors=True)
+        return self._finish_learning(raise_errors=True, ended_by="stop")
 
     def cancel_learning(self) -> None:
         """Drop the period and what it collected; the model stays, and [learning] seconds
         does not begin the period again at the next start."""
         adapter = self._adapter()
-        if not adapter.cancel():
+        if not adapter.cancel("cancelled by `learn cancel`"):
             raise LearningError("no learning period is running")
         adapter.decline()
         log.info("learning: cancelled")
         self.emit_state()
+
+    def _new_adapter(self, configured: Bundle) -> Adapter:
+        adapter = Adapter(
+            self.settings.data_dir,
+            self.settings.learning,
+            configured,
+            self.settings.model,
+            self._logic,
+            self._runs,
+        )
+        adapter.on_dropped = lambda asker, why: self._learning_ended(asker, {"dropped": why})
+        return adapter
+
+    def answer_learning_ends(self, callback: Callable[[Asker, dict[str, Any]], None]) -> None:
+        """Have `callback` told how each period begun by a command ends (`on_learning_end`),
+        those that ended before it was set first."""
+        self.on_learning_end = callback
+        ended, self._learning_ends = self._learning_ends, []
+        for asker, outcome in ended:
+            callback(asker, outcome)
+
+    def _learning_ended(self, asker: Asker | None, outcome: dict[str, Any]) -> None:
+        if asker is None:  # an automatic period: its outcome is in the log, state and status
+            return
+        if self.on_learning_end is None:
+            self._learning_ends.append((asker, outcome))
+        else:
+            self.on_learning_end(asker, outcome)
 
     def _logic(self, bundle: Bundle) -> tuple[int, int, int]:
         """K, N and M the event logic runs `bundle` with, under the settings now in force."""
@@ -436,14 +460,8 @@ class Detector:
         would run (its site version, when it has one), and its learning as after a restart;
         the versions of the old one stay in the history."""
         if self.adapter is not None:  # a running period is dropped: it was the old model's
-            self.adapter = Adapter(
-                self.settings.data_dir,
-                self.settings.learning,
-                bundle,
-                self.settings.model,
-                self._logic,
-                self._runs,
-            )
+            self.adapter.cancel(f"{bundle.model_id} is configured now")
+            self.adapter = self._new_adapter(bundle)
             self.adapter.channel = getattr(self._source, "channel", None)
             bundle = self.adapter.restore()
         self.use_bundle(bundle)
@@ -487,9 +505,13 @@ class Detector:
         self._save_state()
         self.emit_state()
 
-    def _finish_learning(self, raise_errors: bool = False) -> dict[str, Any]:
-        """Refit at the end of a period; a failed refit keeps the running model."""
+    def _finish_learning(
+        self, raise_errors: bool = False, ended_by: str = "itself"
+    ) -> dict[str, Any]:
+        """Refit at the end of a period; a failed refit keeps the running model. The period's
+        asker is told, once it has ended (a refit that could not be written keeps it)."""
         adapter = self._adapter()
+        asker = adapter.period.asker if adapter.period is not None else None
         try:
             with self.notifier.busy():  # seconds on a Pi: systemd's watchdog must not fire
                 bundle = adapter.finish(self.bundle)
@@ -501,12 +523,15 @@ class Detector:
             log.error("learning: refit failed, keeping %s: %s", self.bundle.model_id, reason)
             adapter.last_refit = {"reason": "learning", "error": reason}
             self.emit_state()
+            if adapter.period is None:  # ended: refused by its data (else kept, to try again)
+                self._learning_ended(asker, {**adapter.last_refit, "ended_by": ended_by})
             if raise_errors:
                 raise LearningError(
                     f"refit failed, keeping {self.bundle.model_id}: {reason}"
                 ) from None
             return adapter.last_refit
         self._switch(bundle)
+        self._learning_ended(asker, {**(adapter.last_refit or {}), "ended_by": ended_by})
         return adapter.last_refit or {}
 
     def _event_named(self, event_id: str) -> str:
@@ -592,9 +617,7 @@ class Detector:
             if self.adapter is None or self.adapter.period is not period or self.muted:
                 continue
             if self.adapter.observe(row):
-                outcome = self._finish_learning()
-                if self.on_learning_end is not None:
-                    self.on_learning_end(outcome)
+                self._finish_learning()
 
     def threshold_bounds(self, settings: Settings | None = None) -> tuple[float, float]:
         """The thresholds set_threshold accepts for the running model and settings (or these)."""

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -402,6 +403,67 @@ def test_a_learning_period_is_answered_again_when_it_ends_and_a_muted_one_says_i
     d.run(FileSource(NORMAL_FILES, RATE))
     (waiting,) = [r for r in rec.responses if r.id == "M"]  # no end: muted all through
     assert waiting.ok and "paused while muted: it learns once unmuted" in waiting.detail
+
+
+def test_every_learn_start_is_answered_once_more_under_its_own_id_however_its_period_ends(
+    tmp_path: Path,
+) -> None:
+    """The id of the `learn start` a period would answer lived in the Controller: a refused
+    `learn stop` cleared it (the end was answered without an id), a restart lost it, a period
+    dropped by a reload or replaced by another start was never answered, and the stale id was
+    given to another model's period; a refused start ended the open event (a review)."""
+
+    def device(data: Path) -> tuple[Detector, Controller, Recorder]:
+        rec = Recorder()
+        settings = load_settings(
+            None, model=DEMO_BUNDLE, data_dir=data, device_id="site", models_dir=AE_BUNDLE.parent
+        )
+        d = Detector(settings, load_bundle(DEMO_BUNDLE), [rec], persist=True)
+        return d, Controller(d), rec
+
+    def hooked(files: list[Path], hooks: dict[int, Callable[[], object]]) -> Iterator[object]:
+        for i, block in enumerate(FileSource(files, RATE)):  # 0.1-s blocks
+            if i in hooks:
+                hooks[i]()
+            yield block
+
+    def send(ctl: Controller, **payload: object) -> Callable[[], None]:
+        return lambda: ctl.submit_payload(json.dumps(payload).encode())
+
+    def replies(rec: Recorder, cid: str) -> list[tuple[bool, str]]:
+        return [(r.ok, r.detail) for r in rec.responses if r.id == cid]
+
+    start = {"command": "learn", "action": "start", "seconds": LEARN_S}
+    d, ctl, rec = device(tmp_path / "stop")  # a stop refused: the period goes on, and so its id
+    stop = send(ctl, command="learn", action="stop", id="S")
+    d.run(hooked(NORMAL_FILES, {5: send(ctl, **start, id="L"), 6: stop}))
+    (refused,) = replies(rec, "S")
+    assert not refused[0] and "nothing has been learnt in this period yet" in refused[1]
+    _, ended = replies(rec, "L")
+    assert ended[0] and ended[1].startswith("learning ended: model fan-demo-12483c73-site-v1")
+
+    d, ctl, rec = device(tmp_path / "restart")  # stopped midway, resumed at the next start
+    d.run(hooked(NORMAL_FILES, {5: send(ctl, **start, id="R"), 100: d.stop}))
+    assert len(replies(rec, "R")) == 1
+    d, ctl, rec = device(tmp_path / "restart")
+    d.run(FileSource(NORMAL_FILES, RATE))
+    ((ok, detail),) = replies(rec, "R")
+    assert ok and detail.startswith("learning ended: model fan-demo-12483c73-site-v1"), detail
+
+    d, ctl, rec = device(tmp_path / "dropped")  # replaced by another start, then by a reload
+    reload = send(ctl, command="reload_model", path=AE_BUNDLE.name)
+    d.run(hooked(NORMAL_FILES, {5: send(ctl, **start, id="A"), 10: send(ctl, **start, id="B"),
+                                60: reload}))  # fmt: skip
+    _, replaced = replies(rec, "A")
+    assert replaced == (False, "learning dropped: another `learn start` replaced it")
+    _, dropped = replies(rec, "B")
+    assert dropped == (False, f"learning dropped: {load_bundle(AE_BUNDLE).model_id} is now in use")
+
+    d, ctl, rec = device(tmp_path / "refused")  # a start refused changes nothing
+    d.run(hooked([ANOMALOUS_FILE] * 3, {25: send(ctl, **start | {"seconds": 1}, id="X")}))
+    ((ok, detail),) = replies(rec, "X")
+    assert not ok and detail.startswith("rejected:"), detail
+    assert "learning" not in [e.ended_by for e in rec.events if e.type == "end"]
 
 
 def test_while_learning_no_anomaly_event_is_raised_but_health_faults_still_are(
