@@ -27,6 +27,7 @@ state and health, Home Assistant discovery, and the command topic.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -78,6 +79,9 @@ MAX_INBOUND_PACKET_BYTES = 1 << 20
 reads a message whole before the command's 64-KB check, and a retained 120-MB one came again at
 every start, past the unit's MemoryMax. The broker drops larger ones; what we take is commands
 (and Home Assistant's status), so 1 MiB still lets one over 64 KB be answered with its refusal."""
+REFUSED_KEPT = 64
+"""Retained commands refused, by content, in one run: each once (a stored one comes at every
+connection); beyond this many they are ignored without a reply, said once."""
 SEND_BATCH = 50
 MAX_HANDED = 100
 """Spooled messages handed to paho and not yet acknowledged, at most. The whole backlog was
@@ -224,6 +228,10 @@ class MqttPublisher:
         """A retained command, refused: once per content in a process (a stored one comes at
         every connection)."""
         self._refused_commands: set[bytes] = set()
+        """The SHA-256 digests of the retained commands refused so far, at most REFUSED_KEPT (a
+        payload may be up to MAX_INBOUND_PACKET_BYTES: the payloads themselves took up to 64 MB
+        for good)."""
+        self._refused_full = False
         self.discovery: dict[str, dict[str, Any] | None] = {}
         self._connected = threading.Event()
         self._closing = threading.Event()
@@ -528,10 +536,19 @@ class MqttPublisher:
                         self._clear_command(msg.topic),
                     )
                 self._warned_retained = True
-                known = msg.payload in self._refused_commands
-                if self.on_retained_command and not known and len(self._refused_commands) < 64:
-                    self._refused_commands.add(msg.payload)  # at most 64 x 64 KB
+                digest = hashlib.sha256(msg.payload).digest()
+                if self.on_retained_command is None or digest in self._refused_commands:
+                    return
+                if len(self._refused_commands) < REFUSED_KEPT:
+                    self._refused_commands.add(digest)
                     self.on_retained_command(msg.payload)
+                elif not self._refused_full:
+                    self._refused_full = True
+                    log.warning(
+                        "MQTT: %d retained commands refused since the start: more are ignored "
+                        "without a reply until a restart",
+                        REFUSED_KEPT,
+                    )
                 return
             self.on_command(msg.payload)
 

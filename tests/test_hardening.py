@@ -179,6 +179,22 @@ def test_a_command_published_retained_while_the_daemon_runs_is_refused_not_run(
         wait_for(lambda: "retained command on" in log.read_text() and "was cleared" in
                  log.read_text(), 15, "the clearing logged")  # fmt: skip
         assert log.read_text().count("ignoring a retained command") == 1
+        # each content is refused once, up to REFUSED_KEPT in a run (remembered by its digest:
+        # the payloads themselves, up to 1 MiB each, were kept for good); more are said once
+        from edge.publish import REFUSED_KEPT
+
+        for i in range(REFUSED_KEPT):  # r1 was the first
+            publish_retained(
+                broker.port, topic, json.dumps({"command": "status", "id": f"m{i}"}).encode()
+            )
+        said = "retained commands refused since the start: more are ignored"
+        wait_for(lambda: said in log.read_text(), 15, "the refusals' limit said")
+        sub.client.publish(topic, b'{"command": "status", "id": "last"}', qos=1)
+        wait_for(lambda: "last" in replies(), 15, "the reply to a status sent after them")
+        refused = [k for k in replies() if k.startswith("m")]
+        assert sorted(refused) == sorted(f"m{i}" for i in range(REFUSED_KEPT - 1))
+        assert log.read_text().count(said) == 1
+        publish_retained(broker.port, topic, b"")
         assert proc.poll() is None
     finally:
         proc.kill()
