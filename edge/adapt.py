@@ -172,10 +172,11 @@ class Adapter:
             data_dir / "models", settings.keep_versions, configured.model_id
         )
         self.period: Period | None = None
-        self.on_dropped: Callable[[Asker, str], None] | None = None
-        """Told when a period begun by a command is dropped unfinished (replaced, another model
-        in use, cancelled, or a saved one that cannot resume), with why: the daemon answers its
-        `learn start` again."""
+        self.on_ended: Callable[[Asker, dict[str, Any]], None] | None = None
+        """Told when a period begun by a command ends here rather than in the daemon's refit:
+        dropped unfinished (`dropped`: why; replaced, another model in use, cancelled, a saved
+        one that cannot resume), or found ended in a version already after a power cut (that
+        version's refit): the daemon answers its `learn start` again."""
         self.channel: int | None = None
         """The channel the site's audio comes from (the source's: [audio] channel, or replay's
         --channel), recorded in a refit's calibration as `calibrate` records its own: a
@@ -379,9 +380,23 @@ class Adapter:
                 log.error("learning: could not delete the period's %s: %s", name, exc)
         return had
 
+    def saved_period_answered(self) -> None:
+        """The saved period's asker has been answered (its refit could not be written, and is
+        made at the next start): it is not answered again then."""
+        path = self.folder / f"{PERIOD}.json"
+        data = read_json(path)
+        if data and data.pop("asker", None) is not None:
+            try:
+                write_json(path, data)
+            except OSError as exc:  # the next start answers the start again: said
+                log.error("learning: could not update the saved period: %s", exc)
+
     def _dropped(self, asker: Asker | None, why: str) -> None:
-        if asker is not None and self.on_dropped is not None:
-            self.on_dropped(asker, why)
+        self._ended(asker, {"dropped": why})
+
+    def _ended(self, asker: Asker | None, outcome: dict[str, Any]) -> None:
+        if asker is not None and self.on_ended is not None:
+            self.on_ended(asker, outcome)
 
     def finish(self, in_use: Bundle) -> Bundle:
         """End the period (early for `stop`) and refit with its features. A refit the data
@@ -651,13 +666,14 @@ class Adapter:
         except (LearningError, KeyError, TypeError, ValueError) as exc:
             log.warning("learning: the saved period is dropped: %s", exc)
             self.cancel()
-            self._dropped(asker, f"the period saved before a restart could not resume: {exc}")
+            self._dropped(asker, f"the saved period cannot go on: {exc}")
             return
         ident = data.get("period_id") or data.get("started_at")  # older saves: their start
         done = [e for e in self.history.entries if ident and e.get("period") == ident]
         if done:  # a power cut between the version's record and the period's deletion
             log.info("learning: the saved period ended in version %d already", done[-1]["version"])
             self.cancel()
+            self._ended(asker, {**done[-1], "model": done[-1].get("model_id")})
             return
         self.period = Period(seconds, bundle, store, model, collected, asker)
         self.period.started_at = str(data.get("started_at", now_iso()))

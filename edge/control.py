@@ -201,8 +201,9 @@ class Controller:
         new version runs from it; a refit that failed, or a period dropped unfinished, was
         said only in the journal. A `learn stop` or `cancel` with the start's own id is that
         reply already."""
-        running = self._running
-        if running is not None and running.id is not None and running.id == asker.id:
+        running = self._running  # a stop or cancel: its reply is the outcome, under its id
+        stopping = isinstance(running, Learn) and running.action != "start"
+        if stopping and running.id is not None and running.id == asker.id:
             return
         d = self.detector
         how = " by `learn stop`" if outcome.get("ended_by") == "stop" else ""

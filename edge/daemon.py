@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from edge.adapt import Adapter, Asker
+from edge.adapt import Adapter, Asker, UnwrittenError
 from edge.audio_io import read_audio
 from edge.bundle import Bundle
 from edge.clips import CLIPS_DIR, ClipRecorder, clips_of
@@ -426,7 +426,7 @@ class Detector:
             self._logic,
             self._runs,
         )
-        adapter.on_dropped = lambda asker, why: self._learning_ended(asker, {"dropped": why})
+        adapter.on_ended = self._learning_ended
         return adapter
 
     def answer_learning_ends(self, callback: Callable[[Asker, dict[str, Any]], None]) -> None:
@@ -459,8 +459,8 @@ class Detector:
         """A new configured model (SIGHUP with another [model]): the version a restart with it
         would run (its site version, when it has one), and its learning as after a restart;
         the versions of the old one stay in the history."""
-        if self.adapter is not None:  # a running period is dropped: it was the old model's
-            self.adapter.cancel(f"{bundle.model_id} is configured now")
+        if self.adapter is not None:  # a period of another model is dropped (and answered) by
+            self.adapter.save_period()  # the new adapter's restore; of the same, it goes on
             self.adapter = self._new_adapter(bundle)
             self.adapter.channel = getattr(self._source, "channel", None)
             bundle = self.adapter.restore()
@@ -523,8 +523,13 @@ class Detector:
             log.error("learning: refit failed, keeping %s: %s", self.bundle.model_id, reason)
             adapter.last_refit = {"reason": "learning", "error": reason}
             self.emit_state()
-            if adapter.period is None:  # ended: refused by its data (else kept, to try again)
+            # Refused by its data, the period has ended. A refit that could not be written
+            # keeps it: in memory, it goes on and is answered when it ends; saved for the next
+            # start, it is answered now (the error says so), and that refit is not again.
+            if not isinstance(exc, UnwrittenError) or adapter.period is None:
                 self._learning_ended(asker, {**adapter.last_refit, "ended_by": ended_by})
+                if isinstance(exc, UnwrittenError):
+                    adapter.saved_period_answered()
             if raise_errors:
                 raise LearningError(
                     f"refit failed, keeping {self.bundle.model_id}: {reason}"

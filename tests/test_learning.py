@@ -465,6 +465,36 @@ def test_every_learn_start_is_answered_once_more_under_its_own_id_however_its_pe
     assert not ok and detail.startswith("rejected:"), detail
     assert "learning" not in [e.ended_by for e in rec.events if e.type == "end"]
 
+    # a second review: a reload sent with the start's id is no stop (the start was unanswered)
+    d, ctl, rec = device(tmp_path / "reload-same-id")
+    reload = send(ctl, command="reload_model", path=AE_BUNDLE.name, id="Y")
+    d.run(hooked(NORMAL_FILES, {5: send(ctl, **start, id="Y"), 60: reload}))
+    assert [r.command for r in rec.responses if r.id == "Y"] == ["learn", "learn", "reload_model"]
+    # a refit that cannot be written keeps the period for the next start: answered at once (the
+    # error says so), and not again when the next start makes the version
+    data = tmp_path / "unwritten"
+    d, ctl, rec = device(data)
+
+    def unwritable() -> None:
+        shutil.rmtree(data / "models", ignore_errors=True)
+        (data / "models").write_text("not a folder")
+
+    d.run(hooked(NORMAL_FILES, {5: send(ctl, **start, id="W"), 50: unwritable}))
+    _, (ok, detail) = replies(rec, "W")
+    assert not ok and detail.endswith("the period's audio is kept and refitted at the next start")
+    (data / "models").unlink()
+    d, ctl, rec = device(data)
+    d.run(FileSource(NORMAL_FILES[:1], RATE))
+    assert d.bundle.model_id == "fan-demo-12483c73-site-v1" and not replies(rec, "W")
+    # a SIGHUP that configures the same model (a copy at another path) lets the period go on
+    copy = tmp_path / "copy.bundle"
+    shutil.copytree(DEMO_BUNDLE, copy)
+    d, ctl, rec = device(tmp_path / "same-model")
+    d.run(hooked(NORMAL_FILES, {5: send(ctl, **start, id="Z"),
+                                60: lambda: d.reconfigure(load_bundle(copy))}))  # fmt: skip
+    assert [ok for ok, _ in replies(rec, "Z")] == [True, True], replies(rec, "Z")
+    assert replies(rec, "Z")[1][1].startswith("learning ended: model fan-demo-12483c73-site-v1")
+
 
 def test_while_learning_no_anomaly_event_is_raised_but_health_faults_still_are(
     tmp_path: Path,
