@@ -368,7 +368,7 @@ class Adapter:
 
     def cancel(self, why: str | None = None) -> Period | None:
         """Drop the period and its features; the one that was running, if any. With `why` it
-        was dropped unfinished, and its asker is told (`on_dropped`)."""
+        was dropped unfinished, and its asker is told (`on_ended`)."""
         had = self.period
         self.period = None
         if why is not None and had is not None:
