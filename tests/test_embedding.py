@@ -180,6 +180,18 @@ def test_edge_scores_and_calibrates_without_tensorflow(bundle: Path, tmp_path: P
     assert "leave one file out" in site.manifest.normal_scores.source
 
 
+def test_evaluate_float_is_refused_for_a_head_fitted_on_int8_embeddings(
+    bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evaluate --float` scored the float network's embeddings with the head fitted on the int8
+    network's: the bundle's own training audio scored 20 times higher, every normal file raised
+    an event, and the "float reference" looked far worse than int8 (a review)."""
+    args = ["evaluate", str(bundle), "--normal", str(NORMAL_FILES[0]), "--anomalous"]
+    assert main([*args, str(ANOMALOUS_FILE), "--float"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("soundsentry: error: --float cannot evaluate") and "int8" in line
+
+
 def test_bundle_holds_a_small_int8_network_and_its_head(bundle: Path) -> None:
     b = load_bundle(bundle)
     m = b.manifest

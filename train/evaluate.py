@@ -30,6 +30,9 @@ from train.progress import progress
 log = logging.getLogger(__name__)
 
 MAX_FPR = 0.1
+HEADS_ON_INT8 = ("embedding", "ensemble")
+"""Kinds whose numpy head scores the int8 network's embeddings (the CNN, alone or in an
+ensemble): the float network feeds it embeddings it was not fitted on."""
 
 
 @dataclass
@@ -191,6 +194,12 @@ def evaluate(
                 f"(detector {bundle.manifest.kind}): leave --float out"
             )
         variant = "numpy"  # no network: the same statistics serve both
+    elif variant == "float" and bundle.manifest.kind in HEADS_ON_INT8:
+        raise SoundSentryError(
+            f"--float cannot evaluate {model}: its {bundle.manifest.kind} head is fitted on the "
+            "int8 network's embeddings, which the float network's differ from (its own "
+            "training audio scored 20 times higher): leave --float out"
+        )
     p = bundle.features
     if segment is not None and segment < p.window_seconds:
         raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
