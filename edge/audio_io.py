@@ -75,9 +75,10 @@ def without_copies(files: list[Path]) -> list[Path]:
 
 
 def find_audio(paths: Iterable[str | Path], quiet: bool = False) -> list[Path]:
-    """Expand files and folders (searched recursively) into a sorted list of audio files; a
-    file reached twice (named twice, or inside a folder also given) is listed once. `quiet`:
-    without the warning of what a folder search skipped (a second search of the same paths)."""
+    """Expand files and folders (searched recursively) into a list of audio files, in the order
+    given, each folder's sorted (a replay plays them so); a file reached twice (named twice, or
+    inside a folder also given) is listed once. `quiet`: without the warning of what a folder
+    search skipped (a second search of the same paths)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)

@@ -194,8 +194,9 @@ def training_audio(
     used (all of them named; below the model's `samplerate`, or without `channel`, among them),
     or when they hold less than edge.advice.MIN_AUDIO_SECONDS (the line says how much more to
     record). Recordings shorter than one window are left out, and folders without audio named,
-    in a warning."""
-    files = find_audio(paths)
+    in a warning. Sorted by path, whatever order they were given in: the order sets the windows',
+    the held-out split's and the networks' batches', so `--seed` alone fixes the model."""
+    files = sorted(find_audio(paths))
     if not files:
         raise AudioError("no audio files found in " + " ".join(str(p) for p in paths))
     for folder in (Path(p) for p in paths):
