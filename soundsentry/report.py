@@ -86,9 +86,14 @@ def format_classification(data: dict) -> str:
     recall = data.get("recall") or {}
     if recall:  # of each true class: the share found
         lines.append(
-            f"{'recall':>{width}}  " + " ".join(f"{recall[lab]:>{cell}.3f}" for lab in labels)
+            f"{'recall':>{width}}  " + " ".join(_recall_cell(recall[lab], cell) for lab in labels)
         )
     return "\n".join(lines)
+
+
+def _recall_cell(value: float | None, cell: int) -> str:
+    """A class's recall, or `n/a` for one with no test items (0.000 read as all missed)."""
+    return f"{'n/a':>{cell}}" if value is None else f"{value:>{cell}.3f}"
 
 
 def evaluate_classes(

@@ -65,6 +65,9 @@ def test_classifier_bundle_round_trip(classifier: Path, classes: Path) -> None:
     assert (classifier / "model_int8.tflite").stat().st_size < 256 * 1024
     audio = sum(sf.info(str(f)).duration for f in classes.rglob("*.*"))
     assert m.training.seconds <= audio, "the audio fitted on, not its augmented copies"
+    # no path of the trainer's machine in the bundle (the held-out files were recorded whole)
+    assert str(classes) not in (classifier / "manifest.json").read_text()
+    assert m.validation["held_out_files"]["running"] == [f.name for f in NORMAL_FILES]
 
 
 def test_evaluate_reports_accuracy_f1_and_confusion(
@@ -295,6 +298,20 @@ def test_the_confusion_table_names_each_class_whole_and_its_recall() -> None:
     header, *rows, recall = text.splitlines()[1:]
     assert header.split()[:3] == labels and len(rows) == 3
     assert recall.split() == ["recall", "0.750", "0.667", "1.000"]
+
+
+def test_a_class_without_test_files_has_no_recall_rather_than_zero() -> None:
+    """Checking a model on the recordings of one class printed recall 0.000 for every other
+    class, as if all of theirs had been missed (there were none)."""
+    from soundsentry.report import format_classification
+    from train.metrics import classification_report
+
+    labels = ["fault", "running", "off"]
+    report = classification_report(np.array([1, 1, 1]), np.array([1, 1, 0]), labels)
+    assert report["recall"] == {"fault": None, "running": 0.6667, "off": None}
+    assert report["balanced_accuracy"] == 0.6667
+    text = format_classification({"variant": "int8", "unit": "whole files", **report})
+    assert text.splitlines()[-1].split() == ["recall", "n/a", "0.667", "n/a"]
 
 
 def test_a_classifier_bundle_whose_threshold_no_window_can_reach_is_refused_as_such(

@@ -58,7 +58,8 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def classification_report(truth: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict:
-    """Accuracy, balanced accuracy, macro F1, per-class recall and the confusion matrix."""
+    """Accuracy, balanced accuracy, macro F1, per-class recall (None for a class with no test
+    items) and the confusion matrix."""
     n = len(labels)
     truth = np.asarray(truth, int)
     pred = np.asarray(pred, int)
@@ -79,6 +80,10 @@ def classification_report(truth: np.ndarray, pred: np.ndarray, labels: list[str]
         "accuracy": round(float(tp.sum() / max(len(truth), 1)), 4),
         "balanced_accuracy": round(float(recall[present].mean()), 4),
         "macro_f1": round(float(f1[present].mean()), 4),
-        "recall": {lab: round(float(r), 4) for lab, r in zip(labels, recall, strict=True)},
+        # a class without test items has no recall (None), not 0: nothing of it was missed
+        "recall": {
+            lab: round(float(r), 4) if n_true else None
+            for lab, r, n_true in zip(labels, recall, support, strict=True)
+        },
         "confusion": confusion.tolist(),
     }
