@@ -141,7 +141,12 @@ def train_classifier(
         "normal_scores": score_stats(
             probs.max(axis=1), "validation windows: top-class probability"
         ),
-        "validation": report | {"held_out_files": {k: h.held_names for k, h in holdouts.items()}},
+        # by name: a bundle never records the trainer's paths (training.holdout_files records
+        # them by name, size and hash)
+        "validation": report
+        | {
+            "held_out_files": {k: [Path(f).name for f in h.held_names] for k, h in holdouts.items()}
+        },
         "training": {
             "files": [f for h in holdouts.values() for f in h.fit_names],
             "seconds": round(seconds, 1),
