@@ -1559,6 +1559,53 @@ def test_a_long_clip_s_spectrogram_is_drawn_in_pieces_and_a_silent_one_is_black(
     assert (image == png._LUT[0]).all()  # the colour map's darkest everywhere, not its brightest
 
 
+def test_spectrograms_are_drawn_one_at_a_time_and_a_repeat_takes_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight requests at once (the connection caps allow them) drew eight spectrograms at once,
+    each up to 100 MB for an hour-long clip, the same clip's as often as it was asked for: 481 MB
+    in a review, past the service's MemoryMax."""
+    import threading
+
+    from edge.features import FeatureParams
+    from edge.web import server
+
+    drawing, most, drawn = [0], [0], []
+    lock = threading.Lock()
+
+    def draw(wav: Path, params: FeatureParams) -> bytes:  # the work, observed
+        with lock:
+            drawing[0] += 1
+            most[0] = max(most[0], drawing[0])
+            drawn.append(wav.name)
+        time.sleep(0.05)  # long enough for the other requests to arrive meanwhile
+        with lock:
+            drawing[0] -= 1
+        return wav.name.encode()
+
+    monkeypatch.setattr(server, "clip_spectrogram_png", draw)
+    server._spectrogram.cache_clear()
+    clips = []
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, np.zeros(1600, np.float32), RATE)
+        clips.append(tmp_path / name)
+    asked = [clips[i % 2] for i in range(8)]
+    got: list[bytes] = []
+    threads = [
+        threading.Thread(
+            target=lambda w=w: got.append(server.render_spectrogram(w, FeatureParams()))
+        )
+        for w in asked
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    server._spectrogram.cache_clear()
+    assert sorted(got) == sorted(w.name.encode() for w in asked)
+    assert most[0] == 1 and sorted(drawn) == ["a.wav", "b.wav"]
+
+
 def test_a_download_stopped_mid_way_is_no_unreadable_clip(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -292,7 +292,19 @@ class Dashboard:
     def spectrogram(self, wav: Path) -> bytes:
         """The PNG spectrogram of a clip (cached while the file is unchanged)."""
         assert self.features is not None
-        return _spectrogram(wav, wav.stat().st_mtime_ns, self.features())
+        return render_spectrogram(wav, self.features())
+
+
+_RENDERING = threading.Lock()
+"""One spectrogram is drawn at a time: each takes up to 100 MB for an hour-long clip, and the
+connection caps let eight come at once (481 MB in a review, past the unit's MemoryMax); a
+request for a clip being drawn waits and takes the cached image."""
+
+
+def render_spectrogram(wav: Path, params: FeatureParams) -> bytes:
+    """The PNG spectrogram of a clip, drawn once while the file is unchanged."""
+    with _RENDERING:
+        return _spectrogram(wav, wav.stat().st_mtime_ns, params)
 
 
 @lru_cache(maxsize=SPECTROGRAMS_CACHED)
