@@ -446,6 +446,15 @@ def test_beyond_loopback_without_a_token_file_is_refused_in_one_line(tmp_path: P
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "at least 16 characters" in proc.stderr
+    # a character no HTTP header can carry (a zero-width space pasted with it; a non-ASCII one):
+    # the page stayed "unreachable" for good, and curl or Prometheus could never send it
+    for token in ("0123456789abcdef\u200b", "pässwörd-0123456789", "0123456789 abcdef"):
+        short.write_text(token + "\n")
+        proc = cli(
+            "replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(config), check=False
+        )
+        assert proc.returncode == 1, token
+        assert proc.stderr.strip().count("\n") == 0 and "printable ASCII only" in proc.stderr
 
 
 def test_without_the_web_extra_one_line_names_it(tmp_path: Path) -> None:
@@ -760,6 +769,14 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
             lambda: text("#conn") == "token needed", 10, "the login form", lambda: text("#conn")
         )
         field = browser.find_element(By.ID, "token")
+        field.send_keys("0123456789abcdef\u200b\n")  # a zero-width space pasted with it
+        wait_for(  # fetch refused to send it, and the page said "unreachable" for good
+            lambda: text("#conn").startswith("that token holds a character no request can carry"),
+            10,
+            "the unsendable token said",
+            lambda: text("#conn"),
+        )
+        field.clear()
         field.send_keys("not-the-token\n")
         wait_for(
             lambda: text("#conn") == "token rejected: try again",
@@ -834,6 +851,7 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
 
         # A daemon that stops answering without closing the connection (a Pi without power, a
         # changed Wi-Fi): the page waited for ever on a read that never ended, saying "live".
+        stopped = time.time()
         proc.send_signal(signal.SIGSTOP)
         try:
             wait_for(
@@ -842,6 +860,9 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
                 "the page to give up a stream gone silent",
                 lambda: text("#conn"),
             )
+            # since what it last heard, not since it gave up (45 s later)
+            since = browser.execute_script("return lostAt.getTime()") / 1000
+            assert since <= stopped + 2, f"unreachable since {since - stopped:.1f} s after the stop"
         finally:
             proc.send_signal(signal.SIGCONT)
         back = "the page to reconnect"

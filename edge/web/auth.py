@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,6 +20,9 @@ from edge.settings import WebSettings, is_loopback
 
 MIN_TOKEN_CHARS = 16
 """Shorter tokens are refused: the dashboard may face a whole network."""
+TOKEN_CHARS = re.compile(r"[!-~]+")
+"""Printable ASCII: a token is sent in an HTTP header (a zero-width space pasted with one locked
+the page in "daemon unreachable", and a non-ASCII one could never be sent by curl)."""
 CLIP_KEY_CHARS = 32
 
 
@@ -38,6 +42,12 @@ def read_token(web: WebSettings) -> str | None:
     if len(token) < MIN_TOKEN_CHARS:
         raise SettingsError(
             f"web.token_file {path}: the token must be at least {MIN_TOKEN_CHARS} characters"
+        )
+    if not TOKEN_CHARS.fullmatch(token):
+        raise SettingsError(
+            f"web.token_file {path}: the token may hold printable ASCII only (letters, digits, "
+            "punctuation; no spaces): it travels in an HTTP header, which a browser, curl or "
+            "Prometheus cannot send other characters in (`openssl rand -hex 16` makes one)"
         )
     return token
 
