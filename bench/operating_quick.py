@@ -92,15 +92,12 @@ def looped(clip: Path, seconds: float, out: Path, samplerate: int) -> Path:
     audio = read_audio(clip, samplerate, channel=CHANNEL)
     n = int(CROSSFADE_S * samplerate)
     angle = np.linspace(0.0, np.pi / 2, n, dtype=np.float32)
-    fade_in, fade_out = np.sin(angle), np.cos(angle)
-    total, pieces, end = int(seconds * samplerate), [audio[:-n]], audio[-n:]
-    length = len(audio) - n
+    join = audio[-n:] * np.cos(angle) + audio[:n] * np.sin(angle)  # the same at every join
+    total, pieces, length = int(seconds * samplerate), [audio[:-n]], len(audio) - n
     while length < total:
-        pieces.append(end * fade_out + audio[:n] * fade_in)
-        pieces.append(audio[n:-n])
-        end = audio[-n:]
+        pieces += [join, audio[n:-n]]
         length += len(audio) - n
-    pieces.append(end)
+    pieces.append(audio[-n:])
     sf.write(out, np.concatenate(pieces)[:total], samplerate, subtype="FLOAT")
     return out
 
