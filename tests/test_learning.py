@@ -406,7 +406,7 @@ def test_a_learning_period_is_answered_again_when_it_ends_and_a_muted_one_says_i
 
 
 def test_every_learn_start_is_answered_once_more_under_its_own_id_however_its_period_ends(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The id of the `learn start` a period would answer lived in the Controller: a refused
     `learn stop` cleared it (the end was answered without an id), a restart lost it, a period
@@ -494,6 +494,34 @@ def test_every_learn_start_is_answered_once_more_under_its_own_id_however_its_pe
                                 60: lambda: d.reconfigure(load_bundle(copy))}))  # fmt: skip
     assert [ok for ok, _ in replies(rec, "Z")] == [True, True], replies(rec, "Z")
     assert replies(rec, "Z")[1][1].startswith("learning ended: model fan-demo-12483c73-site-v1")
+    # a power cut between the version's record and the period's deletion: the next start finds
+    # the period ended in that version and answers it then, once, without a second refit
+    data = tmp_path / "power-cut"
+    d, ctl, rec = device(data)
+    record = Adapter._record
+
+    class PowerCut(BaseException):
+        pass
+
+    def cut(self: Adapter, *args: object, **kwargs: object) -> None:
+        record(self, *args, **kwargs)
+        for name in ("period.json", "period.npz"):  # as the card holds them at the cut
+            shutil.copy(self.folder / name, tmp_path / name)
+        raise PowerCut
+
+    monkeypatch.setattr(Adapter, "_record", cut)
+    with pytest.raises(PowerCut):
+        d.run(hooked(NORMAL_FILES, {5: send(ctl, **start, id="P")}))
+    monkeypatch.setattr(Adapter, "_record", record)
+    assert len(replies(rec, "P")) == 1, "begun, not yet ended"
+    for name in ("period.json", "period.npz"):
+        shutil.copy(tmp_path / name, data / "learning" / name)
+    d, ctl, rec = device(data)
+    d.run(FileSource(NORMAL_FILES[:1], RATE))
+    ((ok, detail),) = replies(rec, "P")
+    assert ok and detail.startswith("learning ended: model fan-demo-12483c73-site-v1"), detail
+    assert d.bundle.model_id == "fan-demo-12483c73-site-v1", "the version made before the cut"
+    assert not (data / "learning" / "period.json").exists()
 
 
 def test_while_learning_no_anomaly_event_is_raised_but_health_faults_still_are(
