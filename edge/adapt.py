@@ -45,8 +45,10 @@ from edge.learning import (
     combine,
     featurizer,
     flags,
+    mark_capacity,
     refit_summary,
     require_period,
+    site_capacity,
     site_refit,
 )
 from edge.private import private_dir, remove_stale_temps
@@ -317,7 +319,16 @@ class Adapter:
         """Begin a period of `seconds` of audio (a running one is replaced)."""
         dim = self.check_start(seconds, bundle)
         self.cancel("another `learn start` replaced it")
-        store = FeatureStore(dim, self.settings.max_windows)
+        capacity = site_capacity(dim, self.settings.max_windows)
+        if capacity < self.settings.max_windows:
+            log.warning(
+                "learning: keeps at most %d windows of %d features (max_windows %d would not fit "
+                "the service's memory at the refit)",
+                capacity,
+                dim,
+                self.settings.max_windows,
+            )
+        store = FeatureStore(dim, capacity)
         self.period = Period(seconds, bundle, store, self.configured.model_id, asker=asker)
         self.save_period()
         log.info("learning: started, %g s of audio", seconds)
@@ -422,7 +433,7 @@ class Adapter:
             private_dir(self.folder)
             p.store.save(self.folder / name)
             heard = _heard(p.heard_events)
-            bundle = self._refit("learning", in_use, name, marked, p.period_id, heard)
+            bundle = self._refit("learning", in_use, name, marked, p.period_id, heard, p.store)
         except (UnwrittenError, OSError) as exc:  # the period as saved above stays
             (self.folder / name).unlink(missing_ok=True)
             said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -462,7 +473,8 @@ class Adapter:
                     f"event {m} is already marked normal (version {current['version']}); "
                     "nothing changed"
                 )
-        store = FeatureStore(rows.shape[1], max(len(rows), 1))
+        # a long event's windows beyond mark_capacity: a uniform sample in runs
+        store = FeatureStore(rows.shape[1], min(max(len(rows), 1), mark_capacity(rows.shape[1])))
         store.add(rows, 0)
         path = private_dir(self.folder / "marked") / f"{event_id}.npz"
         new = not path.exists()
@@ -514,14 +526,18 @@ class Adapter:
         marked: list[str],
         period: str | None = None,
         heard: dict[str, Any] | None = None,
+        store: FeatureStore | None = None,
     ) -> Bundle:
         """Refit the base with the site's features, write and load the new version; `period`:
         the start of the period it ends, recorded so that a restart does not refit it again;
-        `heard`: what the model in use heard during it, recorded with the outcome."""
+        `heard`: what the model in use heard during it, recorded with the outcome; `store`: the
+        features of `site` when they are in memory already (not read back: a second copy)."""
         base = self.base()
         try:
             stores = (
-                [FeatureStore.load(self.folder / site, self.settings.max_windows)] if site else []
+                [store or FeatureStore.load(self.folder / site, self.settings.max_windows)]
+                if site
+                else []
             )
         except LearningError as exc:  # every later refit would stop here: say what mends it
             raise LearningError(

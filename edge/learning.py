@@ -57,6 +57,16 @@ FIT_PRECISION = "training.fit_precision"
 for the training threshold), in the shipped model's standardised space."""
 MAX_TRAINING_WINDOWS = 1000
 """Held-out training windows a bundle carries for refits (64 numbers each: 0.5 MB)."""
+SITE_NUMBERS = 4_000_000
+"""Most feature numbers (windows x features per window) a period keeps, whatever
+`max_windows`: a refit holds about 20 bytes per number at its peak, so 80 MB, which keeps the
+daemon (65 to 100 MB on its own) below the service's MemoryHigh of 200 MB. `max_windows` was
+accepted up to a million: a refit of 50,000 windows of the levels kind's 192 features peaked at
+369 MB, past the unit's MemoryMax of 300 MB (in a review), and one killed at the end of a period
+is made again at the next start. 20,000 windows of 192 features fit."""
+MARK_NUMBERS = 50_000
+"""Most feature numbers one event marked normal adds (at most MAX_MARKS are carried): its
+windows beyond, a uniform sample in runs, as a period's (an hour-long event is 7,200 windows)."""
 MAX_HELD_WINDOWS = 4000
 """Held-out site windows a refit's threshold is computed on (33 min; `spread` beyond): the
 budget rule's floors replay the event logic window by window in Python, and this bounds a
@@ -233,24 +243,39 @@ class FeatureStore:
                 f"site features {path.name} unreadable: {type(exc).__name__}: {exc}"
             ) from None
         store = cls(x.shape[1], max(capacity, len(x)))
-        store._x, store._chunk = x.astype(np.float32), chunk.astype(np.int64)
+        store._x = x.astype(np.float32, copy=False)
+        store._chunk = chunk.astype(np.int64, copy=False)
         store._arrival = np.arange(1, len(x) + 1, dtype=np.int64)  # saved in arrival order
         store.n, store.seen = len(x), seen
         store._runs = -(-seen // store._run)  # a resumed period's runs keep their odds
         return store
 
 
+def site_capacity(dim: int, max_windows: int) -> int:
+    """Windows a period of `dim` features per window keeps: `max_windows`, within SITE_NUMBERS."""
+    return max(RUN, min(max_windows, SITE_NUMBERS // max(dim, 1)))
+
+
+def mark_capacity(dim: int) -> int:
+    """Windows one event marked normal keeps (MARK_NUMBERS)."""
+    return max(RUN, MARK_NUMBERS // max(dim, 1))
+
+
 def combine(stores: list[FeatureStore]) -> tuple[np.ndarray, np.ndarray]:
-    """All windows of several stores, with chunk ids made distinct per store."""
-    xs, chunks, offset = [], [], 0
+    """All windows of several stores, with chunk ids made distinct per store: float32 as the
+    stores keep them, filled in place (a float64 copy of each store, then of them all, took a
+    refit past the service's memory limit, in a review)."""
+    stores = [s for s in stores if len(s)]
+    if not stores:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    x = np.empty((sum(len(s) for s in stores), stores[0].dim), np.float32)
+    chunks, at, offset = np.empty(len(x), np.int64), 0, 0
     for store in stores:
-        if len(store):
-            xs.append(store.x.astype(np.float64))
-            chunks.append(store.chunk + offset)
-            offset = int(chunks[-1].max()) + 1
-    if not xs:
-        return np.zeros((0, 0)), np.zeros(0, np.int64)
-    return np.concatenate(xs), np.concatenate(chunks)
+        x[at : at + len(store)] = store.x
+        chunks[at : at + len(store)] = store.chunk + offset
+        offset = int(chunks[at : at + len(store)].max()) + 1
+        at += len(store)
+    return x, chunks
 
 
 def flags(stores: list[FeatureStore], marked: list[bool]) -> np.ndarray:
@@ -398,21 +423,26 @@ def _fold_scores(
 ) -> Held:
     """The site's (unmarked) windows, a fold at a time, against the pooled model without it."""
     site = np.flatnonzero(~marked)
-    folds = folds_of(chunks[site]) if len(site) else np.zeros(0, int)
+    if not len(site):
+        return []
+    folds = folds_of(chunks[site])
     total, squares = z.sum(axis=0), z.T @ z
-    held = []
+    # the windows kept for the threshold (`spread` of the folds' windows one after another) are
+    # the only ones scored: every window's band shares took as much memory as the set again
+    kept = np.zeros(len(site), bool)
+    kept[spread(len(site), MAX_HELD_WINDOWS)] = True
+    scores, shares, at = [], [], 0
     for k in np.unique(folds):
         rows = site[folds == k]
         zf = z[rows]
         n = len(z) - len(rows)
         fit = pooled_moments(trained, _windows(base), n, total - zf.sum(0), squares - zf.T @ zf)
         model = _model(trained, *fit)
-        raw = trained.mean + trained.std * zf
-        held.append((model.distance(raw), model.band_shares(raw)))
-    scores = np.concatenate([s for s, _ in held]) if held else np.zeros(0)
-    keep = spread(len(scores), MAX_HELD_WINDOWS)
-    shares = np.concatenate([b for _, b in held]) if held else np.zeros((0, z.shape[1]))
-    return [(scores[keep], shares[keep])] if held else []
+        raw = trained.mean + trained.std * zf[kept[at : at + len(rows)]]
+        at += len(rows)
+        scores.append(model.distance(raw))
+        shares.append(model.band_shares(raw))
+    return [(np.concatenate(scores), np.concatenate(shares))]
 
 
 def _let_pass(threshold: dict[str, Any], scores: np.ndarray) -> None:

@@ -39,7 +39,7 @@ from mqtt_helpers import Subscriber
 
 from edge.adapt import Adapter
 from edge.audio_io import read_audio
-from edge.bundle import load_bundle, write_bundle
+from edge.bundle import Bundle, load_bundle, write_bundle
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink
 from edge.errors import SettingsError
@@ -766,6 +766,58 @@ def test_site_features_stay_bounded_and_survive_a_save(tmp_path: Path) -> None:
     again.add(np.arange(20000, 30000, dtype=float)[:, None] * np.ones(4), chunk=200)
     assert np.all(np.diff(again.x[:, 0]) > 0), "still in order after a reload"
     assert (tmp_path / "s.npz").stat().st_mode & 0o777 == 0o600
+
+
+def test_what_the_site_keeps_fits_the_service_s_memory_whatever_max_windows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`max_windows` was accepted up to a million and a refit held about 40 bytes per feature
+    number: 50,000 windows of the levels kind's 192 features took a refit to 369 MB, past the
+    unit's MemoryMax (killed at the end of the period, and again at every start), and an
+    hour-long event marked normal added all its 7,200 windows (a review). A period keeps
+    SITE_NUMBERS numbers at most, a mark MARK_NUMBERS, each a uniform sample beyond."""
+    from edge.adapt import Adapter
+    from edge.learning import MARK_NUMBERS, SITE_NUMBERS, FeatureStore
+
+    bundle = load_bundle(DEMO_BUNDLE)  # fluctuation: 64 numbers per window
+    data = tmp_path / "data"
+    settings = load_settings(
+        None, model=DEMO_BUNDLE, data_dir=data, learning={"max_windows": 1_000_000}
+    )
+    adapter = Adapter(data, settings.learning, bundle, DEMO_BUNDLE)
+    with caplog.at_level(logging.WARNING, logger="edge.adapt"):
+        adapter.start(LEARN_S, bundle)
+    assert adapter.period is not None
+    assert adapter.period.store.capacity == SITE_NUMBERS // 64 < 1_000_000
+    assert f"keeps at most {SITE_NUMBERS // 64} windows of 64 features" in caplog.text
+    adapter.cancel()
+    small = load_settings(None, model=DEMO_BUNDLE, data_dir=data, learning={"max_windows": 500})
+    adapter = Adapter(data, small.learning, bundle, DEMO_BUNDLE)
+    adapter.start(LEARN_S, bundle)
+    assert adapter.period is not None and adapter.period.store.capacity == 500, "within: as set"
+    rows = fluctuation_rows(bundle)
+    assert any(adapter.observe(row) for row in rows)
+    in_use = adapter.finish(bundle)
+    # an hour-long event marked normal: a sample of its windows, from all of it
+    rng = np.random.default_rng(0)
+    hour = np.resize(rows, (7200, rows.shape[1])) + rng.normal(0, 0.01, (7200, rows.shape[1]))
+    hour[:, 0] += np.arange(7200) * 1e-3  # each window's place in the event, to see the sample
+    adapter.mark("e1", hour, in_use)
+    kept = FeatureStore.load(data / "learning" / "marked" / "e1.npz", 1)
+    assert len(kept) == MARK_NUMBERS // 64 < 7200 and kept.seen == 7200
+    place = np.round((kept.x[:, 0] - hour[0, 0]) / 1e-3)
+    assert place.max() > 6000 > 1000 > place.min(), "from the whole event, not its start"
+
+
+def fluctuation_rows(bundle: Bundle) -> np.ndarray:
+    """The demo fan's normal windows as the fluctuation kind's feature vectors."""
+    from edge.features import windows_of
+    from edge.learning import FEATURIZERS
+
+    featurize = FEATURIZERS[bundle.manifest.kind]
+    return np.concatenate(
+        [featurize(windows_of(read_audio(f, RATE), bundle.features)) for f in NORMAL_FILES]
+    )
 
 
 def test_a_learning_period_is_saved_every_ten_minutes_of_audio_not_every_minute(

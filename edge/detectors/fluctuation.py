@@ -56,8 +56,11 @@ class FluctuationScorer:
         return cls(*(bundle.array(f"statistics.{k}") for k in STATISTICS))
 
     def standardize(self, f: np.ndarray) -> np.ndarray:
-        """Features standardised with the training statistics."""
-        return (f - self.mean) / self.std
+        """Features standardised with the training statistics (float64; one array made: a
+        refit standardises all the site's windows at once)."""
+        z = np.subtract(f, self.mean, dtype=np.float64)
+        z /= self.std
+        return z
 
     def score(self, features: np.ndarray, start: int = 0) -> WindowScore:
         """Score one window; band_error holds each band's share of the distance."""
