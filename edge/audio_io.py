@@ -402,6 +402,31 @@ def read_audio(
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
+def stream_audio(path: str | Path, samplerate: int) -> Iterator[np.ndarray]:
+    """A file's audio as mono float32 blocks at `samplerate` (channel 0; a mono file's one),
+    read READ_BLOCK_SECONDS at a time, for audio too long to hold whole (an hour-long evidence
+    clip is 230 MB at 16 kHz). Raises AudioError in one line, before the first block for a file
+    that cannot be used (as `check_readable`), or where a damaged one fails."""
+    path = Path(path)
+    check_readable(path, 0, samplerate, mono_any=True, float_samples=True)
+    try:
+        with sf.SoundFile(sf_path(path)) as fh:
+            resampler = (
+                soxr.ResampleStream(fh.samplerate, samplerate, 1, dtype="float32", quality="HQ")
+                if fh.samplerate > samplerate
+                else None
+            )
+            for block in _blocks(fh):
+                mono = select_channel(block, 0)  # the buffer is read into again: copied
+                yield resampler.resample_chunk(mono) if resampler else mono.copy()
+            if resampler is not None:
+                yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
+    except OSError as exc:
+        raise AudioError(f"{path}: {exc.strerror or exc}") from None
+
+
 def _blocks(fh: sf.SoundFile) -> Iterator[np.ndarray]:
     """The file's audio as (frames, channels) float32 blocks in one reused buffer; an MP3 in one
     read, because libsndfile's MP3 decoder drops or garbles audio where one read ends and the

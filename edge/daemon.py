@@ -7,6 +7,7 @@ the loop executes between blocks, so no state is shared across threads.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from edge.adapt import Adapter, Asker, UnwrittenError
-from edge.audio_io import read_audio
+from edge.audio_io import stream_audio
 from edge.bundle import Bundle
 from edge.clips import CLIPS_DIR, ClipRecorder, clips_of
 from edge.commands import LAST, threshold_bounds
@@ -36,7 +37,7 @@ from edge.machine_state import (
     RUNNING,
     STOP_SECONDS,
     RunningTime,
-    evidence_windows,
+    evidence_stream,
 )
 from edge.messages import (
     EventMessage,
@@ -77,6 +78,8 @@ CLOCK_SLACK_S = 2.0
 holds, before event times follow the clock again."""
 CLOCK_JUMP_S = 60.0
 """A parting this large is a jump of the clock (logged as a warning; smaller ones as info)."""
+FEATURIZE_BATCH = 256
+"""Windows of an evidence clip featurised at once when it is marked normal."""
 KEPT_EVENT_WINDOWS = 240
 """Most windows kept per event (2 minutes); the evidence clip, when there is one, is used
 instead."""
@@ -473,8 +476,8 @@ class Detector:
         the site's normal set and the model is refitted. Returns the refit's outcome."""
         adapter = self._adapter()
         eid = self._event_named(event_id)
-        rows = self._event_rows(eid)  # refused (a kind that cannot learn): the event goes on
-        with self.notifier.busy():
+        with self.notifier.busy():  # an hour-long clip's windows take seconds on a Pi
+            rows = self._event_rows(eid)  # refused (a kind that cannot learn): the event goes on
             bundle = adapter.mark(eid, rows, self.bundle)
         if self.pipeline.events.event_id == eid:
             self.close_event("marked_normal")
@@ -574,14 +577,18 @@ class Detector:
             # the windows the device takes as evidence, as training, a period and calibrate
             # keep them: 0.1 s of zeros in a marked clip had lifted the threshold fourfold,
             # and a fault ending in a stop taught the model the machine's coast-down
-            windows = evidence_windows(
-                read_audio(clip, self.bundle.features.samplerate),
+            # read and featurised a block at a time: an hour-long clip is 230 MB of audio
+            windows = evidence_stream(
+                stream_audio(clip, self.bundle.features.samplerate),
                 self.bundle.features,
                 self.pipeline.machine.off_below_dbfs,
                 self.pipeline.namer,
             )
-            if len(windows):
-                return self._featurize(windows)
+            rows = []
+            while batch := list(itertools.islice(windows, FEATURIZE_BATCH)):
+                rows.append(self._featurize(np.stack(batch)))
+            if rows:
+                return np.concatenate(rows)
         rows = kept.get("rows", [])
         if not rows:
             raise LearningError(f"no windows of event {eid} are kept (no clip, not recent)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -306,21 +306,40 @@ def evidence_windows(
     Trained on its ten recordings each stopping after 7 s with those windows kept, it set its
     threshold at 3.34 and reported none of its 20 fault clips; without them at 3.16 and 8, as
     the same recordings cut before their stops do (3.25 and 8; a probe, 2026-12-03)."""
-    machine = MachineState(off_below_dbfs)
-    logmel = LogMel(params)
-    kept: list[tuple[float, np.ndarray]] = []
-    for w in WindowBuffer(params.window_samples, params.hop_samples).push(audio):
-        end_s = (w.start + params.window_samples) / params.samplerate
-        if is_dead(w.samples, params.hop_length):
-            machine.heard_nothing(end_s)
-            continue
-        machine.update(level_dbfs(w.samples), end_s, params.hop_seconds)
-        if machine.quieting:  # the stop began in the windows just before this one
-            kept = [(end, f) for end, f in kept if end <= end_s - STOP_SECONDS]
-        if machine.allows_events(end_s):
-            features = logmel(w.samples)
-            if off_like is None or off_like.nearest(features.mean(axis=0)) != OFF:
-                kept.append((end_s, features))
+    kept = list(evidence_stream([audio], params, off_below_dbfs, off_like))
     if not kept:
         return np.zeros((0, *params.shape), np.float32)
-    return np.stack([f for _, f in kept])
+    return np.stack(kept)
+
+
+def evidence_stream(
+    blocks: Iterable[np.ndarray],
+    params: FeatureParams,
+    off_below_dbfs: float | None,
+    off_like: StateNamer | None = None,
+) -> Iterator[np.ndarray]:
+    """`evidence_windows` of audio that comes in blocks, one window's features at a time, each
+    once no later stop can take it back (STOP_SECONDS): an hour-long clip marked normal is never
+    held whole (its audio and its windows' log-mels took 0.7 GB, in a review)."""
+    machine = MachineState(off_below_dbfs)
+    logmel = LogMel(params)
+    kept: deque[tuple[float, np.ndarray]] = deque()
+    cut = WindowBuffer(params.window_samples, params.hop_samples)
+    for block in blocks:
+        for w in cut.push(block):
+            end_s = (w.start + params.window_samples) / params.samplerate
+            if is_dead(w.samples, params.hop_length):
+                machine.heard_nothing(end_s)
+                continue
+            machine.update(level_dbfs(w.samples), end_s, params.hop_seconds)
+            if machine.quieting:  # the stop began in the windows just before this one
+                while kept and kept[-1][0] > end_s - STOP_SECONDS:
+                    kept.pop()
+            if machine.allows_events(end_s):
+                features = logmel(w.samples)
+                if off_like is None or off_like.nearest(features.mean(axis=0)) != OFF:
+                    kept.append((end_s, features))
+            while kept and kept[0][0] <= end_s - STOP_SECONDS:  # beyond any later stop's reach
+                yield kept.popleft()[1]
+    for _, features in kept:
+        yield features

@@ -556,6 +556,13 @@ def test_training_keeps_the_windows_the_device_takes_as_evidence(tmp_path: Path)
     settled = 3 * rate + rate + 5 * rate - p.window_samples  # the last dead one's end + 5 s
     expected = len(windows_of(fan[: 3 * rate], p)) + len(windows_of(fan[settled:], p))
     assert len(evidence_windows(dropout, p, off)) == expected
+    # block by block (an hour-long clip marked normal is streamed), the very same windows
+    from edge.machine_state import evidence_stream
+
+    cuts = [0, 1, 5000, 37000, 80000, 81111, 120000, len(audio)]
+    blocks = [audio[a:b] for a, b in itertools.pairwise(cuts)]
+    streamed = np.stack(list(evidence_stream(blocks, p, off)))
+    np.testing.assert_array_equal(streamed, evidence_windows(audio, p, off))
     # the numpy trainers take these: a stop in the held-out part (the last fifth) adds none
     path = tmp_path / "stop.wav"
     recording = np.concatenate([fan, fan, fan[: 3 * rate], fan[3 * rate : 5 * rate] / 10**2.5])
