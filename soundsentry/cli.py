@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -804,11 +805,53 @@ def _check_output(path: Path | None, flag: str, folder: bool) -> None:
         raise SoundSentryError(f"{flag} {path}: is a folder; give a file name")
 
 
+def _check_json_output(path: Path | None, flag: str = "--json") -> None:
+    """Refuse, before any work, a JSON output over a file that holds something else: `evaluate
+    --json` wrote over one of the recordings it evaluated (in a review)."""
+    _check_output(path, flag, folder=False)
+    if path is None or not path.is_file():
+        return
+    try:
+        with path.open("rb") as fh:
+            json.loads(fh.read(MAX_JSON_OUTPUT + 1) or b"null")
+    except (ValueError, OSError):
+        raise SoundSentryError(
+            f"{flag} {path}: exists and is not JSON (an audio file?); refusing to write over it: "
+            "choose another path"
+        ) from None
+
+
+MAX_JSON_OUTPUT = 256 << 20
+"""A JSON output larger than this is taken for something else."""
+
+
+def _check_report_folder(path: Path | None, inputs: Sequence[Path]) -> None:
+    """Refuse a --report folder that holds the recordings evaluated (a folder given as input,
+    or one a file given lies in): the report's files would mix with them, and replace any of
+    theirs of the same name."""
+    if path is None:
+        return
+    target = path.resolve()
+    for given in inputs:
+        held = given.resolve() if given.is_dir() else given.resolve().parent
+        if held == target:
+            raise SoundSentryError(
+                f"--report {path}: holds the recordings being evaluated ({given}); give a "
+                "folder of its own"
+            )
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from edge.bundle import channel_for, read_manifest
 
-    _check_output(args.json, "--json", folder=False)
+    _check_json_output(args.json)
     _check_output(args.report, "--report", folder=True)
+    inputs = [
+        *(args.normal or []),
+        *(args.anomalous or []),
+        *([args.classes] if args.classes else []),
+    ]
+    _check_report_folder(args.report, [Path(p) for p in inputs])
     if args.report:  # before anything is scored or written: no half-written report
         _require("matplotlib", "report", "evaluate --report")
     manifest = read_manifest(args.model)

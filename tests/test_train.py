@@ -82,6 +82,29 @@ def test_evaluate_refuses_a_file_given_as_normal_and_anomalous() -> None:
     )
 
 
+def test_evaluate_never_writes_over_its_recordings_and_gives_no_pauc_it_did_not_measure(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """`evaluate --json` wrote over one of the recordings it evaluated, and its JSON gave a
+    pAUC of 1.0 that the printout called n/a (two normal items: none to rest on) (a review)."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    normal = [str(shutil.copy(f, audio)) for f in NORMAL_FILES[:2]]
+    kept = Path(normal[0]).read_bytes()
+    given = ("evaluate", str(tiny_bundle), "--normal", *normal, "--anomalous", str(ANOMALOUS_FILE))
+    proc = cli(*given, "--json", normal[0], check=False)
+    assert proc.returncode == 1 and "exists and is not JSON" in proc.stderr, proc.stderr
+    assert Path(normal[0]).read_bytes() == kept
+    proc = cli(*given, "--report", str(audio), check=False)
+    assert proc.returncode == 1 and "holds the recordings being evaluated" in proc.stderr
+    assert sorted(p.name for p in audio.iterdir()) == sorted(Path(n).name for n in normal)
+    out = tmp_path / "eval.json"
+    out.write_text("{}\n")  # an earlier evaluation's: replaced
+    assert "pAUC(FPR<=0.1) n/a" in cli(*given, "--json", str(out)).stdout
+    data = json.loads(out.read_text())
+    assert data["n_normal"] == 2 and data["pauc"] is None and data["auc"] is not None
+
+
 def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "eval.json"
     proc = cli(

@@ -74,9 +74,12 @@ class Report:
         return pauc_measured(self.n_normal, self.max_fpr)
 
     def summary(self) -> dict:
-        """Metrics without per-item scores (what --json writes, plus the items)."""
+        """Metrics without per-item scores (what --json writes, plus the items); the pAUC is
+        None where it rests on no normal item (printed `n/a`: the JSON said 1.0)."""
         data = asdict(self)
         data.pop("items")
+        if not self.pauc_measured:
+            data["pauc"] = None
         return data
 
 
@@ -326,11 +329,14 @@ def device_run(
 
 
 def write_json(report: Report, path: str | Path) -> None:
-    """Metrics and per-item scores as JSON (parent folders created)."""
+    """Metrics and per-item scores as JSON (parent folders created), replaced atomically."""
+    from edge.private import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = report.summary() | {"items": [asdict(i) for i in report.items]}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text), mode=0o644)
 
 
 def classify_items(
