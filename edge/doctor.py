@@ -718,7 +718,7 @@ def check_disk(s: Settings) -> Check:
     if walled is not None:
         return walled
     if not path.exists():  # doctor creates nothing: the daemon makes it, private, at start
-        return _future_data_dir(path)
+        return _future_data_dir(s, path)
     if not path.is_dir():
         return Check("data folder", False, f"{path} is a file, not a folder", FOLDER_HINT)
     strangers = _foreign_files(path)
@@ -746,6 +746,14 @@ def check_disk(s: Settings) -> Check:
     if short is not None:
         return short
     clips = _megabytes(path / "clips")
+    return _clips_fit(s, path, free, clips) or Check(
+        "data folder", True, f"{path}: {free:.0f} MB free for clips and the spool"
+    )
+
+
+def _clips_fit(s: Settings, path: Path, free: float, clips: float) -> Check | None:
+    """A failed check when the clips' limit does not fit in the free space (plus what the
+    clips hold now), else None."""
     if s.clips.enabled and free + clips < s.clips.max_total_mb + MIN_FREE_MB:
         return Check(
             "data folder",
@@ -755,7 +763,7 @@ def check_disk(s: Settings) -> Check:
             f"lower [clips] max_total_mb to {max(free + clips - MIN_FREE_MB, 1):.0f} or less, "
             "or free disk space",
         )
-    return Check("data folder", True, f"{path}: {free:.0f} MB free for clips and the spool")
+    return None
 
 
 STATE_FILES = ("clips", "models", "learning", "spool-*", "events.jsonl*", "*.json", ".lock")
@@ -822,8 +830,9 @@ def _outside_the_unit(path: Path) -> Check | None:
     )
 
 
-def _future_data_dir(path: Path) -> Check:
-    """The data folder does not exist yet: can the daemon create it?"""
+def _future_data_dir(s: Settings, path: Path) -> Check:
+    """The data folder does not exist yet: can the daemon create it, with room for the clips?
+    (The clips' room was checked only in a folder that existed, in a review.)"""
     parent = next(p for p in path.parents if p.exists())
     if not parent.is_dir():
         return Check(
@@ -839,7 +848,7 @@ def _future_data_dir(path: Path) -> Check:
     free, short = _free_space(parent)
     if short is not None:
         return short
-    return Check(
+    return _clips_fit(s, path, free, 0.0) or Check(
         "data folder", True, f"{path} will be created at start in {parent} ({free:.0f} MB free)"
     )
 

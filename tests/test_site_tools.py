@@ -810,6 +810,11 @@ def test_doctor_finds_root_s_files_in_the_service_s_folder_and_a_card_too_small(
     assert f"sudo chown -R nobody: {folder}" in stale.fix
     huge = check_disk(Settings(device_id="t", data_dir=folder, clips={"max_total_mb": 1e9}))
     assert huge.ok is False and "the card fills before the clips' limit" in huge.detail, huge
+    # a folder the daemon will create: the same room to check (it passed, in a review)
+    future = folder / "new" / "data"
+    huge = check_disk(Settings(device_id="t", data_dir=future, clips={"max_total_mb": 1e9}))
+    assert huge.ok is False and "the card fills before the clips' limit" in huge.detail, huge
+    assert check_disk(Settings(device_id="t", data_dir=future)).ok is True
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="gives a folder away: root only")
