@@ -470,13 +470,22 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, toml)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few kilobytes; beyond this it is something else, not read whole."""
+
+
 def _read_toml(path: Path | None) -> dict[str, Any]:
     """The TOML config as a dict; {} without a file."""
     if path is None:
         return {}
     try:
         with open(path, "rb") as fh:
-            return tomllib.loads(fh.read().decode("utf-8-sig"))  # a BOM (Notepad) is fine
+            text = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:  # `--config /dev/zero` grew to 24 GB (in a review)
+            raise SettingsError(
+                f"{path}: over {MAX_CONFIG_BYTES >> 20} MB, not a config file (give the .toml)"
+            )
+        return tomllib.loads(text.decode("utf-8-sig"))  # a BOM (Notepad) is fine
     except FileNotFoundError:
         raise SettingsError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:

@@ -225,6 +225,13 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_a_config_that_is_no_config_file_is_not_read_whole() -> None:
+    """`--config /dev/zero` (or a recording given by mistake) was read whole: 24 GB, then the
+    OOM killer (a review)."""
+    with pytest.raises(SettingsError, match=r"^/dev/zero: over 1 MB, not a config file"):
+        load_settings("/dev/zero")
+
+
 def test_a_service_instance_with_another_units_data_dir_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
