@@ -340,7 +340,7 @@ def _add_spectrogram(sub: Any) -> None:
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--out", required=True, type=Path, metavar="IMAGE")
     p.add_argument("--model", type=Path, default=None, help="use this bundle's feature settings")
-    p.add_argument("--channel", type=int, default=0, help="channel; -1 averages all")
+    p.add_argument("--channel", type=_channel, default=0, help="channel; -1 averages all")
     p.set_defaults(func=_cmd_spectrogram)
 
 
@@ -495,12 +495,19 @@ def _seed(text: str) -> int:
     return value
 
 
+MAX_CHANNEL = 63
+"""The highest channel a bundle records (its manifest's bound, as [audio] channel's)."""
+
+
 def _channel(text: str, average: bool = True) -> int:
-    """A channel number from 0; with `average`, -1 (all channels averaged) too."""
+    """A channel number from 0 to MAX_CHANNEL; with `average`, -1 (all channels averaged) too
+    (64 and more were taken, and refused by the manifest once the work was done)."""
     value = _number(text, int)
-    if value < (-1 if average else 0):
+    if not (-1 if average else 0) <= value <= MAX_CHANNEL:
         or_average = ", or -1 (the average)" if average else ""
-        raise argparse.ArgumentTypeError(f"must be a channel number from 0{or_average}")
+        raise argparse.ArgumentTypeError(
+            f"must be a channel number from 0 to {MAX_CHANNEL}{or_average}"
+        )
     return value
 
 

@@ -933,6 +933,10 @@ def test_a_gap_in_the_audio_ends_a_file_so_none_splices_across_it(
         (["--seconds", "10", "--chunk-seconds", "0.00001"], "--chunk-seconds: must be from 2"),
         (["--seconds", "10", "--chunk-seconds", "200000"], "to 3600"),
         (["--seconds", "10", "--channel", "-1"], "--channel: must be a channel number from 0"),
+        (
+            ["--seconds", "10", "--channel", "64"],
+            "--channel: must be a channel number from 0 to 63",
+        ),
     ],
 )
 def test_record_refuses_lengths_that_make_no_usable_file(

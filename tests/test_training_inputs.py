@@ -71,6 +71,20 @@ def _error_line(proc) -> str:
     return lines[0]
 
 
+def test_a_channel_beyond_what_a_bundle_records_is_refused_before_any_work(tmp_path: Path) -> None:
+    """`train --channel 99999999999999999999` fitted, then failed on writing the manifest
+    (`training.channel: Input should be less than or equal to 63`), in a review."""
+    out = tmp_path / "m.bundle"
+    for command in (
+        ["train", "--normal", str(NORMAL_FILES[0]), "--out", str(out)],
+        ["calibrate", str(DEMO_BUNDLE), "--normal", str(NORMAL_FILES[0]), "--out", str(out)],
+    ):
+        proc = cli(*command, "--channel", "99999999999999999999", check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert "--channel: must be a channel number from 0 to 63" in proc.stderr, proc.stderr
+        assert not out.exists()
+
+
 def test_a_dead_channel_or_digital_silence_is_refused_naming_the_file(tmp_path: Path) -> None:
     """Both crashed `train` with `LinAlgError: Singular matrix`, and `calibrate` took them."""
     normal = _stereo_ch0_dead(NORMAL_FILES, tmp_path / "stereo")
