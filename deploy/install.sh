@@ -108,6 +108,7 @@ parse_args() {
   src=$(realpath -e "$SOURCE" 2>/dev/null) || die "--source $SOURCE: no such file or directory"
   SOURCE=$src
   SERVICE_STATE=/var/lib/soundsentry  # the units' StateDirectory and WorkingDirectory
+  SERVICE_HOME=/var/lib/soundsentry  # the service user's home (create_user): its ~
   VENV="$ROOT/opt/soundsentry/venv"
   CONF_DIR="$ROOT/etc/soundsentry"
   STATE_DIR="$ROOT$SERVICE_STATE"
@@ -255,6 +256,10 @@ install_units() {
   [ ! -e "$UNIT_DIR/soundsentry.service" ] || FRESH=0
   install -d -m 0755 "$UNIT_DIR"
   for unit in "${UNITS[@]}"; do  # written aside, then renamed: a power cut leaves the old unit
+    if [ "$(readlink "$UNIT_DIR/$unit" 2>/dev/null)" = /dev/null ]; then  # masked: it stays so
+      say "$unit is masked: left masked, not updated (systemctl unmask $unit, then run this again)"
+      continue
+    fi
     install -m 0644 "$DEPLOY_DIR/$unit" "$UNIT_DIR/.$unit.new"
     sync "$UNIT_DIR/.$unit.new"  # an empty unit file would read as masked after a power cut
     mv -f "$UNIT_DIR/.$unit.new" "$UNIT_DIR/$unit"
@@ -270,12 +275,14 @@ install_units() {
 configured_model() {
   # utf-8-sig, as the daemon reads it: a config saved by Notepad starts with a byte-order mark.
   # A config that is not valid TOML (kept from an earlier install) is one line, not a traceback.
-  "$VENV/bin/python" -I -c '
+  # A leading ~ is the service user's home, as the daemon reads it (root's, in a review).
+  HOME=$SERVICE_HOME "$VENV/bin/python" -I -c '
 import os, sys, tomllib
 try:
     model = tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get("model", "")
 except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
     sys.exit(f"{sys.argv[1]}: not valid TOML ({exc})")
+model = os.path.expanduser(model) if isinstance(model, str) and model.startswith("~") else model
 relative = isinstance(model, str) and model and not os.path.isabs(model)
 print(os.path.join(sys.argv[2], model) if relative else model)' "$CONF_DIR/config.toml" \
     "$SERVICE_STATE"
@@ -295,7 +302,7 @@ configs_load() {
     [ -e "$conf" ] || continue
     state=$SERVICE_STATE  # the units' StateDirectory=soundsentry(/%i)
     [ "$(basename "$conf")" = config.toml ] || state="$state/$(basename "$conf" .toml)"
-    STATE_DIRECTORY="$state" "$VENV/bin/python" -I -c '
+    STATE_DIRECTORY="$state" HOME=$SERVICE_HOME "$VENV/bin/python" -I -c '
 import sys
 from pathlib import Path
 from edge.errors import SoundSentryError

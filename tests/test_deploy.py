@@ -405,6 +405,38 @@ def test_an_upgrade_loads_the_configured_model_before_it_restarts(
 
 
 @pytest.mark.slow
+def test_an_upgrade_leaves_a_masked_unit_masked_and_reads_a_model_under_the_service_s_home(
+    installed: Path, tiny_bundle: Path
+) -> None:
+    """An upgrade wrote the unit over an admin's mask (`systemctl mask soundsentry`, the
+    instances holding the microphone), and took `model = "~/..."` for root's home: the check
+    that the model loads was skipped, and the service restarted into a damaged bundle (a
+    review). `~` is the service user's home, as the daemon reads it."""
+    unit = installed / "etc/systemd/system/soundsentry.service"
+    conf = installed / "etc/soundsentry/config.toml"
+    model = installed / "var/lib/soundsentry/models/fan.bundle"
+    written, edited = unit.read_text(), conf.read_text()
+    unit.unlink()
+    unit.symlink_to("/dev/null")
+    conf.write_text(edited.replace('model = "/var/lib/soundsentry/', 'model = "~/', 1))
+    shutil.copytree(tiny_bundle, model)
+    try:
+        masked = run_installer(installed)
+        assert unit.is_symlink() and os.readlink(unit) == "/dev/null", "still masked"
+        assert "soundsentry.service is masked: left masked" in masked.stdout
+        (model / "arrays.npz").write_bytes(b"garbage")
+        bad = run_installer(installed, check=False)
+    finally:
+        shutil.rmtree(model)
+        conf.write_text(edited)
+        unit.unlink()
+        unit.write_text(written)
+    said = _refusal(installed, bad)
+    assert said.startswith("/var/lib/soundsentry/models/fan.bundle/"), said  # ~ as the service's
+    assert "checksum mismatch" in said, said
+
+
+@pytest.mark.slow
 def test_an_upgrade_loads_the_site_version_the_device_runs_before_it_restarts(
     installed: Path, tiny_bundle: Path
 ) -> None:
