@@ -152,6 +152,10 @@ class AudioHealth:
             changes.append(HealthChange("recovered", "stalled", "audio is flowing again"))
         return changes
 
+    def run_seconds(self, fault: str) -> float:
+        """How long `fault` has been present without a break (0 for a fault of no duration)."""
+        return self._run.get(fault, 0.0)
+
     def _clipping(self, block: np.ndarray) -> tuple[bool, bool]:
         """Whether the last CLIP_JUDGE_SECONDS clip (the fault's running time) and whether this
         block does (its clean time: recovery still takes RECOVER_SECONDS after the last clip)."""

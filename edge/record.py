@@ -125,6 +125,7 @@ def _record(
     per_chunk = int(chunk_seconds * samplerate)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     written: list[Path] = []
+    begun: dict[Path, int] = {}  # where each chunk starts, in samples recorded
     got = 0
     writer: sf.SoundFile | None = None
     meter = LevelMeter()
@@ -150,9 +151,18 @@ def _record(
             for change in health.push(block):
                 if change.kind == "fault":
                     writer = _discard(writer)  # it holds the refused input
+                    # and so do the complete chunks within the fault's span (chunks shorter
+                    # than fault_seconds: 5 s of digital silence was kept, and training then
+                    # refused the whole folder, in a review)
+                    span = got + len(block) - round(health.run_seconds(change.fault) * samplerate)
+                    refused = [p for p in written if begun[p] >= span]
+                    for p in refused:
+                        _unlink(p)
+                        written.remove(p)
+                    dropped = f" (deleted {len(refused)} holding only it)" if refused else ""
                     raise RecordingRefusedError(
                         f"input {change.fault}: {change.detail}; "
-                        f"kept {len(written)} complete chunk(s)"
+                        f"kept {len(written)} complete chunk(s){dropped}"
                     )
             block = block[: total - got]
             where = path  # the chunk in progress (None between chunks), for the error line
@@ -160,6 +170,7 @@ def _record(
                 if writer is None:
                     part = 0
                     where = path = _new_chunk(out, stamp, len(written))
+                    begun[path] = got
                     writer = sf.SoundFile(sf_path(path), "w", samplerate, 1, "PCM_16")
                 writer.write(np.clip(block, -1, 1))
                 part += len(block)

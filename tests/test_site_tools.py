@@ -896,6 +896,9 @@ class _ScriptedMic:
             if isinstance(item, AudioGap):
                 self.counts["reopens" if item.reopened else "dropped"] += 1
                 yield item
+            elif isinstance(item, tuple):  # ("silence", seconds): a dead input
+                for _ in range(round(float(item[1]) * 10)):
+                    yield np.zeros(1600, np.float32)
             else:  # seconds of noise in 0.1-s blocks
                 for _ in range(round(float(item) * 10)):
                     yield (0.05 * rng.standard_normal(1600)).astype(np.float32)
@@ -924,6 +927,24 @@ def test_a_gap_in_the_audio_ends_a_file_so_none_splices_across_it(
     said = err.getvalue()
     assert "2 file(s) end where audio was lost" in said, said
     assert "check its cable and power" in said and "less load" in said, said
+
+
+def test_record_keeps_no_chunk_that_holds_only_the_input_it_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks shorter than [health] fault_seconds: complete chunks of digital silence were
+    kept before the fault was said, and `train` then refused the whole folder (a review)."""
+    from edge import record as recording
+    from edge.record import RecordingRefusedError
+    from edge.settings import load_settings
+
+    script = [4.0, ("silence", 12.0)]
+    monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
+    with pytest.raises(RecordingRefusedError, match=r"kept 2 complete chunk\(s\) \(deleted 2"):
+        recording.record(load_settings(None), 16.0, tmp_path / "rec", 2.0, 16000, io.StringIO())
+    kept = sorted((tmp_path / "rec").glob("*.wav"))
+    assert len(kept) == 2
+    assert all(np.abs(sf.read(str(f))[0]).max() > 0 for f in kept), "the machine's, not silence"
 
 
 @pytest.mark.parametrize(
