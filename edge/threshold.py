@@ -784,9 +784,18 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
     empty for rules without held-out statistics (a classifier's confidence)."""
     if "n_windows" not in params:
         return ""
+    budget = params.get("false_alarms_per_day", 0)
+    predicted = params.get("predicted_false_alarms_per_day")
+    capped = params.get("decided_by") == "cap"
+    missed = capped and predicted is not None and budget and predicted > budget * 1.05
+    # a capped threshold is not the budget's: its headline said "for 1 false alarm per day"
+    # above a prediction of 144 (a review)
+    held = f"{params['n_windows']} windows of held-out normal audio"
     lines = [  # the held-out audio's seconds are the summary's first line (edge.advice)
-        f"threshold {value:.4g}, for {params.get('false_alarms_per_day', 0):g} false alarm(s) "
-        f"per day, backed by {params['n_windows']} windows of held-out normal audio"
+        f"threshold {value:.4g}, capped at what {held} back: not the budget of {budget:g} "
+        "false alarm(s) per day (below)"
+        if missed
+        else f"threshold {value:.4g}, for {budget:g} false alarm(s) per day, backed by {held}"
     ]
     if "holdout_max" in params:
         lines.append(_above_holdout(value, params))
@@ -822,10 +831,7 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
             "on the fit that audio contradicts and may understate false alarms: give more normal "
             "audio (several recordings, other days)"
         )
-    budget = params.get("false_alarms_per_day", 0)
-    predicted = params.get("predicted_false_alarms_per_day")
-    capped = params.get("decided_by") == "cap"
-    if capped and predicted is not None and budget and predicted > budget * 1.05:
+    if missed:
         lines.append(
             f"  caution: {rate_text(predicted)} false alarms per day are predicted, more than the "
             f"budget of {budget:g}: the threshold is capped at what the held-out audio backs "

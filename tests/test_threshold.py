@@ -263,6 +263,9 @@ def test_a_capped_threshold_that_misses_the_budget_says_so_and_counts_the_held_o
     assert params["decided_by"] == "cap" and params["predicted_false_alarms_per_day"] > 10
     text = describe(value, params)
     assert "more than the budget of 1: the threshold is capped" in text, text
+    headline = text.splitlines()[0]  # it said "for 1 false alarm(s) per day"
+    assert headline.endswith("capped at what 12 windows of held-out normal audio back: not the "
+                             "budget of 1 false alarm(s) per day (below)"), headline  # fmt: skip
     assert "the held-out audio itself raised 0 event(s) in its 12 windows" in text, text
     calm = np.random.default_rng(6).gamma(20, 0.05, 120)
     value, params = threshold_for_budget(calm, 1.0, integrate=False)
