@@ -231,8 +231,12 @@ class FeatureStore:
             np.savez(fh, x=self.x, chunk=self.chunk, seen=np.array([self.seen]))
 
     @classmethod
-    def load(cls, path: Path, capacity: int) -> FeatureStore:
-        """Read a store written by save(); LearningError if it is missing or damaged."""
+    def load(cls, path: Path, max_windows: int) -> FeatureStore:
+        """Read a store written by save(), with room for `site_capacity(dim, max_windows)`
+        windows: a store saved with more (under a larger setting, or by a release before the
+        cap) keeps evenly spaced runs of them (a period resumed after a restart had room for a
+        million again, and its refit passed the service's memory limit, in a review).
+        LearningError if it is missing or damaged."""
         try:
             with np.load(path, allow_pickle=False) as data:
                 x, chunk, seen = data["x"], data["chunk"], int(data["seen"][0])
@@ -242,7 +246,17 @@ class FeatureStore:
             raise LearningError(
                 f"site features {path.name} unreadable: {type(exc).__name__}: {exc}"
             ) from None
-        store = cls(x.shape[1], max(capacity, len(x)))
+        capacity = site_capacity(x.shape[1], max_windows)
+        if len(x) > capacity:
+            log.warning(
+                "learning: %s holds %d windows; keeping %d of them, evenly spaced",
+                path.name,
+                len(x),
+                capacity,
+            )
+            keep = spread(len(x), capacity)
+            x, chunk = x[keep], chunk[keep]
+        store = cls(x.shape[1], capacity)
         store._x = x.astype(np.float32, copy=False)
         store._chunk = chunk.astype(np.int64, copy=False)
         store._arrival = np.arange(1, len(x) + 1, dtype=np.int64)  # saved in arrival order

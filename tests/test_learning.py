@@ -803,10 +803,20 @@ def test_what_the_site_keeps_fits_the_service_s_memory_whatever_max_windows(
     hour = np.resize(rows, (7200, rows.shape[1])) + rng.normal(0, 0.01, (7200, rows.shape[1]))
     hour[:, 0] += np.arange(7200) * 1e-3  # each window's place in the event, to see the sample
     adapter.mark("e1", hour, in_use)
-    kept = FeatureStore.load(data / "learning" / "marked" / "e1.npz", 1)
+    kept = FeatureStore.load(data / "learning" / "marked" / "e1.npz", 1_000_000)
     assert len(kept) == MARK_NUMBERS // 64 < 7200 and kept.seen == 7200
     place = np.round((kept.x[:, 0] - hour[0, 0]) / 1e-3)
     assert place.max() > 6000 > 1000 > place.min(), "from the whole event, not its start"
+    # a store saved larger (a period resumed after a restart, a release before the cap): its
+    # room is the cap's again, and what it holds beyond, evenly spaced runs (a second review)
+    big = FeatureStore(64, 100_000)
+    big.add(np.arange(100_000, dtype=np.float32)[:, None] * np.ones(64, np.float32), 0)
+    big.save(tmp_path / "period.npz")
+    with caplog.at_level(logging.WARNING, logger="edge.learning"):
+        resumed = FeatureStore.load(tmp_path / "period.npz", 1_000_000)
+    assert resumed.capacity == len(resumed) == SITE_NUMBERS // 64 and resumed.seen == 100_000
+    assert resumed.x[0, 0] == 0 and resumed.x[-1, 0] == 99_999, "from all of it"
+    assert "holds 100000 windows; keeping 62500 of them" in caplog.text
 
 
 def fluctuation_rows(bundle: Bundle) -> np.ndarray:
