@@ -125,7 +125,8 @@ def _record(
     per_chunk = int(chunk_seconds * samplerate)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     written: list[Path] = []
-    begun: dict[Path, int] = {}  # where each chunk starts, in samples recorded
+    begun: dict[Path, int] = {}  # where each chunk starts, in samples heard
+    heard = 0
     got = 0
     writer: sf.SoundFile | None = None
     meter = LevelMeter()
@@ -148,13 +149,16 @@ def _record(
                 continue
             meter.push(block)
             timeline.push(len(block), time.monotonic())
+            block_at = heard  # where this block begins among the samples the health check heard
+            heard += len(block)
             for change in health.push(block):
                 if change.kind == "fault":
                     writer = _discard(writer)  # it holds the refused input
                     # and so do the complete chunks within the fault's span (chunks shorter
                     # than fault_seconds: 5 s of digital silence was kept, and training then
                     # refused the whole folder, in a review)
-                    span = got + len(block) - round(health.run_seconds(change.fault) * samplerate)
+                    # (counted in samples heard: `got` forgets a chunk a gap cut short)
+                    span = heard - round(health.run_seconds(change.fault) * samplerate)
                     refused = [p for p in written if begun[p] >= span]
                     for p in refused:
                         _unlink(p)
@@ -170,7 +174,7 @@ def _record(
                 if writer is None:
                     part = 0
                     where = path = _new_chunk(out, stamp, len(written))
-                    begun[path] = got
+                    begun[path] = block_at
                     writer = sf.SoundFile(sf_path(path), "w", samplerate, 1, "PCM_16")
                 writer.write(np.clip(block, -1, 1))
                 part += len(block)

@@ -945,6 +945,13 @@ def test_record_keeps_no_chunk_that_holds_only_the_input_it_refuses(
     kept = sorted((tmp_path / "rec").glob("*.wav"))
     assert len(kept) == 2
     assert all(np.abs(sf.read(str(f))[0]).max() > 0 for f in kept), "the machine's, not silence"
+    # a silence whose blocks drop now and then (each short silent chunk is deleted at the gap):
+    # the machine's chunks before it stay (they were deleted too, in a second review)
+    script = [4.0] + [("silence", 0.5), AudioGap()] * 9 + [("silence", 1.0)]
+    monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
+    with pytest.raises(RecordingRefusedError, match=r"kept 2 complete chunk\(s\)$"):
+        recording.record(load_settings(None), 60.0, tmp_path / "gaps", 2.0, 16000, io.StringIO())
+    assert len(list((tmp_path / "gaps").glob("*.wav"))) == 2
 
 
 @pytest.mark.parametrize(
