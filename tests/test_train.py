@@ -103,6 +103,11 @@ def test_evaluate_never_writes_over_its_recordings_and_gives_no_pauc_it_did_not_
     assert "pAUC(FPR<=0.1) n/a" in cli(*given, "--json", str(out)).stdout
     data = json.loads(out.read_text())
     assert data["n_normal"] == 2 and data["pauc"] is None and data["auc"] is not None
+    link = tmp_path / "latest.json"  # written through a link, which stays (a second review)
+    link.symlink_to(out)
+    out.write_text("{}\n")
+    cli(*given, "--json", str(link))
+    assert link.is_symlink() and json.loads(out.read_text())["n_normal"] == 2
 
 
 def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> None:

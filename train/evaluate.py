@@ -329,13 +329,18 @@ def device_run(
 
 
 def write_json(report: Report, path: str | Path) -> None:
-    """Metrics and per-item scores as JSON (parent folders created), replaced atomically."""
+    """Metrics and per-item scores as JSON (parent folders created), a file replaced atomically
+    (a link's target: the link stays; a device or a pipe is written to)."""
     from edge.private import atomic_write
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = report.summary() | {"items": [asdict(i) for i in report.items]}
     text = json.dumps(data, indent=2) + "\n"
+    if path.exists() and not path.resolve().is_file():  # /dev/stdout, a pipe: written as is
+        path.write_text(text)
+        return
+    path = path.resolve() if path.is_symlink() else path  # through a link, as before
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(text), mode=0o644)
 
 
