@@ -108,7 +108,6 @@ parse_args() {
   src=$(realpath -e "$SOURCE" 2>/dev/null) || die "--source $SOURCE: no such file or directory"
   SOURCE=$src
   SERVICE_STATE=/var/lib/soundsentry  # the units' StateDirectory and WorkingDirectory
-  SERVICE_HOME=/var/lib/soundsentry  # the service user's home (create_user): its ~
   VENV="$ROOT/opt/soundsentry/venv"
   CONF_DIR="$ROOT/etc/soundsentry"
   STATE_DIR="$ROOT$SERVICE_STATE"
@@ -270,13 +269,21 @@ install_units() {
   fi
 }
 
+# The service user's home, its `~` (the one create_user gives it, unless the user existed
+# before with another; under --root the host's users are not the tree's).
+service_home() {
+  local home=""
+  [ -n "$ROOT" ] || home=$(getent passwd "$SERVICE_USER" | cut -d: -f6)
+  echo "${home:-/var/lib/soundsentry}"
+}
+
 # The model path the config names, as the service reads it (a relative one from its working
 # folder, /var/lib/soundsentry, not from where the installer runs); empty when it names none.
 configured_model() {
   # utf-8-sig, as the daemon reads it: a config saved by Notepad starts with a byte-order mark.
   # A config that is not valid TOML (kept from an earlier install) is one line, not a traceback.
   # A leading ~ is the service user's home, as the daemon reads it (root's, in a review).
-  HOME=$SERVICE_HOME "$VENV/bin/python" -I -c '
+  HOME=$(service_home) "$VENV/bin/python" -I -c '
 import os, sys, tomllib
 try:
     model = tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get("model", "")
@@ -302,7 +309,7 @@ configs_load() {
     [ -e "$conf" ] || continue
     state=$SERVICE_STATE  # the units' StateDirectory=soundsentry(/%i)
     [ "$(basename "$conf")" = config.toml ] || state="$state/$(basename "$conf" .toml)"
-    STATE_DIRECTORY="$state" HOME=$SERVICE_HOME "$VENV/bin/python" -I -c '
+    STATE_DIRECTORY="$state" HOME=$(service_home) "$VENV/bin/python" -I -c '
 import sys
 from pathlib import Path
 from edge.errors import SoundSentryError
