@@ -162,6 +162,11 @@ class MicSource:
                 wanted,
                 rate,
             )
+        if rate < self.model_rate and self.settings.samplerate:  # the setting's, not the device's
+            raise CaptureError(
+                f"audio.samplerate {rate} is below the {self.model_rate} Hz needed (the model's "
+                "rate, or record's --samplerate): set it to that or more, or leave it out"
+            )
         if rate < self.model_rate:  # upsampled audio leaves the model's upper bands empty
             raise CaptureError(
                 f"{info['name']!r} captures at {rate} Hz, below the {self.model_rate} Hz needed "

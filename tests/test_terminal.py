@@ -213,16 +213,16 @@ def test_doctor_fails_an_unset_device_and_creates_nothing(pulse: str, tmp_path: 
 
 def test_capture_below_the_model_rate_is_refused_in_one_line(pulse: str, tmp_path: Path) -> None:
     """PulseAudio captures at any rate it is asked for; at 8 kHz the model's bands above 4 kHz
-    would be empty, and every window would be an anomaly."""
+    would be empty, and every window would be an anomaly. The rate is the setting's, and the
+    line says so (it blamed the device, in a review)."""
     cfg = tmp_path / "c.toml"
     cfg.write_text('[audio]\ndevice = "pulse"\nsamplerate = 8000\n')
     env = {"PULSE_SOURCE": pulse, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
     proc = cli("run", "--model", str(DEMO_BUNDLE), "--config", str(cfg), env=env, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "soundsentry: error: 'pulse' captures at 8000 Hz, below the 16000 Hz needed (the "
-        "model's rate, or record's --samplerate): use another input, or set audio.samplerate "
-        "to a rate of 16000 Hz or more that it supports"
+        "soundsentry: error: audio.samplerate 8000 is below the 16000 Hz needed (the model's "
+        "rate, or record's --samplerate): set it to that or more, or leave it out"
     )
 
 
