@@ -101,12 +101,24 @@ class EventLogSink(Sink):
     def __init__(self, folder: Path) -> None:
         self.log = EventLog(folder)
         self._pending: list[EventMessage] = []
+        self._lost = 0
+        """Messages dropped from the pending ones since the log last took them (the oldest)."""
 
     def event(self, message: EventMessage) -> None:
         """Append the event to the log, after any that an earlier failure left unwritten."""
         if message.type not in LOGGED:
             return
-        self._pending = [*self._pending, message][-self.MAX_PENDING :]
+        self._pending.append(message)
+        if len(self._pending) > self.MAX_PENDING:  # dropped silently, and "all written" after
+            if not self._lost:  # (in a review): said once, and counted at the recovery
+                log.error(
+                    "event log %s: %d start and end messages held back; the oldest are dropped "
+                    "from the log now (they went to MQTT)",
+                    self.log.path,
+                    self.MAX_PENDING,
+                )
+            self._lost += len(self._pending) - self.MAX_PENDING
+            del self._pending[: -self.MAX_PENDING]
         self._write_pending(failed=len(self._pending) > 1)
 
     def metrics(self, message: MetricsMessage) -> None:
@@ -125,9 +137,17 @@ class EventLogSink(Sink):
                 log.error("event log %s: %s (events still go to MQTT)", self.log.path, exc)
             return
         if failed:
-            log.warning(
-                "event log %s: writable again, the events held back are in it", self.log.path
+            lost = (
+                f"; {self._lost} older start and end messages are not (they went to MQTT)"
+                if self._lost
+                else ""
             )
+            log.warning(
+                "event log %s: writable again, the events held back are in it%s",
+                self.log.path,
+                lost,
+            )
+            self._lost = 0
 
 
 @dataclass(frozen=True)

@@ -551,6 +551,21 @@ def test_the_event_log_sink_writes_what_a_full_disk_held_back(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "events still go to MQTT" in errors[0].getMessage()
     assert any("writable again" in r.getMessage() for r in caplog.records)
+    # more held back than it keeps: the oldest go, and that is said, not "all written" (a review)
+    caplog.clear()
+    sink.log.path.rename(tmp_path / "kept.jsonl")
+    sink.log.path.mkdir()
+    with caplog.at_level(logging.INFO, logger="edge.eventlog"):
+        for n in range(6, 6 + EventLogSink.MAX_PENDING // 2 + 3):
+            sink.event(_event("start", n))
+            sink.event(_event("end", n))
+        sink.log.path.rmdir()
+        sink.metrics(None)  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("the oldest are dropped from the log now" in m for m in said) == 1, said
+    assert any(m.endswith("held back are in it; 6 older start and end messages are not (they "
+                          "went to MQTT)") for m in said), said  # fmt: skip
+    assert len(sink.log.path.read_text().splitlines()) == EventLogSink.MAX_PENDING
 
 
 def test_event_log_keeps_starts_and_ends_rotates_and_survives_a_torn_line(
