@@ -257,9 +257,11 @@ class Spool:
         self._dropped_unlogged += excess
         self._report_drops()
 
-    def _report_drops(self) -> None:
-        """Log the drops not yet reported, at most every FULL_LOG_EVERY_S (under `_lock`)."""
-        if self._dropped_unlogged and (time.monotonic() - self._full_logged_at >= FULL_LOG_EVERY_S):
+    def _report_drops(self, now: bool = False) -> None:
+        """Log the drops not yet reported, at most every FULL_LOG_EVERY_S (under `_lock`);
+        `now`: whatever the time (at close: the last minute's went unsaid, in a review)."""
+        due = now or time.monotonic() - self._full_logged_at >= FULL_LOG_EVERY_S
+        if self._dropped_unlogged and due:
             log.warning(
                 "spool full (%d messages): dropped %d since the last report (replaced "
                 "retained messages and anomaly updates first, then the oldest)",
@@ -320,8 +322,9 @@ class Spool:
         return self._stats
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database, saying the drops not yet reported."""
         with self._lock:
+            self._report_drops(now=True)
             self._db.close()
 
     def _count(self) -> int:

@@ -84,7 +84,11 @@ def test_the_last_drops_of_a_burst_are_logged_without_a_later_drop(
     assert len(reported()) == 2 and "dropped 2 since" in reported()[1]
     spool.stats()
     assert len(reported()) == 2, "each drop is reported once"
+    monkeypatch.setattr(edge.spool, "FULL_LOG_EVERY_S", 3600.0)
+    spool.append("t", "m6")  # dropped within the hour of the last report: said at the close
+    assert len(reported()) == 2
     spool.close()
+    assert len(reported()) == 3 and "dropped 1 since" in reported()[2]
 
 
 def test_the_spool_counts_its_messages_without_a_count_per_message(tmp_path: Path) -> None:
