@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
+import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,17 @@ CLIP_ID_CHARS = 12
 CLIPS_DIR = "clips"
 """The clips' folder in data_dir."""
 
+RESERVE_MB = 64.0
+"""Free space a clip never takes: the spool, the event log, a learning period and the model
+versions need room too. A full card was filled again by clips within a second of space being
+freed, and the spool and event log failed until the end (in a review); the oldest clips go to
+keep it, and when they are not enough the clip is not saved."""
+SAY_AGAIN_S = 600.0
+"""A clip that cannot be saved for the same reason is said again (ERROR) this long after; at
+DEBUG between (a full card logged one ERROR per anomaly: 2,413 lines in 30 s)."""
+
 CLIP_SUBTYPE = "PCM_16"
+WAV_HEADER_BYTES = 44
 RETENTION_EVERY_S = 3600.0
 """Retention also runs at start and this often (monotonic seconds), not only after a new clip:
 on a quiet machine clips past max_age_days (they may hold speech) stayed for good."""
@@ -102,6 +114,8 @@ class ClipRecorder:
         self._next_retention: float | None = None
         self._skipped: set[str] = set()
         """Entries retention could not stat or delete, named in a warning once each."""
+        self._said: tuple[str, float] | None = None
+        """Why the last clip was not saved, and when that was said at ERROR."""
 
     def push(self, block: np.ndarray) -> None:
         """Feed every captured block (mono, model rate)."""
@@ -126,14 +140,58 @@ class ClipRecorder:
         name = f"{stamp}-{clip_id(event_id)}.wav"
         try:
             private_dir(self.folder)
-            self._write(self.folder / name, rec.parts)
+            short = self._make_room(rec.samples * 2 + WAV_HEADER_BYTES)
+            if short is None:
+                self._write(self.folder / name, rec.parts)
         except (OSError, sf.LibsndfileError) as exc:
-            log.error("could not save evidence clip %s: %s", name, exc)
+            short = self._why(exc)
+        if short is not None:
+            self._say(short, f"could not save evidence clip {name}: {short}")
             self._retain()  # the limits still apply: older clips make room
             return None
+        self._said = None
         self._written.append(self.folder / name)
         self._retain(keep=self.folder / name)  # older clips make room for it
         return name, round(rec.samples / self.samplerate, 3)
+
+    def _free_mb(self) -> float:
+        """Free space where the clips go (unknown: as if there were room)."""
+        try:
+            return shutil.disk_usage(self.folder).free / 1e6
+        except OSError:
+            return math.inf
+
+    def _make_room(self, size: int) -> str | None:
+        """Delete the oldest clips until `size` bytes leave RESERVE_MB free; why the clip cannot
+        be saved when even that is not enough (None: it can)."""
+        needed = size / 1e6 + RESERVE_MB
+        if self._free_mb() >= needed:
+            return None
+        order = {path: i for i, path in enumerate(self._written)}
+        for path, _ in sorted(self._clips(), key=lambda c: (order.get(c[0], -1), c[1].st_mtime)):
+            if self._delete(path):
+                self._written = [p for p in self._written if p != path]
+            if self._free_mb() >= needed:
+                return None
+        return (
+            f"the disk is nearly full ({self._free_mb():.0f} MB free; clips leave "
+            f"{RESERVE_MB:g} MB to the spool and the event log)"
+        )
+
+    def _why(self, exc: BaseException) -> str:
+        """A write's failure in words: libsndfile says "System error" for a full disk."""
+        if self._free_mb() < RESERVE_MB:
+            return f"the disk is full ({self._free_mb():.0f} MB free)"
+        return str(exc)
+
+    def _say(self, why: str, message: str) -> None:
+        """ERROR when the reason is new or SAY_AGAIN_S after it was said, DEBUG otherwise."""
+        now, reason = time.monotonic(), why.split(" (")[0]  # the figures in brackets vary
+        if self._said is not None and self._said[0] == reason and now - self._said[1] < SAY_AGAIN_S:
+            log.debug("%s", message)
+            return
+        self._said = (reason, now)
+        log.error("%s", message)
 
     def _write(self, path: Path, parts: list[np.ndarray]) -> None:
         """Write a WAV atomically, mode 0600 (edge.private.atomic_write), part by part: joined

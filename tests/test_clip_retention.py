@@ -122,3 +122,39 @@ def test_clips_of_this_run_outlive_older_ones_stamped_ahead_by_a_clock_set_back(
     new = [tmp_path / record_clip(rec, f"ev-new{i}")[0] for i in range(3)]
     assert all(p.is_file() for p in new), [p.name for p in new if not p.is_file()]
     assert sum(p.is_file() for p in old) == len(old) - 2  # the oldest written made room
+
+
+def test_clips_leave_room_on_a_nearly_full_card_and_say_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full card: each anomaly's clip failed with libsndfile's "System error", one ERROR line
+    per anomaly (2,413 in 30 s), and clips filled the card again within a second of space being
+    freed, so the spool and the event log kept failing (a review). Clips leave RESERVE_MB: the
+    oldest go to keep it, and a clip that would take it is not saved, said once."""
+    import edge.clips
+    from edge.clips import RESERVE_MB
+
+    free = {"mb": 1000.0}
+    monkeypatch.setattr(edge.clips.ClipRecorder, "_free_mb", lambda self: free["mb"])
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=0.2, max_age_days=1)
+    first = record_clip(rec, "ev-1")
+    assert first is not None and (tmp_path / first[0]).is_file()
+    real_delete = rec._delete
+
+    def delete(path: Path) -> bool:  # each clip deleted gives its room back
+        free["mb"] += path.stat().st_size / 1e6
+        return real_delete(path)
+
+    monkeypatch.setattr(rec, "_delete", delete)
+    free["mb"] = RESERVE_MB + 0.02  # under a clip's 20 KB, until the oldest clip goes
+    second = record_clip(rec, "ev-2")
+    assert second is not None and (tmp_path / second[0]).is_file()
+    assert not (tmp_path / first[0]).exists(), "the oldest made room"
+    free["mb"] = 1.0  # nearly full, and nothing left to delete but what is being written
+    (tmp_path / second[0]).unlink()
+    with caplog.at_level(logging.DEBUG, logger="edge.clips"):
+        assert [record_clip(rec, f"ev-{n}") for n in range(3, 8)] == [None] * 5
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "the disk is nearly full (1 MB free; clips leave 64 MB" in errors[0], errors
+    assert not list(tmp_path.glob("*.wav"))
