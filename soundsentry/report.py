@@ -31,6 +31,7 @@ from train.evaluate import (
     evaluate,
     evidence_scores,
     write_json,
+    write_text_output,
 )
 from train.metrics import roc_curve
 
@@ -110,8 +111,7 @@ def evaluate_classes(
     print(format_classification(data))
     text = json.dumps(data, indent=2) + "\n"
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(text)
+        write_text_output(json_path, text)
     if report_dir:
         folder = Path(report_dir)
         folder.mkdir(parents=True, exist_ok=True)

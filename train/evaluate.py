@@ -329,13 +329,17 @@ def device_run(
 
 
 def write_json(report: Report, path: str | Path) -> None:
-    """Metrics and per-item scores as JSON (parent folders created), a file replaced atomically
-    (a link's target: the link stays; a device or a pipe is written to)."""
+    """Metrics and per-item scores as JSON (`write_text_output`)."""
+    data = report.summary() | {"items": [asdict(i) for i in report.items]}
+    write_text_output(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_output(path: str | Path, text: str) -> None:
+    """An output file of a command (`--json`): replaced atomically (through a link, to its
+    target), parent folders created; a device or a pipe (/dev/stdout) is written to."""
     from edge.private import atomic_write
 
     path = Path(path)
-    data = report.summary() | {"items": [asdict(i) for i in report.items]}
-    text = json.dumps(data, indent=2) + "\n"
     if path.exists() and not path.resolve().is_file():  # /dev/stdout, a pipe: written as is
         path.write_text(text)
         return
