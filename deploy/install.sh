@@ -27,6 +27,7 @@ PYTHON=python3
 ACTION=install
 START=1
 FRESH=1 # no soundsentry.service before this run: a first install, not an upgrade
+ENABLE=(soundsentry.service) # enabled and started by a first install
 
 usage() {
   sed -n '2,9s/^# \{0,1\}//p' "$0"
@@ -265,7 +266,14 @@ install_units() {
   done
   live_systemctl daemon-reload
   if ((FRESH)); then
-    systemctl_root enable soundsentry.service
+    if [ -f "$CONF_DIR/$ENABLED_FILE" ]; then  # a reinstall: what was enabled before
+      mapfile -t ENABLE < "$CONF_DIR/$ENABLED_FILE"
+      say "enabled again what was enabled before --uninstall: ${ENABLE[*]:-nothing}"
+      rm -f "$CONF_DIR/$ENABLED_FILE"
+    fi
+    if ((${#ENABLE[@]})); then
+      systemctl_root enable "${ENABLE[@]}"
+    fi
   fi
 }
 
@@ -365,13 +373,18 @@ start_service() {
     live_systemctl try-restart soundsentry.service 'soundsentry@*.service'
     return
   fi
-  if ! model=$(configured_model); then
-    say "not starting: fix the config above, then: systemctl start soundsentry"
+  if ((!${#ENABLE[@]})); then
     return
   fi
-  if [ -n "$model" ] && [ ! -e "$ROOT$model" ]; then
-    say "not starting: model $model not found. Copy a bundle there, then: systemctl start soundsentry"
-    return
+  if [[ " ${ENABLE[*]} " == *" soundsentry.service "* ]]; then  # its config's model
+    if ! model=$(configured_model); then
+      say "not starting: fix the config above, then: systemctl start soundsentry"
+      return
+    fi
+    if [ -n "$model" ] && [ ! -e "$ROOT$model" ]; then
+      say "not starting: model $model not found. Copy a bundle there, then: systemctl start soundsentry"
+      return
+    fi
   fi
   # a config kept from an uninstall (a key this version renamed) or its model: named here, not
   # a start that waits its minute and fails with systemd's "Job failed"
@@ -379,7 +392,7 @@ start_service() {
     say "not starting: fix the config above, then: systemctl start soundsentry"
     return
   fi
-  live_systemctl start soundsentry.service
+  live_systemctl start "${ENABLE[@]}"
 }
 
 do_install() {
@@ -423,9 +436,19 @@ enabled_instances() {
   find "$UNIT_DIR" -path '*.wants/soundsentry@*.service' -printf '%f\n' 2>/dev/null | sort -u
 }
 
+# What was enabled when --uninstall ran, kept with the config: a reinstall enables it again
+# (it enabled the single unit, and not the instances an admin ran instead; in a review).
+ENABLED_FILE=.enabled-before-uninstall
+
 do_uninstall() {
   local units unit
   mapfile -t units < <(enabled_instances)
+  if [ "$ACTION" != purge ] && [ -d "$CONF_DIR" ]; then
+    {
+      find "$UNIT_DIR" -path '*.wants/soundsentry.service' -printf '%f\n' 2>/dev/null | sort -u
+      printf '%s\n' "${units[@]}"
+    } | grep . >"$CONF_DIR/$ENABLED_FILE" || true  # empty: nothing was enabled
+  fi
   units+=(soundsentry.service)
   live_systemctl stop soundsentry.service 'soundsentry@*.service' || true
   for unit in "${units[@]}"; do

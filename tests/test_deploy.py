@@ -547,6 +547,16 @@ def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
     assert (installed / "etc/soundsentry/config.toml").is_file()
     assert model.is_dir()
 
+    # what was enabled is kept with the config: a reinstall enables it again (it enabled the
+    # single unit alone, and not the instances an admin ran; a review)
+    remembered = installed / "etc/soundsentry/.enabled-before-uninstall"
+    assert remembered.read_text().split() == ["soundsentry.service", "soundsentry@mic2.service"]
+    back = run_installer(installed)
+    assert "enabled again what was enabled before --uninstall: soundsentry.service " in back.stdout
+    wants = sorted(p.name for p in system.glob("*.wants/soundsentry*"))
+    assert wants == ["soundsentry.service", "soundsentry@mic2.service"], wants
+    assert not remembered.exists()
+    run_installer(installed, "--uninstall")
     # installed again over the kept config, which a hand edit broke: one line, not a traceback
     config = installed / "etc/soundsentry/config.toml"
     config.write_text('model = "/var/lib/soundsentry/models/pump.bundle\n')  # unterminated
