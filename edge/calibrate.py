@@ -21,10 +21,18 @@ from edge.advice import require_audio, warn_short
 from edge.audio_io import (
     check_files,
     find_audio,
+    first_few,
     read_audio,
     without_copies,
 )
-from edge.bundle import Bundle, channel_for, load_bundle, sha256_bytes, write_bundle
+from edge.bundle import (
+    Bundle,
+    channel_for,
+    load_bundle,
+    sha256_bytes,
+    sha256_file,
+    write_bundle,
+)
 from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
@@ -85,6 +93,7 @@ def calibrate_bundle(
     # the service listens on) is read whatever channel the model was fitted on
     check_files(files, max(channel, 0), p.samplerate, mono_any=True)
     files = without_copies(files)  # a copy would be scored by a model that holds it
+    _check_not_trained_on(bundle, files)
     audio = [read_audio(f, p.samplerate, channel, need_sound=True, mono_any=True) for f in files]
     files, audio = _windowed(files, audio, p)
     machine, shift = _site_machine(bundle, audio)
@@ -105,6 +114,35 @@ def calibrate_bundle(
     manifest["machine"] = machine
     manifest["calibration"] = {"channel": channel}  # _write adds the rest of the provenance
     return _write(bundle, manifest, arrays, files, seconds, out)
+
+
+def _check_not_trained_on(bundle: Bundle, files: list[Path]) -> None:
+    """Warn of site audio that is the model's own training audio: scored by a model fitted on
+    it, it sets the threshold too low, and new normal running alarms (a valve calibrated on two
+    of its training clips: threshold 2.475 -> 1.125, and both of its other normal clips raised
+    events, without a word, in a review). By content, as `evaluate` checks its files."""
+    t = bundle.manifest.training
+    records = [*t.files, *(t.holdout_files if t.refit_on_all(unknown=bundle.model is None) else [])]
+    fitted = {f.sha256 for f in records if f.sha256}
+    if not fitted:
+        return
+    trained = []
+    for path in files:
+        try:
+            if sha256_file(path) in fitted:
+                trained.append(path)
+        except OSError:
+            continue  # read again below, where it is named
+    if not trained:
+        return
+    log.warning(
+        "%s: the model was fitted on %s, so %s low and set%s the threshold too low (new normal "
+        "running would alarm): calibrate on normal audio recorded at the site, not trained on",
+        first_few(str(f) for f in trained),
+        "all of it" if len(trained) == len(files) else f"{len(trained)} of {len(files)} files",
+        "it scores" if len(trained) == 1 else "they score",
+        "s" if len(trained) == 1 else "",
+    )
 
 
 def check_calibratable(model: str | Path, out: str | Path) -> None:

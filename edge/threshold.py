@@ -838,6 +838,12 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
             "(a gamma fitted to so little reaches too far to trust); give more normal audio "
             "(several recordings, other days)"
         )
+    if not cusum and params["n_windows"] < MIN_CUSUM_WINDOWS:  # off without a word (a review)
+        lines.append(
+            f"  integrated evidence: off ({params['n_windows']} held-out windows; it needs "
+            f"{MIN_CUSUM_WINDOWS}): only K of N raises events, so a subtle fault that lasts is "
+            "not caught over time; give more normal audio"
+        )
     if cusum:
         lines.append(
             f"  integrated evidence: CUSUM on log scores, h {cusum['h']:.3g} (budget "

@@ -776,14 +776,21 @@ def _numpy_trainer(detector: str) -> Callable[..., Path]:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from edge.bundle import read_manifest
     from edge.calibrate import calibrate_bundle, check_calibratable
 
     check_calibratable(args.model, args.out)  # before any note, and before the audio is read
+    before = read_manifest(args.model).threshold.value  # `out` may be the model itself
     _note_replaced(args.out)
     out = calibrate_bundle(
         args.model, args.normal, args.out, args.false_alarms_per_day, args.channel
     )
     _say_written(out, "calibrated")
+    after = read_manifest(out).threshold.value  # how far it moved was not said (a review)
+    print(
+        f"threshold {before:.4g} before calibration, {after:.4g} now ({after / before - 1:+.0%}); "
+        "`evaluate` on fault recordings shows what that costs or buys"
+    )
     return 0
 
 

@@ -263,6 +263,9 @@ def test_a_capped_threshold_that_misses_the_budget_says_so_and_counts_the_held_o
     assert params["decided_by"] == "cap" and params["predicted_false_alarms_per_day"] > 10
     text = describe(value, params)
     assert "more than the budget of 1: the threshold is capped" in text, text
+    assert "integrated evidence: off (12 held-out windows; it needs 10)" not in text
+    few, few_params = threshold_for_budget(scores[:8], 1.0)  # too few for a CUSUM: said (a review)
+    assert "integrated evidence: off (8 held-out windows; it needs 10)" in describe(few, few_params)
     headline = text.splitlines()[0]  # it said "for 1 false alarm(s) per day"
     assert headline.endswith("capped at what 12 windows of held-out normal audio back: not the "
                              "budget of 1 false alarm(s) per day (below)"), headline  # fmt: skip

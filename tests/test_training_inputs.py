@@ -43,10 +43,15 @@ def test_calibrate_and_evaluate_use_the_channel_the_model_was_trained_on(tmp_pat
     model, site = tmp_path / "m.bundle", tmp_path / "site.bundle"
     cli("train", "--normal", str(tmp_path / "normal"), "--channel", "1", "--out", str(model))
     trained = _manifest(model)["threshold"]["value"]
-    cli("calibrate", str(model), "--normal", str(tmp_path / "normal"), "--out", str(site))
+    said = cli("calibrate", str(model), "--normal", str(tmp_path / "normal"), "--out", str(site))
     calibrated = _manifest(site)
     assert calibrated["calibration"]["channel"] == 1
     assert trained / 10 < calibrated["threshold"]["value"] < trained * 10
+    # how far the threshold moved, and that this "site audio" is the training audio (both were
+    # unsaid, and the threshold set on audio the model was fitted on came out too low: a review)
+    now = calibrated["threshold"]["value"]
+    assert f"threshold {trained:.4g} before calibration, {now:.4g} now (" in said.stdout
+    assert "the model was fitted on all of it, so they score low" in said.stderr, said.stderr
     report = tmp_path / "eval.json"
     proc = cli("evaluate", str(site), "--normal", str(normal[3]), "--anomalous", str(fault),
                "--segment", "1", "--json", str(report))  # fmt: skip
