@@ -110,6 +110,22 @@ def test_evaluate_never_writes_over_its_recordings_and_gives_no_pauc_it_did_not_
     assert link.is_symlink() and json.loads(out.read_text())["n_normal"] == 2
 
 
+def test_evaluate_says_what_events_on_normal_files_and_an_auc_below_chance_mean(
+    tiny_bundle: Path,
+) -> None:
+    """A new user's walk-through: normal files with an event at the model's threshold, one
+    set for a false alarm a day, and an AUC of 0.300, were printed without a word on what they
+    mean for the device. Here the labels are swapped: the fault is called normal."""
+    proc = cli("evaluate", str(tiny_bundle), "--normal", str(ANOMALOUS_FILE),
+               "--anomalous", *map(str, NORMAL_FILES[2:4]))  # fmt: skip
+    assert "normal 1/1" in proc.stdout, proc.stdout
+    assert "1 of 1 normal file(s) raised an event at the model's threshold: at least" in (
+        proc.stderr
+    ), proc.stderr
+    assert "against the 1 a day it was set for" in proc.stderr, proc.stderr
+    assert "is below 0.5: this detector scores these normal recordings above" in proc.stderr
+
+
 def test_evaluate_prints_and_writes_json(tiny_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "eval.json"
     proc = cli(

@@ -24,6 +24,7 @@ from edge.machine_state import OFF
 from edge.pipeline import Pipeline, Step
 from edge.scoring import Scorer
 from edge.settings import DetectorSettings
+from edge.threshold import SECONDS_PER_DAY, rate_text
 from train.metrics import classification_report, partial_auc, roc_auc
 from train.progress import progress
 
@@ -226,11 +227,12 @@ def evaluate(
     off = [0, 0]
     unjudged = 0
     unsegmented: list[str] = []
+    heard = [0.0, 0.0]  # seconds of normal and anomalous audio
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
-            scores, raised, off_windows = device_events(
-                read_audio(path, p.samplerate, channel, mono_any=True), bundle, detector
-            )
+            audio = read_audio(path, p.samplerate, channel, mono_any=True)
+            heard[label] += len(audio) / p.samplerate
+            scores, raised, off_windows = device_events(audio, bundle, detector)
             if len(scores) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
@@ -276,11 +278,13 @@ def evaluate(
             ", or use --segment to score it in parts" if segment is None else "",
         )  # fmt: skip
     threshold = (detector or DetectorSettings()).threshold_in_force(bundle.threshold)
+    auc = roc_auc(labels, scores)
+    _say_what_it_means(bundle, threshold, sum(events[0]), len(events[0]), heard[0], auc)
     return Report(
         model=bundle.model_id,
         variant=variant,
         unit=f"{segment:g}-s segments" if segment else "whole files",
-        auc=round(roc_auc(labels, scores), 4),
+        auc=round(auc, 4),
         pauc=round(partial_auc(labels, scores, MAX_FPR), 4),
         max_fpr=MAX_FPR,
         n_normal=int((labels == 0).sum()),
@@ -292,6 +296,33 @@ def evaluate(
         anomalous_windows_off=off[1],
         items=items,
     )
+
+
+def _say_what_it_means(
+    bundle: Bundle, threshold: float, alarms: int, files: int, seconds: float, auc: float
+) -> None:
+    """Warn of what the figures mean for the device: normal files with an event at the
+    bundle's own threshold are a rate far above the budget it was set for, and an AUC below
+    0.5 ranks normal running above the faults (both printed without a word: a new user's
+    walk-through on pumps and valves)."""
+    budget = bundle.manifest.threshold.params.get("false_alarms_per_day")
+    if alarms and seconds > 0 and budget and threshold == bundle.threshold:
+        per_day = alarms / seconds * SECONDS_PER_DAY
+        if per_day > budget:
+            log.warning(
+                "%d of %d normal file(s) raised an event at the model's threshold: at least %s "
+                "a day in their %.0f s, against the %g a day it was set for. This normal running "
+                "is not like the audio it was trained on: train (or calibrate) on more, and more "
+                "varied, normal audio, these recordings too",
+                alarms, files, rate_text(per_day), seconds, budget,
+            )  # fmt: skip
+    if auc < 0.5:
+        log.warning(
+            "AUC %.3f is below 0.5: this detector scores these normal recordings above the "
+            'faults; another kind may suit this machine (README: "Which kind for which '
+            'machine")',
+            auc,
+        )
 
 
 def device_events(
