@@ -310,6 +310,15 @@ class Bundle:
         """A listed file's content, checked against its hash."""
         return _read_listed(self.path, name, self.manifest.files)
 
+    def fitted_hashes(self) -> set[str]:
+        """The SHA-256 of every training file the shipped model was fitted on: the held-out
+        ones too when it was refitted on all the audio (as its manifest says, or, for a bundle
+        from before it said, when it has no network: the numpy kinds always were). Audio in it
+        scores as normal: `evaluate` warns of it, `calibrate` of site audio that is."""
+        t = self.manifest.training
+        records = [*t.files, *(t.holdout_files if t.refit_on_all(self.model is None) else [])]
+        return {f.sha256 for f in records if f.sha256}
+
 
 def id_stem(path: str | Path) -> str:
     """The first part of a model id, from the bundle folder's name: what SAFE_ID does not allow

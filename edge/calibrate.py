@@ -121,9 +121,7 @@ def _check_not_trained_on(bundle: Bundle, files: list[Path]) -> None:
     it, it sets the threshold too low, and new normal running alarms (a valve calibrated on two
     of its training clips: threshold 2.475 -> 1.125, and both of its other normal clips raised
     events, without a word, in a review). By content, as `evaluate` checks its files."""
-    t = bundle.manifest.training
-    records = [*t.files, *(t.holdout_files if t.refit_on_all(unknown=bundle.model is None) else [])]
-    fitted = {f.sha256 for f in records if f.sha256}
+    fitted = bundle.fitted_hashes()
     if not fitted:
         return
     trained = []

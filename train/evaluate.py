@@ -138,11 +138,9 @@ def _warn_if_trained_on(
     (bundles from before `fitted_seconds` listed only the others in `files`); a network's
     held-out files are fine to test on. A calibrated bundle was refitted on its calibration
     audio too."""
-    t = bundle.manifest.training
-    records = [*t.files, *(t.holdout_files if _refit_on_all(bundle) else [])]
-    fitted = {f.sha256: f.name for f in records if f.sha256}
+    fitted = bundle.fitted_hashes()
     calibrated = (bundle.manifest.calibration or {}).get("files") or []  # records, as training's
-    fitted |= {f["sha256"]: "" for f in calibrated if isinstance(f, dict) and f.get("sha256")}
+    fitted |= {f["sha256"] for f in calibrated if isinstance(f, dict) and f.get("sha256")}
     if not fitted:  # a bundle that kept no hashes
         log.warning(
             "the model's manifest records no hash of its training files: whether these "
@@ -164,12 +162,6 @@ def _refuse_copies_across(normal: list[Path], anomalous: list[Path]) -> None:
     for path in anomalous:
         if (twin := digests.get(_digest(path) or "")) is not None:
             raise AudioError(f"{path} (anomalous) is a copy of {twin} (normal): keep it in one")
-
-
-def _refit_on_all(bundle: Bundle) -> bool:
-    """Whether the shipped model was fitted on the held-out audio too: as its manifest says, or
-    for a bundle from before it said, when it has no network (the numpy kinds always were)."""
-    return bundle.manifest.training.refit_on_all(unknown=bundle.model is None)
 
 
 def evaluate(
