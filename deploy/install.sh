@@ -443,7 +443,8 @@ ENABLED_FILE=.enabled-before-uninstall
 do_uninstall() {
   local units unit
   mapfile -t units < <(enabled_instances)
-  if [ "$ACTION" != purge ] && [ -d "$CONF_DIR" ]; then
+  # (not by a second --uninstall, which would record nothing over the first's record)
+  if [ "$ACTION" != purge ] && [ -d "$CONF_DIR" ] && [ -e "$UNIT_DIR/soundsentry.service" ]; then
     {
       find "$UNIT_DIR" -path '*.wants/soundsentry.service' -printf '%f\n' 2>/dev/null | sort -u
       printf '%s\n' "${units[@]}"

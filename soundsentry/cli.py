@@ -780,7 +780,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from edge.calibrate import calibrate_bundle, check_calibratable
 
     check_calibratable(args.model, args.out)  # before any note, and before the audio is read
-    before = read_manifest(args.model).threshold.value  # `out` may be the model itself
+    before = read_manifest(args.model).threshold.value
     _note_replaced(args.out)
     out = calibrate_bundle(
         args.model, args.normal, args.out, args.false_alarms_per_day, args.channel

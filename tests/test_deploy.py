@@ -551,6 +551,8 @@ def test_uninstall_keeps_config_and_state_unless_purge(installed: Path) -> None:
     # single unit alone, and not the instances an admin ran; a review)
     remembered = installed / "etc/soundsentry/.enabled-before-uninstall"
     assert remembered.read_text().split() == ["soundsentry.service", "soundsentry@mic2.service"]
+    run_installer(installed, "--uninstall")  # a second one keeps the first's record
+    assert remembered.read_text().split() == ["soundsentry.service", "soundsentry@mic2.service"]
     back = run_installer(installed)
     assert "enabled again what was enabled before --uninstall: soundsentry.service " in back.stdout
     wants = sorted(p.name for p in system.glob("*.wants/soundsentry*"))
