@@ -34,6 +34,7 @@ from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
 from edge.machine_state import (
     HYSTERESIS_DB,
+    OFF,
     RUNNING,
     STOP_SECONDS,
     RunningTime,
@@ -811,7 +812,11 @@ class Detector:
             first = not self._heard
             if not step.dead:  # a dead microphone's windows say nothing of the machine: a
                 self._last_window = now  # start on one said `normal`, machine `running`
-            self._last_score = step.score
+            # the machine off has no score to show: the room scored 30 against a threshold of
+            # 3.6 while the fan was off, and Home Assistant's score graph spiked at every stop
+            # (a walk-through)
+            off = (step.state_name or step.machine) == OFF
+            self._last_score = None if off else step.score
             if self.live:
                 self.running.heard(step.machine, step.dead, self.bundle.features.hop_seconds)
             self._heard_near_off(step)

@@ -168,6 +168,9 @@ def test_a_state_named_off_is_off_no_event_and_no_running_hours(
     assert off_inside and {(s.machine, s.state_name) for s in off_inside} == {("off", "off")}
     machines = [s.machine for s in off.states]
     assert "off" in machines and machines[-2:] == ["fast", None], machines  # None: `stopped`
+    # no score while off: the room's (never judged) showed in the state as a spike at each stop
+    assert [s.score for s in off.states if s.machine == "off"] == [None] * machines.count("off")
+    assert any(s.score is not None for s in off.states if s.machine == "fast")
     # `replay`'s last line: the neighbour's scores (never scored for events) are left out
     summary, heard = ReplaySummary(), steps_of["off"]
     for step in heard:

@@ -219,12 +219,14 @@ def evaluate(
     off = [0, 0]
     unjudged = 0
     unsegmented: list[str] = []
-    heard = [0.0, 0.0]  # seconds of normal and anomalous audio
+    judged_s = [0.0, 0.0]  # seconds of normal and anomalous audio the device judges
     for label, files in enumerate(found):
         for path in progress(files, "scoring"):
-            audio = read_audio(path, p.samplerate, channel, mono_any=True)
-            heard[label] += len(audio) / p.samplerate
-            scores, raised, off_windows = device_events(audio, bundle, detector)
+            scores, raised, off_windows = device_events(
+                read_audio(path, p.samplerate, channel, mono_any=True), bundle, detector
+            )
+            # (a window per hop: the machine off, silence or a start-up counts for nothing)
+            judged_s[label] += np.count_nonzero(~np.isnan(scores)) * p.hop_seconds
             if len(scores) == 0:
                 log.warning("%s: shorter than one window; skipped", path)
                 continue
@@ -271,7 +273,7 @@ def evaluate(
         )  # fmt: skip
     threshold = (detector or DetectorSettings()).threshold_in_force(bundle.threshold)
     auc = roc_auc(labels, scores)
-    _say_what_it_means(bundle, threshold, sum(events[0]), len(events[0]), heard[0], auc)
+    _say_what_it_means(bundle, threshold, sum(events[0]), len(events[0]), judged_s[0], auc)
     return Report(
         model=bundle.model_id,
         variant=variant,
@@ -303,7 +305,8 @@ def _say_what_it_means(
         if per_day > budget:
             log.warning(
                 "%d of %d normal file(s) raised an event at the model's threshold: at least %s "
-                "a day in their %.0f s, against the %g a day it was set for. This normal running "
+                "a day in their %.0f s of the machine running, against the %g a day it was set "
+                "for. This normal running "
                 "is not like the audio it was trained on: train (or calibrate) on more, and more "
                 "varied, normal audio, these recordings too",
                 alarms, files, rate_text(per_day), seconds, budget,
