@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -54,22 +55,44 @@ def sf_path(path: str | Path) -> bytes:
     return os.fsencode(path)
 
 
+def file_digest(path: Path) -> str | None:
+    """The file's SHA-256, None when it cannot be read (the audio checks name it): hashed once
+    per process, as the copy check, the trained-on checks of `evaluate` and `calibrate` and
+    `--report`'s second variant all ask for the same files (a long recording read four times
+    over)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return _digest_of(str(path.resolve()), key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest_of(path: str, key: tuple[int, ...]) -> str | None:
+    """`file_digest` keyed by the file's inode, size and times as well: a file rewritten or
+    replaced (even with its time kept, as `cp -p` does) is hashed anew."""
+    try:
+        return sha256_file(Path(path))
+    except OSError:
+        return None
+
+
 def without_copies(files: list[Path]) -> list[Path]:
     """The files with byte-identical copies left out (the first kept, a warning for each): a
     copy would count its audio twice and could land on both sides of the held-out split, which
     makes the threshold look better backed than it is."""
-    first: dict[tuple[int, str], Path] = {}
+    first: dict[str, Path] = {}
     kept = []
     for path in files:
-        try:
-            key = (path.stat().st_size, sha256_file(path))
-        except OSError:
+        digest = file_digest(path)
+        if digest is None:
             kept.append(path)  # unreadable: the audio checks name it
             continue
-        if key in first:
-            log.warning("%s is a copy of %s: used once", path, first[key])
+        if digest in first:
+            log.warning("%s is a copy of %s: used once", path, first[digest])
             continue
-        first[key] = path
+        first[digest] = path
         kept.append(path)
     return kept
 

@@ -20,6 +20,7 @@ import numpy as np
 from edge.advice import require_audio, warn_short
 from edge.audio_io import (
     check_files,
+    file_digest,
     find_audio,
     first_few,
     read_audio,
@@ -30,7 +31,6 @@ from edge.bundle import (
     channel_for,
     load_bundle,
     sha256_bytes,
-    sha256_file,
     write_bundle,
 )
 from edge.detectors.base import DetectorKind
@@ -124,13 +124,7 @@ def _check_not_trained_on(bundle: Bundle, files: list[Path]) -> None:
     fitted = bundle.fitted_hashes()
     if not fitted:
         return
-    trained = []
-    for path in files:
-        try:
-            if sha256_file(path) in fitted:
-                trained.append(path)
-        except OSError:
-            continue  # read again below, where it is named
+    trained = [path for path in files if file_digest(path) in fitted]  # hashed for the copies
     if not trained:
         return
     log.warning(

@@ -542,12 +542,12 @@ def test_the_report_s_timeline_is_the_device_s_and_its_variant_s(
 ) -> None:
     """The timeline plotted every window's raw score, a dropout's 20 times the threshold among
     them, which the device never takes as evidence; and `--float`'s was the int8 model's."""
+    import edge.audio_io as audio_module
     import soundsentry.report as report_module
-    import train.evaluate as evaluate_module
     from train.evaluate import device_events, evaluate
 
-    real = evaluate_module.sha256_file
-    evaluate_module._digest_of.cache_clear()  # files other tests hashed in this process
+    real = audio_module.sha256_file
+    audio_module._digest_of.cache_clear()  # files other tests hashed in this process
 
     rate = load_bundle(tiny_bundle).features.samplerate
     fault = read_audio(ANOMALOUS_FILE, rate)
@@ -560,7 +560,7 @@ def test_the_report_s_timeline_is_the_device_s_and_its_variant_s(
         report_module, "write_report", lambda r, f, t: report_module._timeline(t, f)
     )
     hashed: list[Path] = []
-    monkeypatch.setattr(evaluate_module, "sha256_file", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(audio_module, "sha256_file", lambda p: hashed.append(p) or real(p))
     normal = [str(f) for f in NORMAL_FILES]
     floats = evaluate(tiny_bundle, normal, [str(dropout)], variant="float")
     report_module.write_full_report(floats, tiny_bundle, normal, [str(dropout)], tmp_path / "r")

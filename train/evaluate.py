@@ -7,7 +7,6 @@ module computes and returns numbers; printing them and drawing them is `soundsen
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.audio_io import check_files, find_audio, first_few, read_audio
-from edge.bundle import Bundle, channel_for, load_bundle, sha256_file
+from edge.audio_io import check_files, file_digest, find_audio, first_few, read_audio
+from edge.bundle import Bundle, channel_for, load_bundle
 from edge.errors import AudioError, SoundSentryError
 from edge.features import windows_of
 from edge.machine_state import OFF
@@ -107,28 +106,6 @@ def clip_and_segments_of(
     return float(np.mean(scores)), [float(scores[idx].mean()) for _, idx in groups]
 
 
-def _digest(path: Path) -> str | None:
-    """The file's SHA-256, None when it cannot be read (the audio checks name it): hashed once
-    per process, as the copy check, the trained-on check and `--report`'s second variant all
-    ask for the same files (a long recording read four times over)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    return _digest_of(str(path.resolve()), key)
-
-
-@functools.lru_cache(maxsize=4096)
-def _digest_of(path: str, key: tuple[int, ...]) -> str | None:
-    """`_digest` keyed by the file's inode, size and times as well: a file rewritten or
-    replaced (even with its time kept, as `cp -p` does) is hashed anew."""
-    try:
-        return sha256_file(Path(path))
-    except OSError:
-        return None
-
-
 def _warn_if_trained_on(
     bundle: Bundle, files: list[Path], looks: str = "it will look normal"
 ) -> None:
@@ -148,7 +125,7 @@ def _warn_if_trained_on(
         )
         return
     for path in files:
-        if (digest := _digest(path)) is not None and digest in fitted:
+        if (digest := file_digest(path)) is not None and digest in fitted:
             log.warning("%s: the model was fitted on this recording; %s", path, looks)
 
 
@@ -157,10 +134,10 @@ def _refuse_copies_across(normal: list[Path], anomalous: list[Path]) -> None:
     and the AUC says nothing; refused, as the same path is."""
     digests: dict[str, Path] = {}
     for path in normal:
-        if (digest := _digest(path)) is not None:  # unreadable: the audio checks name it
+        if (digest := file_digest(path)) is not None:  # unreadable: the audio checks name it
             digests.setdefault(digest, path)
     for path in anomalous:
-        if (twin := digests.get(_digest(path) or "")) is not None:
+        if (twin := digests.get(file_digest(path) or "")) is not None:
             raise AudioError(f"{path} (anomalous) is a copy of {twin} (normal): keep it in one")
 
 
