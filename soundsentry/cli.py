@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -817,6 +818,28 @@ def _check_output(path: Path | None, flag: str, folder: bool) -> None:
         raise SoundSentryError(f"{flag} {path}: exists and is not a folder; choose another path")
     if not folder and path.is_dir():
         raise SoundSentryError(f"{flag} {path}: is a folder; give a file name")
+    _check_writable(path, flag, folder)
+
+
+def _check_writable(path: Path, flag: str, folder: bool) -> None:
+    """Refuse, before any work, an output where nothing can be written (`/proc/x.json`, a
+    read-only card, a folder of another user's): found only after minutes of scoring, in a
+    review. The nearest folder that exists gets a file made and removed in it; a device or a
+    pipe that exists (/dev/stdout) is written as it is."""
+    if path.exists() and not path.is_dir() and not path.resolve().is_file():
+        return
+    where = path if folder and path.is_dir() else path.parent
+    where = where.resolve()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".soundsentry-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SoundSentryError(
+            f"{flag} {path}: no file can be written in {where} ({exc.strerror or exc})"
+        ) from None
 
 
 def _check_json_output(path: Path | None, flag: str = "--json") -> None:
@@ -841,17 +864,21 @@ MAX_JSON_OUTPUT = 256 << 20
 
 def _check_report_folder(path: Path | None, inputs: Sequence[Path]) -> None:
     """Refuse a --report folder that holds the recordings evaluated (a folder given as input,
-    or one a file given lies in): the report's files would mix with them, and replace any of
-    theirs of the same name."""
+    or one a file given lies in), or lies within one (a class subfolder of --classes, which
+    the report's files would join as recordings of that class): the report's files would mix
+    with them, and replace any of theirs of the same name."""
     if path is None:
         return
     target = path.resolve()
     for given in inputs:
-        held = given.resolve() if given.is_dir() else given.resolve().parent
-        if held == target:
+        if given.is_dir():  # searched with its subfolders: a class subfolder of --classes too
+            refused = target.is_relative_to(given.resolve())
+        else:
+            refused = target == given.resolve().parent
+        if refused:
             raise SoundSentryError(
-                f"--report {path}: holds the recordings being evaluated ({given}); give a "
-                "folder of its own"
+                f"--report {path}: lies in the recordings being evaluated ({given}); give a "
+                "folder of its own outside them"
             )
 
 

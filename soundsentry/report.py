@@ -23,6 +23,7 @@ from edge.audio_io import find_audio, read_audio
 from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
 from edge.errors import AudioError, SoundSentryError, install_extra
 from edge.features import FeatureParams, LogMel, mel_band_edges
+from edge.private import atomic_write
 from edge.settings import DetectorSettings
 from train.evaluate import (
     Report,
@@ -115,7 +116,7 @@ def evaluate_classes(
     if report_dir:
         folder = Path(report_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(text)
+        write_text_output(folder / "metrics.json", text)
         plot_confusion(
             np.array(data["confusion"]),
             data["labels"],
@@ -212,8 +213,10 @@ def write_report(
     but the evaluation files)."""
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "metrics.json"]
-    (folder / "metrics.json").write_text(
-        json.dumps({r.variant: r.summary() for r in reports}, indent=2) + "\n"
+    write_text_output(  # atomic, as every file of the report: a second run that fails part-way
+        # leaves the first run's files whole, never a torn one beside them
+        folder / "metrics.json",
+        json.dumps({r.variant: r.summary() for r in reports}, indent=2) + "\n",
     )
     for r in reports:
         written.append(folder / f"evaluation-{r.variant}.json")
@@ -274,14 +277,17 @@ def shown(name: str | Path) -> str:
 
 
 def _csv(reports: list[Report], path: Path) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        out = csv.writer(fh)
-        out.writerow(["file", "segment", "label", *(f"score_{r.variant}" for r in reports)])
-        for rows in zip(*(r.items for r in reports), strict=True):
-            first = rows[0]
-            label = "anomalous" if first.label else "normal"
-            seg = "" if first.segment is None else first.segment
-            out.writerow([shown(first.file), seg, label, *(f"{row.score:.6g}" for row in rows)])
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            out = csv.writer(fh)
+            out.writerow(["file", "segment", "label", *(f"score_{r.variant}" for r in reports)])
+            for rows in zip(*(r.items for r in reports), strict=True):
+                first = rows[0]
+                label = "anomalous" if first.label else "normal"
+                seg = "" if first.segment is None else first.segment
+                out.writerow([shown(first.file), seg, label, *(f"{row.score:.6g}" for row in rows)])
+
+    atomic_write(path, write, mode=0o644)
     return path
 
 
@@ -366,6 +372,13 @@ def plot_spectrogram(features: np.ndarray, params: object, path: Path, title: st
 def _save(plt: Any, fig: Any, path: Path) -> Path:
     """Lay out, write and close a figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=FIG_DPI)
-    plt.close(fig)
+    kind = path.suffix.lower().lstrip(".") or "png"  # the format its name asks for
+    try:
+        if path.exists() and not path.resolve().is_file():  # a device or a pipe: as it is
+            fig.savefig(path, dpi=FIG_DPI, format=kind)
+        else:  # replaced whole: a failed run leaves the last one's picture, not a torn one
+            target = path.resolve() if path.is_symlink() else path
+            atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=FIG_DPI, format=kind), 0o644)
+    finally:
+        plt.close(fig)
     return path

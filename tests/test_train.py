@@ -86,7 +86,9 @@ def test_evaluate_never_writes_over_its_recordings_and_gives_no_pauc_it_did_not_
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
     """`evaluate --json` wrote over one of the recordings it evaluated, and its JSON gave a
-    pAUC of 1.0 that the printout called n/a (two normal items: none to rest on) (a review)."""
+    pAUC of 1.0 that the printout called n/a (two normal items: none to rest on) (a review);
+    a --report folder inside the recordings and outputs where nothing can be written were
+    found only after the scoring (a later review)."""
     audio = tmp_path / "audio"
     audio.mkdir()
     normal = [str(shutil.copy(f, audio)) for f in NORMAL_FILES[:2]]
@@ -95,9 +97,19 @@ def test_evaluate_never_writes_over_its_recordings_and_gives_no_pauc_it_did_not_
     proc = cli(*given, "--json", normal[0], check=False)
     assert proc.returncode == 1 and "exists and is not JSON" in proc.stderr, proc.stderr
     assert Path(normal[0]).read_bytes() == kept
-    proc = cli(*given, "--report", str(audio), check=False)
-    assert proc.returncode == 1 and "holds the recordings being evaluated" in proc.stderr
+    searched = ("evaluate", str(tiny_bundle), "--normal", str(audio), "--anomalous",
+                str(ANOMALOUS_FILE))  # fmt: skip
+    for args in (given, searched):  # a folder within a folder searched: a class of --classes
+        for report in (audio, audio / "report") if args is searched else (audio,):
+            proc = cli(*args, "--report", str(report), check=False)
+            assert proc.returncode == 1, proc.stdout
+            assert "lies in the recordings being evaluated" in proc.stderr, proc.stderr
     assert sorted(p.name for p in audio.iterdir()) == sorted(Path(n).name for n in normal)
+    # where nothing can be written, refused before the scoring, not after it (a review)
+    for flag, where in (("--json", "/proc/soundsentry.json"), ("--report", "/proc/report")):
+        proc = cli(*given, flag, where, check=False)
+        assert proc.returncode == 1 and "AUC" not in proc.stdout, proc.stdout
+        assert f"{flag} {where}: no file can be written in /proc" in proc.stderr, proc.stderr
     out = tmp_path / "eval.json"
     out.write_text("{}\n")  # an earlier evaluation's: replaced
     assert "pAUC(FPR<=0.1) n/a" in cli(*given, "--json", str(out)).stdout
