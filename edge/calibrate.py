@@ -137,11 +137,12 @@ def _check_not_trained_on(bundle: Bundle, files: list[Path]) -> None:
     )
 
 
-def check_calibratable(model: str | Path, out: str | Path) -> None:
+def check_calibratable(model: str | Path) -> None:
     """Refuse at once (BundleError, one line) what `calibrate` would refuse only after reading
-    and scoring all the audio: an `out` that is the model itself, a kind with nothing to refit."""
-    if Path(out).resolve() == Path(model).resolve():
-        raise BundleError("--out must differ from the model being calibrated")
+    and scoring all the audio: a kind with nothing to refit. An `out` that is the model itself
+    is calibrated in place: the bundle is read whole before the new one is swapped in, and the
+    one it replaces is kept as `OUT.prev` (it was refused from the days before bundles were
+    written atomically, and a user on the device had to invent a second path and move it)."""
     bundle = load_bundle(model)
     plugin = plugin_for(bundle.manifest)
     if type(plugin).refit is DetectorKind.refit:  # the base's: nothing on site to refit
@@ -409,8 +410,6 @@ def _write(
     salt += json.dumps(manifest, sort_keys=True, default=str).encode()
     manifest["model_id"] = f"{base}-cal-{sha256_bytes(salt)[:8]}"
     out = Path(out)
-    if out.resolve() == bundle.path.resolve():
-        raise BundleError("--out must differ from the model being calibrated")
     write_bundle(out, manifest, contents, arrays)
     log.info(
         "calibrated %s on %.0f s of audio: threshold %.4g -> %.4g",

@@ -256,7 +256,13 @@ def _add_calibrate(sub: Any) -> None:
         metavar="PATH",
         help="normal audio recorded where the detector is installed",
     )
-    p.add_argument("--out", required=True, type=Path, metavar="MODEL2", help="bundle to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="MODEL2",
+        help="bundle to write (MODEL itself: replaced, and kept as MODEL.prev)",
+    )
     p.add_argument(
         "--false-alarms-per-day",
         type=_budget,
@@ -780,7 +786,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from edge.bundle import read_manifest
     from edge.calibrate import calibrate_bundle, check_calibratable
 
-    check_calibratable(args.model, args.out)  # before any note, and before the audio is read
+    check_calibratable(args.model)  # before any note, and before the audio is read
     before = read_manifest(args.model).threshold.value
     _note_replaced(args.out)
     out = calibrate_bundle(

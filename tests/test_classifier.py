@@ -14,7 +14,7 @@ import soundfile as sf
 from conftest import ANOMALOUS_FILE, DEMO_CLIP, NORMAL_FILES, cli
 
 from edge.audio_io import read_audio
-from edge.bundle import load_bundle
+from edge.bundle import load_bundle, read_manifest
 from edge.errors import BundleError
 from edge.events import ClassTracker
 
@@ -198,18 +198,32 @@ def test_classes_that_cannot_be_trained_or_checked_are_refused_before_training(
 def test_calibrate_refuses_what_it_cannot_do_before_reading_any_audio(
     classifier: Path, classes: Path, tmp_path: Path
 ) -> None:
-    """A classifier, or --out naming the model itself, was refused only after every recording
-    had been read and scored (and the second after a note that the model would be replaced)."""
+    """A classifier was refused only after every recording had been read and scored."""
+    proc = cli("calibrate", str(classifier), "--normal", str(tmp_path / "not-read"),
+               "--out", str(tmp_path / "x.bundle"), check=False)  # fmt: skip
+    assert proc.returncode != 0 and proc.stdout == "", proc.stdout
+    said = "a classifier detector cannot be refitted on site"
+    assert proc.stderr.strip().splitlines() == [f"soundsentry: error: {said}"], proc.stderr
+
+
+def test_calibrate_in_place_replaces_the_bundle_and_keeps_the_one_it_replaced(
+    tmp_path: Path,
+) -> None:
+    """`calibrate MODEL --out MODEL` was refused (a rule from before bundles were written
+    atomically), so a user calibrating the bundle the service runs had to invent a second path
+    and move it over: in place now, the one replaced kept as MODEL.prev, as `train` does."""
     from conftest import DEMO_BUNDLE
 
-    for model, out, said in (
-        (classifier, tmp_path / "x.bundle", "a classifier detector cannot be refitted on site"),
-        (DEMO_BUNDLE, DEMO_BUNDLE, "--out must differ from the model being calibrated"),
-    ):
-        proc = cli("calibrate", str(model), "--normal", str(tmp_path / "not-read"),
-                   "--out", str(out), check=False)  # fmt: skip
-        assert proc.returncode != 0 and proc.stdout == "", proc.stdout
-        assert proc.stderr.strip().splitlines() == [f"soundsentry: error: {said}"], proc.stderr
+    model = tmp_path / "pump.bundle"
+    shutil.copytree(DEMO_BUNDLE, model)
+    before = read_manifest(model)
+    proc = cli("calibrate", str(model), "--normal", *map(str, NORMAL_FILES[2:4]),
+               "--out", str(model))  # fmt: skip
+    assert f"note: {model} holds a model bundle: it is replaced" in proc.stdout, proc.stdout
+    after, kept = read_manifest(model), read_manifest(tmp_path / "pump.bundle.prev")
+    assert kept.checksum == before.checksum and after.checksum != before.checksum
+    assert (after.calibration or {}).get("from_model") == before.model_id
+    load_bundle(model)  # whole: every file its manifest names, with the right hash
 
 
 def test_set_threshold_keeps_a_classifiers_threshold_a_probability(
