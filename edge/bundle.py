@@ -158,6 +158,10 @@ class TrainingInfo(_Strict):
     channel: int = Field(ge=ALL_CHANNELS, le=63)
     epochs: int = Field(ge=0)
     seed: int
+    augment: list[str] | None = Field(None, max_length=16)
+    """`train --augment`'s options, the network was trained with; None: without (or a bundle
+    from before it was recorded, when a rerun could not tell how the model was made)."""
+    augment_factor: int | None = Field(None, ge=1)
 
     def refit_on_all(self, unknown: bool = False) -> bool:
         """Whether the shipped model was fitted on the held-out audio too (more seconds than

@@ -65,6 +65,9 @@ def test_classifier_bundle_round_trip(classifier: Path, classes: Path) -> None:
     assert (classifier / "model_int8.tflite").stat().st_size < 256 * 1024
     audio = sum(sf.info(str(f)).duration for f in classes.rglob("*.*"))
     assert m.training.seconds <= audio, "the audio fitted on, not its augmented copies"
+    # how it was made, for a rerun: --augment was not recorded (a review)
+    assert m.training.augment == ["shift", "noise", "specaugment"]
+    assert m.training.augment_factor == 1
     # no path of the trainer's machine in the bundle (the held-out files were recorded whole)
     assert str(classes) not in (classifier / "manifest.json").read_text()
     assert m.validation["held_out_files"]["running"] == [f.name for f in NORMAL_FILES]

@@ -68,6 +68,7 @@ def test_same_seed_same_model(tiny_bundle: Path, tmp_path: Path) -> None:
     again = train_tiny(tmp_path / "again.bundle")
     assert (again / MODEL_INT8).read_bytes() == (tiny_bundle / MODEL_INT8).read_bytes()
     first = load_bundle(tiny_bundle).manifest
+    assert first.training.augment is None  # trained without --augment, and said so
     assert load_bundle(again).manifest.threshold.value == first.threshold.value
 
 

@@ -45,6 +45,10 @@ class Augmenter:
         if unknown:
             raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {OPTIONS}")
 
+    def record(self) -> dict:
+        """What the manifest's `training` records of it."""
+        return {"augment": list(self.options), "augment_factor": self.factor}
+
     def expand(
         self, x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -157,7 +157,8 @@ def train_classifier(
             "seed": seed,
             "architecture": CLASSIFIER,
             "parameters": int(model.count_params()),
-        },
+        }
+        | (augment.record() if augment is not None else {}),
     }
     manifest["model_id"] = f"{id_stem(out)}-{sha256_bytes(int8_tflite)[:8]}"
     write_bundle(out, manifest, {MODEL_INT8: int8_tflite, MODEL_FLOAT: float_tflite})

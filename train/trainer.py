@@ -104,6 +104,8 @@ def train_bundle(
         model.count_params(),
         int8_tflite,
     )
+    if augment is not None:  # how the network was made, for whoever retrains it
+        manifest["training"] |= augment.record()
     manifest["normal_band_error"] = {
         "mean": band_error.mean(axis=0).tolist(),
         "std": band_error.std(axis=0).tolist(),
