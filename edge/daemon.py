@@ -253,6 +253,8 @@ class Detector:
         self.clips = _clip_recorder(settings, rate)
         self._clip_keeper = _clip_keeper(settings, rate) if live else None
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._finishing = False
+        """In `finish`: the event it ends sends no state of its own (`stopped` follows)."""
         self._unlearnt: deque[tuple[float, np.ndarray, object]] = deque()
         """A learning period's windows (end, features, period) of the last STOP_SECONDS, learnt
         only once the machine has not gone quiet after them (training's rule)."""
@@ -768,6 +770,7 @@ class Detector:
         self._wall_offset = self.clock() - time.monotonic()
         self._last_block = time.monotonic()  # no block was due before (the broker waited for)
         self._first_block = True  # and the first comes a block after the device has opened
+        self._finishing = False
         self.emit_state()
         self._emit_health(None)
         try:
@@ -946,6 +949,10 @@ class Detector:
         service's stop is not held up by a refit; those seconds are not learnt)."""
         if not self._stop.is_set():
             self._learn_unlearnt(math.inf)
+        # the open event ends with no state message of its own: `normal` (score above the
+        # threshold) went out between the anomaly and `stopped`, and Home Assistant's anomaly
+        # sensor went off, the "fault cleared" of automations, at every restart (in a review)
+        self._finishing = True
         self.close_event("stopped" if self.live or self._stop.is_set() else "end_of_stream")
         if self.adapter is not None:
             self.adapter.save_period()
@@ -1074,7 +1081,7 @@ class Detector:
             "anomaly %s: %s (peak %.4g)", message.type, message.event_id, message.peak_score,
         )  # fmt: skip
         self._to_sinks("event", message)
-        if t.kind != "update":
+        if t.kind != "update" and not self._finishing:  # `stopped` follows, from finish
             self.emit_state()
 
     def _message(self, t: Transition, clip: tuple[str, float] | None) -> EventMessage:

@@ -42,10 +42,11 @@ STATES = list(get_args(get_type_hints(StateMessage)["state"]))
 # Jinja templates Home Assistant renders on each payload. Rendering `None` makes a binary
 # sensor or a sensor `unknown` (Home Assistant's MQTT docs), which is what a faulty
 # microphone means: nothing is known about the machine.
-NOT_JUDGING = ("fault", "learning", "muted", "starting")
+NOT_JUDGING = ("fault", "learning", "muted", "starting", "stopped")
 """States in which the detector says nothing about the machine: a faulty microphone, the
 commissioning period still learning what normal sounds like, a mute (a week of "no problem"
-while nothing listened), the first seconds before a window is heard."""
+while nothing listened), the first seconds before a window is heard, a daemon stopped (its
+`off` was the "fault cleared" of automations at every restart, in a review)."""
 ANOMALY_TEMPLATE = (
     f"{{% if value_json.state in {NOT_JUDGING!r} %}}None"
     "{% elif value_json.state == 'anomaly' %}ON{% else %}OFF{% endif %}"

@@ -9,6 +9,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pytest
 import soundfile as sf
@@ -597,3 +598,26 @@ def test_settings_the_model_refuses_fail_the_start_as_a_start_error(tmp_path: Pa
         run_detector(settings, load_bundle(DEMO_BUNDLE), FileSource([NORMAL_FILES[0]], RATE))
     with socket.socket() as again:  # the page's port (bound first) is free again
         again.bind(("127.0.0.1", port))
+
+
+def test_a_stop_during_an_anomaly_goes_from_anomaly_to_stopped_with_no_normal_between(
+    tmp_path: Path,
+) -> None:
+    """A stop with an event open sent `normal` (its score above the threshold) between the
+    anomaly and `stopped`, and Home Assistant's anomaly sensor went off, the "fault cleared" of
+    automations, at every `systemctl restart` (in a review). The event still ends, said so."""
+    from edge.discovery import ANOMALY_TEMPLATE
+
+    d, rec = detector(tmp_path)
+    fault = read_audio(fault_file(tmp_path), RATE)
+    for i in range(0, len(fault), 1600):
+        d.feed(fault[i : i + 1600])
+    assert rec.kinds() == ["start"] and rec.states[-1].state == "anomaly"
+    seen = len(rec.states)
+    d.stop()  # as SIGTERM does; the run's end then finishes
+    d.finish()
+    assert [s.state for s in rec.states[seen:]] == ["stopped"]
+    assert [(e.type, e.ended_by) for e in rec.events] == [("start", None), ("end", "stopped")]
+    # and `stopped` says nothing of the machine to Home Assistant: unknown, not off
+    rendered = jinja2.Template(ANOMALY_TEMPLATE).render(value_json=rec.states[-1].to_dict())
+    assert rendered.strip() == "None"
