@@ -1063,6 +1063,7 @@ class Detector:
                 "clip": None,
                 "machine": self._machine,
                 "started_at": self._wall(t.started_s),  # kept: the clock may be set meanwhile
+                "seq": 0,
             }
             while len(self._kept) > KEPT_EVENTS:
                 self._kept.popitem(last=False)
@@ -1093,6 +1094,12 @@ class Detector:
         )
         kept = self._kept.get(t.event_id, {})
         started = kept.get("started_at", self._wall(t.started_s))  # a clock set since: not after
+        # numbered here, for every sink alike: the publisher alone numbered them, and the event
+        # log's copy, re-sent retained on `last_event` at every start, came without its `seq`
+        # (a new message to Home Assistant's triggers and Node-RED, in a review)
+        seq = kept.get("seq")
+        if seq is not None:
+            kept["seq"] = seq + 1
         return EventMessage(
             type=t.kind,  # type: ignore[arg-type]
             event_id=t.event_id,
@@ -1115,6 +1122,7 @@ class Detector:
             trigger=t.trigger,  # type: ignore[arg-type]
             ended_by=t.ended_by,  # type: ignore[arg-type]
             clip_url=self.clip_url(clip[0]) if clip and self.clip_url else None,
+            seq=seq,
         )
 
     # --- reports ---------------------------------------------------------------------------

@@ -361,6 +361,8 @@ def end_interrupted(
                     interrupted=True, ended_by="interrupted", stream_offset_s=None,
                     clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
         data.update(_kept_clip(clips, str(data.get("event_id", ""))))
+        seq = data.get("seq")  # the next after the last logged (None: the publisher numbers it)
+        data["seq"] = seq + 1 if isinstance(seq, int) and not isinstance(seq, bool) else None
         try:
             message = EventMessage(**data)
         except (TypeError, ValueError) as exc:  # a line another version (or damage) wrote
