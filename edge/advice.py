@@ -203,3 +203,21 @@ def bundle_summary(manifest: Any) -> str:
         first, _, rest = text.partition("\n")
         text = "\n".join([first, "states: " + ", ".join(parts) + note, rest]).rstrip("\n")
     return text
+
+
+def classifier_summary(manifest: Any) -> str:
+    """The validation figures of a classifier's bundle, one line (they were only logged at
+    INFO, and a classifier below chance was written without a word, in a review)."""
+    v = manifest.validation or {}
+    labels = v.get("labels") or manifest.labels or []
+    if "balanced_accuracy" not in v or not labels:
+        return "validation: none recorded"
+    recall = ", ".join(
+        f"{name} {r:.2f}" for name, r in (v.get("recall") or {}).items() if r is not None
+    )
+    return (
+        f"validation on {v.get('n', 0)} held-out windows: balanced accuracy "
+        f"{v['balanced_accuracy']:.3f} (chance {1 / len(labels):.2f}), accuracy "
+        f"{v.get('accuracy', 0.0):.3f}, macro F1 {v.get('macro_f1', 0.0):.3f}"
+        + (f"; recall {recall}" if recall else "")
+    )

@@ -611,7 +611,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             channel=args.channel,
             augment=augment,
         )
-        print(f"model bundle written to {out}")
+        from edge.advice import classifier_summary
+        from edge.bundle import read_manifest
+
+        print(f"model bundle written to {out}\n{classifier_summary(read_manifest(out))}")
         return 0
     if args.normal_states or args.detector == "embedding":
         return _train_embedding(args)

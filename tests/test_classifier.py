@@ -38,7 +38,7 @@ def classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def classifier(classes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cls") / "states.bundle"
-    cli(
+    proc = cli(
         "train",
         "--classes",
         str(classes),
@@ -53,7 +53,32 @@ def classifier(classes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "noise",
         "specaugment",
     )
+    (out.parent / "said.txt").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
     return out
+
+
+def test_training_a_classifier_says_how_it_validated_and_warns_of_a_thin_class(
+    classifier: Path,
+) -> None:
+    """`train --classes` said only where the bundle went: its validation went to an INFO log,
+    and a valve classifier at balanced accuracy 0.079 (chance 0.5) was written without a word;
+    a class of 5 s trained and "validated" on two windows (a review)."""
+    from train.classifier import near_chance
+
+    stdout, _, stderr = (classifier.parent / "said.txt").read_text().partition("--- stderr")
+    m = read_manifest(classifier)
+    v = m.validation or {}
+    line = (f"validation on {v['n']} held-out windows: balanced accuracy "
+            f"{v['balanced_accuracy']:.3f} (chance 0.50)")  # fmt: skip
+    assert line in stdout, stdout
+    # the fault class holds 9.6 s (a 4-s clip and 5.6 s of the demo's fault)
+    assert "class 'fault': only 9.6 s of audio; a class needs 10 s or more" in stderr, stderr
+    assert "class 'running': only" not in stderr, stderr  # 20 s
+    report = {"labels": ["fault", "normal"], "n": 38, "balanced_accuracy": 0.0789}
+    said = near_chance(report)  # the review's valve
+    assert said and said.startswith("validation: balanced accuracy 0.079 on 38 held-out")
+    assert near_chance(report | {"balanced_accuracy": 0.65}) is None
+    assert near_chance({"labels": ["a", "b", "c"], "n": 9, "balanced_accuracy": 0.45})
 
 
 def test_classifier_bundle_round_trip(classifier: Path, classes: Path) -> None:

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from edge.advice import MIN_AUDIO_SECONDS, RECOMMENDED_AUDIO_SECONDS
 from edge.audio_io import read_audio
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, id_stem, sha256_bytes, write_bundle
 from edge.errors import AudioError
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 30
 MIN_CONFIDENCE = 0.5
+NEAR_CHANCE = 0.15
+"""A validation balanced accuracy less than this above chance (1 / classes) is warned of: a
+valve's normal-against-fault classifier validated at 0.079 and was written without a word
+(the figure went to an INFO log), in a review."""
 
 
 def split_windows(
@@ -40,6 +45,7 @@ def split_windows(
     dense = dense_params(params)
     xt, yt, xv, yv = [], [], [], []
     holdouts: dict[str, Holdout] = {}
+    seconds = dict.fromkeys(classes, 0.0)
     for label, (name, files) in enumerate(classes.items()):
         holdout = holdouts[name] = holdout_split(files)
         if holdout.in_time:  # the validation then says how it knows its recordings, no more
@@ -51,12 +57,21 @@ def split_windows(
             )  # fmt: skip
         for path in progress(files, f"features {name}"):
             audio = read_audio(path, params.samplerate, channel, mono_any=True)
+            seconds[name] += len(audio) / params.samplerate
             train_part, val_part = holdout.parts(path, audio, params.window_samples)
             for part, xs, ys, p in ((train_part, xt, yt, dense), (val_part, xv, yv, params)):
                 w = windows_of(part, p, heard=True)  # as the device hears them
                 xs.append(w)
                 ys.append(np.full(len(w), label))
     yt_all, yv_all = np.concatenate(yt), np.concatenate(yv)
+    for name, sec in seconds.items():  # as `--normal` refuses below it: here only said, for
+        if sec < MIN_AUDIO_SECONDS:  # a fault's few seconds may be all there is of it
+            log.warning(
+                "class %r: only %.1f s of audio; a class needs %g s or more to be learnt and "
+                "checked on audio it did not learn from (%g s recommended): its validation "
+                "below stands on a few windows",
+                name, sec, MIN_AUDIO_SECONDS, RECOMMENDED_AUDIO_SECONDS,
+            )  # fmt: skip
     for label, name in enumerate(classes):  # a class with nothing to learn or to check on
         fit, held = int((yt_all == label).sum()), int((yv_all == label).sum())
         if not fit or not held:  # trained blind, or validated on its own training windows
@@ -69,6 +84,21 @@ def split_windows(
                 "(the last fifth of each is held out)"
             )
     return np.concatenate(xt), yt_all, np.concatenate(xv), yv_all, holdouts
+
+
+def near_chance(report: dict) -> str | None:
+    """The warning for a validation (train.metrics.classification_report) no better than
+    chance, or None."""
+    chance = 1 / len(report["labels"])
+    if report["balanced_accuracy"] >= chance + NEAR_CHANCE:
+        return None
+    return (
+        f"validation: balanced accuracy {report['balanced_accuracy']:.3f} on {report['n']} "
+        f"held-out windows, no better than chance ({chance:.2f}): this classifier does not "
+        "tell its classes apart in audio it did not learn from, and its class events cannot "
+        "be trusted; record more, and more varied, audio of each class (other days, loads, "
+        "positions)"
+    )
 
 
 def train_classifier(
@@ -120,6 +150,9 @@ def train_classifier(
     scorer = Scorer(TfliteModel(int8_tflite, name="int8 model"), mean, std, labels)
     probs = np.stack([scorer.probabilities(w) for w in xv])  # every class has some (above)
     report = classification_report(yv, probs.argmax(axis=1), labels)
+    said = near_chance(report)
+    if said:
+        log.warning("%s", said)
     out = Path(out)
     m = scorer.model
     manifest = base_manifest(out, params, mean, std, m, int8_tflite)
