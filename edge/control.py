@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ RETAINED_REFUSAL = (
     "on the broker, it would run again at every start): publish it without retain, and clear "
     "the stored one with an empty retained message on the same topic"
 )
+SHED_REPLY = "busy: the command queue was full, and this command was not run; send it again"
+SHED_REPLIES = 1000
+"""At most this many shed commands wait for their `busy` reply (the oldest go first)."""
 REPEAT_WINDOW_S = 300.0
 """A command with the `id` and content of the last one answered, this recently, is a repeated
 delivery (MQTT QoS 1 delivers at least once): it gets the first reply again and is not run
@@ -62,6 +66,8 @@ class Controller:
         """The command being run: a `learn stop` or `cancel` sent with its start's id is itself
         the start's second reply."""
         detector.answer_learning_ends(self._learning_ended)
+        self._shed: deque[tuple[str, str | None]] = deque(maxlen=SHED_REPLIES)
+        """Name and id of commands a full queue shed, from the MQTT thread: answered `busy`."""
 
     def submit_payload(self, payload: bytes) -> None:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
@@ -72,9 +78,18 @@ class Controller:
             return
         if len(payload) > MAX_COMMAND_BYTES:
             size = len(payload)
-            self.detector.submit(lambda: self.handle_payload(b"", oversize=size))
+            if not self.detector.submit(lambda: self.handle_payload(b"", oversize=size)):
+                self._shed.append(("invalid", None))
             return
-        self.detector.submit(lambda: self.handle_payload(payload))
+        if not self.detector.submit(lambda: self.handle_payload(payload)):
+            self._shed.append(_name_and_id(payload))
+
+    def _answer_shed(self) -> None:
+        """Reply to the commands a full queue shed (on the loop, before the next command it
+        runs): a Node-RED flow waiting for the reply to its id waited for ever (in a review)."""
+        while self._shed:
+            name, cid = self._shed.popleft()
+            self._reply(name, cid, False, SHED_REPLY)
 
     def submit_retained(self, payload: bytes) -> None:
         """From the MQTT thread: a command published retained, answered with a refusal and never
@@ -97,6 +112,7 @@ class Controller:
     def handle_payload(self, payload: bytes, oversize: int = 0) -> ResponseMessage:
         """Validate and run one command; reply with the outcome, whatever the payload
         (`oversize`: the size of one too large to be kept)."""
+        self._answer_shed()
         try:
             check_size(oversize)
             command = parse_command(payload)
@@ -392,6 +408,15 @@ class Controller:
         )
         d.respond(message)
         return message
+
+
+def _name_and_id(payload: bytes) -> tuple[str, str | None]:
+    """A command's name and id, for a reply to one not run (`invalid` and None if it has none)."""
+    try:
+        command = parse_command(payload)
+        return command.command, command.id
+    except CommandError as exc:
+        return exc.command, exc.command_id
 
 
 def _reason(bundle: Bundle) -> str:
