@@ -202,6 +202,55 @@ def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
         client.tls_insecure_set(s.tls.insecure)
 
 
+HOST_CHECK = "check [mqtt] host and port, and that the broker runs"
+
+
+def probe_reason(s: MqttSettings) -> tuple[str, str]:
+    """Why a connection failed where paho says nothing, and what to check: asked of the network
+    (a TCP connection, then with [mqtt.tls] the TLS handshake as the client makes it). A
+    certificate refused was "the TLS or MQTT handshake failed", and "check host and port" beside
+    it, whatever the cause (in a review)."""
+    try:
+        sock = socket.create_connection((s.host, s.port), timeout=PROBE_TIMEOUT_S)
+    except OSError as exc:
+        return str(exc) or type(exc).__name__, HOST_CHECK
+    with sock:
+        if not s.tls.enabled:
+            return (
+                "it takes TCP connections: the MQTT handshake failed",
+                "a TLS port? then set [mqtt.tls] enabled; else is it an MQTT broker?",
+            )
+        try:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # as paho's tls_set makes it
+            context.check_hostname = not s.tls.insecure
+            context.verify_mode = ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED
+            if s.tls.cert_file:
+                context.load_cert_chain(
+                    str(s.tls.cert_file), s.tls.key_file and str(s.tls.key_file)
+                )
+            if s.tls.ca_file:
+                context.load_verify_locations(str(s.tls.ca_file))
+            else:
+                context.load_default_certs()
+            with context.wrap_socket(sock, server_hostname=s.host):
+                pass
+        except ssl.SSLCertVerificationError as exc:
+            return (
+                f"TLS: the broker's certificate is refused: {exc.verify_message}",
+                "[mqtt.tls] ca_file must be the CA that signed it, and [mqtt] host a name the "
+                "certificate holds",
+            )
+        except (ssl.SSLError, OSError) as exc:
+            return (
+                f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}",
+                "check [mqtt.tls]",
+            )
+    return (
+        "TCP and TLS connect: the MQTT handshake failed",
+        "is it an MQTT broker, and does it take this client's certificate?",
+    )
+
+
 class MqttPublisher:
     """One broker connection for one device."""
 
@@ -391,22 +440,16 @@ class MqttPublisher:
         if self._closing.is_set():
             return
         where = f"{self.settings.host}:{self.settings.port}"
-        try:
-            socket.create_connection(
-                (self.settings.host, self.settings.port), timeout=PROBE_TIMEOUT_S
-            ).close()
-            why = "it takes TCP connections now: the TLS or MQTT handshake failed; check [mqtt] tls"
-        except OSError as exc:
-            why = str(exc) or type(exc).__name__
-        self._unreachable(f"cannot reach {where} ({why})")
+        why, check = probe_reason(self.settings)
+        self._unreachable(f"cannot reach {where} ({why})", check)
 
-    def _unreachable(self, reason: str) -> None:
+    def _unreachable(self, reason: str, check: str = HOST_CHECK) -> None:
         """Why there is no connection: each new reason logged once, a repeated one not."""
         if reason != self._last_unreachable:
             log.warning(
-                "MQTT: %s; retrying with backoff, events are spooled meanwhile (check [mqtt] "
-                "host and port, and that the broker runs)",
+                "MQTT: %s; retrying with backoff, events are spooled meanwhile (%s)",
                 reason,
+                check,
             )
         self._last_unreachable = reason
 

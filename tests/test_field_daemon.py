@@ -465,6 +465,23 @@ def test_tls_and_password_and_wrong_credentials(tmp_path: Path) -> None:
         assert any('"type":"start"' in s for s in seen) and any('"type":"end"' in s for s in seen)
         assert "s3cret-pw" not in err
 
+        # why a connection fails, asked of the network: a certificate the system's CAs refuse
+        # was "the TLS or MQTT handshake failed; check [mqtt] tls", then "check host and port"
+        from edge.publish import probe_reason
+        from edge.settings import MqttSettings
+
+        def reason(**tls: object) -> tuple[str, str]:
+            files = {k: certs[f] for k, f in (("ca_file", "ca.crt"), ("cert_file", "client.crt"),
+                                              ("key_file", "client.key"))}  # fmt: skip
+            return probe_reason(MqttSettings(host="127.0.0.1", port=port, tls=files | tls))
+
+        why, check = reason(enabled=True, ca_file=None)  # the system's CAs
+        assert why.startswith("TLS: the broker's certificate is refused: "), why
+        assert "self-signed certificate" in why and "ca_file" in check, (why, check)
+        assert reason(enabled=True)[0] == "TCP and TLS connect: the MQTT handshake failed"
+        why, check = reason(enabled=False)
+        assert "the MQTT handshake failed" in why and "[mqtt.tls] enabled" in check, check
+
         cfg = write_config(tmp_path, "intruder", port, mqtt=tls.replace("{pw}", str(bad)))
         proc = daemon(
             "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--realtime", "--config", str(cfg)
