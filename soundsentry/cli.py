@@ -979,6 +979,20 @@ def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
     )
 
 
+REPLAY_SUFFIX = "-replay"
+
+
+def _replay_settings(args: argparse.Namespace) -> Any:
+    """A replay's settings: publishing to a broker with no device_id chosen (flag, config,
+    environment), it is `HOST-replay`, not the host name the device's own detector defaults
+    to: a test replay's events reached the device's Home Assistant entities and its
+    automations ("pump sounds wrong"), and left it `offline` (in a review)."""
+    settings = _settings_from(args, args.model)
+    if settings.mqtt.host and "device_id" not in settings.model_fields_set:
+        return settings.model_copy(update={"device_id": settings.device_id + REPLAY_SUFFIX})
+    return settings
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from edge.audio_io import find_audio
     from edge.bundle import channel_for
@@ -988,7 +1002,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from edge.service import run_detector
     from edge.sources import FileSource
 
-    settings = _settings_from(args, args.model)
+    settings = _replay_settings(args)
+    if settings.device_id != _settings_from(args, args.model).device_id:
+        print(
+            f"note: replay publishes to the broker as device {settings.device_id}, not as the "
+            "detector of this host: its events reach no Home Assistant entity or automation of "
+            "the device's (--device-id or device_id in --config chooses one)",
+            file=sys.stderr,
+        )
     bundle = _load(settings.model)
     files = find_audio(args.files)  # folders searched recursively, as everywhere else
     if not files:
@@ -1011,7 +1032,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         bundle,
         source,
         print_events=False,  # ReplayLines prints them, naming each one's file
-        reload_settings=lambda: _settings_from(args, args.model),
+        reload_settings=lambda: _replay_settings(args),
         extra_sinks=[ReplayLines(source.locate, sys.stdout), summary],
         on_step=summary.step,
     )

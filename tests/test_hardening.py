@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -554,6 +555,12 @@ def test_a_broker_that_cannot_be_reached_is_named_with_the_reason(
     assert proc.returncode == 0, proc.stderr
     assert f"MQTT: no connection to 127.0.0.1:{port} after" in proc.stderr, proc.stderr
     assert f"(cannot reach 127.0.0.1:{port} (" in proc.stderr, proc.stderr
+    # no device_id chosen: not the host's own detector, whose Home Assistant entities and
+    # automations a test replay's events reached (in a review)
+    said = f"note: replay publishes to the broker as device {socket.gethostname()}-replay"
+    assert said in proc.stderr, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert events and {e["device_id"] for e in events} == {f"{socket.gethostname()}-replay"}
 
 
 def test_a_port_that_hangs_up_before_the_handshake_is_named_once(
