@@ -685,6 +685,15 @@ def test_command_ids_and_numbers_are_what_the_schema_says() -> None:
         assert not check.is_valid(payload), payload
     ok = {"command": "mute", "minutes": 60, "id": "op-17"}
     assert isinstance(parse_command(json.dumps(ok)), Mute) and check.is_valid(ok)
+    # what the parser takes as unset (null), the schema takes too: a flow validated against
+    # the schema refused commands the daemon runs (in a review)
+    for unset in (
+        {"command": "unmute", "id": None},
+        {"command": "reload_model", "path": None},
+        {"command": "learn", "action": "start", "seconds": None},
+    ):
+        parse_command(json.dumps(unset))
+        assert check.is_valid(unset), unset
 
 
 def test_running_hours_may_drop_after_a_power_cut_without_being_counted_twice() -> None:
