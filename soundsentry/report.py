@@ -64,8 +64,9 @@ def _off_note(report: Report) -> str:
     if not off:
         return ""
     return (
-        f"\nwindows with the machine off (quieter than the model's off level; the device "
-        f"raises no event on them): anomalous {report.anomalous_windows_off}, normal "
+        f"\nwindows with the machine off (quieter than the model's off level, or nearer its "
+        f"state `off`; the device raises no event on them): anomalous "
+        f"{report.anomalous_windows_off}, normal "
         f"{report.normal_windows_off}"
     )
 

@@ -578,3 +578,41 @@ def test_a_dropout_leaves_no_frame_of_nothing_in_the_network_s_training_frames(
     assert len(heard_pieces(np.concatenate([a, np.zeros(run - 1, np.float32), b]), run)) == 1
     assert [len(p) for p in heard_pieces(np.zeros(3 * run, np.float32), run)] == []
     assert [len(p) for p in heard_pieces(np.concatenate([np.zeros(run), a]), run)] == [100]
+
+
+def test_training_warns_of_a_running_state_a_few_db_from_being_taken_for_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An `off` folder near a running state in level (a review's neighbouring pump, 7 dB louder
+    than the fan) made the edge take the fan heard 4.5 dB louder for the machine off, and its
+    faults with it, without a word at training. The margin is where the edge's own naming
+    turns: checked against StateNamer, then the warning."""
+    import logging
+    from types import SimpleNamespace
+
+    from edge.machine_state import StateNamer
+    from train.embedding import OFF_MARGIN_DB, _warn_off_near, off_margins
+
+    rng = np.random.default_rng(3)
+    fan = rng.normal(-50.0, 6.0, 64)
+    for off, way in ((fan + 7.0 + rng.normal(0, 3, 64), "louder"), (fan - 30.0, "quieter")):
+        levels = np.stack([fan, off])
+        ((name, shift, said),) = off_margins(levels, ["full", "off"])
+        assert (name, said) == ("full", way)
+        assert (shift < OFF_MARGIN_DB) == (way == "louder"), shift  # the review's, and 15 dB
+        sign = 1.0 if way == "louder" else -1.0
+        namer = StateNamer(["full", "off"], levels)
+        assert namer.nearest(fan + sign * 0.99 * shift) == "full"
+        assert namer.nearest(fan + sign * 1.01 * shift) == "off"
+        own = SimpleNamespace(
+            states=["full", "off"], state_levels=lambda lv=levels: {"machine.state_levels": lv}
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train.embedding"):
+            _warn_off_near(own)  # type: ignore[arg-type]
+        warned = [r.getMessage() for r in caplog.records]
+        if shift < OFF_MARGIN_DB:
+            assert warned and warned[0].startswith(f"state full heard {shift:.1f} dB {way} than")
+        else:
+            assert not warned, warned
+    assert off_margins(levels, ["full", "slow"]) == []  # no `off`: nothing to be taken for

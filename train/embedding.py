@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -281,6 +282,50 @@ def states_not_apart(
     return found
 
 
+OFF_MARGIN_DB = 6.0
+"""A running state heard fewer dB than this quieter (or louder) than in its recordings, and
+lying nearer `off` then, is warned of at training (`off_margins`)."""
+
+
+def off_margins(levels: np.ndarray, names: list[str]) -> list[tuple[str, float, str]]:
+    """For each running state, how far its whole level spectrum may move (a microphone moved,
+    a gain changed, a fault that quietens or loudens the machine) before the edge names it
+    `off` and judges none of it: (name, dB, "quieter" or "louder"), the uniform shift at which
+    it lies as near `off`'s band levels as its own. Empty without a state `off`. A review's
+    `off` (a neighbour's pump, 7 dB louder than the fan) took the fan 4.5 dB louder for the
+    machine off, its faults with it; one 3 dB quieter than the fan, the fan 3.7 dB quieter."""
+    if OFF not in names:
+        return []
+    off = levels[names.index(OFF)]
+    found = []
+    for name, own in zip(names, levels, strict=True):
+        if name == OFF:
+            continue
+        apart = own - off  # |apart + d| = |d| at the uniform shift d = -|apart|^2 / (2 sum)
+        total = float(apart.sum())
+        shift = float(apart @ apart) / (2 * abs(total)) if total else math.inf
+        found.append((name, shift, "quieter" if total > 0 else "louder"))
+    return found
+
+
+def _warn_off_near(own: OwnAudio) -> None:
+    """Say which running state lies so near `off` in level that a small change of level at the
+    site would make the edge take the machine for off, deaf to its faults (OFF_MARGIN_DB)."""
+    levels = own.state_levels().get("machine.state_levels")
+    if levels is None:
+        return
+    for state, shift, way in off_margins(levels, own.states):
+        if shift < OFF_MARGIN_DB:
+            log.warning(
+                "state %s heard %.1f dB %s than in its recordings lies nearer `%s` than itself: "
+                "the edge would take the machine for off and judge none of it (a microphone "
+                "moved, a gain changed, a fault that makes it %s); record `%s` as the place "
+                "sounds with this machine stopped, or leave that folder out (the level alone "
+                "then tells the machine off)",
+                state, shift, way, OFF, way, OFF,
+            )  # fmt: skip
+
+
 def _warn_states_not_apart(own: OwnAudio) -> None:
     """Say which state folders the edge cannot tell apart by their level spectrum: it would
     name one as another in state messages and events (a field test's two speeds of one fan,
@@ -365,6 +410,7 @@ def read_own(
                 state, own.state_recordings[state], 5 * params.window_seconds,
             )  # fmt: skip
     _warn_states_not_apart(own)  # before the minutes of training, not after
+    _warn_off_near(own)
     return own
 
 
