@@ -402,8 +402,12 @@ def write_bundle(
     blobs[MANIFEST] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
     try:
         _swap_in(path.resolve() if path.is_symlink() else path, blobs, earlier)
-    except BaseException:
+    except OSError as exc:  # a full disk: "No space left on device" alone named no bundle
         if copied is not None:  # the bundle it copied is still in place, and so is `.prev`
+            shutil.rmtree(copied, ignore_errors=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    except BaseException:
+        if copied is not None:
             shutil.rmtree(copied, ignore_errors=True)
         raise
     if copied is not None:
@@ -577,7 +581,10 @@ def _copy_previous(path: Path, names: set[str]) -> Path | None:
                 os.chown(item, owner.st_uid, owner.st_gid)
     except OSError as exc:
         shutil.rmtree(part, ignore_errors=True)
-        log.warning("%s is replaced without a copy as %s.prev: %s", where, where.name, exc)
+        log.warning(  # said before the write, which may yet fail and leave it in place
+            "no copy of %s could be kept as %s.prev (%s): the new bundle replaces it without one",
+            where, where.name, exc.strerror or exc,
+        )  # fmt: skip
         return None
     return part
 
