@@ -71,6 +71,8 @@ def test_training_a_classifier_says_how_it_validated_and_warns_of_a_thin_class(
     line = (f"validation on {v['n']} held-out windows: balanced accuracy "
             f"{v['balanced_accuracy']:.3f} (chance 0.50)")  # fmt: skip
     assert line in stdout, stdout
+    # one line an epoch, as the embedding's training prints them (Keras's were two, or a bar)
+    assert "\nepoch 15/15: accuracy " in stdout and "Epoch 1/15" not in stdout, stdout
     # the fault class holds 9.6 s (a 4-s clip and 5.6 s of the demo's fault)
     assert "class 'fault': only 9.6 s of audio; a class needs 10 s or more" in stderr, stderr
     assert "class 'running': only" not in stderr, stderr  # 20 s

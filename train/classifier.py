@@ -4,7 +4,6 @@ compact CNN classifier on the same front end -> int8 TFLite -> bundle."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import keras
@@ -25,7 +24,7 @@ from train.metrics import classification_report
 from train.model import CLASSIFIER, build_classifier
 from train.progress import progress
 from train.quantize import to_float_tflite, to_int8_tflite
-from train.trainer import BATCH_SIZE, LEARNING_RATE, STD_FLOOR_DB, base_manifest
+from train.trainer import BATCH_SIZE, LEARNING_RATE, STD_FLOOR_DB, EpochLines, base_manifest
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,8 @@ def train_classifier(
         batch_size=BATCH_SIZE,
         shuffle=True,
         class_weight=weights,
-        verbose=1 if sys.stdout.isatty() else 2,
+        verbose=0,
+        callbacks=[EpochLines(epochs)],
     )
     float_tflite = to_float_tflite(model)
     int8_tflite = to_int8_tflite(model, x, seed, groups=yt)  # every class, a rare fault too
