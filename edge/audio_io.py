@@ -7,8 +7,9 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -17,6 +18,9 @@ import soxr
 from edge.bundle import sha256_file
 from edge.errors import AudioError
 from edge.health import CLIP_LEVEL, FLAT_RANGE, SILENT_PEAK
+
+_P = TypeVar("_P")
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -345,10 +349,21 @@ def check_files(
     """`check_readable` on every file; one AudioError that names every file that cannot be used,
     so that a folder with several bad recordings is mended in one go."""
     files = list(files)
-    checked, problems = [], []
-    for path in files:
+    return read_each(
+        files, lambda path: check_readable(path, channel, samplerate, mono_any, float_samples)
+    )
+
+
+def read_each(files: Sequence[_P], read: Callable[[_P], _T], shown: Iterable[_P] | None = None
+              ) -> list[_T]:  # fmt: skip
+    """`read` of every file, in order; one AudioError that names every file it refused (what
+    only reading finds too: a float file beyond full scale, a dead channel, silence: a folder
+    with two such files was mended one file per run, in a review). `shown`: `files` wrapped
+    for a progress bar, iterated instead."""
+    done, problems = [], []
+    for path in files if shown is None else shown:
         try:
-            checked.append(check_readable(path, channel, samplerate, mono_any, float_samples))
+            done.append(read(path))
         except AudioError as exc:
             problems.append(str(exc))
     if len(problems) == 1:
@@ -360,7 +375,7 @@ def check_files(
             + "; ".join(problems[:LISTED_PROBLEMS])
             + (f"; and {more} more" if more > 0 else "")
         )
-    return checked
+    return done
 
 
 READ_BLOCK_SECONDS = 10.0

@@ -24,6 +24,7 @@ from edge.audio_io import (
     find_audio,
     first_few,
     read_audio,
+    read_each,
     without_copies,
 )
 from edge.bundle import (
@@ -94,7 +95,9 @@ def calibrate_bundle(
     check_files(files, max(channel, 0), p.samplerate, mono_any=True)
     files = without_copies(files)  # a copy would be scored by a model that holds it
     _check_not_trained_on(bundle, files)
-    audio = [read_audio(f, p.samplerate, channel, need_sound=True, mono_any=True) for f in files]
+    audio = read_each(  # every file found unusable in reading named at once
+        files, lambda f: read_audio(f, p.samplerate, channel, need_sound=True, mono_any=True)
+    )
     files, audio = _windowed(files, audio, p)
     machine, shift = _site_machine(bundle, audio)
     off_like = _off_state_levels(bundle, shift)

@@ -96,6 +96,10 @@ def test_a_dead_channel_or_digital_silence_is_refused_naming_the_file(tmp_path: 
     line = _error_line(cli("train", "--normal", str(tmp_path / "stereo"), "--out",
                            str(tmp_path / "a.bundle"), check=False))  # fmt: skip
     assert str(normal[0]) in line and "channel 0 is digital silence" in line
+    # every file reading refuses, named at once: a folder of such files was mended one file
+    # per run (a review)
+    assert line.startswith(f"soundsentry: error: {len(normal)} of {len(normal)} files cannot"), line
+    assert all(str(path) in line for path in normal[:3]) and line.endswith("; and 1 more"), line
     assert "--channel N" in line
     quiet = tmp_path / "quiet"
     quiet.mkdir()
@@ -110,7 +114,7 @@ def test_a_dead_channel_or_digital_silence_is_refused_naming_the_file(tmp_path: 
     site = tmp_path / "c.bundle"
     line = _error_line(cli("calibrate", str(model), "--normal", str(tmp_path / "stereo"),
                            "--channel", "0", "--out", str(site), check=False))  # fmt: skip
-    assert "channel 0 is digital silence" in line
+    assert "channel 0 is digital silence" in line and f"{len(normal)} of {len(normal)}" in line
 
 
 def test_a_singular_covariance_is_an_error_line_not_a_crash() -> None:

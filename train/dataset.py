@@ -17,6 +17,7 @@ from edge.audio_io import (
     check_files,
     find_audio,
     read_audio,
+    read_each,
     sf_path,
     skipped_folder,
     without_copies,
@@ -253,10 +254,11 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
     dense = dense_params(params)
     train, hold = [], []
     train_s = hold_s = 0.0
-    audios = [
-        read_audio(path, params.samplerate, channel, need_sound=True, mono_any=True)
-        for path in progress(files, "reading")
-    ]
+    audios = read_each(  # every file found unusable in reading named at once
+        files,
+        lambda path: read_audio(path, params.samplerate, channel, need_sound=True, mono_any=True),
+        progress(files, "reading"),
+    )
     machine = machine_profile(audios, params)
     off = machine.get("off_below_dbfs")  # as the device: no dropout, not the machine off
     for path, audio in zip(files, audios, strict=True):

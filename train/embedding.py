@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from edge.audio_io import read_each
 from edge.bundle import MODEL_FLOAT, MODEL_INT8, write_bundle
 from edge.detectors.embedding import (
     BAND_STD_FLOOR_DB,
@@ -359,10 +360,15 @@ def read_own(
     for label, (state, files) in enumerate(groups.items()):
         own.holdouts[state] = holdout_split(files)
         own.state_recordings[state] = len(files)
+        read = read_each(  # every file found unusable in reading named at once
+            files,
+            lambda path: channel_views(path, params, channel, all_channels),
+            progress(files, f"reading {state}"),
+        )
         views += [
             (label, state, path, view, audio)
-            for path in progress(files, f"reading {state}")
-            for view, audio in enumerate(channel_views(path, params, channel, all_channels))
+            for path, audio_views in zip(files, read, strict=True)
+            for view, audio in enumerate(audio_views)
         ]
     own.audio = [audio for *_, audio in views]
     own.view_states = [label for label, *_ in views]

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from edge import __version__
-from edge.audio_io import read_audio, sf_path
+from edge.audio_io import read_audio, read_each, sf_path
 from edge.bundle import (
     ALL_CHANNELS,
     FORMAT,
@@ -165,10 +165,15 @@ def collect(
     dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
     seconds = hold_seconds = 0.0
+    read = read_each(  # every file found unusable in reading named at once
+        files,
+        lambda path: channel_views(path, params, channel, all_channels),
+        progress(files, "reading"),
+    )
     views = [
         (path, view, audio)
-        for path in progress(files, "reading")
-        for view, audio in enumerate(channel_views(path, params, channel, all_channels))
+        for path, audio_views in zip(files, read, strict=True)
+        for view, audio in enumerate(audio_views)
     ]
     audios = [audio for _, _, audio in views]
     machine = machine_profile(audios, params)
