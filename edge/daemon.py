@@ -770,7 +770,6 @@ class Detector:
         self._wall_offset = self.clock() - time.monotonic()
         self._last_block = time.monotonic()  # no block was due before (the broker waited for)
         self._first_block = True  # and the first comes a block after the device has opened
-        self._finishing = False
         self.emit_state()
         self._emit_health(None)
         try:
@@ -953,7 +952,10 @@ class Detector:
         # threshold) went out between the anomaly and `stopped`, and Home Assistant's anomaly
         # sensor went off, the "fault cleared" of automations, at every restart (in a review)
         self._finishing = True
-        self.close_event("stopped" if self.live or self._stop.is_set() else "end_of_stream")
+        try:
+            self.close_event("stopped" if self.live or self._stop.is_set() else "end_of_stream")
+        finally:
+            self._finishing = False
         if self.adapter is not None:
             self.adapter.save_period()
         self._save_state()

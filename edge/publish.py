@@ -180,6 +180,11 @@ def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
     """Credentials and TLS from the settings (the password is never logged)."""
     if s.username:
         client.username_pw_set(s.username, mqtt_password(s))
+    elif mqtt_password(s) is not None:  # the settings, a password file or the unit's credential
+        log.warning(  # dropped without a word, and "Not authorized" was all a user saw (a review)
+            "MQTT: a password is set but no [mqtt] username: MQTT sends a password only with a "
+            "user name, so none is sent; set username"
+        )
     if s.tls.enabled:
         for key in ("ca_file", "cert_file", "key_file"):  # ssl's own error names no file
             path = getattr(s.tls, key)

@@ -168,16 +168,6 @@ class MqttSettings(_Section):
             ) from None
         return value
 
-    @model_validator(mode="after")
-    def _a_password_goes_with_a_user(self) -> MqttSettings:
-        """MQTT sends a password only with a user name: one set alone was dropped without a
-        word, and the broker's "Not authorized" was all a user saw (in a review)."""
-        if (self.password is not None or self.password_file is not None) and not self.username:
-            raise ValueError(
-                "a password is sent to the broker only with a user name: set username too"
-            )
-        return self
-
 
 class DetectorSettings(_Section):
     """Event logic: K of the last N windows above the threshold (or the bundle's CUSUM) start an

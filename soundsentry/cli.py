@@ -598,7 +598,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _require("tensorflow", "train", _train_command(args))
     from train.augment import Augmenter
 
-    augment = Augmenter(tuple(args.augment), args.augment_factor) if args.augment else None
+    options = tuple(dict.fromkeys(args.augment or ()))  # `shift shift`: one shift
+    augment = Augmenter(options, args.augment_factor) if options else None
     if args.classes:
         from train.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
         from train.classifier import train_classifier
@@ -982,15 +983,18 @@ def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
 REPLAY_SUFFIX = "-replay"
 
 
-def _replay_settings(args: argparse.Namespace) -> Any:
-    """A replay's settings: publishing to a broker with no device_id chosen (flag, config,
-    environment), it is `HOST-replay`, not the host name the device's own detector defaults
-    to: a test replay's events reached the device's Home Assistant entities and its
-    automations ("pump sounds wrong"), and left it `offline` (in a review)."""
+def _replay_settings(args: argparse.Namespace) -> tuple[Any, bool]:
+    """A replay's settings, and whether its device_id was made for it: publishing to a broker
+    (`--mqtt-host`) with no config and no device_id chosen (flag, environment), it is
+    `HOST-replay`, not the host name the device's own detector defaults to: a test replay's
+    events reached the device's Home Assistant entities and its automations ("pump sounds
+    wrong"), and left it `offline` (in a review). With a config it acts as that device, as
+    the README says (its spool, event log and history go by its device_id)."""
     settings = _settings_from(args, args.model)
-    if settings.mqtt.host and "device_id" not in settings.model_fields_set:
-        return settings.model_copy(update={"device_id": settings.device_id + REPLAY_SUFFIX})
-    return settings
+    if args.config is None and settings.mqtt.host and "device_id" not in settings.model_fields_set:
+        update = {"device_id": settings.device_id + REPLAY_SUFFIX}
+        return settings.model_copy(update=update), True
+    return settings, False
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -1002,12 +1006,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from edge.service import run_detector
     from edge.sources import FileSource
 
-    settings = _replay_settings(args)
-    if settings.device_id != _settings_from(args, args.model).device_id:
+    settings, renamed = _replay_settings(args)
+    if renamed:
         print(
             f"note: replay publishes to the broker as device {settings.device_id}, not as the "
             "detector of this host: its events reach no Home Assistant entity or automation of "
-            "the device's (--device-id or device_id in --config chooses one)",
+            "the device's (--device-id chooses one; with the device's --config it acts as it)",
             file=sys.stderr,
         )
     bundle = _load(settings.model)
@@ -1032,7 +1036,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         bundle,
         source,
         print_events=False,  # ReplayLines prints them, naming each one's file
-        reload_settings=lambda: _replay_settings(args),
+        reload_settings=lambda: _replay_settings(args)[0],
         extra_sinks=[ReplayLines(source.locate, sys.stdout), summary],
         on_step=summary.step,
     )

@@ -630,3 +630,7 @@ def test_a_stop_during_an_anomaly_goes_from_anomaly_to_stopped_with_no_normal_be
     # and `stopped` says nothing of the machine to Home Assistant: unknown, not off
     rendered = jinja2.Template(ANOMALY_TEMPLATE).render(value_json=rec.states[-1].to_dict())
     assert rendered.strip() == "None"
+    seen = len(rec.states)  # a detector used again: its events send their states again
+    for i in range(0, len(fault), 1600):
+        d.feed(fault[i : i + 1600])
+    assert rec.kinds()[-1] == "start" and "anomaly" in [s.state for s in rec.states[seen:]]

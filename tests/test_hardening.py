@@ -561,6 +561,17 @@ def test_a_broker_that_cannot_be_reached_is_named_with_the_reason(
     assert said in proc.stderr, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert events and {e["device_id"] for e in events} == {f"{socket.gethostname()}-replay"}
+    # with the device's config it acts as the device (its spool goes by its device_id)
+    config = tmp_path / "device.toml"
+    config.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n')
+    proc = subprocess.run(
+        [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--config", str(config)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "SOUNDSENTRY_DATA_DIR":
+        str(tmp_path / "data")},
+    )  # fmt: skip
+    assert proc.returncode == 0 and "note: replay publishes" not in proc.stderr, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert events and {e["device_id"] for e in events} == {socket.gethostname()}
 
 
 def test_a_port_that_hangs_up_before_the_handshake_is_named_once(
@@ -1204,3 +1215,36 @@ def test_an_event_whose_end_line_was_torn_keeps_its_clip(tmp_path: Path) -> None
     assert edge.service.end_interrupted(read_events(tmp_path), [reports], clips) == 1
     (end,) = reports.events
     assert end.clip == clip.name and end.clip_seconds == 3.0 and end.interrupted
+
+
+def test_a_password_without_a_user_name_is_said_not_dropped_in_silence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MQTT sends a password only with a user name: one set alone (or the unit's credential)
+    was dropped without a word, and the broker's "Not authorized" was all a user saw (in a
+    review). Said, not refused: a config with MQTT off or an anonymous broker keeps running."""
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge.publish import configure_auth
+    from edge.settings import MqttSettings
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt_password").write_text("from-systemd\n")
+    cases = [
+        ({"password": "pw"}, None, True),
+        ({}, creds, True),  # the shipped unit's LoadCredential
+        ({"username": "pump", "password": "pw"}, None, False),
+        ({}, None, False),
+    ]
+    for given, cred_dir, said in cases:
+        if cred_dir is None:
+            monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        else:
+            monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(cred_dir))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edge.publish"):
+            client = mqtt.Client(CallbackAPIVersion.VERSION2)
+            configure_auth(client, MqttSettings(host="h", **given))
+        warned = [r.getMessage() for r in caplog.records if "no [mqtt] username" in r.getMessage()]
+        assert bool(warned) == said, (given, cred_dir, warned)
