@@ -834,12 +834,18 @@ def _check_output(path: Path | None, flag: str, folder: bool) -> None:
 def _check_writable(path: Path, flag: str, folder: bool) -> None:
     """Refuse, before any work, an output where nothing can be written (`/proc/x.json`, a
     read-only card, a folder of another user's): found only after minutes of scoring, in a
-    review. The nearest folder that exists gets a file made and removed in it; a device or a
-    pipe that exists (/dev/stdout) is written as it is."""
-    if path.exists() and not path.is_dir() and not path.resolve().is_file():
-        return
-    where = path if folder and path.is_dir() else path.parent
-    where = where.resolve()
+    review. The nearest folder that exists of where it is written (`output_target`: through
+    a link, /dev/stdout sent to a file) gets a file made and removed in it; a device or a
+    pipe (a terminal's /dev/stdout) is written as it is."""
+    from train.evaluate import output_target
+
+    if folder:
+        where = path.resolve()
+    else:
+        target = output_target(path)
+        if target is None:
+            return
+        where = target.resolve().parent
     while not where.exists() and where != where.parent:
         where = where.parent
     try:

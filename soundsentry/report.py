@@ -31,6 +31,7 @@ from train.evaluate import (
     device_run,
     evaluate,
     evidence_scores,
+    output_target,
     write_json,
     write_text_output,
 )
@@ -374,11 +375,11 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
     """Lay out, write and close a figure."""
     fig.tight_layout()
     kind = path.suffix.lower().lstrip(".") or "png"  # the format its name asks for
+    target = output_target(path)
     try:
-        if path.exists() and not path.resolve().is_file():  # a device or a pipe: as it is
+        if target is None:  # a device or a pipe: as it is
             fig.savefig(path, dpi=FIG_DPI, format=kind)
         else:  # replaced whole: a failed run leaves the last one's picture, not a torn one
-            target = path.resolve() if path.is_symlink() else path
             atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=FIG_DPI, format=kind), 0o644)
     finally:
         plt.close(fig)

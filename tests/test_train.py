@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from conftest import (
     DEMO_BUNDLE,
     DEMO_CLIP,
     NORMAL_FILES,
+    ROOT,
+    SOUNDSENTRY,
     TINY_EPOCHS,
     cli,
     train_tiny,
@@ -107,10 +110,19 @@ def test_evaluate_never_writes_over_its_recordings_and_gives_no_pauc_it_did_not_
             assert "lies in the recordings being evaluated" in proc.stderr, proc.stderr
     assert sorted(p.name for p in audio.iterdir()) == sorted(Path(n).name for n in normal)
     # where nothing can be written, refused before the scoring, not after it (a review)
-    for flag, where in (("--json", "/proc/soundsentry.json"), ("--report", "/proc/report")):
+    linked = tmp_path / "linked.json"  # its target's folder is where it is written
+    linked.symlink_to("/proc/soundsentry.json")
+    for flag, where in (("--json", "/proc/soundsentry.json"), ("--report", "/proc/report"),
+                        ("--json", str(linked))):  # fmt: skip
         proc = cli(*given, flag, where, check=False)
         assert proc.returncode == 1 and "AUC" not in proc.stdout, proc.stdout
         assert f"{flag} {where}: no file can be written in /proc" in proc.stderr, proc.stderr
+    sent = tmp_path / "sent.json"  # `--json /dev/stdout > sent.json`: into that file
+    with sent.open("w") as out:
+        done = subprocess.run([*SOUNDSENTRY, *given, "--json", "/dev/stdout"], stdout=out,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(sent.read_text())["n_normal"] == 2  # replaced whole: the JSON alone
     out = tmp_path / "eval.json"
     out.write_text("{}\n")  # an earlier evaluation's: replaced
     assert "pAUC(FPR<=0.1) n/a" in cli(*given, "--json", str(out)).stdout

@@ -337,18 +337,28 @@ def write_json(report: Report, path: str | Path) -> None:
     write_text_output(path, json.dumps(data, indent=2) + "\n")
 
 
+def output_target(path: str | Path) -> Path | None:
+    """Where an output file of a command is replaced atomically: through a link, its target
+    (`/dev/stdout` sent to a file: that file); None for a device or a pipe (a terminal's
+    /dev/stdout), written to as it is. The one rule of `write_text_output`, the report's
+    pictures and the early check of an output's folder."""
+    path = Path(path)
+    if path.exists() and not path.resolve().is_file():
+        return None
+    return path.resolve() if path.is_symlink() else path
+
+
 def write_text_output(path: str | Path, text: str) -> None:
-    """An output file of a command (`--json`): replaced atomically (through a link, to its
-    target), parent folders created; a device or a pipe (/dev/stdout) is written to."""
+    """An output file of a command (`--json`): replaced atomically (`output_target`), parent
+    folders created; a device or a pipe (/dev/stdout) is written to."""
     from edge.private import atomic_write
 
-    path = Path(path)
-    if path.exists() and not path.resolve().is_file():  # /dev/stdout, a pipe: written as is
-        path.write_text(text)
+    target = output_target(path)
+    if target is None:
+        Path(path).write_text(text)
         return
-    path = path.resolve() if path.is_symlink() else path  # through a link, as before
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(text), mode=0o644)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda tmp: tmp.write_text(text), mode=0o644)
 
 
 def classify_items(
