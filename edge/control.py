@@ -66,8 +66,9 @@ class Controller:
         """The command being run: a `learn stop` or `cancel` sent with its start's id is itself
         the start's second reply."""
         detector.answer_learning_ends(self._learning_ended)
-        self._shed: deque[tuple[str, str | None]] = deque(maxlen=SHED_REPLIES)
-        """Name and id of commands a full queue shed, from the MQTT thread: answered `busy`."""
+        self._shed: deque[tuple[str, str | None, str]] = deque(maxlen=SHED_REPLIES)
+        """Name, id and reply of commands a full queue shed, from the MQTT thread: answered
+        (`busy`, or a retained command's refusal) once the queue is worked off."""
 
     def submit_payload(self, payload: bytes) -> None:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
@@ -79,31 +80,35 @@ class Controller:
         if len(payload) > MAX_COMMAND_BYTES:
             size = len(payload)
             if not self.detector.submit(lambda: self.handle_payload(b"", oversize=size)):
-                self._shed.append(("invalid", None))
+                self._shed.append(("invalid", None, SHED_REPLY))
             return
         if not self.detector.submit(lambda: self.handle_payload(payload)):
-            self._shed.append(_name_and_id(payload))
+            self._shed.append((*_name_and_id(payload), SHED_REPLY))
 
     def _answer_shed(self) -> None:
-        """Reply to the commands a full queue shed (on the loop, before the next command it
-        runs): a Node-RED flow waiting for the reply to its id waited for ever (in a review)."""
+        """Reply to the commands a full queue shed, once the queue has been worked off (on the
+        loop): a Node-RED flow waiting for the reply to its id waited for ever (in a review).
+        Not before: a QoS 1 copy of a command still queued got `busy` before the command's
+        own reply, and a flow that takes the first reply sent it again (a second review)."""
+        if self.detector.work_waiting():
+            return
         while self._shed:
-            name, cid = self._shed.popleft()
-            self._reply(name, cid, False, SHED_REPLY)
+            name, cid, detail = self._shed.popleft()
+            self._reply(name, cid, False, detail)
 
     def submit_retained(self, payload: bytes) -> None:
         """From the MQTT thread: a command published retained, answered with a refusal and never
         run (stored on the broker, it would run again at every start)."""
-        self.detector.submit(lambda: self.refuse_retained(payload[:MAX_COMMAND_BYTES]))
+        kept = payload[:MAX_COMMAND_BYTES]
+        if not self.detector.submit(lambda: self.refuse_retained(kept)):
+            self._shed.append((*_name_and_id(kept), RETAINED_REFUSAL))
 
     def refuse_retained(self, payload: bytes) -> ResponseMessage:
         """The refusal of a retained command, under its name and id when it has them."""
         try:
-            command = parse_command(payload)
-            name, cid = command.command, command.id
-        except CommandError as exc:
-            name, cid = exc.command, exc.command_id
-        return self._reply(name, cid, False, RETAINED_REFUSAL)
+            return self._reply(*_name_and_id(payload), False, RETAINED_REFUSAL)
+        finally:
+            self._answer_shed()
 
     def submit_reload(self) -> None:
         """From the SIGHUP handler: queue a settings and model reload."""
@@ -111,8 +116,14 @@ class Controller:
 
     def handle_payload(self, payload: bytes, oversize: int = 0) -> ResponseMessage:
         """Validate and run one command; reply with the outcome, whatever the payload
-        (`oversize`: the size of one too large to be kept)."""
-        self._answer_shed()
+        (`oversize`: the size of one too large to be kept); then the commands a full queue shed
+        are answered, if the queue is empty."""
+        try:
+            return self._handle_payload(payload, oversize)
+        finally:
+            self._answer_shed()
+
+    def _handle_payload(self, payload: bytes, oversize: int) -> ResponseMessage:
         try:
             check_size(oversize)
             command = parse_command(payload)

@@ -692,6 +692,10 @@ class Detector:
                 log.warning("command queue full: %d command(s) shed so far", self.commands_shed)
             return False
 
+    def work_waiting(self) -> int:
+        """How many queued items wait for the loop."""
+        return self._work.qsize() + len(self._signalled)
+
     def submit_from_signal(self, work: Callable[[], None]) -> None:
         """From a signal handler: queue work for the loop without taking a lock."""
         self._signalled.append(work)
