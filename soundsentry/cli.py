@@ -283,8 +283,20 @@ def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="ROC AUC and pAUC (or accuracy) on labelled recordings")
     p.add_argument("model", type=Path, metavar="MODEL")
     # given twice, both sets count (the second replaced the first)
-    p.add_argument("--normal", nargs="+", action="extend", metavar="PATH")
-    p.add_argument("--anomalous", nargs="+", action="extend", metavar="PATH")
+    p.add_argument(
+        "--normal",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="recordings (files or folders) of normal running, not the model's training audio",
+    )
+    p.add_argument(
+        "--anomalous",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="recordings (files or folders) of faults",
+    )
     p.add_argument(
         "--classes",
         type=Path,
@@ -326,9 +338,9 @@ def _add_evaluate(sub: Any) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="write metrics.json, evaluation-int8.json and -float.json (every item's score), "
-        "roc.png, histogram.png, scores.csv, timeline.png (int8 and float side by side; needs "
-        "the [report] extra)",
+        help="write metrics.json, evaluation-VARIANT.json (every item's score: int8 and float "
+        "for a network, numpy for the statistics kinds), roc.png, histogram.png, scores.csv, "
+        "timeline.png (a network's int8 and float side by side; needs the [report] extra)",
     )
     p.add_argument(
         "--timeline",
