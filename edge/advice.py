@@ -221,3 +221,27 @@ def classifier_summary(manifest: Any) -> str:
         f"{v.get('accuracy', 0.0):.3f}, macro F1 {v.get('macro_f1', 0.0):.3f}"
         + (f"; recall {recall}" if recall else "")
     )
+
+
+def channel_note(manifest: Any, listen: int) -> str | None:
+    """A warning when the daemon hears another channel than the one the model was fitted on
+    (edge.bundle.fitted_channel) and that one is not 0: a model trained with `--channel 1` heard
+    channel 0 on the device without a word, where `evaluate` and `replay` read channel 1 (a
+    README walk-through). Fitted on channel 0 says nothing: a mono file of `record --channel
+    N` is read as channel 0, and the device rightly listens on N."""
+    from edge.audio_io import DOWNMIX
+    from edge.bundle import fitted_channel
+
+    fitted = fitted_channel(manifest)
+    if fitted is None or fitted in (0, listen):
+        return None
+    if fitted == DOWNMIX:
+        what, fix = "the average of its recordings' channels", "[audio] channel = -1"
+    else:
+        what = f"channel {fitted} of its recordings"
+        fix = f"[audio] channel = {fitted} (and channels = {fitted + 1} or more)"
+    return (
+        f"the model was fitted on {what}, and the microphone is heard on [audio] channel "
+        f"{listen}: if the device's channels are the recordings', set {fix}; scores of another "
+        "channel are not comparable"
+    )

@@ -1081,6 +1081,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (SoundSentryError, OSError) as exc:  # OSError: a model the service cannot read
         _hold_before_failing(SystemdNotifier(), exc)
         raise
+    from edge.advice import channel_note
+
+    note = channel_note(bundle.manifest, settings.audio.channel)
+    if note:
+        log.warning("%s", note)
     h = settings.health
     # As a service, a microphone missing at start (a USB one enumerated late, unplugged) is
     # waited for and reported on `health`; on a terminal, a device that matches nothing (a typo)

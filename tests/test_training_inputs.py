@@ -630,3 +630,24 @@ def test_a_channel_some_files_lack_names_every_one_of_them_at_once(
     assert line.startswith("soundsentry: error: 3 of 4 files cannot be used"), line
     assert all(f"{path}: channel 2 does not exist" in line for path in stereo), line
     assert "TensorFlow was loaded" not in proc.stderr
+
+
+def test_the_daemon_is_warned_of_a_channel_other_than_the_model_s() -> None:
+    """A model trained with `--channel 1` heard channel 0 on the device without a word, where
+    `evaluate` and `replay` read channel 1 (a README walk-through). Fitted on 0 says nothing:
+    a mono file of `record --channel N` is read as channel 0."""
+    from edge.advice import channel_note
+    from edge.bundle import read_manifest
+
+    manifest = read_manifest(DEMO_BUNDLE)
+
+    def fitted_on(channel: int):  # type: ignore[no-untyped-def]
+        training = manifest.training.model_copy(update={"channel": channel})
+        return manifest.model_copy(update={"training": training, "calibration": None})
+
+    said = channel_note(fitted_on(1), 0)
+    assert said and said.startswith("the model was fitted on channel 1 of its recordings, and")
+    assert "set [audio] channel = 1 (and channels = 2 or more)" in said
+    assert "[audio] channel = -1" in (channel_note(fitted_on(-1), 0) or "")
+    assert channel_note(fitted_on(1), 1) is None and channel_note(fitted_on(0), 3) is None
+    assert channel_note(fitted_on(-2), 0) is None  # every channel a training view: any fits
