@@ -368,6 +368,9 @@ def test_commands_that_need_an_extra_say_which_in_one_line(tmp_path: Path) -> No
     assert "(matplotlib.pyplot is not installed)" in png.stderr
     works = bare("evaluate", str(DEMO_BUNDLE), *files)  # the hook leaves the bare path working
     assert works.returncode == 0 and "AUC" in works.stdout, works.stderr
+    # the default detector trains on the Pi's bare install, as README step 3 says
+    fitted = bare("train", "--normal", *map(str, NORMAL_FILES), "--out", str(tmp_path / "f"))
+    assert fitted.returncode == 0 and "model bundle written to" in fitted.stdout, fitted.stderr
 
 
 # --- events ---------------------------------------------------------------------------------
