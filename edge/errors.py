@@ -1,12 +1,16 @@
 """User-facing errors: each one becomes a single line on stderr, never a traceback."""
 
+import os
 import sys
 
 
 def install_extra(extra: str) -> str:
     """How to install an extra into the interpreter that runs: on a Pi, the service's venv
-    (Raspberry Pi OS refuses system-wide `pip install`, and it would land elsewhere anyway)."""
-    return f"{sys.executable} -m pip install 'soundsentry[{extra}]'"
+    (Raspberry Pi OS refuses system-wide `pip install`, and it would land elsewhere anyway),
+    with `sudo` when this user may not write it (the installer's venv is root's: the line
+    without it failed for the user who ran the command, in a walk-through)."""
+    sudo = "" if os.access(sys.prefix, os.W_OK) else "sudo "
+    return f"{sudo}{sys.executable} -m pip install 'soundsentry[{extra}]'"
 
 
 def os_error_line(exc: OSError) -> str:

@@ -733,3 +733,17 @@ def test_the_report_timeline_draws_the_threshold_the_config_sets(
     [(start, end, trigger)] = line.events
     assert 0 <= start < end <= len(audio) / bundle.features.samplerate
     assert trigger in report_module.TRIGGERS
+
+
+def test_the_install_line_of_an_extra_says_sudo_where_the_venv_is_not_the_user_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The installer's venv is root's: `/opt/soundsentry/venv/bin/python -m pip install ...`
+    without `sudo` failed for the user who ran the command (a README walk-through)."""
+    import edge.errors
+    from edge.errors import install_extra
+
+    monkeypatch.setattr(edge.errors.os, "access", lambda *_: False)
+    assert install_extra("report") == f"sudo {sys.executable} -m pip install 'soundsentry[report]'"
+    monkeypatch.setattr(edge.errors.os, "access", lambda *_: True)
+    assert install_extra("report") == f"{sys.executable} -m pip install 'soundsentry[report]'"
