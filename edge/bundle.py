@@ -402,13 +402,11 @@ def write_bundle(
     blobs[MANIFEST] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
     try:
         _swap_in(path.resolve() if path.is_symlink() else path, blobs, earlier)
-    except OSError as exc:  # a full disk: "No space left on device" alone named no bundle
+    except BaseException as exc:
         if copied is not None:  # the bundle it copied is still in place, and so is `.prev`
             shutil.rmtree(copied, ignore_errors=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-    except BaseException:
-        if copied is not None:
-            shutil.rmtree(copied, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk: "No space left on device" named no bundle
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     if copied is not None:
         _keep_previous(path, copied)
