@@ -823,7 +823,9 @@ def _note_replaced(out: Path) -> None:
     `OUT.prev` first (a calibration on the wrong audio must not cost the one that worked)."""
     from edge.bundle import check_bundle_target, keep_previous_on_write
 
-    if check_bundle_target(out):
+    # a manifest alone is a bundle too: a format-1 statistics bundle lists no other file, and
+    # was written over with no copy and no note (an upgrade review)
+    if check_bundle_target(out) or (Path(out) / "manifest.json").is_file():
         prev = keep_previous_on_write(out)
         print(
             f"note: {out} holds a model bundle: it is replaced when this one is written "

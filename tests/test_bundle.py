@@ -375,6 +375,13 @@ def test_train_says_it_replaces_a_bundle_and_keeps_it_as_prev(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deployed.bundle", prev.name]
     fresh = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(tmp_path / "new"))
     assert "holds a model bundle" not in fresh.stdout
+    # a format-1 bundle (a manifest alone: it lists no other file) was written over with no
+    # copy and no note, though it was the only one the version before could read (a review)
+    old = shutil.copytree(V1_BUNDLE, tmp_path / "v1.bundle")
+    proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(old))
+    assert f"note: {old} holds a model bundle: it is replaced" in proc.stdout, proc.stdout
+    kept = tmp_path / "v1.bundle.prev"
+    assert (kept / "manifest.json").read_bytes() == (V1_BUNDLE / "manifest.json").read_bytes()
 
 
 def test_the_kept_copy_is_the_bundle_alone_and_made_when_the_new_one_is_written(
