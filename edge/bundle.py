@@ -680,8 +680,11 @@ def _lift_arrays(body: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _training_records(training: dict[str, Any]) -> dict[str, Any]:
     """`files` and `holdout_files` as records; a file in both (held out, then refitted on) is
-    read and hashed once."""
-    out = dict(training)
+    read and hashed once. Keys left unset (None) are left out: a copied manifest (`calibrate`,
+    a site version) carried `augment: null`, and the version before, which knows no such key,
+    refused the bundle, so a rollback dropped the site's learning (an upgrade review); their
+    default is None anyway."""
+    out = {key: value for key, value in training.items() if value is not None}
     records: dict[str, dict[str, Any]] = {}
     for key in ("files", "holdout_files"):
         out[key] = []

@@ -254,6 +254,10 @@ def test_calibrate_in_place_replaces_the_bundle_and_keeps_the_one_it_replaced(
     assert kept.checksum == before.checksum and after.checksum != before.checksum
     assert (after.calibration or {}).get("from_model") == before.model_id
     load_bundle(model)  # whole: every file its manifest names, with the right hash
+    # no unset key of this version's (`augment: null`): the version before refused such a
+    # bundle, and a rollback dropped the site's learning (an upgrade review)
+    training = json.loads((model / "manifest.json").read_text())["training"]
+    assert None not in training.values() and "augment" not in training, training
 
 
 def test_set_threshold_keeps_a_classifiers_threshold_a_probability(
