@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.audio_io import first_few
-from edge.errors import AudioError
+from edge.errors import AudioError, SoundSentryError
 from edge.machine_state import OFF
 from edge.threshold import describe, interval_text
 
@@ -244,4 +244,28 @@ def channel_note(manifest: Any, listen: int) -> str | None:
         f"the model was fitted on {what}, and the microphone is heard on [audio] channel "
         f"{listen}: if the device's channels are the recordings', set {fix}; scores of another "
         "channel are not comparable"
+    )
+
+
+def event_logic_note(manifest: Any, detector: Any) -> str | None:
+    """A warning when [detector] runs the bundle with another K of N than its threshold was set
+    for: the false alarms a day it predicts do not hold then (an old config's 2 of 3 ran a
+    bundle set for 3 of 4, said by `doctor` alone, in an upgrade review). `detector`:
+    edge.settings.DetectorSettings."""
+    from edge.events import DEFAULT_K, DEFAULT_N
+
+    params = manifest.threshold.params
+    if manifest.kind == "classifier":  # a probability, not a budget
+        return None
+    try:
+        k, n = detector.k_of_n(params)
+    except SoundSentryError:  # K above N: the pipeline refuses it, in its own words
+        return None
+    own = int(params.get("k", DEFAULT_K)), int(params.get("n", DEFAULT_N))
+    if (k, n) == own:
+        return None
+    return (
+        f"[detector] trigger_windows / trigger_of run {k} of {n} windows; the bundle's threshold "
+        f"was set for {own[0]} of {own[1]}: the false alarms a day it predicts do not hold (leave "
+        "both out to use the bundle's)"
     )

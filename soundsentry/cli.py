@@ -1035,6 +1035,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     bundle = _load(settings.model)
+    from edge.advice import event_logic_note
+
+    note = event_logic_note(bundle.manifest, settings.detector)
+    if note:
+        log.warning("%s", note)
     files = find_audio(args.files)  # folders searched recursively, as everywhere else
     if not files:
         raise SoundSentryError("no audio files found in " + " ".join(map(str, args.files)))
@@ -1083,11 +1088,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (SoundSentryError, OSError) as exc:  # OSError: a model the service cannot read
         _hold_before_failing(SystemdNotifier(), exc)
         raise
-    from edge.advice import channel_note
+    from edge.advice import channel_note, event_logic_note
 
-    note = channel_note(bundle.manifest, settings.audio.channel)
-    if note:
-        log.warning("%s", note)
+    for note in (
+        channel_note(bundle.manifest, settings.audio.channel),
+        event_logic_note(bundle.manifest, settings.detector),
+    ):
+        if note:
+            log.warning("%s", note)
     h = settings.health
     # As a service, a microphone missing at start (a USB one enumerated late, unplugged) is
     # waited for and reported on `health`; on a terminal, a device that matches nothing (a typo)

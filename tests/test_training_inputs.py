@@ -651,3 +651,27 @@ def test_the_daemon_is_warned_of_a_channel_other_than_the_model_s() -> None:
     assert "[audio] channel = -1" in (channel_note(fitted_on(-1), 0) or "")
     assert channel_note(fitted_on(1), 1) is None and channel_note(fitted_on(0), 3) is None
     assert channel_note(fitted_on(-2), 0) is None  # every channel a training view: any fits
+
+
+def test_a_config_s_k_of_n_other_than_the_bundle_s_is_warned_of(tmp_path: Path) -> None:
+    """An old config's `trigger_windows = 2`, `trigger_of = 3` ran a bundle whose threshold was
+    set for 3 of 4, and only `doctor` said so (an upgrade review): the false alarms a day the
+    bundle predicts do not hold then."""
+    from edge.advice import event_logic_note
+    from edge.bundle import read_manifest
+    from edge.settings import DetectorSettings
+
+    manifest = read_manifest(DEMO_BUNDLE)
+    k, n = (manifest.threshold.params.get(x) for x in ("k", "n"))
+    said = event_logic_note(manifest, DetectorSettings(trigger_windows=2, trigger_of=5))
+    assert said and said.startswith("[detector] trigger_windows / trigger_of run 2 of 5 windows;")
+    assert f"was set for {k} of {n}" in said
+    assert event_logic_note(manifest, DetectorSettings()) is None
+    assert event_logic_note(manifest, DetectorSettings(trigger_windows=k, trigger_of=n)) is None
+    config = tmp_path / "old.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[detector]\ntrigger_windows = 2\n'
+                      "trigger_of = 5\n")  # fmt: skip
+    proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(config))
+    assert "soundsentry: [detector] trigger_windows / trigger_of run 2 of 5" in proc.stderr, (
+        proc.stderr
+    )
