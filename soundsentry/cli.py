@@ -821,11 +821,11 @@ def _note_replaced(out: Path) -> None:
     """Refuse an --out that cannot take a bundle (edge.bundle.check_bundle_target), and say so
     when it holds one: it is replaced, whole, once the new one is written, and kept as
     `OUT.prev` first (a calibration on the wrong audio must not cost the one that worked)."""
-    from edge.bundle import check_bundle_target, keep_previous_on_write
+    from edge.bundle import MANIFEST, check_bundle_target, keep_previous_on_write
 
     # a manifest alone is a bundle too: a format-1 statistics bundle lists no other file, and
     # was written over with no copy and no note (an upgrade review)
-    if check_bundle_target(out) or (Path(out) / "manifest.json").is_file():
+    if check_bundle_target(out) or (Path(out) / MANIFEST).is_file():
         prev = keep_previous_on_write(out)
         print(
             f"note: {out} holds a model bundle: it is replaced when this one is written "
@@ -1000,6 +1000,19 @@ def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
     )
 
 
+def _warn_at_start(bundle: Any, settings: Any, listening: bool) -> None:
+    """What the settings do to the bundle that it was not made for: another K of N than its
+    threshold was set for, and, for the microphone (`listening`), another channel."""
+    from edge.advice import channel_note, event_logic_note
+
+    notes = [event_logic_note(bundle.manifest, settings.detector)]
+    if listening:  # a replay reads the channel the model was fitted on by default
+        notes.append(channel_note(bundle.manifest, settings.audio.channel))
+    for note in notes:
+        if note:
+            log.warning("%s", note)
+
+
 REPLAY_SUFFIX = "-replay"
 
 
@@ -1035,11 +1048,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     bundle = _load(settings.model)
-    from edge.advice import event_logic_note
-
-    note = event_logic_note(bundle.manifest, settings.detector)
-    if note:
-        log.warning("%s", note)
+    _warn_at_start(bundle, settings, listening=False)
     files = find_audio(args.files)  # folders searched recursively, as everywhere else
     if not files:
         raise SoundSentryError("no audio files found in " + " ".join(map(str, args.files)))
@@ -1088,14 +1097,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (SoundSentryError, OSError) as exc:  # OSError: a model the service cannot read
         _hold_before_failing(SystemdNotifier(), exc)
         raise
-    from edge.advice import channel_note, event_logic_note
-
-    for note in (
-        channel_note(bundle.manifest, settings.audio.channel),
-        event_logic_note(bundle.manifest, settings.detector),
-    ):
-        if note:
-            log.warning("%s", note)
+    _warn_at_start(bundle, settings, listening=True)
     h = settings.health
     # As a service, a microphone missing at start (a USB one enumerated late, unplugged) is
     # waited for and reported on `health`; on a terminal, a device that matches nothing (a typo)
