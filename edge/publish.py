@@ -446,7 +446,8 @@ class MqttPublisher:
             return
         where = f"{self.settings.host}:{self.settings.port}"
         why, check = probe_reason(self.settings)
-        self._unreachable(f"cannot reach {where} ({why})", check)
+        lead = "cannot reach" if check == HOST_CHECK else "no connection to"  # TCP did connect
+        self._unreachable(f"{lead} {where} ({why})", check)
 
     def _unreachable(self, reason: str, check: str = HOST_CHECK) -> None:
         """Why there is no connection: each new reason logged once, a repeated one not."""

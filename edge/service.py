@@ -132,7 +132,7 @@ def run_detector(
                 "MQTT: no connection to %s:%d after %g s (%s); events are spooled until it "
                 "answers",
                 settings.mqtt.host, settings.mqtt.port, FIRST_CONNECT_WAIT_S,
-                publisher.problem or "no answer yet",
+                publisher.problem or _no_answer(settings),
             )  # fmt: skip
         try:
             detector.run(source)
@@ -336,6 +336,16 @@ def _publisher(
     if logged:  # a broker that lost its retained messages gets it back
         publisher.remember_last_event(json.dumps(logged[-1].data, separators=(",", ":")))
     return publisher
+
+
+def _no_answer(settings: Settings) -> str:
+    """Why the broker has not answered, asked of the network: a port that takes the TCP
+    connection and never answers the MQTT CONNECT (another service, a TLS port with TLS off)
+    was "no answer yet" for as long as a replay ran, in a review."""
+    from edge.publish import probe_reason
+
+    why, check = probe_reason(settings.mqtt)
+    return f"{why}: {check}"
 
 
 def end_interrupted(

@@ -1248,3 +1248,28 @@ def test_a_password_without_a_user_name_is_said_not_dropped_in_silence(
             configure_auth(client, MqttSettings(host="h", **given))
         warned = [r.getMessage() for r in caplog.records if "no [mqtt] username" in r.getMessage()]
         assert bool(warned) == said, (given, cred_dir, warned)
+
+
+def test_a_port_that_never_answers_the_connect_is_named_at_the_start(tmp_path: Path) -> None:
+    """A port that takes the TCP connection and never answers the MQTT CONNECT (an HTTP server,
+    a TLS port with [mqtt.tls] off) was "no answer yet" for as long as a replay ran (a
+    review): the start asks the network and says what it found."""
+    from conftest import DEMO_CLIP, SOUNDSENTRY
+
+    silent = socket.socket()  # listening, never accepting: the kernel completes the handshake
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    try:
+        proc = subprocess.run(
+            [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--mqtt-host", "127.0.0.1",
+             "--mqtt-port", str(port)],
+            capture_output=True, text=True, timeout=120, env={**os.environ,
+            "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")},
+        )  # fmt: skip
+    finally:
+        silent.close()
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "MQTT: no connection to" in line]
+    assert said and "no answer yet" not in said[0], proc.stderr
+    assert "it takes TCP connections: the MQTT handshake failed: a TLS port?" in said[0], said
