@@ -27,6 +27,7 @@ import numpy as np
 
 from edge.bundle import Bundle, load_bundle
 from edge.clips import CLIP_ID_CHARS
+from edge.commands import ReplyTo
 from edge.detectors.thresholds import EventLogic
 from edge.errors import BundleError, SoundSentryError
 from edge.features import FeatureParams
@@ -89,6 +90,8 @@ class Asker:
     the command's id; None: it gave none). An automatic period ([learning] seconds) has none."""
 
     id: str | None
+    reply_to: ReplyTo | None = None
+    """Where its MQTT 5 Response Topic asked for the replies (this run only: not saved)."""
 
 
 class Period:

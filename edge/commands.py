@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -22,6 +23,16 @@ LAST = "last"
 """mark_normal's event_id for the most recent event."""
 THRESHOLD_FACTOR = 4.0
 """set_threshold accepts values within [calibrated / 4, calibrated * 4]."""
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    """Where an MQTT 5 command asked for its reply (its Response Topic) and what to send back
+    with it (its Correlation Data): the request/response of Node-RED's MQTT nodes and of other
+    MQTT 5 clients. The reply goes to the device's `response` topic as well, as for any command."""
+
+    topic: str
+    correlation: bytes | None = None
 
 
 class _Command(BaseModel):

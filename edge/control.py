@@ -25,6 +25,7 @@ from edge.commands import (
     MarkNormal,
     Mute,
     ReloadModel,
+    ReplyTo,
     Rollback,
     SetThreshold,
     Status,
@@ -63,27 +64,32 @@ class Controller:
         self._last: tuple[str, float, ResponseMessage] | None = None
         """The last command run, if it had an id: its id and content, when, and its reply."""
         self._running: Command | None = None
+        self._running_reply_to: ReplyTo | None = None
         """The command being run: a `learn stop` or `cancel` sent with its start's id is itself
         the start's second reply."""
         detector.answer_learning_ends(self._learning_ended)
-        self._shed: deque[tuple[str, str | None, str]] = deque(maxlen=SHED_REPLIES)
-        """Name, id and reply of commands a full queue shed, from the MQTT thread: answered
-        (`busy`, or a retained command's refusal) once the queue is worked off."""
+        self._shed: deque[tuple[str, str | None, str, ReplyTo | None]] = deque(maxlen=SHED_REPLIES)
+        """Name, id, reply and reply address of commands a full queue shed, from the MQTT
+        thread: answered (`busy`, or a retained command's refusal) once the queue is worked
+        off."""
 
-    def submit_payload(self, payload: bytes) -> None:
+    def submit_payload(self, payload: bytes, reply_to: ReplyTo | None = None) -> None:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
         One over the size limit is not held while it waits (64 of the broker's largest would
-        take a Pi's memory): only its size is."""
+        take a Pi's memory): only its size is. `reply_to`: where its MQTT 5 Response Topic
+        asks for the reply (beside `response`)."""
         if not payload:  # how a retained command is cleared (`mosquitto_pub -r -n`)
             log.info("empty command message ignored (a retained command cleared)")
             return
         if len(payload) > MAX_COMMAND_BYTES:
             size = len(payload)
-            if not self.detector.submit(lambda: self.handle_payload(b"", oversize=size)):
-                self._shed.append(("invalid", None, SHED_REPLY))
+            if not self.detector.submit(
+                lambda: self.handle_payload(b"", oversize=size, reply_to=reply_to)
+            ):
+                self._shed.append(("invalid", None, SHED_REPLY, reply_to))
             return
-        if not self.detector.submit(lambda: self.handle_payload(payload)):
-            self._shed.append((*_name_and_id(payload), SHED_REPLY))
+        if not self.detector.submit(lambda: self.handle_payload(payload, reply_to=reply_to)):
+            self._shed.append((*_name_and_id(payload), SHED_REPLY, reply_to))
 
     def _answer_shed(self) -> None:
         """Reply to the commands a full queue shed, once the queue has been worked off (on the
@@ -93,20 +99,21 @@ class Controller:
         if self.detector.work_waiting():
             return
         while self._shed:
-            name, cid, detail = self._shed.popleft()
-            self._reply(name, cid, False, detail)
+            name, cid, detail, reply_to = self._shed.popleft()
+            self._reply(name, cid, False, detail, reply_to=reply_to)
 
-    def submit_retained(self, payload: bytes) -> None:
+    def submit_retained(self, payload: bytes, reply_to: ReplyTo | None = None) -> None:
         """From the MQTT thread: a command published retained, answered with a refusal and never
         run (stored on the broker, it would run again at every start)."""
         kept = payload[:MAX_COMMAND_BYTES]
-        if not self.detector.submit(lambda: self.refuse_retained(kept)):
-            self._shed.append((*_name_and_id(kept), RETAINED_REFUSAL))
+        if not self.detector.submit(lambda: self.refuse_retained(kept, reply_to)):
+            self._shed.append((*_name_and_id(kept), RETAINED_REFUSAL, reply_to))
 
-    def refuse_retained(self, payload: bytes) -> ResponseMessage:
+    def refuse_retained(self, payload: bytes, reply_to: ReplyTo | None = None) -> ResponseMessage:
         """The refusal of a retained command, under its name and id when it has them."""
         try:
-            return self._reply(*_name_and_id(payload), False, RETAINED_REFUSAL)
+            name, cid = _name_and_id(payload)
+            return self._reply(name, cid, False, RETAINED_REFUSAL, reply_to=reply_to)
         finally:
             self._answer_shed()
 
@@ -114,22 +121,27 @@ class Controller:
         """From the SIGHUP handler: queue a settings and model reload."""
         self.detector.submit_from_signal(self.reload)
 
-    def handle_payload(self, payload: bytes, oversize: int = 0) -> ResponseMessage:
+    def handle_payload(
+        self, payload: bytes, oversize: int = 0, reply_to: ReplyTo | None = None
+    ) -> ResponseMessage:
         """Validate and run one command; reply with the outcome, whatever the payload
-        (`oversize`: the size of one too large to be kept); then the commands a full queue shed
-        are answered, if the queue is empty."""
+        (`oversize`: the size of one too large to be kept; `reply_to`: where else the reply
+        goes); then the commands a full queue shed are answered, if the queue is empty."""
         try:
-            return self._handle_payload(payload, oversize)
+            return self._handle_payload(payload, oversize, reply_to)
         finally:
             self._answer_shed()
 
-    def _handle_payload(self, payload: bytes, oversize: int) -> ResponseMessage:
+    def _handle_payload(
+        self, payload: bytes, oversize: int, reply_to: ReplyTo | None
+    ) -> ResponseMessage:
         try:
             check_size(oversize)
             command = parse_command(payload)
         except CommandError as exc:
             log.warning("rejected command %s%s: %s", exc.command, _id_text(exc.command_id), exc)
-            return self._reply(exc.command, exc.command_id, False, f"rejected: {exc}")
+            detail = f"rejected: {exc}"
+            return self._reply(exc.command, exc.command_id, False, detail, reply_to=reply_to)
         key = command.model_dump_json() if command.id is not None else None
         first = self._repeat_of(key) if key else None
         if first is not None:
@@ -138,9 +150,9 @@ class Controller:
                 first.command,
                 _id_text(first.id),
             )
-            self.detector.respond(first)
+            self.detector.respond(first, reply_to)
             return first
-        reply = self._handle(command)
+        reply = self._handle(command, reply_to)
         # A delivery repeated by QoS 1 comes before anything else is run; once another command
         # has run, the same id and content is a new request (mute, unmute, mute: muted again).
         self._last = (key, time.monotonic(), reply) if key else None
@@ -154,22 +166,25 @@ class Controller:
         last, when, reply = self._last
         return reply if last == key and time.monotonic() - when <= REPEAT_WINDOW_S else None
 
-    def _handle(self, command: Command) -> ResponseMessage:
+    def _handle(self, command: Command, reply_to: ReplyTo | None = None) -> ResponseMessage:
         """Run a valid command and reply with the outcome."""
         self._running = command
+        self._running_reply_to = reply_to
+        name, cid = command.command, command.id
         try:
             detail, status = self._run(command)
         except CommandError as exc:
-            log.warning("rejected command %s%s: %s", command.command, _id_text(command.id), exc)
-            return self._reply(command.command, command.id, False, f"rejected: {exc}")
+            log.warning("rejected command %s%s: %s", name, _id_text(cid), exc)
+            return self._reply(name, cid, False, f"rejected: {exc}", reply_to=reply_to)
         except Exception as exc:  # a bug must cost one command, not the monitor
-            log.exception("command %s failed", command.command)
+            log.exception("command %s failed", name)
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-            return self._reply(command.command, command.id, False, f"failed: {reason}")
+            return self._reply(name, cid, False, f"failed: {reason}", reply_to=reply_to)
         finally:
             self._running = None
-        log.info("command %s%s: %s", command.command, _id_text(command.id), detail)
-        return self._reply(command.command, command.id, True, detail, status)
+            self._running_reply_to = None
+        log.info("command %s%s: %s", name, _id_text(cid), detail)
+        return self._reply(name, cid, True, detail, status, reply_to)
 
     def _run(self, command: Command) -> tuple[str, dict[str, Any] | None]:
         d = self.detector
@@ -208,7 +223,7 @@ class Controller:
             out = d.mark_normal(command.event_id)
             return f"event {out['event_id']} marked normal: {_refit_line(out)}", d.status()
         if command.action == "start":
-            seconds = d.start_learning(command.seconds, Asker(command.id))
+            seconds = d.start_learning(command.seconds, Asker(command.id, self._running_reply_to))
             paused = (  # a mute's audio is not learnt (maintenance is not normal running)
                 "; paused while muted: it learns once unmuted" if d.muted else ""
             )
@@ -234,17 +249,19 @@ class Controller:
             return
         d = self.detector
         how = " by `learn stop`" if outcome.get("ended_by") == "stop" else ""
+        to = asker.reply_to
         if "dropped" in outcome:
-            self._reply("learn", asker.id, False, f"learning dropped: {outcome['dropped']}")
+            detail = f"learning dropped: {outcome['dropped']}"
+            self._reply("learn", asker.id, False, detail, reply_to=to)
         elif "error" in outcome:
             detail = (
                 f"learning ended{how}, keeping {d.bundle.model_id}: refit failed: "
                 f"{outcome['error']}"
             )
-            self._reply("learn", asker.id, False, detail)
+            self._reply("learn", asker.id, False, detail, reply_to=to)
         else:
             line = f"learning ended{how}: {_refit_line(outcome)}"
-            self._reply("learn", asker.id, True, line, d.status())
+            self._reply("learn", asker.id, True, line, d.status(), to)
 
     def _allowed(self, path: Path) -> Path:
         """A bundle name in a models folder, or a path inside one; anything else is refused."""
@@ -406,6 +423,7 @@ class Controller:
         ok: bool,
         detail: str,
         status: dict[str, Any] | None = None,
+        reply_to: ReplyTo | None = None,
     ) -> ResponseMessage:
         d = self.detector
         message = ResponseMessage(
@@ -417,7 +435,7 @@ class Controller:
             detail=detail,
             status=status,
         )
-        d.respond(message)
+        d.respond(message, reply_to)
         return message
 
 

@@ -26,7 +26,7 @@ from edge.adapt import Adapter, Asker, UnwrittenError
 from edge.audio_io import stream_audio
 from edge.bundle import Bundle
 from edge.clips import CLIPS_DIR, ClipRecorder, clips_of
-from edge.commands import LAST, threshold_bounds
+from edge.commands import LAST, ReplyTo, threshold_bounds
 from edge.errors import SoundSentryError
 from edge.eventlog import last_logged_id
 from edge.events import Transition
@@ -140,8 +140,8 @@ class MqttSink(Sink):
     def metrics(self, message: MetricsMessage) -> None:
         self.publisher.publish_metrics(message)
 
-    def response(self, message: ResponseMessage) -> None:
-        self.publisher.publish_response(message)
+    def response(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
+        self.publisher.publish_response(message, reply_to)
 
 
 class ScorerTap:
@@ -1232,9 +1232,9 @@ class Detector:
         )
         self._to_sinks("metrics", message)
 
-    def respond(self, message: ResponseMessage) -> None:
-        """Send a command response to every sink."""
-        self._to_sinks("response", message)
+    def respond(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
+        """Send a command response to every sink (`reply_to`: where the command asked for it)."""
+        self._to_sinks("response", message, reply_to)
 
     def _to_sinks(self, method: str, *args: Any) -> None:
         """Hand a message to every sink. One that raises (the spool or the event log on a full

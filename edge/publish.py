@@ -51,6 +51,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edge.commands import ReplyTo
 from edge.errors import SettingsError
 from edge.messages import (
     EventMessage,
@@ -79,6 +80,8 @@ MAX_INBOUND_PACKET_BYTES = 1 << 20
 reads a message whole before the command's 64-KB check, and a retained 120-MB one came again at
 every start, past the unit's MemoryMax. The broker drops larger ones; what we take is commands
 (and Home Assistant's status), so 1 MiB still lets one over 64 KB be answered with its refusal."""
+REPLY_TOPICS_WARNED = 64
+"""Refused MQTT 5 response topics warned of in one run, each once; beyond, they are not said."""
 REFUSED_KEPT = 64
 """Retained commands refused, by content, in one run: each once (a stored one comes at every
 connection); beyond this many they are ignored without a reply, said once."""
@@ -128,6 +131,22 @@ the size is learned again). It held until the daemon restarted: a user who raise
 limit as the log said, and did not restart the daemon, had the spooled event held for good."""
 PROTOCOL_ERROR = 0x82
 """MQTT 5 reason "Protocol error": what paho gives `on_disconnect` when it drops a connection."""
+
+
+def _reply_topic_refusal(topic: str, topics: Topics) -> str | None:
+    """Why a command's MQTT 5 response topic is not written to (None: it may be)."""
+    if "+" in topic or "#" in topic or topic.startswith("$") or "\x00" in topic:
+        return "a wildcard, `$` or NUL topic"
+    if topic == topics.response or topic.startswith(f"{topics.response}/"):
+        return None  # where the fleet ACL (deploy/mosquitto/acl) lets a device write
+    if topic.startswith((f"{topics.prefix}/", f"{topics.ha_prefix}/")) or topic in (
+        topics.prefix,
+        topics.ha_prefix,
+    ):
+        return (
+            f"under {topics.prefix}/ or {topics.ha_prefix}/, where devices and Home Assistant read"
+        )
+    return None
 
 
 def _duration(seconds: float) -> str:
@@ -265,9 +284,9 @@ class MqttPublisher:
         topics: Topics,
         client_id: str,
         spool: Spool,
-        on_command: Callable[[bytes], None] | None = None,
+        on_command: Callable[[bytes, ReplyTo | None], None] | None = None,
         instance: str = "",
-        on_retained_command: Callable[[bytes], None] | None = None,
+        on_retained_command: Callable[[bytes, ReplyTo | None], None] | None = None,
     ) -> None:
         if not settings.host:
             raise ValueError("MqttPublisher needs mqtt.host")
@@ -278,9 +297,11 @@ class MqttPublisher:
         self.topics = topics
         self.spool = spool
         self.on_command = on_command
+        """A command as it came, with where its MQTT 5 Response Topic asks for the reply."""
         self.on_retained_command = on_retained_command
         """A retained command, refused: once per content in a process (a stored one comes at
         every connection)."""
+        self._reply_topics_warned: set[str] = set()
         self._refused_commands: set[bytes] = set()
         """The SHA-256 digests of the retained commands refused so far, at most REFUSED_KEPT (a
         payload may be up to MAX_INBOUND_PACKET_BYTES: the payloads themselves took up to 64 MB
@@ -590,7 +611,7 @@ class MqttPublisher:
                     return
                 if len(self._refused_commands) < REFUSED_KEPT:
                     self._refused_commands.add(digest)
-                    self.on_retained_command(msg.payload)
+                    self.on_retained_command(msg.payload, self._reply_to(msg))
                 elif not self._refused_full:
                     self._refused_full = True
                     log.warning(
@@ -599,7 +620,34 @@ class MqttPublisher:
                         REFUSED_KEPT,
                     )
                 return
-            self.on_command(msg.payload)
+            self.on_command(msg.payload, self._reply_to(msg))
+
+    def _reply_to(self, msg: mqtt.MQTTMessage) -> ReplyTo | None:
+        """Where an MQTT 5 command asks for its reply (Response Topic, Correlation Data), if it
+        does and the topic is one this device may write to for a reply: not a wildcard or `$`
+        topic, and nothing under the discovery prefix or the `{prefix}/` of the devices but this
+        device's own `response` and the topics below it (a reply there would stand in for
+        another device's state, or Home Assistant's entities). A refused one is logged once,
+        and the reply goes to `response` alone."""
+        props = getattr(msg, "properties", None)
+        topic = getattr(props, "ResponseTopic", None)
+        if not topic:
+            return None
+        correlation = getattr(props, "CorrelationData", None)
+        refusal = _reply_topic_refusal(str(topic), self.topics)
+        if refusal is None:
+            return ReplyTo(str(topic), bytes(correlation) if correlation else None)
+        if topic not in self._reply_topics_warned and len(self._reply_topics_warned) < (
+            REPLY_TOPICS_WARNED
+        ):
+            self._reply_topics_warned.add(topic)
+            log.warning(
+                "MQTT: a command's response topic %r is refused (%s): its reply goes to %s only",
+                topic,
+                refusal,
+                self.topics.response,
+            )
+        return None
 
     def _sender_props(self, will: bool = False) -> Properties:
         props = Properties(PacketTypes.WILLMESSAGE if will else PacketTypes.PUBLISH)
@@ -1044,9 +1092,18 @@ class MqttPublisher:
         and a Home Assistant restart. Metrics are not worth spooling."""
         self._retain(self.topics.metrics, metrics.to_payload(), qos=0)
 
-    def publish_response(self, response: ResponseMessage) -> None:
-        """Reply to a command (QoS 1)."""
-        self._publish(self.topics.response, response.to_payload(), qos=1)
+    def publish_response(self, response: ResponseMessage, to: ReplyTo | None = None) -> None:
+        """Reply to a command (QoS 1, not retained, never spooled: a reply is for whoever waits
+        for it now) on `response`, and where an MQTT 5 command asked for it (`to`), with its
+        Correlation Data (once, when that is `response` itself)."""
+        payload = response.to_payload()
+        if to is None or to.topic != self.topics.response:
+            self._publish(self.topics.response, payload, qos=1)
+        if to is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            if to.correlation is not None:
+                props.CorrelationData = to.correlation
+            self._publish(to.topic, payload, qos=1, properties=props)
 
     def set_discovery(self, configs: dict[str, dict[str, Any] | None]) -> None:
         """Set (and announce, if connected) the Home Assistant discovery configs; a config of
@@ -1057,11 +1114,18 @@ class MqttPublisher:
                 self._publish_discovery()
 
     def _publish(
-        self, topic: str, payload: str, qos: int, retain: bool = False, props: bool = False
+        self,
+        topic: str,
+        payload: str,
+        qos: int,
+        retain: bool = False,
+        props: bool = False,
+        properties: Properties | None = None,
     ) -> mqtt.MQTTMessageInfo:
         """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
-        the broker took it; `props`: with this instance's name (availability)."""
-        properties = self._sender_props() if props else None
+        the broker took it; `props`: with this instance's name (availability); `properties`:
+        these (a reply's Correlation Data)."""
+        properties = self._sender_props() if props else properties
         if self._max_packet:  # sizes measured only against a limit known
             size = _packet_size(topic, payload, qos, properties)
             if size > self._max_packet:

@@ -24,6 +24,7 @@ import soundfile as sf
 
 from edge.bundle import Bundle
 from edge.clips import CLIPS_DIR, clips_of
+from edge.commands import ReplyTo
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
 from edge.errors import SoundSentryError, StartError, os_error_line
@@ -63,13 +64,13 @@ def run_detector(
     try:
         controller: Controller | None = None
 
-        def on_command(payload: bytes) -> None:
+        def on_command(payload: bytes, reply_to: ReplyTo | None) -> None:
             if controller is not None:  # commands before the loop exists wait for a resend
-                controller.submit_payload(payload)
+                controller.submit_payload(payload, reply_to)
 
-        def on_retained(payload: bytes) -> None:
+        def on_retained(payload: bytes, reply_to: ReplyTo | None) -> None:
             if controller is not None:
-                controller.submit_retained(payload)
+                controller.submit_retained(payload, reply_to)
 
         dashboard = None
         try:  # what fails here fails the start: the dashboard's port or token, the broker's
@@ -292,11 +293,11 @@ def hold_data_dir(data_dir: Path) -> int:
 def _publisher(
     settings: Settings,
     bundle: Bundle,
-    on_command: Callable[[bytes], None],
+    on_command: Callable[[bytes, ReplyTo | None], None],
     page: str | None,
     client_id: str,
     logged: list[LoggedEvent],
-    on_retained: Callable[[bytes], None] | None = None,
+    on_retained: Callable[[bytes, ReplyTo | None], None] | None = None,
 ) -> Any:
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
     when it serves one) and the device's last `logged` event, not yet connected."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from edge.commands import ReplyTo
     from edge.messages import (
         EventMessage,
         HealthMessage,
@@ -31,8 +32,8 @@ class Sink:
     def metrics(self, message: MetricsMessage) -> None:
         """Periodic metrics."""
 
-    def response(self, message: ResponseMessage) -> None:
-        """A reply to a command."""
+    def response(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
+        """A reply to a command (`reply_to`: where its MQTT 5 Response Topic asked for it)."""
 
     def window(self, step: Step, threshold: float) -> None:
         """One scored window and the threshold in force (live views; called often, keep it

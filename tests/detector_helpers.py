@@ -11,6 +11,7 @@ import pytest
 import edge.bundle
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
+from edge.commands import ReplyTo
 from edge.daemon import Sink
 from edge.errors import BundleError
 from edge.features import windows_of
@@ -26,6 +27,8 @@ class Recorder(Sink):
         self.states: list[StateMessage] = []
         self.healths: list[HealthMessage] = []
         self.responses: list[ResponseMessage] = []
+        self.reply_tos: list[ReplyTo | None] = []
+        """Where each response's command asked for it (its MQTT 5 Response Topic)."""
 
     def event(self, message: EventMessage) -> None:
         self.events.append(message)
@@ -36,8 +39,9 @@ class Recorder(Sink):
     def health(self, message: HealthMessage) -> None:
         self.healths.append(message)
 
-    def response(self, message: ResponseMessage) -> None:
+    def response(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
         self.responses.append(message)
+        self.reply_tos.append(reply_to)
 
     def kinds(self) -> list[str]:
         return [e.type for e in self.events]

@@ -18,6 +18,7 @@ from detector_helpers import Recorder
 
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle
+from edge.commands import ReplyTo
 from edge.control import Controller
 from edge.daemon import WORK_QUEUE_MAX, Detector
 from edge.messages import ResponseMessage
@@ -129,12 +130,16 @@ def test_a_flood_is_shed_and_counted_and_audio_goes_on(tmp_path: Path) -> None:
     d, rec = detector(tmp_path)
     ctl = Controller(d)
     for i in range(WORK_QUEUE_MAX + 100):
-        ctl.submit_payload(json.dumps({"command": "status", "id": str(i)}).encode())
-    ctl.submit_payload(b'{"command": "status", "id": "5"}')  # a QoS 1 copy of one queued
-    ctl.submit_retained(b'{"command": "unmute", "id": "r1"}')  # shed too: refused all the same
+        asked = ReplyTo(f"flows/{i}", str(i).encode()) if i % 2 else None  # MQTT 5's, or none
+        ctl.submit_payload(json.dumps({"command": "status", "id": str(i)}).encode(), asked)
+    ctl.submit_payload(b'{"command": "status", "id": "5"}', ReplyTo("flows/5", b"5"))  # a QoS 1
+    ctl.submit_retained(b'{"command": "unmute", "id": "r1"}', ReplyTo("r"))  # copy; refused
     assert d.commands_shed == 102
     d.run(FileSource([NORMAL_FILES[0]], RATE))
     assert len(rec.responses) == WORK_QUEUE_MAX + 102 and d.windows > 0
+    for r, to in zip(rec.responses, rec.reply_tos, strict=True):  # each where it was asked
+        want = ReplyTo("r") if r.id == "r1" else ReplyTo(f"flows/{r.id}", r.id.encode())
+        assert to == (want if r.id == "r1" or int(r.id) % 2 else None), (r.id, to)
     # the queued commands' own replies first, then the shed ones': a flow that takes the first
     # reply to an id never takes `busy` for a command that ran (a second review)
     ran, shed = rec.responses[:WORK_QUEUE_MAX], rec.responses[WORK_QUEUE_MAX:]

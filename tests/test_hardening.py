@@ -205,6 +205,82 @@ def test_a_command_published_retained_while_the_daemon_runs_is_refused_not_run(
         sub.close()
 
 
+def test_an_mqtt5_command_is_answered_at_its_response_topic_with_its_correlation_data(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Node-RED's MQTT 5 request/response (and any MQTT 5 client's) sets a Response Topic and
+    Correlation Data on the command and waits for a reply there: it got none, the reply went to
+    `response` alone (the HA / Node-RED review). Now the reply goes there too, with the
+    correlation data; a response topic where devices and Home Assistant read (another device's
+    state, a discovery config) is refused, said once, and answered on `response` only."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    topic = "soundsentry/hard/set"
+    audio = faulty_audio(tmp_path / "long.wav", faults=30)
+    sub = Subscriber(broker.port, "soundsentry/hard/#")
+    got: list[tuple[str, dict, bytes | None]] = []
+    asker = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flow", protocol=mqtt.MQTTv5)
+
+    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        correlation = getattr(msg.properties, "CorrelationData", None)
+        if msg.payload.startswith(b"{"):  # not availability's `online`
+            got.append((msg.topic, json.loads(msg.payload), correlation))
+
+    asker.on_message = on_message
+    asker.connect("127.0.0.1", broker.port)
+    asker.loop_start()
+    asker.subscribe([("flows/#", 1), ("soundsentry/#", 1), ("homeassistant/#", 1)])
+
+    def ask(payload: dict, response_topic: str, correlation: bytes) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = response_topic
+        props.CorrelationData = correlation
+        asker.publish(topic, json.dumps(payload), qos=1, properties=props).wait_for_publish(10)
+
+    def on(t: str, cid: str) -> list[tuple[str, dict, bytes | None]]:
+        return [g for g in list(got) if g[0] == t and g[1].get("id") == cid]
+
+    log = tmp_path / "daemon.log"
+    proc = start(tmp_path, broker, audio, log)
+    try:
+        wait_for(lambda: any(m.payload == "online" for m in sub.on("/availability")), 60, "online")
+        ask({"command": "status", "id": "q1"}, "flows/replies/7", b"\x00corr-7")
+        ask({"command": "mute", "minutes": "x", "id": "q2"}, "flows/replies/8", b"corr-8")
+        wait_for(lambda: on("flows/replies/8", "q2"), 15, "the rejection at its response topic")
+        wait_for(lambda: on("flows/replies/7", "q1"), 15, "the reply at its response topic")
+        (_, reply, correlation), *more = on("flows/replies/7", "q1")
+        assert not more and correlation == b"\x00corr-7"
+        assert reply["ok"] and reply["command"] == "status" and "status" in reply
+        assert on("soundsentry/hard/response", "q1"), "response still has every reply"
+        (_, rejected, correlation), *_ = on("flows/replies/8", "q2")
+        assert not rejected["ok"] and correlation == b"corr-8"
+        # its own `response` asked for: one reply there, with the correlation data
+        ask({"command": "status", "id": "q3"}, "soundsentry/hard/response", b"c3")
+        wait_for(lambda: on("soundsentry/hard/response", "q3"), 15, "the reply on response")
+        ask({"command": "status", "id": "q4"}, "soundsentry/hard/response/f", b"c4")  # below it:
+        wait_for(lambda: on("soundsentry/hard/response/f", "q4"), 15, "the reply below response")
+        assert [g[2] for g in on("soundsentry/hard/response", "q3")] == [b"c3"]  # (the ACL's)
+        # where other devices and Home Assistant read: refused, answered on response only
+        for i, bad in enumerate(["soundsentry/pump/state", "homeassistant/sensor/x/config"]):
+            ask({"command": "status", "id": f"b{i}"}, bad, b"x")
+            ask({"command": "status", "id": f"b{i}"}, bad, b"x")  # said once
+        wait_for(lambda: on("soundsentry/hard/response", "b1"), 15, "the refused ones answered")
+        text = log.read_text()
+        assert text.count("response topic 'soundsentry/pump/state' is refused") == 1, text
+        assert text.count("response topic 'homeassistant/sensor/x/config' is refused") == 1
+        assert not [
+            g for g in got if g[0] in ("soundsentry/pump/state", "homeassistant/sensor/x/config")
+        ]
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(10)
+        asker.loop_stop()
+        asker.disconnect()
+        sub.close()
+
+
 # --- the spool under a full disk and after months of message ids -----------------------------
 
 

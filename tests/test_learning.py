@@ -40,6 +40,7 @@ from mqtt_helpers import Subscriber
 from edge.adapt import Adapter
 from edge.audio_io import read_audio
 from edge.bundle import Bundle, load_bundle, write_bundle
+from edge.commands import ReplyTo
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink
 from edge.errors import SettingsError
@@ -377,12 +378,16 @@ def test_a_learning_period_is_answered_again_when_it_ends_and_a_muted_one_says_i
 
     def learn(ctl: Controller, cid: str, seconds: float = LEARN_S) -> None:
         payload = {"command": "learn", "action": "start", "seconds": seconds, "id": cid}
-        ctl.submit_payload(json.dumps(payload).encode())
+        ctl.submit_payload(json.dumps(payload).encode(), ReplyTo(f"flows/{cid}", cid.encode()))
 
     d, ctl, rec = device(tmp_path / "ok")
     learn(ctl, "L")
     d.run(FileSource(NORMAL_FILES, RATE))
     first, second = [r for r in rec.responses if r.id == "L"]
+    # both replies go where its MQTT 5 Response Topic asked, as well as to `response`
+    assert [t for r, t in zip(rec.responses, rec.reply_tos, strict=True) if r.id == "L"] == [
+        ReplyTo("flows/L", b"L")
+    ] * 2
     assert first.ok and "a second reply says how it ended" in first.detail
     assert second.ok and second.command == "learn"
     assert second.detail.startswith("learning ended: model fan-demo-12483c73-site-v1, threshold")

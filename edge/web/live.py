@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from edge.commands import ReplyTo
 from edge.messages import (
     EventMessage,
     HealthMessage,
@@ -121,7 +122,7 @@ class LiveView(Sink):
         """Periodic metrics (for /metrics)."""
         self.last_metrics = message.to_dict()
 
-    def response(self, message: ResponseMessage) -> None:
+    def response(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
         """Replies to every command, whoever sent it."""
         self._publish("response", message.to_dict())
 
