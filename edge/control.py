@@ -9,6 +9,7 @@ exception out of the loop.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -72,6 +73,10 @@ class Controller:
         """Name, id, reply and reply address of commands a full queue shed, from the MQTT
         thread: answered (`busy`, or a retained command's refusal) once the queue is worked
         off."""
+        self._shed_lock = threading.Lock()
+        """Held while a command is queued or shed, and while the loop sees the queue empty and
+        takes the shed: else one shed just as the loop ran its last queued command waited for
+        its `busy` until the next command came."""
 
     def submit_payload(self, payload: bytes, reply_to: ReplyTo | None = None) -> None:
         """From the MQTT thread: queue a raw command for the loop (shed if the queue is full).
@@ -83,31 +88,44 @@ class Controller:
             return
         if len(payload) > MAX_COMMAND_BYTES:
             size = len(payload)
-            if not self.detector.submit(
-                lambda: self.handle_payload(b"", oversize=size, reply_to=reply_to)
-            ):
-                self._shed.append(("invalid", None, SHED_REPLY, reply_to))
+            self._queue(
+                lambda: self.handle_payload(b"", oversize=size, reply_to=reply_to),
+                ("invalid", None, SHED_REPLY, reply_to),
+            )
             return
-        if not self.detector.submit(lambda: self.handle_payload(payload, reply_to=reply_to)):
-            self._shed.append((*_name_and_id(payload), SHED_REPLY, reply_to))
+        self._queue(
+            lambda: self.handle_payload(payload, reply_to=reply_to),
+            (*_name_and_id(payload), SHED_REPLY, reply_to),
+        )
+
+    def _queue(
+        self, work: Callable[[], object], shed: tuple[str, str | None, str, ReplyTo | None]
+    ) -> None:
+        """Queue `work` for the loop, or keep `shed` (name, id, reply, address) to be answered
+        once the queue is worked off."""
+        with self._shed_lock:
+            if not self.detector.submit(work):
+                self._shed.append(shed)
 
     def _answer_shed(self) -> None:
         """Reply to the commands a full queue shed, once the queue has been worked off (on the
         loop): a Node-RED flow waiting for the reply to its id waited for ever (in a review).
         Not before: a QoS 1 copy of a command still queued got `busy` before the command's
         own reply, and a flow that takes the first reply sent it again (a second review)."""
-        if self.detector.work_waiting():
-            return
-        while self._shed:
-            name, cid, detail, reply_to = self._shed.popleft()
-            self._reply(name, cid, False, detail, reply_to=reply_to)
+        with self._shed_lock:
+            if self.detector.work_waiting():
+                return
+            shed = list(self._shed)
+            self._shed.clear()
+        for name, cid, detail, reply_to in shed:  # replied outside the lock: the MQTT thread
+            self._reply(name, cid, False, detail, reply_to=reply_to)  # never waits on a send
 
     def submit_retained(self, payload: bytes, reply_to: ReplyTo | None = None) -> None:
         """From the MQTT thread: a command published retained, answered with a refusal and never
         run (stored on the broker, it would run again at every start)."""
         kept = payload[:MAX_COMMAND_BYTES]
-        if not self.detector.submit(lambda: self.refuse_retained(kept, reply_to)):
-            self._shed.append((*_name_and_id(kept), RETAINED_REFUSAL, reply_to))
+        shed = (*_name_and_id(kept), RETAINED_REFUSAL, reply_to)
+        self._queue(lambda: self.refuse_retained(kept, reply_to), shed)
 
     def refuse_retained(self, payload: bytes, reply_to: ReplyTo | None = None) -> ResponseMessage:
         """The refusal of a retained command, under its name and id when it has them."""

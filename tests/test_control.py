@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 import jinja2
@@ -120,6 +121,31 @@ def test_the_audit_lines_name_a_command_s_id_and_only_a_real_one(
     said = [r.getMessage() for r in caplog.records if r.name == "edge.control"]
     assert said[0].startswith("rejected command mute (id x1): minutes"), said
     assert said[1].startswith("command unmute: "), said
+
+
+def test_a_command_shed_as_the_loop_empties_the_queue_is_still_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MQTT thread found the queue full, and before it kept the command as shed, the loop
+    ran the last queued command and found nothing shed to answer: the command waited for its
+    `busy` until another command came (a review's race). The loop's look at the shed now waits
+    for the MQTT thread to have kept it."""
+    from edge.control import SHED_REPLY
+
+    d, rec = detector(tmp_path)
+    ctl = Controller(d)
+    loop_done = threading.Event()
+
+    def full_queue(work: object) -> bool:  # the queue full; meanwhile the loop empties it
+        loop = threading.Thread(target=lambda: (ctl._answer_shed(), loop_done.set()))
+        loop.start()
+        loop.join(0.5)  # blocked (fixed) or done, answering nothing (the race)
+        return False
+
+    monkeypatch.setattr(d, "submit", full_queue)
+    ctl.submit_payload(b'{"command": "status", "id": "late"}')
+    assert loop_done.wait(10)
+    assert [(r.id, r.ok, r.detail) for r in rec.responses] == [("late", False, SHED_REPLY)]
 
 
 def test_a_flood_is_shed_and_counted_and_audio_goes_on(tmp_path: Path) -> None:
