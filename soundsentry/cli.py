@@ -177,9 +177,10 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=_whole_between(1, MAX_EPOCHS),
         default=None,
-        help="training epochs of a network (default: embedding 12, autoencoder 40, classifier 30)",
+        help="training epochs of a network, 1 to 1000 (default: embedding 12, autoencoder 40, "
+        "classifier 30)",
     )
     p.add_argument(
         "--seed",
@@ -211,10 +212,11 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--augment-factor",
-        type=_positive_int,
+        type=_whole_between(1, MAX_AUGMENT_FACTOR),
         default=1,
         metavar="N",
-        help="augmented copies per training window (default 1)",
+        help="augmented copies per training window, 1 to 16 (default 1); the training set is "
+        "held in memory N + 1 times",
     )
     p.add_argument(
         "--detector",
@@ -495,11 +497,25 @@ def _number(text: str, kind: type[int] | type[float]) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
 
 
-def _positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+MAX_EPOCHS = 1000
+"""`--epochs` beyond this is a typo (an epoch of 10 min of audio takes seconds to a minute):
+100000 trained for days with no word of it."""
+MAX_AUGMENT_FACTOR = 16
+"""`--augment-factor` beyond this: every copy of the training windows is held in memory at
+once (10 min of audio, about 10 MB a copy, more in the network's training), and a factor of
+1000 took the machine's memory before training began."""
+
+
+def _whole_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}")
+        return value
+
+    return parse
 
 
 MAX_SEED = 2**32 - 1

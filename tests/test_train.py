@@ -293,6 +293,26 @@ def test_network_bundles_count_all_their_audio_and_evaluate_names_fitted_files(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--epochs", "100000"], "--epochs: must be a whole number from 1 to 1000"),
+        (["--epochs", "0"], "--epochs: must be a whole number from 1 to 1000"),
+        (["--augment-factor", "1000"], "--augment-factor: must be a whole number from 1 to 16"),
+    ],
+)
+def test_a_network_s_epochs_and_copies_are_bounded_before_anything_is_read(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    """`--epochs 100000` trained for days without a word, and `--augment-factor 1000` held a
+    thousand copies of the training windows in memory before training began (the training
+    review): refused by the argument parser, naming the range."""
+    out = tmp_path / "m.bundle"
+    proc = cli("train", "--normal", *map(str, NORMAL_FILES), "--detector", "autoencoder",
+               "--out", str(out), *flags, check=False)  # fmt: skip
+    assert proc.returncode == 1 and message in proc.stderr and not out.exists(), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
         (["--epochs", "3"], "--epochs trains a network; --detector fluctuation is fitted in numpy"),
         (["--detector", "subspace", "--augment", "noise"], "--augment is for the autoencoder"),
         (["--detector", "knn", "--epochs", "3"], "--detector knn is fitted in numpy"),
