@@ -65,9 +65,10 @@ class Controller:
         self._last: tuple[str, float, ResponseMessage] | None = None
         """The last command run, if it had an id: its id and content, when, and its reply."""
         self._running: Command | None = None
-        self._running_reply_to: ReplyTo | None = None
         """The command being run: a `learn stop` or `cancel` sent with its start's id is itself
-        the start's second reply."""
+        the start's second reply (where that command asked for its reply)."""
+        self._running_reply_to: ReplyTo | None = None
+        """Where the command being run asked for its reply (MQTT 5)."""
         detector.answer_learning_ends(self._learning_ended)
         self._shed: deque[tuple[str, str | None, str, ReplyTo | None]] = deque(maxlen=SHED_REPLIES)
         """Name, id, reply and reply address of commands a full queue shed, from the MQTT

@@ -62,7 +62,7 @@ from edge.messages import (
 )
 from edge.settings import MqttSettings, mqtt_password
 from edge.spool import Spool, Spooled
-from edge.topics import Topics
+from edge.topics import HA_PREFIX, Topics
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,14 @@ reads a message whole before the command's 64-KB check, and a retained 120-MB on
 every start, past the unit's MemoryMax. The broker drops larger ones; what we take is commands
 (and Home Assistant's status), so 1 MiB still lets one over 64 KB be answered with its refusal."""
 REPLY_TOPICS_WARNED = 64
-"""Refused MQTT 5 response topics warned of in one run, each once; beyond, they are not said."""
+"""Refused MQTT 5 response topics warned of in one run, each once; beyond, said once that they
+are no longer said."""
+MAX_REPLY_BYTES = 1024
+"""Longest Response Topic and Correlation Data taken (MQTT allows 64 KB each): a shed command
+keeps them until its `busy`, and a thousand of 128 KB took 170 MB in a review."""
+REPLY_LABEL = "a command's response topic"
+"""How a reply's publish is logged (refused, over a size limit): one line for all of them, not
+one a topic (each new topic of a flood was a line and a key kept for good, in a review)."""
 REFUSED_KEPT = 64
 """Retained commands refused, by content, in one run: each once (a stored one comes at every
 connection); beyond this many they are ignored without a reply, said once."""
@@ -133,16 +140,16 @@ PROTOCOL_ERROR = 0x82
 """MQTT 5 reason "Protocol error": what paho gives `on_disconnect` when it drops a connection."""
 
 
-def _reply_topic_refusal(topic: str, topics: Topics) -> str | None:
+def _reply_topic_refusal(topic: str, correlation: bytes | None, topics: Topics) -> str | None:
     """Why a command's MQTT 5 response topic is not written to (None: it may be)."""
+    if len(topic.encode()) > MAX_REPLY_BYTES or len(correlation or b"") > MAX_REPLY_BYTES:
+        return f"it or its correlation data is over {MAX_REPLY_BYTES} bytes"
     if "+" in topic or "#" in topic or topic.startswith("$") or "\x00" in topic:
         return "a wildcard, `$` or NUL topic"
     if topic == topics.response or topic.startswith(f"{topics.response}/"):
         return None  # where the fleet ACL (deploy/mosquitto/acl) lets a device write
-    if topic.startswith((f"{topics.prefix}/", f"{topics.ha_prefix}/")) or topic in (
-        topics.prefix,
-        topics.ha_prefix,
-    ):
+    read = (topics.prefix, topics.ha_prefix, HA_PREFIX)  # HA's birth topic stays homeassistant/
+    if topic.startswith(tuple(f"{r}/" for r in read)) or topic in read:
         return (
             f"under {topics.prefix}/ or {topics.ha_prefix}/, where devices and Home Assistant read"
         )
@@ -301,7 +308,7 @@ class MqttPublisher:
         self.on_retained_command = on_retained_command
         """A retained command, refused: once per content in a process (a stored one comes at
         every connection)."""
-        self._reply_topics_warned: set[str] = set()
+        self._reply_topics_warned: set[bytes] = set()  # SHA-256 digests of refused ones
         self._refused_commands: set[bytes] = set()
         """The SHA-256 digests of the retained commands refused so far, at most REFUSED_KEPT (a
         payload may be up to MAX_INBOUND_PACKET_BYTES: the payloads themselves took up to 64 MB
@@ -549,7 +556,8 @@ class MqttPublisher:
         self._dropped_mids.put(spooled)
         for m, size in zip(taken, sizes, strict=True):
             if m.mid not in spooled and not m.retain and m.qos and size <= limit:
-                self._publish(m.topic, m.payload.decode(), qos=m.qos)  # a command's response
+                properties = getattr(m, "properties", None)  # a reply's Correlation Data
+                self._publish(m.topic, m.payload.decode(), qos=m.qos, properties=properties)
         self._wake.set()
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
@@ -633,20 +641,26 @@ class MqttPublisher:
         topic = getattr(props, "ResponseTopic", None)
         if not topic:
             return None
+        topic = str(topic)
         correlation = getattr(props, "CorrelationData", None)
-        refusal = _reply_topic_refusal(str(topic), self.topics)
+        correlation = None if correlation is None else bytes(correlation)
+        refusal = _reply_topic_refusal(topic, correlation, self.topics)
         if refusal is None:
-            return ReplyTo(str(topic), bytes(correlation) if correlation else None)
-        if topic not in self._reply_topics_warned and len(self._reply_topics_warned) < (
-            REPLY_TOPICS_WARNED
-        ):
-            self._reply_topics_warned.add(topic)
-            log.warning(
-                "MQTT: a command's response topic %r is refused (%s): its reply goes to %s only",
-                topic,
-                refusal,
-                self.topics.response,
-            )
+            return ReplyTo(topic, correlation)
+        warned, key = self._reply_topics_warned, hashlib.sha256(topic.encode()).digest()
+        if key in warned or len(warned) > REPLY_TOPICS_WARNED:
+            return None
+        warned.add(key)
+        shown = topic if len(topic) <= 120 else f"{topic[:120]}... ({len(topic)} characters)"
+        log.warning(
+            "MQTT: a command's response topic %r is refused (%s): its reply goes to %s only%s",
+            shown,
+            refusal,
+            self.topics.response,
+            "; more refused response topics are not logged until a restart"
+            if len(warned) > REPLY_TOPICS_WARNED
+            else "",
+        )
         return None
 
     def _sender_props(self, will: bool = False) -> Properties:
@@ -957,13 +971,21 @@ class MqttPublisher:
         since = self._refused.due(topic)
         if since is None:
             return
+        advice = (
+            f"a requester asked for replies where this device may not write: they still go to "
+            f"{self.topics.response}; ask for it, or a topic below it (which the fleet ACL "
+            f"allows), or allow the topic in the broker's ACL"
+            if topic == REPLY_LABEL
+            else "allow this user to write its topics in the broker's ACL"
+        )
         log.error(
-            "MQTT: the broker refused %d message(s) on %s (%s)%s; allow this user to write its "
-            "topics in the broker's ACL (logged again at most every %g min)",
+            "MQTT: the broker refused %d message(s) on %s (%s)%s; %s (logged again at most "
+            "every %g min)",
             since,
             topic,
             reason,
             kept,
+            advice,
             REFUSED_LOG_INTERVAL_S / 60,
         )
 
@@ -1103,7 +1125,8 @@ class MqttPublisher:
             props = Properties(PacketTypes.PUBLISH)
             if to.correlation is not None:
                 props.CorrelationData = to.correlation
-            self._publish(to.topic, payload, qos=1, properties=props)
+            label = None if to.topic == self.topics.response else REPLY_LABEL
+            self._publish(to.topic, payload, qos=1, properties=props, label=label)
 
     def set_discovery(self, configs: dict[str, dict[str, Any] | None]) -> None:
         """Set (and announce, if connected) the Home Assistant discovery configs; a config of
@@ -1121,15 +1144,17 @@ class MqttPublisher:
         retain: bool = False,
         props: bool = False,
         properties: Properties | None = None,
+        label: str | None = None,
     ) -> mqtt.MQTTMessageInfo:
         """Publish, remembering the topic of a QoS 1 message until its PUBACK says whether
         the broker took it; `props`: with this instance's name (availability); `properties`:
-        these (a reply's Correlation Data)."""
+        these (a reply's Correlation Data); `label`: logged for the topic (REPLY_LABEL)."""
         properties = self._sender_props() if props else properties
+        named = label or topic
         if self._max_packet:  # sizes measured only against a limit known
             size = _packet_size(topic, payload, qos, properties)
             if size > self._max_packet:
-                return self._over_limit(topic, size, self._max_packet, learned=False)
+                return self._over_limit(named, size, self._max_packet, learned=False)
         with self._learned_lock:
             learned, expired = self._learned, None
             if learned and time.monotonic() - learned[1] >= self.size_relearn_s:
@@ -1144,13 +1169,13 @@ class MqttPublisher:
         if learned:
             body = len(payload.encode())
             if body > learned[0]:
-                return self._over_limit(topic, body, learned[0], learned=True)
+                return self._over_limit(named, body, learned[0], learned=True)
         with self._mid_lock:  # its PUBACK may be resolved before publish() returns
             info = self.client.publish(
                 topic, payload, qos=qos, retain=retain, properties=properties
             )
             if qos:
-                self._topic_of[info.mid] = topic
+                self._topic_of[info.mid] = named
                 if retain:
                     self._sent_on[info.mid] = self._connection
         return info

@@ -281,6 +281,76 @@ def test_an_mqtt5_command_is_answered_at_its_response_topic_with_its_correlation
         sub.close()
 
 
+def test_under_the_fleet_acl_replies_go_below_response_and_refusals_are_one_line(
+    tmp_path: Path,
+) -> None:
+    """Under deploy/mosquitto/acl a device may write below its own topics only: a requester's
+    response topic elsewhere was refused by the broker, and each new one was an ERROR line
+    (advising to change the device's ACL) and a key kept for good; a topic or correlation data
+    of 60 KB was kept by every shed command (170 MB, in a review). Now refusals of replies are
+    one line for all topics, saying where to ask; topics over 1 KB are not taken."""
+    from conftest import broker_with_example_acl
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    broker = broker_with_example_acl(tmp_path, {"pi-01": "pi-01-pw", "consumer": "consumer-pw"})
+    secret = tmp_path / "pi-01.pw"
+    secret.write_text("pi-01-pw\n")
+    config = write_config(tmp_path, "pi-01", broker.port, extra="state_interval_seconds = 1",
+                          mqtt=f'username = "pi-01"\npassword_file = "{secret}"\n')  # fmt: skip
+    got: list[tuple[str, str | None, bytes | None]] = []
+    asker = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flow", protocol=mqtt.MQTTv5)
+    asker.username_pw_set("consumer", "consumer-pw")
+
+    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.payload.startswith(b"{"):
+            cid = json.loads(msg.payload).get("id")
+            got.append((msg.topic, cid, getattr(msg.properties, "CorrelationData", None)))
+
+    asker.on_message = on_message
+    asker.connect("127.0.0.1", broker.port)
+    asker.loop_start()
+    asker.subscribe("soundsentry/#", qos=1)
+
+    def ask(cid: str, response_topic: str, correlation: bytes = b"c") -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = response_topic
+        props.CorrelationData = correlation
+        payload = json.dumps({"command": "status", "id": cid})
+        asker.publish("soundsentry/pi-01/set", payload, qos=1, properties=props)
+
+    log = tmp_path / "daemon.log"
+    audio = faulty_audio(tmp_path / "long.wav", faults=30)
+    proc = daemon("replay", str(DEMO_BUNDLE), str(audio), "--realtime", "--config", str(config),
+                  stdout=log.with_suffix(".events"), stderr=log)  # fmt: skip
+    try:
+        wait_for(lambda: any(g[0].endswith("/state") for g in got) or None, 60, "the device up")
+        for i in range(20):
+            ask(f"f{i}", f"flows/replies/{i}")  # refused by the broker's ACL
+        ask("long", "x" * 2000)  # not taken: over 1 KB
+        ask("big", "soundsentry/pi-01/response/big", b"x" * 2000)
+        ask("below", "soundsentry/pi-01/response/node-red", b"\x01below")
+        below = ("soundsentry/pi-01/response/node-red", "below", b"\x01below")
+        wait_for(lambda: below in got, 20, "the reply below response, with its correlation data")
+        answered = {cid for topic, cid, _ in got if topic == "soundsentry/pi-01/response"}
+        assert {f"f{i}" for i in range(20)} | {"long", "big", "below"} <= answered
+        assert not [g for g in got if g[1] == "big" and g[0].endswith("/big")]
+        text = log.read_text()
+        refusals = [line for line in text.splitlines() if "the broker refused" in line]
+        assert len(refusals) == 1, refusals
+        assert "on a command's response topic" in refusals[0]
+        assert "soundsentry/pi-01/response" in refusals[0]
+        assert text.count("is over 1024 bytes") == 2, text
+        assert "x" * 200 not in text  # a long topic is shortened in the log
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(10)
+        asker.loop_stop()
+        asker.disconnect()
+        broker.stop()
+
+
 # --- the spool under a full disk and after months of message ids -----------------------------
 
 

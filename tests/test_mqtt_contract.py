@@ -818,7 +818,7 @@ def test_a_command_message_beyond_the_inbound_limit_never_reaches_the_device(
     sizes: list[int] = []
     settings = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_max_seconds=2)
     spool = Spool(tmp_path / "spool.sqlite")
-    publisher = MqttPublisher(settings, topics, "test-big", spool, lambda p: sizes.append(len(p)))
+    publisher = MqttPublisher(settings, topics, "test-big", spool, lambda p, _to: sizes.append(len(p)))
     publisher.start()
     sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sender")
     sender.connect("127.0.0.1", broker.port)
@@ -841,3 +841,32 @@ def test_a_command_message_beyond_the_inbound_limit_never_reaches_the_device(
         sender.loop_stop()
         sender.disconnect()
         publisher.close()
+
+
+@pytest.mark.parametrize(
+    ("topic", "refused"),
+    [
+        ("nodered/replies/7", False),
+        ("soundsentry/pump-3/response", False),
+        ("soundsentry/pump-3/response/flow", False),
+        ("soundsentry/pump-3/responsex", True),  # not below response
+        ("soundsentry/pump-3/state", True),  # the device's own retained state
+        ("soundsentry/pump-4/response", True),  # another device's
+        ("soundsentry", True),
+        ("ha/sensor/x/config", True),  # the discovery prefix, moved
+        ("homeassistant/status", True),  # HA's birth topic, which every device reads
+        ("$SYS/broker", True),
+        ("flows/+/x", True),
+        ("x" * 1025, True),
+    ],
+)
+def test_a_response_topic_where_devices_or_home_assistant_read_is_refused(
+    topic: str, refused: bool
+) -> None:
+    """A reply there would stand in for another device's state or an HA entity; with the
+    discovery prefix moved, `homeassistant/status` (which every device reads) was taken."""
+    from edge.publish import _reply_topic_refusal
+
+    topics = Topics("soundsentry", "pump-3", "ha")
+    assert (_reply_topic_refusal(topic, b"c", topics) is not None) == refused
+    assert _reply_topic_refusal("flows/x", b"c" * 1025, topics) is not None  # its correlation
