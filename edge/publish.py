@@ -138,6 +138,8 @@ the size is learned again). It held until the daemon restarted: a user who raise
 limit as the log said, and did not restart the daemon, had the spooled event held for good."""
 PROTOCOL_ERROR = 0x82
 """MQTT 5 reason "Protocol error": what paho gives `on_disconnect` when it drops a connection."""
+KEEPALIVE_TIMEOUT = 0x8D
+"""MQTT 5 reason code paho gives when it hangs up after a keepalive with nothing heard."""
 
 
 def _reply_topic_refusal(topic: str, correlation: bytes | None, topics: Topics) -> str | None:
@@ -234,6 +236,13 @@ def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
 
 
 HOST_CHECK = "check [mqtt] host and port, and that the broker runs"
+
+
+def _keepalive_timeout(reason: Any) -> bool:
+    """paho's reason for a connection it ended itself, no packet heard within the keepalive
+    (141, "Keep alive timeout"): blamed on a port that closed the connection (a broker stopped
+    with SIGSTOP, in a review, which closed nothing)."""
+    return getattr(reason, "value", None) == KEEPALIVE_TIMEOUT
 
 
 def probe_reason(s: MqttSettings) -> tuple[str, str]:
@@ -513,6 +522,13 @@ class MqttPublisher:
             protocol = getattr(reason, "value", None) == PROTOCOL_ERROR
             self._quick_drops = self._quick_drops + 1 if quick and protocol else 0
             log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason)
+        elif not self._last_refusal and _keepalive_timeout(reason):  # we hung up: no answer
+            self._unreachable(
+                f"{self.settings.host}:{self.settings.port} took the connection and did not "
+                f"answer the MQTT CONNECT within the keepalive ({self.settings.keepalive} s): a "
+                "broker stopped or overloaded, a TLS port with [mqtt.tls] off, or another "
+                "service on that port?"
+            )
         elif not self._last_refusal:  # a refusal said why; this is a port that hung up on us
             self._unreachable(
                 f"{self.settings.host}:{self.settings.port} closed the connection before the "

@@ -19,7 +19,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 import soundfile as sf
-from conftest import DEMO_BUNDLE, Broker, wait_for
+from conftest import DEMO_BUNDLE, Broker, free_port, wait_for
 from jsonschema import Draft202012Validator
 from mqtt_helpers import Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
@@ -759,6 +759,38 @@ def test_a_port_that_hangs_up_before_the_handshake_is_named_once(
     said = [w for w in warnings if "closed the connection before the MQTT handshake" in w]
     assert len(said) == 1 and f"127.0.0.1:{port}" in said[0] and "[mqtt.tls]" in said[0], warnings
     assert publisher.problem.startswith(f"127.0.0.1:{port} closed the connection before")
+
+
+def test_a_stopped_broker_is_not_blamed_for_closing_the_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker stopped (SIGSTOP, or overloaded) takes the TCP connection in its kernel backlog
+    and never answers: paho hangs up after the keepalive, and the log said the port "closed the
+    connection" and pointed at TLS or another service (a review). It says what happened."""
+    import signal as signals
+
+    from edge.publish import MqttPublisher
+    from edge.settings import MqttSettings
+    from edge.spool import Spool
+
+    frozen = Broker(tmp_path, free_port())
+    frozen.start()
+    assert frozen.proc is not None
+    frozen.proc.send_signal(signals.SIGSTOP)
+    settings = MqttSettings(
+        host="127.0.0.1", port=frozen.port, keepalive=5, reconnect_max_seconds=1
+    )
+    publisher = MqttPublisher(settings, TOPICS, "frozen", Spool(tmp_path / "spool.sqlite"))
+    publisher.start()
+    try:
+        said = "did not answer the MQTT CONNECT within the keepalive (5 s): a broker stopped"
+        wait_for(lambda: said in (publisher.problem or ""), 30, "the keepalive named")
+    finally:
+        publisher.close(0.5)
+        frozen.proc.send_signal(signals.SIGCONT)
+        frozen.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edge.publish"]
+    assert not [w for w in warnings if "closed the connection" in w], warnings
 
 
 def test_a_password_file_gone_after_a_refusal_is_one_error_line(

@@ -818,7 +818,9 @@ def test_a_command_message_beyond_the_inbound_limit_never_reaches_the_device(
     sizes: list[int] = []
     settings = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_max_seconds=2)
     spool = Spool(tmp_path / "spool.sqlite")
-    publisher = MqttPublisher(settings, topics, "test-big", spool, lambda p, _to: sizes.append(len(p)))
+    publisher = MqttPublisher(
+        settings, topics, "test-big", spool, lambda p, _to: sizes.append(len(p))
+    )
     publisher.start()
     sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sender")
     sender.connect("127.0.0.1", broker.port)
