@@ -224,15 +224,27 @@ def configure_auth(client: mqtt.Client, s: MqttSettings) -> None:
                 )  # fmt: skip
                 raise SettingsError(f"mqtt.tls.{key} {path}: {why}")
         try:
-            client.tls_set(
-                ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED,
-            )
+            client.tls_set_context(tls_context(s))
         except (ssl.SSLError, ValueError) as exc:  # not a certificate, a key of another cert
             raise SettingsError(f"[mqtt.tls]: a certificate or key is unusable: {exc}") from None
         client.tls_insecure_set(s.tls.insecure)
+
+
+def tls_context(s: MqttSettings) -> ssl.SSLContext:
+    """The client's TLS context from [mqtt.tls], as paho's `tls_set` made it: one for the
+    connection and for `probe_reason`'s handshake, so the probe names the reason the
+    connection itself meets (two copies could drift apart)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if s.tls.cert_file:
+        key = str(s.tls.key_file) if s.tls.key_file else None
+        context.load_cert_chain(str(s.tls.cert_file), key)
+    context.check_hostname = not s.tls.insecure  # before CERT_NONE, which it forbids
+    context.verify_mode = ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED
+    if s.tls.ca_file:
+        context.load_verify_locations(str(s.tls.ca_file))
+    else:
+        context.load_default_certs()
+    return context
 
 
 HOST_CHECK = "check [mqtt] host and port, and that the broker runs"
@@ -261,18 +273,7 @@ def probe_reason(s: MqttSettings) -> tuple[str, str]:
                 "a TLS port? then set [mqtt.tls] enabled; else is it an MQTT broker?",
             )
         try:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # as paho's tls_set makes it
-            context.check_hostname = not s.tls.insecure
-            context.verify_mode = ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED
-            if s.tls.cert_file:
-                context.load_cert_chain(
-                    str(s.tls.cert_file), s.tls.key_file and str(s.tls.key_file)
-                )
-            if s.tls.ca_file:
-                context.load_verify_locations(str(s.tls.ca_file))
-            else:
-                context.load_default_certs()
-            with context.wrap_socket(sock, server_hostname=s.host):
+            with tls_context(s).wrap_socket(sock, server_hostname=s.host):
                 pass
         except ssl.SSLCertVerificationError as exc:
             return (
