@@ -298,6 +298,35 @@ def test_a_state_in_flight_at_a_disconnect_does_not_outlive_the_newer_one(
     assert_retained_state(broker, "normal")  # what a client arriving later gets
 
 
+def test_a_last_event_in_flight_at_a_disconnect_does_not_outlive_the_newer_one(
+    publisher: MqttPublisher, broker: Broker
+) -> None:
+    """README named this a known limit (2026-12-01): `last_event` unacknowledged at a
+    disconnect was sent again by paho after the reconnect's fresh copy, and stayed retained
+    until the next event. The fix for `state` (a late acknowledgement sends the latest once
+    more) covers every retained topic: this shows it for `last_event`."""
+    publisher.start(wait_s=10)
+    assert publisher.connected
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        publisher.publish_event(_event("older"))  # last_event sent; its PUBACK never comes
+    finally:
+        broker.proc.kill()
+        broker.proc.wait(10)
+    wait_for(lambda: not publisher.connected, 20, "the disconnect")
+    publisher.publish_event(_event("newer"))  # while offline
+    broker.start()
+    wait_for(lambda: publisher.connected, 20, "the reconnect")
+    # paho's copies of what was in flight are acknowledged, and the latest sent after them
+    wait_for(lambda: not publisher._topic_of, 20, "every publish acknowledged")
+    fresh = Subscriber(broker.port, TOPICS.last_event, client_id="fresh")  # what a client
+    try:  # arriving now is given
+        assert fresh.wait_for(lambda ms: bool(ms), 10)
+        assert json.loads(fresh.on("")[-1].payload)["event_id"] == "newer"
+    finally:
+        fresh.close()
+
+
 @contextmanager
 def _frozen(broker: Broker) -> Iterator[None]:
     """The broker stopped in its tracks (SIGSTOP): connections stay open, nothing is read or
