@@ -85,3 +85,47 @@ def read_only(spool: Spool, on: bool) -> None:
     """Every write to the spool fails from here (as on a full card) while it still reads, or
     no longer."""
     spool._db.execute(f"PRAGMA query_only = {int(on)}")  # type: ignore[attr-defined]
+
+
+class Requester:
+    """An MQTT 5 client as Node-RED's request/response uses one: sends commands with a
+    Response Topic and Correlation Data, and keeps every JSON message it hears on `topics` as
+    (topic, payload, correlation data)."""
+
+    def __init__(self, port: int, topics: list[str], login: tuple[str, str] | None = None) -> None:
+        self.got: list[tuple[str, dict, bytes | None]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="requester", protocol=mqtt.MQTTv5
+        )
+        if login:
+            self.client.username_pw_set(*login)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe([(topic, 1) for topic in topics])
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.payload.startswith(b"{"):  # not availability's `online`
+            correlation = getattr(msg.properties, "CorrelationData", None)
+            with self._lock:
+                self.got.append((msg.topic, json.loads(msg.payload), correlation))
+
+    def ask(self, topic: str, payload: dict, response_topic: str, correlation: bytes) -> None:
+        """Publish a command (QoS 1) asking for its reply at `response_topic`."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = response_topic
+        props.CorrelationData = correlation
+        self.client.publish(topic, json.dumps(payload), qos=1, properties=props)
+
+    def on(self, topic: str, cid: str) -> list[tuple[str, dict, bytes | None]]:
+        """What came on `topic` with this command id."""
+        with self._lock:
+            return [g for g in self.got if g[0] == topic and g[1].get("id") == cid]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

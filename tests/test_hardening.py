@@ -21,7 +21,7 @@ import pytest
 import soundfile as sf
 from conftest import DEMO_BUNDLE, Broker, free_port, wait_for
 from jsonschema import Draft202012Validator
-from mqtt_helpers import Subscriber
+from mqtt_helpers import Requester, Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 from test_field_daemon import daemon, faulty_audio, write_config
 
@@ -213,33 +213,13 @@ def test_an_mqtt5_command_is_answered_at_its_response_topic_with_its_correlation
     `response` alone (the HA / Node-RED review). Now the reply goes there too, with the
     correlation data; a response topic where devices and Home Assistant read (another device's
     state, a discovery config) is refused, said once, and answered on `response` only."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    topic = "soundsentry/hard/set"
     audio = faulty_audio(tmp_path / "long.wav", faults=30)
     sub = Subscriber(broker.port, "soundsentry/hard/#")
-    got: list[tuple[str, dict, bytes | None]] = []
-    asker = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flow", protocol=mqtt.MQTTv5)
-
-    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        correlation = getattr(msg.properties, "CorrelationData", None)
-        if msg.payload.startswith(b"{"):  # not availability's `online`
-            got.append((msg.topic, json.loads(msg.payload), correlation))
-
-    asker.on_message = on_message
-    asker.connect("127.0.0.1", broker.port)
-    asker.loop_start()
-    asker.subscribe([("flows/#", 1), ("soundsentry/#", 1), ("homeassistant/#", 1)])
+    flow = Requester(broker.port, ["flows/#", "soundsentry/#", "homeassistant/#"])
+    on = flow.on
 
     def ask(payload: dict, response_topic: str, correlation: bytes) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = response_topic
-        props.CorrelationData = correlation
-        asker.publish(topic, json.dumps(payload), qos=1, properties=props).wait_for_publish(10)
-
-    def on(t: str, cid: str) -> list[tuple[str, dict, bytes | None]]:
-        return [g for g in list(got) if g[0] == t and g[1].get("id") == cid]
+        flow.ask("soundsentry/hard/set", payload, response_topic, correlation)
 
     log = tmp_path / "daemon.log"
     proc = start(tmp_path, broker, audio, log)
@@ -270,14 +250,15 @@ def test_an_mqtt5_command_is_answered_at_its_response_topic_with_its_correlation
         assert text.count("response topic 'soundsentry/pump/state' is refused") == 1, text
         assert text.count("response topic 'homeassistant/sensor/x/config' is refused") == 1
         assert not [
-            g for g in got if g[0] in ("soundsentry/pump/state", "homeassistant/sensor/x/config")
+            g
+            for g in flow.got
+            if g[0] in ("soundsentry/pump/state", "homeassistant/sensor/x/config")
         ]
         assert proc.poll() is None
     finally:
         proc.kill()
         proc.wait(10)
-        asker.loop_stop()
-        asker.disconnect()
+        flow.close()
         sub.close()
 
 
@@ -290,51 +271,37 @@ def test_under_the_fleet_acl_replies_go_below_response_and_refusals_are_one_line
     of 60 KB was kept by every shed command (170 MB, in a review). Now refusals of replies are
     one line for all topics, saying where to ask; topics over 1 KB are not taken."""
     from conftest import broker_with_example_acl
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
 
     broker = broker_with_example_acl(tmp_path, {"pi-01": "pi-01-pw", "consumer": "consumer-pw"})
     secret = tmp_path / "pi-01.pw"
     secret.write_text("pi-01-pw\n")
     config = write_config(tmp_path, "pi-01", broker.port, extra="state_interval_seconds = 1",
                           mqtt=f'username = "pi-01"\npassword_file = "{secret}"\n')  # fmt: skip
-    got: list[tuple[str, str | None, bytes | None]] = []
-    asker = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flow", protocol=mqtt.MQTTv5)
-    asker.username_pw_set("consumer", "consumer-pw")
-
-    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        if msg.payload.startswith(b"{"):
-            cid = json.loads(msg.payload).get("id")
-            got.append((msg.topic, cid, getattr(msg.properties, "CorrelationData", None)))
-
-    asker.on_message = on_message
-    asker.connect("127.0.0.1", broker.port)
-    asker.loop_start()
-    asker.subscribe("soundsentry/#", qos=1)
+    flow = Requester(broker.port, ["soundsentry/#"], login=("consumer", "consumer-pw"))
 
     def ask(cid: str, response_topic: str, correlation: bytes = b"c") -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = response_topic
-        props.CorrelationData = correlation
-        payload = json.dumps({"command": "status", "id": cid})
-        asker.publish("soundsentry/pi-01/set", payload, qos=1, properties=props)
+        payload = {"command": "status", "id": cid}
+        flow.ask("soundsentry/pi-01/set", payload, response_topic, correlation)
+
+    def got() -> list[tuple[str, str | None, bytes | None]]:
+        return [(topic, reply.get("id"), c) for topic, reply, c in list(flow.got)]
 
     log = tmp_path / "daemon.log"
     audio = faulty_audio(tmp_path / "long.wav", faults=30)
     proc = daemon("replay", str(DEMO_BUNDLE), str(audio), "--realtime", "--config", str(config),
                   stdout=log.with_suffix(".events"), stderr=log)  # fmt: skip
     try:
-        wait_for(lambda: any(g[0].endswith("/state") for g in got) or None, 60, "the device up")
+        wait_for(lambda: any(g[0].endswith("/state") for g in got()), 60, "the device up")
         for i in range(20):
             ask(f"f{i}", f"flows/replies/{i}")  # refused by the broker's ACL
         ask("long", "x" * 2000)  # not taken: over 1 KB
         ask("big", "soundsentry/pi-01/response/big", b"x" * 2000)
         ask("below", "soundsentry/pi-01/response/node-red", b"\x01below")
         below = ("soundsentry/pi-01/response/node-red", "below", b"\x01below")
-        wait_for(lambda: below in got, 20, "the reply below response, with its correlation data")
-        answered = {cid for topic, cid, _ in got if topic == "soundsentry/pi-01/response"}
+        wait_for(lambda: below in got(), 20, "the reply below response, with its correlation data")
+        answered = {cid for topic, cid, _ in got() if topic == "soundsentry/pi-01/response"}
         assert {f"f{i}" for i in range(20)} | {"long", "big", "below"} <= answered
-        assert not [g for g in got if g[1] == "big" and g[0].endswith("/big")]
+        assert not [g for g in got() if g[1] == "big" and g[0].endswith("/big")]
         text = log.read_text()
         refusals = [line for line in text.splitlines() if "the broker refused" in line]
         assert len(refusals) == 1, refusals
@@ -346,8 +313,7 @@ def test_under_the_fleet_acl_replies_go_below_response_and_refusals_are_one_line
     finally:
         proc.kill()
         proc.wait(10)
-        asker.loop_stop()
-        asker.disconnect()
+        flow.close()
         broker.stop()
 
 
