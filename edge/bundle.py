@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -58,6 +59,10 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_FILE_BYTES = 64 * 1024 * 1024
 """Largest model or array file a bundle may list."""
 MAX_ARRAY_ELEMENTS = 1 << 22
+MAX_TOTAL_ELEMENTS = 1 << 22
+"""Elements of all a bundle's arrays together (the largest kinds hold a few hundred thousand):
+each is held as float64, and a bundle of 15 int8 arrays at the per-array bound took 600 MB,
+past the unit's MemoryMax, in a review. Checked from the arrays' headers before any is read."""
 
 SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 """Model ids go into logs, topics and file names: no spaces, slashes or control characters."""
@@ -928,16 +933,47 @@ def _load_arrays(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             if any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist()):
                 raise BundleError(f"{folder / ARRAYS}: compressed arrays are not accepted")
+            _check_sizes(folder, zf)
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: np.asarray(npz[k]) for k in npz.files}
     except BundleError:
         raise
+    except MemoryError:  # a header's shape beyond what the sizes above let through
+        raise BundleError(f"{folder / ARRAYS}: arrays too large to load") from None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         raise BundleError(f"{folder / ARRAYS}: unreadable arrays ({_one_line(exc)})") from None
     if set(arrays) != set(manifest.arrays):
         raise BundleError(f"{folder / ARRAYS}: arrays do not match the manifest's list")
     _check_arrays(folder, manifest, arrays)
     return arrays
+
+
+def _check_sizes(folder: Path, zf: zipfile.ZipFile) -> None:
+    """Each array's size from its .npy header, before it is read: one declaring 2**44 elements
+    ended `doctor` in a traceback (numpy's MemoryError), and many arrays within the per-array
+    bound took the machine's memory (a review)."""
+    total = 0
+    for info in zf.infolist():
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _fortran, _dtype = read_header(f)
+        size = math.prod(shape)
+        if size > MAX_ARRAY_ELEMENTS:
+            raise BundleError(
+                f"{folder / ARRAYS}: array {info.filename} holds {size} elements, more than "
+                f"{MAX_ARRAY_ELEMENTS}"
+            )
+        total += size
+    if total > MAX_TOTAL_ELEMENTS:
+        raise BundleError(
+            f"{folder / ARRAYS}: the arrays hold {total} elements together, more than "
+            f"{MAX_TOTAL_ELEMENTS}"
+        )
 
 
 def _check_arrays(folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray]) -> None:

@@ -768,3 +768,59 @@ def test_an_unwritable_bundle_folder_is_an_os_error_too() -> None:
     from edge.bundle import UnwritableError
 
     assert issubclass(UnwritableError, BundleError) and issubclass(UnwritableError, OSError)
+
+
+def _forged(out: Path, extra: dict[str, bytes], shapes: dict[str, list[int]]) -> Path:
+    """The demo bundle with extra .npy members (raw bytes, headers as given) listed in its
+    manifest and checksums: what an untrusted bundle may hold."""
+    import hashlib
+    import zipfile
+
+    from edge.bundle import manifest_checksum
+
+    shutil.copytree(DEMO_BUNDLE, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, value in np.load(DEMO_BUNDLE / "arrays.npz").items():
+            npy = io.BytesIO()
+            np.save(npy, value)
+            zf.writestr(f"{name}.npy", npy.getvalue())
+        for name, raw in extra.items():
+            zf.writestr(f"{name}.npy", raw)
+    data = buf.getvalue()
+    (out / "arrays.npz").write_bytes(data)
+    manifest["arrays"] |= shapes
+    manifest["files"]["arrays.npz"] = hashlib.sha256(data).hexdigest()
+    manifest.pop("checksum")
+    manifest["checksum"] = manifest_checksum(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_bundle_s_arrays_are_sized_from_their_headers_before_any_is_read(
+    tmp_path: Path,
+) -> None:
+    """An untrusted bundle of 15 int8 arrays at the per-array bound took 600 MB as float64,
+    past the unit's MemoryMax, and one whose .npy header declared 2**44 elements ended `doctor`
+    in numpy's MemoryError traceback (the security review): both refused with one line."""
+    from edge.bundle import MAX_ARRAY_ELEMENTS
+
+    def npy(value: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        np.save(out, value)
+        return out.getvalue()
+
+    many = {f"pad.a{i}": npy(np.ones(MAX_ARRAY_ELEMENTS // 2, np.int8)) for i in range(3)}
+    big = _forged(tmp_path / "many.bundle", many, {k: [MAX_ARRAY_ELEMENTS // 2] for k in many})
+    with pytest.raises(BundleError, match="elements together, more than"):
+        load_bundle(big)
+    header = io.BytesIO()
+    shape = {"descr": "<f8", "fortran_order": False, "shape": (1 << 44,)}
+    np.lib.format.write_array_header_1_0(header, shape)
+    huge = {"pad.x": header.getvalue() + b"\0" * 64}
+    forged = _forged(tmp_path / "huge.bundle", huge, {"pad.x": [1 << 44]})
+    with pytest.raises(BundleError, match="holds 17592186044416 elements"):
+        load_bundle(forged)
+    proc = cli("doctor", "--model", str(forged), check=False)
+    assert "Traceback" not in proc.stderr and "elements" in proc.stdout + proc.stderr
