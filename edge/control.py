@@ -296,6 +296,10 @@ class Controller:
             if found is None:
                 raise CommandError(f"no bundle named {str(path)!r} in the models folder")
             path = found
+        elif not any(_within(path, folder) for folder in folders):  # before the file system is
+            # asked: a sender learnt whether any path exists ("not usable: No such file" against
+            # "refused"), in the security review
+            raise CommandError(f"model path refused: bundles load only from {where}")
         try:
             real = path.resolve(strict=True)
         except (OSError, RuntimeError) as exc:
@@ -508,6 +512,16 @@ def _holds(path: Path | None, bundle: Bundle) -> bool:
         return read_manifest(path).checksum == bundle.manifest.checksum
     except SoundSentryError:
         return False
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """`path` (absolute) is written inside `folder`, as configured or as it resolves; links are
+    followed after, and must still land inside."""
+    try:
+        resolved = folder.resolve()
+    except (OSError, RuntimeError):
+        resolved = folder
+    return any(path != f and path.is_relative_to(f) for f in (folder, resolved))
 
 
 def _same_path(a: Path | None, b: Path | None) -> bool:

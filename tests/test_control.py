@@ -220,6 +220,9 @@ def _fifo_bundle(root: Path) -> Path:
         ("nonexistent.bundle", "no bundle named"),
         ("../../etc", "bundles load only from"),
         ("a" * 300, "model path not usable"),  # ENAMETOOLONG: a traceback logged as a bug
+        # whether a path outside exists is not told (the security review): both refused alike
+        ("/etc/shadow", "model path refused: bundles load only from"),
+        ("/etc/nonexistent", "model path refused: bundles load only from"),
     ],
 )
 def test_reload_model_only_from_the_models_folders(tmp_path: Path, path: str, reason: str) -> None:
