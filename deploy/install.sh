@@ -303,6 +303,22 @@ print(os.path.join(sys.argv[2], model) if relative else model)' "$CONF_DIR/confi
     "$SERVICE_STATE"
 }
 
+# Runs a command as the service user on this host (not under --root, where the host's users
+# are not the tree's), from /, at most 5 minutes: the checks below read the models and
+# models/history.json of its state folder, which it can write, and root must not parse what a
+# compromised service account left there (the TFLite parser), nor wait for ever on a FIFO it
+# put in a bundle's place (the security review).
+as_service() {
+  if [ -z "$ROOT" ] && getent passwd "$SERVICE_USER" >/dev/null; then
+    local gid
+    gid=$(id -g "$SERVICE_USER")
+    (cd / && exec setpriv --reuid="$SERVICE_USER" --regid="$gid" --init-groups \
+      -- timeout 300 "$@")
+  else
+    timeout 300 "$@"
+  fi
+}
+
 # Every kept config (the single unit's and each instance's) as the new code reads it, and the
 # model bundle each one names (with its [detector] settings, as the daemon builds its pipeline),
 # and the site version the device runs instead of it (a commissioning period, calibrate,
@@ -317,7 +333,7 @@ configs_load() {
     [ -e "$conf" ] || continue
     state=$SERVICE_STATE  # the units' StateDirectory=soundsentry(/%i)
     [ "$(basename "$conf")" = config.toml ] || state="$state/$(basename "$conf" .toml)"
-    STATE_DIRECTORY="$state" HOME=$(service_home) "$VENV/bin/python" -I -c '
+    STATE_DIRECTORY="$state" HOME=$(service_home) as_service "$VENV/bin/python" -I -c '
 import sys
 from pathlib import Path
 from edge.errors import SoundSentryError

@@ -628,3 +628,29 @@ def test_edge_install_resolves_for_aarch64_on_python_3_11_and_3_13() -> None:
         line = next(x for x in proc.stdout.splitlines() if x.startswith(f"cp{version} aarch64"))
         tag = f"cp{version.replace('.', '')}"
         assert re.search(rf"ai_edge_litert-\S+-{tag}-{tag}-manylinux\S+_aarch64\.whl", line), line
+
+
+def test_the_installer_s_model_checks_run_as_the_service_user_on_the_host(tmp_path: Path) -> None:
+    """configs_load ran as root and loaded the bundles and models/history.json of the service's
+    state folder, which the service user can write: root parsed what a compromised service
+    account left there, and waited for ever on a FIFO in a manifest's place (the security
+    review). `as_service` (the function itself, from install.sh) runs them as that user, from
+    /, within 5 minutes; under --root, where the host's users are not the tree's, as is."""
+    import pwd
+
+    function = re.search(r"^as_service\(\) \{.*?^\}$", INSTALL_SH.read_text(), re.M | re.S)
+    assert function is not None
+    user = pwd.getpwnam("nobody")
+
+    def run(root: str) -> subprocess.CompletedProcess[str]:
+        script = f'{function.group(0)}\nSERVICE_USER=nobody ROOT="{root}" as_service sh -c ' \
+            "'echo $(id -u) $(pwd) $WHO'"  # fmt: skip
+        env = {**os.environ, "WHO": "kept"}
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=60)  # fmt: skip
+
+    on_host = run("")
+    assert on_host.returncode == 0, on_host.stderr
+    assert on_host.stdout.split() == [str(user.pw_uid), "/", "kept"]  # its environment kept
+    under_root = run(str(tmp_path / "root"))
+    assert under_root.stdout.split() == [str(os.getuid()), str(tmp_path), "kept"]
