@@ -83,7 +83,8 @@ def _new_chunk(out: Path, stamp: str, index: int) -> Path:
     while True:
         path = out / f"{stamp}-{index:04d}.wav"
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            # 0600, as the daemon's clips: a site's audio may hold speech (the security review)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             return path
         except FileExistsError:
             index += 1
@@ -119,7 +120,8 @@ def _record(
         settings.health.stall_seconds,
         settings.health.reopen_max_seconds,
     )
-    out.mkdir(parents=True, exist_ok=True)  # after the device is found: a typo leaves no folder
+    # after the device is found: a typo leaves no folder; a new one private (0700), as data_dir
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     health = AudioHealth(samplerate, settings.health.fault_seconds, settings.health.clip_fraction)
     total = int(seconds * samplerate)
     per_chunk = int(chunk_seconds * samplerate)

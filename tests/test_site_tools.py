@@ -83,6 +83,9 @@ def test_record_writes_chunked_wavs_of_the_machine(pulse: str, tmp_path: Path) -
         player.kill()
     files = sorted((tmp_path / "rec").glob("*.wav"))
     assert [round(sf.info(str(f)).duration, 1) for f in files] == [2.0, 1.0]
+    # private, as the daemon's clips: a site's audio may hold speech (the security review)
+    assert [f.stat().st_mode & 0o777 for f in files] == [0o600, 0o600]
+    assert (tmp_path / "rec").stat().st_mode & 0o777 == 0o700
     assert all(sf.info(str(f)).samplerate == 16000 for f in files)
     assert "recorded 2 file(s)" in proc.stdout and "dBFS" in proc.stderr
 
