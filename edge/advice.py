@@ -269,3 +269,23 @@ def event_logic_note(manifest: Any, detector: Any) -> str | None:
         f"was set for {own[0]} of {own[1]}: the false alarms a day it predicts do not hold (leave "
         "both out to use the bundle's)"
     )
+
+
+def discovery_note(settings: Any) -> str | None:
+    """A warning when Home Assistant's discovery would announce this device under the node id
+    of another device_id: `pump.3` and `pump_3` share `soundsentry_pump_3` and take over each
+    other's entities, and README alone said so. (A device_id beyond ASCII has a hash added.)"""
+    from edge.topics import Topics, ha_id
+
+    device = settings.device_id
+    if not (settings.mqtt.host and settings.mqtt.discovery and device.isascii()):
+        return None
+    shared = ha_id(device)
+    if shared == device:
+        return None
+    node = Topics(settings.mqtt.prefix, device, settings.mqtt.discovery_prefix).ha_node
+    return (
+        f"device_id {device!r} is announced to Home Assistant as node {node}, as device_id "
+        f"{shared!r} would be: two such devices share one set of entities (a device_id of "
+        "letters, digits, _ and - has a node of its own)"
+    )

@@ -1018,10 +1018,11 @@ def _settings_from(args: argparse.Namespace, model: Path | None) -> Any:
 
 def _warn_at_start(bundle: Any, settings: Any, listening: bool) -> None:
     """What the settings do to the bundle that it was not made for: another K of N than its
-    threshold was set for, and, for the microphone (`listening`), another channel."""
-    from edge.advice import channel_note, event_logic_note
+    threshold was set for, and, for the microphone (`listening`), another channel; and a
+    device_id that Home Assistant's discovery would confuse with another."""
+    from edge.advice import channel_note, discovery_note, event_logic_note
 
-    notes = [event_logic_note(bundle.manifest, settings.detector)]
+    notes = [event_logic_note(bundle.manifest, settings.detector), discovery_note(settings)]
     if listening:  # a replay reads the channel the model was fitted on by default
         notes.append(channel_note(bundle.manifest, settings.audio.channel))
     for note in notes:

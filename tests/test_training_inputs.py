@@ -675,3 +675,26 @@ def test_a_config_s_k_of_n_other_than_the_bundle_s_is_warned_of(tmp_path: Path) 
     assert "soundsentry: [detector] trigger_windows / trigger_of run 2 of 5" in proc.stderr, (
         proc.stderr
     )
+
+
+def test_a_device_id_home_assistant_would_confuse_with_another_is_warned_of(
+    tmp_path: Path,
+) -> None:
+    """`pump.3` and `pump_3` are one node in Home Assistant's discovery and take over each
+    other's entities; README alone said so. `run` and `replay` say it at the start."""
+    from edge.advice import discovery_note
+    from edge.settings import Settings
+
+    def note(device: str, **mqtt: object) -> str | None:
+        return discovery_note(Settings(device_id=device, mqtt={"host": "broker", **mqtt}))
+
+    said = note("pump.3")
+    assert said and "node soundsentry_pump_3, as device_id 'pump_3' would be" in said
+    assert note("pump_3") is None and note("pump-3") is None
+    assert note("pump.3", discovery=False) is None and note("насос.1") is None  # hashed
+    assert discovery_note(Settings(device_id="pump.3")) is None  # no broker: no discovery
+    config = tmp_path / "dotted.toml"
+    config.write_text(f'device_id = "pump.3"\ndata_dir = "{tmp_path / "data"}"\n'
+                      '[mqtt]\nhost = "127.0.0.1"\nport = 9\n')  # fmt: skip
+    proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(config))
+    assert "device_id 'pump.3' is announced to Home Assistant as node" in proc.stderr
