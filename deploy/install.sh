@@ -304,19 +304,26 @@ print(os.path.join(sys.argv[2], model) if relative else model)' "$CONF_DIR/confi
 }
 
 # Runs a command as the service user on this host (not under --root, where the host's users
-# are not the tree's), from /, at most 5 minutes: the checks below read the models and
-# models/history.json of its state folder, which it can write, and root must not parse what a
-# compromised service account left there (the TFLite parser), nor wait for ever on a FIFO it
-# put in a bundle's place (the security review).
+# are not the tree's), from /, with no input, stopped after 5 minutes by a timeout of root's
+# (one of the service user's own could be stopped by it; the diff review): the checks below read
+# the models and models/history.json of its state folder, which it can write, and root must not
+# parse what a compromised service account left there (the TFLite parser), nor wait for ever on
+# a FIFO it put in a bundle's place (the security review). The Python checks leave the
+# terminal's session first (os.setsid): no keystrokes typed into root's shell (TIOCSTI).
 as_service() {
+  local rc=0
   if [ -z "$ROOT" ] && getent passwd "$SERVICE_USER" >/dev/null; then
     local gid
     gid=$(id -g "$SERVICE_USER")
-    (cd / && exec setpriv --reuid="$SERVICE_USER" --regid="$gid" --init-groups \
-      -- timeout 300 "$@")
+    (cd / && exec timeout -k 10 300 setpriv --reuid="$SERVICE_USER" --regid="$gid" \
+      --init-groups -- "$@" </dev/null) || rc=$?
   else
-    timeout 300 "$@"
+    timeout -k 10 300 "$@" </dev/null || rc=$?
   fi
+  if ((rc == 124 || rc == 137)); then
+    say "a check of the kept configs and models did not end within 5 minutes, and was stopped"
+  fi
+  return "$rc"
 }
 
 # Every kept config (the single unit's and each instance's) as the new code reads it, and the
@@ -334,14 +341,22 @@ configs_load() {
     state=$SERVICE_STATE  # the units' StateDirectory=soundsentry(/%i)
     [ "$(basename "$conf")" = config.toml ] || state="$state/$(basename "$conf" .toml)"
     STATE_DIRECTORY="$state" HOME=$(service_home) as_service "$VENV/bin/python" -I -c '
-import sys
+import os, pwd, sys
+try:
+    os.setsid()  # no controlling terminal: nothing typed into root'"'"'s shell (TIOCSTI)
+except OSError:
+    pass
 from pathlib import Path
 from edge.errors import SoundSentryError
 from edge.settings import load_settings
-import os
 conf, root, state = sys.argv[1], sys.argv[2], sys.argv[3]
 for name in [n for n in os.environ if n.startswith("SOUNDSENTRY_")]:
     del os.environ[name]  # the installer'"'"'s own: the service does not have them
+who = pwd.getpwuid(os.getuid()).pw_name
+if not os.access(conf, os.R_OK):  # root'"'"'s alone (0600): no unit of it can start either
+    print(f"{conf}: not readable by {who}, so no service can use it: not checked",
+          file=sys.stderr)
+    sys.exit(0)
 try:
     s = load_settings(conf)
 except SoundSentryError as exc:
@@ -349,7 +364,12 @@ except SoundSentryError as exc:
     sys.exit(said if conf in said else f"{conf}: {said}")
 # a relative path as the service reads it: from its working folder (its state folder)
 model = s.model and Path(root + str(Path(state) / s.model))
-if model is not None and Path(model).exists():
+try:
+    there = model is not None and Path(model).exists()
+except PermissionError:  # a folder the service cannot enter (a home folder of 0700)
+    sys.exit(f"{conf}: model {s.model}: {who} cannot reach it (a folder it may not enter); "
+             "copy the bundle under /var/lib/soundsentry/models")
+if there:
     from edge.bundle import load_bundle
     from edge.pipeline import Pipeline
     try:

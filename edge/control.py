@@ -297,8 +297,9 @@ class Controller:
                 raise CommandError(f"no bundle named {str(path)!r} in the models folder")
             path = found
         elif not any(_within(path, folder) for folder in folders):  # before the file system is
-            # asked: a sender learnt whether any path exists ("not usable: No such file" against
-            # "refused"), in the security review
+            # asked whether it exists: a sender learnt whether any path does ("not usable: No
+            # such file" against "refused", in the security review); a link to a models folder
+            # still leads there (resolved without needing the path to exist)
             raise CommandError(f"model path refused: bundles load only from {where}")
         try:
             real = path.resolve(strict=True)
@@ -515,13 +516,14 @@ def _holds(path: Path | None, bundle: Bundle) -> bool:
 
 
 def _within(path: Path, folder: Path) -> bool:
-    """`path` (absolute) is written inside `folder`, as configured or as it resolves; links are
-    followed after, and must still land inside."""
+    """`path` (absolute) lies inside `folder`, as written or with the links of both followed
+    as far as they exist (a path that does not exist resolves as written: whether it exists is
+    not told); the strict resolve after must still land inside."""
     try:
-        resolved = folder.resolve()
-    except (OSError, RuntimeError):
-        resolved = folder
-    return any(path != f and path.is_relative_to(f) for f in (folder, resolved))
+        paths, folders = {path, path.resolve()}, {folder, folder.resolve()}
+    except (OSError, RuntimeError):  # a loop of links: as written
+        paths, folders = {path}, {folder}
+    return any(p != f and p.is_relative_to(f) for p in paths for f in folders)
 
 
 def _same_path(a: Path | None, b: Path | None) -> bool:

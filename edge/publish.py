@@ -62,7 +62,7 @@ from edge.messages import (
 )
 from edge.settings import MqttSettings, mqtt_password
 from edge.spool import Spool, Spooled
-from edge.topics import HA_PREFIX, Topics
+from edge.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -143,19 +143,18 @@ KEEPALIVE_TIMEOUT = 0x8D
 
 
 def _reply_topic_refusal(topic: str, correlation: bytes | None, topics: Topics) -> str | None:
-    """Why a command's MQTT 5 response topic is not written to (None: it may be)."""
+    """Why a command's MQTT 5 response topic is not written to (None: it may be). Only the
+    device's own `response` and the topics below it: anywhere else the device would write, with
+    its credentials, where whoever may command it chose (another device's state, Home
+    Assistant's discovery, another system's command topic: the diff review), and those are the
+    only ones the fleet ACL (deploy/mosquitto/acl) gives it for replies anyway."""
     if len(topic.encode()) > MAX_REPLY_BYTES or len(correlation or b"") > MAX_REPLY_BYTES:
         return f"it or its correlation data is over {MAX_REPLY_BYTES} bytes"
-    if "+" in topic or "#" in topic or topic.startswith("$") or "\x00" in topic:
-        return "a wildcard, `$` or NUL topic"
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        return "a wildcard or NUL topic"
     if topic == topics.response or topic.startswith(f"{topics.response}/"):
-        return None  # where the fleet ACL (deploy/mosquitto/acl) lets a device write
-    read = (topics.prefix, topics.ha_prefix, HA_PREFIX)  # HA's birth topic stays homeassistant/
-    if topic.startswith(tuple(f"{r}/" for r in read)) or topic in read:
-        return (
-            f"under {topics.prefix}/ or {topics.ha_prefix}/, where devices and Home Assistant read"
-        )
-    return None
+        return None
+    return f"replies go to {topics.response} or a topic below it"
 
 
 def _duration(seconds: float) -> str:
@@ -574,7 +573,14 @@ class MqttPublisher:
         for m, size in zip(taken, sizes, strict=True):
             if m.mid not in spooled and not m.retain and m.qos and size <= limit:
                 properties = getattr(m, "properties", None)  # a reply's Correlation Data
-                self._publish(m.topic, m.payload.decode(), qos=m.qos, properties=properties)
+                reply = m.topic.startswith(f"{self.topics.response}/")
+                self._publish(
+                    m.topic,
+                    m.payload.decode(),
+                    qos=m.qos,
+                    properties=properties,
+                    label=REPLY_LABEL if reply else None,
+                )
         self._wake.set()
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
@@ -649,11 +655,9 @@ class MqttPublisher:
 
     def _reply_to(self, msg: mqtt.MQTTMessage) -> ReplyTo | None:
         """Where an MQTT 5 command asks for its reply (Response Topic, Correlation Data), if it
-        does and the topic is one this device may write to for a reply: not a wildcard or `$`
-        topic, and nothing under the discovery prefix or the `{prefix}/` of the devices but this
-        device's own `response` and the topics below it (a reply there would stand in for
-        another device's state, or Home Assistant's entities). A refused one is logged once,
-        and the reply goes to `response` alone."""
+        does and the topic is this device's `response` or below it (`_reply_topic_refusal`). A
+        refused one is logged once (REPLY_TOPICS_WARNED of them), and the reply goes to
+        `response` alone."""
         props = getattr(msg, "properties", None)
         topic = getattr(props, "ResponseTopic", None)
         if not topic:
@@ -665,7 +669,7 @@ class MqttPublisher:
         if refusal is None:
             return ReplyTo(topic, correlation)
         warned, key = self._reply_topics_warned, hashlib.sha256(topic.encode()).digest()
-        if key in warned or len(warned) > REPLY_TOPICS_WARNED:
+        if key in warned or len(warned) >= REPLY_TOPICS_WARNED:
             return None
         warned.add(key)
         shown = topic if len(topic) <= 120 else f"{topic[:120]}... ({len(topic)} characters)"
@@ -675,7 +679,7 @@ class MqttPublisher:
             refusal,
             self.topics.response,
             "; more refused response topics are not logged until a restart"
-            if len(warned) > REPLY_TOPICS_WARNED
+            if len(warned) == REPLY_TOPICS_WARNED
             else "",
         )
         return None

@@ -824,3 +824,9 @@ def test_a_bundle_s_arrays_are_sized_from_their_headers_before_any_is_read(
         load_bundle(forged)
     proc = cli("doctor", "--model", str(forged), check=False)
     assert "Traceback" not in proc.stderr and "elements" in proc.stdout + proc.stderr
+    negative = io.BytesIO()  # a negative size lowered the total (the diff review)
+    np.lib.format.write_array_header_1_0(negative, {**shape, "shape": (-(1 << 30),)})
+    bad = {**many, "pad.n": negative.getvalue()}
+    sizes = {**{k: [MAX_ARRAY_ELEMENTS // 2] for k in many}, "pad.n": [-(1 << 30)]}
+    with pytest.raises(BundleError, match=r"pad.n.npy has shape \(-1073741824,\)"):
+        load_bundle(_forged(tmp_path / "negative.bundle", bad, sizes))

@@ -234,6 +234,22 @@ def test_reload_model_only_from_the_models_folders(tmp_path: Path, path: str, re
     assert d.bundle.model_id == load_bundle(DEMO_BUNDLE).model_id
 
 
+def test_reload_model_by_a_link_to_the_models_folder_still_loads(tmp_path: Path) -> None:
+    """The check that refuses paths outside before asking whether they exist took a link to
+    the models folder (`/srv/models` -> the state folder's) for outside (the diff review)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(AE_BUNDLE, models / "ae.bundle")
+    (tmp_path / "alias").symlink_to(models)
+    d, _ = detector(tmp_path, models_dir=models)
+    path = tmp_path / "alias" / "ae.bundle"
+    reply = Controller(d).handle_payload(
+        json.dumps({"command": "reload_model", "path": str(path)}).encode()
+    )
+    assert reply.ok, reply.detail
+    assert d.bundle.model_id == load_bundle(AE_BUNDLE).model_id
+
+
 def test_reload_model_by_name_and_crafted_bundles_keep_the_running_model(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()

@@ -13,6 +13,8 @@ import sqlite3
 import stat
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -211,8 +213,10 @@ def test_an_mqtt5_command_is_answered_at_its_response_topic_with_its_correlation
     """Node-RED's MQTT 5 request/response (and any MQTT 5 client's) sets a Response Topic and
     Correlation Data on the command and waits for a reply there: it got none, the reply went to
     `response` alone (the HA / Node-RED review). Now the reply goes there too, with the
-    correlation data; a response topic where devices and Home Assistant read (another device's
-    state, a discovery config) is refused, said once, and answered on `response` only."""
+    correlation data. Only `response` and the topics below it are taken: elsewhere (another
+    device's state, a discovery config, another system's command topic) the device would write
+    with its credentials where whoever may command it chose; refused, said once, and answered
+    on `response` only."""
     audio = faulty_audio(tmp_path / "long.wav", faults=30)
     sub = Subscriber(broker.port, "soundsentry/hard/#")
     flow = Requester(broker.port, ["flows/#", "soundsentry/#", "homeassistant/#"])
@@ -225,15 +229,16 @@ def test_an_mqtt5_command_is_answered_at_its_response_topic_with_its_correlation
     proc = start(tmp_path, broker, audio, log)
     try:
         wait_for(lambda: any(m.payload == "online" for m in sub.on("/availability")), 60, "online")
-        ask({"command": "status", "id": "q1"}, "flows/replies/7", b"\x00corr-7")
-        ask({"command": "mute", "minutes": "x", "id": "q2"}, "flows/replies/8", b"corr-8")
-        wait_for(lambda: on("flows/replies/8", "q2"), 15, "the rejection at its response topic")
-        wait_for(lambda: on("flows/replies/7", "q1"), 15, "the reply at its response topic")
-        (_, reply, correlation), *more = on("flows/replies/7", "q1")
+        mine = "soundsentry/hard/response"
+        ask({"command": "status", "id": "q1"}, f"{mine}/7", b"\x00corr-7")
+        ask({"command": "mute", "minutes": "x", "id": "q2"}, f"{mine}/8", b"corr-8")
+        wait_for(lambda: on(f"{mine}/8", "q2"), 15, "the rejection at its response topic")
+        wait_for(lambda: on(f"{mine}/7", "q1"), 15, "the reply at its response topic")
+        (_, reply, correlation), *more = on(f"{mine}/7", "q1")
         assert not more and correlation == b"\x00corr-7"
         assert reply["ok"] and reply["command"] == "status" and "status" in reply
         assert on("soundsentry/hard/response", "q1"), "response still has every reply"
-        (_, rejected, correlation), *_ = on("flows/replies/8", "q2")
+        (_, rejected, correlation), *_ = on(f"{mine}/8", "q2")
         assert not rejected["ok"] and correlation == b"corr-8"
         # its own `response` asked for: one reply there, with the correlation data
         ask({"command": "status", "id": "q3"}, "soundsentry/hard/response", b"c3")
@@ -242,18 +247,16 @@ def test_an_mqtt5_command_is_answered_at_its_response_topic_with_its_correlation
         wait_for(lambda: on("soundsentry/hard/response/f", "q4"), 15, "the reply below response")
         assert [g[2] for g in on("soundsentry/hard/response", "q3")] == [b"c3"]  # (the ACL's)
         # where other devices and Home Assistant read: refused, answered on response only
-        for i, bad in enumerate(["soundsentry/pump/state", "homeassistant/sensor/x/config"]):
+        outside = ["soundsentry/pump/state", "homeassistant/sensor/x/config", "flows/plug/set"]
+        for i, bad in enumerate(outside):
             ask({"command": "status", "id": f"b{i}"}, bad, b"x")
             ask({"command": "status", "id": f"b{i}"}, bad, b"x")  # said once
-        wait_for(lambda: on("soundsentry/hard/response", "b1"), 15, "the refused ones answered")
+        wait_for(lambda: on("soundsentry/hard/response", "b2"), 15, "the refused ones answered")
         text = log.read_text()
         assert text.count("response topic 'soundsentry/pump/state' is refused") == 1, text
         assert text.count("response topic 'homeassistant/sensor/x/config' is refused") == 1
-        assert not [
-            g
-            for g in flow.got
-            if g[0] in ("soundsentry/pump/state", "homeassistant/sensor/x/config")
-        ]
+        assert text.count("response topic 'flows/plug/set' is refused") == 1
+        assert not [g for g in flow.got if g[0] in outside]
         assert proc.poll() is None
     finally:
         proc.kill()
@@ -262,59 +265,98 @@ def test_an_mqtt5_command_is_answered_at_its_response_topic_with_its_correlation
         sub.close()
 
 
-def test_under_the_fleet_acl_replies_go_below_response_and_refusals_are_one_line(
-    tmp_path: Path,
-) -> None:
-    """Under deploy/mosquitto/acl a device may write below its own topics only: a requester's
-    response topic elsewhere was refused by the broker, and each new one was an ERROR line
-    (advising to change the device's ACL) and a key kept for good; a topic or correlation data
-    of 60 KB was kept by every shed command (170 MB, in a review). Now refusals of replies are
-    one line for all topics, saying where to ask; topics over 1 KB are not taken."""
+@dataclass
+class AclDevice:
+    """A daemon logged in as `pi-01` under an ACL, and a consumer's MQTT 5 requester."""
+
+    flow: Requester
+    log: Path
+    proc: subprocess.Popen[str]
+
+    def ask(self, cid: str, response_topic: str, correlation: bytes = b"c") -> None:
+        payload = {"command": "status", "id": cid}
+        self.flow.ask("soundsentry/pi-01/set", payload, response_topic, correlation)
+
+    def got(self) -> list[tuple[str, str | None, bytes | None]]:
+        return [(topic, reply.get("id"), c) for topic, reply, c in list(self.flow.got)]
+
+
+@contextmanager
+def acl_device(here: Path, acl: Path) -> Iterator[AclDevice]:
+    """`replay` as device pi-01 on a broker with `acl` (and its users), up and publishing."""
     from conftest import broker_with_example_acl
 
-    broker = broker_with_example_acl(tmp_path, {"pi-01": "pi-01-pw", "consumer": "consumer-pw"})
-    secret = tmp_path / "pi-01.pw"
+    users = {"pi-01": "pi-01-pw", "consumer": "consumer-pw"}
+    broker = broker_with_example_acl(here, users, acl)
+    secret = here / "pi-01.pw"
     secret.write_text("pi-01-pw\n")
-    config = write_config(tmp_path, "pi-01", broker.port, extra="state_interval_seconds = 1",
+    config = write_config(here, "pi-01", broker.port, extra="state_interval_seconds = 1",
                           mqtt=f'username = "pi-01"\npassword_file = "{secret}"\n')  # fmt: skip
     flow = Requester(broker.port, ["soundsentry/#"], login=("consumer", "consumer-pw"))
-
-    def ask(cid: str, response_topic: str, correlation: bytes = b"c") -> None:
-        payload = {"command": "status", "id": cid}
-        flow.ask("soundsentry/pi-01/set", payload, response_topic, correlation)
-
-    def got() -> list[tuple[str, str | None, bytes | None]]:
-        return [(topic, reply.get("id"), c) for topic, reply, c in list(flow.got)]
-
-    log = tmp_path / "daemon.log"
-    audio = faulty_audio(tmp_path / "long.wav", faults=30)
+    log = here / "daemon.log"
+    audio = faulty_audio(here / "long.wav", faults=30)
     proc = daemon("replay", str(DEMO_BUNDLE), str(audio), "--realtime", "--config", str(config),
                   stdout=log.with_suffix(".events"), stderr=log)  # fmt: skip
+    device = AclDevice(flow, log, proc)
     try:
-        wait_for(lambda: any(g[0].endswith("/state") for g in got()), 60, "the device up")
-        for i in range(20):
-            ask(f"f{i}", f"flows/replies/{i}")  # refused by the broker's ACL
-        ask("long", "x" * 2000)  # not taken: over 1 KB
-        ask("big", "soundsentry/pi-01/response/big", b"x" * 2000)
-        ask("below", "soundsentry/pi-01/response/node-red", b"\x01below")
-        below = ("soundsentry/pi-01/response/node-red", "below", b"\x01below")
-        wait_for(lambda: below in got(), 20, "the reply below response, with its correlation data")
-        answered = {cid for topic, cid, _ in got() if topic == "soundsentry/pi-01/response"}
-        assert {f"f{i}" for i in range(20)} | {"long", "big", "below"} <= answered
-        assert not [g for g in got() if g[1] == "big" and g[0].endswith("/big")]
-        text = log.read_text()
-        refusals = [line for line in text.splitlines() if "the broker refused" in line]
-        assert len(refusals) == 1, refusals
-        assert "on a command's response topic" in refusals[0]
-        assert "soundsentry/pi-01/response" in refusals[0]
-        assert text.count("is over 1024 bytes") == 2, text
-        assert "x" * 200 not in text  # a long topic is shortened in the log
+        wait_for(lambda: any(g[0].endswith("/state") for g in device.got()), 60, "the device up")
+        yield device
         assert proc.poll() is None
     finally:
         proc.kill()
         proc.wait(10)
         flow.close()
         broker.stop()
+
+
+FLEET_ACL = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "acl"
+
+
+def test_replies_a_broker_refuses_are_one_log_line_and_big_addresses_are_not_taken(
+    tmp_path: Path,
+) -> None:
+    """A broker that refuses the replies (an ACL that gives the device its own topics, none
+    below them): each new response topic was an ERROR line (advising to change the device's
+    ACL) and a key kept for good; a topic or correlation data of 60 KB was kept by every shed
+    command (170 MB, in a review). Now refused replies are one line for all topics, saying
+    where to ask; topics or correlation data over 1 KB are not taken."""
+    example = FLEET_ACL.read_text()
+    assert "pattern write soundsentry/%u/#\n" in example
+    flat = tmp_path / "flat.acl"  # the device's own topics, nothing below them
+    flat.write_text(example.replace("pattern write soundsentry/%u/#\n",
+                                    "pattern write soundsentry/%u/+\n"))  # fmt: skip
+    with acl_device(tmp_path, flat) as device:
+        for i in range(20):
+            device.ask(f"f{i}", f"soundsentry/pi-01/response/f{i}")  # refused by the broker
+        device.ask("long", "soundsentry/pi-01/response/" + "x" * 2000)  # over 1 KB: not taken
+        device.ask("big", "soundsentry/pi-01/response/big", b"x" * 2000)
+        wanted = {f"f{i}" for i in range(20)} | {"long", "big"}
+
+        def answered() -> set[str | None]:
+            return {c for t, c, _ in device.got() if t == "soundsentry/pi-01/response"}
+
+        wait_for(lambda: wanted <= answered(), 20, "every reply on response")
+        said = "on a command's response topic"
+        wait_for(lambda: said in device.log.read_text(), 20, "the broker's refusal logged")
+        text = device.log.read_text()
+        refusals = [line for line in text.splitlines() if "the broker refused" in line]
+        assert len(refusals) == 1 and said in refusals[0], refusals
+        assert "still go to soundsentry/pi-01/response" in refusals[0]
+        assert text.count("is over 1024 bytes") == 2, text
+        assert "x" * 200 not in text  # a long topic is shortened in the log
+        assert not [g for g in device.got() if g[1] == "big" and g[0].endswith("/big")]
+
+
+def test_the_fleet_acl_takes_replies_below_response_with_their_correlation_data(
+    tmp_path: Path,
+) -> None:
+    """deploy/mosquitto/acl lets a device write below its own topics: a Node-RED flow that
+    asks for its replies below `response` gets them, with its correlation data."""
+    with acl_device(tmp_path, FLEET_ACL) as device:
+        device.ask("below", "soundsentry/pi-01/response/node-red", b"\x01below")
+        below = ("soundsentry/pi-01/response/node-red", "below", b"\x01below")
+        wait_for(lambda: below in device.got(), 20, "the reply below response, with its data")
+        assert "the broker refused" not in device.log.read_text()
 
 
 # --- the spool under a full disk and after months of message ids -----------------------------

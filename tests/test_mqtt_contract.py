@@ -848,7 +848,8 @@ def test_a_command_message_beyond_the_inbound_limit_never_reaches_the_device(
 @pytest.mark.parametrize(
     ("topic", "refused"),
     [
-        ("nodered/replies/7", False),
+        ("nodered/replies/7", True),  # another system's: the device would write there for
+        ("zigbee2mqtt/plug/set", True),  # whoever may command it (the diff review)
         ("soundsentry/pump-3/response", False),
         ("soundsentry/pump-3/response/flow", False),
         ("soundsentry/pump-3/responsex", True),  # not below response
@@ -865,10 +866,12 @@ def test_a_command_message_beyond_the_inbound_limit_never_reaches_the_device(
 def test_a_response_topic_where_devices_or_home_assistant_read_is_refused(
     topic: str, refused: bool
 ) -> None:
-    """A reply there would stand in for another device's state or an HA entity; with the
-    discovery prefix moved, `homeassistant/status` (which every device reads) was taken."""
+    """Only `response` and below: elsewhere a reply would stand in for another device's state,
+    an HA entity or another system's command; with the discovery prefix moved,
+    `homeassistant/status` (which every device reads) was taken."""
     from edge.publish import _reply_topic_refusal
 
     topics = Topics("soundsentry", "pump-3", "ha")
     assert (_reply_topic_refusal(topic, b"c", topics) is not None) == refused
-    assert _reply_topic_refusal("flows/x", b"c" * 1025, topics) is not None  # its correlation
+    big = b"c" * 1025  # its correlation data
+    assert _reply_topic_refusal("soundsentry/pump-3/response/x", big, topics) is not None
