@@ -875,3 +875,27 @@ def test_a_response_topic_where_devices_or_home_assistant_read_is_refused(
     assert (_reply_topic_refusal(topic, b"c", topics) is not None) == refused
     big = b"c" * 1025  # its correlation data
     assert _reply_topic_refusal("soundsentry/pump-3/response/x", big, topics) is not None
+
+
+def test_refused_response_topics_are_logged_once_each_up_to_64_then_said_no_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused response topic was a line of its own, without end (and 65 where README
+    says 64: the diff review); the 64th says that no more are logged."""
+    from types import SimpleNamespace
+
+    from edge.publish import REPLY_TOPICS_WARNED
+
+    spool = Spool(tmp_path / "spool.sqlite")
+    topics = Topics("soundsentry", "pump-3")
+    publisher = MqttPublisher(MqttSettings(host="127.0.0.1"), topics, "t", spool)
+    try:
+        for i in range(REPLY_TOPICS_WARNED + 10):
+            for _ in range(2):  # the same topic twice: said once
+                props = SimpleNamespace(ResponseTopic=f"elsewhere/{i}", CorrelationData=b"c")
+                assert publisher._reply_to(SimpleNamespace(properties=props)) is None
+    finally:
+        spool.close()
+    said = [r.getMessage() for r in caplog.records if "response topic" in r.getMessage()]
+    assert len(said) == REPLY_TOPICS_WARNED
+    assert [("not logged until a restart" in line) for line in said] == [False] * 63 + [True]
