@@ -16,6 +16,11 @@ from edge.errors import BundleError
 
 log = logging.getLogger(__name__)
 
+MAX_TENSOR_BYTES = 64 * 1024 * 1024
+"""The bytes of all a model's tensors together, from its own shapes, before they are allocated:
+a detector's network takes well under 1 MB (the autoencoder's 46 tensors: 130 KB), and a model
+that declares a tensor of gigabytes would take the Pi's memory (the security review)."""
+
 
 def _interpreter_class() -> Any:
     """LiteRT's Interpreter, or tflite-runtime's where LiteRT is not installed."""
@@ -68,6 +73,7 @@ class TfliteModel:
         try:
             with _quiet_stderr():
                 self._interp = cls(model_content=content, num_threads=num_threads)
+                _check_tensor_bytes(self._interp, name)
                 self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             said = _first_line(exc)
@@ -101,6 +107,20 @@ class TfliteModel:
         self._interp.invoke()
         y = self._interp.get_tensor(self._out["index"])
         return self.output_quant.dequantize(y) if self.output_quant else y.astype(np.float32)
+
+
+def _check_tensor_bytes(interp: Any, name: str) -> None:
+    """Refuse a model whose tensors, as its shapes declare them, would take more than
+    MAX_TENSOR_BYTES (checked before `allocate_tensors`)."""
+    total = 0
+    for tensor in interp.get_tensor_details():
+        size = int(np.prod([max(int(d), 0) for d in tensor["shape"]], dtype=np.float64))
+        total += size * np.dtype(tensor["dtype"]).itemsize
+    if total > MAX_TENSOR_BYTES:
+        raise BundleError(
+            f"{name}: its tensors would take {total / 2**20:.0f} MB, more than a detector's "
+            f"network ever needs ({MAX_TENSOR_BYTES // 2**20} MB); refused"
+        )
 
 
 def _quant(detail: dict[str, Any]) -> Quantization | None:

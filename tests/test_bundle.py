@@ -830,3 +830,28 @@ def test_a_bundle_s_arrays_are_sized_from_their_headers_before_any_is_read(
     sizes = {**{k: [MAX_ARRAY_ELEMENTS // 2] for k in many}, "pad.n": [-(1 << 30)]}
     with pytest.raises(BundleError, match=r"pad.n.npy has shape \(-1073741824,\)"):
         load_bundle(_forged(tmp_path / "negative.bundle", bad, sizes))
+
+
+def test_a_model_that_declares_gigabytes_of_tensors_is_refused_before_allocating(
+    tmp_path: Path,
+) -> None:
+    """An untrusted bundle's .tflite can declare tensors of any size, and `allocate_tensors`
+    took the memory at once (untested, said the security review): the bytes its shapes declare
+    are counted first. A broadcast to 2**28 floats (1 GB) in a model of a few hundred bytes."""
+    import tensorflow as tf
+
+    from edge.runtime import TfliteModel
+
+    @tf.function(input_signature=[tf.TensorSpec([1], tf.float32)])
+    def wide(x: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(tf.broadcast_to(x, [1 << 28]), keepdims=True)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [wide.get_concrete_function()], wide
+    )
+    content = converter.convert()
+    assert len(content) < 100_000
+    with pytest.raises(BundleError, match=r"its tensors would take 1024 MB, more than"):
+        TfliteModel(content, name="wide.tflite")
+    small = TfliteModel((AE_BUNDLE / "model_int8.tflite").read_bytes())  # a real one loads
+    assert small.input_shape
