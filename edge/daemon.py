@@ -245,7 +245,7 @@ class Detector:
         """Seconds of windows judged in a row."""
         self._band_sum: np.ndarray | None = None
         self._band_n = 0
-        self.clip_url: Callable[[str], str] | None = None
+        self.clip_url: Callable[[str], str | None] | None = None
         """Gives the URL a clip is served at (set when the dashboard runs)."""
         rate = bundle.features.samplerate
         h = settings.health

@@ -75,7 +75,7 @@ def run_detector(
         dashboard = None
         try:  # what fails here fails the start: the dashboard's port or token, the broker's
             dashboard = _dashboard(settings)  # TLS or password files; bound first
-            page = dashboard.base_url() if dashboard is not None else None
+            page = dashboard.page_url() if dashboard is not None else None
             client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
             logged = _logged_events(settings.data_dir)
             publisher = (

@@ -570,6 +570,43 @@ def test_the_page_comes_once_its_port_is_free(
     assert not dashboard._thread.is_alive()
 
 
+def test_a_page_whose_port_another_holds_gives_no_links_until_it_has_the_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two daemons on one Pi with the same [web] port: the second's events carried clip links
+    to the first one's page (a 404 there) and its Home Assistant device linked to that page
+    (the two-machines review). No links while another holds the port; once it is free, the
+    clips' links are the page's own."""
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web import server
+
+    monkeypatch.setattr(server, "BIND_RETRY_S", 0.1)
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    port = free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    web = {"enabled": True, "port": port, "token_file": token,
+           "public_url": "https://fan.example/"}  # fmt: skip
+    settings = Settings(data_dir=tmp_path, web=web)
+    dashboard = server.Dashboard(settings)
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [])
+    try:
+        dashboard.start(detector, lambda _: None)
+        assert detector.clip_url is not None and detector.clip_url("a.wav") is None
+        assert dashboard.page_url() is None  # what discovery links Home Assistant to
+        taken.close()
+        wait_for(lambda: dashboard.page_url(), 10, "the page on the freed port")
+        assert dashboard.page_url() == "https://fan.example"
+        assert (detector.clip_url("a.wav") or "").startswith("https://fan.example/clips/a.wav?key=")
+    finally:
+        taken.close()
+        dashboard.stop()
+
+
 def test_a_connection_that_says_nothing_gives_its_thread_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

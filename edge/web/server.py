@@ -238,8 +238,17 @@ class Dashboard:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
-    def clip_url(self, name: str) -> str:
-        """The stable URL of a clip (with its key when a token guards the dashboard)."""
+    def page_url(self) -> str | None:
+        """`base_url` while this page holds its port; None while another holds it: the links
+        of a second instance whose [web] port was taken led to the first one's page (the fan's
+        clips 404 there, Home Assistant's link to the fan opened the pump's page: a review)."""
+        return self.base_url() if self._server is not None else None
+
+    def clip_url(self, name: str) -> str | None:
+        """The stable URL of a clip (with its key when a token guards the dashboard), while
+        this page is served (`page_url`)."""
+        if self._server is None:
+            return None
         return f"{self.base_url() or self._listen_url()}/{self._clip_path(name)}"
 
     def _clip_path(self, name: str) -> str:
