@@ -173,7 +173,11 @@ class MicSource:
                 "(the model's rate, or record's --samplerate): use another input, or set "
                 f"audio.samplerate to a rate of {self.model_rate} Hz or more that it supports"
             )
-        log.info("capture: device %r at %d Hz, %d channel(s)", info["name"], rate, self.channels)
+        heard = "their average" if self.settings.channel < 0 else f"channel {self.settings.channel}"
+        log.info(
+            "capture: device %r at %d Hz, %d channel(s), hearing %s",
+            info["name"], rate, self.channels, heard,
+        )  # fmt: skip
         return device, rate
 
     def _channels(self, sd: Any, device: int | str | None, info: Any) -> int:
@@ -191,10 +195,19 @@ class MicSource:
                 refusals.append(" ".join(str(exc).split()))
                 continue
             if self.settings.channel >= channels:  # before a warning that says it takes it
+                heard = self.settings.channel
+                # a device that offers more than [audio] channels opens: the setting is what
+                # is short (two machines on the two channels of one microphone; a review)
+                more = offered > heard and channels == wanted
                 raise CaptureError(
-                    f"channel {self.settings.channel} ([audio] channel, or --channel) is not "
-                    f"among the {channels} channel(s) of {info['name']!r} (0-based; -1 averages "
-                    "them)"
+                    f"channel {heard} ([audio] channel, or --channel) is not among the "
+                    f"{channels} channel(s) "
+                    + (
+                        f"opened on {info['name']!r} ([audio] channels = {wanted}, of the "
+                        f"{offered} it offers): set [audio] channels = {heard + 1}"
+                        if more
+                        else f"of {info['name']!r} (0-based; -1 averages them)"
+                    )
                 )
             if channels != wanted:
                 log.warning(

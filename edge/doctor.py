@@ -338,17 +338,23 @@ def check_audio_device(s: Settings) -> Check:
     try:
         src = MicSource(s.audio, _model_rate(s))
     except CaptureError as exc:
+        said = str(exc)
+        channel = "[audio] channel" in said  # the device was found: its channels are short
         return _held_by_service("audio device") or Check(
             "audio device",
             False,
-            str(exc),
-            "`soundsentry devices` lists the inputs; set [audio] device to part of the name",
+            said,
+            "set [audio] channels and channel as the error says"
+            if channel
+            else "`soundsentry devices` lists the inputs; set [audio] device to part of the name",
         )
     rate = "resampled from" if src.rate != src.model_rate else "native"
+    heard = "their average" if s.audio.channel < 0 else f"channel {s.audio.channel}"
     return Check(
         "audio device",
         True,
-        f"{src.device!r} at {src.rate} Hz ({rate} {src.model_rate} Hz model rate)",
+        f"{src.device!r} at {src.rate} Hz ({rate} {src.model_rate} Hz model rate), hearing "
+        f"{heard} of {src.channels}",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,6 +200,37 @@ def test_a_channel_the_microphone_has_not_is_one_line(pulse: str, tmp_path: Path
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     assert "channel 40 ([audio] channel, or --channel) is not among the" in lines[0], lines
+
+
+def test_a_channel_beyond_audio_channels_names_the_setting_not_the_device(
+    pulse: str, tmp_path: Path
+) -> None:
+    """Two machines on the two channels of one microphone: `channel = 1` without `channels`
+    said that channel 1 "is not among the 1 channel(s) of 'pulse'", a device of 32, and doctor
+    advised another device name (the two-machines review). The setting that is short is named."""
+    config = tmp_path / "fan.toml"
+    config.write_text('[audio]\ndevice = "pulse"\nchannel = 1\n')
+    proc = cli("record", "--seconds", "2", "--out", str(tmp_path / "rec"), "--config",
+               str(config), env={"PULSE_SOURCE": pulse}, check=False)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    said = (r"channel 1 \(\[audio\] channel, or --channel\) is not among the 1 channel\(s\) "
+            r"opened on 'pulse' \(\[audio\] channels = 1, of the \d+ it offers\): set \[audio\] "
+            r"channels = 2$")  # fmt: skip
+    assert re.search(said, line), line
+    doctor = cli("doctor", "--config", str(config), env={"PULSE_SOURCE": pulse}, check=False)
+    assert "fix: set [audio] channels and channel as the error says" in doctor.stdout
+    config.write_text('[audio]\ndevice = "pulse"\nchannel = 1\nchannels = 2\n')
+    player = play(pulse.removesuffix(".monitor"), DEMO_CLIP)
+    try:
+        cli("record", "--seconds", "2", "--out", str(tmp_path / "rec"), "--config",
+            str(config), env={"PULSE_SOURCE": pulse})  # fmt: skip
+        doctor = cli("doctor", "--config", str(config), env={"PULSE_SOURCE": pulse}, check=False)
+    finally:
+        player.kill()
+    assert re.search(r"PASS audio device: .*, hearing channel 1 of 2$", doctor.stdout, re.M), (
+        doctor.stdout
+    )
 
 
 def test_record_refuses_silence_with_a_reason(pulse: str, tmp_path: Path) -> None:
