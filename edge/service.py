@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -244,6 +245,25 @@ def _refuse_root_in_others_folder(data_dir: Path) -> None:
         )
 
 
+def _holder(pid: str, procfs: Path = Path("/proc")) -> tuple[str, str]:
+    """Who holds a data_dir, for its refusal: the systemd unit it runs in, or its command line,
+    and how to stop it; the refusal said `systemctl stop soundsentry` whoever held it (a daemon
+    run by hand, an instance: the two-machines review)."""
+    if not pid.isdigit():
+        return "", ""
+    proc = procfs / pid
+    try:
+        cgroup = (proc / "cgroup").read_text()
+        words = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:  # gone since, or another mount namespace's
+        return "", ""
+    unit = re.search(r"/([^/\s]+\.service)\s*$", cgroup, re.M)
+    if unit and unit.group(1).startswith("soundsentry"):
+        return f", the service {unit.group(1)}", f" (`systemctl stop {unit.group(1)}`)"
+    command = " ".join(w.decode(errors="replace") for w in words if w)
+    return (f", `{command[:160]}`", "") if command else ("", "")
+
+
 def hold_data_dir(data_dir: Path) -> int:
     """Take `data_dir` for this process (an exclusive flock on `data_dir/.lock`, released when
     the descriptor closes or the process ends, a kill -9 too); its descriptor. Two daemons, or a
@@ -273,9 +293,10 @@ def hold_data_dir(data_dir: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
+        who, stop = _holder(holder)
         raise SoundSentryError(
-            f"data_dir {data_dir} is in use by another soundsentry (pid {holder}): stop it "
-            "first (`systemctl stop soundsentry`), or give this one a data_dir of its own"
+            f"data_dir {data_dir} is in use by another soundsentry (pid {holder}{who}): stop "
+            f"it first{stop}, or give this one a data_dir of its own"
         ) from None
     except OSError as exc:  # a file system without locks (NFS without lockd): run unguarded
         log.warning("data_dir %s cannot be locked (%s): nothing stops a second soundsentry "

@@ -1131,9 +1131,27 @@ def test_a_second_soundsentry_on_the_same_data_dir_is_refused_in_one_line(tmp_pa
         os.close(held)
     assert proc.returncode != 0 and proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()
-    assert f"is in use by another soundsentry (pid {os.getpid()})" in line, proc.stderr
+    assert f"is in use by another soundsentry (pid {os.getpid()}, `" in line, proc.stderr
+    assert "pytest" in line  # who holds it, by its command line (the two-machines review)
     again = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env)
     assert '"type": "start"' in again.stdout or '"type":"start"' in again.stdout
+
+
+def test_a_data_dir_held_by_a_unit_names_the_unit_to_stop(tmp_path: Path) -> None:
+    """The refusal said `systemctl stop soundsentry` whoever held the data_dir: an instance,
+    or a daemon run by hand (the two-machines review). The unit is read from its cgroup."""
+    from edge.service import _holder
+
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "cgroup").write_text("0::/system.slice/soundsentry@pump-3.service\n")
+    (tmp_path / "42" / "cmdline").write_bytes(b"/opt/soundsentry/venv/bin/soundsentry\0run\0")
+    assert _holder("42", tmp_path) == (
+        ", the service soundsentry@pump-3.service",
+        " (`systemctl stop soundsentry@pump-3.service`)",
+    )
+    (tmp_path / "42" / "cgroup").write_text("0::/user.slice/user-1000.slice/session-3.scope\n")
+    assert _holder("42", tmp_path) == (", `/opt/soundsentry/venv/bin/soundsentry run`", "")
+    assert _holder("43", tmp_path) == ("", "") and _holder("?", tmp_path) == ("", "")
 
 
 def test_no_window_joins_the_two_sides_of_lost_audio_and_a_reopen_ends_the_event(
