@@ -320,8 +320,8 @@ as_service() {
   else
     timeout -k 10 300 "$@" </dev/null || rc=$?
   fi
-  if ((rc == 124 || rc == 137)); then
-    say "a check of the kept configs and models did not end within 5 minutes, and was stopped"
+  if ((rc == 124 || rc == 137)); then  # 137: killed (after the timeout's TERM, or by the OOM killer)
+    say "a check of the kept configs and models did not end within 5 minutes or was killed (out of memory?)"
   fi
   return "$rc"
 }
@@ -341,7 +341,7 @@ configs_load() {
     state=$SERVICE_STATE  # the units' StateDirectory=soundsentry(/%i)
     [ "$(basename "$conf")" = config.toml ] || state="$state/$(basename "$conf" .toml)"
     STATE_DIRECTORY="$state" HOME=$(service_home) as_service "$VENV/bin/python" -I -c '
-import os, pwd, sys
+import grp, os, pwd, sys
 try:
     os.setsid()  # no controlling terminal: nothing typed into root'"'"'s shell (TIOCSTI)
 except OSError:
@@ -353,10 +353,10 @@ conf, root, state = sys.argv[1], sys.argv[2], sys.argv[3]
 for name in [n for n in os.environ if n.startswith("SOUNDSENTRY_")]:
     del os.environ[name]  # the installer'"'"'s own: the service does not have them
 who = pwd.getpwuid(os.getuid()).pw_name
-if not os.access(conf, os.R_OK):  # root'"'"'s alone (0600): no unit of it can start either
-    print(f"{conf}: not readable by {who}, so no service can use it: not checked",
-          file=sys.stderr)
-    sys.exit(0)
+if not os.access(conf, os.R_OK):  # root'"'"'s alone (0600): a unit of it would fail to start
+    group = grp.getgrgid(os.getgid()).gr_name
+    sys.exit(f"{conf}: not readable by {who}, so no unit can use it: chgrp {group} and chmod "
+             "0640 it, or move it out of this folder")
 try:
     s = load_settings(conf)
 except SoundSentryError as exc:

@@ -253,7 +253,7 @@ def _holder(pid: str, procfs: Path = Path("/proc")) -> tuple[str, str]:
         return "", ""
     proc = procfs / pid
     try:
-        cgroup = (proc / "cgroup").read_text()
+        cgroup = (proc / "cgroup").read_bytes().decode(errors="replace")
         words = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     except OSError:  # gone since, or another mount namespace's
         return "", ""
