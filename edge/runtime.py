@@ -111,7 +111,16 @@ class TfliteModel:
 
 def _check_tensor_bytes(interp: Any, name: str) -> None:
     """Refuse a model whose tensors, as its shapes declare them, would take more than
-    MAX_TENSOR_BYTES (checked before `allocate_tensors`)."""
+    MAX_TENSOR_BYTES (checked before `allocate_tensors`), and one of several subgraphs: the
+    tensors of a loop's body are not among the main graph's, and a WHILE that broadcast to
+    128 MB passed the count (the second review); a detector's network is one graph."""
+    count = getattr(getattr(interp, "_interpreter", None), "NumSubgraphs", None)
+    subgraphs = count() if callable(count) else 1
+    if subgraphs != 1:
+        raise BundleError(
+            f"{name}: a model of {subgraphs} subgraphs (control flow); a detector's network is "
+            "one graph; refused"
+        )
     total = 0
     for tensor in interp.get_tensor_details():
         size = int(np.prod([max(int(d), 0) for d in tensor["shape"]], dtype=np.float64))

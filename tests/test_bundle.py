@@ -853,5 +853,18 @@ def test_a_model_that_declares_gigabytes_of_tensors_is_refused_before_allocating
     assert len(content) < 100_000
     with pytest.raises(BundleError, match=r"its tensors would take 1024 MB, more than"):
         TfliteModel(content, name="wide.tflite")
+
+    @tf.function(input_signature=[tf.TensorSpec([1], tf.float32)])
+    def looped(x: tf.Tensor) -> tf.Tensor:  # the broadcast in a loop's body, a graph of its own
+        def body(i: tf.Tensor, acc: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return i + 1, acc + tf.reduce_sum(tf.broadcast_to(x, [1 << 25]), keepdims=True)
+
+        return tf.while_loop(lambda i, a: i < 2, body, [tf.constant(0), tf.zeros([1])])[1]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [looped.get_concrete_function()], looped
+    )
+    with pytest.raises(BundleError, match=r"a model of \d+ subgraphs \(control flow\)"):
+        TfliteModel(converter.convert(), name="looped.tflite")  # passed the count (a review)
     small = TfliteModel((AE_BUNDLE / "model_int8.tflite").read_bytes())  # a real one loads
     assert small.input_shape
