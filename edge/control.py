@@ -91,22 +91,24 @@ class Controller:
             size = len(payload)
             self._queue(
                 lambda: self.handle_payload(b"", oversize=size, reply_to=reply_to),
-                ("invalid", None, SHED_REPLY, reply_to),
+                lambda: ("invalid", None, SHED_REPLY, reply_to),
             )
             return
         self._queue(
             lambda: self.handle_payload(payload, reply_to=reply_to),
-            (*_name_and_id(payload), SHED_REPLY, reply_to),
+            lambda: (*_name_and_id(payload), SHED_REPLY, reply_to),
         )
 
     def _queue(
-        self, work: Callable[[], object], shed: tuple[str, str | None, str, ReplyTo | None]
+        self,
+        work: Callable[[], object],
+        shed: Callable[[], tuple[str, str | None, str, ReplyTo | None]],
     ) -> None:
-        """Queue `work` for the loop, or keep `shed` (name, id, reply, address) to be answered
-        once the queue is worked off."""
+        """Queue `work` for the loop, or keep `shed()` (name, id, reply, address: a command
+        parsed for it only when shed) to be answered once the queue is worked off."""
         with self._shed_lock:
             if not self.detector.submit(work):
-                self._shed.append(shed)
+                self._shed.append(shed())
 
     def _answer_shed(self) -> None:
         """Reply to the commands a full queue shed, once the queue has been worked off (on the
@@ -125,8 +127,10 @@ class Controller:
         """From the MQTT thread: a command published retained, answered with a refusal and never
         run (stored on the broker, it would run again at every start)."""
         kept = payload[:MAX_COMMAND_BYTES]
-        shed = (*_name_and_id(kept), RETAINED_REFUSAL, reply_to)
-        self._queue(lambda: self.refuse_retained(kept, reply_to), shed)
+        self._queue(
+            lambda: self.refuse_retained(kept, reply_to),
+            lambda: (*_name_and_id(kept), RETAINED_REFUSAL, reply_to),
+        )
 
     def refuse_retained(self, payload: bytes, reply_to: ReplyTo | None = None) -> ResponseMessage:
         """The refusal of a retained command, under its name and id when it has them."""

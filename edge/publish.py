@@ -993,9 +993,10 @@ class MqttPublisher:
         if since is None:
             return
         advice = (
-            f"a requester asked for replies where this device may not write: they still go to "
-            f"{self.topics.response}; ask for it, or a topic below it (which the fleet ACL "
-            f"allows), or allow the topic in the broker's ACL"
+            f"a requester asked for replies below {self.topics.response}, where the broker's ACL "
+            f"does not let this device write: they still go to {self.topics.response}; ask for "
+            f"that one, or let the device write below its topics (the fleet ACL's "
+            f"`{self.topics.prefix}/%u/#` does)"
             if topic == REPLY_LABEL
             else "allow this user to write its topics in the broker's ACL"
         )
