@@ -528,9 +528,14 @@ class _Summary:
         _refuse_sound(path, what, channel, channels)
 
 
+def channel_name(channel: int) -> str:
+    """A channel as messages name it: `channel N`, or `their average` (DOWNMIX)."""
+    return "their average" if channel == DOWNMIX else f"channel {channel}"
+
+
 def _refuse_sound(path: str | Path, what: str, channel: int, channels: int) -> None:
     if channels > 1:
-        which = "their average" if channel == DOWNMIX else f"channel {channel}"
+        which = channel_name(channel)
         fix = f"a dead channel? pick one that hears the machine with --channel N (of {channels})"
         raise AudioError(f"{path}: {which} is {what}: nothing to learn from; {fix}")
     raise AudioError(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import soxr
 
-from edge.audio_io import select_channel
+from edge.audio_io import channel_name, select_channel
 from edge.devices import (
     PORT_PREFIX,
     CaptureError,
@@ -173,10 +173,9 @@ class MicSource:
                 "(the model's rate, or record's --samplerate): use another input, or set "
                 f"audio.samplerate to a rate of {self.model_rate} Hz or more that it supports"
             )
-        heard = "their average" if self.settings.channel < 0 else f"channel {self.settings.channel}"
         log.info(
             "capture: device %r at %d Hz, %d channel(s), hearing %s",
-            info["name"], rate, self.channels, heard,
+            info["name"], rate, self.channels, channel_name(self.settings.channel),
         )  # fmt: skip
         return device, rate
 
@@ -213,9 +212,7 @@ class MicSource:
                 log.warning(
                     "capture: %r does not capture %d channel(s); opening its %d and taking "
                     "%s (set [audio] channels = %d to say so)",
-                    info["name"], wanted, channels,
-                    "their average" if self.settings.channel < 0
-                    else f"channel {self.settings.channel}",
+                    info["name"], wanted, channels, channel_name(self.settings.channel),
                     channels,
                 )  # fmt: skip
             return channels

@@ -325,6 +325,7 @@ def _model_rate(s: Settings) -> int:
 
 
 def check_audio_device(s: Settings) -> Check:
+    from edge.audio_io import channel_name
     from edge.capture import CaptureError, MicSource
 
     if s.audio.device is None:
@@ -349,7 +350,7 @@ def check_audio_device(s: Settings) -> Check:
             else "`soundsentry devices` lists the inputs; set [audio] device to part of the name",
         )
     rate = "resampled from" if src.rate != src.model_rate else "native"
-    heard = "their average" if s.audio.channel < 0 else f"channel {s.audio.channel}"
+    heard = channel_name(s.audio.channel)
     return Check(
         "audio device",
         True,
