@@ -33,6 +33,7 @@ from edge.audio_io import channel_name, select_channel
 from edge.devices import (
     PORT_PREFIX,
     CaptureError,
+    ChannelError,
     MissingDeviceError,
     card_ports,
     input_devices,
@@ -198,7 +199,7 @@ class MicSource:
                 # a device that offers more than [audio] channels opens: the setting is what
                 # is short (two machines on the two channels of one microphone; a review)
                 more = offered > heard and channels == wanted
-                raise CaptureError(
+                raise ChannelError(
                     f"channel {heard} ([audio] channel, or --channel) is not among the "
                     f"{channels} channel(s) "
                     + (
@@ -222,7 +223,7 @@ class MicSource:
             # back: the service waits for it and says so, where it failed its start for good
             self._unopenable = True
             raise MissingDeviceError(f"{info['name']!r} cannot be opened ({refusals[-1]})")
-        raise CaptureError(
+        raise ChannelError(
             f"{info['name']!r} captures neither {wanted} channel(s) nor the {offered} it "
             "offers; set [audio] channels to what it supports (`soundsentry devices`)"
         )

@@ -26,6 +26,11 @@ class CaptureError(SoundSentryError):
     """The input device cannot be opened or stopped delivering audio."""
 
 
+class ChannelError(CaptureError):
+    """The device opens, but not with the channels the settings ask for ([audio] channels
+    and channel): the setting is what to change, not the device."""
+
+
 class MissingDeviceError(CaptureError):
     """No input device matches the setting (yet): a USB microphone unplugged or not
     enumerated, which may come back, unlike a setting the device cannot meet."""

@@ -327,6 +327,7 @@ def _model_rate(s: Settings) -> int:
 def check_audio_device(s: Settings) -> Check:
     from edge.audio_io import channel_name
     from edge.capture import CaptureError, MicSource
+    from edge.devices import ChannelError
 
     if s.audio.device is None:
         return Check(
@@ -339,14 +340,12 @@ def check_audio_device(s: Settings) -> Check:
     try:
         src = MicSource(s.audio, _model_rate(s))
     except CaptureError as exc:
-        said = str(exc)
-        channel = "[audio] channel" in said  # the device was found: its channels are short
         return _held_by_service("audio device") or Check(
             "audio device",
             False,
-            said,
+            str(exc),
             "set [audio] channels and channel as the error says"
-            if channel
+            if isinstance(exc, ChannelError)  # the device was found: its channels are short
             else "`soundsentry devices` lists the inputs; set [audio] device to part of the name",
         )
     rate = "resampled from" if src.rate != src.model_rate else "native"
