@@ -340,7 +340,7 @@ def check_audio_device(s: Settings) -> Check:
     try:
         src = MicSource(s.audio, _model_rate(s))
     except CaptureError as exc:
-        return _held_by_service("audio device") or Check(
+        return _held(s, "audio device") or Check(
             "audio device",
             False,
             str(exc),
@@ -367,7 +367,7 @@ def check_input_level(s: Settings) -> Check:
     try:
         src = MicSource(s.audio, rate)
     except CaptureError as exc:
-        return _held_by_service("input level") or Check(
+        return _held(s, "input level") or Check(
             "input level", False, str(exc), "fix the audio device first"
         )
     blocks, deadline = [], time.monotonic() + LEVEL_SECONDS + 3
@@ -378,7 +378,7 @@ def check_input_level(s: Settings) -> Check:
             if sum(len(b) for b in blocks) >= LEVEL_SECONDS * rate or time.monotonic() > deadline:
                 break
     except CaptureError as exc:  # opened, but it would not start (busy, unplugged meanwhile)
-        return _held_by_service("input level") or Check(
+        return _held(s, "input level") or Check(
             "input level",
             False,
             str(exc),
@@ -387,7 +387,7 @@ def check_input_level(s: Settings) -> Check:
     finally:
         src.stop()
     if not blocks:
-        return _held_by_service("input level") or Check(
+        return _held(s, "input level") or Check(
             "input level", False, "no audio arrived in 5 s", "is the device in use?"
         )
     return level_check(np.concatenate(blocks), s.health.clip_fraction, _off_level(s))
@@ -752,8 +752,12 @@ def check_disk(s: Settings) -> Check:
     if short is not None:
         return short
     clips = _megabytes(path / "clips")
+    from edge.service import data_dir_holder
+
+    holder = data_dir_holder(path)
+    held = f"; in use by {holder}" if holder else ""
     return _clips_fit(s, path, free, clips) or Check(
-        "data folder", True, f"{path}: {free:.0f} MB free for clips and the spool"
+        "data folder", True, f"{path}: {free:.0f} MB free for clips and the spool{held}"
     )
 
 
@@ -929,6 +933,27 @@ def _held_by_service(name: str) -> Check | None:
         f"not opened: {', '.join(units)} is running and holds the microphone (as it should); "
         f"its input's health is on its health topic and in `journalctl -u {units[0]}`; "
         f"`sudo systemctl stop {units[0]}` first to test the device here",
+    )
+
+
+def _held(s: Settings, name: str) -> Check | None:
+    """The check `name` skipped when a running soundsentry holds the microphone: the service,
+    or a daemon run by hand on this config's data_dir (`soundsentry run` in another terminal,
+    which doctor said nothing of: the device could not be opened, try another name). None
+    when neither runs."""
+    from edge.service import data_dir_holder
+
+    by_service = _held_by_service(name)
+    if by_service is not None:
+        return by_service
+    holder = data_dir_holder(s.data_dir)
+    if holder is None:
+        return None
+    return Check(
+        name,
+        None,
+        f"not opened: {holder} runs on this config's data_dir and holds the microphone",
+        "stop it first to test the device here",
     )
 
 

@@ -264,6 +264,28 @@ def _holder(pid: str, procfs: Path = Path("/proc")) -> tuple[str, str]:
     return (f", `{command[:160]}`", "") if command else ("", "")
 
 
+def data_dir_holder(data_dir: Path) -> str | None:
+    """Who holds `data_dir` now (its pid, unit or command line, and how to stop it), or None
+    when nobody does or this user cannot tell; for doctor, which said a microphone that a
+    daemon run by hand held could not be opened, and nothing of the daemon. The lock is
+    tried shared and let go at once: a daemon holding it is not disturbed."""
+    try:
+        fd = os.open(data_dir / LOCK, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:  # none yet, or another user's folder
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        who, stop = _holder(pid)
+        return f"soundsentry pid {pid}{who}{stop}"
+    except OSError:  # a file system without locks
+        return None
+    finally:
+        os.close(fd)  # lets a shared lock go with it
+    return None
+
+
 def hold_data_dir(data_dir: Path) -> int:
     """Take `data_dir` for this process (an exclusive flock on `data_dir/.lock`, released when
     the descriptor closes or the process ends, a kill -9 too); its descriptor. Two daemons, or a

@@ -384,6 +384,23 @@ def test_doctor_does_not_blame_the_microphone_that_the_running_service_holds(
     failed = doctor.check_audio_device(settings)
     assert failed.ok is False and "no-such-mic-xyz" in failed.detail, failed
     assert "soundsentry devices" in failed.fix
+    # a daemon run by hand on this data_dir (`soundsentry run` in another terminal) holds the
+    # microphone as the service would: doctor said nothing of it, and advised another device
+    from edge.service import hold_data_dir
+
+    held_dir = hold_data_dir(tmp_path)
+    try:
+        for check in (doctor.check_audio_device, doctor.check_input_level):
+            by_hand = check(settings)
+            assert by_hand.ok is None, by_hand
+            assert f"soundsentry pid {os.getpid()}, `" in by_hand.detail, by_hand
+            assert "runs on this config's data_dir and holds the microphone" in by_hand.detail
+        disk = doctor.check_disk(settings)
+        assert disk.ok and f"in use by soundsentry pid {os.getpid()}" in disk.detail, disk
+    finally:
+        os.close(held_dir)
+    assert doctor.check_audio_device(settings).ok is False  # let go: the failure is back
+    assert "in use" not in doctor.check_disk(settings).detail
 
 
 def test_doctor_names_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
