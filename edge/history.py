@@ -28,7 +28,7 @@ import numpy as np
 
 from edge.bundle import Bundle, Manifest, load_bundle, write_bundle
 from edge.errors import BundleError, SoundSentryError
-from edge.private import atomic_write, private_dir
+from edge.private import atomic_write, private_dir, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def write_json(path: Path, data: Any) -> None:
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from `path`; None when it is missing or unreadable (logged)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -96,7 +96,7 @@ def active_entry(folder: Path, configured: str) -> dict[str, Any] | None:
     without writing anything (a damaged file is the daemon's to set aside): `doctor` and the
     installer's upgrade check ask it."""
     try:
-        data = json.loads((folder / HISTORY).read_text())
+        data = json.loads(read_regular(folder / HISTORY))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("configured") not in (None, configured):
@@ -156,7 +156,7 @@ def written_over(entry: dict[str, Any], path: Path) -> str | None:
         return None
     try:
         folder = path if path.is_dir() else path.parent  # a bundle is named by either
-        found = json.loads((folder / "manifest.json").read_text())
+        found = json.loads(read_regular(folder / "manifest.json"))
         checksum = found.get("checksum")
     except (OSError, ValueError, AttributeError):
         return None

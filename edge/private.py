@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,20 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = FILE_M
             tmp.unlink(missing_ok=True)
         raise
     sync_folder(path.parent)
+
+
+def read_regular(path: Path) -> str:
+    """The text of `path` if it is a regular file; ValueError for anything else. A FIFO left
+    in the state folder hung the daemon's start in open() (the security review), and a
+    folder or device there is no state either. FileNotFoundError when it is not there."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read().decode()
+    finally:
+        os.close(fd)
 
 
 def sync_folder(folder: Path) -> None:

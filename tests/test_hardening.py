@@ -1395,6 +1395,26 @@ def test_a_replay_as_the_device_says_what_it_took_on_from_the_device_s_state(
     assert proc.stdout.strip() == ""  # muted: no event
 
 
+def test_a_fifo_where_the_state_is_kept_is_set_aside_not_waited_on(tmp_path: Path) -> None:
+    """state.json and models/history.json were opened as they came: a FIFO there (left by
+    the service's account, or a tool) hung the start in open() for good (the security
+    review). Anything but a regular file is set aside as a damaged one is, and the run goes
+    on afresh."""
+    from conftest import DEMO_CLIP, cli
+
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True, mode=0o700)
+    os.mkfifo(data / "state.json", 0o600)
+    os.mkfifo(data / "models" / "history.json", 0o600)
+    env = {"SOUNDSENTRY_DATA_DIR": str(data)}
+    proc = cli("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), env=env, timeout=120)
+    for name in ("state.json", "history.json"):
+        assert f"{name} unreadable, starting afresh (kept as {name}.damaged-" in proc.stderr, (
+            proc.stderr
+        )
+    assert '"type": "start"' in proc.stdout or '"type":"start"' in proc.stdout
+
+
 def test_an_event_whose_end_line_was_torn_keeps_its_clip(tmp_path: Path) -> None:
     """The end goes to MQTT's spool, then to the event log: a power cut between the two (or a
     torn last line) left the event open in the log, and the start sent a second end, with no
