@@ -319,10 +319,12 @@ class DiscoveryRefresh(Sink):
         self.model_id = model_id
         self.bundle_of = bundle_of
         self.configuration_url = configuration_url
+        self.threshold: float | None = None  # in force, as the last state said
 
     def state(self, message: StateMessage) -> None:
         """Compare the state's model and threshold with the announced ones; re-announce on a
         new model or a threshold outside the bounds."""
+        self.threshold = message.threshold
         if message.model == self.model_id and self._covers(message.threshold):
             return
         bundle = self.bundle_of()
@@ -331,13 +333,26 @@ class DiscoveryRefresh(Sink):
         else:
             log.info("discovery: threshold %g outside the announced bounds", message.threshold)
         self.model_id = message.model
+        self._announce()
+
+    def link(self, page: str) -> None:
+        """The dashboard got its port after the start (another held it): the device links its
+        page now (on the loop's thread)."""
+        if page == self.configuration_url:
+            return
+        self.configuration_url = page
+        log.info("discovery: linking the device to its page %s/", page)
+        self._announce()
+
+    def _announce(self) -> None:
+        bundle = self.bundle_of()
         self.publisher.set_discovery(
             announced(
                 self.publisher.topics,
                 bundle.model_id,
                 bundle.threshold,
                 self.configuration_url,
-                message.threshold,
+                self.threshold,
                 bundle.manifest.kind == "classifier",
             )
         )

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soundfile as sf
@@ -36,6 +36,9 @@ from edge.private import private_dir, user_name
 from edge.settings import Settings
 from edge.spool import Spool
 from edge.topics import Topics
+
+if TYPE_CHECKING:
+    from edge.discovery import DiscoveryRefresh
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +99,11 @@ def run_detector(
             sinks.append(JsonLinesSink())
         sinks.append(EventLogSink(settings.data_dir))  # the device's own record: `events`
         sinks.extend(extra_sinks)
+        refresh = None
         if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id
-            sinks.append(_discovery_refresh(publisher, bundle, lambda: detector.bundle, page))
+            refresh = _discovery_refresh(publisher, bundle, lambda: detector.bundle, page)
+            refresh.threshold = settings.detector.threshold
+            sinks.append(refresh)
         if dashboard is not None:
             sinks.append(dashboard.live)
         if live:
@@ -121,6 +127,8 @@ def run_detector(
             raise StartError(str(exc)) from exc
         controller = Controller(detector, reload_settings)
         if dashboard is not None:
+            if refresh is not None and page is None:  # another holds its port now: linked
+                dashboard.on_page = lambda url: _link_later(detector, refresh, url)  # once had
             dashboard.start(detector, controller.handle_payload)
 
         def stop() -> None:
@@ -473,10 +481,17 @@ def _dashboard(settings: Settings) -> Any:
 
 def _discovery_refresh(
     publisher: Any, bundle: Bundle, bundle_of: Callable[[], Bundle], page: str | None
-) -> Sink:
+) -> DiscoveryRefresh:
     from edge.discovery import DiscoveryRefresh
 
     return DiscoveryRefresh(publisher, bundle.model_id, bundle_of, page)
+
+
+def _link_later(detector: Detector, refresh: DiscoveryRefresh, page: str) -> None:
+    """From the web thread: Home Assistant's link to the page, on the loop's thread (it was
+    linked at the next start only)."""
+    if not detector.submit(lambda: refresh.link(page)):
+        log.warning("discovery: the link to the page %s/ comes at the next start", page)
 
 
 def _install_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -15,7 +16,16 @@ import jinja2
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import AE_BUNDLE, DEMO_BUNDLE, DEMO_CLIP, ROOT, SOUNDSENTRY, Broker, wait_for
+from conftest import (
+    AE_BUNDLE,
+    DEMO_BUNDLE,
+    DEMO_CLIP,
+    ROOT,
+    SOUNDSENTRY,
+    Broker,
+    free_port,
+    wait_for,
+)
 from jsonschema import Draft202012Validator
 from mqtt_helpers import Subscriber
 
@@ -640,6 +650,56 @@ def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
     assert second == discovery_configs(TOPICS, ae.model_id, ae.threshold)[number]
     low, high = threshold_bounds(ae.threshold)
     assert second["device"]["model"] == ae.model_id and second["min"] <= low < high <= second["max"]
+
+
+def test_a_page_that_gets_its_port_late_is_linked_in_home_assistant_then(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A dashboard whose port another program held announced no link (it would have led to
+    the other one's page), and Home Assistant got the link only at the next start, however
+    soon the port was free (the last session's leftover). Now it comes once the port is had."""
+    clip = tmp_path / "long.wav"
+    audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
+    sf.write(str(clip), np.tile(audio, 4)[: 60 * rate], rate)  # outlasts the 30-s retry
+    port = free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'device_id = "pump-1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+        f'[web]\nenabled = true\nport = {port}\npublic_url = "https://pump.example/"\n'
+    )
+    number = TOPICS.ha_config("number", "threshold")
+    ha = Subscriber(broker.port, number, client_id="ha")
+    replay = [*SOUNDSENTRY, "--log-level", "INFO", "replay", str(DEMO_BUNDLE), str(clip)]
+    env = {**os.environ, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    daemon = subprocess.Popen(
+        [*replay, "--realtime", "--config", str(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert ha.wait_for(lambda ms: len(ms) >= 1, timeout=30), "no discovery"
+        first = ha.messages[0].json()
+        assert "configuration_url" not in first["device"], first  # another's page: no link
+        taken.close()
+        linked = ha.wait_for(
+            lambda ms: ms[-1].json()["device"].get("configuration_url"), timeout=50
+        )
+        assert linked, "no link once the port was free"
+        assert ha.messages[-1].json()["device"]["configuration_url"] == "https://pump.example"
+        assert ha.messages[-1].json()["min"] == first["min"]  # the same bounds, now linked
+    finally:
+        taken.close()
+        daemon.terminate()
+        _, stderr = daemon.communicate(timeout=60)
+        ha.close()
+    assert "linking the device to its page https://pump.example/" in stderr, stderr
 
 
 def test_the_anomaly_sensor_is_unknown_while_nothing_listens() -> None:

@@ -138,6 +138,9 @@ class Dashboard:
         self.submit: Callable[[Callable[[], None]], bool] = lambda work: False
         self.features: Callable[[], FeatureParams] | None = None
         self._handle_payload: Callable[[bytes], Any] = lambda payload: None
+        self.on_page: Callable[[str], None] | None = None
+        """Called (on the web thread) with `page_url` when the port is had only after the
+        start: Home Assistant's link to the page comes then, not at the next start."""
         self._stopping = threading.Event()
         self._serving = threading.Event()
         self._lock = threading.Lock()
@@ -172,6 +175,9 @@ class Dashboard:
                     return
                 continue
             log.info("dashboard on %s/ (its port is free now)", self._listen_url())
+            page = self.page_url()
+            if page is not None and self.on_page is not None:
+                self.on_page(page)
         with self._lock:  # stop() shuts down exactly the server that serves
             if self._stopping.is_set():
                 return
