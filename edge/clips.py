@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from edge import clock
 from edge.private import atomic_write, private_dir, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ DEBUG between (a full card logged one ERROR per anomaly: 2,413 lines in 30 s).""
 
 CLIP_SUBTYPE = "PCM_16"
 WAV_HEADER_BYTES = 44
+FUTURE_SLACK_S = 86400.0
+"""A clip stamped this far ahead of a believed clock was written under a wrong one."""
 RETENTION_EVERY_S = 3600.0
 """Retention also runs at start and this often (monotonic seconds), not only after a new clip:
 on a quiet machine clips past max_age_days (they may hold speech) stayed for good."""
@@ -116,6 +119,7 @@ class ClipRecorder:
         """Entries retention could not stat or delete, named in a warning once each."""
         self._said: tuple[str, float] | None = None
         """Why the last clip was not saved, and when that was said at ERROR."""
+        self._clock_said = False
 
     def push(self, block: np.ndarray) -> None:
         """Feed every captured block (mono, model rate)."""
@@ -263,18 +267,26 @@ class ClipRecorder:
         old); without it, the newest goes by age only. So a size limit below one clip keeps
         that clip rather than none."""
         now = time.time()
+        clips = self._clips()
+        wrong = clock.believable(now)
+        if wrong is not None:  # no age is known: every clip is young, the size limit holds
+            self._say_clock(wrong)
+            max_age = math.inf
+        else:
+            clips = self._restamp(clips, now)
+            max_age = self.max_age_s
         # the too old come first; this run's clips last, in the order written: a clock set
         # back at boot stamps them before the clips of the last run, and each new clip
         # deleted the one before it, which the event log names
         order = {path: i for i, path in enumerate(self._written)}
-        clips = sorted(self._clips(), key=lambda c: (order.get(c[0], -1), c[1].st_mtime))
-        total = sum(st.st_size for _, st in clips if now - st.st_mtime <= self.max_age_s)
+        clips.sort(key=lambda c: (order.get(c[0], -1), c[1].st_mtime))
+        total = sum(st.st_size for _, st in clips if now - st.st_mtime <= max_age)
         removed = []
         newest = keep if keep is not None else (clips[-1][0] if clips else None)
         for path, st in clips:
             if path == keep:  # just written: neither its age (a clock set back) nor the size
                 continue
-            if now - st.st_mtime <= self.max_age_s:
+            if now - st.st_mtime <= max_age:
                 if total <= self.max_total_bytes:
                     break
                 if path == newest:  # not for the size: its event may still be read
@@ -284,6 +296,38 @@ class ClipRecorder:
                 removed.append(path)
         self._written = [p for p in self._written if p not in removed]
         return removed
+
+    def _say_clock(self, why: str) -> None:
+        """Once a run, while the wall clock is not believed: clips are kept by size only."""
+        if not self._clock_said:
+            self._clock_said = True
+            log.warning("retention: %s: clips are kept by [clips] max_total_mb only until it "
+                        "is, their ages unknown ([clips] max_age_days waits)", why)  # fmt: skip
+
+    def _restamp(
+        self, clips: list[tuple[Path, os.stat_result]], now: float
+    ) -> list[tuple[Path, os.stat_result]]:
+        """The clock believed: clips stamped by a clock that was wrong (before the earliest
+        possible time, or more than a day ahead: written before NTP set it, by a run that
+        did not see it jump) are stamped now and age from now. Deleted as 56 years old, or
+        kept for good, in a clock review."""
+        if self._clock_said:
+            log.info("retention: the system clock is believed now: clips age by it again")
+            self._clock_said = False
+        kept = []
+        for path, st in clips:
+            if clock.EARLIEST <= st.st_mtime <= now + FUTURE_SLACK_S:
+                kept.append((path, st))
+                continue
+            try:
+                os.utime(path, (now, now))
+                kept.append((path, path.stat()))
+            except OSError as exc:
+                self._skip(path, exc)
+                continue
+            log.info("retention: %s was stamped %s by a wrong clock: it ages from now",
+                     path.name, time.strftime("%Y-%m-%d", time.gmtime(st.st_mtime)))  # fmt: skip
+        return kept
 
     def _clips(self) -> list[tuple[Path, os.stat_result]]:
         """The clips in the folder with their stat; one deleted by hand since the listing is

@@ -696,23 +696,33 @@ def _http_server(host: str, port: int) -> str | None:
 
 
 def check_clock(_s: Settings) -> Check:
-    year = time.gmtime().tm_year
-    if year < 2024:
+    from edge import clock
+
+    wrong = clock.believable()
+    if wrong is not None and time.time() < clock.EARLIEST:
         return Check(
             "clock",
             False,
-            f"the system clock says {year}",
+            wrong,
             "enable NTP: `sudo timedatectl set-ntp true` (events carry timestamps)",
         )
-    synced = _run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"])
-    if synced == "no":
-        return Check("clock", False, "not synchronised with NTP", "`sudo timedatectl set-ntp true`")
-    return Check(
-        "clock",
-        True,
-        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        + ("" if synced is None else ", NTP synchronised"),
-    )
+    synced = clock.synchronised()
+    if synced is None:  # neither timesyncd's file nor the kernel's flag: ask timedated
+        said = _run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"])
+        synced = {"yes": True, "no": False}.get(said or "")
+    if synced is False:
+        return Check(
+            "clock",
+            False,
+            f"{_now()}, not synchronised with NTP: events carry its times, and clips are kept "
+            "by size only until it is (a Pi has no real-time clock)",
+            "`sudo timedatectl set-ntp true`, and a time server the Pi reaches",
+        )
+    return Check("clock", True, _now() + ("" if synced is None else ", NTP synchronised"))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
 FOLDER_HINT = "set data_dir to a writable folder (the service uses its StateDirectory)"

@@ -256,6 +256,10 @@ def _keepalive_timeout(reason: Any) -> bool:
     return getattr(reason, "value", None) == KEEPALIVE_TIMEOUT
 
 
+CERT_DATES = (9, 10)
+"""OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED."""
+
+
 def probe_reason(s: MqttSettings) -> tuple[str, str]:
     """Why a connection failed where paho says nothing, and what to check: asked of the network
     (a TCP connection, then with [mqtt.tls] the TLS handshake as the client makes it). A
@@ -275,6 +279,13 @@ def probe_reason(s: MqttSettings) -> tuple[str, str]:
             with tls_context(s).wrap_socket(sock, server_hostname=s.host):
                 pass
         except ssl.SSLCertVerificationError as exc:
+            if exc.verify_code in CERT_DATES:  # a Pi's clock before NTP set it (a clock review)
+                return (
+                    f"TLS: the broker's certificate is refused: {exc.verify_message}, by this "
+                    f"machine's clock ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+                    "is the clock right? A Pi without a real-time clock is wrong until NTP sets "
+                    "it (`timedatectl`); else renew the certificate",
+                )
             return (
                 f"TLS: the broker's certificate is refused: {exc.verify_message}",
                 "[mqtt.tls] ca_file must be the CA that signed it, and [mqtt] host a name the "

@@ -80,6 +80,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def synced_clock(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A wall clock NTP has set, as systemd-timesyncd says it (edge.clock): retention judges
+    clips by their age only then, and this machine's kernel may not say so itself."""
+    import edge.clock
+
+    folder = tmp_path_factory.mktemp("timesync")
+    (folder / "synchronized").touch()
+    monkeypatch.setattr(edge.clock, "TIMESYNCD", folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small model trained on the fixture audio with the real `train` command."""

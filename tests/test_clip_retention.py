@@ -35,7 +35,7 @@ def record_clip(rec: ClipRecorder, event_id: str) -> tuple[str, float] | None:
 
 
 def test_an_entry_retention_cannot_delete_is_skipped_and_the_clip_kept(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, synced_clock: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     old = time.time() - OLD_S
     stuck = tmp_path / "20200101T000000Z-olddir.wav"
@@ -60,7 +60,9 @@ def test_an_entry_retention_cannot_delete_is_skipped_and_the_clip_kept(
     assert len(warned) == 1 and stuck.name in warned[0], warned
 
 
-def test_clips_turned_off_are_still_deleted_at_their_age(tmp_path: Path) -> None:
+def test_clips_turned_off_are_still_deleted_at_their_age(
+    tmp_path: Path, synced_clock: Path
+) -> None:
     """With `[clips] enabled = false` no recorder was made, and retention went with it: clips
     already written (which may hold speech) stayed for good, though clips were turned off."""
     from conftest import DEMO_BUNDLE
@@ -158,3 +160,61 @@ def test_clips_leave_room_on_a_nearly_full_card_and_say_so_once(
     assert len(errors) == 1, errors
     assert "the disk is nearly full (1 MB free; clips leave 64 MB" in errors[0], errors
     assert not list(tmp_path.glob("*.wav"))
+
+
+def _clip(folder: Path, name: str, stamped: float) -> Path:
+    path = folder / name
+    sf.write(path, np.zeros(RATE, np.float32), RATE, "PCM_16")
+    os.utime(path, (stamped, stamped))
+    return path
+
+
+def test_no_clip_is_deleted_by_its_age_while_the_clock_is_not_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Pi has no real-time clock: a clock 12 years ahead at start deleted every clip at once,
+    for good (a clock review). While NTP has not set the clock (timesyncd runs, not yet
+    synchronised) clips are kept by size only, said once; once it has, ages count again."""
+    import edge.clock
+
+    timesync = tmp_path / "timesync"
+    timesync.mkdir()  # timesyncd runs, and has not set the clock
+    monkeypatch.setattr(edge.clock, "TIMESYNCD", timesync)
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    old = _clip(folder, "old.wav", time.time() - OLD_S)
+    rec = ClipRecorder(folder, RATE, max_age_days=1)
+    with caplog.at_level(logging.INFO, logger="edge.clips"):
+        assert rec.enforce_retention() == [] and rec.enforce_retention() == []
+    assert old.exists()
+    said = [r.getMessage() for r in caplog.records if "max_age_days waits" in r.getMessage()]
+    assert said == [
+        "retention: the system clock is not synchronised yet (NTP): clips are kept by [clips] "
+        "max_total_mb only until it is, their ages unknown ([clips] max_age_days waits)"
+    ]
+    (timesync / "synchronized").touch()  # NTP has set it
+    assert rec.enforce_retention() == [old] and not old.exists()
+
+
+def test_clips_stamped_by_a_wrong_clock_age_from_when_it_is_set(
+    tmp_path: Path, synced_clock: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run in 1970 (before NTP) wrote clips that the next run, with the clock set, deleted
+    as 56 years old; clips stamped 2038 by a clock ahead were kept for good past max_age_days
+    (a clock review). Stamped impossibly, they age from the time the clock is believed."""
+    from edge import clock
+
+    now = time.time()
+    early = _clip(tmp_path, "19700101T010004Z-7adfa3f45ecb.wav", 3600.0)
+    ahead = _clip(tmp_path, "20381202T184713Z-10c7c4c3c219.wav", now + 12 * 365 * 86400)
+    old = _clip(tmp_path, "old.wav", now - OLD_S)
+    rec = ClipRecorder(tmp_path, RATE, max_age_days=1)
+    with caplog.at_level(logging.INFO, logger="edge.clips"):
+        assert rec.enforce_retention() == [old]
+    for path in (early, ahead):
+        assert abs(path.stat().st_mtime - now) < 60, path  # ages from now
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{early.name} was stamped 1970-01-01 by a wrong clock: it ages from now" in said
+    assert f"{ahead.name} was stamped 2038-" in said
+    assert clock.believable(0.0) == "the system clock says 1970-01-01"
+    assert clock.believable(now) is None

@@ -415,6 +415,53 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     }
 
 
+def test_a_certificate_refused_by_its_dates_points_at_the_clock(tmp_path: Path) -> None:
+    """A Pi's clock before NTP sets it (1970, or fake-hwclock's weeks-old time) refuses the
+    broker's certificate as not yet valid, and the hint blamed ca_file and host (a clock
+    review). A real TLS server whose certificate's dates the clock refuses (expired here:
+    openssl makes no certificate from the future) gets the clock's hint."""
+    import socketserver
+    import ssl
+    import threading
+
+    from edge.publish import probe_reason
+    from edge.settings import MqttSettings
+
+    certs = make_certificates(tmp_path)
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.crt", "-days", "0", "-extfile", "server.ext"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs["server.crt"], certs["server.key"])
+
+    class Handshake(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with contextlib.suppress(ssl.SSLError, OSError):
+                context.wrap_socket(self.request, server_side=True).close()
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handshake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        settings = MqttSettings(host="127.0.0.1", port=port,
+                                tls={"enabled": True, "ca_file": certs["ca.crt"]})  # fmt: skip
+
+        def refused_for_its_dates() -> tuple[str, str] | None:
+            said = probe_reason(settings)
+            return said if "expired" in said[0] else None
+
+        said = wait_for(refused_for_its_dates, 10, "the certificate's end (made as it ends)")
+    finally:
+        server.shutdown()
+        server.server_close()
+    why, check = said
+    assert why.startswith("TLS: the broker's certificate is refused: certificate has expired, "
+                          "by this machine's clock ("), why  # fmt: skip
+    assert "is the clock right?" in check and "ca_file" not in check, check
+
+
 def test_tls_and_password_and_wrong_credentials(tmp_path: Path) -> None:
     certs = make_certificates(tmp_path)
     pwfile = tmp_path / "passwd"

@@ -1011,7 +1011,7 @@ def test_clips_move_with_a_clock_set_while_the_audio_stalled(tmp_path: Path) -> 
     assert clip.stat().st_mtime == pytest.approx(written + 86400, abs=60)
 
 
-def test_a_clip_keeps_its_age_when_the_clock_is_set(tmp_path: Path) -> None:
+def test_a_clip_keeps_its_age_when_the_clock_is_set(tmp_path: Path, synced_clock: Path) -> None:
     """A clip saved by a clock 40 days behind is not 40 days old once the clock is set; one that
     this run did not write keeps its file time; the open clip's name takes the new time."""
     rec = ClipRecorder(tmp_path, RATE, max_age_days=30)
@@ -1091,7 +1091,9 @@ def test_a_mute_restored_against_a_stale_boot_clock_is_never_longer_than_it_was(
     assert d.muted and d.muted_until - now[0] <= MAX_MUTE_MINUTES * 60 + 5
 
 
-def test_old_clips_go_at_start_and_every_hour_on_a_quiet_machine(tmp_path: Path) -> None:
+def test_old_clips_go_at_start_and_every_hour_on_a_quiet_machine(
+    tmp_path: Path, synced_clock: Path
+) -> None:
     """Retention ran only when a new clip was written: on a machine with no anomalies, clips
     past max_age_days (they may hold speech) stayed for good. The real Detector on normal fan
     audio (no event, so no clip is written) deletes them at start, and then every hour."""
@@ -1155,6 +1157,7 @@ rec.finish("ev1")
 
 def test_a_clip_that_cannot_be_written_leaves_no_stub_and_retention_still_runs(
     tmp_path: Path,
+    synced_clock: Path,
 ) -> None:
     """A full disk cut the clip short: a 0-byte (or torn) WAV stayed behind, and retention, which
     ran only after a good write, never freed room. A file-size limit (RLIMIT_FSIZE, in a child
@@ -1163,7 +1166,9 @@ def test_a_clip_that_cannot_be_written_leaves_no_stub_and_retention_still_runs(
 import os, resource, signal, sys, time
 import numpy as np, soundfile as sf
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+import edge.clock
 from edge.clips import ClipRecorder
+edge.clock.TIMESYNCD = __import__("pathlib").Path({str(synced_clock)!r})  # NTP has set it
 folder = {str(tmp_path)!r}
 old = os.path.join(folder, "old.wav")
 sf.write(old, np.zeros(100, np.float32), 16000)

@@ -403,6 +403,30 @@ def test_doctor_does_not_blame_the_microphone_that_the_running_service_holds(
     assert "in use" not in doctor.check_disk(settings).detail
 
 
+def test_doctor_fails_a_clock_timesyncd_has_not_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """doctor passed a clock 12 years ahead when `timedatectl` did not answer (the service's
+    sandbox, a clock review): timesyncd's own file says whether it has set the clock."""
+    import edge.clock
+    from edge import doctor
+    from edge.settings import Settings
+
+    monkeypatch.setattr(doctor, "_run", lambda cmd: None)  # no timedated to ask
+    timesync = tmp_path / "timesync"
+    timesync.mkdir()
+    monkeypatch.setattr(edge.clock, "TIMESYNCD", timesync)
+    settings = Settings(device_id="t", data_dir=tmp_path)
+    unset = doctor.check_clock(settings)
+    assert unset.ok is False and "not synchronised with NTP" in unset.detail, unset
+    assert "clips are kept by size only until it is" in unset.detail
+    (timesync / "synchronized").touch()
+    assert doctor.check_clock(settings).detail.endswith("NTP synchronised")
+    timesync.joinpath("synchronized").unlink()
+    timesync.rmdir()  # no timesyncd here: the clock is taken as it comes
+    assert doctor.check_clock(settings).ok is True
+
+
 def test_doctor_names_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
     from edge.doctor import check_disk
     from edge.settings import Settings
