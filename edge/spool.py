@@ -11,6 +11,8 @@ through a day's broker outage makes thousands), then the oldest.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -87,11 +89,13 @@ def open_spool(path: Path, max_messages: int) -> Spool:
             problem = again
         else:
             saved, lost = salvage(aside, spool)
+            said = " ".join(str(exc).split())  # quick_check's report runs to many lines
             log.error(
                 "spool %s is damaged (%s): moved to %s, a new one started with the %d "
                 "message(s) still readable in it%s",
-                path, exc, aside, saved,
-                f" ({lost} lost to damaged pages or the time limit)" if lost else "",
+                path, said if len(said) <= 160 else said[:157] + "...", aside, saved,
+                " (an unknown number lost: its table cannot be read)" if lost is None
+                else f" ({lost} lost to damaged pages or the time limit)" if lost else "",
             )  # fmt: skip
             return spool
     log.error(
@@ -106,27 +110,86 @@ SALVAGE_SECONDS = 10.0
 """How long the messages of a damaged spool are looked for at most (a start is held up by it)."""
 
 
-def salvage(damaged: Path, into: Spool) -> tuple[int, int]:
+def salvage(damaged: Path, into: Spool) -> tuple[int, int | None]:
     """Copy the messages still readable in the damaged spool file `damaged` into `into`, in
-    order and in one transaction; returns (copied, lost). One bad page of a spool holding an
-    outage's events made the whole file go aside with every waiting message, 393 of 400 still
-    readable (in a review). Rows are read in id order; a range that fails is stepped over one id
-    at a time; after SALVAGE_SECONDS the rows not yet read count as lost. Nothing here may stop
-    a start."""
-    found: list[tuple[str, str, int, bool]] = []
+    order and in one transaction; returns (copied, lost), lost None when not even the table's
+    extent could be read. One bad page of a spool holding an outage's events made the whole
+    file go aside with every waiting message, 393 of 400 still readable (in a review). Rows
+    are read in id order; a range that fails is stepped over one id at a time; rows a damaged
+    page makes up (NULL topic or payload: a zeroed cell) are left out, and counted lost; after
+    SALVAGE_SECONDS the rows not yet read count as lost. A file cut short (a power cut before
+    the card wrote its end) is read from a copy padded to the length its header gives: SQLite
+    called every page of it malformed, and 355 readable messages were lost (a power-loss
+    review). Nothing here may stop a start."""
+    padded = _padded_copy(damaged)
+    try:
+        found, lost = _read_rows(padded or damaged)
+    finally:
+        if padded is not None:
+            padded.unlink(missing_ok=True)
+    try:
+        into.append_many(found)
+    except sqlite3.Error:  # the new spool cannot take them (a full card): they are lost
+        return 0, None if lost is None else lost + len(found)
+    return len(found), lost
+
+
+def _padded_copy(damaged: Path) -> Path | None:
+    """A copy of `damaged` extended with zeros to the size its header gives, when the file is
+    shorter than that (cut short); None when it is not, or no copy can be made."""
+    try:
+        with open(damaged, "rb") as fh:
+            header = fh.read(100)
+        size = damaged.stat().st_size
+    except OSError:
+        return None
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return None
+    page = int.from_bytes(header[16:18], "big")
+    page = 65536 if page == 1 else page
+    expected = page * int.from_bytes(header[28:32], "big")
+    if not size < expected <= max(size * 16, 1 << 26):  # cut short, by a believable length
+        return None
+    copy = damaged.with_name(f".{damaged.name}.padded")
+    try:
+        shutil.copyfile(damaged, copy)
+        os.truncate(copy, expected)  # zeros, sparse where the file system allows
+    except OSError:
+        copy.unlink(missing_ok=True)
+        return None
+    return copy
+
+
+def _read_rows(damaged: Path) -> tuple[list[tuple[str, str, int, bool]], int | None]:
+    """The messages readable in `damaged`, in id order, and how many were lost (None: unknown)."""
+    rows: dict[int, tuple[str, str, int, bool]] = {}
     lost = 0
+
+    def keep(row: tuple[object, ...]) -> None:
+        nonlocal lost
+        rid, topic, payload, qos, retain = row
+        if not isinstance(rid, int) or rid in rows:
+            return
+        whole = isinstance(topic, str) and bool(topic) and isinstance(payload, str)
+        if not whole or "\0" in topic + payload or qos not in (0, 1, 2):
+            lost += 1  # a cell a damaged page made up, or zeroed part of (no message has NUL)
+            return
+        rows[rid] = (topic, payload, int(qos), bool(retain))
+
     made = [damaged.with_name(damaged.name + x) for x in ("-wal", "-shm")]
     made = [part for part in made if not part.exists()]  # reading makes them: removed after
     try:
         db = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
     except sqlite3.Error:
-        return 0, 0
+        return [], None
+    known = False
     try:
         try:
             lo, hi = db.execute("SELECT MIN(id), MAX(id) FROM outbox").fetchone()
         except sqlite3.Error:  # an end of the table is damaged: from the first id possible
             last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
             lo, hi = 1, (last[0] if last else None)
+        known = True
         cursor, deadline = (lo or 1) - 1, time.monotonic() + SALVAGE_SECONDS
         select = "SELECT id, topic, payload, qos, retain FROM outbox WHERE id {} ORDER BY id"
         while hi is not None and cursor < hi:
@@ -135,8 +198,8 @@ def salvage(damaged: Path, into: Spool) -> tuple[int, int]:
                 break
             try:
                 for row in db.execute(select.format("> ?"), (cursor,)):
-                    found.append((row[1], row[2], row[3], bool(row[4])))
-                    cursor = row[0]
+                    keep(row)
+                    cursor = max(cursor, row[0]) if isinstance(row[0], int) else cursor
                     if time.monotonic() >= deadline:
                         break
                 else:
@@ -149,18 +212,14 @@ def salvage(damaged: Path, into: Spool) -> tuple[int, int]:
                     lost += 1
                     continue
                 if row is not None:
-                    found.append((row[1], row[2], row[3], bool(row[4])))
+                    keep(row)
     except (sqlite3.Error, TypeError, ValueError):
         pass  # nothing more can be read: what was read is kept
     finally:
         db.close()
         for part in made:
             part.unlink(missing_ok=True)
-    try:
-        into.append_many(found)
-    except sqlite3.Error:  # the new spool cannot take them (a full card): they are lost
-        return 0, lost + len(found)
-    return len(found), lost
+    return [rows[rid] for rid in sorted(rows)], lost if known else None
 
 
 class Spool:
