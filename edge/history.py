@@ -14,9 +14,11 @@ folder and renamed into place, the JSON is replaced with os.replace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -33,6 +35,8 @@ from edge.private import atomic_write, private_dir, read_regular
 log = logging.getLogger(__name__)
 
 HISTORY = "history.json"
+VERSION = re.compile(r"^[^.].*-v(\d+)\.bundle$")
+"""A version folder's name (`write_version`); hidden ones are writes under way."""
 REASONS = ("learning", "mark_normal", "calibrate", "reload")
 
 
@@ -181,7 +185,10 @@ class ModelHistory:
         self.folder = folder
         self.keep = keep
         self.path = folder / HISTORY
-        data = read_json(self.path) or {}
+        existed = self.path.exists()
+        read = read_json(self.path)  # a damaged file is set aside (and said) there
+        orphans = [p.name for p in self._on_disk()] if existed and read is None else []
+        data = read or {}
         found = data.get("entries", [])
         entries = found if isinstance(found, list) else [found]
         self.entries: list[dict[str, Any]] = [e for e in entries if _readable(e)]
@@ -207,6 +214,16 @@ class ModelHistory:
         """Configured models whose commissioning period ended in a refit that failed, or was
         cancelled: not begun again at every start (a period suppresses events while it runs);
         a `learn` command can."""
+        if orphans:  # a damaged card: a period begun again would hold events off for days
+            self.learned.add(configured)
+            log.error(
+                "%s was damaged: the versions made on site (%s) are not used, the configured "
+                "model runs, and its commissioning period is not begun again (it would hold "
+                "events off); the `reload_model` command with a version's name runs it, "
+                "`learn start` begins a period", self.path, ", ".join(orphans),
+            )  # fmt: skip
+            with contextlib.suppress(OSError):  # so the next start says it no more
+                self.save()
         if data.get("configured") not in (None, configured):
             log.warning(
                 "the configured model is now %s (was %s): the versions made for the old one "
@@ -261,7 +278,8 @@ class ModelHistory:
         nothing: if history.json cannot be written (a full disk) the history is as before, in
         memory and on disk, and the folders of versions it would have pruned are kept."""
         before = ([dict(e) for e in self.entries], self.active, set(self.learned))
-        version = self._next()
+        written = VERSION.search(Path(bundle.path).name) if made else None
+        version = int(written.group(1)) if written else self._next()  # its folder's number
         if reason == "learning" and detail.get("of"):
             self.learned.add(str(detail["of"]))
         self.entries.append(
@@ -351,7 +369,17 @@ class ModelHistory:
         return [{k: e.get(k) for k in keys} for e in reversed(self.entries)]
 
     def _next(self) -> int:
-        return max((e["version"] for e in self.entries), default=0) + 1
+        """The next version number: past the entries' and past the folders on disk (whose
+        entries a damaged history.json lost: the next version wrote over the first)."""
+        on_disk = (int(m.group(1)) for p in self._on_disk() if (m := VERSION.search(p.name)))
+        return max((*(e["version"] for e in self.entries), *on_disk), default=0) + 1
+
+    def _on_disk(self) -> list[Path]:
+        """The version folders in the folder (`<stem>-v<N>.bundle`), by name."""
+        try:
+            return sorted(p for p in self.folder.iterdir() if VERSION.search(p.name) and p.is_dir())
+        except OSError:
+            return []
 
     def _prune(self) -> list[dict[str, Any]]:
         """Keep the newest `keep` entries (and the active one); the dropped entries whose

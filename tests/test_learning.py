@@ -207,6 +207,37 @@ def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart
     ]
 
 
+def test_a_damaged_history_does_not_begin_commissioning_again_nor_write_over_a_version(
+    tmp_path: Path,
+) -> None:
+    """models/history.json damaged on the card (a power-loss review): the site's version was
+    dropped and the commissioning period began again, holding events off for its length
+    (days, as configured) and learning whatever the machine sounded like then, a fault
+    included; the next version would have written over the first's folder. Now the configured
+    model runs and raises events, one error names the versions on disk, and numbering goes on."""
+    from edge.history import ModelHistory
+
+    config = tmp_path / "site.toml"
+    config.write_text(f'device_id = "site"\n[learning]\nseconds = {LEARN_S}\n')
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    run = ("--log-level", "INFO", "replay", str(DEMO_BUNDLE))
+    cli(*run, *map(str, NORMAL_FILES), "--config", str(config), env=env)
+    models = tmp_path / "data" / "models"
+    history = models / "history.json"
+    text = history.read_text()
+    history.write_text(text[: len(text) * 2 // 3])  # the card lost its end
+    again = cli(*run, str(ANOMALOUS_FILE), "--config", str(config), env=env)
+    assert "history.json unreadable, starting afresh (kept as history.json.damaged-" in again.stderr
+    said = "history.json was damaged: the versions made on site (fan-demo-12483c73-v1.bundle)"
+    assert said in again.stderr, again.stderr
+    assert "learning: started" not in again.stderr, "no period holds events off"
+    events = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [e["model"] for e in starts(events)] == ["fan-demo-12483c73"], "the fault is seen"
+    third = cli(*run, str(ANOMALOUS_FILE), "--config", str(config), env=env)
+    assert "was damaged" not in third.stderr and "learning: started" not in third.stderr
+    assert ModelHistory(models, keep=5, configured="fan-demo-12483c73")._next() == 2
+
+
 def test_a_version_learnt_on_another_channel_is_a_model_of_that_channel(tmp_path: Path) -> None:
     """A period learnt with --channel 3 (as a device whose [audio] channel is 3): the version
     records the channel, as `calibrate` does, and a later replay on that data folder takes it by
