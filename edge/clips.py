@@ -40,6 +40,10 @@ SAY_AGAIN_S = 600.0
 """A clip that cannot be saved for the same reason is said again (ERROR) this long after; at
 DEBUG between (a full card logged one ERROR per anomaly: 2,413 lines in 30 s)."""
 
+READ_ONLY = (
+    "the card is read-only (the kernel makes it so after I/O errors: `dmesg | grep -i mmc`; "
+    "back it up and replace it)"
+)
 CLIP_SUBTYPE = "PCM_16"
 WAV_HEADER_BYTES = 44
 FUTURE_SLACK_S = 86400.0
@@ -171,6 +175,8 @@ class ClipRecorder:
         needed = size / 1e6 + RESERVE_MB
         if self._free_mb() >= needed:
             return None
+        if self._read_only():  # nothing can be deleted either: the oldest clips stay
+            return READ_ONLY
         order = {path: i for i, path in enumerate(self._written)}
         for path, _ in sorted(self._clips(), key=lambda c: (order.get(c[0], -1), c[1].st_mtime)):
             if self._delete(path):
@@ -182,8 +188,17 @@ class ClipRecorder:
             f"{RESERVE_MB:g} MB to the spool and the event log)"
         )
 
+    def _read_only(self) -> bool:
+        try:
+            return bool(os.statvfs(self.folder).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
+
     def _why(self, exc: BaseException) -> str:
-        """A write's failure in words: libsndfile says "System error" for a full disk."""
+        """A write's failure in words: libsndfile says "System error" for a full disk, and
+        a read-only card was "the disk is nearly full" (a power-loss review)."""
+        if self._read_only():
+            return READ_ONLY
         if self._free_mb() < RESERVE_MB:
             return f"the disk is full ({self._free_mb():.0f} MB free)"
         return str(exc)

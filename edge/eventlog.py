@@ -224,8 +224,8 @@ def _say_damaged(path: Path, damaged: int) -> None:
     """Name the lines of a log that were skipped, when their number changes."""
     if damaged and _damaged_said.get(path) != damaged:
         log.warning(
-            "%s: %d line(s) skipped, not an event record (a write cut short by a power cut, "
-            "or an edit); the other events are listed",
+            "%s: %d line(s) skipped, not an event record (a write cut short by a power cut "
+            "or a full card, or an edit); the other events are listed",
             path, damaged,
         )  # fmt: skip
     _damaged_said[path] = damaged

@@ -1282,6 +1282,10 @@ def test_a_data_dir_on_a_read_only_card_detects_and_says_it_saves_nothing(
     assert "Traceback" not in proc.stderr
     assert "read-only file system: this run detects and publishes but saves nothing" in proc.stderr
     assert '"type": "start"' in proc.stdout or '"type":"start"' in proc.stdout
+    # its clip is refused for what it is, not "the disk is nearly full" (a power-loss review)
+    assert "could not save evidence clip" in proc.stderr, proc.stderr
+    assert ": the card is read-only (the kernel makes it so after I/O errors" in proc.stderr
+    assert "nearly full" not in proc.stderr
 
 
 def test_an_unusable_version_on_a_read_only_card_starts_the_configured_model(
