@@ -92,12 +92,14 @@ def run_detector(
                 dashboard.stop()
             said = str(exc) if isinstance(exc, SoundSentryError) else os_error_line(exc)
             raise StartError(said) from exc
-        sinks: list[Sink] = []
+        # the device's own record (`events`) first, fsynced: a start a power cut caught between
+        # the spool and the log went out with no record of it, and no `end` ever followed (a
+        # power-loss review); the other way round, a start that never went out gets an end
+        sinks: list[Sink] = [EventLogSink(settings.data_dir)]
         if publisher is not None:
             sinks.append(MqttSink(publisher))  # spooled durably before it is printed
         if print_events:
             sinks.append(JsonLinesSink())
-        sinks.append(EventLogSink(settings.data_dir))  # the device's own record: `events`
         sinks.extend(extra_sinks)
         refresh = None
         if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -628,6 +629,34 @@ def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
         "done": "ended",
         "cut": "ended",
     }
+
+
+def test_a_start_is_in_the_event_log_before_it_can_reach_the_broker(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The start went to the spool (and out) before the event log: a power cut between the two
+    left an alarm on at the broker with no record of it on the card, so the next start sent no
+    `end` for it (a power-loss review). The process dies as the start reaches the spool."""
+    from conftest import ANOMALOUS_FILE, ROOT
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'device_id = "cut"\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n')
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from edge.publish import MqttPublisher
+def power_cut(self, message):
+    os._exit(9)  # the spool is the next thing written
+MqttPublisher.publish_event = power_cut
+from soundsentry.cli import main
+main(["replay", {str(DEMO_BUNDLE)!r}, {str(ANOMALOUS_FILE)!r}, "--config", {str(cfg)!r}])
+"""
+    env = {**os.environ, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 9, proc.stderr
+    lines = (tmp_path / "data" / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["start"]
 
 
 @pytest.mark.parametrize(
