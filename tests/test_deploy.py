@@ -113,6 +113,22 @@ def test_template_has_the_same_hardening_as_the_single_unit() -> None:
             assert "%i" in value, f"{key}={value} is not per instance"
 
 
+@pytest.mark.parametrize("unit", UNITS)
+def test_the_service_starts_after_the_clock_is_put_forward_and_never_waits_for_ntp(
+    unit: str,
+) -> None:
+    """A Pi has no real-time clock: started before timesyncd restored its saved time, the
+    daemon stamped its first events 1970 (a clock review). time-sync.target is not waited
+    for: with systemd-time-wait-sync enabled it waits for an NTP server that a plant network
+    may never offer, and the machine would go unwatched."""
+    text = (DEPLOY / unit).read_text()
+    after = [w for line in text.splitlines() if line.startswith("After=") for w in line[6:].split()]
+    assert "time-set.target" in after and "time-sync.target" not in after, after
+    assert "time-sync.target" not in " ".join(
+        line for line in text.splitlines() if line.startswith(("Wants=", "Requires="))
+    )
+
+
 def test_shell_scripts_pass_shellcheck() -> None:
     """The installer and the README's one-command scripts (with what they source)."""
     exe = shutil.which("shellcheck")
