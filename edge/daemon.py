@@ -26,6 +26,7 @@ from edge.adapt import Adapter, Asker, UnwrittenError
 from edge.audio_io import stream_audio
 from edge.bundle import Bundle
 from edge.clips import CLIPS_DIR, ClipRecorder, clips_of
+from edge.clock import believable
 from edge.commands import LAST, ReplyTo, threshold_bounds
 from edge.errors import SoundSentryError
 from edge.eventlog import last_logged_id
@@ -1129,6 +1130,7 @@ class Detector:
             ended_by=t.ended_by,  # type: ignore[arg-type]
             clip_url=self.clip_url(clip[0]) if clip and self.clip_url else None,
             seq=seq,
+            clock_unset=True if believable() is not None else None,
         )
 
     # --- reports ---------------------------------------------------------------------------

@@ -93,6 +93,10 @@ class EventMessage(_Payload):
     """On an `end` only: the daemon stopped before the anomaly ended (power cut, crash, kill);
     sent when it starts again, whose time `ended_at` is, so the event lasted at most
     `duration_s`."""
+    clock_unset: bool | None = None
+    """True when the device's wall clock could not be believed as this was sent (edge.clock:
+    before 2026, or not yet set by NTP: a Pi has no real-time clock), so its times may be
+    wrong: a consumer may stamp it on receipt instead. Absent otherwise."""
     schema: int = field(default=SCHEMA)
 
 

@@ -1030,6 +1030,41 @@ def test_a_clip_keeps_its_age_when_the_clock_is_set(tmp_path: Path, synced_clock
     assert {p.name for p in tmp_path.glob("*.wav")} == {name, second}  # other.wav: deleted
 
 
+def test_events_sent_while_the_clock_is_not_set_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events went out stamped 1970 (or by a clock years ahead) with nothing to say the times
+    were not to be trusted (a clock review): they carry `clock_unset` until NTP has set it."""
+    from conftest import ANOMALOUS_FILE, DEMO_BUNDLE
+    from detector_helpers import Recorder
+
+    import edge.clock
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    schemas = Path(edge.clock.__file__).parent / "schemas"
+    schema = json.loads((schemas / "event.schema.json").read_text())
+    timesync = tmp_path / "timesync"
+    timesync.mkdir()  # timesyncd runs and has not set the clock
+    monkeypatch.setattr(edge.clock, "TIMESYNCD", timesync)
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data",
+                        clips={"enabled": False})  # fmt: skip
+    for synchronised in (False, True):
+        if synchronised:
+            (timesync / "synchronized").touch()
+        reports = Recorder()
+        Detector(settings, load_bundle(DEMO_BUNDLE), [reports]).run(
+            FileSource([ANOMALOUS_FILE], 16000)
+        )
+        assert [e.type for e in reports.events][:1] == ["start"]
+        for event in reports.events:
+            payload = json.loads(event.to_payload())
+            Draft202012Validator(schema).validate(payload)
+            assert payload.get("clock_unset") is (None if synchronised else True), payload
+
+
 def test_a_mute_keeps_its_length_when_the_clock_jumps(tmp_path: Path) -> None:
     """The mute ran on the wall clock: NTP's jump forward after boot ended a 60-min mute at
     once, and a jump back stretched a 1-min mute by the jump."""
