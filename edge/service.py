@@ -25,6 +25,7 @@ import soundfile as sf
 
 from edge.bundle import Bundle
 from edge.clips import CLIPS_DIR, clips_of
+from edge.clock import believable
 from edge.commands import ReplyTo
 from edge.control import Controller
 from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
@@ -424,6 +425,10 @@ def end_interrupted(
         data.update(type="end", ended_at=iso(end), duration_s=round(end - started, 3),
                     interrupted=True, ended_by="interrupted", stream_offset_s=None,
                     clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
+        # a start in 1970, or a clock not set now: its duration is not to be trusted (56 years
+        # for a start before NTP set the clock, in a clock review)
+        wrong = believable(now) is not None or believable(started) is not None
+        data["clock_unset"] = True if wrong else None
         data.update(_kept_clip(clips, str(data.get("event_id", ""))))
         seq = data.get("seq")  # the next after the last logged (None: the publisher numbers it)
         data["seq"] = seq + 1 if isinstance(seq, int) and not isinstance(seq, bool) else None

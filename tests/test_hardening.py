@@ -1483,6 +1483,31 @@ def test_a_fifo_where_the_state_is_kept_is_set_aside_not_waited_on(tmp_path: Pat
     assert '"type": "start"' in proc.stdout or '"type":"start"' in proc.stdout
 
 
+def test_an_interrupted_end_of_a_start_stamped_1970_says_its_times_are_not_to_be_trusted(
+    tmp_path: Path,
+) -> None:
+    """A start sent before NTP set the clock (1970) and left open by a power cut was ended at
+    the next start with a duration of 56 years, as if it were true (a clock review)."""
+    import time
+
+    from detector_helpers import Recorder
+
+    import edge.service
+    from edge.eventlog import EventLogSink, read_events
+    from edge.messages import EventMessage, iso
+
+    for eid, at in (("a" * 32, 3600.0), ("b" * 32, time.time() - 60)):
+        EventLogSink(tmp_path).event(
+            EventMessage(type="start", event_id=eid, device_id="u", model="m",
+                         started_at=iso(at), peak_score=3.0, threshold=1.0)
+        )  # fmt: skip
+    reports = Recorder()
+    assert edge.service.end_interrupted(read_events(tmp_path), [reports]) == 2
+    early, recent = reports.events
+    assert early.started_at.startswith("1970-") and early.clock_unset is True
+    assert recent.clock_unset is None and 55 < recent.duration_s < 600
+
+
 def test_an_event_whose_end_line_was_torn_keeps_its_clip(tmp_path: Path) -> None:
     """The end goes to MQTT's spool, then to the event log: a power cut between the two (or a
     torn last line) left the event open in the log, and the start sent a second end, with no
