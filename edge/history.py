@@ -185,9 +185,11 @@ class ModelHistory:
         self.folder = folder
         self.keep = keep
         self.path = folder / HISTORY
-        existed = self.path.exists()
         read = read_json(self.path)  # a damaged file is set aside (and said) there
-        orphans = [p.name for p in self._on_disk()] if existed and read is None else []
+        # set aside now, or at a start whose save failed since (a full card); not a file
+        # that could not be read for now (EIO, EACCES), which stays as it is
+        lost = read is None and not os.path.lexists(self.path) and self._set_aside()
+        orphans = [p.name for p in self._on_disk()] if lost else []
         data = read or {}
         found = data.get("entries", [])
         entries = found if isinstance(found, list) else [found]
@@ -222,8 +224,8 @@ class ModelHistory:
                 "events off); the `reload_model` command with a version's name runs it, "
                 "`learn start` begins a period", self.path, ", ".join(orphans),
             )  # fmt: skip
-            with contextlib.suppress(OSError):  # so the next start says it no more
-                self.save()
+            with contextlib.suppress(OSError):  # so the next start says it no more (if it
+                self.save()  # cannot be saved, the copy set aside says it again)
         if data.get("configured") not in (None, configured):
             log.warning(
                 "the configured model is now %s (was %s): the versions made for the old one "
@@ -373,6 +375,13 @@ class ModelHistory:
         entries a damaged history.json lost: the next version wrote over the first)."""
         on_disk = (int(m.group(1)) for p in self._on_disk() if (m := VERSION.search(p.name)))
         return max((*(e["version"] for e in self.entries), *on_disk), default=0) + 1
+
+    def _set_aside(self) -> bool:
+        """Whether a damaged history.json was set aside here (`read_json`)."""
+        try:
+            return any(self.folder.glob(f"{HISTORY}.damaged-*"))
+        except OSError:
+            return False
 
     def _on_disk(self) -> list[Path]:
         """The version folders in the folder (`<stem>-v<N>.bundle`), by name."""

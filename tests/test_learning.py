@@ -238,6 +238,29 @@ def test_a_damaged_history_does_not_begin_commissioning_again_nor_write_over_a_v
     assert ModelHistory(models, keep=5, configured="fan-demo-12483c73")._next() == 2
 
 
+def test_a_history_set_aside_stays_lost_and_one_that_cannot_be_read_for_now_is_kept(
+    tmp_path: Path,
+) -> None:
+    """A review of the mend above: a damaged history set aside on a full card (its fresh copy
+    not saved) began commissioning at the next start after all; and a history that could not
+    be read for now (EIO, a link) was taken as lost and written over with no versions."""
+    from edge.history import ModelHistory
+
+    models = tmp_path / "models"
+    (models / "fan-demo-12483c73-v1.bundle").mkdir(parents=True)
+    (models / "history.json.damaged-1796496985").write_text('{"entries": [')  # a full card:
+    again = ModelHistory(models, keep=5, configured="fan-demo-12483c73")  # nothing saved
+    assert "fan-demo-12483c73" in again.learned, "no period begun at the next start either"
+    for name in ("history.json", "history.json.damaged-1796496985"):
+        (models / name).unlink(missing_ok=True)
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps({"learned": ["fan-demo-12483c73"], "entries": []}))
+    (models / "history.json").symlink_to(kept)  # opened without following: unreadable now
+    ModelHistory(models, keep=5, configured="fan-demo-12483c73")
+    assert (models / "history.json").is_symlink() and json.loads(kept.read_text())["learned"]
+    assert not list(models.glob("history.json.damaged-*"))
+
+
 def test_a_version_learnt_on_another_channel_is_a_model_of_that_channel(tmp_path: Path) -> None:
     """A period learnt with --channel 3 (as a device whose [audio] channel is 3): the version
     records the channel, as `calibrate` does, and a later replay on that data folder takes it by
