@@ -93,14 +93,18 @@ def run_detector(
                 dashboard.stop()
             said = str(exc) if isinstance(exc, SoundSentryError) else os_error_line(exc)
             raise StartError(said) from exc
-        # the device's own record (`events`) first, fsynced: a start a power cut caught between
-        # the spool and the log went out with no record of it, and no `end` ever followed (a
-        # power-loss review); the other way round, a start that never went out gets an end
-        sinks: list[Sink] = [EventLogSink(settings.data_dir)]
+        # the device's own record (`events`, fsynced) takes a start before the spool and an
+        # end after it: a start a power cut caught between the two went out with no record of
+        # it, and no `end` ever followed (a power-loss review); an end logged first would be
+        # lost for good the same way (a review of that mend). The worst left: an end for a
+        # start that never went out, or a second end, marked interrupted
+        record = EventLogSink(settings.data_dir)
+        sinks: list[Sink] = [Starts(record)]
         if publisher is not None:
             sinks.append(MqttSink(publisher))  # spooled durably before it is printed
         if print_events:
             sinks.append(JsonLinesSink())
+        sinks.append(AllButStarts(record))
         sinks.extend(extra_sinks)
         refresh = None
         if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id
@@ -401,6 +405,31 @@ def _no_answer(settings: Settings) -> str:
 
     why, check = probe_reason(settings.mqtt)
     return f"{why}: {check}"
+
+
+class Starts(Sink):
+    """A sink's `start` messages only (the event log's place before the spool)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def event(self, message: EventMessage) -> None:
+        if message.type == "start":
+            self.sink.event(message)
+
+
+class AllButStarts(Sink):
+    """A sink's messages but its `start`s (the event log's place after the spool): the rest,
+    its metrics ticks that retry what a full card held back included, as they come."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.state, self.health, self.metrics = sink.state, sink.health, sink.metrics  # type: ignore[method-assign]
+        self.response, self.window = sink.response, sink.window  # type: ignore[method-assign]
+
+    def event(self, message: EventMessage) -> None:
+        if message.type != "start":
+            self.sink.event(message)
 
 
 def end_interrupted(

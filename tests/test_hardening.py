@@ -631,12 +631,15 @@ def test_an_event_a_power_cut_left_open_is_ended_when_the_daemon_starts_again(
     }
 
 
-def test_a_start_is_in_the_event_log_before_it_can_reach_the_broker(
-    broker: Broker, tmp_path: Path
+@pytest.mark.parametrize("cut_at", ["start", "end"])
+def test_a_start_is_logged_before_the_broker_can_have_it_and_an_end_after(
+    broker: Broker, tmp_path: Path, cut_at: str
 ) -> None:
     """The start went to the spool (and out) before the event log: a power cut between the two
     left an alarm on at the broker with no record of it on the card, so the next start sent no
-    `end` for it (a power-loss review). The process dies as the start reaches the spool."""
+    `end` for it (a power-loss review). An end logged before the spool would be lost for good
+    the same way (a review of that mend): the log must not say ended what the broker was never
+    told. The process dies as the message reaches the spool."""
     from conftest import ANOMALOUS_FILE, ROOT
 
     cfg = tmp_path / "c.toml"
@@ -645,8 +648,11 @@ def test_a_start_is_in_the_event_log_before_it_can_reach_the_broker(
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 from edge.publish import MqttPublisher
+publish = MqttPublisher.publish_event
 def power_cut(self, message):
-    os._exit(9)  # the spool is the next thing written
+    if message.type == {cut_at!r}:
+        os._exit(9)  # the spool is the next thing written
+    return publish(self, message)
 MqttPublisher.publish_event = power_cut
 from soundsentry.cli import main
 main(["replay", {str(DEMO_BUNDLE)!r}, {str(ANOMALOUS_FILE)!r}, "--config", {str(cfg)!r}])
@@ -656,7 +662,7 @@ main(["replay", {str(DEMO_BUNDLE)!r}, {str(ANOMALOUS_FILE)!r}, "--config", {str(
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 9, proc.stderr
     lines = (tmp_path / "data" / "events.jsonl").read_text().splitlines()
-    assert [json.loads(line)["type"] for line in lines] == ["start"]
+    assert [json.loads(line)["type"] for line in lines] == ["start"]  # so a start ends it
 
 
 @pytest.mark.parametrize(
