@@ -765,7 +765,7 @@ def check_disk(s: Settings) -> Check:
     from edge.service import data_dir_holder
 
     holder = data_dir_holder(path)
-    held = f"; in use by {holder}" if holder else ""
+    held = f"; in use by {holder[1]}" if holder else ""
     return _clips_fit(s, path, free, clips) or Check(
         "data folder", True, f"{path}: {free:.0f} MB free for clips and the spool{held}"
     )
@@ -950,7 +950,8 @@ def _held(s: Settings, name: str) -> Check | None:
     """The check `name` skipped when a running soundsentry holds the microphone: the service,
     or a daemon run by hand on this config's data_dir (`soundsentry run` in another terminal,
     which doctor said nothing of: the device could not be opened, try another name). None
-    when neither runs."""
+    when neither runs, or when ALSA shows that the one holding the data_dir holds no capture
+    device (a replay, a daemon running deaf: the failure is the device's)."""
     from edge.service import data_dir_holder
 
     by_service = _held_by_service(name)
@@ -959,10 +960,14 @@ def _held(s: Settings, name: str) -> Check | None:
     holder = data_dir_holder(s.data_dir)
     if holder is None:
         return None
+    pid, who = holder
+    owners = _capture_owners()
+    if owners is not None and pid not in owners:
+        return None
     return Check(
         name,
         None,
-        f"not opened: {holder} runs on this config's data_dir and holds the microphone",
+        f"not opened: {who} runs on this config's data_dir and holds the microphone",
         "stop it first to test the device here",
     )
 

@@ -279,25 +279,23 @@ def _holder(pid: str, procfs: Path = Path("/proc")) -> tuple[str, str]:
     return (f", `{command[:160]}`", "") if command else ("", "")
 
 
-def data_dir_holder(data_dir: Path) -> str | None:
-    """Who holds `data_dir` now (its pid, unit or command line, and how to stop it), or None
-    when nobody does or this user cannot tell; for doctor, which said a microphone that a
-    daemon run by hand held could not be opened, and nothing of the daemon. The lock is
-    tried shared and let go at once: a daemon holding it is not disturbed."""
+def data_dir_holder(data_dir: Path, locks: Path = Path("/proc/locks")) -> tuple[int, str] | None:
+    """Who holds `data_dir` now: its pid, and its unit or command line with how to stop it;
+    None when nobody does or this cannot tell. For doctor, which said a microphone that a
+    daemon run by hand held could not be opened, and nothing of the daemon. Read from the
+    kernel's list of locks, not by taking the lock: a daemon starting just then failed on
+    doctor's brief hold (a review)."""
     try:
-        fd = os.open(data_dir / LOCK, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:  # none yet, or another user's folder
+        inode = os.stat(data_dir / LOCK, follow_symlinks=False).st_ino
+        listed = locks.read_text()
+    except OSError:  # none yet, another user's folder, or no /proc
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        who, stop = _holder(pid)
-        return f"soundsentry pid {pid}{who}{stop}"
-    except OSError:  # a file system without locks
-        return None
-    finally:
-        os.close(fd)  # lets a shared lock go with it
+    for line in listed.splitlines():  # "1: FLOCK  ADVISORY  WRITE 6863 fe:00:2146749 0 EOF"
+        words = line.split()  # a waiter's line has "->" where FLOCK stands
+        held = len(words) > 5 and words[1] == "FLOCK" and words[4].isdigit()
+        if held and words[5].rsplit(":", 1)[-1] == str(inode):
+            who, stop = _holder(words[4])
+            return int(words[4]), f"soundsentry pid {words[4]}{who}{stop}"
     return None
 
 
