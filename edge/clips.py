@@ -331,12 +331,12 @@ class ClipRecorder:
             self._clock_said = False
         kept = []
         for path, st in clips:
-            if clock.EARLIEST <= st.st_mtime <= now + FUTURE_SLACK_S:
-                kept.append((path, st))
+            kept.append((path, st))  # as it is unless stamped anew (counted, whatever happens)
+            if clock.EARLIEST <= st.st_mtime <= now + FUTURE_SLACK_S or path.is_symlink():
                 continue
             try:
-                os.utime(path, (now, now))
-                kept.append((path, path.stat()))
+                os.utime(path, (now, now), follow_symlinks=False)
+                kept[-1] = (path, path.stat())
             except OSError as exc:
                 self._skip(path, exc)
                 continue

@@ -707,7 +707,7 @@ def check_clock(_s: Settings) -> Check:
             "enable NTP: `sudo timedatectl set-ntp true` (events carry timestamps)",
         )
     synced = clock.synchronised()
-    if synced is None:  # neither timesyncd's file nor the kernel's flag: ask timedated
+    if synced is None:  # no timesyncd here to tell: ask timedated (chrony, ntpd)
         said = _run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"])
         synced = {"yes": True, "no": False}.get(said or "")
     if synced is False:

@@ -70,6 +70,9 @@ def open_spool(path: Path, max_messages: int) -> Spool:
     not a database (damaged) is moved aside to `NAME.broken-TIME` and a new one started; one
     that cannot be opened for now (a full or read-only disk) is left as it is, with its
     messages for a later start, and this run spools in memory. Both are logged as errors."""
+    for stale in path.parent.glob(f".{path.name}.broken-*.padded"):  # a salvage cut short
+        with suppress(OSError):
+            stale.unlink()
     try:
         return Spool(path, max_messages)
     except (sqlite3.OperationalError, OSError) as exc:  # disk full, I/O error, read-only

@@ -208,13 +208,17 @@ def test_clips_stamped_by_a_wrong_clock_age_from_when_it_is_set(
     early = _clip(tmp_path, "19700101T010004Z-7adfa3f45ecb.wav", 3600.0)
     ahead = _clip(tmp_path, "20381202T184713Z-10c7c4c3c219.wav", now + 12 * 365 * 86400)
     old = _clip(tmp_path, "old.wav", now - OLD_S)
+    outside = _clip(tmp_path.parent, f"{tmp_path.name}-outside.wav", 3600.0)
+    (tmp_path / "link.wav").symlink_to(outside)  # not the clips' own: its time is left alone
     rec = ClipRecorder(tmp_path, RATE, max_age_days=1)
     with caplog.at_level(logging.INFO, logger="edge.clips"):
-        assert rec.enforce_retention() == [old]
+        removed = rec.enforce_retention()  # the link by its target's age; the target stays
+    assert sorted(p.name for p in removed) == ["link.wav", old.name]
     for path in (early, ahead):
         assert abs(path.stat().st_mtime - now) < 60, path  # ages from now
     said = " ".join(r.getMessage() for r in caplog.records)
     assert f"{early.name} was stamped 1970-01-01 by a wrong clock: it ages from now" in said
     assert f"{ahead.name} was stamped 2038-" in said
+    assert outside.exists() and outside.stat().st_mtime == 3600.0
     assert clock.believable(0.0) == "the system clock says 1970-01-01"
     assert clock.believable(now) is None

@@ -419,7 +419,8 @@ def test_a_certificate_refused_by_its_dates_points_at_the_clock(tmp_path: Path) 
     """A Pi's clock before NTP sets it (1970, or fake-hwclock's weeks-old time) refuses the
     broker's certificate as not yet valid, and the hint blamed ca_file and host (a clock
     review). A real TLS server whose certificate's dates the clock refuses (expired here:
-    openssl makes no certificate from the future) gets the clock's hint."""
+    `openssl x509` makes none from the future; not yet valid, code 9, takes the same branch) gets
+    the clock's hint."""
     import socketserver
     import ssl
     import threading
