@@ -117,6 +117,9 @@ class ClipRecorder:
         self.ring = CaptureRing(preroll_s + 15.0, samplerate, start_sample)
         self._rec: _Recording | None = None
         self._written: list[Path] = []
+        self._written_at: dict[Path, float] = {}
+        """When each clip of this run was written (monotonic): its age while the wall clock
+        cannot be believed."""
         remove_stale_temps(folder)  # a clip a power cut interrupted
         self._next_retention: float | None = None
         self._skipped: set[str] = set()
@@ -159,6 +162,7 @@ class ClipRecorder:
             return None
         self._said = None
         self._written.append(self.folder / name)
+        self._written_at[self.folder / name] = time.monotonic()
         self._retain(keep=self.folder / name)  # older clips make room for it
         return name, round(rec.samples / self.samplerate, 3)
 
@@ -283,10 +287,18 @@ class ClipRecorder:
         that clip rather than none."""
         now = time.time()
         clips = self._clips()
+        removed = []
         wrong = clock.believable(now)
-        if wrong is not None:  # no age is known: every clip is young, the size limit holds
-            self._say_clock(wrong)
-            max_age = math.inf
+        if wrong is not None:  # no file's age is known: the size limit holds, and this run's
+            self._say_clock(wrong)  # own clips go by the time since they were written (a
+            max_age = math.inf  # site whose NTP server is never reached kept them for good)
+            mono = time.monotonic()
+            for path, _ in clips:
+                written = self._written_at.get(path, mono)
+                aged = path != keep and mono - written > self.max_age_s
+                if aged and self._delete(path):
+                    removed.append(path)
+            clips = [c for c in clips if c[0] not in removed]
         else:
             clips = self._restamp(clips, now)
             max_age = self.max_age_s
@@ -296,7 +308,6 @@ class ClipRecorder:
         order = {path: i for i, path in enumerate(self._written)}
         clips.sort(key=lambda c: (order.get(c[0], -1), c[1].st_mtime))
         total = sum(st.st_size for _, st in clips if now - st.st_mtime <= max_age)
-        removed = []
         newest = keep if keep is not None else (clips[-1][0] if clips else None)
         for path, st in clips:
             if path == keep:  # just written: neither its age (a clock set back) nor the size
@@ -310,6 +321,8 @@ class ClipRecorder:
             if self._delete(path):
                 removed.append(path)
         self._written = [p for p in self._written if p not in removed]
+        for path in removed:
+            self._written_at.pop(path, None)
         return removed
 
     def _say_clock(self, why: str) -> None:

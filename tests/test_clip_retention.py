@@ -192,6 +192,13 @@ def test_no_clip_is_deleted_by_its_age_while_the_clock_is_not_set(
         "retention: the system clock is not synchronised yet (NTP): clips are kept by [clips] "
         "max_total_mb only until it is, their ages unknown ([clips] max_age_days waits)"
     ]
+    # this run's own clips go by the time since they were written: a site whose NTP server
+    # is never reached kept them (they may hold speech) for good (a review)
+    written = record_clip(rec, "ev1")
+    assert written is not None
+    mine = folder / written[0]
+    rec._written_at[mine] -= 2 * 86400  # two days of this run (monotonic) since it was written
+    assert rec.enforce_retention() == [mine] and old.exists()
     (timesync / "synchronized").touch()  # NTP has set it
     assert rec.enforce_retention() == [old] and not old.exists()
 
