@@ -57,6 +57,11 @@ EXPENDABLE = (
     "SELECT id FROM outbox WHERE retain = 0 AND payload LIKE '%update%' AND CASE WHEN "
     "json_valid(payload) "
     "THEN json_extract(payload, '$.type') = 'update' ELSE 0 END ORDER BY id LIMIT ?",
+    # all but the ends of anomalies: an end is what clears an alarm whose start went out
+    # before the outage (the oldest went first, an end among them: a network review)
+    "SELECT id FROM outbox WHERE NOT (retain = 0 AND topic LIKE '%/events' AND payload LIKE "
+    "'%end%' AND CASE WHEN json_valid(payload) THEN json_extract(payload, '$.type') = 'end' "
+    "ELSE 0 END) ORDER BY id LIMIT ?",
 )
 """What a full spool drops first, in this order, before the oldest of the rest."""
 
@@ -326,7 +331,8 @@ class Spool:
         if self._dropped_unlogged and due:
             log.warning(
                 "spool full (%d messages): dropped %d since the last report (replaced "
-                "retained messages and anomaly updates first, then the oldest)",
+                "retained messages and anomaly updates first, then the oldest but the ends "
+                "of anomalies)",
                 self.max_messages,
                 self._dropped_unlogged,
             )

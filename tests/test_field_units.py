@@ -51,7 +51,7 @@ def test_spool_is_durable_ordered_and_bounded(
     full = [r.getMessage() for r in caplog.records if "spool full" in r.getMessage()]
     assert full == [
         "spool full (3 messages): dropped 1 since the last report (replaced retained messages "
-        "and anomaly updates first, then the oldest)"
+        "and anomaly updates first, then the oldest but the ends of anomalies)"
     ]
     spool.close()
     again = Spool(path, max_messages=3)  # a restart (or kill -9) keeps what was stored
@@ -61,6 +61,29 @@ def test_spool_is_durable_ordered_and_bounded(
     assert [r.payload for r in again.after(0)] == ["m3", "m4"]
     assert [r.payload for r in again.after(rows[1].id)] == ["m4"]
     assert again.dropped == 2
+
+
+def test_a_full_spool_keeps_the_ends_that_clear_alarms_already_raised(tmp_path: Path) -> None:
+    """A full spool dropped the oldest message, and an outage's oldest is the `end` of the
+    alarm raised just before it: consumers had its `start`, and the alarm never cleared (a
+    network review). Starts and other messages go before any end."""
+    spool = Spool(tmp_path / "spool.sqlite", max_messages=4)
+
+    def event(kind: str, eid: str) -> None:
+        spool.append("d/events", json.dumps({"type": kind, "event_id": eid}))
+
+    for eid in "abc":
+        event("start", eid)
+        event("update", eid)
+        event("end", eid)
+    kept = [json.loads(r.payload) for r in spool.after(0)]
+    assert [(m["type"], m["event_id"]) for m in kept] == [
+        ("end", "a"), ("end", "b"), ("start", "c"), ("end", "c")
+    ]  # fmt: skip
+    for eid in "defgh":  # ends alone beyond the limit: the oldest of them go
+        event("end", eid)
+    assert [json.loads(r.payload)["event_id"] for r in spool.after(0)] == list("efgh")
+    spool.close()
 
 
 def test_the_last_drops_of_a_burst_are_logged_without_a_later_drop(
