@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import shlex
@@ -460,6 +461,10 @@ class MqttPublisher:
         log.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
         if self._quick_drops >= TOO_LARGE_DROPS:
             self._set_aside_largest(client)
+        else:  # paho would send what was in flight after the latest retained of each topic:
+            # after a half-open stall, `state` went anomaly, normal, anomaly... again to live
+            # subscribers, old states over the new (a network review)
+            self._hand_back(client.drop_out_messages())
         self._connected_at = time.monotonic()
         wanted = [self.topics.command, *self.topics.ha_statuses, self.topics.availability]
         # this device's availability without its own publishes (no local): only others' reach
@@ -575,14 +580,21 @@ class MqttPublisher:
             "again (a spooled one stays in the spool); raise the broker's limit",
             TOO_LARGE_DROPS, largest, topic, largest, _duration(self.size_relearn_s),
         )  # fmt: skip
+        self._hand_back(taken, limit)
+
+    def _hand_back(self, taken: list[mqtt.MQTTMessage], limit: float = math.inf) -> None:
+        """What was taken back from paho goes again, not as paho would send it: spooled rows by
+        the sender thread, in order, before any new one; messages in memory from memory;
+        retained ones not at all (`_on_connect` sends each topic's latest); a command's
+        response now; none of `limit` payload bytes or more."""
         with self._mid_lock:
             for m in taken:
                 self._topic_of.pop(m.mid, None)
                 self._sent_on.pop(m.mid, None)
         spooled = [m.mid for m in taken if m.mid in self._inflight or m.mid in self._unspooled_mids]
         self._dropped_mids.put(spooled)
-        for m, size in zip(taken, sizes, strict=True):
-            if m.mid not in spooled and not m.retain and m.qos and size <= limit:
+        for m in taken:
+            if m.mid not in spooled and not m.retain and m.qos and len(m.payload) <= limit:
                 properties = getattr(m, "properties", None)  # a reply's Correlation Data
                 reply = m.topic.startswith(f"{self.topics.response}/")
                 self._publish(

@@ -3,6 +3,7 @@ spool made read-only, as on a full card."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -129,3 +130,64 @@ class Requester:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class StallProxy:
+    """A TCP relay in front of a broker that can stall (hold every byte, both ways, and close
+    nothing: a half-open link on plant Wi-Fi) and drop its connections; new ones relay."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+
+        self.upstream = upstream_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.stalled = threading.Event()
+        self._sockets: list[Any] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: Any, sink: Any) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            while self.stalled.is_set():  # held, never delivered: the link is gone
+                time.sleep(0.01)
+                if source.fileno() < 0:
+                    return
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def drop(self) -> None:
+        """Close every relayed connection (the stall's bytes are lost with them)."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)
+            sock.close()
+
+    def close(self) -> None:
+        self.stalled.clear()
+        self.drop()
+        self.server.close()

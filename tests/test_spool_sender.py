@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import Broker, wait_for
-from mqtt_helpers import Subscriber, read_only
+from mqtt_helpers import StallProxy, Subscriber, read_only
 
 from edge.messages import EventMessage, StateMessage
 from edge.publish import MqttPublisher
@@ -524,3 +524,42 @@ def test_health_changes_made_while_away_arrive_in_order_the_latest_last(
         assert changes == ["recovered:silence", "fault:silence"], changes
     finally:
         consumer.close()
+
+
+def test_states_held_by_a_half_open_link_do_not_reach_subscribers_after_the_latest(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A half-open link (plant Wi-Fi): states published while the dead connection still looked
+    alive sat in paho's queue, and paho sent them again after the reconnect, after the latest:
+    Home Assistant's anomaly sensor went on and off again with states minutes old (a network
+    review). What was in flight goes again as the daemon chooses: each retained topic's
+    latest once, spooled rows from the spool."""
+    proxy = StallProxy(broker.port)
+    settings = MqttSettings(host="127.0.0.1", port=proxy.port, keepalive=5,
+                            reconnect_max_seconds=1)  # fmt: skip
+    publisher = MqttPublisher(settings, TOPICS, "stall", Spool(tmp_path / "spool.sqlite"))
+    live = Subscriber(broker.port, TOPICS.state, client_id="ha")
+
+    def state(name: str) -> StateMessage:
+        return StateMessage(state=name, device_id="pump-3", model="m",  # type: ignore[arg-type]
+                            threshold=1.0, updated_at="2026-12-05T10:00:00Z")  # fmt: skip
+
+    try:
+        publisher.start()
+        wait_for(lambda: publisher.connected, 10, "the first connection")
+        publisher.publish_state(state("normal"))
+        assert live.wait_for(lambda ms: len(ms) == 1, 10), "the first state"
+        proxy.stalled.set()
+        for name in ("anomaly", "normal", "anomaly", "normal"):  # handed to paho: connected
+            publisher.publish_state(state(name))
+        proxy.drop()  # the link comes back; its held bytes never arrive
+        proxy.stalled.clear()
+        wait_for(lambda: publisher._connection >= 2 and publisher.connected, 30, "a reconnect")
+        publisher.publish_state(state("muted"))  # after whatever paho sends at the reconnect
+        assert live.wait_for(lambda ms: ms[-1].json()["state"] == "muted", 10), "the marker"
+    finally:
+        publisher.close(timeout_s=1)
+        live.close()
+        proxy.close()
+    after = [m.json()["state"] for m in live.messages[1:-1]]
+    assert after and set(after) == {"normal"}, after  # the latest, never an older anomaly
