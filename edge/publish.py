@@ -376,6 +376,7 @@ class MqttPublisher:
         self.size_relearn_s = SIZE_RELEARN_S
         self._quick_drops = 0  # connections in a row ended by a protocol error at once
         self._connected_at = 0.0  # monotonic time of the last CONNACK
+        self._loss_said = False  # the loss of the connection was logged, until the next attempt
         self._dropped_mids: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         """Message ids taken back from paho (over the learned limit): their spool rows are
         handed again by the sender thread, those over the limit kept as if refused."""
@@ -408,6 +409,7 @@ class MqttPublisher:
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_pre_connect = self._on_pre_connect
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
@@ -528,6 +530,9 @@ class MqttPublisher:
             self.client.username_pw_set(self.settings.username, password)
             log.warning("MQTT: the password changed; the next attempt uses the new one")
 
+    def _on_pre_connect(self, _c: mqtt.Client, _u: Any) -> None:
+        self._loss_said = False  # a new attempt: what ends it is news
+
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
@@ -538,6 +543,9 @@ class MqttPublisher:
             protocol = getattr(reason, "value", None) == PROTOCOL_ERROR
             self._quick_drops = self._quick_drops + 1 if quick and protocol else 0
             log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason)
+            self._loss_said = True
+        elif self._loss_said:  # paho reports a keepalive's loss twice: the second took the
+            return  # path of a CONNECT never answered, and blamed a TLS port (a network review)
         elif not self._last_refusal and _keepalive_timeout(reason):  # we hung up: no answer
             self._unreachable(
                 f"{self.settings.host}:{self.settings.port} took the connection and did not "

@@ -527,7 +527,7 @@ def test_health_changes_made_while_away_arrive_in_order_the_latest_last(
 
 
 def test_states_held_by_a_half_open_link_do_not_reach_subscribers_after_the_latest(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A half-open link (plant Wi-Fi): states published while the dead connection still looked
     alive sat in paho's queue, and paho sent them again after the reconnect, after the latest:
@@ -552,6 +552,8 @@ def test_states_held_by_a_half_open_link_do_not_reach_subscribers_after_the_late
         proxy.stalled.set()
         for name in ("anomaly", "normal", "anomaly", "normal"):  # handed to paho: connected
             publisher.publish_state(state(name))
+        caplog.set_level(logging.INFO, logger="edge.publish")
+        wait_for(lambda: not publisher.connected, 30, "the keepalive to find the link dead")
         proxy.drop()  # the link comes back; its held bytes never arrive
         proxy.stalled.clear()
         wait_for(lambda: publisher._connection >= 2 and publisher.connected, 30, "a reconnect")
@@ -563,3 +565,6 @@ def test_states_held_by_a_half_open_link_do_not_reach_subscribers_after_the_late
         proxy.close()
     after = [m.json()["state"] for m in live.messages[1:-1]]
     assert after and set(after) == {"normal"}, after  # the latest, never an older anomaly
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([w for w in said if "disconnected" in w]) == 1, said  # paho says it twice:
+    assert not [w for w in said if "did not answer the MQTT CONNECT" in w], said  # once here
