@@ -595,6 +595,29 @@ def test_the_home_assistant_example_notifies_at_the_start_and_on_a_real_end_only
         assert notified({"type": "end", "ended_by": ended_by}) == (ended_by in told), ended_by
 
 
+def test_the_home_assistant_example_s_condition_for_recent_events_renders() -> None:
+    """After an outage the spool delivers hours of events in seconds (a network review): the
+    example's comment gives a condition for recent ones; it must render as Home Assistant
+    renders it (`now()`, `as_timestamp` of an ISO time)."""
+    from datetime import UTC, datetime, timedelta
+
+    text = (ROOT / "deploy" / "examples" / "home-assistant.yaml").read_text()
+    (condition,) = re.findall(r"#\s+(\{\{ as_timestamp\(now\(\)\).*\}\})", text)
+
+    def as_timestamp(value: Any) -> float:
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+        return when.timestamp()
+
+    def recent(started: datetime) -> str:
+        iso = started.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        trigger = {"payload_json": {"type": "start", "started_at": iso}}
+        return render(condition, trigger=trigger, now=lambda: datetime.now(UTC),
+                      as_timestamp=as_timestamp)  # fmt: skip
+
+    assert recent(datetime.now(UTC) - timedelta(minutes=1)) == "True"
+    assert recent(datetime.now(UTC) - timedelta(hours=3)) == "False"
+
+
 def test_the_node_red_example_keeps_its_session_across_restarts() -> None:
     """A clean session dropped every event published while Node-RED restarted: the broker
     queues QoS 1 messages only for a persistent session with a fixed client id."""
