@@ -185,6 +185,7 @@ class ClipRecorder:
         for path, _ in sorted(self._clips(), key=lambda c: (order.get(c[0], -1), c[1].st_mtime)):
             if self._delete(path):
                 self._written = [p for p in self._written if p != path]
+                self._written_at.pop(path, None)
             if self._free_mb() >= needed:
                 return None
         return (
@@ -324,6 +325,13 @@ class ClipRecorder:
         for path in removed:
             self._written_at.pop(path, None)
         return removed
+
+    def written_before(self, other: ClipRecorder) -> None:
+        """Take over the clips `other` wrote in this run (a reload made this one): while the
+        wall clock cannot be believed, their ages are known from the time they were written
+        alone, and clips turned off by a reload were kept for good (a review)."""
+        self._written = [*other._written, *(p for p in self._written if p not in other._written)]
+        self._written_at = {**other._written_at, **self._written_at}
 
     def _say_clock(self, why: str) -> None:
         """Once a run, while the wall clock is not believed: clips are kept by size only."""

@@ -319,11 +319,15 @@ class Detector:
             self.settings = settings
         h, c = settings.health, settings.clips  # faults in progress and the ring are kept
         self.health.fault_seconds, self.health.clip_fraction = h.fault_seconds, h.clip_fraction
+        before = self.clips or self._clip_keeper
         if self.clips and c.enabled:
             self.clips.configure(c.preroll_seconds, c.max_seconds, c.max_total_mb, c.max_age_days)
         else:
             self.clips = _clip_recorder(settings, self._rate, self._samples)
         self._clip_keeper = _clip_keeper(settings, self._rate) if self.live else None
+        after = self.clips or self._clip_keeper
+        if before is not None and after is not None and after is not before:
+            after.written_before(before)  # this run's clips keep their ages (a review)
 
     def _load(
         self,

@@ -261,6 +261,17 @@ CERT_DATES = (9, 10)
 """OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED."""
 
 
+def _take_all(client: mqtt.Client) -> list[mqtt.MQTTMessage]:
+    """Every message paho holds to send or to see acknowledged (paho 2.2), taken back; its
+    count of messages in flight set to none, which `drop_out_messages` leaves as it was (a
+    reply written before the broker's CONNACK held one of its 20 slots for good: a review).
+    Called on paho's thread, in `on_connect`, before anything new is published."""
+    taken = client.drop_out_messages()
+    with client._out_message_mutex:
+        client._inflight_messages = 0
+    return taken
+
+
 def probe_reason(s: MqttSettings) -> tuple[str, str]:
     """Why a connection failed where paho says nothing, and what to check: asked of the network
     (a TCP connection, then with [mqtt.tls] the TLS handshake as the client makes it). A
@@ -466,7 +477,7 @@ class MqttPublisher:
         else:  # paho would send what was in flight after the latest retained of each topic:
             # after a half-open stall, `state` went anomaly, normal, anomaly... again to live
             # subscribers, old states over the new (a network review)
-            self._hand_back(client.drop_out_messages())
+            self._hand_back(_take_all(client))
         self._connected_at = time.monotonic()
         wanted = [self.topics.command, *self.topics.ha_statuses, self.topics.availability]
         # this device's availability without its own publishes (no local): only others' reach
@@ -571,7 +582,7 @@ class MqttPublisher:
         before any new one; retained ones as the latest, by `_on_connect`; a command's response
         now."""
         self._quick_drops = 0
-        taken = client.drop_out_messages()  # paho 2.2: not sent again at the reconnect
+        taken = _take_all(client)  # not sent again by paho at the reconnect
         if not taken:
             return
         sizes = [len(m.payload) for m in taken]  # message_size_limit counts payload bytes
@@ -859,6 +870,9 @@ class MqttPublisher:
         for row in rows:
             if not self.connected or len(self._inflight) >= MAX_HANDED:
                 return  # an acknowledgement wakes the sender for the rest
+            if not self._dropped_mids.empty():  # a reconnect took rows back meanwhile (the read
+                self._wake.set()  # above waits on the card): they go first, in the next pass;
+                return  # newer ones went before them (a review)
             info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: handed again later
                 return

@@ -229,3 +229,36 @@ def test_clips_stamped_by_a_wrong_clock_age_from_when_it_is_set(
     assert outside.exists() and outside.stat().st_mtime == 3600.0
     assert clock.believable(0.0) == "the system clock says 1970-01-01"
     assert clock.believable(now) is None
+
+
+def test_clips_turned_off_by_a_reload_keep_the_ages_this_run_knows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the wall clock cannot be believed this run's clips go by the time since they were
+    written; a reload that turned clips off made a new keeper that knew none of them, and they
+    were kept for good (a review)."""
+    from conftest import DEMO_BUNDLE
+
+    import edge.clock
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    timesync = tmp_path / "timesync"
+    timesync.mkdir()  # timesyncd runs, and has not set the clock
+    monkeypatch.setattr(edge.clock, "TIMESYNCD", timesync)
+    settings = Settings(device_id="c", model=DEMO_BUNDLE, data_dir=tmp_path / "data",
+                        clips={"max_age_days": 1})  # fmt: skip
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [])
+    recorder = detector.clips
+    assert recorder is not None
+    written = record_clip(recorder, "ev1")
+    assert written is not None
+    clip = recorder.folder / written[0]
+    off = Settings(device_id="c", model=DEMO_BUNDLE, data_dir=tmp_path / "data",
+                   clips={"enabled": False, "max_age_days": 1})  # fmt: skip
+    detector.apply_settings(off)
+    keeper = detector._clip_keeper
+    assert keeper is not None and keeper is not recorder
+    keeper._written_at[clip] -= 2 * 86400  # two days of this run since it was written
+    assert keeper.enforce_retention() == [clip]

@@ -568,3 +568,83 @@ def test_states_held_by_a_half_open_link_do_not_reach_subscribers_after_the_late
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len([w for w in said if "disconnected" in w]) == 1, said  # paho says it twice:
     assert not [w for w in said if "did not answer the MQTT CONNECT" in w], said  # once here
+
+
+def test_events_taken_back_at_a_reconnect_go_before_newer_ones_whatever_the_card_delays(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a reconnect the events in flight are taken back and handed again before newer ones;
+    a sender whose read of the spool (it waits on the card's fsync, shared with the loop's
+    appends) spanned a reconnect handed the newer first: A0 A1 A2 B0 arrived B0 A0 A1 A2 (a
+    review). The read here waits for the reconnect, as a slow card would."""
+    proxy = StallProxy(broker.port)
+    settings = MqttSettings(host="127.0.0.1", port=proxy.port, keepalive=5,
+                            reconnect_max_seconds=1)  # fmt: skip
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = MqttPublisher(settings, TOPICS, "slow-card", spool)
+    events = Subscriber(broker.port, TOPICS.events, client_id="consumer")
+    read = spool.after
+    slow = threading.Event()
+
+    def after(last_id: int, limit: int = 100) -> Any:
+        rows = read(last_id, limit)
+        if slow.is_set() and any(json.loads(r.payload)["event_id"] == "B0" for r in rows):
+            slow.clear()  # the card is slow while the link comes back
+            proxy.drop()
+            proxy.stalled.clear()
+            wait_for(lambda: publisher._connection >= 2, 30, "the reconnect")
+        return rows
+
+    try:
+        publisher.start()
+        wait_for(lambda: publisher.connected, 10, "the first connection")
+        proxy.stalled.set()
+        for n in range(3):
+            publisher.publish_event(_event(f"A{n}"))
+        wait_for(lambda: len(publisher._inflight) == 3, 10, "A0-A2 handed to paho")
+        monkeypatch.setattr(spool, "after", after)
+        slow.set()
+        publisher.publish_event(_event("B0"))
+        assert events.wait_for(lambda ms: len({m.json()["event_id"] for m in ms}) == 4, 30)
+    finally:
+        publisher.close(timeout_s=1)
+        events.close()
+        proxy.close()
+    order = list(dict.fromkeys(m.json()["event_id"] for m in events.messages))
+    assert order == ["A0", "A1", "A2", "B0"], order
+
+
+def test_a_reply_sent_while_a_reconnect_waits_for_its_answer_frees_its_slot(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A reply written while the broker had not answered the reconnect yet was taken back at
+    the answer and sent again; paho never counted the first copy down, and one of its 20
+    in-flight slots stayed taken until the next reconnect (a review)."""
+    from edge.messages import ResponseMessage
+
+    proxy = StallProxy(broker.port)
+    settings = MqttSettings(host="127.0.0.1", port=proxy.port, keepalive=5,
+                            reconnect_max_seconds=1)  # fmt: skip
+    publisher = MqttPublisher(settings, TOPICS, "reply", Spool(tmp_path / "spool.sqlite"))
+    replies = Subscriber(broker.port, TOPICS.response, client_id="asker")
+    try:
+        publisher.start()
+        wait_for(lambda: publisher.connected, 10, "the first connection")
+        proxy.stalled.set()
+        proxy.drop()
+        wait_for(lambda: len(proxy._sockets) >= 2, 10, "the reconnect's TCP connection")
+        reply = ResponseMessage(command="status", ok=True, device_id="pump-3", id="r1",
+                                updated_at="2026-12-05T10:00:00Z")  # fmt: skip
+        publisher.publish_response(reply)
+        proxy.stalled.clear()  # the broker answers now
+        assert replies.wait_for(lambda ms: any(m.json()["id"] == "r1" for m in ms), 10)
+        wait_for(
+            lambda: publisher.connected and publisher.client._inflight_messages == 0,
+            10,
+            "every slot free",
+            lambda: publisher.client._inflight_messages,
+        )
+    finally:
+        publisher.close(timeout_s=1)
+        replies.close()
+        proxy.close()
