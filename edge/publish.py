@@ -266,8 +266,8 @@ def _take_all(client: mqtt.Client) -> list[mqtt.MQTTMessage]:
     count of messages in flight set to none, which `drop_out_messages` leaves as it was (a
     reply written before the broker's CONNACK held one of its 20 slots for good: a review).
     Called on paho's thread, in `on_connect`, before anything new is published."""
-    taken = client.drop_out_messages()
-    with client._out_message_mutex:
+    with client._out_message_mutex:  # an RLock, which drop_out_messages takes too: nothing
+        taken = client.drop_out_messages()  # published between the two goes uncounted
         client._inflight_messages = 0
     return taken
 

@@ -10,7 +10,6 @@ through a day's broker outage makes thousands), then the oldest.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edge.private import private_dir, private_file
 
@@ -60,20 +58,7 @@ EXPENDABLE = (
     "json_valid(payload) "
     "THEN json_extract(payload, '$.type') = 'update' ELSE 0 END ORDER BY id LIMIT ?",
 )
-"""What a full spool drops first, in this order, before unsent anomalies (`_drop_unsent`)
-and then the oldest of the rest."""
-
-IS_END = (
-    "retain = 0 AND topic LIKE '%/events' AND payload LIKE '%end%' AND CASE WHEN "
-    "json_valid(payload) THEN json_extract(payload, '$.type') = 'end' ELSE 0 END"
-)
-UNSENT = (
-    "SELECT id, topic, payload FROM outbox WHERE id < (SELECT MAX(id) FROM outbox) AND NOT "
-    "(retain = 1 AND id IN (SELECT MAX(id) FROM outbox WHERE retain = 1 GROUP BY topic)) AND "
-    f"NOT ({IS_END}) ORDER BY id LIMIT 1"
-)
-"""The oldest message that is neither an anomaly's end, nor the latest of a retained topic,
-nor the newest: an end met before its start (oldest first) is one whose start went out."""
+"""What a full spool drops first, in this order, before the oldest of the rest."""
 
 FULL_LOG_EVERY_S = 60.0
 """A full spool drops a message for every new one; it says so at most this often (with the
@@ -321,17 +306,11 @@ class Spool:
         if excess <= 0:
             return
         left = excess
-        for expendable in EXPENDABLE:
+        for expendable in (*EXPENDABLE, "SELECT id FROM outbox ORDER BY id LIMIT ?"):
             if left > 0:
-                left -= self._delete(f"DELETE FROM outbox WHERE id IN ({expendable})", (left,))
-        while left > 0 and (gone := self._drop_unsent()):
-            left -= gone
-        if left > 0:
-            left -= self._delete(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
-                (left,),
-            )
-        excess -= min(left, 0)  # an anomaly dropped whole may be more than the excess
+                gone = self._db.execute(f"DELETE FROM outbox WHERE id IN ({expendable})", (left,))
+                left -= max(gone.rowcount, 0)
+                self._rows -= max(gone.rowcount, 0)
         self._db.execute(
             "INSERT INTO meta VALUES ('dropped', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
@@ -340,36 +319,6 @@ class Spool:
         self._dropped_unlogged += excess
         self._report_drops()
 
-    def _delete(self, sql: str, args: tuple[Any, ...]) -> int:
-        """Run a DELETE; the rows it took, counted off (under `_lock`)."""
-        gone = max(self._db.execute(sql, args).rowcount, 0)
-        self._rows -= gone
-        return gone
-
-    def _drop_unsent(self) -> int:
-        """Drop the oldest message that is not an anomaly's end whose start went out (that end
-        clears an alarm consumers have: the oldest went first, and it was one, in a network
-        review), nor the latest of a retained topic, nor the newest; an anomaly's start goes
-        with the rest of its anomaly, whose end would clear nothing. How many went."""
-        row = self._db.execute(UNSENT).fetchone()
-        if row is None:
-            return 0
-        rid, topic, payload = row
-        try:
-            message = json.loads(payload)
-        except ValueError:
-            message = None
-        start = isinstance(message, dict) and message.get("type") == "start"
-        event = message.get("event_id") if start else None  # type: ignore[union-attr]
-        if not (topic.endswith("/events") and isinstance(event, str) and event):
-            return self._delete("DELETE FROM outbox WHERE id = ?", (rid,))
-        return self._delete(
-            "DELETE FROM outbox WHERE id = ? OR (id > ? AND topic = ? AND payload LIKE ? AND "
-            "CASE WHEN json_valid(payload) THEN json_extract(payload, '$.event_id') = ? ELSE 0 "
-            "END)",
-            (rid, rid, topic, f"%{event}%", event),
-        )
-
     def _report_drops(self, now: bool = False) -> None:
         """Log the drops not yet reported, at most every FULL_LOG_EVERY_S (under `_lock`);
         `now`: whatever the time (at close: the last minute's went unsaid, in a review)."""
@@ -377,8 +326,7 @@ class Spool:
         if self._dropped_unlogged and due:
             log.warning(
                 "spool full (%d messages): dropped %d since the last report (replaced "
-                "retained messages and anomaly updates first, then anomalies not yet sent and "
-                "other messages, oldest first; the end of an anomaly whose start went out last)",
+                "retained messages and anomaly updates first, then the oldest)",
                 self.max_messages,
                 self._dropped_unlogged,
             )

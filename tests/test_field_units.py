@@ -51,8 +51,7 @@ def test_spool_is_durable_ordered_and_bounded(
     full = [r.getMessage() for r in caplog.records if "spool full" in r.getMessage()]
     assert full == [
         "spool full (3 messages): dropped 1 since the last report (replaced retained messages "
-        "and anomaly updates first, then anomalies not yet sent and other messages, oldest "
-        "first; the end of an anomaly whose start went out last)"
+        "and anomaly updates first, then the oldest)"
     ]
     spool.close()
     again = Spool(path, max_messages=3)  # a restart (or kill -9) keeps what was stored
@@ -62,34 +61,6 @@ def test_spool_is_durable_ordered_and_bounded(
     assert [r.payload for r in again.after(0)] == ["m3", "m4"]
     assert [r.payload for r in again.after(rows[1].id)] == ["m4"]
     assert again.dropped == 2
-
-
-def test_a_full_spool_keeps_the_ends_that_clear_alarms_already_raised(tmp_path: Path) -> None:
-    """A full spool dropped the oldest message, and an outage's oldest is the `end` of the
-    alarm raised just before it, whose start consumers had: the alarm never cleared (a network
-    review). Anomalies not yet sent go first, each whole (its end would clear nothing); the
-    latest of a retained topic and the newest message stay; my first mend kept every end and
-    dropped the newest start and the latest health instead (a review of it)."""
-    spool = Spool(tmp_path / "spool.sqlite", max_messages=5)
-
-    def event(kind: str, eid: str) -> None:
-        spool.append("d/events", json.dumps({"type": kind, "event_id": eid}))
-
-    def held() -> list[str]:
-        return [
-            f"{m.get('type', m.get('fault'))} {m.get('event_id', '')}".strip()
-            for m in (json.loads(r.payload) for r in spool.after(0))
-        ]
-
-    event("end", "a")  # its start went out before the outage
-    spool.append("d/health", json.dumps({"fault": "silence"}), retain=True)
-    for kind, eid in (("start", "b"), ("end", "b"), ("start", "c"), ("end", "c"), ("start", "d")):
-        event(kind, eid)
-    assert held() == ["end a", "silence", "start c", "end c", "start d"]
-    spool.append("d/health", json.dumps({"fault": "ok"}), retain=True)  # replaces the older
-    assert held() == ["end a", "start c", "end c", "start d", "ok"]
-    assert spool.dropped == 3
-    spool.close()
 
 
 def test_the_last_drops_of_a_burst_are_logged_without_a_later_drop(
@@ -187,15 +158,16 @@ def test_a_full_spool_drops_what_a_consumer_can_best_do_without_first(tmp_path: 
     ]
     assert spool.dropped == 20
     spool.append("d/events", event("end", 2))  # the last update goes
-    spool.append("d/events", event("start", 3))  # no update left: the oldest anomaly goes,
-    assert [(r.topic, r.payload) for r in spool.after(0)] == [  # whole (its end alone would
-        ("d/events", event("start", 2)),  # be of an alarm nobody was told of)
+    spool.append("d/events", event("start", 3))  # nothing expendable left: the oldest goes
+    assert [(r.topic, r.payload) for r in spool.after(0)] == [
+        ("d/events", event("end", 1)),
+        ("d/events", event("start", 2)),
         ("d/health", '{"faults": []}'),
         ("d/availability", "online"),
         ("d/events", event("end", 2)),
         ("d/events", event("start", 3)),
     ]
-    assert spool.dropped == 23
+    assert spool.dropped == 22
 
 
 # --- liveness -------------------------------------------------------------------------------
