@@ -188,7 +188,7 @@ class ModelHistory:
         read = read_json(self.path)  # a damaged file is set aside (and said) there
         # set aside now, or at a start whose save failed since (a full card); not a file
         # that could not be read for now (EIO, EACCES), which stays as it is
-        lost = read is None and not os.path.lexists(self.path) and self._set_aside()
+        lost = read is None and not os.path.lexists(self.path) and self._damaged_copy_kept()
         orphans = [p.name for p in self._on_disk()] if lost else []
         data = read or {}
         found = data.get("entries", [])
@@ -376,7 +376,7 @@ class ModelHistory:
         on_disk = (int(m.group(1)) for p in self._on_disk() if (m := VERSION.search(p.name)))
         return max((*(e["version"] for e in self.entries), *on_disk), default=0) + 1
 
-    def _set_aside(self) -> bool:
+    def _damaged_copy_kept(self) -> bool:
         """Whether a damaged history.json was set aside here (`read_json`)."""
         try:
             return any(self.folder.glob(f"{HISTORY}.damaged-*"))

@@ -454,7 +454,7 @@ def end_interrupted(
                     clip=None, clip_seconds=None, clip_url=None)  # fmt: skip
         # a start in 1970, or a clock not set now: its duration is not to be trusted (56 years
         # for a start before NTP set the clock, in a clock review)
-        wrong = believable(now) is not None or believable(started) is not None
+        wrong = believable(min(now, started)) is not None  # the earlier of the two decides
         data["clock_unset"] = True if wrong else None
         data.update(_kept_clip(clips, str(data.get("event_id", ""))))
         seq = data.get("seq")  # the next after the last logged (None: the publisher numbers it)
