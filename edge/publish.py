@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import queue
+import random
 import shlex
 import socket
 import sqlite3
@@ -76,6 +77,16 @@ OFFLINE = "offline"
 WITH_WILL = "Disconnect with will message"
 """MQTT 5's DISCONNECT reason 0x04: the broker publishes the will (`offline`)."""
 RECONNECT_MIN_S = 1
+"""The first wait before a reconnect attempt; each failed attempt in a row doubles it, up to
+`reconnect_max_seconds`, and the wait is drawn at random between half of that and all of it
+("equal jitter"). paho's own backoff waits exactly 1, 2, 4... s: devices that lost a broker
+together (its restart, the plant's Wi-Fi) came back in step at every attempt, and a link that
+flapped at a period the doubling met stayed down (2 minutes offline under a 6-s flap, in a
+network review)."""
+STABLE_S = 10.0
+"""A connection that lasted this long resets the backoff to its first wait; one the broker
+ends sooner (a session taken over by another device with the same client id, a refused
+login) keeps doubling it, where paho reset it at every CONNACK and retried every second."""
 MAX_INBOUND_PACKET_BYTES = 1 << 20
 """Largest packet the broker may send us (MQTT 5 Maximum Packet Size, in the CONNECT): paho
 reads a message whole before the command's 64-KB check, and a retained 120-MB one came again at
@@ -387,6 +398,8 @@ class MqttPublisher:
         self.size_relearn_s = SIZE_RELEARN_S
         self._quick_drops = 0  # connections in a row ended by a protocol error at once
         self._connected_at = 0.0  # monotonic time of the last CONNACK
+        self._failures = 0  # attempts in a row that failed or did not last STABLE_S
+        self._rng = random.Random()  # the backoff's jitter: each device draws its own
         self._loss_said = False  # the loss of the connection was logged, until the next attempt
         self._dropped_mids: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         """Message ids taken back from paho (over the learned limit): their spool rows are
@@ -510,6 +523,7 @@ class MqttPublisher:
         closing: the probe's DNS lookup and connect would only delay the stop."""
         if self._closing.is_set():
             return
+        self._plan_retry(False)
         where = f"{self.settings.host}:{self.settings.port}"
         why, check = probe_reason(self.settings)
         lead = "cannot reach" if check == HOST_CHECK else "no connection to"  # TCP did connect
@@ -541,6 +555,18 @@ class MqttPublisher:
             self.client.username_pw_set(self.settings.username, password)
             log.warning("MQTT: the password changed; the next attempt uses the new one")
 
+    def _plan_retry(self, was_connected: bool) -> float:
+        """The wait before paho's next attempt, set now (paho waits after every failure, and
+        this runs on its thread just before): doubling with each failure in a row, at random
+        between half and all of it (RECONNECT_MIN_S)."""
+        if was_connected and time.monotonic() - self._connected_at >= STABLE_S:
+            self._failures = 0
+        cap = min(float(self.settings.reconnect_max_seconds), RECONNECT_MIN_S * 2.0**self._failures)
+        self._failures = min(self._failures + 1, 32)
+        wait = self._rng.uniform(cap / 2, cap)
+        self.client.reconnect_delay_set(wait, wait)  # type: ignore[arg-type]  # floats do
+        return wait
+
     def _on_pre_connect(self, _c: mqtt.Client, _u: Any) -> None:
         self._loss_said = False  # a new attempt: what ends it is news
 
@@ -549,6 +575,7 @@ class MqttPublisher:
         self._connected.clear()
         if self._closing.is_set():
             return
+        self._plan_retry(was)
         if was:
             quick = time.monotonic() - self._connected_at < QUICK_DROP_S
             protocol = getattr(reason, "value", None) == PROTOCOL_ERROR

@@ -4,11 +4,15 @@ it must outlive the failure, or nothing is published again until a restart."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import random
 import resource
 import signal
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -648,3 +652,91 @@ def test_a_reply_sent_while_a_reconnect_waits_for_its_answer_frees_its_slot(
         publisher.close(timeout_s=1)
         replies.close()
         proxy.close()
+
+
+class _Door:
+    """A port that takes a TCP connection, reads the MQTT CONNECT far enough to know which
+    client it is, and hangs up: every attempt of every client, with when it came."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.attempts: list[tuple[str, float]] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                when = time.monotonic()
+                with conn:
+                    conn.settimeout(2)
+                    data = b""
+                    with contextlib.suppress(OSError):
+                        while b"fleet-" not in data and len(data) < 4096:
+                            more = conn.recv(4096)
+                            if not more:
+                                break
+                            data += more
+                    at = data.find(b"fleet-")
+                    self.attempts.append((data[at : at + 7].decode(errors="replace"), when))
+
+    def of(self, client_id: str) -> list[float]:
+        return [t for c, t in self.attempts if c == client_id]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_devices_that_lost_their_broker_together_do_not_retry_in_step(tmp_path: Path) -> None:
+    """paho waits exactly 1, 2, 4... s between attempts: devices that lost the broker together
+    (its restart, the plant's Wi-Fi) came back in step at every attempt, and a link that flapped
+    at a period the doubling met stayed down (a network review). Each device now draws its wait
+    between half and all of the doubled one, so two of them drift apart at once."""
+    door = _Door()
+    settings = MqttSettings(host="127.0.0.1", port=door.port, reconnect_max_seconds=2)
+    fleet = [MqttPublisher(settings, TOPICS, f"fleet-{n}", Spool(tmp_path / f"{n}.sqlite"))
+             for n in "ab"]  # fmt: skip
+    try:
+        for n, publisher in enumerate(fleet):
+            publisher._rng = random.Random(n)  # two devices' own draws, the same every run
+        for publisher in fleet:
+            publisher.start()
+        wait_for(lambda: min(len(door.of("fleet-a")), len(door.of("fleet-b"))) >= 5, 20,
+                 "five attempts of each device", lambda: door.attempts)  # fmt: skip
+    finally:
+        for publisher in fleet:
+            publisher.close(timeout_s=1)
+        door.close()
+    a, b = (door.of(f"fleet-{n}")[:5] for n in "ab")
+    for times in (a, b):
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        for gap, cap in zip(gaps, (1, 2, 2, 2), strict=True):  # doubling from 1 s, up to 2 s
+            assert cap / 2 - 0.05 <= gap <= cap + 0.5, (gaps, "not within half and all of", cap)
+    apart = max(abs((ta - a[0]) - (tb - b[0])) for ta, tb in zip(a, b, strict=True))
+    assert apart > 0.2, (a, b)  # paho's own waits keep them within milliseconds
+
+
+def test_a_connection_the_broker_ends_at_once_does_not_reset_the_backoff(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """paho starts its backoff again at every accepted connection: a broker that accepts and
+    then ends it (another device given the same client id takes the session over) was tried
+    every second for good, two devices taking it from each other. Only a connection that lasted
+    STABLE_S resets the backoff, so these two slow down."""
+    settings = MqttSettings(host="127.0.0.1", port=broker.port)  # up to 30 s between attempts
+    twins = [MqttPublisher(settings, TOPICS, "same-id", Spool(tmp_path / f"{n}.sqlite"))
+             for n in range(2)]  # fmt: skip
+    try:
+        for n, publisher in enumerate(twins):
+            publisher._rng = random.Random(n)
+        for publisher in twins:
+            publisher.start()
+        wait_for(lambda: sum(p._connection for p in twins) >= 2, 10, "both connected once")
+        time.sleep(12)  # what is measured: how often they take the session over in 12 s
+        taken = sum(p._connection for p in twins)
+    finally:
+        for publisher in twins:
+            publisher.close(timeout_s=1)
+    assert taken <= 10, taken  # paho's reset: one a second (14 here); doubling: 8 here
