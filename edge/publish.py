@@ -575,7 +575,8 @@ class MqttPublisher:
         self._connected.clear()
         if self._closing.is_set():
             return
-        self._plan_retry(was)
+        if was or not self._loss_said:  # paho reports a keepalive's loss twice: one wait
+            self._plan_retry(was)
         if was:
             quick = time.monotonic() - self._connected_at < QUICK_DROP_S
             protocol = getattr(reason, "value", None) == PROTOCOL_ERROR
