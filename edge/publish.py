@@ -905,6 +905,7 @@ class MqttPublisher:
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: handed again later
                 return
             self._handed = row.id
+            self.spool.handed(row.id)  # it may reach consumers: a full spool keeps its end
             if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:  # the broker's limit: as if refused
                 self._refuse_later(row.id)
                 continue
@@ -1122,10 +1123,12 @@ class MqttPublisher:
         before its `start` (in a review). Logged once until the spool works again."""
         with self._unspooled_lock:
             try:
-                waiting = [*self._held, *self._unspooled]
-                if waiting:  # older than this one: in the spool first, in one go
-                    self.spool.append_many([(t, p, 1, r) for t, p, r in waiting])
+                if self._held:  # older than this one: in the spool first; handed once
+                    last = self.spool.append_many([(t, p, 1, r) for t, p, r in self._held])
                     self._held.clear()
+                    self.spool.handed(last)  # they may have arrived: a full spool keeps ends
+                if self._unspooled:
+                    self.spool.append_many([(t, p, 1, r) for t, p, r in self._unspooled])
                     self._unspooled.clear()
                 self.spool.append(topic, payload, qos=1, retain=retain)
             except sqlite3.Error as exc:

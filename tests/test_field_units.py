@@ -158,16 +158,47 @@ def test_a_full_spool_drops_what_a_consumer_can_best_do_without_first(tmp_path: 
     ]
     assert spool.dropped == 20
     spool.append("d/events", event("end", 2))  # the last update goes
-    spool.append("d/events", event("start", 3))  # nothing expendable left: the oldest goes
-    assert [(r.topic, r.payload) for r in spool.after(0)] == [
-        ("d/events", event("end", 1)),
-        ("d/events", event("start", 2)),
+    spool.append("d/events", event("start", 3))  # nothing expendable left: the oldest goes,
+    assert [(r.topic, r.payload) for r in spool.after(0)] == [  # a start never sent, so its
+        ("d/events", event("start", 2)),  # end goes with it: nobody saw that event
         ("d/health", '{"faults": []}'),
         ("d/availability", "online"),
         ("d/events", event("end", 2)),
         ("d/events", event("start", 3)),
     ]
-    assert spool.dropped == 22
+    assert spool.dropped == 23
+
+
+def test_a_full_spool_keeps_the_end_of_an_alarm_that_may_have_been_raised(tmp_path: Path) -> None:
+    """A long outage with frequent events fills the spool with starts and ends: dropping the
+    oldest dropped the `end` of an alarm whose `start` had gone out before the outage, and a
+    consumer that pairs them kept that alarm open for good (a network review). Such an end
+    stays; an event whose start never left goes whole, its end too, even one still to come."""
+    spool = Spool(tmp_path / "spool.sqlite", max_messages=4)
+
+    def event(kind: str, n: int) -> str:
+        return json.dumps({"type": kind, "event_id": f"e{n}"})
+
+    spool.handed(spool.append("d/events", event("start", 1)))  # sent; then the link died
+    spool.append("d/events", event("end", 1))
+    for n in range(2, 6):  # the outage's events, never sent
+        spool.append("d/events", event("start", n))
+        spool.append("d/events", event("end", n))
+    assert [r.payload for r in spool.after(0)] == [event("end", 1), event("start", 5),
+                                                   event("end", 5)]  # fmt: skip
+    for n in range(6, 10):  # four starts: the oldest unsent events go whole, e6 still open
+        spool.append("d/events", event("start", n))
+    spool.append("d/events", event("end", 6))  # its start is gone: nobody may see this end
+    assert [r.payload for r in spool.after(0)] == [event("end", 1)] + [
+        event("start", n) for n in range(7, 10)
+    ]
+    spool.close()
+    again = Spool(tmp_path / "spool.sqlite", max_messages=4)  # a restart: the last run may
+    again.append("d/events", event("start", 10))  # have handed any of its rows
+    again.append("d/events", event("end", 7))
+    assert event("end", 7) in [r.payload for r in again.after(0)], "its start may be out"
+    assert again.dropped == 13, again.dropped  # 11 in the first run, then s7 and s8
+    again.close()
 
 
 # --- liveness -------------------------------------------------------------------------------

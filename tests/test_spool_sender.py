@@ -503,6 +503,47 @@ def test_an_event_keeps_its_order_when_the_card_fills_during_an_outage(
         broker.stop()
 
 
+def test_an_alarm_raised_before_an_outage_is_ended_whatever_the_outage_fills(
+    tmp_path: Path,
+) -> None:
+    """A long outage with frequent events filled the spool, and dropping the oldest dropped
+    the `end` of the alarm whose `start` consumers had before it: that alarm stayed open for
+    good (a network review). That end arrives; of the outage's events, those that fit arrive
+    whole, the others not at all: no end without its start."""
+    from conftest import free_port
+
+    broker = Broker(tmp_path, free_port())
+    broker.start()
+    settings = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_max_seconds=1)
+    spool = Spool(tmp_path / "small.sqlite", max_messages=10)
+    publisher = MqttPublisher(settings, TOPICS, "test-pump-3", spool)
+    sub = Subscriber(broker.port, TOPICS.events, client_id="pairs", clean=False)
+    try:
+        publisher.start()
+        wait_for(lambda: publisher.connected, 10, "the first connection")
+        publisher.publish_event(_event("A"))
+        assert sub.wait_for(lambda ms: len(ms) == 1, 10), "the alarm raised"
+        wait_for(lambda: spool.depth() == 0, 10, "its start to leave the spool")
+        broker.stop()
+        wait_for(lambda: not publisher.connected, 10, "the outage to be noticed")
+        publisher.publish_event(replace(_event("A"), type="end"))
+        for n in range(12):  # the outage's events: 25 messages for a spool of 10
+            publisher.publish_event(_event(f"B{n}"))
+            publisher.publish_event(replace(_event(f"B{n}"), type="end"))
+        broker.start()
+        wait_for(lambda: spool.depth() == 0, 20, "the spool to empty", spool.depth)
+        sub.wait_for(lambda ms: any(m.json()["event_id"] == "B11" for m in ms), 10)
+    finally:
+        publisher.close(timeout_s=1)
+        sub.close()
+        broker.stop()
+    got = [(m.json()["event_id"], m.json()["type"]) for m in sub.messages]
+    assert ("A", "end") in got, got
+    started = {e for e, kind in got if kind == "start"}
+    assert all(e in started for e, kind in got if kind == "end"), got
+    assert len(got) >= 9, got  # the spool's room, used
+
+
 def test_health_changes_made_while_away_arrive_in_order_the_latest_last(
     publisher: MqttPublisher, broker: Broker
 ) -> None:
