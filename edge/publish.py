@@ -385,6 +385,7 @@ class MqttPublisher:
         """Of those, the ones the broker refused or that were over its size limit: into the spool
         with the rest once it takes messages again, and offered from there as refused rows
         (under `_unspooled_lock`). They were lost, while the log said they stayed spooled."""
+        self._memory_handed = False  # some of `_unspooled` were handed once (taken back)
         self._unspooled_mids: dict[int, tuple[str, str, bool]] = {}  # handed, PUBACK awaited
         self._unspooled_dropped = 0
         self._refused_rows: list[int] = []  # spool rows the broker refused, to offer again
@@ -901,11 +902,13 @@ class MqttPublisher:
             if not self._dropped_mids.empty():  # a reconnect took rows back meanwhile (the read
                 self._wake.set()  # above waits on the card): they go first, in the next pass;
                 return  # newer ones went before them (a review)
+            if not self.spool.claim(row.id):  # a full spool dropped it since the read; from
+                self._handed = row.id  # now on its end is kept if the spool fills
+                continue
             info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho kept nothing: handed again later
                 return
             self._handed = row.id
-            self.spool.handed(row.id)  # it may reach consumers: a full spool keeps its end
             if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:  # the broker's limit: as if refused
                 self._refuse_later(row.id)
                 continue
@@ -955,7 +958,7 @@ class MqttPublisher:
         False when it is gone (a full spool dropped it meanwhile) or still over the broker's limit
         (offered again with the refused); None when paho's queue took nothing (try later)."""
         found = self.spool.after(rid - 1, 1)
-        if not found or found[0].id != rid:
+        if not found or found[0].id != rid or not self.spool.claim(rid):
             return False
         row = found[0]
         info = self._publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
@@ -994,6 +997,7 @@ class MqttPublisher:
             back = [self._unspooled_mids.pop(m) for m in mids if m in self._unspooled_mids]
             with self._unspooled_lock:  # waiting in memory (a full card): first again, in order
                 self._unspooled.extendleft(reversed(back))
+                self._memory_handed = self._memory_handed or bool(back)
 
     def _resolve_acks(self) -> None:
         while True:
@@ -1123,13 +1127,14 @@ class MqttPublisher:
         before its `start` (in a review). Logged once until the spool works again."""
         with self._unspooled_lock:
             try:
-                if self._held:  # older than this one: in the spool first; handed once
-                    last = self.spool.append_many([(t, p, 1, r) for t, p, r in self._held])
+                waiting = [*self._held, *self._unspooled]
+                if waiting:  # older than this one: in the spool first, in one go
+                    last = self.spool.append_many([(t, p, 1, r) for t, p, r in waiting])
+                    if self._held or self._memory_handed:  # some were handed once and may
+                        self.spool.handed(last)  # have arrived: a full spool keeps their ends
                     self._held.clear()
-                    self.spool.handed(last)  # they may have arrived: a full spool keeps ends
-                if self._unspooled:
-                    self.spool.append_many([(t, p, 1, r) for t, p, r in self._unspooled])
                     self._unspooled.clear()
+                    self._memory_handed = False
                 self.spool.append(topic, payload, qos=1, retain=retain)
             except sqlite3.Error as exc:
                 self._keep_unspooled(topic, payload, retain, exc)

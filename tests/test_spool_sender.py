@@ -532,7 +532,7 @@ def test_an_alarm_raised_before_an_outage_is_ended_whatever_the_outage_fills(
             publisher.publish_event(replace(_event(f"B{n}"), type="end"))
         broker.start()
         wait_for(lambda: spool.depth() == 0, 20, "the spool to empty", spool.depth)
-        sub.wait_for(lambda ms: any(m.json()["event_id"] == "B11" for m in ms), 10)
+        assert sub.wait_for(lambda ms: any(m.json()["event_id"] == "B11" for m in ms), 10)
     finally:
         publisher.close(timeout_s=1)
         sub.close()
@@ -542,6 +542,54 @@ def test_an_alarm_raised_before_an_outage_is_ended_whatever_the_outage_fills(
     started = {e for e, kind in got if kind == "start"}
     assert all(e in started for e, kind in got if kind == "end"), got
     assert len(got) >= 9, got  # the spool's room, used
+
+
+def test_a_start_read_for_sending_is_not_dropped_whole_before_it_is_sent(
+    tmp_path: Path,
+) -> None:
+    """The sender reads a batch of rows, then hands them one by one; a full spool that dropped
+    an event of that batch whole meanwhile (as never sent) dropped its end on arrival, and the
+    sender then sent the start it had read: an alarm open for good (a review). Here the audio
+    loop's appends fill the spool right after the sender's read."""
+    from conftest import free_port
+
+    broker = Broker(tmp_path, free_port())
+    broker.start()
+    settings = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_max_seconds=1)
+    spool = Spool(tmp_path / "small.sqlite", max_messages=4)
+    publisher = MqttPublisher(settings, TOPICS, "test-pump-3", spool)
+    sub = Subscriber(broker.port, TOPICS.events, client_id="pairs")
+    for name in ("B", "C", "D"):  # an outage's spool: B and C open, D over
+        publisher.publish_event(_event(name))
+    publisher.publish_event(replace(_event("D"), type="end"))
+    read = spool.after
+
+    def after(last_id: int, limit: int = 100) -> list:
+        rows = read(last_id, limit)
+        if rows and limit > 1 and not getattr(after, "fired", False):  # the sender's batch
+            after.fired = True  # type: ignore[attr-defined]
+            for name in ("E", "F"):  # the audio loop, at once: the spool is full
+                worker = threading.Thread(target=publisher.publish_event, args=(_event(name),))
+                worker.start()
+                worker.join()
+        return rows
+
+    spool.after = after  # type: ignore[method-assign]
+    try:
+        publisher.start()
+        wait_for(lambda: getattr(after, "fired", False) and spool.depth() == 0, 10, "sending")
+        for name in ("B", "C", "E", "F"):  # the anomalies end
+            publisher.publish_event(replace(_event(name), type="end"))
+        wait_for(lambda: spool.depth() == 0, 10, "the ends to leave the spool", spool.depth)
+        assert sub.wait_for(lambda ms: any(m.json()["event_id"] == "F" for m in ms), 10)
+    finally:
+        publisher.close(timeout_s=1)
+        sub.close()
+        broker.stop()
+    got = [(m.json()["event_id"], m.json()["type"]) for m in sub.messages]
+    ended = {e for e, kind in got if kind == "end"}
+    assert all(e in ended for e, kind in got if kind == "start"), got
+    assert ("F", "start") in got, got
 
 
 def test_health_changes_made_while_away_arrive_in_order_the_latest_last(
