@@ -639,7 +639,10 @@ class MqttPublisher:
             for m in taken:
                 self._topic_of.pop(m.mid, None)
                 self._sent_on.pop(m.mid, None)
-        spooled = [m.mid for m in taken if m.mid in self._inflight or m.mid in self._unspooled_mids]
+        # by topic, not by the sender's records: a message it had just handed and not yet
+        # recorded (its own thread, between paho's publish and the record) was sent again from
+        # here, and its record then held a slot for good; the sender sorts them (its thread)
+        spooled = [m.mid for m in taken if m.topic in (self.topics.events, self.topics.health)]
         self._dropped_mids.put(spooled)
         for m in taken:
             if m.mid not in spooled and not m.retain and m.qos and len(m.payload) <= limit:

@@ -24,7 +24,7 @@ from conftest import Broker, wait_for
 from mqtt_helpers import StallProxy, Subscriber, read_only
 
 from edge.messages import EventMessage, StateMessage
-from edge.publish import MqttPublisher
+from edge.publish import MqttPublisher, _take_all
 from edge.settings import MqttSettings
 from edge.spool import Spool
 from edge.topics import Topics
@@ -590,6 +590,42 @@ def test_a_start_read_for_sending_is_not_dropped_whole_before_it_is_sent(
     ended = {e for e, kind in got if kind == "end"}
     assert all(e in ended for e, kind in got if kind == "start"), got
     assert ("F", "start") in got, got
+
+
+def test_a_row_taken_back_before_the_sender_recorded_it_goes_again_from_the_spool(
+    broker: Broker, tmp_path: Path, sub: Subscriber
+) -> None:
+    """A reconnect takes back what paho holds; a row the sender had just handed and not yet
+    recorded (between paho's publish and the record, on its own thread) was taken for a reply
+    and sent again from memory, and its record then waited for an acknowledgement for good: the
+    row stayed in the spool and held one of the sender's slots (a diff review's race). Here the
+    reconnect's taking back comes exactly there."""
+    settings = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_max_seconds=1)
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = MqttPublisher(settings, TOPICS, "test-pump-3", spool)
+    publish = publisher._publish
+    raced: list[int] = []
+
+    def publish_then_reconnect(topic: str, payload: str, *args: Any, **kwargs: Any) -> Any:
+        info = publish(topic, payload, *args, **kwargs)
+        sender = threading.current_thread().name == "mqtt-spool"
+        if topic == TOPICS.events and sender and not raced:  # the network thread's reconnect
+            raced.append(info.mid)
+            publisher._hand_back(_take_all(publisher.client))
+        return info
+
+    publisher._publish = publish_then_reconnect  # type: ignore[method-assign]
+    try:
+        publisher.start()
+        wait_for(lambda: publisher.connected, 10, "the first connection")
+        publisher.publish_event(_event("raced"))
+        wait_for(lambda: spool.depth() == 0, 10, "the row to leave the spool", spool.depth)
+        wait_for(lambda: not publisher._inflight, 10, "no slot held", lambda: publisher._inflight)
+        assert sub.wait_for(lambda ms: any(m.json()["event_id"] == "raced" for m in ms), 10)
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+    assert raced
 
 
 def test_health_changes_made_while_away_arrive_in_order_the_latest_last(
