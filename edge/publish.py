@@ -63,7 +63,7 @@ from edge.messages import (
     StateMessage,
 )
 from edge.settings import MqttSettings, mqtt_password
-from edge.spool import Spool, Spooled
+from edge.spool import Spool, Spooled, event_of
 from edge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,21 @@ def _take_all(client: mqtt.Client) -> list[mqtt.MQTTMessage]:
         taken = client.drop_out_messages()  # published between the two goes uncounted
         client._inflight_messages = 0
     return taken
+
+
+def _least_needed(waiting: deque[tuple[str, str, bool]], events: str) -> int:
+    """Which message kept in memory goes when they are too many: the oldest `update` of an
+    event, else the oldest that is not an `end` (a consumer that pairs starts with ends kept an
+    alarm open for good when the oldest went, an `end`: a review), else the oldest."""
+    first_other = None
+    for i, (topic, payload, retain) in enumerate(waiting):
+        if topic != events:
+            first_other = i if first_other is None else first_other
+        elif '"update"' in payload and event_of(payload, retain)[1] == "update":
+            return i  # (the text first: a JSON parse of each of 2,000 for every message)
+        elif first_other is None and event_of(payload, retain)[1] != "end":
+            first_other = i
+    return first_other or 0
 
 
 def probe_reason(s: MqttSettings) -> tuple[str, str]:
@@ -1131,10 +1146,10 @@ class MqttPublisher:
         with self._unspooled_lock:
             try:
                 waiting = [*self._held, *self._unspooled]
-                if waiting:  # older than this one: in the spool first, in one go
-                    last = self.spool.append_many([(t, p, 1, r) for t, p, r in waiting])
-                    if self._held or self._memory_handed:  # some were handed once and may
-                        self.spool.handed(last)  # have arrived: a full spool keeps their ends
+                if waiting:  # older than this one: in the spool first, in one go; some were
+                    handed = bool(self._held) or self._memory_handed  # handed once and may
+                    rows = [(t, p, 1, r) for t, p, r in waiting]  # have arrived: a full
+                    self.spool.append_many(rows, handed=handed)  # spool keeps their ends
                     self._held.clear()
                     self._unspooled.clear()
                     self._memory_handed = False
@@ -1161,7 +1176,10 @@ class MqttPublisher:
         self._spool_failed = True
         self._unspooled.append((topic, payload, retain))
         while len(self._held) + len(self._unspooled) > MAX_UNSPOOLED:
-            (self._held or self._unspooled).popleft()  # the held ones are the older
+            if self._held:  # the older, and refused by the broker once
+                self._held.popleft()
+            else:  # as a full spool chooses: the oldest update, else the oldest but ends
+                del self._unspooled[_least_needed(self._unspooled, self.topics.events)]
             self._unspooled_dropped += 1
             if self._unspooled_dropped in (1, 10, 100) or self._unspooled_dropped % 1000 == 0:
                 log.error(

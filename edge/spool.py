@@ -41,16 +41,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dropped_events (event TEXT PRIMARY KEY);
 """
-_EVENT_COLUMNS = """
-ALTER TABLE outbox ADD COLUMN event TEXT;
-ALTER TABLE outbox ADD COLUMN kind TEXT;
-UPDATE outbox SET event = json_extract(payload, '$.event_id'),
+_EVENT_COLUMNS = ("event", "kind")
+_EVENT_FILL = """UPDATE outbox SET event = json_extract(payload, '$.event_id'),
     kind = json_extract(payload, '$.type')
     WHERE retain = 0 AND CASE WHEN json_valid(payload) THEN
     json_type(payload, '$.event_id') = 'text'
-    AND json_extract(payload, '$.type') IN ('start', 'update', 'end') ELSE 0 END;
-CREATE TABLE IF NOT EXISTS dropped_events (event TEXT PRIMARY KEY);
-"""
+    AND json_extract(payload, '$.type') IN ('start', 'update', 'end') ELSE 0 END"""
 """An event message's event_id and type (start, update, end), NULL for any other message: a
 full spool's choice reads them by index (parsing each row's JSON made flushing 2,000 messages
 into a full spool take 3.3 s instead of 0.05 s, in a review). Spools of earlier releases gain
@@ -178,7 +174,7 @@ def salvage(damaged: Path, into: Spool) -> tuple[int, int | None]:
         if padded is not None:
             padded.unlink(missing_ok=True)
     try:
-        into.handed(into.append_many(found))  # an earlier run's: it may have handed them
+        into.append_many(found, handed=True)  # an earlier run's: it may have handed them
     except sqlite3.Error:  # the new spool cannot take them (a full card): they are lost
         return 0, None if lost is None else lost + len(found)
     return len(found), lost
@@ -292,9 +288,7 @@ class Spool:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
-            if "event" not in columns:
-                self._db.executescript(_EVENT_COLUMNS)
+            self._index_events()
             self._db.execute(_EVENT_INDEX)
             if path is not None:  # a damaged page (an SD card that ignored a flush) opens
                 # fine and fails at the first read: found here, the file is moved aside
@@ -305,13 +299,32 @@ class Spool:
             self._db.close()
             raise
         self.sent_through = int(self._db.execute("SELECT MAX(id) FROM outbox").fetchone()[0] or 0)
-        """Rows up to this id may have reached the broker: handed to it in this run (`handed`),
-        or left by an earlier run, which may have handed them before it stopped."""
+        """Rows up to this id may have reached the broker: handed to it in this run (`claim`,
+        `append_many(handed=True)`), or left by an earlier run, which may have handed them."""
         self._rows = self._count()
         """Messages waiting, kept here: a COUNT(*) on every append took 8 ms at 10,000 rows
         and 98 ms at 100,000, on the audio loop."""
         self._stats = (0, 0)
         self._stats_failed = False
+
+    def _index_events(self) -> None:
+        """Give a spool of an earlier release its event columns, filled from its rows, in one
+        transaction: added one by one, a power cut or a full card between them left a file
+        every append failed on, or columns never filled (a review)."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
+        missing = [c for c in _EVENT_COLUMNS if c not in columns]
+        if not missing:
+            return
+        self._db.execute("BEGIN")
+        try:
+            for column in missing:
+                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} TEXT")
+            self._db.execute(_EVENT_FILL)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
 
     def append(self, topic: str, payload: str, qos: int = 1, retain: bool = False) -> int:
         """Store a message durably; drop the oldest if the spool is full. Returns its id. One
@@ -331,9 +344,12 @@ class Spool:
             self._trim()
             return int(cur.lastrowid or 0)
 
-    def append_many(self, rows: list[tuple[str, str, int, bool]]) -> int:
+    def append_many(self, rows: list[tuple[str, str, int, bool]], handed: bool = False) -> int:
         """Store (topic, payload, qos, retain) messages in order, in one transaction, then drop
-        as `append` does if the spool is full. Returns the last one's id (0: none stored)."""
+        as `append` does if the spool is full. Returns the last one's id (0: none stored).
+        `handed`: they (and every row before them) may have reached the broker already, as
+        `claim` says, before any is dropped (set after, a start of them was dropped whole
+        first, its end with it, in a review)."""
         if not rows:
             return 0
         now = time.time()
@@ -348,19 +364,15 @@ class Spool:
             )
             self._rows += len(kept)
             last = self._db.execute("SELECT MAX(id) FROM outbox").fetchone()[0] if kept else 0
+            if handed:
+                self.sent_through = max(self.sent_through, int(last or 0))
             self._trim()
             return int(last or 0)
 
-    def handed(self, row_id: int) -> None:
-        """Rows up to `row_id` were handed to the broker (a run's messages kept in memory and
-        taken back from paho): they may have arrived, so the `end` of a `start` among them is
-        kept when the spool is full."""
-        with self._lock:
-            self.sent_through = max(self.sent_through, row_id)
-
     def claim(self, row_id: int) -> bool:
         """The sender is about to hand row `row_id` (and has handed those before it): False if a
-        full spool dropped it meanwhile, else from now on its `end` is kept as `handed` says. A
+        full spool dropped it meanwhile, else from now on it may reach the broker, so the `end`
+        of a `start` up to it is kept when the spool is full. A
         start handed after `_trim` had dropped its event whole went out with no end (its batch
         was read before the drop, in a review)."""
         with self._lock:

@@ -628,6 +628,30 @@ def test_a_row_taken_back_before_the_sender_recorded_it_goes_again_from_the_spoo
     assert raced
 
 
+def test_messages_kept_in_memory_drop_updates_first_and_never_an_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full card keeps messages in memory, up to a bound; past it the oldest went, which may
+    be the `end` of an alarm consumers had the `start` of (a review). The same order as a full
+    spool's: updates first, then the oldest but ends."""
+    monkeypatch.setattr("edge.publish.MAX_UNSPOOLED", 4)
+    spool = Spool(tmp_path / "spool.sqlite")
+    publisher = MqttPublisher(MqttSettings(host="127.0.0.1", port=1), TOPICS, "full", spool)
+    read_only(spool, True)
+    try:
+        publisher.publish_event(replace(_event("A"), type="end"))  # its start went out before
+        for kind, name in (("start", "B"), ("update", "B"), ("start", "C"), ("update", "C")):
+            publisher.publish_event(replace(_event(name), type=kind))
+        publisher.publish_event(replace(_event("D"), type="start"))
+        publisher.publish_event(replace(_event("E"), type="start"))
+        kept = [(json.loads(p)["event_id"], json.loads(p)["type"])
+                for _, p, _ in publisher._unspooled]  # fmt: skip
+    finally:
+        read_only(spool, False)
+        spool.close()
+    assert kept == [("A", "end"), ("C", "start"), ("D", "start"), ("E", "start")], kept
+
+
 def test_health_changes_made_while_away_arrive_in_order_the_latest_last(
     publisher: MqttPublisher, broker: Broker
 ) -> None:
