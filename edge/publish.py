@@ -285,17 +285,13 @@ def _take_all(client: mqtt.Client) -> list[mqtt.MQTTMessage]:
 
 def _least_needed(waiting: deque[tuple[str, str, bool]], events: str) -> int:
     """Which message kept in memory goes when they are too many: the oldest `update` of an
-    event, else the oldest that is not an `end` (a consumer that pairs starts with ends kept an
-    alarm open for good when the oldest went, an `end`: a review), else the oldest."""
-    first_other = None
-    for i, (topic, payload, retain) in enumerate(waiting):
-        if topic != events:
-            first_other = i if first_other is None else first_other
-        elif '"update"' in payload and event_of(payload, retain)[1] == "update":
-            return i  # (the text first: a JSON parse of each of 2,000 for every message)
-        elif first_other is None and event_of(payload, retain)[1] != "end":
-            first_other = i
-    return first_other or 0
+    event (its start and end say when and how bad), else the oldest. Preferring the oldest
+    start to an end, as the spool does, left ends whose starts had gone (a review): the spool
+    knows what was handed and drops an unsent event whole; this queue does not."""
+    for i, (topic, payload, retain) in enumerate(waiting):  # the text first: a JSON parse of
+        if topic == events and '"update"' in payload and event_of(payload, retain)[1] == "update":
+            return i  # each of 2,000 took 20 ms a message (a review)
+    return 0
 
 
 def probe_reason(s: MqttSettings) -> tuple[str, str]:
@@ -654,13 +650,15 @@ class MqttPublisher:
             for m in taken:
                 self._topic_of.pop(m.mid, None)
                 self._sent_on.pop(m.mid, None)
-        # by topic, not by the sender's records: a message it had just handed and not yet
-        # recorded (its own thread, between paho's publish and the record) was sent again from
-        # here, and its record then held a slot for good; the sender sorts them (its thread)
-        spooled = [m.mid for m in taken if m.topic in (self.topics.events, self.topics.health)]
-        self._dropped_mids.put(spooled)
-        for m in taken:
-            if m.mid not in spooled and not m.retain and m.qos and len(m.payload) <= limit:
+        # by topic, not by the sender's records: a row it had just handed and not yet recorded
+        # (its own thread, between paho's publish and the record) was sent again from here as
+        # a reply, and its record then held a slot for good; the sender sorts them (its thread)
+        response = self.topics.response
+        replies = [m for m in taken if m.topic == response or m.topic.startswith(f"{response}/")]
+        answered = {m.mid for m in replies}
+        self._dropped_mids.put([m.mid for m in taken if m.mid not in answered])
+        for m in replies:
+            if not m.retain and m.qos and len(m.payload) <= limit:
                 properties = getattr(m, "properties", None)  # a reply's Correlation Data
                 reply = m.topic.startswith(f"{self.topics.response}/")
                 self._publish(
@@ -1178,7 +1176,7 @@ class MqttPublisher:
         while len(self._held) + len(self._unspooled) > MAX_UNSPOOLED:
             if self._held:  # the older, and refused by the broker once
                 self._held.popleft()
-            else:  # as a full spool chooses: the oldest update, else the oldest but ends
+            else:  # the oldest update, as a full spool's first; else the oldest
                 del self._unspooled[_least_needed(self._unspooled, self.topics.events)]
             self._unspooled_dropped += 1
             if self._unspooled_dropped in (1, 10, 100) or self._unspooled_dropped % 1000 == 0:

@@ -388,8 +388,9 @@ class Spool:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        """BEGIN ... COMMIT, or ROLLBACK and the counts as they were (under `_lock`)."""
-        counts = (self._rows, self._dropped_unlogged)
+        """BEGIN ... COMMIT, or ROLLBACK and the counts and `sent_through` as they were (under
+        `_lock`)."""
+        counts = (self._rows, self._dropped_unlogged, self.sent_through)
         self._db.execute("BEGIN")
         try:
             yield
@@ -397,7 +398,7 @@ class Spool:
         except BaseException:
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            self._rows, self._dropped_unlogged = counts
+            self._rows, self._dropped_unlogged, self.sent_through = counts  # the ids come again
             raise
 
     def _trim(self) -> None:

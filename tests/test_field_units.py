@@ -282,6 +282,27 @@ def test_messages_that_may_have_gone_out_are_not_dropped_whole_into_a_full_spool
     spool.close()
 
 
+def test_messages_marked_as_gone_out_by_a_write_that_failed_are_not(tmp_path: Path) -> None:
+    """Messages that may have gone out are marked so when stored; a write that failed (a full
+    card) took them back but kept the mark, and the ids came again for messages never sent: a
+    full spool then dropped such a start alone and kept its end (a review)."""
+    spool = Spool(tmp_path / "spool.sqlite", max_messages=2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # the card is full
+    try:
+        with pytest.raises(sqlite3.Error):
+            spool.append_many([("d/events", "{}", 1, False)] * 3, handed=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, before)
+    for kind, name in (("start", "A"), ("end", "A"), ("start", "B")):  # never sent
+        spool.append("d/events", json.dumps({"type": kind, "event_id": name}))
+    kept = [json.loads(r.payload)["event_id"] for r in spool.after(0)]
+    assert kept == ["B"], kept  # A went whole, its end with it
+    spool.close()
+
+
 def test_a_drop_undone_by_a_failed_write_forgets_the_event_it_dropped(tmp_path: Path) -> None:
     """An append that dropped an event whole (its start never sent) and then could not be
     written (a full card) is rolled back, the start with it; the event stayed known as

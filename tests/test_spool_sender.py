@@ -632,24 +632,57 @@ def test_messages_kept_in_memory_drop_updates_first_and_never_an_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full card keeps messages in memory, up to a bound; past it the oldest went, which may
-    be the `end` of an alarm consumers had the `start` of (a review). The same order as a full
-    spool's: updates first, then the oldest but ends."""
+    be the `end` of an alarm consumers had the `start` of (a review), while an anomaly's
+    updates stayed. Updates go first, as from a full spool, then the oldest."""
     monkeypatch.setattr("edge.publish.MAX_UNSPOOLED", 4)
     spool = Spool(tmp_path / "spool.sqlite")
     publisher = MqttPublisher(MqttSettings(host="127.0.0.1", port=1), TOPICS, "full", spool)
     read_only(spool, True)
     try:
         publisher.publish_event(replace(_event("A"), type="end"))  # its start went out before
-        for kind, name in (("start", "B"), ("update", "B"), ("start", "C"), ("update", "C")):
-            publisher.publish_event(replace(_event(name), type=kind))
-        publisher.publish_event(replace(_event("D"), type="start"))
-        publisher.publish_event(replace(_event("E"), type="start"))
+        for kind in ("start", "update", "update", "end"):
+            publisher.publish_event(replace(_event("B"), type=kind))
+        publisher.publish_event(replace(_event("C"), type="start"))
         kept = [(json.loads(p)["event_id"], json.loads(p)["type"])
                 for _, p, _ in publisher._unspooled]  # fmt: skip
     finally:
         read_only(spool, False)
         spool.close()
-    assert kept == [("A", "end"), ("C", "start"), ("D", "start"), ("E", "start")], kept
+    assert kept == [("A", "end"), ("B", "start"), ("B", "end"), ("C", "start")], kept
+
+
+def test_rows_an_earlier_run_left_under_another_prefix_survive_a_reconnect(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The spool is the device's, whatever the prefix: rows a run under another `[mqtt]
+    prefix` left go out on their own topics. In flight at a reconnect, they were taken for
+    command replies (not this run's topics) and sent from memory, their records held the
+    sender's slots for good and the rows stayed (a review): nothing newer went out."""
+    proxy = StallProxy(broker.port)
+    old = Topics("plant-a", "pump-3")
+    spool = Spool(tmp_path / "spool.sqlite")
+    settings = MqttSettings(host="127.0.0.1", port=proxy.port, reconnect_max_seconds=1)
+    publisher = MqttPublisher(settings, TOPICS, "prefix", spool)
+    sub = Subscriber(broker.port, TOPICS.events)
+    try:
+        publisher.start()
+        wait_for(lambda: publisher.connected, 10, "the first connection")
+        proxy.stalled.set()  # their acknowledgements never come: in flight at the reconnect
+        for n in range(3):
+            spool.append(old.events, _event(f"old{n}").to_payload())
+        publisher._wake.set()
+        wait_for(lambda: len(publisher._inflight) == 3, 10, "the old rows handed")
+        proxy.drop()  # the link dies
+        proxy.stalled.clear()
+        wait_for(lambda: publisher._connection >= 2 and publisher.connected, 20, "a reconnect")
+        wait_for(lambda: spool.depth() == 0, 10, "the old rows to leave the spool", spool.depth)
+        publisher.publish_event(_event("new"))
+        assert sub.wait_for(lambda ms: any(m.json()["event_id"] == "new" for m in ms), 10)
+    finally:
+        publisher.close(timeout_s=1)
+        spool.close()
+        sub.close()
+        proxy.close()
 
 
 def test_health_changes_made_while_away_arrive_in_order_the_latest_last(
