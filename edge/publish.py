@@ -567,7 +567,7 @@ class MqttPublisher:
             self.client.username_pw_set(self.settings.username, password)
             log.warning("MQTT: the password changed; the next attempt uses the new one")
 
-    def _plan_retry(self, was_connected: bool) -> float:
+    def _plan_retry(self, was_connected: bool) -> None:
         """The wait before paho's next attempt, set now (paho waits after every failure, and
         this runs on its thread just before): doubling with each failure in a row, at random
         between half and all of it (RECONNECT_MIN_S)."""
@@ -577,7 +577,6 @@ class MqttPublisher:
         self._failures = min(self._failures + 1, 32)
         wait = self._rng.uniform(cap / 2, cap)
         self.client.reconnect_delay_set(wait, wait)  # type: ignore[arg-type]  # floats do
-        return wait
 
     def _on_pre_connect(self, _c: mqtt.Client, _u: Any) -> None:
         self._loss_said = False  # a new attempt: what ends it is news

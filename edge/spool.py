@@ -76,9 +76,7 @@ EXPENDABLE = (
     "SELECT id FROM outbox WHERE retain = 1 AND id NOT IN "
     "(SELECT MAX(id) FROM outbox WHERE retain = 1 GROUP BY topic) ORDER BY id LIMIT ?",
     # an anomaly's updates between its start and its end
-    "SELECT id FROM outbox WHERE retain = 0 AND payload LIKE '%update%' AND CASE WHEN "
-    "json_valid(payload) "
-    "THEN json_extract(payload, '$.type') = 'update' ELSE 0 END ORDER BY id LIMIT ?",
+    "SELECT id FROM outbox WHERE kind = 'update' ORDER BY id LIMIT ?",
 )
 """What a full spool drops first, in this order, before the oldest of the rest."""
 OLDEST = "SELECT id, event, kind FROM outbox WHERE kind IS NOT 'end' ORDER BY id LIMIT ?"
@@ -372,9 +370,9 @@ class Spool:
     def claim(self, row_id: int) -> bool:
         """The sender is about to hand row `row_id` (and has handed those before it): False if a
         full spool dropped it meanwhile, else from now on it may reach the broker, so the `end`
-        of a `start` up to it is kept when the spool is full. A
-        start handed after `_trim` had dropped its event whole went out with no end (its batch
-        was read before the drop, in a review)."""
+        of a `start` up to it is kept when the spool is full. A start handed after `_trim` had
+        dropped its event whole went out with no end (its batch was read before the drop, in a
+        review)."""
         with self._lock:
             if self._db.execute("SELECT 1 FROM outbox WHERE id = ?", (row_id,)).fetchone() is None:
                 return False

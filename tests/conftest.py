@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -51,6 +54,21 @@ def cli(
 
 
 T = TypeVar("T")
+
+
+@contextmanager
+def full_disk(room: int = 0) -> Iterator[None]:
+    """No file of this process may grow past `room` bytes, as on a full disk: SQLite gets EFBIG
+    and says `disk I/O error`. Nothing may print meanwhile (pytest's capture files are files
+    too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (room, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, before)
 
 
 def wait_for(

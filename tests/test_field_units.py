@@ -6,8 +6,6 @@ import contextlib
 import json
 import math
 import os
-import resource
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import full_disk
 from jsonschema import Draft202012Validator
 
 from edge.clips import CaptureRing, ClipRecorder
@@ -252,15 +251,8 @@ def test_a_spool_upgrade_cut_short_by_a_full_card_is_done_whole_at_the_next_star
                  for n in range(3000)]  # fmt: skip
         db.executemany("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES "
                        "('d/events', ?, 1, 0, 0)", [(r,) for r in rows])  # fmt: skip
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 64 * 1024, hard))
-    try:
-        with pytest.raises(sqlite3.Error):  # the card fills during the upgrade
-            Spool(path, max_messages=3001)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, before)
+    with full_disk(path.stat().st_size + 64 * 1024), pytest.raises(sqlite3.Error):
+        Spool(path, max_messages=3001)  # the card fills during the upgrade
     spool = Spool(path, max_messages=3001)  # the next start, with room
     spool.append("d/events", json.dumps({"type": "start", "event_id": "C"}))
     assert '"A"' in spool.after(0, 1)[0].payload, "the end of A is kept"
@@ -287,15 +279,8 @@ def test_messages_marked_as_gone_out_by_a_write_that_failed_are_not(tmp_path: Pa
     card) took them back but kept the mark, and the ids came again for messages never sent: a
     full spool then dropped such a start alone and kept its end (a review)."""
     spool = Spool(tmp_path / "spool.sqlite", max_messages=2)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # the card is full
-    try:
-        with pytest.raises(sqlite3.Error):
-            spool.append_many([("d/events", "{}", 1, False)] * 3, handed=True)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, before)
+    with full_disk(), pytest.raises(sqlite3.Error):  # the card is full
+        spool.append_many([("d/events", "{}", 1, False)] * 3, handed=True)
     for kind, name in (("start", "A"), ("end", "A"), ("start", "B")):  # never sent
         spool.append("d/events", json.dumps({"type": kind, "event_id": name}))
     kept = [json.loads(r.payload)["event_id"] for r in spool.after(0)]
@@ -310,15 +295,8 @@ def test_a_drop_undone_by_a_failed_write_forgets_the_event_it_dropped(tmp_path: 
     spool = Spool(tmp_path / "spool.sqlite", max_messages=3)
     for kind, name in (("start", "X"), ("start", "Y"), ("end", "Y")):
         spool.append("d/events", json.dumps({"type": kind, "event_id": name}))
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # the card is full
-    try:
-        with pytest.raises(sqlite3.Error):
-            spool.append("d/health", "{}", retain=True)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, before)
+    with full_disk(), pytest.raises(sqlite3.Error):  # the card is full
+        spool.append("d/health", "{}", retain=True)
     spool.claim(1)  # then the start of X goes out
     spool.append("d/events", json.dumps({"type": "end", "event_id": "X"}))
     kept = [json.loads(r.payload)["event_id"] + json.loads(r.payload)["type"]

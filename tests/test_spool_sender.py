@@ -8,7 +8,6 @@ import itertools
 import json
 import logging
 import random
-import resource
 import signal
 import socket
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Broker, wait_for
+from conftest import Broker, full_disk, wait_for
 from mqtt_helpers import StallProxy, Subscriber, read_only
 
 from edge.messages import EventMessage, StateMessage
@@ -44,20 +43,6 @@ def _event(event_id: str) -> EventMessage:
         peak_score=2.0,
         threshold=1.0,
     )
-
-
-@contextmanager
-def _full_disk() -> Iterator[None]:
-    """No file of this process may grow or be written, as on a full disk: SQLite gets EFBIG and
-    says `disk I/O error`. Nothing may print meanwhile (pytest's capture files are files too)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, before)
 
 
 @pytest.fixture
@@ -102,7 +87,7 @@ def _started_on_a_full_disk(
     """Start `publisher` on a full disk: it sends the left-over events, the broker acknowledges
     them, and deleting them from the spool fails. The disk is full until the block ends."""
     caplog.set_level(logging.INFO, logger="edge.publish")
-    with _full_disk():
+    with full_disk():
         publisher.start()
         assert sub.wait_for(lambda ms: len(ms) == LEFT_OVER, 10), "left-over events sent"
         wait_for(
