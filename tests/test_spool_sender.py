@@ -613,7 +613,7 @@ def test_a_row_taken_back_before_the_sender_recorded_it_goes_again_from_the_spoo
     assert raced
 
 
-def test_messages_kept_in_memory_drop_updates_first_and_never_an_end(
+def test_messages_kept_in_memory_drop_updates_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full card keeps messages in memory, up to a bound; past it the oldest went, which may
