@@ -206,11 +206,13 @@ def test_a_full_spool_keeps_the_end_of_an_alarm_that_may_have_been_raised(tmp_pa
     again.close()
 
 
-def test_a_spool_of_the_earlier_release_keeps_the_ends_of_alarms_raised(tmp_path: Path) -> None:
-    """A spool written before events were indexed, opened after an upgrade during an outage:
-    its rows had no event id or type, so the end of an alarm raised before the outage was
-    dropped first (a review). They are read from the rows' JSON at open."""
-    path = tmp_path / "spool.sqlite"
+def _start(event: str) -> str:
+    return json.dumps({"type": "start", "event_id": event})
+
+
+def _spool_of_the_earlier_release(path: Path, payloads: list[str]) -> None:
+    """A spool file as the release before event columns wrote it, holding `payloads` (events
+    topic, QoS 1, not retained) in order."""
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.executescript(
             "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
@@ -218,13 +220,20 @@ def test_a_spool_of_the_earlier_release_keeps_the_ends_of_alarms_raised(tmp_path
             "created REAL NOT NULL); CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER "
             "NOT NULL);"
         )
-        rows = [json.dumps({"type": "end", "event_id": "A"}), "not json", '{"type": "end"}']
-        rows += [json.dumps({"type": "start", "event_id": e}) for e in "BC"]
         db.executemany("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES "
-                       "('d/events', ?, 1, 0, 0)", [(r,) for r in rows])  # fmt: skip
+                       "('d/events', ?, 1, 0, 0)", [(p,) for p in payloads])  # fmt: skip
+
+
+def test_a_spool_of_the_earlier_release_keeps_the_ends_of_alarms_raised(tmp_path: Path) -> None:
+    """A spool written before events were indexed, opened after an upgrade during an outage:
+    its rows had no event id or type, so the end of an alarm raised before the outage was
+    dropped first (a review). They are read from the rows' JSON at open."""
+    path = tmp_path / "spool.sqlite"
+    rows = [json.dumps({"type": "end", "event_id": "A"}), "not json", '{"type": "end"}']
+    _spool_of_the_earlier_release(path, rows + [_start(e) for e in "BC"])
     spool = Spool(path, max_messages=5)
-    spool.append("d/events", json.dumps({"type": "start", "event_id": "D"}))
-    spool.append("d/events", json.dumps({"type": "start", "event_id": "E"}))
+    spool.append("d/events", _start("D"))
+    spool.append("d/events", _start("E"))
     kept = [r.payload for r in spool.after(0)]
     assert json.dumps({"type": "end", "event_id": "A"}) in kept, kept
     assert "not json" not in kept, kept  # the oldest of the rest goes first, as before
@@ -239,18 +248,10 @@ def test_a_spool_upgrade_cut_short_by_a_full_card_is_done_whole_at_the_next_star
     so the next start took the file as done, and the end of an alarm raised before the outage
     was dropped first (a review). It is one transaction: undone whole, done whole later."""
     path = tmp_path / "spool.sqlite"
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.executescript(
-            "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
-            "payload TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, "
-            "created REAL NOT NULL); CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER "
-            "NOT NULL);"
-        )
-        rows = [json.dumps({"type": "end", "event_id": "A", "pad": "x" * 200})]
-        rows += [json.dumps({"type": "start", "event_id": f"B{n}", "pad": "x" * 200})
-                 for n in range(3000)]  # fmt: skip
-        db.executemany("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES "
-                       "('d/events', ?, 1, 0, 0)", [(r,) for r in rows])  # fmt: skip
+    rows = [json.dumps({"type": "end", "event_id": "A", "pad": "x" * 200})]
+    rows += [json.dumps({"type": "start", "event_id": f"B{n}", "pad": "x" * 200})
+             for n in range(3000)]  # fmt: skip
+    _spool_of_the_earlier_release(path, rows)
     with full_disk(path.stat().st_size + 64 * 1024), pytest.raises(sqlite3.Error):
         Spool(path, max_messages=3001)  # the card fills during the upgrade
     spool = Spool(path, max_messages=3001)  # the next start, with room
