@@ -42,11 +42,6 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dropped_events (event TEXT PRIMARY KEY);
 """
 _EVENT_COLUMNS = ("event", "kind")
-_EVENT_FILL = """UPDATE outbox SET event = json_extract(payload, '$.event_id'),
-    kind = json_extract(payload, '$.type')
-    WHERE retain = 0 AND CASE WHEN json_valid(payload) THEN
-    json_type(payload, '$.event_id') = 'text'
-    AND json_extract(payload, '$.type') IN ('start', 'update', 'end') ELSE 0 END"""
 """An event message's event_id and type (start, update, end), NULL for any other message: a
 full spool's choice reads them by index (parsing each row's JSON made flushing 2,000 messages
 into a full spool take 3.3 s instead of 0.05 s, in a review). Spools of earlier releases gain
@@ -317,7 +312,12 @@ class Spool:
         try:
             for column in missing:
                 self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} TEXT")
-            self._db.execute(_EVENT_FILL)
+            rows = self._db.execute("SELECT id, payload, retain FROM outbox").fetchall()
+            marks = ((*event_of(p, bool(r)), i) for i, p, r in rows)  # as `append` marks them
+            self._db.executemany(
+                "UPDATE outbox SET event = ?, kind = ? WHERE id = ?",
+                [m for m in marks if m[0] is not None],
+            )
             self._db.execute("COMMIT")
         except sqlite3.Error:
             with suppress(sqlite3.Error):
