@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -236,10 +236,62 @@ def ensure_pulse() -> bool:
     return False
 
 
+def pulse_servers() -> list[int]:
+    """The PIDs of every running PulseAudio server, whichever socket it listens on (zombies
+    left unreaped are not running)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it exited while we looked
+            continue
+        name, _, rest = text.partition(" (")[2].rpartition(") ")
+        if name == "pulseaudio" and not rest.startswith("Z"):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def describe_pulse() -> str:
+    """Which PulseAudio servers run, who started them and what answers: the state a capture
+    test that failed on the sound server saw (a server nobody started once answered after
+    `pulseaudio --kill`, with none of the test's sinks)."""
+    lines = []
+    for pid in pulse_servers():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].split()
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        lines.append(f"pid {pid}, parent {stat[1]}, started at tick {stat[19]}: {args}")
+    info = subprocess.run(["pactl", "info"], capture_output=True, text=True)
+    answer = [line for line in info.stdout.splitlines() if line.startswith("Server String")]
+    sinks = subprocess.run(["pactl", "list", "short", "sinks"], capture_output=True, text=True)
+    sink_names = [line.split("\t")[1] for line in sinks.stdout.splitlines() if "\t" in line]
+    lines.append(f"pactl: {answer or info.stderr.strip()}; sinks {sink_names}")
+    return "\n".join(lines)
+
+
+def stop_pulse() -> None:
+    """Every PulseAudio server stopped, and gone before this returns: `pulseaudio --kill`
+    stops only the one its runtime directory's pid file names, and returns before it exits."""
+    for pid in pulse_servers():
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    wait_for(
+        lambda: (
+            not pulse_servers()
+            and subprocess.run(["pactl", "info"], capture_output=True).returncode != 0
+        ),
+        10,
+        "every PulseAudio server to exit",
+        describe_pulse,
+    )
+
+
 @pytest.fixture(scope="session")
 def pulse() -> Iterator[str]:
     """A PulseAudio daemon with a null sink 'machine'; yields the monitor source name."""
     started = ensure_pulse()
     yield "machine.monitor"
     if started:
-        subprocess.run(["pulseaudio", "--kill"], capture_output=True)
+        stop_pulse()

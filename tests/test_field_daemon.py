@@ -25,7 +25,9 @@ from conftest import (
     ROOT,
     SOUNDSENTRY,
     Broker,
+    describe_pulse,
     free_port,
+    stop_pulse,
     wait_for,
 )
 from jsonschema import Draft202012Validator
@@ -601,6 +603,20 @@ PA_START = [
 ]
 
 
+def restart_pulse() -> None:
+    """After a test that took the sound server away: one server, started afresh with the
+    sinks the later tests play into, whatever the test left running (a failure halfway, or a
+    server that answered with none of the test's sinks, had every later capture test fail)."""
+    stop_pulse()
+    subprocess.run(PA_START, check=True, capture_output=True)
+    wait_for(
+        lambda: subprocess.run(["pactl", "info"], capture_output=True).returncode == 0,
+        10,
+        "PulseAudio to answer",
+        describe_pulse,
+    )
+
+
 def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path: Path) -> None:
     subprocess.run(
         ["pactl", "load-module", "module-null-sink", "sink_name=mic2", "rate=16000", "channels=1"],
@@ -643,6 +659,9 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
         lines = (tmp_path / "daemon.log").read_text().splitlines()
         return [line for line in lines if "capture:" in line and "retrying in" in line]
 
+    def seen() -> str:
+        return f"{(tmp_path / 'daemon.log').read_text()[-2000:]}\n{describe_pulse()}"
+
     try:
         assert sub.wait_for(lambda ms: any(m.payload == "online" for m in ms), timeout=60)
         wait_for(
@@ -651,16 +670,11 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
             "windows of the playing machine scored (metrics)",
             scored,
         )
-        subprocess.run(["pulseaudio", "--kill"], check=True)  # the microphone disappears
+        stop_pulse()  # the microphone disappears
         assert sub.wait_for(lambda _: "fault:stalled" in health_changes(), timeout=20), (
             health_changes()
         )
-        wait_for(
-            failed_reopens,
-            20,
-            "a failed attempt to reopen the vanished device",
-            lambda: (tmp_path / "daemon.log").read_text()[-2000:],
-        )
+        wait_for(failed_reopens, 20, "a failed attempt to reopen the vanished device", seen)
         assert proc.poll() is None, "the daemon must survive a vanished device"
         subprocess.run(PA_START, check=True, capture_output=True)  # ... and comes back
         players.append(subprocess.Popen(["paplay", "-d", "mic2", str(normal)]))
@@ -672,9 +686,9 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
         wait_for(lambda: max(n for n, _ in scored()) >= flowing + 8, 20,  # the outage is over
                  "4 s more of windows scored", scored)  # fmt: skip
         first_outage = len(failed_reopens())
-        subprocess.run(["pulseaudio", "--kill"], check=True)  # gone again, after audio came
+        stop_pulse()  # gone again, after audio came
         wait_for(lambda: len(failed_reopens()) > first_outage, 20, "the second outage's retry",
-                 lambda: (tmp_path / "daemon.log").read_text()[-2000:])  # fmt: skip
+                 seen)  # fmt: skip
         # backoff starts afresh: a working stream resets it (it grew on and on across outages)
         assert failed_reopens()[first_outage].endswith("retrying in 1 s"), failed_reopens()
         subprocess.run(PA_START, check=True, capture_output=True)
@@ -695,8 +709,7 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
         for p in players:
             p.kill()
         sub.close()
-        if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
-            subprocess.run(PA_START, capture_output=True)
+        restart_pulse()
 
 
 def _stalled(sub: Subscriber) -> list[dict]:
@@ -722,12 +735,7 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
-    subprocess.run(["pulseaudio", "--kill"], capture_output=True)  # no `pulse` device; it may
-    wait_for(  # already be gone (a test before that failed halfway)
-        lambda: subprocess.run(["pactl", "info"], capture_output=True).returncode != 0,
-        10,
-        "PulseAudio gone",
-    )
+    stop_pulse()  # no `pulse` device (it may already be gone: a test before failed halfway)
     normal = tmp_path / "normal.wav"
     sf.write(normal, np.tile(read_audio(NORMAL_FILES[0], RATE), 6), RATE, subtype="PCM_16")
     cfg = write_config(
@@ -787,8 +795,7 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
             player.kill()
         sub.close()
         sock.close()
-        if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
-            subprocess.run(PA_START, capture_output=True)
+        restart_pulse()
 
 
 def test_a_sound_server_source_missing_at_start_is_waited_for(
