@@ -908,11 +908,36 @@ MAX_JSON_OUTPUT = 256 << 20
 """A JSON output larger than this is taken for something else."""
 
 
+REPORT_NAMES = ("metrics.json", "scores.csv", "roc.png", "histogram.png", "timeline.png")
+"""The files `evaluate --report` writes, beside evaluation-VARIANT.json (and confusion.png)."""
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _written_by_a_report(path: Path) -> bool:
+    """True if `path`, a name the report writes, holds what a report writes there: a PNG, a
+    JSON document, or scores.csv's header row."""
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as fh:
+            if path.suffix == ".png":
+                return fh.read(len(PNG_MAGIC)) == PNG_MAGIC
+            if path.suffix == ".csv":
+                return fh.readline(256).startswith(b"file,segment,label,score_")
+            json.loads(fh.read(MAX_JSON_OUTPUT + 1) or b"")
+            return True
+    except (ValueError, OSError):
+        return False
+
+
 def _check_report_folder(path: Path | None, inputs: Sequence[Path]) -> None:
     """Refuse a --report folder that holds the recordings evaluated (a folder given as input,
     or one a file given lies in), or lies within one (a class subfolder of --classes, which
     the report's files would join as recordings of that class): the report's files would mix
-    with them, and replace any of theirs of the same name."""
+    with them, and replace any of theirs of the same name. Refuse too a folder with a file
+    of a name the report writes that no report wrote (a user's own scores.csv, a recording
+    named timeline.png: replaced without a word, in a review); an earlier report's files are
+    replaced, as `--json` replaces only JSON."""
     if path is None:
         return
     target = path.resolve()
@@ -925,6 +950,21 @@ def _check_report_folder(path: Path | None, inputs: Sequence[Path]) -> None:
             raise SoundSentryError(
                 f"--report {path}: lies in the recordings being evaluated ({given}); give a "
                 "folder of its own outside them"
+            )
+    if path.is_dir():
+        foreign = [
+            p.name
+            for p in sorted(path.iterdir())
+            if (
+                p.name in (*REPORT_NAMES, "confusion.png")
+                or (p.name.startswith("evaluation-") and p.suffix == ".json")
+            )
+            and not _written_by_a_report(p)
+        ]
+        if foreign:
+            raise SoundSentryError(
+                f"--report {path}: holds {', '.join(foreign)}, which the report would replace "
+                "and no report wrote; give a new or empty folder"
             )
 
 

@@ -214,6 +214,37 @@ def test_evaluate_counts_the_files_the_device_would_report(tmp_path: Path) -> No
     assert "anomalous 2/2, normal 0/1" in proc.stdout
 
 
+def test_a_report_replaces_an_earlier_report_and_nothing_else(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """`evaluate --report DIR` replaced a user's own scores.csv and metrics.json, and a
+    recording named timeline.png, without a word, where `--json` refuses what is not JSON (a
+    review): it is refused before the scoring, and the files stay as they were."""
+    given = ("evaluate", str(tiny_bundle), "--normal", *map(str, NORMAL_FILES[:2]),
+             "--anomalous", str(ANOMALOUS_FILE))  # fmt: skip
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "scores.csv").write_text("machine,hours\npump,1200\n")
+    shutil.copy(NORMAL_FILES[0], mine / "timeline.png")
+    (mine / "notes.txt").write_text("not a name the report writes\n")
+    kept = {p.name: p.read_bytes() for p in mine.iterdir()}
+    proc = cli(*given, "--report", str(mine), check=False)
+    assert proc.returncode == 1 and "AUC" not in proc.stdout, proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"soundsentry: error: --report {mine}: holds scores.csv, timeline.png, which the report "
+        "would replace and no report wrote; give a new or empty folder"
+    )
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == kept
+    earlier = tmp_path / "earlier"  # what a report wrote there before: replaced
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"int8": {}}\n')
+    (earlier / "roc.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    (earlier / "scores.csv").write_text("file,segment,label,score_int8\nold.wav,,normal,1\n")
+    cli(*given, "--report", str(earlier))
+    assert "old.wav" not in (earlier / "scores.csv").read_text()
+    assert set(json.loads((earlier / "metrics.json").read_text())["int8"]) >= {"auc", "pauc"}
+
+
 def test_evaluate_report_files(tiny_bundle: Path, tmp_path: Path) -> None:
     report = tmp_path / "report"
     proc = cli(
