@@ -1318,6 +1318,12 @@ def _cmd_events(args: argparse.Namespace) -> int:
             )
         )
     folder = load_settings(args.config).data_dir
+    if not folder.is_dir():  # "0 event(s)", as if all were well, for a folder mistyped or
+        # another than the service's (`--config` forgotten on the device: a walk-through)
+        raise SoundSentryError(
+            f"no data folder {folder}: no daemon has run with it, so it holds no event log"
+            + (SERVICE_EVENTS if args.config is None else "")
+        )
     everything = read_events(folder)
     events = [
         e
@@ -1341,11 +1347,14 @@ def _cmd_events(args: argparse.Namespace) -> int:
         )
     if folder == Path.home() / ".local" / "state" / "soundsentry":  # not the service's
         print(  # your own log (replays); the service keeps its own, readable by its user only
-            "(your own log; the service's: sudo -u soundsentry soundsentry events --config "
-            "/etc/soundsentry/config.toml)",
-            file=sys.stderr,
+            f"(your own log{SERVICE_EVENTS})", file=sys.stderr
         )
     return 0
+
+
+SERVICE_EVENTS = (
+    "; the service's: sudo -u soundsentry soundsentry events --config /etc/soundsentry/config.toml"
+)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -396,10 +396,17 @@ def test_events_lists_the_local_log_for_a_spreadsheet(tmp_path: Path) -> None:
     assert "the service's" not in later.stderr  # a folder of its own: no hint
     # your own default log, on a Pi beside the service's: says where the service's is read
     home = tmp_path / "home"  # the suite sets a data dir of its own: name the default one
-    own = cli(
-        "events",
-        env={"HOME": str(home), "SOUNDSENTRY_DATA_DIR": str(home / ".local/state/soundsentry")},
+    mine = {"HOME": str(home), "SOUNDSENTRY_DATA_DIR": str(home / ".local/state/soundsentry")}
+    # no such folder (`--config` forgotten): "0 event(s)" there read as all well (a review)
+    none = cli("events", env=mine, check=False)
+    assert none.returncode == 1 and none.stdout == "", none.stdout
+    assert none.stderr.splitlines()[-1] == (
+        f"soundsentry: error: no data folder {home}/.local/state/soundsentry: no daemon has run "
+        "with it, so it holds no event log; the service's: sudo -u soundsentry soundsentry "
+        "events --config /etc/soundsentry/config.toml"
     )
+    (home / ".local/state/soundsentry").mkdir(parents=True)  # a replay made it: no log yet
+    own = cli("events", env=mine)
     assert own.stderr.splitlines()[-1] == (
         "(your own log; the service's: sudo -u soundsentry soundsentry events --config "
         "/etc/soundsentry/config.toml)"
