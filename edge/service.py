@@ -59,12 +59,15 @@ def run_detector(
     on_step: Callable[[Step], None] | None = None,
     live: bool = False,
     lock: int | None = None,
+    persist: bool = True,
 ) -> Detector:
     """Run the detector over `source` until it ends or SIGTERM/SIGINT; publish if configured.
     `extra_sinks` and `on_step` are for the terminal (live line, replay summary). `live`: the
     device's own daemon (`run`), which ends the events an earlier run left open; a replay
     connects under a client id of its own, so it never knocks the device's daemon off the
-    broker. `lock`: data_dir already held (`hold_data_dir`), closed at the end."""
+    broker. `lock`: data_dir already held (`hold_data_dir`), closed at the end. `persist`:
+    the threshold and mute set by command, learning and the model history are data_dir's
+    (False: this run leaves them as they are)."""
     lock = hold_data_dir(settings.data_dir) if lock is None else lock
     try:
         controller: Controller | None = None
@@ -123,7 +126,7 @@ def run_detector(
                 sinks,
                 on_step=on_step,
                 spool_stats=spool.stats if spool is not None else None,
-                persist=True,  # threshold, mute and learned models survive a restart (data_dir)
+                persist=persist,  # threshold, mute, learned models survive a restart (data_dir)
                 live=live,  # the device's running hours count what its microphone heard
             )
         except SoundSentryError as exc:

@@ -1087,6 +1087,25 @@ def _replay_settings(args: argparse.Namespace) -> tuple[Any, bool]:
     return settings, False
 
 
+def _device_model(config: Path | None, replayed: str) -> str | None:
+    """The model id the device of `config` runs when it is not `replayed`, else None. A replay
+    acts as the device of its config; of another model it dropped the device's saved learning
+    period, recorded the replayed model as the device's in the model history (its site version
+    unused from then on) and saved its own threshold over the one set by command (a new-user
+    walk-through)."""
+    from edge.bundle import read_manifest
+    from edge.settings import load_settings
+
+    model = load_settings(config).model if config is not None else None
+    if model is None:  # the device's model comes from its command line: unknown here
+        return None
+    try:
+        runs = read_manifest(model).model_id
+    except SoundSentryError:  # the device cannot run it either: nothing of it to keep
+        return None
+    return runs if runs != replayed else None
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from edge.audio_io import find_audio
     from edge.bundle import channel_for
@@ -1106,6 +1125,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         )
     bundle = _load(settings.model)
     _warn_at_start(bundle, settings, listening=False)
+    device_model = _device_model(args.config, bundle.model_id)
+    if device_model is not None:
+        print(
+            f"note: the config's device runs {device_model}, not {bundle.model_id}: this replay "
+            "leaves its learning, model versions, threshold and mute as they are, and uses "
+            "none of them",
+            file=sys.stderr,
+        )
     files = find_audio(args.files)  # folders searched recursively, as everywhere else
     if not files:
         raise SoundSentryError("no audio files found in " + " ".join(map(str, args.files)))
@@ -1130,6 +1157,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         reload_settings=lambda: _replay_settings(args)[0],
         extra_sinks=[ReplayLines(source.locate, sys.stdout), summary],
         on_step=summary.step,
+        persist=device_model is None,
     )
     print(summary.line(len(files), detector.threshold), file=sys.stderr)
     return 0

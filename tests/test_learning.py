@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -205,6 +206,41 @@ def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart
     assert [e["model"] for e in starts(map(json.loads, again.stdout.splitlines()))] == [
         "fan-demo-12483c73-site-v1"
     ]
+
+
+def test_a_replay_of_another_model_leaves_the_device_s_learning_and_state_alone(
+    tmp_path: Path,
+) -> None:
+    """A test `replay OTHER.bundle --config DEVICE.toml` while the device was stopped dropped
+    the device's saved commissioning period (an hour of learning, deleted), recorded the other
+    model as the device's in the model history and saved its own threshold and mute over the
+    device's (a new-user walk-through). It now says so and leaves them alone; a replay of the
+    device's own model still acts as the device and resumes the period."""
+    data = tmp_path / "data"
+    config = tmp_path / "device.toml"
+    config.write_text(f'device_id = "site"\nmodel = "{DEMO_BUNDLE}"\n[learning]\nseconds = 60\n')
+    env = {"SOUNDSENTRY_DATA_DIR": str(data)}
+    run = ("--log-level", "INFO", "replay", "--config", str(config))
+    begun = cli(*run, str(DEMO_BUNDLE), str(NORMAL_FILES[0]), env=env)
+    assert "learning: started, 60 s of audio" in begun.stderr, begun.stderr
+    from edge.persist import DeviceState
+
+    DeviceState(data).save("fan-demo-12483c73", 2.5, None, 0.0)  # a threshold set by command
+    kept = {p: p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file() and p.suffix != ""}
+    assert {data / "learning" / "period.npz", data / "state.json"} <= set(kept), sorted(kept)
+    other = cli(*run, str(AE_BUNDLE), str(ANOMALOUS_FILE), env=env)
+    assert (
+        "note: the config's device runs fan-demo-12483c73, not fan-autoencoder-" in other.stderr
+        and "leaves its learning, model versions, threshold and mute as they are" in other.stderr
+    ), other.stderr
+    assert "the saved period is dropped" not in other.stderr, other.stderr
+    assert "replay: 1 file(s), 7 windows" in other.stderr, "replayed all the same"
+    for path, content in kept.items():
+        if path.suffix != ".jsonl":  # its events are logged, as any replay's with the config
+            assert path.read_bytes() == content, path
+    again = cli(*run, str(DEMO_BUNDLE), str(NORMAL_FILES[1]), env=env)
+    assert re.search(r"learning: resumed at [1-9]\d* of 60 s", again.stderr), again.stderr
+    assert "threshold 2.5 restored (set by command)" in again.stderr, again.stderr
 
 
 def test_a_damaged_history_does_not_begin_commissioning_again_nor_write_over_a_version(
