@@ -317,7 +317,7 @@ def _check_float_samples(path: Path) -> None:
     peak = 0.0
     try:
         with sf.SoundFile(sf_path(path)) as fh:
-            for block in _blocks(fh):
+            for block in file_blocks(fh):
                 finite = block[np.isfinite(block)]
                 if finite.size:
                     peak = max(peak, float(np.max(np.abs(finite))))
@@ -412,7 +412,7 @@ def read_audio(
                 else None
             )
             summary, parts = _Summary(), []
-            for block in _blocks(fh):
+            for block in file_blocks(fh):
                 if not summary.check(block) or not valid:
                     continue  # refused after the whole file is seen; nothing more to keep
                 mono = select_channel(block, channel)
@@ -454,7 +454,7 @@ def stream_audio(path: str | Path, samplerate: int) -> Iterator[np.ndarray]:
                 if fh.samplerate > samplerate
                 else None
             )
-            for block in _blocks(fh):
+            for block in file_blocks(fh):
                 mono = select_channel(block, 0)  # the buffer is read into again: copied
                 yield resampler.resample_chunk(mono) if resampler else mono.copy()
             if resampler is not None:
@@ -465,14 +465,15 @@ def stream_audio(path: str | Path, samplerate: int) -> Iterator[np.ndarray]:
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
 
 
-def _blocks(fh: sf.SoundFile) -> Iterator[np.ndarray]:
-    """The file's audio as (frames, channels) float32 blocks in one reused buffer; an MP3 in one
-    read, because libsndfile's MP3 decoder drops or garbles audio where one read ends and the
-    next begins."""
+def file_blocks(fh: sf.SoundFile, seconds: float = READ_BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """The file's audio as (frames, channels) float32 blocks of `seconds` in one reused buffer
+    (each is overwritten by the next); an MP3 in one read, because libsndfile's MP3 decoder
+    drops or garbles audio where one read ends and the next begins (and `replay`, reading it a
+    second at a time, printed the decoder's errors, in a walk-through)."""
     if fh.format == "MP3":
         yield fh.read(dtype="float32", always_2d=True)
         return
-    buffer = np.empty((max(1, int(READ_BLOCK_SECONDS * fh.samplerate)), fh.channels), np.float32)
+    buffer = np.empty((max(1, int(seconds * fh.samplerate)), fh.channels), np.float32)
     while len(block := fh.read(dtype="float32", always_2d=True, out=buffer)):
         yield block
 

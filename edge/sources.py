@@ -12,7 +12,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from edge.audio_io import check_files, mono_channel, select_channel, sf_path
+from edge.audio_io import check_files, file_blocks, mono_channel, select_channel, sf_path
 
 READ_SECONDS = 1.0
 """Audio read from disk at a time (memory stays flat however long the files are)."""
@@ -98,9 +98,7 @@ class FileSource:
                 else soxr.ResampleStream(rate, self.samplerate, 1, dtype="float32", quality="HQ")
             )
             pending = np.zeros(0, np.float32)
-            for chunk in fh.blocks(
-                blocksize=int(READ_SECONDS * rate), dtype="float32", always_2d=True
-            ):
+            for chunk in file_blocks(fh, READ_SECONDS):  # each chunk is used before the next
                 mono = select_channel(chunk, channel)
                 mono = resampler.resample_chunk(mono) if resampler else mono
                 pending = np.concatenate([pending, mono])

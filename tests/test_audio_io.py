@@ -308,6 +308,22 @@ def test_one_rule_names_the_folders_no_search_for_audio_enters() -> None:
         assert not skipped_folder(name), name
 
 
+def test_a_replayed_mp3_is_read_whole_as_everywhere_else(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`replay` read files a second at a time, MP3s too, and libsndfile's MP3 decoder printed
+    "error: part2_3_length (1088) too large for available bit count" where one read ended and
+    the next began, though README says MP3s are read whole (in a walk-through)."""
+    from edge.sources import NEW_STREAM, FileSource
+
+    phone = tmp_path / "phone.mp3"
+    sf.write(phone, read_audio(NORMAL_FILES[0], 16000), 16000, format="MP3")
+    capfd.readouterr()
+    heard = [b for b in FileSource([phone], 16000) if b is not NEW_STREAM]
+    assert "error" not in capfd.readouterr().err
+    np.testing.assert_array_equal(np.concatenate(heard), read_audio(phone, 16000))
+
+
 def test_a_replayed_float_file_beyond_full_scale_is_refused_before_it_plays(
     tmp_path: Path,
 ) -> None:
