@@ -485,7 +485,7 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
             raise SettingsError(
                 f"{path}: over {MAX_CONFIG_BYTES >> 20} MB, not a config file (give the .toml)"
             )
-        return tomllib.loads(text.decode("utf-8-sig"))  # a BOM (Notepad) is fine
+        data = tomllib.loads(text.decode("utf-8-sig"))  # a BOM (Notepad) is fine
     except FileNotFoundError:
         raise SettingsError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
@@ -494,6 +494,13 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
         raise SettingsError(f"{path}: not valid TOML (not UTF-8 text)") from None
     except OSError as exc:
         raise SettingsError(f"{path}: {exc.strerror or exc}") from None
+    for key in data:  # pydantic-settings matches top-level keys and sections in any case, and
+        # the keys within a section in theirs: `Model` and `[MQTT]` were taken, `[mqtt] Host`
+        # refused, and of `device_id` and `DEVICE_ID` one won without a word (a walk-through)
+        if key not in Settings.model_fields:
+            hint = f" (keys are lower case: {key.lower()})" if key != key.lower() else ""
+            raise SettingsError(f"invalid setting {key}: unknown key{hint}")
+    return data
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

@@ -64,6 +64,30 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('Model = "pump.bundle"\n', "Model: unknown key (keys are lower case: model)"),
+        ('[MQTT]\nhost = "broker"\n', "MQTT: unknown key (keys are lower case: mqtt)"),
+        ('[mqtt]\nHost = "broker"\n', "mqtt.Host: unknown key"),
+        (
+            'device_id = "a"\nDEVICE_ID = "b"\n',
+            "DEVICE_ID: unknown key (keys are lower case: device_id)",
+        ),
+        ('modle = "pump.bundle"\n', "modle: unknown key"),
+    ],
+)
+def test_keys_are_matched_in_their_case_at_every_level(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    """Top-level keys and section names were matched in any case and the keys within a section
+    in theirs: `Model` and `[MQTT]` were taken, `[mqtt] Host` refused, and of `device_id` and
+    `DEVICE_ID` one won without a word (a walk-through). TOML's keys have one case."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, text))
+    assert str(caught.value) == f"invalid setting {said}"
+
+
+@pytest.mark.parametrize(
     ("text", "key"),
     [
         ("[mqtt]\nport = 70000\n", "mqtt.port"),
