@@ -746,8 +746,10 @@ def _note_channels(paths: list[str], channel: int) -> None:
     besides = f"; the {mono} mono one(s) as they are" if mono and widest > 1 else ""
     if widest > 1 and channel < (narrowest or 1):  # a channel that is not there: its error
         used = "their average" if channel == -1 else f"channel {channel}"
+        # a stereo file among 8-channel ones was left unsaid (a walk-through)
+        span = f"{widest}" if narrowest == widest else f"{narrowest}- to {widest}"
         print(
-            f"note: {widest}-channel recordings: training on {used}{besides} (--channel N "
+            f"note: {span}-channel recordings: training on {used}{besides} (--channel N "
             "picks another, -1 the average, --all-channels uses every channel as a view)"
         )
     elif mono and widest == 1 and channel > 0:
