@@ -240,6 +240,12 @@ def test_a_replay_of_another_model_leaves_the_device_s_learning_and_state_alone(
             assert path.read_bytes() == content, path
     again = cli(*run, str(DEMO_BUNDLE), str(NORMAL_FILES[1]), env=env)
     assert re.search(r"learning: resumed at [1-9]\d* of 60 s", again.stderr), again.stderr
+    # said at WARNING, as a restored mute is: fault recordings replayed into a period were
+    # learnt as normal with a line at INFO (an operator's review)
+    assert (
+        f"WARNING edge.daemon: learning: the files go into the commissioning period saved in {data}"
+        in again.stderr
+    )
     assert "threshold 2.5 restored (set by command)" in again.stderr, again.stderr
 
 
