@@ -84,6 +84,24 @@ def _set_aside(path: Path) -> Path | None:
     return aside
 
 
+def _real(path: str | Path) -> str:
+    """A path as the file system resolves it, for comparing two names of one folder."""
+    return os.path.realpath(path)
+
+
+def _rebase(entries: list[dict[str, Any]], folder: Path) -> None:
+    """Version folders the device wrote (`write_version`) lie in its models `folder`, wherever
+    that is now: history.json names them by the absolute path they had, so a data_dir moved
+    found none of its versions, and one copied pruned the original's (an operator's review).
+    Every path in a folder the device once wrote versions to names one in `folder` now."""
+    wrote = {Path(e["path"]).parent for e in entries if e.get("made")}
+    for e in entries:
+        for key in ("path", "base"):
+            path = Path(e[key])
+            if path.parent in wrote and VERSION.search(path.name):
+                e[key] = str(folder / path.name)
+
+
 def _readable(entry: object) -> bool:
     """An entry of history.json this code can use: a version number, its folder, the bundle
     it was refitted from and why."""
@@ -106,9 +124,10 @@ def active_entry(folder: Path, configured: str) -> dict[str, Any] | None:
     if not isinstance(data, dict) or data.get("configured") not in (None, configured):
         return None
     found = data.get("entries", [])
-    entries = found if isinstance(found, list) else [found]
+    entries = [e for e in (found if isinstance(found, list) else [found]) if _readable(e)]
+    _rebase(entries, folder)  # as ModelHistory reads them
     active = data.get("active")
-    return next((e for e in entries if _readable(e) and e["version"] == active), None)
+    return next((e for e in entries if e["version"] == active), None)
 
 
 def manifest_in_use(folder: Path, configured: Bundle, runs: Callable[[Bundle], object]) -> Manifest:
@@ -194,6 +213,7 @@ class ModelHistory:
         found = data.get("entries", [])
         entries = found if isinstance(found, list) else [found]
         self.entries: list[dict[str, Any]] = [e for e in entries if _readable(e)]
+        _rebase(self.entries, folder)
         if len(self.entries) < len(entries):
             log.warning("%s: %d version entries unreadable (a hand edit, damage): left out",
                         self.path, len(entries) - len(self.entries))  # fmt: skip
@@ -329,6 +349,10 @@ class ModelHistory:
 
     def _delete(self, dropped: list[dict[str, Any]]) -> None:
         for old in dropped:
+            if _real(Path(old["path"]).parent) != _real(self.folder):  # never another folder's
+                log.info("history: version %d left in %s (not this device's models folder)",
+                         old["version"], old["path"])  # fmt: skip
+                continue
             shutil.rmtree(old["path"], ignore_errors=True)
             log.info("history: deleted version %d (%s)", old["version"], old.get("model_id"))
 
@@ -397,8 +421,16 @@ class ModelHistory:
         while len(self.entries) > self.keep:
             old = next(e for e in self.entries if e["version"] != self.active)
             self.entries.remove(old)
-            if old.get("made") and all(e["path"] != old["path"] for e in self.entries):
-                dropped.append(old)  # not a folder a kept entry (a reload of it) still uses
+            # not a folder a kept entry uses (a reload of it), refits from (its base), nor the
+            # configured model: a config pinning a site version had it deleted by the next
+            # refit, and the daemon could not start again (an operator's review)
+            used = {_real(e[key]) for e in self.entries for key in ("path", "base")}
+            if (
+                old.get("made")
+                and _real(old["path"]) not in used
+                and old.get("model_id") != self.configured
+            ):
+                dropped.append(old)
         for e in self.entries:  # a pruned predecessor: roll back to the configured model
             if e.get("from_version") is not None and self.entry(e["from_version"]) is None:
                 e["from_version"] = None

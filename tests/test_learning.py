@@ -1503,6 +1503,58 @@ def test_pruning_keeps_a_folder_a_reload_of_it_still_uses(tmp_path: Path) -> Non
     assert v1.is_dir() and load_bundle(history.current["path"]).path == v1
 
 
+def test_pruning_never_deletes_the_configured_model_nor_a_kept_version_s_base(
+    tmp_path: Path,
+) -> None:
+    """A config whose `model` pins a site version (`keep_versions = 1`): the next refit pruned
+    it and deleted its folder, the configured model, and the next start failed with "no such
+    model bundle" (an operator's review). Nor may a kept version's base go."""
+    from edge.history import ModelHistory
+
+    demo, ae = load_bundle(DEMO_BUNDLE), load_bundle(AE_BUNDLE)
+    for configured, base_of_v2, kept in (
+        (demo.model_id, AE_BUNDLE, True),  # v1 is the configured model
+        (ae.model_id, "v1", True),  # v2 is refitted from v1
+        (ae.model_id, AE_BUNDLE, False),  # neither: pruned v1 goes
+    ):
+        folder = tmp_path / f"{configured}-{base_of_v2 == 'v1'}" / "models"
+        history = ModelHistory(folder, keep=1, configured=configured)
+        v1 = shutil.copytree(DEMO_BUNDLE, folder / "fan-demo-12483c73-v1.bundle")
+        history.record(load_bundle(v1), "learning", AE_BUNDLE, True)
+        v2 = shutil.copytree(AE_BUNDLE, folder / "fan-demo-12483c73-v2.bundle")
+        history.record(
+            load_bundle(v2), "mark_normal", v1 if base_of_v2 == "v1" else AE_BUNDLE, True
+        )
+        assert [e["version"] for e in history.entries] == [2]
+        assert v1.is_dir() is kept, (configured, base_of_v2)
+
+
+def test_versions_are_found_in_a_data_folder_moved_or_copied_and_only_its_own_are_pruned(
+    tmp_path: Path,
+) -> None:
+    """history.json names versions by absolute path: a data_dir moved (to a USB disk, say)
+    found none of its versions and ran the configured model at its factory threshold, and a
+    copy's refit deleted the original's active version (an operator's review)."""
+    from edge.history import ModelHistory, active_entry, load_version
+
+    first = tmp_path / "first" / "models"
+    history = ModelHistory(first, keep=1, configured="pump-1")
+    v1 = shutil.copytree(DEMO_BUNDLE, first / "fan-demo-12483c73-v1.bundle")
+    history.record(load_bundle(v1), "learning", DEMO_BUNDLE, True)
+    copy = shutil.copytree(tmp_path / "first", tmp_path / "copy") / "models"
+    copied = ModelHistory(copy, keep=1, configured="pump-1")
+    assert copied.current["path"] == str(copy / v1.name)
+    assert load_version(copied.current).path == copy / v1.name
+    v2 = shutil.copytree(DEMO_BUNDLE, copy / "fan-demo-12483c73-v2.bundle")
+    copied.record(load_bundle(v2), "mark_normal", DEMO_BUNDLE, True)
+    assert v1.is_dir(), "the original's version is not the copy's to delete"
+    assert not (copy / v1.name).exists(), "the copy's own is pruned"
+    moved = (tmp_path / "first").rename(tmp_path / "moved") / "models"
+    assert active_entry(moved, "pump-1")["path"] == str(moved / v1.name)
+    again = ModelHistory(moved, keep=1, configured="pump-1")
+    assert load_version(again.current).path == moved / v1.name
+
+
 def test_a_stopped_period_whose_refit_could_not_be_written_is_refitted_not_resumed(
     tmp_path: Path,
 ) -> None:
