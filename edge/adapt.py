@@ -622,6 +622,8 @@ class Adapter:
     def _tidy(self) -> None:
         """Delete the site features and marks that no kept version uses: they go with the
         versions pruned from the history (each period left up to 5.3 MB for good)."""
+        if self.history.unreadable:  # which versions use them is not known this run
+            return
         entries = self.history.entries
         sites = {e.get("site") for e in entries}
         marks = {f"{m}.npz" for e in entries for m in e.get("marked", [])}

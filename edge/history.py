@@ -15,6 +15,7 @@ folder and renamed into place, the JSON is replaced with os.replace.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -52,13 +53,18 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from `path`; None when it is missing or unreadable (logged)."""
+    """A JSON object from `path`; None when it is missing or unreadable (logged). A damaged one
+    is set aside; one that cannot be read for now (EACCES, EIO) stays where it is, and
+    `unreadable` says so: its owner must not write over it."""
     try:
         data = json.loads(read_regular(path))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        aside = _set_aside(path) if isinstance(exc, ValueError) else None
+    except OSError as exc:
+        log.error("%s cannot be read (%s): not used, nor written over, this run", path, exc)
+        return None
+    except (ValueError, RecursionError) as exc:  # thousands of `[`: the parser's recursion
+        aside = _set_aside(path)
         kept = f" (kept as {aside.name})" if aside else ""
         log.error("%s unreadable, starting afresh%s: %s", path, kept, exc)
         return None
@@ -71,6 +77,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
         f" (kept as {aside.name})" if aside else "",
     )
     return None
+
+
+def unreadable(path: Path, read: object) -> bool:
+    """`read_json` gave nothing (`read` None) for a file that is still there: it could not be
+    read for now (a damaged one was set aside). Written over, it lost what it held: an
+    operator's review found a history.json a permission kept from the daemon replaced by an
+    empty one, its site version lost, and 9,000,000 running seconds of state.json become 7."""
+    return read is None and os.path.lexists(path)
 
 
 def _set_aside(path: Path) -> Path | None:
@@ -205,6 +219,9 @@ class ModelHistory:
         self.keep = keep
         self.path = folder / HISTORY
         read = read_json(self.path)  # a damaged file is set aside (and said) there
+        self.unreadable = unreadable(self.path, read)
+        """history.json is there but cannot be read: the configured model runs, no period is
+        begun (as for a damaged one), and nothing is written over it or deleted this run."""
         # set aside now, or at a start whose save failed since (a full card); not a file
         # that could not be read for now (EIO, EACCES), which stays as it is
         lost = read is None and not os.path.lexists(self.path) and self._damaged_copy_kept()
@@ -236,6 +253,8 @@ class ModelHistory:
         """Configured models whose commissioning period ended in a refit that failed, or was
         cancelled: not begun again at every start (a period suppresses events while it runs);
         a `learn` command can."""
+        if self.unreadable:  # what it records is unknown: a period would hold events off
+            self.learned.add(configured)
         if orphans:  # a damaged card: a period begun again would hold events off for days
             self.learned.add(configured)
             log.error(
@@ -375,7 +394,10 @@ class ModelHistory:
             raise
 
     def save(self) -> None:
-        """Write history.json atomically."""
+        """Write history.json atomically (OSError for one that could not be read at the start:
+        the versions it records would be lost)."""
+        if self.unreadable:
+            raise OSError(errno.EACCES, f"{self.path} could not be read at the start")
         private_dir(self.folder)
         write_json(
             self.path,

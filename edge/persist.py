@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.commands import MAX_MUTE_MINUTES
-from edge.history import read_json, write_json
+from edge.history import read_json, unreadable, write_json
 from edge.private import private_dir, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,10 @@ class DeviceState:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / STATE
         remove_stale_temps(data_dir)  # a save of state.json cut short by a power cut
-        data = read_json(self.path) or {}
+        read = read_json(self.path)
+        self.unreadable = unreadable(self.path, read)
+        """state.json is there but cannot be read: not written over this run."""
+        data = read or {}
         self.model: str | None = data.get("model")
         self.threshold: float | None = _number(data.get("threshold"))
         self.mute: SavedMute | None = _mute(data.get("mute"))
@@ -96,6 +99,8 @@ class DeviceState:
             else {"started": mute.started, "seconds": mute.seconds, "ran": round(mute.ran, 1)},
             "running_seconds": round(running_seconds, 1),
         }
+        if self.unreadable:  # said once, when it could not be read
+            return
         try:
             private_dir(self.path.parent)
             write_json(self.path, data)

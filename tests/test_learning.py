@@ -352,6 +352,43 @@ def test_a_model_learns_once_even_after_its_learning_version_is_pruned(tmp_path:
     assert device.detector.adapter.period is None
 
 
+def test_a_record_that_cannot_be_read_for_now_is_neither_used_nor_written_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """history.json and state.json that the daemon could not read (a permission, a failing
+    card's EIO) were taken for empty: a new commissioning period began (events held off), the
+    site features of the version it could not see were deleted as unused, and both files were
+    replaced, the site version and 9,000,000 running seconds lost (an operator's review). Now
+    the configured model runs and raises events, and nothing is deleted or written over."""
+    import errno
+
+    from edge import history, persist
+
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    device.detector.set_threshold(2.2)  # saved in state.json
+    device.replay(NORMAL_FILES[0])
+    kept = {p: p.read_bytes() for p in device.data.rglob("*") if p.is_file()}
+    records = {device.data / "models" / "history.json", device.data / "state.json"}
+    assert records <= set(kept) and any(p.name.startswith("site-") for p in kept)
+    real = history.read_regular
+
+    def failing(path: Path, *args: object, **kwargs: object) -> bytes:
+        if Path(path) in records:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(history, "read_regular", failing)
+    events = device.replay(NORMAL_FILES[0], ANOMALOUS_FILE)
+    assert not device.detector.learning, "no period holds events off"
+    assert [e["model"] for e in starts(events)] == ["fan-demo-12483c73"], "the fault is seen"
+    assert persist.DeviceState(device.data).unreadable
+    for path, content in kept.items():
+        if path.suffix not in (".jsonl", ".wav"):  # events and their clips are logged anew
+            assert path.exists() and path.read_bytes() == content, path
+
+
 # --- that was normal, and rollback ----------------------------------------------------------
 
 
