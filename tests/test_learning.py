@@ -389,6 +389,22 @@ def test_a_record_that_cannot_be_read_for_now_is_neither_used_nor_written_over(
             assert path.exists() and path.read_bytes() == content, path
 
 
+def test_records_nested_past_the_parser_s_depth_are_set_aside_as_damaged(tmp_path: Path) -> None:
+    """A history.json or state.json of 100,000 `[` ended the start in a RecursionError
+    traceback, for good (an operator's review): set aside as a damaged file is."""
+    from edge.history import ModelHistory
+    from edge.persist import DeviceState
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in (models / "history.json", tmp_path / "state.json"):
+        path.write_text("[" * 100_000)
+    assert ModelHistory(models, keep=5, configured="fan-demo-12483c73").entries == []
+    assert DeviceState(tmp_path).running_seconds == 0.0
+    assert len(list(models.glob("history.json.damaged-*"))) == 1
+    assert len(list(tmp_path.glob("state.json.damaged-*"))) == 1
+
+
 # --- that was normal, and rollback ----------------------------------------------------------
 
 
