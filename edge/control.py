@@ -359,6 +359,9 @@ class Controller:
             log.warning("reload: [web] changes (its token_file too) apply after a restart")
         if new.learning != old.learning:  # the site's versions and periods are kept by them
             log.warning("reload: [learning] changes apply after a restart")
+        later = [k for k in ("data_dir", "log_level") if getattr(new, k) != getattr(old, k)]
+        if later:  # "no setting that applies now changed" alone (an operator's review)
+            log.warning("reload: %s changes apply after a restart", " and ".join(later))
         h, was = new.health, old.health
         if (h.stall_seconds, h.reopen_max_seconds) != (was.stall_seconds, was.reopen_max_seconds):
             log.warning(
@@ -371,6 +374,7 @@ class Controller:
                 "model": new.model,
                 "models_dir": new.models_dir,
                 "clips": new.clips,
+                "state_interval_seconds": new.state_interval_seconds,  # from the next state
                 # as said above: the running capture keeps its blocks and reopening, and
                 # its stall time with them (checked against its block length at start)
                 "health": h.model_copy(
@@ -405,7 +409,9 @@ class Controller:
             return
         # what took effect, said (a SIGHUP that applied a new cooldown said only that the
         # model was unchanged, in a field test)
-        changes = _changes(old, applied, ("detector", "clips", "health", "models_dir"))
+        changes = _changes(
+            old, applied, ("detector", "clips", "health", "models_dir", "state_interval_seconds")
+        )
         log.info(
             "reload: %s", f"applied {changes}" if changes else "no setting that applies now changed"
         )

@@ -389,6 +389,25 @@ def test_a_reload_says_learning_changes_wait_for_a_restart(
     assert "[learning] changes apply after a restart" in caplog.text
 
 
+def test_a_reload_says_what_waits_for_a_restart_and_applies_the_state_interval_now(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGHUP that changed data_dir, log_level or state_interval_seconds logged only "no
+    setting that applies now changed" (an operator's review): the first two are said to wait
+    for a restart, and the state messages' interval applies at once."""
+    d, _ = detector(tmp_path)
+    new = d.settings.model_copy(
+        update={"data_dir": tmp_path / "elsewhere", "log_level": "DEBUG",
+                "state_interval_seconds": 7.0}
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        Controller(d, reload_settings=lambda: new).reload()
+    assert "reload: data_dir and log_level changes apply after a restart" in caplog.text
+    assert "applied state_interval_seconds 10.0 -> 7.0" in caplog.text, caplog.text
+    assert d.settings.state_interval_seconds == 7.0
+    assert d.settings.data_dir != tmp_path / "elsewhere"
+
+
 def test_no_stall_is_reported_for_the_time_before_the_run(tmp_path: Path) -> None:
     """The stall clock started when the daemon was built, and the service waits up to 5 s for
     the broker before it runs: every start without a broker reported the microphone stalled
