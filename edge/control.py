@@ -423,6 +423,13 @@ class Controller:
             return
         if version is not None and same and not replaced:
             log.info("reload: the model is unchanged: keeping version %d", version)
+            broken = _unloadable(new.model)
+            if broken:  # "unchanged", and the next start failed on it (an operator's review)
+                log.error(
+                    "reload: the configured model %s does not load (%s): version %d goes on "
+                    "until the daemon restarts, which fails until the bundle is put back",
+                    new.model, broken, version,
+                )  # fmt: skip
             return
         if same and not replaced and _holds(new.model, d.bundle):
             # the running model, reloaded, would only drop the threshold set by command
@@ -534,6 +541,17 @@ def _within(path: Path, folder: Path) -> bool:
     except (OSError, RuntimeError):  # a loop of links: as written
         paths, folders = {path}, {folder}
     return any(p != f and p.is_relative_to(f) for p in paths for f in folders)
+
+
+def _unloadable(path: Path | None) -> str | None:
+    """Why the bundle at `path` does not load as a start would load it, None when it does."""
+    if path is None:
+        return None
+    try:
+        load_bundle(path)
+    except SoundSentryError as exc:
+        return str(exc)
+    return None
 
 
 def _same_path(a: Path | None, b: Path | None) -> bool:

@@ -1362,6 +1362,27 @@ def test_sighup_after_a_bundle_was_trained_again_at_the_same_path_loads_it(
     assert d.bundle.model_id == retrained
 
 
+def test_sighup_after_the_configured_bundle_was_deleted_says_a_restart_would_fail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a site version in use, the configured bundle deleted: a reload said only "the model
+    is unchanged: keeping version 1", and the next restart failed with "no such model bundle"
+    (an operator's review). The version goes on, and the reload says what a restart will do."""
+    configured = shutil.copytree(DEMO_BUNDLE, tmp_path / "models" / "fan.bundle")
+    device = Device(tmp_path, bundle=configured, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)
+    shutil.rmtree(configured)
+    with caplog.at_level(logging.INFO):
+        Controller(device.detector, reload_settings=device.settings).reload()
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(said) == 1 and said[0].startswith(f"reload: the configured model {configured} "
+                                                 "does not load ("), said  # fmt: skip
+    assert said[0].endswith(
+        "version 1 goes on until the daemon restarts, which fails until the bundle is put back"
+    )
+
+
 def test_sighup_after_a_bundle_was_trained_again_before_any_site_version_configures_it(
     tmp_path: Path,
 ) -> None:
