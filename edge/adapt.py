@@ -314,9 +314,19 @@ class Adapter:
     def check_start(self, seconds: float, bundle: Bundle) -> int:
         """Refuse (LearningError) a period `bundle` cannot learn or too short for its refit,
         before anything changes; the number of features its windows have."""
+        self._require_history()
         dim = feature_dim(bundle)
         require_period(self.base(), seconds)
         return dim
+
+    def _require_history(self) -> None:
+        """Refuse (LearningError) what ends in a version while history.json cannot be read:
+        it could not be recorded, and a period would hold events off for nothing."""
+        if self.history.unreadable:
+            raise LearningError(
+                f"{self.history.path} cannot be read, so no version can be recorded: check "
+                "its owner and the card, then restart"
+            )
 
     def start(self, seconds: float, bundle: Bundle, asker: Asker | None = None) -> None:
         """Begin a period of `seconds` of audio (a running one is replaced)."""
@@ -469,6 +479,7 @@ class Adapter:
         """Add an event's windows to the site's normal set and refit."""
         if not SAFE_EVENT.match(event_id):
             raise LearningError(f"not an event id: {event_id!r}")
+        self._require_history()
         current = self.history.current
         for m in current.get("marked", []) if current else []:
             if m == event_id or _clip_named(m, event_id) or _clip_named(event_id, m):
@@ -671,6 +682,9 @@ class Adapter:
         checked against the configured model instead, it was dropped at every start)."""
         data = read_json(self.folder / f"{PERIOD}.json")
         if not data:
+            return
+        if self.history.unreadable:  # its version could not be recorded: left as it is
+            log.error("learning: the saved period waits until %s can be read", self.history.path)
             return
         model = self.configured.model_id
         asked = data.get("asker")

@@ -61,7 +61,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.error("%s cannot be read (%s): not used, nor written over, this run", path, exc)
+        if exc.errno != errno.ELOOP:  # a link (refused: O_NOFOLLOW) stays one: damage
+            log.error("%s cannot be read (%s): not used, nor written over, this run", path, exc)
+            return None
+        aside = _set_aside(path)
+        kept = f" (kept as {aside.name})" if aside else ""
+        log.error("%s unreadable, starting afresh%s: %s", path, kept, exc)
         return None
     except (ValueError, RecursionError) as exc:  # thousands of `[`: the parser's recursion
         aside = _set_aside(path)
@@ -112,7 +117,10 @@ def _rebase(entries: list[dict[str, Any]], folder: Path) -> None:
     for e in entries:
         for key in ("path", "base"):
             path = Path(e[key])
-            if path.parent in wrote and VERSION.search(path.name):
+            if not VERSION.search(path.name) or path.parent == folder:
+                continue
+            # a `reload` of a version names it too: gone from where it was, here now
+            if path.parent in wrote or (not path.exists() and (folder / path.name).is_dir()):
                 e[key] = str(folder / path.name)
 
 

@@ -1089,23 +1089,45 @@ def _replay_settings(args: argparse.Namespace) -> tuple[Any, bool]:
     return settings, False
 
 
-def _device_model(config: Path | None, replayed: str) -> str | None:
+def _device_model(config: Path | None, data_dir: Path, replayed: str) -> str | None:
     """The model id the device of `config` runs when it is not `replayed`, else None. A replay
     acts as the device of its config; of another model it dropped the device's saved learning
     period, recorded the replayed model as the device's in the model history (its site version
     unused from then on) and saved its own threshold over the one set by command (a new-user
-    walk-through)."""
+    walk-through). The config's `model` says which; without one that loads (the service given
+    it in its environment, a bundle damaged), what `data_dir` records of it."""
     from edge.bundle import read_manifest
     from edge.settings import load_settings
 
-    model = load_settings(config).model if config is not None else None
-    if model is None:  # the device's model comes from its command line: unknown here
+    if config is None:
         return None
-    try:
-        runs = read_manifest(model).model_id
-    except SoundSentryError:  # the device cannot run it either: nothing of it to keep
-        return None
-    return runs if runs != replayed else None
+    model = load_settings(config).model
+    runs = None
+    if model is not None:
+        with contextlib.suppress(SoundSentryError):
+            runs = read_manifest(model).model_id
+    if runs is None:
+        runs = _recorded_model(data_dir)
+    return runs if runs is not None and runs != replayed else None
+
+
+def _recorded_model(data_dir: Path) -> str | None:
+    """The configured model the data folder's records name (model history, a saved period,
+    the saved state), read without changing anything; None when none does."""
+    from edge.private import read_regular
+
+    for path, key in (
+        (data_dir / "models" / "history.json", "configured"),
+        (data_dir / "learning" / "period.json", "of"),
+        (data_dir / "state.json", "model"),
+    ):
+        try:
+            data = json.loads(read_regular(path))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get(key), str):
+            return data[key]
+    return None
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -1127,7 +1149,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         )
     bundle = _load(settings.model)
     _warn_at_start(bundle, settings, listening=False)
-    device_model = _device_model(args.config, bundle.model_id)
+    device_model = _device_model(args.config, settings.data_dir, bundle.model_id)
     if device_model is not None:
         print(
             f"note: the config's device runs {device_model}, not {bundle.model_id}: this replay "

@@ -247,6 +247,15 @@ def test_a_replay_of_another_model_leaves_the_device_s_learning_and_state_alone(
         in again.stderr
     )
     assert "threshold 2.5 restored (set by command)" in again.stderr, again.stderr
+    # a config without `model` (the service given it in its environment): what the data
+    # folder records names the device's model (a review)
+    config.write_text('device_id = "site"\n[learning]\nseconds = 60\n')
+    kept = {p: p.read_bytes() for p in (data / "learning").iterdir()}
+    unnamed = cli(*run, str(AE_BUNDLE), str(ANOMALOUS_FILE), env=env)
+    assert "note: the config's device runs fan-demo-12483c73, not fan-autoencoder-" in (
+        unnamed.stderr
+    )
+    assert {p: p.read_bytes() for p in (data / "learning").iterdir()} == kept
 
 
 def test_a_damaged_history_does_not_begin_commissioning_again_nor_write_over_a_version(
@@ -284,8 +293,8 @@ def test_a_history_set_aside_stays_lost_and_one_that_cannot_be_read_for_now_is_k
     tmp_path: Path,
 ) -> None:
     """A review of the mend above: a damaged history set aside on a full card (its fresh copy
-    not saved) began commissioning at the next start after all; and a history that could not
-    be read for now (EIO, a link) was taken as lost and written over with no versions."""
+    not saved) began commissioning at the next start after all; and a link there was taken as
+    lost and written over with no versions: it is set aside, its target untouched."""
     from edge.history import ModelHistory
 
     models = tmp_path / "models"
@@ -297,10 +306,12 @@ def test_a_history_set_aside_stays_lost_and_one_that_cannot_be_read_for_now_is_k
         (models / name).unlink(missing_ok=True)
     kept = tmp_path / "kept.json"
     kept.write_text(json.dumps({"learned": ["fan-demo-12483c73"], "entries": []}))
-    (models / "history.json").symlink_to(kept)  # opened without following: unreadable now
-    ModelHistory(models, keep=5, configured="fan-demo-12483c73")
-    assert (models / "history.json").is_symlink() and json.loads(kept.read_text())["learned"]
-    assert not list(models.glob("history.json.damaged-*"))
+    (models / "history.json").symlink_to(kept)  # never followed: set aside, as damage is
+    # (taken for a file unreadable for now, no version was ever recorded again, in a review)
+    again = ModelHistory(models, keep=5, configured="fan-demo-12483c73")
+    assert not again.unreadable and not (models / "history.json").is_symlink()
+    (aside,) = models.glob("history.json.damaged-*")
+    assert aside.is_symlink() and json.loads(kept.read_text())["learned"], "its target as it was"
 
 
 def test_a_version_learnt_on_another_channel_is_a_model_of_that_channel(tmp_path: Path) -> None:
@@ -384,12 +395,17 @@ def test_a_record_that_cannot_be_read_for_now_is_neither_used_nor_written_over(
     assert not device.detector.learning, "no period holds events off"
     assert [e["model"] for e in starts(events)] == ["fan-demo-12483c73"], "the fault is seen"
     assert persist.DeviceState(device.data).unreadable
+    reply = device.command(command="learn", action="start", seconds=60)  # it could not end
+    assert not reply.ok and "history.json cannot be read" in reply.detail, reply.detail
+    assert not device.detector.learning  # in a version, and would hold events off for nothing
     for path, content in kept.items():
         if path.suffix not in (".jsonl", ".wav"):  # events and their clips are logged anew
             assert path.exists() and path.read_bytes() == content, path
 
 
-def test_records_nested_past_the_parser_s_depth_are_set_aside_as_damaged(tmp_path: Path) -> None:
+def test_records_nested_past_the_parser_s_depth_or_linked_are_set_aside_as_damaged(
+    tmp_path: Path,
+) -> None:
     """A history.json or state.json of 100,000 `[` ended the start in a RecursionError
     traceback, for good (an operator's review): set aside as a damaged file is."""
     from edge.history import ModelHistory
@@ -403,6 +419,13 @@ def test_records_nested_past_the_parser_s_depth_are_set_aside_as_damaged(tmp_pat
     assert DeviceState(tmp_path).running_seconds == 0.0
     assert len(list(models.glob("history.json.damaged-*"))) == 1
     assert len(list(tmp_path.glob("state.json.damaged-*"))) == 1
+    # a link there (never followed) is damage too, not a file that cannot be read for now:
+    # taken for that, nothing was ever saved again (a review)
+    (tmp_path / "state.json").symlink_to(tmp_path / "elsewhere.json")
+    state = DeviceState(tmp_path)
+    assert not state.unreadable
+    state.save("fan-demo-12483c73", 2.0, None, 5.0)
+    assert DeviceState(tmp_path).threshold == 2.0
 
 
 # --- that was normal, and rollback ----------------------------------------------------------
@@ -1627,6 +1650,13 @@ def test_versions_are_found_in_a_data_folder_moved_or_copied_and_only_its_own_ar
     assert active_entry(moved, "pump-1")["path"] == str(moved / v1.name)
     again = ModelHistory(moved, keep=1, configured="pump-1")
     assert load_version(again.current).path == moved / v1.name
+    # the one entry kept a `reload` of a version, which the device did not write (a review)
+    again.record(load_bundle(moved / v1.name), "reload", moved / v1.name, False)
+    assert [e["made"] for e in again.entries] == [False]
+    moved = (tmp_path / "moved").rename(tmp_path / "again") / "models"
+    assert load_version(ModelHistory(moved, keep=1, configured="pump-1").current).path == (
+        moved / v1.name
+    )
 
 
 def test_a_stopped_period_whose_refit_could_not_be_written_is_refitted_not_resumed(
