@@ -340,6 +340,8 @@ class Detector:
         after = self.clips or self._clip_keeper
         if before is not None and after is not None and after is not before:
             after.written_before(before)  # this run's clips keep their ages (a review)
+        interval = settings.state_interval_seconds  # the next state is due by it at the latest
+        self._next_state = min(self._next_state, time.monotonic() + interval)
 
     def _load(
         self,

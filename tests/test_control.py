@@ -8,6 +8,7 @@ import logging
 import shutil
 import stat
 import threading
+import time
 from pathlib import Path
 
 import jinja2
@@ -396,6 +397,7 @@ def test_a_reload_says_what_waits_for_a_restart_and_applies_the_state_interval_n
     setting that applies now changed" (an operator's review): the first two are said to wait
     for a restart, and the state messages' interval applies at once."""
     d, _ = detector(tmp_path)
+    d._next_state = time.monotonic() + 10.0  # as the last state sent left it
     new = d.settings.model_copy(
         update={"data_dir": tmp_path / "elsewhere", "log_level": "DEBUG",
                 "state_interval_seconds": 7.0}
@@ -405,6 +407,7 @@ def test_a_reload_says_what_waits_for_a_restart_and_applies_the_state_interval_n
     assert "reload: data_dir and log_level changes apply after a restart" in caplog.text
     assert "applied state_interval_seconds 10.0 -> 7.0" in caplog.text, caplog.text
     assert d.settings.state_interval_seconds == 7.0
+    assert d._next_state <= time.monotonic() + 7.0, "not after the old interval's next state"
     assert d.settings.data_dir != tmp_path / "elsewhere"
 
 
