@@ -237,12 +237,14 @@ def ensure_pulse() -> bool:
 
 
 def pulse_servers() -> list[int]:
-    """The PIDs of every running PulseAudio server, whichever socket it listens on (zombies
-    left unreaped are not running)."""
+    """The PIDs of this user's running PulseAudio servers, whichever socket each listens on
+    (zombies left unreaped are not running; other users' servers are theirs)."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
+            if stat.parent.stat().st_uid != os.getuid():
+                continue
         except OSError:  # it exited while we looked
             continue
         name, _, rest = text.partition(" (")[2].rpartition(") ")
@@ -272,10 +274,11 @@ def describe_pulse() -> str:
 
 
 def stop_pulse() -> None:
-    """Every PulseAudio server stopped, and gone before this returns: `pulseaudio --kill`
-    stops only the one its runtime directory's pid file names, and returns before it exits."""
+    """Every PulseAudio server of this user stopped, and gone before this returns:
+    `pulseaudio --kill` stops only the one its runtime directory's pid file names, and returns
+    before it exits."""
     for pid in pulse_servers():
-        with suppress(ProcessLookupError):
+        with suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     wait_for(
         lambda: (
