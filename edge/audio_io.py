@@ -465,12 +465,19 @@ def stream_audio(path: str | Path, samplerate: int) -> Iterator[np.ndarray]:
         raise AudioError(f"{path}: {exc.strerror or exc}") from None
 
 
+MP3_WHOLE_SAMPLES = 32 << 20
+"""An MP3 of up to this many samples (128 MB as float32: six minutes of 48 kHz stereo, half an
+hour of 16 kHz mono) is read in one go; a longer one block by block, so that it cannot exhaust
+a Pi's memory (a review)."""
+
+
 def file_blocks(fh: sf.SoundFile, seconds: float = READ_BLOCK_SECONDS) -> Iterator[np.ndarray]:
     """The file's audio as (frames, channels) float32 blocks of `seconds` in one reused buffer
-    (each is overwritten by the next); an MP3 in one read, because libsndfile's MP3 decoder
-    drops or garbles audio where one read ends and the next begins (and `replay`, reading it a
-    second at a time, printed the decoder's errors, in a walk-through)."""
-    if fh.format == "MP3":
+    (each is overwritten by the next); an MP3 (up to MP3_WHOLE_SAMPLES) in one read, because
+    libsndfile's MP3 decoder drops or garbles audio where one read ends and the next begins
+    (and `replay`, reading it a second at a time, printed the decoder's errors there, in a
+    walk-through)."""
+    if fh.format == "MP3" and fh.frames * fh.channels <= MP3_WHOLE_SAMPLES:
         yield fh.read(dtype="float32", always_2d=True)
         return
     buffer = np.empty((max(1, int(seconds * fh.samplerate)), fh.channels), np.float32)
