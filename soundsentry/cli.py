@@ -911,7 +911,9 @@ MAX_JSON_OUTPUT = 256 << 20
 
 
 REPORT_NAMES = ("metrics.json", "scores.csv", "roc.png", "histogram.png", "timeline.png")
-"""The files `evaluate --report` writes, beside evaluation-VARIANT.json (and confusion.png)."""
+"""The files `evaluate --report` writes, beside evaluation-VARIANT.json."""
+CLASSES_REPORT_NAMES = ("metrics.json", "confusion.png")
+"""The files `evaluate --classes --report` writes."""
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -932,7 +934,7 @@ def _written_by_a_report(path: Path) -> bool:
         return False
 
 
-def _check_report_folder(path: Path | None, inputs: Sequence[Path]) -> None:
+def _check_report_folder(path: Path | None, inputs: Sequence[Path], classes: bool) -> None:
     """Refuse a --report folder that holds the recordings evaluated (a folder given as input,
     or one a file given lies in), or lies within one (a class subfolder of --classes, which
     the report's files would join as recordings of that class): the report's files would mix
@@ -954,14 +956,14 @@ def _check_report_folder(path: Path | None, inputs: Sequence[Path]) -> None:
                 "folder of its own outside them"
             )
     if path.is_dir():
+        names = CLASSES_REPORT_NAMES if classes else REPORT_NAMES
+
+        def replaced(p: Path) -> bool:  # by this report: --classes writes two files
+            evaluation = p.name.startswith("evaluation-") and p.suffix == ".json"
+            return p.name in names or (evaluation and not classes)
+
         foreign = [
-            p.name
-            for p in sorted(path.iterdir())
-            if (
-                p.name in (*REPORT_NAMES, "confusion.png")
-                or (p.name.startswith("evaluation-") and p.suffix == ".json")
-            )
-            and not _written_by_a_report(p)
+            p.name for p in sorted(path.iterdir()) if replaced(p) and not _written_by_a_report(p)
         ]
         if foreign:
             raise SoundSentryError(
@@ -980,7 +982,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         *(args.anomalous or []),
         *([args.classes] if args.classes else []),
     ]
-    _check_report_folder(args.report, [Path(p) for p in inputs])
+    _check_report_folder(args.report, [Path(p) for p in inputs], bool(args.classes))
     if args.report:  # before anything is scored or written: no half-written report
         _require("matplotlib", "report", "evaluate --report")
     manifest = read_manifest(args.model)

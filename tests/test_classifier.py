@@ -104,6 +104,8 @@ def test_evaluate_reports_accuracy_f1_and_confusion(
     classifier: Path, classes: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "eval.json"
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "roc.png").write_text("mine")  # no name --classes writes: left alone
     proc = cli(
         "evaluate",
         str(classifier),
@@ -116,6 +118,12 @@ def test_evaluate_reports_accuracy_f1_and_confusion(
         "--report",
         str(tmp_path / "rep"),
     )
+    assert (tmp_path / "rep" / "roc.png").read_text() == "mine"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "confusion.png").write_text("mine")  # one it writes: refused
+    refused = cli("evaluate", str(classifier), "--classes", str(classes), "--report",
+                  str(tmp_path / "other"), check=False)  # fmt: skip
+    assert refused.returncode == 1 and "holds confusion.png, which the report" in refused.stderr
     assert "balanced accuracy" in proc.stdout and "macro F1" in proc.stdout
     data = json.loads(out.read_text())
     assert data["labels"] == ["fault", "running"] and len(data["confusion"]) == 2
