@@ -391,7 +391,9 @@ def _publisher(
         in_force = settings.detector.threshold  # its bounds widened at once, not at a state
         configs = announced(topics, bundle.model_id, bundle.threshold, page, in_force, classifier)
         publisher.set_discovery(configs)
-    else:  # a run with discovery on left configs: Home Assistant would keep the entities
+    elif "-replay-" not in client_id:  # a run with discovery on left configs: Home Assistant
+        # would keep the entities. Never a replay's: with the device's id and discovery off, as
+        # README suggests for a test, it deleted the device's entities (an integrator's review)
         publisher.set_discovery(dict.fromkeys(config_topics(topics)))
     if logged:  # a broker that lost its retained messages gets it back
         publisher.remember_last_event(json.dumps(logged[-1].data, separators=(",", ":")))

@@ -817,7 +817,8 @@ def test_discovery_follows_the_settings_a_threshold_override_and_turning_it_off(
 ) -> None:
     """An override beyond the threshold's usual bounds is inside the number's bounds from the
     first announcement (Home Assistant drops a state outside them); with `discovery = false`
-    the next run removes the entities a run with it on announced."""
+    the device's next run removes the entities a run with it on announced, and a replay leaves
+    them."""
     clip = tmp_path / "short.wav"
     audio, rate = sf.read(str(DEMO_CLIP), dtype="float32")
     sf.write(str(clip), audio[: 4 * rate], rate)
@@ -843,7 +844,16 @@ def test_discovery_follows_the_settings_a_threshold_override_and_turning_it_off(
     assert len(_retained_configs(broker.port)) == 12
 
     cfg.write_text(settings + "discovery = false\n")
+    # a test replay with the device's id and discovery off (as README suggests for one)
+    # deleted the device's entities in Home Assistant (an integrator's review): not a replay's
     _replay(cfg, clip)
+    assert len(_retained_configs(broker.port)) == 12
+    from edge.service import run_detector  # the device's own daemon does, as `run` runs it
+    from edge.settings import load_settings
+    from edge.sources import FileSource
+
+    source = FileSource([clip], demo.features.samplerate)
+    run_detector(load_settings(cfg), demo, source, print_events=False, live=True)
     assert _retained_configs(broker.port) == {}
 
 
