@@ -34,10 +34,13 @@ from edge.errors import SettingsError
 from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N
 from edge.threshold import MAX_FALSE_ALARMS_PER_DAY
 
-_TOPIC_SAFE = r"^[^/+#\s]+$"
+_TOPIC_SAFE = r"^[^/+#\s\x00-\x1f\x7f-\x9f]+$"
+"""No MQTT wildcard, separator, space or control character: mosquitto ends the connection of a
+client whose will topic holds one, and the daemon retried for good (an integrator's review)."""
 _LOG_LEVELS = r"^(DEBUG|INFO|WARNING|ERROR)$"
 _PATTERN_MEANS = {
-    _TOPIC_SAFE: "it is part of MQTT topics: no spaces, '/', '+' or '#' (e.g. pump-3)",
+    _TOPIC_SAFE: "it is part of MQTT topics: no spaces, control characters, '/', '+' or '#' "
+    "(e.g. pump-3)",
     _LOG_LEVELS: "one of DEBUG, INFO, WARNING, ERROR",
 }
 """What a pattern asks for, in words, for the one-line error."""
