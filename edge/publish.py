@@ -1113,11 +1113,16 @@ class MqttPublisher:
     # --- what the daemon publishes ----------------------------------------------------------
 
     def publish_event(self, event: EventMessage) -> None:
-        """Spool an event (QoS 1) and wake the sender; the latest also goes out retained on
-        `last_event` (now if connected, else after the reconnect: not spooled twice)."""
+        """Spool an event (QoS 1) and wake the sender; the latest start or end also goes out
+        retained on `last_event` (now if connected, else after the reconnect: not spooled
+        twice). Not an update: Home Assistant's Last event sensor took each one's score and
+        bands as attributes, a recorder row every update_seconds for as long as an anomaly
+        lasted, and the message re-sent at a start (the event log's) was not the one the broker
+        held (an integrator's review)."""
         payload = self._numbered(event).to_payload()
         self._spool(self.topics.events, payload, retain=False)
-        self.remember_last_event(payload)
+        if event.type != "update":
+            self.remember_last_event(payload)
 
     def _numbered(self, event: EventMessage) -> EventMessage:
         """The event with its `seq`: 0 for the start, then 1, 2, ... for its updates and end,

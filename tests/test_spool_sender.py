@@ -316,6 +316,34 @@ def test_a_last_event_in_flight_at_a_disconnect_does_not_outlive_the_newer_one(
         fresh.close()
 
 
+def test_last_event_holds_the_latest_start_or_end_not_an_update(
+    publisher: MqttPublisher, broker: Broker, sub: Subscriber
+) -> None:
+    """Every `update` went to the retained `last_event` too: Home Assistant's Last event sensor
+    took each one's score and bands as attributes, a recorder row every update_seconds for as
+    long as an anomaly lasted, and the copy re-sent at a start (the event log keeps starts and
+    ends) was not what the broker held (an integrator's review). `events` has them all."""
+    publisher.start(wait_s=10)
+    start = _event("a")
+    for message in (start, replace(start, type="update", peak_score=3.0)):
+        publisher.publish_event(message)
+    wait_for(lambda: len(sub.on("")) >= LEFT_OVER + 2, 20, "the start and the update on events")
+    wait_for(lambda: not publisher._topic_of, 20, "every publish acknowledged")
+
+    def retained() -> dict:
+        fresh = Subscriber(broker.port, TOPICS.last_event, client_id="fresh")
+        try:
+            assert fresh.wait_for(lambda ms: bool(ms), 10)
+            return json.loads(fresh.on("")[-1].payload)
+        finally:
+            fresh.close()
+
+    assert retained()["type"] == "start" and retained()["seq"] == 0
+    publisher.publish_event(replace(start, type="end", ended_at="2026-01-01T00:01:00.000Z"))
+    wait_for(lambda: not publisher._topic_of, 20, "every publish acknowledged")
+    assert (retained()["type"], retained()["seq"]) == ("end", 2)
+
+
 @contextmanager
 def _frozen(broker: Broker) -> Iterator[None]:
     """The broker stopped in its tracks (SIGSTOP): connections stay open, nothing is read or
