@@ -593,6 +593,10 @@ def test_the_home_assistant_example_notifies_at_the_start_and_on_a_real_end_only
     told = ("normal", "machine_off")
     for ended_by in (*told, "muted", "marked_normal", "stopped", "interrupted", "model_changed"):
         assert notified({"type": "end", "ended_by": ended_by}) == (ended_by in told), ended_by
+    # a test replay (`HOST-replay`, README) told the phone "vm-replay sounds wrong" (a review)
+    test = {"device_id": "vm-replay"}
+    assert notified(test | {"type": "start"}) == 0
+    assert notified(test | {"type": "end", "ended_by": "normal"}) == 0
 
 
 def test_the_home_assistant_example_s_condition_for_recent_events_renders() -> None:
@@ -636,6 +640,8 @@ def test_the_node_red_example_keeps_its_session_across_restarts() -> None:
     assert first["type"] == "function" and all(
         f"e.{field}" in first["func"] for field in ("event_id", "type", "seq")
     )
+    # ... and a test replay's (`HOST-replay`), which alerted as a machine (a review)
+    assert "if (String(e.device_id).endsWith('-replay')) return null;" in first["func"]
 
 
 @pytest.mark.slow
