@@ -1108,28 +1108,37 @@ def _device_model(config: Path | None, data_dir: Path, replayed: str) -> str | N
     if model is not None:
         with contextlib.suppress(SoundSentryError):
             runs = read_manifest(model).model_id
-    if runs is None:
-        runs = _recorded_model(data_dir)
-    return runs if runs is not None and runs != replayed else None
+    if runs is not None:
+        return runs if runs != replayed else None
+    # any record of another model: this replay is not the device's (the records are saved at
+    # different times, so one may be older than another: a review found the history's naming
+    # the model before while the saved period was the new one's)
+    return next((m for m in _recorded_models(data_dir) if not _of_model(m, replayed)), None)
 
 
-def _recorded_model(data_dir: Path) -> str | None:
-    """The configured model the data folder's records name (model history, a saved period,
-    the saved state), read without changing anything; None when none does."""
+def _of_model(model_id: str, replayed: str) -> bool:
+    """`model_id` is the replayed model or a site version of it (`<id>-site-v2`, calibrated)."""
+    return model_id == replayed or model_id.startswith(f"{replayed}-")
+
+
+def _recorded_models(data_dir: Path) -> list[str]:
+    """The models the data folder's records name (a saved period, the saved state, the model
+    history), read without changing anything."""
     from edge.private import read_regular
 
+    found = []
     for path, key in (
-        (data_dir / "models" / "history.json", "configured"),
         (data_dir / "learning" / "period.json", "of"),
         (data_dir / "state.json", "model"),
+        (data_dir / "models" / "history.json", "configured"),
     ):
         try:
             data = json.loads(read_regular(path))
         except (OSError, ValueError, RecursionError):
             continue
         if isinstance(data, dict) and isinstance(data.get(key), str):
-            return data[key]
-    return None
+            found.append(data[key])
+    return found
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

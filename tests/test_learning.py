@@ -258,6 +258,28 @@ def test_a_replay_of_another_model_leaves_the_device_s_learning_and_state_alone(
     assert {p: p.read_bytes() for p in (data / "learning").iterdir()} == kept
 
 
+def test_a_replay_takes_any_record_of_another_model_for_another_device_s(tmp_path: Path) -> None:
+    """Without a `model` in the config, the data folder's records say which model the device
+    runs; they are saved at different times, and the history's named the model before while
+    the saved period was the new one's: a replay of the old model then deleted the new one's
+    period (a review). Any record of another model keeps the replay out of the device's."""
+    from soundsentry.cli import _device_model
+
+    config = tmp_path / "device.toml"
+    config.write_text('device_id = "site"\n')
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True)
+    (data / "learning").mkdir()
+    (data / "models" / "history.json").write_text('{"configured": "pump-v1"}')
+    (data / "learning" / "period.json").write_text('{"of": "pump-v2"}')
+    (data / "state.json").write_text('{"model": "pump-v2-site-v3"}')  # a site version of v2
+    assert _device_model(config, data, "pump-v1") == "pump-v2"
+    assert _device_model(config, data, "pump-v2") == "pump-v1"  # the stale history: kept out
+    (data / "models" / "history.json").write_text('{"configured": "pump-v2"}')
+    assert _device_model(config, data, "pump-v2") is None, "the device's own model acts as it"
+    assert _device_model(None, data, "pump-v1") is None, "no config: the replay's own folder"
+
+
 def test_a_damaged_history_does_not_begin_commissioning_again_nor_write_over_a_version(
     tmp_path: Path,
 ) -> None:
