@@ -271,20 +271,21 @@ class Detector:
         # restore() resumes a saved period too, checked against the version it chose (a period
         # begun on a bundle loaded by reload_model is that bundle's, not the configured one's)
         self._load(self.adapter.restore() if self.adapter else bundle)
+        self._restore_state()
+        self._auto_learn()
         if not live and self.adapter is not None and self.adapter.period is not None:
             # six fault recordings replayed with the device's config went into its period
-            # with a line at INFO, events held off (an operator's review)
+            # with a line at INFO, events held off (an operator's review); one the replay
+            # begins ([learning] seconds) is saved for the device's next start too (a review)
             p = self.adapter.period
             log.warning(
-                "learning: the files go into the commissioning period saved in %s (%.0f of %g "
-                "s heard): they are learnt as the machine's normal sound and raise no event; "
-                "give replay a config of its own to keep them out",
+                "learning: the files go into a commissioning period of %s (%.0f of %g s heard): "
+                "they are learnt as the machine's normal sound and raise no event (a config of "
+                "the replay's own keeps them out of a device's)",
                 self.settings.data_dir,
                 p.collected_s,
                 p.target_s,
             )
-        self._restore_state()
-        self._auto_learn()
 
     # --- model -----------------------------------------------------------------------------
 

@@ -223,6 +223,10 @@ def test_a_replay_of_another_model_leaves_the_device_s_learning_and_state_alone(
     run = ("--log-level", "INFO", "replay", "--config", str(config))
     begun = cli(*run, str(DEMO_BUNDLE), str(NORMAL_FILES[0]), env=env)
     assert "learning: started, 60 s of audio" in begun.stderr, begun.stderr
+    # begun by the replay itself, and saved for the device's next start: said too (a review)
+    assert "WARNING edge.daemon: learning: the files go into a commissioning period of" in (
+        begun.stderr
+    )
     from edge.persist import DeviceState
 
     DeviceState(data).save("fan-demo-12483c73", 2.5, None, 0.0)  # a threshold set by command
@@ -243,7 +247,7 @@ def test_a_replay_of_another_model_leaves_the_device_s_learning_and_state_alone(
     # said at WARNING, as a restored mute is: fault recordings replayed into a period were
     # learnt as normal with a line at INFO (an operator's review)
     assert (
-        f"WARNING edge.daemon: learning: the files go into the commissioning period saved in {data}"
+        f"WARNING edge.daemon: learning: the files go into a commissioning period of {data}"
         in again.stderr
     )
     assert "threshold 2.5 restored (set by command)" in again.stderr, again.stderr
