@@ -87,7 +87,7 @@ def run_detector(
             client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
             logged = _logged_events(settings.data_dir)
             publisher = (
-                _publisher(settings, bundle, on_command, page, client_id, logged, on_retained)
+                _publisher(settings, bundle, on_command, page, client_id, logged, on_retained, live)
                 if settings.mqtt.host
                 else None
             )
@@ -357,9 +357,11 @@ def _publisher(
     client_id: str,
     logged: list[LoggedEvent],
     on_retained: Callable[[bytes, ReplyTo | None], None] | None = None,
+    live: bool = True,
 ) -> Any:
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
-    when it serves one) and the device's last `logged` event, not yet connected."""
+    when it serves one) and the device's last `logged` event, not yet connected. `live`: the
+    device's own daemon, not a replay (a device_id may hold `-replay-`, its client id too)."""
     from edge.discovery import announced, config_topics
     from edge.publish import REPLAY, MqttPublisher
     from edge.spool import open_spool
@@ -375,7 +377,7 @@ def _publisher(
             log.warning("%s is another device id's spool: its messages are not sent by this "
                         "one; delete it once it is not needed", other)  # fmt: skip
     instance = f"host {socket.gethostname()}, {settings.data_dir}, machine {host_tag()}"
-    if "-replay-" in client_id:
+    if not live:
         instance += f" {REPLAY}"
     publisher = MqttPublisher(
         settings.mqtt,
@@ -391,7 +393,7 @@ def _publisher(
         in_force = settings.detector.threshold  # its bounds widened at once, not at a state
         configs = announced(topics, bundle.model_id, bundle.threshold, page, in_force, classifier)
         publisher.set_discovery(configs)
-    elif "-replay-" not in client_id:  # a run with discovery on left configs: Home Assistant
+    elif live:  # a run with discovery on left configs: Home Assistant
         # would keep the entities. Never a replay's: with the device's id and discovery off, as
         # README suggests for a test, it deleted the device's entities (an integrator's review)
         publisher.set_discovery(dict.fromkeys(config_topics(topics)))
