@@ -34,9 +34,14 @@ from edge.errors import SettingsError
 from edge.events import DEFAULT_K, DEFAULT_M, DEFAULT_N
 from edge.threshold import MAX_FALSE_ALARMS_PER_DAY
 
-_TOPIC_SAFE = r"^[^/+#\s\x00-\x1f\x7f-\x9f]+$"
-"""No MQTT wildcard, separator, space or control character: mosquitto ends the connection of a
-client whose will topic holds one, and the daemon retried for good (an integrator's review)."""
+_NONCHARACTERS = r"\x{FDD0}-\x{FDEF}" + "".join(
+    rf"\x{{{plane:X}FFFE}}\x{{{plane:X}FFFF}}" for plane in range(17)
+)
+_TOPIC_SAFE = rf"^[^/+#\s\x00-\x1f\x7f-\x9f{_NONCHARACTERS}]+$"
+"""No MQTT wildcard, separator, space, control character or Unicode non-character: mosquitto
+ends the connection of a client whose will topic holds one, and the daemon retried for good
+(an integrator's review, then a diff review for the non-characters). The code points in braces
+are for pydantic's regex engine, Rust's."""
 _LOG_LEVELS = r"^(DEBUG|INFO|WARNING|ERROR)$"
 _PATTERN_MEANS = {
     _TOPIC_SAFE: "it is part of MQTT topics: no spaces, control characters, '/', '+' or '#' "

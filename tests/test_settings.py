@@ -187,8 +187,11 @@ def test_patterns_are_said_in_words_and_log_levels_in_any_case(tmp_path: Path) -
         "invalid setting device_id (got 'pump 3'): it is part of MQTT topics: no spaces, "
         "control characters, '/', '+' or '#' (e.g. pump-3)"
     )
-    # a control character: accepted, and the broker then ended every connection (a review)
-    for text in ('device_id = "pump\\u0007x"\n', '[mqtt]\nprefix = "ss\\u0085"\n'):
+    # a control character or a non-character: accepted, and the broker then ended every
+    # connection (a review)
+    texts = ('device_id = "pump\\u0007x"\n', '[mqtt]\nprefix = "ss\\u009f"\n',
+             'device_id = "pump\\uffff"\n')  # fmt: skip
+    for text in texts:
         with pytest.raises(SettingsError, match="it is part of MQTT topics: no spaces, control"):
             load_settings(write(tmp_path, text))
     assert load_settings(write(tmp_path, 'device_id = "насос-1"\n')).device_id == "насос-1"
