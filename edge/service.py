@@ -60,6 +60,7 @@ def run_detector(
     live: bool = False,
     lock: int | None = None,
     persist: bool = True,
+    on_started: Callable[[], None] | None = None,
 ) -> Detector:
     """Run the detector over `source` until it ends or SIGTERM/SIGINT; publish if configured.
     `extra_sinks` and `on_step` are for the terminal (live line, replay summary). `live`: the
@@ -67,7 +68,8 @@ def run_detector(
     connects under a client id of its own, so it never knocks the device's daemon off the
     broker. `lock`: data_dir already held (`hold_data_dir`), closed at the end. `persist`:
     the threshold and mute set by command, learning and the model history are data_dir's
-    (False: this run leaves them as they are)."""
+    (False: this run leaves them as they are). `on_started`: called once the start has
+    succeeded (a note said before a start that fails would precede its one-line error)."""
     lock = hold_data_dir(settings.data_dir) if lock is None else lock
     try:
         controller: Controller | None = None
@@ -140,6 +142,8 @@ def run_detector(
             if refresh is not None and page is None:  # another holds its port now: linked
                 dashboard.on_page = lambda url: _link_later(detector, refresh, url)  # once had
             dashboard.start(detector, controller.handle_payload)
+        if on_started is not None:
+            on_started()
 
         def stop() -> None:
             detector.stop()

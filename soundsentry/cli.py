@@ -1161,13 +1161,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     bundle = _load(settings.model)
     _warn_at_start(bundle, settings, listening=False)
     device_model = _device_model(args.config, settings.data_dir, bundle.model_id)
-    if device_model is not None:
-        print(
-            f"note: the config's device runs {device_model}, not {bundle.model_id}: this replay "
-            "leaves its learning, model versions, threshold and mute as they are, and uses "
-            "none of them",
-            file=sys.stderr,
-        )
+    other = (
+        f"note: the config's device runs {device_model}, not {bundle.model_id}: this replay "
+        "leaves its learning, model versions, threshold and mute as they are, and uses none of "
+        "them"
+    )
     files = find_audio(args.files)  # folders searched recursively, as everywhere else
     if not files:
         raise SoundSentryError("no audio files found in " + " ".join(map(str, args.files)))
@@ -1193,6 +1191,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         extra_sinks=[ReplayLines(source.locate, sys.stdout), summary],
         on_step=summary.step,
         persist=device_model is None,
+        on_started=(lambda: print(other, file=sys.stderr)) if device_model else None,
     )
     print(summary.line(len(files), detector.threshold), file=sys.stderr)
     return 0
