@@ -672,14 +672,14 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
         )
         stop_pulse()  # the microphone disappears
         assert sub.wait_for(lambda _: "fault:stalled" in health_changes(), timeout=20), (
-            health_changes()
+            f"{health_changes()}\n{seen()}"
         )
         wait_for(failed_reopens, 20, "a failed attempt to reopen the vanished device", seen)
         assert proc.poll() is None, "the daemon must survive a vanished device"
         subprocess.run(PA_START, check=True, capture_output=True)  # ... and comes back
         players.append(subprocess.Popen(["paplay", "-d", "mic2", str(normal)]))
         assert sub.wait_for(lambda _: "recovered:stalled" in health_changes(), timeout=30), (
-            health_changes()
+            f"{health_changes()}\n{seen()}"
         )
         assert sub.on("/health")[-1].json()["status"] == "ok"
         flowing = max(n for n, _ in scored())  # audio flows on, longer than stall_seconds:
@@ -695,12 +695,12 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
         players.append(subprocess.Popen(["paplay", "-d", "mic2", str(normal)]))
         assert sub.wait_for(
             lambda _: health_changes().count("recovered:stalled") >= 2, timeout=30
-        ), health_changes()
+        ), f"{health_changes()}\n{seen()}"
         players[-1].kill()  # the machine itself now: normal running, then a fault
         players.append(subprocess.Popen(["paplay", "-d", "mic2", str(DEMO_CLIP)]))
         assert sub.wait_for(
             lambda _: any(m.json()["type"] == "start" for m in sub.on("/events")), timeout=30
-        ), "events must flow again after the recovery"
+        ), f"events must flow again after the recovery\n{seen()}"
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
         assert proc.returncode == 0, (tmp_path / "daemon.log").read_text()
