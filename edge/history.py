@@ -60,15 +60,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
         data = json.loads(read_regular(path))
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:  # a link (refused: O_NOFOLLOW) stays one: damage
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: thousands of `[`
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:  # a link (never followed)
             log.error("%s cannot be read (%s): not used, nor written over, this run", path, exc)
-            return None
-        aside = _set_aside(path)
-        kept = f" (kept as {aside.name})" if aside else ""
-        log.error("%s unreadable, starting afresh%s: %s", path, kept, exc)
-        return None
-    except (ValueError, RecursionError) as exc:  # thousands of `[`: the parser's recursion
+            return None  # is damage, as what does not parse is
         aside = _set_aside(path)
         kept = f" (kept as {aside.name})" if aside else ""
         log.error("%s unreadable, starting afresh%s: %s", path, kept, exc)
@@ -82,6 +77,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
         f" (kept as {aside.name})" if aside else "",
     )
     return None
+
+
+def peek_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, read without changing anything (a damaged file is the
+    daemon's to set aside); None when there is none."""
+    try:
+        data = json.loads(read_regular(path))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def unreadable(path: Path, read: object) -> bool:
@@ -101,11 +106,6 @@ def _set_aside(path: Path) -> Path | None:
     except OSError:
         return None
     return aside
-
-
-def _real(path: str | Path) -> str:
-    """A path as the file system resolves it, for comparing two names of one folder."""
-    return os.path.realpath(path)
 
 
 def _rebase(entries: list[dict[str, Any]], folder: Path) -> None:
@@ -139,11 +139,8 @@ def active_entry(folder: Path, configured: str) -> dict[str, Any] | None:
     ModelHistory reads history.json in `folder`), None when it runs the configured one; read
     without writing anything (a damaged file is the daemon's to set aside): `doctor` and the
     installer's upgrade check ask it."""
-    try:
-        data = json.loads(read_regular(folder / HISTORY))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("configured") not in (None, configured):
+    data = peek_json(folder / HISTORY)
+    if data is None or data.get("configured") not in (None, configured):
         return None
     found = data.get("entries", [])
     entries = [e for e in (found if isinstance(found, list) else [found]) if _readable(e)]
@@ -376,7 +373,8 @@ class ModelHistory:
 
     def _delete(self, dropped: list[dict[str, Any]]) -> None:
         for old in dropped:
-            if _real(Path(old["path"]).parent) != _real(self.folder):  # never another folder's
+            here = os.path.realpath(Path(old["path"]).parent) == os.path.realpath(self.folder)
+            if not here:  # never another folder's
                 log.info("history: version %d left in %s (not this device's models folder)",
                          old["version"], old["path"])  # fmt: skip
                 continue
@@ -454,10 +452,10 @@ class ModelHistory:
             # not a folder a kept entry uses (a reload of it), refits from (its base), nor the
             # configured model: a config pinning a site version had it deleted by the next
             # refit, and the daemon could not start again (an operator's review)
-            used = {_real(e[key]) for e in self.entries for key in ("path", "base")}
+            used = {os.path.realpath(e[key]) for e in self.entries for key in ("path", "base")}
             if (
                 old.get("made")
-                and _real(old["path"]) not in used
+                and os.path.realpath(old["path"]) not in used
                 and old.get("model_id") != self.configured
             ):
                 dropped.append(old)

@@ -1124,7 +1124,7 @@ def _of_model(model_id: str, replayed: str) -> bool:
 def _recorded_models(data_dir: Path) -> list[str]:
     """The models the data folder's records name (a saved period, the saved state, the model
     history), read without changing anything."""
-    from edge.private import read_regular
+    from edge.history import peek_json
 
     found = []
     for path, key in (
@@ -1132,11 +1132,8 @@ def _recorded_models(data_dir: Path) -> list[str]:
         (data_dir / "state.json", "model"),
         (data_dir / "models" / "history.json", "configured"),
     ):
-        try:
-            data = json.loads(read_regular(path))
-        except (OSError, ValueError, RecursionError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get(key), str):
+        data = peek_json(path) or {}
+        if isinstance(data.get(key), str):
             found.append(data[key])
     return found
 
@@ -1161,11 +1158,6 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     bundle = _load(settings.model)
     _warn_at_start(bundle, settings, listening=False)
     device_model = _device_model(args.config, settings.data_dir, bundle.model_id)
-    other = (
-        f"note: the config's device runs {device_model}, not {bundle.model_id}: this replay "
-        "leaves its learning, model versions, threshold and mute as they are, and uses none of "
-        "them"
-    )
     files = find_audio(args.files)  # folders searched recursively, as everywhere else
     if not files:
         raise SoundSentryError("no audio files found in " + " ".join(map(str, args.files)))
@@ -1191,7 +1183,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         extra_sinks=[ReplayLines(source.locate, sys.stdout), summary],
         on_step=summary.step,
         persist=device_model is None,
-        on_started=(lambda: print(other, file=sys.stderr)) if device_model else None,
+        on_started=None
+        if device_model is None
+        else lambda: print(
+            f"note: the config's device runs {device_model}, not {bundle.model_id}: this replay "
+            "leaves its learning, model versions, threshold and mute as they are, and uses none "
+            "of them",
+            file=sys.stderr,
+        ),
     )
     print(summary.line(len(files), detector.threshold), file=sys.stderr)
     return 0
