@@ -603,6 +603,26 @@ PA_START = [
 ]
 
 
+def start_pulse_serving(tmp_path: Path) -> None:
+    """PA_START, then wait until the server serves a stream of `mic2.monitor`: in CI a server
+    just started once cut the first player's connection ("Connection terminated") and gave
+    the daemon's reopened streams no audio for the 30 s the test waited, though `pactl`
+    answered; what is tested is the daemon's return to a server that works."""
+    subprocess.run(PA_START, check=True, capture_output=True)
+    probe = tmp_path / "probe.raw"
+
+    def serving() -> bool:
+        probe.unlink(missing_ok=True)
+        subprocess.run(
+            ["timeout", "1", "parecord", "-d", "mic2.monitor", "--raw", "--rate=16000",
+             "--channels=1", "--format=s16le", str(probe)],
+            capture_output=True,
+        )  # fmt: skip
+        return probe.exists() and probe.stat().st_size > 0
+
+    wait_for(serving, 60, "the restarted PulseAudio to serve a stream", describe_pulse)
+
+
 def restart_pulse() -> None:
     """After a test that took the sound server away: one server, started afresh with the
     sinks the later tests play into, whatever the test left running (a failure halfway, or a
@@ -676,7 +696,7 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
         )
         wait_for(failed_reopens, 20, "a failed attempt to reopen the vanished device", seen)
         assert proc.poll() is None, "the daemon must survive a vanished device"
-        subprocess.run(PA_START, check=True, capture_output=True)  # ... and comes back
+        start_pulse_serving(tmp_path)  # ... and comes back
         players.append(subprocess.Popen(["paplay", "-d", "mic2", str(normal)]))
         assert sub.wait_for(lambda _: "recovered:stalled" in health_changes(), timeout=30), (
             f"{health_changes()}\n{seen()}"
@@ -691,7 +711,7 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
                  seen)  # fmt: skip
         # backoff starts afresh: a working stream resets it (it grew on and on across outages)
         assert failed_reopens()[first_outage].endswith("retrying in 1 s"), failed_reopens()
-        subprocess.run(PA_START, check=True, capture_output=True)
+        start_pulse_serving(tmp_path)
         players.append(subprocess.Popen(["paplay", "-d", "mic2", str(normal)]))
         assert sub.wait_for(
             lambda _: health_changes().count("recovered:stalled") >= 2, timeout=30
@@ -775,7 +795,7 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
         assert any(m.startswith("READY=1") for m in notified())
         pings = notified().count("WATCHDOG=1")
         wait_for(lambda: notified().count("WATCHDOG=1") > pings, 10, "a watchdog ping", notified)
-        subprocess.run(PA_START, check=True, capture_output=True)  # the microphone arrives
+        start_pulse_serving(tmp_path)  # the microphone arrives
         player = subprocess.Popen(["paplay", "-d", "mic2", str(normal)])
         flowing = sub.wait_for(lambda _: any(n >= 2 for n in _scored(sub)), timeout=40)
         assert flowing, log.read_text()[-2000:]
