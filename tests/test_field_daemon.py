@@ -623,18 +623,13 @@ def start_pulse_serving(tmp_path: Path) -> None:
     wait_for(serving, 60, "the restarted PulseAudio to serve a stream", describe_pulse)
 
 
-def restart_pulse() -> None:
+def restart_pulse(tmp_path: Path) -> None:
     """After a test that took the sound server away: one server, started afresh with the
-    sinks the later tests play into, whatever the test left running (a failure halfway, or a
-    server that answered with none of the test's sinks, had every later capture test fail)."""
+    sinks the later tests play into and serving, whatever the test left running (a failure
+    halfway, or a server that answered with none of the test's sinks, had every later capture
+    test fail)."""
     stop_pulse()
-    subprocess.run(PA_START, check=True, capture_output=True)
-    wait_for(
-        lambda: subprocess.run(["pactl", "info"], capture_output=True).returncode == 0,
-        10,
-        "PulseAudio to answer",
-        describe_pulse,
-    )
+    start_pulse_serving(tmp_path)
 
 
 def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path: Path) -> None:
@@ -729,7 +724,7 @@ def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path
         for p in players:
             p.kill()
         sub.close()
-        restart_pulse()
+        restart_pulse(tmp_path)
 
 
 def _stalled(sub: Subscriber) -> list[dict]:
@@ -815,7 +810,7 @@ def test_microphone_missing_at_start_is_waited_for_and_reported(
             player.kill()
         sub.close()
         sock.close()
-        restart_pulse()
+        restart_pulse(tmp_path)
 
 
 def test_a_sound_server_source_missing_at_start_is_waited_for(
