@@ -360,8 +360,8 @@ def _publisher(
     page: str | None,
     client_id: str,
     logged: list[LoggedEvent],
-    on_retained: Callable[[bytes, ReplyTo | None], None] | None = None,
-    live: bool = True,
+    on_retained: Callable[[bytes, ReplyTo | None], None],
+    live: bool,
 ) -> Any:
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
     when it serves one) and the device's last `logged` event, not yet connected. `live`: the
