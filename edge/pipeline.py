@@ -46,8 +46,9 @@ class Step:
     """Events held off to listen (`Pipeline.push(listen=True)`): what they would have done."""
     evidence: bool = True
     """The event logic took this window as evidence: the machine running and settled (not
-    starting up or coasting to a stop), the window neither dead nor sounding like `off`. Only
-    such windows may be learnt as the machine's normal running."""
+    starting up or coasting to a stop), the window neither dead nor, with state folders,
+    sounding like another state than the one named (`off`, or the state the machine is
+    changing to). Only such windows may be learnt as the machine's normal running."""
     quieting: bool = False
     """This window is the first in a row heard near the machine's off level: the machine went
     quiet in the windows just before it (edge.machine_state.STOP_SECONDS), so a learning period
@@ -124,7 +125,7 @@ class Pipeline:
                 machine == RUNNING
                 and not dead
                 and self.machine.allows_events(end_s)
-                and self._heard_on()
+                and self._heard_as_named()
             )
             ends = machine != RUNNING or self.machine.quiet  # an open event, even unheeded
             window_at = (scored, start_s, end_s)
@@ -151,10 +152,15 @@ class Pipeline:
             return None
         return self.namer.name(features.mean(axis=0))
 
-    def _heard_on(self) -> bool:
-        """False when the last window alone sounds like the state named `off`: while the vote
-        turns, such windows are not counted as evidence (the machine may be stopping)."""
-        return self.namer is None or self.namer.heard != OFF
+    def _heard_as_named(self) -> bool:
+        """False when the last window alone sounds like another state than the one named (`off`
+        among them): while the vote turns, such windows are not counted as evidence. The
+        machine may be stopping, loading, unloading or changing speed, all normal running, and
+        the window across the change holds both sounds: in a field review, a compressor's
+        switches from idle to loaded raised an event at 5 of 6, the window across each scoring
+        26 against a threshold of 13.4 and the CUSUM taking it. A fault that sounds like another
+        state is judged once the vote names that state (4 s)."""
+        return self.namer is None or self.namer.heard == self.namer.current
 
     def reset(self) -> None:
         """Drop buffered audio (after a gap in the stream)."""

@@ -98,6 +98,33 @@ def test_state_messages_and_events_name_the_state(two_states: Path, tmp_path: Pa
     assert starts[0].stream_offset_s is not None and starts[0].stream_offset_s >= 14.0  # 5 + 5 + 4
 
 
+def test_windows_that_sound_like_the_state_the_machine_changes_to_are_no_evidence(
+    two_states: Path,
+) -> None:
+    """Loading, unloading or a change of speed is normal running: until the vote names the new
+    state, a window that sounds like it is not judged, and the window across the change, which
+    holds both sounds, scores above the threshold. In a field review a compressor's switches
+    from idle to loaded raised an event at 5 of 6, the CUSUM taking such windows."""
+    from edge.pipeline import Pipeline
+
+    bundle = load_bundle(two_states)
+    rate, hop = bundle.features.samplerate, bundle.features.hop_samples
+    normal = read_audio(NORMAL_FILES[0], rate)
+    stream = np.concatenate([normal, normal, normal * 10 ** (QUIET_DB / 20)])
+    pipeline = Pipeline(bundle)
+    steps, heard = [], []
+    for i in range(0, len(stream), hop):
+        for s in pipeline.push(stream[i : i + hop]):
+            steps.append(s)
+            heard.append(pipeline.namer.heard if pipeline.namer else None)
+    named = [(h, s.state_name) for s, h in zip(steps, heard, strict=True)]
+    changing = [s for s, (h, n) in zip(steps, named, strict=True) if (h, n) == ("slow", "fast")]
+    assert changing and not any(s.evidence for s in changing), named
+    assert max(s.window.score for s in changing) > pipeline.threshold
+    settled = [s for s, (h, n) in zip(steps, named, strict=True) if h == n]
+    assert {n for _, n in named} == {"fast", "slow"} and all(s.evidence for s in settled), named
+
+
 def test_state_levels_that_do_not_match_the_states_are_refused(
     two_states: Path, tmp_path: Path
 ) -> None:
