@@ -410,6 +410,9 @@ def test_state_folders_are_checked_before_anything_is_trained(
     bad = states({"vitesse réduite": list(NORMAL_FILES)})
     with pytest.raises(AudioError, match="vitesse réduite: a state folder's name is the state's"):
         state_folders(bad)
+    bad = states({"leerlauf-ä": list(NORMAL_FILES)})  # `ä` is a letter to its user: which are not
+    with pytest.raises(AudioError, match="messages: the letters A-Z and a-z, digits"):
+        state_folders(bad)
 
 
 def test_state_folders_leave_out_what_gives_no_window_and_name_every_bad_file(

@@ -32,6 +32,13 @@ from train.progress import progress
 
 log = logging.getLogger(__name__)
 
+LABEL_RULE = (
+    "the letters A-Z and a-z, digits, spaces and . _ : + - (up to 64, starting with a letter or "
+    "a digit); rename the folder"
+)
+"""What a class or state folder's name may hold (edge.bundle.SAFE_LABEL), said when it holds
+more: `ä` is a letter to its user."""
+
 HOLDOUT_FRACTION = 0.2
 """Share of the recordings kept aside for the threshold (or the classifier's validation); see
 `holdout_split` for which ones."""
@@ -305,9 +312,7 @@ def class_folders(
         files = find_audio([folder])  # what the search skips in it is named
         if files and not re.fullmatch(SAFE_LABEL, folder.name):  # before training, not after
             raise AudioError(
-                f"{folder}: a class folder's name is the class's name in events: letters, "
-                "digits, spaces and . _ : + - (up to 64, starting with a letter or a digit); "
-                "rename the folder"
+                f"{folder}: a class folder's name is the class's name in events: {LABEL_RULE}"
             )
         if files:
             groups[folder.name] = files
@@ -377,9 +382,7 @@ def state_folders(
             continue
         if not re.fullmatch(SAFE_LABEL, name):
             raise AudioError(
-                f"{folder}: a state folder's name is the state's name in messages: letters, "
-                "digits, spaces and . _ : + - (up to 64, starting with a letter or a digit); "
-                "rename the folder"
+                f"{folder}: a state folder's name is the state's name in messages: {LABEL_RULE}"
             )
         if name in groups:
             raise AudioError(f"{folder}: a second folder for the state {name!r}")
