@@ -495,15 +495,17 @@ class Adapter:
         store.save(path)
         site = current.get("site") if current else None
         marked = [*dict.fromkeys([*(current.get("marked", []) if current else []), event_id])]
-        if len(marked) > MAX_MARKS:
-            log.info(
-                "mark_normal: at most %d marks are carried; dropped the oldest: %s",
-                MAX_MARKS,
-                ", ".join(marked[:-MAX_MARKS]),
+        note = None
+        if len(marked) > MAX_MARKS:  # said in the reply: the model forgets that sound
+            note = (
+                f"at most {MAX_MARKS} marks are carried, so the oldest no longer is: "
+                f"{', '.join(marked[:-MAX_MARKS])} (learn start learns the site's sound as a "
+                "whole)"
             )
+            log.warning("mark_normal: %s", note)
             marked = marked[-MAX_MARKS:]
         try:
-            return self._refit("mark_normal", in_use, site, marked)
+            return self._refit("mark_normal", in_use, site, marked, note=note)
         except LearningError:
             if new:  # refused: the mark is not kept, so a later refit does not pick it up
                 path.unlink(missing_ok=True)
@@ -541,11 +543,13 @@ class Adapter:
         period: str | None = None,
         heard: dict[str, Any] | None = None,
         store: FeatureStore | None = None,
+        note: str | None = None,
     ) -> Bundle:
         """Refit the base with the site's features, write and load the new version; `period`:
         the start of the period it ends, recorded so that a restart does not refit it again;
         `heard`: what the model in use heard during it, recorded with the outcome; `store`: the
-        features of `site` when they are in memory already (not read back: a second copy)."""
+        features of `site` when they are in memory already (not read back: a second copy);
+        `note`: what the reply must say besides, kept with the outcome."""
         base = self.base()
         try:
             stores = (
@@ -599,6 +603,8 @@ class Adapter:
             shutil.rmtree(path, ignore_errors=True)
             raise LearningError("the refitted bundle's features differ from the running model's")
         summary = refit_summary(in_use.threshold, manifest) | (heard or {})
+        if note:
+            summary["note"] = note
         self._record(
             bundle,
             reason,

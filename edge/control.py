@@ -506,6 +506,7 @@ def _refit_line(out: dict[str, Any]) -> str:
         f"{_num(out.get('new_threshold'))} (on the refitted model's own scale), predicted false "
         f"alarms per day {_per_day(out.get('predicted_false_alarms_per_day'))} (95% interval "
         f"{'? to ?' if low is None or high is None else interval_text(low, high)})"
+        + (f"; {out['note']}" if out.get("note") else "")
         + (f"; WARNING: {out['warning']}" if out.get("warning") else "")
     )
 

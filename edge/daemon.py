@@ -502,10 +502,22 @@ class Detector:
         with self.notifier.busy():  # an hour-long clip's windows take seconds on a Pi
             rows = self._event_rows(eid)  # refused (a kind that cannot learn): the event goes on
             bundle = adapter.mark(eid, rows, self.bundle)
+        out = {"event_id": eid, **(adapter.last_refit or {})}
         if self.pipeline.events.event_id == eid:
             self.close_event("marked_normal")
+            # only what was heard so far is learnt: in a field review, a false alarm marked 1 s
+            # after its start was learnt from 4 s of sound, and 3 s later the same sound raised
+            # another event that lasted half a minute, with nothing said
+            p = self.bundle.features
+            heard = (len(rows) - 1) * p.hop_seconds + p.window_samples / p.samplerate
+            open_note = (
+                f"the event was still open: {heard:.3g} s of its sound was learnt; if the sound "
+                "goes on and raises another event, mark that one once it has ended (or send "
+                "learn start to learn minutes of it)"
+            )
+            out["note"] = "; ".join(n for n in (out.get("note"), open_note) if n)
         self._switch(bundle)
-        return {"event_id": eid, **(adapter.last_refit or {})}
+        return out
 
     def rollback(self) -> str:
         """Return to the model version the current one replaced; returns its model id."""

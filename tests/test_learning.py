@@ -1171,6 +1171,8 @@ def test_learning_data_goes_with_the_versions_that_use_it_and_marks_are_bounded(
         in_use = adapter.mark(f"e{n}", fault[n % 3 : n % 3 + 4], in_use)
     carried = adapter.history.current["marked"]
     assert carried == [f"e{n}" for n in range(1, MAX_MARKS + 1)], "the oldest mark goes"
+    note = adapter.last_refit["note"]  # and the reply says so (only logged at INFO, in a review)
+    assert note.startswith(f"at most {MAX_MARKS} marks are carried") and ": e0 (" in note
     marks = {p.stem for p in (data / "learning" / "marked").glob("*.npz")}
     assert marks == set(carried), "its file with it"
     wait_for(lambda: time.strftime("%S") != first_site.stem[-2:], 10, "the next second")
@@ -1774,6 +1776,28 @@ def test_a_mark_normal_that_is_refused_leaves_the_open_event_open(tmp_path: Path
     assert not reply.ok and "cannot learn on site" in reply.detail, reply.detail
     assert d.pipeline.events.event_id, "still open"
     assert [e.type for e in reports.events] == ["start"]
+
+
+def test_marking_an_open_event_normal_says_how_much_of_its_sound_was_learnt(
+    tmp_path: Path,
+) -> None:
+    """Only what was heard so far is learnt: a false alarm marked 1 s after its start was learnt
+    from 4 s of sound, and the same sound raised another event 3 s later, with nothing said (a
+    field review). The reply says how much was learnt and what to do if it comes back."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    assert starts(device.replay(*NORMAL_FILES)) == []  # the site learnt first
+    d = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [Recorder()], persist=True)
+    audio = read_audio(DEMO_CLIP, RATE)
+    for i in range(0, len(audio), RATE // 10):
+        d.feed(audio[i : i + RATE // 10])
+        if d.pipeline.events.event_id:
+            break
+    assert d.pipeline.events.event_id, "an event is open"
+    reply = Controller(d).handle_payload(b'{"command": "mark_normal", "event_id": "last"}')
+    assert reply.ok, reply.detail
+    said = re.search(r"the event was still open: ([0-9.]+) s of its sound was learnt", reply.detail)
+    assert said and 1.0 <= float(said[1]) <= 10.0, reply.detail
+    assert "mark that one once it has ended" in reply.detail
 
 
 def test_a_saved_period_the_card_damaged_is_dropped_not_a_restart_loop(tmp_path: Path) -> None:
