@@ -706,7 +706,14 @@ class Detector:
     def _auto_learn(self) -> None:
         """[learning] seconds: a period at the first start of a configured model."""
         a, seconds = self.adapter, self.settings.learning.seconds
-        if a is None or not seconds or a.period is not None or a.learned:
+        if a is None or not seconds or a.period is not None:
+            return
+        if a.learned:  # said: a setting that starts nothing, silently, puzzled a field review
+            log.info(
+                "learning: [learning] seconds begins no period: %s's period has ended before "
+                '(rolled back or not); {"command": "learn", "action": "start"} learns again',
+                a.configured.model_id,
+            )
             return
         try:
             a.start(seconds, self.bundle)

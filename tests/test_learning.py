@@ -203,6 +203,7 @@ def test_replay_config_learns_on_files_and_keeps_the_new_version_after_a_restart
                 "--config", str(config), env=env)  # fmt: skip
     assert "using version 1 (fan-demo-12483c73-site-v1, learning)" in again.stderr
     assert "learning: started" not in again.stderr, "a model learns once, not at every start"
+    assert "learning: [learning] seconds begins no period: fan-demo-12483c73's" in again.stderr
     assert [e["model"] for e in starts(map(json.loads, again.stdout.splitlines()))] == [
         "fan-demo-12483c73-site-v1"
     ]
