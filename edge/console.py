@@ -182,6 +182,8 @@ class ReplaySummary(Sink):
             )
         else:
             side = "above" if self.highest > threshold else "below"
+            if side == "above" and not self.events:  # "(above)" beside "0 events" puzzled a review
+                side = "above in passing: an event needs K of N windows above it, or a lasting rise"
             peak = f"highest score {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
         if self.off:
             peak += f"; the machine off in {self.off} of them"

@@ -226,6 +226,9 @@ def test_replay_s_highest_score_is_of_the_windows_the_event_logic_judges() -> No
     assert summary.highest == 1.2 and summary.off == 1 and summary.unjudged == 2
     line = summary.line(1, 1.87)
     assert "highest score 1.2 vs threshold 1.87 (below)" in line, line
+    said = ReplaySummary()
+    said.step(step(2.5, 0.0))
+    assert "2.5 vs threshold 1.87 (above in passing: an event needs K of N" in said.line(1, 1.87)
     assert line.endswith("; 2 not judged (a start-up, a stop, or sound back after a gap)"), line
 
 
