@@ -1354,6 +1354,18 @@ def _cmd_devices(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _marks_in_force(data_dir: Path) -> list[str]:
+    """The events marked normal that the model version in use learnt (history.json, read as it
+    is: none when there is none or it cannot be read)."""
+    from edge.history import peek_json
+
+    history = peek_json(data_dir / "models" / "history.json") or {}
+    for entry in history.get("entries") or []:
+        if isinstance(entry, dict) and entry.get("version") == history.get("active"):
+            return [str(m) for m in entry.get("marked") or []]
+    return []
+
+
 def _cmd_events(args: argparse.Namespace) -> int:
     from edge.eventlog import (
         format_event,
@@ -1394,8 +1406,9 @@ def _cmd_events(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(events, sys.stdout)
     else:
+        marked = _marks_in_force(folder)
         for event in events:
-            print(format_event(event))
+            print(format_event(event, marked))
     when = f" since {local_time(since)}" if since else ""  # as the lines above: local
     when += f" until {local_time(until)}" if until else ""
     print(f"{len(events)} event(s){when} in {folder}", file=sys.stderr)
