@@ -1425,3 +1425,27 @@ class MqttPublisher:
         stopper.start()
         stopper.join(timeout=max(deadline - time.monotonic(), 0.0) + STOP_JOIN_S)
         self._sender.join(timeout=2)
+        self._save_memory()
+
+    def _save_memory(self) -> None:
+        """At close: the messages waiting in memory (the spool could not be written) go into the
+        spool if it takes them now, for the next start; else they are lost, and said so. A full
+        card's events vanished at the end of a run that said only what the spool held (a
+        review: 11 messages, four whole events, gone unsaid)."""
+        with self._unspooled_lock:
+            waiting = [*self._held, *self._unspooled]
+            if not waiting:
+                return
+            try:
+                rows = [(t, p, 1, r) for t, p, r in waiting]
+                self.spool.append_many(rows, handed=bool(self._held) or self._memory_handed)
+            except sqlite3.Error as exc:
+                log.error(
+                    "MQTT: %d message(s) waiting in memory are lost: the spool %s cannot be "
+                    "written (%s); free space on the card",
+                    len(waiting), self.spool.path, exc,
+                )  # fmt: skip
+                return
+            self._held.clear()
+            self._unspooled.clear()
+            self._memory_handed = False

@@ -516,6 +516,41 @@ def test_an_event_keeps_its_order_when_the_card_fills_during_an_outage(
         broker.stop()
 
 
+def test_messages_in_memory_at_the_stop_go_into_the_spool_or_are_said_lost(
+    tmp_path: Path, spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a full card with the broker away, events waited in memory and vanished at the stop,
+    the run's last line naming only what the spool held (a review). At the stop they go into
+    the spool if the card has room by then; if not, an error says how many are lost."""
+    from conftest import free_port
+
+    settings = MqttSettings(host="127.0.0.1", port=free_port(), reconnect_max_seconds=1)
+    for room in (True, False):
+        publisher = MqttPublisher(settings, TOPICS, "test-pump-3", spool)
+        publisher.start(wait_s=0)
+        before = spool.depth()
+        read_only(spool, True)
+        for n in range(3):
+            publisher.publish_event(_event(f"full{room}{n}"))
+        assert spool.depth() == before and len(publisher._unspooled) == 3
+        read_only(spool, not room)
+        caplog.clear()
+        publisher.close(timeout_s=0.5)
+        lost = [r.getMessage() for r in caplog.records if "are lost" in r.getMessage()]
+        if room:
+            assert spool.depth() == before + 3 and not lost
+            assert [json.loads(r.payload)["event_id"] for r in spool.after(0, 100)][-3:] == [
+                f"fullTrue{n}" for n in range(3)
+            ]
+        else:
+            assert (
+                spool.depth() == before
+                and len(lost) == 1
+                and lost[0].startswith("MQTT: 3 message(s) waiting in memory are lost")
+            ), lost
+    read_only(spool, False)
+
+
 def test_an_alarm_raised_before_an_outage_is_ended_whatever_the_outage_fills(
     tmp_path: Path,
 ) -> None:
