@@ -798,6 +798,11 @@ class Detector:
         """Finish after the current block (signal handlers call this)."""
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        """stop() was called (SIGTERM, SIGINT): the run may have ended before its source did."""
+        return self._stop.is_set()
+
     def run(self, source: Iterable[np.ndarray | None]) -> None:
         """Process blocks until the source ends or stop() is called; then close open events."""
         self.source_stats = getattr(source, "stats", dict)

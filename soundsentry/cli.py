@@ -1192,7 +1192,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         ),
     )
-    print(summary.line(len(files), detector.threshold), file=sys.stderr)
+    line = summary.line(len(files), detector.threshold)
+    if detector.stopped:  # read as a finished run, exit 0, by a script (a review)
+        print(f"{line}; stopped (Ctrl-C or SIGTERM) before the audio ended", file=sys.stderr)
+        return 130
+    print(line, file=sys.stderr)
     return 0
 
 

@@ -89,6 +89,31 @@ def _summary(stderr: str) -> str:
 # --- replay ---------------------------------------------------------------------------------
 
 
+def test_a_replay_stopped_by_ctrl_c_says_so_and_exits_130(tmp_path: Path) -> None:
+    """It ended with its summary and exit 0, read as a finished run by a script, though it had
+    heard 8 windows of the first of three files (a review). `record` exits 130 as well."""
+    err = tmp_path / "stderr.txt"
+    files = [str(DEMO_CLIP), str(ANOMALOUS_FILE)]
+    args = [*SOUNDSENTRY, "--log-level", "INFO", "replay", str(DEMO_BUNDLE), *files, "--realtime"]
+    with open(err, "w") as fh:
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=fh,
+            env={**os.environ, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")},
+            cwd=ROOT,
+        )
+    try:
+        wait_for(lambda: "machine running" in err.read_text(), 60, "the first window")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130, err.read_text()
+    finally:
+        proc.kill()
+    line = _summary(err.read_text())
+    assert line.startswith("replay: 2 file(s), "), line
+    assert line.endswith("; stopped (Ctrl-C or SIGTERM) before the audio ended"), line
+
+
 def test_replay_ends_with_a_summary_even_when_it_finds_nothing(tmp_path: Path) -> None:
     env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path)}
     quiet = cli("replay", str(DEMO_BUNDLE), *map(str, NORMAL_FILES), env=env)
