@@ -152,6 +152,12 @@ PROTOCOL_ERROR = 0x82
 """MQTT 5 reason "Protocol error": what paho gives `on_disconnect` when it drops a connection."""
 KEEPALIVE_TIMEOUT = 0x8D
 """MQTT 5 reason code paho gives when it hangs up after a keepalive with nothing heard."""
+LOGIN_REFUSALS = frozenset({"Not authorized", "Bad user name or password"})
+LOGIN_HINT = (
+    " (the broker asks for another login: check [mqtt] username and password_file, or the "
+    "broker's ACL; `soundsentry doctor` tests the login)"
+)
+"""Said with a refusal of the login: "Not authorized" was all a user saw (a review)."""
 
 
 def _reply_topic_refusal(topic: str, correlation: bytes | None, topics: Topics) -> str | None:
@@ -490,7 +496,11 @@ class MqttPublisher:
         if reason.is_failure:
             text = str(reason)
             if text != self._last_refusal:
-                log.error("MQTT: broker refused the connection: %s; retrying with backoff", text)
+                log.error(
+                    "MQTT: broker refused the connection: %s%s; retrying with backoff",
+                    text,
+                    LOGIN_HINT if text in LOGIN_REFUSALS else "",
+                )
             self._last_refusal = text
             self._reread_password()
             return

@@ -68,6 +68,10 @@ def write_config(tmp_path: Path, device: str, port: int, extra: str = "", mqtt: 
     return path
 
 
+STOPPED_REPLAY = 130
+"""The exit of a replay stopped by SIGTERM before its audio ended: a clean stop, as `record`'s."""
+
+
 def daemon(
     *args: str,
     env: dict[str, str] | None = None,
@@ -269,7 +273,7 @@ def test_commands_threshold_reload_mute_status_and_sigterm(broker: Broker, tmp_p
         )
         proc.send_signal(signal.SIGTERM)  # during an anomaly
         _, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0, err
+        assert proc.returncode == STOPPED_REPLAY, err
         assert sub.wait_for(lambda ms: ms[-1].payload == "offline", timeout=10)
         last = [m.json() for m in sub.on("/events")][-1]
         assert last["type"] == "end" and last.get("clip", "").endswith(".wav")
@@ -313,7 +317,7 @@ def test_systemd_notify_and_home_assistant_birth(broker: Broker, tmp_path: Path)
         sub.client.publish("homeassistant/status", "online", qos=1)
         assert sub.wait_for(lambda ms: configs_since(ms, start) >= want, timeout=10)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert proc.wait(20) == STOPPED_REPLAY
     finally:
         proc.kill()
         sock.close()
@@ -563,9 +567,10 @@ def test_tls_and_password_and_wrong_credentials(tmp_path: Path) -> None:
         )
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0, err
+        assert proc.returncode == STOPPED_REPLAY, err
         refusals = [line for line in err.splitlines() if "MQTT: broker refused" in line]
         assert len(refusals) == 1 and "Not authorized" in refusals[0], err
+        assert "check [mqtt] username and password_file" in refusals[0], err  # not all it says
         start = [line for line in err.splitlines() if "MQTT: no connection to" in line]
         assert start and "(the broker refused the connection: Not authorized)" in start[0], err
         assert "cannot reach" not in err  # it was reachable: it said no

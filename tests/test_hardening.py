@@ -130,7 +130,7 @@ def test_poison_flood_and_retained_commands_do_not_stop_the_daemon(
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
-        assert proc.returncode == 0, log.read_text()[-2000:]
+        assert proc.returncode == 130, log.read_text()[-2000:]  # a replay stopped before its end
         assert "Traceback" not in log.read_text()
 
         # The retained poison is still on the broker: a restarted daemon runs all the same.
