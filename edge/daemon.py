@@ -626,7 +626,12 @@ class Detector:
                 return np.concatenate(rows)
         rows = kept.get("rows", [])
         if not rows:
-            raise LearningError(f"no windows of event {eid} are kept (no clip, not recent)")
+            # with clips off an older event cannot be marked: said with what can be done
+            raise LearningError(
+                f"no windows of event {eid} are kept (no clip, not recent): mark an event "
+                'while its windows are kept, or {"command": "learn", "action": "start"} learns '
+                "the machine's normal sound as a whole"
+            )
         return np.stack(rows)
 
     def _keep(self, step: Step, tap: ScorerTap, end_s: float) -> None:

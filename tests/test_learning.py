@@ -501,6 +501,7 @@ def test_mark_normal_of_an_unknown_event_is_refused_and_changes_nothing(tmp_path
     device.replay(NORMAL_FILES[0])
     reply = device.command(command="mark_normal", event_id="0123456789abcdef")
     assert not reply.ok and "no windows of event 0123456789abcdef are kept" in reply.detail
+    assert '{"command": "learn", "action": "start"} learns' in reply.detail  # what to do instead
     bad = device.command(command="mark_normal", event_id="../etc")
     assert not bad.ok and "event_id" in bad.detail
     assert device.detector.bundle.model_id == "fan-demo-12483c73"
