@@ -188,7 +188,10 @@ class ReplaySummary(Sink):
         if self.off:
             peak += f"; the machine off in {self.off} of them"
         if self.unjudged:
-            peak += f"; {self.unjudged} not judged (a start-up, a stop, or sound back after a gap)"
+            peak += (
+                f"; {self.unjudged} not judged (a start-up, a stop, a change of state, or sound "
+                "back after a gap)"
+            )
         events = f"{self.events} event{'' if self.events == 1 else 's'}"
         if self.integrated:  # their windows can all lie below the threshold: say why
             events += f" ({self.integrated} from evidence over time)"

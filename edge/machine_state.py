@@ -255,6 +255,11 @@ class StateNamer:
     current: str | None = None
     """The state named now."""
     _recent: deque[str] = field(default_factory=lambda: deque(maxlen=STATE_WINDOWS))
+    _spare: int | None = None
+    """Windows that may still be left unjudged as a change of state (`judged`); None: no change
+    under way."""
+    _steady: int = 0
+    """Windows in a row judged as sounding like the state named."""
 
     def name(self, band_levels: np.ndarray) -> str:
         """Feed one running window's band levels (mels,); return the state named: the first
@@ -267,7 +272,41 @@ class StateNamer:
             leader != self.current and votes >= min(SWITCH_VOTES, len(self._recent))
         ):
             self.current = leader
+            self._spare, self._steady = None, 0  # the change is done
         return self.current
+
+    def judged(self, frames: np.ndarray) -> bool:
+        """After `name`: whether the window (its log-mel `frames`) is judged, for a machine
+        that may be changing state. Not while it, or either half of it, sounds like another
+        state than the one named: the machine may be loading, unloading, changing speed or
+        stopping, all normal, and the window across the change holds both sounds (a field
+        review's compressor raised an event at 5 of 6 switches from idle to loaded, that window
+        scoring 26 against a threshold of 13.4; heard whole, it may still sound like the state
+        before). At most STATE_WINDOWS such windows a change, though: a change the vote does not
+        name by then is not one, and a fault that flips the sound faster than the vote (a stall,
+        a cut-out, short-cycling) is judged again, until STATE_WINDOWS windows in a row sound
+        like the state named (in a review, cuts of 0.35 s every second went unjudged for good).
+        A fault that sounds like another state is judged once the vote names it (4 s). A window
+        that as a whole sounds like `off` is never judged (the place's own sound, or the machine
+        stopping), as before any of this."""
+        if self.heard == OFF:
+            return False
+        half = len(frames) // 2
+        halves = np.stack([frames[:half].mean(axis=0), frames[half:].mean(axis=0)])
+        if self.heard == self.current and all(
+            self.names[i] == self.current for i in self.nearest_of(halves)
+        ):
+            self._steady += 1
+            if self._steady >= STATE_WINDOWS:
+                self._spare = None
+            return True
+        self._steady = 0
+        if self._spare is None:
+            self._spare = STATE_WINDOWS
+        if self._spare == 0:
+            return True
+        self._spare -= 1
+        return False
 
     def nearest(self, band_levels: np.ndarray) -> str:
         """The state whose band levels lie nearest one window's, before any vote."""
@@ -281,6 +320,7 @@ class StateNamer:
         """A new stream or a machine that stopped: forget the vote."""
         self._recent.clear()
         self.heard = self.current = None
+        self._spare, self._steady = None, 0
 
 
 def evidence_windows(

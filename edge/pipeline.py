@@ -153,22 +153,8 @@ class Pipeline:
         return self.namer.name(features.mean(axis=0))
 
     def _heard_as_named(self, features: np.ndarray) -> bool:
-        """False when the last window (`features`, its log-mel frames), or either half of it,
-        sounds like another state than the one named (`off` among them): while the vote turns,
-        such windows are not counted as evidence. The machine may be stopping, loading,
-        unloading or changing speed, all normal running, and the window across the change holds
-        both sounds: in a field review, a compressor's switches from idle to loaded raised an
-        event at 5 of 6, the window across each scoring 26 against a threshold of 13.4 and the
-        CUSUM taking it; heard as a whole, that window may still sound like the state before.
-        A fault that sounds like another state is judged once the vote names that state (4 s)."""
-        namer = self.namer
-        if namer is None:
-            return True
-        if namer.heard != namer.current:
-            return False
-        half = len(features) // 2
-        halves = np.stack([features[:half].mean(axis=0), features[half:].mean(axis=0)])
-        return all(namer.names[i] == namer.current for i in namer.nearest_of(halves))
+        """False while the machine may be changing state (`StateNamer.judged`)."""
+        return self.namer is None or self.namer.judged(features)
 
     def reset(self) -> None:
         """Drop buffered audio (after a gap in the stream)."""
