@@ -224,6 +224,9 @@ class Detector:
         (NTP after a boot without a real-time clock) moves it too."""
         self._threshold: float | None = None
         self._stop = threading.Event()
+        self.cut_short = False
+        """run() ended at stop() (SIGTERM, SIGINT) before its source did (a stop that comes as
+        the source ends, while open events are closed and the broker is flushed, does not)."""
         self._samples = 0
         self._origin = clock()
         self._last_block = time.monotonic()
@@ -803,11 +806,6 @@ class Detector:
         """Finish after the current block (signal handlers call this)."""
         self._stop.set()
 
-    @property
-    def stopped(self) -> bool:
-        """stop() was called (SIGTERM, SIGINT): the run may have ended before its source did."""
-        return self._stop.is_set()
-
     def run(self, source: Iterable[np.ndarray | None]) -> None:
         """Process blocks until the source ends or stop() is called; then close open events."""
         self.source_stats = getattr(source, "stats", dict)
@@ -835,6 +833,7 @@ class Detector:
                     self.feed(block)
                 self.tick()
                 if self._stop.is_set():
+                    self.cut_short = True
                     break
         finally:
             self.finish()

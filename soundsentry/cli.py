@@ -1193,7 +1193,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         ),
     )
     line = summary.line(len(files), detector.threshold)
-    if detector.stopped:  # read as a finished run, exit 0, by a script (a review)
+    if detector.cut_short:  # read as a finished run, exit 0, by a script (a review)
         print(f"{line}; stopped (Ctrl-C or SIGTERM) before the audio ended", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(line, file=sys.stderr)
