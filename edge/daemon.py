@@ -25,11 +25,11 @@ import numpy as np
 from edge.adapt import Adapter, Asker, UnwrittenError
 from edge.audio_io import stream_audio
 from edge.bundle import Bundle
-from edge.clips import CLIPS_DIR, ClipRecorder, clips_of
+from edge.clips import CLIP_ID_CHARS, CLIPS_DIR, ClipRecorder, clips_of
 from edge.clock import believable
 from edge.commands import LAST, ReplyTo, threshold_bounds
 from edge.errors import SoundSentryError
-from edge.eventlog import last_logged_id
+from edge.eventlog import last_logged_id, read_events
 from edge.events import Transition
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
@@ -584,7 +584,7 @@ class Detector:
         """The id of a recent event (`last`: the most recent), kept here, else the last in the
         device's event log, else the newest clip by name."""
         if event_id != LAST:
-            return event_id
+            return self._full_id(event_id)
         if self._kept:
             return next(reversed(self._kept))
         logged = last_logged_id(self.settings.data_dir)
@@ -594,6 +594,19 @@ class Detector:
         if not clips:
             raise LearningError("no event to mark: none since the start and no evidence clip")
         return clips[-1].stem.split("-", 1)[1]
+
+    def _full_id(self, event_id: str) -> str:
+        """An event named by the 12 characters of its clip's name, as `events` lists it, by its
+        whole id when one kept here or in the event log has it (the newest): the windows of an
+        event without a clip are kept under the whole id, and the short one found none of them
+        (a diff review)."""
+        if len(event_id) != CLIP_ID_CHARS:
+            return event_id
+        kept = [e for e in reversed(self._kept) if e.startswith(event_id)]
+        if kept:
+            return kept[0]
+        logged = [e.data["event_id"] for e in read_events(self.settings.data_dir)]
+        return next((e for e in reversed(logged) if e.startswith(event_id)), event_id)
 
     @property
     def _clip_folder(self) -> Path | None:

@@ -1802,6 +1802,26 @@ def test_marking_an_open_event_normal_says_how_much_of_its_sound_was_learnt(
     assert "mark that one once it has ended" in reply.detail
 
 
+def test_an_event_without_a_clip_is_marked_by_the_id_events_lists(tmp_path: Path) -> None:
+    """With clips off, `events` lists an event by the 12 characters a clip's name would carry;
+    its windows are kept under the whole id, and a mark by the short one found none of them."""
+    from edge.eventlog import format_event, read_events
+
+    device = Device(tmp_path, seconds=LEARN_S)
+    assert starts(device.replay(*NORMAL_FILES)) == []  # the site learnt first
+    settings = load_settings(None, model=DEMO_BUNDLE, data_dir=device.data, device_id="site",
+                             detector={"cooldown_seconds": 0}, clips={"enabled": False},
+                             learning={"seconds": LEARN_S})  # fmt: skip
+    d = Detector(settings, load_bundle(DEMO_BUNDLE), [EventLogSink(device.data)], persist=True)
+    d.run(FileSource([ANOMALOUS_FILE], RATE))
+    (event,) = read_events(device.data)
+    listed = format_event(event).split("  id ")[1].split()[0]
+    assert len(listed) == 12 and event.data["event_id"].startswith(listed)
+    command = {"command": "mark_normal", "event_id": listed}
+    reply = Controller(d).handle_payload(json.dumps(command).encode())
+    assert reply.ok and f"event {event.data['event_id']} marked normal" in reply.detail, reply
+
+
 def test_a_saved_period_the_card_damaged_is_dropped_not_a_restart_loop(tmp_path: Path) -> None:
     """An empty or truncated `period.npz` (fsck after a power cut, a bad sector) raised
     EOFError or BadZipFile out of the daemon's start: the service restarted every 5 s, deaf."""
