@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edge.bundle import Bundle, load_bundle
-from edge.clips import CLIP_ID_CHARS
+from edge.clips import same_event
 from edge.commands import ReplyTo
 from edge.detectors.thresholds import EventLogic
 from edge.errors import BundleError, SoundSentryError
@@ -68,11 +68,6 @@ MAX_MARKS = 20
 Every version carried all marks into the next and every refit loaded them all, so they grew
 without bound on a device that runs for years."""
 SAFE_EVENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def _clip_named(full: str, short: str) -> bool:
-    """`short` is `full` as an evidence clip's name gives it (`last` after a restart)."""
-    return len(short) == CLIP_ID_CHARS < len(full) and full.startswith(short)
 
 
 def feature_dim(bundle: Bundle) -> int:
@@ -482,7 +477,7 @@ class Adapter:
         self._require_history()
         current = self.history.current
         for m in current.get("marked", []) if current else []:
-            if m == event_id or _clip_named(m, event_id) or _clip_named(event_id, m):
+            if same_event(m, event_id):
                 raise LearningError(
                     f"event {m} is already marked normal (version {current['version']}); "
                     "nothing changed"

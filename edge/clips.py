@@ -409,6 +409,15 @@ def clip_id(event_id: str) -> str:
     return _safe(event_id)[:CLIP_ID_CHARS]
 
 
+def same_event(a: str, b: str) -> bool:
+    """Two names of one event: equal, or one the other as its clip's name gives it (12
+    characters: `mark_normal` of a clip's id, `events` listing an event without a clip)."""
+    return a == b or any(
+        len(short) == CLIP_ID_CHARS < len(full) and full.startswith(short)
+        for full, short in ((a, b), (b, a))
+    )
+
+
 def clips_of(folder: Path, event_id: str) -> list[Path]:
     """The clips in `folder` whose names carry `event_id`, oldest name first."""
     return sorted(folder.glob(f"*-{glob.escape(clip_id(event_id))}.wav"))

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge.clips import CLIP_ID_CHARS
+from edge.clips import CLIP_ID_CHARS, same_event
 from edge.errors import SoundSentryError
 from edge.messages import EventMessage, MetricsMessage
 from edge.private import private_dir, private_file, sync_folder
@@ -338,10 +338,9 @@ def write_csv(events: list[LoggedEvent], out: TextIO) -> None:
 
 def format_event(event: LoggedEvent, marked: Collection[str] = ()) -> str:
     """One readable line: start, duration, peak vs threshold, loudest band, clip (or, without
-    one, the id `mark_normal` takes), and whether it was marked normal: ended so, or among
-    `marked`, the marks of the model version in use (full ids, or the 12 characters of a
-    clip's name). An operator in a field review could not tell which event to mark, nor which
-    were marked already."""
+    one, the id `mark_normal` takes), and whether the model in use learnt it as normal: among
+    `marked`, the active version's marks. An operator in a field review could not tell which
+    event to mark, nor which were marked already."""
     d = event.data
     duration = f"{d['duration_s']:.1f} s" if d.get("duration_s") is not None else "open"
     if event.interrupted:  # the daemon stopped first: it lasted at most this
@@ -352,9 +351,7 @@ def format_event(event: LoggedEvent, marked: Collection[str] = ()) -> str:
     how = ", raised by evidence over time" if d.get("trigger") == "cusum" else ""
     notes = "  interrupted" if event.interrupted else ""
     eid = str(d.get("event_id") or "")
-    if d.get("ended_by") == "marked_normal" or any(
-        m == eid or (len(m) == CLIP_ID_CHARS and eid.startswith(m)) for m in marked
-    ):
+    if any(same_event(m, eid) for m in marked):
         notes += "  marked normal"
     clip = d.get("clip") or (f"id {eid[:CLIP_ID_CHARS]}" if eid else "")
     return (

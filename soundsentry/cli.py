@@ -1358,16 +1358,22 @@ def _cmd_devices(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _marks_in_force(data_dir: Path) -> list[str]:
-    """The events marked normal that the model version in use learnt (history.json, read as it
-    is: none when there is none or it cannot be read)."""
-    from edge.history import peek_json
+def _marks_in_force(settings: Any) -> list[str]:
+    """The events marked normal that the model version in use learnt: the active version's of
+    the configured model (history.json read as it is; none when it cannot be read, or the
+    configured model's manifest cannot)."""
+    from edge.bundle import read_manifest
+    from edge.history import active_entry
 
-    history = peek_json(data_dir / "models" / "history.json") or {}
-    for entry in history.get("entries") or []:
-        if isinstance(entry, dict) and entry.get("version") == history.get("active"):
-            return [str(m) for m in entry.get("marked") or []]
-    return []
+    if settings.model is None:
+        return []
+    try:
+        configured = read_manifest(settings.model).model_id
+    except SoundSentryError:
+        return []
+    entry = active_entry(settings.data_dir / "models", configured)
+    marked = (entry or {}).get("marked")
+    return [str(m) for m in marked] if isinstance(marked, list) else []
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
@@ -1394,7 +1400,8 @@ def _cmd_events(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    folder = load_settings(args.config).data_dir
+    settings = load_settings(args.config)
+    folder = settings.data_dir
     if not folder.is_dir():  # "0 event(s)", as if all were well, for a folder mistyped or
         # another than the service's (`--config` forgotten on the device: a walk-through)
         raise SoundSentryError(
@@ -1410,7 +1417,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(events, sys.stdout)
     else:
-        marked = _marks_in_force(folder)
+        marked = _marks_in_force(settings)
         for event in events:
             print(format_event(event, marked))
     when = f" since {local_time(since)}" if since else ""  # as the lines above: local

@@ -568,27 +568,36 @@ def test_events_says_how_far_back_a_rotated_log_reaches(tmp_path: Path) -> None:
 
 def test_the_listing_names_the_id_to_mark_and_the_events_marked_normal(tmp_path: Path) -> None:
     """An operator could not tell which event to mark (without a clip no id was on the line) nor
-    which were marked already (a field review). The version in use's marks count, by full id or
-    by the 12 characters of a clip's name; an event that ended marked is marked too."""
+    which were marked already (a field review). The marks of the version in use count, by whole
+    id or by the 12 characters of a clip's name; not an older version's (rolled back), nor those
+    of a history of another configured model."""
     log = EventLog(tmp_path)
     ids = [f"{c}" * 32 for c in "abcd"]
     for n, eid in enumerate(ids):
-        ended = "marked_normal" if eid == ids[0] else "normal"
         for kind in ("start", "end"):
-            e = json.loads(_event(kind, n).to_payload()) | {"event_id": eid}
-            log.append(EventMessage(**e | ({"ended_by": ended} if kind == "end" else {})))
+            log.append(EventMessage(**json.loads(_event(kind, n).to_payload()) | {"event_id": eid}))
+    entry = {"path": str(tmp_path / "v"), "base": str(DEMO_BUNDLE), "reason": "mark_normal"}
     history = {
+        "configured": load_bundle(DEMO_BUNDLE).model_id,
         "active": 2,
-        "entries": [{"version": 1, "marked": [ids[3]]}, {"version": 2, "marked": [ids[1][:12]]}],
+        "entries": [
+            entry | {"version": 1, "marked": [ids[3]]},
+            entry | {"version": 2, "marked": [ids[0], ids[1][:12]]},
+        ],
     }
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "history.json").write_text(json.dumps(history))
-    lines = cli("events", env={"SOUNDSENTRY_DATA_DIR": str(tmp_path)}).stdout.splitlines()
-    assert [line.endswith("  marked normal") for line in lines] == [True, True, False, False]
-    assert all(f"  id {eid[:12]}" in line for eid, line in zip(ids, lines, strict=True)), lines
-    (tmp_path / "models" / "history.json").write_text("{")  # damaged: the daemon's to mend
-    lines = cli("events", env={"SOUNDSENTRY_DATA_DIR": str(tmp_path)}).stdout.splitlines()
-    assert [line.endswith("  marked normal") for line in lines] == [True, False, False, False]
+    path = tmp_path / "models" / "history.json"
+    env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path), "SOUNDSENTRY_MODEL": str(DEMO_BUNDLE)}
+
+    def marked(history: object) -> list[bool]:
+        path.write_text(history if isinstance(history, str) else json.dumps(history))
+        lines = cli("events", env=env).stdout.splitlines()
+        assert all(f"  id {e[:12]}" in line for e, line in zip(ids, lines, strict=True)), lines
+        return [line.endswith("  marked normal") for line in lines]
+
+    assert marked(history) == [True, True, False, False]
+    assert marked(history | {"configured": "another-model"}) == [False] * 4
+    assert marked("{") == [False] * 4  # damaged: the daemon's to mend, not the listing's
 
 
 def test_the_event_log_sink_writes_what_a_full_disk_held_back(
