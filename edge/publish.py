@@ -41,7 +41,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -1157,14 +1157,7 @@ class MqttPublisher:
         before its `start` (in a review). Logged once until the spool works again."""
         with self._unspooled_lock:
             try:
-                waiting = [*self._held, *self._unspooled]
-                if waiting:  # older than this one: in the spool first, in one go; some were
-                    handed = bool(self._held) or self._memory_handed  # handed once and may
-                    rows = [(t, p, 1, r) for t, p, r in waiting]  # have arrived: a full
-                    self.spool.append_many(rows, handed=handed)  # spool keeps their ends
-                    self._held.clear()
-                    self._unspooled.clear()
-                    self._memory_handed = False
+                self._memory_to_spool()  # older than this one: in the spool first
                 self.spool.append(topic, payload, qos=1, retain=retain)
             except sqlite3.Error as exc:
                 self._keep_unspooled(topic, payload, retain, exc)
@@ -1174,6 +1167,23 @@ class MqttPublisher:
             log.info("spool %s is written again", self.spool.path)
         self._spool_failed = False
         self._wake.set()
+
+    def _memory_to_spool(self, handed: Sequence[tuple[str, str, bool]] = ()) -> int:
+        """Move the messages waiting in memory into the spool, in one go and in order: the ones
+        the broker refused, then `handed` (to paho, unanswered), then the rest; how many.
+        Raises sqlite3.Error, keeping them, when the spool cannot take them (under
+        `_unspooled_lock`). Some were handed once and may have arrived: a full spool keeps
+        their ends."""
+        waiting = [*self._held, *handed, *self._unspooled]
+        if not waiting:
+            return 0
+        rows = [(t, p, 1, r) for t, p, r in waiting]
+        was_handed = bool(self._held) or bool(handed) or self._memory_handed
+        self.spool.append_many(rows, handed=was_handed)
+        self._held.clear()
+        self._unspooled.clear()
+        self._memory_handed = False
+        return len(waiting)
 
     def _keep_unspooled(self, topic: str, payload: str, retain: bool, exc: Exception) -> None:
         """Keep in memory a message the spool refused (under `_unspooled_lock`)."""
@@ -1438,24 +1448,30 @@ class MqttPublisher:
         self._save_memory()
 
     def _save_memory(self) -> None:
-        """At close: the messages waiting in memory (the spool could not be written) go into the
-        spool if it takes them now, for the next start; else they are lost, and said so. A full
-        card's events vanished at the end of a run that said only what the spool held (a
-        review: 11 messages, four whole events, gone unsaid)."""
+        """At close: the messages waiting in memory (the spool could not be written), those
+        handed to paho from memory without an answer among them, go into the spool if it takes
+        them now, for the next start; else they are lost, and said so. A full card's events
+        vanished at the end of a run that said only what the spool held (a review: 11 messages,
+        four whole events, gone unsaid)."""
+        if self._sender.is_alive():  # it may still hand them: not written twice
+            with self._unspooled_lock:
+                left = len(self._held) + len(self._unspooled) + len(self._unspooled_mids)
+            if left:
+                log.error("MQTT: %d message(s) waiting in memory are lost: the sender did not "
+                          "stop in time", left)  # fmt: skip
+            return
+        self._taken_back()  # what paho gave back, and the answers that came, as the sender does
+        self._resolve_acks()
         with self._unspooled_lock:
-            waiting = [*self._held, *self._unspooled]
-            if not waiting:
-                return
+            handed = list(self._unspooled_mids.values())
             try:
-                rows = [(t, p, 1, r) for t, p, r in waiting]
-                self.spool.append_many(rows, handed=bool(self._held) or self._memory_handed)
+                self._memory_to_spool(handed)
             except sqlite3.Error as exc:
+                lost = len(self._held) + len(handed) + len(self._unspooled)
                 log.error(
                     "MQTT: %d message(s) waiting in memory are lost: the spool %s cannot be "
                     "written (%s); free space on the card",
-                    len(waiting), self.spool.path, exc,
+                    lost, self.spool.path, exc,
                 )  # fmt: skip
                 return
-            self._held.clear()
-            self._unspooled.clear()
-            self._memory_handed = False
+            self._unspooled_mids.clear()

@@ -551,6 +551,26 @@ def test_messages_in_memory_at_the_stop_go_into_the_spool_or_are_said_lost(
     read_only(spool, False)
 
 
+def test_messages_handed_from_memory_and_unanswered_at_the_stop_go_into_the_spool(
+    broker: Broker, spool: Spool, publisher: MqttPublisher
+) -> None:
+    """Handed to paho from memory (a full card) with no PUBACK yet when the stop came, they
+    were neither in memory nor in the spool: gone at the stop, unsaid (a diff review). They
+    are written to the spool for the next start (a QoS 1 duplicate if they had arrived)."""
+    publisher.start()
+    wait_for(lambda: publisher.connected, 10, "the first connection")
+    wait_for(lambda: spool.depth() == 0, 10, "the left-over events to leave the spool")
+    read_only(spool, True)
+    with _frozen(broker):  # nothing is acknowledged
+        for n in range(3):
+            publisher.publish_event(_event(f"handed{n}"))
+        wait_for(lambda: len(publisher._unspooled_mids) == 3, 10, "the three handed to paho")
+        read_only(spool, False)
+        publisher.close(timeout_s=0.5)
+    kept = [json.loads(r.payload)["event_id"] for r in spool.after(0, 100)]
+    assert kept == [f"handed{n}" for n in range(3)], kept
+
+
 def test_an_alarm_raised_before_an_outage_is_ended_whatever_the_outage_fills(
     tmp_path: Path,
 ) -> None:
