@@ -514,9 +514,9 @@ class Detector:
             p = self.bundle.features
             heard = (len(rows) - 1) * p.hop_seconds + p.window_samples / p.samplerate
             open_note = (
-                f"the event was still open: {heard:.3g} s of its sound was learnt; if the sound "
-                "goes on and raises another event, mark that one once it has ended (or send "
-                "learn start to learn minutes of it)"
+                f"the event was still open: about {heard:.2g} s of its sound was learnt; if the "
+                "sound goes on and raises another event, mark that one once it has ended (or "
+                "send learn start to learn minutes of it)"
             )
             out["note"] = "; ".join(n for n in (out.get("note"), open_note) if n)
         self._switch(bundle)

@@ -1797,7 +1797,9 @@ def test_marking_an_open_event_normal_says_how_much_of_its_sound_was_learnt(
     assert d.pipeline.events.event_id, "an event is open"
     reply = Controller(d).handle_payload(b'{"command": "mark_normal", "event_id": "last"}')
     assert reply.ok, reply.detail
-    said = re.search(r"the event was still open: ([0-9.]+) s of its sound was learnt", reply.detail)
+    said = re.search(
+        r"the event was still open: about ([0-9.]+) s of its sound was learnt", reply.detail
+    )
     assert said and 1.0 <= float(said[1]) <= 10.0, reply.detail
     assert "mark that one once it has ended" in reply.detail
 
