@@ -512,9 +512,9 @@ class Detector:
             # after its start was learnt from 4 s of sound, and 3 s later the same sound raised
             # another event that lasted half a minute, with nothing said
             p = self.bundle.features
-            heard = (len(rows) - 1) * p.hop_seconds + p.window_samples / p.samplerate
+            heard = round((len(rows) - 1) * p.hop_seconds + p.window_samples / p.samplerate, 1)
             open_note = (
-                f"the event was still open: about {heard:.2g} s of its sound was learnt; if the "
+                f"the event was still open: about {heard:g} s of its sound was learnt; if the "
                 "sound goes on and raises another event, mark that one once it has ended (or "
                 "send learn start to learn minutes of it)"
             )
