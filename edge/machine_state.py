@@ -255,11 +255,10 @@ class StateNamer:
     current: str | None = None
     """The state named now."""
     _recent: deque[str] = field(default_factory=lambda: deque(maxlen=STATE_WINDOWS))
-    _spare: int | None = None
-    """Windows that may still be left unjudged as a change of state (`judged`); None: no change
-    under way."""
-    _steady: int = 0
-    """Windows in a row judged as sounding like the state named."""
+    _spare: int = STATE_WINDOWS
+    """Windows that may be left unjudged as a change of state (`judged`): one spent by each such
+    window, one given back by each that sounds like the state named, STATE_WINDOWS again at a
+    rename."""
 
     def name(self, band_levels: np.ndarray) -> str:
         """Feed one running window's band levels (mels,); return the state named: the first
@@ -272,7 +271,7 @@ class StateNamer:
             leader != self.current and votes >= min(SWITCH_VOTES, len(self._recent))
         ):
             self.current = leader
-            self._spare, self._steady = None, 0  # the change is done
+            self._spare = STATE_WINDOWS  # the change is done
         return self.current
 
     def judged(self, frames: np.ndarray) -> bool:
@@ -282,13 +281,15 @@ class StateNamer:
         stopping, all normal, and the window across the change holds both sounds (a field
         review's compressor raised an event at 5 of 6 switches from idle to loaded, that window
         scoring 26 against a threshold of 13.4; heard whole, it may still sound like the state
-        before). At most STATE_WINDOWS such windows a change, though: a change the vote does not
-        name by then is not one, and a fault that flips the sound faster than the vote (a stall,
-        a cut-out, short-cycling) is judged again, until STATE_WINDOWS windows in a row sound
-        like the state named (in a review, cuts of 0.35 s every second went unjudged for good).
-        A fault that sounds like another state is judged once the vote names it (4 s). A window
-        that as a whole sounds like `off` is never judged (the place's own sound, or the machine
-        stopping), as before any of this."""
+        before). At most STATE_WINDOWS such windows in a row, though, and one more for each
+        window since that sounds like the state named: a change the vote does not name by then is
+        none, and a fault that flips the sound in every window (a stall, a cut-out,
+        short-cycling) is judged after STATE_WINDOWS (in a review, cuts of 0.35 s every second
+        went unjudged for good), while a machine with an odd window now and then keeps its
+        allowance for a real change (spent for good, in another review, when it came back only
+        after STATE_WINDOWS windows in a row). A fault that sounds like another state is judged
+        once the vote names it (4 s). A window that as a whole sounds like `off` is never judged
+        (the place's own sound, or the machine stopping), as before any of this."""
         if self.heard == OFF:
             return False
         half = len(frames) // 2
@@ -296,13 +297,8 @@ class StateNamer:
         if self.heard == self.current and all(
             self.names[i] == self.current for i in self.nearest_of(halves)
         ):
-            self._steady += 1
-            if self._steady >= STATE_WINDOWS:
-                self._spare = None
+            self._spare = min(self._spare + 1, STATE_WINDOWS)
             return True
-        self._steady = 0
-        if self._spare is None:
-            self._spare = STATE_WINDOWS
         if self._spare == 0:
             return True
         self._spare -= 1
@@ -320,7 +316,7 @@ class StateNamer:
         """A new stream or a machine that stopped: forget the vote."""
         self._recent.clear()
         self.heard = self.current = None
-        self._spare, self._steady = None, 0
+        self._spare = STATE_WINDOWS
 
 
 def evidence_windows(
