@@ -82,6 +82,8 @@ CLOCK_JUMP_S = 60.0
 """A parting this large is a jump of the clock (logged as a warning; smaller ones as info)."""
 FEATURIZE_BATCH = 256
 """Windows of an evidence clip featurised at once when it is marked normal."""
+_ENDED = object()
+"""What `next` gives for a source that has ended (run()'s look ahead at a stop)."""
 KEPT_EVENT_WINDOWS = 240
 """Most windows kept per event (2 minutes); the evidence clip, when there is one, is used
 instead."""
@@ -225,8 +227,9 @@ class Detector:
         self._threshold: float | None = None
         self._stop = threading.Event()
         self.cut_short = False
-        """run() ended at stop() (SIGTERM, SIGINT) before its source did (a stop that comes as
-        the source ends, while open events are closed and the broker is flushed, does not)."""
+        """A replay's run() ended at stop() (SIGTERM, SIGINT) before its source did (a stop that
+        comes as the source ends, or while open events are closed and the broker is flushed,
+        does not)."""
         self._samples = 0
         self._origin = clock()
         self._last_block = time.monotonic()
@@ -605,7 +608,10 @@ class Detector:
         kept = [e for e in reversed(self._kept) if e.startswith(event_id)]
         if kept:
             return kept[0]
-        logged = [e.data["event_id"] for e in read_events(self.settings.data_dir)]
+        try:
+            logged = [e.data["event_id"] for e in read_events(self.settings.data_dir)]
+        except SoundSentryError:  # an event log that cannot be read: its clip may still be
+            return event_id
         return next((e for e in reversed(logged) if e.startswith(event_id)), event_id)
 
     @property
@@ -836,8 +842,9 @@ class Detector:
         self._first_block = True  # and the first comes a block after the device has opened
         self.emit_state()
         self._emit_health(None)
+        blocks = iter(source)
         try:
-            for block in source:
+            for block in blocks:
                 if isinstance(block, NewStream):
                     self.new_stream()
                 elif isinstance(block, AudioGap):
@@ -845,8 +852,9 @@ class Detector:
                 elif block is not None:
                     self.feed(block)
                 self.tick()
-                if self._stop.is_set():
-                    self.cut_short = True
+                if self._stop.is_set():  # cut short if the source had more (one look ahead;
+                    # not at a microphone, which always has more and may be reopening)
+                    self.cut_short = not self.live and next(blocks, _ENDED) is not _ENDED
                     break
         finally:
             self.finish()

@@ -1452,18 +1452,14 @@ class MqttPublisher:
         handed to paho from memory without an answer among them, go into the spool if it takes
         them now, for the next start; else they are lost, and said so. A full card's events
         vanished at the end of a run that said only what the spool held (a review: 11 messages,
-        four whole events, gone unsaid)."""
-        if self._sender.is_alive():  # it may still hand them: not written twice
-            with self._unspooled_lock:
-                left = len(self._held) + len(self._unspooled) + len(self._unspooled_mids)
-            if left:
-                log.error("MQTT: %d message(s) waiting in memory are lost: the sender did not "
-                          "stop in time", left)  # fmt: skip
-            return
-        self._taken_back()  # what paho gave back, and the answers that came, as the sender does
-        self._resolve_acks()
+        four whole events, gone unsaid). The handed ones, in the order they were handed (those
+        paho gave back among them), only once the sender thread has ended: it may still hand
+        or answer them."""
+        ended = not self._sender.is_alive()
+        if ended:
+            self._resolve_acks()  # the answers that came: accepted ones are not written again
         with self._unspooled_lock:
-            handed = list(self._unspooled_mids.values())
+            handed = list(self._unspooled_mids.values()) if ended else []
             try:
                 self._memory_to_spool(handed)
             except sqlite3.Error as exc:
@@ -1474,4 +1470,11 @@ class MqttPublisher:
                     lost, self.spool.path, exc,
                 )  # fmt: skip
                 return
-            self._unspooled_mids.clear()
+            if ended:
+                self._unspooled_mids.clear()
+            elif self._unspooled_mids:
+                log.error(
+                    "MQTT: %d message(s) handed to the broker from memory had no answer and are "
+                    "lost if it did not take them: the sender did not stop in time",
+                    len(self._unspooled_mids),
+                )

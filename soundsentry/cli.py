@@ -1372,7 +1372,14 @@ def _marks_in_force(settings: Any) -> list[str]:
     except SoundSentryError:
         return []
     entry = active_entry(settings.data_dir / "models", configured)
-    marked = (entry or {}).get("marked")
+    if entry is None:
+        return []
+    try:  # a version whose folder is gone or holds another model: the daemon runs the configured
+        if read_manifest(entry["path"]).model_id != entry.get("model_id"):
+            return []
+    except SoundSentryError:
+        return []
+    marked = entry.get("marked")
     return [str(m) for m in marked] if isinstance(marked, list) else []
 
 

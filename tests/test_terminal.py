@@ -114,6 +114,48 @@ def test_a_replay_stopped_by_ctrl_c_says_so_and_exits_130(tmp_path: Path) -> Non
     assert line.endswith("; stopped (Ctrl-C or SIGTERM) before the audio ended"), line
 
 
+def test_only_a_stop_before_the_audio_ends_cuts_a_run_short(tmp_path: Path) -> None:
+    """A stop that comes while a finished run closes its events (or flushes the broker) is no
+    replay cut short: it exits 0 (a review). One mid-stream is."""
+    from detector_helpers import Recorder
+
+    from edge.daemon import Detector
+    from edge.pipeline import Step
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    rate = bundle.features.samplerate
+
+    class StopAtTheEnd(Recorder):
+        def event(self, message: EventMessage) -> None:
+            super().event(message)
+            if message.ended_by == "end_of_stream":  # finish() closing the open event
+                detector.stop()
+
+    from edge.audio_io import read_audio
+
+    clip = tmp_path / "ends-in-a-fault.wav"  # the event still open when the audio ends
+    sf.write(clip, read_audio(DEMO_CLIP, rate)[: int(10.5 * rate)], rate, subtype="FLOAT")
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    sink = StopAtTheEnd()
+    detector = Detector(settings, bundle, [sink], live=False)  # as replay runs it
+    detector.run(FileSource([clip], rate))
+    assert [e.ended_by for e in sink.events][-1] == "end_of_stream"  # the stop came then
+    assert not detector.cut_short
+    early = Detector(settings, bundle, [Recorder()], on_step=lambda _: early.stop(), live=False)
+    early.run(FileSource([DEMO_CLIP], rate))
+    assert early.cut_short and early.windows < 5
+
+    def at_the_last_window(step: Step) -> None:
+        if step.end_s >= 10.5 - 1e-6:
+            last.stop()
+
+    last = Detector(settings, bundle, [Recorder()], on_step=at_the_last_window, live=False)
+    last.run(FileSource([clip], rate))  # stopped with the last block: nothing was left
+    assert last.windows == 20 and not last.cut_short
+
+
 def test_replay_ends_with_a_summary_even_when_it_finds_nothing(tmp_path: Path) -> None:
     env = {"SOUNDSENTRY_DATA_DIR": str(tmp_path)}
     quiet = cli("replay", str(DEMO_BUNDLE), *map(str, NORMAL_FILES), env=env)
@@ -576,9 +618,11 @@ def test_the_listing_names_the_id_to_mark_and_the_events_marked_normal(tmp_path:
     for n, eid in enumerate(ids):
         for kind in ("start", "end"):
             log.append(EventMessage(**json.loads(_event(kind, n).to_payload()) | {"event_id": eid}))
-    entry = {"path": str(tmp_path / "v"), "base": str(DEMO_BUNDLE), "reason": "mark_normal"}
+    demo = load_bundle(DEMO_BUNDLE).model_id  # the version's folder: a bundle that loads
+    entry = {"path": str(DEMO_BUNDLE), "base": str(DEMO_BUNDLE), "reason": "mark_normal",
+             "model_id": demo}  # fmt: skip
     history = {
-        "configured": load_bundle(DEMO_BUNDLE).model_id,
+        "configured": demo,
         "active": 2,
         "entries": [
             entry | {"version": 1, "marked": [ids[3]]},
@@ -597,6 +641,8 @@ def test_the_listing_names_the_id_to_mark_and_the_events_marked_normal(tmp_path:
 
     assert marked(history) == [True, True, False, False]
     assert marked(history | {"configured": "another-model"}) == [False] * 4
+    gone = [entry | {"version": 2, "marked": [ids[0]], "path": str(tmp_path / "gone")}]
+    assert marked(history | {"entries": gone}) == [False] * 4  # the daemon runs the configured
     assert marked("{") == [False] * 4  # damaged: the daemon's to mend, not the listing's
 
 
