@@ -347,6 +347,8 @@ def format_event(event: LoggedEvent, marked: Collection[str] = ()) -> str:
         duration = f"<={duration}"
     band = (d.get("bands") or [None])[0]
     where = f"{band['low_hz']:.0f}-{band['high_hz']:.0f} Hz" if band else "-"
+    if d.get("label"):  # a classifier's: which fault it heard (a review found it in the CSV only)
+        where = f"{d['label']}  {where}"
     # raised by the CUSUM, its peak may lie below the threshold: said as the README says it
     how = ", raised by evidence over time" if d.get("trigger") == "cusum" else ""
     notes = "  interrupted" if event.interrupted else ""

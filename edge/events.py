@@ -330,10 +330,20 @@ class _OpenEvent:
         )
 
 
+HEALTHY_CLASS = "normal"
+"""A classifier's class of this name (any case) is the machine running well: no event while it
+is heard, and every other class is a fault. In a field review every class was an event, normal
+running's too, and the state never said `anomaly`: Home Assistant's anomaly sensor stayed off
+while a fault was named, and an automation texted "sounds wrong (normal)"."""
+
+
 class ClassTracker(_OpenEventHolder):
     """Supervised mode: the machine's state is a class label. A new label takes over when
     `k` of the last `n` confident windows (probability >= `threshold`) agree on it; the old
-    label's event ends and the new one's starts."""
+    label's event ends and the new one's starts. With a class named `normal` (HEALTHY_CLASS)
+    the others are faults: it has no event of its own (a fault's ends, `normal`, when it takes
+    over) and a fault's event is an anomaly. Without one every class is an event, news rather
+    than an anomaly (states such as speeds)."""
 
     def __init__(
         self, labels: list[str], threshold: float = 0.5, k: int = DEFAULT_K, n: int = DEFAULT_N
@@ -347,11 +357,13 @@ class ClassTracker(_OpenEventHolder):
         self._recent: deque[tuple[str | None, float, float, float]] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
         self.label: str | None = None
+        self.healthy = {x for x in labels if x.lower() == HEALTHY_CLASS}
 
     @property
     def state(self) -> str:
-        """A class change is news, not an anomaly: the machine state stays 'normal'."""
-        return "normal"
+        """`anomaly` while a fault is named (a class other than `normal`, when there is one);
+        else a class change is news, not an anomaly: 'normal'."""
+        return "anomaly" if self.healthy and self._event is not None else "normal"
 
     def update(self, window: Any, start_s: float, end_s: float) -> list[Transition]:
         """Tracker interface: feed one scored window (its top label and probability)."""
@@ -369,7 +381,12 @@ class ClassTracker(_OpenEventHolder):
         votes = [(s, e, c) for x, s, e, c in self._recent if x == label]
         if not confident or len(votes) < self.k or label == self.label:
             return []
-        out = [t for t in [self.close("label_changed")] if t is not None]
+        healthy = label in self.healthy
+        out = [t for t in [self.close("normal" if healthy else "label_changed")] if t is not None]
+        if healthy:  # named, with no event of its own
+            self.label = label
+            self._recent.append((label, start_s, end_s, confidence))
+            return out
         self._event = _OpenEvent(uuid.uuid4().hex, votes[0][0], end_s)
         for _, e, c in votes:
             self._event.add(c, e)

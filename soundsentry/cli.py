@@ -615,6 +615,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from train.dataset import class_folders
 
         classes = class_folders(args.classes, args.channel, FeatureParams().samplerate)
+        _note_healthy_class(list(classes))
     if args.normal_states:  # so are the state folders (their refusals waited for TensorFlow)
         from edge.features import FeatureParams
         from train.dataset import state_folders
@@ -754,6 +755,23 @@ def _note_channels(paths: list[str], channel: int) -> None:
         )
     elif mono and widest == 1 and channel > 0:
         print(f"note: mono recordings: each one's only channel is trained on as channel {channel}")
+
+
+def _note_healthy_class(labels: list[str]) -> None:
+    """Say what the edge does with these classes: with one named `normal`, only the others are
+    events (faults, the anomaly state); without, every class change is an event and none an
+    anomaly (a field review's user, with `ok` and faults, expected alarms of the faults only)."""
+    from edge.events import HEALTHY_CLASS
+
+    healthy = [x for x in labels if x.lower() == HEALTHY_CLASS]
+    if healthy:
+        print(f"note: class {healthy[0]!r} is the machine running well: the edge raises events "
+              "(and the anomaly state) for the other classes only", file=sys.stderr)  # fmt: skip
+    else:
+        print(f"note: no class is named {HEALTHY_CLASS!r}: the edge reports every change of class "
+              "as an event, none as an anomaly (states such as speeds); name the folder of the "
+              f"machine running well {HEALTHY_CLASS!r} for alarms of the faults only",
+              file=sys.stderr)  # fmt: skip
 
 
 def _train_command(args: argparse.Namespace) -> str:

@@ -76,6 +76,8 @@ def test_training_a_classifier_says_how_it_validated_and_warns_of_a_thin_class(
     # the fault class holds 9.6 s (a 4-s clip and 5.6 s of the demo's fault)
     assert "class 'fault': only 9.6 s of audio; a class needs 10 s or more" in stderr, stderr
     assert "class 'running': only" not in stderr, stderr  # 20 s
+    # what the edge will do with these classes: none is named `normal`
+    assert "note: no class is named 'normal': the edge reports every change" in stderr, stderr
     report = {"labels": ["fault", "normal"], "n": 38, "balanced_accuracy": 0.0789}
     said = near_chance(report)  # the review's valve
     assert said and said.startswith("validation: balanced accuracy 0.079 on 38 held-out")
@@ -194,6 +196,62 @@ def test_class_tracker_needs_k_of_n_confident_windows() -> None:
     assert changed[1].started_s == 1 and np.isclose(changed[1].mean_score, 0.85)
     end = t.close("stopped")
     assert end.label == "b" and end.ended_by == "stopped"
+
+
+def test_with_a_class_named_normal_the_others_are_faults_and_normal_has_no_event() -> None:
+    """Every class was an event, normal running's too, and the state never said `anomaly`:
+    Home Assistant's anomaly sensor stayed off while a fault was named (a field review)."""
+    t = ClassTracker(["bearing", "Normal", "clog"], threshold=0.6, k=2, n=3)
+    assert t.feed(0.9, "Normal", 0, 1) == [] and t.feed(0.9, "Normal", 0.5, 1.5) == []
+    assert t.label == "Normal" and t.state == "normal" and not t.active
+    t.feed(0.9, "bearing", 1, 2)
+    started = t.feed(0.9, "bearing", 1.5, 2.5)
+    assert [(x.kind, x.label) for x in started] == [("start", "bearing")]
+    assert t.state == "anomaly" and t.active
+    t.feed(0.9, "clog", 2, 3)
+    changed = t.feed(0.9, "clog", 2.5, 3.5)  # one fault to another: the event changes
+    assert [(x.kind, x.label, x.ended_by) for x in changed] == [
+        ("end", "bearing", "label_changed"), ("start", "clog", None)
+    ]  # fmt: skip
+    t.feed(0.9, "Normal", 3, 4)
+    ended = t.feed(0.9, "Normal", 3.5, 4.5)
+    assert [(x.kind, x.label, x.ended_by) for x in ended] == [("end", "clog", "normal")]
+    assert t.state == "normal" and t.label == "Normal" and not t.active
+    without = ClassTracker(["fast", "slow"], threshold=0.6, k=2, n=3)  # states, no faults
+    without.feed(0.9, "fast", 0, 1)
+    assert [x.kind for x in without.feed(0.9, "fast", 0.5, 1.5)] == ["start"]
+    assert without.state == "normal"  # news, not an anomaly
+
+
+def test_a_classifier_with_a_normal_class_publishes_faults_only(
+    classifier: Path, tmp_path: Path
+) -> None:
+    """The fixture's classes, `running` renamed `normal`: the normal running of the demo clip
+    raises nothing, its fault an anomaly named `fault`, and the state says so."""
+    from detector_helpers import Recorder
+
+    from edge.bundle import write_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    bundle = load_bundle(classifier)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["labels"] = ["normal" if x == "running" else x for x in manifest["labels"]]
+    files = {name: (classifier / name).read_bytes() for name in bundle.manifest.files}
+    files = {k: v for k, v in files.items() if not k.endswith(".npz")}
+    relabelled = write_bundle(tmp_path / "faults.bundle", manifest, files, bundle.arrays)
+    rec = Recorder()
+    settings = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "data")
+    Detector(settings, load_bundle(relabelled), [rec], live=False).run(
+        FileSource([DEMO_CLIP], RATE)
+    )
+    assert [(e.type, e.label) for e in rec.events if e.type != "update"][:1] == [("start", "fault")]
+    assert "normal" not in {e.label for e in rec.events}
+    start = next(e for e in rec.events if e.type == "start")
+    assert start.stream_offset_s >= 4.0  # the fault begins at 5 s
+    assert "anomaly" in [m.state for m in rec.states]
+    assert "normal" in [m.label for m in rec.states]  # Recognised class: normal
 
 
 def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() -> None:

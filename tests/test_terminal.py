@@ -43,6 +43,7 @@ from edge.eventlog import (
     LOG_NAME,
     EventLog,
     EventLogSink,
+    LoggedEvent,
     format_event,
     local_time,
     parse_since,
@@ -641,6 +642,8 @@ def test_the_listing_names_the_id_to_mark_and_the_events_marked_normal(tmp_path:
 
     assert marked(history) == [True, True, False, False]
     assert marked(history | {"configured": "another-model"}) == [False] * 4
+    labelled = json.loads(_event("start", 9).to_payload()) | {"label": "bearing wear"}
+    assert "(threshold 1.000)  bearing wear  -" in format_event(LoggedEvent(labelled))
     gone = [entry | {"version": 2, "marked": [ids[0]], "path": str(tmp_path / "gone")}]
     assert marked(history | {"entries": gone}) == [False] * 4  # the daemon runs the configured
     assert marked("{") == [False] * 4  # damaged: the daemon's to mend, not the listing's
