@@ -143,8 +143,8 @@ def config_topics(topics: Topics) -> list[str]:
 
 
 def _recognised(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
-    """A classifier's: the class it recognises now (every class is an event, its label the
-    class: the Anomaly sensor alone would not say which)."""
+    """A classifier's: the class it recognises now (the Anomaly sensor alone would not say which
+    fault, and without a class named `normal` it says none)."""
     return {
         ("sensor", "class"): {
             "name": "Recognised class",
