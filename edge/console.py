@@ -150,6 +150,8 @@ class ReplaySummary(Sink):
         self.events = 0
         self.integrated = 0
         self.highest: float | None = None
+        self.classes = False
+        """The windows were a classifier's: its score is the named class's probability."""
 
     def step(self, step: Step) -> None:
         """Count a window; only those the event logic takes as evidence set the highest score
@@ -162,6 +164,7 @@ class ReplaySummary(Sink):
         if not step.evidence:
             self.unjudged += not step.dead
             return
+        self.classes = self.classes or step.window.label is not None
         score = step.score
         if score is not None:
             self.highest = score if self.highest is None else max(self.highest, score)
@@ -180,6 +183,8 @@ class ReplaySummary(Sink):
                 if self.windows
                 else "the audio is shorter than one window"
             )
+        elif self.classes:  # the probability of whichever class, `normal` too: no verdict
+            peak = f"highest class probability {self.highest:.4g} (threshold {threshold:.4g})"
         else:
             side = "above" if self.highest > threshold else "below"
             if side == "above" and not self.events:  # "(above)" beside "0 events" puzzled a review

@@ -226,6 +226,8 @@ class Detector:
         (NTP after a boot without a real-time clock) moves it too."""
         self._threshold: float | None = None
         self._stop = threading.Event()
+        self._label_said: str | None = None
+        """The classifier's label the last state message carried."""
         self.cut_short = False
         """A replay's run() ended at stop() (SIGTERM, SIGINT) before its source did (a stop that
         comes as the source ends, or while open events are closed and the broker is flushed,
@@ -910,6 +912,8 @@ class Detector:
             self._track_bands(step)
             for transition in step.transitions:
                 self._dispatch(transition)
+            if self.pipeline.events.label != self._label_said:  # a class named with no event
+                self.emit_state()  # of its own (`normal`): Recognised class waited for a report
             if step.heard and self.adapter is not None and self.adapter.period is not None:
                 self.adapter.period.heard_events += sum(t.kind == "start" for t in step.heard)
             self._keep(step, tap, base_s + step.end_s)
@@ -1219,6 +1223,7 @@ class Detector:
         """Send the current state (or `state`) to every sink."""
         state = state or self.current_state()
         gone = state == "stopped"  # retained till the next start: no reading of a daemon gone
+        self._label_said = self.pipeline.events.label
         message = StateMessage(
             state=state,  # type: ignore[arg-type]
             device_id=self.settings.device_id,

@@ -5,6 +5,7 @@ cooldown after it ends."""
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -331,10 +332,19 @@ class _OpenEvent:
 
 
 HEALTHY_CLASS = "normal"
-"""A classifier's class of this name (any case) is the machine running well: no event while it
-is heard, and every other class is a fault. In a field review every class was an event, normal
-running's too, and the state never said `anomaly`: Home Assistant's anomaly sensor stayed off
-while a fault was named, and an automation texted "sounds wrong (normal)"."""
+"""A classifier's class of this name (any case), or beginning with it and a separator (`normal
+fast`, `normal-idle`), is the machine running well: no event while it is heard, and every other
+class is a fault, but `off` (the machine stopped). In a field review every class was an event,
+normal running's too, and the state never said `anomaly`: Home Assistant's anomaly sensor stayed
+off while a fault was named, and an automation texted "sounds wrong (normal)"."""
+_HEALTHY = re.compile(rf"^{HEALTHY_CLASS}([ ._:+-].*)?$", re.IGNORECASE)
+
+
+def healthy_classes(labels: list[str]) -> set[str]:
+    """The classes that raise no event: with any named `normal` (HEALTHY_CLASS), those and
+    `off`; without, none (every class change is news)."""
+    normal = {x for x in labels if _HEALTHY.match(x)}
+    return normal | {x for x in labels if x.lower() == "off"} if normal else set()
 
 
 class ClassTracker(_OpenEventHolder):
@@ -357,7 +367,7 @@ class ClassTracker(_OpenEventHolder):
         self._recent: deque[tuple[str | None, float, float, float]] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
         self.label: str | None = None
-        self.healthy = {x for x in labels if x.lower() == HEALTHY_CLASS}
+        self.healthy = healthy_classes(labels)
 
     @property
     def state(self) -> str:

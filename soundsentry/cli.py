@@ -761,12 +761,14 @@ def _note_healthy_class(labels: list[str]) -> None:
     """Say what the edge does with these classes: with one named `normal`, only the others are
     events (faults, the anomaly state); without, every class change is an event and none an
     anomaly (a field review's user, with `ok` and faults, expected alarms of the faults only)."""
-    from edge.events import HEALTHY_CLASS
+    from edge.events import HEALTHY_CLASS, healthy_classes
 
-    healthy = [x for x in labels if x.lower() == HEALTHY_CLASS]
+    healthy = sorted(healthy_classes(labels))
     if healthy:
-        print(f"note: class {healthy[0]!r} is the machine running well: the edge raises events "
-              "(and the anomaly state) for the other classes only", file=sys.stderr)  # fmt: skip
+        faults = [x for x in labels if x not in healthy]
+        print(f"note: {', '.join(map(repr, healthy))}: the machine running well (or off), no "
+              f"event; {', '.join(map(repr, faults))}: faults, each an anomaly event",
+              file=sys.stderr)  # fmt: skip
     else:
         print(f"note: no class is named {HEALTHY_CLASS!r}: the edge reports every change of class "
               "as an event, none as an anomaly (states such as speeds); name the folder of the "

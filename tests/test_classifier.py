@@ -16,7 +16,7 @@ from conftest import ANOMALOUS_FILE, DEMO_CLIP, NORMAL_FILES, cli
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle, read_manifest
 from edge.errors import BundleError
-from edge.events import ClassTracker
+from edge.events import ClassTracker, healthy_classes
 
 pytestmark = pytest.mark.slow
 RATE = 16000
@@ -217,6 +217,9 @@ def test_with_a_class_named_normal_the_others_are_faults_and_normal_has_no_event
     ended = t.feed(0.9, "Normal", 3.5, 4.5)
     assert [(x.kind, x.label, x.ended_by) for x in ended] == [("end", "clog", "normal")]
     assert t.state == "normal" and t.label == "Normal" and not t.active
+    named = ["normal fast", "Normal-idle", "off", "bearing", "normalised"]
+    assert healthy_classes(named) == {"normal fast", "Normal-idle", "off"}  # off: stopped
+    assert healthy_classes(["off", "fast"]) == set()  # no `normal`: every class is news
     without = ClassTracker(["fast", "slow"], threshold=0.6, k=2, n=3)  # states, no faults
     without.feed(0.9, "fast", 0, 1)
     assert [x.kind for x in without.feed(0.9, "fast", 0.5, 1.5)] == ["start"]
@@ -231,6 +234,7 @@ def test_a_classifier_with_a_normal_class_publishes_faults_only(
     from detector_helpers import Recorder
 
     from edge.bundle import write_bundle
+    from edge.console import ReplaySummary
     from edge.daemon import Detector
     from edge.settings import Settings
     from edge.sources import FileSource
@@ -241,17 +245,19 @@ def test_a_classifier_with_a_normal_class_publishes_faults_only(
     files = {name: (classifier / name).read_bytes() for name in bundle.manifest.files}
     files = {k: v for k, v in files.items() if not k.endswith(".npz")}
     relabelled = write_bundle(tmp_path / "faults.bundle", manifest, files, bundle.arrays)
-    rec = Recorder()
+    rec, summary = Recorder(), ReplaySummary()
     settings = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "data")
-    Detector(settings, load_bundle(relabelled), [rec], live=False).run(
-        FileSource([DEMO_CLIP], RATE)
-    )
+    detector = Detector(settings, load_bundle(relabelled), [rec], on_step=summary.step, live=False)
+    detector.run(FileSource([DEMO_CLIP], RATE))
+    # the probability of whichever class was named, `normal` too: no "above" of a threshold
+    assert "highest class probability " in summary.line(1, detector.threshold)
     assert [(e.type, e.label) for e in rec.events if e.type != "update"][:1] == [("start", "fault")]
     assert "normal" not in {e.label for e in rec.events}
     start = next(e for e in rec.events if e.type == "start")
     assert start.stream_offset_s >= 4.0  # the fault begins at 5 s
     assert "anomaly" in [m.state for m in rec.states]
-    assert "normal" in [m.label for m in rec.states]  # Recognised class: normal
+    labels = [m.label for m in rec.states]  # Recognised class: normal, said as it is named
+    assert labels.index("normal") < labels.index("fault"), labels
 
 
 def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() -> None:

@@ -1571,7 +1571,7 @@ def test_the_page_colours_only_a_score_the_event_logic_counts(tmp_path: Path) ->
         card = wait_for(
             lambda: browser.find_elements(By.CSS_SELECTOR, "#ev-c1.state"), 10, "the state card"
         )
-        assert card[0].text.startswith("state pump_on in progress"), card[0].text
+        assert card[0].text.startswith("pump_on in progress"), card[0].text  # its class
     finally:
         if browser is not None:
             browser.quit()
