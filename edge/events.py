@@ -392,7 +392,14 @@ class ClassTracker(_OpenEventHolder):
         if not confident or len(votes) < self.k or label == self.label:
             return []
         healthy = label in self.healthy
-        out = [t for t in [self.close("normal" if healthy else "label_changed")] if t is not None]
+        why = (
+            "label_changed"
+            if not healthy
+            else "machine_off"
+            if label.lower() == "off"
+            else "normal"
+        )
+        out = [t for t in [self.close(why)] if t is not None]
         if healthy:  # named, with no event of its own
             self.label = label
             self._recent.append((label, start_s, end_s, confidence))

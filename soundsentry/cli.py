@@ -766,9 +766,9 @@ def _note_healthy_class(labels: list[str]) -> None:
     healthy = sorted(healthy_classes(labels))
     if healthy:
         faults = [x for x in labels if x not in healthy]
+        said = f"; {', '.join(map(repr, faults))}: faults, each an anomaly event" if faults else ""
         print(f"note: {', '.join(map(repr, healthy))}: the machine running well (or off), no "
-              f"event; {', '.join(map(repr, faults))}: faults, each an anomaly event",
-              file=sys.stderr)  # fmt: skip
+              f"event{said}", file=sys.stderr)  # fmt: skip
     else:
         print(f"note: no class is named {HEALTHY_CLASS!r}: the edge reports every change of class "
               "as an event, none as an anomaly (states such as speeds); name the folder of the "

@@ -220,6 +220,11 @@ def test_with_a_class_named_normal_the_others_are_faults_and_normal_has_no_event
     named = ["normal fast", "Normal-idle", "off", "bearing", "normalised"]
     assert healthy_classes(named) == {"normal fast", "Normal-idle", "off"}  # off: stopped
     assert healthy_classes(["off", "fast"]) == set()  # no `normal`: every class is news
+    stops = ClassTracker(["normal", "off", "bearing"], threshold=0.6, k=2, n=3)
+    for at, label in ((0, "bearing"), (0.5, "bearing"), (1, "off")):
+        stops.feed(0.9, label, at, at + 1)
+    stopped = stops.feed(0.9, "off", 1.5, 2.5)  # the machine stopped: not "back to normal"
+    assert [(x.kind, x.ended_by) for x in stopped] == [("end", "machine_off")]
     without = ClassTracker(["fast", "slow"], threshold=0.6, k=2, n=3)  # states, no faults
     without.feed(0.9, "fast", 0, 1)
     assert [x.kind for x in without.feed(0.9, "fast", 0.5, 1.5)] == ["start"]
