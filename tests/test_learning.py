@@ -1760,6 +1760,16 @@ def test_a_sighup_whose_new_model_failed_to_load_loads_it_at_the_next_one(tmp_pa
     assert d.adapter.configured.path.resolve() == other.resolve()
 
 
+def _feed_till_an_event_opens(d: Detector) -> None:
+    """The demo clip a tenth of a second at a time, until its fault opens an event."""
+    audio = read_audio(DEMO_CLIP, RATE)
+    for i in range(0, len(audio), RATE // 10):
+        d.feed(audio[i : i + RATE // 10])
+        if d.pipeline.events.event_id:
+            break
+    assert d.pipeline.events.event_id, "an event is open"
+
+
 def test_a_mark_normal_that_is_refused_leaves_the_open_event_open(tmp_path: Path) -> None:
     """The open event was ended (`marked_normal`) before the mark was tried: a model that
     cannot learn on site, or a refit the data refuse, replied "rejected ... changes nothing"
@@ -1768,12 +1778,7 @@ def test_a_mark_normal_that_is_refused_leaves_the_open_event_open(tmp_path: Path
                              detector={"cooldown_seconds": 0})  # fmt: skip
     reports = Recorder()
     d = Detector(settings, load_bundle(AE_BUNDLE), [reports], persist=True)
-    audio = read_audio(DEMO_CLIP, RATE)
-    for i in range(0, len(audio), RATE // 10):
-        d.feed(audio[i : i + RATE // 10])
-        if d.pipeline.events.event_id:
-            break
-    assert d.pipeline.events.event_id, "an event is open"
+    _feed_till_an_event_opens(d)
     reply = Controller(d).handle_payload(b'{"command": "mark_normal", "event_id": "last"}')
     assert not reply.ok and "cannot learn on site" in reply.detail, reply.detail
     assert d.pipeline.events.event_id, "still open"
@@ -1789,12 +1794,7 @@ def test_marking_an_open_event_normal_says_how_much_of_its_sound_was_learnt(
     device = Device(tmp_path, seconds=LEARN_S)
     assert starts(device.replay(*NORMAL_FILES)) == []  # the site learnt first
     d = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [Recorder()], persist=True)
-    audio = read_audio(DEMO_CLIP, RATE)
-    for i in range(0, len(audio), RATE // 10):
-        d.feed(audio[i : i + RATE // 10])
-        if d.pipeline.events.event_id:
-            break
-    assert d.pipeline.events.event_id, "an event is open"
+    _feed_till_an_event_opens(d)
     reply = Controller(d).handle_payload(b'{"command": "mark_normal", "event_id": "last"}')
     assert reply.ok, reply.detail
     said = re.search(
