@@ -103,7 +103,7 @@ def discovery_configs(
     if configuration_url:
         common["device"]["configuration_url"] = configuration_url
     entities = {
-        **_watched(topics),
+        **_watched(topics, classifier),
         **(_recognised(topics) if classifier else {}),
         **_diagnostics(topics),
         **_controls(topics, threshold, in_force, classifier),
@@ -133,7 +133,8 @@ def announced(
 def config_topics(topics: Topics) -> list[str]:
     """Every config topic this device announces when discovery is on (the threshold's too),
     and those an older release announced it under (`Topics.ha_node_before`), to clear."""
-    now = list(discovery_configs(topics, "", threshold=0.5, classifier=True))
+    every = (discovery_configs(topics, "", threshold=0.5, classifier=c) for c in (False, True))
+    now = list(dict.fromkeys(topic for configs in every for topic in configs))
     before = topics.ha_node_before
     if before is None:
         return now
@@ -155,9 +156,12 @@ def _recognised(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
-def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
-    """What a user watches: anomaly, score, status, machine, trend, last event."""
-    return {
+def _watched(topics: Topics, classifier: bool = False) -> dict[tuple[str, str], dict[str, Any]]:
+    """What a user watches: anomaly, score, status, machine, trend, last event. A classifier's
+    score is the probability of the class it names, `normal` too, and its trend of those says
+    nothing: read as an anomaly score, 0.996 above a threshold of 0.5 looked like an alarm
+    during normal running (a review). Its score is called what it is, and it has no trend."""
+    entities = {
         ("binary_sensor", "anomaly"): {
             "name": "Anomaly",
             "state_topic": topics.state,
@@ -203,6 +207,10 @@ def _watched(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:
             "icon": "mdi:alert-octagram-outline",
         },
     }
+    if classifier:
+        entities[("sensor", "score")]["name"] = "Class probability"
+        del entities[("sensor", "trend")]
+    return entities
 
 
 def _diagnostics(topics: Topics) -> dict[tuple[str, str], dict[str, Any]]:

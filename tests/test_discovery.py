@@ -31,7 +31,7 @@ from mqtt_helpers import Subscriber
 
 from edge.bundle import load_bundle
 from edge.commands import MarkNormal, Mute, SetThreshold, Unmute, parse_command, threshold_bounds
-from edge.discovery import discovery_configs
+from edge.discovery import announced, discovery_configs
 from edge.messages import HealthMessage, MetricsMessage, StateMessage
 from edge.topics import Topics
 
@@ -873,6 +873,15 @@ def test_a_classifier_shows_the_class_it_recognises() -> None:
     state = {"state": "normal", "label": "bearing_fault", "threshold": 0.6}
     assert render(recognised["value_template"], json.dumps(state)) == "bearing_fault"
     assert render(recognised["value_template"], json.dumps(state | {"label": None})) == "None"
+    # its score is the probability of the class it names, `normal` too: 0.996 above 0.5 in
+    # normal running read as an alarm under the name "Anomaly score" (a review); no trend
+    assert configs[TOPICS.ha_config("sensor", "score")]["name"] == "Class probability"
+    assert TOPICS.ha_config("sensor", "trend") not in configs
+    assert announced(TOPICS, "states-1234", 0.6, classifier=True)[
+        TOPICS.ha_config("sensor", "trend")
+    ] is None, "an anomaly model's trend, announced before, is cleared"  # fmt: skip
+    anomaly = discovery_configs(TOPICS, "fan-1234", 0.6)
+    assert anomaly[TOPICS.ha_config("sensor", "score")]["name"] == "Anomaly score"
 
 
 def test_an_entity_the_model_no_longer_has_is_cleared_in_home_assistant(
