@@ -25,7 +25,7 @@ import numpy as np
 from edge.adapt import Adapter, Asker, UnwrittenError
 from edge.audio_io import stream_audio
 from edge.bundle import Bundle
-from edge.clips import CLIP_ID_CHARS, CLIPS_DIR, ClipRecorder, clips_of
+from edge.clips import CLIP_ID_CHARS, CLIPS_DIR, ClipRecorder, clips_of, same_event
 from edge.clock import believable
 from edge.commands import LAST, ReplyTo, threshold_bounds
 from edge.errors import SoundSentryError
@@ -607,14 +607,14 @@ class Detector:
         (a diff review)."""
         if len(event_id) != CLIP_ID_CHARS:
             return event_id
-        kept = [e for e in reversed(self._kept) if e.startswith(event_id)]
+        kept = [e for e in reversed(self._kept) if same_event(e, event_id)]
         if kept:
             return kept[0]
         try:
             logged = [e.data["event_id"] for e in read_events(self.settings.data_dir)]
         except SoundSentryError:  # an event log that cannot be read: its clip may still be
             return event_id
-        return next((e for e in reversed(logged) if e.startswith(event_id)), event_id)
+        return next((e for e in reversed(logged) if same_event(e, event_id)), event_id)
 
     @property
     def _clip_folder(self) -> Path | None:

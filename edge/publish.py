@@ -1168,22 +1168,21 @@ class MqttPublisher:
         self._spool_failed = False
         self._wake.set()
 
-    def _memory_to_spool(self, handed: Sequence[tuple[str, str, bool]] = ()) -> int:
+    def _memory_to_spool(self, handed: Sequence[tuple[str, str, bool]] = ()) -> None:
         """Move the messages waiting in memory into the spool, in one go and in order: the ones
-        the broker refused, then `handed` (to paho, unanswered), then the rest; how many.
+        the broker refused, then `handed` (to paho, unanswered), then the rest.
         Raises sqlite3.Error, keeping them, when the spool cannot take them (under
         `_unspooled_lock`). Some were handed once and may have arrived: a full spool keeps
         their ends."""
         waiting = [*self._held, *handed, *self._unspooled]
         if not waiting:
-            return 0
+            return
         rows = [(t, p, 1, r) for t, p, r in waiting]
         was_handed = bool(self._held) or bool(handed) or self._memory_handed
         self.spool.append_many(rows, handed=was_handed)
         self._held.clear()
         self._unspooled.clear()
         self._memory_handed = False
-        return len(waiting)
 
     def _keep_unspooled(self, topic: str, payload: str, retain: bool, exc: Exception) -> None:
         """Keep in memory a message the spool refused (under `_unspooled_lock`)."""
