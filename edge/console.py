@@ -150,6 +150,8 @@ class ReplaySummary(Sink):
         self.events = 0
         self.integrated = 0
         self.highest: float | None = None
+        self.highest_heeded: float | None = None
+        """The highest score of the windows that could raise an event (none held off)."""
         self.classes = False
         """The windows were a classifier's: its score is the named class's probability."""
 
@@ -168,6 +170,9 @@ class ReplaySummary(Sink):
         score = step.score
         if score is not None:
             self.highest = score if self.highest is None else max(self.highest, score)
+            if not step.held:
+                h = self.highest_heeded
+                self.highest_heeded = score if h is None else max(h, score)
 
     def event(self, message: EventMessage) -> None:
         """Count anomalies by their start."""
@@ -187,7 +192,10 @@ class ReplaySummary(Sink):
             peak = f"highest class probability {self.highest:.4g} (threshold {threshold:.4g})"
         else:
             side = "above" if self.highest > threshold else "below"
-            if side == "above" and not self.events:  # "(above)" beside "0 events" puzzled a review
+            heeded = self.highest_heeded
+            if side == "above" and not self.events and (heeded is None or heeded <= threshold):
+                side = "above while events were held off: a learning period, or a mute"
+            elif side == "above" and not self.events:  # "(above)" beside "0 events": a review
                 side = "above in passing: an event needs K of N windows above it, or a lasting rise"
             peak = f"highest score {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
         if self.off:

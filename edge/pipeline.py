@@ -53,6 +53,9 @@ class Step:
     """This window is the first in a row heard near the machine's off level: the machine went
     quiet in the windows just before it (edge.machine_state.STOP_SECONDS), so a learning period
     does not learn them as its running."""
+    held: bool = False
+    """Events were held off for this window (`Pipeline.push(detect=False)`: a mute, a learning
+    period, audio that is not valid): it could raise none, whatever its score."""
 
     @property
     def score(self) -> float | None:
@@ -140,7 +143,7 @@ class Pipeline:
                 self._shadow = None
             quieting = not dead and self.machine.quieting
             fields = (found, dead, elapsed, level, machine, name, heard, evidence, quieting)
-            steps.append(Step(scored, start_s, end_s, *fields))
+            steps.append(Step(scored, start_s, end_s, *fields, held=not detect))
         return steps
 
     def _name(self, machine: str, features: np.ndarray) -> str | None:

@@ -1468,6 +1468,10 @@ def test_a_replay_as_the_device_says_what_it_took_on_from_the_device_s_state(
     assert "threshold 2.5 restored (set by command)" in proc.stderr, proc.stderr
     assert "mute restored, until" in proc.stderr and "no events until then" in proc.stderr
     assert proc.stdout.strip() == ""  # muted: no event
+    # its last line said the fault's windows above the threshold came "in passing" (a review)
+    assert "(above while events were held off: a learning period, or a mute)" in proc.stderr, (
+        proc.stderr
+    )
 
 
 def test_a_fifo_where_the_state_is_kept_is_set_aside_not_waited_on(tmp_path: Path) -> None:

@@ -283,6 +283,14 @@ def test_replay_s_highest_score_is_of_the_windows_the_event_logic_judges() -> No
     said = ReplaySummary()
     said.step(step(2.5, 0.0))
     assert "2.5 vs threshold 1.87 (above in passing: an event needs K of N" in said.line(1, 1.87)
+    held = ReplaySummary()  # above only while events were held off: no "in passing"
+    for s in (step(2.5, 0.0, held=True), step(1.0, 0.5)):
+        held.step(s)
+    assert "2.5 vs threshold 1.87 (above while events were held off: a learning" in held.line(
+        1, 1.87
+    )
+    held.step(step(2.0, 1.0))  # one that could have raised one is above too
+    assert "(above in passing: an event needs" in held.line(1, 1.87)
     assert line.endswith(
         "; 2 not judged (a start-up, a stop, a change of state, or sound back after a gap)"
     ), line
