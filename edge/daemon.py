@@ -1197,6 +1197,7 @@ class Detector:
             clip=clip[0] if clip else None,
             clip_seconds=clip[1] if clip else None,
             label=t.label,
+            fault=self._is_fault(t.label),
             machine=kept.get("machine", self._machine),
             trigger=t.trigger,  # type: ignore[arg-type]
             ended_by=t.ended_by,  # type: ignore[arg-type]
@@ -1204,6 +1205,14 @@ class Detector:
             seq=seq,
             clock_unset=True if believable() is not None else None,
         )
+
+    def _is_fault(self, label: str | None) -> bool | None:
+        """A classifier's class: a fault beside a class `normal`, else a change of class; None
+        for an anomaly model's event (its card was styled as a class change, in a review)."""
+        healthy = getattr(self.pipeline.events, "healthy", None)
+        if label is None or healthy is None:
+            return None
+        return bool(healthy) and label not in healthy
 
     # --- reports ---------------------------------------------------------------------------
 

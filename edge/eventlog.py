@@ -56,6 +56,7 @@ CSV_COLUMNS = (
     "ended_by",
     "interrupted",
     "machine",
+    "fault",
 )
 """The CSV's columns; new ones are added at the end, so a spreadsheet's formulas keep theirs."""
 _NUMBERS = ("peak_score", "threshold", "duration_s", "mean_score", "clip_seconds")
@@ -181,6 +182,8 @@ class LoggedEvent:
         )
         row["status"] = self.status
         row["interrupted"] = "yes" if self.interrupted else ""
+        fault = self.data.get("fault")  # a classifier's: its class a fault, or a change of class
+        row["fault"] = {True: "yes", False: "no"}.get(fault, "") if isinstance(fault, bool) else ""
         return {k: "" if v is None else v for k, v in row.items()}
 
 

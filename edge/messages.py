@@ -74,6 +74,9 @@ class EventMessage(_Payload):
     clip: str | None = None
     clip_seconds: float | None = None
     label: str | None = None
+    fault: bool | None = None
+    """A classifier's event: True when its class is a fault (the model has a class `normal`),
+    False when it is a change of class (states such as speeds); None for an anomaly model's."""
     machine: str | None = None
     """The machine's state when the event was raised: `running`, or the name of the state
     folder it was trained with."""

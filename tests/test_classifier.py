@@ -157,6 +157,8 @@ def test_edge_publishes_class_changes_with_labels(classifier: Path) -> None:
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     sequence = [(e["type"], e["label"]) for e in events]
     assert sequence[:2] == [("start", "running"), ("end", "running")]
+    # no class `normal`: every event is a change of class, said so to consumers and the page
+    assert {e["fault"] for e in events} == {False}, events
     assert ("start", "fault") in sequence
     starts = [e for e in events if e["type"] == "start"]
     assert len({e["event_id"] for e in starts}) == len(starts)
@@ -258,6 +260,8 @@ def test_a_classifier_with_a_normal_class_publishes_faults_only(
     assert "highest class probability " in summary.line(1, detector.threshold)
     assert [(e.type, e.label) for e in rec.events if e.type != "update"][:1] == [("start", "fault")]
     assert "normal" not in {e.label for e in rec.events}
+    # a fault, said so: the page styled its card as a change of class (a review)
+    assert {e.fault for e in rec.events} == {True}
     start = next(e for e in rec.events if e.type == "start")
     assert start.stream_offset_s >= 4.0  # the fault begins at 5 s
     assert "anomaly" in [m.state for m in rec.states]

@@ -597,6 +597,11 @@ def test_the_home_assistant_example_notifies_at_the_start_and_on_a_real_end_only
     test = {"device_id": "vm-replay"}
     assert notified(test | {"type": "start"}) == 0
     assert notified(test | {"type": "end", "ended_by": "normal"}) == 0
+    # a classifier without a class `normal`: a change of class (a speed) is no fault; its
+    # faults, and every anomaly model's event (no `fault` field), are told
+    assert notified({"type": "start", "label": "fast", "fault": False}) == 0
+    assert notified({"type": "end", "ended_by": "normal", "label": "fast", "fault": False}) == 0
+    assert notified({"type": "start", "label": "bearing", "fault": True}) == 1
 
 
 def test_the_home_assistant_example_s_condition_for_recent_events_renders() -> None:

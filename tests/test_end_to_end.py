@@ -56,6 +56,7 @@ def test_replay_realtime_publishes_online_start_end_offline(
         start, end = events[0], events[1]
         assert start["event_id"] == end["event_id"] and start["schema"] == 1
         assert {"device_id", "model", "started_at", "peak_score", "threshold"} <= set(start)
+        assert "fault" not in start and "label" not in start  # a classifier's fields only
         assert end["ended_at"] >= end["started_at"] and end["peak_score"] > end["threshold"]
         printed = [json.loads(line) for line in proc.stdout.splitlines()]
         assert [e["event_id"] for e in printed] == [e["event_id"] for e in events]

@@ -567,10 +567,13 @@ def test_an_interrupted_event_and_its_trigger_are_in_the_csv_and_the_listing(
     write_csv(read_events(tmp_path), out)
     header, row = out.getvalue().splitlines()[0], next(csv.DictReader(io.StringIO(out.getvalue())))
     assert header.startswith("started_at,ended_at,duration_s,")  # old columns keep their place
-    assert header.endswith(",status,trigger,ended_by,interrupted,machine")
+    assert header.endswith(",status,trigger,ended_by,interrupted,machine,fault")
     assert (row["interrupted"], row["ended_by"], row["trigger"], row["machine"]) == (
         "yes", "stopped", "cusum", "running",
     )  # fmt: skip
+    assert row["fault"] == ""  # an anomaly model's event: no class to call a fault or not
+    for said, column in ((True, "yes"), (False, "no"), ("x", "")):
+        assert LoggedEvent(end | {"fault": said}).row()["fault"] == column
     line = format_event(read_events(tmp_path)[0])
     assert "<=1020563.6 s" in line and line.endswith("interrupted")
     assert ", raised by evidence over time)" in line, line  # "peak 2.4 (integrated) (threshold"

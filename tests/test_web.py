@@ -1395,10 +1395,21 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         cards = lambda: browser.find_elements(By.CSS_SELECTOR, ".ev")  # noqa: E731
         wait_for(lambda: len(cards()) == 2, 15, "the interrupted event's card", cards)
         assert len(buttons()) == 1, [c.text for c in cards()]
+        # a classifier's fault has an anomaly's card, its change of class (a speed) another
+        # look: the fault's card had the change of class's (a review)
+        for eid, label, fault in (("c" * 32, "bearing", True), ("d" * 32, "fast", False)):
+            dashboard.live.event(EventMessage(
+                type="start", event_id=eid, device_id="t", model="m", label=label, fault=fault,
+                started_at="2026-01-01T00:02:00.000Z", peak_score=0.9, threshold=0.5,
+            ))  # fmt: skip
+        wait_for(lambda: len(cards()) == 4, 15, "the classifier's cards", cards)
+        looks = {c.find_element(By.CSS_SELECTOR, "b").text: c.get_attribute("class")
+                 for c in cards()}  # fmt: skip
+        assert looks["bearing in progress"] == "ev" and looks["fast in progress"] == "ev state"
         marks.append(event_id)  # the version in use learnt it (marked from elsewhere)
         dashboard.live._refresh_status(force=True)
         browser.get(f"http://127.0.0.1:{dashboard.port}/")
-        wait_for(lambda: len(cards()) == 2, 15, "the event cards")
+        wait_for(lambda: len(cards()) == 4, 15, "the event cards")
         assert buttons() == []
     finally:
         if browser is not None:
