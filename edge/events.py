@@ -353,16 +353,23 @@ class ClassTracker(_OpenEventHolder):
     label's event ends and the new one's starts. With a class named `normal` (HEALTHY_CLASS)
     the others are faults: it has no event of its own (a fault's ends, `normal`, when it takes
     over) and a fault's event is an anomaly. Without one every class is an event, news rather
-    than an anomaly (states such as speeds)."""
+    than an anomaly (states such as speeds). While an event lasts, an `update` is due every
+    `update_s` seconds of windows confident of its class, as an anomaly's."""
 
     def __init__(
-        self, labels: list[str], threshold: float = 0.5, k: int = DEFAULT_K, n: int = DEFAULT_N
+        self,
+        labels: list[str],
+        threshold: float = 0.5,
+        k: int = DEFAULT_K,
+        n: int = DEFAULT_N,
+        update_s: float = 10.0,
     ) -> None:
         if not 1 <= k <= n:
             raise ValueError(f"need 1 <= k <= n, got k={k} n={n}")
         self.labels = labels
         self.threshold = threshold
         self.k, self.n = k, n
+        self.update_s = update_s
         # (label if confident else None, start_s, end_s, confidence) of the last n windows
         self._recent: deque[tuple[str | None, float, float, float]] = deque(maxlen=n)
         self._event: _OpenEvent | None = None
@@ -386,8 +393,13 @@ class ClassTracker(_OpenEventHolder):
         confident = confidence >= self.threshold
         self._recent.append((label if confident else None, start_s, end_s, confidence))
         if label == self.label and confident and self._event:
-            self._event.add(confidence, end_s)
-            return []
+            event = self._event
+            event.add(confidence, end_s)
+            if end_s - event.last_update_s < self.update_s:
+                return []
+            # a fault heard for hours sent its start and nothing more (a review)
+            event.last_update_s = end_s
+            return [event.transition("update", label=label)]
         votes = [(s, e, c) for x, s, e, c in self._recent if x == label]
         if not confident or len(votes) < self.k or label == self.label:
             return []

@@ -233,6 +233,22 @@ def test_with_a_class_named_normal_the_others_are_faults_and_normal_has_no_event
     assert without.state == "normal"  # news, not an anomaly
 
 
+def test_a_fault_that_lasts_sends_updates_while_its_class_is_heard() -> None:
+    """A classifier's fault heard for minutes sent its `start` and nothing until its `end`,
+    where an anomaly's event sends an `update` every update_seconds (a review)."""
+    t = ClassTracker(["normal", "bearing"], threshold=0.6, k=2, n=3, update_s=10.0)
+    kinds = []
+    for i in range(60):  # 30 s of the fault, windows every 0.5 s; unsure ones every 5 s
+        confidence = 0.3 if i % 10 == 9 else 0.9
+        kinds += [(x.kind, x.label, round(x.ended_s or 0, 1)) for x in
+                  t.feed(confidence, "bearing", i * 0.5, i * 0.5 + 1)]  # fmt: skip
+    assert [k for k, _, _ in kinds] == ["start", "update", "update"], kinds
+    assert {label for _, label, _ in kinds} == {"bearing"}
+    update = t.feed(0.9, "bearing", 30.5, 31.5)  # 10 s after the last, with its label
+    assert [(x.kind, x.label) for x in update] == [("update", "bearing")]
+    assert update[0].peak_score == 0.9 and update[0].started_s == 0.0
+
+
 def test_a_classifier_with_a_normal_class_publishes_faults_only(
     classifier: Path, tmp_path: Path
 ) -> None:

@@ -54,4 +54,5 @@ class Classifier(DetectorKind):
                 f"{bundle.threshold:g})"
             )
         labels = list(bundle.manifest.labels or [])
-        return ClassTracker(labels, threshold, *settings.k_of_n(bundle.manifest.threshold.params))
+        k, n = settings.k_of_n(bundle.manifest.threshold.params)
+        return ClassTracker(labels, threshold, k, n, update_s=settings.update_seconds)
