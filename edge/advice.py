@@ -212,8 +212,16 @@ def classifier_summary(manifest: Any) -> str:
     labels = v.get("labels") or manifest.labels or []
     if "balanced_accuracy" not in v or not labels:
         return "validation: none recorded"
+    rows = v.get("confusion") or []
+    counts = {  # how many held-out windows each recall rests on: 1.00 of 2 is not of 200
+        name: sum(row)
+        for name, row in zip(labels, rows, strict=False)
+        if isinstance(row, list) and all(type(x) is int for x in row)
+    }
     recall = ", ".join(
-        f"{name} {r:.2f}" for name, r in (v.get("recall") or {}).items() if r is not None
+        f"{name} {r:.2f}" + (f" ({counts[name]} windows)" if name in counts else "")
+        for name, r in (v.get("recall") or {}).items()
+        if r is not None
     )
     return (
         f"validation on {v.get('n', 0)} held-out windows: balanced accuracy "

@@ -767,8 +767,11 @@ def _note_healthy_class(labels: list[str]) -> None:
     if healthy:
         faults = [x for x in labels if x not in healthy]
         said = f"; {', '.join(map(repr, faults))}: faults, each an anomaly event" if faults else ""
-        print(f"note: {', '.join(map(repr, healthy))}: the machine running well (or off), no "
-              f"event{said}", file=sys.stderr)  # fmt: skip
+        off = [x for x in healthy if x.lower() == "off"]  # said of `off` only if there is one
+        well = ", ".join(repr(x) for x in healthy if x not in off)
+        stopped = f"; {off[0]!r}: the machine off" if off else ""
+        print(f"note: {well}: the machine running well{stopped}: no event{said}",
+              file=sys.stderr)  # fmt: skip
     else:
         print(f"note: no class is named {HEALTHY_CLASS!r}: the edge reports every change of class "
               "as an event, none as an anomaly (states such as speeds); name the folder of the "

@@ -72,12 +72,15 @@ def test_training_a_classifier_says_how_it_validated_and_warns_of_a_thin_class(
             f"{v['balanced_accuracy']:.3f} (chance 0.50)")  # fmt: skip
     assert line in stdout, stdout
     # one line an epoch, as the embedding's training prints them (Keras's were two, or a bar)
-    assert "\nepoch 15/15: accuracy " in stdout and "Epoch 1/15" not in stdout, stdout
+    assert "\nepoch 15/15, training windows: accuracy " in stdout, stdout
+    assert "Epoch 1/15" not in stdout, stdout
     # the fault class holds 9.6 s (a 4-s clip and 5.6 s of the demo's fault)
     assert "class 'fault': only 9.6 s of audio; a class needs 10 s or more" in stderr, stderr
     assert "class 'running': only" not in stderr, stderr  # 20 s
     # what the edge will do with these classes: none is named `normal`
     assert "note: no class is named 'normal': the edge reports every change" in stderr, stderr
+    held = dict(zip(m.labels, (sum(row) for row in v["confusion"]), strict=True))
+    assert f"fault {v['recall']['fault']:.2f} ({held['fault']} windows)" in stdout, stdout
     report = {"labels": ["fault", "normal"], "n": 38, "balanced_accuracy": 0.0789}
     said = near_chance(report)  # the review's valve
     assert said and said.startswith("validation: balanced accuracy 0.079 on 38 held-out")
@@ -231,6 +234,47 @@ def test_with_a_class_named_normal_the_others_are_faults_and_normal_has_no_event
     without.feed(0.9, "fast", 0, 1)
     assert [x.kind for x in without.feed(0.9, "fast", 0.5, 1.5)] == ["start"]
     assert without.state == "normal"  # news, not an anomaly
+
+
+def test_classes_named_rightly_too_rarely_are_warned_of() -> None:
+    """A `normal` recall of 0.68 was printed without a word, and the model raised fault events
+    on 4 of 13 normal recordings it never heard (a review)."""
+    from train.classifier import recall_warnings
+
+    labels = ["bearing", "normal", "off"]
+    confusion = [[3, 7, 0], [29, 61, 0], [0, 0, 20]]
+    report = {"labels": labels, "confusion": confusion,
+              "recall": {"bearing": 0.3, "normal": 0.6778, "off": 1.0}}  # fmt: skip
+    said = recall_warnings(report)
+    assert len(said) == 2, said
+    assert said[0].startswith("class 'bearing': 30% of its 10 held-out windows named rightly")
+    assert "a fault of it may be missed" in said[0]
+    assert said[1].startswith("class 'normal': 68% of its 90 held-out windows named rightly")
+    assert "raise fault events while nothing changed (false alarms)" in said[1]
+    fine = {"bearing": 0.5, "normal": 0.9, "off": 0.9}  # at the lines: nothing to say
+    assert recall_warnings(report | {"recall": fine}) == []
+    speeds = {"labels": ["fast", "slow"], "confusion": [[8, 2], [1, 9]],
+              "recall": {"fast": 0.8, "slow": 0.9}}  # fmt: skip
+    (news,) = recall_warnings(speeds)  # no class `normal`: a misnamed window is a class change
+    assert news.startswith("class 'fast': 80% of its 10") and "class-change events" in news
+    assert recall_warnings(speeds | {"recall": {"fast": None, "slow": 0.95}}) == []
+
+
+def test_train_says_what_the_edge_does_with_each_class(capsys: pytest.CaptureFixture) -> None:
+    """`'normal': the machine running well (or off)` was said of a model with no class `off`
+    (a review)."""
+    from soundsentry.cli import _note_healthy_class
+
+    _note_healthy_class(["bearing", "normal", "Off"])
+    said = capsys.readouterr().err
+    assert said == ("note: 'normal': the machine running well; 'Off': the machine off: no event; "
+                    "'bearing': faults, each an anomaly event\n"), said  # fmt: skip
+    _note_healthy_class(["bearing", "normal"])
+    said = capsys.readouterr().err
+    assert said.startswith("note: 'normal': the machine running well: no event; 'bearing'"), said
+    assert "off" not in said
+    _note_healthy_class(["fast", "slow"])
+    assert "no class is named 'normal'" in capsys.readouterr().err
 
 
 def test_a_fault_that_lasts_sends_updates_while_its_class_is_heard() -> None:
