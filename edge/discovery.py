@@ -81,11 +81,15 @@ def discovery_configs(
     configuration_url: str | None = None,
     in_force: float | None = None,
     classifier: bool = False,
+    learns: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Config topic -> payload for every entity of this device. Without the calibrated
     `threshold` the threshold number is left out (its bounds derive from it, widened to the
     threshold `in_force` when that lies outside, at most CLASSIFIER_MAX for a `classifier`);
-    with the dashboard's `configuration_url` Home Assistant links the device to its page."""
+    with the dashboard's `configuration_url` Home Assistant links the device to its page.
+    A model that cannot `learns` on site (`learns_on_site`) has no button to mark an event
+    normal: pressed, it was refused on the response topic, which Home Assistant does not
+    show, so nothing happened (a review)."""
     uid = f"{topics.prefix}_{topics.device_id}"
     common: dict[str, Any] = {
         "availability_topic": topics.availability,
@@ -108,6 +112,8 @@ def discovery_configs(
         **_diagnostics(topics),
         **_controls(topics, threshold, in_force, classifier),
     }
+    if not learns:
+        del entities[("button", "mark_normal")]
     return {
         topics.ha_config(component, object_id): {
             **common,
@@ -128,6 +134,13 @@ def announced(
         **dict.fromkeys(config_topics(topics)),
         **discovery_configs(topics, model_id, *args, **kwargs),
     }
+
+
+def learns_on_site(bundle: Bundle) -> bool:
+    """Whether the model can learn an event marked normal (edge.learning.FEATURIZERS)."""
+    from edge.learning import FEATURIZERS
+
+    return bundle.manifest.kind in FEATURIZERS
 
 
 def config_topics(topics: Topics) -> list[str]:
@@ -362,6 +375,7 @@ class DiscoveryRefresh(Sink):
                 self.configuration_url,
                 self.threshold,
                 bundle.manifest.kind == "classifier",
+                learns=learns_on_site(bundle),
             )
         )
 

@@ -366,7 +366,7 @@ def _publisher(
     """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
     when it serves one) and the device's last `logged` event, not yet connected. `live`: the
     device's own daemon, not a replay (a device_id may hold `-replay-`, its client id too)."""
-    from edge.discovery import announced, config_topics
+    from edge.discovery import announced, config_topics, learns_on_site
     from edge.publish import REPLAY, MqttPublisher
     from edge.spool import open_spool
 
@@ -395,7 +395,15 @@ def _publisher(
     if settings.mqtt.discovery:
         classifier = bundle.manifest.kind == "classifier"
         in_force = settings.detector.threshold  # its bounds widened at once, not at a state
-        configs = announced(topics, bundle.model_id, bundle.threshold, page, in_force, classifier)
+        configs = announced(
+            topics,
+            bundle.model_id,
+            bundle.threshold,
+            page,
+            in_force,
+            classifier,
+            learns=learns_on_site(bundle),
+        )
         publisher.set_discovery(configs)
     elif live:  # a run with discovery on left configs: Home Assistant
         # would keep the entities. Never a replay's: with the device's id and discovery off, as

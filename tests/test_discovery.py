@@ -31,7 +31,7 @@ from mqtt_helpers import Subscriber
 
 from edge.bundle import load_bundle
 from edge.commands import MarkNormal, Mute, SetThreshold, Unmute, parse_command, threshold_bounds
-from edge.discovery import announced, discovery_configs
+from edge.discovery import announced, discovery_configs, learns_on_site
 from edge.messages import HealthMessage, MetricsMessage, StateMessage
 from edge.topics import Topics
 
@@ -660,6 +660,7 @@ def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
     )
     number = TOPICS.ha_config("number", "threshold")
     sub = Subscriber(broker.port, number, client_id="ha")
+    button = Subscriber(broker.port, TOPICS.ha_config("button", "mark_normal"), client_id="b")
     replay = [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--realtime", "--config"]
     daemon = subprocess.Popen(
         [*replay, str(cfg)],
@@ -674,10 +675,15 @@ def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
         reload = {"command": "reload_model", "path": AE_BUNDLE.name}
         sub.client.publish(TOPICS.command, json.dumps(reload), qos=1)
         assert sub.wait_for(lambda ms: len(ms) >= 2, timeout=30), "no new discovery"
+        # the autoencoder cannot learn on site: its button to mark an event normal, refused
+        # where Home Assistant does not show it when pressed, is cleared (a review)
+        assert button.wait_for(lambda ms: any(m.payload == "" for m in ms), timeout=30)
+        assert button.messages[0].payload != "", "the fluctuation model's button came first"
         assert daemon.wait(60) == 0
     finally:
         daemon.kill()
         sub.close()
+        button.close()
     first, second = (json.loads(m.payload) for m in sub.messages[:2])
     demo, ae = load_bundle(DEMO_BUNDLE), load_bundle(AE_BUNDLE)
     assert first == discovery_configs(TOPICS, demo.model_id, demo.threshold)[number]
@@ -887,6 +893,12 @@ def test_a_classifier_shows_the_class_it_recognises() -> None:
     ] is None, "an anomaly model's trend, announced before, is cleared"  # fmt: skip
     anomaly = discovery_configs(TOPICS, "fan-1234", 0.6)
     assert anomaly[TOPICS.ha_config("sensor", "score")]["name"] == "Anomaly score"
+    # no model but a fluctuation or levels one learns an event marked normal: the button of
+    # the others was pressed in Home Assistant and refused unseen (a review)
+    mark = TOPICS.ha_config("button", "mark_normal")
+    assert mark in anomaly and mark not in discovery_configs(TOPICS, "c", 0.6, learns=False)
+    assert announced(TOPICS, "c", 0.6, classifier=True, learns=False)[mark] is None
+    assert learns_on_site(load_bundle(DEMO_BUNDLE)) and not learns_on_site(load_bundle(AE_BUNDLE))
 
 
 def test_an_entity_the_model_no_longer_has_is_cleared_in_home_assistant(
