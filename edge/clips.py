@@ -409,6 +409,18 @@ def clip_id(event_id: str) -> str:
     return _safe(event_id)[:CLIP_ID_CHARS]
 
 
+_CLIP_NAME = re.compile(rf"^\d{{8}}T\d{{6}}Z-([A-Za-z0-9_-]{{{CLIP_ID_CHARS}}})(\.wav)?$")
+
+
+def event_of(name: str) -> str:
+    """The event named by a clip's name (`20261206T062238Z-af09f3ba5db5.wav`, with or without
+    `.wav`), as `events` lists it: its 12 characters of the event's id; any other name as it
+    is. The whole name was refused by the command's pattern, and without `.wav` no event was
+    found, though its clip was there (a walk-through)."""
+    found = _CLIP_NAME.match(name)
+    return found.group(1) if found else name.removesuffix(".wav")
+
+
 def same_event(a: str, b: str) -> bool:
     """Two names of one event: equal, or one the other as its clip's name gives it (12
     characters: `mark_normal` of a clip's id, `events` listing an event without a clip)."""

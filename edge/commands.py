@@ -18,7 +18,8 @@ MAX_JSON_DEPTH = 8
 MAX_MUTE_MINUTES = 7 * 24 * 60
 MAX_LEARN_SECONDS = 30 * 24 * 3600
 """Longest commissioning period: 30 days of audio."""
-EVENT_ID = r"^(last|[A-Za-z0-9_-]{1,64})$"
+EVENT_ID = r"^(last|[A-Za-z0-9_-]{1,64}(\.wav)?)$"
+"""`last`, an event's id, or its clip's name as `events` lists it (edge.clips.event_of)."""
 LAST = "last"
 """mark_normal's event_id for the most recent event."""
 THRESHOLD_FACTOR = 4.0
@@ -100,7 +101,11 @@ class MarkNormal(_Command):
 
     command: Literal["mark_normal"]
     event_id: str = Field(
-        pattern=EVENT_ID, description="An event's event_id, or `last` for the most recent."
+        pattern=EVENT_ID,
+        description=(
+            "An event's event_id (or its first 12 characters), its clip's name, or `last` for "
+            "the most recent."
+        ),
     )
 
 

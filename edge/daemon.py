@@ -25,7 +25,7 @@ import numpy as np
 from edge.adapt import Adapter, Asker, UnwrittenError
 from edge.audio_io import stream_audio
 from edge.bundle import Bundle
-from edge.clips import CLIP_ID_CHARS, CLIPS_DIR, ClipRecorder, clips_of, same_event
+from edge.clips import CLIP_ID_CHARS, CLIPS_DIR, ClipRecorder, clips_of, event_of, same_event
 from edge.clock import believable
 from edge.commands import LAST, ReplyTo, threshold_bounds
 from edge.errors import SoundSentryError
@@ -589,7 +589,7 @@ class Detector:
         """The id of a recent event (`last`: the most recent), kept here, else the last in the
         device's event log, else the newest clip by name."""
         if event_id != LAST:
-            return self._full_id(event_id)
+            return self._full_id(event_of(event_id))
         if self._kept:
             return next(reversed(self._kept))
         logged = last_logged_id(self.settings.data_dir)
@@ -616,6 +616,17 @@ class Detector:
             return event_id
         return next((e for e in reversed(logged) if same_event(e, event_id)), event_id)
 
+    def _known(self, eid: str) -> bool:
+        """Whether the event is one this device raised: kept here or in its event log."""
+        if eid in self._kept:
+            return True
+        try:
+            return any(
+                same_event(e.data["event_id"], eid) for e in read_events(self.settings.data_dir)
+            )
+        except SoundSentryError:  # an event log that cannot be read: not said unknown
+            return True
+
     @property
     def _clip_folder(self) -> Path | None:
         return self.clips.folder if self.clips else None
@@ -623,8 +634,13 @@ class Detector:
     def _event_rows(self, eid: str) -> np.ndarray:
         """The features of an event's windows: from its evidence clip if there is one, else
         the windows kept while it lasted."""
-        if self._featurize is None:
-            raise LearningError(f"a {self.bundle.manifest.kind} model cannot learn on site")
+        if self._featurize is None:  # "a embedding model cannot learn on site" said no more
+            kind = self.bundle.manifest.kind
+            raise LearningError(
+                f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} model cannot learn on site (only "
+                f"{' and '.join(FEATURIZERS)} models do): raise its threshold (set_threshold) "
+                "if this sound is normal, or train it again with recordings that hold it"
+            )
         kept = self._kept.get(eid, {})
         folder = self._clip_folder
         clip = None
@@ -649,6 +665,11 @@ class Detector:
             if rows:
                 return np.concatenate(rows)
         rows = kept.get("rows", [])
+        if not rows and not self._known(eid):  # a mistyped id read as one whose clip was gone
+            raise LearningError(
+                f"no event {eid} is known here (not recent, not in the event log, no clip): "
+                "`soundsentry events` lists the events with the names mark_normal takes"
+            )
         if not rows:
             # with clips off an older event cannot be marked: said with what can be done
             raise LearningError(

@@ -498,9 +498,18 @@ def test_mark_normal_then_replay_rollback_and_the_audit_log(
 
 def test_mark_normal_of_an_unknown_event_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     device = Device(tmp_path)
+    (event,) = starts(device.replay(ANOMALOUS_FILE))
+    for clip in (device.data / "clips").glob("*.wav"):
+        clip.unlink()  # its clip gone, and a restart: none of its windows kept
     device.replay(NORMAL_FILES[0])
+    # a mistyped id was said to be an event whose clip was gone (a walk-through)
     reply = device.command(command="mark_normal", event_id="0123456789abcdef")
-    assert not reply.ok and "no windows of event 0123456789abcdef are kept" in reply.detail
+    assert not reply.ok and reply.detail.endswith(
+        "no event 0123456789abcdef is known here (not recent, not in the event log, no clip): "
+        "`soundsentry events` lists the events with the names mark_normal takes"
+    ), reply.detail
+    reply = device.command(command="mark_normal", event_id=event["event_id"])
+    assert not reply.ok and f"no windows of event {event['event_id']} are kept" in reply.detail
     assert '{"command": "learn", "action": "start"} learns' in reply.detail  # what to do instead
     bad = device.command(command="mark_normal", event_id="../etc")
     assert not bad.ok and "event_id" in bad.detail
@@ -1581,7 +1590,9 @@ def test_an_event_marked_normal_twice_makes_one_version(tmp_path: Path) -> None:
     (event,) = starts(device.replay(ANOMALOUS_FILE))
     assert device.command(command="mark_normal", event_id=event["event_id"]).ok
     versions = device.detector.status()["version"]
-    for again in (event["event_id"], event["event_id"][:12]):
+    (clip,) = (device.data / "clips").glob("*.wav")  # by its clip's name, as `events` lists
+    # it: refused by the command's pattern, and without `.wav` not found (a walk-through)
+    for again in (event["event_id"], event["event_id"][:12], clip.name, clip.stem):
         reply = device.command(command="mark_normal", event_id=again)
         assert not reply.ok and "already marked normal" in reply.detail, reply.detail
     assert device.detector.status()["version"] == versions
@@ -1780,7 +1791,11 @@ def test_a_mark_normal_that_is_refused_leaves_the_open_event_open(tmp_path: Path
     d = Detector(settings, load_bundle(AE_BUNDLE), [reports], persist=True)
     _feed_till_an_event_opens(d)
     reply = Controller(d).handle_payload(b'{"command": "mark_normal", "event_id": "last"}')
-    assert not reply.ok and "cannot learn on site" in reply.detail, reply.detail
+    assert not reply.ok and reply.detail.endswith(
+        "an autoencoder model cannot learn on site (only fluctuation and levels models do): "
+        "raise its threshold (set_threshold) if this sound is normal, or train it again with "
+        "recordings that hold it"
+    ), reply.detail
     assert d.pipeline.events.event_id, "still open"
     assert [e.type for e in reports.events] == ["start"]
 
