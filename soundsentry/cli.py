@@ -609,6 +609,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _note_replaced(args.out)  # notes once the command can run
     if args.normal and not args.all_channels:
         _note_channels(args.normal, args.channel)
+    if args.normal:
+        _warn_off_folders(args.normal)
     classes = None
     if args.classes:  # every file checked, and named, before TensorFlow loads
         from edge.features import FeatureParams
@@ -755,6 +757,34 @@ def _note_channels(paths: list[str], channel: int) -> None:
         )
     elif mono and widest == 1 and channel > 0:
         print(f"note: mono recordings: each one's only channel is trained on as channel {channel}")
+
+
+def _warn_off_folders(paths: list[str]) -> None:
+    """Warn of a folder named `off` in the normal audio: README's step 2 records states into
+    `~/pump/off`, `low`, `high`, and `train --normal ~/pump` (the Pi has no TensorFlow for
+    `--normal-states`) learnt the stopped machine as running, its off level 16 dB lower, with
+    no word (a walk-through)."""
+    from edge.audio_io import find_audio
+    from edge.machine_state import OFF
+
+    for raw in paths:
+        folder = Path(raw)
+        if not folder.is_dir():
+            continue
+        offs = sorted(
+            {
+                folder.joinpath(*f.relative_to(folder).parts[: i + 1])
+                for f in find_audio([folder], quiet=True)
+                for i, part in enumerate(f.relative_to(folder).parts[:-1])
+                if part.lower() == OFF
+            }
+        )
+        for off in offs:
+            print(f"warning: {off}: a folder named {OFF!r} in --normal is trained on as the "
+                  "machine running, so the stopped machine is learnt as running and its off "
+                  f"level falls; leave it out, or train operating states with --normal-states "
+                  f"{off.parent} (one subfolder per state; the [train] extra)",
+                  file=sys.stderr)  # fmt: skip
 
 
 def _note_healthy_class(labels: list[str]) -> None:

@@ -698,3 +698,22 @@ def test_a_device_id_home_assistant_would_confuse_with_another_is_warned_of(
                       '[mqtt]\nhost = "127.0.0.1"\nport = 9\n')  # fmt: skip
     proc = cli("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", str(config))
     assert "device_id 'pump.3' is announced to Home Assistant as node" in proc.stderr
+
+
+def test_a_folder_named_off_in_the_normal_audio_is_warned_of(tmp_path: Path) -> None:
+    """README's step 2 records states into `~/pump/off`, `low`, `high`; `train --normal ~/pump`
+    (the Pi has no TensorFlow for --normal-states) learnt the stopped machine as running, its
+    off level 16 dB lower, with no word (a walk-through)."""
+    pump = tmp_path / "pump"
+    for state, files in (("low", NORMAL_FILES[:2]), ("high", NORMAL_FILES[2:]), ("Off", [])):
+        (pump / state).mkdir(parents=True)
+        for f in files:
+            (pump / state / f.name).symlink_to(f)
+    rng = np.random.default_rng(0)  # the room with the machine stopped
+    sf.write(str(pump / "Off" / "room.wav"), 0.001 * rng.standard_normal(8 * RATE), RATE)
+    proc = cli("train", "--normal", str(pump), "--out", str(tmp_path / "p.bundle"))
+    said = f"warning: {pump / 'Off'}: a folder named 'off' in --normal is trained on as the"
+    assert said in proc.stderr and f"--normal-states {pump} (one" in proc.stderr, proc.stderr
+    running = (str(pump / "low"), str(pump / "high"))
+    quiet = cli("train", "--normal", *running, "--out", str(tmp_path / "q.bundle"))
+    assert "named 'off'" not in quiet.stderr, quiet.stderr
