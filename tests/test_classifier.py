@@ -329,6 +329,40 @@ def test_a_classifier_with_a_normal_class_publishes_faults_only(
     assert labels.index("normal") < labels.index("fault"), labels
 
 
+def test_a_classifier_s_class_off_is_the_machine_off(
+    classifier: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A classifier's bundle records no off level: a stop it named `off` said `machine:
+    running` in the state message, and running hours counted on (a review)."""
+    from detector_helpers import Recorder
+
+    from edge.bundle import write_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    bundle = load_bundle(classifier)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["labels"] = ["off" if x == "fault" else "normal" for x in manifest["labels"]]
+    files = {name: (classifier / name).read_bytes() for name in bundle.manifest.files}
+    files = {k: v for k, v in files.items() if not k.endswith(".npz")}
+    relabelled = write_bundle(tmp_path / "stops.bundle", manifest, files, bundle.arrays)
+    rec = Recorder()
+    settings = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="edge.daemon"):
+        detector = Detector(settings, load_bundle(relabelled), [rec], live=True)
+    # its class `off` is how it knows the machine off: no warning that it cannot
+    assert not [r for r in caplog.records if "records no running level" in r.getMessage()]
+    detector.run(FileSource([DEMO_CLIP], RATE))
+    said = [(m.label, m.machine) for m in rec.states if m.label]
+    assert ("off", "off") in said and ("normal", "running") in said, said
+    assert ("off", "running") not in said, said
+    assert rec.events == []  # neither is an event
+    windows = int((sf.info(str(DEMO_CLIP)).duration - 1.0) / 0.5) + 1  # 1-s windows, 0.5-s hop
+    # the stop's windows are not running time (less the votes a resumed run is credited with)
+    assert 0 < detector.running.seconds <= (windows - 4) * 0.5, detector.running.seconds
+
+
 def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() -> None:
     t = ClassTracker(["a", "b"], threshold=0.6, k=2, n=3)
     assert t.feed(0.9, "a", 0, 1) == []  # one vote for a, then the machine goes off
