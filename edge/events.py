@@ -411,18 +411,21 @@ class ClassTracker(_OpenEventHolder):
             if label.lower() == "off"
             else "normal"
         )
-        out = [t for t in [self.close(why)] if t is not None]
+        ended = [t for t in [self.close(why)] if t is not None]
         if healthy:  # named, with no event of its own
             self.label = label
             self._recent.append((label, start_s, end_s, confidence))
-            return out
-        self._event = _OpenEvent(uuid.uuid4().hex, votes[0][0], end_s)
+            return ended
+        # from its first vote, but not before the class it follows was last heard: windows
+        # overlap, and a fault named after another began 0.5 to 1.5 s before the other's end,
+        # so their durations added up to more than the audio (a review)
+        begun = max([votes[0][0], *(t.ended_s for t in ended if t.ended_s is not None)])
+        self._event = _OpenEvent(uuid.uuid4().hex, begun, end_s)
         for _, e, c in votes:
             self._event.add(c, e)
         self.label = label
         self._recent.append((label, start_s, end_s, confidence))
-        out.append(self._event.transition("start", label=label))
-        return out
+        return [*ended, self._event.transition("start", label=label)]
 
     def close(self, reason: str) -> Transition | None:
         """End the current label's event, for `reason` (one of ENDED_BY); the votes go with it

@@ -197,10 +197,15 @@ def test_class_tracker_needs_k_of_n_confident_windows() -> None:
     assert [(x.kind, x.label) for x in changed] == [("end", "a"), ("start", "b")]
     assert np.isclose(changed[0].ended_s, 1.5) and changed[0].ended_by == "label_changed"
     # b started at the first window that voted for it, as an anomaly starts at its first
-    # of K windows (it used to start at the K-th, a window late in every event log)
-    assert changed[1].started_s == 1 and np.isclose(changed[1].mean_score, 0.85)
+    # of K windows (it used to start at the K-th, a window late in every event log), but not
+    # before a was last heard: the windows overlap, and b's began 0.5 s before a's end
+    assert changed[1].started_s == 1.5 and np.isclose(changed[1].mean_score, 0.85)
+    t.close("stopped")
+    t.feed(0.9, "a", 10, 11)
+    (first,) = t.feed(0.9, "a", 10.5, 11.5)  # after nothing: from its first vote, as before
+    assert first.kind == "start" and first.started_s == 10
     end = t.close("stopped")
-    assert end.label == "b" and end.ended_by == "stopped"
+    assert end.label == "a" and end.ended_by == "stopped"
 
 
 def test_with_a_class_named_normal_the_others_are_faults_and_normal_has_no_event() -> None:
@@ -218,6 +223,8 @@ def test_with_a_class_named_normal_the_others_are_faults_and_normal_has_no_event
     assert [(x.kind, x.label, x.ended_by) for x in changed] == [
         ("end", "bearing", "label_changed"), ("start", "clog", None)
     ]  # fmt: skip
+    # one after the other: the second began 0.5 s before the first ended (a review)
+    assert changed[1].started_s == changed[0].ended_s == 2.5
     t.feed(0.9, "Normal", 3, 4)
     ended = t.feed(0.9, "Normal", 3.5, 4.5)
     assert [(x.kind, x.label, x.ended_by) for x in ended] == [("end", "clog", "normal")]
