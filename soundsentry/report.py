@@ -92,6 +92,15 @@ def format_classification(data: dict) -> str:
         lines.append(
             f"{'recall':>{width}}  " + " ".join(_recall_cell(recall[lab], cell) for lab in labels)
         )
+    events = data.get("events") or {}
+    if events:
+        lines.append("events the device raises, each file its own stream:")
+    for name, row in events.items():
+        if row["healthy"]:  # no event of its own: any is another class's, a false alarm
+            said = f"{row['other']} raise an event (false alarms: another class named)"
+        else:
+            said = f"{row['own']} raise an event of {name!r}, {row['other']} of another class"
+        lines.append(f"{name:>{width}}  {row['files']} file(s): {said}")
     return "\n".join(lines)
 
 

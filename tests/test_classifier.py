@@ -134,6 +134,21 @@ def test_evaluate_reports_accuracy_f1_and_confusion(
     assert data["labels"] == ["fault", "running"] and len(data["confusion"]) == 2
     assert data["n"] == sum(map(sum, data["confusion"]))
     assert data["balanced_accuracy"] >= 0.8  # training audio: a sanity check, not a benchmark
+    # the events the device raises, each file its own stream, as replay raises them: a table
+    # of whole files hid false alarms (a review)
+    replayed = {}
+    for folder in sorted(classes.iterdir()):
+        row = replayed[folder.name] = {"files": 0, "own": 0, "other": 0, "healthy": False}
+        for f in sorted(folder.iterdir()):
+            said = cli("replay", str(classifier), str(f)).stdout.splitlines()
+            named = {json.loads(e)["label"] for e in said if json.loads(e)["type"] == "start"}
+            row["files"] += 1
+            row["own"] += folder.name in named
+            row["other"] += bool(named - {folder.name})
+    assert data["events"] == replayed, (data["events"], replayed)
+    row = replayed["fault"]
+    assert (f"  fault  {row['files']} file(s): {row['own']} raise an event of 'fault', "
+            f"{row['other']} of another class") in proc.stdout, proc.stdout  # fmt: skip
     # which evaluate says, as it does for an anomaly detector (it said nothing)
     assert "the model was fitted on this recording; it will look like its class" in proc.stderr
     assert (tmp_path / "rep" / "confusion.png").read_bytes().startswith(b"\x89PNG")
@@ -528,6 +543,15 @@ def test_the_confusion_table_names_each_class_whole_and_its_recall() -> None:
     header, *rows, recall = text.splitlines()[1:]
     assert header.split()[:3] == labels and len(rows) == 3
     assert recall.split() == ["recall", "0.750", "0.667", "1.000"]
+    events = {"normal": {"files": 13, "own": 0, "other": 4, "healthy": True},
+              "bearing": {"files": 6, "own": 5, "other": 2, "healthy": False}}  # fmt: skip
+    text = format_classification({"variant": "int8", "unit": "whole files", "accuracy": 0.8,
+        "balanced_accuracy": 0.8, "macro_f1": 0.8, "n": 19, "labels": ["bearing", "normal"],
+        "confusion": [[5, 1], [3, 10]], "events": events})  # fmt: skip
+    assert text.splitlines()[-2:] == [
+        " normal  13 file(s): 4 raise an event (false alarms: another class named)",
+        "bearing  6 file(s): 5 raise an event of 'bearing', 2 of another class",
+    ], text
 
 
 def test_a_class_without_test_files_has_no_recall_rather_than_zero() -> None:

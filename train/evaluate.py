@@ -398,6 +398,34 @@ def classify_items(
     return labels, rows
 
 
+def class_events(
+    model: str | Path, classes_dir: str | Path, variant: str, channel: int
+) -> dict[str, dict]:
+    """What the device raises on each labelled file, each its own stream through its pipeline
+    (K of N confident windows at the bundle's settings): per true class, its files, those with
+    an event of their own class, and those with an event of another (for `normal` or `off`, whose
+    windows raise none of their own: false alarms). A confusion table of whole files hid them:
+    4 of 13 normal recordings raised fault events in a review, and a file named rightly raised
+    another fault first."""
+    from edge.events import healthy_classes
+    from train.dataset import class_folders
+
+    bundle = load_bundle(model, variant=variant)
+    healthy = healthy_classes(bundle.manifest.labels or [])
+    p = bundle.features
+    out: dict[str, dict] = {}
+    for name, files in class_folders(classes_dir, least=1).items():
+        row = out[name] = {"files": 0, "own": 0, "other": 0, "healthy": name in healthy}
+        for path in files:
+            audio = read_audio(path, p.samplerate, channel, mono_any=True)
+            steps, _ = device_run(audio, bundle)
+            named = {t.label for step in steps for t in step.transitions if t.kind == "start"}
+            row["files"] += 1
+            row["own"] += name in named
+            row["other"] += bool(named - {name})
+    return out
+
+
 def segment_groups(
     n: int, window_s: float, hop_s: float, segment: float | None
 ) -> list[tuple[int | None, np.ndarray]]:
@@ -431,6 +459,7 @@ def classification(
     return report | {
         "unit": f"{segment:g}-s segments" if segment else "whole files",
         "variant": variant,
+        "events": class_events(model, classes_dir, variant, channel),
         "items": [
             dict(
                 zip(
