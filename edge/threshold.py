@@ -792,8 +792,8 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
     # above a prediction of 144 (a review)
     held = f"{params['n_windows']} windows of held-out normal audio"
     lines = [  # the held-out audio's seconds are the summary's first line (edge.advice)
-        f"threshold {value:.4g}, capped at what {held} back: not the budget of {budget:g} "
-        "false alarm(s) per day (below)"
+        f"threshold {value:.4g}, short of the budget of {budget:g} false alarm(s) per day: "
+        f"{held} cannot back a higher one (below)"
         if missed
         else f"threshold {value:.4g}, for {budget:g} false alarm(s) per day, backed by {held}"
     ]
