@@ -148,7 +148,7 @@ install_apt_packages() {
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
   done
   ((${#missing[@]})) || return 0
-  say "installing ${missing[*]}"
+  [ -n "$ROOT" ] || say "installing ${missing[*]}"  # with --root: the "would run" lines say it
   host apt-get update -qq
   host env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
@@ -418,7 +418,7 @@ start_service() {
       return
     fi
     if [ -n "$model" ] && [ ! -e "$ROOT$model" ]; then
-      say "not starting: model $model not found. Copy a bundle there, then: systemctl start soundsentry"
+      say "not starting: model $model not found. Copy your bundle there (or name it as model in ${CONF_DIR#"$ROOT"}/config.toml), then: sudo systemctl start soundsentry"
       return
     fi
   fi
