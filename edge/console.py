@@ -154,6 +154,12 @@ class ReplaySummary(Sink):
         """The highest score of the windows that could raise an event (none held off)."""
         self.classes = False
         """The windows were a classifier's: its score is the named class's probability."""
+        self.threshold: float | None = None
+        """The threshold in force at the last window (a sink's `window` says it)."""
+        self.changed = False
+        """The model or its threshold changed during the replay: the highest score is of the
+        windows since (a mark, a learning period or a rollback swapped the model, and a score
+        of the one before was set against the new one's threshold, in a walk-through)."""
 
     def step(self, step: Step) -> None:
         """Count a window; only those the event logic takes as evidence set the highest score
@@ -166,6 +172,19 @@ class ReplaySummary(Sink):
         if not step.evidence:
             self.unjudged += not step.dead
             return
+        self._score(step)
+
+    def window(self, step: Step, threshold: float) -> None:
+        """The threshold the window was scored against: when it changes, the highest scores
+        start again from this window (`step` counted it against the one before)."""
+        if self.threshold is not None and threshold != self.threshold:
+            self.changed = True
+            self.highest = self.highest_heeded = None
+            if step.machine == RUNNING and step.evidence:
+                self._score(step)
+        self.threshold = threshold
+
+    def _score(self, step: Step) -> None:
         self.classes = self.classes or step.window.label is not None
         score = step.score
         if score is not None:
@@ -197,7 +216,8 @@ class ReplaySummary(Sink):
                 side = "above while events were held off: a learning period, or a mute"
             elif side == "above" and not self.events:  # "(above)" beside "0 events": a review
                 side = "above in passing: an event needs K of N windows above it, or a lasting rise"
-            peak = f"highest score {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
+            since = " since the model or its threshold last changed" if self.changed else ""
+            peak = f"highest score{since} {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
         if self.off:
             peak += f"; the machine off in {self.off} of them"
         if self.unjudged:

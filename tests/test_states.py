@@ -291,6 +291,22 @@ def test_replay_s_highest_score_is_of_the_windows_the_event_logic_judges() -> No
     )
     held.step(step(2.0, 1.0))  # one that could have raised one is above too
     assert "(above in passing: an event needs" in held.line(1, 1.87)
+    swapped = ReplaySummary()  # a mark swapped the model: a score of the one before was set
+    for s, threshold in (
+        (step(2.56, 0.0), 2.2),
+        (step(1.2, 0.5), 2.2),
+        (step(1.0, 1.0), 2.14),
+        (step(1.5, 1.5), 2.14),
+    ):  # against the new threshold (a walk-through)
+        swapped.step(s)
+        swapped.window(s, threshold)
+    assert ("highest score since the model or its threshold last changed 1.5 vs threshold 2.14 "
+            "(below)") in swapped.line(1, 2.14), swapped.line(1, 2.14)  # fmt: skip
+    steady = ReplaySummary()
+    for s in (step(2.56, 0.0), step(1.2, 0.5)):
+        steady.step(s)
+        steady.window(s, 2.2)
+    assert "highest score 2.56 vs threshold 2.2 (above" in steady.line(1, 2.2)
     assert line.endswith(
         "; 2 not judged (a start-up, a stop, a change of state, or sound back after a gap)"
     ), line
