@@ -40,6 +40,7 @@ from edge.machine_state import (
     STOP_SECONDS,
     RunningTime,
     evidence_stream,
+    is_off,
 )
 from edge.messages import (
     EventMessage,
@@ -366,7 +367,7 @@ class Detector:
         pipeline = Pipeline(bundle, settings.detector)
         if close is not None:
             self.close_event(close)
-        named_off = OFF in {x.lower() for x in bundle.manifest.labels or []}  # a class `off`
+        named_off = any(map(is_off, bundle.manifest.labels or []))  # a classifier's class `off`
         if (
             self.live
             and pipeline.machine.off_below_dbfs is None
@@ -919,11 +920,10 @@ class Detector:
             # the machine off has no score to show: the room scored 30 against a threshold of
             # 3.6 while the fan was off, and Home Assistant's score graph spiked at every stop
             # (a walk-through)
-            machine = self._machine_of(step)
+            machine = step.state_name or step.machine  # a named state when trained with them
             self._last_score = None if machine == OFF else step.score
             if self.live:
-                heard = OFF if machine == OFF else step.machine  # a classifier's `off` too
-                self.running.heard(heard, step.dead, self.bundle.features.hop_seconds)
+                self.running.heard(step.machine, step.dead, self.bundle.features.hop_seconds)
             self._heard_near_off(step)
             if not self._heard:
                 pass  # `starting`, the machine unknown, until a window that is not dead
@@ -949,16 +949,6 @@ class Detector:
         self._last_block = time.monotonic()  # a slow block (a refit at a period's end) is no stall
         self._first_block = False
         return steps
-
-    def _machine_of(self, step: Step) -> str:
-        """The machine's state at a window: `off` while a classifier names its class `off`
-        (its bundle records no off level: a stop it named said `machine: running`, and ran up
-        running hours, in a review), else the named state when trained with them, else
-        running or off by its level."""
-        label = self.pipeline.events.label
-        if label is not None and label.lower() == OFF:
-            return OFF
-        return step.state_name or step.machine
 
     def _heard_near_off(self, step: Step) -> None:
         """Say once when the machine has been heard running but near its off level for

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from edge.machine_state import is_off
+
 DEFAULT_K = 3
 """Windows above the threshold, among the last N, that start an event. Windows are 1 s long at a
 0.5 s hop, so one instantaneous sound (a click, a door, a dropped tool) lands in two consecutive
@@ -344,7 +346,7 @@ def healthy_classes(labels: list[str]) -> set[str]:
     """The classes that raise no event: with any named `normal` (HEALTHY_CLASS), those and
     `off`; without, none (every class change is news)."""
     normal = {x for x in labels if _HEALTHY.match(x)}
-    return normal | {x for x in labels if x.lower() == "off"} if normal else set()
+    return normal | {x for x in labels if is_off(x)} if normal else set()
 
 
 class ClassTracker(_OpenEventHolder):
@@ -404,13 +406,7 @@ class ClassTracker(_OpenEventHolder):
         if not confident or len(votes) < self.k or label == self.label:
             return []
         healthy = label in self.healthy
-        why = (
-            "label_changed"
-            if not healthy
-            else "machine_off"
-            if label.lower() == "off"
-            else "normal"
-        )
+        why = "label_changed" if not healthy else "machine_off" if is_off(label) else "normal"
         ended = [t for t in [self.close(why)] if t is not None]
         if healthy:  # named, with no event of its own
             self.label = label
@@ -429,8 +425,12 @@ class ClassTracker(_OpenEventHolder):
 
     def close(self, reason: str) -> Transition | None:
         """End the current label's event, for `reason` (one of ENDED_BY); the votes go with it
-        (those from before the machine went off must not name its state after it starts)."""
+        (those from before the machine went off must not name its state after it starts). A
+        class with no event of its own (`normal`, `off`) stays named till another is: a mute
+        closed it, and a machine named `off` read `running` for the whole mute (a review)."""
         event, self._event = self._event, None
-        label, self.label = self.label, None
+        label = self.label
+        if event is not None:
+            self.label = None
         self._recent.clear()
         return event.transition("end", ended_by=reason, label=label) if event else None

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 RUNNING = "running"
 OFF = "off"
+
 OFF_MARGIN_DB = 10.0
 """A window this far below the quietest 1 % of training windows (of the quietest state's) is
 'off'."""
@@ -56,6 +57,12 @@ QUIET_GAP_DB = 20.0
 lead-in, the machine switched off for part of a recording, a file recorded far quieter): they
 are left out of the running level, or the off level would fall below them and never be met."""
 PERCENTILES = {"p01": 1, "p50": 50, "p99": 99}
+
+
+def is_off(name: str | None) -> bool:
+    """Whether a state folder's or a classifier's class name is `off` (any case): the machine
+    stopped."""
+    return name is not None and name.lower() == OFF
 
 
 def off_level(running_p1_dbfs: float) -> float:

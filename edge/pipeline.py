@@ -18,7 +18,7 @@ from edge.events import Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
 from edge.health import is_dead, level_dbfs
-from edge.machine_state import OFF, RUNNING, MachineState, StateNamer
+from edge.machine_state import OFF, RUNNING, MachineState, StateNamer, is_off
 from edge.settings import DetectorSettings
 
 
@@ -133,6 +133,8 @@ class Pipeline:
             ends = machine != RUNNING or self.machine.quiet  # an open event, even unheeded
             window_at = (scored, start_s, end_s)
             found = _feed(self.events, detect and evidence, ends, *window_at)
+            if is_off(self.events.label):  # a classifier names the machine stopped: its bundle
+                machine = OFF  # has no off level, and a stop it named said `running` (a review)
             heard: tuple[Transition, ...] = ()
             if listen and not detect:
                 if self._shadow is None:

@@ -765,7 +765,7 @@ def _warn_off_folders(paths: list[str]) -> None:
     `--normal-states`) learnt the stopped machine as running, its off level 16 dB lower, with
     no word (a walk-through)."""
     from edge.audio_io import find_audio
-    from edge.machine_state import OFF
+    from edge.machine_state import OFF, is_off
 
     for raw in paths:
         folder = Path(raw)
@@ -776,7 +776,7 @@ def _warn_off_folders(paths: list[str]) -> None:
                 folder.joinpath(*f.relative_to(folder).parts[: i + 1])
                 for f in find_audio([folder], quiet=True)
                 for i, part in enumerate(f.relative_to(folder).parts[:-1])
-                if part.lower() == OFF
+                if is_off(part)
             }
         )
         for off in offs:
@@ -792,12 +792,13 @@ def _note_healthy_class(labels: list[str]) -> None:
     events (faults, the anomaly state); without, every class change is an event and none an
     anomaly (a field review's user, with `ok` and faults, expected alarms of the faults only)."""
     from edge.events import HEALTHY_CLASS, healthy_classes
+    from edge.machine_state import is_off
 
     healthy = sorted(healthy_classes(labels))
     if healthy:
         faults = [x for x in labels if x not in healthy]
         said = f"; {', '.join(map(repr, faults))}: faults, each an anomaly event" if faults else ""
-        off = [x for x in healthy if x.lower() == "off"]  # said of `off` only if there is one
+        off = [x for x in healthy if is_off(x)]  # said of `off` only if there is one
         well = ", ".join(repr(x) for x in healthy if x not in off)
         stopped = f"; {off[0]!r}: the machine off" if off else ""
         print(f"note: {well}: the machine running well{stopped}: no event{said}",

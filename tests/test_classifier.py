@@ -359,6 +359,7 @@ def test_a_classifier_s_class_off_is_the_machine_off(
     from detector_helpers import Recorder
 
     from edge.bundle import write_bundle
+    from edge.console import ReplaySummary
     from edge.daemon import Detector
     from edge.settings import Settings
     from edge.sources import FileSource
@@ -369,10 +370,12 @@ def test_a_classifier_s_class_off_is_the_machine_off(
     files = {name: (classifier / name).read_bytes() for name in bundle.manifest.files}
     files = {k: v for k, v in files.items() if not k.endswith(".npz")}
     relabelled = write_bundle(tmp_path / "stops.bundle", manifest, files, bundle.arrays)
-    rec = Recorder()
+    rec, summary = Recorder(), ReplaySummary()
     settings = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "data")
     with caplog.at_level(logging.WARNING, logger="edge.daemon"):
-        detector = Detector(settings, load_bundle(relabelled), [rec], live=True)
+        detector = Detector(
+            settings, load_bundle(relabelled), [rec], on_step=summary.step, live=True
+        )
     # its class `off` is how it knows the machine off: no warning that it cannot
     assert not [r for r in caplog.records if "records no running level" in r.getMessage()]
     detector.run(FileSource([DEMO_CLIP], RATE))
@@ -383,6 +386,25 @@ def test_a_classifier_s_class_off_is_the_machine_off(
     windows = int((sf.info(str(DEMO_CLIP)).duration - 1.0) / 0.5) + 1  # 1-s windows, 0.5-s hop
     # the stop's windows are not running time (less the votes a resumed run is credited with)
     assert 0 < detector.running.seconds <= (windows - 4) * 0.5, detector.running.seconds
+    # the windows say it too (the page's Machine, the live line, replay's count of them)
+    assert summary.off >= 4, summary.off
+    # muted while it is off: the mute ended the class's reign, and the machine read `running`
+    # for the whole mute, its hours counting (a diff review)
+    rec = Recorder()
+    muted = Detector(settings, load_bundle(relabelled), [rec], live=True)
+    audio = read_audio(DEMO_CLIP, RATE)
+    at = 0
+    while not any(m.label == "off" for m in rec.states):
+        muted.feed(audio[at : at + 1600])
+        at += 1600
+    hours = muted.running.seconds
+    muted.mute(30)
+    while at < len(audio):
+        muted.feed(audio[at : at + 1600])
+        at += 1600
+    muted.emit_state()
+    assert (rec.states[-1].state, rec.states[-1].machine) == ("muted", "off"), rec.states[-1]
+    assert muted.running.seconds == hours
 
 
 def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() -> None:
