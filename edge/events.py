@@ -355,7 +355,7 @@ class ClassTracker(_OpenEventHolder):
     label's event ends and the new one's starts. With a class named `normal` (HEALTHY_CLASS)
     the others are faults: it has no event of its own (a fault's ends, `normal`, when it takes
     over) and a fault's event is an anomaly. Without one every class is an event, news rather
-    than an anomaly (states such as speeds). While an event lasts, an `update` is due every
+    than an anomaly (states such as speeds). While a fault lasts, an `update` is due every
     `update_s` seconds of windows confident of its class, as an anomaly's."""
 
     def __init__(
@@ -397,7 +397,9 @@ class ClassTracker(_OpenEventHolder):
         if label == self.label and confident and self._event:
             event = self._event
             event.add(confidence, end_s)
-            if end_s - event.last_update_s < self.update_s:
+            # a fault's only: a class change of a model without `normal` (a speed) is news
+            # that stays open, and sent an update every 10 s for as long (a diff review)
+            if not self.healthy or end_s - event.last_update_s < self.update_s:
                 return []
             # a fault heard for hours sent its start and nothing more (a review)
             event.last_update_s = end_s

@@ -313,6 +313,11 @@ def test_a_fault_that_lasts_sends_updates_while_its_class_is_heard() -> None:
     update = t.feed(0.9, "bearing", 30.5, 31.5)  # 10 s after the last, with its label
     assert [(x.kind, x.label) for x in update] == [("update", "bearing")]
     assert update[0].peak_score == 0.9 and update[0].started_s == 0.0
+    # without a class `normal` a class is news, open for as long as it is heard: an update
+    # every 10 s for hours of running at one speed (a diff review)
+    speeds = ClassTracker(["fast", "slow"], threshold=0.6, k=2, n=3, update_s=10.0)
+    said = [x.kind for i in range(7200) for x in speeds.feed(0.9, "fast", i * 0.5, i * 0.5 + 1)]
+    assert said == ["start"], said[:5]
 
 
 def test_a_classifier_with_a_normal_class_publishes_faults_only(
