@@ -156,6 +156,10 @@ class ReplaySummary(Sink):
         """The windows were a classifier's: its score is the named class's probability."""
         self.threshold: float | None = None
         """The threshold in force at the last window (a sink's `window` says it)."""
+        self.model: str | None = None
+        """The model in force, as the state messages name it."""
+        self.events_since = 0
+        """Events started since the model or its threshold last changed."""
         self.changed = False
         """The model or its threshold changed during the replay: the highest score is of the
         windows since (a mark, a learning period or a rollback swapped the model, and a score
@@ -178,11 +182,22 @@ class ReplaySummary(Sink):
         """The threshold the window was scored against: when it changes, the highest scores
         start again from this window (`step` counted it against the one before)."""
         if self.threshold is not None and threshold != self.threshold:
-            self.changed = True
-            self.highest = self.highest_heeded = None
+            self._start_again()
             if step.machine == RUNNING and step.evidence:
                 self._score(step)
         self.threshold = threshold
+
+    def state(self, message: StateMessage) -> None:
+        """A new model (a mark, a period's refit, a rollback; with a `[detector] threshold`
+        every model has the one threshold): the highest scores start again."""
+        if self.model is not None and message.model != self.model:
+            self._start_again()
+        self.model = message.model
+
+    def _start_again(self) -> None:
+        self.changed = True
+        self.highest = self.highest_heeded = None
+        self.events_since = 0
 
     def _score(self, step: Step) -> None:
         self.classes = self.classes or step.window.label is not None
@@ -197,26 +212,34 @@ class ReplaySummary(Sink):
         """Count anomalies by their start."""
         if message.type == "start":
             self.events += 1
+            self.events_since += 1
             self.integrated += message.trigger == "cusum"
 
     def line(self, files: int, threshold: float) -> str:
-        """`replay: 2 file(s), 62 windows, 1 event, highest score 2.76 vs threshold 1.87 ...`."""
+        """`replay: 2 file(s), 62 windows, 1 event, highest score 2.76 vs threshold 1.87 ...`;
+        `threshold`: the one in force at the end, which the scores are set against unless it
+        came after the last window (a refit as the replay ended)."""
+        since = " since the model or its threshold last changed" if self.changed else ""
+        if self.threshold is not None and threshold != self.threshold and self.highest is not None:
+            since = " of the model before the last change"
+            threshold = self.threshold
         if self.highest is None:
             peak = (  # "23 windows, ..., no window scored" read as a contradiction
-                "none judged (silent or flat, the machine off, or a start-up)"
+                f"none judged{since} (silent or flat, the machine off, or a start-up)"
                 if self.windows
                 else "the audio is shorter than one window"
             )
         elif self.classes:  # the probability of whichever class, `normal` too: no verdict
-            peak = f"highest class probability {self.highest:.4g} (threshold {threshold:.4g})"
+            peak = (
+                f"highest class probability{since} {self.highest:.4g} (threshold {threshold:.4g})"
+            )
         else:
             side = "above" if self.highest > threshold else "below"
-            heeded = self.highest_heeded
-            if side == "above" and not self.events and (heeded is None or heeded <= threshold):
+            heeded, raised = self.highest_heeded, self.events_since
+            if side == "above" and not raised and (heeded is None or heeded <= threshold):
                 side = "above while events were held off: a learning period, or a mute"
-            elif side == "above" and not self.events:  # "(above)" beside "0 events": a review
+            elif side == "above" and not raised:  # "(above)" beside "0 events": a review
                 side = "above in passing: an event needs K of N windows above it, or a lasting rise"
-            since = " since the model or its threshold last changed" if self.changed else ""
             peak = f"highest score{since} {self.highest:.4g} vs threshold {threshold:.4g} ({side})"
         if self.off:
             peak += f"; the machine off in {self.off} of them"

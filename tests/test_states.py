@@ -292,16 +292,41 @@ def test_replay_s_highest_score_is_of_the_windows_the_event_logic_judges() -> No
     held.step(step(2.0, 1.0))  # one that could have raised one is above too
     assert "(above in passing: an event needs" in held.line(1, 1.87)
     swapped = ReplaySummary()  # a mark swapped the model: a score of the one before was set
-    for s, threshold in (
+    for s, threshold in (  # against the new threshold (a walk-through)
         (step(2.56, 0.0), 2.2),
         (step(1.2, 0.5), 2.2),
-        (step(1.0, 1.0), 2.14),
+        (step(1.9, 1.0), 2.14),  # the window at the change counts, against the new one
         (step(1.5, 1.5), 2.14),
-    ):  # against the new threshold (a walk-through)
+    ):
         swapped.step(s)
         swapped.window(s, threshold)
-    assert ("highest score since the model or its threshold last changed 1.5 vs threshold 2.14 "
+    assert ("highest score since the model or its threshold last changed 1.9 vs threshold 2.14 "
             "(below)") in swapped.line(1, 2.14), swapped.line(1, 2.14)  # fmt: skip
+    # a refit as the replay ended: its scores are set against the threshold they were scored at
+    late = swapped.line(1, 1.5)
+    assert "score of the model before the last change 1.9 vs threshold 2.14" in late, late
+    # a new model with the one threshold (a [detector] threshold): its state names it
+    from edge.messages import EventMessage, StateMessage
+
+    def state(model: str) -> StateMessage:
+        return StateMessage(state="normal", device_id="d", model=model, threshold=2.0,
+                            updated_at="2026-01-01T00:00:00Z")  # fmt: skip
+
+    same = ReplaySummary()
+    same.state(state("m-1"))
+    for s in (step(2.56, 0.0), step(1.2, 0.5)):
+        same.step(s)
+        same.window(s, 2.0)
+    start = {"event_id": "e", "device_id": "d", "model": "m-1", "threshold": 2.0}
+    same.event(EventMessage(type="start", started_at="2026-01-01T00:00:00Z", peak_score=2.56,
+                            **start))  # fmt: skip
+    same.state(state("m-1-site-v2"))  # marked: refitted, the threshold as set
+    assert "none judged since the model or its threshold last changed" in same.line(1, 2.0)
+    for s in (step(2.1, 1.0), step(1.0, 1.5)):
+        same.step(s)
+        same.window(s, 2.0)
+    after = same.line(1, 2.0)  # the old model's event says nothing of the new one's 2.1
+    assert "changed 2.1 vs threshold 2 (above in passing" in after, after
     steady = ReplaySummary()
     for s in (step(2.56, 0.0), step(1.2, 0.5)):
         steady.step(s)
