@@ -763,28 +763,23 @@ def _warn_off_folders(paths: list[str]) -> None:
     """Warn of a folder named `off` in the normal audio: README's step 2 records states into
     `~/pump/off`, `low`, `high`, and `train --normal ~/pump` (the Pi has no TensorFlow for
     `--normal-states`) learnt the stopped machine as running, its off level 16 dB lower, with
-    no word (a walk-through)."""
+    no word (a walk-through); so did `~/pump/*`, or a file of it (a diff review)."""
     from edge.audio_io import find_audio
     from edge.machine_state import OFF, is_off
 
+    offs: dict[Path, None] = {}
     for raw in paths:
-        folder = Path(raw)
-        if not folder.is_dir():
-            continue
-        offs = sorted(
-            {
-                folder.joinpath(*f.relative_to(folder).parts[: i + 1])
-                for f in find_audio([folder], quiet=True)
-                for i, part in enumerate(f.relative_to(folder).parts[:-1])
-                if is_off(part)
-            }
-        )
-        for off in offs:
-            print(f"warning: {off}: a folder named {OFF!r} in --normal is trained on as the "
-                  "machine running, so the stopped machine is learnt as running and its off "
-                  f"level falls; leave it out, or train operating states with --normal-states "
-                  f"{off.parent} (one subfolder per state; the [train] extra)",
-                  file=sys.stderr)  # fmt: skip
+        given = Path(raw)
+        top = given if given.is_dir() else given.parent
+        for f in find_audio([given], quiet=True):
+            inside = f.parent.relative_to(top).parts if f.is_relative_to(top) else ()
+            folders = [top, *(top.joinpath(*inside[: i + 1]) for i in range(len(inside)))]
+            offs.update(dict.fromkeys(d for d in folders if is_off(d.name)))
+    for off in offs:
+        print(f"warning: {off}: a folder named {OFF!r} in --normal is trained on as the machine "
+              "running, so the stopped machine is learnt as running and its off level falls; "
+              f"leave it out, or train operating states with --normal-states {off.parent} (one "
+              "subfolder per state; the [train] extra)", file=sys.stderr)  # fmt: skip
 
 
 def _note_healthy_class(labels: list[str]) -> None:

@@ -714,6 +714,9 @@ def test_a_folder_named_off_in_the_normal_audio_is_warned_of(tmp_path: Path) -> 
     proc = cli("train", "--normal", str(pump), "--out", str(tmp_path / "p.bundle"))
     said = f"warning: {pump / 'Off'}: a folder named 'off' in --normal is trained on as the"
     assert said in proc.stderr and f"--normal-states {pump} (one" in proc.stderr, proc.stderr
+    for given in ([pump / "Off", pump / "low"], [pump / "Off" / "room.wav", pump / "high"]):
+        alone = cli("train", "--normal", *map(str, given), "--out", str(tmp_path / "o.bundle"))
+        assert said in alone.stderr, alone.stderr  # `~/pump/*`, or a file of it (a diff review)
     running = (str(pump / "low"), str(pump / "high"))
     quiet = cli("train", "--normal", *running, "--out", str(tmp_path / "q.bundle"))
     assert "named 'off'" not in quiet.stderr, quiet.stderr
