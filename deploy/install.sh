@@ -399,7 +399,7 @@ start_service() {
   local model
   if ((!START)); then
     if ((FRESH)); then
-      say "not starting (--no-start): systemctl start soundsentry"
+      say "not starting (--no-start): sudo systemctl start soundsentry"
     else  # the old daemon still runs the code it loaded: the new one runs after a restart
       say "not restarting (--no-start): the new code runs after: systemctl restart soundsentry"
     fi
@@ -414,7 +414,7 @@ start_service() {
   fi
   if [[ " ${ENABLE[*]} " == *" soundsentry.service "* ]]; then  # its config's model
     if ! model=$(configured_model); then
-      say "not starting: fix the config above, then: systemctl start soundsentry"
+      say "not starting: fix the config above, then: sudo systemctl start soundsentry"
       return
     fi
     if [ -n "$model" ] && [ ! -e "$ROOT$model" ]; then
@@ -425,7 +425,7 @@ start_service() {
   # a config kept from an uninstall (a key this version renamed) or its model: named here, not
   # a start that waits its minute and fails with systemd's "Job failed"
   if ! configs_load; then
-    say "not starting: fix the config above, then: systemctl start soundsentry"
+    say "not starting: fix the config above, then: sudo systemctl start soundsentry"
     return
   fi
   live_systemctl start "${ENABLE[@]}"

@@ -219,7 +219,8 @@ def classifier_summary(manifest: Any) -> str:
         if isinstance(row, list) and all(type(x) is int for x in row)
     }
     recall = ", ".join(
-        f"{name} {r:.2f}" + (f" ({counts[name]} windows)" if name in counts else "")
+        f"{name} {r:.2f}"
+        + (f" ({counts[name]} window{'' if counts[name] == 1 else 's'})" if name in counts else "")
         for name, r in (v.get("recall") or {}).items()
         if r is not None
     )

@@ -30,7 +30,7 @@ from edge.clock import believable
 from edge.commands import LAST, ReplyTo, threshold_bounds
 from edge.errors import SoundSentryError
 from edge.eventlog import last_logged_id, read_events
-from edge.events import Transition
+from edge.events import Transition, is_fault
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
 from edge.machine_state import (
@@ -605,7 +605,7 @@ class Detector:
         clips = sorted(self._clip_folder.glob("*.wav")) if self._clip_folder else []
         if not clips:
             raise LearningError("no event to mark: none since the start and no evidence clip")
-        return clips[-1].stem.split("-", 1)[1]
+        return event_of(clips[-1].name)
 
     def _full_id(self, event_id: str) -> str:
         """An event named by the 12 characters of its clip's name, as `events` lists it, by its
@@ -1239,7 +1239,7 @@ class Detector:
         healthy = getattr(self.pipeline.events, "healthy", None)
         if label is None or healthy is None:
             return None
-        return bool(healthy) and label not in healthy
+        return is_fault(label, healthy)
 
     # --- reports ---------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import math
 import re
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -347,6 +347,12 @@ def healthy_classes(labels: list[str]) -> set[str]:
     `off`; without, none (every class change is news)."""
     normal = {x for x in labels if _HEALTHY.match(x)}
     return normal | {x for x in labels if is_off(x)} if normal else set()
+
+
+def is_fault(label: str, healthy: Collection[str]) -> bool:
+    """Whether a classifier's class is a fault: beside classes that raise no event of their own
+    (`healthy_classes`, not empty when one is named `normal`), any other class."""
+    return bool(healthy) and label not in healthy
 
 
 class ClassTracker(_OpenEventHolder):

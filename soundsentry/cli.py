@@ -786,12 +786,12 @@ def _note_healthy_class(labels: list[str]) -> None:
     """Say what the edge does with these classes: with one named `normal`, only the others are
     events (faults, the anomaly state); without, every class change is an event and none an
     anomaly (a field review's user, with `ok` and faults, expected alarms of the faults only)."""
-    from edge.events import HEALTHY_CLASS, healthy_classes
+    from edge.events import HEALTHY_CLASS, healthy_classes, is_fault
     from edge.machine_state import is_off
 
     healthy = sorted(healthy_classes(labels))
     if healthy:
-        faults = [x for x in labels if x not in healthy]
+        faults = [x for x in labels if is_fault(x, healthy)]
         said = f"; {', '.join(map(repr, faults))}: faults, each an anomaly event" if faults else ""
         off = [x for x in healthy if is_off(x)]  # said of `off` only if there is one
         well = ", ".join(repr(x) for x in healthy if x not in off)

@@ -80,7 +80,8 @@ def test_training_a_classifier_says_how_it_validated_and_warns_of_a_thin_class(
     # what the edge will do with these classes: none is named `normal`
     assert "note: no class is named 'normal': the edge reports every change" in stderr, stderr
     held = dict(zip(m.labels, (sum(row) for row in v["confusion"]), strict=True))
-    assert f"fault {v['recall']['fault']:.2f} ({held['fault']} windows)" in stdout, stdout
+    assert f"running {v['recall']['running']:.2f} ({held['running']} windows)" in stdout, stdout
+    assert f"fault {v['recall']['fault']:.2f} (1 window)" in stdout, stdout  # one: "1 windows"
     report = {"labels": ["fault", "normal"], "n": 38, "balanced_accuracy": 0.0789}
     said = near_chance(report)  # the review's valve
     assert said and said.startswith("validation: balanced accuracy 0.079 on 38 held-out")

@@ -114,7 +114,7 @@ recordings the model never heard."""
 def recall_warnings(report: dict) -> list[str]:
     """The warnings for classes (train.metrics.classification_report) named rightly too rarely
     in the validation: false alarms where the machine runs well, or faults missed."""
-    from edge.events import healthy_classes
+    from edge.events import healthy_classes, is_fault
 
     labels = report["labels"]
     healthy = healthy_classes(labels)
@@ -123,7 +123,7 @@ def recall_warnings(report: dict) -> list[str]:
     for name, recall in (report.get("recall") or {}).items():
         if recall is None:
             continue
-        fault = bool(healthy) and name not in healthy
+        fault = is_fault(name, healthy)
         if recall >= (RECALL_WARN_FAULT if fault else RECALL_WARN_NEWS):
             continue
         share = f"class {name!r}: {recall:.0%} of its {counts[name]} held-out windows named rightly"

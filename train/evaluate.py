@@ -419,6 +419,8 @@ def class_events(
         for path in files:
             audio = read_audio(path, p.samplerate, channel, mono_any=True)
             steps, _ = device_run(audio, bundle)
+            if not steps:  # shorter than a window: skipped by the confusion table too
+                continue
             named = {t.label for step in steps for t in step.transitions if t.kind == "start"}
             row["files"] += 1
             row["own"] += name in named
