@@ -939,7 +939,7 @@ class Detector:
             self._track_bands(step)
             for transition in step.transitions:
                 self._dispatch(transition)
-            if self.pipeline.events.label != self._label_said:  # a class named with no event
+            if self.pipeline.named_class != self._label_said:  # a class named with no event
                 self.emit_state()  # of its own (`normal`): Recognised class waited for a report
             if step.heard and self.adapter is not None and self.adapter.period is not None:
                 self.adapter.period.heard_events += sum(t.kind == "start" for t in step.heard)
@@ -1259,7 +1259,7 @@ class Detector:
         """Send the current state (or `state`) to every sink."""
         state = state or self.current_state()
         gone = state == "stopped"  # retained till the next start: no reading of a daemon gone
-        self._label_said = self.pipeline.events.label
+        self._label_said = label = self.pipeline.named_class
         message = StateMessage(
             state=state,  # type: ignore[arg-type]
             device_id=self.settings.device_id,
@@ -1271,7 +1271,11 @@ class Detector:
             event_id=self.pipeline.events.event_id,
             # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time
             muted_until=iso(self.muted_until) if self.muted and not gone else None,
-            label=self.pipeline.events.label,
+            # nothing heard of it (a dead microphone, a daemon gone), or the machine off by its
+            # level: a class kept from before is not one heard now (a diff review)
+            label=None
+            if state == "fault" or gone or (self._machine == OFF and not is_off(label))
+            else label,
             # faulty audio says nothing, nor a daemon gone (`stopped` stays retained till its start)
             machine=None if state == "fault" or gone else self._machine,
             progress=round(self.adapter.period.progress, 4)

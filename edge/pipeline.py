@@ -14,7 +14,7 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.detectors.base import Tracker, WindowScore
 from edge.detectors.registry import plugin_for
-from edge.events import Transition
+from edge.events import ClassTracker, Transition
 from edge.features import LogMel
 from edge.framing import WindowBuffer
 from edge.health import is_dead, level_dbfs
@@ -133,20 +133,42 @@ class Pipeline:
             ends = machine != RUNNING or self.machine.quiet  # an open event, even unheeded
             window_at = (scored, start_s, end_s)
             found = _feed(self.events, detect and evidence, ends, *window_at)
-            if is_off(self.events.label):  # a classifier names the machine stopped: its bundle
-                machine = OFF  # has no off level, and a stop it named said `running` (a review)
             heard: tuple[Transition, ...] = ()
-            if listen and not detect:
+            # held off, a classifier still names its classes (a machine stopped while muted
+            # read `off` for the whole mute, run or not: a diff review), and a period listens
+            if not detect and (listen or isinstance(self.events, ClassTracker)):
                 if self._shadow is None:
                     self._shadow = self._new_tracker()
+                    named = self.events.label  # a class with no event of its own goes on
+                    if isinstance(self._shadow, ClassTracker) and named in self._shadow.healthy:
+                        self._shadow.label = named
                 self._shadow.threshold = self.events.threshold  # one set by command too
-                heard = _feed(self._shadow, evidence, ends, *window_at)
+                shadowed = _feed(self._shadow, evidence, ends, *window_at)
+                heard = shadowed if listen else ()
             else:
+                self._carry_named_class()
                 self._shadow = None
+            if is_off(self.named_class):  # a classifier names the machine stopped: its bundle
+                machine = OFF  # has no off level, and a stop it named said `running` (a review)
             quieting = not dead and self.machine.quieting
             fields = (found, dead, elapsed, level, machine, name, heard, evidence, quieting)
             steps.append(Step(scored, start_s, end_s, *fields, held=not detect))
         return steps
+
+    @property
+    def named_class(self) -> str | None:
+        """The class a classifier names now, while events are held off too (None for an
+        anomaly model)."""
+        return (self._shadow if self._shadow is not None else self.events).label
+
+    def _carry_named_class(self) -> None:
+        """Events heeded again: a class with no event of its own (`normal`, `off`) that a
+        classifier named while they were held off is the one named now."""
+        shadow, events = self._shadow, self.events
+        if not (isinstance(shadow, ClassTracker) and isinstance(events, ClassTracker)):
+            return
+        if not events.active and shadow.label in shadow.healthy:
+            events.label = shadow.label
 
     def _name(self, machine: str, features: np.ndarray) -> str | None:
         """The named state of a running window, for a bundle trained with state folders."""
