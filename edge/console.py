@@ -160,6 +160,9 @@ class ReplaySummary(Sink):
         """The model in force, as the state messages name it."""
         self.events_since = 0
         """Events started since the model or its threshold last changed."""
+        self.new_model = False
+        """A state named a new model since the last window: the highest scores start again at
+        the next one (a refit as the replay ended leaves them as they are, the old model's)."""
         self.changed = False
         """The model or its threshold changed during the replay: the highest score is of the
         windows since (a mark, a learning period or a rollback swapped the model, and a score
@@ -169,6 +172,8 @@ class ReplaySummary(Sink):
         """Count a window; only those the event logic takes as evidence set the highest score
         (not silent or flat ones, the machine off, starting up or going quiet: a machine's
         run-up had the line report a score above the threshold with no event)."""
+        if self.new_model:
+            self._start_again()
         self.windows += 1
         if step.machine != RUNNING:  # the pipeline's own rule: such windows raise no event
             self.off += 1
@@ -189,13 +194,14 @@ class ReplaySummary(Sink):
 
     def state(self, message: StateMessage) -> None:
         """A new model (a mark, a period's refit, a rollback; with a `[detector] threshold`
-        every model has the one threshold): the highest scores start again."""
+        every model has the one threshold): the highest scores start again at its first
+        window."""
         if self.model is not None and message.model != self.model:
-            self._start_again()
+            self.new_model = True
         self.model = message.model
 
     def _start_again(self) -> None:
-        self.changed = True
+        self.changed, self.new_model = True, False
         self.highest = self.highest_heeded = None
         self.events_since = 0
 
@@ -220,9 +226,10 @@ class ReplaySummary(Sink):
         `threshold`: the one in force at the end, which the scores are set against unless it
         came after the last window (a refit as the replay ended)."""
         since = " since the model or its threshold last changed" if self.changed else ""
-        if self.threshold is not None and threshold != self.threshold and self.highest is not None:
-            since = " of the model before the last change"
-            threshold = self.threshold
+        late = self.threshold is not None and threshold != self.threshold
+        if (self.new_model or late) and self.highest is not None:  # changed after the last window
+            since = " of the model before" if self.new_model else " before the threshold changed"
+            threshold = self.threshold if self.threshold is not None else threshold
         if self.highest is None:
             peak = (  # "23 windows, ..., no window scored" read as a contradiction
                 f"none judged{since} (silent or flat, the machine off, or a start-up)"

@@ -304,7 +304,7 @@ def test_replay_s_highest_score_is_of_the_windows_the_event_logic_judges() -> No
             "(below)") in swapped.line(1, 2.14), swapped.line(1, 2.14)  # fmt: skip
     # a refit as the replay ended: its scores are set against the threshold they were scored at
     late = swapped.line(1, 1.5)
-    assert "score of the model before the last change 1.9 vs threshold 2.14" in late, late
+    assert "highest score before the threshold changed 1.9 vs threshold 2.14" in late, late
     # a new model with the one threshold (a [detector] threshold): its state names it
     from edge.messages import EventMessage, StateMessage
 
@@ -321,7 +321,10 @@ def test_replay_s_highest_score_is_of_the_windows_the_event_logic_judges() -> No
     same.event(EventMessage(type="start", started_at="2026-01-01T00:00:00Z", peak_score=2.56,
                             **start))  # fmt: skip
     same.state(state("m-1-site-v2"))  # marked: refitted, the threshold as set
-    assert "none judged since the model or its threshold last changed" in same.line(1, 2.0)
+    # a refit as the replay ended (a period's): the scores are the model's before it, not
+    # "none judged" (a diff review)
+    ended = same.line(1, 2.0)
+    assert "1 event, highest score of the model before 2.56 vs threshold 2 (above)" in ended, ended
     for s in (step(2.1, 1.0), step(1.0, 1.5)):
         same.step(s)
         same.window(s, 2.0)
