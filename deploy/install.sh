@@ -257,7 +257,7 @@ install_units() {
   install -d -m 0755 "$UNIT_DIR"
   for unit in "${UNITS[@]}"; do  # written aside, then renamed: a power cut leaves the old unit
     if [ "$(readlink "$UNIT_DIR/$unit" 2>/dev/null)" = /dev/null ]; then  # masked: it stays so
-      say "$unit is masked: left masked, not updated (systemctl unmask $unit, then run this again)"
+      say "$unit is masked: left masked, not updated (sudo systemctl unmask $unit, then run this again)"
       continue
     fi
     install -m 0644 "$DEPLOY_DIR/$unit" "$UNIT_DIR/.$unit.new"
@@ -401,7 +401,7 @@ start_service() {
     if ((FRESH)); then
       say "not starting (--no-start): sudo systemctl start soundsentry"
     else  # the old daemon still runs the code it loaded: the new one runs after a restart
-      say "not restarting (--no-start): the new code runs after: systemctl restart soundsentry"
+      say "not restarting (--no-start): the new code runs after: sudo systemctl restart soundsentry"
     fi
     return
   fi

@@ -775,6 +775,10 @@ def _warn_off_folders(paths: list[str]) -> None:
             inside = f.parent.relative_to(top).parts if f.is_relative_to(top) else ()
             folders = [top, *(top.joinpath(*inside[: i + 1]) for i in range(len(inside)))]
             offs.update(dict.fromkeys(d for d in folders if is_off(d.name)))
+        # `--normal .` inside it, or a day's folder of it (~/pump/off/day1): by its real name
+        offs.update(dict.fromkeys(d for d in top.resolve().parents if is_off(d.name)))
+        if is_off(top.resolve().name):
+            offs[top.resolve()] = None
     for off in offs:
         print(f"warning: {off}: a folder named {OFF!r} in --normal is trained on as the machine "
               "running, so the stopped machine is learnt as running and its off level falls; "

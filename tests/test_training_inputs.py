@@ -700,10 +700,14 @@ def test_a_device_id_home_assistant_would_confuse_with_another_is_warned_of(
     assert "device_id 'pump.3' is announced to Home Assistant as node" in proc.stderr
 
 
-def test_a_folder_named_off_in_the_normal_audio_is_warned_of(tmp_path: Path) -> None:
+def test_a_folder_named_off_in_the_normal_audio_is_warned_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """README's step 2 records states into `~/pump/off`, `low`, `high`; `train --normal ~/pump`
     (the Pi has no TensorFlow for --normal-states) learnt the stopped machine as running, its
     off level 16 dB lower, with no word (a walk-through)."""
+    from soundsentry.cli import _warn_off_folders
+
     pump = tmp_path / "pump"
     for state, files in (("low", NORMAL_FILES[:2]), ("high", NORMAL_FILES[2:]), ("Off", [])):
         (pump / state).mkdir(parents=True)
@@ -717,6 +721,15 @@ def test_a_folder_named_off_in_the_normal_audio_is_warned_of(tmp_path: Path) -> 
     for given in ([pump / "Off", pump / "low"], [pump / "Off" / "room.wav", pump / "high"]):
         alone = cli("train", "--normal", *map(str, given), "--out", str(tmp_path / "o.bundle"))
         assert said in alone.stderr, alone.stderr  # `~/pump/*`, or a file of it (a diff review)
+    day = pump / "Off" / "day1"  # a day's folder of it, or `--normal .` inside it
+    day.mkdir()
+    (pump / "Off" / "room.wav").rename(day / "room.wav")
+    inside = cli("train", "--normal", str(day), str(pump / "low"), "--out", str(tmp_path / "d"))
+    real = (pump / "Off").resolve()  # found by the folders' real names
+    assert f"warning: {real}: a folder named 'off'" in inside.stderr, inside.stderr
+    monkeypatch.chdir(pump / "Off")
+    _warn_off_folders(["."])
+    assert f"warning: {real}: a folder named 'off'" in capsys.readouterr().err
     running = (str(pump / "low"), str(pump / "high"))
     quiet = cli("train", "--normal", *running, "--out", str(tmp_path / "q.bundle"))
     assert "named 'off'" not in quiet.stderr, quiet.stderr
