@@ -411,6 +411,7 @@ class Detector:
     def unmute(self) -> None:
         """End a mute now."""
         self.muted_until = 0.0
+        self.pipeline.heed()  # a class named while muted is the one the state names
         self._save_state()
         self.emit_state()
 
@@ -1002,6 +1003,7 @@ class Detector:
         if self._mute_end and now >= self._mute_end:
             self._mute_end = 0.0
             log.info("mute ended")
+            self.pipeline.heed()
             self._save_state()
             self.emit_state()
         # Alive = the loop turns. A stalled or missing microphone is the capture's to reopen

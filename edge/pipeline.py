@@ -146,7 +146,7 @@ class Pipeline:
                 shadowed = _feed(self._shadow, evidence, ends, *window_at)
                 heard = shadowed if listen else ()
             else:
-                self._carry_named_class()
+                self.heed()
                 self._shadow = None
             if is_off(self.named_class):  # a classifier names the machine stopped: its bundle
                 machine = OFF  # has no off level, and a stop it named said `running` (a review)
@@ -161,14 +161,17 @@ class Pipeline:
         anomaly model)."""
         return (self._shadow if self._shadow is not None else self.events).label
 
-    def _carry_named_class(self) -> None:
-        """Events heeded again: a class with no event of its own (`normal`, `off`) that a
-        classifier named while they were held off is the one named now."""
+    def heed(self) -> None:
+        """Events heeded again (a mute ended): what a classifier named while they were held off
+        is what it names now, a class with no event of its own (`normal`, `off`) as it is, a
+        fault as none till its K of N windows raise it (an `off` from before the mute came
+        back over a fault heard during it: a diff review)."""
         shadow, events = self._shadow, self.events
         if not (isinstance(shadow, ClassTracker) and isinstance(events, ClassTracker)):
             return
-        if not events.active and shadow.label in shadow.healthy:
-            events.label = shadow.label
+        if not events.active:
+            events.label = shadow.label if shadow.label in shadow.healthy else None
+        self._shadow = None
 
     def _name(self, machine: str, features: np.ndarray) -> str | None:
         """The named state of a running window, for a bundle trained with state folders."""

@@ -355,6 +355,23 @@ def test_a_classifier_with_a_normal_class_publishes_faults_only(
     assert "anomaly" in [m.state for m in rec.states]
     labels = [m.label for m in rec.states]  # Recognised class: normal, said as it is named
     assert labels.index("normal") < labels.index("fault"), labels
+    # muted from 3 s to 9 s, the fault heard meanwhile: the unmute's state said `normal` with
+    # the fault's name, then the name went normal, fault (a diff review); now no class is said
+    # till the fault's K of N windows raise it, as they do
+    rec = Recorder()
+    muted = Detector(settings, load_bundle(relabelled), [rec], live=False)
+    audio = read_audio(DEMO_CLIP, RATE)
+    for at in range(0, len(audio), 1600):
+        if at == 3 * RATE:
+            muted.mute(30)
+        if at == 9 * RATE:
+            muted.unmute()
+            assert (rec.states[-1].state, rec.states[-1].label) == ("normal", None), rec.states
+            said = len(rec.states)
+        muted.feed(audio[at : at + 1600])
+    after = [(m.state, m.label) for m in rec.states[said:]]
+    assert after[0] == ("anomaly", "fault"), after  # it said ("normal", "normal") first
+    assert [e.type for e in rec.events][:1] == ["start"] and rec.events[0].label == "fault"
 
 
 def test_a_classifier_s_class_off_is_the_machine_off(
@@ -427,6 +444,18 @@ def test_a_classifier_s_class_off_is_the_machine_off(
     for state in ("fault", "stopped"):  # nothing heard: no class named, as no machine state
         muted.emit_state(state)
         assert (rec.states[-1].label, rec.states[-1].machine) == (None, None), rec.states[-1]
+    # off by its level (`off_below_dbfs`): `normal`, named before, is not a class heard now
+    rec = Recorder()
+    quiet = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "q",
+                     detector={"off_below_dbfs": -60.0})  # fmt: skip
+    stops = Detector(quiet, load_bundle(relabelled), [rec], live=True)
+    room = np.random.default_rng(0).normal(0, 10 ** (-80 / 20), 6 * RATE).astype(np.float32)
+    for block in (audio[: 4 * RATE], room):
+        for at in range(0, len(block), 1600):
+            stops.feed(block[at : at + 1600])
+    assert ("normal", "running") in [(m.label, m.machine) for m in rec.states], rec.states
+    stops.emit_state()
+    assert (rec.states[-1].machine, rec.states[-1].label) == ("off", None), rec.states[-1]
 
 
 def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() -> None:
