@@ -774,7 +774,7 @@ def _warn_off_folders(paths: list[str]) -> None:
         for f in find_audio([given], quiet=True):
             inside = f.parent.relative_to(top).parts if f.is_relative_to(top) else ()
             folders = [top, *(top.joinpath(*inside[: i + 1]) for i in range(len(inside)))]
-            offs.update(dict.fromkeys(d for d in folders if is_off(d.name)))
+            offs.update(dict.fromkeys(d.resolve() for d in folders if is_off(d.name)))
         # `--normal .` inside it, or a day's folder of it (~/pump/off/day1): by its real name
         offs.update(dict.fromkeys(d for d in top.resolve().parents if is_off(d.name)))
         if is_off(top.resolve().name):

@@ -730,6 +730,9 @@ def test_a_folder_named_off_in_the_normal_audio_is_warned_of(
     monkeypatch.chdir(pump / "Off")
     _warn_off_folders(["."])
     assert f"warning: {real}: a folder named 'off'" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # a relative path: said once, not under two names
+    _warn_off_folders(["pump/Off"])
+    assert capsys.readouterr().err.count("a folder named 'off'") == 1
     running = (str(pump / "low"), str(pump / "high"))
     quiet = cli("train", "--normal", *running, "--out", str(tmp_path / "q.bundle"))
     assert "named 'off'" not in quiet.stderr, quiet.stderr
