@@ -615,25 +615,27 @@ class Detector:
         (a diff review)."""
         if len(event_id) != CLIP_ID_CHARS:
             return event_id
-        kept = [e for e in reversed(self._kept) if same_event(e, event_id)]
-        if kept:
-            return kept[0]
-        try:
-            logged = [e.data["event_id"] for e in read_events(self.settings.data_dir)]
-        except SoundSentryError:  # an event log that cannot be read: its clip may still be
-            return event_id
+        kept = next((e for e in reversed(self._kept) if same_event(e, event_id)), None)
+        if kept is not None:
+            return kept
+        logged = self._logged_ids() or []  # an event log that cannot be read: its clip may be
         return next((e for e in reversed(logged) if same_event(e, event_id)), event_id)
 
     def _known(self, eid: str) -> bool:
-        """Whether the event is one this device raised: kept here or in its event log."""
+        """Whether the event is one this device raised: kept here or in its event log (one that
+        cannot be read: not said unknown)."""
         if eid in self._kept:
             return True
+        logged = self._logged_ids()
+        return logged is None or any(same_event(e, eid) for e in logged)
+
+    def _logged_ids(self) -> list[str] | None:
+        """The ids of the events in the device's event log, oldest first; None when it cannot
+        be read."""
         try:
-            return any(
-                same_event(e.data["event_id"], eid) for e in read_events(self.settings.data_dir)
-            )
-        except SoundSentryError:  # an event log that cannot be read: not said unknown
-            return True
+            return [e.data["event_id"] for e in read_events(self.settings.data_dir)]
+        except SoundSentryError:
+            return None
 
     @property
     def _clip_folder(self) -> Path | None:
