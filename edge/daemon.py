@@ -30,7 +30,7 @@ from edge.clock import believable
 from edge.commands import LAST, ReplyTo, threshold_bounds
 from edge.errors import SoundSentryError
 from edge.eventlog import last_logged_id, read_events
-from edge.events import Transition, is_fault
+from edge.events import ClassTracker, Transition, is_fault
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.learning import FEATURIZERS, LearningError
 from edge.machine_state import (
@@ -38,6 +38,7 @@ from edge.machine_state import (
     OFF,
     RUNNING,
     STOP_SECONDS,
+    SWITCH_VOTES,
     RunningTime,
     evidence_stream,
     is_off,
@@ -925,8 +926,10 @@ class Detector:
             # (a walk-through)
             machine = step.state_name or step.machine  # a named state when trained with them
             self._last_score = None if machine == OFF else step.score
-            if self.live:
-                self.running.heard(step.machine, step.dead, self.bundle.features.hop_seconds)
+            if self.live:  # a classifier's class `off` ends in its K of N votes, not the 8
+                events = self.pipeline.events  # that rename a state
+                votes = events.k if isinstance(events, ClassTracker) else SWITCH_VOTES
+                self.running.heard(step.machine, step.dead, self.bundle.features.hop_seconds, votes)
             self._heard_near_off(step)
             if not self._heard:
                 pass  # `starting`, the machine unknown, until a window that is not dead

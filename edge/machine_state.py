@@ -232,12 +232,13 @@ class RunningTime:
     _was_off: bool = False
     """The last window heard: the machine off."""
 
-    def heard(self, machine: str, dead: bool, hop_s: float) -> None:
-        """Count one window, its machine state as the event logic saw it."""
+    def heard(self, machine: str, dead: bool, hop_s: float, votes: int = SWITCH_VOTES) -> None:
+        """Count one window, its machine state as the event logic saw it; `votes`: the windows
+        of the vote that calls a start (a classifier's K of N)."""
         if dead:
             return
         if machine == RUNNING:
-            self.seconds += (SWITCH_VOTES if self._was_off else 1) * hop_s
+            self.seconds += (votes if self._was_off else 1) * hop_s
         self._was_off = machine == OFF
 
     def restart(self) -> None:
