@@ -196,7 +196,9 @@ def test_the_readme_scripts_refuse_an_old_python_before_installing(
     assert not venv.exists()
 
 
-def run_installer(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_installer(
+    root: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """deploy/install.sh --root ROOT (nothing outside ROOT is written) with this Python."""
     proc = subprocess.run(
         ["bash", str(INSTALL_SH), "--root", str(root), "--python", sys.executable, *args],
@@ -204,6 +206,7 @@ def run_installer(root: Path, *args: str, check: bool = True) -> subprocess.Comp
         text=True,
         timeout=INSTALL_TIMEOUT_S,
         check=False,
+        env=env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"install.sh {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
@@ -226,7 +229,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if not check_aarch64.pypi_reachable():
         pytest.skip(f"PyPI is not reachable ({check_aarch64.PROBE_URL}): cannot build the venv")
     root = tmp_path_factory.mktemp("root")
-    proc = run_installer(root)
+    # a Pi that lacks the Debian packages, whatever this host has: dpkg-query finds none
+    shims = tmp_path_factory.mktemp("bin")
+    (shims / "dpkg-query").write_text("#!/bin/sh\nexit 1\n")
+    (shims / "dpkg-query").chmod(0o755)
+    proc = run_installer(root, env={**os.environ, "PATH": f"{shims}:{os.environ['PATH']}"})
     (root / "install.log").write_text(proc.stdout)
     yield root
 
@@ -270,6 +277,11 @@ def test_fresh_install_creates_the_tree(installed: Path, tmp_path: Path) -> None
     # with --root nothing is installed: "installing alsa-utils" read as done (a walk-through)
     apt = [line for line in log.splitlines() if "installing" in line and " into " not in line]
     assert apt == [], apt
+    assert (
+        "would run: env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+        "--no-install-recommends python3 python3-venv libportaudio2 libsndfile1 alsa-utils "
+        "ca-certificates" in log
+    ), log
 
     # The installed unit, pointed at the installed venv, verifies clean.
     unit = with_exec_start(UNITS[0], tmp_path, venv / "bin/soundsentry")
