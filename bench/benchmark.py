@@ -249,7 +249,7 @@ def supervised(
         epochs=epochs,
         augment=Augmenter(augment) if augment else None,
     )
-    labels, rows = classify_items(bundle, link("test", test_dirs), 1.0, "int8", 0)
+    labels, rows, _ = classify_items(bundle, link("test", test_dirs), 1.0, "int8", 0)
     rep = classification_report(
         np.array([r[2] for r in rows]), np.array([r[3] for r in rows]), labels
     )

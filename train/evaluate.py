@@ -362,26 +362,39 @@ def write_text_output(path: str | Path, text: str) -> None:
 
 
 def classify_items(
-    model: str | Path, classes_dir: str | Path, segment: float | None, variant: str, channel: int
-) -> tuple[list[str], list[tuple[str, int | None, int, int]]]:
-    """Per file (or segment): (file, segment, true index, predicted index) by mean probability."""
+    model: str | Path,
+    classes_dir: str | Path,
+    segment: float | None,
+    variant: str,
+    channel: int,
+    with_events: bool = False,
+) -> tuple[list[str], list[tuple[str, int | None, int, int]], dict[str, dict]]:
+    """Per file (or segment): (file, segment, true index, predicted index) by mean probability;
+    and with `with_events`, what the device raises on each class's files (`_tally_events`),
+    from the same reading of each file (a second pass read and resampled them all again)."""
+    from edge.events import healthy_classes
     from train.dataset import class_folders
 
     bundle = load_bundle(model, variant=variant)
     if bundle.manifest.kind != "classifier":
         raise AudioError("--classes needs a classifier bundle (trained with --classes)")
     labels = bundle.manifest.labels or []
+    healthy = healthy_classes(labels)
     scorer = Scorer.from_bundle(bundle)
     p = bundle.features
     if segment is not None and segment < p.window_seconds:  # no segment would hold a window
         raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
     rows = []
+    events: dict[str, dict] = {}
     groups = class_folders(classes_dir, least=1)  # one class's recordings are a check too
     every = [f for files in groups.values() for f in files]
     _warn_if_trained_on(bundle, every, "it will look like its class")
     for name, files in groups.items():
         if name not in labels:
             raise AudioError(f"class folder {name!r} is not one of the model's {labels}")
+        tally = {"files": 0, "own": 0, "other": 0, "healthy": name in healthy}
+        if with_events:
+            events[name] = tally
         for path in progress(files, f"scoring {name}"):
             audio = read_audio(path, p.samplerate, channel, mono_any=True)
             windows = windows_of(audio, p, heard=True)
@@ -389,43 +402,30 @@ def classify_items(
                 log.warning("%s: shorter than one window, or silent; skipped", path)
                 continue
             probs = np.stack([scorer.probabilities(w) for w in windows])
-            groups = segment_groups(len(windows), p.window_seconds, p.hop_seconds, segment)
-            for seg, idx in groups:
+            for seg, idx in segment_groups(len(windows), p.window_seconds, p.hop_seconds, segment):
                 pred = int(probs[idx].mean(axis=0).argmax())
                 rows.append((str(path), seg, labels.index(name), pred))
+            if with_events:
+                _tally_events(tally, name, audio, bundle)
     if not rows:
         raise AudioError(f"nothing to score in {classes_dir}: every file is shorter than a window")
-    return labels, rows
+    return labels, rows, events
 
 
-def class_events(
-    model: str | Path, classes_dir: str | Path, variant: str, channel: int
-) -> dict[str, dict]:
-    """What the device raises on each labelled file, each its own stream through its pipeline
-    (K of N confident windows at the bundle's settings): per true class, its files, those with
-    an event of their own class, and those with an event of another (for `normal` or `off`, whose
-    windows raise none of their own: false alarms). A confusion table of whole files hid them:
-    4 of 13 normal recordings raised fault events in a review, and a file named rightly raised
-    another fault first."""
-    from edge.events import healthy_classes
-    from train.dataset import class_folders
-
-    bundle = load_bundle(model, variant=variant)
-    healthy = healthy_classes(bundle.manifest.labels or [])
-    p = bundle.features
-    out: dict[str, dict] = {}
-    for name, files in class_folders(classes_dir, least=1).items():
-        row = out[name] = {"files": 0, "own": 0, "other": 0, "healthy": name in healthy}
-        for path in files:
-            audio = read_audio(path, p.samplerate, channel, mono_any=True)
-            steps, _ = device_run(audio, bundle)
-            if not steps:  # shorter than a window: skipped by the confusion table too
-                continue
-            named = {t.label for step in steps for t in step.transitions if t.kind == "start"}
-            row["files"] += 1
-            row["own"] += name in named
-            row["other"] += bool(named - {name})
-    return out
+def _tally_events(tally: dict, name: str, audio: np.ndarray, bundle: Bundle) -> None:
+    """What the device raises on one file of class `name`, its own stream through its pipeline
+    (K of N confident windows at the bundle's settings), counted into `tally`: the file, an
+    event of its own class, an event of another (for `normal` or `off`, whose windows raise
+    none of their own: false alarms). A confusion table of whole files hid them: 4 of 13 normal
+    recordings raised fault events in a review, and a file named rightly raised another fault
+    first."""
+    steps, _ = device_run(audio, bundle)
+    if not steps:  # shorter than a window: the confusion table skips it too
+        return
+    named = {t.label for step in steps for t in step.transitions if t.kind == "start"}
+    tally["files"] += 1
+    tally["own"] += name in named
+    tally["other"] += bool(named - {name})
 
 
 def segment_groups(
@@ -454,14 +454,16 @@ def classification(
 ) -> dict:
     """Accuracy, balanced accuracy, macro F1, the confusion matrix and every item's prediction
     of a classifier bundle on labelled folders (what `evaluate --classes --json` writes)."""
-    labels, rows = classify_items(model, classes_dir, segment, variant, channel)
+    labels, rows, events = classify_items(
+        model, classes_dir, segment, variant, channel, with_events=True
+    )
     report = classification_report(
         np.array([r[2] for r in rows]), np.array([r[3] for r in rows]), labels
     )
     return report | {
         "unit": f"{segment:g}-s segments" if segment else "whole files",
         "variant": variant,
-        "events": class_events(model, classes_dir, variant, channel),
+        "events": events,
         "items": [
             dict(
                 zip(
