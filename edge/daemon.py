@@ -280,7 +280,7 @@ class Detector:
         self.adapter = self._new_adapter(bundle) if persist else None
         # restore() resumes a saved period too, checked against the version it chose (a period
         # begun on a bundle loaded by reload_model is that bundle's, not the configured one's)
-        self._load(self.adapter.restore() if self.adapter else bundle)
+        self._load(self.adapter.restore() if self.adapter else bundle, named_on=False)
         self._restore_state()
         self._auto_learn()
         if not live and self.adapter is not None and self.adapter.period is not None:
@@ -360,10 +360,12 @@ class Detector:
         settings: Settings | None = None,
         threshold: float | None = None,
         close: str | None = None,
+        named_on: bool = True,
     ) -> None:
         """Build the pipeline and explainer of a bundle; stream time restarts at this sample.
         Nothing changes if the pipeline cannot be built (the running model stays whole, and
-        an open anomaly goes on); once it is, an open anomaly ends for `close`."""
+        an open anomaly goes on); once it is, an open anomaly ends for `close`. `named_on`: the
+        same stream goes on (`Pipeline.named_on`), not at the start or a new stream."""
         settings = settings or self.settings
         pipeline = Pipeline(bundle, settings.detector)
         if close is not None:
@@ -386,6 +388,8 @@ class Detector:
             )  # fmt: skip
         if self.live:
             _say_overrides(bundle, settings)
+        if named_on:
+            pipeline.named_on(self.pipeline)
         self.bundle, self.pipeline, self.settings = bundle, pipeline, settings
         self.running.restart()  # its machine state starts afresh: no vote to credit
         self._threshold = threshold
@@ -1050,7 +1054,7 @@ class Detector:
         self.close_event("end_of_stream")
         if self.clips:  # a clip's pre-roll held the last file's end (in a review)
             self.clips.ring.forget()
-        self._load(self.bundle, self.settings, self._threshold)
+        self._load(self.bundle, self.settings, self._threshold, named_on=False)
 
     def finish(self) -> None:
         """End an open anomaly, save a learning period in progress and the running hours, send

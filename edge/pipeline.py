@@ -173,6 +173,16 @@ class Pipeline:
             events.label = shadow.label if shadow.label in shadow.healthy else None
         self._shadow = None
 
+    def named_on(self, before: Pipeline) -> None:
+        """This pipeline takes over from `before` (a reload, another model, new [detector]
+        settings): a class with no event of its own that it named (`off`, `normal`) is named on
+        if this model has it, a fault none till its K of N windows raise it. Named afresh, a
+        machine stopped read `running` for the K windows of the vote at every switch, its
+        running hours counting."""
+        events, named = self.events, before.named_class
+        if isinstance(events, ClassTracker) and not events.active and named in events.healthy:
+            events.label = named
+
     def _name(self, machine: str, features: np.ndarray) -> str | None:
         """The named state of a running window, for a bundle trained with state folders."""
         if self.namer is None:

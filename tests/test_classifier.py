@@ -329,18 +329,12 @@ def test_a_classifier_with_a_normal_class_publishes_faults_only(
     raises nothing, its fault an anomaly named `fault`, and the state says so."""
     from detector_helpers import Recorder
 
-    from edge.bundle import write_bundle
     from edge.console import ReplaySummary
     from edge.daemon import Detector
     from edge.settings import Settings
     from edge.sources import FileSource
 
-    bundle = load_bundle(classifier)
-    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
-    manifest["labels"] = ["normal" if x == "running" else x for x in manifest["labels"]]
-    files = {name: (classifier / name).read_bytes() for name in bundle.manifest.files}
-    files = {k: v for k, v in files.items() if not k.endswith(".npz")}
-    relabelled = write_bundle(tmp_path / "faults.bundle", manifest, files, bundle.arrays)
+    relabelled = _relabelled(classifier, tmp_path / "faults.bundle", {"running": "normal"})
     rec, summary = Recorder(), ReplaySummary()
     settings = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "data")
     detector = Detector(settings, load_bundle(relabelled), [rec], on_step=summary.step, live=False)
@@ -382,18 +376,12 @@ def test_a_classifier_s_class_off_is_the_machine_off(
     running` in the state message, and running hours counted on (a review)."""
     from detector_helpers import Recorder
 
-    from edge.bundle import write_bundle
     from edge.console import ReplaySummary
     from edge.daemon import Detector
     from edge.settings import Settings
     from edge.sources import FileSource
 
-    bundle = load_bundle(classifier)
-    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
-    manifest["labels"] = ["off" if x == "fault" else "normal" for x in manifest["labels"]]
-    files = {name: (classifier / name).read_bytes() for name in bundle.manifest.files}
-    files = {k: v for k, v in files.items() if not k.endswith(".npz")}
-    relabelled = write_bundle(tmp_path / "stops.bundle", manifest, files, bundle.arrays)
+    relabelled = _relabelled(classifier, tmp_path / "stops.bundle", STOPS)
     rec, summary, seen = Recorder(), ReplaySummary(), []
     settings = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "data")
     with caplog.at_level(logging.WARNING, logger="edge.daemon"):
@@ -464,6 +452,60 @@ def test_a_classifier_s_class_off_is_the_machine_off(
     assert ("normal", "running") in [(m.label, m.machine) for m in rec.states], rec.states
     stops.emit_state()
     assert (rec.states[-1].machine, rec.states[-1].label) == ("off", None), rec.states[-1]
+
+
+def test_a_classifier_s_class_off_is_named_on_across_a_model_switch(
+    classifier: Path, tmp_path: Path
+) -> None:
+    """A reload, a new model or new [detector] settings build a new pipeline, whose classifier
+    named no class till K of N windows: a machine stopped read `running` for 1.5 s at every
+    switch, Home Assistant's Machine flipping off, running, off, and its hours counting."""
+    from detector_helpers import Recorder
+
+    from edge.daemon import Detector
+    from edge.settings import DetectorSettings, Settings
+
+    relabelled = _relabelled(classifier, tmp_path / "stops.bundle", STOPS)
+    rec = Recorder()
+    settings = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(relabelled), [rec], live=True)
+    audio = read_audio(DEMO_CLIP, RATE)
+    at = 0
+    while not any(m.label == "off" for m in rec.states):
+        detector.feed(audio[at : at + 1600])
+        at += 1600
+    hours, said = detector.running.seconds, len(rec.states)
+    detector.use_bundle(load_bundle(relabelled), reason="reload")
+    changed = settings.model_copy(
+        update={"detector": DetectorSettings(trigger_windows=2, trigger_of=3)}
+    )
+    for block in range(30):  # through the stop (the demo's fault, 5.2 to 10.8 s)
+        if block == 15:
+            detector.apply_settings(changed)
+        detector.feed(audio[at : at + 1600])
+        at += 1600
+    assert at <= int(10.6 * RATE), at
+    machines = [(m.machine, m.label) for m in rec.states[said:]]
+    assert machines and set(machines) == {("off", "off")}, machines
+    assert detector.running.seconds == hours
+    detector.new_stream()  # the next file replayed: unrelated audio, nothing named yet
+    assert detector.pipeline.named_class is None
+
+
+def _relabelled(classifier: Path, out: Path, names: dict[str, str]) -> Path:
+    """The fixture's classifier with its classes renamed (`names`: old to new)."""
+    from edge.bundle import write_bundle
+
+    bundle = load_bundle(classifier)
+    manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+    manifest["labels"] = [names.get(x, x) for x in manifest["labels"]]
+    files = {name: (classifier / name).read_bytes() for name in bundle.manifest.files}
+    files = {k: v for k, v in files.items() if not k.endswith(".npz")}
+    return write_bundle(out, manifest, files, bundle.arrays)
+
+
+STOPS = {"fault": "off", "running": "normal"}
+"""The fixture's classes as the machine's stop and its running well."""
 
 
 def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() -> None:
