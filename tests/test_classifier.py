@@ -112,6 +112,10 @@ def test_evaluate_reports_accuracy_f1_and_confusion(
 ) -> None:
     out = tmp_path / "eval.json"
     (tmp_path / "rep").mkdir()
+    classes_given = classes
+    classes = tmp_path / "classes"  # the fixture's, and a silent recording of normal running
+    shutil.copytree(classes_given, classes, symlinks=True)
+    sf.write(classes / "running" / "silent.wav", np.zeros(3 * RATE, np.float32), RATE)
     (tmp_path / "rep" / "roc.png").write_text("mine")  # no name --classes writes: left alone
     proc = cli(
         "evaluate",

@@ -397,6 +397,8 @@ def classify_items(
             events[name] = tally
         for path in progress(files, f"scoring {name}"):
             audio = read_audio(path, p.samplerate, channel, mono_any=True)
+            if with_events:  # a silent file too, as replay counts it (a diff review)
+                _tally_events(tally, name, audio, bundle)
             windows = windows_of(audio, p, heard=True)
             if len(windows) == 0:
                 log.warning("%s: shorter than one window, or silent; skipped", path)
@@ -405,8 +407,6 @@ def classify_items(
             for seg, idx in segment_groups(len(windows), p.window_seconds, p.hop_seconds, segment):
                 pred = int(probs[idx].mean(axis=0).argmax())
                 rows.append((str(path), seg, labels.index(name), pred))
-            if with_events:
-                _tally_events(tally, name, audio, bundle)
     if not rows:
         raise AudioError(f"nothing to score in {classes_dir}: every file is shorter than a window")
     return labels, rows, events
@@ -420,7 +420,7 @@ def _tally_events(tally: dict, name: str, audio: np.ndarray, bundle: Bundle) -> 
     recordings raised fault events in a review, and a file named rightly raised another fault
     first."""
     steps, _ = device_run(audio, bundle)
-    if not steps:  # shorter than a window: the confusion table skips it too
+    if not steps:  # shorter than a window: the confusion table skips it too, and replay
         return
     named = {t.label for step in steps for t in step.transitions if t.kind == "start"}
     tally["files"] += 1
