@@ -46,6 +46,7 @@ from edge.learning import (
     combine,
     featurizer,
     flags,
+    has_training,
     mark_capacity,
     refit_summary,
     require_period,
@@ -177,6 +178,7 @@ class Adapter:
         dropped unfinished (`dropped`: why; replaced, another model in use, cancelled, a saved
         one that cannot resume), or found ended in a version already after a power cut (that
         version's refit): the daemon answers its `learn start` again."""
+        self._marks_learnt: tuple[object, bool] | None = None  # `marks_learnt`, by version
         self.channel: int | None = None
         """The channel the site's audio comes from (the source's: [audio] channel, or replay's
         --channel), recorded in a refit's calibration as `calibrate` records its own: a
@@ -262,6 +264,22 @@ class Adapter:
             return load_bundle(entry["base"])
         except SoundSentryError as exc:
             raise LearningError(f"the base model of version {entry['version']}: {exc}") from None
+
+    def marks_learnt(self) -> bool:
+        """Whether an event marked normal can be learnt now (the page offers *Mark normal* only
+        then): the base bundle carries its training windows, or the version in use holds a
+        period's audio of the site to back the threshold. The demo's bundle has neither before a
+        learning period: the page offered the button on its events and every mark was refused
+        with a command the page cannot send (a phone review)."""
+        current = self.history.current
+        key = (self.configured.model_id, (current or {}).get("version"))
+        if self._marks_learnt is None or self._marks_learnt[0] != key:
+            try:
+                backed = bool(current and current.get("site")) or has_training(self.base())
+            except LearningError:  # its base is gone: the mark would say so
+                backed = True
+            self._marks_learnt = (key, backed)
+        return self._marks_learnt[1]
 
     def switched(self, bundle: Bundle, reason: str) -> None:
         """Record a bundle loaded from outside (reload_model, SIGHUP) as a version."""

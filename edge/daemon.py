@@ -838,7 +838,10 @@ class Detector:
             "commands_shed": self.commands_shed,
             "level_dbfs": self._level_dbfs,
             "anomaly_index": _round(self.index.value, 4),
-            "learns": self._featurize is not None and self.adapter is not None,  # mark_normal
+            # whether mark_normal can be learnt: the page offers it only then
+            "learns": self._featurize is not None
+            and self.adapter is not None
+            and self.adapter.marks_learnt(),
             "same_device_id": self._same_device_id(),
             **(self.adapter.status() if self.adapter is not None else {}),
         }

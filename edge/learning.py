@@ -354,11 +354,11 @@ def site_refit(
     featurizer(base)
     trained = plugin_for(base.manifest).scorer(base)
     marked = np.zeros(len(site), bool) if marked is None else marked
-    has_training = _has_training(base)
-    _require_backing(base, has_training, int((~marked).sum()))
+    with_training = has_training(base)
+    _require_backing(base, with_training, int((~marked).sum()))
     z = trained.standardize(site) if len(site) else np.zeros((0, trained.dim))
     final = _model(trained, *pooled(trained, _windows(base), z))
-    held = _training_scores(base, trained, z) if has_training else []
+    held = _training_scores(base, trained, z) if with_training else []
     held += _fold_scores(base, trained, z, chunks, marked)
     scores = np.concatenate([s for s, _ in held])
     manifest = refit_manifest(base, scores, false_alarms_per_day, SITE_SOURCE, event_logic)
@@ -381,7 +381,7 @@ Held = list[tuple[np.ndarray, np.ndarray]]
 """Held-out scores and band shares, per group of windows."""
 
 
-def _has_training(base: Bundle) -> bool:
+def has_training(base: Bundle) -> bool:
     """The bundle carries its training summary (trained by a release that learns on site)."""
     return all(k in base.arrays for k in (TRAINING_FEATURES, FIT_CENTER, FIT_PRECISION))
 
@@ -389,7 +389,7 @@ def _has_training(base: Bundle) -> bool:
 def require_period(base: Bundle, seconds: float) -> None:
     """Refuse at its start a period too short for its refit to be taken (`_require_backing`):
     it ran to its end, and its refit failed with no word on MQTT (a review of the contract)."""
-    if not _has_training(base) and seconds < MIN_AUDIO_SECONDS:
+    if not has_training(base) and seconds < MIN_AUDIO_SECONDS:
         raise LearningError(
             f"{base.model_id} carries no training windows (trained before learning on site), "
             f"so {MIN_AUDIO_SECONDS:g} s of the site's normal running must back the threshold: "
@@ -397,10 +397,10 @@ def require_period(base: Bundle, seconds: float) -> None:
         )
 
 
-def _require_backing(base: Bundle, has_training: bool, site_windows: int) -> None:
+def _require_backing(base: Bundle, with_training: bool, site_windows: int) -> None:
     """Without the training summary, the site's own audio must back the threshold."""
     seconds = site_windows * base.features.hop_seconds
-    if not has_training and seconds < MIN_AUDIO_SECONDS:
+    if not with_training and seconds < MIN_AUDIO_SECONDS:
         raise LearningError(
             f"{base.model_id} carries no training windows (trained before learning on site), "
             f"so {MIN_AUDIO_SECONDS:g} s of the site's normal running must back the threshold "

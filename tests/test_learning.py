@@ -465,6 +465,7 @@ def test_mark_normal_then_replay_rollback_and_the_audit_log(
     assert starts(device.replay(*NORMAL_FILES)) == []
     learned = device.detector.bundle.model_id
     assert learned.endswith("-site-v1")
+    assert device.detector.status()["learns"] is True  # the site's audio backs a mark now
     device.learning = {}
     fault = starts(device.replay(ANOMALOUS_FILE))
     assert len(fault) == 1, "the sound the operator will call normal raises an event"
@@ -491,6 +492,7 @@ def test_mark_normal_then_replay_rollback_and_the_audit_log(
     assert len(starts(device.replay(ANOMALOUS_FILE))) == 1, "back to the model before the mark"
     assert device.detector.bundle.model_id == learned, "a rollback survives a restart"
     assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73"
+    assert device.detector.status()["learns"] is False  # the demo's bundle alone again
     refused = device.command(command="rollback", id="rb-3")
     assert not refused.ok and "no version to roll back" in refused.detail
     assert any("rejected command rollback (id rb-3)" in r.message for r in caplog.records)
@@ -524,6 +526,8 @@ def test_mark_normal_refused_for_want_of_site_audio_says_what_to_do_and_keeps_no
     The reply says how, and the refused mark leaves nothing that a later refit would pick up."""
     device = Device(tmp_path)
     (event,) = starts(device.replay(ANOMALOUS_FILE))
+    # the page offers no Mark normal that would be refused (with a command it cannot send)
+    assert device.detector.status()["learns"] is False
     reply = device.command(command="mark_normal", event_id=event["event_id"])
     assert not reply.ok
     assert "run the learn command" in reply.detail and '"action": "start"' in reply.detail
@@ -1221,6 +1225,7 @@ def test_learn_cancel_and_stop_and_a_bounded_history(tmp_path: Path) -> None:
     assert not (device.data / "models" / "fan-demo-12483c73-v1.bundle").exists()
     assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73-site-v2"
     assert device.command(command="rollback").detail == "rolled back to fan-demo-12483c73"
+    assert device.detector.status()["learns"] is False  # the demo's bundle alone again
 
 
 def test_a_mute_pauses_the_learning_period(tmp_path: Path) -> None:
