@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("dashboard.html")
 COMMAND_WAIT_S = 10.0
 """How long an action waits for the daemon loop's reply."""
-KEEPALIVE_S = 15.0
+KEEPALIVE_S = 5.0
 """A comment line is sent this often on an idle stream, so proxies keep it open."""
 CLIENT_TIMEOUT_S = 60.0
 """A connection that neither sends nor takes anything for this long (an idle keep-alive, a
