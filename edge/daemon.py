@@ -838,13 +838,18 @@ class Detector:
             "commands_shed": self.commands_shed,
             "level_dbfs": self._level_dbfs,
             "anomaly_index": _round(self.index.value, 4),
-            # whether mark_normal can be learnt: the page offers it only then
-            "learns": self._featurize is not None
-            and self.adapter is not None
-            and self.adapter.marks_learnt(),
+            "learns": self.marks_learnt(),  # the page offers Mark normal only then
             "same_device_id": self._same_device_id(),
             **(self.adapter.status() if self.adapter is not None else {}),
         }
+
+    def marks_learnt(self) -> bool:
+        """Whether mark_normal can be learnt now: a model that learns on site, with the data
+        folder's learning (not a replay without `--config`), and audio to back the refit's
+        threshold (`Adapter.marks_learnt`)."""
+        return (
+            self._featurize is not None and self.adapter is not None and self.adapter.marks_learnt()
+        )
 
     def _same_device_id(self) -> list[str]:
         """Other SoundSentry instances heard online under this device_id (edge.publish)."""

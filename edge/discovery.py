@@ -87,9 +87,9 @@ def discovery_configs(
     `threshold` the threshold number is left out (its bounds derive from it, widened to the
     threshold `in_force` when that lies outside, at most CLASSIFIER_MAX for a `classifier`);
     with the dashboard's `configuration_url` Home Assistant links the device to its page.
-    A model that cannot `learns` on site (`learns_on_site`) has no button to mark an event
-    normal: pressed, it was refused on the response topic, which Home Assistant does not
-    show, so nothing happened (a review)."""
+    A model that cannot `learns` a mark (`learns_on_site`, `Detector.marks_learnt`) has no
+    button to mark an event normal: pressed, it was refused on the response topic, which Home
+    Assistant does not show, so nothing happened (a review)."""
     uid = f"{topics.prefix}_{topics.device_id}"
     common: dict[str, Any] = {
         "availability_topic": topics.availability,
@@ -341,6 +341,16 @@ class DiscoveryRefresh(Sink):
         self.bundle_of = bundle_of
         self.configuration_url = configuration_url
         self.threshold: float | None = None  # in force, as the last state said
+        self.learns_of: Callable[[], bool] | None = None
+        """Whether a mark can be learnt now (`Detector.marks_learnt`, set once the daemon is
+        built); until then, by the model's kind (`learns_on_site`)."""
+
+    def learns_from(self, learns_of: Callable[[], bool]) -> None:
+        """Announce the mark button as the daemon can learn a mark: not on the demo's bundle
+        before a learning period (it refused every mark), then with the version that learnt
+        (a new model is announced anew, `state`)."""
+        self.learns_of = learns_of
+        self._announce()
 
     def state(self, message: StateMessage) -> None:
         """Compare the state's model and threshold with the announced ones; re-announce on a
@@ -375,7 +385,7 @@ class DiscoveryRefresh(Sink):
                 self.configuration_url,
                 self.threshold,
                 bundle.manifest.kind == "classifier",
-                learns=learns_on_site(bundle),
+                learns=self.learns_of() if self.learns_of is not None else learns_on_site(bundle),
             )
         )
 

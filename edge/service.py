@@ -138,6 +138,8 @@ def run_detector(
                 spool.close()
             raise StartError(str(exc)) from exc
         controller = Controller(detector, reload_settings)
+        if refresh is not None:  # the mark button as the daemon can learn one, before connecting
+            refresh.learns_from(detector.marks_learnt)
         if dashboard is not None:
             if refresh is not None and page is None:  # another holds its port now: linked
                 dashboard.on_page = lambda url: _link_later(detector, refresh, url)  # once had

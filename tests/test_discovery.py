@@ -20,9 +20,11 @@ from conftest import (
     AE_BUNDLE,
     DEMO_BUNDLE,
     DEMO_CLIP,
+    NORMAL_FILES,
     ROOT,
     SOUNDSENTRY,
     Broker,
+    cli,
     free_port,
     wait_for,
 )
@@ -659,8 +661,18 @@ def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
     )
     number = TOPICS.ha_config("number", "threshold")
-    sub = Subscriber(broker.port, number, client_id="ha")
     button = Subscriber(broker.port, TOPICS.ha_config("button", "mark_normal"), client_id="b")
+    env = {**os.environ, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")}
+    # a model trained here carries its training windows: it learns a mark, and has the button
+    trained = tmp_path / "trained.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(trained))
+    run = [*SOUNDSENTRY, "replay", str(trained), str(NORMAL_FILES[0]), "--config", str(cfg)]
+    subprocess.run(run, cwd=ROOT, env=env, check=True, capture_output=True)
+    assert button.wait_for(lambda ms: len(ms) >= 1, timeout=30), "no button"
+    assert button.messages[0].payload != "", "a model that learns a mark has its button"
+    sub = Subscriber(broker.port, number, client_id="ha")
+    assert sub.wait_for(lambda ms: len(ms) >= 1, timeout=30)  # the last run's, retained
+    sub.messages.clear()
     replay = [*SOUNDSENTRY, "replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--realtime", "--config"]
     daemon = subprocess.Popen(
         [*replay, str(cfg)],
@@ -668,17 +680,21 @@ def test_a_reloaded_model_is_announced_with_its_own_threshold_bounds(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "SOUNDSENTRY_DATA_DIR": str(tmp_path / "data")},
+        env=env,
     )
     try:
         assert sub.wait_for(lambda ms: len(ms) >= 1, timeout=30), "no discovery"
+        # the demo's bundle carries no training windows: it learns no mark before a learning
+        # period, so its button, pressed, was refused where Home Assistant does not show it
+        # (a phone review found the page's); cleared
+        assert button.wait_for(lambda ms: len(ms) >= 2, timeout=30), button.messages
+        assert button.messages[1].payload == ""
         reload = {"command": "reload_model", "path": AE_BUNDLE.name}
         sub.client.publish(TOPICS.command, json.dumps(reload), qos=1)
         assert sub.wait_for(lambda ms: len(ms) >= 2, timeout=30), "no new discovery"
-        # the autoencoder cannot learn on site: its button to mark an event normal, refused
-        # where Home Assistant does not show it when pressed, is cleared (a review)
-        assert button.wait_for(lambda ms: any(m.payload == "" for m in ms), timeout=30)
-        assert button.messages[0].payload != "", "the fluctuation model's button came first"
+        # the autoencoder cannot learn on site: no button either (a review)
+        assert button.wait_for(lambda ms: len(ms) >= 3, timeout=30), button.messages
+        assert button.messages[2].payload == ""
         assert daemon.wait(60) == 0
     finally:
         daemon.kill()
