@@ -1381,8 +1381,9 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
     dashboard = Dashboard(settings)
     detector = Detector(settings, load_bundle(DEMO_BUNDLE), [dashboard.live], persist=True)
     marks: list[str] = []
+    learns = {"now": True}
     dashboard.start(detector, Controller(detector).handle_payload)
-    dashboard.live.attach(lambda: {**detector.status(), "learns": True, "marked": marks})
+    dashboard.live.attach(lambda: {**detector.status(), "learns": learns["now"], "marked": marks})
     browser = None
     try:
         fault = read_audio(ANOMALOUS_FILE, 16000)
@@ -1426,6 +1427,15 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         cards = lambda: browser.find_elements(By.CSS_SELECTOR, ".ev")  # noqa: E731
         wait_for(lambda: len(cards()) == 2, 15, "the interrupted event's card", cards)
         assert len(buttons()) == 1, [c.text for c in cards()]
+        # the new card took the place of "none yet" by removing the list's first <p>: the
+        # reply in the older card (a diff review)
+        assert said().startswith("mark normal: "), [c.text for c in cards()]
+        # a model that no longer learns marks (a rollback to the demo's bundle), then again
+        # (a learning period ended): the cards drawn before follow at once, not at a reload
+        for now, offered in ((False, 0), (True, 1)):
+            learns["now"] = now
+            dashboard.live._refresh_status(force=True)
+            wait_for(lambda n=offered: len(buttons()) == n, 15, f"{offered} button(s)", buttons)
         # a classifier's fault has an anomaly's card, its change of class (a speed) another
         # look: the fault's card had the change of class's (a review)
         for eid, label, fault in (("c" * 32, "bearing", True), ("d" * 32, "fast", False)):
@@ -1797,6 +1807,18 @@ def test_the_page_reads_at_a_glance_on_a_phone(tmp_path: Path) -> None:
             height = js(f"return document.querySelector('{css}').getBoundingClientRect().height")
             assert height >= 44, (css, height)
         assert js("return document.documentElement.scrollWidth") <= 360  # nothing runs off
+        # the daemon's loop sends nothing more (frozen), while the server's keepalives go on:
+        # the badge stayed a green `normal` for 45 s, and after
+        state("normal", "normal", state="normal", machine="running")
+        wait_for(lambda: text("#state") == "no contact", 20, "no contact", lambda: text("#state"))
+        assert text("#conn").startswith("no news from the daemon since "), text("#conn")
+        live.window(Step(WindowScore(0, 3.0, np.zeros(64)), 0.0, 1.0, ()), 12.0)
+        wait_for(lambda: text("#state") == "normal", 10, "live again", lambda: text("#state"))
+        assert text("#conn") == "live"
+        # a microphone fault says why no window comes: no "no contact" over it
+        state("no usable audio", "fault", state="fault")
+        wait_for(lambda: js("return Date.now() - newsAt.getTime()") > 14000, 20, "14 s")
+        assert text("#state") == "no usable audio" and text("#conn") == "live"
     finally:
         if browser is not None:
             browser.quit()
