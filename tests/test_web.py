@@ -902,6 +902,14 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
                 lambda: text("#state") == "no contact", 25, "no contact", lambda: text("#state")
             )
             assert text("#conn").startswith("no news from the daemon since "), text("#conn")
+            # a command meanwhile: the button waited for ever under the last reply, and the
+            # daemon carried it out once it woke (a phone review)
+            browser.find_element(By.ID, "unmute").click()
+            assert text("#reply") == "unmute: sending…", text("#reply")
+            wait_for(
+                lambda: text("#reply").startswith("unmute: no answer in 15 s: the daemon may"),
+                25, "the command given up", lambda: text("#reply"),
+            )  # fmt: skip
             wait_for(
                 lambda: text("#conn").startswith("daemon unreachable since "),
                 60,
@@ -1452,6 +1460,17 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         browser.get(f"http://127.0.0.1:{dashboard.port}/")
         wait_for(lambda: len(cards()) == 4, 15, "the event cards")
         assert buttons() == []
+        # ... and says so: a colleague could not tell the model ignores this sound now
+        learnt = browser.find_element(By.ID, f"ev-{event_id}").text
+        assert "marked normal: the model has learnt this sound" in learnt, learnt
+        # a mark's reply in words, its refit's figures on hover (they read as developer's)
+        detail = "event e marked normal: model m-site-v2, threshold 3.364 -> 2.6 (on the ..."
+        browser.execute_script(
+            "reply({ok: true, command: 'mark_normal', detail: arguments[0]}, $('#reply'))", detail
+        )
+        words = "mark normal: the model has learnt this sound as normal running"
+        assert browser.find_element(By.ID, "reply").text == words
+        assert browser.find_element(By.ID, "reply").get_attribute("title") == detail
     finally:
         if browser is not None:
             browser.quit()
@@ -1777,7 +1796,10 @@ def test_the_page_reads_at_a_glance_on_a_phone(tmp_path: Path) -> None:
 
         state("machine off", "off", state="normal", machine="off")
         state("normal", "normal", state="normal", machine="running")
+        live.window(Step(WindowScore(0, 3.0, np.zeros(64)), 0.0, 1.0, (), level_dbfs=-20.0), 12.0)
+        wait_for(lambda: js("return $('#levelbar').style.width") != "0%", 10, "the level bar")
         state("no usable audio", "fault", state="fault")  # the microphone's: not an anomaly's red
+        assert js("return $('#levelbar').style.width") == "0%"  # kept its width beside "–"
         colour = lambda css: js(f"return getComputedStyle(document.querySelector('{css}')).color")  # noqa: E731
         assert colour("#state") == "rgb(188, 140, 255)", colour("#state")
         live.health(HealthMessage(status="fault", device_id="t", updated_at=iso(now),
