@@ -632,6 +632,13 @@ def test_a_connection_that_says_nothing_gives_its_thread_back(
         dashboard.stop()
 
 
+def _answers_with(url: str, token: str) -> bool:
+    try:
+        return request(url, token).status == 200
+    except OSError:
+        return False
+
+
 def _answers(port: int) -> bool:
     try:
         return request(f"http://127.0.0.1:{port}/api/state").status == 200
@@ -1381,7 +1388,7 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
     from edge.bundle import load_bundle
     from edge.control import Controller
     from edge.daemon import Detector
-    from edge.messages import EventMessage
+    from edge.messages import EventMessage, ResponseMessage
     from edge.settings import Settings
     from edge.web.server import Dashboard
 
@@ -1407,6 +1414,7 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
             if b.text == "Mark normal"
         ]
         browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
         wait_for(lambda: len(buttons()) == 1, 15, "the Mark normal button", buttons)
         # one tap taught the model a fault for good: it asks first, and a No sends nothing
         browser.execute_script("window.confirm = () => false")
@@ -1415,7 +1423,7 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         # a Yes: the reply in the card, where the thumb is, not in the Actions far above
         browser.execute_script("window.confirm = () => true")
         buttons()[0].click()
-        said = lambda: browser.find_element(By.CSS_SELECTOR, ".ev button + p").text  # noqa: E731
+        said = lambda: browser.find_element(By.CSS_SELECTOR, f"#ev-{event_id} .said").text  # noqa: E731
 
         def answered() -> str:
             detector.run_pending()  # the daemon loop's turn: the command waits in its queue
@@ -1455,6 +1463,19 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         looks = {c.find_element(By.CSS_SELECTOR, "b").text: c.get_attribute("class")
                  for c in cards()}  # fmt: skip
         assert looks["bearing in progress"] == "ev" and looks["fast in progress"] == "ev state"
+        # the daemon's late yes (the page had given up waiting, and the button was back): the
+        # reply came into the card, and the button stayed (a diff review)
+        dashboard.live.response(ResponseMessage(
+            command="mark_normal", ok=True, device_id="t", updated_at="2026-01-01T00:03:00.000Z",
+            id=browser.execute_script("return sentId"), detail="event marked normal: model m",
+        ))  # fmt: skip
+        wait_for(lambda: "has learnt this sound" in said(), 15, "the late yes", said)
+        assert buttons() == [] and "marked normal: the model has learnt" in text(f"#ev-{event_id}")
+        learns["now"] = False  # the cards drawn again: the page keeps its mark and its reply
+        dashboard.live._refresh_status(force=True)
+        wait_for(lambda: browser.execute_script("return lastStatus.learns") is False, 15, "status")
+        assert buttons() == [] and "has learnt this sound" in said()
+        learns["now"] = True
         marks.append(event_id)  # the version in use learnt it (marked from elsewhere)
         dashboard.live._refresh_status(force=True)
         browser.get(f"http://127.0.0.1:{dashboard.port}/")
@@ -1841,6 +1862,50 @@ def test_the_page_reads_at_a_glance_on_a_phone(tmp_path: Path) -> None:
         state("no usable audio", "fault", state="fault")
         wait_for(lambda: js("return Date.now() - newsAt.getTime()") > 14000, 20, "14 s")
         assert text("#state") == "no usable audio" and text("#conn") == "live"
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
+
+
+def test_a_token_given_again_keeps_one_live_stream(tmp_path: Path) -> None:
+    """A command answered 401 (the token changed on the device) showed the login form while
+    the live stream stayed open; the token given again opened a second stream, and the page
+    drew every window twice (a diff review)."""
+    from selenium.webdriver.common.by import By
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    web = {"enabled": True, "port": free_port(), "token_file": str(token_file)}
+    settings = Settings(data_dir=tmp_path, web=web)
+    dashboard = Dashboard(settings)
+    dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
+    browser = None
+    try:
+        page = f"http://127.0.0.1:{dashboard.port}/api/state"
+        wait_for(lambda: _answers_with(page, TOKEN), 10, "the page")
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
+        wait_for(lambda: text("#conn") == "token needed", 15, "the login form")
+        browser.find_element(By.ID, "token").send_keys(TOKEN + "\n")
+        wait_for(lambda: text("#conn") == "live", 15, "the live stream", lambda: text("#conn"))
+        streams = lambda: len(dashboard.live._streams)  # noqa: E731
+        wait_for(lambda: streams() == 1, 10, "one stream", streams)
+        browser.execute_script("token = 'not-the-token-0123'")  # as if the device's changed
+        browser.find_element(By.ID, "mute").click()
+        wait_for(lambda: text("#conn") == "token rejected: try again", 15, "the form again")
+        assert text("#reply") == ""  # not "mute: sending…" for good
+        field = browser.find_element(By.ID, "token")
+        field.clear()
+        field.send_keys(TOKEN + "\n")
+        wait_for(lambda: text("#conn") == "live", 15, "live again", lambda: text("#conn"))
+        wait_for(lambda: streams() == 1, 15, "the first stream closed", streams)
     finally:
         if browser is not None:
             browser.quit()
