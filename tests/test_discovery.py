@@ -445,6 +445,10 @@ def test_trend_and_last_event_read_metrics_and_the_retained_last_event() -> None
 
 # --- through a real broker ------------------------------------------------------------------
 
+DEMO_RETAINED = len(discovery_configs(TOPICS, "m", 1.0, learns=False))
+"""The configs a device running the demo's bundle keeps retained: every entity but the button
+to mark an event normal, which that bundle learns only after a learning period."""
+
 
 @pytest.mark.slow
 def test_discovery_is_retained_and_the_problem_sensor_flips_on_a_dead_microphone(
@@ -468,13 +472,13 @@ def test_discovery_is_retained_and_the_problem_sensor_flips_on_a_dead_microphone
         live.close()
     late = Subscriber(broker.port, "homeassistant/#", client_id="late")  # after the daemon left
     try:
-        wait_for(lambda: len(late.messages) >= 12, 10, "12 retained discovery configs")
+        wait_for(lambda: len(late.messages) >= DEMO_RETAINED, 10, "the retained discovery configs")
         configs = {m.topic: json.loads(m.payload) for m in late.messages}
         assert all(m.retain for m in late.messages)
     finally:
         late.close()
     demo = load_bundle(DEMO_BUNDLE)
-    assert configs == discovery_configs(TOPICS, demo.model_id, demo.threshold)
+    assert configs == discovery_configs(TOPICS, demo.model_id, demo.threshold, learns=False)
     problem = configs[TOPICS.ha_config("binary_sensor", "audio")]["value_template"]
     anomaly = configs[TOPICS.ha_config("binary_sensor", "anomaly")]["value_template"]
     assert [render(problem, p) for p in health_seen][:1] == ["OFF"]
@@ -875,13 +879,13 @@ def test_discovery_follows_the_settings_a_threshold_override_and_turning_it_off(
     finally:
         live.close()
     assert first["min"] <= override <= first["max"]
-    assert len(_retained_configs(broker.port)) == 12
+    assert len(_retained_configs(broker.port)) == DEMO_RETAINED
 
     cfg.write_text(settings + "discovery = false\n")
     # a test replay with the device's id and discovery off (as README suggests for one)
     # deleted the device's entities in Home Assistant (an integrator's review): not a replay's
     _replay(cfg, clip)
-    assert len(_retained_configs(broker.port)) == 12
+    assert len(_retained_configs(broker.port)) == DEMO_RETAINED
     from edge.service import run_detector  # the device's own daemon does, as `run` runs it
     from edge.settings import load_settings
     from edge.sources import FileSource
@@ -945,7 +949,7 @@ def test_an_entity_the_model_no_longer_has_is_cleared_in_home_assistant(
         live.close()
     late = Subscriber(broker.port, "homeassistant/#", client_id="late")
     try:
-        wait_for(lambda: len(late.messages) >= 12, 10, "12 retained discovery configs")
+        wait_for(lambda: len(late.messages) >= DEMO_RETAINED, 10, "the retained configs")
         assert class_topic not in {m.topic for m in late.messages}
     finally:
         late.close()
