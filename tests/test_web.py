@@ -1471,6 +1471,17 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         ))  # fmt: skip
         wait_for(lambda: "has learnt this sound" in said(), 15, "the late yes", said)
         assert buttons() == [] and "marked normal: the model has learnt" in text(f"#ev-{event_id}")
+        marks.append(event_id)  # the status catches up: the version in use holds the mark
+        dashboard.live._refresh_status(force=True)
+        wait_for(lambda: browser.execute_script("return lastStatus.marked.length") == 1, 15, "it")
+        assert buttons() == [] and "marked normal: the model has learnt" in text(f"#ev-{event_id}")
+        marks.remove(event_id)  # a rollback takes it back: the card said learnt till a reload
+        dashboard.live._refresh_status(force=True)
+        wait_for(lambda: len(buttons()) == 1, 15, "the button again", buttons)
+        assert "marked normal: the model has learnt" not in text(f"#ev-{event_id}")
+        # an empty reply line takes no room (every card had one)
+        css = "return getComputedStyle(document.querySelector('#ev-{} .said')).display"
+        assert browser.execute_script(css.format("f" * 32)) == "none"
         learns["now"] = False  # the cards drawn again: the page keeps its mark and its reply
         dashboard.live._refresh_status(force=True)
         wait_for(lambda: browser.execute_script("return lastStatus.learns") is False, 15, "status")
@@ -1480,6 +1491,14 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         dashboard.live._refresh_status(force=True)
         browser.get(f"http://127.0.0.1:{dashboard.port}/")
         wait_for(lambda: len(cards()) == 4, 15, "the event cards")
+        assert buttons() == []
+        # the first status, after cards drawn without one, draws them again as it says
+        browser.execute_script("lastStatus = null; marked.clear()")
+        browser.execute_script("setEvent(shown.get(arguments[0]))", event_id)
+        assert len(buttons()) == 1  # drawn as if every event could be marked
+        browser.execute_script(
+            "setStatus({model: 'm', learns: true, marked: [arguments[0]]})", event_id
+        )
         assert buttons() == []
         # ... and says so: a colleague could not tell the model ignores this sound now
         learnt = browser.find_element(By.ID, f"ev-{event_id}").text
