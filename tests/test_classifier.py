@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -416,10 +417,7 @@ def test_a_classifier_s_class_off_is_the_machine_off(
     rec = Recorder()
     muted = Detector(settings, load_bundle(relabelled), [rec], live=True)
     audio = read_audio(DEMO_CLIP, RATE)
-    at = 0
-    while not any(m.label == "off" for m in rec.states):
-        muted.feed(audio[at : at + 1600])
-        at += 1600
+    at = _feed_till_off(muted, rec, audio)
     hours = muted.running.seconds
     muted.mute(30)
     while at < int(10.6 * RATE):  # the stop goes on (the demo's fault, relabelled `off`)
@@ -474,10 +472,7 @@ def test_a_classifier_s_class_off_is_named_on_across_a_model_switch(
     settings = Settings(device_id="t", model=relabelled, data_dir=tmp_path / "data")
     detector = Detector(settings, load_bundle(relabelled), [rec], live=True)
     audio = read_audio(DEMO_CLIP, RATE)
-    at = 0
-    while not any(m.label == "off" for m in rec.states):
-        detector.feed(audio[at : at + 1600])
-        at += 1600
+    at = _feed_till_off(detector, rec, audio)
     hours, said = detector.running.seconds, len(rec.states)
     detector.use_bundle(load_bundle(relabelled), reason="reload")
     changed = settings.model_copy(
@@ -510,6 +505,17 @@ def _relabelled(classifier: Path, out: Path, names: dict[str, str]) -> Path:
 
 STOPS = {"fault": "off", "running": "normal"}
 """The fixture's classes as the machine's stop and its running well."""
+
+
+def _feed_till_off(detector: Any, rec: Any, audio: np.ndarray) -> int:
+    """Feed `audio` in 0.1-s blocks until a state message names the class `off`; the sample
+    fed up to."""
+    at = 0
+    while not any(m.label == "off" for m in rec.states):
+        assert at < len(audio), "no state named `off`"
+        detector.feed(audio[at : at + 1600])
+        at += 1600
+    return at
 
 
 def test_votes_from_before_the_machine_went_off_do_not_name_its_state_after() -> None:
