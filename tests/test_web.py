@@ -19,10 +19,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -45,6 +45,8 @@ from PIL import Image
 
 from edge.audio_io import read_audio
 from edge.web.png import ROW_SCALE, encode_png
+
+T = TypeVar("T")
 
 TOKEN = "test-token-0123456789abcdef"
 RATE = 16000
@@ -792,6 +794,21 @@ def chromium() -> Any:
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def unstale(read: Callable[[], T], seconds: float = 5.0) -> T:
+    """`read()` once more when the page drew again what it was reading: an event's card is drawn
+    anew when a status changes, between finding its button and reading (or tapping) it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return read()
+        except StaleElementReferenceException:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
     pulse: str, tmp_path: Path
@@ -1408,26 +1425,30 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         (event_id,) = [e["event_id"] for e in dashboard.live.events()]
         wait_for(lambda: _answers(dashboard.port), 10, "the page")
         browser = chromium()
-        buttons = lambda: [  # noqa: E731
-            b
-            for b in browser.find_elements(By.CSS_SELECTOR, ".ev button")
-            if b.text == "Mark normal"
-        ]
+        buttons = lambda: unstale(  # noqa: E731
+            lambda: [
+                b
+                for b in browser.find_elements(By.CSS_SELECTOR, ".ev button")
+                if b.text == "Mark normal"
+            ]
+        )
+        tap = lambda: unstale(lambda: buttons()[0].click())  # noqa: E731
         browser.get(f"http://127.0.0.1:{dashboard.port}/")
-        text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
+        text = lambda css: unstale(lambda: browser.find_element(By.CSS_SELECTOR, css).text)  # noqa: E731
         wait_for(lambda: len(buttons()) == 1, 15, "the Mark normal button", buttons)
         # one tap taught the model a fault for good: it asks first, and a No sends nothing
         browser.execute_script("window.confirm = () => false")
-        buttons()[0].click()
+        tap()
         assert browser.execute_script("return sentId") is None and len(buttons()) == 1
         # a Yes: the reply in the card, where the thumb is, not in the Actions far above
         browser.execute_script("window.confirm = () => true")
-        buttons()[0].click()
-        said = lambda: browser.find_element(By.CSS_SELECTOR, f"#ev-{event_id} .said").text  # noqa: E731
+        tap()
+        said = lambda: text(f"#ev-{event_id} .said")  # noqa: E731
 
-        def answered() -> str:
+        def answered() -> bool:
             detector.run_pending()  # the daemon loop's turn: the command waits in its queue
-            return said()
+            line = said()  # "mark normal: sending…", the page's own, till the reply comes
+            return line.startswith("mark normal: ") and "sending" not in line
 
         wait_for(answered, 15, "the reply", said)
         assert said().startswith("mark normal: ") and "carries no training windows" in said()
@@ -1442,10 +1463,10 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         ))  # fmt: skip
         cards = lambda: browser.find_elements(By.CSS_SELECTOR, ".ev")  # noqa: E731
         wait_for(lambda: len(cards()) == 2, 15, "the interrupted event's card", cards)
-        assert len(buttons()) == 1, [c.text for c in cards()]
+        assert len(buttons()) == 1, unstale(lambda: [c.text for c in cards()])
         # the new card took the place of "none yet" by removing the list's first <p>: the
         # reply in the older card (a diff review)
-        assert said().startswith("mark normal: "), [c.text for c in cards()]
+        assert said().startswith("mark normal: "), unstale(lambda: [c.text for c in cards()])
         # a model that no longer learns marks (a rollback to the demo's bundle), then again
         # (a learning period ended): the cards drawn before follow at once, not at a reload
         for now, offered in ((False, 0), (True, 1)):
@@ -1460,8 +1481,8 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
                 started_at="2026-01-01T00:02:00.000Z", peak_score=0.9, threshold=0.5,
             ))  # fmt: skip
         wait_for(lambda: len(cards()) == 4, 15, "the classifier's cards", cards)
-        looks = {c.find_element(By.CSS_SELECTOR, "b").text: c.get_attribute("class")
-                 for c in cards()}  # fmt: skip
+        looks = unstale(lambda: {c.find_element(By.CSS_SELECTOR, "b").text: c.get_attribute("class")
+                                 for c in cards()})  # fmt: skip
         assert looks["bearing in progress"] == "ev" and looks["fast in progress"] == "ev state"
         # the daemon's late yes (the page had given up waiting, and the button was back): the
         # reply came into the card, and the button stayed (a diff review)
@@ -1501,7 +1522,7 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         )
         assert buttons() == []
         # ... and says so: a colleague could not tell the model ignores this sound now
-        learnt = browser.find_element(By.ID, f"ev-{event_id}").text
+        learnt = text(f"#ev-{event_id}")
         assert "marked normal: the model has learnt this sound" in learnt, learnt
         # a mark's reply in words, its refit's figures on hover (they read as developer's)
         detail = "event e marked normal: model m-site-v2, threshold 3.364 -> 2.6 (on the ..."
