@@ -431,6 +431,13 @@ class ClassTracker(_OpenEventHolder):
         self._recent.append((label, start_s, end_s, confidence))
         return [*ended, self._event.transition("start", label=label)]
 
+    def name_on(self, label: str | None) -> None:
+        """Go on naming `label`, what another tracker named (before a mute, a reload, a new
+        model), if it is a class with no event of its own here (`normal`, `off`); a fault is
+        named by none till its K of N windows raise it here. An open event keeps its class."""
+        if self._event is None:
+            self.label = label if label in self.healthy else None
+
     def close(self, reason: str) -> Transition | None:
         """End the current label's event, for `reason` (one of ENDED_BY); the votes go with it
         (those from before the machine went off must not name its state after it starts). A

@@ -139,9 +139,8 @@ class Pipeline:
             if not detect and (listen or isinstance(self.events, ClassTracker)):
                 if self._shadow is None:
                     self._shadow = self._new_tracker()
-                    named = self.events.label  # a class with no event of its own goes on
-                    if isinstance(self._shadow, ClassTracker) and named in self._shadow.healthy:
-                        self._shadow.label = named
+                    if isinstance(self._shadow, ClassTracker):  # `off` or `normal` goes on
+                        self._shadow.name_on(self.events.label)
                 self._shadow.threshold = self.events.threshold  # one set by command too
                 shadowed = _feed(self._shadow, evidence, ends, *window_at)
                 heard = shadowed if listen else ()
@@ -167,10 +166,8 @@ class Pipeline:
         fault as none till its K of N windows raise it (an `off` from before the mute came
         back over a fault heard during it: a diff review)."""
         shadow, events = self._shadow, self.events
-        if not (isinstance(shadow, ClassTracker) and isinstance(events, ClassTracker)):
-            return
-        if not events.active:
-            events.label = shadow.label if shadow.label in shadow.healthy else None
+        if isinstance(shadow, ClassTracker) and isinstance(events, ClassTracker):
+            events.name_on(shadow.label)
         self._shadow = None
 
     def named_on(self, before: Pipeline) -> None:
@@ -179,9 +176,8 @@ class Pipeline:
         if this model has it, a fault none till its K of N windows raise it. Named afresh, a
         machine stopped read `running` for the K windows of the vote at every switch, its
         running hours counting."""
-        events, named = self.events, before.named_class
-        if isinstance(events, ClassTracker) and not events.active and named in events.healthy:
-            events.label = named
+        if isinstance(self.events, ClassTracker):
+            self.events.name_on(before.named_class)
 
     def _name(self, machine: str, features: np.ndarray) -> str | None:
         """The named state of a running window, for a bundle trained with state folders."""
