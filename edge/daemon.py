@@ -370,13 +370,7 @@ class Detector:
         pipeline = Pipeline(bundle, settings.detector)
         if close is not None:
             self.close_event(close)
-        named_off = any(map(is_off, bundle.manifest.labels or []))  # a classifier's class `off`
-        if (
-            self.live
-            and pipeline.machine.off_below_dbfs is None
-            and pipeline.namer is None
-            and not named_off
-        ):
+        if self.live and not pipeline.tells_off:
             why, fix = (
                 ("a classifier's bundle", "")
                 if bundle.manifest.kind == "classifier"
@@ -839,6 +833,7 @@ class Detector:
             "level_dbfs": self._level_dbfs,
             "anomaly_index": _round(self.index.value, 4),
             "learns": self.marks_learnt(),  # the page offers Mark normal only then
+            "tells_off": self.pipeline.tells_off,  # else the page says a stop reads `running`
             "same_device_id": self._same_device_id(),
             **(self.adapter.status() if self.adapter is not None else {}),
         }

@@ -155,6 +155,17 @@ class Pipeline:
         return steps
 
     @property
+    def tells_off(self) -> bool:
+        """Whether this model can tell the machine switched off: an off level (trained,
+        calibrated or set), state folders, or a classifier's class `off`. Without, a stopped
+        machine reads `running`, and its silence may score as an anomaly."""
+        return (
+            self.machine.off_below_dbfs is not None
+            or self.namer is not None
+            or any(map(is_off, self.bundle.manifest.labels or []))
+        )
+
+    @property
     def named_class(self) -> str | None:
         """The class a classifier names now, while events are held off too (None for an
         anomaly model)."""

@@ -1950,3 +1950,37 @@ def test_a_token_given_again_keeps_one_live_stream(tmp_path: Path) -> None:
         if browser is not None:
             browser.quit()
         dashboard.stop()
+
+
+def test_the_page_says_when_the_model_cannot_tell_the_machine_off(tmp_path: Path) -> None:
+    """The demo's bundle records no running level: switched off in a phone review, the machine
+    raised an anomaly and then read `machine running` at -72 dBFS, and only the daemon's log
+    said why. The status says whether the model tells a stop, and the page says it when not."""
+    from selenium.webdriver.common.by import By
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    demo = load_bundle(DEMO_BUNDLE)
+    untold = Detector(Settings(data_dir=tmp_path), demo, [])
+    told = Detector(Settings(data_dir=tmp_path, detector={"off_below_dbfs": -60.0}), demo, [])
+    assert untold.status()["tells_off"] is False and told.status()["tells_off"] is True
+    dashboard = _dashboard(tmp_path)
+    dashboard.live.attach(untold.status)
+    dashboard.live._refresh_status(force=True)
+    browser = None
+    try:
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        note = lambda: browser.find_element(By.ID, "nooff")  # noqa: E731
+        wait_for(lambda: note().is_displayed(), 15, "the line", lambda: note().text)
+        assert note().text.startswith("this model cannot tell the machine switched off")
+        assert "off_below_dbfs" in note().get_attribute("title")  # what mends it
+        dashboard.live.attach(told.status)  # an off level set
+        dashboard.live._refresh_status(force=True)
+        wait_for(lambda: not note().is_displayed(), 15, "the line gone")
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
