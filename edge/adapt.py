@@ -270,7 +270,10 @@ class Adapter:
         then): the base bundle carries its training windows, or the version in use holds a
         period's audio of the site to back the threshold. The demo's bundle has neither before a
         learning period: the page offered the button on its events and every mark was refused
-        with a command the page cannot send (a phone review)."""
+        with a command the page cannot send (a phone review). Not while history.json cannot
+        be read: every mark is refused, as no version can be recorded (a diff review)."""
+        if self.history.unreadable:
+            return False
         current = self.history.current
         key = (self.configured.model_id, (current or {}).get("version"))
         if self._marks_learnt is None or self._marks_learnt[0] != key:

@@ -2378,3 +2378,36 @@ def test_a_rollback_to_a_model_of_another_kind_ends_the_period_instead_of_crashi
     assert not device.detector.learning, "its windows were fan-demo's"
     device.detector.run(FileSource([NORMAL_FILES[1]], RATE))
     assert device.detector.bundle.model_id == load_bundle(levels).model_id
+
+
+def test_a_model_offers_no_mark_while_its_history_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle with its training windows said `learns` while history.json could not be read,
+    and every mark was refused for the history: the page offered a button that could only
+    fail (a diff review)."""
+    import errno
+
+    from edge import history
+
+    bundle = tmp_path / "fan.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(bundle))
+    device = Device(tmp_path, bundle=bundle)
+    device.replay(ANOMALOUS_FILE)
+    assert device.detector.status()["learns"] is True  # its training windows back a mark
+    record = device.data / "models" / "history.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text('{"entries": []}')  # there, and not to be read
+    real = history.read_regular
+
+    def failing(path: Path, *args: object, **kwargs: object) -> bytes:
+        if Path(path) == record:  # a permission, a failing card's EIO
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(history, "read_regular", failing)
+    events = device.replay(ANOMALOUS_FILE)
+    assert device.detector.status()["learns"] is False
+    assert starts(events), "the fault is seen, by the configured model"
+    reply = device.command(command="mark_normal", event_id="last")
+    assert not reply.ok and "history.json cannot be read" in reply.detail, reply.detail
