@@ -32,6 +32,7 @@ from edge.errors import SoundSentryError
 from edge.eventlog import last_logged_id, read_events
 from edge.events import ClassTracker, Transition, is_fault
 from edge.health import INVALID, AudioHealth, HealthChange
+from edge.history import lineage
 from edge.learning import FEATURIZERS, LearningError
 from edge.machine_state import (
     HYSTERESIS_DB,
@@ -514,6 +515,14 @@ class Detector:
         the site's normal set and the model is refitted. Returns the refit's outcome."""
         adapter = self._adapter()
         eid = self._event_named(event_id)
+        raised_by = self._event_model(eid)
+        if raised_by is not None and lineage(raised_by) != lineage(self.bundle.model_id):
+            # its sound would be learnt into another machine's model (a phone review)
+            raise LearningError(
+                f"event {eid} was raised by model {raised_by}, not by {self.bundle.model_id} "
+                "or a version of it: mark it while that model runs; if this model raises an "
+                "event on the same sound, mark that one"
+            )
         with self.notifier.busy():  # an hour-long clip's windows take seconds on a Pi
             rows = self._event_rows(eid)  # refused (a kind that cannot learn): the event goes on
             bundle = adapter.mark(eid, rows, self.bundle)
@@ -619,6 +628,19 @@ class Detector:
             return kept
         logged = self._logged_ids() or []  # an event log that cannot be read: its clip may be
         return next((e for e in reversed(logged) if same_event(e, event_id)), event_id)
+
+    def _event_model(self, eid: str) -> str | None:
+        """The model that raised an event, kept here or in the event log (the newest of that
+        id); None when neither says."""
+        if eid in self._kept:
+            return self._kept[eid].get("model")
+        try:
+            logged = [e.data for e in read_events(self.settings.data_dir)]
+        except SoundSentryError:
+            return None
+        found = next((e for e in reversed(logged) if same_event(e["event_id"], eid)), {})
+        model = found.get("model")
+        return model if isinstance(model, str) and model else None
 
     def _known(self, eid: str) -> bool:
         """Whether the event is one this device raised: kept here or in its event log (one that
@@ -1182,6 +1204,7 @@ class Detector:
                 "rows": [],
                 "clip": None,
                 "machine": self._machine,
+                "model": self.bundle.model_id,  # a mark learns it into this model's line only
                 "started_at": self._wall(t.started_s),  # kept: the clock may be set meanwhile
                 "seq": 0,
             }

@@ -41,6 +41,12 @@ VERSION = re.compile(r"^[^.].*-v(\d+)\.bundle$")
 REASONS = ("learning", "mark_normal", "calibrate", "reload")
 
 
+def lineage(model_id: str) -> str:
+    """The trained model a model id descends from: versions made on site are named
+    `{lineage}-site-v{n}` (`ModelHistory.write_version`)."""
+    return model_id.split("-site")[0][:80]
+
+
 def now_iso() -> str:
     """The current UTC time, ISO 8601 to the second."""
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -298,7 +304,7 @@ class ModelHistory:
     ) -> Path:
         """Write a new bundle version under the folder, atomically; return its path."""
         version = self._next()
-        stem = base.model_id.split("-site")[0][:80]
+        stem = lineage(base.model_id)
         manifest = dict(manifest)
         manifest["model_id"] = f"{stem}-site-v{version}"
         contents = {n: base.file_bytes(n) for n in base.manifest.files if n.endswith(".tflite")}

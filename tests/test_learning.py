@@ -2411,3 +2411,36 @@ def test_a_model_offers_no_mark_while_its_history_cannot_be_read(
     assert starts(events), "the fault is seen, by the configured model"
     reply = device.command(command="mark_normal", event_id="last")
     assert not reply.ok and "history.json cannot be read" in reply.detail, reply.detail
+
+
+def test_an_event_of_another_model_is_not_learnt_into_the_model_in_use(tmp_path: Path) -> None:
+    """After a switch to another model (reload_model, a restart with another bundle), Mark
+    normal on an event the first one raised learnt that sound into the second (a phone review):
+    refused, saying why, from the events kept in memory and from the event log alike."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)  # the demo learns: version 1, which learns marks
+    device.learning = {}
+    (fault,) = starts(device.replay(ANOMALOUS_FILE))
+    raised_by = fault["model"]
+    assert raised_by == "fan-demo-12483c73-site-v1"
+    other = tmp_path / "models" / "other.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(other))
+    device.detector.settings = device.detector.settings.model_copy(
+        update={"models_dir": other.parent}
+    )
+    assert device.command(command="reload_model", path=str(other)).ok
+    in_use = device.detector.bundle.model_id
+    assert in_use == load_bundle(other).model_id and device.detector.status()["learns"]
+    for restarted in (False, True):
+        reply = device.command(command="mark_normal", event_id=fault["event_id"])
+        assert not reply.ok, reply.detail
+        assert f"was raised by model {raised_by}, not by {in_use} or a version" in reply.detail
+        assert device.detector.bundle.model_id == in_use and not device.detector.status()["marked"]
+        if not restarted:
+            device.replay(NORMAL_FILES[0])  # a restart: the event is in the event log only
+            assert device.detector.bundle.model_id == in_use
+            assert fault["event_id"] not in device.detector._kept
+    # a version of the model that raised it may learn it: back to it, the mark is taken
+    assert device.command(command="rollback").ok
+    assert device.detector.bundle.model_id == raised_by
+    assert device.command(command="mark_normal", event_id=fault["event_id"]).ok

@@ -1984,3 +1984,36 @@ def test_the_page_says_when_the_model_cannot_tell_the_machine_off(tmp_path: Path
         if browser is not None:
             browser.quit()
         dashboard.stop()
+
+
+def test_an_event_of_another_model_offers_no_mark_normal(tmp_path: Path) -> None:
+    """After a restart with another model, the page offered Mark normal on the events the
+    first one raised, and a yes learnt that sound into the model in use (a phone review). A
+    version of the model in use (made on site) raised its own events: those are offered."""
+    from selenium.webdriver.common.by import By
+
+    from edge.messages import EventMessage
+
+    dashboard = _dashboard(tmp_path)
+    dashboard.live.attach(lambda: {"model": "fan-demo-12483c73-site-v2", "learns": True})
+    dashboard.live._refresh_status(force=True)
+    for eid, model in (("a" * 32, "pump-7f00aa12"), ("b" * 32, "fan-demo-12483c73-site-v1")):
+        dashboard.live.event(EventMessage(
+            type="end", event_id=eid, device_id="t", model=model, peak_score=3.0, threshold=1.0,
+            started_at="2026-01-01T00:00:00.000Z", ended_at="2026-01-01T00:00:10.000Z",
+            duration_s=10.0,
+        ))  # fmt: skip
+    browser = None
+    try:
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        text = lambda css: unstale(lambda: browser.find_element(By.CSS_SELECTOR, css).text)  # noqa: E731
+        offered = lambda css: "Mark normal" in text(css)  # noqa: E731
+        wait_for(lambda: offered("#ev-" + "b" * 32), 15, "the button", lambda: text("#events"))
+        assert not offered("#ev-" + "a" * 32)
+        assert "raised by model pump-7f00aa12, not the one in use" in text("#ev-" + "a" * 32)
+        assert "raised by model" not in text("#ev-" + "b" * 32)
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
