@@ -1855,11 +1855,21 @@ def test_the_page_reads_at_a_glance_on_a_phone(tmp_path: Path) -> None:
             wait_for(lambda: text("#state") == expected, 10, expected, lambda: text("#state"))
             assert browser.find_element(By.ID, "state").get_attribute("class") == "badge " + look
 
+        # nothing heard yet (a start): it said a green `normal` for the 3 s of the first window
+        state("listening…", "stale", state="normal", machine="running")
+        heard = lambda: live.window(  # noqa: E731
+            Step(WindowScore(0, 3.0, np.zeros(64)), 0.0, 1.0, (), level_dbfs=-20.0), 12.0
+        )
+        heard()
+        wait_for(lambda: text("#state") == "normal", 10, "heard", lambda: text("#state"))
         state("machine off", "off", state="normal", machine="off")
         state("normal", "normal", state="normal", machine="running")
-        live.window(Step(WindowScore(0, 3.0, np.zeros(64)), 0.0, 1.0, (), level_dbfs=-20.0), 12.0)
         wait_for(lambda: js("return $('#levelbar').style.width") != "0%", 10, "the level bar")
         state("no usable audio", "fault", state="fault")  # the microphone's: not an anomaly's red
+        state("listening…", "stale", state="normal", machine="running")  # the microphone back
+        heard()
+        wait_for(lambda: text("#state") == "normal", 10, "heard again", lambda: text("#state"))
+        state("no usable audio", "fault", state="fault")
         assert js("return $('#levelbar').style.width") == "0%"  # kept its width beside "–"
         colour = lambda css: js(f"return getComputedStyle(document.querySelector('{css}')).color")  # noqa: E731
         assert colour("#state") == "rgb(188, 140, 255)", colour("#state")
