@@ -2007,11 +2007,12 @@ def test_an_event_of_another_model_offers_no_mark_normal(tmp_path: Path) -> None
     dashboard = _dashboard(tmp_path)
     dashboard.live.attach(lambda: {"model": "fan-demo-12483c73-site-v2", "learns": True})
     dashboard.live._refresh_status(force=True)
+    bands = [{"low_hz": 1000.0, "high_hz": 1200.0, "deviation": d} for d in (99.14, -2.14)]
     for eid, model in (("a" * 32, "pump-7f00aa12"), ("b" * 32, "fan-demo-12483c73-site-v1")):
         dashboard.live.event(EventMessage(
             type="end", event_id=eid, device_id="t", model=model, peak_score=3.0, threshold=1.0,
             started_at="2026-01-01T00:00:00.000Z", ended_at="2026-01-01T00:00:10.000Z",
-            duration_s=10.0,
+            duration_s=10.0, bands=bands,
         ))  # fmt: skip
     browser = None
     try:
@@ -2023,6 +2024,11 @@ def test_an_event_of_another_model_offers_no_mark_normal(tmp_path: Path) -> None
         assert not offered("#ev-" + "a" * 32)
         assert "raised by model pump-7f00aa12, not the one in use" in text("#ev-" + "a" * 32)
         assert "raised by model" not in text("#ev-" + "b" * 32)
+        # the bands in words where spreads say no more than "far off" (a phone review: +99.1σ)
+        chips = unstale(lambda: [c.text for c in browser.find_elements(By.CSS_SELECTOR, ".chip")])
+        assert chips[:2] == ["1.0–1.2 kHz far above normal", "1.0–1.2 kHz −2.1σ"], chips
+        title = browser.find_element(By.CSS_SELECTOR, ".chip").get_attribute("title")
+        assert title.endswith(": +99.1σ"), title
     finally:
         if browser is not None:
             browser.quit()
