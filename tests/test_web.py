@@ -1866,6 +1866,10 @@ def test_the_page_reads_at_a_glance_on_a_phone(tmp_path: Path) -> None:
         state("normal", "normal", state="normal", machine="running")
         wait_for(lambda: js("return $('#levelbar').style.width") != "0%", 10, "the level bar")
         state("no usable audio", "fault", state="fault")  # the microphone's: not an anomaly's red
+        # a gap in the trace, there and after a reload: the line joined the scores before and
+        # after a stalled microphone as if heard in between
+        assert js("return scores.slice(-2)") == [3.0, None]
+        assert dashboard.live.snapshot()["trace"][-2:] == [3.0, None]
         state("listening…", "stale", state="normal", machine="running")  # the microphone back
         heard()
         wait_for(lambda: text("#state") == "normal", 10, "heard again", lambda: text("#state"))

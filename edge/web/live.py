@@ -108,8 +108,13 @@ class LiveView(Sink):
         self._publish("event", record)
 
     def state(self, message: StateMessage) -> None:
-        """The state (normal, anomaly, muted, fault, learning...), with the status report."""
+        """The state (normal, anomaly, muted, fault, learning...), with the status report. A
+        microphone's fault begins a gap in the trace, as on the page: no window comes."""
+        before = (self.last_state or {}).get("state")
         self.last_state = message.to_dict()
+        if message.state == "fault" and before != "fault":
+            with self._lock:
+                self._trace.append(None)
         self._refresh_status(force=True)
         self._publish("state", self.last_state)
 
