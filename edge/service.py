@@ -89,7 +89,7 @@ def run_detector(
             client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
             logged = _logged_events(settings.data_dir)
             publisher = (
-                _publisher(settings, bundle, on_command, page, client_id, logged, on_retained, live)
+                _publisher(settings, on_command, client_id, logged, on_retained, live)
                 if settings.mqtt.host
                 else None
             )
@@ -357,18 +357,17 @@ def hold_data_dir(data_dir: Path) -> int:
 
 def _publisher(
     settings: Settings,
-    bundle: Bundle,
     on_command: Callable[[bytes, ReplyTo | None], None],
-    page: str | None,
     client_id: str,
     logged: list[LoggedEvent],
     on_retained: Callable[[bytes, ReplyTo | None], None],
     live: bool,
 ) -> Any:
-    """The MQTT publisher with its durable spool and discovery (linking the dashboard's `page`
-    when it serves one) and the device's last `logged` event, not yet connected. `live`: the
-    device's own daemon, not a replay (a device_id may hold `-replay-`, its client id too)."""
-    from edge.discovery import announced, config_topics, learns_on_site
+    """The MQTT publisher with its durable spool and the device's last `logged` event, not yet
+    connected; its discovery configs are set by `DiscoveryRefresh` (cleared with discovery off).
+    `live`: the device's own daemon, not a replay (a device_id may hold `-replay-`, its client
+    id too)."""
+    from edge.discovery import config_topics
     from edge.publish import REPLAY, MqttPublisher
     from edge.spool import open_spool
 
@@ -394,20 +393,9 @@ def _publisher(
         instance=instance,
         on_retained_command=on_retained,
     )
-    if settings.mqtt.discovery:
-        classifier = bundle.manifest.kind == "classifier"
-        in_force = settings.detector.threshold  # its bounds widened at once, not at a state
-        configs = announced(
-            topics,
-            bundle.model_id,
-            bundle.threshold,
-            page,
-            in_force,
-            classifier,
-            learns=learns_on_site(bundle),
-        )
-        publisher.set_discovery(configs)
-    elif live:  # a run with discovery on left configs: Home Assistant
+    # with discovery on, the configs are set by DiscoveryRefresh once the daemon exists (the
+    # mark button as it can learn one), before connecting
+    if not settings.mqtt.discovery and live:  # a run with discovery on left configs: Home Assistant
         # would keep the entities. Never a replay's: with the device's id and discovery off, as
         # README suggests for a test, it deleted the device's entities (an integrator's review)
         publisher.set_discovery(dict.fromkeys(config_topics(topics)))
