@@ -936,10 +936,12 @@ class Detector:
         if self.clips:
             self.clips.push(block)
         tap, base_s = self._tap, self._base / self._rate  # of the pipeline the steps come from
+        pipeline = self.pipeline  # a period's refit partway through the block replaces it: the
+        # block's later windows were scored by this one, against its threshold
         heeded = not self.muted and INVALID not in self.health.active
         # in a learning period events are held off, and the model in use listens to what it
         # would have raised: the refit says so, for a fault heard then is learnt as normal
-        steps = self.pipeline.push(
+        steps = pipeline.push(
             block, detect=heeded and not self.learning, listen=heeded and self.learning
         )
         self._samples += len(block)
@@ -970,7 +972,7 @@ class Detector:
                 self.emit_state()  # `starting` ends with the first window heard
             if self.on_step:
                 self.on_step(step)
-            self._to_sinks("window", step, self.pipeline.threshold)
+            self._to_sinks("window", step, pipeline.threshold)
             self._track_bands(step)
             for transition in step.transitions:
                 self._dispatch(transition)

@@ -2444,3 +2444,30 @@ def test_an_event_of_another_model_is_not_learnt_into_the_model_in_use(tmp_path:
     assert device.command(command="rollback").ok
     assert device.detector.bundle.model_id == raised_by
     assert device.command(command="mark_normal", event_id=fault["event_id"]).ok
+
+
+def test_the_windows_of_a_block_a_period_ends_in_carry_the_threshold_they_were_scored_with(
+    tmp_path: Path,
+) -> None:
+    """A period's refit at a window partway through a capture block: the block's later windows,
+    scored by the model before it, went to the page and MQTT with the new model's threshold, a
+    score on one scale against a threshold on another (a before-stop read's leftover)."""
+
+    class Windows(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.thresholds: list[float] = []
+
+        def window(self, step: object, threshold: float) -> None:
+            self.thresholds.append(threshold)
+
+    device = Device(tmp_path, seconds=LEARN_S)
+    windows = Windows()
+    detector = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [windows], persist=True)
+    assert detector.learning
+    before = detector.threshold
+    detector.feed(np.concatenate([read_audio(f, RATE) for f in NORMAL_FILES]))  # 20 s: one block
+    assert detector.bundle.model_id == "fan-demo-12483c73-site-v1", "the period ended in it"
+    assert detector.threshold != before and set(windows.thresholds) == {before}
+    detector.feed(read_audio(NORMAL_FILES[0], RATE))
+    assert windows.thresholds[-1] == detector.threshold
