@@ -41,10 +41,17 @@ VERSION = re.compile(r"^[^.].*-v(\d+)\.bundle$")
 REASONS = ("learning", "mark_normal", "calibrate", "reload")
 
 
+SITE_VERSION = re.compile(r"-site-v\d+(?:-cal-[0-9a-f]{8})*$")
+"""The ending of a version made on site (calibrated since, or not): new ones are named anew."""
+_DERIVED = re.compile(r"(?:-site-v\d+|-cal-[0-9a-f]{8})+$")
+
+
 def lineage(model_id: str) -> str:
     """The trained model a model id descends from: versions made on site are named
-    `{lineage}-site-v{n}` (`ModelHistory.write_version`)."""
-    return model_id.split("-site")[0][:80]
+    `{id}-site-v{n}` (`ModelHistory.write_version`), calibrated copies `{id}-cal-{hash}`
+    (`edge.calibrate`), of each other too. Only those endings: a bundle named `pump-site` by
+    its folder is a model of its own, not one of `pump`'s (a diff review)."""
+    return _DERIVED.sub("", model_id)[:80]
 
 
 def now_iso() -> str:
@@ -304,7 +311,7 @@ class ModelHistory:
     ) -> Path:
         """Write a new bundle version under the folder, atomically; return its path."""
         version = self._next()
-        stem = lineage(base.model_id)
+        stem = SITE_VERSION.sub("", base.model_id)[:80]
         manifest = dict(manifest)
         manifest["model_id"] = f"{stem}-site-v{version}"
         contents = {n: base.file_bytes(n) for n in base.manifest.files if n.endswith(".tflite")}

@@ -1870,6 +1870,11 @@ def test_the_page_reads_at_a_glance_on_a_phone(tmp_path: Path) -> None:
         # after a stalled microphone as if heard in between
         assert js("return scores.slice(-2)") == [3.0, None]
         assert dashboard.live.snapshot()["trace"][-2:] == [3.0, None]
+        # opened during the fault: one gap, and no last window shown as if heard now
+        assert dashboard.live.snapshot()["window"] is None
+        browser.refresh()
+        wait_for(lambda: text("#state") == "no usable audio", 15, "the page again")
+        assert js("return scores.slice(-2)") == [3.0, None] and text("#score") == "–"
         state("listening…", "stale", state="normal", machine="running")  # the microphone back
         heard()
         wait_for(lambda: text("#state") == "normal", 10, "heard again", lambda: text("#state"))
@@ -2028,6 +2033,22 @@ def test_an_event_of_another_model_offers_no_mark_normal(tmp_path: Path) -> None
         assert not offered("#ev-" + "a" * 32)
         assert "raised by model pump-7f00aa12, not the one in use" in text("#ev-" + "a" * 32)
         assert "raised by model" not in text("#ev-" + "b" * 32)
+        # the page and the daemon tell one model's line alike: its versions made on site and
+        # calibrated copies are of it; a bundle whose folder's name holds "-site" is not
+        from edge.history import lineage
+
+        ids = [
+            "fan-1a2b3c4d-site-v2",
+            "fan-1a2b3c4d-cal-0a1b2c3d",
+            "fan-1a2b3c4d-site-v3-cal-0a1b2c3d",
+            "hall3-site-fan-aaaa1111",
+            "pump-site-1a2b3c4d-site-v1",
+            "x" * 90,
+        ]
+        assert [lineage(i) for i in ids[:4]] == ["fan-1a2b3c4d"] * 3 + ["hall3-site-fan-aaaa1111"]
+        assert browser.execute_script("return arguments[0].map(lineage)", ids) == [
+            lineage(i) for i in ids
+        ]
         # the bands in words where spreads say no more than "far off" (a phone review: +99.1σ)
         chips = unstale(lambda: [c.text for c in browser.find_elements(By.CSS_SELECTOR, ".chip")])
         assert chips[:2] == ["1.0–1.2 kHz far above normal", "1.0–1.2 kHz −2.1σ"], chips

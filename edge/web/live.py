@@ -115,6 +115,9 @@ class LiveView(Sink):
         if message.state == "fault" and before != "fault":
             with self._lock:
                 self._trace.append(None)
+                # nor is its last window news: a page opened after the microphone came back,
+                # before a window, showed it as if heard now (a diff review)
+                self.last_window = None
         self._refresh_status(force=True)
         self._publish("state", self.last_state)
 
