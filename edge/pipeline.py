@@ -157,13 +157,10 @@ class Pipeline:
     @property
     def tells_off(self) -> bool:
         """Whether this model can tell the machine switched off: an off level (trained,
-        calibrated or set), state folders, or a classifier's class `off`. Without, a stopped
+        calibrated or set), or a class or state folder `off`. Without, a stopped
         machine reads `running`, and its silence may score as an anomaly."""
-        return (
-            self.machine.off_below_dbfs is not None
-            or self.namer is not None
-            or any(map(is_off, self.bundle.manifest.labels or []))
-        )
+        named = [*(self.bundle.manifest.labels or []), *(self.namer.names if self.namer else [])]
+        return self.machine.off_below_dbfs is not None or any(map(is_off, named))
 
     @property
     def named_class(self) -> str | None:

@@ -823,3 +823,23 @@ def test_reading_state_folders_warns_of_states_the_edge_cannot_tell_apart(
         read_own(same, FeatureParams(), 0)
     said = [r.getMessage() for r in caplog.records if "level spectrum" in r.getMessage()]
     assert said and all("may call this state" in line for line in said), said
+
+
+def test_a_state_bundle_tells_a_stop_by_its_off_level_or_a_folder_off(
+    two_states: Path, tmp_path: Path
+) -> None:
+    """A bundle of state folders was said to tell the machine switched off whatever it held:
+    with no off level and no folder `off`, a stopped machine reads as one of its states, and the
+    page's line and the daemon's warning were withheld (a diff review)."""
+    from edge.pipeline import Pipeline
+    from edge.settings import DetectorSettings
+
+    bundle = load_bundle(two_states)
+    assert Pipeline(bundle, DetectorSettings()).tells_off  # its off level
+    for states, tells in ((["fast", "slow"], False), (["fast", "off"], True)):
+        manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})
+        manifest["machine"]["off_below_dbfs"] = None
+        manifest["machine"]["states"] = states
+        out = tmp_path / f"{states[1]}.bundle"
+        write_bundle(out, manifest, {}, dict(bundle.arrays))
+        assert Pipeline(load_bundle(out), DetectorSettings()).tells_off is tells, states
