@@ -246,12 +246,13 @@ class Adapter:
             return self.configured
         log.warning(  # not the model named in the config or on the command line: say so
             "using version %d (%s, %s) instead of %s: the device switched to it before (%s); "
-            "the rollback command steps back towards it",
+            "the rollback command steps back from it, towards %s",
             entry["version"],
             bundle.model_id,
             entry["reason"],
             self.configured.model_id,
             self.history.path,
+            self.configured.model_id,
         )
         return bundle
 

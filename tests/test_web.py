@@ -825,7 +825,7 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
         wait_served(port, proc, log, TOKEN)
         browser = chromium()
         browser.get(f"http://127.0.0.1:{port}/")
-        text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
+        text = lambda css: unstale(lambda: browser.find_element(By.CSS_SELECTOR, css).text)  # noqa: E731
         wait_for(
             lambda: text("#conn") == "token needed", 10, "the login form", lambda: text("#conn")
         )
@@ -858,15 +858,14 @@ def test_the_page_in_a_real_browser_shows_the_score_moving_and_the_event(
 
         wait_for(moving, 20, "five different scores on the page", lambda: seen)
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".ev"), EVENT_S, "an event card")
-        ended = wait_for(
+        wait_for(
             lambda: browser.find_elements(By.CSS_SELECTOR, ".ev.ended img"),
             EVENT_S,
             "the ended event with its spectrogram",
         )
-        wait_for(
-            lambda: browser.execute_script("return arguments[0].naturalWidth", ended[0]) > 0,
-            10,
-            "the spectrogram image to load",
+        loaded = "const i = document.querySelector('.ev.ended img'); return i ? i.naturalWidth : 0"
+        wait_for(  # read in the page: its card may be drawn anew meanwhile (a status)
+            lambda: browser.execute_script(loaded) > 0, 10, "the spectrogram image to load"
         )
         card = text(".ev.ended")
         assert "Hz" in card and "peak" in card and "σ" in card
