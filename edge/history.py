@@ -284,11 +284,20 @@ class ModelHistory:
             with contextlib.suppress(OSError):  # so the next start says it no more (if it
                 self.save()  # cannot be saved, the copy set aside says it again)
         if data.get("configured") not in (None, configured):
+            # the events marked normal in the old one's version in use: a calibration for a
+            # moved microphone dropped them without a word, to be remembered and marked again
+            # (a field review)
+            marks = _listed((self.entry(self.active) or {}).get("marked"))
             log.warning(
                 "the configured model is now %s (was %s): the versions made for the old one "
-                "stay in the history but are not used",
+                "stay in the history but are not used%s",
                 configured,
                 data.get("configured"),
+                f"; the {len(marks)} event(s) marked normal in the one in use are not learnt "
+                f"by the new model: mark_normal them again if they were normal running "
+                f"({', '.join(map(str, marks[-10:]))})"
+                if marks
+                else "",
             )
             self.active = None
 

@@ -2483,3 +2483,26 @@ def test_the_windows_of_a_block_a_period_ends_in_carry_the_threshold_they_were_s
     assert detector.threshold != before and set(windows.thresholds) == {before}
     detector.feed(read_audio(NORMAL_FILES[0], RATE))
     assert windows.thresholds[-1] == detector.threshold
+
+
+def test_a_new_configured_model_names_the_marks_it_does_not_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A calibration for a moved microphone (a new configured model) dropped the events marked
+    normal in the old one's version without a word: the engineer had to remember them to mark
+    them again (a field review). The start's line names them."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(*NORMAL_FILES)  # version 1, which learns marks
+    device.learning = {}
+    (fault,) = starts(device.replay(ANOMALOUS_FILE))
+    assert device.command(command="mark_normal", event_id="last").ok
+    calibrated = tmp_path / "demo-here.bundle"
+    cli("calibrate", str(DEMO_BUNDLE), "--normal", *map(str, NORMAL_FILES), "--out",
+        str(calibrated))  # fmt: skip
+    device.bundle = calibrated
+    with caplog.at_level(logging.WARNING, logger="edge.history"):
+        device.replay(NORMAL_FILES[0])
+    said = [r.getMessage() for r in caplog.records if "configured model is now" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert "the 1 event(s) marked normal in the one in use are not learnt" in said[0], said
+    assert fault["event_id"] in said[0]
