@@ -225,7 +225,9 @@ class Controller:
             return f"threshold set to {command.value:.6g}", None
         if isinstance(command, ReloadModel):
             target = self._allowed(command.path) if command.path else d.settings.model
-            return self._reload_model(target), None
+            # the new model's threshold, marks and history with it, as a mark's and a
+            # rollback's reply has them (its reply said "loaded X" alone: a field review)
+            return self._reload_model(target), d.status()
         if isinstance(command, Status):
             return "status", d.status()
         if isinstance(command, Learn | MarkNormal | Rollback):
@@ -327,7 +329,7 @@ class Controller:
             d.use_bundle(bundle)
         else:
             d.use_bundle(bundle, reason=_reason(bundle))
-        return f"loaded {bundle.model_id}"
+        return f"loaded {bundle.model_id}, threshold {d.threshold:.4g}"
 
     def _load(self, target: Path) -> Bundle:
         d = self.detector

@@ -262,6 +262,10 @@ def test_reload_model_by_name_and_crafted_bundles_keep_the_running_model(tmp_pat
     assert reply.ok is False and "not a regular file" in reply.detail
     reply = ctl.handle_payload(b'{"command": "reload_model", "path": "ae.bundle"}')
     assert reply.ok and d.bundle.model_id == load_bundle(AE_BUNDLE).model_id
+    # the new model's threshold and status with it, as a mark's and a rollback's reply (it said
+    # "loaded X" alone: a field review)
+    assert reply.detail == f"loaded {d.bundle.model_id}, threshold {d.threshold:.4g}"
+    assert reply.status is not None and reply.status["model"] == d.bundle.model_id
 
 
 def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(
