@@ -634,10 +634,7 @@ class Detector:
         id); None when neither says."""
         if eid in self._kept:
             return self._kept[eid].get("model")
-        try:
-            logged = [e.data for e in read_events(self.settings.data_dir)]
-        except SoundSentryError:
-            return None
+        logged = self._logged() or []
         found = next((e for e in reversed(logged) if same_event(e["event_id"], eid)), {})
         model = found.get("model")
         return model if isinstance(model, str) and model else None
@@ -653,8 +650,13 @@ class Detector:
     def _logged_ids(self) -> list[str] | None:
         """The ids of the events in the device's event log, oldest first; None when it cannot
         be read."""
+        logged = self._logged()
+        return None if logged is None else [e["event_id"] for e in logged]
+
+    def _logged(self) -> list[dict[str, Any]] | None:
+        """The events in the device's event log, oldest first; None when it cannot be read."""
         try:
-            return [e.data["event_id"] for e in read_events(self.settings.data_dir)]
+            return [e.data for e in read_events(self.settings.data_dir)]
         except SoundSentryError:
             return None
 
