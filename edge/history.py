@@ -288,14 +288,20 @@ class ModelHistory:
             # moved microphone dropped them without a word, to be remembered and marked again
             # (a field review)
             marks = _listed((self.entry(self.active) or {}).get("marked"))
+            old = str(data.get("configured"))
+            again = (  # only a model of the same line takes a mark of the old one's events
+                f"mark_normal them again if they were normal running (the newest: "
+                f"{', '.join(map(str, marks[-10:]))})"
+                if lineage(old) == lineage(configured)
+                else "they were another model's: this one raises events of its own to mark"
+            )
             log.warning(
                 "the configured model is now %s (was %s): the versions made for the old one "
                 "stay in the history but are not used%s",
                 configured,
-                data.get("configured"),
+                old,
                 f"; the {len(marks)} event(s) marked normal in the one in use are not learnt "
-                f"by the new model: mark_normal them again if they were normal running "
-                f"({', '.join(map(str, marks[-10:]))})"
+                f"by the new model: {again}"
                 if marks
                 else "",
             )

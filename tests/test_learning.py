@@ -2505,4 +2505,17 @@ def test_a_new_configured_model_names_the_marks_it_does_not_hold(
     said = [r.getMessage() for r in caplog.records if "configured model is now" in r.getMessage()]
     assert len(said) == 1, caplog.text
     assert "the 1 event(s) marked normal in the one in use are not learnt" in said[0], said
-    assert fault["event_id"] in said[0]
+    assert f"normal running (the newest: {fault['event_id']})" in said[0], said
+    # another model refuses events it did not raise: not told to mark them (a diff review)
+    other = tmp_path / "other.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(other))
+    device.bundle = DEMO_BUNDLE
+    device.replay(NORMAL_FILES[0])  # the demo's version with the mark is in use again
+    assert device.detector.status()["marked"] == [fault["event_id"]]
+    device.bundle = other
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edge.history"):
+        device.replay(NORMAL_FILES[0])
+    said = [r.getMessage() for r in caplog.records if "configured model is now" in r.getMessage()]
+    assert "they were another model's: this one raises events of its own to mark" in said[0]
+    assert "mark_normal them again" not in said[0]
