@@ -283,9 +283,12 @@ def check_readable(
     """Check that a file is complete, non-empty audio with that channel (and, given the model's
     `samplerate`, not recorded below it), without reading it all; return (frames, sample rate).
     `mono_any`: a mono file passes whatever the channel (its one channel is read).
-    `float_samples`: a file of float samples is read through once for a peak beyond full scale,
-    which read_audio refuses too; for audio that is streamed, not read whole. Raises AudioError
-    with one clear line."""
+    `float_samples`: for audio that is streamed, not read whole: a file of float samples is read
+    through once for a peak beyond full scale, which read_audio refuses too, and a compressed one
+    (FLAC, Ogg, MP3) is decoded through once, since only its decoder finds it damaged (a FLAC
+    cut off mid-stream "lost sync" halfway through a replay, which stopped there with a traceback
+    and left the files after it unplayed: a field review). Raises AudioError with one clear
+    line."""
     path = Path(path)
     _require_present(path)
     try:
@@ -301,23 +304,29 @@ def check_readable(
         raise AudioError(f"{path}: channel {channel} does not exist: {_channels(info.channels)}")
     if samplerate is not None:
         check_rate(path, info.samplerate, samplerate)
-    if float_samples and info.subtype in FLOAT_SUBTYPES:
-        _check_float_samples(path)
+    floats = info.subtype in FLOAT_SUBTYPES
+    if float_samples and (floats or info.format in COMPRESSED):
+        _read_through(path, floats)
     return info.frames, info.samplerate
 
 
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 """Sample formats that can hold values beyond full scale, NaN or infinity."""
+COMPRESSED = ("FLAC", "OGG", "MP3")
+"""Formats whose damage only decoding finds (a WAV's shows in its header's sizes)."""
 
 
-def _check_float_samples(path: Path) -> None:
-    """Refuse a float file whose finite samples peak beyond full scale, as read_audio does (a
-    logger's engineering units scored as audio raised events at 400 times a threshold). NaN or
-    infinite samples are left to the stream's health watchdog, as a microphone's would be."""
+def _read_through(path: Path, floats: bool) -> None:
+    """Decode a file through once: refuse one that cannot be decoded to its end, and (`floats`)
+    one whose finite samples peak beyond full scale, as read_audio does (a logger's engineering
+    units scored as audio raised events at 400 times a threshold). NaN or infinite samples are
+    left to the stream's health watchdog, as a microphone's would be."""
     peak = 0.0
     try:
         with sf.SoundFile(sf_path(path)) as fh:
             for block in file_blocks(fh):
+                if not floats:
+                    continue
                 finite = block[np.isfinite(block)]
                 if finite.size:
                     peak = max(peak, float(np.max(np.abs(finite))))
@@ -331,11 +340,20 @@ def _check_float_samples(path: Path) -> None:
         raise _beyond_full_scale(path, peak)
 
 
+def _above_one(peak: float) -> str:
+    """A peak beyond full scale in as few digits as show it beyond 1 (1.001 read "1")."""
+    for digits in range(3, 8):
+        text = f"{peak:.{digits}g}"
+        if float(text) > 1:
+            return text
+    return text
+
+
 def _beyond_full_scale(path: Path, peak: float) -> AudioError:
     """The one line for a float file whose samples peak beyond full scale."""
     return AudioError(
-        f"{path}: float samples reach {peak:.3g}, beyond full scale (+-1): scale the recording "
-        "into -1..1 (divide by its peak) before using it"
+        f"{path}: float samples reach {_above_one(peak)}, beyond full scale (+-1): scale the "
+        "recording into -1..1 (divide by its peak) before using it"
     )
 
 

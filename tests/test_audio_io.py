@@ -351,3 +351,30 @@ def test_a_replayed_float_file_beyond_full_scale_is_refused_before_it_plays(
     with pytest.raises(AudioError, match="beyond full scale") as caught:
         FileSource([good, bad], 16000)
     assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_cut_off_flac_is_refused_before_a_replay_plays_anything(tmp_path: Path) -> None:
+    """A FLAC cut off mid-stream passes its header's check; libsndfile's decoder "lost sync"
+    only when a replay reached it, which stopped there with a traceback and left the files after
+    it unplayed, where `train`, `evaluate` and `calibrate` refuse the file in one line (a field
+    review). A streamed compressed file is decoded through once before any window; one whole
+    one still plays."""
+    from edge.sources import FileSource
+
+    whole = tmp_path / "whole.flac"
+    sf.write(whole, read_audio(NORMAL_FILES[0], 16000)[: 4 * 16000], 16000)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert check_readable(cut)[0] == sf.info(str(whole)).frames  # the header cannot tell
+    FileSource([whole], 16000)
+    with pytest.raises(AudioError, match="not a readable audio file") as caught:
+        FileSource([whole, cut], 16000)
+    assert str(cut) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_peak_just_beyond_full_scale_reads_beyond_one(tmp_path: Path) -> None:
+    """A float WAV peaking at 1.001 was refused as reaching "1, beyond full scale"."""
+    near = tmp_path / "near.wav"
+    sf.write(near, np.r_[np.zeros(16000), 1.001], 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"float samples reach 1\.001, beyond"):
+        read_audio(near, RATE)
