@@ -106,6 +106,7 @@ def summary(
     calibrated: bool = False,
     sessions: int | None = None,
     held_pieces: int | None = None,
+    running_s: float | None = None,
 ) -> str:
     """`seconds` = (all, fitted, held out): what backs the threshold and advice, as lines;
     `refit_all`: the shipped model was refitted on all the audio once the threshold was set
@@ -128,6 +129,9 @@ def summary(
         else ""
     )
     if refit_all:
+        left_out = total - (total if running_s is None else running_s)
+        if left_out >= max(RUNNING_NOTE_S, 0.1 * total):
+            fitted += f" ({running_s:.0f} s of it the machine running)"
         first = (
             f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}; "
             f"a fit on {total - held:.0f} s scored the other {held:.0f} s{running}, held out, "
@@ -191,7 +195,7 @@ def bundle_summary(manifest: Any) -> str:
     sittings = sessions_of((f.name, f.sha256) for f in [*t.files, *t.holdout_files])
     text = summary(
         seconds, len(names), th.value, th.params, "", off_s, off_n, refit_all, sessions=sittings,
-        held_pieces=len(t.holdout_files) or None,
+        held_pieces=len(t.holdout_files) or None, running_s=t.running_seconds,
     )  # fmt: skip
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]

@@ -160,6 +160,10 @@ class TrainingInfo(_Strict):
     fitted_seconds: float | None = Field(None, ge=0)
     """Seconds the shipped model was fitted on; None (networks, older bundles): all but the
     held-out seconds."""
+    running_seconds: float | None = Field(None, ge=0)
+    """Of `seconds`, those whose windows were taken as the machine running (not silence, a
+    dropout, the machine off or stopping): what the model was fitted on. None: not counted
+    (networks, older bundles)."""
     channel: int = Field(ge=ALL_CHANNELS, le=63)
     epochs: int = Field(ge=0)
     seed: int

@@ -589,6 +589,26 @@ def test_the_summary_says_how_much_of_the_held_out_audio_was_the_machine_running
     assert "held out" in first and "of it the machine running" in first, proc.stdout
 
 
+def test_the_summary_says_how_much_of_all_the_audio_was_the_machine_running(
+    tmp_path: Path,
+) -> None:
+    """Five recordings and a sixth of the machine off (50 dB quieter): the model is fitted on
+    the five, bit for bit as without the sixth, but the summary said "60 s fitted the model" (a
+    field review). It says how much of it was the machine running; without such a recording it
+    says nothing of it."""
+    folder = tmp_path / "normal"
+    files = _chunks(folder, [3.6] * 5)
+    quiet = sf.read(str(files[0]), dtype="float32")[0] * 10 ** (-50 / 20)
+    sf.write(str(folder / "z_off.wav"), quiet, RATE, subtype="FLOAT")
+    proc = cli("train", "--normal", str(folder), "--out", str(tmp_path / "m.bundle"))
+    first = next(x for x in proc.stdout.splitlines() if x.startswith("audio:"))
+    assert "from 6 recording(s): 22 s fitted the model (18 s of it the machine running)" in first
+    (folder / "z_off.wav").unlink()
+    proc = cli("train", "--normal", str(folder), "--out", str(tmp_path / "n.bundle"))
+    first = next(x for x in proc.stdout.splitlines() if x.startswith("audio:"))
+    assert "fitted the model;" in first and "machine running" not in first, first
+
+
 def test_a_path_flag_given_twice_keeps_both_sets(tmp_path: Path) -> None:
     """`--normal a --normal b` (a shell history edit, or a script adding a folder) trained,
     calibrated and evaluated on b alone, without a word."""

@@ -139,6 +139,9 @@ class Run:
     held_pieces: list[int] | None = None
     """Held-out windows of each recording (or channel view), in order: each a stream of its own
     for the threshold's floors and correlation (edge.threshold.Pieces)."""
+    running_seconds: float | None = None
+    """Seconds of the audio whose windows were taken as the machine running (each recording's
+    length times the share of its windows kept), the model's evidence."""
 
     def set_threshold(self, hold_scores: np.ndarray, false_alarms_per_day: float) -> None:
         """The budget threshold on scores of the held-out audio by a model fitted without it."""
@@ -164,7 +167,7 @@ def collect(
     holdout = holdout_split(files)
     dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
-    seconds = hold_seconds = 0.0
+    seconds = hold_seconds = running = 0.0
     read = read_each(  # every file found unusable in reading named at once
         files,
         lambda path: channel_views(path, params, channel, all_channels),
@@ -181,12 +184,14 @@ def collect(
     off = machine.get("off_below_dbfs")
     for path, view, audio in progress(views, "features"):
         fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
-        if view == 0:  # the seconds of the recording, not of its channels
-            seconds += len(audio) / params.samplerate
-            hold_seconds += len(held_audio) / params.samplerate
         fit_part.append(featurize(evidence_windows(fit_audio, dense, off)))
         hold_part.append(featurize(evidence_windows(held_audio, params, off)))
         all_part.append(featurize(evidence_windows(audio, dense, off)))
+        if view == 0:  # the seconds of the recording, not of its channels
+            seconds += len(audio) / params.samplerate
+            hold_seconds += len(held_audio) / params.samplerate
+            windows = 1 + (len(audio) - dense.window_samples) // dense.hop_samples
+            running += len(audio) / params.samplerate * len(all_part[-1]) / max(windows, 1)
     empty = featurize(np.zeros((0, *params.shape)))
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
@@ -196,6 +201,7 @@ def collect(
     run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
     run.machine = machine
     run.held_pieces = [len(part) for part in hold_part]
+    run.running_seconds = running
     return run
 
 
@@ -241,6 +247,9 @@ def statistics_manifest(
             "holdout_files": run.holdout.held_names,
             "holdout_seconds": round(run.seconds[1], 3),
             "fitted_seconds": round(run.seconds[0], 3),
+            "running_seconds": None
+            if run.running_seconds is None
+            else round(min(run.running_seconds, run.seconds[0]), 3),
             "channel": run.channel,
             "epochs": 0,
             "seed": 0,
