@@ -244,11 +244,20 @@ def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, float 
     before = trained.running_level_dbfs.get("p50") if trained is not None else None
     after = site["running_level_dbfs"].get("p50")
     if before is not None and after is not None and abs(after - before) >= LEVEL_SHIFT_DB:
+        trained_off = trained.off_below_dbfs if trained is not None else None
+        # a gain or a microphone moved away, or the machine off: its level cannot tell which
+        # (a field review calibrated on the empty room, 27 dB down, and every normal clip raised
+        # an event after it), but the trained model would have called all of it `off`
+        off = trained_off is not None and after < trained_off
         log.warning(
             "the machine runs %.0f dB %s here than in training (median window %.1f dBFS, "
-            "trained %.1f): its off level moves with it, to %.1f dBFS",
+            "trained %.1f): its off level moves with it, to %.1f dBFS%s",
             abs(after - before), "louder" if after > before else "quieter", after, before,
             site["off_below_dbfs"],
+            f"; the model as trained takes most of this audio for the machine off (below "
+            f"{trained_off:.1f} dBFS): if it was off while this was recorded, do not use this "
+            "bundle (it would take the silence for running): record the machine running"
+            if off else "",
         )  # fmt: skip
     return site, shift
 

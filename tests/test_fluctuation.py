@@ -189,6 +189,25 @@ def test_calibrating_where_the_machine_sounds_20_db_quieter_moves_its_off_level(
     assert "machine off" not in replay.stderr
 
 
+def test_calibrating_on_the_empty_room_says_the_model_took_it_for_the_machine_off(
+    tmp_path: Path,
+) -> None:
+    """Calibrated on the room with the machine off (30 dB down, another sound), the bundle took
+    it for a microphone moved away, said only that the machine "runs 27 dB quieter here", and
+    raised an event on every normal clip after (a field review). Its level cannot tell a gain
+    from the machine off, so the line says what the trained model heard: the machine off."""
+    rate = load_bundle(DEMO_BUNDLE).features.samplerate
+    room = tmp_path / "room.wav"
+    noise = np.random.default_rng(3).standard_normal(40 * rate)
+    level = np.sqrt(np.mean(read_audio(NORMAL_FILES[0], rate) ** 2)) * 10 ** (-30 / 20)
+    sf.write(room, (level * noise).astype(np.float32), rate, subtype="FLOAT")
+    near, out = tmp_path / "near.bundle", tmp_path / "room.bundle"
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(near))
+    proc = cli("calibrate", str(near), "--normal", str(room), "--out", str(out))
+    line = next(x for x in proc.stderr.splitlines() if "dB quieter here" in x)
+    assert "the model as trained takes most of this audio for the machine off" in line, line
+
+
 def test_silence_and_the_machine_off_in_the_training_audio_leave_its_off_level_alone(
     tmp_path: Path,
 ) -> None:
