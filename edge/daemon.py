@@ -270,7 +270,7 @@ class Detector:
         self._unlearnt: deque[tuple[float, np.ndarray, object]] = deque()
         """A learning period's windows (end, features, period) of the last STOP_SECONDS, learnt
         only once the machine has not gone quiet after them (training's rule)."""
-        self.state = DeviceState(settings.data_dir) if persist else None
+        self.state = DeviceState(settings.data_dir, settings.device_id) if persist else None
         self.on_learning_end: Callable[[Asker, dict[str, Any]], None] | None = None
         """Told how a period begun by a command ended, with its asker: the refit's summary (or
         `error`) and `ended_by` (`itself`, `stop`), or `dropped` and why (replaced, cancelled,

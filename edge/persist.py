@@ -1,7 +1,10 @@
 """What survives a restart: the threshold set by command, a maintenance mute and the machine's
 running hours, kept in `{data_dir}/state.json` (atomic writes, mode 0600). A threshold belongs
 to the model it was set on: after another model is loaded it is dropped. The running hours
-belong to the machine, whatever model listens to it.
+belong to the machine, whatever model listens to it. The threshold and mute belong to the
+device id that set them too: a replay under another id in the same data folder restored the
+device's threshold and wrote its own over it (a field review); another id's are kept in
+`others`, untouched.
 
 A mute is kept as its start (wall clock), its length and how much of it had run at the last save
 (monotonic), never as an end time: a Pi boots with a stale clock (fake-hwclock's last save, or
@@ -24,6 +27,8 @@ from edge.private import private_dir, remove_stale_temps
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+OWN = ("model", "threshold", "mute")
+"""What state.json keeps of each device id (the running hours are the machine's)."""
 MAX_MUTE_S = MAX_MUTE_MINUTES * 60.0
 
 
@@ -48,19 +53,29 @@ class SavedMute:
 class DeviceState:
     """The persisted threshold, mute and running seconds of one device."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, device_id: str | None = None) -> None:
         self.path = data_dir / STATE
+        self.device_id = device_id
         remove_stale_temps(data_dir)  # a save of state.json cut short by a power cut
         read = read_json(self.path)
         self.unreadable = unreadable(self.path, read)
         """state.json is there but cannot be read: not written over this run."""
         data = read or {}
+        self.running_seconds: float = _number(data.get("running_seconds")) or 0.0
+        others = data.get("others")
+        self.others: dict[str, Any] = dict(others) if isinstance(others, dict) else {}
+        """Other device ids' threshold, model and mute, kept as they were."""
+        writer = data.get("device_id")
+        if isinstance(writer, str) and device_id is not None and writer != device_id:
+            # the last writer was another id: its settings are kept, this one's come from others
+            self.others[writer] = {k: data.get(k) for k in OWN}
+            mine = self.others.pop(device_id, None)
+            data = mine if isinstance(mine, dict) else {}
         self.model: str | None = data.get("model")
         self.threshold: float | None = _number(data.get("threshold"))
         self.mute: SavedMute | None = _mute(data.get("mute"))
         self.muted_until: float = _number(data.get("muted_until")) or 0.0
         """The old format's end of a mute (epoch seconds), read when there is no `mute`."""
-        self.running_seconds: float = _number(data.get("running_seconds")) or 0.0
 
     def threshold_for(self, model_id: str) -> float | None:
         """The threshold set by command for this model, if any."""
@@ -99,6 +114,10 @@ class DeviceState:
             else {"started": mute.started, "seconds": mute.seconds, "ran": round(mute.ran, 1)},
             "running_seconds": round(running_seconds, 1),
         }
+        if self.device_id is not None:
+            data["device_id"] = self.device_id
+        if self.others:
+            data["others"] = self.others
         if self.unreadable:  # said once, when it could not be read
             return
         try:

@@ -399,8 +399,11 @@ def _publisher(
         # would keep the entities. Never a replay's: with the device's id and discovery off, as
         # README suggests for a test, it deleted the device's entities (an integrator's review)
         publisher.set_discovery(dict.fromkeys(config_topics(topics)))
-    if logged:  # a broker that lost its retained messages gets it back
-        publisher.remember_last_event(json.dumps(logged[-1].data, separators=(",", ":")))
+    # a broker that lost its retained messages gets it back: this device id's, not the last of
+    # another id's in the same data folder (a replay's, published as the device's: a field review)
+    own = [e for e in logged if e.data.get("device_id") == settings.device_id]
+    if own:
+        publisher.remember_last_event(json.dumps(own[-1].data, separators=(",", ":")))
     return publisher
 
 

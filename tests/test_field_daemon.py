@@ -34,6 +34,7 @@ from jsonschema import Draft202012Validator
 from mqtt_helpers import Received, Subscriber
 
 from edge.audio_io import read_audio
+from edge.bundle import load_bundle
 from edge.discovery import discovery_configs
 from edge.topics import Topics
 
@@ -364,6 +365,36 @@ def test_a_client_that_starts_later_sees_the_last_event_and_metrics_at_once(
         assert again.messages[-1].json() == last.json() and last.json()["seq"] >= 1
     finally:
         again.close()
+
+
+def test_another_device_id_in_the_same_data_folder_gets_none_of_its_event_or_threshold(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Two device ids in one data folder (a replay under its own id beside the device, or a
+    host renamed): the second published the first's last event, its model and device id in
+    the payload, as its own retained `last_event`, and restored the threshold the first was
+    set to by command (a field review). Each id gets its own; the first's are kept for it."""
+    from edge.persist import DeviceState
+
+    one = str(write_config(tmp_path, "one", broker.port))
+    two = str(write_config(tmp_path, "two", broker.port))
+    proc = daemon("replay", str(DEMO_BUNDLE), str(DEMO_CLIP), "--config", one)
+    assert proc.communicate(timeout=60) and proc.returncode == 0
+    data = tmp_path / "data"
+    model = load_bundle(DEMO_BUNDLE).model_id
+    DeviceState(data, "one").save(model, 2.5, None, 0.0)  # as `set_threshold` saves it
+    proc = daemon("replay", str(DEMO_BUNDLE), str(NORMAL_FILES[0]), "--config", two)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "threshold 2.5 restored" not in err, err
+    assert DeviceState(data, "one").threshold_for(model) == 2.5  # kept for it, not written over
+    assert DeviceState(data, "two").threshold_for(model) is None
+    sub = Subscriber(broker.port, "soundsentry/#", client_id="after")
+    try:
+        assert sub.wait_for(lambda _: bool(sub.on("/one/last_event") and sub.on("/two/metrics")))
+        assert sub.on("/one/last_event")[-1].json()["device_id"] == "one"
+        assert not sub.on("/two/last_event"), sub.on("/two/last_event")[-1].json()
+    finally:
+        sub.close()
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:

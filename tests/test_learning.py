@@ -2519,3 +2519,27 @@ def test_a_new_configured_model_names_the_marks_it_does_not_hold(
     said = [r.getMessage() for r in caplog.records if "configured model is now" in r.getMessage()]
     assert "they were another model's: this one raises events of its own to mark" in said[0]
     assert "mark_normal them again" not in said[0]
+
+
+def test_state_json_keeps_each_device_ids_threshold_and_mute_and_the_machines_hours(
+    tmp_path: Path,
+) -> None:
+    """A file of the format before device ids (no `device_id`) is the device's that reads it;
+    a second id in the folder neither restores the first's threshold and mute nor writes over
+    them; the running hours are the machine's, whichever id counted them."""
+    from edge.persist import STATE, DeviceState, SavedMute
+
+    (tmp_path / STATE).write_text(
+        json.dumps({"model": "m", "threshold": 2.0, "running_seconds": 7})
+    )
+    assert DeviceState(tmp_path, "one").threshold_for("m") == 2.0  # the old format: adopted
+    DeviceState(tmp_path, "one").save("m", 2.0, SavedMute(100.0, 600.0), 7.0)
+    two = DeviceState(tmp_path, "two")
+    assert two.threshold_for("m") is None and two.mute is None and two.running_seconds == 7.0
+    two.save("m", 3.0, None, 9.0)
+    one = DeviceState(tmp_path, "one")
+    assert one.threshold_for("m") == 2.0 and one.mute == SavedMute(100.0, 600.0)
+    assert one.running_seconds == 9.0
+    one.save("m", None, None, 9.0)
+    assert DeviceState(tmp_path, "two").threshold_for("m") == 3.0
+    assert DeviceState(tmp_path, "one").threshold_for("m") is None
