@@ -608,7 +608,7 @@ class Detector:
             return self._full_id(event_of(event_id))
         if self._kept:
             return next(reversed(self._kept))
-        logged = last_logged_id(self.settings.data_dir)
+        logged = last_logged_id(self.settings.data_dir, self.settings.device_id)
         if logged is not None:
             return logged
         clips = sorted(self._clip_folder.glob("*.wav")) if self._clip_folder else []

@@ -207,14 +207,15 @@ def read_events(folder: Path, since: datetime | None = None) -> list[LoggedEvent
     return sorted(events, key=lambda e: e.started)
 
 
-def last_logged_id(folder: Path) -> str | None:
-    """The id of the event logged last: the most recent by the log's order, which the clock
-    cannot reorder (a Pi without RTC, set back after a power cut, stamps a later clip earlier).
-    None without a log."""
+def last_logged_id(folder: Path, device_id: str | None = None) -> str | None:
+    """The id of the event logged last (of `device_id`'s, given one): the most recent by the
+    log's order, which the clock cannot reorder (a Pi without RTC, set back after a power cut,
+    stamps a later clip earlier). None without a log."""
     last = None
     for path in (folder / ROTATED_NAME, folder / LOG_NAME):
         for data in _lines(path):
-            if data is not None and _valid(data):
+            mine = data is not None and device_id in (None, data.get("device_id"))
+            if mine and _valid(data):
                 last = data["event_id"]
     return last
 

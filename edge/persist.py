@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 OWN = ("model", "threshold", "mute")
 """What state.json keeps of each device id (the running hours are the machine's)."""
+LEGACY = "(before device ids)"
+"""The key in `others` of the settings of a state.json written before it named device ids."""
 MAX_MUTE_S = MAX_MUTE_MINUTES * 60.0
 
 
@@ -66,10 +68,26 @@ class DeviceState:
         self.others: dict[str, Any] = dict(others) if isinstance(others, dict) else {}
         """Other device ids' threshold, model and mute, kept as they were."""
         writer = data.get("device_id")
-        if isinstance(writer, str) and device_id is not None and writer != device_id:
+        writer = writer if isinstance(writer, str) else None
+        if device_id is None:  # a reader of no id (a tool, a test) writes back the writer's
+            self.device_id = writer
+        elif writer is None and any(data.get(k) is not None for k in (*OWN, "muted_until")):
+            # a file from before device ids: its settings are the first reader's, and stay
+            # there for an id that has none of its own (the device, when a replay under another
+            # id read it first)
+            self.others.setdefault(LEGACY, {k: data.get(k) for k in (*OWN, "muted_until")})
+        elif writer is not None and writer != device_id:
             # the last writer was another id: its settings are kept, this one's come from others
             self.others[writer] = {k: data.get(k) for k in OWN}
             mine = self.others.pop(device_id, None)
+            if not isinstance(mine, dict):
+                mine = self.others.get(LEGACY)
+                log.warning(
+                    "%s was written by device id %s, whose threshold and mute are kept for it; "
+                    "%s has %s (a renamed host? set them again)",
+                    self.path, writer, device_id,
+                    "those saved before device ids" if isinstance(mine, dict) else "none saved",
+                )  # fmt: skip
             data = mine if isinstance(mine, dict) else {}
         self.model: str | None = data.get("model")
         self.threshold: float | None = _number(data.get("threshold"))

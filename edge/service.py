@@ -87,7 +87,7 @@ def run_detector(
             dashboard = _dashboard(settings)  # TLS or password files; bound first
             page = dashboard.page_url() if dashboard is not None else None
             client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
-            logged = _logged_events(settings.data_dir)
+            logged = _logged_events(settings.data_dir, settings.device_id)
             publisher = (
                 _publisher(settings, on_command, client_id, logged, on_retained, live)
                 if settings.mqtt.host
@@ -399,11 +399,8 @@ def _publisher(
         # would keep the entities. Never a replay's: with the device's id and discovery off, as
         # README suggests for a test, it deleted the device's entities (an integrator's review)
         publisher.set_discovery(dict.fromkeys(config_topics(topics)))
-    # a broker that lost its retained messages gets it back: this device id's, not the last of
-    # another id's in the same data folder (a replay's, published as the device's: a field review)
-    own = [e for e in logged if e.data.get("device_id") == settings.device_id]
-    if own:
-        publisher.remember_last_event(json.dumps(own[-1].data, separators=(",", ":")))
+    if logged:  # a broker that lost its retained messages gets it back (this device id's)
+        publisher.remember_last_event(json.dumps(logged[-1].data, separators=(",", ":")))
     return publisher
 
 
@@ -501,14 +498,18 @@ def _kept_clip(clips: Path | None, event_id: str) -> dict[str, Any]:
     return {}
 
 
-def _logged_events(data_dir: Path) -> list[LoggedEvent]:
-    """What the start needs of the device's event log, oldest first: the events an earlier run
-    left open and the last one. The whole log (up to 8 MB, 25 MB of objects) stayed in memory
-    for the whole run otherwise. None when it cannot be read (said once: its last event is then
-    not re-published, nor are events an earlier run left open ended)."""
+def _logged_events(data_dir: Path, device_id: str) -> list[LoggedEvent]:
+    """What the start needs of the device's event log, oldest first: the events of this device
+    id an earlier run left open and its last one. The whole log (up to 8 MB, 25 MB of objects)
+    stayed in memory for the whole run otherwise. Another id's in the same folder (a replay
+    under its own, a host renamed) are not this device's to re-publish or end: a replay's
+    event went out as the device's retained `last_event`, its id and model in it (a field
+    review). None when it cannot be read (said once: its last event is then not re-published,
+    nor are events an earlier run left open ended)."""
     try:
-        events = read_events(data_dir)
-        last_id = last_logged_id(data_dir)  # by the log's order: a clock set back reorders
+        events = [e for e in read_events(data_dir) if e.data.get("device_id") == device_id]
+        # by the log's order: a clock set back reorders
+        last_id = last_logged_id(data_dir, device_id)
     except SoundSentryError as exc:
         log.warning("%s: the last event is not re-published, open ones are not ended", exc)
         return []

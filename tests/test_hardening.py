@@ -1128,10 +1128,10 @@ def test_the_start_keeps_of_the_event_log_only_what_it_needs(tmp_path: Path) -> 
         sink.event(message(i, "start"))
         if i not in (7, 299):  # 7 was left open by a power cut, 299 is open now
             sink.event(message(i, "end"))
-    kept = edge.service._logged_events(tmp_path)
+    kept = edge.service._logged_events(tmp_path, "u")
     assert [e.data["event_id"] for e in kept] == [f"{7:032x}", f"{299:032x}"]
     sink.event(message(299, "end"))
-    kept = edge.service._logged_events(tmp_path)
+    kept = edge.service._logged_events(tmp_path, "u")
     assert [e.data["event_id"] for e in kept] == [f"{7:032x}", f"{299:032x}"]
     assert kept[-1].status != "open"  # the last, ended: re-published, not ended again
     # logged after a reboot whose clock was behind: the last by the log's order, not by its
@@ -1140,8 +1140,18 @@ def test_the_start_keeps_of_the_event_log_only_what_it_needs(tmp_path: Path) -> 
                          started_at=iso(start - 86400), peak_score=3.0, threshold=1.0,
                          ended_at=iso(start - 86395), duration_s=5.0)  # fmt: skip
     sink.event(early)
-    kept = edge.service._logged_events(tmp_path)
+    kept = edge.service._logged_events(tmp_path, "u")
     assert kept[-1].data["event_id"] == f"{300:032x}"
+    # another id's event, logged last and left open (a replay under its own id, killed): the
+    # device neither re-publishes it as its own last event nor ends it (a field review)
+    other = EventMessage(type="start", event_id=f"{301:032x}", device_id="v", model="m2",
+                         started_at=iso(start + 9e4), peak_score=3.0, threshold=1.0)  # fmt: skip
+    sink.event(other)
+    kept = edge.service._logged_events(tmp_path, "u")
+    assert [e.data["event_id"] for e in kept] == [f"{7:032x}", f"{300:032x}"]
+    assert [e.data["event_id"] for e in edge.service._logged_events(tmp_path, "v")] == [
+        f"{301:032x}"
+    ]
 
 
 @pytest.mark.parametrize("step_s", [3600.0, -3600.0])

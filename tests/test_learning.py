@@ -2524,15 +2524,12 @@ def test_a_new_configured_model_names_the_marks_it_does_not_hold(
 def test_state_json_keeps_each_device_ids_threshold_and_mute_and_the_machines_hours(
     tmp_path: Path,
 ) -> None:
-    """A file of the format before device ids (no `device_id`) is the device's that reads it;
-    a second id in the folder neither restores the first's threshold and mute nor writes over
-    them; the running hours are the machine's, whichever id counted them."""
+    """A second id in the folder neither restores the first's threshold and mute nor writes over
+    them; the running hours are the machine's, whichever id counted them. A file of the format
+    before device ids is the device's: a replay under another id that reads it first takes its
+    settings, as before, and leaves them for the device."""
     from edge.persist import STATE, DeviceState, SavedMute
 
-    (tmp_path / STATE).write_text(
-        json.dumps({"model": "m", "threshold": 2.0, "running_seconds": 7})
-    )
-    assert DeviceState(tmp_path, "one").threshold_for("m") == 2.0  # the old format: adopted
     DeviceState(tmp_path, "one").save("m", 2.0, SavedMute(100.0, 600.0), 7.0)
     two = DeviceState(tmp_path, "two")
     assert two.threshold_for("m") is None and two.mute is None and two.running_seconds == 7.0
@@ -2543,3 +2540,14 @@ def test_state_json_keeps_each_device_ids_threshold_and_mute_and_the_machines_ho
     one.save("m", None, None, 9.0)
     assert DeviceState(tmp_path, "two").threshold_for("m") == 3.0
     assert DeviceState(tmp_path, "one").threshold_for("m") is None
+    DeviceState(tmp_path).save("m", 4.0, None, 9.0)  # a reader of no id writes as the writer
+    assert DeviceState(tmp_path, "one").threshold_for("m") == 4.0
+    assert DeviceState(tmp_path, "two").threshold_for("m") == 3.0
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / STATE).write_text(json.dumps({"model": "m", "threshold": 2.0, "running_seconds": 7}))
+    replay = DeviceState(legacy, "host-replay")
+    assert replay.threshold_for("m") == 2.0
+    replay.save("m", None, None, 7.0)
+    assert DeviceState(legacy, "host").threshold_for("m") == 2.0
