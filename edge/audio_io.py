@@ -429,7 +429,7 @@ def read_audio(
                 if valid and rate > samplerate
                 else None
             )
-            summary, parts = _Summary(), []
+            summary, parts = _Summary(fh.subtype in FLOAT_SUBTYPES), []
             for block in file_blocks(fh):
                 if not summary.check(block) or not valid:
                     continue  # refused after the whole file is seen; nothing more to keep
@@ -449,7 +449,7 @@ def read_audio(
     if summary.bad:
         raise AudioError(f"{path}: invalid samples ({summary.bad} are NaN or infinite)")
     check_rate(path, rate, samplerate)
-    if summary.peak > FLOAT_FULL_SCALE:  # only float files can: engineering units, not audio
+    if summary.beyond_full_scale:  # engineering units, not audio
         raise _beyond_full_scale(path, summary.peak)
     if not valid:
         raise _no_channel(channel, channels, path)
@@ -508,7 +508,11 @@ class _Summary:
     NaN or infinite and its peak; of the channel read, edge.health's `is_silent` and `is_flat`
     over the whole file, its clipped share and its mean."""
 
-    def __init__(self) -> None:
+    def __init__(self, floats: bool = True) -> None:
+        self.floats = floats
+        """Samples stored as floats, which can lie beyond full scale: a lossy decoder's output
+        overshoots it by a few per cent on loud audio (an Ogg of a clipped sine peaked at 1.04,
+        refused as engineering units, in a diff review), and is no such file."""
         self.samples = 0
         self.bad = 0
         self.peak = 0.0
@@ -527,7 +531,12 @@ class _Summary:
             self.bad += int(np.count_nonzero(~np.isfinite(block)))
         else:
             self.peak = max(self.peak, high, -low)
-        return not self.bad and self.peak <= FLOAT_FULL_SCALE
+        return not self.bad and not self.beyond_full_scale
+
+    @property
+    def beyond_full_scale(self) -> bool:
+        """A float file whose finite samples peak beyond full scale (read_audio refuses it)."""
+        return self.floats and self.peak > FLOAT_FULL_SCALE
 
     def add(self, mono: np.ndarray) -> None:
         """Gather the channel read."""

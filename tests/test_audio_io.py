@@ -378,3 +378,18 @@ def test_a_peak_just_beyond_full_scale_reads_beyond_one(tmp_path: Path) -> None:
     sf.write(near, np.r_[np.zeros(16000), 1.001], 16000, subtype="FLOAT")
     with pytest.raises(AudioError, match=r"float samples reach 1\.001, beyond"):
         read_audio(near, RATE)
+
+
+def test_a_loud_lossy_file_is_read_though_its_decoder_overshoots_full_scale(
+    tmp_path: Path,
+) -> None:
+    """An Ogg of a clipped recording decodes to peaks of 1.04 (a lossy decoder overshoots), and
+    was refused as float samples "beyond full scale", for a file that holds no floats at all (a
+    diff review). Only a float file is refused for it."""
+    t = np.arange(5 * RATE) / RATE
+    loud = np.clip(1.5 * np.sin(2 * np.pi * 440 * t), -1, 1) * 0.999
+    noisy = loud + 0.001 * np.random.default_rng(0).standard_normal(len(t))
+    path = tmp_path / "loud.ogg"
+    sf.write(path, np.clip(noisy, -1, 1), RATE)
+    assert np.max(np.abs(sf.read(path)[0])) > 1.001  # the decoder's overshoot
+    assert len(read_audio(path, RATE)) == 5 * RATE
