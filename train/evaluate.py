@@ -223,8 +223,10 @@ def evaluate(
             off[label] += off_windows
     if unjudged:
         log.warning(
-            "%d window(s) silent, flat or with the machine off are left out of the scores, "
-            "as the device leaves them out of its evidence", unjudged,
+            "%d window(s) silent, flat, with the machine off, starting or stopping, or (a model"
+            " of operating states) heard as another state than the one named, as the machine "
+            "changes state, are left out of the scores, as the device leaves them out of its "
+            "evidence", unjudged,
         )  # fmt: skip
     labels = np.array([i.label for i in items])
     if unsegmented and np.any(labels == 0) and np.any(labels == 1):  # else the error says it
@@ -282,7 +284,7 @@ def _say_what_it_means(
         if per_day > budget:
             log.warning(
                 "%d of %d normal file(s) raised an event at the model's threshold: at least %s "
-                "a day in their %.0f s of the machine running, against the %g a day it was set "
+                "a day in the %.0f s of them the device judged, against the %g a day it was set "
                 "for. This normal running "
                 "is not like the audio it was trained on: train (or calibrate) on more, and more "
                 "varied, normal audio, these recordings too",
