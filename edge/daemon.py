@@ -958,7 +958,11 @@ class Detector:
             # 3.6 while the fan was off, and Home Assistant's score graph spiked at every stop
             # (a walk-through)
             machine = step.state_name or step.machine  # a named state when trained with them
-            self._last_score = None if machine == OFF else step.score
+            # nor the windows of a stop heard below the off level before it is named `off` (a
+            # field review: 7.8 and 48 against 2.7 in the two windows before each `off`)
+            off_below = pipeline.machine.off_below_dbfs
+            quiet = off_below is not None and step.level_dbfs < off_below
+            self._last_score = None if machine == OFF or quiet else step.score
             if self.live:  # a classifier's class `off` ends in its K of N votes, not the 8
                 events = self.pipeline.events  # that rename a state
                 votes = events.k if isinstance(events, ClassTracker) else SWITCH_VOTES
