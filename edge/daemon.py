@@ -270,7 +270,7 @@ class Detector:
         self._unlearnt: deque[tuple[float, np.ndarray, object]] = deque()
         """A learning period's windows (end, features, period) of the last STOP_SECONDS, learnt
         only once the machine has not gone quiet after them (training's rule)."""
-        self.state = DeviceState(settings.data_dir, settings.device_id) if persist else None
+        self.state = DeviceState(settings.data_dir, settings.device_id, live) if persist else None
         self.on_learning_end: Callable[[Asker, dict[str, Any]], None] | None = None
         """Told how a period begun by a command ended, with its asker: the refit's summary (or
         `error`) and `ended_by` (`itself`, `stop`), or `dropped` and why (replaced, cancelled,
@@ -958,10 +958,11 @@ class Detector:
             # 3.6 while the fan was off, and Home Assistant's score graph spiked at every stop
             # (a walk-through)
             machine = step.state_name or step.machine  # a named state when trained with them
-            # nor the windows of a stop heard below the off level before it is named `off` (a
-            # field review: 7.8 and 48 against 2.7 in the two windows before each `off`)
+            # nor the windows of a stop heard near or below the off level before it is named
+            # `off` (a field review: 7.8 and 48 against 2.7 in the two windows before each
+            # `off`), which are no evidence either (a machine coasting down: the diff review)
             off_below = pipeline.machine.off_below_dbfs
-            quiet = off_below is not None and step.level_dbfs < off_below
+            quiet = off_below is not None and step.level_dbfs < off_below + HYSTERESIS_DB
             self._last_score = None if machine == OFF or quiet else step.score
             if self.live:  # a classifier's class `off` ends in its K of N votes, not the 8
                 events = self.pipeline.events  # that rename a state

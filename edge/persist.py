@@ -30,7 +30,9 @@ STATE = "state.json"
 OWN = ("model", "threshold", "mute")
 """What state.json keeps of each device id (the running hours are the machine's)."""
 LEGACY = "(before device ids)"
-"""The key in `others` of the settings of a state.json written before it named device ids."""
+"""The key in `others` of the settings of a state.json written before it named device ids, kept
+there by a replay that read them until the device's own daemon takes them (no device id can
+hold a space)."""
 MAX_MUTE_S = MAX_MUTE_MINUTES * 60.0
 
 
@@ -55,7 +57,9 @@ class SavedMute:
 class DeviceState:
     """The persisted threshold, mute and running seconds of one device."""
 
-    def __init__(self, data_dir: Path, device_id: str | None = None) -> None:
+    def __init__(self, data_dir: Path, device_id: str | None = None, live: bool = True) -> None:
+        """`live`: the device's own daemon, which takes the settings of a file from before
+        device ids as its own; a replay reads them and leaves them for the device."""
         self.path = data_dir / STATE
         self.device_id = device_id
         remove_stale_temps(data_dir)  # a save of state.json cut short by a power cut
@@ -66,29 +70,32 @@ class DeviceState:
         self.running_seconds: float = _number(data.get("running_seconds")) or 0.0
         others = data.get("others")
         self.others: dict[str, Any] = dict(others) if isinstance(others, dict) else {}
-        """Other device ids' threshold, model and mute, kept as they were."""
+        """Other device ids' threshold, model and mute, kept as they were, and (LEGACY) those
+        of a file from before device ids that no live daemon has taken yet."""
         writer = data.get("device_id")
         writer = writer if isinstance(writer, str) else None
         if device_id is None:  # a reader of no id (a tool, a test) writes back the writer's
             self.device_id = writer
-        elif writer is None and any(data.get(k) is not None for k in (*OWN, "muted_until")):
-            # a file from before device ids: its settings are the first reader's, and stay
-            # there for an id that has none of its own (the device, when a replay under another
-            # id read it first)
-            self.others.setdefault(LEGACY, {k: data.get(k) for k in (*OWN, "muted_until")})
-        elif writer is not None and writer != device_id:
+        elif writer is None:
+            # a file from before device ids: the device's. A replay (another id, or the
+            # device's own) reads them as it did, and leaves them for the device to take
+            if not live and any(data.get(k) is not None for k in (*OWN, "muted_until")):
+                self.others.setdefault(LEGACY, {k: data.get(k) for k in (*OWN, "muted_until")})
+        elif writer != device_id:
             # the last writer was another id: its settings are kept, this one's come from others
             self.others[writer] = {k: data.get(k) for k in OWN}
             mine = self.others.pop(device_id, None)
             if not isinstance(mine, dict):
-                mine = self.others.get(LEGACY)
+                mine = self.others.pop(LEGACY, None) if live else self.others.get(LEGACY)
+            if not isinstance(mine, dict) and live:
                 log.warning(
                     "%s was written by device id %s, whose threshold and mute are kept for it; "
-                    "%s has %s (a renamed host? set them again)",
+                    "%s has none saved (a renamed host? set them again)",
                     self.path, writer, device_id,
-                    "those saved before device ids" if isinstance(mine, dict) else "none saved",
                 )  # fmt: skip
             data = mine if isinstance(mine, dict) else {}
+        if live:  # once the device's, the old file's settings go to no other id
+            self.others.pop(LEGACY, None)
         self.model: str | None = data.get("model")
         self.threshold: float | None = _number(data.get("threshold"))
         self.mute: SavedMute | None = _mute(data.get("mute"))

@@ -507,12 +507,21 @@ def _logged_events(data_dir: Path, device_id: str) -> list[LoggedEvent]:
     review). None when it cannot be read (said once: its last event is then not re-published,
     nor are events an earlier run left open ended)."""
     try:
-        events = [e for e in read_events(data_dir) if e.data.get("device_id") == device_id]
+        logged = read_events(data_dir)
         # by the log's order: a clock set back reorders
         last_id = last_logged_id(data_dir, device_id)
     except SoundSentryError as exc:
         log.warning("%s: the last event is not re-published, open ones are not ended", exc)
         return []
+    events = [e for e in logged if e.data.get("device_id") == device_id]
+    others = sorted(
+        {str(e.data.get("device_id")) for e in logged if e.status == "open"} - {device_id}
+    )
+    if others:  # a renamed host's: Home Assistant's alarm on the old id's entities stays on
+        log.warning(
+            "the event log holds events left open by device id %s, not ended by %s: they are "
+            "not this one's", ", ".join(others), device_id,
+        )  # fmt: skip
     last = [e for e in events if e.data.get("event_id") == last_id][-1:] or events[-1:]
     return [e for e in events if e.status == "open" and e not in last] + last
 

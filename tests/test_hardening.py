@@ -1108,7 +1108,9 @@ def test_an_interrupted_event_never_ends_before_it_started(
     assert end.stream_offset_s is None  # where it ended was not heard: not the start's 6.5
 
 
-def test_the_start_keeps_of_the_event_log_only_what_it_needs(tmp_path: Path) -> None:
+def test_the_start_keeps_of_the_event_log_only_what_it_needs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The daemon read the whole event log (up to 8 MB: 25 MB of objects) to re-publish the
     last event and end the ones left open, and held it for the whole run (in a review). It
     keeps those alone, oldest first."""
@@ -1147,8 +1149,10 @@ def test_the_start_keeps_of_the_event_log_only_what_it_needs(tmp_path: Path) -> 
     other = EventMessage(type="start", event_id=f"{301:032x}", device_id="v", model="m2",
                          started_at=iso(start + 9e4), peak_score=3.0, threshold=1.0)  # fmt: skip
     sink.event(other)
+    caplog.clear()
     kept = edge.service._logged_events(tmp_path, "u")
     assert [e.data["event_id"] for e in kept] == [f"{7:032x}", f"{300:032x}"]
+    assert "events left open by device id v, not ended by u" in caplog.text  # said, not done
     assert [e.data["event_id"] for e in edge.service._logged_events(tmp_path, "v")] == [
         f"{301:032x}"
     ]

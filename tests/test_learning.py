@@ -2526,8 +2526,8 @@ def test_state_json_keeps_each_device_ids_threshold_and_mute_and_the_machines_ho
 ) -> None:
     """A second id in the folder neither restores the first's threshold and mute nor writes over
     them; the running hours are the machine's, whichever id counted them. A file of the format
-    before device ids is the device's: a replay under another id that reads it first takes its
-    settings, as before, and leaves them for the device."""
+    before device ids is the device's: a replay that reads it first reads its settings, as
+    before, and leaves them for the device's daemon, which takes them for good."""
     from edge.persist import STATE, DeviceState, SavedMute
 
     DeviceState(tmp_path, "one").save("m", 2.0, SavedMute(100.0, 600.0), 7.0)
@@ -2547,7 +2547,12 @@ def test_state_json_keeps_each_device_ids_threshold_and_mute_and_the_machines_ho
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / STATE).write_text(json.dumps({"model": "m", "threshold": 2.0, "running_seconds": 7}))
-    replay = DeviceState(legacy, "host-replay")
+    replay = DeviceState(legacy, "host-replay", live=False)
     assert replay.threshold_for("m") == 2.0
     replay.save("m", None, None, 7.0)
-    assert DeviceState(legacy, "host").threshold_for("m") == 2.0
+    host = DeviceState(legacy, "host")  # the device's own daemon takes them
+    assert host.threshold_for("m") == 2.0
+    host.save("m", None, None, 7.0)  # and resets the threshold: no other id gets the old one
+    assert DeviceState(legacy, "host-replay", live=False).threshold_for("m") is None
+    assert DeviceState(legacy, "renamed").threshold_for("m") is None
+    assert DeviceState(legacy, "host").threshold_for("m") is None

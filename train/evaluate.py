@@ -223,10 +223,10 @@ def evaluate(
             off[label] += off_windows
     if unjudged:
         log.warning(
-            "%d window(s) silent, flat, with the machine off, starting or stopping, or (a model"
-            " of operating states) heard as another state than the one named, as the machine "
-            "changes state, are left out of the scores, as the device leaves them out of its "
-            "evidence", unjudged,
+            "%d window(s) silent, flat or holding a dropout, with the machine off, starting or "
+            "stopping, or (a model of operating states) heard as another state than the one "
+            "named, as the machine changes state, are left out of the scores, as the device "
+            "leaves them out of its evidence", unjudged,
         )  # fmt: skip
     labels = np.array([i.label for i in items])
     if unsegmented and np.any(labels == 0) and np.any(labels == 1):  # else the error says it
