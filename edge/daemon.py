@@ -526,6 +526,7 @@ class Detector:
         with self.notifier.busy():  # an hour-long clip's windows take seconds on a Pi
             rows = self._event_rows(eid)  # refused (a kind that cannot learn): the event goes on
             bundle = adapter.mark(eid, rows, self.bundle)
+        self._say_override_dropped(adapter)
         out = {"event_id": eid, **(adapter.last_refit or {})}
         if self.pipeline.events.event_id == eid:
             self.close_event("marked_normal")
@@ -597,9 +598,24 @@ class Detector:
                     f"refit failed, keeping {self.bundle.model_id}: {reason}"
                 ) from None
             return adapter.last_refit
+        self._say_override_dropped(adapter)
         self._switch(bundle)
         self._learning_ended(asker, {**(adapter.last_refit or {}), "ended_by": ended_by})
         return adapter.last_refit or {}
+
+    def _say_override_dropped(self, adapter: Adapter) -> None:
+        """A refit's new version runs at its own threshold: one set by command is dropped with
+        the model it was set on. The reply said "threshold 2.507 -> 2.667" where 3.5, set by
+        the operator, had been in force, and the device became more sensitive than they had set
+        it without a word (a walk-through). Its note says so."""
+        if self._threshold is None or adapter.last_refit is None:
+            return
+        dropped = (
+            f"the threshold {self._threshold:.6g} set by command was for the model before and "
+            "is dropped: the new version runs at its own; set it again if it is still wanted"
+        )
+        note = adapter.last_refit.get("note")
+        adapter.last_refit["note"] = f"{note}; {dropped}" if note else dropped
 
     def _event_named(self, event_id: str) -> str:
         """The id of a recent event (`last`: the most recent), kept here, else the last in the

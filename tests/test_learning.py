@@ -2556,3 +2556,22 @@ def test_state_json_keeps_each_device_ids_threshold_and_mute_and_the_machines_ho
     assert DeviceState(legacy, "host-replay", live=False).threshold_for("m") is None
     assert DeviceState(legacy, "renamed").threshold_for("m") is None
     assert DeviceState(legacy, "host").threshold_for("m") is None
+
+
+def test_a_mark_says_it_drops_the_threshold_set_by_command(tmp_path: Path) -> None:
+    """The operator raised the threshold to 3.5, then marked an event normal: the reply said
+    "threshold 2.507 -> 2.667" and the new version ran at 2.667, more sensitive than they had
+    set it, without a word (a walk-through). The reply says the override is dropped."""
+    device = Device(tmp_path, seconds=LEARN_S)
+    assert starts(device.replay(*NORMAL_FILES)) == []  # the site learnt first
+    d = Detector(device.settings(), load_bundle(DEMO_BUNDLE), [Recorder()], persist=True)
+    _feed_till_an_event_opens(d)
+    controller = Controller(d)
+    raised = 1.5 * d.threshold
+    assert controller.handle_payload(
+        json.dumps({"command": "set_threshold", "value": raised}).encode()
+    ).ok
+    reply = controller.handle_payload(b'{"command": "mark_normal", "event_id": "last"}')
+    assert reply.ok, reply.detail
+    assert f"the threshold {raised:.6g} set by command was for the model before" in reply.detail
+    assert d.threshold != pytest.approx(raised)  # the new version's own
