@@ -977,8 +977,7 @@ class Detector:
             # nor the windows of a stop heard near or below the off level before it is named
             # `off` (a field review: 7.8 and 48 against 2.7 in the two windows before each
             # `off`), which are no evidence either (a machine coasting down: the diff review)
-            off_below = pipeline.machine.off_below_dbfs
-            quiet = off_below is not None and step.level_dbfs < off_below + HYSTERESIS_DB
+            quiet = pipeline.machine.near_off(step.level_dbfs)
             self._last_score = None if machine == OFF or quiet else step.score
             if self.live:  # a classifier's class `off` ends in its K of N votes, not the 8
                 events = self.pipeline.events  # that rename a state
@@ -1015,7 +1014,6 @@ class Detector:
         NEAR_OFF_SAY_S (windows judged now and then between do not reset it, JUDGED_RESET_S of
         them in a row do): no window is judged then, so detection is deaf and a learning period
         learns nothing; a microphone 9 dB quieter than the training's did that in silence."""
-        off = self.pipeline.machine.off_below_dbfs
         hop = self.bundle.features.hop_seconds
         if step.evidence:
             self._judged_s += hop
@@ -1024,10 +1022,10 @@ class Detector:
                     log.warning("the machine is heard above its off level again: judged")
                 self._near_off_s = 0.0
             return
-        if step.dead or step.machine != RUNNING or off is None:
+        if step.dead or step.machine != RUNNING:
             return
-        if step.level_dbfs >= off + HYSTERESIS_DB:
-            return  # starting up or settling: not the level's doing
+        if not self.pipeline.machine.near_off(step.level_dbfs):
+            return  # starting up or settling (or no off level): not the level's doing
         self._judged_s = 0.0
         before = self._near_off_s
         self._near_off_s += hop
@@ -1040,7 +1038,7 @@ class Detector:
                 "sets the levels, or set [detector] off_below_dbfs",
                 step.level_dbfs,
                 HYSTERESIS_DB,
-                off,
+                self.pipeline.machine.off_below_dbfs,
                 self._near_off_s,
             )
 

@@ -139,6 +139,11 @@ class MachineState:
     daemon (re)started beside a stopped machine published it running, then off two windows
     later, at every restart, reload and settings change, and counted a hop of running time."""
 
+    def near_off(self, level_dbfs: float) -> bool:
+        """A window heard below the off level or within HYSTERESIS_DB of it: the machine stopped
+        or coasting down, not yet (or no longer) heard running. False without an off level."""
+        return self.off_below_dbfs is not None and level_dbfs < self.off_below_dbfs + HYSTERESIS_DB
+
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
         if self.off_below_dbfs is None:
@@ -149,7 +154,7 @@ class MachineState:
                 self.state, self._streak = OFF, 0
                 self._near_off = 1
                 return self.state
-        near = level_dbfs < self.off_below_dbfs + HYSTERESIS_DB
+        near = self.near_off(level_dbfs)
         self._near_off = self._near_off + 1 if near else 0
         if self.state == RUNNING:
             self._streak = self._streak + 1 if level_dbfs < self.off_below_dbfs else 0
