@@ -217,7 +217,7 @@ def _running_windows(
     per_file, dropped, total = [], 0, 0
     for a in audio:
         kept = evidence_windows(a, params, off_below_dbfs, off_like)
-        windows = (len(a) - params.window_samples) // params.hop_samples + 1
+        windows = params.windows_in(len(a))
         per_file.append(kept)
         total += windows
         dropped += windows - len(kept)

@@ -105,6 +105,11 @@ class FeatureParams:
         """STFT frames in one analysis window."""
         return 1 + (self.window_samples - self.n_fft) // self.hop_length
 
+    def windows_in(self, samples: int) -> int:
+        """Analysis windows in `samples` of audio, one every hop (below one window's length: 0
+        or less, as it counts)."""
+        return (samples - self.window_samples) // self.hop_samples + 1
+
     @property
     def shape(self) -> tuple[int, int]:
         """Feature shape of one window: (frames, mel bands)."""

@@ -190,8 +190,8 @@ def collect(
         if view == 0:  # the seconds of the recording, not of its channels
             seconds += len(audio) / params.samplerate
             hold_seconds += len(held_audio) / params.samplerate
-            windows = 1 + (len(audio) - dense.window_samples) // dense.hop_samples
-            running += len(audio) / params.samplerate * len(all_part[-1]) / max(windows, 1)
+            windows = max(dense.windows_in(len(audio)), 1)
+            running += len(audio) / params.samplerate * len(all_part[-1]) / windows
     empty = featurize(np.zeros((0, *params.shape)))
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
