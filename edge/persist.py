@@ -79,8 +79,9 @@ class DeviceState:
         elif writer is None:
             # a file from before device ids: the device's. A replay (another id, or the
             # device's own) reads them as it did, and leaves them for the device to take
-            if not live and any(data.get(k) is not None for k in (*OWN, "muted_until")):
-                self.others.setdefault(LEGACY, {k: data.get(k) for k in (*OWN, "muted_until")})
+            old = {k: data.get(k) for k in (*OWN, "muted_until")}
+            if not live and any(v is not None for v in old.values()):
+                self.others.setdefault(LEGACY, old)
         elif writer != device_id:
             # the last writer was another id: its settings are kept, this one's come from others
             self.others[writer] = {k: data.get(k) for k in OWN}
