@@ -382,12 +382,16 @@ if there:
     here = lambda p: Path(root + str(p)) if root and Path(p).is_absolute() else Path(p)
     entry = active_entry(here(s.data_dir) / "models", configured.model_id)
     # a version whose folder was written over since is not run: the configured model is
-    if entry is not None and written_over(entry, here(entry["path"])) is None:
-        active, where = entry["version"], entry["path"]
+    if entry is not None:  # its path is under root already: moved under the folder read
+        at = Path(entry["path"])
+        where = str(at).removeprefix(root) if root and at.is_relative_to(root) else str(at)
+        at = here(where)
+    if entry is not None and written_over(entry, at) is None:
+        active = entry["version"]
         try:
-            Pipeline(load_bundle(here(where)), s.detector)
+            Pipeline(load_bundle(at), s.detector)
         except (SoundSentryError, OSError) as exc:
-            said = str(exc).replace(str(here(where)), where)
+            said = str(exc).replace(str(at), where)
             sys.exit(f"{conf}: the site version in use, {active} ({where}), does not load "
                      f"with this version: {said}")
 ' "$conf" "$ROOT" "$state" || failed=1

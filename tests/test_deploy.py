@@ -394,15 +394,15 @@ def _upgrade_then_drop_format(installed: Path, bundle: Path) -> subprocess.Compl
 
 
 def _upgrade_over_site_version(
-    installed: Path, bundle: Path, **entry: str
+    installed: Path, bundle: Path, name: str = "v1", **entry: object
 ) -> subprocess.CompletedProcess[str]:
-    """`_upgrade_then_drop_format` on the site version the history names active (`v1`, a copy
+    """`_upgrade_then_drop_format` on the site version the history names active (`name`, a copy
     of `bundle`, as is the configured model; `entry`: more fields of its history entry)."""
     models = installed / "var/lib/soundsentry/models"
-    model, site = models / "fan.bundle", models / "v1"
+    model, site = models / "fan.bundle", models / name
     shutil.copytree(bundle, model)
     shutil.copytree(bundle, site)
-    entry = {"version": 1, "path": "/var/lib/soundsentry/models/v1",
+    entry = {"version": 1, "path": f"/var/lib/soundsentry/models/{name}",
              "base": "/var/lib/soundsentry/models/fan.bundle"} | entry  # fmt: skip
     (models / "history.json").write_text(json.dumps({"active": 1, "entries": [entry]}))
     try:
@@ -486,6 +486,23 @@ def test_an_upgrade_loads_the_site_version_the_device_runs_before_it_restarts(
         "the site version in use, 1 (/var/lib/soundsentry/models/v1), does not load"
     ), said
     assert "format 99" in said and str(installed) not in said  # paths as the device has them
+
+
+@pytest.mark.slow
+def test_an_upgrade_finds_a_version_the_device_wrote_where_it_wrote_it(
+    installed: Path, tiny_bundle: Path
+) -> None:
+    """A version the device wrote (`<model>-vN.bundle`, `made`) is named in the history by the
+    path the device gave it, which the history's reader moves under the folder it reads (a data
+    folder moved): with `--root` the installer put its root before that path a second time, and
+    refused every upgrade over such a version as "no such model bundle" (an upgrade review)."""
+    bad = _upgrade_over_site_version(
+        installed, tiny_bundle, name="fan-v1.bundle", reason="mark_normal", made=True
+    )
+    said = _refusal(installed, bad)
+    where = "/var/lib/soundsentry/models/fan-v1.bundle"
+    assert said.startswith(f"the site version in use, 1 ({where}), does not load"), said
+    assert "format 99" in said and str(installed) not in said
 
 
 @pytest.mark.slow
