@@ -715,7 +715,11 @@ class Adapter:
         if asker is not None and not isinstance(asker.id, str | None):
             asker = Asker(None)
         try:
-            of = str(data.get("of", model))
+            # saved before periods recorded their model: the one configured when the history
+            # was saved (an upgrade with another model configured resumed it into that one)
+            of = data.get("of") or self.history.was_configured
+            if of is None:
+                raise LearningError("it was saved by a release that did not record its model")
             if of != model:
                 raise LearningError(f"it was begun for {of}, and {model} is configured now")
             store = FeatureStore.load(self.folder / f"{PERIOD}.npz", self.settings.max_windows)

@@ -258,6 +258,10 @@ class ModelHistory:
         """The active version set aside for this run (`hold_back`): saved as the active one, so
         a later start whose settings can run it runs it again."""
         self.configured = configured
+        recorded = data.get("configured")
+        self.was_configured: str | None = recorded if isinstance(recorded, str) else None
+        """The configured model the history was last saved with (None: not recorded): the model
+        a period saved before periods recorded theirs (`of`) was begun for."""
         self.learned: set[str] = {m for m in _listed(data.get("learned")) if isinstance(m, str)}
         """Configured models a commissioning period has ended for: pruning never drops one."""
         self.learned |= {

@@ -1321,6 +1321,43 @@ def test_a_period_begun_for_another_model_is_not_resumed_by_it(tmp_path: Path) -
     assert not (device.data / "learning" / "period.json").exists()
 
 
+def test_a_period_saved_before_periods_named_their_model_is_not_resumed_by_another(
+    tmp_path: Path,
+) -> None:
+    """A period saved by a release that did not record its model (`of`) was resumed by any
+    model of the same kind configured after an upgrade: the old setup's sound learnt as normal
+    into the new model (an upgrade review). The history says which model was configured."""
+    device = Device(tmp_path)
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=600).ok
+    device.replay(NORMAL_FILES[1])  # saved at the stop, for fan-demo
+    path = device.data / "learning" / "period.json"
+    saved = json.loads(path.read_text())
+    old = {k: saved[k] for k in ("seconds", "collected_s", "started_at")}  # the old format
+    windows = (device.data / "learning" / "period.npz").read_bytes()
+
+    def put_back() -> None:
+        path.write_text(json.dumps(old))
+        (device.data / "learning" / "period.npz").write_bytes(windows)
+
+    history = device.data / "models" / "history.json"
+    model = load_bundle(DEMO_BUNDLE).model_id
+    history.parent.mkdir(exist_ok=True)
+    for recorded in (None, model):  # no history: its model unknown, so not resumed
+        if recorded:
+            history.write_text(json.dumps({"configured": recorded, "active": None, "entries": []}))
+        put_back()
+        device.replay(NORMAL_FILES[1])  # the same model configured
+        assert device.detector.learning == bool(recorded), recorded
+    put_back()
+    other = tmp_path / "other.bundle"  # a model of the same kind
+    cli("train", "--normal", *map(str, NORMAL_FILES), "--out", str(other))
+    device.bundle = other
+    device.replay(NORMAL_FILES[0])
+    assert not device.detector.learning, "resumed into another model"
+    assert not path.exists()
+
+
 def test_a_period_is_cancelled_when_another_model_is_loaded(tmp_path: Path) -> None:
     device = Device(tmp_path)
     device.replay(NORMAL_FILES[0])
