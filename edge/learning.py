@@ -24,6 +24,7 @@ has only the site to back its threshold, and then needs MIN_AUDIO_SECONDS of it.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,10 @@ def training_summary(
 def training_sample(features: np.ndarray, limit: int = MAX_TRAINING_WINDOWS) -> np.ndarray:
     """At most `limit` held-out feature vectors for the bundle (see `spread`)."""
     return features[spread(len(features), limit)]
+
+
+READ_BYTES = 4 << 20
+"""A saved period's windows are read this much at a time when only some are kept."""
 
 
 def spread(n: int, limit: int) -> np.ndarray:
@@ -239,23 +244,25 @@ class FeatureStore:
         LearningError if it is missing or damaged."""
         try:
             with np.load(path, allow_pickle=False) as data:
-                x, chunk, seen = data["x"], data["chunk"], int(data["seen"][0])
-            if x.ndim != 2 or chunk.shape != (len(x),):
+                chunk, seen = data["chunk"], int(data["seen"][0])
+                n, dim = _rows_saved(data.zip, "x.npy")
+                capacity = site_capacity(dim, max_windows)
+                keep = spread(n, capacity) if n > capacity else None
+                x = data["x"] if keep is None else _rows_of(data.zip, "x.npy", keep)
+            if x.ndim != 2 or chunk.shape != (n,):
                 raise ValueError(f"arrays of shape {x.shape} and {chunk.shape}")
         except Exception as exc:  # a card's damage: empty, truncated, not a zip, any shape
             raise LearningError(
                 f"site features {path.name} unreadable: {type(exc).__name__}: {exc}"
             ) from None
-        capacity = site_capacity(x.shape[1], max_windows)
-        if len(x) > capacity:
+        if keep is not None:
             log.warning(
                 "learning: %s holds %d windows; keeping %d of them, evenly spaced",
                 path.name,
-                len(x),
+                n,
                 capacity,
             )
-            keep = spread(len(x), capacity)
-            x, chunk = x[keep], chunk[keep]
+            chunk = chunk[keep]
         store = cls(x.shape[1], capacity)
         store._x = x.astype(np.float32, copy=False)
         store._chunk = chunk.astype(np.int64, copy=False)
@@ -263,6 +270,49 @@ class FeatureStore:
         store.n, store.seen = len(x), seen
         store._runs = -(-seen // store._run)  # a resumed period's runs keep their odds
         return store
+
+
+def _header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of the .npy array `fh` is at the start of."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fh)
+    raise ValueError(f".npy format {version}")
+
+
+def _rows_saved(zf: zipfile.ZipFile, name: str) -> tuple[int, int]:
+    """Rows and columns of the 2-D array saved as `name` in an .npz, from its header alone."""
+    with zf.open(name) as fh:
+        shape, _, _ = _header(fh)
+    if len(shape) != 2:
+        raise ValueError(f"{name} of shape {shape}")
+    return shape[0], shape[1]
+
+
+def _rows_of(zf: zipfile.ZipFile, name: str, keep: np.ndarray) -> np.ndarray:
+    """The rows `keep` (ascending) of the 2-D array `name` in an .npz, read a block at a time:
+    a period saved with a million windows (264 MB, under a larger setting or by a release before
+    the cap) was read whole to keep 62,500 of them, and its start passed the service's memory
+    limit (360 MB, in an upgrade review), at every start, so the device never ran."""
+    with zf.open(name) as fh:
+        (n, dim), fortran, dtype = _header(fh)
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{name} is not a plain array of numbers")
+        row = dim * dtype.itemsize
+        block = max(1, READ_BYTES // max(row, 1))
+        out = np.empty((len(keep), dim), np.float32)
+        done = 0
+        for first in range(0, n, block):
+            rows = min(block, n - first)
+            raw = fh.read(rows * row)
+            if len(raw) != rows * row:
+                raise ValueError(f"{name} is cut short")
+            wanted = keep[(keep >= first) & (keep < first + rows)] - first
+            out[done : done + len(wanted)] = np.frombuffer(raw, dtype).reshape(rows, dim)[wanted]
+            done += len(wanted)
+    return out
 
 
 def site_capacity(dim: int, max_windows: int) -> int:

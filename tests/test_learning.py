@@ -1037,6 +1037,33 @@ def test_what_the_site_keeps_fits_the_service_s_memory_whatever_max_windows(
     assert "holds 100000 windows; keeping 62500 of them" in caplog.text
 
 
+def test_a_saved_period_larger_than_the_cap_is_thinned_as_it_is_read(tmp_path: Path) -> None:
+    """A period saved with a million windows (under a larger `max_windows`, or by a release
+    before the cap) was read whole to keep 62,500 of them: 360 MB at the start, past the unit's
+    MemoryMax, at every start (an upgrade review). It is read a block at a time: the memory is
+    that of the windows kept, which are the evenly spaced runs `spread` names."""
+    import tracemalloc
+
+    from edge.learning import SITE_NUMBERS, FeatureStore, spread
+
+    n = 200_000  # 51 MB of float32 features
+    big = FeatureStore(64, n)
+    big.add(np.arange(n, dtype=np.float32)[:, None] * np.ones(64, np.float32), 0)
+    big.save(tmp_path / "period.npz")
+    del big
+    tracemalloc.start()
+    try:
+        resumed = FeatureStore.load(tmp_path / "period.npz", 1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    kept = SITE_NUMBERS // 64
+    assert len(resumed) == kept and resumed.seen == n
+    assert np.array_equal(resumed.x[:, 0], spread(n, kept).astype(np.float32))
+    assert np.array_equal(resumed.x[:, 63], resumed.x[:, 0])
+    assert peak < 2 * kept * 64 * 4, f"{peak / 1e6:.0f} MB to keep {kept * 64 * 4 / 1e6:.0f} MB"
+
+
 def fluctuation_rows(bundle: Bundle) -> np.ndarray:
     """The demo fan's normal windows as the fluctuation kind's feature vectors."""
     from edge.features import windows_of
