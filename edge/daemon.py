@@ -1049,6 +1049,7 @@ class Detector:
         if self._first_block:  # the device opening: 0.6 s for a USB microphone, in a review
             stall += self.settings.audio.block_seconds
         if now - self._last_block > stall:
+            self.index.no_audio(now - self._last_block)
             problem = getattr(self._source, "problem", None)  # the capture's own account
             detail = f"no audio for {stall:g} s" + (f": {problem}" if problem else "")
             for change in self.health.stalled(detail):
@@ -1130,8 +1131,15 @@ class Detector:
 
     @property
     def _level_dbfs(self) -> float | None:
-        """The input level for messages; None before any audio (the meter's floor is none)."""
-        return round(self.health.level, 1) if self._heard else None
+        """The input level for messages; None before any audio (the meter's floor is none) and
+        while none comes (the last block's level was sent every 10 s, as if current, through a
+        microphone unplugged for minutes: a soak review)."""
+        return round(self.health.level, 1) if self._heard and not self._stalled else None
+
+    @property
+    def _stalled(self) -> bool:
+        """No audio comes (the capture stalled, a microphone unplugged)."""
+        return "stalled" in self.health.active
 
     @property
     def _heard(self) -> bool:
@@ -1326,7 +1334,8 @@ class Detector:
             model=self.bundle.model_id,
             threshold=round(self.pipeline.threshold, 6),
             updated_at=iso(self.clock()),
-            score=None if gone else _round(self._last_score, 6),  # NaN (a float WAV's 1e30)
+            # NaN (a float WAV's 1e30) is none, nor the last window's while no audio comes
+            score=None if gone or self._stalled else _round(self._last_score, 6),
             level_dbfs=None if gone else self._level_dbfs,
             event_id=self.pipeline.events.event_id,
             # `stopped` says nothing of when it ends; a mute's end beside it read as a restart time

@@ -122,23 +122,34 @@ class AnomalyIndex:
         self.hop_seconds = hop_seconds
         self._scores: deque[float] = deque(maxlen=max(1, round(INDEX_SECONDS / hop_seconds)))
         self._idle_s = 0.0
+        self._gap_s = 0.0
+        """Seconds without any audio so far (a stalled or unplugged microphone: no window at
+        all, so no `skip` either)."""
 
     def add(self, score: float) -> None:
         """One scored window of the running machine (a score that is not a number is none)."""
         if math.isfinite(score):
             self._scores.append(score)
-            self._idle_s = 0.0
+            self._idle_s = self._gap_s = 0.0
 
     def skip(self) -> None:
         """A window not taken (the machine off, an audio fault): after INDEX_SECONDS of them
         the last minute of running is no longer now, and the index says nothing."""
-        self._idle_s += self.hop_seconds
+        self._idle_s += self._gap_s + self.hop_seconds
+        self._gap_s = 0.0
+
+    def no_audio(self, seconds: float) -> None:
+        """No audio has come for `seconds` (the capture stalled): that time counts as windows
+        not taken. A microphone unplugged for minutes kept the last minute's index on MQTT, the
+        page and /metrics as if current (a soak review)."""
+        self._gap_s = max(self._gap_s, seconds)
 
     @property
     def value(self) -> float | None:
         """The index, or None before the first window, after a minute without one (the machine
         off, a dead microphone: the last value would read as fresh for hours), or without a
         normal median."""
-        if not self._scores or self.normal_median <= 0 or self._idle_s >= INDEX_SECONDS:
+        idle = self._idle_s + self._gap_s
+        if not self._scores or self.normal_median <= 0 or idle >= INDEX_SECONDS:
             return None
         return float(np.median(self._scores)) / self.normal_median

@@ -570,6 +570,43 @@ def test_a_stall_during_an_anomaly_ends_it_as_a_gap_and_systemd_hears_why(
     assert any(s.startswith("no audio: no audio for 1 s") for s in status[1:]), said
 
 
+def test_a_stalled_microphone_sends_no_score_level_or_index_as_if_current(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the microphone unplugged for minutes, every state message repeated the last
+    window's score and level with a fresh time, and MQTT's metrics, /metrics and `status` the
+    last minute's anomaly index, as if current (a soak review). While no audio comes they are
+    null; the index after its minute (here 2 s), as for the machine off."""
+    import edge.metrics
+
+    monkeypatch.setattr(edge.metrics, "INDEX_SECONDS", 2.0)
+    d, rec = detector(tmp_path, health={"stall_seconds": 1})
+    normal = read_audio(NORMAL_FILES[0], RATE)
+    deadline = time.monotonic() + 20
+    seen: dict[str, object] = {}
+
+    def microphone():
+        for i in range(0, len(normal), 1600):
+            yield normal[i : i + 1600]
+        seen["before"] = d.status()
+        while "stalled" not in d.health.active or d.index.value is not None:
+            assert time.monotonic() < deadline, "no stall, or the index kept its value"
+            time.sleep(0.05)  # the pace at which a capture reports that nothing came
+            yield None
+        seen["stalled"] = d.status()
+        seen["states"] = len(rec.states)
+        d.emit_state()
+
+    d.run(microphone())
+    before, stalled = seen["before"], seen["stalled"]
+    assert isinstance(before, dict) and isinstance(stalled, dict)
+    assert before["level_dbfs"] is not None and before["anomaly_index"] is not None
+    assert stalled["state"] == "fault" and stalled["faults"] == ["stalled"]
+    assert stalled["level_dbfs"] is None and stalled["anomaly_index"] is None
+    during = rec.states[seen["states"]]  # type: ignore[index]
+    assert during.state == "fault" and during.score is None and during.level_dbfs is None
+
+
 def test_the_same_id_after_another_command_runs_again(tmp_path: Path) -> None:
     """Repeats were recognised by id and content for 5 minutes whatever ran in between: with
     a fixed id (the Home Assistant example's), mute, unmute, mute answered "muted" from the
