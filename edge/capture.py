@@ -56,6 +56,15 @@ RESCAN_EVERY_S = 600.0
 long after the last time (no SND_DIR, or a device of another kind). It was re-initialised at
 every retry: about 12 KB leaked each time, 36 MB a day with an unplugged microphone retried
 every 30 s."""
+ZEROS_REOPEN_S = 30.0
+"""A stream that has delivered nothing but digital zeros this long is closed and reopened; again
+after twice as long each time it still does, up to ZEROS_REOPEN_MAX_S, and afresh once sound
+comes. A microphone that is there hears at least its own noise: exact zeros come from a device
+wedged in silence, or from another source a sound server moved the stream to when the
+configured one went away (PulseAudio moves it to its default source, and does not move it back
+when the configured one returns: a soak review's daemon stayed on an empty sink's monitor,
+deaf, with the microphone back). Reopening connects to the configured source again."""
+ZEROS_REOPEN_MAX_S = 600.0
 SAY_AGAIN_S = 600.0
 """A capture problem that repeats is logged again at WARNING after this long (DEBUG between):
 a device that opens but stays silent logged two lines every few seconds, 53k a day."""
@@ -325,6 +334,7 @@ class MicSource:
 
     def __iter__(self) -> Iterator[np.ndarray | AudioGap | None]:
         backoff = REOPEN_MIN_S
+        zeros_after = ZEROS_REOPEN_S  # digital zeros this long reopen the stream
         first = self.problem is None  # a device missing at start is waited for, not refused
         if not first:
             yield from self._idle(backoff)
@@ -347,9 +357,11 @@ class MicSource:
             initial = not reopened  # the first stream opened
             flowing: float | None = None  # since when this stream delivers
             settled = False  # delivered for stall_s: it works, the next outage starts afresh
+            zeros: float | None = None  # since when it delivers digital zeros only
+            blocks = self._stream(stream)
             try:
-                for block in self._stream(stream):
-                    if block is not None:
+                for block in blocks:
+                    if isinstance(block, np.ndarray):
                         now = time.monotonic()
                         if flowing is None:
                             flowing = now
@@ -362,6 +374,18 @@ class MicSource:
                             backoff = REOPEN_MIN_S
                             self._said = None
                             self._retries = 0
+                        if np.any(block):
+                            zeros, zeros_after = None, ZEROS_REOPEN_S
+                        elif zeros is None:
+                            zeros = now
+                        elif now - zeros >= zeros_after:
+                            self._say("zeros", "capture: nothing but digital zeros from %s for "
+                                      "%.0f s; reopening it (a device wedged, or a sound server "
+                                      "that moved the stream to another source)", self._which,
+                                      now - zeros)  # fmt: skip
+                            zeros_after = min(zeros_after * 2, ZEROS_REOPEN_MAX_S)
+                            blocks.close()  # closes the stream; the next one's audio
+                            break  # comes after an AudioGap(reopened=True)
                     yield block
             except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
                 if initial and flowing is None and not self.wait:  # `record`, `run` at a prompt

@@ -132,6 +132,38 @@ def test_a_stream_that_will_not_start_after_a_stall_is_closed_and_retried(
     assert "Device unavailable" in said[0] and "\n" not in said[0]
 
 
+def test_a_stream_of_nothing_but_digital_zeros_is_reopened(
+    streams: list[dict[str, Any]], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PulseAudio moves a stream whose source went away to its default source (an idle sink's
+    monitor: exact zeros) and does not move it back when the source returns: a soak review's
+    daemon stayed deaf on it, in `fault: silence`, with the microphone back. A stream of nothing
+    but digital zeros (which no microphone that is there delivers) is closed and reopened, which
+    connects to the configured source again; one that hears a whisper of noise is left alone."""
+    import edge.capture
+
+    monkeypatch.setattr(edge.capture, "ZEROS_REOPEN_S", 0.5, raising=False)
+    streams += [
+        {"level": 1e-6, "fail": False, "blocks": 150},  # a quiet room: 1.5 s, then a stall
+        {"level": 0.0, "fail": False},  # reopened: the other source's zeros
+        {"level": 0.5, "fail": False},  # reopened again: the microphone
+    ]
+    source = MicSource(AudioSettings(device=DEVICE), RATE, stall_s=0.5)
+    blocks = iter(source)
+    between: list[Any] = []
+    try:
+        first_block_of(blocks, 1e-6)
+        first_block_of(blocks, 0.0, between)
+        assert source.reopens == 1, "the quiet room's stream was reopened before it stalled"
+        first_block_of(blocks, 0.5, between)
+    finally:
+        source.stop()
+        blocks.close()
+    assert source.reopens == 2 and streams[1]["opened"].closed
+    said = [r.getMessage() for r in caplog.records if "digital zeros" in r.getMessage()]
+    assert len(said) == 1 and f"from {DEVICE!r} for" in said[0], said
+
+
 def test_a_device_that_will_not_start_at_first_is_waited_for_as_a_service(
     streams: list[dict[str, Any]],
 ) -> None:
