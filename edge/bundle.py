@@ -952,6 +952,15 @@ def _load_arrays(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     return arrays
 
 
+def npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of the .npy array whose file `f` is at the start of, read
+    from its header alone (the array's data not read)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)  # 2.0, and 3.0's ASCII headers alike
+
+
 def _check_sizes(folder: Path, zf: zipfile.ZipFile) -> None:
     """Each array's size from its .npy header, before it is read: one declaring 2**44 elements
     ended `doctor` in a traceback (numpy's MemoryError), and many arrays within the per-array
@@ -959,13 +968,7 @@ def _check_sizes(folder: Path, zf: zipfile.ZipFile) -> None:
     total = 0
     for info in zf.infolist():
         with zf.open(info) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _fortran, _dtype = read_header(f)
+            shape, _fortran, _dtype = npy_header(f)
         size = math.prod(shape)
         if any(n < 0 for n in shape):  # a negative one lowered the total (the diff review)
             raise BundleError(f"{folder / ARRAYS}: array {info.filename} has shape {shape}")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from edge.advice import MIN_AUDIO_SECONDS
-from edge.bundle import Bundle
+from edge.bundle import Bundle, npy_header
 from edge.detectors.base import Refit
 from edge.detectors.fluctuation import FluctuationScorer, fluctuation_features
 from edge.detectors.levels import level_features
@@ -272,20 +272,10 @@ class FeatureStore:
         return store
 
 
-def _header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """Shape, Fortran order and dtype of the .npy array `fh` is at the start of."""
-    version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fh)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(fh)
-    raise ValueError(f".npy format {version}")
-
-
 def _rows_saved(zf: zipfile.ZipFile, name: str) -> tuple[int, int]:
     """Rows and columns of the 2-D array saved as `name` in an .npz, from its header alone."""
     with zf.open(name) as fh:
-        shape, _, _ = _header(fh)
+        shape, _, _ = npy_header(fh)
     if len(shape) != 2:
         raise ValueError(f"{name} of shape {shape}")
     return shape[0], shape[1]
@@ -297,7 +287,7 @@ def _rows_of(zf: zipfile.ZipFile, name: str, keep: np.ndarray) -> np.ndarray:
     the cap) was read whole to keep 62,500 of them, and its start passed the service's memory
     limit (360 MB, in an upgrade review), at every start, so the device never ran."""
     with zf.open(name) as fh:
-        (n, dim), fortran, dtype = _header(fh)
+        (n, dim), fortran, dtype = npy_header(fh)
         if fortran or dtype.hasobject:
             raise ValueError(f"{name} is not a plain array of numbers")
         row = dim * dtype.itemsize
