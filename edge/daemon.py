@@ -944,7 +944,7 @@ class Detector:
         """Process one block: health, clip ring, windows, events."""
         t0 = time.perf_counter()
         now = time.monotonic()
-        if "stalled" in self.health.active:
+        if self._stalled:
             self._resync()
         self._last_block = now
         for change in self.health.push(block):
@@ -1356,7 +1356,7 @@ class Detector:
     def _status_line(self) -> str:
         """systemd's STATUS: what the daemon listens with, or why it hears nothing."""
         problem = getattr(self._source, "problem", None)  # the capture's own account
-        if "stalled" in self.health.active or problem:
+        if self._stalled or problem:
             return f"no audio: {problem or self._status_detail or 'nothing from the device'}"
         others = self._same_device_id()
         if others:  # logged once each; here for as long as this run lasts
