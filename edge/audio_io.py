@@ -408,12 +408,14 @@ def read_audio(
     channel: int = 0,
     need_sound: bool = False,
     mono_any: bool = False,
+    offset_matters: bool = False,
 ) -> np.ndarray:
     """Read a whole file as mono float32 at `samplerate`; raise AudioError with one clear line.
     `need_sound`: also refuse a channel that is digital silence or a flat line all through
     (edge.health's notions: a dead or muted input, a stuck DC level; fitted on, it makes the
     statistics singular, calibrated on, a threshold near zero), for the audio a model is fitted
-    or calibrated on, and warn of clipping or a DC offset. Read, checked, reduced to one channel
+    or calibrated on, and warn of clipping, and with `offset_matters` of a DC offset (for a
+    bundle whose features carry it: recipe `logmel-v1`). Read, checked, reduced to one channel
     and resampled block by block (READ_BLOCK_SECONDS), with the result of reading it whole.
     `mono_any`: a mono file is read as its one channel, whatever `channel` (`mono_channel`)."""
     path = Path(path)
@@ -454,7 +456,7 @@ def read_audio(
     if not valid:
         raise _no_channel(channel, channels, path)
     if need_sound:
-        summary.check_sound(path, channel, channels)
+        summary.check_sound(path, channel, channels, offset_matters)
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
@@ -549,8 +551,11 @@ class _Summary:
         self.clipped += int(np.count_nonzero(np.abs(mono) >= CLIP_LEVEL))
         self.total += float(np.sum(mono, dtype=np.float64))
 
-    def check_sound(self, path: Path, channel: int, channels: int) -> None:
-        """Refuse a channel that is digital silence or a flat line; warn of its flaws."""
+    def check_sound(
+        self, path: Path, channel: int, channels: int, offset_matters: bool = False
+    ) -> None:
+        """Refuse a channel that is digital silence or a flat line; warn of its flaws (of a DC
+        offset only if it `offset_matters`)."""
         if self.channel_peak < SILENT_PEAK:
             what = "digital silence"
         elif self.high - self.low < FLAT_RANGE:
@@ -558,7 +563,8 @@ class _Summary:
         elif self.clipped > SATURATED_FRACTION * self.frames:
             what = f"{100 * self.clipped / self.frames:.0f} % at full scale (saturated)"
         else:
-            _warn_quality(path, self.clipped / self.frames, self.total / self.frames)
+            offset = self.total / self.frames if offset_matters else 0.0
+            _warn_quality(path, self.clipped / self.frames, offset)
             return
         _refuse_sound(path, what, channel, channels)
 
@@ -585,14 +591,15 @@ SATURATED_FRACTION = 0.5
 """Beyond this share at full scale a recording is refused: what is left of the machine's sound
 is the sign of each sample (a square wave), whatever the machine does."""
 DC_OFFSET = 0.01
-"""A mean beyond this (1 % of full scale) is warned of: the lowest band of the features carries
-it, so a recording with another offset looks different to the model."""
+"""A mean beyond this (1 % of full scale) is warned of where a bundle's features carry it (recipe
+`logmel-v1`: its lowest band), so that a recording with another offset looks different to the
+model; `logmel-v2` takes it out of every frame."""
 
 
 def _warn_quality(path: str | Path, clipped: float, offset: float) -> None:
     """Say what makes a recording a poor reference without making it useless: clipping (a
     `clipped` share of samples at full scale: a louder fault could not show) and a DC offset
-    (its mean, the interface's, not the machine's)."""
+    (its mean, the interface's, not the machine's; 0 where it does not matter)."""
     if clipped > CLIPPED_FRACTION:
         log.warning(
             "%s: %.0f %% of its samples are at full scale (clipped): a louder fault cannot show "
@@ -601,9 +608,10 @@ def _warn_quality(path: str | Path, clipped: float, offset: float) -> None:
         )  # fmt: skip
     if abs(offset) > DC_OFFSET:
         log.warning(
-            "%s: a DC offset of %+.3f of full scale (the input's, not the machine's): audio "
-            "with another offset will look different to the model; record through an input "
-            "without it, or high-pass the files",
+            "%s: a DC offset of %+.3f of full scale (the input's, not the machine's): this "
+            "model's features (recipe logmel-v1) carry it, so audio with another offset looks "
+            "different to it; train a new model, whose features leave it out, or high-pass the "
+            "files",
             path, offset,
         )  # fmt: skip
 

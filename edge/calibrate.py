@@ -96,8 +96,12 @@ def calibrate_bundle(
     files = without_copies(files)  # a copy would be scored by a model that holds it
     _check_not_trained_on(bundle, files)
     audio = read_each(  # every file found unusable in reading named at once
-        files, lambda f: read_audio(f, p.samplerate, channel, need_sound=True, mono_any=True)
-    )
+        files,
+        lambda f: read_audio(
+            f, p.samplerate, channel, need_sound=True, mono_any=True,
+            offset_matters=p.frontend == "logmel-v1",
+        ),
+    )  # fmt: skip
     files, audio = _windowed(files, audio, p)
     machine, shift = _site_machine(bundle, audio)
     off_like = _off_state_levels(bundle, shift)

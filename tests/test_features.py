@@ -30,7 +30,12 @@ def test_filterbank_matches_librosa() -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [FeatureParams(), FeatureParams(n_fft=512, hop_length=256, n_mels=40, fmin=50.0, fmax=7000.0)],
+    [
+        FeatureParams(frontend="logmel-v1"),
+        FeatureParams(
+            n_fft=512, hop_length=256, n_mels=40, fmin=50.0, fmax=7000.0, frontend="logmel-v1"
+        ),
+    ],
 )
 def test_logmel_matches_librosa_on_real_audio(audio: np.ndarray, params: FeatureParams) -> None:
     window = audio[: params.window_samples]
@@ -49,6 +54,25 @@ def test_logmel_matches_librosa_on_real_audio(audio: np.ndarray, params: Feature
     ours = LogMel(params)(window)
     assert ours.shape == ref.shape == params.shape
     assert np.abs(ours - ref).max() < PARITY_DB
+
+
+@pytest.mark.parametrize("offset", [0.01, -0.02, 0.1])
+def test_v2_features_are_blind_to_a_dc_offset(audio: np.ndarray, offset: float) -> None:
+    """The input's DC offset (an interface's) leaves v2's features as they were, in every band;
+    v1 (librosa's recipe) carries it in its lowest band."""
+    window = audio[: FeatureParams().window_samples]
+    v2 = LogMel(FeatureParams())
+    np.testing.assert_allclose(v2(window + np.float32(offset)), v2(window), atol=PARITY_DB)
+    v1 = LogMel(FeatureParams(frontend="logmel-v1"))
+    assert np.abs(v1(window + np.float32(offset)) - v1(window))[:, 0].mean() > 3.0
+
+
+def test_v2_differs_from_v1_only_below_the_lowest_bands(audio: np.ndarray) -> None:
+    """Without an offset, v2 is v1 but for what lies within a frame's DC: the lowest bands."""
+    window = audio[: FeatureParams().window_samples]
+    v1 = LogMel(FeatureParams(frontend="logmel-v1"))(window)
+    v2 = LogMel(FeatureParams())(window)
+    assert np.abs(v2 - v1)[:, 2:].max() < PARITY_DB
 
 
 def test_windows_cover_the_signal_at_the_hop(audio: np.ndarray) -> None:
