@@ -337,7 +337,7 @@ class Controller:
             bundle = load_bundle(target)
         except SoundSentryError as exc:
             raise CommandError(f"model not loaded, keeping {d.bundle.model_id}: {exc}") from None
-        if bundle.features != d.bundle.features:
+        if not bundle.features.same_settings(d.bundle.features):
             raise CommandError(
                 f"model not loaded, keeping {d.bundle.model_id}: its features differ "
                 "(restart the daemon to switch feature settings)"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -121,6 +121,12 @@ class FeatureParams:
     def shape(self) -> tuple[int, int]:
         """Feature shape of one window: (frames, mel bands)."""
         return (self.n_frames, self.n_mels)
+
+    def same_settings(self, other: FeatureParams) -> bool:
+        """Whether `other` has the same settings (rate, FFT, bands, windows) whatever its recipe:
+        a running daemon switches to such a model at a reload (from a `logmel-v1` demo to a
+        model trained now), where other settings wait for a restart."""
+        return replace(self, frontend=FRONTEND) == replace(other, frontend=FRONTEND)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the manifest."""

@@ -268,6 +268,38 @@ def test_reload_model_by_name_and_crafted_bundles_keep_the_running_model(tmp_pat
     assert reply.status is not None and reply.status["model"] == d.bundle.model_id
 
 
+def test_reload_model_switches_the_feature_recipe_not_other_settings(tmp_path: Path) -> None:
+    """A model trained now (recipe logmel-v2) loads over the v1 demo without a restart (it was
+    refused: "its features differ"): the audio and its windows are the same, and the new
+    pipeline computes its own recipe. A model of other feature settings still waits for a
+    restart, and the running one is kept."""
+    from dataclasses import replace
+
+    from edge.features import FeatureParams
+    from train.fluctuation import train_fluctuation
+
+    models = tmp_path / "models"
+    models.mkdir()
+    now = train_fluctuation(list(NORMAL_FILES), models / "now.bundle")
+    bands = train_fluctuation(
+        list(NORMAL_FILES),
+        models / "bands.bundle",
+        params=replace(FeatureParams(), n_mels=32),
+    )
+    d, _ = detector(tmp_path, models_dir=models)
+    assert d.bundle.features.frontend == "logmel-v1"
+    ctl = Controller(d)
+    reply = ctl.handle_payload(b'{"command": "reload_model", "path": "bands.bundle"}')
+    assert reply.ok is False and "its features differ" in reply.detail
+    assert d.bundle.model_id == load_bundle(DEMO_BUNDLE).model_id
+    reply = ctl.handle_payload(b'{"command": "reload_model", "path": "now.bundle"}')
+    assert reply.ok, reply.detail
+    assert d.bundle.model_id == load_bundle(now).model_id != load_bundle(bands).model_id
+    audio = read_audio(NORMAL_FILES[0], RATE)
+    d.feed(audio)
+    assert d.pipeline.logmel.params.frontend == "logmel-v2" and d.windows > 0
+
+
 def test_sighup_applies_health_and_clips_and_keeps_a_fault_in_progress(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
