@@ -80,7 +80,7 @@ def test_bundle_round_trip() -> None:
     b = load_bundle(AE_BUNDLE)
     m = b.manifest
     assert b.source_format == 2 and m.format_version == 2
-    assert b.features == FeatureParams.from_dict(m.features) == FeatureParams()
+    assert b.features == FeatureParams.from_dict(m.features) == FeatureParams(frontend="logmel-v1")
     assert b.model.input_shape == (1, 30, 64, 1)
     assert m.input.dtype == "int8" and m.input.scale and m.input.zero_point is not None
     assert m.threshold.value > 0 and m.threshold.rule

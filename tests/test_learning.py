@@ -2125,7 +2125,8 @@ def test_a_learning_period_learns_no_window_the_machine_stopped_in(tmp_path: Pat
     assert device.detector.bundle.model_id.endswith("-site-v1")
     (stored,) = (device.data / "learning").glob("site-*.npz")
     learnt = FeatureStore.load(stored, 10_000).x
-    allowed = fluctuation_features(evidence_windows(site_audio, FeatureParams(), off_below))
+    recipe = FeatureParams(frontend=device.detector.bundle.features.frontend)  # the demo's v1
+    allowed = fluctuation_features(evidence_windows(site_audio, recipe, off_below))
     distance = np.abs(learnt[:, None, :] - allowed[None, :, :]).max(axis=2).min(axis=1)
     assert len(learnt) >= 30 and distance.max() < 1e-4, (len(learnt), distance.max())
 
