@@ -99,7 +99,7 @@ def calibrate_bundle(
         files,
         lambda f: read_audio(
             f, p.samplerate, channel, need_sound=True, mono_any=True,
-            offset_matters=p.frontend == "logmel-v1",
+            offset_matters=p.carries_dc,
         ),
     )  # fmt: skip
     files, audio = _windowed(files, audio, p)

@@ -122,6 +122,12 @@ class FeatureParams:
         """Feature shape of one window: (frames, mel bands)."""
         return (self.n_frames, self.n_mels)
 
+    @property
+    def carries_dc(self) -> bool:
+        """Whether an input's DC offset shows in these features (recipe `logmel-v1`: in the
+        lowest band), so recordings with different offsets look different to a model."""
+        return self.frontend == "logmel-v1"
+
     def same_settings(self, other: FeatureParams) -> bool:
         """Whether `other` has the same settings (rate, FFT, bands, windows) whatever its recipe:
         a running daemon switches to such a model at a reload (from a `logmel-v1` demo to a
@@ -196,9 +202,7 @@ class LogMel:
         n = np.arange(params.n_fft)
         self._window = (0.5 - 0.5 * np.cos(2 * np.pi * n / params.n_fft)).astype(np.float32)
         self._filters_t = np.ascontiguousarray(mel_filterbank(params).T)
-        self._dc_weights = (
-            self._window / self._window.sum() if params.frontend != "logmel-v1" else None
-        )
+        self._dc_weights = None if params.carries_dc else self._window / self._window.sum()
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         """Features of a 1-D signal; frames start every hop_length samples (no centring)."""
