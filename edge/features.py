@@ -203,14 +203,18 @@ class LogMel:
         self._window = (0.5 - 0.5 * np.cos(2 * np.pi * n / params.n_fft)).astype(np.float32)
         self._filters_t = np.ascontiguousarray(mel_filterbank(params).T)
         self._dc_weights = None if params.carries_dc else self._window / self._window.sum()
+        self._dc_spectrum = np.fft.rfft(self._window)[:2]
+        """A constant's windowed spectrum per unit: the periodic Hann window's DFT, which is
+        zero beyond bin 1."""
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         """Features of a 1-D signal; frames start every hop_length samples (no centring)."""
         p = self.params
         frames = np.lib.stride_tricks.sliding_window_view(samples, p.n_fft)[:: p.hop_length]
-        if self._dc_weights is not None:  # the weighted mean: the windowed frame's DC bin is 0
-            frames = frames - (frames @ self._dc_weights)[:, None]
         spectrum = np.fft.rfft(frames * self._window, axis=1)
+        if self._dc_weights is not None:  # less the weighted mean: the DC bin becomes 0
+            mean = frames @ self._dc_weights
+            spectrum[:, :2] -= mean[:, None] * self._dc_spectrum.astype(spectrum.dtype)
         power = spectrum.real**2 + spectrum.imag**2
         mel = power.astype(np.float32) @ self._filters_t
         return (10.0 * np.log10(np.maximum(mel, p.amin))).astype(np.float32)
