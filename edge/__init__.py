@@ -5,4 +5,10 @@ interpreter, paho-mqtt, pydantic-settings, soundfile and soxr -- never TensorFlo
 librosa (a test holds that line).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("soundsentry")
+    """The installed distribution's: 0.1.devN+gHASH from a git checkout (pyproject.toml)."""
+except PackageNotFoundError:  # run from a tree that was never installed
+    __version__ = "0+unknown"
