@@ -9,6 +9,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 try:
     __version__ = version("soundsentry")
-    """The installed distribution's: 0.1.devN+gHASH from a git checkout (pyproject.toml)."""
+    """The installed distribution's: 0.1.1.devN+gHASH from a git checkout (pyproject.toml)."""
 except PackageNotFoundError:  # run from a tree that was never installed
     __version__ = "0+unknown"
