@@ -25,7 +25,7 @@ import soundfile as sf
 from edge.audio_io import sf_path
 from edge.capture import MicSource
 from edge.errors import SoundSentryError
-from edge.health import QUIET_DBFS, AudioHealth
+from edge.health import FLAT_RANGE, QUIET_DBFS, AudioHealth
 from edge.settings import Settings
 from edge.sources import AudioGap
 
@@ -137,12 +137,14 @@ def _record(
     path: Path | None = None
     part = 0
     split = 0
+    sound = _Range()  # of the chunk in progress: one of digital silence or a flat line is not kept
+    mute = 0  # chunks deleted for that
     try:
         for block in source:
             if not isinstance(block, np.ndarray):  # no audio yet, or a gap's mark
                 if isinstance(block, AudioGap) and writer is not None:
                     # a file is continuous audio: the gap ends it, the next block begins another
-                    if _kept(writer, part, samplerate) and path is not None:
+                    if _kept(writer, part, samplerate, sound) and path is not None:
                         written.append(path)
                         split += 1
                     else:  # too short to keep (deleted): recorded again
@@ -168,7 +170,7 @@ def _record(
                     dropped = f" (deleted {len(refused)} holding only it)" if refused else ""
                     raise RecordingRefusedError(
                         f"input {change.fault}: {change.detail}; "
-                        f"kept {len(written)} complete chunk(s){dropped}"
+                        f"kept {len(written)} complete chunk(s){dropped}{_muted(mute)}"
                     )
             block = block[: total - got]
             where = path  # the chunk in progress (None between chunks), for the error line
@@ -178,19 +180,31 @@ def _record(
                     where = path = _new_chunk(out, stamp, len(written))
                     begun[path] = block_at
                     writer = sf.SoundFile(sf_path(path), "w", samplerate, 1, "PCM_16")
-                writer.write(np.clip(block, -1, 1))
+                    sound = _Range()
+                block = np.clip(block, -1, 1)
+                writer.write(block)
+                sound.push(block)
                 part += len(block)
                 got += len(block)
                 if part >= per_chunk or got >= total:
                     # complete: kept even if its close fails, for all its audio is written and
                     # readers mend a header whose lengths were not
                     done, writer = writer, None
-                    written.append(path)
+                    if sound.flat:  # shorter than the health check's span: `train` refuses it
+                        _discard(done)
+                        mute += 1
+                        got -= part  # recorded again, as a chunk a gap cut too short
+                    else:
+                        written.append(path)
+                        done.close()
                     path = None
-                    done.close()
             except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
                 failed, writer = writer, None
-                if failed is not None and path is not None and _kept(failed, part, samplerate):
+                if (
+                    failed is not None
+                    and path is not None
+                    and _kept(failed, part, samplerate, sound)
+                ):
                     written.append(path)  # the audio before the failed write
                 elif path is not None:
                     _unlink(path)  # a chunk just opened, or too short to keep
@@ -206,16 +220,21 @@ def _record(
     finally:
         # the chunk in progress when Ctrl-C, a signal or a device's failure came: finished
         # first, before anything is said (a terminal gone with its SSH session fails writes)
-        if writer is not None and _kept(writer, part, samplerate) and path is not None:
-            written.append(path)
+        if writer is not None and path is not None:
+            if _kept(writer, part, samplerate, sound):
+                written.append(path)
+            elif sound.flat and part >= samplerate * MIN_KEPT_SECONDS:
+                mute += 1
         source.stop()
         _say(err, "\n")
     if stopped:
         _say(
             err,
             f"stopped after {got / samplerate:.1f} of {total / samplerate:g} s ({stopped}); "
-            f"kept {len(written)} file(s) in {out}\n",
+            f"kept {len(written)} file(s) in {out}{_muted(mute)}\n",
         )
+    elif mute:
+        _say(err, f"{_muted(mute).strip()}\n")
     if meter.samples:
         _say(err, meter.verdict() + "\n")
     gaps = gap_note(source.stats(), timeline.missing_s(), split)
@@ -226,15 +245,42 @@ def _record(
     return written
 
 
-def _kept(writer: sf.SoundFile | None, part: int, samplerate: int) -> bool:
-    """Close a chunk cut short and keep it if it holds a window's worth of audio and its
-    header could be written; else delete it."""
+def _kept(writer: sf.SoundFile | None, part: int, samplerate: int, sound: _Range) -> bool:
+    """Close a chunk cut short and keep it if it holds a window's worth of audio that is not
+    digital silence or a flat line all through (which `train` refuses, and with it the whole
+    folder: a recording stopped within the health check's 5 s of a silent input kept such a
+    chunk, in a review) and its header could be written; else delete it."""
     if writer is None:
         return False
-    if part >= samplerate * MIN_KEPT_SECONDS and _closed(writer):
+    if part >= samplerate * MIN_KEPT_SECONDS and not sound.flat and _closed(writer):
         return True
     _discard(writer)
     return False
+
+
+class _Range:
+    """The lowest and highest sample of a chunk, as written (clipped to -1..1)."""
+
+    def __init__(self) -> None:
+        self.low = math.inf
+        self.high = -math.inf
+
+    def push(self, block: np.ndarray) -> None:
+        if len(block):
+            self.low = min(self.low, float(np.min(block)))
+            self.high = max(self.high, float(np.max(block)))
+
+    @property
+    def flat(self) -> bool:
+        """Digital silence or a constant level all through, as `train` judges a file."""
+        return self.high - self.low < FLAT_RANGE
+
+
+def _muted(n: int) -> str:
+    """What the summary says of chunks deleted for holding only silence or a flat line."""
+    if not n:
+        return ""
+    return f" (deleted {n} holding only digital silence or a flat line, which training refuses)"
 
 
 def _discard(writer: sf.SoundFile | None) -> None:

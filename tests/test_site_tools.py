@@ -975,6 +975,8 @@ class _ScriptedMic:
             if isinstance(item, AudioGap):
                 self.counts["reopens" if item.reopened else "dropped"] += 1
                 yield item
+            elif item == "ctrl-c":  # the user ends the recording here
+                raise KeyboardInterrupt
             elif isinstance(item, tuple):  # ("silence", seconds): a dead input
                 for _ in range(round(float(item[1]) * 10)):
                     yield np.zeros(1600, np.float32)
@@ -1031,6 +1033,44 @@ def test_record_keeps_no_chunk_that_holds_only_the_input_it_refuses(
     with pytest.raises(RecordingRefusedError, match=r"kept 2 complete chunk\(s\)$"):
         recording.record(load_settings(None), 60.0, tmp_path / "gaps", 2.0, 16000, io.StringIO())
     assert len(list((tmp_path / "gaps").glob("*.wav"))) == 2
+
+
+def test_a_recording_stopped_within_a_silence_keeps_no_silent_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped before the health check's 5 s had judged the silence (the microphone not picked
+    with --device, and Ctrl-C at 2.6 s), `record` kept a chunk of digital silence, and `train`
+    then refused the whole folder, the user's earlier good recordings with it (a new-user
+    review). A silent chunk completed inside a short silence is not kept either, and the
+    audio goes on being recorded."""
+    from conftest import NORMAL_FILES
+
+    from edge import record as recording
+    from edge.settings import load_settings
+
+    out = tmp_path / "rec"
+    out.mkdir()
+    earlier = [shutil.copy(f, out / f"earlier-{i}.flac") for i, f in enumerate(NORMAL_FILES)]
+    monkeypatch.setattr(
+        recording, "MicSource", lambda *a, **k: _ScriptedMic([("silence", 2.6), "ctrl-c"])
+    )
+    err = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        recording.record(load_settings(None), 20.0, out, 60.0, 16000, err)
+    assert sorted(out.iterdir()) == sorted(map(Path, earlier)), sorted(out.iterdir())
+    assert "kept 0 file(s)" in err.getvalue(), err.getvalue()
+    assert "deleted 1 holding only digital silence" in err.getvalue(), err.getvalue()
+    cli("train", "--normal", str(out), "--out", str(tmp_path / "m.bundle"))  # the folder trains
+
+    # 2-s chunks, a 3-s dropout of the input between sound: the chunk wholly inside it goes
+    script = [3.0, ("silence", 3.0), 6.0]
+    monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
+    err = io.StringIO()
+    files = recording.record(load_settings(None), 10.0, tmp_path / "short", 2.0, 16000, err)
+    assert len(files) == 5 and sorted(files) == sorted((tmp_path / "short").iterdir()), files
+    assert all(np.ptp(sf.read(str(f))[0]) > 0.01 for f in files), "no silent chunk"
+    assert sum(sf.info(str(f)).duration for f in files) == pytest.approx(10.0), files
+    assert "deleted 1 holding only digital silence" in err.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize(
