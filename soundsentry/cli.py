@@ -947,7 +947,15 @@ def _check_json_output(path: Path | None, flag: str = "--json") -> None:
     """Refuse, before any work, a JSON output over a file that holds something else: `evaluate
     --json` wrote over one of the recordings it evaluated (in a review)."""
     _check_output(path, flag, folder=False)
-    if path is None or not path.is_file():
+    if path is None:
+        return
+    bundle = _bundle_holding(path)
+    if bundle is not None:  # its manifest written over: the model no longer loaded (a review)
+        raise SoundSentryError(
+            f"{flag} {path}: lies in the model bundle {bundle}; refusing to write into it: "
+            "choose another path"
+        )
+    if not path.is_file():
         return
     try:
         with path.open("rb") as fh:
@@ -957,6 +965,19 @@ def _check_json_output(path: Path | None, flag: str = "--json") -> None:
             f"{flag} {path}: exists and is not JSON (an audio file?); refusing to write over it: "
             "choose another path"
         ) from None
+
+
+def _bundle_holding(path: Path) -> Path | None:
+    """The model bundle folder `path` lies in (its manifest one of the bundle format), or None."""
+    from edge.bundle import FORMAT, MANIFEST
+
+    folder = path.resolve().parent
+    try:
+        with (folder / MANIFEST).open("rb") as fh:
+            body = json.loads(fh.read(MAX_JSON_OUTPUT + 1))
+    except (ValueError, OSError):
+        return None
+    return folder if isinstance(body, dict) and body.get("format") == FORMAT else None
 
 
 MAX_JSON_OUTPUT = 256 << 20

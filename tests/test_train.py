@@ -101,6 +101,16 @@ def test_evaluate_never_writes_over_its_recordings_and_gives_no_pauc_it_did_not_
     proc = cli(*given, "--json", normal[0], check=False)
     assert proc.returncode == 1 and "exists and is not JSON" in proc.stderr, proc.stderr
     assert Path(normal[0]).read_bytes() == kept
+    # nor over the manifest of the bundle it evaluates, nor anything else into a bundle: the
+    # model no longer loaded ("not a SoundSentry bundle manifest", an ML review)
+    model = shutil.copytree(tiny_bundle, tmp_path / "model.bundle")
+    manifest = (model / "manifest.json").read_bytes()
+    for into in (model / "manifest.json", model / "evaluation.json"):
+        proc = cli(*given[:1], str(model), *given[2:], "--json", str(into), check=False)
+        assert proc.returncode == 1, proc.stdout
+        assert f"--json {into}: lies in the model bundle {model}" in proc.stderr, proc.stderr
+    assert (model / "manifest.json").read_bytes() == manifest
+    assert not (model / "evaluation.json").exists()
     searched = ("evaluate", str(tiny_bundle), "--normal", str(audio), "--anomalous",
                 str(ANOMALOUS_FILE))  # fmt: skip
     for args in (given, searched):  # a folder within a folder searched: a class of --classes
