@@ -574,11 +574,18 @@ def channel_name(channel: int) -> str:
     return "their average" if channel == DOWNMIX else f"channel {channel}"
 
 
+class DeadChannelError(AudioError):
+    """One channel of a multichannel recording holds nothing to learn from (`what`)."""
+
+    def __init__(self, path: str | Path, what: str, channel: int, channels: int) -> None:
+        fix = f"a dead channel? pick one that hears the machine with --channel N (of {channels})"
+        super().__init__(f"{path}: {channel_name(channel)} is {what}: nothing to learn from; {fix}")
+        self.path, self.what, self.channel, self.channels = path, what, channel, channels
+
+
 def _refuse_sound(path: str | Path, what: str, channel: int, channels: int) -> None:
     if channels > 1:
-        which = channel_name(channel)
-        fix = f"a dead channel? pick one that hears the machine with --channel N (of {channels})"
-        raise AudioError(f"{path}: {which} is {what}: nothing to learn from; {fix}")
+        raise DeadChannelError(path, what, channel, channels)
     raise AudioError(
         f"{path}: the audio is {what}: nothing to learn from; check the microphone and its "
         "gain, or leave the file out"

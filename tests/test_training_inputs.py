@@ -767,3 +767,15 @@ def test_a_folder_named_off_in_the_normal_audio_is_warned_of(
     running = (str(pump / "low"), str(pump / "high"))
     quiet = cli("train", "--normal", *running, "--out", str(tmp_path / "q.bundle"))
     assert "named 'off'" not in quiet.stderr, quiet.stderr
+
+
+def test_a_dead_channel_under_all_channels_names_the_flag_to_leave_out(tmp_path: Path) -> None:
+    """With --all-channels the refusal of a dead channel said only "pick one that hears the
+    machine with --channel N", which `train` refuses beside --all-channels (an ML review)."""
+    _stereo_ch0_dead(NORMAL_FILES, tmp_path / "normal")
+    proc = cli("train", "--normal", str(tmp_path / "normal"), "--all-channels",
+               "--out", str(tmp_path / "m.bundle"), check=False)  # fmt: skip
+    line = _error_line(proc)
+    assert "channel 0 is digital silence" in line, line
+    assert "--all-channels trains on every channel as a view: leave it out" in line, line
+    assert not (tmp_path / "m.bundle").exists()
