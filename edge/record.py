@@ -147,7 +147,8 @@ def _record(
                     if _kept(writer, part, samplerate, sound) and path is not None:
                         written.append(path)
                         split += 1
-                    else:  # too short to keep (deleted): recorded again
+                    else:  # too short or silent to keep (deleted): recorded again
+                        mute += int(sound.flat and part >= samplerate * MIN_KEPT_SECONDS)
                         got -= part
                     writer, path = None, None
                 continue

@@ -1071,6 +1071,13 @@ def test_a_recording_stopped_within_a_silence_keeps_no_silent_chunk(
     assert all(np.ptp(sf.read(str(f))[0]) > 0.01 for f in files), "no silent chunk"
     assert sum(sf.info(str(f)).duration for f in files) == pytest.approx(10.0), files
     assert "deleted 1 holding only digital silence" in err.getvalue(), err.getvalue()
+    # a silence between two losses of audio (a file ends at each): that file goes too
+    script = [3.0, AudioGap(), ("silence", 2.0), AudioGap(), 5.0]
+    monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
+    err = io.StringIO()
+    files = recording.record(load_settings(None), 10.0, tmp_path / "gaps", 60.0, 16000, err)
+    assert [round(sf.info(str(f)).duration) for f in files] == [3, 5], files
+    assert "deleted 1 holding only digital silence" in err.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize(
