@@ -22,10 +22,10 @@ from typing import TextIO
 import numpy as np
 import soundfile as sf
 
-from edge.audio_io import sf_path
+from edge.audio_io import SATURATED_FRACTION, sf_path
 from edge.capture import MicSource
 from edge.errors import SoundSentryError
-from edge.health import FLAT_RANGE, QUIET_DBFS, AudioHealth
+from edge.health import CLIP_LEVEL, FLAT_RANGE, QUIET_DBFS, AudioHealth
 from edge.settings import Settings
 from edge.sources import AudioGap
 
@@ -137,8 +137,9 @@ def _record(
     path: Path | None = None
     part = 0
     split = 0
-    sound = _Range()  # of the chunk in progress: one of digital silence or a flat line is not kept
+    sound = _Range()  # of the chunk in progress: one that `train` would refuse is not kept
     mute = 0  # chunks deleted for that
+    unusable = 0  # samples of such chunks deleted one after another, recorded again
     try:
         for block in source:
             if not isinstance(block, np.ndarray):  # no audio yet, or a gap's mark
@@ -147,8 +148,11 @@ def _record(
                     if _kept(writer, part, samplerate, sound) and path is not None:
                         written.append(path)
                         split += 1
-                    else:  # too short or silent to keep (deleted): recorded again
-                        mute += int(sound.flat and part >= samplerate * MIN_KEPT_SECONDS)
+                        unusable = 0
+                    else:  # too short or unusable to keep (deleted): recorded again
+                        if sound.refused and part >= samplerate * MIN_KEPT_SECONDS:
+                            mute += 1
+                            unusable = _again(unusable + part, samplerate, settings, written, mute)
                         got -= part
                     writer, path = None, None
                 continue
@@ -190,15 +194,16 @@ def _record(
                 if part >= per_chunk or got >= total:
                     # complete: kept even if its close fails, for all its audio is written and
                     # readers mend a header whose lengths were not
-                    done, writer = writer, None
-                    if sound.flat:  # shorter than the health check's span: `train` refuses it
+                    (done, writer), (complete, path) = (writer, None), (path, None)
+                    if sound.refused:  # shorter than the health check's span: `train` refuses it
                         _discard(done)
                         mute += 1
                         got -= part  # recorded again, as a chunk a gap cut too short
+                        unusable = _again(unusable + part, samplerate, settings, written, mute)
                     else:
-                        written.append(path)
+                        written.append(complete)
+                        unusable = 0
                         done.close()
-                    path = None
             except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
                 failed, writer = writer, None
                 if (
@@ -224,7 +229,7 @@ def _record(
         if writer is not None and path is not None:
             if _kept(writer, part, samplerate, sound):
                 written.append(path)
-            elif sound.flat and part >= samplerate * MIN_KEPT_SECONDS:
+            elif sound.refused and part >= samplerate * MIN_KEPT_SECONDS:
                 mute += 1
         source.stop()
         _say(err, "\n")
@@ -253,35 +258,66 @@ def _kept(writer: sf.SoundFile | None, part: int, samplerate: int, sound: _Range
     chunk, in a review) and its header could be written; else delete it."""
     if writer is None:
         return False
-    if part >= samplerate * MIN_KEPT_SECONDS and not sound.flat and _closed(writer):
+    if part >= samplerate * MIN_KEPT_SECONDS and not sound.refused and _closed(writer):
         return True
     _discard(writer)
     return False
 
 
 class _Range:
-    """The lowest and highest sample of a chunk, as written (clipped to -1..1)."""
+    """What `train` judges a file by (`edge.audio_io`'s check_sound), of a chunk's samples as
+    the file holds them (16-bit, read back over 32768): their range and the share at full
+    scale."""
 
     def __init__(self) -> None:
         self.low = math.inf
         self.high = -math.inf
+        self.clipped = 0
+        self.n = 0
 
     def push(self, block: np.ndarray) -> None:
         if len(block):
-            self.low = min(self.low, float(np.min(block)))
-            self.high = max(self.high, float(np.max(block)))
+            q = np.rint(block * PCM_SCALE) / PCM_READ  # as written (lrintf), then read back
+            self.low = min(self.low, float(np.min(q)))
+            self.high = max(self.high, float(np.max(q)))
+            self.clipped += int(np.count_nonzero(np.abs(q) >= CLIP_LEVEL))
+            self.n += len(q)
 
     @property
-    def flat(self) -> bool:
-        """Digital silence or a constant level all through, as `train` judges a file."""
-        return self.high - self.low < FLAT_RANGE
+    def refused(self) -> bool:
+        """Digital silence or a constant level all through, or saturated: `train` refuses it."""
+        return self.high - self.low < FLAT_RANGE or self.clipped > SATURATED_FRACTION * self.n
+
+
+PCM_SCALE = 32767.0
+"""libsndfile writes a float sample x as 16-bit round(x * 32767)..."""
+PCM_READ = 32768.0
+"""... and reads a 16-bit one back as n / 32768."""
+
+
+def _again(
+    samples: int, samplerate: int, settings: Settings, written: list[Path], mute: int
+) -> int:
+    """`samples` deleted as unusable one chunk after another; refused once they span the health
+    check's fault_seconds. Input that alternates between digital silence and a constant level
+    is neither fault for the health check (each resets the other's count), and was recorded
+    again and again without end (a review)."""
+    if samples >= settings.health.fault_seconds * samplerate:
+        raise RecordingRefusedError(
+            f"input unusable: {samples / samplerate:.0f} s of it held only digital silence, a "
+            f"flat line or saturated audio; kept {len(written)} complete chunk(s){_muted(mute)}"
+        )
+    return samples
 
 
 def _muted(n: int) -> str:
-    """What the summary says of chunks deleted for holding only silence or a flat line."""
+    """What the summary says of chunks deleted for holding only unusable input."""
     if not n:
         return ""
-    return f" (deleted {n} holding only digital silence or a flat line, which training refuses)"
+    return (
+        f" (deleted {n} holding only digital silence, a flat line or saturated audio, which "
+        "training refuses)"
+    )
 
 
 def _discard(writer: sf.SoundFile | None) -> None:

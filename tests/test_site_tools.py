@@ -977,6 +977,13 @@ class _ScriptedMic:
                 yield item
             elif item == "ctrl-c":  # the user ends the recording here
                 raise KeyboardInterrupt
+            elif isinstance(item, tuple) and item[0] == "flicker":  # a dead converter:
+                # blocks of digital silence and of one constant level, by turns
+                for i in range(round(float(item[1]) * 10)):
+                    yield np.full(1600, (i % 2) / 32768, np.float32)
+            elif isinstance(item, tuple) and item[0] == "full":  # saturated: at full scale
+                for _ in range(round(float(item[1]) * 10)):
+                    yield np.where(np.arange(1600) % 2, 1.0, -1.0).astype(np.float32)
             elif isinstance(item, tuple):  # ("silence", seconds): a dead input
                 for _ in range(round(float(item[1]) * 10)):
                     yield np.zeros(1600, np.float32)
@@ -1021,7 +1028,9 @@ def test_record_keeps_no_chunk_that_holds_only_the_input_it_refuses(
 
     script = [4.0, ("silence", 12.0)]
     monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
-    with pytest.raises(RecordingRefusedError, match=r"kept 2 complete chunk\(s\) \(deleted 2"):
+    with pytest.raises(
+        RecordingRefusedError, match=r"kept 2 complete chunk\(s\) \(deleted 2 holding only digital"
+    ):
         recording.record(load_settings(None), 16.0, tmp_path / "rec", 2.0, 16000, io.StringIO())
     kept = sorted((tmp_path / "rec").glob("*.wav"))
     assert len(kept) == 2
@@ -1046,6 +1055,7 @@ def test_a_recording_stopped_within_a_silence_keeps_no_silent_chunk(
     from conftest import NORMAL_FILES
 
     from edge import record as recording
+    from edge.record import RecordingRefusedError
     from edge.settings import load_settings
 
     out = tmp_path / "rec"
@@ -1071,6 +1081,30 @@ def test_a_recording_stopped_within_a_silence_keeps_no_silent_chunk(
     assert all(np.ptp(sf.read(str(f))[0]) > 0.01 for f in files), "no silent chunk"
     assert sum(sf.info(str(f)).duration for f in files) == pytest.approx(10.0), files
     assert "deleted 1 holding only digital silence" in err.getvalue(), err.getvalue()
+    # input that the health check takes for no fault, but that every chunk of is unusable:
+    # refused once it spans fault_seconds (it was recorded again and again, without end)
+    script = [2.0, ("flicker", 60.0)]
+    monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
+    with pytest.raises(RecordingRefusedError, match=r"input unusable: \d+ s of it held only"):
+        recording.record(load_settings(None), 10.0, tmp_path / "dead", 2.0, 16000, io.StringIO())
+    assert len(list((tmp_path / "dead").glob("*.wav"))) == 1  # the 2 s of sound before it
+    # saturated, stopped before the health check's 5 s: `train` refuses it as well
+    monkeypatch.setattr(
+        recording, "MicSource", lambda *a, **k: _ScriptedMic([("full", 3.0), "ctrl-c"])
+    )
+    err = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        recording.record(load_settings(None), 20.0, tmp_path / "full", 60.0, 16000, err)
+    assert not list((tmp_path / "full").glob("*.wav")), "a saturated chunk was kept"
+    assert "deleted 1 holding only digital silence, a flat line or saturated" in err.getvalue()
+    # judged on the samples as the file holds them (16-bit), as `train` reads them: a range
+    # of 1.001e-4 is written as 3 steps (9.2e-5), below train's 1e-4
+    from edge.record import _Range
+
+    for peak, refused in ((1.001e-4, True), (1.3e-4, False)):
+        judged = _Range()
+        judged.push(np.array([0.0, peak], np.float32))
+        assert judged.refused is refused, peak
     # a silence between two losses of audio (a file ends at each): that file goes too
     script = [3.0, AudioGap(), ("silence", 2.0), AudioGap(), 5.0]
     monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
