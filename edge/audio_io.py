@@ -431,7 +431,7 @@ def read_audio(
                 if valid and rate > samplerate
                 else None
             )
-            summary, parts = _Summary(fh.subtype in FLOAT_SUBTYPES), []
+            summary, parts = SoundSummary(fh.subtype in FLOAT_SUBTYPES), []
             for block in file_blocks(fh):
                 if not summary.check(block) or not valid:
                     continue  # refused after the whole file is seen; nothing more to keep
@@ -505,10 +505,10 @@ def file_blocks(fh: sf.SoundFile, seconds: float = READ_BLOCK_SECONDS) -> Iterat
         yield block
 
 
-class _Summary:
+class SoundSummary:
     """What read_audio checks of a file, gathered block by block: how many of its samples are
     NaN or infinite and its peak; of the channel read, edge.health's `is_silent` and `is_flat`
-    over the whole file, its clipped share and its mean."""
+    over the whole file, its clipped share and its mean. `record` judges its chunks by it."""
 
     def __init__(self, floats: bool = True) -> None:
         self.floats = floats
@@ -556,17 +556,22 @@ class _Summary:
     ) -> None:
         """Refuse a channel that is digital silence or a flat line; warn of its flaws (of a DC
         offset only if it `offset_matters`)."""
-        if self.channel_peak < SILENT_PEAK:
-            what = "digital silence"
-        elif self.high - self.low < FLAT_RANGE:
-            what = "a flat line (a constant level)"
-        elif self.clipped > SATURATED_FRACTION * self.frames:
-            what = f"{100 * self.clipped / self.frames:.0f} % at full scale (saturated)"
-        else:
+        what = self.refusal()
+        if what is None:
             offset = self.total / self.frames if offset_matters else 0.0
             _warn_quality(path, self.clipped / self.frames, offset)
             return
         _refuse_sound(path, what, channel, channels)
+
+    def refusal(self) -> str | None:
+        """Why the channel gathered (`add`) holds nothing to learn from, or None."""
+        if self.channel_peak < SILENT_PEAK:
+            return "digital silence"
+        if self.high - self.low < FLAT_RANGE:
+            return "a flat line (a constant level)"
+        if self.clipped > SATURATED_FRACTION * self.frames:
+            return f"{100 * self.clipped / self.frames:.0f} % at full scale (saturated)"
+        return None
 
 
 def channel_name(channel: int) -> str:

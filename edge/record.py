@@ -22,10 +22,10 @@ from typing import TextIO
 import numpy as np
 import soundfile as sf
 
-from edge.audio_io import SATURATED_FRACTION, sf_path
+from edge.audio_io import SoundSummary, sf_path
 from edge.capture import MicSource
 from edge.errors import SoundSentryError
-from edge.health import CLIP_LEVEL, FLAT_RANGE, QUIET_DBFS, AudioHealth
+from edge.health import QUIET_DBFS, AudioHealth
 from edge.settings import Settings
 from edge.sources import AudioGap
 
@@ -137,7 +137,7 @@ def _record(
     path: Path | None = None
     part = 0
     split = 0
-    sound = _Range()  # of the chunk in progress: one that `train` would refuse is not kept
+    sound = SoundSummary()  # the chunk in progress: one `train` would refuse is not kept
     mute = 0  # chunks deleted for that
     unusable = 0  # samples of such chunks deleted one after another, recorded again
     try:
@@ -150,7 +150,7 @@ def _record(
                         split += 1
                         unusable = 0
                     else:  # too short or unusable to keep (deleted): recorded again
-                        if sound.refused and part >= samplerate * MIN_KEPT_SECONDS:
+                        if _refused(sound) and part >= samplerate * MIN_KEPT_SECONDS:
                             mute += 1
                             unusable = _again(unusable + part, samplerate, settings, written, mute)
                         got -= part
@@ -185,17 +185,17 @@ def _record(
                     where = path = _new_chunk(out, stamp, len(written))
                     begun[path] = block_at
                     writer = sf.SoundFile(sf_path(path), "w", samplerate, 1, "PCM_16")
-                    sound = _Range()
+                    sound = SoundSummary()
                 block = np.clip(block, -1, 1)
                 writer.write(block)
-                sound.push(block)
+                sound.add(as_written(block))
                 part += len(block)
                 got += len(block)
                 if part >= per_chunk or got >= total:
                     # complete: kept even if its close fails, for all its audio is written and
                     # readers mend a header whose lengths were not
                     (done, writer), (complete, path) = (writer, None), (path, None)
-                    if sound.refused:  # shorter than the health check's span: `train` refuses it
+                    if _refused(sound):  # shorter than the health check's span: `train` refuses it
                         _discard(done)
                         mute += 1
                         got -= part  # recorded again, as a chunk a gap cut too short
@@ -229,7 +229,7 @@ def _record(
         if writer is not None and path is not None:
             if _kept(writer, part, samplerate, sound):
                 written.append(path)
-            elif sound.refused and part >= samplerate * MIN_KEPT_SECONDS:
+            elif _refused(sound) and part >= samplerate * MIN_KEPT_SECONDS:
                 mute += 1
         source.stop()
         _say(err, "\n")
@@ -251,48 +251,28 @@ def _record(
     return written
 
 
-def _kept(writer: sf.SoundFile | None, part: int, samplerate: int, sound: _Range) -> bool:
+def _kept(writer: sf.SoundFile | None, part: int, samplerate: int, sound: SoundSummary) -> bool:
     """Close a chunk cut short and keep it if it holds a window's worth of audio that is not
     digital silence or a flat line all through (which `train` refuses, and with it the whole
     folder: a recording stopped within the health check's 5 s of a silent input kept such a
     chunk, in a review) and its header could be written; else delete it."""
     if writer is None:
         return False
-    if part >= samplerate * MIN_KEPT_SECONDS and not sound.refused and _closed(writer):
+    if part >= samplerate * MIN_KEPT_SECONDS and not _refused(sound) and _closed(writer):
         return True
     _discard(writer)
     return False
 
 
-class _Range:
-    """What `train` judges a file by (`edge.audio_io`'s check_sound), of a chunk's samples as
-    the file holds them (16-bit, read back over 32768): their range and the share at full
-    scale."""
-
-    def __init__(self) -> None:
-        self.low = math.inf
-        self.high = -math.inf
-        self.clipped = 0
-        self.n = 0
-
-    def push(self, block: np.ndarray) -> None:
-        if len(block):
-            q = np.rint(block * PCM_SCALE) / PCM_READ  # as written (lrintf), then read back
-            self.low = min(self.low, float(np.min(q)))
-            self.high = max(self.high, float(np.max(q)))
-            self.clipped += int(np.count_nonzero(np.abs(q) >= CLIP_LEVEL))
-            self.n += len(q)
-
-    @property
-    def refused(self) -> bool:
-        """Digital silence or a constant level all through, or saturated: `train` refuses it."""
-        return self.high - self.low < FLAT_RANGE or self.clipped > SATURATED_FRACTION * self.n
+def _refused(sound: SoundSummary) -> bool:
+    """A chunk `train` refuses (digital silence, a flat line or saturated all through)."""
+    return sound.refusal() is not None
 
 
-PCM_SCALE = 32767.0
-"""libsndfile writes a float sample x as 16-bit round(x * 32767)..."""
-PCM_READ = 32768.0
-"""... and reads a 16-bit one back as n / 32768."""
+def as_written(block: np.ndarray) -> np.ndarray:
+    """Samples (within -1..1) as a 16-bit file holds them and `train` reads them back:
+    libsndfile writes round(x * 32767) and reads n / 32768."""
+    return np.rint(block * 32767.0) / 32768.0
 
 
 def _again(

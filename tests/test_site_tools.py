@@ -1099,12 +1099,17 @@ def test_a_recording_stopped_within_a_silence_keeps_no_silent_chunk(
     assert "deleted 1 holding only digital silence, a flat line or saturated" in err.getvalue()
     # judged on the samples as the file holds them (16-bit), as `train` reads them: a range
     # of 1.001e-4 is written as 3 steps (9.2e-5), below train's 1e-4
-    from edge.record import _Range
+    from edge.audio_io import SoundSummary
+    from edge.record import as_written
 
     for peak, refused in ((1.001e-4, True), (1.3e-4, False)):
-        judged = _Range()
-        judged.push(np.array([0.0, peak], np.float32))
-        assert judged.refused is refused, peak
+        judged = SoundSummary()
+        judged.add(as_written(np.array([0.0, peak], np.float32)))
+        assert (judged.refusal() is not None) is refused, peak
+    path = tmp_path / "edge.wav"  # and as written and read back (what `train` reads)
+    sf.write(str(path), np.array([0.0, 1.001e-4] * 8000, np.float32), 16000, subtype="PCM_16")
+    back = sf.read(str(path), dtype="float32")[0]
+    assert np.array_equal(back, as_written(np.array([0.0, 1.001e-4] * 8000, np.float32)))
     # a silence between two losses of audio (a file ends at each): that file goes too
     script = [3.0, AudioGap(), ("silence", 2.0), AudioGap(), 5.0]
     monkeypatch.setattr(recording, "MicSource", lambda *a, **k: _ScriptedMic(script))
