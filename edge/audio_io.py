@@ -582,8 +582,13 @@ def channel_name(channel: int) -> str:
 class DeadChannelError(AudioError):
     """One channel of a multichannel recording holds nothing to learn from (`what`)."""
 
-    def __init__(self, path: str | Path, what: str, channel: int, channels: int) -> None:
-        fix = f"a dead channel? pick one that hears the machine with --channel N (of {channels})"
+    def __init__(
+        self, path: str | Path, what: str, channel: int, channels: int, fix: str | None = None
+    ) -> None:
+        """`fix`: what to do instead of the default, picking another channel with --channel."""
+        fix = fix or (
+            f"a dead channel? pick one that hears the machine with --channel N (of {channels})"
+        )
         super().__init__(f"{path}: {channel_name(channel)} is {what}: nothing to learn from; {fix}")
         self.path, self.what, self.channel, self.channels = path, what, channel, channels
 

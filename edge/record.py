@@ -253,9 +253,9 @@ def _record(
 
 def _kept(writer: sf.SoundFile | None, part: int, samplerate: int, sound: SoundSummary) -> bool:
     """Close a chunk cut short and keep it if it holds a window's worth of audio that is not
-    digital silence or a flat line all through (which `train` refuses, and with it the whole
-    folder: a recording stopped within the health check's 5 s of a silent input kept such a
-    chunk, in a review) and its header could be written; else delete it."""
+    digital silence, a flat line or saturated all through (which `train` refuses, and with it
+    the whole folder: a recording stopped within the health check's 5 s of a silent input
+    kept such a chunk, in a review) and its header could be written; else delete it."""
     if writer is None:
         return False
     if part >= samplerate * MIN_KEPT_SECONDS and not _refused(sound) and _closed(writer):

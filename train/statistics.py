@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from edge import __version__
-from edge.audio_io import DeadChannelError, channel_name, read_audio, read_each, sf_path
+from edge.audio_io import DeadChannelError, read_audio, read_each, sf_path
 from edge.bundle import (
     ALL_CHANNELS,
     FORMAT,
@@ -115,11 +115,11 @@ def channel_views(
     try:
         return [read_audio(path, params.samplerate, c, need_sound=True) for c in range(n)]
     except DeadChannelError as exc:  # its fix, --channel N, is refused beside --all-channels
-        raise AudioError(
-            f"{exc.path}: {channel_name(exc.channel)} is {exc.what}: nothing to learn from; "
-            "--all-channels trains on every channel as a view: leave it out and pick one that "
-            f"hears the machine with --channel N (of {exc.channels})"
-        ) from None
+        raise DeadChannelError(
+            exc.path, exc.what, exc.channel, exc.channels,
+            fix="--all-channels trains on every channel as a view: leave it out and pick one "
+            f"that hears the machine with --channel N (of {exc.channels})",
+        ) from None  # fmt: skip
 
 
 @dataclass
