@@ -1124,7 +1124,7 @@ class Detector:
             self.adapter.save_period()
         self._save_state()
         self.notifier.stopping()
-        self._emit_metrics()  # the last running hours and counts (retained over MQTT)
+        self._emit_metrics(final=True)  # the last running hours and counts (retained over MQTT)
         self.emit_state("stopped")
 
     # --- anomalies -------------------------------------------------------------------------
@@ -1388,7 +1388,11 @@ class Detector:
         if change is not None:
             self.emit_state()
 
-    def _emit_metrics(self) -> None:
+    def _emit_metrics(self, final: bool = False) -> None:
+        """Send the metrics to every sink. The `final` one, at a stop, stays retained while the
+        daemon is gone: it keeps the totals and counts but no level or trend, which a SCADA tag
+        or a Node-RED flow would read as live (as `stopped` keeps no score; an integrator's
+        review)."""
         src = self.source_stats()
         spool_depth, spool_dropped = self.spool_stats()
         m = self.metrics
@@ -1405,14 +1409,14 @@ class Detector:
             dropped_blocks=int(src.get("dropped", 0)),
             overflows=int(src.get("overflows", 0)),
             queue_depth=int(src.get("queue_depth", 0)),
-            level_dbfs=self._level_dbfs,
+            level_dbfs=None if final else self._level_dbfs,
             spool_depth=spool_depth,
             spool_dropped=spool_dropped,
             commands_shed=self.commands_shed,
             running_hours=round(self.running.seconds / 3600, 4),  # in total: kept in state.json
             cpu_temp_c=cpu_temperature_c(),
             throttled=throttled(),
-            anomaly_index=_round(self.index.value, 4),
+            anomaly_index=None if final else _round(self.index.value, 4),
         )
         self._to_sinks("metrics", message)
 

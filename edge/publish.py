@@ -812,15 +812,23 @@ class MqttPublisher:
         instance wrote it (a `replay` with the device's config ending, or its will; a clone that
         stopped), and the broker would keep it, every Home Assistant entity of the device
         unavailable until this daemon next reconnected (days, in a review). Say `online`
-        again. A replay never does: the device's daemon owns the topic."""
+        again, and announce this daemon's discovery and retained messages again: a replay
+        with the device's config announced its own model, threshold bounds and buttons, which
+        Home Assistant kept after it ended (an integrator's review). A replay never does: the
+        device's daemon owns the topics."""
         if self.instance.endswith(REPLAY) or self._closing.is_set() or not self.connected:
             return
         if msg.payload.decode(errors="replace").strip() != OFFLINE:
             return
         if _sender(msg) == self.instance:  # its own, retained from its last stop: `online` sent
             return
-        log.info("MQTT: another instance left %s `offline`: this one is online", msg.topic)
+        log.info(
+            "MQTT: another instance left %s `offline`: this one is online; re-announcing discovery",
+            msg.topic,
+        )
         self._publish(self.topics.availability, ONLINE, qos=1, retain=True, props=True)
+        self._publish_discovery()
+        self._publish_retained()
 
     # --- spool sender ----------------------------------------------------------------------
 

@@ -15,7 +15,13 @@ from edge.commands import ReplyTo
 from edge.daemon import Sink
 from edge.errors import BundleError
 from edge.features import windows_of
-from edge.messages import EventMessage, HealthMessage, ResponseMessage, StateMessage
+from edge.messages import (
+    EventMessage,
+    HealthMessage,
+    MetricsMessage,
+    ResponseMessage,
+    StateMessage,
+)
 from edge.scoring import Scorer
 
 
@@ -26,6 +32,7 @@ class Recorder(Sink):
         self.events: list[EventMessage] = []
         self.states: list[StateMessage] = []
         self.healths: list[HealthMessage] = []
+        self.metrics_sent: list[MetricsMessage] = []
         self.responses: list[ResponseMessage] = []
         self.reply_tos: list[ReplyTo | None] = []
         """Where each response's command asked for it (its MQTT 5 Response Topic)."""
@@ -38,6 +45,9 @@ class Recorder(Sink):
 
     def health(self, message: HealthMessage) -> None:
         self.healths.append(message)
+
+    def metrics(self, message: MetricsMessage) -> None:
+        self.metrics_sent.append(message)
 
     def response(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
         self.responses.append(message)

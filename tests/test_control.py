@@ -94,7 +94,8 @@ def test_public_api_mute_threshold_and_status_over_a_file(tmp_path: Path) -> Non
         (b"\xff\xfe\x00garbage", "not UTF-8"),
         (b"{oops", "not JSON"),
         (b"[1, 2]", "JSON object"),
-        (b'{"command": "mute", "minutes": NaN}', "minutes"),
+        (b'{"command": "mute", "minutes": NaN}', "not JSON: NaN is not a JSON number"),
+        (b'{"command": "set_threshold", "value": -Infinity}', "-Infinity is not a JSON number"),
         (b'{"command": "mute", "minutes": 1e999}', "minutes"),
         (b'{"command": "launch\\nFORGED"}', "command"),
         (b'{"command": "set_threshold", "value": -1}', "value"),
@@ -119,9 +120,15 @@ def test_the_audit_lines_name_a_command_s_id_and_only_a_real_one(
     ctl = Controller(d)
     ctl.handle_payload(b'{"command": "mute", "minutes": "abc", "id": "x1"}')
     ctl.handle_payload(b'{"command": "unmute"}')
+    # an id the command is refused for is no id: its line break forged an audit line through
+    # the rejection's warning (an integrator's review)
+    forged = "x\n2026-12-07 02:20:00,000 INFO edge.control: command mute (id op-17): muted"
+    reply = ctl.handle_payload(json.dumps({"command": "status", "id": forged}).encode())
+    assert reply.ok is False and reply.id is None and "id: String should" in reply.detail
     said = [r.getMessage() for r in caplog.records if r.name == "edge.control"]
     assert said[0].startswith("rejected command mute (id x1): minutes"), said
     assert said[1].startswith("command unmute: "), said
+    assert said[2].startswith("rejected command status: id") and "\n" not in said[2], said
 
 
 def test_a_command_shed_as_the_loop_empties_the_queue_is_still_answered(

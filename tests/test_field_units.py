@@ -868,6 +868,14 @@ def test_the_state_is_starting_until_a_window_is_heard_and_stopped_has_no_mute_e
         stopped = rec.states[-1]
         assert heard[-1].machine == "running" and stopped.machine is None
         assert (stopped.score, stopped.level_dbfs, stopped.progress) == (None, None, None)
+        # nor does its last metrics message, retained as long (an integrator's review: the
+        # level and trend of the moment it stopped, read by a flow as live)
+        final = rec.metrics_sent[-1]
+        detector._emit_metrics()  # what it says while it runs, with what it heard last
+        live = rec.metrics_sent[-1]
+        assert live.level_dbfs is not None and live.anomaly_index, live
+        assert (final.level_dbfs, final.anomaly_index) == (None, None), final
+        assert final.windows_scored == live.windows_scored > 0
 
 
 def test_a_dead_microphone_at_start_claims_no_state_and_no_machine(tmp_path: Path) -> None:

@@ -754,17 +754,29 @@ def test_a_replay_as_the_device_leaves_the_running_daemon_online(
     """`replay` with the device's config announces itself on the device's availability and
     says `offline` when it ends: the broker kept that while the device's daemon ran on, and
     every Home Assistant entity of the device was unavailable until the daemon next
-    reconnected (a review's reproduction). The daemon now says `online` again."""
+    reconnected (a review's reproduction). The daemon now says `online` again. The replay's
+    discovery configs (its model, its threshold's bounds, a button cleared) stayed too, the
+    device's entities showing the replay's model until Home Assistant restarted (an
+    integrator's review): the daemon announces its own again."""
     spools = [Spool(tmp_path / f"{n}.sqlite") for n in range(2)]
     name = "host pi-a, /var/lib/soundsentry, machine 1"
     _instance(acl_broker.port, spools[0], name).close(timeout_s=2)  # leaves its `offline`
     caplog.set_level(logging.INFO, logger="edge.publish")
     daemon = _instance(acl_broker.port, spools[0], name)  # restarted: its own, not another's
+    number = "homeassistant/number/soundsentry_pump-3/threshold/config"
+    button = "homeassistant/button/soundsentry_pump-3/mark_normal/config"
+    daemon.set_discovery({number: {"max": 2.8, "model": "fan-demo"}, button: {"name": "Mark"}})
     replay = None
     try:
         wait_for(lambda: not daemon._subscribed, 10, "its SUBACK")
         assert "another instance left" not in caplog.text
         replay = _instance(acl_broker.port, spools[1], "host pi-a, /tmp/x, machine 1 (replay)")
+        replay.set_discovery({number: {"max": 0.2, "model": "fan-autoencoder"}, button: None})
+        configs = Subscriber(acl_broker.port, number, "test-ha-configs", login=("consumer", "pw"))
+        try:
+            assert configs.wait_for(lambda m: m and "fan-autoencoder" in m[-1].payload, 10)
+        finally:
+            configs.close()
         replay.close(timeout_s=2)
         watcher = Subscriber(
             acl_broker.port, daemon.topics.availability, "test-ha", login=("consumer", "pw")
@@ -774,6 +786,14 @@ def test_a_replay_as_the_device_leaves_the_running_daemon_online(
             assert watcher.wait_for(lambda m: m[-1].payload == "online", 10), watcher.messages
         finally:
             watcher.close()
+        for topic, config in ((number, "fan-demo"), (button, "Mark")):
+            kept = Subscriber(acl_broker.port, topic, "test-ha-kept", login=("consumer", "pw"))
+            try:  # what the broker keeps now: Home Assistant reads it at its next start
+                assert kept.wait_for(lambda m, c=config: m and c in m[-1].payload, 10), (
+                    kept.messages
+                )
+            finally:
+                kept.close()
         assert daemon.duplicates == {}  # a replay is no second device
         assert "another instance left" in caplog.text
     finally:
