@@ -553,6 +553,30 @@ def _repair_swap(path: Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
+def _put_back(path: Path) -> bool:
+    """A bundle that is not at `path` because a write cut short between _rename_twice's two
+    renames (a file system without RENAME_EXCHANGE: a FAT stick) left it aside as
+    `.<name>.old-<pid>`: put back, True. Done at the next write only, the service meanwhile
+    refused to start, "no such model bundle", with the bundle beside it (a power-loss review).
+    A folder the loader may not write gets a BundleError naming it."""
+    where = Path(os.path.abspath(path))
+    for left in sorted(where.parent.glob(f".{glob.escape(where.name)}.old-*")):
+        pid = left.name.rpartition("-")[2]
+        if not pid.isdigit() or pid_running(int(pid)) or not (left / MANIFEST).is_file():
+            continue
+        try:
+            os.rename(left, where)
+        except OSError as exc:
+            raise BundleError(
+                f"{path}: not there: a write cut short left it as {left} ({exc.strerror}); "
+                f"rename that back to {where.name}"
+            ) from None
+        sync_folder(where.parent)
+        log.warning("%s: put back the bundle a cut-short write had left aside", path)
+        return True
+    return False
+
+
 _KEEP_PREVIOUS: set[Path] = set()
 """Bundle folders whose bundle the next write_bundle there keeps as `NAME.prev` first."""
 
@@ -586,6 +610,9 @@ def _copy_previous(path: Path, names: set[str]) -> Path | None:
         if os.geteuid() == 0:  # root training for the service user: the copy stays theirs
             for item in (part, *part.iterdir()):
                 os.chown(item, owner.st_uid, owner.st_gid)
+        for item in part.iterdir():  # on the card before the older copy is deleted for it: a
+            _fsync_file(item)  # power cut after a calibration left `.prev` empty (a review)
+        sync_folder(part)
     except OSError as exc:
         shutil.rmtree(part, ignore_errors=True)
         log.warning(  # said before the write, which may yet fail and leave it in place
@@ -594,6 +621,14 @@ def _copy_previous(path: Path, names: set[str]) -> Path | None:
         )  # fmt: skip
         return None
     return part
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _keep_previous(path: Path, part: Path) -> None:
@@ -608,6 +643,7 @@ def _keep_previous(path: Path, part: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
             prev.rename(old)
         part.rename(prev)
+        sync_folder(where.parent)  # the new name survives a power cut
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(part, ignore_errors=True)
@@ -744,8 +780,8 @@ def load_bundle(path: str | Path, variant: str = "int8", num_threads: int = 1) -
     from edge.detectors.registry import plugin_for  # the registry imports bundle types
 
     path = Path(path)
-    folder = _folder_of(path)
     manifest, arrays, version = _read(path, load_arrays=True)
+    folder = _folder_of(path)  # after _read, which may put a folder left aside back
     try:
         params = FeatureParams.from_dict(manifest.features)
     except (TypeError, ValueError) as exc:
@@ -812,7 +848,7 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
         exists = path.exists()
     except OSError as exc:
         raise BundleError(f"{path}: {exc.strerror or exc}") from None
-    if not exists:
+    if not exists and not _put_back(path):
         raise BundleError(f"{path}: no such model bundle")
     if not path.is_dir() and path.name != MANIFEST:
         raise BundleError(f"{path}: a model bundle is a folder holding {MANIFEST}")

@@ -71,7 +71,9 @@ JUDGED_RESET_S = 10.0
 """Judged windows this long in a row end such a spell (a few between near-off ones do not)."""
 
 RUNNING_SAVE_S = 600.0
-"""Running time between saves of the running hours to state.json (and at every stop)."""
+"""Running time between saves of the running hours to state.json (and at every stop); and
+time between saves while a mute runs, so a restart on a clock behind the mute's start, which
+has only the saved count to go by, mutes at most this much longer than was left."""
 WORK_QUEUE_MAX = 64
 """Commands and reloads waiting for the loop; beyond this a flood is shed and counted."""
 WORK_PER_TICK = 8
@@ -250,6 +252,7 @@ class Detector:
         self._machine: str | None = None  # unknown until a window is heard
         self.running = RunningTime()  # counted while live: what the microphone heard
         self._running_saved = 0.0
+        self._saved_at = time.monotonic()
         self._near_off_s = 0.0
         """Seconds of the machine heard running within HYSTERESIS_DB of its off level (no
         window judged) since JUDGED_RESET_S were last judged in a row; said at NEAR_OFF_SAY_S."""
@@ -801,6 +804,7 @@ class Detector:
             mute = SavedMute(m.started, m.seconds, m.seconds - left) if left > 0 else None
             self.state.save(self.bundle.model_id, self._threshold, mute, self.running.seconds)
             self._running_saved = self.running.seconds
+        self._saved_at = time.monotonic()
 
     def _auto_learn(self) -> None:
         """[learning] seconds: a period at the first start of a configured model."""
@@ -1082,7 +1086,11 @@ class Detector:
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.mqtt.metrics_interval_seconds
             self._emit_metrics()
-            if self.running.seconds - self._running_saved >= RUNNING_SAVE_S:
+            # a mute's count ran on saves of running time alone: a mute through a stop (what a
+            # mute is for) saved none, and a restart on a clock behind its start muted for its
+            # whole length again (a power-loss review)
+            muting = self._mute_end and now - self._saved_at >= RUNNING_SAVE_S
+            if self.running.seconds - self._running_saved >= RUNNING_SAVE_S or muting:
                 self._save_state()  # a crash loses at most this much; the SD card is spared
 
     def audio_gap(self, reopened: bool) -> None:

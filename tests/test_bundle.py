@@ -413,6 +413,32 @@ def test_the_kept_copy_is_the_bundle_alone_and_made_when_the_new_one_is_written(
     ], "nothing left beside"
 
 
+def test_the_kept_copy_is_on_the_card_before_the_older_one_goes(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new bundle was fsynced before its swap, the `.prev` copy never: a power cut soon
+    after a calibration could leave `.prev` empty, the older copy already deleted for it (a
+    power-loss review, under strace). Every file of the copy is synced before it is renamed."""
+    import edge.bundle as bundle_module
+    from edge.bundle import keep_previous_on_write
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(bundle_module.os, "fsync", fsync)
+    prev = keep_previous_on_write(copy)
+    _rewrite(DEMO_BUNDLE, copy)
+    part = copy.with_name(f".{copy.name}.prev.part")
+    names = sorted(p.name for p in prev.iterdir())
+    assert "manifest.json" in names and "arrays.npz" in names, names
+    assert all(str(part / n) in synced for n in names), (names, synced)
+    assert str(part) in synced and str(copy.parent) in synced  # the folder, the new name
+
+
 def test_a_write_that_fails_keeps_the_older_copy(
     copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -481,6 +507,29 @@ def test_a_swap_cut_short_between_its_renames_is_repaired(copy: Path) -> None:
     assert load_bundle(copy).model_id == load_bundle(DEMO_BUNDLE).model_id
     assert (copy / "NOTES.txt").read_text() == "pump 3\n"
     assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name]
+
+
+def test_a_bundle_a_cut_short_swap_left_aside_is_put_back_when_loaded(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was put back at the next write only: until then the service refused to start, "no
+    such model bundle", every minute, with the bundle beside it (a power-loss review). A
+    start (here `replay`, which loads it as `run` does) puts it back and runs; one that may not
+    rename it says where it is."""
+    before = load_bundle(copy).model_id
+    aside = copy.with_name(f".{copy.name}.old-{_dead_pid()}")
+    copy.rename(aside)
+    proc = cli("replay", str(copy), str(NORMAL_FILES[0]))
+    assert "put back the bundle a cut-short write had left aside" in proc.stderr, proc.stderr
+    assert load_bundle(copy).model_id == before and not aside.exists()
+    copy.rename(aside)
+
+    def refused(*_: object) -> None:  # a folder the service user may not write
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refused)
+    with pytest.raises(BundleError, match=f"left it as {aside} .*rename that back"):
+        load_bundle(copy)
 
 
 def test_the_two_renames_are_undone_when_the_second_fails(

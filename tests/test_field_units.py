@@ -1270,6 +1270,47 @@ def test_a_mute_restored_against_a_stale_boot_clock_is_never_longer_than_it_was(
     assert d.muted and d.muted_until - now[0] <= MAX_MUTE_MINUTES * 60 + 5
 
 
+def test_a_mute_through_a_stop_saves_what_has_run_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What has run of a mute was saved with the running hours, every 10 min of the machine
+    *running*: through a stop (what a mute is for) nothing was saved, and a restart on a
+    clock behind the mute's start (which has only that count to go by) muted for its whole
+    length again, 8 h where 2 were left (a power-loss review). It is saved every 10 min of
+    the mute as well."""
+    import types
+
+    from conftest import DEMO_BUNDLE
+
+    import edge.daemon as daemon_module
+    from edge.bundle import load_bundle
+    from edge.daemon import RUNNING_SAVE_S, Detector
+    from edge.settings import Settings
+
+    mono = [1000.0]
+    fake = types.SimpleNamespace(
+        monotonic=lambda: mono[0], perf_counter=time.perf_counter, time=time.time
+    )
+    monkeypatch.setattr(daemon_module, "time", fake)
+    now = [1.6e9]
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    bundle = load_bundle(DEMO_BUNDLE)
+
+    def start() -> Detector:
+        return Detector(settings, bundle, [], clock=lambda: now[0], persist=True)
+
+    d = start()
+    d.mute(8 * 60)
+    for _ in range(int(6 * 3600 / 60)):  # six hours of a stopped machine, a tick a minute
+        mono[0] += 60.0
+        now[0] += 60.0
+        d.tick()
+    assert d.running.seconds == 0 and d.muted
+    now[0] = 1.6e9 - 86400.0  # a power cut; the Pi boots a day behind
+    left = start().muted_until - now[0]
+    assert 2 * 3600 - 5 <= left <= 2 * 3600 + RUNNING_SAVE_S + 65, left / 3600
+
+
 def test_old_clips_go_at_start_and_every_hour_on_a_quiet_machine(
     tmp_path: Path, synced_clock: Path
 ) -> None:
