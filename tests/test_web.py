@@ -363,6 +363,20 @@ def test_the_token_is_required_for_data_and_actions(served: Served) -> None:
     assert request(f"{served.base}/clips/other.wav?key={other_key}").status == 401
     assert request(f"{served.base}/clips/other.wav", TOKEN).status == 200
 
+    # guesses: 300 a second were answered and none logged (a security review). Each wrong
+    # token now waits its turn, one at a time per address, however many connections it opens
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge.web.server import WRONG_TOKEN_DELAY_S
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        guesses = [f"guess-{n:02d}-0123456789abcdef" for n in range(4)]
+        said = list(pool.map(lambda t: request(served.base + "/api/state", t).status, guesses))
+    assert said == [401] * 4 and time.monotonic() - began >= 3 * WRONG_TOKEN_DELAY_S
+    logged = (served.data.parent / "daemon.log").read_text()
+    assert "web: 1 request(s) from 127.0.0.1 with a wrong token (each answered after" in logged
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(

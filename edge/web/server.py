@@ -14,12 +14,14 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import re
 import socket
 import sys
 import threading
+import time
 from base64 import b64encode
 from collections import OrderedDict
 from collections.abc import Callable
@@ -351,6 +353,7 @@ class _Server(ThreadingHTTPServer):
 
     per_address: dict[str, int]
     lock: threading.Lock
+    guesses: _Guesses
     reading: OrderedDict[int, Handler]
     """Connections still reading their headers, oldest first (under `lock`)."""
 
@@ -437,6 +440,51 @@ def _host(client_address: Any) -> str:
     return str(address)
 
 
+WRONG_TOKEN_DELAY_S = 1.0
+"""A wrong token (or clip key) is answered this long after it came, one at a time per address:
+300 guesses a second were answered, none logged (a security review)."""
+WRONG_TOKEN_LOG_S = 60.0
+"""Wrong tokens from one address are logged at most once this often, with their count."""
+GUESSERS_KEPT = 1024
+"""Addresses whose wrong tokens are counted at once (a scan of an IPv6 LAN stays bounded)."""
+
+
+class _Guesses:
+    """Wrong tokens, per address: each answered after WRONG_TOKEN_DELAY_S, one at a time (the
+    connections an address may hold cannot make it faster), and said in the log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turns: dict[str, threading.Lock] = {}
+        self._counts: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def wrong(self, host: str, what: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._turns) >= GUESSERS_KEPT and host not in self._turns:
+                self._turns.clear()
+                self._counts.clear()
+                self._logged.clear()
+            turn = self._turns.setdefault(host, threading.Lock())
+            count = self._counts[host] = self._counts.get(host, 0) + 1
+            say = now - self._logged.get(host, -math.inf) >= WRONG_TOKEN_LOG_S
+            if say:
+                self._logged[host] = now
+                self._counts[host] = 0
+        if say:
+            log.warning(
+                "web: %d request(s) from %s with a wrong %s%s (each answered after %g s)",
+                count,
+                host,
+                what,
+                "" if count == 1 else f" in the last {WRONG_TOKEN_LOG_S:g} s",
+                WRONG_TOKEN_DELAY_S,
+            )
+        with turn:
+            time.sleep(WRONG_TOKEN_DELAY_S)
+
+
 class _HeaderCap:
     """A connection's reader that, while `left` is set (its headers being read), refuses more
     than that many bytes in all: LineTooLong, which the standard library answers 431."""
@@ -484,6 +532,7 @@ def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
     server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     server.per_address, server.lock = {}, threading.Lock()
     server.reading = OrderedDict()
+    server.guesses = _Guesses()
     return server
 
 
@@ -592,7 +641,7 @@ class Handler(BaseHTTPRequestHandler):
         if path not in routes:
             return self._error(HTTPStatus.NOT_FOUND, "not found")
         if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
-            return self._error(HTTPStatus.UNAUTHORIZED, "token required")
+            return self._unauthorized()
         routes[path]()
 
     def do_HEAD(self) -> None:
@@ -615,7 +664,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path != "/api/command":
             return self._error(HTTPStatus.NOT_FOUND, "not found")
         if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
-            return self._error(HTTPStatus.UNAUTHORIZED, "token required")
+            return self._unauthorized()
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind != "application/json":
             return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
@@ -645,7 +694,7 @@ class Handler(BaseHTTPRequestHandler):
     def _clip(self, name: str, query: str) -> None:
         key = parse_qs(query).get("key", [None])[0]
         if not self.dash.gate.clip_ok(self.headers.get("Authorization"), Path(name).stem, key):
-            return self._error(HTTPStatus.UNAUTHORIZED, "token required")
+            return self._unauthorized(key is not None)
         wav = self.dash.clip_file(name)
         if wav is None:
             return self._error(HTTPStatus.NOT_FOUND, "no such clip")
@@ -744,6 +793,15 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: HTTPStatus, data: Any, extra: dict[str, str] | None = None) -> None:
         body = json.dumps(data, separators=(",", ":")).encode()
         self._send(status, body, "application/json", extra=extra)
+
+    def _unauthorized(self, keyed: bool = False) -> None:
+        """401; a token (or a clip key) that was given and is wrong waits its turn first: a
+        request with none (a page before its token is entered) does not."""
+        if self.headers.get("Authorization") is not None:
+            self.server.guesses.wrong(_host(self.client_address), "token")
+        elif keyed:
+            self.server.guesses.wrong(_host(self.client_address), "clip key")
+        self._error(HTTPStatus.UNAUTHORIZED, "token required")
 
     def _error(self, status: HTTPStatus, detail: str, extra: dict[str, str] | None = None) -> None:
         self._json(status, {"ok": False, "detail": detail}, extra)
