@@ -1308,7 +1308,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             settings,
             bundle,
             source,
-            print_events=live is None,
+            # events as JSON lines to a pipe, not to the journal: its log has each start and
+            # end, and an update every 10 s of a day-long fault was 8,640 lines a day there
+            print_events=live is None and not _stdout_is_journal(),
             on_stop=source.stop,
             reload_settings=lambda: _settings_from(args, args.model),
             extra_sinks=[live] if live else [],
@@ -1341,6 +1343,16 @@ def _hold_before_failing(notifier: Any, exc: Exception) -> None:
     print(f"soundsentry: cannot start: {exc}; starting again in {START_RETRY_S:g} s",
           file=sys.stderr, flush=True)  # fmt: skip
     time.sleep(START_RETRY_S)
+
+
+def _stdout_is_journal() -> bool:
+    """stdout is systemd's journal (the service): JOURNAL_STREAM names its device and inode."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stdout.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):  # no such variable, or a stdout with no fd
+        return False
 
 
 def _live_line(threshold: float) -> Any:
