@@ -32,6 +32,15 @@ hundreds of times an hour: log lines, spool writes, retained messages, and every
 closed the open anomaly event."""
 
 
+RECURRING_WITHIN_S = 3600.0
+"""A fault that comes back within this much audio of its last onset needs twice the clean
+time of the last to be over..."""
+MAX_RECOVER_SECONDS = 600.0
+"""...up to this. A loose cable (6 s of silence every 20 s) was 138 faults an hour, each a
+WARNING and a recovery in the journal and two health messages on the card (an SD-card review):
+it is now four, then one fault that lasts while the cable is loose."""
+
+
 INVALID = "invalid samples"
 """The fault name for NaN or infinite samples (a broken driver, file or resampler)."""
 
@@ -126,10 +135,35 @@ class AudioHealth:
         self._clips: deque[tuple[int, int]] = deque()
         """(clipped samples, samples) of the latest blocks, covering CLIP_JUDGE_SECONDS."""
         self.level = LEVEL_FLOOR_DBFS
+        self._heard_s = 0.0
+        """Seconds of audio pushed: the clock of the onsets below."""
+        self._onsets: dict[str, deque[float]] = {}
+        """Each fault's onsets within RECURRING_WITHIN_S, oldest first."""
+
+    def recover_seconds(self, fault: str) -> float:
+        """Clean audio that ends `fault` now: RECOVER_SECONDS, doubled for each earlier onset
+        within RECURRING_WITHIN_S, at most MAX_RECOVER_SECONDS."""
+        onsets = self._onsets.get(fault)
+        recurring = len(onsets) - 1 if onsets else 0
+        return min(RECOVER_SECONDS * 2.0 ** min(recurring, 16), MAX_RECOVER_SECONDS)
+
+    def _onset(self, fault: str) -> str:
+        """Count an onset of `fault`; what its detail adds when it recurs."""
+        onsets = self._onsets.setdefault(fault, deque())
+        while onsets and self._heard_s - onsets[0] > RECURRING_WITHIN_S:
+            onsets.popleft()
+        onsets.append(self._heard_s)
+        if len(onsets) == 1:
+            return ""
+        return (
+            f" (the {_ordinal(len(onsets))} time within the hour: over after "
+            f"{self.recover_seconds(fault):g} s of clean audio)"
+        )
 
     def push(self, block: np.ndarray) -> list[HealthChange]:
         """Inspect one block of audio; return faults raised or cleared by it."""
         seconds = len(block) / self.samplerate
+        self._heard_s += seconds
         changes = self._check_finite(block)
         if INVALID in self.active:  # judge the finite samples only: NaN is not also silence
             block = block[np.isfinite(block)]
@@ -143,8 +177,9 @@ class AudioHealth:
             self._clean[fault] = 0.0 if heard else self._clean[fault] + seconds
             if self._run[fault] >= self.fault_seconds and fault not in self.active:
                 self.active.add(fault)
-                changes.append(HealthChange("fault", fault, self._detail(fault)))
-            elif fault in self.active and self._clean[fault] >= RECOVER_SECONDS:
+                detail = self._detail(fault) + self._onset(fault)
+                changes.append(HealthChange("fault", fault, detail))
+            elif fault in self.active and self._clean[fault] >= self.recover_seconds(fault):
                 self.active.discard(fault)
                 changes.append(HealthChange("recovered", fault, f"{fault} is over"))
         if "stalled" in self.active:
@@ -177,8 +212,8 @@ class AudioHealth:
         if bad and INVALID not in self.active:
             self.active.add(INVALID)
             detail = f"{bad} of {len(block)} samples are NaN or infinite: broken input"
-            return [HealthChange("fault", INVALID, detail)]
-        if INVALID in self.active and self._finite >= RECOVER_SECONDS:
+            return [HealthChange("fault", INVALID, detail + self._onset(INVALID))]
+        if INVALID in self.active and self._finite >= self.recover_seconds(INVALID):
             self.active.discard(INVALID)
             return [HealthChange("recovered", INVALID, "samples are finite again")]
         return []
@@ -202,3 +237,8 @@ class AudioHealth:
             "flatline": f"flat signal for {secs}: input stuck at a constant value",
             "clipping": f"clipping for {secs}: input gain too high",
         }[fault]
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

@@ -391,6 +391,43 @@ def test_a_borderline_input_is_one_fault_not_a_flapping_one(tmp_path: Path) -> N
     assert changes == ["fault:clipping", "recovered:clipping"]
 
 
+def test_a_fault_that_keeps_coming_back_is_one_fault_while_it_does(tmp_path: Path) -> None:
+    """A loose cable: 6 s of silence every 20 s was 138 faults an hour, each a WARNING and a
+    recovery in the journal and two health messages written to the card (an SD-card review).
+    Each onset within the hour doubles the clean audio that ends the fault: four, then one
+    that lasts as long as the cable is loose, and is over once the input stays clean. The real
+    Detector, fed real fan audio."""
+    from conftest import DEMO_BUNDLE, NORMAL_FILES
+    from detector_helpers import Recorder
+
+    from edge.audio_io import read_audio
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.health import MAX_RECOVER_SECONDS
+    from edge.settings import Settings
+
+    audio = read_audio(NORMAL_FILES[0], RATE)
+    step = RATE // 10
+    clean = [audio[i : i + step] for i in range(0, len(audio) - step + 1, step)]
+    silent = np.zeros(step, np.float32)
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    rec = Recorder()
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [rec])
+    for k in range(10 * 60 * 10):  # ten minutes: 6 s of silence in every 20
+        detector.feed(silent if k % 200 < 60 else clean[k % len(clean)])
+    changes = [h.change for h in rec.healths if h.change]
+    assert changes == ["fault:silence", "recovered:silence"] * 3 + ["fault:silence"], changes
+    faults = [h.detail for h in rec.healths if h.change == "fault:silence"]
+    assert "the 4th time within the hour: over after 24 s of clean audio" in faults[-1]
+    for k in range(9 * 10):  # the cable fixed: clean since the last 14 s, not yet 24
+        detector.feed(clean[k % len(clean)])
+    assert [h.change for h in rec.healths if h.change][-1] == "fault:silence"
+    for k in range(20):
+        detector.feed(clean[k % len(clean)])
+    assert [h.change for h in rec.healths if h.change][-1] == "recovered:silence"
+    assert detector.health.recover_seconds("silence") <= MAX_RECOVER_SECONDS
+
+
 @pytest.mark.parametrize("block", [0.1, 0.05, 1.0])
 def test_clipping_is_judged_over_a_second_whatever_the_capture_block(block: float) -> None:
     """Clipping was judged per capture block: 2 % of samples clipped in 20-ms bursts, once a
