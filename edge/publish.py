@@ -1079,7 +1079,7 @@ class MqttPublisher:
         first. The pass goes on to send the rows after them (the spool still reads): the failed
         delete ended it, and an outage's events beyond the first MAX_HANDED stayed unsent for as
         long as the card was full (in a review)."""
-        try:  # in one transaction: a commit of its own per row was 30 KB of writes a message
+        try:  # in one transaction: a synced commit per row was half of a message's syncs
             self.spool.remove_many(list(self._acked_rows))
             self._acked_rows.clear()
         except sqlite3.Error as exc:

@@ -97,8 +97,8 @@ def test_acknowledged_messages_leave_the_spool_in_one_unsynced_transaction(
     tmp_path: Path,
 ) -> None:
     """Each acknowledged row was deleted in a synced commit of its own: with the insert's,
-    about 30 KB written to the card per message, 7.5 GB a month through a long fault (an
-    SD-card review, under strace). The sender deletes what the broker took in one
+    two syncs and ~30 KB written to the card per message, 7.5 GB a month through a long fault
+    (an SD-card review, under strace). The sender deletes what the broker took in one
     transaction, left unsynced (the next append's sync takes it; a power cut only sends
     them again)."""
     from edge.spool import Spool
