@@ -558,12 +558,19 @@ def _put_back(path: Path) -> bool:
     renames (a file system without RENAME_EXCHANGE: a FAT stick) left it aside as
     `.<name>.old-<pid>`: put back, True. Done at the next write only, the service meanwhile
     refused to start, "no such model bundle", with the bundle beside it (a power-loss review).
-    A folder the loader may not write gets a BundleError naming it."""
-    where = Path(os.path.abspath(path))
+    Through a symlink, beside its target, where the write swapped it. A folder the loader may
+    not write, or one a write still running may be swapping, gets a BundleError naming it."""
+    link = Path(path)
+    where = Path(os.path.realpath(link)) if link.is_symlink() else Path(os.path.abspath(link))
     for left in sorted(where.parent.glob(f".{glob.escape(where.name)}.old-*")):
         pid = left.name.rpartition("-")[2]
-        if not pid.isdigit() or pid_running(int(pid)) or not (left / MANIFEST).is_file():
+        if not pid.isdigit() or not (left / MANIFEST).is_file():
             continue
+        if _writer_running(int(pid)):
+            raise BundleError(
+                f"{path}: not there: a write by process {pid}, still running, has it aside as "
+                f"{left}; if that write is over, rename it back to {where.name}"
+            )
         try:
             os.rename(left, where)
         except OSError as exc:
@@ -575,6 +582,19 @@ def _put_back(path: Path) -> bool:
         log.warning("%s: put back the bundle a cut-short write had left aside", path)
         return True
     return False
+
+
+def _writer_running(pid: int) -> bool:
+    """Process `pid` runs and may be a write of ours (a Python program). After a power cut the
+    pid in a name is of the boot before, and any process may have it now: one that is no
+    Python program is no writer (a review: a live `sleep` kept the service down)."""
+    if not pid_running(pid):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # another user's, where /proc hides it: it may be one
+        return True
+    return b"python" in command or b"soundsentry" in command
 
 
 _KEEP_PREVIOUS: set[Path] = set()

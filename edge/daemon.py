@@ -1086,12 +1086,12 @@ class Detector:
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.mqtt.metrics_interval_seconds
             self._emit_metrics()
-            # a mute's count ran on saves of running time alone: a mute through a stop (what a
-            # mute is for) saved none, and a restart on a clock behind its start muted for its
-            # whole length again (a power-loss review)
-            muting = self._mute_end and now - self._saved_at >= RUNNING_SAVE_S
-            if self.running.seconds - self._running_saved >= RUNNING_SAVE_S or muting:
-                self._save_state()  # a crash loses at most this much; the SD card is spared
+        # a mute's count ran on saves of running time alone: a mute through a stop (what a mute
+        # is for) saved none, and a restart on a clock behind its start muted for its whole
+        # length again (a power-loss review); nor on the metrics' tick (up to a day apart)
+        muting = self._mute_end and now - self._saved_at >= RUNNING_SAVE_S
+        if self.running.seconds - self._running_saved >= RUNNING_SAVE_S or muting:
+            self._save_state()  # a crash loses at most this much; the SD card is spared
 
     def audio_gap(self, reopened: bool) -> None:
         """The microphone lost audio here: no window joins the two sides. A reopened device

@@ -522,6 +522,18 @@ def test_a_bundle_a_cut_short_swap_left_aside_is_put_back_when_loaded(
     proc = cli("replay", str(copy), str(NORMAL_FILES[0]))
     assert "put back the bundle a cut-short write had left aside" in proc.stderr, proc.stderr
     assert load_bundle(copy).model_id == before and not aside.exists()
+    # after a power cut the pid in the name is of the boot before: any process may have it
+    # now, and a live `sleep` kept it aside (a review); and through a symlink, whose target
+    # the write swapped, the link's name was looked for (a review)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        copy.rename(copy.with_name(f".{copy.name}.old-{sleeper.pid}"))
+        link = copy.with_name("current.bundle")
+        link.symlink_to(copy.name)
+        assert load_bundle(link).model_id == before and copy.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     copy.rename(aside)
 
     def refused(*_: object) -> None:  # a folder the service user may not write

@@ -363,20 +363,6 @@ def test_the_token_is_required_for_data_and_actions(served: Served) -> None:
     assert request(f"{served.base}/clips/other.wav?key={other_key}").status == 401
     assert request(f"{served.base}/clips/other.wav", TOKEN).status == 200
 
-    # guesses: 300 a second were answered and none logged (a security review). Each wrong
-    # token now waits its turn, one at a time per address, however many connections it opens
-    from concurrent.futures import ThreadPoolExecutor
-
-    from edge.web.server import WRONG_TOKEN_DELAY_S
-
-    began = time.monotonic()
-    with ThreadPoolExecutor(4) as pool:
-        guesses = [f"guess-{n:02d}-0123456789abcdef" for n in range(4)]
-        said = list(pool.map(lambda t: request(served.base + "/api/state", t).status, guesses))
-    assert said == [401] * 4 and time.monotonic() - began >= 3 * WRONG_TOKEN_DELAY_S
-    logged = (served.data.parent / "daemon.log").read_text()
-    assert "web: 1 request(s) from 127.0.0.1 with a wrong token (each answered after" in logged
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -646,6 +632,57 @@ def test_a_connection_that_says_nothing_gives_its_thread_back(
             assert idle.recv(1) == b"", "closed by the server"
     finally:
         dashboard.stop()
+
+
+def test_an_address_that_guesses_tokens_is_locked_out_and_the_page_stays_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """300 wrong tokens a second were answered, none logged (a security review); answering each
+    one late held a connection slot per guess, and a few tokenless clients took every slot from
+    the page and Prometheus (a review of that). Past GUESS_BUDGET wrong tokens an address's
+    tokens are not checked at all for a while (429, Retry-After), at once, so no slot is held:
+    the right token then gets 429 too from that address, and 200 from any other. Behind a
+    reverse proxy (every visitor from loopback) nobody is locked out: the log says to limit
+    guesses at the proxy."""
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+    from edge.web import server
+
+    caplog.set_level(logging.WARNING, logger="edge.web.server")
+    monkeypatch.setattr(server, "GUESS_BUDGET", 3)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    for public_url in (None, "https://pump.example"):
+        port = free_port()
+        web = {"enabled": True, "port": port, "token_file": token_file, "public_url": public_url}
+        settings = Settings(data_dir=tmp_path / "data", web=web)
+        dashboard = server.Dashboard(settings)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
+            wait_for(lambda b=base: _answers_with(f"{b}/api/state", TOKEN), 10, "the page")
+            said = [request(f"{base}/api/state", f"guess-{n:02d}-0123456789abcdef").status
+                    for n in range(5)]  # fmt: skip
+            if public_url is None:
+                assert said == [401, 401, 401, 401, 429], said
+                locked = request(f"{base}/api/state", TOKEN)
+                assert locked.status == 429 and int(locked.headers["Retry-After"]) > 500
+                assert request(f"{base}/clips/a.wav?key=0123456789abcdef").status == 429
+                assert request(base + "/").status == 200  # the page itself needs no token
+                assert request(f"{base}/api/state").status == 401  # nor is a request without
+            else:
+                assert said == [401] * 5 and request(f"{base}/api/state", TOKEN).status == 200
+        finally:
+            dashboard.stop()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("web: ")]
+    assert logged[0] == "web: a request from 127.0.0.1 with a wrong token", logged
+    assert (
+        "4 requests from 127.0.0.1 with a wrong token within 10 min: its tokens are " in (logged[1])
+    ), logged
+    assert logged[2] == "web: a request from 127.0.0.1 with a wrong token", logged
+    assert logged[3].endswith("(3 within 10 min, through the reverse proxy: limit them there)")
+    assert len(logged) == 4, logged
 
 
 def _answers_with(url: str, token: str) -> bool:

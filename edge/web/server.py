@@ -14,7 +14,6 @@ import http.client
 import ipaddress
 import json
 import logging
-import math
 import os
 import queue
 import re
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 from base64 import b64encode
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from functools import lru_cache
 from http import HTTPStatus
@@ -440,49 +439,75 @@ def _host(client_address: Any) -> str:
     return str(address)
 
 
-WRONG_TOKEN_DELAY_S = 1.0
-"""A wrong token (or clip key) is answered this long after it came, one at a time per address:
-300 guesses a second were answered, none logged (a security review)."""
-WRONG_TOKEN_LOG_S = 60.0
-"""Wrong tokens from one address are logged at most once this often, with their count."""
+GUESS_BUDGET = 20
+"""Wrong tokens (or clip keys) one address may send within GUESS_WINDOW_S..."""
+GUESS_WINDOW_S = 600.0
+LOCKOUT_S = 600.0
+"""...beyond which its tokens are not even checked for this long: 429 (300 guesses a second
+were answered, none logged: a security review). Answering each wrong token late instead held
+a connection slot per guess, and a few tokenless clients took every slot from the page and
+Prometheus (a review of that). Behind a reverse proxy (`public_url`, every visitor from
+loopback) the addresses cannot be told apart and locking loopback out would lock out everyone:
+there the wrong tokens are logged, and the proxy is the place to limit them."""
 GUESSERS_KEPT = 1024
 """Addresses whose wrong tokens are counted at once (a scan of an IPv6 LAN stays bounded)."""
 
 
 class _Guesses:
-    """Wrong tokens, per address: each answered after WRONG_TOKEN_DELAY_S, one at a time (the
-    connections an address may hold cannot make it faster), and said in the log."""
+    """Wrong tokens per address, and addresses locked out for sending too many."""
 
-    def __init__(self) -> None:
+    def __init__(self, exempt: Callable[[str], bool]) -> None:
         self._lock = threading.Lock()
-        self._turns: dict[str, threading.Lock] = {}
-        self._counts: dict[str, int] = {}
-        self._logged: dict[str, float] = {}
+        self._wrong: dict[str, deque[float]] = {}
+        self._locked_until: dict[str, float] = {}
+        self._exempt = exempt
+
+    def locked(self, host: str) -> float:
+        """Seconds `host` stays locked out (0: it may try)."""
+        with self._lock:
+            left = self._locked_until.get(host, 0.0) - time.monotonic()
+            return left if left > 0 else 0.0
 
     def wrong(self, host: str, what: str) -> None:
+        """Count a wrong token from `host`; lock it out once over the budget, and log."""
         now = time.monotonic()
         with self._lock:
-            if len(self._turns) >= GUESSERS_KEPT and host not in self._turns:
-                self._turns.clear()
-                self._counts.clear()
-                self._logged.clear()
-            turn = self._turns.setdefault(host, threading.Lock())
-            count = self._counts[host] = self._counts.get(host, 0) + 1
-            say = now - self._logged.get(host, -math.inf) >= WRONG_TOKEN_LOG_S
-            if say:
-                self._logged[host] = now
-                self._counts[host] = 0
-        if say:
+            if len(self._wrong) >= GUESSERS_KEPT and host not in self._wrong:
+                self._forget(now)
+            times = self._wrong.setdefault(host, deque())
+            while times and now - times[0] > GUESS_WINDOW_S:
+                times.popleft()
+            times.append(now)
+            count, exempt = len(times), self._exempt(host)
+            lock = count > GUESS_BUDGET and not exempt
+            if lock:
+                self._locked_until[host] = now + LOCKOUT_S
+                times.clear()
+        if lock:
             log.warning(
-                "web: %d request(s) from %s with a wrong %s%s (each answered after %g s)",
-                count,
+                "web: %d requests from %s with a wrong %s within %g min: its tokens are "
+                "refused (429) for %g min",
+                count, host, what, GUESS_WINDOW_S / 60, LOCKOUT_S / 60,
+            )  # fmt: skip
+        elif count == 1 or (exempt and count % GUESS_BUDGET == 0):
+            log.warning(
+                "web: a request from %s with a wrong %s%s",
                 host,
                 what,
-                "" if count == 1 else f" in the last {WRONG_TOKEN_LOG_S:g} s",
-                WRONG_TOKEN_DELAY_S,
+                f" ({count} within {GUESS_WINDOW_S / 60:g} min, through the reverse proxy: "
+                "limit them there)"
+                if exempt and count > 1
+                else "",
             )
-        with turn:
-            time.sleep(WRONG_TOKEN_DELAY_S)
+
+    def _forget(self, now: float) -> None:
+        """Drop what is over (under `_lock`); all counts, should that not be enough."""
+        for host in [h for h, t in self._wrong.items() if not t or now - t[-1] > GUESS_WINDOW_S]:
+            del self._wrong[host]
+        for host in [h for h, until in self._locked_until.items() if until <= now]:
+            del self._locked_until[host]
+        if len(self._wrong) >= GUESSERS_KEPT:
+            self._wrong.clear()
 
 
 class _HeaderCap:
@@ -532,7 +557,7 @@ def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
     server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     server.per_address, server.lock = {}, threading.Lock()
     server.reading = OrderedDict()
-    server.guesses = _Guesses()
+    server.guesses = _Guesses(lambda host: bool(web.public_url) and _is_loopback(host))
     return server
 
 
@@ -640,8 +665,8 @@ class Handler(BaseHTTPRequestHandler):
         }
         if path not in routes:
             return self._error(HTTPStatus.NOT_FOUND, "not found")
-        if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
-            return self._unauthorized()
+        if not self._allowed(lambda a: self.dash.gate.bearer_ok(a)):
+            return None
         routes[path]()
 
     def do_HEAD(self) -> None:
@@ -663,8 +688,8 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if url.path != "/api/command":
             return self._error(HTTPStatus.NOT_FOUND, "not found")
-        if not self.dash.gate.bearer_ok(self.headers.get("Authorization")):
-            return self._unauthorized()
+        if not self._allowed(lambda a: self.dash.gate.bearer_ok(a)):
+            return None
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind != "application/json":
             return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
@@ -693,8 +718,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _clip(self, name: str, query: str) -> None:
         key = parse_qs(query).get("key", [None])[0]
-        if not self.dash.gate.clip_ok(self.headers.get("Authorization"), Path(name).stem, key):
-            return self._unauthorized(key is not None)
+        if not self._allowed(lambda a: self.dash.gate.clip_ok(a, Path(name).stem, key), key):
+            return None
         wav = self.dash.clip_file(name)
         if wav is None:
             return self._error(HTTPStatus.NOT_FOUND, "no such clip")
@@ -794,14 +819,25 @@ class Handler(BaseHTTPRequestHandler):
         body = json.dumps(data, separators=(",", ":")).encode()
         self._send(status, body, "application/json", extra=extra)
 
-    def _unauthorized(self, keyed: bool = False) -> None:
-        """401; a token (or a clip key) that was given and is wrong waits its turn first: a
-        request with none (a page before its token is entered) does not."""
-        if self.headers.get("Authorization") is not None:
-            self.server.guesses.wrong(_host(self.client_address), "token")
-        elif keyed:
-            self.server.guesses.wrong(_host(self.client_address), "clip key")
+    def _allowed(self, ok: Callable[[str | None], bool], key: str | None = None) -> bool:
+        """Whether the request's token (or clip key) lets it through; if not, it has been
+        answered: 401, or 429 while its address is locked out for guessing (its tokens are
+        then not checked at all). A request with none (a page before its token is entered)
+        counts as no guess."""
+        authorization = self.headers.get("Authorization")
+        given = authorization is not None or key is not None
+        host = _host(self.client_address)
+        left = self.server.guesses.locked(host) if given else 0.0
+        if left:
+            detail = "too many wrong tokens from this address: try again later"
+            self._error(HTTPStatus.TOO_MANY_REQUESTS, detail, {"Retry-After": f"{left:.0f}"})
+            return False
+        if ok(authorization):
+            return True
+        if given:
+            self.server.guesses.wrong(host, "token" if authorization is not None else "clip key")
         self._error(HTTPStatus.UNAUTHORIZED, "token required")
+        return False
 
     def _error(self, status: HTTPStatus, detail: str, extra: dict[str, str] | None = None) -> None:
         self._json(status, {"ok": False, "detail": detail}, extra)
