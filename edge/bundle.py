@@ -561,6 +561,8 @@ def _put_back(path: Path) -> bool:
     Through a symlink, beside its target, where the write swapped it. A folder the loader may
     not write, or one a write still running may be swapping, gets a BundleError naming it."""
     link = Path(path)
+    if link.name == MANIFEST:  # the bundle named by its manifest, as load_bundle takes it
+        link = link.parent
     where = Path(os.path.realpath(link)) if link.is_symlink() else Path(os.path.abspath(link))
     for left in sorted(where.parent.glob(f".{glob.escape(where.name)}.old-*")):
         pid = left.name.rpartition("-")[2]
@@ -574,6 +576,8 @@ def _put_back(path: Path) -> bool:
         try:
             os.rename(left, where)
         except OSError as exc:
+            if where.is_dir() and not left.exists():  # another loader put it back meanwhile
+                return True
             raise BundleError(
                 f"{path}: not there: a write cut short left it as {left} ({exc.strerror}); "
                 f"rename that back to {where.name}"

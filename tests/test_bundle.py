@@ -534,6 +534,18 @@ def test_a_bundle_a_cut_short_swap_left_aside_is_put_back_when_loaded(
     finally:
         sleeper.kill()
         sleeper.wait()
+    copy.rename(aside)  # named by its manifest, as load_bundle takes it too (a review)
+    assert load_bundle(copy / "manifest.json").model_id == before and copy.is_dir()
+    copy.rename(aside)
+    real_rename = os.rename
+
+    def raced(a: object, b: object) -> None:  # another loader (doctor) put it back first
+        real_rename(a, b)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "rename", raced)
+    assert load_bundle(copy).model_id == before
+    monkeypatch.undo()
     copy.rename(aside)
 
     def refused(*_: object) -> None:  # a folder the service user may not write

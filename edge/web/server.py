@@ -14,6 +14,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from base64 import b64encode
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from http import HTTPStatus
@@ -220,6 +221,8 @@ class Dashboard:
             self._stopping.set()
             serving = self._serving.is_set()
         self.live.close_streams()
+        if self._server is not None:
+            self._server.guesses.flush()
         if serving and self._server is not None:
             self._server.shutdown()
         if self._thread.is_alive():
@@ -453,14 +456,24 @@ GUESSERS_KEPT = 1024
 """Addresses whose wrong tokens are counted at once (a scan of an IPv6 LAN stays bounded)."""
 
 
+GUESS_LOG_EVERY_S = 60.0
+"""Wrong tokens and lockouts are logged at most this often, all addresses together, with the
+counts since: a line per address flooded the journal from an IPv6 LAN's many addresses (a
+review: 2,000 lines in 3 s)."""
+
+
 class _Guesses:
-    """Wrong tokens per address, and addresses locked out for sending too many."""
+    """Wrong tokens per address (a count per fixed window: memory that does not grow with the
+    rate of guesses), addresses locked out for sending too many, and a log that says so."""
 
     def __init__(self, exempt: Callable[[str], bool]) -> None:
         self._lock = threading.Lock()
-        self._wrong: dict[str, deque[float]] = {}
+        self._wrong: dict[str, tuple[float, int]] = {}
+        """Per address: when its window began, and its wrong tokens in it."""
         self._locked_until: dict[str, float] = {}
         self._exempt = exempt
+        self._logged_at = -math.inf
+        self._unsaid = [0, set(), set()]  # wrong tokens, their addresses, addresses locked out
 
     def locked(self, host: str) -> float:
         """Seconds `host` stays locked out (0: it may try)."""
@@ -468,46 +481,69 @@ class _Guesses:
             left = self._locked_until.get(host, 0.0) - time.monotonic()
             return left if left > 0 else 0.0
 
-    def wrong(self, host: str, what: str) -> None:
-        """Count a wrong token from `host`; lock it out once over the budget, and log."""
+    def wrong(self, host: str) -> None:
+        """Count a wrong token (or clip key) from `host`; lock it out once over the budget."""
         now = time.monotonic()
         with self._lock:
             if len(self._wrong) >= GUESSERS_KEPT and host not in self._wrong:
                 self._forget(now)
-            times = self._wrong.setdefault(host, deque())
-            while times and now - times[0] > GUESS_WINDOW_S:
-                times.popleft()
-            times.append(now)
-            count, exempt = len(times), self._exempt(host)
-            lock = count > GUESS_BUDGET and not exempt
+            began, count = self._wrong.get(host, (now, 0))
+            if now - began > GUESS_WINDOW_S:
+                began, count = now, 0
+            count += 1
+            lock = count > GUESS_BUDGET and not self._exempt(host)
             if lock:
                 self._locked_until[host] = now + LOCKOUT_S
-                times.clear()
-        if lock:
-            log.warning(
-                "web: %d requests from %s with a wrong %s within %g min: its tokens are "
-                "refused (429) for %g min",
-                count, host, what, GUESS_WINDOW_S / 60, LOCKOUT_S / 60,
-            )  # fmt: skip
-        elif count == 1 or (exempt and count % GUESS_BUDGET == 0):
-            log.warning(
-                "web: a request from %s with a wrong %s%s",
-                host,
-                what,
-                f" ({count} within {GUESS_WINDOW_S / 60:g} min, through the reverse proxy: "
-                "limit them there)"
-                if exempt and count > 1
-                else "",
+                began, count = now, 0
+            self._wrong[host] = (began, count)
+            self._unsaid[0] += 1
+            if len(self._unsaid[1]) < GUESSERS_KEPT:
+                self._unsaid[1].add(host)
+            if lock and len(self._unsaid[2]) < GUESSERS_KEPT:
+                self._unsaid[2].add(host)
+            said = self._take_unsaid(now)
+        if said:
+            log.warning("web: %s", said)
+
+    def flush(self) -> None:
+        """Log what has not been said (at a stop)."""
+        with self._lock:
+            said = self._take_unsaid(math.inf)
+        if said:
+            log.warning("web: %s", said)
+
+    def _take_unsaid(self, now: float) -> str:
+        """The line for the wrong tokens not yet logged, when one is due (under `_lock`)."""
+        count, hosts, locked = self._unsaid
+        if not count or now - self._logged_at < GUESS_LOG_EVERY_S:
+            return ""
+        self._logged_at = now if math.isfinite(now) else self._logged_at
+        self._unsaid = [0, set(), set()]
+        line = f"{count} request(s) with a wrong token from {_addresses(hosts)}"
+        if locked:
+            line += (
+                f"; locked out for {LOCKOUT_S / 60:g} min (429, its tokens unchecked), over "
+                f"{GUESS_BUDGET} within {GUESS_WINDOW_S / 60:g} min: {_addresses(locked)}"
             )
+        if any(self._exempt(h) for h in hosts):
+            line += "; through the reverse proxy nobody is locked out: limit guesses there"
+        return line
 
     def _forget(self, now: float) -> None:
         """Drop what is over (under `_lock`); all counts, should that not be enough."""
-        for host in [h for h, t in self._wrong.items() if not t or now - t[-1] > GUESS_WINDOW_S]:
+        for host in [h for h, (b, _) in self._wrong.items() if now - b > GUESS_WINDOW_S]:
             del self._wrong[host]
         for host in [h for h, until in self._locked_until.items() if until <= now]:
             del self._locked_until[host]
         if len(self._wrong) >= GUESSERS_KEPT:
             self._wrong.clear()
+
+
+def _addresses(hosts: set[str], shown: int = 5) -> str:
+    names = sorted(hosts)
+    plus = "+" if len(names) >= GUESSERS_KEPT else ""  # counted up to that many
+    more = f" and {len(names) - shown}{plus} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 class _HeaderCap:
@@ -835,7 +871,7 @@ class Handler(BaseHTTPRequestHandler):
         if ok(authorization):
             return True
         if given:
-            self.server.guesses.wrong(host, "token" if authorization is not None else "clip key")
+            self.server.guesses.wrong(host)
         self._error(HTTPStatus.UNAUTHORIZED, "token required")
         return False
 
