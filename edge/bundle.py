@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from edge.errors import BundleError
 from edge.events import DEFAULT_K, DEFAULT_N
 from edge.features import FeatureParams
-from edge.private import atomic_write, file_on_the_way, pid_running, sync_folder
+from edge.private import atomic_write, file_on_the_way, pid_running, sync_file, sync_folder
 from edge.runtime import TfliteModel
 from edge.threshold import MAX_FALSE_ALARMS_PER_DAY
 
@@ -635,7 +635,7 @@ def _copy_previous(path: Path, names: set[str]) -> Path | None:
             for item in (part, *part.iterdir()):
                 os.chown(item, owner.st_uid, owner.st_gid)
         for item in part.iterdir():  # on the card before the older copy is deleted for it: a
-            _fsync_file(item)  # power cut after a calibration left `.prev` empty (a review)
+            sync_file(item)  # power cut after a calibration left `.prev` empty (a review)
         sync_folder(part)
     except OSError as exc:
         shutil.rmtree(part, ignore_errors=True)
@@ -645,14 +645,6 @@ def _copy_previous(path: Path, names: set[str]) -> Path | None:
         )  # fmt: skip
         return None
     return part
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _keep_previous(path: Path, part: Path) -> None:

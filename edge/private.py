@@ -64,11 +64,7 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = FILE_M
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -87,6 +83,15 @@ def read_regular(path: Path) -> str:
             raise ValueError("not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as fh:
             return fh.read().decode()
+    finally:
+        os.close(fd)
+
+
+def sync_file(path: Path) -> None:
+    """fsync a file written by a name (OSError when it cannot be)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
