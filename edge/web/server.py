@@ -364,10 +364,10 @@ class _Server(ThreadingHTTPServer):
         than MAX_PER_ADDRESS from its address; else a 503 and close."""
         host = _host(client_address)
         with self.lock:
-            crowded = self.per_address.get(host, 0) >= MAX_PER_ADDRESS and not (
-                # behind a reverse proxy (public_url) every visitor comes from its loopback
-                # address: six pages in all took every slot of it, from everyone
-                self.dashboard.web.public_url and _is_loopback(host)
+            # behind a reverse proxy every visitor comes from its loopback address: six pages
+            # in all took every slot of it, from everyone
+            crowded = self.per_address.get(host, 0) >= MAX_PER_ADDRESS and not _proxied(
+                self.dashboard.web, host
             )
             if not crowded:
                 self.per_address[host] = self.per_address.get(host, 0) + 1
@@ -417,6 +417,12 @@ class _Server(ThreadingHTTPServer):
             log.debug("web: %s went away: %s", client_address[0], exc)
             return
         log.error("web: a request from %s failed", client_address[0], exc_info=True)
+
+
+def _proxied(web: WebSettings, host: str) -> bool:
+    """A request through the reverse proxy `public_url` names: every visitor's comes from its
+    loopback address, so one address is everyone (no per-address slot cap, no lockout)."""
+    return bool(web.public_url) and _is_loopback(host)
 
 
 def _is_loopback(host: str) -> bool:
@@ -593,7 +599,7 @@ def _bind(web: WebSettings, dashboard: Dashboard) -> _Server:
     server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     server.per_address, server.lock = {}, threading.Lock()
     server.reading = OrderedDict()
-    server.guesses = _Guesses(lambda host: bool(web.public_url) and _is_loopback(host))
+    server.guesses = _Guesses(lambda host: _proxied(web, host))
     return server
 
 
@@ -701,7 +707,7 @@ class Handler(BaseHTTPRequestHandler):
         }
         if path not in routes:
             return self._error(HTTPStatus.NOT_FOUND, "not found")
-        if not self._allowed(lambda a: self.dash.gate.bearer_ok(a)):
+        if not self._allowed(self.dash.gate.bearer_ok):
             return None
         routes[path]()
 
@@ -724,7 +730,7 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if url.path != "/api/command":
             return self._error(HTTPStatus.NOT_FOUND, "not found")
-        if not self._allowed(lambda a: self.dash.gate.bearer_ok(a)):
+        if not self._allowed(self.dash.gate.bearer_ok):
             return None
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind != "application/json":
