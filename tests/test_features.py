@@ -85,6 +85,10 @@ V1_SCORES = {
 }
 
 
+INT8_STEP_REL = 2e-3
+"""How far one int8 window's score may move when a kernel rounds a tie the other way."""
+
+
 @pytest.mark.parametrize("bundle_path", [DEMO_BUNDLE, AE_BUNDLE], ids=["fluctuation", "int8-ae"])
 def test_v1_bundles_score_as_before_v2_existed(bundle_path: Path) -> None:
     """A bundle of the older recipe is scored with it: its scores are those it had."""
@@ -92,7 +96,15 @@ def test_v1_bundles_score_as_before_v2_existed(bundle_path: Path) -> None:
     assert bundle.features.frontend == "logmel-v1"
     audio = read_audio(ANOMALOUS_FILE, bundle.features.samplerate)
     scores = [s.window.score for s in Pipeline(bundle).push(audio)][:6]
-    assert scores == pytest.approx(V1_SCORES[bundle_path], rel=1e-4)
+    if bundle_path == DEMO_BUNDLE:  # numpy in float64: the same on every machine
+        assert scores == pytest.approx(V1_SCORES[bundle_path], rel=1e-4)
+        return
+    # The int8 model's kernels may round a tie the other way on another CPU: one window of six
+    # came out 3.2e-4 above its pinned score on one machine, the other five within 1e-6 (v2's
+    # features move the median window by 3.2e-4). The median holds the recipe, the bound a step.
+    off = np.abs(np.array(scores) / np.array(V1_SCORES[bundle_path]) - 1)
+    assert np.median(off) < 1e-5, off
+    assert off.max() < INT8_STEP_REL, off
 
 
 def test_windows_cover_the_signal_at_the_hop(audio: np.ndarray) -> None:
@@ -103,6 +115,10 @@ def test_windows_cover_the_signal_at_the_hop(audio: np.ndarray) -> None:
     np.testing.assert_array_equal(
         windows[3], LogMel(p)(audio[3 * p.hop_samples :][: p.window_samples])
     )
+
+
+INT8_STEP_REL = 2e-3
+"""How far one int8 window's score may move when a kernel rounds a tie the other way."""
 
 
 @pytest.mark.parametrize("bundle_path", [DEMO_BUNDLE, AE_BUNDLE], ids=["fluctuation", "int8-ae"])
