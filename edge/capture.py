@@ -237,16 +237,20 @@ class MicSource:
             "offers; set [audio] channels to what it supports (`soundsentry devices`)"
         )
 
-    def _callback(self, indata: np.ndarray, _frames: int, _time: Any, status: Any) -> None:
+    def _callback(self, indata: Any, _frames: int, _time: Any, status: Any) -> None:
         """PortAudio thread: copy the block and count trouble; where blocks were lost to a
-        full queue, a mark (None) goes before the next block."""
+        full queue, a mark (None) goes before the next block. A raw stream's buffer, made an
+        array here: sounddevice's own array set its shape, which numpy 2.5 deprecates
+        (Python 3.12 and later, Raspberry Pi OS Trixie: a review); where numpy drops it, every
+        block would fail in the callback and the device would hear nothing."""
         if status.input_overflow:  # counted only: milliseconds lost, often, on a loaded Pi;
             self.overflows += 1  # restarting the windowing each time would leave it deaf
         try:
             if self._gap:
                 self._queue.put_nowait(None)
                 self._gap = False
-            self._queue.put_nowait(indata.copy())
+            block = np.frombuffer(indata, dtype=np.float32).reshape(-1, self.channels)
+            self._queue.put_nowait(block.copy())  # PortAudio reuses its buffer
         except queue.Full:
             self.dropped += 1
             self._gap = True
@@ -255,7 +259,7 @@ class MicSource:
         sd = sounddevice_module()
         blocksize = max(1, int(self.settings.block_seconds * self.rate))
         try:
-            return sd.InputStream(
+            return sd.RawInputStream(
                 device=self.device,
                 channels=self.channels,
                 samplerate=self.rate,

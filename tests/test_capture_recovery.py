@@ -2,7 +2,7 @@
 device another program holds) is closed and retried by the capture's own backoff.
 
 No device here can be made to fail `start()` on demand, so PortAudio's answers are scripted:
-the device query and `InputStream` are replaced on the real sounddevice module; the rest of
+the device query and `RawInputStream` are replaced on the real sounddevice module; the rest of
 MicSource (queue, stall detection, reopen loop, backoff) runs as it does on a Pi. The real
 reopen path is tested with PulseAudio in test_field_daemon.py.
 """
@@ -47,7 +47,7 @@ class ScriptedStream:
         fed = 0
         while not self._halt.wait(0.01) and (self.blocks is None or fed < self.blocks):
             block = np.full(self.shape, self.level, np.float32)
-            self.callback(block, self.shape[0], None, self.sd.CallbackFlags())
+            self.callback(memoryview(block), self.shape[0], None, self.sd.CallbackFlags())
             fed += 1
 
     def abort(self) -> None:
@@ -75,7 +75,7 @@ def streams(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
         step["opened"] = ScriptedStream(sd, step["level"], step["fail"], step.get("blocks"), **kw)
         return step["opened"]
 
-    monkeypatch.setattr(sd, "InputStream", open_stream)
+    monkeypatch.setattr(sd, "RawInputStream", open_stream)
     yield script
 
 
@@ -291,14 +291,14 @@ def test_portaudio_is_reinitialised_only_when_the_sound_devices_change(
     monkeypatch.setattr(edge.capture, "REOPEN_MIN_S", 0.05)
     at_retry: list[int] = []
     monkeypatch.setattr(sd, "_terminate", lambda: at_retry.append(source.reopens + 1))
-    scripted = sd.InputStream
+    scripted = sd.RawInputStream
 
     def plug_in_at_the_fourth_retry(**kw: Any) -> Any:
         if len([s for s in streams if "opened" in s]) == 4:
             (snd / "pcmC1D0c").touch()  # the kernel lists a new device
         return scripted(**kw)
 
-    monkeypatch.setattr(sd, "InputStream", plug_in_at_the_fourth_retry)
+    monkeypatch.setattr(sd, "RawInputStream", plug_in_at_the_fourth_retry)
     streams += [
         {"level": 0.25, "fail": False, "blocks": 60},  # works, then the microphone is pulled
         *({"level": 0.0, "fail": True} for _ in range(6)),  # retried, failing the same way
