@@ -18,12 +18,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 
 from edge import clock
 from edge.private import atomic_write, private_dir, remove_stale_temps
+
+if TYPE_CHECKING:
+    from edge.settings import Settings
 
 log = logging.getLogger(__name__)
 CLIP_ID_CHARS = 12
@@ -437,3 +441,27 @@ def clips_of(folder: Path, event_id: str) -> list[Path]:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def clip_keeper(settings: Settings, rate: int) -> ClipRecorder | None:
+    """With clips off, a recorder that records nothing and only applies `[clips]` retention
+    to the clips already written (turned off for privacy, they must not stay for good); None
+    when clips are on (the recorder applies it) or there are none. The device's daemon's
+    alone: a demo or a replay must not apply its limits to the device's clips."""
+    c, folder = settings.clips, settings.data_dir / CLIPS_DIR
+    if c.enabled or not folder.is_dir():
+        return None
+    return ClipRecorder(folder, rate, 0.0, 0.0, c.max_total_mb, c.max_age_days)
+
+
+def clip_recorder(settings: Settings, rate: int, at: int = 0) -> ClipRecorder | None:
+    """The evidence recorder `[clips]` asks for, or None when clips are off; `at`: the stream's
+    sample index now (a reload turning clips on mid-stream)."""
+    c = settings.clips
+    if not c.enabled:
+        return None
+    private_dir(settings.data_dir)
+    return ClipRecorder(
+        settings.data_dir / CLIPS_DIR, rate, c.preroll_seconds, c.max_seconds, c.max_total_mb,
+        c.max_age_days, at,
+    )  # fmt: skip

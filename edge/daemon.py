@@ -8,28 +8,26 @@ the loop executes between blocks, so no state is shared across threads.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import queue
-import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
 from edge.adapt import Adapter, Asker, UnwrittenError
 from edge.audio_io import stream_audio
 from edge.bundle import Bundle
-from edge.clips import CLIP_ID_CHARS, CLIPS_DIR, ClipRecorder, clips_of, event_of, same_event
+from edge.clips import clip_keeper, clip_recorder, clips_of
 from edge.clock import believable
-from edge.commands import LAST, ReplyTo, threshold_bounds
+from edge.commands import ReplyTo, threshold_bounds
 from edge.errors import SoundSentryError
-from edge.eventlog import last_logged_id, read_events
+from edge.eventlog import RecentEvents
 from edge.events import ClassTracker, Transition, is_fault
 from edge.health import INVALID, AudioHealth, HealthChange
 from edge.history import lineage
@@ -55,11 +53,10 @@ from edge.messages import (
 from edge.metrics import AnomalyIndex, Metrics, cpu_temperature_c, throttled
 from edge.persist import DeviceState, SavedMute
 from edge.pipeline import Pipeline, Step
-from edge.private import private_dir
-from edge.scoring import Explainer
+from edge.scoring import Explainer, ScorerTap
 from edge.sdnotify import SystemdNotifier
 from edge.settings import Settings
-from edge.sink import Sink
+from edge.sink import MqttSink, Sink
 from edge.sources import AudioGap, NewStream
 
 log = logging.getLogger(__name__)
@@ -78,8 +75,6 @@ WORK_QUEUE_MAX = 64
 """Commands and reloads waiting for the loop; beyond this a flood is shed and counted."""
 WORK_PER_TICK = 8
 """Most queued commands run between two audio blocks, so a flood never stalls the audio."""
-KEPT_EVENTS = 16
-"""Recent events whose window features are kept for mark_normal."""
 CLOCK_SLACK_S = 2.0
 """How far the clock and a paced source's sample time may part, beyond what its capture queue
 holds, before event times follow the clock again."""
@@ -92,82 +87,6 @@ _ENDED = object()
 KEPT_EVENT_WINDOWS = 240
 """Most windows kept per event (2 minutes); the evidence clip, when there is one, is used
 instead."""
-
-
-class JsonLinesSink(Sink):
-    """Every event as one JSON line (stdout by default)."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stdout
-
-    def event(self, message: EventMessage) -> None:
-        """Write the event and flush, so a pipe sees it at once."""
-        self.stream.write(json.dumps(message.to_dict()) + "\n")
-        self.stream.flush()
-
-
-def _clip_keeper(settings: Settings, rate: int) -> ClipRecorder | None:
-    """With clips off, a recorder that records nothing and only applies `[clips]` retention
-    to the clips already written (turned off for privacy, they must not stay for good); None
-    when clips are on (the recorder applies it) or there are none. The device's daemon's
-    alone: a demo or a replay must not apply its limits to the device's clips."""
-    c, folder = settings.clips, settings.data_dir / CLIPS_DIR
-    if c.enabled or not folder.is_dir():
-        return None
-    return ClipRecorder(folder, rate, 0.0, 0.0, c.max_total_mb, c.max_age_days)
-
-
-def _clip_recorder(settings: Settings, rate: int, at: int = 0) -> ClipRecorder | None:
-    """The evidence recorder `[clips]` asks for, or None when clips are off; `at`: the stream's
-    sample index now (a reload turning clips on mid-stream)."""
-    c = settings.clips
-    if not c.enabled:
-        return None
-    private_dir(settings.data_dir)
-    return ClipRecorder(
-        settings.data_dir / CLIPS_DIR, rate, c.preroll_seconds, c.max_seconds, c.max_total_mb,
-        c.max_age_days, at,
-    )  # fmt: skip
-
-
-class MqttSink(Sink):
-    """Forwards everything to an MqttPublisher."""
-
-    def __init__(self, publisher: Any) -> None:
-        self.publisher = publisher
-
-    def event(self, message: EventMessage) -> None:
-        self.publisher.publish_event(message)
-
-    def state(self, message: StateMessage) -> None:
-        self.publisher.publish_state(message)
-
-    def health(self, message: HealthMessage) -> None:
-        self.publisher.publish_health(message)
-
-    def metrics(self, message: MetricsMessage) -> None:
-        self.publisher.publish_metrics(message)
-
-    def response(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
-        self.publisher.publish_response(message, reply_to)
-
-
-class ScorerTap:
-    """Wraps a pipeline's scorer and keeps the log-mel windows of the current block by start
-    sample, so learning takes its features from the very windows that were scored."""
-
-    def __init__(self, scorer: Any) -> None:
-        self.scorer = scorer
-        self.windows: dict[int, np.ndarray] = {}
-
-    def score(self, features: np.ndarray, start: int = 0) -> Any:
-        """Keep the window, then score it."""
-        self.windows[start] = features
-        return self.scorer.score(features, start)
-
-    def score_many(self, windows: np.ndarray) -> np.ndarray:
-        """Scores of a stack of windows (not kept)."""
-        return self.scorer.score_many(windows)
 
 
 def _say_overrides(bundle: Bundle, settings: Settings) -> None:
@@ -265,9 +184,10 @@ class Detector:
         rate = bundle.features.samplerate
         h = settings.health
         self.health = AudioHealth(rate, h.fault_seconds, h.clip_fraction)
-        self.clips = _clip_recorder(settings, rate)
-        self._clip_keeper = _clip_keeper(settings, rate) if live else None
-        self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.clips = clip_recorder(settings, rate)
+        self._clip_keeper = clip_keeper(settings, rate) if live else None
+        self.recent = RecentEvents(lambda: self.settings, lambda: self._clip_folder)
+        self._kept = self.recent.kept
         self._finishing = False
         """In `finish`: the event it ends sends no state of its own (`stopped` follows)."""
         self._unlearnt: deque[tuple[float, np.ndarray, object]] = deque()
@@ -350,8 +270,8 @@ class Detector:
         if self.clips and c.enabled:
             self.clips.configure(c.preroll_seconds, c.max_seconds, c.max_total_mb, c.max_age_days)
         else:
-            self.clips = _clip_recorder(settings, self._rate, self._samples)
-        self._clip_keeper = _clip_keeper(settings, self._rate) if self.live else None
+            self.clips = clip_recorder(settings, self._rate, self._samples)
+        self._clip_keeper = clip_keeper(settings, self._rate) if self.live else None
         after = self.clips or self._clip_keeper
         if before is not None and after is not None and after is not before:
             after.written_before(before)  # this run's clips keep their ages (a review)
@@ -517,8 +437,10 @@ class Detector:
         """That was normal: the event's windows (its evidence clip when there is one) join
         the site's normal set and the model is refitted. Returns the refit's outcome."""
         adapter = self._adapter()
-        eid = self._event_named(event_id)
-        raised_by = self._event_model(eid)
+        eid = self.recent.named(event_id)
+        if eid is None:
+            raise LearningError("no event to mark: none since the start and no evidence clip")
+        raised_by = self.recent.model_of(eid)
         if raised_by is not None and lineage(raised_by) != lineage(self.bundle.model_id):
             # its sound would be learnt into another machine's model (a phone review)
             raise LearningError(
@@ -620,65 +542,6 @@ class Detector:
         note = adapter.last_refit.get("note")
         adapter.last_refit["note"] = f"{note}; {dropped}" if note else dropped
 
-    def _event_named(self, event_id: str) -> str:
-        """The id of a recent event (`last`: the most recent), kept here, else the last in the
-        device's event log, else the newest clip by name."""
-        if event_id != LAST:
-            return self._full_id(event_of(event_id))
-        if self._kept:
-            return next(reversed(self._kept))
-        logged = last_logged_id(self.settings.data_dir, self.settings.device_id)
-        if logged is not None:
-            return logged
-        clips = sorted(self._clip_folder.glob("*.wav")) if self._clip_folder else []
-        if not clips:
-            raise LearningError("no event to mark: none since the start and no evidence clip")
-        return event_of(clips[-1].name)
-
-    def _full_id(self, event_id: str) -> str:
-        """An event named by the 12 characters of its clip's name, as `events` lists it, by its
-        whole id when one kept here or in the event log has it (the newest): the windows of an
-        event without a clip are kept under the whole id, and the short one found none of them
-        (a diff review)."""
-        if len(event_id) != CLIP_ID_CHARS:
-            return event_id
-        kept = next((e for e in reversed(self._kept) if same_event(e, event_id)), None)
-        if kept is not None:
-            return kept
-        logged = self._logged_ids() or []  # an event log that cannot be read: its clip may be
-        return next((e for e in reversed(logged) if same_event(e, event_id)), event_id)
-
-    def _event_model(self, eid: str) -> str | None:
-        """The model that raised an event, kept here or in the event log (the newest of that
-        id); None when neither says."""
-        if eid in self._kept:
-            return self._kept[eid].get("model")
-        logged = self._logged() or []
-        found = next((e for e in reversed(logged) if same_event(e["event_id"], eid)), {})
-        model = found.get("model")
-        return model if isinstance(model, str) and model else None
-
-    def _known(self, eid: str) -> bool:
-        """Whether the event is one this device raised: kept here or in its event log (one that
-        cannot be read: not said unknown)."""
-        if eid in self._kept:
-            return True
-        logged = self._logged_ids()
-        return logged is None or any(same_event(e, eid) for e in logged)
-
-    def _logged_ids(self) -> list[str] | None:
-        """The ids of the events in the device's event log, oldest first; None when it cannot
-        be read."""
-        logged = self._logged()
-        return None if logged is None else [e["event_id"] for e in logged]
-
-    def _logged(self) -> list[dict[str, Any]] | None:
-        """The events in the device's event log, oldest first; None when it cannot be read."""
-        try:
-            return [e.data for e in read_events(self.settings.data_dir)]
-        except SoundSentryError:
-            return None
-
     @property
     def _clip_folder(self) -> Path | None:
         return self.clips.folder if self.clips else None
@@ -717,7 +580,7 @@ class Detector:
             if rows:
                 return np.concatenate(rows)
         rows = kept.get("rows", [])
-        if not rows and not self._known(eid):  # a mistyped id read as one whose clip was gone
+        if not rows and not self.recent.known(eid):  # a mistyped id read as one whose clip was gone
             raise LearningError(
                 f"no event {eid} is known here (not recent, not in the event log, no clip): "
                 "`soundsentry events` lists the events with the names mark_normal takes"
@@ -1247,8 +1110,7 @@ class Detector:
                 "started_at": self._wall(t.started_s),  # kept: the clock may be set meanwhile
                 "seq": 0,
             }
-            while len(self._kept) > KEPT_EVENTS:
-                self._kept.popitem(last=False)
+            self.recent.trim()
             if self.clips:
                 first = self._base + int(t.started_s * self._rate)
                 self.clips.start(t.event_id, first, self._wall(t.started_s))

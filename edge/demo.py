@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import TextIO
 
 from edge.bundle import load_bundle
-from edge.daemon import Detector, Sink
+from edge.daemon import Detector
 from edge.errors import SoundSentryError
 from edge.messages import EventMessage
 from edge.pipeline import Step
 from edge.settings import Settings
+from edge.sink import Sink
 from edge.sources import FileSource
 
 DEMO_MODEL = "fan-demo.bundle"

@@ -483,7 +483,7 @@ def _mqtt_login(s: Settings) -> Check:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edge.publish import configure_auth
+    from edge.broker import configure_auth
 
     result: dict[str, object] = {}
     done, acked = threading.Event(), threading.Event()

@@ -12,17 +12,22 @@ import json
 import logging
 import os
 import re
-from collections.abc import Collection, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from edge.clips import CLIP_ID_CHARS, same_event
+from edge.clips import CLIP_ID_CHARS, event_of, same_event
+from edge.commands import LAST
 from edge.errors import SoundSentryError
 from edge.messages import EventMessage, MetricsMessage
 from edge.private import private_dir, private_file, sync_folder
 from edge.sink import Sink
+
+if TYPE_CHECKING:
+    from edge.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -388,3 +393,83 @@ def _number(value: Any) -> str:
     """Four significant digits, trailing zeros kept: a column of peaks read 2.59 beside 2.357
     (a soak walk-through), as if measured to another precision."""
     return "-" if value is None else f"{value:#.4g}"
+
+
+KEPT_EVENTS = 16
+"""Recent events whose window features are kept for mark_normal."""
+
+
+class RecentEvents:
+    """The events this device raised, as `mark_normal` names them: the last KEPT_EVENTS kept in
+    memory by id (their windows, clip, model and state, filled in by the daemon), else the
+    device's event log, else the newest evidence clip by name."""
+
+    def __init__(
+        self, settings: Callable[[], Settings], clip_folder: Callable[[], Path | None]
+    ) -> None:
+        self.settings = settings  # the daemon's, read at each look: a reload may change them
+        self.clip_folder = clip_folder
+        self.kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def trim(self) -> None:
+        """Forget the oldest kept events beyond KEPT_EVENTS."""
+        while len(self.kept) > KEPT_EVENTS:
+            self.kept.popitem(last=False)
+
+    def named(self, event_id: str) -> str | None:
+        """The id of a recent event (`last`: the most recent), kept here, else the last in the
+        device's event log, else the newest clip by name; None when there is none."""
+        if event_id != LAST:
+            return self.full_id(event_of(event_id))
+        if self.kept:
+            return next(reversed(self.kept))
+        logged = last_logged_id(self.settings().data_dir, self.settings().device_id)
+        if logged is not None:
+            return logged
+        folder = self.clip_folder()
+        clips = sorted(folder.glob("*.wav")) if folder else []
+        return event_of(clips[-1].name) if clips else None
+
+    def full_id(self, event_id: str) -> str:
+        """An event named by the 12 characters of its clip's name, as `events` lists it, by its
+        whole id when one kept here or in the event log has it (the newest): the windows of an
+        event without a clip are kept under the whole id, and the short one found none of them
+        (a diff review)."""
+        if len(event_id) != CLIP_ID_CHARS:
+            return event_id
+        kept = next((e for e in reversed(self.kept) if same_event(e, event_id)), None)
+        if kept is not None:
+            return kept
+        logged = self._logged_ids() or []  # an event log that cannot be read: its clip may be
+        return next((e for e in reversed(logged) if same_event(e, event_id)), event_id)
+
+    def model_of(self, eid: str) -> str | None:
+        """The model that raised an event, kept here or in the event log (the newest of that
+        id); None when neither says."""
+        if eid in self.kept:
+            return self.kept[eid].get("model")
+        logged = self._logged() or []
+        found = next((e for e in reversed(logged) if same_event(e["event_id"], eid)), {})
+        model = found.get("model")
+        return model if isinstance(model, str) and model else None
+
+    def known(self, eid: str) -> bool:
+        """Whether the event is one this device raised: kept here or in its event log (one that
+        cannot be read: not said unknown)."""
+        if eid in self.kept:
+            return True
+        logged = self._logged_ids()
+        return logged is None or any(same_event(e, eid) for e in logged)
+
+    def _logged_ids(self) -> list[str] | None:
+        """The ids of the events in the device's event log, oldest first; None when it cannot
+        be read."""
+        logged = self._logged()
+        return None if logged is None else [e["event_id"] for e in logged]
+
+    def _logged(self) -> list[dict[str, Any]] | None:
+        """The events in the device's event log, oldest first; None when it cannot be read."""
+        try:
+            return [e.data for e in read_events(self.settings().data_dir)]
+        except SoundSentryError:
+            return None

@@ -7,7 +7,7 @@ The kinds live in `edge/detectors/`; this module is the door the pipeline, `cali
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -73,3 +73,21 @@ class Explainer:
             }
             for i in order
         ]
+
+
+class ScorerTap:
+    """Wraps a pipeline's scorer and keeps the log-mel windows of the current block by start
+    sample, so learning takes its features from the very windows that were scored."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self.windows: dict[int, np.ndarray] = {}
+
+    def score(self, features: np.ndarray, start: int = 0) -> Any:
+        """Keep the window, then score it."""
+        self.windows[start] = features
+        return self.scorer.score(features, start)
+
+    def score_many(self, windows: np.ndarray) -> np.ndarray:
+        """Scores of a stack of windows (not kept)."""
+        return self.scorer.score_many(windows)

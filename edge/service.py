@@ -28,13 +28,14 @@ from edge.clips import CLIPS_DIR, clips_of
 from edge.clock import believable
 from edge.commands import ReplyTo
 from edge.control import Controller
-from edge.daemon import Detector, JsonLinesSink, MqttSink, Sink
+from edge.daemon import Detector
 from edge.errors import SoundSentryError, StartError, os_error_line
 from edge.eventlog import EventLogSink, LoggedEvent, last_logged_id, read_events
 from edge.messages import EventMessage, iso
 from edge.pipeline import Step
 from edge.private import private_dir, user_name
 from edge.settings import Settings
+from edge.sink import JsonLinesSink, MqttSink, Sink
 from edge.spool import Spool
 from edge.topics import Topics
 
@@ -408,7 +409,7 @@ def _no_answer(settings: Settings) -> str:
     """Why the broker has not answered, asked of the network: a port that takes the TCP
     connection and never answers the MQTT CONNECT (another service, a TLS port with TLS off)
     was "no answer yet" for as long as a replay ran, in a review."""
-    from edge.publish import probe_reason
+    from edge.broker import probe_reason
 
     why, check = probe_reason(settings.mqtt)
     return f"{why}: {check}"

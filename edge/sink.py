@@ -3,7 +3,9 @@ dashboard's live view, a terminal, JSON lines)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from edge.commands import ReplyTo
@@ -38,3 +40,37 @@ class Sink:
     def window(self, step: Step, threshold: float) -> None:
         """One scored window and the threshold in force (live views; called often, keep it
         cheap)."""
+
+
+class JsonLinesSink(Sink):
+    """Every event as one JSON line (stdout by default)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def event(self, message: EventMessage) -> None:
+        """Write the event and flush, so a pipe sees it at once."""
+        self.stream.write(json.dumps(message.to_dict()) + "\n")
+        self.stream.flush()
+
+
+class MqttSink(Sink):
+    """Forwards everything to an MqttPublisher."""
+
+    def __init__(self, publisher: Any) -> None:
+        self.publisher = publisher
+
+    def event(self, message: EventMessage) -> None:
+        self.publisher.publish_event(message)
+
+    def state(self, message: StateMessage) -> None:
+        self.publisher.publish_state(message)
+
+    def health(self, message: HealthMessage) -> None:
+        self.publisher.publish_health(message)
+
+    def metrics(self, message: MetricsMessage) -> None:
+        self.publisher.publish_metrics(message)
+
+    def response(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
+        self.publisher.publish_response(message, reply_to)

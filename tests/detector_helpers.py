@@ -12,7 +12,6 @@ import edge.bundle
 from edge.audio_io import read_audio
 from edge.bundle import load_bundle, write_bundle
 from edge.commands import ReplyTo
-from edge.daemon import Sink
 from edge.errors import BundleError
 from edge.features import windows_of
 from edge.messages import (
@@ -23,6 +22,7 @@ from edge.messages import (
     StateMessage,
 )
 from edge.scoring import Scorer
+from edge.sink import Sink
 
 
 class Recorder(Sink):

@@ -292,7 +292,7 @@ def test_classes_named_rightly_too_rarely_are_warned_of() -> None:
 def test_train_says_what_the_edge_does_with_each_class(capsys: pytest.CaptureFixture) -> None:
     """`'normal': the machine running well (or off)` was said of a model with no class `off`
     (a review)."""
-    from soundsentry.cli import _note_healthy_class
+    from soundsentry.commands.training import _note_healthy_class
 
     _note_healthy_class(["bearing", "normal", "Off"])
     said = capsys.readouterr().err

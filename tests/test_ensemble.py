@@ -239,7 +239,7 @@ def test_an_ensemble_holds_one_network(with_cnn: Path, tmp_path: Path) -> None:
 def test_the_train_command_takes_the_members(tmp_path: Path) -> None:
     """`--members` trains the ensemble of those kinds, the CNN among them with --epochs; it is
     refused for any other detector, and --epochs without a network member."""
-    from soundsentry.cli import ENSEMBLE_MEMBERS
+    from soundsentry.commands.training import ENSEMBLE_MEMBERS
     from train.ensemble import NETWORK_MEMBERS, TRAINERS
 
     assert set(ENSEMBLE_MEMBERS) == {*TRAINERS, *NETWORK_MEMBERS}  # the command offers them all

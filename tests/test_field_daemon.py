@@ -464,7 +464,7 @@ def test_a_certificate_refused_by_its_dates_points_at_the_clock(tmp_path: Path) 
     import ssl
     import threading
 
-    from edge.publish import probe_reason
+    from edge.broker import probe_reason
     from edge.settings import MqttSettings
 
     certs = make_certificates(tmp_path)
@@ -554,7 +554,7 @@ def test_tls_and_password_and_wrong_credentials(tmp_path: Path) -> None:
 
         # why a connection fails, asked of the network: a certificate the system's CAs refuse
         # was "the TLS or MQTT handshake failed; check [mqtt] tls", then "check host and port"
-        from edge.publish import probe_reason
+        from edge.broker import probe_reason
         from edge.settings import MqttSettings
 
         def reason(**tls: object) -> tuple[str, str]:

@@ -1044,8 +1044,9 @@ def test_an_output_that_fails_stops_neither_the_monitor_nor_the_outputs_after_it
     from detector_helpers import Recorder
 
     from edge.bundle import load_bundle
-    from edge.daemon import Detector, Sink
+    from edge.daemon import Detector
     from edge.settings import Settings
+    from edge.sink import Sink
     from edge.sources import FileSource
 
     class Broken(Sink):
@@ -1718,7 +1719,7 @@ def test_the_service_writes_no_event_lines_into_its_journal(
     journal's stream in JOURNAL_STREAM; a pipe (`run | jq`) still gets the lines."""
     import sys
 
-    from soundsentry.cli import _stdout_is_journal
+    from soundsentry.commands.detection import _stdout_is_journal
 
     with (tmp_path / "journal").open("w") as out:
         st = os.fstat(out.fileno())

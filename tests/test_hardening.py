@@ -1418,8 +1418,9 @@ def test_a_closed_stdout_ends_a_replay_but_not_the_devices_daemon(tmp_path: Path
     from detector_helpers import Recorder
 
     from edge.bundle import load_bundle
-    from edge.daemon import Detector, JsonLinesSink
+    from edge.daemon import Detector
     from edge.settings import Settings
+    from edge.sink import JsonLinesSink
     from edge.sources import FileSource
 
     class Closed(io.StringIO):
@@ -1446,8 +1447,8 @@ def test_a_tls_file_that_is_a_folder_is_named(tmp_path: Path) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from edge.broker import configure_auth
     from edge.errors import SettingsError
-    from edge.publish import configure_auth
     from edge.settings import MqttSettings
 
     settings = MqttSettings(host="127.0.0.1", tls={"enabled": True, "ca_file": tmp_path})
@@ -1567,7 +1568,7 @@ def test_a_password_without_a_user_name_is_said_not_dropped_in_silence(
     review). Said, not refused: a config with MQTT off or an anonymous broker keeps running."""
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edge.publish import configure_auth
+    from edge.broker import configure_auth
     from edge.settings import MqttSettings
 
     creds = tmp_path / "creds"
@@ -1585,7 +1586,7 @@ def test_a_password_without_a_user_name_is_said_not_dropped_in_silence(
         else:
             monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(cred_dir))
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="edge.publish"):
+        with caplog.at_level(logging.WARNING, logger="edge.broker"):
             client = mqtt.Client(CallbackAPIVersion.VERSION2)
             configure_auth(client, MqttSettings(host="h", **given))
         warned = [r.getMessage() for r in caplog.records if "no [mqtt] username" in r.getMessage()]

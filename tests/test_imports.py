@@ -38,6 +38,7 @@ LIGHT_MODULES = (
     "edge.pipeline",
     "edge.service",
     "edge.publish",
+    "edge.broker",
     "edge.demo",
     "edge.bundle",
     "edge.features",
@@ -50,6 +51,11 @@ LIGHT_MODULES = (
     "train.metrics",
     "soundsentry",
     "soundsentry.cli",
+    "soundsentry.commands.common",
+    "soundsentry.commands.training",
+    "soundsentry.commands.evaluation",
+    "soundsentry.commands.detection",
+    "soundsentry.commands.tools",
     "soundsentry.report",
 )
 COMMANDS = (

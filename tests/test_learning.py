@@ -43,12 +43,13 @@ from edge.audio_io import read_audio
 from edge.bundle import Bundle, load_bundle, write_bundle
 from edge.commands import ReplyTo
 from edge.control import Controller
-from edge.daemon import Detector, JsonLinesSink
+from edge.daemon import Detector
 from edge.errors import SettingsError
 from edge.eventlog import EventLogSink
 from edge.health import level_dbfs
 from edge.learning import FIT_CENTER, TRAINING_FEATURES
 from edge.settings import load_settings
+from edge.sink import JsonLinesSink
 from edge.sources import FileSource
 
 RATE = 16000
@@ -268,7 +269,7 @@ def test_a_replay_takes_any_record_of_another_model_for_another_device_s(tmp_pat
     runs; they are saved at different times, and the history's named the model before while
     the saved period was the new one's: a replay of the old model then deleted the new one's
     period (a review). Any record of another model keeps the replay out of the device's."""
-    from soundsentry.cli import _device_model
+    from soundsentry.commands.detection import _device_model
 
     config = tmp_path / "device.toml"
     config.write_text('device_id = "site"\n')
@@ -1607,7 +1608,7 @@ def test_last_after_a_restart_is_the_latest_event_though_the_clock_went_back(
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - 1800))
     clip.rename(clip.with_name(f"{stamp}-{clip.name.split('-', 1)[1]}"))
     device.replay(NORMAL_FILES[0])  # a restart: no event of this run to go by
-    assert device.detector._event_named("last") == latest["event_id"]
+    assert device.detector.recent.named("last") == latest["event_id"]
 
 
 def test_a_period_that_heard_what_the_model_in_use_calls_a_fault_says_so(tmp_path: Path) -> None:

@@ -720,8 +720,9 @@ def test_two_devices_under_one_device_id_each_log_the_other(
         from conftest import DEMO_BUNDLE
 
         from edge.bundle import load_bundle
-        from edge.daemon import Detector, MqttSink
+        from edge.daemon import Detector
         from edge.settings import Settings
+        from edge.sink import MqttSink
 
         settings = Settings(device_id="pump-3", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
         daemon = Detector(settings, load_bundle(DEMO_BUNDLE), [MqttSink(first)])

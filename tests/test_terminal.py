@@ -773,7 +773,7 @@ def test_tensorflows_load_chatter_is_dropped_and_a_native_crash_still_says_why()
     script = "\n".join(
         [
             "import os",
-            "from soundsentry.cli import _native_chatter_dropped",
+            "from soundsentry.commands.common import _native_chatter_dropped",
             "with _native_chatter_dropped():",
             "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called"
             " are written to STDERR\\n')",

@@ -737,7 +737,7 @@ def test_a_folder_named_off_in_the_normal_audio_is_warned_of(
     """README's step 2 records states into `~/pump/off`, `low`, `high`; `train --normal ~/pump`
     (the Pi has no TensorFlow for --normal-states) learnt the stopped machine as running, its
     off level 16 dB lower, with no word (a walk-through)."""
-    from soundsentry.cli import _warn_off_folders
+    from soundsentry.commands.training import _warn_off_folders
 
     pump = tmp_path / "pump"
     for state, files in (("low", NORMAL_FILES[:2]), ("high", NORMAL_FILES[2:]), ("Off", [])):
