@@ -185,8 +185,19 @@ class ClipRecorder:
             return None
         if self._read_only():  # nothing can be deleted either: the oldest clips stay
             return READ_ONLY
+        clips = self._clips()
+        freeable = sum(st.st_blocks * 512 for _, st in clips) / 1e6
+        if self._free_mb() + freeable < needed:
+            # another program filled the card: deleting every clip would not make room, and
+            # the first anomaly deleted all the evidence for nothing (a full-disk review)
+            kept = f"; the {len(clips)} older clip(s) are kept, which free only " if clips else ""
+            return (
+                f"the disk is nearly full ({self._free_mb():.0f} MB free; clips leave "
+                f"{RESERVE_MB:g} MB to the spool and the event log"
+                + (f"{kept}{freeable:.1f} MB)" if clips else ")")
+            )
         order = {path: i for i, path in enumerate(self._written)}
-        for path, _ in sorted(self._clips(), key=lambda c: (order.get(c[0], -1), c[1].st_mtime)):
+        for path, _ in sorted(clips, key=lambda c: (order.get(c[0], -1), c[1].st_mtime)):
             if self._delete(path):
                 self._written = [p for p in self._written if p != path]
                 self._written_at.pop(path, None)

@@ -162,6 +162,27 @@ def test_clips_leave_room_on_a_nearly_full_card_and_say_so_once(
     assert not list(tmp_path.glob("*.wav"))
 
 
+def test_a_card_another_program_filled_keeps_every_clip_when_deleting_them_would_not_do(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another program filled the card to 10 MB free: the next anomaly's clip deleted every
+    older clip, which could never make its 64 MB of room, and was not saved either (a full-disk
+    review): the evidence of every earlier event gone for nothing. They are now kept, said once."""
+    import edge.clips
+
+    free = {"mb": 1000.0}
+    monkeypatch.setattr(edge.clips.ClipRecorder, "_free_mb", lambda self: free["mb"])
+    rec = ClipRecorder(tmp_path, RATE, preroll_s=0.2, max_age_days=1)
+    older = [record_clip(rec, f"ev-{n}") for n in range(3)]
+    assert all(c is not None for c in older)
+    free["mb"] = 10.0
+    with caplog.at_level(logging.INFO, logger="edge.clips"):
+        assert record_clip(rec, "ev-new") is None
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == sorted(c[0] for c in older)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(said) == 1 and "the 3 older clip(s) are kept" in said[0], said
+
+
 def _clip(folder: Path, name: str, stamped: float) -> Path:
     path = folder / name
     sf.write(path, np.zeros(RATE, np.float32), RATE, "PCM_16")
