@@ -64,6 +64,8 @@ SAVE_EVERY_S = 600.0
 save rewrites its whole feature store (5.3 MB at 20000 windows) with fsync: every minute that was
 7 GB a day, 220 GB over a 30-day period, on an SD card; a power cut now loses at most 10 minutes
 of a period that lasts hours or days."""
+UNWRITTEN_RETRY_S = 600.0
+"""How often a period's refit that a full card stopped, with its save, is tried again."""
 MAX_MARKS = 20
 """Events marked normal that a version carries; beyond it the oldest mark is dropped (logged).
 Every version carried all marks into the next and every refit loaded them all, so they grew
@@ -122,6 +124,9 @@ class Period:
         """Names the period in the version it ends in (started_at is to the second: a period
         begun within the second of the last one's was taken as ended already)."""
         self.saved_s = collected_s
+        self.tried_s = collected_s
+        """When a save was last tried: a failed one is tried again after SAVE_EVERY_S more audio,
+        not at every window (a full card logged two lines a second, in a full-disk review)."""
         self.heard_events = 0
         """Events the model in use would have raised on the period's audio (events are held
         off while it runs): a fault heard then is learnt as normal, so the refit says so."""
@@ -173,6 +178,11 @@ class Adapter:
             data_dir / "models", settings.keep_versions, configured.model_id
         )
         self.period: Period | None = None
+        self.unwritten: Period | None = None
+        """A period that has ended whose refit and save both failed (a full card): kept in
+        memory, refitted by `retry_unwritten` once there is room, saved at a stop. It went on
+        learning instead, events held off, for as long as the card stayed full: the daemon
+        raised none, and learnt the faults it heard as normal (a full-disk review)."""
         self.on_ended: Callable[[Asker, dict[str, Any]], None] | None = None
         """Told when a period begun by a command ends here rather than in the daemon's refit:
         dropped unfinished (`dropped`: why; replaced, another model in use, cancelled, a saved
@@ -349,6 +359,7 @@ class Adapter:
         """Begin a period of `seconds` of audio (a running one is replaced)."""
         dim = self.check_start(seconds, bundle)
         self.cancel("another `learn start` replaced it")
+        self.drop_unwritten("a new period begins")
         capacity = site_capacity(dim, self.settings.max_windows)
         if capacity < self.settings.max_windows:
             log.warning(
@@ -369,13 +380,15 @@ class Adapter:
         if p is None:
             return False
         p.take(row)
-        if p.collected_s - p.saved_s >= SAVE_EVERY_S:
+        if p.collected_s - p.tried_s >= SAVE_EVERY_S:
+            p.tried_s = p.collected_s
             self.save_period()
         return p.done
 
     def model_changed(self, bundle: Bundle) -> None:
         """Another model is now in use (reload_model, calibrate): a running period's features
         belong to the model it was begun with, so it is dropped, and said."""
+        self.drop_unwritten(f"{bundle.model_id} is now in use")
         if self.cancel(f"{bundle.model_id} is now in use"):
             log.warning(
                 "learning: the period was cancelled: %s is now in use (a period's features "
@@ -444,12 +457,11 @@ class Adapter:
         refuses ends the period for good (its features are dropped); one that could not be
         written (a full or failing disk) keeps the saved period, finished at the next start,
         and a power cut before the new version is recorded loses nothing either. When the
-        period could not be saved either, it goes on in memory (the file holds an older save):
-        to its end, or SAVE_EVERY_S more of audio when it had reached it, or the next stop."""
+        period could not be saved either, it has ended all the same, and what it heard waits in
+        memory (`unwritten`) for room to refit it; events are raised meanwhile."""
         p = self.period
         if p is None:
             raise LearningError("no learning period is running")
-        target = p.target_s
         p.target_s = min(p.target_s, p.collected_s)  # stopped early: ended, even if resumed
         saved = self.save_period()  # all it heard: a power cut during the refit loses none of it
         self.period = None
@@ -468,12 +480,11 @@ class Adapter:
             (self.folder / name).unlink(missing_ok=True)
             said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             if not saved:
-                p.target_s = max(target, p.collected_s + SAVE_EVERY_S)
-                self.period = p
+                self.unwritten, p.asker = p, None  # its asker is answered now, with this error
                 raise UnwrittenError(
-                    f"{said}; the period could not be saved either, so it goes on, what it "
-                    f"heard kept in memory, and ends after {p.target_s - p.collected_s:.0f} s "
-                    "more of audio or at the next stop"
+                    f"{said}; the period could not be saved either: what it heard is kept in "
+                    f"memory and refitted once there is room (tried every "
+                    f"{UNWRITTEN_RETRY_S / 60:g} min), the model in use detecting meanwhile"
                 ) from None
             raise UnwrittenError(
                 f"{said}; the period's audio is kept and refitted at the next start"
@@ -489,6 +500,38 @@ class Adapter:
             raise
         self.cancel()
         return bundle
+
+    def retry_unwritten(self, in_use: Bundle) -> Bundle:
+        """Refit the period that ended when neither its refit nor its save could be written
+        (`finish`, which keeps it in memory again if they still cannot)."""
+        if self.unwritten is None:
+            raise LearningError("no period waits for its refit")
+        self.period, self.unwritten = self.unwritten, None
+        return self.finish(in_use)
+
+    def drop_unwritten(self, why: str) -> None:
+        """Forget the period waiting in memory for room to refit it (one file holds one period:
+        a new one replaces it; another model in use makes other features), and say so."""
+        if self.unwritten is not None:
+            log.warning(
+                "learning: the ended period waiting for room to refit it is dropped (%s)", why
+            )
+            self.unwritten = None
+
+    def save_unwritten(self) -> None:
+        """At a stop: the period waiting in memory for its refit is saved, and refitted at the
+        next start; what a card still full loses is said."""
+        p, self.unwritten = self.unwritten, None
+        if p is None:
+            return
+        self.period = p
+        if not self.save_period():
+            log.error(
+                "learning: the ended period's %d windows, kept in memory for their refit, are "
+                "lost: there was no room to save them at the stop",
+                len(p.store),
+            )
+        self.period = None
 
     # --- marks -----------------------------------------------------------------------------
 

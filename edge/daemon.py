@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.adapt import Adapter, Asker, UnwrittenError
+from edge.adapt import UNWRITTEN_RETRY_S, Adapter, Asker, UnwrittenError
 from edge.audio_io import stream_audio
 from edge.bundle import Bundle
 from edge.clips import clip_keeper, clip_recorder, clips_of
@@ -84,6 +84,8 @@ FEATURIZE_BATCH = 256
 """Windows of an evidence clip featurised at once when it is marked normal."""
 _ENDED = object()
 """What `next` gives for a source that has ended (run()'s look ahead at a stop)."""
+STATE_RETRY_S = 60.0
+"""How soon a state.json save that failed (a full card) is tried again."""
 KEPT_EVENT_WINDOWS = 240
 """Most windows kept per event (2 minutes); the evidence clip, when there is one, is used
 instead."""
@@ -172,6 +174,8 @@ class Detector:
         self.running = RunningTime()  # counted while live: what the microphone heard
         self._running_saved = 0.0
         self._saved_at = time.monotonic()
+        self._unwritten_tried = time.monotonic()
+        """When the refit of a period a full card kept in memory was last tried."""
         self._near_off_s = 0.0
         """Seconds of the machine heard running within HYSTERESIS_DB of its off level (no
         window judged) since JUDGED_RESET_S were last judged in a row; said at NEAR_OFF_SAY_S."""
@@ -368,8 +372,12 @@ class Detector:
         return length
 
     def stop_learning(self) -> dict[str, Any]:
-        """End the period now and refit with what it collected; the outcome of the refit."""
-        self._adapter().check_stop()
+        """End the period now and refit with what it collected; the outcome of the refit. With
+        no period running, the refit of one that ended on a full card is tried again now."""
+        adapter = self._adapter()
+        if adapter.period is None and adapter.unwritten is not None:
+            return self._finish_learning(raise_errors=True, ended_by="stop", retry=True)
+        adapter.check_stop()
         return self._finish_learning(raise_errors=True, ended_by="stop")
 
     def cancel_learning(self) -> None:
@@ -494,15 +502,19 @@ class Detector:
         self.emit_state()
 
     def _finish_learning(
-        self, raise_errors: bool = False, ended_by: str = "itself"
+        self, raise_errors: bool = False, ended_by: str = "itself", retry: bool = False
     ) -> dict[str, Any]:
-        """Refit at the end of a period; a failed refit keeps the running model. The period's
+        """Refit at the end of a period (`retry`: of the one that ended when a full card took
+        neither its refit nor its save); a failed refit keeps the running model. The period's
         asker is told, once it has ended (a refit that could not be written keeps it)."""
         adapter = self._adapter()
         asker = adapter.period.asker if adapter.period is not None else None
+        self._unwritten_tried = time.monotonic()
         try:
             with self.notifier.busy():  # seconds on a Pi: systemd's watchdog must not fire
-                bundle = adapter.finish(self.bundle)
+                bundle = (
+                    adapter.retry_unwritten(self.bundle) if retry else adapter.finish(self.bundle)
+                )
         except Exception as exc:  # whatever went wrong, the running model goes on detecting
             reason = " ".join(str(exc).split())
             if not isinstance(exc, (SoundSentryError, OSError)):  # a bug: its traceback
@@ -953,8 +965,18 @@ class Detector:
         # is for) saved none, and a restart on a clock behind its start muted for its whole
         # length again (a power-loss review); nor on the metrics' tick (up to a day apart)
         muting = self._mute_end and now - self._saved_at >= RUNNING_SAVE_S
-        if self.running.seconds - self._running_saved >= RUNNING_SAVE_S or muting:
+        unsaved = self.state is not None and self.state.unsaved
+        if unsaved and now - self._saved_at >= STATE_RETRY_S:
+            self._save_state()  # a threshold or mute set while the card was full (a review)
+        elif self.running.seconds - self._running_saved >= RUNNING_SAVE_S or muting:
             self._save_state()  # a crash loses at most this much; the SD card is spared
+        a = self.adapter
+        if (
+            a is not None
+            and a.unwritten is not None
+            and now - self._unwritten_tried >= (UNWRITTEN_RETRY_S)
+        ):
+            self._finish_learning(retry=True)
 
     def audio_gap(self, reopened: bool) -> None:
         """The microphone lost audio here: no window joins the two sides. A reopened device
@@ -993,6 +1015,7 @@ class Detector:
             self._finishing = False
         if self.adapter is not None:
             self.adapter.save_period()
+            self.adapter.save_unwritten()  # refitted at the next start
         self._save_state()
         self.notifier.stopping()
         self._emit_metrics(final=True)  # the last running hours and counts (retained over MQTT)

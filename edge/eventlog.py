@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from edge.clips import CLIP_ID_CHARS, event_of, same_event
 from edge.commands import LAST
 from edge.errors import SoundSentryError
-from edge.messages import EventMessage, MetricsMessage
+from edge.messages import EventMessage, MetricsMessage, StateMessage
 from edge.private import private_dir, private_file, sync_folder
 from edge.sink import Sink
 
@@ -133,6 +133,23 @@ class EventLogSink(Sink):
         otherwise wait for the next anomaly, days later)."""
         if self._pending:
             self._write_pending(failed=True)
+
+    def state(self, message: StateMessage) -> None:
+        """At the daemon's stop (`stopped`, after the last events and metrics), what is still
+        held back is tried once more and what stays is said lost: it went without a word, an
+        event's `end` with it, and the log listed that event as open (a full-disk review)."""
+        if message.state != "stopped" or not self._pending:
+            return
+        self._write_pending(failed=True)
+        if self._pending:
+            log.error(
+                "event log %s: %d start and end message(s) held back are lost at the stop (no "
+                "room to write them; they went to MQTT)",
+                self.log.path,
+                len(self._pending) + self._lost,
+            )
+            self._pending.clear()
+            self._lost = 0
 
     def _write_pending(self, failed: bool) -> None:
         try:

@@ -62,6 +62,9 @@ class DeviceState:
         device ids as its own; a replay reads them and leaves them for the device."""
         self.path = data_dir / STATE
         self.device_id = device_id
+        self.unsaved = False
+        """The last save failed (a full card): the daemon tries again soon, not at its next
+        10-minute save (a threshold set by command came back after a restart; a review)."""
         remove_stale_temps(data_dir)  # a save of state.json cut short by a power cut
         read = read_json(self.path)
         self.unreadable = unreadable(self.path, read)
@@ -149,8 +152,14 @@ class DeviceState:
         try:
             private_dir(self.path.parent)
             write_json(self.path, data)
-        except OSError as exc:
-            log.error("could not save %s: %s", self.path, exc)
+        except OSError as exc:  # the daemon tries again (STATE_RETRY_S): said once
+            level = logging.DEBUG if self.unsaved else logging.ERROR
+            log.log(level, "could not save %s: %s (tried again every minute)", self.path, exc)
+            self.unsaved = True
+            return
+        if self.unsaved:
+            log.info("saved %s again", self.path)
+        self.unsaved = False
 
 
 def _mute(value: Any) -> SavedMute | None:

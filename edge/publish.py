@@ -1158,8 +1158,25 @@ class MqttPublisher:
 
     def publish_metrics(self, metrics: MetricsMessage) -> None:
         """Send metrics (QoS 0, retained) if connected; the latest is re-sent after a reconnect
-        and a Home Assistant restart. Metrics are not worth spooling."""
+        and a Home Assistant restart. Metrics are not worth spooling. At each, what waits in
+        memory since the spool could not be written goes into it if it can now (`_respool`)."""
         self._retain(self.topics.metrics, metrics.to_payload(), qos=0)
+        self._respool()
+
+    def _respool(self) -> None:
+        """Move what waits in memory into the spool once it takes messages again. It waited for
+        the next message to be spooled, which may come days later: a `kill -9` or a power cut
+        meanwhile lost an event the broker never had, with no line (a full-disk review)."""
+        with self._unspooled_lock:
+            if not self._spool_failed or not (self._held or self._unspooled):
+                return
+            try:
+                self._memory_to_spool()
+            except sqlite3.Error:
+                return  # still full: said once already
+            self._spool_failed = False
+        log.info("spool %s is written again", self.spool.path)
+        self._wake.set()
 
     def publish_response(self, response: ResponseMessage, to: ReplyTo | None = None) -> None:
         """Reply to a command (QoS 1, not retained, never spooled: a reply is for whoever waits

@@ -1070,6 +1070,81 @@ def test_an_output_that_fails_stops_neither_the_monitor_nor_the_outputs_after_it
     assert len(failures) == 2 and all(r.exc_info for r in failures)  # once each, with the cause
 
 
+def test_event_log_lines_a_full_card_held_back_are_said_lost_at_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The event log keeps what a full card refused and writes it once there is room; at a stop
+    with the card still full it was dropped without a word, an event's `end` with it, and
+    `soundsentry events` listed the event as open (a full-disk review). Said, once."""
+    import logging
+
+    from conftest import DEMO_BUNDLE, DEMO_CLIP
+
+    import edge.eventlog
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.eventlog import EventLogSink
+    from edge.settings import Settings
+    from edge.sources import FileSource
+
+    def full(self: object, message: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(edge.eventlog.EventLog, "append", full)
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [EventLogSink(tmp_path / "data")])
+    with caplog.at_level(logging.INFO, logger="edge.eventlog"):
+        detector.run(FileSource([DEMO_CLIP], RATE))
+    said = [r.getMessage() for r in caplog.records if r.name == "edge.eventlog"]
+    assert len(said) == 2, said  # the first failure, and the loss at the stop
+    assert said[-1].endswith(
+        "2 start and end message(s) held back are lost at the stop (no room to write them; "
+        "they went to MQTT)"
+    ), said
+
+
+def test_a_threshold_set_while_the_card_is_full_is_saved_once_there_is_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`set_threshold` while the card was full answered ok and failed to save state.json; it
+    was saved again only at the next 10-minute save or a clean stop, so a crash or power cut
+    after space came back restored the old threshold (a full-disk review). A failed save is
+    tried again every STATE_RETRY_S, said once."""
+    import json
+    import logging
+
+    from conftest import DEMO_BUNDLE
+
+    import edge.daemon
+    import edge.persist
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.settings import Settings
+
+    settings = Settings(device_id="t", model=DEMO_BUNDLE, data_dir=tmp_path / "data")
+    detector = Detector(settings, load_bundle(DEMO_BUNDLE), [], persist=True)
+    real, card = edge.persist.write_json, {"full": True}
+
+    def write(path: Path, data: object) -> None:
+        if card["full"]:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(edge.persist, "write_json", write)
+    monkeypatch.setattr(edge.daemon, "STATE_RETRY_S", 0.0)
+    with caplog.at_level(logging.DEBUG, logger="edge.persist"):
+        detector.set_threshold(4.0)
+        for _ in range(3):
+            detector.tick()  # still full: tried again, not said again
+        card["full"] = False
+        detector.tick()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "edge.persist"]
+    said = [s for s in said if s[0] >= logging.INFO]
+    assert [level for level, _ in said] == [logging.ERROR, logging.INFO], said
+    saved = json.loads((tmp_path / "data" / "state.json").read_text())
+    assert saved["threshold"] == 4.0
+
+
 # --- a Pi without a real-time clock ---------------------------------------------------------
 
 

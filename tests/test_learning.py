@@ -1789,13 +1789,15 @@ def test_a_stopped_period_whose_refit_could_not_be_written_is_refitted_not_resum
     assert not device.detector.learning
 
 
-def test_a_stop_on_a_full_disk_keeps_the_period_going_in_memory(
+def test_a_stop_on_a_full_disk_keeps_what_the_period_heard_in_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`learn stop` on a full disk: neither the period nor the version could be written, the
     reply said the period's audio was kept for the next start, and the period ended; the file
     on disk held its last save (nothing learnt, its full length), so the daemon said `normal`
-    and the next start learnt the whole period again, events held off all along."""
+    and the next start learnt the whole period again, events held off all along. What it heard
+    is kept in memory for its refit, which the next `learn stop` makes once there is room (and
+    the daemon by itself, `test_a_period_that_ends_on_a_full_card_...`)."""
     import edge.bundle
     import edge.history
     import edge.learning
@@ -1816,12 +1818,61 @@ def test_a_stop_on_a_full_disk_keeps_the_period_going_in_memory(
         reply = device.command(command="learn", action="stop")
     assert not reply.ok and "No space left on device" in reply.detail
     assert "kept and refitted at the next start" not in reply.detail, reply.detail
-    assert "goes on" in reply.detail, reply.detail
-    assert device.detector.current_state() == "learning"
-    assert device.detector.status()["learning"]["collected_s"] == heard
+    assert "kept in memory and refitted once there is room" in reply.detail, reply.detail
+    assert device.detector.current_state() != "learning"  # it ended: events are raised
+    assert device.detector.adapter.unwritten.collected_s == heard
     reply = device.command(command="learn", action="stop")  # the disk has room again
     assert reply.ok and "fan-demo-12483c73-site-v1" in reply.detail, reply.detail
     assert not device.detector.learning
+
+
+def test_a_period_that_ends_on_a_full_card_raises_events_and_is_refitted_once_there_is_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A period that ended while the card was full (neither its version nor its save could be
+    written) went on learning, events held off, for as long as the card stayed full, and
+    logged its failed save at every window (1,203 lines; a full-disk review): a device deaf to
+    faults, learning them as normal. It ends; the model in use raises events; its refit is
+    tried again (every UNWRITTEN_RETRY_S) and made once there is room, in the same run."""
+    import edge.bundle
+    import edge.daemon
+    import edge.history
+    import edge.learning
+
+    device = Device(tmp_path, seconds=LEARN_S)
+    device.replay(NORMAL_FILES[0])  # begins the period, saved while there is room
+    card = {"full": True}
+
+    def full(real: Callable[..., None]) -> Callable[..., None]:
+        def write(path: Path, *args: object, **kwargs: object) -> None:
+            if card["full"]:
+                raise OSError(28, "No space left on device", str(path))
+            real(path, *args, **kwargs)
+
+        return write
+
+    class RoomOnceRefused(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "refit failed" in record.getMessage():  # then the other program's file goes
+                self.refused = getattr(self, "refused", 0) + 1
+                card["full"] = self.refused < 2
+
+    for module in (edge.bundle, edge.history, edge.learning):
+        monkeypatch.setattr(module, "atomic_write", full(module.atomic_write))
+    monkeypatch.setattr(edge.daemon, "UNWRITTEN_RETRY_S", 0.0)
+    room = RoomOnceRefused()
+    logging.getLogger("edge").addHandler(room)
+    try:
+        with caplog.at_level(logging.ERROR):
+            events = device.replay(*NORMAL_FILES, *NORMAL_FILES, DEMO_CLIP)
+    finally:
+        logging.getLogger("edge").removeHandler(room)
+    assert room.refused == 2, "refused at the period's end, then once again while full"
+    saves = [r for r in caplog.records if "could not save the period" in r.getMessage()]
+    assert len(saves) <= 3, [r.getMessage() for r in saves]
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1", "refitted in the run"
+    assert device.detector.adapter.unwritten is None and not device.detector.learning
+    assert starts(events), "the fault in the demo clip raised an event after the period ended"
 
 
 def test_a_sighup_whose_new_model_failed_to_load_loads_it_at_the_next_one(tmp_path: Path) -> None:

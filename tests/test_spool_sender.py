@@ -569,6 +569,47 @@ def test_messages_in_memory_at_the_stop_go_into_the_spool_or_are_said_lost(
     read_only(spool, False)
 
 
+def test_messages_in_memory_go_into_the_spool_at_the_metrics_once_it_has_room(
+    tmp_path: Path, spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a full card with the broker away, events wait in memory; they went into the spool
+    only with the next message, days later perhaps, so a `kill -9` or a power cut after the
+    card had room again lost them without a line (a full-disk review). The metrics' tick moves
+    them, said once."""
+    from conftest import free_port
+
+    from edge.messages import MetricsMessage
+
+    settings = MqttSettings(host="127.0.0.1", port=free_port(), reconnect_max_seconds=1)
+    publisher = MqttPublisher(settings, TOPICS, "test-pump-3", spool)
+    publisher.start(wait_s=0)
+    metrics = MetricsMessage(
+        device_id="test-pump-3", model="m", updated_at="2026-12-07T00:00:00Z", uptime_s=1.0,
+        windows_scored=0, realtime_factor=None, inference_ms_p50=None, inference_ms_p95=None,
+        dropped_blocks=0, overflows=0, queue_depth=0, level_dbfs=None, spool_depth=0,
+        spool_dropped=0,
+    )  # fmt: skip
+    try:
+        before = spool.depth()
+        read_only(spool, True)
+        for n in range(3):
+            publisher.publish_event(_event(f"held{n}"))
+        publisher.publish_metrics(metrics)  # still full: they wait
+        assert spool.depth() == before and len(publisher._unspooled) == 3
+        read_only(spool, False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="edge.publish"):
+            publisher.publish_metrics(metrics)
+        assert spool.depth() == before + 3 and not publisher._unspooled
+        assert [json.loads(r.payload)["event_id"] for r in spool.after(0, 100)][-3:] == [
+            f"held{n}" for n in range(3)
+        ]
+        assert [r.getMessage() for r in caplog.records] == [f"spool {spool.path} is written again"]
+    finally:
+        read_only(spool, False)
+        publisher.close(timeout_s=0.5)
+
+
 def test_messages_handed_from_memory_and_unanswered_at_the_stop_go_into_the_spool(
     broker: Broker, spool: Spool, publisher: MqttPublisher
 ) -> None:
