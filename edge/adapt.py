@@ -323,6 +323,7 @@ class Adapter:
             what = "the configured model" if entry is None else f"version {target}"
             raise LearningError(f"cannot roll back to {what}: {exc}") from None
         self.history.set_active(target)
+        self.drop_unwritten("a rollback")  # its refit would undo the rollback
         p = self.period
         if p is not None:  # a model of another kind: its windows would not fit the period's
             try:
@@ -427,12 +428,16 @@ class Adapter:
         self.period = None
         if why is not None and had is not None:
             self._dropped(had.asker, why)
+        self._forget_saved()
+        return had
+
+    def _forget_saved(self) -> None:
+        """Delete the saved period's files."""
         for name in (f"{PERIOD}.json", f"{PERIOD}.npz"):
             try:
                 (self.folder / name).unlink(missing_ok=True)
             except OSError as exc:  # a read-only card: a start must not fail on it
                 log.error("learning: could not delete the period's %s: %s", name, exc)
-        return had
 
     def saved_period_answered(self) -> None:
         """The saved period's asker has been answered (its refit could not be written, and is
@@ -481,6 +486,9 @@ class Adapter:
             said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             if not saved:
                 self.unwritten, p.asker = p, None  # its asker is answered now, with this error
+                # the file holds an older save, of a period still running: a restart resumed
+                # it, events held off again (a diff review); a delete frees room, it can be done
+                self._forget_saved()
                 raise UnwrittenError(
                     f"{said}; the period could not be saved either: what it heard is kept in "
                     f"memory and refitted once there is room (tried every "
@@ -519,8 +527,9 @@ class Adapter:
             self.unwritten = None
 
     def save_unwritten(self) -> None:
-        """At a stop: the period waiting in memory for its refit is saved, and refitted at the
-        next start; what a card still full loses is said."""
+        """At a stop or a new configured model: the period waiting in memory for its refit is
+        saved, ended, and refitted at the next start (of another model, dropped by it, said);
+        what a card still full loses is said."""
         p, self.unwritten = self.unwritten, None
         if p is None:
             return
@@ -528,9 +537,10 @@ class Adapter:
         if not self.save_period():
             log.error(
                 "learning: the ended period's %d windows, kept in memory for their refit, are "
-                "lost: there was no room to save them at the stop",
+                "lost: there was no room to save them",
                 len(p.store),
             )
+            self._forget_saved()  # a save cut short by the full card: not resumed half-written
         self.period = None
 
     # --- marks -----------------------------------------------------------------------------

@@ -434,6 +434,7 @@ class Detector:
         the versions of the old one stay in the history."""
         if self.adapter is not None:  # a period of another model is dropped (and answered) by
             self.adapter.save_period()  # the new adapter's restore; of the same, it goes on
+            self.adapter.save_unwritten()  # one that ended on a full card too (a diff review)
             self.adapter = self._new_adapter(bundle)
             self.adapter.channel = getattr(self._source, "channel", None)
             bundle = self.adapter.restore()

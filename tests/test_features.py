@@ -117,10 +117,6 @@ def test_windows_cover_the_signal_at_the_hop(audio: np.ndarray) -> None:
     )
 
 
-INT8_STEP_REL = 2e-3
-"""How far one int8 window's score may move when a kernel rounds a tie the other way."""
-
-
 @pytest.mark.parametrize("bundle_path", [DEMO_BUNDLE, AE_BUNDLE], ids=["fluctuation", "int8-ae"])
 @pytest.mark.parametrize("block", [160, 1000, 4096])
 def test_chunk_size_gives_identical_windows_and_scores(block: int, bundle_path: Path) -> None:

@@ -1875,6 +1875,62 @@ def test_a_period_that_ends_on_a_full_card_raises_events_and_is_refitted_once_th
     assert starts(events), "the fault in the demo clip raised an event after the period ended"
 
 
+def _stop_on_a_full_card(device: Device, monkeypatch: pytest.MonkeyPatch, stop: bool) -> None:
+    """A period of 3600 s, `learn stop` after its first files on a card that takes no write
+    (the refit waits in memory); with `stop`, the daemon stopped too while the card is full."""
+    import edge.adapt
+    import edge.bundle
+    import edge.history
+    import edge.learning
+
+    def full(path: Path, *_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    device.replay(NORMAL_FILES[0])
+    assert device.command(command="learn", action="start", seconds=3600).ok
+    device.replay(*NORMAL_FILES)
+    with monkeypatch.context() as patch:
+        for module in (edge.bundle, edge.history, edge.learning):
+            patch.setattr(module, "atomic_write", full)
+        patch.setattr(edge.adapt, "write_json", full)
+        assert not device.command(command="learn", action="stop").ok
+        assert device.detector.adapter.unwritten is not None and not device.detector.learning
+        if stop:
+            device.detector.finish()
+
+
+def test_a_period_that_ended_on_a_full_card_does_not_resume_as_running_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The card kept the period's older save, of a period still running (3600 s): a restart
+    resumed it, events held off for the hour left (a diff review). Ended on a full card, its
+    file goes (a delete frees room); what it heard, lost at a stop still full, is said."""
+    device = Device(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        _stop_on_a_full_card(device, monkeypatch, stop=True)
+    assert any("are lost: there was no room" in r.getMessage() for r in caplog.records)
+    assert not (device.data / "learning" / "period.json").exists()
+    device.replay(NORMAL_FILES[0])  # the restart, with room
+    assert not device.detector.learning, device.detector.status()["learning"]
+
+
+def test_a_new_configured_model_saves_a_period_that_ended_on_a_full_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGHUP with a new [model] built a new adapter and dropped the period waiting in memory
+    for room without a word, or resumed the older save as a running period (a diff review).
+    With room by then it is saved as ended, and refitted at the next window of the model."""
+    device = Device(tmp_path)
+    _stop_on_a_full_card(device, monkeypatch, stop=False)
+    waiting = device.detector.adapter.unwritten
+    device.detector.reconfigure(load_bundle(DEMO_BUNDLE))  # the card has room again
+    saved = json.loads((device.data / "learning" / "period.json").read_text())
+    assert saved["seconds"] == saved["collected_s"] == waiting.collected_s, "saved as ended"
+    device.replay(NORMAL_FILES[0])  # a restart: the first window ends it
+    assert device.detector.bundle.model_id == "fan-demo-12483c73-site-v1"
+    assert not device.detector.learning
+
+
 def test_a_sighup_whose_new_model_failed_to_load_loads_it_at_the_next_one(tmp_path: Path) -> None:
     """The new path went into the settings before the load was tried: after a failed load
     the next SIGHUP saw no change, and the adapter kept the old configured model."""
