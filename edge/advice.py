@@ -199,8 +199,9 @@ def bundle_summary(manifest: Any) -> str:
     )  # fmt: skip
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]
+        taught = "the network" if manifest.kind == "embedding" else "the state names"
         note = (
-            f" (`{OFF}`: the machine stopped; it teaches the network, not the threshold)"
+            f" (`{OFF}`: the machine stopped; it teaches {taught}, not the threshold)"
             if OFF in states
             else ""
         )

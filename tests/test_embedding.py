@@ -594,7 +594,8 @@ def test_training_warns_of_a_running_state_a_few_db_from_being_taken_for_off(
     from types import SimpleNamespace
 
     from edge.machine_state import StateNamer
-    from train.embedding import OFF_MARGIN_DB, _warn_off_near, off_margins
+    from train.embedding import _warn_off_near
+    from train.states import OFF_MARGIN_DB, off_margins
 
     rng = np.random.default_rng(3)
     fan = rng.normal(-50.0, 6.0, 64)

@@ -201,6 +201,75 @@ def clicks(like: np.ndarray, seconds: float, rate: int) -> np.ndarray:
     return x * np.std(like) / np.std(x)
 
 
+def test_a_numpy_detector_trained_on_state_folders_names_them_without_tensorflow(
+    tmp_path: Path,
+) -> None:
+    """`--normal-states` trained the int8 CNN only, which a Pi cannot train (no TensorFlow): a
+    user of the default detector had no state names (a field review's two-speed machine). The
+    numpy kinds take state folders too: their model on every running state, each state's level
+    spectrum recorded as the CNN's trainer records it, the folder `off` left out of the model,
+    and TensorFlow never imported."""
+    import json
+    import subprocess
+    import sys
+
+    rate = 16000
+    root = tmp_path / "states"
+    for name, gain_db in (("fast", 0.0), ("slow", QUIET_DB)):
+        (root / name).mkdir(parents=True)
+        for i, f in enumerate(NORMAL_FILES):
+            audio = read_audio(f, rate) * 10 ** (gain_db / 20)
+            sf.write(root / name / f"{i}.wav", audio, rate, subtype="FLOAT")
+    (root / "off").mkdir()
+    noise = np.random.default_rng(1).standard_normal(5 * rate) * 10 ** (-70 / 20)
+    sf.write(root / "off" / "room.wav", noise, rate, subtype="FLOAT")
+    out = tmp_path / "states.bundle"
+    code = (
+        "import sys\n"
+        "sys.modules['tensorflow'] = sys.modules['keras'] = None\n"
+        "from soundsentry.cli import main\n"
+        f"sys.exit(main(['train', '--normal-states', {str(root)!r}, '--detector', "
+        f"'fluctuation', '--out', {str(out)!r}, '--false-alarms-per-day', '24']))"
+    )
+    cnn = code.replace(", '--detector', 'fluctuation'", "")  # the default: the int8 CNN
+    proc = subprocess.run([sys.executable, "-c", cnn], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith(
+        "; or --detector fluctuation trains state folders without it"
+    ), proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "states: fast 20 s, off 5 s, slow 20 s (`off`: the machine stopped; it teaches the state "
+        "names, not the threshold)"
+    ) in proc.stdout, proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "fluctuation"
+    assert manifest["machine"]["states"] == ["fast", "off", "slow"]
+    bundle = load_bundle(out)
+    assert bundle.array("machine.state_levels").shape == (3, bundle.features.n_mels)
+    # the day of test_state_messages_and_events_name_the_state, on the trained bundle
+    normal, fault = read_audio(NORMAL_FILES[0], rate), read_audio(DEMO_CLIP, rate)
+    path = tmp_path / "fast-slow-fault.wav"
+    stream = np.concatenate([normal, normal * 10 ** (QUIET_DB / 20), fault])
+    sf.write(path, stream, rate, subtype="FLOAT")
+    rec = Recorder()
+    settings = Settings(device_id="t", model=out, data_dir=tmp_path / "data")
+    Detector(settings, bundle, [rec]).run(FileSource([path], rate))
+    named = [s.machine for s in rec.states if s.machine not in (None, "running")]
+    changes = [m for i, m in enumerate(named) if i == 0 or m != named[i - 1]]
+    assert changes[:3] == ["fast", "slow", "fast"], named
+    starts = [e for e in rec.events if e.type == "start"]
+    assert starts and starts[0].machine == "fast", rec.events
+    assert starts[0].stream_offset_s is not None and starts[0].stream_offset_s >= 14.0
+    refused = cli("train", "--normal-states", str(root), "--detector", "ensemble", "--out",
+                  str(tmp_path / "e.bundle"), check=False)  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "soundsentry: error: --normal-states trains the embedding or --detector fluctuation, "
+        "levels, knn, subspace, not ensemble"
+    )
+
+
 def neighbour_state(two_states: Path, out: Path, name: str, sound: np.ndarray) -> Path:
     """The two-state bundle with its `slow` state replaced by `sound`, called `name`."""
     bundle = load_bundle(two_states)
@@ -777,7 +846,7 @@ def test_training_says_which_states_their_level_spectrum_does_not_tell_apart() -
     named a held-out `high` clip `low` throughout, with no word at training (a field test).
     Training now says which folders the edge cannot tell apart, before the minutes of training."""
     pytest.importorskip("tensorflow")
-    from train.embedding import states_not_apart
+    from train.states import states_not_apart
 
     rng = np.random.default_rng(0)
     spectrum = rng.normal(-40, 6, 64)

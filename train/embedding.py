@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from edge.detectors.embedding import (
 from edge.errors import AudioError
 from edge.features import FeatureParams, LogMel
 from edge.health import heard_pieces
-from edge.machine_state import OFF, StateNamer, evidence_windows, machine_profile
+from edge.machine_state import OFF, evidence_windows, machine_profile
 from edge.runtime import TfliteModel
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -67,6 +66,7 @@ from train.dataset import (
 from train.fluctuation import fit_statistics
 from train.progress import progress
 from train.quantize import to_float_tflite, to_int8_tflite
+from train.states import frames_of, warn_not_apart, warn_off_near
 from train.statistics import ALL_CHANNELS, channel_views
 from train.trainer import LEARNING_RATE, STD_FLOOR_DB, base_manifest
 
@@ -116,8 +116,6 @@ REPRESENTATIVE = 600
 """Windows (the user's, all augmentations) the int8 calibrator sees: their range is wider than
 normal running's, which leaves a fault's larger values room before int8 saturates (calibrated on
 the running windows as recorded, sliders lost 0.2 of clip AUC: bench/SELECTION.md)."""
-FRAME_CHUNK = 4096
-"""STFT frames computed at a time when turning long recordings into frames."""
 
 
 # --- the corpus of other machines --------------------------------------------------------------
@@ -195,18 +193,6 @@ def corpus_machines_heard(own: OwnAudio, corpus: Corpus, params: FeatureParams) 
 # --- the user's audio --------------------------------------------------------------------------
 
 
-def frames_of(audio: np.ndarray, logmel: LogMel) -> np.ndarray:
-    """Continuous log-mel frames of a signal (every hop_length samples), computed in chunks."""
-    p = logmel.params
-    n = 0 if len(audio) < p.n_fft else 1 + (len(audio) - p.n_fft) // p.hop_length
-    out = np.zeros((n, p.n_mels), np.float32)
-    for first in range(0, n, FRAME_CHUNK):
-        last = min(n, first + FRAME_CHUNK)
-        chunk = audio[first * p.hop_length : (last - 1) * p.hop_length + p.n_fft]
-        out[first:last] = logmel(chunk)
-    return out
-
-
 @dataclass
 class OwnAudio:
     """The user's normal audio, per state: frames to train on, windows to fit and to hold out."""
@@ -258,94 +244,22 @@ class OwnAudio:
         return {"machine.state_levels": np.stack(levels)}
 
 
-STATES_APART = 0.8
-"""The least share of a state's held-out windows that must lie nearest its own mean band levels,
-as the edge names states (`edge.machine_state.StateNamer`, which needs 8 of the last 10 windows
-to name one), before `train` warns that the states' level spectra do not tell it apart."""
-
-
-def states_not_apart(
-    levels: np.ndarray, names: list[str], windows: dict[int, np.ndarray]
-) -> list[tuple[str, float, str]]:
-    """The states the edge would name wrongly: for each state `i` of `names` whose held-out
-    log-mel windows (`windows[i]`, (n, frames, mels)) lie nearest its own band levels
-    (`levels[i]`) less than STATES_APART of the time, (its name, that share, the state the
-    others lie nearest most often)."""
-    found, namer = [], StateNamer(names, levels)
-    for i, w in windows.items():
-        if not len(w):
-            continue
-        nearest = namer.nearest_of(w.mean(axis=1))  # as the edge names them
-        share = float(np.mean(nearest == i))
-        if share < STATES_APART:
-            others = np.bincount(nearest[nearest != i], minlength=len(names))
-            found.append((names[i], share, names[int(np.argmax(others))]))
-    return found
-
-
-OFF_MARGIN_DB = 6.0
-"""A running state heard fewer dB than this quieter (or louder) than in its recordings, and
-lying nearer `off` then, is warned of at training (`off_margins`)."""
-
-
-def off_margins(levels: np.ndarray, names: list[str]) -> list[tuple[str, float, str]]:
-    """For each running state, how far its whole level spectrum may move (a microphone moved,
-    a gain changed, a fault that quietens or loudens the machine) before the edge names it
-    `off` and judges none of it: (name, dB, "quieter" or "louder"), the uniform shift at which
-    it lies as near `off`'s band levels as its own. Empty without a state `off`. A review's
-    `off` (a neighbour's pump, 7 dB louder than the fan) took the fan 4.5 dB louder for the
-    machine off, its faults with it; one 3 dB quieter than the fan, the fan 3.7 dB quieter."""
-    if OFF not in names:
-        return []
-    off = levels[names.index(OFF)]
-    found = []
-    for name, own in zip(names, levels, strict=True):
-        if name == OFF:
-            continue
-        apart = own - off  # |apart + d| = |d| at the uniform shift d = -|apart|^2 / (2 sum)
-        total = float(apart.sum())
-        shift = float(apart @ apart) / (2 * abs(total)) if total else math.inf
-        found.append((name, shift, "quieter" if total > 0 else "louder"))
-    return found
-
-
 def _warn_off_near(own: OwnAudio) -> None:
-    """Say which running state lies so near `off` in level that a small change of level at the
-    site would make the edge take the machine for off, deaf to its faults (OFF_MARGIN_DB)."""
+    """Say which running state lies so near `off` in level that the edge may take it for off."""
     levels = own.state_levels().get("machine.state_levels")
-    if levels is None:
-        return
-    for state, shift, way in off_margins(levels, own.states):
-        if shift < OFF_MARGIN_DB:
-            log.warning(
-                "state %s heard %.1f dB %s than in its recordings lies nearer `%s` than itself: "
-                "the edge would take the machine for off and judge none of it (a microphone "
-                "moved, a gain changed, a fault that makes it %s); record `%s` as the place "
-                "sounds with this machine stopped, or leave that folder out (the level alone "
-                "then tells the machine off)",
-                state, shift, way, OFF, way, OFF,
-            )  # fmt: skip
+    if levels is not None:
+        warn_off_near(levels, own.states)
 
 
 def _warn_states_not_apart(own: OwnAudio) -> None:
-    """Say which state folders the edge cannot tell apart by their level spectrum: it would
-    name one as another in state messages and events (a field test's two speeds of one fan,
-    10 % apart, were named by the recording's level drift instead)."""
+    """Say which state folders the edge cannot tell apart by their level spectrum."""
     levels = own.state_levels().get("machine.state_levels")
     if levels is None:
         return
     windows: dict[int, list[np.ndarray]] = {}
     for label, w in zip(own.view_states, own.held_windows, strict=True):
         windows.setdefault(label, []).append(w)
-    joined = {i: np.concatenate(parts) for i, parts in windows.items()}
-    for state, share, other in states_not_apart(levels, own.states, joined):
-        log.warning(
-            "state %s: only %.0f %% of its held-out audio lies nearest its own level spectrum "
-            "(the rest mostly nearest %s's); the edge names states by that spectrum and may "
-            "call this state `%s`: record each state where its sound differs in level or "
-            "balance, or put such folders together",
-            state, 100 * share, other, other,
-        )  # fmt: skip
+    warn_not_apart(levels, own.states, {i: np.concatenate(p) for i, p in windows.items()})
 
 
 def read_own(

@@ -86,6 +86,6 @@ def _write(run: Run, model: KnnScorer, scale: float, bands: np.ndarray) -> Path:
     }
     parameters = sum(a.size for a in arrays.values())
     manifest = statistics_manifest(run, DESIGN, {}, bands, parameters, model.bank)
-    write_bundle(run.out, manifest, {}, arrays)
+    write_bundle(run.out, manifest, {}, arrays | run.state_arrays)
     log.info("wrote %s (%d bank rows, threshold %.4g)", run.out, len(model.bank), run.threshold)
     return run.out

@@ -30,7 +30,7 @@ from edge.detectors.base import MIN_FEATURE_STD
 from edge.errors import AudioError
 from edge.features import FeatureParams
 from edge.learning import training_summary
-from edge.machine_state import evidence_windows, machine_profile
+from edge.machine_state import OFF, evidence_windows, machine_profile
 from edge.scoring import FluctuationScorer
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -43,6 +43,7 @@ from train.dataset import (
     training_audio,
 )
 from train.progress import progress
+from train.states import STATE_LEVELS, StateLevels, warn_not_apart, warn_off_near
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,17 @@ class Run:
     running_seconds: float | None = None
     """Seconds of the audio whose windows were taken as the machine running (each recording's
     length times the share of its windows kept), the model's evidence."""
+    states: list[str] | None = None
+    """The state folders' names (`train --normal-states`), which the edge names."""
+    state_levels: np.ndarray | None = None
+    """(states, mels): each state's mean log-mel band levels, by which the edge names them."""
+    validation: dict[str, Any] | None = None
+    """The manifest's `validation`: with states, the seconds and recordings of each."""
+
+    @property
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a bundle of state folders carries besides its model's."""
+        return {} if self.state_levels is None else {STATE_LEVELS: self.state_levels}
 
     def set_threshold(self, hold_scores: np.ndarray, false_alarms_per_day: float) -> None:
         """The budget threshold on scores of the held-out audio by a model fitted without it."""
@@ -162,18 +174,29 @@ class Run:
 
 
 def collect(
-    normal: list[str | Path],
+    normal: list[str | Path] | None,
     out: str | Path,
     featurize: Featurize,
     params: FeatureParams,
     channel: int = 0,
     all_channels: bool = False,
+    states: dict[str, list[Path]] | None = None,
 ) -> Run:
-    """Feature vectors of the normal audio, split by the held-out rule of every trainer."""
-    files = training_audio(normal, params.samplerate, params.window_seconds, channel)
-    holdout = holdout_split(files)
+    """Feature vectors of the normal audio, split by the held-out rule of every trainer. With
+    `states` (state name -> its recordings, `train.dataset.state_folders`) each state is split
+    on its own, the machine's running level is each state's, a state `off` (the place with the
+    machine stopped) is left out of the model, and the run keeps each state's level spectrum
+    (`Run.states`), by which the edge names the state."""
+    groups = states or {"": training_audio(normal or [], params.samplerate,
+                                             params.window_seconds, channel)}  # fmt: skip
+    holdouts = {name: holdout_split(files) for name, files in groups.items()}
+    files = [f for group in groups.values() for f in group]
+    label = {f: i for i, group in enumerate(groups.values()) for f in group}
+    names = list(groups)
     dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
     fit_part, hold_part, all_part = [], [], []
+    held_by_state: dict[int, list[np.ndarray]] = {}
+    state_seconds = dict.fromkeys(names, 0.0)
     seconds = hold_seconds = running = 0.0
     read = read_each(  # every file found unusable in reading named at once
         files,
@@ -185,28 +208,56 @@ def collect(
         for path, audio_views in zip(files, read, strict=True)
         for view, audio in enumerate(audio_views)
     ]
-    audios = [audio for _, _, audio in views]
-    machine = machine_profile(audios, params)
+    running_views = [(p, a) for p, _, a in views if names[label[p]] != OFF]
+    machine = machine_profile(
+        [a for _, a in running_views], params,
+        groups=[label[p] for p, _ in running_views] if states else None,
+    )  # fmt: skip
+    levels = StateLevels(names, params) if states else None
     # only what the device scores: not a dropout, silence or the machine off
     off = machine.get("off_below_dbfs")
     for path, view, audio in progress(views, "features"):
-        fit_audio, held_audio = holdout.parts(path, audio, params.window_samples)
-        fit_part.append(featurize(evidence_windows(fit_audio, dense, off)))
-        hold_part.append(featurize(evidence_windows(held_audio, params, off)))
-        all_part.append(featurize(evidence_windows(audio, dense, off)))
+        state = label[path]
+        fit_audio, held_audio = holdouts[names[state]].parts(path, audio, params.window_samples)
+        held = evidence_windows(held_audio, params, None if names[state] == OFF else off)
+        if levels is not None:
+            levels.add(state, fit_audio)
+            held_by_state.setdefault(state, []).append(held)
         if view == 0:  # the seconds of the recording, not of its channels
             seconds += len(audio) / params.samplerate
             hold_seconds += len(held_audio) / params.samplerate
+            state_seconds[names[state]] += len(audio) / params.samplerate
+        if names[state] == OFF:  # the place's own sound: named, never scored
+            continue
+        fit_part.append(featurize(evidence_windows(fit_audio, dense, off)))
+        hold_part.append(featurize(held))
+        all_part.append(featurize(evidence_windows(audio, dense, off)))
+        if view == 0:
             windows = max(dense.windows_in(len(audio)), 1)
             running += len(audio) / params.samplerate * len(all_part[-1]) / windows
     empty = featurize(np.zeros((0, *params.shape)))
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
     )
+    holdout = Holdout(
+        sorted(f for h in holdouts.values() for f in h.fit),
+        sorted(f for h in holdouts.values() for f in h.held),
+    )
     require_held_out(len(hold_f), params, holdout.held)
     where = ALL_CHANNELS if all_channels else channel
     run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
     run.machine = machine
+    if levels is not None:
+        run.states = names
+        run.state_levels = levels.levels()
+        run.validation = {  # as the CNN's trainer records them (edge.advice reads them)
+            "state_seconds": {k: round(v, 1) for k, v in state_seconds.items()},
+            "state_recordings": {k: len(v) for k, v in groups.items()},
+        }
+        warn_not_apart(run.state_levels, names, {
+            i: np.concatenate(w) for i, w in held_by_state.items()
+        })  # fmt: skip
+        warn_off_near(run.state_levels, names)
     run.held_pieces = [len(part) for part in hold_part]
     run.running_seconds = running
     return run
@@ -243,7 +294,8 @@ def statistics_manifest(
         "statistics": {"feature": design.feature, **section},
         "threshold": {"value": run.threshold, "rule": RULE, "params": run.rule_params},
         "normal_scores": score_stats(run.hold_scores, "held-out normal audio"),
-        "machine": run.machine or None,
+        "machine": (run.machine | {"states": run.states}) if run.states else run.machine or None,
+        "validation": run.validation,
         "normal_band_error": {
             "mean": band_shares.mean(axis=0).tolist(),
             "std": band_shares.std(axis=0).tolist(),
@@ -300,10 +352,12 @@ class Trainer:
         all_channels: bool = False,
         params: FeatureParams | None = None,
         false_alarms_per_day: float = DEFAULT_FALSE_ALARMS_PER_DAY,
+        states: dict[str, list[Path]] | None = None,
     ) -> Path:
-        """Fit on normal audio and write a bundle; returns its path."""
+        """Fit on normal audio (or `states`: state name -> recordings) and write a bundle;
+        returns its path."""
         params = params or FeatureParams()
-        run = collect(normal, out, self.featurize, params, channel, all_channels)
+        run = collect(normal, out, self.featurize, params, channel, all_channels, states)
         return self.fit(run, false_alarms_per_day)
 
 
@@ -330,7 +384,7 @@ def train_gaussian(
     )
     # What a refit on site pools with the site's audio (edge.learning).
     summary = training_summary(provisional, final, run.held)
-    write_bundle(run.out, manifest | (extra or {}), {}, summary)
+    write_bundle(run.out, manifest | (extra or {}), {}, summary | run.state_arrays)
     log.info(
         "wrote %s (threshold %.4g on %d held-out windows)",
         run.out,

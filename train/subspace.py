@@ -97,7 +97,7 @@ def fit_subspace_run(run: Run, false_alarms_per_day: float) -> Path:
     }
     parameters = sum(a.size for a in arrays.values())
     manifest = statistics_manifest(run, DESIGN, {}, bands / scale, parameters, final.components)
-    write_bundle(run.out, manifest, {}, arrays)
+    write_bundle(run.out, manifest, {}, arrays | run.state_arrays)
     log.info("wrote %s (threshold %.4g)", run.out, run.threshold)
     return run.out
 

@@ -20,6 +20,9 @@ from soundsentry.commands.common import (
 )
 
 NUMPY_DETECTORS = ("fluctuation", "levels", "knn", "subspace", "ensemble")
+STATE_KINDS = ("fluctuation", "levels", "knn", "subspace")
+"""The numpy kinds `--normal-states` trains (on a Pi too): their model on every running state
+together, with each state's level spectrum by which the edge names it."""
 """`train --detector` kinds fitted in numpy, without TensorFlow (an ensemble unless its
 --members include the int8 CNN)."""
 
@@ -48,7 +51,8 @@ def add_train(sub: Any) -> None:
         "--normal-states",
         type=Path,
         metavar="DIR",
-        help="normal recordings, one subfolder per operating state: the embedding detector",
+        help="normal recordings, one subfolder per operating state (`off`: the machine stopped): "
+        "the embedding detector, or a numpy --detector (fluctuation, levels, knn, subspace)",
     )
     p.add_argument(
         "--out", required=True, type=Path, metavar="MODEL", help="bundle folder to write"
@@ -205,11 +209,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "the classifier read one channel (--channel N)"
         )
     network_member = "embedding" in (args.members or ())
+    states_network = args.normal_states and args.detector in (None, "embedding")
     network = (
-        args.classes or args.normal_states or args.detector not in NUMPY_DETECTORS or network_member
+        args.classes or states_network or args.detector not in NUMPY_DETECTORS or network_member
     )
     if network:  # a missing extra is said first, without the seconds TensorFlow takes to load
-        require_present(("tensorflow", "keras"), "train", _train_command(args))
+        try:
+            require_present(("tensorflow", "keras"), "train", _train_command(args))
+        except SoundSentryError as exc:
+            if not states_network:
+                raise
+            raise SoundSentryError(  # a Pi's install: the numpy kinds take state folders too
+                f"{exc}; or --detector fluctuation trains state folders without it"
+            ) from None
     _note_replaced(args.out)  # notes once the command can run
     if args.normal and not args.all_channels:
         _note_channels(args.normal, args.channel)
@@ -252,12 +264,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         print(f"model bundle written to {out}\n{classifier_summary(read_manifest(out))}")
         return 0
-    if args.normal_states or args.detector == "embedding":
+    if args.detector == "embedding":
         return _train_embedding(args)
     if args.detector in NUMPY_DETECTORS:
         members = {"members": args.members} if args.members else {}
         if network_member:  # the network member's training
             members |= {"epochs": args.epochs, "seed": args.seed}
+        if args.normal_states:
+            members |= {"states": args.normal_states}
         out = _numpy_trainer(args.detector)(
             args.normal,
             args.out,
@@ -286,9 +300,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _check_train_flags(args: argparse.Namespace) -> None:
     """Refuse flags the chosen trainer would ignore, and an --out that cannot take a bundle,
     before any audio is read; fills in the default --detector."""
-    if args.normal_states and args.detector not in (None, "embedding"):
+    if args.normal_states and args.detector not in (None, "embedding", *STATE_KINDS):
         raise SoundSentryError(
-            f"--normal-states trains the embedding detector only, not {args.detector}"
+            f"--normal-states trains the embedding or --detector {', '.join(STATE_KINDS)}, not "
+            f"{args.detector}"
         )
     if args.classes and args.detector is not None:
         raise SoundSentryError("--detector is for --normal; --classes trains a classifier")
