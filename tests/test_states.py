@@ -79,8 +79,10 @@ def two_states(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work / "states.bundle"
 
 
-def test_state_messages_and_events_name_the_state(two_states: Path, tmp_path: Path) -> None:
-    bundle = load_bundle(two_states)
+def assert_a_day_names_its_states(bundle_path: Path, tmp_path: Path) -> None:
+    """Fast, then slow (15 dB down), then a fault at the fast state's level: the state messages
+    name fast, slow, fast, and the fault's event names fast."""
+    bundle = load_bundle(bundle_path)
     rate = bundle.features.samplerate
     normal = read_audio(NORMAL_FILES[0], rate)
     fault = read_audio(DEMO_CLIP, rate)  # a fault at 5-11 s, at the fast state's level
@@ -88,14 +90,18 @@ def test_state_messages_and_events_name_the_state(two_states: Path, tmp_path: Pa
     stream = np.concatenate([normal, normal * 10 ** (QUIET_DB / 20), fault])
     sf.write(path, stream, rate, subtype="FLOAT")
     rec = Recorder()
-    settings = Settings(device_id="t", model=two_states, data_dir=tmp_path / "data")
+    settings = Settings(device_id="t", model=bundle_path, data_dir=tmp_path / "data")
     Detector(settings, bundle, [rec]).run(FileSource([path], rate))
     named = [s.machine for s in rec.states if s.machine not in (None, "running")]  # before audio
     changes = [m for i, m in enumerate(named) if i == 0 or m != named[i - 1]]
     assert changes[:3] == ["fast", "slow", "fast"], named
     starts = [e for e in rec.events if e.type == "start"]
-    assert starts and starts[0].machine == "fast"
+    assert starts and starts[0].machine == "fast", rec.events
     assert starts[0].stream_offset_s is not None and starts[0].stream_offset_s >= 14.0  # 5 + 5 + 4
+
+
+def test_state_messages_and_events_name_the_state(two_states: Path, tmp_path: Path) -> None:
+    assert_a_day_names_its_states(two_states, tmp_path)
 
 
 def test_windows_that_sound_like_the_state_the_machine_changes_to_are_no_evidence(
@@ -247,20 +253,7 @@ def test_a_numpy_detector_trained_on_state_folders_names_them_without_tensorflow
     assert manifest["machine"]["states"] == ["fast", "off", "slow"]
     bundle = load_bundle(out)
     assert bundle.array("machine.state_levels").shape == (3, bundle.features.n_mels)
-    # the day of test_state_messages_and_events_name_the_state, on the trained bundle
-    normal, fault = read_audio(NORMAL_FILES[0], rate), read_audio(DEMO_CLIP, rate)
-    path = tmp_path / "fast-slow-fault.wav"
-    stream = np.concatenate([normal, normal * 10 ** (QUIET_DB / 20), fault])
-    sf.write(path, stream, rate, subtype="FLOAT")
-    rec = Recorder()
-    settings = Settings(device_id="t", model=out, data_dir=tmp_path / "data")
-    Detector(settings, bundle, [rec]).run(FileSource([path], rate))
-    named = [s.machine for s in rec.states if s.machine not in (None, "running")]
-    changes = [m for i, m in enumerate(named) if i == 0 or m != named[i - 1]]
-    assert changes[:3] == ["fast", "slow", "fast"], named
-    starts = [e for e in rec.events if e.type == "start"]
-    assert starts and starts[0].machine == "fast", rec.events
-    assert starts[0].stream_offset_s is not None and starts[0].stream_offset_s >= 14.0
+    assert_a_day_names_its_states(out, tmp_path)
     refused = cli("train", "--normal-states", str(root), "--detector", "ensemble", "--out",
                   str(tmp_path / "e.bundle"), check=False)  # fmt: skip
     assert refused.returncode == 1
