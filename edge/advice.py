@@ -186,9 +186,13 @@ def bundle_summary(manifest: Any) -> str:
     names = {f.sha256 or f.name for f in [*t.files, *t.holdout_files]}
     held = min(t.holdout_seconds, t.seconds)
     states = (manifest.validation or {}).get("state_seconds") or {}
-    off_s = float(states.get(OFF, 0.0))
+    # the `off` folder trains the network, so its audio is in the network's training seconds;
+    # a numpy model leaves it out of all it fits and counts
+    network = manifest.kind == "embedding"
+    off_s = float(states.get(OFF, 0.0)) if network else 0.0
     # bundles from before 2026-12-01 did not count recordings per state: advise on all of them
-    off_n = int(((manifest.validation or {}).get("state_recordings") or {}).get(OFF, 0))
+    recordings = (manifest.validation or {}).get("state_recordings") or {}
+    off_n = int(recordings.get(OFF, 0)) if network else 0
     fitted = t.seconds - held if t.fitted_seconds is None else t.fitted_seconds
     seconds = (t.seconds, fitted, held)
     refit_all = held > 0 and t.refit_on_all()
@@ -199,7 +203,7 @@ def bundle_summary(manifest: Any) -> str:
     )  # fmt: skip
     if states:  # trained with state folders: how much of each, and what `off` is for
         parts = [f"{name} {float(sec):.0f} s" for name, sec in states.items()]
-        taught = "the network" if manifest.kind == "embedding" else "the state names"
+        taught = "the network" if network else "the state names"
         note = (
             f" (`{OFF}`: the machine stopped; it teaches {taught}, not the threshold)"
             if OFF in states

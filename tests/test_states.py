@@ -251,6 +251,9 @@ def test_a_numpy_detector_trained_on_state_folders_names_them_without_tensorflow
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "fluctuation"
     assert manifest["machine"]["states"] == ["fast", "off", "slow"]
+    # `off` is in no count of the model's audio: a site refit weighs the training by them
+    assert manifest["training"]["seconds"] == manifest["training"]["fitted_seconds"] == 40.0
+    assert len(manifest["training"]["files"]) == 2 * len(NORMAL_FILES)
     bundle = load_bundle(out)
     assert bundle.array("machine.state_levels").shape == (3, bundle.features.n_mels)
     assert_a_day_names_its_states(out, tmp_path)

@@ -224,24 +224,24 @@ def collect(
             levels.add(state, fit_audio)
             held_by_state.setdefault(state, []).append(held)
         if view == 0:  # the seconds of the recording, not of its channels
-            seconds += len(audio) / params.samplerate
-            hold_seconds += len(held_audio) / params.samplerate
             state_seconds[names[state]] += len(audio) / params.samplerate
-        if names[state] == OFF:  # the place's own sound: named, never scored
-            continue
+        if names[state] == OFF:  # the place's own sound: named, never fitted, scored or counted
+            continue  # (a site refit weighs the training audio by its seconds: a review)
         fit_part.append(featurize(evidence_windows(fit_audio, dense, off)))
         hold_part.append(featurize(held))
         all_part.append(featurize(evidence_windows(audio, dense, off)))
         if view == 0:
+            seconds += len(audio) / params.samplerate
+            hold_seconds += len(held_audio) / params.samplerate
             windows = max(dense.windows_in(len(audio)), 1)
             running += len(audio) / params.samplerate * len(all_part[-1]) / windows
     empty = featurize(np.zeros((0, *params.shape)))
     fit_f, hold_f, all_f = (
         np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
     )
+    model = [h for name, h in holdouts.items() if name != OFF]  # what the manifest's files are
     holdout = Holdout(
-        sorted(f for h in holdouts.values() for f in h.fit),
-        sorted(f for h in holdouts.values() for f in h.held),
+        sorted(f for h in model for f in h.fit), sorted(f for h in model for f in h.held)
     )
     require_held_out(len(hold_f), params, holdout.held)
     where = ALL_CHANNELS if all_channels else channel
