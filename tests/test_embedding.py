@@ -55,12 +55,13 @@ def test_train_command_sends_state_folders_to_the_embedding_trainer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """In-process, so TensorFlow is not imported again: the real trainer refuses a folder
-    without state subfolders, and another detector kind refuses state folders."""
+    without state subfolders, and a kind that takes no state folders refuses them."""
     out = str(tmp_path / "b.bundle")
     assert main(["train", "--normal-states", str(tmp_path / "none"), "--out", out]) == 1
     assert "one subfolder per state" in capsys.readouterr().err
-    assert main(["train", "--normal-states", str(tmp_path), "--detector", "knn", "--out", out]) == 1
-    assert "embedding detector only" in capsys.readouterr().err
+    args = ["train", "--normal-states", str(tmp_path), "--detector", "ensemble", "--out", out]
+    assert main(args) == 1
+    assert "not ensemble" in capsys.readouterr().err
 
 
 def test_all_channels_are_training_views_and_the_autoencoder_refuses_them(

@@ -372,10 +372,13 @@ def test_flags_the_trainer_would_ignore_are_refused(
 def test_normal_states_refuse_another_detector_by_name(tmp_path: Path) -> None:
     states = tmp_path / "states"
     (states / "running").mkdir(parents=True)
-    proc = cli("train", "--normal-states", str(states), "--detector", "fluctuation", "--out",
+    proc = cli("train", "--normal-states", str(states), "--detector", "autoencoder", "--out",
                str(tmp_path / "s.bundle"), check=False)  # fmt: skip
     assert proc.returncode == 1
-    assert "--normal-states trains the embedding detector only, not fluctuation" in proc.stderr
+    assert (
+        "--normal-states trains the embedding or --detector fluctuation, levels, knn, subspace, "
+        "not autoencoder"
+    ) in proc.stderr
 
 
 def test_train_out_checks_and_model_ids_from_any_folder_name(tmp_path: Path) -> None:
