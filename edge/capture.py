@@ -478,6 +478,8 @@ def _server_sockets() -> list[str]:
     """Where a PulseAudio or PipeWire server of this user listens."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     found = [os.environ.get("PULSE_SERVER", "").removeprefix("unix:")]
+    if os.environ.get("PULSE_RUNTIME_PATH"):  # libpulse's own runtime folder, where set
+        found.append(os.path.join(os.environ["PULSE_RUNTIME_PATH"], "native"))
     if runtime:
         found += [os.path.join(runtime, "pulse", "native"), os.path.join(runtime, "pipewire-0")]
     found += glob.glob(os.path.expanduser("~/.config/pulse/*-runtime/native"))

@@ -35,6 +35,15 @@ SOUNDSENTRY = [sys.executable, "-m", "soundsentry"]
 # Spools and evidence clips of commands run by the tests stay out of the user's home.
 os.environ.setdefault("SOUNDSENTRY_DATA_DIR", tempfile.mkdtemp(prefix="soundsentry-tests-"))
 
+# The suite's PulseAudio servers live in a runtime folder of their own, which every client the
+# tests start finds (libpulse reads PULSE_RUNTIME_PATH before XDG_RUNTIME_DIR): the tests that
+# take the sound server away stopped every PulseAudio of the user, a desktop's own and another
+# run's too (a new user's walk-through lost theirs twice while the suite ran), and their
+# captures could have heard the desktop's microphone. A short path: a socket's is limited.
+PULSE_RUNTIME = Path(tempfile.mkdtemp(prefix="ss-pulse-", dir="/tmp"))
+os.environ["PULSE_RUNTIME_PATH"] = str(PULSE_RUNTIME)
+os.environ.pop("PULSE_SERVER", None)  # it would send every client to another server
+
 
 def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True
@@ -236,20 +245,27 @@ def ensure_pulse() -> bool:
     return False
 
 
-def pulse_servers() -> list[int]:
-    """The PIDs of this user's running PulseAudio servers, whichever socket each listens on
-    (zombies left unreaped are not running; other users' servers are theirs)."""
+def pulse_servers(runtime: Path | None = PULSE_RUNTIME) -> list[int]:
+    """The PIDs of the running PulseAudio servers of this run (started with its
+    PULSE_RUNTIME_PATH, whether by a test or spawned by a client), whichever socket each listens
+    on; `runtime` None: every one of this user's. Zombies left unreaped are not running; other
+    users' servers are theirs, and so are the user's own."""
+    mark = f"PULSE_RUNTIME_PATH={runtime}".encode()
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
             if stat.parent.stat().st_uid != os.getuid():
                 continue
+            name, _, rest = text.partition(" (")[2].rpartition(") ")
+            if name != "pulseaudio" or rest.startswith("Z"):
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+            if runtime is not None and mark not in environ:
+                continue
         except OSError:  # it exited while we looked
             continue
-        name, _, rest = text.partition(" (")[2].rpartition(") ")
-        if name == "pulseaudio" and not rest.startswith("Z"):
-            pids.append(int(stat.parent.name))
+        pids.append(int(stat.parent.name))
     return pids
 
 
@@ -274,9 +290,9 @@ def describe_pulse() -> str:
 
 
 def stop_pulse() -> None:
-    """Every PulseAudio server of this user stopped, and gone before this returns:
-    `pulseaudio --kill` stops only the one its runtime directory's pid file names, and returns
-    before it exits."""
+    """Every PulseAudio server of this run stopped, and gone before this returns (no other's:
+    `pulse_servers`): `pulseaudio --kill` stops only the one its runtime directory's pid file
+    names, and returns before it exits."""
     for pid in pulse_servers():
         with suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
@@ -289,6 +305,16 @@ def stop_pulse() -> None:
         "every PulseAudio server to exit",
         describe_pulse,
     )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """This run's sound servers and their runtime folder go with it, whatever the tests left
+    (each run has a folder of its own: a server left behind would run on with no one to stop
+    it)."""
+    for pid in pulse_servers():
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(PULSE_RUNTIME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

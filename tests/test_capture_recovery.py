@@ -352,17 +352,23 @@ def test_a_device_that_opens_but_stays_silent_is_retried_with_backoff(
     assert [r.levelname for r in said] == ["WARNING", "DEBUG", "DEBUG", "DEBUG"]
 
 
+@pytest.mark.parametrize("named_by", ["PULSE_SERVER", "PULSE_RUNTIME_PATH"])
 def test_a_sound_server_that_restarts_changes_the_devices_signature(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, named_by: str
 ) -> None:
     """A PulseAudio or PipeWire server that restarts changes nothing in /dev/snd: its new
     socket is what tells the capture to rescan (else it waited for the next doubling retry,
-    minutes into an outage)."""
+    minutes into an outage). Where libpulse finds it by PULSE_RUNTIME_PATH, so does this."""
     from edge.capture import _devices_signature
 
     socket_path = tmp_path / "native"
     socket_path.write_text("")
-    monkeypatch.setenv("PULSE_SERVER", f"unix:{socket_path}")
+    monkeypatch.delenv("PULSE_SERVER", raising=False)
+    monkeypatch.delenv("PULSE_RUNTIME_PATH", raising=False)
+    if named_by == "PULSE_SERVER":
+        monkeypatch.setenv("PULSE_SERVER", f"unix:{socket_path}")
+    else:
+        monkeypatch.setenv("PULSE_RUNTIME_PATH", str(tmp_path))
     before = _devices_signature()
     assert _devices_signature() == before
     socket_path.unlink()  # the server stops ...

@@ -11,6 +11,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from conftest import (
     Broker,
     describe_pulse,
     free_port,
+    pulse_servers,
     stop_pulse,
     wait_for,
 )
@@ -668,6 +670,25 @@ def restart_pulse(tmp_path: Path) -> None:
     test fail)."""
     stop_pulse()
     start_pulse_serving(tmp_path)
+
+
+def test_the_suite_takes_away_only_the_sound_servers_it_started(pulse: str) -> None:
+    """The tests that unplug the microphone stop the suite's PulseAudio servers, never another
+    one of the user: a desktop's own, or another run's (a new user's walk-through lost theirs
+    twice while the suite ran)."""
+    runtime = Path(tempfile.mkdtemp(prefix="ss-other-", dir="/tmp"))
+    env = {**os.environ, "PULSE_RUNTIME_PATH": str(runtime)}
+    subprocess.run(PA_START[:5], check=True, capture_output=True, env=env)
+    try:
+        wait_for(lambda: (runtime / "pid").exists(), 10, "the other PulseAudio server to start")
+        other = int((runtime / "pid").read_text())
+        assert other in pulse_servers(runtime=None), "a server of this user, as any"
+        assert other not in pulse_servers(), "not one this run's tests may stop"
+        assert pulse_servers(), "the suite's own server is this run's"
+    finally:
+        subprocess.run(["pulseaudio", "--kill"], env=env, capture_output=True)
+        wait_for(lambda: not pulse_servers(runtime), 10, "the other PulseAudio server to exit")
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def test_microphone_vanishes_and_comes_back(pulse: str, broker: Broker, tmp_path: Path) -> None:
