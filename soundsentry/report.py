@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.audio_io import find_audio, read_audio
+from edge.audio_io import find_audio, first_few, read_audio
 from edge.bundle import MODEL_FLOAT, load_bundle, read_manifest
 from edge.errors import AudioError, SoundSentryError, install_extra
 from edge.features import FeatureParams, LogMel, mel_band_edges
@@ -49,8 +49,19 @@ def format_report(report: Report) -> str:
         f"files with an event at threshold {report.threshold:.4g}"
         + (" (the int8 model's)" if report.variant == "float" else "")
         + f": anomalous {report.anomalous_files_with_event}, normal "
-        f"{report.normal_files_with_event}" + _off_note(report)
+        f"{report.normal_files_with_event}" + _named_files(report) + _off_note(report)
     )
+
+
+def _named_files(report: Report) -> str:
+    """Which normal files raised an event and which faults raised none: the recordings to
+    listen to, which the counts alone did not name (a new user's walk-through)."""
+    lines = []
+    if report.normal_files_raising:
+        lines.append(f"normal files with an event: {first_few(report.normal_files_raising)}")
+    if report.anomalous_files_silent:
+        lines.append(f"anomalous files without one: {first_few(report.anomalous_files_silent)}")
+    return "".join(f"\n{line}" for line in lines)
 
 
 def _pauc(report: Report) -> str:

@@ -146,17 +146,27 @@ def test_evaluate_never_writes_over_its_recordings_and_gives_no_pauc_it_did_not_
 
 
 def test_evaluate_says_what_events_on_normal_files_and_an_auc_below_chance_mean(
-    tiny_bundle: Path,
+    tiny_bundle: Path, tmp_path: Path
 ) -> None:
     """A new user's walk-through: normal files with an event at the model's threshold, one
     set for a false alarm a day, and an AUC of 0.300, were printed without a word on what they
-    mean for the device. Here the labels are swapped: the fault is called normal."""
+    mean for the device; a later one could not tell which files raised the events, to listen
+    to them (nor which faults went unreported). Here the labels are swapped: the fault is
+    called normal."""
+    out = tmp_path / "eval.json"
     proc = cli("evaluate", str(tiny_bundle), "--normal", str(ANOMALOUS_FILE),
-               "--anomalous", *map(str, NORMAL_FILES[2:4]))  # fmt: skip
+               "--anomalous", *map(str, NORMAL_FILES[2:4]), "--json", str(out))  # fmt: skip
     assert "normal 1/1" in proc.stdout, proc.stdout
-    assert "1 of 1 normal file(s) raised an event at the model's threshold: at least" in (
-        proc.stderr
+    assert (
+        f"1 of 1 normal file(s) raised an event at the model's threshold ({ANOMALOUS_FILE}): "
+        "at least" in proc.stderr
     ), proc.stderr
+    assert f"\nnormal files with an event: {ANOMALOUS_FILE}\n" in proc.stdout + "\n", proc.stdout
+    quiet = [str(f) for f in NORMAL_FILES[2:4]]
+    assert f"anomalous files without one: {quiet[0]}, {quiet[1]}" in proc.stdout, proc.stdout
+    data = json.loads(out.read_text())
+    assert data["normal_files_raising"] == [str(ANOMALOUS_FILE)], data
+    assert data["anomalous_files_silent"] == quiet, data
     assert "against the 1 a day it was set for" in proc.stderr, proc.stderr
     assert "is below 0.5: this detector scores these normal recordings above" in proc.stderr
 
@@ -222,6 +232,8 @@ def test_evaluate_counts_the_files_the_device_would_report(tmp_path: Path) -> No
     assert "tpr_at_threshold" not in data
     assert "files with an event at threshold" in proc.stdout
     assert "anomalous 2/2, normal 0/1" in proc.stdout
+    assert "files with an event:" not in proc.stdout and "without one" not in proc.stdout
+    assert data["normal_files_raising"] == data["anomalous_files_silent"] == [], data
 
 
 def test_a_report_replaces_an_earlier_report_and_nothing_else(

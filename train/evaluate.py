@@ -62,6 +62,11 @@ class Report:
     """Files whose window scores raise an event in the real event logic (K-of-N and CUSUM at
     the bundle's calibrated settings), of the files scored: what the device would report."""
     anomalous_files_with_event: str
+    normal_files_raising: list[str] = field(default_factory=list)
+    """The normal files of `normal_files_with_event` that raise one: the recordings to listen
+    to (a count alone left a new user unable to find them)."""
+    anomalous_files_silent: list[str] = field(default_factory=list)
+    """The anomalous files that raise none: the faults the device would miss."""
     normal_windows_off: int = 0
     """Windows the device would take for the machine off (below the bundle's
     `machine.off_below_dbfs`): they raise no event there, nor in the counts above."""
@@ -178,6 +183,7 @@ def evaluate(
         raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
     items: list[Scored] = []
     events: tuple[list[bool], list[bool]] = ([], [])
+    named: tuple[list[str], list[str]] = ([], [])  # normal files with an event, faults without
     found = [find_audio(paths) for paths in (normal, anomalous)]
     for files, paths in zip(found, (normal, anomalous), strict=True):
         if not files:
@@ -220,6 +226,10 @@ def evaluate(
                 # no segment holds its scored windows whole: said once for all, below
                 unsegmented.append(str(path))
             events[label].append(raised)
+            if raised != bool(label):  # as text any output holds (a name not UTF-8: escaped)
+                named[label].append(
+                    str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                )
             off[label] += off_windows
     if unjudged:
         log.warning(
@@ -252,7 +262,7 @@ def evaluate(
         )  # fmt: skip
     threshold = (detector or DetectorSettings()).threshold_in_force(bundle.threshold)
     auc = roc_auc(labels, scores)
-    _say_what_it_means(bundle, threshold, sum(events[0]), len(events[0]), judged_s[0], auc)
+    _say_what_it_means(bundle, threshold, named[0], len(events[0]), judged_s[0], auc)
     return Report(
         model=bundle.model_id,
         variant=variant,
@@ -265,6 +275,8 @@ def evaluate(
         threshold=threshold,
         normal_files_with_event=f"{sum(events[0])}/{len(events[0])}",
         anomalous_files_with_event=f"{sum(events[1])}/{len(events[1])}",
+        normal_files_raising=named[0],
+        anomalous_files_silent=named[1],
         normal_windows_off=off[0],
         anomalous_windows_off=off[1],
         items=items,
@@ -272,23 +284,24 @@ def evaluate(
 
 
 def _say_what_it_means(
-    bundle: Bundle, threshold: float, alarms: int, files: int, seconds: float, auc: float
+    bundle: Bundle, threshold: float, raising: list[str], files: int, seconds: float, auc: float
 ) -> None:
     """Warn of what the figures mean for the device: normal files with an event at the
     bundle's own threshold are a rate far above the budget it was set for, and an AUC below
     0.5 ranks normal running above the faults (both printed without a word: a new user's
     walk-through on pumps and valves)."""
     budget = bundle.manifest.threshold.params.get("false_alarms_per_day")
+    alarms = len(raising)
     if alarms and seconds > 0 and budget and threshold == bundle.threshold:
         per_day = alarms / seconds * SECONDS_PER_DAY
         if per_day > budget:
             log.warning(
-                "%d of %d normal file(s) raised an event at the model's threshold: at least %s "
-                "a day in the %.0f s of them the device judged, against the %g a day it was set "
-                "for. This normal running "
+                "%d of %d normal file(s) raised an event at the model's threshold (%s): at least "
+                "%s a day in the %.0f s of them the device judged, against the %g a day it was "
+                "set for. This normal running "
                 "is not like the audio it was trained on: train (or calibrate) on more, and more "
                 "varied, normal audio, these recordings too",
-                alarms, files, rate_text(per_day), seconds, budget,
+                alarms, files, first_few(raising), rate_text(per_day), seconds, budget,
             )  # fmt: skip
     if auc < 0.5:
         log.warning(
