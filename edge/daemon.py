@@ -985,7 +985,9 @@ class Detector:
         a stall; blocks dropped by a full queue only restart the windowing."""
         if reopened:
             self._resync()
-            self.pipeline.machine.heard_nothing((self._samples - self._base) / self._rate)
+            self.pipeline.machine.heard_nothing(
+                (self._samples - self._base) / self._rate, lost=True
+            )
         else:
             self.pipeline.reset()
 

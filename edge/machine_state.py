@@ -33,6 +33,14 @@ CONFIRM_WINDOWS = 2
 """Consecutive windows below the off level that make a running machine `off`."""
 SETTLE_SECONDS = 5.0
 """After the machine starts, events wait this long: a run-up is not a fault."""
+SHORT_DROPOUT_S = 2.0
+"""Dead windows (a dropout, a blip of digital silence) whose sound comes back this soon, from
+the end of the first of them to the end of the first window heard again, hold events back for
+no settle time after them: a machine heard running before them still runs (it does not stop and
+start again within a second). With 1-s windows at a 0.5-s hop, dropouts of up to about a
+second. A dropout of 0.2 s every 10 s held events back for 6.5 s of every 10, and training
+left out more than half of such a recording as if the machine were not running (a new user's
+walk-through). Longer losses, and a device reopened, still wait SETTLE_SECONDS."""
 STATE_WINDOWS = 10
 """Windows a named state is voted over (5 s at the default hop), so odd windows do not rename
 the machine."""
@@ -134,6 +142,11 @@ class MachineState:
     """Windows in a row within HYSTERESIS_DB of the off level: a machine coasting down."""
     _loud: deque[bool] = field(default_factory=lambda: deque(maxlen=STATE_WINDOWS))
     """While off: which of the last windows were HYSTERESIS_DB above the off level."""
+    _dead_since: float | None = None
+    """The end of the first of the dead windows heard since the last live one, if any (-inf
+    after a device reopened: audio lost for an unknown time)."""
+    _settled_before: float = float("-inf")
+    """The settle time as it was before those dead windows: kept after a short dropout."""
     _fresh: bool = True
     """No window heard yet: the first one sets the state as it finds it. Started as running, a
     daemon (re)started beside a stopped machine published it running, then off two windows
@@ -146,6 +159,10 @@ class MachineState:
 
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
+        if self._dead_since is not None:  # sound is back after dead windows
+            if self.state == RUNNING and end_s - self._dead_since <= SHORT_DROPOUT_S:
+                self._settled_at = self._settled_before  # a blip: no run-up to wait for
+            self._dead_since = None
         if self.off_below_dbfs is None:
             return self.state
         if self._fresh:
@@ -187,10 +204,15 @@ class MachineState:
             self._settled_at = end_s + SETTLE_SECONDS
         return self.state
 
-    def heard_nothing(self, end_s: float) -> None:
-        """A silent or flat window (a dropout, a muted input): when sound comes back, events
-        wait the settle time as after a start, whatever the level says. The first windows of
-        returning sound hold the edge, and a microphone that reconnects is no fault."""
+    def heard_nothing(self, end_s: float, lost: bool = False) -> None:
+        """A silent or flat window (a dropout, a muted input), or with `lost` audio lost by a
+        device reopened: when sound comes back, events wait the settle time as after a start,
+        whatever the level says (a microphone that reconnects is no fault), unless it comes back
+        within SHORT_DROPOUT_S to a machine heard running."""
+        if self._dead_since is None:
+            self._dead_since, self._settled_before = end_s, self._settled_at
+        if lost:
+            self._dead_since = float("-inf")
         self._settled_at = max(self._settled_at, end_s + SETTLE_SECONDS)
         self._loud.clear()  # a start is voted on sound heard after it, not across a gap
 
@@ -220,6 +242,7 @@ class MachineState:
     def reset(self) -> None:
         """A new stream: forget the streak and settle time."""
         self.state, self._streak, self._settled_at = RUNNING, 0, float("-inf")
+        self._dead_since, self._settled_before = None, float("-inf")
         self._loud.clear()
         self._near_off, self._fresh = 0, True
 
@@ -359,6 +382,14 @@ def evidence_windows(
     if not kept:
         return np.zeros((0, *params.shape), np.float32)
     return np.stack(kept)
+
+
+def dead_seconds(audio: np.ndarray, params: FeatureParams) -> float:
+    """How much of a recording the device hears as nothing: its windows of digital silence, a
+    flat line or a dropout (a run of zeros of a STFT hop or more), in seconds of hops."""
+    cut = WindowBuffer(params.window_samples, params.hop_samples)
+    dead = sum(is_dead(w.samples, params.hop_length) for w in cut.push(audio))
+    return dead * params.hop_seconds
 
 
 def evidence_stream(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -504,6 +505,66 @@ def test_a_start_voted_across_a_dropout_still_waits_the_settle_time() -> None:
     assert not machine.allows_events(back + SETTLE_SECONDS - hop)
 
 
+def test_a_blip_of_silence_holds_events_back_only_while_it_lasts() -> None:
+    """A dropout of 0.2 s every 10 s (a USB microphone, a player restarted) held events back
+    for the 5-s settle time after each, 6.5 s of every 10, and training left out half of such
+    a recording (a new user's walk-through). A running machine heard again within about a
+    second needs no settle time; a longer loss, and a device reopened, still wait it."""
+    from edge.machine_state import SETTLE_SECONDS, MachineState
+
+    hop = 0.5
+
+    def back_after(dead_windows: int, lost: bool = False) -> float:
+        """Seconds from the first window heard again to the first judged."""
+        machine, t = MachineState(off_below_dbfs=-40.0), 0.0
+        for _ in range(30):  # running, settled
+            t += hop
+            machine.update(-25.0, t, hop)
+        assert machine.allows_events(t)
+        for i in range(dead_windows):
+            t += hop
+            machine.heard_nothing(t, lost=lost and i == 0)
+        back = t + hop
+        for i in range(20):
+            machine.update(-25.0, back + i * hop, hop)
+            if machine.allows_events(back + i * hop):
+                return i * hop
+        return float("inf")
+
+    assert back_after(3) == 0.0  # a 0.2-s dropout: the 1-s windows that hold it are dead
+    assert back_after(4) == 0.0  # about a second
+    assert back_after(6) >= SETTLE_SECONDS - hop  # two seconds: the settle time
+    assert back_after(1, lost=True) >= SETTLE_SECONDS - hop  # a reopened device: unknown loss
+
+
+def test_training_keeps_what_surrounds_blips_of_silence_and_says_what_it_leaves_out(
+    tmp_path: Path,
+) -> None:
+    """The same recording with a 0.2-s dropout every 10 s: training fitted 48 s of 102 ("of it
+    the machine running") and said nothing of the dropouts; now it keeps all but the dropouts'
+    own windows and says how much of which recordings they took."""
+    audio = [read_audio(f, 16000) for f in NORMAL_FILES]
+    gap = np.zeros(3200, np.float32)
+    gappy = tmp_path / "gappy" / "normal.wav"
+    gappy.parent.mkdir()
+    sf.write(gappy, np.concatenate([x for a in audio for x in (a, gap)]), 16000)
+    proc = cli("train", "--normal", str(gappy.parent), "--out", str(tmp_path / "m.bundle"))
+    first = next(line for line in proc.stdout.splitlines() if line.startswith("audio:"))
+    total = sum(len(a) for a in audio) / 16000 + 0.2 * len(audio)
+    kept = re.search(r"fitted the model \((\d+) s of it the machine running\)", first)
+    running = float(kept.group(1)) if kept else total
+    dead = 3 * 0.5 * len(audio)  # three 1-s windows at a 0.5-s hop hold each dropout
+    assert running >= total - dead - 2, first
+    assert f"of 1 recording(s) ({gappy}) hold digital silence" in proc.stderr, proc.stderr
+    said = float(proc.stderr.split(" s of 1 recording(s)")[0].split()[-1])
+    assert dead - 2 <= said <= dead + 2, proc.stderr
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    sf.write(clean / "normal.wav", np.concatenate(audio), 16000)
+    proc = cli("train", "--normal", str(clean), "--out", str(tmp_path / "c.bundle"))
+    assert "digital silence" not in proc.stderr, proc.stderr
+
+
 def test_a_quiet_state_folder_is_running_not_off() -> None:
     """State folders `fast` and `idle`, the idle fan 30 dB quieter and a fifth of the audio:
     idle is a state the user named as running, so the off level lies below it; pooled without
@@ -757,9 +818,12 @@ def test_training_keeps_the_windows_the_device_takes_as_evidence(tmp_path: Path)
     assert len(evidence_windows(audio, p, off)) == 7 + 5
     assert len(evidence_windows(fan, p, off)) == 29  # a machine running throughout: every one
     assert len(evidence_windows(audio, p, None)) == 29  # no off level: the level says nothing
+    blip = fan.copy()
+    blip[3 * rate : 3 * rate + 1600] = 0.0  # 0.1 s: the two windows that hold it are dead,
+    assert len(evidence_windows(blip, p, off)) == 29 - 2  # and the machine still runs after it
     dropout = fan.copy()
-    dropout[3 * rate : 3 * rate + 1600] = 0.0  # 0.1 s: dead windows, then the settle time
-    settled = 3 * rate + rate + 5 * rate - p.window_samples  # the last dead one's end + 5 s
+    dropout[3 * rate : 5 * rate] = 0.0  # 2 s: dead windows, then the settle time
+    settled = int(5.5 * rate) + 5 * rate - p.window_samples  # the last dead one's end + 5 s
     expected = len(windows_of(fan[: 3 * rate], p)) + len(windows_of(fan[settled:], p))
     assert len(evidence_windows(dropout, p, off)) == expected
     # block by block (an hour-long clip marked normal is streamed), the very same windows
