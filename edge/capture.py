@@ -154,7 +154,7 @@ class MicSource:
             said = " ".join(str(exc).split())  # sounddevice lists candidates on lines of their own
             # a name that matches several devices is a setting to fix, not a device to wait for
             error = CaptureError if said.startswith("Multiple") else MissingDeviceError
-            raise error(f"{which}: {said}; {known_inputs()}") from None
+            raise error(f"{which}: {said}; {known_inputs()}{_server_hint(device)}") from None
         self.channels = self._channels(sd, device, info)
         wanted = self.settings.samplerate or self.model_rate
         try:
@@ -472,6 +472,21 @@ def _devices_signature() -> tuple[object, ...]:
             continue
         servers.append((path, st.st_ino, st.st_mtime_ns))
     return snd, tuple(servers)
+
+
+SERVER_DEVICES = ("pulse", "pipewire", "jack")
+"""ALSA's devices of the sound servers: they exist only while their server answers."""
+
+
+def _server_hint(device: int | str | None) -> str:
+    """For a sound server's device that is not there: the server is what to look at, not a
+    microphone (a walk-through whose PulseAudio had stopped was told to plug one in)."""
+    if not (isinstance(device, str) and device.lower() in SERVER_DEVICES):
+        return ""
+    return (
+        f"; {device!r} is the sound server's device, there only while the server runs for this "
+        "user: is it running (`pactl info` answers when it is)?"
+    )
 
 
 def _server_sockets() -> list[str]:

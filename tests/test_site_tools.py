@@ -202,6 +202,20 @@ def test_a_channel_the_microphone_has_not_is_one_line(pulse: str, tmp_path: Path
     assert "channel 40 ([audio] channel, or --channel) is not among the" in lines[0], lines
 
 
+def test_a_sound_server_that_is_not_there_is_named_not_the_microphone(tmp_path: Path) -> None:
+    """With the sound server stopped, `pulse` is no device at all, and the one line said to
+    plug in the microphone (a new user's walk-through, whose PulseAudio had stopped)."""
+    proc = cli(
+        "record", "--seconds", "2", "--out", str(tmp_path / "rec"), "--device", "pulse",
+        env={"PULSE_SERVER": f"unix:{tmp_path / 'gone'}"}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "'pulse' is the sound server's device" in lines[0], lines
+    assert "`pactl info`" in lines[0], lines
+
+
 def test_a_channel_beyond_audio_channels_names_the_setting_not_the_device(
     pulse: str, tmp_path: Path
 ) -> None:
