@@ -326,6 +326,18 @@ as_service() {
   return "$rc"
 }
 
+# The service runs the venv's python as its own user, which a Python under a home folder
+# cannot be reached by (pyenv's under /root, mode 700): the install said "done" and the service
+# could never start (a walk-through on a machine whose python3 was pyenv's). Said here, with
+# the fix; under --root the tree's user is not the host's, so it is not asked.
+check_service_python() {
+  [ -z "$ROOT" ] || return 0
+  getent passwd "$SERVICE_USER" >/dev/null || return 0
+  if ! as_service "$VENV/bin/python" -c '' >/dev/null 2>&1; then
+    die "the service's user $SERVICE_USER cannot run $VENV/bin/python (it is $(readlink -f "$VENV/bin/python")): a Python under a home folder, such as pyenv's, is out of its reach; install with a system Python (--python /usr/bin/python3)"
+  fi
+}
+
 # Every kept config (the single unit's and each instance's) as the new code reads it, and the
 # model bundle each one names (with its [detector] settings, as the daemon builds its pipeline),
 # and the site version the device runs instead of it (a commissioning period, calibrate,
@@ -445,6 +457,7 @@ do_install() {
   create_user
   [ ! -e "$UNIT_DIR/soundsentry.service" ] || FRESH=0
   install_venv
+  check_service_python
   install_config
   check_upgrade
   install_units

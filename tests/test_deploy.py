@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -721,3 +722,44 @@ def test_the_installer_s_model_checks_run_as_the_service_user_on_the_host(tmp_pa
     assert on_host.stdout.split() == [str(user.pw_uid), "/", "kept", "cannot-stop"]
     under_root = run(str(tmp_path / "root"), said)
     assert under_root.stdout.split() == [str(os.getuid()), str(tmp_path), "kept"]
+
+
+def test_the_installer_stops_at_a_python_the_service_user_cannot_run(tmp_path: Path) -> None:
+    """A venv made by a Python under a home folder (pyenv's under /root, mode 700): the
+    service's user cannot run it, the install said "done" and the service could never start
+    (a walk-through on a machine whose python3 was pyenv's). `check_service_python` (from
+    install.sh, with `as_service`) stops the install in one line with the fix."""
+    text = INSTALL_SH.read_text()
+    functions = [
+        re.search(rf"^{name}\(\) \{{.*?^\}}$", text, re.M | re.S)
+        for name in ("as_service", "check_service_python")
+    ]
+    assert all(functions)
+    body = "\n".join(f.group(0) for f in functions if f)
+
+    def run(python: Path) -> subprocess.CompletedProcess[str]:
+        venv = Path(tempfile.mkdtemp(prefix="ss-venv-", dir="/tmp"))
+        venv.chmod(0o755)
+        (venv / "bin").mkdir(mode=0o755)
+        (venv / "bin" / "python").symlink_to(python)
+        script = (
+            'say() { echo "$*"; }\ndie() { echo "error: $*" >&2; exit 1; }\n'
+            f"{body}\nSERVICE_USER=nobody ROOT= VENV={venv} check_service_python\necho passed"
+        )
+        try:
+            return subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                                  timeout=60)  # fmt: skip
+        finally:
+            shutil.rmtree(venv)
+
+    home = tmp_path / "home"  # a home folder of mode 700, as root's
+    home.mkdir(mode=0o700)
+    hidden = home / "python3"
+    hidden.write_text("#!/bin/sh\nexit 0\n")
+    hidden.chmod(0o755)
+    out_of_reach = run(hidden)
+    assert out_of_reach.returncode == 1, out_of_reach.stdout
+    assert "cannot run" in out_of_reach.stderr and f"(it is {hidden})" in out_of_reach.stderr
+    assert "--python /usr/bin/python3" in out_of_reach.stderr
+    reachable = run(Path("/bin/true"))  # any program the user may run
+    assert reachable.returncode == 0 and "passed" in reachable.stdout, reachable.stderr
