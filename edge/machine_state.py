@@ -147,6 +147,12 @@ class MachineState:
     after a device reopened: audio lost for an unknown time)."""
     _settled_before: float = float("-inf")
     """The settle time as it was before those dead windows: kept after a short dropout."""
+    _heard_sound: bool = False
+    """A window with sound heard since the stream began (`_fresh` waits for an off level)."""
+    _heard_running: bool = False
+    """The machine was heard running, steadily, up to those dead windows: not going quiet (a
+    stop beginning, whose restart a dropout could hide: a mains dip that stalls the motor and
+    browns out the microphone) and not yet unheard (dead windows at the start)."""
     _fresh: bool = True
     """No window heard yet: the first one sets the state as it finds it. Started as running, a
     daemon (re)started beside a stopped machine published it running, then off two windows
@@ -160,9 +166,10 @@ class MachineState:
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
         if self._dead_since is not None:  # sound is back after dead windows
-            if self.state == RUNNING and end_s - self._dead_since <= SHORT_DROPOUT_S:
+            if self._heard_running and end_s - self._dead_since <= SHORT_DROPOUT_S:
                 self._settled_at = self._settled_before  # a blip: no run-up to wait for
             self._dead_since = None
+        self._heard_sound = True
         if self.off_below_dbfs is None:
             return self.state
         if self._fresh:
@@ -208,9 +215,15 @@ class MachineState:
         """A silent or flat window (a dropout, a muted input), or with `lost` audio lost by a
         device reopened: when sound comes back, events wait the settle time as after a start,
         whatever the level says (a microphone that reconnects is no fault), unless it comes back
-        within SHORT_DROPOUT_S to a machine heard running."""
+        within SHORT_DROPOUT_S to a machine heard running steadily up to it."""
         if self._dead_since is None:
             self._dead_since, self._settled_before = end_s, self._settled_at
+            self._heard_running = (
+                self._heard_sound
+                and self.state == RUNNING
+                and not self._streak
+                and not self._near_off
+            )
         if lost:
             self._dead_since = float("-inf")
         self._settled_at = max(self._settled_at, end_s + SETTLE_SECONDS)
@@ -243,6 +256,7 @@ class MachineState:
         """A new stream: forget the streak and settle time."""
         self.state, self._streak, self._settled_at = RUNNING, 0, float("-inf")
         self._dead_since, self._settled_before = None, float("-inf")
+        self._heard_sound = self._heard_running = False
         self._loud.clear()
         self._near_off, self._fresh = 0, True
 

@@ -514,13 +514,23 @@ def test_a_blip_of_silence_holds_events_back_only_while_it_lasts() -> None:
 
     hop = 0.5
 
-    def back_after(dead_windows: int, lost: bool = False) -> float:
-        """Seconds from the first window heard again to the first judged."""
-        machine, t = MachineState(off_below_dbfs=-40.0), 0.0
-        for _ in range(30):  # running, settled
+    def back_after(
+        dead_windows: int,
+        lost: bool = False,
+        last: float = -25.0,
+        off: float | None = -40.0,
+        running: int = 30,
+    ) -> float:
+        """Seconds from the first window heard again to the first judged; `last`: the level of
+        the window before the dead ones."""
+        machine, t = MachineState(off_below_dbfs=off), 0.0
+        for _ in range(running):  # running, settled
             t += hop
             machine.update(-25.0, t, hop)
-        assert machine.allows_events(t)
+        assert machine.allows_events(t) or not running
+        if running:
+            t += hop
+            machine.update(last, t, hop)
         for i in range(dead_windows):
             t += hop
             machine.heard_nothing(t, lost=lost and i == 0)
@@ -535,6 +545,12 @@ def test_a_blip_of_silence_holds_events_back_only_while_it_lasts() -> None:
     assert back_after(4) == 0.0  # about a second
     assert back_after(6) >= SETTLE_SECONDS - hop  # two seconds: the settle time
     assert back_after(1, lost=True) >= SETTLE_SECONDS - hop  # a reopened device: unknown loss
+    assert back_after(3, off=None) == 0.0  # a bundle with no off level: the same
+    # a machine going quiet before it (a stop beginning; a mains dip that stalls the motor and
+    # browns out the microphone): a restart may lie behind the dropout (a diff review)
+    assert back_after(3, last=-42.0) >= SETTLE_SECONDS - hop  # below the off level
+    assert back_after(3, last=-38.0) >= SETTLE_SECONDS - hop  # near it: coasting down
+    assert back_after(3, running=0) >= SETTLE_SECONDS - hop  # dead from the stream's start
 
 
 def test_training_keeps_what_surrounds_blips_of_silence_and_says_what_it_leaves_out(
@@ -557,7 +573,7 @@ def test_training_keeps_what_surrounds_blips_of_silence_and_says_what_it_leaves_
     assert running >= total - dead - 2, first
     assert f"of 1 recording(s) ({gappy}) hold digital silence" in proc.stderr, proc.stderr
     said = float(proc.stderr.split(" s of 1 recording(s)")[0].split()[-1])
-    assert dead - 2 <= said <= dead + 2, proc.stderr
+    assert 2 * 0.5 * (len(audio) - 1) <= said <= dead, proc.stderr  # 2 or 3 windows a dropout
     clean = tmp_path / "clean"
     clean.mkdir()
     sf.write(clean / "normal.wav", np.concatenate(audio), 16000)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -261,16 +262,25 @@ def threshold_from_holdout(
     )
 
 
-def warn_dead(dead: dict[Path, float]) -> None:
-    """Say how much of the recordings the device hears as nothing (digital silence, a flat
-    line, dropouts), which training leaves out: half of a recording with a 0.2-s dropout
-    every 10 s was left out without a word, its summary counting the rest as the machine
-    running (a new user's walk-through)."""
+_DEAD_SAID: set[frozenset[tuple[Path, float]]] = set()
+"""What `warn_dead` said in this run: an ensemble's members read the same recordings."""
+
+
+def warn_dead(views: Iterable[tuple[Path, np.ndarray]], params: FeatureParams) -> None:
+    """Say how much of the recordings (of any of their channels) the device hears as nothing
+    (digital silence, a flat line, dropouts), which training leaves out: half of a recording
+    with a 0.2-s dropout every 10 s was left out without a word, its summary counting the rest
+    as the machine running (a new user's walk-through)."""
+    dead: dict[Path, float] = {}
+    for path, audio in views:
+        dead[path] = max(dead.get(path, 0.0), dead_seconds(audio, params))
     found = {p: s for p, s in dead.items() if s > 0}
-    if not found:
+    said = frozenset(found.items())
+    if not found or said in _DEAD_SAID:
         return
+    _DEAD_SAID.add(said)
     log.warning(
-        "%.0f s of %d recording(s) (%s) hold digital silence, a flat line or dropouts (runs of "
+        "%.1f s of %d recording(s) (%s) hold digital silence, a flat line or dropouts (runs of "
         "zeros): the device judges nothing by such windows, nor by the %g s after a loss "
         "longer than about a second, and training leaves them out as it does; a microphone "
         "that drops out is a fault to mend (`soundsentry record` names the audio it loses)",
@@ -290,9 +300,7 @@ def load_split(paths: list[str | Path], params: FeatureParams, channel: int = 0)
         lambda path: read_audio(path, params.samplerate, channel, need_sound=True, mono_any=True),
         progress(files, "reading"),
     )
-    warn_dead(
-        {path: dead_seconds(audio, params) for path, audio in zip(files, audios, strict=True)}
-    )
+    warn_dead(zip(files, audios, strict=True), params)
     machine = machine_profile(audios, params)
     off = machine.get("off_below_dbfs")  # as the device: no dropout, not the machine off
     for path, audio in zip(files, audios, strict=True):

@@ -50,7 +50,7 @@ from edge.detectors.embedding import (
 from edge.errors import AudioError
 from edge.features import FeatureParams, LogMel
 from edge.health import heard_pieces
-from edge.machine_state import OFF, dead_seconds, evidence_windows, machine_profile
+from edge.machine_state import OFF, evidence_windows, machine_profile
 from edge.runtime import TfliteModel
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -285,7 +285,7 @@ def read_own(
             for path, audio_views in zip(files, read, strict=True)
             for view, audio in enumerate(audio_views)
         ]
-    warn_dead({path: dead_seconds(audio, params) for _, _, path, view, audio in views if view == 0})
+    warn_dead(((path, audio) for _, state, path, _, audio in views if state != OFF), params)
     own.audio = [audio for *_, audio in views]
     own.view_states = [label for label, *_ in views]
     own.machine = machine_profile(

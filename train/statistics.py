@@ -30,7 +30,7 @@ from edge.detectors.base import MIN_FEATURE_STD
 from edge.errors import AudioError
 from edge.features import FeatureParams
 from edge.learning import training_summary
-from edge.machine_state import OFF, dead_seconds, evidence_windows, machine_profile
+from edge.machine_state import OFF, evidence_windows, machine_profile
 from edge.scoring import FluctuationScorer
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -215,7 +215,7 @@ def collect(
         groups=[label[p] for p, _ in running_views] if states else None,
     )  # fmt: skip
     levels = StateLevels(names, params) if states else None
-    warn_dead({p: dead_seconds(a, params) for p, v, a in views if v == 0})
+    warn_dead(((p, a) for p, _, a in views if names[label[p]] != OFF), params)
     # only what the device scores: not a dropout, silence or the machine off
     off = machine.get("off_below_dbfs")
     for path, view, audio in progress(views, "features"):
