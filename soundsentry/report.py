@@ -32,6 +32,7 @@ from train.evaluate import (
     evaluate,
     evidence_scores,
     output_target,
+    printable,
     write_json,
     write_text_output,
 )
@@ -58,9 +59,13 @@ def _named_files(report: Report) -> str:
     listen to, which the counts alone did not name (a new user's walk-through)."""
     lines = []
     if report.normal_files_raising:
-        lines.append(f"normal files with an event: {first_few(report.normal_files_raising)}")
+        lines.append(
+            f"normal files with an event: {first_few(map(shown, report.normal_files_raising))}"
+        )
     if report.anomalous_files_silent:
-        lines.append(f"anomalous files without one: {first_few(report.anomalous_files_silent)}")
+        lines.append(
+            f"anomalous files without one: {first_few(map(shown, report.anomalous_files_silent))}"
+        )
     return "".join(f"\n{line}" for line in lines)
 
 
@@ -295,7 +300,7 @@ def shown(name: str | Path) -> str:
     """A file name as text: bytes that are not UTF-8 (a name from an old FAT stick or another
     locale) as backslash escapes, which a CSV or a plot title can hold (they stopped `evaluate
     --report` half-way through scores.csv, and `spectrogram`, in a review)."""
-    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return printable(str(name))
 
 
 def _csv(reports: list[Report], path: Path) -> Path:

@@ -512,6 +512,14 @@ def test_file_names_that_are_not_utf8_reach_the_report_and_the_spectrogram(
     picture = tmp_path / "spec.png"
     cli("spectrogram", "--model", str(DEMO_BUNDLE), odd, "--out", str(picture))
     assert picture.read_bytes().startswith(b"\x89PNG")
+    # named among the normal files with an event: printed escaped, and in the JSON as its items
+    # name it (the two forms differed, and a script could not join them: a diff review)
+    out = tmp_path / "eval.json"
+    proc = cli("evaluate", str(DEMO_BUNDLE), "--normal", odd, "--anomalous", str(DEMO_CLIP),
+               "--json", str(out))  # fmt: skip
+    assert f"normal files with an event: {tmp_path}/fan-\\xff\\xfe.wav" in proc.stdout, proc.stdout
+    data = json.loads(out.read_text())
+    assert data["normal_files_raising"] == [i["file"] for i in data["items"] if i["label"] == 0]
 
 
 def test_evaluate_counts_events_with_a_device_s_detector_settings(tmp_path: Path) -> None:

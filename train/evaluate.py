@@ -226,10 +226,8 @@ def evaluate(
                 # no segment holds its scored windows whole: said once for all, below
                 unsegmented.append(str(path))
             events[label].append(raised)
-            if raised != bool(label):  # as text any output holds (a name not UTF-8: escaped)
-                named[label].append(
-                    str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                )
+            if raised != bool(label):  # named as the items name it (printed escaped)
+                named[label].append(str(path))
             off[label] += off_windows
     if unjudged:
         log.warning(
@@ -283,6 +281,12 @@ def evaluate(
     )
 
 
+def printable(name: str) -> str:
+    """A file name as text any output holds: bytes that are not UTF-8 (a name from an old FAT
+    stick or another locale) as backslash escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _say_what_it_means(
     bundle: Bundle, threshold: float, raising: list[str], files: int, seconds: float, auc: float
 ) -> None:
@@ -301,7 +305,8 @@ def _say_what_it_means(
                 "set for. This normal running "
                 "is not like the audio it was trained on: train (or calibrate) on more, and more "
                 "varied, normal audio, these recordings too",
-                alarms, files, first_few(raising), rate_text(per_day), seconds, budget,
+                alarms, files, first_few(map(printable, raising)), rate_text(per_day), seconds,
+                budget,
             )  # fmt: skip
     if auc < 0.5:
         log.warning(
