@@ -183,7 +183,7 @@ kept_extras() {
 }
 
 install_venv() {
-  local want have="" extras
+  local want have="" extras made_by asked
   rm -rf "$VENV.prev"  # left by an upgrade cut short: the venv itself is checked below
   extras=$(kept_extras)
   want=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -191,8 +191,16 @@ install_venv() {
     have=$(sed -n 's/^version\(_info\)\{0,1\} *= *\([0-9]*\.[0-9]*\).*/\2/p' "$VENV/pyvenv.cfg" | head -n 1)
     [ -n "$have" ] || have="unknown"
   fi
+  # the interpreter it was made by, and the one asked for (a rerun with --python after
+  # check_service_python refused one under a home folder kept the venv of the same version)
+  made_by=$(readlink -f "$VENV/bin/python" 2>/dev/null || true)
+  asked=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
   if [ -n "$have" ] && [ "$have" != "$want" ]; then
     say "rebuilding $VENV (Python $have -> $want)"
+    rm -rf "$VENV"
+    have=""
+  elif [ -n "$have" ] && [ -L "$VENV/bin/python" ] && [ "$made_by" != "$asked" ]; then
+    say "rebuilding $VENV (made by $made_by, now $asked)"
     rm -rf "$VENV"
     have=""
   elif [ -n "$have" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then

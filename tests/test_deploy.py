@@ -551,6 +551,25 @@ def test_a_venv_of_another_python_is_rebuilt(installed: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_venv_made_by_another_interpreter_of_the_same_version_is_rebuilt(
+    installed: Path,
+) -> None:
+    """The fix check_service_python names, a rerun with --python /usr/bin/python3, kept the
+    venv made by the Python it refused whenever their versions matched (pyenv's 3.11 and
+    Bookworm's), and was refused again (a diff review): a venv made by another interpreter than
+    the one asked for is rebuilt."""
+    python = installed / "opt/soundsentry/venv/bin/python"
+    python.unlink()
+    python.symlink_to("/bin/true")  # as if made by another interpreter of this version
+    proc = run_installer(installed)
+    said = f"rebuilding {installed}/opt/soundsentry/venv (made by {os.path.realpath('/bin/true')}"
+    assert said in proc.stdout, proc.stdout
+    assert os.path.realpath(python) == os.path.realpath(sys._base_executable)
+    again = run_installer(installed)
+    assert "rebuilding" not in again.stdout, again.stdout
+
+
+@pytest.mark.slow
 def test_a_venv_an_install_left_unfinished_is_rebuilt(installed: Path) -> None:
     """A power cut while the venv was made (or while a rebuild removed it) left pyvenv.cfg
     without pip: every later run of the installer failed with 'No module named pip'."""
