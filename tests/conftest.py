@@ -43,6 +43,8 @@ os.environ.setdefault("SOUNDSENTRY_DATA_DIR", tempfile.mkdtemp(prefix="soundsent
 PULSE_RUNTIME = Path(tempfile.mkdtemp(prefix="ss-pulse-", dir="/tmp"))
 os.environ["PULSE_RUNTIME_PATH"] = str(PULSE_RUNTIME)
 os.environ.pop("PULSE_SERVER", None)  # it would send every client to another server
+# and so would a `default-server` in the user's ~/.config/pulse/client.conf (a diff review)
+os.environ["PULSE_CLIENTCONFIG"] = os.devnull
 
 
 def cli(
