@@ -166,7 +166,10 @@ class MachineState:
     def update(self, level_dbfs: float, end_s: float, hop_s: float) -> str:
         """Feed one window's level; return the machine state after it."""
         if self._dead_since is not None:  # sound is back after dead windows
-            if self._heard_running and end_s - self._dead_since <= SHORT_DROPOUT_S:
+            short = end_s - self._dead_since <= SHORT_DROPOUT_S
+            # and heard running again: not near the off level (a stall inside the dropout,
+            # a mains dip that browns out the microphone too, comes back as a run-up)
+            if self._heard_running and short and not self.near_off(level_dbfs):
                 self._settled_at = self._settled_before  # a blip: no run-up to wait for
             self._dead_since = None
         self._heard_sound = True
