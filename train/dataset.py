@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -262,8 +263,20 @@ def threshold_from_holdout(
     )
 
 
-_DEAD_SAID: set[frozenset[tuple[Path, float]]] = set()
-"""What `warn_dead` said in this run: an ensemble's members read the same recordings."""
+_DEAD_SAID: set[frozenset[tuple[Path, float]]] | None = None
+"""What `warn_dead` said inside `dead_said_once` (an ensemble's members read the same
+recordings); None outside it, where every training says it (a process trains many times)."""
+
+
+@contextmanager
+def dead_said_once() -> Iterator[None]:
+    """Within it, `warn_dead` says what it finds of the same recordings once."""
+    global _DEAD_SAID
+    _DEAD_SAID = set()
+    try:
+        yield
+    finally:
+        _DEAD_SAID = None
 
 
 def warn_dead(views: Iterable[tuple[Path, np.ndarray]], params: FeatureParams) -> None:
@@ -276,9 +289,10 @@ def warn_dead(views: Iterable[tuple[Path, np.ndarray]], params: FeatureParams) -
         dead[path] = max(dead.get(path, 0.0), dead_seconds(audio, params))
     found = {p: s for p, s in dead.items() if s > 0}
     said = frozenset(found.items())
-    if not found or said in _DEAD_SAID:
+    if not found or (_DEAD_SAID is not None and said in _DEAD_SAID):
         return
-    _DEAD_SAID.add(said)
+    if _DEAD_SAID is not None:
+        _DEAD_SAID.add(said)
     log.warning(
         "%.1f s of %d recording(s) (%s) hold digital silence, a flat line or dropouts (runs of "
         "zeros): the device judges nothing by such windows, nor by the %g s after a loss "
