@@ -24,6 +24,7 @@ APT_PACKAGES=(python3 python3-venv libportaudio2 libsndfile1 alsa-utils ca-certi
 ROOT=""
 SOURCE=$(cd "$DEPLOY_DIR/.." && pwd)
 PYTHON=python3
+PYTHON_GIVEN=0  # --python names the interpreter the venv must be made by
 ACTION=install
 START=1
 FRESH=1 # no soundsentry.service before this run: a first install, not an upgrade
@@ -89,7 +90,7 @@ parse_args() {
     case "$1" in
       --root) ROOT=${2:?--root needs a directory}; shift ;;
       --source) SOURCE=${2:?--source needs a path}; shift ;;
-      --python) PYTHON=${2:?--python needs an interpreter}; shift ;;
+      --python) PYTHON=${2:?--python needs an interpreter}; PYTHON_GIVEN=1; shift ;;
       --no-start) START=0 ;;
       --uninstall) ACTION=uninstall ;;
       --purge) ACTION=purge ;;
@@ -191,15 +192,18 @@ install_venv() {
     have=$(sed -n 's/^version\(_info\)\{0,1\} *= *\([0-9]*\.[0-9]*\).*/\2/p' "$VENV/pyvenv.cfg" | head -n 1)
     [ -n "$have" ] || have="unknown"
   fi
-  # the interpreter it was made by, and the one asked for (a rerun with --python after
-  # check_service_python refused one under a home folder kept the venv of the same version)
+  # the interpreter it was made by, and the one --python asks for (a rerun with --python after
+  # check_service_python refused one under a home folder kept the venv of the same version);
+  # without --python the venv is kept: an upgrade whose python3 is another one of the same
+  # version (pyenv's first on PATH) rebuilt the venv a rerun with --python had mended (a review)
   made_by=$(readlink -f "$VENV/bin/python" 2>/dev/null || true)
   asked=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
   if [ -n "$have" ] && [ "$have" != "$want" ]; then
     say "rebuilding $VENV (Python $have -> $want)"
     rm -rf "$VENV"
     have=""
-  elif [ -n "$have" ] && [ -L "$VENV/bin/python" ] && [ "$made_by" != "$asked" ]; then
+  elif [ -n "$have" ] && ((PYTHON_GIVEN)) && [ -L "$VENV/bin/python" ] &&
+    [ "$made_by" != "$asked" ]; then
     say "rebuilding $VENV (made by $made_by, now $asked)"
     rm -rf "$VENV"
     have=""

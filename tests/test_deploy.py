@@ -567,6 +567,26 @@ def test_a_venv_made_by_another_interpreter_of_the_same_version_is_rebuilt(
     assert os.path.realpath(python) == os.path.realpath(sys._base_executable)
     again = run_installer(installed)
     assert "rebuilding" not in again.stdout, again.stdout
+    # without --python the venv stays, whichever python3 comes first on PATH: an upgrade whose
+    # python3 was pyenv's rebuilt the venv a rerun with --python had mended (a review)
+    other = Path("/usr/bin/python3")
+    version = "import sys; print(sys.version_info[:2])"
+    if not other.exists() or os.path.realpath(other) == os.path.realpath(sys._base_executable):
+        pytest.skip("no other interpreter than this one at /usr/bin/python3")
+    theirs = subprocess.run([other, "-c", version], capture_output=True, text=True).stdout
+    if theirs.strip() != str(sys.version_info[:2]):
+        pytest.skip(f"/usr/bin/python3 is another version ({theirs.strip()})")
+    shims = installed.parent / "other-python"
+    shims.mkdir(exist_ok=True)
+    (shims / "python3").unlink(missing_ok=True)
+    (shims / "python3").symlink_to(other)
+    plain = subprocess.run(
+        ["bash", str(INSTALL_SH), "--root", str(installed)], capture_output=True, text=True,
+        timeout=INSTALL_TIMEOUT_S, env={**os.environ, "PATH": f"{shims}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert "rebuilding" not in plain.stdout, plain.stdout
+    assert os.path.realpath(python) == os.path.realpath(sys._base_executable)
 
 
 @pytest.mark.slow
