@@ -46,6 +46,7 @@ from edge.machine_state import (
     QUIET_GAP_DB,
     StateNamer,
     evidence_windows,
+    level_split,
     machine_profile,
 )
 from edge.threshold import check_site_varies
@@ -58,8 +59,6 @@ MIN_RUNNING_SHARE = 0.05
 """The machine's running windows in the site audio are at least this share of them: rarer loud
 windows (a door, a dropped tool) are not taken for the machine."""
 SHIFT_STEP_DB = 0.25
-TWO_LEVEL_SHARE = 0.1
-"""Each of two levels holds at least this share of the windows to be said (_warn_two_levels)."""
 MATCH_DB = 0.5
 """A shift matches when the site's running median lies this close to the trained one moved."""
 GAIN_SPREAD_DB = 1.5
@@ -244,7 +243,10 @@ def _site_machine(bundle: Bundle, audio: list[np.ndarray]) -> tuple[dict, float 
     shifted = _shifted_profile(bundle, audio)
     if shifted is None:
         _warn_two_levels(audio, bundle.features)
-    site, shift = shifted or (machine_profile(audio, bundle.features, states), None)
+    site, shift = shifted or (
+        machine_profile(audio, bundle.features, states, say_two_levels=False),
+        None,
+    )
     before = trained.running_level_dbfs.get("p50") if trained is not None else None
     after = site["running_level_dbfs"].get("p50")
     if before is not None and after is not None and abs(after - before) >= LEVEL_SHIFT_DB:
@@ -281,22 +283,15 @@ def _warn_two_levels(audio: list[np.ndarray], p: FeatureParams) -> None:
     the machine stopped for a good part of the recording the empty room is counted as running
     and its off level falls below the room. Two levels far apart, each a good share of the
     windows, are said (Otsu's split of the window levels)."""
-    levels = _window_levels(audio, p)
-    n = len(levels)
-    if n < 4:
-        return
-    below = np.arange(1, n)
-    low = np.cumsum(levels)[:-1] / below
-    high = (levels.sum() - low * below) / (n - below)
-    i = int(np.argmax(below * (n - below) * (high - low) ** 2))
-    share = below[i] / n
-    if high[i] - low[i] >= QUIET_GAP_DB and TWO_LEVEL_SHARE <= share <= 1 - TWO_LEVEL_SHARE:
+    split = level_split(_window_levels(audio, p))
+    if split is not None and split[1] - split[0] >= QUIET_GAP_DB:
+        low, high, share = split
         log.warning(
             "the recordings hold two levels %.0f dB apart (%.0f %% of the windows near %.0f dBFS, "
             "the rest near %.0f): if the machine was off in the quieter part, record it running "
             "only; this bundle has no running level of its own to tell them apart, so both "
             "count as running and the off level falls below the quieter one",
-            high[i] - low[i], 100 * share, low[i], high[i],
+            high - low, 100 * share, low, high,
         )  # fmt: skip
 
 

@@ -65,6 +65,49 @@ QUIET_GAP_DB = 20.0
 lead-in, the machine switched off for part of a recording, a file recorded far quieter): they
 are left out of the running level, or the off level would fall below them and never be met."""
 PERCENTILES = {"p01": 1, "p50": 50, "p99": 99}
+TWO_LEVELS_DB = 12.0
+"""Normal audio whose windows fall into two levels this far apart (each TWO_LEVEL_SHARE of them
+or more) is said at training: a compressor recorded through its cycles, as README's step 2
+reads, held 200 s of the stopped machine's room 18 dB under 100 s of running; the room became
+the running level, the machine never read `off`, and the threshold was set on the room (about
+700 false alarms a day, in a field review). Two speeds a few dB apart are not said."""
+TWO_LEVEL_SHARE = 0.1
+"""Each of two levels holds at least this share of the windows to be said."""
+
+
+def level_split(levels: np.ndarray) -> tuple[float, float, float] | None:
+    """Otsu's split of window levels (dBFS): the mean level of the quieter part, of the louder
+    part, and the quieter part's share of the windows; None where either part would hold less
+    than TWO_LEVEL_SHARE of them."""
+    levels = np.sort(np.asarray(levels, np.float64))
+    n = len(levels)
+    if n < 4:
+        return None
+    below = np.arange(1, n)
+    low = np.cumsum(levels)[:-1] / below
+    high = (levels.sum() - low * below) / (n - below)
+    i = int(np.argmax(below * (n - below) * (high - low) ** 2))
+    share = below[i] / n
+    if not TWO_LEVEL_SHARE <= share <= 1 - TWO_LEVEL_SHARE:
+        return None
+    return float(low[i]), float(high[i]), float(share)
+
+
+def _warn_two_levels(levels: np.ndarray, state: str | None) -> None:
+    """Say normal audio (or a state folder's) that holds two levels TWO_LEVELS_DB apart."""
+    split = level_split(levels)
+    if split is None or split[1] - split[0] < TWO_LEVELS_DB:
+        return
+    low, high, share = split
+    where = f"the state folder {state!r}" if state else "the normal audio"
+    log.warning(
+        "%s holds two levels %.0f dB apart (%.0f %% of its windows near %.0f dBFS, the rest "
+        "near %.0f): if the machine was off (or idling) in the quieter part, put that audio "
+        "in a folder `off` beside one of it running and train with --normal-states, or record "
+        "it running only; trained as one, the quieter audio counts as the machine running: it "
+        "never reads `off`, and the threshold is set on audio that is not the machine",
+        where, high - low, 100 * share, low, high,
+    )  # fmt: skip
 
 
 def is_off(name: str | None) -> bool:
@@ -83,13 +126,15 @@ def machine_profile(
     params: FeatureParams,
     states: list[str] | None = None,
     groups: Sequence[int] | None = None,
+    say_two_levels: bool = True,
 ) -> dict:
     """A manifest's `machine` section from normal audio of the machine running (mono, model
     rate): the level of its windows, from which the edge tells `off` (far quieter) from
     running. Digital silence and windows QUIET_GAP_DB below the median are left out, with a
     warning that says how many. `groups`: the operating state of each recording (state
     folders); the median is then each state's own, so a quiet state the user named as running
-    (idle, a low speed) is part of the running level instead of being left out as `off`."""
+    (idle, a low speed) is part of the running level instead of being left out as `off`.
+    `say_two_levels`: warn of audio (each state's) that holds two levels far apart."""
     levels, group_of, silent = [], [], 0
     for n, a in enumerate(audio):
         for w in WindowBuffer(params.window_samples, params.hop_samples).push(a):
@@ -103,6 +148,8 @@ def machine_profile(
     for g in np.unique(group_of):
         mine = group_of == g
         quiet[mine] = heard[mine] < np.median(heard[mine]) - QUIET_GAP_DB
+        if say_two_levels:
+            _warn_two_levels(heard[mine], states[g] if states and groups is not None else None)
     left_out = silent + int(quiet.sum())
     if left_out:
         log.warning(
