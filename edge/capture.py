@@ -509,10 +509,38 @@ def _drain(q: queue.Queue[np.ndarray | None]) -> None:
             return
 
 
-def _close(stream: Any) -> None:
-    """Abort and close a stream, tolerating one whose device already vanished."""
-    try:
-        stream.abort()
-        stream.close()
-    except Exception as exc:  # PortAudio errors on a dead device must not kill the daemon
-        log.debug("capture: closing the stream failed: %s", exc)
+CLOSE_TIMEOUT_S = 10.0
+"""A stream that does not close within this is hung in the audio library: the process exits."""
+EXIT_CAPTURE_HUNG = 1
+"""The exit status then: a failure, which systemd's Restart=on-failure starts again."""
+
+
+def _close(stream: Any, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Abort and close a stream, tolerating one whose device already vanished. PortAudio can
+    hang in it: a sound server that died while the stream was reopened left its ALSA thread
+    writing the same assertion to stderr for ever (3.5 GB in 70 s) and the close waiting for
+    that thread, so the daemon heard nothing, answered nothing and ignored SIGTERM (a field
+    review; only SIGKILL ended it). The close runs in a thread of its own; one that has not
+    returned in `timeout_s` ends the process with a line that says why, and the service starts
+    again (its watchdog would have killed it after 30 s; a `run` in a terminal hung)."""
+    done = threading.Event()
+
+    def close() -> None:
+        try:
+            stream.abort()
+            stream.close()
+        except Exception as exc:  # PortAudio errors on a dead device must not kill the daemon
+            log.debug("capture: closing the stream failed: %s", exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=close, name="capture-close", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.critical(
+            "capture: the audio library did not close the stream of the input within %g s (it "
+            "hangs: a sound server that stopped while the stream was reopened?); exiting so that "
+            "the service starts again",
+            timeout_s,
+        )
+        logging.shutdown()
+        os._exit(EXIT_CAPTURE_HUNG)

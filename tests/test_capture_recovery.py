@@ -467,3 +467,36 @@ def test_the_default_input_that_will_not_start_is_named_as_such(
     streams += [{"level": 0.0, "fail": True}]
     with pytest.raises(CaptureError, match="cannot start audio device the default input: "):
         next(iter(MicSource(AudioSettings(), RATE)))
+
+
+def test_a_stream_the_audio_library_cannot_close_ends_the_process_with_a_reason() -> None:
+    """PortAudio hung closing a stream whose sound server died while it reopened: the daemon
+    heard nothing, answered nothing and ignored SIGTERM until SIGKILL (a field review). A close
+    that does not return ends the process in one line, and the service starts again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from edge.capture import EXIT_CAPTURE_HUNG
+
+    script = (
+        "import logging, threading\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "from edge.capture import _close\n"
+        "class Hung:\n"
+        "    def abort(self): threading.Event().wait()\n"
+        "    def close(self): pass\n"
+        "class Fine:\n"
+        "    def abort(self): pass\n"
+        "    def close(self): print('closed', flush=True)\n"
+        "_close(Fine(), timeout_s=5)\n"
+        "_close(Hung(), timeout_s=0.5)\n"
+        "print('not reached')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=root, timeout=60)  # fmt: skip
+    assert proc.returncode == EXIT_CAPTURE_HUNG != 0, proc
+    assert proc.stdout == "closed\n", proc.stdout
+    assert "CRITICAL capture: the audio library did not close the stream" in proc.stderr
+    assert "exiting so that the service starts again" in proc.stderr
