@@ -21,6 +21,7 @@ import glob
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -534,6 +535,9 @@ def _close(stream: Any, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         finally:
             done.set()
 
+    if sys.is_finalizing():  # no thread starts at the interpreter's exit: start() waits for ever
+        close()
+        return
     threading.Thread(target=close, name="capture-close", daemon=True).start()
     if not done.wait(timeout_s):
         log.critical(

@@ -500,3 +500,21 @@ def test_a_stream_the_audio_library_cannot_close_ends_the_process_with_a_reason(
     assert proc.stdout == "closed\n", proc.stdout
     assert "CRITICAL capture: the audio library did not close the stream" in proc.stderr
     assert "exiting so that the service starts again" in proc.stderr
+    # a capture still open at the interpreter's exit (kept by a global, or a traceback) is
+    # closed there, where no thread can start: the close in a thread hung for ever (a review)
+    at_exit = (
+        "from edge.capture import _close\n"
+        "class Fine:\n"
+        "    def abort(self): pass\n"
+        "    def close(self): print('closed', flush=True)\n"
+        "def capture():\n"
+        "    try:\n"
+        "        yield 1\n"
+        "    finally:\n"
+        "        _close(Fine())\n"
+        "KEPT = capture()\n"
+        "next(KEPT)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", at_exit], capture_output=True, text=True,
+                          cwd=root, timeout=60)  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (0, "closed\n"), proc
