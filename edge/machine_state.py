@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,20 +94,56 @@ def level_split(levels: np.ndarray) -> tuple[float, float, float] | None:
     return float(low[i]), float(high[i]), float(share)
 
 
+_SAID: set[object] | None = None
+"""The warnings said inside `said_once`; None outside it."""
+
+
+@contextmanager
+def said_once() -> Iterator[None]:
+    """Within it, a training warning of the same recordings is said once: an ensemble's members
+    each read them (outside it every training says it: a process may train many times)."""
+    global _SAID
+    _SAID = set()
+    try:
+        yield
+    finally:
+        _SAID = None
+
+
+def say_once(key: object) -> bool:
+    """Whether the warning `key` is to be said now (`said_once`)."""
+    if _SAID is None:
+        return True
+    if key in _SAID:
+        return False
+    _SAID.add(key)
+    return True
+
+
 def _warn_two_levels(levels: np.ndarray, state: str | None) -> None:
-    """Say normal audio (or a state folder's) that holds two levels TWO_LEVELS_DB apart."""
+    """Say the running audio (or a state folder's) that holds two levels TWO_LEVELS_DB apart."""
     split = level_split(levels)
     if split is None or split[1] - split[0] < TWO_LEVELS_DB:
         return
     low, high, share = split
-    where = f"the state folder {state!r}" if state else "the normal audio"
+    if not say_once(("two levels", state, round(low, 2), round(high, 2), round(share, 4))):
+        return
+    if state:
+        where, fix = f"the state folder {state!r}", "move that audio into the folder `off`"
+        counts = f"the state {state!r}"
+    else:
+        where = "the normal audio"
+        fix = (
+            "put that audio in a folder `off` beside one of it running and train with "
+            "--normal-states, or record it running only"
+        )
+        counts = "the machine running: it never reads `off`"
     log.warning(
         "%s holds two levels %.0f dB apart (%.0f %% of its windows near %.0f dBFS, the rest "
-        "near %.0f): if the machine was off (or idling) in the quieter part, put that audio "
-        "in a folder `off` beside one of it running and train with --normal-states, or record "
-        "it running only; trained as one, the quieter audio counts as the machine running: it "
-        "never reads `off`, and the threshold is set on audio that is not the machine",
-        where, high - low, 100 * share, low, high,
+        "near %.0f): if the machine was off (or idling) in the quieter part, %s; trained as "
+        "one, the quieter audio counts as %s, and the threshold is set on audio that is not "
+        "the machine",
+        where, high - low, 100 * share, low, high, fix, counts,
     )  # fmt: skip
 
 
@@ -127,6 +164,7 @@ def machine_profile(
     states: list[str] | None = None,
     groups: Sequence[int] | None = None,
     say_two_levels: bool = True,
+    names: Sequence[str] | None = None,
 ) -> dict:
     """A manifest's `machine` section from normal audio of the machine running (mono, model
     rate): the level of its windows, from which the edge tells `off` (far quieter) from
@@ -134,7 +172,8 @@ def machine_profile(
     warning that says how many. `groups`: the operating state of each recording (state
     folders); the median is then each state's own, so a quiet state the user named as running
     (idle, a low speed) is part of the running level instead of being left out as `off`.
-    `say_two_levels`: warn of audio (each state's) that holds two levels far apart."""
+    `say_two_levels`: warn of audio (each state's, named by `names`, the groups' names) whose
+    running windows hold two levels far apart."""
     levels, group_of, silent = [], [], 0
     for n, a in enumerate(audio):
         for w in WindowBuffer(params.window_samples, params.hop_samples).push(a):
@@ -148,8 +187,10 @@ def machine_profile(
     for g in np.unique(group_of):
         mine = group_of == g
         quiet[mine] = heard[mine] < np.median(heard[mine]) - QUIET_GAP_DB
-        if say_two_levels:
-            _warn_two_levels(heard[mine], states[g] if states and groups is not None else None)
+        if say_two_levels:  # of what counts as running (a lead-in left out above is not)
+            named = names if names is not None else states
+            state = named[g] if named is not None and groups is not None else None
+            _warn_two_levels(heard[mine][~quiet[mine]], state)
     left_out = silent + int(quiet.sum())
     if left_out:
         log.warning(

@@ -591,7 +591,8 @@ def test_dead_windows_are_said_at_every_training_and_once_for_an_ensemble_s_memb
     whole process: a second training in it (a notebook, a library caller) said nothing (a
     review of the mends)."""
     from edge.features import FeatureParams
-    from train.dataset import dead_said_once, warn_dead
+    from edge.machine_state import said_once
+    from train.dataset import warn_dead
 
     audio = read_audio(NORMAL_FILES[0], 16000)
     audio[16000:19200] = 0.0
@@ -600,7 +601,7 @@ def test_dead_windows_are_said_at_every_training_and_once_for_an_ensemble_s_memb
     with caplog.at_level(logging.WARNING, logger="train.dataset"):
         warn_dead(views, params)
         warn_dead(views, params)
-        with dead_said_once():
+        with said_once():
             warn_dead(views, params)
             warn_dead(views, params)
     said = [r for r in caplog.records if "hold digital silence" in r.getMessage()]

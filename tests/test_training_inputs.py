@@ -817,3 +817,23 @@ def test_normal_audio_with_the_machine_stopped_for_much_of_it_is_said(tmp_path: 
     named = cli("train", "--normal-states", str(states), "--detector", "fluctuation",
                 "--out", str(tmp_path / "c.bundle"))  # fmt: skip
     assert said not in named.stderr, named.stderr
+    # a state folder that holds the room too is named, with its own fix (it read "the normal
+    # audio" and advised --normal-states to one using it: a review of the change)
+    for f in cycles.iterdir():
+        sf.write(states / "running" / f"c{f.name}", read_audio(f, rate), rate)
+    mixed = cli("train", "--normal-states", str(states), "--detector", "fluctuation",
+                "--out", str(tmp_path / "d.bundle"))  # fmt: skip
+    assert f"the state folder 'running' {said}" in mixed.stderr, mixed.stderr
+    assert "move that audio into the folder `off`" in mixed.stderr, mixed.stderr
+    # an ensemble's members read the same audio: said once
+    both = cli("train", "--normal", str(cycles), "--detector", "ensemble",
+               "--out", str(tmp_path / "e.bundle"))  # fmt: skip
+    assert both.stderr.count(said) == 1, both.stderr
+    # a quiet lead-in, left out of the running level, counts as nothing: not said
+    lead_in = tmp_path / "lead-in"
+    lead_in.mkdir()
+    sf.write(
+        lead_in / "0.wav", np.concatenate([running[: 5 * rate] * 10 ** (-30 / 20), running]), rate
+    )
+    quiet = cli("train", "--normal", str(lead_in), "--out", str(tmp_path / "f.bundle"))
+    assert "below its median level" in quiet.stderr and said not in quiet.stderr, quiet.stderr

@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from edge.machine_state import (
     dead_seconds,
     evidence_windows,
     machine_profile,
+    say_once,
 )
 from edge.settings import DetectorSettings
 from edge.threshold import Pieces, threshold_for_budget
@@ -263,22 +263,6 @@ def threshold_from_holdout(
     )
 
 
-_DEAD_SAID: set[frozenset[tuple[Path, float]]] | None = None
-"""What `warn_dead` said inside `dead_said_once` (an ensemble's members read the same
-recordings); None outside it, where every training says it (a process trains many times)."""
-
-
-@contextmanager
-def dead_said_once() -> Iterator[None]:
-    """Within it, `warn_dead` says what it finds of the same recordings once."""
-    global _DEAD_SAID
-    _DEAD_SAID = set()
-    try:
-        yield
-    finally:
-        _DEAD_SAID = None
-
-
 def warn_dead(views: Iterable[tuple[Path, np.ndarray]], params: FeatureParams) -> None:
     """Say how much of the recordings (of any of their channels) the device hears as nothing
     (digital silence, a flat line, dropouts), which training leaves out: half of a recording
@@ -288,11 +272,8 @@ def warn_dead(views: Iterable[tuple[Path, np.ndarray]], params: FeatureParams) -
     for path, audio in views:
         dead[path] = max(dead.get(path, 0.0), dead_seconds(audio, params))
     found = {p: s for p, s in dead.items() if s > 0}
-    said = frozenset(found.items())
-    if not found or (_DEAD_SAID is not None and said in _DEAD_SAID):
+    if not found or not say_once(("dead", frozenset(found.items()))):
         return
-    if _DEAD_SAID is not None:
-        _DEAD_SAID.add(said)
     log.warning(
         "%.1f s of %d recording(s) (%s) hold digital silence, a flat line or dropouts (runs of "
         "zeros): the device judges nothing by such windows, nor by the %g s after a loss "

@@ -289,7 +289,7 @@ def read_own(
     own.audio = [audio for *_, audio in views]
     own.view_states = [label for label, *_ in views]
     own.machine = machine_profile(
-        own.running(own.audio), params, groups=own.running(own.view_states)
+        own.running(own.audio), params, groups=own.running(own.view_states), names=own.states
     )
     off = own.machine.get("off_below_dbfs")  # windows below it the device calls `off`
     for label, state, path, view, audio in progress(views, "features"):

@@ -22,10 +22,10 @@ from edge.bundle import MODEL_FLOAT, MODEL_INT8, Manifest, load_bundle, write_bu
 from edge.detectors.ensemble import MEMBER_PLUGINS, combine, common_scale
 from edge.errors import AudioError
 from edge.features import FeatureParams
-from edge.machine_state import evidence_windows
+from edge.machine_state import evidence_windows, said_once
 from edge.scoring import Scorer
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY
-from train.dataset import dead_said_once, training_audio
+from train.dataset import training_audio
 from train.fluctuation import train_fluctuation
 from train.knn import train_knn
 from train.levels import train_levels
@@ -94,7 +94,7 @@ def train_ensemble(
     files: dict[str, bytes] = {}
     network: Manifest | None = None
     entries = []
-    with tempfile.TemporaryDirectory() as tmp, dead_said_once():
+    with tempfile.TemporaryDirectory() as tmp, said_once():
         for i, kind in enumerate(members):
             path = Path(tmp) / f"{kind}.bundle"
             if kind in NETWORK_MEMBERS:

@@ -212,7 +212,7 @@ def collect(
     running_views = [(p, a) for p, _, a in views if names[label[p]] != OFF]
     machine = machine_profile(
         [a for _, a in running_views], params,
-        groups=[label[p] for p, _ in running_views] if states else None,
+        groups=[label[p] for p, _ in running_views] if states else None, names=names,
     )  # fmt: skip
     levels = StateLevels(names, params) if states else None
     warn_dead(((p, a) for p, _, a in views if names[label[p]] != OFF), params)
