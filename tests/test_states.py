@@ -19,7 +19,7 @@ from edge.bundle import load_bundle, write_bundle
 from edge.console import ReplaySummary
 from edge.daemon import Detector
 from edge.errors import BundleError
-from edge.features import LogMel
+from edge.features import FeatureParams, LogMel
 from edge.machine_state import StateNamer
 from edge.settings import Settings
 from edge.sources import FileSource
@@ -1015,3 +1015,24 @@ def test_a_state_bundle_tells_a_stop_by_its_off_level_or_a_folder_off(
         out = tmp_path / f"{states[1]}.bundle"
         write_bundle(out, manifest, {}, dict(bundle.arrays))
         assert Pipeline(load_bundle(out), DetectorSettings()).tells_off is tells, states
+
+
+def test_the_cnn_s_two_level_warning_names_a_state_folder_only_where_there_is_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The int8 CNN's trainer reads `--normal` as one group named `normal`: its two-level
+    warning called that "the state folder 'normal'" and told the user to move audio into
+    `off` (the last read of the change)."""
+    from train.embedding import read_own
+
+    running = np.concatenate([read_audio(f, 16000) for f in NORMAL_FILES])
+    room = running * 10 ** (-35 / 20) + np.random.default_rng(0).normal(0, 1e-3, len(running))
+    cycles = tmp_path / "cycles.wav"
+    sf.write(cycles, np.concatenate([running, room, room]).astype(np.float32), 16000)
+    with caplog.at_level(logging.WARNING, logger="edge.machine_state"):
+        read_own({"normal": [cycles]}, FeatureParams(), 0, named_states=False)
+        read_own({"running": [cycles]}, FeatureParams(), 0)
+    said = [r.getMessage() for r in caplog.records if "holds two levels" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("the normal audio holds") and "--normal-states" in said[0]
+    assert said[1].startswith("the state folder 'running' holds"), said[1]

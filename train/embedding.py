@@ -264,10 +264,15 @@ def _warn_states_not_apart(own: OwnAudio) -> None:
 
 
 def read_own(
-    groups: dict[str, list[Path]], params: FeatureParams, channel: int, all_channels: bool = False
+    groups: dict[str, list[Path]],
+    params: FeatureParams,
+    channel: int,
+    all_channels: bool = False,
+    named_states: bool = True,
 ) -> OwnAudio:
     """Frames and windows of every state's recordings, split by `holdout_split` per state; with
-    `all_channels` every channel of a recording is a view of it (held out together)."""
+    `all_channels` every channel of a recording is a view of it (held out together);
+    `named_states`: the groups are the user's state folders (not `--normal`'s one group)."""
     own = OwnAudio(list(groups))
     logmel, dense = LogMel(params), dense_params(params, FLUCTUATION_HOP_DIVISOR)
     dropout = params.hop_length  # the device's dead-window rule (`edge.health.is_dead`)
@@ -289,8 +294,9 @@ def read_own(
     own.audio = [audio for *_, audio in views]
     own.view_states = [label for label, *_ in views]
     own.machine = machine_profile(
-        own.running(own.audio), params, groups=own.running(own.view_states), names=own.states
-    )
+        own.running(own.audio), params, groups=own.running(own.view_states),
+        names=own.states if named_states else None,  # `normal` is no folder of the user's
+    )  # fmt: skip
     off = own.machine.get("off_below_dbfs")  # windows below it the device calls `off`
     for label, state, path, view, audio in progress(views, "features"):
         fit_audio, held_audio = own.holdouts[state].parts(path, audio, params.window_samples)
@@ -639,7 +645,7 @@ def fit_embedding(
             )
         }
     )
-    own = read_own(groups, params, channel, all_channels)
+    own = read_own(groups, params, channel, all_channels, named_states=bool(states))
     own.named = bool(states)
     corpus = load_corpus(params, exclude, corpus_path)
     mine = corpus_machines_heard(own, corpus, params)
