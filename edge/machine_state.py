@@ -188,8 +188,7 @@ def machine_profile(
         mine = group_of == g
         quiet[mine] = heard[mine] < np.median(heard[mine]) - QUIET_GAP_DB
         if say_two_levels:  # of what counts as running (a lead-in left out above is not)
-            named = names if names is not None else states
-            state = named[g] if named is not None and groups is not None else None
+            state = names[g] if names is not None and groups is not None else None
             _warn_two_levels(heard[mine][~quiet[mine]], state)
     left_out = silent + int(quiet.sum())
     if left_out:
