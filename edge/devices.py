@@ -19,6 +19,8 @@ card sits in: the same across reboots, where card numbers (hw:1, hw:2) are given
 the cards were found and two identical USB microphones have the same name."""
 PORT_PREFIX = "port:"
 """`[audio] device = "port:usb-0:1.2:1.0"`: the card on that port (a part of its by-path name)."""
+INVALID_SAMPLE_RATE = -9997
+"""PortAudio's paInvalidSampleRate: the device does not take the rate asked."""
 _CARD = re.compile(r"\(hw:(\d+),")
 
 
@@ -57,16 +59,30 @@ class InputDevice:
     default: bool
     port: str | None = None
     """The by-path name of the card's port (BY_PATH), for ALSA hardware devices."""
+    captures_at: tuple[int, bool] | None = None
+    """A model's rate asked of it (`input_devices(probe_rate)`) and whether the device takes
+    it; None where not asked or it could not be told (a device in use)."""
 
     def line(self) -> str:
         """`  3* USB Audio: mic (hw:1,0)  1 ch, 48000 Hz, ALSA` (`*` = the default input),
-        then `port:...` where the card's port is known."""
+        then `port:...` where the card's port is known, and how a model's rate is captured."""
         mark = "*" if self.default else " "
         port = f"  {PORT_PREFIX}{self.port}" if self.port else ""
         return (
             f"{self.index:3d}{mark} {self.name}  {self.channels} ch, "
-            f"{self.samplerate:.0f} Hz, {self.hostapi}{port}"
+            f"{self.samplerate:.0f} Hz, {self.hostapi}{port}{self._capture()}"
         )
+
+    def _capture(self) -> str:
+        """How the rate asked is captured: the default rate is only PortAudio's first offer
+        (a sound server's 44100 Hz opens at 16000 Hz all the same, a new user's walk-through
+        read it as the rate it records at)."""
+        if self.captures_at is None:
+            return ""
+        rate, direct = self.captures_at
+        if direct:
+            return f"  (captures at {rate} Hz)"
+        return f"  ({self.samplerate:.0f} Hz resampled to {rate} Hz)"
 
 
 def card_of(name: str) -> int | None:
@@ -128,8 +144,9 @@ def port_input(setting: str, devices: list[InputDevice], ports: dict[int, str]) 
     return matches[0]
 
 
-def input_devices() -> list[InputDevice]:
-    """Every device with at least one input channel, with its default rate."""
+def input_devices(probe_rate: int | None = None) -> list[InputDevice]:
+    """Every device with at least one input channel, with its default rate, and with
+    `probe_rate` whether it captures at that rate itself (capture resamples where not)."""
     sd = sounddevice_module()
     try:
         devices = sd.query_devices()
@@ -147,10 +164,25 @@ def input_devices() -> list[InputDevice]:
             hostapi=str(hostapis[d["hostapi"]]["name"]),
             default=int(d["index"]) == default,
             port=_port(str(d["name"]), ports),
+            captures_at=_takes(sd, int(d["index"]), probe_rate),
         )
         for d in devices
         if d["max_input_channels"] > 0
     ]
+
+
+def _takes(sd: Any, index: int, rate: int | None) -> tuple[int, bool] | None:
+    """(rate, whether device `index` opens one channel at it); None where not asked, or where
+    the device cannot be asked (PortAudio's other errors: a device in use, gone)."""
+    if rate is None:
+        return None
+    try:
+        sd.check_input_settings(index, 1, "float32", samplerate=rate)
+    except sd.PortAudioError as exc:
+        return (rate, False) if exc.args[1:2] == (INVALID_SAMPLE_RATE,) else None
+    except ValueError:
+        return None
+    return rate, True
 
 
 def known_inputs() -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -258,6 +259,10 @@ def test_a_microphone_is_found_by_the_usb_port_it_sits_in(tmp_path: Any) -> None
     assert port_input("port:usb-0:1:", devices, ports) == 4
     assert port_input("port:usb-0:2:1.0", devices, ports) == 3
     assert "port:platform-xhci-hcd.0-usb-0:1:1.0" in devices[1].line()
+    assert devices[1].line().endswith("1:1.0")  # no rate asked: none said
+    takes, not_16k = (replace(devices[0], captures_at=(16000, ok)) for ok in (True, False))
+    assert takes.line().endswith("usb-0:2:1.0  (captures at 16000 Hz)")
+    assert not_16k.line().endswith("2:1.0  (48000 Hz resampled to 16000 Hz)")
     with pytest.raises(CaptureError, match="matches the ports of 2 cards") as several:
         port_input("port:usb-0", devices, ports)
     assert not isinstance(several.value, MissingDeviceError)  # a setting to mend, not to wait

@@ -255,10 +255,31 @@ def test_devices_lists_inputs_and_a_device_that_does_not_match_names_them(
     for row in truth:
         name, channels, rate = row.split("|")
         assert any(f" {name}  {channels} ch, {rate} Hz" in x for x in listing), (row, listing)
+    # PortAudio's default rate is 44100 Hz for the sound server, which opens at the model's
+    # rate: said, so 44100 is not read as the rate it records at (a new user's walk-through)
+    pulse_line = next(x for x in listing if " pulse  " in x)
+    assert pulse_line.endswith("  (captures at 16000 Hz)"), pulse_line
     wrong = cli("run", "--model", str(DEMO_BUNDLE), "--device", "NOPE", env=env, check=False)
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
     assert "'NOPE'" in wrong.stderr and "'pulse'" in wrong.stderr
+
+
+def test_devices_says_a_rate_the_device_does_not_take_is_resampled(
+    pulse: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real sound server asked a rate beyond any it takes (PortAudio's paInvalidSampleRate),
+    as a USB microphone that only takes 48000 Hz is asked 16000: captured at its default rate
+    and resampled, as `MicSource` does."""
+    from edge.devices import input_devices
+
+    monkeypatch.setenv("PULSE_SOURCE", pulse)
+    beyond = 3_000_000
+    devices = input_devices(probe_rate=beyond)
+    server = next(d for d in devices if d.name == "pulse")
+    assert server.captures_at == (beyond, False)
+    assert server.line().endswith(f"  ({server.samplerate:.0f} Hz resampled to {beyond} Hz)")
+    assert next(d for d in input_devices(16000) if d.name == "pulse").captures_at == (16000, True)
 
 
 # --- doctor ---------------------------------------------------------------------------------

@@ -168,11 +168,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_devices(_args: argparse.Namespace) -> int:
     from edge.devices import input_devices, known_inputs
+    from edge.features import FeatureParams
 
-    devices = input_devices()
+    devices = input_devices(probe_rate=FeatureParams().samplerate)
     if not devices:  # known_inputs' words: a device held by the service is not listed either
         raise SoundSentryError(known_inputs())
-    print("index  name  channels, default rate, host API  (* = the default input)")
+    print(
+        "index  name  channels, default rate, host API  (* = the default input); the rate a "
+        f"{FeatureParams().samplerate}-Hz model captures at"
+    )
     for device in devices:
         print(device.line())
     print(
