@@ -346,7 +346,7 @@ class LearningSettings(_Section):
         ge=100,
         le=1_000_000,
         description="Most per-window feature vectors kept as the site's normal set (a uniform "
-        "sample beyond that); 20000 windows of 64 numbers are 10 MB.",
+        "sample beyond that); 20000 windows of 64 float32 numbers are 5 MB.",
     )
     keep_versions: int = Field(
         10, ge=1, le=1000, description="Bundle versions made on the device that are kept."
