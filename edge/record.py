@@ -15,9 +15,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import numpy as np
 import soundfile as sf
@@ -25,7 +25,7 @@ import soundfile as sf
 from edge.audio_io import SoundSummary, sf_path
 from edge.capture import MicSource
 from edge.errors import SoundSentryError
-from edge.health import QUIET_DBFS, AudioHealth
+from edge.health import QUIET_DBFS, AudioHealth, HealthChange
 from edge.settings import Settings
 from edge.sources import AudioGap
 
@@ -124,37 +124,18 @@ def _record(
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     health = AudioHealth(samplerate, settings.health.fault_seconds, settings.health.clip_fraction)
     total = int(seconds * samplerate)
-    per_chunk = int(chunk_seconds * samplerate)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    written: list[Path] = []
-    begun: dict[Path, int] = {}  # where each chunk starts, in samples heard
+    chunks = _Chunks(
+        settings, out, time.strftime("%Y%m%dT%H%M%S"), samplerate, int(chunk_seconds * samplerate)
+    )
     heard = 0
-    got = 0
-    writer: sf.SoundFile | None = None
     meter = LevelMeter()
     timeline = Timeline(samplerate)
     stopped = ""
-    path: Path | None = None
-    part = 0
-    split = 0
-    sound = SoundSummary()  # the chunk in progress: one `train` would refuse is not kept
-    mute = 0  # chunks deleted for that
-    unusable = 0  # samples of such chunks deleted one after another, recorded again
     try:
         for block in source:
             if not isinstance(block, np.ndarray):  # no audio yet, or a gap's mark
-                if isinstance(block, AudioGap) and writer is not None:
-                    # a file is continuous audio: the gap ends it, the next block begins another
-                    if _kept(writer, part, samplerate, sound) and path is not None:
-                        written.append(path)
-                        split += 1
-                        unusable = 0
-                    else:  # too short or unusable to keep (deleted): recorded again
-                        if _refused(sound) and part >= samplerate * MIN_KEPT_SECONDS:
-                            mute += 1
-                            unusable = _again(unusable + part, samplerate, settings, written, mute)
-                        got -= part
-                    writer, path = None, None
+                if isinstance(block, AudioGap):
+                    chunks.end_at_gap()
                 continue
             meter.push(block)
             timeline.push(len(block), time.monotonic())
@@ -162,93 +143,164 @@ def _record(
             heard += len(block)
             for change in health.push(block):
                 if change.kind == "fault":
-                    writer = _discard(writer)  # it holds the refused input
-                    # and so do the complete chunks within the fault's span (chunks shorter
-                    # than fault_seconds: 5 s of digital silence was kept, and training then
-                    # refused the whole folder, in a review)
                     # (counted in samples heard: `got` forgets a chunk a gap cut short)
                     span = heard - round(health.run_seconds(change.fault) * samplerate)
-                    refused = [p for p in written if begun[p] >= span]
-                    for p in refused:
-                        _unlink(p)
-                        written.remove(p)
-                    dropped = f" (deleted {len(refused)} holding only it)" if refused else ""
-                    raise RecordingRefusedError(
-                        f"input {change.fault}: {change.detail}; "
-                        f"kept {len(written)} complete chunk(s){dropped}{_muted(mute)}"
-                    )
-            block = block[: total - got]
-            where = path  # the chunk in progress (None between chunks), for the error line
-            try:
-                if writer is None:
-                    part = 0
-                    where = path = _new_chunk(out, stamp, len(written))
-                    begun[path] = block_at
-                    writer = sf.SoundFile(sf_path(path), "w", samplerate, 1, "PCM_16")
-                    sound = SoundSummary()
-                block = np.clip(block, -1, 1)
-                writer.write(block)
-                sound.add(as_written(block))
-                part += len(block)
-                got += len(block)
-                if part >= per_chunk or got >= total:
-                    # complete: kept even if its close fails, for all its audio is written and
-                    # readers mend a header whose lengths were not
-                    (done, writer), (complete, path) = (writer, None), (path, None)
-                    if _refused(sound):  # shorter than the health check's span: `train` refuses it
-                        _discard(done)
-                        mute += 1
-                        got -= part  # recorded again, as a chunk a gap cut too short
-                        unusable = _again(unusable + part, samplerate, settings, written, mute)
-                    else:
-                        written.append(complete)
-                        unusable = 0
-                        done.close()
-            except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
-                failed, writer = writer, None
-                if (
-                    failed is not None
-                    and path is not None
-                    and _kept(failed, part, samplerate, sound)
-                ):
-                    written.append(path)  # the audio before the failed write
-                elif path is not None:
-                    _unlink(path)  # a chunk just opened, or too short to keep
-                raise SoundSentryError(
-                    f"cannot write {where or out}: {_reason(exc)}; kept {len(written)} file(s) "
-                    f"in {out} ({_free(out)})"
-                ) from None
-            _progress(err, got / samplerate, total / samplerate, health.level)
-            if got >= total:
+                    chunks.refuse(change, span)
+            chunks.write(block[: total - chunks.got], block_at, total)
+            _progress(err, chunks.got / samplerate, total / samplerate, health.level)
+            if chunks.got >= total:
                 break
     except KeyboardInterrupt as exc:  # the user ends the recording early: what is recorded is kept
         stopped = exc.name if isinstance(exc, _Signalled) else "Ctrl-C"
     finally:
         # the chunk in progress when Ctrl-C, a signal or a device's failure came: finished
         # first, before anything is said (a terminal gone with its SSH session fails writes)
-        if writer is not None and path is not None:
-            if _kept(writer, part, samplerate, sound):
-                written.append(path)
-            elif _refused(sound) and part >= samplerate * MIN_KEPT_SECONDS:
-                mute += 1
+        chunks.finish_cut_short()
         source.stop()
         _say(err, "\n")
-    if stopped:
-        _say(
-            err,
-            f"stopped after {got / samplerate:.1f} of {total / samplerate:g} s ({stopped}); "
-            f"kept {len(written)} file(s) in {out}{_muted(mute)}\n",
-        )
-    elif mute:
-        _say(err, f"{_muted(mute).strip()}\n")
-    if meter.samples:
-        _say(err, meter.verdict() + "\n")
-    gaps = gap_note(source.stats(), timeline.missing_s(), split)
+    _summarise(err, chunks, stopped, total, meter)
+    gaps = gap_note(source.stats(), timeline.missing_s(), chunks.split)
     if gaps:
         _say(err, gaps + "\n")
     if stopped:  # the files are kept, but the recording is not what was asked: exit 130
         raise KeyboardInterrupt
-    return written
+    return chunks.written
+
+
+@dataclass
+class _Chunks:
+    """The chunks of one recording: the one being written, and those kept so far."""
+
+    settings: Settings
+    out: Path
+    stamp: str
+    samplerate: int
+    per_chunk: int
+    written: list[Path] = field(default_factory=list)
+    begun: dict[Path, int] = field(default_factory=dict)
+    """Where each chunk starts, in samples heard."""
+    writer: sf.SoundFile | None = None
+    path: Path | None = None
+    part: int = 0
+    got: int = 0
+    split: int = 0
+    sound: SoundSummary = field(default_factory=SoundSummary)
+    """The chunk in progress: one `train` would refuse is not kept."""
+    mute: int = 0
+    """Chunks deleted for that."""
+    unusable: int = 0
+    """Samples of such chunks deleted one after another, recorded again."""
+
+    def end_at_gap(self) -> None:
+        """A file is continuous audio: a gap ends it, the next block begins another."""
+        if self.writer is None:
+            return
+        if _kept(self.writer, self.part, self.samplerate, self.sound) and self.path is not None:
+            self.written.append(self.path)
+            self.split += 1
+            self.unusable = 0
+        else:  # too short or unusable to keep (deleted): recorded again
+            if _refused(self.sound) and self.part >= self.samplerate * MIN_KEPT_SECONDS:
+                self.mute += 1
+                self._count_unusable(self.part)
+            self.got -= self.part
+        self.writer, self.path = None, None
+
+    def refuse(self, change: HealthChange, span: int) -> NoReturn:
+        """Delete what holds the refused input and refuse the recording."""
+        _discard(self.writer)  # it holds the refused input
+        self.writer = None
+        # and so do the complete chunks within the fault's span (chunks shorter
+        # than fault_seconds: 5 s of digital silence was kept, and training then
+        # refused the whole folder, in a review)
+        refused = [p for p in self.written if self.begun[p] >= span]
+        for p in refused:
+            _unlink(p)
+            self.written.remove(p)
+        dropped = f" (deleted {len(refused)} holding only it)" if refused else ""
+        raise RecordingRefusedError(
+            f"input {change.fault}: {change.detail}; "
+            f"kept {len(self.written)} complete chunk(s){dropped}{_muted(self.mute)}"
+        )
+
+    def write(self, block: np.ndarray, block_at: int, total: int) -> None:
+        """Write a block, opening a chunk first and completing it when full."""
+        where = self.path  # the chunk in progress (None between chunks), for the error line
+        try:
+            if self.writer is None:
+                self.part = 0
+                where = self.path = _new_chunk(self.out, self.stamp, len(self.written))
+                self.begun[self.path] = block_at
+                self.writer = sf.SoundFile(sf_path(self.path), "w", self.samplerate, 1, "PCM_16")
+                self.sound = SoundSummary()
+            block = np.clip(block, -1, 1)
+            self.writer.write(block)
+            self.sound.add(as_written(block))
+            self.part += len(block)
+            self.got += len(block)
+            if self.part >= self.per_chunk or self.got >= total:
+                self._complete()
+        except (sf.LibsndfileError, OSError) as exc:  # a full or failing SD card
+            self._failed(exc, where)
+
+    def _complete(self) -> None:
+        """Complete the chunk: kept even if its close fails, for all its audio is written and
+        readers mend a header whose lengths were not."""
+        (done, self.writer), (complete, self.path) = (self.writer, None), (self.path, None)
+        if _refused(self.sound):  # shorter than the health check's span: `train` refuses it
+            _discard(done)
+            self.mute += 1
+            self.got -= self.part  # recorded again, as a chunk a gap cut too short
+            self._count_unusable(self.part)
+        else:
+            self.written.append(complete)
+            self.unusable = 0
+            done.close()
+
+    def _failed(self, exc: Exception, where: Path | None) -> NoReturn:
+        """Keep the audio before a failed write if it is worth keeping, and say why it ended."""
+        failed, self.writer = self.writer, None
+        if (
+            failed is not None
+            and self.path is not None
+            and _kept(failed, self.part, self.samplerate, self.sound)
+        ):
+            self.written.append(self.path)  # the audio before the failed write
+        elif self.path is not None:
+            _unlink(self.path)  # a chunk just opened, or too short to keep
+        raise SoundSentryError(
+            f"cannot write {where or self.out}: {_reason(exc)}; kept {len(self.written)} file(s) "
+            f"in {self.out} ({_free(self.out)})"
+        ) from None
+
+    def _count_unusable(self, part: int) -> None:
+        """Count `part` samples deleted as unusable; refused once they are too many (`_again`)."""
+        self.unusable = _again(
+            self.unusable + part, self.samplerate, self.settings, self.written, self.mute
+        )
+
+    def finish_cut_short(self) -> None:
+        """Finish the chunk in progress when the recording ended early: kept or deleted."""
+        if self.writer is not None and self.path is not None:
+            if _kept(self.writer, self.part, self.samplerate, self.sound):
+                self.written.append(self.path)
+            elif _refused(self.sound) and self.part >= self.samplerate * MIN_KEPT_SECONDS:
+                self.mute += 1
+
+
+def _summarise(err: TextIO, chunks: _Chunks, stopped: str, total: int, meter: LevelMeter) -> None:
+    """Say how the recording ended and how its level was."""
+    rate = chunks.samplerate
+    if stopped:
+        _say(
+            err,
+            f"stopped after {chunks.got / rate:.1f} of {total / rate:g} s ({stopped}); "
+            f"kept {len(chunks.written)} file(s) in {chunks.out}{_muted(chunks.mute)}\n",
+        )
+    elif chunks.mute:
+        _say(err, f"{_muted(chunks.mute).strip()}\n")
+    if meter.samples:
+        _say(err, meter.verdict() + "\n")
 
 
 def _kept(writer: sf.SoundFile | None, part: int, samplerate: int, sound: SoundSummary) -> bool:
