@@ -83,35 +83,8 @@ def run_detector(
             if controller is not None:
                 controller.submit_retained(payload, reply_to)
 
-        dashboard = None
-        try:  # what fails here fails the start: the dashboard's port or token, the broker's
-            dashboard = _dashboard(settings)  # TLS or password files; bound first
-            page = dashboard.page_url() if dashboard is not None else None
-            client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
-            logged = _logged_events(settings.data_dir, settings.device_id)
-            publisher = (
-                _publisher(settings, on_command, client_id, logged, on_retained, live)
-                if settings.mqtt.host
-                else None
-            )
-        except (SoundSentryError, OSError) as exc:
-            if dashboard is not None:
-                dashboard.stop()
-            said = str(exc) if isinstance(exc, SoundSentryError) else os_error_line(exc)
-            raise StartError(said) from exc
-        # the device's own record (`events`, fsynced) takes a start before the spool and an
-        # end after it: a start a power cut caught between the two went out with no record of
-        # it, and no `end` ever followed (a power-loss review); an end logged first would be
-        # lost for good the same way (a review of that mend). The worst left: an end for a
-        # start that never went out, or a second end, marked interrupted
-        record = EventLogSink(settings.data_dir)
-        sinks: list[Sink] = [Starts(record)]
-        if publisher is not None:
-            sinks.append(MqttSink(publisher))  # spooled durably before it is printed
-        if print_events:
-            sinks.append(JsonLinesSink())
-        sinks.append(AllButStarts(record))
-        sinks.extend(extra_sinks)
+        dashboard, page, publisher, logged = _open_outputs(settings, on_command, on_retained, live)
+        sinks = _sinks(settings, publisher, print_events, extra_sinks)
         refresh = None
         if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id
             refresh = _discovery_refresh(publisher, bundle, lambda: detector.bundle, page)
@@ -121,23 +94,9 @@ def run_detector(
             sinks.append(dashboard.live)
         if live:
             end_interrupted(logged, sinks, settings.data_dir / CLIPS_DIR)
-        spool = publisher.spool if publisher is not None else None
-        try:  # settings the model refuses (K above its N): a failed start, retried each minute
-            detector = Detector(
-                settings,
-                bundle,
-                sinks,
-                on_step=on_step,
-                spool_stats=spool.stats if spool is not None else None,
-                persist=persist,  # threshold, mute, learned models survive a restart (data_dir)
-                live=live,  # the device's running hours count what its microphone heard
-            )
-        except SoundSentryError as exc:
-            if dashboard is not None:
-                dashboard.stop()
-            if spool is not None:
-                spool.close()
-            raise StartError(str(exc)) from exc
+        detector = _new_detector(
+            settings, bundle, sinks, dashboard, publisher, on_step, persist=persist, live=live
+        )
         controller = Controller(detector, reload_settings)
         if refresh is not None:  # the mark button as the daemon can learn one, before connecting
             refresh.learns_from(detector.marks_learnt)
@@ -154,25 +113,116 @@ def run_detector(
                 on_stop()
 
         _install_signals(stop, controller.submit_reload)  # before the wait: SIGTERM stops cleanly
-        if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
-            log.warning(
-                "MQTT: no connection to %s:%d after %g s (%s); events are spooled until it "
-                "answers",
-                settings.mqtt.host, settings.mqtt.port, FIRST_CONNECT_WAIT_S,
-                publisher.problem or _no_answer(settings),
-            )  # fmt: skip
-        try:
-            detector.run(source)
-        finally:
-            if dashboard is not None:
-                dashboard.stop()
-            if publisher is not None:
-                publisher.close(CLOSE_FLUSH_S)
-                _say_undelivered(publisher.spool)
-                publisher.spool.close()
+        _connect(settings, publisher)
+        _run_to_end(detector, source, dashboard, publisher)
         return detector
     finally:
         os.close(lock)
+
+
+def _open_outputs(
+    settings: Settings,
+    on_command: Callable[[bytes, ReplyTo | None], None],
+    on_retained: Callable[[bytes, ReplyTo | None], None],
+    live: bool,
+) -> tuple[Any, str | None, Any, list[LoggedEvent]]:
+    """The dashboard (bound), its page, the publisher (not connected) and the logged events;
+    what fails here fails the start: the dashboard's port or token, the broker's TLS or
+    password files."""
+    dashboard = None
+    try:
+        dashboard = _dashboard(settings)  # bound first
+        page = dashboard.page_url() if dashboard is not None else None
+        client_id = mqtt_client_id(settings) + ("" if live else f"-replay-{os.getpid()}")
+        logged = _logged_events(settings.data_dir, settings.device_id)
+        publisher = (
+            _publisher(settings, on_command, client_id, logged, on_retained, live)
+            if settings.mqtt.host
+            else None
+        )
+    except (SoundSentryError, OSError) as exc:
+        if dashboard is not None:
+            dashboard.stop()
+        said = str(exc) if isinstance(exc, SoundSentryError) else os_error_line(exc)
+        raise StartError(said) from exc
+    return dashboard, page, publisher, logged
+
+
+def _sinks(
+    settings: Settings, publisher: Any, print_events: bool, extra_sinks: Iterable[Sink]
+) -> list[Sink]:
+    """The detector's sinks, in the order a start and an end must reach them."""
+    # the device's own record (`events`, fsynced) takes a start before the spool and an
+    # end after it: a start a power cut caught between the two went out with no record of
+    # it, and no `end` ever followed (a power-loss review); an end logged first would be
+    # lost for good the same way (a review of that mend). The worst left: an end for a
+    # start that never went out, or a second end, marked interrupted
+    record = EventLogSink(settings.data_dir)
+    sinks: list[Sink] = [Starts(record)]
+    if publisher is not None:
+        sinks.append(MqttSink(publisher))  # spooled durably before it is printed
+    if print_events:
+        sinks.append(JsonLinesSink())
+    sinks.append(AllButStarts(record))
+    sinks.extend(extra_sinks)
+    return sinks
+
+
+def _new_detector(
+    settings: Settings,
+    bundle: Bundle,
+    sinks: list[Sink],
+    dashboard: Any,
+    publisher: Any,
+    on_step: Callable[[Step], None] | None,
+    persist: bool,
+    live: bool,
+) -> Detector:
+    """The Detector; settings the model refuses (K above its N) fail the start, retried each
+    minute, with the dashboard stopped and the spool closed."""
+    spool = publisher.spool if publisher is not None else None
+    try:
+        return Detector(
+            settings,
+            bundle,
+            sinks,
+            on_step=on_step,
+            spool_stats=spool.stats if spool is not None else None,
+            persist=persist,  # threshold, mute, learned models survive a restart (data_dir)
+            live=live,  # the device's running hours count what its microphone heard
+        )
+    except SoundSentryError as exc:
+        if dashboard is not None:
+            dashboard.stop()
+        if spool is not None:
+            spool.close()
+        raise StartError(str(exc)) from exc
+
+
+def _connect(settings: Settings, publisher: Any) -> None:
+    """Wait a moment for the broker before processing audio; say so if it has not answered."""
+    if publisher is not None and not publisher.start(wait_s=FIRST_CONNECT_WAIT_S):
+        log.warning(
+            "MQTT: no connection to %s:%d after %g s (%s); events are spooled until it "
+            "answers",
+            settings.mqtt.host, settings.mqtt.port, FIRST_CONNECT_WAIT_S,
+            publisher.problem or _no_answer(settings),
+        )  # fmt: skip
+
+
+def _run_to_end(
+    detector: Detector, source: Iterable[np.ndarray | None], dashboard: Any, publisher: Any
+) -> None:
+    """Run the detector over `source`, then stop the dashboard and flush and close the spool."""
+    try:
+        detector.run(source)
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+        if publisher is not None:
+            publisher.close(CLOSE_FLUSH_S)
+            _say_undelivered(publisher.spool)
+            publisher.spool.close()
 
 
 LOCK = ".lock"
