@@ -263,12 +263,27 @@ class MqttPublisher:
         self.on_retained_command = on_retained_command
         """A retained command, refused: once per content in a process (a stored one comes at
         every connection)."""
+        self._init_commands()
+        self._init_connection()
+        self._init_delivery()
+        self.client = self._new_client(client_id)
+        configure_auth(self.client, settings)
+        self._password = mqtt_password(settings) if settings.username else None
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-spool", daemon=True)
+
+    def _init_commands(self) -> None:
+        """What the inbound side remembers: refused commands and reply topics, subscriptions."""
         self._reply_topics_warned: set[bytes] = set()  # SHA-256 digests of refused ones
         self._refused_commands: set[bytes] = set()
         """The SHA-256 digests of the retained commands refused so far, at most REFUSED_KEPT (a
         payload may be up to MAX_INBOUND_PACKET_BYTES: the payloads themselves took up to 64 MB
         for good)."""
         self._refused_full = False
+        self._warned_retained = False
+        self._subscribed: dict[int, list[str]] = {}  # SUBSCRIBE message id -> its topics
+
+    def _init_connection(self) -> None:
+        """The connection's state: its events and locks, the retained messages, the backoff."""
         self.discovery: dict[str, dict[str, Any] | None] = {}
         self._connected = threading.Event()
         self._closing = threading.Event()
@@ -283,6 +298,20 @@ class MqttPublisher:
         self._connection = 0
         """Connections made so far; a retained message's id -> the connection it was sent on."""
         self._sent_on: dict[int, int] = {}
+        self._quick_drops = 0  # connections in a row ended by a protocol error at once
+        self._connected_at = 0.0  # monotonic time of the last CONNACK
+        self._failures = 0  # attempts in a row that failed or did not last STABLE_S
+        self._rng = random.Random()  # the backoff's jitter: each device draws its own
+        self._loss_said = False  # the loss of the connection was logged, until the next attempt
+        self._network_wait_s = 0.0  # before paho's network thread is started again, if it ends
+        self._network_restart_at = 0.0  # monotonic time it may be started again
+        self.network_restarts = 0
+        self._last_refusal = ""
+        self._last_unreachable = ""
+
+    def _init_delivery(self) -> None:
+        """The delivery's bookkeeping: spool rows handed and acknowledged, messages kept in
+        memory, refused rows offered again, the broker's size limit as learned."""
         self._inflight: dict[int, int] = {}
         self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._spool_failed = False
@@ -309,11 +338,6 @@ class MqttPublisher:
         expired and clear it under paho's feet)."""
         self._learned_lock = threading.Lock()
         self.size_relearn_s = SIZE_RELEARN_S
-        self._quick_drops = 0  # connections in a row ended by a protocol error at once
-        self._connected_at = 0.0  # monotonic time of the last CONNACK
-        self._failures = 0  # attempts in a row that failed or did not last STABLE_S
-        self._rng = random.Random()  # the backoff's jitter: each device draws its own
-        self._loss_said = False  # the loss of the connection was logged, until the next attempt
         self._dropped_mids: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         """Message ids taken back from paho (over the learned limit): their spool rows are
         handed again by the sender thread, those over the limit kept as if refused."""
@@ -326,33 +350,29 @@ class MqttPublisher:
         self._accepted_offered = 0  # of those, accepted this offer
         self.refused_retry_s = REFUSED_RETRY_S
         self._send_failures = _Throttle(SENDER_LOG_INTERVAL_S)  # by kind of failure
-        self._network_wait_s = 0.0  # before paho's network thread is started again, if it ends
-        self._network_restart_at = 0.0  # monotonic time it may be started again
-        self.network_restarts = 0
-        self._last_refusal = ""
-        self._last_unreachable = ""
-        self._warned_retained = False
         self._topic_of: dict[int, str] = {}  # message id -> topic, until its PUBACK
         self._refused = _Throttle(REFUSED_LOG_INTERVAL_S)  # by topic
-        self._subscribed: dict[int, list[str]] = {}  # SUBSCRIBE message id -> its topics
         self._next_seq: OrderedDict[str, int] = OrderedDict()  # open event_id -> next seq
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+
+    def _new_client(self, client_id: str) -> mqtt.Client:
+        """The paho client with its last will, backoff and callbacks (not yet authenticated)."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client.will_set(
+            self.topics.availability,
+            OFFLINE,
+            qos=1,
+            retain=True,
+            properties=self._sender_props(True),
         )
-        self.client.will_set(
-            topics.availability, OFFLINE, qos=1, retain=True, properties=self._sender_props(True)
-        )
-        self.client.reconnect_delay_set(RECONNECT_MIN_S, int(settings.reconnect_max_seconds))
-        self.client.on_connect = self._on_connect
-        self.client.on_connect_fail = self._on_connect_fail
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_pre_connect = self._on_pre_connect
-        self.client.on_publish = self._on_publish
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        configure_auth(self.client, settings)
-        self._password = mqtt_password(settings) if settings.username else None
-        self._sender = threading.Thread(target=self._send_loop, name="mqtt-spool", daemon=True)
+        client.reconnect_delay_set(RECONNECT_MIN_S, int(self.settings.reconnect_max_seconds))
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_pre_connect = self._on_pre_connect
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
 
     @property
     def connected(self) -> bool:
