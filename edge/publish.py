@@ -150,6 +150,17 @@ SIZE_RELEARN_S = 3600.0
 again (a raised limit takes them; one not raised costs TOO_LARGE_DROPS quick reconnects, and
 the size is learned again). It held until the daemon restarted: a user who raised the broker's
 limit as the log said, and did not restart the daemon, had the spooled event held for good."""
+BACKOFF_FAILURES_COUNTED = 32
+"""Failed attempts in a row counted for the reconnect backoff: 2**32 s is far beyond any
+reconnect_max_seconds, and a count without a bound would overflow the float it doubles."""
+TOPIC_SHOWN_CHARS = 120
+"""A refused response topic is logged cut to this many characters (with its length): a topic
+may be up to 64 KB, and the log line stays one line."""
+CLOSE_POLL_S = 0.05
+"""How often close() looks whether the spool has been flushed."""
+OFFLINE_POLL_S = 0.02
+"""How often close() looks whether the broker has acknowledged `offline`: it comes within
+a round trip, and the disconnect waits for it."""
 PROTOCOL_ERROR = 0x82
 """MQTT 5 reason "Protocol error": what paho gives `on_disconnect` when it drops a connection."""
 
@@ -499,7 +510,7 @@ class MqttPublisher:
         if was_connected and time.monotonic() - self._connected_at >= STABLE_S:
             self._failures = 0
         cap = min(float(self.settings.reconnect_max_seconds), RECONNECT_MIN_S * 2.0**self._failures)
-        self._failures = min(self._failures + 1, 32)
+        self._failures = min(self._failures + 1, BACKOFF_FAILURES_COUNTED)
         wait = self._rng.uniform(cap / 2, cap)
         self.client.reconnect_delay_set(wait, wait)  # type: ignore[arg-type]  # floats do
 
@@ -683,7 +694,11 @@ class MqttPublisher:
         if key in warned or len(warned) >= REPLY_TOPICS_WARNED:
             return None
         warned.add(key)
-        shown = topic if len(topic) <= 120 else f"{topic[:120]}... ({len(topic)} characters)"
+        shown = (
+            topic
+            if len(topic) <= TOPIC_SHOWN_CHARS
+            else f"{topic[:TOPIC_SHOWN_CHARS]}... ({len(topic)} characters)"
+        )
         log.warning(
             "MQTT: a command's response topic %r is refused (%s): its reply goes to %s only%s",
             shown,
@@ -1354,7 +1369,7 @@ class MqttPublisher:
         self._closing.set()
         self._wake.set()
         while self.connected and self._pending() and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(CLOSE_POLL_S)
             self._wake.set()
         said = False
         if self.connected:
@@ -1365,7 +1380,7 @@ class MqttPublisher:
                 and self.connected
                 and time.monotonic() < deadline
             ):
-                time.sleep(0.02)
+                time.sleep(OFFLINE_POLL_S)
             said = info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published()
         # Unless the broker acknowledged `offline`, "disconnect with will message": a backlog
         # still draining holds `offline` behind it in paho's queue, and a plain DISCONNECT made

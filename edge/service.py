@@ -47,6 +47,20 @@ log = logging.getLogger(__name__)
 FIRST_CONNECT_WAIT_S = 5.0
 """How long to wait for the broker before processing audio (events are spooled after that)."""
 CLOSE_FLUSH_S = 5.0
+HOST_TAG_DIGITS = 8
+"""Hex digits of the host tag: 32 bits, so two machines on one broker share a tag about once
+in 4 billion pairs, and a client id stays short enough to read in the broker's log."""
+FOLDER_TAG_DIGITS = 4
+"""Hex digits of the data folder's tag in the client id: it tells apart only the few daemons
+of one machine (the service and a `run` as another user), so 16 bits are plenty."""
+RANDOM_NODE_BIT = 1 << 40
+"""The multicast bit of a 48-bit hardware address, which `uuid.getnode()` sets on an address
+it made up (RFC 4122, 4.5): such an address changes per process and tells no machine apart."""
+HOLDER_READ_BYTES = 32
+"""Bytes read of the lock file to name its holder: it holds a pid and a newline, far shorter."""
+COMMAND_SHOWN_CHARS = 160
+"""The holder's command line is cut to this many characters: one line of a terminal or a log,
+not a whole argument list."""
 
 
 def run_detector(
@@ -244,9 +258,9 @@ def host_tag() -> str:
         except OSError:
             continue
     node = uuid.getnode()
-    if not node & (1 << 40):  # a real address (a random one, made up per process, has it set)
+    if not node & RANDOM_NODE_BIT:  # a real address (a random one, made up per process, has it set)
         seed += f"/{node:012x}"
-    return hashlib.sha256(seed.encode()).hexdigest()[:8]
+    return hashlib.sha256(seed.encode()).hexdigest()[:HOST_TAG_DIGITS]
 
 
 def mqtt_client_id(settings: Settings) -> str:
@@ -262,8 +276,9 @@ def mqtt_client_id(settings: Settings) -> str:
             "the host name) to name this machine, or devices will share topics",
             settings.device_id,
         )
-    folder = hashlib.sha256(str(Path(settings.data_dir).resolve()).encode()).hexdigest()[:4]
-    return f"soundsentry-{settings.mqtt.prefix}-{settings.device_id}-{host_tag()}-{folder}"
+    folder = hashlib.sha256(str(Path(settings.data_dir).resolve()).encode()).hexdigest()
+    tags = f"{host_tag()}-{folder[:FOLDER_TAG_DIGITS]}"
+    return f"soundsentry-{settings.mqtt.prefix}-{settings.device_id}-{tags}"
 
 
 def _say_undelivered(spool: Spool) -> None:
@@ -336,7 +351,7 @@ def _holder(pid: str, procfs: Path = Path("/proc")) -> tuple[str, str]:
     if unit and unit.group(1).startswith("soundsentry"):
         return f", the service {unit.group(1)}", f" (`systemctl stop {unit.group(1)}`)"
     command = " ".join(w.decode(errors="replace") for w in words if w)
-    return (f", `{command[:160]}`", "") if command else ("", "")
+    return (f", `{command[:COMMAND_SHOWN_CHARS]}`", "") if command else ("", "")
 
 
 def data_dir_holder(data_dir: Path, locks: Path = Path("/proc/locks")) -> tuple[int, str] | None:
@@ -386,7 +401,7 @@ def hold_data_dir(data_dir: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        holder = os.pread(fd, HOLDER_READ_BYTES, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         who, stop = _holder(holder)
         raise SoundSentryError(
