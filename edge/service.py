@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 FIRST_CONNECT_WAIT_S = 5.0
 """How long to wait for the broker before processing audio (events are spooled after that)."""
 CLOSE_FLUSH_S = 5.0
+"""How long a stop waits for the spool's messages to reach the broker before it disconnects
+(what is not sent stays in the spool for the next run)."""
 HOST_TAG_DIGITS = 8
 """Hex digits of the host tag: 32 bits, so two machines on one broker share a tag about once
 in 4 billion pairs, and a client id stays short enough to read in the broker's log."""
