@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from edge.private import user_name
 from edge.settings import Settings, mqtt_password
 
 if TYPE_CHECKING:
+    from paho.mqtt.client import Client as MqttClient
+
     from edge.bundle import Bundle
 
 MIN_FREE_MB = 200
@@ -477,16 +480,20 @@ def _mqtt_login(s: Settings) -> Check:
     it, and one QoS 1 publish under the device's topics (DOCTOR_TOPIC): a broker's ACL that
     refuses them lets the login pass and every event be dropped (MQTT 5 says so in the
     PUBACK; 3.1.1 does not)."""
-    import ssl
-    import threading
+    topic = f"{s.mqtt.prefix}/{s.device_id}/{DOCTOR_TOPIC}"
+    result, failed = _login_and_publish(s, topic)
+    if failed is not None:
+        return failed
+    return _login_verdict(s, topic, result)
 
+
+def _doctor_client(
+    result: dict[str, object], done: threading.Event, acked: threading.Event
+) -> MqttClient:
+    """An MQTT 5 client whose callbacks put the CONNACK and PUBACK reasons in `result`."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edge.broker import configure_auth
-
-    result: dict[str, object] = {}
-    done, acked = threading.Event(), threading.Event()
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"soundsentry-doctor-{os.getpid()}",
@@ -503,8 +510,19 @@ def _mqtt_login(s: Settings) -> Check:
 
     client.on_connect = on_connect
     client.on_publish = on_publish
-    topic = f"{s.mqtt.prefix}/{s.device_id}/{DOCTOR_TOPIC}"
-    tls = "TLS" if s.mqtt.tls.enabled else "plain"
+    return client
+
+
+def _login_and_publish(s: Settings, topic: str) -> tuple[dict[str, object], Check | None]:
+    """Log in and, once accepted, publish once to `topic`: the reasons heard, or a failed
+    Check when the connection itself fails."""
+    import ssl
+
+    from edge.broker import configure_auth
+
+    result: dict[str, object] = {}
+    done, acked = threading.Event(), threading.Event()
+    client = _doctor_client(result, done, acked)
     try:
         configure_auth(client, s.mqtt)
         client.connect(s.mqtt.host, s.mqtt.port, s.mqtt.keepalive)  # type: ignore[arg-type]
@@ -516,7 +534,7 @@ def _mqtt_login(s: Settings) -> Check:
             client.publish(topic, payload, qos=1)
             acked.wait(BROKER_TIMEOUT_S)
     except (OSError, ssl.SSLError, ValueError) as exc:  # TLS problems surface here
-        return Check(
+        return result, Check(
             "broker login",
             False,
             f"{type(exc).__name__}: {exc}",
@@ -525,36 +543,55 @@ def _mqtt_login(s: Settings) -> Check:
     finally:
         client.loop_stop()
         client.disconnect()
+    return result, None
+
+
+def _login_verdict(s: Settings, topic: str, result: dict[str, object]) -> Check:
+    """The check's outcome from the CONNACK and PUBACK reasons in `result`."""
     reason = result.get("reason")
     if reason is None:
-        hint = (
-            "is that port an MQTT port? A broker that expects TLS there (often 8883) does not "
-            "answer a plain CONNECT: set [mqtt.tls] enabled = true"
-            if not s.mqtt.tls.enabled
-            else "is that port an MQTT port, with TLS? (a plain listener, often 1883, does not "
-            "answer a TLS handshake: set [mqtt.tls] enabled = false or the TLS port)"
-        )
-        return Check("broker login", False, "no answer to CONNECT", hint)
+        return Check("broker login", False, "no answer to CONNECT", _no_answer_hint(s))
     if reason.is_failure:  # type: ignore[attr-defined]
-        fix = "check [mqtt] username and the password file / credential"
-        if s.mqtt.username and mqtt_password(s.mqtt) is None:  # no password reached doctor
-            unit = UNIT.get() or "soundsentry.service"
-            name = unit.removeprefix("soundsentry@").removesuffix(".service")
-            secret, config = (
-                ("mqtt_password", "config.toml")
-                if unit == "soundsentry.service"
-                else (f"{name}.mqtt_password", f"{name}.toml")
-            )
-            fix = (
-                f"no password reached doctor: the service gets /etc/soundsentry/{secret} as a "
-                "systemd credential, which a command run by hand does not see; run it as the "
-                "service would: sudo systemd-run --pipe --wait -p "
-                f"LoadCredential=mqtt_password:/etc/soundsentry/{secret} -p User=soundsentry "
-                f"/opt/soundsentry/venv/bin/soundsentry doctor --config /etc/soundsentry/{config}"
-            )
-        return Check("broker login", False, f"refused: {reason}", fix)
+        return Check("broker login", False, f"refused: {reason}", _refused_fix(s))
+    return _publish_verdict(s, topic, result.get("puback"))
+
+
+def _no_answer_hint(s: Settings) -> str:
+    """What to check when the broker's port never answered the CONNECT."""
+    return (
+        "is that port an MQTT port? A broker that expects TLS there (often 8883) does not "
+        "answer a plain CONNECT: set [mqtt.tls] enabled = true"
+        if not s.mqtt.tls.enabled
+        else "is that port an MQTT port, with TLS? (a plain listener, often 1883, does not "
+        "answer a TLS handshake: set [mqtt.tls] enabled = false or the TLS port)"
+    )
+
+
+def _refused_fix(s: Settings) -> str:
+    """What to fix when the broker refused the login."""
+    fix = "check [mqtt] username and the password file / credential"
+    if s.mqtt.username and mqtt_password(s.mqtt) is None:  # no password reached doctor
+        unit = UNIT.get() or "soundsentry.service"
+        name = unit.removeprefix("soundsentry@").removesuffix(".service")
+        secret, config = (
+            ("mqtt_password", "config.toml")
+            if unit == "soundsentry.service"
+            else (f"{name}.mqtt_password", f"{name}.toml")
+        )
+        fix = (
+            f"no password reached doctor: the service gets /etc/soundsentry/{secret} as a "
+            "systemd credential, which a command run by hand does not see; run it as the "
+            "service would: sudo systemd-run --pipe --wait -p "
+            f"LoadCredential=mqtt_password:/etc/soundsentry/{secret} -p User=soundsentry "
+            f"/opt/soundsentry/venv/bin/soundsentry doctor --config /etc/soundsentry/{config}"
+        )
+    return fix
+
+
+def _publish_verdict(s: Settings, topic: str, puback: object) -> Check:
+    """The check's outcome once logged in: whether the broker took the test publish."""
+    tls = "TLS" if s.mqtt.tls.enabled else "plain"
     user = s.mqtt.username or "anonymous"
-    puback = result.get("puback")
     if puback is None:
         return Check(
             "broker login",
