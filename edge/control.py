@@ -355,38 +355,25 @@ class Controller:
             log.error("reload: settings not applied: %s", exc)
             return
         old = d.settings
-        if new.mqtt != old.mqtt or new.audio != old.audio or new.device_id != old.device_id:
-            log.warning("reload: [mqtt], [audio] and device_id changes apply after a restart")
-        if new.web != old.web:  # a rotated token_file too: the old token stays valid till then
-            log.warning("reload: [web] changes (its token_file too) apply after a restart")
-        if new.learning != old.learning:  # the site's versions and periods are kept by them
-            log.warning("reload: [learning] changes apply after a restart")
-        later = [k for k in ("data_dir", "log_level") if getattr(new, k) != getattr(old, k)]
-        if later:  # "no setting that applies now changed" alone (an operator's review)
-            log.warning("reload: %s changes apply after a restart", " and ".join(later))
-        h, was = new.health, old.health
-        if (h.stall_seconds, h.reopen_max_seconds) != (was.stall_seconds, was.reopen_max_seconds):
-            log.warning(
-                "reload: [health] stall_seconds and reopen_max_seconds apply to the microphone's "
-                "reopening after a restart"
-            )
-        applied = old.model_copy(
-            update={
-                "detector": new.detector,
-                "model": new.model,
-                "models_dir": new.models_dir,
-                "clips": new.clips,
-                "state_interval_seconds": new.state_interval_seconds,  # from the next state
-                # as said above: the running capture keeps its blocks and reopening, and
-                # its stall time with them (checked against its block length at start)
-                "health": h.model_copy(
-                    update={
-                        "stall_seconds": was.stall_seconds,
-                        "reopen_max_seconds": was.reopen_max_seconds,
-                    }
-                ),
-            }
-        )
+        _warn_restart_only(new, old)
+        applied = _applied_now(new, old)
+        version, same, replaced, switching = self._model_change(new, old)
+        bundle = self._load_for_reload(new.model) if switching else None
+        if not self._apply_reloaded(old, applied, bundle):
+            return
+        if bundle is not None:
+            d.reconfigure(bundle)
+            log.info("reload: loaded %s, the configured model now", bundle.model_id)
+            return
+        if switching:  # its model did not load: said above
+            return
+        self._reload_unswitched(new.model, version, same, replaced)
+
+    def _model_change(self, new: Settings, old: Settings) -> tuple[int | None, bool, bool, bool]:
+        """For a reload to `new`: the learned version running (None without one), whether the
+        configured model path is the same, whether a new model was written there, and whether
+        to switch models before the settings apply."""
+        d = self.detector
         version = d.adapter.history.active if d.adapter is not None else None
         configured = d.adapter.configured_path if d.adapter is not None else old.model
         same = _same_path(new.model, configured)  # not old.model: a load that failed is retried
@@ -398,17 +385,24 @@ class Controller:
             switching = new.model is not None and (not same or replaced)
         else:
             switching = new.model is not None and not (same and _holds(new.model, d.bundle))
-        bundle = None
-        if switching:
-            try:
-                bundle = self._load(new.model)
-            except CommandError as exc:  # the settings still apply, to the running model
-                log.error("reload: %s", exc)
+        return version, same, replaced, switching
+
+    def _load_for_reload(self, model: Path) -> Bundle | None:
+        """The bundle a reload switches to, None (said) when it does not load."""
         try:
-            d.apply_settings(applied, bundle)
+            return self._load(model)
+        except CommandError as exc:  # the settings still apply, to the running model
+            log.error("reload: %s", exc)
+            return None
+
+    def _apply_reloaded(self, old: Settings, applied: Settings, bundle: Bundle | None) -> bool:
+        """Apply a reload's settings (with `bundle`, if one loaded) and say what took effect;
+        False (said) when they are not applied."""
+        try:
+            self.detector.apply_settings(applied, bundle)
         except SoundSentryError as exc:  # the detector settings the model cannot take
             log.error("reload: settings not applied: %s", exc)
-            return
+            return False
         # what took effect, said (a SIGHUP that applied a new cooldown said only that the
         # model was unchanged, in a field test)
         changes = _changes(
@@ -417,28 +411,30 @@ class Controller:
         log.info(
             "reload: %s", f"applied {changes}" if changes else "no setting that applies now changed"
         )
-        if bundle is not None:
-            d.reconfigure(bundle)
-            log.info("reload: loaded %s, the configured model now", bundle.model_id)
-            return
-        if switching:  # its model did not load: said above
-            return
+        return True
+
+    def _reload_unswitched(
+        self, model: Path | None, version: int | None, same: bool, replaced: bool
+    ) -> None:
+        """After a reload that switched no model: keep the running one when it is unchanged,
+        else load the configured one."""
+        d = self.detector
         if version is not None and same and not replaced:
             log.info("reload: the model is unchanged: keeping version %d", version)
-            broken = _unloadable(new.model)
+            broken = _unloadable(model)
             if broken:  # "unchanged", and the next start failed on it (an operator's review)
                 log.error(
                     "reload: the configured model %s does not load (%s): version %d goes on "
                     "until the daemon restarts, which fails until the bundle is put back",
-                    new.model, broken, version,
+                    model, broken, version,
                 )  # fmt: skip
             return
-        if same and not replaced and _holds(new.model, d.bundle):
+        if same and not replaced and _holds(model, d.bundle):
             # the running model, reloaded, would only drop the threshold set by command
             log.info("reload: the model is unchanged: keeping %s", d.bundle.model_id)
             return
         try:
-            detail = self._reload_model(new.model)
+            detail = self._reload_model(model)
             log.info("reload: %s", detail)
         except CommandError as exc:
             log.error("reload: %s", exc)
@@ -489,6 +485,47 @@ def _name_and_id(payload: bytes) -> tuple[str, str | None]:
         return command.command, command.id
     except CommandError as exc:
         return exc.command, exc.command_id
+
+
+def _warn_restart_only(new: Settings, old: Settings) -> None:
+    """Warn of the reloaded settings that take effect only after a restart."""
+    if new.mqtt != old.mqtt or new.audio != old.audio or new.device_id != old.device_id:
+        log.warning("reload: [mqtt], [audio] and device_id changes apply after a restart")
+    if new.web != old.web:  # a rotated token_file too: the old token stays valid till then
+        log.warning("reload: [web] changes (its token_file too) apply after a restart")
+    if new.learning != old.learning:  # the site's versions and periods are kept by them
+        log.warning("reload: [learning] changes apply after a restart")
+    later = [k for k in ("data_dir", "log_level") if getattr(new, k) != getattr(old, k)]
+    if later:  # "no setting that applies now changed" alone (an operator's review)
+        log.warning("reload: %s changes apply after a restart", " and ".join(later))
+    h, was = new.health, old.health
+    if (h.stall_seconds, h.reopen_max_seconds) != (was.stall_seconds, was.reopen_max_seconds):
+        log.warning(
+            "reload: [health] stall_seconds and reopen_max_seconds apply to the microphone's "
+            "reopening after a restart"
+        )
+
+
+def _applied_now(new: Settings, old: Settings) -> Settings:
+    """The running settings with the reloaded ones that apply without a restart."""
+    h, was = new.health, old.health
+    return old.model_copy(
+        update={
+            "detector": new.detector,
+            "model": new.model,
+            "models_dir": new.models_dir,
+            "clips": new.clips,
+            "state_interval_seconds": new.state_interval_seconds,  # from the next state
+            # as said above: the running capture keeps its blocks and reopening, and
+            # its stall time with them (checked against its block length at start)
+            "health": h.model_copy(
+                update={
+                    "stall_seconds": was.stall_seconds,
+                    "reopen_max_seconds": was.reopen_max_seconds,
+                }
+            ),
+        }
+    )
 
 
 def _reason(bundle: Bundle) -> str:
