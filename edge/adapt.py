@@ -621,8 +621,33 @@ class Adapter:
         features of `site` when they are in memory already (not read back: a second copy);
         `note`: what the reply must say besides, kept with the outcome."""
         base = self.base()
+        stores = self._site_stores(site, store)
+        marks, marked = self._mark_stores(marked)
+        stores += marks
+        x, chunks = combine(stores)
+        from_marks = flags(stores, [False] * (len(stores) - len(marked)) + [True] * len(marked))
+        logic = self.event_logic(base) if self.event_logic is not None else None
+        refit = site_refit(base, x, chunks, self.settings.false_alarms_per_day, from_marks, logic)
+        manifest = self._refit_manifest(base, refit.manifest, reason, marked, len(x))
+        bundle = self._write_refit(base, manifest, refit.arrays, in_use)
+        summary = refit_summary(in_use.threshold, manifest) | (heard or {})
+        if note:
+            summary["note"] = note
+        self._record_refit(bundle, reason, base, site, marked, period, summary)
+        log.info(
+            "%s: refitted %s on %d site windows: threshold %.4g -> %.4g",
+            reason,
+            base.model_id,
+            len(x),
+            in_use.threshold,
+            bundle.threshold,
+        )
+        return bundle
+
+    def _site_stores(self, site: str | None, store: FeatureStore | None) -> list[FeatureStore]:
+        """The site's features a refit starts from: `store`, else read from `site`'s file."""
         try:
-            stores = (
+            return (
                 [store or FeatureStore.load(self.folder / site, self.settings.max_windows)]
                 if site
                 else []
@@ -632,7 +657,10 @@ class Adapter:
                 f"{exc}; the site's learnt audio is lost: learn the site again "
                 f'({{"command": "learn", "action": "start"}}) or roll back'
             ) from None
-        readable = []
+
+    def _mark_stores(self, marked: list[str]) -> tuple[list[FeatureStore], list[str]]:
+        """The features of the events `marked` normal, and which marks they are (those read)."""
+        stores, readable = [], []
         for e in marked:  # a mark the card damaged costs that mark, not the period or the refit
             try:
                 path = self.folder / "marked" / f"{e}.npz"
@@ -640,25 +668,34 @@ class Adapter:
                 readable.append(e)
             except LearningError as exc:
                 log.error("learning: the event marked normal %s is left out: %s", e, exc)
-        marked = readable
-        x, chunks = combine(stores)
-        from_marks = flags(stores, [False] * (len(stores) - len(marked)) + [True] * len(marked))
-        logic = self.event_logic(base) if self.event_logic is not None else None
-        refit = site_refit(base, x, chunks, self.settings.false_alarms_per_day, from_marks, logic)
+        return stores, readable
+
+    def _refit_manifest(
+        self, base: Bundle, fitted: dict[str, Any], reason: str, marked: list[str], windows: int
+    ) -> dict[str, Any]:
+        """The refitted version's manifest: the base's with the refit's parts and how it was
+        calibrated."""
         manifest = base.manifest.model_dump(exclude={"files", "checksum", "arrays"})
-        manifest |= refit.manifest
+        manifest |= fitted
         manifest["calibration"] = {
             "reason": reason,
             "from_model": base.model_id,
-            "seconds": round(len(x) * base.features.hop_seconds, 3),
-            "windows": len(x),
+            "seconds": round(windows * base.features.hop_seconds, 3),
+            "windows": windows,
             "marked": marked,
             "created_at": now_iso(),
             "files": [],
             **({"channel": self.channel} if self.channel is not None else {}),
         }
+        return manifest
+
+    def _write_refit(
+        self, base: Bundle, manifest: dict[str, Any], arrays: dict[str, Any], in_use: Bundle
+    ) -> Bundle:
+        """Write the refitted version and load it back as a start would; refused (and removed)
+        when it does not load or makes other features than the running model."""
         try:
-            path = self.history.write_version(base, manifest, {**base.arrays, **refit.arrays})
+            path = self.history.write_version(base, manifest, {**base.arrays, **arrays})
         except VersionUnwrittenError as exc:  # the disk's fault; a bundle refused is the data's
             raise UnwrittenError(str(exc)) from None
         except BundleError as exc:  # refused before it was written (NaN arrays): the data's
@@ -672,9 +709,19 @@ class Adapter:
         if bundle.features != in_use.features:
             shutil.rmtree(path, ignore_errors=True)
             raise LearningError("the refitted bundle's features differ from the running model's")
-        summary = refit_summary(in_use.threshold, manifest) | (heard or {})
-        if note:
-            summary["note"] = note
+        return bundle
+
+    def _record_refit(
+        self,
+        bundle: Bundle,
+        reason: str,
+        base: Bundle,
+        site: str | None,
+        marked: list[str],
+        period: str | None,
+        summary: dict[str, Any],
+    ) -> None:
+        """Record the refitted version in the history and its outcome as the last refit."""
         self._record(
             bundle,
             reason,
@@ -687,15 +734,6 @@ class Adapter:
             **summary,
         )
         self.last_refit = {"reason": reason, "model": bundle.model_id, **summary}
-        log.info(
-            "%s: refitted %s on %d site windows: threshold %.4g -> %.4g",
-            reason,
-            base.model_id,
-            len(x),
-            in_use.threshold,
-            bundle.threshold,
-        )
-        return bundle
 
     def _record(self, bundle: Bundle, *args: Any, **detail: Any) -> None:
         """Add a version to the history; a history that cannot be written fails the refit."""
