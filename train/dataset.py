@@ -393,6 +393,29 @@ def state_folders(
     root = Path(root)
     if not root.is_dir():
         raise AudioError(f"{root}: --normal-states needs a folder with one subfolder per state")
+    groups = _state_groups(root)
+    # every unusable file of every state named at once; a recording shorter than one window
+    # is left out, as `--normal` leaves it (a 50-ms one gave a state no level: NaN)
+    every = [f for files in groups.values() for f in files]
+    checked = check_files(every, max(channel, 0), samplerate, mono_any=True)
+    length = {f: n / rate for f, (n, rate) in zip(every, checked, strict=True)}
+    warn_short([str(f) for f in every if length[f] < window_seconds], window_seconds)
+    groups = _without_short_or_copies(root, groups, length, window_seconds)
+    seconds = {k: sum(length[f] for f in v) for k, v in groups.items()}
+    running = {k: v for k, v in seconds.items() if k != OFF}
+    if not running:
+        raise AudioError(
+            f"{root}: only the `{OFF}` state: record the machine running too, in a folder of "
+            "its own"
+        )
+    require_audio(sum(running.values()), "train")
+    groups = dict(sorted(groups.items()))  # the order of the names, whatever their folders' case
+    _warn_uneven_states(running)
+    return groups
+
+
+def _state_groups(root: Path) -> dict[str, list[Path]]:
+    """State name -> its audio files, one per subfolder of `root` holding audio."""
     groups: dict[str, list[Path]] = {}
     loose = [f for f in find_audio([root], quiet=True) if f.parent == root]
     if loose:  # an earlier `record --out` into the root, say: no state of its own
@@ -419,12 +442,13 @@ def state_folders(
         groups[name] = files
     if not groups:
         raise AudioError(f"{root}: no subfolder with audio (one subfolder per state)")
-    # every unusable file of every state named at once; a recording shorter than one window
-    # is left out, as `--normal` leaves it (a 50-ms one gave a state no level: NaN)
-    every = [f for files in groups.values() for f in files]
-    checked = check_files(every, max(channel, 0), samplerate, mono_any=True)
-    length = {f: n / rate for f, (n, rate) in zip(every, checked, strict=True)}
-    warn_short([str(f) for f in every if length[f] < window_seconds], window_seconds)
+    return groups
+
+
+def _without_short_or_copies(
+    root: Path, groups: dict[str, list[Path]], length: dict[Path, float], window_seconds: float
+) -> dict[str, list[Path]]:
+    """`groups` without recordings shorter than one window or copying another; none emptied."""
     for name, files in groups.items():
         groups[name] = [f for f in files if length[f] >= window_seconds]
         if not groups[name]:
@@ -440,15 +464,11 @@ def state_folders(
         if not files:
             raise AudioError(f"{root}: every recording of the state {name!r} is a copy of one in "
                              "another state")  # fmt: skip
-    seconds = {k: sum(length[f] for f in v) for k, v in groups.items()}
-    running = {k: v for k, v in seconds.items() if k != OFF}
-    if not running:
-        raise AudioError(
-            f"{root}: only the `{OFF}` state: record the machine running too, in a folder of "
-            "its own"
-        )
-    require_audio(sum(running.values()), "train")
-    groups = dict(sorted(groups.items()))  # the order of the names, whatever their folders' case
+    return groups
+
+
+def _warn_uneven_states(running: dict[str, float]) -> None:
+    """Warn about each running state with too little audio, alone or against the others."""
     most = max(running.values())
     for name, value in running.items():
         if value < MIN_AUDIO_SECONDS:
@@ -467,4 +487,3 @@ def state_folders(
                 "the machine runs in it; record about as much of each state",
                 name, value, most,
             )  # fmt: skip
-    return groups
