@@ -194,21 +194,7 @@ def collect(
     files = [f for group in groups.values() for f in group]
     label = {f: i for i, group in enumerate(groups.values()) for f in group}
     names = list(groups)
-    dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
-    fit_part, hold_part, all_part = [], [], []
-    held_by_state: dict[int, list[np.ndarray]] = {}
-    state_seconds = dict.fromkeys(names, 0.0)
-    seconds = hold_seconds = running = 0.0
-    read = read_each(  # every file found unusable in reading named at once
-        files,
-        lambda path: channel_views(path, params, channel, all_channels),
-        progress(files, "reading"),
-    )
-    views = [
-        (path, view, audio)
-        for path, audio_views in zip(files, read, strict=True)
-        for view, audio in enumerate(audio_views)
-    ]
+    views = _read_views(files, params, channel, all_channels)
     running_views = [(p, a) for p, _, a in views if names[label[p]] != OFF]
     machine = machine_profile(
         [a for _, a in running_views], params,
@@ -218,51 +204,121 @@ def collect(
     warn_dead(((p, a) for p, _, a in views if names[label[p]] != OFF), params)
     # only what the device scores: not a dropout, silence or the machine off
     off = machine.get("off_below_dbfs")
-    for path, view, audio in progress(views, "features"):
-        state = label[path]
+    stated = [(path, view, audio, label[path]) for path, view, audio in views]
+    parts = _gather(stated, featurize, params, holdouts, names, levels, off)
+    where = ALL_CHANNELS if all_channels else channel
+    run = _run_of(parts, out, featurize, params, holdouts, where)
+    run.machine = machine
+    if levels is not None:
+        _keep_states(run, levels, names, groups, parts)
+    run.held_pieces = [len(part) for part in parts.hold]
+    run.running_seconds = parts.running
+    return run
+
+
+@dataclass
+class _Parts:
+    """What `collect` gathers from the channel views: feature vectors and seconds of audio."""
+
+    fit: list[np.ndarray] = field(default_factory=list)
+    hold: list[np.ndarray] = field(default_factory=list)
+    whole: list[np.ndarray] = field(default_factory=list)
+    held_by_state: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    state_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    hold_seconds: float = 0.0
+    running: float = 0.0
+
+
+def _read_views(
+    files: list[Path], params: FeatureParams, channel: int, all_channels: bool
+) -> list[tuple[Path, int, np.ndarray]]:
+    """(file, channel view, audio) of every file, each unusable one named at once."""
+    read = read_each(  # every file found unusable in reading named at once
+        files,
+        lambda path: channel_views(path, params, channel, all_channels),
+        progress(files, "reading"),
+    )
+    return [
+        (path, view, audio)
+        for path, audio_views in zip(files, read, strict=True)
+        for view, audio in enumerate(audio_views)
+    ]
+
+
+def _gather(
+    views: list[tuple[Path, int, np.ndarray, int]],
+    featurize: Featurize,
+    params: FeatureParams,
+    holdouts: dict[str, Holdout],
+    names: list[str],
+    levels: StateLevels | None,
+    off: float | None,
+) -> _Parts:
+    """Fit, held-out and whole-file feature vectors of every (file, view, audio, state)."""
+    dense = dense_params(params, FLUCTUATION_HOP_DIVISOR)
+    parts = _Parts(state_seconds=dict.fromkeys(names, 0.0))
+    for path, view, audio, state in progress(views, "features"):
         fit_audio, held_audio = holdouts[names[state]].parts(path, audio, params.window_samples)
         held = evidence_windows(held_audio, params, None if names[state] == OFF else off)
         if levels is not None:
             levels.add(state, fit_audio)
-            held_by_state.setdefault(state, []).append(held)
+            parts.held_by_state.setdefault(state, []).append(held)
         if view == 0:  # the seconds of the recording, not of its channels
-            state_seconds[names[state]] += len(audio) / params.samplerate
+            parts.state_seconds[names[state]] += len(audio) / params.samplerate
         if names[state] == OFF:  # the place's own sound: named, never fitted, scored or counted
             continue  # (a site refit weighs the training audio by its seconds: a review)
-        fit_part.append(featurize(evidence_windows(fit_audio, dense, off)))
-        hold_part.append(featurize(held))
-        all_part.append(featurize(evidence_windows(audio, dense, off)))
+        parts.fit.append(featurize(evidence_windows(fit_audio, dense, off)))
+        parts.hold.append(featurize(held))
+        parts.whole.append(featurize(evidence_windows(audio, dense, off)))
         if view == 0:
-            seconds += len(audio) / params.samplerate
-            hold_seconds += len(held_audio) / params.samplerate
+            parts.seconds += len(audio) / params.samplerate
+            parts.hold_seconds += len(held_audio) / params.samplerate
             windows = max(dense.windows_in(len(audio)), 1)
-            running += len(audio) / params.samplerate * len(all_part[-1]) / windows
+            parts.running += len(audio) / params.samplerate * len(parts.whole[-1]) / windows
+    return parts
+
+
+def _run_of(
+    parts: _Parts,
+    out: str | Path,
+    featurize: Featurize,
+    params: FeatureParams,
+    holdouts: dict[str, Holdout],
+    where: int,
+) -> Run:
+    """The Run of the vectors gathered; refused when too little audio was held out."""
     empty = featurize(np.zeros((0, *params.shape)))
     fit_f, hold_f, all_f = (
-        np.concatenate(x) if x else empty for x in (fit_part, hold_part, all_part)
+        np.concatenate(x) if x else empty for x in (parts.fit, parts.hold, parts.whole)
     )
     model = [h for name, h in holdouts.items() if name != OFF]  # what the manifest's files are
     holdout = Holdout(
         sorted(f for h in model for f in h.fit), sorted(f for h in model for f in h.held)
     )
     require_held_out(len(hold_f), params, holdout.held)
-    where = ALL_CHANNELS if all_channels else channel
-    run = Run(Path(out), params, holdout, fit_f, hold_f, all_f, (seconds, hold_seconds), where)
-    run.machine = machine
-    if levels is not None:
-        run.states = names
-        run.state_levels = levels.levels()
-        run.validation = {  # as the CNN's trainer records them (edge.advice reads them)
-            "state_seconds": {k: round(v, 1) for k, v in state_seconds.items()},
-            "state_recordings": {k: len(v) for k, v in groups.items()},
-        }
-        warn_not_apart(run.state_levels, names, {
-            i: np.concatenate(w) for i, w in held_by_state.items()
-        })  # fmt: skip
-        warn_off_near(run.state_levels, names)
-    run.held_pieces = [len(part) for part in hold_part]
-    run.running_seconds = running
-    return run
+    seconds = (parts.seconds, parts.hold_seconds)
+    return Run(Path(out), params, holdout, fit_f, hold_f, all_f, seconds, where)
+
+
+def _keep_states(
+    run: Run,
+    levels: StateLevels,
+    names: list[str],
+    groups: dict[str, list[Path]],
+    parts: _Parts,
+) -> None:
+    """Record each state's name, level spectrum and audio in `run`; warn of states too close."""
+    run.states = names
+    run.state_levels = levels.levels()
+    run.validation = {  # as the CNN's trainer records them (edge.advice reads them)
+        "state_seconds": {k: round(v, 1) for k, v in parts.state_seconds.items()},
+        "state_recordings": {k: len(v) for k, v in groups.items()},
+    }
+    warn_not_apart(run.state_levels, names, {
+        i: np.concatenate(w) for i, w in parts.held_by_state.items()
+    })  # fmt: skip
+    warn_off_near(run.state_levels, names)
 
 
 @dataclass(frozen=True)
