@@ -18,7 +18,7 @@ import numpy as np
 from edge.audio_io import check_files, file_digest, find_audio, first_few, read_audio
 from edge.bundle import Bundle, channel_for, load_bundle
 from edge.errors import AudioError, SoundSentryError
-from edge.features import windows_of
+from edge.features import FeatureParams, windows_of
 from edge.machine_state import OFF
 from edge.pipeline import Pipeline, Step
 from edge.scoring import Scorer
@@ -165,25 +165,63 @@ def evaluate(
         )
     if channel is None:
         channel = channel_for(bundle.manifest, None, "evaluate")
+    variant = _variant_to_score(bundle, model, variant)
+    p = bundle.features
+    if segment is not None and segment < p.window_seconds:
+        raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
+    found = _test_files(normal, anomalous)
+    every = [f for files in found for f in files]
+    # a mono file (what `record` writes) is read whatever channel the model was fitted on, as
+    # calibrate reads it: evaluate refused the very files a bundle was calibrated on
+    check_files(every, max(channel, 0), p.samplerate, mono_any=True)
+    _warn_if_trained_on(bundle, every)
+    tally = _Tally()
+    for label, files in enumerate(found):
+        for path in progress(files, "scoring"):
+            _score_file(tally, path, label, bundle, detector, channel, segment)
+    labels, scores = _scored_arrays(tally, p, segment)
+    threshold = (detector or DetectorSettings()).threshold_in_force(bundle.threshold)
+    auc = roc_auc(labels, scores)
+    named, events = tally.named, tally.events
+    _say_what_it_means(bundle, threshold, named[0], len(events[0]), tally.judged_s[0], auc)
+    return _report_of(bundle, variant, segment, threshold, auc, labels, scores, tally)
+
+
+@dataclass
+class _Tally:
+    """What `evaluate` gathers while scoring the files, normal (index 0) and anomalous (1)."""
+
+    items: list[Scored] = field(default_factory=list)
+    events: tuple[list[bool], list[bool]] = field(default_factory=lambda: ([], []))
+    named: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))
+    """Normal files with an event, faults without."""
+    off: list[int] = field(default_factory=lambda: [0, 0])
+    unjudged: int = 0
+    unsegmented: list[str] = field(default_factory=list)
+    judged_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """Seconds of normal and anomalous audio the device judges."""
+
+
+def _variant_to_score(bundle: Bundle, model: str | Path, variant: str) -> str:
+    """The variant `evaluate` scores with; `--float` refused where it means nothing."""
     if bundle.model is None:
         if variant == "float":
             raise SoundSentryError(
                 f"--float evaluates a network's float reference; {model} holds no network "
                 f"(detector {bundle.manifest.kind}): leave --float out"
             )
-        variant = "numpy"  # no network: the same statistics serve both
-    elif variant == "float" and bundle.manifest.kind in HEADS_ON_INT8:
+        return "numpy"  # no network: the same statistics serve both
+    if variant == "float" and bundle.manifest.kind in HEADS_ON_INT8:
         raise SoundSentryError(
             f"--float cannot evaluate {model}: its {bundle.manifest.kind} head is fitted on the "
             "int8 network's embeddings, which the float network's differ from (its own "
             "training audio scored 20 times higher): leave --float out"
         )
-    p = bundle.features
-    if segment is not None and segment < p.window_seconds:
-        raise AudioError(f"--segment must be at least the window length ({p.window_seconds} s)")
-    items: list[Scored] = []
-    events: tuple[list[bool], list[bool]] = ([], [])
-    named: tuple[list[str], list[str]] = ([], [])  # normal files with an event, faults without
+    return variant
+
+
+def _test_files(normal: list[str | Path], anomalous: list[str | Path]) -> list[list[Path]]:
+    """The normal and the anomalous audio files; refused if either side has none or shares any."""
     found = [find_audio(paths) for paths in (normal, anomalous)]
     for files, paths in zip(found, (normal, anomalous), strict=True):
         if not files:
@@ -193,50 +231,62 @@ def evaluate(
         raise AudioError(
             f"{len(both)} file(s) given as both normal and anomalous: {first_few(map(str, both))}"
         )
-    every = [f for files in found for f in files]
     _refuse_copies_across(found[0], found[1])
-    # a mono file (what `record` writes) is read whatever channel the model was fitted on, as
-    # calibrate reads it: evaluate refused the very files a bundle was calibrated on
-    check_files(every, max(channel, 0), p.samplerate, mono_any=True)
-    _warn_if_trained_on(bundle, every)
-    off = [0, 0]
-    unjudged = 0
-    unsegmented: list[str] = []
-    judged_s = [0.0, 0.0]  # seconds of normal and anomalous audio the device judges
-    for label, files in enumerate(found):
-        for path in progress(files, "scoring"):
-            scores, raised, off_windows = device_events(
-                read_audio(path, p.samplerate, channel, mono_any=True), bundle, detector
-            )
-            # (a window per hop: the machine off, silence or a start-up counts for nothing)
-            judged_s[label] += np.count_nonzero(~np.isnan(scores)) * p.hop_seconds
-            if len(scores) == 0:
-                log.warning("%s: shorter than one window; skipped", path)
-                continue
-            unjudged += int(np.isnan(scores).sum())
-            if np.isnan(scores).all():  # said by name: it leaves the AUC (the device raises
-                # nothing on it, which the event counts keep, as they count what it reports)
-                log.warning("%s: silent, flat or the machine off throughout; not scored", path)
-            before = len(items)
-            for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
-                judged = scores[idx][~np.isnan(scores[idx])]
-                if len(judged):  # a segment of silence or the machine off says nothing
-                    items.append(Scored(str(path), seg, label, float(judged.mean())))
-            if len(items) == before and segment and not np.isnan(scores).all():  # heard, but
-                # no segment holds its scored windows whole: said once for all, below
-                unsegmented.append(str(path))
-            events[label].append(raised)
-            if raised != bool(label):  # named as the items name it (printed escaped)
-                named[label].append(str(path))
-            off[label] += off_windows
-    if unjudged:
+    return found
+
+
+def _score_file(
+    tally: _Tally,
+    path: Path,
+    label: int,
+    bundle: Bundle,
+    detector: DetectorSettings | None,
+    channel: int,
+    segment: float | None,
+) -> None:
+    """Score one file as the device would and add its items, event and counts to `tally`."""
+    p = bundle.features
+    scores, raised, off_windows = device_events(
+        read_audio(path, p.samplerate, channel, mono_any=True), bundle, detector
+    )
+    # (a window per hop: the machine off, silence or a start-up counts for nothing)
+    tally.judged_s[label] += np.count_nonzero(~np.isnan(scores)) * p.hop_seconds
+    if len(scores) == 0:
+        log.warning("%s: shorter than one window; skipped", path)
+        return
+    tally.unjudged += int(np.isnan(scores).sum())
+    if np.isnan(scores).all():  # said by name: it leaves the AUC (the device raises
+        # nothing on it, which the event counts keep, as they count what it reports)
+        log.warning("%s: silent, flat or the machine off throughout; not scored", path)
+    items = tally.items
+    before = len(items)
+    for seg, idx in segment_groups(len(scores), p.window_seconds, p.hop_seconds, segment):
+        judged = scores[idx][~np.isnan(scores[idx])]
+        if len(judged):  # a segment of silence or the machine off says nothing
+            items.append(Scored(str(path), seg, label, float(judged.mean())))
+    if len(items) == before and segment and not np.isnan(scores).all():  # heard, but
+        # no segment holds its scored windows whole: said once for all, below
+        tally.unsegmented.append(str(path))
+    tally.events[label].append(raised)
+    if raised != bool(label):  # named as the items name it (printed escaped)
+        tally.named[label].append(str(path))
+    tally.off[label] += off_windows
+
+
+def _scored_arrays(
+    tally: _Tally, p: FeatureParams, segment: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The items' labels and scores, with warnings of what was left out; refused if a side
+    has nothing left to score."""
+    if tally.unjudged:
         log.warning(
             "%d window(s) silent, flat or holding a dropout, with the machine off, starting or "
             "stopping, or (a model of operating states) heard as another state than the one "
             "named, as the machine changes state, are left out of the scores, as the device "
-            "leaves them out of its evidence", unjudged,
+            "leaves them out of its evidence", tally.unjudged,
         )  # fmt: skip
-    labels = np.array([i.label for i in items])
+    labels = np.array([i.label for i in tally.items])
+    unsegmented = tally.unsegmented
     if unsegmented and np.any(labels == 0) and np.any(labels == 1):  # else the error says it
         log.warning(
             "%d file(s) hold no whole %g-s segment of audio the device scores (shorter than "
@@ -250,7 +300,7 @@ def evaluate(
                 + (f" or than --segment ({segment:g} s)" if segment else "")
                 + ", or silent, or the machine off"
             )
-    scores = np.array([i.score for i in items])
+    scores = np.array([i.score for i in tally.items])
     if not pauc_measured(int((labels == 0).sum())):
         log.warning(
             "only %d normal item(s): the pAUC up to a false-positive rate of %g rests on none "
@@ -258,9 +308,21 @@ def evaluate(
             (labels == 0).sum(), MAX_FPR, math.ceil(1 / MAX_FPR),
             ", or use --segment to score it in parts" if segment is None else "",
         )  # fmt: skip
-    threshold = (detector or DetectorSettings()).threshold_in_force(bundle.threshold)
-    auc = roc_auc(labels, scores)
-    _say_what_it_means(bundle, threshold, named[0], len(events[0]), judged_s[0], auc)
+    return labels, scores
+
+
+def _report_of(
+    bundle: Bundle,
+    variant: str,
+    segment: float | None,
+    threshold: float,
+    auc: float,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    tally: _Tally,
+) -> Report:
+    """The Report of the items scored and the files' events."""
+    events, named, off = tally.events, tally.named, tally.off
     return Report(
         model=bundle.model_id,
         variant=variant,
@@ -277,7 +339,7 @@ def evaluate(
         anomalous_files_silent=named[1],
         normal_windows_off=off[0],
         anomalous_windows_off=off[1],
-        items=items,
+        items=tally.items,
     )
 
 
