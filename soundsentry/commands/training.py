@@ -198,10 +198,48 @@ def _seed(text: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """`soundsentry train`: check every input, then train and write the bundle asked for."""
     # TensorFlow's C++ log: its errors too (a tf.data "NodeDef mentions attribute ..." line at
     # every fit reads like a failure); a real failure is a Python exception with its message.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _check_train_flags(args)
+    network = _needs_network(args)
+    _note_replaced(args.out)  # notes once the command can run
+    if args.normal and not args.all_channels:
+        _note_channels(args.normal, args.channel)
+    if args.normal:
+        _warn_off_folders(args.normal)
+    classes = _checked_folders(args)
+    if network:
+        require("tensorflow", "train", _train_command(args))
+    from train.augment import Augmenter
+
+    options = tuple(dict.fromkeys(args.augment or ()))  # `shift shift`: one shift
+    augment = Augmenter(options, args.augment_factor) if options else None
+    if args.classes:
+        return _train_classes(args, classes, augment)
+    if args.detector == "embedding":
+        return _train_embedding(args)
+    if args.detector in NUMPY_DETECTORS:
+        return _train_numpy(args)
+    from train.trainer import DEFAULT_EPOCHS, train_bundle
+
+    out = train_bundle(
+        args.normal,
+        args.out,
+        epochs=args.epochs or DEFAULT_EPOCHS,
+        seed=args.seed,
+        channel=args.channel,
+        false_alarms_per_day=args.false_alarms_per_day,
+        augment=augment,
+    )
+    _say_written(out)
+    return 0
+
+
+def _needs_network(args: argparse.Namespace) -> bool:
+    """Whether the training asked for needs TensorFlow, refused at once if it is missing;
+    --all-channels refused for the trainers that read one channel."""
     one_channel = args.classes or (args.detector == "autoencoder" and not args.normal_states)
     if args.all_channels and one_channel:
         raise SoundSentryError(
@@ -222,11 +260,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise SoundSentryError(  # a Pi's install: the numpy kinds take state folders too
                 f"{exc}; or --detector fluctuation trains state folders without it"
             ) from None
-    _note_replaced(args.out)  # notes once the command can run
-    if args.normal and not args.all_channels:
-        _note_channels(args.normal, args.channel)
-    if args.normal:
-        _warn_off_folders(args.normal)
+    return bool(network)
+
+
+def _checked_folders(args: argparse.Namespace) -> dict[str, list[Path]] | None:
+    """The --classes folders (returned) and --normal-states ones (into `args.normal_states`),
+    every file checked and named."""
     classes = None
     if args.classes:  # every file checked, and named, before TensorFlow loads
         from edge.features import FeatureParams
@@ -241,57 +280,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.normal_states = state_folders(
             args.normal_states, FeatureParams().samplerate, channel=args.channel
         )
-    if network:
-        require("tensorflow", "train", _train_command(args))
-    from train.augment import Augmenter
+    return classes
 
-    options = tuple(dict.fromkeys(args.augment or ()))  # `shift shift`: one shift
-    augment = Augmenter(options, args.augment_factor) if options else None
-    if args.classes:
-        from train.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
-        from train.classifier import train_classifier
 
-        out = train_classifier(
-            classes,
-            args.out,
-            epochs=args.epochs or CLASSIFIER_EPOCHS,
-            seed=args.seed,
-            channel=args.channel,
-            augment=augment,
-        )
-        from edge.advice import classifier_summary
-        from edge.bundle import read_manifest
+def _train_classes(
+    args: argparse.Namespace, classes: dict[str, list[Path]] | None, augment: Any
+) -> int:
+    """Train and write a classifier on the --classes folders; print what it tells apart."""
+    from train.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
+    from train.classifier import train_classifier
 
-        print(f"model bundle written to {out}\n{classifier_summary(read_manifest(out))}")
-        return 0
-    if args.detector == "embedding":
-        return _train_embedding(args)
-    if args.detector in NUMPY_DETECTORS:
-        members = {"members": args.members} if args.members else {}
-        if network_member:  # the network member's training
-            members |= {"epochs": args.epochs, "seed": args.seed}
-        if args.normal_states:
-            members |= {"states": args.normal_states}
-        out = _numpy_trainer(args.detector)(
-            args.normal,
-            args.out,
-            channel=args.channel,
-            all_channels=args.all_channels,
-            false_alarms_per_day=args.false_alarms_per_day,
-            **members,
-        )
-        _say_written(out)
-        return 0
-    from train.trainer import DEFAULT_EPOCHS, train_bundle
-
-    out = train_bundle(
-        args.normal,
+    out = train_classifier(
+        classes,
         args.out,
-        epochs=args.epochs or DEFAULT_EPOCHS,
+        epochs=args.epochs or CLASSIFIER_EPOCHS,
         seed=args.seed,
         channel=args.channel,
-        false_alarms_per_day=args.false_alarms_per_day,
         augment=augment,
+    )
+    from edge.advice import classifier_summary
+    from edge.bundle import read_manifest
+
+    print(f"model bundle written to {out}\n{classifier_summary(read_manifest(out))}")
+    return 0
+
+
+def _train_numpy(args: argparse.Namespace) -> int:
+    """Train and write a numpy detector (or an ensemble) on --normal or --normal-states."""
+    members = {"members": args.members} if args.members else {}
+    if "embedding" in (args.members or ()):  # the network member's training
+        members |= {"epochs": args.epochs, "seed": args.seed}
+    if args.normal_states:
+        members |= {"states": args.normal_states}
+    out = _numpy_trainer(args.detector)(
+        args.normal,
+        args.out,
+        channel=args.channel,
+        all_channels=args.all_channels,
+        false_alarms_per_day=args.false_alarms_per_day,
+        **members,
     )
     _say_written(out)
     return 0
