@@ -1433,6 +1433,7 @@ def test_a_mute_through_a_stop_saves_what_has_run_of_it(
     from conftest import DEMO_BUNDLE
 
     import edge.daemon as daemon_module
+    import edge.daemon_learning
     from edge.bundle import load_bundle
     from edge.daemon import RUNNING_SAVE_S, Detector
     from edge.settings import Settings
@@ -1442,6 +1443,7 @@ def test_a_mute_through_a_stop_saves_what_has_run_of_it(
         monotonic=lambda: mono[0], perf_counter=time.perf_counter, time=time.time
     )
     monkeypatch.setattr(daemon_module, "time", fake)
+    monkeypatch.setattr(edge.daemon_learning, "time", fake)  # its learning: the same clock
     now = [1.6e9]
     settings = Settings(  # the metrics an hour apart: the save was on their tick (a review)
         device_id="t",
