@@ -170,12 +170,13 @@ def _cmd_devices(_args: argparse.Namespace) -> int:
     from edge.devices import input_devices, known_inputs
     from edge.features import FeatureParams
 
-    devices = input_devices(probe_rate=FeatureParams().samplerate)
+    rate = FeatureParams().samplerate
+    devices = input_devices(probe_rate=rate)
     if not devices:  # known_inputs' words: a device held by the service is not listed either
         raise SoundSentryError(known_inputs())
     print(
         "index  name  channels, default rate, host API  (* = the default input); the rate a "
-        f"{FeatureParams().samplerate}-Hz model captures at"
+        f"{rate}-Hz model captures at"
     )
     for device in devices:
         print(device.line())

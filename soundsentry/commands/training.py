@@ -246,10 +246,12 @@ def _needs_network(args: argparse.Namespace) -> bool:
             "--all-channels trains the numpy detectors and the embedding; the autoencoder and "
             "the classifier read one channel (--channel N)"
         )
-    network_member = "embedding" in (args.members or ())
     states_network = args.normal_states and args.detector in (None, "embedding")
     network = (
-        args.classes or states_network or args.detector not in NUMPY_DETECTORS or network_member
+        args.classes
+        or states_network
+        or args.detector not in NUMPY_DETECTORS
+        or _network_member(args)
     )
     if network:  # a missing extra is said first, without the seconds TensorFlow takes to load
         try:
@@ -261,6 +263,11 @@ def _needs_network(args: argparse.Namespace) -> bool:
                 f"{exc}; or --detector fluctuation trains state folders without it"
             ) from None
     return bool(network)
+
+
+def _network_member(args: argparse.Namespace) -> bool:
+    """Whether an ensemble's members include the int8 CNN (a network: TensorFlow, epochs)."""
+    return "embedding" in (args.members or ())
 
 
 def _checked_folders(args: argparse.Namespace) -> dict[str, list[Path]] | None:
@@ -308,7 +315,7 @@ def _train_classes(
 def _train_numpy(args: argparse.Namespace) -> int:
     """Train and write a numpy detector (or an ensemble) on --normal or --normal-states."""
     members = {"members": args.members} if args.members else {}
-    if "embedding" in (args.members or ()):  # the network member's training
+    if _network_member(args):  # the network member's training
         members |= {"epochs": args.epochs, "seed": args.seed}
     if args.normal_states:
         members |= {"states": args.normal_states}
