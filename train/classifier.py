@@ -143,33 +143,30 @@ def recall_warnings(report: dict) -> list[str]:
     return said
 
 
-def train_classifier(
-    classes_dir: str | Path | dict[str, list[Path]],
-    out: str | Path,
-    epochs: int = DEFAULT_EPOCHS,
-    seed: int = 0,
-    channel: int = 0,
-    params: FeatureParams | None = None,
-    augment: Augmenter | None = None,
-) -> Path:
-    """Train a classifier bundle; returns its path. `classes_dir`: the folder of class folders,
-    or what train.dataset.class_folders made of it."""
-    params = params or FeatureParams()
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-    classes = (
+def _classes_of(
+    classes_dir: str | Path | dict[str, list[Path]], channel: int, params: FeatureParams
+) -> dict[str, list[Path]]:
+    """The class folders' recordings, by class: `classes_dir` itself when already found."""
+    return (
         classes_dir
         if isinstance(classes_dir, dict)
         else class_folders(classes_dir, channel, params.samplerate)
     )
-    labels = list(classes)
-    xt, yt, xv, yv, holdouts = split_windows(classes, params, channel)
-    seconds = len(xt) * params.hop_seconds / TRAIN_HOP_DIVISOR  # the audio's, not its copies'
-    if augment is not None:
-        xt, yt = augment.labelled_copies(xt, yt, np.random.default_rng(seed))
+
+
+def _standardised(xt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-band mean and spread of the training windows, and the windows standardised by
+    them as the network takes them."""
     mean = xt.mean(axis=(0, 1))
     std = np.maximum(xt.std(axis=(0, 1)), STD_FLOOR_DB)
-    x = ((xt - mean) / std)[..., None].astype(np.float32)
+    return mean, std, ((xt - mean) / std)[..., None].astype(np.float32)
+
+
+def _fit_network(
+    x: np.ndarray, yt: np.ndarray, labels: list[str], params: FeatureParams, epochs: int
+) -> keras.Model:
+    """The CNN classifier trained on the standardised windows, each class weighted by its
+    share of the windows."""
     counts = np.bincount(yt, minlength=len(labels))
     weights = {i: len(yt) / (len(labels) * max(c, 1)) for i, c in enumerate(counts)}
     model = build_classifier(*params.shape, len(labels))
@@ -188,18 +185,27 @@ def train_classifier(
         verbose=0,
         callbacks=[EpochLines(epochs)],
     )
-    float_tflite = to_float_tflite(model)
-    int8_tflite = to_int8_tflite(model, x, seed, groups=yt)  # every class, a rare fault too
-    scorer = Scorer(TfliteModel(int8_tflite, name="int8 model"), mean, std, labels)
+    return model
+
+
+def _validate(
+    scorer: Scorer, xv: np.ndarray, yv: np.ndarray, labels: list[str]
+) -> tuple[np.ndarray, dict]:
+    """The int8 model's probabilities on the validation windows and their report; warns of a
+    validation near chance or of classes named rightly too rarely."""
     probs = np.stack([scorer.probabilities(w) for w in xv])  # every class has some (above)
     report = classification_report(yv, probs.argmax(axis=1), labels)
     said = near_chance(report)
     for warning in [said] if said else recall_warnings(report):  # near chance: that says it
         log.warning("%s", warning)
-    out = Path(out)
-    m = scorer.model
-    manifest = base_manifest(out, params, mean, std, m, int8_tflite)
-    manifest |= {
+    return probs, report
+
+
+def _classifier_fields(
+    m: TfliteModel, labels: list[str], probs: np.ndarray, report: dict, holdouts: dict[str, Holdout]
+) -> dict:
+    """The manifest's classifier fields: output, threshold, scores and validation."""
+    return {
         "kind": "classifier",
         "score": "softmax",
         "labels": labels,
@@ -223,18 +229,66 @@ def train_classifier(
         | {
             "held_out_files": {k: [Path(f).name for f in h.held_names] for k, h in holdouts.items()}
         },
-        "training": {
-            "files": [f for h in holdouts.values() for f in h.fit_names],
-            "seconds": round(seconds, 1),
-            "holdout_files": [f for h in holdouts.values() for f in h.held_names],
-            "holdout_seconds": round(len(xv) * params.hop_seconds, 1),
-            "channel": channel,
-            "epochs": epochs,
-            "seed": seed,
-            "architecture": CLASSIFIER,
-            "parameters": int(model.count_params()),
-        }
-        | (augment.record() if augment is not None else {}),
+    }
+
+
+def _training_record(
+    holdouts: dict[str, Holdout],
+    seconds: float,
+    holdout_seconds: float,
+    channel: int,
+    epochs: int,
+    seed: int,
+    model: keras.Model,
+    augment: Augmenter | None,
+) -> dict:
+    """The manifest's `training` section."""
+    return {
+        "files": [f for h in holdouts.values() for f in h.fit_names],
+        "seconds": round(seconds, 1),
+        "holdout_files": [f for h in holdouts.values() for f in h.held_names],
+        "holdout_seconds": round(holdout_seconds, 1),
+        "channel": channel,
+        "epochs": epochs,
+        "seed": seed,
+        "architecture": CLASSIFIER,
+        "parameters": int(model.count_params()),
+    } | (augment.record() if augment is not None else {})
+
+
+def train_classifier(
+    classes_dir: str | Path | dict[str, list[Path]],
+    out: str | Path,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    channel: int = 0,
+    params: FeatureParams | None = None,
+    augment: Augmenter | None = None,
+) -> Path:
+    """Train a classifier bundle; returns its path. `classes_dir`: the folder of class folders,
+    or what train.dataset.class_folders made of it."""
+    params = params or FeatureParams()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    classes = _classes_of(classes_dir, channel, params)
+    labels = list(classes)
+    xt, yt, xv, yv, holdouts = split_windows(classes, params, channel)
+    seconds = len(xt) * params.hop_seconds / TRAIN_HOP_DIVISOR  # the audio's, not its copies'
+    if augment is not None:
+        xt, yt = augment.labelled_copies(xt, yt, np.random.default_rng(seed))
+    mean, std, x = _standardised(xt)
+    model = _fit_network(x, yt, labels, params, epochs)
+    float_tflite = to_float_tflite(model)
+    int8_tflite = to_int8_tflite(model, x, seed, groups=yt)  # every class, a rare fault too
+    scorer = Scorer(TfliteModel(int8_tflite, name="int8 model"), mean, std, labels)
+    probs, report = _validate(scorer, xv, yv, labels)
+    out = Path(out)
+    m = scorer.model
+    manifest = base_manifest(out, params, mean, std, m, int8_tflite)
+    manifest |= _classifier_fields(m, labels, probs, report, holdouts) | {
+        "training": _training_record(
+            holdouts, seconds, len(xv) * params.hop_seconds, channel, epochs, seed, model, augment
+        ),
     }
     manifest["model_id"] = f"{id_stem(out)}-{sha256_bytes(int8_tflite)[:8]}"
     write_bundle(out, manifest, {MODEL_INT8: int8_tflite, MODEL_FLOAT: float_tflite})
