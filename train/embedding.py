@@ -263,19 +263,18 @@ def _warn_states_not_apart(own: OwnAudio) -> None:
     warn_not_apart(levels, own.states, {i: np.concatenate(p) for i, p in windows.items()})
 
 
-def read_own(
+_View = tuple[int, str, Path, int, np.ndarray]
+"""One view of a recording: its state's label, the state, the path, the channel view, audio."""
+
+
+def _read_views(
+    own: OwnAudio,
     groups: dict[str, list[Path]],
     params: FeatureParams,
     channel: int,
-    all_channels: bool = False,
-    named_states: bool = True,
-) -> OwnAudio:
-    """Frames and windows of every state's recordings, split by `holdout_split` per state; with
-    `all_channels` every channel of a recording is a view of it (held out together);
-    `named_states`: the groups are the user's state folders (not `--normal`'s one group)."""
-    own = OwnAudio(list(groups))
-    logmel, dense = LogMel(params), dense_params(params, FLUCTUATION_HOP_DIVISOR)
-    dropout = params.hop_length  # the device's dead-window rule (`edge.health.is_dead`)
+    all_channels: bool,
+) -> list[_View]:
+    """Every view of every state's recordings, each state split by `holdout_split`."""
     views = []
     for label, (state, files) in enumerate(groups.items()):
         own.holdouts[state] = holdout_split(files)
@@ -290,13 +289,14 @@ def read_own(
             for path, audio_views in zip(files, read, strict=True)
             for view, audio in enumerate(audio_views)
         ]
-    warn_dead(((path, audio) for _, state, path, _, audio in views if state != OFF), params)
-    own.audio = [audio for *_, audio in views]
-    own.view_states = [label for label, *_ in views]
-    own.machine = machine_profile(
-        own.running(own.audio), params, groups=own.running(own.view_states),
-        names=own.states if named_states else None,  # `normal` is no folder of the user's
-    )  # fmt: skip
+    return views
+
+
+def _add_features(
+    own: OwnAudio, views: list[_View], params: FeatureParams, logmel: LogMel, dense: FeatureParams
+) -> None:
+    """Each view's frames and windows, fitted and held out, and the seconds they hold."""
+    dropout = params.hop_length  # the device's dead-window rule (`edge.health.is_dead`)
     off = own.machine.get("off_below_dbfs")  # windows below it the device calls `off`
     for label, state, path, view, audio in progress(views, "features"):
         fit_audio, held_audio = own.holdouts[state].parts(path, audio, params.window_samples)
@@ -319,12 +319,20 @@ def read_own(
             own.held_seconds += len(held_audio) / params.samplerate
             if state != OFF:
                 own.running_held_seconds += len(held_audio) / params.samplerate
+
+
+def _require_running(own: OwnAudio, params: FeatureParams) -> None:
+    """Refuse audio with no window of the machine running to fit or to hold out."""
     if not sum(len(w) for w in own.running(own.fit_windows)):
         raise AudioError(
             f"not enough audio of the machine running to train: need at least "
             f"{params.window_seconds} s outside a state folder named `{OFF}`"
         )
     require_held_out(sum(len(w) for w in own.running(own.held_windows)), params)
+
+
+def _warn_not_held_out(own: OwnAudio, params: FeatureParams) -> None:
+    """Say which running state has no held-out window."""
     held = dict.fromkeys(own.states, 0)
     for label, windows in zip(own.view_states, own.held_windows, strict=True):
         held[own.states[label]] += len(windows)
@@ -337,6 +345,31 @@ def read_own(
                 "or recordings of at least %g s",
                 state, own.state_recordings[state], 5 * params.window_seconds,
             )  # fmt: skip
+
+
+def read_own(
+    groups: dict[str, list[Path]],
+    params: FeatureParams,
+    channel: int,
+    all_channels: bool = False,
+    named_states: bool = True,
+) -> OwnAudio:
+    """Frames and windows of every state's recordings, split by `holdout_split` per state; with
+    `all_channels` every channel of a recording is a view of it (held out together);
+    `named_states`: the groups are the user's state folders (not `--normal`'s one group)."""
+    own = OwnAudio(list(groups))
+    logmel, dense = LogMel(params), dense_params(params, FLUCTUATION_HOP_DIVISOR)
+    views = _read_views(own, groups, params, channel, all_channels)
+    warn_dead(((path, audio) for _, state, path, _, audio in views if state != OFF), params)
+    own.audio = [audio for *_, audio in views]
+    own.view_states = [label for label, *_ in views]
+    own.machine = machine_profile(
+        own.running(own.audio), params, groups=own.running(own.view_states),
+        names=own.states if named_states else None,  # `normal` is no folder of the user's
+    )  # fmt: skip
+    _add_features(own, views, params, logmel, dense)
+    _require_running(own, params)
+    _warn_not_held_out(own, params)
     _warn_states_not_apart(own)  # before the minutes of training, not after
     _warn_off_near(own)
     return own
