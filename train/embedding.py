@@ -642,6 +642,98 @@ def train_embedding(normal: Sequence[str | Path] | None, out: str | Path, **opti
     return fit_embedding(normal, out, **options)[0]
 
 
+def _state_groups(
+    normal: Sequence[str | Path] | None,
+    states: str | Path | dict[str, list[Path]] | None,
+    params: FeatureParams,
+    channel: int,
+) -> dict[str, list[Path]]:
+    """The recordings by state: the state folders' (found when not given as a dict), or the
+    normal audio as one state `normal`."""
+    return (
+        (
+            states
+            if isinstance(states, dict)
+            else state_folders(states, params.samplerate, params.window_seconds, channel)
+        )
+        if states
+        else {
+            "normal": training_audio(
+                list(normal or []), params.samplerate, params.window_seconds, channel
+            )
+        }
+    )
+
+
+def _corpus_for(
+    own: OwnAudio, params: FeatureParams, exclude: Iterable[str], corpus_path: Path
+) -> Corpus:
+    """The corpus without `exclude` and without the machines the user's recordings are of."""
+    corpus = load_corpus(params, exclude, corpus_path)
+    mine = corpus_machines_heard(own, corpus, params)
+    if mine:  # a machine cannot be told apart from itself
+        log.info("corpus: %s left out: the recordings are of it", ", ".join(mine))
+        corpus = load_corpus(params, [*exclude, *mine], corpus_path)
+    log.info(
+        "corpus: %d clips of %d machines (%s)",
+        len(corpus.machines),
+        len(corpus.names),
+        ", ".join(corpus.names),
+    )
+    return corpus
+
+
+def _validation_record(
+    trained: TrainedTasks,
+    own: OwnAudio,
+    corpus: Corpus,
+    rng: np.random.Generator,
+    epoch_windows: int,
+    named: bool,
+) -> dict:
+    """The manifest's `validation`: the tasks' held-out accuracy, the last epoch, and with
+    `named` states how much of each state there was."""
+    tasks, history = trained.tasks, trained.history
+    sampler, mean, std = trained.sampler, trained.mean, trained.std
+    validation = _validation(tasks, own, corpus, sampler, mean, std, rng) | {
+        "last_epoch": history,
+        "epoch_windows": epoch_windows,
+    }
+    if named:  # for the summary: how much of each state there was
+        validation["state_seconds"] = {k: round(v, 1) for k, v in own.state_seconds.items()}
+        validation["state_recordings"] = dict(own.state_recordings)
+    return validation
+
+
+def _int8_and_head(
+    trained: TrainedTasks,
+    own: OwnAudio,
+    params: FeatureParams,
+    false_alarms_per_day: float,
+    seed: int,
+    rng: np.random.Generator,
+) -> tuple[bytes, TfliteModel, Head]:
+    """The int8 embedding network and the head fitted on its embeddings."""
+    embed, sampler, mean, std = trained.embed, trained.sampler, trained.mean, trained.std
+    rep = _representative(sampler, own, rng)
+    int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
+    model = TfliteModel(int8, name="int8 embedding")
+    try:
+        head = _fit_head(model, own, mean, std, params, false_alarms_per_day)
+    except AudioError:  # a steady, tonal machine: the augmented windows' range left its own
+        # running a step or two of int8, and every embedding came out the same
+        log.warning(
+            "the int8 embedding did not vary over this machine's steady sound: quantised "
+            "again on its running windows as recorded (a fault far outside them saturates)"
+        )
+        plain = np.concatenate(own.running(own.fit_windows))
+        rep = plain[rng.choice(len(plain), min(REPRESENTATIVE, len(plain)), replace=False)]
+        int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
+        model = TfliteModel(int8, name="int8 embedding")
+        head = _fit_head(model, own, mean, std, params, false_alarms_per_day)
+    return int8, model, head
+
+
 def fit_embedding(
     normal: Sequence[str | Path] | None,
     out: str | Path,
@@ -665,74 +757,20 @@ def fit_embedding(
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(seed)
-    groups = (
-        (
-            states
-            if isinstance(states, dict)
-            else state_folders(states, params.samplerate, params.window_seconds, channel)
-        )
-        if states
-        else {
-            "normal": training_audio(
-                list(normal or []), params.samplerate, params.window_seconds, channel
-            )
-        }
-    )
+    groups = _state_groups(normal, states, params, channel)
     own = read_own(groups, params, channel, all_channels, named_states=bool(states))
     own.named = bool(states)
-    corpus = load_corpus(params, exclude, corpus_path)
-    mine = corpus_machines_heard(own, corpus, params)
-    if mine:  # a machine cannot be told apart from itself
-        log.info("corpus: %s left out: the recordings are of it", ", ".join(mine))
-        corpus = load_corpus(params, [*exclude, *mine], corpus_path)
-    log.info(
-        "corpus: %d clips of %d machines (%s)",
-        len(corpus.machines),
-        len(corpus.names),
-        ", ".join(corpus.names),
-    )
+    corpus = _corpus_for(own, params, exclude, corpus_path)
     epoch_windows = epoch_windows or epoch_size(own.view_seconds)
     trained = fit_tasks(own, corpus, params, epochs, epoch_windows, rng)
-    tasks, embed, history = trained.tasks, trained.embed, trained.history
-    sampler, mean, std = trained.sampler, trained.mean, trained.std
-    validation = _validation(tasks, own, corpus, sampler, mean, std, rng) | {
-        "last_epoch": history,
-        "epoch_windows": epoch_windows,
-    }
-    if states:  # for the summary: how much of each state there was
-        validation["state_seconds"] = {k: round(v, 1) for k, v in own.state_seconds.items()}
-        validation["state_recordings"] = dict(own.state_recordings)
-
-    rep = _representative(sampler, own, rng)
-    int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
-    model = TfliteModel(int8, name="int8 embedding")
-    try:
-        head = _fit_head(model, own, mean, std, params, false_alarms_per_day)
-    except AudioError:  # a steady, tonal machine: the augmented windows' range left its own
-        # running a step or two of int8, and every embedding came out the same
-        log.warning(
-            "the int8 embedding did not vary over this machine's steady sound: quantised "
-            "again on its running windows as recorded (a fault far outside them saturates)"
-        )
-        plain = np.concatenate(own.running(own.fit_windows))
-        rep = plain[rng.choice(len(plain), min(REPRESENTATIVE, len(plain)), replace=False)]
-        int8 = to_int8_tflite(embed, network_input(rep, mean, std)[..., None], seed)
-        model = TfliteModel(int8, name="int8 embedding")
-        head = _fit_head(model, own, mean, std, params, false_alarms_per_day)
+    validation = _validation_record(trained, own, corpus, rng, epoch_windows, bool(states))
+    int8, model, head = _int8_and_head(trained, own, params, false_alarms_per_day, seed, rng)
+    views_of = ALL_CHANNELS if all_channels else channel
     manifest = _manifest(
-        Path(out),
-        params,
-        own,
-        model,
-        int8,
-        head,
-        validation,
-        epochs,
-        seed,
-        ALL_CHANNELS if all_channels else channel,
-        embed.count_params(),
-    )
-    files = {MODEL_INT8: int8, MODEL_FLOAT: to_float_tflite(embed)}
+        Path(out), params, own, model, int8, head, validation, epochs, seed, views_of,
+        trained.embed.count_params()
+    )  # fmt: skip
+    files = {MODEL_INT8: int8, MODEL_FLOAT: to_float_tflite(trained.embed)}
     write_bundle(out, manifest, files, head.arrays | own.state_levels())
     log.info(
         "wrote %s (int8 embedding %.1f KB, threshold %.4g)", out, len(int8) / 1024, head.threshold
