@@ -32,6 +32,17 @@ ENSEMBLE_MEMBERS = ("fluctuation", "levels", "knn", "subspace", "embedding")
 
 def add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model bundle on normal (or labelled) recordings")
+    _train_inputs(p)
+    _train_output(p)
+    _train_network(p)
+    _train_channel_and_threshold(p)
+    _train_augmentation(p)
+    _train_detector(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _train_inputs(p: argparse.ArgumentParser) -> None:
+    """`train`'s inputs: normal recordings, labelled classes or state folders (one of them)."""
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--normal",
@@ -54,9 +65,17 @@ def add_train(sub: Any) -> None:
         help="normal recordings, one subfolder per operating state (`off`: the machine stopped): "
         "the embedding detector, or a numpy --detector (fluctuation, levels, knn, subspace)",
     )
+
+
+def _train_output(p: argparse.ArgumentParser) -> None:
+    """`train`'s output: the bundle folder."""
     p.add_argument(
         "--out", required=True, type=Path, metavar="MODEL", help="bundle folder to write"
     )
+
+
+def _train_network(p: argparse.ArgumentParser) -> None:
+    """`train`'s network training: epochs and seed."""
     p.add_argument(
         "--epochs",
         type=_whole_between(1, MAX_EPOCHS),
@@ -70,6 +89,10 @@ def add_train(sub: Any) -> None:
         default=None,
         help="random seed of a network, 0 to 2**32 - 1 (same seed, same model)",
     )
+
+
+def _train_channel_and_threshold(p: argparse.ArgumentParser) -> None:
+    """`train`'s channel and the false-alarm budget that sets the threshold."""
     p.add_argument(
         "--channel",
         type=channel_arg,
@@ -83,6 +106,10 @@ def add_train(sub: Any) -> None:
         metavar="F",
         help="false-alarm budget that sets the threshold (default 1 per day; not --classes)",
     )
+
+
+def _train_augmentation(p: argparse.ArgumentParser) -> None:
+    """`train`'s training augmentation and its factor."""
     p.add_argument(
         "--augment",
         nargs="+",
@@ -100,6 +127,10 @@ def add_train(sub: Any) -> None:
         help="augmented copies per training window, 1 to 16 (default 1); the training set is "
         "held in memory N + 1 times",
     )
+
+
+def _train_detector(p: argparse.ArgumentParser) -> None:
+    """`train`'s detector kind, training views and ensemble members."""
     p.add_argument(
         "--detector",
         choices=(*NUMPY_DETECTORS, "autoencoder", "embedding"),
@@ -124,7 +155,6 @@ def add_train(sub: Any) -> None:
         "one may be embedding, the int8 CNN, which needs the [train] extra's TensorFlow; of: "
         + ", ".join(ENSEMBLE_MEMBERS),
     )
-    p.set_defaults(func=_cmd_train)
 
 
 def add_calibrate(sub: Any) -> None:
