@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle import MODEL_FLOAT, MODEL_INT8, Manifest, load_bundle, write_bundle
+from edge.bundle import MODEL_FLOAT, MODEL_INT8, Bundle, Manifest, load_bundle, write_bundle
 from edge.detectors.ensemble import MEMBER_PLUGINS, combine, common_scale
 from edge.errors import AudioError
 from edge.features import FeatureParams
@@ -59,6 +59,76 @@ ARCHITECTURE = "ensemble-mean-z-v1"
 DESIGN = Design("ensemble", "ensemble-mean-z", "members", ARCHITECTURE)
 
 
+def _check_members(members: Sequence[str]) -> None:
+    """Refuse members that are not distinct kinds, at least one numpy and at most one network."""
+    known = (*TRAINERS, *NETWORK_MEMBERS)
+    unknown = [m for m in members if m not in known]
+    networks = [m for m in members if m in NETWORK_MEMBERS]
+    numpy_kinds = [m for m in members if m in TRAINERS]
+    if unknown or not numpy_kinds or len(set(members)) != len(members) or len(networks) > 1:
+        raise AudioError(
+            f"ensemble members must be distinct kinds of {', '.join(known)}, at least one of "
+            f"them numpy and at most one a network ({', '.join(NETWORK_MEMBERS)}); got "
+            f"{list(members)}"
+        )
+
+
+def _fit_network_member(
+    normal: list[str | Path],
+    path: Path,
+    channel: int,
+    all_channels: bool,
+    params: FeatureParams,
+    false_alarms_per_day: float,
+    exclude: Iterable[str],
+    epochs: int | None,
+    epoch_windows: int | None,
+    seed: int,
+) -> tuple[Path, np.ndarray]:
+    """The network member's bundle at `path` and its held-out scores."""
+    from train.embedding import DEFAULT_EPOCHS, fit_embedding  # TensorFlow: only here
+
+    return fit_embedding(
+        normal, path, channel=channel, params=params,
+        false_alarms_per_day=false_alarms_per_day, exclude=exclude,
+        all_channels=all_channels, epochs=epochs or DEFAULT_EPOCHS,
+        epoch_windows=epoch_windows, seed=seed,
+    )  # fmt: skip
+
+
+def _entry(kind: str, prefix: str, member: Bundle, scores: np.ndarray) -> dict:
+    """The manifest's entry of a member: its kind, score, arrays' prefix and common scale."""
+    center, spread = common_scale(scores)
+    return {
+        "kind": kind,
+        "score": MEMBER_PLUGINS[kind].score_name,
+        "prefix": prefix,
+        "center": center,
+        "spread": spread,
+        "statistics": member.manifest.statistics.model_dump()
+        if member.manifest.statistics
+        else None,
+    }
+
+
+def _member_arrays(prefix: str, member: Bundle) -> dict[str, np.ndarray]:
+    """A member's arrays under its prefix, without its band reference and machine levels."""
+    return {
+        f"{prefix}.{k}": v
+        for k, v in member.arrays.items()
+        if not k.startswith("normal_band_error.") and not k.startswith("machine.")
+    }
+
+
+def _require_same_windows(members: Sequence[str], held: list[np.ndarray]) -> None:
+    """Refuse members whose held-out scores are not of the same windows."""
+    if len({len(h) for h in held}) != 1:  # the same windows, or the scales mean nothing
+        raise AudioError(
+            "ensemble members held out different audio: "
+            + ", ".join(f"{m} {len(h)} windows" for m, h in zip(members, held, strict=True))
+        )
+
+
 def train_ensemble(
     normal: list[str | Path],
     out: str | Path,
@@ -76,16 +146,7 @@ def train_ensemble(
     keeps corpus machines out of the network member's training, `epochs` and `epoch_windows`
     size it (train.embedding's defaults when None), `seed` seeds it."""
     params = params or FeatureParams()
-    known = (*TRAINERS, *NETWORK_MEMBERS)
-    unknown = [m for m in members if m not in known]
-    networks = [m for m in members if m in NETWORK_MEMBERS]
-    numpy_kinds = [m for m in members if m in TRAINERS]
-    if unknown or not numpy_kinds or len(set(members)) != len(members) or len(networks) > 1:
-        raise AudioError(
-            f"ensemble members must be distinct kinds of {', '.join(known)}, at least one of "
-            f"them numpy and at most one a network ({', '.join(NETWORK_MEMBERS)}); got "
-            f"{list(members)}"
-        )
+    _check_members(members)
     # searched, checked and rid of copies once, so that each member does not warn of them again
     normal = list(training_audio(normal, params.samplerate, params.window_seconds, channel))
     runs: list[Run] = []
@@ -98,13 +159,9 @@ def train_ensemble(
         for i, kind in enumerate(members):
             path = Path(tmp) / f"{kind}.bundle"
             if kind in NETWORK_MEMBERS:
-                from train.embedding import DEFAULT_EPOCHS, fit_embedding  # TensorFlow: only here
-
-                path, scores = fit_embedding(
-                    normal, path, channel=channel, params=params,
-                    false_alarms_per_day=false_alarms_per_day, exclude=exclude,
-                    all_channels=all_channels, epochs=epochs or DEFAULT_EPOCHS,
-                    epoch_windows=epoch_windows, seed=seed,
+                path, scores = _fit_network_member(
+                    normal, path, channel, all_channels, params, false_alarms_per_day, exclude,
+                    epochs, epoch_windows, seed,
                 )  # fmt: skip
             else:
                 trainer = TRAINERS[kind]
@@ -113,33 +170,12 @@ def train_ensemble(
                 runs.append(run)
             member = load_bundle(path)
             held.append(scores)
-            center, spread = common_scale(scores)
-            prefix = f"m{i}"
-            entries.append(
-                {
-                    "kind": kind,
-                    "score": MEMBER_PLUGINS[kind].score_name,
-                    "prefix": prefix,
-                    "center": center,
-                    "spread": spread,
-                    "statistics": member.manifest.statistics.model_dump()
-                    if member.manifest.statistics
-                    else None,
-                }
-            )
-            arrays |= {
-                f"{prefix}.{k}": v
-                for k, v in member.arrays.items()
-                if not k.startswith("normal_band_error.") and not k.startswith("machine.")
-            }
+            entries.append(_entry(kind, f"m{i}", member, scores))
+            arrays |= _member_arrays(f"m{i}", member)
             if kind in NETWORK_MEMBERS:  # the bundle's one network is this member's
                 files = {name: member.file_bytes(name) for name in (MODEL_INT8, MODEL_FLOAT)}
                 network = member.manifest
-    if len({len(h) for h in held}) != 1:  # the same windows, or the scales mean nothing
-        raise AudioError(
-            "ensemble members held out different audio: "
-            + ", ".join(f"{m} {len(h)} windows" for m, h in zip(members, held, strict=True))
-        )
+    _require_same_windows(members, held)
     runs[0].out = Path(out)  # the members were written aside; the ensemble goes to `out`
     return _write(runs[0], held, entries, arrays, files, network, false_alarms_per_day, normal)
 
