@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.adapt import UNWRITTEN_RETRY_S, Asker
+from edge.adapt import UNWRITTEN_RETRY_S, Asker, Period
 from edge.bundle import Bundle
 from edge.clips import clip_keeper, clip_recorder
 from edge.clock import believable
@@ -113,6 +113,31 @@ class Detector(SiteLearning):
         persist: bool = False,
         live: bool = True,
     ) -> None:
+        self._init_wiring(settings, sinks, on_step, clock, notifier, live)
+        self._init_work(spool_stats)
+        self._init_mute()
+        self._init_run(clock)
+        self._init_running()
+        self._init_evidence(settings, bundle, live)
+        self._init_learning(settings, bundle, persist, live)
+        # restore() resumes a saved period too, checked against the version it chose (a period
+        # begun on a bundle loaded by reload_model is that bundle's, not the configured one's)
+        self._load(self.adapter.restore() if self.adapter else bundle, named_on=False)
+        self._restore_state()
+        self._auto_learn()
+        if not live and self.adapter is not None and self.adapter.period is not None:
+            self._warn_replay_learns(self.adapter.period)
+
+    def _init_wiring(
+        self,
+        settings: Settings,
+        sinks: Iterable[Sink],
+        on_step: Callable[[Step], None] | None,
+        clock: Callable[[], float],
+        notifier: SystemdNotifier | None,
+        live: bool,
+    ) -> None:
+        """The settings, where results go (sinks, on_step, systemd, metrics) and the clocks."""
         self.settings = settings
         self.live = live
         """The device's own daemon (`run`): its running hours count the running time heard, and
@@ -126,6 +151,9 @@ class Detector(SiteLearning):
         self.clock = clock
         self.notifier = notifier or SystemdNotifier()
         self.metrics = Metrics()
+
+    def _init_work(self, spool_stats: Callable[[], tuple[int, int]] | None) -> None:
+        """The work queue and signals' work for the loop, and the source's and spool's counts."""
         self._work: queue.Queue[Callable[[], None]] = queue.Queue(WORK_QUEUE_MAX)
         self._signalled: deque[Callable[[], None]] = deque(maxlen=WORK_QUEUE_MAX)
         """Work from signal handlers: a deque's append takes no lock, the queue's put does, and
@@ -134,6 +162,9 @@ class Detector(SiteLearning):
         self.source_stats: Callable[[], dict[str, int]] = dict
         self._source: object = None
         self.spool_stats: Callable[[], tuple[int, int]] = spool_stats or (lambda: (0, 0))
+
+    def _init_mute(self) -> None:
+        """No mute running."""
         self._mute_end = 0.0
         """When the running mute ends on the monotonic clock, 0 if none runs."""
         self._mute = SavedMute(0.0, 0.0)
@@ -141,6 +172,10 @@ class Detector(SiteLearning):
         self._mute_dated_here = False
         """The mute's start was read off this run's clock (not restored): a clock set later
         (NTP after a boot without a real-time clock) moves it too."""
+
+    def _init_run(self, clock: Callable[[], float]) -> None:
+        """The run's state: its stop, the samples and blocks heard and when, what systemd and
+        the last state message were told, the last score and machine state."""
         self._threshold: float | None = None
         self._stop = threading.Event()
         self._label_said: str | None = None
@@ -162,6 +197,9 @@ class Detector(SiteLearning):
         """Why the input last stalled, for STATUS."""
         self._last_score: float | None = None
         self._machine: str | None = None  # unknown until a window is heard
+
+    def _init_running(self) -> None:
+        """The running time heard and its saves, spells near the off level, the band levels."""
         self.running = RunningTime()  # counted while live: what the microphone heard
         self._running_saved = 0.0
         self._saved_at = time.monotonic()
@@ -174,6 +212,9 @@ class Detector(SiteLearning):
         """Seconds of windows judged in a row."""
         self._band_sum: np.ndarray | None = None
         self._band_n = 0
+
+    def _init_evidence(self, settings: Settings, bundle: Bundle, live: bool) -> None:
+        """The audio's health, the evidence clips and the recent events."""
         self.clip_url: Callable[[str], str | None] | None = None
         """Gives the URL a clip is served at (set when the dashboard runs)."""
         rate = bundle.features.samplerate
@@ -185,6 +226,9 @@ class Detector(SiteLearning):
         self._kept = self.recent.kept
         self._finishing = False
         """In `finish`: the event it ends sends no state of its own (`stopped` follows)."""
+
+    def _init_learning(self, settings: Settings, bundle: Bundle, persist: bool, live: bool) -> None:
+        """The learning side: windows not yet learnt, state.json and the adapter (`persist`)."""
         self._unlearnt: deque[tuple[float, np.ndarray, object]] = deque()
         """A learning period's windows (end, features, period) of the last STOP_SECONDS, learnt
         only once the machine has not gone quiet after them (training's rule)."""
@@ -197,24 +241,20 @@ class Detector(SiteLearning):
         (`answer_learning_ends`: a saved period dropped or ended at the start)."""
         self._learning_ends: list[tuple[Asker, dict[str, Any]]] = []
         self.adapter = self._new_adapter(bundle) if persist else None
-        # restore() resumes a saved period too, checked against the version it chose (a period
-        # begun on a bundle loaded by reload_model is that bundle's, not the configured one's)
-        self._load(self.adapter.restore() if self.adapter else bundle, named_on=False)
-        self._restore_state()
-        self._auto_learn()
-        if not live and self.adapter is not None and self.adapter.period is not None:
-            # six fault recordings replayed with the device's config went into its period
-            # with a line at INFO, events held off (an operator's review); one the replay
-            # begins ([learning] seconds) is saved for the device's next start too (a review)
-            p = self.adapter.period
-            log.warning(
-                "learning: the files go into a commissioning period of %s (%.0f of %g s heard): "
-                "they are learnt as the machine's normal sound and raise no event (a config of "
-                "the replay's own keeps them out of a device's)",
-                self.settings.data_dir,
-                p.collected_s,
-                p.target_s,
-            )
+
+    def _warn_replay_learns(self, p: Period) -> None:
+        """A replay whose config begins or resumes a period learns the files: said as it starts."""
+        # six fault recordings replayed with the device's config went into its period
+        # with a line at INFO, events held off (an operator's review); one the replay
+        # begins ([learning] seconds) is saved for the device's next start too (a review)
+        log.warning(
+            "learning: the files go into a commissioning period of %s (%.0f of %g s heard): "
+            "they are learnt as the machine's normal sound and raise no event (a config of "
+            "the replay's own keeps them out of a device's)",
+            self.settings.data_dir,
+            p.collected_s,
+            p.target_s,
+        )
 
     # --- model -----------------------------------------------------------------------------
 
