@@ -245,13 +245,28 @@ class ModelHistory:
         lost = read is None and not os.path.lexists(self.path) and self._damaged_copy_kept()
         orphans = [p.name for p in self._on_disk()] if lost else []
         data = read or {}
+        self._read_entries(data)
+        self._read_active(data, configured)
+        self._read_outcomes(data)
+        if self.unreadable:  # what it records is unknown: a period would hold events off
+            self.learned.add(configured)
+        if orphans:  # a damaged card: a period begun again would hold events off for days
+            self._say_damaged(orphans)
+        if data.get("configured") not in (None, configured):
+            self._say_configured_changed(data)
+
+    def _read_entries(self, data: dict[str, Any]) -> None:
+        """The readable version entries of history.json's `data`; the others said and left out."""
         found = data.get("entries", [])
         entries = found if isinstance(found, list) else [found]
         self.entries: list[dict[str, Any]] = [e for e in entries if _readable(e)]
-        _rebase(self.entries, folder)
+        _rebase(self.entries, self.folder)
         if len(self.entries) < len(entries):
             log.warning("%s: %d version entries unreadable (a hand edit, damage): left out",
                         self.path, len(entries) - len(self.entries))  # fmt: skip
+
+    def _read_active(self, data: dict[str, Any], configured: str) -> None:
+        """The active version (one with an entry), and the configured model now and as saved."""
         active = data.get("active")
         self.active: int | None = active if self.entry(active) is not None else None
         self.held: int | None = None
@@ -262,6 +277,9 @@ class ModelHistory:
         self.was_configured: str | None = recorded if isinstance(recorded, str) else None
         """The configured model the history was last saved with (None: not recorded): the model
         a period saved before periods recorded theirs (`of`) was begun for."""
+
+    def _read_outcomes(self, data: dict[str, Any]) -> None:
+        """How the periods ended: the configured models learnt for or failed, the last refit."""
         self.learned: set[str] = {m for m in _listed(data.get("learned")) if isinstance(m, str)}
         """Configured models a commissioning period has ended for: pruning never drops one."""
         self.learned |= {
@@ -275,41 +293,46 @@ class ModelHistory:
         """Configured models whose commissioning period ended in a refit that failed, or was
         cancelled: not begun again at every start (a period suppresses events while it runs);
         a `learn` command can."""
-        if self.unreadable:  # what it records is unknown: a period would hold events off
-            self.learned.add(configured)
-        if orphans:  # a damaged card: a period begun again would hold events off for days
-            self.learned.add(configured)
-            log.error(
-                "%s was damaged: the versions made on site (%s) are not used, the configured "
-                "model runs, and its commissioning period is not begun again (it would hold "
-                "events off); the `reload_model` command with a version's name runs it, "
-                "`learn start` begins a period", self.path, ", ".join(orphans),
-            )  # fmt: skip
-            with contextlib.suppress(OSError):  # so the next start says it no more (if it
-                self.save()  # cannot be saved, the copy set aside says it again)
-        if data.get("configured") not in (None, configured):
-            # the events marked normal in the old one's version in use: a calibration for a
-            # moved microphone dropped them without a word, to be remembered and marked again
-            # (a field review)
-            marks = _listed((self.entry(self.active) or {}).get("marked"))
-            old = str(data.get("configured"))
-            again = (  # only a model of the same line takes a mark of the old one's events
-                f"mark_normal them again if they were normal running (the newest: "
-                f"{', '.join(map(str, marks[-10:]))})"
-                if lineage(old) == lineage(configured)
-                else "they were another model's: this one raises events of its own to mark"
-            )
-            log.warning(
-                "the configured model is now %s (was %s): the versions made for the old one "
-                "stay in the history but are not used%s",
-                configured,
-                old,
-                f"; the {len(marks)} event(s) marked normal in the one in use are not learnt "
-                f"by the new model: {again}"
-                if marks
-                else "",
-            )
-            self.active = None
+
+    def _say_damaged(self, orphans: list[str]) -> None:
+        """A history.json set aside as damaged while versions (`orphans`) were on disk: the
+        configured model counts as learnt for, said once (saved so the next start does not)."""
+        self.learned.add(self.configured)
+        log.error(
+            "%s was damaged: the versions made on site (%s) are not used, the configured "
+            "model runs, and its commissioning period is not begun again (it would hold "
+            "events off); the `reload_model` command with a version's name runs it, "
+            "`learn start` begins a period", self.path, ", ".join(orphans),
+        )  # fmt: skip
+        with contextlib.suppress(OSError):  # so the next start says it no more (if it
+            self.save()  # cannot be saved, the copy set aside says it again)
+
+    def _say_configured_changed(self, data: dict[str, Any]) -> None:
+        """Another configured model than the one the history was saved with: its versions are
+        not used (no active one), said with the events marked normal that are not learnt."""
+        configured = self.configured
+        # the events marked normal in the old one's version in use: a calibration for a
+        # moved microphone dropped them without a word, to be remembered and marked again
+        # (a field review)
+        marks = _listed((self.entry(self.active) or {}).get("marked"))
+        old = str(data.get("configured"))
+        again = (  # only a model of the same line takes a mark of the old one's events
+            f"mark_normal them again if they were normal running (the newest: "
+            f"{', '.join(map(str, marks[-10:]))})"
+            if lineage(old) == lineage(configured)
+            else "they were another model's: this one raises events of its own to mark"
+        )
+        log.warning(
+            "the configured model is now %s (was %s): the versions made for the old one "
+            "stay in the history but are not used%s",
+            configured,
+            old,
+            f"; the {len(marks)} event(s) marked normal in the one in use are not learnt "
+            f"by the new model: {again}"
+            if marks
+            else "",
+        )
+        self.active = None
 
     def hold_back(self) -> None:
         """Run the configured model instead of the active version for this run only (the
