@@ -692,19 +692,7 @@ def threshold_for_budget(
     recording as views are one recording's time, not several). `pieces`: the windows of each
     recording, in order (each a stream of its own; None: one stream)."""
     scores = np.asarray(scores, np.float64)
-    streams(scores, pieces)  # pieces that do not fit the scores: a ValueError now
-    bad = int(np.count_nonzero(~np.isfinite(scores)))
-    if bad:  # a NaN gamma would fall silently to the floor, and the manifest still promise it
-        raise AudioError(
-            f"{bad} of {len(scores)} held-out normal windows scored NaN or infinite: the model "
-            "or the audio is broken, so no threshold can be set from them"
-        )
-    if len(scores) >= 2 and np.ptp(scores) <= STEADY_SPREAD * max(1.0, np.abs(scores).max()):
-        raise AudioError(  # the fallback 1.5 x max set 1e-28 on a tone: every window above it
-            f"the {len(scores)} held-out normal windows all scored the same "
-            f"({scores.max():.3g}): the audio does not vary, so no threshold can be set from it; "
-            f"{NOT_A_MICROPHONE}"
-        )
+    _refuse_unusable(scores, pieces)
     seconds = len(scores) * hop_s if seconds is None else seconds
     draws = min(len(scores), max(2, round(seconds / hop_s)))  # the windows of distinct time
     designed = None
@@ -720,15 +708,7 @@ def threshold_for_budget(
     try:
         dist = Gamma.fit(scores, censor_at=censor)
     except ValueError:
-        if len(scores) and scores.max() <= 0:  # 1.5 x a negative max lies below it
-            raise AudioError(
-                "the held-out normal windows scored 0 or less: this rule needs positive scores "
-                "(a distance or an error), so no threshold can be set from them"
-            ) from None
-        value = float(scores.max() * 1.5) if len(scores) else 1.0
-        fallback = {"fallback": "too few distinct scores: 1.5 x max", "window_exceedance": p}
-        holdout = _holdout(scores, seconds, value, common, None, pieces)
-        return value, {**common, **fallback, **holdout}
+        return _fallback_threshold(scores, seconds, p, common, pieces)
     value, bounds = bounded_threshold(
         scores, dist.isf(max(p, _EPS)), p, window_budget, k, n, m, hop_s, seconds, pieces
     )
@@ -747,6 +727,40 @@ def threshold_for_budget(
     if cusum is not None:
         params["cusum"] = {**cusum.to_params(), **info}
     return value, params
+
+
+def _refuse_unusable(scores: np.ndarray, pieces: Pieces) -> None:
+    """Refuse (AudioError) held-out scores no threshold can be set from: NaN or infinite
+    ones, or all the same; pieces that do not fit the scores are a ValueError."""
+    streams(scores, pieces)  # pieces that do not fit the scores: a ValueError now
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:  # a NaN gamma would fall silently to the floor, and the manifest still promise it
+        raise AudioError(
+            f"{bad} of {len(scores)} held-out normal windows scored NaN or infinite: the model "
+            "or the audio is broken, so no threshold can be set from them"
+        )
+    if len(scores) >= 2 and np.ptp(scores) <= STEADY_SPREAD * max(1.0, np.abs(scores).max()):
+        raise AudioError(  # the fallback 1.5 x max set 1e-28 on a tone: every window above it
+            f"the {len(scores)} held-out normal windows all scored the same "
+            f"({scores.max():.3g}): the audio does not vary, so no threshold can be set from it; "
+            f"{NOT_A_MICROPHONE}"
+        )
+
+
+def _fallback_threshold(
+    scores: np.ndarray, seconds: float, p: float, common: dict[str, Any], pieces: Pieces
+) -> tuple[float, dict]:
+    """1.5 x the highest score, when no gamma fits the scores (too few distinct ones);
+    AudioError when none is above 0."""
+    if len(scores) and scores.max() <= 0:  # 1.5 x a negative max lies below it
+        raise AudioError(
+            "the held-out normal windows scored 0 or less: this rule needs positive scores "
+            "(a distance or an error), so no threshold can be set from them"
+        ) from None
+    value = float(scores.max() * 1.5) if len(scores) else 1.0
+    fallback = {"fallback": "too few distinct scores: 1.5 x max", "window_exceedance": p}
+    holdout = _holdout(scores, seconds, value, common, None, pieces)
+    return value, {**common, **fallback, **holdout}
 
 
 def _holdout(
