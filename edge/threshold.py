@@ -822,21 +822,41 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
     if "holdout_max" in params:
         lines.append(_above_holdout(value, params))
     if "predicted_false_alarms_per_day" in params:
-        low, high = params["predicted_interval_per_day"]
+        lines += _predicted(params)
+    lines += _raised_caution(params)
+    if missed:
         lines.append(
-            f"  predicted false alarms per day: "
-            f"{rate_text(params['predicted_false_alarms_per_day'])} ({INTERVAL:.0%} interval "
-            f"{interval_text(low, high)}); {_heard(params)}"
+            f"  caution: {rate_text(predicted)} false alarms per day are predicted, more than the "
+            f"budget of {budget:g}: the threshold is capped at what the held-out audio backs "
+            "(a gamma fitted to so little reaches too far to trust); give more normal audio "
+            "(several recordings, other days)"
         )
-        if "window_autocorrelation" in params:  # not in older bundles
-            r = params["window_autocorrelation"]
-            allowed = (
-                "both paths allow for it"
-                if r < MAX_AUTOCORRELATION
-                else f"both paths allow for {MAX_AUTOCORRELATION:g} at most, so false alarms may "
-                "exceed the budget: the held-out audio drifts slowly (give audio of other days)"
-            )
-            lines.append(f"  neighbouring windows correlate (lag-1 r = {r:.2f}): {allowed}")
+    lines += _integrated(params)
+    return "\n".join(lines)
+
+
+def _predicted(params: Mapping[str, Any]) -> list[str]:
+    """The predicted false alarms per day, their interval and how the windows correlate."""
+    low, high = params["predicted_interval_per_day"]
+    lines = [
+        f"  predicted false alarms per day: "
+        f"{rate_text(params['predicted_false_alarms_per_day'])} ({INTERVAL:.0%} interval "
+        f"{interval_text(low, high)}); {_heard(params)}"
+    ]
+    if "window_autocorrelation" in params:  # not in older bundles
+        r = params["window_autocorrelation"]
+        allowed = (
+            "both paths allow for it"
+            if r < MAX_AUTOCORRELATION
+            else f"both paths allow for {MAX_AUTOCORRELATION:g} at most, so false alarms may "
+            "exceed the budget: the held-out audio drifts slowly (give audio of other days)"
+        )
+        lines.append(f"  neighbouring windows correlate (lag-1 r = {r:.2f}): {allowed}")
+    return lines
+
+
+def _raised_caution(params: Mapping[str, Any]) -> list[str]:
+    """A caution when a path's fitted threshold was raised to clear the held-out audio."""
     cusum = params.get("cusum")
     raised = [
         path
@@ -847,32 +867,31 @@ def describe(value: float, params: Mapping[str, Any]) -> str:
         if floored
     ]
     if raised and "predicted_false_alarms_per_day" in params:
-        lines.append(
+        return [
             f"  caution: the held-out audio would itself have raised events at the fitted "
             f"{' and '.join(raised)} threshold, which was raised to clear it; the prediction rests "
             "on the fit that audio contradicts and may understate false alarms: give more normal "
             "audio (several recordings, other days)"
-        )
-    if missed:
-        lines.append(
-            f"  caution: {rate_text(predicted)} false alarms per day are predicted, more than the "
-            f"budget of {budget:g}: the threshold is capped at what the held-out audio backs "
-            "(a gamma fitted to so little reaches too far to trust); give more normal audio "
-            "(several recordings, other days)"
-        )
+        ]
+    return []
+
+
+def _integrated(params: Mapping[str, Any]) -> list[str]:
+    """Whether integrated evidence (the CUSUM) is on, and its parameters."""
+    cusum = params.get("cusum")
     if not cusum and params["n_windows"] < MIN_CUSUM_WINDOWS:  # off without a word (a review)
-        lines.append(
+        return [
             f"  integrated evidence: off ({params['n_windows']} held-out windows; it needs "
             f"{MIN_CUSUM_WINDOWS}): only K of N raises events, so a subtle fault that lasts is "
             "not caught over time; give more normal audio"
-        )
+        ]
     if cusum:
-        lines.append(
+        return [
             f"  integrated evidence: CUSUM on log scores, h {cusum['h']:.3g} (budget "
             f"{cusum['h_design']:.3g}, held-out {cusum['h_floor']:.3g}), drift {cusum['drift']:g}, "
             f"cap {cusum['cap']:g}"
-        )
-    return "\n".join(lines)
+        ]
+    return []
 
 
 def _heard(params: Mapping[str, Any]) -> str:
