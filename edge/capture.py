@@ -345,71 +345,105 @@ class MicSource:
             yield from self._idle(backoff)
         while not self._stop.is_set():
             try:
-                if not first:
-                    self._rescan()
-                    self.reopens += 1
-                stream = self._start(self._open())
+                stream = self._reopen(first)
             except CaptureError as exc:
                 if first and not self.wait:
                     raise
                 first = False
-                self.problem = str(exc)
-                self._say(self.problem, "capture: %s; retrying in %.0f s", exc, backoff)
-                yield from self._idle(backoff)
-                backoff = min(backoff * 2, self.reopen_max_s)
+                backoff = yield from self._retry_later(exc, backoff)
                 continue
             reopened, first = not first, False
-            initial = not reopened  # the first stream opened
-            flowing: float | None = None  # since when this stream delivers
-            settled = False  # delivered for stall_s: it works, the next outage starts afresh
-            zeros: float | None = None  # since when it delivers digital zeros only
-            blocks = self._stream(stream)
-            try:
-                for block in blocks:
-                    if isinstance(block, np.ndarray):
-                        now = time.monotonic()
-                        if flowing is None:
-                            flowing = now
-                            self.problem = None
-                            if reopened:
-                                reopened = False
-                                yield AudioGap(reopened=True)
-                        if not settled and now - flowing >= self.stall_s:
-                            settled = True
-                            backoff = REOPEN_MIN_S
-                            self._said = None
-                            self._retries = 0
-                        if np.any(block):
-                            zeros, zeros_after = None, ZEROS_REOPEN_S
-                        elif zeros is None:
-                            zeros = now
-                        elif now - zeros >= zeros_after:
-                            self._say("zeros", "capture: nothing but digital zeros from %s for "
-                                      "%.0f s; reopening it (a device wedged, or a sound server "
-                                      "that moved the stream to another source)", self._which,
-                                      now - zeros)  # fmt: skip
-                            zeros_after = min(zeros_after * 2, ZEROS_REOPEN_MAX_S)
-                            blocks.close()  # closes the stream; the next one's audio
-                            break  # comes after an AudioGap(reopened=True)
-                    yield block
-            except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
-                if initial and flowing is None and not self.wait:  # `record`, `run` at a prompt
-                    raise CaptureError(
-                        f"audio device {self._which} opened but delivered no audio in "
-                        f"{self.stall_s:g} s: is another program holding it, or is it wedged "
-                        "(unplug it and plug it in again)?"
-                    ) from None
-                if settled:
-                    log.warning("capture: %s; reopening the device", exc)
-                    yield None
-                    continue
-                # silent since it was opened, or a burst and silent again: waited for with
-                # backoff, like a device that will not open
-                self._say("silent", "capture: %s since the device was opened%s; reopening in "
-                          "%.0f s", exc, "" if flowing is None else " (but a moment)",
-                          backoff)  # fmt: skip
-                yield from self._idle(backoff)
-                backoff = min(backoff * 2, self.reopen_max_s)
+            backoff, zeros_after = yield from self._deliver(stream, reopened, backoff, zeros_after)
+
+    def _reopen(self, first: bool) -> Any:
+        """Open and start the stream; after the first attempt, find the device again first."""
+        if not first:
+            self._rescan()
+            self.reopens += 1
+        return self._start(self._open())
+
+    def _retry_later(self, exc: CaptureError, backoff: float) -> Iterator[None]:
+        """Say why the device did not open, wait `backoff`; return the next backoff."""
+        self.problem = str(exc)
+        self._say(self.problem, "capture: %s; retrying in %.0f s", exc, backoff)
+        yield from self._idle(backoff)
+        return min(backoff * 2, self.reopen_max_s)
+
+    def _deliver(
+        self, stream: Any, reopened: bool, backoff: float, zeros_after: float
+    ) -> Iterator[np.ndarray | AudioGap | None]:
+        """Yield a started stream's blocks until it stalls, or delivers nothing but digital
+        zeros too long; return the next backoff and zeros_after."""
+        initial = not reopened  # the first stream opened
+        flowing: float | None = None  # since when this stream delivers
+        settled = False  # delivered for stall_s: it works, the next outage starts afresh
+        zeros: float | None = None  # since when it delivers digital zeros only
+        blocks = self._stream(stream)
+        try:
+            for block in blocks:
+                if isinstance(block, np.ndarray):
+                    now = time.monotonic()
+                    if flowing is None:
+                        flowing = now
+                        self.problem = None
+                        if reopened:
+                            reopened = False
+                            yield AudioGap(reopened=True)
+                    if not settled and now - flowing >= self.stall_s:
+                        settled, backoff = True, self._settled()
+                    if np.any(block):
+                        zeros, zeros_after = None, ZEROS_REOPEN_S
+                    elif zeros is None:
+                        zeros = now
+                    elif now - zeros >= zeros_after:
+                        zeros_after = self._wedged(now - zeros, zeros_after)
+                        blocks.close()  # closes the stream; the next one's audio
+                        break  # comes after an AudioGap(reopened=True)
+                yield block
+        except CaptureError as exc:  # a stall: the daemon says "no audio" on its own
+            backoff = yield from self._stalled(exc, initial, flowing, settled, backoff)
+        return backoff, zeros_after
+
+    def _settled(self) -> float:
+        """The stream works: the next outage starts afresh; return the backoff to start from."""
+        self._said = None
+        self._retries = 0
+        return REOPEN_MIN_S
+
+    def _wedged(self, silent_s: float, zeros_after: float) -> float:
+        """Say the stream delivers digital zeros only; return the next zeros_after."""
+        self._say("zeros", "capture: nothing but digital zeros from %s for "
+                  "%.0f s; reopening it (a device wedged, or a sound server "
+                  "that moved the stream to another source)", self._which,
+                  silent_s)  # fmt: skip
+        return min(zeros_after * 2, ZEROS_REOPEN_MAX_S)
+
+    def _stalled(
+        self,
+        exc: CaptureError,
+        initial: bool,
+        flowing: float | None,
+        settled: bool,
+        backoff: float,
+    ) -> Iterator[None]:
+        """A stream that stalled: refused, reopened at once, or waited for; return the backoff."""
+        if initial and flowing is None and not self.wait:  # `record`, `run` at a prompt
+            raise CaptureError(
+                f"audio device {self._which} opened but delivered no audio in "
+                f"{self.stall_s:g} s: is another program holding it, or is it wedged "
+                "(unplug it and plug it in again)?"
+            ) from None
+        if settled:
+            log.warning("capture: %s; reopening the device", exc)
+            yield None
+            return backoff
+        # silent since it was opened, or a burst and silent again: waited for with
+        # backoff, like a device that will not open
+        self._say("silent", "capture: %s since the device was opened%s; reopening in "
+                  "%.0f s", exc, "" if flowing is None else " (but a moment)",
+                  backoff)  # fmt: skip
+        yield from self._idle(backoff)
+        return min(backoff * 2, self.reopen_max_s)
 
     def _say(self, problem: str, message: str, *args: Any) -> None:
         """Log a capture problem at WARNING when it is new in this outage or SAY_AGAIN_S after
