@@ -201,22 +201,28 @@ def _padded_copy(damaged: Path) -> Path | None:
     return copy
 
 
-def _read_rows(damaged: Path) -> tuple[list[tuple[str, str, int, bool]], int | None]:
-    """The messages readable in `damaged`, in id order, and how many were lost (None: unknown)."""
-    rows: dict[int, tuple[str, str, int, bool]] = {}
-    lost = 0
+class _Salvaged:
+    """The messages read so far from a damaged spool, by id, and how many were lost."""
 
-    def keep(row: tuple[object, ...]) -> None:
-        nonlocal lost
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple[str, str, int, bool]] = {}
+        self.lost = 0
+
+    def keep(self, row: tuple[object, ...]) -> None:
+        """Keep a row read, or count it lost when a damaged page made it up."""
         rid, topic, payload, qos, retain = row
-        if not isinstance(rid, int) or rid in rows:
+        if not isinstance(rid, int) or rid in self.rows:
             return
         whole = isinstance(topic, str) and bool(topic) and isinstance(payload, str)
         if not whole or "\0" in topic + payload or qos not in (0, 1, 2):
-            lost += 1  # a cell a damaged page made up, or zeroed part of (no message has NUL)
+            self.lost += 1  # a cell a damaged page made up, or zeroed part of (no message has NUL)
             return
-        rows[rid] = (topic, payload, int(qos), bool(retain))
+        self.rows[rid] = (topic, payload, int(qos), bool(retain))
 
+
+def _read_rows(damaged: Path) -> tuple[list[tuple[str, str, int, bool]], int | None]:
+    """The messages readable in `damaged`, in id order, and how many were lost (None: unknown)."""
+    found = _Salvaged()
     made = [damaged.with_name(damaged.name + x) for x in ("-wal", "-shm")]
     made = [part for part in made if not part.exists()]  # reading makes them: removed after
     try:
@@ -225,42 +231,54 @@ def _read_rows(damaged: Path) -> tuple[list[tuple[str, str, int, bool]], int | N
         return [], None
     known = False
     try:
-        try:
-            lo, hi = db.execute("SELECT MIN(id), MAX(id) FROM outbox").fetchone()
-        except sqlite3.Error:  # an end of the table is damaged: from the first id possible
-            last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-            lo, hi = 1, (last[0] if last else None)
+        lo, hi = _id_range(db)
         known = True
-        cursor, deadline = (lo or 1) - 1, time.monotonic() + SALVAGE_SECONDS
-        select = "SELECT id, topic, payload, qos, retain FROM outbox WHERE id {} ORDER BY id"
-        while hi is not None and cursor < hi:
-            if time.monotonic() >= deadline:
-                lost += int(hi - cursor)  # at most: ids left unread, some of them gaps
-                break
-            try:
-                for row in db.execute(select.format("> ?"), (cursor,)):
-                    keep(row)
-                    cursor = max(cursor, row[0]) if isinstance(row[0], int) else cursor
-                    if time.monotonic() >= deadline:
-                        break
-                else:
-                    break
-            except sqlite3.DatabaseError:  # a damaged page: its ids one by one
-                cursor += 1
-                try:
-                    row = db.execute(select.format("= ?"), (cursor,)).fetchone()
-                except sqlite3.DatabaseError:
-                    lost += 1
-                    continue
-                if row is not None:
-                    keep(row)
+        _read_ids(db, lo, hi, found)
     except (sqlite3.Error, TypeError, ValueError):
         pass  # nothing more can be read: what was read is kept
     finally:
         db.close()
         for part in made:
             part.unlink(missing_ok=True)
-    return [rows[rid] for rid in sorted(rows)], lost if known else None
+    return [found.rows[rid] for rid in sorted(found.rows)], found.lost if known else None
+
+
+def _id_range(db: sqlite3.Connection) -> tuple[int | None, int | None]:
+    """The first and last ids of the outbox, as far as a damaged file tells them."""
+    try:
+        lo, hi = db.execute("SELECT MIN(id), MAX(id) FROM outbox").fetchone()
+    except sqlite3.Error:  # an end of the table is damaged: from the first id possible
+        last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        lo, hi = 1, (last[0] if last else None)
+    return lo, hi
+
+
+def _read_ids(db: sqlite3.Connection, lo: int | None, hi: int | None, found: _Salvaged) -> None:
+    """Read the rows from `lo` to `hi` into `found`, a damaged page's one id at a time, until
+    SALVAGE_SECONDS have passed."""
+    cursor, deadline = (lo or 1) - 1, time.monotonic() + SALVAGE_SECONDS
+    select = "SELECT id, topic, payload, qos, retain FROM outbox WHERE id {} ORDER BY id"
+    while hi is not None and cursor < hi:
+        if time.monotonic() >= deadline:
+            found.lost += int(hi - cursor)  # at most: ids left unread, some of them gaps
+            break
+        try:
+            for row in db.execute(select.format("> ?"), (cursor,)):
+                found.keep(row)
+                cursor = max(cursor, row[0]) if isinstance(row[0], int) else cursor
+                if time.monotonic() >= deadline:
+                    break
+            else:
+                break
+        except sqlite3.DatabaseError:  # a damaged page: its ids one by one
+            cursor += 1
+            try:
+                row = db.execute(select.format("= ?"), (cursor,)).fetchone()
+            except sqlite3.DatabaseError:
+                found.lost += 1
+                continue
+            if row is not None:
+                found.keep(row)
 
 
 class Spool:
