@@ -132,36 +132,9 @@ def check_model(s: Settings) -> Check:
             "no model configured",
             "set `model` in the config to a bundle from `soundsentry train`",
         )
-    unit = UNIT.get()
-    if not s.model.is_absolute():  # read from the folder a command runs in: the unit's is its
-        # state folder, so doctor by hand elsewhere checked another bundle than the service
-        # loads, and passed (a new user's walk-through)
-        base = unit_state_dir(unit) if unit is not None else Path.cwd()
-        check = check_model(s.model_copy(update={"model": base / s.model}))
-        said = (  # the config's `model`, or --model: the same path either way
-            f"the model path {str(s.model)!r} is relative: {unit} reads {base / s.model}"
-            if unit is not None
-            else f"the model path {str(s.model)!r} is relative, read from the folder a command "
-            f"runs in (here {base}; the service runs in {STATE_ROOT})"
-        )
-        if check.ok:
-            return Check("model", True, f"{check.detail}; {said}")
-        if (base / s.model).exists():  # found, and failing for what it holds: that is the fix
-            return Check("model", False, f"{check.detail}; {said}", check.fix)
-        fix = "write the bundle's absolute path in `model`"
-        return Check("model", False, f"{check.detail}; {said}", f"{fix}; {check.fix}")
-    where = s.model.resolve()  # a link from the models folder into /home is hidden all the same
-    hidden = next((h for h in HIDDEN_BY_UNIT if where.is_relative_to(h)), None)
-    if unit is not None and hidden is not None and _protects_home(unit):
-        return Check(
-            "model",
-            False,
-            f"{s.model} is under {hidden}, which {unit} does not see (ProtectHome=yes)",
-            "copy the bundle to /var/lib/soundsentry/models/ and point `model` at it",
-        )
-    locked = _unreadable_by_service(s)
-    if locked is not None:
-        return locked
+    refused = _model_path_refused(s, s.model)
+    if refused is not None:
+        return refused
     try:
         b = load_bundle(s.model)
     except SoundSentryError as exc:
@@ -178,18 +151,64 @@ def check_model(s: Settings) -> Check:
             f"not readable by this user: {exc.filename or s.model}",
             "copy the bundle to /var/lib/soundsentry/models/ and point `model` at it",
         )
-    try:  # the daemon's own pipeline: [detector] settings this bundle cannot run stop its start
-        from edge.pipeline import Pipeline
-
-        Pipeline(b, s.detector)
-    except SoundSentryError as exc:
-        return Check("model", False, str(exc), "mend [detector] in the config for this model")
+    refused = _pipeline_refused(s, b)
+    if refused is not None:
+        return refused
     return Check(
         "model",
         True,
         f"{b.model_id} ({kind_of(b.manifest)}, {b.features.samplerate} Hz, "
         f"{_in_force(s, b)}){_version_in_use(s, b.model_id)}",
     )
+
+
+def _model_path_refused(s: Settings, model: Path) -> Check | None:
+    """check_model's verdict on `model` (s.model) from its path alone: relative, hidden from
+    the unit, or not readable by the service's user; None when it is to be loaded."""
+    unit = UNIT.get()
+    if not model.is_absolute():  # read from the folder a command runs in: the unit's is its
+        # state folder, so doctor by hand elsewhere checked another bundle than the service
+        # loads, and passed (a new user's walk-through)
+        return _relative_model(s, model, unit)
+    where = model.resolve()  # a link from the models folder into /home is hidden all the same
+    hidden = next((h for h in HIDDEN_BY_UNIT if where.is_relative_to(h)), None)
+    if unit is not None and hidden is not None and _protects_home(unit):
+        return Check(
+            "model",
+            False,
+            f"{model} is under {hidden}, which {unit} does not see (ProtectHome=yes)",
+            "copy the bundle to /var/lib/soundsentry/models/ and point `model` at it",
+        )
+    return _unreadable_by_service(s)
+
+
+def _relative_model(s: Settings, model: Path, unit: str | None) -> Check:
+    """check_model of a relative `model` (s.model), read where the unit or this command runs."""
+    base = unit_state_dir(unit) if unit is not None else Path.cwd()
+    check = check_model(s.model_copy(update={"model": base / model}))
+    said = (  # the config's `model`, or --model: the same path either way
+        f"the model path {str(model)!r} is relative: {unit} reads {base / model}"
+        if unit is not None
+        else f"the model path {str(model)!r} is relative, read from the folder a command "
+        f"runs in (here {base}; the service runs in {STATE_ROOT})"
+    )
+    if check.ok:
+        return Check("model", True, f"{check.detail}; {said}")
+    if (base / model).exists():  # found, and failing for what it holds: that is the fix
+        return Check("model", False, f"{check.detail}; {said}", check.fix)
+    fix = "write the bundle's absolute path in `model`"
+    return Check("model", False, f"{check.detail}; {said}", f"{fix}; {check.fix}")
+
+
+def _pipeline_refused(s: Settings, b: Bundle) -> Check | None:
+    """check_model's verdict when the daemon's pipeline refuses `b` under s.detector."""
+    try:  # the daemon's own pipeline: [detector] settings this bundle cannot run stop its start
+        from edge.pipeline import Pipeline
+
+        Pipeline(b, s.detector)
+    except SoundSentryError as exc:
+        return Check("model", False, str(exc), "mend [detector] in the config for this model")
+    return None
 
 
 def _in_force(s: Settings, b: Bundle) -> str:
@@ -638,6 +657,11 @@ def check_web(s: Settings) -> Check:
             "write a long random token to that file: `openssl rand -hex 24 | sudo tee FILE`, "
             "readable by the service's user",
         )
+    return _web_port(s, token)
+
+
+def _web_port(s: Settings, token: str | None) -> Check:
+    """check_web's verdict on [web] host and port: free, or whose page is served there."""
     where = f"{s.web.host}:{s.web.port}"
     family = socket.AF_INET6 if ":" in s.web.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -648,33 +672,7 @@ def check_web(s: Settings) -> Check:
             asked = _loopback_for(s.web.host)
             server = _http_server(asked, s.web.port)
             if server == "SoundSentry":
-                other = _dashboard_device(asked, s.web.port, token)
-                if other in (s.device_id, None):
-                    return Check("dashboard", True, f"{where} is served by this soundsentry")
-                if other == "HTTP 503":  # every slot taken: whose it is, it could not say
-                    return Check(
-                        "dashboard",
-                        False,
-                        f"{where} is served by a soundsentry too busy to say whose it is "
-                        "(HTTP 503: every connection taken)",
-                        "run doctor again in a minute; if it says so again, close pages left "
-                        "open on phones, or give each config its own [web] port",
-                    )
-                if other == "":
-                    return Check(
-                        "dashboard",
-                        False,
-                        f"{where} is served by a soundsentry that refuses this config's token",
-                        "another device's page: give each config its own [web] port; this "
-                        "device's, from before the token changed: restart it",
-                    )
-                return Check(
-                    "dashboard",
-                    False,
-                    f"{where} is served by another soundsentry ({other}): this device's page "
-                    "cannot listen there",
-                    "give each config its own [web] port (`ss -ltnp` lists the taken ones)",
-                )
+                return _served_by_soundsentry(s, where, asked, token)
             by = f" (by {server})" if server else ""
             return Check(
                 "dashboard",
@@ -684,6 +682,37 @@ def check_web(s: Settings) -> Check:
                 "to an address of this machine",
             )
     return Check("dashboard", True, f"{where} is free for the page")
+
+
+def _served_by_soundsentry(s: Settings, where: str, asked: str, token: str | None) -> Check:
+    """check_web's verdict on a port a SoundSentry page answers on: this config's, or whose."""
+    other = _dashboard_device(asked, s.web.port, token)
+    if other in (s.device_id, None):
+        return Check("dashboard", True, f"{where} is served by this soundsentry")
+    if other == "HTTP 503":  # every slot taken: whose it is, it could not say
+        return Check(
+            "dashboard",
+            False,
+            f"{where} is served by a soundsentry too busy to say whose it is "
+            "(HTTP 503: every connection taken)",
+            "run doctor again in a minute; if it says so again, close pages left "
+            "open on phones, or give each config its own [web] port",
+        )
+    if other == "":
+        return Check(
+            "dashboard",
+            False,
+            f"{where} is served by a soundsentry that refuses this config's token",
+            "another device's page: give each config its own [web] port; this "
+            "device's, from before the token changed: restart it",
+        )
+    return Check(
+        "dashboard",
+        False,
+        f"{where} is served by another soundsentry ({other}): this device's page "
+        "cannot listen there",
+        "give each config its own [web] port (`ss -ltnp` lists the taken ones)",
+    )
 
 
 def _dashboard_device(host: str, port: int, token: str | None) -> str | None:
