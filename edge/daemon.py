@@ -546,15 +546,7 @@ class Detector(SiteLearning):
         """Process one block: health, clip ring, windows, events."""
         t0 = time.perf_counter()
         now = time.monotonic()
-        if self._stalled:
-            self._resync()
-        self._last_block = now
-        for change in self.health.push(block):
-            self._emit_health(change)
-        if INVALID in self.health.active:
-            block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
-        if self.clips:
-            self.clips.push(block)
+        block = self._take(block, now)
         tap, base_s = self._tap, self._base / self._rate  # of the pipeline the steps come from
         pipeline = self.pipeline  # a period's refit partway through the block replaces it: the
         # block's later windows were scored by this one, against its threshold
@@ -568,48 +560,69 @@ class Detector(SiteLearning):
         if self._paced:
             self._follow_clock()
         for step in steps:
-            self.metrics.window_scored(step.elapsed_s)
-            first = not self._heard
-            if not step.dead:  # a dead microphone's windows say nothing of the machine: a
-                self._last_window = now  # start on one said `normal`, machine `running`
-            # the machine off has no score to show: the room scored 30 against a threshold of
-            # 3.6 while the fan was off, and Home Assistant's score graph spiked at every stop
-            # (a walk-through)
-            machine = step.state_name or step.machine  # a named state when trained with them
-            # nor the windows of a stop heard near or below the off level before it is named
-            # `off` (a field review: 7.8 and 48 against 2.7 in the two windows before each
-            # `off`), which are no evidence either (a machine coasting down: the diff review)
-            quiet = pipeline.machine.near_off(step.level_dbfs)
-            self._last_score = None if machine == OFF or quiet else step.score
-            if self.live:  # a classifier's class `off` ends in its K of N votes, not the 8
-                events = self.pipeline.events  # that rename a state
-                votes = events.k if isinstance(events, ClassTracker) else SWITCH_VOTES
-                self.running.heard(step.machine, step.dead, self.bundle.features.hop_seconds, votes)
-            self._heard_near_off(step)
-            if not self._heard:
-                pass  # `starting`, the machine unknown, until a window that is not dead
-            elif machine != self._machine:
-                log.info("machine %s", machine)
-                self._machine = machine
-                self.emit_state()
-            elif first:
-                self.emit_state()  # `starting` ends with the first window heard
-            if self.on_step:
-                self.on_step(step)
-            self._to_sinks("window", step, pipeline.threshold)
-            self._track_bands(step)
-            for transition in step.transitions:
-                self._dispatch(transition)
-            if self.pipeline.named_class != self._label_said:  # a class named with no event
-                self.emit_state()  # of its own (`normal`): Recognised class waited for a report
-            if step.heard and self.adapter is not None and self.adapter.period is not None:
-                self.adapter.period.heard_events += sum(t.kind == "start" for t in step.heard)
+            self._hear_window(step, pipeline, now)
+            self._pass_window_on(step, pipeline)
             self._keep(step, tap, base_s + step.end_s)
         tap.windows.clear()
         self.metrics.block_processed(len(block) / self._rate, time.perf_counter() - t0)
         self._last_block = time.monotonic()  # a slow block (a refit at a period's end) is no stall
         self._first_block = False
         return steps
+
+    def _take(self, block: np.ndarray, now: float) -> np.ndarray:
+        """Take a block in: resync after a stall, health, the clip ring; the block to score."""
+        if self._stalled:
+            self._resync()
+        self._last_block = now
+        for change in self.health.push(block):
+            self._emit_health(change)
+        if INVALID in self.health.active:
+            block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+        if self.clips:
+            self.clips.push(block)
+        return block
+
+    def _hear_window(self, step: Step, pipeline: Pipeline, now: float) -> None:
+        """A window scored: its score, the machine heard running or not, the state it names."""
+        self.metrics.window_scored(step.elapsed_s)
+        first = not self._heard
+        if not step.dead:  # a dead microphone's windows say nothing of the machine: a
+            self._last_window = now  # start on one said `normal`, machine `running`
+        # the machine off has no score to show: the room scored 30 against a threshold of
+        # 3.6 while the fan was off, and Home Assistant's score graph spiked at every stop
+        # (a walk-through)
+        machine = step.state_name or step.machine  # a named state when trained with them
+        # nor the windows of a stop heard near or below the off level before it is named
+        # `off` (a field review: 7.8 and 48 against 2.7 in the two windows before each
+        # `off`), which are no evidence either (a machine coasting down: the diff review)
+        quiet = pipeline.machine.near_off(step.level_dbfs)
+        self._last_score = None if machine == OFF or quiet else step.score
+        if self.live:  # a classifier's class `off` ends in its K of N votes, not the 8
+            events = self.pipeline.events  # that rename a state
+            votes = events.k if isinstance(events, ClassTracker) else SWITCH_VOTES
+            self.running.heard(step.machine, step.dead, self.bundle.features.hop_seconds, votes)
+        self._heard_near_off(step)
+        if not self._heard:
+            pass  # `starting`, the machine unknown, until a window that is not dead
+        elif machine != self._machine:
+            log.info("machine %s", machine)
+            self._machine = machine
+            self.emit_state()
+        elif first:
+            self.emit_state()  # `starting` ends with the first window heard
+
+    def _pass_window_on(self, step: Step, pipeline: Pipeline) -> None:
+        """A window scored: to on_step and the sinks, its bands, its transitions dispatched."""
+        if self.on_step:
+            self.on_step(step)
+        self._to_sinks("window", step, pipeline.threshold)
+        self._track_bands(step)
+        for transition in step.transitions:
+            self._dispatch(transition)
+        if self.pipeline.named_class != self._label_said:  # a class named with no event
+            self.emit_state()  # of its own (`normal`): Recognised class waited for a report
+        if step.heard and self.adapter is not None and self.adapter.period is not None:
+            self.adapter.period.heard_events += sum(t.kind == "start" for t in step.heard)
 
     def _heard_near_off(self, step: Step) -> None:
         """Say once when the machine has been heard running but near its off level for
