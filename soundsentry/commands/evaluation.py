@@ -7,7 +7,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge.errors import SoundSentryError
 from soundsentry.commands.common import (
@@ -19,10 +19,21 @@ from soundsentry.commands.common import (
     require,
 )
 
+if TYPE_CHECKING:
+    from edge.bundle import Manifest
+
 
 def add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="ROC AUC and pAUC (or accuracy) on labelled recordings")
     p.add_argument("model", type=Path, metavar="MODEL")
+    _add_evaluate_recordings(p)
+    _add_evaluate_scoring(p)
+    _add_evaluate_report(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_evaluate_recordings(p: argparse.ArgumentParser) -> None:
+    """evaluate's recordings: --normal, --anomalous, --classes, and --segment."""
     # given twice, both sets count (the second replaced the first)
     p.add_argument(
         "--normal",
@@ -51,6 +62,10 @@ def add_evaluate(sub: Any) -> None:
         metavar="SECONDS",
         help="score consecutive segments of this length instead of whole files",
     )
+
+
+def _add_evaluate_scoring(p: argparse.ArgumentParser) -> None:
+    """evaluate's --json, and how the model scores and counts: --float, --channel, --config."""
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write metrics as JSON")
     p.add_argument(
         "--float",
@@ -74,6 +89,10 @@ def add_evaluate(sub: Any) -> None:
         help="count events with the [detector] settings of this config, as that device would "
         "(default: the bundle's K, N and threshold)",
     )
+
+
+def _add_evaluate_report(p: argparse.ArgumentParser) -> None:
+    """evaluate's report: --report and --timeline."""
     p.add_argument(
         "--report",
         type=Path,
@@ -90,7 +109,6 @@ def add_evaluate(sub: Any) -> None:
         metavar="FILE",
         help="file for timeline.png (default: the first anomalous file)",
     )
-    p.set_defaults(func=_cmd_evaluate)
 
 
 def add_spectrogram(sub: Any) -> None:
@@ -172,28 +190,12 @@ def _check_report_folder(path: Path | None, inputs: Sequence[Path], classes: boo
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from edge.bundle import channel_for, read_manifest
 
-    check_json_output(args.json)
-    check_output(args.report, "--report", folder=True)
-    inputs = [
-        *(args.normal or []),
-        *(args.anomalous or []),
-        *([args.classes] if args.classes else []),
-    ]
-    _check_report_folder(args.report, [Path(p) for p in inputs], bool(args.classes))
-    if args.report:  # before anything is scored or written: no half-written report
-        require("matplotlib", "report", "evaluate --report")
+    _check_evaluate_outputs(args)
     manifest = read_manifest(args.model)
     args.channel = channel_for(manifest, args.channel, "evaluate")
     if args.timeline:  # checked before minutes of scoring, not after
-        if not args.report:
-            raise SoundSentryError("--timeline draws into the report: give --report DIR too")
-        from edge.audio_io import check_files
-        from edge.features import FeatureParams
-
-        rate = FeatureParams.from_dict(manifest.features).samplerate
-        check_files([args.timeline], max(args.channel, 0), rate, mono_any=True)
-    from soundsentry.report import evaluate_classes, format_report, write_full_report
-    from train.evaluate import evaluate, write_json
+        _check_timeline(args, manifest)
+    from soundsentry.report import evaluate_classes
 
     if args.classes:
         return evaluate_classes(
@@ -207,6 +209,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if not (args.normal and args.anomalous):
         raise SoundSentryError("evaluate needs --normal and --anomalous (or --classes)")
+    return _evaluate_normal_anomalous(args)
+
+
+def _check_evaluate_outputs(args: argparse.Namespace) -> None:
+    """Refuse a --json or --report that cannot be written, before anything is read."""
+    check_json_output(args.json)
+    check_output(args.report, "--report", folder=True)
+    inputs = [
+        *(args.normal or []),
+        *(args.anomalous or []),
+        *([args.classes] if args.classes else []),
+    ]
+    _check_report_folder(args.report, [Path(p) for p in inputs], bool(args.classes))
+    if args.report:  # before anything is scored or written: no half-written report
+        require("matplotlib", "report", "evaluate --report")
+
+
+def _check_timeline(args: argparse.Namespace, manifest: Manifest) -> None:
+    """Refuse a --timeline without --report, or a file the model cannot read."""
+    if not args.report:
+        raise SoundSentryError("--timeline draws into the report: give --report DIR too")
+    from edge.audio_io import check_files
+    from edge.features import FeatureParams
+
+    rate = FeatureParams.from_dict(manifest.features).samplerate
+    check_files([args.timeline], max(args.channel, 0), rate, mono_any=True)
+
+
+def _evaluate_normal_anomalous(args: argparse.Namespace) -> int:
+    """Score --normal against --anomalous; print the metrics, write --json and --report."""
+    from soundsentry.report import format_report, write_full_report
+    from train.evaluate import evaluate, write_json
+
     detector = None
     if args.config is not None:
         from edge.settings import load_settings
