@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +168,8 @@ def _recorded_models(data_dir: Path) -> list[str]:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from edge.audio_io import find_audio
-    from edge.bundle import channel_for
     from edge.console import ReplayLines, ReplaySummary
-    from edge.history import manifest_in_use
-    from edge.pipeline import Pipeline
     from edge.service import run_detector
-    from edge.sources import FileSource
 
     settings, renamed = _replay_settings(args)
     if renamed:
@@ -186,6 +182,35 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     bundle = load_model(settings.model)
     _warn_at_start(bundle, settings, listening=False)
     device_model = _device_model(args.config, settings.data_dir, bundle.model_id)
+    files, source = _replay_source(args, settings, bundle)
+    summary = ReplaySummary()
+    detector = run_detector(
+        settings,
+        bundle,
+        source,
+        print_events=False,  # ReplayLines prints them, naming each one's file
+        reload_settings=lambda: _replay_settings(args)[0],
+        extra_sinks=[ReplayLines(source.locate, sys.stdout), summary],
+        on_step=summary.step,
+        persist=device_model is None,
+        on_started=_note_device_model(device_model, bundle.model_id),
+    )
+    line = summary.line(len(files), detector.threshold)
+    if detector.cut_short:  # read as a finished run, exit 0, by a script (a review)
+        print(f"{line}; stopped (Ctrl-C or SIGTERM) before the audio ended", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(line, file=sys.stderr)
+    return 0
+
+
+def _replay_source(args: argparse.Namespace, settings: Any, bundle: Any) -> tuple[list[Path], Any]:
+    """The audio files replay found, and the source that streams them."""
+    from edge.audio_io import find_audio
+    from edge.bundle import channel_for
+    from edge.history import manifest_in_use
+    from edge.pipeline import Pipeline
+    from edge.sources import FileSource
+
     files = find_audio(args.files)  # folders searched recursively, as everywhere else
     if not files:
         raise SoundSentryError("no audio files found in " + " ".join(map(str, args.files)))
@@ -201,31 +226,22 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         realtime=args.realtime,
         continuous=args.continuous,
     )
-    summary = ReplaySummary()
-    detector = run_detector(
-        settings,
-        bundle,
-        source,
-        print_events=False,  # ReplayLines prints them, naming each one's file
-        reload_settings=lambda: _replay_settings(args)[0],
-        extra_sinks=[ReplayLines(source.locate, sys.stdout), summary],
-        on_step=summary.step,
-        persist=device_model is None,
-        on_started=None
+    return files, source
+
+
+def _note_device_model(device_model: str | None, model_id: str) -> Callable[[], None] | None:
+    """What replay says once started when the config's device runs another model (None when
+    it runs this one)."""
+    return (
+        None
         if device_model is None
         else lambda: print(
-            f"note: the config's device runs {device_model}, not {bundle.model_id}: this replay "
+            f"note: the config's device runs {device_model}, not {model_id}: this replay "
             "leaves its learning, model versions, threshold and mute as they are, and uses none "
             "of them",
             file=sys.stderr,
-        ),
+        )
     )
-    line = summary.line(len(files), detector.threshold)
-    if detector.cut_short:  # read as a finished run, exit 0, by a script (a review)
-        print(f"{line}; stopped (Ctrl-C or SIGTERM) before the audio ended", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(line, file=sys.stderr)
-    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
