@@ -8,12 +8,16 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge.errors import SoundSentryError
 from soundsentry.commands.common import channel_arg, check_output, number_arg
 from soundsentry.commands.detection import DEVICE_HELP
+
+if TYPE_CHECKING:
+    from edge.eventlog import LoggedEvent
 
 
 def add_record(sub: Any) -> None:
@@ -214,29 +218,10 @@ def _marks_in_force(settings: Any) -> list[str]:
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
-    from edge.eventlog import (
-        format_event,
-        has_rotated,
-        is_age,
-        local_time,
-        parse_since,
-        read_events,
-        write_csv,
-    )
+    from edge.eventlog import format_event, read_events, write_csv
     from edge.settings import load_settings
 
-    since = parse_since(args.since) if args.since else None
-    until = parse_since(args.until, flag="--until") if args.until else None
-    if since is not None and until is not None and since >= until:
-        ages = is_age(args.since) and is_age(args.until)
-        raise SoundSentryError(
-            f"--since {args.since!r} is not before --until {args.until!r}: no event lies between"
-            + (  # `--since 1h --until 2h` read as "from hour 1 to hour 2"
-                f" (ages count back from now: --since {args.until} --until {args.since})"
-                if ages
-                else ""
-            )
-        )
+    since, until = _events_window(args)
     settings = load_settings(args.config)
     folder = settings.data_dir
     if not folder.is_dir():  # "0 event(s)", as if all were well, for a folder mistyped or
@@ -257,9 +242,42 @@ def _cmd_events(args: argparse.Namespace) -> int:
         marked = _marks_in_force(settings)
         for event in events:
             print(format_event(event, marked))
+    _say_events_count(len(events), everything, folder, since, until)
+    return 0
+
+
+def _events_window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
+    """--since and --until as times (None when not given); refused when no event lies between."""
+    from edge.eventlog import is_age, parse_since
+
+    since = parse_since(args.since) if args.since else None
+    until = parse_since(args.until, flag="--until") if args.until else None
+    if since is not None and until is not None and since >= until:
+        ages = is_age(args.since) and is_age(args.until)
+        raise SoundSentryError(
+            f"--since {args.since!r} is not before --until {args.until!r}: no event lies between"
+            + (  # `--since 1h --until 2h` read as "from hour 1 to hour 2"
+                f" (ages count back from now: --since {args.until} --until {args.since})"
+                if ages
+                else ""
+            )
+        )
+    return since, until
+
+
+def _say_events_count(
+    count: int,
+    everything: list[LoggedEvent],
+    folder: Path,
+    since: datetime | None,
+    until: datetime | None,
+) -> None:
+    """On stderr: how many events were listed, and what the log may not hold."""
+    from edge.eventlog import has_rotated, local_time
+
     when = f" since {local_time(since)}" if since else ""  # as the lines above: local
     when += f" until {local_time(until)}" if until else ""
-    print(f"{len(events)} event(s){when} in {folder}", file=sys.stderr)
+    print(f"{count} event(s){when} in {folder}", file=sys.stderr)
     if everything and has_rotated(folder) and (since is None or everything[0].started > since):
         print(  # the oldest events were dropped at a rotation: the count is not "all since"
             f"(the log reaches back to {local_time(everything[0].data['started_at'])} only: it "
@@ -271,7 +289,6 @@ def _cmd_events(args: argparse.Namespace) -> int:
         print(  # your own log (replays); the service keeps its own, readable by its user only
             f"(your own log{SERVICE_EVENTS})", file=sys.stderr
         )
-    return 0
 
 
 SERVICE_EVENTS = (
