@@ -37,8 +37,10 @@ import importlib
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -50,7 +52,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from machines import TRAINERS  # noqa: E402
 
 from edge.audio_io import read_audio  # noqa: E402
-from edge.bundle import load_bundle  # noqa: E402
+from edge.bundle import Bundle, load_bundle  # noqa: E402
 from edge.daemon import Detector, Sink  # noqa: E402
 from edge.events import Cusum  # noqa: E402
 from edge.messages import EventMessage  # noqa: E402
@@ -66,6 +68,8 @@ benchmark's (an ensemble is `--members`; the autoencoder is left to bench/benchm
 TRAIN_IDS = range(10)
 NORMAL_TEST_IDS = range(10, 20)
 FAULT_TEST_IDS = range(20)
+Replayed = tuple[int, float, list[float]]
+"""What `replay` finds in one clip: starts raised, the highest window score, all window scores."""
 CROSSFADE_S = 0.5
 """Length of the equal-power crossfade at each join of a looped clip (`--persist`)."""
 
@@ -133,6 +137,23 @@ def mean_z(scores: list[float], cusum: Cusum) -> float:
 
 def main() -> int:
     """Train, replay, print the counts."""
+    args = parse_args()
+    integrate = not args.no_integrate
+    bundle, normal, fault = train_and_replay(args, integrate)
+    normal_max = max(p for _, p, _ in normal)
+    cusum = Cusum.from_params(bundle.manifest.threshold.params)
+    figures = tally(args, integrate, bundle, normal, fault, cusum)
+    print(describe(bundle.threshold, bundle.manifest.threshold.params))
+    print_counts(figures, args.persist)
+    if cusum:
+        print_mean_z(cusum, figures["normal_clip_mean_z"], figures["fault_clip_mean_z"])
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, default=float) + "\n")
+    return 0 if np.isfinite(normal_max) else 1
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line, with --persist checked."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -144,19 +165,32 @@ def main() -> int:
         "--persist", type=float, metavar="S", help="loop every test clip to S seconds (>= 10)"
     )
     args = ap.parse_args()
-    integrate = not args.no_integrate
     if args.persist is not None and args.persist < 10:
         ap.error("--persist: at least the clips' own 10 s")
+    return args
+
+
+def trainer(args: argparse.Namespace) -> Callable[..., Path]:
+    """The trainer of --kind, or of an ensemble of --members."""
+    module, function = KINDS[args.kind]
+    train = getattr(importlib.import_module(module), function)
+    if args.kind == "embedding":  # the machine under test is never "another machine"
+        train = partial(train, exclude=["fan_id00"])
+    if args.members:
+        from train.ensemble import train_ensemble
+
+        train = partial(train_ensemble, members=args.members, exclude=["fan_id00"])
+    return train
+
+
+def train_and_replay(
+    args: argparse.Namespace, integrate: bool
+) -> tuple[Bundle, list[Replayed], list[Replayed]]:
+    """The bundle trained on the normal training clips, and every normal and fault test clip
+    replayed through it."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        module, function = KINDS[args.kind]
-        train = getattr(importlib.import_module(module), function)
-        if args.kind == "embedding":  # the machine under test is never "another machine"
-            train = partial(train, exclude=["fan_id00"])
-        if args.members:
-            from train.ensemble import train_ensemble
-
-            train = partial(train_ensemble, members=args.members, exclude=["fan_id00"])
+        train = trainer(args)
         bundle_path = train(
             clips(args.data, "normal", TRAIN_IDS),
             work / "fan.bundle",
@@ -179,11 +213,22 @@ def main() -> int:
             replay(bundle_path, stream(c), work, integrate)
             for c in clips(args.data, "anomalous", FAULT_TEST_IDS)
         ]
+    return bundle, normal, fault
+
+
+def tally(
+    args: argparse.Namespace,
+    integrate: bool,
+    bundle: Bundle,
+    normal: list[Replayed],
+    fault: list[Replayed],
+    cusum: Cusum | None,
+) -> dict[str, Any]:
+    """The figures: counts, peaks and mean z of the normal and fault test clips."""
     normal_max = max(p for _, p, _ in normal)
-    cusum = Cusum.from_params(bundle.manifest.threshold.params)
     z_normal = [round(mean_z(w, cusum), 3) for _, _, w in normal] if cusum else []
     z_fault = [round(mean_z(w, cusum), 3) for _, _, w in fault] if cusum else []
-    figures = {
+    return {
         "detector": f"ensemble of {' + '.join(args.members)}" if args.members else args.kind,
         "false_alarms_per_day": args.false_alarms_per_day,
         "integrate": integrate,
@@ -201,30 +246,35 @@ def main() -> int:
         "normal_clip_mean_z": z_normal,
         "fault_clip_mean_z": z_fault,
     }
-    print(describe(bundle.threshold, bundle.manifest.threshold.params))
-    looping = f"each clip looped to {args.persist:g} s; " if args.persist else ""
+
+
+def print_counts(figures: dict[str, Any], persist: float | None) -> None:
+    """The counts line, then the fault clips' starts and peaks."""
+    looping = f"each clip looped to {persist:g} s; " if persist else ""
     print(
-        f"integrate {integrate}; {looping}"
+        f"integrate {figures['integrate']}; {looping}"
         f"threshold {figures['threshold']:.4g}; "
-        f"fault clips with an event: {figures['fault_clips_with_event']}/{len(fault)}; "
-        f"normal clips with an event: {figures['normal_clips_with_event']}/{len(normal)}; "
-        f"highest normal test window {normal_max:.4g}; fault clips with a window above it: "
-        f"{figures['fault_clips_above_all_normal_windows']}/{len(fault)}"
+        f"fault clips with an event: {figures['fault_clips_with_event']}/{figures['fault_clips']}; "
+        f"normal clips with an event: {figures['normal_clips_with_event']}/"
+        f"{figures['normal_clips']}; "
+        f"highest normal test window {figures['normal_test_window_max']:.4g}; fault clips with "
+        f"a window above it: {figures['fault_clips_above_all_normal_windows']}/"
+        f"{figures['fault_clips']}"
     )
     print("fault starts per clip:", figures["fault_clip_starts"])
     print("fault peaks per clip:", figures["fault_clip_peaks"])
-    if cusum:
-        drift = cusum.drift
-        print(
-            f"mean z per clip (CUSUM drift {drift:g}): faults above it "
-            f"{sum(z > drift for z in z_fault)}/{len(z_fault)}, normals above it "
-            f"{sum(z > drift for z in z_normal)}/{len(z_normal)}; highest normal "
-            f"{max(z_normal):.2f}, faults above the highest normal "
-            f"{sum(z > max(z_normal) for z in z_fault)}/{len(z_fault)}"
-        )
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2, default=float) + "\n")
-    return 0 if np.isfinite(normal_max) else 1
+
+
+def print_mean_z(cusum: Cusum, z_normal: list[float], z_fault: list[float]) -> None:
+    """How the clips' mean z stand against the CUSUM's drift."""
+    drift = cusum.drift
+    print(
+        f"mean z per clip (CUSUM drift {drift:g}): faults above it "
+        f"{sum(z > drift for z in z_fault)}/{len(z_fault)}, normals above it "
+        f"{sum(z > drift for z in z_normal)}/{len(z_normal)}; highest normal "
+        f"{max(z_normal):.2f}, faults above the highest normal "
+        f"{sum(z > max(z_normal) for z in z_fault)}/{len(z_fault)}"
+    )
 
 
 if __name__ == "__main__":
