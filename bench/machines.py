@@ -506,56 +506,13 @@ def write_results(res: dict, out: Path, markdown: Callable[[dict], str]) -> None
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument(
-        "--kinds",
-        nargs="+",
-        default=list(TRAINERS),  # every kind `train --detector` offers without labels
-    )
-    ap.add_argument(
-        "--members", nargs="+", help="the ensemble's members (default: its trainer's default)"
-    )
-    ap.add_argument("--baseline-epochs", type=int, default=100)
-    ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--sets", nargs="+", default=["mimii", "mimii8", "ids", "lite"])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "machines.json")
-    args = ap.parse_args()
+    args = parse_args()
     if not args.data.is_dir():
         sys.exit(f"no data at {args.data}: this benchmark needs ../shared/data")
-    trainers = {}
-    for kind in args.kinds:
-        module, name = TRAINERS[kind]
-        try:
-            trainers[kind] = getattr(importlib.import_module(module), name)
-            if kind == "ensemble" and args.members:
-                trainers[kind] = partial(trainers[kind], members=args.members)
-        except (ImportError, AttributeError):
-            print(f"skipping {kind}: {module}.{name} is not available", file=sys.stderr)
+    trainers = load_trainers(args.kinds, args.members)
     work = Path(tempfile.mkdtemp(prefix="ss-machines-"))
-    tasks: list[Task] = []
-    if "mimii" in args.sets:
-        tasks += mimii_fan_tasks(args.data, work)
-    if "mimii8" in args.sets:
-        tasks += mimii_fan_tasks(args.data, work, all_channels=True)
-    if "ids" in args.sets:
-        tasks += dcase_ids_tasks(args.data)
-    if "lite" in args.sets:
-        tasks += dcase_lite_tasks(args.data)
-    pooled: dict[str, dict[str, Pooled]] = defaultdict(lambda: defaultdict(Pooled))
-    n_tasks: dict[str, int] = defaultdict(int)
-    for i, task in enumerate(tasks, 1):
-        n_tasks[task.machine] += 1
-        print(
-            f"[{i}/{len(tasks)}] {task.machine} {task.machine_id} held {task.normal[0].name}",
-            file=sys.stderr,
-        )
-        for kind, trainer in trainers.items():
-            if task.all_channels and not takes_views(trainer):
-                continue  # a kind that trains on one channel has no row of all channels
-            run_detector(kind, trainer, task, work, pooled[task.machine][kind])
-        if not args.no_baseline and not task.all_channels:  # its reference is the ch 0 row
-            run_baseline(task, args.baseline_epochs, pooled[task.machine]["baseline"])
+    tasks = gather_tasks(args.sets, args.data, work)
+    pooled, n_tasks = run_tasks(tasks, trainers, work, args)
     by_type = {
         m: {"_tasks": n_tasks[m], **{k: p.figures() for k, p in rows.items()}}
         for m, rows in pooled.items()
@@ -570,6 +527,75 @@ def main() -> None:
         "selection": select_default(dict(figures)),
     }
     write_results(res, args.out, markdown)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        default=list(TRAINERS),  # every kind `train --detector` offers without labels
+    )
+    ap.add_argument(
+        "--members", nargs="+", help="the ensemble's members (default: its trainer's default)"
+    )
+    ap.add_argument("--baseline-epochs", type=int, default=100)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--sets", nargs="+", default=["mimii", "mimii8", "ids", "lite"])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "machines.json")
+    return ap.parse_args()
+
+
+def load_trainers(kinds: list[str], members: list[str] | None) -> dict[str, Callable]:
+    """The trainer of each kind that can be imported here; the others skipped with a word."""
+    trainers = {}
+    for kind in kinds:
+        module, name = TRAINERS[kind]
+        try:
+            trainers[kind] = getattr(importlib.import_module(module), name)
+            if kind == "ensemble" and members:
+                trainers[kind] = partial(trainers[kind], members=members)
+        except (ImportError, AttributeError):
+            print(f"skipping {kind}: {module}.{name} is not available", file=sys.stderr)
+    return trainers
+
+
+def gather_tasks(sets: list[str], data: Path, work: Path) -> list[Task]:
+    """The tasks of the test sets asked for, in the order mimii, mimii8, ids, lite."""
+    tasks: list[Task] = []
+    if "mimii" in sets:
+        tasks += mimii_fan_tasks(data, work)
+    if "mimii8" in sets:
+        tasks += mimii_fan_tasks(data, work, all_channels=True)
+    if "ids" in sets:
+        tasks += dcase_ids_tasks(data)
+    if "lite" in sets:
+        tasks += dcase_lite_tasks(data)
+    return tasks
+
+
+def run_tasks(
+    tasks: list[Task], trainers: dict[str, Callable], work: Path, args: argparse.Namespace
+) -> tuple[dict[str, dict[str, Pooled]], dict[str, int]]:
+    """Every detector (and the baseline) on every task, pooled per machine type and kind; and
+    the number of tasks per machine type."""
+    pooled: dict[str, dict[str, Pooled]] = defaultdict(lambda: defaultdict(Pooled))
+    n_tasks: dict[str, int] = defaultdict(int)
+    for i, task in enumerate(tasks, 1):
+        n_tasks[task.machine] += 1
+        print(
+            f"[{i}/{len(tasks)}] {task.machine} {task.machine_id} held {task.normal[0].name}",
+            file=sys.stderr,
+        )
+        for kind, trainer in trainers.items():
+            if task.all_channels and not takes_views(trainer):
+                continue  # a kind that trains on one channel has no row of all channels
+            run_detector(kind, trainer, task, work, pooled[task.machine][kind])
+        if not args.no_baseline and not task.all_channels:  # its reference is the ch 0 row
+            run_baseline(task, args.baseline_epochs, pooled[task.machine]["baseline"])
+    return pooled, n_tasks
 
 
 if __name__ == "__main__":
