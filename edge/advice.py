@@ -115,33 +115,10 @@ def summary(
     audio, in `off_recordings` of the recordings, are the machine stopped (a state folder
     `off`), which backs no threshold; `calibrated`: the audio is a site's, which refitted only
     what calibration refits (the fluctuation's centre, not its covariance)."""
-    total, fit, held = seconds
-    fitted = "calibrated the model (what calibration refits)" if calibrated else "fitted the model"
-    # what of it the threshold stands on: the windows the device judges (the machine off,
-    # silence or a stop back none), which the threshold's own lines count
-    judged = float(params.get("holdout_seconds", held))
-    # windows x hop counts a window less a hop of each piece held out (a recording held out
-    # whole, or the last fifth of each)
-    edges = float(params.get("hop_s", 0.5)) * (held_pieces or recordings)
-    running = (
-        f" ({judged:.0f} s of it the machine running)"
-        if held - judged >= max(RUNNING_NOTE_S, 0.1 * held) + edges
-        else ""
+    first = _audio_line(
+        seconds, recordings, params, how, refit_all, calibrated, held_pieces, running_s
     )
-    if refit_all:
-        left_out = total - (total if running_s is None else running_s)
-        if left_out >= max(RUNNING_NOTE_S, 0.1 * total):
-            fitted += f" ({running_s:.0f} s of it the machine running)"
-        first = (
-            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}; "
-            f"a fit on {total - held:.0f} s scored the other {held:.0f} s{running}, held out, "
-            f"for the threshold{how}"
-        )
-    else:
-        first = (
-            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}, "
-            f"which scored {held:.0f} s of held-out audio{running} for the threshold{how}"
-        )
+    total = seconds[0]
     lines = [first]
     backing = describe(threshold, params)
     if backing:
@@ -152,6 +129,58 @@ def summary(
     else:
         lines += advice(total, recordings, params, sessions=sessions)
     return "\n".join(lines)
+
+
+def _audio_line(
+    seconds: tuple[float, float, float],
+    recordings: int,
+    params: Mapping[str, Any],
+    how: str,
+    refit_all: bool,
+    calibrated: bool,
+    held_pieces: int | None,
+    running_s: float | None,
+) -> str:
+    """The summary's first line: the audio, what of it fitted the model and what scored it."""
+    total, fit, held = seconds
+    fitted = "calibrated the model (what calibration refits)" if calibrated else "fitted the model"
+    running = _held_running(held, recordings, params, held_pieces)
+    if refit_all:
+        fitted += _refit_running(total, running_s)
+        return (
+            f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}; "
+            f"a fit on {total - held:.0f} s scored the other {held:.0f} s{running}, held out, "
+            f"for the threshold{how}"
+        )
+    return (
+        f"audio: {total:.0f} s from {recordings} recording(s): {fit:.0f} s {fitted}, "
+        f"which scored {held:.0f} s of held-out audio{running} for the threshold{how}"
+    )
+
+
+def _held_running(
+    held: float, recordings: int, params: Mapping[str, Any], held_pieces: int | None
+) -> str:
+    """How much of the held-out audio was the machine running, when that is much less."""
+    # what of it the threshold stands on: the windows the device judges (the machine off,
+    # silence or a stop back none), which the threshold's own lines count
+    judged = float(params.get("holdout_seconds", held))
+    # windows x hop counts a window less a hop of each piece held out (a recording held out
+    # whole, or the last fifth of each)
+    edges = float(params.get("hop_s", 0.5)) * (held_pieces or recordings)
+    return (
+        f" ({judged:.0f} s of it the machine running)"
+        if held - judged >= max(RUNNING_NOTE_S, 0.1 * held) + edges
+        else ""
+    )
+
+
+def _refit_running(total: float, running_s: float | None) -> str:
+    """How much of all the audio (refitted on) was the machine running, when that is much less."""
+    left_out = total - (total if running_s is None else running_s)
+    if left_out >= max(RUNNING_NOTE_S, 0.1 * total):
+        return f" ({running_s:.0f} s of it the machine running)"
+    return ""
 
 
 RECORD_CHUNK = re.compile(r"(\d{8}T\d{6})-\d{4}\.wav")
