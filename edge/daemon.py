@@ -660,6 +660,25 @@ class Detector(SiteLearning):
     def tick(self) -> None:
         """Housekeeping between blocks: stall check, commands, mute, watchdog, reports."""
         now = time.monotonic()
+        self._check_stall(now)
+        self.run_pending()
+        keeper = self.clips or self._clip_keeper
+        if keeper:
+            keeper.housekeep(now)  # clips past max_age_days go on a quiet machine too
+        self._end_mute(now)
+        self._tell_systemd()
+        self._report_due(now)
+        self._save_due(now)
+        a = self.adapter
+        if (
+            a is not None
+            and a.unwritten is not None
+            and now - self._unwritten_tried >= (UNWRITTEN_RETRY_S)
+        ):
+            self._finish_learning(retry=True)
+
+    def _check_stall(self, now: float) -> None:
+        """Report a stall on `health` when no block came for the stall time."""
         stall = self.settings.health.stall_seconds
         if self._first_block:  # the device opening: 0.6 s for a USB microphone, in a review
             stall += self.settings.audio.block_seconds
@@ -669,16 +688,18 @@ class Detector(SiteLearning):
             detail = f"no audio for {stall:g} s" + (f": {problem}" if problem else "")
             for change in self.health.stalled(detail):
                 self._emit_health(change)
-        self.run_pending()
-        keeper = self.clips or self._clip_keeper
-        if keeper:
-            keeper.housekeep(now)  # clips past max_age_days go on a quiet machine too
+
+    def _end_mute(self, now: float) -> None:
+        """End a mute whose time is up."""
         if self._mute_end and now >= self._mute_end:
             self._mute_end = 0.0
             log.info("mute ended")
             self.pipeline.heed()
             self._save_state()
             self.emit_state()
+
+    def _tell_systemd(self) -> None:
+        """Ready once, the status line when it changes, and the watchdog's ping."""
         # Alive = the loop turns. A stalled or missing microphone is the capture's to reopen
         # (rescanning PortAudio, with backoff) and is reported on `health` and in systemd's
         # STATUS: restarting for it sent `offline` every two minutes and a core dump every 30 s
@@ -691,12 +712,18 @@ class Detector(SiteLearning):
             self.notifier.status(status)
         self._status = status
         self.notifier.watchdog()
+
+    def _report_due(self, now: float) -> None:
+        """Emit the state and the metrics when their intervals are up."""
         if now >= self._next_state:
             self._next_state = now + self.settings.state_interval_seconds
             self.emit_state()
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.mqtt.metrics_interval_seconds
             self._emit_metrics()
+
+    def _save_due(self, now: float) -> None:
+        """Save the state when a change waits to be saved or enough running time went by."""
         # a mute's count ran on saves of running time alone: a mute through a stop (what a mute
         # is for) saved none, and a restart on a clock behind its start muted for its whole
         # length again (a power-loss review); nor on the metrics' tick (up to a day apart)
@@ -706,13 +733,6 @@ class Detector(SiteLearning):
             self._save_state()  # a threshold or mute set while the card was full (a review)
         elif self.running.seconds - self._running_saved >= RUNNING_SAVE_S or muting:
             self._save_state()  # a crash loses at most this much; the SD card is spared
-        a = self.adapter
-        if (
-            a is not None
-            and a.unwritten is not None
-            and now - self._unwritten_tried >= (UNWRITTEN_RETRY_S)
-        ):
-            self._finish_learning(retry=True)
 
     def audio_gap(self, reopened: bool) -> None:
         """The microphone lost audio here: no window joins the two sides. A reopened device
