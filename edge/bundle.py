@@ -388,27 +388,55 @@ def write_bundle(
     blobs = {n: d for n, d in files.items() if n != ARRAYS}
     body["arrays"] = {}
     if all_arrays:
-        clean = {k: np.ascontiguousarray(v, np.float64) for k, v in sorted(all_arrays.items())}
-        for name, a in clean.items():  # as load_bundle checks: no bundle it would refuse
-            if not np.all(np.isfinite(a)):
-                raise BundleError(f"{path}: refusing to write array {name}: NaN or infinite")
-        blobs[ARRAYS] = _npz_bytes(clean)
-        body["arrays"] = {k: list(v.shape) for k, v in clean.items()}
+        body["arrays"] = _put_arrays(path, all_arrays, blobs)
     body["files"] = {n: sha256_bytes(d) for n, d in sorted(blobs.items())}
     body.pop("checksum", None)
     body["checksum"] = manifest_checksum(body)
+    _check_writable_manifest(path, body)
+    earlier = check_bundle_target(path)
+    copied = _copy_if_kept(path, earlier)
+    blobs[MANIFEST] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+    _swap_in_or_undo(path, blobs, earlier, copied)
+    if copied is not None:
+        _keep_previous(path, copied)
+    return path
+
+
+def _put_arrays(
+    path: Path, all_arrays: dict[str, np.ndarray], blobs: dict[str, bytes]
+) -> dict[str, list[int]]:
+    """Put the arrays into `blobs` as arrays.npz; their shapes, for the manifest."""
+    clean = {k: np.ascontiguousarray(v, np.float64) for k, v in sorted(all_arrays.items())}
+    for name, a in clean.items():  # as load_bundle checks: no bundle it would refuse
+        if not np.all(np.isfinite(a)):
+            raise BundleError(f"{path}: refusing to write array {name}: NaN or infinite")
+    blobs[ARRAYS] = _npz_bytes(clean)
+    return {k: list(v.shape) for k, v in clean.items()}
+
+
+def _check_writable_manifest(path: Path, body: dict[str, Any]) -> None:
+    """Refuse (BundleError) a manifest load_bundle would refuse."""
     try:
         # what is validated is what is written, and read back as load_bundle reads it
         Manifest.model_validate(json.loads(json.dumps(body)), strict=True)
     except ValidationError as exc:
         raise BundleError(f"{path}: refusing to write an invalid manifest: {_first(exc)}") from None
-    earlier = check_bundle_target(path)
+
+
+def _copy_if_kept(path: Path, earlier: set[str]) -> Path | None:
+    """The earlier bundle's copy, when `keep_previous_on_write` asked for one and there is one."""
     copied = None
     if Path(os.path.abspath(path)) in _KEEP_PREVIOUS:
         _KEEP_PREVIOUS.discard(Path(os.path.abspath(path)))
         if (path / MANIFEST).is_file():
             copied = _copy_previous(path, earlier)
-    blobs[MANIFEST] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+    return copied
+
+
+def _swap_in_or_undo(
+    path: Path, blobs: dict[str, bytes], earlier: set[str], copied: Path | None
+) -> None:
+    """Swap the bundle in; on failure remove the copy of the earlier one and name the bundle."""
     try:
         _swap_in(path.resolve() if path.is_symlink() else path, blobs, earlier)
     except BaseException as exc:
@@ -417,9 +445,6 @@ def write_bundle(
         if isinstance(exc, OSError):  # a full disk: "No space left on device" named no bundle
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
-    if copied is not None:
-        _keep_previous(path, copied)
-    return path
 
 
 def _swap_in(path: Path, blobs: dict[str, bytes], earlier: set[str]) -> None:
@@ -860,6 +885,26 @@ def _folder_of(path: Path) -> Path:
 
 
 def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray], int]:
+    _check_is_bundle(path)
+    folder = _folder_of(path)
+    file = folder / MANIFEST
+    raw = _raw_manifest(path, folder, file)
+    version = _check_header(file, raw)
+    arrays: dict[str, np.ndarray] = {}
+    if version == 1:
+        raw, arrays = _from_v1(file, raw)
+    _check_files_listed(file, raw.get("files"))
+    manifest = _validate_read(file, raw)
+    _check_read_params(file, manifest)
+    if version == 2 and load_arrays:
+        arrays = _load_arrays(folder, manifest)
+    elif version == 1:
+        _check_arrays(folder, manifest, arrays)
+    return manifest, arrays, version
+
+
+def _check_is_bundle(path: Path) -> None:
+    """Refuse (BundleError) a path that is no bundle folder (nor its manifest)."""
     try:
         exists = path.exists()
     except OSError as exc:
@@ -868,8 +913,10 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
         raise BundleError(f"{path}: no such model bundle")
     if not path.is_dir() and path.name != MANIFEST:
         raise BundleError(f"{path}: a model bundle is a folder holding {MANIFEST}")
-    folder = _folder_of(path)
-    file = folder / MANIFEST
+
+
+def _raw_manifest(path: Path, folder: Path, file: Path) -> Any:
+    """The manifest's JSON as read, not yet checked."""
     try:
         text = _read_inside(folder, MANIFEST, MAX_MANIFEST_BYTES).decode()
         raw = json.loads(text)
@@ -877,6 +924,11 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
         raise BundleError(f"{path}: not a model bundle (no {MANIFEST})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BundleError(f"{file}: corrupt manifest ({_one_line(exc)})") from None
+    return raw
+
+
+def _check_header(file: Path, raw: Any) -> int:
+    """The manifest's format version, once its format, version and checksum are checked."""
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleError(f"{file}: not a SoundSentry bundle manifest")
     version = raw.get("format_version")
@@ -895,13 +947,14 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
             f"{file}: manifest checksum mismatch (the file was altered or damaged: "
             "copy the bundle again)"
         )
-    arrays: dict[str, np.ndarray] = {}
-    if version == 1:
-        raw, arrays = _from_v1(file, raw)
-    _check_files_listed(file, raw.get("files"))
+    return version
+
+
+def _validate_read(file: Path, raw: dict[str, Any]) -> Manifest:
+    """The manifest, validated strictly; BundleError naming the first field refused."""
     try:
         # strict: a hand-edited "1.5" or true is refused, not read as the number it resembles
-        manifest = Manifest.model_validate(raw, strict=True)
+        return Manifest.model_validate(raw, strict=True)
     except ValidationError as exc:
         if exc.errors()[0]["type"] == "extra_forbidden":  # a field this version does not know
             raise BundleError(
@@ -910,12 +963,6 @@ def _read(path: Path, load_arrays: bool) -> tuple[Manifest, dict[str, np.ndarray
                 "train it with this version"
             ) from None
         raise BundleError(f"{file}: invalid manifest field {_first(exc)}") from None
-    _check_read_params(file, manifest)
-    if version == 2 and load_arrays:
-        arrays = _load_arrays(folder, manifest)
-    elif version == 1:
-        _check_arrays(folder, manifest, arrays)
-    return manifest, arrays, version
 
 
 def _from_v1(file: Path, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
