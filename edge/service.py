@@ -89,23 +89,12 @@ def run_detector(
     succeeded (a note said before a start that fails would precede its one-line error)."""
     lock = hold_data_dir(settings.data_dir) if lock is None else lock
     try:
-        controller: Controller | None = None
-
-        def on_command(payload: bytes, reply_to: ReplyTo | None) -> None:
-            if controller is not None:  # commands before the loop exists wait for a resend
-                controller.submit_payload(payload, reply_to)
-
-        def on_retained(payload: bytes, reply_to: ReplyTo | None) -> None:
-            if controller is not None:
-                controller.submit_retained(payload, reply_to)
-
-        dashboard, page, publisher, logged = _open_outputs(settings, on_command, on_retained, live)
+        forward = _Forward()
+        dashboard, page, publisher, logged = _open_outputs(
+            settings, forward.command, forward.retained, live
+        )
         sinks = _sinks(settings, publisher, print_events, extra_sinks)
-        refresh = None
-        if publisher is not None and settings.mqtt.discovery:  # a new model: new bounds, new id
-            refresh = _discovery_refresh(publisher, bundle, lambda: detector.bundle, page)
-            refresh.threshold = settings.detector.threshold
-            sinks.append(refresh)
+        refresh = _refresh_sink(settings, publisher, bundle, lambda: detector.bundle, page, sinks)
         if dashboard is not None:
             sinks.append(dashboard.live)
         if live:
@@ -113,27 +102,77 @@ def run_detector(
         detector = _new_detector(
             settings, bundle, sinks, dashboard, publisher, on_step, persist=persist, live=live
         )
-        controller = Controller(detector, reload_settings)
-        if refresh is not None:  # the mark button as the daemon can learn one, before connecting
-            refresh.learns_from(detector.marks_learnt)
-        if dashboard is not None:
-            if refresh is not None and page is None:  # another holds its port now: linked
-                dashboard.on_page = lambda url: _link_later(detector, refresh, url)  # once had
-            dashboard.start(detector, controller.handle_payload)
+        controller = forward.controller = Controller(detector, reload_settings)
+        _start_dashboard(detector, controller, dashboard, refresh, page)
         if on_started is not None:
             on_started()
-
-        def stop() -> None:
-            detector.stop()
-            if on_stop:
-                on_stop()
-
-        _install_signals(stop, controller.submit_reload)  # before the wait: SIGTERM stops cleanly
+        # before the wait: SIGTERM stops cleanly
+        _install_signals(_stopper(detector, on_stop), controller.submit_reload)
         _connect(settings, publisher)
         _run_to_end(detector, source, dashboard, publisher)
         return detector
     finally:
         os.close(lock)
+
+
+class _Forward:
+    """Commands to the controller, once it exists."""
+
+    def __init__(self) -> None:
+        self.controller: Controller | None = None
+
+    def command(self, payload: bytes, reply_to: ReplyTo | None) -> None:
+        if self.controller is not None:  # commands before the loop exists wait for a resend
+            self.controller.submit_payload(payload, reply_to)
+
+    def retained(self, payload: bytes, reply_to: ReplyTo | None) -> None:
+        if self.controller is not None:
+            self.controller.submit_retained(payload, reply_to)
+
+
+def _refresh_sink(
+    settings: Settings,
+    publisher: Any,
+    bundle: Bundle,
+    bundle_of: Callable[[], Bundle],
+    page: str | None,
+    sinks: list[Sink],
+) -> DiscoveryRefresh | None:
+    """The discovery refresh, appended to `sinks`, when the publisher sends discovery."""
+    if publisher is None or not settings.mqtt.discovery:
+        return None
+    # a new model: new bounds, new id
+    refresh = _discovery_refresh(publisher, bundle, bundle_of, page)
+    refresh.threshold = settings.detector.threshold
+    sinks.append(refresh)
+    return refresh
+
+
+def _start_dashboard(
+    detector: Detector,
+    controller: Controller,
+    dashboard: Any,
+    refresh: DiscoveryRefresh | None,
+    page: str | None,
+) -> None:
+    """Let the refresh learn the mark button, then start the dashboard (if any)."""
+    if refresh is not None:  # the mark button as the daemon can learn one, before connecting
+        refresh.learns_from(detector.marks_learnt)
+    if dashboard is not None:
+        if refresh is not None and page is None:  # another holds its port now: linked
+            dashboard.on_page = lambda url: _link_later(detector, refresh, url)  # once had
+        dashboard.start(detector, controller.handle_payload)
+
+
+def _stopper(detector: Detector, on_stop: Callable[[], None] | None) -> Callable[[], None]:
+    """What SIGTERM/SIGINT call: stop the detector, then `on_stop`."""
+
+    def stop() -> None:
+        detector.stop()
+        if on_stop:
+            on_stop()
+
+    return stop
 
 
 def _open_outputs(
