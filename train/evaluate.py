@@ -373,8 +373,8 @@ def _say_what_it_means(
     if auc < 0.5:
         log.warning(
             "AUC %.3f is below 0.5: this detector scores these normal recordings above the "
-            'faults; another kind may suit this machine (README: "Which kind for which '
-            'machine")',
+            'faults; another kind may suit this machine (docs/detection.md: "Which kind '
+            'for which machine")',
             auc,
         )
 
