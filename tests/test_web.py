@@ -1576,9 +1576,13 @@ def test_an_event_the_model_learnt_offers_no_mark_normal_after_a_reload(tmp_path
         dashboard.live._refresh_status(force=True)
         wait_for(lambda: len(buttons()) == 1, 15, "the button again", buttons)
         assert "marked normal: the model has learnt" not in text(f"#ev-{event_id}")
-        # an empty reply line takes no room (every card had one)
-        css = "return getComputedStyle(document.querySelector('#ev-{} .said')).display"
-        assert browser.execute_script(css.format("f" * 32)) == "none"
+        # an empty reply line takes no room (every card had one), and stays in the accessibility
+        # tree, a live region a screen reader hears fill (display:none took it out)
+        css = (
+            "const e = document.querySelector('#ev-{} .said'), s = getComputedStyle(e);"
+            " return [e.getBoundingClientRect().height, s.marginTop, s.marginBottom, s.display]"
+        )
+        assert browser.execute_script(css.format("f" * 32)) == [0, "0px", "0px", "block"]
         learns["now"] = False  # the cards drawn again: the page keeps its mark and its reply
         dashboard.live._refresh_status(force=True)
         wait_for(lambda: browser.execute_script("return lastStatus.learns") is False, 15, "status")
@@ -2130,6 +2134,264 @@ def test_an_event_of_another_model_offers_no_mark_normal(tmp_path: Path) -> None
         assert chips[:2] == ["1.0–1.2 kHz far above normal", "1.0–1.2 kHz −2.1σ"], chips
         title = browser.find_element(By.CSS_SELECTOR, ".chip").get_attribute("title")
         assert title.endswith(": +99.1σ"), title
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
+
+
+# --- what a screen reader gets -----------------------------------------------------------------
+
+NAMED_ROLES = {"button", "textbox", "combobox", "link", "image"}
+"""Chromium's roles of what a screen reader's user operates or must be told about: each needs
+a name, or it is read as "button" (the review's gap: the token field, the mute-for choice)."""
+FOCUS_RING_PX = 2
+AA_NORMAL, AA_LARGE = 4.5, 3.0
+"""WCAG 2 AA contrast for text, and for large text (24 px, or 18.66 px bold)."""
+
+CONTRASTS = """
+const lin = (c) => (c /= 255) <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+const lum = (rgb) => { const [r, g, b] = rgb.match(/[\\d.]+/g).map(Number);
+  return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b); };
+const opaque = (c) => c !== "rgba(0, 0, 0, 0)" && c !== "transparent";
+const ground = (e) => {
+  for (; e; e = e.parentElement) if (opaque(getComputedStyle(e).backgroundColor)) break;
+  return e ? getComputedStyle(e).backgroundColor : "rgb(0, 0, 0)"; };
+const ratio = (a, b) => { const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p);
+  return (x + 0.05) / (y + 0.05); };
+const out = [];
+const check = (e, text, colour) => {
+  const s = getComputedStyle(e), px = parseFloat(s.fontSize), bold = Number(s.fontWeight) >= 700;
+  const need = px >= 24 || (px >= 18.66 && bold) ? arguments[1] : arguments[0];
+  out.push([text, ratio(colour, ground(e)), need, colour, ground(e)]);
+};
+for (const e of document.querySelectorAll("body *")) {
+  const own = [...e.childNodes].filter((n) => n.nodeType === 3).map((n) => n.data).join("").trim();
+  if (!own || !e.getClientRects().length || e.closest(":disabled, script, style, .vh")) continue;
+  check(e, own, getComputedStyle(e).color);
+}
+for (const e of document.querySelectorAll("input[placeholder]"))
+  if (e.getClientRects().length)
+    check(e, e.placeholder, getComputedStyle(e, "::placeholder").color);
+return out;
+"""
+"""[text, its contrast, what AA asks, colour, background] of every piece of text shown."""
+
+
+def ax_tree(browser: Any) -> list[dict[str, Any]]:
+    """Chromium's accessibility tree of the page: what a screen reader is given."""
+    browser.execute_cdp_cmd("Accessibility.enable", {})
+    return browser.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+
+
+def ax_node(browser: Any, css: str) -> dict[str, Any]:
+    """The accessibility node of the element `css` selects: role, name and properties."""
+    browser.execute_cdp_cmd("Accessibility.enable", {})
+    root = browser.execute_cdp_cmd("DOM.getDocument", {"depth": 0})["root"]["nodeId"]
+    node = browser.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": css})
+    assert node["nodeId"], f"no {css} on the page"
+    partial = {"nodeId": node["nodeId"], "fetchRelatives": False}
+    return browser.execute_cdp_cmd("Accessibility.getPartialAXTree", partial)["nodes"][0]
+
+
+def ax_value(node: dict[str, Any], field: str) -> Any:
+    """A node's role or name (`field`), or one of its properties (`live`, `level`...)."""
+    if field in node:
+        return node[field].get("value")
+    props = {p["name"]: p["value"].get("value") for p in node.get("properties", [])}
+    return props.get(field)
+
+
+def unnamed(browser: Any) -> list[str]:
+    """What a screen reader would read as a bare role: no name (shown ones, not the ignored)."""
+    return [
+        f"{ax_value(n, 'role')} (DOM node {n.get('backendDOMNodeId')})"
+        for n in ax_tree(browser)
+        if not n.get("ignored")
+        and ax_value(n, "role") in NAMED_ROLES
+        and not str(ax_value(n, "name") or "").strip()
+    ]
+
+
+def said_politely(browser: Any, css: str, role: str = "status", live: str = "polite") -> None:
+    """`css` is a live region of `role`: read out when it changes, at `live` politeness."""
+    node = ax_node(browser, css)
+    assert (ax_value(node, "role"), ax_value(node, "live")) == (role, live), (css, node)
+
+
+def test_every_control_has_a_name_and_the_page_says_what_changes(tmp_path: Path) -> None:
+    """A review: "the token and minutes fields lack labels, and the reply and connection lines
+    are not live regions for a screen reader". Read from Chromium's own accessibility tree,
+    as a screen reader gets it: the token field, the mute-for choice, each card's buttons and
+    links; the lines that change by themselves, said politely; an anomaly said at once."""
+    from selenium.webdriver.common.by import By
+
+    from edge.bundle import load_bundle
+    from edge.daemon import Detector
+    from edge.detectors.base import WindowScore
+    from edge.messages import EventMessage, HealthMessage, StateMessage, iso
+    from edge.pipeline import Step
+    from edge.settings import Settings
+    from edge.web.server import Dashboard
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    (tmp_path / "clips").mkdir()
+    sf.write(tmp_path / "clips" / "e2.wav", np.zeros(RATE, np.float32), RATE)
+    web = {"enabled": True, "port": free_port(), "token_file": str(token_file)}
+    settings = Settings(data_dir=tmp_path, web=web)
+    dashboard = Dashboard(settings)
+    dashboard.start(Detector(settings, load_bundle(DEMO_BUNDLE), []), lambda _: None)
+    learning = {"progress": 0.34, "seconds": 600, "collected_s": 204}
+    dashboard.live.attach(lambda: {"model": "m", "learns": True, "learning": learning})
+    dashboard.live._refresh_status(force=True)
+    live, now = dashboard.live, time.time()
+    browser = None
+    try:
+        page = f"http://127.0.0.1:{dashboard.port}"
+        wait_for(lambda: _answers_with(f"{page}/api/state", TOKEN), 10, "the page")
+        browser = chromium()
+        browser.get(f"{page}/")
+        text = lambda css: unstale(lambda: browser.find_element(By.CSS_SELECTOR, css).text)  # noqa: E731
+        wait_for(lambda: text("#conn") == "token needed", 15, "the login form")
+        # its heading's words (as shown: in capitals)
+        assert ax_value(ax_node(browser, "#token"), "name").lower() == "access token"
+        assert unnamed(browser) == []
+        browser.find_element(By.ID, "token").send_keys(TOKEN + "\n")
+        wait_for(lambda: text("#conn") == "live", 15, "the live stream", lambda: text("#conn"))
+        assert ax_value(ax_node(browser, "#minutes"), "name") == "mute for"
+        for css in ("#conn", "#state", "#health", "#reply", "#learnsaid"):
+            said_politely(browser, css)
+        said_politely(browser, "#alert", "alert", "assertive")
+        # the bars say again what the figures beside them say: hidden, not read twice
+        for bar in ("levelbar", "learnbar"):
+            reasons = ax_node(browser, f".bar:has(#{bar})").get("ignoredReasons", [])
+            assert "ariaHiddenElement" in [r["name"] for r in reasons], (bar, reasons)
+        learnt = lambda: browser.execute_script("return $('#learnsaid').textContent")  # noqa: E731
+        wait_for(lambda: learnt() == "learning the site's normal: 30 %", 10,
+                 "the learning progress, by the tenth", learnt)  # fmt: skip
+
+        # the trace in words: what it shows, not "image"
+        live.window(Step(WindowScore(0, 3.0, np.zeros(64)), 0.0, 1.0, (), level_dbfs=-20.0), 12.0)
+        spark = lambda: ax_node(browser, "#spark")  # noqa: E731
+        wait_for(lambda: "latest 3.00" in str(ax_value(spark(), "name")), 10, "the trace described",
+                 lambda: spark())  # fmt: skip
+        assert ax_value(spark(), "role") == "image"
+        # ... redone every 10 s, not at each window (twice a second)
+        live.window(Step(WindowScore(0, 4.0, np.zeros(64)), 0.0, 1.0, (), level_dbfs=-20.0), 12.0)
+        wait_for(lambda: text("#score") == "4.00", 10, "the next window", lambda: text("#score"))
+        assert "latest 3.00" in ax_value(spark(), "name")
+        browser.execute_script("describedAt = 0")  # as 10 s later
+        live.window(Step(WindowScore(0, 5.0, np.zeros(64)), 0.0, 1.0, (), level_dbfs=-20.0), 12.0)
+        described = (
+            "score trace of the last 3 windows: latest 5.00, highest 5.00, threshold 12.0,"
+            " 0 above it"
+        )
+        wait_for(lambda: ax_value(spark(), "name") == described, 10, "the trace described anew",
+                 lambda: ax_value(spark(), "name"))  # fmt: skip
+
+        # an anomaly begins: said at once, and once, however often its card is drawn again
+        browser.execute_script(
+            "window.alerts = 0; new MutationObserver((m) => (alerts += m.length))"
+            ".observe($('#alert'), {childList: true, characterData: true, subtree: true})"
+        )
+        start = EventMessage(type="start", event_id="e1", device_id="t", model="m",
+                             started_at=iso(now), peak_score=20.0, threshold=12.0)  # fmt: skip
+        live.event(start)
+        wait_for(lambda: browser.execute_script("return alerts") == 1, 10, "the anomaly said")
+        assert browser.execute_script("return $('#alert').textContent").startswith(
+            "anomaly began at "
+        )
+        live.event(start)  # a start sent twice, and the card drawn anew
+        for peak in (21.0, 22.0, 23.0):
+            live.event(EventMessage(**{**start.to_dict(), "type": "update", "peak_score": peak}))
+        wait_for(lambda: "peak 23.0" in text("#ev-e1"), 10, "the card drawn anew")
+        assert browser.execute_script("return alerts") == 1
+
+        # ... and lines rewritten alike are not read out again
+        browser.execute_script(
+            "window.changes = 0;"
+            " for (const e of document.querySelectorAll('#conn, #state, #health'))"
+            " new MutationObserver((m) => (changes += m.length))"
+            ".observe(e, {childList: true, characterData: true, subtree: true})"
+        )
+        for _ in range(2):
+            live.state(StateMessage(device_id="t", model="m", threshold=12.0, updated_at=iso(now),
+                                    state="anomaly", machine="running"))  # fmt: skip
+            live.health(HealthMessage(status="ok", device_id="t", updated_at=iso(now), faults=[]))
+        wait_for(lambda: text("#state") == "anomaly" and text("#health") == "audio ok", 10,
+                 "the state and the health", lambda: (text("#state"), text("#health")))  # fmt: skip
+        assert browser.execute_script("return changes") == 2  # once each: not again, alike
+
+        # an ended event's card: a heading, its button and links named for which event they act on
+        live.event(EventMessage(
+            type="end", event_id="e2", device_id="t", model="m", peak_score=3.0, threshold=1.0,
+            started_at=iso(now - 60), ended_at=iso(now - 50), duration_s=10.0, clip="e2.wav",
+            clip_seconds=1.0,
+        ))  # fmt: skip
+        wait_for(lambda: "Mark normal" in text("#ev-e2"), 10, "the button", lambda: text("#events"))
+        assert ax_value(ax_node(browser, "#ev-e2"), "role") == "article"
+        assert ax_value(ax_node(browser, "#ev-e2 b"), "level") == 3
+        when = browser.execute_script("return when(arguments[0])", iso(now - 60))
+        assert (
+            ax_value(ax_node(browser, "#ev-e2 button"), "name")
+            == f"Mark normal: the anomaly of {when}"
+        )
+        assert ax_value(ax_node(browser, "#ev-e2 a[download]"), "name") == (
+            f"download the clip (WAV) of the anomaly of {when}"
+        )
+        said_politely(browser, "#ev-e2 .said")
+        assert unnamed(browser) == []
+        # seen by keyboard: where the focus is, outlined
+        browser.execute_script("$('#minutes').focus()")  # after typing the token: by keyboard
+        ring = browser.execute_script(
+            "const s = getComputedStyle($('#minutes'));"
+            " return [$('#minutes').matches(':focus-visible'), s.outlineStyle,"
+            " parseFloat(s.outlineWidth)]"
+        )
+        # a ring of its own: Chromium's thin default is hard to see on the dark grey
+        assert ring[0] and ring[1] != "none" and ring[2] >= FOCUS_RING_PX, ring
+    finally:
+        if browser is not None:
+            browser.quit()
+        dashboard.stop()
+
+
+def test_the_page_s_text_stands_out_from_its_background(tmp_path: Path) -> None:
+    """WCAG AA contrast of every piece of text shown, in the states that colour it: the badge's
+    red `anomaly` (3.6:1 on its grey) and grey `listening…` (4.0:1) were under 4.5:1."""
+    from selenium.webdriver.common.by import By
+
+    from edge.messages import EventMessage, HealthMessage, StateMessage, iso
+
+    dashboard = _dashboard(tmp_path)
+    live, now = dashboard.live, time.time()
+    browser = None
+    try:
+        browser = chromium()
+        browser.get(f"http://127.0.0.1:{dashboard.port}/")
+        text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
+        wait_for(lambda: text("#conn") == "live", 15, "the live stream", lambda: text("#conn"))
+        live.event(EventMessage(
+            type="end", event_id="e1", device_id="t", model="m", peak_score=3.0, threshold=1.0,
+            started_at=iso(now - 60), ended_at=iso(now - 50), duration_s=10.0,
+            bands=[{"low_hz": 1000.0, "high_hz": 1200.0, "deviation": 2.0}],
+        ))  # fmt: skip
+        live.health(HealthMessage(status="fault", device_id="t", updated_at=iso(now),
+                                  faults=["stalled"], change="fault:stalled"))  # fmt: skip
+        browser.execute_script("reply({ok: false, command: 'mute', detail: 'refused'})")
+        poor: list[Any] = []
+        for state, badge in (("normal", "listening…"), ("anomaly", "anomaly"), ("muted", "muted"),
+                             ("learning", "learning"), ("fault", "no usable audio")):  # fmt: skip
+            live.state(StateMessage(device_id="t", model="m", threshold=12.0, updated_at=iso(now),
+                                    state=state, machine="running"))  # fmt: skip
+            wait_for(lambda b=badge: text("#state") == b, 10, badge, lambda: text("#state"))
+            seen = browser.execute_script(CONTRASTS, AA_NORMAL, AA_LARGE)
+            assert any(t == badge for t, *_ in seen) and any(
+                t == "peak 3.00 / threshold 1.00" for t, *_ in seen
+            )
+            poor += [s for s in seen if s[1] < s[2]]
+        assert poor == [], poor
     finally:
         if browser is not None:
             browser.quit()
