@@ -40,6 +40,7 @@ from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, LogMel
 from edge.framing import WindowBuffer
 from edge.health import is_dead, level_dbfs
+from edge.learning import FEATURIZERS, calibration_summary
 from edge.machine_state import (
     OFF,
     PERCENTILES,
@@ -113,6 +114,8 @@ def calibrate_bundle(
     refit = plugin_for(bundle.manifest).refit(bundle, per_file, false_alarms_per_day)
     _check_varies(bundle, refit.manifest)
     arrays = {**bundle.arrays, **refit.arrays}
+    if bundle.manifest.kind in FEATURIZERS:  # its refits on site are backed by this audio
+        arrays |= calibration_summary(bundle, per_file)
     if shift is not None and STATE_LEVELS in arrays:  # absolute dB, like the off level
         arrays[STATE_LEVELS] = (arrays[STATE_LEVELS] + shift).astype(arrays[STATE_LEVELS].dtype)
     manifest = bundle.manifest.model_dump(exclude={"files", "checksum", "arrays"})

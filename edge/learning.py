@@ -19,6 +19,15 @@ held-out windows the bundle carries (`training.holdout_features`, written by `tr
 version) against the pooled model. Those were in the training fit, so their scores are slightly
 optimistic (a few per cent for 64 dimensions and thousands of windows). A bundle without them
 has only the site to back its threshold, and then needs MIN_AUDIO_SECONDS of it.
+
+A calibrated bundle hears another place than its training did (a moved microphone): its centre
+is the calibration audio's, its threshold set on that audio left out a file at a time. Its
+training held-out windows, of the old place against the old centre, would set a refit's
+threshold as if the device still heard there: one mark after `calibrate` took the MIMII fan's
+channel-4 threshold from the calibrated 1.96 back to 2.40 to 2.62, above the uncalibrated 2.51.
+So `calibrate` records the calibration's held-out windows and the centre each was scored
+against (CALIBRATION_*), and a refit of a calibrated bundle scores those instead, each against
+its centre pooled with the site's windows.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import numpy as np
 
 from edge.advice import MIN_AUDIO_SECONDS
 from edge.bundle import Bundle, npy_header
-from edge.detectors.base import Refit
+from edge.detectors.base import Refit, leave_one_out
 from edge.detectors.fluctuation import FluctuationScorer, fluctuation_features
 from edge.detectors.levels import level_features
 from edge.detectors.registry import plugin_for
@@ -56,6 +65,14 @@ FIT_CENTER = "training.fit_center"
 FIT_PRECISION = "training.fit_precision"
 """Arrays of a bundle: the Gaussian fitted without the held-out audio (the one that scored it
 for the training threshold), in the shipped model's standardised space."""
+CALIBRATION_FEATURES = "calibration.holdout_features"
+CALIBRATION_FOLD = "calibration.holdout_fold"
+CALIBRATION_CENTERS = "calibration.fold_centers"
+CALIBRATION_ARRAYS = (CALIBRATION_FEATURES, CALIBRATION_FOLD, CALIBRATION_CENTERS)
+"""Arrays of a calibrated bundle: (at most MAX_TRAINING_WINDOWS of) the feature vectors of the
+calibration audio as its threshold scored them (each file left out; one file: its second half),
+the index of the centre each was scored against, and those centres (standardised: the centre
+of the other files, or of the first half)."""
 MAX_TRAINING_WINDOWS = 1000
 """Held-out training windows a bundle carries for refits (64 numbers each: 0.5 MB)."""
 SITE_NUMBERS = 4_000_000
@@ -88,6 +105,9 @@ MAX_FOLDS = 10
 SHRINKAGE = 0.01
 """Least shrinkage of the pooled covariance towards a scaled identity (as in training)."""
 SITE_SOURCE = "site normal set (leave one chunk out) and training held-out windows"
+CALIBRATED_SOURCE = (
+    "site normal set (leave one chunk out) and calibration audio (leave one file out)"
+)
 
 
 class LearningError(SoundSentryError):
@@ -124,6 +144,27 @@ def training_summary(
 def training_sample(features: np.ndarray, limit: int = MAX_TRAINING_WINDOWS) -> np.ndarray:
     """At most `limit` held-out feature vectors for the bundle (see `spread`)."""
     return features[spread(len(features), limit)]
+
+
+def calibration_summary(bundle: Bundle, per_file: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """What `calibrate` records for refits on site (CALIBRATION_*): the windows of each file
+    left out (`leave_one_out`, as the kind's calibration scored them) with the centre of the
+    rest, at most MAX_TRAINING_WINDOWS in all, in runs of each file's own windows."""
+    scorer = plugin_for(bundle.manifest).scorer(bundle)
+    feats = [featurizer(bundle)(w) for w in per_file if len(w)]
+    folds = leave_one_out(feats)
+    total = sum(len(held) for held, _ in folds)
+    rows, fold, centers = [], [], []
+    for k, (held, rest) in enumerate(folds):
+        keep = spread(len(held), max(MAX_TRAINING_WINDOWS * len(held) // total, RUN))
+        rows.append(held[keep])
+        fold.append(np.full(len(keep), k, np.int32))
+        centers.append(scorer.standardize(np.concatenate(rest)).mean(axis=0))
+    return {
+        CALIBRATION_FEATURES: np.concatenate(rows).astype(np.float32),
+        CALIBRATION_FOLD: np.concatenate(fold),
+        CALIBRATION_CENTERS: np.stack(centers),
+    }
 
 
 READ_BYTES = 4 << 20
@@ -401,7 +442,8 @@ def site_refit(
     held = _training_scores(base, trained, z) if with_training else []
     held += _fold_scores(base, trained, z, chunks, marked)
     scores = np.concatenate([s for s, _ in held])
-    manifest = refit_manifest(base, scores, false_alarms_per_day, SITE_SOURCE, event_logic)
+    source = CALIBRATED_SOURCE if calibrated(base) else SITE_SOURCE
+    manifest = refit_manifest(base, scores, false_alarms_per_day, source, event_logic)
     if marked.any():
         held.append((final.distance(site[marked]), final.band_shares(site[marked])))
         _let_pass(manifest["threshold"], held[-1][0])
@@ -422,8 +464,16 @@ Held = list[tuple[np.ndarray, np.ndarray]]
 
 
 def has_training(base: Bundle) -> bool:
-    """The bundle carries its training summary (trained by a release that learns on site)."""
-    return all(k in base.arrays for k in (TRAINING_FEATURES, FIT_CENTER, FIT_PRECISION))
+    """The bundle carries held-out windows to back a refit's threshold: its training summary
+    (trained by a release that learns on site), or its calibration's (`calibrated`)."""
+    trained = all(k in base.arrays for k in (TRAINING_FEATURES, FIT_CENTER, FIT_PRECISION))
+    return trained or calibrated(base)
+
+
+def calibrated(base: Bundle) -> bool:
+    """The bundle carries its calibration's held-out windows (calibrated by a release that
+    records them): they, not the training's, back its refits."""
+    return all(k in base.arrays for k in CALIBRATION_ARRAYS)
 
 
 def require_period(base: Bundle, seconds: float) -> None:
@@ -465,11 +515,43 @@ def _windows(base: Bundle, held_out: bool = False) -> float:
 
 def _training_scores(base: Bundle, trained: FluctuationScorer, z: np.ndarray) -> Held:
     """The training held-out windows against the training fit without them, pooled with the
-    site: scores of unseen normal audio, as at training time."""
+    site: scores of unseen normal audio, as at training time (a calibrated bundle's: its
+    calibration's, `_calibration_scores`)."""
+    if calibrated(base):
+        return _calibration_scores(base, trained, z)
     fit = _model(trained, base.arrays[FIT_CENTER], base.arrays[FIT_PRECISION])
     model = _model(trained, *pooled(fit, _windows(base, held_out=True), z))
     rows = base.arrays[TRAINING_FEATURES]
     return [(model.distance(rows), model.band_shares(rows))]
+
+
+def _calibration_scores(base: Bundle, trained: FluctuationScorer, z: np.ndarray) -> Held:
+    """The calibration's held-out windows, each against the centre it was scored against at
+    calibration (the other files'), with the bundle's precision, pooled with the site."""
+    rows, fold, centers = (base.arrays[k] for k in CALIBRATION_ARRAYS)
+    if (
+        rows.ndim != 2
+        or rows.shape[1:] != trained.mean.shape
+        or centers.ndim != 2
+        or centers.shape[1:] != trained.mean.shape
+        or fold.shape != rows.shape[:1]
+        or not len(rows)
+        or fold.min() < 0
+        or fold.max() >= len(centers)
+    ):
+        raise LearningError(
+            f"{base.model_id}: its calibration's held-out windows do not fit its model "
+            "(a damaged bundle): run soundsentry calibrate again"
+        )
+    at, scores, shares = [], [], []
+    for k, center in enumerate(centers):
+        at.append(np.flatnonzero(fold == k))
+        fit = _model(trained, center, trained.precision)
+        model = _model(trained, *pooled(fit, _windows(base), z))
+        scores.append(model.distance(rows[at[-1]]))
+        shares.append(model.band_shares(rows[at[-1]]))
+    order = np.argsort(np.concatenate(at), kind="stable")  # in the order they were heard
+    return [(np.concatenate(scores)[order], np.concatenate(shares)[order])]
 
 
 def _fold_scores(
