@@ -153,10 +153,16 @@ def calibration_summary(bundle: Bundle, per_file: list[np.ndarray]) -> dict[str,
     scorer = plugin_for(bundle.manifest).scorer(bundle)
     feats = [featurizer(bundle)(w) for w in per_file if len(w)]
     folds = leave_one_out(feats)
+    # at most MAX_TRAINING_WINDOWS // RUN folds, evenly spaced over the files, each a run or
+    # more: a run of every file kept 3,040 windows and 160 centres of 160 ten-second clips, and
+    # a refit scores a centre at a time (a review)
+    m = min(len(folds), MAX_TRAINING_WINDOWS // RUN)
+    folds = [folds[i] for i in np.linspace(0, len(folds) - 1, m).round().astype(int)]
     total = sum(len(held) for held, _ in folds)
     rows, fold, centers = [], [], []
     for k, (held, rest) in enumerate(folds):
-        keep = spread(len(held), max(MAX_TRAINING_WINDOWS * len(held) // total, RUN))
+        share = (MAX_TRAINING_WINDOWS - m * RUN) * len(held) // total
+        keep = spread(len(held), RUN + share)
         rows.append(held[keep])
         fold.append(np.full(len(keep), k, np.int32))
         centers.append(scorer.standardize(np.concatenate(rest)).mean(axis=0))
@@ -538,16 +544,18 @@ def _calibration_scores(base: Bundle, trained: FluctuationScorer, z: np.ndarray)
         or not len(rows)
         or fold.min() < 0
         or fold.max() >= len(centers)
+        or np.any(fold != np.round(fold))  # read back as float64: 0.5 matched no centre
     ):
         raise LearningError(
             f"{base.model_id}: its calibration's held-out windows do not fit its model "
             "(a damaged bundle): run soundsentry calibrate again"
         )
     at, scores, shares = [], [], []
+    total, squares = z.sum(axis=0), z.T @ z  # once: each centre is pooled with the same site
     for k, center in enumerate(centers):
         at.append(np.flatnonzero(fold == k))
         fit = _model(trained, center, trained.precision)
-        model = _model(trained, *pooled(fit, _windows(base), z))
+        model = _model(trained, *pooled_moments(fit, _windows(base), len(z), total, squares))
         scores.append(model.distance(rows[at[-1]]))
         shares.append(model.band_shares(rows[at[-1]]))
     order = np.argsort(np.concatenate(at), kind="stable")  # in the order they were heard
