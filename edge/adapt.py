@@ -123,7 +123,6 @@ class Period:
         self.period_id = uuid.uuid4().hex[:16]
         """Names the period in the version it ends in (started_at is to the second: a period
         begun within the second of the last one's was taken as ended already)."""
-        self.saved_s = collected_s
         self.tried_s = collected_s
         """When a save was last tried: a failed one is tried again after SAVE_EVERY_S more audio,
         not at every window (a full card logged two lines a second, in a full-disk review)."""
@@ -783,7 +782,6 @@ class Adapter:
                     **({"asker": {"id": p.asker.id}} if p.asker else {}),
                 },
             )
-            p.saved_s = p.collected_s
         except OSError as exc:
             log.error("learning: could not save the period: %s", exc)
             return False

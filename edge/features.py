@@ -220,23 +220,6 @@ class LogMel:
         return (10.0 * np.log10(np.maximum(mel, p.amin))).astype(np.float32)
 
 
-class FrontEnd:
-    """Streaming front end: push audio blocks, get (start sample, features) per window."""
-
-    def __init__(self, params: FeatureParams) -> None:
-        self.params = params
-        self.buffer = WindowBuffer(params.window_samples, params.hop_samples)
-        self.logmel = LogMel(params)
-
-    def reset(self) -> None:
-        """Drop buffered audio (after a capture gap)."""
-        self.buffer.reset()
-
-    def push(self, block: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Features of every window that this block completes."""
-        return [(w.start, self.logmel(w.samples)) for w in self.buffer.push(block)]
-
-
 def windows_of(audio: np.ndarray, params: FeatureParams, heard: bool = False) -> np.ndarray:
     """All window features of a whole signal at once: (n_windows, n_frames, n_mels); with
     `heard`, only the windows the device scores (not silence, a flat line or a dropout: one

@@ -184,10 +184,6 @@ class _Throttle:
         self._keys[key] = (now, 0)
         return since + 1
 
-    def held_back(self) -> int:
-        """Times not said yet, over every key."""
-        return sum(since for _, since in self._keys.values())
-
     def __bool__(self) -> bool:
         return bool(self._keys)
 

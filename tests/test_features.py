@@ -143,17 +143,6 @@ def test_chunk_size_gives_identical_windows_and_scores(block: int, bundle_path: 
     assert events(whole), "the clip's fault should raise an event"
 
 
-def test_frontend_features_identical_across_chunkings(audio: np.ndarray) -> None:
-    from edge.features import FrontEnd
-
-    p = FeatureParams()
-    ref = windows_of(audio, p)
-    for block in (160, 1000, 4096):
-        front = FrontEnd(p)
-        got = [f for i in range(0, len(audio), block) for _, f in front.push(audio[i : i + block])]
-        np.testing.assert_array_equal(np.stack(got), ref)
-
-
 def test_invalid_feature_params_are_refused() -> None:
     with pytest.raises(ValueError):
         FeatureParams(window_seconds=0.01)
