@@ -38,7 +38,7 @@ from edge.detectors.base import DetectorKind
 from edge.detectors.registry import plugin_for
 from edge.errors import AudioError, BundleError
 from edge.features import FeatureParams, LogMel
-from edge.framing import WindowBuffer
+from edge.framing import cut
 from edge.health import is_dead, level_dbfs
 from edge.learning import FEATURIZERS, calibration_summary
 from edge.machine_state import (
@@ -276,7 +276,7 @@ def _window_levels(audio: list[np.ndarray], p: FeatureParams) -> np.ndarray:
     return np.sort([
         level_dbfs(w.samples)
         for a in audio
-        for w in WindowBuffer(p.window_samples, p.hop_samples).push(a)
+        for w in cut(a, p.window_samples, p.hop_samples)
         if not is_dead(w.samples, p.hop_length)
     ])  # fmt: skip
 
@@ -373,7 +373,7 @@ def _state_shift(bundle: Bundle, audio: list[np.ndarray]) -> float | None:
     logmel = LogMel(p)
     gains = []
     for a in audio:
-        for w in WindowBuffer(p.window_samples, p.hop_samples).push(a):
+        for w in cut(a, p.window_samples, p.hop_samples):
             if is_dead(w.samples, p.hop_length):
                 continue
             apart = logmel(w.samples).mean(axis=0)[None, :] - levels

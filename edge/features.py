@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.framing import WindowBuffer
+from edge.framing import cut
 from edge.health import is_dead
 
 FRONTEND = "logmel-v2"
@@ -225,10 +225,11 @@ def windows_of(audio: np.ndarray, params: FeatureParams, heard: bool = False) ->
     `heard`, only the windows the device scores (not silence, a flat line or a dropout: one
     second of zeros in a held-out recording lifted a threshold twentyfold, in a review)."""
     logmel = LogMel(params)
-    windows = WindowBuffer(params.window_samples, params.hop_samples).push(audio)
-    if heard:
-        windows = [w for w in windows if not is_dead(w.samples, params.hop_length)]
-    feats = [logmel(w.samples) for w in windows]
-    if not feats:
-        return np.zeros((0, *params.shape), dtype=np.float32)
-    return np.stack(feats)
+    size, hop = params.window_samples, params.hop_samples
+    out = np.zeros((max(0, 1 + (len(audio) - size) // hop), *params.shape), dtype=np.float32)
+    n = 0
+    for w in cut(audio, size, hop):  # one block's windows at a time, each written in place
+        if not (heard and is_dead(w.samples, params.hop_length)):
+            out[n] = logmel(w.samples)
+            n += 1
+    return out[:n] if n < len(out) else out

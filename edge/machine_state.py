@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge.features import FeatureParams, LogMel
-from edge.framing import WindowBuffer
+from edge.framing import WindowBuffer, blocks, cut
 from edge.health import is_dead, level_dbfs
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def machine_profile(
     running windows hold two levels far apart."""
     levels, group_of, silent = [], [], 0
     for n, a in enumerate(audio):
-        for w in WindowBuffer(params.window_samples, params.hop_samples).push(a):
+        for w in cut(a, params.window_samples, params.hop_samples):
             if is_dead(w.samples, params.hop_length):  # as the device: no level of it
                 silent += 1
             else:
@@ -482,7 +482,7 @@ def evidence_windows(
     Trained on its ten recordings each stopping after 7 s with those windows kept, it set its
     threshold at 3.34 and reported none of its 20 fault clips; without them at 3.16 and 8, as
     the same recordings cut before their stops do (3.25 and 8; a probe, 2026-12-03)."""
-    kept = list(evidence_stream([audio], params, off_below_dbfs, off_like))
+    kept = list(evidence_stream(blocks(audio), params, off_below_dbfs, off_like))
     if not kept:
         return np.zeros((0, *params.shape), np.float32)
     return np.stack(kept)
@@ -491,9 +491,36 @@ def evidence_windows(
 def dead_seconds(audio: np.ndarray, params: FeatureParams) -> float:
     """How much of a recording the device hears as nothing: its windows of digital silence, a
     flat line or a dropout (a run of zeros of a STFT hop or more), in seconds of hops."""
-    cut = WindowBuffer(params.window_samples, params.hop_samples)
-    dead = sum(is_dead(w.samples, params.hop_length) for w in cut.push(audio))
+    windows = cut(audio, params.window_samples, params.hop_samples)
+    dead = sum(is_dead(w.samples, params.hop_length) for w in windows)
     return dead * params.hop_seconds
+
+
+FEATURE_CHUNK = 512
+"""Windows `evidence_features` featurizes at a time (4 MB of log-mels at the defaults)."""
+
+
+def evidence_features(
+    audio: np.ndarray,
+    params: FeatureParams,
+    off_below_dbfs: float | None,
+    featurize: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """`featurize(evidence_windows(audio, ...))` for a featurizer that maps each window on its
+    own (windows (n, frames, mels) -> rows (n, dim)), made FEATURE_CHUNK windows at a time: the
+    log-mels of every window of an hour's recording, twice over (a list, then its stack), were
+    most of `train`'s 0.7 GB on one 1-h file once its windows were cut a block at a time."""
+    rows, batch = [], []
+    for features in evidence_stream(blocks(audio), params, off_below_dbfs):
+        batch.append(features)
+        if len(batch) == FEATURE_CHUNK:
+            rows.append(featurize(np.stack(batch)))
+            batch = []
+    if batch or not rows:
+        rows.append(
+            featurize(np.stack(batch) if batch else np.zeros((0, *params.shape), np.float32))
+        )
+    return np.concatenate(rows)
 
 
 def evidence_stream(
@@ -508,9 +535,9 @@ def evidence_stream(
     machine = MachineState(off_below_dbfs)
     logmel = LogMel(params)
     kept: deque[tuple[float, np.ndarray]] = deque()
-    cut = WindowBuffer(params.window_samples, params.hop_samples)
+    buffer = WindowBuffer(params.window_samples, params.hop_samples)
     for block in blocks:
-        for w in cut.push(block):
+        for w in buffer.push(block):
             end_s = (w.start + params.window_samples) / params.samplerate
             if is_dead(w.samples, params.hop_length):
                 machine.heard_nothing(end_s)

@@ -143,6 +143,57 @@ def test_chunk_size_gives_identical_windows_and_scores(block: int, bundle_path: 
     assert events(whole), "the clip's fault should raise an event"
 
 
+def _long(audio: np.ndarray, seconds: float) -> np.ndarray:
+    """The fixture clip repeated past a few of `cut`'s blocks (edge.framing.BLOCK), with a
+    stretch of zeros (a dropout) in the middle."""
+    reps = int(np.ceil(seconds * 16000 / len(audio)))
+    long = np.tile(audio, reps)[: int(seconds * 16000) + 123]  # not a whole number of hops
+    long[len(long) // 2 : len(long) // 2 + 16000] = 0.0
+    return long
+
+
+def test_windows_of_a_long_signal_are_those_of_pushing_it_whole(audio: np.ndarray) -> None:
+    """`windows_of` cuts a block at a time (an hour pushed whole held a copy of every window):
+    the same windows, in the same order, heard or not, across the blocks' edges."""
+    from edge.framing import BLOCK, WindowBuffer, cut
+    from edge.health import is_dead
+
+    long = _long(audio, 3.2 * BLOCK / 16000)
+    p = FeatureParams()
+    whole = WindowBuffer(p.window_samples, p.hop_samples).push(long)
+    got = list(cut(long, p.window_samples, p.hop_samples))
+    assert [w.start for w in got] == [w.start for w in whole]
+    assert all(np.array_equal(a.samples, b.samples) for a, b in zip(got, whole, strict=True))
+    logmel = LogMel(p)
+    np.testing.assert_array_equal(windows_of(long, p), np.stack([logmel(w.samples) for w in whole]))
+    heard = [w for w in whole if not is_dead(w.samples, p.hop_length)]
+    assert 0 < len(heard) < len(whole)  # the dropout's windows are left out
+    np.testing.assert_array_equal(
+        windows_of(long, p, heard=True), np.stack([logmel(w.samples) for w in heard])
+    )
+    assert windows_of(long[: p.window_samples - 1], p).shape == (0, *p.shape)
+
+
+def test_windows_of_holds_no_copy_of_every_window(audio: np.ndarray) -> None:
+    """Two minutes of audio: its 239 windows' samples are 15 MB, their log-mels 1.8 MB. Pushed
+    whole, the samples of every window were held at once (`train` peaked at 1.3 GB on one 1-h
+    file); a block at a time, a few MB (numpy's arrays are traced by tracemalloc)."""
+    import tracemalloc
+
+    long = _long(audio, 120.0)
+    p = FeatureParams()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        feats = windows_of(long, p)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert feats.nbytes < 2e6
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB traced at peak"
+
+
 def test_invalid_feature_params_are_refused() -> None:
     with pytest.raises(ValueError):
         FeatureParams(window_seconds=0.01)

@@ -887,6 +887,34 @@ def test_training_keeps_the_windows_the_device_takes_as_evidence(tmp_path: Path)
     assert len(run.held) < len(windows_of(held, p, heard=True))
 
 
+def test_evidence_features_are_the_featurized_evidence_windows_a_chunk_at_a_time() -> None:
+    """`train` featurizes the windows it takes as evidence a chunk at a time (the log-mels of
+    every window of an hour, twice over, were most of its 0.7 GB on one 1-h file): the rows
+    are those of featurizing them all at once, across chunks, blocks, a stop and a restart."""
+    from edge.detectors.fluctuation import fluctuation_features
+    from edge.detectors.levels import level_features
+    from edge.features import windows_of
+    from edge.machine_state import (
+        FEATURE_CHUNK,
+        evidence_features,
+        evidence_windows,
+        machine_profile,
+    )
+
+    p = FeatureParams()
+    fan = read_audio(NORMAL_FILES[0], p.samplerate)
+    reps = int(np.ceil(FEATURE_CHUNK * 1.6 * p.hop_seconds * p.samplerate / len(fan)))
+    audio = np.tile(fan, reps)
+    quiet = slice(len(audio) // 3, len(audio) // 3 + 8 * p.samplerate)  # the machine stops
+    audio[quiet] *= 10 ** (-40 / 20)
+    off = machine_profile([fan], p)["off_below_dbfs"]
+    whole = evidence_windows(audio, p, off)
+    assert FEATURE_CHUNK < len(whole) < len(windows_of(audio, p))  # the stop is left out
+    for featurize in (fluctuation_features, level_features):
+        np.testing.assert_array_equal(evidence_features(audio, p, off, featurize), featurize(whole))
+    assert evidence_features(audio[:100], p, off, fluctuation_features).shape == (0, p.n_mels)
+
+
 def test_evaluate_scores_the_windows_training_fits(tmp_path: Path) -> None:
     """evaluate set aside only dead and `off` windows, so a normal recording with a stop was
     scored on its start-up and on the window before the stop was confirmed, which training

@@ -30,7 +30,7 @@ from edge.detectors.base import MIN_FEATURE_STD
 from edge.errors import AudioError
 from edge.features import FeatureParams
 from edge.learning import training_summary
-from edge.machine_state import OFF, evidence_windows, machine_profile
+from edge.machine_state import OFF, evidence_features, evidence_windows, machine_profile
 from edge.scoring import FluctuationScorer
 from edge.threshold import DEFAULT_FALSE_ALARMS_PER_DAY, RULE, score_stats
 from train.dataset import (
@@ -268,9 +268,9 @@ def _gather(
             parts.state_seconds[names[state]] += len(audio) / params.samplerate
         if names[state] == OFF:  # the place's own sound: named, never fitted, scored or counted
             continue  # (a site refit weighs the training audio by its seconds: a review)
-        parts.fit.append(featurize(evidence_windows(fit_audio, dense, off)))
+        parts.fit.append(evidence_features(fit_audio, dense, off, featurize))
         parts.hold.append(featurize(held))
-        parts.whole.append(featurize(evidence_windows(audio, dense, off)))
+        parts.whole.append(evidence_features(audio, dense, off, featurize))
         if view == 0:
             parts.seconds += len(audio) / params.samplerate
             parts.hold_seconds += len(held_audio) / params.samplerate
