@@ -141,8 +141,16 @@ class Controller:
             self._answer_shed()
 
     def submit_reload(self) -> None:
-        """From the SIGHUP handler: queue a settings and model reload."""
-        self.detector.submit_from_signal(self.reload)
+        """From the SIGHUP handler: queue a settings and model reload, after which the commands
+        a full queue shed are answered if the queue is empty (queued as the last command ran,
+        it was the work that command left them to)."""
+        self.detector.submit_from_signal(self._reload_and_answer)
+
+    def _reload_and_answer(self) -> None:
+        try:
+            self.reload()
+        finally:
+            self._answer_shed()
 
     def handle_payload(
         self, payload: bytes, oversize: int = 0, reply_to: ReplyTo | None = None

@@ -156,6 +156,35 @@ def test_a_command_shed_as_the_loop_empties_the_queue_is_still_answered(
     assert [(r.id, r.ok, r.detail) for r in rec.responses] == [("late", False, SHED_REPLY)]
 
 
+def test_a_command_shed_is_answered_when_a_reload_comes_as_the_last_command_runs(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP queued a reload while the loop ran the last queued command: that command looked
+    at the queue, saw the reload waiting and left the shed commands to the work after it; the
+    reload answered none, and a shed command waited for its `busy` until another command came
+    (a concurrency review)."""
+    from edge.control import SHED_REPLY
+
+    d, rec = detector(tmp_path)
+    ctl = Controller(d)
+
+    class SighupDuringTheLast(Recorder):  # the signal comes as the last command replies
+        def response(self, message: ResponseMessage, reply_to: ReplyTo | None = None) -> None:
+            if message.id == "last":
+                ctl.submit_reload()
+
+    d.sinks = (*d.sinks, SighupDuringTheLast())
+    for i in range(WORK_QUEUE_MAX - 1):
+        ctl.submit_payload(json.dumps({"command": "status", "id": str(i)}).encode())
+    ctl.submit_payload(b'{"command": "status", "id": "last"}')
+    ctl.submit_payload(b'{"command": "status", "id": "shed"}')  # the queue is full
+    assert d.commands_shed == 1
+    while d.run_pending():
+        pass
+    assert d.work_waiting() == 0
+    assert [(r.ok, r.detail) for r in rec.responses if r.id == "shed"] == [(False, SHED_REPLY)]
+
+
 def test_a_flood_is_shed_and_counted_and_audio_goes_on(tmp_path: Path) -> None:
     """A shed command is answered `busy` under its id: a Node-RED flow waiting for the reply to
     its id waited for ever (72 replies to 200 commands, in a review)."""
