@@ -431,16 +431,16 @@ def read_audio(
                 if valid and rate > samplerate
                 else None
             )
-            summary, parts = SoundSummary(fh.subtype in FLOAT_SUBTYPES), []
+            summary = SoundSummary(fh.subtype in FLOAT_SUBTYPES)
+            kept = Samples(fh.frames * samplerate // rate + samplerate if resampler else fh.frames)
             for block in file_blocks(fh):
                 if not summary.check(block) or not valid:
                     continue  # refused after the whole file is seen; nothing more to keep
                 mono = select_channel(block, channel)
                 summary.add(mono)
-                # the next read overwrites the buffer, which one channel of it may still be
-                parts.append(resampler.resample_chunk(mono) if resampler else mono.copy())
+                kept.add(resampler.resample_chunk(mono) if resampler else mono)
             if resampler is not None:
-                parts.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+                kept.add(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from None
     except OSError as exc:
@@ -457,7 +457,37 @@ def read_audio(
         raise _no_channel(channel, channels, path)
     if need_sound:
         summary.check_sound(path, channel, channels, offset_matters)
-    return np.concatenate(parts).astype(np.float32, copy=False)
+    return kept.samples()
+
+
+EXPECTED_MAX = 1 << 26
+"""The most samples `Samples` sets aside from a header's count (70 min at 16 kHz, 268 MB)."""
+
+
+class Samples:
+    """Mono float32 samples copied block by block into one array sized from the file's header
+    (`expected` samples; grown if the file holds more): blocks kept in a list and joined at the
+    end held the audio twice, and reading an hour peaked at 0.46 GB for the 0.23 GB kept."""
+
+    def __init__(self, expected: int) -> None:
+        # pages never written cost no memory; a header's count past EXPECTED_MAX (a stream's
+        # "unknown") is not believed: the array grows to what comes instead
+        self._data = np.empty(min(max(int(expected), 1), EXPECTED_MAX), np.float32)
+        self._n = 0
+
+    def add(self, mono: np.ndarray) -> None:
+        """Copy a block in (the reader's buffer, which the next read overwrites, may be it)."""
+        end = self._n + len(mono)
+        if end > len(self._data):  # a header that undercounts (a cut-off or streamed file)
+            grown = np.empty(max(end, 2 * len(self._data)), np.float32)
+            grown[: self._n] = self._data[: self._n]
+            self._data = grown
+        self._data[self._n : end] = mono
+        self._n = end
+
+    def samples(self) -> np.ndarray:
+        """The samples added, in order."""
+        return self._data[: self._n]
 
 
 def stream_audio(path: str | Path, samplerate: int) -> Iterator[np.ndarray]:

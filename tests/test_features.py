@@ -194,6 +194,31 @@ def test_windows_of_holds_no_copy_of_every_window(audio: np.ndarray) -> None:
     assert peak < 8e6, f"{peak / 1e6:.1f} MB traced at peak"
 
 
+def test_evaluate_runs_the_device_on_a_long_file_a_block_at_a_time(audio: np.ndarray) -> None:
+    """`evaluate` pushed a whole file into the device's pipeline, which cut a copy of every
+    window at once (an hour's file took 0.75 GB to evaluate): now a block at a time, with the
+    scores and events of pushing it whole."""
+    import tracemalloc
+
+    from train.evaluate import device_run
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    long = _long(audio, 120.0)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        steps, _ = device_run(long, bundle)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    whole = Pipeline(bundle).push(long)
+    assert [s.window.score for s in steps] == [s.window.score for s in whole]
+    kinds = [(t.kind, t.started_s) for s in steps for t in s.transitions]
+    assert kinds == [(t.kind, t.started_s) for s in whole for t in s.transitions]
+    assert len(steps) > 200
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB traced at peak"
+
+
 def test_invalid_feature_params_are_refused() -> None:
     with pytest.raises(ValueError):
         FeatureParams(window_seconds=0.01)
