@@ -232,4 +232,4 @@ def windows_of(audio: np.ndarray, params: FeatureParams, heard: bool = False) ->
         if not (heard and is_dead(w.samples, params.hop_length)):
             out[n] = logmel(w.samples)
             n += 1
-    return out[:n] if n < len(out) else out
+    return out[:n]
