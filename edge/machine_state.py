@@ -482,10 +482,11 @@ def evidence_windows(
     Trained on its ten recordings each stopping after 7 s with those windows kept, it set its
     threshold at 3.34 and reported none of its 20 fault clips; without them at 3.16 and 8, as
     the same recordings cut before their stops do (3.25 and 8; a probe, 2026-12-03)."""
-    kept = list(evidence_stream(blocks(audio), params, off_below_dbfs, off_like))
-    if not kept:
-        return np.zeros((0, *params.shape), np.float32)
-    return np.stack(kept)
+    return evidence_features(audio, params, off_below_dbfs, _as_they_are, off_like)
+
+
+def _as_they_are(windows: np.ndarray) -> np.ndarray:
+    return windows
 
 
 def dead_seconds(audio: np.ndarray, params: FeatureParams) -> float:
@@ -505,13 +506,14 @@ def evidence_features(
     params: FeatureParams,
     off_below_dbfs: float | None,
     featurize: Callable[[np.ndarray], np.ndarray],
+    off_like: StateNamer | None = None,
 ) -> np.ndarray:
-    """`featurize(evidence_windows(audio, ...))` for a featurizer that maps each window on its
-    own (windows (n, frames, mels) -> rows (n, dim)), made FEATURE_CHUNK windows at a time: the
+    """`featurize` of `evidence_windows`, for a featurizer that maps each window on its own
+    (windows (n, frames, mels) -> rows (n, dim)), made FEATURE_CHUNK windows at a time: the
     log-mels of every window of an hour's recording, twice over (a list, then its stack), were
     most of `train`'s 0.7 GB on one 1-h file once its windows were cut a block at a time."""
     rows, batch = [], []
-    for features in evidence_stream(blocks(audio), params, off_below_dbfs):
+    for features in evidence_stream(blocks(audio), params, off_below_dbfs, off_like):
         batch.append(features)
         if len(batch) == FEATURE_CHUNK:
             rows.append(featurize(np.stack(batch)))
